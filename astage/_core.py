@@ -1,0 +1,233 @@
+"""The I/O-free base of both stagers: options, cache, streams, and one call in progress.
+
+``Stager`` (async) and ``SyncStager`` (blocking) are thin drivers over :class:`StagerBase`: they
+share the plan, the cache and the batching, and differ only in how they wait. A :class:`Run` is
+one ``stage()`` call: the walk that builds its plan, the batches cut from the copies found so
+far, the work in flight, and how far the copies have landed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+from collections import deque
+from typing import Any, NamedTuple
+
+import torch
+
+from ._bridge import EventBridge
+from ._cache import BufferCache, CacheInfo
+from ._engine import MAX_BATCH_COPIES, Batch, CudaStreams, make_batches
+from ._errors import StagerClosedError, StagingError
+from ._options import ResolvedOptions, StagingOptions, cuda_available
+from ._plan import Leaf, Plan, build_plan
+
+
+class StageStats(NamedTuple):
+    """Figures of one completed stage() call."""
+
+    tensors: int
+    """Tensors reached from the containers (a tensor at two paths counts twice)."""
+    storages: int
+    """Distinct source storages copied (shared storages are copied once)."""
+    nbytes: int
+    """Bytes copied."""
+    new_nbytes: int
+    """Bytes of host buffers allocated by this call; 0 when every buffer came from the cache."""
+    seconds: float
+    """Wall time of the call."""
+
+    @property
+    def reused_fraction(self) -> float:
+        """Share of the copied bytes that went into cached buffers."""
+        return 1.0 - self.new_nbytes / self.nbytes if self.nbytes else 1.0
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.nbytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+class Pending:
+    """A batch in flight: a worker-thread future, a device event, or both (future yields event)."""
+
+    __slots__ = ("batch", "event", "future")
+
+    def __init__(
+        self,
+        batch: Batch,
+        future: concurrent.futures.Future[Any] | None = None,
+        event: Any = None,
+    ) -> None:
+        self.batch = batch
+        self.future = future
+        self.event = event
+
+    def done(self) -> bool:
+        if self.future is not None:
+            if not self.future.done():
+                return False
+            self._take_event()
+        return self.event is None or bool(self.event.query())
+
+    def _take_event(self) -> None:
+        future, self.future = self.future, None
+        if future is not None and not future.cancelled():
+            self.event = future.result()  # re-raises a copy error from the worker
+
+    async def wait(self, bridge: EventBridge) -> None:
+        if self.future is not None:
+            await asyncio.wrap_future(self.future)
+            self._take_event()
+        if self.event is not None:
+            await bridge.wait(self.event, self.batch.device)
+            self.event = None
+
+    def wait_blocking(self) -> None:
+        if self.future is not None:
+            concurrent.futures.wait([self.future])
+            self._take_event()
+        if self.event is not None:
+            self.event.synchronize()
+            self.event = None
+
+
+class Run:
+    """One stage() call in progress: its walk, the batches cut from it, the work in flight."""
+
+    def __init__(self, base: StagerBase, state_dict: Any) -> None:
+        self.plan = Plan()
+        self.walk = build_plan(base.cache, state_dict, self.plan)
+        self.started = time.perf_counter()
+        self.pending: deque[Pending] = deque()
+        self.pending_bytes = 0
+        self.landed = 0  # copies [0, landed) have landed in their host buffers
+        self.devices: set[torch.device] = set()  # CUDA devices ordered after their producer
+        self._chunk = base.resolved.chunk_bytes
+        self._max_inflight = base.resolved.max_inflight_bytes
+        self._cut = 0  # copies [0, _cut) have been cut into batches
+        self._scanned = 0  # copies [0, _scanned) are counted in _uncut_bytes
+        self._uncut_bytes = 0
+        self._batches: deque[Batch] = deque()
+        self._leaves: list[Leaf] | None = None
+        self._next_leaf = 0
+
+    def next_batch(self, final: bool) -> Batch | None:
+        """The next batch to start, if the in-flight budget has room for it.
+
+        While the walk still runs (``final`` false) copies are only cut into batches once a
+        full batch has gathered, so the walk does not produce a trickle of tiny tasks.
+        """
+        if not self._batches:
+            self._cut_batches(final)
+        if not self._batches:
+            return None
+        batch = self._batches[0]
+        if self.pending and self.pending_bytes + batch.nbytes > self._max_inflight:
+            return None
+        return self._batches.popleft()
+
+    def _cut_batches(self, final: bool) -> None:
+        copies = self.plan.copies
+        found = len(copies)
+        for index in range(self._scanned, found):
+            self._uncut_bytes += copies[index].nbytes
+        self._scanned = found
+        uncut = found - self._cut
+        if uncut and (final or self._uncut_bytes >= self._chunk or uncut >= MAX_BATCH_COPIES):
+            self._batches.extend(make_batches(copies, self._cut, found, self._chunk))
+            self._cut = found
+            self._uncut_bytes = 0
+
+    def start(self, pending: Pending) -> None:
+        self.pending.append(pending)
+        self.pending_bytes += pending.batch.nbytes
+
+    def reap(self) -> None:
+        """Retire the batches that completed, in order; raises a copy's error."""
+        pending = self.pending
+        while pending and pending[0].done():
+            done = pending.popleft()
+            self.pending_bytes -= done.batch.nbytes
+            self.landed = max(self.landed, done.batch.end)
+
+    @property
+    def finished(self) -> bool:
+        return (
+            self.plan.done
+            and not self.pending
+            and not self._batches
+            and (self._cut == len(self.plan.copies))
+        )
+
+    def landed_leaves(self) -> list[Leaf]:
+        """Tensors whose copies have all landed and that were not handed out yet."""
+        if self._leaves is None:
+            self._leaves = sorted(self.plan.leaves, key=_last_copy)
+        start = self._next_leaf
+        stop = start
+        leaves = self._leaves
+        landed = self.landed if not self.finished else len(self.plan.copies)
+        while stop < len(leaves) and leaves[stop].last_copy < landed:
+            stop += 1
+        self._next_leaf = stop
+        return leaves[start:stop]
+
+
+def _last_copy(leaf: Leaf) -> int:
+    return leaf.last_copy
+
+
+class StagerBase:
+    """What both drivers share; holds no thread, loop or stream until staging needs one."""
+
+    def __init__(self, options: StagingOptions) -> None:
+        self.options = options
+        self.resolved: ResolvedOptions = options.resolve()
+        self.cache = BufferCache(
+            pin_memory=self.resolved.pin_memory,
+            share_memory=self.resolved.share_memory,
+            pin_memory_min_bytes=self.resolved.pin_memory_min_bytes,
+        )
+        self.cuda = CudaStreams(self.resolved.non_blocking) if cuda_available() else None
+        self.closed = False
+        self.staging = False
+        self.outstanding: list[Pending] = []  # work left in flight by a failed or cancelled call
+        self.last_stats: StageStats | None = None
+
+    def cache_info(self) -> CacheInfo:
+        """How many host buffers the cache holds, and how many bytes (pinned and in all)."""
+        return self.cache.info()
+
+    def clear_cache(self) -> None:
+        """Release every cached host buffer; the next call allocates afresh."""
+        if self.staging:
+            raise StagingError("clear_cache() cannot run while a stage() call is in progress")
+        self.cache.clear()
+
+    def before_batch(self, run: Run, batch: Batch) -> None:
+        """Order a CUDA device's staging stream after its producer, once per call and device.
+
+        Runs in the caller's thread, where the producer's current stream is the right one.
+        """
+        device = batch.device
+        if device.type == "cuda" and device not in run.devices:
+            assert self.cuda is not None
+            self.cuda.follow_producer(device)
+            run.devices.add(device)
+
+    def check_open(self) -> None:
+        if self.closed:
+            raise StagerClosedError(f"this {type(self).__name__} is closed")
+
+    def finish(self, run: Run) -> StageStats:
+        plan = run.plan
+        stats = StageStats(
+            tensors=len(plan.leaves),
+            storages=len(plan.copies),
+            nbytes=plan.nbytes,
+            new_nbytes=plan.new_nbytes,
+            seconds=time.perf_counter() - run.started,
+        )
+        self.last_stats = stats
+        return stats

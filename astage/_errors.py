@@ -1,0 +1,59 @@
+"""Every error astage raises on purpose.
+
+StagingError                 base of them all
+├── InvalidOptionsError      bad StagingOptions (also a ValueError)
+├── StagerClosedError        the stager was closed
+├── UnstageableError         an object in the state dict cannot be staged
+└── BufferMismatchError      a cached host buffer no longer fits its source
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._paths import Path, format_path
+
+__all__ = [
+    "BufferMismatchError",
+    "InvalidOptionsError",
+    "StagerClosedError",
+    "StagingError",
+    "UnstageableError",
+]
+
+
+class StagingError(Exception):
+    """Raised when staging fails; the base class of every error astage raises on purpose."""
+
+    def __init__(self, message: str, path: Path | None = None) -> None:
+        self.path = path
+        if path is not None:
+            message = f"at {format_path(path)}: {message}"
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keep the message as built, so the error survives pickling (process pools).
+        return (_rebuild, (type(self), self.args[0], self.path))
+
+
+def _rebuild(cls: type[StagingError], message: str, path: Path | None) -> StagingError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    error.path = path
+    return error
+
+
+class InvalidOptionsError(StagingError, ValueError):
+    """Raised when StagingOptions are contradictory or ask for hardware that is not there."""
+
+
+class StagerClosedError(StagingError):
+    """Raised when a stager is used after close() or aclose()."""
+
+
+class UnstageableError(StagingError, TypeError):
+    """Raised when an object in the state dict can be neither copied nor kept as it is."""
+
+
+class BufferMismatchError(StagingError):
+    """Raised when a source storage changed size since its host buffer was cached."""

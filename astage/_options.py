@@ -1,0 +1,117 @@
+"""StagingOptions: what the user asks for, and the concrete settings it resolves to."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ._errors import InvalidOptionsError
+
+_MiB = 1 << 20
+
+
+def cuda_available() -> bool:
+    """Whether CUDA can be used; False on CPU-only builds, never a warning."""
+    return torch.cuda.is_available()
+
+
+@dataclass(frozen=True)
+class StagingOptions:
+    """How a stager copies a state dict to host memory.
+
+    ``None`` for ``pin_memory`` and ``non_blocking`` means "decide for me": on when CUDA is
+    available, off otherwise.
+    """
+
+    pin_memory: bool | None = None
+    """Page-lock (``cudaHostRegister``) host buffers so device copies run at full link speed.
+
+    Pinning is a CUDA feature: without CUDA, ``True`` is accepted and pins nothing, so the same
+    code runs on a laptop and on a GPU node."""
+
+    share_memory: bool = False
+    """Allocate host buffers in shared memory, so another process (a writer) can map them."""
+
+    non_blocking: bool | None = None
+    """Enqueue device-to-host copies asynchronously on a staging stream."""
+
+    pin_memory_min_bytes: int = 64 * 1024
+    """Buffers smaller than this are never pinned: registering them costs more than it saves."""
+
+    chunk_bytes: int = 64 * _MiB
+    """Most bytes one copy task moves: large tensors are split, small ones are batched up to it."""
+
+    max_inflight_bytes: int = 512 * _MiB
+    """Most bytes of device copies enqueued and not yet known to be complete."""
+
+    copy_threads: int = 0
+    """Worker threads for host copies in the async stager; 0 means one per core, at most 4."""
+
+    max_loop_hold_s: float = 0.0005
+    """Longest stretch the async stager keeps the event loop before it yields."""
+
+    def __post_init__(self) -> None:
+        for name in ("pin_memory_min_bytes", "copy_threads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise InvalidOptionsError(f"{name} must be a non-negative int, got {value!r}")
+        for name in ("chunk_bytes", "max_inflight_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise InvalidOptionsError(f"{name} must be a positive int, got {value!r}")
+        if self.max_inflight_bytes < self.chunk_bytes:
+            raise InvalidOptionsError("max_inflight_bytes must be at least chunk_bytes")
+        if not self.max_loop_hold_s > 0:
+            raise InvalidOptionsError("max_loop_hold_s must be positive")
+
+    def replace(self, **changes: object) -> StagingOptions:
+        """A copy with some fields changed (unknown names are an error)."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise InvalidOptionsError(f"unknown staging options: {sorted(unknown)}")
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    def resolve(self) -> ResolvedOptions:
+        """Turn the auto flags into booleans for this machine; refuse impossible requests."""
+        has_cuda = cuda_available()
+        if self.non_blocking and not has_cuda:
+            raise InvalidOptionsError(
+                "non_blocking=True needs CUDA, and CUDA is not available; "
+                "leave it as None to decide automatically"
+            )
+        threads = self.copy_threads or min(4, os.cpu_count() or 1)
+        return ResolvedOptions(
+            pin_memory=has_cuda if self.pin_memory is None else self.pin_memory,
+            share_memory=self.share_memory,
+            non_blocking=has_cuda if self.non_blocking is None else self.non_blocking,
+            pin_memory_min_bytes=self.pin_memory_min_bytes,
+            chunk_bytes=self.chunk_bytes,
+            max_inflight_bytes=self.max_inflight_bytes,
+            copy_threads=threads,
+            max_loop_hold_s=self.max_loop_hold_s,
+        )
+
+
+@dataclass(frozen=True)
+class ResolvedOptions:
+    """StagingOptions with every automatic choice made; what the core reads."""
+
+    pin_memory: bool
+    share_memory: bool
+    non_blocking: bool
+    pin_memory_min_bytes: int
+    chunk_bytes: int
+    max_inflight_bytes: int
+    copy_threads: int
+    max_loop_hold_s: float
+
+
+def make_options(options: StagingOptions | None, overrides: dict[str, object]) -> StagingOptions:
+    """The options a stager was built with: the given ones (or defaults) plus keyword overrides."""
+    base = options if options is not None else StagingOptions()
+    if not isinstance(base, StagingOptions):
+        raise InvalidOptionsError(f"expected astage.StagingOptions, got {type(base).__name__}")
+    return base.replace(**overrides) if overrides else base

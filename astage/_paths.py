@@ -1,0 +1,34 @@
+"""Paths: where an object sits inside a state dict.
+
+A path is a tuple of dict keys, sequence indices and attribute names. Attribute names are
+wrapped in :class:`Attr` so that a path prints the way Python code would reach the object:
+``['optim']['state'][3].lock``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+Path = tuple[Any, ...]
+
+
+class Attr(str):
+    """An attribute name inside a path (as opposed to a dict key that happens to be a str)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"Attr({str.__repr__(self)})"
+
+
+def format_path(path: Path) -> str:
+    """Render a path as Python subscripts and attribute accesses; the root is ``<root>``."""
+    if not path:
+        return "<root>"
+    parts = []
+    for part in path:
+        if isinstance(part, Attr):
+            parts.append(f".{part}")
+        else:
+            parts.append(f"[{part!r}]")
+    return "".join(parts)

@@ -1,0 +1,481 @@
+"""The sans-IO core: rebuild a state dict around host buffers and list the copies to make.
+
+``build_plan`` walks the state dict the way ``copy.deepcopy`` would (a memo keeps shared
+references shared and cycles closed), but every tensor is rebuilt on CPU as a view of a host
+buffer from the cache, with its dtype, shape, stride and offset. Each source storage is visited
+once per call and yields exactly one :class:`Copy` (all bytes of the storage, which is what keeps
+aliasing intact). Nothing here waits for a device or an event loop: the walk is a generator that
+yields every few dozen objects, so an async driver can hand the loop back while a sync driver
+just runs it to the end.
+"""
+
+from __future__ import annotations
+
+import copyreg
+import enum
+import types
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Generator
+from typing import Any, NamedTuple
+
+import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+from ._cache import BufferCache, HostBuffer
+from ._errors import UnstageableError
+from ._paths import Attr, Path
+
+Walk = Generator[None, None, Any]
+
+_MISSING: Any = object()
+_YIELD_EVERY = 64  # objects visited between two chances for the driver to yield
+
+_Tensor = torch.Tensor
+_Parameter = torch.nn.Parameter
+
+# Values that are immutable or process-global: staged as themselves, never copied.
+ATOMIC_TYPES: frozenset[type] = frozenset(
+    {
+        type(None),
+        int,
+        float,
+        bool,
+        complex,
+        str,
+        bytes,
+        type,
+        range,
+        slice,
+        type(Ellipsis),
+        type(NotImplemented),
+        types.FunctionType,
+        types.BuiltinFunctionType,
+        types.BuiltinMethodType,
+        types.CodeType,
+        types.ModuleType,
+        weakref.ref,
+        property,
+        torch.dtype,
+        torch.device,
+        torch.Size,
+        torch.layout,
+        torch.memory_format,
+    }
+)
+
+
+class Copy:
+    """All bytes of one source storage into one host buffer: ``dst.copy_(src)``.
+
+    ``src`` and ``dst`` have the same shape and cover their whole storages: the source tensor and
+    its staged twin when the tensor spans its storage contiguously, byte views otherwise.
+    """
+
+    __slots__ = ("buffer", "device", "dst", "nbytes", "src")
+
+    def __init__(
+        self, src: torch.Tensor, dst: torch.Tensor, buffer: HostBuffer, device: torch.device
+    ) -> None:
+        self.src = src
+        self.dst = dst
+        self.buffer = buffer
+        self.nbytes = buffer.nbytes
+        self.device = device
+
+
+class Leaf(NamedTuple):
+    """A tensor reached from the containers of the state dict, and what it waits for."""
+
+    path: Path
+    tensor: torch.Tensor
+    last_copy: int
+    """Index of the last copy this tensor's values depend on; -1 when it needs none."""
+
+
+class Plan:
+    """The staged skeleton plus the copies that fill its tensors, built by :func:`build_plan`."""
+
+    def __init__(self) -> None:
+        self.result: Any = None
+        self.copies: list[Copy] = []
+        self.leaves: list[Leaf] = []
+        self.new_buffers = 0
+        self.new_nbytes = 0
+        self.done = False
+
+    @property
+    def nbytes(self) -> int:
+        return sum(copy.nbytes for copy in self.copies)
+
+
+def build_plan(cache: BufferCache, state_dict: Any, plan: Plan | None = None) -> Walk:
+    """Walk ``state_dict`` into ``plan`` (a new one by default); the generator returns the plan.
+
+    ``plan.copies`` grows while the walk runs, so a driver may start copying before it ends.
+    """
+    plan = plan if plan is not None else Plan()
+    walker = _Walker(cache, plan)
+    plan.result = yield from walker.visit(state_dict, ())
+    plan.done = True
+    return plan
+
+
+def _bytes_view(storage: torch.UntypedStorage, device: torch.device) -> torch.Tensor:
+    return torch.empty((0,), dtype=torch.uint8, device=device).set_(storage)
+
+
+class _Walker:
+    def __init__(self, cache: BufferCache, plan: Plan) -> None:
+        self._cache = cache
+        self._plan = plan
+        self._copies = plan.copies
+        self._leaves = plan.leaves
+        self._memo: dict[int, Any] = {}
+        self._keep_alive: list[Any] = []  # ids in the memo stay valid while the walk runs
+        self._storages: dict[int, tuple[torch.UntypedStorage, int]] = {}
+        self._tensor_deps: dict[int, int] = {}
+        self._tensor_depth = 0  # > 0 while staging the insides of a tensor
+        self._last_copy = -1
+        self._countdown = _YIELD_EVERY
+        self._dispatch: dict[type, Callable[[Any, Path], Walk]] = {
+            dict: self._dict,
+            OrderedDict: self._dict,
+            list: self._list,
+            tuple: self._tuple,
+            set: self._set,
+            frozenset: self._set,
+            types.MethodType: self._method,
+        }
+
+    # -- containers -----------------------------------------------------------------------
+
+    def visit(self, x: Any, path: Path) -> Walk:
+        cls = type(x)
+        if cls in ATOMIC_TYPES:
+            return x
+        found = self._memo.get(id(x), _MISSING)
+        if found is not _MISSING:
+            if isinstance(x, _Tensor):
+                return self._tensor_leaf(x, path)
+            return found
+        if isinstance(x, _Tensor):
+            return self._tensor_leaf(x, path)
+        handler = self._dispatch.get(cls)
+        if handler is not None:
+            return (yield from handler(x, path))
+        if issubclass(cls, (type, enum.Enum)):
+            return x
+        if issubclass(cls, tuple) and hasattr(cls, "_fields"):
+            return (yield from self._namedtuple(x, path))
+        return (yield from self._reduce(x, path))
+
+    def _tick(self) -> bool:
+        self._countdown -= 1
+        if self._countdown > 0:
+            return False
+        self._countdown = _YIELD_EVERY
+        return True
+
+    def _remember(self, x: Any, y: Any) -> None:
+        self._memo[id(x)] = y
+        self._keep_alive.append(x)
+
+    def _dict(self, x: dict[Any, Any], path: Path) -> Walk:
+        y: dict[Any, Any] = type(x)()
+        self._remember(x, y)
+        atomic = ATOMIC_TYPES
+        for old_key, value in x.items():
+            key = old_key
+            if type(key) not in atomic:
+                key = yield from self.visit(old_key, (*path, old_key))
+            vtype = type(value)
+            if vtype in atomic:
+                y[key] = value
+            elif vtype is _Tensor:
+                y[key] = self._tensor_leaf(value, (*path, old_key))
+            else:
+                y[key] = yield from self.visit(value, (*path, old_key))
+            if self._tick():
+                yield
+        return y
+
+    def _list(self, x: list[Any], path: Path) -> Walk:
+        y: list[Any] = []
+        self._remember(x, y)
+        atomic = ATOMIC_TYPES
+        append = y.append
+        for index, value in enumerate(x):
+            vtype = type(value)
+            if vtype in atomic:
+                append(value)
+            elif vtype is _Tensor:
+                append(self._tensor_leaf(value, (*path, index)))
+            else:
+                append((yield from self.visit(value, (*path, index))))
+            if self._tick():
+                yield
+        return y
+
+    def _items(self, x: tuple[Any, ...], path: Path) -> Generator[None, None, list[Any]]:
+        items = []
+        for index, value in enumerate(x):
+            items.append((yield from self.visit(value, (*path, index))))
+            if self._tick():
+                yield
+        return items
+
+    def _tuple(self, x: tuple[Any, ...], path: Path) -> Walk:
+        items = yield from self._items(x, path)
+        # A tuple inside a cycle was rebuilt while visiting its own items: use that one.
+        found = self._memo.get(id(x), _MISSING)
+        if found is not _MISSING:
+            return found
+        if all(a is b for a, b in zip(x, items, strict=True)):
+            return x  # nothing mutable inside: the tuple is its own copy, like copy.deepcopy
+        y = tuple(items)
+        self._remember(x, y)
+        return y
+
+    def _namedtuple(self, x: Any, path: Path) -> Walk:
+        items = yield from self._items(x, path)
+        found = self._memo.get(id(x), _MISSING)
+        if found is not _MISSING:
+            return found
+        if all(a is b for a, b in zip(x, items, strict=True)):
+            return x
+        y = type(x)._make(items)
+        self._remember(x, y)
+        return y
+
+    def _set(self, x: set[Any] | frozenset[Any], path: Path) -> Walk:
+        items = []
+        for value in x:
+            items.append((yield from self.visit(value, (*path, value))))
+        y = type(x)(items)
+        self._remember(x, y)
+        return y
+
+    def _method(self, x: types.MethodType, path: Path) -> Walk:
+        owner = yield from self.visit(x.__self__, (*path, Attr("__self__")))
+        y = types.MethodType(x.__func__, owner)
+        self._remember(x, y)
+        return y
+
+    def _reduce(self, x: Any, path: Path) -> Walk:
+        """Objects in general: rebuild from ``__reduce_ex__(4)``, as pickle and deepcopy do."""
+        cls = type(x)
+        try:
+            reductor = copyreg.dispatch_table.get(cls)
+            rv = reductor(x) if reductor is not None else x.__reduce_ex__(4)
+        except Exception as error:
+            raise UnstageableError(
+                f"cannot stage a {cls.__module__}.{cls.__qualname__} object: {error}", path
+            ) from error
+        if isinstance(rv, str):
+            return x  # a module-level singleton, named by its global name
+        func, args, state, list_items, dict_items = (*rv, None, None, None)[:5]
+        if args:
+            new_args = []
+            for index, arg in enumerate(args):
+                new_args.append((yield from self.visit(arg, (*path, Attr(f"<arg {index}>")))))
+            args = tuple(new_args)
+        try:
+            y = func(*args)
+        except Exception as error:
+            raise UnstageableError(
+                f"cannot rebuild a {cls.__module__}.{cls.__qualname__} object: {error}", path
+            ) from error
+        self._remember(x, y)
+        if state is not None:
+            yield from self._set_state(y, state, path)
+        if list_items is not None:
+            for index, item in enumerate(list_items):
+                y.append((yield from self.visit(item, (*path, index))))
+        if dict_items is not None:
+            for old_key, value in dict_items:
+                key = yield from self.visit(old_key, (*path, old_key))
+                y[key] = yield from self.visit(value, (*path, old_key))
+        return y
+
+    def _set_state(self, y: Any, state: Any, path: Path) -> Walk:
+        if hasattr(y, "__setstate__"):
+            state = yield from self.visit(state, path)
+            y.__setstate__(state)
+            return None
+        slots = None
+        if isinstance(state, tuple) and len(state) == 2:
+            state, slots = state
+        if state:
+            new_state = yield from self._attributes(state, path)
+            y.__dict__.update(new_state)
+        if slots:
+            new_slots = yield from self._attributes(slots, path)
+            for name, value in new_slots.items():
+                object.__setattr__(y, name, value)  # frozen dataclasses with slots, too
+        return None
+
+    def _attributes(self, attributes: dict[str, Any], path: Path) -> Walk:
+        new = {}
+        for name, value in attributes.items():
+            new[name] = yield from self.visit(value, (*path, Attr(name)))
+            if self._tick():
+                yield
+        return new
+
+    def _visit_now(self, x: Any, path: Path) -> Any:
+        """Visit without yielding: for the few objects hanging off a tensor."""
+        walk = self.visit(x, path)
+        try:
+            while True:
+                next(walk)
+        except StopIteration as stop:
+            return stop.value
+
+    # -- tensors --------------------------------------------------------------------------
+
+    def _tensor_leaf(self, x: torch.Tensor, path: Path) -> torch.Tensor:
+        """A tensor at ``path``: staged once per call, and recorded for ``stage_iter``."""
+        key = id(x)
+        y: torch.Tensor = self._memo.get(key, _MISSING)
+        if y is _MISSING:
+            outer = self._last_copy
+            self._last_copy = -1
+            self._tensor_depth += 1
+            try:
+                y = self._tensor(x, path)
+            finally:
+                self._tensor_depth -= 1
+            dep = self._last_copy
+            self._tensor_deps[key] = dep
+            self._last_copy = max(outer, dep)
+        else:
+            dep = self._tensor_deps[key]
+            self._last_copy = max(self._last_copy, dep)
+        if self._tensor_depth == 0:
+            self._leaves.append(Leaf(path, y, dep))
+        return y
+
+    def _tensor(self, x: torch.Tensor, path: Path) -> torch.Tensor:
+        cls = type(x)
+        if cls is not _Tensor and cls is not _Parameter and is_traceable_wrapper_subclass(x):
+            return self._wrapper_subclass(x, path)
+        layout = x.layout
+        if layout is not torch.strided:
+            return self._sparse(x, path, layout)
+        if x.is_quantized or x.is_nested:
+            kind = "quantized" if x.is_quantized else "nested"
+            raise UnstageableError(
+                f"{kind} tensors are not supported; dequantize or unbind first", path
+            )
+        device = x.device
+        if device.type == "meta":
+            raise UnstageableError(
+                "a meta tensor has no data to stage (materialize it, e.g. with to_empty(), first)",
+                path,
+            )
+        try:
+            storage = x.untyped_storage()
+        except (RuntimeError, NotImplementedError) as error:
+            raise UnstageableError(
+                f"a {cls.__qualname__} has no storage that can be copied: {error}", path
+            ) from error
+        found = self._storages.get(id(storage))
+        if found is None:
+            buffer = self._cache.lookup(storage, path)
+            if buffer is None:
+                buffer = self._cache.allocate(storage)
+                self._plan.new_buffers += 1
+                self._plan.new_nbytes += buffer.nbytes
+            host = buffer.storage
+            plain = torch.empty((0,), dtype=x.dtype).set_(
+                host, x.storage_offset(), x.size(), x.stride()
+            )
+            index = -1
+            if buffer.nbytes:
+                index = len(self._copies)
+                if (
+                    (cls is _Tensor or cls is _Parameter)
+                    and x.storage_offset() == 0
+                    and x.nbytes == buffer.nbytes
+                    and x.is_contiguous()
+                    and not x.is_conj()
+                    and not x.is_neg()
+                ):
+                    copy = Copy(x, plain, buffer, device)
+                else:
+                    copy = Copy(
+                        _bytes_view(storage, device), _bytes_view(host, host.device), buffer, device
+                    )
+                self._copies.append(copy)
+            self._storages[id(storage)] = (host, index)
+            self._keep_alive.append(storage)
+        else:
+            host, index = found
+            plain = torch.empty((0,), dtype=x.dtype).set_(
+                host, x.storage_offset(), x.size(), x.stride()
+            )
+        self._last_copy = max(self._last_copy, index)
+        y = plain
+        if x.is_conj():
+            y = y.conj()
+        if x.is_neg():
+            y = y._neg_view()
+        if cls is _Parameter:
+            y = _Parameter(y, requires_grad=x.requires_grad)
+        elif cls is not _Tensor:
+            y = _Tensor._make_subclass(cls, y, x.requires_grad)
+        self._remember(x, y)
+        self._copy_attributes(x, y, path)
+        return y
+
+    def _copy_attributes(self, x: torch.Tensor, y: torch.Tensor, path: Path) -> None:
+        """Python attributes set on a tensor (``__dict__`` and ``__slots__``), staged as well."""
+        attributes = x.__dict__
+        if attributes:
+            for name, value in attributes.items():
+                setattr(y, name, self._visit_now(value, (*path, Attr(name))))
+        for klass in type(x).__mro__:
+            for name in klass.__dict__.get("__slots__", ()):
+                if name in ("__dict__", "__weakref__") or not hasattr(x, name):
+                    continue
+                setattr(y, name, self._visit_now(getattr(x, name), (*path, Attr(name))))
+
+    def _wrapper_subclass(self, x: torch.Tensor, path: Path) -> torch.Tensor:
+        """Subclasses like DTensor: stage the inner tensors, rebuild the wrapper around them."""
+        names, context = x.__tensor_flatten__()  # type: ignore[attr-defined]
+        inner = {name: self._tensor_leaf(getattr(x, name), (*path, Attr(name))) for name in names}
+        try:
+            y: torch.Tensor = type(x).__tensor_unflatten__(inner, context, x.size(), x.stride())  # type: ignore[attr-defined]
+        except Exception as error:
+            raise UnstageableError(
+                f"cannot rebuild {type(x).__qualname__} around staged tensors: {error}", path
+            ) from error
+        self._remember(x, y)
+        return y
+
+    def _sparse(self, x: torch.Tensor, path: Path, layout: torch.layout) -> torch.Tensor:
+        if layout is torch.sparse_coo:
+            indices = self._tensor_leaf(x._indices(), (*path, Attr("indices")))
+            values = self._tensor_leaf(x._values(), (*path, Attr("values")))
+            y = torch.sparse_coo_tensor(indices, values, x.size(), is_coalesced=x.is_coalesced())
+        elif layout in (torch.sparse_csr, torch.sparse_bsr):
+            y = torch.sparse_compressed_tensor(
+                self._tensor_leaf(x.crow_indices(), (*path, Attr("crow_indices"))),
+                self._tensor_leaf(x.col_indices(), (*path, Attr("col_indices"))),
+                self._tensor_leaf(x.values(), (*path, Attr("values"))),
+                x.size(),
+                layout=layout,
+            )
+        elif layout in (torch.sparse_csc, torch.sparse_bsc):
+            y = torch.sparse_compressed_tensor(
+                self._tensor_leaf(x.ccol_indices(), (*path, Attr("ccol_indices"))),
+                self._tensor_leaf(x.row_indices(), (*path, Attr("row_indices"))),
+                self._tensor_leaf(x.values(), (*path, Attr("values"))),
+                x.size(),
+                layout=layout,
+            )
+        else:
+            raise UnstageableError(f"tensors with layout {layout} are not supported", path)
+        self._remember(x, y)
+        return y

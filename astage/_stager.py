@@ -1,0 +1,174 @@
+"""Stager: the asyncio driver of the staging core.
+
+The walk runs on the event loop in slices of at most ``max_loop_hold_s``; copies run in worker
+threads (host sources: ``torch`` drops the GIL while it copies) or on CUDA staging streams whose
+completion events are awaited through the :class:`~astage._bridge.EventBridge`. Copying starts
+while the walk is still running, and at most ``max_inflight_bytes`` are in flight at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from types import TracebackType
+from typing import Any
+
+import torch
+
+from ._bridge import EventBridge
+from ._cache import CacheInfo
+from ._core import Pending, Run, StagerBase, StageStats
+from ._engine import Batch, run_host_batch
+from ._options import StagingOptions, make_options
+from ._paths import Path
+
+
+class Stager:
+    """Stages state dicts into reusable host buffers without blocking the event loop.
+
+    ``Stager(options, **overrides)``: keyword arguments override fields of ``options``.
+    Concurrent calls on one stager run one after the other. Use it as ``async with``, or call
+    :meth:`aclose` when done.
+    """
+
+    def __init__(self, options: StagingOptions | None = None, **overrides: Any) -> None:
+        self._base = StagerBase(make_options(options, overrides))
+        self._lock = asyncio.Lock()
+        self._bridge = EventBridge()
+        self._executor: ThreadPoolExecutor | None = None
+
+    @property
+    def options(self) -> StagingOptions:
+        return self._base.options
+
+    @property
+    def last_stats(self) -> StageStats | None:
+        """Figures of the last completed call, or None before the first one."""
+        return self._base.last_stats
+
+    def cache_info(self) -> CacheInfo:
+        return self._base.cache_info()
+
+    def clear_cache(self) -> None:
+        """Release every cached host buffer; refused while a call is in progress."""
+        self._base.clear_cache()
+
+    async def stage(self, state_dict: Any) -> Any:
+        """A copy of ``state_dict`` whose tensors all live in host buffers of this stager.
+
+        The buffers are reused by the next call on this stager, which overwrites them.
+        """
+        async for _ in self._drive(state_dict, with_leaves=False):
+            pass
+        return self._result
+
+    async def stage_iter(self, state_dict: Any) -> AsyncIterator[tuple[Path, torch.Tensor]]:
+        """Yield ``(path, staged_tensor)`` for every tensor, each as soon as its bytes landed.
+
+        Nothing is yielded before the whole state dict has been walked, so an object that
+        cannot be staged raises before any tensor is handed out.
+        """
+        async for leaves in self._drive(state_dict, with_leaves=True):
+            for leaf in leaves:
+                yield leaf.path, leaf.tensor
+
+    async def _drive(self, state_dict: Any, *, with_leaves: bool) -> AsyncIterator[list[Any]]:
+        base = self._base
+        async with self._lock:
+            base.check_open()
+            await self._drain_outstanding()
+            base.staging = True
+            run = Run(base, state_dict)
+            try:
+                hold = base.resolved.max_loop_hold_s
+                deadline = time.perf_counter() + hold
+                for _ in run.walk:
+                    if time.perf_counter() >= deadline:
+                        self._dispatch(run, final=False)
+                        await asyncio.sleep(0)
+                        deadline = time.perf_counter() + hold
+                self._dispatch(run, final=True)
+                while not run.finished:
+                    await run.pending[0].wait(self._bridge)
+                    run.reap()
+                    self._dispatch(run, final=True)
+                    if with_leaves:
+                        leaves = run.landed_leaves()
+                        if leaves:
+                            yield leaves
+                if with_leaves:
+                    leaves = run.landed_leaves()
+                    if leaves:
+                        yield leaves
+                self._result = run.plan.result
+                base.finish(run)
+            except BaseException:
+                base.outstanding.extend(run.pending)
+                raise
+            finally:
+                base.staging = False
+
+    def _dispatch(self, run: Run, *, final: bool) -> None:
+        """Retire finished batches and start new ones while the in-flight budget allows."""
+        run.reap()
+        while True:
+            batch = run.next_batch(final)
+            if batch is None:
+                return
+            run.start(self._start(run, batch))
+
+    def _start(self, run: Run, batch: Batch) -> Pending:
+        base = self._base
+        base.before_batch(run, batch)
+        executor = self._executor
+        if executor is None:
+            executor = self._executor = ThreadPoolExecutor(
+                base.resolved.copy_threads, thread_name_prefix="astage-copy"
+            )
+        if batch.device.type == "cuda":
+            assert base.cuda is not None
+            return Pending(batch, executor.submit(base.cuda.enqueue, batch))
+        return Pending(batch, executor.submit(run_host_batch, batch))
+
+    async def _drain_outstanding(self) -> None:
+        """Wait for copies that a cancelled or failed call left in flight into our buffers."""
+        outstanding = self._base.outstanding
+        while outstanding:
+            try:
+                await outstanding[0].wait(self._bridge)
+            except asyncio.CancelledError:
+                raise
+            except BaseException:  # noqa: BLE001 - that call already reported its error
+                pass
+            outstanding.pop(0)
+
+    async def aclose(self) -> None:
+        """Wait for the call in progress, then release every buffer, thread and stream."""
+        if self._base.closed:
+            return
+        async with self._lock:
+            if self._base.closed:
+                return
+            await self._drain_outstanding()
+            self._base.closed = True
+            if self._base.cuda is not None:
+                await asyncio.to_thread(self._base.cuda.synchronize)
+            self._base.cache.clear()
+            self._bridge.close()
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+
+    async def __aenter__(self) -> Stager:
+        self._base.check_open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
