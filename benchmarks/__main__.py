@@ -1,0 +1,103 @@
+"""``python -m benchmarks``: run the scenarios, write the report, the plots and the JSON."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+from . import report
+from .machine import describe_machine
+from .record import ScenarioResult
+from .scenarios import SCENARIOS, Config, Data
+from .timing import LoopRunner, prefault
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="astage vs torch DCP staging, side by side in one process on the same data.",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small sizes, one repeat: a smoke run (writes under benchmarks/results/ by default)",
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=sorted(SCENARIOS),
+        metavar="NAME",
+        help=f"run only this scenario (repeatable): {', '.join(SCENARIOS)}",
+    )
+    parser.add_argument("--out", help="markdown report (default docs/benchmarks.md)")
+    parser.add_argument("--json", help="raw figures (default benchmarks/results/latest.json)")
+    parser.add_argument("--img-dir", help="folder for the PNG plots (default docs/img)")
+    parser.add_argument("--repeats", type=int, help="repeats per contender (default 3)")
+    parser.add_argument("--no-plots", action="store_true", help="skip matplotlib")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.out = args.out or "benchmarks/results/quick.md"
+        args.json = args.json or "benchmarks/results/quick.json"
+        args.img_dir = args.img_dir or "benchmarks/results/img-quick"
+    args.out = args.out or "docs/benchmarks.md"
+    args.json = args.json or "benchmarks/results/latest.json"
+    args.img_dir = args.img_dir or "docs/img"
+    return args
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    config = Config.smoke() if args.quick else Config()
+    if args.repeats:
+        config = Config(**{**config.__dict__, "repeats": args.repeats})
+    names = args.only or list(SCENARIOS)
+    machine = describe_machine(argv)
+    log(
+        f"astage benchmarks on {machine['cpu']}, {machine['cores']} cores, torch {torch.__version__}"
+    )
+
+    started = time.perf_counter()
+    # Touch fresh memory once so no contender alone pays the hypervisor's first-touch faults.
+    prefault(2 * config.bulk_bytes)
+    data = Data(config)
+    runner = LoopRunner()
+    results: list[ScenarioResult] = []
+    try:
+        for name in names:
+            log(f"- {name} ...")
+            scenario_started = time.perf_counter()
+            result = SCENARIOS[name](config, data, runner)
+            result.seconds = time.perf_counter() - scenario_started
+            results.append(result)
+            status = result.skipped or ", ".join(
+                f"{c.metric}: {c.astage} vs {c.reference}" for c in result.checks[:2]
+            )
+            log(f"  done in {result.seconds:.1f} s; {status}")
+    finally:
+        runner.close()
+    total = time.perf_counter() - started
+
+    link_dir = os.path.dirname(os.path.abspath(args.out))
+    images = {} if args.no_plots else report.render_plots(results, args.img_dir, link_dir)
+    markdown = report.render_markdown(machine, results, images, total)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as out:
+        out.write(markdown)
+    report.write_json(args.json, machine, config, results)
+    log(f"wrote {args.out}, {args.json}" + (f" and {len(images)} plots" if images else ""))
+    met = [c.met for r in results for c in r.checks if c.met is not None]
+    log(f"{sum(met)} of {len(met)} goals met; total {total:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

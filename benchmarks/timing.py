@@ -1,0 +1,112 @@
+"""Timing helpers: medians, a level playing field for first calls, and the loop-lag probe.
+
+First calls allocate their host buffers, and on a virtual machine the cost of that depends on
+where the pages come from: glibc hands back pages it freed earlier almost for free, while pages
+the guest has never touched must be faulted in from the hypervisor, which is several times
+slower. :func:`level_heap` puts every contender in the same state before its first call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import gc
+import statistics
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, TypeVar
+
+import torch
+
+from astage._heartbeat import LagProbe, LagSummary, LagWindow, percentile
+
+__all__ = [
+    "LagProbe",
+    "LagSummary",
+    "LagWindow",
+    "LoopRunner",
+    "level_heap",
+    "median",
+    "percentile",
+    "prefault",
+    "rotate",
+    "timed",
+    "timed_async",
+]
+
+T = TypeVar("T")
+
+_libc: ctypes.CDLL | None
+try:
+    _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    _libc.malloc_trim.argtypes = [ctypes.c_size_t]
+except (OSError, AttributeError):  # not glibc: trimming is a no-op
+    _libc = None
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def rotate(items: Sequence[T], shift: int) -> list[T]:
+    """``items`` rotated left by ``shift``: repeat ``r`` runs the contenders in another order."""
+    if not items:
+        return []
+    shift %= len(items)
+    return list(items[shift:]) + list(items[:shift])
+
+
+def level_heap() -> None:
+    """Free what the last contender left behind and give glibc's free pages back to the kernel.
+
+    Without this, a contender that runs after another one finds a heap full of freed pages and
+    its "first call" skips the page faults that the first contender paid for.
+    """
+    gc.collect()
+    if _libc is not None:
+        _libc.malloc_trim(0)
+
+
+def prefault(nbytes: int) -> None:
+    """Touch ``nbytes`` of fresh memory once and free it.
+
+    The first touch of a page the guest never used costs a hypervisor fault; afterwards the guest
+    kernel recycles pages it already owns. Doing this once up front spares whichever contender
+    happens to run first from paying that one-off cost alone.
+    """
+    chunk = 64 << 20
+    blocks = [torch.ones(chunk // 4) for _ in range(max(1, nbytes // chunk))]
+    del blocks
+    level_heap()
+
+
+def timed(call: Callable[[], object]) -> float:
+    """Seconds one call takes (its result is dropped after the clock stops)."""
+    start = time.perf_counter()
+    result = call()
+    seconds = time.perf_counter() - start
+    del result
+    return seconds
+
+
+async def timed_async(call: Callable[[], Awaitable[object]]) -> float:
+    start = time.perf_counter()
+    result = await call()
+    seconds = time.perf_counter() - start
+    del result
+    return seconds
+
+
+class LoopRunner:
+    """One event loop for a whole benchmark run, driven from synchronous code."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return self._loop.run_until_complete(coroutine)
+
+    def close(self) -> None:
+        self._loop.run_until_complete(self._loop.shutdown_default_executor())
+        self._loop.close()
