@@ -61,9 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         config = Config(**{**config.__dict__, "repeats": args.repeats})
     names = args.only or list(SCENARIOS)
     machine = describe_machine(argv)
-    log(
-        f"astage benchmarks on {machine['cpu']}, {machine['cores']} cores, torch {torch.__version__}"
-    )
+    cores, cpu = machine["cores"], machine["cpu"]
+    log(f"astage benchmarks on {cpu}, {cores} cores, torch {torch.__version__}")
 
     started = time.perf_counter()
     # Touch fresh memory once so no contender alone pays the hypervisor's first-touch faults.

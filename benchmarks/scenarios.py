@@ -28,7 +28,7 @@ from .contenders import (
     PlainCopy,
     flat_tensors,
 )
-from .record import Check, ScenarioResult, Table, fmt_bytes, fmt_gbps, fmt_ratio, fmt_s
+from .record import Check, ScenarioResult, Table, fmt_bytes, fmt_gbps, fmt_s
 from .state_dicts import GiB, MiB, Shape, bulk_floats, describe, gpt2_with_adamw
 from .state_dicts import small_optimizer_state as build_small_optimizer_state
 from .timing import LagProbe, LagSummary, LoopRunner, level_heap, median, rotate, timed_async
@@ -605,7 +605,7 @@ def host_memory(config: Config, data: Data, runner: LoopRunner) -> ScenarioResul
 
 
 class RawPinnedCopy(Contender):
-    """One device-to-host copy of all the bytes into one pinned buffer: the link's practical limit."""
+    """All bytes in one device-to-host copy into one pinned tensor: the link's practical limit."""
 
     name = "raw pinned copy (one tensor)"
     family = "plain"
