@@ -1,0 +1,203 @@
+"""StagingOptions: a frozen keyword dataclass, validated, resolved per machine."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import warnings
+
+import pytest
+from conftest import HAS_CUDA
+
+import astage
+from astage._options import make_options
+
+
+def test_is_a_frozen_dataclass() -> None:
+    opts = astage.StagingOptions()
+    assert dataclasses.is_dataclass(opts)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.pin_memory = False  # type: ignore[misc]
+
+
+def test_contract_fields_and_defaults() -> None:
+    # DESIGN.md section 1: the four documented fields and their documented defaults.
+    opts = astage.StagingOptions()
+    assert opts.pin_memory is None
+    assert opts.share_memory is False
+    assert opts.non_blocking is None
+    assert isinstance(opts.pin_memory_min_bytes, int)
+    assert opts.pin_memory_min_bytes > 0
+
+
+def test_keyword_construction() -> None:
+    opts = astage.StagingOptions(pin_memory=False, share_memory=True, pin_memory_min_bytes=1)
+    assert (opts.pin_memory, opts.share_memory, opts.pin_memory_min_bytes) == (False, True, 1)
+
+
+def test_options_are_hashable_and_compare_by_value() -> None:
+    assert astage.StagingOptions(pin_memory=False) == astage.StagingOptions(pin_memory=False)
+    assert len({astage.StagingOptions(), astage.StagingOptions()}) == 1
+
+
+@pytest.mark.xfail(
+    reason="BUG: StagingOptions accepts positional arguments; DESIGN.md calls it a keyword "
+    "dataclass, and positional use silently breaks when fields are added or reordered",
+    strict=True,
+)
+def test_fields_are_keyword_only() -> None:
+    with pytest.raises(TypeError):
+        astage.StagingOptions(True)  # type: ignore[misc]
+
+
+def test_defaults_resolve_without_warnings() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resolved = astage.StagingOptions().resolve()
+    assert resolved.pin_memory is HAS_CUDA
+    assert resolved.non_blocking is HAS_CUDA
+    assert resolved.copy_threads >= 1
+
+
+def test_stagers_construct_without_warnings() -> None:
+    async def build() -> None:
+        await astage.Stager().aclose()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        astage.SyncStager().close()
+        asyncio.run(build())
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the behaviour without CUDA")
+def test_non_blocking_without_cuda_is_refused_at_construction() -> None:
+    opts = astage.StagingOptions(non_blocking=True)  # the dataclass itself is hardware-agnostic
+    with pytest.raises(astage.InvalidOptionsError, match="non_blocking"):
+        astage.SyncStager(opts)
+    with pytest.raises(astage.InvalidOptionsError, match="non_blocking"):
+        astage.Stager(opts)
+    with pytest.raises(astage.InvalidOptionsError):
+        astage.SyncStager(non_blocking=True)
+    with pytest.raises(astage.StagingError):
+        astage.Stager(non_blocking=True)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the behaviour without CUDA")
+def test_non_blocking_false_without_cuda_is_fine() -> None:
+    astage.SyncStager(non_blocking=False).close()
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the behaviour without CUDA")
+def test_pin_memory_true_without_cuda_is_accepted() -> None:
+    with astage.SyncStager(pin_memory=True) as stager:
+        assert stager.options.pin_memory is True
+        assert stager.cache_info().pinned_nbytes == 0
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the behaviour without CUDA")
+@pytest.mark.xfail(
+    reason="BUG: pin_memory=True without CUDA tries cudaHostRegister on the first buffer of at "
+    "least pin_memory_min_bytes and fails with AssertionError('Torch not compiled with CUDA "
+    "enabled'); DESIGN/_options say it is accepted and pins nothing",
+    strict=True,
+)
+def test_pin_memory_true_without_cuda_pins_nothing() -> None:
+    import torch
+
+    with astage.SyncStager(pin_memory=True, pin_memory_min_bytes=1024) as stager:
+        source = torch.arange(1 << 16, dtype=torch.float32)
+        staged = stager.stage({"w": source})
+        assert torch.equal(staged["w"], source)
+        assert stager.cache_info().pinned_nbytes == 0
+
+
+def test_keyword_overrides_on_stagers() -> None:
+    base = astage.StagingOptions(share_memory=True, pin_memory_min_bytes=123)
+    with astage.SyncStager(base, pin_memory=False) as stager:
+        assert stager.options.pin_memory is False
+        assert stager.options.share_memory is True  # the rest comes from ``base``
+        assert stager.options.pin_memory_min_bytes == 123
+    assert base.pin_memory is None  # the given options are not changed
+
+    async def build() -> astage.StagingOptions:
+        async with astage.Stager(pin_memory=False, chunk_bytes=1 << 20) as stager:
+            return stager.options
+
+    opts = asyncio.run(build())
+    assert (opts.pin_memory, opts.chunk_bytes) == (False, 1 << 20)
+
+
+def test_stager_without_options_uses_defaults() -> None:
+    with astage.SyncStager() as stager:
+        assert stager.options == astage.StagingOptions()
+
+
+@pytest.mark.parametrize("factory", [astage.SyncStager, astage.Stager], ids=["sync", "async"])
+def test_unknown_override_is_refused(factory: type) -> None:
+    with pytest.raises(astage.InvalidOptionsError, match="pin_memroy"):
+        factory(pin_memroy=False)
+
+
+def test_replace_rejects_unknown_names() -> None:
+    with pytest.raises(astage.InvalidOptionsError):
+        astage.StagingOptions().replace(nope=1)
+    assert astage.StagingOptions().replace(chunk_bytes=1 << 20).chunk_bytes == 1 << 20
+
+
+def test_options_must_be_staging_options() -> None:
+    with pytest.raises(astage.InvalidOptionsError):
+        make_options({"pin_memory": False}, {})  # type: ignore[arg-type]
+    with pytest.raises(astage.InvalidOptionsError):
+        astage.SyncStager({"pin_memory": False})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"chunk_bytes": -1},
+        {"chunk_bytes": 0},
+        {"chunk_bytes": 1.5},
+        {"max_inflight_bytes": 0},
+        {"max_inflight_bytes": 1 << 20, "chunk_bytes": 2 << 20},  # less than one chunk
+        {"pin_memory_min_bytes": -1},
+        {"pin_memory_min_bytes": "64k"},
+        {"copy_threads": -2},
+        {"max_loop_hold_s": 0},
+        {"max_loop_hold_s": -0.1},
+        {"max_loop_hold_s": float("nan")},
+    ],
+    ids=repr,
+)
+def test_invalid_values_are_refused(changes: dict[str, object]) -> None:
+    with pytest.raises(astage.InvalidOptionsError):
+        astage.StagingOptions(**changes)  # type: ignore[arg-type]
+    with pytest.raises(astage.InvalidOptionsError):
+        astage.SyncStager(**changes)
+
+
+@pytest.mark.xfail(
+    reason="BUG: a non-number max_loop_hold_s raises a bare TypeError from the comparison in "
+    "__post_init__, not InvalidOptionsError like every other field",
+    strict=True,
+)
+def test_non_number_loop_hold_is_an_options_error() -> None:
+    with pytest.raises(astage.InvalidOptionsError):
+        astage.StagingOptions(max_loop_hold_s="fast")  # type: ignore[arg-type]
+
+
+@pytest.mark.xfail(
+    reason="BUG: the bool/None flags are not validated: pin_memory='no' is accepted and "
+    "resolves to a truthy 'no' (pins), non_blocking='no' is read as True",
+    strict=True,
+)
+@pytest.mark.parametrize("name", ["pin_memory", "non_blocking", "share_memory"])
+def test_non_bool_flags_are_refused(name: str) -> None:
+    with pytest.raises(astage.InvalidOptionsError):
+        astage.StagingOptions(**{name: "no"})  # type: ignore[arg-type]
+
+
+def test_valid_extremes_are_accepted() -> None:
+    opts = astage.StagingOptions(
+        chunk_bytes=1, max_inflight_bytes=1, pin_memory_min_bytes=0, copy_threads=1
+    )
+    assert opts.resolve().copy_threads == 1

@@ -1,0 +1,85 @@
+"""The public surface: ``astage.__all__`` must match what the package exports."""
+
+from __future__ import annotations
+
+import inspect
+import types
+
+import pytest
+
+import astage
+from astage import _errors
+
+
+def _public_attributes() -> set[str]:
+    return {
+        name
+        for name, value in vars(astage).items()
+        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+    }
+
+
+def test_all_is_sorted() -> None:
+    assert list(astage.__all__) == sorted(astage.__all__)
+
+
+def test_all_has_no_duplicates() -> None:
+    assert len(set(astage.__all__)) == len(astage.__all__)
+
+
+def test_every_name_in_all_exists() -> None:
+    missing = [name for name in astage.__all__ if not hasattr(astage, name)]
+    assert missing == []
+
+
+def test_every_public_attribute_is_in_all() -> None:
+    assert _public_attributes() - set(astage.__all__) == set()
+
+
+def test_star_import_gives_exactly_all() -> None:
+    namespace: dict[str, object] = {}
+    exec("from astage import *", namespace)
+    namespace.pop("__builtins__")
+    assert set(namespace) == set(astage.__all__)
+
+
+def test_contract_names_are_public() -> None:
+    # DESIGN.md section 1: other code depends on these names.
+    for name in ("StagingOptions", "Stager", "SyncStager", "StagingError", "CacheInfo"):
+        assert name in astage.__all__
+
+
+def _error_classes() -> list[type[BaseException]]:
+    return [
+        value
+        for value in vars(_errors).values()
+        if inspect.isclass(value) and issubclass(value, BaseException)
+    ]
+
+
+def test_errors_module_defines_errors() -> None:
+    assert len(_error_classes()) >= 5
+
+
+@pytest.mark.parametrize("error", _error_classes(), ids=lambda cls: cls.__name__)
+def test_every_error_is_a_staging_error(error: type[BaseException]) -> None:
+    assert issubclass(error, astage.StagingError)
+
+
+@pytest.mark.parametrize("error", _error_classes(), ids=lambda cls: cls.__name__)
+def test_every_error_has_a_one_line_raised_when_docstring(error: type[BaseException]) -> None:
+    doc = error.__doc__
+    assert doc is not None
+    assert "\n" not in doc.strip()
+    assert doc.strip().startswith("Raised when")
+
+
+@pytest.mark.parametrize("error", _error_classes(), ids=lambda cls: cls.__name__)
+def test_every_error_is_exported(error: type[BaseException]) -> None:
+    assert getattr(astage, error.__name__) is error
+    assert error.__name__ in _errors.__all__
+
+
+def test_version_is_a_string() -> None:
+    assert isinstance(astage.__version__, str)
+    assert astage.__version__
