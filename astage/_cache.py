@@ -34,17 +34,25 @@ class CacheInfo(NamedTuple):
     """Bytes of them registered with CUDA as page-locked memory."""
 
 
+_pin_lock = threading.Lock()  # pinning is rare and slow; one lock for all buffers is plenty
+
+
 class HostBuffer:
     """A CPU storage that receives the bytes of one source storage, pinned on demand."""
 
-    __slots__ = ("__weakref__", "_lock", "_pinned_ptr", "nbytes", "storage", "wants_pin")
+    __slots__ = ("_pinned_ptr", "device", "nbytes", "storage", "view", "wants_pin")
 
-    def __init__(self, storage: torch.UntypedStorage, wants_pin: bool) -> None:
+    def __init__(
+        self, storage: torch.UntypedStorage, device: torch.device, wants_pin: bool
+    ) -> None:
+        self._pinned_ptr = 0
         self.storage = storage
         self.nbytes = storage.nbytes()
+        self.device = device
+        """Device of the source storage."""
+        self.view: torch.Tensor | None = None
+        """The staged tensor that spans the whole buffer, kept so cached calls can reuse it."""
         self.wants_pin = wants_pin
-        self._pinned_ptr = 0
-        self._lock = threading.Lock()
 
     @property
     def pinned(self) -> bool:
@@ -54,31 +62,35 @@ class HostBuffer:
         """Register the buffer with CUDA if it asked for it and is not yet; safe from any thread."""
         if not self.wants_pin or self._pinned_ptr:
             return
-        with self._lock:
+        with _pin_lock:
             if not self._pinned_ptr:
                 ptr = self.storage.data_ptr()
                 _pinning.register(ptr, self.nbytes)
                 self._pinned_ptr = ptr
+
+    def release(self) -> None:
+        """Unregister the buffer; its memory stays valid for staged tensors that still use it."""
+        with _pin_lock:
+            ptr, self._pinned_ptr = self._pinned_ptr, 0
+        if ptr:
+            _pinning.unregister(ptr)
 
     def __del__(self) -> None:
         # A buffer dropped without release() (a stager never closed) must not stay registered.
         if self._pinned_ptr:
             _pinning.unregister(self._pinned_ptr)
 
-    def release(self) -> None:
-        """Unregister the buffer; its memory stays valid for staged tensors that still use it."""
-        with self._lock:
-            ptr, self._pinned_ptr = self._pinned_ptr, 0
-        if ptr:
-            _pinning.unregister(ptr)
 
+class _SourceRef(weakref.ref):  # type: ignore[type-arg]
+    """A cache entry: the weak reference to a source storage, carrying that storage's buffer.
 
-class _Entry:
-    __slots__ = ("buffer", "source")
+    One object per entry (rather than a weakref plus a record) keeps a first call's allocations,
+    and so the garbage collector's work, down.
+    """
 
-    def __init__(self, source: weakref.ref[torch.UntypedStorage], buffer: HostBuffer) -> None:
-        self.source = source
-        self.buffer = buffer
+    __slots__ = ("buffer", "key")
+    buffer: HostBuffer
+    key: int
 
 
 class BufferCache:
@@ -88,16 +100,21 @@ class BufferCache:
         self._pin_memory = pin_memory
         self._share_memory = share_memory
         self._pin_min = pin_memory_min_bytes
-        self._entries: dict[int, _Entry] = {}
+        self._entries: dict[int, _SourceRef] = {}
         self._lock = threading.Lock()
+        self._evict = _evicter(weakref.ref(self))
+
+    def get(self, source: torch.UntypedStorage) -> HostBuffer | None:
+        """The cached buffer for ``source``, unchecked; None if there is none."""
+        entry = self._entries.get(id(source))
+        if entry is None or entry() is not source:
+            return None
+        return entry.buffer
 
     def lookup(self, source: torch.UntypedStorage, path: Path) -> HostBuffer | None:
         """The cached buffer for ``source``, or None; a buffer of the wrong size is an error."""
-        entry = self._entries.get(id(source))
-        if entry is None or entry.source() is not source:
-            return None
-        buffer = entry.buffer
-        if buffer.nbytes != source.nbytes():
+        buffer = self.get(source)
+        if buffer is not None and buffer.nbytes != source.nbytes():
             raise BufferMismatchError(
                 f"the source storage now holds {source.nbytes()} bytes but its cached host buffer "
                 f"holds {buffer.nbytes}; a storage was resized in place since the last stage() "
@@ -113,31 +130,24 @@ class BufferCache:
             storage = torch.UntypedStorage._new_shared(nbytes)
         else:
             storage = torch.UntypedStorage(nbytes)
-        buffer = HostBuffer(storage, self._pin_memory and nbytes >= self._pin_min and nbytes > 0)
-        key = id(source)
-        ref = weakref.ref(source, self._evicter(key))
+        wants_pin = self._pin_memory and nbytes > 0 and nbytes >= self._pin_min
+        buffer = HostBuffer(storage, source.device, wants_pin)
+        entry = _SourceRef(source, self._evict)
+        entry.key = key = id(source)
+        entry.buffer = buffer
         with self._lock:
             old = self._entries.get(key)
-            self._entries[key] = _Entry(ref, buffer)
+            self._entries[key] = entry
         if old is not None:  # a dead source whose callback has not run yet
             old.buffer.release()
         return buffer
 
-    def _evicter(self, key: int) -> Callable[[weakref.ref[torch.UntypedStorage]], None]:
-        cache_ref = weakref.ref(self)
-
-        def evict(ref: weakref.ref[torch.UntypedStorage]) -> None:
-            cache = cache_ref()
-            if cache is None:
-                return
-            with cache._lock:
-                entry = cache._entries.get(key)
-                if entry is None or entry.source is not ref:
-                    return
-                del cache._entries[key]
-            entry.buffer.release()
-
-        return evict
+    def _remove(self, entry: _SourceRef) -> None:
+        with self._lock:
+            if self._entries.get(entry.key) is not entry:
+                return  # already replaced or cleared
+            del self._entries[entry.key]
+        entry.buffer.release()
 
     def info(self) -> CacheInfo:
         with self._lock:
@@ -154,3 +164,14 @@ class BufferCache:
             entries, self._entries = self._entries, {}
         for entry in entries.values():
             entry.buffer.release()
+
+
+def _evicter(cache_ref: weakref.ref[BufferCache]) -> Callable[[_SourceRef], None]:
+    """The callback run when a source storage dies; holds the cache only weakly."""
+
+    def evict(entry: _SourceRef) -> None:
+        cache = cache_ref()
+        if cache is not None:
+            cache._remove(entry)
+
+    return evict

@@ -15,7 +15,8 @@ from collections.abc import Iterator
 
 import torch
 
-from ._plan import Copy
+from ._cache import HostBuffer
+from ._plan import Copies
 
 MAX_BATCH_COPIES = 2048  # small copies per foreach call: bounds the time one task takes
 
@@ -25,63 +26,90 @@ class Batch:
 
     __slots__ = ("buffers", "device", "dsts", "end", "nbytes", "srcs")
 
-    def __init__(self, device: torch.device, end: int) -> None:
+    def __init__(
+        self,
+        device: torch.device,
+        *,
+        srcs: list[torch.Tensor],
+        dsts: list[torch.Tensor],
+        buffers: list[HostBuffer],
+        nbytes: int,
+        end: int,
+    ) -> None:
         self.device = device
-        self.srcs: list[torch.Tensor] = []
-        self.dsts: list[torch.Tensor] = []
-        self.buffers: list[object] = []
-        self.nbytes = 0
+        self.srcs = srcs
+        self.dsts = dsts
+        self.buffers = buffers
+        self.nbytes = nbytes
         self.end = end
         """Copies ``[0, end)`` of the plan are complete once this batch and all before it are."""
 
 
-def make_batches(copies: list[Copy], start: int, stop: int, chunk_bytes: int) -> Iterator[Batch]:
-    """Split ``copies[start:stop]`` into batches of at most about ``chunk_bytes`` each."""
-    batch: Batch | None = None
+def make_batches(copies: Copies, start: int, stop: int, chunk_bytes: int) -> Iterator[Batch]:
+    """Split copies ``[start, stop)`` into batches of at most about ``chunk_bytes`` each."""
+    buffers = copies.buffers
+    first = start  # first copy of the batch being gathered
+    gathered = 0
+    device = buffers[start].device if start < stop else None
     for index in range(start, stop):
-        copy = copies[index]
-        if copy.nbytes >= chunk_bytes:
-            if batch is not None:
-                yield batch
-                batch = None
-            yield from _slices(copy, index, chunk_bytes)
-            continue
-        if batch is not None and (
-            batch.device != copy.device
-            or batch.nbytes + copy.nbytes > chunk_bytes
-            or len(batch.srcs) >= MAX_BATCH_COPIES
+        buffer = buffers[index]
+        nbytes = buffer.nbytes
+        if nbytes >= chunk_bytes or (
+            first < index
+            and (
+                gathered + nbytes > chunk_bytes
+                or index - first >= MAX_BATCH_COPIES
+                or (buffer.device is not device and buffer.device != device)
+            )
         ):
-            yield batch
-            batch = None
-        if batch is None:
-            batch = Batch(copy.device, index + 1)
-        batch.srcs.append(copy.src)
-        batch.dsts.append(copy.dst)
-        batch.buffers.append(copy.buffer)
-        batch.nbytes += copy.nbytes
-        batch.end = index + 1
-    if batch is not None:
-        yield batch
+            if first < index:
+                yield _gathered(copies, first, index, gathered)
+            first, gathered, device = index, 0, buffer.device
+            if nbytes >= chunk_bytes:
+                yield from _slices(copies, index, chunk_bytes)
+                first = index + 1
+                continue
+        gathered += nbytes
+    if first < stop:
+        yield _gathered(copies, first, stop, gathered)
 
 
-def _slices(copy: Copy, index: int, chunk_bytes: int) -> Iterator[Batch]:
-    src = copy.src.view(-1)
-    dst = copy.dst.view(-1)
-    step = max(1, chunk_bytes // src.element_size())
+def _gathered(copies: Copies, first: int, stop: int, nbytes: int) -> Batch:
+    buffers = copies.buffers[first:stop]
+    return Batch(
+        buffers[0].device,
+        srcs=copies.srcs[first:stop],
+        dsts=copies.dsts[first:stop],
+        buffers=buffers,
+        nbytes=nbytes,
+        end=stop,
+    )
+
+
+def _slices(copies: Copies, index: int, chunk_bytes: int) -> Iterator[Batch]:
+    buffer = copies.buffers[index]
+    src = copies.srcs[index].view(-1)
+    dst = copies.dsts[index].view(-1)
+    itemsize = src.element_size()
+    step = max(1, chunk_bytes // itemsize)
     total = src.numel()
     for begin in range(0, total, step):
         end = min(begin + step, total)
-        batch = Batch(copy.device, index + 1 if end == total else index)
-        batch.srcs.append(src[begin:end])
-        batch.dsts.append(dst[begin:end])
-        batch.buffers.append(copy.buffer)
-        batch.nbytes = (end - begin) * src.element_size()
-        yield batch
+        done = index + 1 if end == total else index
+        yield Batch(
+            buffer.device,
+            srcs=[src[begin:end]],
+            dsts=[dst[begin:end]],
+            buffers=[buffer],
+            nbytes=(end - begin) * itemsize,
+            end=done,
+        )
 
 
 def _pin(batch: Batch) -> None:
     for buffer in batch.buffers:
-        buffer.ensure_pinned()  # type: ignore[attr-defined]
+        if buffer.wants_pin:
+            buffer.ensure_pinned()
 
 
 def run_host_batch(batch: Batch) -> None:

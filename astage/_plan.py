@@ -3,8 +3,8 @@
 ``build_plan`` walks the state dict the way ``copy.deepcopy`` would (a memo keeps shared
 references shared and cycles closed), but every tensor is rebuilt on CPU as a view of a host
 buffer from the cache, with its dtype, shape, stride and offset. Each source storage is visited
-once per call and yields exactly one :class:`Copy` (all bytes of the storage, which is what keeps
-aliasing intact). Nothing here waits for a device or an event loop: the walk is a generator that
+once per call and adds exactly one entry to :class:`Copies` (all bytes of the storage, which is
+what keeps aliasing intact). Nothing here waits for a device or an event loop: the walk is a generator that
 yields every few dozen objects, so an async driver can hand the loop back while a sync driver
 just runs it to the end.
 """
@@ -65,23 +65,36 @@ ATOMIC_TYPES: frozenset[type] = frozenset(
 )
 
 
-class Copy:
-    """All bytes of one source storage into one host buffer: ``dst.copy_(src)``.
+class Copies:
+    """The copies of a plan: all bytes of ``srcs[i]``'s storage into ``dsts[i]``'s.
 
-    ``src`` and ``dst`` have the same shape and cover their whole storages: the source tensor and
-    its staged twin when the tensor spans its storage contiguously, byte views otherwise.
+    ``srcs[i]`` and ``dsts[i]`` have the same shape and cover their whole storages: the source
+    tensor and its staged twin when the tensor spans its storage contiguously, byte views
+    otherwise. Kept as parallel lists so that a cached call adds a copy without allocating an
+    object per tensor.
     """
 
-    __slots__ = ("buffer", "device", "dst", "nbytes", "src")
+    __slots__ = ("buffers", "dsts", "srcs")
 
-    def __init__(
-        self, src: torch.Tensor, dst: torch.Tensor, buffer: HostBuffer, device: torch.device
-    ) -> None:
-        self.src = src
-        self.dst = dst
-        self.buffer = buffer
-        self.nbytes = buffer.nbytes
-        self.device = device
+    def __init__(self) -> None:
+        self.srcs: list[torch.Tensor] = []
+        self.dsts: list[torch.Tensor] = []
+        self.buffers: list[HostBuffer] = []
+
+    def __len__(self) -> int:
+        return len(self.srcs)
+
+    def add(self, src: torch.Tensor, dst: torch.Tensor, buffer: HostBuffer) -> int:
+        """Append a copy and return its index."""
+        index = len(self.srcs)
+        self.srcs.append(src)
+        self.dsts.append(dst)
+        self.buffers.append(buffer)
+        return index
+
+    @property
+    def nbytes(self) -> int:
+        return sum(buffer.nbytes for buffer in self.buffers)
 
 
 class Leaf(NamedTuple):
@@ -96,17 +109,15 @@ class Leaf(NamedTuple):
 class Plan:
     """The staged skeleton plus the copies that fill its tensors, built by :func:`build_plan`."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, track_leaves: bool = True) -> None:
+        self.track_leaves = track_leaves
+        """Record every tensor's path and dependencies (what ``stage_iter`` needs)."""
         self.result: Any = None
-        self.copies: list[Copy] = []
+        self.copies = Copies()
         self.leaves: list[Leaf] = []
         self.new_buffers = 0
         self.new_nbytes = 0
         self.done = False
-
-    @property
-    def nbytes(self) -> int:
-        return sum(copy.nbytes for copy in self.copies)
 
 
 def build_plan(cache: BufferCache, state_dict: Any, plan: Plan | None = None) -> Walk:
@@ -133,8 +144,14 @@ class _Walker:
         self._leaves = plan.leaves
         self._memo: dict[int, Any] = {}
         self._keep_alive: list[Any] = []  # ids in the memo stay valid while the walk runs
-        self._storages: dict[int, tuple[torch.UntypedStorage, int]] = {}
+        # Source storages met in this call (by id) -> their buffer, and -> their copy's index.
+        # Two dicts rather than one of tuples: no allocation per tensor on the hot path.
+        self._storages: dict[int, HostBuffer] = {}
+        self._copy_index: dict[int, int] = {}
         self._tensor_deps: dict[int, int] = {}
+        self._track_leaves = plan.track_leaves
+        # A tensor met directly in a dict or list (``type(x) is torch.Tensor``).
+        self._child_tensor = self._tracked_child if plan.track_leaves else self._untracked_child
         self._tensor_depth = 0  # > 0 while staging the insides of a tensor
         self._last_copy = -1
         self._countdown = _YIELD_EVERY
@@ -193,7 +210,7 @@ class _Walker:
             if vtype in atomic:
                 y[key] = value
             elif vtype is _Tensor:
-                y[key] = self._tensor_leaf(value, (*path, old_key))
+                y[key] = self._child_tensor(value, path, old_key)
             else:
                 y[key] = yield from self.visit(value, (*path, old_key))
             if self._tick():
@@ -210,7 +227,7 @@ class _Walker:
             if vtype in atomic:
                 append(value)
             elif vtype is _Tensor:
-                append(self._tensor_leaf(value, (*path, index)))
+                append(self._child_tensor(value, path, index))
             else:
                 append((yield from self.visit(value, (*path, index))))
             if self._tick():
@@ -334,10 +351,25 @@ class _Walker:
 
     # -- tensors --------------------------------------------------------------------------
 
+    def _tracked_child(self, x: torch.Tensor, path: Path, key: Any) -> torch.Tensor:
+        return self._tensor_leaf(x, (*path, key))
+
+    def _untracked_child(self, x: torch.Tensor, path: Path, key: Any) -> torch.Tensor:
+        """The hot path of stage(): no leaf record, and the path is built only if needed."""
+        y: torch.Tensor = self._memo.get(id(x), _MISSING)
+        if y is not _MISSING:
+            return y
+        restaged = self._restage(x)
+        if restaged is not None:
+            return restaged
+        return self._stage_tensor(x, (*path, key))
+
     def _tensor_leaf(self, x: torch.Tensor, path: Path) -> torch.Tensor:
         """A tensor at ``path``: staged once per call, and recorded for ``stage_iter``."""
         key = id(x)
         y: torch.Tensor = self._memo.get(key, _MISSING)
+        if not self._track_leaves:
+            return self._tensor(x, path) if y is _MISSING else y
         if y is _MISSING:
             outer = self._last_copy
             self._last_copy = -1
@@ -357,6 +389,49 @@ class _Walker:
         return y
 
     def _tensor(self, x: torch.Tensor, path: Path) -> torch.Tensor:
+        if type(x) is _Tensor:
+            y = self._restage(x)
+            if y is not None:
+                return y
+        return self._stage_tensor(x, path)
+
+    def _restage(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The hot path of a cached call: a plain tensor whose buffer already has its view.
+
+        A tensor that spans its storage contiguously, like the one staged into this buffer
+        last time, reuses that staged view: same dtype, shape, storage and byte count imply
+        the same strides and offset. Anything else takes the general path.
+        """
+        try:
+            storage = x.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            return None
+        buffer = self._cache.get(storage)
+        if buffer is None:
+            return None
+        view = buffer.view
+        if (
+            view is None
+            or id(storage) in self._storages
+            or view.dtype is not x.dtype
+            or view.shape != x.shape
+            or buffer.nbytes != storage.nbytes()
+            or x.storage_offset() != 0
+            or not x.is_contiguous()
+            or x.is_conj()
+            or x.is_neg()
+            or x.__dict__
+        ):
+            return None
+        index = self._copies.add(x, view, buffer)
+        self._storages[id(storage)] = buffer
+        self._copy_index[id(storage)] = index
+        self._last_copy = max(self._last_copy, index)
+        self._memo[id(x)] = view
+        self._keep_alive.append(x)
+        return view
+
+    def _stage_tensor(self, x: torch.Tensor, path: Path) -> torch.Tensor:
         cls = type(x)
         if cls is not _Tensor and cls is not _Parameter and is_traceable_wrapper_subclass(x):
             return self._wrapper_subclass(x, path)
@@ -380,8 +455,8 @@ class _Walker:
             raise UnstageableError(
                 f"a {cls.__qualname__} has no storage that can be copied: {error}", path
             ) from error
-        found = self._storages.get(id(storage))
-        if found is None:
+        buffer = self._storages.get(id(storage))
+        if buffer is None:
             buffer = self._cache.lookup(storage, path)
             if buffer is None:
                 buffer = self._cache.allocate(storage)
@@ -393,7 +468,6 @@ class _Walker:
             )
             index = -1
             if buffer.nbytes:
-                index = len(self._copies)
                 if (
                     (cls is _Tensor or cls is _Parameter)
                     and x.storage_offset() == 0
@@ -402,16 +476,18 @@ class _Walker:
                     and not x.is_conj()
                     and not x.is_neg()
                 ):
-                    copy = Copy(x, plain, buffer, device)
+                    index = self._copies.add(x, plain, buffer)
+                    buffer.view = plain  # the next call's _restage starts from this view
                 else:
-                    copy = Copy(
-                        _bytes_view(storage, device), _bytes_view(host, host.device), buffer, device
+                    index = self._copies.add(
+                        _bytes_view(storage, device), _bytes_view(host, host.device), buffer
                     )
-                self._copies.append(copy)
-            self._storages[id(storage)] = (host, index)
+            self._storages[id(storage)] = buffer
+            self._copy_index[id(storage)] = index
             self._keep_alive.append(storage)
         else:
-            host, index = found
+            host = buffer.storage
+            index = self._copy_index[id(storage)]
             plain = torch.empty((0,), dtype=x.dtype).set_(
                 host, x.storage_offset(), x.size(), x.stride()
             )

@@ -19,7 +19,7 @@ import torch
 
 from ._bridge import EventBridge
 from ._cache import CacheInfo
-from ._core import Pending, Run, StagerBase, StageStats
+from ._core import Pending, Run, StagerBase, StageStats, gc_paused
 from ._engine import Batch, run_host_batch
 from ._options import StagingOptions, make_options
 from ._paths import Path
@@ -80,15 +80,20 @@ class Stager:
             base.check_open()
             await self._drain_outstanding()
             base.staging = True
-            run = Run(base, state_dict)
+            run = Run(base, state_dict, track_leaves=with_leaves)
             try:
                 hold = base.resolved.max_loop_hold_s
-                deadline = time.perf_counter() + hold
-                for _ in run.walk:
-                    if time.perf_counter() >= deadline:
-                        self._dispatch(run, final=False)
-                        await asyncio.sleep(0)
+                walk = run.walk
+                while True:
+                    with gc_paused():
                         deadline = time.perf_counter() + hold
+                        for _ in walk:
+                            if time.perf_counter() >= deadline:
+                                break
+                        else:
+                            break
+                    self._dispatch(run, final=False)
+                    await asyncio.sleep(0)
                 self._dispatch(run, final=True)
                 while not run.finished:
                     await run.pending[0].wait(self._bridge)

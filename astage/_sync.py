@@ -15,7 +15,7 @@ from types import TracebackType
 from typing import Any
 
 from ._cache import CacheInfo
-from ._core import Pending, Run, StagerBase, StageStats
+from ._core import Pending, Run, StagerBase, StageStats, gc_paused
 from ._engine import run_host_batch
 from ._options import StagingOptions, make_options
 
@@ -53,10 +53,11 @@ class SyncStager:
             base.check_open()
             self._drain_outstanding()
             base.staging = True
-            run = Run(base, state_dict)
+            run = Run(base, state_dict, track_leaves=False)
             try:
-                for _ in run.walk:
-                    pass
+                with gc_paused():
+                    for _ in run.walk:
+                        pass
                 while True:
                     batch = run.next_batch(final=True)
                     if batch is None:
