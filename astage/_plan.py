@@ -4,9 +4,9 @@
 references shared and cycles closed), but every tensor is rebuilt on CPU as a view of a host
 buffer from the cache, with its dtype, shape, stride and offset. Each source storage is visited
 once per call and adds exactly one entry to :class:`Copies` (all bytes of the storage, which is
-what keeps aliasing intact). Nothing here waits for a device or an event loop: the walk is a generator that
-yields every few dozen objects, so an async driver can hand the loop back while a sync driver
-just runs it to the end.
+what keeps aliasing intact). Nothing here waits for a device or an event loop: the walk is a
+generator that yields every few dozen objects, so an async driver can hand the loop back while
+a sync driver just runs it to the end.
 """
 
 from __future__ import annotations
