@@ -67,6 +67,7 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(width)
         self.lm_head = nn.Linear(width, vocab, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # tied: one storage behind two state-dict keys
+        self.apply(_init_weights)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(tokens.shape[1], device=tokens.device)
@@ -75,6 +76,15 @@ class GPT(nn.Module):
             x = block(x)
         logits: torch.Tensor = self.lm_head(self.ln_f(x))
         return logits
+
+
+def _init_weights(module: nn.Module) -> None:
+    # GPT-2's initialisation: with PyTorch's N(0, 1) embeddings the tied lm_head starts with
+    # huge logits and a loss in the hundreds instead of about ln(vocab).
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
 
 
 # --- options ---------------------------------------------------------------------------------

@@ -155,9 +155,13 @@ class CudaStreams:
         allocator cannot hand their memory to another tensor while the copy still reads it.
         """
         stream = self.stream(batch.device)
+        non_blocking = self._non_blocking
         with torch.no_grad(), torch.cuda.stream(stream):
             _pin(batch)
-            torch._foreach_copy_(batch.dsts, batch.srcs, non_blocking=self._non_blocking)
+            # One launch per copy either way; a plain loop keeps to copy_'s documented
+            # cross-device semantics rather than relying on foreach's fallback.
+            for dst, src in zip(batch.dsts, batch.srcs, strict=True):
+                dst.copy_(src, non_blocking=non_blocking)
             done = torch.cuda.Event(blocking=True)  # a waiting thread sleeps instead of spinning
             done.record(stream)
         return done

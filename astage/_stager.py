@@ -9,8 +9,9 @@ while the walk is still running, and at most ``max_inflight_bytes`` are in fligh
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any
@@ -60,9 +61,10 @@ class Stager:
 
         The buffers are reused by the next call on this stager, which overwrites them.
         """
-        async for _ in self._drive(state_dict, with_leaves=False):
-            pass
-        return self._result
+        async with contextlib.aclosing(self._drive(state_dict, with_leaves=False)) as steps:
+            async for result in steps:
+                return result
+        raise AssertionError("unreachable: _drive yields the result or raises")
 
     async def stage_iter(self, state_dict: Any) -> AsyncIterator[tuple[Path, torch.Tensor]]:
         """Yield ``(path, staged_tensor)`` for every tensor, each as soon as its bytes landed.
@@ -74,7 +76,8 @@ class Stager:
             for leaf in leaves:
                 yield leaf.path, leaf.tensor
 
-    async def _drive(self, state_dict: Any, *, with_leaves: bool) -> AsyncIterator[list[Any]]:
+    async def _drive(self, state_dict: Any, *, with_leaves: bool) -> AsyncGenerator[Any, None]:
+        """Run one call; yield lists of landed leaves (``with_leaves``) or, once, the result."""
         base = self._base
         async with self._lock:
             base.check_open()
@@ -107,13 +110,15 @@ class Stager:
                     leaves = run.landed_leaves()
                     if leaves:
                         yield leaves
-                self._result = run.plan.result
                 base.finish(run)
+                result = run.plan.result
             except BaseException:
                 base.outstanding.extend(run.pending)
                 raise
             finally:
                 base.staging = False
+        if not with_leaves:
+            yield result  # outside the lock: the next call need not wait for this generator
 
     def _dispatch(self, run: Run, *, final: bool) -> None:
         """Retire finished batches and start new ones while the in-flight budget allows."""
