@@ -34,29 +34,46 @@ class CacheInfo(NamedTuple):
     """Bytes of them registered with CUDA as page-locked memory."""
 
 
+Shape = torch.Size | tuple[int, ...]
+
 _pin_lock = threading.Lock()  # pinning is rare and slow; one lock for all buffers is plenty
 
 
-class HostBuffer:
-    """A CPU storage that receives the bytes of one source storage, pinned on demand."""
+class HostBuffer(weakref.ref):  # type: ignore[type-arg]
+    """The CPU buffer that receives one source storage's bytes; also the cache entry for it.
 
-    __slots__ = ("_pinned_ptr", "device", "nbytes", "storage", "view", "wants_pin")
+    A buffer *is* the weak reference to its source storage (a ``weakref.ref`` subclass), so a
+    cache entry costs one object: a first call over tens of thousands of tensors allocates
+    fewer long-lived objects, and the garbage collector has less to traverse.
+    """
 
-    def __init__(
-        self, storage: torch.UntypedStorage, device: torch.device, wants_pin: bool
-    ) -> None:
-        self._pinned_ptr = 0
-        self.storage = storage
-        self.nbytes = storage.nbytes()
-        self.device = device
-        """Device of the source storage."""
-        self.view: torch.Tensor | None = None
-        """The staged tensor that spans the whole buffer, kept so cached calls can reuse it."""
-        self.wants_pin = wants_pin
+    __slots__ = ("_pinned_ptr", "device", "key", "nbytes", "view", "wants_pin", "whole")
+    device: torch.device
+    """Device of the source storage."""
+    key: int
+    """``id()`` of the source storage while it lives."""
+    nbytes: int
+    view: torch.Tensor | None
+    """The staged tensor spanning the whole buffer, reused by cached calls; None for buffers
+    first staged through a partial view."""
+    wants_pin: bool
+    whole: torch.Tensor
+    """A contiguous CPU tensor spanning exactly the buffer."""
+    _pinned_ptr: int
 
     @property
     def pinned(self) -> bool:
         return self._pinned_ptr != 0
+
+    @property
+    def storage(self) -> torch.UntypedStorage:
+        return self.whole.untyped_storage()
+
+    def as_bytes(self) -> torch.Tensor:
+        """The buffer as a flat ``uint8`` tensor."""
+        if self.whole.dtype is torch.uint8 and self.whole.dim() == 1:
+            return self.whole
+        return torch.empty((0,), dtype=torch.uint8).set_(self.storage)
 
     def ensure_pinned(self) -> None:
         """Register the buffer with CUDA if it asked for it and is not yet; safe from any thread."""
@@ -64,7 +81,7 @@ class HostBuffer:
             return
         with _pin_lock:
             if not self._pinned_ptr:
-                ptr = self.storage.data_ptr()
+                ptr = self.whole.data_ptr()
                 _pinning.register(ptr, self.nbytes)
                 self._pinned_ptr = ptr
 
@@ -77,20 +94,8 @@ class HostBuffer:
 
     def __del__(self) -> None:
         # A buffer dropped without release() (a stager never closed) must not stay registered.
-        if self._pinned_ptr:
+        if getattr(self, "_pinned_ptr", 0):
             _pinning.unregister(self._pinned_ptr)
-
-
-class _SourceRef(weakref.ref):  # type: ignore[type-arg]
-    """A cache entry: the weak reference to a source storage, carrying that storage's buffer.
-
-    One object per entry (rather than a weakref plus a record) keeps a first call's allocations,
-    and so the garbage collector's work, down.
-    """
-
-    __slots__ = ("buffer", "key")
-    buffer: HostBuffer
-    key: int
 
 
 class BufferCache:
@@ -100,16 +105,16 @@ class BufferCache:
         self._pin_memory = pin_memory
         self._share_memory = share_memory
         self._pin_min = pin_memory_min_bytes
-        self._entries: dict[int, _SourceRef] = {}
+        self._entries: dict[int, HostBuffer] = {}
         self._lock = threading.Lock()
         self._evict = _evicter(weakref.ref(self))
 
     def get(self, source: torch.UntypedStorage) -> HostBuffer | None:
         """The cached buffer for ``source``, unchecked; None if there is none."""
-        entry = self._entries.get(id(source))
-        if entry is None or entry() is not source:
+        buffer = self._entries.get(id(source))
+        if buffer is None or buffer() is not source:
             return None
-        return entry.buffer
+        return buffer
 
     def lookup(self, source: torch.UntypedStorage, path: Path) -> HostBuffer | None:
         """The cached buffer for ``source``, or None; a buffer of the wrong size is an error."""
@@ -123,35 +128,53 @@ class BufferCache:
             )
         return buffer
 
-    def allocate(self, source: torch.UntypedStorage) -> HostBuffer:
-        """A new host buffer for ``source``, cached until ``source`` dies or the cache closes."""
+    def allocate(
+        self, source: torch.UntypedStorage, like: torch.Tensor | None = None
+    ) -> HostBuffer:
+        """A new host buffer for ``source``, cached until ``source`` dies or the cache closes.
+
+        ``like``, when given, is a contiguous tensor spanning all of ``source``: the buffer is
+        then allocated as its staged twin, which becomes the buffer's reusable ``view``.
+        """
         nbytes = source.nbytes()
-        if self._share_memory:
-            storage = torch.UntypedStorage._new_shared(nbytes)
+        if like is not None:
+            whole = self._empty(like.shape, like.dtype, nbytes)
         else:
-            storage = torch.UntypedStorage(nbytes)
-        wants_pin = self._pin_memory and nbytes > 0 and nbytes >= self._pin_min
-        buffer = HostBuffer(storage, source.device, wants_pin)
-        entry = _SourceRef(source, self._evict)
-        entry.key = key = id(source)
-        entry.buffer = buffer
+            whole = self._empty((nbytes,), torch.uint8, nbytes)
+        buffer = HostBuffer(source, self._evict)
+        buffer.key = key = id(source)
+        buffer.nbytes = nbytes
+        buffer.device = source.device
+        buffer.whole = whole
+        buffer.view = whole if like is not None else None
+        buffer.wants_pin = self._pin_memory and nbytes > 0 and nbytes >= self._pin_min
+        buffer._pinned_ptr = 0
         with self._lock:
             old = self._entries.get(key)
-            self._entries[key] = entry
+            self._entries[key] = buffer
         if old is not None:  # a dead source whose callback has not run yet
-            old.buffer.release()
+            old.release()
         return buffer
 
-    def _remove(self, entry: _SourceRef) -> None:
+    def _empty(
+        self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype, nbytes: int
+    ) -> torch.Tensor:
+        if not self._share_memory:
+            # No Python storage object is created: one tensor is the whole cost of a buffer.
+            return torch.empty(shape, dtype=dtype)
+        storage = torch.UntypedStorage._new_shared(nbytes)
+        return torch.empty((0,), dtype=dtype).set_(storage, 0, shape, _contiguous_strides(shape))
+
+    def _remove(self, buffer: HostBuffer) -> None:
         with self._lock:
-            if self._entries.get(entry.key) is not entry:
+            if self._entries.get(buffer.key) is not buffer:
                 return  # already replaced or cleared
-            del self._entries[entry.key]
-        entry.buffer.release()
+            del self._entries[buffer.key]
+        buffer.release()
 
     def info(self) -> CacheInfo:
         with self._lock:
-            buffers = [entry.buffer for entry in self._entries.values()]
+            buffers = list(self._entries.values())
         return CacheInfo(
             storages=len(buffers),
             nbytes=sum(b.nbytes for b in buffers),
@@ -162,16 +185,25 @@ class BufferCache:
         """Drop every buffer (unpinning it); staged tensors handed out stay valid."""
         with self._lock:
             entries, self._entries = self._entries, {}
-        for entry in entries.values():
-            entry.buffer.release()
+        for buffer in entries.values():
+            buffer.release()
 
 
-def _evicter(cache_ref: weakref.ref[BufferCache]) -> Callable[[_SourceRef], None]:
+def _evicter(cache_ref: weakref.ref[BufferCache]) -> Callable[[HostBuffer], None]:
     """The callback run when a source storage dies; holds the cache only weakly."""
 
-    def evict(entry: _SourceRef) -> None:
+    def evict(buffer: HostBuffer) -> None:
         cache = cache_ref()
         if cache is not None:
-            cache._remove(entry)
+            cache._remove(buffer)
 
     return evict
+
+
+def _contiguous_strides(shape: Shape) -> tuple[int, ...]:
+    strides = []
+    step = 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))

@@ -136,6 +136,13 @@ def _bytes_view(storage: torch.UntypedStorage, device: torch.device) -> torch.Te
     return torch.empty((0,), dtype=torch.uint8, device=device).set_(storage)
 
 
+def _view_on(buffer: HostBuffer, x: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor with ``x``'s dtype, shape, stride and offset on ``buffer``."""
+    return torch.empty((0,), dtype=x.dtype).set_(
+        buffer.storage, x.storage_offset(), x.size(), x.stride()
+    )
+
+
 class _Walker:
     def __init__(self, cache: BufferCache, plan: Plan) -> None:
         self._cache = cache
@@ -455,42 +462,40 @@ class _Walker:
             raise UnstageableError(
                 f"a {cls.__qualname__} has no storage that can be copied: {error}", path
             ) from error
+        spans_storage = (
+            (cls is _Tensor or cls is _Parameter)
+            and x.storage_offset() == 0
+            and x.nbytes == storage.nbytes()
+            and x.is_contiguous()
+            and not x.is_conj()
+            and not x.is_neg()
+        )
         buffer = self._storages.get(id(storage))
-        if buffer is None:
+        if buffer is not None:  # a storage already met in this call: an alias
+            index = self._copy_index[id(storage)]
+            plain = _view_on(buffer, x)
+        else:
             buffer = self._cache.lookup(storage, path)
             if buffer is None:
-                buffer = self._cache.allocate(storage)
+                buffer = self._cache.allocate(storage, like=x if spans_storage else None)
                 self._plan.new_buffers += 1
                 self._plan.new_nbytes += buffer.nbytes
-            host = buffer.storage
-            plain = torch.empty((0,), dtype=x.dtype).set_(
-                host, x.storage_offset(), x.size(), x.stride()
-            )
-            index = -1
-            if buffer.nbytes:
-                if (
-                    (cls is _Tensor or cls is _Parameter)
-                    and x.storage_offset() == 0
-                    and x.nbytes == buffer.nbytes
-                    and x.is_contiguous()
-                    and not x.is_conj()
-                    and not x.is_neg()
-                ):
-                    index = self._copies.add(x, plain, buffer)
-                    buffer.view = plain  # the next call's _restage starts from this view
-                else:
-                    index = self._copies.add(
-                        _bytes_view(storage, device), _bytes_view(host, host.device), buffer
-                    )
+            view = buffer.view
+            if (
+                spans_storage
+                and view is not None
+                and view.dtype is x.dtype
+                and view.shape == x.shape
+            ):
+                plain = view
+                src, dst = x, view
+            else:
+                plain = _view_on(buffer, x)
+                src, dst = _bytes_view(storage, device), buffer.as_bytes()
+            index = self._copies.add(src, dst, buffer) if buffer.nbytes else -1
             self._storages[id(storage)] = buffer
             self._copy_index[id(storage)] = index
             self._keep_alive.append(storage)
-        else:
-            host = buffer.storage
-            index = self._copy_index[id(storage)]
-            plain = torch.empty((0,), dtype=x.dtype).set_(
-                host, x.storage_offset(), x.size(), x.stride()
-            )
         self._last_copy = max(self._last_copy, index)
         y = plain
         if x.is_conj():
