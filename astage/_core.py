@@ -245,7 +245,7 @@ class StagerBase:
     def finish(self, run: Run) -> StageStats:
         plan = run.plan
         stats = StageStats(
-            tensors=len(plan.leaves),
+            tensors=plan.tensors,
             storages=len(plan.copies),
             nbytes=plan.copies.nbytes,
             new_nbytes=plan.new_nbytes,

@@ -46,29 +46,31 @@ class Batch:
 
 
 def make_batches(copies: Copies, start: int, stop: int, chunk_bytes: int) -> Iterator[Batch]:
-    """Split copies ``[start, stop)`` into batches of at most about ``chunk_bytes`` each."""
+    """Split copies ``[start, stop)`` into batches of at most about ``chunk_bytes`` each.
+
+    A batch holds copies from one device only; a copy of ``chunk_bytes`` or more is sliced.
+    """
     buffers = copies.buffers
     first = start  # first copy of the batch being gathered
     gathered = 0
-    device = buffers[start].device if start < stop else None
+    device: torch.device | None = None
     for index in range(start, stop):
         buffer = buffers[index]
         nbytes = buffer.nbytes
-        if nbytes >= chunk_bytes or (
-            first < index
-            and (
-                gathered + nbytes > chunk_bytes
-                or index - first >= MAX_BATCH_COPIES
-                or (buffer.device is not device and buffer.device != device)
-            )
+        if first < index and (
+            nbytes >= chunk_bytes
+            or gathered + nbytes > chunk_bytes
+            or index - first >= MAX_BATCH_COPIES
+            or buffer.device != device
         ):
-            if first < index:
-                yield _gathered(copies, first, index, gathered)
-            first, gathered, device = index, 0, buffer.device
-            if nbytes >= chunk_bytes:
-                yield from _slices(copies, index, chunk_bytes)
-                first = index + 1
-                continue
+            yield _gathered(copies, first, index, gathered)
+            first, gathered = index, 0
+        if nbytes >= chunk_bytes:
+            yield from _slices(copies, index, chunk_bytes)
+            first = index + 1
+            continue
+        if first == index:
+            device = buffer.device
         gathered += nbytes
     if first < stop:
         yield _gathered(copies, first, stop, gathered)

@@ -18,7 +18,7 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StagingOptions:
     """How a stager copies a state dict to host memory.
 
@@ -54,18 +54,25 @@ class StagingOptions:
     """Longest stretch the async stager keeps the event loop before it yields."""
 
     def __post_init__(self) -> None:
+        for name in ("pin_memory", "non_blocking"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise InvalidOptionsError(f"{name} must be True, False or None, got {value!r}")
+        if not isinstance(self.share_memory, bool):
+            raise InvalidOptionsError(f"share_memory must be a bool, got {self.share_memory!r}")
         for name in ("pin_memory_min_bytes", "copy_threads"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise InvalidOptionsError(f"{name} must be a non-negative int, got {value!r}")
         for name in ("chunk_bytes", "max_inflight_bytes"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise InvalidOptionsError(f"{name} must be a positive int, got {value!r}")
         if self.max_inflight_bytes < self.chunk_bytes:
             raise InvalidOptionsError("max_inflight_bytes must be at least chunk_bytes")
-        if not self.max_loop_hold_s > 0:
-            raise InvalidOptionsError("max_loop_hold_s must be positive")
+        hold = self.max_loop_hold_s
+        if not isinstance(hold, (int, float)) or isinstance(hold, bool) or not hold > 0:
+            raise InvalidOptionsError(f"max_loop_hold_s must be a positive number, got {hold!r}")
 
     def replace(self, **changes: object) -> StagingOptions:
         """A copy with some fields changed (unknown names are an error)."""
@@ -84,7 +91,7 @@ class StagingOptions:
             )
         threads = self.copy_threads or min(4, os.cpu_count() or 1)
         return ResolvedOptions(
-            pin_memory=has_cuda if self.pin_memory is None else self.pin_memory,
+            pin_memory=has_cuda and self.pin_memory is not False,
             share_memory=self.share_memory,
             non_blocking=has_cuda if self.non_blocking is None else self.non_blocking,
             pin_memory_min_bytes=self.pin_memory_min_bytes,

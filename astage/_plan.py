@@ -115,6 +115,8 @@ class Plan:
         self.result: Any = None
         self.copies = Copies()
         self.leaves: list[Leaf] = []
+        self.tensors = 0
+        """Tensors reached from the containers (a tensor at two paths counts twice)."""
         self.new_buffers = 0
         self.new_nbytes = 0
         self.done = False
@@ -208,6 +210,9 @@ class _Walker:
     def _dict(self, x: dict[Any, Any], path: Path) -> Walk:
         y: dict[Any, Any] = type(x)()
         self._remember(x, y)
+        attributes = getattr(x, "__dict__", None)
+        if attributes:  # e.g. the _metadata that Module.state_dict() hangs on its OrderedDict
+            y.__dict__.update((yield from self._attributes(attributes, path)))
         atomic = ATOMIC_TYPES
         for old_key, value in x.items():
             key = old_key
@@ -363,6 +368,7 @@ class _Walker:
 
     def _untracked_child(self, x: torch.Tensor, path: Path, key: Any) -> torch.Tensor:
         """The hot path of stage(): no leaf record, and the path is built only if needed."""
+        self._plan.tensors += 1
         y: torch.Tensor = self._memo.get(id(x), _MISSING)
         if y is not _MISSING:
             return y
@@ -389,9 +395,11 @@ class _Walker:
             self._tensor_deps[key] = dep
             self._last_copy = max(outer, dep)
         else:
-            dep = self._tensor_deps[key]
+            # Not yet recorded when a tensor's own attribute refers back to it (t.me = t).
+            dep = self._tensor_deps.get(key, self._last_copy)
             self._last_copy = max(self._last_copy, dep)
         if self._tensor_depth == 0:
+            self._plan.tensors += 1
             self._leaves.append(Leaf(path, y, dep))
         return y
 
@@ -487,7 +495,7 @@ class _Walker:
                 and view.dtype is x.dtype
                 and view.shape == x.shape
             ):
-                plain = view
+                plain = view.detach()  # the buffer's own view stays private (see _restage)
                 src, dst = x, view
             else:
                 plain = _view_on(buffer, x)
