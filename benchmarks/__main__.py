@@ -10,7 +10,7 @@ import time
 import torch
 
 from . import report
-from .machine import describe_machine
+from .machine import CpuShare, describe_machine, wait_for_quiet
 from .record import ScenarioResult
 from .scenarios import SCENARIOS, Config, Data
 from .timing import LoopRunner, prefault
@@ -38,6 +38,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--img-dir", help="folder for the PNG plots (default docs/img)")
     parser.add_argument("--repeats", type=int, help="repeats per contender (default 3)")
     parser.add_argument("--no-plots", action="store_true", help="skip matplotlib")
+    parser.add_argument(
+        "--max-wait",
+        type=float,
+        default=45.0,
+        help="seconds to wait before each scenario for other processes to go quiet (45)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.out = args.out or "benchmarks/results/quick.md"
@@ -73,14 +79,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name in names:
             log(f"- {name} ...")
+            wait_for_quiet(args.max_wait, log=log)
             scenario_started = time.perf_counter()
-            result = SCENARIOS[name](config, data, runner)
+            with CpuShare() as share:
+                result = SCENARIOS[name](config, data, runner)
             result.seconds = time.perf_counter() - scenario_started
+            result.others_cores = share.others_cores
             results.append(result)
             status = result.skipped or ", ".join(
                 f"{c.metric}: {c.astage} vs {c.reference}" for c in result.checks[:2]
             )
-            log(f"  done in {result.seconds:.1f} s; {status}")
+            log(
+                f"  done in {result.seconds:.1f} s (other processes: "
+                f"{result.others_cores:.2f} cores); {status}"
+            )
     finally:
         runner.close()
     total = time.perf_counter() - started

@@ -41,6 +41,8 @@ class ScenarioResult:
     """Raw numbers for the JSON dump and the plots."""
     skipped: str | None = None
     seconds: float = 0.0
+    others_cores: float = 0.0
+    """Cores that other processes kept busy while the scenario ran (noise indicator)."""
 
 
 def fmt_ratio(ratio: float | None) -> str:

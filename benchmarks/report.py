@@ -79,6 +79,7 @@ def render_markdown(
         ["platform", machine["platform"]],
         ["astage revision", f"`{machine['git']}`"],
         ["run time", f"{total_seconds:.0f} s"],
+        ["other processes", _others_summary(results, machine)],
     ]
     out.append(markdown_table(["", ""], header) + "\n")
 
@@ -114,7 +115,10 @@ def render_markdown(
         for key, path in images.items():
             if key.startswith(r.key + ".") or key == r.key:
                 out.append(f"![{key}]({path})\n")
-        out.append(f"*Scenario wall time: {r.seconds:.0f} s.*\n")
+        out.append(
+            f"*Scenario wall time: {r.seconds:.0f} s; other processes kept "
+            f"{r.others_cores:.2f} cores busy meanwhile.*\n"
+        )
 
     out.append("## Method\n")
     out.append(
@@ -132,6 +136,19 @@ def render_markdown(
         "`/proc/self/clear_refs` before each call.\n"
     )
     return "\n".join(out)
+
+
+def _others_summary(results: Sequence[ScenarioResult], machine: dict[str, Any]) -> str:
+    ran = [r for r in results if not r.skipped]
+    if not ran:
+        return "—"
+    worst = max(ran, key=lambda r: r.others_cores)
+    average = sum(r.others_cores * r.seconds for r in ran) / max(sum(r.seconds for r in ran), 1e-9)
+    return (
+        f"kept {average:.2f} of {machine['cores']} cores busy on average during the scenarios "
+        f"(most: {worst.others_cores:.2f} during `{worst.key}`); figures from a busy machine are "
+        "noisier and slower"
+    )
 
 
 def _render_table(table: Table) -> str:

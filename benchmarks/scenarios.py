@@ -8,9 +8,10 @@ order of the contenders from repeat to repeat and levelling the heap before each
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +32,17 @@ from .contenders import (
 from .record import Check, ScenarioResult, Table, fmt_bytes, fmt_gbps, fmt_s
 from .state_dicts import GiB, MiB, Shape, bulk_floats, describe, gpt2_with_adamw
 from .state_dicts import small_optimizer_state as build_small_optimizer_state
-from .timing import LagProbe, LagSummary, LoopRunner, level_heap, median, rotate, timed_async
+from .timing import (
+    GcPauses,
+    LagProbe,
+    LagSummary,
+    LagWindow,
+    LoopRunner,
+    level_heap,
+    median,
+    rotate,
+    timed_async,
+)
 
 LAG_P99_GOAL_MS = 2.0
 LAG_MAX_GOAL_MS = 10.0
@@ -326,6 +337,15 @@ class LagRuns:
     cached_lag_s: list[float]
     quiet_cached_s: list[float]
     """Cached calls without the heartbeat running (astage only): its own best."""
+    full_gc_s: list[float] = dataclasses.field(default_factory=list)
+    """Full (generation 2) garbage collections during the calls, each a loop stall."""
+    longest_gc_s: float = 0.0
+
+    def record(self, first: bool, seconds: float, window: LagWindow, gcs: GcPauses) -> None:
+        (self.first_s if first else self.cached_s).append(seconds)
+        (self.first_lag_s if first else self.cached_lag_s).extend(window.lateness_s)
+        self.full_gc_s += gcs.full()
+        self.longest_gc_s = max(self.longest_gc_s, gcs.longest())
 
     def figures(self) -> dict[str, Any]:
         first, cached = LagSummary.of(self.first_lag_s), LagSummary.of(self.cached_lag_s)
@@ -333,6 +353,8 @@ class LagRuns:
             "first_s": self.first_s,
             "cached_s": self.cached_s,
             "quiet_cached_s": self.quiet_cached_s,
+            "full_gc_ms": [round(x * 1e3, 3) for x in self.full_gc_s],
+            "longest_gc_ms": round(self.longest_gc_s * 1e3, 3),
             "first_lag": first._asdict(),
             "cached_lag": cached._asdict(),
             "first_lateness_ms": [round(x * 1e3, 4) for x in self.first_lag_s],
@@ -340,14 +362,28 @@ class LagRuns:
         }
 
 
+async def _watched_calls(
+    stage: Callable[[], Awaitable[Any]], runs: LagRuns, cached_calls: int
+) -> None:
+    """A first call and ``cached_calls`` more, each under the heartbeat and the GC watch.
+
+    Each staged result stays alive until its window has closed: freeing tens of thousands of
+    tensors is the caller's cost, whenever it drops a snapshot, not the stager's.
+    """
+    async with LagProbe() as probe:
+        for call in range(1 + cached_calls):
+            with GcPauses() as gcs:
+                async with probe.window() as window:
+                    started = time.perf_counter()
+                    staged = await stage()
+                    seconds = time.perf_counter() - started
+            runs.record(call == 0, seconds, window, gcs)
+            del staged
+
+
 async def _astage_lag_session(state_dict: Any, runs: LagRuns, cached_calls: int) -> None:
     async with astage.Stager() as stager:
-        async with LagProbe() as probe:
-            for call in range(1 + cached_calls):
-                async with probe.window() as window:
-                    seconds = await timed_async(lambda: stager.stage(state_dict))
-                (runs.first_s if call == 0 else runs.cached_s).append(seconds)
-                (runs.first_lag_s if call == 0 else runs.cached_lag_s).extend(window.lateness_s)
+        await _watched_calls(lambda: stager.stage(state_dict), runs, cached_calls)
         for _ in range(cached_calls):
             runs.quiet_cached_s.append(await timed_async(lambda: stager.stage(state_dict)))
 
@@ -357,12 +393,7 @@ async def _dcp_lag_session(
 ) -> None:
     contender.start()
     try:
-        async with LagProbe() as probe:
-            for call in range(1 + cached_calls):
-                async with probe.window() as window:
-                    seconds = await timed_async(lambda: contender.stage_async(state_dict))
-                (runs.first_s if call == 0 else runs.cached_s).append(seconds)
-                (runs.first_lag_s if call == 0 else runs.cached_lag_s).extend(window.lateness_s)
+        await _watched_calls(lambda: contender.stage_async(state_dict), runs, cached_calls)
     finally:
         contender.stop()
 
@@ -430,6 +461,8 @@ def lag_checks(label: str, runs: dict[str, LagRuns], nbytes: int) -> tuple[list[
                     f"{summary.p50_ms:.3f}",
                     f"{summary.p99_ms:.2f}",
                     f"{summary.max_ms:.2f}",
+                    f"{len(run.full_gc_s)}",
+                    f"{max(run.full_gc_s, default=0.0) * 1e3:.1f}",
                 ]
             )
     with_beat, quiet = median(mine.cached_s), median(mine.quiet_cached_s)
@@ -444,7 +477,18 @@ def lag_checks(label: str, runs: dict[str, LagRuns], nbytes: int) -> tuple[list[
             ratio >= 0.9,
         )
     )
-    columns = ["contender", "calls", "time", "GB/s", "beats", "p50 ms", "p99 ms", "max ms"]
+    columns = [
+        "contender",
+        "calls",
+        "time",
+        "GB/s",
+        "beats",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "full GCs (all calls)",
+        "longest full GC ms",
+    ]
     return checks, Table(f"{label} (pooled over repeats)", columns, rows)
 
 
@@ -457,7 +501,9 @@ def lag(config: Config, data: Data, runner: LoopRunner) -> ScenarioResult:
         "`asyncio.wrap_future`; `DefaultStager(StagingOptions(use_pinned_memory=False, "
         "use_shared_memory=False, use_async_staging=True, use_non_blocking_copy=False))`). "
         "Lateness samples are pooled over the repeats; p99 and max are over the pool. "
-        "Throughput: astage's cached calls with the heartbeat vs the same calls without it.",
+        "Throughput: astage's cached calls with the heartbeat vs the same calls without it. "
+        "Full garbage collections (generation 2) that ran during the calls are counted: a "
+        "collection holds the GIL, so it stalls the loop whichever thread triggered it.",
     )
     idle = runner.run(_idle_lag(0.5))
     result.notes.append(

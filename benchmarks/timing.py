@@ -22,6 +22,7 @@ import torch
 from astage._heartbeat import LagProbe, LagSummary, LagWindow, percentile
 
 __all__ = [
+    "GcPauses",
     "LagProbe",
     "LagSummary",
     "LagWindow",
@@ -96,6 +97,39 @@ async def timed_async(call: Callable[[], Awaitable[object]]) -> float:
     seconds = time.perf_counter() - start
     del result
     return seconds
+
+
+class GcPauses:
+    """The cyclic garbage collector's pauses while a ``with`` block runs, from any thread.
+
+    A collection holds the GIL, so a long one stalls the event loop whichever thread runs it;
+    this attributes loop lag to the collector rather than to the stager.
+    """
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[int, float]] = []  # (generation, seconds)
+        self._started: dict[int, float] = {}
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        generation = int(info.get("generation", -1))
+        if phase == "start":
+            self._started[generation] = time.perf_counter()
+        elif generation in self._started:
+            self.pauses.append((generation, time.perf_counter() - self._started.pop(generation)))
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def full(self) -> list[float]:
+        """Seconds of each full (generation 2) collection."""
+        return [seconds for generation, seconds in self.pauses if generation == 2]
+
+    def longest(self) -> float:
+        return max((seconds for _, seconds in self.pauses), default=0.0)
 
 
 class LoopRunner:
