@@ -87,7 +87,8 @@ def render_markdown(
     met = sum(1 for _, c in checks if c.met)
     out.append("## Summary\n")
     out.append(f"{met} of {len(checks)} goals met.\n")
-    summary_rows = [[r.key, *row] for r in results for row in check_rows(r.checks)]
+    goal_checks = [(r.key, [c for c in r.checks if c.met is not None]) for r in results]
+    summary_rows = [[key, *row] for key, cs in goal_checks for row in check_rows(cs)]
     out.append(markdown_table(["scenario", *CHECK_COLUMNS], summary_rows) + "\n")
     skipped = [r for r in results if r.skipped]
     for r in skipped:
@@ -134,6 +135,10 @@ def render_markdown(
         "late each wake-up is; the samples of the beats that overlap a call are pooled.\n"
         "- **Memory**: VmRSS/VmHWM from `/proc/self/status`, the peak reset through "
         "`/proc/self/clear_refs` before each call.\n"
+        "- **Other processes**: before each scenario the run waits (up to `--max-wait` "
+        "seconds) until other processes use less than a quarter of a core, and it records how "
+        "many cores they kept busy during the scenario (from `/proc/stat` minus this process's "
+        "own ticks).\n"
     )
     return "\n".join(out)
 
