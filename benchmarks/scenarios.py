@@ -492,6 +492,23 @@ def lag_checks(label: str, runs: dict[str, LagRuns], nbytes: int) -> tuple[list[
     return checks, Table(f"{label} (pooled over repeats)", columns, rows)
 
 
+def gc_notes(label: str, runs: dict[str, LagRuns]) -> list[str]:
+    """Say so when garbage collections alone were longer than the lag goal."""
+    notes = []
+    for name, run in runs.items():
+        if run.longest_gc_s * 1e3 > LAG_MAX_GOAL_MS:
+            full = run.full_gc_s
+            notes.append(
+                f"{label}, {name}: the longest garbage collection during its calls took "
+                f"{run.longest_gc_s * 1e3:.0f} ms ({len(full)} full collections, "
+                f"{sum(full) * 1e3:.0f} ms in all); a collection holds the GIL, so each one is "
+                "a loop stall of that length. They are triggered by the objects each staged "
+                "result allocates (a tensor and its containers per entry) with the large source "
+                "dict alive, and they scan every live object."
+            )
+    return notes
+
+
 def lag(config: Config, data: Data, runner: LoopRunner) -> ScenarioResult:
     result = ScenarioResult(
         "lag",
@@ -520,6 +537,7 @@ def lag(config: Config, data: Data, runner: LoopRunner) -> ScenarioResult:
         checks, table = lag_checks(label, runs, shape.nbytes)
         result.checks += checks
         result.tables.append(table)
+        result.notes += gc_notes(label, runs)
         result.figures[key] = {
             "label": label,
             "shape": shape_figures(shape),
