@@ -107,7 +107,9 @@ class DemoOptions:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, default=6, help="transformer blocks (default 6)")
     parser.add_argument("--width", type=int, default=768, help="model width (default 768)")
-    parser.add_argument("--heads", type=int, default=12, help="attention heads (default 12)")
+    parser.add_argument(
+        "--heads", type=int, default=None, help="attention heads (default: width / 64)"
+    )
     parser.add_argument("--vocab", type=int, default=32000, help="vocabulary (default 32000)")
     parser.add_argument("--context", type=int, default=64, help="tokens per sequence (64)")
     parser.add_argument("--batch", type=int, default=2, help="sequences per step (default 2)")
@@ -127,14 +129,15 @@ def options_from(args: argparse.Namespace) -> DemoOptions:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.width % args.heads:
-        raise SystemExit(f"--width {args.width} is not a multiple of --heads {args.heads}")
     if min(args.layers, args.width, args.vocab, args.context, args.batch, args.steps) < 1:
         raise SystemExit("sizes and --steps must be positive")
+    heads = args.heads if args.heads is not None else max(1, args.width // 64)
+    if heads < 1 or args.width % heads:
+        raise SystemExit(f"--width {args.width} is not a multiple of --heads {heads}")
     return DemoOptions(
         layers=args.layers,
         width=args.width,
-        heads=args.heads,
+        heads=heads,
         vocab=args.vocab,
         context=args.context,
         batch=args.batch,
