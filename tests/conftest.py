@@ -179,6 +179,7 @@ class Driver:
 
     def __init__(self, kind: str, **overrides: Any) -> None:
         self.kind = kind
+        self.closed = False
         self._runner: asyncio.Runner | None = None
         if kind == "sync":
             self.stager: Any = astage.SyncStager(**overrides)
@@ -206,6 +207,9 @@ class Driver:
         return self.stager.last_stats
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         if self._runner is None:
             self.stager.close()
             return

@@ -183,11 +183,6 @@ def test_stats_of_first_and_cached_calls(stager: Driver) -> None:
     assert second.reused_fraction == 1.0
 
 
-@pytest.mark.xfail(
-    reason="BUG: StageStats.tensors is 0 after stage() (only stage_iter records leaves since "
-    "the track_leaves change), though it is documented as the number of tensors reached",
-    strict=True,
-)
 def test_stats_count_tensors(stager: Driver) -> None:
     x = torch.randn(3)
     stager.stage({"x": x, "again": x, "y": torch.randn(2)})
@@ -231,12 +226,8 @@ def test_cache_stays_consistent_after_a_failed_call(stager: Driver) -> None:
 # -- consumers of a staged result do not leak into the next call --------------------------------
 
 
-@pytest.mark.xfail(
-    reason="BUG: a cached call returns the very tensor objects of the previous result "
-    "(_restage reuses buffer.view), so attributes a consumer set on result 1 appear on result 2",
-    strict=True,
-)
 def test_attributes_set_on_a_result_do_not_leak_into_the_next(stager: Driver) -> None:
+    # Regression: a cached call returned the previous result's tensor objects themselves.
     source = {"w": torch.randn(4)}
     first = stager.stage(source)
     first["w"].consumer_note = "written by a checkpoint writer"
@@ -244,12 +235,8 @@ def test_attributes_set_on_a_result_do_not_leak_into_the_next(stager: Driver) ->
     assert not hasattr(second["w"], "consumer_note")
 
 
-@pytest.mark.xfail(
-    reason="BUG: a cached call returns the previous result's tensor objects (_restage), so an "
-    "in-place metadata change on result 1 (t_()) gives result 2 the wrong strides and values",
-    strict=True,
-)
 def test_in_place_metadata_change_on_a_result_does_not_corrupt_the_next(stager: Driver) -> None:
+    # Regression: reusing result 1's tensor objects gave result 2 the consumer's strides.
     source = {"w": torch.arange(4.0).view(2, 2)}
     first = stager.stage(source)
     first["w"].t_()  # the consumer's tensor to do with as it likes

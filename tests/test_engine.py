@@ -120,13 +120,8 @@ def test_batches_never_mix_devices(order: list[str], chunk: int) -> None:
         assert {b.device for b in batch.buffers} == {batch.device}
 
 
-@pytest.mark.xfail(
-    reason="BUG (working-tree make_batches rewrite): after a large copy is sliced, the next "
-    "small copies start a batch whose device is not tracked, so a CPU copy and a CUDA copy "
-    "land in one batch (and a CUDA source then runs through run_host_batch)",
-    strict=True,
-)
 def test_batches_never_mix_devices_after_a_sliced_copy() -> None:
+    # Regression: the batch gathered right after a sliced copy did not track its device.
     plan = _plan(_sizes(4 * KiB, 16, 16))
     _move(plan, 0, torch.device("meta"))
     _move(plan, 2, torch.device("meta"))

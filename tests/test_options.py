@@ -7,6 +7,7 @@ import dataclasses
 import warnings
 
 import pytest
+import torch
 from conftest import HAS_CUDA
 
 import astage
@@ -40,12 +41,8 @@ def test_options_are_hashable_and_compare_by_value() -> None:
     assert len({astage.StagingOptions(), astage.StagingOptions()}) == 1
 
 
-@pytest.mark.xfail(
-    reason="BUG: StagingOptions accepts positional arguments; DESIGN.md calls it a keyword "
-    "dataclass, and positional use silently breaks when fields are added or reordered",
-    strict=True,
-)
 def test_fields_are_keyword_only() -> None:
+    # DESIGN.md: a keyword dataclass; positional use would break when fields are added.
     with pytest.raises(TypeError):
         astage.StagingOptions(True)  # type: ignore[misc]
 
@@ -95,20 +92,21 @@ def test_pin_memory_true_without_cuda_is_accepted() -> None:
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the behaviour without CUDA")
-@pytest.mark.xfail(
-    reason="BUG: pin_memory=True without CUDA tries cudaHostRegister on the first buffer of at "
-    "least pin_memory_min_bytes and fails with AssertionError('Torch not compiled with CUDA "
-    "enabled'); DESIGN/_options say it is accepted and pins nothing",
-    strict=True,
-)
 def test_pin_memory_true_without_cuda_pins_nothing() -> None:
-    import torch
-
+    # Regression: the first buffer >= pin_memory_min_bytes called cudaHostRegister and failed.
     with astage.SyncStager(pin_memory=True, pin_memory_min_bytes=1024) as stager:
         source = torch.arange(1 << 16, dtype=torch.float32)
         staged = stager.stage({"w": source})
         assert torch.equal(staged["w"], source)
         assert stager.cache_info().pinned_nbytes == 0
+
+    async def stage_async() -> int:
+        async with astage.Stager(pin_memory=True, pin_memory_min_bytes=1024) as stager:
+            staged = await stager.stage({"w": source})
+            assert torch.equal(staged["w"], source)
+            return stager.cache_info().pinned_nbytes
+
+    assert asyncio.run(stage_async()) == 0
 
 
 def test_keyword_overrides_on_stagers() -> None:
@@ -157,6 +155,7 @@ def test_options_must_be_staging_options() -> None:
         {"chunk_bytes": -1},
         {"chunk_bytes": 0},
         {"chunk_bytes": 1.5},
+        {"chunk_bytes": True},  # a bool is not a byte count
         {"max_inflight_bytes": 0},
         {"max_inflight_bytes": 1 << 20, "chunk_bytes": 2 << 20},  # less than one chunk
         {"pin_memory_min_bytes": -1},
@@ -175,23 +174,15 @@ def test_invalid_values_are_refused(changes: dict[str, object]) -> None:
         astage.SyncStager(**changes)
 
 
-@pytest.mark.xfail(
-    reason="BUG: a non-number max_loop_hold_s raises a bare TypeError from the comparison in "
-    "__post_init__, not InvalidOptionsError like every other field",
-    strict=True,
-)
 def test_non_number_loop_hold_is_an_options_error() -> None:
+    # Regression: the comparison in __post_init__ used to raise a bare TypeError.
     with pytest.raises(astage.InvalidOptionsError):
         astage.StagingOptions(max_loop_hold_s="fast")  # type: ignore[arg-type]
 
 
-@pytest.mark.xfail(
-    reason="BUG: the bool/None flags are not validated: pin_memory='no' is accepted and "
-    "resolves to a truthy 'no' (pins), non_blocking='no' is read as True",
-    strict=True,
-)
 @pytest.mark.parametrize("name", ["pin_memory", "non_blocking", "share_memory"])
 def test_non_bool_flags_are_refused(name: str) -> None:
+    # Regression: pin_memory='no' was accepted and resolved to a truthy 'no'.
     with pytest.raises(astage.InvalidOptionsError):
         astage.StagingOptions(**{name: "no"})  # type: ignore[arg-type]
 

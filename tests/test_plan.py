@@ -557,13 +557,8 @@ def test_module_state_dict(stager: Driver) -> None:
         assert_staged(staged[key], value)
 
 
-@pytest.mark.xfail(
-    reason="BUG: OrderedDict is rebuilt as a bare OrderedDict, dropping instance attributes; "
-    "Module.state_dict()'s _metadata (versions that load_state_dict reads) is lost, where "
-    "copy.deepcopy keeps it",
-    strict=True,
-)
 def test_module_state_dict_keeps_metadata(stager: Driver) -> None:
+    # load_state_dict reads _metadata (module versions); copy.deepcopy keeps it, so must we.
     source = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3)).state_dict()
     staged = stager.stage(source)
     assert staged._metadata == source._metadata  # type: ignore[attr-defined]

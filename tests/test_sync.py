@@ -1,0 +1,136 @@
+"""The blocking driver: no loop needed, usable inside a running loop and from many threads."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from conftest import assert_tree_staged, big_state_dict, model_state_dict, mutate_, storage_ptr
+
+import astage
+
+MiB = 1 << 20
+
+
+def test_stage_without_a_running_loop() -> None:
+    with pytest.raises(RuntimeError):
+        asyncio.get_running_loop()
+    source = model_state_dict()
+    with astage.SyncStager() as stager:
+        assert_tree_staged(stager.stage(source), source)
+
+
+def test_starts_no_threads() -> None:
+    before = set(threading.enumerate())
+    with astage.SyncStager(chunk_bytes=MiB) as stager:
+        stager.stage(big_state_dict(4, 2 * MiB, small=100))
+        assert set(threading.enumerate()) == before
+
+
+def _legacy_checkpoint(stager: astage.SyncStager, source: object) -> object:
+    """Synchronous library code that knows nothing about event loops."""
+    return stager.stage(source)
+
+
+@pytest.mark.asyncio
+async def test_stage_called_from_inside_a_running_loop() -> None:
+    source = model_state_dict()
+    with astage.SyncStager() as stager:
+        assert asyncio.get_running_loop() is not None
+        staged = _legacy_checkpoint(stager, source)
+    assert_tree_staged(staged, source)
+
+
+def test_stage_inside_asyncio_run() -> None:
+    source = model_state_dict()
+    stager = astage.SyncStager()
+
+    async def main() -> object:
+        return _legacy_checkpoint(stager, source)
+
+    try:
+        assert_tree_staged(asyncio.run(main()), source)
+    finally:
+        stager.close()
+
+
+def test_concurrent_threads_get_correct_results() -> None:
+    sources = [model_state_dict(seed=i) for i in range(6)]
+    shared = big_state_dict(4, MiB)
+    with astage.SyncStager() as stager:
+
+        def work(index: int) -> None:
+            for _ in range(5):
+                assert_tree_staged(stager.stage(sources[index]), sources[index])
+                assert_tree_staged(stager.stage(shared), shared)
+
+        with ThreadPoolExecutor(6) as pool:
+            for future in [pool.submit(work, i) for i in range(6)]:
+                future.result()
+        # One buffer per distinct source storage, however many threads asked.
+        distinct = {t.untyped_storage()._cdata for sd in [*sources, shared] for t in _tensors(sd)}
+        assert stager.cache_info().storages == len(distinct)
+
+
+def _tensors(tree: object) -> list[torch.Tensor]:
+    from conftest import iter_tensors
+
+    return [t for _, t in iter_tensors(tree)]
+
+
+def test_close_and_staging_after_close() -> None:
+    stager = astage.SyncStager()
+    source = {"w": torch.randn(8)}
+    staged = stager.stage(source)
+    stager.close()
+    assert stager.cache_info() == astage.CacheInfo(0, 0, 0)
+    assert torch.equal(staged["w"], source["w"])  # results outlive the stager
+    with pytest.raises(astage.StagerClosedError):
+        stager.stage(source)
+    stager.close()  # twice is fine
+
+
+def test_with_statement_closes() -> None:
+    with astage.SyncStager() as stager:
+        assert isinstance(stager, astage.SyncStager)
+        stager.stage({"w": torch.randn(2)})
+    with pytest.raises(astage.StagingError):
+        stager.stage({"w": torch.randn(2)})
+    with pytest.raises(astage.StagerClosedError), stager:
+        pass
+
+
+def test_with_statement_closes_on_error() -> None:
+    with pytest.raises(KeyError), astage.SyncStager() as stager:
+        stager.stage({"w": torch.randn(2)})
+        raise KeyError("caller's error")
+    assert stager.cache_info().storages == 0
+
+
+def test_reuse_and_fresh_values() -> None:
+    source = model_state_dict()
+    with astage.SyncStager() as stager:
+        first = stager.stage(source)
+        mutate_(source)
+        second = stager.stage(source)
+        assert storage_ptr(first["optim"]["state"][0]["exp_avg"]) == storage_ptr(
+            second["optim"]["state"][0]["exp_avg"]
+        )
+        assert_tree_staged(second, source)
+        stats = stager.last_stats
+        assert stats is not None and stats.new_nbytes == 0
+
+
+def test_options_property() -> None:
+    opts = astage.StagingOptions(pin_memory=False, chunk_bytes=MiB)
+    with astage.SyncStager(opts) as stager:
+        assert stager.options is opts
+
+
+def test_large_tensors_with_small_chunks() -> None:
+    source = big_state_dict(3, 3 * MiB + 12)
+    with astage.SyncStager(chunk_bytes=256 * 1024, max_inflight_bytes=MiB) as stager:
+        assert_tree_staged(stager.stage(source), source)
