@@ -226,23 +226,44 @@ def test_cache_stays_consistent_after_a_failed_call(stager: Driver) -> None:
 # -- consumers of a staged result do not leak into the next call --------------------------------
 
 
-def test_attributes_set_on_a_result_do_not_leak_into_the_next(stager: Driver) -> None:
-    # Regression: a cached call returned the previous result's tensor objects themselves.
+def test_attributes_set_on_the_first_result_do_not_leak(stager: Driver) -> None:
     source = {"w": torch.randn(4)}
     first = stager.stage(source)
     first["w"].consumer_note = "written by a checkpoint writer"
-    second = stager.stage(source)
-    assert not hasattr(second["w"], "consumer_note")
+    assert not hasattr(stager.stage(source)["w"], "consumer_note")
 
 
-def test_in_place_metadata_change_on_a_result_does_not_corrupt_the_next(stager: Driver) -> None:
-    # Regression: reusing result 1's tensor objects gave result 2 the consumer's strides.
+_RESULTS_SHARED = (
+    "BUG: from the second call on, a cached call returns the buffer's own view (_restage) and "
+    "so the very tensor objects of the previous result; what a consumer does to result n "
+    "(attributes, in-place metadata changes) shows up in result n+1"
+)
+
+
+@pytest.mark.xfail(reason=_RESULTS_SHARED, strict=True)
+def test_attributes_set_on_a_cached_result_do_not_leak(stager: Driver) -> None:
+    source = {"w": torch.randn(4)}
+    stager.stage(source)
+    second = stager.stage(source)  # a cached call
+    second["w"].consumer_note = "written by a checkpoint writer"
+    third = stager.stage(source)
+    assert not hasattr(third["w"], "consumer_note")
+
+
+@pytest.mark.parametrize("calls_before", [0, 1], ids=["first-result", "cached-result"])
+def test_in_place_metadata_change_on_a_result_does_not_corrupt_the_next(
+    stager: Driver, calls_before: int, request: pytest.FixtureRequest
+) -> None:
+    if calls_before:
+        request.applymarker(pytest.mark.xfail(reason=_RESULTS_SHARED, strict=True))
     source = {"w": torch.arange(4.0).view(2, 2)}
-    first = stager.stage(source)
-    first["w"].t_()  # the consumer's tensor to do with as it likes
-    second = stager.stage(source)
-    assert second["w"].stride() == source["w"].stride()
-    assert torch.equal(second["w"], source["w"])
+    for _ in range(calls_before):
+        stager.stage(source)
+    result = stager.stage(source)
+    result["w"].t_()  # the consumer's tensor to do with as it likes
+    after = stager.stage(source)
+    assert after["w"].stride() == source["w"].stride()
+    assert torch.equal(after["w"], source["w"])
 
 
 @pytest.mark.asyncio
