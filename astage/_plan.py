@@ -368,7 +368,8 @@ class _Walker:
 
     def _untracked_child(self, x: torch.Tensor, path: Path, key: Any) -> torch.Tensor:
         """The hot path of stage(): no leaf record, and the path is built only if needed."""
-        self._plan.tensors += 1
+        if not self._tensor_depth:
+            self._plan.tensors += 1
         y: torch.Tensor = self._memo.get(id(x), _MISSING)
         if y is not _MISSING:
             return y
@@ -382,7 +383,15 @@ class _Walker:
         key = id(x)
         y: torch.Tensor = self._memo.get(key, _MISSING)
         if not self._track_leaves:
-            return self._tensor(x, path) if y is _MISSING else y
+            if not self._tensor_depth:
+                self._plan.tensors += 1
+            if y is not _MISSING:
+                return y
+            self._tensor_depth += 1
+            try:
+                return self._tensor(x, path)
+            finally:
+                self._tensor_depth -= 1
         if y is _MISSING:
             outer = self._last_copy
             self._last_copy = -1
