@@ -80,7 +80,10 @@ class Pending:
 
     async def wait(self, bridge: EventBridge) -> None:
         if self.future is not None:
-            await asyncio.wrap_future(self.future)
+            if not self.future.done():
+                # Shielded: cancelling the caller must not cancel a batch still queued in the
+                # pool, or the next call could not tell whether its bytes were ever copied.
+                await asyncio.shield(asyncio.wrap_future(self.future))
             self._take_event()
         if self.event is not None:
             await bridge.wait(self.event, self.batch.device)
