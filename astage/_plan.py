@@ -451,9 +451,12 @@ class _Walker:
         self._storages[id(storage)] = buffer
         self._copy_index[id(storage)] = index
         self._last_copy = max(self._last_copy, index)
-        self._memo[id(x)] = view
+        # The buffer's own view stays private: consumers get a new tensor object each call,
+        # so what they do to its metadata or attributes cannot reach the next call.
+        y = view.detach()
+        self._memo[id(x)] = y
         self._keep_alive.append(x)
-        return view
+        return y
 
     def _stage_tensor(self, x: torch.Tensor, path: Path) -> torch.Tensor:
         cls = type(x)
