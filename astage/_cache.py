@@ -105,13 +105,14 @@ class BufferCache:
         self._pin_memory = pin_memory
         self._share_memory = share_memory
         self._pin_min = pin_memory_min_bytes
-        self._entries: dict[int, HostBuffer] = {}
+        self.entries: dict[int, HostBuffer] = {}
+        """Buffers by ``id()`` of their source storage; check ``buffer() is source`` on lookup."""
         self._lock = threading.Lock()
         self._evict = _evicter(weakref.ref(self))
 
     def get(self, source: torch.UntypedStorage) -> HostBuffer | None:
         """The cached buffer for ``source``, unchecked; None if there is none."""
-        buffer = self._entries.get(id(source))
+        buffer = self.entries.get(id(source))
         if buffer is None or buffer() is not source:
             return None
         return buffer
@@ -150,8 +151,8 @@ class BufferCache:
         buffer.wants_pin = self._pin_memory and nbytes > 0 and nbytes >= self._pin_min
         buffer._pinned_ptr = 0
         with self._lock:
-            old = self._entries.get(key)
-            self._entries[key] = buffer
+            old = self.entries.get(key)
+            self.entries[key] = buffer
         if old is not None:  # a dead source whose callback has not run yet
             old.release()
         return buffer
@@ -167,14 +168,14 @@ class BufferCache:
 
     def _remove(self, buffer: HostBuffer) -> None:
         with self._lock:
-            if self._entries.get(buffer.key) is not buffer:
+            if self.entries.get(buffer.key) is not buffer:
                 return  # already replaced or cleared
-            del self._entries[buffer.key]
+            del self.entries[buffer.key]
         buffer.release()
 
     def info(self) -> CacheInfo:
         with self._lock:
-            buffers = list(self._entries.values())
+            buffers = list(self.entries.values())
         return CacheInfo(
             storages=len(buffers),
             nbytes=sum(b.nbytes for b in buffers),
@@ -184,7 +185,7 @@ class BufferCache:
     def clear(self) -> None:
         """Drop every buffer (unpinning it); staged tensors handed out stay valid."""
         with self._lock:
-            entries, self._entries = self._entries, {}
+            entries, self.entries = self.entries, {}
         for buffer in entries.values():
             buffer.release()
 

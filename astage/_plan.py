@@ -150,6 +150,7 @@ class _Walker:
         self._cache = cache
         self._plan = plan
         self._copies = plan.copies
+        self._buffers = cache.entries
         self._leaves = plan.leaves
         self._memo: dict[int, Any] = {}
         self._keep_alive: list[Any] = []  # ids in the memo stay valid while the walk runs
@@ -214,6 +215,7 @@ class _Walker:
         if attributes:  # e.g. the _metadata that Module.state_dict() hangs on its OrderedDict
             y.__dict__.update((yield from self._attributes(attributes, path)))
         atomic = ATOMIC_TYPES
+        memo = self._memo
         for old_key, value in x.items():
             key = old_key
             if type(key) not in atomic:
@@ -223,9 +225,16 @@ class _Walker:
                 y[key] = value
             elif vtype is _Tensor:
                 y[key] = self._child_tensor(value, path, old_key)
+            elif vtype is dict:  # nested dicts are common: skip visit()'s generator
+                found = memo.get(id(value), _MISSING)
+                if found is _MISSING:
+                    found = yield from self._dict(value, (*path, old_key))
+                y[key] = found
             else:
                 y[key] = yield from self.visit(value, (*path, old_key))
-            if self._tick():
+            self._countdown -= 1
+            if self._countdown <= 0:
+                self._countdown = _YIELD_EVERY
                 yield
         return y
 
@@ -430,8 +439,8 @@ class _Walker:
             storage = x.untyped_storage()
         except (RuntimeError, NotImplementedError):
             return None
-        buffer = self._cache.get(storage)
-        if buffer is None:
+        buffer = self._buffers.get(id(storage))  # BufferCache.get, inlined: this is per tensor
+        if buffer is None or buffer() is not storage:
             return None
         view = buffer.view
         if (
@@ -447,15 +456,18 @@ class _Walker:
             or x.__dict__
         ):
             return None
-        index = self._copies.add(x, view, buffer)
+        copies = self._copies
+        index = len(copies.srcs)
+        copies.srcs.append(x)  # keeps x alive, so its id stays valid in the memo
+        copies.dsts.append(view)
+        copies.buffers.append(buffer)
         self._storages[id(storage)] = buffer
         self._copy_index[id(storage)] = index
-        self._last_copy = max(self._last_copy, index)
+        self._last_copy = index
         # The buffer's own view stays private: consumers get a new tensor object each call,
         # so what they do to its metadata or attributes cannot reach the next call.
         y = view.detach()
         self._memo[id(x)] = y
-        self._keep_alive.append(x)
         return y
 
     def _stage_tensor(self, x: torch.Tensor, path: Path) -> torch.Tensor:
