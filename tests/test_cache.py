@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 import torch
@@ -191,6 +192,20 @@ def test_stats_count_tensors(stager: Driver) -> None:
     assert stats.tensors == 3  # a tensor at two paths counts twice
 
 
+@dataclasses.dataclass
+class _Holder:
+    weight: torch.Tensor
+
+
+def test_stats_count_tensors_in_every_container(stager: Driver) -> None:
+    # Regression: stage() counted only plain tensors met directly in a dict or list.
+    x = torch.randn(3)
+    stager.stage({"p": torch.nn.Parameter(torch.randn(2)), "t": (x,), "h": _Holder(x), "l": [x]})
+    stats = stager.last_stats
+    assert stats is not None
+    assert stats.tensors == 4
+
+
 def test_stats_before_any_call(stager: Driver) -> None:
     assert stager.last_stats is None
     assert stager.cache_info() == astage.CacheInfo(0, 0, 0)
@@ -233,15 +248,8 @@ def test_attributes_set_on_the_first_result_do_not_leak(stager: Driver) -> None:
     assert not hasattr(stager.stage(source)["w"], "consumer_note")
 
 
-_RESULTS_SHARED = (
-    "BUG: from the second call on, a cached call returns the buffer's own view (_restage) and "
-    "so the very tensor objects of the previous result; what a consumer does to result n "
-    "(attributes, in-place metadata changes) shows up in result n+1"
-)
-
-
-@pytest.mark.xfail(reason=_RESULTS_SHARED, strict=True)
 def test_attributes_set_on_a_cached_result_do_not_leak(stager: Driver) -> None:
+    # Regression: from the second call on, results shared the buffer's own view object.
     source = {"w": torch.randn(4)}
     stager.stage(source)
     second = stager.stage(source)  # a cached call
@@ -252,10 +260,10 @@ def test_attributes_set_on_a_cached_result_do_not_leak(stager: Driver) -> None:
 
 @pytest.mark.parametrize("calls_before", [0, 1], ids=["first-result", "cached-result"])
 def test_in_place_metadata_change_on_a_result_does_not_corrupt_the_next(
-    stager: Driver, calls_before: int, request: pytest.FixtureRequest
+    stager: Driver, calls_before: int
 ) -> None:
-    if calls_before:
-        request.applymarker(pytest.mark.xfail(reason=_RESULTS_SHARED, strict=True))
+    # Regression: a cached call handed out the previous result's tensor objects, so t_() on
+    # result n gave result n+1 the consumer's strides.
     source = {"w": torch.arange(4.0).view(2, 2)}
     for _ in range(calls_before):
         stager.stage(source)

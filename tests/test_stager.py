@@ -197,15 +197,9 @@ async def test_cancelled_call_leaves_cache_consistent() -> None:
         assert (stats.storages, stats.nbytes) == (info.storages, info.nbytes)
 
 
-@pytest.mark.xfail(
-    reason="BUG: cancelling stage() while it awaits a batch still queued in the copy pool "
-    "cancels that batch's concurrent future (asyncio.wrap_future chains the cancellation); "
-    "_drain_outstanding then re-raises its CancelledError, so every later stage() and aclose() "
-    "raise CancelledError and the stager is unusable",
-    raises=AssertionError,
-    strict=True,
-)
 async def test_cancel_while_a_batch_is_queued_does_not_poison_the_stager() -> None:
+    # Regression: cancelling the call cancelled the queued batch's concurrent future (through
+    # asyncio.wrap_future); the next stage() and aclose() then raised CancelledError forever.
     source = big_state_dict(8, MiB)
     stager = astage.Stager(copy_threads=1, chunk_bytes=MiB, max_inflight_bytes=4 * MiB)
     # Hold the stager's single copy thread busy so that its batches wait in the queue:
@@ -360,6 +354,41 @@ async def test_stage_iter_break_early_then_stage_again(stager: astage.Stager) ->
     assert_tree_staged(staged, source)
     items = await asyncio.wait_for(_collect(stager, source), timeout=5)
     assert len(items) == 8 + 50
+
+
+async def test_stage_iter_closed_explicitly_then_stage(stager: astage.Stager) -> None:
+    source = big_state_dict(8, 256 * 1024)
+    items = stager.stage_iter(source)
+    async for _ in items:
+        break
+    await items.aclose()  # type: ignore[attr-defined]
+    staged = await asyncio.wait_for(stager.stage(source), timeout=5)
+    assert_tree_staged(staged, source)
+
+
+async def test_stage_iter_stats(stager: astage.Stager) -> None:
+    x = torch.randn(4)
+    items = await _collect(stager, {"a": x, "b": (x,), "c": torch.randn(2)})
+    stats = stager.last_stats
+    assert stats is not None
+    assert stats.tensors == len(items) == 3
+    assert stats.storages == 2
+
+
+async def test_collector_is_left_enabled(stager: astage.Stager) -> None:
+    # The walk pauses the cyclic collector; every way out of a call must turn it back on.
+    assert gc.isenabled()
+    await stager.stage(model_state_dict())
+    assert gc.isenabled()
+    with pytest.raises(astage.UnstageableError):
+        await stager.stage({"w": torch.randn(2), "lock": threading.Lock()})
+    assert gc.isenabled()
+    task = asyncio.create_task(stager.stage(big_state_dict(0, 0, small=5000)))
+    await asyncio.sleep(0.002)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert gc.isenabled()
 
 
 async def test_stage_iter_and_stage_share_the_cache(stager: astage.Stager) -> None:

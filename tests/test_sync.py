@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -134,3 +135,23 @@ def test_large_tensors_with_small_chunks() -> None:
     source = big_state_dict(3, 3 * MiB + 12)
     with astage.SyncStager(chunk_bytes=256 * 1024, max_inflight_bytes=MiB) as stager:
         assert_tree_staged(stager.stage(source), source)
+
+
+def test_collector_is_left_enabled_from_many_threads() -> None:
+    # Each stager pauses the cyclic collector while it walks; overlapping walks in several
+    # threads (several stagers) must still leave it enabled.
+    stagers = [astage.SyncStager() for _ in range(3)]
+    source = big_state_dict(0, 0, small=2000)
+
+    def work(stager: astage.SyncStager) -> None:
+        for _ in range(3):
+            stager.stage(source)
+        with pytest.raises(astage.UnstageableError):
+            stager.stage({"x": torch.empty(1, device="meta")})
+
+    with ThreadPoolExecutor(3) as pool:
+        for future in [pool.submit(work, s) for s in stagers]:
+            future.result()
+    for stager in stagers:
+        stager.close()
+    assert gc.isenabled()
