@@ -41,8 +41,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--max-wait",
         type=float,
-        default=45.0,
-        help="seconds to wait before each scenario for other processes to go quiet (45)",
+        default=60.0,
+        help="seconds in all to wait, before scenarios, for other processes to go quiet (60)",
     )
     args = parser.parse_args(argv)
     if args.quick:
@@ -76,10 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     data = Data(config)
     runner = LoopRunner()
     results: list[ScenarioResult] = []
+    wait_left = args.max_wait
     try:
         for name in names:
             log(f"- {name} ...")
-            wait_for_quiet(args.max_wait, log=log)
+            waited = time.perf_counter()
+            wait_for_quiet(min(wait_left, 30.0), log=log)
+            wait_left = max(0.0, wait_left - (time.perf_counter() - waited))
             scenario_started = time.perf_counter()
             with CpuShare() as share:
                 result = SCENARIOS[name](config, data, runner)

@@ -549,8 +549,11 @@ def lag(config: Config, data: Data, runner: LoopRunner) -> ScenarioResult:
 # --- host memory -----------------------------------------------------------------------------
 
 
+STEADY_CALLS = 3
+
+
 def memory_use(contender: Contender, state_dict: Any) -> dict[str, Any]:
-    """First call's peak RSS growth, then a second call's peak and retained growth."""
+    """First call's peak RSS growth, a second call's growth, then growth over further calls."""
     level_heap()
     contender.start()
     try:
@@ -559,6 +562,11 @@ def memory_use(contender: Contender, state_dict: Any) -> dict[str, Any]:
         gc.collect()
         _, second = memory.measure(lambda: contender.stage(state_dict))
         second_new = contender.new_nbytes()
+        gc.collect()
+        _, steady = memory.measure(
+            lambda: [contender.stage(state_dict) for _ in range(STEADY_CALLS)]
+        )
+        steady_new = contender.new_nbytes()
     finally:
         contender.stop()
     level_heap()
@@ -569,6 +577,8 @@ def memory_use(contender: Contender, state_dict: Any) -> dict[str, Any]:
         "second_peak_growth": second.peak_growth,
         "second_retained_growth": second.retained_growth,
         "second_new_nbytes": second_new,
+        "steady_retained_growth": steady.retained_growth,
+        "steady_new_nbytes": steady_new,
         "method": first.method,
     }
 
@@ -583,7 +593,9 @@ def host_memory(config: Config, data: Data, runner: LoopRunner) -> ScenarioResul
         "RSS growth during a first call (peak, from VmHWM reset through /proc/self/clear_refs) "
         "compared with the bytes staged; then a second call on the same stager: it must allocate "
         "no new host buffer (`last_stats.new_nbytes == 0`) and the resident set must not grow "
-        f"(tolerance {fmt_bytes(RSS_GROWTH_TOLERANCE)} for allocator noise).",
+        f"(tolerance {fmt_bytes(RSS_GROWTH_TOLERANCE)} for allocator noise); then "
+        f"{STEADY_CALLS} more calls, over which the resident set must stay flat too (a leak "
+        "check).",
     )
     dicts = [
         ("bulk", bulk_label(config), data.bulk, True),
@@ -609,6 +621,7 @@ def host_memory(config: Config, data: Data, runner: LoopRunner) -> ScenarioResul
                     f"{overhead * 100:+.1f}%",
                     fmt_bytes(use["second_peak_growth"]),
                     fmt_bytes(use["second_retained_growth"]),
+                    fmt_bytes(use["steady_retained_growth"]),
                     "—" if use["second_new_nbytes"] is None else str(use["second_new_nbytes"]),
                 ]
             )
@@ -628,15 +641,23 @@ def host_memory(config: Config, data: Data, runner: LoopRunner) -> ScenarioResul
                         overhead <= 0.05,
                     )
                 )
-            grew = use["second_retained_growth"]
+            grew, steady = use["second_retained_growth"], use["steady_retained_growth"]
+            no_new = use["second_new_nbytes"] == 0 and use["steady_new_nbytes"] == 0
+            # The small-tensor result is ~100k new Python objects per call, which the allocator
+            # may place in fresh arenas once; only growth that keeps going is a leak there.
+            flat = steady <= RSS_GROWTH_TOLERANCE and (
+                not peak_goal or grew <= RSS_GROWTH_TOLERANCE
+            )
             result.checks.append(
                 Check(
                     f"{label}, {contender.name}: second call allocates nothing",
-                    f"new_nbytes={use['second_new_nbytes']}, RSS {fmt_bytes(grew)}",
-                    f"RSS {fmt_bytes(dcp_use['second_retained_growth'])}",
+                    f"new_nbytes={use['second_new_nbytes']}, RSS {fmt_bytes(grew)} "
+                    f"(then {fmt_bytes(steady)} over {STEADY_CALLS} calls)",
+                    f"RSS {fmt_bytes(dcp_use['second_retained_growth'])} (then "
+                    f"{fmt_bytes(dcp_use['steady_retained_growth'])})",
                     None,
-                    "0 new bytes, RSS flat",
-                    use["second_new_nbytes"] == 0 and grew <= RSS_GROWTH_TOLERANCE,
+                    "0 new bytes, RSS flat" if peak_goal else "0 new bytes, RSS flat after",
+                    no_new and flat,
                 )
             )
         if key != "bulk":
@@ -652,15 +673,18 @@ def host_memory(config: Config, data: Data, runner: LoopRunner) -> ScenarioResul
                 "over staged",
                 "second-call peak growth",
                 "second-call retained growth",
+                f"growth over {STEADY_CALLS} more calls",
                 "second new_nbytes",
             ],
             rows,
         )
     )
     result.notes.append(
-        "The small-tensor dict is shown for the second-call check only: its staged result is "
-        "mostly Python objects (tensor headers, dicts), which no stager can avoid creating, so "
-        "a +5% bound on tensor bytes does not apply to it."
+        "The small-tensor dict is held to the second-call check only: its staged result is "
+        "mostly Python objects (a tensor and its dict entries per value, about 100 bytes each "
+        "beyond the data), which every call creates anew, so a +5% bound on tensor bytes does "
+        "not apply, and its RSS may rise once on the second call as the allocator grows its "
+        "arenas; the check there is that it then stays flat."
     )
     return result
 
