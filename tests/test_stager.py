@@ -203,7 +203,7 @@ async def test_cancel_while_a_batch_is_queued_does_not_poison_the_stager() -> No
     source = big_state_dict(8, MiB)
     stager = astage.Stager(copy_threads=1, chunk_bytes=MiB, max_inflight_bytes=4 * MiB)
     # Hold the stager's single copy thread busy so that its batches wait in the queue:
-    # the state a 2-core machine reaches by chance (about one run in six in the test above).
+    # the state a busy machine reaches by chance when a cancellation lands on a copy wait.
     gate = threading.Event()
     stager._executor = ThreadPoolExecutor(1, thread_name_prefix="astage-copy")
     stager._executor.submit(gate.wait, 5)
