@@ -182,6 +182,8 @@ def test_stats_of_first_and_cached_calls(stager: Driver) -> None:
     assert second is not None
     assert (second.storages, second.nbytes, second.new_nbytes) == (2, 64, 0)
     assert second.reused_fraction == 1.0
+    assert first.reused_fraction == 0.0
+    assert second.gb_per_s >= 0.0
 
 
 def test_stats_count_tensors(stager: Driver) -> None:

@@ -158,11 +158,19 @@ def test_sparse_coo(stager: Driver) -> None:
     assert storage_ptr(staged["c"]._values()) != storage_ptr(coalesced._values())
 
 
+_COMPRESSED = {
+    "csr": lambda d: d.to_sparse_csr(),
+    "csc": lambda d: d.to_sparse_csc(),
+    "bsr": lambda d: d.to_sparse_bsr((2, 2)),
+    "bsc": lambda d: d.to_sparse_bsc((2, 3)),
+}
+
+
 @pytest.mark.filterwarnings("ignore:Sparse")
-@pytest.mark.parametrize("layout", ["csr", "csc"])
+@pytest.mark.parametrize("layout", list(_COMPRESSED))
 def test_sparse_compressed(stager: Driver, layout: str) -> None:
-    dense = torch.randn(5, 6).relu()
-    source = dense.to_sparse_csr() if layout == "csr" else dense.to_sparse_csc()
+    dense = torch.randn(4, 6).relu()
+    source = _COMPRESSED[layout](dense)
     staged = stager.stage({"s": source})["s"]
     assert staged.layout is source.layout
     assert torch.equal(staged.to_dense(), dense)
@@ -179,6 +187,29 @@ def test_quantized_tensor_is_refused(stager: Driver) -> None:
     q = torch.quantize_per_tensor(torch.randn(4), 0.1, 0, torch.qint8)
     with pytest.raises(astage.UnstageableError, match=r"\['q'\]"):
         stager.stage({"q": q})
+
+
+@pytest.mark.filterwarnings("ignore:.*nested")
+def test_nested_tensor_is_refused(stager: Driver) -> None:
+    nested = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])
+    with pytest.raises(astage.UnstageableError, match=r"\['nt'\]"):
+        stager.stage({"nt": nested})
+
+
+def test_bare_tensor_as_root(stager: Driver) -> None:
+    x = torch.randn(3, 2).t()
+    assert_staged(stager.stage(x), x)
+
+
+@pytest.mark.parametrize("root", [None, 5, "s", [], {}], ids=repr)
+def test_trivial_roots(stager: Driver, root: Any) -> None:
+    assert stager.stage(root) == root
+
+
+def test_unstageable_root_is_named_root(stager: Driver) -> None:
+    with pytest.raises(astage.UnstageableError, match="<root>") as info:
+        stager.stage(threading.Lock())
+    assert info.value.path == ()
 
 
 # -- copies, not aliases ------------------------------------------------------------------------
@@ -481,6 +512,8 @@ def _module_function() -> None:
         Level.HIGH,
         range(3),
         Ellipsis,
+        math,  # a module
+        (1, "a", None, (2.0, torch.float16)),  # a tuple of atomic values is its own copy
     ],
     ids=repr,
 )
