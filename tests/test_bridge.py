@@ -181,3 +181,23 @@ def test_bridge_serves_two_event_loops_in_turn(bridge: EventBridge) -> None:
     for factory in (asyncio.new_event_loop, uvloop.new_event_loop):
         with asyncio.Runner(loop_factory=factory) as runner:
             runner.run(bridge.wait(FakeEvent(delay=0.01), "dev"))
+
+
+def test_event_completing_after_its_loop_closed(bridge: EventBridge) -> None:
+    # The awaiting loop is gone by the time the waiter thread settles the future: the thread
+    # must shrug that off and keep serving other loops.
+    async def start_and_cancel(event: FakeEvent) -> None:
+        task = asyncio.create_task(bridge.wait(event, "dev"))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    for factory in (asyncio.new_event_loop, uvloop.new_event_loop):
+        event = FakeEvent()
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(start_and_cancel(event))
+        event.complete()  # the loop is closed now
+        assert event.sync_returned.wait(5)
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(asyncio.wait_for(bridge.wait(FakeEvent(delay=0.01), "dev"), timeout=5))
