@@ -122,6 +122,10 @@ def iter_tensors(tree: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[
             yield from iter_tensors(value, (*path, index))
 
 
+def tensors_of(tree: Any) -> list[torch.Tensor]:
+    return [t for _, t in iter_tensors(tree)]
+
+
 def model_state_dict(seed: int = 0) -> dict[str, Any]:
     """A small model + optimizer state dict: nested dicts, ints, floats, tied and strided views."""
     g = torch.Generator().manual_seed(seed)

@@ -9,7 +9,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from conftest import assert_tree_staged, big_state_dict, model_state_dict, mutate_, storage_ptr
+from conftest import (
+    assert_tree_staged,
+    big_state_dict,
+    model_state_dict,
+    mutate_,
+    storage_ptr,
+    tensors_of,
+)
 
 import astage
 
@@ -72,14 +79,8 @@ def test_concurrent_threads_get_correct_results() -> None:
             for future in [pool.submit(work, i) for i in range(6)]:
                 future.result()
         # One buffer per distinct source storage, however many threads asked.
-        distinct = {t.untyped_storage()._cdata for sd in [*sources, shared] for t in _tensors(sd)}
+        distinct = {t.untyped_storage()._cdata for sd in [*sources, shared] for t in tensors_of(sd)}
         assert stager.cache_info().storages == len(distinct)
-
-
-def _tensors(tree: object) -> list[torch.Tensor]:
-    from conftest import iter_tensors
-
-    return [t for _, t in iter_tensors(tree)]
 
 
 def test_close_and_staging_after_close() -> None:
