@@ -557,7 +557,14 @@ class _Walker:
     def _wrapper_subclass(self, x: torch.Tensor, path: Path) -> torch.Tensor:
         """Subclasses like DTensor: stage the inner tensors, rebuild the wrapper around them."""
         names, context = x.__tensor_flatten__()  # type: ignore[attr-defined]
-        inner = {name: self._tensor_leaf(getattr(x, name), (*path, Attr(name))) for name in names}
+        inner = {}
+        for name in names:
+            value = getattr(x, name)
+            # Some subclasses list non-tensors too (DTensor's device_mesh): process-wide
+            # objects that the rebuilt wrapper must share, not copies of them.
+            if isinstance(value, _Tensor):
+                value = self._tensor_leaf(value, (*path, Attr(name)))
+            inner[name] = value
         try:
             y: torch.Tensor = type(x).__tensor_unflatten__(inner, context, x.size(), x.stride())  # type: ignore[attr-defined]
         except Exception as error:

@@ -22,6 +22,7 @@ from ._bridge import EventBridge
 from ._cache import CacheInfo
 from ._core import Pending, Run, StagerBase, StageStats, gc_paused
 from ._engine import Batch, run_host_batch
+from ._errors import StagingError
 from ._options import StagingOptions, make_options
 from ._paths import Path
 
@@ -39,6 +40,7 @@ class Stager:
         self._lock = asyncio.Lock()
         self._bridge = EventBridge()
         self._executor: ThreadPoolExecutor | None = None
+        self._owner: asyncio.Task[Any] | None = None  # the task inside a call, to refuse re-entry
 
     @property
     def options(self) -> StagingOptions:
@@ -79,7 +81,18 @@ class Stager:
     async def _drive(self, state_dict: Any, *, with_leaves: bool) -> AsyncGenerator[Any, None]:
         """Run one call; yield lists of landed leaves (``with_leaves``) or, once, the result."""
         base = self._base
+        if self._owner is not None and self._owner is asyncio.current_task():
+            # An abandoned stage_iter() of this task is closed by the loop's async-generator
+            # finalizer within a few iterations; one still being iterated never will be.
+            for _ in range(4):
+                await asyncio.sleep(0)
+        if self._owner is not None and self._owner is asyncio.current_task():
+            raise StagingError(
+                "this task is still iterating stage_iter() on this stager; finish or close "
+                "that iteration (or use a second stager) before staging again"
+            )
         async with self._lock:
+            self._owner = asyncio.current_task()
             base.check_open()
             await self._drain_outstanding()
             base.staging = True
@@ -117,6 +130,7 @@ class Stager:
                 raise
             finally:
                 base.staging = False
+                self._owner = None
         if not with_leaves:
             yield result  # outside the lock: the next call need not wait for this generator
 

@@ -673,13 +673,6 @@ def single_rank_group() -> Any:
         dist.destroy_process_group()
 
 
-@pytest.mark.xfail(
-    reason="BUG: DTensor cannot be staged: torch 2.13's DTensor.__tensor_flatten__ names "
-    "'device_mesh' (an opaque DeviceMesh, not a tensor) among its inner tensors, and "
-    "_Walker._wrapper_subclass stages every name as a tensor -> AttributeError: 'DeviceMesh' "
-    "object has no attribute 'layout' (not even a StagingError)",
-    strict=True,
-)
 def test_dtensor(stager: Driver, single_rank_group: Any) -> None:
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 

@@ -366,6 +366,31 @@ async def test_stage_iter_closed_explicitly_then_stage(stager: astage.Stager) ->
     assert_tree_staged(staged, source)
 
 
+async def test_stage_inside_own_stage_iter_is_refused_not_a_deadlock(
+    stager: astage.Stager,
+) -> None:
+    # The iteration holds the stager; staging again from inside it could never proceed.
+    source = big_state_dict(4, 64 * 1024)
+    with pytest.raises(astage.StagingError, match="stage_iter"):
+        async for _ in stager.stage_iter(source):
+            await asyncio.wait_for(stager.stage(source), timeout=5)
+    # Once the abandoned iteration is finalized, the stager works again.
+    staged = await asyncio.wait_for(stager.stage(source), timeout=5)
+    assert_tree_staged(staged, source)
+
+
+async def test_stage_from_another_task_waits_for_an_iteration(stager: astage.Stager) -> None:
+    source = big_state_dict(4, 64 * 1024)
+    other: asyncio.Task[Any] | None = None
+    async for _ in stager.stage_iter(source):
+        if other is None:
+            other = asyncio.create_task(stager.stage(source))
+            await asyncio.sleep(0.01)
+            assert not other.done()  # serialized behind the iteration, not refused
+    assert other is not None
+    assert_tree_staged(await asyncio.wait_for(other, timeout=5), source)
+
+
 async def test_stage_iter_stats(stager: astage.Stager) -> None:
     x = torch.randn(4)
     items = await _collect(stager, {"a": x, "b": (x,), "c": torch.randn(2)})
