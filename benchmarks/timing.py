@@ -12,6 +12,7 @@ import asyncio
 import ctypes
 import ctypes.util
 import gc
+import mmap
 import statistics
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -80,6 +81,20 @@ def prefault(nbytes: int) -> None:
     blocks = [torch.ones(chunk // 4) for _ in range(max(1, nbytes // chunk))]
     del blocks
     level_heap()
+    # The same again in transparent huge pages, which the kernel assembles from 2 MiB blocks:
+    # a stager that asks for them must not pay the one-off cost of the first ones alone.
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is None:
+        return
+    regions = []
+    for _ in range(max(1, nbytes // chunk)):
+        region = mmap.mmap(-1, chunk, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        region.madvise(advice)
+        for offset in range(0, chunk, 1 << 21):  # one write faults in a whole huge page
+            region[offset] = 1
+        regions.append(region)
+    for region in regions:
+        region.close()
 
 
 def timed(call: Callable[[], object]) -> float:
