@@ -265,8 +265,11 @@ def render_plots(results: Sequence[ScenarioResult], img_dir: str, link_dir: str)
             ax.set_yscale("log")
             ax.set_xticks(list(xs), labels, fontsize=7)
             ax.set_ylabel("heartbeat lateness, ms (log)")
-            ax.set_title(r.figures[dict_key]["label"], fontsize=9)
-            ax.legend(fontsize=7, title="solid p99 / pale max; goals -- 2 ms, .. 10 ms")
+            ax.set_title(
+                f"{r.figures[dict_key]['label']}\n"
+                "solid: p99, pale: max; goals: 2 ms (--), 10 ms (..)",
+                fontsize=8,
+            )
         save(fig, "lag", "lag.png")
 
         fig, axes = plt.subplots(1, len(dicts), figsize=(5 * len(dicts), 3.6), squeeze=False)
