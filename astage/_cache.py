@@ -47,7 +47,17 @@ class HostBuffer(weakref.ref):  # type: ignore[type-arg]
     fewer long-lived objects, and the garbage collector has less to traverse.
     """
 
-    __slots__ = ("_pinned_ptr", "device", "key", "nbytes", "view", "wants_pin", "whole")
+    __slots__ = (
+        "_pinned_ptr",
+        "device",
+        "key",
+        "nbytes",
+        "view",
+        "view_dtype",
+        "view_shape",
+        "wants_pin",
+        "whole",
+    )
     device: torch.device
     """Device of the source storage."""
     key: int
@@ -56,6 +66,9 @@ class HostBuffer(weakref.ref):  # type: ignore[type-arg]
     view: torch.Tensor | None
     """The staged tensor spanning the whole buffer, reused by cached calls; None for buffers
     first staged through a partial view."""
+    view_dtype: torch.dtype | None
+    view_shape: torch.Size | None
+    """``view``'s dtype and shape, kept here so the hot path need not touch ``view``."""
     wants_pin: bool
     whole: torch.Tensor
     """A contiguous CPU tensor spanning exactly the buffer."""
@@ -148,6 +161,8 @@ class BufferCache:
         buffer.device = source.device
         buffer.whole = whole
         buffer.view = whole if like is not None else None
+        buffer.view_dtype = whole.dtype if like is not None else None
+        buffer.view_shape = whole.shape if like is not None else None
         buffer.wants_pin = self._pin_memory and nbytes > 0 and nbytes >= self._pin_min
         buffer._pinned_ptr = 0
         with self._lock:

@@ -446,8 +446,8 @@ class _Walker:
         if (
             view is None
             or id(storage) in self._storages
-            or view.dtype is not x.dtype
-            or view.shape != x.shape
+            or buffer.view_dtype is not x.dtype
+            or buffer.view_shape != x.shape
             or buffer.nbytes != storage.nbytes()
             or x.storage_offset() != 0
             or not x.is_contiguous()
