@@ -116,7 +116,9 @@ class CpuShare:
     def __exit__(self, *exc: object) -> None:
         started, busy0, steal0, own0 = self._start
         busy, steal = _system_ticks()
-        elapsed_ticks = max(time.perf_counter() - started, 1e-9) * _TICK
+        elapsed_ticks = (time.perf_counter() - started) * _TICK
+        if elapsed_ticks < 10:  # ticks are coarse: too short a span to say anything
+            return
         others = (busy - busy0) - (_own_ticks() - own0)
         self.others_cores = max(0.0, others / elapsed_ticks)
         self.steal_cores = (steal - steal0) / elapsed_ticks
