@@ -122,6 +122,7 @@ class BufferCache:
         """Buffers by ``id()`` of their source storage; check ``buffer() is source`` on lookup."""
         self._lock = threading.Lock()
         self._evict = _evicter(weakref.ref(self))
+        self._free_use_count: int | None = None  # see in_use()
 
     def get(self, source: torch.UntypedStorage) -> HostBuffer | None:
         """The cached buffer for ``source``, unchecked; None if there is none."""
@@ -188,6 +189,24 @@ class BufferCache:
             del self.entries[buffer.key]
         buffer.release()
 
+    def in_use(self) -> bool:
+        """Whether a tensor outside the cache still uses one of its buffers.
+
+        Staged results are views on the buffers, so this is true while any snapshot that this
+        cache produced is alive (or a copy into it is still in flight): overwriting the buffers
+        now would change data that someone may still read. It compares each buffer's storage
+        reference count with that of a buffer nobody else holds, so it sees every holder,
+        including tensors derived from a staged one (``detach()``, views, ``numpy()``).
+        """
+        with self._lock:
+            buffers = list(self.entries.values())
+        if not buffers:
+            return False
+        if self._free_use_count is None:
+            self._free_use_count = _use_count(self._empty((1,), torch.uint8, 1))
+        free = self._free_use_count
+        return any(_use_count(buffer.whole) > free for buffer in buffers)
+
     def info(self) -> CacheInfo:
         with self._lock:
             buffers = list(self.entries.values())
@@ -214,6 +233,11 @@ def _evicter(cache_ref: weakref.ref[BufferCache]) -> Callable[[HostBuffer], None
             cache._remove(buffer)
 
     return evict
+
+
+def _use_count(tensor: torch.Tensor) -> int:
+    """References to ``tensor``'s storage held by tensors and storage objects (C++ side)."""
+    return int(torch._C._storage_Use_Count(tensor.untyped_storage()._cdata))
 
 
 def _contiguous_strides(shape: Shape) -> tuple[int, ...]:

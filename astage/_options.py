@@ -48,7 +48,10 @@ class StagingOptions:
     """Most bytes of device copies enqueued and not yet known to be complete."""
 
     copy_threads: int = 0
-    """Worker threads for host copies in the async stager; 0 means one per core, at most 4."""
+    """Worker threads for host copies in the async stager; 0 means one per core but one (1 to 4).
+
+    Each worker copies single-threaded (``torch.set_num_threads(1)`` holds per thread), so the
+    copies never occupy every core and starve the event loop."""
 
     max_loop_hold_s: float = 0.0005
     """Longest stretch the async stager keeps the event loop before it yields."""
@@ -89,7 +92,9 @@ class StagingOptions:
                 "non_blocking=True needs CUDA, and CUDA is not available; "
                 "leave it as None to decide automatically"
             )
-        threads = self.copy_threads or min(4, os.cpu_count() or 1)
+        # Leave a core to the event loop: copies are memory-bound, so one thread less costs
+        # little bandwidth, while a loop that competes for a core shows lag.
+        threads = self.copy_threads or max(1, min(4, (os.cpu_count() or 1) - 1))
         return ResolvedOptions(
             pin_memory=has_cuda and self.pin_memory is not False,
             share_memory=self.share_memory,

@@ -129,7 +129,10 @@ def build_plan(cache: BufferCache, state_dict: Any, plan: Plan | None = None) ->
     """
     plan = plan if plan is not None else Plan()
     walker = _Walker(cache, plan)
-    plan.result = yield from walker.visit(state_dict, ())
+    try:
+        plan.result = yield from walker.visit(state_dict, ())
+    finally:
+        walker.close()
     plan.done = True
     return plan
 
@@ -174,6 +177,18 @@ class _Walker:
             frozenset: self._set,
             types.MethodType: self._method,
         }
+
+    def close(self) -> None:
+        """Break the walker's references to its own bound methods.
+
+        Without this the walker is a reference cycle, and its memo (every staged object of the
+        call) would stay alive until the cyclic collector ran: the staged result would outlive
+        its last user, and its host buffers would look in use (``BufferCache.in_use``).
+        """
+        self._dispatch.clear()
+        del self._child_tensor
+        self._memo.clear()
+        self._keep_alive.clear()
 
     # -- containers -----------------------------------------------------------------------
 

@@ -149,7 +149,12 @@ class Stager:
         executor = self._executor
         if executor is None:
             executor = self._executor = ThreadPoolExecutor(
-                base.resolved.copy_threads, thread_name_prefix="astage-copy"
+                base.resolved.copy_threads,
+                thread_name_prefix="astage-copy",
+                # Intra-op parallelism is per thread under OpenMP: each worker copies on one
+                # core, and the loop's thread keeps the process's setting.
+                initializer=torch.set_num_threads,
+                initargs=(1,),
             )
         if batch.device.type == "cuda":
             assert base.cuda is not None
