@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import gc
+import threading
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -89,7 +93,73 @@ def test_no_pinning_without_cuda_request() -> None:
     assert cache.info().pinned_nbytes == 0
 
 
+@pytest.mark.parametrize("share_memory", [False, True])
+def test_in_use_sees_tensors_on_the_buffers(share_memory: bool) -> None:
+    cache = _cache(share_memory=share_memory)
+    assert not cache.in_use()  # empty
+    source = torch.randn(8)
+    buffer = cache.allocate(source.untyped_storage(), like=source)
+    assert not cache.in_use()  # only the cache holds it
+    view = buffer.whole[2:]
+    assert cache.in_use()
+    del view
+    assert not cache.in_use()
+    storage = buffer.whole.untyped_storage()  # the storage object alone is not a holder
+    assert not cache.in_use()
+    alias = torch.empty((0,)).set_(storage)
+    assert cache.in_use()
+    del alias, storage
+    assert not cache.in_use()
+
+
 # -- the cache as seen through the stagers ------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _no_cyclic_gc() -> Iterator[None]:
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def test_in_use_while_a_staged_result_lives(stager: Driver) -> None:
+    cache = stager.stager._base.cache
+    sd = model_state_dict()
+    with _no_cyclic_gc():  # the result must die by reference counting alone: no cycle holds it
+        staged = stager.stage(sd)
+        assert cache.in_use()
+        del staged
+        assert not cache.in_use()
+        staged = stager.stage(sd)  # cached call
+        derived = staged["model"]["proj.weight"].detach()[1:]
+        array = staged["model"]["proj.bias"].numpy()
+        del staged
+        assert cache.in_use()
+        del derived
+        assert cache.in_use()
+        del array
+        assert not cache.in_use()
+
+
+def test_a_failed_call_leaves_no_buffer_in_use(stager: Driver) -> None:
+    cache = stager.stager._base.cache
+    sd = {"w": torch.randn(16), "lock": threading.Lock()}
+    with _no_cyclic_gc():
+        try:
+            stager.stage(sd)
+        except astage.UnstageableError:
+            pass  # the error and its traceback are dropped here
+        else:
+            pytest.fail("the lock was staged")
+        if stager.kind != "sync":
+            # asyncio keeps a failed task and its traceback in a cycle of its own
+            # (task -> exception -> traceback -> run_until_complete's frame -> task).
+            collect()
+        assert not cache.in_use()
 
 
 def test_second_call_reuses_buffers_and_copies_fresh_values(stager: Driver) -> None:

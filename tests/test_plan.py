@@ -10,9 +10,11 @@ import collections
 import dataclasses
 import enum
 import functools
+import gc
 import math
 import threading
 import types
+import weakref
 from typing import Any, NamedTuple
 
 import pytest
@@ -683,3 +685,21 @@ def test_dtensor(stager: Driver, single_rank_group: Any) -> None:
     assert staged.placements == dtensor.placements
     assert staged.device_mesh is dtensor.device_mesh  # process-global: kept as it is
     assert_staged(staged.to_local(), dtensor.to_local())
+
+
+def test_the_walk_leaves_no_reference_cycle(stager: Driver) -> None:
+    """The staged result dies with its last reference, without waiting for the cyclic GC."""
+    sd = model_state_dict()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(2):  # first and cached call
+            staged = stager.stage(sd)
+            tensor = weakref.ref(staged["model"]["proj.bias"])
+            container = weakref.ref(staged["optim"]["state"][0]["exp_avg"])
+            del staged
+            assert tensor() is None
+            assert container() is None
+    finally:
+        if enabled:
+            gc.enable()
