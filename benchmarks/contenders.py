@@ -19,6 +19,15 @@ import astage
 
 from .timing import LoopRunner, timed, timed_async
 
+# torch's intra-op thread count as the process started. torch.set_num_threads() called in any
+# thread changes the default that threads created later start with; restoring it before each
+# contender starts keeps one contender's setting from leaking into the next one's threads.
+INTRAOP_THREADS = torch.get_num_threads()
+
+
+def restore_intraop_threads() -> None:
+    torch.set_num_threads(INTRAOP_THREADS)
+
 
 class Contender:
     name = "?"

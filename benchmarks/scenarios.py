@@ -28,6 +28,7 @@ from .contenders import (
     DcpStateDictStager,
     PlainCopy,
     flat_tensors,
+    restore_intraop_threads,
 )
 from .record import Check, ScenarioResult, Table, fmt_bytes, fmt_gbps, fmt_s
 from .state_dicts import GiB, MiB, Shape, bulk_floats, describe, gpt2_with_adamw
@@ -182,6 +183,7 @@ def first_and_cached(
             for contender in order:
                 timings = results[contender.name]
                 level_heap()
+                restore_intraop_threads()
                 contender.start()
                 started.append(contender)
                 timings.first.append(contender.stage(state_dict))
@@ -433,6 +435,7 @@ def lag_runs(
     for repeat in range(config.repeats):
         for name in rotate(names, repeat):
             level_heap()
+            restore_intraop_threads()
             if name == dcp.name:
                 runner.run(_dcp_lag_session(dcp, state_dict, runs[name], config.cached_calls))
             else:
@@ -575,6 +578,7 @@ STEADY_CALLS = 3
 def memory_use(contender: Contender, state_dict: Any) -> dict[str, Any]:
     """First call's peak RSS growth, a second call's growth, then growth over further calls."""
     level_heap()
+    restore_intraop_threads()
     contender.start()
     try:
         _, first = memory.measure(lambda: contender.stage(state_dict))
