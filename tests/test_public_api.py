@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import inspect
+import subprocess
+import sys
 import types
 
 import pytest
 
 import astage
-from astage import _errors
+from astage import _errors, compat
 
 
 def _public_attributes() -> set[str]:
@@ -83,3 +85,42 @@ def test_every_error_is_exported(error: type[BaseException]) -> None:
 def test_version_is_a_string() -> None:
     assert isinstance(astage.__version__, str)
     assert astage.__version__
+
+
+# -- astage.compat ------------------------------------------------------------------------------
+
+
+def test_compat_is_a_lazy_submodule() -> None:
+    code = "import sys, astage; print('astage.compat' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"  # `import astage` does not pay for DCP's imports
+
+
+def test_compat_all_is_sorted_unique_and_complete() -> None:
+    names = list(compat.__all__)
+    assert names == sorted(names)
+    assert len(set(names)) == len(names)
+    assert [name for name in names if not hasattr(compat, name)] == []
+    public = {
+        name
+        for name, value in vars(compat).items()
+        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+    }
+    assert public - set(names) == set()
+
+
+def test_compat_star_import_gives_exactly_all() -> None:
+    namespace: dict[str, object] = {}
+    exec("from astage.compat import *", namespace)
+    namespace.pop("__builtins__")
+    assert set(namespace) == set(compat.__all__)
+
+
+def test_compat_covers_dcps_staging_module() -> None:
+    # `from torch.distributed.checkpoint.staging import X` -> `from astage.compat import X`
+    from torch.distributed.checkpoint import staging
+
+    assert set(staging.__all__) <= set(compat.__all__)
+    assert {"StateDictStager", "DefaultStager", "BlockingAsyncStager"} <= set(compat.__all__)
+    assert compat.StagingOptions is staging.StagingOptions
+    assert compat.AsyncStager is staging.AsyncStager
