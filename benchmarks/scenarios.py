@@ -30,6 +30,7 @@ from .contenders import (
     flat_tensors,
     restore_intraop_threads,
 )
+from .dcp_saves import dcp_saves
 from .record import Check, ScenarioResult, Table, fmt_bytes, fmt_gbps, fmt_s
 from .state_dicts import GiB, MiB, Shape, bulk_floats, describe, gpt2_with_adamw
 from .state_dicts import small_optimizer_state as build_small_optimizer_state
@@ -61,6 +62,9 @@ class Config:
     gpt_width: int = 768
     gpt_vocab: int = 50257
     gpu_bytes: int = 4 * GiB
+    dcp_layers: int = 6  # the dcp scenario's GPT-2-like model: about 430 MB with AdamW
+    dcp_width: int = 512
+    dcp_vocab: int = 32000
 
     @classmethod
     def smoke(cls) -> Config:
@@ -74,6 +78,9 @@ class Config:
             gpt_width=256,
             gpt_vocab=8192,
             gpu_bytes=256 * MiB,
+            dcp_layers=2,
+            dcp_width=128,
+            dcp_vocab=4096,
         )
 
 
@@ -805,4 +812,5 @@ SCENARIOS: dict[str, Scenario] = {
     "lag": lag,
     "memory": host_memory,
     "gpu": gpu,
+    "dcp": dcp_saves,
 }
