@@ -22,6 +22,7 @@ from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 
 from astage import compat
+from astage.compat import _pool as compat_pool
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:torch.distributed is disabled:UserWarning",
@@ -242,3 +243,13 @@ def test_three_saves_while_training_on_cuda(
     stager, _ = three_saves_while_training(tmp_path, async_staging, "cuda", uploads_overlap)
     assert stager.cache_info().pinned_nbytes > 0
     stager.close()
+
+
+def test_the_three_saves_check_catches_an_overwritten_snapshot(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The control: with one buffer set reused regardless (what DCP's stagers do), the
+    overlapping saves write wrong checkpoints and the check above sees it."""
+    monkeypatch.setattr(compat_pool, "_in_use", lambda stager: False)
+    with pytest.raises(AssertionError, match="model"):
+        three_saves_while_training(tmp_path, False, "cpu", uploads_overlap=True)
