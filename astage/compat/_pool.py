@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from .._cache import CacheInfo
-from .._core import StageStats
+from .._core import StageStats, gc_paused
 from .._errors import StagerClosedError
 from .._options import StagingOptions
 from .._sync import SyncStager
@@ -28,7 +28,10 @@ GRACE_S = 0.005
 
 
 def _in_use(stager: SyncStager) -> bool:
-    return stager._base.cache.in_use()
+    # The check creates a storage object per buffer the first time (torch keeps them): new
+    # objects by the thousand would set off full collections of the whole heap, as in the walk.
+    with gc_paused():
+        return stager._base.cache.in_use()
 
 
 class SnapshotPool:
