@@ -334,6 +334,14 @@ def test_default_stager_overrides_astage_options() -> None:
         assert_tree_staged(s.stage(sd), sd)
     with pytest.raises(astage.InvalidOptionsError, match="unknown"):
         compat.DefaultStager(cpu_config(), use_magic=True)
+    with pytest.raises(astage.InvalidOptionsError, match="chunk_bytes"):
+        compat.DefaultStager(cpu_config(), chunk_bytes=0)
+
+
+@cpu_only
+def test_default_stager_refuses_a_non_blocking_override_without_cuda() -> None:
+    with pytest.raises(astage.InvalidOptionsError, match="non_blocking"):
+        compat.DefaultStager(cpu_config(), non_blocking=True)  # at construction, not staging
 
 
 def test_default_stager_is_a_dcp_async_stager(default_stager: compat.DefaultStager) -> None:

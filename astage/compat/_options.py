@@ -65,4 +65,6 @@ class DcpFlags:
             share_memory=self.use_shared_memory,
             non_blocking=self.use_non_blocking_copy,
         )
-        return options.replace(**overrides) if overrides else options
+        options = options.replace(**overrides) if overrides else options
+        options.resolve()  # refuse now what staging would refuse later
+        return options
