@@ -23,7 +23,7 @@ from ._bridge import EventBridge
 from ._cache import BufferCache, CacheInfo
 from ._engine import MAX_BATCH_COPIES, Batch, CudaStreams, make_batches
 from ._errors import StagerClosedError, StagingError
-from ._options import ResolvedOptions, StagingOptions, cuda_available
+from ._options import ResolvedOptions, StagingOptions, cuda_available, make_options
 from ._plan import Leaf, Plan, build_plan
 
 
@@ -256,3 +256,30 @@ class StagerBase:
         )
         self.last_stats = stats
         return stats
+
+
+class StagerFace:
+    """What both stagers show besides staging: their options, figures and cache.
+
+    ``Stager`` and ``SyncStager`` derive from it and add only how they drive a call.
+    """
+
+    def __init__(self, options: StagingOptions | None = None, **overrides: Any) -> None:
+        self._base = StagerBase(make_options(options, overrides))
+
+    @property
+    def options(self) -> StagingOptions:
+        return self._base.options
+
+    @property
+    def last_stats(self) -> StageStats | None:
+        """Figures of the last completed call, or None before the first one."""
+        return self._base.last_stats
+
+    def cache_info(self) -> CacheInfo:
+        """How many host buffers the cache holds, and how many bytes (pinned and in all)."""
+        return self._base.cache_info()
+
+    def clear_cache(self) -> None:
+        """Release every cached host buffer; refused while a call is in progress."""
+        self._base.clear_cache()

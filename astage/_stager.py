@@ -19,15 +19,14 @@ from typing import Any
 import torch
 
 from ._bridge import EventBridge
-from ._cache import CacheInfo
-from ._core import Pending, Run, StagerBase, StageStats, gc_paused
+from ._core import Pending, Run, StagerFace, gc_paused
 from ._engine import Batch, run_host_batch
 from ._errors import StagingError
-from ._options import StagingOptions, make_options
+from ._options import StagingOptions
 from ._paths import Path
 
 
-class Stager:
+class Stager(StagerFace):
     """Stages state dicts into reusable host buffers without blocking the event loop.
 
     ``Stager(options, **overrides)``: keyword arguments override fields of ``options``.
@@ -36,27 +35,11 @@ class Stager:
     """
 
     def __init__(self, options: StagingOptions | None = None, **overrides: Any) -> None:
-        self._base = StagerBase(make_options(options, overrides))
+        super().__init__(options, **overrides)
         self._lock = asyncio.Lock()
         self._bridge = EventBridge()
         self._executor: ThreadPoolExecutor | None = None
         self._owner: asyncio.Task[Any] | None = None  # the task inside a call, to refuse re-entry
-
-    @property
-    def options(self) -> StagingOptions:
-        return self._base.options
-
-    @property
-    def last_stats(self) -> StageStats | None:
-        """Figures of the last completed call, or None before the first one."""
-        return self._base.last_stats
-
-    def cache_info(self) -> CacheInfo:
-        return self._base.cache_info()
-
-    def clear_cache(self) -> None:
-        """Release every cached host buffer; refused while a call is in progress."""
-        self._base.clear_cache()
 
     async def stage(self, state_dict: Any) -> Any:
         """A copy of ``state_dict`` whose tensors all live in host buffers of this stager.

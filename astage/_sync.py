@@ -14,37 +14,20 @@ import threading
 from types import TracebackType
 from typing import Any
 
-from ._cache import CacheInfo
-from ._core import Pending, Run, StagerBase, StageStats, gc_paused
+from ._core import Pending, Run, StagerFace, gc_paused
 from ._engine import run_host_batch
-from ._options import StagingOptions, make_options
+from ._options import StagingOptions
 
 
-class SyncStager:
+class SyncStager(StagerFace):
     """Stages state dicts into reusable host buffers, blocking until the copies are done.
 
     Thread-safe: concurrent calls from several threads run one after the other.
     """
 
     def __init__(self, options: StagingOptions | None = None, **overrides: Any) -> None:
-        self._base = StagerBase(make_options(options, overrides))
+        super().__init__(options, **overrides)
         self._lock = threading.Lock()
-
-    @property
-    def options(self) -> StagingOptions:
-        return self._base.options
-
-    @property
-    def last_stats(self) -> StageStats | None:
-        """Figures of the last completed call, or None before the first one."""
-        return self._base.last_stats
-
-    def cache_info(self) -> CacheInfo:
-        return self._base.cache_info()
-
-    def clear_cache(self) -> None:
-        """Release every cached host buffer; refused while a call is in progress."""
-        self._base.clear_cache()
 
     def stage(self, state_dict: Any) -> Any:
         """A copy of ``state_dict`` whose tensors all live in host buffers of this stager."""
