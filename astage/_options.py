@@ -50,19 +50,26 @@ class StagingOptions:
     copy_threads: int = 0
     """Worker threads for host copies in the async stager; 0 means one per core but one (1 to 4).
 
-    Each worker copies single-threaded (``torch.set_num_threads(1)`` holds per thread), so the
-    copies never occupy every core and starve the event loop."""
+    Host copies are memory-bound (and torch parallelizes a large copy by itself), so fewer
+    workers cost little bandwidth and leave the event loop a core."""
 
     max_loop_hold_s: float = 0.0005
     """Longest stretch the async stager keeps the event loop before it yields."""
+
+    pause_gc: bool = True
+    """Pause the cyclic garbage collector during the walk, and file the call's new objects
+    into the oldest generation afterwards, so that collections neither slow the walk down nor
+    stall the loop after it. ``False`` leaves the collector alone."""
 
     def __post_init__(self) -> None:
         for name in ("pin_memory", "non_blocking"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
                 raise InvalidOptionsError(f"{name} must be True, False or None, got {value!r}")
-        if not isinstance(self.share_memory, bool):
-            raise InvalidOptionsError(f"share_memory must be a bool, got {self.share_memory!r}")
+        for name in ("share_memory", "pause_gc"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise InvalidOptionsError(f"{name} must be a bool, got {value!r}")
         for name in ("pin_memory_min_bytes", "copy_threads"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -104,6 +111,7 @@ class StagingOptions:
             max_inflight_bytes=self.max_inflight_bytes,
             copy_threads=threads,
             max_loop_hold_s=self.max_loop_hold_s,
+            pause_gc=self.pause_gc,
         )
 
 
@@ -119,6 +127,7 @@ class ResolvedOptions:
     max_inflight_bytes: int
     copy_threads: int
     max_loop_hold_s: float
+    pause_gc: bool
 
 
 def make_options(options: StagingOptions | None, overrides: dict[str, object]) -> StagingOptions:

@@ -83,16 +83,19 @@ class Stager(StagerFace):
             try:
                 hold = base.resolved.max_loop_hold_s
                 walk = run.walk
-                while True:
-                    with gc_paused():
+                # Paused for the whole walk, awaits included: resumed between slices, the
+                # collector ran hundreds of times per call and promoted the call's objects
+                # into the old generations, whose full collections stalled the loop 0.2-0.4 s.
+                with gc_paused(base.resolved.pause_gc):
+                    while True:
                         deadline = time.perf_counter() + hold
                         for _ in walk:
                             if time.perf_counter() >= deadline:
                                 break
                         else:
                             break
-                    self._dispatch(run, final=False)
-                    await asyncio.sleep(0)
+                        self._dispatch(run, final=False)
+                        await asyncio.sleep(0)
                 self._dispatch(run, final=True)
                 while not run.finished:
                     await run.pending[0].wait(self._bridge)
@@ -134,10 +137,6 @@ class Stager(StagerFace):
             executor = self._executor = ThreadPoolExecutor(
                 base.resolved.copy_threads,
                 thread_name_prefix="astage-copy",
-                # Intra-op parallelism is per thread under OpenMP: each worker copies on one
-                # core, and the loop's thread keeps the process's setting.
-                initializer=torch.set_num_threads,
-                initargs=(1,),
             )
         if batch.device.type == "cuda":
             assert base.cuda is not None

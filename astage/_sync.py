@@ -38,7 +38,7 @@ class SyncStager(StagerFace):
             base.staging = True
             run = Run(base, state_dict, track_leaves=False)
             try:
-                with gc_paused():
+                with gc_paused(base.resolved.pause_gc):
                     for _ in run.walk:
                         pass
                 while True:
