@@ -111,10 +111,13 @@ class Run:
         self.devices: set[torch.device] = set()  # CUDA devices ordered after their producer
         self._chunk = base.resolved.chunk_bytes
         self._max_inflight = base.resolved.max_inflight_bytes
-        self._cut = 0  # copies [0, _cut) have been cut into batches
-        self._scanned = 0  # copies [0, _scanned) are counted in _uncut_bytes
+        self._cut = 0  # copies [0, _cut) have been handed to make_batches
+        self._scanned = 0  # copies [0, _scanned) are counted in nbytes
         self._uncut_bytes = 0
-        self._batches: deque[Batch] = deque()
+        self._batches: Iterator[Batch] = iter(())  # cut lazily: a few at a time per turn
+        self._next: Batch | None = None
+        self.nbytes = 0
+        """Bytes of the copies found so far (all of them once the walk is done)."""
         self._leaves: list[Leaf] | None = None
         self._next_leaf = 0
 
@@ -124,14 +127,21 @@ class Run:
         While the walk still runs (``final`` false) copies are only cut into batches once a
         full batch has gathered, so the walk does not produce a trickle of tiny tasks.
         """
-        if not self._batches:
-            self._cut_batches(final)
-        if not self._batches:
+        batch = self._peek(final)
+        if batch is None:
             return None
-        batch = self._batches[0]
         if self.pending and self.pending_bytes + batch.nbytes > self._max_inflight:
             return None
-        return self._batches.popleft()
+        self._next = None
+        return batch
+
+    def _peek(self, final: bool) -> Batch | None:
+        if self._next is None:
+            self._next = next(self._batches, None)
+        if self._next is None:
+            self._cut_batches(final)
+            self._next = next(self._batches, None)
+        return self._next
 
     def _cut_batches(self, final: bool) -> None:
         copies = self.plan.copies
@@ -142,7 +152,8 @@ class Run:
         self._scanned = found
         uncut = found - self._cut
         if uncut and (final or self._uncut_bytes >= self._chunk or uncut >= MAX_BATCH_COPIES):
-            self._batches.extend(make_batches(copies, self._cut, found, self._chunk))
+            self._batches = make_batches(copies, self._cut, found, self._chunk)
+            self.nbytes += self._uncut_bytes
             self._cut = found
             self._uncut_bytes = 0
 
@@ -160,12 +171,7 @@ class Run:
 
     @property
     def finished(self) -> bool:
-        return (
-            self.plan.done
-            and not self.pending
-            and not self._batches
-            and (self._cut == len(self.plan.copies))
-        )
+        return self.plan.done and not self.pending and self._peek(final=True) is None
 
     def landed_leaves(self) -> list[Leaf]:
         """Tensors whose copies have all landed and that were not handed out yet."""
@@ -258,7 +264,7 @@ class StagerBase:
         stats = StageStats(
             tensors=plan.tensors,
             storages=len(plan.copies),
-            nbytes=plan.copies.nbytes,
+            nbytes=run.nbytes,
             new_nbytes=plan.new_nbytes,
             seconds=time.perf_counter() - run.started,
         )

@@ -96,11 +96,13 @@ class Stager(StagerFace):
                             break
                         self._dispatch(run, final=False)
                         await asyncio.sleep(0)
-                self._dispatch(run, final=True)
                 while not run.finished:
-                    await run.pending[0].wait(self._bridge)
-                    run.reap()
                     self._dispatch(run, final=True)
+                    if run.pending:
+                        await run.pending[0].wait(self._bridge)
+                        run.reap()
+                    else:  # the turn ended before a batch could start: let the loop run
+                        await asyncio.sleep(0)
                     if with_leaves:
                         leaves = run.landed_leaves()
                         if leaves:
@@ -121,13 +123,20 @@ class Stager(StagerFace):
             yield result  # outside the lock: the next call need not wait for this generator
 
     def _dispatch(self, run: Run, *, final: bool) -> None:
-        """Retire finished batches and start new ones while the in-flight budget allows."""
+        """Retire finished batches and start new ones while the in-flight budget allows.
+
+        Cutting and starting batches is loop time too: a turn stops after ``max_loop_hold_s``
+        (having started at least one batch) and the rest waits for the next turn.
+        """
         run.reap()
+        deadline = time.perf_counter() + self._base.resolved.max_loop_hold_s
         while True:
             batch = run.next_batch(final)
             if batch is None:
                 return
             run.start(self._start(run, batch))
+            if time.perf_counter() >= deadline:
+                return
 
     def _start(self, run: Run, batch: Batch) -> Pending:
         base = self._base
