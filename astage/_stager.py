@@ -95,14 +95,14 @@ class Stager(StagerFace):
                         else:
                             break
                         self._dispatch(run, final=False)
-                        await asyncio.sleep(0)
+                        await _yield_to_due_timers()
                 while not run.finished:
                     self._dispatch(run, final=True)
                     if run.pending:
                         await run.pending[0].wait(self._bridge)
                         run.reap()
                     else:  # the turn ended before a batch could start: let the loop run
-                        await asyncio.sleep(0)
+                        await _yield_to_due_timers()
                     if with_leaves:
                         leaves = run.landed_leaves()
                         if leaves:
@@ -192,3 +192,13 @@ class Stager(StagerFace):
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+async def _yield_to_due_timers() -> None:
+    """Hand the loop back so that timers already due run before this task's next slice.
+
+    ``sleep(0)`` requeues the task ahead of timers that fall due meanwhile, so a due callback
+    waits one more slice; a timer of our own (``sleep`` with a tiny delay) is ordered by its
+    deadline, after theirs.
+    """
+    await asyncio.sleep(1e-6)
