@@ -180,7 +180,7 @@ def test_non_number_loop_hold_is_an_options_error() -> None:
         astage.StagingOptions(max_loop_hold_s="fast")  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("name", ["pin_memory", "non_blocking", "share_memory"])
+@pytest.mark.parametrize("name", ["pin_memory", "non_blocking", "share_memory", "pause_gc"])
 def test_non_bool_flags_are_refused(name: str) -> None:
     # Regression: pin_memory='no' was accepted and resolved to a truthy 'no'.
     with pytest.raises(astage.InvalidOptionsError):
