@@ -4,7 +4,10 @@ StagingError                 base of them all
 ├── InvalidOptionsError      bad StagingOptions (also a ValueError)
 ├── StagerClosedError        the stager was closed
 ├── UnstageableError         an object in the state dict cannot be staged
-└── BufferMismatchError      a cached host buffer no longer fits its source
+├── BufferMismatchError      a cached host buffer no longer fits its source
+├── UnsavableError           an object in the state dict cannot go into a checkpoint file
+├── CheckpointWriteError     writing or committing a checkpoint file failed (disk, permission)
+└── CheckpointFormatError    a checkpoint file cannot be read back
 """
 
 from __future__ import annotations
@@ -15,9 +18,12 @@ from ._paths import Path, format_path
 
 __all__ = [
     "BufferMismatchError",
+    "CheckpointFormatError",
+    "CheckpointWriteError",
     "InvalidOptionsError",
     "StagerClosedError",
     "StagingError",
+    "UnsavableError",
     "UnstageableError",
 ]
 
@@ -57,3 +63,15 @@ class UnstageableError(StagingError, TypeError):
 
 class BufferMismatchError(StagingError):
     """Raised when a source storage changed size since its host buffer was cached."""
+
+
+class UnsavableError(StagingError, TypeError):
+    """Raised when a state dict holds an object that a checkpoint file cannot store."""
+
+
+class CheckpointWriteError(StagingError):
+    """Raised when writing or committing a checkpoint file fails; names the file and the cause."""
+
+
+class CheckpointFormatError(StagingError):
+    """Raised when a checkpoint file is missing, truncated or not in a format astage reads."""

@@ -1,0 +1,396 @@
+"""astage.save / start_save / load: round trips, safetensors interop, failures, buffer safety."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import pytest
+import safetensors.torch
+import torch
+from conftest import assert_tree_staged, iter_tensors, mutate_, same_values
+
+import astage
+from astage import _stager
+
+
+def training_state(seed: int = 0) -> dict[str, Any]:
+    """A tiny language model with tied embeddings, AdamW after one step, and plain values."""
+    torch.manual_seed(seed)
+    embed = torch.nn.Embedding(16, 8)
+    head = torch.nn.Linear(8, 16, bias=False)
+    head.weight = embed.weight  # tied
+    model = torch.nn.ModuleDict({"embed": embed, "mlp": torch.nn.Linear(8, 8), "head": head})
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randint(0, 16, (4,))
+    model["head"](model["mlp"](model["embed"](x))).sum().backward()
+    optim.step()
+    return {
+        "model": model.state_dict(),
+        "optim": optim.state_dict(),
+        "step": 1,
+        "loss": 2.5,
+        "name": "run-1",
+        "done": False,
+        "extra": None,
+        "history": [1.0, 0.5, (3, "x")],
+    }
+
+
+def files_in(folder: Path) -> list[str]:
+    return sorted(os.listdir(folder))
+
+
+@pytest.mark.asyncio
+async def test_round_trip_model_optim_plain_values_tied(tmp_path: Path) -> None:
+    state = training_state()
+    path = tmp_path / "ckpt.safetensors"
+    result = await astage.save(state, path)
+    assert result.path == str(path)
+    assert result.tensors == len(list(iter_tensors(state)))
+    assert result.nbytes > 0
+    assert result.seconds >= result.staging_seconds > 0
+    assert result.gb_per_s > 0
+    assert files_in(tmp_path) == ["ckpt.safetensors"]
+
+    back = astage.load(path)
+    assert_tree_staged(back, state)  # same containers, types, values, layouts
+    assert type(back["model"]) is OrderedDict
+    model = back["model"]
+    assert model["embed.weight"].data_ptr() == model["head.weight"].data_ptr()  # tied again
+    assert model["head.weight"].untyped_storage().nbytes() == 16 * 8 * 4  # stored once
+
+
+@pytest.mark.asyncio
+async def test_loaded_state_restores_a_model(tmp_path: Path) -> None:
+    state = training_state(seed=3)
+    await astage.save(state, tmp_path / "c.safetensors")
+    back = astage.load(tmp_path / "c.safetensors")
+    model = torch.nn.ModuleDict(
+        {
+            "embed": torch.nn.Embedding(16, 8),
+            "mlp": torch.nn.Linear(8, 8),
+            "head": torch.nn.Linear(8, 16, bias=False),
+        }
+    )
+    model["head"].weight = model["embed"].weight
+    model.load_state_dict(back["model"])
+    assert torch.equal(model["mlp"].weight, state["model"]["mlp.weight"])
+    optim = torch.optim.AdamW(model.parameters())
+    optim.load_state_dict(back["optim"])
+
+
+@pytest.mark.asyncio
+async def test_safetensors_library_reads_every_tensor(tmp_path: Path) -> None:
+    state = training_state()
+    path = tmp_path / "ckpt.safetensors"
+    await astage.save(state, path, metadata={"run": "abc"})
+    loaded = safetensors.torch.load_file(str(path))
+    tensors = dict(iter_tensors(state))
+    # Every key is a path; the tied head weight is stored once, under the embedding's path.
+    expected = {astage.format_path(p) for p in tensors} - {"['model']['head.weight']"}
+    assert set(loaded) == expected
+    for path_, tensor in tensors.items():
+        key = astage.format_path(path_)
+        if key in loaded:
+            assert same_values(loaded[key], tensor)
+    with safetensors.safe_open(str(path), "pt") as file:
+        metadata = file.metadata()
+    assert metadata["run"] == "abc"
+    assert metadata["format"] == "pt"
+
+
+@pytest.mark.asyncio
+async def test_views_dtypes_and_empty_tensors(tmp_path: Path) -> None:
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    state = {
+        "base": base,
+        "slice": base[1:3],
+        "t": base.t(),
+        "bytes_view": base.view(torch.int32),
+        "only_slice": torch.arange(10.0)[2:7],  # its storage is not stored as a whole tensor
+        "bf16": torch.randn(5).to(torch.bfloat16),
+        "c128": torch.randn(3, dtype=torch.complex128),  # no safetensors dtype: bytes + view
+        "conj": torch.randn(3, dtype=torch.complex64).conj(),
+        "bool": torch.tensor([True, False]),
+        "empty": torch.empty(0, 3),
+        "scalar": torch.tensor(7, dtype=torch.int64),
+        "f8": torch.randn(4).to(torch.float8_e4m3fn),
+    }
+    path = tmp_path / "v.safetensors"
+    await astage.save(state, path)
+    back = astage.load(path)
+    assert_tree_staged(back, state)
+    storage = back["base"].untyped_storage().data_ptr()
+    for name in ("slice", "t", "bytes_view"):
+        assert back[name].untyped_storage().data_ptr() == storage
+    assert back["conj"].is_conj()
+    safetensors.torch.load_file(str(path))  # a valid file for the reference reader
+
+
+@pytest.mark.asyncio
+async def test_save_with_a_given_stager_reuses_its_buffers(tmp_path: Path) -> None:
+    state = training_state()
+    async with astage.Stager() as stager:
+        await astage.save(state, tmp_path / "a.safetensors", stager=stager)
+        info = stager.cache_info()
+        mutate_(state)
+        await astage.save(state, tmp_path / "b.safetensors", stager=stager)
+        assert stager.cache_info() == info
+        assert stager.last_stats is not None and stager.last_stats.new_nbytes == 0
+    assert_tree_staged(astage.load(tmp_path / "b.safetensors"), state)
+
+
+@pytest.mark.asyncio
+async def test_writing_starts_before_staging_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    copies_done: list[float] = []
+    real = _stager.run_host_batch
+
+    def timed_copy(batch: Any) -> Any:
+        result = real(batch)
+        time.sleep(0.01)  # room between batches for the loop to hand tensors to the writer
+        copies_done.append(time.perf_counter())
+        return result
+
+    monkeypatch.setattr(_stager, "run_host_batch", timed_copy)
+    writes: list[float] = []
+    real_pwritev = os.pwritev
+
+    def timed_pwritev(fd: int, buffers: Any, offset: int) -> int:
+        writes.append(time.perf_counter())
+        return real_pwritev(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "pwritev", timed_pwritev)
+    state = {f"t{i}": torch.full((64 * 1024,), float(i)) for i in range(8)}  # 256 KiB each
+    async with astage.Stager(chunk_bytes=256 * 1024, max_inflight_bytes=256 * 1024) as stager:
+        await astage.save(state, tmp_path / "c.safetensors", stager=stager)
+    assert len(copies_done) == 8
+    data_writes = writes[1:]  # the first write is the header
+    assert data_writes and data_writes[0] < copies_done[-1]
+
+
+@pytest.mark.asyncio
+async def test_to_a_custom_writer(tmp_path: Path) -> None:
+    class Recorder:
+        def __init__(self) -> None:
+            self.calls: list[Any] = []
+
+        async def begin(self, state_dict: Any) -> None:
+            self.calls.append("begin")
+
+        async def write(self, path: astage.Path, tensor: torch.Tensor) -> None:
+            self.calls.append((path, tensor.clone()))
+
+        async def commit(self) -> None:
+            self.calls.append("commit")
+
+        async def abort(self) -> None:
+            self.calls.append("abort")
+
+    recorder = Recorder()
+    assert isinstance(recorder, astage.CheckpointWriter)
+    result = await astage.save({"a": torch.ones(2), "b": [torch.zeros(1)]}, recorder)
+    assert result.path is None and result.tensors == 2
+    assert recorder.calls[0] == "begin" and recorder.calls[-1] == "commit"
+    assert {call[0] for call in recorder.calls[1:-1]} == {("a",), ("b", 0)}
+
+
+# -- failures -----------------------------------------------------------------------------------
+
+
+async def previous_file(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
+    path = tmp_path / "ckpt.safetensors"
+    previous = {"w": torch.arange(4.0)}
+    await astage.save(previous, path)
+    return path, previous
+
+
+@pytest.mark.asyncio
+async def test_unsavable_leaf_names_its_path_and_writes_nothing(tmp_path: Path) -> None:
+    path, previous = await previous_file(tmp_path)
+    state = {"model": {"w": torch.ones(3)}, "optim": {"state": {3: {"lock": object()}}}}
+    with pytest.raises(astage.UnsavableError, match=r"\['optim'\]\['state'\]\[3\]\['lock'\]"):
+        await astage.save(state, path)
+    assert files_in(tmp_path) == ["ckpt.safetensors"]
+    assert_tree_staged(astage.load(path), previous)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "value",
+    [b"bytes", {1, 2}, torch.float32, torch.ones(2).to_sparse(), {("a", 1): 1}],
+    ids=["bytes", "set", "dtype", "sparse", "tuple-key"],
+)
+async def test_unsavable_values(tmp_path: Path, value: Any) -> None:
+    with pytest.raises(astage.UnsavableError, match=r"\['x'\]"):
+        await astage.save({"x": value}, tmp_path / "c.safetensors")
+    assert files_in(tmp_path) == []
+
+
+@pytest.mark.asyncio
+async def test_injected_write_error_keeps_the_previous_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, previous = await previous_file(tmp_path)
+
+    def full_disk(fd: int, buffers: Any, offset: int) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwritev", full_disk)
+    async with astage.Stager() as stager:
+        with pytest.raises(astage.CheckpointWriteError) as caught:
+            await astage.save(training_state(), path, stager=stager)
+        message = str(caught.value)
+        assert str(path) in message and "No space left on device" in message
+        assert "ENOSPC" in message
+        assert isinstance(caught.value.__cause__, OSError)
+        monkeypatch.undo()
+        # The stager is usable again, and not held by the failed save.
+        await asyncio.wait_for(stager.stage({"w": torch.ones(2)}), 2)
+    assert files_in(tmp_path) == ["ckpt.safetensors"]
+    assert_tree_staged(astage.load(path), previous)
+
+
+@pytest.mark.asyncio
+async def test_cancellation_mid_write_keeps_the_previous_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, previous = await previous_file(tmp_path)
+    real = os.pwritev
+    writing = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    inside = [0]
+
+    def slow(fd: int, buffers: Any, offset: int) -> int:
+        inside[0] += 1
+        try:
+            if offset > 0:  # past the header
+                loop.call_soon_threadsafe(writing.set)
+                time.sleep(0.05)
+            return real(fd, buffers, offset)
+        finally:
+            inside[0] -= 1
+
+    monkeypatch.setattr(os, "pwritev", slow)
+    state = {f"t{i}": torch.full((1024,), float(i)) for i in range(6)}
+    task = asyncio.create_task(astage.save(state, path, threads=1))
+    await asyncio.wait_for(writing.wait(), 2)
+    assert any(name.endswith(".tmp") for name in files_in(tmp_path))
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # The save waited for the write under way: no thread still uses the closed descriptor.
+    assert inside[0] == 0
+    assert files_in(tmp_path) == ["ckpt.safetensors"]
+    assert_tree_staged(astage.load(path), previous)
+
+
+@pytest.mark.asyncio
+async def test_missing_folder_names_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "no" / "such" / "c.safetensors"
+    with pytest.raises(astage.CheckpointWriteError, match="No such file or directory") as caught:
+        await astage.save({"w": torch.ones(1)}, path)
+    assert str(path) in str(caught.value)
+
+
+# -- buffer safety ------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_stage_waits_while_a_save_still_writes_its_buffers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = os.pwritev
+
+    def slow(fd: int, buffers: Any, offset: int) -> int:
+        if offset > 0:  # the data, not the header
+            time.sleep(0.2)
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "pwritev", slow)
+    state = {f"layer{i}": torch.full((256,), float(i)) for i in range(8)}
+    expected_n = {key: value.clone() for key, value in state.items()}
+    path = tmp_path / "step_n.safetensors"
+    async with astage.Stager() as stager:
+        handle = await astage.start_save(state, path, stager=stager, threads=1)
+        mutate_(state)  # training goes on: step N+1
+        next_stage = asyncio.create_task(stager.stage(state))
+        await asyncio.sleep(0.05)
+        assert not handle.done()
+        assert not next_stage.done()  # backpressure: it waits for the write of step N
+        result = await handle
+        staged_n1 = await asyncio.wait_for(next_stage, 2)
+    assert result.tensors == 8
+    assert_tree_staged(astage.load(path), expected_n)  # file N holds step N's values
+    assert_tree_staged(staged_n1, state)  # and the next stage got step N+1's
+
+
+@pytest.mark.asyncio
+async def test_start_save_returns_once_staged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = os.pwritev
+
+    def slow(fd: int, buffers: Any, offset: int) -> int:
+        time.sleep(0.05)
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "pwritev", slow)
+    state = {"w": torch.ones(1000)}
+    path = tmp_path / "c.safetensors"
+    handle = await astage.start_save(state, path)
+    assert not handle.done()
+    state["w"].add_(1)  # the optimizer steps: the save must not see it
+    result = await handle
+    assert result.writing_seconds >= 0.05
+    assert torch.equal(astage.load(path)["w"], torch.ones(1000))
+
+
+@pytest.mark.asyncio
+async def test_start_save_raises_errors_found_before_staging_ends(tmp_path: Path) -> None:
+    with pytest.raises(astage.UnsavableError):
+        await astage.start_save({"x": object()}, tmp_path / "c.safetensors")
+    assert files_in(tmp_path) == []
+
+
+@pytest.mark.asyncio
+async def test_cancelling_a_background_save(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, previous = await previous_file(tmp_path)
+    real = os.pwritev
+
+    def slow(fd: int, buffers: Any, offset: int) -> int:
+        time.sleep(0.05)
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "pwritev", slow)
+    async with astage.Stager() as stager:
+        handle = await astage.start_save({"w": torch.zeros(4)}, path, stager=stager)
+        handle.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await handle
+        await asyncio.wait_for(stager.stage({"w": torch.ones(2)}), 2)  # not held any more
+    assert files_in(tmp_path) == ["ckpt.safetensors"]
+    assert_tree_staged(astage.load(path), previous)
+
+
+def test_load_of_a_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(astage.CheckpointFormatError, match="cannot open"):
+        astage.load(tmp_path / "nope.safetensors")
+
+
+def test_load_of_a_plain_safetensors_file(tmp_path: Path) -> None:
+    tensors = {"a": torch.arange(3.0), "b.c": torch.ones(2, 2, dtype=torch.int32)}
+    safetensors.torch.save_file(tensors, str(tmp_path / "p.safetensors"))
+    back = astage.load(tmp_path / "p.safetensors")
+    assert set(back) == {"a", "b.c"}
+    for key, value in tensors.items():
+        assert same_values(back[key], value)
