@@ -1,0 +1,148 @@
+"""SafetensorsWriter and the file layout, driven directly (no stager)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+import safetensors.torch
+import torch
+from conftest import same_values
+
+import astage
+from astage._safetensors import plan_layout
+
+
+async def write_all(writer: astage.SafetensorsWriter, state: dict[str, Any]) -> None:
+    await writer.begin(state)
+    for key, tensor in state.items():
+        await writer.write((key,), tensor)
+    await writer.commit()
+
+
+def test_layout_is_contiguous_and_the_header_aligned() -> None:
+    base = torch.arange(10.0)
+    layout = plan_layout({"a": torch.ones(3), "b": base, "c": base[2:5], "d": torch.zeros(2, 2)})
+    assert len(layout.header) % 8 == 0
+    (length,) = struct.unpack("<Q", layout.header[:8])
+    header = json.loads(layout.header[8:])
+    assert length == len(layout.header) - 8
+    spans = sorted(info["data_offsets"] for key, info in header.items() if key != "__metadata__")
+    assert spans[0][0] == 0
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))  # no gap, no overlap
+    assert spans[-1][1] == layout.nbytes == (3 + 10 + 4) * 4
+    assert set(header) == {"__metadata__", "['a']", "['b']", "['d']"}  # c lives in b's entry
+
+
+def test_keys_are_unambiguous() -> None:
+    state = {"a.b": torch.ones(1), "a": {"b": torch.ones(1)}, 1: torch.ones(1), "1": torch.ones(1)}
+    layout = plan_layout(state)
+    assert [entry.key for entry in layout.entries] == ["['a.b']", "['a']['b']", "[1]", "['1']"]
+
+
+def test_reserved_and_bad_metadata() -> None:
+    with pytest.raises(astage.UnsavableError, match="reserved"):
+        plan_layout({}, {"astage": "x"})
+    with pytest.raises(astage.UnsavableError, match="str to str"):
+        plan_layout({}, {"k": 1})  # type: ignore[dict-item]
+
+
+def test_a_cycle_is_refused() -> None:
+    state: dict[str, Any] = {"a": []}
+    state["a"].append(state)
+    with pytest.raises(astage.UnsavableError, match=r"\['a'\]\[0\]"):
+        plan_layout(state)
+
+
+@pytest.mark.asyncio
+async def test_writer_without_a_stager(tmp_path: Path) -> None:
+    state = {"w": torch.randn(3, 4), "b": torch.arange(5, dtype=torch.int16)}
+    writer = astage.SafetensorsWriter(tmp_path / "w.safetensors", metadata={"k": "v"})
+    assert isinstance(writer, astage.CheckpointWriter)
+    await write_all(writer, state)
+    loaded = safetensors.torch.load_file(str(tmp_path / "w.safetensors"))
+    assert same_values(loaded["['w']"], state["w"])
+    assert same_values(loaded["['b']"], state["b"])
+    assert os.listdir(tmp_path) == ["w.safetensors"]
+
+
+@pytest.mark.asyncio
+async def test_large_tensors_in_chunks_and_partial_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = os.pwritev
+
+    def short(fd: int, buffers: Any, offset: int) -> int:  # the kernel may write less
+        first = bytes(buffers[0][:1000])
+        return real(fd, [first], offset)
+
+    monkeypatch.setattr(os, "pwritev", short)
+    state = {"big": torch.randn(10_000), "small": torch.randn(7)}
+    writer = astage.SafetensorsWriter(tmp_path / "c.safetensors", threads=3, chunk_bytes=4096)
+    await write_all(writer, state)
+    back = astage.load(tmp_path / "c.safetensors")
+    assert same_values(back["big"], state["big"]) and same_values(back["small"], state["small"])
+
+
+@pytest.mark.asyncio
+async def test_commit_before_every_tensor_was_written(tmp_path: Path) -> None:
+    writer = astage.SafetensorsWriter(tmp_path / "c.safetensors")
+    await writer.begin({"a": torch.ones(2), "b": torch.ones(2)})
+    await writer.write(("a",), torch.ones(2))
+    with pytest.raises(astage.StagingError, match=r"\['b'\]"):
+        await writer.commit()
+    await writer.abort()
+    await writer.abort()  # twice is fine
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.asyncio
+async def test_write_checks_the_tensor(tmp_path: Path) -> None:
+    writer = astage.SafetensorsWriter(tmp_path / "c.safetensors")
+    await writer.begin({"a": torch.ones(2)})
+    with pytest.raises(astage.StagingError, match="no tensor at"):
+        await writer.write(("zzz",), torch.ones(2))
+    with pytest.raises(astage.StagingError, match="resized"):
+        await writer.write(("a",), torch.ones(3))
+    await writer.abort()
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.asyncio
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores folder permissions")
+async def test_permission_denied_names_the_path(tmp_path: Path) -> None:
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        with pytest.raises(astage.CheckpointWriteError, match="Permission denied"):
+            await astage.save({"a": torch.ones(1)}, folder / "c.safetensors")
+    finally:
+        folder.chmod(0o700)
+
+
+@pytest.mark.asyncio
+async def test_failed_rename_leaves_no_temp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(src: Any, dst: Any) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(astage.CheckpointWriteError, match="rename"):
+        await astage.save({"a": torch.ones(1)}, tmp_path / "c.safetensors")
+    assert os.listdir(tmp_path) == []
+
+
+def test_load_rejects_garbage(tmp_path: Path) -> None:
+    (tmp_path / "g").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00nope!")
+    with pytest.raises(astage.CheckpointFormatError, match="not JSON"):
+        astage.load(tmp_path / "g")
+    (tmp_path / "short").write_bytes(b"\x01")
+    with pytest.raises(astage.CheckpointFormatError, match="too short"):
+        astage.load(tmp_path / "short")
