@@ -191,6 +191,9 @@ def _last_copy(leaf: Leaf) -> int:
     return leaf.last_copy
 
 
+_NO_COPIES = Batch(torch.device("cpu"), srcs=[], dsts=[], buffers=[], nbytes=0, end=0)
+
+
 @contextlib.contextmanager
 def gc_paused(enabled: bool = True) -> Iterator[None]:
     """Pause CPython's cyclic garbage collector while the walk runs (``pause_gc`` option).
@@ -254,6 +257,15 @@ class StagerBase:
             assert self.cuda is not None
             self.cuda.follow_producer(device)
             run.devices.add(device)
+
+    def hold_buffers(self, future: concurrent.futures.Future[None]) -> None:
+        """Make the next call wait for ``future`` before it touches the buffers.
+
+        For a reader of staged tensors (a checkpoint writer) that must not see them overwritten:
+        the hold joins the work that a failed or cancelled call left in flight, which every
+        call (and ``aclose``) drains under the stager's lock before it starts.
+        """
+        self.outstanding.append(Pending(_NO_COPIES, future))
 
     def check_open(self) -> None:
         if self.closed:

@@ -24,10 +24,6 @@ import time
 from collections.abc import Awaitable, Callable, Generator, Mapping
 from typing import Any, NamedTuple
 
-import torch
-
-from ._core import Pending
-from ._engine import Batch
 from ._stager import Stager
 from ._writer import DEFAULT_THREADS, CheckpointWriter, SafetensorsWriter
 
@@ -207,9 +203,6 @@ async def _save(
     )
 
 
-_NO_COPIES = Batch(torch.device("cpu"), srcs=[], dsts=[], buffers=[], nbytes=0, end=0)
-
-
 def _hold_buffers(stager: Stager) -> concurrent.futures.Future[None]:
     """Make ``stager``'s next call wait, before it touches its buffers, for the returned future.
 
@@ -220,5 +213,5 @@ def _hold_buffers(stager: Stager) -> concurrent.futures.Future[None]:
     lock then); resolve the future when the writer is done with the tensors.
     """
     future: concurrent.futures.Future[None] = concurrent.futures.Future()
-    stager._base.outstanding.append(Pending(_NO_COPIES, future))
+    stager._base.hold_buffers(future)
     return future
