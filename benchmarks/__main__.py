@@ -49,6 +49,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.out = args.out or "benchmarks/results/quick.md"
         args.json = args.json or "benchmarks/results/quick.json"
         args.img_dir = args.img_dir or "benchmarks/results/img-quick"
+    if args.only == ["writers"]:  # its own page: a full run's figures stay in benchmarks.md
+        args.out = args.out or "docs/benchmarks-writers.md"
+        args.json = args.json or "benchmarks/results/writers.json"
     args.out = args.out or "docs/benchmarks.md"
     args.json = args.json or "benchmarks/results/latest.json"
     args.img_dir = args.img_dir or "docs/img"
@@ -103,7 +106,12 @@ def main(argv: list[str] | None = None) -> int:
 
     link_dir = os.path.dirname(os.path.abspath(args.out))
     images = {} if args.no_plots else report.render_plots(results, args.img_dir, link_dir)
-    markdown = report.render_markdown(machine, results, images, total)
+    title = (
+        "Benchmarks: astage.save vs DCP async_save and torch.save (durable checkpoints)"
+        if names == ["writers"]
+        else report.TITLE
+    )
+    markdown = report.render_markdown(machine, results, images, total, title=title)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as out:
         out.write(markdown)

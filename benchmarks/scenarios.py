@@ -45,6 +45,7 @@ from .timing import (
     rotate,
     timed_async,
 )
+from .writer_saves import writer_saves
 
 LAG_P99_GOAL_MS = 2.0
 LAG_MAX_GOAL_MS = 10.0
@@ -813,4 +814,5 @@ SCENARIOS: dict[str, Scenario] = {
     "memory": host_memory,
     "gpu": gpu,
     "dcp": dcp_saves,
+    "writers": writer_saves,
 }

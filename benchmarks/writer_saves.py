@@ -1,0 +1,301 @@
+"""The ``writers`` scenario (issue 4): ``astage.save`` vs its parts, DCP's async_save, torch.save.
+
+Same data in one process, every contender writing to a temporary folder on the same local disk
+and timed until its checkpoint is **durable**: data fsynced, and the folder fsynced after the
+file's rename (DCP's ``FileSystemWriter(sync_files=True)`` fsyncs its files but not the folder;
+the benchmark fsyncs the folder after ``upload_completion``, inside the timed span, so both
+sides pay the same). Contenders, each given a state dict that a cached stager already staged
+once (warm buffers on both sides):
+
+- ``astage.save``: ``await astage.save(sd, path, stager=stager)``, stager kept across saves;
+- stage alone: ``await stager.stage(sd)`` (the same cached stager);
+- write alone: a ``SafetensorsWriter`` fed an already-staged dict (begin, write each tensor,
+  commit), nothing to copy first;
+- stage then write: the two above one after the other (no overlap);
+- ``dcp.async_save`` with DCP's ``DefaultStager`` kept across saves and its
+  ``FileSystemWriter`` (``sync_files=True``), timed until ``upload_completion``;
+- ``torch.save`` of the staged copy: to a temporary name, fsync, rename, fsync the folder.
+
+Each repeat runs every contender once, in an order that rotates from repeat to repeat.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint import staging as dcp_staging
+from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
+
+import astage
+from astage._writer import fsync_folder
+
+from .contenders import dcp_default_options
+from .record import Check, ScenarioResult, Table, fmt_bytes, fmt_gbps, fmt_s
+from .state_dicts import describe, gpt2_with_adamw
+from .timing import LoopRunner, level_heap, median, rotate
+
+if TYPE_CHECKING:
+    from .scenarios import Config, Data
+
+SAVE = "astage.save (cached Stager)"
+STAGE = "astage stage alone"
+WRITE = "astage write alone (SafetensorsWriter, staged dict)"
+SEQUENTIAL = "astage stage, then write"
+DCP = "dcp.async_save (DefaultStager, FileSystemWriter, fsync)"
+TORCH = "torch.save of the staged copy + fsync"
+NAMES = [SAVE, STAGE, WRITE, SEQUENTIAL, DCP, TORCH]
+
+SAVE_GOAL = 1.15  # astage.save <= 1.15x max(stage alone, write alone)
+
+
+def tensor_leaves(obj: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[Any, torch.Tensor]]:
+    """``(path, tensor)`` for every tensor of a nested dict/list/tuple, the way astage paths it."""
+    if isinstance(obj, torch.Tensor):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from tensor_leaves(value, (*path, key))
+    elif isinstance(obj, (list, tuple)):
+        for index, value in enumerate(obj):
+            yield from tensor_leaves(value, (*path, index))
+
+
+async def write_staged(staged: Any, path: str) -> None:
+    """Drive a ``SafetensorsWriter`` by hand from an already-staged dict: the write alone."""
+    writer = astage.SafetensorsWriter(path)
+    await writer.begin(staged)
+    try:
+        for leaf_path, tensor in tensor_leaves(staged):
+            await writer.write(leaf_path, tensor)
+        await writer.commit()
+    except BaseException:
+        await writer.abort()
+        raise
+
+
+def torch_save_durable(staged: Any, path: str) -> None:
+    folder, name = os.path.split(path)
+    temp = os.path.join(folder, f".{name}.tmp")
+    with open(temp, "wb") as out:
+        torch.save(staged, out)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(temp, path)
+    fsync_folder(folder)
+
+
+def dcp_save_durable(state_dict: Any, path: str, stager: Any) -> None:
+    writer = FileSystemWriter(path, sync_files=True)
+    response = dcp.async_save(state_dict, storage_writer=writer, async_stager=stager, no_dist=True)
+    if isinstance(response, AsyncSaveResponse):
+        response.upload_completion.result()
+    else:
+        response.result()
+    fsync_folder(path)  # the files are fsynced by DCP; their directory entries are not
+    fsync_folder(os.path.dirname(path))
+
+
+class Session:
+    """Warm stagers on both sides and a scratch folder for one state dict."""
+
+    def __init__(self, state_dict: Any, runner: LoopRunner, cuda: bool) -> None:
+        self.state_dict = state_dict
+        self.runner = runner
+        self.root = tempfile.mkdtemp(prefix="astage-bench-writers-")
+        self.count = 0
+        self.stager = astage.Stager()
+        self.staged = runner.run(self.stager.stage(state_dict))  # warm astage's cache
+        self.dcp_stager = dcp_staging.DefaultStager(dcp_default_options(cuda))
+        self._dcp_save(self._new_path())  # warm DCP's cache
+
+    def _new_path(self) -> str:
+        self.count += 1
+        return os.path.join(self.root, f"ckpt-{self.count}")
+
+    def _dcp_save(self, path: str) -> None:
+        dcp_save_durable(self.state_dict, path, self.dcp_stager)
+
+    def _clean(self, path: str) -> None:
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.exists(path):
+            os.unlink(path)
+
+    def run(self, name: str) -> float:
+        """One timed call of contender ``name``; its file is removed after the clock stops."""
+        path = self._new_path()
+        stager, sd, staged, runner = self.stager, self.state_dict, self.staged, self.runner
+        calls: dict[str, Callable[[], object]] = {
+            SAVE: lambda: runner.run(astage.save(sd, path, stager=stager)),
+            STAGE: lambda: runner.run(stager.stage(sd)),
+            WRITE: lambda: runner.run(write_staged(staged, path)),
+            SEQUENTIAL: lambda: runner.run(_stage_then_write(stager, sd, path)),
+            DCP: lambda: self._dcp_save(path),
+            TORCH: lambda: torch_save_durable(staged, path),
+        }
+        started = time.perf_counter()
+        calls[name]()
+        seconds = time.perf_counter() - started
+        self._clean(path)
+        return seconds
+
+    def close(self) -> None:
+        self.runner.run(self.stager.aclose())
+        self.dcp_stager.close()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+async def _stage_then_write(stager: astage.Stager, state_dict: Any, path: str) -> None:
+    staged = await stager.stage(state_dict)
+    await write_staged(staged, path)
+
+
+def _measure(state_dict: Any, config: Config, runner: LoopRunner) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {name: [] for name in NAMES}
+    level_heap()
+    session = Session(state_dict, runner, torch.cuda.is_available())
+    try:
+        for repeat in range(config.repeats):
+            for name in rotate(NAMES, repeat):
+                times[name].append(session.run(name))
+    finally:
+        session.close()
+    level_heap()
+    return times
+
+
+def _paired(times: dict[str, list[float]], num: Callable[[int], float], den: str) -> float:
+    """Median over repeats of ``num(repeat) / times[den][repeat]``."""
+    return median([num(i) / times[den][i] for i in range(len(times[den]))])
+
+
+def _checks(label: str, times: dict[str, list[float]]) -> list[Check]:
+    med = {name: median(values) for name, values in times.items()}
+
+    def bound(i: int) -> float:
+        return max(times[STAGE][i], times[WRITE][i])
+
+    overlap = _paired(times, bound, SAVE)
+    bound_s = max(med[STAGE], med[WRITE])
+    return [
+        Check(
+            f"{label}: astage.save vs max(stage alone, write alone)",
+            fmt_s(med[SAVE]),
+            fmt_s(bound_s),
+            overlap,
+            f">= {1 / SAVE_GOAL:.2f}x (save <= {SAVE_GOAL:g}x the slower part)",
+            overlap >= 1 / SAVE_GOAL,
+        ),
+        Check(
+            f"{label}: astage.save vs dcp.async_save, durable",
+            fmt_s(med[SAVE]),
+            fmt_s(med[DCP]),
+            _paired(times, lambda i: times[DCP][i], SAVE),
+            ">= 1x",
+            _paired(times, lambda i: times[DCP][i], SAVE) >= 1.0,
+        ),
+        Check(
+            f"{label}: astage.save vs stage then write (sequential)",
+            fmt_s(med[SAVE]),
+            fmt_s(med[SEQUENTIAL]),
+            _paired(times, lambda i: times[SEQUENTIAL][i], SAVE),
+            "(context)",
+            None,
+        ),
+        Check(
+            f"{label}: astage.save vs stage + torch.save + fsync",
+            fmt_s(med[SAVE]),
+            fmt_s(med[STAGE] + med[TORCH]),
+            _paired(times, lambda i: times[STAGE][i] + times[TORCH][i], SAVE),
+            "(context)",
+            None,
+        ),
+        Check(
+            f"{label}: write alone vs torch.save of the staged copy + fsync",
+            fmt_s(med[WRITE]),
+            fmt_s(med[TORCH]),
+            _paired(times, lambda i: times[TORCH][i], WRITE),
+            "(context)",
+            None,
+        ),
+    ]
+
+
+def _table(label: str, times: dict[str, list[float]], nbytes: int, repeats: int) -> Table:
+    save = median(times[SAVE])
+    rows = [
+        [
+            name,
+            fmt_s(median(values)),
+            fmt_gbps(nbytes, median(values)),
+            f"{median(values) / save:.2f}x",
+            ", ".join(fmt_s(v) for v in values),
+        ]
+        for name, values in times.items()
+    ]
+    return Table(
+        f"{label}: seconds to a durable checkpoint (medians over {repeats} repeats)",
+        ["contender", "median", "GB/s", "vs astage.save", "each repeat"],
+        rows,
+    )
+
+
+def writer_saves(config: Config, data: Data, runner: LoopRunner) -> ScenarioResult:
+    gpt = gpt2_with_adamw(config.dcp_layers, config.dcp_width, config.dcp_vocab)
+    gpt_shape = describe(gpt)
+    gpt_label = f"GPT-2-like + AdamW ({fmt_bytes(gpt_shape.nbytes)})"
+    result = ScenarioResult(
+        "writers",
+        "astage.save vs staging and writing apart, dcp.async_save and torch.save "
+        "(time to a durable checkpoint)",
+        "Each contender writes the same state dict, in this one process, into a temporary folder "
+        f"on local disk (`{tempfile.gettempdir()}`), timed until its checkpoint is durable: data "
+        "fsynced, renamed into place where the contender renames, and the folder fsynced. "
+        "`astage.save` uses a `Stager` kept across saves (cached buffers); *stage alone* is "
+        "that stager's `stage()`; *write alone* drives a `SafetensorsWriter` from an "
+        "already-staged dict (begin, write each tensor, commit); *stage, then write* runs the "
+        "two one after the other. `dcp.async_save` gets a `DefaultStager` kept across saves "
+        "and a `FileSystemWriter(sync_files=True)` (it fsyncs its files but not the folder: "
+        "the benchmark fsyncs the checkpoint folder and its parent after `upload_completion`, "
+        "inside the timed span) and is timed until `upload_completion`. `torch.save` writes "
+        "the staged copy to a temporary name, fsyncs, renames and fsyncs the folder. Both "
+        "stagers have staged the dict once before the first timed call. Each repeat runs every "
+        "contender once, in an order that rotates from repeat to repeat; each file is deleted "
+        "after its clock stops. Ratios are medians over repeats of the ratio within a repeat.",
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        gpt_times = _measure(gpt, config, runner)
+        del gpt
+        level_heap()
+        bulk = data.bulk()
+        bulk_shape = describe(bulk)
+        bulk_label = f"{fmt_bytes(bulk_shape.nbytes)} in {bulk_shape.tensors} tensors"
+        bulk_times = _measure(bulk, config, runner)
+    for label, times, shape in (
+        (gpt_label, gpt_times, gpt_shape),
+        (bulk_label, bulk_times, bulk_shape),
+    ):
+        result.checks += _checks(label, times)
+        result.tables.append(_table(label, times, shape.nbytes, config.repeats))
+    result.figures = {
+        "gpt": {
+            "shape": {"tensors": gpt_shape.tensors, "nbytes": gpt_shape.nbytes},
+            "times_s": gpt_times,
+        },
+        "bulk": {
+            "shape": {"tensors": bulk_shape.tensors, "nbytes": bulk_shape.nbytes},
+            "times_s": bulk_times,
+        },
+        "tmpdir": tempfile.gettempdir(),
+    }
+    return result
