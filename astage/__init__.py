@@ -8,6 +8,8 @@ from ._errors import (
     CheckpointFormatError,
     CheckpointWriteError,
     InvalidOptionsError,
+    ReplicationError,
+    ReplicationTimeoutError,
     StagerClosedError,
     StagingError,
     UnsavableError,
@@ -15,6 +17,7 @@ from ._errors import (
 )
 from ._options import StagingOptions
 from ._paths import Attr, Path, format_path
+from ._replication import ReplicationStager
 from ._safetensors import load
 from ._save import SaveHandle, SaveResult, save, start_save
 from ._stager import Stager
@@ -33,6 +36,9 @@ __all__ = [
     "CheckpointWriter",
     "InvalidOptionsError",
     "Path",
+    "ReplicationError",
+    "ReplicationStager",
+    "ReplicationTimeoutError",
     "SafetensorsWriter",
     "SaveHandle",
     "SaveResult",

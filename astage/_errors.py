@@ -7,7 +7,9 @@ StagingError                 base of them all
 ├── BufferMismatchError      a cached host buffer no longer fits its source
 ├── UnsavableError           an object in the state dict cannot go into a checkpoint file
 ├── CheckpointWriteError     writing or committing a checkpoint file failed (disk, permission)
-└── CheckpointFormatError    a checkpoint file cannot be read back
+├── CheckpointFormatError    a checkpoint file cannot be read back
+└── ReplicationError         exchanging a snapshot with a partner rank failed (names both ranks)
+    └── ReplicationTimeoutError   the partner rank did not take part in time (also a TimeoutError)
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ __all__ = [
     "CheckpointFormatError",
     "CheckpointWriteError",
     "InvalidOptionsError",
+    "ReplicationError",
+    "ReplicationTimeoutError",
     "StagerClosedError",
     "StagingError",
     "UnsavableError",
@@ -75,3 +79,11 @@ class CheckpointWriteError(StagingError):
 
 class CheckpointFormatError(StagingError):
     """Raised when a checkpoint file is missing, truncated or not in a format astage reads."""
+
+
+class ReplicationError(StagingError):
+    """Raised when a snapshot cannot be exchanged with, or persisted for, a partner rank."""
+
+
+class ReplicationTimeoutError(ReplicationError, TimeoutError):
+    """Raised when the partner rank does not take part in an exchange before the timeout."""

@@ -1,0 +1,337 @@
+"""One rank of a multi-process gloo job for tests/test_replication.py.
+
+Run as ``python tests/_dist_worker.py JOB RANK WORLD INIT_FILE OUT_DIR``. Every check runs in
+turn; each one's outcome ("ok" or the error) goes into ``OUT_DIR/rank{RANK}.json``, which the
+test reads. A check that fails does not stop the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+import traceback
+from collections import OrderedDict
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+import torch.distributed as dist
+
+import astage
+
+BIG = (17 << 20) // 4  # float32 elements of a storage big enough to travel alone
+
+
+def plain_sd(rank: int) -> dict[str, Any]:
+    return {"w": torch.arange(12.0).reshape(3, 4) + 100 * rank, "step": rank, "name": f"r{rank}"}
+
+
+def nested_sd(rank: int, big: bool) -> dict[str, Any]:
+    shared = torch.arange(10, dtype=torch.float64) + rank
+    model = OrderedDict(
+        [
+            ("emb", shared),
+            ("head", shared),  # tied weight
+            ("half", shared[2:7]),  # a view
+            ("t", torch.arange(6, dtype=torch.int32).reshape(2, 3).t() * (rank + 1)),
+            ("flag", torch.tensor(rank % 2 == 0)),
+            ("bf", torch.full((3,), rank + 0.5, dtype=torch.bfloat16)),
+            ("empty", torch.empty(0, 5)),
+        ]
+    )
+    sd: dict[str, Any] = {
+        "model": model,
+        "optim": {
+            "state": {0: {"exp_avg": torch.ones(4) * rank, "step": torch.tensor(3.0 + rank)}},
+            "param_groups": [{"lr": 0.1, "params": [0], "betas": (0.9, 0.99), "eps": float("inf")}],
+        },
+        "extra": [1, "two", None, (3.5, True)],
+    }
+    if big:
+        sd["big"] = torch.full((BIG,), float(rank))
+    return sd
+
+
+def same(a: Any, b: Any) -> None:
+    """Assert ``a`` and ``b`` are equal: structure, types, tensors' dtype, shape and values."""
+    assert type(a) is type(b), (type(a), type(b))
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+        assert torch.equal(a, b), (a, b)
+    elif isinstance(a, dict):
+        assert list(a) == list(b)
+        for key in a:
+            same(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            same(x, y)
+    else:
+        assert a == b, (a, b)
+
+
+def dtensor_sd(rank: int, world: int) -> dict[str, Any]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    local = torch.arange(8.0).reshape(2, 4) + 10 * rank
+    sharded = DTensor.from_local(local, mesh, [Shard(0)], run_check=False)
+    replicated = DTensor.from_local(torch.ones(3), mesh, [Replicate()], run_check=False)
+    return {"sharded": sharded, "replicated": replicated, "plain": torch.tensor([rank])}
+
+
+async def check_plain(rank: int, world: int, stager: astage.ReplicationStager) -> None:
+    replica = await stager.stage(plain_sd(rank))
+    same(replica, plain_sd(stager.receive_from))
+
+
+async def check_nested(rank: int, world: int, stager: astage.ReplicationStager) -> None:
+    sd = nested_sd(rank, big=True)
+    replica = await stager.stage(sd)
+    same(replica, nested_sd(stager.receive_from, big=True))
+    model = replica["model"]
+    assert model["emb"] is not model["head"]
+    assert model["emb"].untyped_storage().data_ptr() == model["head"].untyped_storage().data_ptr()
+    assert model["half"].untyped_storage().data_ptr() == model["emb"].untyped_storage().data_ptr()
+    assert replica["big"].untyped_storage().data_ptr() != model["emb"].untyped_storage().data_ptr()
+    # a second call: the partner's new values arrive, into the same host buffers
+    big_ptr = replica["big"].data_ptr()
+    sd["model"]["emb"].add_(1)
+    sd["big"].add_(1)
+    again = await stager.stage(sd)
+    expected = nested_sd(stager.receive_from, big=True)
+    expected["model"]["emb"].add_(1)
+    expected["big"].add_(1)
+    same(again, expected)
+    assert again["big"].data_ptr() == big_ptr
+
+
+async def check_dtensor(rank: int, world: int, stager: astage.ReplicationStager) -> None:
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    sd = dtensor_sd(rank, world)
+    replica = await stager.stage(sd)
+    partner = stager.receive_from
+    sharded = replica["sharded"]
+    assert type(sharded) is DTensor
+    assert sharded.placements == (Shard(0),)
+    assert sharded.shape == (2 * world, 4)
+    assert sharded.device_mesh is sd["sharded"].device_mesh  # this rank's own mesh object
+    local = sharded.to_local()
+    assert local.device.type == "cpu"
+    assert torch.equal(local, torch.arange(8.0).reshape(2, 4) + 10 * partner)
+    assert replica["replicated"].placements == (Replicate(),)
+    assert torch.equal(replica["plain"], torch.tensor([partner]))
+
+
+async def check_persist(rank: int, world: int, tmp: str) -> None:
+    from torch.distributed.tensor import DTensor
+
+    folder = os.path.join(tmp, "replicas")
+    async with astage.ReplicationStager(storage_dir=folder, timeout=30) as stager:
+        sd = nested_sd(rank, big=False)
+        sd["dt"] = dtensor_sd(rank, world)["sharded"]
+        replica = await stager.stage(sd)
+        path = stager.replica_path
+        assert path is not None
+        assert os.path.basename(path) == (
+            f"replica-rank{rank}-from-rank{stager.receive_from}.safetensors"
+        )
+        assert os.path.exists(path)
+        loaded = astage.load(path)
+        assert isinstance(replica["dt"], DTensor)
+        expected = dict(replica)
+        expected["dt"] = replica["dt"].to_local()
+        same(loaded, expected)
+        # the DTensor's spec is in the file's metadata
+        from astage._safetensors import read_header
+
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            header, _ = read_header(fd, path)
+        finally:
+            os.close(fd)
+        info = json.loads(header["__metadata__"]["astage.replica"])
+        assert info["rank"] == rank and info["partner"] == stager.receive_from
+        assert info["dtensors"]["['dt']"]["placements"] == [["shard", 0]]
+        # a second exchange replaces the file atomically; no temporary file is left
+        await stager.stage(sd)
+        # (the folder is shared: the partner may be writing its own temporary file now)
+        mine = f".replica-rank{rank}-"
+        assert not [n for n in os.listdir(folder) if n.startswith(mine) and n.endswith(".tmp")]
+
+
+async def check_persist_failure(rank: int, world: int, tmp: str) -> None:
+    folder = os.path.join(tmp, f"blocked{rank}")
+    stager = astage.ReplicationStager(storage_dir=folder, timeout=30)
+    try:
+        path = stager.replica_path
+        assert path is not None
+        os.makedirs(path)  # a folder where the file should go: the rename fails
+        try:
+            await stager.stage(plain_sd(rank))
+        except astage.ReplicationError as error:
+            text = str(error)
+            assert f"rank {rank}" in text and f"rank {stager.receive_from}" in text, text
+        else:
+            raise AssertionError("persisting over a folder did not fail")
+        assert os.listdir(folder) == [os.path.basename(path)], os.listdir(folder)
+    finally:
+        await stager.aclose()
+
+
+def check_dtensor_staging(rank: int, world: int) -> None:
+    from torch.distributed.tensor import DTensor, Shard
+
+    sd = dtensor_sd(rank, world)
+
+    def verify(staged: Any) -> None:
+        for key in ("sharded", "replicated"):
+            source, copy = sd[key], staged[key]
+            assert type(copy) is DTensor
+            assert copy.placements == source.placements
+            assert copy.device_mesh is source.device_mesh
+            assert copy.shape == source.shape and copy.stride() == source.stride()
+            local = copy.to_local()
+            assert local.device.type == "cpu"
+            assert torch.equal(local, source.to_local())
+            assert local.data_ptr() != source.to_local().data_ptr()
+        assert staged["sharded"].placements == (Shard(0),)
+        before = staged["sharded"].to_local().clone()
+        sd["sharded"].to_local().add_(1)  # the copy is independent of the live tensor
+        assert torch.equal(staged["sharded"].to_local(), before)
+        sd["sharded"].to_local().sub_(1)
+
+    with astage.SyncStager(pin_memory=False) as sync:
+        verify(sync.stage(sd))
+
+    async def run() -> None:
+        async with astage.Stager(pin_memory=False) as stager:
+            verify(await stager.stage(sd))
+
+    asyncio.run(run())
+
+
+def check_dcp(rank: int, world: int, tmp: str) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.tensor import DTensor, Shard
+
+    from astage import compat
+
+    folder = os.path.join(tmp, "dcp")
+    sharded = dtensor_sd(rank, world)["sharded"]
+    # Plain tensors count as replicated in DCP (one rank writes them); the DTensor is sharded.
+    sd = {"w": torch.arange(6.0), "nested": {"b": torch.ones(2, 2)}, "sharded": sharded}
+    options = compat.StagingOptions(
+        use_pinned_memory=False,
+        use_shared_memory=False,
+        use_async_staging=True,
+        use_non_blocking_copy=False,
+    )
+    with compat.DefaultStager(options) as stager:
+        response = dcp.async_save(sd, checkpoint_id=folder, async_stager=stager)
+        upload = getattr(response, "upload_completion", response)
+        upload.result(timeout=60)
+    blank = DTensor.from_local(torch.zeros(2, 4), sharded.device_mesh, [Shard(0)], run_check=False)
+    loaded = {"w": torch.zeros(6), "nested": {"b": torch.zeros(2, 2)}, "sharded": blank}
+    dcp.load(loaded, checkpoint_id=folder)
+    assert torch.equal(loaded["w"], sd["w"])
+    assert torch.equal(loaded["nested"]["b"], sd["nested"]["b"])
+    assert torch.equal(loaded["sharded"].to_local(), sharded.to_local())
+
+
+async def check_timeout(rank: int, world: int, tmp: str) -> None:
+    """Rank 0 stages; rank 1 never joins. Rank 0 must time out naming rank 1."""
+    done = os.path.join(tmp, "timeout-done")
+    if rank != 0:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(done) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return
+    stager = astage.ReplicationStager(timeout=1.0)
+    try:
+        started = time.monotonic()
+        loop_ticks = 0
+
+        async def tick() -> None:
+            nonlocal loop_ticks
+            while True:
+                await asyncio.sleep(0.01)
+                loop_ticks += 1
+
+        ticker = asyncio.create_task(tick())
+        try:
+            await stager.stage(plain_sd(rank))
+        except astage.ReplicationTimeoutError as error:
+            text = str(error)
+            assert "rank 1" in text and "1 s" in text, text
+            assert isinstance(error, TimeoutError)
+        else:
+            raise AssertionError("no timeout")
+        finally:
+            ticker.cancel()
+        elapsed = time.monotonic() - started
+        assert 0.9 <= elapsed < 10, elapsed
+        assert loop_ticks > 20, loop_ticks  # the loop ran while the exchange waited
+        try:
+            await stager.stage(plain_sd(rank))
+        except astage.ReplicationError as error:
+            assert "unusable" in str(error), str(error)
+        else:
+            raise AssertionError("a stager that timed out staged again")
+    finally:
+        await stager.aclose()
+        with open(done, "w"):
+            pass
+
+
+def main() -> None:
+    job, rank_s, world_s, init_file, out = sys.argv[1:6]
+    rank, world = int(rank_s), int(world_s)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),
+    )
+    results: dict[str, str] = {}
+
+    def record(name: str, fn: Callable[[], Any], barrier: bool = True) -> None:
+        try:
+            fn()
+            results[name] = "ok"
+        except BaseException:  # noqa: BLE001 - reported to the test
+            results[name] = traceback.format_exc()
+        if barrier:
+            dist.barrier()
+
+    async def with_stager(check: Any) -> None:
+        async with astage.ReplicationStager(timeout=30) as stager:
+            await check(rank, world, stager)
+
+    record("plain", lambda: asyncio.run(with_stager(check_plain)))
+    record("nested", lambda: asyncio.run(with_stager(check_nested)))
+    record("dtensor", lambda: asyncio.run(with_stager(check_dtensor)))
+    if job == "main":
+        record("persist", lambda: asyncio.run(check_persist(rank, world, out)))
+        record("persist_failure", lambda: asyncio.run(check_persist_failure(rank, world, out)))
+        record("dtensor_staging", lambda: check_dtensor_staging(rank, world))
+        record("dcp", lambda: check_dcp(rank, world, out))
+        # Last: a timeout closes the gloo connection between the pair, so no barrier after it.
+        record("timeout", lambda: asyncio.run(check_timeout(rank, world, out)), barrier=False)
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as file:
+        json.dump(results, file)
+    if job != "main":
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
