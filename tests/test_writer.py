@@ -90,6 +90,37 @@ async def test_large_tensors_in_chunks_and_partial_writes(
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("writeback", [True, False])
+async def test_early_writeback_covers_every_byte_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writeback: bool
+) -> None:
+    import astage._writer as writer_module
+
+    ranges: list[tuple[int, int]] = []
+
+    def record(fd: int, offset: int, nbytes: int, flags: int) -> int:
+        assert flags == writer_module._SYNC_FILE_RANGE_WRITE
+        ranges.append((offset, nbytes))
+        return 0
+
+    monkeypatch.setattr(writer_module, "_sync_file_range", record)
+    state = {"big": torch.randn(10_000), "small": torch.randn(7), "empty": torch.ones(0)}
+    path = tmp_path / "wb.safetensors"
+    writer = astage.SafetensorsWriter(path, chunk_bytes=4096, writeback=writeback)
+    await write_all(writer, state)
+    back = astage.load(path)
+    assert all(same_values(back[k], state[k]) for k in state)
+    if not writeback:
+        assert ranges == []
+        return
+    assert writer.layout is not None
+    start = writer.layout.data_start
+    covered = sorted(ranges)
+    assert covered[0][0] == start and sum(n for _, n in covered) == writer.layout.nbytes
+    assert all(a[0] + a[1] == b[0] for a, b in itertools.pairwise(covered))
+
+
+@pytest.mark.asyncio
 async def test_commit_before_every_tensor_was_written(tmp_path: Path) -> None:
     writer = astage.SafetensorsWriter(tmp_path / "c.safetensors")
     await writer.begin({"a": torch.ones(2), "b": torch.ones(2)})
