@@ -465,16 +465,27 @@ class ReplicationStager:
                 raise ReplicationError(self._broken) from error
 
     def _swap(
-        self, send: list[torch.Tensor], recv: list[torch.Tensor], deadline: float, doing: str
+        self,
+        send: list[torch.Tensor],
+        recv: list[torch.Tensor],
+        deadline: float,
+        doing: str,
+        first_tag: int,
     ) -> None:
-        works = []
-        tag = 0
-        for tensor in send:
-            works.append(dist.isend(tensor, group=self._group, group_dst=self.send_to, tag=tag))
-        for tensor in recv:
-            works.append(
-                dist.irecv(tensor, group=self._group, group_src=self.receive_from, tag=tag)
-            )
+        """Post every send and receive at once (message ``i`` on tag ``first_tag + i``), wait.
+
+        Distinct tags let gloo move the messages side by side (one tag serializes them:
+        about 1.5x slower on loopback).
+        """
+        group, dst, src = self._group, self.send_to, self.receive_from
+        works = [
+            dist.isend(tensor, group=group, group_dst=dst, tag=first_tag + i)
+            for i, tensor in enumerate(send)
+        ]
+        works += [
+            dist.irecv(tensor, group=group, group_src=src, tag=first_tag + i)
+            for i, tensor in enumerate(recv)
+        ]
         self._wait([w for w in works if w is not None], deadline, doing)
 
     def _exchange(self, staged: Any) -> Any:
@@ -486,11 +497,11 @@ class ReplicationStager:
         # 1. sizes
         mine = torch.tensor([len(text), sum(sizes)], dtype=torch.int64)
         theirs = torch.zeros(2, dtype=torch.int64)
-        self._swap([mine], [theirs], deadline, "the header-size exchange")
+        self._swap([mine], [theirs], deadline, "the header-size exchange", 0)
         # 2. header
         out = torch.frombuffer(bytearray(text), dtype=torch.uint8)
         into = torch.empty(int(theirs[0]), dtype=torch.uint8)
-        self._swap([out], [into], deadline, "the header exchange")
+        self._swap([out], [into], deadline, "the header exchange", 1)
         try:
             header = json.loads(into.numpy().tobytes())
             if header["version"] != WIRE_VERSION:
@@ -504,7 +515,7 @@ class ReplicationStager:
         send = self._pack(encoded.storages, sizes)
         recv_storages = self._receive_buffers(their_sizes)
         recv_messages, unpack = self._unpack_plan(recv_storages, their_sizes)
-        self._swap(send, recv_messages, deadline, "the tensor exchange")
+        self._swap(send, recv_messages, deadline, "the tensor exchange", 2)
         unpack()
         self.last_seconds = time.monotonic() - started
         meshes = _resolve_meshes(header["meshes"], encoded.meshes)

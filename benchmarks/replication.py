@@ -1,0 +1,206 @@
+"""Replication throughput over gloo on loopback: astage.ReplicationStager vs DCP's.
+
+Run ``python -m benchmarks.replication``: it starts two ranks (gloo on 127.0.0.1, a FileStore
+in a temporary folder), each with ``--mib`` MiB of float32 tensors (256 MiB by default), and
+times, on the same data, after warm-up calls, the contenders taking turns round by round:
+
+* ``astage.ReplicationStager.stage`` without ``storage_dir`` (stage into host buffers, swap);
+* ``astage.ReplicationStager.stage`` with ``storage_dir`` (the same, then the durable file);
+* DCP's ``_ReplicationStager.stage`` (swap with its ``PGTransport``, then ``torch.save`` +
+  fsync; it has no in-memory-only mode);
+* DCP's ``PGTransport`` exchange alone (its send/receive order, no file).
+
+GB/s per rank = bytes each rank sends (= bytes it receives) / the slowest rank's median time.
+The figures go to stdout as a Markdown table and, with ``--json PATH``, to a JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def _state_dict(rank: int, mib: int, tensors: int) -> dict[str, torch.Tensor]:
+    per = (mib << 20) // 4 // tensors
+    return {f"layer{i}.weight": torch.full((per,), float(rank * 100 + i)) for i in range(tensors)}
+
+
+def _slowest(seconds: float) -> float:
+    value = torch.tensor([seconds], dtype=torch.float64)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return float(value.item())
+
+
+def _time_round_robin(
+    contenders: dict[str, Callable[[], Any]], rounds: int, warmup: int
+) -> dict[str, list[float]]:
+    """Each round times every contender once, in turn: machine noise hits them all alike."""
+    for _ in range(warmup):  # buffers allocated, connections made, TCP windows grown
+        for fn in contenders.values():
+            dist.barrier()
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            dist.barrier()
+            start = time.perf_counter()
+            fn()
+            times[name].append(_slowest(time.perf_counter() - start))
+    return times
+
+
+def _rank_main(rank: int, world: int, init: str, args: argparse.Namespace) -> dict[str, Any]:
+    from torch.distributed.checkpoint._pg_transport import PGTransport
+    from torch.distributed.checkpoint.staging import _ReplicationStager
+
+    import astage
+
+    dist.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(minutes=5)
+    )
+    sd = _state_dict(rank, args.mib, args.tensors)
+    nbytes = sum(t.nbytes for t in sd.values())
+    partner = (rank + world // 2) % world
+    results: dict[str, list[float]] = {}
+    folder = tempfile.mkdtemp(prefix="astage-bench-replication-")
+    loop = asyncio.new_event_loop()
+    try:
+        stager = astage.ReplicationStager(timeout=300, options=astage.StagingOptions())
+        persisting = astage.ReplicationStager(
+            timeout=300, storage_dir=os.path.join(folder, "astage")
+        )
+
+        wire: list[float] = []
+
+        def astage_memory() -> None:
+            replica = loop.run_until_complete(stager.stage(sd))
+            assert float(replica["layer0.weight"][0]) == partner * 100
+            assert stager.last_seconds is not None
+            wire.append(stager.last_seconds)
+
+        def astage_persist() -> None:
+            loop.run_until_complete(persisting.stage(sd))
+
+        dcp = _ReplicationStager(
+            dist.group.WORLD, timeout=timedelta(minutes=5), storage_dir=os.path.join(folder, "dcp")
+        )
+
+        def dcp_stage() -> None:
+            replica = dcp.stage(sd)
+            assert float(replica["layer0.weight"][0]) == partner * 100  # type: ignore[index]
+
+        transport = PGTransport(dist.group.WORLD, timedelta(minutes=5), torch.device("cpu"))
+
+        def dcp_transport() -> None:
+            if rank < partner:
+                transport.send_checkpoint([partner], sd)
+                transport.recv_checkpoint(partner)
+            else:
+                transport.recv_checkpoint(partner)
+                transport.send_checkpoint([partner], sd)
+
+        contenders = {
+            "astage ReplicationStager (in memory)": astage_memory,
+            "astage ReplicationStager (+ durable file)": astage_persist,
+            "DCP _ReplicationStager (+ torch.save file)": dcp_stage,
+            "DCP PGTransport exchange only": dcp_transport,
+        }
+        results = _time_round_robin(contenders, args.rounds, args.warmup)
+        # the exchange alone (header and bytes, both ways), from the same timed calls
+        exchange = [_slowest(seconds) for seconds in wire[args.warmup :]]
+        results = {
+            "astage ReplicationStager (in memory)": results.pop(
+                "astage ReplicationStager (in memory)"
+            ),
+            "astage ReplicationStager: its exchange alone (part of the row above)": exchange,
+            **results,
+        }
+        loop.run_until_complete(stager.aclose())
+        loop.run_until_complete(persisting.aclose())
+    finally:
+        loop.close()
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+        dist.destroy_process_group()
+    return {"nbytes": nbytes, "times": results}
+
+
+def _report(result: dict[str, Any], args: argparse.Namespace) -> str:
+    nbytes = result["nbytes"]
+    lines = [
+        f"2 ranks, gloo on 127.0.0.1, {args.mib} MiB per rank in {args.tensors} float32 "
+        f"tensors; median of {args.rounds} calls after {args.warmup} warm-up calls, contenders "
+        "taking turns; each call's time is the slower rank's",
+        "",
+        "| contender | median | min | GB/s per rank |",
+        "|---|---|---|---|",
+    ]
+    for name, times in result["times"].items():
+        median = statistics.median(times)
+        lines.append(
+            f"| {name} | {median * 1e3:.0f} ms | {min(times) * 1e3:.0f} ms | "
+            f"{nbytes / median / 1e9:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mib", type=int, default=256, help="MiB per rank")
+    parser.add_argument("--tensors", type=int, default=16, help="tensors per rank")
+    parser.add_argument("--rounds", type=int, default=7, help="timed calls per contender")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls per contender")
+    parser.add_argument("--json", help="also write the figures to this JSON file")
+    parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--init", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.rank is not None:  # one rank of the job
+        result = _rank_main(args.rank, 2, args.init, args)
+        if args.rank == 0:
+            with open(args.out, "w", encoding="utf-8") as file:
+                json.dump(result, file)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        init = f"file://{os.path.join(tmp, 'init')}"
+        out = os.path.join(tmp, "result.json")
+        common = ["--mib", str(args.mib), "--tensors", str(args.tensors)]
+        common += ["--rounds", str(args.rounds), "--warmup", str(args.warmup)]
+        common += ["--init", init, "--out", out]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "benchmarks.replication", "--rank", str(rank), *common]
+            )
+            for rank in range(2)
+        ]
+        codes = [proc.wait() for proc in procs]
+        if any(codes):
+            raise SystemExit(f"a rank failed: exit codes {codes}")
+        with open(out, encoding="utf-8") as file:
+            result = json.load(file)
+    from .machine import describe_machine
+
+    machine = describe_machine(sys.argv[1:])
+    machine["command"] = "python -m benchmarks.replication" + "".join(f" {a}" for a in sys.argv[1:])
+    print(_report(result, args))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as file:
+            json.dump({"machine": machine, "args": vars(args), **result}, file, indent=1)
+
+
+if __name__ == "__main__":
+    main()
