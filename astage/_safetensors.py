@@ -16,7 +16,9 @@ How a nested state dict maps onto it:
   entry named ``<storage N>`` (a name no path can take).
 * **The skeleton** (containers, plain values, and for each tensor the entry it lives in and, for
   views, its dtype, shape, stride and offset) is JSON in ``__metadata__["astage"]``; tied
-  weights refer to the same entry twice, so :func:`load` gives them one storage again.
+  weights refer to the same entry twice, so :func:`load` gives them one storage again. An
+  ``OrderedDict``'s ``_metadata`` attribute (``Module.state_dict()`` sets it, with each
+  submodule's version, and ``load_state_dict`` reads it) is kept too, as plain JSON.
 
 Only plain data goes in: dict (``OrderedDict`` too), list, tuple, str, int, float, bool, None
 and strided CPU or device tensors. Anything else is an :class:`~astage.UnsavableError` naming
@@ -38,7 +40,7 @@ from typing import Any
 import torch
 
 from ._errors import CheckpointFormatError, UnsavableError
-from ._paths import Path, format_path
+from ._paths import Attr, Path, format_path
 
 FORMAT_VERSION = 1
 METADATA_KEY = "astage"
@@ -160,6 +162,7 @@ class _LayoutBuilder:
         self.tensors = 0
         self._groups: dict[int, tuple[Entry, torch.Tensor | None]] = {}
         self._active: set[int] = set()  # containers on the current path: a cycle is an error
+        self._plain_only = False  # inside an OrderedDict's _metadata: no tensors there
 
     def encode(self, x: Any, path: Path) -> Any:
         """The JSON node for ``x``: plain values as themselves, the rest as a tagged object."""
@@ -169,6 +172,8 @@ class _LayoutBuilder:
         if cls in (str, int, bool, type(None)):
             return x
         if isinstance(x, torch.Tensor):
+            if self._plain_only:
+                raise UnsavableError("an OrderedDict's _metadata cannot hold tensors", path)
             return self._tensor(x, path)
         if cls in (dict, OrderedDict, list, tuple):
             if id(x) in self._active:
@@ -187,7 +192,13 @@ class _LayoutBuilder:
                             (*path, key),
                         )
                     pairs.append([self.encode(key, path), self.encode(value, (*path, key))])
-                return {"odict" if cls is OrderedDict else "dict": pairs}
+                if cls is not OrderedDict:
+                    return {"dict": pairs}
+                node: dict[str, Any] = {"odict": pairs}
+                extra = getattr(x, "_metadata", None)
+                if extra is not None:
+                    node["_metadata"] = self._encode_plain(extra, (*path, Attr("_metadata")))
+                return node
             finally:
                 self._active.discard(id(x))
         raise UnsavableError(
@@ -195,6 +206,13 @@ class _LayoutBuilder:
             "holds only tensors, dicts, lists, tuples, str, int, float, bool and None",
             path,
         )
+
+    def _encode_plain(self, x: Any, path: Path) -> Any:
+        outer, self._plain_only = self._plain_only, True
+        try:
+            return self.encode(x, path)
+        finally:
+            self._plain_only = outer
 
     def _tensor(self, x: torch.Tensor, path: Path) -> Any:
         if type(x) not in (torch.Tensor, torch.nn.Parameter):
@@ -398,6 +416,10 @@ class _Decoder:
                 return {self.decode(k): self.decode(v) for k, v in value}
             if tag == "odict":
                 return OrderedDict((self.decode(k), self.decode(v)) for k, v in value)
+        if len(node) == 2 and "odict" in node and "_metadata" in node:
+            restored = self.decode({"odict": node["odict"]})
+            restored._metadata = self.decode(node["_metadata"])
+            return restored
         if "tensor" in node:
             return self._tensor(node)
         raise CheckpointFormatError(f"{self._name}: bad skeleton node {sorted(node)}")

@@ -86,6 +86,38 @@ async def test_loaded_state_restores_a_model(tmp_path: Path) -> None:
 
 
 @pytest.mark.asyncio
+async def test_module_state_dict_metadata_is_kept(tmp_path: Path) -> None:
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    state = {"model": net.state_dict(), "step": 7}
+    expected = state["model"]._metadata  # type: ignore[attr-defined]
+    assert expected["1"] == {"version": 2}  # BatchNorm's version: load_state_dict reads it
+    async with astage.Stager() as stager:
+        await astage.save(state, tmp_path / "m.safetensors", stager=stager)
+    back = astage.load(tmp_path / "m.safetensors")
+    assert type(back["model"]) is OrderedDict
+    assert back["model"]._metadata == expected
+    assert type(back["model"]._metadata) is OrderedDict
+    assert list(back["model"]._metadata) == list(expected)
+    fresh = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    fresh.load_state_dict(back["model"])
+    assert torch.equal(fresh[0].weight, net[0].weight)
+    assert len(safetensors.torch.load_file(str(tmp_path / "m.safetensors"))) == len(state["model"])
+
+    plain: OrderedDict[str, Any] = OrderedDict(a=torch.ones(2))  # no _metadata: none back
+    await astage.save(plain, tmp_path / "p.safetensors")
+    assert not hasattr(astage.load(tmp_path / "p.safetensors"), "_metadata")
+
+
+@pytest.mark.asyncio
+async def test_tensor_in_metadata_is_refused(tmp_path: Path) -> None:
+    state: OrderedDict[str, Any] = OrderedDict(w=torch.ones(2))
+    state._metadata = {"": {"scale": torch.ones(1)}}  # type: ignore[attr-defined]
+    with pytest.raises(astage.UnsavableError, match=r"\._metadata\[''\]\['scale'\]"):
+        await astage.save({"model": state}, tmp_path / "x.safetensors")
+    assert files_in(tmp_path) == []
+
+
+@pytest.mark.asyncio
 async def test_safetensors_library_reads_every_tensor(tmp_path: Path) -> None:
     state = training_state()
     path = tmp_path / "ckpt.safetensors"
