@@ -52,7 +52,10 @@ WRITE = "astage write alone (SafetensorsWriter, staged dict)"
 SEQUENTIAL = "astage stage, then write"
 DCP = "dcp.async_save (DefaultStager, FileSystemWriter, fsync)"
 TORCH = "torch.save of the staged copy + fsync"
-NAMES = [SAVE, STAGE, WRITE, SEQUENTIAL, DCP, TORCH]
+NO_WRITEBACK = "astage write alone, writeback=False"
+NAMES = [SAVE, STAGE, WRITE, SEQUENTIAL, DCP, TORCH, NO_WRITEBACK]
+SAVE_STAGING = "staging inside astage.save"
+"""Not a contender: ``SaveResult.staging_seconds`` of each timed ``astage.save``."""
 
 SAVE_GOAL = 1.15  # astage.save <= 1.15x max(stage alone, write alone)
 
@@ -69,9 +72,9 @@ def tensor_leaves(obj: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[Any, t
             yield from tensor_leaves(value, (*path, index))
 
 
-async def write_staged(staged: Any, path: str) -> None:
+async def write_staged(staged: Any, path: str, writeback: bool = True) -> None:
     """Drive a ``SafetensorsWriter`` by hand from an already-staged dict: the write alone."""
-    writer = astage.SafetensorsWriter(path)
+    writer = astage.SafetensorsWriter(path, writeback=writeback)
     await writer.begin(staged)
     try:
         for leaf_path, tensor in tensor_leaves(staged):
@@ -112,6 +115,7 @@ class Session:
         self.runner = runner
         self.root = tempfile.mkdtemp(prefix="astage-bench-writers-")
         self.count = 0
+        self.save_staging: list[float] = []
         self.stager = astage.Stager()
         self.staged = runner.run(self.stager.stage(state_dict))  # warm astage's cache
         self.dcp_stager = dcp_staging.DefaultStager(dcp_default_options(cuda))
@@ -138,12 +142,15 @@ class Session:
         path = self._new_path()
         stager, sd, staged, runner = self.stager, self.state_dict, self.staged, self.runner
         calls: dict[str, Callable[[], object]] = {
-            SAVE: lambda: runner.run(astage.save(sd, path, stager=stager)),
+            SAVE: lambda: self.save_staging.append(
+                runner.run(astage.save(sd, path, stager=stager)).staging_seconds
+            ),
             STAGE: lambda: runner.run(stager.stage(sd)),
             WRITE: lambda: runner.run(write_staged(staged, path)),
             SEQUENTIAL: lambda: runner.run(_stage_then_write(stager, sd, path)),
             DCP: lambda: self._dcp_save(path),
             TORCH: lambda: torch_save_durable(staged, path),
+            NO_WRITEBACK: lambda: runner.run(write_staged(staged, path, writeback=False)),
         }
         started = time.perf_counter()
         calls[name]()
@@ -172,9 +179,11 @@ def _measure(state_dict: Any, config: Config, runner: LoopRunner) -> dict[str, l
         # here, not by whichever contender happens to run first.
         for name in NAMES:
             session.run(name)
+        session.save_staging.clear()
         for repeat in range(config.repeats):
             for name in rotate(NAMES, repeat):
                 times[name].append(session.run(name))
+        times[SAVE_STAGING] = list(session.save_staging)
     finally:
         session.close()
     level_heap()
@@ -238,6 +247,23 @@ def _checks(label: str, times: dict[str, list[float]]) -> list[Check]:
     ]
 
 
+def _notes(label: str, times: dict[str, list[float]]) -> list[str]:
+    """Where astage.save's time goes, from this run's figures."""
+    med = {name: median(values) for name, values in times.items()}
+    bound = max(med[STAGE], med[WRITE])
+    return [
+        f"{label}: astage.save took {fmt_s(med[SAVE])}, {med[SAVE] / bound:.2f}x the slower "
+        f"part ({'write' if med[WRITE] >= med[STAGE] else 'stage'} alone, {fmt_s(bound)}). "
+        f"Inside the save, staging took {fmt_s(med[SAVE_STAGING])} against "
+        f"{fmt_s(med[STAGE])} alone: the writer's copies into the page cache run at the same "
+        f"time on the same {os.cpu_count()} cores and memory bandwidth, so staging slows down "
+        "and the tail of the write (the last tensors to land, then fsync) starts later than "
+        "it would with free CPUs. Early writeback: the write alone took "
+        f"{fmt_s(med[WRITE])} with it and {fmt_s(med[NO_WRITEBACK])} without "
+        f"(`writeback=False`, all dirty pages flushed by the final fsync).",
+    ]
+
+
 def _table(label: str, times: dict[str, list[float]], nbytes: int, repeats: int) -> Table:
     save = median(times[SAVE])
     rows = [
@@ -297,6 +323,7 @@ def writer_saves(config: Config, data: Data, runner: LoopRunner) -> ScenarioResu
     ):
         result.checks += _checks(label, times)
         result.tables.append(_table(label, times, shape.nbytes, config.repeats))
+        result.notes += _notes(label, times)
     result.figures = {
         "gpt": {
             "shape": {"tensors": gpt_shape.tensors, "nbytes": gpt_shape.nbytes},
