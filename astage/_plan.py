@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copyreg
 import enum
+import sys
 import types
 import weakref
 from collections import OrderedDict
@@ -487,8 +488,11 @@ class _Walker:
 
     def _stage_tensor(self, x: torch.Tensor, path: Path) -> torch.Tensor:
         cls = type(x)
-        if cls is not _Tensor and cls is not _Parameter and is_traceable_wrapper_subclass(x):
-            return self._wrapper_subclass(x, path)
+        if cls is not _Tensor and cls is not _Parameter:
+            if is_traceable_wrapper_subclass(x):
+                return self._wrapper_subclass(x, path)
+            if _is_sharded_tensor(x):
+                return self._sharded_tensor(x, path)
         layout = x.layout
         if layout is not torch.strided:
             return self._sparse(x, path, layout)
@@ -589,6 +593,39 @@ class _Walker:
         self._remember(x, y)
         return y
 
+    def _sharded_tensor(self, x: torch.Tensor, path: Path) -> torch.Tensor:
+        """A ShardedTensor: stage its local shards, rebuild it around them (no collective).
+
+        Its metadata (global size, every shard's offsets, sizes and placement) is deep-copied;
+        its process group is shared, like a DTensor's device mesh.
+        """
+        import copy
+
+        from torch.distributed._shard.sharded_tensor.api import ShardedTensor
+        from torch.distributed._shard.sharded_tensor.shard import Shard
+
+        sharded: Any = x
+        shards = [
+            Shard(
+                self._tensor_leaf(shard.tensor, (*path, Attr("local_shards"), i)),
+                copy.deepcopy(shard.metadata),
+            )
+            for i, shard in enumerate(sharded.local_shards())
+        ]
+        try:
+            y: torch.Tensor = ShardedTensor._init_from_local_shards_and_global_metadata(
+                shards,
+                copy.deepcopy(sharded.metadata()),
+                process_group=sharded._process_group,
+                init_rrefs=False,
+            )
+        except Exception as error:
+            raise UnstageableError(
+                f"cannot rebuild a ShardedTensor around staged shards: {error}", path
+            ) from error
+        self._remember(x, y)
+        return y
+
     def _sparse(self, x: torch.Tensor, path: Path, layout: torch.layout) -> torch.Tensor:
         if layout is torch.sparse_coo:
             indices = self._tensor_leaf(x._indices(), (*path, Attr("indices")))
@@ -614,3 +651,9 @@ class _Walker:
             raise UnstageableError(f"tensors with layout {layout} are not supported", path)
         self._remember(x, y)
         return y
+
+
+def _is_sharded_tensor(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a (deprecated) ShardedTensor; never imports torch.distributed itself."""
+    module = sys.modules.get("torch.distributed._shard.sharded_tensor.api")
+    return module is not None and isinstance(x, module.ShardedTensor)

@@ -219,6 +219,41 @@ def check_dtensor_staging(rank: int, world: int) -> None:
     asyncio.run(run())
 
 
+def check_sharded_tensor_staging(rank: int, world: int) -> None:
+    from torch.distributed._shard.metadata import ShardMetadata
+    from torch.distributed._shard.sharded_tensor import (
+        Shard,
+        ShardedTensor,
+        init_from_local_shards,
+    )
+
+    local = torch.arange(8.0).reshape(2, 4) + 10 * rank
+    meta = ShardMetadata([2 * rank, 0], [2, 4], f"rank:{rank}/cpu")
+    source = init_from_local_shards([Shard(local, meta)], [2 * world, 4])
+    sd = {"st": source, "other": torch.ones(2)}
+
+    def verify(staged: Any) -> None:
+        copy = staged["st"]
+        assert type(copy) is ShardedTensor
+        assert copy.metadata() == source.metadata() and copy.size() == (2 * world, 4)
+        (shard,) = copy.local_shards()
+        assert shard.metadata == meta
+        assert shard.tensor.device.type == "cpu" and torch.equal(shard.tensor, local)
+        assert shard.tensor.data_ptr() != local.data_ptr()
+        local.add_(1)
+        assert not torch.equal(shard.tensor, local)
+        local.sub_(1)
+
+    with astage.SyncStager(pin_memory=False) as sync:
+        verify(sync.stage(sd))
+
+    async def run() -> None:
+        async with astage.Stager(pin_memory=False) as stager:
+            verify(await stager.stage(sd))
+
+    asyncio.run(run())
+
+
 def check_dcp(rank: int, world: int, tmp: str) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.tensor import DTensor, Shard
@@ -324,6 +359,7 @@ def main() -> None:
         record("persist", lambda: asyncio.run(check_persist(rank, world, out)))
         record("persist_failure", lambda: asyncio.run(check_persist_failure(rank, world, out)))
         record("dtensor_staging", lambda: check_dtensor_staging(rank, world))
+        record("sharded_tensor_staging", lambda: check_sharded_tensor_staging(rank, world))
         record("dcp", lambda: check_dcp(rank, world, out))
         # Last: a timeout closes the gloo connection between the pair, so no barrier after it.
         record("timeout", lambda: asyncio.run(check_timeout(rank, world, out)), barrier=False)

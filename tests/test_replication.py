@@ -115,6 +115,10 @@ def test_dtensor_staging_with_stager_and_sync_stager(jobs: dict[str, Job]) -> No
     check(jobs["main"], "dtensor_staging")
 
 
+def test_sharded_tensor_staging_with_stager_and_sync_stager(jobs: dict[str, Job]) -> None:
+    check(jobs["main"], "sharded_tensor_staging")
+
+
 def test_dcp_async_save_with_compat_default_stager_under_gloo(jobs: dict[str, Job]) -> None:
     check(jobs["main"], "dcp")
 
