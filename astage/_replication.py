@@ -378,6 +378,13 @@ class ReplicationStager:
                 "(call torch.distributed.init_process_group first, e.g. under torchrun)"
             )
         self._group = process_group if process_group is not None else dist.group.WORLD
+        backend = str(dist.get_backend(self._group))
+        if backend == "nccl":
+            raise ReplicationError(
+                "ReplicationStager sends the staged snapshot from host memory, which NCCL "
+                "cannot move: pass a gloo group, e.g. "
+                "process_group=torch.distributed.new_group(backend='gloo')"
+            )
         self.rank: int = dist.get_rank(self._group)
         self.world_size: int = dist.get_world_size(self._group)
         self.send_to, self.receive_from = pairing(self.rank, self.world_size, partner)
