@@ -15,6 +15,9 @@ from .record import ScenarioResult
 from .scenarios import SCENARIOS, Config, Data
 from .timing import LoopRunner, prefault
 
+OWN_PAGE = ("writers",)
+"""Scenarios left out of a full run: their figures live on a page of their own."""
+
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -31,7 +34,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         action="append",
         choices=sorted(SCENARIOS),
         metavar="NAME",
-        help=f"run only this scenario (repeatable): {', '.join(SCENARIOS)}",
+        help=f"run only this scenario (repeatable): {', '.join(SCENARIOS)}; without it, all "
+        f"but {', '.join(OWN_PAGE)}, which have their own page (--only writers writes "
+        "docs/benchmarks-writers.md)",
     )
     parser.add_argument("--out", help="markdown report (default docs/benchmarks.md)")
     parser.add_argument("--json", help="raw figures (default benchmarks/results/latest.json)")
@@ -68,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     config = Config.smoke() if args.quick else Config()
     if args.repeats:
         config = Config(**{**config.__dict__, "repeats": args.repeats})
-    names = args.only or list(SCENARIOS)
+    names = args.only or [name for name in SCENARIOS if name not in OWN_PAGE]
     machine = describe_machine(argv)
     cores, cpu = machine["cores"], machine["cpu"]
     log(f"astage benchmarks on {cpu}, {cores} cores, torch {torch.__version__}")
@@ -111,7 +116,19 @@ def main(argv: list[str] | None = None) -> int:
         if names == ["writers"]
         else report.TITLE
     )
-    markdown = report.render_markdown(machine, results, images, total, title=title)
+    see_also = (
+        "The staging benchmarks are in [benchmarks.md](benchmarks.md); the writer and its file "
+        "format are described in [writers.md](writers.md). A full run (`python -m benchmarks`) "
+        "leaves this scenario out; `--only writers` writes this page."
+        if names == ["writers"]
+        else "The checkpoint writers (`astage.save` vs `dcp.async_save` and `torch.save`, "
+        "time to a durable file) have a page of their own, "
+        "[benchmarks-writers.md](benchmarks-writers.md), from "
+        "`python -m benchmarks --only writers`."
+    )
+    markdown = report.render_markdown(
+        machine, results, images, total, title=title, see_also=see_also
+    )
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as out:
         out.write(markdown)

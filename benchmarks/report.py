@@ -61,6 +61,7 @@ def render_markdown(
     total_seconds: float,
     *,
     title: str = TITLE,
+    see_also: str | None = None,
 ) -> str:
     out: list[str] = []
     out.append(f"# {title}\n")
@@ -70,6 +71,8 @@ def render_markdown(
         "state dicts. Ratios are oriented so that higher is better for astage: a speed-up over "
         "DCP, a fraction of the bandwidth ceiling, or DCP's lag divided by astage's.\n"
     )
+    if see_also:
+        out.append(see_also + "\n")
     gpu = machine.get("gpu") or "none (CUDA not available)"
     ram = machine.get("ram_gib")
     header = [
