@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=256, help="MiB per rank")
     parser.add_argument("--tensors", type=int, default=16, help="tensors per rank")
-    parser.add_argument("--rounds", type=int, default=7, help="timed calls per contender")
+    parser.add_argument("--rounds", type=int, default=9, help="timed calls per contender")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per contender")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)
@@ -175,6 +175,7 @@ def main(argv: list[str] | None = None) -> None:
             with open(args.out, "w", encoding="utf-8") as file:
                 json.dump(result, file)
         return
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         init = f"file://{os.path.join(tmp, 'init')}"
         out = os.path.join(tmp, "result.json")
@@ -195,6 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     from .machine import describe_machine
 
     machine = describe_machine(sys.argv[1:])
+    # 1-minute load averages (this job's own two ranks add up to about 2 of it)
+    machine["loadavg_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
     machine["command"] = "python -m benchmarks.replication" + "".join(f" {a}" for a in sys.argv[1:])
     print(_report(result, args))
     if args.json:

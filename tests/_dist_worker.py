@@ -131,6 +131,13 @@ async def check_dtensor(rank: int, world: int, stager: astage.ReplicationStager)
     assert torch.equal(replica["plain"], torch.tensor([partner]))
 
 
+async def check_explicit_partner(rank: int, world: int) -> None:
+    partner = rank ^ 1  # 0<->1, 2<->3: not the default half-world pairing when world > 2
+    async with astage.ReplicationStager(partner=partner, timeout=30) as stager:
+        assert (stager.send_to, stager.receive_from) == (partner, partner)
+        same(await stager.stage(plain_sd(rank)), plain_sd(partner))
+
+
 async def check_persist(rank: int, world: int, tmp: str) -> None:
     from torch.distributed.tensor import DTensor
 
@@ -355,6 +362,8 @@ def main() -> None:
     record("plain", lambda: asyncio.run(with_stager(check_plain)))
     record("nested", lambda: asyncio.run(with_stager(check_nested)))
     record("dtensor", lambda: asyncio.run(with_stager(check_dtensor)))
+    if world % 2 == 0:
+        record("explicit_partner", lambda: asyncio.run(check_explicit_partner(rank, world)))
     if job == "main":
         record("persist", lambda: asyncio.run(check_persist(rank, world, out)))
         record("persist_failure", lambda: asyncio.run(check_persist_failure(rank, world, out)))

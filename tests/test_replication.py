@@ -103,6 +103,11 @@ def test_replication(jobs: dict[str, Job], job_name: str, name: str) -> None:
     check(jobs[job_name], name)
 
 
+@pytest.mark.parametrize("job_name", ["main", "basic4"])
+def test_explicit_symmetric_partner(jobs: dict[str, Job], job_name: str) -> None:
+    check(jobs[job_name], "explicit_partner")
+
+
 def test_persisted_replica_loads_back(jobs: dict[str, Job]) -> None:
     check(jobs["main"], "persist")
 
