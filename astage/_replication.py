@@ -26,7 +26,8 @@ A DTensor is sent as its local shard plus its spec; the receiver rebuilds a DTen
 partner's shard, on this rank's own mesh object when an equal mesh occurs in its own state
 dict (the usual SPMD case), otherwise on a mesh rebuilt from the sent description. Anything
 else (dataclasses, custom objects, ShardedTensor) is refused with a :class:`ReplicationError`
-naming its path.
+naming its path; the header announces the refusal, so the partner raises at once too and the
+pair stays in step.
 
 **Timeouts.** The exchange runs in a worker thread (torch.distributed calls block), and each
 wait has a deadline: a partner that does not take part within ``timeout`` raises
@@ -498,31 +499,53 @@ class ReplicationStager:
     def _exchange(self, staged: Any) -> Any:
         started = time.monotonic()
         deadline = started + self.timeout
-        encoded = encode(staged)
-        text = json.dumps(encoded.header, separators=(",", ":")).encode()
-        sizes = encoded.header["storages"]
+        # A snapshot this rank cannot send is announced in the header (total bytes -1), so
+        # the partner raises at once instead of timing out, and the pair stays in step.
+        refused: ReplicationError | None = None
+        try:
+            encoded = encode(staged)
+            text = json.dumps(encoded.header, separators=(",", ":")).encode()
+            sizes: list[int] = encoded.header["storages"]
+            total = sum(sizes)
+        except ReplicationError as error:
+            refused = error
+            encoded = _Encoded({}, [])
+            text = json.dumps({"refused": str(error)}).encode()
+            sizes, total = [], -1
         # 1. sizes
-        mine = torch.tensor([len(text), sum(sizes)], dtype=torch.int64)
+        mine = torch.tensor([len(text), total], dtype=torch.int64)
         theirs = torch.zeros(2, dtype=torch.int64)
         self._swap([mine], [theirs], deadline, "the header-size exchange", 0)
         # 2. header
         out = torch.frombuffer(bytearray(text), dtype=torch.uint8)
         into = torch.empty(int(theirs[0]), dtype=torch.uint8)
         self._swap([out], [into], deadline, "the header exchange", 1)
+        their_total = int(theirs[1])
         try:
             header = json.loads(into.numpy().tobytes())
-            if header["version"] != WIRE_VERSION:
-                raise ValueError(f"wire version {header['version']}")
-            their_sizes = [int(n) for n in header["storages"]]
+            if their_total >= 0:
+                if header["version"] != WIRE_VERSION:
+                    raise ValueError(f"wire version {header['version']}")
+                their_sizes = [int(n) for n in header["storages"]]
+            else:
+                their_sizes = []
         except (ValueError, KeyError, TypeError) as error:
-            raise ReplicationError(
+            self._broken = (
                 f"{self._where()}: unreadable header from rank {self.receive_from}: {error}"
-            ) from error
-        # 3. bytes
-        send = self._pack(encoded.storages, sizes)
+            )
+            raise ReplicationError(self._broken) from error
+        # 3. bytes (each side sends unless it refused, receives unless its sender refused)
+        send = self._pack(encoded.storages, sizes) if refused is None else []
         recv_storages = self._receive_buffers(their_sizes)
         recv_messages, unpack = self._unpack_plan(recv_storages, their_sizes)
         self._swap(send, recv_messages, deadline, "the tensor exchange", 2)
+        if refused is not None:
+            raise refused
+        if their_total < 0:
+            raise ReplicationError(
+                f"{self._where()}: rank {self.receive_from} could not send its snapshot: "
+                f"{header.get('refused')}"
+            )
         unpack()
         self.last_seconds = time.monotonic() - started
         meshes = _resolve_meshes(header["meshes"], encoded.meshes)

@@ -138,6 +138,28 @@ async def check_explicit_partner(rank: int, world: int) -> None:
         same(await stager.stage(plain_sd(rank)), plain_sd(partner))
 
 
+async def check_refusal(rank: int, world: int, stager: astage.ReplicationStager) -> None:
+    """Rank 0 holds an object the wire does not carry: both ranks raise, then go on in step."""
+    sd: dict[str, Any] = plain_sd(rank)
+    if rank == 0:
+        sd["opaque"] = object()
+    started = time.monotonic()
+    if rank == 0 or stager.receive_from == 0:
+        try:
+            await stager.stage(sd)
+        except astage.ReplicationError as error:
+            text = str(error)
+            assert "['opaque']" in text, text
+            if rank != 0:
+                assert "rank 0 could not send its snapshot" in text, text
+        else:
+            raise AssertionError("no error")
+    else:  # ranks that do not receive from rank 0 get their replica as usual
+        same(await stager.stage(sd), plain_sd(stager.receive_from))
+    assert time.monotonic() - started < 10  # not a timeout
+    same(await stager.stage(plain_sd(rank)), plain_sd(stager.receive_from))
+
+
 async def check_persist(rank: int, world: int, tmp: str) -> None:
     from torch.distributed.tensor import DTensor
 
@@ -362,6 +384,7 @@ def main() -> None:
     record("plain", lambda: asyncio.run(with_stager(check_plain)))
     record("nested", lambda: asyncio.run(with_stager(check_nested)))
     record("dtensor", lambda: asyncio.run(with_stager(check_dtensor)))
+    record("refusal", lambda: asyncio.run(with_stager(check_refusal)))
     if world % 2 == 0:
         record("explicit_partner", lambda: asyncio.run(check_explicit_partner(rank, world)))
     if job == "main":

@@ -103,6 +103,13 @@ def test_replication(jobs: dict[str, Job], job_name: str, name: str) -> None:
     check(jobs[job_name], name)
 
 
+@pytest.mark.parametrize("job_name", list(JOBS))
+def test_unsendable_object_fails_both_sides_at_once_and_keeps_them_in_step(
+    jobs: dict[str, Job], job_name: str
+) -> None:
+    check(jobs[job_name], "refusal")
+
+
 @pytest.mark.parametrize("job_name", ["main", "basic4"])
 def test_explicit_symmetric_partner(jobs: dict[str, Job], job_name: str) -> None:
     check(jobs[job_name], "explicit_partner")
