@@ -423,21 +423,29 @@ class ReplicationStager:
                 raise ReplicationError(self._broken)
             staged = await self._stager.stage(state_dict)
             loop = asyncio.get_running_loop()
-            future = loop.run_in_executor(self._executor, self._exchange, staged)
+            events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+            notify = None
+            if self.storage_dir is not None:
+
+                def notify(kind: str, value: Any) -> None:
+                    loop.call_soon_threadsafe(events.put_nowait, (kind, value))
+
+            future = loop.run_in_executor(self._executor, self._exchange, staged, notify)
+            future.add_done_callback(lambda _: events.put_nowait(("end", None)))
             try:
-                replica = await asyncio.shield(future)
+                if self.storage_dir is not None:
+                    await self._persist(events, future)
+                return await asyncio.shield(future)
             except asyncio.CancelledError:
-                self._broken = (
-                    f"rank {self.rank}: an exchange with rank {self.send_to} was cancelled "
-                    "midway; the pair is out of step (make a new process group and stager)"
-                )
+                if not future.done():
+                    self._broken = (
+                        f"rank {self.rank}: an exchange with rank {self.send_to} was cancelled "
+                        "midway; the pair is out of step (make a new process group and stager)"
+                    )
                 raise
             except ReplicationTimeoutError as error:
                 self._broken = f"{error} (a receive is still posted: this stager is unusable)"
                 raise
-            if self.storage_dir is not None:
-                await self._persist(replica)
-            return replica
 
     # -- the exchange (worker thread) ------------------------------------------------------
 
@@ -496,7 +504,14 @@ class ReplicationStager:
         ]
         self._wait([w for w in works if w is not None], deadline, doing)
 
-    def _exchange(self, staged: Any) -> Any:
+    def _exchange(self, staged: Any, notify: Callable[[str, Any], None] | None = None) -> Any:
+        """The whole exchange, in the worker thread; returns the replica.
+
+        With ``notify``, it reports ``("replica", (replica, buffers))`` as soon as the header
+        is read (the tensors are views on buffers still being filled), then
+        ``("landed", storage_indices)`` as each message's bytes are in place: the file writer
+        runs while the bytes are still arriving.
+        """
         started = time.monotonic()
         deadline = started + self.timeout
         # A snapshot this rank cannot send is announced in the header (total bytes -1), so
@@ -537,8 +552,39 @@ class ReplicationStager:
         # 3. bytes (each side sends unless it refused, receives unless its sender refused)
         send = self._pack(encoded.storages, sizes) if refused is None else []
         recv_storages = self._receive_buffers(their_sizes)
-        recv_messages, unpack = self._unpack_plan(recv_storages, their_sizes)
-        self._swap(send, recv_messages, deadline, "the tensor exchange", 2)
+        plan = self._unpack_plan(recv_storages, their_sizes)
+        group, dst, src = self._group, self.send_to, self.receive_from
+        send_works = [
+            dist.isend(tensor, group=group, group_dst=dst, tag=2 + i)
+            for i, tensor in enumerate(send)
+        ]
+        recv_works = [
+            dist.irecv(message, group=group, group_src=src, tag=2 + i)
+            for i, (message, _, _) in enumerate(plan)
+        ]
+        replica = None
+        if refused is None and their_total >= 0:
+            try:
+                meshes = _resolve_meshes(header["meshes"], encoded.meshes)
+                replica = _Decoder(recv_storages, meshes, src).decode(header["skeleton"])
+            except Exception as error:
+                # the receives are posted: the pair cannot be brought back in step
+                self._broken = (
+                    f"{self._where()}: cannot rebuild the snapshot of rank {src}: {error}"
+                )
+                raise ReplicationError(self._broken) from error
+            if notify is not None:
+                notify("replica", (replica, recv_storages))
+        for work, (message, indices, packed) in zip(recv_works, plan, strict=True):
+            self._wait([work], deadline, "the tensor exchange")
+            if packed:
+                offset = 0
+                for i in indices:
+                    recv_storages[i].copy_(message[offset : offset + their_sizes[i]])
+                    offset += their_sizes[i]
+            if notify is not None and replica is not None:
+                notify("landed", indices)
+        self._wait([w for w in send_works if w is not None], deadline, "the tensor exchange")
         if refused is not None:
             raise refused
         if their_total < 0:
@@ -546,10 +592,8 @@ class ReplicationStager:
                 f"{self._where()}: rank {self.receive_from} could not send its snapshot: "
                 f"{header.get('refused')}"
             )
-        unpack()
         self.last_seconds = time.monotonic() - started
-        meshes = _resolve_meshes(header["meshes"], encoded.meshes)
-        return _Decoder(recv_storages, meshes, self.receive_from).decode(header["skeleton"])
+        return replica
 
     def _pack(self, storages: list[torch.Tensor], sizes: list[int]) -> list[torch.Tensor]:
         messages = []
@@ -588,49 +632,82 @@ class ReplicationStager:
 
     def _unpack_plan(
         self, storages: list[torch.Tensor], sizes: list[int]
-    ) -> tuple[list[torch.Tensor], Callable[[], None]]:
-        messages: list[torch.Tensor] = []
-        packed: list[tuple[torch.Tensor, list[int]]] = []
+    ) -> list[tuple[torch.Tensor, list[int], bool]]:
+        """``(message buffer, storage indices, packed)`` per message, in sending order."""
+        plan: list[tuple[torch.Tensor, list[int], bool]] = []
         for group in buckets(sizes):
             if len(group) == 1 and sizes[group[0]] >= BUCKET_BYTES:
-                messages.append(storages[group[0]])
-                continue
-            bucket = torch.empty(sum(sizes[i] for i in group), dtype=torch.uint8)
-            messages.append(bucket)
-            packed.append((bucket, group))
-
-        def unpack() -> None:
-            for bucket, group in packed:
-                offset = 0
-                for i in group:
-                    storages[i].copy_(bucket[offset : offset + sizes[i]])
-                    offset += sizes[i]
-
-        return messages, unpack
+                plan.append((storages[group[0]], group, False))
+            else:
+                bucket = torch.empty(sum(sizes[i] for i in group), dtype=torch.uint8)
+                plan.append((bucket, group, True))
+        return plan
 
     # -- persistence -------------------------------------------------------------------------
 
-    async def _persist(self, replica: Any) -> None:
+    async def _persist(self, events: asyncio.Queue[tuple[str, Any]], exchange: Any) -> None:
+        """Write the replica as its bytes arrive; commit once the exchange has succeeded.
+
+        The exchange's own errors propagate as they are (after the writer aborted); a failure
+        of the file raises :class:`ReplicationError` naming both ranks and the file, once the
+        exchange is over (the pair stays in step).
+        """
         path = self.replica_path
         assert path is not None
+        writer: SafetensorsWriter | None = None
+        failure: BaseException | None = None
+        by_storage: dict[int, list[tuple[Path, torch.Tensor]]] = {}
+        try:
+            while True:
+                kind, value = await events.get()
+                if kind == "end":
+                    break
+                if failure is not None:
+                    continue  # drain the events until the exchange is over
+                try:
+                    if kind == "replica":
+                        replica, storages = value
+                        writer, by_storage = await self._begin_file(path, replica, storages)
+                    elif writer is not None:
+                        for index in value:
+                            for where, tensor in by_storage.pop(index, ()):
+                                await writer.write(where, tensor)
+                except Exception as error:  # noqa: BLE001 - raised after the exchange
+                    failure = error
+            exchange.result()  # the exchange's error, if any, wins
+            if failure is None and writer is not None:
+                try:
+                    await writer.commit()
+                except Exception as error:  # noqa: BLE001 - raised below, named
+                    failure = error
+            if failure is not None:
+                raise ReplicationError(
+                    f"rank {self.rank}: persisting the replica from partner rank "
+                    f"{self.receive_from} to {path} failed: {failure}"
+                ) from failure
+        except BaseException:
+            if writer is not None:
+                await writer.abort()
+            raise
+
+    async def _begin_file(
+        self, path: str, replica: Any, storages: list[torch.Tensor]
+    ) -> tuple[SafetensorsWriter, dict[int, list[tuple[Path, torch.Tensor]]]]:
         tensors: list[tuple[Path, torch.Tensor]] = []
         dtensors: dict[str, Any] = {}
         plain = _plain(replica, (), tensors, dtensors)
         info = {"rank": self.rank, "partner": self.receive_from, "dtensors": dtensors}
         writer = SafetensorsWriter(path, metadata={"astage.replica": json.dumps(info)})
-        try:
-            await writer.begin(plain)
-            for where, tensor in tensors:
-                await writer.write(where, tensor)
-            await writer.commit()
-        except BaseException as error:
-            await writer.abort()
-            if not isinstance(error, Exception):
-                raise
-            raise ReplicationError(
-                f"rank {self.rank}: persisting the replica from partner rank "
-                f"{self.receive_from} to {path} failed: {error}"
-            ) from error
+        await writer.begin(plain)
+        index = {storage.untyped_storage().data_ptr(): i for i, storage in enumerate(storages)}
+        by_storage: dict[int, list[tuple[Path, torch.Tensor]]] = {}
+        for where, tensor in tensors:
+            ptr = tensor.untyped_storage().data_ptr()
+            if tensor.untyped_storage().nbytes() == 0 or ptr not in index:
+                await writer.write(where, tensor)  # no bytes to wait for
+            else:
+                by_storage.setdefault(index[ptr], []).append((where, tensor))
+        return writer, by_storage
 
     # -- closing -----------------------------------------------------------------------------
 

@@ -165,7 +165,7 @@ async def check_persist(rank: int, world: int, tmp: str) -> None:
 
     folder = os.path.join(tmp, "replicas")
     async with astage.ReplicationStager(storage_dir=folder, timeout=30) as stager:
-        sd = nested_sd(rank, big=False)
+        sd = nested_sd(rank, big=True)  # a storage that travels alone, and buckets
         sd["dt"] = dtensor_sd(rank, world)["sharded"]
         replica = await stager.stage(sd)
         path = stager.replica_path
