@@ -168,6 +168,9 @@ class Run:
             done = pending.popleft()
             self.pending_bytes -= done.batch.nbytes
             self.landed = max(self.landed, done.batch.end)
+            # A pool thread may still hold the finished work item for a moment: drop the
+            # batch's tensors now, so the sources die when the caller lets go of them.
+            done.batch.clear()
 
     @property
     def finished(self) -> bool:

@@ -44,6 +44,12 @@ class Batch:
         self.end = end
         """Copies ``[0, end)`` of the plan are complete once this batch and all before it are."""
 
+    def clear(self) -> None:
+        """Drop the tensors, once the batch's copies are known to be complete."""
+        self.srcs = []
+        self.dsts = []
+        self.buffers = []
+
 
 def make_batches(copies: Copies, start: int, stop: int, chunk_bytes: int) -> Iterator[Batch]:
     """Split copies ``[start, stop)`` into batches of at most about ``chunk_bytes`` each.
