@@ -217,8 +217,9 @@ def _page(machine: dict[str, Any], result: dict[str, Any], args: argparse.Namesp
         "stage into cached host buffers, swap header and bytes with the partner (both "
         "directions at once, one tag per message), rebuild the replica. The next row is the "
         "exchange alone (`last_seconds`) within those same calls.",
-        "- `(+ durable file)`: the same with `storage_dir`: the replica is then written "
-        "through astage's safetensors writer (temporary file, fsync, rename, folder fsync).",
+        "- `(+ durable file)`: the same with `storage_dir`: the replica is written through "
+        "astage's safetensors writer while its bytes arrive (each message's tensors as it "
+        "lands), then committed (fsync, rename, folder fsync) once the exchange succeeded.",
         "- `DCP _ReplicationStager`: `stage(sd)`: lower rank sends first, then receives, through "
         "`PGTransport` (pickled metadata, one message per tensor), then `torch.save` + fsync + "
         "rename; it has no in-memory mode. `DCP PGTransport exchange only` is its exchange "
