@@ -311,6 +311,31 @@ def check_dcp(rank: int, world: int, tmp: str) -> None:
     assert torch.equal(loaded["sharded"].to_local(), sharded.to_local())
 
 
+async def check_cancel(rank: int, world: int, tmp: str) -> None:
+    """Rank 0 cancels a stage() whose partner is late: the loop is free at once, the stager
+    refuses further calls, and the exchange still completes in the background for rank 1."""
+    async with astage.ReplicationStager(timeout=30) as stager:
+        if rank == 0:
+            task = asyncio.create_task(stager.stage(plain_sd(rank)))
+            await asyncio.sleep(0.3)
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            else:
+                raise AssertionError("not cancelled")
+            try:
+                await stager.stage(plain_sd(rank))
+            except astage.ReplicationError as error:
+                assert "cancelled midway" in str(error), str(error)
+            else:
+                raise AssertionError("a stager whose exchange was cancelled staged again")
+        else:
+            await asyncio.sleep(1.0)  # join late
+            same(await stager.stage(plain_sd(rank)), plain_sd(stager.receive_from))
+
+
 async def check_timeout(rank: int, world: int, tmp: str) -> None:
     """Rank 0 stages; rank 1 never joins. Rank 0 must time out naming rank 1."""
     done = os.path.join(tmp, "timeout-done")
@@ -393,6 +418,7 @@ def main() -> None:
         record("dtensor_staging", lambda: check_dtensor_staging(rank, world))
         record("sharded_tensor_staging", lambda: check_sharded_tensor_staging(rank, world))
         record("dcp", lambda: check_dcp(rank, world, out))
+        record("cancel", lambda: asyncio.run(check_cancel(rank, world, out)))
         # Last: a timeout closes the gloo connection between the pair, so no barrier after it.
         record("timeout", lambda: asyncio.run(check_timeout(rank, world, out)), barrier=False)
     with open(os.path.join(out, f"rank{rank}.json"), "w") as file:

@@ -135,6 +135,12 @@ def test_dcp_async_save_with_compat_default_stager_under_gloo(jobs: dict[str, Jo
     check(jobs["main"], "dcp")
 
 
+def test_cancelled_stage_frees_the_loop_and_marks_the_stager_out_of_step(
+    jobs: dict[str, Job],
+) -> None:
+    check(jobs["main"], "cancel")
+
+
 def test_partner_that_never_joins_times_out_naming_it(jobs: dict[str, Job]) -> None:
     check(jobs["main"], "timeout")
 
