@@ -124,7 +124,11 @@ def main(argv: list[str] | None = None) -> int:
         else "The checkpoint writers (`astage.save` vs `dcp.async_save` and `torch.save`, "
         "time to a durable file) have a page of their own, "
         "[benchmarks-writers.md](benchmarks-writers.md), from "
-        "`python -m benchmarks --only writers`."
+        "`python -m benchmarks --only writers`.\n\n"
+        "Replication across ranks (`astage.ReplicationStager` vs DCP's `_ReplicationStager`, "
+        "2 gloo ranks on loopback, 256 MiB per rank) has a page of its own, "
+        "[benchmarks-replication.md](benchmarks-replication.md), from "
+        "`python -m benchmarks.replication`."
     )
     markdown = report.render_markdown(
         machine, results, images, total, title=title, see_also=see_also
