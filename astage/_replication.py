@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import os
 import time
 from collections import OrderedDict
@@ -54,10 +53,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ._errors import ReplicationError, ReplicationTimeoutError, StagerClosedError
+from ._errors import (
+    ReplicationError,
+    ReplicationTimeoutError,
+    StagerClosedError,
+    StagingError,
+)
 from ._options import StagingOptions
 from ._paths import Attr, Path, format_path
-from ._safetensors import _TORCH_DTYPES
+from ._skeleton import TORCH_DTYPES, SkeletonDecoder, SkeletonEncoder
 from ._stager import Stager
 from ._writer import SafetensorsWriter
 
@@ -65,8 +69,6 @@ WIRE_VERSION = 1
 BUCKET_BYTES = 16 << 20
 """Storages smaller than this travel packed together in buckets of about this size."""
 DEFAULT_TIMEOUT = timedelta(minutes=5)
-
-_PLAIN = (str, int, float, bool, type(None))
 
 
 def pairing(rank: int, world: int, partner: int | None = None) -> tuple[int, int]:
@@ -144,46 +146,23 @@ def _make_placement(item: list[Any]) -> Any:
     raise ReplicationError(f"unknown DTensor placement {item!r} in a replica header")
 
 
-class _Encoder:
+class _Encoder(SkeletonEncoder):
+    error = ReplicationError
+    verb = "sent"
+    refusal = (
+        "cannot replicate a {type} object: the wire carries dicts, lists, tuples, str, int, "
+        "float, bool, None, tensors and DTensors"
+    )
+
     def __init__(self) -> None:
+        super().__init__()
         self.storages: list[torch.Tensor] = []
         self.meshes: list[Any] = []
         self._mesh_index: dict[str, int] = {}
         self._storage_index: dict[int, int] = {}
-        self._active: set[int] = set()
 
-    def encode(self, x: Any, path: Path) -> Any:
-        cls = type(x)
-        if cls is float:
-            return x if math.isfinite(x) else {"float": repr(x)}
-        if cls in (str, int, bool, type(None)):
-            return x
-        if isinstance(x, torch.Tensor):
-            return self._tensor(x, path)
-        if cls in (dict, OrderedDict, list, tuple):
-            if id(x) in self._active:
-                raise ReplicationError("a container that contains itself cannot be sent", path)
-            self._active.add(id(x))
-            try:
-                if cls is list or cls is tuple:
-                    return {cls.__name__: [self.encode(v, (*path, i)) for i, v in enumerate(x)]}
-                pairs = []
-                for key, value in x.items():
-                    if type(key) not in _PLAIN:
-                        raise ReplicationError(
-                            f"a dict key of type {type(key).__qualname__} cannot be sent "
-                            "(keys must be str, int, float, bool or None)",
-                            (*path, key),
-                        )
-                    pairs.append([self.encode(key, path), self.encode(value, (*path, key))])
-                return {"odict" if cls is OrderedDict else "dict": pairs}
-            finally:
-                self._active.discard(id(x))
-        raise ReplicationError(
-            f"cannot replicate a {cls.__module__}.{cls.__qualname__} object: the wire carries "
-            "dicts, lists, tuples, str, int, float, bool, None, tensors and DTensors",
-            path,
-        )
+    def encode_tensor(self, x: torch.Tensor, path: Path) -> Any:
+        return self._tensor(x, path)
 
     def _tensor(self, x: torch.Tensor, path: Path) -> Any:
         from torch.distributed.tensor import DTensor
@@ -269,35 +248,25 @@ def buckets(sizes: list[int], bucket_bytes: int = BUCKET_BYTES) -> list[list[int
 # -- decoding: JSON header + storages -> replica -----------------------------------------------
 
 
-class _Decoder:
+class _Decoder(SkeletonDecoder):
     def __init__(self, storages: list[torch.Tensor], meshes: list[Any], source: int) -> None:
         self._storages = storages
         self._meshes = meshes
         self._source = source
 
-    def decode(self, node: Any) -> Any:
-        if not isinstance(node, dict):
-            return node
-        if len(node) == 1:
-            ((tag, value),) = node.items()
-            if tag == "float":
-                return float(value)
-            if tag == "list":
-                return [self.decode(item) for item in value]
-            if tag == "tuple":
-                return tuple(self.decode(item) for item in value)
-            if tag == "dict":
-                return {self.decode(k): self.decode(v) for k, v in value}
-            if tag == "odict":
-                return OrderedDict((self.decode(k), self.decode(v)) for k, v in value)
-            if tag == "dtensor":
-                return self._dtensor(value)
+    def decode_other(self, node: dict[str, Any]) -> Any:
+        if len(node) == 1 and "dtensor" in node:
+            return self._dtensor(node["dtensor"])
         if "storage" in node:
             return self._tensor(node)
-        raise ReplicationError(f"bad node {sorted(node)} in the header from rank {self._source}")
+        raise self.bad(node)
+
+    def bad(self, node: Any) -> StagingError:
+        shown = sorted(node) if isinstance(node, dict) else type(node).__name__
+        return ReplicationError(f"bad node {shown} in the header from rank {self._source}")
 
     def _tensor(self, node: dict[str, Any]) -> torch.Tensor:
-        dtype = _TORCH_DTYPES.get(node["dtype"])
+        dtype = TORCH_DTYPES.get(node["dtype"])
         if dtype is None:
             raise ReplicationError(f"unknown dtype {node['dtype']!r} from rank {self._source}")
         storage = self._storages[node["storage"]].untyped_storage()

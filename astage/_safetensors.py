@@ -28,19 +28,18 @@ its path: a checkpoint holds no pickle, so opening one runs no code.
 from __future__ import annotations
 
 import json
-import math
 import os
 import struct
 import sys
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ._errors import CheckpointFormatError, UnsavableError
-from ._paths import Attr, Path, format_path
+from ._errors import CheckpointFormatError, StagingError, UnsavableError
+from ._paths import Path, format_path
+from ._skeleton import TORCH_DTYPES, SkeletonDecoder, SkeletonEncoder
 
 FORMAT_VERSION = 1
 METADATA_KEY = "astage"
@@ -66,13 +65,6 @@ _DTYPE_NAMES: dict[torch.dtype, str] = {
 }
 """Dtypes stored under their own safetensors name; others are stored as bytes plus a view."""
 _DTYPES_BY_NAME = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
-_TORCH_DTYPES: dict[str, torch.dtype] = {
-    str(value).removeprefix("torch."): value
-    for value in vars(torch).values()
-    if isinstance(value, torch.dtype)
-}
-
-_PLAIN = (str, int, float, bool, type(None))
 
 if sys.byteorder != "little":  # pragma: no cover - safetensors is little-endian
     raise ImportError("astage writes safetensors files on little-endian machines only")
@@ -156,63 +148,22 @@ def plan_layout(state_dict: Any, metadata: Mapping[str, str] | None = None) -> L
     )
 
 
-class _LayoutBuilder:
+class _LayoutBuilder(SkeletonEncoder):
+    error = UnsavableError
+    verb = "saved"
+    refusal = (
+        "cannot save a {type} object: a checkpoint file holds only tensors, dicts, lists, "
+        "tuples, str, int, float, bool and None"
+    )
+
     def __init__(self) -> None:
+        super().__init__()
         self.entries: list[Entry] = []
         self.tensors = 0
         self._groups: dict[int, tuple[Entry, torch.Tensor | None]] = {}
-        self._active: set[int] = set()  # containers on the current path: a cycle is an error
-        self._plain_only = False  # inside an OrderedDict's _metadata: no tensors there
 
-    def encode(self, x: Any, path: Path) -> Any:
-        """The JSON node for ``x``: plain values as themselves, the rest as a tagged object."""
-        cls = type(x)
-        if cls is float:
-            return x if math.isfinite(x) else {"float": repr(x)}
-        if cls in (str, int, bool, type(None)):
-            return x
-        if isinstance(x, torch.Tensor):
-            if self._plain_only:
-                raise UnsavableError("an OrderedDict's _metadata cannot hold tensors", path)
-            return self._tensor(x, path)
-        if cls in (dict, OrderedDict, list, tuple):
-            if id(x) in self._active:
-                raise UnsavableError("a container that contains itself cannot be saved", path)
-            self._active.add(id(x))
-            try:
-                if cls is list or cls is tuple:
-                    items = [self.encode(value, (*path, i)) for i, value in enumerate(x)]
-                    return {cls.__name__: items}
-                pairs = []
-                for key, value in x.items():
-                    if type(key) not in _PLAIN:
-                        raise UnsavableError(
-                            f"a dict key of type {type(key).__qualname__} cannot be saved "
-                            "(keys must be str, int, float, bool or None)",
-                            (*path, key),
-                        )
-                    pairs.append([self.encode(key, path), self.encode(value, (*path, key))])
-                if cls is not OrderedDict:
-                    return {"dict": pairs}
-                node: dict[str, Any] = {"odict": pairs}
-                extra = getattr(x, "_metadata", None)
-                if extra is not None:
-                    node["_metadata"] = self._encode_plain(extra, (*path, Attr("_metadata")))
-                return node
-            finally:
-                self._active.discard(id(x))
-        raise UnsavableError(
-            f"cannot save a {cls.__module__}.{cls.__qualname__} object: a checkpoint file "
-            "holds only tensors, dicts, lists, tuples, str, int, float, bool and None",
-            path,
-        )
-
-    def _encode_plain(self, x: Any, path: Path) -> Any:
-        outer, self._plain_only = self._plain_only, True
-        try:
-            return self.encode(x, path)
-        finally:
-            self._plain_only = outer
+    def encode_tensor(self, x: torch.Tensor, path: Path) -> Any:
+        return self._tensor(x, path)
 
     def _tensor(self, x: torch.Tensor, path: Path) -> Any:
         if type(x) not in (torch.Tensor, torch.nn.Parameter):
@@ -394,35 +345,19 @@ def _read_entry(fd: int, key: str, info: Any, data_start: int, name: str) -> tor
     return tensor
 
 
-class _Decoder:
+class _Decoder(SkeletonDecoder):
     def __init__(self, stored: dict[str, torch.Tensor], name: str) -> None:
         self._stored = stored
         self._name = name
 
-    def decode(self, node: Any) -> Any:
-        if not isinstance(node, dict):
-            if isinstance(node, list):
-                raise CheckpointFormatError(f"{self._name}: bad skeleton node")
-            return node
-        if len(node) == 1:
-            ((tag, value),) = node.items()
-            if tag == "float":
-                return float(value)
-            if tag == "list":
-                return [self.decode(item) for item in value]
-            if tag == "tuple":
-                return tuple(self.decode(item) for item in value)
-            if tag == "dict":
-                return {self.decode(k): self.decode(v) for k, v in value}
-            if tag == "odict":
-                return OrderedDict((self.decode(k), self.decode(v)) for k, v in value)
-        if len(node) == 2 and "odict" in node and "_metadata" in node:
-            restored = self.decode({"odict": node["odict"]})
-            restored._metadata = self.decode(node["_metadata"])
-            return restored
+    def decode_other(self, node: dict[str, Any]) -> Any:
         if "tensor" in node:
             return self._tensor(node)
-        raise CheckpointFormatError(f"{self._name}: bad skeleton node {sorted(node)}")
+        raise self.bad(node)
+
+    def bad(self, node: Any) -> StagingError:
+        shown = sorted(node) if isinstance(node, dict) else type(node).__name__
+        return CheckpointFormatError(f"{self._name}: bad skeleton node {shown}")
 
     def _tensor(self, node: dict[str, Any]) -> torch.Tensor:
         base = self._stored.get(node["tensor"])
@@ -430,7 +365,7 @@ class _Decoder:
             raise CheckpointFormatError(f"{self._name}: no entry {node['tensor']!r}")
         if "dtype" not in node:
             return base
-        dtype = _TORCH_DTYPES.get(node["dtype"])
+        dtype = TORCH_DTYPES.get(node["dtype"])
         if dtype is None:
             raise CheckpointFormatError(f"{self._name}: unknown dtype {node['dtype']!r}")
         view = torch.empty((0,), dtype=dtype, device=base.device).set_(

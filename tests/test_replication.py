@@ -200,6 +200,17 @@ def test_encode_decode_round_trip_without_a_process_group() -> None:
     assert header["storages"] == [40, 8, 8]
 
 
+def test_module_state_dict_metadata_travels_with_the_replica() -> None:
+    # Module.state_dict() versions (read by load_state_dict) reach the partner too.
+    state = torch.nn.Linear(2, 2).state_dict()
+    encoded = encode(state)
+    header = json.loads(json.dumps(encoded.header))
+    storages = [s.clone() for s in encoded.storages]
+    replica: Any = _Decoder(storages, [], source=1).decode(header["skeleton"])
+    assert replica._metadata == state._metadata  # type: ignore[attr-defined]
+    torch.nn.Linear(2, 2).load_state_dict(replica)
+
+
 def test_encode_refuses_objects_the_wire_does_not_carry() -> None:
     class Opaque:
         pass
