@@ -251,6 +251,18 @@ def timing_table(title: str, timings: dict[str, Timings], nbytes: int, tensors: 
     return Table(title, columns, rows)
 
 
+def with_timings(result: ScenarioResult, timings: dict[str, Any], shape: Any) -> ScenarioResult:
+    """Attach the table of every contender's medians and the raw figures to ``result``."""
+    result.tables.append(
+        timing_table("All contenders (medians)", timings, shape.nbytes, shape.tensors)
+    )
+    result.figures = {
+        "shape": shape_figures(shape),
+        "timings": {name: t.figures() for name, t in timings.items()},
+    }
+    return result
+
+
 def bulk(config: Config, data: Data, runner: LoopRunner) -> ScenarioResult:
     result = ScenarioResult(
         "bulk",
@@ -275,14 +287,7 @@ def bulk(config: Config, data: Data, runner: LoopRunner) -> ScenarioResult:
             ),
             speed_check(f"{contender.name}: first call vs DCP first", t, t_dcp, "first", 2.0),
         ]
-    result.tables.append(
-        timing_table("All contenders (medians)", timings, shape.nbytes, shape.tensors)
-    )
-    result.figures = {
-        "shape": shape_figures(shape),
-        "timings": {name: t.figures() for name, t in timings.items()},
-    }
-    return result
+    return with_timings(result, timings, shape)
 
 
 def small(config: Config, data: Data, runner: LoopRunner) -> ScenarioResult:
@@ -316,14 +321,7 @@ def small(config: Config, data: Data, runner: LoopRunner) -> ScenarioResult:
             speed_check(f"{contender.name}: cached call vs DCP cached", t, t_dcp, "cached", 9.0),
             speed_check(f"{contender.name}: first call vs DCP first", t, t_dcp, "first", 3.0),
         ]
-    result.tables.append(
-        timing_table("All contenders (medians)", timings, shape.nbytes, shape.tensors)
-    )
-    result.figures = {
-        "shape": shape_figures(shape),
-        "timings": {name: t.figures() for name, t in timings.items()},
-    }
-    return result
+    return with_timings(result, timings, shape)
 
 
 def model(config: Config, data: Data, runner: LoopRunner) -> ScenarioResult:
@@ -346,14 +344,7 @@ def model(config: Config, data: Data, runner: LoopRunner) -> ScenarioResult:
             result.checks.append(
                 speed_check(f"{contender.name}: {phase} call vs DCP {phase}", t, t_dcp, phase, 0)
             )
-    result.tables.append(
-        timing_table("All contenders (medians)", timings, shape.nbytes, shape.tensors)
-    )
-    result.figures = {
-        "shape": shape_figures(shape),
-        "timings": {name: t.figures() for name, t in timings.items()},
-    }
-    return result
+    return with_timings(result, timings, shape)
 
 
 # --- event-loop lag --------------------------------------------------------------------------
