@@ -295,3 +295,22 @@ async def heartbeat(interval: float = 0.001) -> AsyncIterator[Heartbeat]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+# Every dtype a state dict may hold: the dtype tests of the stagers and of compat share it.
+DTYPES = [
+    torch.bool,
+    torch.uint8,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+    torch.complex64,
+    torch.complex128,
+]

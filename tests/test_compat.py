@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import (
+    DTYPES,
     HAS_CUDA,
     assert_staged,
     assert_tree_staged,
@@ -162,23 +163,6 @@ def test_state_dict_stager_rebuilds_dataclasses(
     assert_staged(staged["m"].exp_avg, moments.exp_avg)
     assert type(staged["f"]) is _Frozen and staged["f"].name == "head"
     assert_staged(staged["f"].weight, frozen.weight)
-
-
-DTYPES = [
-    torch.bool,
-    torch.uint8,
-    torch.int8,
-    torch.int16,
-    torch.int32,
-    torch.int64,
-    torch.float16,
-    torch.bfloat16,
-    torch.float32,
-    torch.float64,
-    torch.complex64,
-    torch.complex128,
-    *[getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, name)],
-]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import pytest
 import torch
 from conftest import (
+    DTYPES,
     Driver,
     assert_staged,
     assert_tree_staged,
@@ -32,23 +33,6 @@ from conftest import (
 import astage
 
 # -- tensors ------------------------------------------------------------------------------------
-
-DTYPES = [
-    torch.bool,
-    torch.uint8,
-    torch.int8,
-    torch.int16,
-    torch.int32,
-    torch.int64,
-    torch.float16,
-    torch.bfloat16,
-    torch.float32,
-    torch.float64,
-    torch.float8_e4m3fn,
-    torch.float8_e5m2,
-    torch.complex64,
-    torch.complex128,
-]
 
 
 def _sample(dtype: torch.dtype, *shape: int) -> torch.Tensor:
