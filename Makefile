@@ -27,7 +27,7 @@ test: lint typecheck
 	$(PY) -m pytest -q
 
 demo: $(VENV)/.dev
-	$(PY) -m astage demo
+	$(PY) -m benchmarks.demo
 
 bench: $(VENV)/.bench
 	$(PY) -m benchmarks

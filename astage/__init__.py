@@ -1,8 +1,9 @@
 """astage: asyncio-native staging of PyTorch state dicts into reusable host buffers."""
 
-from ._cache import CacheInfo
-from ._checkpoint_dir import CheckpointDir
-from ._core import StageStats
+from ._core._cache import CacheInfo
+from ._core._stats import StageStats
+from ._drivers._async import Stager
+from ._drivers._sync import SyncStager
 from ._errors import (
     BufferMismatchError,
     CheckpointFormatError,
@@ -15,14 +16,13 @@ from ._errors import (
     UnsavableError,
     UnstageableError,
 )
+from ._files._checkpoint_dir import CheckpointDir
+from ._files._safetensors import load
+from ._files._save import SaveHandle, SaveResult, save, start_save
+from ._files._writer import CheckpointWriter, SafetensorsWriter
 from ._options import StagingOptions
 from ._paths import Attr, Path, format_path
-from ._replication import ReplicationStager
-from ._safetensors import load
-from ._save import SaveHandle, SaveResult, save, start_save
-from ._stager import Stager
-from ._sync import SyncStager
-from ._writer import CheckpointWriter, SafetensorsWriter
+from ._replication._stager import ReplicationStager
 
 __version__ = "0.1.0"
 

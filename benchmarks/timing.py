@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from astage._heartbeat import LagProbe, LagSummary, LagWindow, percentile
+from benchmarks.lag import LagProbe, LagSummary, LagWindow, percentile
 
 __all__ = [
     "GcPauses",

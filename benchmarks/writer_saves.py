@@ -37,7 +37,7 @@ from torch.distributed.checkpoint import staging as dcp_staging
 from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 
 import astage
-from astage._writer import fsync_folder
+from astage._files._writer import fsync_folder
 
 from .contenders import dcp_default_options
 from .record import Check, ScenarioResult, Table, fmt_bytes, fmt_gbps, fmt_s

@@ -180,7 +180,7 @@ async def check_persist(rank: int, world: int, tmp: str) -> None:
         expected["dt"] = replica["dt"].to_local()
         same(loaded, expected)
         # the DTensor's spec is in the file's metadata
-        from astage._safetensors import read_header
+        from astage._files._safetensors import read_header
 
         fd = os.open(path, os.O_RDONLY)
         try:

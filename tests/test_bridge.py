@@ -12,7 +12,7 @@ import pytest
 import uvloop
 from conftest import heartbeat
 
-from astage._bridge import EventBridge
+from astage._drivers._bridge import EventBridge
 
 PREFIX = "astage-events"
 

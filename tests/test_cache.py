@@ -14,7 +14,7 @@ import torch
 from conftest import Driver, assert_tree_staged, collect, model_state_dict, mutate_, storage_ptr
 
 import astage
-from astage._cache import BufferCache
+from astage._core._cache import BufferCache
 
 # -- BufferCache on its own ---------------------------------------------------------------------
 

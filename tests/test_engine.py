@@ -12,9 +12,11 @@ import pytest
 import torch
 from conftest import assert_staged
 
-from astage._cache import BufferCache
-from astage._engine import MAX_BATCH_COPIES, Batch, make_batches, run_host_batch
-from astage._plan import Plan, build_plan
+from astage._core._batches import MAX_BATCH_COPIES, Batch, make_batches
+from astage._core._cache import BufferCache
+from astage._core._plan import Plan
+from astage._core._walk import build_plan
+from astage._devices._host import run_host_batch
 
 KiB = 1024
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import astage
-from astage._replication import BUCKET_BYTES, _Decoder, buckets, encode, pairing
+from astage._replication._stager import BUCKET_BYTES, _Decoder, buckets, encode, pairing
 
 WORKER = Path(__file__).with_name("_dist_worker.py")
 JOBS = {"main": 2, "basic4": 4, "ring3": 3}

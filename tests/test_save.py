@@ -16,7 +16,7 @@ import torch
 from conftest import assert_tree_staged, iter_tensors, mutate_, same_values
 
 import astage
-from astage import _stager
+from astage._drivers import _async as _stager
 
 
 def training_state(seed: int = 0) -> dict[str, Any]:

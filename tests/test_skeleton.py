@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import astage
-from astage._skeleton import TORCH_DTYPES, SkeletonDecoder, SkeletonEncoder
+from astage._files._skeleton import TORCH_DTYPES, SkeletonDecoder, SkeletonEncoder
 
 
 class _Encoder(SkeletonEncoder):

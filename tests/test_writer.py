@@ -15,7 +15,7 @@ import torch
 from conftest import same_values
 
 import astage
-from astage._safetensors import plan_layout
+from astage._files._safetensors import plan_layout
 
 
 async def write_all(writer: astage.SafetensorsWriter, state: dict[str, Any]) -> None:
@@ -94,7 +94,7 @@ async def test_large_tensors_in_chunks_and_partial_writes(
 async def test_early_writeback_covers_every_byte_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writeback: bool
 ) -> None:
-    import astage._writer as writer_module
+    import astage._files._writer as writer_module
 
     ranges: list[tuple[int, int]] = []
 

@@ -8,11 +8,11 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.staging import AsyncStager
 
-from .._cache import CacheInfo
+from .._core._cache import CacheInfo
+from .._drivers._sync import SyncStager
 from .._errors import UnstageableError
 from .._options import StagingOptions
 from .._paths import Path
-from .._sync import SyncStager
 from ._pool import SnapshotPool
 
 _DCP_VALUES = (torch.Tensor, int, float, str, bytes, io.BytesIO, type(None))

@@ -9,8 +9,8 @@ from typing import Any
 from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.staging import StagingOptions as DcpStagingOptions
 
-from .._cache import CacheInfo
-from .._core import StageStats
+from .._core._cache import CacheInfo
+from .._core._stats import StageStats
 from .._errors import StagerClosedError
 from ._options import DcpFlags
 from ._pool import SnapshotPool

@@ -17,11 +17,12 @@ import threading
 import time
 from typing import Any
 
-from .._cache import CacheInfo
-from .._core import StageStats, gc_paused
+from .._core._cache import CacheInfo
+from .._core._stats import StageStats
+from .._drivers._base import gc_paused
+from .._drivers._sync import SyncStager
 from .._errors import StagerClosedError
 from .._options import StagingOptions
-from .._sync import SyncStager
 
 GRACE_S = 0.005
 """How long a call looks for a set to come free before it allocates a new one."""

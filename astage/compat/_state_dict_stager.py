@@ -5,9 +5,9 @@ from __future__ import annotations
 from types import TracebackType
 from typing import Any
 
-from .._cache import CacheInfo
-from .._core import StageStats
-from .._sync import SyncStager
+from .._core._cache import CacheInfo
+from .._core._stats import StageStats
+from .._drivers._sync import SyncStager
 from ._options import pinning
 
 

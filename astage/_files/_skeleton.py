@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from ._errors import StagingError
-from ._paths import Attr, Path
+from .._errors import StagingError
+from .._paths import Attr, Path
 
 PLAIN_TYPES = (str, int, float, bool, type(None))
 """Values a skeleton holds as themselves (a float that is not finite is tagged)."""

@@ -53,17 +53,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ._errors import (
-    ReplicationError,
-    ReplicationTimeoutError,
-    StagerClosedError,
-    StagingError,
-)
-from ._options import StagingOptions
-from ._paths import Attr, Path, format_path
-from ._skeleton import TORCH_DTYPES, SkeletonDecoder, SkeletonEncoder
-from ._stager import Stager
-from ._writer import SafetensorsWriter
+from .._drivers._async import Stager
+from .._errors import ReplicationError, ReplicationTimeoutError, StagerClosedError, StagingError
+from .._files._skeleton import TORCH_DTYPES, SkeletonDecoder, SkeletonEncoder
+from .._files._writer import SafetensorsWriter
+from .._options import StagingOptions
+from .._paths import Attr, Path, format_path
 
 WIRE_VERSION = 1
 BUCKET_BYTES = 16 << 20

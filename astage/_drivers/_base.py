@@ -13,42 +13,19 @@ import concurrent.futures
 import contextlib
 import gc
 import time
-from collections import deque
 from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
+from .._core._batches import Batch
+from .._core._cache import BufferCache, CacheInfo
+from .._core._run import Run
+from .._core._stats import StageStats
+from .._devices._cuda import CudaStreams
+from .._errors import StagerClosedError, StagingError
+from .._options import ResolvedOptions, StagingOptions, cuda_available, make_options
 from ._bridge import EventBridge
-from ._cache import BufferCache, CacheInfo
-from ._engine import MAX_BATCH_COPIES, Batch, CudaStreams, make_batches
-from ._errors import StagerClosedError, StagingError
-from ._options import ResolvedOptions, StagingOptions, cuda_available, make_options
-from ._plan import Leaf, Plan, build_plan
-
-
-class StageStats(NamedTuple):
-    """Figures of one completed stage() call."""
-
-    tensors: int
-    """Tensors reached from the containers (a tensor at two paths counts twice)."""
-    storages: int
-    """Distinct source storages copied (shared storages are copied once)."""
-    nbytes: int
-    """Bytes copied."""
-    new_nbytes: int
-    """Bytes of host buffers allocated by this call; 0 when every buffer came from the cache."""
-    seconds: float
-    """Wall time of the call."""
-
-    @property
-    def reused_fraction(self) -> float:
-        """Share of the copied bytes that went into cached buffers."""
-        return 1.0 - self.new_nbytes / self.nbytes if self.nbytes else 1.0
-
-    @property
-    def gb_per_s(self) -> float:
-        return self.nbytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
 
 
 class Pending:
@@ -96,102 +73,6 @@ class Pending:
         if self.event is not None:
             self.event.synchronize()
             self.event = None
-
-
-class Run:
-    """One stage() call in progress: its walk, the batches cut from it, the work in flight."""
-
-    def __init__(self, base: StagerBase, state_dict: Any, *, track_leaves: bool) -> None:
-        self.plan = Plan(track_leaves=track_leaves)
-        self.walk = build_plan(base.cache, state_dict, self.plan)
-        self.started = time.perf_counter()
-        self.pending: deque[Pending] = deque()
-        self.pending_bytes = 0
-        self.landed = 0  # copies [0, landed) have landed in their host buffers
-        self.devices: set[torch.device] = set()  # CUDA devices ordered after their producer
-        self._chunk = base.resolved.chunk_bytes
-        self._max_inflight = base.resolved.max_inflight_bytes
-        self._cut = 0  # copies [0, _cut) have been handed to make_batches
-        self._scanned = 0  # copies [0, _scanned) are counted in nbytes
-        self._uncut_bytes = 0
-        self._batches: Iterator[Batch] = iter(())  # cut lazily: a few at a time per turn
-        self._next: Batch | None = None
-        self.nbytes = 0
-        """Bytes of the copies found so far (all of them once the walk is done)."""
-        self._leaves: list[Leaf] | None = None
-        self._next_leaf = 0
-
-    def next_batch(self, final: bool) -> Batch | None:
-        """The next batch to start, if the in-flight budget has room for it.
-
-        While the walk still runs (``final`` false) copies are only cut into batches once a
-        full batch has gathered, so the walk does not produce a trickle of tiny tasks.
-        """
-        batch = self._peek(final)
-        if batch is None:
-            return None
-        if self.pending and self.pending_bytes + batch.nbytes > self._max_inflight:
-            return None
-        self._next = None
-        return batch
-
-    def _peek(self, final: bool) -> Batch | None:
-        if self._next is None:
-            self._next = next(self._batches, None)
-        if self._next is None:
-            self._cut_batches(final)
-            self._next = next(self._batches, None)
-        return self._next
-
-    def _cut_batches(self, final: bool) -> None:
-        copies = self.plan.copies
-        found = len(copies)
-        buffers = copies.buffers
-        for index in range(self._scanned, found):
-            self._uncut_bytes += buffers[index].nbytes
-        self._scanned = found
-        uncut = found - self._cut
-        if uncut and (final or self._uncut_bytes >= self._chunk or uncut >= MAX_BATCH_COPIES):
-            self._batches = make_batches(copies, self._cut, found, self._chunk)
-            self.nbytes += self._uncut_bytes
-            self._cut = found
-            self._uncut_bytes = 0
-
-    def start(self, pending: Pending) -> None:
-        self.pending.append(pending)
-        self.pending_bytes += pending.batch.nbytes
-
-    def reap(self) -> None:
-        """Retire the batches that completed, in order; raises a copy's error."""
-        pending = self.pending
-        while pending and pending[0].done():
-            done = pending.popleft()
-            self.pending_bytes -= done.batch.nbytes
-            self.landed = max(self.landed, done.batch.end)
-            # A pool thread may still hold the finished work item for a moment: drop the
-            # batch's tensors now, so the sources die when the caller lets go of them.
-            done.batch.clear()
-
-    @property
-    def finished(self) -> bool:
-        return self.plan.done and not self.pending and self._peek(final=True) is None
-
-    def landed_leaves(self) -> list[Leaf]:
-        """Tensors whose copies have all landed and that were not handed out yet."""
-        if self._leaves is None:
-            self._leaves = sorted(self.plan.leaves, key=_last_copy)
-        start = self._next_leaf
-        stop = start
-        leaves = self._leaves
-        landed = self.landed if not self.finished else len(self.plan.copies)
-        while stop < len(leaves) and leaves[stop].last_copy < landed:
-            stop += 1
-        self._next_leaf = stop
-        return leaves[start:stop]
-
-
-def _last_copy(leaf: Leaf) -> int:
-    return leaf.last_copy
 
 
 _NO_COPIES = Batch(torch.device("cpu"), srcs=[], dsts=[], buffers=[], nbytes=0, end=0)
@@ -250,7 +131,16 @@ class StagerBase:
             raise StagingError("clear_cache() cannot run while a stage() call is in progress")
         self.cache.clear()
 
-    def before_batch(self, run: Run, batch: Batch) -> None:
+    def new_run(self, state_dict: Any, *, track_leaves: bool) -> Run[Pending]:
+        return Run(
+            self.cache,
+            state_dict,
+            track_leaves=track_leaves,
+            chunk_bytes=self.resolved.chunk_bytes,
+            max_inflight_bytes=self.resolved.max_inflight_bytes,
+        )
+
+    def before_batch(self, run: Run[Pending], batch: Batch) -> None:
         """Order a CUDA device's staging stream after its producer, once per call and device.
 
         Runs in the caller's thread, where the producer's current stream is the right one.
@@ -274,7 +164,7 @@ class StagerBase:
         if self.closed:
             raise StagerClosedError(f"this {type(self).__name__} is closed")
 
-    def finish(self, run: Run) -> StageStats:
+    def finish(self, run: Run[Pending]) -> StageStats:
         plan = run.plan
         stats = StageStats(
             tensors=plan.tensors,

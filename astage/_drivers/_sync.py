@@ -14,9 +14,9 @@ import threading
 from types import TracebackType
 from typing import Any
 
-from ._core import Pending, Run, StagerFace, gc_paused
-from ._engine import run_host_batch
-from ._options import StagingOptions
+from .._devices._host import run_host_batch
+from .._options import StagingOptions
+from ._base import Pending, StagerFace, gc_paused
 
 
 class SyncStager(StagerFace):
@@ -36,7 +36,7 @@ class SyncStager(StagerFace):
             base.check_open()
             self._drain_outstanding()
             base.staging = True
-            run = Run(base, state_dict, track_leaves=False)
+            run = base.new_run(state_dict, track_leaves=False)
             try:
                 with gc_paused(base.resolved.pause_gc):
                     for _ in run.walk:

@@ -18,12 +18,14 @@ from typing import Any
 
 import torch
 
+from .._core._batches import Batch
+from .._core._run import Run
+from .._devices._host import run_host_batch
+from .._errors import StagingError
+from .._options import StagingOptions
+from .._paths import Path
+from ._base import Pending, StagerFace, gc_paused
 from ._bridge import EventBridge
-from ._core import Pending, Run, StagerFace, gc_paused
-from ._engine import Batch, run_host_batch
-from ._errors import StagingError
-from ._options import StagingOptions
-from ._paths import Path
 
 
 class Stager(StagerFace):
@@ -79,7 +81,7 @@ class Stager(StagerFace):
             base.check_open()
             await self._drain_outstanding()
             base.staging = True
-            run = Run(base, state_dict, track_leaves=with_leaves)
+            run = base.new_run(state_dict, track_leaves=with_leaves)
             try:
                 hold = base.resolved.max_loop_hold_s
                 walk = run.walk
@@ -122,7 +124,7 @@ class Stager(StagerFace):
         if not with_leaves:
             yield result  # outside the lock: the next call need not wait for this generator
 
-    def _dispatch(self, run: Run, *, final: bool) -> None:
+    def _dispatch(self, run: Run[Pending], *, final: bool) -> None:
         """Retire finished batches and start new ones while the in-flight budget allows.
 
         Cutting and starting batches is loop time too: a turn stops after ``max_loop_hold_s``
@@ -138,7 +140,7 @@ class Stager(StagerFace):
             if time.perf_counter() >= deadline:
                 return
 
-    def _start(self, run: Run, batch: Batch) -> Pending:
+    def _start(self, run: Run[Pending], batch: Batch) -> Pending:
         base = self._base
         base.before_batch(run, batch)
         executor = self._executor

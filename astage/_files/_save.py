@@ -24,7 +24,7 @@ import time
 from collections.abc import Awaitable, Callable, Generator, Mapping
 from typing import Any, NamedTuple
 
-from ._stager import Stager
+from .._drivers._async import Stager
 from ._writer import DEFAULT_THREADS, CheckpointWriter, SafetensorsWriter
 
 Target = str | os.PathLike[str] | CheckpointWriter

@@ -18,14 +18,15 @@ import types
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Generator
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from .._errors import UnstageableError
+from .._paths import Attr, Path
 from ._cache import BufferCache, HostBuffer
-from ._errors import UnstageableError
-from ._paths import Attr, Path
+from ._plan import Leaf, Plan
 
 Walk = Generator[None, None, Any]
 
@@ -64,63 +65,6 @@ ATOMIC_TYPES: frozenset[type] = frozenset(
         torch.memory_format,
     }
 )
-
-
-class Copies:
-    """The copies of a plan: all bytes of ``srcs[i]``'s storage into ``dsts[i]``'s.
-
-    ``srcs[i]`` and ``dsts[i]`` have the same shape and cover their whole storages: the source
-    tensor and its staged twin when the tensor spans its storage contiguously, byte views
-    otherwise. Kept as parallel lists so that a cached call adds a copy without allocating an
-    object per tensor.
-    """
-
-    __slots__ = ("buffers", "dsts", "srcs")
-
-    def __init__(self) -> None:
-        self.srcs: list[torch.Tensor] = []
-        self.dsts: list[torch.Tensor] = []
-        self.buffers: list[HostBuffer] = []
-
-    def __len__(self) -> int:
-        return len(self.srcs)
-
-    def add(self, src: torch.Tensor, dst: torch.Tensor, buffer: HostBuffer) -> int:
-        """Append a copy and return its index."""
-        index = len(self.srcs)
-        self.srcs.append(src)
-        self.dsts.append(dst)
-        self.buffers.append(buffer)
-        return index
-
-    @property
-    def nbytes(self) -> int:
-        return sum(buffer.nbytes for buffer in self.buffers)
-
-
-class Leaf(NamedTuple):
-    """A tensor reached from the containers of the state dict, and what it waits for."""
-
-    path: Path
-    tensor: torch.Tensor
-    last_copy: int
-    """Index of the last copy this tensor's values depend on; -1 when it needs none."""
-
-
-class Plan:
-    """The staged skeleton plus the copies that fill its tensors, built by :func:`build_plan`."""
-
-    def __init__(self, *, track_leaves: bool = True) -> None:
-        self.track_leaves = track_leaves
-        """Record every tensor's path and dependencies (what ``stage_iter`` needs)."""
-        self.result: Any = None
-        self.copies = Copies()
-        self.leaves: list[Leaf] = []
-        self.tensors = 0
-        """Tensors reached from the containers (a tensor at two paths counts twice)."""
-        self.new_buffers = 0
-        self.new_nbytes = 0
-        self.done = False
 
 
 def build_plan(cache: BufferCache, state_dict: Any, plan: Plan | None = None) -> Walk:

@@ -23,10 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._heartbeat import LagProbe, LagSummary
-from ._options import StagingOptions
-from ._paths import Path, format_path
-from ._stager import Stager
+from astage import Path, Stager, StagingOptions, format_path
+
+from .lag import LagProbe, LagSummary
 
 # --- the model -------------------------------------------------------------------------------
 
@@ -456,3 +455,18 @@ def _print_comparison(rows: list[Row], out: TextIO) -> None:
 def main(args: argparse.Namespace) -> int:
     options = options_from(args)
     return asyncio.run(run_demo(options, sys.stdout))
+
+
+def cli(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.demo",
+        description="Train a GPT-style model for a few steps on an event loop and stage "
+        "{'model', 'optim', 'step'} after each one with astage.Stager while a heartbeat measures "
+        "loop lag; then compare with DCP's DefaultStager on the same snapshot.",
+    )
+    add_arguments(parser)
+    return main(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

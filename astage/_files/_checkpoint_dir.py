@@ -23,10 +23,10 @@ from typing import Any
 
 import anyio.to_thread
 
-from ._errors import CheckpointFormatError, CheckpointWriteError
+from .._drivers._async import Stager
+from .._errors import CheckpointFormatError, CheckpointWriteError
 from ._safetensors import load
 from ._save import SaveHandle, SaveResult, _start
-from ._stager import Stager
 from ._writer import DEFAULT_THREADS, SafetensorsWriter, fsync_folder
 
 LATEST = "latest"

@@ -18,9 +18,9 @@ from typing import NamedTuple
 
 import torch
 
-from . import _pinning
-from ._errors import BufferMismatchError
-from ._paths import Path
+from .._devices import _pinning
+from .._errors import BufferMismatchError
+from .._paths import Path
 
 
 class CacheInfo(NamedTuple):

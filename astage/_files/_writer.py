@@ -27,8 +27,8 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch
 
-from ._errors import CheckpointWriteError, StagingError
-from ._paths import Path, format_path
+from .._errors import CheckpointWriteError, StagingError
+from .._paths import Path, format_path
 from ._safetensors import Entry, Layout, plan_layout, storage_memoryview
 
 DEFAULT_THREADS = 4

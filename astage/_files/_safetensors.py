@@ -37,8 +37,8 @@ from typing import Any
 
 import torch
 
-from ._errors import CheckpointFormatError, StagingError, UnsavableError
-from ._paths import Path, format_path
+from .._errors import CheckpointFormatError, StagingError, UnsavableError
+from .._paths import Path, format_path
 from ._skeleton import TORCH_DTYPES, SkeletonDecoder, SkeletonEncoder
 
 FORMAT_VERSION = 1

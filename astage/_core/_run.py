@@ -1,0 +1,134 @@
+"""One stage() call in progress: its walk, the batches cut from it, the work in flight.
+
+The drivers decide how to start a batch and how to wait for it; what they hand back is any
+object with the batch and a ``done()`` poll (:class:`InFlight`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterator
+from typing import Any, Generic, Protocol, TypeVar
+
+import torch
+
+from ._batches import MAX_BATCH_COPIES, Batch, make_batches
+from ._cache import BufferCache
+from ._plan import Leaf, Plan
+from ._walk import build_plan
+
+
+class InFlight(Protocol):
+    """A batch handed to a device or a thread, not yet known to be complete."""
+
+    batch: Batch
+
+    def done(self) -> bool: ...
+
+
+T = TypeVar("T", bound=InFlight)
+
+
+class Run(Generic[T]):
+    """One stage() call in progress: its walk, the batches cut from it, the work in flight."""
+
+    def __init__(
+        self,
+        cache: BufferCache,
+        state_dict: Any,
+        *,
+        track_leaves: bool,
+        chunk_bytes: int,
+        max_inflight_bytes: int,
+    ) -> None:
+        self.plan = Plan(track_leaves=track_leaves)
+        self.walk = build_plan(cache, state_dict, self.plan)
+        self.started = time.perf_counter()
+        self.pending: deque[T] = deque()
+        self.pending_bytes = 0
+        self.landed = 0  # copies [0, landed) have landed in their host buffers
+        self.devices: set[torch.device] = set()  # CUDA devices ordered after their producer
+        self._chunk = chunk_bytes
+        self._max_inflight = max_inflight_bytes
+        self._cut = 0  # copies [0, _cut) have been handed to make_batches
+        self._scanned = 0  # copies [0, _scanned) are counted in nbytes
+        self._uncut_bytes = 0
+        self._batches: Iterator[Batch] = iter(())  # cut lazily: a few at a time per turn
+        self._next: Batch | None = None
+        self.nbytes = 0
+        """Bytes of the copies found so far (all of them once the walk is done)."""
+        self._leaves: list[Leaf] | None = None
+        self._next_leaf = 0
+
+    def next_batch(self, final: bool) -> Batch | None:
+        """The next batch to start, if the in-flight budget has room for it.
+
+        While the walk still runs (``final`` false) copies are only cut into batches once a
+        full batch has gathered, so the walk does not produce a trickle of tiny tasks.
+        """
+        batch = self._peek(final)
+        if batch is None:
+            return None
+        if self.pending and self.pending_bytes + batch.nbytes > self._max_inflight:
+            return None
+        self._next = None
+        return batch
+
+    def _peek(self, final: bool) -> Batch | None:
+        if self._next is None:
+            self._next = next(self._batches, None)
+        if self._next is None:
+            self._cut_batches(final)
+            self._next = next(self._batches, None)
+        return self._next
+
+    def _cut_batches(self, final: bool) -> None:
+        copies = self.plan.copies
+        found = len(copies)
+        buffers = copies.buffers
+        for index in range(self._scanned, found):
+            self._uncut_bytes += buffers[index].nbytes
+        self._scanned = found
+        uncut = found - self._cut
+        if uncut and (final or self._uncut_bytes >= self._chunk or uncut >= MAX_BATCH_COPIES):
+            self._batches = make_batches(copies, self._cut, found, self._chunk)
+            self.nbytes += self._uncut_bytes
+            self._cut = found
+            self._uncut_bytes = 0
+
+    def start(self, pending: T) -> None:
+        self.pending.append(pending)
+        self.pending_bytes += pending.batch.nbytes
+
+    def reap(self) -> None:
+        """Retire the batches that completed, in order; raises a copy's error."""
+        pending = self.pending
+        while pending and pending[0].done():
+            done = pending.popleft()
+            self.pending_bytes -= done.batch.nbytes
+            self.landed = max(self.landed, done.batch.end)
+            # A pool thread may still hold the finished work item for a moment: drop the
+            # batch's tensors now, so the sources die when the caller lets go of them.
+            done.batch.clear()
+
+    @property
+    def finished(self) -> bool:
+        return self.plan.done and not self.pending and self._peek(final=True) is None
+
+    def landed_leaves(self) -> list[Leaf]:
+        """Tensors whose copies have all landed and that were not handed out yet."""
+        if self._leaves is None:
+            self._leaves = sorted(self.plan.leaves, key=_last_copy)
+        start = self._next_leaf
+        stop = start
+        leaves = self._leaves
+        landed = self.landed if not self.finished else len(self.plan.copies)
+        while stop < len(leaves) and leaves[stop].last_copy < landed:
+            stop += 1
+        self._next_leaf = stop
+        return leaves[start:stop]
+
+
+def _last_copy(leaf: Leaf) -> int:
+    return leaf.last_copy
