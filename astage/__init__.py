@@ -1,13 +1,18 @@
-"""astage: asyncio-native staging of PyTorch state dicts into reusable host buffers."""
+"""astage: async-native staging of PyTorch state dicts into reusable host buffers."""
 
 from ._core._cache import CacheInfo
 from ._core._stats import StageStats
 from ._drivers._async import Stager
 from ._drivers._sync import SyncStager
 from ._errors import (
+    AstageError,
     BufferMismatchError,
+    BusyError,
+    CheckpointError,
     CheckpointFormatError,
+    CheckpointNotFoundError,
     CheckpointWriteError,
+    ClosedError,
     InvalidOptionsError,
     ReplicationError,
     ReplicationTimeoutError,
@@ -15,6 +20,7 @@ from ._errors import (
     StagingError,
     UnsavableError,
     UnstageableError,
+    UsageError,
 )
 from ._files._checkpoint_dir import CheckpointDir
 from ._files._safetensors import load
@@ -27,13 +33,18 @@ from ._replication._stager import ReplicationStager
 __version__ = "0.1.0"
 
 __all__ = [
+    "AstageError",
     "Attr",
     "BufferMismatchError",
+    "BusyError",
     "CacheInfo",
     "CheckpointDir",
+    "CheckpointError",
     "CheckpointFormatError",
+    "CheckpointNotFoundError",
     "CheckpointWriteError",
     "CheckpointWriter",
+    "ClosedError",
     "InvalidOptionsError",
     "Path",
     "ReplicationError",
@@ -50,6 +61,7 @@ __all__ = [
     "SyncStager",
     "UnsavableError",
     "UnstageableError",
+    "UsageError",
     "format_path",
     "load",
     "save",

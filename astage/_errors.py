@@ -1,27 +1,42 @@
-"""Every error astage raises on purpose.
+"""Every error astage raises on purpose, under one root.
 
-StagingError                 base of them all
-├── InvalidOptionsError      bad StagingOptions (also a ValueError)
-├── StagerClosedError        the stager was closed
-├── UnstageableError         an object in the state dict cannot be staged
-├── BufferMismatchError      a cached host buffer no longer fits its source
-├── UnsavableError           an object in the state dict cannot go into a checkpoint file
-├── CheckpointWriteError     writing or committing a checkpoint file failed (disk, permission)
-├── CheckpointFormatError    a checkpoint file cannot be read back
-└── ReplicationError         exchanging a snapshot with a partner rank failed (names both ranks)
-    └── ReplicationTimeoutError   the partner rank did not take part in time (also a TimeoutError)
+AstageError                          the root: catch it to catch anything astage raises on purpose
+├── InvalidOptionsError              a bad argument or option (also a ValueError)
+├── UsageError                       the API used in a way it does not allow
+│   ├── BusyError                    a second concurrent call where only one may run
+│   └── ClosedError                  a closed object was used
+│       └── StagerClosedError        ... a closed stager
+├── StagingError                     copying a state dict into host memory failed
+│   ├── UnstageableError             an object in the state dict cannot be staged (a TypeError)
+│   └── BufferMismatchError          a cached host buffer no longer fits its source
+├── CheckpointError                  a checkpoint file cannot be written or read
+│   ├── UnsavableError               an object cannot go into a checkpoint file (a TypeError)
+│   ├── CheckpointWriteError         writing or committing a file failed (disk, permission)
+│   └── CheckpointFormatError        a file is not a checkpoint astage can read back
+│       └── CheckpointNotFoundError  ... because it is not there (a FileNotFoundError)
+└── ReplicationError                 exchanging a snapshot with a partner rank failed
+    └── ReplicationTimeoutError      the partner did not take part in time (a TimeoutError)
+
+Every error may carry ``path``, where in the state dict it happened; its message then starts
+with that path (``at ['optim']['state'][3].lock: ...``).
 """
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 from ._paths import Path, format_path
 
 __all__ = [
+    "AstageError",
     "BufferMismatchError",
+    "BusyError",
+    "CheckpointError",
     "CheckpointFormatError",
+    "CheckpointNotFoundError",
     "CheckpointWriteError",
+    "ClosedError",
     "InvalidOptionsError",
     "ReplicationError",
     "ReplicationTimeoutError",
@@ -29,11 +44,14 @@ __all__ = [
     "StagingError",
     "UnsavableError",
     "UnstageableError",
+    "UsageError",
 ]
 
 
-class StagingError(Exception):
-    """Raised when staging fails; the base class of every error astage raises on purpose."""
+class AstageError(Exception):
+    """Raised when astage fails on purpose; the root of every error astage raises."""
+
+    __module__ = "astage"
 
     def __init__(self, message: str, path: Path | None = None) -> None:
         self.path = path
@@ -46,44 +64,102 @@ class StagingError(Exception):
         return (_rebuild, (type(self), self.args[0], self.path))
 
 
-def _rebuild(cls: type[StagingError], message: str, path: Path | None) -> StagingError:
+def _rebuild(cls: type[AstageError], message: str, path: Path | None) -> AstageError:
     error = cls.__new__(cls)
     Exception.__init__(error, message)
     error.path = path
     return error
 
 
-class InvalidOptionsError(StagingError, ValueError):
-    """Raised when StagingOptions are contradictory or ask for hardware that is not there."""
+class InvalidOptionsError(AstageError, ValueError):
+    """Raised when an argument or option is invalid, contradictory, or needs absent hardware."""
+
+    __module__ = "astage"
 
 
-class StagerClosedError(StagingError):
+class UsageError(AstageError):
+    """Raised when the API is used in a way it does not allow (the base of the misuse errors)."""
+
+    __module__ = "astage"
+
+
+class BusyError(UsageError):
+    """Raised when a second call starts where only one may run at a time (other thread, loop)."""
+
+    __module__ = "astage"
+
+
+class ClosedError(UsageError):
+    """Raised when an object is used after it was closed."""
+
+    __module__ = "astage"
+
+
+class StagerClosedError(ClosedError):
     """Raised when a stager is used after close() or aclose()."""
+
+    __module__ = "astage"
+
+
+class StagingError(AstageError):
+    """Raised when copying a state dict into host memory fails."""
+
+    __module__ = "astage"
 
 
 class UnstageableError(StagingError, TypeError):
     """Raised when an object in the state dict can be neither copied nor kept as it is."""
 
+    __module__ = "astage"
+
 
 class BufferMismatchError(StagingError):
     """Raised when a source storage changed size since its host buffer was cached."""
 
+    __module__ = "astage"
 
-class UnsavableError(StagingError, TypeError):
+
+class CheckpointError(AstageError):
+    """Raised when a checkpoint file cannot be written or read (the base of the file errors)."""
+
+    __module__ = "astage"
+
+
+class UnsavableError(CheckpointError, TypeError):
     """Raised when a state dict holds an object that a checkpoint file cannot store."""
 
+    __module__ = "astage"
 
-class CheckpointWriteError(StagingError):
+
+class CheckpointWriteError(CheckpointError):
     """Raised when writing or committing a checkpoint file fails; names the file and the cause."""
 
-
-class CheckpointFormatError(StagingError):
-    """Raised when a checkpoint file is missing, truncated or not in a format astage reads."""
+    __module__ = "astage"
 
 
-class ReplicationError(StagingError):
+class CheckpointFormatError(CheckpointError):
+    """Raised when a checkpoint file is truncated, corrupt or not in a format astage reads."""
+
+    __module__ = "astage"
+
+
+class CheckpointNotFoundError(CheckpointFormatError, FileNotFoundError):
+    """Raised when a checkpoint file to read is not there."""
+
+    __module__ = "astage"
+
+    def __init__(self, message: str, path: Path | None = None) -> None:
+        super().__init__(message, path)
+        self.errno = errno.ENOENT
+
+
+class ReplicationError(AstageError):
     """Raised when a snapshot cannot be exchanged with, or persisted for, a partner rank."""
+
+    __module__ = "astage"
 
 
 class ReplicationTimeoutError(ReplicationError, TimeoutError):
     """Raised when the partner rank does not take part in an exchange before the timeout."""
+
+    __module__ = "astage"

@@ -210,7 +210,7 @@ def test_resized_source_raises_buffer_mismatch(stager: Driver) -> None:
     weight.untyped_storage().resize_(64)  # in place: same storage object, new size
     with pytest.raises(astage.BufferMismatchError) as info:
         stager.stage(source)
-    assert isinstance(info.value, astage.StagingError)
+    assert isinstance(info.value, astage.AstageError)
     assert "['model']['layer'][0]" in str(info.value)
 
 
@@ -352,7 +352,7 @@ async def test_clear_cache_is_refused_while_staging() -> None:
         source = {f"w{i}": torch.randn(1 << 16) for i in range(16)}
         task = asyncio.create_task(stager.stage(source))
         await asyncio.sleep(0)  # the call has started and holds the stager
-        with pytest.raises(astage.StagingError):
+        with pytest.raises(astage.AstageError):
             stager.clear_cache()
         await task
         stager.clear_cache()

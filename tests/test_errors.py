@@ -10,23 +10,68 @@ import pytest
 import astage
 from astage import Attr
 
+TREE: dict[type[Exception], type[Exception]] = {
+    astage.InvalidOptionsError: astage.AstageError,
+    astage.UsageError: astage.AstageError,
+    astage.BusyError: astage.UsageError,
+    astage.ClosedError: astage.UsageError,
+    astage.StagerClosedError: astage.ClosedError,
+    astage.StagingError: astage.AstageError,
+    astage.UnstageableError: astage.StagingError,
+    astage.BufferMismatchError: astage.StagingError,
+    astage.CheckpointError: astage.AstageError,
+    astage.UnsavableError: astage.CheckpointError,
+    astage.CheckpointWriteError: astage.CheckpointError,
+    astage.CheckpointFormatError: astage.CheckpointError,
+    astage.CheckpointNotFoundError: astage.CheckpointFormatError,
+    astage.ReplicationError: astage.AstageError,
+    astage.ReplicationTimeoutError: astage.ReplicationError,
+}
+
+
+@pytest.mark.parametrize(("error", "parent"), TREE.items(), ids=lambda c: c.__name__)
+def test_error_tree(error: type[Exception], parent: type[Exception]) -> None:
+    assert error.__bases__[0] is parent
+
 
 @pytest.mark.parametrize(
     ("error", "also"),
     [
         (astage.InvalidOptionsError, ValueError),
         (astage.UnstageableError, TypeError),
-        (astage.StagerClosedError, astage.StagingError),
-        (astage.BufferMismatchError, astage.StagingError),
+        (astage.UnsavableError, TypeError),
+        (astage.CheckpointNotFoundError, FileNotFoundError),
+        (astage.ReplicationTimeoutError, TimeoutError),
     ],
 )
-def test_error_tree(error: type[Exception], also: type[Exception]) -> None:
-    assert issubclass(error, astage.StagingError)
+def test_errors_are_also_builtin_kinds(error: type[Exception], also: type[Exception]) -> None:
     assert issubclass(error, also)  # lets callers catch them the usual way, too
 
 
-def test_staging_error_is_an_exception() -> None:
-    assert issubclass(astage.StagingError, Exception)
+def test_every_error_is_in_the_tree_and_documented() -> None:
+    public = {
+        obj
+        for name in astage.__all__
+        if isinstance(obj := getattr(astage, name), type) and issubclass(obj, Exception)
+    }
+    assert public == {*TREE, astage.AstageError}
+    for error in public:
+        assert error.__module__ == "astage", error
+        doc = (error.__doc__ or "").strip()
+        assert doc.startswith("Raised when ") and "\n" not in doc, error
+
+
+def test_root_is_an_exception() -> None:
+    assert issubclass(astage.AstageError, Exception)
+    assert not issubclass(astage.AstageError, (ValueError, TypeError, OSError))
+
+
+def test_not_found_carries_errno() -> None:
+    import errno
+
+    error = astage.CheckpointNotFoundError("no such checkpoint: /x")
+    assert error.errno == errno.ENOENT
+    assert str(error) == "no such checkpoint: /x"
 
 
 def test_message_without_path() -> None:
@@ -53,10 +98,12 @@ def test_root_path_is_named() -> None:
         astage.BufferMismatchError("size", ("w",)),
         astage.InvalidOptionsError("bad option"),
         astage.StagerClosedError("closed"),
+        astage.CheckpointNotFoundError("gone", ("w",)),
+        astage.BusyError("busy"),
     ],
     ids=lambda e: type(e).__name__,
 )
-def test_errors_survive_pickling(error: astage.StagingError) -> None:
+def test_errors_survive_pickling(error: astage.AstageError) -> None:
     # Errors cross process pools: type, message and path must come back unchanged.
     copy = pickle.loads(pickle.dumps(error))
     assert type(copy) is type(error)

@@ -75,7 +75,7 @@ def test_non_blocking_without_cuda_is_refused_at_construction() -> None:
         astage.Stager(opts)
     with pytest.raises(astage.InvalidOptionsError):
         astage.SyncStager(non_blocking=True)
-    with pytest.raises(astage.StagingError):
+    with pytest.raises(astage.AstageError):
         astage.Stager(non_blocking=True)
 
 

@@ -64,8 +64,8 @@ def test_errors_module_defines_errors() -> None:
 
 
 @pytest.mark.parametrize("error", _error_classes(), ids=lambda cls: cls.__name__)
-def test_every_error_is_a_staging_error(error: type[BaseException]) -> None:
-    assert issubclass(error, astage.StagingError)
+def test_every_error_is_under_the_root(error: type[BaseException]) -> None:
+    assert issubclass(error, astage.AstageError)
 
 
 @pytest.mark.parametrize("error", _error_classes(), ids=lambda cls: cls.__name__)

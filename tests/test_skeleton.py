@@ -77,9 +77,9 @@ def test_what_cannot_be_encoded_is_named_by_path() -> None:
 
 
 def test_malformed_nodes_are_refused() -> None:
-    with pytest.raises(astage.StagingError, match="bad node"):
+    with pytest.raises(astage.AstageError, match="bad node"):
         _Decoder().decode({"mystery": 1, "other": 2})
-    with pytest.raises(astage.StagingError, match="bad node"):
+    with pytest.raises(astage.AstageError, match="bad node"):
         _Decoder().decode([1, 2])
 
 

@@ -55,8 +55,8 @@ async def test_aclose_then_stage_is_refused() -> None:
     await stager.aclose()
     with pytest.raises(astage.StagerClosedError) as info:
         await stager.stage({"w": torch.randn(3)})
-    assert isinstance(info.value, astage.StagingError)
-    with pytest.raises(astage.StagingError):
+    assert isinstance(info.value, astage.AstageError)
+    with pytest.raises(astage.AstageError):
         async for _ in stager.stage_iter({"w": torch.randn(3)}):
             pass
     with pytest.raises(astage.StagerClosedError):
@@ -168,7 +168,7 @@ async def test_concurrent_calls_on_the_same_state_dict(stager: astage.Stager) ->
 async def test_stage_error_names_path_and_stager_stays_usable(stager: astage.Stager) -> None:
     source = model_state_dict()
     source["optim"]["state"][3] = {"lock": threading.Lock()}
-    with pytest.raises(astage.StagingError, match=r"\['optim'\]\['state'\]\[3\]\['lock'\]"):
+    with pytest.raises(astage.AstageError, match=r"\['optim'\]\['state'\]\[3\]\['lock'\]"):
         await stager.stage(source)
     del source["optim"]["state"][3]
     assert_tree_staged(await stager.stage(source), source)
@@ -371,7 +371,7 @@ async def test_stage_inside_own_stage_iter_is_refused_not_a_deadlock(
 ) -> None:
     # The iteration holds the stager; staging again from inside it could never proceed.
     source = big_state_dict(4, 64 * 1024)
-    with pytest.raises(astage.StagingError, match="stage_iter"):
+    with pytest.raises(astage.AstageError, match="stage_iter"):
         async for _ in stager.stage_iter(source):
             await stager.stage(source)  # same task (wait_for would run it in another one)
     # Once the abandoned iteration is finalized, the stager works again.

@@ -99,7 +99,7 @@ def test_with_statement_closes() -> None:
     with astage.SyncStager() as stager:
         assert isinstance(stager, astage.SyncStager)
         stager.stage({"w": torch.randn(2)})
-    with pytest.raises(astage.StagingError):
+    with pytest.raises(astage.AstageError):
         stager.stage({"w": torch.randn(2)})
     with pytest.raises(astage.StagerClosedError), stager:
         pass

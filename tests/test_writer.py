@@ -125,7 +125,7 @@ async def test_commit_before_every_tensor_was_written(tmp_path: Path) -> None:
     writer = astage.SafetensorsWriter(tmp_path / "c.safetensors")
     await writer.begin({"a": torch.ones(2), "b": torch.ones(2)})
     await writer.write(("a",), torch.ones(2))
-    with pytest.raises(astage.StagingError, match=r"\['b'\]"):
+    with pytest.raises(astage.AstageError, match=r"\['b'\]"):
         await writer.commit()
     await writer.abort()
     await writer.abort()  # twice is fine
@@ -136,9 +136,9 @@ async def test_commit_before_every_tensor_was_written(tmp_path: Path) -> None:
 async def test_write_checks_the_tensor(tmp_path: Path) -> None:
     writer = astage.SafetensorsWriter(tmp_path / "c.safetensors")
     await writer.begin({"a": torch.ones(2)})
-    with pytest.raises(astage.StagingError, match="no tensor at"):
+    with pytest.raises(astage.AstageError, match="no tensor at"):
         await writer.write(("zzz",), torch.ones(2))
-    with pytest.raises(astage.StagingError, match="resized"):
+    with pytest.raises(astage.AstageError, match="resized"):
         await writer.write(("a",), torch.ones(3))
     await writer.abort()
     assert os.listdir(tmp_path) == []
