@@ -29,8 +29,8 @@ class _Decoder(SkeletonDecoder):
             return torch.tensor(node["t"])
         raise self.bad(node)
 
-    def bad(self, node: Any) -> astage.StagingError:
-        return astage.StagingError(f"bad node {node!r}")
+    def bad(self, node: Any) -> astage.AstageError:
+        return astage.AstageError(f"bad node {node!r}")
 
 
 def _round_trip(value: Any) -> Any:

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from .._errors import CheckpointFormatError, StagingError, UnsavableError
+from .._errors import AstageError, CheckpointFormatError, UnsavableError
 from .._paths import Path, format_path
 from ._skeleton import TORCH_DTYPES, SkeletonDecoder, SkeletonEncoder
 
@@ -355,7 +355,7 @@ class _Decoder(SkeletonDecoder):
             return self._tensor(node)
         raise self.bad(node)
 
-    def bad(self, node: Any) -> StagingError:
+    def bad(self, node: Any) -> AstageError:
         shown = sorted(node) if isinstance(node, dict) else type(node).__name__
         return CheckpointFormatError(f"{self._name}: bad skeleton node {shown}")
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .._errors import StagingError
+from .._errors import AstageError
 from .._paths import Attr, Path
 
 PLAIN_TYPES = (str, int, float, bool, type(None))
@@ -38,12 +38,12 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 class SkeletonEncoder:
     """Encodes everything but tensors; a format's subclass encodes those.
 
-    ``error`` is the StagingError subclass raised for what cannot be encoded, ``verb`` how its
+    ``error`` is the AstageError subclass raised for what cannot be encoded, ``verb`` how its
     messages say it (``"saved"``, ``"sent"``), ``refusal`` the message for an object of another
     type (``{type}`` is replaced by its qualified name).
     """
 
-    error: type[StagingError] = StagingError
+    error: type[AstageError] = AstageError
     verb = "encoded"
     refusal = "cannot encode a {type} object"
 
@@ -130,6 +130,6 @@ class SkeletonDecoder:
         """A node that is none of the common ones (a tensor, for instance)."""
         raise self.bad(node)
 
-    def bad(self, node: Any) -> StagingError:
+    def bad(self, node: Any) -> AstageError:
         """The error for a node that cannot be decoded."""
         raise NotImplementedError

@@ -54,7 +54,12 @@ import torch
 import torch.distributed as dist
 
 from .._drivers._async import Stager
-from .._errors import ReplicationError, ReplicationTimeoutError, StagerClosedError, StagingError
+from .._errors import (
+    AstageError,
+    ReplicationError,
+    ReplicationTimeoutError,
+    StagerClosedError,
+)
 from .._files._skeleton import TORCH_DTYPES, SkeletonDecoder, SkeletonEncoder
 from .._files._writer import SafetensorsWriter
 from .._options import StagingOptions
@@ -256,7 +261,7 @@ class _Decoder(SkeletonDecoder):
             return self._tensor(node)
         raise self.bad(node)
 
-    def bad(self, node: Any) -> StagingError:
+    def bad(self, node: Any) -> AstageError:
         shown = sorted(node) if isinstance(node, dict) else type(node).__name__
         return ReplicationError(f"bad node {shown} in the header from rank {self._source}")
 
