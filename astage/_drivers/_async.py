@@ -1,190 +1,100 @@
-"""Stager: the asyncio driver of the staging core.
+"""Stager: the async face of the staging core, on anyio (asyncio, asyncio with uvloop, trio).
 
-The walk runs on the event loop in slices of at most ``max_loop_hold_s``; copies run in worker
-threads (host sources: ``torch`` drops the GIL while it copies) or on CUDA staging streams whose
-completion events are awaited through the :class:`~astage._bridge.EventBridge`. Copying starts
-while the walk is still running, and at most ``max_inflight_bytes`` are in flight at once.
+The walk runs on the event loop in slices of at most ``max_loop_hold_s``; copies run in anyio
+worker threads (host sources: ``torch`` drops the GIL while it copies; at most ``copy_threads``
+at once) or on CUDA staging streams whose completion events are awaited with
+:func:`~astage._drivers._events.wait_for_event`. Copying starts while the walk is still running,
+and at most ``max_inflight_bytes`` are in flight at once.
+
+Each call owns its copies: they are tasks of the call's task group, so a call returns or
+raises, cancelled or not, only once every copy it started has landed, and nothing writes into
+the buffers afterwards.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any
 
+import anyio
+import anyio.abc
+import anyio.to_thread
 import torch
 
 from .._core._batches import Batch
+from .._core._plan import Leaf
 from .._core._run import Run
 from .._devices._host import run_host_batch
-from .._errors import StagingError
+from .._errors import UsageError
 from .._options import StagingOptions
 from .._paths import Path
-from ._base import Pending, StagerFace, gc_paused
-from ._bridge import EventBridge
+from ._base import StagerBase, gc_paused
+from ._events import DeviceLimiters, wait_for_event
 
 
-class Stager(StagerFace):
+class Stager(StagerBase):
     """Stages state dicts into reusable host buffers without blocking the event loop.
 
     ``Stager(options, **overrides)``: keyword arguments override fields of ``options``.
-    Concurrent calls on one stager run one after the other. Use it as ``async with``, or call
+    Runs on asyncio, asyncio with uvloop, and trio. Concurrent calls from one event loop run
+    one after the other; a call from a second thread's event loop while the first one's calls
+    are in progress raises :class:`~astage.BusyError`. Use it as ``async with``, or call
     :meth:`aclose` when done.
     """
 
     def __init__(self, options: StagingOptions | None = None, **overrides: Any) -> None:
         super().__init__(options, **overrides)
-        self._lock = asyncio.Lock()
-        self._bridge = EventBridge()
-        self._executor: ThreadPoolExecutor | None = None
-        self._owner: asyncio.Task[Any] | None = None  # the task inside a call, to refuse re-entry
+        # Made anew by the first caller of a turn, inside its event loop: anyio primitives
+        # belong to the loop (and backend) that made them.
+        self._lock: anyio.Lock | None = None
+        self._lock_holder: int | None = None  # anyio task id of the task inside a call
 
     async def stage(self, state_dict: Any) -> Any:
         """A copy of ``state_dict`` whose tensors all live in host buffers of this stager.
 
         The buffers are reused by the next call on this stager, which overwrites them.
         """
-        async with contextlib.aclosing(self._drive(state_dict, with_leaves=False)) as steps:
-            async for result in steps:
-                return result
-        raise AssertionError("unreachable: _drive yields the result or raises")
+        async with _Call(self, state_dict, track_leaves=False) as call:
+            await call.run_to_end()
+        return call.result
 
-    async def stage_iter(self, state_dict: Any) -> AsyncIterator[tuple[Path, torch.Tensor]]:
-        """Yield ``(path, staged_tensor)`` for every tensor, each as soon as its bytes landed.
+    def stage_iter(self, state_dict: Any) -> _StageIter:
+        """Stage ``state_dict`` and hand out each tensor as soon as its bytes have landed.
 
-        Nothing is yielded before the whole state dict has been walked, so an object that
-        cannot be staged raises before any tensor is handed out.
+        An async context manager, like httpx's ``stream()``::
+
+            async with stager.stage_iter(state_dict) as landed:
+                async for path, tensor in landed:
+                    ...
+
+        The stager is busy until the block exits, also when the iteration was abandoned
+        midway (the copies still in flight land first). Nothing is yielded before the whole
+        state dict has been walked, so an object that cannot be staged raises before any
+        tensor is handed out.
         """
-        async for leaves in self._drive(state_dict, with_leaves=True):
-            for leaf in leaves:
-                yield leaf.path, leaf.tensor
-
-    async def _drive(self, state_dict: Any, *, with_leaves: bool) -> AsyncGenerator[Any, None]:
-        """Run one call; yield lists of landed leaves (``with_leaves``) or, once, the result."""
-        base = self._base
-        if self._owner is not None and self._owner is asyncio.current_task():
-            # An abandoned stage_iter() of this task is closed by the loop's async-generator
-            # finalizer within a few iterations; one still being iterated never will be.
-            for _ in range(4):
-                await asyncio.sleep(0)
-        if self._owner is not None and self._owner is asyncio.current_task():
-            raise StagingError(
-                "this task is still iterating stage_iter() on this stager; finish or close "
-                "that iteration (or use a second stager) before staging again"
-            )
-        async with self._lock:
-            self._owner = asyncio.current_task()
-            base.check_open()
-            await self._drain_outstanding()
-            base.staging = True
-            run = base.new_run(state_dict, track_leaves=with_leaves)
-            try:
-                hold = base.resolved.max_loop_hold_s
-                walk = run.walk
-                # Paused for the whole walk, awaits included: resumed between slices, the
-                # collector ran hundreds of times per call and promoted the call's objects
-                # into the old generations, whose full collections stalled the loop 0.2-0.4 s.
-                with gc_paused(base.resolved.pause_gc):
-                    while True:
-                        deadline = time.perf_counter() + hold
-                        for _ in walk:
-                            if time.perf_counter() >= deadline:
-                                break
-                        else:
-                            break
-                        self._dispatch(run, final=False)
-                        await _yield_to_due_timers()
-                while not run.finished:
-                    self._dispatch(run, final=True)
-                    if run.pending:
-                        await run.pending[0].wait(self._bridge)
-                        run.reap()
-                    else:  # the turn ended before a batch could start: let the loop run
-                        await _yield_to_due_timers()
-                    if with_leaves:
-                        leaves = run.landed_leaves()
-                        if leaves:
-                            yield leaves
-                if with_leaves:
-                    leaves = run.landed_leaves()
-                    if leaves:
-                        yield leaves
-                base.finish(run)
-                result = run.plan.result
-            except BaseException:
-                base.outstanding.extend(run.pending)
-                raise
-            finally:
-                base.staging = False
-                self._owner = None
-        if not with_leaves:
-            yield result  # outside the lock: the next call need not wait for this generator
-
-    def _dispatch(self, run: Run[Pending], *, final: bool) -> None:
-        """Retire finished batches and start new ones while the in-flight budget allows.
-
-        Cutting and starting batches is loop time too: a turn stops after ``max_loop_hold_s``
-        (having started at least one batch) and the rest waits for the next turn.
-        """
-        run.reap()
-        deadline = time.perf_counter() + self._base.resolved.max_loop_hold_s
-        while True:
-            batch = run.next_batch(final)
-            if batch is None:
-                return
-            run.start(self._start(run, batch))
-            if time.perf_counter() >= deadline:
-                return
-
-    def _start(self, run: Run[Pending], batch: Batch) -> Pending:
-        base = self._base
-        base.before_batch(run, batch)
-        executor = self._executor
-        if executor is None:
-            executor = self._executor = ThreadPoolExecutor(
-                base.resolved.copy_threads,
-                thread_name_prefix="astage-copy",
-            )
-        if batch.device.type == "cuda":
-            assert base.cuda is not None
-            return Pending(batch, executor.submit(base.cuda.enqueue, batch))
-        return Pending(batch, executor.submit(run_host_batch, batch))
-
-    async def _drain_outstanding(self) -> None:
-        """Wait for copies that a cancelled or failed call left in flight into our buffers."""
-        outstanding = self._base.outstanding
-        while outstanding:
-            try:
-                await outstanding[0].wait(self._bridge)
-            except asyncio.CancelledError:
-                raise
-            except BaseException:  # noqa: BLE001 - that call already reported its error
-                pass
-            outstanding.pop(0)
+        return _StageIter(self, state_dict)
 
     async def aclose(self) -> None:
-        """Wait for the call in progress, then release every buffer, thread and stream."""
-        if self._base.closed:
+        """Wait for calls in progress and buffer holds, then release every buffer and stream.
+
+        Cancel-safe: cancelled while it waits, the stager stays open and usable, and a second
+        ``aclose()`` finishes the job.
+        """
+        if self._closed:
             return
-        async with self._lock:
-            if self._base.closed:
+        async with self._turn():
+            if self._closed:
                 return
-            await self._drain_outstanding()
-            self._base.closed = True
-            if self._base.cuda is not None:
-                await asyncio.to_thread(self._base.cuda.synchronize)
-            self._base.cache.clear()
-            self._bridge.close()
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
-                self._executor = None
+            await self._holds.wait_async()
+            if self._cuda is not None:
+                await anyio.to_thread.run_sync(self._cuda.synchronize)
+            self._release_everything()
 
     async def __aenter__(self) -> Stager:
-        self._base.check_open()
+        self._check_open()
         return self
 
     async def __aexit__(
@@ -195,6 +105,254 @@ class Stager(StagerFace):
     ) -> None:
         await self.aclose()
 
+    # -- one caller at a time --------------------------------------------------------------
+
+    def _turn(self) -> _Turn:
+        return _Turn(self)
+
+
+class _Turn:
+    """The stager's lock for one caller, with the busy and re-entry checks around it."""
+
+    def __init__(self, stager: Stager) -> None:
+        self._stager = stager
+
+    async def __aenter__(self) -> None:
+        stager = self._stager
+        task = anyio.get_current_task().id
+        if stager._lock_holder == task:
+            raise UsageError(
+                f"stage() called from inside this task's own stage_iter() block on this "
+                f"{type(stager).__name__}; leave the block first (or use a second stager)"
+            )
+        if stager._enter(threading.get_ident()) or stager._lock is None:
+            stager._lock = anyio.Lock()  # a new turn, maybe on another loop than the last one
+        try:
+            await stager._lock.acquire()
+        except BaseException:
+            stager._leave()
+            raise
+        stager._lock_holder = task
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        stager = self._stager
+        stager._lock_holder = None
+        assert stager._lock is not None
+        stager._lock.release()
+        stager._leave()
+
+
+class _InFlight:
+    """A batch handed to a worker thread or a device; set once its bytes have landed."""
+
+    __slots__ = ("batch", "error", "finished", "landed")
+
+    def __init__(self, batch: Batch) -> None:
+        self.batch = batch
+        self.finished = False
+        self.error: Exception | None = None
+        self.landed = anyio.Event()
+
+    def done(self) -> bool:
+        if self.error is not None:
+            raise self.error
+        return self.finished
+
+
+class _Call:
+    """One call on the async face: the stager's turn, the run, and a task group of copies.
+
+    An async context manager entered and exited by the caller's task. The task group spans
+    the caller's block (for ``stage_iter``, the consumer's code), so copies go on while the
+    consumer works on the tensors that already landed; on the way out, copies not started are
+    cancelled and those started land first.
+    """
+
+    def __init__(self, stager: Stager, state_dict: Any, *, track_leaves: bool) -> None:
+        self._stager = stager
+        self._state_dict = state_dict
+        self._track_leaves = track_leaves
+        self._turn = _Turn(stager)
+        self._copies: anyio.abc.TaskGroup | None = None
+        self._run: Run[_InFlight] | None = None
+        self._walked = False
+        self._host_limiter: anyio.CapacityLimiter | None = None
+        self._device_limiters = DeviceLimiters()
+        self.result: Any = None
+
+    async def __aenter__(self) -> _Call:
+        stager = self._stager
+        await self._turn.__aenter__()
+        try:
+            stager._check_open()
+            await stager._holds.wait_async()
+            self._run = stager._new_run(self._state_dict, track_leaves=self._track_leaves)
+            # Per call (calls run one at a time), so that they belong to the caller's loop.
+            self._host_limiter = anyio.CapacityLimiter(stager._resolved.copy_threads)
+            self._copies = anyio.create_task_group()
+            await self._copies.__aenter__()
+        except BaseException:
+            await self._turn.__aexit__(None, None, None)
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        assert self._copies is not None
+        try:
+            self._copies.cancel_scope.cancel()  # copies not started yet never start
+            # The caller's exception is not handed to the task group, which would wrap it in
+            # an ExceptionGroup; the copies catch their own errors, so exiting the group only
+            # waits for the started ones to land.
+            await self._copies.__aexit__(None, None, None)
+        finally:
+            self._run = None
+            await self._turn.__aexit__(None, None, None)
+        return False
+
+    @property
+    def run(self) -> Run[_InFlight]:
+        if self._run is None:
+            raise UsageError("this stage_iter() block has exited; iterate inside the block")
+        return self._run
+
+    async def run_to_end(self) -> None:
+        """Walk, copy, and wait until every copy has landed; keep the result."""
+        while await self.step():
+            pass
+        self.result = self.run.plan.result
+
+    async def step(self) -> bool:
+        """Advance the call: walk it all first, then wait for the next batch; False when done."""
+        run = self.run
+        if not self._walked:
+            await self._walk()
+            self._walked = True
+        if run.finished:
+            self._stager._finish(run)
+            return False
+        self._dispatch(final=True)
+        if run.pending:
+            await run.pending[0].landed.wait()
+            run.reap()
+        else:  # the turn ended before a batch could start: let the loop run
+            await _yield_to_due_timers()
+        return True
+
+    async def _walk(self) -> None:
+        run = self.run
+        hold = self._stager._resolved.max_loop_hold_s
+        walk = run.walk
+        # Paused for the whole walk, awaits included: resumed between slices, the collector
+        # ran hundreds of times per call and promoted the call's objects into the old
+        # generations, whose full collections stalled the loop 0.2-0.4 s.
+        with gc_paused(self._stager._resolved.pause_gc):
+            while True:
+                deadline = time.perf_counter() + hold
+                for _ in walk:
+                    if time.perf_counter() >= deadline:
+                        break
+                else:
+                    return
+                self._dispatch(final=False)
+                await _yield_to_due_timers()
+
+    def _dispatch(self, *, final: bool) -> None:
+        """Retire finished batches and start new ones while the in-flight budget allows.
+
+        Cutting and starting batches is loop time too: a turn stops after ``max_loop_hold_s``
+        (having started at least one batch) and the rest waits for the next turn.
+        """
+        run = self.run
+        run.reap()
+        deadline = time.perf_counter() + self._stager._resolved.max_loop_hold_s
+        assert self._copies is not None
+        while True:
+            batch = run.next_batch(final)
+            if batch is None:
+                return
+            self._stager._before_batch(run, batch)
+            inflight = _InFlight(batch)
+            run.start(inflight)
+            self._copies.start_soon(self._copy, inflight)
+            if time.perf_counter() >= deadline:
+                return
+
+    async def _copy(self, inflight: _InFlight) -> None:
+        """Run one batch; its error goes to the call, which raises it when it reaps the batch."""
+        try:
+            if inflight.batch.device.type == "cuda":
+                await self._copy_from_device(inflight.batch)
+            else:
+                await anyio.to_thread.run_sync(
+                    run_host_batch, inflight.batch, limiter=self._host_limiter
+                )
+        except Exception as exc:  # noqa: BLE001 - handed to the call
+            inflight.error = exc
+        else:
+            inflight.finished = True
+        finally:
+            inflight.landed.set()
+
+    async def _copy_from_device(self, batch: Batch) -> None:
+        cuda = self._stager._cuda
+        assert cuda is not None
+        enqueued: list[Any] = []
+        try:
+            # The enqueue may pin buffers (slow): it runs in a worker thread too.
+            await anyio.to_thread.run_sync(
+                lambda: enqueued.append(cuda.enqueue(batch)), limiter=self._host_limiter
+            )
+        finally:
+            if enqueued:  # copies were enqueued: they land before this call may end
+                with anyio.CancelScope(shield=True):
+                    await wait_for_event(enqueued[0], self._device_limiters[batch.device])
+
+
+class _StageIter:
+    """``stage_iter``'s async context manager: a call whose tensors are handed out as they land."""
+
+    def __init__(self, stager: Stager, state_dict: Any) -> None:
+        self._call = _Call(stager, state_dict, track_leaves=True)
+
+    async def __aenter__(self) -> AsyncIterator[tuple[Path, torch.Tensor]]:
+        await self._call.__aenter__()
+        return _Landed(self._call)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        return await self._call.__aexit__(exc_type, exc, tb)
+
+
+class _Landed:
+    """The async iterator of ``(path, tensor)`` pairs inside a ``stage_iter`` block."""
+
+    def __init__(self, call: _Call) -> None:
+        self._call = call
+        self._ready: list[Leaf] = []
+        self._done = False
+
+    def __aiter__(self) -> _Landed:
+        return self
+
+    async def __anext__(self) -> tuple[Path, torch.Tensor]:
+        while not self._ready:
+            if self._done:
+                raise StopAsyncIteration
+            self._done = not await self._call.step()
+            self._ready = self._call.run.landed_leaves()
+            self._ready.reverse()  # handed out from the end, in landing order
+        leaf = self._ready.pop()
+        return leaf.path, leaf.tensor
+
 
 async def _yield_to_due_timers() -> None:
     """Hand the loop back so that timers already due run before this task's next slice.
@@ -203,4 +361,4 @@ async def _yield_to_due_timers() -> None:
     waits one more slice; a timer of our own (``sleep`` with a tiny delay) is ordered by its
     deadline, after theirs.
     """
-    await asyncio.sleep(1e-6)
+    await anyio.sleep(1e-6)

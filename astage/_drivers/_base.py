@@ -1,81 +1,33 @@
-"""The I/O-free base of both stagers: options, cache, streams, and one call in progress.
+"""The base of both stagers: options, cache, streams, holds, and the lifecycle of a call.
 
-``Stager`` (async) and ``SyncStager`` (blocking) are thin drivers over :class:`StagerBase`: they
-share the plan, the cache and the batching, and differ only in how they wait. A :class:`Run` is
-one ``stage()`` call: the walk that builds its plan, the batches cut from the copies found so
-far, the work in flight, and how far the copies have landed.
+``Stager`` (async) and ``SyncStager`` (blocking) derive from :class:`StagerBase`, the way
+httpx's ``AsyncClient`` and ``Client`` share ``BaseClient``: the base owns everything that is
+not waiting (the options, the buffer cache, the CUDA streams, the buffer holds, the checks
+before a call, a call's run and its figures, and what closing releases); each face only says
+how it waits (awaiting with anyio, or blocking the calling thread).
+
+A call never leaves work behind: both faces return or raise only once every copy they started
+has landed, so what a failed or cancelled call leaves is buffers with stale bytes, which the
+next call overwrites, and nothing in flight.
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import contextlib
 import gc
+import threading
 import time
 from collections.abc import Iterator
-from typing import Any
-
-import torch
+from typing import Any, NamedTuple
 
 from .._core._batches import Batch
 from .._core._cache import BufferCache, CacheInfo
 from .._core._run import Run
 from .._core._stats import StageStats
 from .._devices._cuda import CudaStreams
-from .._errors import StagerClosedError, StagingError
-from .._options import ResolvedOptions, StagingOptions, cuda_available, make_options
-from ._bridge import EventBridge
-
-
-class Pending:
-    """A batch in flight: a worker-thread future, a device event, or both (future yields event)."""
-
-    __slots__ = ("batch", "event", "future")
-
-    def __init__(
-        self,
-        batch: Batch,
-        future: concurrent.futures.Future[Any] | None = None,
-        event: Any = None,
-    ) -> None:
-        self.batch = batch
-        self.future = future
-        self.event = event
-
-    def done(self) -> bool:
-        if self.future is not None:
-            if not self.future.done():
-                return False
-            self._take_event()
-        return self.event is None or bool(self.event.query())
-
-    def _take_event(self) -> None:
-        future, self.future = self.future, None
-        if future is not None and not future.cancelled():
-            self.event = future.result()  # re-raises a copy error from the worker
-
-    async def wait(self, bridge: EventBridge) -> None:
-        if self.future is not None:
-            if not self.future.done():
-                # Shielded: cancelling the caller must not cancel a batch still queued in the
-                # pool, or the next call could not tell whether its bytes were ever copied.
-                await asyncio.shield(asyncio.wrap_future(self.future))
-            self._take_event()
-        if self.event is not None:
-            await bridge.wait(self.event, self.batch.device)
-            self.event = None
-
-    def wait_blocking(self) -> None:
-        if self.future is not None:
-            concurrent.futures.wait([self.future])
-            self._take_event()
-        if self.event is not None:
-            self.event.synchronize()
-            self.event = None
-
-
-_NO_COPIES = Batch(torch.device("cpu"), srcs=[], dsts=[], buffers=[], nbytes=0, end=0)
+from .._errors import BusyError, StagerClosedError
+from .._options import StagingOptions, cuda_available, make_options
+from ._holds import BufferHold, HoldRegistry
 
 
 @contextlib.contextmanager
@@ -104,67 +56,129 @@ def gc_paused(enabled: bool = True) -> Iterator[None]:
         gc.enable()
 
 
-class StagerBase:
-    """What both drivers share; holds no thread, loop or stream until staging needs one."""
+class _CacheView(NamedTuple):
+    cache: BufferCache
 
-    def __init__(self, options: StagingOptions) -> None:
-        self.options = options
-        self.resolved: ResolvedOptions = options.resolve()
-        self.cache = BufferCache(
-            pin_memory=self.resolved.pin_memory,
-            share_memory=self.resolved.share_memory,
-            pin_memory_min_bytes=self.resolved.pin_memory_min_bytes,
+
+class StagerBase:
+    """What both stagers share; holds no thread, loop or stream until staging needs one."""
+
+    def __init__(self, options: StagingOptions | None = None, **overrides: Any) -> None:
+        self._options = make_options(options, overrides)
+        self._resolved = self._options.resolve()
+        self._cache = BufferCache(
+            pin_memory=self._resolved.pin_memory,
+            share_memory=self._resolved.share_memory,
+            pin_memory_min_bytes=self._resolved.pin_memory_min_bytes,
         )
-        self.cuda = CudaStreams(self.resolved.non_blocking) if cuda_available() else None
-        self.closed = False
-        self.staging = False
-        self.outstanding: list[Pending] = []  # work left in flight by a failed or cancelled call
-        self.last_stats: StageStats | None = None
+        self._cuda = CudaStreams(self._resolved.non_blocking) if cuda_available() else None
+        self._holds = HoldRegistry()
+        self._closed = False
+        self._last_stats: StageStats | None = None
+        # Who is inside or waiting for a call: the face's key for its caller (the async face:
+        # the thread running the event loop), and how many callers. Another key while calls
+        # are in progress is refused at once (BusyError) rather than left to wait on a lock
+        # of another event loop forever.
+        self._occupancy = threading.Lock()
+        self._occupant: object = None
+        self._callers = 0
+
+    # -- what both faces show --------------------------------------------------------------
+
+    @property
+    def options(self) -> StagingOptions:
+        """The options this stager was built with (overrides applied)."""
+        return self._options
+
+    @property
+    def last_stats(self) -> StageStats | None:
+        """Figures of the last completed call, or None before the first one."""
+        return self._last_stats
+
+    @property
+    def closed(self) -> bool:
+        """Whether the stager was closed; a closed stager refuses to stage."""
+        return self._closed
 
     def cache_info(self) -> CacheInfo:
         """How many host buffers the cache holds, and how many bytes (pinned and in all)."""
-        return self.cache.info()
+        return self._cache.info()
 
     def clear_cache(self) -> None:
-        """Release every cached host buffer; the next call allocates afresh."""
-        if self.staging:
-            raise StagingError("clear_cache() cannot run while a stage() call is in progress")
-        self.cache.clear()
+        """Release every cached host buffer; the next call allocates afresh.
 
-    def new_run(self, state_dict: Any, *, track_leaves: bool) -> Run[Pending]:
+        Refused (:class:`~astage.BusyError`) while a call is in progress. Staged tensors
+        already handed out stay valid: they keep their own buffers alive.
+        """
+        with self._occupancy:
+            if self._callers:
+                raise BusyError(
+                    f"clear_cache() cannot run while a call on this {type(self).__name__} "
+                    "is in progress"
+                )
+            self._cache.clear()
+
+    def hold_buffers(self) -> BufferHold:
+        """Keep the staged tensors from being overwritten until the hold is released.
+
+        The next call, ``close()`` and ``aclose()`` wait, before they touch the buffers, until
+        every hold is released. For a reader that streams staged tensors somewhere (a
+        checkpoint writer) while the caller goes on. ``release()`` may be called from any
+        thread; the hold is also a context manager.
+        """
+        return self._holds.take()
+
+    # -- the lifecycle of a call, for the faces --------------------------------------------
+
+    @property
+    def _base(self) -> _CacheView:
+        # Transitional: astage.compat and a cache test read ``stager._base.cache`` (the old
+        # composition); remove once they read ``_cache``.
+        return _CacheView(self._cache)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StagerClosedError(f"this {type(self).__name__} is closed")
+
+    def _enter(self, occupant: object) -> bool:
+        """Count a caller in (True: the first one); refuse one that cannot share the stager."""
+        with self._occupancy:
+            if self._callers and self._occupant != occupant:
+                raise BusyError(
+                    f"this {type(self).__name__} is in use by another thread's event loop; "
+                    "calls on one Stager must come from one event loop (use one stager each)"
+                )
+            self._occupant = occupant
+            self._callers += 1
+            return self._callers == 1
+
+    def _leave(self) -> None:
+        with self._occupancy:
+            self._callers -= 1
+            if not self._callers:
+                self._occupant = None
+
+    def _new_run(self, state_dict: Any, *, track_leaves: bool) -> Run[Any]:
         return Run(
-            self.cache,
+            self._cache,
             state_dict,
             track_leaves=track_leaves,
-            chunk_bytes=self.resolved.chunk_bytes,
-            max_inflight_bytes=self.resolved.max_inflight_bytes,
+            chunk_bytes=self._resolved.chunk_bytes,
+            max_inflight_bytes=self._resolved.max_inflight_bytes,
         )
 
-    def before_batch(self, run: Run[Pending], batch: Batch) -> None:
+    def _before_batch(self, run: Run[Any], batch: Batch) -> None:
         """Order a CUDA device's staging stream after its producer, once per call and device.
 
         Runs in the caller's thread, where the producer's current stream is the right one.
         """
         device = batch.device
         if device.type == "cuda" and device not in run.devices:
-            assert self.cuda is not None
-            self.cuda.follow_producer(device)
+            assert self._cuda is not None
+            self._cuda.follow_producer(device)
             run.devices.add(device)
 
-    def hold_buffers(self, future: concurrent.futures.Future[None]) -> None:
-        """Make the next call wait for ``future`` before it touches the buffers.
-
-        For a reader of staged tensors (a checkpoint writer) that must not see them overwritten:
-        the hold joins the work that a failed or cancelled call left in flight, which every
-        call (and ``aclose``) drains under the stager's lock before it starts.
-        """
-        self.outstanding.append(Pending(_NO_COPIES, future))
-
-    def check_open(self) -> None:
-        if self.closed:
-            raise StagerClosedError(f"this {type(self).__name__} is closed")
-
-    def finish(self, run: Run[Pending]) -> StageStats:
+    def _finish(self, run: Run[Any]) -> StageStats:
         plan = run.plan
         stats = StageStats(
             tensors=plan.tensors,
@@ -173,32 +187,10 @@ class StagerBase:
             new_nbytes=plan.new_nbytes,
             seconds=time.perf_counter() - run.started,
         )
-        self.last_stats = stats
+        self._last_stats = stats
         return stats
 
-
-class StagerFace:
-    """What both stagers show besides staging: their options, figures and cache.
-
-    ``Stager`` and ``SyncStager`` derive from it and add only how they drive a call.
-    """
-
-    def __init__(self, options: StagingOptions | None = None, **overrides: Any) -> None:
-        self._base = StagerBase(make_options(options, overrides))
-
-    @property
-    def options(self) -> StagingOptions:
-        return self._base.options
-
-    @property
-    def last_stats(self) -> StageStats | None:
-        """Figures of the last completed call, or None before the first one."""
-        return self._base.last_stats
-
-    def cache_info(self) -> CacheInfo:
-        """How many host buffers the cache holds, and how many bytes (pinned and in all)."""
-        return self._base.cache_info()
-
-    def clear_cache(self) -> None:
-        """Release every cached host buffer; refused while a call is in progress."""
-        self._base.clear_cache()
+    def _release_everything(self) -> None:
+        """The end of close: the caller waited for calls, holds and streams first."""
+        self._closed = True
+        self._cache.clear()

@@ -1,4 +1,4 @@
-"""SyncStager: the blocking driver of the staging core, for code that is not async.
+"""SyncStager: the blocking face of the staging core, for code that is not async.
 
 It runs the same walk, cache and batches as :class:`~astage.Stager`, in the calling thread:
 host copies inline, CUDA copies enqueued on the staging streams and waited for with
@@ -9,20 +9,37 @@ blocking call would).
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from types import TracebackType
 from typing import Any
 
+from .._core._batches import Batch
+from .._core._run import Run
 from .._devices._host import run_host_batch
 from .._options import StagingOptions
-from ._base import Pending, StagerFace, gc_paused
+from ._base import StagerBase, gc_paused
+
+_ANY_THREAD = "sync"  # the blocking face serializes threads on its lock: none is ever busy
 
 
-class SyncStager(StagerFace):
+class _Enqueued:
+    """CUDA copies on a staging stream; ``done()`` polls their completion event."""
+
+    __slots__ = ("batch", "event")
+
+    def __init__(self, batch: Batch, event: Any) -> None:
+        self.batch = batch
+        self.event = event
+
+    def done(self) -> bool:
+        return bool(self.event.query())
+
+
+class SyncStager(StagerBase):
     """Stages state dicts into reusable host buffers, blocking until the copies are done.
 
-    Thread-safe: concurrent calls from several threads run one after the other.
+    Thread-safe: calls from several threads run one after the other (each waits for the one
+    in progress), so one stager may serve a pool of threads.
     """
 
     def __init__(self, options: StagingOptions | None = None, **overrides: Any) -> None:
@@ -31,58 +48,54 @@ class SyncStager(StagerFace):
 
     def stage(self, state_dict: Any) -> Any:
         """A copy of ``state_dict`` whose tensors all live in host buffers of this stager."""
-        base = self._base
-        with self._lock:
-            base.check_open()
-            self._drain_outstanding()
-            base.staging = True
-            run = base.new_run(state_dict, track_leaves=False)
-            try:
-                with gc_paused(base.resolved.pause_gc):
-                    for _ in run.walk:
-                        pass
-                while True:
-                    batch = run.next_batch(final=True)
-                    if batch is None:
-                        if not run.pending:
-                            break
-                        run.pending[0].wait_blocking()
-                        run.reap()
-                        continue
-                    base.before_batch(run, batch)
-                    if batch.device.type == "cuda":
-                        assert base.cuda is not None
-                        run.start(Pending(batch, event=base.cuda.enqueue(batch)))
-                    else:
-                        run_host_batch(batch)
-                base.finish(run)
+        self._enter(_ANY_THREAD)
+        try:
+            with self._lock:
+                self._check_open()
+                self._holds.wait()
+                run: Run[_Enqueued] = self._new_run(state_dict, track_leaves=False)
+                try:
+                    self._copy_all(run)
+                finally:
+                    # Whatever happened, no copy this call enqueued lands after it returned.
+                    for enqueued in run.pending:
+                        enqueued.event.synchronize()
+                self._finish(run)
                 return run.plan.result
-            except BaseException:
-                base.outstanding.extend(run.pending)
-                raise
-            finally:
-                base.staging = False
+        finally:
+            self._leave()
 
-    def _drain_outstanding(self) -> None:
-        outstanding = self._base.outstanding
-        while outstanding:
-            with contextlib.suppress(Exception):  # that call already reported its error
-                outstanding[0].wait_blocking()
-            outstanding.pop(0)
+    def _copy_all(self, run: Run[_Enqueued]) -> None:
+        with gc_paused(self._resolved.pause_gc):
+            for _ in run.walk:
+                pass
+        while True:
+            batch = run.next_batch(final=True)
+            if batch is None:
+                if not run.pending:
+                    return
+                run.pending[0].event.synchronize()
+                run.reap()
+                continue
+            self._before_batch(run, batch)
+            if batch.device.type == "cuda":
+                assert self._cuda is not None
+                run.start(_Enqueued(batch, self._cuda.enqueue(batch)))
+            else:
+                run_host_batch(batch)
 
     def close(self) -> None:
-        """Wait for a call in progress, then release every buffer and stream."""
+        """Wait for a call in progress and for buffer holds, then release buffers and streams."""
         with self._lock:
-            if self._base.closed:
+            if self._closed:
                 return
-            self._drain_outstanding()
-            self._base.closed = True
-            if self._base.cuda is not None:
-                self._base.cuda.synchronize()
-            self._base.cache.clear()
+            self._holds.wait()
+            if self._cuda is not None:
+                self._cuda.synchronize()
+            self._release_everything()
 
     def __enter__(self) -> SyncStager:
-        self._base.check_open()
+        self._check_open()
         return self
 
     def __exit__(

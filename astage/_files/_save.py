@@ -6,28 +6,41 @@ as its bytes have landed (``Stager.stage_iter``), so writing overlaps staging. T
 commits (durably) or, on any error or cancellation, aborts.
 
 Buffer safety is **backpressure**: from the first landed tensor until the writer has committed
-or aborted, the stager's next call waits before it touches its buffers. The mechanism is the
-one the stagers already use for copies that a cancelled call left in flight
-(``StagerBase.outstanding``): the save registers one more piece of pending work on the stager,
-resolved when the writer is done with the buffers. No second buffer set is allocated, so a save
-needs no host memory beyond the stager's cache; to stage the next step while a write still
-runs, use a second ``Stager`` (twice the host memory).
+or aborted, the stager's next call waits before it touches its buffers: the save takes a
+buffer hold (``Stager.hold_buffers()``) and releases it when the writer is done with them. No
+second buffer set is allocated, so a save needs no host memory beyond the stager's cache; to
+stage the next step while a write still runs, use a second ``Stager`` (twice the host memory).
+
+Background saves are structured: :func:`start_save` runs the pipeline in a task of an owner, a
+task group the caller passes in (or a :class:`~astage.CheckpointDir` entered with ``async
+with``), and returns once staging is done. The write never outlives its owner: the owner's
+``async with`` waits for it, cancelling the owner aborts it, and its failure reaches the owner.
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import contextlib
 import os
 import time
 from collections.abc import Awaitable, Callable, Generator, Mapping
 from typing import Any, NamedTuple
 
+import anyio
+import anyio.abc
+
 from .._drivers._async import Stager
+from .._drivers._holds import BufferHold
+from .._errors import CheckpointWriteError, InvalidOptionsError, UsageError
 from ._writer import DEFAULT_THREADS, CheckpointWriter, SafetensorsWriter
 
 Target = str | os.PathLike[str] | CheckpointWriter
+
+NO_OWNER = (
+    "start_save() returns before the write ends, so the write needs an owner that waits for "
+    "it: pass task_group= (from `async with anyio.create_task_group() as tg:`), call it on a "
+    "CheckpointDir entered with `async with`, or use `await save(...)`, which returns once "
+    "the checkpoint is durable"
+)
 
 
 class SaveResult(NamedTuple):
@@ -53,28 +66,69 @@ class SaveResult(NamedTuple):
 
 
 class SaveHandle:
-    """A save whose staging is done and whose writing goes on in a background task.
+    """A save whose staging is done and whose writing goes on in a task of its owner.
 
-    ``await handle`` returns the :class:`SaveResult` once the checkpoint is durable (or raises
-    the write's error). The stager the save used waits for it before it stages again.
+    ``await handle`` (or ``await handle.wait()``) returns the :class:`SaveResult` once the
+    checkpoint is durable, or raises the write's error (which also reaches the owner task
+    group, like any failing task's). The stager the save used waits for it before it stages
+    again.
     """
 
-    def __init__(self, task: asyncio.Task[SaveResult]) -> None:
-        self._task = task
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        """The file being written (None for a writer that is not a file writer)."""
+        self._scope = anyio.CancelScope()
+        self._finished = anyio.Event()
+        self._result: SaveResult | None = None
+        self._error: BaseException | None = None
 
     def done(self) -> bool:
         """Whether the write has ended (committed, failed or cancelled)."""
-        return self._task.done()
+        return self._finished.is_set()
 
     def cancel(self) -> bool:
-        """Stop the write: the previous file stays, the temporary one is removed."""
-        return self._task.cancel()
+        """Stop the write: the previous file stays, the temporary one is removed.
+
+        Returns False when the write had already ended. ``await handle`` then raises
+        :class:`~astage.CheckpointWriteError`.
+        """
+        if self.done():
+            return False
+        self._scope.cancel()
+        return True
 
     async def wait(self) -> SaveResult:
-        return await self._task
+        """The :class:`SaveResult`, once the checkpoint is durable; or the write's error."""
+        await self._finished.wait()
+        if self._error is not None:
+            raise self._error
+        if self._result is None:
+            raise CheckpointWriteError(
+                f"the save to {self.path or 'its writer'} was cancelled before it committed; "
+                "the previous checkpoint stays"
+            )
+        return self._result
 
     def __await__(self) -> Generator[Any, None, SaveResult]:
-        return self._task.__await__()
+        return self.wait().__await__()
+
+    async def _run(
+        self,
+        run: Callable[[Callable[[], None]], Awaitable[SaveResult]],
+        *,
+        task_status: anyio.abc.TaskStatus[SaveHandle],
+    ) -> None:
+        """The owner's task: run the save; report this handle to the starter once staged."""
+        try:
+            with self._scope:
+                self._result = await run(lambda: task_status.started(self))
+        except anyio.get_cancelled_exc_class():
+            raise  # the owner was cancelled: the write was aborted, nothing to report
+        except BaseException as error:
+            self._error = error
+            raise
+        finally:
+            self._finished.set()
 
 
 async def save(
@@ -92,8 +146,8 @@ async def save(
     cached host buffers to use; without one a temporary stager is made and closed after.
     On error or cancellation the writer aborts: the previous file at ``path`` stays as it was.
     """
-    writer = _writer_for(target, metadata, threads)
-    return await _save(state_dict, writer, stager, None, None)
+    writer = writer_for(target, metadata, threads)
+    return await run_save(state_dict, writer, stager)
 
 
 async def start_save(
@@ -103,76 +157,91 @@ async def start_save(
     stager: Stager | None = None,
     metadata: Mapping[str, str] | None = None,
     threads: int = DEFAULT_THREADS,
+    task_group: anyio.abc.TaskGroup | None = None,
 ) -> SaveHandle:
     """Like :func:`save`, but return as soon as every tensor has landed in host memory.
 
     The training loop may then modify its tensors (step the optimizer) while the write goes
-    on in a background task; ``await`` the returned :class:`SaveHandle` for its result.
+    on in a task of ``task_group``, which waits for it (cancelling the group aborts it);
+    ``await`` the returned :class:`SaveHandle` for its result. Without ``task_group`` this
+    raises :class:`~astage.UsageError`: a write nobody owns could outlive its program.
     """
-    writer = _writer_for(target, metadata, threads)
-    return await _start(state_dict, writer, stager, None)
+    if task_group is None:
+        raise UsageError(NO_OWNER)
+    writer = writer_for(target, metadata, threads)
+    return await start_in(task_group, state_dict, writer, stager)
 
 
-def _writer_for(target: Target, metadata: Mapping[str, str] | None, threads: int) -> Any:
+def writer_for(target: Target, metadata: Mapping[str, str] | None, threads: int) -> Any:
+    """The writer for ``target``: a :class:`SafetensorsWriter` for a path, else ``target``."""
     if isinstance(target, (str, os.PathLike)):
         return SafetensorsWriter(target, metadata=metadata, threads=threads)
     if metadata is not None:
-        raise TypeError("metadata is for a path target; pass it to your writer instead")
+        raise InvalidOptionsError(
+            "metadata is for a path target; pass it to your writer instead"
+        )
     if not isinstance(target, CheckpointWriter):
-        raise TypeError(f"cannot save to a {type(target).__qualname__}: give a path or a writer")
+        raise InvalidOptionsError(
+            f"target: cannot save to a {type(target).__qualname__}; give a path or a "
+            "CheckpointWriter"
+        )
     return target
 
 
-async def _start(
+async def start_in(
+    owner: anyio.abc.TaskGroup,
     state_dict: Any,
     writer: CheckpointWriter,
     stager: Stager | None,
-    after: Callable[[], Awaitable[None]] | None,
+    after: Callable[[], Awaitable[None]] | None = None,
 ) -> SaveHandle:
-    staged: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    """Run a save in a task of ``owner``; return its handle once staging is done.
 
-    def landed() -> None:
-        if not staged.done():
-            staged.set_result(None)
+    Until then the task counts as the caller's (anyio's ``TaskGroup.start``): cancelling the
+    caller cancels it, and an error found before staging ends is raised here.
+    """
+    handle = SaveHandle(getattr(writer, "path", None))
 
-    task = asyncio.create_task(_save(state_dict, writer, stager, landed, after))
-    task.add_done_callback(lambda _: landed())
-    try:
-        await staged
-    except asyncio.CancelledError:
-        task.cancel()
-        await asyncio.wait([task])
-        raise
-    if task.done():
-        task.result()  # the save failed (or was cancelled) before staging was done: raise it
-    return SaveHandle(task)
+    def run(on_staged: Callable[[], None]) -> Awaitable[SaveResult]:
+        return run_save(state_dict, writer, stager, on_staged=on_staged, after=after)
+
+    started: SaveHandle = await owner.start(handle._run, run)
+    return started
 
 
-async def _save(
+async def run_save(
     state_dict: Any,
     writer: CheckpointWriter,
     stager: Stager | None,
-    on_staged: Callable[[], None] | None,
-    after: Callable[[], Awaitable[None]] | None,
+    *,
+    on_staged: Callable[[], None] | None = None,
+    after: Callable[[], Awaitable[None]] | None = None,
 ) -> SaveResult:
+    """The pipeline, in the calling task: begin, stage into the writer, commit, ``after``.
+
+    ``on_staged`` is called once every tensor has landed; ``after`` runs once the writer
+    committed, while the stager's buffers are still held (a ``latest`` pointer moves there).
+    """
     started = time.perf_counter()
-    own = stager is None
-    active = Stager() if stager is None else stager
-    hold: concurrent.futures.Future[None] | None = None
+    hold: BufferHold | None = None
     tensors = 0
     storages: dict[int, int] = {}
     first_write = 0.0
-    try:
+    async with contextlib.AsyncExitStack() as resources:
+        if stager is None:
+            stager = Stager()
+            resources.push_async_callback(_close_shielded, stager)
+        if isinstance(writer, contextlib.AbstractAsyncContextManager):
+            await resources.enter_async_context(writer)  # its background tasks live here
         try:
             await writer.begin(state_dict)
             staging = time.perf_counter()
-            landed = active.stage_iter(state_dict)
-            async with contextlib.aclosing(landed):  # type: ignore[type-var]
+            async with stager.stage_iter(state_dict) as landed:
                 async for path, tensor in landed:
                     if hold is None:
-                        # stage_iter holds the stager's lock while it yields: no call has
-                        # started since ours, and the next one will wait for this hold.
-                        hold = _hold_buffers(active)
+                        # The stager is ours until the block exits: no call has started
+                        # since ours, and the next one will wait for this hold.
+                        hold = stager.hold_buffers()
                         first_write = time.perf_counter()
                     tensors += 1
                     storage = tensor.untyped_storage()
@@ -185,13 +254,12 @@ async def _save(
             if after is not None:
                 await after()
         except BaseException:
-            await writer.abort()
+            with anyio.CancelScope(shield=True):
+                await writer.abort()
             raise
-    finally:
-        if hold is not None:
-            hold.set_result(None)
-        if own:
-            await active.aclose()
+        finally:
+            if hold is not None:
+                hold.release()  # the writer is done with the buffers (committed or aborted)
     done = time.perf_counter()
     return SaveResult(
         path=getattr(writer, "path", None),
@@ -203,15 +271,6 @@ async def _save(
     )
 
 
-def _hold_buffers(stager: Stager) -> concurrent.futures.Future[None]:
-    """Make ``stager``'s next call wait, before it touches its buffers, for the returned future.
-
-    Stagers already wait for work that a failed or cancelled call left in flight into their
-    buffers (``outstanding``, drained under the call's lock by both drivers and by
-    ``aclose``); a writer still reading staged tensors is one more such piece of work. Call it
-    while the caller's own ``stage_iter`` on ``stager`` is suspended at a yield (it holds the
-    lock then); resolve the future when the writer is done with the tensors.
-    """
-    future: concurrent.futures.Future[None] = concurrent.futures.Future()
-    stager._base.hold_buffers(future)
-    return future
+async def _close_shielded(stager: Stager) -> None:
+    with anyio.CancelScope(shield=True):
+        await stager.aclose()
