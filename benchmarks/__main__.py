@@ -9,17 +9,20 @@ import time
 
 import torch
 
-from . import report
+from . import plots, report
+from .config import Config, Data
 from .machine import CpuShare, describe_machine, wait_for_quiet
 from .record import ScenarioResult
-from .scenarios import SCENARIOS, Config, Data
-from .timing import LoopRunner, prefault
+from .runner import BACKENDS, LoopRunner
+from .scenarios import SCENARIOS
+from .timing import prefault
 
 OWN_PAGE = ("writers",)
 """Scenarios left out of a full run: their figures live on a page of their own."""
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line, with the quick run's and the writers page's default paths filled in."""
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description="astage vs torch DCP staging, side by side in one process on the same data.",
@@ -44,6 +47,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="repeats per contender (default 3)")
     parser.add_argument("--no-plots", action="store_true", help="skip matplotlib")
     parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="asyncio",
+        help="the event loop the async contenders run on (default asyncio)",
+    )
+    parser.add_argument(
         "--max-wait",
         type=float,
         default=60.0,
@@ -64,17 +73,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def log(message: str) -> None:
+    """Progress goes to stderr: stdout stays free for whoever pipes the run."""
     print(message, file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the chosen scenarios and write the report; the exit status."""
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     config = Config.smoke() if args.quick else Config()
     if args.repeats:
-        config = Config(**{**config.__dict__, "repeats": args.repeats})
+        config = config.with_repeats(args.repeats)
     names = args.only or [name for name in SCENARIOS if name not in OWN_PAGE]
     machine = describe_machine(argv)
+    machine["loop"] = args.backend
     cores, cpu = machine["cores"], machine["cpu"]
     log(f"astage benchmarks on {cpu}, {cores} cores, torch {torch.__version__}")
 
@@ -82,10 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     # Touch fresh memory once so no contender alone pays the hypervisor's first-touch faults.
     prefault(2 * config.bulk_bytes)
     data = Data(config)
-    runner = LoopRunner()
     results: list[ScenarioResult] = []
     wait_left = args.max_wait
-    try:
+    with LoopRunner(args.backend) as runner:
         for name in names:
             log(f"- {name} ...")
             if name != "gpu" or torch.cuda.is_available():  # a skipped scenario needs no quiet
@@ -105,12 +116,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"  done in {result.seconds:.1f} s (other processes: "
                 f"{result.others_cores:.2f} cores); {status}"
             )
-    finally:
-        runner.close()
     total = time.perf_counter() - started
 
     link_dir = os.path.dirname(os.path.abspath(args.out))
-    images = {} if args.no_plots else report.render_plots(results, args.img_dir, link_dir)
+    images = {} if args.no_plots else plots.render_plots(results, args.img_dir, link_dir)
     title = (
         "Benchmarks: astage.save vs DCP async_save and torch.save (durable checkpoints)"
         if names == ["writers"]

@@ -2,12 +2,13 @@
 
 A contender is started (a fresh stager, empty cache), staged into any number of times (each call
 returns its wall time; the first call allocates, later ones reuse), and stopped (its buffers
-freed). Async contenders run on the benchmark's one event loop.
+freed). Async contenders run on the benchmark's one event loop
+(:class:`~benchmarks.runner.LoopRunner`), where DCP's ``DefaultStager`` future is awaited the way
+an async program awaits it.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,7 +18,9 @@ from torch.distributed.checkpoint._state_dict_stager import StateDictStager
 
 import astage
 
-from .timing import LoopRunner, timed, timed_async
+from .futures import wait_future
+from .runner import LoopRunner
+from .timing import timed, timed_async
 
 # torch's intra-op thread count as the process started. torch.set_num_threads() called in any
 # thread changes the default that threads created later start with; restoring it before each
@@ -30,16 +33,21 @@ def restore_intraop_threads() -> None:
 
 
 class Contender:
+    """A stager under test: :meth:`start` it, :meth:`stage` into it (timed), :meth:`stop` it."""
+
     name = "?"
     family = "?"  # "astage", "DCP" or "plain": how the report groups and colours it
 
     def start(self) -> None:
+        """A fresh stager with an empty cache."""
         raise NotImplementedError
 
     def stage(self, state_dict: Any) -> float:
+        """Stage ``state_dict`` once; the call's wall time in seconds."""
         raise NotImplementedError
 
     def stop(self) -> None:
+        """Close the stager and free its buffers."""
         raise NotImplementedError
 
     def new_nbytes(self) -> int | None:
@@ -59,8 +67,9 @@ class AstageSync(Contender):
         self._stager = astage.SyncStager(**self._options)
 
     def stage(self, state_dict: Any) -> float:
-        assert self._stager is not None
-        return timed(lambda: self._stager.stage(state_dict))  # type: ignore[union-attr]
+        stager = self._stager
+        assert stager is not None
+        return timed(lambda: stager.stage(state_dict))
 
     def stop(self) -> None:
         if self._stager is not None:
@@ -152,7 +161,7 @@ class DcpDefaultStager(Contender):
         assert stager is not None
         future = stager.stage(state_dict)
         assert not isinstance(future, dict)
-        return await asyncio.wrap_future(future)
+        return await wait_future(future)
 
     def stage(self, state_dict: Any) -> float:
         return self._runner.run(timed_async(lambda: self.stage_async(state_dict)))

@@ -1,24 +1,42 @@
-"""A heartbeat that measures event-loop lag: how late a 1 ms sleep wakes up.
+"""A heartbeat that measures event-loop lag: how late a short sleep wakes up.
 
-A task sleeps ``interval`` seconds in a loop and records by how much each wake-up overshot. Any
-code that holds the loop (or the GIL, from another thread) for longer shows up as lateness. The
-demo and the benchmarks both use it; it is not part of the public API.
+A task sleeps ``interval_s`` (1 ms) in a loop and records by how much each wake-up overshot.
+Anything that holds the loop, or the GIL from another thread, for longer shows up as lateness.
+The demo and the benchmarks both use it; it runs on every anyio backend (asyncio, asyncio with
+uvloop, trio)::
 
     async with LagProbe() as probe:
         async with probe.window() as lag:
             await stager.stage(state_dict)
         print(lag.summary().p99_ms)
+
+``python -m benchmarks.lag`` measures the probe itself on each backend: what one beat costs the
+loop's thread, the idle loop's lateness, and how much a copy running in a worker thread slows
+down while the probe beats; next to a heartbeat written with the backend's own ``sleep``. The
+probe sleeps through ``anyio.sleep`` because that costs no more than the native call (a few
+hundred nanoseconds per beat, well under the lateness it measures).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+import argparse
 import math
+import statistics
+import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from types import TracebackType
 from typing import NamedTuple
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+
+from .runner import BACKENDS, anyio_backend
+
+__all__ = ["LagProbe", "LagSummary", "LagWindow", "percentile"]
+
+Sleep = Callable[[float], Awaitable[object]]
 
 
 class LagSummary(NamedTuple):
@@ -31,6 +49,7 @@ class LagSummary(NamedTuple):
 
     @classmethod
     def of(cls, lateness_s: Sequence[float]) -> LagSummary:
+        """Summarise lateness samples given in seconds (NaN figures when there are none)."""
         if not lateness_s:
             return cls(0, math.nan, math.nan, math.nan)
         ordered = sorted(lateness_s)
@@ -61,10 +80,12 @@ class LagWindow:
         self._stop: int | None = None
 
     def close(self) -> None:
+        """Stop taking samples: later beats belong to no window of this one."""
         self._stop = len(self._probe.lateness_s)
 
     @property
     def lateness_s(self) -> list[float]:
+        """How late each beat of the window woke up, in seconds."""
         stop = self._stop if self._stop is not None else len(self._probe.lateness_s)
         return self._probe.lateness_s[self._start : stop]
 
@@ -73,25 +94,40 @@ class LagWindow:
 
 
 class LagProbe:
-    """Runs the heartbeat task on the current event loop while the ``async with`` block runs."""
+    """Runs the heartbeat in a task of its own while the ``async with`` block runs.
 
-    def __init__(self, interval_s: float = 0.001) -> None:
+    ``sleep`` is there to measure the probe against a backend's own sleep (see
+    :func:`measure_cost`); leave it at ``anyio.sleep``, which works on every backend.
+    """
+
+    def __init__(self, interval_s: float = 0.001, *, sleep: Sleep = anyio.sleep) -> None:
         self.interval_s = interval_s
+        self._sleep = sleep
         self.lateness_s: list[float] = []
-        self._task: asyncio.Task[None] | None = None
+        self._stack: AsyncExitStack | None = None
+        self._task_group: TaskGroup | None = None
+        self._next_beat: anyio.Event | None = None
 
-    async def _beat(self) -> None:
+    async def _beat(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         interval = self.interval_s
         record = self.lateness_s.append
         clock = time.perf_counter
+        sleep = self._sleep
+        task_status.started()
         while True:
             before = clock()
-            await asyncio.sleep(interval)
+            await sleep(interval)
             record(max(0.0, clock() - before - interval))
+            waiting, self._next_beat = self._next_beat, None
+            if waiting is not None:
+                waiting.set()
 
     async def __aenter__(self) -> LagProbe:
-        self._task = asyncio.create_task(self._beat(), name="astage-heartbeat")
-        await asyncio.sleep(0)  # let the first beat start before the caller's work does
+        async with AsyncExitStack() as stack:
+            task_group = await stack.enter_async_context(anyio.create_task_group())
+            # start() returns once the first beat is asleep: the caller's work comes after it.
+            await task_group.start(self._beat)
+            self._task_group, self._stack = task_group, stack.pop_all()
         return self
 
     async def __aexit__(
@@ -100,13 +136,14 @@ class LagProbe:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        stack, task_group = self._stack, self._task_group
+        self._stack = self._task_group = None
+        if task_group is not None:
+            task_group.cancel_scope.cancel()
+        if stack is not None:
+            await stack.__aexit__(exc_type, exc, tb)
 
-    @contextlib.asynccontextmanager
+    @asynccontextmanager
     async def window(self) -> AsyncIterator[LagWindow]:
         """Collect the samples of the beats that overlap the ``async with`` block.
 
@@ -121,8 +158,112 @@ class LagProbe:
             window.close()
 
     async def _settle(self) -> None:
-        if self._task is None or self._task.done():
+        if self._task_group is None:  # not running: no beat to wait for
             return
-        seen = len(self.lateness_s)
-        while len(self.lateness_s) == seen and not self._task.done():
-            await asyncio.sleep(0)
+        if self._next_beat is None:
+            self._next_beat = anyio.Event()
+        with anyio.CancelScope(shield=True):  # a cancelled caller still gets its last sample
+            await self._next_beat.wait()
+
+
+# --- what the probe costs -------------------------------------------------------------------
+
+
+class ProbeCost(NamedTuple):
+    """One heartbeat's cost on one backend, from :func:`measure_cost`."""
+
+    backend: str
+    heartbeat: str
+    beats: int
+    loop_cpu_us_per_beat: float
+    """CPU time of the loop's thread per beat while idle: the beat and the loop's wake-up."""
+    idle: LagSummary
+    copy_slowdown: float
+    """A worker thread's copies with the heartbeat beating, over the same without (1 = none)."""
+
+
+def native_sleep() -> Sleep:
+    """The running backend's own ``sleep``, without anyio in between."""
+    try:
+        import asyncio
+
+        asyncio.get_running_loop()
+    except RuntimeError:  # anyio's other backend
+        import trio
+
+        return trio.sleep
+    return asyncio.sleep
+
+
+def _copies(nbytes: int, rounds: int) -> Callable[[], float]:
+    """A worker thread's job that takes the GIL now and then: ``rounds`` copies of ``nbytes``."""
+    source, target = bytearray(nbytes), bytearray(nbytes)
+
+    def run() -> float:
+        started = time.perf_counter()
+        for _ in range(rounds):
+            target[:] = source
+        return time.perf_counter() - started
+
+    return run
+
+
+async def _cost(sleep: Sleep, seconds: float, copies: Callable[[], float]) -> ProbeCost:
+    async with LagProbe(sleep=sleep) as probe:
+        cpu_before = time.thread_time()
+        await anyio.sleep(seconds)
+        cpu_s = time.thread_time() - cpu_before
+        idle = probe.lateness_s[:]
+        beaten = [await anyio.to_thread.run_sync(copies) for _ in range(3)]
+    alone = [await anyio.to_thread.run_sync(copies) for _ in range(3)]
+    return ProbeCost(
+        backend="",
+        heartbeat="LagProbe" if sleep is anyio.sleep else "native sleep",
+        beats=len(idle),
+        loop_cpu_us_per_beat=cpu_s / max(len(idle), 1) * 1e6,
+        idle=LagSummary.of(idle),
+        copy_slowdown=statistics.median(beaten) / statistics.median(alone),
+    )
+
+
+def measure_cost(backend: str, seconds: float = 1.0, copy_bytes: int = 64 << 20) -> list[ProbeCost]:
+    """The probe and a native heartbeat on one backend ("asyncio", "uvloop" or "trio")."""
+    name, options = anyio_backend(backend)
+    copies = _copies(copy_bytes, 4)
+
+    async def both() -> list[ProbeCost]:
+        native = await _cost(native_sleep(), seconds, copies)
+        probe = await _cost(anyio.sleep, seconds, copies)
+        return [cost._replace(backend=backend) for cost in (native, probe)]
+
+    return anyio.run(both, backend=name, backend_options=options)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.lag``: print what the probe costs on each backend."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.lag",
+        description="What the lag probe costs on each anyio backend, next to a native heartbeat.",
+    )
+    parser.add_argument("--seconds", type=float, default=1.0, help="idle beating per row (1)")
+    parser.add_argument("--backend", action="append", choices=BACKENDS, help="(all)")
+    args = parser.parse_args(argv)
+    header = (
+        f"{'backend':<8} {'heartbeat':<13} {'beats':>6} {'loop CPU/beat':>14} "
+        f"{'idle p50':>9} {'idle p99':>9} {'idle max':>9} {'copy slowdown':>14}"
+    )
+    print(header)
+    print("-" * len(header))
+    for backend in args.backend or BACKENDS:
+        for cost in measure_cost(backend, args.seconds):
+            print(
+                f"{cost.backend:<8} {cost.heartbeat:<13} {cost.beats:>6} "
+                f"{cost.loop_cpu_us_per_beat:>11.1f} us {cost.idle.p50_ms:>6.3f} ms "
+                f"{cost.idle.p99_ms:>6.3f} ms {cost.idle.max_ms:>6.3f} ms "
+                f"{cost.copy_slowdown:>13.3f}x"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,6 +7,7 @@ Values come from a seeded generator; every page is written, so the source is res
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,10 @@ class Shape:
     tensors: int
     storages: int
     nbytes: int
+
+    def figures(self) -> dict[str, int]:
+        """The counts, for a scenario's raw figures."""
+        return {"tensors": self.tensors, "storages": self.storages, "nbytes": self.nbytes}
 
 
 def describe(state_dict: Any) -> Shape:
@@ -41,6 +46,18 @@ def describe(state_dict: Any) -> Shape:
         elif isinstance(obj, (list, tuple)):
             stack.extend(obj)
     return Shape(tensors, len(storages), sum(storages.values()))
+
+
+def tensor_leaves(obj: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[Any, torch.Tensor]]:
+    """``(path, tensor)`` for every tensor of a nested dict/list/tuple, the way astage paths it."""
+    if isinstance(obj, torch.Tensor):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from tensor_leaves(value, (*path, key))
+    elif isinstance(obj, (list, tuple)):
+        for index, value in enumerate(obj):
+            yield from tensor_leaves(value, (*path, index))
 
 
 def _filled(

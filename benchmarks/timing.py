@@ -1,4 +1,4 @@
-"""Timing helpers: medians, a level playing field for first calls, and the loop-lag probe.
+"""Timing helpers: medians, a level playing field for first calls, and the collector's pauses.
 
 First calls allocate their host buffers, and on a virtual machine the cost of that depends on
 where the pages come from: glibc hands back pages it freed earlier almost for free, while pages
@@ -8,29 +8,21 @@ slower. :func:`level_heap` puts every contender in the same state before its fir
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import ctypes.util
 import gc
 import mmap
 import statistics
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import torch
 
-from benchmarks.lag import LagProbe, LagSummary, LagWindow, percentile
-
 __all__ = [
     "GcPauses",
-    "LagProbe",
-    "LagSummary",
-    "LagWindow",
-    "LoopRunner",
     "level_heap",
     "median",
-    "percentile",
     "prefault",
     "rotate",
     "timed",
@@ -48,6 +40,7 @@ except (OSError, AttributeError):  # not glibc: trimming is a no-op
 
 
 def median(values: Sequence[float]) -> float:
+    """The median, or NaN for no values (a contender that never ran)."""
     return statistics.median(values) if values else float("nan")
 
 
@@ -107,6 +100,7 @@ def timed(call: Callable[[], object]) -> float:
 
 
 async def timed_async(call: Callable[[], Awaitable[object]]) -> float:
+    """Seconds one awaited call takes, measured on the loop that runs it."""
     start = time.perf_counter()
     result = await call()
     seconds = time.perf_counter() - start
@@ -144,18 +138,5 @@ class GcPauses:
         return [seconds for generation, seconds in self.pauses if generation == 2]
 
     def longest(self) -> float:
+        """Seconds of the longest collection of any generation."""
         return max((seconds for _, seconds in self.pauses), default=0.0)
-
-
-class LoopRunner:
-    """One event loop for a whole benchmark run, driven from synchronous code."""
-
-    def __init__(self) -> None:
-        self._loop = asyncio.new_event_loop()
-
-    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        return self._loop.run_until_complete(coroutine)
-
-    def close(self) -> None:
-        self._loop.run_until_complete(self._loop.shutdown_default_executor())
-        self._loop.close()

@@ -16,22 +16,20 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import staging as dcp_staging
-from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
+from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse, async_save
 
 from astage import compat
 
-from .contenders import dcp_default_options
-from .record import Check, ScenarioResult, Table, fmt_bytes, fmt_gbps, fmt_s
-from .state_dicts import describe, gpt2_with_adamw
-from .timing import LoopRunner, level_heap, median, rotate
-
-if TYPE_CHECKING:
-    from .scenarios import Config, Data
+from ..config import Config, Data
+from ..contenders import dcp_default_options
+from ..record import Check, ScenarioResult, Table, fmt_bytes, fmt_gbps, fmt_s
+from ..runner import LoopRunner
+from ..state_dicts import describe, gpt2_with_adamw
+from ..timing import level_heap, median, rotate
 
 SAVES = 3
 
@@ -76,7 +74,7 @@ def _make_stager(name: str, cuda: bool) -> Any:
 
 def _save(state_dict: Any, path: str, stager: Any) -> tuple[float, float, float]:
     started = time.perf_counter()
-    response = dcp.async_save(state_dict, checkpoint_id=path, async_stager=stager, no_dist=True)
+    response = async_save(state_dict, checkpoint_id=path, async_stager=stager, no_dist=True)
     returned = time.perf_counter() - started
     if isinstance(response, AsyncSaveResponse):
         response.staging_completion.result()
@@ -138,7 +136,7 @@ def dcp_saves(config: Config, data: Data, runner: LoopRunner) -> ScenarioResult:
         "dcp",
         f"dcp.async_save, three saves in a row: DCP's DefaultStager vs astage.compat's "
         f"({fmt_bytes(shape.nbytes)} GPT-2-like + AdamW)",
-        f"`dcp.async_save(sd, checkpoint_id=..., async_stager=stager)` three times in a row with "
+        f"`async_save(sd, checkpoint_id=..., async_stager=stager)` three times in a row with "
         f"one stager kept across the saves, on a GPT-2-like model + AdamW state "
         f"({config.dcp_layers} layers, width {config.dcp_width}, vocab {config.dcp_vocab}: "
         f"{shape.tensors} tensors, {fmt_bytes(shape.nbytes)}), each save to a fresh directory "

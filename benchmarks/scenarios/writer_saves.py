@@ -27,25 +27,23 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint import staging as dcp_staging
-from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
+from torch.distributed.checkpoint.filesystem import FileSystemWriter
+from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse, async_save
 
 import astage
 from astage._files._writer import fsync_folder
 
-from .contenders import dcp_default_options
-from .record import Check, ScenarioResult, Table, fmt_bytes, fmt_gbps, fmt_s
-from .state_dicts import describe, gpt2_with_adamw
-from .timing import LoopRunner, level_heap, median, rotate
-
-if TYPE_CHECKING:
-    from .scenarios import Config, Data
+from ..config import Config, Data
+from ..contenders import dcp_default_options
+from ..record import Check, ScenarioResult, Table, fmt_bytes, fmt_gbps, fmt_s
+from ..runner import LoopRunner
+from ..state_dicts import describe, gpt2_with_adamw, tensor_leaves
+from ..timing import level_heap, median, rotate
 
 SAVE = "astage.save (cached Stager)"
 STAGE = "astage stage alone"
@@ -59,18 +57,6 @@ SAVE_STAGING = "staging inside astage.save"
 """Not a contender: ``SaveResult.staging_seconds`` of each timed ``astage.save``."""
 
 SAVE_GOAL = 1.15  # astage.save <= 1.15x max(stage alone, write alone)
-
-
-def tensor_leaves(obj: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[Any, torch.Tensor]]:
-    """``(path, tensor)`` for every tensor of a nested dict/list/tuple, the way astage paths it."""
-    if isinstance(obj, torch.Tensor):
-        yield path, obj
-    elif isinstance(obj, dict):
-        for key, value in obj.items():
-            yield from tensor_leaves(value, (*path, key))
-    elif isinstance(obj, (list, tuple)):
-        for index, value in enumerate(obj):
-            yield from tensor_leaves(value, (*path, index))
 
 
 async def write_staged(staged: Any, path: str, writeback: bool = True) -> None:
@@ -99,7 +85,7 @@ def torch_save_durable(staged: Any, path: str) -> None:
 
 def dcp_save_durable(state_dict: Any, path: str, stager: Any) -> None:
     writer = FileSystemWriter(path, sync_files=True)
-    response = dcp.async_save(state_dict, storage_writer=writer, async_stager=stager, no_dist=True)
+    response = async_save(state_dict, storage_writer=writer, async_stager=stager, no_dist=True)
     if isinstance(response, AsyncSaveResponse):
         response.upload_completion.result()
     else:

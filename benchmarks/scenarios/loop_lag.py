@@ -1,0 +1,250 @@
+"""The ``lag`` scenario: how late a 1 ms heartbeat wakes up while the loop awaits a stager.
+
+astage's ``Stager.stage()`` and DCP's ``DefaultStager.stage()`` future, each on the run's one event
+loop with :class:`~benchmarks.lag.LagProbe` beating beside it; the garbage collector's pauses are
+counted apart, since a collection stalls the loop whichever thread triggers it. The gpu scenario
+measures the same on CUDA tensors through :func:`lag_runs` and :func:`lag_checks`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+
+import astage
+
+from ..config import Config, Data
+from ..contenders import DcpDefaultStager, restore_intraop_threads
+from ..lag import LagProbe, LagSummary, LagWindow
+from ..record import Check, ScenarioResult, Table, fmt_gbps, fmt_s
+from ..runner import LoopRunner
+from ..state_dicts import describe
+from ..timing import GcPauses, level_heap, median, rotate, timed_async
+
+__all__ = ["LAG_MAX_GOAL_MS", "LAG_P99_GOAL_MS", "LagRuns", "lag", "lag_checks", "lag_runs"]
+
+LAG_P99_GOAL_MS = 2.0
+LAG_MAX_GOAL_MS = 10.0
+
+
+@dataclass
+class LagRuns:
+    first_s: list[float]
+    cached_s: list[float]
+    first_lag_s: list[float]
+    cached_lag_s: list[float]
+    quiet_cached_s: list[float]
+    """Cached calls without the heartbeat running (astage only): its own best."""
+    full_gc_s: list[float] = dataclasses.field(default_factory=list)
+    """Full (generation 2) garbage collections during the calls, each a loop stall."""
+    longest_gc_s: float = 0.0
+
+    def record(self, first: bool, seconds: float, window: LagWindow, gcs: GcPauses) -> None:
+        (self.first_s if first else self.cached_s).append(seconds)
+        (self.first_lag_s if first else self.cached_lag_s).extend(window.lateness_s)
+        self.full_gc_s += gcs.full()
+        self.longest_gc_s = max(self.longest_gc_s, gcs.longest())
+
+    def figures(self) -> dict[str, Any]:
+        first, cached = LagSummary.of(self.first_lag_s), LagSummary.of(self.cached_lag_s)
+        return {
+            "first_s": self.first_s,
+            "cached_s": self.cached_s,
+            "quiet_cached_s": self.quiet_cached_s,
+            "full_gc_ms": [round(x * 1e3, 3) for x in self.full_gc_s],
+            "longest_gc_ms": round(self.longest_gc_s * 1e3, 3),
+            "first_lag": first._asdict(),
+            "cached_lag": cached._asdict(),
+            "first_lateness_ms": [round(x * 1e3, 4) for x in self.first_lag_s],
+            "cached_lateness_ms": [round(x * 1e3, 4) for x in self.cached_lag_s],
+        }
+
+
+async def _watched_calls(
+    stage: Callable[[], Awaitable[Any]], runs: LagRuns, cached_calls: int
+) -> None:
+    """A first call and ``cached_calls`` more, each under the heartbeat and the GC watch.
+
+    Each staged result stays alive until its window has closed: freeing tens of thousands of
+    tensors is the caller's cost, whenever it drops a snapshot, not the stager's.
+    """
+    async with LagProbe() as probe:
+        for call in range(1 + cached_calls):
+            with GcPauses() as gcs:
+                async with probe.window() as window:
+                    started = time.perf_counter()
+                    staged = await stage()
+                    seconds = time.perf_counter() - started
+            runs.record(call == 0, seconds, window, gcs)
+            del staged
+
+
+async def _astage_lag_session(state_dict: Any, runs: LagRuns, cached_calls: int) -> None:
+    async with astage.Stager() as stager:
+        await _watched_calls(lambda: stager.stage(state_dict), runs, cached_calls)
+        for _ in range(cached_calls):
+            runs.quiet_cached_s.append(await timed_async(lambda: stager.stage(state_dict)))
+
+
+async def _dcp_lag_session(
+    contender: DcpDefaultStager, state_dict: Any, runs: LagRuns, cached_calls: int
+) -> None:
+    contender.start()
+    try:
+        await _watched_calls(lambda: contender.stage_async(state_dict), runs, cached_calls)
+    finally:
+        contender.stop()
+
+
+async def _idle_lag(seconds: float) -> LagSummary:
+    async with LagProbe() as probe, probe.window() as window:
+        await anyio.sleep(seconds)
+    return window.summary()
+
+
+def lag_runs(
+    state_dict: Any, config: Config, runner: LoopRunner, cuda: bool = False
+) -> dict[str, LagRuns]:
+    dcp = DcpDefaultStager(runner, cuda=cuda)
+    names = ["astage Stager (async)", dcp.name]
+    runs = {name: LagRuns([], [], [], [], []) for name in names}
+    for repeat in range(config.repeats):
+        for name in rotate(names, repeat):
+            level_heap()
+            restore_intraop_threads()
+            if name == dcp.name:
+                runner.run(_dcp_lag_session(dcp, state_dict, runs[name], config.cached_calls))
+            else:
+                runner.run(_astage_lag_session(state_dict, runs[name], config.cached_calls))
+            level_heap()
+    return runs
+
+
+def lag_checks(label: str, runs: dict[str, LagRuns], nbytes: int) -> tuple[list[Check], Table]:
+    mine, theirs = runs["astage Stager (async)"], runs["DCP DefaultStager (thread)"]
+    checks: list[Check] = []
+    rows = []
+    for phase in ("cached", "first"):
+        a = LagSummary.of(getattr(mine, f"{phase}_lag_s"))
+        d = LagSummary.of(getattr(theirs, f"{phase}_lag_s"))
+        checks += [
+            Check(
+                f"{label}, {phase} calls: loop lag p99",
+                f"{a.p99_ms:.2f} ms",
+                f"{d.p99_ms:.2f} ms",
+                d.p99_ms / a.p99_ms if a.p99_ms > 0 else None,
+                f"<= {LAG_P99_GOAL_MS:g} ms",
+                a.p99_ms <= LAG_P99_GOAL_MS,
+            ),
+            Check(
+                f"{label}, {phase} calls: loop lag max",
+                f"{a.max_ms:.2f} ms",
+                f"{d.max_ms:.2f} ms",
+                d.max_ms / a.max_ms if a.max_ms > 0 else None,
+                f"<= {LAG_MAX_GOAL_MS:g} ms",
+                a.max_ms <= LAG_MAX_GOAL_MS,
+            ),
+        ]
+        for name, run, summary in (
+            ("astage Stager (async)", mine, a),
+            ("DCP DefaultStager (thread)", theirs, d),
+        ):
+            seconds = median(getattr(run, f"{phase}_s"))
+            rows.append(
+                [
+                    name,
+                    phase,
+                    fmt_s(seconds),
+                    fmt_gbps(nbytes, seconds),
+                    str(summary.samples),
+                    f"{summary.p50_ms:.3f}",
+                    f"{summary.p99_ms:.2f}",
+                    f"{summary.max_ms:.2f}",
+                    f"{len(run.full_gc_s)}",
+                    f"{max(run.full_gc_s, default=0.0) * 1e3:.1f}",
+                ]
+            )
+    with_beat, quiet = median(mine.cached_s), median(mine.quiet_cached_s)
+    ratio = quiet / with_beat
+    checks.append(
+        Check(
+            f"{label}: astage cached throughput with heartbeat vs without",
+            fmt_gbps(nbytes, with_beat),
+            fmt_gbps(nbytes, quiet) + " (astage, no heartbeat)",
+            ratio,
+            ">= 0.9x",
+            ratio >= 0.9,
+        )
+    )
+    columns = [
+        "contender",
+        "calls",
+        "time",
+        "GB/s",
+        "beats",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "full GCs (all calls)",
+        "longest full GC ms",
+    ]
+    return checks, Table(f"{label} (pooled over repeats)", columns, rows)
+
+
+def gc_notes(label: str, runs: dict[str, LagRuns]) -> list[str]:
+    """Say so when garbage collections alone were longer than the lag goal."""
+    notes = []
+    for name, run in runs.items():
+        if run.longest_gc_s * 1e3 > LAG_MAX_GOAL_MS:
+            full = run.full_gc_s
+            notes.append(
+                f"{label}, {name}: the longest garbage collection during its calls took "
+                f"{run.longest_gc_s * 1e3:.0f} ms ({len(full)} full collections, "
+                f"{sum(full) * 1e3:.0f} ms in all); a collection holds the GIL, so each one is "
+                "a loop stall of that length. They are triggered by the objects each staged "
+                "result allocates (a tensor and its containers per entry) with the large source "
+                "dict alive, and they scan every live object."
+            )
+    return notes
+
+
+def lag(config: Config, data: Data, runner: LoopRunner) -> ScenarioResult:
+    result = ScenarioResult(
+        "lag",
+        "Event-loop lag while staging (heartbeat every 1 ms)",
+        "A task sleeps 1 ms in a loop and records how late it wakes up while the loop awaits "
+        "`astage.Stager.stage()` or DCP's `DefaultStager.stage()` future (through "
+        "`asyncio.wrap_future`; `DefaultStager(StagingOptions(use_pinned_memory=False, "
+        "use_shared_memory=False, use_async_staging=True, use_non_blocking_copy=False))`). "
+        "Lateness samples are pooled over the repeats; p99 and max are over the pool. "
+        "Throughput: astage's cached calls with the heartbeat vs the same calls without it. "
+        "Full garbage collections (generation 2) that ran during the calls are counted: a "
+        "collection holds the GIL, so it stalls the loop whichever thread triggered it.",
+    )
+    idle = runner.run(_idle_lag(0.5))
+    result.notes.append(
+        f"Idle loop, nothing staging: {idle.samples} beats, p50 {idle.p50_ms:.3f} ms, "
+        f"p99 {idle.p99_ms:.3f} ms, max {idle.max_ms:.3f} ms (the floor of this machine)."
+    )
+    result.figures["idle"] = idle._asdict()
+    for key, label, state_dict in (
+        ("bulk", config.bulk_label, data.bulk()),
+        ("small", f"{config.small_tensors:,} small tensors", data.small()),
+    ):
+        shape = describe(state_dict)
+        runs = lag_runs(state_dict, config, runner)
+        checks, table = lag_checks(label, runs, shape.nbytes)
+        result.checks += checks
+        result.tables.append(table)
+        result.notes += gc_notes(label, runs)
+        result.figures[key] = {
+            "label": label,
+            "shape": shape.figures(),
+            "runs": {name: run.figures() for name, run in runs.items()},
+        }
+    return result
