@@ -1,16 +1,17 @@
 """One rank of a multi-process gloo job for tests/test_replication.py.
 
-Run as ``python tests/_dist_worker.py JOB RANK WORLD INIT_FILE OUT_DIR``. Every check runs in
-turn; each one's outcome ("ok" or the error) goes into ``OUT_DIR/rank{RANK}.json``, which the
+Run as ``python tests/_dist_worker.py JOB RANK WORLD INIT_FILE OUT_DIR BACKEND``. Every check
+runs in turn, its async parts on ``BACKEND`` (``asyncio``, ``uvloop`` or ``trio``, through
+anyio); each one's outcome ("ok" or the error) goes into ``OUT_DIR/rank{RANK}.json``, which the
 test reads. A check that fails does not stop the others.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import sys
+import threading
 import time
 import traceback
 from collections import OrderedDict
@@ -20,12 +21,21 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import anyio
 import torch
 import torch.distributed as dist
 
 import astage
 
 BIG = (17 << 20) // 4  # float32 elements of a storage big enough to travel alone
+BACKEND = "asyncio"  # set by main() from the command line
+
+
+def run(fn: Callable[..., Any], *args: Any) -> Any:
+    """``anyio.run`` on this job's backend (uvloop is asyncio with uvloop's event loop)."""
+    if BACKEND == "uvloop":
+        return anyio.run(fn, *args, backend="asyncio", backend_options={"use_uvloop": True})
+    return anyio.run(fn, *args, backend=BACKEND)
 
 
 def plain_sd(rank: int) -> dict[str, Any]:
@@ -150,6 +160,7 @@ async def check_refusal(rank: int, world: int, stager: astage.ReplicationStager)
         except astage.ReplicationError as error:
             text = str(error)
             assert "['opaque']" in text, text
+            assert f"rank {rank}" in text and f"rank {stager.receive_from}" in text, text
             if rank != 0:
                 assert "rank 0 could not send its snapshot" in text, text
         else:
@@ -241,11 +252,11 @@ def check_dtensor_staging(rank: int, world: int) -> None:
     with astage.SyncStager(pin_memory=False) as sync:
         verify(sync.stage(sd))
 
-    async def run() -> None:
+    async def stage_async() -> None:
         async with astage.Stager(pin_memory=False) as stager:
             verify(await stager.stage(sd))
 
-    asyncio.run(run())
+    run(stage_async)
 
 
 def check_sharded_tensor_staging(rank: int, world: int) -> None:
@@ -276,11 +287,11 @@ def check_sharded_tensor_staging(rank: int, world: int) -> None:
     with astage.SyncStager(pin_memory=False) as sync:
         verify(sync.stage(sd))
 
-    async def run() -> None:
+    async def stage_async() -> None:
         async with astage.Stager(pin_memory=False) as stager:
             verify(await stager.stage(sd))
 
-    asyncio.run(run())
+    run(stage_async)
 
 
 def check_dcp(rank: int, world: int, tmp: str) -> None:
@@ -316,24 +327,92 @@ async def check_cancel(rank: int, world: int, tmp: str) -> None:
     refuses further calls, and the exchange still completes in the background for rank 1."""
     async with astage.ReplicationStager(timeout=30) as stager:
         if rank == 0:
-            task = asyncio.create_task(stager.stage(plain_sd(rank)))
-            await asyncio.sleep(0.3)
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-            else:
-                raise AssertionError("not cancelled")
+            started = time.monotonic()
+            with anyio.move_on_after(0.3) as scope:
+                await stager.stage(plain_sd(rank))
+            assert scope.cancelled_caught, "not cancelled"
+            assert time.monotonic() - started < 0.9  # not held until the partner joined
             try:
                 await stager.stage(plain_sd(rank))
             except astage.ReplicationError as error:
-                assert "cancelled midway" in str(error), str(error)
+                text = str(error)
+                assert "cancelled midway" in text and "rank 0" in text and "rank 1" in text, text
             else:
                 raise AssertionError("a stager whose exchange was cancelled staged again")
         else:
-            await asyncio.sleep(1.0)  # join late
+            await anyio.sleep(1.0)  # join late
             same(await stager.stage(plain_sd(rank)), plain_sd(stager.receive_from))
+
+
+async def check_aclose_cancelled(rank: int, world: int, tmp: str) -> None:
+    """A cancelled aclose() (it waits for the exchange in progress) leaves the stager open and
+    working; a second aclose() closes it, and a closed stager says so, naming its class."""
+    stager = astage.ReplicationStager(timeout=30)
+    if rank == 0:
+        async with anyio.create_task_group() as tasks:
+            replicas: list[Any] = []
+
+            async def stage() -> None:
+                replicas.append(await stager.stage(plain_sd(rank)))
+
+            tasks.start_soon(stage)
+            await anyio.sleep(0.2)  # the exchange waits for the late partner
+            with anyio.move_on_after(0.2) as scope:
+                await stager.aclose()
+            assert scope.cancelled_caught, "aclose() did not wait for the exchange"
+        same(replicas[0], plain_sd(stager.receive_from))
+        same(await stager.stage(plain_sd(rank)), plain_sd(stager.receive_from))  # still open
+    else:
+        await anyio.sleep(1.0)
+        for _ in range(2):
+            same(await stager.stage(plain_sd(rank)), plain_sd(stager.receive_from))
+    await stager.aclose()
+    await stager.aclose()  # a second call is a no-op
+    for attempt in (stager.stage(plain_sd(rank)), stager.__aenter__()):
+        try:
+            await attempt
+        except astage.StagerClosedError as error:
+            assert "ReplicationStager" in str(error), str(error)
+        else:
+            raise AssertionError("a closed ReplicationStager staged")
+
+
+def check_busy(rank: int, world: int) -> None:
+    """A second thread's event loop calling the stager while a call runs gets BusyError."""
+    stager = astage.ReplicationStager(timeout=30)
+    try:
+        if rank == 0:
+            replicas: list[Any] = []
+            first = threading.Thread(
+                target=lambda: replicas.append(run(stager.stage, plain_sd(rank)))
+            )
+            first.start()
+            time.sleep(0.3)  # the first call waits for the late partner
+            try:
+                run(stager.stage, plain_sd(rank))
+            except astage.BusyError as error:
+                assert "ReplicationStager" in str(error), str(error)
+            else:
+                raise AssertionError("a second loop's call was not refused")
+            finally:
+                first.join(timeout=30)
+            same(replicas[0], plain_sd(stager.receive_from))
+        else:
+            time.sleep(1.0)
+            same(run(stager.stage, plain_sd(rank)), plain_sd(stager.receive_from))
+    finally:
+        run(stager.aclose)
+
+
+async def check_options(rank: int, world: int) -> None:
+    """Bad arguments are InvalidOptionsErrors; the stager is not built."""
+    for kwargs in ({"timeout": 0}, {"timeout": -1.0}, {"timeout": "soon"}, {"partner": rank}):
+        try:
+            astage.ReplicationStager(**kwargs)
+        except astage.InvalidOptionsError:
+            pass
+        else:
+            raise AssertionError(f"{kwargs} accepted")
 
 
 async def check_timeout(rank: int, world: int, tmp: str) -> None:
@@ -342,7 +421,7 @@ async def check_timeout(rank: int, world: int, tmp: str) -> None:
     if rank != 0:
         deadline = time.monotonic() + 30
         while not os.path.exists(done) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+            await anyio.sleep(0.05)
         return
     stager = astage.ReplicationStager(timeout=1.0)
     try:
@@ -352,20 +431,21 @@ async def check_timeout(rank: int, world: int, tmp: str) -> None:
         async def tick() -> None:
             nonlocal loop_ticks
             while True:
-                await asyncio.sleep(0.01)
+                await anyio.sleep(0.01)
                 loop_ticks += 1
 
-        ticker = asyncio.create_task(tick())
-        try:
-            await stager.stage(plain_sd(rank))
-        except astage.ReplicationTimeoutError as error:
-            text = str(error)
-            assert "rank 1" in text and "1 s" in text, text
-            assert isinstance(error, TimeoutError)
-        else:
-            raise AssertionError("no timeout")
-        finally:
-            ticker.cancel()
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(tick)
+            try:
+                await stager.stage(plain_sd(rank))
+            except astage.ReplicationTimeoutError as error:
+                text = str(error)
+                assert "rank 0" in text and "rank 1" in text and "1 s" in text, text
+                assert isinstance(error, TimeoutError)
+            else:
+                raise AssertionError("no timeout")
+            finally:
+                tasks.cancel_scope.cancel()
         elapsed = time.monotonic() - started
         assert 0.9 <= elapsed < 10, elapsed
         assert loop_ticks > 20, loop_ticks  # the loop ran while the exchange waited
@@ -382,7 +462,8 @@ async def check_timeout(rank: int, world: int, tmp: str) -> None:
 
 
 def main() -> None:
-    job, rank_s, world_s, init_file, out = sys.argv[1:6]
+    global BACKEND
+    job, rank_s, world_s, init_file, out, BACKEND = sys.argv[1:7]
     rank, world = int(rank_s), int(world_s)
     dist.init_process_group(
         "gloo",
@@ -406,21 +487,25 @@ def main() -> None:
         async with astage.ReplicationStager(timeout=30) as stager:
             await check(rank, world, stager)
 
-    record("plain", lambda: asyncio.run(with_stager(check_plain)))
-    record("nested", lambda: asyncio.run(with_stager(check_nested)))
-    record("dtensor", lambda: asyncio.run(with_stager(check_dtensor)))
-    record("refusal", lambda: asyncio.run(with_stager(check_refusal)))
+    record("plain", lambda: run(with_stager, check_plain))
+    record("nested", lambda: run(with_stager, check_nested))
+    record("dtensor", lambda: run(with_stager, check_dtensor))
+    record("refusal", lambda: run(with_stager, check_refusal))
     if world % 2 == 0:
-        record("explicit_partner", lambda: asyncio.run(check_explicit_partner(rank, world)))
+        record("explicit_partner", lambda: run(check_explicit_partner, rank, world))
     if job == "main":
-        record("persist", lambda: asyncio.run(check_persist(rank, world, out)))
-        record("persist_failure", lambda: asyncio.run(check_persist_failure(rank, world, out)))
-        record("dtensor_staging", lambda: check_dtensor_staging(rank, world))
-        record("sharded_tensor_staging", lambda: check_sharded_tensor_staging(rank, world))
-        record("dcp", lambda: check_dcp(rank, world, out))
-        record("cancel", lambda: asyncio.run(check_cancel(rank, world, out)))
+        record("options", lambda: run(check_options, rank, world))
+        record("persist", lambda: run(check_persist, rank, world, out))
+        record("persist_failure", lambda: run(check_persist_failure, rank, world, out))
+        record("aclose_cancelled", lambda: run(check_aclose_cancelled, rank, world, out))
+        if BACKEND == "asyncio":  # not replication: the staging faces, DCP, threads' loops
+            record("dtensor_staging", lambda: check_dtensor_staging(rank, world))
+            record("sharded_tensor_staging", lambda: check_sharded_tensor_staging(rank, world))
+            record("dcp", lambda: check_dcp(rank, world, out))
+            record("busy", lambda: check_busy(rank, world))
+        record("cancel", lambda: run(check_cancel, rank, world, out))
         # Last: a timeout closes the gloo connection between the pair, so no barrier after it.
-        record("timeout", lambda: asyncio.run(check_timeout(rank, world, out)), barrier=False)
+        record("timeout", lambda: run(check_timeout, rank, world, out), barrier=False)
     with open(os.path.join(out, f"rank{rank}.json"), "w") as file:
         json.dump(results, file)
     if job != "main":

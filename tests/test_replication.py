@@ -1,8 +1,9 @@
 """ReplicationStager: multi-process gloo jobs on 127.0.0.1, plus the sans-IO parts in process.
 
-Three jobs start once per module, side by side: 2 ranks (every check, DCP and the timeout
-included), 4 ranks (pairs 0<->2, 1<->3) and 3 ranks (the ring). Each rank runs
-``tests/_dist_worker.py`` and reports every check's outcome; the tests below read them.
+Four jobs start once per module, side by side: 2 ranks on asyncio (every check, DCP and the
+timeout included), the same 2-rank checks on trio, 4 ranks on asyncio with uvloop (pairs
+0<->2, 1<->3) and 3 ranks on asyncio (the ring). Each rank runs ``tests/_dist_worker.py`` and
+reports every check's outcome; the tests below read them.
 """
 
 from __future__ import annotations
@@ -11,20 +12,33 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 import torch
 
 import astage
-from astage._replication._stager import BUCKET_BYTES, _Decoder, buckets, encode, pairing
+from astage._replication._pairing import pairing
+from astage._replication._stager import _Mailbox, _seconds
+from astage._replication._transport import Landed
+from astage._replication._wire import BUCKET_BYTES, buckets, decode, encode
 
 WORKER = Path(__file__).with_name("_dist_worker.py")
-JOBS = {"main": 2, "basic4": 4, "ring3": 3}
+JOBS = {  # name: (ranks, the worker's job, backend)
+    "main": (2, "main", "asyncio"),
+    "trio": (2, "main", "trio"),
+    "basic4": (4, "basic", "uvloop"),
+    "ring3": (3, "basic", "asyncio"),
+}
+MAIN_JOBS = ["main", "trio"]
 
 
 @dataclass
@@ -58,9 +72,8 @@ class Job:
 def jobs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Job]]:
     started: dict[str, Job] = {}
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    for name, world in JOBS.items():
+    for name, (world, job_kind, backend) in JOBS.items():
         out = tmp_path_factory.mktemp(f"replication-{name}")
-        job_kind = "main" if name == "main" else "basic"
         procs = [
             subprocess.Popen(
                 [
@@ -71,6 +84,7 @@ def jobs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Job]]:
                     str(world),
                     str(out / "init"),
                     str(out),
+                    backend,
                 ],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -110,17 +124,37 @@ def test_unsendable_object_fails_both_sides_at_once_and_keeps_them_in_step(
     check(jobs[job_name], "refusal")
 
 
-@pytest.mark.parametrize("job_name", ["main", "basic4"])
+@pytest.mark.parametrize("job_name", ["main", "trio", "basic4"])
 def test_explicit_symmetric_partner(jobs: dict[str, Job], job_name: str) -> None:
     check(jobs[job_name], "explicit_partner")
 
 
-def test_persisted_replica_loads_back(jobs: dict[str, Job]) -> None:
-    check(jobs["main"], "persist")
+@pytest.mark.parametrize("job_name", MAIN_JOBS)
+def test_bad_arguments_are_invalid_options(jobs: dict[str, Job], job_name: str) -> None:
+    check(jobs[job_name], "options")
 
 
-def test_persist_failure_names_both_ranks_and_leaves_no_temporary(jobs: dict[str, Job]) -> None:
-    check(jobs["main"], "persist_failure")
+@pytest.mark.parametrize("job_name", MAIN_JOBS)
+def test_persisted_replica_loads_back(jobs: dict[str, Job], job_name: str) -> None:
+    check(jobs[job_name], "persist")
+
+
+@pytest.mark.parametrize("job_name", MAIN_JOBS)
+def test_persist_failure_names_both_ranks_and_leaves_no_temporary(
+    jobs: dict[str, Job], job_name: str
+) -> None:
+    check(jobs[job_name], "persist_failure")
+
+
+@pytest.mark.parametrize("job_name", MAIN_JOBS)
+def test_cancelled_aclose_leaves_the_stager_open_and_a_second_one_closes_it(
+    jobs: dict[str, Job], job_name: str
+) -> None:
+    check(jobs[job_name], "aclose_cancelled")
+
+
+def test_a_second_threads_loop_gets_busy_error(jobs: dict[str, Job]) -> None:
+    check(jobs["main"], "busy")
 
 
 def test_dtensor_staging_with_stager_and_sync_stager(jobs: dict[str, Job]) -> None:
@@ -135,14 +169,16 @@ def test_dcp_async_save_with_compat_default_stager_under_gloo(jobs: dict[str, Jo
     check(jobs["main"], "dcp")
 
 
+@pytest.mark.parametrize("job_name", MAIN_JOBS)
 def test_cancelled_stage_frees_the_loop_and_marks_the_stager_out_of_step(
-    jobs: dict[str, Job],
+    jobs: dict[str, Job], job_name: str
 ) -> None:
-    check(jobs["main"], "cancel")
+    check(jobs[job_name], "cancel")
 
 
-def test_partner_that_never_joins_times_out_naming_it(jobs: dict[str, Job]) -> None:
-    check(jobs["main"], "timeout")
+@pytest.mark.parametrize("job_name", MAIN_JOBS)
+def test_partner_that_never_joins_times_out_naming_it(jobs: dict[str, Job], job_name: str) -> None:
+    check(jobs[job_name], "timeout")
 
 
 # -- in process: pairing, wire encoding, refusals ------------------------------------------------
@@ -160,9 +196,9 @@ def test_pairing_odd_world_is_a_ring() -> None:
 def test_pairing_refuses_one_rank_and_bad_partners() -> None:
     with pytest.raises(astage.ReplicationError, match="at least 2 ranks"):
         pairing(0, 1)
-    with pytest.raises(astage.ReplicationError, match="partner=0"):
+    with pytest.raises(astage.InvalidOptionsError, match="partner=0"):
         pairing(0, 4, partner=0)
-    with pytest.raises(astage.ReplicationError, match="partner=7"):
+    with pytest.raises(astage.InvalidOptionsError, match="partner=7"):
         pairing(0, 4, partner=7)
     assert pairing(0, 4, partner=1) == (1, 1)
 
@@ -186,7 +222,7 @@ def test_encode_decode_round_trip_without_a_process_group() -> None:
     encoded = encode(state)
     header = json.loads(json.dumps(encoded.header))
     storages = [s.clone() for s in encoded.storages]
-    replica: Any = _Decoder(storages, [], source=1).decode(header["skeleton"])
+    replica: Any = decode(header, storages, [], source=1)
     assert type(replica["model"]) is OrderedDict
     assert torch.equal(replica["model"]["a"], shared)
     assert torch.equal(replica["model"]["b"], shared[3:5])
@@ -206,7 +242,7 @@ def test_module_state_dict_metadata_travels_with_the_replica() -> None:
     encoded = encode(state)
     header = json.loads(json.dumps(encoded.header))
     storages = [s.clone() for s in encoded.storages]
-    replica: Any = _Decoder(storages, [], source=1).decode(header["skeleton"])
+    replica: Any = decode(header, storages, [], source=1)
     assert replica._metadata == state._metadata  # type: ignore[attr-defined]
     torch.nn.Linear(2, 2).load_state_dict(replica)
 
@@ -228,3 +264,56 @@ def test_stager_needs_an_initialized_process_group() -> None:
         pytest.skip("a process group is initialized in this process")
     with pytest.raises(astage.ReplicationError, match="init_process_group"):
         astage.ReplicationStager()
+
+
+def test_timeout_must_be_positive_seconds_or_a_timedelta() -> None:
+    assert _seconds(2) == 2.0
+    assert _seconds(timedelta(minutes=1)) == 60.0
+    for bad in (0, -1, float("nan"), "soon", timedelta(0)):
+        with pytest.raises(astage.InvalidOptionsError, match="timeout"):
+            _seconds(bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_mailbox_hands_progress_from_a_thread_to_the_loop_in_order(backend: str) -> None:
+    async def main() -> list[Any]:
+        mailbox = _Mailbox()
+
+        def produce() -> None:
+            for i in range(50):
+                if i % 10 == 0:
+                    time.sleep(0.01)  # the reader waits in its thread now and then
+                mailbox.put(Landed([i]))
+            mailbox.close()
+
+        seen: list[Any] = []
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(anyio.to_thread.run_sync, produce)
+            async for progress in mailbox:
+                seen.append(progress)
+        return seen
+
+    seen = anyio.run(main, backend=backend)
+    assert seen == [Landed([i]) for i in range(50)]
+
+
+def test_mailbox_writer_never_waits_for_the_loop() -> None:
+    # An exchange thread outliving its caller (cancelled; its loop gone) must run to its end.
+    async def abandon() -> _Mailbox:
+        mailbox = _Mailbox()
+        with anyio.move_on_after(0.05):
+            async for _ in mailbox:
+                pass
+        return mailbox
+
+    mailbox = anyio.run(abandon)
+    finished = threading.Event()
+
+    def exchange_thread() -> None:
+        for i in range(3):
+            mailbox.put(Landed([i]))
+        mailbox.close()
+        finished.set()
+
+    threading.Thread(target=exchange_thread, daemon=True).start()
+    assert finished.wait(5)

@@ -1,0 +1,128 @@
+"""Persistence: the replica received from a partner, written to a file while its bytes arrive.
+
+The file is a safetensors file written by :class:`~astage.SafetensorsWriter`, with every
+DTensor replaced by its local shard and its spec (placements, global shape and stride, mesh)
+in the file's metadata, under ``"astage.replica"`` with this rank and the partner's. Each
+message's tensors go to the writer as soon as the message has landed, so the disk works while
+later bytes are still on the wire; the file is committed (fsync, atomic rename) only once the
+whole exchange has succeeded, and aborted (no temporary left) otherwise.
+
+A failure of the file does not stop the exchange (the pair must stay in step): it is kept
+and raised, naming both ranks and the file, once the exchange is over.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from typing import Any
+
+import torch
+
+from .._errors import ReplicationError
+from .._files._writer import SafetensorsWriter
+from .._paths import Path, format_path
+from ._transport import Landed, Progress, ReplicaReady
+from ._wire import mesh_key, placement_to_json
+
+__all__ = ["ReplicaFile", "replica_file_name"]
+
+
+def replica_file_name(rank: int, partner: int) -> str:
+    """The file name of the replica that ``rank`` receives from ``partner``."""
+    return f"replica-rank{rank}-from-rank{partner}.safetensors"
+
+
+class ReplicaFile:
+    """The replica that ``rank`` receives from ``partner``, persisted to ``path``.
+
+    Feed it the exchange's progress with :meth:`follow`, then :meth:`commit` once the
+    exchange succeeded, or :meth:`abort` (always safe, also when nothing was begun).
+    """
+
+    def __init__(self, path: str, rank: int, partner: int) -> None:
+        self.path = path
+        self.rank = rank
+        self.partner = partner
+        self._writer: SafetensorsWriter | None = None
+        self._waiting: dict[int, list[tuple[Path, torch.Tensor]]] = {}
+        """The tensors still waiting for their bytes, by the storage they view."""
+        self._failure: BaseException | None = None
+
+    async def follow(self, progress: Progress) -> None:
+        """Write what ``progress`` says has arrived; a failure is kept for :meth:`commit`."""
+        if self._failure is not None:
+            return  # the file is lost: let the exchange run to its end
+        try:
+            if isinstance(progress, ReplicaReady):
+                await self._begin(progress.replica, progress.storages)
+            elif isinstance(progress, Landed) and self._writer is not None:
+                for index in progress.indices:
+                    for where, tensor in self._waiting.pop(index, ()):
+                        await self._writer.write(where, tensor)
+        except Exception as error:  # noqa: BLE001 - raised by commit(), after the exchange
+            self._failure = error
+
+    async def commit(self) -> None:
+        """Make the file durable and visible; raises :class:`~astage.ReplicationError`."""
+        if self._failure is None and self._writer is not None:
+            try:
+                await self._writer.commit()
+            except Exception as error:  # noqa: BLE001 - raised below, named
+                self._failure = error
+        if self._failure is not None:
+            raise ReplicationError(
+                f"rank {self.rank}: persisting the replica from partner rank "
+                f"{self.partner} to {self.path} failed: {self._failure}"
+            ) from self._failure
+
+    async def abort(self) -> None:
+        """Remove the temporary file, if one was begun; the last replica file stays."""
+        writer, self._writer = self._writer, None
+        self._waiting = {}
+        if writer is not None:
+            await writer.abort()
+
+    async def _begin(self, replica: Any, storages: list[torch.Tensor]) -> None:
+        tensors: list[tuple[Path, torch.Tensor]] = []
+        dtensors: dict[str, Any] = {}
+        plain = _plain(replica, (), tensors, dtensors)
+        info = {"rank": self.rank, "partner": self.partner, "dtensors": dtensors}
+        self._writer = SafetensorsWriter(self.path, metadata={"astage.replica": json.dumps(info)})
+        await self._writer.begin(plain)
+        index = {storage.untyped_storage().data_ptr(): i for i, storage in enumerate(storages)}
+        for where, tensor in tensors:
+            ptr = tensor.untyped_storage().data_ptr()
+            if tensor.untyped_storage().nbytes() == 0 or ptr not in index:
+                await self._writer.write(where, tensor)  # no bytes to wait for
+            else:
+                self._waiting.setdefault(index[ptr], []).append((where, tensor))
+
+
+def _plain(
+    x: Any, path: Path, tensors: list[tuple[Path, torch.Tensor]], dtensors: dict[str, Any]
+) -> Any:
+    """``x`` with every DTensor replaced by its local shard (what a checkpoint file can hold)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(x, DTensor):
+        spec = x._spec
+        dtensors[format_path(path)] = {
+            "placements": [placement_to_json(p, path) for p in spec.placements],
+            "shape": list(x.shape),
+            "stride": list(x.stride()),
+            "mesh": list(mesh_key(spec.mesh)),
+        }
+        local = x._local_tensor
+        tensors.append((path, local))
+        return local
+    if isinstance(x, torch.Tensor):
+        plain = x.detach() if type(x) is torch.nn.Parameter else x
+        tensors.append((path, plain))
+        return plain
+    cls = type(x)
+    if cls is list or cls is tuple:
+        return cls(_plain(v, (*path, i), tensors, dtensors) for i, v in enumerate(x))
+    if cls is dict or cls is OrderedDict:
+        return cls((k, _plain(v, (*path, k), tensors, dtensors)) for k, v in x.items())
+    return x
