@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import os
+import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.from_thread
 import pytest
 import safetensors.torch
 import torch
 from conftest import assert_tree_staged, iter_tensors, mutate_, same_values
 
 import astage
+from astage._devices import _host
 from astage._drivers import _async as _stager
 
 
@@ -42,8 +45,17 @@ def training_state(seed: int = 0) -> dict[str, Any]:
     }
 
 
+# The first AdamW step imports torch's optimizer machinery (seconds): pay it at import, not
+# inside a test's event loop, where the blocking-call detector would rightly complain.
+training_state()
+
+
 def files_in(folder: Path) -> list[str]:
     return sorted(os.listdir(folder))
+
+
+def temp_files(folder: Path) -> list[str]:
+    return [name for name in files_in(folder) if name.endswith(".tmp")]
 
 
 @pytest.mark.asyncio
@@ -183,7 +195,7 @@ async def test_writing_starts_before_staging_ends(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     copies_done: list[float] = []
-    real = _stager.run_host_batch
+    real = _host.run_host_batch
 
     def timed_copy(batch: Any) -> Any:
         result = real(batch)
@@ -285,9 +297,39 @@ async def test_injected_write_error_keeps_the_previous_file(
         assert isinstance(caught.value.__cause__, OSError)
         monkeypatch.undo()
         # The stager is usable again, and not held by the failed save.
-        await asyncio.wait_for(stager.stage({"w": torch.ones(2)}), 2)
+        with anyio.fail_after(2):
+            await stager.stage({"w": torch.ones(2)})
     assert files_in(tmp_path) == ["ckpt.safetensors"]
     assert_tree_staged(astage.load(path), previous)
+
+
+class SlowData:
+    """``os.pwritev`` that takes ``seconds`` for every data write (not the header's).
+
+    ``inside`` counts the calls still running; ``writing`` is set (on the loop) once the first
+    data write has started.
+    """
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+        self.seconds = seconds
+        self.inside = 0
+        self.writing = anyio.Event()
+        self._lock = threading.Lock()
+        self._real = os.pwritev
+        monkeypatch.setattr(os, "pwritev", self)
+
+    def __call__(self, fd: int, buffers: Any, offset: int) -> int:
+        with self._lock:
+            self.inside += 1
+        try:
+            if offset > 0:  # past the header
+                if not self.writing.is_set():
+                    anyio.from_thread.run_sync(self.writing.set)
+                time.sleep(self.seconds)
+            return self._real(fd, buffers, offset)
+        finally:
+            with self._lock:
+                self.inside -= 1
 
 
 @pytest.mark.asyncio
@@ -295,31 +337,23 @@ async def test_cancellation_mid_write_keeps_the_previous_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path, previous = await previous_file(tmp_path)
-    real = os.pwritev
-    writing = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    inside = [0]
-
-    def slow(fd: int, buffers: Any, offset: int) -> int:
-        inside[0] += 1
-        try:
-            if offset > 0:  # past the header
-                loop.call_soon_threadsafe(writing.set)
-                time.sleep(0.05)
-            return real(fd, buffers, offset)
-        finally:
-            inside[0] -= 1
-
-    monkeypatch.setattr(os, "pwritev", slow)
+    slow = SlowData(monkeypatch, 0.05)
     state = {f"t{i}": torch.full((1024,), float(i)) for i in range(6)}
-    task = asyncio.create_task(astage.save(state, path, threads=1))
-    await asyncio.wait_for(writing.wait(), 2)
-    assert any(name.endswith(".tmp") for name in files_in(tmp_path))
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    scope = anyio.CancelScope()
+
+    async def save() -> None:
+        with scope:
+            await astage.save(state, path, threads=1)
+            pytest.fail("the save was not cancelled")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(save)
+        with anyio.fail_after(2):
+            await slow.writing.wait()
+        assert temp_files(tmp_path)
+        scope.cancel()
     # The save waited for the write under way: no thread still uses the closed descriptor.
-    assert inside[0] == 0
+    assert slow.inside == 0
     assert files_in(tmp_path) == ["ckpt.safetensors"]
     assert_tree_staged(astage.load(path), previous)
 
@@ -332,6 +366,23 @@ async def test_missing_folder_names_the_path(tmp_path: Path) -> None:
     assert str(path) in str(caught.value)
 
 
+@pytest.mark.asyncio
+async def test_bad_targets_and_options(tmp_path: Path) -> None:
+    class Recorder:
+        async def begin(self, state_dict: Any) -> None: ...
+        async def write(self, path: astage.Path, tensor: torch.Tensor) -> None: ...
+        async def commit(self) -> None: ...
+        async def abort(self) -> None: ...
+
+    with pytest.raises(astage.InvalidOptionsError, match="metadata"):
+        await astage.save({}, Recorder(), metadata={"a": "b"})
+    with pytest.raises(astage.InvalidOptionsError, match=r"target.*int"):
+        await astage.save({}, 42)  # type: ignore[arg-type]
+    with pytest.raises(astage.InvalidOptionsError, match="threads"):
+        await astage.save({}, tmp_path / "c.safetensors", threads=0)
+    assert files_in(tmp_path) == []
+
+
 # -- buffer safety ------------------------------------------------------------------------------
 
 
@@ -339,56 +390,61 @@ async def test_missing_folder_names_the_path(tmp_path: Path) -> None:
 async def test_stage_waits_while_a_save_still_writes_its_buffers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = os.pwritev
-
-    def slow(fd: int, buffers: Any, offset: int) -> int:
-        if offset > 0:  # the data, not the header
-            time.sleep(0.2)
-        return real(fd, buffers, offset)
-
-    monkeypatch.setattr(os, "pwritev", slow)
+    SlowData(monkeypatch, 0.2)
     state = {f"layer{i}": torch.full((256,), float(i)) for i in range(8)}
     expected_n = {key: value.clone() for key, value in state.items()}
     path = tmp_path / "step_n.safetensors"
-    async with astage.Stager() as stager:
-        handle = await astage.start_save(state, path, stager=stager, threads=1)
+    staged_n1: list[Any] = []
+
+    async def next_stage(stager: astage.Stager) -> None:
+        staged_n1.append(await stager.stage(state))
+
+    async with astage.Stager() as stager, anyio.create_task_group() as tg:
+        handle = await astage.start_save(state, path, stager=stager, threads=1, task_group=tg)
         mutate_(state)  # training goes on: step N+1
-        next_stage = asyncio.create_task(stager.stage(state))
-        await asyncio.sleep(0.05)
+        tg.start_soon(next_stage, stager)
+        await anyio.sleep(0.05)
         assert not handle.done()
-        assert not next_stage.done()  # backpressure: it waits for the write of step N
+        assert not staged_n1  # backpressure: it waits for the write of step N
         result = await handle
-        staged_n1 = await asyncio.wait_for(next_stage, 2)
+        with anyio.fail_after(2):
+            while not staged_n1:
+                await anyio.sleep(0.01)
     assert result.tensors == 8
     assert_tree_staged(astage.load(path), expected_n)  # file N holds step N's values
-    assert_tree_staged(staged_n1, state)  # and the next stage got step N+1's
+    assert_tree_staged(staged_n1[0], state)  # and the next stage got step N+1's
 
 
 @pytest.mark.asyncio
 async def test_start_save_returns_once_staged(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = os.pwritev
-
-    def slow(fd: int, buffers: Any, offset: int) -> int:
-        time.sleep(0.05)
-        return real(fd, buffers, offset)
-
-    monkeypatch.setattr(os, "pwritev", slow)
+    SlowData(monkeypatch, 0.05)
     state = {"w": torch.ones(1000)}
     path = tmp_path / "c.safetensors"
-    handle = await astage.start_save(state, path)
-    assert not handle.done()
-    state["w"].add_(1)  # the optimizer steps: the save must not see it
-    result = await handle
+    async with anyio.create_task_group() as tg:
+        handle = await astage.start_save(state, path, task_group=tg)
+        assert not handle.done()
+        assert handle.path == str(path)
+        state["w"].add_(1)  # the optimizer steps: the save must not see it
+        result = await handle
+        assert handle.done() and await handle.wait() == result
     assert result.writing_seconds >= 0.05
     assert torch.equal(astage.load(path)["w"], torch.ones(1000))
 
 
 @pytest.mark.asyncio
+async def test_start_save_without_an_owner_raises_usage_error(tmp_path: Path) -> None:
+    with pytest.raises(astage.UsageError, match="task_group="):
+        await astage.start_save({"w": torch.ones(2)}, tmp_path / "c.safetensors")
+    assert files_in(tmp_path) == []
+
+
+@pytest.mark.asyncio
 async def test_start_save_raises_errors_found_before_staging_ends(tmp_path: Path) -> None:
-    with pytest.raises(astage.UnsavableError):
-        await astage.start_save({"x": object()}, tmp_path / "c.safetensors")
+    async with anyio.create_task_group() as tg:
+        with pytest.raises(astage.UnsavableError):
+            await astage.start_save({"x": object()}, tmp_path / "c.safetensors", task_group=tg)
     assert files_in(tmp_path) == []
 
 
@@ -397,26 +453,84 @@ async def test_cancelling_a_background_save(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path, previous = await previous_file(tmp_path)
-    real = os.pwritev
-
-    def slow(fd: int, buffers: Any, offset: int) -> int:
-        time.sleep(0.05)
-        return real(fd, buffers, offset)
-
-    monkeypatch.setattr(os, "pwritev", slow)
+    slow = SlowData(monkeypatch, 0.05)
     async with astage.Stager() as stager:
-        handle = await astage.start_save({"w": torch.zeros(4)}, path, stager=stager)
-        handle.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await handle
-        await asyncio.wait_for(stager.stage({"w": torch.ones(2)}), 2)  # not held any more
+        async with anyio.create_task_group() as tg:
+            handle = await astage.start_save(
+                {"w": torch.zeros(4)}, path, stager=stager, task_group=tg
+            )
+            assert handle.cancel()
+            with pytest.raises(astage.CheckpointWriteError, match="cancelled"):
+                await handle
+            assert not handle.cancel()  # over already
+        assert slow.inside == 0
+        with anyio.fail_after(2):
+            await stager.stage({"w": torch.ones(2)})  # not held any more
     assert files_in(tmp_path) == ["ckpt.safetensors"]
     assert_tree_staged(astage.load(path), previous)
 
 
+@pytest.mark.asyncio
+async def test_cancelling_the_owner_aborts_the_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, previous = await previous_file(tmp_path)
+    slow = SlowData(monkeypatch, 0.05)
+    state = {f"t{i}": torch.full((1024,), float(i)) for i in range(6)}
+    async with astage.Stager() as stager:
+        async with anyio.create_task_group() as owner:
+            handle = await astage.start_save(
+                state, path, stager=stager, threads=1, task_group=owner
+            )
+            with anyio.fail_after(2):
+                await slow.writing.wait()
+            assert temp_files(tmp_path)
+            owner.cancel_scope.cancel()
+        # The owner's block ended only once the write was aborted: nothing runs on.
+        assert handle.done() and slow.inside == 0
+        with pytest.raises(astage.CheckpointWriteError, match="cancelled"):
+            await handle
+        with anyio.fail_after(2):
+            await stager.stage({"w": torch.ones(2)})  # the hold was released
+    assert files_in(tmp_path) == ["ckpt.safetensors"]
+    assert_tree_staged(astage.load(path), previous)
+
+
+@pytest.mark.asyncio
+async def test_a_background_failure_reaches_the_owner_and_the_handle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full_disk(fd: int, buffers: Any, offset: int) -> int:
+        if offset == 0:
+            return real(fd, buffers, offset)  # the header goes in; the data does not
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    real = os.pwritev
+    monkeypatch.setattr(os, "pwritev", full_disk)
+    handle: astage.SaveHandle | None = None
+    with pytest.raises(ExceptionGroup) as caught:
+        async with anyio.create_task_group() as owner:
+            handle = await astage.start_save(
+                {"w": torch.ones(4)}, tmp_path / "c.safetensors", task_group=owner
+            )
+            with pytest.raises(astage.CheckpointWriteError, match="No space left"):
+                await handle
+    assert caught.group_contains(astage.CheckpointWriteError)
+    assert handle is not None and handle.done()
+    assert files_in(tmp_path) == []
+
+
+# -- load ---------------------------------------------------------------------------------------
+
+
 def test_load_of_a_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(astage.CheckpointFormatError, match="cannot open"):
-        astage.load(tmp_path / "nope.safetensors")
+    path = tmp_path / "nope.safetensors"
+    with pytest.raises(astage.CheckpointNotFoundError, match="no checkpoint file at") as caught:
+        astage.load(path)
+    assert isinstance(caught.value, FileNotFoundError)
+    assert isinstance(caught.value, astage.CheckpointFormatError)
+    assert caught.value.errno == errno.ENOENT
+    assert str(path) in str(caught.value)
 
 
 def test_load_of_a_plain_safetensors_file(tmp_path: Path) -> None:
@@ -426,3 +540,31 @@ def test_load_of_a_plain_safetensors_file(tmp_path: Path) -> None:
     assert set(back) == {"a", "b.c"}
     for key, value in tensors.items():
         assert same_values(back[key], value)
+
+
+# -- every backend, explicitly ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_save_start_save_and_checkpoint_dir_run_on(backend: str, tmp_path: Path) -> None:
+    """The file layer outside pytest's runners: anyio.run on asyncio and on trio."""
+    state = training_state()
+
+    async def main() -> None:
+        async with astage.Stager() as stager:
+            result = await astage.save(state, tmp_path / "a.safetensors", stager=stager)
+            assert result.tensors == len(list(iter_tensors(state)))
+            async with anyio.create_task_group() as tg:
+                handle = await astage.start_save(
+                    state, tmp_path / "b.safetensors", stager=stager, task_group=tg
+                )
+            assert handle.done()
+        async with astage.CheckpointDir(tmp_path / "ckpts", keep=2) as ckpts:
+            await ckpts.save(1, state)
+            pending = await ckpts.start_save(2, state)
+            await pending
+            assert ckpts.latest_step() == 2
+
+    anyio.run(main, backend=backend)
+    for name in ("a.safetensors", "b.safetensors", "ckpts/step_000000002.safetensors"):
+        assert_tree_staged(astage.load(tmp_path / name), state)

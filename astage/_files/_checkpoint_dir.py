@@ -17,17 +17,26 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import secrets
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
+import anyio
+import anyio.abc
 import anyio.to_thread
 
 from .._drivers._async import Stager
-from .._errors import CheckpointFormatError, CheckpointWriteError
+from .._errors import (
+    CheckpointFormatError,
+    CheckpointWriteError,
+    ClosedError,
+    InvalidOptionsError,
+    UsageError,
+)
 from ._safetensors import load
-from ._save import SaveHandle, SaveResult, _start
-from ._writer import DEFAULT_THREADS, SafetensorsWriter, fsync_folder
+from ._save import NO_OWNER, SaveHandle, SaveResult, run_save, start_in
+from ._writer import DEFAULT_THREADS, SafetensorsWriter, fsync_folder, positive_int
 
 LATEST = "latest"
 _STEP_FILE = re.compile(r"^step_(\d+)\.safetensors$")
@@ -39,6 +48,10 @@ class CheckpointDir:
     ``stager`` is the :class:`Stager` to stage with (its buffers are reused from save to
     save); without one the folder makes its own, closed by :meth:`aclose` (or ``async with``).
     ``keep=None`` keeps every checkpoint.
+
+    Entered with ``async with``, the folder owns a task group for background saves
+    (:meth:`start_save`): leaving the block waits for them, and an error in the block aborts
+    them. :meth:`save` needs no ``async with``: it returns once its checkpoint is durable.
     """
 
     def __init__(
@@ -49,42 +62,68 @@ class CheckpointDir:
         stager: Stager | None = None,
         threads: int = DEFAULT_THREADS,
     ) -> None:
-        if keep is not None and keep < 1:
-            raise ValueError("keep must be at least 1 (or None to keep every checkpoint)")
         self.root = os.path.abspath(os.fspath(root))
-        self.keep = keep
-        self.threads = threads
+        self.keep = None if keep is None else positive_int("keep", keep)
+        self.threads = positive_int("threads", threads)
         self._own_stager = stager is None
         self.stager = stager if stager is not None else Stager()
+        self._saves: anyio.abc.TaskGroup | None = None  # while entered with `async with`
+        self._pending: list[SaveHandle] = []  # background saves aclose() waits for
+        self._closed = False
 
     def path_for(self, step: int) -> str:
         """The file of step ``step``."""
-        if step < 0:
-            raise ValueError("steps are non-negative integers")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise InvalidOptionsError(f"step must be a non-negative integer, got {step!r}")
         return os.path.join(self.root, f"step_{step:09d}.safetensors")
 
     async def save(
         self, step: int, state_dict: Any, *, metadata: Mapping[str, str] | None = None
     ) -> SaveResult:
-        """Save step ``step`` and return once it is durable and ``latest`` names it."""
-        return await (await self.start_save(step, state_dict, metadata=metadata))
+        """Save step ``step`` and return once it is durable and ``latest`` names it.
+
+        Cancelled, it leaves nothing running and no temporary file; ``latest`` then still
+        names the previous checkpoint (or, if the cancellation came after the rename, this
+        one).
+        """
+        writer, publish = await self._prepare(step, metadata)
+        return await run_save(state_dict, writer, self.stager, after=publish)
 
     async def start_save(
-        self, step: int, state_dict: Any, *, metadata: Mapping[str, str] | None = None
+        self,
+        step: int,
+        state_dict: Any,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        task_group: anyio.abc.TaskGroup | None = None,
     ) -> SaveHandle:
         """Stage step ``step`` and return; the write, ``latest`` and pruning go on after.
 
-        Await the returned handle before the process exits (and, to bound the work in
-        flight, before the next save; the stager makes the next save wait for it anyway).
+        The write runs in a task of ``task_group``, or of the folder's own group when it was
+        entered with ``async with`` (without either, :class:`~astage.UsageError`). Await the
+        returned handle to bound the work in flight (the stager makes the next save wait for
+        it anyway).
         """
-        await anyio.to_thread.run_sync(_makedirs, self.root)
+        owner = task_group if task_group is not None else self._saves
+        if owner is None:
+            raise UsageError(NO_OWNER)
+        writer, publish = await self._prepare(step, metadata)
+        handle = await start_in(owner, state_dict, writer, self.stager, publish)
+        self._pending = [*(h for h in self._pending if not h.done()), handle]
+        return handle
+
+    async def _prepare(
+        self, step: int, metadata: Mapping[str, str] | None
+    ) -> tuple[SafetensorsWriter, Any]:
+        self._check_open()
         path = self.path_for(step)
         writer = SafetensorsWriter(path, metadata=metadata, threads=self.threads)
+        await anyio.to_thread.run_sync(_makedirs, self.root)
 
         async def publish() -> None:
             await anyio.to_thread.run_sync(self._publish, os.path.basename(path))
 
-        return await _start(state_dict, writer, self.stager, publish)
+        return writer, publish
 
     def steps(self) -> list[int]:
         """Steps with a checkpoint file, oldest first."""
@@ -114,7 +153,7 @@ class CheckpointDir:
     def _publish(self, name: str) -> None:
         """Runs in a thread: point ``latest`` at ``name`` durably, then prune old steps."""
         pointer = os.path.join(self.root, LATEST)
-        temp = os.path.join(self.root, f".{LATEST}.{os.getpid()}.tmp")
+        temp = os.path.join(self.root, f".{LATEST}.{secrets.token_hex(6)}.tmp")
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
             try:
@@ -139,11 +178,26 @@ class CheckpointDir:
                     os.unlink(self.path_for(step))
 
     async def aclose(self) -> None:
-        """Close the stager the folder made for itself (a stager passed in stays open)."""
+        """Wait for the background saves, then close the stager the folder made for itself.
+
+        A stager passed in stays open. Cancel-safe: cancelled while it waits, the saves go
+        on in their owner, and a second ``aclose()`` finishes the job.
+        """
+        self._closed = True
+        for handle in self._pending:
+            await handle.wait_quietly()
+        self._pending = []
         if self._own_stager:
-            await self.stager.aclose()
+            with anyio.CancelScope(shield=True):  # the saves are over: nothing to wait for
+                await self.stager.aclose()
 
     async def __aenter__(self) -> CheckpointDir:
+        if self._saves is not None:
+            raise UsageError(f"CheckpointDir({self.root!r}) is already entered")
+        self._check_open()
+        saves = anyio.create_task_group()
+        await saves.__aenter__()
+        self._saves = saves
         return self
 
     async def __aexit__(
@@ -151,8 +205,26 @@ class CheckpointDir:
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
+    ) -> bool:
+        saves, self._saves = self._saves, None
+        assert saves is not None
+        suppress = False
+        try:
+            if exc is not None:
+                saves.cancel_scope.cancel()  # an error in the block aborts the background saves
+            if isinstance(exc, anyio.get_cancelled_exc_class()):
+                suppress = bool(await saves.__aexit__(exc_type, exc, tb))
+            else:
+                # Waits for the saves; the block's own error propagates as it is (not inside
+                # an exception group), a save's failure as the task group raises it.
+                await saves.__aexit__(None, None, None)
+        finally:
+            await self.aclose()
+        return suppress
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(f"CheckpointDir({self.root!r}) is closed")
 
 
 def _makedirs(root: str) -> None:

@@ -37,7 +37,13 @@ from typing import Any
 
 import torch
 
-from .._errors import AstageError, CheckpointFormatError, UnsavableError
+from .._errors import (
+    AstageError,
+    CheckpointError,
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    UnsavableError,
+)
 from .._paths import Path, format_path
 from ._skeleton import TORCH_DTYPES, SkeletonDecoder, SkeletonEncoder
 
@@ -304,8 +310,10 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") ->
     name = os.fspath(path)
     try:
         fd = os.open(name, os.O_RDONLY)
+    except FileNotFoundError as error:
+        raise CheckpointNotFoundError(f"no checkpoint file at {name}") from error
     except OSError as error:
-        raise CheckpointFormatError(f"cannot open {name}: {error.strerror or error}") from error
+        raise CheckpointError(f"cannot open {name}: {error.strerror or error}") from error
     try:
         header, data_start = read_header(fd, name)
         meta = header.pop("__metadata__", None) or {}
@@ -325,22 +333,38 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") ->
         version = document["version"]
         skeleton = document["skeleton"]
     except (ValueError, KeyError, TypeError) as error:
-        raise CheckpointFormatError(f"{name}: unreadable astage metadata: {error}") from error
+        raise CheckpointFormatError(
+            f"{name}: unreadable __metadata__[{METADATA_KEY!r}]: {error}"
+        ) from error
     if version != FORMAT_VERSION:
         raise CheckpointFormatError(f"{name}: astage format version {version} is not supported")
     return _Decoder(stored, name).decode(skeleton)
 
 
 def _read_entry(fd: int, key: str, info: Any, data_start: int, name: str) -> torch.Tensor:
+    if not isinstance(info, dict):
+        raise CheckpointFormatError(f"{name}: header entry {key!r} is not a JSON object")
+    part = "dtype"
     try:
-        dtype = _DTYPES_BY_NAME[info["dtype"]]
-        shape = [int(size) for size in info["shape"]]
-        begin, end = (int(offset) for offset in info["data_offsets"])
+        dtype = _DTYPES_BY_NAME.get(info[part])
+        if dtype is None:
+            raise CheckpointFormatError(
+                f"{name}: header entry {key!r}: unsupported dtype {info[part]!r}"
+            )
+        part = "shape"
+        shape = [int(size) for size in info[part]]
+        part = "data_offsets"
+        begin, end = (int(offset) for offset in info[part])
     except (KeyError, TypeError, ValueError) as error:
-        raise CheckpointFormatError(f"{name}: bad or unsupported header entry {key!r}") from error
+        raise CheckpointFormatError(
+            f"{name}: header entry {key!r}: missing or bad {part!r}"
+        ) from error
     tensor = torch.empty(shape, dtype=dtype)
     if tensor.nbytes != end - begin:
-        raise CheckpointFormatError(f"{name}: entry {key!r} has the wrong number of bytes")
+        raise CheckpointFormatError(
+            f"{name}: header entry {key!r}: 'data_offsets' span {end - begin} bytes, its "
+            f"dtype and shape need {tensor.nbytes}"
+        )
     _read_into(fd, tensor, data_start + begin, name)
     return tensor
 
@@ -360,14 +384,22 @@ class _Decoder(SkeletonDecoder):
         return CheckpointFormatError(f"{self._name}: bad skeleton node {shown}")
 
     def _tensor(self, node: dict[str, Any]) -> torch.Tensor:
-        base = self._stored.get(node["tensor"])
+        key = node["tensor"]
+        base = self._stored.get(key) if isinstance(key, str) else None
         if base is None:
-            raise CheckpointFormatError(f"{self._name}: no entry {node['tensor']!r}")
+            raise CheckpointFormatError(f"{self._name}: skeleton names no header entry {key!r}")
         if "dtype" not in node:
             return base
         dtype = TORCH_DTYPES.get(node["dtype"])
         if dtype is None:
-            raise CheckpointFormatError(f"{self._name}: unknown dtype {node['dtype']!r}")
+            raise CheckpointFormatError(
+                f"{self._name}: skeleton view of {key!r}: unknown 'dtype' {node['dtype']!r}"
+            )
+        for part in ("offset", "shape", "stride"):
+            if part not in node:
+                raise CheckpointFormatError(
+                    f"{self._name}: skeleton view of {key!r}: missing {part!r}"
+                )
         view = torch.empty((0,), dtype=dtype, device=base.device).set_(
             base.untyped_storage(), node["offset"], node["shape"], node["stride"]
         )

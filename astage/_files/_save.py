@@ -109,6 +109,10 @@ class SaveHandle:
             )
         return self._result
 
+    async def wait_quietly(self) -> None:
+        """Wait until the write has ended, however it ended (its owner sees its error)."""
+        await self._finished.wait()
+
     def __await__(self) -> Generator[Any, None, SaveResult]:
         return self.wait().__await__()
 
@@ -177,9 +181,7 @@ def writer_for(target: Target, metadata: Mapping[str, str] | None, threads: int)
     if isinstance(target, (str, os.PathLike)):
         return SafetensorsWriter(target, metadata=metadata, threads=threads)
     if metadata is not None:
-        raise InvalidOptionsError(
-            "metadata is for a path target; pass it to your writer instead"
-        )
+        raise InvalidOptionsError("metadata is for a path target; pass it to your writer instead")
     if not isinstance(target, CheckpointWriter):
         raise InvalidOptionsError(
             f"target: cannot save to a {type(target).__qualname__}; give a path or a "
