@@ -1,15 +1,19 @@
-"""The async driver: lifecycle, stage_iter, concurrency, cancellation and event-loop lag."""
+"""The async face: lifecycle, stage_iter, several callers, holds, cancellation, loop lag.
+
+Every test runs on asyncio, uvloop and trio (conftest's legs), so they use anyio's idioms.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import gc
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import anyio
+import anyio.to_thread
 import pytest
 import pytest_asyncio
 import torch
@@ -25,6 +29,8 @@ from conftest import (
 )
 
 import astage
+from astage._devices._host import run_host_batch
+from astage._drivers import _async
 
 pytestmark = pytest.mark.asyncio
 
@@ -53,15 +59,16 @@ async def test_aclose_then_stage_is_refused() -> None:
     stager = astage.Stager()
     await stager.stage({"w": torch.randn(3)})
     await stager.aclose()
-    with pytest.raises(astage.StagerClosedError) as info:
+    with pytest.raises(astage.StagerClosedError, match="this Stager is closed") as info:
         await stager.stage({"w": torch.randn(3)})
     assert isinstance(info.value, astage.AstageError)
-    with pytest.raises(astage.AstageError):
-        async for _ in stager.stage_iter({"w": torch.randn(3)}):
+    with pytest.raises(astage.StagerClosedError):
+        async with stager.stage_iter({"w": torch.randn(3)}):
             pass
     with pytest.raises(astage.StagerClosedError):
         async with stager:
             pass
+    assert stager.closed
 
 
 async def test_aclose_twice_and_without_use() -> None:
@@ -84,7 +91,8 @@ async def test_aclose_releases_the_cache_but_not_results() -> None:
     assert torch.equal(staged["w"], source["w"])
 
 
-async def test_aclose_stops_copy_threads() -> None:
+async def test_aclose_leaves_no_thread_of_its_own() -> None:
+    # Copies run in the event loop's anyio worker threads; the stager starts none itself.
     before = {t for t in threading.enumerate() if t.name.startswith("astage")}
     stager = astage.Stager()
     await stager.stage(big_state_dict(4, 1 * MiB))
@@ -93,23 +101,44 @@ async def test_aclose_stops_copy_threads() -> None:
     assert not {t for t in after - before if t.is_alive()}
 
 
-async def test_aclose_waits_for_a_call_in_progress() -> None:
+async def test_aclose_waits_for_a_call_in_progress(monkeypatch: pytest.MonkeyPatch) -> None:
+    SlowHostCopies(monkeypatch, delay=0.01)
     source = big_state_dict(16, 1 * MiB)
     stager = astage.Stager(chunk_bytes=MiB, max_inflight_bytes=MiB)
-    task = asyncio.create_task(stager.stage(source))
-    await asyncio.sleep(0)
-    await stager.aclose()
-    assert task.done()
-    assert_tree_staged(task.result(), source)
+    results: list[Any] = []
+
+    async def stage() -> None:
+        results.append(await stager.stage(source))
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(stage)
+        await anyio.sleep(0.02)  # the call is copying now
+        await stager.aclose()
+        assert len(results) == 1
+    assert_tree_staged(results[0], source)
 
 
 async def test_stager_can_be_built_outside_a_loop() -> None:
-    stager = await asyncio.to_thread(astage.Stager)  # no running loop in that thread
+    stager = await anyio.to_thread.run_sync(astage.Stager)  # no running loop in that thread
     try:
         source = {"w": torch.randn(5)}
         assert torch.equal((await stager.stage(source))["w"], source["w"])
     finally:
         await stager.aclose()
+
+
+async def test_stager_serves_event_loops_in_turn() -> None:
+    # One stager, used from this test's loop, then from loops of each backend in a worker
+    # thread one after the other: a new turn makes its lock in the loop it runs on.
+    source = model_state_dict()
+    async with astage.Stager() as stager:
+        assert_tree_staged(await stager.stage(source), source)
+        for backend in ("asyncio", "trio"):
+            staged = await anyio.to_thread.run_sync(
+                lambda b=backend: anyio.run(stager.stage, source, backend=b)
+            )
+            assert_tree_staged(staged, source)
+        assert_tree_staged(await stager.stage(source), source)
 
 
 # -- stage ---------------------------------------------------------------------------------------
@@ -147,21 +176,28 @@ async def test_last_stats(stager: astage.Stager) -> None:
     assert second.seconds > 0
 
 
+async def _stage_all(stager: astage.Stager, sources: list[Any]) -> list[Any]:
+    """Stage every source concurrently, from one task each; the results in order."""
+    results: list[Any] = [None] * len(sources)
+
+    async def stage(index: int) -> None:
+        results[index] = await stager.stage(sources[index])
+
+    async with anyio.create_task_group() as tasks:
+        for index in range(len(sources)):
+            tasks.start_soon(stage, index)
+    return results
+
+
 async def test_concurrent_calls_on_one_stager(stager: astage.Stager) -> None:
-    a, b = model_state_dict(seed=1), model_state_dict(seed=2)
-    c = big_state_dict(4, MiB)
-    staged_a, staged_b, staged_c = await asyncio.gather(
-        stager.stage(a), stager.stage(b), stager.stage(c)
-    )
-    assert_tree_staged(staged_a, a)
-    assert_tree_staged(staged_b, b)
-    assert_tree_staged(staged_c, c)
+    sources = [model_state_dict(seed=1), model_state_dict(seed=2), big_state_dict(4, MiB)]
+    for staged, source in zip(await _stage_all(stager, sources), sources, strict=True):
+        assert_tree_staged(staged, source)
 
 
 async def test_concurrent_calls_on_the_same_state_dict(stager: astage.Stager) -> None:
     source = model_state_dict()
-    results = await asyncio.gather(*(stager.stage(source) for _ in range(4)))
-    for staged in results:
+    for staged in await _stage_all(stager, [source] * 4):
         assert_tree_staged(staged, source)
 
 
@@ -174,20 +210,64 @@ async def test_stage_error_names_path_and_stager_stays_usable(stager: astage.Sta
     assert_tree_staged(await stager.stage(source), source)
 
 
+# -- cancellation --------------------------------------------------------------------------------
+
+
+class SlowHostCopies:
+    """Host batches that take ``delay`` each in their worker thread, and when each one landed."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, delay: float) -> None:
+        self.delay = delay
+        self.landed: list[float] = []
+        self.started = 0
+        monkeypatch.setattr(_async, "run_host_batch", self._run)
+
+    def _run(self, batch: Any) -> None:
+        self.started += 1
+        time.sleep(self.delay)
+        run_host_batch(batch)
+        self.landed.append(time.perf_counter())
+
+
+async def test_cancelled_call_returns_only_after_its_copies_landed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The call owns its copies: cancelled while copies run in worker threads, it returns once
+    # they have landed, and no copy starts or lands after it returned.
+    copies = SlowHostCopies(monkeypatch, delay=0.05)
+    source = big_state_dict(16, 256 * 1024)
+    async with astage.Stager(
+        copy_threads=2, chunk_bytes=256 * 1024, max_inflight_bytes=MiB
+    ) as stager:
+        with anyio.move_on_after(0.02) as scope:
+            await stager.stage(source)
+        returned = time.perf_counter()
+        assert scope.cancelled_caught
+        assert copies.started >= 1
+        assert len(copies.landed) == copies.started  # every started copy has landed ...
+        started = copies.started
+        await anyio.sleep(0.2)
+        assert copies.started == started  # ... and none starts after the call returned
+        assert all(landed <= returned for landed in copies.landed)
+        assert started < 16  # the copies not started yet were dropped, not run
+        assert stager.last_stats is None
+        mutate_(source)
+        with anyio.fail_after(5):
+            assert_tree_staged(await stager.stage(source), source)
+
+
 async def test_cancelled_call_leaves_cache_consistent() -> None:
     # Many batches: 64 x 4 MiB cut into 512 KiB slices; the small tensors keep the walk going
     # long enough that the cancellation lands while copies started by the walk are in flight.
-    source = big_state_dict(64, 4 * MiB, small=5000)
+    source = await anyio.to_thread.run_sync(big_state_dict, 64, 4 * MiB, 5000)
     async with astage.Stager(chunk_bytes=512 * 1024, max_inflight_bytes=2 * MiB) as stager:
-        task = asyncio.create_task(stager.stage(source))
-        await asyncio.sleep(0.005)
-        assert not task.done(), "the call finished before it could be cancelled"
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        mutate_(source)  # new values: what the next call must return
-        staged = await asyncio.wait_for(stager.stage(source), timeout=5)
-        assert_tree_staged(staged, source)
+        with anyio.move_on_after(0.005) as scope:
+            await stager.stage(source)
+        assert scope.cancelled_caught, "the call finished before it could be cancelled"
+        await anyio.to_thread.run_sync(mutate_, source)  # new values: what the next call returns
+        with anyio.fail_after(5):
+            staged = await stager.stage(source)
+        await anyio.to_thread.run_sync(assert_tree_staged, staged, source)
         info = stager.cache_info()
         assert info.storages == 64 + 5000
         assert info.nbytes == 64 * 4 * MiB + 5000 * 16
@@ -197,50 +277,144 @@ async def test_cancelled_call_leaves_cache_consistent() -> None:
         assert (stats.storages, stats.nbytes) == (info.storages, info.nbytes)
 
 
-async def test_cancel_while_a_batch_is_queued_does_not_poison_the_stager() -> None:
-    # Regression: cancelling the call cancelled the queued batch's concurrent future (through
-    # asyncio.wrap_future); the next stage() and aclose() then raised CancelledError forever.
+async def test_cancel_while_batches_wait_for_a_thread_does_not_poison_the_stager(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Regression (from the executor days): cancelling the call cancelled a batch queued for a
+    # copy thread; the next stage() and aclose() then raised a cancellation forever. Here the
+    # single copy thread is slow, so batches queue on the host limiter when the cancel lands.
+    SlowHostCopies(monkeypatch, delay=0.05)
     source = big_state_dict(8, MiB)
     stager = astage.Stager(copy_threads=1, chunk_bytes=MiB, max_inflight_bytes=4 * MiB)
-    # Hold the stager's single copy thread busy so that its batches wait in the queue:
-    # the state a busy machine reaches by chance when a cancellation lands on a copy wait.
-    gate = threading.Event()
-    stager._executor = ThreadPoolExecutor(1, thread_name_prefix="astage-copy")
-    stager._executor.submit(gate.wait, 5)
     try:
-        task = asyncio.create_task(stager.stage(source))
-        await asyncio.sleep(0.05)  # the walk is done; the call awaits its first, queued batch
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        gate.set()
-        try:
-            staged = await asyncio.wait_for(stager.stage(source), timeout=5)
-        except asyncio.CancelledError:
-            raise AssertionError(
-                "stage() raised CancelledError though nobody cancelled it"
-            ) from None
+        with anyio.move_on_after(0.02) as scope:
+            await stager.stage(source)
+        assert scope.cancelled_caught
+        with anyio.fail_after(5):
+            staged = await stager.stage(source)
         assert_tree_staged(staged, source)
     finally:
-        gate.set()
-        with contextlib.suppress(asyncio.CancelledError):
+        with anyio.fail_after(5):
             await stager.aclose()
 
 
 async def test_cancelled_stage_iter_then_stage(stager: astage.Stager) -> None:
     source = big_state_dict(16, MiB)
-
-    async def consume() -> None:
-        async for _ in stager.stage_iter(source):
-            await asyncio.sleep(1)  # the consumer is slow; we cancel it here
-
-    task = asyncio.create_task(consume())
-    await asyncio.sleep(0.05)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    staged = await asyncio.wait_for(stager.stage(source), timeout=5)
+    with anyio.move_on_after(0.05) as scope:
+        async with stager.stage_iter(source) as landed:
+            async for _ in landed:
+                await anyio.sleep(1)  # the consumer is slow; the cancel lands here
+    assert scope.cancelled_caught
+    with anyio.fail_after(5):
+        staged = await stager.stage(source)
     assert_tree_staged(staged, source)
+
+
+# -- several callers -------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:The test <Function:pytest.PytestWarning")
+def test_two_threads_event_loops_at_once_raise_busy_error() -> None:
+    # Regression: one Stager used from two threads' event loops at once hung forever.
+    source = big_state_dict(4, 64 * 1024)
+    stager = astage.Stager()
+    inside = threading.Event()
+    leave = threading.Event()
+
+    async def hold_the_stager() -> None:
+        async with stager.stage_iter(source) as landed:
+            async for _ in landed:
+                pass
+            inside.set()
+            await anyio.to_thread.run_sync(leave.wait, 10)
+
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(anyio.run, hold_the_stager)
+        assert inside.wait(10)
+        try:
+            for backend in ("asyncio", "trio"):
+                started = time.perf_counter()
+                with pytest.raises(astage.BusyError, match="another thread's event loop"):
+                    anyio.run(stager.stage, source, backend=backend)
+                assert time.perf_counter() - started < 1.0  # at once, not after a wait
+                with pytest.raises(astage.BusyError):
+                    anyio.run(stager.aclose)
+        finally:
+            leave.set()
+        first.result(timeout=10)
+    # Once the first loop's call is over, another loop may use the stager.
+    assert_tree_staged(anyio.run(stager.stage, source), source)
+    anyio.run(stager.aclose)
+
+
+async def test_clear_cache_is_refused_during_a_call(stager: astage.Stager) -> None:
+    source = {"w": torch.randn(8)}
+    async with stager.stage_iter(source) as landed:
+        with pytest.raises(astage.BusyError, match="clear_cache"):
+            stager.clear_cache()
+        async for _ in landed:
+            pass
+    stager.clear_cache()
+    assert stager.cache_info().storages == 0
+
+
+# -- buffer holds --------------------------------------------------------------------------------
+
+
+async def test_a_hold_blocks_the_next_call_until_released(stager: astage.Stager) -> None:
+    source = {"w": torch.zeros(16)}
+    staged = await stager.stage(source)
+    hold = stager.hold_buffers()
+    results: list[Any] = []
+
+    async def stage_again() -> None:
+        results.append(await stager.stage({"w": torch.ones(16)}))
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(stage_again)
+        await anyio.sleep(0.1)
+        assert results == []  # waiting for the hold
+        assert torch.equal(staged["w"], torch.zeros(16))  # the held buffer is untouched
+        threading.Thread(target=hold.release).start()  # released from another thread
+    assert torch.equal(results[0]["w"], torch.ones(16))
+    hold.release()  # idempotent
+
+
+async def test_released_holds_do_not_wait(stager: astage.Stager) -> None:
+    with stager.hold_buffers() as hold:
+        assert not hold.released
+    assert hold.released
+    with anyio.fail_after(5):
+        await stager.stage({"w": torch.randn(4)})
+
+
+async def test_cancelled_while_waiting_for_a_hold(stager: astage.Stager) -> None:
+    hold = stager.hold_buffers()
+    with anyio.move_on_after(0.1) as scope:
+        await stager.stage({"w": torch.randn(4)})
+    assert scope.cancelled_caught
+    assert stager.last_stats is None
+    hold.release()
+    with anyio.fail_after(5):
+        await stager.stage({"w": torch.randn(4)})
+
+
+async def test_aclose_waits_for_holds_and_is_cancel_safe() -> None:
+    stager = astage.Stager()
+    source = {"w": torch.randn(64)}
+    staged = await stager.stage(source)
+    hold = stager.hold_buffers()
+    with anyio.move_on_after(0.1) as scope:
+        await stager.aclose()
+    assert scope.cancelled_caught
+    assert not stager.closed  # nothing was released by the cancelled close ...
+    assert stager.cache_info().storages == 1
+    hold.release()
+    with anyio.fail_after(5):
+        await stager.aclose()  # ... and a second aclose() finishes the job
+    assert stager.closed
+    assert stager.cache_info().storages == 0
+    assert staged["w"].shape == (64,)
 
 
 @pytest.fixture
@@ -257,6 +431,13 @@ def collector_off() -> Iterator[None]:
             gc.enable()
 
 
+LAG_TESTS_BLOCK = (
+    "builds, collects and checks a 64-256 MiB state dict on the loop between the calls; the "
+    "calls themselves are measured by the test's own heartbeat, with a stricter limit"
+)
+
+
+@pytest.mark.allow_blocking(LAG_TESTS_BLOCK)
 @pytest.mark.usefixtures("collector_off")
 async def test_event_loop_stays_responsive() -> None:
     # ~256 MiB in a few tensors plus 20,000 small ones: the loop must keep ticking.
@@ -273,6 +454,7 @@ async def test_event_loop_stays_responsive() -> None:
     assert len(first.lateness) > 1 and len(cached.lateness) > 1
 
 
+@pytest.mark.allow_blocking(LAG_TESTS_BLOCK)
 async def test_event_loop_stays_responsive_on_cached_calls_with_the_collector_on() -> None:
     # A cached call allocates next to nothing, so the collector has no reason to run either.
     source = big_state_dict(2, 32 * MiB, small=20_000)
@@ -288,7 +470,8 @@ async def test_event_loop_stays_responsive_on_cached_calls_with_the_collector_on
 
 
 async def _collect(stager: astage.Stager, source: Any) -> list[tuple[tuple[Any, ...], Any]]:
-    return [(path, tensor) async for path, tensor in stager.stage_iter(source)]
+    async with stager.stage_iter(source) as landed:
+        return [(path, tensor) async for path, tensor in landed]
 
 
 async def test_stage_iter_yields_every_tensor_with_its_path(stager: astage.Stager) -> None:
@@ -322,8 +505,9 @@ async def test_stage_iter_paths_name_attributes(stager: astage.Stager) -> None:
 
 async def test_stage_iter_tensors_have_landed_when_yielded() -> None:
     source = big_state_dict(8, MiB, small=100)
-    async with astage.Stager(chunk_bytes=256 * 1024, max_inflight_bytes=MiB) as stager:
-        async for path, tensor in stager.stage_iter(source):
+    stager = astage.Stager(chunk_bytes=256 * 1024, max_inflight_bytes=MiB)
+    async with stager, stager.stage_iter(source) as landed:
+        async for path, tensor in landed:
             expected = source[path[0]] if len(path) == 1 else source[path[0]][path[1]]
             assert_staged(tensor, expected)  # checked as it arrives, not at the end
 
@@ -341,54 +525,83 @@ async def test_stage_iter_unstageable_raises_before_anything_is_yielded(
     source = {"first": torch.randn(3), "lock": threading.Lock(), "last": torch.randn(3)}
     got: list[Any] = []
     with pytest.raises(astage.UnstageableError, match=r"\['lock'\]"):
-        async for item in stager.stage_iter(source):
-            got.append(item)
+        async with stager.stage_iter(source) as landed:
+            async for item in landed:
+                got.append(item)
     assert got == []
 
 
-async def test_stage_iter_break_early_then_stage_again(stager: astage.Stager) -> None:
+async def test_stage_iter_block_left_early_releases_the_stager(stager: astage.Stager) -> None:
     source = big_state_dict(8, 256 * 1024, small=50)
-    async for _ in stager.stage_iter(source):
-        break
-    staged = await asyncio.wait_for(stager.stage(source), timeout=5)
-    assert_tree_staged(staged, source)
-    items = await asyncio.wait_for(_collect(stager, source), timeout=5)
+    async with stager.stage_iter(source) as landed:
+        async for _ in landed:
+            break
+    with anyio.fail_after(5):
+        staged = await stager.stage(source)
+        assert_tree_staged(staged, source)
+        items = await _collect(stager, source)
     assert len(items) == 8 + 50
 
 
-async def test_stage_iter_closed_explicitly_then_stage(stager: astage.Stager) -> None:
+async def test_stage_iter_block_without_iterating(stager: astage.Stager) -> None:
     source = big_state_dict(8, 256 * 1024)
-    items = stager.stage_iter(source)
-    async for _ in items:
-        break
-    await items.aclose()  # type: ignore[attr-defined]
-    staged = await asyncio.wait_for(stager.stage(source), timeout=5)
-    assert_tree_staged(staged, source)
+    async with stager.stage_iter(source):
+        pass
+    with anyio.fail_after(5):
+        assert_tree_staged(await stager.stage(source), source)
+    assert stager.last_stats is not None
+
+
+async def test_error_in_the_block_reaches_the_caller_as_itself(stager: astage.Stager) -> None:
+    # The block runs inside the call's task group; its error must not come out wrapped in an
+    # ExceptionGroup, and the stager must be free afterwards.
+    source = big_state_dict(8, 256 * 1024)
+    with pytest.raises(KeyError, match="consumer"):
+        async with stager.stage_iter(source) as landed:
+            async for _ in landed:
+                raise KeyError("consumer")
+    with anyio.fail_after(5):
+        assert_tree_staged(await stager.stage(source), source)
+
+
+async def test_iterating_after_the_block_is_refused(stager: astage.Stager) -> None:
+    source = big_state_dict(4, 64 * 1024)
+    async with stager.stage_iter(source) as landed:
+        pass
+    with pytest.raises(astage.UsageError, match="block has exited"):
+        await landed.__anext__()
 
 
 async def test_stage_inside_own_stage_iter_is_refused_not_a_deadlock(
     stager: astage.Stager,
 ) -> None:
-    # The iteration holds the stager; staging again from inside it could never proceed.
+    # The block holds the stager; staging again from the same task could never proceed.
     source = big_state_dict(4, 64 * 1024)
-    with pytest.raises(astage.AstageError, match="stage_iter"):
-        async for _ in stager.stage_iter(source):
-            await stager.stage(source)  # same task (wait_for would run it in another one)
-    # Once the abandoned iteration is finalized, the stager works again.
-    staged = await asyncio.wait_for(stager.stage(source), timeout=5)
+    with anyio.fail_after(5):
+        with pytest.raises(astage.UsageError, match="stage_iter"):
+            async with stager.stage_iter(source) as landed:
+                async for _ in landed:
+                    await stager.stage(source)
+        staged = await stager.stage(source)
     assert_tree_staged(staged, source)
 
 
-async def test_stage_from_another_task_waits_for_an_iteration(stager: astage.Stager) -> None:
+async def test_stage_from_another_task_waits_for_the_block(stager: astage.Stager) -> None:
     source = big_state_dict(4, 64 * 1024)
-    other: asyncio.Task[Any] | None = None
-    async for _ in stager.stage_iter(source):
-        if other is None:
-            other = asyncio.create_task(stager.stage(source))
-            await asyncio.sleep(0.01)
-            assert not other.done()  # serialized behind the iteration, not refused
-    assert other is not None
-    assert_tree_staged(await asyncio.wait_for(other, timeout=5), source)
+    results: list[Any] = []
+
+    async def stage() -> None:
+        results.append(await stager.stage(source))
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tasks, stager.stage_iter(source) as landed:
+            async for _ in landed:
+                if not results and not tasks.cancel_scope.cancel_called:
+                    tasks.start_soon(stage)
+                    await anyio.sleep(0.01)
+                    assert results == []  # serialized behind the block, not refused
+                    break
+    assert_tree_staged(results[0], source)
 
 
 async def test_stage_iter_stats(stager: astage.Stager) -> None:
@@ -408,11 +621,8 @@ async def test_collector_is_left_enabled(stager: astage.Stager) -> None:
     with pytest.raises(astage.UnstageableError):
         await stager.stage({"w": torch.randn(2), "lock": threading.Lock()})
     assert gc.isenabled()
-    task = asyncio.create_task(stager.stage(big_state_dict(0, 0, small=5000)))
-    await asyncio.sleep(0.002)
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    with anyio.move_on_after(0.002):
+        await stager.stage(big_state_dict(0, 0, small=5000))
     assert gc.isenabled()
 
 
