@@ -11,13 +11,13 @@ times, on the same data, after warm-up calls, the contenders taking turns round 
 * DCP's ``PGTransport`` exchange alone (its send/receive order, no file).
 
 GB/s per rank = bytes each rank sends (= bytes it receives) / the slowest rank's median time.
-The figures go to stdout as a Markdown table and, with ``--json PATH``, to a JSON file.
+astage's calls run on one long-lived event loop per rank, on ``--backend`` (asyncio, uvloop or
+trio). The figures go to stdout as a Markdown table and, with ``--json PATH``, to a JSON file.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import statistics
@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from .runner import BACKENDS, LoopRunner
 
 
 def _state_dict(rank: int, mib: int, tensors: int) -> dict[str, torch.Tensor]:
@@ -76,7 +78,7 @@ def _rank_main(rank: int, world: int, init: str, args: argparse.Namespace) -> di
     partner = (rank + world // 2) % world
     results: dict[str, list[float]] = {}
     folder = tempfile.mkdtemp(prefix="astage-bench-replication-")
-    loop = asyncio.new_event_loop()
+    loop = LoopRunner(args.backend)
     try:
         stager = astage.ReplicationStager(timeout=300, options=astage.StagingOptions())
         persisting = astage.ReplicationStager(
@@ -86,13 +88,13 @@ def _rank_main(rank: int, world: int, init: str, args: argparse.Namespace) -> di
         wire: list[float] = []
 
         def astage_memory() -> None:
-            replica = loop.run_until_complete(stager.stage(sd))
+            replica = loop.run(stager.stage(sd))
             assert float(replica["layer0.weight"][0]) == partner * 100
             assert stager.last_seconds is not None
             wire.append(stager.last_seconds)
 
         def astage_persist() -> None:
-            loop.run_until_complete(persisting.stage(sd))
+            loop.run(persisting.stage(sd))
 
         dcp = _ReplicationStager(
             dist.group.WORLD, timeout=timedelta(minutes=5), storage_dir=os.path.join(folder, "dcp")
@@ -128,8 +130,8 @@ def _rank_main(rank: int, world: int, init: str, args: argparse.Namespace) -> di
             "astage ReplicationStager: its exchange alone (part of the row above)": exchange,
             **results,
         }
-        loop.run_until_complete(stager.aclose())
-        loop.run_until_complete(persisting.aclose())
+        loop.run(stager.aclose())
+        loop.run(persisting.aclose())
     finally:
         loop.close()
         import shutil
@@ -143,8 +145,9 @@ def _report(result: dict[str, Any], args: argparse.Namespace) -> str:
     nbytes = result["nbytes"]
     lines = [
         f"2 ranks, gloo on 127.0.0.1, {args.mib} MiB per rank in {args.tensors} float32 "
-        f"tensors; median of {args.rounds} calls after {args.warmup} warm-up calls, contenders "
-        "taking turns; each call's time is the slower rank's",
+        f"tensors, astage on {args.backend}; median of {args.rounds} calls after "
+        f"{args.warmup} warm-up calls, contenders taking turns; each call's time is the "
+        "slower rank's",
         "",
         "| contender | median | min | GB/s per rank |",
         "|---|---|---|---|",
@@ -238,6 +241,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tensors", type=int, default=16, help="tensors per rank")
     parser.add_argument("--rounds", type=int, default=9, help="timed calls per contender")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per contender")
+    parser.add_argument(
+        "--backend", choices=BACKENDS, default="asyncio", help="event loop of astage's calls"
+    )
     parser.add_argument("--json", help="also write the figures to this JSON file")
     parser.add_argument("--md", help="also write a Markdown page (docs/benchmarks-replication.md)")
     parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)
@@ -256,6 +262,7 @@ def main(argv: list[str] | None = None) -> None:
         out = os.path.join(tmp, "result.json")
         common = ["--mib", str(args.mib), "--tensors", str(args.tensors)]
         common += ["--rounds", str(args.rounds), "--warmup", str(args.warmup)]
+        common += ["--backend", args.backend]
         common += ["--init", init, "--out", out]
         procs = [
             subprocess.Popen(
