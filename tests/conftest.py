@@ -1,48 +1,107 @@
 """Shared fixtures and helpers for the astage test suite.
 
-* Async tests (``@pytest.mark.asyncio``) run once on asyncio's default loop and once on uvloop,
-  through pytest-asyncio's ``pytest_asyncio_loop_factories`` hook (pytest-asyncio >= 1.3; the
-  older way, overriding ``event_loop_policy``, is deprecated there).
+* Async tests (``@pytest.mark.asyncio``) run on three legs: asyncio's default loop, uvloop and
+  trio (test ids end in ``[asyncio]``, ``[uvloop]``, ``[trio]``). pytest-asyncio runs all three:
+  its ``pytest_asyncio_loop_factories`` hook parametrizes the legs, and on the trio leg this
+  conftest hands pytest-asyncio a runner that drives the test and its async fixtures through
+  anyio's trio test runner (one trio run per test, in the main thread). A test that checks an
+  asyncio-only integration opts out of trio with ``@pytest.mark.asyncio_only(reason)``.
+* A blocking-call detector watches every async test: a heartbeat task runs beside it, and the
+  test fails when the loop was blocked longer than :data:`BLOCKING_THRESHOLD`. A test that blocks
+  on purpose says so with ``@pytest.mark.allow_blocking(reason)``.
 * Tests marked ``@pytest.mark.cuda`` are skipped when CUDA is not available.
 * ``stager`` / ``make_stager`` give a blocking view of every driver (SyncStager, and Stager on
-  asyncio and on uvloop), so the semantics tests run against each of them.
+  asyncio, uvloop and trio), so the semantics tests run against each of them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
+import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from typing import Any
 
+import anyio
+import anyio.abc
+import anyio.from_thread
+import anyio.pytest_plugin
 import pytest
+import pytest_asyncio
 import torch
 import uvloop
 
 import astage
 
+HAS_CUDA = torch.cuda.is_available()
+
+# -- the event-loop legs ------------------------------------------------------------------------
+
+
+def run_on_trio() -> asyncio.AbstractEventLoop:
+    """The trio leg's entry in the loop-factory table: a marker, never called for a loop.
+
+    pytest-asyncio only accepts callables there; the runner fixture below sees this marker and
+    runs the test on trio instead of building an asyncio loop.
+    """
+    raise RuntimeError("the trio leg runs on trio, not on an asyncio event loop")
+
+
 LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop,
     "uvloop": uvloop.new_event_loop,
+    "trio": run_on_trio,
 }
 
-HAS_CUDA = torch.cuda.is_available()
+# The same legs for code that starts its own loop (anyio.run, start_blocking_portal).
+ANYIO_BACKENDS: dict[str, tuple[str, dict[str, Any]]] = {
+    "asyncio": ("asyncio", {}),
+    "uvloop": ("asyncio", {"use_uvloop": True}),
+    "trio": ("trio", {}),
+}
+
+# Longest stretch, in seconds, that an async test may keep its event loop from running other
+# tasks. A blocking call in a coroutine shows up as the whole call (hundreds of ms); a loaded
+# 2-core CI machine, a GC pass or GIL hand-offs stay well under this.
+BLOCKING_THRESHOLD = float(os.environ.get("ASTAGE_BLOCKING_THRESHOLD", "0.25"))
+# How often the detector's heartbeat wakes up: fine enough for the threshold, cheap enough to run
+# beside every async test.
+_WATCHDOG_INTERVAL = 0.01
+
+MARKERS = {
+    "cuda": "cuda: needs a CUDA device (skipped without one)",
+    "slow": "slow: takes more than a few seconds",
+    "asyncio_only": (
+        "asyncio_only(reason): an async test of an asyncio-specific integration; it runs on "
+        "asyncio and uvloop but not on trio"
+    ),
+    "allow_blocking": (
+        "allow_blocking(reason): an async test that blocks its event loop on purpose; the "
+        "blocking-call detector leaves it alone"
+    ),
+}
 
 
 # -- pytest hooks -------------------------------------------------------------------------------
 
 
-def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
-    """Every ``@pytest.mark.asyncio`` test runs on both event loops."""
-    return dict(LOOP_FACTORIES)
-
-
 def pytest_configure(config: pytest.Config) -> None:
-    # pyproject.toml registers the marker; keep it registered even if that list changes.
-    if not any(line.startswith("cuda") for line in config.getini("markers")):
-        config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one)")
+    # pyproject.toml registers the markers; keep them registered where it does not (a pytester
+    # run that copies this conftest, or a changed list).
+    registered = config.getini("markers")
+    for name, line in MARKERS.items():
+        if not any(entry.split(":")[0].split("(")[0].strip() == name for entry in registered):
+            config.addinivalue_line("markers", line)
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    """Every ``@pytest.mark.asyncio`` test runs on every leg (trio unless ``asyncio_only``)."""
+    if _marker_reason(item, "asyncio_only") is not None:
+        return {name: f for name, f in LOOP_FACTORIES.items() if f is not run_on_trio}
+    return dict(LOOP_FACTORIES)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -52,6 +111,171 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """Run every async test beside the blocking-call detector (see :func:`watch_the_loop`)."""
+    if not pytest_asyncio.is_async_test(item) or _marker_reason(item, "allow_blocking"):
+        return (yield)
+    # pytest-asyncio runs `item.obj` (or, for a hypothesis test, each example's inner_test) on
+    # the leg's loop; swapping in the watched coroutine function puts the detector on that loop.
+    hypothesis = getattr(item.obj, "hypothesis", None)
+    target: object = item if hypothesis is None else hypothesis
+    name = "obj" if hypothesis is None else "inner_test"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(target, name, watch_the_loop(getattr(target, name)))
+        return (yield)
+
+
+def _marker_reason(item: pytest.Item, name: str) -> str | None:
+    """The reason given to marker ``name`` on ``item``, or None without the marker."""
+    marker = item.get_closest_marker(name)
+    if marker is None:
+        return None
+    reason = marker.args[0] if marker.args else marker.kwargs.get("reason")
+    if not isinstance(reason, str) or not reason:
+        raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.{name} needs a reason (a string)")
+    return reason
+
+
+# -- the trio leg -------------------------------------------------------------------------------
+
+
+class TrioLegRunner:
+    """Stands in for pytest-asyncio's ``asyncio.Runner`` on the trio leg.
+
+    pytest-asyncio hands each coroutine (async fixture set-up and tear-down, the test) to
+    ``runner.run``; this runs them one after the other in one trio run, through anyio's trio test
+    runner, so objects that a fixture made on trio are still usable by the test.
+    Context variables a fixture sets do not reach the test on this leg (they stay in the trio
+    task), unlike on the asyncio legs; no test relies on that.
+    """
+
+    def __init__(self, runner: anyio.abc.TestRunner) -> None:
+        self._runner = runner
+
+    def run(self, coro: Awaitable[Any], context: object = None) -> Any:
+        async def await_it() -> Any:
+            return await coro
+
+        return self._runner.run_fixture(await_it, {})
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        raise RuntimeError("the trio leg has no asyncio event loop")
+
+
+def _leg_runner(scope: Any) -> Any:
+    """Override pytest-asyncio's runner fixture of ``scope``: its own on the asyncio legs."""
+    name = f"_{scope}_scoped_runner"
+
+    @pytest.fixture(scope=scope, name=name)
+    def runner(_asyncio_loop_factory: object, request: pytest.FixtureRequest) -> Iterator[Any]:
+        if _asyncio_loop_factory is not run_on_trio:
+            # The fixture this one overrides: pytest-asyncio's asyncio.Runner for the leg.
+            yield request.getfixturevalue(name)
+            return
+        with anyio.pytest_plugin.get_runner("trio", {}) as trio_runner:
+            yield TrioLegRunner(trio_runner)
+
+    return runner
+
+
+_function_scoped_runner = _leg_runner("function")
+_class_scoped_runner = _leg_runner("class")
+_module_scoped_runner = _leg_runner("module")
+_package_scoped_runner = _leg_runner("package")
+_session_scoped_runner = _leg_runner("session")
+
+
+# -- the blocking-call detector -----------------------------------------------------------------
+
+
+def watch_the_loop(
+    test: Callable[..., Awaitable[Any]], threshold: float | None = None
+) -> Callable[..., Coroutine[Any, Any, None]]:
+    """``test`` with a heartbeat beside it: fails when the loop was blocked over ``threshold``.
+
+    A coroutine that calls ``time.sleep``, joins a thread or runs a long computation keeps every
+    other task waiting; the heartbeat wakes up that much late, and the test fails naming how long
+    and when. Errors of the test itself come first: the detector only judges a passing test.
+    """
+    limit = BLOCKING_THRESHOLD if threshold is None else threshold
+
+    @functools.wraps(test)
+    async def watched(*args: Any, **kwargs: Any) -> None:
+        async with heartbeat(_WATCHDOG_INTERVAL) as beat:
+            await test(*args, **kwargs)
+        if beat.max_lag > limit:
+            pytest.fail(
+                f"the event loop was blocked for {beat.max_lag:.2f} s, "
+                f"{beat.worst_at:.2f} s into the test (limit {limit:.2f} s): a coroutine made a "
+                "blocking call. Move it to a thread (anyio.to_thread.run_sync), or mark a test "
+                "that blocks on purpose @pytest.mark.allow_blocking(reason).",
+                pytrace=False,
+            )
+
+    return watched
+
+
+# -- event-loop heartbeat -----------------------------------------------------------------------
+
+
+class Heartbeat:
+    """Sleeps ``interval`` in a loop and records how late each wake-up was."""
+
+    def __init__(self, interval: float = 0.001) -> None:
+        self.interval = interval
+        self.lateness: list[float] = []
+        self.started = time.perf_counter()
+        self.worst_at = 0.0  # seconds after the start when the worst lateness ended
+        self._asleep_since: float | None = None
+
+    @property
+    def max_lag(self) -> float:
+        return max(self.lateness, default=0.0)
+
+    def _record(self, woke: float, since: float) -> None:
+        late = max(0.0, woke - since - self.interval)
+        if late > self.max_lag:
+            self.worst_at = woke - self.started
+        self.lateness.append(late)
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        task_status.started()
+        while True:
+            self._asleep_since = since = time.perf_counter()
+            await anyio.sleep(self.interval)
+            self._record(time.perf_counter(), since)
+
+    def finish(self) -> None:
+        """Record the beat asleep now: a blocking stretch at the very end shows up there."""
+        if self._asleep_since is not None:
+            self._record(time.perf_counter(), self._asleep_since)
+
+
+@contextlib.asynccontextmanager
+async def heartbeat(interval: float = 0.001) -> AsyncIterator[Heartbeat]:
+    """Run a :class:`Heartbeat` on the running loop (any anyio backend) for the block."""
+    beat = Heartbeat(interval)
+    failure: BaseException | None = None
+    async with anyio.create_task_group() as tasks:
+        await tasks.start(beat.run)
+        try:
+            yield beat
+        except anyio.get_cancelled_exc_class():
+            raise
+        except BaseException as exc:  # noqa: BLE001 (re-raised below)
+            # Raised again below, outside the task group, so that the block's error reaches the
+            # caller as itself (pytest.raises, pytest.skip) and not inside an ExceptionGroup.
+            failure = exc
+        finally:
+            beat.finish()
+            tasks.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
 
 
 # -- tensor helpers -----------------------------------------------------------------------------
@@ -179,55 +403,69 @@ def collect() -> None:
 
 
 class Driver:
-    """One stager behind a blocking interface; the async Stager runs on its own event loop."""
+    """One stager behind a blocking interface.
+
+    The async Stager lives on an event loop of its own kind (asyncio, uvloop or trio) that runs in
+    a portal thread for the Driver's whole life, so every call of one Driver meets the same loop.
+    """
 
     def __init__(self, kind: str, **overrides: Any) -> None:
         self.kind = kind
         self.closed = False
-        self._runner: asyncio.Runner | None = None
+        self._exits = contextlib.ExitStack()
+        self._portal: anyio.from_thread.BlockingPortal | None = None
         if kind == "sync":
             self.stager: Any = astage.SyncStager(**overrides)
-        else:
-            self._runner = asyncio.Runner(loop_factory=LOOP_FACTORIES[kind])
-            self.stager = self._run(_construct(overrides))
+            return
+        backend, options = ANYIO_BACKENDS[kind]
+        self._portal = self._exits.enter_context(
+            anyio.from_thread.start_blocking_portal(backend, options)
+        )
+        try:
+            self.stager = self._portal.call(_construct, overrides)
+        except BaseException:
+            self._exits.close()
+            raise
 
-    def _run(self, coro: Any) -> Any:
-        assert self._runner is not None
-        return self._runner.run(coro)
+    def run(self, func: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        """Run ``await func(*args)`` on this Driver's event loop and return its result."""
+        if self._portal is None:
+            raise TypeError("a sync Driver has no event loop")
+        return self._portal.call(func, *args)
 
     def stage(self, state_dict: Any) -> Any:
-        if self._runner is None:
+        if self._portal is None:
             return self.stager.stage(state_dict)
-        return self._run(self.stager.stage(state_dict))
+        return self.run(self.stager.stage, state_dict)
 
     def cache_info(self) -> astage.CacheInfo:
-        return self.stager.cache_info()
+        info: astage.CacheInfo = self.stager.cache_info()
+        return info
 
     def clear_cache(self) -> None:
         self.stager.clear_cache()
 
     @property
     def last_stats(self) -> astage.StageStats | None:
-        return self.stager.last_stats
+        stats: astage.StageStats | None = self.stager.last_stats
+        return stats
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        if self._runner is None:
-            self.stager.close()
-            return
-        try:
-            self._run(self.stager.aclose())
-        finally:
-            self._runner.close()
+        with self._exits:
+            if self._portal is None:
+                self.stager.close()
+            else:
+                self.run(self.stager.aclose)
 
 
 async def _construct(overrides: dict[str, Any]) -> astage.Stager:
     return astage.Stager(**overrides)
 
 
-DRIVERS = ["sync", "asyncio", "uvloop"]
+DRIVERS = ["sync", "asyncio", "uvloop", "trio"]
 
 
 @pytest.fixture(params=DRIVERS)
@@ -255,46 +493,6 @@ def stager(make_stager: Callable[..., Driver]) -> Driver:
 def sync_stager() -> Iterator[astage.SyncStager]:
     with astage.SyncStager() as s:
         yield s
-
-
-# -- event-loop heartbeat -----------------------------------------------------------------------
-
-
-class Heartbeat:
-    """Sleeps ``interval`` in a loop and records how late each wake-up was."""
-
-    def __init__(self, interval: float = 0.001) -> None:
-        self.interval = interval
-        self.lateness: list[float] = []
-
-    @property
-    def max_lag(self) -> float:
-        return max(self.lateness, default=0.0)
-
-    async def _beat(self) -> None:
-        while True:
-            before = time.perf_counter()
-            await asyncio.sleep(self.interval)
-            self.lateness.append(max(0.0, time.perf_counter() - before - self.interval))
-
-
-@contextlib.asynccontextmanager
-async def heartbeat(interval: float = 0.001) -> AsyncIterator[Heartbeat]:
-    """Run a :class:`Heartbeat` on the running loop for the duration of the block."""
-    beat = Heartbeat(interval)
-    task = asyncio.create_task(beat._beat())
-    await asyncio.sleep(0)  # let the first beat start
-    try:
-        yield beat
-    finally:
-        # Let the beat that is asleep now record: a final blocking stretch shows up there.
-        seen = len(beat.lateness)
-        deadline = time.perf_counter() + 1.0
-        while len(beat.lateness) == seen and time.perf_counter() < deadline:
-            await asyncio.sleep(0.0005)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 # Every dtype a state dict may hold: the dtype tests of the stagers and of compat share it.

@@ -1,13 +1,41 @@
-"""The suite's own plumbing from conftest.py: the cuda marker and the event-loop matrix."""
+"""The suite's own plumbing from conftest.py: markers, the event-loop legs, the trio runner, the
+Driver's loops, the heartbeat and the blocking-call detector."""
 
 from __future__ import annotations
 
+import asyncio
+import textwrap
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import cast
+
+import anyio
+import anyio.lowlevel
 import pytest
-from conftest import HAS_CUDA, LOOP_FACTORIES
+import pytest_asyncio
+import trio
+import uvloop
+from conftest import (
+    DRIVERS,
+    HAS_CUDA,
+    LOOP_FACTORIES,
+    MARKERS,
+    Driver,
+    _marker_reason,
+    heartbeat,
+    run_on_trio,
+)
+
+import astage
+
+LEGS = {"asyncio", "uvloop", "trio"}
 
 
-def test_cuda_marker_is_registered(pytestconfig: pytest.Config) -> None:
-    assert any(line.startswith("cuda:") for line in pytestconfig.getini("markers"))
+def test_markers_are_registered(pytestconfig: pytest.Config) -> None:
+    registered = {line.split(":")[0].split("(")[0] for line in pytestconfig.getini("markers")}
+    assert set(MARKERS) <= registered
 
 
 def test_cuda_tests_are_skipped_without_cuda(request: pytest.FixtureRequest) -> None:
@@ -20,17 +48,250 @@ def test_cuda_tests_are_skipped_without_cuda(request: pytest.FixtureRequest) -> 
         assert skipped is not HAS_CUDA, item.nodeid
 
 
-def test_async_tests_are_collected_for_both_loops(request: pytest.FixtureRequest) -> None:
-    factories = _loop_factories(request.session.items)
-    if not factories:
-        pytest.skip("no async tests in this run")
-    assert factories == set(LOOP_FACTORIES.values())
+# -- the legs -----------------------------------------------------------------------------------
 
 
-def _loop_factories(items: list[pytest.Item]) -> set[object]:
-    found = set()
-    for item in items:
-        callspec = getattr(item, "callspec", None)
-        if callspec is not None and "_asyncio_loop_factory" in callspec.params:
-            found.add(callspec.params["_asyncio_loop_factory"])
-    return found
+def _leg_of(item: pytest.Item) -> str | None:
+    callspec = getattr(item, "callspec", None)
+    if callspec is None or "_asyncio_loop_factory" not in callspec.params:
+        return None
+    factory = callspec.params["_asyncio_loop_factory"]
+    return next(name for name, f in LOOP_FACTORIES.items() if f is factory)
+
+
+def test_async_tests_are_collected_for_every_leg(request: pytest.FixtureRequest) -> None:
+    legs: dict[str, set[str]] = {}
+    for item in request.session.items:
+        leg = _leg_of(item)
+        if leg is not None:
+            assert item.name.endswith(f"[{leg}]"), item.nodeid
+            legs.setdefault(item.nodeid.rpartition("[")[0], set()).add(leg)
+    assert legs, "this module's own async tests are collected"
+    for test, found in legs.items():
+        asyncio_only = found == {"asyncio", "uvloop"}
+        assert found == LEGS or asyncio_only, (test, found)
+
+
+def test_asyncio_only_tests_skip_trio(request: pytest.FixtureRequest) -> None:
+    marked = [i for i in request.session.items if i.get_closest_marker("asyncio_only")]
+    assert any(i.name == "test_asyncio_only_runs_on_asyncio_loops[asyncio]" for i in marked)
+    assert [i.nodeid for i in marked if _leg_of(i) == "trio"] == []
+
+
+@pytest.mark.asyncio
+async def test_each_leg_runs_on_its_own_loop(request: pytest.FixtureRequest) -> None:
+    leg = _leg_of(request.node)
+    assert trio.lowlevel.in_trio_run() == (leg == "trio")
+    if leg != "trio":
+        loop = asyncio.get_running_loop()
+        assert isinstance(loop, uvloop.Loop) == (leg == "uvloop")
+
+
+@pytest.mark.asyncio
+@pytest.mark.asyncio_only("checks the asyncio loop object itself")
+async def test_asyncio_only_runs_on_asyncio_loops() -> None:
+    assert asyncio.get_running_loop() is not None
+
+
+def test_the_trio_marker_is_never_called_for_a_loop() -> None:
+    with pytest.raises(RuntimeError, match="trio"):
+        run_on_trio()
+
+
+@pytest_asyncio.fixture
+async def fixture_loop() -> AsyncIterator[object]:
+    # An async generator fixture that holds something bound to its loop across the test.
+    event = anyio.Event()
+    yield anyio.lowlevel.current_token(), event
+    event.set()
+    await event.wait()
+
+
+@pytest.mark.asyncio
+async def test_async_fixtures_share_the_tests_loop(
+    fixture_loop: tuple[object, anyio.Event],
+) -> None:
+    token, event = fixture_loop
+    assert anyio.lowlevel.current_token() == token
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(event.wait)
+            event.set()
+
+
+# -- Driver -------------------------------------------------------------------------------------
+
+
+async def _where() -> tuple[str, str, object]:
+    """The library and loop class that run this coroutine, and the loop's identity."""
+    if trio.lowlevel.in_trio_run():
+        return "trio", "", anyio.lowlevel.current_token()
+    return "asyncio", str(type(asyncio.get_running_loop())), anyio.lowlevel.current_token()
+
+
+def test_drivers_cover_sync_and_every_leg() -> None:
+    assert ["sync", *LOOP_FACTORIES] == DRIVERS
+
+
+@pytest.mark.parametrize("kind", sorted(LEGS))
+def test_a_driver_keeps_one_loop_of_its_kind(kind: str) -> None:
+    driver = Driver(kind)
+    try:
+        library, loop, token = driver.run(_where)
+        assert library == ("trio" if kind == "trio" else "asyncio")
+        assert ("uvloop" in loop) == (kind == "uvloop")
+        assert driver.run(_where)[2] == token  # every call meets the same loop
+        assert isinstance(driver.stager, astage.Stager)
+    finally:
+        driver.close()
+    assert driver.closed
+
+
+def test_a_sync_driver_has_no_loop() -> None:
+    driver = Driver("sync")
+    try:
+        with pytest.raises(TypeError):
+            driver.run(_where)
+    finally:
+        driver.close()
+
+
+def test_a_driver_that_fails_to_construct_leaves_no_loop() -> None:
+    before = {t.name for t in threading.enumerate()}
+    with pytest.raises(astage.InvalidOptionsError):
+        Driver("trio", pin_memory_min_bytes=-1)
+    after = {t.name for t in threading.enumerate()}
+    assert after <= before
+
+
+# -- heartbeat ----------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+@pytest.mark.allow_blocking("measures a blocking stretch on purpose")
+async def test_heartbeat_sees_a_blocking_stretch_at_the_end() -> None:
+    async with heartbeat() as beat:
+        await anyio.sleep(0.01)
+        time.sleep(0.1)  # the last thing in the block: the beat asleep now must record it
+    assert beat.max_lag >= 0.08
+    assert len(beat.lateness) > 1
+
+
+@pytest.mark.asyncio
+async def test_heartbeat_is_quiet_when_the_loop_is_free() -> None:
+    async with heartbeat(0.005) as beat:
+        await anyio.sleep(0.05)
+    assert beat.max_lag < 0.25
+
+
+@pytest.mark.asyncio
+async def test_errors_leave_the_heartbeat_as_themselves() -> None:
+    with pytest.raises(ValueError, match="boom"):
+        async with heartbeat():
+            raise ValueError("boom")
+
+
+# -- the blocking-call detector -----------------------------------------------------------------
+
+_DETECTOR_TESTS = """
+    import time
+
+    import anyio
+    import pytest
+
+
+    @pytest.mark.asyncio
+    async def test_blocks_at_the_end():
+        await anyio.sleep(0)
+        time.sleep(0.5)
+
+
+    @pytest.mark.asyncio
+    async def test_blocks_in_the_middle():
+        time.sleep(0.5)
+        await anyio.sleep(0.05)
+
+
+    @pytest.mark.asyncio
+    @pytest.mark.allow_blocking("blocks on purpose")
+    async def test_blocks_on_purpose():
+        time.sleep(0.5)
+
+
+    @pytest.mark.asyncio
+    async def test_sleeps_without_blocking():
+        await anyio.sleep(0.5)
+
+
+    @pytest.mark.asyncio
+    async def test_own_failure_comes_first():
+        time.sleep(0.5)
+        assert False, "the test's own failure"
+
+
+    @pytest.mark.asyncio
+    async def test_skip_is_a_skip():
+        pytest.skip("skipped from inside the loop")
+
+
+    @pytest.mark.asyncio
+    @pytest.mark.asyncio_only("uses asyncio itself")
+    async def test_asyncio_only():
+        pass
+"""
+
+
+@pytest.fixture
+def inner_suite(pytester: pytest.Pytester) -> pytest.Pytester:
+    """A pytester directory with this suite's conftest and pytest-asyncio settings."""
+    pytester.makeconftest(Path(__file__).with_name("conftest.py").read_text())
+    pytester.makeini(
+        "[pytest]\nasyncio_mode = strict\nasyncio_default_fixture_loop_scope = function\n"
+    )
+    return pytester
+
+
+@pytest.mark.slow
+def test_the_detector_fails_a_test_that_blocks_its_loop(inner_suite: pytest.Pytester) -> None:
+    inner_suite.makepyfile(test_inner=textwrap.dedent(_DETECTOR_TESTS))
+    result = inner_suite.runpytest_subprocess("-p", "no:cacheprovider", "-rA")
+    outcomes = {}
+    for line in result.outlines:
+        word, _, rest = line.partition(" ")
+        if word in {"PASSED", "FAILED", "SKIPPED"} and "::" in rest:
+            outcomes[rest.split("::")[1].split(" ")[0]] = word
+    legs = ("asyncio", "uvloop", "trio")
+    expected = {
+        **{f"test_blocks_at_the_end[{leg}]": "FAILED" for leg in legs},
+        **{f"test_blocks_in_the_middle[{leg}]": "FAILED" for leg in legs},
+        **{f"test_blocks_on_purpose[{leg}]": "PASSED" for leg in legs},
+        **{f"test_sleeps_without_blocking[{leg}]": "PASSED" for leg in legs},
+        **{f"test_own_failure_comes_first[{leg}]": "FAILED" for leg in legs},
+        **{f"test_asyncio_only[{leg}]": "PASSED" for leg in ("asyncio", "uvloop")},
+    }
+    assert {k: v for k, v in outcomes.items() if not k.startswith("test_skip")} == expected
+    assert result.parseoutcomes()["skipped"] == 3
+    text = result.stdout.str()
+    assert text.count("the event loop was blocked for") == 6
+    assert text.count("the test's own failure") >= 3
+
+
+class _MarkedItem:
+    """Just enough of a pytest.Item for the marker check."""
+
+    nodeid = "test_inner.py::test_x"
+
+    def __init__(self, mark: pytest.MarkDecorator) -> None:
+        self._mark = mark.mark
+
+    def get_closest_marker(self, name: str) -> pytest.Mark | None:
+        return self._mark if self._mark.name == name else None
+
+
+@pytest.mark.parametrize("name", ["asyncio_only", "allow_blocking"])
+def test_a_marker_needs_a_reason(name: str) -> None:
+    with pytest.raises(pytest.UsageError, match=f"{name} needs a reason"):
+        _marker_reason(cast(pytest.Item, _MarkedItem(getattr(pytest.mark, name))), name)
+    reason = getattr(pytest.mark, name)("why")
+    assert _marker_reason(cast(pytest.Item, _MarkedItem(reason)), name) == "why"
+    assert _marker_reason(cast(pytest.Item, _MarkedItem(pytest.mark.slow)), name) is None
