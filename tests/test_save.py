@@ -307,12 +307,14 @@ class SlowData:
     """``os.pwritev`` that takes ``seconds`` for every data write (not the header's).
 
     ``inside`` counts the calls still running; ``writing`` is set (on the loop) once the first
-    data write has started.
+    data write has started; ``closed_under_write`` counts writes whose descriptor was closed
+    while they slept (a closed number can be reused by another file, which the write would hit).
     """
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
         self.seconds = seconds
         self.inside = 0
+        self.closed_under_write = 0
         self.writing = anyio.Event()
         self._lock = threading.Lock()
         self._real = os.pwritev
@@ -326,6 +328,10 @@ class SlowData:
                 if not self.writing.is_set():
                     anyio.from_thread.run_sync(self.writing.set)
                 time.sleep(self.seconds)
+                try:
+                    os.fstat(fd)
+                except OSError:
+                    self.closed_under_write += 1
             return self._real(fd, buffers, offset)
         finally:
             with self._lock:
@@ -353,7 +359,7 @@ async def test_cancellation_mid_write_keeps_the_previous_file(
         assert temp_files(tmp_path)
         scope.cancel()
     # The save waited for the write under way: no thread still uses the closed descriptor.
-    assert slow.inside == 0
+    assert slow.inside == 0 and slow.closed_under_write == 0
     assert files_in(tmp_path) == ["ckpt.safetensors"]
     assert_tree_staged(astage.load(path), previous)
 
@@ -463,7 +469,7 @@ async def test_cancelling_a_background_save(
             with pytest.raises(astage.CheckpointWriteError, match="cancelled"):
                 await handle
             assert not handle.cancel()  # over already
-        assert slow.inside == 0
+        assert slow.inside == 0 and slow.closed_under_write == 0
         with anyio.fail_after(2):
             await stager.stage({"w": torch.ones(2)})  # not held any more
     assert files_in(tmp_path) == ["ckpt.safetensors"]
@@ -487,7 +493,7 @@ async def test_cancelling_the_owner_aborts_the_write(
             assert temp_files(tmp_path)
             owner.cancel_scope.cancel()
         # The owner's block ended only once the write was aborted: nothing runs on.
-        assert handle.done() and slow.inside == 0
+        assert handle.done() and slow.inside == 0 and slow.closed_under_write == 0
         with pytest.raises(astage.CheckpointWriteError, match="cancelled"):
             await handle
         with anyio.fail_after(2):

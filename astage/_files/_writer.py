@@ -260,7 +260,8 @@ class SafetensorsWriter:
                 self._queue.close()
             if self._state != "committed":  # a commit whose await was cancelled may have ended
                 self._state = "aborted"
-                await anyio.to_thread.run_sync(self._close_and_remove, limiter=self._limiter)
+                # Not under the writer's limiter: the wait above is what makes closing safe.
+                await anyio.to_thread.run_sync(self._close_and_remove)
 
     # -- internals ----------------------------------------------------------------------------
 
