@@ -118,6 +118,71 @@ def test_non_contiguous_tensors(stager: Driver, view: Any) -> None:
     assert_staged(staged["y"], y)
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.empty(3, 1).as_strided((3, 1), (1, 7)),
+        lambda: torch.empty(1, 4).as_strided((1, 4), (100, 1)),
+        lambda: torch.empty(2, 1, 3).as_strided((2, 1, 3), (3, 0, 1)),
+        lambda: torch.empty(0, 3).as_strided((0, 3), (5, 1)),
+        lambda: torch.empty(4, 0).as_strided((4, 0), (1, 9)),
+        lambda: torch.empty(1).as_strided((1,), (3,)),
+        lambda: torch.empty(1, 1).as_strided((1, 1), (0, 0)),
+    ],
+    ids=["size1-last", "size1-first", "size1-middle", "size0-first", "size0-last", "1d", "zeros"],
+)
+def test_strides_of_size_one_and_empty_dims_are_kept(stager: Driver, make: Any) -> None:
+    # is_contiguous() ignores the stride of a size-1 or size-0 dimension, but copy.deepcopy and
+    # DCP's StateDictStager keep it; a first call and a cached one both must.
+    x = make().fill_(1.5)
+    assert x.is_contiguous()
+    for _ in range(2):
+        staged = stager.stage({"x": x})["x"]
+        assert (staged.shape, staged.stride(), staged.storage_offset()) == (
+            x.shape,
+            x.stride(),
+            x.storage_offset(),
+        )
+        assert staged.device.type == "cpu"
+        assert torch.equal(staged, x)
+        if x.untyped_storage().nbytes():
+            assert storage_ptr(staged) != storage_ptr(x)
+
+
+def test_cached_call_keeps_strides_of_a_new_view_on_a_cached_storage(stager: Driver) -> None:
+    # The cached fast path reuses the view staged last time when a tensor looks the same;
+    # a tensor of the same shape on the same storage with another stride on a size-1
+    # dimension does not look the same.
+    base = torch.randn(3, 1)
+    stager.stage({"t": base})
+    odd = base.as_strided((3, 1), (1, 5))
+    staged = stager.stage({"t": odd})["t"]
+    assert staged.stride() == (1, 5)
+    assert_staged(staged, odd)
+
+
+@pytest.mark.parametrize("bool_first", [True, False], ids=["bool-first", "uint8-first"])
+def test_bool_view_of_uint8_data_keeps_the_bytes(stager: Driver, bool_first: bool) -> None:
+    # Copying a bool tensor as bool turns every nonzero byte into 1: a storage is copied as
+    # bytes, whatever dtype the view that reaches it first has.
+    data = torch.tensor([0, 2, 255, 7, 1, 128], dtype=torch.uint8)
+    flags = data.view(torch.bool)
+    source = {"b": flags, "u": data} if bool_first else {"u": data, "b": flags}
+    for _ in range(2):  # the first call and a cached one
+        staged = stager.stage(source)
+        assert staged["u"].tolist() == data.tolist()
+        assert torch.equal(staged["b"].view(torch.uint8), data)
+        assert storage_ptr(staged["b"]) == storage_ptr(staged["u"])
+
+
+def test_bool_tensor_alone_keeps_its_bytes(stager: Driver) -> None:
+    flags = torch.tensor([3, 0, 1, 255], dtype=torch.uint8).view(torch.bool)
+    for _ in range(2):
+        assert torch.equal(
+            stager.stage({"b": flags})["b"].view(torch.uint8), flags.view(torch.uint8)
+        )
+
+
 def test_conj_and_neg_views(stager: Driver) -> None:
     z = torch.randn(4, 3, dtype=torch.complex64)
     source = {"conj": z.conj(), "neg": z.conj().imag, "conj-t": z.conj().t()}
@@ -289,6 +354,12 @@ class FrozenSlots:
     extra: Any = None
 
 
+@dataclasses.dataclass(slots=True)
+class Slots:
+    weight: torch.Tensor
+    step: int = 0
+
+
 class WithDict:
     def __init__(self, weight: torch.Tensor) -> None:
         self.weight = weight
@@ -376,7 +447,7 @@ def test_sets_and_frozensets(stager: Driver) -> None:
     assert type(staged["f"]) is frozenset
 
 
-@pytest.mark.parametrize("cls", [Plain, Frozen, FrozenSlots], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", [Plain, Frozen, FrozenSlots, Slots], ids=lambda c: c.__name__)
 def test_dataclasses(stager: Driver, cls: type) -> None:
     x = torch.randn(4)
     obj = cls(x)
@@ -613,6 +684,24 @@ def test_unstageable_attribute_path_uses_attribute_syntax(stager: Driver) -> Non
         stager.stage({"holder": [obj]})
     assert "['holder'][0].lock" in str(info.value)
     assert info.value.path == ("holder", 0, astage.Attr("lock"))
+
+
+def test_unstageable_field_of_a_frozen_slots_dataclass_names_the_field(stager: Driver) -> None:
+    # A frozen slots=True dataclass pickles its fields as a list of values; the path still
+    # names the field, not its position.
+    with pytest.raises(astage.UnstageableError) as info:
+        stager.stage({"cfg": FrozenSlots(torch.randn(2), extra=threading.Lock())})
+    assert "['cfg'].extra" in str(info.value)
+    assert info.value.path == ("cfg", astage.Attr("extra"))
+
+
+@pytest.mark.parametrize("cls", [Plain, Frozen, FrozenSlots, Slots], ids=lambda c: c.__name__)
+def test_unstageable_field_of_any_dataclass_names_the_field(stager: Driver, cls: type) -> None:
+    bad = cls(torch.randn(2))
+    object.__setattr__(bad, "weight", threading.Lock())
+    with pytest.raises(astage.UnstageableError) as info:
+        stager.stage({"cfg": bad})
+    assert info.value.path == ("cfg", astage.Attr("weight"))
 
 
 def test_failed_call_leaves_stager_usable(stager: Driver) -> None:

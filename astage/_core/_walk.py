@@ -1,32 +1,36 @@
-"""The sans-IO core: rebuild a state dict around host buffers and list the copies to make.
+"""The deep-copy walk: rebuild a state dict the way ``copy.deepcopy`` would, tensors aside.
 
-``build_plan`` walks the state dict the way ``copy.deepcopy`` would (a memo keeps shared
-references shared and cycles closed), but every tensor is rebuilt on CPU as a view of a host
-buffer from the cache, with its dtype, shape, stride and offset. Each source storage is visited
-once per call and adds exactly one entry to :class:`Copies` (all bytes of the storage, which is
-what keeps aliasing intact). Nothing here waits for a device or an event loop: the walk is a
-generator that yields every few dozen objects, so an async driver can hand the loop back while
-a sync driver just runs it to the end.
+:func:`build_plan` walks a state dict into a :class:`~._plan.Plan`. :class:`DeepCopy` rebuilds
+every container and object: dicts (their subclasses and instance attributes too), lists, tuples,
+namedtuples, sets, bound methods, and anything else through the ``__reduce_ex__`` protocol that
+pickle and ``copy.deepcopy`` use (dataclasses, frozen and slotted ones included). A memo keeps
+shared references shared and cycles closed. Every tensor goes to a
+:class:`~._tensors.TensorStager`, which rebuilds it on a host buffer and records the copy that
+fills it.
+
+Nothing here waits for a device, a thread or an event loop: the walk is a generator that yields
+every few dozen objects, so an async driver can hand the loop back between slices while a sync
+driver runs it to the end.
 """
 
 from __future__ import annotations
 
 import copyreg
+import dataclasses
 import enum
-import sys
 import types
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Generator
-from typing import Any
+from typing import Any, Protocol
 
 import torch
-from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .._errors import UnstageableError
 from .._paths import Attr, Path
-from ._cache import BufferCache, HostBuffer
-from ._plan import Leaf, Plan
+from ._cache import BufferCache
+from ._plan import Plan
+from ._tensors import TensorStager
 
 Walk = Generator[None, None, Any]
 
@@ -34,7 +38,6 @@ _MISSING: Any = object()
 _YIELD_EVERY = 64  # objects visited between two chances for the driver to yield
 
 _Tensor = torch.Tensor
-_Parameter = torch.nn.Parameter
 
 # Values that are immutable or process-global: staged as themselves, never copied.
 ATOMIC_TYPES: frozenset[type] = frozenset(
@@ -73,45 +76,48 @@ def build_plan(cache: BufferCache, state_dict: Any, plan: Plan | None = None) ->
     ``plan.copies`` grows while the walk runs, so a driver may start copying before it ends.
     """
     plan = plan if plan is not None else Plan()
-    walker = _Walker(cache, plan)
+    walk = DeepCopy()
+    tensors = TensorStager(
+        cache, plan, memo=walk.memo, keep_alive=walk.keep_alive, visit=walk.visit_now
+    )
+    walk.stage_tensors_with(tensors)
     try:
-        plan.result = yield from walker.visit(state_dict, ())
+        plan.result = yield from walk.visit(state_dict, ())
     finally:
-        walker.close()
+        walk.close()
+        tensors.close()
     plan.done = True
     return plan
 
 
-def _bytes_view(storage: torch.UntypedStorage, device: torch.device) -> torch.Tensor:
-    return torch.empty((0,), dtype=torch.uint8, device=device).set_(storage)
+class Tensors(Protocol):
+    """Where the walk hands its tensors (a :class:`~._tensors.TensorStager`)."""
+
+    def leaf(self, x: torch.Tensor, path: Path) -> torch.Tensor:
+        """Stage a tensor met at ``path``."""
+
+    def child(self, x: torch.Tensor, path: Path, key: Any) -> torch.Tensor:
+        """Stage a plain tensor met under ``key`` of the container at ``path``.
+
+        The hot path: the walk calls it for every ``type(x) is torch.Tensor`` in a dict or a
+        list, and the tensor's path is only built if it is needed (an error, a leaf record).
+        """
 
 
-def _view_on(buffer: HostBuffer, x: torch.Tensor) -> torch.Tensor:
-    """A CPU tensor with ``x``'s dtype, shape, stride and offset on ``buffer``."""
-    return torch.empty((0,), dtype=x.dtype).set_(
-        buffer.storage, x.storage_offset(), x.size(), x.stride()
-    )
+def _no_tensors(*args: Any) -> torch.Tensor:
+    raise AssertionError("DeepCopy met a tensor before stage_tensors_with() was called")
 
 
-class _Walker:
-    def __init__(self, cache: BufferCache, plan: Plan) -> None:
-        self._cache = cache
-        self._plan = plan
-        self._copies = plan.copies
-        self._buffers = cache.entries
-        self._leaves = plan.leaves
-        self._memo: dict[int, Any] = {}
-        self._keep_alive: list[Any] = []  # ids in the memo stay valid while the walk runs
-        # Source storages met in this call (by id) -> their buffer, and -> their copy's index.
-        # Two dicts rather than one of tuples: no allocation per tensor on the hot path.
-        self._storages: dict[int, HostBuffer] = {}
-        self._copy_index: dict[int, int] = {}
-        self._tensor_deps: dict[int, int] = {}
-        self._track_leaves = plan.track_leaves
-        # A tensor met directly in a dict or list (``type(x) is torch.Tensor``).
-        self._child_tensor = self._tracked_child if plan.track_leaves else self._untracked_child
-        self._tensor_depth = 0  # > 0 while staging the insides of a tensor
-        self._last_copy = -1
+class DeepCopy:
+    """One walk's deep copy: the memo, and a rebuild for each kind of container and object."""
+
+    def __init__(self) -> None:
+        self.memo: dict[int, Any] = {}
+        """``id()`` of every source object met so far -> its staged twin."""
+        self.keep_alive: list[Any] = []
+        """The sources in the memo: their ids stay valid (unreused) while the walk runs."""
+        self._tensor: Callable[[torch.Tensor, Path], torch.Tensor] = _no_tensors
+        self._child_tensor: Callable[[torch.Tensor, Path, Any], torch.Tensor] = _no_tensors
         self._countdown = _YIELD_EVERY
         self._dispatch: dict[type, Callable[[Any, Path], Walk]] = {
             dict: self._dict,
@@ -123,17 +129,24 @@ class _Walker:
             types.MethodType: self._method,
         }
 
-    def close(self) -> None:
-        """Break the walker's references to its own bound methods.
+    def stage_tensors_with(self, tensors: Tensors) -> None:
+        """Hand every tensor the walk meets to ``tensors``."""
+        self._tensor = tensors.leaf
+        # Bound once: the dict and list loops call it per tensor without an attribute lookup
+        # on ``tensors``.
+        self._child_tensor = tensors.child
 
-        Without this the walker is a reference cycle, and its memo (every staged object of the
+    def close(self) -> None:
+        """Break the walk's references to its own bound methods and to the tensor stager.
+
+        Without this the walk is a reference cycle, and its memo (every staged object of the
         call) would stay alive until the cyclic collector ran: the staged result would outlive
         its last user, and its host buffers would look in use (``BufferCache.in_use``).
         """
         self._dispatch.clear()
-        del self._child_tensor
-        self._memo.clear()
-        self._keep_alive.clear()
+        self._tensor = self._child_tensor = _no_tensors
+        self.memo.clear()
+        self.keep_alive.clear()
 
     # -- containers -----------------------------------------------------------------------
 
@@ -141,13 +154,13 @@ class _Walker:
         cls = type(x)
         if cls in ATOMIC_TYPES:
             return x
-        found = self._memo.get(id(x), _MISSING)
+        found = self.memo.get(id(x), _MISSING)
         if found is not _MISSING:
             if isinstance(x, _Tensor):
-                return self._tensor_leaf(x, path)
+                return self._tensor(x, path)
             return found
         if isinstance(x, _Tensor):
-            return self._tensor_leaf(x, path)
+            return self._tensor(x, path)
         handler = self._dispatch.get(cls)
         if handler is not None:
             return (yield from handler(x, path))
@@ -165,8 +178,8 @@ class _Walker:
         return True
 
     def _remember(self, x: Any, y: Any) -> None:
-        self._memo[id(x)] = y
-        self._keep_alive.append(x)
+        self.memo[id(x)] = y
+        self.keep_alive.append(x)
 
     def _dict(self, x: dict[Any, Any], path: Path) -> Walk:
         y: dict[Any, Any] = type(x)()
@@ -175,7 +188,7 @@ class _Walker:
         if attributes:  # e.g. the _metadata that Module.state_dict() hangs on its OrderedDict
             y.__dict__.update((yield from self._attributes(attributes, path)))
         atomic = ATOMIC_TYPES
-        memo = self._memo
+        memo = self.memo
         for old_key, value in x.items():
             key = old_key
             if type(key) not in atomic:
@@ -226,7 +239,7 @@ class _Walker:
     def _tuple(self, x: tuple[Any, ...], path: Path) -> Walk:
         items = yield from self._items(x, path)
         # A tuple inside a cycle was rebuilt while visiting its own items: use that one.
-        found = self._memo.get(id(x), _MISSING)
+        found = self.memo.get(id(x), _MISSING)
         if found is not _MISSING:
             return found
         if all(a is b for a, b in zip(x, items, strict=True)):
@@ -237,7 +250,7 @@ class _Walker:
 
     def _namedtuple(self, x: Any, path: Path) -> Walk:
         items = yield from self._items(x, path)
-        found = self._memo.get(id(x), _MISSING)
+        found = self.memo.get(id(x), _MISSING)
         if found is not _MISSING:
             return found
         if all(a is b for a, b in zip(x, items, strict=True)):
@@ -298,7 +311,10 @@ class _Walker:
 
     def _set_state(self, y: Any, state: Any, path: Path) -> Walk:
         if hasattr(y, "__setstate__"):
-            state = yield from self.visit(state, path)
+            if _is_dataclass_field_list(y, state):
+                state = yield from self._field_values(y, state, path)
+            else:
+                state = yield from self.visit(state, path)
             y.__setstate__(state)
             return None
         slots = None
@@ -313,6 +329,13 @@ class _Walker:
                 object.__setattr__(y, name, value)  # frozen dataclasses with slots, too
         return None
 
+    def _field_values(self, y: Any, values: list[Any], path: Path) -> Walk:
+        """A frozen slotted dataclass's state: its field values, each at its field's name."""
+        new = []
+        for field, value in zip(dataclasses.fields(y), values, strict=True):
+            new.append((yield from self.visit(value, (*path, Attr(field.name)))))
+        return new
+
     def _attributes(self, attributes: dict[str, Any], path: Path) -> Walk:
         new = {}
         for name, value in attributes.items():
@@ -321,7 +344,7 @@ class _Walker:
                 yield
         return new
 
-    def _visit_now(self, x: Any, path: Path) -> Any:
+    def visit_now(self, x: Any, path: Path) -> Any:
         """Visit without yielding: for the few objects hanging off a tensor."""
         walk = self.visit(x, path)
         try:
@@ -330,274 +353,19 @@ class _Walker:
         except StopIteration as stop:
             return stop.value
 
-    # -- tensors --------------------------------------------------------------------------
 
-    def _tracked_child(self, x: torch.Tensor, path: Path, key: Any) -> torch.Tensor:
-        return self._tensor_leaf(x, (*path, key))
+def _is_dataclass_field_list(y: Any, state: Any) -> bool:
+    """Whether ``state`` is what a frozen ``slots=True`` dataclass pickles: its field values.
 
-    def _untracked_child(self, x: torch.Tensor, path: Path, key: Any) -> torch.Tensor:
-        """The hot path of stage(): no leaf record, and the path is built only if needed."""
-        if not self._tensor_depth:
-            self._plan.tensors += 1
-        y: torch.Tensor = self._memo.get(id(x), _MISSING)
-        if y is not _MISSING:
-            return y
-        restaged = self._restage(x)
-        if restaged is not None:
-            return restaged
-        return self._stage_tensor(x, (*path, key))
-
-    def _tensor_leaf(self, x: torch.Tensor, path: Path) -> torch.Tensor:
-        """A tensor at ``path``: staged once per call, and recorded for ``stage_iter``."""
-        key = id(x)
-        y: torch.Tensor = self._memo.get(key, _MISSING)
-        if not self._track_leaves:
-            if not self._tensor_depth:
-                self._plan.tensors += 1
-            if y is not _MISSING:
-                return y
-            self._tensor_depth += 1
-            try:
-                return self._tensor(x, path)
-            finally:
-                self._tensor_depth -= 1
-        if y is _MISSING:
-            outer = self._last_copy
-            self._last_copy = -1
-            self._tensor_depth += 1
-            try:
-                y = self._tensor(x, path)
-            finally:
-                self._tensor_depth -= 1
-            dep = self._last_copy
-            self._tensor_deps[key] = dep
-            self._last_copy = max(outer, dep)
-        else:
-            # Not yet recorded when a tensor's own attribute refers back to it (t.me = t).
-            dep = self._tensor_deps.get(key, self._last_copy)
-            self._last_copy = max(self._last_copy, dep)
-        if self._tensor_depth == 0:
-            self._plan.tensors += 1
-            self._leaves.append(Leaf(path, y, dep))
-        return y
-
-    def _tensor(self, x: torch.Tensor, path: Path) -> torch.Tensor:
-        if type(x) is _Tensor:
-            y = self._restage(x)
-            if y is not None:
-                return y
-        return self._stage_tensor(x, path)
-
-    def _restage(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The hot path of a cached call: a plain tensor whose buffer already has its view.
-
-        A tensor that spans its storage contiguously, like the one staged into this buffer
-        last time, reuses that staged view: same dtype, shape, storage and byte count imply
-        the same strides and offset. Anything else takes the general path.
-        """
-        try:
-            storage = x.untyped_storage()
-        except (RuntimeError, NotImplementedError):
-            return None
-        buffer = self._buffers.get(id(storage))  # BufferCache.get, inlined: this is per tensor
-        if buffer is None or buffer() is not storage:
-            return None
-        view = buffer.view
-        if (
-            view is None
-            or id(storage) in self._storages
-            or buffer.view_dtype is not x.dtype
-            or buffer.view_shape != x.shape
-            or buffer.nbytes != storage.nbytes()
-            or x.storage_offset() != 0
-            or not x.is_contiguous()
-            or x.is_conj()
-            or x.is_neg()
-            or x.__dict__
-        ):
-            return None
-        copies = self._copies
-        index = len(copies.srcs)
-        copies.srcs.append(x)  # keeps x alive, so its id stays valid in the memo
-        copies.dsts.append(view)
-        copies.buffers.append(buffer)
-        self._storages[id(storage)] = buffer
-        self._copy_index[id(storage)] = index
-        self._last_copy = index
-        # The buffer's own view stays private: consumers get a new tensor object each call,
-        # so what they do to its metadata or attributes cannot reach the next call.
-        y = view.detach()
-        self._memo[id(x)] = y
-        return y
-
-    def _stage_tensor(self, x: torch.Tensor, path: Path) -> torch.Tensor:
-        cls = type(x)
-        if cls is not _Tensor and cls is not _Parameter:
-            if is_traceable_wrapper_subclass(x):
-                return self._wrapper_subclass(x, path)
-            if _is_sharded_tensor(x):
-                return self._sharded_tensor(x, path)
-        layout = x.layout
-        if layout is not torch.strided:
-            return self._sparse(x, path, layout)
-        if x.is_quantized or x.is_nested:
-            kind = "quantized" if x.is_quantized else "nested"
-            raise UnstageableError(
-                f"{kind} tensors are not supported; dequantize or unbind first", path
-            )
-        device = x.device
-        if device.type == "meta":
-            raise UnstageableError(
-                "a meta tensor has no data to stage (materialize it, e.g. with to_empty(), first)",
-                path,
-            )
-        try:
-            storage = x.untyped_storage()
-        except (RuntimeError, NotImplementedError) as error:
-            raise UnstageableError(
-                f"a {cls.__qualname__} has no storage that can be copied: {error}", path
-            ) from error
-        spans_storage = (
-            (cls is _Tensor or cls is _Parameter)
-            and x.storage_offset() == 0
-            and x.nbytes == storage.nbytes()
-            and x.is_contiguous()
-            and not x.is_conj()
-            and not x.is_neg()
-        )
-        buffer = self._storages.get(id(storage))
-        if buffer is not None:  # a storage already met in this call: an alias
-            index = self._copy_index[id(storage)]
-            plain = _view_on(buffer, x)
-        else:
-            buffer = self._cache.lookup(storage, path)
-            if buffer is None:
-                buffer = self._cache.allocate(storage, like=x if spans_storage else None)
-                self._plan.new_buffers += 1
-                self._plan.new_nbytes += buffer.nbytes
-            view = buffer.view
-            if (
-                spans_storage
-                and view is not None
-                and view.dtype is x.dtype
-                and view.shape == x.shape
-            ):
-                plain = view.detach()  # the buffer's own view stays private (see _restage)
-                src, dst = x, view
-            else:
-                plain = _view_on(buffer, x)
-                src, dst = _bytes_view(storage, device), buffer.as_bytes()
-            index = self._copies.add(src, dst, buffer) if buffer.nbytes else -1
-            self._storages[id(storage)] = buffer
-            self._copy_index[id(storage)] = index
-            self._keep_alive.append(storage)
-        self._last_copy = max(self._last_copy, index)
-        y = plain
-        if x.is_conj():
-            y = y.conj()
-        if x.is_neg():
-            y = y._neg_view()
-        if cls is _Parameter:
-            y = _Parameter(y, requires_grad=x.requires_grad)
-        elif cls is not _Tensor:
-            y = _Tensor._make_subclass(cls, y, x.requires_grad)
-        self._remember(x, y)
-        self._copy_attributes(x, y, path)
-        return y
-
-    def _copy_attributes(self, x: torch.Tensor, y: torch.Tensor, path: Path) -> None:
-        """Python attributes set on a tensor (``__dict__`` and ``__slots__``), staged as well."""
-        attributes = x.__dict__
-        if attributes:
-            for name, value in attributes.items():
-                setattr(y, name, self._visit_now(value, (*path, Attr(name))))
-        for klass in type(x).__mro__:
-            for name in klass.__dict__.get("__slots__", ()):
-                if name in ("__dict__", "__weakref__") or not hasattr(x, name):
-                    continue
-                setattr(y, name, self._visit_now(getattr(x, name), (*path, Attr(name))))
-
-    def _wrapper_subclass(self, x: torch.Tensor, path: Path) -> torch.Tensor:
-        """Subclasses like DTensor: stage the inner tensors, rebuild the wrapper around them."""
-        names, context = x.__tensor_flatten__()  # type: ignore[attr-defined]
-        inner = {}
-        for name in names:
-            value = getattr(x, name)
-            # Some subclasses list non-tensors too (DTensor's device_mesh): process-wide
-            # objects that the rebuilt wrapper must share, not copies of them.
-            if isinstance(value, _Tensor):
-                value = self._tensor_leaf(value, (*path, Attr(name)))
-            inner[name] = value
-        try:
-            y: torch.Tensor = type(x).__tensor_unflatten__(inner, context, x.size(), x.stride())  # type: ignore[attr-defined]
-        except Exception as error:
-            raise UnstageableError(
-                f"cannot rebuild {type(x).__qualname__} around staged tensors: {error}", path
-            ) from error
-        self._remember(x, y)
-        return y
-
-    def _sharded_tensor(self, x: torch.Tensor, path: Path) -> torch.Tensor:
-        """A ShardedTensor: stage its local shards, rebuild it around them (no collective).
-
-        Its metadata (global size, every shard's offsets, sizes and placement) is deep-copied;
-        its process group is shared, like a DTensor's device mesh.
-        """
-        import copy
-
-        from torch.distributed._shard.sharded_tensor.api import ShardedTensor
-        from torch.distributed._shard.sharded_tensor.shard import Shard
-
-        sharded: Any = x
-        shards = [
-            Shard(
-                self._tensor_leaf(shard.tensor, (*path, Attr("local_shards"), i)),
-                copy.deepcopy(shard.metadata),
-            )
-            for i, shard in enumerate(sharded.local_shards())
-        ]
-        try:
-            y: torch.Tensor = ShardedTensor._init_from_local_shards_and_global_metadata(
-                shards,
-                copy.deepcopy(sharded.metadata()),
-                process_group=sharded._process_group,
-                init_rrefs=False,
-            )
-        except Exception as error:
-            raise UnstageableError(
-                f"cannot rebuild a ShardedTensor around staged shards: {error}", path
-            ) from error
-        self._remember(x, y)
-        return y
-
-    def _sparse(self, x: torch.Tensor, path: Path, layout: torch.layout) -> torch.Tensor:
-        if layout is torch.sparse_coo:
-            indices = self._tensor_leaf(x._indices(), (*path, Attr("indices")))
-            values = self._tensor_leaf(x._values(), (*path, Attr("values")))
-            y = torch.sparse_coo_tensor(indices, values, x.size(), is_coalesced=x.is_coalesced())
-        elif layout in (torch.sparse_csr, torch.sparse_bsr):
-            y = torch.sparse_compressed_tensor(
-                self._tensor_leaf(x.crow_indices(), (*path, Attr("crow_indices"))),
-                self._tensor_leaf(x.col_indices(), (*path, Attr("col_indices"))),
-                self._tensor_leaf(x.values(), (*path, Attr("values"))),
-                x.size(),
-                layout=layout,
-            )
-        elif layout in (torch.sparse_csc, torch.sparse_bsc):
-            y = torch.sparse_compressed_tensor(
-                self._tensor_leaf(x.ccol_indices(), (*path, Attr("ccol_indices"))),
-                self._tensor_leaf(x.row_indices(), (*path, Attr("row_indices"))),
-                self._tensor_leaf(x.values(), (*path, Attr("values"))),
-                x.size(),
-                layout=layout,
-            )
-        else:
-            raise UnstageableError(f"tensors with layout {layout} are not supported", path)
-        self._remember(x, y)
-        return y
-
-
-def _is_sharded_tensor(x: torch.Tensor) -> bool:
-    """Whether ``x`` is a (deprecated) ShardedTensor; never imports torch.distributed itself."""
-    module = sys.modules.get("torch.distributed._shard.sharded_tensor.api")
-    return module is not None and isinstance(x, module.ShardedTensor)
+    Such a class cannot be rebuilt by setting attributes (it is frozen and has no ``__dict__``),
+    so ``dataclasses`` gives it a ``__getstate__`` that returns a plain list of the values of
+    ``fields()``, in order. Knowing that, the walk can name each value's path by its field.
+    """
+    cls = type(y)
+    getstate = getattr(cls, "__getstate__", None)
+    return (
+        type(state) is list
+        and getattr(getstate, "__module__", None) == "dataclasses"
+        and dataclasses.is_dataclass(cls)
+        and len(state) == len(dataclasses.fields(cls))
+    )

@@ -1,0 +1,291 @@
+"""The tensor hot path: a tensor into its cached host buffer, and the copy that fills it.
+
+:class:`TensorStager` turns each tensor the walk meets into a CPU tensor on the host buffer of
+its source storage, with the source's dtype, shape, stride and storage offset, and adds one copy
+per source storage to the plan: all the storage's bytes, whatever dtype the view that first
+reaches it has, which is what keeps aliasing (views, tied weights) intact.
+
+Two paths, by cost. A cached call over a plain tensor that spans its storage (the common case,
+tens of thousands per optimizer state) takes :meth:`TensorStager._restage`: a dict lookup, a
+weak-reference check, a few metadata comparisons and one ``detach()``. Everything else (views,
+conjugate and negative views, ``Parameter`` and other subclasses, Python attributes, a first
+call) takes :meth:`TensorStager._stage`; the rare kinds are in :mod:`._kinds`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .._errors import UnstageableError
+from .._paths import Attr, Path
+from . import _kinds
+from ._cache import BufferCache, HostBuffer
+from ._plan import Leaf, Plan
+
+Visit = Callable[[Any, Path], Any]
+"""Deep-copies an object hanging off a tensor (an attribute) through the walk's memo."""
+
+_MISSING: Any = object()
+
+_Tensor = torch.Tensor
+_Parameter = torch.nn.Parameter
+
+
+class TensorStager:
+    """Stages the tensors of one call into ``plan``, sharing the walk's memo.
+
+    ``memo`` maps ``id()`` of a source object to its staged twin, and ``keep_alive`` holds the
+    sources so that their ids stay valid while the walk runs: both belong to the deep-copy walk,
+    so that a tensor met twice, or an attribute that refers back to its tensor, is staged once.
+    """
+
+    def __init__(
+        self,
+        cache: BufferCache,
+        plan: Plan,
+        *,
+        memo: dict[int, Any],
+        keep_alive: list[Any],
+        visit: Visit,
+    ) -> None:
+        self._cache = cache
+        self._plan = plan
+        self._copies = plan.copies
+        self._buffers = cache.entries
+        self._leaves = plan.leaves
+        self._memo = memo
+        self._keep_alive = keep_alive
+        self._visit = visit
+        # Source storages met in this call (by id) -> their buffer, and -> their copy's index.
+        # Two dicts rather than one of tuples: no allocation per tensor on the hot path.
+        self._storages: dict[int, HostBuffer] = {}
+        self._copy_index: dict[int, int] = {}
+        self._tensor_deps: dict[int, int] = {}
+        self._track_leaves = plan.track_leaves
+        self.child: Callable[[torch.Tensor, Path, Any], torch.Tensor] = (
+            self._tracked_child if plan.track_leaves else self._untracked_child
+        )
+        """Stage a tensor met directly in a container (``type(x) is torch.Tensor``) under key."""
+        self._depth = 0  # > 0 while staging the insides of a tensor
+        self._last_copy = -1
+
+    def close(self) -> None:
+        """Drop the references back to the walk and to this object's own methods (cycles)."""
+        del self.child
+        del self._visit
+
+    # -- entry points ---------------------------------------------------------------------
+
+    def _tracked_child(self, x: torch.Tensor, path: Path, key: Any) -> torch.Tensor:
+        return self.leaf(x, (*path, key))
+
+    def _untracked_child(self, x: torch.Tensor, path: Path, key: Any) -> torch.Tensor:
+        """The hot path of stage(): no leaf record, and the path is built only if needed."""
+        if not self._depth:
+            self._plan.tensors += 1
+        y: torch.Tensor = self._memo.get(id(x), _MISSING)
+        if y is not _MISSING:
+            return y
+        restaged = self._restage(x)
+        if restaged is not None:
+            return restaged
+        return self._stage(x, (*path, key))
+
+    def leaf(self, x: torch.Tensor, path: Path) -> torch.Tensor:
+        """A tensor at ``path``: staged once per call, and recorded for ``stage_iter``."""
+        key = id(x)
+        y: torch.Tensor = self._memo.get(key, _MISSING)
+        if not self._track_leaves:
+            if not self._depth:
+                self._plan.tensors += 1
+            if y is not _MISSING:
+                return y
+            self._depth += 1
+            try:
+                return self._any(x, path)
+            finally:
+                self._depth -= 1
+        if y is _MISSING:
+            outer = self._last_copy
+            self._last_copy = -1
+            self._depth += 1
+            try:
+                y = self._any(x, path)
+            finally:
+                self._depth -= 1
+            dep = self._last_copy
+            self._tensor_deps[key] = dep
+            self._last_copy = max(outer, dep)
+        else:
+            # Not yet recorded when a tensor's own attribute refers back to it (t.me = t).
+            dep = self._tensor_deps.get(key, self._last_copy)
+            self._last_copy = max(self._last_copy, dep)
+        if self._depth == 0:
+            self._plan.tensors += 1
+            self._leaves.append(Leaf(path, y, dep))
+        return y
+
+    def _any(self, x: torch.Tensor, path: Path) -> torch.Tensor:
+        if type(x) is _Tensor:
+            y = self._restage(x)
+            if y is not None:
+                return y
+        return self._stage(x, path)
+
+    # -- the hot path ---------------------------------------------------------------------
+
+    def _restage(self, x: torch.Tensor) -> torch.Tensor | None:
+        """A plain tensor whose buffer already has its staged view: reuse that view.
+
+        Same storage, dtype, shape, strides and byte count, at offset 0, imply the same
+        tensor; the buffer keeps the view's dtype and shape, so only the strides need the
+        view itself. The stride comparison (rather than ``is_contiguous()``) is what keeps the
+        strides of size-1 and size-0 dimensions, which ``is_contiguous()`` ignores. Anything
+        else returns None and takes :meth:`_stage`.
+        """
+        try:
+            storage = x.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            return None
+        buffer = self._buffers.get(id(storage))  # BufferCache.get, inlined: this is per tensor
+        if buffer is None or buffer() is not storage:
+            return None
+        view = buffer.view
+        if (
+            view is None
+            or id(storage) in self._storages
+            or buffer.view_dtype is not x.dtype
+            or buffer.view_shape != x.shape
+            or buffer.nbytes != storage.nbytes()
+            or x.storage_offset() != 0
+            or x.stride() != view.stride()
+            or x.is_conj()
+            or x.is_neg()
+            or x.__dict__
+        ):
+            return None
+        copies = self._copies
+        index = len(copies.srcs)
+        copies.srcs.append(x)  # keeps x alive, so its id stays valid in the memo
+        copies.dsts.append(view)
+        copies.buffers.append(buffer)
+        self._storages[id(storage)] = buffer
+        self._copy_index[id(storage)] = index
+        self._last_copy = index
+        # The buffer's own view stays private: consumers get a new tensor object each call,
+        # so what they do to its metadata or attributes cannot reach the next call.
+        y = view.detach()
+        self._memo[id(x)] = y
+        return y
+
+    # -- the general path -----------------------------------------------------------------
+
+    def _stage(self, x: torch.Tensor, path: Path) -> torch.Tensor:
+        cls = type(x)
+        if cls is not _Tensor and cls is not _Parameter:
+            special = _kinds.stage_subclass(x, path, self.leaf)
+            if special is not None:
+                return self._remember(x, special)
+        if x.layout is not torch.strided:
+            return self._remember(x, _kinds.stage_sparse(x, path, self.leaf))
+        if x.is_quantized or x.is_nested or x.device.type == "meta":
+            raise _kinds.refusal(x, path)
+        try:
+            storage = x.untyped_storage()
+        except (RuntimeError, NotImplementedError) as error:
+            raise UnstageableError(
+                f"a {cls.__qualname__} has no storage that can be copied: {error}", path
+            ) from error
+        # Whether x can be copied as itself into a buffer allocated as its twin: x must cover
+        # its storage in torch.empty's layout. Bool data never is: copying a bool tensor
+        # normalizes every byte to 0 or 1, which corrupts uint8 data that a bool view reaches
+        # first; its storage is copied as bytes.
+        spans_storage = (
+            (cls is _Tensor or cls is _Parameter)
+            and x.dtype is not torch.bool
+            and x.storage_offset() == 0
+            and x.nbytes == storage.nbytes()
+            and not x.is_conj()
+            and not x.is_neg()
+            and x.stride() == _dense_strides(x.shape)
+        )
+        buffer = self._storages.get(id(storage))
+        if buffer is not None:  # a storage already met in this call: an alias
+            index = self._copy_index[id(storage)]
+            plain = _view_on(buffer, x)
+        else:
+            buffer = self._cache.lookup(storage, path)
+            if buffer is None:
+                buffer = self._cache.allocate(storage, like=x if spans_storage else None)
+                self._plan.new_buffers += 1
+                self._plan.new_nbytes += buffer.nbytes
+            view = buffer.view
+            if (
+                spans_storage
+                and view is not None
+                and view.dtype is x.dtype
+                and view.shape == x.shape
+            ):
+                plain = view.detach()  # the buffer's own view stays private (see _restage)
+                src, dst = x, view
+            else:
+                plain = _view_on(buffer, x)
+                src, dst = _bytes_view(storage, x.device), buffer.as_bytes()
+            index = self._copies.add(src, dst, buffer) if buffer.nbytes else -1
+            self._storages[id(storage)] = buffer
+            self._copy_index[id(storage)] = index
+            self._keep_alive.append(storage)
+        self._last_copy = max(self._last_copy, index)
+        y = plain
+        if x.is_conj():
+            y = y.conj()
+        if x.is_neg():
+            y = y._neg_view()
+        if cls is _Parameter:
+            y = _Parameter(y, requires_grad=x.requires_grad)
+        elif cls is not _Tensor:
+            y = _Tensor._make_subclass(cls, y, x.requires_grad)
+        self._remember(x, y)
+        self._copy_attributes(x, y, path)
+        return y
+
+    def _remember(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self._memo[id(x)] = y
+        self._keep_alive.append(x)
+        return y
+
+    def _copy_attributes(self, x: torch.Tensor, y: torch.Tensor, path: Path) -> None:
+        """Python attributes set on a tensor (``__dict__`` and ``__slots__``), staged as well."""
+        attributes = x.__dict__
+        if attributes:
+            for name, value in attributes.items():
+                setattr(y, name, self._visit(value, (*path, Attr(name))))
+        for klass in type(x).__mro__:
+            for name in klass.__dict__.get("__slots__", ()):
+                if name in ("__dict__", "__weakref__") or not hasattr(x, name):
+                    continue
+                setattr(y, name, self._visit(getattr(x, name), (*path, Attr(name))))
+
+
+def _bytes_view(storage: torch.UntypedStorage, device: torch.device) -> torch.Tensor:
+    return torch.empty((0,), dtype=torch.uint8, device=device).set_(storage)
+
+
+def _view_on(buffer: HostBuffer, x: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor with ``x``'s dtype, shape, stride and offset on ``buffer``."""
+    return torch.empty((0,), dtype=x.dtype).set_(
+        buffer.storage, x.storage_offset(), x.size(), x.stride()
+    )
+
+
+def _dense_strides(shape: torch.Size) -> tuple[int, ...]:
+    """The strides ``torch.empty(shape)`` gives: row-major, a size-0 dimension counted as 1."""
+    strides = [1] * len(shape)
+    step = 1
+    for dim in range(len(shape) - 1, -1, -1):
+        strides[dim] = step
+        step *= max(shape[dim], 1)
+    return tuple(strides)
