@@ -283,7 +283,7 @@ def test_staged_tensors_never_alias_input_memory(stager: Driver) -> None:
 
 def test_aliasing_is_preserved(stager: Driver) -> None:
     base = torch.randn(10, 4)
-    source = {
+    source: dict[str, Any] = {
         "base": base,
         "slice": base[2:5],
         "transpose": base.t(),
@@ -314,7 +314,12 @@ def test_view_of_a_larger_storage_keeps_offset(stager: Driver) -> None:
 
 def test_each_storage_is_copied_once(stager: Driver) -> None:
     base = torch.randn(64)
-    source = {"a": base, "b": base[8:], "c": [base[:4], base.view(8, 8)], "d": torch.randn(8)}
+    source: dict[str, Any] = {
+        "a": base,
+        "b": base[8:],
+        "c": [base[:4], base.view(8, 8)],
+        "d": torch.randn(8),
+    }
     stager.stage(source)
     stats = stager.last_stats
     assert stats is not None
@@ -448,7 +453,7 @@ def test_sets_and_frozensets(stager: Driver) -> None:
 
 
 @pytest.mark.parametrize("cls", [Plain, Frozen, FrozenSlots, Slots], ids=lambda c: c.__name__)
-def test_dataclasses(stager: Driver, cls: type) -> None:
+def test_dataclasses(stager: Driver, cls: Any) -> None:
     x = torch.randn(4)
     obj = cls(x)
     staged = stager.stage({"obj": obj, "x": x})
@@ -584,7 +589,7 @@ def test_tensor_attributes(stager: Driver) -> None:
     assert staged["x"].scale == 0.5
     assert staged["x"].buddy is staged["other"]
     assert staged["x"].meta["t"] is staged["other"]
-    assert staged["x"].meta is not x.meta  # __dict__ contents are deep-copied too
+    assert staged["x"].meta is not x.__dict__["meta"]  # __dict__ contents are deep-copied too
     assert_staged(staged["x"].buddy, other)
 
 
@@ -605,12 +610,15 @@ def test_tensor_attribute_referring_to_itself(stager: Driver) -> None:
 class Tagged(torch.Tensor):
     """A plain Python tensor subclass (not a wrapper subclass) that carries attributes."""
 
+    tag: str
+    offsets: torch.Tensor
+
 
 def test_tensor_subclass_keeps_type_and_attributes(stager: Driver) -> None:
     base = torch.randn(4)
     t = torch.Tensor._make_subclass(Tagged, base)
-    t.tag = "shard-0"  # type: ignore[attr-defined]
-    t.offsets = torch.tensor([0, 4])  # type: ignore[attr-defined]
+    t.tag = "shard-0"
+    t.offsets = torch.tensor([0, 4])
     staged = stager.stage({"t": t})["t"]
     assert type(staged) is Tagged
     assert staged.tag == "shard-0"
@@ -713,7 +721,10 @@ def test_failed_call_leaves_stager_usable(stager: Driver) -> None:
 
 
 def test_non_tensor_values_compare_equal(stager: Driver) -> None:
-    source = {"cfg": {"lr": 0.1, "betas": (0.9, 0.999), "names": ["a", "b"]}, "n": None}
+    source: dict[str, Any] = {
+        "cfg": {"lr": 0.1, "betas": (0.9, 0.999), "names": ["a", "b"]},
+        "n": None,
+    }
     staged = stager.stage(source)
     assert staged == source
     assert staged["cfg"]["names"] is not source["cfg"]["names"]  # mutable: copied
@@ -739,7 +750,7 @@ def single_rank_group() -> Any:
     dist = pytest.importorskip("torch.distributed")
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
-    from torch.distributed.tensor import DeviceMesh
+    from torch.distributed.device_mesh import DeviceMesh
 
     dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
     try:
