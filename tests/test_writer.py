@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import os
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 import safetensors.torch
 import torch
@@ -23,6 +26,15 @@ async def write_all(writer: astage.SafetensorsWriter, state: dict[str, Any]) -> 
     for key, tensor in state.items():
         await writer.write((key,), tensor)
     await writer.commit()
+
+
+async def write_all_entered(writer: astage.SafetensorsWriter, state: dict[str, Any]) -> None:
+    """The same inside ``async with``: writes are queued to the writer's own worker tasks."""
+    async with writer:
+        await write_all(writer, state)
+
+
+WAYS = {"inline": write_all, "entered": write_all_entered}
 
 
 def test_layout_is_contiguous_and_the_header_aligned() -> None:
@@ -60,11 +72,12 @@ def test_a_cycle_is_refused() -> None:
 
 
 @pytest.mark.asyncio
-async def test_writer_without_a_stager(tmp_path: Path) -> None:
+@pytest.mark.parametrize("way", WAYS)
+async def test_writer_without_a_stager(tmp_path: Path, way: str) -> None:
     state = {"w": torch.randn(3, 4), "b": torch.arange(5, dtype=torch.int16)}
     writer = astage.SafetensorsWriter(tmp_path / "w.safetensors", metadata={"k": "v"})
     assert isinstance(writer, astage.CheckpointWriter)
-    await write_all(writer, state)
+    await WAYS[way](writer, state)
     loaded = safetensors.torch.load_file(str(tmp_path / "w.safetensors"))
     assert same_values(loaded["['w']"], state["w"])
     assert same_values(loaded["['b']"], state["b"])
@@ -72,8 +85,9 @@ async def test_writer_without_a_stager(tmp_path: Path) -> None:
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("way", WAYS)
 async def test_large_tensors_in_chunks_and_partial_writes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, way: str
 ) -> None:
     real = os.pwritev
 
@@ -84,15 +98,16 @@ async def test_large_tensors_in_chunks_and_partial_writes(
     monkeypatch.setattr(os, "pwritev", short)
     state = {"big": torch.randn(10_000), "small": torch.randn(7)}
     writer = astage.SafetensorsWriter(tmp_path / "c.safetensors", threads=3, chunk_bytes=4096)
-    await write_all(writer, state)
+    await WAYS[way](writer, state)
     back = astage.load(tmp_path / "c.safetensors")
     assert same_values(back["big"], state["big"]) and same_values(back["small"], state["small"])
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("way", WAYS)
 @pytest.mark.parametrize("writeback", [True, False])
 async def test_early_writeback_covers_every_byte_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writeback: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writeback: bool, way: str
 ) -> None:
     import astage._files._writer as writer_module
 
@@ -107,7 +122,7 @@ async def test_early_writeback_covers_every_byte_once(
     state = {"big": torch.randn(10_000), "small": torch.randn(7), "empty": torch.ones(0)}
     path = tmp_path / "wb.safetensors"
     writer = astage.SafetensorsWriter(path, chunk_bytes=4096, writeback=writeback)
-    await write_all(writer, state)
+    await WAYS[way](writer, state)
     back = astage.load(path)
     assert all(same_values(back[k], state[k]) for k in state)
     if not writeback:
@@ -125,7 +140,7 @@ async def test_commit_before_every_tensor_was_written(tmp_path: Path) -> None:
     writer = astage.SafetensorsWriter(tmp_path / "c.safetensors")
     await writer.begin({"a": torch.ones(2), "b": torch.ones(2)})
     await writer.write(("a",), torch.ones(2))
-    with pytest.raises(astage.AstageError, match=r"\['b'\]"):
+    with pytest.raises(astage.UsageError, match=r"\['b'\]"):
         await writer.commit()
     await writer.abort()
     await writer.abort()  # twice is fine
@@ -136,10 +151,12 @@ async def test_commit_before_every_tensor_was_written(tmp_path: Path) -> None:
 async def test_write_checks_the_tensor(tmp_path: Path) -> None:
     writer = astage.SafetensorsWriter(tmp_path / "c.safetensors")
     await writer.begin({"a": torch.ones(2)})
-    with pytest.raises(astage.AstageError, match="no tensor at"):
+    with pytest.raises(astage.InvalidOptionsError, match="no tensor at"):
         await writer.write(("zzz",), torch.ones(2))
-    with pytest.raises(astage.AstageError, match="resized"):
+    with pytest.raises(astage.InvalidOptionsError, match="resized"):
         await writer.write(("a",), torch.ones(3))
+    with pytest.raises(astage.InvalidOptionsError, match="meta"):
+        await writer.write(("a",), torch.ones(2, device="meta"))
     await writer.abort()
     assert os.listdir(tmp_path) == []
 
@@ -170,6 +187,89 @@ async def test_failed_rename_leaves_no_temp(
     assert os.listdir(tmp_path) == []
 
 
+def test_bad_options_name_the_argument(tmp_path: Path) -> None:
+    for bad in (0, -1, 1.5, True, "4"):
+        with pytest.raises(astage.InvalidOptionsError, match="threads"):
+            astage.SafetensorsWriter(tmp_path / "c", threads=bad)  # type: ignore[arg-type]
+        with pytest.raises(astage.InvalidOptionsError, match="chunk_bytes"):
+            astage.SafetensorsWriter(tmp_path / "c", chunk_bytes=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("way", WAYS)
+async def test_misuse_is_a_usage_error(tmp_path: Path, way: str) -> None:
+    writer = astage.SafetensorsWriter(tmp_path / "c.safetensors")
+    await WAYS[way](writer, {"a": torch.ones(2)})
+    with pytest.raises(astage.UsageError, match="already"):
+        await writer.begin({"a": torch.ones(2)})
+    with pytest.raises(astage.UsageError, match="committed"):
+        await writer.write(("a",), torch.ones(2))
+    with pytest.raises(astage.UsageError, match="committed"):
+        await writer.commit()
+    with pytest.raises(astage.UsageError, match="already entered or used"):
+        async with writer:
+            pass
+    await writer.abort()  # after a commit: nothing to do, the file stays
+    assert os.listdir(tmp_path) == ["c.safetensors"]
+
+
+@pytest.mark.asyncio
+async def test_leaving_the_block_without_commit_aborts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = os.pwritev
+    inside = [0]
+
+    def slow(fd: int, buffers: Any, offset: int) -> int:
+        inside[0] += 1
+        try:
+            if offset > 0:
+                time.sleep(0.05)
+            return real(fd, buffers, offset)
+        finally:
+            inside[0] -= 1
+
+    monkeypatch.setattr(os, "pwritev", slow)
+    state = {f"t{i}": torch.full((1024,), float(i)) for i in range(8)}
+    with pytest.raises(KeyError):
+        async with astage.SafetensorsWriter(tmp_path / "c.safetensors", threads=2) as writer:
+            await writer.begin(state)
+            for key, tensor in state.items():
+                await writer.write((key,), tensor)
+            raise KeyError("the caller fails before commit()")  # not wrapped in a group
+    assert inside[0] == 0
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(astage.UsageError, match="aborted"):
+        await writer.commit()
+
+
+@pytest.mark.asyncio
+async def test_a_failed_write_is_raised_by_the_next_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = os.pwritev
+
+    def failing(fd: int, buffers: Any, offset: int) -> int:
+        if offset == 0:
+            return real(fd, buffers, offset)
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "pwritev", failing)
+    state = {"a": torch.ones(4), "b": torch.ones(4)}
+    async with astage.SafetensorsWriter(tmp_path / "c.safetensors") as writer:
+        await writer.begin(state)
+        await writer.write(("a",), state["a"])
+        with pytest.raises(astage.CheckpointWriteError, match="EIO"):
+            with anyio.fail_after(2):
+                while True:  # the worker fails in the background; the next call says so
+                    await writer.write(("b",), state["b"])
+                    await anyio.sleep(0.01)
+        with pytest.raises(astage.CheckpointWriteError, match="EIO"):
+            await writer.commit()
+        await writer.abort()
+    assert os.listdir(tmp_path) == []
+
+
 def test_load_rejects_garbage(tmp_path: Path) -> None:
     (tmp_path / "g").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00nope!")
     with pytest.raises(astage.CheckpointFormatError, match="not JSON"):
@@ -177,3 +277,38 @@ def test_load_rejects_garbage(tmp_path: Path) -> None:
     (tmp_path / "short").write_bytes(b"\x01")
     with pytest.raises(astage.CheckpointFormatError, match="too short"):
         astage.load(tmp_path / "short")
+
+
+def write_file(path: Path, header: dict[str, Any], data: bytes = b"") -> None:
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+
+@pytest.mark.parametrize(
+    ("entry", "field"),
+    [
+        ({"shape": [1], "data_offsets": [0, 4]}, "'dtype'"),
+        ({"dtype": "F32", "data_offsets": [0, 4]}, "'shape'"),
+        ({"dtype": "F32", "shape": [1]}, "'data_offsets'"),
+        ({"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}, "'data_offsets' span 4"),
+        ({"dtype": "X99", "shape": [1], "data_offsets": [0, 4]}, "dtype 'X99'"),
+    ],
+)
+def test_format_errors_name_the_file_and_the_field(
+    tmp_path: Path, entry: dict[str, Any], field: str
+) -> None:
+    path = tmp_path / "bad.safetensors"
+    write_file(path, {"w": entry}, b"\0" * 4)
+    with pytest.raises(astage.CheckpointFormatError) as caught:
+        astage.load(path)
+    message = str(caught.value)
+    assert str(path) in message and "'w'" in message and field in message
+
+
+def test_a_skeleton_view_without_its_fields_is_a_format_error(tmp_path: Path) -> None:
+    skeleton = {"dict": [["v", {"tensor": "['w']", "dtype": "float32", "shape": [1]}]]}
+    meta = {"astage": json.dumps({"version": 1, "skeleton": skeleton})}
+    entry = {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}
+    write_file(tmp_path / "v.safetensors", {"__metadata__": meta, "['w']": entry}, b"\0" * 4)
+    with pytest.raises(astage.CheckpointFormatError, match="missing 'offset'"):
+        astage.load(tmp_path / "v.safetensors")
