@@ -141,7 +141,9 @@ class LagProbe:
         if task_group is not None:
             task_group.cancel_scope.cancel()
         if stack is not None:
-            await stack.__aexit__(exc_type, exc, tb)
+            # The block's own exception is not the heartbeat's: it propagates as it is, not
+            # wrapped in the task group's exception group.
+            await stack.aclose()
 
     @asynccontextmanager
     async def window(self) -> AsyncIterator[LagWindow]:

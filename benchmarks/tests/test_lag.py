@@ -1,0 +1,103 @@
+"""The lag probe on every anyio backend: it beats, it sees a blocked loop, it costs little."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import anyio
+import pytest
+
+from benchmarks.lag import LagProbe, LagSummary, measure_cost, percentile
+from benchmarks.runner import BACKENDS, anyio_backend
+
+T = TypeVar("T")
+
+
+def run(backend: str, func: Callable[[], Awaitable[T]]) -> T:
+    name, options = anyio_backend(backend)
+    return anyio.run(func, backend=name, backend_options=options)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_beats_while_the_block_runs(backend: str) -> None:
+    async def beat() -> list[float]:
+        async with LagProbe() as probe:
+            await anyio.sleep(0.05)
+        return probe.lateness_s
+
+    lateness = run(backend, beat)
+    assert 10 <= len(lateness) <= 60  # about one beat a millisecond
+    assert all(late >= 0 for late in lateness)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_window_keeps_the_beat_that_blocking_work_made_late(backend: str) -> None:
+    """The last stretch of blocking work before the window closes must show up in it."""
+
+    async def blocked() -> LagSummary:
+        async with LagProbe() as probe:
+            await anyio.sleep(0.005)
+            async with probe.window() as window:
+                time.sleep(0.03)  # holds the loop: the beat asleep now wakes up ~30 ms late
+            return window.summary()
+
+    summary = run(backend, blocked)
+    assert summary.max_ms >= 20
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_windows_split_the_samples(backend: str) -> None:
+    async def two_windows() -> tuple[int, int, int]:
+        async with LagProbe() as probe:
+            async with probe.window() as first:
+                await anyio.sleep(0.02)
+            async with probe.window() as second:
+                await anyio.sleep(0.02)
+            await anyio.sleep(0.01)
+        return len(first.lateness_s), len(second.lateness_s), len(probe.lateness_s)
+
+    first, second, total = run(backend, two_windows)
+    assert first >= 5 and second >= 5
+    assert first + second < total  # beats after the second window stay out of it
+
+
+def test_a_window_outside_a_running_probe_does_not_wait() -> None:
+    async def idle() -> int:
+        probe = LagProbe()
+        async with probe.window() as window:
+            pass
+        return len(window.lateness_s)
+
+    assert run("asyncio", idle) == 0
+
+
+def test_the_heartbeat_stops_with_the_block_even_when_it_raises() -> None:
+    async def failing() -> None:
+        async with LagProbe():
+            raise KeyError("boom")
+
+    with pytest.raises(KeyError):
+        run("asyncio", failing)
+
+
+def test_summary_and_percentile() -> None:
+    assert percentile([0.0, 1.0, 2.0, 3.0, 4.0], 50) == 2.0
+    assert percentile([0.0, 10.0], 99) == pytest.approx(9.9)
+    summary = LagSummary.of([0.003, 0.001, 0.002])
+    assert summary.samples == 3
+    assert summary.p50_ms == pytest.approx(2.0)
+    assert summary.max_ms == pytest.approx(3.0)
+    assert LagSummary.of([]).samples == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_measure_cost(backend: str) -> None:
+    native, probe = measure_cost(backend, seconds=0.05, copy_bytes=1 << 20)
+    assert (native.heartbeat, probe.heartbeat) == ("native sleep", "LagProbe")
+    for cost in (native, probe):
+        assert cost.backend == backend
+        assert cost.beats > 0
+        assert cost.loop_cpu_us_per_beat > 0
+        assert cost.copy_slowdown > 0
