@@ -1,4 +1,12 @@
-"""astage: async-native staging of PyTorch state dicts into reusable host buffers."""
+"""astage: staging of PyTorch state dicts into reusable host buffers, for checkpointing.
+
+``Stager`` copies a live state dict (GPU or CPU tensors in nested containers) into cached,
+pinned-where-useful host buffers without blocking the event loop; it runs on asyncio (with or
+without uvloop) and on trio, through anyio. ``SyncStager`` is the blocking face of the same core.
+``save`` / ``load`` / ``CheckpointDir`` stream staged tensors into safetensors files,
+``ReplicationStager`` keeps each rank's snapshot on a partner rank, and ``astage.compat`` offers
+drop-in stagers for ``torch.distributed.checkpoint``.
+"""
 
 from ._core._cache import CacheInfo
 from ._core._stats import StageStats

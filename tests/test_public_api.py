@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import inspect
 import subprocess
 import sys
@@ -85,6 +86,20 @@ def test_every_error_is_exported(error: type[BaseException]) -> None:
 def test_version_is_a_string() -> None:
     assert isinstance(astage.__version__, str)
     assert astage.__version__
+
+
+def test_version_is_the_distributions() -> None:
+    # __version__ stays, and says the same as the installed metadata (pyproject.toml).
+    assert astage.__version__ == importlib.metadata.version("astage")
+
+
+def test_docstring_says_what_astage_is() -> None:
+    doc = astage.__doc__
+    assert doc is not None
+    assert doc.startswith("astage: staging of PyTorch state dicts")
+    assert "asyncio-native" not in doc  # it runs on asyncio and trio
+    assert "asyncio" in doc
+    assert "trio" in doc
 
 
 # -- astage.compat ------------------------------------------------------------------------------
