@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.from_thread
 import pytest
 import torch
 
@@ -78,6 +82,24 @@ async def test_background_saves_in_a_training_loop(tmp_path: Path) -> None:
 def test_keep_must_be_positive(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="keep"):
         astage.CheckpointDir(tmp_path, keep=0)
+    for bad in (0, -1, 2.5, "3"):
+        with pytest.raises(astage.InvalidOptionsError, match="keep"):
+            astage.CheckpointDir(tmp_path, keep=bad)  # type: ignore[arg-type]
+    with pytest.raises(astage.InvalidOptionsError, match="threads"):
+        astage.CheckpointDir(tmp_path, threads=0)
+
+
+@pytest.mark.asyncio
+async def test_steps_are_non_negative_integers(tmp_path: Path) -> None:
+    async with astage.CheckpointDir(tmp_path) as ckpts:
+        for bad in (-1, 1.5, "final", True, None):
+            with pytest.raises(astage.InvalidOptionsError, match="step"):
+                ckpts.path_for(bad)  # type: ignore[arg-type]
+            with pytest.raises(astage.InvalidOptionsError, match="step"):
+                await ckpts.save(bad, state_at(0))  # type: ignore[arg-type]
+            with pytest.raises(astage.InvalidOptionsError, match="step"):
+                await ckpts.start_save(bad, state_at(0))  # type: ignore[arg-type]
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.asyncio
@@ -86,3 +108,137 @@ async def test_a_given_stager_stays_open(tmp_path: Path) -> None:
         async with astage.CheckpointDir(tmp_path, stager=stager) as ckpts:
             await ckpts.save(0, state_at(0))
         await stager.stage({"x": torch.ones(1)})  # still open
+
+
+class SlowPublish:
+    """Makes moving ``latest`` take ``seconds`` in its thread; counts the threads inside."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+        self.inside = 0
+        self.started = anyio.Event()
+        self._lock = threading.Lock()
+        real = astage.CheckpointDir._publish
+
+        def publish(ckpts: astage.CheckpointDir, name: str) -> None:
+            with self._lock:
+                self.inside += 1
+            try:
+                anyio.from_thread.run_sync(self.started.set)
+                time.sleep(seconds)
+                real(ckpts, name)
+            finally:
+                with self._lock:
+                    self.inside -= 1
+
+        monkeypatch.setattr(astage.CheckpointDir, "_publish", publish)
+
+
+def temp_files(folder: Path) -> list[str]:
+    return [name for name in os.listdir(folder) if name.endswith(".tmp")]
+
+
+@pytest.mark.asyncio
+async def test_cancelling_save_leaves_nothing_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slow = SlowPublish(monkeypatch, 0.2)
+    async with astage.CheckpointDir(tmp_path, keep=2) as ckpts:
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(ckpts.save, 1, state_at(1))
+                with anyio.fail_after(2):
+                    await slow.started.wait()
+                scope.cancel()  # while the thread moves `latest`
+        # The thread that moves `latest` has ended: it is no background work left running.
+        assert slow.inside == 0
+        assert temp_files(tmp_path) == []
+        assert ckpts.latest_step() == 1  # it had started: it finished (a durable checkpoint)
+
+
+@pytest.mark.asyncio
+async def test_cancelling_save_mid_write_keeps_latest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with astage.CheckpointDir(tmp_path, keep=2) as ckpts:
+        await ckpts.save(1, state_at(1))
+        real = os.pwritev
+        writing = anyio.Event()
+
+        def slow(fd: int, buffers: Any, offset: int) -> int:
+            if offset > 0:
+                anyio.from_thread.run_sync(writing.set)
+                time.sleep(0.1)
+            return real(fd, buffers, offset)
+
+        monkeypatch.setattr(os, "pwritev", slow)
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(ckpts.save, 2, state_at(2))
+                with anyio.fail_after(2):
+                    await writing.wait()
+                scope.cancel()
+        assert temp_files(tmp_path) == []
+        assert ckpts.latest_step() == 1 and ckpts.steps() == [1]
+
+
+@pytest.mark.asyncio
+async def test_start_save_without_an_owner_raises_usage_error(tmp_path: Path) -> None:
+    ckpts = astage.CheckpointDir(tmp_path)  # not entered: no task group of its own
+    with pytest.raises(astage.UsageError, match="task_group="):
+        await ckpts.start_save(1, state_at(1))
+    async with anyio.create_task_group() as tg:  # an owner passed in is enough
+        handle = await ckpts.start_save(1, state_at(1), task_group=tg)
+    assert handle.done() and ckpts.latest_step() == 1
+    await ckpts.aclose()
+    with pytest.raises(astage.ClosedError):
+        await ckpts.save(2, state_at(2))
+
+
+@pytest.mark.asyncio
+async def test_aclose_waits_for_background_saves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slow = SlowPublish(monkeypatch, 0.1)
+    async with astage.CheckpointDir(tmp_path) as ckpts:
+        handle = await ckpts.start_save(1, state_at(1))
+        await ckpts.aclose()
+        assert handle.done() and slow.inside == 0
+        assert ckpts.latest_step() == 1
+
+
+@pytest.mark.asyncio
+async def test_an_error_in_the_block_aborts_background_saves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = os.pwritev
+    inside = [0]
+
+    def slow(fd: int, buffers: Any, offset: int) -> int:
+        inside[0] += 1
+        try:
+            time.sleep(0.05)
+            return real(fd, buffers, offset)
+        finally:
+            inside[0] -= 1
+
+    monkeypatch.setattr(os, "pwritev", slow)
+    with pytest.raises(KeyError):  # the block's own error, not wrapped in a group
+        async with astage.CheckpointDir(tmp_path) as ckpts:
+            handle = await ckpts.start_save(1, {"w": torch.ones(1 << 16)})
+            raise KeyError("training failed")
+    assert handle.done() and inside[0] == 0
+    assert temp_files(tmp_path) == [] and ckpts.latest_step() is None
+
+
+@pytest.mark.asyncio
+async def test_cancelling_the_folder_owner_aborts_its_saves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slow = SlowPublish(monkeypatch, 0.05)
+    with anyio.CancelScope() as scope:
+        async with astage.CheckpointDir(tmp_path) as ckpts:
+            await ckpts.start_save(1, state_at(1))
+            scope.cancel()
+            await anyio.sleep(1)
+            pytest.fail("not cancelled")
+    assert slow.inside == 0 and temp_files(tmp_path) == []
