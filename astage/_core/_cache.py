@@ -2,25 +2,33 @@
 
 Entries are keyed weakly by the source ``UntypedStorage`` (torch keeps one Python object per
 live storage, so ``id()`` plus a weak reference identifies it): when training frees a storage,
-its buffer is released, and unpinned first if it was pinned. Staging the same state dict again
-finds the same buffers, so a cached call allocates nothing and copies straight into them.
+its buffer is dropped. Staging the same state dict again finds the same buffers, so a cached call
+allocates nothing and copies straight into them.
 
-Pinning is not done here but by the copy engine, in a worker thread, just before the first copy
-into a buffer: ``cudaHostRegister`` costs about 0.1 s per GB and must not run on the event loop.
+The cache decides which buffers *want* pinning (the policy); the device layer pins them, in a
+worker thread just before the first copy, and hangs a :class:`Registration` on the buffer. All
+the cache knows of it is that a buffer dropped from the cache (evicted, cleared, or garbage
+collected) must release its registration.
+
+No lock, no thread: eviction runs in a weak-reference callback, in whatever thread drops the
+last reference to a source storage, and so may interleave with a call in another thread at any
+bytecode. Every shared structure is therefore changed only by single dict operations that
+CPython performs atomically under the GIL (``get``, ``d[k] = v``, ``pop``, ``setdefault``,
+``popitem``, ``list(d.values())``); each use below says why the interleavings it allows are
+harmless.
 """
 
 from __future__ import annotations
 
-import threading
 import weakref
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 
-from .._devices import _pinning
 from .._errors import BufferMismatchError
 from .._paths import Path
+from .._torch import new_shared_storage, storage_use_count, storage_use_counts
 
 
 class CacheInfo(NamedTuple):
@@ -36,7 +44,12 @@ class CacheInfo(NamedTuple):
 
 Shape = torch.Size | tuple[int, ...]
 
-_pin_lock = threading.Lock()  # pinning is rare and slow; one lock for all buffers is plenty
+
+class Registration(Protocol):
+    """What the device layer attached to a buffer (a CUDA pin); undone when the buffer goes."""
+
+    def release(self) -> None:
+        """Undo the registration; the buffer's memory stays valid. Idempotent, any thread."""
 
 
 class HostBuffer(weakref.ref):  # type: ignore[type-arg]
@@ -48,10 +61,11 @@ class HostBuffer(weakref.ref):  # type: ignore[type-arg]
     """
 
     __slots__ = (
-        "_pinned_ptr",
         "device",
+        "dropped",
         "key",
         "nbytes",
+        "registration",
         "view",
         "view_dtype",
         "view_shape",
@@ -70,13 +84,17 @@ class HostBuffer(weakref.ref):  # type: ignore[type-arg]
     view_shape: torch.Size | None
     """``view``'s dtype and shape, kept here so the hot path need not touch ``view``."""
     wants_pin: bool
+    """Policy: the device layer should pin this buffer before copying into it."""
+    registration: Registration | None
+    """Set by the device layer once the buffer is pinned."""
+    dropped: bool
+    """The cache has let go of the buffer: the device layer must not register it any more."""
     whole: torch.Tensor
     """A contiguous CPU tensor spanning exactly the buffer."""
-    _pinned_ptr: int
 
     @property
     def pinned(self) -> bool:
-        return self._pinned_ptr != 0
+        return self.registration is not None
 
     @property
     def storage(self) -> torch.UntypedStorage:
@@ -88,27 +106,28 @@ class HostBuffer(weakref.ref):  # type: ignore[type-arg]
             return self.whole
         return torch.empty((0,), dtype=torch.uint8).set_(self.storage)
 
-    def ensure_pinned(self) -> None:
-        """Register the buffer with CUDA if it asked for it and is not yet; safe from any thread."""
-        if not self.wants_pin or self._pinned_ptr:
-            return
-        with _pin_lock:
-            if not self._pinned_ptr:
-                ptr = self.whole.data_ptr()
-                _pinning.register(ptr, self.nbytes)
-                self._pinned_ptr = ptr
-
     def release(self) -> None:
-        """Unregister the buffer; its memory stays valid for staged tensors that still use it."""
-        with _pin_lock:
-            ptr, self._pinned_ptr = self._pinned_ptr, 0
-        if ptr:
-            _pinning.unregister(ptr)
+        """Mark the buffer dropped and release its registration; its memory stays valid.
+
+        Races with the device layer registering it in a worker thread are settled by the order
+        of the two writes: ``dropped`` is set before ``registration`` is read here, and the
+        device layer sets ``registration`` before it reads ``dropped`` again. Whichever reads
+        second sees the other's write and releases, so a registration set meanwhile is never
+        left behind; both may release, which :meth:`Registration.release` allows.
+        """
+        self.dropped = True
+        registration = self.registration
+        if registration is not None:
+            self.registration = None
+            registration.release()
 
     def __del__(self) -> None:
-        # A buffer dropped without release() (a stager never closed) must not stay registered.
-        if getattr(self, "_pinned_ptr", 0):
-            _pinning.unregister(self._pinned_ptr)
+        # A buffer dropped without release() (a stager never closed, a cache collected with
+        # its entries) must not stay registered. __del__ runs before the slots are cleared,
+        # so ``whole`` (the memory) is still alive while the registration is undone.
+        registration = getattr(self, "registration", None)
+        if registration is not None:
+            registration.release()
 
 
 class BufferCache:
@@ -120,12 +139,13 @@ class BufferCache:
         self._pin_min = pin_memory_min_bytes
         self.entries: dict[int, HostBuffer] = {}
         """Buffers by ``id()`` of their source storage; check ``buffer() is source`` on lookup."""
-        self._lock = threading.Lock()
         self._evict = _evicter(weakref.ref(self))
         self._free_use_count: int | None = None  # see in_use()
 
     def get(self, source: torch.UntypedStorage) -> HostBuffer | None:
         """The cached buffer for ``source``, unchecked; None if there is none."""
+        # One atomic dict read. An entry whose source died (its id now reused by ``source``)
+        # but whose eviction has not run yet fails the identity check.
         buffer = self.entries.get(id(source))
         if buffer is None or buffer() is not source:
             return None
@@ -164,13 +184,25 @@ class BufferCache:
         buffer.view = whole if like is not None else None
         buffer.view_dtype = whole.dtype if like is not None else None
         buffer.view_shape = whole.shape if like is not None else None
-        buffer.wants_pin = self._pin_memory and nbytes > 0 and nbytes >= self._pin_min
-        buffer._pinned_ptr = 0
-        with self._lock:
-            old = self.entries.get(key)
-            self.entries[key] = buffer
-        if old is not None:  # a dead source whose callback has not run yet
-            old.release()
+        # Pinning speeds up device-to-host copies only: a CPU source gains nothing from it and
+        # would pay ~0.1 s per GB to register.
+        buffer.wants_pin = (
+            self._pin_memory
+            and nbytes > 0
+            and nbytes >= self._pin_min
+            and source.device.type != "cpu"
+        )
+        buffer.registration = None
+        buffer.dropped = False
+        # The buffer is complete before it is published: a reader in another thread (info(),
+        # in_use()) never sees a half-built entry. An entry already under this key belongs to
+        # a dead source whose eviction has not run; if that eviction runs between these two
+        # statements, it pops our new entry, sees it is not its own and puts it back (_remove).
+        entries = self.entries
+        old = entries.get(key)
+        entries[key] = buffer
+        if old is not None and old is not buffer:
+            old.release()  # the eviction may release it too: release() is idempotent
         return buffer
 
     def _empty(
@@ -179,15 +211,34 @@ class BufferCache:
         if not self._share_memory:
             # No Python storage object is created: one tensor is the whole cost of a buffer.
             return torch.empty(shape, dtype=dtype)
-        storage = torch.UntypedStorage._new_shared(nbytes)
+        storage = new_shared_storage(nbytes)
         return torch.empty((0,), dtype=dtype).set_(storage, 0, shape, _contiguous_strides(shape))
 
     def _remove(self, buffer: HostBuffer) -> None:
-        with self._lock:
-            if self.entries.get(buffer.key) is not buffer:
-                return  # already replaced or cleared
-            del self.entries[buffer.key]
+        """Evict ``buffer`` (its source died); runs in whatever thread dropped the source."""
+        key = buffer.key
+        entries = self.entries  # clear() may swap the dict meanwhile: then it drains this one
+        # No atomic "delete if the value is this buffer" exists: pop whatever is there (one
+        # atomic step), and if it was a newer buffer that allocate() put under the reused id,
+        # put that back. setdefault does not overwrite an entry allocated in between.
+        current = entries.pop(key, None)
+        if current is not None and current is not buffer:
+            entries.setdefault(key, current)
         buffer.release()
+
+    def _buffers(self) -> list[HostBuffer]:
+        """A snapshot of the entries, safe against evictions that run meanwhile.
+
+        ``list(d.values())`` copies in one C call under the GIL, so an eviction in another thread
+        cannot interleave; one in this thread (a collection set off by an allocation) can only
+        run before or after the copy. Should that ever change, the copy sees the dict change
+        size and raises RuntimeError: then it is taken again.
+        """
+        while True:
+            try:
+                return list(self.entries.values())
+            except RuntimeError:  # pragma: no cover - see the docstring
+                continue
 
     def in_use(self) -> bool:
         """Whether a tensor outside the cache still uses one of its buffers.
@@ -198,19 +249,19 @@ class BufferCache:
         reference count with that of a buffer nobody else holds, so it sees every holder,
         including tensors derived from a staged one (``detach()``, views, ``numpy()``).
         """
-        with self._lock:
-            buffers = list(self.entries.values())
+        buffers = self._buffers()
         if not buffers:
             return False
-        if self._free_use_count is None:
-            self._free_use_count = _use_count(self._empty((1,), torch.uint8, 1))
+        if self._free_use_count is None:  # two threads may both compute it: the same value
+            # A buffer held by its ``whole`` tensor alone, counted while that tensor lives.
+            free_buffer = self._empty((1,), torch.uint8, 1)
+            self._free_use_count = storage_use_count(free_buffer.untyped_storage())
         free = self._free_use_count
-        count = torch._C._storage_Use_Count  # see _use_count(); inlined, this runs per buffer
-        return any(count(buffer.whole.untyped_storage()._cdata) > free for buffer in buffers)
+        counts = storage_use_counts(buffer.whole.untyped_storage() for buffer in buffers)
+        return any(count > free for count in counts)
 
     def info(self) -> CacheInfo:
-        with self._lock:
-            buffers = list(self.entries.values())
+        buffers = self._buffers()
         return CacheInfo(
             storages=len(buffers),
             nbytes=sum(b.nbytes for b in buffers),
@@ -218,10 +269,16 @@ class BufferCache:
         )
 
     def clear(self) -> None:
-        """Drop every buffer (unpinning it); staged tensors handed out stay valid."""
-        with self._lock:
-            entries, self.entries = self.entries, {}
-        for buffer in entries.values():
+        """Drop every buffer (releasing its registration); staged tensors handed out stay valid."""
+        # Swap in an empty dict, then drain the old one with popitem (atomic): an eviction that
+        # still reaches the old dict pops its own entry or finds it gone, never a half-iterated
+        # dict; a buffer released twice (here and by its eviction) is fine.
+        entries, self.entries = self.entries, {}
+        while True:
+            try:
+                _, buffer = entries.popitem()
+            except KeyError:
+                return
             buffer.release()
 
 
@@ -234,11 +291,6 @@ def _evicter(cache_ref: weakref.ref[BufferCache]) -> Callable[[HostBuffer], None
             cache._remove(buffer)
 
     return evict
-
-
-def _use_count(tensor: torch.Tensor) -> int:
-    """References to ``tensor``'s storage held by tensors and storage objects (C++ side)."""
-    return int(torch._C._storage_Use_Count(tensor.untyped_storage()._cdata))
 
 
 def _contiguous_strides(shape: Shape) -> tuple[int, ...]:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import torch
 
 from .._core._batches import Batch
+from .._torch import foreach_copy_
+from ._pinning import pin
 
 
 def _pin(batch: Batch) -> None:
+    """Pin the batch's buffers that want it (first copy only); runs in a worker thread."""
     for buffer in batch.buffers:
-        if buffer.wants_pin:
-            buffer.ensure_pinned()
+        if buffer.wants_pin and buffer.registration is None:
+            pin(buffer)
 
 
 def run_host_batch(batch: Batch) -> None:
@@ -20,4 +23,4 @@ def run_host_batch(batch: Batch) -> None:
         if len(batch.srcs) == 1:
             batch.dsts[0].copy_(batch.srcs[0])
         else:
-            torch._foreach_copy_(batch.dsts, batch.srcs)
+            foreach_copy_(batch.dsts, batch.srcs)

@@ -1,0 +1,289 @@
+"""Every private torch API astage touches, in one place.
+
+torch's private names (a leading underscore, ``torch._C``, ``torch.utils._*``, the CUDA runtime
+bindings) carry no compatibility promise. Each is reached here through a thin, typed wrapper with
+a line on why astage needs it, so a torch upgrade that moves one breaks this module and nothing
+else, and the rest of the package reads as ordinary torch. Importing this module imports neither
+``torch.distributed`` nor CUDA: the wrappers that need them import or initialize them on use.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass as _is_wrapper
+
+__all__ = [
+    "cuda_clear_last_error",
+    "cuda_host_register",
+    "cuda_host_unregister",
+    "device_mesh_without_backend",
+    "dtensor_local",
+    "dtensor_spec",
+    "foreach_copy_",
+    "is_sharded_tensor",
+    "is_traceable_wrapper_subclass",
+    "make_dtensor",
+    "make_subclass",
+    "neg_view",
+    "new_shared_storage",
+    "rebuild_sharded_tensor",
+    "sparse_coo_parts",
+    "storage_key",
+    "storage_use_count",
+    "storage_use_counts",
+]
+
+# -- tensors and storages -------------------------------------------------------------------------
+
+
+def foreach_copy_(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
+    """Copy ``srcs[i]`` into ``dsts[i]`` for every i in one call.
+
+    Why: one C++ call that releases the GIL for the whole list; copying many small tensors one
+    ``copy_`` at a time costs a Python round trip (and a GIL hand-off) per tensor.
+    """
+    torch._foreach_copy_(dsts, srcs)
+
+
+def storage_use_count(storage: torch.UntypedStorage) -> int:
+    """References to ``storage``'s memory held by tensors and storage objects (C++ side).
+
+    Why: the only way to tell whether a staged snapshot (or anything derived from it: views,
+    ``detach()``, ``numpy()``) still uses a host buffer, without tracking every tensor handed out.
+    """
+    return int(torch._C._storage_Use_Count(storage._cdata))
+
+
+def storage_use_counts(storages: Iterable[torch.UntypedStorage]) -> Iterator[int]:
+    """:func:`storage_use_count` of each storage, for a loop over many (one look-up in all)."""
+    count = torch._C._storage_Use_Count
+    for storage in storages:
+        yield int(count(storage._cdata))
+
+
+def storage_key(storage: torch.UntypedStorage) -> int:
+    """An integer that identifies the C++ storage behind ``storage`` while it lives.
+
+    Why: two Python storage objects (``t.untyped_storage()`` called twice, or on two views) can
+    wrap the same memory; their ``_cdata`` (the StorageImpl's address) is equal, their ``id()``
+    need not be. Used to find tensors that share a storage.
+    """
+    return int(storage._cdata)
+
+
+def new_shared_storage(nbytes: int) -> torch.UntypedStorage:
+    """A CPU storage of ``nbytes`` in shared memory, allocated there directly.
+
+    Why: ``share_memory_()`` on an ordinary storage allocates, then copies into shared memory;
+    the private constructor allocates once, and no public API does.
+    """
+    storage: torch.UntypedStorage = torch.UntypedStorage._new_shared(nbytes)
+    return storage
+
+
+def neg_view(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` with the lazy negation bit set, sharing its memory.
+
+    Why: a staged tensor must keep its source's ``is_neg()`` view (a conjugate's imaginary part
+    is one) over the same bytes; there is no public way to set the bit without a copy.
+    """
+    return tensor._neg_view()
+
+
+def make_subclass(cls: type[torch.Tensor], data: torch.Tensor, requires_grad: bool) -> torch.Tensor:
+    """An instance of tensor subclass ``cls`` sharing ``data``'s memory and metadata.
+
+    Why: the walk rebuilds plain tensor subclasses (``Buffer``-like marker classes) around a
+    staged view without calling their ``__new__``, which may expect other arguments.
+    """
+    return torch.Tensor._make_subclass(cls, data, requires_grad)
+
+
+def is_traceable_wrapper_subclass(tensor: object) -> bool:
+    """Whether ``tensor`` is a wrapper subclass (DTensor and the like) with flatten/unflatten.
+
+    Why: such a tensor has no storage of its own; the walk stages its inner tensors and rebuilds
+    the wrapper with ``__tensor_unflatten__``, and this is torch's test for that protocol.
+    """
+    return bool(_is_wrapper(tensor))
+
+
+def sparse_coo_parts(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The indices and values of a sparse COO tensor, coalesced or not.
+
+    Why: ``indices()`` and ``values()`` refuse an uncoalesced tensor, and coalescing would copy
+    and change what the walk must reproduce; ``_indices()``/``_values()`` return them as they are.
+    """
+    return tensor._indices(), tensor._values()
+
+
+# -- ShardedTensor (torch.distributed._shard, deprecated but still in use) ------------------------
+
+_SHARDED_TENSOR_MODULE = "torch.distributed._shard.sharded_tensor.api"
+
+
+def is_sharded_tensor(tensor: object) -> bool:
+    """Whether ``tensor`` is a ShardedTensor; never imports torch.distributed itself.
+
+    Why: ShardedTensor lives in a private module; if nobody imported it, nothing is one.
+    """
+    module = sys.modules.get(_SHARDED_TENSOR_MODULE)
+    return module is not None and isinstance(tensor, module.ShardedTensor)
+
+
+def rebuild_sharded_tensor(
+    sharded: Any, local_shards: Sequence[tuple[torch.Tensor, Any]], metadata: Any
+) -> torch.Tensor:
+    """A ShardedTensor like ``sharded`` around new local shards, without a collective.
+
+    ``local_shards`` pairs each new shard tensor with its (copied) shard metadata; ``metadata``
+    is the (copied) global metadata. The new tensor shares ``sharded``'s process group.
+
+    Why: the public constructors run a collective to agree on the metadata; staging already has
+    it and must not talk to other ranks. ``Shard``, ``_init_from_local_shards_and_global_metadata``
+    and ``_process_group`` are all private.
+    """
+    from torch.distributed._shard.sharded_tensor.api import ShardedTensor
+    from torch.distributed._shard.sharded_tensor.shard import Shard
+
+    shards = [Shard(tensor, shard_metadata) for tensor, shard_metadata in local_shards]
+    rebuilt: torch.Tensor = ShardedTensor._init_from_local_shards_and_global_metadata(
+        shards, metadata, process_group=sharded._process_group, init_rrefs=False
+    )
+    return rebuilt
+
+
+# -- DTensor internals (replication rebuilds DTensors from a wire header) -------------------------
+
+
+def dtensor_spec(dtensor: Any) -> Any:
+    """The ``DTensorSpec`` (mesh, placements, tensor meta) of a DTensor.
+
+    Why: a replica must describe a DTensor's layout exactly; ``_spec`` holds all of it at once.
+    """
+    return dtensor._spec
+
+
+def dtensor_local(dtensor: Any) -> torch.Tensor:
+    """A DTensor's local shard, the very tensor object, not a copy or an autograd view.
+
+    Why: ``to_local()`` returns a new autograd-tracked view; replication sends the storage itself.
+    """
+    local: torch.Tensor = dtensor._local_tensor
+    return local
+
+
+def make_dtensor(
+    local: torch.Tensor,
+    mesh: Any,
+    placements: Sequence[Any],
+    shape: Sequence[int],
+    stride: Sequence[int],
+    *,
+    requires_grad: bool,
+) -> torch.Tensor:
+    """A DTensor around ``local`` with the given layout, without a collective or a copy.
+
+    Why: ``DTensor.from_local`` may redistribute and checks shapes across ranks; a received
+    replica already has its exact spec. ``DTensorSpec``, ``TensorMeta`` and the DTensor
+    constructor are private.
+    """
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
+
+    spec = DTensorSpec(
+        mesh,
+        tuple(placements),
+        tensor_meta=TensorMeta(torch.Size(shape), tuple(stride), local.dtype),
+    )
+    dtensor: torch.Tensor = DTensor(local, spec, requires_grad=requires_grad)  # type: ignore[call-arg]
+    return dtensor
+
+
+def device_mesh_without_backend(
+    device_type: str, grid: torch.Tensor, dim_names: tuple[str, ...] | None
+) -> Any:
+    """A ``DeviceMesh`` over ``grid`` that creates no process groups.
+
+    Why: a replica's mesh is only a description for the rebuilt DTensors; creating its process
+    groups would be a collective. ``_init_backend=False`` is the private switch for that.
+    """
+    from torch.distributed.device_mesh import DeviceMesh
+
+    return DeviceMesh(device_type, grid, mesh_dim_names=dim_names, _init_backend=False)
+
+
+# -- the CUDA runtime -----------------------------------------------------------------------------
+
+HOST_REGISTER_PORTABLE = 1
+"""``cudaHostRegisterPortable``: the memory is pinned for every CUDA context, not just one."""
+
+
+def cuda_host_register(ptr: int, nbytes: int, flags: int = HOST_REGISTER_PORTABLE) -> int:
+    """``cudaHostRegister``: page-lock ``nbytes`` at ``ptr``; returns the CUDA error code.
+
+    Why: pinning memory astage allocated itself takes exactly the bytes needed, where
+    ``torch.empty(pin_memory=True)`` rounds each request up to a power of two. torch exposes
+    the call only through the private ``torch.cuda.cudart()`` bindings.
+    """
+    return int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, flags))
+
+
+def cuda_host_unregister(ptr: int) -> int:
+    """``cudaHostUnregister``: undo :func:`cuda_host_register`; returns the CUDA error code."""
+    return int(torch.cuda.cudart().cudaHostUnregister(ptr))
+
+
+def cuda_clear_last_error() -> int | None:
+    """``cudaGetLastError``: read and reset this thread's last CUDA runtime error.
+
+    Why: a failed runtime call (``cudaHostRegister`` of memory CUDA will not lock) also leaves
+    its code as the thread's "last error", and torch checks that after every kernel launch: the
+    next, unrelated kernel in this thread would fail with the old error. torch's bindings lack
+    the call, so it is made through ctypes on the CUDA runtime library torch loaded. Returns
+    the code read, or None when no such library is loaded (a build with the runtime linked in
+    statically keeps its own state, out of reach).
+    """
+    get_last_error = _cuda_get_last_error()
+    if get_last_error is None:
+        return None
+    return int(get_last_error())
+
+
+@functools.cache
+def _cuda_get_last_error() -> Callable[[], int] | None:
+    # Only a runtime already loaded (by torch): another copy would keep another last error,
+    # and loading one would start a second CUDA runtime in the process.
+    for name in _loaded_libraries("libcudart"):
+        try:
+            library = ctypes.CDLL(name)
+        except OSError:
+            continue
+        function = getattr(library, "cudaGetLastError", None)
+        if function is not None:
+            function.restype = ctypes.c_int
+            function.argtypes = []
+            return function  # type: ignore[no-any-return]
+    return None
+
+
+def _loaded_libraries(stem: str) -> list[str]:
+    """Paths of the shared libraries named ``stem*`` mapped into this process (Linux)."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            lines = maps.read().splitlines()
+    except OSError:
+        return []
+    paths: list[str] = []
+    for line in lines:
+        fields = line.split(maxsplit=5)  # address, perms, offset, device, inode, [path]
+        path = fields[5] if len(fields) == 6 else ""
+        if path.rsplit("/", 1)[-1].startswith(stem) and path not in paths:
+            paths.append(path)
+    return paths
