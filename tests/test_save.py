@@ -92,7 +92,8 @@ async def test_loaded_state_restores_a_model(tmp_path: Path) -> None:
     )
     model["head"].weight = model["embed"].weight
     model.load_state_dict(back["model"])
-    assert torch.equal(model["mlp"].weight, state["model"]["mlp.weight"])
+    mlp: Any = model["mlp"]
+    assert torch.equal(mlp.weight, state["model"]["mlp.weight"])
     optim = torch.optim.AdamW(model.parameters())
     optim.load_state_dict(back["optim"])
 
@@ -100,19 +101,23 @@ async def test_loaded_state_restores_a_model(tmp_path: Path) -> None:
 @pytest.mark.asyncio
 async def test_module_state_dict_metadata_is_kept(tmp_path: Path) -> None:
     net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
-    state = {"model": net.state_dict(), "step": 7}
-    expected = state["model"]._metadata  # type: ignore[attr-defined]
+    state: dict[str, Any] = {"model": net.state_dict(), "step": 7}
+    expected = state["model"]._metadata
     assert expected["1"] == {"version": 2}  # BatchNorm's version: load_state_dict reads it
     async with astage.Stager() as stager:
         await astage.save(state, tmp_path / "m.safetensors", stager=stager)
     back = astage.load(tmp_path / "m.safetensors")
-    assert type(back["model"]) is OrderedDict
-    assert back["model"]._metadata == expected
-    assert type(back["model"]._metadata) is OrderedDict
-    assert list(back["model"]._metadata) == list(expected)
+    model: Any = back["model"]
+    assert type(model) is OrderedDict
+    saved: Any = model._metadata  # type: ignore[attr-defined]
+    assert saved == expected
+    assert type(saved) is OrderedDict
+    assert list(saved) == list(expected)
     fresh = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
-    fresh.load_state_dict(back["model"])
-    assert torch.equal(fresh[0].weight, net[0].weight)
+    fresh.load_state_dict(model)
+    restored: Any = fresh[0]
+    original: Any = net[0]
+    assert torch.equal(restored.weight, original.weight)
     assert len(safetensors.torch.load_file(str(tmp_path / "m.safetensors"))) == len(state["model"])
 
     plain: OrderedDict[str, Any] = OrderedDict(a=torch.ones(2))  # no _metadata: none back
