@@ -25,10 +25,12 @@ from astage._devices._host import run_host_batch
 # -- BufferCache on its own ---------------------------------------------------------------------
 
 
-def _cache(**kwargs: object) -> BufferCache:
-    options = {"pin_memory": False, "share_memory": False, "pin_memory_min_bytes": 0}
-    options.update(kwargs)
-    return BufferCache(**options)  # type: ignore[arg-type]
+def _cache(
+    *, pin_memory: bool = False, share_memory: bool = False, pin_memory_min_bytes: int = 0
+) -> BufferCache:
+    return BufferCache(
+        pin_memory=pin_memory, share_memory=share_memory, pin_memory_min_bytes=pin_memory_min_bytes
+    )
 
 
 def test_allocate_then_lookup_finds_the_same_buffer() -> None:
@@ -447,7 +449,7 @@ def test_clear_cache_after_resize_recovers(stager: Driver) -> None:
     source = {"w": weight}
     stager.stage(source)
     weight.untyped_storage().resize_(64)
-    weight.set_(weight.untyped_storage(), 0, (16,))
+    weight.set_(weight.untyped_storage(), 0, (16,), (1,))
     weight.fill_(3.0)
     stager.clear_cache()
     assert stager.cache_info().storages == 0

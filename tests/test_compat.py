@@ -303,13 +303,16 @@ def test_default_stager_pinning_without_cuda_warns_once() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         staged = stager.stage({"w": torch.randn(1 << 16)})
+    assert not isinstance(staged, concurrent.futures.Future)  # cpu_config(): synchronous
     assert not staged["w"].is_pinned()
     stager.close()
 
 
 def test_default_stager_shared_memory() -> None:
     with compat.DefaultStager(cpu_config(shared=True)) as stager:
-        assert stager.stage({"w": torch.randn(8)})["w"].is_shared()
+        staged = stager.stage({"w": torch.randn(8)})
+        assert not isinstance(staged, concurrent.futures.Future)
+        assert staged["w"].is_shared()
 
 
 def test_default_stager_overrides_astage_options() -> None:

@@ -16,10 +16,11 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from conftest import iter_tensors, model_state_dict, mutate_, same_values
-from torch.distributed.checkpoint import FileSystemWriter
-from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
+from torch._C._distributed_c10d import HashStore
+from torch.distributed.checkpoint.filesystem import FileSystemWriter
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse, async_save
 
 from astage import compat
 from astage.compat import _pool as compat_pool
@@ -72,7 +73,7 @@ def wait(response: Future[Any] | AsyncSaveResponse) -> None:
 
 
 def load(template: Any, path: pathlib.Path, no_dist: bool = True) -> Any:
-    dcp.load(template, checkpoint_id=str(path), no_dist=no_dist)
+    dcp_load(template, checkpoint_id=str(path), no_dist=no_dist)
     return template
 
 
@@ -83,9 +84,7 @@ def load(template: Any, path: pathlib.Path, no_dist: bool = True) -> Any:
 def test_async_save_then_load(tmp_path: pathlib.Path, async_staging: bool) -> None:
     sd = model_state_dict()
     with compat.DefaultStager(options(async_staging)) as stager:
-        response = dcp.async_save(
-            sd, checkpoint_id=str(tmp_path), async_stager=stager, no_dist=True
-        )
+        response = async_save(sd, checkpoint_id=str(tmp_path), async_stager=stager, no_dist=True)
         assert isinstance(response, AsyncSaveResponse) == async_staging
         wait(response)
     loaded = load(blank_like(sd), tmp_path)
@@ -98,7 +97,7 @@ def test_async_save_with_the_blocking_stager(tmp_path: pathlib.Path) -> None:
     stager = compat.BlockingAsyncStager(cache_staged_state_dict=True, type_check=True)
     for index in range(2):
         path = tmp_path / str(index)
-        wait(dcp.async_save(sd, checkpoint_id=str(path), async_stager=stager, no_dist=True))
+        wait(async_save(sd, checkpoint_id=str(path), async_stager=stager, no_dist=True))
         assert_loaded(load(blank_like(sd), path), sd)
         mutate_(sd)
     stager.close()
@@ -106,7 +105,7 @@ def test_async_save_with_the_blocking_stager(tmp_path: pathlib.Path) -> None:
 
 @pytest.fixture
 def gloo_group() -> Iterator[None]:
-    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    dist.init_process_group("gloo", rank=0, world_size=1, store=HashStore())
     try:
         yield
     finally:
@@ -119,7 +118,7 @@ def test_async_save_under_a_process_group(
 ) -> None:
     sd = model_state_dict()
     with compat.DefaultStager(options(async_staging)) as stager:
-        wait(dcp.async_save(sd, checkpoint_id=str(tmp_path), async_stager=stager))
+        wait(async_save(sd, checkpoint_id=str(tmp_path), async_stager=stager))
     assert_loaded(load(blank_like(sd), tmp_path, no_dist=False), sd)
 
 
@@ -181,7 +180,7 @@ def three_saves_while_training(
         train_step(model, optim, device)
         state = checkpoint_state(model, optim)
         expected.append(copy.deepcopy(state))
-        response = dcp.async_save(
+        response = async_save(
             state,
             storage_writer=GatedWriter(tmp_path / f"step-{step}", gate),
             async_stager=stager,
