@@ -1,13 +1,145 @@
-"""The walk's handling of the cyclic garbage collector (``pause_gc``)."""
+"""The walk's handling of the cyclic garbage collector (``pause_gc``): a pause shared by every
+stager in the process, that leaves the application's own collector settings as it left them."""
 
 from __future__ import annotations
 
 import gc
+import threading
 from collections.abc import Callable, Iterator
 
 import pytest
 import torch
 from conftest import Driver
+
+from astage._drivers._gc import gc_paused
+
+
+@pytest.fixture(autouse=True)
+def gc_settings() -> Iterator[tuple[int, int, int]]:
+    """The collector's settings before the test, restored after it whatever the test did."""
+    enabled, threshold = gc.isenabled(), gc.get_threshold()
+    gc.enable()
+    try:
+        yield threshold
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
+        if enabled:
+            gc.enable()
+        else:
+            gc.disable()
+
+
+def _paused() -> bool:
+    """Whether automatic collection is off while the collector is enabled."""
+    return gc.isenabled() and gc.get_threshold()[0] == 0
+
+
+# -- gc_paused on its own -----------------------------------------------------------------------
+
+
+def test_the_pause_holds_for_the_block_and_is_undone(gc_settings: tuple[int, int, int]) -> None:
+    with gc_paused():
+        assert _paused()
+    assert gc.isenabled()
+    assert gc.get_threshold() == gc_settings
+
+
+def test_disabled_pause_changes_nothing(gc_settings: tuple[int, int, int]) -> None:
+    with gc_paused(enabled=False):
+        assert gc.get_threshold() == gc_settings
+
+
+def test_nested_pauses_resume_when_the_outermost_leaves(gc_settings: tuple[int, int, int]) -> None:
+    with gc_paused():
+        with gc_paused():
+            assert _paused()
+        assert _paused()  # the inner block's end did not resume the collector under the outer
+    assert gc.get_threshold() == gc_settings
+
+
+def test_a_pause_left_by_an_error_is_undone(gc_settings: tuple[int, int, int]) -> None:
+    with pytest.raises(KeyError), gc_paused():
+        raise KeyError("boom")
+    assert gc.get_threshold() == gc_settings
+
+
+def test_overlapping_pauses_in_threads_share_one_depth(gc_settings: tuple[int, int, int]) -> None:
+    # Thread i enters, waits until every thread is in, then leaves in turn (0 first). While any
+    # thread is still inside, the collector stays paused: the first one out resumes nothing.
+    count = 4
+    inside = threading.Barrier(count)
+    turns = [threading.Event() for _ in range(count)]
+    seen: list[bool] = []
+
+    def caller(i: int) -> None:
+        with gc_paused():
+            inside.wait()
+            turns[i].wait()
+            seen.append(_paused())
+        if i + 1 < count:
+            turns[i + 1].set()
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    turns[0].set()
+    for thread in threads:
+        thread.join()
+    assert seen == [True] * count
+    assert gc.isenabled()
+    assert gc.get_threshold() == gc_settings
+
+
+def test_application_disables_the_collector_meanwhile() -> None:
+    with gc_paused():
+        gc.disable()  # the application's own call, made while a stager walks
+    assert not gc.isenabled()  # left as the application left it
+
+
+def test_application_enables_the_collector_meanwhile(gc_settings: tuple[int, int, int]) -> None:
+    gc.disable()
+    with gc_paused():
+        gc.enable()
+    assert gc.isenabled()
+    assert gc.get_threshold() == gc_settings
+
+
+def test_nothing_is_paused_while_the_application_has_the_collector_off(
+    gc_settings: tuple[int, int, int],
+) -> None:
+    gc.disable()
+    with gc_paused():
+        assert gc.get_threshold() == gc_settings
+    assert not gc.isenabled()
+
+
+def test_application_sets_its_own_threshold_meanwhile() -> None:
+    with gc_paused():
+        gc.set_threshold(1234)
+    assert gc.get_threshold()[0] == 1234
+
+
+def test_application_freezes_meanwhile() -> None:
+    gc.collect()
+    with gc_paused():
+        gc.freeze()  # e.g. before forking workers
+        frozen = gc.get_freeze_count()
+        assert frozen > 0
+    # Not thawed by the pause's own freeze()/unfreeze() (a few frozen objects may have died
+    # since), and nothing of the call's added.
+    assert frozen - 1000 < gc.get_freeze_count() <= frozen
+
+
+def test_the_calls_objects_skip_the_young_generations() -> None:
+    gc.collect()
+    with gc_paused():
+        allocated = [{"i": i} for i in range(5000)]
+    assert gc.get_count()[0] < 100
+    assert len(allocated) == 5000
+
+
+# -- through the stagers ------------------------------------------------------------------------
 
 
 def _optimizer_like(n: int) -> dict[str, object]:
