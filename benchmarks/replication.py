@@ -96,15 +96,17 @@ def _rank_main(rank: int, world: int, init: str, args: argparse.Namespace) -> di
         def astage_persist() -> None:
             loop.run(persisting.stage(sd))
 
+        world_group = dist.group.WORLD
+        assert world_group is not None
         dcp = _ReplicationStager(
-            dist.group.WORLD, timeout=timedelta(minutes=5), storage_dir=os.path.join(folder, "dcp")
+            world_group, timeout=timedelta(minutes=5), storage_dir=os.path.join(folder, "dcp")
         )
 
         def dcp_stage() -> None:
             replica = dcp.stage(sd)
             assert float(replica["layer0.weight"][0]) == partner * 100  # type: ignore[index]
 
-        transport = PGTransport(dist.group.WORLD, timedelta(minutes=5), torch.device("cpu"))
+        transport = PGTransport(world_group, timedelta(minutes=5), torch.device("cpu"))
 
         def dcp_transport() -> None:
             if rank < partner:

@@ -261,11 +261,9 @@ def check_dtensor_staging(rank: int, world: int) -> None:
 
 def check_sharded_tensor_staging(rank: int, world: int) -> None:
     from torch.distributed._shard.metadata import ShardMetadata
-    from torch.distributed._shard.sharded_tensor import (
-        Shard,
-        ShardedTensor,
-        init_from_local_shards,
-    )
+    from torch.distributed._shard.sharded_tensor import init_from_local_shards
+    from torch.distributed._shard.sharded_tensor.api import ShardedTensor
+    from torch.distributed._shard.sharded_tensor.shard import Shard
 
     local = torch.arange(8.0).reshape(2, 4) + 10 * rank
     meta = ShardMetadata([2 * rank, 0], [2, 4], f"rank:{rank}/cpu")
@@ -295,7 +293,8 @@ def check_sharded_tensor_staging(rank: int, world: int) -> None:
 
 
 def check_dcp(rank: int, world: int, tmp: str) -> None:
-    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+    from torch.distributed.checkpoint.state_dict_saver import async_save
     from torch.distributed.tensor import DTensor, Shard
 
     from astage import compat
@@ -311,12 +310,16 @@ def check_dcp(rank: int, world: int, tmp: str) -> None:
         use_non_blocking_copy=False,
     )
     with compat.DefaultStager(options) as stager:
-        response = dcp.async_save(sd, checkpoint_id=folder, async_stager=stager)
+        response: Any = async_save(sd, checkpoint_id=folder, async_stager=stager)
         upload = getattr(response, "upload_completion", response)
         upload.result(timeout=60)
     blank = DTensor.from_local(torch.zeros(2, 4), sharded.device_mesh, [Shard(0)], run_check=False)
-    loaded = {"w": torch.zeros(6), "nested": {"b": torch.zeros(2, 2)}, "sharded": blank}
-    dcp.load(loaded, checkpoint_id=folder)
+    loaded: dict[str, Any] = {
+        "w": torch.zeros(6),
+        "nested": {"b": torch.zeros(2, 2)},
+        "sharded": blank,
+    }
+    dcp_load(loaded, checkpoint_id=folder)
     assert torch.equal(loaded["w"], sd["w"])
     assert torch.equal(loaded["nested"]["b"], sd["nested"]["b"])
     assert torch.equal(loaded["sharded"].to_local(), sharded.to_local())
