@@ -357,7 +357,7 @@ def _no_cyclic_gc() -> Iterator[None]:
 
 
 def test_in_use_while_a_staged_result_lives(stager: Driver) -> None:
-    cache = stager.stager._base.cache
+    cache = stager.stager._cache
     sd = model_state_dict()
     with _no_cyclic_gc():  # the result must die by reference counting alone: no cycle holds it
         staged = stager.stage(sd)
@@ -376,7 +376,7 @@ def test_in_use_while_a_staged_result_lives(stager: Driver) -> None:
 
 
 def test_a_failed_call_leaves_no_buffer_in_use(stager: Driver) -> None:
-    cache = stager.stager._base.cache
+    cache = stager.stager._cache
     sd = {"w": torch.randn(16), "lock": threading.Lock()}
     with _no_cyclic_gc():
         try:

@@ -416,6 +416,25 @@ def test_default_stager_close_and_context_manager(default_stager: compat.Default
     default_stager.close()
 
 
+@pytest.mark.parametrize(
+    ("make", "name"),
+    [
+        (compat.StateDictStager, "StateDictStager"),
+        (lambda: compat.DefaultStager(cpu_config()), "DefaultStager"),
+        (lambda: compat.DefaultStager(cpu_config(async_staging=True)), "DefaultStager"),
+        (compat.BlockingAsyncStager, "BlockingAsyncStager"),
+        (lambda: compat.BlockingAsyncStager(cache_staged_state_dict=True), "BlockingAsyncStager"),
+    ],
+    ids=["state-dict", "default", "default-async", "blocking", "blocking-cached"],
+)
+def test_a_closed_stager_names_the_class_the_user_holds(make: Any, name: str) -> None:
+    # Regression: the message named astage's inner SyncStager, or "this stager".
+    stager = make()
+    stager.close()
+    with pytest.raises(astage.StagerClosedError, match=rf"^this {name} is closed$"):
+        stager.stage({"w": torch.randn(4)})
+
+
 def test_close_waits_for_staging_in_progress() -> None:
     stager = compat.DefaultStager(cpu_config(async_staging=True))
     futures = [stager.stage(model_state_dict(seed)) for seed in range(3)]

@@ -10,7 +10,7 @@ from torch.distributed.checkpoint.staging import AsyncStager
 
 from .._core._cache import CacheInfo
 from .._drivers._sync import SyncStager
-from .._errors import UnstageableError
+from .._errors import StagerClosedError, UnstageableError
 from .._options import StagingOptions
 from .._paths import Path
 from ._pool import SnapshotPool
@@ -59,13 +59,16 @@ class BlockingAsyncStager(AsyncStager):
         self.type_check = bool(type_check)
         self._pool: SnapshotPool | None = None
         self._stager: SyncStager | None = None
+        self._closed = False
         if self.cache_staged_state_dict:
-            self._pool = SnapshotPool(StagingOptions())
+            self._pool = SnapshotPool(StagingOptions(), type(self).__name__)
         else:
             self._stager = SyncStager(pin_memory=False)
 
     def stage(self, state_dict: Any) -> Any:
         """A copy of ``state_dict`` on the CPU; complete when it returns."""
+        if self._closed:
+            raise StagerClosedError(f"this {type(self).__name__} is closed")
         if self.type_check:
             check_types(state_dict)
         if self._pool is not None:
@@ -87,6 +90,7 @@ class BlockingAsyncStager(AsyncStager):
 
     def close(self) -> None:
         """Release the cached buffers; results handed out stay valid."""
+        self._closed = True
         if self._pool is not None:
             self._pool.close()
         if self._stager is not None:

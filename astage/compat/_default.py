@@ -35,7 +35,7 @@ class DefaultStager(AsyncStager):
     def __init__(self, config: Any = None, **overrides: Any) -> None:
         self._config = config if config is not None else DcpStagingOptions()
         flags = DcpFlags.of(self._config)
-        self._pool = SnapshotPool(flags.options(overrides, stacklevel=2))
+        self._pool = SnapshotPool(flags.options(overrides, stacklevel=2), type(self).__name__)
         self._thread = StagingThread() if flags.use_async_staging else None
         self._closed = False
 
@@ -55,8 +55,7 @@ class DefaultStager(AsyncStager):
 
     def stage(self, state_dict: Any) -> Any | Future[Any]:
         """Stage ``state_dict``: the staged dict, or a Future of it under async staging."""
-        if self._closed:
-            raise StagerClosedError("this DefaultStager is closed")
+        self._check_open()
         if self._thread is None:
             return self._pool.stage(state_dict)
         return self._thread.submit(self._pool.stage, state_dict)
@@ -74,9 +73,12 @@ class DefaultStager(AsyncStager):
         self._pool.close()
 
     def __enter__(self) -> DefaultStager:
-        if self._closed:
-            raise StagerClosedError("this DefaultStager is closed")
+        self._check_open()
         return self
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StagerClosedError(f"this {type(self).__name__} is closed")
 
     def __exit__(
         self,

@@ -19,7 +19,7 @@ from typing import Any
 
 from .._core._cache import CacheInfo
 from .._core._stats import StageStats
-from .._drivers._base import gc_paused
+from .._drivers._gc import gc_paused
 from .._drivers._sync import SyncStager
 from .._errors import StagerClosedError
 from .._options import StagingOptions
@@ -32,14 +32,15 @@ def _in_use(stager: SyncStager) -> bool:
     # The check creates a storage object per buffer the first time (torch keeps them): new
     # objects by the thousand would set off full collections of the whole heap, as in the walk.
     with gc_paused():
-        return stager._base.cache.in_use()
+        return stager._cache.in_use()
 
 
 class SnapshotPool:
     """Stages into a buffer set that no live snapshot uses; thread-safe (calls run in turn)."""
 
-    def __init__(self, options: StagingOptions) -> None:
+    def __init__(self, options: StagingOptions, owner: str) -> None:
         self._options = options
+        self._owner = owner  # the class the user holds, for the closed-stager message
         self._sets: list[SyncStager] = []  # least recently used first
         self._lock = threading.Lock()
         self._closed = False
@@ -53,7 +54,7 @@ class SnapshotPool:
     def stage(self, state_dict: Any) -> Any:
         with self._lock:
             if self._closed:
-                raise StagerClosedError("this stager is closed")
+                raise StagerClosedError(f"this {self._owner} is closed")
             chosen = self._free_set()
             result = chosen.stage(state_dict)
             self.last_stats = chosen.last_stats

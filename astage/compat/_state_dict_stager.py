@@ -8,6 +8,7 @@ from typing import Any
 from .._core._cache import CacheInfo
 from .._core._stats import StageStats
 from .._drivers._sync import SyncStager
+from .._errors import StagerClosedError
 from ._options import pinning
 
 
@@ -53,6 +54,8 @@ class StateDictStager:
         always landed when ``stage()`` returns (on CUDA they run asynchronously on a staging
         stream that astage waits for), so the result is safe to read either way.
         """
+        if self._stager.closed:
+            raise StagerClosedError(f"this {type(self).__name__} is closed")
         return self._stager.stage(state_dict)
 
     def cache_info(self) -> CacheInfo:
