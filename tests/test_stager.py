@@ -8,7 +8,7 @@ from __future__ import annotations
 import gc
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -313,6 +313,11 @@ async def test_cancelled_stage_iter_then_stage(stager: astage.Stager) -> None:
 # -- several callers -------------------------------------------------------------------------------
 
 
+async def _within_5_s(func: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+    with anyio.fail_after(5):
+        return await func(*args)
+
+
 @pytest.mark.filterwarnings("ignore:The test <Function:pytest.PytestWarning")
 def test_two_threads_event_loops_at_once_raise_busy_error() -> None:
     # Regression: one Stager used from two threads' event loops at once hung forever.
@@ -335,7 +340,7 @@ def test_two_threads_event_loops_at_once_raise_busy_error() -> None:
             for backend in ("asyncio", "trio"):
                 started = time.perf_counter()
                 with pytest.raises(astage.BusyError, match="another thread's event loop"):
-                    anyio.run(stager.stage, source, backend=backend)
+                    anyio.run(_within_5_s, stager.stage, source, backend=backend)
                 assert time.perf_counter() - started < 1.0  # at once, not after a wait
                 with pytest.raises(astage.BusyError):
                     anyio.run(stager.aclose)
