@@ -308,6 +308,7 @@ def test_mailbox_writer_never_waits_for_the_loop() -> None:
 
     mailbox = anyio.run(abandon)
     finished = threading.Event()
+    mailbox.close()  # (what leaving its block does) frees the abandoned reader thread
 
     def exchange_thread() -> None:
         for i in range(3):
@@ -317,3 +318,23 @@ def test_mailbox_writer_never_waits_for_the_loop() -> None:
 
     threading.Thread(target=exchange_thread, daemon=True).start()
     assert finished.wait(5)
+
+
+def _anyio_workers() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name == "AnyIO worker thread"}
+
+
+def test_mailbox_reader_abandoned_by_a_cancelled_call_ends_with_the_block() -> None:
+    # The call was cancelled before its exchange thread ran: nobody else will close the box.
+    before = _anyio_workers()
+
+    async def cancelled_call() -> None:
+        with _Mailbox() as mailbox, anyio.move_on_after(0.05):
+            async for _ in mailbox:
+                pass
+
+    anyio.run(cancelled_call)
+    deadline = time.monotonic() + 5
+    while _anyio_workers() - before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not _anyio_workers() - before, "a reader thread still waits on the mailbox"

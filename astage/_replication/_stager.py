@@ -152,29 +152,29 @@ class ReplicationStager:
         :class:`~astage.ReplicationError` once the exchange is over (the pair stays in step).
         """
         file = ReplicaFile(path, self.rank, self.receive_from)
-        mailbox = _Mailbox()
         outcome: list[Any] = []
+        with _Mailbox() as mailbox:
 
-        async def run_exchange() -> None:
+            async def run_exchange() -> None:
+                try:
+                    outcome.append(await exchange.run(self._limiter(), mailbox))
+                except Exception as error:  # noqa: BLE001 - raised below, once the file is settled
+                    outcome.append(error)
+
             try:
-                outcome.append(await exchange.run(self._limiter(), mailbox))
-            except Exception as error:  # noqa: BLE001 - raised below, after the file is settled
-                outcome.append(error)
-
-        try:
-            async with anyio.create_task_group() as tasks:
-                tasks.start_soon(run_exchange)
-                async for progress in mailbox:
-                    await file.follow(progress)
-            (result,) = outcome
-            if isinstance(result, Exception):
-                raise result
-            await file.commit()
-            return result
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await file.abort()
-            raise
+                async with anyio.create_task_group() as tasks:
+                    tasks.start_soon(run_exchange)
+                    async for progress in mailbox:
+                        await file.follow(progress)
+                (result,) = outcome
+                if isinstance(result, Exception):
+                    raise result
+                await file.commit()
+                return result
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await file.abort()
+                raise
 
     # -- one caller at a time --------------------------------------------------------------
 
@@ -285,6 +285,11 @@ class _Mailbox:
     there, and otherwise waits in a worker thread of its own. A hand-off through
     ``anyio.from_thread`` would make the exchange thread wait for the loop, and hang for good
     if the loop ended while an abandoned exchange was still running.
+
+    Used as ``with _Mailbox() as mailbox:``, leaving the block closes it too: a reader thread
+    abandoned by a cancelled call then ends even if the exchange never ran (cancelled before
+    its thread started it), instead of waiting forever (and holding up interpreter exit:
+    asyncio's worker threads are not daemons).
     """
 
     def __init__(self) -> None:
@@ -296,6 +301,12 @@ class _Mailbox:
 
     def close(self) -> None:
         self._queue.put(_END)
+
+    def __enter__(self) -> _Mailbox:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def __aiter__(self) -> _Mailbox:
         return self
