@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
+import anyio
 import pytest
 import torch
 from conftest import (
@@ -44,10 +46,11 @@ def _legacy_checkpoint(stager: astage.SyncStager, source: object) -> object:
 
 
 @pytest.mark.asyncio
+@pytest.mark.allow_blocking("a SyncStager blocks the loop it is called from, by design")
 async def test_stage_called_from_inside_a_running_loop() -> None:
     source = model_state_dict()
     with astage.SyncStager() as stager:
-        assert asyncio.get_running_loop() is not None
+        assert anyio.get_current_task() is not None  # inside a running loop (any backend)
         staged = _legacy_checkpoint(stager, source)
     assert_tree_staged(staged, source)
 
@@ -156,3 +159,57 @@ def test_collector_is_left_enabled_from_many_threads() -> None:
     for stager in stagers:
         stager.close()
     assert gc.isenabled()
+
+
+# -- buffer holds --------------------------------------------------------------------------------
+
+
+def test_a_hold_blocks_the_next_call_until_released() -> None:
+    source = {"w": torch.zeros(16)}
+    with astage.SyncStager() as stager:
+        staged = stager.stage(source)
+        hold = stager.hold_buffers()
+        with ThreadPoolExecutor(1) as pool:
+            again = pool.submit(stager.stage, {"w": torch.ones(16)})
+            time.sleep(0.1)
+            assert not again.done()  # waiting for the hold
+            assert torch.equal(staged["w"], torch.zeros(16))  # the held buffer is untouched
+            hold.release()
+            assert torch.equal(again.result(timeout=5)["w"], torch.ones(16))
+        hold.release()  # idempotent
+
+
+def test_close_waits_for_holds() -> None:
+    source = {"w": torch.randn(8)}
+    stager = astage.SyncStager()
+    stager.stage(source)
+    hold = stager.hold_buffers()
+    timer = threading.Timer(0.1, hold.release)
+    timer.start()
+    started = time.perf_counter()
+    stager.close()
+    assert time.perf_counter() - started >= 0.09
+    assert hold.released and stager.closed
+    assert stager.cache_info().storages == 0
+
+
+def test_a_hold_as_a_context_manager() -> None:
+    with astage.SyncStager() as stager:
+        with stager.hold_buffers() as hold:
+            assert not hold.released
+        assert hold.released
+        stager.stage({"w": torch.randn(2)})  # does not wait
+
+
+def test_clear_cache_is_refused_during_a_call() -> None:
+    stager = astage.SyncStager()
+    hold = stager.hold_buffers()
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(stager.stage, {"w": torch.randn(2)})
+        time.sleep(0.05)
+        with pytest.raises(astage.BusyError, match="clear_cache"):
+            stager.clear_cache()
+        hold.release()
+        waiting.result(timeout=5)
+    stager.clear_cache()
+    stager.close()
