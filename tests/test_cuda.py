@@ -240,9 +240,9 @@ def test_cuda_sparse(stager: Driver) -> None:
 @pytest.mark.asyncio
 async def test_stage_iter_from_cuda() -> None:
     source = _cuda_state_dict()
-    async with astage.Stager(chunk_bytes=MiB, max_inflight_bytes=4 * MiB) as stager:
-        async with stager.stage_iter(source) as landed:
-            items = {path: t async for path, t in landed}
+    stager = astage.Stager(chunk_bytes=MiB, max_inflight_bytes=4 * MiB)
+    async with stager, stager.stage_iter(source) as landed:
+        items = {path: t async for path, t in landed}
     assert set(items) == {(key,) for key in source}
     for (key,), staged in items.items():
         assert_staged(staged, source[key])
