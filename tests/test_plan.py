@@ -7,6 +7,7 @@ the ``stager`` fixture from conftest.py.
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import enum
 import functools
@@ -443,6 +444,26 @@ def test_lists_tuples_namedtuples(stager: Driver) -> None:
     assert_staged(staged["p"].x, x)
     assert staged["p"].y.y is staged["p"].x is staged["l"][0] is staged["t"][0]
     assert staged["atomic"] == (1, "a")
+
+
+class Annotated(collections.namedtuple("Annotated", "a b")):
+    """A namedtuple subclass without ``__slots__``: its instances carry a ``__dict__``."""
+
+    note: list[str]
+
+
+def test_namedtuples_are_new_objects_like_deepcopy(stager: Driver) -> None:
+    # copy.deepcopy (and DCP's StateDictStager) rebuild a namedtuple even when nothing inside
+    # is mutable; only plain tuples of atomic values are returned as they are.
+    atomic = Point(1, "a")
+    tagged = Annotated(1, 2)
+    tagged.note = ["mutable"]
+    staged = stager.stage({"p": atomic, "t": (1, "a"), "tagged": tagged})
+    assert staged["p"] == atomic and staged["p"] is not atomic
+    assert staged["tagged"] == tagged and type(staged["tagged"]) is Annotated
+    assert staged["tagged"].note == ["mutable"]
+    assert staged["tagged"].note is not tagged.note
+    assert staged["t"] is copy.deepcopy(staged["t"])
 
 
 def test_sets_and_frozensets(stager: Driver) -> None:

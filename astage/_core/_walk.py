@@ -249,14 +249,16 @@ class DeepCopy:
         return y
 
     def _namedtuple(self, x: Any, path: Path) -> Walk:
+        """A namedtuple: always a new one, as ``copy.deepcopy`` makes (unlike a plain tuple)."""
         items = yield from self._items(x, path)
         found = self.memo.get(id(x), _MISSING)
         if found is not _MISSING:
             return found
-        if all(a is b for a, b in zip(x, items, strict=True)):
-            return x
         y = type(x)._make(items)
         self._remember(x, y)
+        attributes = getattr(x, "__dict__", None)
+        if attributes:  # a subclass without __slots__ may carry instance attributes
+            y.__dict__.update((yield from self._attributes(attributes, path)))
         return y
 
     def _set(self, x: set[Any] | frozenset[Any], path: Path) -> Walk:
