@@ -28,7 +28,7 @@ import torch
 import astage
 from astage._replication._pairing import pairing
 from astage._replication._stager import _Mailbox, _seconds
-from astage._replication._transport import Landed
+from astage._replication._transport import Landed, Transport
 from astage._replication._wire import BUCKET_BYTES, buckets, decode, encode
 
 WORKER = Path(__file__).with_name("_dist_worker.py")
@@ -338,3 +338,13 @@ def test_mailbox_reader_abandoned_by_a_cancelled_call_ends_with_the_block() -> N
     while _anyio_workers() - before and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not _anyio_workers() - before, "a reader thread still waits on the mailbox"
+
+
+def test_a_refused_snapshot_names_both_ranks_and_keeps_its_path() -> None:
+    ring = Transport(None, rank=0, send_to=1, receive_from=2, timeout=1.0)
+    with pytest.raises(astage.ReplicationError) as refused:
+        encode({"optim": {"lock": threading.Lock()}})
+    error = ring._refusal(refused.value)
+    assert error.path == ("optim", "lock")
+    assert str(error).startswith("at ['optim']['lock']: rank 0 (sending to rank 1, receiving")
+    assert "rank 2" in str(error) and "cannot replicate" in str(error)
