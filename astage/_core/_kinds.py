@@ -9,20 +9,22 @@ state dict holds few such tensors, and each one costs a few Python calls more th
 from __future__ import annotations
 
 import copy
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .._errors import UnstageableError
 from .._paths import Attr, Path
+from .._torch import (
+    is_sharded_tensor,
+    is_traceable_wrapper_subclass,
+    rebuild_sharded_tensor,
+    sparse_coo_parts,
+)
 
 StageInner = Callable[[torch.Tensor, Path], torch.Tensor]
 """Stages a tensor found inside another one at ``path``, and returns its staged twin."""
-
-_SHARDED_TENSOR_MODULE = "torch.distributed._shard.sharded_tensor.api"
 
 
 def stage_subclass(x: torch.Tensor, path: Path, stage_inner: StageInner) -> torch.Tensor | None:
@@ -60,36 +62,22 @@ def stage_wrapper_subclass(x: torch.Tensor, path: Path, stage_inner: StageInner)
     return y
 
 
-def is_sharded_tensor(x: torch.Tensor) -> bool:
-    """Whether ``x`` is a (deprecated) ShardedTensor; never imports torch.distributed itself."""
-    module = sys.modules.get(_SHARDED_TENSOR_MODULE)
-    return module is not None and isinstance(x, module.ShardedTensor)
-
-
 def stage_sharded_tensor(x: torch.Tensor, path: Path, stage_inner: StageInner) -> torch.Tensor:
     """A ShardedTensor: stage its local shards, rebuild it around them (no collective).
 
     Its metadata (global size, every shard's offsets, sizes and placement) is deep-copied; its
     process group is shared, like a DTensor's device mesh.
     """
-    from torch.distributed._shard.sharded_tensor.api import ShardedTensor
-    from torch.distributed._shard.sharded_tensor.shard import Shard
-
     sharded: Any = x
     shards = [
-        Shard(
+        (
             stage_inner(shard.tensor, (*path, Attr("local_shards"), index)),
             copy.deepcopy(shard.metadata),
         )
         for index, shard in enumerate(sharded.local_shards())
     ]
     try:
-        y: torch.Tensor = ShardedTensor._init_from_local_shards_and_global_metadata(
-            shards,
-            copy.deepcopy(sharded.metadata()),
-            process_group=sharded._process_group,
-            init_rrefs=False,
-        )
+        y = rebuild_sharded_tensor(sharded, shards, copy.deepcopy(sharded.metadata()))
     except Exception as error:
         raise UnstageableError(
             f"cannot rebuild a ShardedTensor around staged shards: {error}", path
@@ -101,10 +89,9 @@ def stage_sparse(x: torch.Tensor, path: Path, stage_inner: StageInner) -> torch.
     """A sparse tensor (COO, CSR, CSC, BSR, BSC): stage its index and value tensors."""
     layout = x.layout
     if layout is torch.sparse_coo:
-        # _indices()/_values(): indices()/values() refuse an uncoalesced tensor, and coalescing
-        # would copy and change what the staged twin must reproduce.
-        indices = stage_inner(x._indices(), (*path, Attr("indices")))
-        values = stage_inner(x._values(), (*path, Attr("values")))
+        indices, values = sparse_coo_parts(x)  # as they are, coalesced or not
+        indices = stage_inner(indices, (*path, Attr("indices")))
+        values = stage_inner(values, (*path, Attr("values")))
         return torch.sparse_coo_tensor(indices, values, x.size(), is_coalesced=x.is_coalesced())
     if layout in (torch.sparse_csr, torch.sparse_bsr):
         return torch.sparse_compressed_tensor(

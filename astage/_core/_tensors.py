@@ -21,6 +21,7 @@ import torch
 
 from .._errors import UnstageableError
 from .._paths import Attr, Path
+from .._torch import make_subclass, neg_view
 from . import _kinds
 from ._cache import BufferCache, HostBuffer
 from ._plan import Leaf, Plan
@@ -243,11 +244,11 @@ class TensorStager:
         if x.is_conj():
             y = y.conj()
         if x.is_neg():
-            y = y._neg_view()
+            y = neg_view(y)
         if cls is _Parameter:
             y = _Parameter(y, requires_grad=x.requires_grad)
         elif cls is not _Tensor:
-            y = _Tensor._make_subclass(cls, y, x.requires_grad)
+            y = make_subclass(cls, y, x.requires_grad)
         self._remember(x, y)
         self._copy_attributes(x, y, path)
         return y
