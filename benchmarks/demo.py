@@ -1,109 +1,52 @@
-"""``python -m astage demo``: stage a training state after every step, next to DCP.
+"""``python -m benchmarks.demo`` (``make demo``): stage a training state after each step, vs DCP.
 
 A small GPT (token and position embeddings, transformer blocks, LayerNorm, an lm_head tied to
-the token embedding) trains for a few steps with AdamW on random batches. After each step the
-event loop stages ``{'model': ..., 'optim': ..., 'step': n}`` with :class:`astage.Stager`,
-counting bytes as they land (``stage_iter``) while a heartbeat task measures how late the loop
-gets. The last snapshot is then staged by DCP's ``DefaultStager`` the way an asyncio program
-would use it (its future awaited with ``asyncio.wrap_future``), and a table compares the two.
+the token embedding) trains for a few steps with AdamW on random batches, in a worker thread so
+the event loop stays live. After each step the loop stages ``{'model': ..., 'optim': ...,
+'step': n}`` with :class:`astage.Stager`, counting bytes as they land (``stage_iter``) while
+:class:`~benchmarks.lag.LagProbe` measures how late the loop gets. The last snapshot is then
+staged by DCP's ``DefaultStager`` the way an async program would use it (its future awaited on
+the loop), and a table compares the two. ``--backend`` picks the loop: asyncio, uvloop or trio.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import math
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TextIO
 
+import anyio
 import torch
-import torch.nn.functional as F
-from torch import nn
+from torch.distributed.checkpoint.staging import DefaultStager
 
 from astage import Path, Stager, StagingOptions, format_path
 
+from .contenders import dcp_default_options
+from .futures import wait_future
+from .gpt import Setup, Trainer
 from .lag import LagProbe, LagSummary
-
-# --- the model -------------------------------------------------------------------------------
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block: causal self-attention, then a 4x MLP."""
-
-    def __init__(self, width: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.ln_1 = nn.LayerNorm(width)
-        self.attn_qkv = nn.Linear(width, 3 * width)
-        self.attn_proj = nn.Linear(width, width)
-        self.ln_2 = nn.LayerNorm(width)
-        self.mlp_fc = nn.Linear(width, 4 * width)
-        self.mlp_proj = nn.Linear(4 * width, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, tokens, width = x.shape
-        qkv: torch.Tensor = self.attn_qkv(self.ln_1(x))
-        q, k, v = (
-            part.view(batch, tokens, self.heads, width // self.heads).transpose(1, 2)
-            for part in qkv.split(width, dim=2)
-        )
-        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.attn_proj(attended.transpose(1, 2).reshape(batch, tokens, width))
-        hidden: torch.Tensor = F.gelu(self.mlp_fc(self.ln_2(x)))
-        out: torch.Tensor = x + self.mlp_proj(hidden)
-        return out
-
-
-class GPT(nn.Module):
-    def __init__(self, vocab: int, width: int, layers: int, heads: int, context: int) -> None:
-        super().__init__()
-        self.tok_emb = nn.Embedding(vocab, width)
-        self.pos_emb = nn.Embedding(context, width)
-        self.blocks = nn.ModuleList(Block(width, heads) for _ in range(layers))
-        self.ln_f = nn.LayerNorm(width)
-        self.lm_head = nn.Linear(width, vocab, bias=False)
-        self.lm_head.weight = self.tok_emb.weight  # tied: one storage behind two state-dict keys
-        self.apply(_init_weights)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
-        x: torch.Tensor = self.tok_emb(tokens) + self.pos_emb(positions)
-        for block in self.blocks:
-            x = block(x)
-        logits: torch.Tensor = self.lm_head(self.ln_f(x))
-        return logits
-
-
-def _init_weights(module: nn.Module) -> None:
-    # GPT-2's initialisation: with PyTorch's N(0, 1) embeddings the tied lm_head starts with
-    # huge logits and a loss in the hundreds instead of about ln(vocab).
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(module.weight, mean=0.0, std=0.02)
-    if isinstance(module, nn.Linear) and module.bias is not None:
-        nn.init.zeros_(module.bias)
-
+from .runner import BACKENDS, anyio_backend
+from .state_dicts import describe, tensor_leaves
 
 # --- options ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class DemoOptions:
-    layers: int
-    width: int
-    heads: int
-    vocab: int
-    context: int
-    batch: int
+    """The command line, checked."""
+
+    setup: Setup
     steps: int
-    device: str
     dcp: bool
-    seed: int
+    backend: str
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The demo's options, on ``parser``."""
     parser.add_argument("--layers", type=int, default=6, help="transformer blocks (default 6)")
     parser.add_argument("--width", type=int, default=768, help="model width (default 768)")
     parser.add_argument(
@@ -122,9 +65,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-dcp", dest="dcp", action="store_false", help="skip the DCP comparison"
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument(
+        "--backend", choices=BACKENDS, default="asyncio", help="the event loop (default asyncio)"
+    )
 
 
 def options_from(args: argparse.Namespace) -> DemoOptions:
+    """Checked options from parsed arguments (``SystemExit`` with the reason otherwise)."""
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -133,48 +80,26 @@ def options_from(args: argparse.Namespace) -> DemoOptions:
     heads = args.heads if args.heads is not None else max(1, args.width // 64)
     if heads < 1 or args.width % heads:
         raise SystemExit(f"--width {args.width} is not a multiple of --heads {heads}")
-    return DemoOptions(
+    setup = Setup(
         layers=args.layers,
         width=args.width,
         heads=heads,
         vocab=args.vocab,
         context=args.context,
         batch=args.batch,
-        steps=args.steps,
         device=device,
-        dcp=args.dcp,
         seed=args.seed,
     )
+    return DemoOptions(setup=setup, steps=args.steps, dcp=args.dcp, backend=args.backend)
 
 
 # --- walking a snapshot ----------------------------------------------------------------------
 
 
-def tensor_paths(obj: Any, path: Path = ()) -> Iterator[tuple[Path, torch.Tensor]]:
-    """``(path, tensor)`` for every tensor in nested dicts, lists and tuples."""
-    if isinstance(obj, torch.Tensor):
-        yield path, obj
-    elif isinstance(obj, dict):
-        for key, value in obj.items():
-            yield from tensor_paths(value, (*path, key))
-    elif isinstance(obj, (list, tuple)):
-        for index, value in enumerate(obj):
-            yield from tensor_paths(value, (*path, index))
-
-
 def storage_key(tensor: torch.Tensor) -> int:
+    """One number per storage: tensors that share a storage share it."""
     storage = tensor.untyped_storage()
     return storage.data_ptr() or id(storage)
-
-
-def snapshot_size(snapshot: Any) -> tuple[int, int]:
-    """Tensors in the snapshot, and bytes of their distinct storages (what staging copies)."""
-    storages: dict[int, int] = {}
-    tensors = 0
-    for _, tensor in tensor_paths(snapshot):
-        tensors += 1
-        storages[storage_key(tensor)] = tensor.untyped_storage().nbytes()
-    return tensors, sum(storages.values())
 
 
 # --- progress --------------------------------------------------------------------------------
@@ -263,52 +188,16 @@ def mb(nbytes: int) -> str:
 # --- the run ---------------------------------------------------------------------------------
 
 
-class Trainer:
-    """The model, its AdamW optimizer and random batches; one call of :meth:`step` trains."""
-
-    def __init__(self, options: DemoOptions) -> None:
-        torch.manual_seed(options.seed)
-        self.options = options
-        self.device = torch.device(options.device)
-        self.model = GPT(
-            options.vocab, options.width, options.layers, options.heads, options.context
-        ).to(self.device)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=3e-4, weight_decay=0.1)
-        self.steps_done = 0
-
-    def step(self) -> float:
-        options = self.options
-        tokens = torch.randint(
-            options.vocab, (options.batch, options.context + 1), device=self.device
-        )
-        logits = self.model(tokens[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, options.vocab), tokens[:, 1:].reshape(-1))
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.steps_done += 1
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # the step's time, not its launch time
-        return float(loss.detach())
-
-    def snapshot(self) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(),
-            "optim": self.optimizer.state_dict(),
-            "step": self.steps_done,
-        }
-
-
 async def stage_with_progress(
     stager: Stager, snapshot: Any, label: str, probe: LagProbe, out: TextIO
 ) -> tuple[dict[Path, torch.Tensor], LagSummary]:
     """Stage through ``stage_iter``, drawing progress; the staged tensors by path, and the lag."""
-    _, total = snapshot_size(snapshot)
+    total = describe(snapshot).nbytes
     progress = Progress(label, total, out)
     staged: dict[Path, torch.Tensor] = {}
     seen: set[int] = set()
-    async with probe.window() as window:
-        async for path, tensor in stager.stage_iter(snapshot):
+    async with probe.window() as window, stager.stage_iter(snapshot) as landed:
+        async for path, tensor in landed:
             staged[path] = tensor
             key = storage_key(tensor)
             if key not in seen:  # a storage shared by several tensors lands once
@@ -340,7 +229,7 @@ def check_snapshot(snapshot: Any, staged: dict[Path, torch.Tensor], out: TextIO)
         f"check: {format_path(tied[0])} and {format_path(tied[1])} share one staged CPU "
         f"storage, separate from the live one: {'OK' if aliased else 'FAILED'}\n"
     )
-    sources = dict(tensor_paths(snapshot))
+    sources = dict(tensor_leaves(snapshot))
     mismatched = [
         format_path(path)
         for path, source in sources.items()
@@ -353,23 +242,10 @@ def check_snapshot(snapshot: Any, staged: dict[Path, torch.Tensor], out: TextIO)
     return aliased and not mismatched
 
 
-def dcp_stager_options(cuda: bool) -> Any:
-    from torch.distributed.checkpoint import staging as dcp_staging
-
-    return dcp_staging.StagingOptions(
-        use_pinned_memory=cuda,
-        use_shared_memory=False,
-        use_async_staging=True,
-        use_non_blocking_copy=cuda,
-    )
-
-
 async def dcp_rows(snapshot: Any, probe: LagProbe, cuda: bool) -> list[Row]:
     """DCP's DefaultStager on the same snapshot: a first call, then a cached one."""
-    from torch.distributed.checkpoint.staging import DefaultStager
-
-    tensors, nbytes = snapshot_size(snapshot)
-    stager = DefaultStager(dcp_stager_options(cuda))
+    shape = describe(snapshot)
+    stager = DefaultStager(dcp_default_options(cuda))
     rows = []
     try:
         for label in ("DCP DefaultStager first", "DCP DefaultStager cached"):
@@ -377,21 +253,26 @@ async def dcp_rows(snapshot: Any, probe: LagProbe, cuda: bool) -> list[Row]:
                 started = time.perf_counter()
                 future = stager.stage(snapshot)
                 assert not isinstance(future, dict)
-                await asyncio.wrap_future(future)
+                await wait_future(future)
                 seconds = time.perf_counter() - started
-            rows.append(Row(label, nbytes, tensors, seconds, "n/a", "n/a", window.summary()))
+            rows.append(
+                Row(label, shape.nbytes, shape.tensors, seconds, "n/a", "n/a", window.summary())
+            )
     finally:
         stager.close()
     return rows
 
 
 async def run_demo(options: DemoOptions, out: TextIO) -> int:
+    """Train, stage after every step, compare with DCP; 0 when the staged copy checked out."""
     started = time.perf_counter()
+    setup = options.setup
     out.write(
-        f"astage demo: GPT with {options.layers} layers, width {options.width}, vocab "
-        f"{options.vocab} on {options.device}; AdamW; {options.steps} steps\n"
+        f"astage demo: GPT with {setup.layers} layers, width {setup.width}, vocab "
+        f"{setup.vocab} on {setup.device}; AdamW; {options.steps} steps; "
+        f"{options.backend} loop\n"
     )
-    trainer = Trainer(options)
+    trainer = Trainer(setup)
     params = sum(p.numel() for p in trainer.model.parameters())
     out.write(f"model: {params / 1e6:.1f} M parameters ({mb(params * 4)} of weights)\n")
     cuda = trainer.device.type == "cuda"
@@ -403,7 +284,7 @@ async def run_demo(options: DemoOptions, out: TextIO) -> int:
         for step in range(1, options.steps + 1):
             # Training runs in a worker thread so the loop, and its heartbeat, stay live.
             step_started = time.perf_counter()
-            loss = await asyncio.to_thread(trainer.step)
+            loss = await anyio.to_thread.run_sync(trainer.step)
             step_ms = (time.perf_counter() - step_started) * 1e3
             out.write(f"step {step}: loss {loss:.3f} ({step_ms:.0f} ms)\n")
             snapshot = trainer.snapshot()
@@ -452,12 +333,8 @@ def _print_comparison(rows: list[Row], out: TextIO) -> None:
     )
 
 
-def main(args: argparse.Namespace) -> int:
-    options = options_from(args)
-    return asyncio.run(run_demo(options, sys.stdout))
-
-
-def cli(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.demo``: parse the options, run the demo; the exit status."""
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.demo",
         description="Train a GPT-style model for a few steps on an event loop and stage "
@@ -465,8 +342,12 @@ def cli(argv: list[str] | None = None) -> int:
         "loop lag; then compare with DCP's DefaultStager on the same snapshot.",
     )
     add_arguments(parser)
-    return main(parser.parse_args(argv))
+    options = options_from(parser.parse_args(argv))
+    backend, backend_options = anyio_backend(options.backend)
+    return anyio.run(
+        partial(run_demo, options, sys.stdout), backend=backend, backend_options=backend_options
+    )
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(main())

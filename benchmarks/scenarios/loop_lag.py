@@ -217,9 +217,10 @@ def lag(config: Config, data: Data, runner: LoopRunner) -> ScenarioResult:
     result = ScenarioResult(
         "lag",
         "Event-loop lag while staging (heartbeat every 1 ms)",
-        "A task sleeps 1 ms in a loop and records how late it wakes up while the loop awaits "
-        "`astage.Stager.stage()` or DCP's `DefaultStager.stage()` future (through "
-        "`asyncio.wrap_future`; `DefaultStager(StagingOptions(use_pinned_memory=False, "
+        f"A task sleeps 1 ms in a loop ({runner.backend}) and records how late it wakes up "
+        "while the loop awaits `astage.Stager.stage()` or DCP's `DefaultStager.stage()` future "
+        "(its done-callback wakes the loop, as `asyncio.wrap_future` does; "
+        "`DefaultStager(StagingOptions(use_pinned_memory=False, "
         "use_shared_memory=False, use_async_staging=True, use_non_blocking_copy=False))`). "
         "Lateness samples are pooled over the repeats; p99 and max are over the pool. "
         "Throughput: astage's cached calls with the heartbeat vs the same calls without it. "

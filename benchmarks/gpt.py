@@ -1,0 +1,125 @@
+"""The demo's workload: a small GPT trained with AdamW on random batches.
+
+Token and position embeddings, pre-norm transformer blocks, a final LayerNorm and an lm_head tied
+to the token embedding (one storage behind two state-dict keys), initialised as GPT-2 is. Its
+state after a step, ``{'model': ..., 'optim': ..., 'step': n}``, is what the demo stages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["GPT", "Setup", "Trainer"]
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The model's sizes and the training loop's batches."""
+
+    layers: int
+    width: int
+    heads: int
+    vocab: int
+    context: int
+    batch: int
+    device: str
+    seed: int
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: causal self-attention, then a 4x MLP."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn_qkv = nn.Linear(width, 3 * width)
+        self.attn_proj = nn.Linear(width, width)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp_fc = nn.Linear(width, 4 * width)
+        self.mlp_proj = nn.Linear(4 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, width = x.shape
+        qkv: torch.Tensor = self.attn_qkv(self.ln_1(x))
+        q, k, v = (
+            part.view(batch, tokens, self.heads, width // self.heads).transpose(1, 2)
+            for part in qkv.split(width, dim=2)
+        )
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.attn_proj(attended.transpose(1, 2).reshape(batch, tokens, width))
+        hidden: torch.Tensor = F.gelu(self.mlp_fc(self.ln_2(x)))
+        out: torch.Tensor = x + self.mlp_proj(hidden)
+        return out
+
+
+class GPT(nn.Module):
+    """A GPT-2-shaped language model."""
+
+    def __init__(self, vocab: int, width: int, layers: int, heads: int, context: int) -> None:
+        super().__init__()
+        self.tok_emb = nn.Embedding(vocab, width)
+        self.pos_emb = nn.Embedding(context, width)
+        self.blocks = nn.ModuleList(Block(width, heads) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(width)
+        self.lm_head = nn.Linear(width, vocab, bias=False)
+        self.lm_head.weight = self.tok_emb.weight  # tied: one storage behind two state-dict keys
+        self.apply(_init_weights)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        x: torch.Tensor = self.tok_emb(tokens) + self.pos_emb(positions)
+        for block in self.blocks:
+            x = block(x)
+        logits: torch.Tensor = self.lm_head(self.ln_f(x))
+        return logits
+
+
+def _init_weights(module: nn.Module) -> None:
+    # GPT-2's initialisation: with PyTorch's N(0, 1) embeddings the tied lm_head starts with
+    # huge logits and a loss in the hundreds instead of about ln(vocab).
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+class Trainer:
+    """The model, its AdamW optimizer and random batches; one call of :meth:`step` trains."""
+
+    def __init__(self, setup: Setup) -> None:
+        torch.manual_seed(setup.seed)
+        self.setup = setup
+        self.device = torch.device(setup.device)
+        self.model = GPT(setup.vocab, setup.width, setup.layers, setup.heads, setup.context).to(
+            self.device
+        )
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=3e-4, weight_decay=0.1)
+        self.steps_done = 0
+
+    def step(self) -> float:
+        """One training step on a random batch; its loss."""
+        setup = self.setup
+        tokens = torch.randint(setup.vocab, (setup.batch, setup.context + 1), device=self.device)
+        logits = self.model(tokens[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, setup.vocab), tokens[:, 1:].reshape(-1))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.steps_done += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the step's time, not its launch time
+        return float(loss.detach())
+
+    def snapshot(self) -> dict[str, Any]:
+        """What a training loop checkpoints: the model, the optimizer and the step."""
+        return {
+            "model": self.model.state_dict(),
+            "optim": self.optimizer.state_dict(),
+            "step": self.steps_done,
+        }
