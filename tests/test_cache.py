@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import gc
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -145,6 +146,40 @@ def test_eviction_racing_with_allocate_keeps_the_new_entry() -> None:
     cache._remove(stale)
     assert cache.get(source) is new
     assert cache.info().storages == 2 - 1  # stale's own entry is still under its real id
+
+
+def test_evictions_in_another_thread_race_with_the_callers_thread() -> None:
+    # The cache has no lock: a training thread that drops source tensors runs the evictions
+    # while the staging thread allocates, looks up and reads the cache's figures.
+    cache = _cache()
+    dropped: queue.SimpleQueue[torch.UntypedStorage | None] = queue.SimpleQueue()
+
+    def training_thread() -> None:
+        while (source := dropped.get()) is not None:
+            del source  # the eviction runs here, in this thread
+
+    thread = threading.Thread(target=training_thread)
+    thread.start()
+    kept: list[torch.UntypedStorage] = []
+    try:
+        deadline = time.perf_counter() + 0.5
+        while time.perf_counter() < deadline:
+            for _ in range(20):
+                source = torch.empty(4).untyped_storage()
+                cache.allocate(source)
+                if len(kept) < 50:
+                    kept.append(source)
+                else:
+                    dropped.put(source)
+                del source
+            cache.info()
+            cache.in_use()
+            assert all(cache.get(source) is not None for source in kept)
+    finally:
+        dropped.put(None)
+        thread.join()
+    collect()
+    assert cache.info().storages == len(kept)
 
 
 # -- pinning (the device layer) with a fake CUDA runtime ----------------------------------------
