@@ -41,13 +41,14 @@ def test_worker_threads_live_across_calls(backend: str) -> None:
     task ends, so every timed call of an anyio-based stager paid for new threads.
     """
 
-    async def worker_ident() -> int:
-        return await anyio.to_thread.run_sync(threading.get_ident)
+    async def worker() -> threading.Thread:
+        return await anyio.to_thread.run_sync(threading.current_thread)
 
     with LoopRunner(backend) as runner:
-        first = runner.run(worker_ident())
+        first = runner.run(worker())  # (a thread's ident may be reused; its object is not)
         time.sleep(0.01)
-        assert runner.run(worker_ident()) == first
+        assert runner.run(worker()) is first
+        assert first.is_alive()
 
 
 def test_runner_rejects_an_unknown_backend() -> None:
@@ -65,17 +66,18 @@ def _resolve_later(pool: ThreadPoolExecutor, seconds: float, value: str) -> Futu
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_wait_future_keeps_the_loop_live(backend: str) -> None:
-    async def wait() -> tuple[str, int, float]:
+    async def wait() -> tuple[str, int]:
         with ThreadPoolExecutor(1) as pool:
             async with LagProbe() as probe, probe.window() as window:
-                value = await wait_future(_resolve_later(pool, 0.05, "done"))
-        return value, len(window.lateness_s), window.summary().max_ms
+                value = await wait_future(_resolve_later(pool, 0.1, "done"))
+        return value, len(window.lateness_s)
 
     name, options = anyio_backend(backend)
-    value, beats, max_ms = anyio.run(wait, backend=name, backend_options=options)
+    value, beats = anyio.run(wait, backend=name, backend_options=options)
     assert value == "done"
-    assert beats >= 10  # the loop kept beating while the future was pending
-    assert max_ms < 40  # nothing held the loop for the 50 ms the future took
+    # The loop kept beating while the future was pending: a wait that held the loop for the
+    # future's 100 ms would leave one late beat.
+    assert beats >= 5
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
