@@ -29,6 +29,7 @@ INTRAOP_THREADS = torch.get_num_threads()
 
 
 def restore_intraop_threads() -> None:
+    """Give torch's intra-op pool the thread count the process started with."""
     torch.set_num_threads(INTRAOP_THREADS)
 
 
@@ -56,6 +57,8 @@ class Contender:
 
 
 class AstageSync(Contender):
+    """astage's blocking face, ``SyncStager.stage``, called from the scenario's thread."""
+
     name = "astage SyncStager"
     family = "astage"
 
@@ -82,6 +85,8 @@ class AstageSync(Contender):
 
 
 class AstageAsync(Contender):
+    """astage's async face, ``await Stager.stage``, on the run's event loop."""
+
     name = "astage Stager (async)"
     family = "astage"
 

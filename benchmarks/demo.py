@@ -153,6 +153,8 @@ class Progress:
 
 @dataclass(frozen=True)
 class Row:
+    """One staging call in the final table: its size, time, cache reuse and loop lag."""
+
     label: str
     nbytes: int
     tensors: int
@@ -167,6 +169,7 @@ class Row:
 
 
 def render_table(rows: list[Row]) -> str:
+    """The final table, one line per staging call."""
     header = (
         f"{'':<26} {'bytes':>10} {'tensors':>8} {'time':>9} {'GB/s':>7} "
         f"{'reused':>7} {'new bytes':>10} {'lag p99':>9} {'lag max':>9}"
@@ -182,6 +185,7 @@ def render_table(rows: list[Row]) -> str:
 
 
 def mb(nbytes: int) -> str:
+    """Bytes as megabytes, for the table."""
     return f"{nbytes / 1e6:.1f} MB"
 
 

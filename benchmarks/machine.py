@@ -54,13 +54,14 @@ def _git_revision() -> str:
 
 
 def describe_machine(argv: list[str]) -> dict[str, Any]:
+    """The machine, the software and the command of this run, for the report's header."""
     gpu = None
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         gpu = f"{props.name} ({props.total_memory / (1 << 30):.0f} GiB)"
     mem = _mem_total_bytes()
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python -m benchmarks" + ("" if not argv else " " + shlex.join(argv)),
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),

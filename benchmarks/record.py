@@ -24,6 +24,8 @@ class Check:
 
 @dataclass
 class Table:
+    """A table of the report: a title, its columns, its rows of formatted cells."""
+
     title: str
     columns: list[str]
     rows: list[list[str]]
@@ -31,6 +33,8 @@ class Table:
 
 @dataclass
 class ScenarioResult:
+    """What one scenario measured, ready for the report and the JSON dump."""
+
     key: str
     title: str
     about: str
@@ -46,14 +50,17 @@ class ScenarioResult:
 
 
 def fmt_ratio(ratio: float | None) -> str:
+    """A ratio as ``1.23x`` (a dash where there is none)."""
     return "—" if ratio is None else f"{ratio:.2f}x"
 
 
 def fmt_s(seconds: float) -> str:
+    """Seconds as milliseconds below one second, as seconds above."""
     return f"{seconds * 1e3:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
 def fmt_bytes(nbytes: float) -> str:
+    """Bytes in binary units (GiB, MiB, KiB)."""
     for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if abs(nbytes) >= size:
             return f"{nbytes / size:.2f} {unit}"
@@ -61,4 +68,5 @@ def fmt_bytes(nbytes: float) -> str:
 
 
 def fmt_gbps(nbytes: int, seconds: float) -> str:
+    """Throughput in decimal GB/s (a dash for a zero time)."""
     return f"{nbytes / seconds / 1e9:.2f} GB/s" if seconds > 0 else "—"

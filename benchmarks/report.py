@@ -25,6 +25,7 @@ def _cell(text: str) -> str:
 
 
 def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A GitHub-flavoured markdown table (pipes in cells escaped)."""
     lines = [
         "| " + " | ".join(_cell(c) for c in columns) + " |",
         "|" + "|".join("---" for _ in columns) + "|",
@@ -34,10 +35,12 @@ def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str
 
 
 def verdict(met: bool | None) -> str:
+    """A check's verdict as the report writes it."""
     return "—" if met is None else ("met" if met else "**not met**")
 
 
 def check_rows(checks: Sequence[Check]) -> list[list[str]]:
+    """The report's rows for ``checks``."""
     return [
         [c.metric, c.astage, c.reference, fmt_ratio(c.ratio), c.goal, verdict(c.met)]
         for c in checks
@@ -56,6 +59,7 @@ def render_markdown(
     title: str = TITLE,
     see_also: str | None = None,
 ) -> str:
+    """The whole report page: header, summary of goals, one section per scenario, method."""
     out: list[str] = []
     out.append(f"# {title}\n")
     out.append(
@@ -181,6 +185,7 @@ def _clean(value: Any) -> Any:
 def write_json(
     path: str, machine: dict[str, Any], config: Any, results: Sequence[ScenarioResult]
 ) -> None:
+    """Every raw figure of the run, with the machine and the config, as JSON."""
     payload = {
         "machine": machine,
         "config": dataclasses.asdict(config),

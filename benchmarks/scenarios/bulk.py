@@ -11,6 +11,7 @@ from .first_and_cached import first_and_cached, speed_check, with_timings
 
 
 def bulk(config: Config, data: Data, runner: LoopRunner) -> ScenarioResult:
+    """Large float tensors: astage's two faces vs DCP's StateDictStager and a plain copy."""
     result = ScenarioResult(
         "bulk",
         f"{config.bulk_label}: first and cached call",

@@ -124,6 +124,7 @@ def _ratio_check(
 
 
 def dcp_saves(config: Config, data: Data, runner: LoopRunner) -> ScenarioResult:
+    """Three ``dcp.async_save`` in a row with DCP's stager, astage.compat's, and none."""
     cuda = torch.cuda.is_available()
     build: Callable[[], Any] = lambda: gpt2_with_adamw(  # noqa: E731
         config.dcp_layers, config.dcp_width, config.dcp_vocab

@@ -29,6 +29,8 @@ __all__ = [
 
 @dataclass
 class Timings:
+    """One contender's first and cached call times (and new bytes), over every repeat."""
+
     first: list[float]
     cached: list[float]
     first_new_nbytes: list[int | None]
@@ -122,6 +124,7 @@ def speed_check(metric: str, mine: Timings, theirs: Timings, phase: str, goal: f
 
 
 def timing_table(title: str, timings: dict[str, Timings], nbytes: int, tensors: int) -> Table:
+    """Every contender's medians: time, GB/s and microseconds per tensor, first and cached."""
     rows = []
     for name, t in timings.items():
         rows.append(

@@ -45,6 +45,7 @@ class RawPinnedCopy(Contender):
 
 
 def gpu(config: Config, data: Data, runner: LoopRunner) -> ScenarioResult:
+    """CUDA to host: astage vs DCP's DefaultStager vs one raw pinned copy; then loop lag."""
     result = ScenarioResult(
         "gpu",
         f"GPU: device-to-host staging of {fmt_bytes(config.gpu_bytes)} on CUDA",

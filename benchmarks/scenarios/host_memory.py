@@ -56,6 +56,7 @@ RSS_GROWTH_TOLERANCE = 4 * MiB  # allocator noise; a leaked buffer would be orde
 
 
 def host_memory(config: Config, data: Data, runner: LoopRunner) -> ScenarioResult:
+    """Peak RSS of a first call over the staged bytes; no new bytes and flat RSS after."""
     result = ScenarioResult(
         "memory",
         "Peak host memory",

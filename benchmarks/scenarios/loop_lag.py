@@ -34,6 +34,8 @@ LAG_MAX_GOAL_MS = 10.0
 
 @dataclass
 class LagRuns:
+    """One contender's calls under the heartbeat, pooled over repeats: times, lateness, GCs."""
+
     first_s: list[float]
     cached_s: list[float]
     first_lag_s: list[float]
@@ -110,6 +112,7 @@ async def _idle_lag(seconds: float) -> LagSummary:
 def lag_runs(
     state_dict: Any, config: Config, runner: LoopRunner, cuda: bool = False
 ) -> dict[str, LagRuns]:
+    """astage's Stager and DCP's DefaultStager under the heartbeat, in turns, every repeat."""
     dcp = DcpDefaultStager(runner, cuda=cuda)
     names = ["astage Stager (async)", dcp.name]
     runs = {name: LagRuns([], [], [], [], []) for name in names}
@@ -126,6 +129,7 @@ def lag_runs(
 
 
 def lag_checks(label: str, runs: dict[str, LagRuns], nbytes: int) -> tuple[list[Check], Table]:
+    """The lag goals (p99, max, throughput with the heartbeat) and the table of both."""
     mine, theirs = runs["astage Stager (async)"], runs["DCP DefaultStager (thread)"]
     checks: list[Check] = []
     rows = []
@@ -214,6 +218,7 @@ def gc_notes(label: str, runs: dict[str, LagRuns]) -> list[str]:
 
 
 def lag(config: Config, data: Data, runner: LoopRunner) -> ScenarioResult:
+    """Loop lag while staging the bulk dict and the small-tensor dict; the idle floor first."""
     result = ScenarioResult(
         "lag",
         "Event-loop lag while staging (heartbeat every 1 ms)",

@@ -11,6 +11,7 @@ from .first_and_cached import first_and_cached, speed_check, with_timings
 
 
 def model(config: Config, data: Data, runner: LoopRunner) -> ScenarioResult:
+    """A GPT-2-like model with AdamW: astage's two faces vs DCP's StateDictStager."""
     state_dict = data.gpt()
     shape = describe(state_dict)
     result = ScenarioResult(

@@ -11,6 +11,7 @@ from .first_and_cached import first_and_cached, paired_ratio, speed_check, with_
 
 
 def small(config: Config, data: Data, runner: LoopRunner) -> ScenarioResult:
+    """Tens of thousands of tiny tensors: per-tensor cost of astage vs DCP, and a foreach copy."""
     state_dict = data.small()
     shape = describe(state_dict)
     result = ScenarioResult(

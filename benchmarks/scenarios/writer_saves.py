@@ -73,6 +73,7 @@ async def write_staged(staged: Any, path: str, writeback: bool = True) -> None:
 
 
 def torch_save_durable(staged: Any, path: str) -> None:
+    """``torch.save`` to a temporary name, fsync, rename, fsync the folder."""
     folder, name = os.path.split(path)
     temp = os.path.join(folder, f".{name}.tmp")
     with open(temp, "wb") as out:
@@ -84,6 +85,7 @@ def torch_save_durable(staged: Any, path: str) -> None:
 
 
 def dcp_save_durable(state_dict: Any, path: str, stager: Any) -> None:
+    """``dcp.async_save`` until its upload completed, then fsync the folders DCP leaves."""
     writer = FileSystemWriter(path, sync_files=True)
     response = async_save(state_dict, storage_writer=writer, async_stager=stager, no_dist=True)
     if isinstance(response, AsyncSaveResponse):
@@ -286,6 +288,7 @@ def _table(label: str, times: dict[str, list[float]], nbytes: int, repeats: int)
 
 
 def writer_saves(config: Config, data: Data, runner: LoopRunner) -> ScenarioResult:
+    """Time to a durable checkpoint: astage.save vs its parts, dcp.async_save, torch.save."""
     gpt = gpt2_with_adamw(config.dcp_layers, config.dcp_width, config.dcp_vocab)
     gpt_shape = describe(gpt)
     gpt_label = f"GPT-2-like + AdamW ({fmt_bytes(gpt_shape.nbytes)})"
