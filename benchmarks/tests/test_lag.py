@@ -9,7 +9,8 @@ from typing import TypeVar
 import anyio
 import pytest
 
-from benchmarks.lag import LagProbe, LagSummary, measure_cost, percentile
+from benchmarks.lag import LagProbe, LagSummary, percentile
+from benchmarks.lag_cost import measure_cost
 from benchmarks.runner import BACKENDS, anyio_backend
 
 T = TypeVar("T")
