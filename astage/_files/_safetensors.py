@@ -45,6 +45,7 @@ from .._errors import (
     UnsavableError,
 )
 from .._paths import Path, format_path
+from .._torch import neg_view, storage_key
 from ._skeleton import TORCH_DTYPES, SkeletonDecoder, SkeletonEncoder
 
 FORMAT_VERSION = 1
@@ -183,7 +184,7 @@ class _LayoutBuilder(SkeletonEncoder):
             raise UnsavableError("a meta tensor has no data to save", path)
         self.tensors += 1
         storage = x.untyped_storage()
-        key = storage._cdata
+        key = storage_key(storage)
         spans = (
             x.dtype in _DTYPE_NAMES
             and x.storage_offset() == 0
@@ -406,5 +407,5 @@ class _Decoder(SkeletonDecoder):
         if node.get("conj"):
             view = view.conj()
         if node.get("neg"):
-            view = view._neg_view()
+            view = neg_view(view)
         return view

@@ -31,6 +31,7 @@ import anyio.abc
 from .._drivers._async import Stager
 from .._drivers._holds import BufferHold
 from .._errors import CheckpointWriteError, InvalidOptionsError, UsageError
+from .._torch import storage_key
 from ._writer import DEFAULT_THREADS, CheckpointWriter, SafetensorsWriter
 
 Target = str | os.PathLike[str] | CheckpointWriter
@@ -247,7 +248,7 @@ async def run_save(
                         first_write = time.perf_counter()
                     tensors += 1
                     storage = tensor.untyped_storage()
-                    storages[storage._cdata] = storage.nbytes()
+                    storages[storage_key(storage)] = storage.nbytes()
                     await writer.write(path, tensor)
             staged = time.perf_counter()
             if on_staged is not None:

@@ -22,6 +22,7 @@ import torch
 from .._errors import ReplicationError
 from .._files._writer import SafetensorsWriter
 from .._paths import Path, format_path
+from .._torch import dtensor_local, dtensor_spec
 from ._transport import Landed, Progress, ReplicaReady
 from ._wire import mesh_key, placement_to_json
 
@@ -106,14 +107,14 @@ def _plain(
     from torch.distributed.tensor import DTensor
 
     if isinstance(x, DTensor):
-        spec = x._spec
+        spec = dtensor_spec(x)
         dtensors[format_path(path)] = {
             "placements": [placement_to_json(p, path) for p in spec.placements],
             "shape": list(x.shape),
             "stride": list(x.stride()),
             "mesh": list(mesh_key(spec.mesh)),
         }
-        local = x._local_tensor
+        local = dtensor_local(x)
         tensors.append((path, local))
         return local
     if isinstance(x, torch.Tensor):

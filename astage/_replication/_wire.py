@@ -33,6 +33,14 @@ import torch
 from .._errors import AstageError, ReplicationError
 from .._files._skeleton import TORCH_DTYPES, SkeletonDecoder, SkeletonEncoder
 from .._paths import Attr, Path
+from .._torch import (
+    device_mesh_without_backend,
+    dtensor_local,
+    dtensor_spec,
+    make_dtensor,
+    neg_view,
+    storage_key,
+)
 
 __all__ = [
     "BUCKET_BYTES",
@@ -110,14 +118,9 @@ def _resolve_meshes(described: list[list[Any]], own: list[Any]) -> list[Any]:
     for item in described:
         mesh = ours.get(json.dumps(item))
         if mesh is None:
-            from torch.distributed.device_mesh import DeviceMesh
-
             device_type, grid, names = item
-            mesh = DeviceMesh(
-                device_type,
-                torch.tensor(grid),
-                mesh_dim_names=tuple(names) if names else None,
-                _init_backend=False,
+            mesh = device_mesh_without_backend(
+                device_type, torch.tensor(grid), tuple(names) if names else None
             )
         meshes.append(mesh)
     return meshes
@@ -163,9 +166,10 @@ class _Encoder(SkeletonEncoder):
         if x.layout is not torch.strided or x.is_quantized or x.is_nested or x.is_meta:
             raise ReplicationError(f"cannot replicate a {x.layout} tensor; only strided ones", path)
         storage = x.untyped_storage()
-        index = self._storage_index.get(storage._cdata)
+        key = storage_key(storage)
+        index = self._storage_index.get(key)
         if index is None:
-            index = self._storage_index[storage._cdata] = len(self.storages)
+            index = self._storage_index[key] = len(self.storages)
             flat = torch.empty((0,), dtype=torch.uint8, device=x.device).set_(storage)
             self.storages.append(flat)
         node: dict[str, Any] = {
@@ -184,7 +188,7 @@ class _Encoder(SkeletonEncoder):
         return node
 
     def _dtensor(self, x: Any, path: Path) -> dict[str, Any]:
-        spec = x._spec
+        spec = dtensor_spec(x)
         key = json.dumps(mesh_key(spec.mesh))
         index = self._mesh_index.get(key)
         if index is None:
@@ -192,7 +196,7 @@ class _Encoder(SkeletonEncoder):
             self.meshes.append(spec.mesh)
         return {
             "dtensor": {
-                "local": self.encode_tensor(x._local_tensor, (*path, Attr("_local_tensor"))),
+                "local": self.encode_tensor(dtensor_local(x), (*path, Attr("_local_tensor"))),
                 "mesh": index,
                 "placements": [placement_to_json(p, path) for p in spec.placements],
                 "shape": list(x.shape),
@@ -270,24 +274,23 @@ class _Decoder(SkeletonDecoder):
         if node.get("conj"):
             view = view.conj()
         if node.get("neg"):
-            view = view._neg_view()
+            view = neg_view(view)
         if "param" in node:
             return torch.nn.Parameter(view, requires_grad=node["param"])
         return view
 
     def _dtensor(self, node: dict[str, Any]) -> torch.Tensor:
-        from torch.distributed.tensor import DTensor
-        from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
-
         local = self._tensor(node["local"])
         if isinstance(local, torch.nn.Parameter):
             local = local.data
-        spec = DTensorSpec(
+        return make_dtensor(
+            local,
             self._meshes[node["mesh"]],
-            tuple(_placement_from_json(p) for p in node["placements"]),
-            tensor_meta=TensorMeta(torch.Size(node["shape"]), tuple(node["stride"]), local.dtype),
+            [_placement_from_json(p) for p in node["placements"]],
+            node["shape"],
+            node["stride"],
+            requires_grad=node["requires_grad"],
         )
-        return DTensor(local, spec, requires_grad=node["requires_grad"])  # type: ignore[call-arg]
 
 
 def decode(
