@@ -141,11 +141,12 @@ class TensorStager:
     def _restage(self, x: torch.Tensor) -> torch.Tensor | None:
         """A plain tensor whose buffer already has its staged view: reuse that view.
 
-        Same storage, dtype, shape, strides and byte count, at offset 0, imply the same
-        tensor; the buffer keeps the view's dtype and shape, so only the strides need the
-        view itself. The stride comparison (rather than ``is_contiguous()``) is what keeps the
-        strides of size-1 and size-0 dimensions, which ``is_contiguous()`` ignores. Anything
-        else returns None and takes :meth:`_stage`.
+        A contiguous tensor that spans its storage like the one staged into this buffer last
+        time (same dtype, shape and byte count, offset 0) has the same strides too: buffers
+        get a view only for shapes without a dimension of size 0 or 1 (see :meth:`_stage`),
+        and for those ``is_contiguous()`` pins every stride down. The buffer keeps the view's
+        dtype and shape, so this never touches the view's own metadata. Anything else returns
+        None and takes :meth:`_stage`.
         """
         try:
             storage = x.untyped_storage()
@@ -162,7 +163,7 @@ class TensorStager:
             or buffer.view_shape != x.shape
             or buffer.nbytes != storage.nbytes()
             or x.storage_offset() != 0
-            or x.stride() != view.stride()
+            or not x.is_contiguous()
             or x.is_conj()
             or x.is_neg()
             or x.__dict__
@@ -213,6 +214,10 @@ class TensorStager:
             and not x.is_neg()
             and x.stride() == _dense_strides(x.shape)
         )
+        # A size-0 or size-1 dimension may have any stride in a contiguous tensor, so a buffer
+        # whose view had one could not tell, by is_contiguous(), another tensor of that shape
+        # with other strides: such buffers get no view and always take this path.
+        reusable = spans_storage and _strides_follow_from_shape(x.shape)
         buffer = self._storages.get(id(storage))
         if buffer is not None:  # a storage already met in this call: an alias
             index = self._copy_index[id(storage)]
@@ -220,7 +225,7 @@ class TensorStager:
         else:
             buffer = self._cache.lookup(storage, path)
             if buffer is None:
-                buffer = self._cache.allocate(storage, like=x if spans_storage else None)
+                buffer = self._cache.allocate(storage, like=x if reusable else None)
                 self._plan.new_buffers += 1
                 self._plan.new_nbytes += buffer.nbytes
             view = buffer.view
@@ -280,6 +285,11 @@ def _view_on(buffer: HostBuffer, x: torch.Tensor) -> torch.Tensor:
     return torch.empty((0,), dtype=x.dtype).set_(
         buffer.storage, x.storage_offset(), x.size(), x.stride()
     )
+
+
+def _strides_follow_from_shape(shape: torch.Size) -> bool:
+    """Whether ``is_contiguous()`` leaves a tensor of ``shape`` only ``torch.empty``'s strides."""
+    return all(size > 1 for size in shape)
 
 
 def _dense_strides(shape: torch.Size) -> tuple[int, ...]:
