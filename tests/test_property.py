@@ -42,7 +42,7 @@ from hypothesis import strategies as st
 
 from astage import compat
 
-EXAMPLES = int(os.environ.get("ASTAGE_PROPERTY_EXAMPLES", "40"))
+EXAMPLES = int(os.environ.get("ASTAGE_PROPERTY_EXAMPLES", "200"))
 
 # -- the faces ----------------------------------------------------------------------------------
 
