@@ -48,7 +48,8 @@ class StagingOptions:
     """Most bytes of device copies enqueued and not yet known to be complete."""
 
     copy_threads: int = 0
-    """Worker threads for host copies in the async stager; 0 means one per core but one (1 to 4).
+    """Host copies the async stager runs at once, each in an anyio worker thread (the tokens of
+    its host :class:`anyio.CapacityLimiter`); 0 means one per core but one (1 to 4).
 
     Host copies are memory-bound (and torch parallelizes a large copy by itself), so fewer
     workers cost little bandwidth and leave the event loop a core."""

@@ -224,7 +224,7 @@ def test_cuda_parameters_and_subclass_attributes(stager: Driver) -> None:
     assert type(staged) is torch.nn.Parameter
     assert staged.device.type == "cpu"
     assert staged.requires_grad
-    assert staged.tag == "w"
+    assert staged.tag == "w"  # type: ignore[attr-defined]
     assert torch.equal(staged.detach(), p.detach().cpu())
 
 

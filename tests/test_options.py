@@ -171,7 +171,7 @@ def test_invalid_values_are_refused(changes: dict[str, object]) -> None:
     with pytest.raises(astage.InvalidOptionsError):
         astage.StagingOptions(**changes)  # type: ignore[arg-type]
     with pytest.raises(astage.InvalidOptionsError):
-        astage.SyncStager(**changes)
+        astage.SyncStager(None, **changes)
 
 
 def test_non_number_loop_hold_is_an_options_error() -> None:

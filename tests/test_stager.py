@@ -5,6 +5,7 @@ Every test runs on asyncio, uvloop and trio (conftest's legs), so they use anyio
 
 from __future__ import annotations
 
+import functools
 import gc
 import threading
 import time
@@ -135,7 +136,7 @@ async def test_stager_serves_event_loops_in_turn() -> None:
         assert_tree_staged(await stager.stage(source), source)
         for backend in ("asyncio", "trio"):
             staged = await anyio.to_thread.run_sync(
-                lambda b=backend: anyio.run(stager.stage, source, backend=b)
+                functools.partial(anyio.run, stager.stage, source, backend=backend)
             )
             assert_tree_staged(staged, source)
         assert_tree_staged(await stager.stage(source), source)
@@ -513,12 +514,12 @@ async def test_stage_iter_tensors_have_landed_when_yielded() -> None:
     stager = astage.Stager(chunk_bytes=256 * 1024, max_inflight_bytes=MiB)
     async with stager, stager.stage_iter(source) as landed:
         async for path, tensor in landed:
-            expected = source[path[0]] if len(path) == 1 else source[path[0]][path[1]]
+            expected: torch.Tensor = source[path[0]] if len(path) == 1 else source[path[0]][path[1]]
             assert_staged(tensor, expected)  # checked as it arrives, not at the end
 
 
 async def test_stage_iter_empty_and_scalar_tensors(stager: astage.Stager) -> None:
-    source = {"e": torch.empty(0), "s": torch.tensor(1.0), "n": 3}
+    source: dict[str, Any] = {"e": torch.empty(0), "s": torch.tensor(1.0), "n": 3}
     items = dict(await _collect(stager, source))
     assert set(items) == {("e",), ("s",)}
     assert_staged(items[("s",)], source["s"])

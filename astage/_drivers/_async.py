@@ -31,8 +31,9 @@ from .._devices._host import run_host_batch
 from .._errors import UsageError
 from .._options import StagingOptions
 from .._paths import Path
-from ._base import StagerBase, gc_paused
+from ._base import StagerBase
 from ._events import DeviceLimiters, wait_for_event
+from ._gc import gc_paused
 
 
 class Stager(StagerBase):
@@ -201,7 +202,7 @@ class _Call:
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> bool:
+    ) -> None:
         assert self._copies is not None
         try:
             self._copies.cancel_scope.cancel()  # copies not started yet never start
@@ -212,7 +213,6 @@ class _Call:
         finally:
             self._run = None
             await self._turn.__aexit__(None, None, None)
-        return False
 
     @property
     def run(self) -> Run[_InFlight]:
@@ -328,8 +328,8 @@ class _StageIter:
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> bool:
-        return await self._call.__aexit__(exc_type, exc, tb)
+    ) -> None:
+        await self._call.__aexit__(exc_type, exc, tb)
 
 
 class _Landed:

@@ -13,12 +13,9 @@ next call overwrites, and nothing in flight.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import threading
 import time
-from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import Any
 
 from .._core._batches import Batch
 from .._core._cache import BufferCache, CacheInfo
@@ -28,36 +25,6 @@ from .._devices._cuda import CudaStreams
 from .._errors import BusyError, StagerClosedError
 from .._options import StagingOptions, cuda_available, make_options
 from ._holds import BufferHold, HoldRegistry
-
-
-@contextlib.contextmanager
-def gc_paused(enabled: bool = True) -> Iterator[None]:
-    """Pause CPython's cyclic garbage collector while the walk runs (``pause_gc`` option).
-
-    The walk allocates a few objects per tensor (the staged result); with tens of thousands of
-    tensors alive, those allocations set off collections over the whole heap, which doubled the
-    time of a cached call and stalled an event loop for 0.2-0.4 s. The walk leaves no garbage
-    cycles behind. On the way out, what the call allocated is filed straight into the oldest
-    generation (``gc.freeze()`` then ``gc.unfreeze()`` moves every tracked object there without
-    traversing any): otherwise the first collection after the call would traverse it all at
-    once, a 20-30 ms stall with 50,000 tensors. Acyclic objects, the staged result among them,
-    are still freed by reference counting the moment they are dropped.
-    """
-    if not enabled or not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        if gc.get_freeze_count() == 0:  # never unfreeze objects the application froze
-            gc.freeze()
-            gc.unfreeze()
-        gc.enable()
-
-
-class _CacheView(NamedTuple):
-    cache: BufferCache
 
 
 class StagerBase:
@@ -129,12 +96,6 @@ class StagerBase:
         return self._holds.take()
 
     # -- the lifecycle of a call, for the faces --------------------------------------------
-
-    @property
-    def _base(self) -> _CacheView:
-        # Transitional: astage.compat and a cache test read ``stager._base.cache`` (the old
-        # composition); remove once they read ``_cache``.
-        return _CacheView(self._cache)
 
     def _check_open(self) -> None:
         if self._closed:

@@ -17,7 +17,8 @@ from .._core._batches import Batch
 from .._core._run import Run
 from .._devices._host import run_host_batch
 from .._options import StagingOptions
-from ._base import StagerBase, gc_paused
+from ._base import StagerBase
+from ._gc import gc_paused
 
 _ANY_THREAD = "sync"  # the blocking face serializes threads on its lock: none is ever busy
 
