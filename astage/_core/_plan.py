@@ -1,7 +1,8 @@
 """A plan: the staged skeleton of one call, and the copies that fill its tensors.
 
-:func:`astage._core._walk.build_plan` fills a :class:`Plan` while it walks a state dict; the
-drivers cut its :class:`Copies` into batches and run them.
+:func:`astage._core._walk.build_plan` fills a :class:`Plan` while it walks a state dict (the
+skeleton from the deep-copy walk, one copy per source storage from the tensor stager in
+:mod:`astage._core._tensors`); the drivers cut its :class:`Copies` into batches and run them.
 """
 
 from __future__ import annotations
