@@ -7,6 +7,14 @@ message's tensors go to the writer as soon as the message has landed, so the dis
 later bytes are still on the wire; the file is committed (fsync, atomic rename) only once the
 whole exchange has succeeded, and aborted (no temporary left) otherwise.
 
+Used as ``async with ReplicaFile(...) as file:`` around the whole exchange, the writer is
+entered for that time: its own worker tasks write in the background, so :meth:`ReplicaFile.follow`
+only queues the bytes and returns, and the writes of several messages overlap. The writer's task
+group must be entered before, and left after, the task group that reads the exchange's progress
+(task groups nest), which is why the block spans the exchange rather than begin..commit alone.
+Without the block, each message's tensors are written before :meth:`ReplicaFile.follow` returns.
+Either way the exchange thread never waits for the file: it only puts progress in a mailbox.
+
 A failure of the file does not stop the exchange (the pair must stay in step): it is kept
 and raised, naming both ranks and the file, once the exchange is over.
 """
@@ -15,11 +23,13 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from contextlib import AsyncExitStack
+from types import TracebackType
 from typing import Any
 
 import torch
 
-from .._errors import ReplicationError
+from .._errors import ReplicationError, UsageError
 from .._files._writer import SafetensorsWriter
 from .._paths import Path, format_path
 from .._torch import dtensor_local, dtensor_spec
@@ -38,7 +48,9 @@ class ReplicaFile:
     """The replica that ``rank`` receives from ``partner``, persisted to ``path``.
 
     Feed it the exchange's progress with :meth:`follow`, then :meth:`commit` once the
-    exchange succeeded, or :meth:`abort` (always safe, also when nothing was begun).
+    exchange succeeded, or :meth:`abort` (always safe, also when nothing was begun). Entered
+    with ``async with`` around all of that, the file is written in the background (see the
+    module docstring); leaving the block without a commit aborts it.
     """
 
     def __init__(self, path: str, rank: int, partner: int) -> None:
@@ -49,6 +61,31 @@ class ReplicaFile:
         self._waiting: dict[int, list[tuple[Path, torch.Tensor]]] = {}
         """The tensors still waiting for their bytes, by the storage they view."""
         self._failure: BaseException | None = None
+        self._stack: AsyncExitStack | None = None
+        """Inside ``async with``: holds the entered writer, which ``_begin`` then uses."""
+        self._entered: SafetensorsWriter | None = None
+
+    async def __aenter__(self) -> ReplicaFile:
+        if self._stack is not None or self._writer is not None:
+            raise UsageError(f"{self.path}: this replica file was already entered or begun")
+        stack = AsyncExitStack()
+        # Made before the header is known: _begin gives it its metadata.
+        self._entered = await stack.enter_async_context(SafetensorsWriter(self.path))
+        self._stack = stack
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        stack, self._stack = self._stack, None
+        self._entered = None
+        self._waiting = {}
+        if stack is not None:
+            # The writer aborts unless committed (shielded), then its task group ends.
+            await stack.__aexit__(exc_type, exc, tb)
 
     async def follow(self, progress: Progress) -> None:
         """Write what ``progress`` says has arrived; a failure is kept for :meth:`commit`."""
@@ -89,7 +126,12 @@ class ReplicaFile:
         dtensors: dict[str, Any] = {}
         plain = _plain(replica, (), tensors, dtensors)
         info = {"rank": self.rank, "partner": self.partner, "dtensors": dtensors}
-        self._writer = SafetensorsWriter(self.path, metadata={"astage.replica": json.dumps(info)})
+        metadata = {"astage.replica": json.dumps(info)}
+        if self._entered is not None:
+            self._writer = self._entered
+            self._writer.metadata = metadata
+        else:
+            self._writer = SafetensorsWriter(self.path, metadata=metadata)
         await self._writer.begin(plain)
         index = {storage.untyped_storage().data_ptr(): i for i, storage in enumerate(storages)}
         for where, tensor in tensors:
