@@ -151,30 +151,31 @@ class ReplicationStager:
         The exchange's own error wins (the file is aborted); a failure of the file raises
         :class:`~astage.ReplicationError` once the exchange is over (the pair stays in step).
         """
-        file = ReplicaFile(path, self.rank, self.receive_from)
         outcome: list[Any] = []
-        with _Mailbox() as mailbox:
+        # Entered for the whole exchange: its writer's workers then write while bytes arrive.
+        async with ReplicaFile(path, self.rank, self.receive_from) as file:
+            with _Mailbox() as mailbox:
 
-            async def run_exchange() -> None:
+                async def run_exchange() -> None:
+                    try:
+                        outcome.append(await exchange.run(self._limiter(), mailbox))
+                    except Exception as error:  # noqa: BLE001 - raised below, once the file is settled
+                        outcome.append(error)
+
                 try:
-                    outcome.append(await exchange.run(self._limiter(), mailbox))
-                except Exception as error:  # noqa: BLE001 - raised below, once the file is settled
-                    outcome.append(error)
-
-            try:
-                async with anyio.create_task_group() as tasks:
-                    tasks.start_soon(run_exchange)
-                    async for progress in mailbox:
-                        await file.follow(progress)
-                (result,) = outcome
-                if isinstance(result, Exception):
-                    raise result
-                await file.commit()
-                return result
-            except BaseException:
-                with anyio.CancelScope(shield=True):
-                    await file.abort()
-                raise
+                    async with anyio.create_task_group() as tasks:
+                        tasks.start_soon(run_exchange)
+                        async for progress in mailbox:
+                            await file.follow(progress)
+                    (result,) = outcome
+                    if isinstance(result, Exception):
+                        raise result
+                    await file.commit()
+                    return result
+                except BaseException:
+                    with anyio.CancelScope(shield=True):
+                        await file.abort()
+                    raise
 
     # -- one caller at a time --------------------------------------------------------------
 
