@@ -193,39 +193,42 @@ async def test_errors_leave_the_heartbeat_as_themselves() -> None:
 
 # -- the blocking-call detector -----------------------------------------------------------------
 
+# Blocking calls last 0.35 s: over the 0.25 s limit by more than a heartbeat interval.
 _DETECTOR_TESTS = """
     import time
 
     import anyio
     import pytest
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
 
 
     @pytest.mark.asyncio
     async def test_blocks_at_the_end():
         await anyio.sleep(0)
-        time.sleep(0.5)
+        time.sleep(0.35)
 
 
     @pytest.mark.asyncio
     async def test_blocks_in_the_middle():
-        time.sleep(0.5)
+        time.sleep(0.35)
         await anyio.sleep(0.05)
 
 
     @pytest.mark.asyncio
     @pytest.mark.allow_blocking("blocks on purpose")
     async def test_blocks_on_purpose():
-        time.sleep(0.5)
+        time.sleep(0.35)
 
 
     @pytest.mark.asyncio
     async def test_sleeps_without_blocking():
-        await anyio.sleep(0.5)
+        await anyio.sleep(0.1)
 
 
     @pytest.mark.asyncio
     async def test_own_failure_comes_first():
-        time.sleep(0.5)
+        time.sleep(0.35)
         assert False, "the test's own failure"
 
 
@@ -238,6 +241,21 @@ _DETECTOR_TESTS = """
     @pytest.mark.asyncio_only("uses asyncio itself")
     async def test_asyncio_only():
         pass
+
+
+    @settings(max_examples=1, deadline=None, database=None)
+    @given(st.booleans())
+    @pytest.mark.asyncio
+    async def test_hypothesis_example_blocks(block):
+        await anyio.sleep(0)
+        time.sleep(0.35)
+
+
+    @settings(max_examples=1, deadline=None, database=None)
+    @given(st.booleans())
+    @pytest.mark.asyncio
+    async def test_hypothesis_example_sleeps(flag):
+        await anyio.sleep(0.01)
 """
 
 
@@ -268,11 +286,13 @@ def test_the_detector_fails_a_test_that_blocks_its_loop(inner_suite: pytest.Pyte
         **{f"test_sleeps_without_blocking[{leg}]": "PASSED" for leg in legs},
         **{f"test_own_failure_comes_first[{leg}]": "FAILED" for leg in legs},
         **{f"test_asyncio_only[{leg}]": "PASSED" for leg in ("asyncio", "uvloop")},
+        **{f"test_hypothesis_example_blocks[{leg}]": "FAILED" for leg in legs},
+        **{f"test_hypothesis_example_sleeps[{leg}]": "PASSED" for leg in legs},
     }
     assert {k: v for k, v in outcomes.items() if not k.startswith("test_skip")} == expected
     assert result.parseoutcomes()["skipped"] == 3
     text = result.stdout.str()
-    assert text.count("the event loop was blocked for") == 6
+    assert text.count("the event loop was blocked for") >= 9
     assert text.count("the test's own failure") >= 3
 
 
