@@ -47,7 +47,10 @@ def run_on_trio() -> asyncio.AbstractEventLoop:
     pytest-asyncio only accepts callables there; the runner fixture below sees this marker and
     runs the test on trio instead of building an asyncio loop.
     """
-    raise RuntimeError("the trio leg runs on trio, not on an asyncio event loop")
+    raise RuntimeError(
+        "the trio leg runs on trio, not on an asyncio event loop; it exists for function-scoped "
+        "loops only: mark a test with a wider loop_scope asyncio_only(reason)"
+    )
 
 
 LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
@@ -165,27 +168,18 @@ class TrioLegRunner:
         raise RuntimeError("the trio leg has no asyncio event loop")
 
 
-def _leg_runner(scope: Any) -> Any:
-    """Override pytest-asyncio's runner fixture of ``scope``: its own on the asyncio legs."""
-    name = f"_{scope}_scoped_runner"
+@pytest.fixture(name="_function_scoped_runner")
+def _leg_runner(_asyncio_loop_factory: object, request: pytest.FixtureRequest) -> Iterator[Any]:
+    """pytest-asyncio's runner fixture for function-scoped loops, with a trio leg.
 
-    @pytest.fixture(scope=scope, name=name)
-    def runner(_asyncio_loop_factory: object, request: pytest.FixtureRequest) -> Iterator[Any]:
-        if _asyncio_loop_factory is not run_on_trio:
-            # The fixture this one overrides: pytest-asyncio's asyncio.Runner for the leg.
-            yield request.getfixturevalue(name)
-            return
-        with anyio.pytest_plugin.get_runner("trio", {}) as trio_runner:
-            yield TrioLegRunner(trio_runner)
-
-    return runner
-
-
-_function_scoped_runner = _leg_runner("function")
-_class_scoped_runner = _leg_runner("class")
-_module_scoped_runner = _leg_runner("module")
-_package_scoped_runner = _leg_runner("package")
-_session_scoped_runner = _leg_runner("session")
+    On the asyncio legs this is the fixture it overrides (pytest-asyncio's asyncio.Runner). Wider
+    loop scopes keep pytest-asyncio's own runners, so they have no trio leg (no test uses one).
+    """
+    if _asyncio_loop_factory is not run_on_trio:
+        yield request.getfixturevalue("_function_scoped_runner")
+        return
+    with anyio.pytest_plugin.get_runner("trio", {}) as trio_runner:
+        yield TrioLegRunner(trio_runner)
 
 
 # -- the blocking-call detector -----------------------------------------------------------------
