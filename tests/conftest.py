@@ -280,7 +280,7 @@ def tensor_bytes(t: torch.Tensor) -> torch.Tensor:
     t = t.detach()
     if t.layout is not torch.strided:
         t = t.to_dense()
-    t = t.cpu().resolve_conj().resolve_neg().contiguous().reshape(-1)
+    t = t.cpu().resolve_conj().resolve_neg().clone(memory_format=torch.contiguous_format).reshape(-1)
     return t.view(torch.uint8)
 
 
