@@ -280,7 +280,9 @@ def tensor_bytes(t: torch.Tensor) -> torch.Tensor:
     t = t.detach()
     if t.layout is not torch.strided:
         t = t.to_dense()
-    t = t.cpu().resolve_conj().resolve_neg().clone(memory_format=torch.contiguous_format).reshape(-1)
+    # clone, not contiguous(): contiguous() keeps a size-1 dimension's odd stride, and view() fails
+    t = t.cpu().resolve_conj().resolve_neg().clone(memory_format=torch.contiguous_format)
+    t = t.reshape(-1)
     return t.view(torch.uint8)
 
 
