@@ -38,7 +38,7 @@ from ._options import StagingOptions
 from ._paths import Attr, Path, format_path
 from ._replication._stager import ReplicationStager
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AstageError",
