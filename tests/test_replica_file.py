@@ -34,10 +34,6 @@ TIMEOUT = 10.0
 
 RANK, PARTNER = 0, 1
 
-# Imported above, before any test runs: ReplicaFile looks for DTensors with a lazy import of
-# torch.distributed.tensor, whose first import (~1 s) would otherwise land on the event loop of
-# whichever test came first. In a replication job the sender's encoding has imported it already.
-
 
 def received_replica() -> tuple[dict[str, Any], list[torch.Tensor]]:
     """A replica as an exchange builds it: its tensors view the byte storages being received."""

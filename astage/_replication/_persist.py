@@ -22,6 +22,7 @@ and raised, naming both ranks and the file, once the exchange is over.
 from __future__ import annotations
 
 import json
+import sys
 from collections import OrderedDict
 from contextlib import AsyncExitStack
 from types import TracebackType
@@ -146,9 +147,10 @@ def _plain(
     x: Any, path: Path, tensors: list[tuple[Path, torch.Tensor]], dtensors: dict[str, Any]
 ) -> Any:
     """``x`` with every DTensor replaced by its local shard (what a checkpoint file can hold)."""
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(x, DTensor):
+    # Never imported here: the first import takes ~1 s, on the event loop. A DTensor can only
+    # exist once its module has been imported by someone else.
+    module = sys.modules.get("torch.distributed.tensor")
+    if module is not None and isinstance(x, module.DTensor):
         spec = dtensor_spec(x)
         dtensors[format_path(path)] = {
             "placements": [placement_to_json(p, path) for p in spec.placements],
