@@ -11,6 +11,7 @@ drop-in stagers for ``torch.distributed.checkpoint``.
 from ._core._cache import CacheInfo
 from ._core._stats import StageStats
 from ._drivers._async import Stager
+from ._drivers._holds import BufferHold
 from ._drivers._sync import SyncStager
 from ._errors import (
     AstageError,
@@ -43,6 +44,7 @@ __version__ = "0.2.0"
 __all__ = [
     "AstageError",
     "Attr",
+    "BufferHold",
     "BufferMismatchError",
     "BusyError",
     "CacheInfo",

@@ -5,7 +5,7 @@ worker thread, not :class:`~astage.Stager` on an event loop in that thread: DCP'
 synchronous and wait on a ``concurrent.futures.Future``, and a thread of its own may simply
 block. The sync driver already gives up the GIL where the time goes (torch copies host bytes
 without it, and CUDA copies are waited for in ``Event.synchronize()``), while an event loop
-would add the loop, the event bridge and a copy pool with nothing to interleave. One thread
+would add the loop and its worker threads with nothing to interleave. One thread
 also keeps the calls in order, as DCP's DefaultStager (one worker) does.
 
 Stream ordering: the copies must not start before the kernels that the caller queued up to its
