@@ -34,15 +34,19 @@ in :attr:`FakeAccelerator.errors` (and the stream goes on), so a test can assert
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import itertools
 import threading
 import time
+import types
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+import torch.utils.dlpack
 
 TIMEOUT = 10.0
 """Seconds any wait in the fake may take before it fails the test instead of hanging it."""
@@ -116,8 +120,10 @@ class FakeEvent:
 
     _ids = itertools.count(1)
 
-    def __init__(self, device: FakeDevice | None = None, *, blocking: bool = False) -> None:
-        self.device = device
+    def __init__(self, owner: FakeDevice | None = None, *, blocking: bool = False) -> None:
+        self.owner = owner
+        self.device = owner.torch_device if owner is not None else None
+        """The ``torch.device`` (so that astage's ``after=`` takes a fake event)."""
         self.blocking = blocking
         self.id = next(self._ids)
         self._reached = threading.Event()
@@ -132,12 +138,14 @@ class FakeEvent:
     def record(self, stream: FakeStream | None = None) -> None:
         """Mark the current end of ``stream`` (default: the device's current stream)."""
         if stream is None:
-            if self.device is None:
+            if self.owner is None:
                 raise ValueError("a FakeEvent without a device needs a stream to record on")
-            stream = self.device.current_stream()
+            stream = self.owner.current_stream()
         reached = threading.Event()
         self._reached = reached
         self.stream = stream
+        if self.owner is None:
+            self.owner, self.device = stream.owner, stream.device
         self.recorded_by = threading.current_thread().name
         stream._put(_Item("event", reached.set, label=f"event {self.id}"))
         stream.accelerator._note_record(self, stream)
@@ -147,14 +155,16 @@ class FakeEvent:
 
     def synchronize(self) -> None:
         self.synchronized_by.append(threading.current_thread().name)
+        if self.owner is not None:  # like a CUDA wait: select the device, create no other context
+            self.owner.accelerator.set_device(self.owner)
         _wait(self._reached, f"event {self.id} on {self.stream}")
 
     def wait(self, stream: FakeStream | None = None) -> None:
         """Make ``stream`` (default: the current one) wait for this event: CUDA's event.wait."""
         if stream is None:
-            if self.device is None:
+            if self.owner is None:
                 raise ValueError("a FakeEvent without a device needs a stream to wait on it")
-            stream = self.device.current_stream()
+            stream = self.owner.current_stream()
         stream.wait_event(self)
 
     def _point(self) -> threading.Event:
@@ -185,9 +195,13 @@ class FakeStream:
 
     _ids = itertools.count(1)
 
-    def __init__(self, device: FakeDevice, name: str = "") -> None:
-        self.device = device
-        self.accelerator = device.accelerator
+    def __init__(self, owner: FakeDevice, name: str = "") -> None:
+        self.owner = owner
+        self.device = owner.torch_device
+        """The ``torch.device`` (so that astage's ``after=`` takes a fake stream)."""
+        self.accelerator = owner.accelerator
+        self.capturing = False
+        """Set by a test to pretend a graph capture is in progress on this stream."""
         self.id = next(self._ids)
         self.name = name or f"stream{self.id}"
         self.gate = Gate()
@@ -198,12 +212,12 @@ class FakeStream:
         self._idle = threading.Event()
         self._idle.set()
         self._thread = threading.Thread(
-            target=self._work, name=f"fake-{device.index}-{self.name}", daemon=True
+            target=self._work, name=f"fake-{owner.index}-{self.name}", daemon=True
         )
         self._thread.start()
 
     def __repr__(self) -> str:
-        return f"<FakeStream {self.device.index}:{self.name}>"
+        return f"<FakeStream {self.owner.index}:{self.name}>"
 
     @property
     def thread(self) -> threading.Thread:
@@ -234,7 +248,7 @@ class FakeStream:
         self._put(_Item("copy", land, label=label))
 
     def record_event(self, event: FakeEvent | None = None) -> FakeEvent:
-        event = event if event is not None else FakeEvent(self.device)
+        event = event if event is not None else FakeEvent(self.owner)
         event.record(self)
         return event
 
@@ -320,6 +334,7 @@ class FakeDevice:
         self.default_stream = FakeStream(self, "default")
         self.streams: list[FakeStream] = [self.default_stream]
         self._current = threading.local()
+        self._staging: FakeStream | None = None
 
     def __repr__(self) -> str:
         return f"<FakeDevice {self.index}>"
@@ -342,7 +357,7 @@ class FakeDevice:
     @contextlib.contextmanager
     def stream(self, stream: FakeStream) -> Iterator[FakeStream]:
         """Make ``stream`` this thread's current stream for the block (``torch.cuda.stream``)."""
-        if stream.device is not self:
+        if stream.owner is not self:
             raise ValueError(f"{stream} is not a stream of {self}")
         previous = getattr(self._current, "stream", None)
         self._current.stream = stream
@@ -352,15 +367,19 @@ class FakeDevice:
             self._current.stream = previous
 
     def tensor(self, data: torch.Tensor | Sequence[float] | float) -> torch.Tensor:
-        """A tensor "on" this device: a CPU tensor the accelerator claims for this device."""
-        tensor = torch.as_tensor(data).clone()
-        self.accelerator.claim(tensor, self)
-        return tensor
+        """A tensor on this device (``privateuseone:<index>``) holding a copy of ``data``."""
+        return self.accelerator.adopt(torch.as_tensor(data).clone(), self)
 
     def zeros(self, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        tensor = torch.zeros(*shape, dtype=dtype)
-        self.accelerator.claim(tensor, self)
-        return tensor
+        return self.accelerator.adopt(torch.zeros(*shape, dtype=dtype), self)
+
+    @property
+    def staging(self) -> FakeStream:
+        """The stream the fake backend enqueues astage's copies on (made on first use)."""
+        with self.accelerator._records_lock:
+            if self._staging is None:
+                self._staging = self.new_stream("staging")
+            return self._staging
 
     def synchronize(self) -> None:
         for stream in list(self.streams):
@@ -518,8 +537,9 @@ class PinLedger:
 class FakeAccelerator:
     """Fake devices, their tensors, a current device per thread, and the copy and pin ledgers."""
 
-    def __init__(self, devices: int = 2, device_type: str = "fakeacc") -> None:
-        self.device_type = device_type
+    def __init__(self, devices: int = 2) -> None:
+        self.device_type = "privateuseone"
+        _register_device_module()
         self.stopping = threading.Event()
         self.errors: list[tuple[FakeStream, str, BaseException]] = []
         self.copies = CopyLedger()
@@ -527,7 +547,8 @@ class FakeAccelerator:
         self.records: list[tuple[FakeEvent, FakeStream, str]] = []
         """Every event recorded: the event, the stream, the recording thread's name."""
         self._records_lock = threading.Lock()
-        self._owners: dict[int, FakeDevice] = {}  # storage key -> device
+        # storage key of a fake tensor -> its device and the CPU storage over the same memory
+        self._twins: dict[int, tuple[FakeDevice, torch.UntypedStorage]] = {}
         self._current_device = threading.local()
         self.devices = [FakeDevice(self, index) for index in range(devices)]
 
@@ -557,20 +578,42 @@ class FakeAccelerator:
 
     # -- tensors --------------------------------------------------------------------------------
 
-    def claim(self, tensor: torch.Tensor, device: FakeDevice) -> None:
-        """Declare ``tensor``'s storage to be memory of ``device`` (until the storage dies)."""
+    def adopt(self, host: torch.Tensor, device: FakeDevice) -> torch.Tensor:
+        """A ``privateuseone:<index>`` tensor over ``host``'s memory (which it keeps alive).
+
+        torch dispatches no operator of such a tensor (no kernels are registered for the
+        device): astage can only read its metadata and hand it to a backend, which is the point.
+        Kernels of a test change it through :meth:`host`.
+        """
+        tensor = _on_fake_device(host.contiguous(), device.index)
         storage = tensor.untyped_storage()
         key = _storage_key(storage)
-        self._owners[key] = device
-        # A later storage at the same address must not inherit the claim.
-        weakref.finalize(storage, self._owners.pop, key, None)
+        self._twins[key] = (device, host.untyped_storage())
+        # A later storage at the same address must not inherit the twin.
+        weakref.finalize(storage, self._twins.pop, key, None)
+        return tensor
 
     def owner(self, storage: torch.UntypedStorage) -> FakeDevice | None:
         """The fake device whose memory ``storage`` is, or None for host memory."""
-        return self._owners.get(_storage_key(storage))
+        twin = self._twins.get(_storage_key(storage))
+        return twin[0] if twin is not None else None
 
     def owns(self, tensor: torch.Tensor) -> bool:
         return self.owner(tensor.untyped_storage()) is not None
+
+    def host(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A CPU tensor over the same memory as fake ``tensor`` (same offset, shape, strides).
+
+        What kernels and copies on fake streams read and write: ``host(x).fill_(7.0)``.
+        """
+        twin = self._twins.get(_storage_key(tensor.untyped_storage()))
+        if twin is None:
+            if tensor.device.type == "cpu":
+                return tensor
+            raise ValueError(f"a tensor on {tensor.device} that this fake accelerator did not make")
+        return torch.empty((0,), dtype=tensor.dtype).set_(
+            twin[1], tensor.storage_offset(), tensor.shape, tensor.stride()
+        )
 
     # -- bookkeeping ----------------------------------------------------------------------------
 
@@ -601,3 +644,135 @@ class FakeAccelerator:
 
 def _storage_key(storage: torch.UntypedStorage) -> int:
     return int(storage._cdata)
+
+
+# -- tensors on a device that has no kernels ------------------------------------------------------
+#
+# No Python code can add a device type with memory of its own, but DLPack can label memory with
+# a device: ``kDLExtDev`` is torch's PrivateUse1. A CPU tensor exported to DLPack, relabelled,
+# and imported again is a real ``privateuseone:<index>`` tensor (its storage on that device too)
+# over the CPU memory, which it keeps alive. torch needs a ``torch.privateuseone`` module to
+# import one, and nothing else: no hooks are registered, so ``torch.accelerator`` still reports
+# no accelerator and the rest of the process is unaffected.
+
+_KDL_EXT_DEV = 12  # DLDeviceType kDLExtDev, which torch maps to PrivateUse1
+
+
+class _DLDevice(ctypes.Structure):
+    _fields_ = [("device_type", ctypes.c_int), ("device_id", ctypes.c_int)]
+
+
+class _DLDataType(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
+
+
+class _DLTensor(ctypes.Structure):
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("device", _DLDevice),
+        ("ndim", ctypes.c_int),
+        ("dtype", _DLDataType),
+        ("shape", ctypes.POINTER(ctypes.c_int64)),
+        ("strides", ctypes.POINTER(ctypes.c_int64)),
+        ("byte_offset", ctypes.c_uint64),
+    ]
+
+
+class _DLManagedTensor(ctypes.Structure):
+    _fields_ = [
+        ("dl_tensor", _DLTensor),
+        ("manager_ctx", ctypes.c_void_p),
+        ("deleter", ctypes.c_void_p),
+    ]
+
+
+_capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+_capsule_pointer.restype = ctypes.c_void_p
+_capsule_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+
+
+def _on_fake_device(host: torch.Tensor, index: int) -> torch.Tensor:
+    capsule = host.__dlpack__()
+    managed = _DLManagedTensor.from_address(_capsule_pointer(capsule, b"dltensor"))
+    managed.dl_tensor.device.device_type = _KDL_EXT_DEV
+    managed.dl_tensor.device.device_id = index
+    tensor: torch.Tensor = torch.utils.dlpack.from_dlpack(capsule)
+    assert tensor.device == torch.device("privateuseone", index), tensor.device
+    return tensor
+
+
+def _register_device_module() -> None:
+    if not hasattr(torch, "privateuseone"):
+        torch._register_device_module("privateuseone", types.ModuleType("fake_accelerator_device"))
+
+
+# -- the backend astage sees ----------------------------------------------------------------------
+
+
+class FakeBackend:
+    """astage's ``DeviceBackend`` for the fake devices (``astage._devices._backend``).
+
+    Install it with ``astage._devices._backend.installed(FakeBackend(acc))``: every batch of a
+    fake tensor then goes through :meth:`enqueue` (there is no other way to copy one: torch has
+    no kernel that reads it), and every producer mark through :meth:`mark`. Records who did what,
+    in which thread, for the tests.
+    """
+
+    def __init__(self, accelerator: FakeAccelerator) -> None:
+        self.accelerator = accelerator
+        self.marks: list[tuple[torch.device, FakeStream, str]] = []
+        """Producer marks: device, the stream marked, the marking thread's name."""
+        self.enqueues: list[tuple[torch.device, int, str]] = []
+        """Batches enqueued: device, number of copies, the enqueuing thread's name."""
+        self._lock = threading.Lock()
+
+    def handles(self, device: torch.device) -> bool:
+        return device.type == self.accelerator.device_type and (device.index or 0) < len(
+            self.accelerator.devices
+        )
+
+    def current_device(self) -> torch.device | None:
+        index = self.accelerator.current_device_index()
+        return torch.device(self.accelerator.device_type, index or 0)
+
+    def mark(self, device: torch.device) -> Any:
+        owner = self.accelerator.device(device)
+        stream = owner.current_stream()
+        event = stream.record_event()
+        with self._lock:
+            self.marks.append((device, stream, threading.current_thread().name))
+        return _mark(device, event)
+
+    def mark_after(self, source: object) -> Any:
+        if isinstance(source, FakeStream):
+            return _mark(source.device, source.record_event())
+        if isinstance(source, FakeEvent) and source.device is not None:
+            return _mark(source.device, source)
+        from astage._errors import InvalidOptionsError
+
+        raise InvalidOptionsError(f"after= takes a fake stream or event, not {source!r}")
+
+    def is_capturing(self, device: torch.device) -> bool:
+        return self.accelerator.device(device).current_stream().capturing
+
+    def enqueue(self, batch: Any, after: Sequence[Any], *, non_blocking: bool) -> FakeEvent:
+        owner = self.accelerator.device(batch.device)
+        self.accelerator.set_device(owner)  # the backend selects the batch's device itself
+        stream = owner.staging
+        for mark in after:
+            stream.wait_event(mark.event)
+        stream.enqueue_copies(batch.dsts, [self.accelerator.host(src) for src in batch.srcs])
+        with self._lock:
+            self.enqueues.append((batch.device, len(batch.srcs), threading.current_thread().name))
+        return stream.record_event(FakeEvent(owner, blocking=True))
+
+    def synchronize(self) -> None:
+        for owner in self.accelerator.devices:
+            if owner._staging is not None:
+                owner._staging.synchronize()
+
+
+def _mark(device: torch.device, event: FakeEvent) -> Any:
+    from astage._devices._backend import Mark
+
+    return Mark(device, event)
