@@ -1,61 +1,87 @@
-"""The CUDA staging streams: ordering after the producer, enqueueing copies, completion events."""
+"""What CUDA specialises in the generic device backend, and nothing else.
+
+- Completion events are ``torch.cuda.Event(blocking=True)``: a thread waiting on one sleeps
+  instead of spinning a core (``torch.Event`` has no working blocking flag).
+- The staging stream's buffers are pinned (exactly, with ``cudaHostRegister``) before the first
+  copy into them, in the thread that enqueues, with the device selected.
+- Streams and events are ``torch.cuda`` ones, and capture is ``torch.cuda``'s check.
+
+The staging stream is ``torch.cuda.Stream(device=...)``, which PyTorch takes round-robin from
+its pool of 32 streams per device and priority, also used by NCCL's process groups and by anyone
+calling ``torch.cuda.Stream()``. Aliasing one of them is safe (a stream shared with other work
+only adds ordering: our copies may queue behind another user's work, or theirs behind ours;
+events recorded before a wait cannot deadlock) but may cost throughput when a collective and a
+large copy meet on one stream. A stream of astage's own needs ``cudaStreamCreateWithFlags``
+(``cudaStreamNonBlocking``: a plain ``cudaStreamCreate`` stream would serialise with the legacy
+default stream, and so with training) wrapped in ``torch.cuda.ExternalStream``; torch's
+``cudart()`` bindings lack it, so it is left for a wrapper in ``astage/_torch.py`` once it can
+be measured on a GPU. Not run on hardware yet.
+"""
 
 from __future__ import annotations
 
-import threading
+import contextlib
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
 from .._core._batches import Batch
+from ._generic import GenericBackend
 from ._host import _pin
 
 
-class CudaStreams:
-    """One staging stream per CUDA device, and the two operations astage performs on it."""
+class CudaBackend(GenericBackend):
+    """The generic backend with CUDA's blocking-sync events, pinning and capture check."""
 
-    def __init__(self, non_blocking: bool) -> None:
-        self._non_blocking = non_blocking
-        self._streams: dict[int, torch.cuda.Stream] = {}
-        self._lock = threading.Lock()
+    def __init__(self) -> None:
+        super().__init__("cuda")
 
-    def stream(self, device: torch.device) -> torch.cuda.Stream:
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        with self._lock:
-            stream = self._streams.get(index)
-            if stream is None:
-                stream = self._streams[index] = torch.cuda.Stream(device=index)
-            return stream
+    def _new_stream(self, device: torch.device) -> Any:
+        return torch.cuda.Stream(device=device)
 
-    def follow_producer(self, device: torch.device) -> None:
-        """Order the staging stream after all work queued so far on the caller's current stream.
+    def _current_stream(self, device: torch.device) -> Any:
+        return torch.cuda.current_stream(device)
 
-        Must run in the thread that called stage(): the current stream is per thread.
-        """
-        producer = torch.cuda.current_stream(device)
-        ready = torch.cuda.Event()
-        ready.record(producer)
-        self.stream(device).wait_event(ready)
-
-    def enqueue(self, batch: Batch) -> torch.cuda.Event:
-        """Enqueue the batch's device-to-host copies; the returned event marks their completion.
-
-        The plan keeps the source tensors alive until that event has completed, so the caching
-        allocator cannot hand their memory to another tensor while the copy still reads it.
-        """
-        stream = self.stream(batch.device)
-        non_blocking = self._non_blocking
-        with torch.no_grad(), torch.cuda.stream(stream):
-            _pin(batch)
-            # One launch per copy either way; a plain loop keeps to copy_'s documented
-            # cross-device semantics rather than relying on foreach's fallback.
-            for dst, src in zip(batch.dsts, batch.srcs, strict=True):
-                dst.copy_(src, non_blocking=non_blocking)
-            done = torch.cuda.Event(blocking=True)  # a waiting thread sleeps instead of spinning
-            done.record(stream)
+    def _record_done(self, stream: Any) -> Any:
+        done = torch.cuda.Event(blocking=True)  # a waiting thread sleeps instead of spinning
+        done.record(stream)
         return done
 
-    def synchronize(self) -> None:
-        with self._lock:
-            streams = list(self._streams.values())
-        for stream in streams:
-            stream.synchronize()
+    def _wait(self, stream: Any, event: Any) -> None:
+        if isinstance(event, torch.cuda.Event):
+            stream.wait_event(event)
+        else:  # a torch.Event from after=: wait through the generic view of the same stream
+            torch.Stream(
+                stream_id=stream.stream_id,
+                device_index=stream.device_index,
+                device_type=stream.device_type,
+            ).wait_event(event)
+
+    def _use_stream(self, stream: Any) -> contextlib.AbstractContextManager[Any]:
+        return torch.cuda.stream(stream)
+
+    def _is_stream(self, item: object) -> bool:
+        return isinstance(item, (torch.cuda.Stream, torch.Stream))
+
+    def _is_event(self, item: object) -> bool:
+        return isinstance(item, (torch.cuda.Event, torch.Event))
+
+    def _before_copies(self, batch: Batch) -> None:
+        _pin(batch)
+
+    @contextlib.contextmanager
+    def selected(self, device: torch.device) -> Iterator[None]:
+        with torch.cuda.device(device):
+            yield
+
+    def current_device(self) -> torch.device | None:
+        # CUDA tensors exist only once CUDA is initialized, and current_device() would
+        # initialize it (a context on device 0) otherwise.
+        if not torch.cuda.is_initialized():
+            return None
+        return torch.device("cuda", torch.cuda.current_device())
+
+    def is_capturing(self, device: torch.device) -> bool:
+        with torch.cuda.device(device):
+            return bool(torch.cuda.is_current_stream_capturing())

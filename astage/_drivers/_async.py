@@ -2,9 +2,16 @@
 
 The walk runs on the event loop in slices of at most ``max_loop_hold_s``; copies run in anyio
 worker threads (host sources: ``torch`` drops the GIL while it copies; at most ``copy_threads``
-at once) or on CUDA staging streams whose completion events are awaited with
-:func:`~astage._drivers._events.wait_for_event`. Copying starts while the walk is still running,
-and at most ``max_inflight_bytes`` are in flight at once.
+at once) or on device staging streams (enqueued from a worker thread, after the producer marks)
+whose completions are awaited with :func:`~astage._drivers._events.wait_for_event`.
+
+``stage()`` and ``stage_iter()`` are plain methods that take the call's producer marks (see
+:class:`~astage._drivers._base.CallOrder`) in the thread that calls them, and return the
+awaitable or the async context manager: so ``run_coroutine_threadsafe(stager.stage(sd), loop)``
+from a training thread marks the training thread's streams, not the loop thread's.
+
+Copying starts while the walk is still running, and at most ``max_inflight_bytes`` are in
+flight at once.
 
 Each call owns its copies: they are tasks of the call's task group, so a call returns or
 raises, cancelled or not, only once every copy it started has landed, and nothing writes into
@@ -15,7 +22,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from types import TracebackType
 from typing import Any
 
@@ -27,11 +34,12 @@ import torch
 from .._core._batches import Batch
 from .._core._plan import Leaf
 from .._core._run import Run
+from .._devices._backend import DeviceBackend
 from .._devices._host import run_host_batch
 from .._errors import UsageError
 from .._options import StagingOptions
 from .._paths import Path
-from ._base import StagerBase
+from ._base import CallOrder, StagerBase
 from ._events import DeviceLimiters, wait_for_event
 from ._gc import gc_paused
 
@@ -53,16 +61,31 @@ class Stager(StagerBase):
         self._lock: anyio.Lock | None = None
         self._lock_holder: int | None = None  # anyio task id of the task inside a call
 
-    async def stage(self, state_dict: Any) -> Any:
+    def stage(self, state_dict: Any, *, after: object = None) -> Coroutine[Any, Any, Any]:
         """A copy of ``state_dict`` whose tensors all live in host buffers of this stager.
 
-        The buffers are reused by the next call on this stager, which overwrites them.
+        Use as ``await stager.stage(state_dict)``. The buffers are reused by the next call on
+        this stager, which overwrites them.
+
+        Ordering: device copies come after everything queued, before ``stage()`` was called,
+        on the calling thread's current stream of the device it has selected and of every
+        device this stager staged from before (marked when ``stage()`` is called, in the
+        calling thread, even when the coroutine is run by another thread's loop), and after
+        ``after`` (a stream or event, or a list of them: for a device first met by this call
+        when the call is scheduled from another thread). A device first met by the walk is
+        marked when met, on the event loop thread's current stream. Refused with
+        :class:`~astage.UsageError` while one of those streams is capturing a graph, and in
+        a forked child.
         """
-        async with _Call(self, state_dict, track_leaves=False) as call:
+        call = _Call(self, state_dict, track_leaves=False, after=after)
+        return self._stage(call)
+
+    async def _stage(self, call: _Call) -> Any:
+        async with call:
             await call.run_to_end()
         return call.result
 
-    def stage_iter(self, state_dict: Any) -> _StageIter:
+    def stage_iter(self, state_dict: Any, *, after: object = None) -> _StageIter:
         """Stage ``state_dict`` and hand out each tensor as soon as its bytes have landed.
 
         An async context manager, like httpx's ``stream()``::
@@ -74,9 +97,9 @@ class Stager(StagerBase):
         The stager is busy until the block exits, also when the iteration was abandoned
         midway (the copies still in flight land first). Nothing is yielded before the whole
         state dict has been walked, so an object that cannot be staged raises before any
-        tensor is handed out.
+        tensor is handed out. Ordered like :meth:`stage` (marks taken when called).
         """
-        return _StageIter(self, state_dict)
+        return _StageIter(self, state_dict, after)
 
     async def aclose(self) -> None:
         """Wait for calls in progress and buffer holds, then release every buffer and stream.
@@ -89,9 +112,9 @@ class Stager(StagerBase):
         async with self._turn():
             if self._closed:
                 return
-            await self._holds.wait_async()
-            if self._cuda is not None:
-                await anyio.to_thread.run_sync(self._cuda.synchronize)
+            if not self._forked:
+                await self._holds.wait_async()
+                await anyio.to_thread.run_sync(self._synchronize_devices)
             self._release_everything()
 
     async def __aenter__(self) -> Stager:
@@ -146,10 +169,11 @@ class _Turn:
 class _InFlight:
     """A batch handed to a worker thread or a device; set once its bytes have landed."""
 
-    __slots__ = ("batch", "error", "finished", "landed")
+    __slots__ = ("backend", "batch", "error", "finished", "landed")
 
-    def __init__(self, batch: Batch) -> None:
+    def __init__(self, batch: Batch, backend: DeviceBackend | None) -> None:
         self.batch = batch
+        self.backend = backend
         self.finished = False
         self.error: Exception | None = None
         self.landed = anyio.Event()
@@ -169,7 +193,12 @@ class _Call:
     cancelled and those started land first.
     """
 
-    def __init__(self, stager: Stager, state_dict: Any, *, track_leaves: bool) -> None:
+    def __init__(
+        self, stager: Stager, state_dict: Any, *, track_leaves: bool, after: object
+    ) -> None:
+        stager._check_open()
+        # In the caller's thread, at the call: see Stager.stage.
+        self._order: CallOrder = stager._start_order(after)
         self._stager = stager
         self._state_dict = state_dict
         self._track_leaves = track_leaves
@@ -275,8 +304,8 @@ class _Call:
             batch = run.next_batch(final)
             if batch is None:
                 return
-            self._stager._before_batch(run, batch)
-            inflight = _InFlight(batch)
+            backend = self._stager._backend_for_batch(self._order, batch)
+            inflight = _InFlight(batch, backend)
             run.start(inflight)
             self._copies.start_soon(self._copy, inflight)
             if time.perf_counter() >= deadline:
@@ -285,8 +314,8 @@ class _Call:
     async def _copy(self, inflight: _InFlight) -> None:
         """Run one batch; its error goes to the call, which raises it when it reaps the batch."""
         try:
-            if inflight.batch.device.type == "cuda":
-                await self._copy_from_device(inflight.batch)
+            if inflight.backend is not None:
+                await self._copy_from_device(inflight.batch, inflight.backend)
             else:
                 await anyio.to_thread.run_sync(
                     run_host_batch, inflight.batch, limiter=self._host_limiter
@@ -298,15 +327,17 @@ class _Call:
         finally:
             inflight.landed.set()
 
-    async def _copy_from_device(self, batch: Batch) -> None:
-        cuda = self._stager._cuda
-        assert cuda is not None
+    async def _copy_from_device(self, batch: Batch, backend: DeviceBackend) -> None:
+        marks = self._order.marks_for(batch.device)
+        non_blocking = self._stager._resolved.non_blocking
         enqueued: list[Any] = []
+
+        def enqueue() -> None:
+            enqueued.append(backend.enqueue(batch, marks, non_blocking=non_blocking))
+
         try:
             # The enqueue may pin buffers (slow): it runs in a worker thread too.
-            await anyio.to_thread.run_sync(
-                lambda: enqueued.append(cuda.enqueue(batch)), limiter=self._host_limiter
-            )
+            await anyio.to_thread.run_sync(enqueue, limiter=self._host_limiter)
         finally:
             if enqueued:  # copies were enqueued: they land before this call may end
                 with anyio.CancelScope(shield=True):
@@ -316,8 +347,8 @@ class _Call:
 class _StageIter:
     """``stage_iter``'s async context manager: a call whose tensors are handed out as they land."""
 
-    def __init__(self, stager: Stager, state_dict: Any) -> None:
-        self._call = _Call(stager, state_dict, track_leaves=True)
+    def __init__(self, stager: Stager, state_dict: Any, after: object) -> None:
+        self._call = _Call(stager, state_dict, track_leaves=True, after=after)
 
     async def __aenter__(self) -> AsyncIterator[tuple[Path, torch.Tensor]]:
         await self._call.__aenter__()

@@ -2,9 +2,16 @@
 
 ``Stager`` (async) and ``SyncStager`` (blocking) derive from :class:`StagerBase`, the way
 httpx's ``AsyncClient`` and ``Client`` share ``BaseClient``: the base owns everything that is
-not waiting (the options, the buffer cache, the CUDA streams, the buffer holds, the checks
-before a call, a call's run and its figures, and what closing releases); each face only says
-how it waits (awaiting with anyio, or blocking the calling thread).
+not waiting (the options, the buffer cache, the device backends, the buffer holds, the checks
+before a call, a call's producer marks, its run and its figures, and what closing releases);
+each face only says how it waits (awaiting with anyio, or blocking the calling thread).
+
+Ordering after the producer (:class:`CallOrder`): when a call is made, in the caller's thread,
+the base records a producer mark on the caller's current stream of every device this stager
+has staged from before and of the device the caller has selected, plus the marks of an
+explicit ``after=``. A device first met while the call runs is marked when it is met, in the
+thread that cuts the batches (the caller's for ``SyncStager``, the event loop's for ``Stager``).
+Every batch of a device is enqueued after all of that device's marks.
 
 A call never leaves work behind: both faces return or raise only once every copy they started
 has landed, so what a failed or cancelled call leaves is buffers with stale bytes, which the
@@ -13,18 +20,83 @@ next call overwrites, and nothing in flight.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextvars import ContextVar
 from typing import Any
+
+import torch
 
 from .._core._batches import Batch
 from .._core._cache import BufferCache, CacheInfo
 from .._core._run import Run
 from .._core._stats import StageStats
-from .._devices._cuda import CudaStreams
-from .._errors import BusyError, StagerClosedError
-from .._options import StagingOptions, cuda_available, make_options
+from .._devices._backend import DeviceBackend, Mark, backend_for, current_backends, mark_after
+from .._errors import BusyError, StagerClosedError, UsageError
+from .._options import StagingOptions, make_options
+from . import _fork
 from ._holds import BufferHold, HoldRegistry
+
+_inherited_marks: ContextVar[tuple[Mark, ...]] = ContextVar("astage_inherited_marks", default=())
+
+
+@contextlib.contextmanager
+def ordered_after(marks: Sequence[Mark]) -> Iterator[None]:
+    """Calls made in this block (this thread) are ordered after ``marks`` too.
+
+    For code that stages on behalf of another thread, which took the marks at its call
+    (compat's staging thread): the stager the block calls need not take ``after=``.
+    """
+    token = _inherited_marks.set(tuple(marks))
+    try:
+        yield
+    finally:
+        _inherited_marks.reset(token)
+
+
+def producer_mark(device: torch.device, backend: DeviceBackend) -> Mark:
+    """A mark on the calling thread's current stream of ``device``; refused while capturing."""
+    if backend.is_capturing(device):
+        raise UsageError(
+            f"cannot stage while the current stream of {device} is capturing a graph: the "
+            "copies would become part of the graph; stage before or after the capture"
+        )
+    return backend.mark(device)
+
+
+def mark_devices(devices: Iterable[torch.device]) -> list[Mark]:
+    """Marks on the calling thread's current streams: of ``devices``, and of its own device.
+
+    CPU devices need none.
+    """
+    chosen: dict[torch.device, DeviceBackend] = {}
+    for current in current_backends():
+        selected = current.current_device()
+        if selected is not None:
+            chosen.setdefault(selected, current)
+    for device in devices:
+        found = None if device in chosen else backend_for(device)
+        if found is not None:
+            chosen[device] = found
+    return [producer_mark(device, backend) for device, backend in chosen.items()]
+
+
+class CallOrder:
+    """One call's producer marks, per device, and the backend of each device it met."""
+
+    __slots__ = ("backends", "marks")
+
+    def __init__(self) -> None:
+        self.marks: dict[torch.device, list[Mark]] = {}
+        self.backends: dict[torch.device, DeviceBackend | None] = {}
+
+    def add(self, mark: Mark) -> None:
+        self.marks.setdefault(mark.device, []).append(mark)
+
+    def marks_for(self, device: torch.device) -> list[Mark]:
+        return self.marks.get(device, [])
 
 
 class StagerBase:
@@ -38,7 +110,10 @@ class StagerBase:
             share_memory=self._resolved.share_memory,
             pin_memory_min_bytes=self._resolved.pin_memory_min_bytes,
         )
-        self._cuda = CudaStreams(self._resolved.non_blocking) if cuda_available() else None
+        # The devices this stager has staged from, with their backends: a call marks them all
+        # at its start (a state dict usually touches the same devices every time).
+        self._backends: dict[torch.device, DeviceBackend] = {}
+        self._born = _fork.generation()
         self._holds = HoldRegistry()
         self._closed = False
         self._last_stats: StageStats | None = None
@@ -98,8 +173,64 @@ class StagerBase:
     # -- the lifecycle of a call, for the faces --------------------------------------------
 
     def _check_open(self) -> None:
+        _fork.check_not_forked(self._born, type(self).__name__)
         if self._closed:
             raise StagerClosedError(f"this {type(self).__name__} is closed")
+
+    @property
+    def _forked(self) -> bool:
+        return self._born != _fork.generation()
+
+    def _start_order(self, after: object) -> CallOrder:
+        """The producer marks taken when a call is made; runs in the caller's thread.
+
+        Marks the caller's current stream of every device this stager staged from before and
+        of the device the caller has selected, and takes the marks of ``after=``. Refuses
+        (:class:`~astage.UsageError`) before anything is enqueued when one of those streams
+        is capturing a graph.
+        """
+        order = CallOrder()
+        for mark in (*_inherited_marks.get(), *mark_after(after)):
+            order.add(mark)
+        devices = dict(self._backends)
+        for backend in current_backends():
+            device = backend.current_device()
+            if device is not None and device not in devices:
+                devices[device] = backend
+        for device, backend in devices.items():
+            self._mark(order, device, backend)
+        return order
+
+    def _backend_for_batch(self, order: CallOrder, batch: Batch) -> DeviceBackend | None:
+        """The backend that copies ``batch`` (None: a host copy); marks a device met first.
+
+        Runs in the thread that cuts the batches, before the batch is started.
+        """
+        device = batch.device
+        try:
+            return order.backends[device]
+        except KeyError:
+            pass
+        known = self._backends.get(device)
+        backend = known if known is not None else backend_for(device)
+        if backend is None:
+            order.backends[device] = None
+            return None
+        self._mark(order, device, backend)
+        return backend
+
+    def _mark(self, order: CallOrder, device: torch.device, backend: DeviceBackend) -> None:
+        order.add(producer_mark(device, backend))
+        order.backends[device] = backend
+        self._backends[device] = backend
+
+    def _synchronize_devices(self) -> None:
+        """Wait for every staging stream this stager used (blocking)."""
+        if self._forked:
+            return  # the device state belongs to the parent
+        unique = {id(backend): backend for backend in self._backends.values()}
+        for backend in unique.values():
+            backend.synchronize()
 
     def _enter(self, occupant: object) -> bool:
         """Count a caller in (True: the first one); refuse one that cannot share the stager."""
@@ -128,17 +259,6 @@ class StagerBase:
             max_inflight_bytes=self._resolved.max_inflight_bytes,
         )
 
-    def _before_batch(self, run: Run[Any], batch: Batch) -> None:
-        """Order a CUDA device's staging stream after its producer, once per call and device.
-
-        Runs in the caller's thread, where the producer's current stream is the right one.
-        """
-        device = batch.device
-        if device.type == "cuda" and device not in run.devices:
-            assert self._cuda is not None
-            self._cuda.follow_producer(device)
-            run.devices.add(device)
-
     def _finish(self, run: Run[Any]) -> StageStats:
         plan = run.plan
         stats = StageStats(
@@ -154,4 +274,6 @@ class StagerBase:
     def _release_everything(self) -> None:
         """The end of close: the caller waited for calls, holds and streams first."""
         self._closed = True
+        if self._forked:
+            return  # unpinning would call into the parent's CUDA state; the child's copy dies
         self._cache.clear()

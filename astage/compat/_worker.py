@@ -9,40 +9,44 @@ would add the loop and its worker threads with nothing to interleave. One thread
 also keeps the calls in order, as DCP's DefaultStager (one worker) does.
 
 Stream ordering: the copies must not start before the kernels that the caller queued up to its
-``stage()`` call have written their outputs, but the worker thread has a current CUDA stream of
-its own. So ``submit`` records an event on the caller's current stream (current device), and
-the worker stages under a stream that first waits for that event; astage's staging stream
-follows that stream as it always follows the current one. Recording in the caller's thread, at
-the call, matters: an event recorded later in the worker would also wait for whatever training
-queued after the call.
+``stage()`` call have written their outputs, but the worker thread has current streams of its
+own. So ``submit`` records, in the caller's thread and at the call, a producer mark on the
+caller's current stream of every device the state dict's tensors are on (found by a scan of its
+dicts, lists and tuples) and of the device the caller has selected; the worker stages inside
+:func:`~astage._drivers._base.ordered_after` those marks, so every staging stream waits on them
+before its first copy. Recording later, in the worker, would order after the wrong stream (the
+worker's) and after whatever training queued after the call. A device reached only through
+another kind of object (a dataclass, a custom object) is marked when the walk meets it, on the
+worker thread's current stream: pass such state dicts flattened, as DCP does.
 """
 
 from __future__ import annotations
 
-import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
 
-from .._options import cuda_available
+from .._devices._backend import Mark
+from .._drivers._base import mark_devices, ordered_after
 
 
-class _ProducerMark:
-    """Where the caller's current CUDA stream stood when it asked for staging."""
-
-    __slots__ = ("device", "event")
-
-    def __init__(self) -> None:
-        self.device: int | None = None
-        self.event: torch.cuda.Event | None = None
-        # CUDA tensors exist only once CUDA is initialized: nothing to order before that.
-        if cuda_available() and torch.cuda.is_initialized():
-            self.device = torch.cuda.current_device()
-            self.event = torch.cuda.Event()
-            self.event.record(torch.cuda.current_stream(self.device))
+def tensor_devices(state_dict: Any) -> set[torch.device]:
+    """The devices of the tensors in ``state_dict``'s dicts, lists and tuples (not CPU)."""
+    devices: set[torch.device] = set()
+    seen: set[int] = set()
+    stack = [state_dict]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, torch.Tensor):
+            if not value.is_cpu:
+                devices.add(value.device)
+        elif isinstance(value, (dict, list, tuple)) and id(value) not in seen:
+            seen.add(id(value))
+            stack.extend(value.values() if isinstance(value, dict) else value)
+    return devices
 
 
 class StagingThread:
@@ -51,46 +55,36 @@ class StagingThread:
     def __init__(self) -> None:
         self._executor: ThreadPoolExecutor | None = None
         self._last: Future[None] | None = None
-        self._streams: dict[int, torch.cuda.Stream] = {}  # used from the worker thread only
         self._lock = threading.Lock()
 
     def submit(self, stage: Callable[[Any], Any], state_dict: Any) -> Future[Any]:
         """Run ``stage(state_dict)`` in the worker; the future resolves to its result."""
-        mark = _ProducerMark()
+        marks = mark_devices(tensor_devices(state_dict))  # here: the caller's thread and streams
         future: Future[Any] = Future()
         with self._lock:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(1, thread_name_prefix="astage-compat")
             # The executor's own future carries no result: only the caller's future holds the
             # staged dict, so the snapshot dies (and its buffers come free) with the caller's.
-            self._last = self._executor.submit(self._run, stage, state_dict, mark, future)
+            self._last = self._executor.submit(self._run, stage, state_dict, marks, future)
         return future
 
     def _run(
-        self, stage: Callable[[Any], Any], state_dict: Any, mark: _ProducerMark, future: Future[Any]
+        self,
+        stage: Callable[[Any], Any],
+        state_dict: Any,
+        marks: list[Mark],
+        future: Future[Any],
     ) -> None:
         if not future.set_running_or_notify_cancel():
             return  # cancelled before it started
         try:
-            with self._after(mark):
+            with ordered_after(marks):
                 result = stage(state_dict)
         except BaseException as error:
             future.set_exception(error)
             raise
         future.set_result(result)
-
-    @contextlib.contextmanager
-    def _after(self, mark: _ProducerMark) -> Iterator[None]:
-        """Make the worker's current stream wait for the caller's, as it was at the call."""
-        if mark.event is None or mark.device is None:
-            yield
-            return
-        stream = self._streams.get(mark.device)
-        if stream is None:
-            stream = self._streams[mark.device] = torch.cuda.Stream(device=mark.device)
-        stream.wait_event(mark.event)
-        with torch.cuda.stream(stream):
-            yield
 
     def wait(self) -> None:
         """Wait for the last call submitted; raises its error, if it failed."""

@@ -1,0 +1,139 @@
+"""Staging from any accelerator torch supports, on ``torch.Stream``, ``torch.Event`` and
+``torch.accelerator`` (XPU, HPU, MPS, PrivateUse1 devices, and the base of the CUDA backend).
+
+Not run on hardware yet: written against torch 2.11-2.13 and tested on CPU through a fake
+backend that implements the same interface (see :mod:`astage._devices._backend`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from .._core._batches import Batch
+from .._errors import InvalidOptionsError
+from ._backend import Completion, Mark
+
+
+class DeviceCompletion:
+    """An event recorded after a batch's copies; ``synchronize()`` selects its device first."""
+
+    __slots__ = ("_backend", "_device", "event")
+
+    def __init__(self, backend: GenericBackend, device: torch.device, event: Any) -> None:
+        self._backend = backend
+        self._device = device
+        self.event = event
+
+    def query(self) -> bool:
+        return bool(self.event.query())
+
+    def synchronize(self) -> None:
+        # A worker thread has device 0 selected: waiting there would create a context on it.
+        with self._backend.selected(self._device):
+            self.event.synchronize()
+
+
+class GenericBackend:
+    """One staging stream per device of ``device_type``, the current ``torch.accelerator``."""
+
+    def __init__(self, device_type: str) -> None:
+        self.device_type = device_type
+        self._streams: dict[int, Any] = {}
+        self._lock = threading.Lock()
+
+    # -- what subclasses specialise --------------------------------------------------------
+
+    def _new_stream(self, device: torch.device) -> Any:
+        return torch.Stream(device)
+
+    def _current_stream(self, device: torch.device) -> Any:
+        return torch.accelerator.current_stream(device)
+
+    def _record_done(self, stream: Any) -> Any:
+        return stream.record_event()
+
+    def _wait(self, stream: Any, event: Any) -> None:
+        stream.wait_event(event)
+
+    def _use_stream(self, stream: Any) -> contextlib.AbstractContextManager[Any]:
+        return stream  # type: ignore[no-any-return]  # torch.Stream is its own context
+
+    def _is_stream(self, item: object) -> bool:
+        return isinstance(item, torch.Stream)
+
+    def _is_event(self, item: object) -> bool:
+        return isinstance(item, torch.Event)
+
+    def _before_copies(self, batch: Batch) -> None:
+        """Work on the batch's buffers before its first copy (the CUDA backend pins them)."""
+
+    @contextlib.contextmanager
+    def selected(self, device: torch.device) -> Iterator[None]:
+        """Select ``device`` in this thread for the block."""
+        with torch.accelerator.device_index(device.index):
+            yield
+
+    # -- the interface ---------------------------------------------------------------------
+
+    def handles(self, device: torch.device) -> bool:
+        return device.type == self.device_type
+
+    def current_device(self) -> torch.device | None:
+        module = getattr(torch, self.device_type, None)
+        is_initialized = getattr(module, "is_initialized", None)
+        if callable(is_initialized) and not is_initialized():
+            return None  # no tensor on it yet; asking for the index could initialize it
+        return torch.device(self.device_type, torch.accelerator.current_device_index())
+
+    def mark(self, device: torch.device) -> Mark:
+        return Mark(device, self._current_stream(device).record_event())
+
+    def mark_after(self, source: object) -> Mark:
+        device = getattr(source, "device", None)
+        if not isinstance(device, torch.device) or not self.handles(device):
+            raise InvalidOptionsError(f"after=: {source!r} is not on a {self.device_type} device")
+        if self._is_event(source):
+            return Mark(device, source)
+        if self._is_stream(source):
+            return Mark(device, source.record_event())  # type: ignore[attr-defined]
+        raise InvalidOptionsError(
+            f"after= takes a {self.device_type} stream or event, got {type(source).__name__}"
+        )
+
+    def is_capturing(self, device: torch.device) -> bool:
+        return bool(self._current_stream(device).is_capturing())
+
+    def stream(self, device: torch.device) -> Any:
+        """This backend's staging stream for ``device`` (made on first use)."""
+        index = device.index if device.index is not None else -1
+        with self._lock:
+            stream = self._streams.get(index)
+            if stream is None:
+                stream = self._streams[index] = self._new_stream(device)
+            return stream
+
+    def enqueue(self, batch: Batch, after: Sequence[Mark], *, non_blocking: bool) -> Completion:
+        device = batch.device
+        with self.selected(device):
+            stream = self.stream(device)
+            for mark in after:
+                self._wait(stream, mark.event)
+            with torch.no_grad(), self._use_stream(stream):
+                self._before_copies(batch)
+                # One launch per copy either way; a plain loop keeps to copy_'s documented
+                # cross-device semantics rather than relying on foreach's fallback.
+                for dst, src in zip(batch.dsts, batch.srcs, strict=True):
+                    dst.copy_(src, non_blocking=non_blocking)
+                done = self._record_done(stream)
+        return DeviceCompletion(self, device, done)
+
+    def synchronize(self) -> None:
+        with self._lock:
+            streams = list(self._streams.values())
+        for stream in streams:
+            stream.synchronize()
