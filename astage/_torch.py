@@ -9,6 +9,7 @@ else, and the rest of the package reads as ordinary torch. Importing this module
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import sys
@@ -22,6 +23,7 @@ __all__ = [
     "cuda_clear_last_error",
     "cuda_host_register",
     "cuda_host_unregister",
+    "cuda_selected_device",
     "device_mesh_without_backend",
     "dtensor_local",
     "dtensor_spec",
@@ -238,6 +240,18 @@ def cuda_host_register(ptr: int, nbytes: int, flags: int = HOST_REGISTER_PORTABL
 def cuda_host_unregister(ptr: int) -> int:
     """``cudaHostUnregister``: undo :func:`cuda_host_register`; returns the CUDA error code."""
     return int(torch.cuda.cudart().cudaHostUnregister(ptr))
+
+
+def cuda_selected_device(index: int) -> contextlib.AbstractContextManager[object]:
+    """Make CUDA device ``index`` this thread's current device inside the block, then restore.
+
+    Why: every runtime call acts on the thread's current device, and a thread that never chose
+    one is on device 0, where the call would create a CUDA context (hundreds of MB) on a GPU
+    that belongs to another rank. Public API (``torch.cuda.device``), kept here next to the
+    runtime calls it frames so that a test replaces the runtime in one module; on leaving,
+    torch restores the previous device only where a context exists already, creating none.
+    """
+    return torch.cuda.device(index)
 
 
 def cuda_clear_last_error() -> int | None:

@@ -1,27 +1,22 @@
-"""The host-buffer cache (reuse across calls, weak keys, size checks, clearing, shared memory)
-and pinning its buffers (the device layer), on CPU with a fake CUDA runtime."""
+"""The host-buffer cache (reuse across calls, weak keys, size checks, clearing, shared memory,
+copies in flight holding a dropped buffer's registration); pinning itself is in test_pinning."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import gc
-import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 import torch
 from conftest import Driver, assert_tree_staged, collect, model_state_dict, mutate_, storage_ptr
 
 import astage
-from astage import _torch
-from astage._core._batches import Batch
-from astage._core._cache import BufferCache
-from astage._devices import _pinning
-from astage._devices._host import run_host_batch
+from astage._core._cache import BufferCache, HostBuffer
 
 # -- BufferCache on its own ---------------------------------------------------------------------
 
@@ -182,7 +177,7 @@ def test_evictions_in_another_thread_race_with_the_callers_thread() -> None:
     assert cache.info().storages == len(kept)
 
 
-# -- pinning (the device layer) with a fake CUDA runtime ----------------------------------------
+# -- copies in flight hold a dropped buffer's registration --------------------------------------
 
 
 def _device_storage(nbytes: int) -> torch.UntypedStorage:
@@ -190,191 +185,83 @@ def _device_storage(nbytes: int) -> torch.UntypedStorage:
     return torch.empty(nbytes, dtype=torch.uint8, device="meta").untyped_storage()
 
 
-class FakeCudaRuntime:
-    """``cudaHostRegister``/``cudaHostUnregister`` bookkeeping in place of CUDA."""
+class _Registration:
+    """A registration that counts how often the cache let go of it."""
 
     def __init__(self) -> None:
-        self.pinned: dict[int, int] = {}  # ptr -> nbytes
-        self.registers = 0
-        self.unregisters = 0
-        self.register_code = 0
-        self.unregister_code = 0
-        self.last_error = 0
-        self.cleared = 0
-        self.during_register: Callable[[], None] | None = None
+        self.released = 0
 
-    def register(self, ptr: int, nbytes: int, flags: int = 1) -> int:
-        self.registers += 1
-        if self.during_register is not None:
-            self.during_register()
-        if self.register_code:
-            self.last_error = self.register_code
-            return self.register_code
-        assert ptr not in self.pinned, "registered twice"
-        self.pinned[ptr] = nbytes
-        return 0
+    @property
+    def active(self) -> bool:
+        return self.released == 0
 
-    def unregister(self, ptr: int) -> int:
-        self.unregisters += 1
-        if self.unregister_code:
-            self.last_error = self.unregister_code
-            return self.unregister_code
-        assert self.pinned.pop(ptr, None) is not None, "unregistered memory that is not pinned"
-        return 0
-
-    def clear_last_error(self) -> int:
-        self.cleared += 1
-        code, self.last_error = self.last_error, 0
-        return code
+    def release(self) -> None:
+        self.released += 1
 
 
-@pytest.fixture
-def cuda_runtime(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeCudaRuntime]:
-    fake = FakeCudaRuntime()
-    monkeypatch.setattr(_torch, "cuda_host_register", fake.register)
-    monkeypatch.setattr(_torch, "cuda_host_unregister", fake.unregister)
-    monkeypatch.setattr(_torch, "cuda_clear_last_error", fake.clear_last_error)
-    monkeypatch.setattr(_pinning, "counters", _pinning.PinCounters())
-    yield fake
-    collect()  # buffers dropped by the test release their pins now, while the fake is in place
-
-
-def test_pin_registers_the_buffer_exactly_once(cuda_runtime: FakeCudaRuntime) -> None:
-    cache = _cache(pin_memory=True)
-    source = _device_storage(256)
+def _registered(
+    cache: BufferCache, source: torch.UntypedStorage
+) -> tuple[HostBuffer, _Registration]:
     buffer = cache.allocate(source)
-    assert not buffer.pinned
-    _pinning.pin(buffer)
-    _pinning.pin(buffer)
-    assert cuda_runtime.registers == 1
-    assert cuda_runtime.pinned == {buffer.whole.data_ptr(): 256}
-    assert cache.info() == astage.CacheInfo(storages=1, nbytes=256, pinned_nbytes=256)
+    registration = buffer.registration = _Registration()
+    return buffer, registration
 
 
-def test_a_buffer_that_does_not_want_pinning_is_left_alone(cuda_runtime: FakeCudaRuntime) -> None:
-    source = _device_storage(256)
-    buffer = _cache(pin_memory=False).allocate(source)
-    _pinning.pin(buffer)
-    assert cuda_runtime.registers == 0
-    assert not buffer.pinned
+def test_only_buffers_that_may_be_pinned_count_copies() -> None:
+    pinnable = _cache(pin_memory=True).allocate(_device_storage(64))
+    pageable = _cache(pin_memory=False).allocate(_device_storage(64))
+    assert pinnable.copies == [] and pageable.copies is None
+    pageable.copy_started()  # nothing to count: a no-op
+    pageable.copy_finished()
 
 
-def test_clear_unpins_once(cuda_runtime: FakeCudaRuntime) -> None:
+def test_release_lets_go_at_once_without_copies_in_flight() -> None:
+    source = _device_storage(64)
+    buffer, registration = _registered(_cache(pin_memory=True), source)
+    buffer.release()
+    assert registration.released == 1 and not buffer.pinned
+
+
+def test_release_waits_for_the_last_copy_in_flight() -> None:
+    source = _device_storage(64)
     cache = _cache(pin_memory=True)
-    source = _device_storage(256)  # kept alive: its death would evict the buffer
-    buffer = cache.allocate(source)
-    _pinning.pin(buffer)
+    buffer, registration = _registered(cache, source)
+    buffer.copy_started()
+    buffer.copy_started()
     cache.clear()
-    buffer.release()  # a second release (an eviction racing with clear) does nothing
-    assert cuda_runtime.pinned == {}
-    assert cuda_runtime.unregisters == 1
-    assert not buffer.pinned
-    assert buffer.whole.untyped_storage().nbytes() == 256  # memory still valid
-    _pinning.pin(buffer)  # a buffer the cache let go of is not pinned again
-    assert cuda_runtime.registers == 1
+    assert registration.released == 0
+    buffer.copy_finished()
+    assert registration.released == 0
+    buffer.copy_finished()
+    assert registration.released == 1
 
 
-def test_eviction_unpins(cuda_runtime: FakeCudaRuntime) -> None:
+def test_a_copy_landing_in_a_live_buffer_lets_nothing_go() -> None:
+    source = _device_storage(64)
+    buffer, registration = _registered(_cache(pin_memory=True), source)
+    buffer.copy_started()
+    buffer.copy_finished()
+    assert registration.released == 0 and buffer.pinned
+
+
+def test_a_buffer_collected_with_a_copy_never_landed_keeps_its_registration() -> None:
+    # Its driver gave up waiting for the copy: unregistering could corrupt, keeping leaks.
+    source = _device_storage(64)
     cache = _cache(pin_memory=True)
-    source = _device_storage(256)
-    _pinning.pin(cache.allocate(source))
-    del source
+    buffer, registration = _registered(cache, source)
+    buffer.copy_started()
+    del cache, buffer
     collect()
-    assert cache.info() == astage.CacheInfo(0, 0, 0)
-    assert cuda_runtime.pinned == {}
+    assert registration.released == 0
 
 
-def test_a_buffer_garbage_collected_unreleased_unpins(cuda_runtime: FakeCudaRuntime) -> None:
+def test_a_buffer_collected_unreleased_lets_go() -> None:
+    source = _device_storage(64)
     cache = _cache(pin_memory=True)
-    source = _device_storage(256)
-    _pinning.pin(cache.allocate(source))
-    del cache  # a stager dropped without close(): no release(), only the buffer's finalizer
+    registration = _registered(cache, source)[1]
+    del cache
     collect()
-    assert cuda_runtime.pinned == {}
-
-
-def test_dropped_while_registering_leaves_no_pin(cuda_runtime: FakeCudaRuntime) -> None:
-    # clear_cache() (or an eviction) in another thread while a worker registers the buffer:
-    # the pin that lands after the release must be undone, not leaked.
-    cache = _cache(pin_memory=True)
-    source = _device_storage(256)  # kept alive: its death would evict the buffer
-    buffer = cache.allocate(source)
-    cuda_runtime.during_register = cache.clear
-    _pinning.pin(buffer)
-    assert cuda_runtime.registers == 1
-    assert cuda_runtime.pinned == {}
-    assert not buffer.pinned
-
-
-def test_concurrent_pins_register_once(cuda_runtime: FakeCudaRuntime) -> None:
-    cache = _cache(pin_memory=True)
-    source = _device_storage(256)  # kept alive: its death would evict the buffer
-    buffer = cache.allocate(source)
-    cuda_runtime.during_register = lambda: time.sleep(0.01)  # a slow registration
-    threads = [threading.Thread(target=_pinning.pin, args=(buffer,)) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert cuda_runtime.registers == 1
-    assert buffer.pinned
-
-
-def test_host_batches_pin_their_buffers_first(cuda_runtime: FakeCudaRuntime) -> None:
-    cache = _cache(pin_memory=True)
-    sources = _device_storage(256), _device_storage(8)
-    wants, small = cache.allocate(sources[0]), _cache().allocate(sources[1])
-    batch = Batch(
-        torch.device("cpu"),
-        srcs=[torch.ones(256, dtype=torch.uint8), torch.ones(8, dtype=torch.uint8)],
-        dsts=[wants.as_bytes(), small.as_bytes()],
-        buffers=[wants, small],
-        nbytes=264,
-        end=2,
-    )
-    run_host_batch(batch)
-    assert wants.pinned and not small.pinned
-    assert bool(wants.whole.eq(1).all())
-
-
-def test_a_failed_registration_leaves_the_buffer_pageable_and_no_cuda_error(
-    cuda_runtime: FakeCudaRuntime,
-) -> None:
-    cuda_runtime.register_code = 2  # cudaErrorMemoryAllocation
-    cache = _cache(pin_memory=True)
-    source = _device_storage(256)  # kept alive: its death would evict the buffer
-    buffer = cache.allocate(source)
-    with pytest.warns(RuntimeWarning, match="CUDA error 2"):
-        _pinning.pin(buffer)
-    assert cuda_runtime.last_error == 0  # cleared: the thread's next kernel launch is not hit
-    assert not buffer.pinned
-    assert cache.info().pinned_nbytes == 0
-    assert _pinning.counters.register_failures == 1
-    _pinning.pin(buffer)  # not tried again: a retry costs as much as a success
-    assert cuda_runtime.registers == 1
-
-
-def test_a_failed_unregistration_is_logged_and_counted(
-    cuda_runtime: FakeCudaRuntime, caplog: pytest.LogCaptureFixture
-) -> None:
-    cache = _cache(pin_memory=True)
-    source = _device_storage(256)  # kept alive: its death would evict the buffer
-    buffer = cache.allocate(source)
-    _pinning.pin(buffer)
-    cuda_runtime.unregister_code = 1  # cudaErrorInvalidValue
-    with caplog.at_level(logging.WARNING, logger="astage"):
-        cache.clear()
-    assert _pinning.counters.unregister_failures == 1
-    assert "cudaHostUnregister" in caplog.text and "CUDA error 1" in caplog.text
-    assert cuda_runtime.last_error == 0
-    cuda_runtime.unregister_code = 0
-    cuda_runtime.pinned.clear()
-
-
-def test_clearing_the_cuda_error_is_harmless_without_cuda() -> None:
-    # Only a CUDA runtime that torch loaded is used, never another one found on the system.
-    code = _torch.cuda_clear_last_error()
-    assert code is None if not torch.cuda.is_available() else code == 0
+    assert registration.released == 1
 
 
 # -- the cache as seen through the stagers ------------------------------------------------------

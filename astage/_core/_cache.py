@@ -7,8 +7,12 @@ allocates nothing and copies straight into them.
 
 The cache decides which buffers *want* pinning (the policy); the device layer pins them, in a
 worker thread just before the first copy, and hangs a :class:`Registration` on the buffer. All
-the cache knows of it is that a buffer dropped from the cache (evicted, cleared, or garbage
-collected) must release its registration.
+the cache knows of it is when a registration may be let go: once the buffer has been dropped
+(evicted, cleared, or garbage collected) *and* no copy into it is still in flight. A buffer that
+may be pinned counts its copies in flight (:meth:`HostBuffer.copy_started`,
+:meth:`HostBuffer.copy_finished`, called by the device layer), because unregistering memory that
+a device is still writing into is undefined behaviour. Letting go only hands the registration
+back to the device layer, which undoes it later, in one of astage's own threads.
 
 No lock, no thread: eviction runs in a weak-reference callback, in whatever thread drops the
 last reference to a source storage, and so may interleave with a call in another thread at any
@@ -48,8 +52,17 @@ Shape = torch.Size | tuple[int, ...]
 class Registration(Protocol):
     """What the device layer attached to a buffer (a CUDA pin); undone when the buffer goes."""
 
+    @property
+    def active(self) -> bool:
+        """Whether the memory is still registered (not yet undone)."""
+
     def release(self) -> None:
-        """Undo the registration; the buffer's memory stays valid. Idempotent, any thread."""
+        """Have the registration undone; the buffer's memory stays valid.
+
+        Called from any thread (a training thread dropping a source, a finalizer), possibly
+        more than once, only when no copy into the buffer is in flight. It must neither block
+        nor call the device runtime: it may only queue the work for the device layer.
+        """
 
 
 class HostBuffer(weakref.ref):  # type: ignore[type-arg]
@@ -61,6 +74,7 @@ class HostBuffer(weakref.ref):  # type: ignore[type-arg]
     """
 
     __slots__ = (
+        "copies",
         "device",
         "dropped",
         "key",
@@ -72,6 +86,10 @@ class HostBuffer(weakref.ref):  # type: ignore[type-arg]
         "wants_pin",
         "whole",
     )
+    copies: list[None] | None
+    """Copies in flight into the buffer, one item each; None for a buffer never pinned (it has
+    nothing to undo, so nothing to count). A list because ``append`` and ``pop`` are atomic
+    under the GIL, where ``+= 1`` is a read and a write that another thread can split."""
     device: torch.device
     """Device of the source storage."""
     key: int
@@ -94,7 +112,8 @@ class HostBuffer(weakref.ref):  # type: ignore[type-arg]
 
     @property
     def pinned(self) -> bool:
-        return self.registration is not None
+        registration = self.registration
+        return registration is not None and registration.active
 
     @property
     def storage(self) -> torch.UntypedStorage:
@@ -106,28 +125,56 @@ class HostBuffer(weakref.ref):  # type: ignore[type-arg]
             return self.whole
         return torch.empty((0,), dtype=torch.uint8).set_(self.storage)
 
-    def release(self) -> None:
-        """Mark the buffer dropped and release its registration; its memory stays valid.
+    def copy_started(self) -> None:
+        """Count a copy into the buffer as in flight: its registration is kept until it lands.
 
-        Races with the device layer registering it in a worker thread are settled by the order
-        of the two writes: ``dropped`` is set before ``registration`` is read here, and the
-        device layer sets ``registration`` before it reads ``dropped`` again. Whichever reads
-        second sees the other's write and releases, so a registration set meanwhile is never
-        left behind; both may release, which :meth:`Registration.release` allows.
+        Called by the device layer before it enqueues the copy; :meth:`copy_finished` once the
+        copy has completed (for a device copy: once its completion event has), exactly once.
+        """
+        copies = self.copies
+        if copies is not None:
+            copies.append(None)
+
+    def copy_finished(self) -> None:
+        """A copy counted by :meth:`copy_started` has completed; the last one lets go of a
+        registration that :meth:`release` had to leave in place."""
+        copies = self.copies
+        if copies is None:
+            return
+        copies.pop()
+        # The write (pop) comes before the read (dropped); release() writes dropped before it
+        # reads the count. Whichever of the two reads second sees the other's write, so the
+        # registration is let go at least once (maybe twice, which release() allows).
+        if self.dropped and not copies:
+            self._let_go()
+
+    def release(self) -> None:
+        """Mark the buffer dropped; let go of its registration unless copies are in flight.
+
+        The memory stays valid (staged tensors may use it). Races with the device layer
+        registering it in a worker thread are settled by the order of the writes: ``dropped``
+        is set before ``registration`` is read here, and the device layer sets
+        ``registration`` before it reads ``dropped`` again. Whichever reads second sees the
+        other's write and lets go, so a registration set meanwhile is never left behind.
         """
         self.dropped = True
+        if not self.copies:
+            self._let_go()
+
+    def _let_go(self) -> None:
+        # The registration stays on the buffer (``pinned`` asks it whether it is still active):
+        # a copy that lands later must find it to let go again.
         registration = self.registration
         if registration is not None:
-            self.registration = None
             registration.release()
 
     def __del__(self) -> None:
         # A buffer dropped without release() (a stager never closed, a cache collected with
-        # its entries) must not stay registered. __del__ runs before the slots are cleared,
-        # so ``whole`` (the memory) is still alive while the registration is undone.
-        registration = getattr(self, "registration", None)
-        if registration is not None:
-            registration.release()
+        # its entries) must not stay registered. A copy still counted here was never reported
+        # landed (its driver gave up waiting): the registration is then kept, as unregistering
+        # under a copy would be unsafe, and leaks rather than corrupts.
+        if not getattr(self, "dropped", True):
+            self.release()
 
 
 class BufferCache:
@@ -192,6 +239,7 @@ class BufferCache:
             and nbytes >= self._pin_min
             and source.device.type != "cpu"
         )
+        buffer.copies = [] if buffer.wants_pin else None
         buffer.registration = None
         buffer.dropped = False
         # The buffer is complete before it is published: a reader in another thread (info(),
@@ -269,7 +317,8 @@ class BufferCache:
         )
 
     def clear(self) -> None:
-        """Drop every buffer (releasing its registration); staged tensors handed out stay valid."""
+        """Drop every buffer (letting go of its registration once no copy into it is in flight);
+        staged tensors handed out stay valid."""
         # Swap in an empty dict, then drain the old one with popitem (atomic): an eviction that
         # still reaches the old dict pops its own entry or finds it gone, never a half-iterated
         # dict; a buffer released twice (here and by its eviction) is fine.
