@@ -19,7 +19,7 @@ import inspect
 import logging
 import threading
 import warnings
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -362,17 +362,22 @@ def test_clear_cache_after_a_cancelled_call_unpins_safely(
 def _cuda_peek_last_error() -> Callable[[], int]:
     """``cudaPeekAtLastError`` of the CUDA runtime torch loaded (read without resetting)."""
     for path in _libraries("libcudart"):
-        function = getattr(ctypes.CDLL(path), "cudaPeekAtLastError", None)
+        try:
+            function = getattr(ctypes.CDLL(path), "cudaPeekAtLastError", None)
+        except OSError:
+            continue
         if function is not None:
             function.restype, function.argtypes = ctypes.c_int, []
             return function  # type: ignore[no-any-return]
     pytest.skip("no dynamically loaded CUDA runtime: its last error is out of reach")
 
 
-def _libraries(stem: str) -> Iterator[str]:
+def _libraries(stem: str) -> list[str]:
+    """Paths of the shared libraries named ``stem*`` mapped into this process (Linux)."""
     with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
-        paths = {line.split(maxsplit=5)[-1] for line in maps if "/" in line}
-    return (p for p in sorted(paths) if p.rsplit("/", 1)[-1].startswith(stem))
+        fields = [line.split(maxsplit=5) for line in maps]
+    paths = {f[5].strip() for f in fields if len(f) == 6}
+    return [p for p in sorted(paths) if p.rsplit("/", 1)[-1].startswith(stem)]
 
 
 @cuda
