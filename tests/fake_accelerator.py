@@ -236,8 +236,9 @@ class FakeStream:
         label: str = "copy",
     ) -> None:
         """Queue ``dst.copy_(src)`` for each pair; they land when this stream reaches them."""
+        host = self.accelerator.host  # fake tensors are read through their CPU twins
+        dsts, srcs = [host(dst) for dst in dsts], [host(src) for src in srcs]
         pending = self.accelerator.copies.enqueued(self, dsts)
-        dsts, srcs = list(dsts), list(srcs)
 
         def land() -> None:
             with torch.no_grad():
@@ -761,7 +762,7 @@ class FakeBackend:
         stream = owner.staging
         for mark in after:
             stream.wait_event(mark.event)
-        stream.enqueue_copies(batch.dsts, [self.accelerator.host(src) for src in batch.srcs])
+        stream.enqueue_copies(batch.dsts, batch.srcs)
         with self._lock:
             self.enqueues.append((batch.device, len(batch.srcs), threading.current_thread().name))
         return stream.record_event(FakeEvent(owner, blocking=True))

@@ -13,9 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from fake_accelerator import FakeAccelerator, FakeEvent
-
 from conftest import collect
+from fake_accelerator import FakeAccelerator, FakeEvent
 
 
 @pytest.fixture
@@ -31,13 +30,14 @@ def test_work_runs_later_on_the_streams_thread(acc: FakeAccelerator) -> None:
     stream = acc.devices[0].new_stream("producer")
     ran_on: list[str] = []
     with stream.held():
-        stream.enqueue(lambda: (x.fill_(7.0), ran_on.append(threading.current_thread().name)))
+        stream.enqueue(lambda: acc.host(x).fill_(7.0))
+        stream.enqueue(lambda: ran_on.append(threading.current_thread().name))
         time.sleep(0.02)
-        assert torch.all(x == 0.0)  # queued, not run
+        assert torch.all(acc.host(x) == 0.0)  # queued, not run
         assert not stream.query()
-        assert stream.pending() == ["kernel"]
+        assert stream.pending() == ["kernel", "kernel"]
     stream.synchronize()
-    assert torch.all(x == 7.0)
+    assert torch.all(acc.host(x) == 7.0)
     assert ran_on == [stream.thread.name] != [threading.current_thread().name]
 
 
@@ -58,7 +58,7 @@ def test_a_stream_waits_for_an_event_of_another_device(acc: FakeAccelerator) -> 
     producer = acc.devices[0].new_stream("producer")
     staging = acc.devices[1].new_stream("staging")
     with producer.held():
-        producer.enqueue(lambda: x.fill_(3.0))
+        producer.enqueue(lambda: acc.host(x).fill_(3.0))
         staging.wait_event(producer.record_event())
         staging.enqueue_copies([host], [x])
         time.sleep(0.02)
@@ -74,11 +74,13 @@ def test_a_wait_keeps_the_point_recorded_at_the_time(acc: FakeAccelerator) -> No
     staging = acc.devices[0].new_stream()
     event = producer.record_event()
     producer.synchronize()
-    staging.wait_event(event)
-    with producer.held():
-        event.record(producer)  # re-recorded behind a held stream: earlier waits are not moved
-        staging.synchronize()
-    assert not event.query() or producer.query()
+    with staging.held():
+        staging.wait_event(event)
+        with producer.held():
+            event.record(producer)  # re-recorded behind a held producer
+            staging.gate.release()
+            staging.synchronize()  # returns: the earlier wait kept the point it was given
+            assert not event.query()
 
 
 def test_the_current_stream_is_per_thread(acc: FakeAccelerator) -> None:
@@ -96,7 +98,7 @@ def test_the_current_stream_is_per_thread(acc: FakeAccelerator) -> None:
 
 def test_pin_ledger_sees_pending_copies_and_threads(acc: FakeAccelerator) -> None:
     buffer = torch.zeros(16)
-    source = acc.devices[0].tensor(torch.ones(16))
+    source = acc.host(acc.devices[0].tensor(torch.ones(16)))
     staging = acc.devices[0].new_stream()
     ptr = buffer.data_ptr()
     acc.set_device(0)
@@ -114,11 +116,12 @@ def test_pin_ledger_sees_pending_copies_and_threads(acc: FakeAccelerator) -> Non
 
 def test_a_claim_dies_with_its_storage(acc: FakeAccelerator) -> None:
     x = acc.devices[1].zeros(8)
+    assert x.device == torch.device("privateuseone", 1) == x.untyped_storage().device
     assert acc.owner(x.untyped_storage()) is acc.devices[1]
     assert not acc.owns(torch.zeros(8))
     del x
     collect()
-    assert acc._owners == {}
+    assert acc._twins == {}
 
 
 def test_errors_of_work_are_kept(acc: FakeAccelerator) -> None:

@@ -170,7 +170,7 @@ def test_compat_default_stager_orders_after_side_streams(
     with DefaultStager(options) as stager, _current(producers):
         seen = _release_later(producers, fake)
         _produce(fake, state, 3.0)
-        result = stager.stage(state)
+        result: Any = stager.stage(state)
         if async_staging:
             result = result.result(timeout=10)
     assert seen == {"landed": 0}
