@@ -28,8 +28,10 @@ from conftest import (
     mutate_,
     storage_ptr,
 )
+from test_sync import FakeStream, RecordingBackend, _in_a_forked_child
 
 import astage
+from astage._devices._backend import installed
 from astage._devices._host import run_host_batch
 from astage._drivers import _async
 
@@ -646,3 +648,70 @@ async def test_stage_iter_tensor_attribute_referring_to_itself(stager: astage.St
     x.me = x  # type: ignore[attr-defined]
     items = dict(await _collect(stager, {"x": x}))
     assert items[("x",)].me is items[("x",)]
+
+
+# -- ordering taken at the call, and refusals (through an injected backend) ------------------------
+
+
+async def test_stage_marks_the_producer_when_called_not_when_awaited() -> None:
+    backend = RecordingBackend()
+    with installed(backend):
+        async with astage.Stager() as stager:
+            pending = stager.stage({"w": torch.ones(3)})
+            assert backend.marks == [(RecordingBackend.device, threading.get_ident())]
+            staged = await pending
+            async with stager.stage_iter({"w": torch.ones(2)}) as landed:
+                assert len(backend.marks) == 2
+                assert [path async for path, _ in landed] == [("w",)]
+    assert torch.equal(staged["w"], torch.ones(3))
+
+
+async def test_stage_called_in_another_thread_marks_that_thread() -> None:
+    # run_coroutine_threadsafe(stager.stage(sd), loop) from a training thread: the coroutine is
+    # made (and the producer marked) in the training thread, and runs on the loop.
+    backend = RecordingBackend()
+    with installed(backend):
+        async with astage.Stager() as stager:
+            made: list[Any] = []
+            training = threading.Thread(target=lambda: made.append(stager.stage({"w": 1})))
+            training.start()
+            await anyio.to_thread.run_sync(training.join)
+            assert await made[0] == {"w": 1}
+    [(_, thread)] = backend.marks
+    assert thread == training.ident
+    assert thread != threading.get_ident()
+
+
+async def test_staging_while_capturing_is_refused_at_the_call() -> None:
+    backend = RecordingBackend(capturing=True)
+    with installed(backend):
+        async with astage.Stager() as stager:
+            with pytest.raises(astage.UsageError, match=r"meta.*capturing a graph"):
+                stager.stage({"w": torch.ones(3)})
+            with pytest.raises(astage.UsageError, match="capturing"):
+                stager.stage_iter({"w": torch.ones(3)})
+            assert stager.cache_info().storages == 0
+            backend.capturing = False
+            assert torch.equal((await stager.stage({"w": torch.ones(3)}))["w"], torch.ones(3))
+
+
+async def test_after_is_checked_at_the_call() -> None:
+    async with astage.Stager() as stager:
+        with pytest.raises(astage.InvalidOptionsError, match="after="):
+            stager.stage({}, after=torch.ones(1))
+        with installed(RecordingBackend()):
+            assert await stager.stage({"a": 1}, after=FakeStream()) == {"a": 1}
+
+
+async def test_a_stager_from_before_a_fork_refuses_in_the_child() -> None:
+    stager = astage.Stager()
+    await stager.stage({"w": torch.ones(3)})
+
+    def child() -> None:
+        for call in (stager.stage, stager.stage_iter):
+            with pytest.raises(astage.UsageError, match=r"before os\.fork"):
+                call({"w": torch.ones(3)})
+
+    assert await anyio.to_thread.run_sync(_in_a_forked_child, child) == 0
+    await stager.stage({"w": torch.ones(3)})  # the parent's stager still works
+    await stager.aclose()

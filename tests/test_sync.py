@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import anyio
@@ -21,6 +23,8 @@ from conftest import (
 )
 
 import astage
+from astage._core._batches import Batch
+from astage._devices._backend import Completion, Mark, installed
 
 MiB = 1 << 20
 
@@ -212,4 +216,111 @@ def test_clear_cache_is_refused_during_a_call() -> None:
         hold.release()
         waiting.result(timeout=5)
     stager.clear_cache()
+    stager.close()
+
+
+# -- the device layer, through an injected backend ------------------------------------------------
+
+
+class RecordingBackend:
+    """A device backend that owns no device: it records where and when it was asked to mark.
+
+    Installed with ``astage._devices._backend.installed``, it is asked for the caller's current
+    device at every call (``current_device``), so the ordering and refusals taken at the call
+    can be observed on CPU. Its device is ``meta`` (no tensor of the tests is there).
+    """
+
+    device = torch.device("meta")
+
+    def __init__(self, *, capturing: bool = False) -> None:
+        self.capturing = capturing
+        self.marks: list[tuple[torch.device, int]] = []  # (device, thread id)
+        self.enqueued = 0
+
+    def handles(self, device: torch.device) -> bool:
+        return device == self.device
+
+    def current_device(self) -> torch.device | None:
+        return self.device
+
+    def mark(self, device: torch.device) -> Mark:
+        self.marks.append((device, threading.get_ident()))
+        return Mark(device, object())
+
+    def mark_after(self, source: object) -> Mark:
+        return Mark(self.device, source)
+
+    def is_capturing(self, device: torch.device) -> bool:
+        return self.capturing
+
+    def enqueue(self, batch: Batch, after: Sequence[Mark], *, non_blocking: bool) -> Completion:
+        self.enqueued += 1
+        raise AssertionError("no batch is on the meta device")
+
+    def synchronize(self) -> None:
+        pass
+
+
+class FakeStream:
+    """What ``after=`` needs of a stream of the recording backend: its device."""
+
+    device = RecordingBackend.device
+
+
+def test_a_call_marks_the_current_device_in_the_calling_thread() -> None:
+    backend = RecordingBackend()
+    with installed(backend), astage.SyncStager() as stager:
+        stager.stage({"w": torch.ones(3)})
+    assert backend.marks == [(RecordingBackend.device, threading.get_ident())]
+
+
+def test_staging_while_capturing_is_refused_before_any_copy() -> None:
+    backend = RecordingBackend(capturing=True)
+    source = {"w": torch.ones(3)}
+    with installed(backend), astage.SyncStager() as stager:
+        with pytest.raises(astage.UsageError, match=r"meta.*capturing a graph"):
+            stager.stage(source)
+        assert stager.cache_info().storages == 0  # refused before the walk allocated anything
+        assert backend.marks == []
+        backend.capturing = False
+        staged = stager.stage(source)  # the stager stays usable
+    assert torch.equal(staged["w"], source["w"])
+
+
+def test_after_takes_streams_and_events_of_a_device() -> None:
+    backend = RecordingBackend()
+    with installed(backend), astage.SyncStager() as stager:
+        stager.stage({"w": torch.ones(1)}, after=[FakeStream(), FakeStream()])
+        for wrong in (torch.ones(1), "stream", [None]):
+            with pytest.raises(astage.InvalidOptionsError, match="after="):
+                stager.stage({}, after=wrong)
+
+
+def _in_a_forked_child(child: Callable[[], None]) -> int:
+    """Run ``child`` in a forked process; its exit code (0: it returned, 1: it raised)."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            child()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def test_a_stager_from_before_a_fork_refuses_in_the_child() -> None:
+    stager = astage.SyncStager()
+    stager.stage({"w": torch.ones(3)})
+
+    def child() -> None:
+        with pytest.raises(astage.UsageError, match=r"before os\.fork"):
+            stager.stage({"w": torch.ones(3)})
+        stager.close()  # closing in the child touches nothing of the parent's
+        with astage.SyncStager() as fresh:  # one made in the child works
+            assert torch.equal(fresh.stage({"w": torch.ones(3)})["w"], torch.ones(3))
+
+    assert _in_a_forked_child(child) == 0
+    assert torch.equal(stager.stage({"w": torch.ones(3)})["w"], torch.ones(3))  # parent: fine
     stager.close()
