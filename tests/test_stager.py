@@ -687,7 +687,7 @@ async def test_staging_while_capturing_is_refused_at_the_call() -> None:
     with installed(backend):
         async with astage.Stager() as stager:
             with pytest.raises(astage.UsageError, match=r"meta.*capturing a graph"):
-                stager.stage({"w": torch.ones(3)})
+                _ = stager.stage({"w": torch.ones(3)})
             with pytest.raises(astage.UsageError, match="capturing"):
                 stager.stage_iter({"w": torch.ones(3)})
             assert stager.cache_info().storages == 0
@@ -698,7 +698,7 @@ async def test_staging_while_capturing_is_refused_at_the_call() -> None:
 async def test_after_is_checked_at_the_call() -> None:
     async with astage.Stager() as stager:
         with pytest.raises(astage.InvalidOptionsError, match="after="):
-            stager.stage({}, after=torch.ones(1))
+            _ = stager.stage({}, after=torch.ones(1))
         with installed(RecordingBackend()):
             assert await stager.stage({"a": 1}, after=FakeStream()) == {"a": 1}
 
