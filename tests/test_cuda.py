@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import anyio
+import anyio.to_thread
 import pytest
 import torch
 from conftest import Driver, assert_staged, collect
@@ -257,3 +259,54 @@ async def test_async_stage_keeps_the_loop_responsive_on_cuda() -> None:
         staged = await stager.stage(source)
     assert torch.equal(staged["w3"], source["w3"].cpu())
     assert beat.max_lag < 0.1
+
+
+def test_after_orders_a_call_made_for_another_thread() -> None:
+    # The producer runs on a side stream that is NOT current where stage() is called: only
+    # after= can order the copy after it.
+    x = torch.zeros(4 * MiB, device="cuda")
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    with astage.SyncStager() as stager:
+        with torch.cuda.stream(side):
+            _produce_late(x, value=4.0)
+        staged = stager.stage({"x": x}, after=side)
+        assert torch.all(staged["x"] == 4.0)
+        with torch.cuda.stream(side):
+            _produce_late(x, value=6.0)
+            done = torch.cuda.Event()
+            done.record(side)
+        staged = stager.stage({"x": x}, after=[done])
+        assert torch.all(staged["x"] == 6.0)
+
+
+@pytest.mark.asyncio
+async def test_async_stage_made_in_a_training_thread_is_ordered_after_it() -> None:
+    # run_coroutine_threadsafe's shape: the coroutine is made in the training thread, whose
+    # current stream is a side stream with the producer on it, and awaited on the loop.
+    x = torch.zeros(4 * MiB, device="cuda")
+    torch.cuda.synchronize()
+    made: list[Any] = []
+
+    def training() -> None:
+        with torch.cuda.stream(torch.cuda.Stream()):
+            _produce_late(x, value=3.0)
+            made.append(stager.stage({"x": x}))
+
+    async with astage.Stager() as stager:
+        await anyio.to_thread.run_sync(training)
+        staged = await made[0]
+    assert torch.all(staged["x"] == 3.0)
+
+
+def test_staging_during_graph_capture_is_refused() -> None:
+    x = torch.ones(16, device="cuda")
+    with astage.SyncStager() as stager:
+        stager.stage({"x": x})
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = x * 2
+            with pytest.raises(astage.UsageError, match="capturing a graph"):
+                stager.stage({"y": y})
+        graph.replay()
+        assert torch.equal(stager.stage({"y": y})["y"], x.cpu() * 2)
