@@ -37,6 +37,9 @@ from typing import Any, NamedTuple
 import pytest
 import torch
 from conftest import DRIVERS, DTYPES, Driver
+
+pytest.importorskip("hypothesis")  # not on the GPU machines
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

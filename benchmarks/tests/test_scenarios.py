@@ -59,6 +59,7 @@ EXPECTED = {
     "memory": 10,
     "dcp": 4,
     "writers": 10,
+    "gpu": 19,
 }
 """Checks each scenario computes: a split that loses a figure shows here."""
 
