@@ -725,6 +725,9 @@ class FakeBackend:
         """Producer marks: device, the stream marked, the marking thread's name."""
         self.enqueues: list[tuple[torch.device, int, str]] = []
         """Batches enqueued: device, number of copies, the enqueuing thread's name."""
+        self.enqueue_gate = Gate()
+        """Held by a test: :meth:`enqueue` stops after enqueuing its copies, before it returns
+        (so that a cancellation can reach the caller while copies are already in flight)."""
         self._lock = threading.Lock()
 
     def handles(self, device: torch.device) -> bool:
@@ -765,7 +768,9 @@ class FakeBackend:
         stream.enqueue_copies(batch.dsts, batch.srcs)
         with self._lock:
             self.enqueues.append((batch.device, len(batch.srcs), threading.current_thread().name))
-        return stream.record_event(FakeEvent(owner, blocking=True))
+        done = stream.record_event(FakeEvent(owner, blocking=True))
+        self.enqueue_gate.pass_through(self.accelerator.stopping)
+        return done
 
     def synchronize(self) -> None:
         for owner in self.accelerator.devices:

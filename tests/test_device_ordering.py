@@ -177,6 +177,35 @@ def test_compat_default_stager_orders_after_side_streams(
     _assert_all(result, 3.0)
 
 
+@pytest.mark.parametrize("kind", ["asyncio", "uvloop", "trio"])
+def test_a_coroutine_made_here_and_run_by_another_loop_is_ordered_here(
+    fake: FakeAccelerator, kind: str
+) -> None:
+    """Guards: the async face takes its marks when ``stage()`` is *called*, in the calling thread,
+    not when the coroutine first runs. The training thread makes the coroutine with its side
+    streams current, and another thread's event loop runs it (``run_coroutine_threadsafe``'s
+    pattern); marks taken inside the coroutine would land on that thread's idle default streams
+    and the copies would read 0.0."""
+    state = _two_device_state(fake)
+    producers = [owner.new_stream("training") for owner in fake.devices]
+    driver = Driver(kind)
+    try:
+        driver.stage(state)  # the devices are known: a cached call marks them all at the call
+        with _current(producers):
+            seen = _release_later(producers, fake)
+            _produce(fake, state, 6.0)
+            coroutine = driver.stager.stage(state)
+
+        async def run_it() -> Any:
+            return await coroutine
+
+        staged = driver.run(run_it)
+        assert seen == {"landed": 0}
+        _assert_all(staged, 6.0)
+    finally:
+        driver.close()
+
+
 # -- after=: staging scheduled from another thread ----------------------------------------------
 
 
@@ -272,38 +301,39 @@ def test_staging_waits_for_the_mark_not_for_later_work(fake: FakeAccelerator, ki
 
 @pytest.mark.asyncio
 async def test_a_cancelled_call_returns_only_once_its_copies_landed(fake: FakeAccelerator) -> None:
-    """Guards: the async face's shielded wait for device completions. The staging stream is held
-    with copies enqueued; the call is cancelled; it may only return after the stream is released
-    and every copy landed. Without the shield it returns at once with copies pending."""
-    state = _two_device_state(fake)
-    staging = [owner.staging for owner in fake.devices]
-    async with astage.Stager() as stager:
-        for stream in staging:
-            stream.gate.hold()
-        released_at: list[float] = []
+    """Guards: the async face's shielded wait for device completions. The cancellation reaches
+    the call while a worker thread is inside the backend's enqueue, with copies already on the
+    (held) staging stream; the call may only return once the stream was released and every copy
+    landed. Without the shield it returns at once, with copies still pending."""
+    backend = FakeBackend(fake)
+    state = {"w": fake.devices[0].zeros(1024)}
+    staging = fake.devices[0].staging
+    with installed(backend):
+        async with astage.Stager() as stager:
+            await stager.stage(state)  # meet the device once
+            released_at: list[float] = []
 
-        def release() -> None:
-            released_at.append(time.perf_counter())
-            for stream in staging:
-                stream.gate.release()
+            def release() -> None:
+                released_at.append(time.perf_counter())
+                staging.gate.release()
 
-        with anyio.move_on_after(10):
+            staging.gate.hold()
+            backend.enqueue_gate.hold()
             async with anyio.create_task_group() as group:
-
-                async def call() -> None:
-                    await stager.stage(state)
-
-                group.start_soon(call)
-                while fake.copies.enqueued_count < 2:  # both devices' copies are enqueued
+                group.start_soon(stager.stage, state)
+                while not backend.enqueue_gate.waiting.is_set():  # copies enqueued, not returned
                     await anyio.sleep(0.001)
-                threading.Timer(HOLD_S, release).start()
                 group.cancel_scope.cancel()
-        returned_at = time.perf_counter()
-        assert released_at and returned_at >= released_at[0]
-        assert fake.copies.pending() == []
-        # The stager is usable again at once, and the next call copies the current values.
-        _produce(fake, state, 1.0)
-        _assert_all(await stager.stage(state), 1.0)
+                backend.enqueue_gate.release()
+                timer = threading.Timer(HOLD_S, release)
+                timer.start()
+            returned_at = time.perf_counter()
+            timer.join()
+            assert released_at and returned_at >= released_at[0]
+            assert fake.copies.pending() == []
+            # The stager is usable at once, and the next call copies the current values.
+            staging.owner.default_stream.enqueue(lambda: fake.host(state["w"]).fill_(1.0))
+            assert torch.all((await stager.stage(state))["w"] == 1.0)
 
 
 def test_sync_stage_returns_only_once_its_copies_landed(fake: FakeAccelerator) -> None:
