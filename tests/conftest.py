@@ -437,7 +437,10 @@ class Driver:
     def stage(self, state_dict: Any) -> Any:
         if self._portal is None:
             return self.stager.stage(state_dict)
-        return self.run(self.stager.stage, state_dict)
+        # Made here, in the calling thread: stage() takes its producer marks when called, and
+        # the caller's streams are this thread's, not the portal's.
+        call = self.stager.stage(state_dict)
+        return self.run(_awaited, call)
 
     def cache_info(self) -> astage.CacheInfo:
         info: astage.CacheInfo = self.stager.cache_info()
@@ -464,6 +467,10 @@ class Driver:
 
 async def _construct(overrides: dict[str, Any]) -> astage.Stager:
     return astage.Stager(**overrides)
+
+
+async def _awaited(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
 
 
 DRIVERS = ["sync", "asyncio", "uvloop", *(["trio"] if HAS_TRIO else [])]

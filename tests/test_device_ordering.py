@@ -17,7 +17,7 @@ from typing import Any
 import anyio
 import pytest
 import torch
-from conftest import Driver
+from conftest import DRIVERS, Driver
 from fake_accelerator import FakeAccelerator, FakeBackend, FakeStream
 
 import astage
@@ -177,7 +177,7 @@ def test_compat_default_stager_orders_after_side_streams(
     _assert_all(result, 3.0)
 
 
-@pytest.mark.parametrize("kind", ["asyncio", "uvloop", "trio"])
+@pytest.mark.parametrize("kind", [k for k in DRIVERS if k != "sync"])
 def test_a_coroutine_made_here_and_run_by_another_loop_is_ordered_here(
     fake: FakeAccelerator, kind: str
 ) -> None:
@@ -209,7 +209,7 @@ def test_a_coroutine_made_here_and_run_by_another_loop_is_ordered_here(
 # -- after=: staging scheduled from another thread ----------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["asyncio", "trio", "sync"])
+@pytest.mark.parametrize("kind", [k for k in ("asyncio", "trio", "sync") if k in DRIVERS])
 def test_after_orders_a_call_made_from_another_thread(fake: FakeAccelerator, kind: str) -> None:
     """Guards: ``after=`` (a stream, and an event). The call runs in another thread (an event
     loop's, or a thread of a pool) whose current streams are the default ones, which are idle:
@@ -259,7 +259,7 @@ def test_after_orders_a_call_made_from_another_thread(fake: FakeAccelerator, kin
 # -- what a snapshot does not include --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["sync", "asyncio", "trio"])
+@pytest.mark.parametrize("kind", [k for k in ("sync", "asyncio", "trio") if k in DRIVERS])
 def test_staging_waits_for_the_mark_not_for_later_work(fake: FakeAccelerator, kind: str) -> None:
     """Work the producer queues after the mark is not waited for, and once stage() returned it
     cannot reach the snapshot.
