@@ -137,7 +137,10 @@ def main(argv: list[str] | None = None) -> int:
         "Replication across ranks (`astage.ReplicationStager` vs DCP's `_ReplicationStager`, "
         "2 gloo ranks on loopback, 256 MiB per rank) has a page of its own, "
         "[benchmarks-replication.md](benchmarks-replication.md), from "
-        "`python -m benchmarks.replication`."
+        "`python -m benchmarks.replication`.\n\n"
+        "Device-to-host staging on a GPU (against a raw pinned copy and DCP's DefaultStager) "
+        "has a page of its own, [benchmarks-gpu.md](benchmarks-gpu.md), from "
+        "`bash benchmarks/gpu_check.sh` on a GPU machine."
     )
     markdown = report.render_markdown(
         machine, results, images, total, title=title, see_also=see_also
