@@ -18,25 +18,38 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def accelerator_available() -> bool:
+    """Whether an accelerator that astage's device layer serves is present (CUDA, XPU, MPS, HPU,
+    a PrivateUse1 device: ``torch.accelerator``); never a warning.
+
+    Initialises no device: ``torch.accelerator.is_available`` asks the device module's own
+    ``is_available`` (CUDA's counts devices without creating a context), and a build without an
+    accelerator answers False at once.
+    """
+    return torch.accelerator.is_available()
+
+
 @dataclass(frozen=True, kw_only=True)
 class StagingOptions:
     """How a stager copies a state dict to host memory.
 
-    ``None`` for ``pin_memory`` and ``non_blocking`` means "decide for me": on when CUDA is
-    available, off otherwise.
+    ``None`` for ``pin_memory`` and ``non_blocking`` means "decide for me": on when an
+    accelerator (``torch.accelerator``: CUDA, XPU, MPS, ...) is available, off otherwise.
     """
 
     pin_memory: bool | None = None
     """Page-lock (``cudaHostRegister``) host buffers so device copies run at full link speed.
 
-    Pinning is a CUDA feature: without CUDA, ``True`` is accepted and pins nothing, so the same
+    Only buffers whose source is on a device whose copies gain from it are pinned (CUDA's), and
+    never those of CPU sources: ``True`` without CUDA is accepted and pins nothing, so the same
     code runs on a laptop and on a GPU node."""
 
     share_memory: bool = False
     """Allocate host buffers in shared memory, so another process (a writer) can map them."""
 
     non_blocking: bool | None = None
-    """Enqueue device-to-host copies asynchronously on a staging stream."""
+    """Enqueue device-to-host copies asynchronously on a staging stream. ``True`` needs an
+    accelerator."""
 
     pin_memory_min_bytes: int = 64 * 1024
     """Buffers smaller than this are never pinned: registering them costs more than it saves."""
@@ -94,19 +107,21 @@ class StagingOptions:
 
     def resolve(self) -> ResolvedOptions:
         """Turn the auto flags into booleans for this machine; refuse impossible requests."""
-        has_cuda = cuda_available()
-        if self.non_blocking and not has_cuda:
+        has_accelerator = accelerator_available()
+        if self.non_blocking and not has_accelerator:
             raise InvalidOptionsError(
-                "non_blocking=True needs CUDA, and CUDA is not available; "
-                "leave it as None to decide automatically"
+                "non_blocking=True needs an accelerator (torch.accelerator), and none is "
+                "available; leave it as None to decide automatically"
             )
         # Leave a core to the event loop: copies are memory-bound, so one thread less costs
         # little bandwidth, while a loop that competes for a core shows lag.
         threads = self.copy_threads or max(1, min(4, (os.cpu_count() or 1) - 1))
         return ResolvedOptions(
-            pin_memory=has_cuda and self.pin_memory is not False,
+            # True stays True without an accelerator: the device layer pins only buffers of
+            # sources whose backend asks for it, and there are none then.
+            pin_memory=has_accelerator if self.pin_memory is None else self.pin_memory,
             share_memory=self.share_memory,
-            non_blocking=has_cuda if self.non_blocking is None else self.non_blocking,
+            non_blocking=has_accelerator if self.non_blocking is None else self.non_blocking,
             pin_memory_min_bytes=self.pin_memory_min_bytes,
             chunk_bytes=self.chunk_bytes,
             max_inflight_bytes=self.max_inflight_bytes,

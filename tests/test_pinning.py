@@ -170,13 +170,16 @@ def test_a_buffer_that_does_not_want_pinning_is_left_alone(cuda_runtime: FakeCud
 def test_another_accelerators_buffer_is_not_registered_with_cuda(
     cuda_runtime: FakeCudaRuntime,
 ) -> None:
-    # A CUDA pin speeds up CUDA's copies only; a source on another device gains nothing.
+    # A CUDA pin speeds up CUDA's copies only: a backend that does not pin host memory (the
+    # generic one) enqueues with pin_buffers=False, and the buffer is never tried again.
     source = torch.empty(256, dtype=torch.uint8, device="meta").untyped_storage()
     buffer = _cache().allocate(source)
     assert buffer.wants_pin  # the cache's policy: an accelerator source
-    _pinning.pin(buffer)
+    copies = _pinning.begin_copies(_batch(buffer), pin_buffers=False)
+    copies.landed()
     assert cuda_runtime.registers == 0
     assert not buffer.pinned and not buffer.wants_pin
+    assert buffer.copies == []
 
 
 def test_pin_and_unpin_select_the_buffers_device(cuda_runtime: FakeCudaRuntime) -> None:
@@ -213,13 +216,28 @@ def test_concurrent_pins_register_once(cuda_runtime: FakeCudaRuntime) -> None:
     assert buffer.pinned
 
 
-def test_host_batches_pin_their_buffers_first(cuda_runtime: FakeCudaRuntime) -> None:
+def test_device_batches_pin_their_buffers_first(cuda_runtime: FakeCudaRuntime) -> None:
     sources = _source(256), _source(8)
     wants, small = _cache().allocate(sources[0]), _cache(pin_memory=False).allocate(sources[1])
-    run_host_batch(_batch(wants, small))
+    copies = _pinning.begin_copies(_batch(wants, small), pin_buffers=True)
     assert wants.pinned and not small.pinned
-    assert bool(wants.whole.eq(1).all())
-    assert wants.copies == []  # the copy was counted in flight, and back out once it landed
+    assert wants.copies == [None]  # counted in flight until the batch is reported landed
+    copies.landed()
+    assert wants.copies == []
+
+
+def test_host_batches_pin_nothing_and_unpin_what_is_queued(cuda_runtime: FakeCudaRuntime) -> None:
+    # A CPU-to-CPU copy gains nothing from a pin; the worker that runs it drains the queue.
+    cache = _cache()
+    source = _source(256)  # kept alive: its death would evict the buffer
+    dropped = cache.allocate(source)
+    _pinning.pin(dropped)
+    cache.clear()
+    host = _cache(pin_memory=False).allocate(torch.empty(64, dtype=torch.uint8).untyped_storage())
+    run_host_batch(_batch(host))
+    assert cuda_runtime.registers == 1 and len(cuda_runtime.unregisters) == 1
+    assert not dropped.pinned and not host.pinned
+    assert bool(host.whole.eq(1).all())
 
 
 def test_a_failed_registration_leaves_the_buffer_pageable_and_no_cuda_error(
@@ -401,7 +419,7 @@ def test_a_buffer_is_not_unpinned_while_a_copy_into_it_is_in_flight(
     cache = _cache()
     sources = [_source(256)]
     buffer = cache.allocate(sources[0])
-    copies = _pinning.begin_copies(_batch(buffer))  # a device copy enqueued, not landed
+    copies = _pinning.begin_copies(_batch(buffer), pin_buffers=True)  # a device copy enqueued, not landed
     assert buffer.pinned
     drop(cache, sources)
     assert cache.info().storages == 0
@@ -418,8 +436,8 @@ def test_every_copy_in_flight_must_land_first(cuda_runtime: FakeCudaRuntime) -> 
     cache = _cache()
     source = _source(256)
     buffer = cache.allocate(source)
-    first = _pinning.begin_copies(_batch(buffer))
-    second = _pinning.begin_copies(_batch(buffer))
+    first = _pinning.begin_copies(_batch(buffer), pin_buffers=True)
+    second = _pinning.begin_copies(_batch(buffer), pin_buffers=True)
     cache.clear()
     first.landed()
     first.landed()  # idempotent: a second report of the same batch does not count twice

@@ -1,11 +1,11 @@
-"""Copy engines: turn a plan's copies into bounded batches and execute them.
+"""Batches: a plan's copies cut into bounded units of copy work.
 
-A batch is either many small copies (one ``torch._foreach_copy_`` call, which drops the GIL for
-the whole list) or one slice of a large copy, so no single task moves more than ``chunk_bytes``.
-Host batches run synchronously wherever they are called (a worker thread under the async
-driver, the caller's thread under the sync driver). CUDA batches are enqueued on a staging
-stream of their device and return a completion event; the CUDA-specific code is the
-:class:`CudaStreams` class and nothing else.
+A batch is either many small copies of one device or one slice of a large copy, so no single
+task moves more than ``chunk_bytes``. The core only cuts them; the device layer
+(``astage._devices``) executes them: host batches synchronously wherever they are called (one
+``torch._foreach_copy_`` call, which drops the GIL for the whole list), device batches through
+the backend of their device (``_devices._backend``), which enqueues them on a staging stream
+and returns a completion event.
 """
 
 from __future__ import annotations

@@ -11,8 +11,6 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Any, Generic, Protocol, TypeVar
 
-import torch
-
 from ._batches import MAX_BATCH_COPIES, Batch, make_batches
 from ._cache import BufferCache
 from ._plan import Leaf, Plan
@@ -48,7 +46,6 @@ class Run(Generic[T]):
         self.pending: deque[T] = deque()
         self.pending_bytes = 0
         self.landed = 0  # copies [0, landed) have landed in their host buffers
-        self.devices: set[torch.device] = set()  # CUDA devices ordered after their producer
         self._chunk = chunk_bytes
         self._max_inflight = max_inflight_bytes
         self._cut = 0  # copies [0, _cut) have been handed to make_batches

@@ -17,6 +17,16 @@ other path for device memory. A backend owns one staging stream per device and d
     refused, before anything is enqueued).
 ``synchronize()``
     Wait for everything enqueued on the backend's staging streams (used by ``close``).
+``pins_host_memory(device)`` (optional; absent means False)
+    Whether copies from ``device`` gain from host buffers page-locked with CUDA's
+    ``cudaHostRegister``: True for CUDA, False for the generic backend.
+
+The drivers do not call ``enqueue`` directly but :func:`enqueue_batch`, which wraps it in the
+host buffers' accounting: it pins what the backend wants pinned and counts the batch's copies
+in flight (:func:`~astage._devices._pinning.begin_copies`) before the copies are enqueued, and
+hands back :class:`DeviceCopies`, whose :meth:`~DeviceCopies.landed` the driver calls once it
+has seen the completion complete. A buffer is unpinned only when no copy into it is counted, so
+a backend needs to know nothing of pinning beyond its answer to ``pins_host_memory``.
 
 Backends in the process: :class:`~astage._devices._cuda.CudaBackend` for ``cuda`` and
 :class:`~astage._devices._generic.GenericBackend` (``torch.Stream``, ``torch.Event``,
@@ -42,6 +52,7 @@ import torch
 
 from .._core._batches import Batch
 from .._errors import InvalidOptionsError, StagingError
+from ._pinning import CopiesInFlight, begin_copies
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +120,61 @@ class DeviceBackend(Protocol):
     def synchronize(self) -> None:
         """Block until every copy enqueued on this backend's staging streams has completed."""
         ...
+
+
+def pins_host_memory(backend: DeviceBackend, device: torch.device) -> bool:
+    """Whether ``backend``'s copies from ``device`` want page-locked host buffers.
+
+    Asked through the backend's optional ``pins_host_memory(device)`` method (a backend without
+    one pins nothing). Optional so that a backend written against the four calls above keeps
+    working; the built-in ones define it.
+    """
+    answer = getattr(backend, "pins_host_memory", None)
+    return bool(answer(device)) if answer is not None else False
+
+
+class DeviceCopies:
+    """A batch's copies enqueued on a staging stream: their completion, and their accounting.
+
+    Wait on :attr:`completion` (``query()``/``synchronize()``), then call :meth:`landed`. Never
+    call :meth:`landed` when the wait was abandoned or raised: the buffers then stay pinned (a
+    leak) rather than being unpinned while the device may still write into them.
+    """
+
+    __slots__ = ("_copies", "completion")
+
+    def __init__(self, completion: Completion, copies: CopiesInFlight) -> None:
+        self.completion = completion
+        self._copies = copies
+
+    def landed(self) -> None:
+        """The completion was seen complete: the batch's buffers may be unpinned. Idempotent;
+        never blocks, never calls the device runtime (safe on an event loop)."""
+        self._copies.landed()
+
+
+def enqueue_batch(
+    backend: DeviceBackend, batch: Batch, after: Sequence[Mark], *, non_blocking: bool
+) -> DeviceCopies:
+    """Pin and count ``batch``'s buffers, then enqueue its copies on ``backend``, after ``after``.
+
+    Call it in the thread that may pin (an astage worker thread on the async face; the caller's
+    thread on the blocking face): registering host memory costs about 0.1 s per GB.
+    """
+    copies = begin_copies(batch, pin_buffers=pins_host_memory(backend, batch.device))
+    try:
+        completion = backend.enqueue(batch, after, non_blocking=non_blocking)
+    except BaseException:
+        # Some of the batch's copies may be on a staging stream already. Once the streams have
+        # drained they have landed and the count may go; if even that fails, the pins stay.
+        try:
+            backend.synchronize()
+        except Exception:  # noqa: BLE001 - the enqueue's error is the one to raise
+            pass
+        else:
+            copies.landed()
+        raise
+    return DeviceCopies(completion, copies)
 
 
 _installed: list[DeviceBackend] = []

@@ -2,8 +2,9 @@
 
 - Completion events are ``torch.cuda.Event(blocking=True)``: a thread waiting on one sleeps
   instead of spinning a core (``torch.Event`` has no working blocking flag).
-- The staging stream's buffers are pinned (exactly, with ``cudaHostRegister``) before the first
-  copy into them, in the thread that enqueues, with the device selected.
+- Host buffers of CUDA sources are pinned (``pins_host_memory``): exactly, with
+  ``cudaHostRegister``, before the first copy into them, in the thread that enqueues, with the
+  device selected (:func:`~astage._devices._backend.enqueue_batch` and ``_pinning``).
 - Streams and events are ``torch.cuda`` ones, and capture is ``torch.cuda``'s check.
 
 The staging stream is ``torch.cuda.Stream(device=...)``, which PyTorch takes round-robin from
@@ -26,9 +27,7 @@ from typing import Any
 
 import torch
 
-from .._core._batches import Batch
 from ._generic import GenericBackend
-from ._host import _pin
 
 
 class CudaBackend(GenericBackend):
@@ -67,13 +66,14 @@ class CudaBackend(GenericBackend):
     def _is_event(self, item: object) -> bool:
         return isinstance(item, (torch.cuda.Event, torch.Event))
 
-    def _before_copies(self, batch: Batch) -> None:
-        _pin(batch)
-
     @contextlib.contextmanager
     def selected(self, device: torch.device) -> Iterator[None]:
         with torch.cuda.device(device):
             yield
+
+    def pins_host_memory(self, device: torch.device) -> bool:
+        """CUDA's device-to-host copies run at full link speed only into page-locked memory."""
+        return True
 
     def current_device(self) -> torch.device | None:
         # CUDA tensors exist only once CUDA is initialized, and current_device() would

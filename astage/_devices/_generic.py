@@ -69,9 +69,6 @@ class GenericBackend:
     def _is_event(self, item: object) -> bool:
         return isinstance(item, torch.Event)
 
-    def _before_copies(self, batch: Batch) -> None:
-        """Work on the batch's buffers before its first copy (the CUDA backend pins them)."""
-
     @contextlib.contextmanager
     def selected(self, device: torch.device) -> Iterator[None]:
         """Select ``device`` in this thread for the block."""
@@ -82,6 +79,10 @@ class GenericBackend:
 
     def handles(self, device: torch.device) -> bool:
         return device.type == self.device_type
+
+    def pins_host_memory(self, device: torch.device) -> bool:
+        """False: astage pins with ``cudaHostRegister``, which helps CUDA's copies only."""
+        return False
 
     def current_device(self) -> torch.device | None:
         module = getattr(torch, self.device_type, None)
@@ -124,7 +125,6 @@ class GenericBackend:
             for mark in after:
                 self._wait(stream, mark.event)
             with torch.no_grad(), self._use_stream(stream):
-                self._before_copies(batch)
                 # One launch per copy either way; a plain loop keeps to copy_'s documented
                 # cross-device semantics rather than relying on foreach's fallback.
                 for dst, src in zip(batch.dsts, batch.srcs, strict=True):

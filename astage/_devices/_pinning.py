@@ -1,12 +1,13 @@
 """Page-locking host buffers with CUDA: when a buffer is pinned, and when and where it is unpinned.
 
 Pinning. The cache decides which buffers want it (``HostBuffer.wants_pin``: accelerator
-sources, at least ``pin_memory_min_bytes``); :func:`begin_copies` pins them, in astage's own
-worker thread, just before the first copy into them, because ``cudaHostRegister`` costs about
-0.1 s per GB and must not run on an event loop or a training thread. It registers exactly the
-buffer's bytes (``torch.empty(pin_memory=True)`` would round each request up to a power of two)
-and hangs a :class:`Pin` on the buffer. Only buffers of CUDA sources are registered: the
-registration is CUDA's, and helps no other accelerator's copies.
+sources, at least ``pin_memory_min_bytes``); :func:`begin_copies` pins them, in the thread that
+enqueues their copies, just before the first copy into them, because ``cudaHostRegister`` costs
+about 0.1 s per GB and must not run on an event loop or a training thread. It registers exactly
+the buffer's bytes (``torch.empty(pin_memory=True)`` would round each request up to a power of
+two) and hangs a :class:`Pin` on the buffer. Only buffers of devices whose backend asks for it
+are registered (``pin_buffers``: the CUDA backend's ``pins_host_memory``): the registration is
+CUDA's, and helps no other accelerator's copies.
 
 Unpinning. Three rules, each against a real failure:
 
@@ -20,8 +21,9 @@ Unpinning. Three rules, each against a real failure:
   pay for an unregistration, nor be left with a CUDA error, nor create a CUDA context. Letting go
   of a pin therefore only queues it (:meth:`Pin.release`, one atomic ``deque.append``); astage's
   threads unregister what is queued (:func:`unpin_released`): each batch, before it pins, and
-  the stagers' close. A process that exits drains nothing: CUDA may already be torn down, and
-  the kernel unpins a dead process's memory anyway.
+  the stagers' close (the async face in a worker thread; the blocking face in its caller's
+  thread, like all of its work). A process that exits drains nothing: CUDA may already be torn
+  down, and the kernel unpins a dead process's memory anyway.
 - *On the buffer's device.* Every runtime call acts on the calling thread's current device, and a
   worker thread that never chose one is on device 0, where the call would create a context on a
   GPU that may belong to another rank. Registering and unregistering select the source's device
@@ -134,10 +136,11 @@ class CopiesInFlight:
             buffer.copy_finished()
 
 
-def begin_copies(batch: Batch) -> CopiesInFlight:
-    """Get the batch's buffers ready for its copies; call in a worker thread, before enqueueing.
+def begin_copies(batch: Batch, *, pin_buffers: bool) -> CopiesInFlight:
+    """Get the batch's buffers ready for its copies; call in astage's thread, before enqueueing.
 
-    Unregisters the pins queued so far, pins the buffers that want it (first copy only), and
+    Unregisters the pins queued so far, pins the buffers that want it when ``pin_buffers``
+    (the batch's backend says its copies gain from page-locked memory; first copy only), and
     counts a copy in flight into each buffer that may be pinned. Call
     :meth:`CopiesInFlight.landed` on the result once every copy of the batch has completed.
     """
@@ -145,33 +148,24 @@ def begin_copies(batch: Batch) -> CopiesInFlight:
     counted = [buffer for buffer in batch.buffers if buffer.copies is not None]
     for buffer in counted:
         if buffer.wants_pin and buffer.registration is None:
-            pin(buffer)
+            if pin_buffers:
+                pin(buffer)
+            else:  # this device's copies gain nothing from a CUDA pin: never ask again
+                buffer.wants_pin = False
     with _pin_lock:
         for buffer in counted:
             buffer.copy_started()
     return CopiesInFlight(counted)
 
 
-def pin_batch(batch: Batch) -> None:
-    """Unregister queued pins, then pin the batch's buffers that want it; no copy is counted.
-
-    For a caller that does not report its copies landed yet: its buffers are then unpinned
-    when dropped even with a copy in flight, as before :func:`begin_copies` existed.
-    """
-    unpin_released()
-    for buffer in batch.buffers:
-        if buffer.wants_pin and buffer.registration is None:
-            pin(buffer)
-
-
 def pin(buffer: HostBuffer) -> None:
-    """Register ``buffer`` with CUDA if it wants that and is not yet; call from a worker thread."""
+    """Register ``buffer`` with CUDA if it wants that and is not yet; call from astage's thread.
+
+    The caller decided that the buffer's device gains from it (:func:`begin_copies`).
+    """
     if not buffer.wants_pin or buffer.registration is not None:
         return
     device = buffer.device
-    if device.type != "cuda":
-        buffer.wants_pin = False  # another accelerator's copies gain nothing from a CUDA pin
-        return
     with _pin_lock:
         if not buffer.wants_pin or buffer.registration is not None or buffer.dropped:
             return

@@ -34,7 +34,8 @@ import torch
 from .._core._batches import Batch
 from .._core._plan import Leaf
 from .._core._run import Run
-from .._devices._backend import DeviceBackend
+from .._devices import _pinning
+from .._devices._backend import DeviceBackend, DeviceCopies, enqueue_batch
 from .._devices._host import run_host_batch
 from .._errors import UsageError
 from .._options import StagingOptions
@@ -116,6 +117,10 @@ class Stager(StagerBase):
                 await self._holds.wait_async()
                 await anyio.to_thread.run_sync(self._synchronize_devices)
             self._release_everything()
+            if not self._forked:
+                # The buffers just let go of are unpinned now, in a worker thread (never on
+                # the loop): their copies have all landed.
+                await anyio.to_thread.run_sync(_pinning.unpin_released)
 
     async def __aenter__(self) -> Stager:
         self._check_open()
@@ -330,18 +335,22 @@ class _Call:
     async def _copy_from_device(self, batch: Batch, backend: DeviceBackend) -> None:
         marks = self._order.marks_for(batch.device)
         non_blocking = self._stager._resolved.non_blocking
-        enqueued: list[Any] = []
+        enqueued: list[DeviceCopies] = []
 
         def enqueue() -> None:
-            enqueued.append(backend.enqueue(batch, marks, non_blocking=non_blocking))
+            enqueued.append(enqueue_batch(backend, batch, marks, non_blocking=non_blocking))
 
         try:
-            # The enqueue may pin buffers (slow): it runs in a worker thread too.
+            # Pinning (slow, and never on the loop) and enqueueing run in a worker thread.
             await anyio.to_thread.run_sync(enqueue, limiter=self._host_limiter)
         finally:
             if enqueued:  # copies were enqueued: they land before this call may end
+                copies = enqueued[0]
                 with anyio.CancelScope(shield=True):
-                    await wait_for_event(enqueued[0], self._device_limiters[batch.device])
+                    await wait_for_event(copies.completion, self._device_limiters[batch.device])
+                # Reached only when the wait returned: a wait that raised leaves the buffers
+                # counted, so they stay pinned rather than being unpinned under a copy.
+                copies.landed()
 
 
 class _StageIter:

@@ -6,6 +6,16 @@ taken at the call, in the caller's thread) and waited for with ``synchronize()``
 It needs no event loop and starts no thread, so it works anywhere,
 including legacy code called from inside a running loop (where it blocks that loop, as any
 blocking call would).
+
+Pinning, too, runs in the calling thread: buffers are registered before their first copy and
+queued unpins are undone before each batch and at ``close()``. That is the blocking face's
+contract rather than a leak of work into a training thread: the caller asked for the work to be
+done in its thread and waits for all of it anyway, so a helper thread would save it no time.
+What must not reach the caller is kept away all the same: each call selects the buffer's
+device around it (and restores the caller's), a failed call leaves no CUDA error for the
+caller's next kernel, and a source dropped between calls (in whatever thread) only queues its
+buffer's unpin. Callers who want staging off their thread use :class:`~astage.Stager` or
+``compat.DefaultStager(use_async_staging=True)``, whose pins run in astage's worker threads.
 """
 
 from __future__ import annotations
@@ -16,7 +26,8 @@ from typing import Any
 
 from .._core._batches import Batch
 from .._core._run import Run
-from .._devices._backend import Completion
+from .._devices import _pinning
+from .._devices._backend import DeviceCopies, enqueue_batch
 from .._devices._host import run_host_batch
 from .._options import StagingOptions
 from ._base import CallOrder, StagerBase
@@ -28,14 +39,22 @@ _ANY_THREAD = "sync"  # the blocking face serializes threads on its lock: none i
 class _Enqueued:
     """Device copies on a staging stream; ``done()`` polls their completion."""
 
-    __slots__ = ("batch", "event")
+    __slots__ = ("batch", "copies")
 
-    def __init__(self, batch: Batch, event: Completion) -> None:
+    def __init__(self, batch: Batch, copies: DeviceCopies) -> None:
         self.batch = batch
-        self.event = event
+        self.copies = copies
 
     def done(self) -> bool:
-        return bool(self.event.query())
+        if not self.copies.completion.query():
+            return False
+        self.copies.landed()  # before the run clears the batch: its buffers may be unpinned
+        return True
+
+    def wait(self) -> None:
+        """Block until the copies have landed; a wait that raises leaves them counted."""
+        self.copies.completion.synchronize()
+        self.copies.landed()
 
 
 class SyncStager(StagerBase):
@@ -72,7 +91,7 @@ class SyncStager(StagerBase):
                 finally:
                     # Whatever happened, no copy this call enqueued lands after it returned.
                     for enqueued in run.pending:
-                        enqueued.event.synchronize()
+                        enqueued.wait()
                 self._finish(run)
                 return run.plan.result
         finally:
@@ -87,7 +106,7 @@ class SyncStager(StagerBase):
             if batch is None:
                 if not run.pending:
                     return
-                run.pending[0].event.synchronize()
+                run.pending[0].wait()
                 run.reap()
                 continue
             backend = self._backend_for_batch(order, batch)
@@ -95,11 +114,17 @@ class SyncStager(StagerBase):
                 run_host_batch(batch)
             else:
                 marks = order.marks_for(batch.device)
-                done = backend.enqueue(batch, marks, non_blocking=self._resolved.non_blocking)
-                run.start(_Enqueued(batch, done))
+                copies = enqueue_batch(
+                    backend, batch, marks, non_blocking=self._resolved.non_blocking
+                )
+                run.start(_Enqueued(batch, copies))
 
     def close(self) -> None:
-        """Wait for a call in progress and for buffer holds, then release buffers and streams."""
+        """Wait for a call in progress and for buffer holds, then release buffers and streams.
+
+        The released buffers are unpinned here, in the calling thread (see the module's
+        docstring): every copy into them has landed, so this is the moment it is safe.
+        """
         with self._lock:
             if self._closed:
                 return
@@ -107,6 +132,8 @@ class SyncStager(StagerBase):
                 self._holds.wait()
                 self._synchronize_devices()
             self._release_everything()
+            if not self._forked:
+                _pinning.unpin_released()
 
     def __enter__(self) -> SyncStager:
         self._check_open()

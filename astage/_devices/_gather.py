@@ -1,0 +1,349 @@
+"""Many small tensors on a device: gathered there, sent to the host in one copy, scattered.
+
+Copying a small tensor from a device costs a launch (about 8 us of host time for
+``copy_(non_blocking=True)`` on CUDA) whatever its size: 50,000 tensors of 256 bytes cost some
+400 ms of launches for 12 MB of data. A batch of many small copies (:func:`should_gather`) is
+therefore staged in three steps instead of one launch per tensor:
+
+1. **Gather, on the device**, on the staging stream: one multi-tensor copy of every source's
+   bytes into a device scratch buffer, each at its offset of a :class:`GatherPlan`.
+2. **One transfer**: the scratch, device to host, into a host *slab* (page-locked when the
+   backend pins) taken from a :class:`SlabPool`.
+3. **Scatter, on the host**, once the device has completed both: one multi-tensor copy of the
+   slab's pieces into each copy's own destination buffer, in astage's worker thread.
+
+The kernel path is ``torch._foreach_copy_`` (through :func:`astage._torch.foreach_copy_`) of the
+sources' flat byte views into aligned views of the scratch, rather than ``torch.cat``: it writes
+into a buffer whose layout astage chose (the same :class:`GatherPlan` splits the scratch, the
+slab and nothing else), so each piece starts on a :data:`SLAB_ALIGNMENT` boundary, where CUDA's
+multi-tensor kernels take their vectorised path and the host scatter copies whole cache lines;
+and the host scatter is the mirror call of the device gather. On CUDA, a list of same-dtype,
+same-device, contiguous uint8 views takes the fused path (one kernel per few dozen tensors); an
+accelerator without a fused kernel falls back to a ``copy_`` per tensor on the device, which is
+no worse than not gathering but one transfer more. CUDA 12.8's ``cudaMemcpyBatchAsync`` would
+need no scratch at all; torch does not expose it.
+
+Lifetimes. The scratch and the slab must outlive the copies that use them: a
+:class:`GatheredCopies` keeps both until its scatter has run, which is after the completion of
+the batch (the device's event) was seen complete, so neither torch's caching allocator nor the
+pool can hand them to other work while the device still reads or writes them. The scratch is
+allocated on the staging stream (inside the backend's stream context), the only stream that
+uses it. A slab goes back to its pool only after the scatter; a pool keeps a few free slabs,
+grows them as batches need, and never holds one that is in use.
+
+The completion. A gathered batch is complete only once its bytes are in their own buffers, after
+the scatter: :class:`GatheredCompletion` wraps the device's completion, its ``query()`` stays
+False until the scatter has run (so that no driver takes an event-loop fast path past it), and
+its ``synchronize()`` (what the drivers call in a worker thread) waits for the device, then
+scatters, once. The drivers need no change: they already poll, then wait in a worker thread.
+
+Not run on hardware yet, and not timed: the issue's estimate (4-20x fewer host microseconds for
+tensors below about 64 KiB) is still to be measured on a GPU. Every step is plain torch, and the
+tests run it all on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .._core._batches import Batch
+from .._torch import foreach_copy_
+from ._backend import Completion
+
+GATHER_MIN_COPIES = 8
+"""Fewer copies than this are launched one by one: the gather's extra transfer would not pay."""
+GATHER_MAX_COPY_BYTES = 64 * 1024
+"""A copy of this many bytes or more is launched on its own (the issue's estimate: the gather
+wins below about 64 KB per tensor, where a launch costs more than moving the bytes twice)."""
+SLAB_ALIGNMENT = 64
+"""Every piece of a scratch or slab starts at a multiple of this many bytes (a cache line; also
+what CUDA's vectorised multi-tensor path needs, 16 bytes, several times over)."""
+MIN_SLAB_BYTES = 64 * 1024
+"""The smallest slab a pool allocates; slabs grow by powers of two from there."""
+
+
+def should_gather(batch: Batch) -> bool:
+    """Whether ``batch``, about to be enqueued on a device, should be gathered.
+
+    True for at least :data:`GATHER_MIN_COPIES` copies, each of fewer than
+    :data:`GATHER_MAX_COPY_BYTES` bytes, whose sources and destinations are contiguous (a
+    plan's copies always are: they cover whole storages; a slice of a large copy is alone in
+    its batch, and so never gathered).
+    """
+    srcs = batch.srcs
+    if len(srcs) < GATHER_MIN_COPIES:
+        return False
+    limit = GATHER_MAX_COPY_BYTES
+    return all(
+        src.nbytes < limit and src.is_contiguous() and dst.is_contiguous()
+        for src, dst in zip(srcs, batch.dsts, strict=True)
+    )
+
+
+def _align(offset: int) -> int:
+    return -(-offset // SLAB_ALIGNMENT) * SLAB_ALIGNMENT
+
+
+@dataclass(frozen=True, slots=True)
+class GatherPlan:
+    """Where each copy's bytes lie in a gathered buffer: aligned offsets, no overlap.
+
+    ``offsets[i]`` is a multiple of :data:`SLAB_ALIGNMENT`; piece ``i`` is
+    ``[offsets[i], offsets[i] + sizes[i])``; ``nbytes`` ends at the last piece (no padding
+    after it: that much is transferred).
+    """
+
+    sizes: tuple[int, ...]
+    offsets: tuple[int, ...]
+    nbytes: int
+    _pieces: tuple[int, ...] = field(repr=False)
+    """Piece and padding lengths, interleaved, summing to ``nbytes``: what :meth:`split` cuts."""
+
+    @classmethod
+    def for_sizes(cls, sizes: Sequence[int]) -> GatherPlan:
+        """The layout of pieces of ``sizes`` bytes, in order."""
+        offsets: list[int] = []
+        pieces: list[int] = []
+        end = 0
+        for size in sizes:
+            start = _align(end)
+            if offsets:
+                pieces.append(start - end)  # the padding after the previous piece
+            offsets.append(start)
+            pieces.append(size)
+            end = start + size
+        return cls(tuple(sizes), tuple(offsets), end, tuple(pieces))
+
+    def split(self, buffer: torch.Tensor) -> list[torch.Tensor]:
+        """Views of ``buffer`` (flat uint8, at least ``nbytes`` long), one per piece.
+
+        One ``split_with_sizes`` call makes them all, rather than a Python slice per piece.
+        """
+        if not self.sizes:
+            return []
+        views = buffer[: self.nbytes].split_with_sizes(self._pieces)
+        return list(views[::2])
+
+
+def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's memory as a flat ``uint8`` view (no copy; any dtype, bool too)."""
+    if tensor.dtype is torch.uint8 and tensor.dim() == 1:
+        return tensor
+    return tensor.view(-1).view(torch.uint8)
+
+
+# -- host slabs -----------------------------------------------------------------------------------
+
+
+def pageable_slab(nbytes: int) -> torch.Tensor:
+    """A slab of ordinary (pageable) host memory."""
+    return torch.empty((nbytes,), dtype=torch.uint8)
+
+
+def pinned_slab(nbytes: int) -> torch.Tensor:
+    """A slab of page-locked host memory from torch's caching host allocator.
+
+    Call it with the device selected, in astage's worker thread (like every pin). torch's
+    allocator, not ``cudaHostRegister``: a slab is reused, never unpinned by astage (a dropped
+    one goes back to torch's host cache, which also waits for copies it saw, so no thread that
+    drops a slab ever calls the runtime), and its power-of-two rounding is the pool's growth.
+    """
+    return torch.empty((nbytes,), dtype=torch.uint8, pin_memory=True)
+
+
+class SlabPool:
+    """Reusable host slabs for one device's gathered transfers.
+
+    :meth:`acquire` hands out a free slab large enough (or a new, larger one); :meth:`release`
+    takes it back once nothing uses it any more. At most ``keep`` free slabs are kept, the
+    largest. Thread-safe: batches of one device are enqueued and finished from several threads.
+    """
+
+    def __init__(self, allocate: Callable[[int], torch.Tensor], *, keep: int = 4) -> None:
+        self._allocate = allocate
+        self._keep = keep
+        self._free: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+        self.allocations = 0
+        """Slabs allocated so far (for tests and diagnostics)."""
+
+    def acquire(self, nbytes: int) -> torch.Tensor:
+        """A slab of at least ``nbytes`` bytes that nothing else uses until :meth:`release`."""
+        with self._lock:
+            fitting = [slab for slab in self._free if slab.numel() >= nbytes]
+            if fitting:
+                slab = min(fitting, key=torch.Tensor.numel)
+                self._free.remove(slab)
+                return slab
+            # None fits: grow. The largest free slab is replaced, not kept beside the new one.
+            largest = max(self._free, key=torch.Tensor.numel, default=None)
+            if largest is not None:
+                self._free.remove(largest)
+            self.allocations += 1
+        capacity = max(MIN_SLAB_BYTES, 1 << max(nbytes - 1, 0).bit_length())
+        return self._allocate(capacity)  # outside the lock: pinning may take milliseconds
+
+    def release(self, slab: torch.Tensor) -> None:
+        """Take ``slab`` back: no copy reads or writes it any more."""
+        with self._lock:
+            self._free.append(slab)
+            if len(self._free) > self._keep:
+                self._free.remove(min(self._free, key=torch.Tensor.numel))
+
+    def clear(self) -> None:
+        """Drop every free slab (slabs in use come back, and are kept, when released)."""
+        with self._lock:
+            self._free.clear()
+
+    @property
+    def free_nbytes(self) -> int:
+        """Bytes in free slabs."""
+        with self._lock:
+            return sum(slab.numel() for slab in self._free)
+
+
+class SlabPools:
+    """One :class:`SlabPool` per device, made on first use (what a backend keeps)."""
+
+    def __init__(self, allocate: Callable[[int], torch.Tensor]) -> None:
+        self._allocate = allocate
+        self._pools: dict[torch.device, SlabPool] = {}
+        self._lock = threading.Lock()
+
+    def __getitem__(self, device: torch.device) -> SlabPool:
+        with self._lock:
+            pool = self._pools.get(device)
+            if pool is None:
+                pool = self._pools[device] = SlabPool(self._allocate)
+            return pool
+
+    def clear(self) -> None:
+        """Drop every pool's free slabs."""
+        with self._lock:
+            pools = list(self._pools.values())
+        for pool in pools:
+            pool.clear()
+
+
+# -- one gathered batch ---------------------------------------------------------------------------
+
+
+class GatheredCopies:
+    """A batch gathered on its device and sent to a host slab; the host scatter still to do.
+
+    Holds the scratch and the slab (they must outlive the device's copies) until
+    :meth:`scatter`, which must run only once those copies have completed.
+    """
+
+    __slots__ = ("_dsts", "_pieces", "_pool", "_scratch", "_slab", "plan")
+
+    def __init__(
+        self,
+        plan: GatherPlan,
+        scratch: torch.Tensor,
+        slab: torch.Tensor,
+        pool: SlabPool,
+        dsts: list[torch.Tensor],
+    ) -> None:
+        self.plan = plan
+        self._scratch: torch.Tensor | None = scratch
+        self._slab: torch.Tensor | None = slab
+        self._pool = pool
+        self._dsts = dsts
+        self._pieces = plan.split(slab)
+
+    @property
+    def slab(self) -> torch.Tensor | None:
+        """The host slab, until the scatter has given it back to its pool."""
+        return self._slab
+
+    def scatter(self) -> None:
+        """Copy each piece of the slab into its destination, then let go of scratch and slab.
+
+        Call once the device's completion of the gather and transfer has been seen complete.
+        """
+        slab = self._slab
+        if slab is None:
+            return
+        with torch.no_grad():
+            foreach_copy_(self._dsts, self._pieces)
+        self._pieces, self._dsts = [], []
+        self._scratch = None  # the device is done with it: the allocator may reuse it
+        self._slab = None
+        self._pool.release(slab)
+
+
+def enqueue_gather(batch: Batch, pool: SlabPool, *, non_blocking: bool = True) -> GatheredCopies:
+    """Enqueue ``batch``'s gather and its one transfer on the current stream of its device.
+
+    Call inside the backend's stream context (the staging stream current, the batch's device
+    selected, the stream already waiting on the producer marks), under ``torch.no_grad()`` or
+    not. Enqueues one multi-tensor copy of the sources' bytes into a new device scratch and one
+    copy of the scratch into a slab from ``pool``; the backend then records its completion
+    event and wraps it, with the result, in :class:`GatheredCompletion`.
+    """
+    srcs = [as_bytes(src) for src in batch.srcs]
+    dsts = [as_bytes(dst) for dst in batch.dsts]
+    plan = GatherPlan.for_sizes([src.numel() for src in srcs])
+    # If anything below fails, the slab is not given back to the pool but dropped: work queued
+    # before the failure may still write into it.
+    slab = pool.acquire(plan.nbytes)
+    with torch.no_grad():
+        # Allocated on the current (staging) stream: the only stream that touches it.
+        scratch = torch.empty((plan.nbytes,), dtype=torch.uint8, device=batch.device)
+        foreach_copy_(plan.split(scratch), srcs)
+        slab[: plan.nbytes].copy_(scratch, non_blocking=non_blocking)
+    return GatheredCopies(plan, scratch, slab, pool, dsts)
+
+
+class GatheredCompletion:
+    """The completion of a gathered batch: the device's event, then the host scatter.
+
+    ``query()`` is True only once the scatter has run, so a driver that polls finds it
+    incomplete and waits in a worker thread with ``synchronize()``, which waits for the device
+    and then scatters (once; a concurrent caller waits for it). ``finish()`` is the same step
+    under the name the device layer uses for "the host part of a completion".
+    """
+
+    __slots__ = ("_done", "_error", "_finished", "_gathered", "_lock")
+
+    def __init__(self, done: Completion, gathered: GatheredCopies) -> None:
+        self._done = done
+        self._gathered = gathered
+        self._lock = threading.Lock()
+        self._finished = False
+        self._error: BaseException | None = None
+
+    @property
+    def device_completion(self) -> Completion:
+        """The device's own completion (the gather and the transfer)."""
+        return self._done
+
+    def query(self) -> bool:
+        """Whether every byte is in its own buffer: the scatter has run (never blocks)."""
+        return self._finished
+
+    def synchronize(self) -> None:
+        """Wait for the device, then scatter on the host; raises what either raised."""
+        self.finish()
+
+    def finish(self) -> None:
+        """Wait for the device's copies (at once when complete), then scatter, once."""
+        if self._finished:
+            return
+        with self._lock:
+            if self._error is not None:
+                raise self._error
+            if self._finished:
+                return
+            self._done.synchronize()
+            try:
+                self._gathered.scatter()
+            except BaseException as error:
+                self._error = error
+                raise
+            self._finished = True
