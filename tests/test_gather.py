@@ -1,0 +1,385 @@
+"""Gathering many small copies (astage._devices._gather), on CPU tensors.
+
+Every step of the gather is plain torch, so it runs on CPU: the "device" gather and transfer
+happen at once there, and what the tests control is the device's completion (a stand-in event
+completed by the test), which is what the host scatter must wait for. Speed is not tested: the
+gather's gain is launches saved on a GPU, and none is here.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import weakref
+from typing import Any
+
+import anyio
+import pytest
+import torch
+from conftest import DTYPES, assert_tree_staged
+
+from astage._core._batches import Batch, make_batches
+from astage._core._cache import BufferCache
+from astage._core._plan import Plan
+from astage._core._walk import build_plan
+from astage._devices._gather import (
+    GATHER_MAX_COPY_BYTES,
+    GATHER_MIN_COPIES,
+    MIN_SLAB_BYTES,
+    SLAB_ALIGNMENT,
+    GatheredCompletion,
+    GatheredCopies,
+    GatherPlan,
+    SlabPool,
+    SlabPools,
+    enqueue_gather,
+    pageable_slab,
+    should_gather,
+)
+from astage._drivers._events import wait_for_event
+
+KiB = 1024
+
+
+class DeviceDone:
+    """A device completion stand-in: complete when the test says (or at once)."""
+
+    def __init__(self, *, complete: bool = False, error: BaseException | None = None) -> None:
+        self._complete = threading.Event()
+        if complete:
+            self._complete.set()
+        self._error = error
+        self.waits = 0
+
+    def complete(self) -> None:
+        self._complete.set()
+
+    def query(self) -> bool:
+        return self._complete.is_set()
+
+    def synchronize(self) -> None:
+        self.waits += 1
+        if not self._complete.wait(timeout=10):
+            raise TimeoutError("the stand-in device completion never completed")
+        if self._error is not None:
+            raise self._error
+
+
+class CountingAllocator:
+    """Pageable slabs, counted; stands in for the pinned allocator of a CUDA backend."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def __call__(self, nbytes: int) -> torch.Tensor:
+        self.sizes.append(nbytes)
+        return pageable_slab(nbytes)
+
+
+def _plan(state_dict: Any) -> Plan:
+    cache = BufferCache(pin_memory=False, share_memory=False, pin_memory_min_bytes=0)
+    walk = build_plan(cache, state_dict)
+    while True:
+        try:
+            next(walk)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+
+
+def _batches(plan: Plan, chunk_bytes: int = 64 * 1024 * KiB) -> list[Batch]:
+    return list(make_batches(plan.copies, 0, len(plan.copies), chunk_bytes))
+
+
+def _batch(srcs: list[torch.Tensor], dsts: list[torch.Tensor] | None = None) -> Batch:
+    if dsts is None:
+        dsts = [torch.zeros_like(src) for src in srcs]
+    nbytes = sum(src.nbytes for src in srcs)
+    return Batch(srcs[0].device, srcs=srcs, dsts=dsts, buffers=[], nbytes=nbytes, end=len(srcs))
+
+
+def _random_bytes(nbytes: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=generator)
+
+
+def _stage(batch: Batch, pool: SlabPool) -> GatheredCompletion:
+    """Gather, transfer and scatter ``batch`` with a device completion that is already done."""
+    completion = GatheredCompletion(DeviceDone(complete=True), enqueue_gather(batch, pool))
+    completion.synchronize()
+    return completion
+
+
+# -- the layout -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_pieces_are_aligned_in_order_without_overlap(seed: int) -> None:
+    rng = random.Random(seed)
+    sizes = [
+        rng.choice([0, 1, 3, 63, 64, 65, 127, 4096, rng.randrange(1, 70_000)])
+        for _ in range(rng.randrange(1, 60))
+    ]
+    plan = GatherPlan.for_sizes(sizes)
+    assert plan.sizes == tuple(sizes)
+    assert plan.offsets[0] == 0
+    assert all(offset % SLAB_ALIGNMENT == 0 for offset in plan.offsets)
+    ends = [offset + size for offset, size in zip(plan.offsets, sizes, strict=True)]
+    for previous_end, offset in zip(ends, plan.offsets[1:], strict=False):
+        # After the previous piece, and no further than the next aligned byte.
+        assert previous_end <= offset < previous_end + SLAB_ALIGNMENT
+    assert plan.nbytes == ends[-1]
+
+
+def test_split_cuts_views_at_the_offsets() -> None:
+    plan = GatherPlan.for_sizes([5, 0, 64, 1, 100])
+    assert plan.offsets == (0, 64, 64, 128, 192)
+    assert plan.nbytes == 292
+    buffer = torch.zeros(1000, dtype=torch.uint8)
+    views = plan.split(buffer)
+    assert all(view.untyped_storage().data_ptr() == buffer.data_ptr() for view in views)
+    assert [view.storage_offset() for view in views] == list(plan.offsets)
+    assert [view.numel() for view in views] == list(plan.sizes)
+    views[4].fill_(7)  # a view, not a copy
+    assert int(buffer[192:292].sum()) == 700
+    assert GatherPlan.for_sizes([]).nbytes == 0
+    assert GatherPlan.for_sizes([]).split(buffer) == []
+
+
+# -- when to gather -------------------------------------------------------------------------------
+
+
+def test_should_gather_takes_many_small_copies_only() -> None:
+    def tensors(count: int, nbytes: int) -> list[torch.Tensor]:
+        return [torch.zeros(nbytes, dtype=torch.uint8) for _ in range(count)]
+
+    assert should_gather(_batch(tensors(GATHER_MIN_COPIES, 256)))
+    assert not should_gather(_batch(tensors(GATHER_MIN_COPIES - 1, 256)))
+    just_below = tensors(GATHER_MIN_COPIES - 1, 256) + tensors(1, GATHER_MAX_COPY_BYTES - 1)
+    assert should_gather(_batch(just_below))
+    one_too_big = tensors(GATHER_MIN_COPIES - 1, 256) + tensors(1, GATHER_MAX_COPY_BYTES)
+    assert not should_gather(_batch(one_too_big))
+    # A destination that no flat byte view covers cannot take its piece.
+    srcs = [torch.zeros(4, 4) for _ in range(GATHER_MIN_COPIES)]
+    dsts = [torch.zeros(4, 4) for _ in srcs]
+    dsts[3] = torch.zeros(4, 4).t()
+    assert not should_gather(_batch(srcs, dsts))
+
+
+def test_a_plans_small_copies_are_gathered_and_its_slices_are_not() -> None:
+    small = {f"s{i}": torch.randn(64) for i in range(GATHER_MIN_COPIES)}
+    plan = _plan({**small, "big": torch.randn(1024 * KiB)})
+    batches = _batches(plan, chunk_bytes=256 * KiB)
+    assert [should_gather(batch) for batch in batches] == [True] + [False] * 16
+
+
+# -- the round trip -------------------------------------------------------------------------------
+
+
+def _state_dict_of(dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
+    """Tensors of ``dtype`` with random bytes, laid out every way a plan copies them."""
+
+    def values(*shape: int, salt: int) -> torch.Tensor:
+        count = 1
+        for n in shape:
+            count *= n
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        raw = _random_bytes(count * itemsize, seed * 100 + salt)
+        return raw.view(dtype).reshape(shape)
+
+    storage_for_views = values(40, salt=0)
+    return {
+        "vector": values(13, salt=1),  # copied as itself (the plan's typed source)
+        "matrix": values(3, 5, salt=2),
+        "scalar": values(salt=3).reshape(()),
+        "odd": values(7, salt=4),
+        "transposed": values(4, 6, salt=5).t(),  # copied as its storage's bytes
+        "view_a": storage_for_views[3:11],  # a view into a larger storage: bytes again
+        "view_b": storage_for_views[20:],  # the same storage: one copy for both
+        "offset": values(9, salt=6)[1:],
+        "big_odd": values(1001, salt=7),
+        "last": values(2, 3, 1, salt=8),
+    }
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gather_transfer_scatter_is_byte_exact(dtype: torch.dtype) -> None:
+    state_dict = _state_dict_of(dtype, seed=DTYPES.index(dtype))
+    plan = _plan(state_dict)
+    (batch,) = _batches(plan)
+    assert len(batch.srcs) >= GATHER_MIN_COPIES
+    assert should_gather(batch)
+    pool = SlabPool(pageable_slab)
+    completion = _stage(batch, pool)
+    assert completion.query()
+    assert_tree_staged(plan.result, state_dict)
+
+
+def test_empty_storages_are_gathered_too() -> None:
+    srcs = [
+        torch.empty(0, dtype=torch.float32),
+        _random_bytes(100, 1),
+        torch.empty(0, 3, dtype=torch.complex64),
+        _random_bytes(1, 2).view(torch.bool),
+        torch.empty(0, dtype=torch.uint8),
+        _random_bytes(64, 3),
+        _random_bytes(16, 4).view(torch.float64),
+        torch.empty(0, dtype=torch.int64),
+    ]
+    batch = _batch(srcs)
+    assert should_gather(batch)
+    _stage(batch, SlabPool(pageable_slab))
+    for src, dst in zip(srcs, batch.dsts, strict=True):
+        assert dst.shape == src.shape
+        assert torch.equal(dst.view(-1).view(torch.uint8), src.view(-1).view(torch.uint8))
+    # Only empty ones: nothing to transfer, and nothing fails.
+    empties = _batch([torch.empty(0) for _ in range(GATHER_MIN_COPIES)])
+    assert _stage(empties, SlabPool(pageable_slab)).query()
+
+
+# -- slabs ----------------------------------------------------------------------------------------
+
+
+def test_a_pool_reuses_a_free_slab_and_grows_when_none_fits() -> None:
+    allocator = CountingAllocator()
+    pool = SlabPool(allocator)
+    first = pool.acquire(100)
+    assert allocator.sizes == [MIN_SLAB_BYTES]
+    pool.release(first)
+    again = pool.acquire(MIN_SLAB_BYTES)
+    assert again is first and allocator.sizes == [MIN_SLAB_BYTES]
+    pool.release(again)
+    grown = pool.acquire(MIN_SLAB_BYTES + 1)  # none fits: a larger one replaces it
+    assert allocator.sizes == [MIN_SLAB_BYTES, 2 * MIN_SLAB_BYTES]
+    assert grown.numel() == 2 * MIN_SLAB_BYTES and pool.free_nbytes == 0
+    pool.release(grown)
+    assert pool.acquire(10) is grown  # the grown slab serves small batches as well
+    pool.release(grown)
+    pool.clear()
+    assert pool.free_nbytes == 0
+
+
+def test_a_slab_in_use_is_never_handed_out_again() -> None:
+    pool = SlabPool(CountingAllocator(), keep=2)
+    held = [pool.acquire(1000) for _ in range(4)]
+    assert len({slab.data_ptr() for slab in held}) == 4
+    for slab in held:
+        pool.release(slab)
+    assert pool.free_nbytes == 2 * MIN_SLAB_BYTES  # at most `keep` free slabs are kept
+
+
+def test_pools_are_per_device() -> None:
+    pools = SlabPools(pageable_slab)
+    assert pools[torch.device("cuda", 0)] is pools[torch.device("cuda", 0)]
+    assert pools[torch.device("cuda", 0)] is not pools[torch.device("cuda", 1)]
+
+
+def test_consecutive_batches_reuse_one_slab_and_concurrent_ones_do_not_share() -> None:
+    allocator = CountingAllocator()
+    pool = SlabPool(allocator)
+    for seed in range(3):
+        _stage(_batch([_random_bytes(500, seed + i) for i in range(10)]), pool)
+    assert len(allocator.sizes) == 1
+    first = enqueue_gather(_batch([_random_bytes(500, i) for i in range(10)]), pool)
+    second = enqueue_gather(_batch([_random_bytes(500, i) for i in range(10)]), pool)
+    assert first.slab is not None and second.slab is not None
+    assert first.slab.data_ptr() != second.slab.data_ptr()
+
+
+# -- the completion -------------------------------------------------------------------------------
+
+
+def test_nothing_is_scattered_before_the_device_completed() -> None:
+    srcs = [_random_bytes(300, i) for i in range(10)]
+    batch = _batch(srcs)
+    device = DeviceDone()
+    completion = GatheredCompletion(device, enqueue_gather(batch, SlabPool(pageable_slab)))
+    assert not completion.query()
+    waiter = threading.Thread(target=completion.synchronize)
+    waiter.start()
+    time.sleep(0.05)  # the waiter is in the device's wait, or would have scattered by now
+    assert waiter.is_alive()
+    assert all(int(dst.count_nonzero()) == 0 for dst in batch.dsts), "scattered too early"
+    assert not completion.query()
+    device.complete()
+    waiter.join(10)
+    assert not waiter.is_alive()
+    assert completion.query()
+    assert all(torch.equal(dst, src) for dst, src in zip(batch.dsts, srcs, strict=True))
+
+
+def test_query_stays_false_until_the_scatter_ran() -> None:
+    """A driver that polls must not take a complete device event for a landed batch."""
+    batch = _batch([_random_bytes(300, i) for i in range(10)])
+    device = DeviceDone(complete=True)
+    completion = GatheredCompletion(device, enqueue_gather(batch, SlabPool(pageable_slab)))
+    assert device.query() and not completion.query()
+    assert all(int(dst.count_nonzero()) == 0 for dst in batch.dsts)
+    completion.finish()
+    assert completion.query()
+    assert completion.device_completion is device
+
+
+def test_the_scratch_and_slab_live_until_the_scatter_then_go_back() -> None:
+    pool = SlabPool(pageable_slab)
+    device = DeviceDone()
+    gathered = enqueue_gather(_batch([_random_bytes(300, i) for i in range(10)]), pool)
+    scratch = weakref.ref(gathered._scratch)  # type: ignore[arg-type]
+    completion = GatheredCompletion(device, gathered)
+    assert scratch() is not None and gathered.slab is not None
+    assert pool.free_nbytes == 0  # the slab is not back in the pool while copies may run
+    device.complete()
+    completion.synchronize()
+    assert scratch() is None  # let go once the device is done with it
+    assert gathered.slab is None and pool.free_nbytes == MIN_SLAB_BYTES
+
+
+def test_concurrent_waiters_scatter_once() -> None:
+    allocator = CountingAllocator()
+    pool = SlabPool(allocator)
+    device = DeviceDone()
+    batch = _batch([_random_bytes(300, i) for i in range(10)])
+    completion = GatheredCompletion(device, enqueue_gather(batch, pool))
+    waiters = [threading.Thread(target=completion.synchronize) for _ in range(4)]
+    for waiter in waiters:
+        waiter.start()
+    device.complete()
+    for waiter in waiters:
+        waiter.join(10)
+    assert completion.query()
+    assert pool.free_nbytes == MIN_SLAB_BYTES  # given back once, not four times
+
+
+def test_a_failed_device_wait_scatters_nothing_and_keeps_the_slab() -> None:
+    pool = SlabPool(pageable_slab)
+    device = DeviceDone(complete=True, error=RuntimeError("device lost"))
+    batch = _batch([_random_bytes(300, i) for i in range(10)])
+    completion = GatheredCompletion(device, enqueue_gather(batch, pool))
+    with pytest.raises(RuntimeError, match="device lost"):
+        completion.synchronize()
+    assert not completion.query()
+    assert all(int(dst.count_nonzero()) == 0 for dst in batch.dsts)
+    assert pool.free_nbytes == 0  # the device may still write into it: never reused
+
+
+@pytest.mark.asyncio
+async def test_the_drivers_wait_scatters_in_a_worker_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The async face's wait (poll, then synchronize in a thread) never scatters on the loop."""
+    batch = _batch([_random_bytes(300, i) for i in range(10)])
+    device = DeviceDone(complete=True)  # the loop's fast path would see the device done
+    threads: list[threading.Thread] = []
+    scatter = GatheredCopies.scatter
+
+    def recording_scatter(self: GatheredCopies) -> None:
+        threads.append(threading.current_thread())
+        scatter(self)
+
+    monkeypatch.setattr(GatheredCopies, "scatter", recording_scatter)
+    completion = GatheredCompletion(device, enqueue_gather(batch, SlabPool(pageable_slab)))
+    loop_thread = threading.current_thread()
+    await wait_for_event(completion, anyio.CapacityLimiter(1))
+    assert completion.query()
+    assert threads and threads[0] is not loop_thread
+    assert all(torch.equal(dst, src) for dst, src in zip(batch.dsts, batch.srcs, strict=True))
