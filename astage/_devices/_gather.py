@@ -160,10 +160,12 @@ class SlabPool:
 
     :meth:`acquire` hands out a free slab large enough (or a new, larger one); :meth:`release`
     takes it back once nothing uses it any more. At most ``keep`` free slabs are kept, the
-    largest. Thread-safe: batches of one device are enqueued and finished from several threads.
+    largest: about as many as a device has gathered batches in flight at once, so that a cached
+    call allocates none (a pinned slab dropped beyond that goes back to torch's host cache).
+    Thread-safe: batches of one device are enqueued and finished from several threads.
     """
 
-    def __init__(self, allocate: Callable[[int], torch.Tensor], *, keep: int = 4) -> None:
+    def __init__(self, allocate: Callable[[int], torch.Tensor], *, keep: int = 8) -> None:
         self._allocate = allocate
         self._keep = keep
         self._free: list[torch.Tensor] = []
