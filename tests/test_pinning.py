@@ -419,7 +419,9 @@ def test_a_buffer_is_not_unpinned_while_a_copy_into_it_is_in_flight(
     cache = _cache()
     sources = [_source(256)]
     buffer = cache.allocate(sources[0])
-    copies = _pinning.begin_copies(_batch(buffer), pin_buffers=True)  # a device copy enqueued, not landed
+    copies = _pinning.begin_copies(
+        _batch(buffer), pin_buffers=True
+    )  # a device copy enqueued, not landed
     assert buffer.pinned
     drop(cache, sources)
     assert cache.info().storages == 0
