@@ -35,6 +35,7 @@ from astage._devices._gather import (
     SlabPools,
     enqueue_gather,
     pageable_slab,
+    pinned_slab,
     should_gather,
 )
 from astage._drivers._events import wait_for_event
@@ -383,3 +384,59 @@ async def test_the_drivers_wait_scatters_in_a_worker_thread(
     assert completion.query()
     assert threads and threads[0] is not loop_thread
     assert all(torch.equal(dst, src) for dst, src in zip(batch.dsts, batch.srcs, strict=True))
+
+
+# -- on a GPU (skipped without CUDA; not run yet) -------------------------------------------------
+
+GPU_SLEEP_CYCLES = 200_000_000  # a GPU busy-wait of ~0.1 s, so that a copy not ordered after it
+# reads the values from before it
+
+
+class CudaDone:
+    """A CUDA event as a device completion."""
+
+    def __init__(self, event: torch.cuda.Event) -> None:
+        self.event = event
+
+    def query(self) -> bool:
+        return bool(self.event.query())
+
+    def synchronize(self) -> None:
+        self.event.synchronize()
+
+
+@pytest.mark.cuda
+def test_on_cuda_the_gather_is_byte_exact_ordered_and_pinned() -> None:
+    device = torch.device("cuda", 0)
+    srcs = [
+        (_random_bytes(4 * (i + 1), i).view(torch.int32) if i % 2 else _random_bytes(i, i))
+        for i in range(3 * GATHER_MIN_COPIES)
+    ]
+    srcs = [src.to(device) for src in srcs]
+    batch = _batch(srcs, [torch.zeros_like(src, device="cpu") for src in srcs])
+    assert should_gather(batch)
+    torch.cuda.synchronize()
+    producer, staging = torch.cuda.Stream(device), torch.cuda.Stream(device)
+    with torch.cuda.stream(producer):
+        torch.cuda._sleep(GPU_SLEEP_CYCLES)
+        for src in srcs:
+            src.add_(1)  # what the snapshot must hold (integers: +1-1+1 is exact)
+        expected = [src.cpu() for src in srcs]  # (waits for the producer: stream-ordered)
+        for src in srcs:
+            src.sub_(1)
+        torch.cuda._sleep(GPU_SLEEP_CYCLES)
+        for src in srcs:
+            src.add_(1)
+        mark = torch.cuda.Event()
+        mark.record(producer)
+    staging.wait_event(mark)
+    pool = SlabPool(pinned_slab)
+    with torch.cuda.stream(staging):
+        gathered = enqueue_gather(batch, pool, non_blocking=True)
+        done = torch.cuda.Event(blocking=True)
+        done.record(staging)
+    assert gathered.slab is not None and gathered.slab.is_pinned()
+    completion = GatheredCompletion(CudaDone(done), gathered)
+    completion.synchronize()
+    for dst, want in zip(batch.dsts, expected, strict=True):
+        assert torch.equal(dst.view(-1).view(torch.uint8), want.view(-1).view(torch.uint8))
