@@ -8,21 +8,24 @@ gather's gain is launches saved on a GPU, and none is here.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
 import weakref
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import anyio
 import pytest
 import torch
-from conftest import DTYPES, assert_tree_staged
+from conftest import DTYPES, Driver, assert_tree_staged
 
 from astage._core._batches import Batch, make_batches
 from astage._core._cache import BufferCache
 from astage._core._plan import Plan
 from astage._core._walk import build_plan
+from astage._devices._backend import Completion, Mark, installed
 from astage._devices._gather import (
     GATHER_MAX_COPY_BYTES,
     GATHER_MIN_COPIES,
@@ -38,6 +41,7 @@ from astage._devices._gather import (
     pinned_slab,
     should_gather,
 )
+from astage._devices._generic import GenericBackend
 from astage._drivers._events import wait_for_event
 
 KiB = 1024
@@ -384,6 +388,106 @@ async def test_the_drivers_wait_scatters_in_a_worker_thread(
     assert completion.query()
     assert threads and threads[0] is not loop_thread
     assert all(torch.equal(dst, src) for dst, src in zip(batch.dsts, batch.srcs, strict=True))
+
+
+# -- through the generic backend ------------------------------------------------------------------
+
+
+class HostEvent:
+    """A completion event on a "device" whose work runs at once."""
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        pass
+
+
+class HostStream:
+    """A stream whose work has all run by the time it was enqueued."""
+
+    def synchronize(self) -> None:
+        pass
+
+
+class CpuGenericBackend(GenericBackend):
+    """The generic backend's own ``enqueue``, on CPU tensors, with streams that run at once.
+
+    Installed in front of the built-in backends, it takes the CPU batches of every stager, so
+    that the drivers' real device path (enqueue_batch, completions, landed) runs the gather.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("cpu")
+        self.completions: list[Any] = []
+
+    def _new_stream(self, device: torch.device) -> Any:
+        return HostStream()
+
+    def _use_stream(self, stream: Any) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()
+
+    def _record_done(self, stream: Any) -> Any:
+        return HostEvent()
+
+    def _wait(self, stream: Any, event: Any) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def selected(self, device: torch.device) -> Iterator[None]:
+        yield
+
+    def current_device(self) -> torch.device | None:
+        return None  # marked when a batch meets the device, not at the call
+
+    def mark(self, device: torch.device) -> Mark:
+        return Mark(device, HostEvent())
+
+    def is_capturing(self, device: torch.device) -> bool:
+        return False
+
+    def enqueue(self, batch: Batch, after: Sequence[Mark], *, non_blocking: bool) -> Completion:
+        completion = super().enqueue(batch, after, non_blocking=non_blocking)
+        self.completions.append(completion)
+        return completion
+
+
+def test_the_generic_backend_gathers_many_small_copies_only() -> None:
+    backend = CpuGenericBackend()
+    small = _batch([_random_bytes(100, i) for i in range(GATHER_MIN_COPIES)])
+    completion = backend.enqueue(small, [], non_blocking=True)
+    assert isinstance(completion, GatheredCompletion)
+    assert not completion.query()  # the scatter is still to run
+    completion.synchronize()
+    assert all(torch.equal(d, s) for d, s in zip(small.dsts, small.srcs, strict=True))
+    few = _batch([_random_bytes(100, i) for i in range(GATHER_MIN_COPIES - 1)])
+    completion = backend.enqueue(few, [], non_blocking=True)
+    assert not isinstance(completion, GatheredCompletion) and completion.query()
+    assert all(torch.equal(d, s) for d, s in zip(few.dsts, few.srcs, strict=True))
+    # The next gathered batch reuses the device's slab; release_slabs lets go of it.
+    backend.enqueue(_batch(small.srcs), [], non_blocking=True).synchronize()
+    pool = backend._slabs[small.device]
+    assert pool.allocations == 1 and pool.free_nbytes == MIN_SLAB_BYTES
+    backend.release_slabs()
+    assert pool.free_nbytes == 0
+
+
+def test_stagers_stage_gathered_batches_byte_exact(make_stager: Callable[..., Driver]) -> None:
+    state_dict = {str(dtype): _state_dict_of(dtype, seed=i) for i, dtype in enumerate(DTYPES)}
+    backend = CpuGenericBackend()
+    with installed(backend):
+        stager = make_stager()
+        staged = stager.stage(state_dict)
+        assert_tree_staged(staged, state_dict)
+        gathered = sum(isinstance(c, GatheredCompletion) for c in backend.completions)
+        assert gathered == len(backend.completions) > 0
+        for tensors in state_dict.values():  # a cached call gathers the new values
+            for tensor in tensors.values():
+                storage = tensor.untyped_storage()
+                torch.empty((0,), dtype=torch.uint8).set_(storage).add_(1)
+        staged = stager.stage(state_dict)
+        assert_tree_staged(staged, state_dict)
+        stager.close()
 
 
 # -- on a GPU (skipped without CUDA; not run yet) -------------------------------------------------

@@ -6,6 +6,8 @@
   ``cudaHostRegister``, before the first copy into them, in the thread that enqueues, with the
   device selected (:func:`~astage._devices._backend.enqueue_batch` and ``_pinning``).
 - Streams and events are ``torch.cuda`` ones, and capture is ``torch.cuda``'s check.
+- The host slabs of gathered batches (:mod:`astage._devices._gather`) are page-locked, from
+  torch's caching host allocator, allocated in the enqueuing thread with the device selected.
 
 The staging stream is ``torch.cuda.Stream(device=...)``, which PyTorch takes round-robin from
 its pool of 32 streams per device and priority, also used by NCCL's process groups and by anyone
@@ -27,6 +29,7 @@ from typing import Any
 
 import torch
 
+from ._gather import pinned_slab
 from ._generic import GenericBackend
 
 
@@ -59,6 +62,9 @@ class CudaBackend(GenericBackend):
 
     def _use_stream(self, stream: Any) -> contextlib.AbstractContextManager[Any]:
         return torch.cuda.stream(stream)
+
+    def _allocate_slab(self, nbytes: int) -> torch.Tensor:
+        return pinned_slab(nbytes)  # the one transfer of a gathered batch at full link speed
 
     def _is_stream(self, item: object) -> bool:
         return isinstance(item, (torch.cuda.Stream, torch.Stream))

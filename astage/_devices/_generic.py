@@ -1,6 +1,9 @@
 """Staging from any accelerator torch supports, on ``torch.Stream``, ``torch.Event`` and
 ``torch.accelerator`` (XPU, HPU, MPS, PrivateUse1 devices, and the base of the CUDA backend).
 
+A batch of many small copies is gathered on the device and sent to the host in one transfer
+(:mod:`astage._devices._gather`); any other batch is one ``copy_`` per copy.
+
 Not run on hardware yet: written against torch 2.11-2.13 and tested on CPU through a fake
 backend that implements the same interface (see :mod:`astage._devices._backend`).
 """
@@ -17,6 +20,14 @@ import torch
 from .._core._batches import Batch
 from .._errors import InvalidOptionsError
 from ._backend import Completion, Mark
+from ._gather import (
+    GatheredCompletion,
+    GatheredCopies,
+    SlabPools,
+    enqueue_gather,
+    pageable_slab,
+    should_gather,
+)
 
 
 class DeviceCompletion:
@@ -45,6 +56,8 @@ class GenericBackend:
         self.device_type = device_type
         self._streams: dict[int, Any] = {}
         self._lock = threading.Lock()
+        self._slabs = SlabPools(self._allocate_slab)
+        """Host slabs of gathered batches, per device (:mod:`astage._devices._gather`)."""
 
     # -- what subclasses specialise --------------------------------------------------------
 
@@ -62,6 +75,10 @@ class GenericBackend:
 
     def _use_stream(self, stream: Any) -> contextlib.AbstractContextManager[Any]:
         return stream  # type: ignore[no-any-return]  # torch.Stream is its own context
+
+    def _allocate_slab(self, nbytes: int) -> torch.Tensor:
+        """A host slab for gathered transfers: pageable here (CUDA's are page-locked)."""
+        return pageable_slab(nbytes)
 
     def _is_stream(self, item: object) -> bool:
         return isinstance(item, torch.Stream)
@@ -124,16 +141,29 @@ class GenericBackend:
             stream = self.stream(device)
             for mark in after:
                 self._wait(stream, mark.event)
+            gathered: GatheredCopies | None = None
             with torch.no_grad(), self._use_stream(stream):
-                # One launch per copy either way; a plain loop keeps to copy_'s documented
-                # cross-device semantics rather than relying on foreach's fallback.
-                for dst, src in zip(batch.dsts, batch.srcs, strict=True):
-                    dst.copy_(src, non_blocking=non_blocking)
+                if should_gather(batch):  # many small copies: one transfer, not one launch each
+                    slabs = self._slabs[device]
+                    gathered = enqueue_gather(batch, slabs, non_blocking=non_blocking)
+                else:
+                    # One launch per copy; a plain loop keeps to copy_'s documented
+                    # cross-device semantics rather than relying on foreach's fallback.
+                    for dst, src in zip(batch.dsts, batch.srcs, strict=True):
+                        dst.copy_(src, non_blocking=non_blocking)
                 done = self._record_done(stream)
-        return DeviceCompletion(self, device, done)
+        completion = DeviceCompletion(self, device, done)
+        if gathered is None:
+            return completion
+        # Complete once the host scatter ran, after the event: see GatheredCompletion.
+        return GatheredCompletion(completion, gathered)
 
     def synchronize(self) -> None:
         with self._lock:
             streams = list(self._streams.values())
         for stream in streams:
             stream.synchronize()
+
+    def release_slabs(self) -> None:
+        """Drop the free host slabs of gathered transfers (those in use stay theirs)."""
+        self._slabs.clear()
