@@ -125,6 +125,23 @@ def rig(monkeypatch: pytest.MonkeyPatch) -> Iterator[Rig]:
     assert fake.errors == []
 
 
+@pytest.fixture
+def make_driver(rig: Rig) -> Iterator[Callable[[str], Driver]]:
+    """Build pinning stagers of a driver kind; all are closed after the test, even a failed one."""
+    made: list[Driver] = []
+
+    def make(kind: str) -> Driver:
+        driver = Driver(kind, **PINNING)
+        made.append(driver)
+        return driver
+
+    yield make
+    for owner in rig.fake.devices:
+        owner.staging.gate.release()  # a failed test may have left one held
+    for driver in made:
+        driver.close()
+
+
 def _state(rig: Rig) -> dict[str, torch.Tensor]:
     d0, d1 = rig.fake.devices
     return {
@@ -142,19 +159,25 @@ def _thread_id(driver: Driver) -> int:
     return int(driver.run(ident))
 
 
-def _in_thread(action: Callable[[], object], name: str) -> int:
-    """Run ``action`` in a new thread named ``name``; returns the thread's id."""
-    thread = threading.Thread(target=action, name=name)
+TRAINING = "training"
+"""The name of the thread that drops the sources (names, not ids: an ended thread's id is reused
+by the next thread started, often one of anyio's workers)."""
+
+
+def _in_training_thread(action: Callable[[], object]) -> None:
+    thread = threading.Thread(target=action, name=TRAINING)
     thread.start()
     thread.join(10)
-    assert thread.ident is not None
-    return thread.ident
 
 
-def _stage_drop_restage(rig: Rig, driver: Driver) -> tuple[dict[int, int], int]:
+def _on_training_thread(rig: Rig) -> list[PinRecord]:
+    return [record for record in rig.ledger.records if record.thread == TRAINING]
+
+
+def _stage_drop_restage(rig: Rig, driver: Driver) -> dict[int, int]:
     """Stage, drop the sources in a training thread, stage others, close.
 
-    Returns each buffer's source device (by address) and the training thread's id.
+    Returns each buffer's source device, by address.
     """
     state = _state(rig)
     staged = driver.stage(state)
@@ -163,14 +186,14 @@ def _stage_drop_restage(rig: Rig, driver: Driver) -> tuple[dict[int, int], int]:
         assert torch.all(tensor == rig.fake.host(state[key])), key
     box = [state]
     del state
-    training = _in_thread(box.clear, "training")  # the last references: evicted there
+    _in_training_thread(box.clear)  # the last references: the buffers are evicted there
     assert rig.ledger.unpins() == []  # the eviction only queued the unpins
     again = _state(rig)
     restaged = driver.stage(again)  # its copies' thread unregisters what was queued
     devices.update(rig.device_of(restaged, again))
     del again
     driver.close()
-    return devices, training
+    return devices
 
 
 def _assert_clean(rig: Rig) -> None:
@@ -184,27 +207,32 @@ def _assert_clean(rig: Rig) -> None:
 
 
 @pytest.mark.parametrize("kind", ASYNC_KINDS)
-def test_the_async_face_pins_and_unpins_only_in_worker_threads(rig: Rig, kind: str) -> None:
+def test_the_async_face_pins_and_unpins_only_in_worker_threads(
+    rig: Rig, make_driver: Callable[[str], Driver], kind: str
+) -> None:
     """Guards: pins (enqueue_batch in the worker thread), the drain of evicted buffers (the next
     batch's worker) and aclose's drain (a worker thread) never run on the event loop's thread,
     the caller's or the training thread that dropped the sources. Enqueueing on the loop, or
     draining inline in aclose, puts records on the loop's thread; unpinning at eviction puts
     them on the training thread."""
-    driver = Driver(kind, **PINNING)
+    driver = make_driver(kind)
     loop = _thread_id(driver)
-    _, training = _stage_drop_restage(rig, driver)
+    _stage_drop_restage(rig, driver)
     _assert_clean(rig)
-    assert rig.ledger.on_threads({loop, threading.get_ident(), training}) == []
+    assert rig.ledger.on_threads({loop, threading.get_ident()}) == []  # both alive throughout
+    assert _on_training_thread(rig) == []
 
 
 @pytest.mark.parametrize("kind", DRIVERS)
-def test_pins_and_unpins_select_the_buffers_device(rig: Rig, kind: str) -> None:
+def test_pins_and_unpins_select_the_buffers_device(
+    rig: Rig, make_driver: Callable[[str], Driver], kind: str
+) -> None:
     """Guards: every register and unregister runs with its buffer's device selected, whatever the
     thread had selected before (the fake backend selects the batch's device only later, inside
     its enqueue). Without the selection a fresh worker is on no device, a reused one on the
     device of its last batch, and the records show it."""
-    driver = Driver(kind, **PINNING)
-    devices, _ = _stage_drop_restage(rig, driver)
+    driver = make_driver(kind)
+    devices = _stage_drop_restage(rig, driver)
     _assert_clean(rig)
     records: list[PinRecord] = rig.ledger.records
     assert {devices[record.ptr] for record in records} == {0, 1}
@@ -212,16 +240,16 @@ def test_pins_and_unpins_select_the_buffers_device(rig: Rig, kind: str) -> None:
 
 
 def test_the_blocking_face_pins_in_its_callers_thread_never_in_the_training_thread(
-    rig: Rig,
+    rig: Rig, make_driver: Callable[[str], Driver]
 ) -> None:
     """The blocking face does its work in its caller's thread, pinning included (see
     ``astage._drivers._sync``); a source dropped in the training thread only queues its unpin,
     which the next call (or close) undoes. Guards the queue: an eviction that unregistered at
     once would record on the training thread."""
-    driver = Driver("sync", **PINNING)
-    _, training = _stage_drop_restage(rig, driver)
+    driver = make_driver("sync")
+    _stage_drop_restage(rig, driver)
     _assert_clean(rig)
-    assert rig.ledger.on_threads({training}) == []
+    assert _on_training_thread(rig) == []
     assert {r.thread_id for r in rig.ledger.records} == {threading.get_ident()}
 
 
@@ -263,13 +291,16 @@ def _drop_by_eviction(driver: Driver, state: dict[str, Any]) -> None:
 @pytest.mark.parametrize("drop", [_drop_by_clear_cache, _drop_by_eviction], ids=["clear", "evict"])
 @pytest.mark.parametrize("kind", DRIVERS)
 def test_a_buffer_whose_wait_failed_is_not_unpinned_under_its_copy(
-    rig: Rig, kind: str, drop: Callable[[Driver, dict[str, Any]], None]
+    rig: Rig,
+    make_driver: Callable[[str], Driver],
+    kind: str,
+    drop: Callable[[Driver, dict[str, Any]], None],
 ) -> None:
     """Guards: the count of copies in flight (``begin_copies`` before the enqueue) and reporting
     them landed only after a wait that returned. After a failed wait the copies may still be
     writing: the dropped buffer must stay pinned through the next call's drain. Reporting
     landed on the failure path (in a ``finally``), or not counting, unpins it under the copy."""
-    driver = Driver(kind, **PINNING)
+    driver = make_driver(kind)
     state = {"w": rig.fake.devices[0].zeros(1024)}
     _fail_a_call_with_copies_pending(rig, driver, state)
     drop(driver, state)
@@ -282,11 +313,13 @@ def test_a_buffer_whose_wait_failed_is_not_unpinned_under_its_copy(
 
 
 @pytest.mark.parametrize("kind", DRIVERS)
-def test_close_unpins_nothing_under_a_copy(rig: Rig, kind: str) -> None:
+def test_close_unpins_nothing_under_a_copy(
+    rig: Rig, make_driver: Callable[[str], Driver], kind: str
+) -> None:
     """Guards, together: close() waits for the staging streams before it releases the buffers,
     and a buffer whose copies were never reported landed stays pinned. Close is called while a
     failed call's copies wait on the held stream, which is released later."""
-    driver = Driver(kind, **PINNING)
+    driver = make_driver(kind)
     state = {"w": rig.fake.devices[0].zeros(1024)}
     _fail_a_call_with_copies_pending(rig, driver, state)
     staging = rig.fake.devices[0].staging
