@@ -51,9 +51,40 @@ def test_defaults_resolve_without_warnings() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         resolved = astage.StagingOptions().resolve()
-    assert resolved.pin_memory is HAS_CUDA
-    assert resolved.non_blocking is HAS_CUDA
+    assert resolved.pin_memory is torch.accelerator.is_available()
+    assert resolved.non_blocking is torch.accelerator.is_available()
     assert resolved.copy_threads >= 1
+
+
+def test_auto_flags_follow_any_accelerator_not_only_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An XPU or MPS machine: torch.accelerator has one, torch.cuda does not. Regression: the
+    # flags resolved off there (pageable buffers, blocking copies), and non_blocking=True was
+    # refused as "needs CUDA".
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    resolved = astage.StagingOptions().resolve()
+    assert resolved.pin_memory is True and resolved.non_blocking is True
+    assert astage.StagingOptions(non_blocking=True).resolve().non_blocking is True
+    assert astage.StagingOptions(pin_memory=False).resolve().pin_memory is False
+
+
+def test_no_accelerator_resolves_off_and_refuses_non_blocking(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    resolved = astage.StagingOptions().resolve()
+    assert resolved.pin_memory is False and resolved.non_blocking is False
+    with pytest.raises(astage.InvalidOptionsError, match="non_blocking=True needs an accelerator"):
+        astage.StagingOptions(non_blocking=True).resolve()
+    # pin_memory=True stays asked for: the device layer pins only buffers of sources whose
+    # backend asks for it, and without an accelerator there are none (see the tests below).
+    assert astage.StagingOptions(pin_memory=True).resolve().pin_memory is True
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks that nothing initialises CUDA")
+def test_resolving_initialises_no_device() -> None:
+    astage.StagingOptions().resolve()
+    assert not torch.cuda.is_initialized()
 
 
 def test_stagers_construct_without_warnings() -> None:
