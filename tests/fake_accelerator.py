@@ -573,6 +573,10 @@ class FakeAccelerator:
     def set_device(self, which: int | torch.device | FakeDevice) -> None:
         self._current_device.index = self.device(which).index
 
+    def restore_device(self, index: int | None) -> None:
+        """Put back what :meth:`current_device_index` returned (None: never selected)."""
+        self._current_device.index = index
+
     def synchronize(self) -> None:
         for device in self.devices:
             device.synchronize()
@@ -761,11 +765,17 @@ class FakeBackend:
 
     def enqueue(self, batch: Any, after: Sequence[Any], *, non_blocking: bool) -> FakeEvent:
         owner = self.accelerator.device(batch.device)
-        self.accelerator.set_device(owner)  # the backend selects the batch's device itself
-        stream = owner.staging
-        for mark in after:
-            stream.wait_event(mark.event)
-        stream.enqueue_copies(batch.dsts, batch.srcs)
+        # The backend selects the batch's device itself, and gives the thread back as it found
+        # it: on the blocking face this is the caller's thread, whose current device is its own.
+        previous = self.accelerator.current_device_index()
+        self.accelerator.set_device(owner)
+        try:
+            stream = owner.staging
+            for mark in after:
+                stream.wait_event(mark.event)
+            stream.enqueue_copies(batch.dsts, batch.srcs)
+        finally:
+            self.accelerator.restore_device(previous)
         with self._lock:
             self.enqueues.append((batch.device, len(batch.srcs), threading.current_thread().name))
         done = stream.record_event(FakeEvent(owner, blocking=True))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._errors import InvalidOptionsError
-from .._options import StagingOptions, cuda_available
+from .._options import StagingOptions, accelerator_available, cuda_available
 
 FLAGS = ("use_pinned_memory", "use_shared_memory", "use_async_staging", "use_non_blocking_copy")
 
@@ -23,7 +23,7 @@ def pinning(pin_memory: Any, *, stacklevel: int) -> bool:
 
     The warning is given here, once per stager, where DCP gives it: at construction.
     """
-    if pin_memory and not cuda_available():
+    if pin_memory and not cuda_available():  # astage pins CUDA sources' buffers only
         warnings.warn(
             "pin_memory is ignored for checkpoint staging: pinning host memory needs CUDA, "
             "and CUDA is not available",
@@ -55,9 +55,9 @@ class DcpFlags:
 
     def options(self, overrides: dict[str, Any], *, stacklevel: int) -> StagingOptions:
         """The astage options these flags ask for; refuses what this machine cannot do."""
-        if self.use_non_blocking_copy and not cuda_available():
+        if self.use_non_blocking_copy and not accelerator_available():
             raise InvalidOptionsError(
-                "use_non_blocking_copy=True needs CUDA, and CUDA is not available; "
+                "use_non_blocking_copy=True needs an accelerator, and none is available; "
                 "set use_non_blocking_copy=False"
             )
         options = StagingOptions(
