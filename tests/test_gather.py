@@ -544,3 +544,41 @@ def test_on_cuda_the_gather_is_byte_exact_ordered_and_pinned() -> None:
     completion.synchronize()
     for dst, want in zip(batch.dsts, expected, strict=True):
         assert torch.equal(dst.view(-1).view(torch.uint8), want.view(-1).view(torch.uint8))
+
+
+class _PinningBackend:
+    """Asks for pinned buffers; records nothing but what enqueue_batch decides."""
+
+    def pins_host_memory(self, device: torch.device) -> bool:
+        return True
+
+    def enqueue(self, batch: Batch, after: Sequence[Mark], *, non_blocking: bool) -> Any:
+        return DeviceDone()
+
+    def synchronize(self) -> None:
+        pass
+
+
+def test_a_gathered_batch_leaves_its_small_buffers_unpinned(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its bytes cross the link through one pinned slab: a registration per buffer buys nothing."""
+    from astage._devices import _backend, _pinning
+
+    asked: list[bool] = []
+    real = _pinning.begin_copies
+
+    def recording(batch: Batch, *, pin_buffers: bool) -> Any:
+        asked.append(pin_buffers)
+        return real(batch, pin_buffers=False)  # no CUDA runtime here
+
+    monkeypatch.setattr(_backend, "begin_copies", recording)
+    small = [torch.full((16,), float(i)) for i in range(32)]
+    gathered = _batch(small)
+    assert should_gather(gathered)
+    backend: Any = _PinningBackend()  # the two calls enqueue_batch makes, nothing more
+    _backend.enqueue_batch(backend, gathered, [], non_blocking=True)
+    alone = _batch([torch.zeros(1 << 16)])
+    assert not should_gather(alone)
+    _backend.enqueue_batch(backend, alone, [], non_blocking=True)
+    assert asked == [False, True]

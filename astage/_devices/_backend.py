@@ -52,6 +52,7 @@ import torch
 
 from .._core._batches import Batch
 from .._errors import InvalidOptionsError, StagingError
+from ._gather import should_gather
 from ._pinning import CopiesInFlight, begin_copies
 
 
@@ -161,7 +162,10 @@ def enqueue_batch(
     Call it in the thread that may pin (an astage worker thread on the async face; the caller's
     thread on the blocking face): registering host memory costs about 0.1 s per GB.
     """
-    copies = begin_copies(batch, pin_buffers=pins_host_memory(backend, batch.device))
+    # A gathered batch crosses the link through one pinned slab: pinning each small buffer
+    # would cost a registration apiece and speed nothing up.
+    pin = pins_host_memory(backend, batch.device) and not should_gather(batch)
+    copies = begin_copies(batch, pin_buffers=pin)
     try:
         completion = backend.enqueue(batch, after, non_blocking=non_blocking)
     except BaseException:

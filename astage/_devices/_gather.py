@@ -47,12 +47,15 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from .._core._batches import Batch
 from .._torch import foreach_copy_
-from ._backend import Completion
+
+if TYPE_CHECKING:  # _backend imports this module (to leave gathered batches unpinned)
+    from ._backend import Completion
 
 GATHER_MIN_COPIES = 8
 """Fewer copies than this are launched one by one: the gather's extra transfer would not pay."""
