@@ -707,8 +707,20 @@ def _on_fake_device(host: torch.Tensor, index: int) -> torch.Tensor:
 
 
 def _register_device_module() -> None:
-    if not hasattr(torch, "privateuseone"):
-        torch._register_device_module("privateuseone", types.ModuleType("fake_accelerator_device"))
+    """Give torch the ``torch.privateuseone`` module it needs to accept such tensors.
+
+    It stays registered for the rest of the process (torch has no way to unregister one), so it
+    says what is true for everyone else: no such device is available. Code that asks (DCP's
+    file writer does, and so does ``torch.manual_seed``) then leaves it alone.
+    """
+    if hasattr(torch, "privateuseone"):
+        return
+    module: Any = types.ModuleType("fake_accelerator_device")
+    module.is_available = lambda: False
+    module.device_count = lambda: 0
+    module._is_in_bad_fork = lambda: False
+    module.manual_seed_all = lambda seed: None
+    torch._register_device_module("privateuseone", module)
 
 
 # -- the backend astage sees ----------------------------------------------------------------------
