@@ -205,6 +205,12 @@ class TensorStager:
         # its storage in torch.empty's layout. Bool data never is: copying a bool tensor
         # normalizes every byte to 0 or 1, which corrupts uint8 data that a bool view reaches
         # first; its storage is copied as bytes.
+        shape = x.shape
+        # A size-0 or size-1 dimension may have any stride in a contiguous tensor, so a buffer
+        # whose view had one could not tell, by is_contiguous(), another tensor of that shape
+        # with other strides: such buffers get no view and always take this path. Without
+        # one, is_contiguous() (in C) already means torch.empty's strides.
+        exact_by_shape = _strides_follow_from_shape(shape)
         spans_storage = (
             (cls is _Tensor or cls is _Parameter)
             and x.dtype is not torch.bool
@@ -212,12 +218,9 @@ class TensorStager:
             and x.nbytes == storage.nbytes()
             and not x.is_conj()
             and not x.is_neg()
-            and x.stride() == _dense_strides(x.shape)
+            and (x.is_contiguous() if exact_by_shape else x.stride() == _dense_strides(shape))
         )
-        # A size-0 or size-1 dimension may have any stride in a contiguous tensor, so a buffer
-        # whose view had one could not tell, by is_contiguous(), another tensor of that shape
-        # with other strides: such buffers get no view and always take this path.
-        reusable = spans_storage and _strides_follow_from_shape(x.shape)
+        reusable = spans_storage and exact_by_shape
         buffer = self._storages.get(id(storage))
         if buffer is not None:  # a storage already met in this call: an alias
             index = self._copy_index[id(storage)]
@@ -289,7 +292,7 @@ def _view_on(buffer: HostBuffer, x: torch.Tensor) -> torch.Tensor:
 
 def _strides_follow_from_shape(shape: torch.Size) -> bool:
     """Whether ``is_contiguous()`` leaves a tensor of ``shape`` only ``torch.empty``'s strides."""
-    return all(size > 1 for size in shape)
+    return 1 not in shape and 0 not in shape  # sizes are never negative: every size > 1
 
 
 def _dense_strides(shape: torch.Size) -> tuple[int, ...]:
