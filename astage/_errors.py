@@ -51,8 +51,6 @@ __all__ = [
 class AstageError(Exception):
     """Raised when astage fails on purpose; the root of every error astage raises."""
 
-    __module__ = "astage"
-
     def __init__(self, message: str, path: Path | None = None) -> None:
         self.path = path
         if path is not None:
@@ -74,79 +72,53 @@ def _rebuild(cls: type[AstageError], message: str, path: Path | None) -> AstageE
 class InvalidOptionsError(AstageError, ValueError):
     """Raised when an argument or option is invalid, contradictory, or needs absent hardware."""
 
-    __module__ = "astage"
-
 
 class UsageError(AstageError):
     """Raised when the API is used in a way it does not allow (the base of the misuse errors)."""
-
-    __module__ = "astage"
 
 
 class BusyError(UsageError):
     """Raised when a second call starts where only one may run at a time (other thread, loop)."""
 
-    __module__ = "astage"
-
 
 class ClosedError(UsageError):
     """Raised when an object is used after it was closed."""
-
-    __module__ = "astage"
 
 
 class StagerClosedError(ClosedError):
     """Raised when a stager is used after close() or aclose()."""
 
-    __module__ = "astage"
-
 
 class StagingError(AstageError):
     """Raised when copying a state dict into host memory fails."""
-
-    __module__ = "astage"
 
 
 class UnstageableError(StagingError, TypeError):
     """Raised when an object in the state dict can be neither copied nor kept as it is."""
 
-    __module__ = "astage"
-
 
 class BufferMismatchError(StagingError):
     """Raised when a source storage changed size since its host buffer was cached."""
-
-    __module__ = "astage"
 
 
 class CheckpointError(AstageError):
     """Raised when a checkpoint file cannot be written or read (the base of the file errors)."""
 
-    __module__ = "astage"
-
 
 class UnsavableError(CheckpointError, TypeError):
     """Raised when a state dict holds an object that a checkpoint file cannot store."""
-
-    __module__ = "astage"
 
 
 class CheckpointWriteError(CheckpointError):
     """Raised when writing or committing a checkpoint file fails; names the file and the cause."""
 
-    __module__ = "astage"
-
 
 class CheckpointFormatError(CheckpointError):
     """Raised when a checkpoint file is truncated, corrupt or not in a format astage reads."""
 
-    __module__ = "astage"
-
 
 class CheckpointNotFoundError(CheckpointFormatError, FileNotFoundError):
     """Raised when a checkpoint file to read is not there."""
-
-    __module__ = "astage"
 
     def __init__(self, message: str, path: Path | None = None) -> None:
         super().__init__(message, path)
@@ -156,10 +128,14 @@ class CheckpointNotFoundError(CheckpointFormatError, FileNotFoundError):
 class ReplicationError(AstageError):
     """Raised when a snapshot cannot be exchanged with, or persisted for, a partner rank."""
 
-    __module__ = "astage"
-
 
 class ReplicationTimeoutError(ReplicationError, TimeoutError):
     """Raised when the partner rank does not take part in an exchange before the timeout."""
 
-    __module__ = "astage"
+
+# Reported as astage.X (in tracebacks, reprs and pickles), where users import them from; set
+# here once rather than in every class, and only on astage's own classes (not on subclasses an
+# application derives from them).
+for _name in __all__:
+    globals()[_name].__module__ = "astage"
+del _name
