@@ -12,6 +12,8 @@ from ._core._cache import CacheInfo
 from ._core._stats import StageStats
 from ._drivers._async import Stager
 from ._drivers._holds import BufferHold
+from ._drivers._leases import Lease
+from ._drivers._snapshots import Snapshot
 from ._drivers._sync import SyncStager
 from ._errors import (
     AstageError,
@@ -23,8 +25,10 @@ from ._errors import (
     CheckpointWriteError,
     ClosedError,
     InvalidOptionsError,
+    LeaseTimeoutError,
     ReplicationError,
     ReplicationTimeoutError,
+    SnapshotReleasedError,
     StagerClosedError,
     StagingError,
     UnsavableError,
@@ -56,6 +60,8 @@ __all__ = [
     "CheckpointWriter",
     "ClosedError",
     "InvalidOptionsError",
+    "Lease",
+    "LeaseTimeoutError",
     "Path",
     "ReplicationError",
     "ReplicationStager",
@@ -63,6 +69,8 @@ __all__ = [
     "SafetensorsWriter",
     "SaveHandle",
     "SaveResult",
+    "Snapshot",
+    "SnapshotReleasedError",
     "StageStats",
     "Stager",
     "StagerClosedError",

@@ -4,8 +4,10 @@ AstageError                          the root: catch it to catch anything astage
 ├── InvalidOptionsError              a bad argument or option (also a ValueError)
 ├── UsageError                       the API used in a way it does not allow
 │   ├── BusyError                    a second concurrent call where only one may run
-│   └── ClosedError                  a closed object was used
-│       └── StagerClosedError        ... a closed stager
+│   │   └── LeaseTimeoutError        ... a leased buffer set not released in time (a TimeoutError)
+│   ├── ClosedError                  a closed object was used
+│   │   └── StagerClosedError        ... a closed stager
+│   └── SnapshotReleasedError        a snapshot's state dict read after its release
 ├── StagingError                     copying a state dict into host memory failed
 │   ├── UnstageableError             an object in the state dict cannot be staged (a TypeError)
 │   └── BufferMismatchError          a cached host buffer no longer fits its source
@@ -38,8 +40,10 @@ __all__ = [
     "CheckpointWriteError",
     "ClosedError",
     "InvalidOptionsError",
+    "LeaseTimeoutError",
     "ReplicationError",
     "ReplicationTimeoutError",
+    "SnapshotReleasedError",
     "StagerClosedError",
     "StagingError",
     "UnsavableError",
@@ -81,12 +85,20 @@ class BusyError(UsageError):
     """Raised when a second call starts where only one may run at a time (other thread, loop)."""
 
 
+class LeaseTimeoutError(BusyError, TimeoutError):
+    """Raised when a call waited longer than its timeout for a leased buffer set to be released."""
+
+
 class ClosedError(UsageError):
     """Raised when an object is used after it was closed."""
 
 
 class StagerClosedError(ClosedError):
     """Raised when a stager is used after close() or aclose()."""
+
+
+class SnapshotReleasedError(UsageError):
+    """Raised when a snapshot's state dict is read after the snapshot was released."""
 
 
 class StagingError(AstageError):
