@@ -15,11 +15,14 @@ from torch.distributed.checkpoint.staging import AsyncStager, StagingOptions
 from ._blocking import BlockingAsyncStager
 from ._default import DefaultStager
 from ._state_dict_stager import StateDictStager
+from ._storage import FileSystemReader, FileSystemWriter
 
 __all__ = [
     "AsyncStager",
     "BlockingAsyncStager",
     "DefaultStager",
+    "FileSystemReader",
+    "FileSystemWriter",
     "StagingOptions",
     "StateDictStager",
 ]

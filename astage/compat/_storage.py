@@ -1,0 +1,726 @@
+"""astage as DCP's storage layer: a ``StorageWriter`` and a ``StorageReader`` for
+``torch.distributed.checkpoint``.
+
+DCP keeps its planner, its metadata and its resharding; these two classes only move bytes.
+:class:`FileSystemWriter` writes each rank's items into its file(s) with positioned vectored
+writes (``os.pwritev``) from a small thread pool, so one rank's file fills from several threads
+at once, and commits durably: every data file is written under a temporary name, fsynced and
+renamed, the folder fsynced, and the ``.metadata`` file, the one that makes a checkpoint look
+complete, is committed last (temporary name, fsync, atomic rename, folder fsync). Saving over a
+committed checkpoint writes the new data files under fresh names, so a crash before the new
+``.metadata`` lands leaves the previous checkpoint whole; its files go once the new one is
+committed.
+
+On-disk format: DCP's folder layout and its pickled ``.metadata`` (DCP's own format, written as
+DCP writes it), but a tensor item is its raw bytes (C order, the dtype of the metadata), not a
+``torch.save`` pickle. Each such item's storage record carries the transform descriptor
+:data:`RAW_DESCRIPTOR`, so DCP's own ``FileSystemReader`` refuses the files with
+``ValueError: Unknown extension name='astage.raw@astage.compat.FileSystemReader'`` instead of
+misreading them. :class:`FileSystemReader` reads both formats: raw items straight into their
+destination (``os.preadv``, no copy when the destination is a matching CPU tensor), and items of
+DCP's own checkpoints through DCP's reader. It unpickles ``.metadata`` with an allow-list of
+DCP's metadata classes, so a crafted metadata file cannot run code. Bytes items (objects DCP
+serialises with ``torch.save``) are DCP's business: written and read back as given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import errno
+import functools
+import io
+import math
+import os
+import pickle
+import re
+import secrets
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.filesystem import (
+    FileSystemReader as _DcpFileSystemReader,
+)
+from torch.distributed.checkpoint.filesystem import (
+    SerializationFormat,
+    _StorageInfo,
+    _StoragePrefix,
+)
+from torch.distributed.checkpoint.metadata import (
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import (
+    LoadItemType,
+    LoadPlan,
+    LoadPlanner,
+    ReadItem,
+    SavePlan,
+    SavePlanner,
+    WriteItem,
+    WriteItemType,
+)
+from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
+from torch.futures import Future
+
+from .._errors import (
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+    InvalidOptionsError,
+)
+
+RAW_DESCRIPTOR = "astage.raw@astage.compat.FileSystemReader/1"
+"""Transform descriptor of a tensor item stored as its raw bytes."""
+
+METADATA_NAME = ".metadata"
+DATA_SUFFIX = ".distcp"
+DEFAULT_THREADS = 4
+DEFAULT_CHUNK_BYTES = 8 << 20  # one pwritev moves at most this much: the disk starts early
+_IOV_MAX = 1024  # buffers per pwritev call (Linux's IOV_MAX)
+_DATA_FILE = re.compile(r"__\d+_.*\.distcp\Z")
+
+
+class FileSystemWriter(StorageWriter):
+    """Drop-in for ``torch.distributed.checkpoint.FileSystemWriter`` (see the module docstring).
+
+    ``path``, ``single_file_per_rank``, ``sync_files`` and ``overwrite`` mean what they mean in
+    DCP. ``thread_count`` is the number of threads that write this rank's bytes (DCP's means
+    files per rank; here one file per rank is written by all threads at once).
+    ``per_thread_copy_ahead`` and ``cache_staged_state_dict`` are accepted and ignored (this
+    writer does not stage: ``dcp.async_save`` stages with its default stager, or the
+    ``async_stager`` given, such as :class:`astage.compat.DefaultStager`). ``_extensions`` and a
+    ``serialization_format`` other than DCP's default are refused: items are raw bytes.
+    ``sync_files=False`` skips every fsync: faster, and not durable.
+    """
+
+    def __init__(  # noqa: PLR0917 - DCP's constructor, positional arguments included
+        self,
+        path: str | os.PathLike[str],
+        single_file_per_rank: bool = True,
+        sync_files: bool = True,
+        thread_count: int = DEFAULT_THREADS,
+        per_thread_copy_ahead: int = 10_000_000,
+        cache_staged_state_dict: bool = False,
+        overwrite: bool = True,
+        _extensions: Sequence[Any] | None = None,
+        serialization_format: SerializationFormat = SerializationFormat.TORCH_SAVE,
+        *,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ) -> None:
+        super().__init__()
+        if _extensions:
+            raise InvalidOptionsError(
+                "astage.compat.FileSystemWriter does not take _extensions: items are raw bytes"
+            )
+        if serialization_format != SerializationFormat.TORCH_SAVE:
+            raise InvalidOptionsError(
+                f"astage.compat.FileSystemWriter writes raw tensor bytes; serialization_format="
+                f"{serialization_format} is not supported"
+            )
+        self.path = os.fspath(path)
+        self.single_file_per_rank = single_file_per_rank
+        self.sync_files = sync_files
+        self.thread_count = _positive_int("thread_count", thread_count)
+        self.chunk_bytes = _positive_int("chunk_bytes", chunk_bytes)
+        self.overwrite = overwrite
+        self.save_id = secrets.token_hex(8)
+        self.rank: int | None = None
+        self.is_coordinator = False
+        self.use_collectives = True
+
+    # -- DCP's StorageWriter protocol -----------------------------------------------------------
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        if checkpoint_id:
+            self.path = os.fspath(checkpoint_id)
+        self.save_id = secrets.token_hex(8)
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.is_coordinator = is_coordinator
+        self.rank = kwargs.get("rank")
+        self.use_collectives = kwargs.get("use_collectives", True)
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        os.makedirs(self.path, exist_ok=True)
+        if os.path.exists(self._metadata_path()) and not self.overwrite:
+            raise CheckpointWriteError(
+                f"{self.path}: a checkpoint is already there and overwrite=False"
+            )
+        if self.rank is not None and not self.use_collectives:
+            plan = dataclasses.replace(plan, storage_data=_StoragePrefix(self._prefix(self.rank)))
+        return plan
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        return [
+            plan
+            if plan.storage_data is not None
+            else dataclasses.replace(plan, storage_data=_StoragePrefix(self._prefix(rank)))
+            for rank, plan in enumerate(plans)
+        ]
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        prefix: _StoragePrefix = plan.storage_data
+        items = [_Payload.resolve(item, planner) for item in plan.items]
+        groups = [items] if self.single_file_per_rank else [[item] for item in items]
+        files = [
+            _DataFile(self.path, f"{prefix.prefix}{number}{DATA_SUFFIX}", group)
+            for number, group in enumerate(groups)
+            if group or number == 0
+        ]
+        _write_files(files, self.thread_count, self.chunk_bytes, self.sync_files, self.path)
+        future: Future[list[WriteResult]] = Future()
+        future.set_result([result for file in files for result in file.results()])
+        return future
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        metadata.version = "1.0.0"  # DCP's CURRENT_DCP_VERSION: its reader expects it
+        metadata.storage_data = {wr.index: wr.storage_data for rs in results for wr in rs}
+        metadata.storage_meta = self.storage_meta()
+        final = self._metadata_path()
+        temp = _temp_name(final)
+        try:
+            with open(temp, "xb") as stream:
+                pickle.dump(metadata, stream)  # DCP's metadata format: DCP's own reader reads it
+                stream.flush()
+                if self.sync_files:
+                    os.fsync(stream.fileno())
+            os.replace(temp, final)  # atomic: the old .metadata, or the new one, never neither
+        except BaseException as error:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            if isinstance(error, OSError):
+                raise _write_error(final, "cannot commit", error) from error
+            raise
+        if self.sync_files:
+            _fsync_folder(self.path)
+        if self.use_collectives:
+            _remove_unreferenced(self.path, metadata.storage_data.values())
+
+    def storage_meta(self) -> StorageMeta | None:
+        return StorageMeta(checkpoint_id=self.path, save_id=self.save_id)
+
+    @property
+    def checkpoint_id(self) -> str:
+        """The folder this writer saves into."""
+        return self.path
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return _DcpFileSystemReader.validate_checkpoint_id(checkpoint_id)
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _metadata_path(self) -> str:
+        name = (
+            f"__{self.rank}{METADATA_NAME}"
+            if not self.use_collectives and self.rank is not None
+            else METADATA_NAME
+        )
+        return os.path.join(self.path, name)
+
+    def _prefix(self, rank: int) -> str:
+        # Over a committed checkpoint, fresh names: its files stay whole until the new metadata
+        # replaces its own (a crash in between leaves it loadable).
+        if os.path.exists(self._metadata_path()):
+            return f"__{rank}_{self.save_id}_"
+        return f"__{rank}_"
+
+
+class FileSystemReader(_DcpFileSystemReader):
+    """Drop-in for ``torch.distributed.checkpoint.FileSystemReader``.
+
+    Reads checkpoints of :class:`FileSystemWriter` (raw items, ``thread_count`` threads of
+    positioned reads straight into the destination tensors) and DCP's own (through DCP's
+    reader). ``.metadata`` is unpickled with an allow-list of DCP's metadata classes.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        _extension_registry: Any = None,
+        *,
+        thread_count: int = DEFAULT_THREADS,
+    ) -> None:
+        super().__init__(path, _extension_registry)
+        self.thread_count = _positive_int("thread_count", thread_count)
+        self._metadata: Metadata | None = None
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        rank = kwargs.get("rank")
+        name = METADATA_NAME if rank is None else f"__{rank}{METADATA_NAME}"
+        path = os.path.join(os.fspath(self.path), name)
+        try:
+            with open(path, "rb") as stream:
+                metadata = _MetadataUnpickler(stream, path).load()
+        except FileNotFoundError as error:
+            raise CheckpointNotFoundError(
+                f"{path}: no checkpoint metadata (not a checkpoint, or one never committed)"
+            ) from error
+        except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as error:
+            raise CheckpointFormatError(f"{path}: not a DCP metadata file ({error})") from error
+        if not isinstance(metadata, Metadata):
+            raise CheckpointFormatError(f"{path}: holds a {type(metadata).__name__}, not Metadata")
+        storage_meta = getattr(metadata, "storage_meta", None) or StorageMeta()
+        storage_meta.load_id = self.load_id
+        metadata.storage_meta = storage_meta
+        return metadata
+
+    def set_up_storage_reader(
+        self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
+    ) -> None:
+        super().set_up_storage_reader(metadata, is_coordinator, *args, **kwargs)
+        self._metadata = metadata
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        raw: list[ReadItem] = []
+        foreign: list[ReadItem] = []
+        for request in plan.items:
+            info = self._info(request)
+            (raw if RAW_DESCRIPTOR in (info.transform_descriptors or ()) else foreign).append(
+                request
+            )
+        if foreign:  # a checkpoint of DCP's own writer: its items are torch.save pickles
+            super().read_data(dataclasses.replace(plan, items=foreign), planner).wait()
+        if raw:
+            self._read_raw(raw, planner)
+        future: Future[None] = Future()
+        future.set_result(None)
+        return future
+
+    def _info(self, request: ReadItem) -> _StorageInfo:
+        try:
+            info = self.storage_data[request.storage_index]
+        except KeyError:
+            raise CheckpointFormatError(
+                f"{self.path}: the metadata has no storage record for {request.storage_index.fqn}"
+            ) from None
+        if not isinstance(info, _StorageInfo):
+            raise CheckpointFormatError(
+                f"{self.path}: bad storage record for {request.storage_index.fqn}"
+            )
+        return info
+
+    def _read_raw(self, requests: list[ReadItem], planner: LoadPlanner) -> None:
+        folder = os.fspath(self.path)
+        fds: dict[str, tuple[int, int]] = {}  # relative path -> (fd, size)
+        reads: list[tuple[int, int, memoryview, str]] = []  # (fd, offset, into, where)
+        afterwards: list[Callable[[], None]] = []  # in order, in this thread: the planner's calls
+        try:
+            for request in requests:
+                info = self._info(request)
+                where = f"{os.path.join(folder, info.relative_path)} ({request.storage_index.fqn})"
+                fd, size = self._open(fds, folder, info)
+                if info.offset < 0 or info.length < 0 or info.offset + info.length > size:
+                    raise CheckpointFormatError(f"{where}: the item lies outside the file")
+                if request.type == LoadItemType.BYTE_IO:
+                    buffer = bytearray(info.length)
+                    reads.append((fd, info.offset, memoryview(buffer), where))
+                    afterwards.append(_load_bytes(planner, request, buffer))
+                else:
+                    afterwards.append(
+                        self._plan_tensor(
+                            request=request,
+                            info=info,
+                            fd=fd,
+                            where=where,
+                            reads=reads,
+                            planner=planner,
+                        )
+                    )
+            with ThreadPoolExecutor(self.thread_count, "astage-dcp-reader") as pool:
+                _run_all(pool, [functools.partial(_pread_all, *r) for r in reads])
+            for step in afterwards:
+                step()
+        finally:
+            for fd, _ in fds.values():
+                os.close(fd)
+
+    def _open(
+        self, fds: dict[str, tuple[int, int]], folder: str, info: _StorageInfo
+    ) -> tuple[int, int]:
+        if info.relative_path not in fds:
+            name = info.relative_path
+            if os.path.basename(name) != name or name in ("", ".", ".."):
+                raise CheckpointFormatError(f"{folder}: bad data file name {name!r} in metadata")
+            path = os.path.join(folder, name)
+            try:
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except FileNotFoundError as error:
+                raise CheckpointNotFoundError(f"{path}: data file missing") from error
+            fds[name] = (fd, os.fstat(fd).st_size)
+        return fds[info.relative_path]
+
+    def _plan_tensor(
+        self,
+        *,
+        request: ReadItem,
+        info: _StorageInfo,
+        fd: int,
+        where: str,
+        reads: list[tuple[int, int, memoryview, str]],
+        planner: LoadPlanner,
+    ) -> Callable[[], None]:
+        sizes, dtype = self._chunk(request.storage_index, where)
+        element = torch.empty((), dtype=dtype).element_size()
+        if info.length != math.prod(sizes) * element:
+            raise CheckpointFormatError(
+                f"{where}: {info.length} bytes stored, {math.prod(sizes) * element} expected"
+            )
+        offsets, lengths = list(request.storage_offsets), list(request.lengths)
+        if len(offsets) != len(sizes) or any(
+            o < 0 or n < 0 or o + n > s for o, n, s in zip(offsets, lengths, sizes, strict=True)
+        ):
+            raise CheckpointFormatError(f"{where}: the requested region lies outside the chunk")
+        target = planner.resolve_tensor(request).detach()
+        if list(target.shape) != lengths:
+            raise CheckpointFormatError(
+                f"{where}: destination shape {list(target.shape)} != requested {lengths}"
+            )
+        strides = _contiguous_strides(sizes)
+        if _is_contiguous_region(sizes, lengths):
+            start = (
+                info.offset + sum(o * s for o, s in zip(offsets, strides, strict=True)) * element
+            )
+            direct = (
+                target.device.type == "cpu" and target.dtype == dtype and target.is_contiguous()
+            )
+            landing = target if direct else torch.empty(lengths, dtype=dtype)
+            reads.append((fd, start, _bytes_of(landing), where))
+            region = landing
+        else:  # read the rows the region spans, then narrow the other dimensions
+            rows = torch.empty([lengths[0], *sizes[1:]], dtype=dtype)
+            reads.append(
+                (fd, info.offset + offsets[0] * strides[0] * element, _bytes_of(rows), where)
+            )
+            region = rows
+            for dim in range(1, len(sizes)):
+                region = region.narrow(dim, offsets[dim], lengths[dim])
+
+        def commit() -> None:
+            if region is not target:
+                target.copy_(region)
+            planner.commit_tensor(request, target)
+
+        return commit
+
+    def _chunk(self, index: MetadataIndex, where: str) -> tuple[list[int], torch.dtype]:
+        metadata = self._metadata
+        entry = None if metadata is None else metadata.state_dict_metadata.get(index.fqn)
+        if not isinstance(entry, TensorStorageMetadata):
+            raise CheckpointFormatError(f"{where}: the metadata has no tensor entry for it")
+        chunks = entry.chunks
+        wanted = list(index.offset or [])
+        hint = index.index
+        candidates = (
+            [chunks[hint]] if hint is not None and 0 <= hint < len(chunks) else []
+        ) + chunks
+        for chunk in candidates:
+            if list(chunk.offsets) == wanted:
+                return list(chunk.sizes), entry.properties.dtype
+        raise CheckpointFormatError(f"{where}: no chunk at offset {wanted} in the metadata")
+
+
+# -- writing --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Payload:
+    """One write item's bytes, resolved from the planner (``keep`` keeps them alive)."""
+
+    item: WriteItem
+    data: memoryview
+    keep: Any
+    is_bytes: bool
+
+    @classmethod
+    def resolve(cls, item: WriteItem, planner: SavePlanner) -> _Payload:
+        data = planner.resolve_data(item)
+        if item.type == WriteItemType.BYTE_IO:
+            if not isinstance(data, io.BytesIO):
+                raise CheckpointWriteError(
+                    f"{item.index.fqn}: a bytes item resolved to {type(data)}"
+                )
+            return cls(item, data.getbuffer(), data, True)
+        if not isinstance(data, torch.Tensor):
+            raise CheckpointWriteError(f"{item.index.fqn}: a tensor item resolved to {type(data)}")
+        tensor = data.detach()
+        if tensor.device.type != "cpu":
+            tensor = tensor.cpu()  # dcp.save (not async): the planner hands device tensors
+        tensor = tensor.contiguous()  # a no-op for the staged tensors of async_save
+        return cls(item, _bytes_of(tensor), tensor, False)
+
+
+class _DataFile:
+    """One data file of this rank: its items laid end to end, written under a temporary name."""
+
+    def __init__(self, folder: str, name: str, payloads: list[_Payload]) -> None:
+        self.name = name
+        self.path = os.path.join(folder, name)
+        self.temp_path = _temp_name(self.path)
+        self.payloads = payloads
+        self.offsets: list[int] = []
+        size = 0
+        for payload in payloads:
+            self.offsets.append(size)
+            size += len(payload.data)
+        self.size = size
+        self.fd: int | None = None
+
+    def results(self) -> list[WriteResult]:
+        return [
+            WriteResult(
+                index=p.item.index,
+                size_in_bytes=len(p.data),
+                storage_data=_StorageInfo(
+                    self.name, offset, len(p.data), None if p.is_bytes else [RAW_DESCRIPTOR]
+                ),
+            )
+            for p, offset in zip(self.payloads, self.offsets, strict=True)
+        ]
+
+    def pieces(self, chunk_bytes: int) -> Iterable[tuple[int, list[memoryview]]]:
+        """(offset, buffers) runs of at most ``chunk_bytes``: small neighbours go together."""
+        start, run, run_bytes = 0, list[memoryview](), 0
+        for payload, offset in zip(self.payloads, self.offsets, strict=True):
+            data = payload.data
+            done = 0
+            while done < len(data):
+                if not run:
+                    start = offset + done
+                take = min(len(data) - done, chunk_bytes - run_bytes)
+                run.append(data[done : done + take])
+                run_bytes += take
+                done += take
+                if run_bytes >= chunk_bytes:
+                    yield start, run
+                    run, run_bytes = [], 0
+        if run:
+            yield start, run
+
+
+def _write_files(
+    files: list[_DataFile], threads: int, chunk_bytes: int, sync: bool, folder: str
+) -> None:
+    """Write, fsync and rename every file, or leave none of the temporary files behind.
+
+    DCP calls ``write_data`` synchronously from its own thread (or a separate process) and waits
+    on the result at once: there is no event loop to lend an anyio worker, so a plain
+    ``concurrent.futures`` pool owned by this call is the fitting tool. It ends with the call:
+    no thread outlives a save, and none is left using a descriptor once it is closed.
+    """
+    try:
+        for file in files:
+            file.fd = os.open(
+                file.temp_path,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
+                0o644,
+            )
+            _reserve(file.fd, file.size)
+        with ThreadPoolExecutor(threads, "astage-dcp-writer") as pool:
+            _run_all(
+                pool,
+                [
+                    functools.partial(_pwritev_all, file.fd, buffers, offset)
+                    for file in files
+                    if file.fd is not None
+                    for offset, buffers in file.pieces(chunk_bytes)
+                ],
+            )
+            if sync:
+                _run_all(
+                    pool, [functools.partial(os.fsync, f.fd) for f in files if f.fd is not None]
+                )
+        for file in files:
+            fd, file.fd = file.fd, None
+            assert fd is not None
+            os.close(fd)
+            os.replace(file.temp_path, file.path)
+    except OSError as error:
+        _discard(files)
+        raise _write_error(folder, "cannot write the data files in", error) from error
+    except BaseException:
+        _discard(files)
+        raise
+    if sync:
+        _fsync_folder(folder)
+
+
+def _discard(files: list[_DataFile]) -> None:
+    for file in files:
+        fd, file.fd = file.fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(file.temp_path)
+
+
+def _run_all(pool: ThreadPoolExecutor, jobs: list[Callable[[], object]]) -> None:
+    """Run ``jobs`` on ``pool``; on the first failure cancel what has not started, wait for
+    what has (no thread may still use a descriptor the caller closes next), and raise it."""
+    futures = [pool.submit(job) for job in jobs]
+    _, pending = wait(futures, return_when=FIRST_EXCEPTION)
+    for future in pending:
+        future.cancel()
+    wait(futures)
+    for future in futures:
+        if not future.cancelled() and future.exception() is not None:
+            raise future.exception()  # type: ignore[misc]
+
+
+def _pwritev_all(fd: int, buffers: list[memoryview], offset: int) -> None:
+    """Write every byte of ``buffers`` at ``offset``, resuming after partial writes."""
+    pending = [b for b in buffers if len(b)]
+    while pending:
+        written = os.pwritev(fd, pending[:_IOV_MAX], offset)
+        if written <= 0:
+            raise OSError(errno.EIO, "pwritev wrote nothing")
+        offset += written
+        while pending and written >= len(pending[0]):
+            written -= len(pending[0])
+            pending.pop(0)
+        if written:
+            pending[0] = pending[0][written:]
+
+
+def _pread_all(fd: int, offset: int, into: memoryview, where: str) -> None:
+    done = 0
+    while done < len(into):
+        got = os.preadv(fd, [into[done:]], offset + done)
+        if got <= 0:
+            raise CheckpointFormatError(f"{where}: the file ends before the item does")
+        done += got
+
+
+def _reserve(fd: int, size: int) -> None:
+    """Give the file its final size; reserve the blocks too where the filesystem can."""
+    if size == 0:
+        return
+    try:
+        os.posix_fallocate(fd, 0, size)  # a full disk fails here, before any data is copied
+    except OSError as error:
+        if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+        os.ftruncate(fd, size)
+
+
+def _fsync_folder(folder: str) -> None:
+    try:
+        fd = os.open(folder or ".", os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as error:
+        raise _write_error(folder, "cannot fsync the folder", error) from error
+
+
+def _remove_unreferenced(folder: str, records: Iterable[object]) -> None:
+    """Remove data files of a replaced checkpoint: the new metadata is durable already."""
+    referenced = {r.relative_path for r in records if isinstance(r, _StorageInfo)}
+    with contextlib.suppress(OSError):
+        for name in os.listdir(folder):
+            if _DATA_FILE.match(name) and name not in referenced:
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(folder, name))
+
+
+def _temp_name(path: str) -> str:
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f".{name}.{secrets.token_hex(6)}.tmp")
+
+
+def _write_error(path: str, doing: str, error: OSError) -> CheckpointWriteError:
+    reason = error.strerror or str(error)
+    code = errno.errorcode.get(error.errno, "") if error.errno is not None else ""
+    return CheckpointWriteError(f"{doing} {path}: {reason}" + (f" ({code})" if code else ""))
+
+
+# -- reading --------------------------------------------------------------------------------------
+
+
+def _load_bytes(planner: LoadPlanner, request: ReadItem, buffer: bytearray) -> Callable[[], None]:
+    def load() -> None:
+        planner.load_bytes(request, io.BytesIO(buffer))
+
+    return load
+
+
+def _contiguous_strides(sizes: list[int]) -> list[int]:
+    strides = [1] * len(sizes)
+    for dim in range(len(sizes) - 2, -1, -1):
+        strides[dim] = strides[dim + 1] * sizes[dim + 1]
+    return strides
+
+
+def _is_contiguous_region(sizes: list[int], lengths: list[int]) -> bool:
+    """Whether a box of ``lengths`` in a C-ordered chunk of ``sizes`` is one run of bytes:
+    every dimension after the last partial one is whole and every one before it has length 1."""
+    partial = [d for d, (n, s) in enumerate(zip(lengths, sizes, strict=True)) if n != s]
+    if not partial or math.prod(lengths) == 0:
+        return True
+    last = partial[-1]
+    return all(lengths[d] == 1 for d in range(last))
+
+
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy (keep ``tensor`` alive meanwhile)."""
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes == 0:
+        return memoryview(bytearray())
+    array = (ctypes.c_ubyte * nbytes).from_address(tensor.data_ptr())
+    return memoryview(array).cast("B")
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidOptionsError(f"{name} must be an integer of at least 1, got {value!r}")
+    return value
+
+
+# -- the metadata file ---------------------------------------------------------------------------
+
+_ALLOWED_MODULES = {
+    "torch.distributed.checkpoint.metadata",  # Metadata, its entries, chunks, indices
+    "torch.distributed.checkpoint.planner",
+}
+_ALLOWED_GLOBALS = {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.distributed.checkpoint.filesystem", "_StoragePrefix"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PureWindowsPath"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's ``.metadata``, refusing every class but DCP's metadata classes, torch
+    dtypes and sizes: a crafted file is refused instead of running code."""
+
+    def __init__(self, stream: io.BufferedReader, path: str) -> None:
+        super().__init__(stream)
+        self._path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = (module in _ALLOWED_MODULES and not name.startswith("__")) or (
+            module,
+            name,
+        ) in _ALLOWED_GLOBALS
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            allowed = True
+        if not allowed:
+            raise CheckpointFormatError(
+                f"{self._path}: the metadata refers to {module}.{name}, which a DCP metadata "
+                "file never holds (refused: unpickling it could run code)"
+            )
+        return super().find_class(module, name)
