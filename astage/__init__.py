@@ -16,6 +16,7 @@ from ._drivers._leases import Lease
 from ._drivers._snapshots import Snapshot
 from ._drivers._sync import SyncStager
 from ._errors import (
+    AcceleratorUnavailableError,
     AstageError,
     BufferMismatchError,
     BusyError,
@@ -46,6 +47,7 @@ from ._replication._stager import ReplicationStager
 __version__ = "0.2.0"
 
 __all__ = [
+    "AcceleratorUnavailableError",
     "AstageError",
     "Attr",
     "BufferHold",

@@ -2,6 +2,7 @@
 
 AstageError                          the root: catch it to catch anything astage raises on purpose
 ├── InvalidOptionsError              a bad argument or option (also a ValueError)
+│   └── AcceleratorUnavailableError  ... an option that needs an absent accelerator (an AssertionError)
 ├── UsageError                       the API used in a way it does not allow
 │   ├── BusyError                    a second concurrent call where only one may run
 │   │   └── LeaseTimeoutError        ... a leased buffer set not released in time (a TimeoutError)
@@ -31,6 +32,7 @@ from typing import Any
 from ._paths import Path, format_path
 
 __all__ = [
+    "AcceleratorUnavailableError",
     "AstageError",
     "BufferMismatchError",
     "BusyError",
@@ -75,6 +77,10 @@ def _rebuild(cls: type[AstageError], message: str, path: Path | None) -> AstageE
 
 class InvalidOptionsError(AstageError, ValueError):
     """Raised when an argument or option is invalid, contradictory, or needs absent hardware."""
+
+
+class AcceleratorUnavailableError(InvalidOptionsError, AssertionError):
+    """Raised when an option needs an accelerator and none is available (DCP's AssertionError)."""
 
 
 class UsageError(AstageError):

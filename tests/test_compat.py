@@ -28,7 +28,13 @@ from conftest import (
     tensors_of,
 )
 from torch.distributed.checkpoint import staging as dcp_staging
-from torch.distributed.checkpoint._experimental.staging import CheckpointStagerConfig
+from torch.distributed.checkpoint._experimental.staging import (
+    CheckpointStager,
+    CheckpointStagerConfig,
+)
+from torch.distributed.checkpoint._experimental.staging import (
+    DefaultStager as DcpExperimentalDefaultStager,
+)
 from torch.distributed.checkpoint._state_dict_stager import StateDictStager as DcpStateDictStager
 
 import astage
@@ -295,6 +301,18 @@ def test_default_stager_refuses_non_blocking_copies_without_an_accelerator() -> 
 
 
 @cpu_only
+@pytest.mark.parametrize("config", [compat.StagingOptions(), CheckpointStagerConfig()])
+def test_non_blocking_copies_without_an_accelerator_raise_what_dcp_raises(config: Any) -> None:
+    # DCP's callers catch AssertionError here; astage's error is also one.
+    with pytest.raises(AssertionError):
+        DcpExperimentalDefaultStager(config)
+    with pytest.raises(AssertionError, match="use_non_blocking_copy") as error:
+        compat.DefaultStager(config)
+    assert isinstance(error.value, astage.AcceleratorUnavailableError)
+    assert isinstance(error.value, astage.InvalidOptionsError)
+
+
+@cpu_only
 def test_default_stager_pinning_without_cuda_warns_once() -> None:
     with pytest.warns(UserWarning, match="CUDA is not available") as record:
         stager = compat.DefaultStager(cpu_config(pinned=True))
@@ -334,6 +352,21 @@ def test_default_stager_refuses_a_non_blocking_override_without_cuda() -> None:
 def test_default_stager_is_a_dcp_async_stager(default_stager: compat.DefaultStager) -> None:
     assert isinstance(default_stager, dcp_staging.AsyncStager)
     assert default_stager.should_synchronize_after_execute  # as DCP's DefaultStager
+
+
+def test_default_stager_is_a_dcp_experimental_checkpoint_stager(
+    default_stager: compat.DefaultStager,
+) -> None:
+    # DCP's experimental Checkpointer takes a CheckpointStager (an ABC) with its config.
+    assert isinstance(default_stager, CheckpointStager)
+    assert issubclass(compat.DefaultStager, CheckpointStager)
+
+
+def test_default_stager_accepts_and_ignores_extra_keyword_arguments(
+    default_stager: compat.DefaultStager,
+) -> None:
+    sd = model_state_dict()
+    assert_tree_staged(resolve(default_stager.stage(sd, extra=1, non_blocking=False)), sd)
 
 
 # -- DefaultStager: staging ---------------------------------------------------------------------

@@ -6,6 +6,7 @@ from concurrent.futures import Future
 from types import TracebackType
 from typing import Any
 
+from torch.distributed.checkpoint._experimental.staging import CheckpointStager
 from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.staging import StagingOptions as DcpStagingOptions
 
@@ -53,8 +54,11 @@ class DefaultStager(AsyncStager):
         """Host memory held in cached buffers, over all buffer sets."""
         return self._pool.cache_info()
 
-    def stage(self, state_dict: Any) -> Any | Future[Any]:
-        """Stage ``state_dict``: the staged dict, or a Future of it under async staging."""
+    def stage(self, state_dict: Any, **kwargs: Any) -> Any | Future[Any]:
+        """Stage ``state_dict``: the staged dict, or a Future of it under async staging.
+
+        Extra keyword arguments are accepted and ignored, as DCP's ``DefaultStager`` does.
+        """
         self._check_open()
         if self._thread is None:
             return self._pool.stage(state_dict)
@@ -87,3 +91,8 @@ class DefaultStager(AsyncStager):
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+# DCP's experimental Checkpointer takes a CheckpointStager (an ABC): the same class serves it,
+# with its CheckpointStagerConfig, so it is registered as one.
+CheckpointStager.register(DefaultStager)

@@ -12,7 +12,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from .._errors import InvalidOptionsError
+from .._errors import AcceleratorUnavailableError, InvalidOptionsError
 from .._options import StagingOptions, accelerator_available, cuda_available
 
 FLAGS = ("use_pinned_memory", "use_shared_memory", "use_async_staging", "use_non_blocking_copy")
@@ -56,7 +56,8 @@ class DcpFlags:
     def options(self, overrides: dict[str, Any], *, stacklevel: int) -> StagingOptions:
         """The astage options these flags ask for; refuses what this machine cannot do."""
         if self.use_non_blocking_copy and not accelerator_available():
-            raise InvalidOptionsError(
+            # Also an AssertionError: what DCP raises here, and what its callers catch.
+            raise AcceleratorUnavailableError(
                 "use_non_blocking_copy=True needs an accelerator, and none is available; "
                 "set use_non_blocking_copy=False"
             )
