@@ -23,6 +23,7 @@ from ._errors import (
     CheckpointError,
     CheckpointFormatError,
     CheckpointNotFoundError,
+    CheckpointSkippedWarning,
     CheckpointWriteError,
     ClosedError,
     InvalidOptionsError,
@@ -36,7 +37,7 @@ from ._errors import (
     UnstageableError,
     UsageError,
 )
-from ._files._checkpoint_dir import CheckpointDir
+from ._files._checkpoint_dir import CheckpointDir, SkippedCheckpoint
 from ._files._safetensors import load
 from ._files._save import SaveHandle, SaveResult, save, start_save
 from ._files._writer import CheckpointWriter, SafetensorsWriter
@@ -58,6 +59,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointFormatError",
     "CheckpointNotFoundError",
+    "CheckpointSkippedWarning",
     "CheckpointWriteError",
     "CheckpointWriter",
     "ClosedError",
@@ -71,6 +73,7 @@ __all__ = [
     "SafetensorsWriter",
     "SaveHandle",
     "SaveResult",
+    "SkippedCheckpoint",
     "Snapshot",
     "SnapshotReleasedError",
     "StageStats",

@@ -15,6 +15,7 @@ AstageError                          the root: catch it to catch anything astage
 ├── CheckpointError                  a checkpoint file cannot be written or read
 │   ├── UnsavableError               an object cannot go into a checkpoint file (a TypeError)
 │   ├── CheckpointWriteError         writing or committing a file failed (disk, permission)
+│   ├── CheckpointSkippedWarning     resuming passed over a bad file (a UserWarning, warned)
 │   └── CheckpointFormatError        a file is not a checkpoint astage can read back
 │       └── CheckpointNotFoundError  ... because it is not there (a FileNotFoundError)
 └── ReplicationError                 exchanging a snapshot with a partner rank failed
@@ -39,6 +40,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointFormatError",
     "CheckpointNotFoundError",
+    "CheckpointSkippedWarning",
     "CheckpointWriteError",
     "ClosedError",
     "InvalidOptionsError",
@@ -141,6 +143,10 @@ class CheckpointNotFoundError(CheckpointFormatError, FileNotFoundError):
     def __init__(self, message: str, path: Path | None = None) -> None:
         super().__init__(message, path)
         self.errno = errno.ENOENT
+
+
+class CheckpointSkippedWarning(CheckpointError, UserWarning):
+    """Raised when resuming passes over a checkpoint file it cannot use (issued as a warning)."""
 
 
 class ReplicationError(AstageError):

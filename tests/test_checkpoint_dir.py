@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import anyio.from_thread
 import pytest
 import torch
 
@@ -26,6 +25,7 @@ async def test_saves_keep_the_last_k_and_move_latest(tmp_path: Path) -> None:
     root = tmp_path / "ckpts"
     async with astage.CheckpointDir(root, keep=2) as ckpts:
         assert ckpts.latest_step() is None and ckpts.load_latest() is None
+        assert ckpts.skipped == ()
         for step in range(1, 6):
             result = await ckpts.save(step * 100, state_at(step * 100))
             assert result.path == ckpts.path_for(step * 100)
@@ -36,8 +36,10 @@ async def test_saves_keep_the_last_k_and_move_latest(tmp_path: Path) -> None:
             "step_000000400.safetensors",
             "step_000000500.safetensors",
         ]
-        back = ckpts.load_latest()
-        assert back["step"] == 500 and torch.equal(back["w"], torch.full((4,), 500.0))
+        loaded = ckpts.load_latest()
+        assert loaded is not None
+        step, back = loaded
+        assert step == 500 == back["step"] and torch.equal(back["w"], torch.full((4,), 500.0))
 
 
 @pytest.mark.asyncio
@@ -55,7 +57,8 @@ async def test_a_failed_save_leaves_latest_where_it_was(
             await ckpts.save(2, state_at(2))
         assert ckpts.latest_step() == 1
         assert sorted(os.listdir(tmp_path)) == ["latest", "step_000000001.safetensors"]
-        assert ckpts.load_latest()["step"] == 1
+        loaded = ckpts.load_latest()
+        assert loaded is not None and loaded[0] == 1 == loaded[1]["step"]
 
 
 @pytest.mark.asyncio
@@ -75,7 +78,9 @@ async def test_background_saves_in_a_training_loop(tmp_path: Path) -> None:
         await pending
         assert ckpts.steps() == [2, 4, 6]
         assert ckpts.latest_step() == 6
-        assert torch.equal(ckpts.load_latest()["w"], torch.full((8,), 6.0))
+        loaded = ckpts.load_latest()
+        assert loaded is not None and loaded[0] == 6
+        assert torch.equal(loaded[1]["w"], torch.full((8,), 6.0))
         assert torch.equal(astage.load(ckpts.path_for(2))["w"], torch.full((8,), 2.0))
 
 
@@ -111,26 +116,39 @@ async def test_a_given_stager_stays_open(tmp_path: Path) -> None:
 
 
 class SlowPublish:
-    """Makes moving ``latest`` take ``seconds`` in its thread; counts the threads inside."""
+    """Makes publishing (moving ``latest``, pruning) take ``seconds`` longer in its thread.
+
+    Counts the threads inside; ``started`` is set (from that thread) once one is inside.
+    """
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
         self.inside = 0
-        self.started = anyio.Event()
+        self.started = threading.Event()
         self._lock = threading.Lock()
         real = astage.CheckpointDir._publish
 
-        def publish(ckpts: astage.CheckpointDir, name: str) -> None:
+        def publish(ckpts: astage.CheckpointDir, *args: Any) -> None:
             with self._lock:
                 self.inside += 1
             try:
-                anyio.from_thread.run_sync(self.started.set)
+                self.started.set()
                 time.sleep(seconds)
-                real(ckpts, name)
+                real(ckpts, *args)
             finally:
                 with self._lock:
                     self.inside -= 1
 
         monkeypatch.setattr(astage.CheckpointDir, "_publish", publish)
+
+    async def wait_started(self) -> None:
+        await wait_for(self.started)
+
+
+async def wait_for(event: threading.Event, seconds: float = 5) -> None:
+    """Wait (without blocking the loop) until another thread sets ``event``."""
+    with anyio.fail_after(seconds):
+        while not event.is_set():
+            await anyio.sleep(0.005)
 
 
 def temp_files(folder: Path) -> list[str]:
@@ -146,8 +164,7 @@ async def test_cancelling_save_leaves_nothing_running(
         with anyio.CancelScope() as scope:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(ckpts.save, 1, state_at(1))
-                with anyio.fail_after(2):
-                    await slow.started.wait()
+                await slow.wait_started()
                 scope.cancel()  # while the thread moves `latest`
         # The thread that moves `latest` has ended: it is no background work left running.
         assert slow.inside == 0
@@ -162,11 +179,11 @@ async def test_cancelling_save_mid_write_keeps_latest(
     async with astage.CheckpointDir(tmp_path, keep=2) as ckpts:
         await ckpts.save(1, state_at(1))
         real = os.pwritev
-        writing = anyio.Event()
+        writing = threading.Event()
 
         def slow(fd: int, buffers: Any, offset: int) -> int:
             if offset > 0:
-                anyio.from_thread.run_sync(writing.set)
+                writing.set()
                 time.sleep(0.1)
             return real(fd, buffers, offset)
 
@@ -174,8 +191,7 @@ async def test_cancelling_save_mid_write_keeps_latest(
         with anyio.CancelScope() as scope:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(ckpts.save, 2, state_at(2))
-                with anyio.fail_after(2):
-                    await writing.wait()
+                await wait_for(writing)
                 scope.cancel()
         assert temp_files(tmp_path) == []
         assert ckpts.latest_step() == 1 and ckpts.steps() == [1]

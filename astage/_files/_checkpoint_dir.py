@@ -6,21 +6,44 @@ Layout of ``root``::
     step_000000200.safetensors
     latest                      # one line: the file name of the newest durable checkpoint
 
-A save writes ``step_<step>.safetensors`` durably (temporary file, fsync, rename, folder
-fsync); only then is ``latest`` replaced, the same way (a small temporary file renamed over
-it), and only after that are checkpoints beyond the newest ``keep`` deleted. A crash at any
-point leaves ``latest`` naming a complete checkpoint.
+**Publishing.** A save writes ``step_<step>.safetensors`` durably (temporary file, fsync,
+rename, folder fsync); only then is the checkpoint *published*: ``latest`` is replaced the
+same way (a small temporary file renamed over it) and the steps beyond the newest ``keep`` are
+deleted. Publishing is one ordered unit under a per-folder lock, so two saves finishing
+together can never leave ``latest`` naming a step that the other one's pruning deleted, and
+``latest`` always names the most recently *started* save that committed.
+
+**Resuming.** :meth:`CheckpointDir.latest_step` and :meth:`CheckpointDir.load_latest` trust
+``latest`` when it names a good file; when it is missing, unreadable, or names a missing or
+corrupt file, they scan the step files newest first and take the first good one. What they
+pass over is reported (:attr:`CheckpointDir.skipped` and a
+:class:`~astage.CheckpointSkippedWarning`). ``latest`` is read as untrusted input: a regular
+file of at most :data:`POINTER_LIMIT` bytes, ASCII, naming a step file; anything else (a FIFO,
+a symbolic link, a large or binary file) is reported, never followed, and never echoed beyond a
+short excerpt.
+
+**Tidying.** A save killed mid-write leaves its temporary file behind (the size of a whole
+checkpoint). On first use (``async with``, a save, or a read) the folder removes the temporary
+files of its own naming (``.step_<step>.safetensors.<hex>.tmp`` and ``.latest.<hex>.tmp``),
+except those of saves in progress in this process. That relies on the **single-writer
+assumption**: one process at a time saves into a folder (in distributed training, one rank
+per folder); another process's temporary files would be taken for a crashed save's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import operator
 import os
 import re
 import secrets
-from collections.abc import Mapping
+import stat
+import threading
+import warnings
+from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 import anyio.abc
@@ -28,18 +51,109 @@ import anyio.to_thread
 
 from .._drivers._async import Stager
 from .._errors import (
+    CheckpointError,
     CheckpointFormatError,
+    CheckpointSkippedWarning,
     CheckpointWriteError,
     ClosedError,
     InvalidOptionsError,
     UsageError,
 )
-from ._safetensors import load
+from ._safetensors import load, read_header
 from ._save import NO_OWNER, SaveHandle, SaveResult, run_save, start_in
 from ._writer import DEFAULT_THREADS, SafetensorsWriter, fsync_folder, positive_int
 
 LATEST = "latest"
-_STEP_FILE = re.compile(r"^step_(\d+)\.safetensors$")
+POINTER_LIMIT = 256
+"""Bytes of ``latest`` read at most: the pointer is one short line (a step file's name)."""
+
+_STEP_FILE = re.compile(r"step_([0-9]+)\.safetensors", re.ASCII)
+# The writer's temporary name for a target is `.<name>.<12 hex digits>.tmp` (_writer.py), and
+# the pointer's is `.latest.<12 hex digits>.tmp` (_move_pointer below).
+_TEMP_FILE = re.compile(r"\.(step_[0-9]+\.safetensors|latest)\.[0-9a-f]{12}\.tmp", re.ASCII)
+_EXCERPT = 40  # characters of a bad pointer quoted in a report
+
+
+class SkippedCheckpoint(NamedTuple):
+    """A file that resuming passed over, and why."""
+
+    path: str
+    """The file: a step file, or the ``latest`` pointer."""
+    reason: str
+    """Why it was passed over (missing, not a regular file, corrupt: the format error)."""
+
+
+class _Save:
+    """A save in progress in this process: its target file is not to be tidied or pruned."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.handle: SaveHandle | None = None  # a background save's, once staged
+        self.finished = False
+
+    def done(self) -> bool:
+        return self.finished or (self.handle is not None and self.handle.done())
+
+
+class _Folder:
+    """What every :class:`CheckpointDir` of this process on one root shares."""
+
+    def __init__(self) -> None:
+        # Publishing (pointer move + prune) and tidying are one ordered unit each: they run in
+        # saves' threads and in callers' threads, so a thread lock, not an anyio one.
+        self.lock = threading.Lock()
+        self.saves: list[_Save] = []
+        self.started = 0  # sequence numbers handed to saves, in the order they started
+        self.published = 0  # the sequence number of the save `latest` names (0: none here)
+        self.latest: int | None = None  # the step `latest` names, once this process moved it
+        # Files found good, by name: (inode, size, mtime) when checked; a file replaced by a
+        # rename has a new inode, so a stale entry never vouches for new bytes.
+        self.good: dict[str, tuple[int, int, int]] = {}
+
+    def in_progress(self) -> set[str]:
+        self.saves = [save for save in self.saves if not save.done()]
+        return {save.name for save in self.saves}
+
+
+_FOLDERS: dict[str, _Folder] = {}
+_FOLDERS_LOCK = threading.Lock()
+
+
+def _folder(root: str) -> _Folder:
+    with _FOLDERS_LOCK:
+        return _FOLDERS.setdefault(root, _Folder())
+
+
+def file_name(step: int) -> str:
+    """The file name of step ``step`` (zero-padded to 9 digits, so names sort like steps)."""
+    return f"step_{step:09d}.safetensors"
+
+
+def step_of(name: str) -> int | None:
+    """The step of a step file's name, or None for any other name (non-canonical too)."""
+    match = _STEP_FILE.fullmatch(name)
+    if match is None:
+        return None
+    step = int(match.group(1))
+    return step if name == file_name(step) else None
+
+
+def as_step(step: object) -> int:
+    """``step`` as a non-negative int, or :class:`InvalidOptionsError` saying what a step is."""
+    if isinstance(step, str | bytes):
+        raise InvalidOptionsError(
+            f"step must be a non-negative integer, got {step!r}: a CheckpointDir names its "
+            "files by step number; save a named checkpoint with "
+            "astage.save(state_dict, path) to a path of your own"
+        )
+    try:
+        # Integers of other kinds too: numpy's, an integer tensor of one element.
+        value = None if isinstance(step, bool) else operator.index(step)  # type: ignore[arg-type]
+    except TypeError:
+        value = None
+    if value is None or value < 0:
+        raise InvalidOptionsError(f"step must be a non-negative integer, got {step!r}")
+    return value
 
 
 class CheckpointDir:
@@ -65,17 +179,21 @@ class CheckpointDir:
         self.root = os.path.abspath(os.fspath(root))
         self.keep = None if keep is None else positive_int("keep", keep)
         self.threads = positive_int("threads", threads)
+        self.skipped: tuple[SkippedCheckpoint, ...] = ()
+        """What the last :meth:`latest_step` or :meth:`load_latest` passed over, and why."""
         self._own_stager = stager is None
         self.stager = stager if stager is not None else Stager()
+        self._folder = _folder(self.root)
+        self._tidied = False
         self._saves: anyio.abc.TaskGroup | None = None  # while entered with `async with`
         self._pending: list[SaveHandle] = []  # background saves aclose() waits for
         self._closed = False
 
     def path_for(self, step: int) -> str:
         """The file of step ``step``."""
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise InvalidOptionsError(f"step must be a non-negative integer, got {step!r}")
-        return os.path.join(self.root, f"step_{step:09d}.safetensors")
+        return os.path.join(self.root, file_name(as_step(step)))
+
+    # -- saving -----------------------------------------------------------------------------
 
     async def save(
         self, step: int, state_dict: Any, *, metadata: Mapping[str, str] | None = None
@@ -86,8 +204,11 @@ class CheckpointDir:
         names the previous checkpoint (or, if the cancellation came after the rename, this
         one).
         """
-        writer, publish = await self._prepare(step, metadata)
-        return await run_save(state_dict, writer, self.stager, after=publish)
+        writer, publish, save = await self._prepare(step, metadata)
+        try:
+            return await _run_save(state_dict, writer, self.stager, publish)
+        finally:
+            save.finished = True
 
     async def start_save(
         self,
@@ -107,75 +228,216 @@ class CheckpointDir:
         owner = task_group if task_group is not None else self._saves
         if owner is None:
             raise UsageError(NO_OWNER)
-        writer, publish = await self._prepare(step, metadata)
-        handle = await start_in(owner, state_dict, writer, self.stager, publish)
+        writer, publish, save = await self._prepare(step, metadata)
+        try:
+            handle = await _start_in(owner, state_dict, writer, self.stager, publish)
+        except BaseException:
+            save.finished = True
+            raise
+        save.handle = handle
         self._pending = [*(h for h in self._pending if not h.done()), handle]
         return handle
 
     async def _prepare(
         self, step: int, metadata: Mapping[str, str] | None
-    ) -> tuple[SafetensorsWriter, Any]:
+    ) -> tuple[SafetensorsWriter, Callable[[], None], _Save]:
         self._check_open()
         path = self.path_for(step)
         writer = SafetensorsWriter(path, metadata=metadata, threads=self.threads)
-        await anyio.to_thread.run_sync(_makedirs, self.root)
+        await anyio.to_thread.run_sync(self._open_folder)
+        folder = self._folder
+        save = _Save(os.path.basename(path))
+        with folder.lock:  # registered before its temporary file exists: tidying spares it
+            folder.started += 1
+            sequence = folder.started
+            folder.saves.append(save)
 
-        async def publish() -> None:
-            await anyio.to_thread.run_sync(self._publish, os.path.basename(path))
+        def publish() -> None:
+            self._publish(save.name, sequence)
 
-        return writer, publish
+        return writer, publish, save
 
-    def steps(self) -> list[int]:
-        """Steps with a checkpoint file, oldest first."""
-        try:
-            names = os.listdir(self.root)
-        except FileNotFoundError:
-            return []
-        return sorted(int(m.group(1)) for m in map(_STEP_FILE.match, names) if m)
+    def _open_folder(self) -> None:
+        os.makedirs(self.root, exist_ok=True)
+        self._tidy()
 
-    def latest_step(self) -> int | None:
-        """The step ``latest`` names, or None when nothing was saved yet."""
-        try:
-            with open(os.path.join(self.root, LATEST), encoding="utf-8") as file:
-                name = file.read().strip()
-        except FileNotFoundError:
-            return None
-        match = _STEP_FILE.match(name)
-        if match is None:
-            raise CheckpointFormatError(f"{self.root}/{LATEST} names no checkpoint: {name!r}")
-        return int(match.group(1))
+    def _publish(self, name: str, sequence: int) -> None:
+        """Runs in the save's thread once ``name`` is durable: move ``latest``, then prune.
 
-    def load_latest(self, *, device: str = "cpu") -> Any:
-        """The state dict of the latest checkpoint, or None when nothing was saved yet."""
-        step = self.latest_step()
-        return None if step is None else load(self.path_for(step), device=device)
+        One ordered unit under the folder's lock: ``latest`` only moves to a file that is
+        there, never back to a save that started before the one it names, and pruning never
+        deletes the step ``latest`` names, a newer one, or a file a save is still writing.
+        """
+        folder = self._folder
+        path = os.path.join(self.root, name)
+        with folder.lock:
+            try:
+                info = os.stat(path)
+            except OSError as error:
+                raise CheckpointWriteError(
+                    f"cannot publish {path}: it is gone ({error.strerror or error}); "
+                    f"{os.path.join(self.root, LATEST)} was left as it was"
+                ) from error
+            folder.good[name] = _identity(info)  # we wrote it and it is durable
+            if sequence > folder.published:
+                self._move_pointer(name)
+                folder.published = sequence
+                folder.latest = step_of(name)
+            if self.keep is not None and folder.latest is not None:
+                self._prune(folder.latest, self.keep)
 
-    def _publish(self, name: str) -> None:
-        """Runs in a thread: point ``latest`` at ``name`` durably, then prune old steps."""
+    def _move_pointer(self, name: str) -> None:
+        """Point ``latest`` at ``name`` durably (a temporary file renamed over it)."""
         pointer = os.path.join(self.root, LATEST)
         temp = os.path.join(self.root, f".{LATEST}.{secrets.token_hex(6)}.tmp")
         try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
             try:
-                os.write(fd, f"{name}\n".encode())
+                os.write(fd, f"{name}\n".encode("ascii"))
                 os.fsync(fd)
             finally:
                 os.close(fd)
             os.replace(temp, pointer)
             fsync_folder(self.root)
         except OSError as error:
-            if os.path.exists(temp):
+            if os.path.lexists(temp):
                 os.unlink(temp)
             raise CheckpointWriteError(
                 f"cannot move {pointer} to {name}: {error.strerror or error}"
             ) from error
-        if self.keep is None:
+
+    def _prune(self, latest: int, keep: int) -> None:
+        """Keep the step ``latest`` names and the ``keep - 1`` newest good steps before it.
+
+        Step files after ``latest`` (left by a run that went back to an earlier step) are
+        neither counted nor deleted; a corrupt file does not count as one of the ``keep``.
+        """
+        in_progress = self._folder.in_progress()
+        kept = 1
+        for step in reversed(self._step_files()):
+            name = file_name(step)
+            if step >= latest or name in in_progress:
+                continue
+            if kept < keep:
+                if self._problem(name) is None:
+                    kept += 1
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.root, name))
+            self._folder.good.pop(name, None)
+
+    # -- reading back -----------------------------------------------------------------------
+
+    def steps(self) -> list[int]:
+        """Steps with a checkpoint file, oldest first (good or not: see :meth:`latest_step`)."""
+        self._tidy()
+        return self._step_files()
+
+    def latest_step(self) -> int | None:
+        """The step to resume from, or None when no good checkpoint is there.
+
+        That is the step ``latest`` names when its file is good; otherwise the newest good
+        step file. Files passed over are in :attr:`skipped`, each also reported with a
+        :class:`~astage.CheckpointSkippedWarning`. Blocking (it reads file headers).
+        """
+        found = self._resume(read=None)
+        return None if found is None else found[0]
+
+    def load_latest(self, *, device: str = "cpu") -> tuple[int, Any] | None:
+        """``(step, state_dict)`` of the checkpoint to resume from, or None when there is none.
+
+        The file is chosen as by :meth:`latest_step`; a file that fails to load is passed
+        over (and reported) for the next good one. Blocking.
+        """
+        return self._resume(read=lambda path: load(path, device=device))
+
+    def _resume(self, read: Callable[[str], Any] | None) -> tuple[int, Any] | None:
+        """The first good candidate (and what ``read`` made of it): the pointer's step, then
+        the step files newest first."""
+        self._tidy()
+        skipped: list[SkippedCheckpoint] = []
+        pointer = os.path.join(self.root, LATEST)
+        named, problem = _read_pointer(pointer)
+        steps = self._step_files()
+        if problem is not None:
+            skipped.append(SkippedCheckpoint(pointer, problem))
+        elif named is None and steps:
+            skipped.append(SkippedCheckpoint(pointer, "missing"))
+        order = [] if named is None else [named]
+        order += [step for step in reversed(steps) if step != named]
+        found: tuple[int, Any] | None = None
+        for step in order:
+            path = os.path.join(self.root, file_name(step))
+            reason = self._problem(file_name(step))
+            if reason is None and read is not None:
+                try:
+                    found = step, read(path)
+                except CheckpointError as error:
+                    reason = str(error)
+            elif reason is None:
+                found = step, None
+            if reason is None:
+                break
+            skipped.append(SkippedCheckpoint(path, reason))
+        self.skipped = tuple(skipped)
+        for item in skipped:
+            message = f"resuming from {self.root}: skipped {item.path}: {item.reason}"
+            warnings.warn(CheckpointSkippedWarning(message), stacklevel=3)
+        return found
+
+    def _step_files(self) -> list[int]:
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:
+            return []
+        return sorted(step for step in map(step_of, names) if step is not None)
+
+    def _problem(self, name: str) -> str | None:
+        """Why the step file ``name`` cannot be resumed from, or None when it is good."""
+        path = os.path.join(self.root, name)
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            return "missing"
+        except OSError as error:
+            return f"cannot be read: {error.strerror or error}"
+        if not stat.S_ISREG(info.st_mode):
+            return "not a regular file"
+        if self._folder.good.get(name) == _identity(info):
+            return None
+        try:
+            check_file(path)
+        except CheckpointError as error:
+            return str(error)
+        self._folder.good[name] = _identity(info)
+        return None
+
+    # -- tidying ----------------------------------------------------------------------------
+
+    def _tidy(self) -> None:
+        """Once: remove the temporary files of crashed saves (of this folder's naming)."""
+        if self._tidied:
             return
-        current = int(_STEP_FILE.match(name).group(1))  # type: ignore[union-attr]
-        for step in self.steps()[: -self.keep]:
-            if step != current:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.path_for(step))
+        folder = self._folder
+        with folder.lock:
+            in_progress = folder.in_progress()
+            try:
+                names = os.listdir(self.root)
+            except FileNotFoundError:
+                names = []
+            for name in names:
+                match = _TEMP_FILE.fullmatch(name)
+                if match is None or match.group(1) in in_progress:
+                    continue
+                path = os.path.join(self.root, name)
+                try:
+                    if not stat.S_ISDIR(os.lstat(path).st_mode):
+                        os.unlink(path)
+                except FileNotFoundError:
+                    pass
+            self._tidied = True
+
+    # -- lifetime ---------------------------------------------------------------------------
 
     async def aclose(self) -> None:
         """Wait for the background saves, then close the stager the folder made for itself.
@@ -195,6 +457,7 @@ class CheckpointDir:
         if self._saves is not None:
             raise UsageError(f"CheckpointDir({self.root!r}) is already entered")
         self._check_open()
+        await anyio.to_thread.run_sync(self._tidy)
         saves = anyio.create_task_group()
         await saves.__aenter__()
         self._saves = saves
@@ -227,5 +490,96 @@ class CheckpointDir:
             raise ClosedError(f"CheckpointDir({self.root!r}) is closed")
 
 
-def _makedirs(root: str) -> None:
-    os.makedirs(root, exist_ok=True)
+def _identity(info: os.stat_result) -> tuple[int, int, int]:
+    return (info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+def _read_pointer(path: str) -> tuple[int | None, str | None]:
+    """``(step, None)`` from the pointer file, ``(None, None)`` without one, else the problem.
+
+    Untrusted input: not followed through a symbolic link, opened without blocking (a FIFO
+    would otherwise wait forever for a writer), refused unless a regular file, read up to
+    :data:`POINTER_LIMIT` bytes (a device file or a huge file cannot fill memory), and only
+    a short excerpt of bad content goes into the report.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        return None, None
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return None, "a symbolic link (astage writes a regular file there)"
+        return None, f"cannot be read: {error.strerror or error}"
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return None, "not a regular file (astage writes a regular file there)"
+        data = os.read(fd, POINTER_LIMIT + 1)
+    except OSError as error:
+        return None, f"cannot be read: {error.strerror or error}"
+    finally:
+        os.close(fd)
+    if len(data) > POINTER_LIMIT:
+        return None, f"longer than {POINTER_LIMIT} bytes (astage writes one file name there)"
+    try:
+        text = data.decode("ascii")
+    except UnicodeDecodeError:
+        return None, f"not ASCII text: {data[:_EXCERPT]!r}"
+    name = text.strip(" \t\r\n")
+    step = step_of(name)
+    if step is None:
+        return None, f"names no step file: {name[:_EXCERPT]!r}"
+    return step, None
+
+
+def check_file(path: str) -> None:
+    """A cheap validation of a checkpoint file: its header, and that its data fits the file.
+
+    Stand-in until the safetensors module offers its own ``check_file``.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as error:
+        raise CheckpointError(f"cannot open {path}: {error.strerror or error}") from error
+    try:
+        header, data_start = read_header(fd, path)
+        size = os.fstat(fd).st_size
+        end = data_start
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            try:
+                end = max(end, data_start + int(info["data_offsets"][1]))
+            except (KeyError, TypeError, ValueError, IndexError) as error:
+                raise CheckpointFormatError(
+                    f"{path}: header entry {key[:_EXCERPT]!r}: missing or bad 'data_offsets'"
+                ) from error
+        if end > size:
+            raise CheckpointFormatError(
+                f"{path}: the file has {size} bytes, its header needs {end} (truncated?)"
+            )
+    finally:
+        os.close(fd)
+
+
+async def _run_save(
+    state_dict: Any, writer: SafetensorsWriter, stager: Stager, publish: Callable[[], None]
+) -> SaveResult:
+    async def after() -> None:
+        await anyio.to_thread.run_sync(publish)
+
+    return await run_save(state_dict, writer, stager, after=after)
+
+
+async def _start_in(
+    owner: anyio.abc.TaskGroup,
+    state_dict: Any,
+    writer: SafetensorsWriter,
+    stager: Stager,
+    publish: Callable[[], None],
+) -> SaveHandle:
+    async def after() -> None:
+        await anyio.to_thread.run_sync(publish)
+
+    return await start_in(owner, state_dict, writer, stager, after)
