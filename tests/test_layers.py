@@ -70,6 +70,10 @@ LAYERS: dict[str, Layer] = {
         _layers("shared", "_core", "_devices", "_drivers"),
         summary="DCP's stagers on the core",
     ),
+    "lightning": Layer(
+        _layers("shared", "_core", "_devices", "_drivers", "_files"),
+        summary="astage.lightning: the Lightning CheckpointIO plugin (optional, imports lightning)",
+    ),
     "public": Layer(
         _layers("shared", "_core", "_devices", "_drivers", "_files", "_replication", "compat"),
         summary="astage/__init__.py: the public names",

@@ -1,0 +1,208 @@
+"""The background writer: ``torch.save`` of staged snapshots, one file after another.
+
+Lightning trains in plain threads with no event loop, and the write must go on while the
+training thread computes the next steps, so the writes run in a thread of their own (a
+one-worker :class:`~concurrent.futures.ThreadPoolExecutor`: files are committed in the order
+they were saved, and the interpreter finishes queued writes before it exits) rather than on an
+event loop that nothing would drive.
+
+A local file is written next to its target under a temporary name, flushed and fsynced, then
+renamed over the target (the folder fsynced after), so a reader sees the old file or the new
+one, never a part. Other fsspec URLs (``s3://``...) are serialized in memory and written in one
+``open(..., "wb")``, as Lightning's own ``TorchCheckpointIO`` does.
+
+``discard(path)`` (Lightning's ``remove_checkpoint``) marks the writes queued for ``path`` so
+that none of them lands afterwards; the rename happens under the same lock, so a removal and a
+rename never interleave.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec  # type: ignore[import-untyped]
+import torch
+from fsspec.implementations.local import LocalFileSystem  # type: ignore[import-untyped]
+
+from .._errors import CheckpointWriteError
+
+
+@dataclass(eq=False)
+class WriteJob:
+    """One queued write: the staged checkpoint, where it goes, and what happened to it."""
+
+    path: str
+    staged: Any
+    release: Callable[[], None]
+    discarded: bool = False
+    error: BaseException | None = None
+    reported: bool = False
+    seconds: float = 0.0
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+def _fsync_folder(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - a platform without folder descriptors
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some filesystems refuse fsync on folders
+        pass
+    finally:
+        os.close(fd)
+
+
+class BackgroundWriter:
+    """Writes jobs in order in one thread; tracks the pending ones, their errors and figures."""
+
+    def __init__(self, serialize: Callable[[Any, Any], None] = torch.save) -> None:
+        # serialize(obj, file) writes obj into an open binary file: torch.save, or a test's.
+        self._serialize = serialize
+        self._lock = threading.Lock()
+        self._pending: list[WriteJob] = []
+        self._failed: list[WriteJob] = []
+        self._executor: ThreadPoolExecutor | None = None
+        self.written = 0
+        self.discarded = 0
+        self.write_seconds = 0.0
+
+    # -- the training thread's side -----------------------------------------------------------
+
+    def submit(self, job: WriteJob) -> None:
+        """Queue ``job``; it is written after every job queued before it."""
+        with self._lock:
+            self._pending.append(job)
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix="astage-ckpt-writer")
+            executor = self._executor
+        executor.submit(self._run, job)
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def wait(self, path: str | None = None, timeout: float | None = None) -> bool:
+        """Wait for the jobs queued so far (for ``path`` only, if given); False on timeout."""
+        with self._lock:
+            jobs = [job for job in self._pending if path is None or job.path == path]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for job in jobs:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not job.done.wait(left):
+                return False
+        return True
+
+    def discard(self, path: str, remove: Callable[[str], None]) -> None:
+        """Keep every write queued for ``path`` from landing, then ``remove(path)``."""
+        with self._lock:
+            for job in self._pending:
+                if job.path == path and not job.discarded:
+                    job.discarded = True
+            remove(path)
+
+    def take_error(self, path: str | None = None) -> CheckpointWriteError | None:
+        """The first failed write not yet reported (of ``path``, if given), as an astage error."""
+        with self._lock:
+            failed = [
+                job
+                for job in self._failed
+                if not job.reported and (path is None or job.path == path)
+            ]
+            for job in failed:
+                job.reported = True
+            self._failed = [job for job in self._failed if not job.reported]
+        if not failed:
+            return None
+        first = failed[0]
+        others = f" (and {len(failed) - 1} more failed writes)" if len(failed) > 1 else ""
+        error = CheckpointWriteError(
+            f"writing the checkpoint {first.path!r} in the background failed{others}: "
+            f"{type(first.error).__name__}: {first.error}"
+        )
+        error.__cause__ = first.error
+        return error
+
+    def close(self) -> None:
+        """Wait for every queued write and stop the thread (a later submit starts another)."""
+        with self._lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True)
+
+    # -- the writer thread's side -------------------------------------------------------------
+
+    def _run(self, job: WriteJob) -> None:
+        started = time.perf_counter()
+        try:
+            if not job.discarded:
+                self._write(job)
+        except Exception as error:  # noqa: BLE001 - raised in the training thread later
+            job.error = error
+        finally:
+            job.seconds = time.perf_counter() - started
+            # The staged tensors are no longer read: the slot may take the next snapshot.
+            job.staged = None
+            job.release()
+            with self._lock:
+                self._pending.remove(job)
+                if job.error is not None:
+                    self._failed.append(job)
+                elif job.discarded:
+                    self.discarded += 1
+                else:
+                    self.written += 1
+                    self.write_seconds += job.seconds
+            job.done.set()
+
+    def _write(self, job: WriteJob) -> None:
+        fs, target = fsspec.core.url_to_fs(job.path)
+        if isinstance(fs, LocalFileSystem):
+            self._write_local(job, target)
+            return
+        buffer = io.BytesIO()
+        self._serialize(job.staged, buffer)
+        if job.discarded:
+            return
+        with fs.open(target, "wb") as file:
+            file.write(buffer.getbuffer())
+        with self._lock:
+            landed_after_removal = job.discarded
+        if landed_after_removal:
+            # remove_checkpoint ran while the bytes went out: take them back.
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm(target)
+
+    def _write_local(self, job: WriteJob, target: str) -> None:
+        folder = os.path.dirname(target) or "."
+        temporary = os.path.join(
+            folder, f".{os.path.basename(target)}.{uuid.uuid4().hex[:12]}.astage-tmp"
+        )
+        # O_EXCL on a fresh name: never another writer's file; 0o666 under the umask, as
+        # torch.save's own open() would create it.
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(fd, "wb") as file:
+                self._serialize(job.staged, file)
+                file.flush()
+                os.fsync(file.fileno())
+            with self._lock:
+                if job.discarded:
+                    os.unlink(temporary)
+                    return
+                os.replace(temporary, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+            raise
+        _fsync_folder(folder)
