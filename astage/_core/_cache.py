@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
@@ -188,6 +188,12 @@ class BufferCache:
         """Buffers by ``id()`` of their source storage; check ``buffer() is source`` on lookup."""
         self._evict = _evicter(weakref.ref(self))
         self._free_use_count: int | None = None  # see in_use()
+        # The structures recent full walks recorded, newest first (``_replay.Recording``; typed
+        # Any because the replay module builds on this one). Replaced whole, never changed in
+        # place: an eviction in another thread reads a consistent tuple.
+        self.replays: tuple[Any, ...] = ()
+        self.record_backoff = 0
+        """Full walks left that skip recording (a structure that could not be recorded)."""
 
     def get(self, source: torch.UntypedStorage) -> HostBuffer | None:
         """The cached buffer for ``source``, unchecked; None if there is none."""
@@ -272,6 +278,8 @@ class BufferCache:
         current = entries.pop(key, None)
         if current is not None and current is not buffer:
             entries.setdefault(key, current)
+        for recording in self.replays:  # a recording holds no buffer the cache let go of
+            recording.forget(buffer)
         buffer.release()
 
     def _buffers(self) -> list[HostBuffer]:
@@ -323,6 +331,7 @@ class BufferCache:
         # still reaches the old dict pops its own entry or finds it gone, never a half-iterated
         # dict; a buffer released twice (here and by its eviction) is fine.
         entries, self.entries = self.entries, {}
+        self.replays = ()
         while True:
             try:
                 _, buffer = entries.popitem()

@@ -14,7 +14,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from ._batches import MAX_BATCH_COPIES, Batch, make_batches
 from ._cache import BufferCache
 from ._plan import Leaf, Plan
-from ._walk import build_plan
+from ._replay import walk_or_replay
 
 
 class InFlight(Protocol):
@@ -41,7 +41,7 @@ class Run(Generic[T]):
         max_inflight_bytes: int,
     ) -> None:
         self.plan = Plan(track_leaves=track_leaves)
-        self.walk = build_plan(cache, state_dict, self.plan)
+        self.walk = walk_or_replay(cache, state_dict, self.plan)
         self.started = time.perf_counter()
         self.pending: deque[T] = deque()
         self.pending_bytes = 0

@@ -51,6 +51,7 @@ class TensorStager:
         memo: dict[int, Any],
         keep_alive: list[Any],
         visit: Visit,
+        adopted: tuple[dict[int, HostBuffer], dict[int, int]] | None = None,
     ) -> None:
         self._cache = cache
         self._plan = plan
@@ -62,8 +63,9 @@ class TensorStager:
         self._visit = visit
         # Source storages met in this call (by id) -> their buffer, and -> their copy's index.
         # Two dicts rather than one of tuples: no allocation per tensor on the hot path.
-        self._storages: dict[int, HostBuffer] = {}
-        self._copy_index: dict[int, int] = {}
+        # ``adopted``: storages a replay already copied in this call (see _replay.py).
+        self.storages: dict[int, HostBuffer] = dict(adopted[0]) if adopted else {}
+        self.copy_index: dict[int, int] = dict(adopted[1]) if adopted else {}
         self._tensor_deps: dict[int, int] = {}
         self._track_leaves = plan.track_leaves
         self.child: Callable[[torch.Tensor, Path, Any], torch.Tensor] = (
@@ -158,7 +160,7 @@ class TensorStager:
         view = buffer.view
         if (
             view is None
-            or id(storage) in self._storages
+            or id(storage) in self.storages
             or buffer.view_dtype is not x.dtype
             or buffer.view_shape != x.shape
             or buffer.nbytes != storage.nbytes()
@@ -174,8 +176,8 @@ class TensorStager:
         copies.srcs.append(x)  # keeps x alive, so its id stays valid in the memo
         copies.dsts.append(view)
         copies.buffers.append(buffer)
-        self._storages[id(storage)] = buffer
-        self._copy_index[id(storage)] = index
+        self.storages[id(storage)] = buffer
+        self.copy_index[id(storage)] = index
         self._last_copy = index
         # The buffer's own view stays private: consumers get a new tensor object each call,
         # so what they do to its metadata or attributes cannot reach the next call.
@@ -221,10 +223,10 @@ class TensorStager:
             and (x.is_contiguous() if exact_by_shape else x.stride() == _dense_strides(shape))
         )
         reusable = spans_storage and exact_by_shape
-        buffer = self._storages.get(id(storage))
+        buffer = self.storages.get(id(storage))
         if buffer is not None:  # a storage already met in this call: an alias
-            index = self._copy_index[id(storage)]
-            plain = _view_on(buffer, x)
+            index = self.copy_index[id(storage)]
+            plain = view_on(buffer, x)
         else:
             buffer = self._cache.lookup(storage, path)
             if buffer is None:
@@ -241,11 +243,11 @@ class TensorStager:
                 plain = view.detach()  # the buffer's own view stays private (see _restage)
                 src, dst = x, view
             else:
-                plain = _view_on(buffer, x)
-                src, dst = _bytes_view(storage, x.device), buffer.as_bytes()
+                plain = view_on(buffer, x)
+                src, dst = bytes_view(storage, x.device), buffer.as_bytes()
             index = self._copies.add(src, dst, buffer) if buffer.nbytes else -1
-            self._storages[id(storage)] = buffer
-            self._copy_index[id(storage)] = index
+            self.storages[id(storage)] = buffer
+            self.copy_index[id(storage)] = index
             self._keep_alive.append(storage)
         self._last_copy = max(self._last_copy, index)
         y = plain
@@ -279,11 +281,11 @@ class TensorStager:
                 setattr(y, name, self._visit(getattr(x, name), (*path, Attr(name))))
 
 
-def _bytes_view(storage: torch.UntypedStorage, device: torch.device) -> torch.Tensor:
+def bytes_view(storage: torch.UntypedStorage, device: torch.device) -> torch.Tensor:
     return torch.empty((0,), dtype=torch.uint8, device=device).set_(storage)
 
 
-def _view_on(buffer: HostBuffer, x: torch.Tensor) -> torch.Tensor:
+def view_on(buffer: HostBuffer, x: torch.Tensor) -> torch.Tensor:
     """A CPU tensor with ``x``'s dtype, shape, stride and offset on ``buffer``."""
     return torch.empty((0,), dtype=x.dtype).set_(
         buffer.storage, x.storage_offset(), x.size(), x.stride()

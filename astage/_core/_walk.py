@@ -28,7 +28,7 @@ import torch
 
 from .._errors import UnstageableError
 from .._paths import Attr, Path
-from ._cache import BufferCache
+from ._cache import BufferCache, HostBuffer
 from ._plan import Plan
 from ._tensors import TensorStager
 
@@ -70,15 +70,29 @@ ATOMIC_TYPES: frozenset[type] = frozenset(
 )
 
 
-def build_plan(cache: BufferCache, state_dict: Any, plan: Plan | None = None) -> Walk:
+def build_plan(
+    cache: BufferCache,
+    state_dict: Any,
+    plan: Plan | None = None,
+    *,
+    adopted: tuple[dict[int, HostBuffer], dict[int, int]] | None = None,
+) -> Walk:
     """Walk ``state_dict`` into ``plan`` (a new one by default); the generator returns the plan.
 
     ``plan.copies`` grows while the walk runs, so a driver may start copying before it ends.
+    ``adopted`` names the storages already copied into ``plan`` (by ``id()``: their buffer,
+    their copy), which the walk then does not copy again: what a replay that stopped midway
+    leaves (see :mod:`._replay`).
     """
     plan = plan if plan is not None else Plan()
     walk = DeepCopy()
     tensors = TensorStager(
-        cache, plan, memo=walk.memo, keep_alive=walk.keep_alive, visit=walk.visit_now
+        cache,
+        plan,
+        memo=walk.memo,
+        keep_alive=walk.keep_alive,
+        visit=walk.visit_now,
+        adopted=adopted,
     )
     walk.stage_tensors_with(tensors)
     try:

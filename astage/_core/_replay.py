@@ -1,0 +1,643 @@
+"""Replay: stage a state dict shaped like an earlier one without walking it again.
+
+A cached call spends its time in the deep-copy walk, not in the copies: ~15 C calls, two dict
+stores and the memo per tensor. Most callers stage the same structure every time (a model's or an
+optimizer's ``state_dict()``, rebuilt each call with the same keys over the same storages), so
+after a full walk :func:`record` writes down what the walk found: every container's exact type,
+keys and length, and for every tensor its type, storage (by the host buffer that mirrors it),
+offset, shape, stride, dtype and conjugate/negative bits. No object identity is recorded for
+containers or tensors, so a ``state_dict()`` rebuilt each call still matches.
+
+:class:`Replay` then checks a later state dict against a recording as it rebuilds the result
+straight from the cached buffers: the same copies, views and containers the walk would make,
+without the memo, the per-tensor path or the general tensor path. It is conservative:
+
+* a changed container (type, keys or their types, length, attributes), a container met twice
+  (the walk would share its copy), a value that is neither atomic nor of the recorded kind, or a
+  tensor whose metadata changed in place over a recorded storage (``t_()``, ``resize_``,
+  ``set_`` onto another recorded storage, flags swapped through ``.data =``) is a mismatch: the
+  call falls back to the full walk, which records again;
+* a plain tensor on a storage the recording does not know (a temporary made fresh each call,
+  such as an RNG state, or a storage swapped for a new one) is staged on its own by the tensor
+  stager, and the rest of the call is still replayed.
+
+Copies found by a replay are handed to the plan as they are found, so batches start while the
+replay runs; a mismatch midway hands the copies made so far to the full walk (``adopted``), which
+then does not copy those storages again.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Generator
+from typing import Any
+
+import torch
+
+from .._paths import Path
+from .._torch import neg_view
+from ._cache import BufferCache, HostBuffer
+from ._plan import Leaf, Plan
+from ._tensors import TensorStager, bytes_view, view_on
+from ._walk import ATOMIC_TYPES, DeepCopy, build_plan
+
+Walk = Generator[None, None, Any]
+
+CHUNK = 64
+"""Items (atoms, tensors) replayed between two chances for the driver to yield."""
+SMALL = 64
+"""A container with at most this many items below it is replayed without yielding."""
+
+_Tensor = torch.Tensor
+_Parameter = torch.nn.Parameter
+_strided = torch.strided
+
+
+class Mismatch(Exception):
+    """The state dict no longer has the recorded structure: walk it in full."""
+
+
+_MISMATCH = Mismatch()
+
+
+class Unrecordable(Exception):
+    """The state dict holds something a recording does not cover."""
+
+
+# -- a recording ---------------------------------------------------------------------------------
+
+
+class DictNode:
+    """A ``dict`` or ``OrderedDict``: its keys (and their types) and what each value was."""
+
+    __slots__ = ("attrs", "children", "cls", "key_types", "keys", "size")
+
+    def __init__(self, cls: type, keys: list[Any], children: list[Any], attrs: Any) -> None:
+        self.cls: Any = cls
+        self.keys = keys
+        self.key_types = [type(key) for key in keys]
+        self.children = children
+        self.attrs: DictNode | None = attrs
+        """The instance attributes (``_metadata`` on ``Module.state_dict()``), as a dict."""
+        self.size = _size(children) + (attrs.size if attrs is not None else 0)
+
+
+class ListNode:
+    """A list: what each item was; ``atoms`` when every item is atomic (any length then)."""
+
+    __slots__ = ("atoms", "children", "size")
+
+    def __init__(self, children: list[Any]) -> None:
+        self.atoms = all(child is None for child in children)
+        self.children = children
+        self.size = 1 if self.atoms else _size(children)
+
+
+class TupleNode:
+    """A tuple; ``rebuilt`` when the walk made a new one (something mutable inside)."""
+
+    __slots__ = ("children", "rebuilt", "size")
+
+    def __init__(self, children: list[Any]) -> None:
+        self.children = children
+        self.rebuilt: bool = any(
+            child is not None and not (type(child) is TupleNode and not child.rebuilt)
+            for child in children
+        )
+        self.size = _size(children)
+
+
+def _size(children: list[Any]) -> int:
+    return sum(1 if child is None or type(child) is int else child.size for child in children)
+
+
+class Recording:
+    """The structure of one state dict as a full walk staged it, replayable on a later call.
+
+    Children of a node are ``None`` (an atomic value), an ``int`` (the index of a tensor in
+    :attr:`leaves`) or a node. Host buffers are held per storage *slot*; a buffer evicted from the
+    cache is forgotten here too (:meth:`forget`), so a recording never keeps host memory alive.
+    """
+
+    def __init__(self) -> None:
+        self.root: Any = None
+        self.leaves: list[tuple[Any, ...]] = []
+        """Per tensor: type, slot, storage offset, shape, stride, dtype, neg bit, whether the
+        conj bit matters (complex), conj bit, requires_grad, whether it spans its buffer's
+        view, and the index of an earlier tensor that was the same object (or -1)."""
+        self.paths: list[Path] = []
+        self.slots: list[HostBuffer | None] = []
+        self.slot_by_key: dict[int, int] = {}
+        """``id()`` of a recorded source storage -> its slot."""
+        self.src_leaf: list[int] = []
+        """Per slot: the tensor whose copy fills the whole buffer as itself, or -1 (bytes)."""
+        self.shared_slots: list[bool] = []
+        """Per slot: more than one tensor uses it (their identities are checked)."""
+
+    def forget(self, buffer: HostBuffer) -> None:
+        """``buffer`` left the cache: drop it from its slot (any thread; one atomic store)."""
+        slot = self.slot_by_key.get(buffer.key)
+        if slot is not None and self.slots[slot] is buffer:
+            self.slots[slot] = None
+
+    def fits_root(self, state_dict: Any) -> bool:
+        """A cheap first look: the root container's type and keys (a list's length)."""
+        root = self.root
+        kind = type(root)
+        if kind is DictNode:
+            return type(state_dict) is root.cls and list(state_dict) == root.keys
+        if kind is ListNode:
+            return type(state_dict) is list and (
+                root.atoms or len(state_dict) == len(root.children)
+            )
+        if kind is TupleNode:
+            return type(state_dict) is tuple and len(state_dict) == len(root.children)
+        return False
+
+
+def record(cache: BufferCache, state_dict: Any) -> Walk:
+    """Record ``state_dict`` just after a full walk staged it; returns None if not covered."""
+    recorder = _Recorder(cache)
+    try:
+        root = yield from recorder.visit(state_dict, ())
+    except Unrecordable:
+        return None
+    if root is None or type(root) is int:
+        return None  # nothing to gain on a lone tensor or value
+    return recorder.finish(root)
+
+
+class _Recorder:
+    def __init__(self, cache: BufferCache) -> None:
+        self._cache = cache
+        self._out = Recording()
+        self._seen: set[int] = set()
+        self._first: dict[int, int] = {}  # id() of a tensor -> its first leaf
+        self._users: list[int] = []  # per slot: tensors that use it
+        self._countdown = CHUNK
+
+    def finish(self, root: Any) -> Recording:
+        out = self._out
+        out.root = root
+        out.shared_slots = [users > 1 for users in self._users]
+        return out
+
+    def _register(self, x: Any) -> None:
+        if id(x) in self._seen:
+            raise Unrecordable  # a shared container: the walk shares its copy
+        self._seen.add(id(x))
+
+    def visit(self, x: Any, path: Path) -> Walk:
+        cls = type(x)
+        if cls in ATOMIC_TYPES:
+            return None
+        self._countdown -= 1
+        if self._countdown <= 0:
+            self._countdown = CHUNK
+            yield
+        if cls is _Tensor or cls is _Parameter:
+            return self._leaf(x, path)
+        if cls is dict or cls is OrderedDict:
+            self._register(x)
+            attributes = getattr(x, "__dict__", None)
+            attrs = (yield from self._dict(dict, attributes, path)) if attributes else None
+            return (yield from self._dict(cls, x, path, attrs))
+        if cls is list:
+            self._register(x)
+            children = []
+            for index, value in enumerate(x):
+                children.append((yield from self.visit(value, (*path, index))))
+            return ListNode(children)
+        if cls is tuple:
+            children = []
+            for index, value in enumerate(x):
+                children.append((yield from self.visit(value, (*path, index))))
+            node = TupleNode(children)
+            if node.rebuilt:
+                self._register(x)
+            return node
+        raise Unrecordable
+
+    def _dict(self, cls: type, x: dict[Any, Any], path: Path, attrs: Any = None) -> Walk:
+        keys = list(x)
+        if any(type(key) not in ATOMIC_TYPES for key in keys):
+            raise Unrecordable
+        children = []
+        for key, value in x.items():
+            children.append((yield from self.visit(value, (*path, key))))
+        return DictNode(cls, keys, children, attrs)
+
+    def _leaf(self, x: torch.Tensor, path: Path) -> int:
+        if x.__dict__ or x.layout is not _strided or x.is_quantized or x.is_nested:
+            raise Unrecordable
+        if x.device.type == "meta":
+            raise Unrecordable
+        storage = x.untyped_storage()
+        buffer = self._cache.get(storage)
+        if buffer is None or buffer.nbytes != storage.nbytes():
+            raise Unrecordable  # evicted meanwhile, or resized: record another time
+        out = self._out
+        index = len(out.leaves)
+        conj, neg = x.is_conj(), x.is_neg()
+        view = buffer.view
+        spans = (
+            view is not None
+            and x.dtype is view.dtype
+            and x.storage_offset() == 0
+            and x.shape == view.shape
+            and x.stride() == view.stride()
+            and not conj
+            and not neg
+        )
+        slot = out.slot_by_key.get(id(storage))
+        if slot is None:
+            slot = len(out.slots)
+            out.slot_by_key[id(storage)] = slot
+            out.slots.append(buffer)
+            out.src_leaf.append(index if spans else -1)
+            self._users.append(0)
+        self._users[slot] += 1
+        same = self._first.setdefault(id(x), index)
+        out.leaves.append(
+            (
+                type(x),
+                slot,
+                x.storage_offset(),
+                x.shape,
+                x.stride(),
+                x.dtype,
+                neg,
+                x.dtype.is_complex,
+                conj,
+                x.requires_grad,
+                spans,
+                same if same != index else -1,
+            )
+        )
+        out.paths.append(path)
+        return index
+
+
+# -- replaying one ------------------------------------------------------------------------------
+
+
+class Replay:
+    """One call replayed from a :class:`Recording` into ``plan``."""
+
+    def __init__(self, recording: Recording, cache: BufferCache, plan: Plan) -> None:
+        self._rec = recording
+        self._cache = cache
+        self._plan = plan
+        self._leaves = recording.leaves
+        self._slots = recording.slots
+        self._src_leaf = recording.src_leaf
+        self._shared = recording.shared_slots
+        self._copy_of = [-2] * len(recording.slots)  # per slot: its copy this call (-1: none)
+        self._last_copy = [-1] * len(recording.leaves)
+        self._same: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # shared slots' tensors
+        self._seen: set[int] = set()
+        self._tensors = 0
+        self._work = 0
+        self._track = plan.track_leaves
+        self._fallback: TensorStager | None = None
+        self._fallback_walk: DeepCopy | None = None
+        self._staged_leaves: list[tuple[int, torch.Tensor]] = []
+
+    # -- the driver's view ---------------------------------------------------------------------
+
+    def run(self, state_dict: Any) -> Walk:
+        """Replay ``state_dict``; raises :class:`Mismatch` (copies found so far stay valid)."""
+        root = self._rec.root
+        if root.size <= SMALL:
+            result = self._build(root, state_dict)
+        else:
+            result = yield from self._build_big(root, state_dict)
+        self._check_identities()
+        plan = self._plan
+        plan.tensors += self._tensors
+        if self._track:
+            paths = self._rec.paths
+            last_copy = self._last_copy
+            leaves = plan.leaves
+            for index, y in self._staged_leaves:
+                leaves.append(Leaf(paths[index], y, last_copy[index]))
+        return result
+
+    def adopted(self) -> tuple[dict[int, HostBuffer], dict[int, int]]:
+        """The storages copied so far (by ``id()``) -> their buffer, and -> their copy."""
+        buffers: dict[int, HostBuffer] = {}
+        copies: dict[int, int] = {}
+        plan_copies = self._plan.copies
+        for slot, index in enumerate(self._copy_of):
+            buffer = self._slots[slot]
+            if index < 0 or buffer is None:
+                continue
+            storage = buffer()
+            if storage is None:
+                continue
+            buffers[id(storage)] = buffer
+            copies[id(storage)] = index
+            assert plan_copies.buffers[index] is buffer
+        fallback = self._fallback
+        if fallback is not None:
+            buffers.update(fallback.storages)
+            copies.update(fallback.copy_index)
+        return buffers, copies
+
+    def close(self) -> None:
+        if self._fallback is not None and self._fallback_walk is not None:
+            self._fallback.close()
+            self._fallback_walk.close()
+            self._fallback = None
+            self._fallback_walk = None
+
+    # -- containers ----------------------------------------------------------------------------
+
+    def _register(self, x: Any) -> None:
+        seen = self._seen
+        before = len(seen)
+        seen.add(id(x))
+        if len(seen) == before:
+            raise _MISMATCH
+
+    def _dict_header(self, node: DictNode, x: Any) -> Any:
+        if type(x) is not node.cls or list(x) != node.keys:
+            raise _MISMATCH
+        if list(map(type, x)) != node.key_types:
+            raise _MISMATCH
+        self._register(x)
+        y = node.cls()
+        attributes = getattr(x, "__dict__", None)
+        attrs = node.attrs
+        if attrs is None:
+            if attributes:
+                raise _MISMATCH
+        else:
+            if not attributes or list(attributes) != attrs.keys:
+                raise _MISMATCH
+            staged = {}
+            for (name, value), child in zip(attributes.items(), attrs.children, strict=True):
+                staged[name] = self._item(child, value)
+            y.__dict__.update(staged)
+        return y
+
+    def _item(self, child: Any, value: Any) -> Any:
+        if child is None:
+            if type(value) not in ATOMIC_TYPES:
+                raise _MISMATCH
+            return value
+        if type(child) is int:
+            return self._leaf(child, value)
+        return self._build(child, value)
+
+    def _build(self, node: Any, x: Any) -> Any:
+        """A small container, in one go."""
+        kind = type(node)
+        atomic = ATOMIC_TYPES
+        leaf = self._leaf
+        if kind is DictNode:
+            y = self._dict_header(node, x)
+            for (key, value), child in zip(x.items(), node.children, strict=True):
+                if child is None:
+                    if type(value) not in atomic:
+                        raise _MISMATCH
+                    y[key] = value
+                elif type(child) is int:
+                    y[key] = leaf(child, value)
+                else:
+                    y[key] = self._build(child, value)
+            return y
+        if kind is ListNode:
+            if type(x) is not list:
+                raise _MISMATCH
+            self._register(x)
+            if node.atoms:
+                if not set(map(type, x)) <= atomic:
+                    raise _MISMATCH
+                return list(x)
+            if len(x) != len(node.children):
+                raise _MISMATCH
+            return [self._item(child, value) for child, value in zip(node.children, x, strict=True)]
+        if type(x) is not tuple or len(x) != len(node.children):
+            raise _MISMATCH
+        items = [self._item(child, value) for child, value in zip(node.children, x, strict=True)]
+        if not node.rebuilt:
+            return x  # atoms only: the tuple is its own copy, as in the walk
+        self._register(x)
+        return tuple(items)
+
+    def _build_big(self, node: Any, x: Any) -> Walk:
+        """A large container: yields every :data:`CHUNK` items."""
+        kind = type(node)
+        if kind is DictNode:
+            y = self._dict_header(node, x)
+            pairs = zip(x.items(), node.children, strict=True)
+            for (key, value), child in pairs:
+                y[key] = yield from self._big_item(child, value)
+            return y
+        if kind is ListNode:
+            if type(x) is not list:
+                raise _MISMATCH
+            if node.atoms:
+                return self._build(node, x)
+            self._register(x)
+            if len(x) != len(node.children):
+                raise _MISMATCH
+            out = []
+            for child, value in zip(node.children, x, strict=True):
+                out.append((yield from self._big_item(child, value)))
+            return out
+        if type(x) is not tuple or len(x) != len(node.children):
+            raise _MISMATCH
+        items = []
+        for child, value in zip(node.children, x, strict=True):
+            items.append((yield from self._big_item(child, value)))
+        if not node.rebuilt:
+            return x
+        self._register(x)
+        return tuple(items)
+
+    def _big_item(self, child: Any, value: Any) -> Walk:
+        if child is None or type(child) is int or child.size <= SMALL:
+            y = self._item(child, value)
+            self._work += 1 if child is None or type(child) is int else child.size
+            if self._work >= CHUNK:
+                self._work = 0
+                yield
+            return y
+        return (yield from self._build_big(child, value))
+
+    # -- tensors -------------------------------------------------------------------------------
+
+    def _leaf(self, index: int, x: Any) -> torch.Tensor:
+        (cls, slot, offset, shape, stride, dtype, neg, complex_, conj, grad, spans, same) = (
+            self._leaves[index]
+        )
+        if type(x) is not cls or x.__dict__:
+            return self._unknown(index, x)
+        try:
+            storage = x.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            raise _MISMATCH from None
+        buffer = self._slots[slot]
+        if buffer is None or buffer() is not storage:
+            return self._unknown(index, x)
+        if (
+            x.storage_offset() != offset
+            or x.dtype is not dtype
+            or x.shape != shape
+            or x.stride() != stride
+            or x.is_neg() is not neg
+            or (complex_ and x.is_conj() is not conj)
+            or (cls is _Parameter and x.requires_grad is not grad)
+        ):
+            raise _MISMATCH  # changed in place over a recorded storage
+        copy = self._copy_of[slot]
+        if copy == -2:
+            copy = self._publish(slot, index, x, storage, buffer)
+        self._last_copy[index] = copy
+        self._tensors += 1
+        if self._shared[slot]:
+            return self._shared_leaf(index, x, same, buffer, spans)
+        y = buffer.view.detach() if spans else self._view(x, buffer, neg, conj)  # type: ignore[union-attr]
+        if cls is _Parameter:
+            y = _Parameter(y, requires_grad=grad)
+        if self._track:
+            self._staged_leaves.append((index, y))
+        return y
+
+    def _view(self, x: torch.Tensor, buffer: HostBuffer, neg: bool, conj: bool) -> torch.Tensor:
+        y = view_on(buffer, x)
+        if conj:
+            y = y.conj()
+        if neg:
+            y = neg_view(y)
+        return y
+
+    def _shared_leaf(
+        self, index: int, x: torch.Tensor, same: int, buffer: HostBuffer, spans: bool
+    ) -> torch.Tensor:
+        """A tensor on a storage other tensors use too: the same object gives the same copy."""
+        if same >= 0:
+            earlier = self._same.get(same)
+            if earlier is None or earlier[0] is not x:
+                raise _MISMATCH
+            y = earlier[1]
+        else:
+            (cls, _, _, _, _, _, neg, _, conj, grad, _, _) = self._leaves[index]
+            y = buffer.view.detach() if spans else self._view(x, buffer, neg, conj)  # type: ignore[union-attr]
+            if cls is _Parameter:
+                y = _Parameter(y, requires_grad=grad)
+        self._same[index] = (x, y)
+        if self._track:
+            self._staged_leaves.append((index, y))
+        return y
+
+    def _check_identities(self) -> None:
+        """Tensors recorded as distinct objects on a shared storage must still be distinct."""
+        leaves = self._leaves
+        distinct = [x for index, (x, _) in self._same.items() if leaves[index][11] < 0]
+        if len({id(x) for x in distinct}) != len(distinct):
+            raise _MISMATCH
+
+    def _publish(
+        self,
+        slot: int,
+        index: int,
+        x: torch.Tensor,
+        storage: torch.UntypedStorage,
+        buffer: HostBuffer,
+    ) -> int:
+        """The copy of a recorded storage, met for the first time in this call."""
+        if storage.nbytes() != buffer.nbytes or buffer.dropped:
+            raise _MISMATCH  # resized in place (the walk names it), or evicted
+        if not buffer.nbytes:
+            self._copy_of[slot] = -1
+            return -1
+        copies = self._plan.copies
+        if self._src_leaf[slot] == index:
+            src, dst = x, buffer.view
+        else:
+            src, dst = bytes_view(storage, x.device), buffer.as_bytes()
+        copy = len(copies.srcs)
+        copies.srcs.append(src)
+        copies.dsts.append(dst)  # type: ignore[arg-type]
+        copies.buffers.append(buffer)
+        self._copy_of[slot] = copy
+        return copy
+
+    def _unknown(self, index: int, x: Any) -> torch.Tensor:
+        """A tensor that is not the recorded one: staged on its own if its storage is new."""
+        if type(x) is not _Tensor and type(x) is not _Parameter:
+            raise _MISMATCH
+        if x.layout is not _strided or x.__dict__:
+            raise _MISMATCH
+        try:
+            storage = x.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            raise _MISMATCH from None
+        rec = self._rec
+        slot = rec.slot_by_key.get(id(storage))
+        if slot is not None:
+            buffer = rec.slots[slot]
+            if buffer is not None and buffer() is storage:
+                raise _MISMATCH  # moved onto another recorded storage
+        stager = self._fallback
+        if stager is None:
+            stager = self._make_fallback()
+        return stager.leaf(x, rec.paths[index])
+
+    def _make_fallback(self) -> TensorStager:
+        walk = DeepCopy()
+        stager = TensorStager(
+            self._cache,
+            self._plan,
+            memo=walk.memo,
+            keep_alive=walk.keep_alive,
+            visit=walk.visit_now,
+        )
+        walk.stage_tensors_with(stager)
+        self._fallback, self._fallback_walk = stager, walk
+        return stager
+
+
+MAX_RECORDINGS = 4
+"""Structures remembered per cache: a stager that alternates a few state dicts replays each."""
+RECORD_BACKOFF = 8
+"""Full walks that skip recording after a state dict could not be recorded."""
+
+
+def walk_or_replay(cache: BufferCache, state_dict: Any, plan: Plan) -> Walk:
+    """Fill ``plan`` from ``state_dict``: replayed when a recording fits, else walked in full.
+
+    A full walk records the structure for the next call. The generator returns the plan.
+    """
+    adopted = None
+    for recording in cache.replays:
+        if not recording.fits_root(state_dict):
+            continue
+        replayed = Replay(recording, cache, plan)
+        try:
+            plan.result = yield from replayed.run(state_dict)
+        except Mismatch:
+            adopted = replayed.adopted()
+            plan.leaves.clear()
+            plan.tensors = 0
+            cache.replays = tuple(r for r in cache.replays if r is not recording)
+            break
+        finally:
+            replayed.close()
+        plan.done = True
+        if cache.replays[0] is not recording:
+            cache.replays = (recording, *(r for r in cache.replays if r is not recording))
+        return plan
+    yield from build_plan(cache, state_dict, plan, adopted=adopted)
+    if cache.record_backoff > 0:
+        cache.record_backoff -= 1
+        return plan
+    recording = yield from record(cache, state_dict)
+    if recording is None:
+        cache.record_backoff = RECORD_BACKOFF
+    else:
+        cache.replays = (recording, *cache.replays[: MAX_RECORDINGS - 1])
+    return plan
