@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import anyio.from_thread
 import pytest
 import safetensors.torch
 import torch
@@ -274,8 +273,9 @@ async def test_unsavable_leaf_names_its_path_and_writes_nothing(tmp_path: Path) 
 @pytest.mark.asyncio
 @pytest.mark.parametrize(
     "value",
-    [b"bytes", {1, 2}, torch.float32, torch.ones(2).to_sparse(), {("a", 1): 1}],
-    ids=["bytes", "set", "dtype", "sparse", "tuple-key"],
+    # (sets and torch dtypes are saved since issue #10 item 6: they round-trip now)
+    [b"bytes", torch.ones(2).to_sparse(), {("a", 1): 1}],
+    ids=["bytes", "sparse", "tuple-key"],
 )
 async def test_unsavable_values(tmp_path: Path, value: Any) -> None:
     with pytest.raises(astage.UnsavableError, match=r"\['x'\]"):
@@ -311,27 +311,32 @@ async def test_injected_write_error_keeps_the_previous_file(
 class SlowData:
     """``os.pwritev`` that takes ``seconds`` for every data write (not the header's).
 
-    ``inside`` counts the calls still running; ``writing`` is set (on the loop) once the first
-    data write has started; ``closed_under_write`` counts writes whose descriptor was closed
-    while they slept (a closed number can be reused by another file, which the write would hit).
+    ``inside`` counts the calls still running; ``wait_writing()`` returns once the first data
+    write has started (the writes run in the writer's own threads, not the loop's workers);
+    ``closed_under_write`` counts writes whose descriptor was closed while they slept (a closed
+    number can be reused by another file, which the write would hit).
     """
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
         self.seconds = seconds
         self.inside = 0
         self.closed_under_write = 0
-        self.writing = anyio.Event()
+        self.writing = threading.Event()
         self._lock = threading.Lock()
         self._real = os.pwritev
         monkeypatch.setattr(os, "pwritev", self)
+
+    async def wait_writing(self) -> None:
+        with anyio.fail_after(2):
+            while not self.writing.is_set():
+                await anyio.sleep(0.005)
 
     def __call__(self, fd: int, buffers: Any, offset: int) -> int:
         with self._lock:
             self.inside += 1
         try:
             if offset > 0:  # past the header
-                if not self.writing.is_set():
-                    anyio.from_thread.run_sync(self.writing.set)
+                self.writing.set()
                 time.sleep(self.seconds)
                 try:
                     os.fstat(fd)
@@ -348,7 +353,7 @@ async def test_cancellation_mid_write_keeps_the_previous_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path, previous = await previous_file(tmp_path)
-    slow = SlowData(monkeypatch, 0.05)
+    slow = SlowData(monkeypatch, 0.3)  # the cancel lands before the commit, even on a slow machine
     state = {f"t{i}": torch.full((1024,), float(i)) for i in range(6)}
     scope = anyio.CancelScope()
 
@@ -359,8 +364,7 @@ async def test_cancellation_mid_write_keeps_the_previous_file(
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(save)
-        with anyio.fail_after(2):
-            await slow.writing.wait()
+        await slow.wait_writing()
         assert temp_files(tmp_path)
         scope.cancel()
     # The save waited for the write under way: no thread still uses the closed descriptor.
@@ -464,7 +468,7 @@ async def test_cancelling_a_background_save(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path, previous = await previous_file(tmp_path)
-    slow = SlowData(monkeypatch, 0.05)
+    slow = SlowData(monkeypatch, 0.3)  # the cancel lands before the commit, even on a slow machine
     async with astage.Stager() as stager:
         async with anyio.create_task_group() as tg:
             handle = await astage.start_save(
@@ -486,15 +490,14 @@ async def test_cancelling_the_owner_aborts_the_write(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path, previous = await previous_file(tmp_path)
-    slow = SlowData(monkeypatch, 0.05)
+    slow = SlowData(monkeypatch, 0.3)  # the cancel lands before the commit, even on a slow machine
     state = {f"t{i}": torch.full((1024,), float(i)) for i in range(6)}
     async with astage.Stager() as stager:
         async with anyio.create_task_group() as owner:
             handle = await astage.start_save(
                 state, path, stager=stager, threads=1, task_group=owner
             )
-            with anyio.fail_after(2):
-                await slow.writing.wait()
+            await slow.wait_writing()
             assert temp_files(tmp_path)
             owner.cancel_scope.cancel()
         # The owner's block ended only once the write was aborted: nothing runs on.

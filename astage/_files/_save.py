@@ -11,6 +11,13 @@ buffer hold (``Stager.hold_buffers()``) and releases it when the writer is done 
 second buffer set is allocated, so a save needs no host memory beyond the stager's cache; to
 stage the next step while a write still runs, use a second ``Stager`` (twice the host memory).
 
+Durability needs no loop turn: with a :class:`SafetensorsWriter` (a path target), once every
+tensor has landed the file is sealed (``commit_in_threads``), and the writer's own threads
+finish the writes, fsync, rename, fsync the folder, call ``after_commit`` and release the buffer
+hold, whether or not the caller's event loop runs again; the task only observes the end. A
+cancellation before the rename aborts (no thread is left that could still commit or call
+``after_commit``); one that comes after it waits for the commit to end, and the result stands.
+
 Background saves are structured: :func:`start_save` runs the pipeline in a task of an owner, a
 task group the caller passes in (or a :class:`~astage.CheckpointDir` entered with ``async
 with``), and returns once staging is done. The write never outlives its owner: the owner's
@@ -20,6 +27,7 @@ with``), and returns once staging is done. The write never outlives its owner: t
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import time
 from collections.abc import Awaitable, Callable, Generator, Mapping
@@ -29,10 +37,9 @@ import anyio
 import anyio.abc
 
 from .._drivers._async import Stager
-from .._drivers._holds import BufferHold
 from .._errors import CheckpointWriteError, InvalidOptionsError, UsageError
 from .._torch import storage_key
-from ._writer import DEFAULT_THREADS, CheckpointWriter, SafetensorsWriter
+from ._writer import DEFAULT_THREADS, CheckpointWriter, SafetensorsWriter, WriteThreads
 
 Target = str | os.PathLike[str] | CheckpointWriter
 
@@ -67,12 +74,13 @@ class SaveResult(NamedTuple):
 
 
 class SaveHandle:
-    """A save whose staging is done and whose writing goes on in a task of its owner.
+    """A save whose staging is done and whose writing goes on in astage's threads.
 
     ``await handle`` (or ``await handle.wait()``) returns the :class:`SaveResult` once the
     checkpoint is durable, or raises the write's error (which also reaches the owner task
-    group, like any failing task's). The stager the save used waits for it before it stages
-    again.
+    group, like any failing task's). The write itself does not need the caller's event loop:
+    it finishes in the writer's threads even while the loop is blocked. The stager the save
+    used waits for it before it stages again.
     """
 
     def __init__(self, path: str | None) -> None:
@@ -82,6 +90,7 @@ class SaveHandle:
         self._finished = anyio.Event()
         self._result: SaveResult | None = None
         self._error: BaseException | None = None
+        self._threads: WriteThreads | None = None  # the writer's threads, once sealed
 
     def done(self) -> bool:
         """Whether the write has ended (committed, failed or cancelled)."""
@@ -90,10 +99,17 @@ class SaveHandle:
     def cancel(self) -> bool:
         """Stop the write: the previous file stays, the temporary one is removed.
 
-        Returns False when the write had already ended. ``await handle`` then raises
-        :class:`~astage.CheckpointWriteError`.
+        Returns False when the write had already ended, or was too far to stop: once the
+        file is renamed into place the commit stands (it finishes, ``after_commit``
+        included, and ``await handle`` returns its result). After a True, ``await handle``
+        raises :class:`~astage.CheckpointWriteError`, and no thread of the save is left that
+        could still commit.
         """
         if self.done():
+            return False
+        # Stop the threads at once, not at the next loop turn: an abort decided here can no
+        # longer lose a race with a rename that the threads would reach meanwhile.
+        if self._threads is not None and not self._threads.abort():
             return False
         self._scope.cancel()
         return True
@@ -101,14 +117,14 @@ class SaveHandle:
     async def wait(self) -> SaveResult:
         """The :class:`SaveResult`, once the checkpoint is durable; or the write's error."""
         await self._finished.wait()
+        if self._result is not None:
+            return self._result
         if self._error is not None:
             raise self._error
-        if self._result is None:
-            raise CheckpointWriteError(
-                f"the save to {self.path or 'its writer'} was cancelled before it committed; "
-                "the previous checkpoint stays"
-            )
-        return self._result
+        raise CheckpointWriteError(
+            f"the save to {self.path or 'its writer'} was cancelled before it committed; "
+            "the previous checkpoint stays"
+        )
 
     async def wait_quietly(self) -> None:
         """Wait until the write has ended, however it ended (its owner sees its error)."""
@@ -119,21 +135,41 @@ class SaveHandle:
 
     async def _run(
         self,
-        run: Callable[[Callable[[], None]], Awaitable[SaveResult]],
+        run: Callable[[_Progress], Awaitable[SaveResult]],
         *,
         task_status: anyio.abc.TaskStatus[SaveHandle],
     ) -> None:
         """The owner's task: run the save; report this handle to the starter once staged."""
+        handle = self
+
+        class Progress(_Progress):
+            def staged(self, threads: WriteThreads | None) -> None:
+                handle._threads = threads
+                task_status.started(handle)
+
+            def committed(self, result: SaveResult) -> None:
+                handle._result = result  # stands even if a cancellation comes after it
+
         try:
             with self._scope:
-                self._result = await run(lambda: task_status.started(self))
+                self._result = await run(Progress())
         except anyio.get_cancelled_exc_class():
-            raise  # the owner was cancelled: the write was aborted, nothing to report
+            raise  # the owner was cancelled: the write was aborted (or committed), reported
         except BaseException as error:
             self._error = error
             raise
         finally:
             self._finished.set()
+
+
+class _Progress:
+    """What ``run_save`` tells its handle: staging is done; the file was committed."""
+
+    def staged(self, threads: WriteThreads | None) -> None:
+        """Every tensor has landed (and, with ``threads``, the file is sealed)."""
+
+    def committed(self, result: SaveResult) -> None:
+        """The checkpoint is durable (also when a cancellation follows)."""
 
 
 async def save(
@@ -196,17 +232,23 @@ async def start_in(
     state_dict: Any,
     writer: CheckpointWriter,
     stager: Stager | None,
-    after: Callable[[], Awaitable[None]] | None = None,
+    after_commit: Callable[[], None] | None = None,
 ) -> SaveHandle:
     """Run a save in a task of ``owner``; return its handle once staging is done.
 
     Until then the task counts as the caller's (anyio's ``TaskGroup.start``): cancelling the
     caller cancels it, and an error found before staging ends is raised here.
+    ``after_commit`` as in :func:`run_save`.
     """
     handle = SaveHandle(getattr(writer, "path", None))
+    after: Callable[[], Awaitable[None]] | None = None
+    if inspect.iscoroutinefunction(after_commit):  # the former `after` (a coroutine function)
+        after, after_commit = after_commit, None
 
-    def run(on_staged: Callable[[], None]) -> Awaitable[SaveResult]:
-        return run_save(state_dict, writer, stager, on_staged=on_staged, after=after)
+    def run(progress: _Progress) -> Awaitable[SaveResult]:
+        return run_save(
+            state_dict, writer, stager, after_commit=after_commit, after=after, progress=progress
+        )
 
     started: SaveHandle = await owner.start(handle._run, run)
     return started
@@ -217,25 +259,31 @@ async def run_save(
     writer: CheckpointWriter,
     stager: Stager | None,
     *,
-    on_staged: Callable[[], None] | None = None,
+    after_commit: Callable[[], None] | None = None,
     after: Callable[[], Awaitable[None]] | None = None,
+    progress: _Progress | None = None,
 ) -> SaveResult:
-    """The pipeline, in the calling task: begin, stage into the writer, commit, ``after``.
+    """The pipeline, in the calling task: begin, stage into the writer, commit, ``after_commit``.
 
-    ``on_staged`` is called once every tensor has landed; ``after`` runs once the writer
-    committed, while the stager's buffers are still held (a ``latest`` pointer moves there).
+    ``after_commit`` is a blocking function called once the file is durable (renamed, folder
+    fsynced), while the stager's buffers are still held (a ``latest`` pointer moves there);
+    with a :class:`SafetensorsWriter` it runs in the writer's last thread, with the rest of
+    the commit, whether or not this task's event loop turns; an exception from it fails the
+    save. ``after`` (a coroutine function) is the older form: it runs in this task afterwards.
     """
+    progress = progress if progress is not None else _Progress()
     started = time.perf_counter()
-    hold: BufferHold | None = None
+    hold: Any = None
     tensors = 0
     storages: dict[int, int] = {}
     first_write = 0.0
+    threads: WriteThreads | None = None
     async with contextlib.AsyncExitStack() as resources:
         if stager is None:
             stager = Stager()
             resources.push_async_callback(_close_shielded, stager)
         if isinstance(writer, contextlib.AbstractAsyncContextManager):
-            await resources.enter_async_context(writer)  # its background tasks live here
+            await resources.enter_async_context(writer)  # its background work lives here
         try:
             await writer.begin(state_dict)
             staging = time.perf_counter()
@@ -251,27 +299,54 @@ async def run_save(
                     storages[storage_key(storage)] = storage.nbytes()
                     await writer.write(path, tensor)
             staged = time.perf_counter()
-            if on_staged is not None:
-                on_staged()
-            await writer.commit()
+
+            def result(done: float) -> SaveResult:
+                return SaveResult(
+                    path=getattr(writer, "path", None),
+                    tensors=tensors,
+                    nbytes=sum(storages.values()),
+                    staging_seconds=staged - staging,
+                    writing_seconds=done - (first_write or staged),
+                    seconds=done - started,
+                )
+
+            if isinstance(writer, SafetensorsWriter) and writer.write_threads is not None:
+                # Sealed before the starter hears that staging is done: from here on the
+                # threads finish the checkpoint and release the hold without this task.
+                threads = writer.commit_in_threads(after_commit)
+                if hold is not None:
+                    threads.add_done_callback(hold.release)
+                progress.staged(threads)
+                await threads.wait_async()
+                threads.raise_failure()
+                assert threads.finished_at is not None
+                done = threads.finished_at
+            else:
+                progress.staged(None)
+                await writer.commit()
+                if after_commit is not None:
+                    await anyio.to_thread.run_sync(after_commit)
+                done = time.perf_counter()
             if after is not None:
                 await after()
+                done = time.perf_counter()
+            outcome = result(done)
+            progress.committed(outcome)
         except BaseException:
             with anyio.CancelScope(shield=True):
+                if threads is not None:
+                    # No thread of this save runs on once we return: the abort wins before
+                    # the rename; after it the commit (and after_commit) ends first.
+                    threads.abort()
+                    await threads.wait_async()
+                    if threads.committed and threads.error is None and threads.finished_at:
+                        progress.committed(result(threads.finished_at))
                 await writer.abort()
             raise
         finally:
             if hold is not None:
                 hold.release()  # the writer is done with the buffers (committed or aborted)
-    done = time.perf_counter()
-    return SaveResult(
-        path=getattr(writer, "path", None),
-        tensors=tensors,
-        nbytes=sum(storages.values()),
-        staging_seconds=staged - staging,
-        writing_seconds=done - (first_write or staged),
-        seconds=done - started,
-    )
+    return outcome
 
 
 async def _close_shielded(stager: Stager) -> None:

@@ -10,14 +10,17 @@ Durability: the file is written under a temporary name in the target's folder, t
 renamed over the target, and the folder fsynced. A failure or a cancellation at any point
 before the rename leaves the previous file intact and removes the temporary one.
 
-Concurrency (anyio, so asyncio, uvloop and trio alike): entered with ``async with``, the writer
-owns a task group whose worker tasks take queued pieces from a memory object stream and write
-them with ``anyio.to_thread.run_sync`` under the writer's own ``CapacityLimiter``, so
-``write()`` returns at once and the disk works while staging goes on. Such a thread is never
-abandoned: a cancelled await still waits for its system call to return, so once the workers
-have ended no thread uses the file descriptor, and :meth:`SafetensorsWriter.abort` can close
-it (its number could otherwise be reused by another file and written over). Used without
-``async with``, the writer does the same work inside each ``write()`` call instead.
+Concurrency: entered with ``async with`` (as :func:`astage.save` enters it), or opened by the
+synchronous face, the writer owns a few plain threads (:class:`WriteThreads`) that take queued
+pieces from a thread-side queue and write them, so ``write()`` returns at once and the disk works
+while staging goes on. Sealed (:meth:`SafetensorsWriter.commit_in_threads`), the last thread out
+fsyncs, renames, fsyncs the folder and calls ``after_commit``: once the caller has handed every
+piece over, the checkpoint becomes durable with no event loop turn at all, so a training step that
+blocks the loop (or a caller with no loop) does not delay it. An abort stops the threads; the last
+one out closes the descriptor and removes the temporary file, so no descriptor is closed under a
+system call (its number could otherwise be reused by another file and written over). An abort
+wins if it comes before the rename; after the rename the commit stands and finishes. Used
+without ``async with``, the writer instead does the work inside each ``write()`` call.
 """
 
 from __future__ import annotations
@@ -26,19 +29,20 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
-import math
 import os
 import secrets
 import sys
+import threading
+import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import anyio
-import anyio.abc
+import anyio.from_thread
 import anyio.to_thread
 import torch
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .._errors import CheckpointWriteError, InvalidOptionsError, UsageError
 from .._paths import Path, format_path
@@ -49,6 +53,7 @@ DEFAULT_CHUNK_BYTES = 8 << 20  # smaller pieces start the disk sooner (see docs/
 _IOV_MAX = 1024  # buffers per pwritev call (Linux's IOV_MAX)
 
 _SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>: start writeback of the range's dirty pages, no wait
+_CANCEL_POLL_S = 0.05  # how soon a task waiting for the threads notices its cancellation
 
 
 def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
@@ -115,14 +120,13 @@ class SafetensorsWriter:
     """Writes one safetensors file at ``path``; see :mod:`astage._files._safetensors`.
 
     ``metadata`` (str -> str) goes into the header's ``__metadata__``. At most ``threads``
-    writes run at once, each in a worker thread under the writer's own capacity limiter,
-    moving at most ``chunk_bytes`` (small tensors that lie side by side in the file are
-    gathered into one ``pwritev``).
+    writes run at once, each moving at most ``chunk_bytes`` (small tensors that lie side by
+    side in the file are gathered into one ``pwritev``).
 
     Use it as ``async with SafetensorsWriter(path) as writer:`` (:func:`astage.save` does):
-    then ``write`` only queues the bytes and the writer's own worker tasks write them while
-    the caller goes on; leaving the block without ``commit`` aborts. Without ``async with``,
-    each ``write`` writes its tensor before it returns.
+    then ``write`` only queues the bytes and the writer's own threads write them while the
+    caller goes on; leaving the block without ``commit`` aborts. Without ``async with``, each
+    ``write`` writes its tensor before it returns.
 
     ``writeback`` (on Linux): after each write, ask the kernel to start writing those pages
     to the disk (``sync_file_range(SYNC_FILE_RANGE_WRITE)``, which does not wait), so the disk
@@ -151,23 +155,23 @@ class SafetensorsWriter:
         self._scheduled: set[int] = set()  # id() of entries whose bytes are written or queued
         self._error: BaseException | None = None
         self._limiter: anyio.CapacityLimiter | None = None
-        # Only when entered with `async with`: the task group, and its workers' queue.
-        self._task_group: anyio.abc.TaskGroup | None = None
-        self._queue: MemoryObjectSendStream[_Item] | None = None
-        self._workers: anyio.CancelScope | None = None
-        self._workers_done: anyio.Event | None = None
+        self._entered = False  # `async with`: write() queues to the writer's own threads
+        self._background: WriteThreads | None = None  # those threads, from begin() on
 
-    # -- the writer's own task group ----------------------------------------------------------
+    @property
+    def write_threads(self) -> WriteThreads | None:
+        """The writer's own threads, from ``begin`` on when entered (else None)."""
+        return self._background
+
+    # -- `async with`: writes in the writer's own threads -------------------------------------
 
     async def __aenter__(self) -> SafetensorsWriter:
-        if self._task_group is not None or self._state != "new":
+        if self._entered or self._state != "new":
             raise UsageError(
                 f"{self.path}: this writer was already entered or used; a writer writes one "
                 "file once (astage.save enters the writer it is given: pass it un-entered)"
             )
-        task_group = anyio.create_task_group()
-        await task_group.__aenter__()
-        self._task_group = task_group
+        self._entered = True
         return self
 
     async def __aexit__(
@@ -176,94 +180,137 @@ class SafetensorsWriter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        task_group, self._task_group = self._task_group, None
-        assert task_group is not None
-        try:
-            if self._state in ("new", "open"):  # left without a commit: leave no trace
-                await self.abort()
-        finally:
-            # The workers have ended (commit and abort wait for them): the group is empty,
-            # and an exception of the block propagates as it is, not in an exception group.
-            await task_group.__aexit__(None, None, None)
+        if self._state in ("new", "open"):  # left without a commit: leave no trace
+            await self.abort()
 
     # -- the protocol -------------------------------------------------------------------------
 
     async def begin(self, state_dict: Any) -> None:
         """Plan the file for ``state_dict``'s structure, create it and write its header."""
-        if self._state != "new":
-            raise UsageError(f"{self.path}: begin() was already called on this writer")
-        self._state = "open"
+        self._start_begin()
         self._limiter = anyio.CapacityLimiter(self.threads)
         try:
-            layout = await self._in_thread(plan_layout, state_dict, self.metadata)
-            self.layout = layout
-            folder, name = os.path.split(self.path)
-            self.temp_path = os.path.join(folder, f".{name}.{secrets.token_hex(6)}.tmp")
-            await self._in_thread(self._create, self.temp_path, layout)
+            await anyio.to_thread.run_sync(self._open, state_dict, self._entered)
         except BaseException:
             await self.abort()
             raise
-        for entry in layout.entries:
-            if entry.nbytes == 0:
-                self._scheduled.add(id(entry))
-        if self._task_group is not None:
-            send, receive = anyio.create_memory_object_stream[_Item](math.inf)
-            self._queue = send
-            self._workers = anyio.CancelScope()
-            self._workers_done = anyio.Event()
-            self._task_group.start_soon(self._run_workers, receive)
 
     async def write(self, path: Path, tensor: torch.Tensor) -> None:
         """Write (or, inside ``async with``, queue) the bytes of the tensor at ``path``."""
-        self._check_open()
-        assert self.layout is not None
-        entry = self.layout.by_path.get(path)
-        if entry is None:
-            raise InvalidOptionsError(f"{self.path}: no tensor at {format_path(path)} in this file")
-        if id(entry) in self._scheduled:
+        items = self._items_for(path, tensor)
+        if items is None:
             return  # a storage reached again (a tied tensor, a view): its bytes are on the way
-        items = self._pieces(entry, tensor, path)
-        if self._queue is None:
+        if self._background is not None:
+            self._background.put(items)
+        else:
             await self._write_now(items)
             self._check_open()
-        else:
-            for item in items:
-                self._queue.send_nowait(item)
-        self._scheduled.add(id(entry))
+        self._scheduled.add(id(self._entry(path)))
 
     async def commit(self) -> None:
         """Wait for every write, fsync, rename over the target and fsync the folder."""
-        self._check_open()
-        assert self.layout is not None
-        missing = [e for e in self.layout.entries if id(e) not in self._scheduled]
-        if missing:
-            where = format_path(missing[0].paths[0])
-            raise UsageError(f"{self.path}: commit() before the tensor at {where} was written")
-        if self._queue is not None:
-            self._queue.close()  # the workers write what is queued, then end
-            assert self._workers_done is not None
-            await self._workers_done.wait()
-        self._check_open()  # a write may have failed meanwhile
-        await self._in_thread(self._finish)
+        if self._background is None:
+            self._check_complete()
+            await self._in_thread(self._finish)
+            return
+        threads = self.commit_in_threads()
+        try:
+            await threads.wait_async()
+        except BaseException:
+            # Cancelled while the threads commit: abort (unless the rename is done) and wait,
+            # so that no thread of this writer runs on once the caller has moved on.
+            with anyio.CancelScope(shield=True):
+                threads.abort()
+                await threads.wait_async()
+            raise
+        threads.raise_failure()
 
     async def abort(self) -> None:
-        """Stop writing and remove the temporary file; the previous file stays. Idempotent."""
+        """Stop writing and remove the temporary file; the previous file stays. Idempotent.
+
+        Once the threads of a committing writer have renamed the file into place, the commit
+        stands: abort then waits for it to end and leaves the file.
+        """
+        # Cleanup runs to its end even if the caller is cancelled meanwhile: the descriptor
+        # is closed only once no thread can still be inside a system call on it.
+        background = self._background
+        if background is not None:
+            with anyio.CancelScope(shield=True):
+                background.abort()
+                await background.wait_async()  # the last thread out closed and removed
+            return
         if self._state in ("aborted", "committed"):
             return
-        # Cleanup runs to its end even if the caller is cancelled meanwhile: the descriptor
-        # is closed only once no worker thread can still be inside a system call on it.
         with anyio.CancelScope(shield=True):
-            if self._workers is not None and self._workers_done is not None:
-                self._workers.cancel()
-                await self._workers_done.wait()
-            if self._queue is not None:
-                self._queue.close()
             if self._state != "committed":  # a commit whose await was cancelled may have ended
                 self._state = "aborted"
-                # Not under the writer's limiter: the wait above is what makes closing safe.
+                # Not under the writer's limiter: no write of ours is running any more.
                 await anyio.to_thread.run_sync(self._close_and_remove)
 
+    # -- the thread side, shared by both faces -------------------------------------------------
+
+    def open_in_threads(self, state_dict: Any) -> WriteThreads:
+        """Blocking: plan the file, create it, write its header and start the writer's threads.
+
+        The synchronous face's ``begin``: then :meth:`queue` each staged tensor and seal with
+        :meth:`commit_in_threads`. No event loop is needed.
+        """
+        self._start_begin()
+        try:
+            self._open(state_dict, True)
+        except BaseException:
+            self._state = "aborted"
+            self._close_and_remove()
+            raise
+        assert self._background is not None
+        return self._background
+
+    def queue(self, path: Path, tensor: torch.Tensor) -> None:
+        """Queue the bytes of the tensor at ``path`` for the writer's threads; any thread."""
+        if self._background is None:
+            raise UsageError(f"{self.path}: queue() needs the writer's threads (begin first)")
+        items = self._items_for(path, tensor)
+        if items is not None:
+            self._background.put(items)
+            self._scheduled.add(id(self._entry(path)))
+
+    def commit_in_threads(self, after_commit: Callable[[], None] | None = None) -> WriteThreads:
+        """Seal the file: the writer's threads finish it without the caller (or its loop).
+
+        Once every queued piece is written, the last thread fsyncs the file, renames it over
+        the target, fsyncs the folder and calls ``after_commit`` (a blocking function, in that
+        thread); an exception from it fails the save. Returns the threads, whose ``wait`` /
+        ``wait_async`` say when that is done, and whose ``abort`` stops it before the rename.
+        """
+        background = self._background
+        if background is None:
+            raise UsageError(
+                f"{self.path}: commit_in_threads() needs the writer's threads: enter it with "
+                "`async with` before begin(), or open it with open_in_threads()"
+            )
+        self._check_complete()
+        background.seal(after_commit)
+        return background
+
     # -- internals ----------------------------------------------------------------------------
+
+    def _start_begin(self) -> None:
+        if self._state != "new":
+            raise UsageError(f"{self.path}: begin() was already called on this writer")
+        self._state = "open"
+
+    def _open(self, state_dict: Any, background: bool) -> None:
+        """Runs in a thread: plan, create the temporary file, write the header, start threads."""
+        layout = plan_layout(state_dict, self.metadata)
+        self.layout = layout
+        folder, name = os.path.split(self.path)
+        self.temp_path = os.path.join(folder, f".{name}.{secrets.token_hex(6)}.tmp")
+        self._create(self.temp_path, layout)
+        for entry in layout.entries:
+            if entry.nbytes == 0:
+                self._scheduled.add(id(entry))
+        if background:
+            self._background = WriteThreads(self)
 
     async def _in_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
         # Never abandoned on cancellation: the await returns only when `fn` has returned.
@@ -272,8 +319,39 @@ class SafetensorsWriter:
     def _check_open(self) -> None:
         if self._error is not None:
             raise self._error
+        if self._background is not None:
+            failure = self._background.error
+            if failure is not None:
+                raise failure
         if self._state != "open":
             raise UsageError(f"{self.path}: this writer is {self._state}, not open")
+
+    def _check_complete(self) -> None:
+        if self._background is None:
+            self._check_open()
+        elif self._state != "open" and self._background.error is None:
+            # (a failed write is the threads' to report, once sealed)
+            raise UsageError(f"{self.path}: this writer is {self._state}, not open")
+        assert self.layout is not None
+        missing = [e for e in self.layout.entries if id(e) not in self._scheduled]
+        if missing:
+            where = format_path(missing[0].paths[0])
+            raise UsageError(f"{self.path}: commit() before the tensor at {where} was written")
+
+    def _entry(self, path: Path) -> Entry:
+        assert self.layout is not None
+        entry = self.layout.by_path.get(path)
+        if entry is None:
+            raise InvalidOptionsError(f"{self.path}: no tensor at {format_path(path)} in this file")
+        return entry
+
+    def _items_for(self, path: Path, tensor: torch.Tensor) -> list[_Item] | None:
+        """The pieces to write for ``path``; None when its storage's bytes are on the way."""
+        self._check_open()
+        entry = self._entry(path)
+        if id(entry) in self._scheduled:
+            return None
+        return self._pieces(entry, tensor, path)
 
     def _pieces(self, entry: Entry, tensor: torch.Tensor, path: Path) -> list[_Item]:
         """The tensor's storage bytes, cut into pieces of at most ``chunk_bytes``."""
@@ -305,50 +383,16 @@ class SafetensorsWriter:
             for item in items:
                 pieces.start_soon(self._write_job, [item])
 
-    async def _run_workers(self, queue: MemoryObjectReceiveStream[_Item]) -> None:
-        """The writer's workers, until the queue is closed and drained, or they are cancelled."""
-        assert self._workers is not None and self._workers_done is not None
-        try:
-            with self._workers, queue:
-                async with anyio.create_task_group() as workers:
-                    for _ in range(self.threads):
-                        workers.start_soon(self._worker, queue.clone())
-        finally:
-            self._workers_done.set()
-
-    async def _worker(self, queue: MemoryObjectReceiveStream[_Item]) -> None:
-        with queue:
-            async for item in queue:
-                items = [item]
-                gathered = len(item[1])
-                while gathered < self.chunk_bytes and len(items) < _IOV_MAX:
-                    try:
-                        more = queue.receive_nowait()
-                    except (anyio.WouldBlock, anyio.EndOfStream):
-                        break
-                    items.append(more)
-                    gathered += len(more[1])
-                if not await self._write_job(items):
-                    return
-
-    async def _write_job(self, items: list[_Item]) -> bool:
-        """Write ``items`` in a worker thread; on failure record the error and stop the rest."""
+    async def _write_job(self, items: list[_Item]) -> None:
+        """Write ``items`` in a worker thread; a failure is recorded (the next call raises it)."""
         try:
             await self._in_thread(self._write_items, items)
         except Exception as error:  # noqa: BLE001 - recorded; write() and commit() raise it
             if self._error is None:
-                self._error = (
-                    _write_error(self.path, "cannot write", error)
-                    if isinstance(error, OSError)
-                    else error
-                )
-            if self._workers is not None:
-                self._workers.cancel()  # the file is lost: the other workers stop too
-            return False
-        return True
+                self._error = write_failure(self.path, error)
 
     def _write_items(self, items: list[_Item]) -> None:
-        """Runs in a worker thread: write contiguous runs with one ``pwritev`` each."""
+        """Runs in a thread: write contiguous runs with one ``pwritev`` each."""
         fd = self._fd
         if fd is None or self._state != "open":
             return
@@ -385,14 +429,20 @@ class SafetensorsWriter:
         except OSError as error:
             raise _write_error(self.path, "cannot write", error) from error
 
-    def _finish(self) -> None:
-        """Runs in a thread: fsync, rename over the target, fsync the folder."""
+    def _finish(self, may_rename: Callable[[], bool] | None = None) -> bool:
+        """Runs in a thread: fsync, rename over the target, fsync the folder.
+
+        ``may_rename`` (called under the threads' lock, right before the rename) says whether
+        an abort came first; then nothing is renamed and False is returned.
+        """
         fd, temp = self._fd, self.temp_path
         assert fd is not None and temp is not None
         try:
             os.fsync(fd)
         except OSError as error:
             raise _write_error(self.path, "cannot flush", error) from error
+        if may_rename is not None and not may_rename():
+            return False
         self._fd = None
         os.close(fd)
         try:
@@ -406,6 +456,7 @@ class SafetensorsWriter:
             raise _write_error(
                 self.path, "renamed, but cannot fsync the folder of", error
             ) from error
+        return True
 
     def _close_and_remove(self) -> None:
         fd, self._fd = self._fd, None
@@ -417,8 +468,206 @@ class SafetensorsWriter:
                 os.unlink(self.temp_path)
 
 
+class WriteThreads:
+    """One file's writer threads: they write queued pieces; the last one out ends the file.
+
+    Plain threads owned by the writer rather than anyio worker tasks, because the work must go
+    on without the event loop: once the caller has queued every piece and sealed the file, the
+    writes, fsync, rename, folder fsync and ``after_commit`` finish here even if the caller's
+    loop never turns again (a training step that blocks it), and the synchronous face has no
+    loop at all. Non-daemon: an interpreter that exits while a sealed file is being committed
+    waits for it rather than leave a temporary file.
+
+    The last thread out commits (sealed, no failure, no abort) or closes the descriptor and
+    removes the temporary file (failure or abort), then runs the done callbacks (a buffer
+    hold's release) and sets :meth:`done`. :meth:`abort` wins if it comes before the rename
+    (decided under the lock the rename is done under); after it the commit stands.
+    """
+
+    def __init__(self, writer: SafetensorsWriter) -> None:
+        self._writer = writer
+        self._cond = threading.Condition()
+        self._pieces: deque[_Item] = deque()
+        self._sealed = False
+        self._aborted = False
+        self._after_commit: Callable[[], None] | None = None
+        self._callbacks: list[Callable[[], None]] = []
+        self._renaming = False  # the last thread is past the point where an abort wins
+        self._ended = False  # the last thread has run the callbacks (under the lock)
+        self._finished = threading.Event()
+        self.error: BaseException | None = None
+        """Why the file was not committed (or why its ``after_commit`` failed)."""
+        self.committed = False
+        """Whether the file was renamed into place."""
+        self.finished_at: float | None = None
+        """``time.perf_counter()`` when the last thread was done."""
+        name = os.path.basename(writer.path)
+        self._running = 0
+        try:
+            for index in range(writer.threads):
+                thread = threading.Thread(
+                    target=self._work, name=f"astage-writer-{index}:{name}", daemon=False
+                )
+                with self._cond:
+                    self._running += 1
+                thread.start()
+        except RuntimeError as error:  # the system refused a thread
+            self.abort()
+            with self._cond:
+                self._running -= 1
+                last = self._running == 0
+            if last:
+                self._end()
+            raise CheckpointWriteError(f"cannot start a writer thread for {writer.path}") from error
+
+    # -- what the faces call --------------------------------------------------------------------
+
+    def put(self, items: list[_Item]) -> None:
+        """Queue pieces for the threads."""
+        with self._cond:
+            self._pieces.extend(items)
+            self._cond.notify(len(items))
+
+    def seal(self, after_commit: Callable[[], None] | None) -> None:
+        """No more pieces: once they are written, the last thread commits."""
+        with self._cond:
+            self._after_commit = after_commit
+            self._sealed = True
+            self._cond.notify_all()
+
+    def abort(self) -> bool:
+        """Stop; the temporary file goes. False when too late (renamed, or ended already)."""
+        with self._cond:
+            if self._renaming or self._ended:
+                return False
+            self._aborted = True
+            self._pieces.clear()
+            self._cond.notify_all()
+            return True
+
+    def add_done_callback(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` in the last thread once the file has ended (now if it has)."""
+        with self._cond:
+            if not self._ended:
+                self._callbacks.append(callback)
+                return
+        callback()
+
+    def done(self) -> bool:
+        """Whether the file has ended (committed, failed or aborted) and the threads stopped."""
+        return self._finished.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until :meth:`done`, at most ``timeout`` seconds; whether it is."""
+        return self._finished.wait(timeout)
+
+    async def wait_async(self) -> None:
+        """Wait until :meth:`done` without blocking the event loop; cancellable."""
+        if self._finished.is_set():
+            return
+        # Not abandoned on cancel: the waiting thread notices the cancellation within a poll
+        # and returns, so no thread is left behind; the writer's threads are not its business.
+        await anyio.to_thread.run_sync(self._wait_in_worker)
+
+    def raise_failure(self) -> None:
+        """Once done: raise why the file was not committed (or its ``after_commit``'s error)."""
+        if self.error is not None:
+            raise self.error
+        if not self.committed:
+            raise CheckpointWriteError(
+                f"the save to {self._writer.path} was cancelled before it committed; "
+                "the previous checkpoint stays"
+            )
+
+    # -- the threads ----------------------------------------------------------------------------
+
+    def _wait_in_worker(self) -> None:
+        while not self._finished.wait(_CANCEL_POLL_S):
+            anyio.from_thread.check_cancelled()
+
+    def _work(self) -> None:
+        writer = self._writer
+        while True:
+            with self._cond:
+                while not (self._pieces or self._sealed or self._stopping()):
+                    self._cond.wait()
+                if self._stopping() or not self._pieces:
+                    break
+                items = self._take()
+            try:
+                writer._write_items(items)
+            except BaseException as error:  # noqa: BLE001 - the file is lost: stop the others
+                with self._cond:
+                    if self.error is None:
+                        self.error = write_failure(writer.path, error)
+                    self._cond.notify_all()
+                break
+        with self._cond:
+            self._running -= 1
+            last = self._running == 0
+        if last:
+            self._end()
+
+    def _stopping(self) -> bool:
+        return self._aborted or self.error is not None
+
+    def _take(self) -> list[_Item]:
+        """Under the lock: one piece, and its queued neighbours up to ``chunk_bytes``."""
+        first = self._pieces.popleft()
+        items = [first]
+        gathered = len(first[1])
+        limit = self._writer.chunk_bytes
+        while self._pieces and gathered < limit and len(items) < _IOV_MAX:
+            more = self._pieces.popleft()
+            items.append(more)
+            gathered += len(more[1])
+        return items
+
+    def _end(self) -> None:
+        """The last thread out: commit (when sealed and nothing failed), or clean up."""
+        writer = self._writer
+        try:
+            if self._sealed and not self._stopping() and writer._finish(self._may_rename):
+                self.committed = True
+                after_commit = self._after_commit
+                if after_commit is not None:
+                    after_commit()
+        except BaseException as error:  # noqa: BLE001 - reported by raise_failure()
+            self.error = error
+        finally:
+            self.committed = writer._state == "committed"  # renamed, even if a later step failed
+            if not self.committed:
+                writer._state = "aborted"
+                writer._close_and_remove()
+            with self._cond:
+                self._ended = True
+                callbacks, self._callbacks = self._callbacks, []
+            for callback in callbacks:
+                try:
+                    callback()
+                except BaseException as error:  # noqa: BLE001 - the others still run
+                    if self.error is None:
+                        self.error = error
+            self.finished_at = time.perf_counter()
+            self._finished.set()
+
+    def _may_rename(self) -> bool:
+        with self._cond:
+            if self._aborted:
+                return False
+            self._renaming = True  # from here on an abort is too late: the commit stands
+            return True
+
+
 def _offset(item: _Item) -> int:
     return item[0]
+
+
+def write_failure(path: str, error: BaseException) -> BaseException:
+    """What a failed write of ``path`` raises: an OSError becomes a CheckpointWriteError."""
+    if isinstance(error, OSError):
+        return _write_error(path, "cannot write", error)
+    return error
 
 
 def _write_error(path: str, doing: str, error: OSError) -> CheckpointWriteError:
