@@ -70,6 +70,12 @@ class StagingOptions:
     max_loop_hold_s: float = 0.0005
     """Longest stretch the async stager keeps the event loop before it yields."""
 
+    buffers: int = 1
+    """Buffer sets the stager stages into, in turn. A set leased by a snapshot (or a buffer
+    hold) is never staged into: with 1, the next call waits for the release; with N, it takes
+    another free set and waits only when all N are leased. Host memory: up to ``buffers`` x the
+    staged bytes (each set is allocated when first used, then reused)."""
+
     pause_gc: bool = True
     """Pause the cyclic garbage collector during the walk, and file the call's new objects
     into the oldest generation afterwards, so that collections neither slow the walk down nor
@@ -88,7 +94,7 @@ class StagingOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise InvalidOptionsError(f"{name} must be a non-negative int, got {value!r}")
-        for name in ("chunk_bytes", "max_inflight_bytes"):
+        for name in ("chunk_bytes", "max_inflight_bytes", "buffers"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise InvalidOptionsError(f"{name} must be a positive int, got {value!r}")
@@ -128,6 +134,7 @@ class StagingOptions:
             copy_threads=threads,
             max_loop_hold_s=self.max_loop_hold_s,
             pause_gc=self.pause_gc,
+            buffers=self.buffers,
         )
 
 
@@ -144,6 +151,7 @@ class ResolvedOptions:
     copy_threads: int
     max_loop_hold_s: float
     pause_gc: bool
+    buffers: int = 1
 
 
 def make_options(options: StagingOptions | None, overrides: dict[str, object]) -> StagingOptions:

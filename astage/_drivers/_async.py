@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Generator
 from types import TracebackType
 from typing import Any
 
@@ -43,6 +43,9 @@ from .._paths import Path
 from ._base import CallOrder, StagerBase
 from ._events import DeviceLimiters, wait_for_event
 from ._gc import gc_paused
+from ._leases import Lease
+from ._sets import BufferSet
+from ._snapshots import Snapshot
 
 
 class Stager(StagerBase):
@@ -65,8 +68,10 @@ class Stager(StagerBase):
     def stage(self, state_dict: Any, *, after: object = None) -> Coroutine[Any, Any, Any]:
         """A copy of ``state_dict`` whose tensors all live in host buffers of this stager.
 
-        Use as ``await stager.stage(state_dict)``. The buffers are reused by the next call on
-        this stager, which overwrites them.
+        Use as ``await stager.stage(state_dict)``. Nothing protects the result: a later call
+        that stages into the same buffer set overwrites it (with ``buffers=1``, the next call).
+        Use :meth:`snapshot` to hold it. The call stages into a buffer set that no snapshot or
+        hold leases, waiting (cancellably, off the loop) while every set is leased.
 
         Ordering: device copies come after everything queued, before ``stage()`` was called,
         on the calling thread's current stream of the device it has selected and of every
@@ -86,6 +91,26 @@ class Stager(StagerBase):
             await call.run_to_end()
         return call.result
 
+    def snapshot(self, state_dict: Any, *, after: object = None) -> _SnapshotCall:
+        """Stage ``state_dict`` like :meth:`stage` and lease its buffers until released.
+
+        No later call stages into the snapshot's buffer set until ``release()``: with
+        ``buffers=1`` the next call waits (off the loop, cancellably), with ``buffers=N`` it
+        stages into another free set (host memory: up to N x the staged bytes). An async
+        context manager that releases on exit, or an awaitable for a consumer that releases
+        later (a writer thread; another process through torch.multiprocessing when
+        ``share_memory=True``)::
+
+            async with stager.snapshot(model.state_dict()) as snap:
+                await anyio.to_thread.run_sync(torch.save, snap.state_dict, path)
+
+            snap = await stager.snapshot(model.state_dict())
+            queue.put(snap)  # the writer calls snap.release() when done
+
+        Ordered like :meth:`stage` (marks taken when called).
+        """
+        return _SnapshotCall(_Call(self, state_dict, track_leaves=False, after=after))
+
     def stage_iter(self, state_dict: Any, *, after: object = None) -> _StageIter:
         """Stage ``state_dict`` and hand out each tensor as soon as its bytes have landed.
 
@@ -103,7 +128,8 @@ class Stager(StagerBase):
         return _StageIter(self, state_dict, after)
 
     async def aclose(self) -> None:
-        """Wait for calls in progress and buffer holds, then release every buffer and stream.
+        """Wait for calls in progress and every lease (snapshots, holds), then release every
+        buffer and stream.
 
         Cancel-safe: cancelled while it waits, the stager stays open and usable, and a second
         ``aclose()`` finishes the job.
@@ -114,7 +140,7 @@ class Stager(StagerBase):
             if self._closed:
                 return
             if not self._forked:
-                await self._holds.wait_async()
+                await self._sets.board.wait_for_async(self._sets.all_released)
                 await anyio.to_thread.run_sync(self._synchronize_devices)
             self._release_everything()
             if not self._forked:
@@ -210,6 +236,7 @@ class _Call:
         self._turn = _Turn(stager)
         self._copies: anyio.abc.TaskGroup | None = None
         self._run: Run[_InFlight] | None = None
+        self.buffer_set: BufferSet | None = None
         self._walked = False
         self._host_limiter: anyio.CapacityLimiter | None = None
         self._device_limiters = DeviceLimiters()
@@ -220,8 +247,11 @@ class _Call:
         await self._turn.__aenter__()
         try:
             stager._check_open()
-            await stager._holds.wait_async()
-            self._run = stager._new_run(self._state_dict, track_leaves=self._track_leaves)
+            buffer_set = await stager._sets.board.wait_for_async(stager._free_set)
+            self._run = stager._new_run(
+                self._state_dict, buffer_set, track_leaves=self._track_leaves
+            )
+            self.buffer_set = buffer_set
             # Per call (calls run one at a time), so that they belong to the caller's loop.
             self._host_limiter = anyio.CapacityLimiter(stager._resolved.copy_threads)
             self._copies = anyio.create_task_group()
@@ -351,6 +381,45 @@ class _Call:
                 # Reached only when the wait returned: a wait that raised leaves the buffers
                 # counted, so they stay pinned rather than being unpinned under a copy.
                 copies.landed()
+
+
+class _SnapshotCall:
+    """``snapshot()``'s result: awaitable (a :class:`Snapshot`) and an async context manager."""
+
+    def __init__(self, call: _Call) -> None:
+        self._call = call
+        self._snapshot: Snapshot | None = None
+
+    def __await__(self) -> Generator[Any, None, Snapshot]:
+        return self._take().__await__()
+
+    async def _take(self) -> Snapshot:
+        call = self._call
+        lease: Lease | None = None
+        try:
+            async with call:
+                await call.run_to_end()
+                # Leased inside the turn: no other call can choose the set meanwhile.
+                assert call.buffer_set is not None
+                lease = call._stager._sets.lease(call.buffer_set)
+        except BaseException:
+            if lease is not None:  # the turn's exit failed: nobody will ever release it
+                lease.release()
+            raise
+        return Snapshot(call.result, lease)
+
+    async def __aenter__(self) -> Snapshot:
+        self._snapshot = await self._take()
+        return self._snapshot
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._snapshot is not None
+        self._snapshot.release()
 
 
 class _StageIter:

@@ -1,10 +1,15 @@
-"""The base of both stagers: options, cache, streams, holds, and the lifecycle of a call.
+"""The base of both stagers: options, buffer sets, streams, leases, and the lifecycle of a call.
 
 ``Stager`` (async) and ``SyncStager`` (blocking) derive from :class:`StagerBase`, the way
 httpx's ``AsyncClient`` and ``Client`` share ``BaseClient``: the base owns everything that is
-not waiting (the options, the buffer cache, the device backends, the buffer holds, the checks
+not waiting (the options, the buffer sets and their leases, the device backends, the checks
 before a call, a call's producer marks, its run and its figures, and what closing releases);
 each face only says how it waits (awaiting with anyio, or blocking the calling thread).
+
+Snapshots (:class:`~astage._drivers._snapshots.Snapshot`): a call stages into a buffer set that
+no lease holds (see :mod:`~astage._drivers._sets`), waiting for a release when every set is
+leased; ``snapshot()`` leases the set it staged into before the stager's turn ends, so no other
+call can choose that set in between. ``hold_buffers()`` leases the current set the same way.
 
 Ordering after the producer (:class:`CallOrder`): when a call is made, in the caller's thread,
 the base records a producer mark on the caller's current stream of every device this stager
@@ -34,10 +39,11 @@ from .._core._cache import BufferCache, CacheInfo
 from .._core._run import Run
 from .._core._stats import StageStats
 from .._devices._backend import DeviceBackend, Mark, backend_for, current_backends, mark_after
-from .._errors import BusyError, StagerClosedError, UsageError
+from .._errors import BusyError, LeaseTimeoutError, StagerClosedError, UsageError
 from .._options import StagingOptions, make_options
 from . import _fork
-from ._holds import BufferHold, HoldRegistry
+from ._leases import Lease
+from ._sets import BufferSet, BufferSets
 
 _inherited_marks: ContextVar[tuple[Mark, ...]] = ContextVar("astage_inherited_marks", default=())
 
@@ -105,16 +111,20 @@ class StagerBase:
     def __init__(self, options: StagingOptions | None = None, **overrides: Any) -> None:
         self._options = make_options(options, overrides)
         self._resolved = self._options.resolve()
-        self._cache = BufferCache(
-            pin_memory=self._resolved.pin_memory,
-            share_memory=self._resolved.share_memory,
-            pin_memory_min_bytes=self._resolved.pin_memory_min_bytes,
+        resolved = self._resolved
+        self._sets = BufferSets(
+            resolved.buffers,
+            lambda: BufferCache(
+                pin_memory=resolved.pin_memory,
+                share_memory=resolved.share_memory,
+                pin_memory_min_bytes=resolved.pin_memory_min_bytes,
+            ),
+            shared=resolved.share_memory,
         )
         # The devices this stager has staged from, with their backends: a call marks them all
         # at its start (a state dict usually touches the same devices every time).
         self._backends: dict[torch.device, DeviceBackend] = {}
         self._born = _fork.generation()
-        self._holds = HoldRegistry()
         self._closed = False
         self._last_stats: StageStats | None = None
         # Who is inside or waiting for a call: the face's key for its caller (the async face:
@@ -142,15 +152,24 @@ class StagerBase:
         """Whether the stager was closed; a closed stager refuses to stage."""
         return self._closed
 
+    @property
+    def _cache(self) -> BufferCache:
+        """The cache of the current buffer set (the only one with ``buffers=1``)."""
+        return self._sets.current.cache
+
     def cache_info(self) -> CacheInfo:
-        """How many host buffers the cache holds, and how many bytes (pinned and in all)."""
-        return self._cache.info()
+        """How many host buffers the cache holds, and how many bytes (pinned and in all).
+
+        With ``buffers=N``, the buffers of all N sets together.
+        """
+        return self._sets.info()
 
     def clear_cache(self) -> None:
         """Release every cached host buffer; the next call allocates afresh.
 
         Refused (:class:`~astage.BusyError`) while a call is in progress. Staged tensors
-        already handed out stay valid: they keep their own buffers alive.
+        already handed out (snapshots included) stay valid: they keep their own buffers alive,
+        and a leased set stays leased (the next call into it allocates afresh).
         """
         with self._occupancy:
             if self._callers:
@@ -158,17 +177,19 @@ class StagerBase:
                     f"clear_cache() cannot run while a call on this {type(self).__name__} "
                     "is in progress"
                 )
-            self._cache.clear()
+            self._sets.clear()
 
-    def hold_buffers(self) -> BufferHold:
+    def hold_buffers(self) -> Lease:
         """Keep the staged tensors from being overwritten until the hold is released.
 
-        The next call, ``close()`` and ``aclose()`` wait, before they touch the buffers, until
-        every hold is released. For a reader that streams staged tensors somewhere (a
-        checkpoint writer) while the caller goes on. ``release()`` may be called from any
-        thread; the hold is also a context manager.
+        A lease on the buffer set of the call in progress (or of the last call): no later call
+        stages into that set until the lease is released; with ``buffers=1`` the next call
+        waits, with more it stages into another free set. ``close()`` and ``aclose()`` wait for
+        every lease. For a reader that streams staged tensors somewhere (a checkpoint writer)
+        while the caller goes on. ``release()`` may be called from any thread; the hold is
+        also a context manager. ``snapshot()`` stages and leases in one call.
         """
-        return self._holds.take()
+        return self._sets.lease(self._sets.current)
 
     # -- the lifecycle of a call, for the faces --------------------------------------------
 
@@ -250,9 +271,23 @@ class StagerBase:
             if not self._callers:
                 self._occupant = None
 
-    def _new_run(self, state_dict: Any, *, track_leaves: bool) -> Run[Any]:
+    def _free_set(self) -> BufferSet | None:
+        """The buffer set the next call may stage into, or None while every set is leased."""
+        return self._sets.free()
+
+    def _lease_timeout(self, timeout: float) -> LeaseTimeoutError:
+        count = len(self._sets)
+        return LeaseTimeoutError(
+            f"waited {timeout:g} s for a snapshot or buffer hold on this {type(self).__name__} "
+            f"to be released (buffers={count}: all {count} sets leased); release snapshots "
+            "once their consumer is done, or stage into more sets (StagingOptions(buffers=))"
+        )
+
+    def _new_run(self, state_dict: Any, buffer_set: BufferSet, *, track_leaves: bool) -> Run[Any]:
+        """A run into ``buffer_set``, which becomes the current set (hold_buffers() leases it)."""
+        self._sets.use(buffer_set)
         return Run(
-            self._cache,
+            buffer_set.cache,
             state_dict,
             track_leaves=track_leaves,
             chunk_bytes=self._resolved.chunk_bytes,
@@ -276,4 +311,4 @@ class StagerBase:
         self._closed = True
         if self._forked:
             return  # unpinning would call into the parent's CUDA state; the child's copy dies
-        self._cache.clear()
+        self._sets.clear()

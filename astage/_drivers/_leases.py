@@ -66,7 +66,7 @@ class Lease:
     @property
     def shared(self) -> bool:
         """Whether the lease can be released from another process."""
-        return self._flag.is_shared()
+        return bool(self._flag.is_shared())
 
     def release(self) -> None:
         """Let the stager stage into this lease's buffer set again (as far as it is concerned)."""

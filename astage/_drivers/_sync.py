@@ -32,6 +32,9 @@ from .._devices._host import run_host_batch
 from .._options import StagingOptions
 from ._base import CallOrder, StagerBase
 from ._gc import gc_paused
+from ._leases import Lease
+from ._sets import BufferSet
+from ._snapshots import Snapshot
 
 _ANY_THREAD = "sync"  # the blocking face serializes threads on its lock: none is ever busy
 
@@ -68,24 +71,56 @@ class SyncStager(StagerBase):
         super().__init__(options, **overrides)
         self._lock = threading.Lock()
 
-    def stage(self, state_dict: Any, *, after: object = None) -> Any:
+    def stage(self, state_dict: Any, *, after: object = None, timeout: float | None = None) -> Any:
         """A copy of ``state_dict`` whose tensors all live in host buffers of this stager.
+
+        Nothing protects the result: a later call that stages into the same buffer set
+        overwrites it (with ``buffers=1``, the next call). Use :meth:`snapshot` to hold it.
+        The call stages into a buffer set that no snapshot or hold leases; when every set is
+        leased it blocks until one is released, or raises :class:`~astage.LeaseTimeoutError`
+        after ``timeout`` seconds (None: no limit).
 
         Device copies are ordered after everything queued, before this call, on the calling
         thread's current stream of each device the state dict touches, and after ``after``
         (a stream or event, or a list of them). Refused with :class:`~astage.UsageError`
         while one of those streams is capturing a graph, and in a forked child.
         """
+        result, _ = self._stage(state_dict, after, timeout, lease=False)
+        return result
+
+    def snapshot(
+        self, state_dict: Any, *, after: object = None, timeout: float | None = None
+    ) -> Snapshot:
+        """Stage ``state_dict`` like :meth:`stage` and lease its buffers until released.
+
+        No later call stages into the snapshot's buffer set until ``release()``: with
+        ``buffers=1`` the next call blocks, with ``buffers=N`` it stages into another free
+        set (host memory: up to N x the staged bytes). Use it as a context manager, or hand
+        it to a consumer (a writer thread; another process through torch.multiprocessing
+        when ``share_memory=True``) that calls ``release()`` when done::
+
+            with stager.snapshot(model.state_dict()) as snap:
+                torch.save(snap.state_dict, path)
+
+        ``timeout`` bounds the wait for a free set, as in :meth:`stage`.
+        """
+        result, lease = self._stage(state_dict, after, timeout, lease=True)
+        assert lease is not None
+        return Snapshot(result, lease)
+
+    def _stage(
+        self, state_dict: Any, after: object, timeout: float | None, *, lease: bool
+    ) -> tuple[Any, Lease | None]:
         self._check_open()
         self._enter(_ANY_THREAD)
         try:
             with self._lock:
                 self._check_open()
-                self._holds.wait()
+                buffer_set = self._wait_for_set(timeout)
                 # Taken once the lock is ours: a call that waited for another one is ordered
                 # after what its caller queued meanwhile too (the thread is the same).
                 order = self._start_order(after)
-                run: Run[_Enqueued] = self._new_run(state_dict, track_leaves=False)
+                run: Run[_Enqueued] = self._new_run(state_dict, buffer_set, track_leaves=False)
                 try:
                     self._copy_all(run, order)
                 finally:
@@ -93,9 +128,19 @@ class SyncStager(StagerBase):
                     for enqueued in run.pending:
                         enqueued.wait()
                 self._finish(run)
-                return run.plan.result
+                # Leased before the lock is let go: no other call can choose the set meanwhile.
+                taken = self._sets.lease(buffer_set) if lease else None
+                return run.plan.result, taken
         finally:
             self._leave()
+
+    def _wait_for_set(self, timeout: float | None) -> BufferSet:
+        """A buffer set no lease holds, blocking while all are leased (at most ``timeout``)."""
+        buffer_set = self._sets.board.wait_for(self._free_set, timeout)
+        if buffer_set is None:
+            assert timeout is not None
+            raise self._lease_timeout(timeout)
+        return buffer_set
 
     def _copy_all(self, run: Run[_Enqueued], order: CallOrder) -> None:
         with gc_paused(self._resolved.pause_gc):
@@ -120,7 +165,8 @@ class SyncStager(StagerBase):
                 run.start(_Enqueued(batch, copies))
 
     def close(self) -> None:
-        """Wait for a call in progress and for buffer holds, then release buffers and streams.
+        """Wait for a call in progress and for every lease (snapshots, holds), then release
+        buffers and streams.
 
         The released buffers are unpinned here, in the calling thread (see the module's
         docstring): every copy into them has landed, so this is the moment it is safe.
@@ -129,7 +175,7 @@ class SyncStager(StagerBase):
             if self._closed:
                 return
             if not self._forked:
-                self._holds.wait()
+                self._sets.board.wait_for(self._sets.all_released)
                 self._synchronize_devices()
             self._release_everything()
             if not self._forked:
