@@ -1,0 +1,338 @@
+"""astage as DCP's storage layer: ``astage.compat.FileSystemWriter`` / ``FileSystemReader``.
+
+In one process (``no_dist=True``): round trips of every kind of item, both on-disk formats,
+saving over a committed checkpoint, a failing write, a crafted metadata file, partial reads.
+Under real process groups: a 4-rank and a 2-rank gloo job (``tests/_dcp_storage_worker.py``)
+run side by side with an FSDP2 model and its optimizer: save, load back, load the other job's
+checkpoint (4 -> 2 and 2 -> 4 ranks), and a rank killed in the middle of a save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch.distributed.checkpoint import filesystem as dcp_filesystem
+from torch.distributed.checkpoint import state_dict_loader, state_dict_saver
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import SerializationFormat
+from torch.distributed.checkpoint.metadata import MetadataIndex
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
+
+import astage
+from astage.compat import FileSystemReader, FileSystemWriter, _storage
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:torch.distributed is disabled:UserWarning",
+    "ignore:Detected an existing checkpoint:UserWarning",
+)
+
+WORKER = Path(__file__).with_name("_dcp_storage_worker.py")
+
+
+def state() -> dict[str, Any]:
+    return {
+        "a": torch.arange(12.0).reshape(3, 4),
+        "nested": {"bf": torch.full((2, 2), 1.5, dtype=torch.bfloat16)},
+        "scalar": torch.tensor(3),
+        "empty": torch.empty(0, 3),
+        "transposed": torch.arange(6).reshape(2, 3).t(),  # not contiguous
+        "objects": [1, "two", {"three": 3.0}],  # bytes items: torch.save'd by DCP
+    }
+
+
+def blank() -> dict[str, Any]:
+    return {
+        "a": torch.zeros(3, 4),
+        "nested": {"bf": torch.zeros(2, 2, dtype=torch.bfloat16)},
+        "scalar": torch.tensor(0),
+        "empty": torch.empty(0, 3),
+        "transposed": torch.zeros(3, 2, dtype=torch.int64),
+        "objects": [0, "", {"three": 0.0}],
+    }
+
+
+def same(a: Any, b: Any) -> None:
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), (a, b)
+    elif isinstance(a, dict):
+        assert list(a) == list(b)
+        for key in a:
+            same(a[key], b[key])
+    elif isinstance(a, list):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            same(x, y)
+    else:
+        assert a == b
+
+
+def save(sd: dict[str, Any], path: Path, **options: Any) -> None:
+    state_dict_saver.save(sd, storage_writer=FileSystemWriter(path, **options), no_dist=True)
+
+
+def load(path: Path) -> dict[str, Any]:
+    sd = blank()
+    state_dict_loader.load(sd, storage_reader=FileSystemReader(path), no_dist=True)
+    return sd
+
+
+# -- one process ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("single_file_per_rank", [True, False])
+def test_round_trip(tmp_path: Path, single_file_per_rank: bool) -> None:
+    save(state(), tmp_path, single_file_per_rank=single_file_per_rank, thread_count=3)
+    same(load(tmp_path), state())
+    names = sorted(os.listdir(tmp_path))
+    assert names[0] == ".metadata" and all(n.endswith(".distcp") for n in names[1:]), names
+    assert (len(names) == 2) == single_file_per_rank, names
+
+
+def test_async_save_thread_executor(tmp_path: Path) -> None:
+    sd = state()
+    future = state_dict_saver.async_save(
+        sd, storage_writer=FileSystemWriter(tmp_path), no_dist=True
+    )
+    assert isinstance(future, Future)  # not an AsyncSaveResponse: staging is synchronous
+    future.result()
+    same(load(tmp_path), state())
+
+
+def test_tensors_are_raw_bytes_and_dcps_reader_refuses_them(tmp_path: Path) -> None:
+    save({"a": torch.arange(4, dtype=torch.int32)}, tmp_path)
+    data = (tmp_path / "__0_0.distcp").read_bytes()
+    assert data == torch.arange(4, dtype=torch.int32).numpy().tobytes()  # no pickle around it
+    with pytest.raises(CheckpointException, match=r"astage\.compat\.FileSystemReader"):
+        state_dict_loader.load(
+            {"a": torch.zeros(4, dtype=torch.int32)}, checkpoint_id=tmp_path, no_dist=True
+        )
+
+
+def test_reads_checkpoints_of_dcps_own_writer(tmp_path: Path) -> None:
+    state_dict_saver.save(
+        state(), storage_writer=dcp_filesystem.FileSystemWriter(tmp_path), no_dist=True
+    )
+    same(load(tmp_path), state())
+
+
+def test_saving_over_a_checkpoint_replaces_it_whole(tmp_path: Path) -> None:
+    save(state(), tmp_path)
+    newer = state()
+    newer["a"] += 1
+    save(newer, tmp_path)
+    same(load(tmp_path), newer)
+    names = sorted(os.listdir(tmp_path))
+    assert len(names) == 2 and names[1] != "__0_0.distcp", names  # fresh name, old one removed
+    with pytest.raises(CheckpointException, match="overwrite=False"):
+        save(state(), tmp_path, overwrite=False)
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    save(state(), tmp_path)
+    before = sorted(os.listdir(tmp_path))
+    calls = 0
+
+    def failing(fd: int, buffers: list[memoryview], offset: int) -> None:
+        nonlocal calls
+        calls += 1
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(_storage, "_pwritev_all", failing)
+    newer = state()
+    newer["a"] += 1
+    with pytest.raises(CheckpointException, match="ENOSPC"):
+        save(newer, tmp_path)
+    assert calls
+    assert sorted(os.listdir(tmp_path)) == before  # no temporary file left
+    same(load(tmp_path), state())
+
+
+def test_a_crafted_metadata_file_cannot_run_code(tmp_path: Path) -> None:
+    save(state(), tmp_path)
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self) -> tuple[Any, ...]:
+            return (os.mkdir, (str(marker),))
+
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(astage.CheckpointFormatError, match=r"posix\.mkdir|os\.mkdir"):
+        FileSystemReader(tmp_path).read_metadata()
+    assert not marker.exists()
+
+
+def test_missing_metadata_is_not_found(tmp_path: Path) -> None:
+    with pytest.raises(astage.CheckpointNotFoundError, match="never committed"):
+        FileSystemReader(tmp_path).read_metadata()
+
+
+def test_bad_options_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(astage.InvalidOptionsError, match="thread_count"):
+        FileSystemWriter(tmp_path, thread_count=0)
+    with pytest.raises(astage.InvalidOptionsError, match="serialization_format"):
+        FileSystemWriter(tmp_path, serialization_format=SerializationFormat.SAFETENSORS)
+    with pytest.raises(astage.InvalidOptionsError, match="_extensions"):
+        FileSystemWriter(tmp_path, _extensions=[object()])
+
+
+class _Planner:
+    """The two calls of a load planner that the reader makes, into one destination tensor."""
+
+    def __init__(self, target: torch.Tensor) -> None:
+        self.target = target
+        self.committed = 0
+
+    def resolve_tensor(self, request: ReadItem) -> torch.Tensor:
+        return self.target
+
+    def commit_tensor(self, request: ReadItem, tensor: torch.Tensor) -> None:
+        self.committed += 1
+
+
+@pytest.mark.parametrize(
+    ("offsets", "lengths"),
+    [
+        ([1, 0], [2, 5]),  # rows: one run of bytes, read straight into the destination
+        ([2, 1], [1, 3]),  # part of one row: one run too
+        ([1, 2], [3, 2]),  # a block of columns: read the rows, narrow, copy
+        ([0, 0], [4, 5]),  # the whole chunk
+    ],
+)
+def test_a_region_of_a_stored_chunk(tmp_path: Path, offsets: list[int], lengths: list[int]) -> None:
+    """What a resharding load asks: a box inside a stored chunk."""
+    stored = torch.arange(20.0).reshape(4, 5)
+    save({"w": stored}, tmp_path)
+    reader = FileSystemReader(tmp_path)
+    metadata = reader.read_metadata()
+    reader.set_up_storage_reader(metadata, True)
+    planner = _Planner(torch.zeros(lengths))
+    request = ReadItem(
+        type=LoadItemType.TENSOR,
+        dest_index=MetadataIndex("w", [0, 0]),
+        dest_offsets=torch.Size([0, 0]),
+        storage_index=MetadataIndex("w", [0, 0]),
+        storage_offsets=torch.Size(offsets),
+        lengths=torch.Size(lengths),
+    )
+    reader.read_data(LoadPlan([request]), planner).wait()  # type: ignore[arg-type]
+    expected = stored[offsets[0] : offsets[0] + lengths[0], offsets[1] : offsets[1] + lengths[1]]
+    assert torch.equal(planner.target, expected) and planner.committed == 1
+
+
+def test_a_truncated_data_file_is_a_format_error(tmp_path: Path) -> None:
+    save({"w": torch.arange(100.0)}, tmp_path)
+    os.truncate(tmp_path / "__0_0.distcp", 100)
+    with pytest.raises(CheckpointException, match="outside the file"):
+        state_dict_loader.load(
+            {"w": torch.zeros(100)}, storage_reader=FileSystemReader(tmp_path), no_dist=True
+        )
+
+
+# -- real process groups ------------------------------------------------------------------------
+
+
+@dataclass
+class Jobs:
+    root: Path
+    procs: dict[tuple[int, int], subprocess.Popen[bytes]]  # (world, rank) -> process
+    logs: dict[tuple[int, int], str]
+
+    def result(self, world: int, rank: int) -> dict[str, str]:
+        report = self.root / f"rank{rank}-of-{world}.json"
+        if not report.exists():
+            pytest.fail(f"rank {rank} of {world} wrote no report:\n{self.logs[world, rank]}")
+        result: dict[str, str] = json.loads(report.read_text())
+        return result
+
+    def check(self, world: int, name: str, ranks: range | None = None) -> None:
+        failures = {
+            rank: self.result(world, rank).get(name, "not run")
+            for rank in ranks or range(world)
+            if self.result(world, rank).get(name) != "ok"
+        }
+        assert not failures, "\n".join(f"rank {r} of {world}:\n{t}" for r, t in failures.items())
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jobs]:
+    root = tmp_path_factory.mktemp("dcp-storage")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    procs = {
+        (world, rank): subprocess.Popen(
+            [
+                sys.executable,
+                str(WORKER),
+                str(rank),
+                str(world),
+                str(root / f"init{world}"),
+                str(root),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        for world in (4, 2)
+        for rank in range(world)
+    }
+    logs = {}
+    try:
+        for key, proc in procs.items():
+            try:
+                output, _ = proc.communicate(timeout=300)  # a loaded 2-core CI machine
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                output, _ = proc.communicate()
+            logs[key] = output.decode(errors="replace")[-3000:]
+        yield Jobs(root, procs, logs)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [4, 2], ids=["4 ranks, async_save", "2 ranks, save"])
+def test_fsdp2_model_and_optimizer_save_and_load(jobs: Jobs, world: int) -> None:
+    jobs.check(world, "save")
+    jobs.check(world, "load")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "world", [2, 4], ids=["saved on 4, loaded on 2", "saved on 2, loaded on 4"]
+)
+def test_fsdp2_checkpoint_loads_resharded(jobs: Jobs, world: int) -> None:
+    jobs.check(world, "reshard")
+
+
+@pytest.mark.slow
+def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint(jobs: Jobs) -> None:
+    jobs.check(2, "kill", ranks=range(1))  # rank 0: the second save failed
+    assert jobs.procs[2, 1].returncode == 17, jobs.logs[2, 1]  # rank 1 died in it
+    folder = jobs.root / "kill"
+    names = sorted(os.listdir(folder))
+    # The second save never committed: the metadata is the first one's, and what the second
+    # one left are files under names no metadata refers to (temporary ones, fresh ones).
+    metadata = FileSystemReader(folder).read_metadata()
+    referenced = {info.relative_path for info in metadata.storage_data.values()}
+    assert referenced == {"__0_0.distcp", "__1_0.distcp"}, names
+    assert set(names) - referenced - {".metadata"}, names  # the second save did write
+    for rank in range(2):
+        first = torch.load(jobs.root / f"kill-reference{rank}.pt", weights_only=True)
+        loaded = {f"r{rank}": {"w": torch.zeros(1000), "b": torch.zeros(77)}}
+        state_dict_loader.load(loaded, storage_reader=FileSystemReader(folder), no_dist=True)
+        same(loaded, first)
