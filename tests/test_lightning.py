@@ -273,7 +273,7 @@ def test_refused_memory_for_a_second_snapshot_makes_the_save_wait_instead(
     made: list[SyncStager] = []
 
     class NoMemory(SyncStager):
-        def stage(self, state_dict: Any, **kwargs: Any) -> Any:
+        def snapshot(self, state_dict: Any, **kwargs: Any) -> Any:
             raise RuntimeError(
                 "[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory"
             )

@@ -1,13 +1,16 @@
 """Snapshot slots: staged copies of a checkpoint that stay intact until their write is done.
 
 A slot is one :class:`~astage.SyncStager` (one set of reusable host buffers) and, while a write
-reads its staged tensors, the hold that keeps the next call from overwriting them. The pool
+reads its staged tensors, the lease that keeps the next call from overwriting them. The pool
 keeps up to ``size`` slots, so a save made while an earlier write is still running stages into
 another slot instead of waiting for it; only when every slot is held (or host memory for
 another slot was refused) does a save wait, for the oldest write.
 
-This module is the seam between the plugin and the stager's snapshot API: :func:`_stage_held`
-is the one place that stages and takes the hold.
+Why N stagers of one buffer set each rather than one ``SyncStager(buffers=N)``: the pool must
+notice that a save waits (it counts those waits) and must stop growing when host memory for
+another set is refused, falling back to the sets it has; a stager of N sets would retry the set
+whose allocation failed on every later call. :func:`_stage_held` is the one place that stages
+and leases (``SyncStager.snapshot``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .._drivers._holds import BufferHold
+from .._drivers._leases import Lease
 from .._drivers._sync import SyncStager
 from .._options import StagingOptions
 
@@ -53,11 +56,11 @@ def is_memory_refusal(error: BaseException) -> bool:
     return False
 
 
-def _stage_held(stager: SyncStager, state: Any) -> tuple[Any, BufferHold]:
-    """Stage ``state`` and keep it from being overwritten until the hold is released."""
-    staged = stager.stage(state)
-    # Only the pool's caller stages on this stager, so nothing can come between the two.
-    return staged, stager.hold_buffers()
+def _stage_held(stager: SyncStager, state: Any) -> tuple[Any, Lease]:
+    """Stage ``state`` and keep it from being overwritten until the lease is released."""
+    snapshot = stager.snapshot(state)
+    # The writer reads the state dict it is handed; the lease alone says when it is done.
+    return snapshot.state_dict, snapshot.lease
 
 
 class _Slot:
@@ -65,7 +68,7 @@ class _Slot:
 
     def __init__(self, stager: SyncStager) -> None:
         self.stager = stager
-        self.hold: BufferHold | None = None
+        self.hold: Lease | None = None
         self.taken_at = 0  # the pool's counter when it was last taken: the oldest waits first
 
     @property
@@ -126,7 +129,7 @@ class SnapshotPool:
             return self._taken_now(slot, staged, hold, waited, refused)
 
     def _taken_now(
-        self, slot: _Slot, staged: Any, hold: BufferHold, waited: float, refused: bool
+        self, slot: _Slot, staged: Any, hold: Lease, waited: float, refused: bool
     ) -> Snapshot:
         self._taken += 1
         slot.hold = hold
@@ -134,7 +137,7 @@ class SnapshotPool:
         return Snapshot(staged, hold.release, waited, refused)
 
     def close(self) -> None:
-        """Release every buffer set (each waits for its hold first)."""
+        """Release every buffer set (each waits for its lease first)."""
         with self._lock:
             slots, self._slots = self._slots, []
             self._memory_refused = False
