@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -232,7 +234,7 @@ async def test_an_error_in_the_block_aborts_background_saves(
     def slow(fd: int, buffers: Any, offset: int) -> int:
         inside[0] += 1
         try:
-            time.sleep(0.05)
+            time.sleep(0.3)  # the error comes long before the commit, even on a busy machine
             return real(fd, buffers, offset)
         finally:
             inside[0] -= 1
@@ -258,3 +260,375 @@ async def test_cancelling_the_folder_owner_aborts_its_saves(
             await anyio.sleep(1)
             pytest.fail("not cancelled")
     assert slow.inside == 0 and temp_files(tmp_path) == []
+
+
+# -- resuming: the `latest` pointer is untrusted input -----------------------------------------
+
+
+def saved(root: Path, steps: list[int], *, keep: int | None = None) -> None:
+    """A folder holding checkpoints of ``steps`` (saved in this order)."""
+
+    async def main() -> None:
+        async with astage.CheckpointDir(root, keep=keep) as ckpts:
+            for step in steps:
+                await ckpts.save(step, state_at(step))
+
+    anyio.run(main)
+
+
+def resume(root: Path) -> tuple[int | None, tuple[astage.SkippedCheckpoint, ...]]:
+    """``latest_step()`` of a fresh folder object, in a thread that must not hang."""
+    ckpts = astage.CheckpointDir(root)
+    found: list[int | None] = []
+
+    def run() -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", astage.CheckpointSkippedWarning)
+            found.append(ckpts.latest_step())
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive(), "latest_step() hangs"
+    assert found, "latest_step() raised"
+    return found[0], ckpts.skipped
+
+
+def write_pointer(root: Path, text: str | bytes) -> Path:
+    pointer = root / "latest"
+    pointer.unlink(missing_ok=True)
+    data = text.encode() if isinstance(text, str) else text
+    pointer.write_bytes(data)
+    return pointer
+
+
+def test_a_fifo_pointer_is_refused_without_hanging(tmp_path: Path) -> None:
+    saved(tmp_path, [1, 2])
+    pointer = tmp_path / "latest"
+    pointer.unlink()
+    os.mkfifo(pointer)
+    try:
+        step, skipped = resume(tmp_path)
+    finally:
+        # Without the fix, a reader waits in open(): a writer end lets it go.
+        with contextlib.suppress(OSError):
+            os.close(os.open(pointer, os.O_WRONLY | os.O_NONBLOCK))
+    assert step == 2
+    assert skipped == (astage.SkippedCheckpoint(str(pointer), skipped[0].reason),)
+    assert "not a regular file" in skipped[0].reason
+
+
+def test_a_symlinked_pointer_is_not_followed(tmp_path: Path) -> None:
+    saved(tmp_path, [1, 2])
+    secret = tmp_path / "secret.txt"
+    secret.write_text("step_000000001.safetensors\nthe-password-is-hunter2\n")
+    for target in ("/dev/zero", str(secret)):
+        pointer = tmp_path / "latest"
+        pointer.unlink()
+        pointer.symlink_to(target)
+        step, skipped = resume(tmp_path)  # /dev/zero read to its end would exhaust memory
+        assert step == 2
+        assert [item.path for item in skipped] == [str(pointer)]
+        assert "symbolic link" in skipped[0].reason and "hunter2" not in skipped[0].reason
+
+
+def test_a_large_pointer_is_read_no_further_than_its_limit(tmp_path: Path) -> None:
+    saved(tmp_path, [1, 2])
+    pointer = write_pointer(tmp_path, "")
+    with open(pointer, "wb") as file:  # 64 MiB of text: the old reader read and echoed it all
+        file.write(b"step_000000001.safetensors" + b"x" * (64 << 20))
+    step, skipped = resume(tmp_path)
+    assert step == 2
+    assert len(skipped) == 1 and len(skipped[0].reason) < 200
+    assert "longer than 256 bytes" in skipped[0].reason
+
+
+def test_another_files_content_is_quoted_only_briefly(tmp_path: Path) -> None:
+    saved(tmp_path, [1, 2])
+    secret = "the-password-is-hunter2 " * 8
+    write_pointer(tmp_path, "notes: " + secret)
+    step, skipped = resume(tmp_path)
+    assert step == 2 and len(skipped) == 1
+    assert "names no step file" in skipped[0].reason
+    assert secret not in skipped[0].reason and len(skipped[0].reason) < 100
+    write_pointer(tmp_path, b"\xff\xfe" + b"\x00" * 100)
+    step, skipped = resume(tmp_path)
+    assert step == 2 and "not ASCII" in skipped[0].reason and len(skipped[0].reason) < 100
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "step_\u0660\u0660\u0660\u0660\u0660\u0660\u0660\u0660\u0661.safetensors",  # Arabic-Indic
+        "step_\uff10\uff10\uff10\uff10\uff10\uff10\uff10\uff10\uff11.safetensors",  # fullwidth
+        "step_1.safetensors",  # not the name astage gives step 1
+        "../step_000000001.safetensors",
+        "step_000000001.safetensors\nstep_000000002.safetensors",
+        "",
+    ],
+)
+def test_a_pointer_must_name_a_step_file_in_ascii(tmp_path: Path, name: str) -> None:
+    saved(tmp_path, [1, 2])
+    write_pointer(tmp_path, name + "\n")
+    step, skipped = resume(tmp_path)
+    assert step == 2  # the pointer (naming step 1 in some way) is refused, the scan finds 2
+    assert [item.path for item in skipped] == [str(tmp_path / "latest")]
+
+
+def test_the_pointer_wins_when_its_file_is_good(tmp_path: Path) -> None:
+    saved(tmp_path, [1, 2, 3])
+    write_pointer(tmp_path, "step_000000002.safetensors\n")  # the user went back to step 2
+    assert resume(tmp_path) == (2, ())
+
+
+# -- resuming: the newest good checkpoint -------------------------------------------------------
+
+
+def corrupt_header(path: Path) -> None:
+    with open(path, "r+b") as file:
+        file.write(b"\xff" * 8)  # a header length no file has
+
+
+def truncate(path: Path) -> None:
+    os.truncate(path, path.stat().st_size - 3)
+
+
+def test_a_deleted_pointer_resumes_from_the_newest_step(tmp_path: Path) -> None:
+    saved(tmp_path, [1, 2, 3])
+    (tmp_path / "latest").unlink()
+    ckpts = astage.CheckpointDir(tmp_path)
+    with pytest.warns(astage.CheckpointSkippedWarning, match="latest: missing"):
+        assert ckpts.latest_step() == 3
+    assert ckpts.skipped == (astage.SkippedCheckpoint(str(tmp_path / "latest"), "missing"),)
+    with pytest.warns(astage.CheckpointSkippedWarning):
+        loaded = ckpts.load_latest()
+    assert loaded is not None and loaded[0] == 3 and loaded[1]["step"] == 3
+
+
+@pytest.mark.parametrize("damage", [corrupt_header, truncate, Path.unlink])
+def test_a_bad_newest_file_falls_back_to_the_previous_good_one(tmp_path: Path, damage: Any) -> None:
+    saved(tmp_path, [1, 2, 3])
+    newest = tmp_path / "step_000000003.safetensors"
+    damage(newest)
+    ckpts = astage.CheckpointDir(tmp_path)
+    with pytest.warns(astage.CheckpointSkippedWarning, match="step_000000003"):
+        assert ckpts.latest_step() == 2
+    assert [item.path for item in ckpts.skipped] == [str(newest)]
+    with pytest.warns(astage.CheckpointSkippedWarning):
+        loaded = ckpts.load_latest()
+    assert loaded is not None and loaded[0] == 2
+    assert torch.equal(loaded[1]["w"], torch.full((4,), 2.0)) and loaded[1]["step"] == 2
+
+
+def test_a_file_that_fails_to_load_is_passed_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from astage._files import _checkpoint_dir
+
+    saved(tmp_path, [1, 2, 3])
+    real = _checkpoint_dir.load
+    newest = tmp_path / "step_000000003.safetensors"
+
+    def load(path: str, **kwargs: Any) -> Any:
+        if path == str(newest):  # what the header check cannot see (e.g. changed since)
+            raise astage.CheckpointFormatError(f"{path}: the data is not what it was")
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(_checkpoint_dir, "load", load)
+    ckpts = astage.CheckpointDir(tmp_path)
+    assert ckpts.latest_step() == 3  # the header check passes
+    with pytest.warns(astage.CheckpointSkippedWarning, match="the data is not what it was"):
+        loaded = ckpts.load_latest()
+    assert loaded is not None and loaded[0] == 2 and loaded[1]["step"] == 2
+    assert [item.path for item in ckpts.skipped] == [str(newest)]
+
+
+def test_a_bad_skeleton_is_found_by_the_check(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    saved(tmp_path, [1, 2])
+    bad = tmp_path / "step_000000003.safetensors"
+    save_file({"x": torch.ones(2)}, str(bad), metadata={"astage": "{not json"})
+    write_pointer(tmp_path, bad.name + "\n")
+    step, skipped = resume(tmp_path)
+    assert step == 2 and [item.path for item in skipped] == [str(bad)]
+
+
+def test_nothing_good_is_none(tmp_path: Path) -> None:
+    assert resume(tmp_path / "absent") == (None, ())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an empty folder is no news
+        assert astage.CheckpointDir(tmp_path).latest_step() is None
+        assert astage.CheckpointDir(tmp_path).load_latest() is None
+    saved(tmp_path, [1, 2])
+    for name in ("step_000000001.safetensors", "step_000000002.safetensors"):
+        truncate(tmp_path / name)
+    ckpts = astage.CheckpointDir(tmp_path)
+    with pytest.warns(astage.CheckpointSkippedWarning):
+        assert ckpts.load_latest() is None
+    assert [Path(item.path).name for item in ckpts.skipped] == [
+        "step_000000002.safetensors",
+        "step_000000001.safetensors",
+    ]
+
+
+def test_a_step_file_that_is_not_a_regular_file_is_skipped(tmp_path: Path) -> None:
+    saved(tmp_path, [1])
+    os.mkfifo(tmp_path / "step_000000002.safetensors")
+    write_pointer(tmp_path, "step_000000002.safetensors\n")
+    step, skipped = resume(tmp_path)
+    assert step == 1 and "not a regular file" in skipped[0].reason
+
+
+# -- tidying the temporary files of crashed saves ----------------------------------------------
+
+ORPHANS = [".step_000000005.safetensors.0123456789ab.tmp", ".latest.abcdef012345.tmp"]
+NOT_OURS = [".notes.0123456789ab.tmp", "mine.tmp", ".step_000000005.safetensors.xyz.tmp"]
+
+
+def litter(root: Path) -> None:
+    root.mkdir(exist_ok=True)
+    for name in ORPHANS + NOT_OURS:
+        (root / name).write_bytes(b"\0" * 1000)
+    (root / ".step_000000006.safetensors.00000000abcd.tmp").mkdir(exist_ok=True)  # not a file
+
+
+def test_reading_removes_orphaned_temporary_files(tmp_path: Path) -> None:
+    litter(tmp_path)
+    ckpts = astage.CheckpointDir(tmp_path)
+    assert ckpts.latest_step() is None
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        [*NOT_OURS, ".step_000000006.safetensors.00000000abcd.tmp"]
+    )
+
+
+@pytest.mark.asyncio
+async def test_opening_removes_orphaned_temporary_files(tmp_path: Path) -> None:
+    litter(tmp_path)
+    async with astage.CheckpointDir(tmp_path):
+        assert not set(ORPHANS) & set(os.listdir(tmp_path))
+    litter(tmp_path)
+    await astage.CheckpointDir(tmp_path).save(1, state_at(1))  # a save is a first use too
+    assert not set(ORPHANS) & set(os.listdir(tmp_path))
+
+
+@pytest.mark.asyncio
+async def test_tidying_spares_a_save_in_progress_in_this_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = os.pwritev
+    writing, go_on = threading.Event(), threading.Event()
+
+    def slow(fd: int, buffers: Any, offset: int) -> int:
+        if offset > 0:
+            writing.set()
+            go_on.wait(5)
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "pwritev", slow)
+    async with astage.CheckpointDir(tmp_path) as ckpts:
+        handle = await ckpts.start_save(1, {"w": torch.ones(1 << 12)})
+        await wait_for(writing)
+        (temp,) = temp_files(tmp_path)
+        other = astage.CheckpointDir(tmp_path)  # e.g. an evaluation callback's
+        assert other.latest_step() is None
+        assert temp_files(tmp_path) == [temp]  # its temporary file was left alone
+        go_on.set()
+        await handle
+    assert astage.CheckpointDir(tmp_path).latest_step() == 1 and temp_files(tmp_path) == []
+
+
+# -- keep=K across restarts ---------------------------------------------------------------------
+
+
+def test_keep_counts_the_files_of_earlier_runs(tmp_path: Path) -> None:
+    saved(tmp_path, [1, 2, 3, 4, 5])
+    saved(tmp_path, [6], keep=2)
+    assert astage.CheckpointDir(tmp_path).steps() == [5, 6]
+
+
+def test_keep_counts_good_checkpoints_only(tmp_path: Path) -> None:
+    saved(tmp_path, [1, 2, 3])
+    corrupt_header(tmp_path / "step_000000003.safetensors")
+    saved(tmp_path, [4], keep=2)
+    # Two good checkpoints stay (4 and 2): the corrupt 3 does not count as one of them.
+    assert astage.CheckpointDir(tmp_path).steps() == [2, 3, 4]
+    (tmp_path / "step_000000004.safetensors").unlink()
+    with pytest.warns(astage.CheckpointSkippedWarning):
+        assert astage.CheckpointDir(tmp_path).latest_step() == 2
+
+
+def test_pruning_leaves_later_steps_of_an_abandoned_run_alone(tmp_path: Path) -> None:
+    saved(tmp_path, [10, 20, 30, 40, 50])
+    write_pointer(tmp_path, "step_000000030.safetensors\n")  # resumed from 30
+    saved(tmp_path, [35], keep=2)
+    assert astage.CheckpointDir(tmp_path).steps() == [30, 35, 40, 50]
+    assert (tmp_path / "latest").read_text() == "step_000000035.safetensors\n"
+
+
+# -- step numbers -------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_integer_steps_of_other_kinds_are_steps(tmp_path: Path) -> None:
+    import numpy as np
+
+    ckpts = astage.CheckpointDir(tmp_path)
+    assert ckpts.path_for(np.int64(7)) == ckpts.path_for(7)  # type: ignore[arg-type]
+    assert ckpts.path_for(torch.tensor(7)) == ckpts.path_for(7)  # type: ignore[arg-type]
+    await ckpts.save(np.int64(7), state_at(7))  # type: ignore[arg-type]
+    assert ckpts.latest_step() == 7
+    await ckpts.aclose()
+
+
+def test_a_named_step_is_refused_saying_what_to_do(tmp_path: Path) -> None:
+    ckpts = astage.CheckpointDir(tmp_path)
+    with pytest.raises(astage.InvalidOptionsError, match=r"step number.*astage\.save"):
+        ckpts.path_for("final")  # type: ignore[arg-type]
+    for bad in (np_bool(), torch.tensor(1.5), torch.ones(2, dtype=torch.int64)):
+        with pytest.raises(astage.InvalidOptionsError, match="step"):
+            ckpts.path_for(bad)  # type: ignore[arg-type]
+
+
+def np_bool() -> object:
+    import numpy as np
+
+    return np.bool_(True)
+
+
+# -- publishing: one ordered unit ---------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_a_cancelled_save_never_leaves_latest_naming_a_pruned_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two saves into one folder (two folder objects, two stagers) publish at the same time.
+
+    Step 1's pointer move is slowed, and its save cancelled meanwhile; step 2 publishes and
+    prunes (keep=1) while step 1's thread is still moving the pointer.
+    """
+    real = astage.CheckpointDir._move_pointer
+    moving = threading.Event()
+
+    def slow_move(ckpts: astage.CheckpointDir, name: str) -> None:
+        if name == "step_000000001.safetensors":
+            moving.set()
+            time.sleep(0.3)
+        real(ckpts, name)
+
+    monkeypatch.setattr(astage.CheckpointDir, "_move_pointer", slow_move)
+    async with (
+        astage.CheckpointDir(tmp_path, keep=1) as first,
+        astage.CheckpointDir(tmp_path, keep=1) as second,
+    ):
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(first.save, 1, state_at(1))
+                await wait_for(moving)
+                await second.save(2, state_at(2))
+                scope.cancel()
+    # `latest` names the save that started last, and its file is there.
+    assert (tmp_path / "latest").read_text() == "step_000000002.safetensors\n"
+    assert sorted(os.listdir(tmp_path)) == ["latest", "step_000000002.safetensors"]
+    assert resume(tmp_path) == (2, ())

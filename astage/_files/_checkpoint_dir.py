@@ -52,14 +52,13 @@ import anyio.to_thread
 from .._drivers._async import Stager
 from .._errors import (
     CheckpointError,
-    CheckpointFormatError,
     CheckpointSkippedWarning,
     CheckpointWriteError,
     ClosedError,
     InvalidOptionsError,
     UsageError,
 )
-from ._safetensors import load, read_header
+from ._safetensors import check_file, load
 from ._save import NO_OWNER, SaveHandle, SaveResult, run_save, start_in
 from ._writer import DEFAULT_THREADS, SafetensorsWriter, fsync_folder, positive_int
 
@@ -71,7 +70,7 @@ _STEP_FILE = re.compile(r"step_([0-9]+)\.safetensors", re.ASCII)
 # The writer's temporary name for a target is `.<name>.<12 hex digits>.tmp` (_writer.py), and
 # the pointer's is `.latest.<12 hex digits>.tmp` (_move_pointer below).
 _TEMP_FILE = re.compile(r"\.(step_[0-9]+\.safetensors|latest)\.[0-9a-f]{12}\.tmp", re.ASCII)
-_EXCERPT = 40  # characters of a bad pointer quoted in a report
+_EXCERPT = 40  # characters of untrusted text quoted in a report, at most
 
 
 class SkippedCheckpoint(NamedTuple):
@@ -100,8 +99,12 @@ class _Folder:
 
     def __init__(self) -> None:
         # Publishing (pointer move + prune) and tidying are one ordered unit each: they run in
-        # saves' threads and in callers' threads, so a thread lock, not an anyio one.
+        # saves' threads and in callers' threads, so a thread lock, not an anyio one. It is
+        # held across file system calls (fsync): never taken in an event loop's thread.
         self.lock = threading.Lock()
+        # The saves in progress, and their sequence numbers: held only briefly (taken in the
+        # event loop's thread); taken after `lock` where both are held, never before it.
+        self.registry = threading.Lock()
         self.saves: list[_Save] = []
         self.started = 0  # sequence numbers handed to saves, in the order they started
         self.published = 0  # the sequence number of the save `latest` names (0: none here)
@@ -110,9 +113,18 @@ class _Folder:
         # rename has a new inode, so a stale entry never vouches for new bytes.
         self.good: dict[str, tuple[int, int, int]] = {}
 
+    def register(self, save: _Save) -> int:
+        """Count ``save`` as in progress; its sequence number (the order saves started in)."""
+        with self.registry:
+            self.started += 1
+            self.saves.append(save)
+            return self.started
+
     def in_progress(self) -> set[str]:
-        self.saves = [save for save in self.saves if not save.done()]
-        return {save.name for save in self.saves}
+        """The file names that saves in progress in this process are writing."""
+        with self.registry:
+            self.saves = [save for save in self.saves if not save.done()]
+            return {save.name for save in self.saves}
 
 
 _FOLDERS: dict[str, _Folder] = {}
@@ -206,7 +218,7 @@ class CheckpointDir:
         """
         writer, publish, save = await self._prepare(step, metadata)
         try:
-            return await _run_save(state_dict, writer, self.stager, publish)
+            return await run_save(state_dict, writer, self.stager, after_commit=publish)
         finally:
             save.finished = True
 
@@ -230,7 +242,7 @@ class CheckpointDir:
             raise UsageError(NO_OWNER)
         writer, publish, save = await self._prepare(step, metadata)
         try:
-            handle = await _start_in(owner, state_dict, writer, self.stager, publish)
+            handle = await start_in(owner, state_dict, writer, self.stager, after_commit=publish)
         except BaseException:
             save.finished = True
             raise
@@ -245,12 +257,8 @@ class CheckpointDir:
         path = self.path_for(step)
         writer = SafetensorsWriter(path, metadata=metadata, threads=self.threads)
         await anyio.to_thread.run_sync(self._open_folder)
-        folder = self._folder
         save = _Save(os.path.basename(path))
-        with folder.lock:  # registered before its temporary file exists: tidying spares it
-            folder.started += 1
-            sequence = folder.started
-            folder.saves.append(save)
+        sequence = self._folder.register(save)  # before its temporary file exists
 
         def publish() -> None:
             self._publish(save.name, sequence)
@@ -419,12 +427,14 @@ class CheckpointDir:
         if self._tidied:
             return
         folder = self._folder
-        with folder.lock:
-            in_progress = folder.in_progress()
+        with folder.lock:  # no pointer is being moved meanwhile: its temporary files are orphans
             try:
                 names = os.listdir(self.root)
             except FileNotFoundError:
                 names = []
+            # Asked after listing: a save registers before it creates its temporary file, so
+            # any save whose file was listed is in this answer (unless it has ended).
+            in_progress = folder.in_progress()
             for name in names:
                 match = _TEMP_FILE.fullmatch(name)
                 if match is None or match.group(1) in in_progress:
@@ -525,61 +535,15 @@ def _read_pointer(path: str) -> tuple[int | None, str | None]:
     try:
         text = data.decode("ascii")
     except UnicodeDecodeError:
-        return None, f"not ASCII text: {data[:_EXCERPT]!r}"
+        return None, f"not ASCII text: {_excerpt(data)}"
     name = text.strip(" \t\r\n")
     step = step_of(name)
     if step is None:
-        return None, f"names no step file: {name[:_EXCERPT]!r}"
+        return None, f"names no step file: {_excerpt(name)}"
     return step, None
 
 
-def check_file(path: str) -> None:
-    """A cheap validation of a checkpoint file: its header, and that its data fits the file.
-
-    Stand-in until the safetensors module offers its own ``check_file``.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as error:
-        raise CheckpointError(f"cannot open {path}: {error.strerror or error}") from error
-    try:
-        header, data_start = read_header(fd, path)
-        size = os.fstat(fd).st_size
-        end = data_start
-        for key, info in header.items():
-            if key == "__metadata__":
-                continue
-            try:
-                end = max(end, data_start + int(info["data_offsets"][1]))
-            except (KeyError, TypeError, ValueError, IndexError) as error:
-                raise CheckpointFormatError(
-                    f"{path}: header entry {key[:_EXCERPT]!r}: missing or bad 'data_offsets'"
-                ) from error
-        if end > size:
-            raise CheckpointFormatError(
-                f"{path}: the file has {size} bytes, its header needs {end} (truncated?)"
-            )
-    finally:
-        os.close(fd)
-
-
-async def _run_save(
-    state_dict: Any, writer: SafetensorsWriter, stager: Stager, publish: Callable[[], None]
-) -> SaveResult:
-    async def after() -> None:
-        await anyio.to_thread.run_sync(publish)
-
-    return await run_save(state_dict, writer, stager, after=after)
-
-
-async def _start_in(
-    owner: anyio.abc.TaskGroup,
-    state_dict: Any,
-    writer: SafetensorsWriter,
-    stager: Stager,
-    publish: Callable[[], None],
-) -> SaveHandle:
-    async def after() -> None:
-        await anyio.to_thread.run_sync(publish)
-
-    return await start_in(owner, state_dict, writer, stager, after)
+def _excerpt(value: str | bytes) -> str:
+    """A short repr: untrusted content is quoted, never echoed at length."""
+    text = repr(value[: _EXCERPT + 1])
+    return text if len(value) <= _EXCERPT and len(text) <= 2 * _EXCERPT else text[:_EXCERPT] + "..."
