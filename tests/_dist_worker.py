@@ -464,6 +464,279 @@ async def check_timeout(rank: int, world: int, tmp: str) -> None:
             pass
 
 
+# -- peers that misbehave (tests/test_replication_peers.py) ------------------------------------
+
+PEER_TIMEOUT = 60.0
+NOT_A_TIMEOUT = 30.0
+"""An error that comes sooner was not a timeout (the test machine may be loaded)."""
+
+
+def tensor_node(header: dict[str, Any]) -> dict[str, Any]:
+    """The node of ``{"w": tensor}``'s tensor in a header's skeleton."""
+    node: dict[str, Any] = header["skeleton"]["dict"][0][1]
+    return node
+
+
+def nest(depth: int) -> Any:
+    node: Any = 1
+    for _ in range(depth):
+        node = {"list": [node]}
+    return node
+
+
+# (name, how rank 1 spoils its header, what rank 0's error must say)
+CRAFTED: list[tuple[str, Callable[[dict[str, Any]], Any], list[str]]] = [
+    (
+        "view larger than its storage",
+        lambda h: tensor_node(h).update(shape=[1000]),
+        ["['w']", "larger than its storage"],
+    ),
+    ("negative storage index", lambda h: tensor_node(h).update(storage=-1), ["'storage'", "-1"]),
+    ("storage index out of range", lambda h: tensor_node(h).update(storage=7), ["'storage'"]),
+    ("unknown dtype", lambda h: tensor_node(h).update(dtype="float99"), ["'dtype'", "float99"]),
+    ("dtype not a string", lambda h: tensor_node(h).update(dtype=["x"]), ["'dtype'"]),
+    ("negative stride", lambda h: tensor_node(h).update(stride=[-1]), ["'stride'"]),
+    ("negative offset", lambda h: tensor_node(h).update(offset=-4), ["'offset'"]),
+    ("shape of bools", lambda h: tensor_node(h).update(shape=[True]), ["'shape'"]),
+    ("unknown tensor field", lambda h: tensor_node(h).update(code="x"), ["tensor node"]),
+    ("negative storage size", lambda h: h.update(storages=[-48]), ["'storages'"]),
+    ("storage sizes not the total", lambda h: h.update(storages=[24]), ["'storages'", "adds up"]),
+    ("wrong version", lambda h: h.update(version=1), ["'version'"]),
+    ("call not a number", lambda h: h.update(call="1"), ["'call'"]),
+    ("bad mesh", lambda h: h.update(meshes=[["cpu", [[0], [1, 2]], None]]), ["'meshes'"]),
+    ("deep skeleton", lambda h: h.update(skeleton=nest(150)), ["deep"]),
+    ("not a JSON object", lambda h: b"[1, 2]", ["not an object"]),
+    ("JSON nested past the stack", lambda h: b"[" * 200_000 + b"]" * 200_000, ["not JSON"]),
+    ("not UTF-8", lambda h: b"\xff\xfe{}", ["not JSON"]),
+]
+
+
+def crafting(mutate: Callable[[dict[str, Any]], Any]) -> Any:
+    """Rank 1's next header goes out spoiled by ``mutate`` (the sizes message stays true)."""
+    import copy
+    import unittest.mock
+
+    from astage._replication import _transport
+
+    def spoiled(encoded: Any) -> bytes:
+        header = copy.deepcopy(encoded.header)
+        raw = mutate(header)
+        return raw if isinstance(raw, bytes) else json.dumps(header).encode()
+
+    return unittest.mock.patch.object(_transport, "header_bytes", spoiled)
+
+
+async def check_crafted_headers(rank: int, world: int) -> None:
+    """Rank 1 sends crafted headers; rank 0 refuses each naming the field, before receiving a
+    byte; both raise at once, and the pair stays in step: the next exchange works."""
+    canary = torch.arange(1 << 16, dtype=torch.float32)
+    expected_canary = canary.clone()
+    async with astage.ReplicationStager(timeout=PEER_TIMEOUT) as stager:
+        same(await stager.stage(plain_sd(rank)), plain_sd(stager.receive_from))  # warm up
+        for name, mutate, says in CRAFTED:
+            started = time.monotonic()
+            try:
+                if rank == 1:
+                    with crafting(mutate):
+                        await stager.stage({"w": torch.arange(12.0)})
+                else:
+                    await stager.stage(plain_sd(rank))
+            except astage.ReplicationError as error:
+                text = str(error)
+                if rank == 0:
+                    for word in says:
+                        assert word in text, (name, word, text)
+                    assert "refused the header from rank 1" in text, (name, text)
+                else:
+                    assert "rank 0 refused the header" in text, (name, text)
+            else:
+                raise AssertionError(f"{name}: no error")
+            assert time.monotonic() - started < NOT_A_TIMEOUT, name
+            assert torch.equal(canary, expected_canary), name  # nothing written elsewhere
+            # still in step: a plain exchange follows
+            same(await stager.stage(plain_sd(rank)), plain_sd(stager.receive_from))
+
+
+async def check_out_of_step(rank: int, world: int) -> None:
+    """A header of another call: both sides break off, and later calls say so at once."""
+    async with astage.ReplicationStager(timeout=PEER_TIMEOUT) as stager:
+        for expected in ("out of step", "out of step"):
+            started = time.monotonic()
+            try:
+                if rank == 1:
+                    with crafting(lambda h: h.update(call=99)):
+                        await stager.stage(plain_sd(rank))
+                else:
+                    await stager.stage(plain_sd(rank))
+            except astage.ReplicationError as error:
+                assert expected in str(error), str(error)
+            else:
+                raise AssertionError("no error")
+            assert time.monotonic() - started < NOT_A_TIMEOUT
+
+
+async def check_staging_fails(rank: int, world: int) -> None:
+    """Rank 0's local staging fails: it gets the staging error, rank 1 is told at once (not a
+    timeout), and both stay in step for the next call."""
+    async with astage.ReplicationStager(timeout=PEER_TIMEOUT) as stager:
+        sd: dict[str, Any] = plain_sd(rank)
+        if rank == 0:
+            sd["q"] = torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.quint8)
+        started = time.monotonic()
+        try:
+            await stager.stage(sd)
+        except astage.UnstageableError as error:
+            assert rank == 0, str(error)
+        except astage.ReplicationError as error:
+            text = str(error)
+            assert rank == 1, text
+            assert "rank 0 could not send its snapshot" in text, text
+            assert "local staging of call 1 failed" in text and "quantized" in text, text
+        else:
+            raise AssertionError("no error")
+        assert time.monotonic() - started < NOT_A_TIMEOUT
+        for _ in range(2):
+            same(await stager.stage(plain_sd(rank)), plain_sd(stager.receive_from))
+
+
+class HangingStager:
+    """A local stager whose staging never ends (until cancelled)."""
+
+    async def stage(self, state_dict: Any) -> Any:
+        await anyio.sleep_forever()
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def check_staging_cancelled(rank: int, world: int) -> None:
+    """Rank 0's call is cancelled while staging: rank 1 is told at once; both stagers refuse
+    later calls at once instead of pairing replicas of different calls."""
+    stager = astage.ReplicationStager(timeout=PEER_TIMEOUT)
+    try:
+        same(await stager.stage(plain_sd(rank)), plain_sd(stager.receive_from))
+        started = time.monotonic()
+        if rank == 0:
+            real, stager._stager = stager._stager, HangingStager()  # type: ignore[assignment]
+            with anyio.move_on_after(0.3) as scope:
+                await stager.stage(plain_sd(rank))
+            assert scope.cancelled_caught
+            stager._stager = real
+        else:
+            try:
+                await stager.stage(plain_sd(rank))
+            except astage.ReplicationError as error:
+                text = str(error)
+                assert "call 2 was cancelled while staging" in text, text
+            else:
+                raise AssertionError("no error for the partner of a cancelled call")
+        assert time.monotonic() - started < NOT_A_TIMEOUT
+        started = time.monotonic()
+        try:
+            await stager.stage(plain_sd(rank))
+        except astage.ReplicationError as error:
+            assert "out of step" in str(error), str(error)
+        else:
+            raise AssertionError("a broken pair staged again")
+        assert time.monotonic() - started < 1
+    finally:
+        await stager.aclose()
+
+
+async def check_partner_killed(rank: int, world: int, tmp: str) -> None:
+    """Rank 1 dies mid-exchange (after the headers, before its bytes): rank 0 gets a
+    ReplicationError (not gloo's RuntimeError) and its stager refuses later calls."""
+    import unittest.mock
+
+    from astage._replication import _transport
+
+    stager = astage.ReplicationStager(timeout=PEER_TIMEOUT)
+    same(await stager.stage(plain_sd(rank)), plain_sd(stager.receive_from))
+    sd = nested_sd(rank, big=True)
+    if rank == 1:
+
+        def die(*args: Any) -> Any:
+            os._exit(3)
+
+        with unittest.mock.patch.object(_transport, "pack", die):
+            await stager.stage(sd)
+        raise AssertionError("still alive")
+    started = time.monotonic()
+    try:
+        await stager.stage(sd)
+    except astage.ReplicationError as error:
+        text = str(error)
+        assert "rank 0" in text and "rank 1" in text, text
+    else:
+        raise AssertionError("no error from a dead partner")
+    assert time.monotonic() - started < NOT_A_TIMEOUT
+    try:
+        await stager.stage(plain_sd(rank))
+    except astage.ReplicationError as error:
+        assert "rank 1" in str(error), str(error)
+    else:
+        raise AssertionError("a stager whose partner died staged again")
+
+
+def sharded_sd(rank: int, world: int) -> dict[str, Any]:
+    from torch.distributed._shard.metadata import ShardMetadata
+    from torch.distributed._shard.sharded_tensor import init_from_local_shards
+    from torch.distributed._shard.sharded_tensor.shard import Shard
+
+    local = torch.arange(8.0).reshape(2, 4) + 10 * rank
+    meta = ShardMetadata([2 * rank, 0], [2, 4], f"rank:{rank}/cpu")
+    source = init_from_local_shards([Shard(local, meta)], [2 * world, 4])
+    return {"st": source, "plain": torch.tensor([rank])}
+
+
+def check_replica_of_sharded(replica: Any, rank: int, partner: int, world: int) -> None:
+    from torch.distributed._shard.sharded_tensor.api import ShardedTensor
+
+    st = replica["st"]
+    assert type(st) is ShardedTensor
+    assert st.size() == (2 * world, 4)
+    (shard,) = st.local_shards()
+    assert torch.equal(shard.tensor, torch.arange(8.0).reshape(2, 4) + 10 * partner)
+    assert shard.metadata.shard_offsets == [2 * partner, 0]
+    assert str(shard.metadata.placement) == f"rank:{rank}/cpu"  # held here now, as in DCP
+    assert torch.equal(replica["plain"], torch.tensor([partner]))
+
+
+async def check_sharded_tensor(rank: int, world: int) -> None:
+    async with astage.ReplicationStager(timeout=30) as stager:
+        replica = await stager.stage(sharded_sd(rank, world))
+        check_replica_of_sharded(replica, rank, stager.receive_from, world)
+
+
+def check_compat_replication(rank: int, world: int) -> None:
+    """DCP's _ReplicationStager, by one import: ShardedTensor replicated, the replica persisted
+    into a fresh temporary directory, a replica still held never overwritten."""
+    import tempfile
+
+    from astage.compat import _ReplicationStager
+
+    stager = _ReplicationStager(dist.group.WORLD, timeout=timedelta(seconds=30))
+    try:
+        partner = (rank + world // 2) % world
+        sd = sharded_sd(rank, world)
+        replica = stager.stage(sd, extra=1)
+        check_replica_of_sharded(replica, rank, partner, world)
+        path = stager.replica_path
+        assert path is not None and os.path.exists(path), path
+        folder = os.path.dirname(path)
+        assert os.path.dirname(folder) == tempfile.gettempdir(), folder
+        assert os.path.basename(folder).startswith("replication_stager_"), folder
+        loaded = astage.load(path)
+        assert torch.equal(loaded["st"][0], torch.arange(8.0).reshape(2, 4) + 10 * partner)
+        sd["st"].local_shards()[0].tensor.add_(100)
+        again = stager.stage(sd)
+        check_replica_of_sharded(replica, rank, partner, world)  # the first one is intact
+        shard = again["st"].local_shards()[0].tensor
+        assert torch.equal(shard, torch.arange(8.0).reshape(2, 4) + 10 * partner + 100)
+    finally:
+        stager.close()
+
+
 def main() -> None:
     global BACKEND
     job, rank_s, world_s, init_file, out, BACKEND = sys.argv[1:7]
@@ -490,6 +763,20 @@ def main() -> None:
         async with astage.ReplicationStager(timeout=30) as stager:
             await check(rank, world, stager)
 
+    if job == "peers":
+        record("crafted_headers", lambda: run(check_crafted_headers, rank, world))
+        record("staging_fails", lambda: run(check_staging_fails, rank, world))
+        record("sharded_tensor", lambda: run(check_sharded_tensor, rank, world))
+        if BACKEND == "asyncio":
+            record("compat_replication", lambda: check_compat_replication(rank, world))
+        record("out_of_step", lambda: run(check_out_of_step, rank, world))
+        record("staging_cancelled", lambda: run(check_staging_cancelled, rank, world))
+        finish(rank, out, results)
+        return
+    if job == "killed":
+        record("partner_killed", lambda: run(check_partner_killed, rank, world, out), False)
+        finish(rank, out, results)
+        os._exit(0)  # the group lost a rank: tearing it down could hang
     record("plain", lambda: run(with_stager, check_plain))
     record("nested", lambda: run(with_stager, check_nested))
     record("dtensor", lambda: run(with_stager, check_dtensor))
@@ -509,10 +796,14 @@ def main() -> None:
         record("cancel", lambda: run(check_cancel, rank, world, out))
         # Last: a timeout closes the gloo connection between the pair, so no barrier after it.
         record("timeout", lambda: run(check_timeout, rank, world, out), barrier=False)
-    with open(os.path.join(out, f"rank{rank}.json"), "w") as file:
-        json.dump(results, file)
+    finish(rank, out, results)
     if job != "main":
         dist.destroy_process_group()
+
+
+def finish(rank: int, out: str, results: dict[str, str]) -> None:
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as file:
+        json.dump(results, file)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 The file is a safetensors file written by :class:`~astage.SafetensorsWriter`, with every
 DTensor replaced by its local shard and its spec (placements, global shape and stride, mesh)
-in the file's metadata, under ``"astage.replica"`` with this rank and the partner's. Each
+in the file's metadata, under ``"astage.replica"`` with this rank and the partner's; every
+ShardedTensor is replaced by the list of its local shards, their offsets and sizes and the
+global size under ``"sharded"`` there. Each
 message's tensors go to the writer as soon as the message has landed, so the disk works while
 later bytes are still on the wire; the file is committed (fsync, atomic rename) only once the
 whole exchange has succeeded, and aborted (no temporary left) otherwise.
@@ -33,7 +35,7 @@ import torch
 from .._errors import ReplicationError, UsageError
 from .._files._writer import SafetensorsWriter
 from .._paths import Path, format_path
-from .._torch import dtensor_local, dtensor_spec
+from .._torch import dtensor_local, dtensor_spec, is_sharded_tensor
 from ._transport import Landed, Progress, ReplicaReady
 from ._wire import mesh_key, placement_to_json
 
@@ -126,7 +128,10 @@ class ReplicaFile:
         tensors: list[tuple[Path, torch.Tensor]] = []
         dtensors: dict[str, Any] = {}
         plain = _plain(replica, (), tensors, dtensors)
+        sharded = dtensors.pop(_SHARDED, {})
         info = {"rank": self.rank, "partner": self.partner, "dtensors": dtensors}
+        if sharded:
+            info["sharded"] = sharded
         metadata = {"astage.replica": json.dumps(info)}
         if self._entered is not None:
             self._writer = self._entered
@@ -143,10 +148,17 @@ class ReplicaFile:
                 self._waiting.setdefault(index[ptr], []).append((where, tensor))
 
 
+_SHARDED = "\0sharded"
+"""The key under which :func:`_plain` collects ShardedTensors' specs (no path looks like it)."""
+
+
 def _plain(
     x: Any, path: Path, tensors: list[tuple[Path, torch.Tensor]], dtensors: dict[str, Any]
 ) -> Any:
-    """``x`` with every DTensor replaced by its local shard (what a checkpoint file can hold)."""
+    """``x`` with every DTensor replaced by its local shard and every ShardedTensor by the
+    list of its local shards (what a checkpoint file can hold); their specs go to
+    ``dtensors`` (ShardedTensors' under ``_SHARDED``).
+    """
     # Never imported here: the first import takes ~1 s, on the event loop. A DTensor can only
     # exist once its module has been imported by someone else.
     module = sys.modules.get("torch.distributed.tensor")
@@ -161,6 +173,22 @@ def _plain(
         local = dtensor_local(x)
         tensors.append((path, local))
         return local
+    if is_sharded_tensor(x):
+        metadata = x.metadata()  # type: ignore[attr-defined]
+        dtensors.setdefault(_SHARDED, {})[format_path(path)] = {
+            "size": list(metadata.size),
+            "shards": [
+                {
+                    "offsets": list(shard.metadata.shard_offsets),
+                    "sizes": list(shard.metadata.shard_sizes),
+                }
+                for shard in x.local_shards()  # type: ignore[attr-defined]
+            ],
+        }
+        shards = [shard.tensor for shard in x.local_shards()]  # type: ignore[attr-defined]
+        for i, tensor in enumerate(shards):
+            tensors.append(((*path, i), tensor))
+        return shards
     if isinstance(x, torch.Tensor):
         plain = x.detach() if type(x) is torch.nn.Parameter else x
         tensors.append((path, plain))

@@ -17,11 +17,19 @@ mailbox that the loop reads; the thread never waits for the loop, so an exchange
 went away (cancelled, or its loop ended) still runs to its end and the partner is not left
 hanging.
 
-**Cancellation.** Cancelling ``stage()`` frees the caller at once; the exchange thread is left
-to finish in the background (so the partner's exchange completes), and the stager is then out
-of step with its partner: later calls raise :class:`~astage.ReplicationError`. The same holds
-after a timeout (a receive is still posted and would swallow the partner's next message): a
-fresh process group and stager are needed.
+**Staying in step.** Both sides number their calls, and each header carries the number: a
+mismatch breaks the pair off on both sides. A call whose local staging fails still takes part
+in the exchange, with a refusal instead of a snapshot: the partner's call raises at once
+(naming this rank and the staging error), this caller gets the staging error, and both stay
+in step for the next call.
+
+**Cancellation.** Cancelling ``stage()`` frees the caller at once. If the exchange thread had
+started, it is left to finish in the background (so the partner's exchange completes);
+otherwise a refusal marked *broken* is sent from a thread of its own, so the partner raises
+at once. Either way this stager is then out of step with its partner: later calls raise
+:class:`~astage.ReplicationError` (the partner's, too, when it got the refusal). The same holds
+after a timeout or a partner that died (a receive may still be posted and would swallow the
+partner's next message): a fresh process group and stager are needed.
 """
 
 from __future__ import annotations
@@ -97,6 +105,7 @@ class ReplicationStager:
         self._stager = Stager(options)
         self._transport = Transport(group, self.rank, self.send_to, self.receive_from, self.timeout)
         self._closed = False
+        self._calls = 0  # the call number in the header: both sides of a pair count alike
         # One caller at a time. The lock and the exchange thread's limiter are anyio
         # primitives, which belong to the event loop that made them: they are made anew by
         # the first caller of a turn, and a caller from another thread's loop meanwhile is
@@ -131,19 +140,68 @@ class ReplicationStager:
                 raise StagerClosedError("this ReplicationStager was closed")
             if self._transport.broken is not None:
                 raise ReplicationError(self._transport.broken)
-            staged = await self._stager.stage(state_dict)
-            exchange = _Exchange(self._transport, staged)
+            self._calls += 1
+            exchange = _Exchange(self._transport, self._calls)
+            try:
+                staged = await self._stager.stage(state_dict)
+            except anyio.get_cancelled_exc_class():
+                self._abandon(exchange, "was cancelled while staging")
+                raise
+            except Exception as error:
+                await self._announce_failure(exchange, error)
+                raise
+            exchange.staged = staged
             try:
                 if self.replica_path is None:
                     return await exchange.run(self._limiter())
                 return await self._exchange_persisting(exchange, self.replica_path)
             except anyio.get_cancelled_exc_class():
-                if not exchange.finished:
-                    self._transport.break_off(
-                        f"rank {self.rank}: an exchange with rank {self.send_to} was cancelled "
-                        "midway; the pair is out of step (make a new process group and stager)"
-                    )
+                self._abandon(exchange, "was cancelled midway")
                 raise
+
+    async def _announce_failure(self, exchange: _Exchange, error: Exception) -> None:
+        """Tell the partner that this call's local staging failed: both sides stay in step.
+
+        The partner's call raises a :class:`~astage.ReplicationError` saying why; this side's
+        caller gets the staging error itself (raised by the caller, once this returns).
+        """
+        kind = type(error).__name__
+        exchange.refuse(
+            ReplicationError(
+                f"{self._transport.where}: the local staging of call {exchange.call} failed "
+                f"({kind}: {error})"
+            )
+        )
+        try:
+            await exchange.run(self._limiter())
+        except ReplicationError:
+            pass  # the refusal itself, or a failed exchange (which broke the transport)
+        except anyio.get_cancelled_exc_class():
+            self._abandon(exchange, "was cancelled while announcing a failed staging")
+            raise
+
+    def _abandon(self, exchange: _Exchange, why: str) -> None:
+        """A cancelled call: the partner is told, and the pair is broken on both sides.
+
+        If the exchange thread has not started, it never will (:meth:`_Exchange.claim`): a
+        refusal marked *broken* is sent from a thread of its own instead, so the partner's call
+        raises at once and its stager refuses later calls, as this one does. If the thread
+        runs, it runs to its end in the background (see the module docstring).
+        """
+        reason = (
+            f"{self._transport.where}: call {exchange.call} {why}; the pair is out of step "
+            "(make a new process group and stager)"
+        )
+        if exchange.claim():
+            self._transport.break_off(reason)
+            exchange.refuse(ReplicationError(reason), broken=True)
+            # A plain thread, not anyio's: the caller was cancelled and returns now, its event
+            # loop may end, and nobody waits for this thread; it ends by the deadline at most.
+            threading.Thread(
+                target=exchange.run_detached, name="astage-replication-refusal", daemon=True
+            ).start()
+        elif not exchange.finished:
+            self._transport.break_off(reason)
 
     async def _exchange_persisting(self, exchange: _Exchange, path: str) -> Any:
         """Exchange while writing the replica as its bytes arrive; commit once it succeeded.
@@ -252,12 +310,28 @@ def _seconds(timeout: float | timedelta) -> float:
 
 
 class _Exchange:
-    """One call's exchange, run in a worker thread; knows whether the thread has finished."""
+    """One call's exchange, run in a worker thread exactly once (or never: see :meth:`claim`)."""
 
-    def __init__(self, transport: Transport, staged: Any) -> None:
+    def __init__(self, transport: Transport, call: int) -> None:
         self._transport = transport
-        self._staged = staged
+        self.call = call
+        self.staged: Any = None
+        self._refusal: ReplicationError | None = None
+        self._broken = False
+        self._claim = threading.Lock()
+        self._claimed = False
         self.finished = False
+
+    def claim(self) -> bool:
+        """True for the first caller only: the one that runs (or gives up) this exchange."""
+        with self._claim:
+            claimed, self._claimed = self._claimed, True
+            return not claimed
+
+    def refuse(self, error: ReplicationError, *, broken: bool = False) -> None:
+        """Send a refusal saying ``error`` instead of a snapshot (``broken``: the pair is done)."""
+        self._refusal = error
+        self._broken = broken
 
     async def run(self, limiter: anyio.CapacityLimiter, mailbox: _Mailbox | None = None) -> Any:
         """The replica. Cancelled, the caller returns at once and the thread runs to its end."""
@@ -267,13 +341,28 @@ class _Exchange:
 
     def _in_thread(self, mailbox: _Mailbox | None) -> Any:
         try:
+            if not self.claim():  # the call was cancelled before this thread started
+                raise ReplicationError(f"call {self.call} was abandoned before its exchange")
             return self._transport.exchange(
-                self._staged, mailbox.put if mailbox is not None else None
+                self.staged,
+                self.call,
+                mailbox.put if mailbox is not None else None,
+                refusal=self._refusal,
+                broken=self._broken,
             )
         finally:
             self.finished = True
             if mailbox is not None:
                 mailbox.close()
+
+    def run_detached(self) -> None:
+        """The refusal of a cancelled call, in a thread nobody waits for."""
+        try:
+            self._transport.exchange(None, self.call, refusal=self._refusal, broken=self._broken)
+        except ReplicationError:
+            pass  # the refusal itself, raised as promised; nobody is there to catch it
+        finally:
+            self.finished = True
 
 
 _END: Final = object()

@@ -7,11 +7,19 @@ block). Every rank posts its sends and its receives at once (non-blocking ``isen
 serializes them: about 1.5x slower on loopback). Every wait has a deadline: a partner that
 does not take part within ``timeout`` raises :class:`~astage.ReplicationTimeoutError`.
 
-After a timeout, a transport failure or a header it cannot read, a receive may still be
-posted in the process group, where it would swallow the partner's next message: the
-transport is then *broken* (:attr:`Transport.broken` says why) and must not exchange again.
-A snapshot a side refuses to send is announced in its header instead, so both sides raise
-at once and stay in step.
+The steps (see :mod:`._wire`): the header's length, the header, a verdict each way, the bytes.
+What the partner sends is untrusted: its header is checked, and the replica rebuilt on its
+buffers, before a single receive is posted; a header this side refuses is answered with a
+"refused" verdict, so the partner sends no bytes and both sides raise at once, still in step.
+A snapshot a side cannot send (or a call whose local staging failed) is announced in its
+header instead, with the same effect. Both headers carry the call number: a mismatch means
+the pair is out of step, and both sides break off.
+
+After a timeout or a transport failure (a partner that died: gloo's errors become
+:class:`~astage.ReplicationError`), a receive may still be posted in the process group, where
+it would swallow the partner's next message: the transport is then *broken*
+(:attr:`Transport.broken` says why) and must not exchange again, and the buffers of messages
+still posted are kept alive for good (gloo may still write into them).
 """
 
 from __future__ import annotations
@@ -27,8 +35,12 @@ import torch.distributed as dist
 
 from .._errors import ReplicationError, ReplicationTimeoutError
 from .._paths import format_path
+from .._torch import storage_use_count
 from ._wire import (
     Encoded,
+    Header,
+    Incoming,
+    check_lengths,
     decode,
     encode,
     header_bytes,
@@ -59,8 +71,19 @@ class Landed:
 Progress = ReplicaReady | Landed
 """What :meth:`Transport.exchange` reports while the bytes arrive."""
 
-# Tags of the three steps: the sizes, the header, then one tag per byte message.
-_SIZES_TAG, _HEADER_TAG, _FIRST_BYTES_TAG = 0, 1, 2
+# Tags of the steps: the sizes, the header, the verdict, then one tag per byte message.
+_SIZES_TAG, _HEADER_TAG, _VERDICT_TAG, _FIRST_BYTES_TAG = 0, 1, 2, 3
+
+# The verdicts: the header is accepted, refused, or shows that the pair is out of step.
+_ACCEPT, _REFUSE, _BREAK = 1, 0, -1
+
+_KEPT_FOR_GLOO: list[Any] = []
+"""Buffers of messages still posted when an exchange failed, kept alive for good.
+
+After a timeout or a transport failure, gloo may still write a late message into a posted
+receive buffer (or read a send buffer): freeing them would let it overwrite unrelated memory.
+Only a broken transport adds here, so this holds at most one exchange's buffers per pair.
+"""
 
 
 class Transport:
@@ -85,6 +108,8 @@ class Transport:
         """Seconds the last successful exchange took (header and bytes, both directions)."""
         self._recv_buffers: list[torch.Tensor] = []
         self._send_buckets: list[torch.Tensor] = []
+        self.fresh_when_in_use = False
+        """Receive into fresh buffers while a replica handed out still uses the last ones."""
 
     @property
     def where(self) -> str:
@@ -108,76 +133,156 @@ class Transport:
 
     # -- the exchange (worker thread) ------------------------------------------------------
 
-    def exchange(self, staged: Any, report: Callable[[Progress], None] | None = None) -> Any:
-        """Send ``staged``, receive the partner's snapshot, return it (blocking).
+    def exchange(
+        self,
+        staged: Any,
+        call: int,
+        report: Callable[[Progress], None] | None = None,
+        *,
+        refusal: ReplicationError | None = None,
+        broken: bool = False,
+    ) -> Any:
+        """Send ``staged``, receive the partner's snapshot of the same ``call``, return it.
 
-        With ``report``, it reports :class:`ReplicaReady` as soon as the header is read, then
-        :class:`Landed` as each message's bytes are in place, so a file can be written while
-        the bytes are still arriving.
+        With ``report``, it reports :class:`ReplicaReady` as soon as the header is read and
+        checked, then :class:`Landed` as each message's bytes are in place, so a file can be
+        written while the bytes are still arriving. With ``refusal``, this side sends no
+        snapshot: the partner is told why (and, with ``broken``, that this pair is done), and
+        ``refusal`` is raised once the exchange is over. Any failure is a
+        :class:`~astage.ReplicationError` naming both ranks.
         """
+        try:
+            return self._exchange(staged, call, report, refusal, broken)
+        except ReplicationError:
+            raise
+        except Exception as error:  # gloo's RuntimeError, an allocation that failed, ...
+            first_line = (str(error).splitlines() or [type(error).__name__])[0]
+            reason = f"{self.where}: the exchange of call {call} failed: {first_line}"
+            self.break_off(reason)
+            raise ReplicationError(reason) from error
+
+    def _exchange(
+        self,
+        staged: Any,
+        call: int,
+        report: Callable[[Progress], None] | None,
+        refused: ReplicationError | None,
+        broken: bool,
+    ) -> Any:
         started = time.monotonic()
         deadline = started + self.timeout
         # A snapshot this rank cannot send is announced in the header (total bytes -1), so
         # the partner raises at once instead of timing out, and the pair stays in step.
-        refused: ReplicationError | None = None
-        try:
-            encoded = encode(staged)
-            text = header_bytes(encoded)
-            sizes: list[int] = encoded.header["storages"]
-            total = sum(sizes)
-        except ReplicationError as error:
-            refused = self._refusal(error)
-            encoded = Encoded({}, [])
-            text = refusal_bytes(str(error))
-            sizes, total = [], -1
-        # 1. sizes
+        encoded, text, sizes, total = Encoded({}, []), b"", [], -1
+        if refused is None:
+            try:
+                encoded = encode(staged, call)
+                text = header_bytes(encoded)
+                sizes = encoded.header["storages"]
+                total = sum(sizes)
+            except ReplicationError as error:
+                refused = self._refusal(error)
+        if refused is not None:
+            text = refusal_bytes(str(refused), call, broken=broken)
+            encoded, sizes, total = Encoded({}, []), [], -1
+        # 1. the header's length and the total bytes
         mine = torch.tensor([len(text), total], dtype=torch.int64)
         theirs = torch.zeros(2, dtype=torch.int64)
         self._swap([mine], [theirs], deadline, "the header-size exchange", _SIZES_TAG)
-        # 2. header
-        out = torch.frombuffer(bytearray(text), dtype=torch.uint8)
-        into = torch.empty(int(theirs[0]), dtype=torch.uint8)
-        self._swap([out], [into], deadline, "the header exchange", _HEADER_TAG)
-        their_total = int(theirs[1])
-        try:
-            header, their_sizes = parse_header(into.numpy().tobytes(), their_total)
-        except (ValueError, KeyError, TypeError) as error:
-            reason = f"{self.where}: unreadable header from rank {self.receive_from}: {error}"
+        their_length, their_total = int(theirs[0]), int(theirs[1])
+        problem = check_lengths(their_length, their_total)
+        if problem is not None:  # nothing sane to receive the header into: the pair is lost
+            reason = f"{self.where}: bad first message from rank {self.receive_from}: {problem}"
             self.break_off(reason)
-            raise ReplicationError(reason) from error
-        # 3. bytes (each side sends unless it refused, receives unless its sender refused)
-        send = pack(encoded.storages, sizes, self._send_buckets) if refused is None else []
-        storages = self._receive_buffers(their_sizes)
-        plan = unpack_plan(storages, their_sizes)
+            raise ReplicationError(reason)
+        # 2. the header
+        out = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+        into = torch.empty(their_length, dtype=torch.uint8)
+        self._swap([out], [into], deadline, "the header exchange", _HEADER_TAG)
+        # 3. check it and rebuild the replica on its buffers, before any byte is received
+        header: Header | None = None
+        replica: Any = None
+        storages: list[torch.Tensor] = []
+        plan: list[Incoming] = []
+        rejected: ReplicationError | None = None
+        out_of_step = False
+        try:
+            header = parse_header(into.numpy().tobytes(), their_total)
+            if header.call != call:
+                out_of_step = True
+                raise ReplicationError(
+                    f"header field 'call' is {header.call} where this rank is at call {call}: "
+                    "the pair is out of step"
+                )
+            if their_total >= 0:
+                storages = self._receive_buffers(header.sizes)
+                replica = decode(
+                    header.raw,
+                    storages,
+                    encoded.meshes,
+                    self.receive_from,
+                    sizes=header.sizes,
+                    rank=self.rank,
+                    group=self.group,
+                )
+                plan = unpack_plan(storages, header.sizes)
+        except (ReplicationError, RuntimeError, MemoryError) as error:
+            text_error = str(error)
+            rejected = ReplicationError(
+                f"{self.where}: refused the header from rank {self.receive_from}: {text_error}"
+            )
+            rejected.__cause__ = error
+            replica, plan = None, []
+        # 4. the verdicts: bytes flow only into a receiver that accepted its header
+        code = _ACCEPT if rejected is None else _BREAK if out_of_step else _REFUSE
+        verdict = torch.tensor([code], dtype=torch.int64)
+        their_verdict = torch.zeros(1, dtype=torch.int64)
+        self._swap([verdict], [their_verdict], deadline, "the verdict exchange", _VERDICT_TAG)
+        accepted = int(their_verdict[0]) == _ACCEPT
+        out_of_step = out_of_step or int(their_verdict[0]) == _BREAK
+        if replica is not None and report is not None:
+            report(ReplicaReady(replica, storages))
+        # 5. the bytes
+        send = []
+        if refused is None and accepted:
+            send = pack(encoded.storages, sizes, self._send_buckets)
         send_works, recv_works = self._post(
             send, [message.buffer for message in plan], _FIRST_BYTES_TAG
         )
-        replica = None
-        if refused is None and their_total >= 0:
-            try:
-                replica = decode(header, storages, encoded.meshes, self.receive_from)
-            except Exception as error:
-                # the receives are posted: the pair cannot be brought back in step
-                reason = (
-                    f"{self.where}: cannot rebuild the snapshot of rank {self.receive_from}: "
-                    f"{error}"
-                )
-                self.break_off(reason)
-                raise ReplicationError(reason) from error
-            if report is not None:
-                report(ReplicaReady(replica, storages))
-        for work, message in zip(recv_works, plan, strict=True):
-            self._wait([work], deadline, "the tensor exchange")
-            message.unpack(storages, their_sizes)
-            if report is not None and replica is not None:
-                report(Landed(message.indices))
-        self._wait(send_works, deadline, "the tensor exchange")
+        try:
+            for work, message in zip(recv_works, plan, strict=True):
+                self._wait([work], deadline, "the tensor exchange")
+                assert header is not None
+                message.unpack(storages, header.sizes)
+                if report is not None:
+                    report(Landed(message.indices))
+            self._wait(send_works, deadline, "the tensor exchange")
+        except BaseException:
+            # A receive or a send may still be posted: gloo would write into (or read from)
+            # these buffers after they were freed. They are kept for good instead.
+            _KEPT_FOR_GLOO.append((send, [message.buffer for message in plan], storages))
+            raise
+        # 6. the outcome, the same on both sides
+        if out_of_step or (header is not None and header.broken):
+            self.break_off(
+                f"{self.where}: the pair is out of step since call {call}"
+                + (f": {header.refused}" if header is not None and header.refused else "")
+            )
         if refused is not None:
             raise refused
-        if their_total < 0:
+        if rejected is not None:
+            raise rejected
+        if not accepted:
+            why = "the pair is out of step" if out_of_step else "its own error says which field"
             raise ReplicationError(
-                f"{self.where}: rank {self.receive_from} could not send its snapshot: "
-                f"{header.get('refused')}"
+                f"{self.where}: rank {self.send_to} refused the header of this rank's snapshot "
+                f"(call {call}): {why}"
+            )
+        assert header is not None
+        if header.refused is not None:
+            raise ReplicationError(
+                f"{self.where}: rank {self.receive_from} could not send its snapshot "
+                f"(call {call}): {header.refused}"
             )
         self.last_seconds = time.monotonic() - started
         return replica
@@ -192,7 +297,16 @@ class Transport:
         return refusal
 
     def _receive_buffers(self, sizes: list[int]) -> list[torch.Tensor]:
-        """One host buffer per partner storage, reused from the last call when sizes match."""
+        """One host buffer per partner storage, reused from the last call when sizes match.
+
+        With :attr:`fresh_when_in_use`, buffers that a replica handed out still uses are left
+        to it, and fresh ones are made.
+        """
+        if self.fresh_when_in_use and any(
+            storage_use_count(b.untyped_storage()) > 2  # this tensor and the storage object
+            for b in self._recv_buffers
+        ):
+            self._recv_buffers = []
         if [b.numel() for b in self._recv_buffers] != sizes:
             self._recv_buffers = [torch.empty(n, dtype=torch.uint8) for n in sizes]
         return self._recv_buffers
@@ -202,14 +316,21 @@ class Transport:
     ) -> tuple[list[Any], list[Any]]:
         """Post every send and receive at once, message ``i`` on tag ``first_tag + i``."""
         group, dst, src = self.group, self.send_to, self.receive_from
-        sends = [
-            dist.isend(tensor, group=group, group_dst=dst, tag=first_tag + i)
-            for i, tensor in enumerate(send)
-        ]
-        receives = [
-            dist.irecv(tensor, group=group, group_src=src, tag=first_tag + i)
-            for i, tensor in enumerate(recv)
-        ]
+        sends: list[Any] = []
+        receives: list[Any] = []
+        try:
+            for i, tensor in enumerate(send):
+                sends.append(dist.isend(tensor, group=group, group_dst=dst, tag=first_tag + i))
+            for i, tensor in enumerate(recv):
+                receives.append(dist.irecv(tensor, group=group, group_src=src, tag=first_tag + i))
+        except Exception as error:
+            # A partner that is gone fails the posting itself (gloo's RuntimeError); what was
+            # posted already may still be in flight.
+            _KEPT_FOR_GLOO.append((send, recv))
+            first_line = (str(error).splitlines() or [type(error).__name__])[0]
+            reason = f"{self.where}: posting a message failed: {first_line}"
+            self.break_off(reason)
+            raise ReplicationError(reason) from error
         return [w for w in sends if w is not None], [w for w in receives if w is not None]
 
     def _swap(
@@ -221,7 +342,11 @@ class Transport:
         first_tag: int,
     ) -> None:
         sends, receives = self._post(send, recv, first_tag)
-        self._wait(sends + receives, deadline, doing)
+        try:
+            self._wait(sends + receives, deadline, doing)
+        except BaseException:
+            _KEPT_FOR_GLOO.append((send, recv))  # still posted: see _exchange
+            raise
 
     def _wait(self, works: list[Any], deadline: float, doing: str) -> None:
         for work in works:

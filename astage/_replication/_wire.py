@@ -4,20 +4,35 @@ What one side sends, in three steps (the receiver runs no code of the sender's):
 
 1. two int64 numbers: the length of the JSON header and the total tensor bytes (``-1`` when
    the sender refuses its snapshot: the header then only says why);
-2. the JSON header: the skeleton (dicts, ``OrderedDict``, lists, tuples, str, int, float,
-   bool, None; for each tensor its storage index, dtype, shape, stride and offset, so views
-   and tied weights share one storage again), the storages' sizes, and for DTensors their
-   placements, global shape and stride, and the device mesh (device type, rank grid, dim names);
-3. the storages' bytes: a storage of at least ``BUCKET_BYTES`` goes alone, straight from the
+2. the JSON header: the call number (both sides count their calls: a header of another call
+   means the pair is out of step), the skeleton (dicts, ``OrderedDict``, lists, tuples, str,
+   int, float, bool, None; for each tensor its storage index, dtype, shape, stride and offset,
+   so views and tied weights share one storage again), the storages' sizes, for DTensors their
+   placements, global shape and stride, and the device mesh (device type, rank grid, dim
+   names), for ShardedTensors their local shards and global shard metadata;
+3. a verdict (one int64): whether the receiver accepts the header it got. Bytes flow only
+   into a receiver that accepted, so a refused header leaves the pair in step;
+4. the storages' bytes: a storage of at least ``BUCKET_BYTES`` goes alone, straight from the
    staged host buffer into the receiver's; smaller ones are packed into buckets of about
    ``BUCKET_BYTES`` (fewer messages: gloo pays per message). Both sides compute the same
    message plan from the sizes in the header, so nothing else needs agreeing on.
 
 A DTensor is sent as its local shard plus its spec; the receiver rebuilds a DTensor around the
 partner's shard, on this rank's own mesh object when an equal mesh occurs in its own state
-dict (the usual SPMD case), otherwise on a mesh rebuilt from the sent description. Anything
-else (dataclasses, custom objects, ShardedTensor) is refused with a
-:class:`~astage.ReplicationError` naming its path.
+dict (the usual SPMD case), otherwise on a mesh rebuilt from the sent description. A
+ShardedTensor is sent as its local shards plus its global metadata; the receiver rebuilds it
+around the partner's shards, placed on the receiving rank (as DCP's replication does: the
+shards' placements and the partner's entries of the global metadata name this rank). Anything
+else (dataclasses, custom objects) is refused with a :class:`~astage.ReplicationError` naming
+its path.
+
+**The header is untrusted.** The partner is another process: :func:`parse_header` and the
+decoder check every field (lengths and sizes, the call number, storage indices, dtypes,
+shapes, strides and offsets against their storage's size, meshes and placements; the
+skeleton's own nodes and depth are checked by :class:`~astage._files._skeleton.SkeletonDecoder`)
+and raise a :class:`~astage.ReplicationError` naming the field. The transport decodes the
+replica before it posts a single receive, so a bad header never leaves a receive posted into a
+buffer that is then freed.
 
 Everything here is plain byte and metadata work: no process group, no thread, no event loop.
 """
@@ -25,6 +40,7 @@ Everything here is plain byte and metadata work: no process group, no thread, no
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,22 +48,27 @@ import torch
 
 from .._errors import AstageError, ReplicationError
 from .._files._skeleton import TORCH_DTYPES, SkeletonDecoder, SkeletonEncoder
-from .._paths import Attr, Path
+from .._paths import Attr, Path, format_path
 from .._torch import (
     device_mesh_without_backend,
     dtensor_local,
     dtensor_spec,
+    is_sharded_tensor,
     make_dtensor,
     neg_view,
+    rebuild_sharded_tensor,
     storage_key,
 )
 
 __all__ = [
     "BUCKET_BYTES",
+    "MAX_HEADER_BYTES",
     "WIRE_VERSION",
     "Encoded",
+    "Header",
     "Incoming",
     "buckets",
+    "check_lengths",
     "decode",
     "encode",
     "header_bytes",
@@ -59,7 +80,12 @@ __all__ = [
     "unpack_plan",
 ]
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2
+MAX_HEADER_BYTES = 1 << 30
+"""The longest header a partner may announce (about 7 million tensors' worth)."""
+MAX_NDIM = 64
+"""The most dimensions a tensor, a mesh or a placement list may have on the wire."""
+_PARTIAL_OPS = frozenset({"sum", "avg", "product", "min", "max", "band", "bor", "bxor"})
 BUCKET_BYTES = 16 << 20
 """Storages smaller than this travel packed together in buckets of about this size."""
 
@@ -91,7 +117,17 @@ def placement_to_json(placement: Any, path: Path) -> list[Any]:
     raise ReplicationError(f"cannot replicate a DTensor placement {placement!r}", path)
 
 
-def _placement_from_json(item: list[Any]) -> Any:
+def _is_count(value: Any) -> bool:
+    """A JSON integer that is not negative (``bool`` is an ``int`` in Python: refused)."""
+    return type(value) is int and value >= 0
+
+
+def _counts(value: Any, *, most: int = MAX_NDIM) -> bool:
+    return type(value) is list and len(value) <= most and all(_is_count(n) for n in value)
+
+
+def _placement_from_json(item: Any, ndim: int) -> Any:
+    """A DTensor placement from the header; ``None`` when the entry is malformed."""
     from torch.distributed.tensor.placement_types import (
         Partial,
         Replicate,
@@ -99,16 +135,62 @@ def _placement_from_json(item: list[Any]) -> Any:
         _StridedShard,
     )
 
-    kind = item[0]
-    if kind == "shard":
-        return Shard(item[1])
-    if kind == "strided_shard":
-        return _StridedShard(item[1], split_factor=item[2])
-    if kind == "replicate":
+    if type(item) is not list or not item or type(item[0]) is not str:
+        return None
+    kind, args = item[0], item[1:]
+    if kind == "shard" and len(args) == 1 and _is_count(args[0]) and args[0] < ndim:
+        return Shard(args[0])
+    if (
+        kind == "strided_shard"
+        and len(args) == 2
+        and _is_count(args[0])
+        and args[0] < ndim
+        and _is_count(args[1])
+        and args[1] >= 1
+    ):
+        return _StridedShard(args[0], split_factor=args[1])
+    if kind == "replicate" and not args:
         return Replicate()
-    if kind == "partial":
-        return Partial(item[1])
-    raise ReplicationError(f"unknown DTensor placement {item!r} in a replica header")
+    if kind == "partial" and len(args) == 1 and args[0] in _PARTIAL_OPS:
+        return Partial(args[0])
+    return None
+
+
+def _mesh_problem(item: Any) -> str | None:
+    """What is wrong with a mesh description from the header, or None."""
+    if type(item) is not list or len(item) != 3:
+        return "must be [device type, rank grid, dim names]"
+    device_type, grid, names = item
+    if type(device_type) is not str or not device_type.isidentifier() or len(device_type) > 32:
+        return f"device type {device_type!r} is not a device type"
+    shape: list[int] = []
+    level = grid
+    while type(level) is list:
+        if len(shape) >= MAX_NDIM or not level:
+            return "the rank grid is empty or too deep"
+        shape.append(len(level))
+        level = level[0]
+    if not shape or math.prod(shape) > 1 << 24:
+        return "the rank grid must be a non-empty nested list of at most 2**24 ranks"
+    try:
+        ranks = torch.tensor(grid, dtype=torch.int64)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        return "the rank grid is not a rectangular nested list of integers"
+    if list(ranks.shape) != shape or bool((ranks < 0).any()) or _has_bool(grid):
+        return "the rank grid must hold ranks (integers >= 0) in a rectangular nested list"
+    if names is not None and (
+        type(names) is not list
+        or len(names) != len(shape)
+        or not all(type(n) is str for n in names)
+    ):
+        return "the dim names must be None or one string per grid dimension"
+    return None
+
+
+def _has_bool(grid: Any) -> bool:
+    if type(grid) is list:
+        return any(_has_bool(item) for item in grid)
+    return type(grid) is not int
 
 
 def _resolve_meshes(described: list[list[Any]], own: list[Any]) -> list[Any]:
@@ -145,7 +227,7 @@ class _Encoder(SkeletonEncoder):
     verb = "sent"
     refusal = (
         "cannot replicate a {type} object: the wire carries dicts, lists, tuples, str, int, "
-        "float, bool, None, tensors and DTensors"
+        "float, bool, None, tensors, DTensors and ShardedTensors"
     )
 
     def __init__(self) -> None:
@@ -160,6 +242,8 @@ class _Encoder(SkeletonEncoder):
 
         if isinstance(x, DTensor):
             return self._dtensor(x, path)
+        if is_sharded_tensor(x):
+            return self._sharded(x, path)
         if type(x) not in (torch.Tensor, torch.nn.Parameter):
             kind = type(x).__qualname__
             raise ReplicationError(f"cannot replicate a tensor subclass {kind}", path)
@@ -205,13 +289,44 @@ class _Encoder(SkeletonEncoder):
             }
         }
 
+    def _sharded(self, x: Any, path: Path) -> dict[str, Any]:
+        metadata = x.metadata()
+        properties = metadata.tensor_properties
+        shards = []
+        for i, shard in enumerate(x.local_shards()):
+            where = (*path, Attr("local_shards"), i)
+            tensor = self.encode_tensor(shard.tensor, where)
+            shards.append({"tensor": tensor, **_shard_metadata_to_json(shard.metadata)})
+        return {
+            "sharded": {
+                "shards": shards,
+                "metadata": [_shard_metadata_to_json(m) for m in metadata.shards_metadata],
+                "size": list(metadata.size),
+                "dtype": str(properties.dtype).removeprefix("torch."),
+                "requires_grad": bool(properties.requires_grad),
+            }
+        }
 
-def encode(staged: Any) -> Encoded:
-    """The header and the storages to send for ``staged`` (a snapshot of host tensors)."""
+
+def _shard_metadata_to_json(metadata: Any) -> dict[str, Any]:
+    placement = metadata.placement
+    return {
+        "offsets": list(metadata.shard_offsets),
+        "sizes": list(metadata.shard_sizes),
+        "rank": placement.rank() if placement is not None else None,
+    }
+
+
+def encode(staged: Any, call: int = 0) -> Encoded:
+    """The header and the storages to send for ``staged`` (a snapshot of host tensors).
+
+    ``call``: this side's call number, which the receiver compares with its own.
+    """
     encoder = _Encoder()
     skeleton = encoder.encode(staged, ())
     header = {
         "version": WIRE_VERSION,
+        "call": call,
         "storages": [s.numel() for s in encoder.storages],
         "meshes": [list(mesh_key(m)) for m in encoder.meshes],
         "skeleton": skeleton,
@@ -224,53 +339,171 @@ def header_bytes(encoded: Encoded) -> bytes:
     return json.dumps(encoded.header, separators=(",", ":")).encode()
 
 
-def refusal_bytes(reason: str) -> bytes:
-    """The header a side sends instead of its snapshot when it cannot send it."""
-    return json.dumps({"refused": reason}).encode()
+def refusal_bytes(reason: str, call: int = 0, *, broken: bool = False) -> bytes:
+    """The header a side sends instead of its snapshot when it cannot send it.
 
-
-def parse_header(raw: bytes, total: int) -> tuple[dict[str, Any], list[int]]:
-    """The partner's header and its storages' sizes (none when ``total`` says it refused).
-
-    Raises ``ValueError``, ``KeyError`` or ``TypeError`` for a header it cannot read; the
-    caller names the ranks.
+    ``broken``: the sender will not exchange again (its call was cancelled, say), so the
+    receiver must not either: its next exchange would never be met.
     """
-    header = json.loads(raw)
+    header = {"version": WIRE_VERSION, "call": call, "refused": reason, "broken": broken}
+    return json.dumps(header).encode()
+
+
+# -- the partner's header: checked before anything is received ---------------------------------
+
+
+def check_lengths(header_length: int, total: int) -> str | None:
+    """What is wrong with the partner's first message (header length, total bytes), or None."""
+    if not 2 <= header_length <= MAX_HEADER_BYTES:
+        return f"header length {header_length} is not between 2 and {MAX_HEADER_BYTES}"
+    if total < -1:
+        return f"total bytes {total} is negative"
+    return None
+
+
+@dataclass(frozen=True)
+class Header:
+    """The partner's header, checked: what it sends, or why it refused to send."""
+
+    raw: dict[str, Any]
+    call: int
+    """The partner's call number."""
+    sizes: list[int]
+    """The partner's storages' sizes in bytes (none when it refused)."""
+    refused: str | None = None
+    broken: bool = False
+
+
+def parse_header(raw: bytes, total: int) -> Header:
+    """The partner's header, checked against its first message (``total`` bytes).
+
+    Raises :class:`~astage.ReplicationError` naming the field that is wrong; the caller adds
+    the ranks. The skeleton itself is checked as it is decoded (:func:`decode`).
+    """
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
+        raise ReplicationError(f"the header is not JSON: {type(error).__name__}") from None
+    if type(header) is not dict:
+        raise ReplicationError(f"the header is a JSON {type(header).__name__}, not an object")
+    if header.get("version") != WIRE_VERSION:
+        raise ReplicationError(
+            f"header field 'version' is {_shown(header.get('version'))}, not {WIRE_VERSION} "
+            "(both ranks must run the same astage)"
+        )
+    their_call = header.get("call")
+    if not _is_count(their_call):
+        raise ReplicationError(f"header field 'call' is {_shown(their_call)}, not a call number")
+    assert isinstance(their_call, int)
     if total < 0:
-        return header, []
-    if header["version"] != WIRE_VERSION:
-        raise ValueError(f"wire version {header['version']}")
-    return header, [int(n) for n in header["storages"]]
+        reason, broken = header.get("refused"), header.get("broken", False)
+        if type(reason) is not str or type(broken) is not bool:
+            raise ReplicationError("a refusal header needs 'refused' (str) and 'broken' (bool)")
+        return Header(header, their_call, [], reason[:2000], broken)
+    if set(header) != {"version", "call", "storages", "meshes", "skeleton"}:
+        raise ReplicationError(f"header fields {sorted(header)} are not the expected ones")
+    sizes = header["storages"]
+    if not _counts(sizes, most=MAX_HEADER_BYTES):
+        raise ReplicationError("header field 'storages' must be a list of sizes (integers >= 0)")
+    if sum(sizes) != total:
+        raise ReplicationError(
+            f"header field 'storages' adds up to {sum(sizes)} bytes, the partner announced {total}"
+        )
+    meshes = header["meshes"]
+    if type(meshes) is not list:
+        raise ReplicationError("header field 'meshes' must be a list")
+    for i, item in enumerate(meshes):
+        problem = _mesh_problem(item)
+        if problem is not None:
+            raise ReplicationError(f"header field 'meshes'[{i}]: {problem}")
+    return Header(header, their_call, sizes)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 # -- decoding: JSON header + storages -> replica -----------------------------------------------
 
+_TENSOR_KEYS = frozenset({"storage", "dtype", "shape", "stride", "offset"})
+_TENSOR_FLAGS = frozenset({"param", "conj", "neg"})
+_DTENSOR_KEYS = frozenset({"local", "mesh", "placements", "shape", "stride", "requires_grad"})
+_SHARDED_KEYS = frozenset({"shards", "metadata", "size", "dtype", "requires_grad"})
+
 
 class _Decoder(SkeletonDecoder):
-    def __init__(self, storages: list[torch.Tensor], meshes: list[Any], source: int) -> None:
+    """Rebuilds the partner's snapshot on ``storages``; every tensor field is checked first."""
+
+    def __init__(  # noqa: PLR0917 - private, built in one place
+        self,
+        storages: list[torch.Tensor],
+        sizes: list[int],
+        meshes: list[Any],
+        source: int,
+        rank: int,
+        group: Any,
+    ) -> None:
         self._storages = storages
+        self._sizes = sizes
         self._meshes = meshes
         self._source = source
+        self._rank = rank
+        self._group = group
 
     def decode_other(self, node: dict[str, Any]) -> Any:
         if len(node) == 1 and "dtensor" in node:
             return self._dtensor(node["dtensor"])
+        if len(node) == 1 and "sharded" in node:
+            return self._sharded(node["sharded"])
         if "storage" in node:
             return self._tensor(node)
         raise self.bad(node)
 
     def bad(self, node: Any) -> AstageError:
         shown = sorted(node) if isinstance(node, dict) else type(node).__name__
-        return ReplicationError(f"bad node {shown} in the header from rank {self._source}")
+        return self.invalid(f"bad node {shown}")
 
-    def _tensor(self, node: dict[str, Any]) -> torch.Tensor:
-        dtype = TORCH_DTYPES.get(node["dtype"])
-        if dtype is None:
-            raise ReplicationError(f"unknown dtype {node['dtype']!r} from rank {self._source}")
-        storage = self._storages[node["storage"]].untyped_storage()
-        view = torch.empty((0,), dtype=dtype).set_(
-            storage, node["offset"], node["shape"], node["stride"]
+    def invalid(self, problem: str) -> AstageError:
+        path = tuple(vars(self).get("_path", ()))
+        where = f" at {format_path(path)}" if path else ""
+        return ReplicationError(f"the skeleton{where}: {problem}")
+
+    def _tensor(self, node: Any) -> torch.Tensor:
+        if type(node) is not dict or not _TENSOR_KEYS <= set(node) <= _TENSOR_KEYS | _TENSOR_FLAGS:
+            raise self.invalid(f"a tensor node needs exactly the fields {sorted(_TENSOR_KEYS)}")
+        index, shape, stride, offset = (
+            node["storage"],
+            node["shape"],
+            node["stride"],
+            node["offset"],
         )
+        if not _is_count(index) or index >= len(self._storages):
+            raise self.invalid(
+                f"field 'storage' is {_shown(index)}, not a storage index "
+                f"(0 to {len(self._storages) - 1})"
+            )
+        dtype = TORCH_DTYPES.get(node["dtype"]) if type(node["dtype"]) is str else None
+        if dtype is None:
+            raise self.invalid(f"field 'dtype' is {_shown(node['dtype'])}, not a torch dtype")
+        if not _counts(shape) or not _counts(stride) or len(shape) != len(stride):
+            raise self.invalid("fields 'shape' and 'stride' must be equal-length lists of sizes")
+        if not _is_count(offset):
+            raise self.invalid(f"field 'offset' is {_shown(offset)}, not an offset")
+        for flag in _TENSOR_FLAGS & set(node):
+            if type(node[flag]) is not bool:
+                raise self.invalid(f"field {flag!r} must be true or false")
+        if 0 not in shape:
+            last = offset + sum((n - 1) * step for n, step in zip(shape, stride, strict=True))
+            needed = (last + 1) * dtype.itemsize
+            if needed > self._sizes[index]:
+                raise self.invalid(
+                    f"a view of {needed} bytes (shape {shape}, stride {stride}, offset {offset}, "
+                    f"{node['dtype']}) is larger than its storage {index} of "
+                    f"{self._sizes[index]} bytes"
+                )
+        storage = self._storages[index].untyped_storage()
+        view = torch.empty((0,), dtype=dtype).set_(storage, offset, shape, stride)
         if node.get("conj"):
             view = view.conj()
         if node.get("neg"):
@@ -279,30 +512,121 @@ class _Decoder(SkeletonDecoder):
             return torch.nn.Parameter(view, requires_grad=node["param"])
         return view
 
-    def _dtensor(self, node: dict[str, Any]) -> torch.Tensor:
+    def _dtensor(self, node: Any) -> torch.Tensor:
+        if type(node) is not dict or set(node) != _DTENSOR_KEYS:
+            raise self.invalid(f"a DTensor node needs exactly the fields {sorted(_DTENSOR_KEYS)}")
+        mesh_index, shape, stride = node["mesh"], node["shape"], node["stride"]
+        if not _is_count(mesh_index) or mesh_index >= len(self._meshes):
+            raise self.invalid(f"field 'mesh' is {_shown(mesh_index)}, not a mesh index")
+        if not _counts(shape) or not _counts(stride) or len(shape) != len(stride):
+            raise self.invalid("DTensor fields 'shape' and 'stride' must be equal-length sizes")
+        mesh = self._meshes[mesh_index]
+        raw = node["placements"]
+        if type(raw) is not list or len(raw) != mesh.ndim:
+            raise self.invalid("field 'placements' must list one placement per mesh dimension")
+        placements = [_placement_from_json(item, len(shape)) for item in raw]
+        if any(p is None for p in placements):
+            raise self.invalid(f"field 'placements' holds an unknown placement: {_shown(raw)}")
+        if type(node["requires_grad"]) is not bool:
+            raise self.invalid("field 'requires_grad' must be true or false")
         local = self._tensor(node["local"])
         if isinstance(local, torch.nn.Parameter):
             local = local.data
         return make_dtensor(
-            local,
-            self._meshes[node["mesh"]],
-            [_placement_from_json(p) for p in node["placements"]],
-            node["shape"],
-            node["stride"],
-            requires_grad=node["requires_grad"],
+            local, mesh, placements, shape, stride, requires_grad=node["requires_grad"]
         )
+
+    def _sharded(self, node: Any) -> torch.Tensor:
+        from torch.distributed._shard.metadata import ShardMetadata
+        from torch.distributed._shard.sharded_tensor.metadata import (
+            ShardedTensorMetadata,
+            TensorProperties,
+        )
+
+        if type(node) is not dict or set(node) != _SHARDED_KEYS:
+            raise self.invalid(
+                f"a ShardedTensor node needs exactly the fields {sorted(_SHARDED_KEYS)}"
+            )
+        size, shards, entries = node["size"], node["shards"], node["metadata"]
+        dtype = TORCH_DTYPES.get(node["dtype"]) if type(node["dtype"]) is str else None
+        if not _counts(size) or dtype is None or type(node["requires_grad"]) is not bool:
+            raise self.invalid("ShardedTensor fields 'size', 'dtype', 'requires_grad' are bad")
+        if type(shards) is not list or type(entries) is not list or not entries:
+            raise self.invalid("ShardedTensor fields 'shards' and 'metadata' must be lists")
+
+        def metadata(entry: Any, rank: int | None) -> Any:
+            if (
+                type(entry) is not dict
+                or not _counts(entry.get("offsets"))
+                or not _counts(entry.get("sizes"))
+                or len(entry["offsets"]) != len(size)
+                or len(entry["sizes"]) != len(size)
+                or not (_is_count(entry.get("rank")) or entry.get("rank") is None)
+            ):
+                raise self.invalid(f"bad shard metadata {_shown(entry)}")
+            # The partner's shards now live here, on this rank's CPU (as in DCP's replication).
+            placed = entry["rank"]
+            if placed == self._source:
+                placed = self._rank
+            elif placed == self._rank:
+                placed = self._source
+            where = None if placed is None else f"rank:{placed}/cpu"
+            return ShardMetadata(list(entry["offsets"]), list(entry["sizes"]), where)
+
+        local = []
+        for shard in shards:
+            if type(shard) is not dict or "tensor" not in shard:
+                raise self.invalid(f"bad local shard {_shown(shard)}")
+            tensor = self._tensor(shard["tensor"])
+            if isinstance(tensor, torch.nn.Parameter):
+                tensor = tensor.data
+            local.append((tensor, metadata({**shard, "rank": self._source}, self._source)))
+        properties = TensorProperties(
+            dtype=dtype, layout=torch.strided, requires_grad=node["requires_grad"]
+        )
+        global_metadata = ShardedTensorMetadata(
+            [metadata(entry, None) for entry in entries], torch.Size(size), properties
+        )
+        holder = _GroupHolder(self._group)
+        try:
+            return rebuild_sharded_tensor(holder, local, global_metadata)
+        except (ValueError, RuntimeError, AssertionError, TypeError) as error:
+            raise self.invalid(f"the ShardedTensor cannot be rebuilt: {error}") from None
+
+
+class _GroupHolder:
+    """What :func:`~astage._torch.rebuild_sharded_tensor` reads of a ShardedTensor: its group."""
+
+    def __init__(self, group: Any) -> None:
+        self._process_group = group
 
 
 def decode(
-    header: dict[str, Any], storages: list[torch.Tensor], own_meshes: list[Any], source: int
+    header: dict[str, Any],
+    storages: list[torch.Tensor],
+    own_meshes: list[Any],
+    source: int,
+    *,
+    sizes: list[int] | None = None,
+    rank: int = 0,
+    group: Any = None,
 ) -> Any:
     """The partner's snapshot: tensors are views on ``storages`` (filled now or later).
 
     ``own_meshes``: this rank's meshes, reused for equal ones in the header; ``source``:
-    the partner's rank, for error messages.
+    the partner's rank; ``rank`` and ``group``: this rank and its process group, for the
+    ShardedTensors rebuilt here. Every tensor is checked against ``sizes`` (the storages'
+    sizes, by default those of ``storages``) before a view is made: a
+    :class:`~astage.ReplicationError` names the field and its path.
     """
+    if sizes is None:
+        sizes = [s.numel() for s in storages]
     meshes = _resolve_meshes(header["meshes"], own_meshes)
-    return _Decoder(storages, meshes, source).decode(header["skeleton"])
+    decoder = _Decoder(storages, sizes, meshes, source, rank, group)
+    try:
+        return decoder.decode(header["skeleton"])
+    except RecursionError:
+        raise ReplicationError("the skeleton nests too deep") from None
 
 
 # -- the byte messages -----------------------------------------------------------------------

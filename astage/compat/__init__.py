@@ -14,6 +14,7 @@ from torch.distributed.checkpoint.staging import AsyncStager, StagingOptions
 
 from ._blocking import BlockingAsyncStager
 from ._default import DefaultStager
+from ._replication import _ReplicationStager as _ReplicationStager  # DCP keeps it private
 from ._state_dict_stager import StateDictStager
 from ._storage import FileSystemReader, FileSystemWriter
 
