@@ -40,6 +40,7 @@ from ._errors import (
 from ._files._checkpoint_dir import CheckpointDir, SkippedCheckpoint
 from ._files._safetensors import load
 from ._files._save import SaveHandle, SaveResult, save, start_save
+from ._files._save_sync import SyncSaveHandle, save_sync, start_save_sync
 from ._files._writer import CheckpointWriter, SafetensorsWriter
 from ._options import StagingOptions
 from ._paths import Attr, Path, format_path
@@ -81,6 +82,7 @@ __all__ = [
     "StagerClosedError",
     "StagingError",
     "StagingOptions",
+    "SyncSaveHandle",
     "SyncStager",
     "UnsavableError",
     "UnstageableError",
@@ -88,5 +90,7 @@ __all__ = [
     "format_path",
     "load",
     "save",
+    "save_sync",
     "start_save",
+    "start_save_sync",
 ]
