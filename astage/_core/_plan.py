@@ -69,4 +69,6 @@ class Plan:
         """Tensors reached from the containers (a tensor at two paths counts twice)."""
         self.new_buffers = 0
         self.new_nbytes = 0
+        self.replayed = False
+        """Whether the call was replayed from a recording (see :mod:`._replay`), not walked."""
         self.done = False

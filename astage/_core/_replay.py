@@ -576,16 +576,16 @@ class Replay:
             storage = x.untyped_storage()
         except (RuntimeError, NotImplementedError):
             raise _MISMATCH from None
-        rec = self._rec
-        slot = rec.slot_by_key.get(id(storage))
-        if slot is not None:
-            buffer = rec.slots[slot]
-            if buffer is not None and buffer() is storage:
-                raise _MISMATCH  # moved onto another recorded storage
         stager = self._fallback
+        # Only a storage no call has staged yet (a temporary) is staged on its own: one that
+        # has a buffer is a recorded one, or a swap that outlived a call (then the walk records
+        # the new structure).
+        met = stager is not None and id(storage) in stager.storages
+        if not met and self._cache.get(storage) is not None:
+            raise _MISMATCH
         if stager is None:
             stager = self._make_fallback()
-        return stager.leaf(x, rec.paths[index])
+        return stager.leaf(x, self._rec.paths[index])
 
     def _make_fallback(self) -> TensorStager:
         walk = DeepCopy()
@@ -627,9 +627,10 @@ def walk_or_replay(cache: BufferCache, state_dict: Any, plan: Plan) -> Walk:
             break
         finally:
             replayed.close()
-        plan.done = True
-        if cache.replays[0] is not recording:
-            cache.replays = (recording, *(r for r in cache.replays if r is not recording))
+        plan.replayed = plan.done = True
+        replays = cache.replays
+        if recording in replays[1:]:  # newest first; one that clear() dropped stays dropped
+            cache.replays = (recording, *(r for r in replays if r is not recording))
         return plan
     yield from build_plan(cache, state_dict, plan, adopted=adopted)
     if cache.record_backoff > 0:

@@ -1,0 +1,511 @@
+"""The replay fast path: a state dict shaped like an earlier one is rebuilt from a recording.
+
+Every test stages through the core (``walk_or_replay``, the copies run on the host) with a cache
+that has history, and compares the result with what a fresh cache gives for the same state dict
+(:func:`assert_same_staging`: container types and attributes, tensor types and metadata, bytes,
+aliasing between tensors, one staged object per source object). ``plan.replayed`` says whether
+the call was replayed; the tests check it both ways, so a fallback that silently walks in full
+(slow but right) is caught as well as a replay that should not have happened.
+
+The property test at the end mutates random structures between calls in every way the replay
+must notice, and the faces' tests check that SyncStager, Stager and compat replay too.
+"""
+
+from __future__ import annotations
+
+import collections
+import gc
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+from conftest import DRIVERS, Driver, model_state_dict, mutate_
+
+from astage import compat
+from astage._core._batches import make_batches
+from astage._core._cache import BufferCache
+from astage._core._plan import Plan
+from astage._core._replay import CHUNK, Recording, walk_or_replay
+from astage._devices._host import run_host_batch
+from astage._errors import BufferMismatchError
+from astage._torch import neg_view
+
+
+def new_cache() -> BufferCache:
+    return BufferCache(pin_memory=False, share_memory=False, pin_memory_min_bytes=0)
+
+
+def stage(cache: BufferCache, state_dict: Any, *, track_leaves: bool = False) -> Plan:
+    """One call through the core: walk or replay, then every copy; returns the plan."""
+    plan = Plan(track_leaves=track_leaves)
+    walk = walk_or_replay(cache, state_dict, plan)
+    steps = sum(1 for _ in walk)
+    plan.steps = steps  # type: ignore[attr-defined]
+    for batch in make_batches(plan.copies, 0, len(plan.copies), 1 << 20):
+        run_host_batch(batch)
+    return plan
+
+
+def fresh(state_dict: Any) -> Any:
+    return stage(new_cache(), state_dict).result
+
+
+# -- comparing two staged results ---------------------------------------------------------------
+
+
+class _Pairing:
+    """Objects of one result paired with those of the other: a one-to-one map, both ways."""
+
+    def __init__(self) -> None:
+        self.forward: dict[int, int] = {}
+        self.backward: dict[int, int] = {}
+        self.keep: list[Any] = []
+
+    def pair(self, a: Any, b: Any, what: str) -> bool:
+        """Pair ``a`` with ``b``; True when they were paired before (nothing more to check)."""
+        known = self.forward.get(id(a))
+        if known is not None or id(b) in self.backward:
+            assert known == id(b) and self.backward.get(id(b)) == id(a), f"{what} sharing differs"
+            return True
+        self.forward[id(a)] = id(b)
+        self.backward[id(b)] = id(a)
+        self.keep += [a, b]
+        return False
+
+
+def assert_same_staging(got: Any, want: Any, source: Any) -> None:
+    """``got`` is staged exactly like ``want`` (both staged from ``source``)."""
+    objects, storages = _Pairing(), _Pairing()
+    _compare(got, want, source, objects, storages, ())
+
+
+def _compare(  # noqa: PLR0917 - recursive helper
+    got: Any, want: Any, source: Any, objects: _Pairing, storages: _Pairing, path: Any
+) -> None:
+    assert type(got) is type(want), (path, type(got), type(want))
+    assert (got is source) == (want is source), f"{path}: the source itself in one result only"
+    if isinstance(want, torch.Tensor):
+        if objects.pair(got, want, f"tensor at {path}"):
+            return
+        assert got.dtype == want.dtype and got.shape == want.shape, path
+        assert got.stride() == want.stride(), path
+        assert got.storage_offset() == want.storage_offset(), path
+        assert got.is_conj() == want.is_conj() and got.is_neg() == want.is_neg(), path
+        assert got.requires_grad == want.requires_grad, path
+        assert got.device.type == "cpu"
+        assert got.untyped_storage().data_ptr() != source.untyped_storage().data_ptr() or (
+            source.untyped_storage().nbytes() == 0
+        )
+        got_storage, want_storage = got.untyped_storage(), want.untyped_storage()
+        if not storages.pair(got_storage, want_storage, f"storage at {path}"):
+            assert bytes(got_storage) == bytes(want_storage), path
+        assert got.__dict__.keys() == want.__dict__.keys(), path
+        return
+    container = isinstance(want, (dict, list, tuple)) and want is not source
+    if container and objects.pair(got, want, f"container at {path}"):
+        return
+    if isinstance(want, dict):
+        assert list(got) == list(want), path
+        for key in want:
+            _compare(got[key], want[key], source[key], objects, storages, (*path, key))
+        got_attrs, want_attrs = getattr(got, "__dict__", {}), getattr(want, "__dict__", {})
+        assert got_attrs.keys() == want_attrs.keys(), path
+        for name in want_attrs:
+            source_attr = getattr(source, name)
+            assert got_attrs[name] is not source_attr or want_attrs[name] is source_attr
+            _compare(got_attrs[name], want_attrs[name], source_attr, objects, storages, path)
+    elif isinstance(want, (list, tuple)):
+        assert len(got) == len(want), path
+        for index, (g, w, s) in enumerate(zip(got, want, source, strict=True)):
+            _compare(g, w, s, objects, storages, (*path, index))
+    else:
+        assert got == want or (_is_nan(got) and _is_nan(want)), path
+
+
+def _is_nan(value: Any) -> bool:
+    return isinstance(value, float) and value != value  # noqa: PLR0124 - NaN test
+
+
+def check_call(
+    cache: BufferCache, state_dict: Any, *, replayed: bool, track_leaves: bool = False
+) -> Plan:
+    """Stage with ``cache`` (history) and with a fresh one: the same result; replayed or not."""
+    plan = stage(cache, state_dict, track_leaves=track_leaves)
+    assert plan.replayed is replayed
+    assert_same_staging(plan.result, fresh(state_dict), state_dict)
+    assert len(plan.copies) == len({id(b) for b in plan.copies.buffers}), "a storage copied twice"
+    return plan
+
+
+# -- what replays ---------------------------------------------------------------------------------
+
+
+def test_a_second_call_of_the_same_structure_is_replayed() -> None:
+    cache = new_cache()
+    state_dict = model_state_dict()
+    check_call(cache, state_dict, replayed=False)
+    mutate_(state_dict)
+    plan = check_call(cache, state_dict, replayed=True)
+    assert plan.tensors == 9 and plan.new_buffers == 0
+    mutate_(state_dict)
+    check_call(cache, state_dict, replayed=True)
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2)
+    )
+
+
+def test_module_state_dict_rebuilt_each_call_is_replayed() -> None:
+    """New OrderedDicts, new tensor objects (``detach()``) and new ``_metadata`` every call."""
+    model = _model()
+    cache = new_cache()
+    check_call(cache, model.state_dict(), replayed=False)
+    for _ in range(2):
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(1.0)
+        state_dict = model.state_dict()
+        plan = check_call(cache, state_dict, replayed=True)
+        staged = plan.result
+        assert type(staged) is collections.OrderedDict
+        assert staged._metadata == state_dict._metadata  # type: ignore[attr-defined]
+        assert staged._metadata is not state_dict._metadata  # type: ignore[attr-defined]
+
+
+def test_parameters_keep_their_type_and_requires_grad() -> None:
+    model = _model()
+    first: Any = model[0]
+    first.bias.requires_grad_(False)
+    cache = new_cache()
+    check_call(cache, model.state_dict(keep_vars=True), replayed=False)
+    plan = check_call(cache, model.state_dict(keep_vars=True), replayed=True)
+    assert type(plan.result["0.weight"]) is torch.nn.Parameter
+    assert plan.result["0.weight"].requires_grad and not plan.result["0.bias"].requires_grad
+    # requires_grad flipped in place: the walk decides again.
+    first.weight.requires_grad_(False)
+    check_call(cache, model.state_dict(keep_vars=True), replayed=False)
+
+
+def _views() -> dict[str, Any]:
+    base = torch.arange(24, dtype=torch.float32)
+    grid = base.view(4, 6)
+    return {
+        "base": base,
+        "rows": grid[1:3],  # a partial view, at an offset
+        "columns": grid[:, 2:4].t(),  # strided, transposed
+        "bytes": base.view(torch.uint8)[8:40],  # the same storage under another dtype
+        "flags": base.view(torch.int32)[:4] != 0,  # a bool tensor of its own
+        "complex": torch.randn(3, 2).view(torch.complex64).conj(),
+        "negative": neg_view(torch.randn(5)),
+        "empty": torch.empty(0),
+        "scalar": torch.tensor(2.5),
+        "unit": torch.randn(1, 3).t(),  # a size-1 dimension: no reusable view
+    }
+
+
+def test_views_partial_views_conj_and_neg_are_replayed() -> None:
+    state_dict = _views()
+    cache = new_cache()
+    check_call(cache, state_dict, replayed=False)
+    # The same tensors reached again through new views (objects differ, metadata does not).
+    again = dict(state_dict)
+    base = again["base"]
+    again["rows"] = base.view(4, 6)[1:3]
+    mutate_(state_dict)
+    plan = check_call(cache, again, replayed=True)
+    staged = plan.result
+    rows, base = staged["rows"].untyped_storage(), staged["base"].untyped_storage()
+    assert rows.data_ptr() == base.data_ptr()
+    assert staged["complex"].is_conj() and staged["negative"].is_neg()
+
+
+def test_the_same_tensor_twice_and_tied_storages() -> None:
+    weight = torch.randn(4, 4)
+    state_dict = {"a": weight, "b": weight, "c": weight.detach(), "d": [weight]}
+    cache = new_cache()
+    check_call(cache, state_dict, replayed=False)
+    plan = check_call(cache, dict(state_dict), replayed=True)
+    assert plan.result["a"] is plan.result["b"] and plan.result["c"] is not plan.result["a"]
+    # Distinct objects where the same one was recorded, and the other way round.
+    check_call(cache, {**state_dict, "b": weight.detach()}, replayed=False)
+    check_call(cache, {**state_dict, "c": weight}, replayed=False)
+
+
+def test_module_state_dict_with_tied_weights() -> None:
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10, bias=False))
+    model[1].weight = model[0].weight
+    cache = new_cache()
+    check_call(cache, model.state_dict(), replayed=False)
+    plan = check_call(cache, model.state_dict(), replayed=True)
+    assert len(plan.copies) == 1
+    check_call(cache, model.state_dict(keep_vars=True), replayed=False)
+    check_call(cache, model.state_dict(keep_vars=True), replayed=True)
+
+
+# -- what falls back to the full walk -------------------------------------------------------------
+
+
+def _changes() -> Iterator[tuple[str, Callable[[dict[str, Any]], Any]]]:
+    """(name, change): each takes the recorded state dict and returns the one to stage next."""
+
+    def in_place(op: Callable[[torch.Tensor], Any]) -> Callable[[dict[str, Any]], Any]:
+        def change(sd: dict[str, Any]) -> Any:
+            op(sd["w"])
+            return sd
+
+        return change
+
+    def data(make: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[dict[str, Any]], Any]:
+        def change(sd: dict[str, Any]) -> Any:
+            sd["w"].data = make(sd["w"])
+            return sd
+
+        return change
+
+    yield "t_", in_place(lambda w: w.t_())
+    yield "unsqueeze_", in_place(lambda w: w.unsqueeze_(0))
+    yield "resize_ smaller", in_place(lambda w: w.resize_(2, 3))
+    yield "as_strided_", in_place(lambda w: w.as_strided_((3, 3), (1, 3), 2))
+    yield "set_ another storage", in_place(lambda w: w.set_(torch.randn(4, 6).untyped_storage()))
+    yield "set_ a recorded storage", lambda sd: {**sd, "w": sd["v"].view(4, 6)}
+    yield ".data = a neg view", data(neg_view)
+    yield ".data = a conj view", lambda sd: {**sd, "z": _set_data(sd["z"], sd["z"].conj())}
+    yield ".data = another tensor", data(lambda w: torch.randn(4, 6))
+    yield "a key renamed", lambda sd: {("x" if k == "w" else k): v for k, v in sd.items()}
+    yield "a key added", lambda sd: {**sd, "extra": 1}
+    yield "a key removed", lambda sd: {k: v for k, v in sd.items() if k != "n"}
+    yield "keys reordered", lambda sd: dict(reversed(sd.items()))
+    yield "a key's type", lambda sd: {**{k: v for k, v in sd.items() if k != "n"}, 1: sd["n"]}
+    yield "dict -> OrderedDict", collections.OrderedDict
+    yield "nested dict -> OrderedDict", lambda sd: {**sd, "n": collections.OrderedDict(sd["n"])}
+    yield "tensor -> int", lambda sd: {**sd, "w": 3}
+    yield "int -> tensor", lambda sd: {**sd, "i": torch.ones(2)}
+    yield "Tensor -> Parameter", lambda sd: {**sd, "w": torch.nn.Parameter(sd["w"])}
+    yield "list -> tuple", lambda sd: {**sd, "l": tuple(sd["l"])}
+    yield "list longer", lambda sd: {**sd, "l": [*sd["l"], torch.ones(1)]}
+    yield "atoms tuple gets a tensor", lambda sd: {**sd, "t": (1, torch.ones(1))}
+    yield "a shared list", lambda sd: {**sd, "n": {"a": sd["l"], "b": sd["l"]}}
+    yield "an attribute on a tensor", lambda sd: {**sd, "w": _with_attribute(sd["w"])}
+    yield "an attribute on a dict", lambda sd: _with_attribute(collections.OrderedDict(sd))
+
+
+def _set_data(x: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    x.data = new
+    return x
+
+
+def _with_attribute(x: Any) -> Any:
+    x.note = "hello"
+    return x
+
+
+def _recorded() -> dict[str, Any]:
+    return {
+        "w": torch.randn(4, 6),
+        "v": torch.randn(24),
+        "z": torch.randn(3, dtype=torch.complex64),
+        "n": {"a": torch.randn(3), "b": 2},
+        "l": [torch.randn(2), "x"],
+        "t": (1, 2.0),
+        "i": 5,
+    }
+
+
+@pytest.mark.parametrize("name", [name for name, _ in _changes()])
+def test_a_change_falls_back_to_the_full_walk(name: str) -> None:
+    change = dict(_changes())[name]
+    cache = new_cache()
+    state_dict = _recorded()
+    check_call(cache, state_dict, replayed=False)
+    check_call(cache, state_dict, replayed=True)
+    changed = change(state_dict)
+    if name in NEW_STORAGES:
+        # A storage never staged before is staged on its own, like a temporary; met again
+        # (the swap outlived the call) it makes the walk record the new structure.
+        check_call(cache, changed, replayed=True)
+    check_call(cache, changed, replayed=False)
+    # Recorded again: replayed from now on, unless the recording does not cover it.
+    check_call(cache, changed, replayed=name not in UNRECORDABLE)
+
+
+NEW_STORAGES = {"set_ another storage", ".data = another tensor"}
+UNRECORDABLE = {"a shared list", "an attribute on a tensor"}
+
+
+def test_a_storage_resized_in_place_is_still_refused() -> None:
+    cache = new_cache()
+    state_dict = {"w": torch.randn(8), "v": torch.randn(3)}
+    stage(cache, state_dict)
+    stage(cache, state_dict)
+    state_dict["w"].resize_(100)
+    with pytest.raises(BufferMismatchError):
+        stage(cache, state_dict)
+
+
+def test_a_mismatch_midway_copies_no_storage_twice() -> None:
+    """Copies found before the mismatch are handed to the walk, which does not copy them again."""
+    count = 4 * CHUNK
+    state_dict: dict[str, Any] = {f"t{i}": torch.full((4,), float(i)) for i in range(count)}
+    cache = new_cache()
+    stage(cache, state_dict)
+    late = f"t{count - 3}"
+    state_dict[late] = state_dict[late].t_() if False else state_dict[late].unsqueeze_(0)
+    mutate_(state_dict)
+    plan = check_call(cache, state_dict, replayed=False)
+    assert len(plan.copies) == count
+    # The walk reached the tensors the replay had copied through the alias path, and shares
+    # their copies; every staged tensor is on the buffer of its own source.
+    assert plan.tensors == count
+
+
+def test_a_large_replay_yields_to_the_driver() -> None:
+    state_dict = {"state": {i: {"a": torch.ones(2), "b": torch.ones(2)} for i in range(500)}}
+    cache = new_cache()
+    first = stage(cache, state_dict)
+    again = stage(cache, state_dict)
+    assert again.replayed
+    assert again.steps >= 1000 // CHUNK - 1  # type: ignore[attr-defined]
+    assert first.steps >= 1  # type: ignore[attr-defined]
+
+
+# -- temporaries ---------------------------------------------------------------------------------
+
+
+def test_a_temporary_tensor_does_not_stop_the_replay() -> None:
+    """An RNG state made fresh each call is staged on its own; the rest is replayed."""
+    model = _model()
+    cache = new_cache()
+
+    def checkpoint() -> dict[str, Any]:
+        return {"model": model.state_dict(), "rng": torch.get_rng_state(), "step": 3}
+
+    check_call(cache, checkpoint(), replayed=False)
+    for _ in range(3):
+        torch.randn(3)  # moves the RNG state
+        state_dict = checkpoint()
+        plan = check_call(cache, state_dict, replayed=True, track_leaves=True)
+        assert torch.equal(plan.result["rng"], state_dict["rng"])
+        assert plan.new_buffers == 1
+        assert len(plan.leaves) == plan.tensors == len(model.state_dict()) + 1
+        del plan, state_dict
+        gc.collect()
+    # The temporaries' buffers went with their sources: the cache and the recording hold none.
+    assert cache.info().storages == len(model.state_dict())
+
+
+def test_a_temporary_shared_by_two_keys_is_copied_once() -> None:
+    cache = new_cache()
+    recorded = torch.randn(6)
+    state_dict = {"a": torch.randn(4), "tmp": recorded, "tmp_view": recorded[2:]}
+    check_call(cache, state_dict, replayed=False)
+    temporary = torch.randn(6)
+    changed = {**state_dict, "tmp": temporary, "tmp_view": temporary[2:]}
+    plan = check_call(cache, changed, replayed=True)
+    assert len(plan.copies) == 2
+
+
+# -- the cache and the recording ---------------------------------------------------------------
+
+
+def _recording(cache: BufferCache) -> Recording:
+    (recording,) = cache.replays
+    return recording  # type: ignore[no-any-return]
+
+
+def test_a_dead_source_leaves_no_buffer_in_the_recording() -> None:
+    cache = new_cache()
+    state_dict = {"keep": torch.randn(4), "drop": torch.randn(1000)}
+    stage(cache, state_dict)
+    recording = _recording(cache)
+    buffer = cache.get(state_dict["drop"].untyped_storage())
+    assert buffer is not None and any(slot is buffer for slot in recording.slots)
+    del state_dict["drop"], buffer
+    gc.collect()
+    assert sum(slot is not None for slot in recording.slots) == 1
+    check_call(cache, {"keep": state_dict["keep"], "drop": torch.randn(1000)}, replayed=True)
+
+
+def test_clear_drops_the_recordings() -> None:
+    cache = new_cache()
+    state_dict = {"w": torch.randn(4)}
+    stage(cache, state_dict)
+    assert cache.replays
+    cache.clear()
+    assert not cache.replays
+    check_call(cache, state_dict, replayed=False)
+
+
+def test_a_few_state_dicts_alternating_are_each_replayed() -> None:
+    cache = new_cache()
+    model, optim = {"w": torch.randn(4)}, {"state": {0: {"m": torch.randn(4)}}}
+    check_call(cache, model, replayed=False)
+    check_call(cache, optim, replayed=False)
+    for _ in range(2):
+        check_call(cache, model, replayed=True)
+        check_call(cache, optim, replayed=True)
+
+
+def test_unrecordable_structures_back_off() -> None:
+    """A structure the recording does not cover is not recorded again on every call."""
+    cache = new_cache()
+    state_dict = {"w": torch.randn(4), "s": {1, 2}}
+    check_call(cache, state_dict, replayed=False)
+    assert not cache.replays and cache.record_backoff > 0
+    check_call(cache, state_dict, replayed=False)
+
+
+def test_leaves_of_a_replay_match_the_walk() -> None:
+    """What ``stage_iter`` reads: every tensor's path, staged tensor and last copy."""
+    cache = new_cache()
+    state_dict = model_state_dict()
+    walked = stage(cache, state_dict, track_leaves=True)
+    replayed = check_call(cache, state_dict, replayed=True, track_leaves=True)
+    assert sorted(leaf.path for leaf in replayed.leaves) == sorted(
+        leaf.path for leaf in walked.leaves
+    )
+    for leaf in replayed.leaves:
+        assert leaf.last_copy < len(replayed.copies)
+        buffer = replayed.copies.buffers[leaf.last_copy]
+        assert leaf.tensor.untyped_storage().data_ptr() == buffer.storage.data_ptr()
+
+
+# -- the faces ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", DRIVERS)
+def test_the_faces_replay(kind: str) -> None:
+    driver = Driver(kind)
+    try:
+        stager: Any = driver.stager
+        model = _model()
+        driver.stage(model.state_dict())
+        replays = stager._cache.replays
+        assert len(replays) == 1
+        state_dict = model.state_dict()
+        mutate_(state_dict)
+        staged = driver.stage(state_dict)
+        assert_same_staging(staged, fresh(state_dict), state_dict)
+        assert stager._cache.replays[0] is replays[0]  # the recording was used, not replaced
+    finally:
+        driver.close()
+
+
+def test_compat_replays() -> None:
+    stager = compat.StateDictStager()
+    try:
+        model = _model()
+        stager.stage(model.state_dict())
+        state_dict = model.state_dict()
+        mutate_(state_dict)
+        staged = stager.stage(state_dict)
+        assert_same_staging(staged, fresh(state_dict), state_dict)
+    finally:
+        stager.close()
+
+
+EXAMPLES = int(os.environ.get("ASTAGE_REPLAY_EXAMPLES", "150"))
