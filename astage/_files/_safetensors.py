@@ -9,26 +9,42 @@ How a nested state dict maps onto it:
 * **Keys** are paths rendered by :func:`astage.format_path`: ``['model']['layers.0.weight']``,
   ``['optim']['state'][3]['exp_avg']``. Dict keys are printed with ``repr``, so a dot or a quote
   inside a key never makes two paths look alike. A tensor that is the whole state dict is
-  ``<root>``.
+  ``<root>``. Where two paths still print alike (two NaN keys), the second tensor is stored
+  under a ``<storage N>`` name instead: no tensor is lost.
 * **One entry per storage.** safetensors forbids overlapping entries, so each storage is stored
   once. When a tensor spans its storage (offset 0, contiguous, a dtype safetensors knows), the
   entry *is* that tensor under its path. Otherwise the storage's bytes are stored as a ``U8``
-  entry named ``<storage N>`` (a name no path can take).
+  entry named ``<storage N>`` (a name no path can take). A numpy array is an entry too (its
+  bytes, little-endian, captured when the layout is planned).
 * **The skeleton** (containers, plain values, and for each tensor the entry it lives in and, for
   views, its dtype, shape, stride and offset) is JSON in ``__metadata__["astage"]``; tied
   weights refer to the same entry twice, so :func:`load` gives them one storage again. An
   ``OrderedDict``'s ``_metadata`` attribute (``Module.state_dict()`` sets it, with each
-  submodule's version, and ``load_state_dict`` reads it) is kept too, as plain JSON.
+  submodule's version, and ``load_state_dict`` reads it) is kept too, as plain JSON, and so are
+  Python attributes set on a tensor (plain values only).
+* **A digest** of the header (``__metadata__["astage.sha256"]``: the entries and the metadata,
+  the skeleton with it) makes any later edit of the header a :class:`CheckpointFormatError`.
+  It guards against corruption, not against an attacker, who can recompute it: the loader
+  checks every field regardless.
 
-Only plain data goes in: dict (``OrderedDict`` too), list, tuple, str, int, float, bool, None
-and strided CPU or device tensors. Anything else is an :class:`~astage.UnsavableError` naming
-its path: a checkpoint holds no pickle, so opening one runs no code.
+Only plain data goes in (see :mod:`._skeleton`): containers, plain values, numpy arrays and
+numbers, ``torch.Size``, ``torch.dtype``, enums, paths, ``argparse.Namespace``, sets, and strided
+CPU or device tensors. Anything else is an :class:`~astage.UnsavableError` naming its path: a
+checkpoint holds no pickle, so opening one runs no code.
+
+Reading trusts nothing (:func:`load`, :func:`check_file`): the header's length must match the
+file exactly, its entries must tile the data section without gaps or overlaps (as safetensors
+requires), each entry's size must be its dtype times its shape, every view must lie inside its
+entry, and a malformed field is a :class:`CheckpointFormatError` naming the file and the field.
+So no allocation is larger than the file, and no error is a raw torch or Python one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import stat
 import struct
 import sys
 from collections.abc import Mapping
@@ -44,13 +60,24 @@ from .._errors import (
     CheckpointNotFoundError,
     UnsavableError,
 )
-from .._paths import Path, format_path
+from .._paths import Attr, Path, format_path
 from .._torch import neg_view, storage_key
-from ._skeleton import TORCH_DTYPES, SkeletonDecoder, SkeletonEncoder
+from ._skeleton import (
+    TORCH_DTYPES,
+    SkeletonDecoder,
+    SkeletonEncoder,
+    numpy_or_none,
+)
 
 FORMAT_VERSION = 1
 METADATA_KEY = "astage"
 """The ``__metadata__`` entry that holds the skeleton."""
+DIGEST_KEY = "astage.sha256"
+"""The ``__metadata__`` entry that holds the header's digest."""
+MAX_HEADER_BYTES = 100_000_000
+"""safetensors' limit on the JSON header: a longer one opens in no reader."""
+_MAX_DIMS = 64
+_MAX_SIZE = 1 << 62  # a dimension, stride or offset beyond this cannot index a real storage
 
 _DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -72,6 +99,9 @@ _DTYPE_NAMES: dict[torch.dtype, str] = {
 }
 """Dtypes stored under their own safetensors name; others are stored as bytes plus a view."""
 _DTYPES_BY_NAME = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
+_VIEW_DTYPES = {name: d for name, d in TORCH_DTYPES.items() if not name.startswith("q")}
+"""The dtypes a view in a file may have: every torch dtype but the quantized ones."""
+_NEG_KINDS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 if sys.byteorder != "little":  # pragma: no cover - safetensors is little-endian
     raise ImportError("astage writes safetensors files on little-endian machines only")
@@ -89,6 +119,8 @@ class Entry:
     """Offset of its first byte from the start of the data section."""
     paths: list[Path] = field(default_factory=list)
     """Every path whose tensor lives in this storage."""
+    data: bytes | None = None
+    """Its bytes, captured at plan time, for a value no staged tensor brings (a numpy array)."""
 
 
 @dataclass
@@ -96,31 +128,39 @@ class Layout:
     """Everything a writer needs before the first byte lands: entries, offsets, header."""
 
     entries: list[Entry]
+    """The entries whose bytes come from staged tensors (``write(path, tensor)``)."""
     by_path: dict[Path, Entry]
     header: bytes
-    """The length prefix and the JSON header, padded to a multiple of 8 bytes."""
+    """What goes at offset 0: the length prefix, the JSON header padded to a multiple of 8
+    bytes, then the bytes of the :attr:`captured` entries (none without numpy arrays)."""
     tensors: int
     """Paths at which a tensor sits (a tied tensor counts at each path)."""
+    data_start: int = -1
+    """Where the data section starts: the end of the padded JSON header."""
+    captured: list[Entry] = field(default_factory=list)
+    """Entries whose bytes were captured at plan time; they lie at the start of the data."""
 
-    @property
-    def data_start(self) -> int:
-        return len(self.header)
+    def __post_init__(self) -> None:
+        if self.data_start < 0:
+            self.data_start = len(self.header)
 
     @property
     def nbytes(self) -> int:
-        """Bytes of tensor data."""
-        return sum(entry.nbytes for entry in self.entries)
+        """Bytes of tensor (and array) data."""
+        return self.file_size - self.data_start
 
     @property
     def file_size(self) -> int:
-        return self.data_start + self.nbytes
+        return len(self.header) + sum(entry.nbytes for entry in self.entries)
 
 
 def plan_layout(state_dict: Any, metadata: Mapping[str, str] | None = None) -> Layout:
     """The file layout for ``state_dict``: raises :class:`UnsavableError` for what cannot go in.
 
     ``state_dict`` may be the source or its staged copy: only the structure, the tensors'
-    dtypes, shapes, strides, offsets and which of them share a storage are used.
+    dtypes, shapes, strides, offsets and which of them share a storage are used (and the
+    bytes of numpy arrays, which are captured now). A header that no reader could open (over
+    safetensors' 100 MB) is refused here, naming its biggest part, before anything is written.
     """
     builder = _LayoutBuilder()
     skeleton = builder.encode(state_dict, ())
@@ -128,51 +168,136 @@ def plan_layout(state_dict: Any, metadata: Mapping[str, str] | None = None) -> L
     for key, value in user.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise UnsavableError(f"metadata must map str to str, got {key!r}: {value!r}")
-    if METADATA_KEY in user:
-        raise UnsavableError(f"the metadata key {METADATA_KEY!r} is reserved for astage")
+    for reserved in (METADATA_KEY, DIGEST_KEY):
+        if reserved in user:
+            raise UnsavableError(f"the metadata key {reserved!r} is reserved for astage")
     header_meta = {"format": "pt", **user}
     header_meta[METADATA_KEY] = json.dumps(
         {"version": FORMAT_VERSION, "skeleton": skeleton}, separators=(",", ":")
     )
-    header: dict[str, Any] = {"__metadata__": header_meta}
+    entries: dict[str, Any] = {}
     offset = 0
-    for entry in builder.entries:
+    for entry in (*builder.captured, *builder.entries):
         entry.begin = offset
         offset += entry.nbytes
-        header[entry.key] = {
+        entries[entry.key] = {
             "dtype": entry.dtype,
             "shape": entry.shape,
             "data_offsets": [entry.begin, offset],
         }
-    text = json.dumps(header, separators=(",", ":")).encode()
+    header_meta[DIGEST_KEY] = header_digest(entries, header_meta)
+    text = json.dumps({"__metadata__": header_meta, **entries}, separators=(",", ":")).encode()
     text += b" " * (-(8 + len(text)) % 8)
+    if len(text) > MAX_HEADER_BYTES:
+        raise _header_too_big(len(text), state_dict, skeleton, header_meta)
+    prefix = struct.pack("<Q", len(text)) + text
     by_path = {path: entry for entry in builder.entries for path in entry.paths}
     return Layout(
         entries=builder.entries,
         by_path=by_path,
-        header=struct.pack("<Q", len(text)) + text,
+        header=prefix + b"".join(entry.data or b"" for entry in builder.captured),
         tensors=builder.tensors,
+        data_start=len(prefix),
+        captured=builder.captured,
     )
+
+
+def header_digest(entries: Mapping[str, Any], metadata: Mapping[str, Any]) -> str:
+    """The digest of a header: its entries and its metadata but the digest, in key order."""
+    canonical = [
+        sorted([key, info] for key, info in entries.items()),
+        sorted([key, value] for key, value in metadata.items() if key != DIGEST_KEY),
+    ]
+    text = json.dumps(canonical, separators=(",", ":"), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _header_too_big(size: int, state_dict: Any, skeleton: Any, meta: dict[str, str]) -> Exception:
+    limit = f"over safetensors' limit of {MAX_HEADER_BYTES} bytes, which no reader would open"
+    skeleton_bytes = len(meta[METADATA_KEY])
+    if skeleton_bytes < size // 2:
+        biggest = max(meta, key=lambda key: len(meta[key]))
+        if len(meta[biggest]) > size // 2:
+            return UnsavableError(
+                f"the checkpoint header would be {size} bytes, {limit}: the metadata entry "
+                f"{biggest!r} takes {len(meta[biggest])}"
+            )
+        return UnsavableError(
+            f"the checkpoint header would be {size} bytes, {limit}: its entries (one per "
+            "stored tensor) take most of it; save fewer, larger tensors"
+        )
+    path, part = _biggest_part(state_dict, skeleton)
+    return UnsavableError(
+        f"the checkpoint header would be {size} bytes, {limit}; the biggest part is the value "
+        f"at {format_path(path)} ({part} bytes of JSON): keep large values out of the state "
+        "dict or store them as tensors (a numpy array or a tensor is not in the header)",
+        path,
+    )
+
+
+def _biggest_part(value: Any, node: Any) -> tuple[Path, int]:
+    """The path of the smallest subtree that holds most of the skeleton, and its JSON size."""
+    path: Path = ()
+    size = len(json.dumps(node))
+    while isinstance(node, dict) and len(node) >= 1:
+        tag = next(iter(node))
+        children: list[tuple[Any, Any, Any]]
+        if tag in ("dict", "odict") and isinstance(value, dict):
+            children = [
+                (k, v, pair[1]) for (k, v), pair in zip(value.items(), node[tag], strict=True)
+            ]
+        elif tag in ("list", "tuple") and isinstance(value, (list, tuple)):
+            children = [(i, v, n) for i, (v, n) in enumerate(zip(value, node[tag], strict=True))]
+        else:
+            break
+        if not children:
+            break
+        sized = [(len(json.dumps(n)), k, v, n) for k, v, n in children]
+        best = max(sized, key=lambda item: item[0])
+        if best[0] < size // 2:
+            break
+        size, key, value, node = best
+        path = (*path, key)
+    return path, size
 
 
 class _LayoutBuilder(SkeletonEncoder):
     error = UnsavableError
     verb = "saved"
     refusal = (
-        "cannot save a {type} object: a checkpoint file holds only tensors, dicts, lists, "
-        "tuples, str, int, float, bool and None"
+        "cannot save a {type} object: a checkpoint file holds only tensors, numpy arrays and "
+        "numbers, dicts, lists, tuples, sets, str, int, float, bool, None, torch.Size, "
+        "torch.dtype, enums, pathlib paths and argparse.Namespace"
     )
 
     def __init__(self) -> None:
         super().__init__()
         self.entries: list[Entry] = []
+        self.captured: list[Entry] = []
         self.tensors = 0
         self._groups: dict[int, tuple[Entry, torch.Tensor | None]] = {}
+        self._names: set[str] = set()
+
+    def _new_name(self) -> str:
+        name = f"<storage {len(self.entries) + len(self.captured)}>"
+        self._names.add(name)
+        return name
 
     def encode_tensor(self, x: torch.Tensor, path: Path) -> Any:
-        return self._tensor(x, path)
+        node = self._tensor(x, path)
+        attributes = vars(x)
+        if attributes:
+            outer, self._no_tensors = self._no_tensors, "a tensor's attribute"
+            try:
+                node["attrs"] = [
+                    [name, self.encode(value, (*path, Attr(name)))]
+                    for name, value in attributes.items()
+                ]
+            finally:
+                self._no_tensors = outer
+        return node
 
-    def _tensor(self, x: torch.Tensor, path: Path) -> Any:
+    def _tensor(self, x: torch.Tensor, path: Path) -> dict[str, Any]:
         if type(x) not in (torch.Tensor, torch.nn.Parameter):
             raise UnsavableError(
                 f"cannot save a tensor subclass {type(x).__qualname__}; save its plain tensors",
@@ -195,12 +320,13 @@ class _LayoutBuilder(SkeletonEncoder):
         )
         group = self._groups.get(key)
         if group is None:
-            if spans:
-                entry = Entry(format_path(path), _DTYPE_NAMES[x.dtype], list(x.shape), x.nbytes)
+            name = format_path(path)
+            if spans and name not in self._names:  # two NaN keys print alike: the 2nd is bytes
+                self._names.add(name)
+                entry = Entry(name, _DTYPE_NAMES[x.dtype], list(x.shape), x.nbytes)
                 group = (entry, x)
             else:
-                name = f"<storage {len(self.entries)}>"
-                entry = Entry(name, "U8", [storage.nbytes()], storage.nbytes())
+                entry = Entry(self._new_name(), "U8", [storage.nbytes()], storage.nbytes())
                 group = (entry, None)
             self._groups[key] = group
             self.entries.append(entry)
@@ -231,34 +357,298 @@ class _LayoutBuilder(SkeletonEncoder):
             node["neg"] = True
         return node
 
+    def encode_array(self, x: Any, path: Path) -> Any:
+        numpy = numpy_or_none()
+        assert numpy is not None  # x is a numpy array
+        dtype = x.dtype
+        if dtype.kind not in "biufc" or dtype.fields is not None:
+            raise UnsavableError(
+                f"cannot save a numpy array of dtype {dtype}: only arrays of numbers "
+                "(bool, int, uint, float, complex) go into a checkpoint",
+                path,
+            )
+        # Captured now, little-endian (safetensors' byte order); the dtype string keeps the
+        # array's own byte order, restored on load.
+        data = numpy.ascontiguousarray(x, dtype=dtype.newbyteorder("<")).tobytes()
+        torch_dtype = _torch_dtype_of(numpy, dtype)
+        if torch_dtype in _DTYPE_NAMES:
+            entry = Entry(self._new_name(), _DTYPE_NAMES[torch_dtype], list(x.shape), len(data))
+        else:
+            entry = Entry(self._new_name(), "U8", [len(data)], len(data))
+        entry.data = data
+        entry.paths.append(path)
+        self.captured.append(entry)
+        return {"numpy": entry.key, "dtype": dtype.str, "shape": list(x.shape)}
+
+
+def _torch_dtype_of(numpy: Any, dtype: Any) -> torch.dtype | None:
+    try:
+        return torch.from_numpy(numpy.empty(0, dtype=dtype.newbyteorder("="))).dtype
+    except TypeError:  # no torch dtype for it (float128, ...): stored as bytes
+        return None
+
 
 # -- reading ------------------------------------------------------------------------------------
 
 
-def read_header(fd: int, path: str) -> tuple[dict[str, Any], int]:
-    """The parsed JSON header and the offset where the data section starts."""
-    prefix = os.pread(fd, 8, 0)
-    if len(prefix) != 8:
-        raise CheckpointFormatError(f"{path}: too short for a safetensors file")
-    (length,) = struct.unpack("<Q", prefix)
-    if length > 100_000_000 or length < 2:
-        raise CheckpointFormatError(f"{path}: implausible safetensors header length {length}")
-    text = _pread_exact(fd, length, 8, path)
+@dataclass
+class _Stored:
+    """One entry of a file's header, checked."""
+
+    key: str
+    dtype: torch.dtype
+    shape: list[int]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass
+class _Header:
+    """A file's header, checked against the file: its entries tile the data section exactly."""
+
+    entries: dict[str, _Stored]
+    metadata: dict[str, str]
+    data_start: int
+
+
+def check_file(path: str | os.PathLike[str]) -> None:
+    """Raise :class:`CheckpointFormatError` unless ``path`` is a checkpoint :func:`load` reads.
+
+    Cheap: it reads the header only (every field, the digest, the skeleton and each view
+    against its entry's size), no tensor data. A missing file raises
+    :class:`CheckpointNotFoundError`.
+    """
+    name = os.fspath(path)
+    fd, size = _open(name)
     try:
-        header = json.loads(text)
-    except ValueError as error:
+        header = _read_checked(fd, name, size)
+    finally:
+        os.close(fd)
+    document = _skeleton_document(header.metadata, name)
+    if document is not None:
+        _Decoder(header.entries, None, name, None).decode(document)
+
+
+def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> Any:
+    """Read a checkpoint file written by :func:`astage.save` back into its nested state dict.
+
+    Containers, plain values and tensors come back as they were saved; tensors that shared a
+    storage (tied weights, views) share one again. A safetensors file that astage did not
+    write loads as a flat ``{key: tensor}`` dict. Blocking: from async code, run it in a
+    thread (``await anyio.to_thread.run_sync(astage.load, path)``).
+
+    A file that is truncated, corrupt or crafted raises :class:`CheckpointFormatError` naming
+    the file and the field; nothing in a file runs code.
+    """
+    name = os.fspath(path)
+    target = torch.device(device)
+    fd, size = _open(name)
+    try:
+        header = _read_checked(fd, name, size)
+        document = _skeleton_document(header.metadata, name)
+        if document is not None:  # every view is checked before any byte is allocated
+            _Decoder(header.entries, None, name, None).decode(document)
+        stored: dict[str, torch.Tensor] = {}
+        for key, entry in header.entries.items():
+            tensor = torch.empty(entry.shape, dtype=entry.dtype)
+            _read_into(fd, tensor, header.data_start + entry.begin, name)
+            stored[key] = tensor
+    finally:
+        os.close(fd)
+    if document is None:
+        if target.type != "cpu":
+            stored = {key: tensor.to(target) for key, tensor in stored.items()}
+        return stored
+    return _Decoder(header.entries, stored, name, target).decode(document)
+
+
+def _open(name: str) -> tuple[int, int]:
+    """A descriptor on the regular file ``name`` and its size."""
+    try:
+        # O_NONBLOCK: a FIFO planted under the name must not block the open.
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError as error:
+        raise CheckpointNotFoundError(f"no checkpoint file at {name}") from error
+    except OSError as error:
+        raise CheckpointError(f"cannot open {name}: {error.strerror or error}") from error
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise CheckpointFormatError(f"{name}: not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, info.st_size
+
+
+def read_header(fd: int, path: str) -> tuple[dict[str, Any], int]:
+    """The parsed JSON header of the file open at ``fd`` (every field checked against the
+    file) and the offset where the data section starts."""
+    raw = _read_raw(fd, path, os.fstat(fd).st_size)[0]
+    return raw, 8 + struct.unpack("<Q", _pread_exact(fd, 8, 0, path))[0]
+
+
+def _read_checked(fd: int, path: str, size: int) -> _Header:
+    return _read_raw(fd, path, size)[1]
+
+
+def _read_raw(fd: int, path: str, size: int) -> tuple[dict[str, Any], _Header]:
+    """The header as parsed, and as checked against the file's ``size``."""
+    if size < 8:
+        raise CheckpointFormatError(f"{path}: {size} bytes, too short for a safetensors file")
+    (length,) = struct.unpack("<Q", _pread_exact(fd, 8, 0, path))
+    if length > MAX_HEADER_BYTES:
         raise CheckpointFormatError(
-            f"{path}: the safetensors header is not JSON: {error}"
-        ) from error
+            f"{path}: header length {length} is over safetensors' limit of {MAX_HEADER_BYTES}"
+        )
+    if length > size - 8:
+        raise CheckpointFormatError(
+            f"{path}: header length {length}, but the file has {size - 8} bytes after it"
+        )
+    raw = _pread_exact(fd, length, 8, path)
+    if not raw.startswith(b"{"):
+        raise CheckpointFormatError(
+            f"{path}: the safetensors header is not JSON: it does not start with '{{'"
+        )
+    header = parse_json(raw, f"{path}: the safetensors header")
     if not isinstance(header, dict):
         raise CheckpointFormatError(f"{path}: the safetensors header is not a JSON object")
-    return header, 8 + length
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(value, str) for value in metadata.values()
+    ):
+        raise CheckpointFormatError(f"{path}: '__metadata__' is not a map of str to str")
+    data_start = 8 + length
+    entries = {key: _entry(key, info, path) for key, info in header.items()}
+    _check_tiling(entries, size - data_start, path)
+    digest = metadata.get(DIGEST_KEY)
+    if digest is not None and digest != header_digest(header, metadata):
+        raise CheckpointFormatError(
+            f"{path}: __metadata__[{DIGEST_KEY!r}] does not match the header: the header was "
+            "changed or damaged after astage wrote it"
+        )
+    return {"__metadata__": metadata, **header}, _Header(entries, metadata, data_start)
+
+
+def parse_json(raw: bytes | str, what: str) -> Any:
+    """Strict JSON (UTF-8, no duplicate keys, no NaN); any problem a CheckpointFormatError."""
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError too
+        reason = "nested too deep" if isinstance(error, RecursionError) else str(error)
+        raise CheckpointFormatError(f"{what} is not valid JSON: {reason}") from None
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"the key {key!r} appears twice in one object")
+            seen.add(key)
+    return result
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _entry(key: str, info: Any, path: str) -> _Stored:
+    where = f"{path}: header entry {key!r}"
+    if not isinstance(info, dict):
+        raise CheckpointFormatError(f"{where} is not a JSON object")
+    for part in ("dtype", "shape", "data_offsets"):
+        if part not in info:
+            raise CheckpointFormatError(f"{where}: missing {part!r}")
+    dtype = _DTYPES_BY_NAME.get(info["dtype"]) if isinstance(info["dtype"], str) else None
+    if dtype is None:
+        raise CheckpointFormatError(f"{where}: unsupported dtype {_shown(info['dtype'])}")
+    shape = info["shape"]
+    if not _sizes(shape):
+        raise CheckpointFormatError(
+            f"{where}: 'shape' must be a list of at most {_MAX_DIMS} sizes (ints >= 0), "
+            f"not {_shown(shape)}"
+        )
+    offsets = info["data_offsets"]
+    if not (_sizes(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1]):
+        raise CheckpointFormatError(
+            f"{where}: 'data_offsets' must be [begin, end] with 0 <= begin <= end, "
+            f"not {_shown(offsets)}"
+        )
+    begin, end = offsets
+    nbytes = _numel(shape) * dtype.itemsize
+    if nbytes != end - begin:
+        raise CheckpointFormatError(
+            f"{where}: 'data_offsets' span {end - begin} bytes, its dtype and shape need {nbytes}"
+        )
+    return _Stored(key, dtype, shape, begin, end)
+
+
+def _check_tiling(entries: dict[str, _Stored], data_bytes: int, path: str) -> None:
+    """The entries cover the data section exactly, each byte once (safetensors' own rule)."""
+    position = 0
+    for entry in sorted(entries.values(), key=lambda e: (e.begin, e.end)):
+        if entry.begin != position:
+            problem = "overlaps the one before" if entry.begin < position else "leaves a gap"
+            raise CheckpointFormatError(
+                f"{path}: header entry {entry.key!r}: 'data_offsets' {[entry.begin, entry.end]} "
+                f"{problem} (entries must tile the data section)"
+            )
+        position = entry.end
+    if position != data_bytes:
+        raise CheckpointFormatError(
+            f"{path}: the header's entries end at {position} bytes of data, but the file has "
+            f"{data_bytes} after the header (truncated, extended, or a wrong header length)"
+        )
+
+
+def _sizes(value: Any) -> bool:
+    return (
+        type(value) is list
+        and len(value) <= _MAX_DIMS
+        and all(type(n) is int and 0 <= n < _MAX_SIZE for n in value)
+    )
+
+
+def _numel(shape: list[int]) -> int:
+    numel = 1
+    for size in shape:
+        numel *= size
+    return numel
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _skeleton_document(metadata: dict[str, str], path: str) -> Any:
+    """The skeleton in ``__metadata__``, or None for a file that astage did not write."""
+    text = metadata.get(METADATA_KEY)
+    if text is None:
+        return None
+    where = f"{path}: __metadata__[{METADATA_KEY!r}]"
+    document = parse_json(text, where)
+    if not isinstance(document, dict) or "version" not in document or "skeleton" not in document:
+        raise CheckpointFormatError(f"{where}: not an object with 'version' and 'skeleton'")
+    version = document["version"]
+    if type(version) is not int or version != FORMAT_VERSION:
+        raise CheckpointFormatError(f"{where}: format version {_shown(version)} is not supported")
+    return document["skeleton"]
 
 
 def _pread_exact(fd: int, nbytes: int, offset: int, path: str) -> bytes:
     chunks = []
     while nbytes:
-        chunk = os.pread(fd, nbytes, offset)
+        chunk = _pread(fd, nbytes, offset, path)
         if not chunk:
             raise CheckpointFormatError(f"{path}: the file ends before its data does")
         chunks.append(chunk)
@@ -267,11 +657,21 @@ def _pread_exact(fd: int, nbytes: int, offset: int, path: str) -> bytes:
     return b"".join(chunks)
 
 
+def _pread(fd: int, nbytes: int, offset: int, path: str) -> bytes:
+    try:
+        return os.pread(fd, nbytes, offset)
+    except OSError as error:
+        raise CheckpointError(f"cannot read {path}: {error.strerror or error}") from error
+
+
 def _read_into(fd: int, tensor: torch.Tensor, offset: int, path: str) -> None:
     view = tensor_memoryview(tensor)
     done = 0
     while done < len(view):
-        got = os.preadv(fd, [view[done:]], offset + done)
+        try:
+            got = os.preadv(fd, [view[done:]], offset + done)
+        except OSError as error:
+            raise CheckpointError(f"cannot read {path}: {error.strerror or error}") from error
         if got <= 0:
             raise CheckpointFormatError(f"{path}: the file ends before its data does")
         done += got
@@ -300,112 +700,167 @@ def storage_memoryview(tensor: torch.Tensor) -> memoryview:
     return memoryview(array).cast("B")
 
 
-def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> Any:
-    """Read a checkpoint file written by :func:`astage.save` back into its nested state dict.
-
-    Containers, plain values and tensors come back as they were saved; tensors that shared a
-    storage (tied weights, views) share one again. A safetensors file that astage did not
-    write loads as a flat ``{key: tensor}`` dict. Blocking: from async code, run it in a
-    thread (``await anyio.to_thread.run_sync(astage.load, path)``).
-    """
-    name = os.fspath(path)
-    try:
-        fd = os.open(name, os.O_RDONLY)
-    except FileNotFoundError as error:
-        raise CheckpointNotFoundError(f"no checkpoint file at {name}") from error
-    except OSError as error:
-        raise CheckpointError(f"cannot open {name}: {error.strerror or error}") from error
-    try:
-        header, data_start = read_header(fd, name)
-        meta = header.pop("__metadata__", None) or {}
-        stored: dict[str, torch.Tensor] = {}
-        for key, info in header.items():
-            stored[key] = _read_entry(fd, key, info, data_start, name)
-    finally:
-        os.close(fd)
-    target = torch.device(device)
-    if target.type != "cpu":
-        stored = {key: tensor.to(target) for key, tensor in stored.items()}
-    text = meta.get(METADATA_KEY) if isinstance(meta, dict) else None
-    if text is None:
-        return stored
-    try:
-        document = json.loads(text)
-        version = document["version"]
-        skeleton = document["skeleton"]
-    except (ValueError, KeyError, TypeError) as error:
-        raise CheckpointFormatError(
-            f"{name}: unreadable __metadata__[{METADATA_KEY!r}]: {error}"
-        ) from error
-    if version != FORMAT_VERSION:
-        raise CheckpointFormatError(f"{name}: astage format version {version} is not supported")
-    return _Decoder(stored, name).decode(skeleton)
-
-
-def _read_entry(fd: int, key: str, info: Any, data_start: int, name: str) -> torch.Tensor:
-    if not isinstance(info, dict):
-        raise CheckpointFormatError(f"{name}: header entry {key!r} is not a JSON object")
-    part = "dtype"
-    try:
-        dtype = _DTYPES_BY_NAME.get(info[part])
-        if dtype is None:
-            raise CheckpointFormatError(
-                f"{name}: header entry {key!r}: unsupported dtype {info[part]!r}"
-            )
-        part = "shape"
-        shape = [int(size) for size in info[part]]
-        part = "data_offsets"
-        begin, end = (int(offset) for offset in info[part])
-    except (KeyError, TypeError, ValueError) as error:
-        raise CheckpointFormatError(
-            f"{name}: header entry {key!r}: missing or bad {part!r}"
-        ) from error
-    tensor = torch.empty(shape, dtype=dtype)
-    if tensor.nbytes != end - begin:
-        raise CheckpointFormatError(
-            f"{name}: header entry {key!r}: 'data_offsets' span {end - begin} bytes, its "
-            f"dtype and shape need {tensor.nbytes}"
-        )
-    _read_into(fd, tensor, data_start + begin, name)
-    return tensor
+_TENSOR_KEYS = frozenset({"tensor", "dtype", "shape", "stride", "offset", "conj", "neg", "attrs"})
+_VIEW_KEYS = ("dtype", "offset", "shape", "stride")
 
 
 class _Decoder(SkeletonDecoder):
-    def __init__(self, stored: dict[str, torch.Tensor], name: str) -> None:
+    """Rebuilds a state dict from a skeleton; with ``stored`` None, only checks it."""
+
+    def __init__(
+        self,
+        entries: dict[str, _Stored],
+        stored: dict[str, torch.Tensor] | None,
+        name: str,
+        device: torch.device | None,
+    ) -> None:
+        self._entries = entries
         self._stored = stored
         self._name = name
+        self._device = device
+        self._on_device: dict[str, torch.Tensor] = {}
 
     def decode_other(self, node: dict[str, Any]) -> Any:
         if "tensor" in node:
             return self._tensor(node)
+        if "numpy" in node:
+            return self._array(node)
         raise self.bad(node)
 
     def bad(self, node: Any) -> AstageError:
         shown = sorted(node) if isinstance(node, dict) else type(node).__name__
-        return CheckpointFormatError(f"{self._name}: bad skeleton node {shown}")
+        return self.invalid(f"not a skeleton node: {shown}")
 
-    def _tensor(self, node: dict[str, Any]) -> torch.Tensor:
-        key = node["tensor"]
-        base = self._stored.get(key) if isinstance(key, str) else None
-        if base is None:
-            raise CheckpointFormatError(f"{self._name}: skeleton names no header entry {key!r}")
-        if "dtype" not in node:
-            return base
-        dtype = TORCH_DTYPES.get(node["dtype"])
-        if dtype is None:
-            raise CheckpointFormatError(
-                f"{self._name}: skeleton view of {key!r}: unknown 'dtype' {node['dtype']!r}"
-            )
-        for part in ("offset", "shape", "stride"):
-            if part not in node:
-                raise CheckpointFormatError(
-                    f"{self._name}: skeleton view of {key!r}: missing {part!r}"
-                )
-        view = torch.empty((0,), dtype=dtype, device=base.device).set_(
-            base.untyped_storage(), node["offset"], node["shape"], node["stride"]
+    def invalid(self, problem: str) -> AstageError:
+        return CheckpointFormatError(
+            f"{self._name}: __metadata__[{METADATA_KEY!r}]: the skeleton node at "
+            f"{format_path(self.path)}: {problem}"
         )
-        if node.get("conj"):
-            view = view.conj()
-        if node.get("neg"):
-            view = neg_view(view)
+
+    def _entry_of(self, node: dict[str, Any], tag: str) -> _Stored:
+        key = node[tag]
+        entry = self._entries.get(key) if isinstance(key, str) else None
+        if entry is None:
+            raise self.invalid(f"{tag!r} names no header entry: {_shown(key)}")
+        return entry
+
+    def _base(self, key: str) -> torch.Tensor:
+        assert self._stored is not None
+        base = self._on_device.get(key)
+        if base is None:
+            base = self._stored[key]
+            if self._device is not None and self._device.type != "cpu":
+                base = base.to(self._device)
+            self._on_device[key] = base
+        return base
+
+    def _tensor(self, node: dict[str, Any]) -> torch.Tensor | None:
+        unknown = set(node) - _TENSOR_KEYS
+        if unknown:
+            raise self.invalid(f"unknown tensor fields {sorted(unknown)}")
+        entry = self._entry_of(node, "tensor")
+        attributes = self._attributes(node.get("attrs", []))
+        if "dtype" not in node:
+            extra = [part for part in (*_VIEW_KEYS[1:], "conj", "neg") if part in node]
+            if extra:
+                raise self.invalid(f"{extra[0]!r} without 'dtype'")
+            tensor = None if self._stored is None else self._base(entry.key)
+        else:
+            tensor = self._view(node, entry)
+        if tensor is not None:
+            for attribute, value in attributes:
+                setattr(tensor, attribute, value)
+        return tensor
+
+    def _view(self, node: dict[str, Any], entry: _Stored) -> torch.Tensor | None:
+        for part in _VIEW_KEYS:
+            if part not in node:
+                raise self.invalid(f"a view of {entry.key!r}: missing {part!r}")
+        name = node["dtype"]
+        dtype = _VIEW_DTYPES.get(name) if isinstance(name, str) else None
+        if dtype is None:
+            raise self.invalid(f"unsupported 'dtype' {_shown(name)}")
+        shape, stride, offset = node["shape"], node["stride"], node["offset"]
+        if not (_sizes(shape) and _sizes(stride) and len(shape) == len(stride)):
+            raise self.invalid(
+                f"'shape' {_shown(shape)} and 'stride' {_shown(stride)} must be lists of as "
+                f"many ints >= 0 (at most {_MAX_DIMS})"
+            )
+        if type(offset) is not int or not 0 <= offset < _MAX_SIZE:
+            raise self.invalid(f"'offset' must be an int >= 0, not {_shown(offset)}")
+        conj, neg = node.get("conj", False), node.get("neg", False)
+        if conj is not False and not (conj is True and dtype.is_complex):
+            raise self.invalid(f"'conj' {_shown(conj)} on a view of dtype {name}")
+        if neg is not False and not (neg is True and (dtype.is_complex or dtype in _NEG_KINDS)):
+            raise self.invalid(f"'neg' {_shown(neg)} on a view of dtype {name}")
+        # The view must lie inside its entry: torch would otherwise grow the storage with
+        # uninitialised bytes (set_ resizes a storage that is too small).
+        if 0 in shape:
+            needed = offset * dtype.itemsize
+        else:
+            last = offset + sum((size - 1) * step for size, step in zip(shape, stride, strict=True))
+            needed = (last + 1) * dtype.itemsize
+        if needed > entry.nbytes:
+            raise self.invalid(
+                f"a {name} view (shape {shape}, stride {stride}, offset {offset}) reaches "
+                f"byte {needed}, past the end of entry {entry.key!r} ({entry.nbytes} bytes)"
+            )
+        if self._stored is None:
+            return None
+        base = self._base(entry.key)
+        try:
+            view = torch.empty((0,), dtype=dtype, device=base.device).set_(
+                base.untyped_storage(), offset, shape, stride
+            )
+            if conj:
+                view = view.conj()
+            if neg:
+                view = neg_view(view)
+        except RuntimeError as error:  # anything torch refuses that the checks above let by
+            raise self.invalid(f"torch refuses this view: {error}") from None
         return view
+
+    def _attributes(self, value: Any) -> list[tuple[str, Any]]:
+        if type(value) is not list:
+            raise self.invalid("'attrs' must be a list of [name, value] pairs")
+        attributes = []
+        for pair in value:
+            if type(pair) is not list or len(pair) != 2 or type(pair[0]) is not str:
+                raise self.invalid(f"'attrs' must hold [name, value] pairs, not {_shown(pair)}")
+            name = pair[0]
+            if (
+                not name.isidentifier()
+                or name.startswith("__")
+                or hasattr(torch.nn.Parameter, name)
+            ):
+                raise self.invalid(f"a tensor attribute may not be named {name!r}")
+            attributes.append((name, self.decode(pair[1])))
+        return attributes
+
+    def _array(self, node: dict[str, Any]) -> Any:
+        if set(node) != {"numpy", "dtype", "shape"}:
+            raise self.invalid(f"a numpy node has the fields {sorted(node)}")
+        entry = self._entry_of(node, "numpy")
+        numpy = numpy_or_none()
+        if numpy is None:
+            raise self.invalid("a numpy array needs numpy, which is not installed")
+        dtype_text, shape = node["dtype"], node["shape"]
+        dtype = None
+        if isinstance(dtype_text, str) and len(dtype_text) <= 4:
+            try:
+                dtype = numpy.dtype(dtype_text)
+            except (TypeError, ValueError):
+                dtype = None
+        if dtype is None or dtype.kind not in "biufc" or dtype.str != dtype_text:
+            raise self.invalid(f"unsupported numpy 'dtype' {_shown(dtype_text)}")
+        if not _sizes(shape) or _numel(shape) * dtype.itemsize != entry.nbytes:
+            raise self.invalid(
+                f"numpy 'shape' {_shown(shape)} of {dtype_text} does not fill entry "
+                f"{entry.key!r} ({entry.nbytes} bytes)"
+            )
+        if self._stored is None:
+            return None
+        storage = self._stored[entry.key].untyped_storage()
+        data = torch.empty((0,), dtype=torch.uint8).set_(storage).numpy()
+        little = data.view(dtype.newbyteorder("<")).reshape(shape)
+        return little.astype(dtype)  # the array's own byte order, and its own memory

@@ -8,24 +8,46 @@ header (:mod:`astage._replication`) both carry a skeleton. A node is
 - ``{"list": [...]}``, ``{"tuple": [...]}``, ``{"dict": [[key, value], ...]}``,
   ``{"odict": [[key, value], ...]}``, the last with an optional ``"_metadata"`` (what
   ``Module.state_dict()`` hangs on its OrderedDict: plain values only);
-- whatever a format adds for tensors (``encode_tensor`` / ``decode_other``).
+- ``{"set": [...]}``, ``{"frozenset": [...]}`` (hashable plain values only);
+- ``{"namespace": [[name, value], ...]}``: an ``argparse.Namespace`` (no tensors inside);
+- ``{"torch.Size": [ints]}``, ``{"torch.dtype": "float32"}``;
+- ``{"path": ["PurePosixPath" | "PureWindowsPath" | "PosixPath" | "WindowsPath", str]}``;
+- ``{"enum": ["module", "Qual.Name", value]}``: an ``Enum`` member by its class and plain value;
+- ``{"numpy.scalar": ["<f4", "0000c03f"]}``: a numpy number by its dtype and its bytes in hex;
+- whatever a format adds for tensors and arrays (``encode_tensor``, ``encode_array`` /
+  ``decode_other``).
 
-Keys are plain values too. A container that contains itself cannot be encoded.
+Keys are plain values too. A container that contains itself cannot be encoded, and containers
+nest at most :data:`MAX_DEPTH` deep, both ways: what is saved can be loaded, and a hostile
+skeleton cannot exhaust the stack.
+
+Decoding trusts nothing: every node is checked for its shape and type, and an error names the
+node's path. No code of the file's runs: an enum is looked up only in a module that is already
+imported (never imported because a file names it), through the class's own ``__dict__``
+(no ``__getattr__``), and its member by value without calling ``_missing_``.
 """
 
 from __future__ import annotations
 
+import argparse
+import enum
 import math
+import pathlib
+import re
+import sys
 from collections import OrderedDict
 from typing import Any
 
 import torch
 
 from .._errors import AstageError
-from .._paths import Attr, Path
+from .._paths import Attr, Path, format_path
 
 PLAIN_TYPES = (str, int, float, bool, type(None))
 """Values a skeleton holds as themselves (a float that is not finite is tagged)."""
+
+MAX_DEPTH = 100
+"""How deep containers may nest inside each other (the root container is depth 1)."""
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     str(value).removeprefix("torch."): value
@@ -34,9 +56,29 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 }
 """Every torch dtype by the name a skeleton records (``"float32"``, ``"bfloat16"``, ...)."""
 
+_PATH_TYPES: dict[str, type[pathlib.PurePath]] = {
+    cls.__name__: cls
+    for cls in (
+        pathlib.PurePosixPath,
+        pathlib.PureWindowsPath,
+        pathlib.PosixPath,
+        pathlib.WindowsPath,
+    )
+}
+_PURE_FLAVOUR = {"PosixPath": pathlib.PurePosixPath, "WindowsPath": pathlib.PureWindowsPath}
+_NUMPY_DTYPE = re.compile(r"[<>|][biufc][0-9]{1,2}")
+"""numpy dtype strings of plain numbers (``"<f4"``, ``"|b1"``): the only ones decoded."""
+_FLOAT_TAGS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+_SET_TYPES: dict[str, type] = {"set": set, "frozenset": frozenset}
+
+
+def _numpy() -> Any:
+    """The numpy module if something already imported it (a numpy value implies it was)."""
+    return sys.modules.get("numpy")
+
 
 class SkeletonEncoder:
-    """Encodes everything but tensors; a format's subclass encodes those.
+    """Encodes everything but tensors and arrays; a format's subclass encodes those.
 
     ``error`` is the AstageError subclass raised for what cannot be encoded, ``verb`` how its
     messages say it (``"saved"``, ``"sent"``), ``refusal`` the message for an object of another
@@ -49,7 +91,8 @@ class SkeletonEncoder:
 
     def __init__(self) -> None:
         self._active: set[int] = set()  # containers on the current path: a cycle is an error
-        self._plain_only = False  # inside an OrderedDict's _metadata: no tensors there
+        self._no_tensors: str | None = None  # why no tensor may appear here, inside what
+        self._depth = 0
 
     def encode(self, x: Any, path: Path) -> Any:
         """The JSON node for ``x``: plain values as themselves, the rest as a tagged object."""
@@ -59,22 +102,79 @@ class SkeletonEncoder:
         if cls in (str, int, bool, type(None)):
             return x
         if isinstance(x, torch.Tensor):
-            if self._plain_only:
-                raise self.error("an OrderedDict's _metadata cannot hold tensors", path)
+            if self._no_tensors is not None:
+                raise self.error(f"{self._no_tensors} cannot hold tensors", path)
             return self.encode_tensor(x, path)
-        if cls in (dict, OrderedDict, list, tuple):
+        if cls in (dict, OrderedDict, list, tuple, set, frozenset, argparse.Namespace):
             if id(x) in self._active:
                 raise self.error(f"a container that contains itself cannot be {self.verb}", path)
+            if self._depth >= MAX_DEPTH:
+                raise self.error(
+                    f"containers nested more than {MAX_DEPTH} deep cannot be {self.verb}", path
+                )
             self._active.add(id(x))
+            self._depth += 1
             try:
                 return self._container(x, cls, path)
             finally:
+                self._depth -= 1
                 self._active.discard(id(x))
+        node = self._value(x, cls, path)
+        if node is not None:
+            return node
         raise self.error(self.refusal.format(type=f"{cls.__module__}.{cls.__qualname__}"), path)
+
+    def _value(self, x: Any, cls: type, path: Path) -> Any:
+        """The node of a value that is not a container, or None if it has no node."""
+        if cls is torch.Size:
+            return {"torch.Size": list(x)}
+        if cls is torch.dtype:
+            return {"torch.dtype": str(x).removeprefix("torch.")}
+        if cls in _PATH_TYPES.values():
+            return {"path": [cls.__name__, str(x)]}
+        if isinstance(x, enum.Enum):
+            return self._enum(x, cls, path)
+        numpy = _numpy()
+        if numpy is not None:
+            if cls is numpy.ndarray:
+                if self._no_tensors is not None:
+                    raise self.error(f"{self._no_tensors} cannot hold arrays", path)
+                return self.encode_array(x, path)
+            if isinstance(x, numpy.generic) and cls.__module__ == "numpy":
+                dtype = x.dtype
+                if dtype.kind in "biufc" and _NUMPY_DTYPE.fullmatch(dtype.str):
+                    return {"numpy.scalar": [dtype.str, x.tobytes().hex()]}
+        return None
+
+    def _enum(self, x: enum.Enum, cls: type, path: Path) -> Any:
+        if "<locals>" in cls.__qualname__ or sys.modules.get(cls.__module__) is None:
+            raise self.error(
+                f"cannot save the enum {cls.__qualname__}: a loader finds an enum class by its "
+                f"module and name, and {cls.__module__}.{cls.__qualname__} cannot be found so",
+                path,
+            )
+        outer, self._no_tensors = self._no_tensors, "an enum value"
+        try:
+            value = self.encode(x.value, path)
+        finally:
+            self._no_tensors = outer
+        return {"enum": [cls.__module__, cls.__qualname__, value]}
 
     def _container(self, x: Any, cls: type, path: Path) -> Any:
         if cls is list or cls is tuple:
             return {cls.__name__: [self.encode(value, (*path, i)) for i, value in enumerate(x)]}
+        if cls is set or cls is frozenset:
+            return {cls.__name__: self._plain_items(x, path, f"a {cls.__name__}")}
+        if cls is argparse.Namespace:
+            outer, self._no_tensors = self._no_tensors, "an argparse.Namespace"
+            try:
+                items = [
+                    [name, self.encode(value, (*path, Attr(name)))]
+                    for name, value in vars(x).items()
+                ]
+            finally:
+                self._no_tensors = outer
+            return {"namespace": items}
         pairs = []
         for key, value in x.items():
             if type(key) not in PLAIN_TYPES:
@@ -89,42 +189,72 @@ class SkeletonEncoder:
         node: dict[str, Any] = {"odict": pairs}
         extra = getattr(x, "_metadata", None)
         if extra is not None:
-            outer, self._plain_only = self._plain_only, True
+            outer, self._no_tensors = self._no_tensors, "an OrderedDict's _metadata"
             try:
                 node["_metadata"] = self.encode(extra, (*path, Attr("_metadata")))
             finally:
-                self._plain_only = outer
+                self._no_tensors = outer
         return node
+
+    def _plain_items(self, x: Any, path: Path, inside: str) -> list[Any]:
+        outer, self._no_tensors = self._no_tensors, inside
+        try:
+            return [self.encode(value, (*path, Attr(f"<{inside} item>"))) for value in x]
+        finally:
+            self._no_tensors = outer
 
     def encode_tensor(self, x: torch.Tensor, path: Path) -> Any:
         raise NotImplementedError
 
+    def encode_array(self, x: Any, path: Path) -> Any:
+        """The node of a numpy array; refused unless a format stores arrays."""
+        raise self.error(self.refusal.format(type="numpy.ndarray"), path)
+
 
 class SkeletonDecoder:
-    """Decodes what :class:`SkeletonEncoder` wrote; a format's subclass decodes its tensors."""
+    """Decodes what :class:`SkeletonEncoder` wrote; a format's subclass decodes its tensors.
+
+    A node that is malformed raises :meth:`invalid` (by default :meth:`bad`), never a raw
+    ``TypeError`` or ``KeyError``; :attr:`path` is where the decoder is, for messages.
+    """
 
     def decode(self, node: Any) -> Any:
-        if not isinstance(node, dict):
-            if isinstance(node, list):
-                raise self.bad(node)
+        """The value of ``node``."""
+        if "_path" not in vars(self):
+            self._path: list[Any] = []
+            self._depth = 0
+        cls = type(node)
+        if cls in (str, int, bool, type(None)) or (cls is float and math.isfinite(node)):
             return node
+        if cls is not dict:
+            raise self.bad(node)
         if len(node) == 1:
             ((tag, value),) = node.items()
-            if tag == "float":
-                return float(value)
-            if tag == "list":
-                return [self.decode(item) for item in value]
-            if tag == "tuple":
-                return tuple(self.decode(item) for item in value)
-            if tag == "dict":
-                return {self.decode(k): self.decode(v) for k, v in value}
-            if tag == "odict":
-                return OrderedDict((self.decode(k), self.decode(v)) for k, v in value)
+            decode = _DECODERS.get(tag)
+            if decode is not None:
+                if tag in _NESTING:
+                    if self._depth >= MAX_DEPTH:
+                        raise self.invalid(f"containers nested more than {MAX_DEPTH} deep")
+                    self._depth += 1
+                    try:
+                        return decode(self, value)
+                    finally:
+                        self._depth -= 1
+                return decode(self, value)
         if len(node) == 2 and "odict" in node and "_metadata" in node:
             restored = self.decode({"odict": node["odict"]})
-            restored._metadata = self.decode(node["_metadata"])
+            self._path.append(Attr("_metadata"))
+            try:
+                restored._metadata = self.decode(node["_metadata"])
+            finally:
+                self._path.pop()
             return restored
         return self.decode_other(node)
+
+    @property
+    def path(self) -> Path:
+        """The path of the node being decoded."""
+        return tuple(vars(self).get("_path", ()))
 
     def decode_other(self, node: dict[str, Any]) -> Any:
         """A node that is none of the common ones (a tensor, for instance)."""
@@ -133,3 +263,217 @@ class SkeletonDecoder:
     def bad(self, node: Any) -> AstageError:
         """The error for a node that cannot be decoded."""
         raise NotImplementedError
+
+    def invalid(self, problem: str) -> AstageError:
+        """The error for a node whose content is wrong; ``problem`` says how."""
+        return AstageError(f"bad skeleton node at {format_path(self.path)}: {problem}")
+
+    # -- the common nodes ---------------------------------------------------------------------
+
+    def _float(self, value: Any) -> float:
+        if not isinstance(value, str) or value not in _FLOAT_TAGS:
+            raise self.invalid(f"'float' must be 'nan', 'inf' or '-inf', not {_shown(value)}")
+        return float(value)  # a new object: two NaN keys stay two keys
+
+    def _items(self, value: Any, tag: str) -> list[Any]:
+        if type(value) is not list:
+            raise self.invalid(f"{tag!r} must hold a list, not {_shown(value)}")
+        items = []
+        for i, item in enumerate(value):
+            self._path.append(i)
+            try:
+                items.append(self.decode(item))
+            finally:
+                self._path.pop()
+        return items
+
+    def _list(self, value: Any) -> list[Any]:
+        return self._items(value, "list")
+
+    def _tuple(self, value: Any) -> tuple[Any, ...]:
+        return tuple(self._items(value, "tuple"))
+
+    def _pairs(self, value: Any, tag: str) -> list[tuple[Any, Any]]:
+        if type(value) is not list:
+            raise self.invalid(f"{tag!r} must hold a list of [key, value] pairs")
+        pairs = []
+        seen: set[Any] = set()
+        for pair in value:
+            if type(pair) is not list or len(pair) != 2:
+                raise self.invalid(f"{tag!r} must hold [key, value] pairs, not {_shown(pair)}")
+            key = self.decode(pair[0])
+            if type(key) not in PLAIN_TYPES:
+                raise self.invalid(f"a dict key must be a plain value, not {_shown(pair[0])}")
+            if key in seen:
+                raise self.invalid(f"the dict key {key!r} appears twice")
+            seen.add(key)
+            self._path.append(key)
+            try:
+                pairs.append((key, self.decode(pair[1])))
+            finally:
+                self._path.pop()
+        return pairs
+
+    def _dict(self, value: Any) -> dict[Any, Any]:
+        return dict(self._pairs(value, "dict"))
+
+    def _odict(self, value: Any) -> OrderedDict[Any, Any]:
+        return OrderedDict(self._pairs(value, "odict"))
+
+    def _set(self, value: Any, tag: str) -> Any:
+        items = self._items(value, tag)
+        for item in items:
+            if not _hashable(item):
+                raise self.invalid(f"a {tag} item must be hashable, not {type(item).__name__}")
+        result = _SET_TYPES[tag](items)
+        if len(result) != len(items) and not any(_has_nan(item) for item in items):
+            raise self.invalid(f"a {tag} holds an item twice")
+        return result
+
+    def _namespace(self, value: Any) -> argparse.Namespace:
+        if type(value) is not list:
+            raise self.invalid("'namespace' must hold a list of [name, value] pairs")
+        result = argparse.Namespace()
+        names = set()
+        for pair in value:
+            if type(pair) is not list or len(pair) != 2 or type(pair[0]) is not str:
+                raise self.invalid(f"'namespace' must hold [name, value] pairs, not {_shown(pair)}")
+            name = pair[0]
+            if name in names:
+                raise self.invalid(f"the namespace attribute {name!r} appears twice")
+            names.add(name)
+            self._path.append(Attr(name))
+            try:
+                vars(result)[name] = self.decode(pair[1])
+            finally:
+                self._path.pop()
+        return result
+
+    def _size(self, value: Any) -> torch.Size:
+        if type(value) is not list or not all(type(n) is int and n >= 0 for n in value):
+            raise self.invalid(f"'torch.Size' must hold sizes (ints >= 0), not {_shown(value)}")
+        try:
+            return torch.Size(value)
+        except (RuntimeError, TypeError, OverflowError) as error:  # a size beyond int64
+            raise self.invalid(f"'torch.Size' {_shown(value)}: {error}") from None
+
+    def _dtype(self, value: Any) -> torch.dtype:
+        dtype = TORCH_DTYPES.get(value) if isinstance(value, str) else None
+        if dtype is None:
+            raise self.invalid(f"unknown 'torch.dtype' {_shown(value)}")
+        return dtype
+
+    def _pathlib(self, value: Any) -> pathlib.PurePath:
+        if (
+            type(value) is not list
+            or len(value) != 2
+            or not isinstance(value[0], str)
+            or value[0] not in _PATH_TYPES
+            or type(value[1]) is not str
+        ):
+            raise self.invalid(f"'path' must hold [a pathlib class name, str], not {_shown(value)}")
+        kind, text = value
+        try:
+            return _PATH_TYPES[kind](text)
+        except (NotImplementedError, OSError, ValueError):
+            # A WindowsPath read on POSIX (or the reverse) cannot exist here: its pure flavour.
+            return _PURE_FLAVOUR[kind](text)
+
+    def _enum(self, value: Any) -> enum.Enum:
+        if (
+            type(value) is not list
+            or len(value) != 3
+            or type(value[0]) is not str
+            or type(value[1]) is not str
+        ):
+            raise self.invalid(f"'enum' must hold [module, qualname, value], not {_shown(value)}")
+        module_name, qualname, raw = value
+        where = f"{module_name}.{qualname}"
+        # Never import: a file must not choose which code runs. Look the class up in a module
+        # the program imported itself, through plain __dict__ lookups (no __getattr__).
+        found: Any = sys.modules.get(module_name)
+        if found is None:
+            raise self.invalid(
+                f"the enum class {where} is not available: its module {module_name!r} is not "
+                "imported (astage never imports a module a file names; import it first)"
+            )
+        for part in qualname.split("."):
+            found = vars(found).get(part) if hasattr(found, "__dict__") else None
+        if not (isinstance(found, type) and issubclass(found, enum.Enum)):
+            raise self.invalid(f"{where} is not an enum class")
+        member_value = self.decode(raw)
+        for member in found.__members__.values():
+            if type(member.value) is type(member_value) and member.value == member_value:
+                return member
+        if issubclass(found, enum.Flag) and type(member_value) is int:
+            try:
+                return found(member_value)  # a combination of flags
+            except (ValueError, TypeError):
+                pass
+        raise self.invalid(f"{where} has no member of value {member_value!r}")
+
+    def _numpy_scalar(self, value: Any) -> Any:
+        if (
+            type(value) is not list
+            or len(value) != 2
+            or type(value[0]) is not str
+            or not _NUMPY_DTYPE.fullmatch(value[0])
+            or type(value[1]) is not str
+        ):
+            raise self.invalid(f"'numpy.scalar' must hold [dtype, hex], not {_shown(value)}")
+        numpy = numpy_or_none()
+        if numpy is None:
+            raise self.invalid("a numpy scalar needs numpy, which is not installed")
+        try:
+            dtype = numpy.dtype(value[0])
+            data = bytes.fromhex(value[1])
+        except (TypeError, ValueError):
+            raise self.invalid(f"bad 'numpy.scalar' {_shown(value)}") from None
+        if dtype.kind not in "biufc" or len(data) != dtype.itemsize:
+            raise self.invalid(f"bad 'numpy.scalar' {_shown(value)}")
+        return numpy.frombuffer(data, dtype=dtype)[0]
+
+
+def numpy_or_none() -> Any:
+    """numpy, imported now if needed (a known library, never a name a file chose), or None."""
+    try:
+        import numpy
+    except ImportError:  # pragma: no cover - numpy is installed with torch in practice
+        return None
+    return numpy
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _hashable(value: Any) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _has_nan(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+_DECODERS: dict[str, Any] = {
+    "float": SkeletonDecoder._float,
+    "list": SkeletonDecoder._list,
+    "tuple": SkeletonDecoder._tuple,
+    "dict": SkeletonDecoder._dict,
+    "odict": SkeletonDecoder._odict,
+    "set": lambda self, value: self._set(value, "set"),
+    "frozenset": lambda self, value: self._set(value, "frozenset"),
+    "namespace": SkeletonDecoder._namespace,
+    "torch.Size": SkeletonDecoder._size,
+    "torch.dtype": SkeletonDecoder._dtype,
+    "path": SkeletonDecoder._pathlib,
+    "enum": SkeletonDecoder._enum,
+    "numpy.scalar": SkeletonDecoder._numpy_scalar,
+}
+"""The decoder of each one-key node, by its key."""
+_NESTING = frozenset({"list", "tuple", "dict", "odict", "set", "frozenset", "namespace"})
