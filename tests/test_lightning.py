@@ -413,3 +413,19 @@ def test_an_fsspec_url_is_written_too(plugins: Callable[..., AstageCheckpointIO]
     plugin.remove_checkpoint("memory://astage-test/a.ckpt")
     with pytest.raises(FileNotFoundError):
         plugin.load_checkpoint("memory://astage-test/a.ckpt")
+
+
+def test_the_step_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import lightning_steps
+
+    threads = torch.get_num_threads()  # the benchmark sets its own; the suite keeps its own
+    tiny = ["--layers", "1", "--width", "32", "--heads", "2", "--vocab", "50", "--context", "8"]
+    try:
+        assert (
+            lightning_steps.main([*tiny, "--steps", "4", "--every", "2", "--only", "astage"]) == 0
+        )
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "| astage | " in out
+    assert "a checkpoint every 2 steps" in out
