@@ -658,3 +658,41 @@ def test_blocking_stager_with_cache_pins_on_cuda() -> None:
     staged = stager.stage({"w": torch.randn(1 << 16, device="cuda")})
     assert staged["w"].is_pinned()
     stager.close()
+
+
+# -- _ReplicationStager (its exchanges: tests/test_replication_peers.py) ------------------------
+
+
+def test_replication_stager_is_importable_with_dcps_constructor() -> None:
+    import inspect
+    import os
+    import tempfile
+
+    import torch.distributed as dist
+
+    ours = inspect.signature(compat._ReplicationStager.__init__).parameters
+    theirs = inspect.signature(dcp_staging._ReplicationStager.__init__).parameters
+    assert list(ours) == list(theirs)
+    assert [p.default for p in ours.values()] == [p.default for p in theirs.values()]
+    if dist.is_initialized():  # pragma: no cover - another test left a group behind
+        pytest.skip("a process group is initialized in this process")
+    stager = compat._ReplicationStager(None)
+    try:
+        assert isinstance(stager, dcp_staging.AsyncStager)
+        assert not stager.should_synchronize_after_execute  # as DCP's
+        # no storage_dir: a fresh temporary directory, as DCP's
+        assert os.path.dirname(stager.storage_dir) == tempfile.gettempdir()
+        assert os.path.basename(stager.storage_dir).startswith("replication_stager_")
+        assert os.path.isdir(stager.storage_dir)
+        sd = {"w": torch.ones(2)}
+        assert stager.stage(sd, extra=1) is sd  # without a process group, as DCP does
+    finally:
+        stager.close()
+        os.rmdir(stager.storage_dir)
+    with pytest.raises(astage.StagerClosedError, match="_ReplicationStager"):
+        stager.stage(sd)
+
+
+def test_replication_stager_refuses_a_device_other_than_the_cpu(tmp_path: Any) -> None:
+    with pytest.raises(astage.InvalidOptionsError, match="device"):
+        compat._ReplicationStager(None, device=torch.device("cuda"), storage_dir=str(tmp_path))
