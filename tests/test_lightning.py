@@ -403,6 +403,8 @@ def test_bad_arguments_are_refused(
         plugins().save_checkpoint({}, tmp_path / "a.ckpt", storage_options={"x": 1})
     with pytest.raises(astage.InvalidOptionsError):
         AstageCheckpointIO(pin_memory="sometimes")
+    with pytest.raises(astage.InvalidOptionsError, match="snapshots=2"):
+        AstageCheckpointIO(buffers=2)
 
 
 def test_an_fsspec_url_is_written_too(plugins: Callable[..., AstageCheckpointIO]) -> None:

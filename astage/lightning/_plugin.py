@@ -92,6 +92,11 @@ class AstageCheckpointIO(CheckpointIO):
         if isinstance(snapshots, bool) or not isinstance(snapshots, int) or snapshots < 1:
             raise InvalidOptionsError(f"snapshots must be an int >= 1, got {snapshots!r}")
         self._options = make_options(options, overrides)
+        if self._options.buffers != 1:
+            raise InvalidOptionsError(
+                f"{type(self).__name__} keeps its own buffer sets: pass snapshots="
+                f"{self._options.buffers} instead of buffers={self._options.buffers}"
+            )
         self._snapshots = snapshots
         self._pool = SnapshotPool(snapshots, self._options)
         self._writer = BackgroundWriter()
@@ -141,7 +146,11 @@ class AstageCheckpointIO(CheckpointIO):
                 self._wait_seconds += snapshot.waited_s
             if snapshot.memory_refused:
                 self._memory_refusals += 1
-            self._writer.submit(WriteJob(target, snapshot.staged, snapshot.release))
+            try:
+                self._writer.submit(WriteJob(target, snapshot.staged, snapshot.release))
+            except BaseException:
+                snapshot.release()  # nothing will write it: its buffers are free again
+                raise
             self._stage_seconds += time.perf_counter() - started
 
     @override
