@@ -179,7 +179,7 @@ def test_module_state_dict_rebuilt_each_call_is_replayed() -> None:
 
 def test_parameters_keep_their_type_and_requires_grad() -> None:
     model = _model()
-    first: Any = model[0]
+    first: Any = model.get_submodule("0")
     first.bias.requires_grad_(False)
     cache = new_cache()
     check_call(cache, model.state_dict(keep_vars=True), replayed=False)
@@ -290,6 +290,9 @@ def _changes() -> Iterator[tuple[str, Callable[[dict[str, Any]], Any]]]:
     yield "list longer", lambda sd: {**sd, "l": [*sd["l"], torch.ones(1)]}
     yield "atoms tuple gets a tensor", lambda sd: {**sd, "t": (1, torch.ones(1))}
     yield "a shared list", lambda sd: {**sd, "n": {"a": sd["l"], "b": sd["l"]}}
+    yield "atoms lists become one", lambda sd: {**sd, "m2": sd["m"]}
+    yield "a tensor in a list of atoms", lambda sd: {**sd, "m": ["x", torch.ones(1)]}
+    yield "t_ on a square", lambda sd: {**sd, "q": sd["q"].t_()}
     yield "an attribute on a tensor", lambda sd: {**sd, "w": _with_attribute(sd["w"])}
     yield "an attribute on a dict", lambda sd: _with_attribute(collections.OrderedDict(sd))
 
@@ -313,6 +316,9 @@ def _recorded() -> dict[str, Any]:
         "l": [torch.randn(2), "x"],
         "t": (1, 2.0),
         "i": 5,
+        "q": torch.randn(3, 3),
+        "m": ["x"],
+        "m2": ["x"],
     }
 
 
@@ -334,7 +340,7 @@ def test_a_change_falls_back_to_the_full_walk(name: str) -> None:
 
 
 NEW_STORAGES = {"set_ another storage", ".data = another tensor"}
-UNRECORDABLE = {"a shared list", "an attribute on a tensor"}
+UNRECORDABLE = {"a shared list", "an attribute on a tensor", "atoms lists become one"}
 
 
 def test_a_storage_resized_in_place_is_still_refused() -> None:
@@ -509,3 +515,187 @@ def test_compat_replays() -> None:
 
 
 EXAMPLES = int(os.environ.get("ASTAGE_REPLAY_EXAMPLES", "150"))
+
+
+# -- the property: any change between calls, replayed or walked, stages what a fresh cache does --
+
+hypothesis = pytest.importorskip("hypothesis")  # not on the GPU machines
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_DTYPES = [torch.float32, torch.complex64, torch.int16, torch.float64]
+_KINDS = ["whole", "same", "slice", "strided", "bytes", "conj", "neg", "param"]
+_CHANGES = [
+    "rebuild",
+    "swap storage",
+    "set_",
+    "resize_",
+    "unsqueeze_",
+    ".data = conj",
+    ".data = neg",
+    "rename",
+    "add",
+    "remove",
+    "ordered",
+    "to int",
+    "share list",
+    "same object",
+    "temporary",
+    "t_",
+    "tensor among atoms",
+]
+
+
+class Scenario:
+    """Base tensors, and leaves over them placed in containers: rebuilt on every ``make()``."""
+
+    def __init__(self, bases: list[torch.Tensor], leaves: list[tuple[int, str, str]]) -> None:
+        self.bases = bases
+        self.leaves = leaves  # (base, kind, container)
+        self.keys = [f"k{i}" for i in range(len(leaves))]
+        self.extra: dict[str, Any] = {}
+        self.ordered = False
+        self.same: Any = None
+        self.atoms: tuple[list[Any], list[Any]] = (["a"], ["a"])
+
+    def leaf(self, base: int, kind: str) -> torch.Tensor:
+        x = self.bases[base]
+        flat = x.detach().reshape(-1) if x.is_contiguous() else x.detach()
+        if kind == "same":
+            return x
+        if kind == "slice" and x.dim() == 1 and x.numel() > 1:
+            return x.detach()[1:]
+        if kind == "strided" and x.dim() == 1 and x.numel() >= 4:
+            return x.detach().as_strided((2, x.numel() // 2), (1, 2))
+        if kind == "bytes" and x.dtype.itemsize >= 2:
+            return flat.view(torch.uint8)[1:]
+        if kind == "conj" and x.is_complex():
+            return x.detach().conj()
+        if kind == "neg":
+            return neg_view(x.detach())
+        if kind == "param" and x.is_floating_point():
+            return torch.nn.Parameter(x.detach(), requires_grad=x.numel() % 2 == 0)
+        return x.detach()
+
+    def make(self) -> Any:
+        top: dict[Any, Any] = collections.OrderedDict() if self.ordered else {}
+        for key, (base, kind, container) in zip(self.keys, self.leaves, strict=True):
+            if key is None:
+                continue
+            x: Any = self.leaf(base, kind)
+            if container == "dict":
+                x = {"x": x, "a": 1}
+            elif container == "list":
+                x = [x, 2]
+            elif container == "tuple":
+                x = (x, "s")
+            top[key] = x
+        top["n"] = 7
+        top["t"] = (1, 2.0)
+        top.update(self.extra)
+        if self.same is not None:
+            top["same1"] = top["same2"] = self.same
+        top["atoms1"], top["atoms2"] = self.atoms
+        return top
+
+    def change(self, change: str, pick: int) -> None:
+        bases = self.bases
+        i = pick % len(bases)
+        x = bases[i]
+        if change == "swap storage":
+            bases[i] = x.clone()
+        elif change == "set_":
+            other = next((b for b in bases if b is not x and b.dtype == x.dtype), None)
+            if other is not None:
+                x.set_(other.untyped_storage(), other.storage_offset(), other.shape, other.stride())
+        elif change == "resize_" and x.dim() == 1 and x.numel() > 1:
+            x.resize_(x.numel() - 1)
+        elif change == "unsqueeze_":
+            x.unsqueeze_(0)
+        elif change == ".data = conj" and x.is_complex():
+            x.data = x.detach().conj()
+        elif change == ".data = neg":
+            x.data = neg_view(x.detach())
+        elif change == "rename":
+            self.keys[pick % len(self.keys)] = f"renamed{pick}"
+        elif change == "add":
+            self.extra[f"added{pick}"] = torch.ones(2) if pick % 2 else "value"
+        elif change == "remove":
+            self.keys[pick % len(self.keys)] = None  # type: ignore[call-overload]
+        elif change == "ordered":
+            self.ordered = not self.ordered
+        elif change == "to int":
+            self.extra[self.keys[pick % len(self.keys)] or "n"] = 3
+        elif change == "share list":
+            self.atoms = (self.atoms[0], self.atoms[0])
+        elif change == "tensor among atoms":
+            self.atoms[1].append(x)
+        elif change == "t_" and x.dim() == 2:
+            x.t_()
+        elif change == "same object":
+            self.same = x
+        elif change == "temporary":
+            self.extra["rng"] = torch.randint(0, 255, (pick % 7 + 1,), dtype=torch.uint8)
+
+    def scramble(self) -> None:
+        """New bytes in every source storage: each call must copy again."""
+        for base in self.bases:
+            storage = base.untyped_storage()
+            if storage.nbytes():
+                torch.empty(0, dtype=torch.uint8).set_(storage).random_(0, 256)
+
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> tuple[Scenario, list[tuple[str, int]]]:
+    shapes = st.one_of(st.tuples(st.integers(1, 12)), st.integers(2, 3).map(lambda n: (n, n)))
+    bases = [
+        torch.empty(draw(shapes), dtype=draw(st.sampled_from(_DTYPES)))
+        for _ in range(draw(st.integers(1, 4)))
+    ]
+    leaves = draw(
+        st.lists(
+            st.tuples(
+                st.integers(0, len(bases) - 1),
+                st.sampled_from(_KINDS),
+                st.sampled_from(["none", "dict", "list", "tuple"]),
+            ),
+            min_size=1,
+            max_size=8,
+        )
+    )
+    changes = draw(
+        st.lists(st.tuples(st.sampled_from(_CHANGES), st.integers(0, 20)), min_size=0, max_size=3)
+    )
+    scenario = Scenario(bases, leaves)
+    scenario.scramble()
+    return scenario, changes
+
+
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(scenarios())
+def test_any_change_between_calls_stages_like_a_fresh_cache(
+    case: tuple[Scenario, list[tuple[str, int]]],
+) -> None:
+    scenario, changes = case
+    cache = new_cache()
+    check_call(cache, scenario.make(), replayed=False)
+    state_dict = scenario.make()
+    scenario.scramble()
+    plan = check_call(cache, state_dict, replayed=True, track_leaves=True)
+    for change, pick in changes:
+        scenario.change(change, pick)
+    for _ in range(2):  # the changed call, then the one after it (recorded again)
+        scenario.scramble()
+        state_dict = scenario.make()
+        plan = stage(cache, state_dict, track_leaves=True)
+        assert_same_staging(plan.result, fresh(state_dict), state_dict)
+        assert len(plan.copies) == len({id(b) for b in plan.copies.buffers})
+        assert plan.tensors == len(plan.leaves)
+    if not changes:
+        assert plan.replayed
