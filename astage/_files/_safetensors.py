@@ -164,6 +164,15 @@ def plan_layout(state_dict: Any, metadata: Mapping[str, str] | None = None) -> L
     """
     builder = _LayoutBuilder()
     skeleton = builder.encode(state_dict, ())
+    if builder.text_chars > MAX_HEADER_BYTES:  # known before the (slow) JSON encoding
+        size, path = builder.longest_text
+        raise UnsavableError(
+            f"the checkpoint header would be over {MAX_HEADER_BYTES} bytes (safetensors' "
+            f"limit, which no reader would open): its strings alone take {builder.text_chars} "
+            f"characters, the longest {size} at {format_path(path)}; keep large values out "
+            "of the state dict or store them as tensors or numpy arrays (not in the header)",
+            path,
+        )
     user = dict(metadata or {})
     for key, value in user.items():
         if not isinstance(key, str) or not isinstance(value, str):

@@ -93,13 +93,22 @@ class SkeletonEncoder:
         self._active: set[int] = set()  # containers on the current path: a cycle is an error
         self._no_tensors: str | None = None  # why no tensor may appear here, inside what
         self._depth = 0
+        self.text_chars = 0
+        """Characters of every str encoded: a lower bound on the skeleton's JSON size."""
+        self.longest_text: tuple[int, Path] = (0, ())
+        """The longest str encoded, and its path."""
 
     def encode(self, x: Any, path: Path) -> Any:
         """The JSON node for ``x``: plain values as themselves, the rest as a tagged object."""
         cls = type(x)
         if cls is float:
             return x if math.isfinite(x) else {"float": repr(x)}
-        if cls in (str, int, bool, type(None)):
+        if cls is str:
+            self.text_chars += len(x)
+            if len(x) > self.longest_text[0]:
+                self.longest_text = (len(x), path)
+            return x
+        if cls in (int, bool, type(None)):
             return x
         if isinstance(x, torch.Tensor):
             if self._no_tensors is not None:
