@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,8 +123,14 @@ def _is_count(value: Any) -> bool:
     return type(value) is int and value >= 0
 
 
+_INT_ONLY = {int}
+
+
 def _counts(value: Any, *, most: int = MAX_NDIM) -> bool:
-    return type(value) is list and len(value) <= most and all(_is_count(n) for n in value)
+    """A list of at most ``most`` counts (C-level checks: this runs for every tensor)."""
+    if type(value) is not list or len(value) > most:
+        return False
+    return not value or (set(map(type, value)) == _INT_ONLY and min(value) >= 0)
 
 
 def _placement_from_json(item: Any, ndim: int) -> Any:
@@ -470,7 +477,8 @@ class _Decoder(SkeletonDecoder):
         return ReplicationError(f"the skeleton{where}: {problem}")
 
     def _tensor(self, node: Any) -> torch.Tensor:
-        if type(node) is not dict or not _TENSOR_KEYS <= set(node) <= _TENSOR_KEYS | _TENSOR_FLAGS:
+        flags = node.keys() - _TENSOR_KEYS if type(node) is dict else None
+        if flags is None or len(node) - len(flags) != len(_TENSOR_KEYS) or flags - _TENSOR_FLAGS:
             raise self.invalid(f"a tensor node needs exactly the fields {sorted(_TENSOR_KEYS)}")
         index, shape, stride, offset = (
             node["storage"],
@@ -490,11 +498,12 @@ class _Decoder(SkeletonDecoder):
             raise self.invalid("fields 'shape' and 'stride' must be equal-length lists of sizes")
         if not _is_count(offset):
             raise self.invalid(f"field 'offset' is {_shown(offset)}, not an offset")
-        for flag in _TENSOR_FLAGS & set(node):
+        for flag in flags:
             if type(node[flag]) is not bool:
                 raise self.invalid(f"field {flag!r} must be true or false")
         if 0 not in shape:
-            last = offset + sum((n - 1) * step for n, step in zip(shape, stride, strict=True))
+            # the last element's index: sum((n - 1) * step), in C
+            last = offset + sum(map(operator.mul, shape, stride)) - sum(stride)
             needed = (last + 1) * dtype.itemsize
             if needed > self._sizes[index]:
                 raise self.invalid(
