@@ -93,6 +93,8 @@ class Run:
     saving: list[float]
     total: float
     checkpoint_mb: float
+    astage: Any = None
+    """``AstageCheckpointIO.stats`` after the run (the astage contender only)."""
 
 
 @dataclass(frozen=True)
@@ -140,11 +142,12 @@ def run_one(name: str, args: argparse.Namespace, folder: Path) -> Run:
         callbacks.append(
             ModelCheckpoint(dirpath=folder, every_n_train_steps=args.every, save_last=True)
         )
+    plugins = plugins_for(name)
     trainer = L.Trainer(
         accelerator=args.device,
         devices=1,
         max_epochs=1,
-        plugins=plugins_for(name),
+        plugins=plugins,
         callbacks=callbacks,
         enable_checkpointing=name != "none",
         default_root_dir=folder,
@@ -161,7 +164,8 @@ def run_one(name: str, args: argparse.Namespace, folder: Path) -> Run:
     saving = [t for i, t in enumerate(steps, 1) if name != "none" and i % args.every == 0]
     plain = [t for i, t in enumerate(steps, 1) if i > 1 and (name == "none" or i % args.every)]
     size = (folder / "last.ckpt").stat().st_size / 1e6 if name != "none" else 0.0
-    return Run(plain, saving, total, size)
+    stats = plugins[0].stats if name == "astage" else None
+    return Run(plain, saving, total, size, stats)
 
 
 def summarize(name: str, runs: Sequence[Run]) -> Result:
@@ -252,6 +256,14 @@ def main(argv: list[str] | None = None) -> int:
         f"lightning {L.__version__}, {args.threads} torch thread(s)"
     )
     print(render(results))
+    for run in runs.get("astage", []):
+        stats = run.astage
+        print(
+            f"astage run: {stats.saves} saves, {stats.waits} waited for a write "
+            f"({stats.wait_seconds:.2f} s), {stats.stage_seconds / stats.saves * 1e3:.0f} ms "
+            f"per save in the training thread, {stats.write_seconds / stats.written * 1e3:.0f} "
+            f"ms per write in the background"
+        )
     return 0
 
 
