@@ -258,11 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     print(render(results))
     for run in runs.get("astage", []):
         stats = run.astage
+        per_save = stats.stage_seconds / max(stats.saves, 1) * 1e3
+        per_write = stats.write_seconds / max(stats.written, 1) * 1e3
         print(
             f"astage run: {stats.saves} saves, {stats.waits} waited for a write "
-            f"({stats.wait_seconds:.2f} s), {stats.stage_seconds / stats.saves * 1e3:.0f} ms "
-            f"per save in the training thread, {stats.write_seconds / stats.written * 1e3:.0f} "
-            f"ms per write in the background"
+            f"({stats.wait_seconds:.2f} s), {per_save:.0f} ms per save in the training "
+            f"thread, {per_write:.0f} ms per write in the background"
         )
     return 0
 
