@@ -36,6 +36,7 @@ import pathlib
 import re
 import sys
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -156,7 +157,7 @@ class SkeletonEncoder:
         return None
 
     def _enum(self, x: enum.Enum, cls: type, path: Path) -> Any:
-        if "<locals>" in cls.__qualname__ or sys.modules.get(cls.__module__) is None:
+        if find_class(cls.__module__, cls.__qualname__) is not cls:
             raise self.error(
                 f"cannot save the enum {cls.__qualname__}: a loader finds an enum class by its "
                 f"module and name, and {cls.__module__}.{cls.__qualname__} cannot be found so",
@@ -400,14 +401,12 @@ class SkeletonDecoder:
         where = f"{module_name}.{qualname}"
         # Never import: a file must not choose which code runs. Look the class up in a module
         # the program imported itself, through plain __dict__ lookups (no __getattr__).
-        found: Any = sys.modules.get(module_name)
-        if found is None:
+        if sys.modules.get(module_name) is None:
             raise self.invalid(
                 f"the enum class {where} is not available: its module {module_name!r} is not "
                 "imported (astage never imports a module a file names; import it first)"
             )
-        for part in qualname.split("."):
-            found = vars(found).get(part) if hasattr(found, "__dict__") else None
+        found = find_class(module_name, qualname)
         if not (isinstance(found, type) and issubclass(found, enum.Enum)):
             raise self.invalid(f"{where} is not an enum class")
         member_value = self.decode(raw)
@@ -441,6 +440,18 @@ class SkeletonDecoder:
         if dtype.kind not in "biufc" or len(data) != dtype.itemsize:
             raise self.invalid(f"bad 'numpy.scalar' {_shown(value)}")
         return numpy.frombuffer(data, dtype=dtype)[0]
+
+
+def find_class(module_name: str, qualname: str) -> Any:
+    """What ``module_name.qualname`` names in an already imported module, or None.
+
+    Plain ``__dict__`` lookups only: no import, no module ``__getattr__``, no descriptor.
+    """
+    found: Any = sys.modules.get(module_name)
+    for part in qualname.split("."):
+        namespace = getattr(found, "__dict__", None) if found is not None else None
+        found = namespace.get(part) if isinstance(namespace, Mapping) else None
+    return found
 
 
 def numpy_or_none() -> Any:
