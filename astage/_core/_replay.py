@@ -124,15 +124,14 @@ class Recording:
         self.leaves: list[tuple[Any, ...]] = []
         """Per tensor: type, slot, storage offset, shape, stride, dtype, neg bit, whether the
         conj bit matters (complex), conj bit, requires_grad, whether it spans its buffer's
-        view, and the index of an earlier tensor that was the same object (or -1)."""
+        view, and on a storage that other tensors use too, the index of an earlier tensor that
+        was the same object, or -1 (-2: alone on its storage)."""
         self.paths: list[Path] = []
         self.slots: list[HostBuffer | None] = []
         self.slot_by_key: dict[int, int] = {}
         """``id()`` of a recorded source storage -> its slot."""
         self.src_leaf: list[int] = []
         """Per slot: the tensor whose copy fills the whole buffer as itself, or -1 (bytes)."""
-        self.shared_slots: list[bool] = []
-        """Per slot: more than one tensor uses it (their identities are checked)."""
 
     def forget(self, buffer: HostBuffer) -> None:
         """``buffer`` left the cache: drop it from its slot (any thread; one atomic store)."""
@@ -179,7 +178,9 @@ class _Recorder:
     def finish(self, root: Any) -> Recording:
         out = self._out
         out.root = root
-        out.shared_slots = [users > 1 for users in self._users]
+        users = self._users
+        # A tensor alone on its storage needs no identity check: its ``same`` becomes -2.
+        out.leaves = [leaf if users[leaf[1]] > 1 else (*leaf[:11], -2) for leaf in out.leaves]
         return out
 
     def _register(self, x: Any) -> None:
@@ -291,8 +292,10 @@ class Replay:
         self._leaves = recording.leaves
         self._slots = recording.slots
         self._src_leaf = recording.src_leaf
-        self._shared = recording.shared_slots
         self._copy_of = [-2] * len(recording.slots)  # per slot: its copy this call (-1: none)
+        self._srcs = plan.copies.srcs
+        self._dsts = plan.copies.dsts
+        self._buffers = plan.copies.buffers
         self._last_copy = [-1] * len(recording.leaves)
         self._same: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # shared slots' tensors
         self._seen: set[int] = set()
@@ -367,6 +370,8 @@ class Replay:
             raise _MISMATCH
         self._register(x)
         y = node.cls()
+        if node.cls is dict:
+            return y  # a plain dict has no instance attributes
         attributes = getattr(x, "__dict__", None)
         attrs = node.attrs
         if attrs is None:
@@ -492,17 +497,32 @@ class Replay:
             or (cls is _Parameter and x.requires_grad is not grad)
         ):
             raise _MISMATCH  # changed in place over a recorded storage
-        copy = self._copy_of[slot]
-        if copy == -2:
-            copy = self._publish(slot, index, x, storage, buffer)
-        self._last_copy[index] = copy
+        copy_of = self._copy_of
+        copy = copy_of[slot]
+        if copy == -2:  # the first tensor of this storage in this call: add its copy
+            if storage.nbytes() != buffer.nbytes or buffer.dropped:
+                raise _MISMATCH  # resized in place (the walk names it), or evicted
+            if buffer.nbytes:
+                srcs = self._srcs
+                copy = len(srcs)
+                if self._src_leaf[slot] == index:
+                    srcs.append(x)
+                    self._dsts.append(buffer.view)  # type: ignore[arg-type]
+                else:
+                    srcs.append(bytes_view(storage, x.device))
+                    self._dsts.append(buffer.as_bytes())
+                self._buffers.append(buffer)
+            else:
+                copy = -1
+            copy_of[slot] = copy
         self._tensors += 1
-        if self._shared[slot]:
-            return self._shared_leaf(index, x, same, buffer, spans)
+        if same != -2:
+            return self._shared_leaf(index, x, same, buffer, spans, copy)
         y = buffer.view.detach() if spans else self._view(x, buffer, neg, conj)  # type: ignore[union-attr]
         if cls is _Parameter:
             y = _Parameter(y, requires_grad=grad)
         if self._track:
+            self._last_copy[index] = copy
             self._staged_leaves.append((index, y))
         return y
 
@@ -514,8 +534,8 @@ class Replay:
             y = neg_view(y)
         return y
 
-    def _shared_leaf(
-        self, index: int, x: torch.Tensor, same: int, buffer: HostBuffer, spans: bool
+    def _shared_leaf(  # noqa: PLR0917 - the hot path's locals, passed on
+        self, index: int, x: torch.Tensor, same: int, buffer: HostBuffer, spans: bool, copy: int
     ) -> torch.Tensor:
         """A tensor on a storage other tensors use too: the same object gives the same copy."""
         if same >= 0:
@@ -530,6 +550,7 @@ class Replay:
                 y = _Parameter(y, requires_grad=grad)
         self._same[index] = (x, y)
         if self._track:
+            self._last_copy[index] = copy
             self._staged_leaves.append((index, y))
         return y
 
@@ -539,32 +560,6 @@ class Replay:
         distinct = [x for index, (x, _) in self._same.items() if leaves[index][11] < 0]
         if len({id(x) for x in distinct}) != len(distinct):
             raise _MISMATCH
-
-    def _publish(
-        self,
-        slot: int,
-        index: int,
-        x: torch.Tensor,
-        storage: torch.UntypedStorage,
-        buffer: HostBuffer,
-    ) -> int:
-        """The copy of a recorded storage, met for the first time in this call."""
-        if storage.nbytes() != buffer.nbytes or buffer.dropped:
-            raise _MISMATCH  # resized in place (the walk names it), or evicted
-        if not buffer.nbytes:
-            self._copy_of[slot] = -1
-            return -1
-        copies = self._plan.copies
-        if self._src_leaf[slot] == index:
-            src, dst = x, buffer.view
-        else:
-            src, dst = bytes_view(storage, x.device), buffer.as_bytes()
-        copy = len(copies.srcs)
-        copies.srcs.append(src)
-        copies.dsts.append(dst)  # type: ignore[arg-type]
-        copies.buffers.append(buffer)
-        self._copy_of[slot] = copy
-        return copy
 
     def _unknown(self, index: int, x: Any) -> torch.Tensor:
         """A tensor that is not the recorded one: staged on its own if its storage is new."""
