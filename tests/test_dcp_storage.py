@@ -22,12 +22,19 @@ from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
+from torch._C._distributed_c10d import HashStore
+from torch.distributed.checkpoint import (
+    _async_process_executor,
+    state_dict_loader,
+    state_dict_saver,
+)
 from torch.distributed.checkpoint import filesystem as dcp_filesystem
-from torch.distributed.checkpoint import state_dict_loader, state_dict_saver
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import SerializationFormat
 from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
+from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
 import astage
 from astage.compat import FileSystemReader, FileSystemWriter, _storage
@@ -239,6 +246,36 @@ def test_a_truncated_data_file_is_a_format_error(tmp_path: Path) -> None:
         state_dict_loader.load(
             {"w": torch.zeros(100)}, storage_reader=FileSystemReader(tmp_path), no_dist=True
         )
+
+
+@pytest.mark.slow
+def test_async_save_process_executor(tmp_path: Path) -> None:
+    """DCP's PROCESS executor sends the writer to its upload process: it pickles and works."""
+    store = HashStore()
+    dist.init_process_group("gloo", rank=0, world_size=1, store=store)
+    try:
+        future = state_dict_saver.async_save(
+            state(),
+            storage_writer=FileSystemWriter(tmp_path),
+            async_checkpointer_type=AsyncCheckpointerType.PROCESS,
+        )
+        assert isinstance(future, Future)
+        future.result(timeout=300)
+        loaded = blank()
+        state_dict_loader.load(loaded, storage_reader=FileSystemReader(tmp_path))
+        same(loaded, state())
+    finally:
+        upload_process = _async_process_executor._CHECKPOINT_PROCESS
+        _async_process_executor._CHECKPOINT_PROCESS = None
+        if upload_process is not None:  # ends DCP's upload process as its __del__ would
+            upload_process._send(
+                _async_process_executor._CheckpointSaveProcessControlOpts.TERMINATE
+            )
+            upload_process._save_process.join(timeout=60)
+            if upload_process._save_process.is_alive():
+                upload_process._save_process.kill()
+                upload_process._save_process.join()
+        dist.destroy_process_group()
 
 
 # -- real process groups ------------------------------------------------------------------------
