@@ -7,6 +7,7 @@ import errno
 import os
 import threading
 import time
+import tracemalloc
 import warnings
 from pathlib import Path
 from typing import Any
@@ -337,10 +338,16 @@ def test_a_large_pointer_is_read_no_further_than_its_limit(tmp_path: Path) -> No
     pointer = write_pointer(tmp_path, "")
     with open(pointer, "wb") as file:  # 64 MiB of text: the old reader read and echoed it all
         file.write(b"step_000000001.safetensors" + b"x" * (64 << 20))
-    step, skipped = resume(tmp_path)
+    tracemalloc.start()
+    try:
+        step, skipped = resume(tmp_path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
     assert step == 2
     assert len(skipped) == 1 and len(skipped[0].reason) < 200
     assert "longer than 256 bytes" in skipped[0].reason
+    assert peak < 4 << 20  # the pointer's 64 MiB were never read
 
 
 def test_another_files_content_is_quoted_only_briefly(tmp_path: Path) -> None:
