@@ -433,7 +433,7 @@ def test_a_file_that_fails_to_load_is_passed_over(
     from astage._files import _checkpoint_dir
 
     saved(tmp_path, [1, 2, 3])
-    real = _checkpoint_dir.load
+    real = astage.load
     newest = tmp_path / "step_000000003.safetensors"
 
     def load(path: str, **kwargs: Any) -> Any:
