@@ -94,7 +94,7 @@ def equal(a: Any, b: Any) -> bool:
             and vars(a) == vars(b)
         )
     if isinstance(a, np.ndarray | np.generic):
-        return a.dtype == b.dtype and a.tobytes() == b.tobytes()
+        return bool(a.dtype == b.dtype and a.tobytes() == b.tobytes())
     if isinstance(a, argparse.Namespace):
         return equal(vars(a), vars(b))
     if isinstance(a, dict):
@@ -162,7 +162,7 @@ def outcome(raw: bytes) -> Any:
 
 
 def data_start(raw: bytes) -> int:
-    return 8 + struct.unpack("<Q", raw[:8])[0]
+    return 8 + int(struct.unpack("<Q", raw[:8])[0])
 
 
 files = st.integers(0, len(_states()) - 1)
