@@ -672,6 +672,17 @@ async def check_partner_killed(rank: int, world: int, tmp: str) -> None:
         assert "rank 1" in str(error), str(error)
     else:
         raise AssertionError("a stager whose partner died staged again")
+    # a new stager over the same group: posting to the dead rank fails at once, as astage's error
+    fresh = astage.ReplicationStager(timeout=PEER_TIMEOUT)
+    for attempt in range(2):
+        started = time.monotonic()
+        try:
+            await fresh.stage(plain_sd(rank))
+        except astage.ReplicationError as error:
+            assert "rank 1" in str(error), (attempt, str(error))
+        else:
+            raise AssertionError("a stager staged with a dead partner")
+        assert time.monotonic() - started < NOT_A_TIMEOUT
 
 
 def sharded_sd(rank: int, world: int) -> dict[str, Any]:
