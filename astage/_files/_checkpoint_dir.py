@@ -127,13 +127,28 @@ class _Folder:
             return {save.name for save in self.saves}
 
 
-_FOLDERS: dict[str, _Folder] = {}
-_FOLDERS_LOCK = threading.Lock()
+class _Folders:
+    """The :class:`_Folder` of each root this process uses."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.by_root: dict[str, _Folder] = {}
+
+    def get(self, root: str) -> _Folder:
+        with self.lock:
+            return self.by_root.setdefault(root, _Folder())
+
+    def forget_in_child(self) -> None:
+        # A forked child starts with no saves of its own, and a lock that a thread of the
+        # parent held at the fork would stay held forever: folders used in the child start
+        # afresh.
+        self.lock = threading.Lock()
+        self.by_root = {}
 
 
-def _folder(root: str) -> _Folder:
-    with _FOLDERS_LOCK:
-        return _FOLDERS.setdefault(root, _Folder())
+_FOLDERS = _Folders()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_FOLDERS.forget_in_child)
 
 
 def file_name(step: int) -> str:
@@ -195,7 +210,7 @@ class CheckpointDir:
         """What the last :meth:`latest_step` or :meth:`load_latest` passed over, and why."""
         self._own_stager = stager is None
         self.stager = stager if stager is not None else Stager()
-        self._folder = _folder(self.root)
+        self._folder = _FOLDERS.get(self.root)
         self._tidied = False
         self._saves: anyio.abc.TaskGroup | None = None  # while entered with `async with`
         self._pending: list[SaveHandle] = []  # background saves aclose() waits for
@@ -338,7 +353,7 @@ class CheckpointDir:
 
     def steps(self) -> list[int]:
         """Steps with a checkpoint file, oldest first (good or not: see :meth:`latest_step`)."""
-        self._tidy()
+        self._tidy(wait=False)
         return self._step_files()
 
     def latest_step(self) -> int | None:
@@ -362,7 +377,7 @@ class CheckpointDir:
     def _resume(self, read: Callable[[str], Any] | None) -> tuple[int, Any] | None:
         """The first good candidate (and what ``read`` made of it): the pointer's step, then
         the step files newest first."""
-        self._tidy()
+        self._tidy(wait=False)
         skipped: list[SkippedCheckpoint] = []
         pointer = os.path.join(self.root, LATEST)
         named, problem = _read_pointer(pointer)
@@ -422,12 +437,20 @@ class CheckpointDir:
 
     # -- tidying ----------------------------------------------------------------------------
 
-    def _tidy(self) -> None:
-        """Once: remove the temporary files of crashed saves (of this folder's naming)."""
+    def _tidy(self, *, wait: bool = True) -> None:
+        """Once: remove the temporary files of crashed saves (of this folder's naming).
+
+        With ``wait=False`` (the blocking readers, which may run in an event loop's thread)
+        it does not wait while a save of this process publishes: it tries again next time.
+        """
         if self._tidied:
             return
         folder = self._folder
-        with folder.lock:  # no pointer is being moved meanwhile: its temporary files are orphans
+        # Under the publishing lock: no pointer is being moved meanwhile, so every
+        # `.latest.*.tmp` there is an orphan.
+        if not folder.lock.acquire(blocking=wait):
+            return
+        try:
             try:
                 names = os.listdir(self.root)
             except FileNotFoundError:
@@ -440,12 +463,12 @@ class CheckpointDir:
                 if match is None or match.group(1) in in_progress:
                     continue
                 path = os.path.join(self.root, name)
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     if not stat.S_ISDIR(os.lstat(path).st_mode):
                         os.unlink(path)
-                except FileNotFoundError:
-                    pass
             self._tidied = True
+        finally:
+            folder.lock.release()
 
     # -- lifetime ---------------------------------------------------------------------------
 
