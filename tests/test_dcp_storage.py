@@ -106,6 +106,20 @@ def test_round_trip(tmp_path: Path, single_file_per_rank: bool) -> None:
     assert (len(names) == 2) == single_file_per_rank, names
 
 
+def test_the_writer_stages_for_async_save(tmp_path: Path) -> None:
+    """Given no async_stager, dcp.async_save stages with the writer: a copy, taken at the call."""
+    sd = state()
+    writer = FileSystemWriter(tmp_path, cache_staged_state_dict=True)
+    future = state_dict_saver.async_save(sd, storage_writer=writer, no_dist=True)
+    sd["a"].add_(100)  # after the call: not in the checkpoint
+    assert isinstance(future, Future)
+    future.result()
+    same(load(tmp_path), state())
+    assert writer._stager is not None and writer._stager.cache_info().nbytes > 0  # kept
+    pickle.loads(pickle.dumps(writer))  # the PROCESS executor sends it to its upload process
+    writer.close()
+
+
 def test_async_save_thread_executor(tmp_path: Path) -> None:
     sd = state()
     future = state_dict_saver.async_save(

@@ -65,6 +65,7 @@ from torch.distributed.checkpoint.planner import (
     WriteItem,
     WriteItemType,
 )
+from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
@@ -74,6 +75,7 @@ from .._errors import (
     CheckpointWriteError,
     InvalidOptionsError,
 )
+from ._blocking import BlockingAsyncStager
 
 RAW_DESCRIPTOR = "astage.raw@astage.compat.FileSystemReader/1"
 """Transform descriptor of a tensor item stored as its raw bytes."""
@@ -86,15 +88,20 @@ _IOV_MAX = 1024  # buffers per pwritev call (Linux's IOV_MAX)
 _DATA_FILE = re.compile(r"__\d+_.*\.distcp\Z")
 
 
-class FileSystemWriter(StorageWriter):
+class FileSystemWriter(StorageWriter, AsyncStager):
     """Drop-in for ``torch.distributed.checkpoint.FileSystemWriter`` (see the module docstring).
+
+    Like DCP's, it is also the stager ``dcp.async_save`` uses when given no ``async_stager``:
+    :meth:`stage` copies the state dict to host memory with
+    :class:`astage.compat.BlockingAsyncStager` (buffers kept across saves with
+    ``cache_staged_state_dict=True``; then call :meth:`close` after the last save).
 
     ``path``, ``single_file_per_rank``, ``sync_files`` and ``overwrite`` mean what they mean in
     DCP. ``thread_count`` is the number of threads that write this rank's bytes (DCP's means
     files per rank; here one file per rank is written by all threads at once).
-    ``per_thread_copy_ahead`` and ``cache_staged_state_dict`` are accepted and ignored (this
-    writer does not stage: ``dcp.async_save`` stages with its default stager, or the
-    ``async_stager`` given, such as :class:`astage.compat.DefaultStager`). ``_extensions`` and a
+    ``per_thread_copy_ahead`` is accepted and ignored (nothing is copied from a device while
+    writing: ``dcp.save`` hands device tensors over one at a time, ``dcp.async_save`` stages
+    first). ``_extensions`` and a
     ``serialization_format`` other than DCP's default are refused: items are raw bytes.
     ``sync_files=False`` skips every fsync: faster, and not durable.
     """
@@ -133,6 +140,33 @@ class FileSystemWriter(StorageWriter):
         self.rank: int | None = None
         self.is_coordinator = False
         self.use_collectives = True
+        self.cache_staged_state_dict = bool(cache_staged_state_dict)
+        self._stager: BlockingAsyncStager | None = None  # made on the first stage()
+
+    # -- DCP's AsyncStager protocol -------------------------------------------------------------
+
+    _synchronize_after_execute: bool = False
+
+    def stage(self, state_dict: Any) -> Any:
+        """A host copy of ``state_dict``, complete when it returns (``dcp.async_save`` calls it)."""
+        if self._stager is None:
+            self._stager = BlockingAsyncStager(cache_staged_state_dict=self.cache_staged_state_dict)
+        return self._stager.stage(state_dict)
+
+    def synchronize_staging(self) -> None:
+        """A no-op: staging is complete when :meth:`stage` returns."""
+
+    def close(self) -> None:
+        """Release the staging buffers (kept with ``cache_staged_state_dict=True``)."""
+        stager, self._stager = self._stager, None
+        if stager is not None:
+            stager.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # DCP's PROCESS executor pickles the writer into its upload process, which only writes.
+        state = self.__dict__.copy()
+        state["_stager"] = None
+        return state
 
     # -- DCP's StorageWriter protocol -----------------------------------------------------------
 
