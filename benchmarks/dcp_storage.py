@@ -12,8 +12,9 @@ Contenders, alternated from repeat to repeat:
 - ``dcp``: DCP's ``FileSystemWriter`` (``sync_files=True``, its default, so its files are
   fsynced too; ``thread_count=1``, its default) and ``FileSystemReader``; ``async_save`` stages
   through the writer itself (DCP's ``BlockingAsyncStager``);
-- ``astage``: ``astage.compat.FileSystemWriter`` / ``FileSystemReader`` (4 threads each), staged by
-  DCP's default stager (what ``async_save`` uses for a writer that does not stage);
+- ``astage``: ``astage.compat.FileSystemWriter`` / ``FileSystemReader`` (4 threads each);
+  ``async_save`` stages through the writer itself, as with DCP's (astage's
+  ``BlockingAsyncStager``, nothing cached);
 - ``astage+stager``: the same writer, staged by a reused ``astage.compat.DefaultStager``.
 
 Save: the time from ``async_save`` to its future's result, i.e. to a durable, committed
