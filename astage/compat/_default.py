@@ -6,7 +6,6 @@ from concurrent.futures import Future
 from types import TracebackType
 from typing import Any
 
-from torch.distributed.checkpoint._experimental.staging import CheckpointStager
 from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.staging import StagingOptions as DcpStagingOptions
 
@@ -93,6 +92,16 @@ class DefaultStager(AsyncStager):
         self.close()
 
 
+def register_checkpoint_stager(cls: type) -> None:  # TO MOVE to astage/_torch.py (task H)
+    """Register ``cls`` as a virtual subclass of DCP's experimental ``CheckpointStager``.
+
+    Why: the ABC lives in the private ``torch.distributed.checkpoint._experimental`` package.
+    """
+    from torch.distributed.checkpoint._experimental.staging import CheckpointStager
+
+    CheckpointStager.register(cls)
+
+
 # DCP's experimental Checkpointer takes a CheckpointStager (an ABC): the same class serves it,
 # with its CheckpointStagerConfig, so it is registered as one.
-CheckpointStager.register(DefaultStager)
+register_checkpoint_stager(DefaultStager)
