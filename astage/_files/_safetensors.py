@@ -561,7 +561,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         seen = set()
         for key, _ in pairs:
             if key in seen:
-                raise ValueError(f"the key {key!r} appears twice in one object")
+                raise ValueError(f"the key {_shown(key)} appears twice in one object")
             seen.add(key)
     return result
 
@@ -571,7 +571,7 @@ def _no_constant(name: str) -> Any:
 
 
 def _entry(key: str, info: Any, path: str) -> _Stored:
-    where = f"{path}: header entry {key!r}"
+    where = f"{path}: header entry {_shown(key)}"
     if not isinstance(info, dict):
         raise CheckpointFormatError(f"{where} is not a JSON object")
     for part in ("dtype", "shape", "data_offsets"):
@@ -608,8 +608,8 @@ def _check_tiling(entries: dict[str, _Stored], data_bytes: int, path: str) -> No
         if entry.begin != position:
             problem = "overlaps the one before" if entry.begin < position else "leaves a gap"
             raise CheckpointFormatError(
-                f"{path}: header entry {entry.key!r}: 'data_offsets' {[entry.begin, entry.end]} "
-                f"{problem} (entries must tile the data section)"
+                f"{path}: header entry {_shown(entry.key)}: 'data_offsets' "
+                f"{[entry.begin, entry.end]} {problem} (entries must tile the data section)"
             )
         position = entry.end
     if position != data_bytes:
@@ -741,9 +741,11 @@ class _Decoder(SkeletonDecoder):
         return self.invalid(f"not a skeleton node: {shown}")
 
     def invalid(self, problem: str) -> AstageError:
+        where = format_path(self.path)
+        if len(where) > 200:  # keys come from the file: do not echo megabytes of them
+            where = where[:197] + "..."
         return CheckpointFormatError(
-            f"{self._name}: __metadata__[{METADATA_KEY!r}]: the skeleton node at "
-            f"{format_path(self.path)}: {problem}"
+            f"{self._name}: __metadata__[{METADATA_KEY!r}]: the skeleton node at {where}: {problem}"
         )
 
     def _entry_of(self, node: dict[str, Any], tag: str) -> _Stored:
@@ -784,7 +786,7 @@ class _Decoder(SkeletonDecoder):
     def _view(self, node: dict[str, Any], entry: _Stored) -> torch.Tensor | None:
         for part in _VIEW_KEYS:
             if part not in node:
-                raise self.invalid(f"a view of {entry.key!r}: missing {part!r}")
+                raise self.invalid(f"a view of {_shown(entry.key)}: missing {part!r}")
         name = node["dtype"]
         dtype = _VIEW_DTYPES.get(name) if isinstance(name, str) else None
         if dtype is None:
@@ -812,7 +814,7 @@ class _Decoder(SkeletonDecoder):
         if needed > entry.nbytes:
             raise self.invalid(
                 f"a {name} view (shape {shape}, stride {stride}, offset {offset}) reaches "
-                f"byte {needed}, past the end of entry {entry.key!r} ({entry.nbytes} bytes)"
+                f"byte {needed}, past the end of entry {_shown(entry.key)} ({entry.nbytes} bytes)"
             )
         if self._stored is None:
             return None
@@ -865,7 +867,7 @@ class _Decoder(SkeletonDecoder):
         if not _sizes(shape) or _numel(shape) * dtype.itemsize != entry.nbytes:
             raise self.invalid(
                 f"numpy 'shape' {_shown(shape)} of {dtype_text} does not fill entry "
-                f"{entry.key!r} ({entry.nbytes} bytes)"
+                f"{_shown(entry.key)} ({entry.nbytes} bytes)"
             )
         if self._stored is None:
             return None
