@@ -7,7 +7,9 @@ and nothing in a file runs code. The save side refuses what could not be loaded 
 
 from __future__ import annotations
 
+import base64
 import json
+import math
 import os
 import struct
 import sys
@@ -460,3 +462,32 @@ def test_two_nan_keys_keep_both_tensors(tmp_path: Path) -> None:
     assert len(back) == 2
     assert sorted(tensor.sum().item() for tensor in back.values()) == [0.0, 2.0]
     assert len(safetensors.torch.load_file(str(path))) == 2
+
+
+# Written by astage before this change (commit 8587da1): no digest, the same format version.
+OLD_FILE = (
+    "uAIAAAAAAAB7Il9fbWV0YWRhdGFfXyI6eyJmb3JtYXQiOiJwdCIsImFzdGFnZSI6IntcInZlcnNpb25cIjoxLFwi"
+    "c2tlbGV0b25cIjp7XCJkaWN0XCI6W1tcIm1vZGVsXCIse1wib2RpY3RcIjpbW1wid1wiLHtcInRlbnNvclwiOlwi"
+    "Wydtb2RlbCddWyd3J11cIn1dLFtcInRpZWRcIix7XCJ0ZW5zb3JcIjpcIlsnbW9kZWwnXVsndyddXCJ9XV19XSxb"
+    "XCJ2aWV3XCIse1widGVuc29yXCI6XCI8c3RvcmFnZSAxPlwiLFwiZHR5cGVcIjpcImZsb2F0MzJcIixcInNoYXBl"
+    "XCI6WzNdLFwic3RyaWRlXCI6WzFdLFwib2Zmc2V0XCI6MX1dLFtcImNcIix7XCJ0ZW5zb3JcIjpcIjxzdG9yYWdl"
+    "IDI+XCIsXCJkdHlwZVwiOlwiY29tcGxleDEyOFwiLFwic2hhcGVcIjpbMV0sXCJzdHJpZGVcIjpbMV0sXCJvZmZz"
+    "ZXRcIjowfV0sW1wic3RlcFwiLDNdLFtcImxyXCIse1wibGlzdFwiOlswLjUse1wiZmxvYXRcIjpcImluZlwifV19"
+    "XSxbXCJrXCIse1widHVwbGVcIjpbbnVsbCx0cnVlXX1dXX19In0sIlsnbW9kZWwnXVsndyddIjp7ImR0eXBlIjoi"
+    "RjMyIiwic2hhcGUiOlsyLDJdLCJkYXRhX29mZnNldHMiOlswLDE2XX0sIjxzdG9yYWdlIDE+Ijp7ImR0eXBlIjoi"
+    "VTgiLCJzaGFwZSI6WzI0XSwiZGF0YV9vZmZzZXRzIjpbMTYsNDBdfSwiPHN0b3JhZ2UgMj4iOnsiZHR5cGUiOiJV"
+    "OCIsInNoYXBlIjpbMTZdLCJkYXRhX29mZnNldHMiOls0MCw1Nl19fSAgICAAAIA/AAAAQAAAQEAAAIBAAAAAAAAA"
+    "gD8AAABAAABAQAAAgEAAAKBAAAAAAAAA8D8AAAAAAAAAQA=="
+)
+
+
+def test_a_file_written_by_the_previous_code_still_loads(tmp_path: Path) -> None:
+    path = tmp_path / "old.safetensors"
+    path.write_bytes(base64.b64decode(OLD_FILE))
+    check_file(path)
+    back = astage.load(path)
+    assert back["model"]["w"].tolist() == [[1.0, 2.0], [3.0, 4.0]]
+    assert back["model"]["tied"] is back["model"]["w"]
+    assert back["view"].tolist() == [1.0, 2.0, 3.0]
+    assert back["c"].tolist() == [1 + 2j] and back["c"].dtype == torch.complex128
+    assert (back["step"], back["lr"], back["k"]) == (3, [0.5, math.inf], (None, True))
