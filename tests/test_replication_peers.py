@@ -47,10 +47,10 @@ def jobs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Job]]:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     for name, (job_kind, backend) in JOBS.items():
         out = tmp_path_factory.mktemp(f"peers-{name}")
+        args = [str(out / "init"), str(out), backend]
         procs = [
             subprocess.Popen(
-                [sys.executable, str(WORKER), job_kind, str(rank), "2"]
-                + [str(out / "init"), str(out), backend],
+                [sys.executable, str(WORKER), job_kind, str(rank), "2", *args],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 env=env,
