@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import pickle
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -431,3 +432,18 @@ def test_the_step_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "| astage | " in out
     assert "a checkpoint every 2 steps" in out
+
+
+def test_a_pickled_plugin_is_a_fresh_one_with_the_same_settings(
+    tmp_path: Path, plugins: Callable[..., AstageCheckpointIO]
+) -> None:
+    # ddp_spawn pickles the strategy and its plugin into each process.
+    plugin = plugins(snapshots=3, pin_memory=False)
+    plugin.save_checkpoint({"w": torch.ones(2)}, tmp_path / "a.ckpt")
+    copy = pickle.loads(pickle.dumps(plugin))
+    assert repr(copy) == "AstageCheckpointIO(snapshots=3)"
+    assert copy._options == plugin._options
+    assert (copy.stats.saves, copy.stats.snapshots) == (0, 0)
+    copy.save_checkpoint({"w": torch.zeros(2)}, tmp_path / "b.ckpt")
+    copy.teardown()
+    assert torch.equal(torch.load(tmp_path / "b.ckpt")["w"], torch.zeros(2))

@@ -210,5 +210,13 @@ class AstageCheckpointIO(CheckpointIO):
                 f"cannot make the folder of the checkpoint {target!r}: {error}"
             ) from error
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Strategies that start their processes by spawning (ddp_spawn) pickle the plugin:
+        # the copy gets the settings and buffers, threads and queues of its own.
+        return {"options": self._options, "snapshots": self._snapshots}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["options"], snapshots=state["snapshots"])  # type: ignore[misc]
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(snapshots={self._snapshots})"
