@@ -318,3 +318,33 @@ async def test_an_after_commit_error_fails_the_save(tmp_path: Path) -> None:
     handle = start_sync_in(state_at(1), astage.SafetensorsWriter(path), None, refuse)
     with pytest.raises(astage.CheckpointWriteError, match="pointer"):
         handle.wait(timeout=BOUND_S)
+
+
+@pytest.mark.asyncio
+async def test_a_cancel_that_ends_the_threads_at_once_is_still_a_cancellation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The threads end right after handle.cancel(), before the cancellation reaches the task
+    # waiting for them: the owner must still see a cancelled save, not a failed one.
+    path = await a_previous_file(tmp_path)
+    entered, gate = threading.Event(), threading.Event()
+    real = os.fsync
+
+    def gated(fd: int) -> None:
+        if not entered.is_set():
+            entered.set()
+            gate.wait(BOUND_S)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", gated)
+    async with anyio.create_task_group() as owner:  # no ExceptionGroup out of here
+        handle = await astage.start_save(state_at(1), path, task_group=owner)
+        with anyio.fail_after(BOUND_S):
+            while not entered.is_set():
+                await anyio.sleep(0.005)
+        assert handle.cancel()
+        gate.set()
+        with pytest.raises(astage.CheckpointWriteError, match="cancelled"):
+            await handle
+    assert files_in(tmp_path) == ["c.safetensors"]
+    assert_tree_staged(astage.load(path), state_at(0))

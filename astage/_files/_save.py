@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 
 from .._drivers._async import Stager
 from .._errors import CheckpointWriteError, InvalidOptionsError, UsageError
@@ -318,6 +319,10 @@ async def run_save(
                     threads.add_done_callback(hold.release)
                 progress.staged(threads)
                 await threads.wait_async()
+                if not threads.committed:
+                    # Aborted by handle.cancel() (or our cancelled owner) and ended before the
+                    # cancellation reached this task: report it as the cancellation it is.
+                    await anyio.lowlevel.checkpoint_if_cancelled()
                 threads.raise_failure()
                 assert threads.finished_at is not None
                 done = threads.finished_at
