@@ -15,6 +15,7 @@ import contextlib
 import os
 import pickle
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -97,10 +98,15 @@ def assert_bit_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
 
 
 class Gate:
-    """torch.save that waits, in the writer thread, until the gate opens (or ``timeout``)."""
+    """torch.save that waits, in the writer thread, until the gate lets it through.
+
+    ``open()`` lets every write through; ``let_one()`` lets the next write through; a write
+    still held after ``timeout`` goes through anyway (a broken test then fails, not hangs).
+    """
 
     def __init__(self, timeout: float = 10.0, fail: BaseException | None = None) -> None:
         self.opened = threading.Event()
+        self.permits = threading.Semaphore(0)
         self.timeout = timeout
         self.fail = fail
         self.started = 0
@@ -108,12 +114,32 @@ class Gate:
     def open(self) -> None:
         self.opened.set()
 
+    def let_one(self) -> None:
+        self.permits.release()
+
     def serialize(self, obj: Any, file: Any) -> None:
         self.started += 1
-        self.opened.wait(self.timeout)
+        deadline = time.monotonic() + self.timeout
+        while not self.opened.is_set() and time.monotonic() < deadline:
+            if self.permits.acquire(timeout=0.01):
+                break
         if self.fail is not None:
             raise self.fail
         torch.save(obj, file)
+
+
+def blocked(call: Callable[[], object]) -> threading.Thread:
+    """``call`` started in a thread, checked to be waiting (for a write held on a gate)."""
+    thread = threading.Thread(target=call)
+    thread.start()
+    thread.join(0.2)
+    assert thread.is_alive(), "the call did not wait"
+    return thread
+
+
+def finished(thread: threading.Thread) -> None:
+    thread.join(10)
+    assert not thread.is_alive()
 
 
 def gated(plugin: AstageCheckpointIO, gate: Gate) -> AstageCheckpointIO:
@@ -239,10 +265,12 @@ def test_with_one_snapshot_the_second_save_waits_for_the_first_write(
     tmp_path: Path, plugins: Callable[..., AstageCheckpointIO]
 ) -> None:
     # The counterpart of the test above: the counter sees a wait when there is one.
-    gate = Gate(timeout=0.2)
+    gate = Gate()
     plugin = gated(plugins(snapshots=1), gate)
     plugin.save_checkpoint({"w": torch.ones(4)}, tmp_path / "1.ckpt")
-    plugin.save_checkpoint({"w": torch.ones(4)}, tmp_path / "2.ckpt")
+    second = blocked(lambda: plugin.save_checkpoint({"w": torch.ones(4)}, tmp_path / "2.ckpt"))
+    gate.open()
+    finished(second)
     assert plugin.stats.waits == 1
     assert plugin.stats.wait_seconds > 0
 
@@ -284,14 +312,20 @@ def test_refused_memory_for_a_second_snapshot_makes_the_save_wait_instead(
         made.append(stager)
         return stager
 
-    gate = Gate(timeout=0.2)
+    gate = Gate()
     plugin = gated(plugins(), gate)
     plugin._pool = SnapshotPool(2, None, make_stager)
     weight = torch.ones(8)
     plugin.save_checkpoint({"w": weight}, tmp_path / "1.ckpt")
     weight.fill_(2.0)
-    plugin.save_checkpoint({"w": weight}, tmp_path / "2.ckpt")  # no memory: waits for write 1
-    plugin.save_checkpoint({"w": weight}, tmp_path / "3.ckpt")  # no new attempt: waits again
+    # No memory for a second snapshot: the save waits for write 1, then reuses its set.
+    second = blocked(lambda: plugin.save_checkpoint({"w": weight}, tmp_path / "2.ckpt"))
+    gate.let_one()
+    finished(second)
+    # Memory is not asked for again: the next save waits for write 2.
+    third = blocked(lambda: plugin.save_checkpoint({"w": weight}, tmp_path / "3.ckpt"))
+    gate.open()
+    finished(third)
     stats = plugin.stats
     assert (stats.memory_refusals, stats.waits, stats.snapshots) == (1, 2, 1)
     assert len(made) == 2 and made[1].closed
@@ -336,14 +370,10 @@ def test_teardown_waits_for_pending_writes(
     gate = Gate()
     plugin = gated(plugins(), gate)
     plugin.save_checkpoint({"w": torch.ones(2)}, tmp_path / "a.ckpt")
-    tearing_down = threading.Thread(target=plugin.teardown)
-    tearing_down.start()
-    tearing_down.join(0.2)
-    assert tearing_down.is_alive()  # held by the write on the gate
+    tearing_down = blocked(plugin.teardown)  # held by the write on the gate
     assert not (tmp_path / "a.ckpt").exists()
     gate.open()
-    tearing_down.join(10)
-    assert not tearing_down.is_alive()
+    finished(tearing_down)
     assert torch.equal(torch.load(tmp_path / "a.ckpt")["w"], torch.ones(2))
     assert plugin.stats.snapshots == 0  # host buffers given back
     plugin.save_checkpoint({"w": torch.zeros(2)}, tmp_path / "b.ckpt")  # usable after teardown
@@ -354,10 +384,13 @@ def test_teardown_waits_for_pending_writes(
 def test_load_checkpoint_waits_for_the_write_of_that_path(
     tmp_path: Path, plugins: Callable[..., AstageCheckpointIO]
 ) -> None:
-    gate = Gate(timeout=0.1)
+    gate = Gate()
     plugin = gated(plugins(), gate)
     plugin.save_checkpoint({"w": torch.arange(3.0)}, tmp_path / "a.ckpt")
-    loaded = plugin.load_checkpoint(tmp_path / "a.ckpt")
+    loaded: dict[str, Any] = {}
+    loading = blocked(lambda: loaded.update(plugin.load_checkpoint(tmp_path / "a.ckpt")))
+    gate.open()
+    finished(loading)
     assert torch.equal(loaded["w"], torch.arange(3.0))
 
 
