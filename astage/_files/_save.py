@@ -27,7 +27,6 @@ with``), and returns once staging is done. The write never outlives its owner: t
 from __future__ import annotations
 
 import contextlib
-import inspect
 import os
 import time
 from collections.abc import Awaitable, Callable, Generator, Mapping
@@ -242,14 +241,9 @@ async def start_in(
     ``after_commit`` as in :func:`run_save`.
     """
     handle = SaveHandle(getattr(writer, "path", None))
-    after: Callable[[], Awaitable[None]] | None = None
-    if inspect.iscoroutinefunction(after_commit):  # the former `after` (a coroutine function)
-        after, after_commit = after_commit, None
 
     def run(progress: _Progress) -> Awaitable[SaveResult]:
-        return run_save(
-            state_dict, writer, stager, after_commit=after_commit, after=after, progress=progress
-        )
+        return run_save(state_dict, writer, stager, after_commit=after_commit, progress=progress)
 
     started: SaveHandle = await owner.start(handle._run, run)
     return started
@@ -261,7 +255,6 @@ async def run_save(
     stager: Stager | None,
     *,
     after_commit: Callable[[], None] | None = None,
-    after: Callable[[], Awaitable[None]] | None = None,
     progress: _Progress | None = None,
 ) -> SaveResult:
     """The pipeline, in the calling task: begin, stage into the writer, commit, ``after_commit``.
@@ -270,7 +263,7 @@ async def run_save(
     fsynced), while the stager's buffers are still held (a ``latest`` pointer moves there);
     with a :class:`SafetensorsWriter` it runs in the writer's last thread, with the rest of
     the commit, whether or not this task's event loop turns; an exception from it fails the
-    save. ``after`` (a coroutine function) is the older form: it runs in this task afterwards.
+    save (the file itself stays, durable).
     """
     progress = progress if progress is not None else _Progress()
     started = time.perf_counter()
@@ -331,9 +324,6 @@ async def run_save(
                 await writer.commit()
                 if after_commit is not None:
                     await anyio.to_thread.run_sync(after_commit)
-                done = time.perf_counter()
-            if after is not None:
-                await after()
                 done = time.perf_counter()
             outcome = result(done)
             progress.committed(outcome)
