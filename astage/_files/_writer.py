@@ -480,8 +480,9 @@ class WriteThreads:
 
     The last thread out commits (sealed, no failure, no abort) or closes the descriptor and
     removes the temporary file (failure or abort), then runs the done callbacks (a buffer
-    hold's release) and sets :meth:`done`. :meth:`abort` wins if it comes before the rename
-    (decided under the lock the rename is done under); after it the commit stands.
+    hold's release) and sets :meth:`done`. :meth:`abort` wins if it comes before the rename:
+    right before renaming, the last thread checks for an abort and marks the commit decided,
+    both under the threads' lock, so a later abort finds it decided and the commit stands.
     """
 
     def __init__(self, writer: SafetensorsWriter) -> None:
