@@ -107,19 +107,22 @@ def test_sync_two_buffer_sets_stage_without_waiting(tmp_path: Path) -> None:
 
 
 def test_sync_every_set_leased_waits_then_times_out_cleanly() -> None:
-    with astage.SyncStager(buffers=2) as stager:
-        first = stager.snapshot(step(1.0))
-        second = stager.snapshot(step(2.0))
+    # Snapshots as context managers: a failed assertion releases them, so close() cannot hang.
+    with (
+        astage.SyncStager(buffers=2) as stager,
+        stager.snapshot(step(1.0)) as first,
+        stager.snapshot(step(2.0)) as second,
+    ):
         with pytest.raises(astage.LeaseTimeoutError, match=r"buffers=2.*release") as caught:
             stager.stage(step(3.0), timeout=0.1)
-        assert isinstance(caught.value, (astage.BusyError, TimeoutError))
+        assert isinstance(caught.value, astage.BusyError)
+        assert isinstance(caught.value, TimeoutError)
         assert_step(first.state_dict, 1.0)  # neither held snapshot was touched
         assert_step(second.state_dict, 2.0)
         assert stager.last_stats is not None and stager.last_stats.tensors == 2
         first.release()
         assert_step(stager.stage(step(3.0), timeout=5), 3.0)  # into the first one's set
         assert_step(second.state_dict, 2.0)
-        second.release()
 
 
 def test_sync_timeout_none_waits_for_a_release_from_another_thread() -> None:
@@ -176,14 +179,12 @@ def test_close_waits_for_snapshots() -> None:
 
 
 def test_clear_cache_keeps_a_leased_set_leased() -> None:
-    with astage.SyncStager() as stager:
-        snap = stager.snapshot(step(1.0))
+    with astage.SyncStager() as stager, stager.snapshot(step(1.0)) as snap:
         stager.clear_cache()
         assert stager.cache_info().storages == 0
         with pytest.raises(astage.LeaseTimeoutError):
             stager.stage(step(2.0), timeout=0.05)
         assert_step(snap.state_dict, 1.0)  # its tensors keep their buffers alive
-        snap.release()
 
 
 def test_a_lease_of_a_private_memory_stager_does_not_pickle() -> None:
@@ -194,13 +195,11 @@ def test_a_lease_of_a_private_memory_stager_does_not_pickle() -> None:
 
 
 def test_a_shared_lease_copied_by_a_plain_pickle_is_refused() -> None:
-    with astage.SyncStager(share_memory=True) as stager:
-        snap = stager.snapshot(step(1.0))
+    with astage.SyncStager(share_memory=True) as stager, stager.snapshot(step(1.0)) as snap:
         assert snap.lease.shared
         # A plain pickle copies the byte: its release could never reach the stager.
         with pytest.raises(astage.UsageError, match=r"torch\.multiprocessing"):
             pickle.loads(pickle.dumps(snap.lease))
-        snap.release()
 
 
 def test_buffers_must_be_a_positive_int() -> None:
@@ -264,9 +263,11 @@ async def test_async_snapshot_context_releases_on_exit() -> None:
 
 @pytest.mark.asyncio
 async def test_async_waiting_for_a_lease_is_cancellable_and_leaves_the_stager_usable() -> None:
-    async with astage.Stager(buffers=2) as stager:
-        first = await stager.snapshot(step(1.0))
-        second = await stager.snapshot(step(2.0))
+    async with (
+        astage.Stager(buffers=2) as stager,
+        stager.snapshot(step(1.0)) as first,
+        stager.snapshot(step(2.0)) as second,
+    ):
         with anyio.move_on_after(0.1) as scope:
             await stager.snapshot(step(3.0))
         assert scope.cancelled_caught
@@ -274,11 +275,9 @@ async def test_async_waiting_for_a_lease_is_cancellable_and_leaves_the_stager_us
         assert_step(second.state_dict, 2.0)
         second.release()
         with anyio.fail_after(5):
-            third = await stager.snapshot(step(3.0))  # into the second one's set
-        assert_step(first.state_dict, 1.0)
-        assert_step(third.state_dict, 3.0)
-        first.release()
-        third.release()
+            async with stager.snapshot(step(3.0)) as third:  # into the second one's set
+                assert_step(first.state_dict, 1.0)
+                assert_step(third.state_dict, 3.0)
 
 
 @pytest.mark.asyncio
@@ -342,9 +341,10 @@ def test_sync_writer_process_releases_the_parents_set(
         snap = stager.snapshot(step(1.0))
         writer_process.send(snap, path, SLOW_WRITE_S)
         staged = stager.stage(step(2.0), timeout=60)  # waits for the child's release
-        assert snap.released  # released over there, seen here
+        released_before_it_returned = snap.released  # released over there, seen here
         assert writer_process.result() == str(path)
-        assert_step(torch.load(path), 1.0)
+        assert_step(torch.load(path), 1.0)  # without the wait: step 2's values
+        assert released_before_it_returned
         assert_step(staged, 2.0)
 
 
@@ -371,7 +371,8 @@ async def test_async_writer_process_releases_the_parents_set(
         writer_process.send(snap, path, SLOW_WRITE_S)
         with anyio.fail_after(60):
             staged = await stager.stage(step(2.0))  # polls the shared byte off the loop
-        assert snap.released
+        released_before_it_returned = snap.released
         assert await anyio.to_thread.run_sync(writer_process.result) == str(path)
-        assert_step(torch.load(path), 1.0)
+        assert_step(torch.load(path), 1.0)  # without the wait: step 2's values
+        assert released_before_it_returned
         assert_step(staged, 2.0)
