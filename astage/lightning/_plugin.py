@@ -141,7 +141,7 @@ class AstageCheckpointIO(CheckpointIO):
             self._make_folder(target)
             snapshot = self._pool.take(checkpoint)
             self._saves += 1
-            if snapshot.waited_s:
+            if snapshot.waited_s is not None:
                 self._waits += 1
                 self._wait_seconds += snapshot.waited_s
             if snapshot.memory_refused:

@@ -34,8 +34,8 @@ class Snapshot:
 
     staged: Any
     release: Callable[[], None]
-    waited_s: float
-    """How long the save waited for an earlier write to free a slot (0.0: it did not wait)."""
+    waited_s: float | None
+    """How long the save waited for an earlier write to free a slot (None: it did not wait)."""
     memory_refused: bool
     """Whether host memory for another slot was refused, so the save reused a held one."""
 
@@ -116,9 +116,9 @@ class SnapshotPool:
                     self._memory_refused = refused = True
                 else:
                     self._slots.append(slot)
-                    return self._taken_now(slot, staged, hold, 0.0, refused)
+                    return self._taken_now(slot, staged, hold, None, refused)
                 slot = None
-            waited = 0.0
+            waited: float | None = None
             if slot is None:
                 slot = min(self._slots, key=lambda candidate: candidate.taken_at)
                 assert slot.hold is not None
@@ -129,7 +129,7 @@ class SnapshotPool:
             return self._taken_now(slot, staged, hold, waited, refused)
 
     def _taken_now(
-        self, slot: _Slot, staged: Any, hold: Lease, waited: float, refused: bool
+        self, slot: _Slot, staged: Any, hold: Lease, waited: float | None, refused: bool
     ) -> Snapshot:
         self._taken += 1
         slot.hold = hold
