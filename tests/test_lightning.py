@@ -480,3 +480,22 @@ def test_a_pickled_plugin_is_a_fresh_one_with_the_same_settings(
     copy.save_checkpoint({"w": torch.zeros(2)}, tmp_path / "b.ckpt")
     copy.teardown()
     assert torch.equal(torch.load(tmp_path / "b.ckpt")["w"], torch.zeros(2))
+
+
+def test_a_missing_or_broken_file_is_refused_naming_it(
+    tmp_path: Path, plugins: Callable[..., AstageCheckpointIO]
+) -> None:
+    plugin = plugins()
+    with pytest.raises(astage.CheckpointNotFoundError, match=r"nothing\.ckpt"):
+        plugin.load_checkpoint(tmp_path / "nothing.ckpt")
+    plugin.save_checkpoint({"w": torch.ones(100)}, tmp_path / "a.ckpt")
+    plugin.wait()
+    whole = (tmp_path / "a.ckpt").read_bytes()
+    (tmp_path / "a.ckpt").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(astage.CheckpointFormatError, match=r"a\.ckpt"):
+        plugin.load_checkpoint(tmp_path / "a.ckpt")
+    # weights_only=True (torch.load's default) refuses a Namespace: said, with the file named.
+    plugin.save_checkpoint({"args": argparse.Namespace(lr=1)}, tmp_path / "b.ckpt")
+    with pytest.raises(astage.CheckpointFormatError, match=r"b\.ckpt.*[Ww]eights only"):
+        plugin.load_checkpoint(tmp_path / "b.ckpt", weights_only=True)
+    assert plugin.load_checkpoint(tmp_path / "b.ckpt", weights_only=False)["args"].lr == 1

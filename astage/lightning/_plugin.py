@@ -16,6 +16,7 @@ save to save (pinned where CUDA is present; no device memory is cloned), not for
 from __future__ import annotations
 
 import os
+import pickle
 import threading
 import time
 from dataclasses import dataclass
@@ -26,7 +27,12 @@ from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
 from lightning.fabric.utilities.types import _PATH
 from typing_extensions import override
 
-from .._errors import CheckpointWriteError, InvalidOptionsError
+from .._errors import (
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+    InvalidOptionsError,
+)
 from .._options import StagingOptions, make_options
 from ._snapshots import SnapshotPool
 from ._writer import BackgroundWriter, WriteJob
@@ -160,13 +166,26 @@ class AstageCheckpointIO(CheckpointIO):
         map_location: Any | None = _cpu,
         weights_only: bool | None = None,
     ) -> dict[str, Any]:
-        """Load ``path`` as Lightning's ``TorchCheckpointIO`` does, once its write is done."""
+        """Load ``path`` as Lightning's ``TorchCheckpointIO`` does, once its write is done.
+
+        A missing file raises :class:`~astage.CheckpointNotFoundError` (a FileNotFoundError),
+        one ``torch.load`` cannot read :class:`~astage.CheckpointFormatError`, naming the file.
+        """
         target = os.fspath(path)
         self._writer.wait(target)
         self._raise_write_error(target)
-        return self._torch_io.load_checkpoint(
-            target, map_location=map_location, weights_only=weights_only
-        )
+        try:
+            return self._torch_io.load_checkpoint(
+                target, map_location=map_location, weights_only=weights_only
+            )
+        except FileNotFoundError as error:
+            raise CheckpointNotFoundError(f"no checkpoint file at {target!r}") from error
+        except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as error:
+            # torch.load's own message says what it refused (weights_only's allow-list, a
+            # truncated zip): kept, with the file named.
+            raise CheckpointFormatError(
+                f"cannot load the checkpoint {target!r}: {type(error).__name__}: {error}"
+            ) from error
 
     @override
     def remove_checkpoint(self, path: _PATH) -> None:
