@@ -28,6 +28,7 @@ then does not copy those storages again.
 
 from __future__ import annotations
 
+import operator
 from collections import OrderedDict
 from collections.abc import Generator
 from typing import Any
@@ -58,6 +59,41 @@ class Mismatch(Exception):
 
 
 _MISMATCH = Mismatch()
+
+
+class _BulkMiss(Exception):
+    """A tensor differs from the recording: check them one by one instead."""
+
+
+_BULK_MISS = _BulkMiss()
+_BULK_STEP = 1024  # tensors per bulk step: a step takes well under a millisecond
+_detach: Any = torch.Tensor.detach
+_storage = torch.Tensor.untyped_storage
+_attributes = operator.attrgetter("__dict__")
+_dropped = operator.attrgetter("dropped")
+_view = operator.attrgetter("view")
+_nbytes = torch.UntypedStorage.nbytes
+_is = operator.is_
+_GETTERS: tuple[Any, ...] = (
+    torch.Tensor.storage_offset,
+    operator.attrgetter("dtype"),
+    operator.attrgetter("shape"),
+    torch.Tensor.stride,
+    torch.Tensor.is_neg,
+)
+
+
+class _SamePlace:
+    """Where each checked tensor sits among the collected ones when none was left out."""
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+    def __contains__(self, index: int) -> bool:
+        return True
+
+
+_SAME_PLACE = _SamePlace()
 
 
 class Unrecordable(Exception):
@@ -133,6 +169,35 @@ class Recording:
         self.src_leaf: list[int] = []
         """Per slot: the tensor whose copy fills the whole buffer as itself, or -1 (bytes)."""
 
+    def prepare_bulk(self) -> None:
+        """The per-tensor expectations as parallel lists, for the bulk check (see Replay)."""
+        leaves = self.leaves
+        self.types = [leaf[0] for leaf in leaves]
+        self.slot_of = [leaf[1] for leaf in leaves]
+        self.offsets = [leaf[2] for leaf in leaves]
+        self.shapes = [leaf[3] for leaf in leaves]
+        self.strides = [leaf[4] for leaf in leaves]
+        self.dtypes = [leaf[5] for leaf in leaves]
+        self.negs = [leaf[6] for leaf in leaves]
+        self.conj_leaves = [(j, leaf[8]) for j, leaf in enumerate(leaves) if leaf[7]]
+        self.grad_leaves = [(j, leaf[9]) for j, leaf in enumerate(leaves) if leaf[0] is _Parameter]
+        self.shared_leaves = [(j, leaf[11]) for j, leaf in enumerate(leaves) if leaf[11] != -2]
+        # Tensors whose staged twin is a detach() of their buffer's view (plain, spanning, alone
+        # on their storage): the common case, done by map() without a Python frame each.
+        self.plain = [
+            j for j, leaf in enumerate(leaves) if leaf[0] is _Tensor and leaf[10] and leaf[11] == -2
+        ]
+        self.all_plain = len(self.plain) == len(leaves)
+        self.plain_slots = [leaves[j][1] for j in self.plain]
+        self.copy_slots = [k for k, buffer in enumerate(self.slots) if buffer and buffer.nbytes]
+        self.copy_src = [self.src_leaf[k] for k in self.copy_slots]
+        self.all_whole = all(src >= 0 for src in self.copy_src)
+        self.copy_nbytes = [self.slots[k].nbytes for k in self.copy_slots]  # type: ignore[union-attr]
+        self.last_copy = [-1] * len(leaves)
+        copy_of_slot = {k: index for index, k in enumerate(self.copy_slots)}
+        for j, slot in enumerate(self.slot_of):
+            self.last_copy[j] = copy_of_slot.get(slot, -1)
+
     def forget(self, buffer: HostBuffer) -> None:
         """``buffer`` left the cache: drop it from its slot (any thread; one atomic store)."""
         slot = self.slot_by_key.get(buffer.key)
@@ -181,6 +246,7 @@ class _Recorder:
         users = self._users
         # A tensor alone on its storage needs no identity check: its ``same`` becomes -2.
         out.leaves = [leaf if users[leaf[1]] > 1 else (*leaf[:11], -2) for leaf in out.leaves]
+        out.prepare_bulk()
         return out
 
     def _register(self, x: Any) -> None:
@@ -305,16 +371,38 @@ class Replay:
         self._fallback: TensorStager | None = None
         self._fallback_walk: DeepCopy | None = None
         self._staged_leaves: list[tuple[int, torch.Tensor]] = []
+        self._on_leaf: Any = self._leaf
+        self._volatile: list[bool] | None = None
+        self._twins: list[Any] | None = None
+        self._xs: list[Any] = []
 
     # -- the driver's view ---------------------------------------------------------------------
 
     def run(self, state_dict: Any) -> Walk:
-        """Replay ``state_dict``; raises :class:`Mismatch` (copies found so far stay valid)."""
+        """Replay ``state_dict``; raises :class:`Mismatch` (copies found so far stay valid).
+
+        First in bulk (:meth:`_run_bulk`); if a tensor differs there, tensor by tensor
+        (:meth:`_run_each`), which stages tensors on storages no call has met on their own.
+        """
+        try:
+            return (yield from self._run_bulk(state_dict))
+        except _BulkMiss:
+            if self._fallback is not None:
+                raise _MISMATCH from None  # some tensors were staged on their own already
+        self._seen.clear()
+        self._on_leaf = self._leaf
+        self._twins = None
+        self._xs = []
+        return (yield from self._run_each(state_dict))
+
+    def _traverse(self, state_dict: Any) -> Walk:
         root = self._rec.root
         if root.size <= SMALL:
-            result = self._build(root, state_dict)
-        else:
-            result = yield from self._build_big(root, state_dict)
+            return self._build(root, state_dict)
+        return (yield from self._build_big(root, state_dict))
+
+    def _run_each(self, state_dict: Any) -> Walk:
+        result = yield from self._traverse(state_dict)
         self._check_identities()
         plan = self._plan
         plan.tensors += self._tensors
@@ -325,6 +413,187 @@ class Replay:
             for index, y in self._staged_leaves:
                 leaves.append(Leaf(paths[index], y, last_copy[index]))
         return result
+
+    # -- in bulk ---------------------------------------------------------------------------------
+
+    def _run_bulk(self, state_dict: Any) -> Walk:
+        """Rebuild the containers with staged twins made ahead, then check every tensor at once.
+
+        The staged twins depend only on the recording (the checks make sure the sources still
+        match it), so they are made before the walk over the containers, by ``map()``; the
+        walk only collects the sources; the checks compare lists of metadata in C. Nothing
+        reaches the plan until every check has passed.
+        """
+        rec = self._rec
+        slots = self._slots
+        volatile = None in slots
+        if volatile:  # some recorded storages died (temporaries): their tensors go on their own
+            self._volatile = [slots[slot] is None for slot in rec.slot_of]
+        ys = yield from self._make_twins()
+        self._ys = ys
+        self._on_leaf = self._collect
+        if self._volatile is None:
+            self._twins = ys
+        result = yield from self._traverse(state_dict)
+        self._twins = None
+        xs = self._xs
+        checked = None
+        if self._volatile is not None:
+            checked = [j for j, gone in enumerate(self._volatile) if not gone]
+        yield from self._check_bulk(xs, checked)
+        self._publish_bulk(xs, checked)
+        plan = self._plan
+        plan.tensors += len(xs)
+        if self._track:
+            paths = rec.paths
+            base = len(plan.copies.srcs) - len(self._published)
+            positions = self._published_positions
+            leaves = plan.leaves
+            for j in range(len(rec.leaves)) if checked is None else checked:
+                copy = positions[rec.slot_of[j]]
+                leaves.append(Leaf(paths[j], ys[j], base + copy if copy >= 0 else -1))
+        return result
+
+    def _collect(self, index: int, x: Any) -> Any:
+        volatile = self._volatile
+        if volatile is not None and volatile[index]:
+            return self._unknown(index, x)
+        self._xs.append(x)
+        return self._ys[index]
+
+    def _make_twins(self) -> Walk:
+        rec = self._rec
+        slots = self._slots
+        views: list[Any] = [buffer.view if buffer is not None else None for buffer in slots]
+        detached: list[Any] = []
+        plain_slots = rec.plain_slots
+        for start in range(0, len(plain_slots), _BULK_STEP):
+            picked = map(views.__getitem__, plain_slots[start : start + _BULK_STEP])
+            if self._volatile is None:
+                detached += map(_detach, picked)
+            else:  # a dead storage has no view: its tensor is staged on its own
+                detached += [None if view is None else view.detach() for view in picked]
+            yield
+        if rec.all_plain:
+            return detached
+        ys: list[Any] = [None] * len(rec.leaves)
+        for j, y in zip(rec.plain, detached, strict=True):
+            ys[j] = y
+        leaves = rec.leaves
+        for j, leaf in enumerate(leaves):
+            if ys[j] is not None:
+                continue
+            cls, slot, offset, shape, stride, dtype, neg, _, conj, grad, spans, same = leaf
+            if same >= 0:
+                ys[j] = ys[same]
+                continue
+            buffer = slots[slot]
+            if buffer is None:
+                continue  # a temporary: staged on its own
+            if spans:
+                y = views[slot].detach()  # type: ignore[union-attr]
+            else:
+                y = torch.empty((0,), dtype=dtype).set_(buffer.storage, offset, shape, stride)
+                if conj:
+                    y = y.conj()
+                if neg:
+                    y = neg_view(y)
+            if cls is _Parameter:
+                y = _Parameter(y, requires_grad=grad)
+            ys[j] = y
+        return ys
+
+    def _check_bulk(self, xs: list[Any], checked: list[int] | None) -> Walk:
+        rec = self._rec
+        storages = [buffer() if buffer is not None else None for buffer in self._slots]
+        self._storages = storages
+
+        def expected(values: list[Any]) -> list[Any]:
+            return values if checked is None else [values[j] for j in checked]
+
+        slot_of = expected(rec.slot_of)
+        types = expected(rec.types)
+        wanted = (
+            expected(rec.offsets),
+            expected(rec.dtypes),
+            expected(rec.shapes),
+            expected(rec.strides),
+            expected(rec.negs),
+        )
+        step = _BULK_STEP
+        for start in range(0, len(xs), step):
+            part = xs[start : start + step]
+            stop = start + len(part)
+            if list(map(type, part)) != types[start:stop] or any(map(_attributes, part)):
+                raise _BULK_MISS  # the types first: only tensors are asked the rest
+            if not all(
+                map(_is, map(_storage, part), map(storages.__getitem__, slot_of[start:stop]))
+            ):
+                raise _BULK_MISS
+            for getter, values in zip(_GETTERS, wanted, strict=True):
+                if list(map(getter, part)) != values[start:stop]:
+                    raise _BULK_MISS
+            yield
+        where: Any = _SAME_PLACE if checked is None else {j: i for i, j in enumerate(checked)}
+        for j, conj in rec.conj_leaves:
+            if (checked is None or j in where) and xs[where[j]].is_conj() is not conj:
+                raise _BULK_MISS
+        for j, grad in rec.grad_leaves:
+            if (checked is None or j in where) and xs[where[j]].requires_grad is not grad:
+                raise _BULK_MISS
+        first: dict[int, int] = {}
+        for j, same in rec.shared_leaves:
+            x = xs[where[j]]
+            if same >= 0:
+                if xs[where[same]] is not x:
+                    raise _BULK_MISS
+            elif first.setdefault(id(x), j) != j:
+                raise _BULK_MISS
+        self._where = where
+
+    def _publish_bulk(self, xs: list[Any], checked: list[int] | None) -> None:
+        rec = self._rec
+        slots = self._slots
+        storages = self._storages
+        copy_slots = rec.copy_slots
+        copy_src = rec.copy_src
+        if checked is not None:  # leave out the storages that died
+            keep = [i for i, k in enumerate(copy_slots) if slots[k] is not None]
+            copy_slots = [copy_slots[i] for i in keep]
+            copy_src = [copy_src[i] for i in keep]
+            nbytes = [rec.copy_nbytes[i] for i in keep]
+        else:
+            nbytes = rec.copy_nbytes
+        buffers: list[Any] = list(map(slots.__getitem__, copy_slots))
+        if any(map(_dropped, buffers)):
+            raise _BULK_MISS
+        sources: list[Any] = list(map(storages.__getitem__, copy_slots))
+        if list(map(_nbytes, sources)) != nbytes:
+            raise _MISMATCH  # a storage resized in place: the walk names it
+        where = self._where
+        srcs: list[Any] = []
+        dsts: list[Any] = []
+        if checked is None and rec.all_whole:  # every storage copied as its first tensor
+            srcs = list(map(xs.__getitem__, copy_src))
+            dsts = list(map(_view, buffers))
+            copy_src = []
+        for src, buffer, storage in zip(copy_src, buffers, sources, strict=False):
+            if src >= 0:
+                srcs.append(xs[where[src]])
+                dsts.append(buffer.view)
+            else:
+                srcs.append(bytes_view(storage, buffer.device))
+                dsts.append(buffer.as_bytes())
+        copies = self._plan.copies
+        copies.srcs.extend(srcs)
+        copies.dsts.extend(dsts)
+        copies.buffers.extend(buffers)
+        self._published = copy_slots
+        if self._track:
+            positions = [-1] * len(slots)
+            for index, k in enumerate(copy_slots):
+                positions[k] = index
+            self._published_positions = positions
 
     def adopted(self) -> tuple[dict[int, HostBuffer], dict[int, int]]:
         """The storages copied so far (by ``id()``) -> their buffer, and -> their copy."""
@@ -392,14 +661,16 @@ class Replay:
                 raise _MISMATCH
             return value
         if type(child) is int:
-            return self._leaf(child, value)
+            return self._on_leaf(child, value)
         return self._build(child, value)
 
     def _build(self, node: Any, x: Any) -> Any:
         """A small container, in one go."""
         kind = type(node)
         atomic = ATOMIC_TYPES
-        leaf = self._leaf
+        leaf = self._on_leaf
+        twins = self._twins  # in bulk, with no temporary: collect the source, place its twin
+        collect = self._xs.append
         if kind is DictNode:
             y = self._dict_header(node, x)
             for (key, value), child in zip(x.items(), node.children, strict=True):
@@ -408,7 +679,11 @@ class Replay:
                         raise _MISMATCH
                     y[key] = value
                 elif type(child) is int:
-                    y[key] = leaf(child, value)
+                    if twins is None:
+                        y[key] = leaf(child, value)
+                    else:
+                        collect(value)
+                        y[key] = twins[child]
                 else:
                     y[key] = self._build(child, value)
             return y
@@ -434,43 +709,55 @@ class Replay:
     def _build_big(self, node: Any, x: Any) -> Walk:
         """A large container: yields every :data:`CHUNK` items."""
         kind = type(node)
+        if kind is ListNode and node.atoms:
+            return self._build(node, x)
         if kind is DictNode:
-            y = self._dict_header(node, x)
-            pairs = zip(x.items(), node.children, strict=True)
-            for (key, value), child in pairs:
-                y[key] = yield from self._big_item(child, value)
-            return y
-        if kind is ListNode:
-            if type(x) is not list:
+            y: Any = self._dict_header(node, x)
+            pairs: Any = zip(x.items(), node.children, strict=True)
+        else:
+            if type(x) is not (list if kind is ListNode else tuple):
                 raise _MISMATCH
-            if node.atoms:
-                return self._build(node, x)
-            self._register(x)
             if len(x) != len(node.children):
                 raise _MISMATCH
-            out = []
-            for child, value in zip(node.children, x, strict=True):
-                out.append((yield from self._big_item(child, value)))
-            return out
-        if type(x) is not tuple or len(x) != len(node.children):
-            raise _MISMATCH
-        items = []
-        for child, value in zip(node.children, x, strict=True):
-            items.append((yield from self._big_item(child, value)))
-        if not node.rebuilt:
-            return x
-        self._register(x)
-        return tuple(items)
-
-    def _big_item(self, child: Any, value: Any) -> Walk:
-        if child is None or type(child) is int or child.size <= SMALL:
-            y = self._item(child, value)
-            self._work += 1 if child is None or type(child) is int else child.size
-            if self._work >= CHUNK:
-                self._work = 0
+            if kind is ListNode:
+                self._register(x)
+            y = []
+            pairs = zip(enumerate(x), node.children, strict=True)
+        atomic = ATOMIC_TYPES
+        leaf = self._on_leaf
+        build = self._build
+        work = self._work
+        for (key, value), child in pairs:
+            # Inlined _item(): a small child is built without a generator of its own.
+            if child is None:
+                if type(value) not in atomic:
+                    raise _MISMATCH
+                staged = value
+                work += 1
+            elif type(child) is int:
+                staged = leaf(child, value)
+                work += 1
+            elif child.size <= SMALL:
+                staged = build(child, value)
+                work += child.size
+            else:
+                self._work = work
+                staged = yield from self._build_big(child, value)
+                work = self._work
+            if kind is DictNode:
+                y[key] = staged
+            else:
+                y.append(staged)
+            if work >= CHUNK:
+                work = 0
                 yield
+        self._work = work
+        if kind is DictNode or kind is ListNode:
             return y
-        return (yield from self._build_big(child, value))
+        if not node.rebuilt:
+            return x  # atoms only: the tuple is its own copy, as in the walk
+        self._register(x)
+        return tuple(y)
 
     # -- tensors -------------------------------------------------------------------------------
 
