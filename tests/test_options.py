@@ -223,3 +223,11 @@ def test_valid_extremes_are_accepted() -> None:
         chunk_bytes=1, max_inflight_bytes=1, pin_memory_min_bytes=0, copy_threads=1
     )
     assert opts.resolve().copy_threads == 1
+
+
+def test_buffers_is_a_positive_int_carried_into_the_resolved_options() -> None:
+    assert astage.StagingOptions().buffers == 1
+    assert astage.StagingOptions(buffers=3).resolve().buffers == 3
+    for bad in (0, -2, 2.0, True, None):
+        with pytest.raises(astage.InvalidOptionsError, match="buffers"):
+            astage.StagingOptions(buffers=bad)  # type: ignore[arg-type]

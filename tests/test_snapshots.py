@@ -202,12 +202,6 @@ def test_a_shared_lease_copied_by_a_plain_pickle_is_refused() -> None:
             pickle.loads(pickle.dumps(snap.lease))
 
 
-def test_buffers_must_be_a_positive_int() -> None:
-    for bad in (0, -1, 1.5, True):
-        with pytest.raises(astage.InvalidOptionsError, match="buffers"):
-            astage.StagingOptions(buffers=bad)  # type: ignore[arg-type]
-
-
 # -- the async face -----------------------------------------------------------------------------
 
 
@@ -278,6 +272,16 @@ async def test_async_waiting_for_a_lease_is_cancellable_and_leaves_the_stager_us
             async with stager.snapshot(step(3.0)) as third:  # into the second one's set
                 assert_step(first.state_dict, 1.0)
                 assert_step(third.state_dict, 3.0)
+
+
+@pytest.mark.asyncio
+async def test_a_snapshot_call_is_awaited_once() -> None:
+    async with astage.Stager() as stager:
+        call = stager.snapshot(step(1.0))
+        async with call as snap:
+            with pytest.raises(astage.UsageError, match="once"):
+                await call
+            assert_step(snap.state_dict, 1.0)
 
 
 @pytest.mark.asyncio

@@ -388,12 +388,16 @@ class _SnapshotCall:
 
     def __init__(self, call: _Call) -> None:
         self._call = call
+        self._taken = False
         self._snapshot: Snapshot | None = None
 
     def __await__(self) -> Generator[Any, None, Snapshot]:
         return self._take().__await__()
 
     async def _take(self) -> Snapshot:
+        if self._taken:
+            raise UsageError("a snapshot() call stages once: await it (or enter it) only once")
+        self._taken = True
         call = self._call
         lease: Lease | None = None
         try:
