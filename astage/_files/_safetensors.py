@@ -22,8 +22,9 @@ How a nested state dict maps onto it:
   ``OrderedDict``'s ``_metadata`` attribute (``Module.state_dict()`` sets it, with each
   submodule's version, and ``load_state_dict`` reads it) is kept too, as plain JSON, and so are
   Python attributes set on a tensor (plain values only).
-* **A digest** of the header (``__metadata__["astage.sha256"]``: the entries and the metadata,
-  the skeleton with it) makes any later edit of the header a :class:`CheckpointFormatError`.
+* **A digest** of the header (``__metadata__["astage.sha256"]``: the SHA-256 of the header's
+  JSON text, taken with the digest's own digits zeroed) makes any later edit of the header a
+  :class:`CheckpointFormatError`.
   It guards against corruption, not against an attacker, who can recompute it: the loader
   checks every field regardless.
 
@@ -194,9 +195,7 @@ def plan_layout(state_dict: Any, metadata: Mapping[str, str] | None = None) -> L
             "shape": entry.shape,
             "data_offsets": [entry.begin, offset],
         }
-    header_meta[DIGEST_KEY] = header_digest(entries, header_meta)
-    text = json.dumps({"__metadata__": header_meta, **entries}, separators=(",", ":")).encode()
-    text += b" " * (-(8 + len(text)) % 8)
+    text = header_text({"__metadata__": header_meta, **entries})
     if len(text) > MAX_HEADER_BYTES:
         raise _header_too_big(len(text), state_dict, skeleton, header_meta)
     prefix = struct.pack("<Q", len(text)) + text
@@ -211,14 +210,26 @@ def plan_layout(state_dict: Any, metadata: Mapping[str, str] | None = None) -> L
     )
 
 
-def header_digest(entries: Mapping[str, Any], metadata: Mapping[str, Any]) -> str:
-    """The digest of a header: its entries and its metadata but the digest, in key order."""
-    canonical = [
-        sorted([key, info] for key, info in entries.items()),
-        sorted([key, value] for key, value in metadata.items() if key != DIGEST_KEY),
-    ]
-    text = json.dumps(canonical, separators=(",", ":"), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
+_UNSEALED = f'"{DIGEST_KEY}":"{"0" * 64}"'.encode()
+
+
+def header_text(header: dict[str, Any]) -> bytes:
+    """The JSON text of ``header``, padded, with its digest: the SHA-256 of the very text,
+    taken while the digest's 64 hex digits are zeros (cheap: one hash, no canonical form)."""
+    header["__metadata__"][DIGEST_KEY] = "0" * 64
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % 8)
+    assert text.count(_UNSEALED) == 1  # inside a JSON string a quote is escaped: no lookalike
+    digest = hashlib.sha256(text).hexdigest()
+    header["__metadata__"][DIGEST_KEY] = digest
+    return text.replace(_UNSEALED, f'"{DIGEST_KEY}":"{digest}"'.encode())
+
+
+def _digest_matches(raw: bytes, digest: str) -> bool:
+    sealed = f'"{DIGEST_KEY}":"{digest}"'.encode()
+    if len(digest) != 64 or raw.count(sealed) != 1:
+        return False
+    return hashlib.sha256(raw.replace(sealed, _UNSEALED)).hexdigest() == digest
 
 
 def _header_too_big(size: int, state_dict: Any, skeleton: Any, meta: dict[str, str]) -> Exception:
@@ -459,8 +470,6 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") ->
     try:
         header = _read_checked(fd, name, size)
         document = _skeleton_document(header.metadata, name)
-        if document is not None:  # every view is checked before any byte is allocated
-            _Decoder(header.entries, None, name, None).decode(document)
         stored: dict[str, torch.Tensor] = {}
         for key, entry in header.entries.items():
             tensor = torch.empty(entry.shape, dtype=entry.dtype)
@@ -537,7 +546,7 @@ def _read_raw(fd: int, path: str, size: int) -> tuple[dict[str, Any], _Header]:
     entries = {key: _entry(key, info, path) for key, info in header.items()}
     _check_tiling(entries, size - data_start, path)
     digest = metadata.get(DIGEST_KEY)
-    if digest is not None and digest != header_digest(header, metadata):
+    if digest is not None and not _digest_matches(raw, digest):
         raise CheckpointFormatError(
             f"{path}: __metadata__[{DIGEST_KEY!r}] does not match the header: the header was "
             "changed or damaged after astage wrote it"
@@ -546,24 +555,16 @@ def _read_raw(fd: int, path: str, size: int) -> tuple[dict[str, Any], _Header]:
 
 
 def parse_json(raw: bytes | str, what: str) -> Any:
-    """Strict JSON (UTF-8, no duplicate keys, no NaN); any problem a CheckpointFormatError."""
+    """Strict JSON (UTF-8, no NaN or Infinity); any problem a CheckpointFormatError."""
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
-        return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+        # No object_pairs_hook for duplicate keys: it costs as much as the parse. A repeated
+        # entry key leaves a gap in the data that the tiling check refuses; a repeated field
+        # is read as Python reads it (the last one), and is checked like any other.
+        return json.loads(text, parse_constant=_no_constant)
     except (ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError too
         reason = "nested too deep" if isinstance(error, RecursionError) else str(error)
         raise CheckpointFormatError(f"{what} is not valid JSON: {reason}") from None
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        seen = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise ValueError(f"the key {_shown(key)} appears twice in one object")
-            seen.add(key)
-    return result
 
 
 def _no_constant(name: str) -> Any:
