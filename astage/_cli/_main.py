@@ -1,0 +1,83 @@
+"""The arguments of the ``astage`` command, and its exit codes.
+
+Exit codes: 0 the checkpoint is valid; 1 it is not (the reason on one line on stderr, never a
+traceback); 2 a usage error (bad arguments, or no file or folder at the path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from .. import __version__
+from .._errors import CheckpointNotFoundError
+from ._report import inspect_path
+from ._text import render, shown
+
+VALID, INVALID, USAGE = 0, 1, 2
+
+_DESCRIPTION = "Look inside astage checkpoints without writing Python."
+_INSPECT = """\
+Show what a checkpoint file holds (entries with dtype, shape, bytes and offsets; totals; the
+state dict's structure; the metadata) and whether astage.load would read it, or, for a folder
+of CheckpointDir, its steps and which one resuming would load. Only the header is read unless
+--verify is given. Exit status: 0 valid, 1 not valid, 2 usage error."""
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command's argument parser."""
+    top = argparse.ArgumentParser(prog="astage", description=_DESCRIPTION)
+    top.add_argument("--version", action="version", version=f"astage {__version__}")
+    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    inspect = commands.add_parser(
+        "inspect", help="show what a checkpoint file or folder holds", description=_INSPECT
+    )
+    inspect.add_argument("path", metavar="PATH", help="a checkpoint file, or a CheckpointDir")
+    inspect.add_argument(
+        "--json", action="store_true", help="print one JSON document (for scripts)"
+    )
+    inspect.add_argument(
+        "--verify",
+        action="store_true",
+        help="also read all tensor data and load it (costs the file's size in memory)",
+    )
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command with ``argv`` (``sys.argv[1:]`` by default); return the exit code."""
+    try:
+        arguments = parser().parse_args(argv)
+    except SystemExit as exit_:  # --help, --version (0) and usage errors (2)
+        return exit_.code if isinstance(exit_.code, int) else USAGE
+    try:
+        return _inspect(arguments.path, as_json=arguments.json, verify=arguments.verify)
+    except BrokenPipeError:
+        # The reader went away (`astage inspect f | head`): say nothing more. Point stdout at
+        # devnull so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return INVALID
+
+
+def _inspect(path: str, *, as_json: bool, verify: bool) -> int:
+    try:
+        report = inspect_path(path, verify=verify)
+    except CheckpointNotFoundError:
+        _error(f"no file or folder at {path}")
+        return USAGE
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    else:
+        sys.stdout.write(render(report))
+    sys.stdout.flush()
+    if report["valid"]:
+        return VALID
+    _error(report["error"] or "not valid")
+    return INVALID
+
+
+def _error(message: str) -> None:
+    sys.stderr.write(f"astage inspect: {shown(message, 2000)}\n")
