@@ -78,6 +78,11 @@ LAYERS: dict[str, Layer] = {
         _layers("shared", "_core", "_devices", "_drivers", "_files", "_replication", "compat"),
         summary="astage/__init__.py: the public names",
     ),
+    "_cli": Layer(
+        _layers("shared", "_files", "public"),
+        summary="the astage command (inspect): reads checkpoint headers and folders",
+    ),
+    "__main__": Layer(_layers("_cli"), summary="astage/__main__.py: python -m astage"),
 }
 """The layer rules, bottom up. Keys: a subpackage of ``astage``, ``shared`` or ``public``."""
 
