@@ -301,3 +301,54 @@ def _loaded_libraries(stem: str) -> list[str]:
         if path.rsplit("/", 1)[-1].startswith(stem) and path not in paths:
             paths.append(path)
     return paths
+
+
+def make_sharded_tensor(
+    local_shards: Sequence[tuple[torch.Tensor, list[int], list[int], str | None]],
+    shards_metadata: Sequence[tuple[list[int], list[int], str | None]],
+    size: Sequence[int],
+    dtype: torch.dtype,
+    *,
+    requires_grad: bool,
+    process_group: Any,
+) -> torch.Tensor:
+    """A ShardedTensor from plain descriptions of its shards, without a collective.
+
+    ``local_shards``: (tensor, offsets, sizes, placement) of each shard held here;
+    ``shards_metadata``: (offsets, sizes, placement) of every shard of the global tensor.
+
+    Why: a received replica has no ShardedTensor to copy metadata from; ``ShardMetadata``,
+    ``ShardedTensorMetadata``, ``TensorProperties`` and ``Shard`` live in private modules, and
+    the public constructors run a collective.
+    """
+    from torch.distributed._shard.metadata import ShardMetadata
+    from torch.distributed._shard.sharded_tensor.api import ShardedTensor
+    from torch.distributed._shard.sharded_tensor.metadata import (
+        ShardedTensorMetadata,
+        TensorProperties,
+    )
+    from torch.distributed._shard.sharded_tensor.shard import Shard
+
+    shards = [
+        Shard(tensor, ShardMetadata(offsets, sizes, placement))
+        for tensor, offsets, sizes, placement in local_shards
+    ]
+    metadata = ShardedTensorMetadata(
+        [ShardMetadata(offsets, sizes, placement) for offsets, sizes, placement in shards_metadata],
+        torch.Size(size),
+        TensorProperties(dtype=dtype, layout=torch.strided, requires_grad=requires_grad),
+    )
+    rebuilt: torch.Tensor = ShardedTensor._init_from_local_shards_and_global_metadata(
+        shards, metadata, process_group=process_group, init_rrefs=False
+    )
+    return rebuilt
+
+
+def register_checkpoint_stager(cls: type) -> None:
+    """Register ``cls`` as a virtual subclass of DCP's experimental ``CheckpointStager``.
+
+    Why: the ABC lives in the private ``torch.distributed.checkpoint._experimental`` package.
+    """
+    from torch.distributed.checkpoint._experimental.staging import CheckpointStager
+
+    CheckpointStager.register(cls)

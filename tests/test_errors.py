@@ -12,8 +12,11 @@ from astage import Attr
 
 TREE: dict[type[Exception], type[Exception]] = {
     astage.InvalidOptionsError: astage.AstageError,
+    astage.AcceleratorUnavailableError: astage.InvalidOptionsError,
     astage.UsageError: astage.AstageError,
     astage.BusyError: astage.UsageError,
+    astage.LeaseTimeoutError: astage.BusyError,
+    astage.SnapshotReleasedError: astage.UsageError,
     astage.ClosedError: astage.UsageError,
     astage.StagerClosedError: astage.ClosedError,
     astage.StagingError: astage.AstageError,
@@ -24,6 +27,7 @@ TREE: dict[type[Exception], type[Exception]] = {
     astage.CheckpointWriteError: astage.CheckpointError,
     astage.CheckpointFormatError: astage.CheckpointError,
     astage.CheckpointNotFoundError: astage.CheckpointFormatError,
+    astage.CheckpointSkippedWarning: astage.CheckpointError,
     astage.ReplicationError: astage.AstageError,
     astage.ReplicationTimeoutError: astage.ReplicationError,
 }
@@ -38,6 +42,7 @@ def test_error_tree(error: type[Exception], parent: type[Exception]) -> None:
     ("error", "also"),
     [
         (astage.InvalidOptionsError, ValueError),
+        (astage.AcceleratorUnavailableError, AssertionError),
         (astage.UnstageableError, TypeError),
         (astage.UnsavableError, TypeError),
         (astage.CheckpointNotFoundError, FileNotFoundError),

@@ -67,8 +67,8 @@ LAYERS: dict[str, Layer] = {
         summary="pairing, wire codec, transport, persistence, ReplicationStager",
     ),
     "compat": Layer(
-        _layers("shared", "_core", "_devices", "_drivers"),
-        summary="DCP's stagers on the core",
+        _layers("shared", "_core", "_devices", "_drivers", "_replication"),
+        summary="DCP's stagers, storage layer and replication stager on the core",
     ),
     "lightning": Layer(
         _layers("shared", "_core", "_devices", "_drivers", "_files"),

@@ -42,7 +42,6 @@ from __future__ import annotations
 import json
 import math
 import operator
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +56,7 @@ from .._torch import (
     dtensor_spec,
     is_sharded_tensor,
     make_dtensor,
+    make_sharded_tensor,
     neg_view,
     storage_key,
 )
@@ -596,47 +596,6 @@ class _Decoder(SkeletonDecoder):
             )
         except (ValueError, RuntimeError, AssertionError, TypeError) as error:
             raise self.invalid(f"the ShardedTensor cannot be rebuilt: {error}") from None
-
-
-def make_sharded_tensor(  # TO MOVE to astage/_torch.py (see the report of task H)
-    local_shards: Sequence[tuple[torch.Tensor, list[int], list[int], str | None]],
-    shards_metadata: Sequence[tuple[list[int], list[int], str | None]],
-    size: Sequence[int],
-    dtype: torch.dtype,
-    *,
-    requires_grad: bool,
-    process_group: Any,
-) -> torch.Tensor:
-    """A ShardedTensor from plain descriptions of its shards, without a collective.
-
-    ``local_shards``: (tensor, offsets, sizes, placement) of each shard held here;
-    ``shards_metadata``: (offsets, sizes, placement) of every shard of the global tensor.
-
-    Why: a received replica has no ShardedTensor to copy metadata from; ``ShardMetadata``,
-    ``ShardedTensorMetadata``, ``TensorProperties`` and ``Shard`` live in private modules, and
-    the public constructors run a collective.
-    """
-    from torch.distributed._shard.metadata import ShardMetadata
-    from torch.distributed._shard.sharded_tensor.api import ShardedTensor
-    from torch.distributed._shard.sharded_tensor.metadata import (
-        ShardedTensorMetadata,
-        TensorProperties,
-    )
-    from torch.distributed._shard.sharded_tensor.shard import Shard
-
-    shards = [
-        Shard(tensor, ShardMetadata(offsets, sizes, placement))
-        for tensor, offsets, sizes, placement in local_shards
-    ]
-    metadata = ShardedTensorMetadata(
-        [ShardMetadata(offsets, sizes, placement) for offsets, sizes, placement in shards_metadata],
-        torch.Size(size),
-        TensorProperties(dtype=dtype, layout=torch.strided, requires_grad=requires_grad),
-    )
-    rebuilt: torch.Tensor = ShardedTensor._init_from_local_shards_and_global_metadata(
-        shards, metadata, process_group=process_group, init_rrefs=False
-    )
-    return rebuilt
 
 
 def decode(

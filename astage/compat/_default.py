@@ -12,6 +12,7 @@ from torch.distributed.checkpoint.staging import StagingOptions as DcpStagingOpt
 from .._core._cache import CacheInfo
 from .._core._stats import StageStats
 from .._errors import StagerClosedError
+from .._torch import register_checkpoint_stager
 from ._options import DcpFlags
 from ._pool import SnapshotPool
 from ._worker import StagingThread
@@ -90,16 +91,6 @@ class DefaultStager(AsyncStager):
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-def register_checkpoint_stager(cls: type) -> None:  # TO MOVE to astage/_torch.py (task H)
-    """Register ``cls`` as a virtual subclass of DCP's experimental ``CheckpointStager``.
-
-    Why: the ABC lives in the private ``torch.distributed.checkpoint._experimental`` package.
-    """
-    from torch.distributed.checkpoint._experimental.staging import CheckpointStager
-
-    CheckpointStager.register(cls)
 
 
 # DCP's experimental Checkpointer takes a CheckpointStager (an ABC): the same class serves it,
