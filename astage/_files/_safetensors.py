@@ -767,6 +767,10 @@ class _Decoder(SkeletonDecoder):
         return base
 
     def _tensor(self, node: dict[str, Any]) -> torch.Tensor | None:
+        if len(node) == 1 and self._stored is not None:  # the common node: a whole entry
+            key = node["tensor"]
+            if type(key) is str and key in self._entries:
+                return self._base(key)
         unknown = set(node) - _TENSOR_KEYS
         if unknown:
             raise self.invalid(f"unknown tensor fields {sorted(unknown)}")
