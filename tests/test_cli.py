@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 
 import astage
 from astage._cli import _report, main
+from astage._files._safetensors import header_text
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -289,6 +290,26 @@ def test_a_bad_file_is_one_line_and_exit_1(
     assert code == 1 and set(report) == FILE_KEYS
     assert report["valid"] is False and expected in report["error"]
     assert report["entries"] == [] and report["skeleton"] is None
+
+
+def test_a_crafted_skeleton_is_checked_as_load_checks_it(
+    checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The header's fields are fine and its digest matches, as an attacker would write it; the
+    # view at ['view'] reaches past its entry, which only the skeleton's check can see.
+    (length,) = struct.unpack("<Q", checkpoint.read_bytes()[:8])
+    raw = checkpoint.read_bytes()
+    header = json.loads(raw[8 : 8 + length])
+    document = json.loads(header["__metadata__"]["astage"])
+    pairs = document["skeleton"]["dict"]
+    view = next(node for key, node in pairs if key == "view")
+    view["offset"] = 1000
+    header["__metadata__"]["astage"] = json.dumps(document)
+    text = header_text(header)
+    checkpoint.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + length :])
+    code, out, err = run(capsys, "inspect", str(checkpoint))
+    assert code == 1 and out == ""
+    assert "the skeleton node at ['view']" in err and "past the end of entry" in err
 
 
 def test_a_fifo_does_not_block(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

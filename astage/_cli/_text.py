@@ -35,7 +35,7 @@ def _file(report: dict[str, Any]) -> Iterator[str]:
         return
     verified = report["verified"]
     how = (
-        "header and data checked (--verify: every byte read and loaded)"
+        "header and data checked: every byte read and loaded (--verify)"
         if verified
         else "header checked; tensor data not read: --verify reads it"
     )
