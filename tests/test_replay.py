@@ -699,3 +699,15 @@ def test_any_change_between_calls_stages_like_a_fresh_cache(
         assert plan.tensors == len(plan.leaves)
     if not changes:
         assert plan.replayed
+
+
+def test_a_mismatch_keeps_no_source_alive() -> None:
+    """A replay that gives up holds nothing of the call (no traceback kept with the sources)."""
+    cache = new_cache()
+    state_dict = {"w": torch.randn(4, 2), "v": torch.randn(3)}
+    stage(cache, state_dict)
+    state_dict["w"].unsqueeze_(0)  # in place over a recorded storage: the walk takes over
+    plan = stage(cache, state_dict)
+    assert not plan.replayed
+    del plan, state_dict  # no gc.collect(): reference counts alone must free the sources
+    assert cache.info().storages == 0

@@ -58,14 +58,10 @@ class Mismatch(Exception):
     """The state dict no longer has the recorded structure: walk it in full."""
 
 
-_MISMATCH = Mismatch()
-
-
 class _BulkMiss(Exception):
     """A tensor differs from the recording: check them one by one instead."""
 
 
-_BULK_MISS = _BulkMiss()
 _BULK_STEP = 1024  # tensors per bulk step: a step takes well under a millisecond
 _detach: Any = torch.Tensor.detach
 _storage = torch.Tensor.untyped_storage
@@ -375,6 +371,8 @@ class Replay:
         self._volatile: list[bool] | None = None
         self._twins: list[Any] | None = None
         self._xs: list[Any] = []
+        self._ys: list[Any] = []
+        self._storages: list[Any] = []
 
     # -- the driver's view ---------------------------------------------------------------------
 
@@ -388,7 +386,7 @@ class Replay:
             return (yield from self._run_bulk(state_dict))
         except _BulkMiss:
             if self._fallback is not None:
-                raise _MISMATCH from None  # some tensors were staged on their own already
+                raise Mismatch from None  # some tensors were staged on their own already
         self._seen.clear()
         self._on_leaf = self._leaf
         self._twins = None
@@ -426,8 +424,10 @@ class Replay:
         """
         rec = self._rec
         slots = self._slots
-        volatile = None in slots
-        if volatile:  # some recorded storages died (temporaries): their tensors go on their own
+        dead = slots.count(None)
+        if dead * 2 > len(slots):
+            raise Mismatch  # mostly new storages (a new model): walk, and record those
+        if dead:  # some recorded storages died (temporaries): their tensors go on their own
             self._volatile = [slots[slot] is None for slot in rec.slot_of]
         ys = yield from self._make_twins()
         self._ys = ys
@@ -525,30 +525,32 @@ class Replay:
             part = xs[start : start + step]
             stop = start + len(part)
             if list(map(type, part)) != types[start:stop] or any(map(_attributes, part)):
-                raise _BULK_MISS  # the types first: only tensors are asked the rest
+                raise _BulkMiss  # the types first: only tensors are asked the rest
             if not all(
                 map(_is, map(_storage, part), map(storages.__getitem__, slot_of[start:stop]))
             ):
-                raise _BULK_MISS
+                raise _BulkMiss
             for getter, values in zip(_GETTERS, wanted, strict=True):
                 if list(map(getter, part)) != values[start:stop]:
-                    raise _BULK_MISS
+                    raise _BulkMiss
             yield
         where: Any = _SAME_PLACE if checked is None else {j: i for i, j in enumerate(checked)}
         for j, conj in rec.conj_leaves:
             if (checked is None or j in where) and xs[where[j]].is_conj() is not conj:
-                raise _BULK_MISS
+                raise _BulkMiss
         for j, grad in rec.grad_leaves:
             if (checked is None or j in where) and xs[where[j]].requires_grad is not grad:
-                raise _BULK_MISS
+                raise _BulkMiss
         first: dict[int, int] = {}
         for j, same in rec.shared_leaves:
+            if j not in where:
+                continue  # a dead storage's tensors: the tensor stager's memo shares them
             x = xs[where[j]]
             if same >= 0:
                 if xs[where[same]] is not x:
-                    raise _BULK_MISS
+                    raise _BulkMiss
             elif first.setdefault(id(x), j) != j:
-                raise _BULK_MISS
+                raise _BulkMiss
         self._where = where
 
     def _publish_bulk(self, xs: list[Any], checked: list[int] | None) -> None:
@@ -566,10 +568,10 @@ class Replay:
             nbytes = rec.copy_nbytes
         buffers: list[Any] = list(map(slots.__getitem__, copy_slots))
         if any(map(_dropped, buffers)):
-            raise _BULK_MISS
+            raise _BulkMiss
         sources: list[Any] = list(map(storages.__getitem__, copy_slots))
         if list(map(_nbytes, sources)) != nbytes:
-            raise _MISMATCH  # a storage resized in place: the walk names it
+            raise Mismatch  # a storage resized in place: the walk names it
         where = self._where
         srcs: list[Any] = []
         dsts: list[Any] = []
@@ -617,11 +619,22 @@ class Replay:
         return buffers, copies
 
     def close(self) -> None:
+        """Let go of the call's sources and staged twins, and break the cycle through
+        ``_on_leaf`` (a bound method of this object): otherwise they would live until the
+        cyclic collector ran, and the buffers would look in use (``BufferCache.in_use``)."""
         if self._fallback is not None and self._fallback_walk is not None:
             self._fallback.close()
             self._fallback_walk.close()
             self._fallback = None
             self._fallback_walk = None
+        self._on_leaf = None
+        self._xs = []
+        self._ys = []
+        self._twins = None
+        self._storages = []
+        self._staged_leaves = []
+        self._same.clear()
+        self._seen.clear()
 
     # -- containers ----------------------------------------------------------------------------
 
@@ -630,13 +643,13 @@ class Replay:
         before = len(seen)
         seen.add(id(x))
         if len(seen) == before:
-            raise _MISMATCH
+            raise Mismatch
 
     def _dict_header(self, node: DictNode, x: Any) -> Any:
         if type(x) is not node.cls or list(x) != node.keys:
-            raise _MISMATCH
+            raise Mismatch
         if list(map(type, x)) != node.key_types:
-            raise _MISMATCH
+            raise Mismatch
         self._register(x)
         y = node.cls()
         if node.cls is dict:
@@ -645,10 +658,10 @@ class Replay:
         attrs = node.attrs
         if attrs is None:
             if attributes:
-                raise _MISMATCH
+                raise Mismatch
         else:
             if not attributes or list(attributes) != attrs.keys:
-                raise _MISMATCH
+                raise Mismatch
             staged = {}
             for (name, value), child in zip(attributes.items(), attrs.children, strict=True):
                 staged[name] = self._item(child, value)
@@ -658,7 +671,7 @@ class Replay:
     def _item(self, child: Any, value: Any) -> Any:
         if child is None:
             if type(value) not in ATOMIC_TYPES:
-                raise _MISMATCH
+                raise Mismatch
             return value
         if type(child) is int:
             return self._on_leaf(child, value)
@@ -676,7 +689,7 @@ class Replay:
             for (key, value), child in zip(x.items(), node.children, strict=True):
                 if child is None:
                     if type(value) not in atomic:
-                        raise _MISMATCH
+                        raise Mismatch
                     y[key] = value
                 elif type(child) is int:
                     if twins is None:
@@ -689,17 +702,17 @@ class Replay:
             return y
         if kind is ListNode:
             if type(x) is not list:
-                raise _MISMATCH
+                raise Mismatch
             self._register(x)
             if node.atoms:
                 if not set(map(type, x)) <= atomic:
-                    raise _MISMATCH
+                    raise Mismatch
                 return list(x)
             if len(x) != len(node.children):
-                raise _MISMATCH
+                raise Mismatch
             return [self._item(child, value) for child, value in zip(node.children, x, strict=True)]
         if type(x) is not tuple or len(x) != len(node.children):
-            raise _MISMATCH
+            raise Mismatch
         items = [self._item(child, value) for child, value in zip(node.children, x, strict=True)]
         if not node.rebuilt:
             return x  # atoms only: the tuple is its own copy, as in the walk
@@ -716,9 +729,9 @@ class Replay:
             pairs: Any = zip(x.items(), node.children, strict=True)
         else:
             if type(x) is not (list if kind is ListNode else tuple):
-                raise _MISMATCH
+                raise Mismatch
             if len(x) != len(node.children):
-                raise _MISMATCH
+                raise Mismatch
             if kind is ListNode:
                 self._register(x)
             y = []
@@ -731,7 +744,7 @@ class Replay:
             # Inlined _item(): a small child is built without a generator of its own.
             if child is None:
                 if type(value) not in atomic:
-                    raise _MISMATCH
+                    raise Mismatch
                 staged = value
                 work += 1
             elif type(child) is int:
@@ -770,7 +783,7 @@ class Replay:
         try:
             storage = x.untyped_storage()
         except (RuntimeError, NotImplementedError):
-            raise _MISMATCH from None
+            raise Mismatch from None
         buffer = self._slots[slot]
         if buffer is None or buffer() is not storage:
             return self._unknown(index, x)
@@ -783,12 +796,12 @@ class Replay:
             or (complex_ and x.is_conj() is not conj)
             or (cls is _Parameter and x.requires_grad is not grad)
         ):
-            raise _MISMATCH  # changed in place over a recorded storage
+            raise Mismatch  # changed in place over a recorded storage
         copy_of = self._copy_of
         copy = copy_of[slot]
         if copy == -2:  # the first tensor of this storage in this call: add its copy
             if storage.nbytes() != buffer.nbytes or buffer.dropped:
-                raise _MISMATCH  # resized in place (the walk names it), or evicted
+                raise Mismatch  # resized in place (the walk names it), or evicted
             if buffer.nbytes:
                 srcs = self._srcs
                 copy = len(srcs)
@@ -828,7 +841,7 @@ class Replay:
         if same >= 0:
             earlier = self._same.get(same)
             if earlier is None or earlier[0] is not x:
-                raise _MISMATCH
+                raise Mismatch
             y = earlier[1]
         else:
             (cls, _, _, _, _, _, neg, _, conj, grad, _, _) = self._leaves[index]
@@ -846,25 +859,25 @@ class Replay:
         leaves = self._leaves
         distinct = [x for index, (x, _) in self._same.items() if leaves[index][11] < 0]
         if len({id(x) for x in distinct}) != len(distinct):
-            raise _MISMATCH
+            raise Mismatch
 
     def _unknown(self, index: int, x: Any) -> torch.Tensor:
         """A tensor that is not the recorded one: staged on its own if its storage is new."""
         if type(x) is not _Tensor and type(x) is not _Parameter:
-            raise _MISMATCH
+            raise Mismatch
         if x.layout is not _strided or x.__dict__:
-            raise _MISMATCH
+            raise Mismatch
         try:
             storage = x.untyped_storage()
         except (RuntimeError, NotImplementedError):
-            raise _MISMATCH from None
+            raise Mismatch from None
         stager = self._fallback
         # Only a storage no call has staged yet (a temporary) is staged on its own: one that
         # has a buffer is a recorded one, or a swap that outlived a call (then the walk records
         # the new structure).
         met = stager is not None and id(storage) in stager.storages
         if not met and self._cache.get(storage) is not None:
-            raise _MISMATCH
+            raise Mismatch
         if stager is None:
             stager = self._make_fallback()
         return stager.leaf(x, self._rec.paths[index])
