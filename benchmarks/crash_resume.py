@@ -18,8 +18,8 @@ on the folder must:
 Speed: one process imports torch once and forks a worker per round (and a checker, so that
 the orchestrating process itself never runs torch or starts a thread: a fork of it is always
 clean). ``torch.set_num_threads(1)`` keeps OpenMP's pool from ever starting. The short test in
-``tests/test_checkpoint_dir_crash.py`` runs this with 15 kills, and the full 60 (marked slow:
-~35 s on the busy 2-core VM, where 40 of the 60 kills left a temporary file to remove).
+``tests/test_checkpoint_dir_crash.py`` runs this with 8 kills, and with 50 (marked slow); the
+60 here took ~33 s on the busy 2-core VM, where 40 of the 60 kills left a temporary file.
 """
 
 from __future__ import annotations
