@@ -438,7 +438,8 @@ def test_a_symlinked_step_file_is_not_followed(
     root = folder(tmp_path, [], latest=None)
     (root / "step_000000001.safetensors").symlink_to(checkpoint)
     code, report = run_json(capsys, str(root))
-    assert code == 1 and report["steps"][0]["error"] == "not a regular file"
+    link = root / "step_000000001.safetensors"
+    assert code == 1 and report["steps"][0]["error"] == f"{link}: not a regular file"
     assert report["resume_step"] is None
 
 

@@ -165,7 +165,7 @@ def inspect_folder(path: str, *, verify: bool = False) -> dict[str, Any]:
         if found["valid"]:
             good.append(step)
         else:
-            problems.append(f"{file_name(step)}: {found['error']}")
+            problems.append(found["error"] or f"{file_name(step)}: not valid")
             if verify and found.get("verified") is False:
                 report["verified"] = False
     named, problem = _read_pointer(os.path.join(path, LATEST))
@@ -191,17 +191,18 @@ def inspect_folder(path: str, *, verify: bool = False) -> dict[str, Any]:
 
 
 def _step_file(path: str, verify: bool) -> dict[str, Any]:
-    """A step file's size, validity and error, as :class:`CheckpointDir` judges it."""
+    """A step file's size, validity and error (naming the file), as :class:`CheckpointDir`
+    judges it."""
     try:
         info = os.lstat(path)
     except OSError as error:
-        return {"bytes": None, "valid": False, "error": f"cannot be read: {error.strerror}"}
+        return {"bytes": None, "valid": False, "error": f"{path}: cannot be read: {error.strerror}"}
     if not stat.S_ISREG(info.st_mode):  # never followed: a link is not a checkpoint
-        return {"bytes": None, "valid": False, "error": "not a regular file"}
+        return {"bytes": None, "valid": False, "error": f"{path}: not a regular file"}
     try:
         found = inspect_file(path, verify=verify)
     except CheckpointNotFoundError:
-        return {"bytes": None, "valid": False, "error": "missing"}
+        return {"bytes": None, "valid": False, "error": f"{path}: missing"}
     result = {"bytes": info.st_size, "valid": found["valid"], "error": found["error"]}
     if verify:
         result["verified"] = found["verified"]

@@ -7,6 +7,7 @@ screen) and long strings shortened. The JSON form (``--json``) keeps the full st
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -126,11 +127,13 @@ def _folder(report: dict[str, Any]) -> Iterator[str]:
     status = "valid" if report["valid"] else "NOT VALID"
     yield f"{shown(report['path'])}: checkpoint folder, {_count(len(steps), 'step')}, {status}"
     if steps:
-        width = max(len(f"{step['bytes'] or 0:,}") for step in steps)
+        width = max(5, *(len(f"{step['bytes'] or 0:,}") for step in steps))
         yield f"  {'step':>9}  {'bytes':>{width}}  file"
         for step in steps:
             size = "-" if step["bytes"] is None else f"{step['bytes']:,}"
-            state = "valid" if step["valid"] else f"NOT VALID: {shown(step['error'] or '')}"
+            # the error names the file already, from the folder's path: said once is enough
+            error = (step["error"] or "").removeprefix(os.path.join(report["path"], step["file"]))
+            state = "valid" if step["valid"] else f"NOT VALID{shown(error)}"
             yield f"  {step['step']:>9}  {size:>{width}}  {step['file']}: {state}"
     latest = report["latest"]
     if latest["problem"] is not None:
