@@ -3,6 +3,12 @@
 Token and position embeddings, pre-norm transformer blocks, a final LayerNorm and an lm_head tied
 to the token embedding (one storage behind two state-dict keys), initialised as GPT-2 is. Its
 state after a step, ``{'model': ..., 'optim': ..., 'step': n}``, is what the demo stages.
+
+Training is deterministic, so that a run resumed from a checkpoint can be compared with one
+that never stopped, bit for bit: the weights come from ``Setup.seed``, and the batch of step
+``n`` is a function of the seed and ``n`` alone (:func:`batch_for`), not of a generator's
+position. The model has no dropout, so no random state needs to be checkpointed besides the
+step; :meth:`Trainer.restore` puts a checkpoint's model, optimizer and step back.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GPT", "Setup", "Trainer"]
+__all__ = ["GPT", "Setup", "Trainer", "batch_for"]
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,16 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+def batch_for(setup: Setup, step: int) -> torch.Tensor:
+    """The tokens of training step ``step`` (1-based): the same for every run with this seed.
+
+    A generator seeded from ``(seed, step)`` rather than one running generator: a resumed run
+    draws step ``n``'s batch without replaying the batches before it.
+    """
+    generator = torch.Generator().manual_seed(setup.seed * 1_000_003 + step)
+    return torch.randint(setup.vocab, (setup.batch, setup.context + 1), generator=generator)
+
+
 class Trainer:
     """The model, its AdamW optimizer and random batches; one call of :meth:`step` trains."""
 
@@ -103,9 +119,9 @@ class Trainer:
         self.steps_done = 0
 
     def step(self) -> float:
-        """One training step on a random batch; its loss."""
+        """One training step on the batch of the next step (:func:`batch_for`); its loss."""
         setup = self.setup
-        tokens = torch.randint(setup.vocab, (setup.batch, setup.context + 1), device=self.device)
+        tokens = batch_for(setup, self.steps_done + 1).to(self.device)
         logits = self.model(tokens[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, setup.vocab), tokens[:, 1:].reshape(-1))
         self.optimizer.zero_grad(set_to_none=True)
@@ -123,3 +139,9 @@ class Trainer:
             "optim": self.optimizer.state_dict(),
             "step": self.steps_done,
         }
+
+    def restore(self, checkpoint: Any) -> None:
+        """Continue from ``checkpoint`` (a :meth:`snapshot` loaded back): weights, AdamW, step."""
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optim"])
+        self.steps_done = int(checkpoint["step"])
