@@ -25,12 +25,15 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from test_hostile_files import join, split, write_checkpoint
 
 import astage
 from astage._files._safetensors import check_file
+
+pytest.importorskip("hypothesis")  # not on the GPU machines
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 SETTINGS = settings(
     max_examples=120,
