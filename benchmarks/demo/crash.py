@@ -83,9 +83,10 @@ async def run_and_kill(
             raise
 
 
-def describe_folder(root: str) -> list[str]:
+def describe_folder(root: str, crash_at: int) -> list[str]:
     """One line per file in the checkpoint folder: name, size, and ``latest``'s content."""
     lines = []
+    torn = False
     for name in sorted(os.listdir(root)):
         path = os.path.join(root, name)
         size = os.path.getsize(path)
@@ -94,9 +95,12 @@ def describe_folder(root: str) -> list[str]:
                 note = f"-> {pointer.read().strip()}"
         elif name.startswith(".") and name.endswith(".tmp"):
             note = f"{mb(size)}: torn, the save in flight when the job died"
+            torn = True
         else:
             note = mb(size)
         lines.append(f"    {name:<44} {note}")
+    if not torn:  # a small file can be written before the kill lands
+        lines.append(f"    (no temporary file: step {crash_at}'s save renamed its file in time)")
     return lines
 
 

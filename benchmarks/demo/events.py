@@ -68,7 +68,10 @@ class Printer:
                 f"{event['paused_seconds'] * 1e3:.0f} ms), loop lag p99 "
                 f"{event['lag_p99_ms']:.2f} ms; written while training goes on"
             )
-            self.status(f"step {step + 1}: training...")
+            last = event.get("last", False)
+            self.status(
+                "  waiting for the last write..." if last else f"step {step + 1}: training..."
+            )
         elif kind == "durable":
             self.line(
                 f"  snapshot {step}: durable {event['seconds'] * 1e3:.0f} ms after its save "

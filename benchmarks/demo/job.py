@@ -88,6 +88,7 @@ async def train(
                     "new_nbytes": stats.new_nbytes,
                     "lag_p99_ms": lag.summary().p99_ms,
                     "lag_max_ms": lag.summary().max_ms,
+                    "last": step == last_step,
                 }
             )
             reporters.start_soon(_report_durable, handle, step, emit)

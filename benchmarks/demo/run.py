@@ -17,7 +17,7 @@ import torch
 
 from astage import CheckpointDir, CheckpointSkippedWarning, format_path
 
-from ..gpt import Trainer
+from ..gpt import GPT, Trainer
 from ..lag import LagProbe
 from ..runner import anyio_backend
 from ..state_dicts import tensor_leaves
@@ -43,7 +43,9 @@ async def run_demo(options: DemoOptions, out: TextIO) -> int:
             root = os.path.abspath(options.root)
             os.makedirs(root, exist_ok=True)
             kept = "kept"
-        params = sum(p.numel() for p in Trainer(setup).model.parameters())
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            model = GPT(setup.vocab, setup.width, setup.layers, setup.heads, setup.context)
+        params = sum(p.numel() for p in model.parameters())
         printer.line(
             f"astage demo: a GPT with {setup.layers} layers, width {setup.width}, vocab "
             f"{setup.vocab} ({params / 1e6:.1f} M parameters) on {setup.device}; AdamW; "
@@ -62,7 +64,7 @@ async def run_demo(options: DemoOptions, out: TextIO) -> int:
         )
 
         printer.line("\n2. what the crash left in the folder:")
-        for line in describe_folder(root):
+        for line in describe_folder(root, options.crash_at):
             printer.line(line)
         name, before, after = cut_newest(root)
         printer.line(
