@@ -36,8 +36,11 @@ import os
 import pickle
 import re
 import secrets
+import threading
+from bisect import bisect_right
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import Future as _PoolFuture
 from typing import Any
 
 import torch
@@ -67,8 +70,16 @@ from torch.distributed.checkpoint.planner import (
 )
 from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
+from torch.distributed.tensor import DTensor
 from torch.futures import Future
 
+from .. import _torch
+from .._core._run import Run
+from .._devices._backend import enqueue_batch
+from .._devices._host import run_host_batch
+from .._drivers._base import CallOrder
+from .._drivers._gc import gc_paused
+from .._drivers._sync import SyncStager, _Enqueued
 from .._errors import (
     CheckpointFormatError,
     CheckpointNotFoundError,
@@ -141,32 +152,95 @@ class FileSystemWriter(StorageWriter, AsyncStager):
         self.is_coordinator = False
         self.use_collectives = True
         self.cache_staged_state_dict = bool(cache_staged_state_dict)
-        self._stager: BlockingAsyncStager | None = None  # made on the first stage()
+        self._stager: BlockingAsyncStager | None = None  # cached staging, made on first use
+        self._landing: _LandingStager | None = None  # uncached staging, made on first use
+        self._prewrite: _Prewrite | None = None  # the data file stage() started writing
+        self._prewrite_lock = threading.Lock()  # stage() and write_data() run in two threads
 
     # -- DCP's AsyncStager protocol -------------------------------------------------------------
 
     _synchronize_after_execute: bool = False
 
     def stage(self, state_dict: Any) -> Any:
-        """A host copy of ``state_dict``, complete when it returns (``dcp.async_save`` calls it)."""
-        if self._stager is None:
-            self._stager = BlockingAsyncStager(cache_staged_state_dict=self.cache_staged_state_dict)
-        return self._stager.stage(state_dict)
+        """A host copy of ``state_dict``, complete when it returns (``dcp.async_save`` calls it).
+
+        Without ``cache_staged_state_dict`` (and with ``single_file_per_rank``), writing starts
+        here: each tensor's bytes go to this rank's data file (under a temporary name) from the
+        writer's threads as soon as they have landed, and go on after this returns;
+        :meth:`write_data` then maps the plan onto them (see :class:`_Prewrite`).
+        """
+        if self.cache_staged_state_dict:
+            # The snapshot pool guards buffers an earlier upload still reads; a pre-write
+            # would need the same guard, so cached staging writes in write_data, as before.
+            if self._stager is None:
+                self._stager = BlockingAsyncStager(cache_staged_state_dict=True)
+            return self._stager.stage(state_dict)
+        self._drop_prewrite()  # an earlier save's that never reached write_data (it failed)
+        prewrite = self._start_prewrite()
+        if self._landing is None:
+            self._landing = _LandingStager()
+        try:
+            staged = self._landing.stage_and_hand_out(
+                state_dict, None if prewrite is None else prewrite.add
+            )
+        except BaseException:
+            if prewrite is not None:
+                prewrite.discard()
+            raise
+        finally:
+            self._landing.clear_cache()  # nothing cached: the result owns its memory alone
+        with self._prewrite_lock:
+            self._prewrite = prewrite
+        return staged
 
     def synchronize_staging(self) -> None:
         """A no-op: staging is complete when :meth:`stage` returns."""
 
     def close(self) -> None:
-        """Release the staging buffers (kept with ``cache_staged_state_dict=True``)."""
+        """Release the staging buffers (kept with ``cache_staged_state_dict=True``) and remove a
+        pre-written file no save has used."""
+        self._drop_prewrite()
         stager, self._stager = self._stager, None
         if stager is not None:
             stager.close()
+        landing, self._landing = self._landing, None
+        if landing is not None:
+            landing.close()
 
     def __getstate__(self) -> dict[str, Any]:
-        # DCP's PROCESS executor pickles the writer into its upload process, which only writes.
+        # DCP's PROCESS executor pickles the writer into its upload process, which only writes:
+        # it writes every item itself, so this process's pre-written file would only be left
+        # behind (pickling happens after stage(), in this process).
+        self._drop_prewrite()
         state = self.__dict__.copy()
         state["_stager"] = None
+        state["_landing"] = None
+        state["_prewrite"] = None
+        state["_prewrite_lock"] = None
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._prewrite_lock = threading.Lock()
+
+    def _start_prewrite(self) -> _Prewrite | None:
+        if not self.single_file_per_rank:
+            return None  # one file per item: nothing to gain from a shared early file
+        try:
+            os.makedirs(self.path, exist_ok=True)
+            return _Prewrite(self.path, self.thread_count, self.chunk_bytes)
+        except OSError:
+            return None  # the save reports the folder's problem itself, from prepare_local_plan
+
+    def _take_prewrite(self) -> _Prewrite | None:
+        with self._prewrite_lock:
+            prewrite, self._prewrite = self._prewrite, None
+        return prewrite
+
+    def _drop_prewrite(self) -> None:
+        prewrite = self._take_prewrite()
+        if prewrite is not None:
+            prewrite.discard()
 
     # -- DCP's StorageWriter protocol -----------------------------------------------------------
 
@@ -183,6 +257,7 @@ class FileSystemWriter(StorageWriter, AsyncStager):
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         os.makedirs(self.path, exist_ok=True)
         if os.path.exists(self._metadata_path()) and not self.overwrite:
+            self._drop_prewrite()  # this save ends here: its early file must not stay behind
             raise CheckpointWriteError(
                 f"{self.path}: a checkpoint is already there and overwrite=False"
             )
@@ -200,16 +275,27 @@ class FileSystemWriter(StorageWriter, AsyncStager):
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         prefix: _StoragePrefix = plan.storage_data
-        items = [_Payload.resolve(item, planner) for item in plan.items]
-        groups = [items] if self.single_file_per_rank else [[item] for item in items]
-        files = [
-            _DataFile(self.path, f"{prefix.prefix}{number}{DATA_SUFFIX}", group)
-            for number, group in enumerate(groups)
-            if group or number == 0
-        ]
-        _write_files(files, self.thread_count, self.chunk_bytes, self.sync_files, self.path)
+        prewrite = self._take_prewrite()
+        if prewrite is not None and (
+            prewrite.folder != self.path or not self.single_file_per_rank
+        ):  # reset() moved the save elsewhere after stage(): write it all here instead
+            prewrite.discard()
+            prewrite = None
+        if prewrite is not None:
+            name = f"{prefix.prefix}0{DATA_SUFFIX}"
+            results = prewrite.commit(plan.items, planner, name, sync=self.sync_files)
+        else:
+            items = [_Payload.resolve(item, planner) for item in plan.items]
+            groups = [items] if self.single_file_per_rank else [[item] for item in items]
+            files = [
+                _DataFile(self.path, f"{prefix.prefix}{number}{DATA_SUFFIX}", group)
+                for number, group in enumerate(groups)
+                if group or number == 0
+            ]
+            _write_files(files, self.thread_count, self.chunk_bytes, self.sync_files, self.path)
+            results = [result for file in files for result in file.results()]
         future: Future[list[WriteResult]] = Future()
-        future.set_result([result for file in files for result in file.results()])
+        future.set_result(results)
         return future
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
@@ -536,6 +622,220 @@ class _DataFile:
                     run, run_bytes = [], 0
         if run:
             yield start, run
+
+
+class _LandingStager(SyncStager):
+    """A :class:`~astage.SyncStager` that hands each top-level tensor of the state dict to a
+    callback as soon as its bytes have landed, while the other copies go on.
+
+    The blocking face has no ``stage_iter``: this is its copy loop with the landed tensors
+    handed out between batches (the async face's ``stage_iter`` does the same from an event
+    loop, which DCP's synchronous ``stage()`` does not have). The callback runs in the calling
+    thread and must be quick: the writer's only submits writes to its threads.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(pin_memory=False)  # a one-off host copy: pinning costs, gains nothing
+        self._on_landed: Callable[[torch.Tensor], None] | None = None
+
+    def stage_and_hand_out(
+        self, state_dict: Any, on_landed: Callable[[torch.Tensor], None] | None
+    ) -> Any:
+        """``stage(state_dict)``, calling ``on_landed(tensor)`` for each staged tensor."""
+        self._on_landed = on_landed
+        try:
+            return self.stage(state_dict)
+        finally:
+            self._on_landed = None
+
+    def _new_run(self, state_dict: Any, buffer_set: Any, *, track_leaves: bool) -> Run[Any]:
+        return super()._new_run(state_dict, buffer_set, track_leaves=self._on_landed is not None)
+
+    def _copy_all(self, run: Run[_Enqueued], order: CallOrder) -> None:
+        if self._on_landed is None:
+            super()._copy_all(run, order)
+            return
+        with gc_paused(self._resolved.pause_gc):
+            for _ in run.walk:
+                pass
+        while True:
+            self._hand_out(run)
+            batch = run.next_batch(final=True)
+            if batch is None:
+                if not run.pending:
+                    break
+                run.pending[0].wait()
+                run.reap()
+                continue
+            backend = self._backend_for_batch(order, batch)
+            if backend is None:
+                run_host_batch(batch)
+                if not run.pending:  # copies land in order: only then is this one the frontier
+                    run.landed = max(run.landed, batch.end)
+            else:
+                marks = order.marks_for(batch.device)
+                copies = enqueue_batch(
+                    backend, batch, marks, non_blocking=self._resolved.non_blocking
+                )
+                run.start(_Enqueued(batch, copies))
+        self._hand_out(run)
+
+    def _hand_out(self, run: Run[_Enqueued]) -> None:
+        assert self._on_landed is not None
+        for leaf in run.landed_leaves():
+            self._on_landed(leaf.tensor)
+
+
+class _Prewrite:
+    """This rank's data file, filled while staging runs, committed by ``write_data``.
+
+    :meth:`add` is given each staged tensor as it lands and queues its bytes, end to end, on
+    the writer's threads (a temporary file; no name is known before DCP's plan). :meth:`commit`
+    resolves every item of the plan through the planner and reuses pre-written bytes only when
+    the item's tensor *is* them: a contiguous CPU tensor whose memory lies inside a staged
+    tensor's, which this object keeps alive (so no other tensor can have that address). Any
+    other item (bytes, a planner's transformed copy, a tensor not staged here, a non-contiguous
+    one) is appended and written then, so the metadata never points at another tensor's bytes.
+    Then the usual end: fsync, rename to the plan's name, fsync the folder.
+    """
+
+    def __init__(self, folder: str, threads: int, chunk_bytes: int) -> None:
+        self.folder = folder
+        self.temp_path = _temp_name(os.path.join(folder, f"prewrite{DATA_SUFFIX}"))
+        self._chunk_bytes = chunk_bytes
+        self._fd: int | None = os.open(
+            self.temp_path,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
+            0o644,
+        )
+        self._pool = ThreadPoolExecutor(threads, "astage-dcp-writer")
+        self._writes: list[_PoolFuture[None]] = []
+        self._ranges: dict[tuple[int, int], int] = {}  # (address, nbytes) -> file offset
+        self._keep: list[torch.Tensor] = []  # the staged tensors: their addresses stay theirs
+        self._sorted: list[tuple[int, int, int]] | None = None  # (address, nbytes, offset)
+        self.end = 0  # bytes laid out so far
+        self.reused = 0  # the plan's items found pre-written (commit() counts them)
+
+    def add(self, staged: torch.Tensor) -> None:
+        """Queue the bytes of a staged tensor (a DTensor's local shard), if plainly laid out."""
+        tensor = _torch.dtensor_local(staged) if isinstance(staged, DTensor) else staged
+        if (
+            type(tensor) is not torch.Tensor
+            or tensor.device.type != "cpu"
+            or not tensor.is_contiguous()
+            or tensor.numel() == 0
+        ):
+            return  # written by commit() if the plan wants it
+        key = (tensor.data_ptr(), tensor.numel() * tensor.element_size())
+        if key in self._ranges:
+            return  # the same bytes at a second path
+        self._ranges[key] = self.end
+        self._keep.append(tensor)
+        self._queue(self.end, _bytes_of(tensor))
+        self.end += key[1]
+
+    def _queue(self, offset: int, data: memoryview) -> None:
+        fd = self._fd
+        assert fd is not None
+        for done in range(0, len(data), self._chunk_bytes):
+            piece = data[done : done + self._chunk_bytes]
+            self._writes.append(self._pool.submit(_pwritev_all, fd, [piece], offset + done))
+
+    def _find(self, tensor: torch.Tensor) -> int | None:
+        """The file offset of ``tensor``'s bytes if they were pre-written, else None."""
+        nbytes = tensor.numel() * tensor.element_size()
+        if nbytes == 0 or not tensor.is_contiguous() or tensor.device.type != "cpu":
+            return None
+        address = tensor.data_ptr()
+        exact = self._ranges.get((address, nbytes))
+        if exact is not None:
+            return exact
+        # A view inside a staged tensor (a narrowed shard): its bytes are a run of that one's.
+        if self._sorted is None:
+            self._sorted = sorted((a, n, offset) for (a, n), offset in self._ranges.items())
+        starts = self._sorted
+        at = bisect_right(starts, (address, float("inf"), 0)) - 1
+        if at >= 0:
+            start, length, offset = starts[at]
+            if start <= address and address + nbytes <= start + length:
+                return offset + (address - start)
+        return None
+
+    def commit(
+        self, items: list[WriteItem], planner: SavePlanner, name: str, *, sync: bool
+    ) -> list[WriteResult]:
+        """Write what the plan needs beyond the pre-written bytes, make the file durable under
+        ``name``, and return the plan's storage records; on any failure nothing is left."""
+        path = os.path.join(self.folder, name)
+        try:
+            results: list[WriteResult] = []
+            appended: list[_Payload] = []
+            for item in items:
+                payload = _Payload.resolve(item, planner)
+                offset = None if payload.is_bytes else self._find(payload.keep)
+                if offset is not None:
+                    self.reused += 1
+                else:
+                    offset = self.end
+                    self.end += len(payload.data)
+                    appended.append(payload)
+                    self._queue(offset, payload.data)
+                results.append(
+                    WriteResult(
+                        index=item.index,
+                        size_in_bytes=len(payload.data),
+                        storage_data=_StorageInfo(
+                            name,
+                            offset,
+                            len(payload.data),
+                            None if payload.is_bytes else [RAW_DESCRIPTOR],
+                        ),
+                    )
+                )
+            _wait_all(self._writes)
+            fd = self._fd
+            assert fd is not None
+            if sync:
+                os.fsync(fd)
+            self._fd = None
+            os.close(fd)
+            os.replace(self.temp_path, path)
+        except OSError as error:
+            self.discard()
+            raise _write_error(self.folder, "cannot write the data files in", error) from error
+        except BaseException:
+            self.discard()
+            raise
+        finally:
+            self._pool.shutdown(wait=True)
+            self._keep.clear()
+        if sync:
+            _fsync_folder(self.folder)
+        return results
+
+    def discard(self) -> None:
+        """Stop writing and remove the file: no thread is left using its descriptor."""
+        for write in self._writes:
+            write.cancel()
+        self._pool.shutdown(wait=True)
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(self.temp_path)
+        self._keep.clear()
+
+
+def _wait_all(futures: list[_PoolFuture[None]]) -> None:
+    """Wait for every write; on the first failure cancel the rest, wait, and raise it."""
+    _, pending = wait(futures, return_when=FIRST_EXCEPTION)
+    for future in pending:
+        future.cancel()
+    wait(futures)
+    for future in futures:
+        if not future.cancelled() and future.exception() is not None:
+            raise future.exception()  # type: ignore[misc]
 
 
 def _write_files(
