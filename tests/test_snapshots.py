@@ -125,6 +125,14 @@ def test_sync_every_set_leased_waits_then_times_out_cleanly() -> None:
         assert_step(second.state_dict, 2.0)
 
 
+def test_sync_timeout_must_be_seconds() -> None:
+    with astage.SyncStager() as stager:
+        for bad in (-1, "1", True):
+            with pytest.raises(astage.InvalidOptionsError, match="timeout"):
+                stager.stage(step(1.0), timeout=bad)  # type: ignore[arg-type]
+        assert stager.last_stats is None  # refused before anything was staged
+
+
 def test_sync_timeout_none_waits_for_a_release_from_another_thread() -> None:
     with astage.SyncStager() as stager:
         snap = stager.snapshot(step(1.0))
@@ -326,6 +334,9 @@ class WriterProcess:
         self.process.join(30)
         if self.process.is_alive():  # pragma: no cover - a stuck writer
             self.process.kill()
+        for queue in (self.jobs, self.done):  # their feeder threads end with the module
+            queue.close()
+            queue.join_thread()
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ from .._core._run import Run
 from .._devices import _pinning
 from .._devices._backend import DeviceCopies, enqueue_batch
 from .._devices._host import run_host_batch
+from .._errors import InvalidOptionsError
 from .._options import StagingOptions
 from ._base import CallOrder, StagerBase
 from ._gc import gc_paused
@@ -111,6 +112,12 @@ class SyncStager(StagerBase):
     def _stage(
         self, state_dict: Any, after: object, timeout: float | None, *, lease: bool
     ) -> tuple[Any, Lease | None]:
+        if timeout is not None and (
+            not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout < 0
+        ):
+            raise InvalidOptionsError(
+                f"timeout must be None or a non-negative number of seconds, got {timeout!r}"
+            )
         self._check_open()
         self._enter(_ANY_THREAD)
         try:
