@@ -176,6 +176,7 @@ def test_a_plain_safetensors_file(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert code == 0 and report["valid"] is True
     assert report["astage_format"] is None and report["skeleton"] is None
     assert [entry["name"] for entry in report["entries"]] == ["a", "b"]
+    assert [entry["paths"] for entry in report["entries"]] == [["['a']"], ["['b']"]]
     assert report["totals"]["tensors"] == 2
     code, out, _ = run(capsys, "inspect", str(path))
     assert code == 0 and "format: plain safetensors, not written by astage" in out
@@ -404,7 +405,11 @@ def test_a_damaged_folder_says_what_resuming_would_do(
     with pytest.warns(astage.CheckpointSkippedWarning):
         assert astage.CheckpointDir(root).latest_step() == report["resume_step"]
     code, out, err = run(capsys, "inspect", str(root))
-    assert code == 1 and err.count("\n") == 1 and err.startswith("astage inspect: latest: ")
+    assert (
+        code == 1
+        and err.count("\n") == 1
+        and err.startswith(f"astage inspect: {root / 'latest'}: names step 300, ")
+    )
     assert "step_000000300.safetensors: NOT VALID: " in out
     assert "resume from: step 200" in out
 
@@ -465,3 +470,12 @@ def test_python_dash_m_astage(checkpoint: Path) -> None:
     assert report["valid"] is False and "not valid JSON" in report["error"]
     assert done.stderr == f"astage inspect: {report['error']}\n"
     assert "Traceback" not in done.stderr
+
+
+def test_verify_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = folder(tmp_path, [1, 2], latest=2)
+    code, report = run_json(capsys, "--verify", str(root))
+    assert code == 0 and report["verified"] is True
+    assert [step["verified"] for step in report["steps"]] == [True, True]
+    code, out, _ = run(capsys, "inspect", "--verify", str(root))
+    assert code == 0 and "verified: every valid step file read and loaded" in out

@@ -87,7 +87,10 @@ def inspect_file(path: str, *, verify: bool = False) -> dict[str, Any]:
         report["error"] = str(error)
         return report
     entries = sorted(header.entries.values(), key=lambda entry: (entry.begin, entry.end))
-    paths: dict[str, list[str]] = {entry.key: [] for entry in entries}
+    # A file astage did not write loads as a flat {name: tensor} dict: each entry its own path.
+    paths: dict[str, list[str]] = {
+        entry.key: [] if document is not None else [format_path((entry.key,))] for entry in entries
+    }
     counts = {"tensors": 0, "arrays": 0}
     skeleton = None
     if document is not None:
@@ -177,7 +180,7 @@ def inspect_folder(path: str, *, verify: bool = False) -> dict[str, Any]:
         )
     report["latest"] = {"step": named, "problem": problem}
     if problem is not None:
-        problems.insert(0, f"{LATEST}: {problem}")
+        problems.insert(0, f"{os.path.join(path, LATEST)}: {problem}")
     report["temporary_files"] = [name for name in names if _TEMP_FILE.fullmatch(name)]
     report["newest_good_step"] = max(good, default=None)
     report["resume_step"] = named if named in good else report["newest_good_step"]
