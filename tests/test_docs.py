@@ -1,0 +1,241 @@
+"""The docs run as written: every code block in README.md and docs/ is executed or says why not.
+
+Each page's Python blocks run in order, in one namespace, in a fresh interpreter whose working
+directory is an empty temporary folder (a page reads like one session). Markers are HTML
+comments, invisible on the rendered page:
+
+``<!-- doctest: skip REASON -->`` right before a block
+    The block is not run here; REASON says why (it needs a GPU, several hosts, your own data).
+    A skip without a reason fails this test.
+``<!-- doctest: cuda -->`` right before a block
+    The block runs only where CUDA is available (it is skipped, not failed, elsewhere).
+``<!-- doctest: run -->`` right before a ``sh`` block
+    The shell block runs too (``bash -e``, in the page's folder, after the Python blocks before it).
+``<!-- doctest: gloo N -->`` right before a ``python`` block
+    The block is a whole program for torchrun (``train.py``): it runs alone, in N processes on
+    127.0.0.1 with the environment torchrun gives each rank (``RANK``, ``WORLD_SIZE``,
+    ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``), and every rank must exit 0.
+``<!-- doctest-setup ... -->``
+    Python that runs before the page's blocks: the reader's own objects an example assumes
+    (a model, an optimizer), so the visible example stays short and still runs.
+
+A Python block may ``await`` at its top level, as in ``python -m asyncio``: such a block runs
+inside ``anyio.run`` (asyncio), as if it were the body of the reader's ``async def``.
+
+Blocks in other languages (``text`` output, diagrams) are not code and are not run; a block with
+no language at all fails this test, so every block says what it is.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
+
+CODE_LANGUAGES = frozenset({"python", "sh", "bash", "console"})
+"""Block languages that are code: run, or marked with why not."""
+
+_FENCE = re.compile(r"^(\s*)```(\S*)\s*$")
+_MARK = re.compile(r"^<!--\s*doctest:\s*(\w+)\s*(.*?)\s*-->\s*$")
+_SETUP = re.compile(r"<!--\s*doctest-setup\s*\n(.*?)-->", re.DOTALL)
+
+_MARKS = ("", "skip", "cuda", "run", "gloo")
+_GLOO_RANKS = re.compile(r"^[1-8]$")
+
+_RUNNER = r"""
+import ast, inspect, os, socket, subprocess, sys
+
+import anyio
+
+
+def run_unit(name, line, kind, code, namespace):
+    if kind == "sh":
+        subprocess.run(["bash", "-e", "-c", code], check=True)
+    elif kind.startswith("gloo "):
+        run_ranks(name, line, code, int(kind.split()[1]))
+    elif kind != "cuda" or __import__("torch").cuda.is_available():
+        run_block(name, line, code, namespace)
+
+
+def run_block(name, line, code, namespace):
+    # Top-level await, as in `python -m asyncio`: the block is the body of an async def.
+    compiled = compile("\n" * line + code, name, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+    if compiled.co_flags & inspect.CO_COROUTINE:
+
+        async def body():
+            await eval(compiled, namespace)
+
+        anyio.run(body)
+    else:
+        exec(compiled, namespace)
+
+
+def run_ranks(name, line, code, ranks):
+    # What torchrun does for one node, minus the restarts: N processes, the env:// rendezvous.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    program = (
+        "import sys\n"
+        "exec(compile('\\n' * int(sys.argv[2]) + open(sys.argv[3]).read(), sys.argv[1], 'exec'),"
+        " {'__name__': '__main__'})\n"
+    )
+    source = f"rank_program_{line}.py"
+    with open(source, "w", encoding="utf-8") as file:
+        file.write(code)
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", program, name, str(line), source],
+            env={**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank),
+                 "WORLD_SIZE": str(ranks), "LOCAL_WORLD_SIZE": str(ranks),
+                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+        )
+        for rank in range(ranks)
+    ]
+    try:
+        codes = [child.wait(timeout=180) for child in children]
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+    if any(codes):
+        raise SystemExit(f"{name}:{line}: ranks exited with {codes}")
+"""
+
+
+@dataclass(frozen=True)
+class Block:
+    """A fenced block of a page, with the marker right above it (if any)."""
+
+    page: Path
+    line: int
+    language: str
+    code: str
+    mark: str
+    reason: str
+
+    @property
+    def where(self) -> str:
+        return f"{self.page.relative_to(ROOT)}:{self.line}"
+
+
+def blocks_of(page: Path) -> list[Block]:
+    """The fenced blocks of ``page`` in order."""
+    lines = page.read_text(encoding="utf-8").splitlines()
+    found: list[Block] = []
+    index = 0
+    while index < len(lines):
+        fence = _FENCE.match(lines[index])
+        if fence is None:
+            index += 1
+            continue
+        start = index
+        indent = fence.group(1)  # a block inside a list item is indented with it
+        body: list[str] = []
+        index += 1
+        while index < len(lines) and not lines[index].strip().startswith("```"):
+            line = lines[index]
+            body.append(line[len(indent) :] if line.startswith(indent) else line.lstrip())
+            index += 1
+        index += 1  # the closing fence
+        mark, reason = "", ""
+        above = start - 1
+        while above >= 0 and not lines[above].strip():
+            above -= 1
+        if above >= 0 and (marker := _MARK.match(lines[above].strip())) is not None:
+            mark, reason = marker.group(1), marker.group(2)
+        found.append(Block(page, start + 1, fence.group(2), "\n".join(body) + "\n", mark, reason))
+    return found
+
+
+def setup_of(page: Path) -> str:
+    return "\n".join(match.group(1) for match in _SETUP.finditer(page.read_text("utf-8")))
+
+
+def _script(page: Path) -> str:
+    """The page as one Python program.
+
+    Each block is compiled under its page's name with its own line numbers, so a traceback
+    points at the line of the page; shell blocks run through ``bash`` in their turn.
+    """
+    units: list[tuple[str, int, str, str]] = [("setup", 0, "python", setup_of(page))]
+    for block in blocks_of(page):
+        if block.language not in CODE_LANGUAGES or block.mark == "skip":
+            continue
+        name = str(page.relative_to(ROOT))
+        if block.mark == "gloo":
+            units.append((name, block.line, f"gloo {block.reason}", block.code))
+        elif block.language == "python":
+            units.append((name, block.line, block.mark or "python", block.code))
+        elif block.mark == "run":
+            units.append((name, block.line, "sh", block.code))
+    return (
+        _RUNNER + "\nnamespace = {'__name__': '__main__'}\n"
+        f"for name, line, kind, code in {units!r}:\n"
+        "    run_unit(name, line, kind, code, namespace)\n"
+    )
+
+
+def test_every_block_says_what_it_is() -> None:
+    problems = []
+    for page in PAGES:
+        for block in blocks_of(page):
+            if not block.language:
+                problems.append(f"{block.where}: a block with no language (text? python?)")
+            elif block.mark == "skip" and not block.reason:
+                problems.append(f"{block.where}: `doctest: skip` needs a reason")
+            elif block.mark not in _MARKS:
+                problems.append(f"{block.where}: unknown marker doctest: {block.mark}")
+            elif block.mark == "gloo" and (
+                block.language != "python" or not _GLOO_RANKS.match(block.reason)
+            ):
+                problems.append(f"{block.where}: `doctest: gloo N` is for a python block, N 1-8")
+            elif block.language in ("sh", "bash", "console") and block.mark not in (
+                "skip",
+                "run",
+            ):
+                problems.append(
+                    f"{block.where}: a shell block runs (`doctest: run`) or says why not "
+                    "(`doctest: skip REASON`)"
+                )
+    assert not problems, "\n".join(problems)
+
+
+_RUNNABLE = [
+    page
+    for page in PAGES
+    if any(
+        block.language == "python" or block.mark == "run"
+        for block in blocks_of(page)
+        if block.mark != "skip"
+    )
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page", _RUNNABLE, ids=[str(p.relative_to(ROOT)) for p in _RUNNABLE])
+def test_page_runs_as_written(page: Path, tmp_path: Path) -> None:
+    script = tmp_path / "page.py"
+    script.write_text(_script(page), encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, (
+        f"{page.relative_to(ROOT)} does not run as written:\n{done.stdout[-3000:]}\n"
+        f"{done.stderr[-6000:]}"
+    )
