@@ -43,6 +43,7 @@ def test_error_tree(error: type[Exception], parent: type[Exception]) -> None:
     [
         (astage.InvalidOptionsError, ValueError),
         (astage.AcceleratorUnavailableError, AssertionError),
+        (astage.LeaseTimeoutError, TimeoutError),
         (astage.UnstageableError, TypeError),
         (astage.UnsavableError, TypeError),
         (astage.CheckpointNotFoundError, FileNotFoundError),

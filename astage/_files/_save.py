@@ -7,9 +7,10 @@ commits (durably) or, on any error or cancellation, aborts.
 
 Buffer safety is **backpressure**: from the first landed tensor until the writer has committed
 or aborted, the stager's next call waits before it touches its buffers: the save takes a
-buffer hold (``Stager.hold_buffers()``) and releases it when the writer is done with them. No
-second buffer set is allocated, so a save needs no host memory beyond the stager's cache; to
-stage the next step while a write still runs, use a second ``Stager`` (twice the host memory).
+buffer hold (``Stager.hold_buffers()``, a lease on the stager's current buffer set) and
+releases it when the writer is done with them. With the default ``StagingOptions(buffers=1)``
+a save needs no host memory beyond the stager's cache; with ``buffers=2`` the next ``stage()``
+goes into the other set while the write runs (twice the host memory).
 
 Durability needs no loop turn: with a :class:`SafetensorsWriter` (a path target), once every
 tensor has landed the file is sealed (``commit_in_threads``), and the writer's own threads
