@@ -36,8 +36,11 @@ test: lint typecheck
 	@echo "pytest:    asyncio, uvloop and trio legs"
 	@$(PY) -m pytest -q
 
+# make demo DEMO_ARGS="--backend trio --steps 8": the options of python -m benchmarks.demo --help
+DEMO_ARGS ?=
 demo: $(VENV)/.dev
-	$(PY) -m benchmarks.demo
+	@echo "demo:      train, checkpoint, kill -9, resume, vs DCP (python -m benchmarks.demo$(if $(DEMO_ARGS), $(DEMO_ARGS)))"
+	@$(PY) -m benchmarks.demo $(DEMO_ARGS)
 
 bench: $(VENV)/.bench
 	$(PY) -m benchmarks
