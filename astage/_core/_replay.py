@@ -165,19 +165,25 @@ class Recording:
         self.src_leaf: list[int] = []
         """Per slot: the tensor whose copy fills the whole buffer as itself, or -1 (bytes)."""
 
-    def prepare_bulk(self) -> None:
-        """The per-tensor expectations as parallel lists, for the bulk check (see Replay)."""
+    def prepare_bulk(self) -> Walk:
+        """The per-tensor expectations as parallel lists, for the bulk check (see Replay).
+
+        A generator: each list takes a few milliseconds over 50,000 tensors, so the driver may
+        hand the loop back between them.
+        """
         leaves = self.leaves
-        self.types = [leaf[0] for leaf in leaves]
-        self.slot_of = [leaf[1] for leaf in leaves]
-        self.offsets = [leaf[2] for leaf in leaves]
-        self.shapes = [leaf[3] for leaf in leaves]
-        self.strides = [leaf[4] for leaf in leaves]
-        self.dtypes = [leaf[5] for leaf in leaves]
-        self.negs = [leaf[6] for leaf in leaves]
+        columns = []
+        for column in range(7):
+            columns.append([leaf[column] for leaf in leaves])
+            yield
+        (self.types, self.slot_of, self.offsets, self.shapes, self.strides, self.dtypes) = columns[
+            :6
+        ]
+        self.negs = columns[6]
         self.conj_leaves = [(j, leaf[8]) for j, leaf in enumerate(leaves) if leaf[7]]
         self.grad_leaves = [(j, leaf[9]) for j, leaf in enumerate(leaves) if leaf[0] is _Parameter]
         self.shared_leaves = [(j, leaf[11]) for j, leaf in enumerate(leaves) if leaf[11] != -2]
+        yield
         # Tensors whose staged twin is a detach() of their buffer's view (plain, spanning, alone
         # on their storage): the common case, done by map() without a Python frame each.
         self.plain = [
@@ -185,14 +191,12 @@ class Recording:
         ]
         self.all_plain = len(self.plain) == len(leaves)
         self.plain_slots = [leaves[j][1] for j in self.plain]
+        yield
         self.copy_slots = [k for k, buffer in enumerate(self.slots) if buffer and buffer.nbytes]
         self.copy_src = [self.src_leaf[k] for k in self.copy_slots]
         self.all_whole = all(src >= 0 for src in self.copy_src)
         self.copy_nbytes = [self.slots[k].nbytes for k in self.copy_slots]  # type: ignore[union-attr]
-        self.last_copy = [-1] * len(leaves)
-        copy_of_slot = {k: index for index, k in enumerate(self.copy_slots)}
-        for j, slot in enumerate(self.slot_of):
-            self.last_copy[j] = copy_of_slot.get(slot, -1)
+        yield
 
     def forget(self, buffer: HostBuffer) -> None:
         """``buffer`` left the cache: drop it from its slot (any thread; one atomic store)."""
@@ -224,7 +228,10 @@ def record(cache: BufferCache, state_dict: Any) -> Walk:
         return None
     if root is None or type(root) is int:
         return None  # nothing to gain on a lone tensor or value
-    return recorder.finish(root)
+    recording = recorder.finish(root)
+    yield
+    yield from recording.prepare_bulk()
+    return recording
 
 
 class _Recorder:
@@ -242,7 +249,6 @@ class _Recorder:
         users = self._users
         # A tensor alone on its storage needs no identity check: its ``same`` becomes -2.
         out.leaves = [leaf if users[leaf[1]] > 1 else (*leaf[:11], -2) for leaf in out.leaves]
-        out.prepare_bulk()
         return out
 
     def _register(self, x: Any) -> None:
