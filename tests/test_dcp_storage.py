@@ -31,6 +31,7 @@ from torch.distributed.checkpoint import (
 )
 from torch.distributed.checkpoint import filesystem as dcp_filesystem
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.filesystem import SerializationFormat
 from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
@@ -128,6 +129,150 @@ def test_async_save_thread_executor(tmp_path: Path) -> None:
     assert isinstance(future, Future)  # not an AsyncSaveResponse: staging is synchronous
     future.result()
     same(load(tmp_path), state())
+
+
+class _Spy:
+    """Records the pre-written files that write_data commits."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.committed: list[_storage._Prewrite] = []
+        commit = _storage._Prewrite.commit
+
+        def spy(prewrite: _storage._Prewrite, *args: Any, **kwargs: Any) -> Any:
+            results = commit(prewrite, *args, **kwargs)
+            self.committed.append(prewrite)
+            return results
+
+        monkeypatch.setattr(_storage._Prewrite, "commit", spy)
+
+
+def test_async_save_writes_while_staging(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """stage() starts the data file; write_data reuses the staged tensors' bytes."""
+    spy = _Spy(monkeypatch)
+    writer = FileSystemWriter(tmp_path)
+    staged_calls: list[int] = []
+    stage = writer.stage
+
+    def staging(sd: Any) -> Any:
+        result = stage(sd)
+        assert writer._prewrite is not None
+        staged_calls.append(writer._prewrite.end)  # bytes laid out before write_data ran
+        return result
+
+    writer.stage = staging  # type: ignore[method-assign]
+    sd = state()
+    future = state_dict_saver.async_save(sd, storage_writer=writer, no_dist=True)
+    sd["a"].add_(100)  # after the call: not in the checkpoint
+    assert isinstance(future, Future)
+    future.result()
+    same(load(tmp_path), state())
+    # a, bf and scalar were written while staging; "transposed" (not contiguous), "empty"
+    # and the bytes items are written by write_data.
+    assert staged_calls == [12 * 4 + 4 * 2 + 8]
+    (prewrite,) = spy.committed
+    assert prewrite.reused == 3
+    assert sorted(os.listdir(tmp_path)) == [".metadata", "__0_0.distcp"]  # no temporary file
+    writer.close()
+
+
+class _ShiftingPlanner(DefaultSavePlanner):
+    """A planner that hands the writer another tensor than the staged one for ``a``."""
+
+    def resolve_data(self, write_item: Any) -> Any:
+        data = super().resolve_data(write_item)
+        if write_item.index.fqn == "a":
+            return data + 1  # same shape, dtype and size: only its identity differs
+        return data
+
+
+def test_an_item_that_is_not_the_staged_tensor_is_written_anew(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The metadata never points at pre-written bytes of another tensor: what the planner
+    resolves is what lands in the checkpoint."""
+    spy = _Spy(monkeypatch)
+    writer = FileSystemWriter(tmp_path)
+    future = state_dict_saver.async_save(
+        state(), storage_writer=writer, planner=_ShiftingPlanner(), no_dist=True
+    )
+    assert isinstance(future, Future)
+    future.result()
+    expected = state()
+    expected["a"] += 1
+    same(load(tmp_path), expected)
+    assert spy.committed[0].reused == 2  # bf and scalar only
+    writer.close()
+
+
+def test_prewrite_finds_views_inside_staged_tensors_only(tmp_path: Path) -> None:
+    prewrite = _storage._Prewrite(str(tmp_path), 2, 16, created=False)
+    try:
+        first = torch.arange(10.0)
+        second = torch.arange(4, dtype=torch.int16)
+        prewrite.add(first)
+        prewrite.add(second)
+        prewrite.add(first)  # the same bytes again: laid out once
+        assert prewrite.end == 40 + 8
+        assert prewrite._find(first) == 0 and prewrite._find(second) == 40
+        assert prewrite._find(first[2:5]) == 8  # a resharded view: a run inside a tensor
+        assert prewrite._find(first[::2]) is None  # not one run of bytes
+        assert prewrite._find(first.clone()) is None  # equal values, other memory
+        assert prewrite._find(first[8:].view(torch.int64)) == 32
+        assert prewrite._find(torch.empty(0)) is None
+    finally:
+        prewrite.discard()
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_failed_prewrite_leaves_the_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    save(state(), tmp_path)
+    before = sorted(os.listdir(tmp_path))
+
+    def failing(fd: int, buffers: list[memoryview], offset: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(_storage, "_pwritev_all", failing)
+    newer = state()
+    newer["a"] += 1
+    writer = FileSystemWriter(tmp_path)
+    future = state_dict_saver.async_save(newer, storage_writer=writer, no_dist=True)
+    assert isinstance(future, Future)
+    with pytest.raises(CheckpointException, match="ENOSPC"):
+        future.result()
+    assert sorted(os.listdir(tmp_path)) == before  # no temporary file left
+    same(load(tmp_path), state())
+    writer.close()
+
+
+def test_a_save_moved_by_checkpoint_id_leaves_nothing_behind(tmp_path: Path) -> None:
+    """async_save(checkpoint_id=...) points the writer elsewhere after stage() ran."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    writer = FileSystemWriter(first)
+    future = state_dict_saver.async_save(
+        state(), storage_writer=writer, checkpoint_id=second, no_dist=True
+    )
+    assert isinstance(future, Future)
+    future.result()
+    same(load(second), state())
+    assert not first.exists()  # made for the early file, removed with it
+    writer.close()
+
+
+def test_a_save_that_never_writes_leaves_no_early_file(tmp_path: Path) -> None:
+    save(state(), tmp_path)
+    before = sorted(os.listdir(tmp_path))
+    writer = FileSystemWriter(tmp_path, overwrite=False)
+    future = state_dict_saver.async_save(state(), storage_writer=writer, no_dist=True)
+    assert isinstance(future, Future)
+    with pytest.raises(CheckpointException, match="overwrite=False"):
+        future.result()
+    assert sorted(os.listdir(tmp_path)) == before
+    writer.stage(state())  # staged, never saved: close() removes its file
+    assert len(os.listdir(tmp_path)) == len(before) + 1
+    writer.close()
+    assert sorted(os.listdir(tmp_path)) == before
 
 
 def test_tensors_are_raw_bytes_and_dcps_reader_refuses_them(tmp_path: Path) -> None:

@@ -227,8 +227,9 @@ class FileSystemWriter(StorageWriter, AsyncStager):
         if not self.single_file_per_rank:
             return None  # one file per item: nothing to gain from a shared early file
         try:
+            created = not os.path.isdir(self.path)
             os.makedirs(self.path, exist_ok=True)
-            return _Prewrite(self.path, self.thread_count, self.chunk_bytes)
+            return _Prewrite(self.path, self.thread_count, self.chunk_bytes, created)
         except OSError:
             return None  # the save reports the folder's problem itself, from prepare_local_plan
 
@@ -699,8 +700,9 @@ class _Prewrite:
     Then the usual end: fsync, rename to the plan's name, fsync the folder.
     """
 
-    def __init__(self, folder: str, threads: int, chunk_bytes: int) -> None:
+    def __init__(self, folder: str, threads: int, chunk_bytes: int, created: bool) -> None:
         self.folder = folder
+        self._created = created  # made the folder: discard() removes it again if empty
         self.temp_path = _temp_name(os.path.join(folder, f"prewrite{DATA_SUFFIX}"))
         self._chunk_bytes = chunk_bytes
         self._fd: int | None = os.open(
@@ -824,6 +826,9 @@ class _Prewrite:
                 os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(self.temp_path)
+        if self._created:
+            with contextlib.suppress(OSError):  # only if empty: the save may have used it
+                os.rmdir(self.folder)
         self._keep.clear()
 
 
