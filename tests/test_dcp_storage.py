@@ -159,7 +159,7 @@ def test_async_save_writes_while_staging(tmp_path: Path, monkeypatch: pytest.Mon
         staged_calls.append(writer._prewrite.end)  # bytes laid out before write_data ran
         return result
 
-    writer.stage = staging  # type: ignore[method-assign]
+    writer.stage = staging  # type: ignore[method-assign,assignment]
     sd = state()
     future = state_dict_saver.async_save(sd, storage_writer=writer, no_dist=True)
     sd["a"].add_(100)  # after the call: not in the checkpoint
@@ -181,6 +181,7 @@ class _ShiftingPlanner(DefaultSavePlanner):
     def resolve_data(self, write_item: Any) -> Any:
         data = super().resolve_data(write_item)
         if write_item.index.fqn == "a":
+            assert isinstance(data, torch.Tensor)
             return data + 1  # same shape, dtype and size: only its identity differs
         return data
 
