@@ -13,12 +13,15 @@ step; :meth:`Trainer.restore` puts a checkpoint's model, optimizer and step back
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 __all__ = ["GPT", "Setup", "Trainer", "batch_for"]
 
@@ -105,13 +108,25 @@ def batch_for(setup: Setup, step: int) -> torch.Tensor:
     return torch.randint(setup.vocab, (setup.batch, setup.context + 1), generator=generator)
 
 
+def _deterministic_cuda() -> None:
+    """Make CUDA training repeat bit for bit (a resumed run is compared with an unbroken one).
+
+    cuBLAS needs a fixed workspace, set before its first use in the process; kernels without
+    a deterministic variant warn rather than fail.
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 class Trainer:
     """The model, its AdamW optimizer and random batches; one call of :meth:`step` trains."""
 
     def __init__(self, setup: Setup) -> None:
-        torch.manual_seed(setup.seed)
+        torch.manual_seed(setup.seed)  # the weights are drawn on the CPU, then moved
         self.setup = setup
         self.device = torch.device(setup.device)
+        if self.device.type == "cuda":
+            _deterministic_cuda()
         self.model = GPT(setup.vocab, setup.width, setup.layers, setup.heads, setup.context).to(
             self.device
         )
@@ -122,7 +137,8 @@ class Trainer:
         """One training step on the batch of the next step (:func:`batch_for`); its loss."""
         setup = self.setup
         tokens = batch_for(setup, self.steps_done + 1).to(self.device)
-        logits = self.model(tokens[:, :-1])
+        with self._attention():
+            logits = self.model(tokens[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, setup.vocab), tokens[:, 1:].reshape(-1))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -131,6 +147,13 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the step's time, not its launch time
         return float(loss.detach())
+
+    def _attention(self) -> contextlib.AbstractContextManager[None]:
+        # On a GPU the fused attention kernels' backward passes may add in any order; the
+        # plain one (matrix products and a softmax) gives the same bits on every run.
+        if self.device.type == "cuda":
+            return sdpa_kernel(SDPBackend.MATH)
+        return contextlib.nullcontext()
 
     def snapshot(self) -> dict[str, Any]:
         """What a training loop checkpoints: the model, the optimizer and the step."""

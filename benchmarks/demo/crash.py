@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 from dataclasses import dataclass, field
 
 import anyio
@@ -48,7 +49,9 @@ async def run_and_kill(
     job = CrashedJob()
     command = job_command(setup, root, steps, crash_at, backend)
     # stderr is inherited: a job that fails shows its traceback.
-    async with await anyio.open_process(command, stdin=None, stderr=None, env=env) as process:
+    async with await anyio.open_process(
+        command, stdin=subprocess.DEVNULL, stderr=None, env=env
+    ) as process:
         job.pid = process.pid
         printer.status("starting the training job...")
         assert process.stdout is not None
