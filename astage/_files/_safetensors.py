@@ -59,6 +59,7 @@ from .._errors import (
     CheckpointError,
     CheckpointFormatError,
     CheckpointNotFoundError,
+    InvalidOptionsError,
     UnsavableError,
 )
 from .._paths import Attr, Path, format_path
@@ -453,17 +454,41 @@ def check_file(path: str | os.PathLike[str]) -> None:
         _Decoder(header.entries, None, name, None).decode(document)
 
 
-def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> Any:
+def load(
+    path: str | os.PathLike[str],
+    *,
+    device: str | torch.device = "cpu",
+    into: Any = None,
+    strict: bool = True,
+) -> Any:
     """Read a checkpoint file written by :func:`astage.save` back into its nested state dict.
 
     Containers, plain values and tensors come back as they were saved; tensors that shared a
     storage (tied weights, views) share one again. A safetensors file that astage did not
-    write loads as a flat ``{key: tensor}`` dict. Blocking: from async code, run it in a
-    thread (``await anyio.to_thread.run_sync(astage.load, path)``).
+    write loads as a flat ``{key: tensor}`` dict. Blocking: from async code, use
+    :func:`astage.load_async`, which takes the same arguments and reads in worker threads.
+
+    With ``into`` (a state dict whose tensors are already where they belong: a model's, an
+    optimizer's that has taken a step), the file is **restored into it**: each tensor of
+    ``into`` is filled in place (on its own device; ``device`` must stay "cpu"), only the
+    entries ``into`` holds are read, plain values are replaced by the file's, and ``into`` is
+    returned. Keys, shapes and dtypes must match, else :class:`InvalidOptionsError` naming
+    the path and the file, before anything in ``into`` changes. ``strict=False`` lets ``into``
+    hold a subset of the file's keys (the rest is not read); a key of ``into`` the file lacks
+    is refused either way.
 
     A file that is truncated, corrupt or crafted raises :class:`CheckpointFormatError` naming
     the file and the field; nothing in a file runs code.
     """
+    if into is not None:
+        from ._restore import restore  # the restore builds on this module
+
+        if torch.device(device).type != "cpu":
+            raise InvalidOptionsError(
+                "load(into=...) fills the tensors of `into` on their own devices: leave "
+                f"device at 'cpu', not {device!r}"
+            )
+        return restore(path, into, strict=strict)
     name = os.fspath(path)
     target = torch.device(device)
     fd, size = _open(name)

@@ -1,0 +1,488 @@
+"""Restore a checkpoint file into the tensors a state dict already has: ``load(path, into=...)``.
+
+A restore does not build a second copy of the model in fresh tensors: it reads each entry the
+state dict asks for straight into the memory of the tensor that is waiting for it.
+
+1. **Match** (nothing written yet). The file's header and skeleton are checked as :func:`load`
+   checks them, decoded with a placeholder (:class:`_Slot`) where each tensor is, and walked
+   beside ``into``: same containers, same keys (or, with ``strict=False``, a subset of the
+   file's), and at each tensor the same shape and dtype. A mismatch is a
+   :class:`~astage.InvalidOptionsError` naming the path and the file before any byte of
+   ``into`` changes (``into`` is the argument that does not fit; the file may be fine).
+2. **Read.** The bytes of each wanted tensor are one range of the file (or, for a strided view
+   the file stored inside a bigger storage, the span that view covers). A contiguous CPU
+   destination is read with ``os.preadv`` directly into its memory, no intermediate copy; a
+   device destination is read into a host buffer (pinned where the device has pinned memory)
+   and copied with ``copy_(non_blocking=True)``; anything else (a non-contiguous destination, a
+   strided source) goes through a host buffer and ``copy_``. Big tensors are cut into
+   :data:`PIECE_BYTES` pieces and every piece is a job for :data:`READ_THREADS` threads, so a
+   large file is read in parallel whatever its tensor sizes.
+3. **Plain values** of ``into`` (numbers, strings, ``param_groups`` ...) are replaced by the
+   file's, after every tensor landed; dicts and lists of ``into`` are updated in place, tuples
+   rebuilt. The filled ``into`` is returned.
+
+The reading threads are a plain thread pool, not anyio's: the same reader serves the blocking
+:func:`astage.load`, which has no event loop. :func:`load_async` runs that reader in one anyio
+worker thread and polls for cancellation while it waits for its pieces.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import anyio
+import anyio.from_thread
+import anyio.to_thread
+import torch
+
+from .._errors import CheckpointError, InvalidOptionsError
+from .._paths import Path
+from .._torch import neg_view
+from ._safetensors import (
+    _VIEW_DTYPES,
+    _Decoder,
+    _Header,
+    _open,
+    _read_checked,
+    _shown,
+    _skeleton_document,
+    _Stored,
+    load,
+    tensor_memoryview,
+)
+
+READ_THREADS = 4
+"""Threads that read one restore's pieces: enough to keep an NVMe queue busy, few enough to
+leave the trainer's cores alone."""
+PIECE_BYTES = 32 << 20
+"""The most bytes one job reads: a 1 GiB tensor is 32 jobs, read in parallel."""
+_POLL_SECONDS = 0.05
+"""How often :func:`load_async`'s waiting thread looks for a cancellation."""
+
+
+def restore(
+    path: str | os.PathLike[str],
+    into: Any,
+    *,
+    strict: bool = True,
+    _poll: Callable[[], None] | None = None,
+) -> Any:
+    """Fill ``into``'s tensors and plain values from the checkpoint file at ``path``.
+
+    See :func:`astage.load` (``into=``) for the contract; ``_poll`` is called while the pieces
+    are read and may raise to stop the restore (cancellation, from :func:`load_async`).
+    """
+    name = os.fspath(path)
+    fd, size = _open(name)
+    try:
+        header = _read_checked(fd, name, size)
+        document = _skeleton_document(header.metadata, name)
+        if document is None:  # a plain safetensors file: a flat {key: tensor} dict
+            file_tree: Any = {
+                key: _Slot(entry, entry.dtype, tuple(entry.shape), None, 0)
+                for key, entry in header.entries.items()
+            }
+        else:
+            file_tree = _SlotDecoder(header.entries, name).decode(document)
+        plan = _Plan(name, fd, header, strict)
+        result = plan.match(into, file_tree, ())
+        plan.read(_poll)
+    finally:
+        os.close(fd)
+    for apply in plan.updates:  # every tensor landed: now the plain values
+        apply()
+    return result
+
+
+async def load_async(
+    path: str | os.PathLike[str],
+    *,
+    into: Any = None,
+    device: str | torch.device = "cpu",
+    strict: bool = True,
+) -> Any:
+    """:func:`astage.load` off the event loop: the file is read in worker threads.
+
+    The same arguments and result as :func:`astage.load`. Cancelling it stops the restore
+    between pieces: the pieces being read finish first (they write into ``into``'s tensors,
+    which must not change after the call is gone), and ``into`` is then partly restored.
+    """
+    if into is None:
+        return await anyio.to_thread.run_sync(partial(load, path, device=device))
+    return await anyio.to_thread.run_sync(
+        partial(restore, path, into, strict=strict, _poll=anyio.from_thread.check_cancelled)
+    )
+
+
+# -- matching the file to ``into`` --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """Where a tensor of the file lies: its entry and, for a view, how it sits in it."""
+
+    entry: _Stored
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    stride: tuple[int, ...] | None
+    """None for the whole entry (contiguous)."""
+    offset: int
+    """In elements of ``dtype``, from the start of the entry."""
+    conj: bool = False
+    neg: bool = False
+
+    @property
+    def contiguous(self) -> bool:
+        """Its bytes are one range of the file, in the tensor's own order."""
+        if self.conj or self.neg:
+            return False
+        return self.stride is None or _is_contiguous(self.shape, self.stride)
+
+    @property
+    def span(self) -> tuple[int, int]:
+        """The bytes it covers, from the start of its entry: ``(begin, end)``."""
+        itemsize = self.dtype.itemsize
+        begin = self.offset * itemsize
+        if 0 in self.shape:
+            return begin, begin
+        stride = self.stride if self.stride is not None else _contiguous_strides(self.shape)
+        last = sum((size - 1) * step for size, step in zip(self.shape, stride, strict=True))
+        return begin, begin + (last + 1) * itemsize
+
+
+@dataclass(frozen=True)
+class _ArraySlot:
+    """A numpy array of the file, read only when ``into`` takes it as a plain value."""
+
+    node: dict[str, Any]
+    entry: _Stored
+
+
+class _SlotDecoder(_Decoder):
+    """The skeleton with every field checked, placeholders where tensors and arrays are."""
+
+    def __init__(self, entries: dict[str, _Stored], name: str) -> None:
+        super().__init__(entries, None, name, None)
+
+    def decode_other(self, node: dict[str, Any]) -> Any:
+        if "tensor" in node:
+            self._tensor(node)  # checks each field and the view against its entry
+            entry = self._entries[node["tensor"]]
+            if "dtype" not in node:
+                return _Slot(entry, entry.dtype, tuple(entry.shape), None, 0)
+            return _Slot(
+                entry,
+                _VIEW_DTYPES[node["dtype"]],
+                tuple(node["shape"]),
+                tuple(node["stride"]),
+                node["offset"],
+                node.get("conj", False),
+                node.get("neg", False),
+            )
+        if "numpy" in node:
+            self._array(node)
+            return _ArraySlot(node, self._entries[node["numpy"]])
+        raise self.bad(node)
+
+
+@dataclass
+class _Fill:
+    """One destination tensor and the file's tensor that goes into it."""
+
+    tensor: torch.Tensor
+    slot: _Slot
+    path: Path
+
+
+@dataclass
+class _Plan:
+    name: str
+    fd: int
+    header: _Header
+    strict: bool
+    fills: list[_Fill] = field(default_factory=list)
+    updates: list[Callable[[], None]] = field(default_factory=list)
+    _filled: dict[int, _Slot] = field(default_factory=dict)
+
+    def mismatch(self, path: Path, problem: str) -> InvalidOptionsError:
+        return InvalidOptionsError(f"{problem} (restoring from {self.name})", path)
+
+    def match(self, into: Any, stored: Any, path: Path) -> Any:
+        """Check ``stored`` (the file's value at ``path``) against ``into``'s; plan the fills.
+
+        Returns the value ``into`` has at ``path`` after the restore.
+        """
+        if isinstance(into, torch.Tensor):
+            self._tensor(into, stored, path)
+            return into
+        if isinstance(into, dict):
+            if not isinstance(stored, dict):
+                raise self.mismatch(path, f"`into` holds a dict, the file {_what(stored)}")
+            self._keys(into, stored, path)
+            for key, value in into.items():
+                new = self.match(value, stored[key], (*path, key))
+                if new is not value:
+                    self.updates.append(partial(into.__setitem__, key, new))
+            return into
+        if type(into) in (list, tuple):
+            if type(stored) not in (list, tuple) or len(stored) != len(into):
+                kind = type(into).__name__
+                raise self.mismatch(
+                    path, f"`into` holds a {kind} of {len(into)}, the file {_what(stored)}"
+                )
+            values = [
+                self.match(v, s, (*path, i))
+                for i, (v, s) in enumerate(zip(into, stored, strict=True))
+            ]
+            if type(into) is tuple:
+                return tuple(values)
+            for i, (old, new) in enumerate(zip(into, values, strict=True)):
+                if new is not old:
+                    self.updates.append(partial(into.__setitem__, i, new))
+            return into
+        # A plain value: the file's replaces it, and must not hide a tensor.
+        return self._plain(stored, path)
+
+    def _keys(self, into: dict[Any, Any], stored: dict[Any, Any], path: Path) -> None:
+        missing = [key for key in into if key not in stored]
+        if missing:
+            raise self.mismatch(
+                path, f"the file has no {_keys_shown(missing)} that `into` holds here"
+            )
+        if self.strict:
+            unexpected = [key for key in stored if key not in into]
+            if unexpected:
+                raise self.mismatch(
+                    path,
+                    f"the file holds {_keys_shown(unexpected)} that `into` does not; pass "
+                    "strict=False to restore only what `into` holds",
+                )
+
+    def _tensor(self, tensor: torch.Tensor, stored: Any, path: Path) -> None:
+        if not isinstance(stored, _Slot):
+            raise self.mismatch(path, f"`into` holds a tensor, the file {_what(stored)}")
+        if type(tensor) not in (torch.Tensor, torch.nn.Parameter):
+            raise InvalidOptionsError(
+                f"cannot restore into a {type(tensor).__qualname__}; restore into its plain "
+                "tensors",
+                path,
+            )
+        if tensor.layout is not torch.strided or tensor.device.type == "meta":
+            raise InvalidOptionsError(
+                f"cannot restore into a {tensor.layout} tensor on {tensor.device}: it must be "
+                "a strided tensor with memory",
+                path,
+            )
+        if tuple(tensor.shape) != stored.shape or tensor.dtype != stored.dtype:
+            raise self.mismatch(
+                path,
+                f"`into` holds a {_dtype_name(tensor.dtype)} tensor of shape "
+                f"{list(tensor.shape)}, the file a {_dtype_name(stored.dtype)} tensor of shape "
+                f"{list(stored.shape)}",
+            )
+        if any(
+            step == 0 and size > 1 for size, step in zip(tensor.shape, tensor.stride(), strict=True)
+        ):
+            raise InvalidOptionsError(
+                "cannot restore into an expanded tensor (several elements share one memory "
+                "location)",
+                path,
+            )
+        seen = self._filled.get(id(tensor))
+        if seen is not None and seen == stored:  # a tied tensor: its bytes are read once
+            return
+        self._filled[id(tensor)] = stored
+        self.fills.append(_Fill(tensor, stored, path))
+
+    def _plain(self, stored: Any, path: Path) -> Any:
+        if isinstance(stored, _Slot):
+            raise self.mismatch(path, "the file holds a tensor where `into` holds a plain value")
+        if isinstance(stored, _ArraySlot):
+            return self._array(stored)
+        if type(stored) in (dict, list, tuple) or isinstance(stored, dict):
+            items = stored.items() if isinstance(stored, dict) else enumerate(stored)
+            new = {key: self._plain(value, (*path, key)) for key, value in items}
+            if isinstance(stored, dict):
+                stored.update(new)
+                return stored
+            values = list(new.values())
+            return values if type(stored) is list else tuple(values)
+        return stored
+
+    def _array(self, slot: _ArraySlot) -> Any:
+        data = torch.empty((slot.entry.nbytes,), dtype=torch.uint8)
+        _read_exactly(self.fd, tensor_memoryview(data), self._at(slot.entry, 0), self.name)
+        decoder = _Decoder(self.header.entries, {slot.entry.key: data}, self.name, None)
+        return decoder._array(slot.node)
+
+    def _at(self, entry: _Stored, begin: int) -> int:
+        return self.header.data_start + entry.begin + begin
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def read(self, poll: Callable[[], None] | None) -> None:
+        jobs = [job for fill in self.fills for job in self._jobs(fill)]
+        devices = {fill.tensor.device for fill in self.fills if fill.tensor.device.type != "cpu"}
+        _run(jobs, poll)
+        for device in devices:  # the non-blocking copies have landed before we return
+            _synchronize(device)
+
+    def _jobs(self, fill: _Fill) -> Iterator[Callable[[], None]]:
+        tensor, slot = fill.tensor, fill.slot
+        begin, end = slot.span
+        start = self._at(slot.entry, begin)
+        if begin == end:
+            return
+        if slot.contiguous and tensor.is_contiguous():
+            on_cpu = tensor.device.type == "cpu"
+            destination = tensor.detach().reshape(-1).view(torch.uint8)
+            pinned = not on_cpu and _pins(tensor.device)
+            for offset in range(0, end - begin, PIECE_BYTES):
+                piece = destination[offset : offset + PIECE_BYTES]
+                if on_cpu:
+                    yield partial(self._read_direct, piece, start + offset)
+                else:
+                    yield partial(self._read_staged, fill, piece, start + offset, pinned, None)
+            return
+        yield partial(self._read_staged, fill, tensor, start, _pins(tensor.device), slot)
+
+    def _read_direct(self, piece: torch.Tensor, offset: int) -> None:
+        _read_exactly(self.fd, tensor_memoryview(piece), offset, self.name)
+
+    def _read_staged(
+        self,
+        fill: _Fill,
+        destination: torch.Tensor,
+        offset: int,
+        pinned: bool,
+        slot: _Slot | None,
+    ) -> None:
+        """Read into a host buffer, then copy into ``destination``.
+
+        With ``slot`` None, ``destination`` is a byte range of a contiguous tensor; otherwise
+        it is the whole tensor and the buffer holds ``slot``'s span, viewed as ``slot`` says.
+        """
+        nbytes = destination.numel() if slot is None else slot.span[1] - slot.span[0]
+        buffer = torch.empty((nbytes,), dtype=torch.uint8, pin_memory=pinned)
+        _read_exactly(self.fd, tensor_memoryview(buffer), offset, self.name)
+        source = buffer
+        if slot is not None:
+            stride = slot.stride if slot.stride is not None else _contiguous_strides(slot.shape)
+            source = torch.empty((0,), dtype=slot.dtype).set_(
+                buffer.untyped_storage(), 0, slot.shape, stride
+            )
+            if slot.conj:
+                source = source.conj()
+            if slot.neg:
+                source = neg_view(source)
+        try:
+            with torch.no_grad():
+                # Pinned: the copy runs on the device's stream, and torch's pinned-memory
+                # cache keeps the buffer until it has (it records the copy on the block).
+                destination.copy_(source, non_blocking=pinned)
+        except RuntimeError as error:
+            raise InvalidOptionsError(f"cannot copy into this tensor: {error}", fill.path) from None
+
+
+def _read_exactly(fd: int, view: memoryview, offset: int, name: str) -> None:
+    done = 0
+    while done < len(view):
+        try:
+            got = os.preadv(fd, [view[done:]], offset + done)
+        except OSError as error:
+            raise CheckpointError(f"cannot read {name}: {error.strerror or error}") from error
+        if got <= 0:
+            raise CheckpointError(f"{name}: the file ends before its data does")
+        done += got
+
+
+def _run(jobs: list[Callable[[], None]], poll: Callable[[], None] | None) -> None:
+    """Run ``jobs`` on :data:`READ_THREADS` threads; the first error stops the rest."""
+    if len(jobs) <= 1 and poll is None:
+        for job in jobs:
+            job()
+        return
+    stop = threading.Event()
+
+    def guarded(job: Callable[[], None]) -> None:
+        if not stop.is_set():
+            job()
+
+    with concurrent.futures.ThreadPoolExecutor(
+        max_workers=min(READ_THREADS, max(1, len(jobs))), thread_name_prefix="astage-restore"
+    ) as pool:
+        pending = {pool.submit(guarded, job) for job in jobs}
+        try:
+            while pending:
+                done, pending = concurrent.futures.wait(
+                    pending,
+                    timeout=_POLL_SECONDS if poll is not None else None,
+                    return_when=concurrent.futures.FIRST_EXCEPTION,
+                )
+                for future in done:
+                    future.result()  # raises the job's error
+                if poll is not None:
+                    poll()
+        finally:
+            # On an error or a cancellation: start nothing new, and leave only once the
+            # pieces being read are done (the pool's exit waits for them).
+            stop.set()
+
+
+def _pins(device: torch.device) -> bool:
+    """Whether host buffers for copies to ``device`` should be pinned."""
+    if device.type == "cpu":
+        return False
+    accelerator = torch.accelerator.current_accelerator()
+    return accelerator is not None and accelerator.type == device.type
+
+
+def _synchronize(device: torch.device) -> None:
+    module = getattr(torch, device.type, None)
+    synchronize = getattr(module, "synchronize", None)
+    if callable(synchronize):
+        synchronize(device)
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides = []
+    step = 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def _is_contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    expected = 1
+    for size, step in zip(reversed(shape), reversed(stride), strict=True):
+        if size != 1 and step != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _what(stored: Any) -> str:
+    if isinstance(stored, _Slot):
+        return "holds a tensor"
+    if isinstance(stored, _ArraySlot):
+        return "holds a numpy array"
+    if type(stored) in (list, tuple):
+        return f"holds a {type(stored).__name__} of {len(stored)}"
+    return f"holds a {type(stored).__name__}"
+
+
+def _keys_shown(keys: list[Any], limit: int = 3) -> str:
+    shown = ", ".join(_shown(key) for key in keys[:limit])
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return f"key{'s' if len(keys) > 1 else ''} {shown}{more}"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
