@@ -2,7 +2,8 @@
 
 AstageError                          the root: catch it to catch anything astage raises on purpose
 ├── InvalidOptionsError              a bad argument or option (also a ValueError)
-│   └── AcceleratorUnavailableError  ... an option that needs an absent accelerator (an AssertionError)
+│   ├── AcceleratorUnavailableError  ... an option that needs an absent accelerator (an AssertionError)
+│   └── MeshMismatchError            ... DTensors loaded on another mesh or rank than saved them
 ├── UsageError                       the API used in a way it does not allow
 │   ├── BusyError                    a second concurrent call where only one may run
 │   │   └── LeaseTimeoutError        ... a leased buffer set not released in time (a TimeoutError)
@@ -45,6 +46,7 @@ __all__ = [
     "ClosedError",
     "InvalidOptionsError",
     "LeaseTimeoutError",
+    "MeshMismatchError",
     "ReplicationError",
     "ReplicationTimeoutError",
     "SnapshotReleasedError",
@@ -83,6 +85,14 @@ class InvalidOptionsError(AstageError, ValueError):
 
 class AcceleratorUnavailableError(InvalidOptionsError, AssertionError):
     """Raised when an option needs an accelerator and none is available (DCP's AssertionError)."""
+
+
+class MeshMismatchError(InvalidOptionsError):
+    """Raised when a file's DTensors are loaded on another device mesh, rank or world size.
+
+    Not a :class:`CheckpointError`: the file is fine, the process loading it is not the one
+    that can use it (resuming must not skip it as a bad file). Resharding is DCP's work.
+    """
 
 
 class UsageError(AstageError):
