@@ -8,6 +8,7 @@ a real ``python -m astage`` subprocess.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import json
 import os
@@ -479,3 +480,17 @@ def test_verify_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert [step["verified"] for step in report["steps"]] == [True, True]
     code, out, _ = run(capsys, "inspect", "--verify", str(root))
     assert code == 0 and "verified: every valid step file read and loaded" in out
+
+
+def test_the_collector_is_left_as_it_was(
+    checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert gc.isenabled()
+    assert run(capsys, "inspect", str(checkpoint))[0] == 0
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        assert run(capsys, "inspect", str(checkpoint))[0] == 0
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
