@@ -3,8 +3,8 @@
 The job reports its events as JSON lines; the demo prints them, and on the job's crash point
 (the save of the ``--crash-at`` step is in flight) kills it, as an out-of-memory killer or a
 preempted node would: no handler runs, nothing is cleaned up. What is left in the folder is
-listed, and then the newest checkpoint is cut short, as a copy to other storage interrupted
-half-way would leave it, so that resuming has to pass over a damaged file.
+listed, and then the checkpoint that ``latest`` names is cut short, as a copy to other storage
+interrupted half-way would leave it, so that resuming has to pass over a damaged file.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from ..gpt import Setup
 from .events import Event, Printer, mb
 from .job import CRASH_POINT, job_command
 
-__all__ = ["CrashedJob", "cut_newest", "run_and_kill"]
+__all__ = ["CrashedJob", "cut_latest", "describe_folder", "run_and_kill"]
 
 _LINE_LIMIT = 1 << 16  # bytes of one event line, at most
 
@@ -107,15 +107,15 @@ def describe_folder(root: str, crash_at: int) -> list[str]:
     return lines
 
 
-def cut_newest(root: str) -> tuple[str, int, int]:
+def cut_latest(root: str) -> tuple[str, int, int]:
     """Cut the checkpoint to resume from to half its size; its name, its size before and after.
 
     That is the one ``latest`` names: a kill between a step file's rename and the pointer's
     move leaves a newer step file that resuming never reads while ``latest`` names a good one.
     """
     with open(os.path.join(root, "latest"), encoding="ascii") as pointer:
-        newest = pointer.read().strip()
-    path = os.path.join(root, newest)
+        name = pointer.read().strip()
+    path = os.path.join(root, name)
     size = os.path.getsize(path)
     os.truncate(path, size // 2)
-    return newest, size, size // 2
+    return name, size, size // 2

@@ -134,6 +134,9 @@ async def _job(setup: Setup, root: str, steps: int, crash_at: int) -> None:
     trainer = Trainer(setup)
     async with LagProbe() as probe, CheckpointDir(root, keep=3) as ckpts:
         await train(trainer, ckpts, probe, steps, emit, crash_at=crash_at)
+        # The demo kills the job at its crash point: a job whose crash point is its last
+        # step waits for that here rather than end before the kill lands.
+        await anyio.sleep_forever()
 
 
 def main(argv: list[str] | None = None) -> None:

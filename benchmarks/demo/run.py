@@ -21,7 +21,7 @@ from ..gpt import GPT, Trainer
 from ..lag import LagProbe
 from ..runner import anyio_backend
 from ..state_dicts import tensor_leaves
-from .crash import cut_newest, describe_folder, run_and_kill
+from .crash import cut_latest, describe_folder, run_and_kill
 from .events import LAG_EXPLAINED, Event, Printer, mb
 from .job import train
 from .options import DemoOptions, add_arguments, options_from
@@ -66,7 +66,7 @@ async def run_demo(options: DemoOptions, out: TextIO) -> int:
         printer.line("\n2. what the crash left in the folder:")
         for line in describe_folder(root, options.crash_at):
             printer.line(line)
-        name, before, after = cut_newest(root)
+        name, before, after = cut_latest(root)
         printer.line(
             f"   and, to show resuming past a damaged file, {name} (what latest names) is cut from "
             f"{mb(before)} to {mb(after)}, as a copy interrupted half-way would leave it"
@@ -81,10 +81,9 @@ async def run_demo(options: DemoOptions, out: TextIO) -> int:
             rows = [row_of(event, first=i == 0) for i, event in enumerate(staged)]
             if options.dcp:
                 printer.line(
-                    "\n5. staging alone, no training, no write: astage's Stager, then DCP's "
-                    "DefaultStager (its thread, its future awaited on the loop), on the last "
-                    "snapshot; above them, the resumed run's saves (staging while the writer "
-                    "takes each tensor)"
+                    "\n5. staging compared with DCP's DefaultStager (its thread, its future "
+                    "awaited on the loop): both stage the last snapshot, nothing else running; "
+                    "the first rows are the resumed run's saves, which also feed the writer"
                 )
                 snapshot = trainer.snapshot()
                 rows += await astage_rows(snapshot, probe)
