@@ -230,7 +230,7 @@ class _Plan:
                 if new is not value:
                     self.updates.append(partial(into.__setitem__, key, new))
             return into
-        if type(into) in (list, tuple):
+        if type(into) in (list, tuple) and _holds_tensor(into):
             if type(stored) not in (list, tuple) or len(stored) != len(into):
                 kind = type(into).__name__
                 raise self.mismatch(
@@ -246,7 +246,8 @@ class _Plan:
                 if new is not old:
                     self.updates.append(partial(into.__setitem__, i, new))
             return into
-        # A plain value: the file's replaces it, and must not hide a tensor.
+        # A plain value (a list or tuple without tensors too: ``params: [0, 1]`` may change
+        # length): the file's replaces it, and must not hide a tensor.
         return self._plain(stored, path)
 
     def _keys(self, into: dict[Any, Any], stored: dict[Any, Any], path: Path) -> None:
@@ -466,6 +467,16 @@ def _is_contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
             return False
         expected *= size
     return True
+
+
+def _holds_tensor(tree: Any) -> bool:
+    if isinstance(tree, torch.Tensor):
+        return True
+    if isinstance(tree, dict):
+        return any(_holds_tensor(value) for value in tree.values())
+    if type(tree) in (list, tuple):
+        return any(_holds_tensor(value) for value in tree)
+    return False
 
 
 def _what(stored: Any) -> str:
