@@ -84,7 +84,7 @@ class _Reads:
                 self.threads.add(threading.current_thread().name)
             return real(fd, buffers, offset)
 
-        monkeypatch.setattr(_restore.os, "preadv", preadv)
+        monkeypatch.setattr(os, "preadv", preadv)
 
     @property
     def nbytes(self) -> int:
@@ -306,7 +306,7 @@ def test_mismatches_are_refused_naming_the_path_and_before_anything_changes(
 
 
 def test_strict_false_restores_a_subset(tmp_path: Path) -> None:
-    source = {"a": torch.randn(3), "m": {"w": torch.randn(2, 2), "n": 1}}
+    source: dict[str, Any] = {"a": torch.randn(3), "m": {"w": torch.randn(2, 2), "n": 1}}
     path = _saved(tmp_path, source)
     into = {"m": {"w": torch.zeros(2, 2)}}
     astage.load(path, into=into, strict=False)
@@ -331,7 +331,7 @@ def test_a_failed_read_leaves_plain_values_alone(
     def broken(fd: int, buffers: Any, offset: int) -> int:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(_restore.os, "preadv", broken)
+    monkeypatch.setattr(os, "preadv", broken)
     into = {"a": torch.zeros(100), "n": 0}
     with pytest.raises(astage.CheckpointError, match="Input/output error"):
         astage.load(path, into=into)
@@ -345,7 +345,7 @@ def test_a_failed_read_leaves_plain_values_alone(
 async def test_load_async_restores_off_the_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    source = {"w": torch.randn(512, 1024), "n": 3}
+    source: dict[str, Any] = {"w": torch.randn(512, 1024), "n": 3}
     path = _saved(tmp_path, source)
     monkeypatch.setattr(_restore, "PIECE_BYTES", 64 << 10)
     real = _restore._read_exactly
@@ -398,7 +398,7 @@ async def test_cancelling_load_async_waits_for_the_pieces_in_flight(
 def test_restores_into_cuda_tensors_through_pinned_buffers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    source = {"w": torch.randn(1024, 256), "t": torch.randn(16, 8).t(), "n": 1}
+    source: dict[str, Any] = {"w": torch.randn(1024, 256), "t": torch.randn(16, 8).t(), "n": 1}
     path = _saved(tmp_path, source)
     monkeypatch.setattr(_restore, "PIECE_BYTES", 256 << 10)
     pinned: list[bool] = []
@@ -410,9 +410,12 @@ def test_restores_into_cuda_tensors_through_pinned_buffers(
             pinned.append(tensor.is_pinned())
         return tensor
 
-    monkeypatch.setattr(_restore.torch, "empty", recording_empty)
-    into = {"w": torch.zeros(1024, 256, device="cuda"), "t": torch.zeros(8, 16, device="cuda")}
-    into["n"] = 0
+    monkeypatch.setattr(torch, "empty", recording_empty)
+    into: dict[str, Any] = {
+        "w": torch.zeros(1024, 256, device="cuda"),
+        "t": torch.zeros(8, 16, device="cuda"),
+        "n": 0,
+    }
     astage.load(path, into=into)
     assert torch.equal(into["w"].cpu(), source["w"]) and torch.equal(into["t"].cpu(), source["t"])
     assert pinned and all(pinned)
