@@ -13,8 +13,10 @@ Contenders, alternated from repeat to repeat:
   fsynced too; ``thread_count=1``, its default) and ``FileSystemReader``; ``async_save`` stages
   through the writer itself (DCP's ``BlockingAsyncStager``);
 - ``astage``: ``astage.compat.FileSystemWriter`` / ``FileSystemReader`` (4 threads each);
-  ``async_save`` stages through the writer itself, as with DCP's (astage's
-  ``BlockingAsyncStager``, nothing cached);
+  ``async_save`` stages through the writer itself, as with DCP's (nothing cached), and the
+  writer writes each tensor as it lands (``write_while_staging``, its default);
+- ``astage-serial``: the same with ``write_while_staging=False``: staging, then writing, one
+  after the other (what the overlap gains);
 - ``astage+stager``: the same writer, staged by a reused ``astage.compat.DefaultStager``.
 
 Save: the time from ``async_save`` to its future's result, i.e. to a durable, committed
@@ -52,7 +54,7 @@ from astage import compat
 from .state_dicts import bulk_floats, gpt2_with_adamw
 
 GPT_SIZES = {"layers": 6, "width": 512, "vocab": 32000, "context": 1024}  # ~410 MiB with AdamW
-CONTENDERS = ["dcp", "astage", "astage+stager"]
+CONTENDERS = ["dcp", "astage", "astage-serial", "astage+stager"]
 
 
 def shard(tree: Any, mesh: Any) -> Any:
@@ -115,7 +117,7 @@ class Bench:
         if who == "dcp":
             writer = dcp_filesystem.FileSystemWriter(folder, sync_files=True)
         else:
-            writer = compat.FileSystemWriter(folder)
+            writer = compat.FileSystemWriter(folder, write_while_staging=who != "astage-serial")
             if who == "astage+stager":
                 options["async_stager"] = self.stager
         self.barrier()

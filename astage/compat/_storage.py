@@ -16,7 +16,15 @@ DCP writes it), but a tensor item is its raw bytes (C order, the dtype of the me
 ``torch.save`` pickle. Each such item's storage record carries the transform descriptor
 :data:`RAW_DESCRIPTOR`, so DCP's own ``FileSystemReader`` refuses the files with
 ``ValueError: Unknown extension name='astage.raw@astage.compat.FileSystemReader'`` instead of
-misreading them. :class:`FileSystemReader` reads both formats: raw items straight into their
+misreading them.
+
+Writing while staging: when ``dcp.async_save`` stages through the writer, each staged tensor's
+bytes go to the rank's data file (a temporary name) as soon as they land, from the writer's
+threads, with the disk's writeback started at once; ``write_data`` maps the plan's items onto
+those bytes only where an item's tensor is the very memory that was written (see
+:class:`_Prewrite`) and appends everything else.
+
+:class:`FileSystemReader` reads both formats: raw items straight into their
 destination (``os.preadv``, no copy when the destination is a matching CPU tensor), and items of
 DCP's own checkpoints through DCP's reader. It unpickles ``.metadata`` with an allow-list of
 DCP's metadata classes, so a crafted metadata file cannot run code. Bytes items (objects DCP
@@ -103,9 +111,13 @@ class FileSystemWriter(StorageWriter, AsyncStager):
     """Drop-in for ``torch.distributed.checkpoint.FileSystemWriter`` (see the module docstring).
 
     Like DCP's, it is also the stager ``dcp.async_save`` uses when given no ``async_stager``:
-    :meth:`stage` copies the state dict to host memory with
-    :class:`astage.compat.BlockingAsyncStager` (buffers kept across saves with
-    ``cache_staged_state_dict=True``; then call :meth:`close` after the last save).
+    :meth:`stage` copies the state dict to host memory with astage's blocking stager and,
+    as each tensor lands, starts writing it into this rank's data file, so that writing
+    overlaps staging; ``write_data`` then writes only what is not there yet. With
+    ``cache_staged_state_dict=True`` the buffers are kept across saves
+    (:class:`astage.compat.BlockingAsyncStager`) and writing starts in ``write_data``. Call
+    :meth:`close` after the last save (it also removes the early file of a save that failed
+    before ``write_data``).
 
     ``path``, ``single_file_per_rank``, ``sync_files`` and ``overwrite`` mean what they mean in
     DCP. ``thread_count`` is the number of threads that write this rank's bytes (DCP's means
@@ -115,6 +127,7 @@ class FileSystemWriter(StorageWriter, AsyncStager):
     first). ``_extensions`` and a
     ``serialization_format`` other than DCP's default are refused: items are raw bytes.
     ``sync_files=False`` skips every fsync: faster, and not durable.
+    ``write_while_staging=False`` writes nothing before ``write_data`` (see :meth:`stage`).
     """
 
     def __init__(  # noqa: PLR0917 - DCP's constructor, positional arguments included
@@ -130,6 +143,7 @@ class FileSystemWriter(StorageWriter, AsyncStager):
         serialization_format: SerializationFormat = SerializationFormat.TORCH_SAVE,
         *,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        write_while_staging: bool = True,
     ) -> None:
         super().__init__()
         if _extensions:
@@ -152,6 +166,7 @@ class FileSystemWriter(StorageWriter, AsyncStager):
         self.is_coordinator = False
         self.use_collectives = True
         self.cache_staged_state_dict = bool(cache_staged_state_dict)
+        self.write_while_staging = bool(write_while_staging)
         self._stager: BlockingAsyncStager | None = None  # cached staging, made on first use
         self._landing: _LandingStager | None = None  # uncached staging, made on first use
         self._prewrite: _Prewrite | None = None  # the data file stage() started writing
@@ -224,12 +239,14 @@ class FileSystemWriter(StorageWriter, AsyncStager):
         self._prewrite_lock = threading.Lock()
 
     def _start_prewrite(self) -> _Prewrite | None:
-        if not self.single_file_per_rank:
+        if not (self.single_file_per_rank and self.write_while_staging):
             return None  # one file per item: nothing to gain from a shared early file
         try:
             created = not os.path.isdir(self.path)
             os.makedirs(self.path, exist_ok=True)
-            return _Prewrite(self.path, self.thread_count, self.chunk_bytes, created)
+            return _Prewrite(
+                self.path, self.thread_count, self.chunk_bytes, created, self.sync_files
+            )
         except OSError:
             return None  # the save reports the folder's problem itself, from prepare_local_plan
 
@@ -700,8 +717,11 @@ class _Prewrite:
     Then the usual end: fsync, rename to the plan's name, fsync the folder.
     """
 
-    def __init__(self, folder: str, threads: int, chunk_bytes: int, created: bool) -> None:
+    def __init__(
+        self, folder: str, threads: int, chunk_bytes: int, created: bool, writeback: bool = True
+    ) -> None:
         self.folder = folder
+        self._writeback = writeback  # start each piece's writeback at once (sync_files)
         self._created = created  # made the folder: discard() removes it again if empty
         self.temp_path = _temp_name(os.path.join(folder, f"prewrite{DATA_SUFFIX}"))
         self._chunk_bytes = chunk_bytes
@@ -741,7 +761,9 @@ class _Prewrite:
         assert fd is not None
         for done in range(0, len(data), self._chunk_bytes):
             piece = data[done : done + self._chunk_bytes]
-            self._writes.append(self._pool.submit(_pwritev_all, fd, [piece], offset + done))
+            self._writes.append(
+                self._pool.submit(_write_piece, fd, [piece], offset + done, self._writeback)
+            )
 
     def _find(self, tensor: torch.Tensor) -> int | None:
         """The file offset of ``tensor``'s bytes if they were pre-written, else None."""
@@ -867,7 +889,7 @@ def _write_files(
             _run_all(
                 pool,
                 [
-                    functools.partial(_pwritev_all, file.fd, buffers, offset)
+                    functools.partial(_write_piece, file.fd, buffers, offset, sync)
                     for file in files
                     if file.fd is not None
                     for offset, buffers in file.pieces(chunk_bytes)
@@ -913,6 +935,35 @@ def _run_all(pool: ThreadPoolExecutor, jobs: list[Callable[[], object]]) -> None
     for future in futures:
         if not future.cancelled() and future.exception() is not None:
             raise future.exception()  # type: ignore[misc]
+
+
+def _write_piece(fd: int, buffers: list[memoryview], offset: int, writeback: bool) -> None:
+    """Write a piece; with ``writeback``, have the kernel start sending it to the disk now."""
+    _pwritev_all(fd, buffers, offset)
+    if writeback:
+        _start_writeback(fd, offset, sum(len(b) for b in buffers))
+
+
+def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """``sync_file_range(SYNC_FILE_RANGE_WRITE)``: queue the range's dirty pages for the disk
+    without waiting. Without it the kernel holds them back until the final fsync, and the disk
+    idles while staging and writing go on, then does all the work at the end. A hint only:
+    durability still comes from the fsync (where the call is missing, nothing is done)."""
+    if _SYNC_FILE_RANGE is not None and nbytes:
+        _SYNC_FILE_RANGE(fd, ctypes.c_int64(offset), ctypes.c_int64(nbytes), 2)
+
+
+def _find_sync_file_range() -> Any:
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (AttributeError, OSError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_SYNC_FILE_RANGE = _find_sync_file_range()  # Linux (glibc, musl); None elsewhere
 
 
 def _pwritev_all(fd: int, buffers: list[memoryview], offset: int) -> None:
