@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any, TextIO
 
-__all__ = ["Event", "Printer", "mb"]
+__all__ = ["LAG_EXPLAINED", "PAUSE_EXPLAINED", "Event", "Printer", "mb"]
 
 Event = dict[str, Any]
 """``{"kind": "step" | "staged" | "durable" | ..., "step": n, ...}``: JSON-serialisable."""
@@ -19,6 +19,12 @@ Event = dict[str, Any]
 LAG_EXPLAINED = (
     "loop lag: how late a 1 ms heartbeat on the event loop wakes up; while the loop is late, "
     "nothing else it runs (requests, data loading, peers' heartbeats) gets a turn"
+)
+
+
+PAUSE_EXPLAINED = (
+    "training paused: the staging, plus any wait for the previous write, which holds the "
+    "stager's host buffers (one set, reused) until its file is durable"
 )
 
 

@@ -22,7 +22,7 @@ from ..lag import LagProbe
 from ..runner import anyio_backend
 from ..state_dicts import tensor_leaves
 from .crash import cut_latest, describe_folder, run_and_kill
-from .events import LAG_EXPLAINED, Event, Printer, mb
+from .events import LAG_EXPLAINED, PAUSE_EXPLAINED, Event, Printer, mb
 from .job import train
 from .options import DemoOptions, add_arguments, options_from
 from .table import astage_rows, dcp_rows, print_comparison, render_table, row_of
@@ -53,6 +53,7 @@ async def run_demo(options: DemoOptions, out: TextIO) -> int:
         )
         printer.line(f"checkpoints: {root} ({kept})")
         printer.line(LAG_EXPLAINED)
+        printer.line(PAUSE_EXPLAINED)
 
         printer.line(
             f"\n1. a training job (a child process) checkpoints every step with "
