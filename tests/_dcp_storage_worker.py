@@ -105,6 +105,20 @@ def same(a: Any, b: Any, where: str = "") -> None:
         assert a == b, (where, repr(a)[:200], repr(b)[:200])
 
 
+def count_reused_items() -> list[int]:
+    """The items each committed early data file supplied (the writer wrote while staging)."""
+    counts: list[int] = []
+    commit = _storage._Prewrite.commit
+
+    def counting(prewrite: Any, *args: Any, **kwargs: Any) -> Any:
+        results = commit(prewrite, *args, **kwargs)
+        counts.append(prewrite.reused)
+        return results
+
+    _storage._Prewrite.commit = counting  # type: ignore[method-assign,assignment]
+    return counts
+
+
 def save(rank: int, world: int, ckpt: str, reference: str, how: str) -> None:
     """Train one step, save the sharded state into ``ckpt``, the full one into ``reference``."""
     model, optimizer = model_and_optimizer(world)
@@ -122,12 +136,15 @@ def save(rank: int, world: int, ckpt: str, reference: str, how: str) -> None:
         # with the training's own collectives and gloo aborts with a size mismatch.
         upload_group = dist.new_group(backend="gloo", timeout=TIMEOUT)
         kind = AsyncCheckpointerType.PROCESS if how == "process" else AsyncCheckpointerType.THREAD
+        reused = count_reused_items()
         future = state_dict_saver.async_save(
             state, storage_writer=writer, process_group=upload_group, async_checkpointer_type=kind
         )
         train_step(model, optimizer, 1)  # training (and its collectives) goes on meanwhile
         assert isinstance(future, Future)  # not an AsyncSaveResponse: staging is synchronous
         future.result()
+        if how != "process":  # the local shards were written while staging, and used
+            assert reused and reused[0] > 0, reused
         dist.destroy_process_group(upload_group)
     dist.barrier()
 

@@ -240,7 +240,7 @@ class FileSystemWriter(StorageWriter, AsyncStager):
 
     def _start_prewrite(self) -> _Prewrite | None:
         if not (self.single_file_per_rank and self.write_while_staging):
-            return None  # one file per item: nothing to gain from a shared early file
+            return None  # asked not to, or one file per item (no shared early file to fill)
         try:
             created = not os.path.isdir(self.path)
             os.makedirs(self.path, exist_ok=True)
