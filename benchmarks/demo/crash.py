@@ -113,8 +113,11 @@ def cut_latest(root: str) -> tuple[str, int, int]:
     That is the one ``latest`` names: a kill between a step file's rename and the pointer's
     move leaves a newer step file that resuming never reads while ``latest`` names a good one.
     """
-    with open(os.path.join(root, "latest"), encoding="ascii") as pointer:
-        name = pointer.read().strip()
+    try:
+        with open(os.path.join(root, "latest"), encoding="ascii") as pointer:
+            name = pointer.read().strip()
+    except FileNotFoundError:  # killed before its first save was published
+        name = max(name for name in os.listdir(root) if name.startswith("step_"))
     path = os.path.join(root, name)
     size = os.path.getsize(path)
     os.truncate(path, size // 2)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import demo
+from benchmarks.demo.crash import cut_latest
 from benchmarks.demo.events import Printer
 from benchmarks.gpt import Setup, Trainer
 from benchmarks.runner import BACKENDS
@@ -129,3 +130,15 @@ def test_demo_rejects_bad_options(tmp_path: Path) -> None:
     (tmp_path / "step_000000001.safetensors").write_bytes(b"")
     with pytest.raises(SystemExit, match="not an empty folder"):
         demo.main(["--root", str(tmp_path)])
+
+
+def test_cut_latest_cuts_what_resuming_would_read(tmp_path: Path) -> None:
+    """The file ``latest`` names, not the newest step file (one renamed before the pointer
+    moved is never read while ``latest`` names a good file); the newest without a pointer."""
+    for step in (1, 2, 3):
+        (tmp_path / f"step_{step:09d}.safetensors").write_bytes(b"x" * 10)
+    assert cut_latest(str(tmp_path)) == ("step_000000003.safetensors", 10, 5)
+    (tmp_path / "latest").write_text("step_000000002.safetensors\n")
+    assert cut_latest(str(tmp_path)) == ("step_000000002.safetensors", 10, 5)
+    assert (tmp_path / "step_000000002.safetensors").stat().st_size == 5
+    assert (tmp_path / "step_000000001.safetensors").stat().st_size == 10
