@@ -60,15 +60,29 @@ from .._errors import (
     CheckpointFormatError,
     CheckpointNotFoundError,
     InvalidOptionsError,
+    MeshMismatchError,
     UnsavableError,
 )
 from .._paths import Attr, Path, format_path
-from .._torch import neg_view, storage_key
+from .._torch import (
+    device_mesh_without_backend,
+    dtensor_local,
+    dtensor_spec,
+    make_dtensor,
+    neg_view,
+    storage_key,
+)
 from ._skeleton import (
     TORCH_DTYPES,
     SkeletonDecoder,
     SkeletonEncoder,
+    is_dtensor,
+    mesh_node,
+    mesh_problem,
+    mesh_shape,
     numpy_or_none,
+    placement_from_node,
+    placement_node,
 )
 
 FORMAT_VERSION = 1
@@ -305,6 +319,8 @@ class _LayoutBuilder(SkeletonEncoder):
         return name
 
     def encode_tensor(self, x: torch.Tensor, path: Path) -> Any:
+        if is_dtensor(x):
+            return self._dtensor(x, path)
         node = self._tensor(x, path)
         attributes = vars(x)
         if attributes:
@@ -317,6 +333,39 @@ class _LayoutBuilder(SkeletonEncoder):
             finally:
                 self._no_tensors = outer
         return node
+
+    def _dtensor(self, x: Any, path: Path) -> dict[str, Any]:
+        """A DTensor: its local shard is stored (under the DTensor's path) like any tensor,
+        and the node records where it belongs: mesh, placements, global shape and stride,
+        and which rank of which world saved it (a load elsewhere is refused)."""
+        import torch.distributed as dist
+
+        spec = dtensor_spec(x)
+        mesh = spec.mesh
+        placements = []
+        for placement in spec.placements:
+            node = placement_node(placement)
+            if node is None:
+                raise UnsavableError(f"cannot save a DTensor placement {placement!r}", path)
+            placements.append(node)
+        if vars(x):
+            raise UnsavableError("cannot save attributes set on a DTensor", path)
+        coordinate = mesh.get_coordinate()
+        return {
+            "dtensor": {
+                # The local shard's entry is found by the DTensor's path: the stager hands
+                # the writer the staged DTensor there (storage_memoryview unwraps it).
+                "local": self._tensor(dtensor_local(x), path),
+                "mesh": mesh_node(mesh),
+                "placements": placements,
+                "shape": list(x.shape),
+                "stride": list(x.stride()),
+                "requires_grad": x.requires_grad,
+                "rank": dist.get_rank() if dist.is_initialized() else mesh.get_rank(),
+                "world": dist.get_world_size() if dist.is_initialized() else mesh.size(),
+                "coordinate": list(coordinate) if coordinate is not None else None,
+            }
+        }
 
     def _tensor(self, x: torch.Tensor, path: Path) -> dict[str, Any]:
         if type(x) not in (torch.Tensor, torch.nn.Parameter):
@@ -460,6 +509,7 @@ def load(
     device: str | torch.device = "cpu",
     into: Any = None,
     strict: bool = True,
+    device_mesh: Any = None,
 ) -> Any:
     """Read a checkpoint file written by :func:`astage.save` back into its nested state dict.
 
@@ -477,9 +527,19 @@ def load(
     hold a subset of the file's keys (the rest is not read); a key of ``into`` the file lacks
     is refused either way.
 
+    A file of DTensors (each rank's file holds its local shards) loads only in the rank that
+    saved it, in a world of the same size: each DTensor comes back on ``device_mesh`` (a
+    ``DeviceMesh``, or a sequence of them for several meshes; each must equal the mesh it was
+    saved on), or without it on a description of the saved mesh that compares equal to the
+    job's own (no process group is created, so no collective runs: enough for
+    ``load_state_dict``; pass ``device_mesh`` for collectives such as ``full_tensor()``).
+    Another mesh, rank or world size raises :class:`MeshMismatchError`: resharding is
+    ``torch.distributed.checkpoint``'s work (with :class:`astage.compat.FileSystemWriter`).
+
     A file that is truncated, corrupt or crafted raises :class:`CheckpointFormatError` naming
     the file and the field; nothing in a file runs code.
     """
+    meshes = _meshes_option(device_mesh)
     if into is not None:
         from ._restore import restore  # the restore builds on this module
 
@@ -506,7 +566,28 @@ def load(
         if target.type != "cpu":
             stored = {key: tensor.to(target) for key, tensor in stored.items()}
         return stored
-    return _Decoder(header.entries, stored, name, target).decode(document)
+    return _Decoder(header.entries, stored, name, target, meshes).decode(document)
+
+
+def _meshes_option(device_mesh: Any) -> tuple[Any, ...] | None:
+    """``load``'s ``device_mesh=`` as a tuple of device meshes (None: none given)."""
+    if device_mesh is None:
+        return None
+    module = sys.modules.get("torch.distributed.device_mesh")
+    mesh_type = getattr(module, "DeviceMesh", None) if module is not None else None
+    meshes = (
+        (device_mesh,)
+        if mesh_type is not None and isinstance(device_mesh, mesh_type)
+        else tuple(device_mesh)
+        if isinstance(device_mesh, (list, tuple))
+        else None
+    )
+    if meshes is None or mesh_type is None or not all(isinstance(m, mesh_type) for m in meshes):
+        raise InvalidOptionsError(
+            "device_mesh must be a DeviceMesh or a list of them, not "
+            f"{type(device_mesh).__qualname__}"
+        )
+    return meshes
 
 
 def _open(name: str) -> tuple[int, int]:
@@ -724,7 +805,12 @@ def tensor_memoryview(tensor: torch.Tensor) -> memoryview:
 
 
 def storage_memoryview(tensor: torch.Tensor) -> memoryview:
-    """All bytes of a CPU tensor's storage, without a copy (keep ``tensor`` alive meanwhile)."""
+    """All bytes of a CPU tensor's storage, without a copy (keep ``tensor`` alive meanwhile).
+
+    A DTensor's are its local shard's: that is what its entry in the file holds.
+    """
+    if is_dtensor(tensor):
+        tensor = dtensor_local(tensor)
     storage = tensor.untyped_storage()
     nbytes = storage.nbytes()
     if nbytes == 0:
@@ -733,6 +819,36 @@ def storage_memoryview(tensor: torch.Tensor) -> memoryview:
 
     array = (ctypes.c_ubyte * nbytes).from_address(storage.data_ptr())
     return memoryview(array).cast("B")
+
+
+_DTENSOR_KEYS = frozenset(
+    {
+        "local",
+        "mesh",
+        "placements",
+        "shape",
+        "stride",
+        "requires_grad",
+        "rank",
+        "world",
+        "coordinate",
+    }
+)
+
+
+def _coordinate_in(mesh: list[Any], rank: int) -> list[int] | None:
+    """Where ``rank`` sits in a checked mesh node's rank grid, or None if it is not in it."""
+    ranks = torch.tensor(mesh[1], dtype=torch.int64)
+    found = (ranks == rank).nonzero()
+    return [int(i) for i in found[0]] if len(found) else None
+
+
+def _mesh_text(node: list[Any]) -> str:
+    device_type, grid, names = node
+    shape = "x".join(map(str, mesh_shape(node)))
+    named = f" named {tuple(names)}" if names else ""
+    text = f"a {device_type} mesh of shape {shape}{named}, ranks {grid}"
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 _TENSOR_KEYS = frozenset({"tensor", "dtype", "shape", "stride", "offset", "conj", "neg", "attrs"})
@@ -748,16 +864,21 @@ class _Decoder(SkeletonDecoder):
         stored: dict[str, torch.Tensor] | None,
         name: str,
         device: torch.device | None,
+        meshes: tuple[Any, ...] | None = None,
     ) -> None:
         self._entries = entries
         self._stored = stored
         self._name = name
         self._device = device
         self._on_device: dict[str, torch.Tensor] = {}
+        self._meshes = meshes
+        self._mesh_of: dict[str, Any] = {}  # the mesh object of each mesh node, by its JSON
 
     def decode_other(self, node: dict[str, Any]) -> Any:
         if "tensor" in node:
             return self._tensor(node)
+        if "dtensor" in node and len(node) == 1:
+            return self._dtensor(node["dtensor"])
         if "numpy" in node:
             return self._array(node)
         raise self.bad(node)
@@ -860,6 +981,133 @@ class _Decoder(SkeletonDecoder):
         except RuntimeError as error:  # anything torch refuses that the checks above let by
             raise self.invalid(f"torch refuses this view: {error}") from None
         return view
+
+    def _dtensor(self, value: Any) -> Any:
+        """A DTensor: its local shard from the file, on the mesh it was saved on."""
+        if type(value) is not dict or set(value) != _DTENSOR_KEYS:
+            shown = sorted(value) if type(value) is dict else type(value).__name__
+            raise self.invalid(f"a 'dtensor' node must hold {sorted(_DTENSOR_KEYS)}, not {shown}")
+        local_node = value["local"]
+        if type(local_node) is not dict or "tensor" not in local_node:
+            raise self.invalid("a DTensor's 'local' must be a tensor node")
+        local = self._tensor(local_node)
+        if "attrs" in local_node:
+            raise self.invalid("a DTensor's local shard may not carry attributes")
+        mesh = value["mesh"]
+        problem = mesh_problem(mesh)
+        if problem is not None:
+            raise self.invalid(f"the DTensor's 'mesh' {problem}")
+        shape, stride = value["shape"], value["stride"]
+        if not (_sizes(shape) and _sizes(stride) and len(shape) == len(stride)):
+            raise self.invalid(
+                f"the DTensor's 'shape' {_shown(shape)} and 'stride' {_shown(stride)} must be "
+                f"lists of as many ints >= 0 (at most {_MAX_DIMS})"
+            )
+        placements_node = value["placements"]
+        grid_shape = mesh_shape(mesh)
+        if type(placements_node) is not list or len(placements_node) != len(grid_shape):
+            raise self.invalid(
+                f"the DTensor's 'placements' must be a list of {len(grid_shape)} (one per mesh "
+                f"dimension), not {_shown(placements_node)}"
+            )
+        placements = []
+        for item in placements_node:
+            placement = placement_from_node(item, len(shape))
+            if placement is None:
+                raise self.invalid(f"the DTensor placement {_shown(item)} is not one astage reads")
+            placements.append(placement)
+        requires_grad, rank, world = value["requires_grad"], value["rank"], value["world"]
+        coordinate = value["coordinate"]
+        if type(requires_grad) is not bool:
+            raise self.invalid(f"'requires_grad' must be a bool, not {_shown(requires_grad)}")
+        if not (type(rank) is int and type(world) is int and 0 <= rank < world < _MAX_SIZE):
+            raise self.invalid(f"'rank' {_shown(rank)} must be an int in [0, 'world' {world!r})")
+        if coordinate != _coordinate_in(mesh, rank):
+            raise self.invalid(
+                f"'coordinate' {_shown(coordinate)} is not where rank {rank} sits in the mesh"
+            )
+        where = self._local_problem(local_node, shape, placements)
+        if where is not None:
+            raise self.invalid(where)
+        if self._stored is None:
+            return None
+        assert local is not None
+        device = self._device.type if self._device is not None else "cpu"
+        if mesh[0] != device:
+            raise MeshMismatchError(
+                f"{self._name}: the DTensor at {format_path(self.path)} lives on a {mesh[0]!r} "
+                f"mesh; load it with device={mesh[0]!r} (asked: {device!r})"
+            )
+        return make_dtensor(
+            local,
+            self._mesh(mesh, rank, world),
+            placements,
+            shape,
+            stride,
+            requires_grad=requires_grad,
+        )
+
+    def _local_problem(
+        self, node: dict[str, Any], shape: list[int], placements: list[Any]
+    ) -> str | None:
+        """What is wrong with the local shard's shape against the global one, or None."""
+        local_shape = node["shape"] if "shape" in node else self._entry_of(node, "tensor").shape
+        if len(local_shape) != len(shape):
+            return f"the local shard has {len(local_shape)} dims, the DTensor {len(shape)}"
+        sharded = {getattr(p, "dim", None) for p in placements if hasattr(p, "dim")}
+        for dim, (mine, whole) in enumerate(zip(local_shape, shape, strict=True)):
+            if mine > whole or (dim not in sharded and mine != whole):
+                return (
+                    f"the local shard's shape {local_shape} does not fit the DTensor's {shape} "
+                    "and placements"
+                )
+        return None
+
+    def _mesh(self, node: list[Any], rank: int, world: int) -> Any:
+        """This process's mesh object for a mesh node, checked: same mesh, rank and world."""
+        key = json.dumps(node)
+        mesh = self._mesh_of.get(key)
+        if mesh is not None:
+            return mesh
+        described = _mesh_text(node)
+        reshard = (
+            "astage.save writes each rank's shards for the same mesh only; to load on "
+            "another mesh or world size, save with torch.distributed.checkpoint (dcp.save or "
+            "dcp.async_save with astage.compat.FileSystemWriter) and load with dcp.load, "
+            "which reshards"
+        )
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise MeshMismatchError(
+                f"{self._name}: holds DTensors saved by rank {rank} of a world of {world} on "
+                f"{described}: load it in that rank's process, after init_process_group"
+            )
+        here, size = dist.get_rank(), dist.get_world_size()
+        if size != world or here != rank:
+            raise MeshMismatchError(
+                f"{self._name}: holds DTensors saved by rank {rank} of a world of {world} on "
+                f"{described}; this process is rank {here} of {size}. Each rank loads the "
+                f"file it saved; {reshard}"
+            )
+        if self._meshes is None:
+            # A description of the saved mesh, equal (DeviceMesh.__eq__) to the job's own:
+            # creating its process groups would be a collective inside load().
+            device_type, grid, names = node
+            mesh = device_mesh_without_backend(
+                device_type, torch.tensor(grid), tuple(names) if names else None
+            )
+        else:
+            found = [m for m in self._meshes if mesh_node(m) == node]
+            if not found:
+                given = "; ".join(_mesh_text(mesh_node(m)) for m in self._meshes)
+                raise MeshMismatchError(
+                    f"{self._name}: the DTensor at {format_path(self.path)} was saved on "
+                    f"{described}, and device_mesh= gives {given}; {reshard}"
+                )
+            mesh = found[0]
+        self._mesh_of[key] = mesh
+        return mesh
 
     def _attributes(self, value: Any) -> list[tuple[str, Any]]:
         if type(value) is not list:

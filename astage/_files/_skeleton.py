@@ -15,7 +15,8 @@ header (:mod:`astage._replication`) both carry a skeleton. A node is
 - ``{"enum": ["module", "Qual.Name", value]}``: an ``Enum`` member by its class and plain value;
 - ``{"numpy.scalar": ["<f4", "0000c03f"]}``: a numpy number by its dtype and its bytes in hex;
 - whatever a format adds for tensors and arrays (``encode_tensor``, ``encode_array`` /
-  ``decode_other``).
+  ``decode_other``); for DTensors both formats describe the device mesh and the placements
+  with the JSON helpers at the end of this module (:func:`mesh_node`, :func:`placement_node`).
 
 Keys are plain values too. A container that contains itself cannot be encoded, and containers
 nest at most :data:`MAX_DEPTH` deep, both ways: what is saved can be loaded, and a hostile
@@ -497,3 +498,120 @@ _DECODERS: dict[str, Any] = {
 }
 """The decoder of each one-key node, by its key."""
 _NESTING = frozenset({"list", "tuple", "dict", "odict", "set", "frozenset", "namespace"})
+
+
+# -- DTensors: placements and device meshes as JSON (no process group, no collective) ------------
+
+MAX_MESH_RANKS = 1 << 24
+"""The most ranks a device mesh read from a skeleton may have."""
+
+
+def is_dtensor(x: Any) -> bool:
+    """Whether ``x`` is a DTensor (without importing torch.distributed when nothing did)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    dtensor = getattr(module, "DTensor", None) if module is not None else None
+    return dtensor is not None and isinstance(x, dtensor)
+
+
+def mesh_node(mesh: Any) -> list[Any]:
+    """A device mesh as JSON: ``[device type, rank grid, dim names or None]``."""
+    names = getattr(mesh, "mesh_dim_names", None)
+    return [mesh.device_type, mesh.mesh.tolist(), list(names) if names else None]
+
+
+def mesh_problem(node: Any) -> str | None:
+    """What is wrong with a mesh node read from a file or a peer, or None."""
+    if type(node) is not list or len(node) != 3:
+        return "must be [device type, rank grid, dim names]"
+    device_type, grid, names = node
+    if type(device_type) is not str or not device_type.isidentifier() or len(device_type) > 32:
+        return f"device type {_shown(device_type)} is not a device type"
+    shape: list[int] = []
+    level = grid
+    while type(level) is list:
+        if len(shape) >= MAX_DEPTH or not level:
+            return "the rank grid is empty or too deep"
+        shape.append(len(level))
+        level = level[0]
+    if not shape or math.prod(shape) > MAX_MESH_RANKS:
+        return f"the rank grid must be a non-empty nested list of at most {MAX_MESH_RANKS} ranks"
+    flat = _grid_ranks(grid, shape)
+    if flat is None or len(set(flat)) != len(flat):
+        return "the rank grid must hold distinct ranks (ints >= 0) in a rectangular nested list"
+    if names is not None and (
+        type(names) is not list
+        or len(names) != len(shape)
+        or not all(type(name) is str for name in names)
+    ):
+        return "the dim names must be None or one string per grid dimension"
+    return None
+
+
+def _grid_ranks(grid: Any, shape: list[int]) -> list[int] | None:
+    """The ranks of a rectangular nested list of ``shape``, flattened; None if it is not one."""
+    if not shape:
+        return [grid] if type(grid) is int and grid >= 0 else None
+    if type(grid) is not list or len(grid) != shape[0]:
+        return None
+    flat: list[int] = []
+    for row in grid:
+        ranks = _grid_ranks(row, shape[1:])
+        if ranks is None:
+            return None
+        flat.extend(ranks)
+    return flat
+
+
+def mesh_shape(node: list[Any]) -> list[int]:
+    """The shape of a checked mesh node's rank grid."""
+    shape = []
+    level = node[1]
+    while type(level) is list:
+        shape.append(len(level))
+        level = level[0]
+    return shape
+
+
+def placement_node(placement: Any) -> list[Any] | None:
+    """A DTensor placement as JSON, or None for a kind that cannot be rebuilt from JSON."""
+    from torch.distributed.tensor.placement_types import Partial, Replicate, Shard
+
+    kind = type(placement).__name__
+    if isinstance(placement, Shard):
+        if kind == "_StridedShard":
+            return ["strided_shard", placement.dim, getattr(placement, "split_factor", None)]
+        if kind == "Shard":
+            return ["shard", placement.dim]
+    elif isinstance(placement, Replicate) and kind == "Replicate":
+        return ["replicate"]
+    elif isinstance(placement, Partial) and kind == "Partial":
+        return ["partial", placement.reduce_op]
+    return None
+
+
+PARTIAL_OPS = frozenset({"sum", "avg", "product", "min", "max", "band", "bor", "bxor"})
+"""The reduce ops a ``Partial`` placement read from JSON may name."""
+
+
+def placement_from_node(node: Any, ndim: int) -> Any:
+    """A DTensor placement from JSON for a tensor of ``ndim`` dims; None if malformed."""
+    from torch.distributed.tensor.placement_types import Partial, Replicate, Shard, _StridedShard
+
+    if type(node) is not list or not node or type(node[0]) is not str:
+        return None
+    kind, args = node[0], node[1:]
+
+    def is_dim(value: Any) -> bool:
+        return type(value) is int and 0 <= value < ndim
+
+    if kind == "shard" and len(args) == 1 and is_dim(args[0]):
+        return Shard(args[0])
+    if kind == "strided_shard" and len(args) == 2 and is_dim(args[0]):
+        split = args[1]
+        if type(split) is int and split >= 1:
+            return _StridedShard(args[0], split_factor=split)
+    if kind == "replicate" and not args:
+        return Replicate()
+    if kind == "partial" and len(args) == 1 and type(args[0]) is str and args[0] in PARTIAL_OPS:
+        return Partial(args[0])
+    return None
