@@ -10,6 +10,7 @@ order of the contenders from repeat to repeat and levelling the heap before each
     gpu                  device-to-host staging on CUDA, and its loop lag (:mod:`.gpu`)
     dcp                  ``dcp.async_save``, DCP's stager vs ``astage.compat``'s (:mod:`.dcp_saves`)
     writers              time to a durable checkpoint (:mod:`.writer_saves`; a page of its own)
+    restore              filling existing tensors: vs torch.load, dcp.load (:mod:`.restore`)
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .gpu import gpu
 from .host_memory import host_memory
 from .loop_lag import lag
 from .model import model
+from .restore import restore
 from .small import small
 from .writer_saves import writer_saves
 
@@ -42,4 +44,5 @@ SCENARIOS: dict[str, Scenario] = {
     "gpu": gpu,
     "dcp": dcp_saves,
     "writers": writer_saves,
+    "restore": restore,
 }

@@ -1,0 +1,221 @@
+"""The ``restore`` scenario (issue 10, item 7): filling existing tensors from a checkpoint.
+
+Every contender ends with the file's values in the **same** tensors (``into``: a state dict of
+the same structure that the trainer already holds), as a resume does:
+
+- ``astage.load(path, into=sd)``: positioned reads straight into ``sd``'s tensors;
+- ``astage.load_async(path, into=sd)``: the same, awaited on the event loop;
+- ``astage.load(path)``: fresh tensors (context: what a restore saves);
+- ``torch.load`` of a ``torch.save`` of the same state (``weights_only=True``), then a
+  ``copy_`` of each tensor into ``sd`` (what ``load_state_dict`` does);
+- the same with ``mmap=True`` (the copy is then what reads the file);
+- ``dcp.load(sd, ...)`` of a ``dcp.save`` of the same state (DCP restores in place too), with
+  its ``FileSystemReader``, in this one process (no process group).
+
+The files are written once, before the clock; each is read once untimed, so every contender
+reads from the page cache (a warm restart: the figures measure the loaders, not the disk).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+
+import astage
+from astage._files import _restore as astage_restore
+
+from ..config import Config, Data
+from ..record import Check, ScenarioResult, Table, fmt_bytes, fmt_gbps, fmt_s
+from ..runner import LoopRunner
+from ..state_dicts import describe, gpt2_with_adamw, tensor_leaves
+from ..timing import level_heap, median, rotate
+
+RESTORE = "astage.load(into=)"
+RESTORE_ASYNC = "astage.load_async(into=)"
+FRESH = "astage.load (fresh tensors)"
+TORCH = "torch.load + copy_"
+TORCH_MMAP = "torch.load(mmap=True) + copy_"
+DCP = "dcp.load (in place)"
+NAMES = [RESTORE, RESTORE_ASYNC, FRESH, TORCH, TORCH_MMAP, DCP]
+
+
+def empty_like_tree(tree: Any) -> Any:
+    """The same structure with uninitialised tensors of the same shapes: the restore target."""
+    if isinstance(tree, torch.Tensor):
+        return torch.empty_like(tree)
+    if isinstance(tree, dict):
+        return {key: empty_like_tree(value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(empty_like_tree(value) for value in tree)
+    return tree
+
+
+def copy_into(into: Any, loaded: Any) -> None:
+    """``copy_`` each tensor of ``loaded`` into the tensor at the same path of ``into``."""
+    with torch.no_grad():
+        for (_, target), (_, source) in zip(
+            tensor_leaves(into), tensor_leaves(loaded), strict=True
+        ):
+            target.copy_(source)
+
+
+class Session:
+    """The three files of one state dict, and the target they are restored into."""
+
+    def __init__(self, state_dict: Any, runner: LoopRunner) -> None:
+        self.runner = runner
+        self.root = tempfile.mkdtemp(prefix="astage-bench-restore-")
+        self.astage_path = os.path.join(self.root, "ckpt.safetensors")
+        self.torch_path = os.path.join(self.root, "ckpt.pt")
+        self.dcp_path = os.path.join(self.root, "ckpt-dcp")
+        astage.save_sync(state_dict, self.astage_path)
+        torch.save(state_dict, self.torch_path)
+        dcp_save(state_dict, checkpoint_id=self.dcp_path, no_dist=True)
+        self.into = empty_like_tree(state_dict)
+        self.expected = state_dict
+
+    def run(self, name: str) -> float:
+        into = self.into
+        calls: dict[str, Callable[[], object]] = {
+            RESTORE: lambda: astage.load(self.astage_path, into=into),
+            RESTORE_ASYNC: lambda: self.runner.run(astage.load_async(self.astage_path, into=into)),
+            FRESH: lambda: astage.load(self.astage_path),
+            TORCH: lambda: copy_into(into, torch.load(self.torch_path, weights_only=True)),
+            TORCH_MMAP: lambda: copy_into(
+                into, torch.load(self.torch_path, weights_only=True, mmap=True)
+            ),
+            DCP: lambda: dcp_load(into, checkpoint_id=self.dcp_path, no_dist=True),
+        }
+        started = time.perf_counter()
+        result = calls[name]()
+        seconds = time.perf_counter() - started
+        del result
+        level_heap()
+        return seconds
+
+    def check(self) -> None:
+        """The last restore left the saved values in ``into`` (else the figures are void)."""
+        for (path, got), (_, want) in zip(
+            tensor_leaves(self.into), tensor_leaves(self.expected), strict=True
+        ):
+            if not torch.equal(got, want):
+                raise AssertionError(f"restore benchmark: {path} differs after the restores")
+
+    def close(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _measure(state_dict: Any, config: Config, runner: LoopRunner) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {name: [] for name in NAMES}
+    level_heap()
+    session = Session(state_dict, runner)
+    try:
+        for name in NAMES:  # untimed: the files come into the page cache, the target is touched
+            session.run(name)
+        for repeat in range(config.repeats):
+            for name in rotate(NAMES, repeat):
+                times[name].append(session.run(name))
+        session.check()
+    finally:
+        session.close()
+    level_heap()
+    return times
+
+
+def _paired(times: dict[str, list[float]], other: str) -> float:
+    """Median over repeats of ``other``'s time over the restore's (> 1: the restore is faster)."""
+    return median([o / r for o, r in zip(times[other], times[RESTORE], strict=True)])
+
+
+def _checks(label: str, times: dict[str, list[float]]) -> list[Check]:
+    restore = median(times[RESTORE])
+    checks = []
+    for other, goal in ((TORCH, True), (TORCH_MMAP, True), (DCP, True), (FRESH, None)):
+        ratio = _paired(times, other)
+        checks.append(
+            Check(
+                f"{label}: {RESTORE} vs {other}",
+                fmt_s(restore),
+                fmt_s(median(times[other])),
+                ratio,
+                ">= 1x" if goal else "(context)",
+                ratio >= 1.0 if goal else None,
+            )
+        )
+    return checks
+
+
+def _table(label: str, times: dict[str, list[float]], nbytes: int, repeats: int) -> Table:
+    restore = median(times[RESTORE])
+    rows = []
+    for name, values in times.items():
+        spread = f"{min(values) * 1e3:.1f}-{max(values) * 1e3:.1f} ms"
+        rows.append(
+            [
+                name,
+                fmt_s(median(values)),
+                spread,
+                fmt_gbps(nbytes, median(values)),
+                f"{median(values) / restore:.2f}x",
+            ]
+        )
+    return Table(
+        f"{label}: seconds until the file's values are in the trainer's tensors "
+        f"(medians over {repeats} repeats, warm page cache)",
+        ["contender", "median", "min-max", "GB/s", "vs astage.load(into=)"],
+        rows,
+    )
+
+
+def restore(config: Config, data: Data, runner: LoopRunner) -> ScenarioResult:
+    """Restore time: astage.load(into=) vs torch.load (+copy_, mmap or not) and dcp.load."""
+    result = ScenarioResult(
+        "restore",
+        "Restoring a checkpoint into existing tensors: astage.load(into=) vs torch.load and "
+        "dcp.load",
+        "Each contender ends with the saved values in the same preallocated state dict (the "
+        "trainer's tensors): astage reads its safetensors file with positioned reads straight "
+        "into them; torch.load (weights_only, with and without mmap) loads fresh tensors that "
+        "are then copied in with copy_ (as load_state_dict does); dcp.load fills the state "
+        "dict in place from a dcp.save folder (FileSystemReader, no process group). Files are "
+        f"on local disk (`{tempfile.gettempdir()}`), written before the clock and read once "
+        "untimed, so all contenders read from the page cache. Contenders alternate in order "
+        "from repeat to repeat; ratios are medians over repeats of the ratio within a repeat.",
+    )
+    gpt = gpt2_with_adamw(config.dcp_layers, config.dcp_width, config.dcp_vocab)
+    shapes = []
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        warnings.filterwarnings("ignore", category=UserWarning, module="torch.distributed")
+        gpt_shape = describe(gpt)
+        gpt_label = f"GPT-2-like + AdamW ({fmt_bytes(gpt_shape.nbytes)})"
+        shapes.append((gpt_label, _measure(gpt, config, runner), gpt_shape, "gpt"))
+        del gpt
+        level_heap()
+        bulk = data.bulk()
+        bulk_shape = describe(bulk)
+        bulk_label = f"{fmt_bytes(bulk_shape.nbytes)} in {bulk_shape.tensors} tensors"
+        shapes.append((bulk_label, _measure(bulk, config, runner), bulk_shape, "bulk"))
+    for label, times, shape, key in shapes:
+        result.checks += _checks(label, times)
+        result.tables.append(_table(label, times, shape.nbytes, config.repeats))
+        result.figures[key] = {
+            "shape": {"tensors": shape.tensors, "nbytes": shape.nbytes},
+            "times_s": times,
+        }
+    result.notes.append(
+        f"astage reads with {astage_restore.READ_THREADS} threads in pieces of "
+        f"{fmt_bytes(astage_restore.PIECE_BYTES)} on this {os.cpu_count()}-core "
+        "machine; torch.load(mmap=True) alone only maps the file: its cost is paid by the "
+        "copy_, which faults the pages in one by one on one thread."
+    )
+    return result
