@@ -574,15 +574,16 @@ def mesh_shape(node: list[Any]) -> list[int]:
 
 def placement_node(placement: Any) -> list[Any] | None:
     """A DTensor placement as JSON, or None for a kind that cannot be rebuilt from JSON."""
-    from torch.distributed.tensor.placement_types import Partial, Replicate, Shard
+    from torch.distributed.tensor.placement_types import Partial, Replicate, Shard, _StridedShard
 
     kind = type(placement).__name__
-    if isinstance(placement, Shard):
-        if kind == "_StridedShard":
-            return ["strided_shard", placement.dim, getattr(placement, "split_factor", None)]
-        if kind == "Shard":
-            return ["shard", placement.dim]
-    elif isinstance(placement, Replicate) and kind == "Replicate":
+    # Exact kinds only (a subclass may carry more than JSON keeps). _StridedShard is no
+    # Shard in recent torch (a C++ class of its own): checked on its own.
+    if isinstance(placement, _StridedShard) and kind == "_StridedShard":
+        return ["strided_shard", placement.dim, placement.split_factor]
+    if isinstance(placement, Shard) and kind == "Shard":
+        return ["shard", placement.dim]
+    if isinstance(placement, Replicate) and kind == "Replicate":
         return ["replicate"]
     elif isinstance(placement, Partial) and kind == "Partial":
         return ["partial", placement.reduce_op]
