@@ -205,6 +205,14 @@ def test_views_tied_tensors_and_non_contiguous_destinations(tmp_path: Path) -> N
     assert into["tied"] is into["again"] is shared
 
 
+def test_conjugate_and_negative_destinations_get_their_values(tmp_path: Path) -> None:
+    source = {"c": torch.randn(4, dtype=torch.complex64), "n": torch.randn(4)}
+    path = _saved(tmp_path, source)
+    conj = torch.zeros(4, dtype=torch.complex64).conj()  # its memory holds the conjugates
+    astage.load(path, into={"c": conj, "n": torch.zeros(4)})
+    assert torch.equal(conj.resolve_conj(), source["c"])
+
+
 def test_parameters_that_require_grad_are_filled(tmp_path: Path) -> None:
     source = {"p": torch.randn(3, 4), "q": torch.randn(4, 3)}
     path = _saved(tmp_path, source)
@@ -303,6 +311,8 @@ def test_mismatches_are_refused_naming_the_path_and_before_anything_changes(
         astage.load(path, into=into(z=torch.zeros(4, device="meta")))
     with pytest.raises(astage.InvalidOptionsError, match="device"):
         astage.load(path, into=into(), device="meta")
+    with pytest.raises(astage.InvalidOptionsError, match="device"):
+        anyio.run(lambda: astage.load_async(path, into=into(), device="meta"))
 
 
 def test_strict_false_restores_a_subset(tmp_path: Path) -> None:

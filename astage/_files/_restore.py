@@ -71,11 +71,11 @@ def restore(
     into: Any,
     *,
     strict: bool = True,
-    _poll: Callable[[], None] | None = None,
+    poll: Callable[[], None] | None = None,
 ) -> Any:
     """Fill ``into``'s tensors and plain values from the checkpoint file at ``path``.
 
-    See :func:`astage.load` (``into=``) for the contract; ``_poll`` is called while the pieces
+    See :func:`astage.load` (``into=``) for the contract; ``poll`` is called while the pieces
     are read and may raise to stop the restore (cancellation, from :func:`load_async`).
     """
     name = os.fspath(path)
@@ -92,7 +92,7 @@ def restore(
             file_tree = _SlotDecoder(header.entries, name).decode(document)
         plan = _Plan(name, fd, header, strict)
         result = plan.match(into, file_tree, ())
-        plan.read(_poll)
+        plan.read(poll)
     finally:
         os.close(fd)
     for apply in plan.updates:  # every tensor landed: now the plain values
@@ -113,10 +113,10 @@ async def load_async(
     between pieces: the pieces being read finish first (they write into ``into``'s tensors,
     which must not change after the call is gone), and ``into`` is then partly restored.
     """
-    if into is None:
-        return await anyio.to_thread.run_sync(partial(load, path, device=device))
+    if into is None or torch.device(device).type != "cpu":  # load refuses device= with into
+        return await anyio.to_thread.run_sync(partial(load, path, device=device, into=into))
     return await anyio.to_thread.run_sync(
-        partial(restore, path, into, strict=strict, _poll=anyio.from_thread.check_cancelled)
+        partial(restore, path, into, strict=strict, poll=anyio.from_thread.check_cancelled)
     )
 
 
@@ -306,7 +306,7 @@ class _Plan:
             raise self.mismatch(path, "the file holds a tensor where `into` holds a plain value")
         if isinstance(stored, _ArraySlot):
             return self._array(stored)
-        if type(stored) in (dict, list, tuple) or isinstance(stored, dict):
+        if type(stored) in (list, tuple) or isinstance(stored, dict):
             items = stored.items() if isinstance(stored, dict) else enumerate(stored)
             new = {key: self._plain(value, (*path, key)) for key, value in items}
             if isinstance(stored, dict):
@@ -340,7 +340,7 @@ class _Plan:
         start = self._at(slot.entry, begin)
         if begin == end:
             return
-        if slot.contiguous and tensor.is_contiguous():
+        if slot.contiguous and _plain_memory(tensor):
             on_cpu = tensor.device.type == "cpu"
             destination = tensor.detach().reshape(-1).view(torch.uint8)
             pinned = not on_cpu and _pins(tensor.device)
@@ -434,6 +434,11 @@ def _run(jobs: list[Callable[[], None]], poll: Callable[[], None] | None) -> Non
             # On an error or a cancellation: start nothing new, and leave only once the
             # pieces being read are done (the pool's exit waits for them).
             stop.set()
+
+
+def _plain_memory(tensor: torch.Tensor) -> bool:
+    """Its bytes, in order, are its values: a byte-wise write fills it (no conj or neg bit)."""
+    return tensor.is_contiguous() and not tensor.is_conj() and not tensor.is_neg()
 
 
 def _pins(device: torch.device) -> bool:
