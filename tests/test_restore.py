@@ -175,6 +175,28 @@ def test_big_tensors_are_read_in_pieces_on_several_threads(
     assert len(reads.threads) > 1
 
 
+def test_pieces_through_host_buffers_as_for_a_device(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The device path's pieces (read into a buffer, copy_ into a byte range), shown on CPU."""
+    source = {"w": torch.randn(300, 129), "i": torch.arange(5000, dtype=torch.int16)}
+    path = _saved(tmp_path, source)
+    monkeypatch.setattr(_restore, "PIECE_BYTES", 16 << 10)
+    monkeypatch.setattr(_restore, "_host_memory", lambda tensor: False)
+    staged: list[int] = []
+    real = _restore._Plan._read_staged
+
+    def recording(self: Any, fill: Any, destination: torch.Tensor, *args: Any) -> None:
+        staged.append(destination.numel())
+        real(self, fill, destination, *args)
+
+    monkeypatch.setattr(_restore._Plan, "_read_staged", recording)
+    into = {"w": torch.zeros(300, 129), "i": torch.zeros(5000, dtype=torch.int16)}
+    astage.load(path, into=into)
+    assert torch.equal(into["w"], source["w"]) and torch.equal(into["i"], source["i"])
+    assert len(staged) > 2 and max(staged) <= 16 << 10
+
+
 def test_views_tied_tensors_and_non_contiguous_destinations(tmp_path: Path) -> None:
     base = torch.randn(6, 4)
     source = {

@@ -341,7 +341,7 @@ class _Plan:
         if begin == end:
             return
         if slot.contiguous and _plain_memory(tensor):
-            on_cpu = tensor.device.type == "cpu"
+            on_cpu = _host_memory(tensor)
             destination = tensor.detach().reshape(-1).view(torch.uint8)
             pinned = not on_cpu and _pins(tensor.device)
             for offset in range(0, end - begin, PIECE_BYTES):
@@ -434,6 +434,11 @@ def _run(jobs: list[Callable[[], None]], poll: Callable[[], None] | None) -> Non
             # On an error or a cancellation: start nothing new, and leave only once the
             # pieces being read are done (the pool's exit waits for them).
             stop.set()
+
+
+def _host_memory(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor``'s memory is this process's, for ``preadv`` to write into."""
+    return tensor.device.type == "cpu"
 
 
 def _plain_memory(tensor: torch.Tensor) -> bool:
