@@ -1,25 +1,30 @@
 # One-command set-up: every target creates the virtual environment it needs.
-# Each step prints one line; pip's own output is kept to errors.
+# Each step prints one line; pip's own output goes to $(VENV)/install.log.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PIP := $(PY) -m pip install -q --disable-pip-version-check --no-input
+PIP := $(PY) -m pip install --disable-pip-version-check --no-input
 
 .PHONY: test demo bench lint typecheck clean
+
+# pip's whole output goes to $(INSTALL_LOG); when pip fails, the end of the log is printed.
+INSTALL_LOG = $(VENV)/install.log
+LOGGED = >>$(INSTALL_LOG) 2>&1 || { echo "pip failed; the end of $(INSTALL_LOG):"; tail -n 30 $(INSTALL_LOG); exit 1; }
 
 $(VENV)/.dev: requirements-dev.txt pyproject.toml
 	@echo "venv:      $(VENV) ($$($(PYTHON) --version))"
 	@$(PYTHON) -m venv $(VENV)
-	@echo "install:   pip, then requirements-dev.txt (torch $$(grep '^torch==' requirements-dev.txt | cut -d= -f3))"
-	@$(PIP) --upgrade pip
-	@$(PIP) -r requirements-dev.txt
+	@: >$(INSTALL_LOG)
+	@echo "install:   pip, then requirements-dev.txt (torch $$(grep '^torch==' requirements-dev.txt | cut -d= -f3)); pip's output: $(INSTALL_LOG)"
+	@$(PIP) --upgrade pip $(LOGGED)
+	@$(PIP) -r requirements-dev.txt $(LOGGED)
 	@echo "install:   astage (editable)"
-	@$(PIP) --no-deps -e .
+	@$(PIP) --no-deps -e . $(LOGGED)
 	@touch $@
 
 $(VENV)/.bench: $(VENV)/.dev requirements-bench.txt
-	@echo "install:   requirements-bench.txt"
-	@$(PIP) -r requirements-bench.txt
+	@echo "install:   requirements-bench.txt; pip's output: $(INSTALL_LOG)"
+	@$(PIP) -r requirements-bench.txt $(LOGGED)
 	@touch $@
 
 lint: $(VENV)/.dev
