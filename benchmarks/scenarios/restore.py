@@ -12,8 +12,10 @@ the same structure that the trainer already holds), as a resume does:
 - ``dcp.load(sd, ...)`` of a ``dcp.save`` of the same state (DCP restores in place too), with
   its ``FileSystemReader``, in this one process (no process group).
 
-The files are written once, before the clock; each is read once untimed, so every contender
-reads from the page cache (a warm restart: the figures measure the loaders, not the disk).
+The files are written once, before the clock, and read once untimed. Then every contender is
+timed from the page cache (warm: the loaders' own cost), then again with its files dropped from
+the page cache before each call (cold: ``posix_fadvise(DONTNEED)`` on these files only, as after
+a reboot; the disk counts).
 """
 
 from __future__ import annotations
@@ -80,8 +82,20 @@ class Session:
         astage.save_sync(state_dict, self.astage_path)
         torch.save(state_dict, self.torch_path)
         dcp_save(state_dict, checkpoint_id=self.dcp_path, no_dist=True)
+        os.sync()  # written back now: evict() can then drop the files' pages
         self.into = empty_like_tree(state_dict)
         self.expected = state_dict
+
+    def evict(self) -> None:
+        """Drop this session's files from the page cache (theirs only), for a cold read."""
+        files = [self.astage_path, self.torch_path]
+        files += [os.path.join(self.dcp_path, name) for name in os.listdir(self.dcp_path)]
+        for path in files:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
 
     def run(self, name: str) -> float:
         into = self.into
@@ -114,8 +128,12 @@ class Session:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def _measure(state_dict: Any, config: Config, runner: LoopRunner) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {name: [] for name in NAMES}
+def _measure(
+    state_dict: Any, config: Config, runner: LoopRunner
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Each contender's times from the page cache (warm), then from the disk (cold)."""
+    warm: dict[str, list[float]] = {name: [] for name in NAMES}
+    cold: dict[str, list[float]] = {name: [] for name in NAMES}
     level_heap()
     session = Session(state_dict, runner)
     try:
@@ -123,12 +141,17 @@ def _measure(state_dict: Any, config: Config, runner: LoopRunner) -> dict[str, l
             session.run(name)
         for repeat in range(config.repeats):
             for name in rotate(NAMES, repeat):
-                times[name].append(session.run(name))
+                warm[name].append(session.run(name))
+        session.check()
+        for repeat in range(config.repeats):
+            for name in rotate(NAMES, repeat):
+                session.evict()
+                cold[name].append(session.run(name))
         session.check()
     finally:
         session.close()
     level_heap()
-    return times
+    return warm, cold
 
 
 def _paired(times: dict[str, list[float]], other: str) -> float:
@@ -154,7 +177,9 @@ def _checks(label: str, times: dict[str, list[float]]) -> list[Check]:
     return checks
 
 
-def _table(label: str, times: dict[str, list[float]], nbytes: int, repeats: int) -> Table:
+def _table(
+    label: str, times: dict[str, list[float]], nbytes: int, repeats: int, cache: str
+) -> Table:
     restore = median(times[RESTORE])
     rows = []
     for name, values in times.items():
@@ -170,7 +195,7 @@ def _table(label: str, times: dict[str, list[float]], nbytes: int, repeats: int)
         )
     return Table(
         f"{label}: seconds until the file's values are in the trainer's tensors "
-        f"(medians over {repeats} repeats, warm page cache)",
+        f"(medians over {repeats} repeats, {cache})",
         ["contender", "median", "min-max", "GB/s", "vs astage.load(into=)"],
         rows,
     )
@@ -188,8 +213,11 @@ def restore(config: Config, data: Data, runner: LoopRunner) -> ScenarioResult:
         "are then copied in with copy_ (as load_state_dict does); dcp.load fills the state "
         "dict in place from a dcp.save folder (FileSystemReader, no process group). Files are "
         f"on local disk (`{tempfile.gettempdir()}`), written before the clock and read once "
-        "untimed, so all contenders read from the page cache. Contenders alternate in order "
-        "from repeat to repeat; ratios are medians over repeats of the ratio within a repeat.",
+        "untimed. Warm: all contenders read from the page cache (the loaders' own cost). "
+        "Cold: before each call the files of all contenders are dropped from the page cache "
+        "(`posix_fadvise(DONTNEED)` on those files only), so each reads from the disk, as "
+        "after a reboot. Contenders alternate in order from repeat to repeat; ratios are "
+        "medians over repeats of the ratio within a repeat.",
     )
     gpt = gpt2_with_adamw(config.dcp_layers, config.dcp_width, config.dcp_vocab)
     shapes = []
@@ -198,19 +226,24 @@ def restore(config: Config, data: Data, runner: LoopRunner) -> ScenarioResult:
         warnings.filterwarnings("ignore", category=UserWarning, module="torch.distributed")
         gpt_shape = describe(gpt)
         gpt_label = f"GPT-2-like + AdamW ({fmt_bytes(gpt_shape.nbytes)})"
-        shapes.append((gpt_label, _measure(gpt, config, runner), gpt_shape, "gpt"))
+        shapes.append((gpt_label, *_measure(gpt, config, runner), gpt_shape, "gpt"))
         del gpt
         level_heap()
         bulk = data.bulk()
         bulk_shape = describe(bulk)
         bulk_label = f"{fmt_bytes(bulk_shape.nbytes)} in {bulk_shape.tensors} tensors"
-        shapes.append((bulk_label, _measure(bulk, config, runner), bulk_shape, "bulk"))
-    for label, times, shape, key in shapes:
-        result.checks += _checks(label, times)
-        result.tables.append(_table(label, times, shape.nbytes, config.repeats))
+        shapes.append((bulk_label, *_measure(bulk, config, runner), bulk_shape, "bulk"))
+    for label, warm, cold, shape, key in shapes:
+        result.checks += _checks(label, warm)
+        result.checks += _checks(f"{label}, cold", cold)
+        result.tables.append(_table(label, warm, shape.nbytes, config.repeats, "warm page cache"))
+        result.tables.append(
+            _table(label, cold, shape.nbytes, config.repeats, "cold: files evicted first")
+        )
         result.figures[key] = {
             "shape": {"tensors": shape.tensors, "nbytes": shape.nbytes},
-            "times_s": times,
+            "times_s": warm,
+            "cold_times_s": cold,
         }
     result.notes.append(
         f"astage reads with {astage_restore.READ_THREADS} threads in pieces of "
