@@ -80,6 +80,7 @@ class HostBuffer(weakref.ref):  # type: ignore[type-arg]
         "key",
         "nbytes",
         "registration",
+        "serial",
         "view",
         "view_dtype",
         "view_shape",
@@ -105,6 +106,10 @@ class HostBuffer(weakref.ref):  # type: ignore[type-arg]
     """Policy: the device layer should pin this buffer before copying into it."""
     registration: Registration | None
     """Set by the device layer once the buffer is pinned."""
+    serial: int
+    """The cache's allocation count when this buffer was allocated: ``reserve()`` touches only
+    the buffers its own walk allocated (at or after the count it read first), never one that
+    may hold staged bytes."""
     dropped: bool
     """The cache has let go of the buffer: the device layer must not register it any more."""
     whole: torch.Tensor
@@ -188,6 +193,9 @@ class BufferCache:
         """Buffers by ``id()`` of their source storage; check ``buffer() is source`` on lookup."""
         self._evict = _evicter(weakref.ref(self))
         self._free_use_count: int | None = None  # see in_use()
+        self.allocations = 0
+        """Buffers allocated so far (the next buffer's ``serial``). Only calls allocate, and
+        calls run one at a time, so a plain ``+= 1`` is safe here."""
         # The structures recent full walks recorded, newest first (``_replay.Recording``; typed
         # Any because the replay module builds on this one). Replaced whole, never changed in
         # place: an eviction in another thread reads a consistent tuple.
@@ -248,6 +256,8 @@ class BufferCache:
         buffer.copies = [] if buffer.wants_pin else None
         buffer.registration = None
         buffer.dropped = False
+        buffer.serial = self.allocations
+        self.allocations += 1
         # The buffer is complete before it is published: a reader in another thread (info(),
         # in_use()) never sees a half-built entry. An entry already under this key belongs to
         # a dead source whose eviction has not run; if that eviction runs between these two

@@ -25,3 +25,26 @@ def run_host_batch(batch: Batch) -> None:
                 foreach_copy_(batch.dsts, batch.srcs)
     finally:
         copies.landed()  # a synchronous copy has landed (or failed) once copy_ returned
+
+
+def reserve_batch(batch: Batch, first_serial: int, *, pin_buffers: bool) -> int:
+    """Commit the host memory of ``batch``'s new buffers without copying; returns its bytes.
+
+    For ``reserve()``: only buffers allocated at or after ``first_serial`` (by reserve's own
+    walk) are written, with zeros, so the kernel maps their pages now rather than during the
+    first checkpoint's copy; a buffer that already existed may hold staged bytes that a
+    snapshot still reads, and is left alone. Buffers that want a CUDA pin are pinned here (this
+    runs in astage's worker thread or the blocking face's caller, like a copy), when
+    ``pin_buffers`` (the source device's backend gains from it).
+    """
+    copies = begin_copies(batch, pin_buffers=pin_buffers)
+    touched = 0
+    try:
+        with torch.no_grad():
+            for dst, buffer in zip(batch.dsts, batch.buffers, strict=True):
+                if buffer.serial >= first_serial:
+                    dst.zero_()  # torch drops the GIL here: the loop keeps running
+                    touched += dst.nbytes
+    finally:
+        copies.landed()
+    return touched

@@ -23,6 +23,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import AsyncIterator, Coroutine, Generator
+from functools import partial
 from types import TracebackType
 from typing import Any
 
@@ -36,11 +37,11 @@ from .._core._plan import Leaf
 from .._core._run import Run
 from .._devices import _pinning
 from .._devices._backend import DeviceBackend, DeviceCopies, enqueue_batch
-from .._devices._host import run_host_batch
+from .._devices._host import reserve_batch, run_host_batch
 from .._errors import UsageError
 from .._options import StagingOptions
 from .._paths import Path
-from ._base import CallOrder, StagerBase
+from ._base import CallOrder, Reservation, ReserveProgress, ReserveWork, StagerBase
 from ._events import DeviceLimiters, wait_for_event
 from ._gc import gc_paused
 from ._leases import Lease
@@ -126,6 +127,50 @@ class Stager(StagerBase):
         tensor is handed out. Ordered like :meth:`stage` (marks taken when called).
         """
         return _StageIter(self, state_dict, after)
+
+    async def reserve(
+        self, state_dict: Any, *, progress: ReserveProgress | None = None
+    ) -> Reservation:
+        """Allocate, touch and (with an accelerator) pin every host buffer ``state_dict`` needs.
+
+        Await it once before the first checkpoint (at startup, while the data loader warms
+        up): the first ``stage()`` then allocates nothing (``last_stats.new_nbytes == 0``) and
+        runs at the speed of a cached call, and its structure is already recorded for replay.
+        The state dict's bytes are not copied: new buffers are written with zeros in worker
+        threads, so that the kernel maps their pages now. With ``buffers=N`` every set is
+        reserved: N x the bytes, and N x the time. Buffers already cached are left as they are
+        (a snapshot may be reading them), so awaiting it again costs one walk and commits
+        nothing.
+
+        The walk runs on the loop in slices of ``max_loop_hold_s``, like a call's; the touching
+        and pinning run in worker threads. ``progress``, if given, is called on the loop with
+        (bytes committed so far, bytes to commit). Cancellable: a cancelled reserve() leaves
+        the buffers it allocated in the cache, maybe untouched, for the first call to fill.
+        Takes the stager's turn like a call. Returns the figures of what it committed.
+        """
+        self._check_open()
+        async with self._turn():
+            self._check_open()
+            work = ReserveWork(self, state_dict)
+            hold = self._resolved.max_loop_hold_s
+            with gc_paused(self._resolved.pause_gc):
+                for run, _ in work.runs:
+                    walk = run.walk
+                    while True:
+                        deadline = time.perf_counter() + hold
+                        for _ in walk:
+                            if time.perf_counter() >= deadline:
+                                break
+                        else:
+                            break
+                        await _yield_to_due_timers()
+            limiter = anyio.CapacityLimiter(1)  # one batch at a time: torch spreads a fill
+            for batch, first_serial, pin in work.batches():
+                touched = await anyio.to_thread.run_sync(
+                    partial(reserve_batch, batch, first_serial, pin_buffers=pin), limiter=limiter
+                )
+                work.landed(batch, touched, progress)
+            return work.result(self)
 
     async def aclose(self) -> None:
         """Wait for calls in progress and every lease (snapshots, holds), then release every

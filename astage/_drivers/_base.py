@@ -28,9 +28,9 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -38,7 +38,15 @@ from .._core._batches import Batch
 from .._core._cache import BufferCache, CacheInfo
 from .._core._run import Run
 from .._core._stats import StageStats
-from .._devices._backend import DeviceBackend, Mark, backend_for, current_backends, mark_after
+from .._devices._backend import (
+    DeviceBackend,
+    Mark,
+    backend_for,
+    current_backends,
+    mark_after,
+    pins_host_memory,
+)
+from .._devices._gather import should_gather
 from .._errors import BusyError, LeaseTimeoutError, StagerClosedError, UsageError
 from .._options import StagingOptions, make_options
 from . import _fork
@@ -103,6 +111,93 @@ class CallOrder:
 
     def marks_for(self, device: torch.device) -> list[Mark]:
         return self.marks.get(device, [])
+
+
+ReserveProgress = Callable[[int, int], None]
+"""``reserve()``'s progress callback: called with (bytes committed so far, bytes to commit)."""
+
+
+class Reservation(NamedTuple):
+    """What ``reserve()`` committed: the host memory the first checkpoint will not have to."""
+
+    nbytes: int
+    """Bytes of host buffers this call allocated and touched (0 when all were cached already)."""
+    buffers: int
+    """Host buffers it allocated."""
+    sets: int
+    """Buffer sets it reserved (``StagingOptions(buffers=N)``: all N)."""
+    held_nbytes: int
+    """Bytes of host buffers the stager holds afterwards, in every set together."""
+    pinned_nbytes: int
+    """Of those, bytes page-locked with CUDA (0 without an accelerator)."""
+    seconds: float
+    """Wall time of the call."""
+
+
+class ReserveWork:
+    """One ``reserve()`` call: a walk per buffer set, then the batches whose buffers it touches.
+
+    A walk allocates the buffers a stage() call would (and records the structure for replay),
+    but nothing is copied: the batches cut from it only have their *new* buffers written with
+    zeros (and pinned where that helps), so that the first checkpoint's copies find their
+    memory mapped. Buffers that existed before are never written: they may hold staged bytes
+    that a snapshot still reads, which is also why reserve() needs no free buffer set.
+    """
+
+    def __init__(self, stager: StagerBase, state_dict: Any) -> None:
+        self.started = time.perf_counter()
+        resolved = stager._resolved
+        self.runs: list[tuple[Run[Any], int]] = []
+        """Per buffer set: its run, and its cache's allocation count before the walk."""
+        for buffer_set in stager._sets:
+            cache = buffer_set.cache
+            run: Run[Any] = Run(
+                cache,
+                state_dict,
+                track_leaves=False,
+                chunk_bytes=resolved.chunk_bytes,
+                max_inflight_bytes=resolved.max_inflight_bytes,
+            )
+            self.runs.append((run, cache.allocations))
+        self.done = 0
+
+    @property
+    def total(self) -> int:
+        """Bytes the walks allocated (known once every walk has run)."""
+        return sum(run.plan.new_nbytes for run, _ in self.runs)
+
+    def batches(self) -> Iterator[tuple[Batch, int, bool]]:
+        """Each batch to touch, with its run's first new serial and whether to pin it.
+
+        Cut lazily, a few at a time, so that the async face's loop never cuts them all at once.
+        """
+        pins: dict[torch.device, bool] = {}
+        for run, first_serial in self.runs:
+            if not run.plan.new_buffers:
+                continue
+            while (batch := run.next_batch(final=True)) is not None:
+                device = batch.device
+                if device not in pins:
+                    backend = backend_for(device)
+                    pins[device] = backend is not None and pins_host_memory(backend, device)
+                yield batch, first_serial, pins[device] and not should_gather(batch)
+
+    def landed(self, batch: Batch, touched: int, progress: ReserveProgress | None) -> None:
+        batch.clear()
+        self.done += touched
+        if progress is not None and touched:
+            progress(self.done, self.total)
+
+    def result(self, stager: StagerBase) -> Reservation:
+        info = stager._sets.info()
+        return Reservation(
+            nbytes=self.total,
+            buffers=sum(run.plan.new_buffers for run, _ in self.runs),
+            sets=len(self.runs),
+            held_nbytes=info.nbytes,
+            pinned_nbytes=info.pinned_nbytes,
+            seconds=time.perf_counter() - self.started,
+        )
 
 
 class StagerBase:

@@ -28,10 +28,10 @@ from .._core._batches import Batch
 from .._core._run import Run
 from .._devices import _pinning
 from .._devices._backend import DeviceCopies, enqueue_batch
-from .._devices._host import run_host_batch
+from .._devices._host import reserve_batch, run_host_batch
 from .._errors import InvalidOptionsError
 from .._options import StagingOptions
-from ._base import CallOrder, StagerBase
+from ._base import CallOrder, Reservation, ReserveProgress, ReserveWork, StagerBase
 from ._gc import gc_paused
 from ._leases import Lease
 from ._sets import BufferSet
@@ -108,6 +108,39 @@ class SyncStager(StagerBase):
         result, lease = self._stage(state_dict, after, timeout, lease=True)
         assert lease is not None
         return Snapshot(result, lease)
+
+    def reserve(self, state_dict: Any, *, progress: ReserveProgress | None = None) -> Reservation:
+        """Allocate, touch and (with an accelerator) pin every host buffer ``state_dict`` needs.
+
+        Run it once before the first checkpoint (at startup, while the data loader warms up):
+        the first ``stage()`` then allocates nothing (``last_stats.new_nbytes == 0``) and runs
+        at the speed of a cached call, and its structure is already recorded for replay. The
+        state dict's bytes are not copied: new buffers are written with zeros, so that the
+        kernel maps their pages now. With ``buffers=N`` every set is reserved: N x the bytes,
+        and N x the time. Buffers already cached are left as they are (a snapshot may be
+        reading them), so calling it again costs one walk and commits nothing.
+
+        ``progress``, if given, is called in this thread with (bytes committed so far, bytes
+        to commit) as the work goes on. Blocks the calling thread; thread-safe like
+        :meth:`stage` (calls run one after the other). Returns the figures of what it
+        committed.
+        """
+        self._check_open()
+        self._enter(_ANY_THREAD)
+        try:
+            with self._lock:
+                self._check_open()
+                work = ReserveWork(self, state_dict)
+                with gc_paused(self._resolved.pause_gc):
+                    for run, _ in work.runs:
+                        for _ in run.walk:
+                            pass
+                for batch, first_serial, pin in work.batches():
+                    touched = reserve_batch(batch, first_serial, pin_buffers=pin)
+                    work.landed(batch, touched, progress)
+                return work.result(self)
+        finally:
+            self._leave()
 
     def _stage(
         self, state_dict: Any, after: object, timeout: float | None, *, lease: bool
