@@ -11,6 +11,7 @@ drop-in stagers for ``torch.distributed.checkpoint``.
 from ._core._cache import CacheInfo
 from ._core._stats import StageStats
 from ._drivers._async import Stager
+from ._drivers._base import Reservation
 from ._drivers._holds import BufferHold
 from ._drivers._leases import Lease
 from ._drivers._snapshots import Snapshot
@@ -74,6 +75,7 @@ __all__ = [
     "ReplicationError",
     "ReplicationStager",
     "ReplicationTimeoutError",
+    "Reservation",
     "SafetensorsWriter",
     "SaveHandle",
     "SaveResult",
