@@ -75,6 +75,11 @@ class TensorStager:
         self._depth = 0  # > 0 while staging the insides of a tensor
         self._last_copy = -1
 
+    def tables(self) -> tuple[dict[int, Any], ...]:
+        """The per-storage and per-tensor dicts, one entry per tensor met: for the caller to
+        empty in steps (:func:`~._walk.empty_in_steps`) once the walk no longer needs them."""
+        return (self.storages, self.copy_index, self._tensor_deps)
+
     def close(self) -> None:
         """Drop the references back to the walk and to this object's own methods (cycles)."""
         del self.child
