@@ -9,17 +9,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from ..config import Config
 from ..contenders import Contender, restore_intraop_threads
 from ..record import Check, ScenarioResult, Table, fmt_gbps, fmt_s
 from ..state_dicts import Shape
-from ..timing import level_heap, median, rotate
+from ..timing import level_heap, median, rotate, timed
 
 __all__ = [
+    "ReserveTimings",
     "Timings",
     "first_and_cached",
+    "first_after_reserve",
     "paired_ratio",
     "speed_check",
     "timing_table",
@@ -164,3 +167,84 @@ def with_timings(
         "timings": {name: t.figures() for name, t in timings.items()},
     }
     return result
+
+
+@dataclass
+class ReserveTimings:
+    """Per repeat, side by side: DCP's first call, astage's first call with and without
+    ``reserve()`` ahead of it, the reserve itself, and astage's cached call."""
+
+    dcp_first: list[float]
+    first: list[float]
+    reserve: list[float]
+    first_after_reserve: list[float]
+    cached: list[float]
+    new_nbytes_after_reserve: list[int]
+
+    def ratios(self) -> dict[str, float]:
+        """Medians of the per-repeat ratios (the machine's speed drifts between repeats)."""
+        rounds = list(
+            zip(self.dcp_first, self.first, self.first_after_reserve, self.cached, strict=True)
+        )
+        return {
+            "DCP first / astage first": median([d / f for d, f, _, _ in rounds]),
+            "DCP first / astage first after reserve": median([d / r for d, _, r, _ in rounds]),
+            "first after reserve / cached": median([r / c for _, _, r, c in rounds]),
+        }
+
+
+def first_after_reserve(state_dict: Any, repeats: int, cached_calls: int = 3) -> ReserveTimings:
+    """``SyncStager``: first call plain, first call after ``reserve()``, cached, vs DCP's first.
+
+    Each first call runs on a levelled heap with a fresh stager (the reserve too: it is the
+    one paying for fresh memory, out of the timed call).
+    """
+    from torch.distributed.checkpoint._state_dict_stager import StateDictStager
+
+    import astage
+
+    t = ReserveTimings([], [], [], [], [], [])
+    for _ in range(repeats):
+        level_heap()
+        dcp = StateDictStager(pin_memory=False)
+        t.dcp_first.append(timed(partial(dcp.stage, state_dict)))
+        dcp.close()
+        del dcp
+        level_heap()
+        with astage.SyncStager() as plain:
+            t.first.append(timed(partial(plain.stage, state_dict)))
+        level_heap()
+        with astage.SyncStager() as stager:
+            t.reserve.append(timed(partial(stager.reserve, state_dict)))
+            t.first_after_reserve.append(timed(partial(stager.stage, state_dict)))
+            stats = stager.last_stats
+            assert stats is not None
+            t.new_nbytes_after_reserve.append(stats.new_nbytes)
+            t.cached.append(
+                median([timed(partial(stager.stage, state_dict)) for _ in range(cached_calls)])
+            )
+        level_heap()
+    return t
+
+
+def _main() -> None:
+    """``python -m benchmarks.scenarios.first_and_cached [bulk|small] [repeats]``."""
+    import sys
+
+    from ..state_dicts import bulk_floats, small_optimizer_state
+
+    which = sys.argv[1] if len(sys.argv) > 1 else "bulk"
+    repeats = int(sys.argv[2]) if len(sys.argv) > 2 else 5
+    state_dict = bulk_floats() if which == "bulk" else small_optimizer_state()
+    t = first_after_reserve(state_dict, repeats)
+    for name in ("dcp_first", "first", "reserve", "first_after_reserve", "cached"):
+        values = getattr(t, name)
+        spread = ", ".join(f"{v * 1e3:.0f}" for v in values)
+        print(f"{name:>20}: median {median(values) * 1e3:7.1f} ms  ({spread})")
+    print(f"new_nbytes after reserve: {t.new_nbytes_after_reserve}")
+    for label, ratio in t.ratios().items():
+        print(f"{label}: {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    _main()
