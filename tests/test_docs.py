@@ -51,7 +51,7 @@ _MARKS = ("", "skip", "cuda", "run", "gloo")
 _GLOO_RANKS = re.compile(r"^[1-8]$")
 
 _RUNNER = r"""
-import ast, inspect, os, socket, subprocess, sys
+import ast, inspect, multiprocessing, os, socket, subprocess, sys
 
 import anyio
 
@@ -80,34 +80,39 @@ def run_block(name, line, code, namespace):
 
 def run_ranks(name, line, code, ranks):
     # What torchrun does for one node, minus the restarts: N processes, the env:// rendezvous.
+    # The ranks fork from a server that imported torch once per page (importing it costs
+    # seconds of CPU per process on a small machine); the server forked before any thread ran.
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    program = (
-        "import sys\n"
-        "exec(compile('\\n' * int(sys.argv[2]) + open(sys.argv[3]).read(), sys.argv[1], 'exec'),"
-        " {'__name__': '__main__'})\n"
-    )
-    source = f"rank_program_{line}.py"
-    with open(source, "w", encoding="utf-8") as file:
-        file.write(code)
     children = [
-        subprocess.Popen(
-            [sys.executable, "-c", program, name, str(line), source],
-            env={**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank),
-                 "WORLD_SIZE": str(ranks), "LOCAL_WORLD_SIZE": str(ranks),
-                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
-        )
+        RANKS.Process(target=run_rank, args=(name, line, code, rank, ranks, port))
         for rank in range(ranks)
     ]
+    for child in children:
+        child.start()
     try:
-        codes = [child.wait(timeout=180) for child in children]
+        for child in children:
+            child.join(timeout=180)
     finally:
         for child in children:
-            if child.poll() is None:
+            if child.exitcode is None:
                 child.kill()
+                child.join()
+    codes = [child.exitcode for child in children]
     if any(codes):
         raise SystemExit(f"{name}:{line}: ranks exited with {codes}")
+
+
+def run_rank(name, line, code, rank, ranks, port):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(ranks),
+                      LOCAL_WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    exec(compile("\n" * line + code, name, "exec"), {"__name__": "__main__"})
+
+
+RANKS = multiprocessing.get_context("forkserver")
+RANKS.set_forkserver_preload(["torch", "torch.distributed", "torch.distributed.checkpoint",
+                              "torch.distributed.fsdp", "anyio", "astage", "astage.compat"])
 """
 
 
@@ -178,9 +183,11 @@ def _script(page: Path) -> str:
         elif block.mark == "run":
             units.append((name, block.line, "sh", block.code))
     return (
-        _RUNNER + "\nnamespace = {'__name__': '__main__'}\n"
-        f"for name, line, kind, code in {units!r}:\n"
-        "    run_unit(name, line, kind, code, namespace)\n"
+        # The guard: the rank processes import this script as a module (multiprocessing).
+        _RUNNER + "\nif __name__ == '__main__':\n"
+        "    namespace = {'__name__': '__main__'}\n"
+        f"    for name, line, kind, code in {units!r}:\n"
+        "        run_unit(name, line, kind, code, namespace)\n"
     )
 
 
