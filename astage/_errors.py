@@ -87,12 +87,10 @@ class AcceleratorUnavailableError(InvalidOptionsError, AssertionError):
     """Raised when an option needs an accelerator and none is available (DCP's AssertionError)."""
 
 
+# Not a CheckpointError: the file is fine, the process loading it is not the one that can use
+# it, and resuming must not skip it as a bad file. Resharding is DCP's work.
 class MeshMismatchError(InvalidOptionsError):
-    """Raised when a file's DTensors are loaded on another device mesh, rank or world size.
-
-    Not a :class:`CheckpointError`: the file is fine, the process loading it is not the one
-    that can use it (resuming must not skip it as a bad file). Resharding is DCP's work.
-    """
+    """Raised when a file's DTensors are loaded on another device mesh, rank or world size."""
 
 
 class UsageError(AstageError):
