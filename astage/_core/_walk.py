@@ -127,6 +127,7 @@ def empty_in_steps(*containers: dict[Any, Any] | list[Any]) -> Walk:
                     popitem()
             yield
         container.clear()
+        yield
 
 
 class Tensors(Protocol):
