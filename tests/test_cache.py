@@ -16,6 +16,8 @@ import torch
 from conftest import Driver, assert_tree_staged, collect, model_state_dict, mutate_, storage_ptr
 
 import astage
+from astage._core import _arena
+from astage._core import _cache as _cache_module
 from astage._core._cache import BufferCache, HostBuffer
 
 # -- BufferCache on its own ---------------------------------------------------------------------
@@ -509,3 +511,74 @@ async def test_clear_cache_is_refused_while_staging() -> None:
                     stager.clear_cache()
         stager.clear_cache()
         assert stager.cache_info().storages == 0
+
+
+# -- huge-page buffers (StagingOptions(huge_pages=)) --------------------------------------------
+
+needs_thp = pytest.mark.skipif(
+    not _arena.huge_pages_available(), reason="no transparent huge pages on this kernel"
+)
+
+
+@needs_thp
+def test_huge_page_buffers_are_aligned_exact_and_staged(make_stager: object) -> None:
+    stager = make_stager(huge_pages=True)  # type: ignore[operator]
+    sd = {
+        "big": torch.randn((2 << 20) // 4 + 3, dtype=torch.float32),
+        "matrix": torch.randn(1024, 1024, dtype=torch.float64).t(),
+        "small": torch.randn(10),
+    }
+    for _ in range(2):
+        staged = stager.stage(sd)
+        assert_tree_staged(staged, sd)
+    for key in ("big", "matrix"):
+        storage = staged[key].untyped_storage()
+        assert storage.data_ptr() % _arena.HUGE_PAGE == 0, key
+        assert storage.nbytes() == sd[key].untyped_storage().nbytes()  # no padding
+    assert stager.last_stats is not None and stager.last_stats.new_nbytes == 0
+
+
+@needs_thp
+def test_huge_pages_commit_no_more_than_the_bytes() -> None:
+    """Only whole huge pages are advised: a tail of each buffer must not take a 2 MiB page."""
+    sd = {f"w{i}": torch.ones((2 << 20) // 4 + 1024) for i in range(16)}  # 2 MiB + 4 KiB each
+    nbytes = sum(t.nbytes for t in sd.values())
+
+    def huge_kib() -> int:
+        with open("/proc/self/smaps_rollup") as rollup:
+            for line in rollup:
+                if line.startswith("AnonHugePages:"):
+                    return int(line.split()[1])
+        return 0
+
+    with astage.SyncStager(huge_pages=True) as stager:
+        before = huge_kib()
+        stager.reserve(sd)
+        grown = (huge_kib() - before) * 1024
+    assert grown <= 1.05 * nbytes, f"{grown} bytes of huge pages for {nbytes} staged"
+
+
+def test_huge_pages_auto_asks_the_probe_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    answers: list[bool] = []
+
+    def probe() -> bool:
+        answers.append(False)
+        return False
+
+    monkeypatch.setattr(_cache_module, "huge_pages_help", probe)
+    cache = BufferCache(
+        pin_memory=False, share_memory=False, pin_memory_min_bytes=0, huge_pages=None
+    )
+    sources = [torch.zeros(3 << 20, dtype=torch.uint8) for _ in range(3)]
+    small = torch.zeros(16)
+    cache.allocate(small.untyped_storage())
+    assert answers == []  # a small buffer never needs the answer
+    for source in sources:
+        cache.allocate(source.untyped_storage())
+    assert answers == [False]
+
+
+def test_huge_pages_option_is_checked() -> None:
+    with pytest.raises(astage.InvalidOptionsError, match="huge_pages"):
+        astage.StagingOptions(huge_pages="yes")  # type: ignore[arg-type]
+    assert astage.StagingOptions(huge_pages=None).resolve().huge_pages is None

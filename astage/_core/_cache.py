@@ -33,6 +33,7 @@ import torch
 from .._errors import BufferMismatchError
 from .._paths import Path
 from .._torch import new_shared_storage, storage_use_count, storage_use_counts
+from ._arena import HUGE_PAGE, huge_empty, huge_pages_available, huge_pages_help
 
 
 class CacheInfo(NamedTuple):
@@ -185,9 +186,18 @@ class HostBuffer(weakref.ref):  # type: ignore[type-arg]
 class BufferCache:
     """Host buffers keyed weakly by source storage; allocation policy from the options."""
 
-    def __init__(self, *, pin_memory: bool, share_memory: bool, pin_memory_min_bytes: int) -> None:
+    def __init__(
+        self,
+        *,
+        pin_memory: bool,
+        share_memory: bool,
+        pin_memory_min_bytes: int,
+        huge_pages: bool | None = False,
+    ) -> None:
         self._pin_memory = pin_memory
         self._share_memory = share_memory
+        self._huge_pages = huge_pages
+        """Large buffers on huge pages: True, False, or None (probed at the first one)."""
         self._pin_min = pin_memory_min_bytes
         self.entries: dict[int, HostBuffer] = {}
         """Buffers by ``id()`` of their source storage; check ``buffer() is source`` on lookup."""
@@ -273,10 +283,18 @@ class BufferCache:
         self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype, nbytes: int
     ) -> torch.Tensor:
         if not self._share_memory:
+            if nbytes >= HUGE_PAGE and self._wants_huge_pages():
+                return huge_empty(nbytes).view(dtype).view(shape)
             # No Python storage object is created: one tensor is the whole cost of a buffer.
             return torch.empty(shape, dtype=dtype)
         storage = new_shared_storage(nbytes)
         return torch.empty((0,), dtype=dtype).set_(storage, 0, shape, _contiguous_strides(shape))
+
+    def _wants_huge_pages(self) -> bool:
+        huge = self._huge_pages
+        if huge is None:  # decided once per process; the answer is kept for this cache
+            huge = self._huge_pages = huge_pages_help()
+        return huge and huge_pages_available()
 
     def _remove(self, buffer: HostBuffer) -> None:
         """Evict ``buffer`` (its source died); runs in whatever thread dropped the source."""

@@ -213,6 +213,7 @@ class StagerBase:
                 pin_memory=resolved.pin_memory,
                 share_memory=resolved.share_memory,
                 pin_memory_min_bytes=resolved.pin_memory_min_bytes,
+                huge_pages=resolved.huge_pages,
             ),
             shared=resolved.share_memory,
         )
