@@ -188,6 +188,12 @@ class _SlotDecoder(_Decoder):
         if "numpy" in node:
             self._array(node)
             return _ArraySlot(node, self._entries[node["numpy"]])
+        if "dtensor" in node:
+            raise InvalidOptionsError(
+                f"the file holds a DTensor here ({self._name}); load(into=...) restores plain "
+                "tensors: load it with astage.load(path, device_mesh=...) instead",
+                self.path,
+            )
         raise self.bad(node)
 
 
