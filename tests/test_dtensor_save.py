@@ -161,8 +161,9 @@ def test_in_one_rank_dtensors_round_trip_every_placement(
         assert loaded[key].placements == value.placements, key
         assert loaded[key].device_mesh == mesh
         assert torch.equal(loaded[key].to_local(), local)
-    assert loaded["tied"].to_local().untyped_storage().data_ptr() == (
-        loaded["replicate"].to_local().untyped_storage().data_ptr()
+    assert loaded["tied"] is loaded["replicate"]  # one DTensor at two paths, as saved
+    assert loaded["shard"].to_local().untyped_storage().data_ptr() == (
+        loaded["replicate"].to_local().untyped_storage().data_ptr()  # one local, as saved
     )
     with pytest.raises(astage.MeshMismatchError, match="lives on a 'cpu' mesh"):
         astage.load(path, device="meta")

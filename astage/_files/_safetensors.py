@@ -873,6 +873,7 @@ class _Decoder(SkeletonDecoder):
         self._on_device: dict[str, torch.Tensor] = {}
         self._meshes = meshes
         self._mesh_of: dict[str, Any] = {}  # the mesh object of each mesh node, by its JSON
+        self._dtensors: dict[str, torch.Tensor] = {}  # each DTensor built, by its node's JSON
 
     def decode_other(self, node: dict[str, Any]) -> Any:
         if "tensor" in node:
@@ -1038,14 +1039,19 @@ class _Decoder(SkeletonDecoder):
                 f"{self._name}: the DTensor at {format_path(self.path)} lives on a {mesh[0]!r} "
                 f"mesh; load it with device={mesh[0]!r} (asked: {device!r})"
             )
-        return make_dtensor(
-            local,
-            self._mesh(mesh, rank, world),
-            placements,
-            shape,
-            stride,
-            requires_grad=requires_grad,
-        )
+        # A DTensor at two paths (tied weights) comes back as one object, like a plain tensor.
+        key = json.dumps(value, sort_keys=True)
+        dtensor = self._dtensors.get(key)
+        if dtensor is None:
+            dtensor = self._dtensors[key] = make_dtensor(
+                local,
+                self._mesh(mesh, rank, world),
+                placements,
+                shape,
+                stride,
+                requires_grad=requires_grad,
+            )
+        return dtensor
 
     def _local_problem(
         self, node: dict[str, Any], shape: list[int], placements: list[Any]
