@@ -13,6 +13,7 @@ from astage import Attr
 TREE: dict[type[Exception], type[Exception]] = {
     astage.InvalidOptionsError: astage.AstageError,
     astage.AcceleratorUnavailableError: astage.InvalidOptionsError,
+    astage.MeshMismatchError: astage.InvalidOptionsError,
     astage.UsageError: astage.AstageError,
     astage.BusyError: astage.UsageError,
     astage.LeaseTimeoutError: astage.BusyError,

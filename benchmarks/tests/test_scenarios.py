@@ -60,6 +60,7 @@ EXPECTED = {
     "dcp": 4,
     "writers": 10,
     "gpu": 19,
+    "restore": 16,
 }
 """Checks each scenario computes: a split that loses a figure shows here."""
 
