@@ -246,3 +246,25 @@ def test_page_runs_as_written(page: Path, tmp_path: Path) -> None:
         f"{page.relative_to(ROOT)} does not run as written:\n{done.stdout[-3000:]}\n"
         f"{done.stderr[-6000:]}"
     )
+
+
+def test_api_page_names_every_public_name() -> None:
+    """docs/api.md mentions every name of ``astage``, ``astage.compat`` and ``astage.lightning``."""
+    import astage
+    import astage.compat
+
+    modules = [astage, astage.compat]
+    try:
+        import astage.lightning
+    except ImportError:  # the lightning extra is not installed
+        pass
+    else:
+        modules.append(astage.lightning)
+    page = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
+    missing = [
+        f"{module.__name__}.{name}"
+        for module in modules
+        for name in module.__all__
+        if re.search(rf"\b{re.escape(name)}\b", page) is None
+    ]
+    assert not missing, f"docs/api.md does not mention: {', '.join(missing)}"
