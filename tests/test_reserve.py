@@ -196,3 +196,16 @@ async def test_cancelled_reserve_leaves_a_usable_stager() -> None:
         assert_tree_staged(staged, sd)
         reserved = await stager.reserve(sd)
         assert reserved.nbytes == 0
+
+
+@pytest.mark.cuda
+def test_reserve_pins_buffers_of_cuda_sources() -> None:
+    sd = {"w": torch.randn(1 << 20, device="cuda"), "b": torch.randn(8, device="cuda")}
+    with astage.SyncStager(pin_memory=True, pin_memory_min_bytes=1024) as stager:
+        reserved = stager.reserve(sd)
+        assert reserved.pinned_nbytes == sd["w"].nbytes  # the tiny one stays pageable
+        assert stager.cache_info().pinned_nbytes == sd["w"].nbytes
+        staged = stager.stage(sd)
+        assert stager.last_stats is not None and stager.last_stats.new_nbytes == 0
+        assert torch.equal(staged["w"], sd["w"].cpu())
+        assert torch.equal(staged["b"], sd["b"].cpu())

@@ -180,6 +180,8 @@ class ReserveTimings:
     first_after_reserve: list[float]
     cached: list[float]
     new_nbytes_after_reserve: list[int]
+    first_huge: list[float]
+    """First call with ``huge_pages=True`` (no reserve)."""
 
     def ratios(self) -> dict[str, float]:
         """Medians of the per-repeat ratios (the machine's speed drifts between repeats)."""
@@ -190,6 +192,9 @@ class ReserveTimings:
             "DCP first / astage first": median([d / f for d, f, _, _ in rounds]),
             "DCP first / astage first after reserve": median([d / r for d, _, r, _ in rounds]),
             "first after reserve / cached": median([r / c for _, _, r, c in rounds]),
+            "DCP first / astage first on huge pages": median(
+                [d / h for d, h in zip(self.dcp_first, self.first_huge, strict=True)]
+            ),
         }
 
 
@@ -203,7 +208,7 @@ def first_after_reserve(state_dict: Any, repeats: int, cached_calls: int = 3) ->
 
     import astage
 
-    t = ReserveTimings([], [], [], [], [], [])
+    t = ReserveTimings([], [], [], [], [], [], [])
     for _ in range(repeats):
         level_heap()
         dcp = StateDictStager(pin_memory=False)
@@ -213,6 +218,9 @@ def first_after_reserve(state_dict: Any, repeats: int, cached_calls: int = 3) ->
         level_heap()
         with astage.SyncStager() as plain:
             t.first.append(timed(partial(plain.stage, state_dict)))
+        level_heap()
+        with astage.SyncStager(huge_pages=True) as huge:
+            t.first_huge.append(timed(partial(huge.stage, state_dict)))
         level_heap()
         with astage.SyncStager() as stager:
             t.reserve.append(timed(partial(stager.reserve, state_dict)))
@@ -237,7 +245,7 @@ def _main() -> None:
     repeats = int(sys.argv[2]) if len(sys.argv) > 2 else 5
     state_dict = bulk_floats() if which == "bulk" else small_optimizer_state()
     t = first_after_reserve(state_dict, repeats)
-    for name in ("dcp_first", "first", "reserve", "first_after_reserve", "cached"):
+    for name in ("dcp_first", "first", "first_huge", "reserve", "first_after_reserve", "cached"):
         values = getattr(t, name)
         spread = ", ".join(f"{v * 1e3:.0f}" for v in values)
         print(f"{name:>20}: median {median(values) * 1e3:7.1f} ms  ({spread})")
