@@ -209,3 +209,13 @@ def test_reserve_pins_buffers_of_cuda_sources() -> None:
         assert stager.last_stats is not None and stager.last_stats.new_nbytes == 0
         assert torch.equal(staged["w"], sd["w"].cpu())
         assert torch.equal(staged["b"], sd["b"].cpu())
+
+
+def test_reserve_shared_memory_buffers(make_stager: Callable[..., Driver]) -> None:
+    driver = make_stager(share_memory=True)
+    sd = big_state_dict(2, 64 * 1024, small=3)
+    assert _reserve(driver, sd).nbytes == _storage_bytes(sd)
+    staged = driver.stage(sd)
+    assert_tree_staged(staged, sd)
+    assert driver.last_stats is not None and driver.last_stats.new_nbytes == 0
+    assert staged["big.0"].is_shared()
