@@ -874,6 +874,8 @@ class _Decoder(SkeletonDecoder):
         self._meshes = meshes
         self._mesh_of: dict[str, Any] = {}  # the mesh object of each mesh node, by its JSON
         self._dtensors: dict[str, torch.Tensor] = {}  # each DTensor built, by its node's JSON
+        self._meshes_checked: set[str] = set()  # mesh nodes found well-formed, as JSON
+        self._coordinates: dict[tuple[str, int], list[int] | None] = {}  # (mesh, rank): where
 
     def decode_other(self, node: dict[str, Any]) -> Any:
         if "tensor" in node:
@@ -995,9 +997,13 @@ class _Decoder(SkeletonDecoder):
         if "attrs" in local_node:
             raise self.invalid("a DTensor's local shard may not carry attributes")
         mesh = value["mesh"]
-        problem = mesh_problem(mesh)
-        if problem is not None:
-            raise self.invalid(f"the DTensor's 'mesh' {problem}")
+        # Every DTensor of a state dict names the same mesh or two: check each one once.
+        mesh_text = json.dumps(mesh)
+        if mesh_text not in self._meshes_checked:
+            problem = mesh_problem(mesh)
+            if problem is not None:
+                raise self.invalid(f"the DTensor's 'mesh' {problem}")
+            self._meshes_checked.add(mesh_text)
         shape, stride = value["shape"], value["stride"]
         if not (_sizes(shape) and _sizes(stride) and len(shape) == len(stride)):
             raise self.invalid(
@@ -1023,7 +1029,10 @@ class _Decoder(SkeletonDecoder):
             raise self.invalid(f"'requires_grad' must be a bool, not {_shown(requires_grad)}")
         if not (type(rank) is int and type(world) is int and 0 <= rank < world < _MAX_SIZE):
             raise self.invalid(f"'rank' {_shown(rank)} must be an int in [0, 'world' {world!r})")
-        if coordinate != _coordinate_in(mesh, rank):
+        where_rank = (mesh_text, rank)
+        if where_rank not in self._coordinates:
+            self._coordinates[where_rank] = _coordinate_in(mesh, rank)
+        if coordinate != self._coordinates[where_rank]:
             raise self.invalid(
                 f"'coordinate' {_shown(coordinate)} is not where rank {rank} sits in the mesh"
             )
