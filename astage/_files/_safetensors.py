@@ -92,6 +92,8 @@ DIGEST_KEY = "astage.sha256"
 """The ``__metadata__`` entry that holds the header's digest."""
 MAX_HEADER_BYTES = 100_000_000
 """safetensors' limit on the JSON header: a longer one opens in no reader."""
+DATA_ALIGN = 4096
+"""The data section starts at a multiple of this (a page; what direct I/O asks on Linux)."""
 _MAX_DIMS = 64
 _MAX_SIZE = 1 << 62  # a dimension, stride or offset beyond this cannot index a real storage
 
@@ -147,14 +149,15 @@ class Layout:
     """The entries whose bytes come from staged tensors (``write(path, tensor)``)."""
     by_path: dict[Path, Entry]
     header: bytes
-    """What goes at offset 0: the length prefix, the JSON header padded to a multiple of 8
-    bytes, then the bytes of the :attr:`captured` entries (none without numpy arrays)."""
+    """What goes at offset 0: the length prefix and the JSON header, padded with spaces so that
+    the data section starts at a multiple of :data:`DATA_ALIGN` (direct I/O needs that)."""
     tensors: int
     """Paths at which a tensor sits (a tied tensor counts at each path)."""
     data_start: int = -1
     """Where the data section starts: the end of the padded JSON header."""
     captured: list[Entry] = field(default_factory=list)
-    """Entries whose bytes were captured at plan time; they lie at the start of the data."""
+    """Entries whose bytes were captured at plan time; they lie at the end of the data, so
+    that they do not push the staged entries off their aligned offsets."""
 
     def __post_init__(self) -> None:
         if self.data_start < 0:
@@ -167,7 +170,8 @@ class Layout:
 
     @property
     def file_size(self) -> int:
-        return len(self.header) + sum(entry.nbytes for entry in self.entries)
+        stored = sum(entry.nbytes for entry in self.entries)
+        return self.data_start + stored + sum(entry.nbytes for entry in self.captured)
 
 
 def plan_layout(state_dict: Any, metadata: Mapping[str, str] | None = None) -> Layout:
@@ -202,7 +206,7 @@ def plan_layout(state_dict: Any, metadata: Mapping[str, str] | None = None) -> L
     )
     entries: dict[str, Any] = {}
     offset = 0
-    for entry in (*builder.captured, *builder.entries):
+    for entry in _file_order(builder.entries, builder.captured):
         entry.begin = offset
         offset += entry.nbytes
         entries[entry.key] = {
@@ -210,7 +214,7 @@ def plan_layout(state_dict: Any, metadata: Mapping[str, str] | None = None) -> L
             "shape": entry.shape,
             "data_offsets": [entry.begin, offset],
         }
-    text = header_text({"__metadata__": header_meta, **entries})
+    text = header_text({"__metadata__": header_meta, **entries}, DATA_ALIGN)
     if len(text) > MAX_HEADER_BYTES:
         raise _header_too_big(len(text), state_dict, skeleton, header_meta)
     prefix = struct.pack("<Q", len(text)) + text
@@ -218,22 +222,40 @@ def plan_layout(state_dict: Any, metadata: Mapping[str, str] | None = None) -> L
     return Layout(
         entries=builder.entries,
         by_path=by_path,
-        header=prefix + b"".join(entry.data or b"" for entry in builder.captured),
+        header=prefix,
         tensors=builder.tensors,
         data_start=len(prefix),
         captured=builder.captured,
     )
 
 
+def _file_order(staged: list[Entry], captured: list[Entry]) -> list[Entry]:
+    """The order of the entries in the data section (safetensors lets it be any, gap-free).
+
+    Staged entries whose sizes are whole multiples of :data:`DATA_ALIGN` come first, so each
+    of them starts at an aligned file offset and can be written with direct I/O straight from
+    an aligned buffer; then the biggest of the others (it still starts aligned), then the rest
+    in the state dict's order; the bytes captured at plan time (small, written buffered) last.
+    """
+    aligned = [entry for entry in staged if entry.nbytes % DATA_ALIGN == 0]
+    others = [entry for entry in staged if entry.nbytes % DATA_ALIGN]
+    if others:
+        biggest = max(range(len(others)), key=lambda index: others[index].nbytes)
+        others.insert(0, others.pop(biggest))
+    return [*aligned, *others, *captured]
+
+
 _UNSEALED = f'"{DIGEST_KEY}":"{"0" * 64}"'.encode()
 
 
-def header_text(header: dict[str, Any]) -> bytes:
-    """The JSON text of ``header``, padded, with its digest: the SHA-256 of the very text,
-    taken while the digest's 64 hex digits are zeros (cheap: one hash, no canonical form)."""
+def header_text(header: dict[str, Any], align: int = 8) -> bytes:
+    """The JSON text of ``header``, padded with spaces (which safetensors allows after the
+    JSON) so that the 8-byte length prefix and the text end at a multiple of ``align``, with
+    its digest: the SHA-256 of the very text, taken while the digest's 64 hex digits are
+    zeros (cheap: one hash, no canonical form)."""
     header["__metadata__"][DIGEST_KEY] = "0" * 64
     text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-(8 + len(text)) % 8)
+    text += b" " * (-(8 + len(text)) % align)
     assert text.count(_UNSEALED) == 1  # inside a JSON string a quote is escaped: no lookalike
     digest = hashlib.sha256(text).hexdigest()
     header["__metadata__"][DIGEST_KEY] = digest
@@ -311,6 +333,7 @@ class _LayoutBuilder(SkeletonEncoder):
         self.captured: list[Entry] = []
         self.tensors = 0
         self._groups: dict[int, tuple[Entry, torch.Tensor | None]] = {}
+        self._meshes: dict[int, tuple[Any, dict[str, Any]]] = {}  # id -> (mesh, its fields)
         self._names: set[str] = set()
 
     def _new_name(self) -> str:
@@ -350,20 +373,27 @@ class _LayoutBuilder(SkeletonEncoder):
             placements.append(node)
         if vars(x):
             raise UnsavableError("cannot save attributes set on a DTensor", path)
-        coordinate = mesh.get_coordinate()
+        described = self._meshes.get(id(mesh))
+        if described is None or described[0] is not mesh:
+            # Once per mesh: its rank grid (``mesh.mesh``) is recomputed at every access.
+            coordinate = mesh.get_coordinate()
+            where = {
+                "mesh": mesh_node(mesh),
+                "rank": dist.get_rank() if dist.is_initialized() else mesh.get_rank(),
+                "world": dist.get_world_size() if dist.is_initialized() else mesh.size(),
+                "coordinate": list(coordinate) if coordinate is not None else None,
+            }
+            described = self._meshes[id(mesh)] = (mesh, where)
         return {
             "dtensor": {
                 # The local shard's entry is found by the DTensor's path: the stager hands
                 # the writer the staged DTensor there (storage_memoryview unwraps it).
                 "local": self._tensor(dtensor_local(x), path),
-                "mesh": mesh_node(mesh),
                 "placements": placements,
                 "shape": list(x.shape),
                 "stride": list(x.stride()),
                 "requires_grad": x.requires_grad,
-                "rank": dist.get_rank() if dist.is_initialized() else mesh.get_rank(),
-                "world": dist.get_world_size() if dist.is_initialized() else mesh.size(),
-                "coordinate": list(coordinate) if coordinate is not None else None,
+                **described[1],
             }
         }
 
