@@ -149,15 +149,16 @@ class Layout:
     """The entries whose bytes come from staged tensors (``write(path, tensor)``)."""
     by_path: dict[Path, Entry]
     header: bytes
-    """What goes at offset 0: the length prefix and the JSON header, padded with spaces so that
-    the data section starts at a multiple of :data:`DATA_ALIGN` (direct I/O needs that)."""
+    """What goes at offset 0: the length prefix, the JSON header, then the bytes of the
+    :attr:`captured` entries (none without numpy arrays); the JSON is padded with spaces so
+    that this ends at a multiple of :data:`DATA_ALIGN`, where the staged entries start (so that
+    direct I/O can write them)."""
     tensors: int
     """Paths at which a tensor sits (a tied tensor counts at each path)."""
     data_start: int = -1
     """Where the data section starts: the end of the padded JSON header."""
     captured: list[Entry] = field(default_factory=list)
-    """Entries whose bytes were captured at plan time; they lie at the end of the data, so
-    that they do not push the staged entries off their aligned offsets."""
+    """Entries whose bytes were captured at plan time; they lie at the start of the data."""
 
     def __post_init__(self) -> None:
         if self.data_start < 0:
@@ -170,8 +171,7 @@ class Layout:
 
     @property
     def file_size(self) -> int:
-        stored = sum(entry.nbytes for entry in self.entries)
-        return self.data_start + stored + sum(entry.nbytes for entry in self.captured)
+        return len(self.header) + sum(entry.nbytes for entry in self.entries)
 
 
 def plan_layout(state_dict: Any, metadata: Mapping[str, str] | None = None) -> Layout:
@@ -214,7 +214,8 @@ def plan_layout(state_dict: Any, metadata: Mapping[str, str] | None = None) -> L
             "shape": entry.shape,
             "data_offsets": [entry.begin, offset],
         }
-    text = header_text({"__metadata__": header_meta, **entries}, DATA_ALIGN)
+    captured_bytes = sum(entry.nbytes for entry in builder.captured)
+    text = header_text({"__metadata__": header_meta, **entries}, DATA_ALIGN, captured_bytes)
     if len(text) > MAX_HEADER_BYTES:
         raise _header_too_big(len(text), state_dict, skeleton, header_meta)
     prefix = struct.pack("<Q", len(text)) + text
@@ -222,7 +223,7 @@ def plan_layout(state_dict: Any, metadata: Mapping[str, str] | None = None) -> L
     return Layout(
         entries=builder.entries,
         by_path=by_path,
-        header=prefix,
+        header=prefix + b"".join(entry.data or b"" for entry in builder.captured),
         tensors=builder.tensors,
         data_start=len(prefix),
         captured=builder.captured,
@@ -235,27 +236,29 @@ def _file_order(staged: list[Entry], captured: list[Entry]) -> list[Entry]:
     Staged entries whose sizes are whole multiples of :data:`DATA_ALIGN` come first, so each
     of them starts at an aligned file offset and can be written with direct I/O straight from
     an aligned buffer; then the biggest of the others (it still starts aligned), then the rest
-    in the state dict's order; the bytes captured at plan time (small, written buffered) last.
+    in the state dict's order. The bytes captured at plan time come before all of them, as part
+    of :attr:`Layout.header` (whose JSON padding makes it end aligned).
     """
     aligned = [entry for entry in staged if entry.nbytes % DATA_ALIGN == 0]
     others = [entry for entry in staged if entry.nbytes % DATA_ALIGN]
     if others:
         biggest = max(range(len(others)), key=lambda index: others[index].nbytes)
         others.insert(0, others.pop(biggest))
-    return [*aligned, *others, *captured]
+    return [*captured, *aligned, *others]
 
 
 _UNSEALED = f'"{DIGEST_KEY}":"{"0" * 64}"'.encode()
 
 
-def header_text(header: dict[str, Any], align: int = 8) -> bytes:
+def header_text(header: dict[str, Any], align: int = 8, then: int = 0) -> bytes:
     """The JSON text of ``header``, padded with spaces (which safetensors allows after the
-    JSON) so that the 8-byte length prefix and the text end at a multiple of ``align``, with
+    JSON) so that the 8-byte length prefix, the text and ``then`` bytes after it end at a
+    multiple of ``align``, with
     its digest: the SHA-256 of the very text, taken while the digest's 64 hex digits are
     zeros (cheap: one hash, no canonical form)."""
     header["__metadata__"][DIGEST_KEY] = "0" * 64
     text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-(8 + len(text)) % align)
+    text += b" " * (-(8 + len(text) + then) % align)
     assert text.count(_UNSEALED) == 1  # inside a JSON string a quote is escaped: no lookalike
     digest = hashlib.sha256(text).hexdigest()
     header["__metadata__"][DIGEST_KEY] = digest

@@ -6,6 +6,19 @@ the state dict's structure is (every tensor's size), so it is written first and 
 bytes go straight from the staged host buffer to their final offset (``os.pwritev``) in
 whatever order they land: no second pass, no copy in Python.
 
+How bytes reach the disk: where the filesystem allows it, the bulk of each storage goes with
+direct I/O (``O_DIRECT``, a second descriptor on the same file): the disk reads the staged
+buffer itself, so the writer costs almost no CPU (no copy into the page cache, no dirty pages
+for the kernel to write back later) and the final ``fsync`` has next to nothing left. The data
+section starts at a page boundary and storages whose sizes are whole pages lie first (see
+:func:`~astage._files._safetensors.plan_layout`), so a page-aligned staged buffer lands at a
+page-aligned offset. A buffer whose address is not aligned like its file offset goes through
+a small page-aligned bounce buffer per thread (one ``memmove``, still far cheaper than the
+page cache); the header, small storages and the unaligned head and tail of each storage are
+written buffered through the first descriptor. A filesystem that refuses ``O_DIRECT`` (tmpfs
+at ``open``; some network filesystems at the first write) is remembered per folder, and its
+files are written buffered, as before, with early writeback.
+
 Durability: the file is written under a temporary name in the target's folder, then fsynced,
 renamed over the target, and the folder fsynced. A failure or a cancellation at any point
 before the rename leaves the previous file intact and removes the temporary one.
@@ -29,6 +42,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import mmap
 import os
 import secrets
 import sys
@@ -52,6 +66,12 @@ DEFAULT_THREADS = 4
 DEFAULT_CHUNK_BYTES = 8 << 20  # smaller pieces start the disk sooner (see docs/writers.md)
 _IOV_MAX = 1024  # buffers per pwritev call (Linux's IOV_MAX)
 
+_ALIGN = 4096  # direct I/O: file offset, length and memory address multiples of this
+_DIRECT_MIN_BYTES = 256 << 10  # below this a buffered write costs next to nothing anyway
+_BOUNCE_BYTES = 2 << 20  # per thread, for buffers not aligned like their file offset
+_O_DIRECT = getattr(os, "O_DIRECT", 0) if sys.platform.startswith("linux") else 0
+_DIRECT_REFUSED = (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP)
+
 _SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>: start writeback of the range's dirty pages, no wait
 _CANCEL_POLL_S = 0.05  # how soon a task waiting for the threads notices its cancellation
 
@@ -71,9 +91,28 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
 
 _sync_file_range = _load_sync_file_range()
 
+# Folders where direct I/O was tried: True once a direct write worked, False once it was
+# refused (then that folder's files are written buffered without trying again).
+_direct_folders: dict[str, bool] = {}
+_direct_lock = threading.Lock()
+
+
+def _direct_known(folder: str) -> bool | None:
+    with _direct_lock:
+        return _direct_folders.get(folder)
+
+
+def _remember_direct(folder: str, works: bool) -> None:
+    with _direct_lock:
+        if works:
+            _direct_folders.setdefault(folder, True)  # a refusal seen by another file stays
+        else:
+            _direct_folders[folder] = False
+
+
 _T = TypeVar("_T")
-_Item = tuple[int, memoryview, torch.Tensor]
-"""(file offset, bytes, the tensor that keeps those bytes alive)."""
+_Item = tuple[int, memoryview, torch.Tensor, int]
+"""(file offset, bytes, the tensor that keeps those bytes alive, their memory address)."""
 
 
 def positive_int(name: str, value: object) -> int:
@@ -132,6 +171,9 @@ class SafetensorsWriter:
     to the disk (``sync_file_range(SYNC_FILE_RANGE_WRITE)``, which does not wait), so the disk
     works while later tensors are still being copied and the final ``fsync`` has little left
     to do. It is a hint only: durability still comes from that ``fsync``.
+
+    ``direct``: write the bulk of each storage with direct I/O (``O_DIRECT``) where the
+    folder's filesystem allows it (the default; see the module's docstring), or never (False).
     """
 
     def __init__(
@@ -142,12 +184,19 @@ class SafetensorsWriter:
         threads: int = DEFAULT_THREADS,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         writeback: bool = True,
+        direct: bool = True,
     ) -> None:
         self.path = os.path.abspath(os.fspath(path))
         self.metadata = dict(metadata or {})
         self.threads = positive_int("threads", threads)
         self.chunk_bytes = positive_int("chunk_bytes", chunk_bytes)
         self.writeback = writeback and _sync_file_range is not None
+        self.direct = bool(direct) and _O_DIRECT != 0
+        self._direct_fd: int | None = None  # the same file opened with O_DIRECT, when allowed
+        self._direct_ok = False  # False from the first refused direct write on
+        self._bounce = threading.local()  # each writing thread's page-aligned bounce buffer
+        self.direct_bytes = 0
+        """Bytes written with direct I/O so far (the rest went through the page cache)."""
         self.layout: Layout | None = None
         self.temp_path: str | None = None
         self._fd: int | None = None
@@ -368,9 +417,10 @@ class SafetensorsWriter:
             )
         assert self.layout is not None
         offset = self.layout.data_start + entry.begin
+        address = _address(data)
         step = self.chunk_bytes
         return [
-            (offset + start, data[start : start + step], tensor)
+            (offset + start, data[start : start + step], tensor, address + start)
             for start in range(0, len(data), step)
         ]
 
@@ -392,14 +442,21 @@ class SafetensorsWriter:
                 self._error = write_failure(self.path, error)
 
     def _write_items(self, items: list[_Item]) -> None:
-        """Runs in a thread: write contiguous runs with one ``pwritev`` each."""
+        """Runs in a thread: the bulk of big pieces direct, the rest in contiguous runs with
+        one buffered ``pwritev`` each."""
         fd = self._fd
         if fd is None or self._state != "open":
             return
-        items.sort(key=_offset)
+        buffered: list[tuple[int, memoryview]] = []
+        for offset, data, _, address in items:
+            if self._direct_ok and len(data) >= _DIRECT_MIN_BYTES:
+                buffered.extend(self._write_direct(offset, data, address))
+            else:
+                buffered.append((offset, data))
+        buffered.sort(key=_offset)
         run: list[memoryview] = []
         run_start = run_end = 0
-        for offset, data, _ in items:
+        for offset, data in buffered:
             if run and offset == run_end and len(run) < _IOV_MAX:
                 run.append(data)
                 run_end += len(data)
@@ -409,6 +466,52 @@ class SafetensorsWriter:
             run, run_start, run_end = [data], offset, offset + len(data)
         if run:
             self._write_run(fd, run, run_start, run_end)
+
+    def _write_direct(
+        self, offset: int, data: memoryview, address: int
+    ) -> list[tuple[int, memoryview]]:
+        """Write the whole pages of ``data`` (at file ``offset``) with direct I/O; return the
+        head and tail, and all of it once direct I/O was refused, for a buffered write."""
+        head = -offset % _ALIGN
+        body = (len(data) - head) // _ALIGN * _ALIGN
+        if body <= 0:
+            return [(offset, data)]
+        rest = [(offset, data[:head]), (offset + head + body, data[head + body :])]
+        direct_fd = self._direct_fd
+        assert direct_fd is not None
+        try:
+            if (address + head) % _ALIGN == 0:  # the disk reads the staged buffer itself
+                _pwritev_all(direct_fd, [data[head : head + body]], offset + head)
+            else:
+                self._write_bounced(direct_fd, data[head : head + body], offset + head)
+        except OSError as error:
+            if error.errno not in _DIRECT_REFUSED:
+                raise
+            # Refused after the open (some network filesystems): this file and folder go
+            # buffered from now on; whatever was written directly is rewritten, same bytes.
+            self._direct_ok = False
+            _remember_direct(os.path.dirname(self.path), False)
+            return [(offset, data)]
+        with _direct_lock:
+            self.direct_bytes += body
+        return rest
+
+    def _write_bounced(self, fd: int, data: memoryview, offset: int) -> None:
+        """Direct I/O for a buffer not aligned like its offset: via an aligned bounce buffer."""
+        bounce: mmap.mmap | None = getattr(self._bounce, "buffer", None)
+        if bounce is None:
+            bounce = mmap.mmap(-1, _BOUNCE_BYTES)  # anonymous: page-aligned, this thread's
+            self._bounce.buffer = bounce
+        target = _address(memoryview(bounce))
+        source = _address(data)
+        view = memoryview(bounce)
+        try:
+            for start in range(0, len(data), _BOUNCE_BYTES):
+                size = min(_BOUNCE_BYTES, len(data) - start)
+                ctypes.memmove(target, source + start, size)  # releases the GIL
+                _pwritev_all(fd, [view[:size]], offset + start)
+        finally:
+            view.release()
 
     def _write_run(self, fd: int, run: list[memoryview], start: int, end: int) -> None:
         _pwritev_all(fd, run, start)
@@ -428,6 +531,21 @@ class SafetensorsWriter:
             _pwritev_all(fd, [memoryview(layout.header)], 0)
         except OSError as error:
             raise _write_error(self.path, "cannot write", error) from error
+        self._open_direct(temp)
+
+    def _open_direct(self, temp: str) -> None:
+        """Open the file a second time with O_DIRECT, where this folder allows it."""
+        folder = os.path.dirname(self.path)
+        if not self.direct or _direct_known(folder) is False:
+            return
+        try:
+            self._direct_fd = os.open(temp, os.O_WRONLY | os.O_CLOEXEC | _O_DIRECT)
+        except OSError as error:
+            if error.errno not in _DIRECT_REFUSED:
+                raise _write_error(self.path, "cannot open", error) from error
+            _remember_direct(folder, False)  # tmpfs says EINVAL: ask no more
+            return
+        self._direct_ok = True
 
     def _finish(self, may_rename: Callable[[], bool] | None = None) -> bool:
         """Runs in a thread: fsync, rename over the target, fsync the folder.
@@ -443,6 +561,9 @@ class SafetensorsWriter:
             raise _write_error(self.path, "cannot flush", error) from error
         if may_rename is not None and not may_rename():
             return False
+        if self.direct_bytes:
+            _remember_direct(os.path.dirname(self.path), True)
+        self._close_direct()
         self._fd = None
         os.close(fd)
         try:
@@ -458,7 +579,15 @@ class SafetensorsWriter:
             ) from error
         return True
 
+    def _close_direct(self) -> None:
+        direct_fd, self._direct_fd = self._direct_fd, None
+        self._direct_ok = False
+        if direct_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(direct_fd)
+
     def _close_and_remove(self) -> None:
+        self._close_direct()
         fd, self._fd = self._fd, None
         if fd is not None:
             with contextlib.suppress(OSError):
@@ -660,8 +789,15 @@ class WriteThreads:
             return True
 
 
-def _offset(item: _Item) -> int:
+def _offset(item: tuple[int, memoryview]) -> int:
     return item[0]
+
+
+def _address(data: memoryview) -> int:
+    """The memory address of ``data``'s first byte (a writable, C-contiguous byte view)."""
+    if not len(data):
+        return 0
+    return ctypes.addressof(ctypes.c_char.from_buffer(data))
 
 
 def write_failure(path: str, error: BaseException) -> BaseException:
