@@ -175,6 +175,37 @@ def test_async_save_writes_while_staging(tmp_path: Path, monkeypatch: pytest.Mon
     writer.close()
 
 
+def test_tensors_are_written_as_they_land(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each tensor goes to the writer once its batch has landed, before later batches run."""
+    events: list[str] = []
+    run_host_batch = _storage.run_host_batch
+    add = _storage._Prewrite.add
+
+    def batch(b: Any) -> None:
+        run_host_batch(b)
+        events.append("batch")
+
+    def landed(prewrite: _storage._Prewrite, tensor: torch.Tensor) -> None:
+        assert events and events[-1] in ("batch", "landed")  # never before its copy
+        events.append("landed")
+        add(prewrite, tensor)
+
+    monkeypatch.setattr(_storage, "run_host_batch", batch)
+    monkeypatch.setattr(_storage._Prewrite, "add", landed)
+    sd = {f"t{i}": torch.full((3 << 20,), float(i)) for i in range(6)}  # 12 MiB each
+    writer = FileSystemWriter(tmp_path)
+    future = state_dict_saver.async_save(sd, storage_writer=writer, no_dist=True)
+    assert isinstance(future, Future)
+    future.result()
+    assert events.count("batch") > 1 and events.index("landed") < len(events) - 1 - events[
+        ::-1
+    ].index("batch"), events  # a tensor was handed out before the last batch ran
+    loaded = {key: torch.zeros_like(value) for key, value in sd.items()}
+    state_dict_loader.load(loaded, storage_reader=FileSystemReader(tmp_path), no_dist=True)
+    same(loaded, sd)
+    writer.close()
+
+
 class _ShiftingPlanner(DefaultSavePlanner):
     """A planner that hands the writer another tensor than the staged one for ``a``."""
 
