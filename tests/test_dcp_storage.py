@@ -178,7 +178,7 @@ def test_async_save_writes_while_staging(tmp_path: Path, monkeypatch: pytest.Mon
 def test_tensors_are_written_as_they_land(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each tensor goes to the writer once its batch has landed, before later batches run."""
     events: list[str] = []
-    run_host_batch = _storage.run_host_batch
+    run_host_batch = _storage.run_host_batch  # type: ignore[attr-defined]
     add = _storage._Prewrite.add
 
     def batch(b: Any) -> None:
