@@ -2,7 +2,7 @@
 
 AstageError                          the root: catch it to catch anything astage raises on purpose
 ├── InvalidOptionsError              a bad argument or option (also a ValueError)
-│   ├── AcceleratorUnavailableError  ... an option that needs an absent accelerator (an AssertionError)
+│   ├── AcceleratorUnavailableError  ... needs an absent accelerator (an AssertionError)
 │   └── MeshMismatchError            ... DTensors loaded on another mesh or rank than saved them
 ├── UsageError                       the API used in a way it does not allow
 │   ├── BusyError                    a second concurrent call where only one may run

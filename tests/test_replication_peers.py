@@ -175,3 +175,20 @@ def test_decode_rebuilds_a_view_that_fits_exactly() -> None:
     header, storages = header_of({"w": torch.arange(4.0)[1:]})
     replica = decode(header, storages, [], source=1)
     assert torch.equal(replica["w"], torch.tensor([1.0, 2.0, 3.0]))  # type: ignore[index]
+
+
+def test_strided_shard_placements_go_over_the_wire() -> None:
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    from astage._replication._wire import placement_to_json
+
+    assert placement_to_json(_StridedShard(0, split_factor=2), ()) == ["strided_shard", 0, 2]
+
+
+@pytest.mark.parametrize(
+    "placement", [["partial", ["sum"]], ["partial", "nope"], ["shard", -1], ["shard", True]]
+)
+def test_a_crafted_placement_is_refused_not_raised_raw(placement: list[object]) -> None:
+    from astage._files._skeleton import placement_from_node
+
+    assert placement_from_node(placement, 1) is None

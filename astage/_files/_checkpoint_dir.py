@@ -366,13 +366,16 @@ class CheckpointDir:
         found = self._resume(read=None)
         return None if found is None else found[0]
 
-    def load_latest(self, *, device: str = "cpu") -> tuple[int, Any] | None:
+    def load_latest(
+        self, *, device: str = "cpu", device_mesh: Any = None
+    ) -> tuple[int, Any] | None:
         """``(step, state_dict)`` of the checkpoint to resume from, or None when there is none.
 
         The file is chosen as by :meth:`latest_step`; a file that fails to load is passed
-        over (and reported) for the next good one. Blocking.
+        over (and reported) for the next good one. Blocking. ``device_mesh`` is passed to
+        :func:`astage.load` (DTensor state dicts saved per rank).
         """
-        return self._resume(read=lambda path: load(path, device=device))
+        return self._resume(read=lambda path: load(path, device=device, device_mesh=device_mesh))
 
     def _resume(self, read: Callable[[str], Any] | None) -> tuple[int, Any] | None:
         """The first good candidate (and what ``read`` made of it): the pointer's step, then

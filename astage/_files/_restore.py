@@ -106,6 +106,7 @@ async def load_async(
     into: Any = None,
     device: str | torch.device = "cpu",
     strict: bool = True,
+    device_mesh: Any = None,
 ) -> Any:
     """:func:`astage.load` off the event loop: the file is read in worker threads.
 
@@ -114,7 +115,9 @@ async def load_async(
     which must not change after the call is gone), and ``into`` is then partly restored.
     """
     if into is None or torch.device(device).type != "cpu":  # load refuses device= with into
-        return await anyio.to_thread.run_sync(partial(load, path, device=device, into=into))
+        return await anyio.to_thread.run_sync(
+            partial(load, path, device=device, into=into, device_mesh=device_mesh)
+        )
     return await anyio.to_thread.run_sync(
         partial(restore, path, into, strict=strict, poll=anyio.from_thread.check_cancelled)
     )

@@ -39,7 +39,8 @@ import anyio.lowlevel
 
 from .._drivers._async import Stager
 from .._errors import CheckpointWriteError, InvalidOptionsError, UsageError
-from .._torch import storage_key
+from .._torch import dtensor_local, storage_key
+from ._skeleton import is_dtensor
 from ._writer import DEFAULT_THREADS, CheckpointWriter, SafetensorsWriter, WriteThreads
 
 Target = str | os.PathLike[str] | CheckpointWriter
@@ -290,7 +291,9 @@ async def run_save(
                         hold = stager.hold_buffers()
                         first_write = time.perf_counter()
                     tensors += 1
-                    storage = tensor.untyped_storage()
+                    # A DTensor's bytes in this rank's file are its local shard's.
+                    local = dtensor_local(tensor) if is_dtensor(tensor) else tensor
+                    storage = local.untyped_storage()
                     storages[storage_key(storage)] = storage.nbytes()
                     await writer.write(path, tensor)
             staged = time.perf_counter()

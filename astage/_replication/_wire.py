@@ -48,7 +48,13 @@ from typing import Any
 import torch
 
 from .._errors import AstageError, ReplicationError
-from .._files._skeleton import TORCH_DTYPES, SkeletonDecoder, SkeletonEncoder
+from .._files._skeleton import (
+    TORCH_DTYPES,
+    SkeletonDecoder,
+    SkeletonEncoder,
+    placement_from_node,
+    placement_node,
+)
 from .._paths import Attr, Path, format_path
 from .._torch import (
     device_mesh_without_backend,
@@ -86,7 +92,6 @@ MAX_HEADER_BYTES = 1 << 30
 """The longest header a partner may announce (about 7 million tensors' worth)."""
 MAX_NDIM = 64
 """The most dimensions a tensor, a mesh or a placement list may have on the wire."""
-_PARTIAL_OPS = frozenset({"sum", "avg", "product", "min", "max", "band", "bor", "bxor"})
 BUCKET_BYTES = 16 << 20
 """Storages smaller than this travel packed together in buckets of about this size."""
 
@@ -102,20 +107,10 @@ def mesh_key(mesh: Any) -> tuple[Any, ...]:
 
 def placement_to_json(placement: Any, path: Path) -> list[Any]:
     """A DTensor placement as a JSON list; refuses kinds the receiver could not rebuild."""
-    from torch.distributed.tensor.placement_types import Partial, Replicate, Shard
-
-    kind = type(placement).__name__
-    if isinstance(placement, Shard):
-        split = getattr(placement, "split_factor", None)
-        if kind == "_StridedShard":
-            return ["strided_shard", placement.dim, split]
-        if kind == "Shard":
-            return ["shard", placement.dim]
-    elif isinstance(placement, Replicate) and kind == "Replicate":
-        return ["replicate"]
-    elif isinstance(placement, Partial) and kind == "Partial":
-        return ["partial", placement.reduce_op]
-    raise ReplicationError(f"cannot replicate a DTensor placement {placement!r}", path)
+    node = placement_node(placement)
+    if node is None:
+        raise ReplicationError(f"cannot replicate a DTensor placement {placement!r}", path)
+    return node
 
 
 def _is_count(value: Any) -> bool:
@@ -131,36 +126,6 @@ def _counts(value: Any, *, most: int = MAX_NDIM) -> bool:
     if type(value) is not list or len(value) > most:
         return False
     return not value or (set(map(type, value)) == _INT_ONLY and min(value) >= 0)
-
-
-def _placement_from_json(item: Any, ndim: int) -> Any:
-    """A DTensor placement from the header; ``None`` when the entry is malformed."""
-    from torch.distributed.tensor.placement_types import (
-        Partial,
-        Replicate,
-        Shard,
-        _StridedShard,
-    )
-
-    if type(item) is not list or not item or type(item[0]) is not str:
-        return None
-    kind, args = item[0], item[1:]
-    if kind == "shard" and len(args) == 1 and _is_count(args[0]) and args[0] < ndim:
-        return Shard(args[0])
-    if (
-        kind == "strided_shard"
-        and len(args) == 2
-        and _is_count(args[0])
-        and args[0] < ndim
-        and _is_count(args[1])
-        and args[1] >= 1
-    ):
-        return _StridedShard(args[0], split_factor=args[1])
-    if kind == "replicate" and not args:
-        return Replicate()
-    if kind == "partial" and len(args) == 1 and args[0] in _PARTIAL_OPS:
-        return Partial(args[0])
-    return None
 
 
 def _mesh_problem(item: Any) -> str | None:
@@ -533,7 +498,7 @@ class _Decoder(SkeletonDecoder):
         raw = node["placements"]
         if type(raw) is not list or len(raw) != mesh.ndim:
             raise self.invalid("field 'placements' must list one placement per mesh dimension")
-        placements = [_placement_from_json(item, len(shape)) for item in raw]
+        placements = [placement_from_node(item, len(shape)) for item in raw]
         if any(p is None for p in placements):
             raise self.invalid(f"field 'placements' holds an unknown placement: {_shown(raw)}")
         if type(node["requires_grad"]) is not bool:
