@@ -278,8 +278,12 @@ def test_a_failed_prewrite_leaves_the_previous_checkpoint(
     writer.close()
 
 
-def test_a_save_moved_by_checkpoint_id_leaves_nothing_behind(tmp_path: Path) -> None:
-    """async_save(checkpoint_id=...) points the writer elsewhere after stage() ran."""
+def test_a_save_moved_by_checkpoint_id_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """async_save(checkpoint_id=...) points the writer elsewhere after stage() ran: the early
+    file moves along (same file system) and the folder made for it goes."""
+    spy = _Spy(monkeypatch)
     first, second = tmp_path / "first", tmp_path / "second"
     writer = FileSystemWriter(first)
     future = state_dict_saver.async_save(
@@ -288,7 +292,9 @@ def test_a_save_moved_by_checkpoint_id_leaves_nothing_behind(tmp_path: Path) -> 
     assert isinstance(future, Future)
     future.result()
     same(load(second), state())
-    assert not first.exists()  # made for the early file, removed with it
+    assert not first.exists()  # made for the early file, removed once it moved out
+    assert spy.committed[0].reused == 3
+    assert sorted(os.listdir(second)) == [".metadata", "__0_0.distcp"]
     writer.close()
 
 

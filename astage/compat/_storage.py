@@ -294,14 +294,14 @@ class FileSystemWriter(StorageWriter, AsyncStager):
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         prefix: _StoragePrefix = plan.storage_data
         prewrite = self._take_prewrite()
-        if prewrite is not None and (
-            prewrite.folder != self.path or not self.single_file_per_rank
-        ):  # reset() moved the save elsewhere after stage(): write it all here instead
+        if prewrite is not None and not (
+            self.single_file_per_rank and _same_file_system(prewrite.folder, self.path)
+        ):  # reset() moved the save to another file system after stage(): write it all here
             prewrite.discard()
             prewrite = None
         if prewrite is not None:
             name = f"{prefix.prefix}0{DATA_SUFFIX}"
-            results = prewrite.commit(plan.items, planner, name, sync=self.sync_files)
+            results = prewrite.commit(plan.items, planner, self.path, name, sync=self.sync_files)
         else:
             items = [_Payload.resolve(item, planner) for item in plan.items]
             groups = [items] if self.single_file_per_rank else [[item] for item in items]
@@ -786,11 +786,13 @@ class _Prewrite:
         return None
 
     def commit(
-        self, items: list[WriteItem], planner: SavePlanner, name: str, *, sync: bool
+        self, items: list[WriteItem], planner: SavePlanner, folder: str, name: str, *, sync: bool
     ) -> list[WriteResult]:
-        """Write what the plan needs beyond the pre-written bytes, make the file durable under
-        ``name``, and return the plan's storage records; on any failure nothing is left."""
-        path = os.path.join(self.folder, name)
+        """Write what the plan needs beyond the pre-written bytes, make the file durable as
+        ``folder/name`` (``folder`` on this file's file system: a save that ``reset()`` moved
+        after staging), and return the plan's storage records; on any failure nothing is
+        left."""
+        path = os.path.join(folder, name)
         try:
             results: list[WriteResult] = []
             appended: list[_Payload] = []
@@ -826,7 +828,7 @@ class _Prewrite:
             os.replace(self.temp_path, path)
         except OSError as error:
             self.discard()
-            raise _write_error(self.folder, "cannot write the data files in", error) from error
+            raise _write_error(folder, "cannot write the data files in", error) from error
         except BaseException:
             self.discard()
             raise
@@ -834,7 +836,10 @@ class _Prewrite:
             self._pool.shutdown(wait=True)
             self._keep.clear()
         if sync:
-            _fsync_folder(self.folder)
+            _fsync_folder(folder)
+        if self._created and os.path.realpath(folder) != os.path.realpath(self.folder):
+            with contextlib.suppress(OSError):  # made for the early file, which moved out
+                os.rmdir(self.folder)
         return results
 
     def discard(self) -> None:
@@ -852,6 +857,14 @@ class _Prewrite:
             with contextlib.suppress(OSError):  # only if empty: the save may have used it
                 os.rmdir(self.folder)
         self._keep.clear()
+
+
+def _same_file_system(first: str, second: str) -> bool:
+    """Whether a file in ``first`` can be renamed into ``second`` (one device)."""
+    try:
+        return os.stat(first).st_dev == os.stat(second).st_dev
+    except OSError:
+        return False
 
 
 def _wait_all(futures: list[_PoolFuture[None]]) -> None:
