@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import anyio
@@ -168,7 +169,7 @@ async def test_async_reserve_touches_in_worker_threads(monkeypatch: pytest.Monke
         return touch(*args, **kwargs)
 
     monkeypatch.setattr(_async, "reserve_batch", recorded)
-    sd = big_state_dict(4, MiB, small=3000)
+    sd = await anyio.to_thread.run_sync(partial(big_state_dict, 4, MiB, small=3000))
     async with astage.Stager(chunk_bytes=MiB // 2, max_inflight_bytes=MiB) as stager:
         reserved = await stager.reserve(sd)
         assert reserved.nbytes == _storage_bytes(sd)
@@ -180,7 +181,7 @@ async def test_async_reserve_touches_in_worker_threads(monkeypatch: pytest.Monke
 
 @pytest.mark.asyncio
 async def test_cancelled_reserve_leaves_a_usable_stager() -> None:
-    sd = big_state_dict(4, 4 * MiB)
+    sd = await anyio.to_thread.run_sync(big_state_dict, 4, 4 * MiB)
     async with astage.Stager(chunk_bytes=MiB, max_inflight_bytes=MiB) as stager:
         seen: list[int] = []
         with anyio.CancelScope() as scope:
