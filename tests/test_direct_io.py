@@ -1,0 +1,203 @@
+"""Direct I/O in SafetensorsWriter: the aligned layout, the direct path, and the fallbacks."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from conftest import same_values
+from test_writer import WAYS
+
+import astage
+import astage._files._writer as writer_module
+from astage._files._safetensors import DATA_ALIGN, plan_layout
+
+PAGE = 4096
+
+
+@pytest.fixture(autouse=True)
+def fresh_folder_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts with no folder remembered as refusing (or allowing) direct I/O."""
+    monkeypatch.setattr(writer_module, "_direct_folders", {})
+
+
+def page_aligned(numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A tensor whose storage starts on a page, as an mmap arena gives."""
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    mapping = mmap.mmap(-1, nbytes)
+    tensor = torch.frombuffer(mapping, dtype=dtype)
+    tensor.copy_(torch.randn(numel).to(dtype))
+    assert tensor.data_ptr() % PAGE == 0
+    return tensor
+
+
+def off_page(numel: int) -> torch.Tensor:
+    """A tensor whose exact storage starts 64 bytes past a page (as malloc'ed buffers do)."""
+    mapping = mmap.mmap(-1, numel * 4 + PAGE)
+    tensor = torch.frombuffer(mapping, dtype=torch.float32, count=numel, offset=64)
+    tensor.copy_(torch.randn(numel))
+    assert tensor.untyped_storage().data_ptr() % PAGE == 64
+    assert tensor.untyped_storage().nbytes() == numel * 4
+    return tensor
+
+
+def mixed_state() -> dict[str, Any]:
+    return {
+        "aligned": page_aligned(1 << 18),  # 1 MiB, whole pages, on a page: straight from memory
+        "odd_address": off_page(1 << 18),  # whole pages, off a page: bounced
+        "odd_size": page_aligned(300_001),  # not whole pages: head and tail buffered
+        "odd_both": torch.randn(200_003),
+        "small": torch.arange(7, dtype=torch.int16),
+        "empty": torch.ones(0),
+    }
+
+
+def direct_allowed(folder: Path) -> bool:
+    probe = folder / ".probe"
+    probe.write_bytes(b"")
+    try:
+        os.close(os.open(probe, os.O_WRONLY | getattr(os, "O_DIRECT", 0) | os.O_CLOEXEC))
+    except OSError:
+        return False
+    finally:
+        probe.unlink()
+    return hasattr(os, "O_DIRECT")
+
+
+def check_file(path: Path, state: dict[str, Any]) -> None:
+    back = astage.load(path)
+    assert all(same_values(back[key], state[key]) for key in state)
+    other = safetensors.torch.load_file(str(path))  # the reference reader reads it too
+    assert torch.equal(other["['aligned']"], state["aligned"])
+    assert torch.equal(other["['odd_both']"], state["odd_both"])
+
+
+def test_staged_entries_start_on_a_page_whole_pages_first() -> None:
+    state = {
+        "small": torch.ones(3),
+        "odd": torch.ones(1001),
+        "page": torch.ones(1024),
+        "pages": torch.ones(4096),
+        "array": np.arange(6, dtype=np.float32),
+    }
+    layout = plan_layout(state)
+    assert len(layout.header) % DATA_ALIGN == 0  # JSON padded so the captured array ends there
+    assert layout.data_start % 8 == 0  # (captured bytes a multiple of 8: the array too)
+    begins = {entry.key: layout.data_start + entry.begin for entry in layout.entries}
+    assert begins["['page']"] % PAGE == 0 and begins["['pages']"] % PAGE == 0
+    assert begins["['odd']"] % PAGE == 0  # the biggest of the others starts aligned too
+    order = sorted(layout.entries, key=lambda entry: entry.begin)
+    assert [entry.key for entry in order] == ["['page']", "['pages']", "['odd']", "['small']"]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("way", WAYS)
+async def test_direct_writes_every_byte_right(tmp_path: Path, way: str) -> None:
+    if not direct_allowed(tmp_path):
+        pytest.skip("this filesystem refuses O_DIRECT")
+    state = await anyio.to_thread.run_sync(mixed_state)
+    path = tmp_path / "d.safetensors"
+    writer = astage.SafetensorsWriter(path, chunk_bytes=256 << 10, threads=3)
+    await WAYS[way](writer, state)
+    await anyio.to_thread.run_sync(check_file, path, state)
+    whole_pages = (1 << 20) * 2 + 300_001 * 4 // PAGE * PAGE
+    assert writer.direct_bytes >= whole_pages  # the bulk went direct, bounced or not
+    assert writer_module._direct_folders == {str(tmp_path): True}
+
+
+@pytest.mark.asyncio
+async def test_direct_off_leaves_everything_buffered(tmp_path: Path) -> None:
+    state = await anyio.to_thread.run_sync(mixed_state)
+    writer = astage.SafetensorsWriter(tmp_path / "b.safetensors", direct=False)
+    await WAYS["entered"](writer, state)
+    await anyio.to_thread.run_sync(check_file, tmp_path / "b.safetensors", state)
+    assert writer.direct_bytes == 0
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("way", WAYS)
+async def test_refused_at_open_is_remembered_per_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, way: str
+) -> None:
+    real = os.open
+    tries: list[str] = []
+
+    def like_tmpfs(path: Any, flags: int, *args: Any) -> int:
+        if flags & writer_module._O_DIRECT:
+            tries.append(os.fspath(path))
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(path, flags, *args)
+
+    monkeypatch.setattr(writer_module, "_O_DIRECT", getattr(os, "O_DIRECT", 0o40000))
+    monkeypatch.setattr(os, "open", like_tmpfs)
+    state = await anyio.to_thread.run_sync(mixed_state)
+    for name in ("1", "2"):
+        writer = astage.SafetensorsWriter(tmp_path / f"{name}.safetensors")
+        await WAYS[way](writer, state)
+        assert writer.direct_bytes == 0
+        await anyio.to_thread.run_sync(check_file, tmp_path / f"{name}.safetensors", state)
+    assert len(tries) == 1  # the second file in the folder did not ask again
+    assert writer_module._direct_folders == {str(tmp_path): False}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1.safetensors", "2.safetensors"]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("way", WAYS)
+async def test_refused_at_the_first_write_falls_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, way: str
+) -> None:
+    """Some network filesystems open with O_DIRECT but refuse the writes: rewrite buffered."""
+    if not direct_allowed(tmp_path):
+        pytest.skip("this filesystem refuses O_DIRECT")
+    real = os.pwritev
+    refused: list[int] = []
+
+    def refuse_direct(fd: int, buffers: Any, offset: int) -> int:
+        if _is_direct(fd):
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "pwritev", refuse_direct)
+    state = await anyio.to_thread.run_sync(mixed_state)
+    path = tmp_path / "f.safetensors"
+    writer = astage.SafetensorsWriter(path, threads=1)
+    await WAYS[way](writer, state)
+    await anyio.to_thread.run_sync(check_file, path, state)
+    assert refused and writer.direct_bytes == 0
+    assert writer_module._direct_folders == {str(tmp_path): False}
+
+
+def _is_direct(fd: int) -> bool:
+    import fcntl
+
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0))
+
+
+@pytest.mark.asyncio
+async def test_tmpfs_falls_back(tmp_path: Path) -> None:
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or direct_allowed(shm):
+        pytest.skip("no tmpfs at /dev/shm (or it allows O_DIRECT)")
+    folder = shm / f"astage-test-{os.getpid()}-{tmp_path.name}"
+    folder.mkdir()
+    try:
+        state = await anyio.to_thread.run_sync(mixed_state)
+        writer = astage.SafetensorsWriter(folder / "t.safetensors")
+        await WAYS["entered"](writer, state)
+        await anyio.to_thread.run_sync(check_file, folder / "t.safetensors", state)
+        assert writer.direct_bytes == 0
+        assert writer_module._direct_folders == {str(folder): False}
+    finally:
+        for child in folder.iterdir():
+            child.unlink()
+        folder.rmdir()
