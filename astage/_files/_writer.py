@@ -631,6 +631,8 @@ class WriteThreads:
         """Whether the file was renamed into place."""
         self.finished_at: float | None = None
         """``time.perf_counter()`` when the last thread was done."""
+        self.cpu_seconds = 0.0
+        """CPU time the threads spent, all together (``time.thread_time``), once done."""
         name = os.path.basename(writer.path)
         self._running = 0
         try:
@@ -716,6 +718,7 @@ class WriteThreads:
             anyio.from_thread.check_cancelled()
 
     def _work(self) -> None:
+        started = time.thread_time()
         writer = self._writer
         while True:
             with self._cond:
@@ -735,6 +738,7 @@ class WriteThreads:
         with self._cond:
             self._running -= 1
             last = self._running == 0
+            self.cpu_seconds += time.thread_time() - started
         if last:
             self._end()
 
@@ -755,6 +759,7 @@ class WriteThreads:
 
     def _end(self) -> None:
         """The last thread out: commit (when sealed and nothing failed), or clean up."""
+        started = time.thread_time()
         writer = self._writer
         try:
             if self._sealed and not self._stopping() and writer._finish(self._may_rename):
@@ -779,6 +784,7 @@ class WriteThreads:
                     if self.error is None:
                         self.error = error
             self.finished_at = time.perf_counter()
+            self.cpu_seconds += time.thread_time() - started
             self._finished.set()
 
     def _may_rename(self) -> bool:
