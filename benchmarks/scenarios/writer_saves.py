@@ -14,7 +14,9 @@ once (warm buffers on both sides):
 - stage then write: the two above one after the other (no overlap);
 - ``dcp.async_save`` with DCP's ``DefaultStager`` kept across saves and its
   ``FileSystemWriter`` (``sync_files=True``), timed until ``upload_completion``;
-- ``torch.save`` of the staged copy: to a temporary name, fsync, rename, fsync the folder.
+- ``torch.save`` of the staged copy: to a temporary name, fsync, rename, fsync the folder;
+- the write alone through the page cache (``direct=False``: how the writer wrote before direct
+  I/O), with and without early writeback.
 
 Each repeat runs every contender once, in an order that changes from repeat to repeat, with
 the three calls that the overlap goal compares back to back.
@@ -51,17 +53,19 @@ WRITE = "astage write alone (SafetensorsWriter, staged dict)"
 SEQUENTIAL = "astage stage, then write"
 DCP = "dcp.async_save (DefaultStager, FileSystemWriter, fsync)"
 TORCH = "torch.save of the staged copy + fsync"
-NO_WRITEBACK = "astage write alone, writeback=False"
-NAMES = [SAVE, STAGE, WRITE, SEQUENTIAL, DCP, TORCH, NO_WRITEBACK]
+BUFFERED = "astage write alone, direct=False (page cache)"
+NO_WRITEBACK = "astage write alone, direct=False, writeback=False"
+NAMES = [SAVE, STAGE, WRITE, SEQUENTIAL, DCP, TORCH, BUFFERED, NO_WRITEBACK]
 SAVE_STAGING = "staging inside astage.save"
 """Not a contender: ``SaveResult.staging_seconds`` of each timed ``astage.save``."""
 
-SAVE_GOAL = 1.15  # astage.save <= 1.15x max(stage alone, write alone)
+SAVE_GOAL = 1.10  # astage.save <= 1.1x max(stage alone, write alone) (issue 11)
+DCP_GOAL = 3.0  # astage.save >= 3x dcp.async_save to a durable checkpoint (issue 11)
 
 
-async def write_staged(staged: Any, path: str, writeback: bool = True) -> None:
+async def write_staged(staged: Any, path: str, writeback: bool = True, direct: bool = True) -> None:
     """Drive a ``SafetensorsWriter`` by hand from an already-staged dict: the write alone."""
-    writer = astage.SafetensorsWriter(path, writeback=writeback)
+    writer = astage.SafetensorsWriter(path, writeback=writeback, direct=direct)
     await writer.begin(staged)
     try:
         for leaf_path, tensor in tensor_leaves(staged):
@@ -139,7 +143,10 @@ class Session:
             SEQUENTIAL: lambda: runner.run(_stage_then_write(stager, sd, path)),
             DCP: lambda: self._dcp_save(path),
             TORCH: lambda: torch_save_durable(staged, path),
-            NO_WRITEBACK: lambda: runner.run(write_staged(staged, path, writeback=False)),
+            BUFFERED: lambda: runner.run(write_staged(staged, path, direct=False)),
+            NO_WRITEBACK: lambda: runner.run(
+                write_staged(staged, path, writeback=False, direct=False)
+            ),
         }
         started = time.perf_counter()
         calls[name]()
@@ -215,8 +222,8 @@ def _checks(label: str, times: dict[str, list[float]]) -> list[Check]:
             fmt_s(med[SAVE]),
             fmt_s(med[DCP]),
             _paired(times, lambda i: times[DCP][i], SAVE),
-            ">= 1x",
-            _paired(times, lambda i: times[DCP][i], SAVE) >= 1.0,
+            f">= {DCP_GOAL:g}x",
+            _paired(times, lambda i: times[DCP][i], SAVE) >= DCP_GOAL,
         ),
         Check(
             f"{label}: astage.save vs stage then write (sequential)",
@@ -259,12 +266,12 @@ def _notes(label: str, times: dict[str, list[float]]) -> list[str]:
         + ", ".join(f"{r:.2f}x" for r in per_repeat)
         + " the slower part of that repeat (the goal's check takes the median of these). "
         f"Inside the save, staging took {fmt_s(med[SAVE_STAGING])} against "
-        f"{fmt_s(med[STAGE])} alone: the writer's copies into the page cache run at the same "
-        f"time on the same {os.cpu_count()} cores and memory bandwidth, so staging slows down "
-        "and the tail of the write (the last tensors to land, then fsync) starts later than "
-        "it would with free CPUs. Early writeback: the write alone took "
-        f"{fmt_s(med[WRITE])} with it and {fmt_s(med[NO_WRITEBACK])} without "
-        f"(`writeback=False`, all dirty pages flushed by the final fsync).",
+        f"{fmt_s(med[STAGE])} alone: the writer shares the same {os.cpu_count()} cores and "
+        "memory bandwidth (with direct I/O it copies nothing when the staged buffers are "
+        "page-aligned, and one copy into a bounce buffer when they are not). Direct I/O: the "
+        f"write alone took {fmt_s(med[WRITE])}; through the page cache (`direct=False`) "
+        f"{fmt_s(med[BUFFERED])} with early writeback and {fmt_s(med[NO_WRITEBACK])} without "
+        "(all dirty pages flushed by the final fsync).",
     ]
 
 
