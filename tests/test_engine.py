@@ -15,6 +15,7 @@ from conftest import assert_staged
 from astage._core._batches import MAX_BATCH_COPIES, Batch, make_batches
 from astage._core._cache import BufferCache
 from astage._core._plan import Plan
+from astage._core._run import _SCAN_STEP, Run
 from astage._core._walk import build_plan
 from astage._devices._host import run_host_batch
 
@@ -180,3 +181,30 @@ def test_run_host_batch_does_not_record_autograd() -> None:
     staged = plan.result["p"]
     assert torch.equal(staged.detach(), param.detach())
     assert staged.grad_fn is None
+
+
+def test_a_run_adds_up_a_bounded_number_of_copies_per_turn() -> None:
+    """A replay hands the plan thousands of copies at once; summing all their sizes in one
+    turn held the loop 5-8 ms. A turn scans at most _SCAN_STEP; every copy is still cut."""
+    cache = BufferCache(pin_memory=False, share_memory=False, pin_memory_min_bytes=0)
+    tensors = 3 * _SCAN_STEP + 5
+    state_dict = {i: torch.full((2,), float(i)) for i in range(tensors)}
+    run: Run[Any] = Run(
+        cache, state_dict, track_leaves=False, chunk_bytes=1 << 30, max_inflight_bytes=1 << 40
+    )
+    for _ in run.walk:
+        pass
+    assert len(run.plan.copies) == tensors
+    first = run.next_batch(final=True)
+    assert first is not None
+    assert run._scanned <= _SCAN_STEP
+    batches = [first]
+    while (batch := run.next_batch(final=True)) is not None:
+        batches.append(batch)
+        assert run._scanned - run._cut <= _SCAN_STEP
+    assert sum(len(batch.srcs) for batch in batches) == tensors
+    assert batches[-1].end == tensors
+    assert run.nbytes == tensors * 8
+    for batch in batches:
+        run_host_batch(batch)
+    assert torch.equal(run.plan.result[tensors - 1], torch.full((2,), float(tensors - 1)))

@@ -414,12 +414,15 @@ def test_no_step_reads_every_buffer_at_once(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_recording_a_long_list_of_atoms_yields() -> None:
-    """An optimizer's 25,000 param ids were recorded in one step (50-170 ms of loop)."""
-    state_dict = {"params": list(range(3000)), "t": torch.ones(1)}
-    cache = new_cache()
-    stage(cache, state_dict)
-    steps = sum(1 for _ in record(cache, state_dict))
-    assert steps >= 3000 // CHUNK
+    """An optimizer's 25,000 param ids were recorded in one step (50-170 ms of loop), and a
+    second pass over a long dict's keys or a long tuple's items made a long step of its own."""
+    for atoms in (list(range(3000)), tuple(range(3000)), dict.fromkeys(range(3000), 1.0)):
+        state_dict = {"params": atoms, "t": torch.ones(1)}
+        cache = new_cache()
+        stage(cache, state_dict)
+        steps = sum(1 for _ in record(cache, state_dict))
+        assert steps >= 3000 // CHUNK
+        assert stage(cache, state_dict).replayed
 
 
 def test_empty_in_steps_frees_a_few_thousand_entries_a_step() -> None:

@@ -171,14 +171,22 @@ class DictNode:
 
     __slots__ = ("attrs", "children", "cls", "key_types", "keys", "size")
 
-    def __init__(self, cls: type, keys: list[Any], children: list[Any], attrs: Any) -> None:
+    def __init__(  # noqa: PLR0917 - built in one place, by the recorder
+        self,
+        cls: type,
+        keys: list[Any],
+        key_types: list[type],
+        children: list[Any],
+        attrs: Any,
+        size: int,
+    ) -> None:
         self.cls: Any = cls
         self.keys = keys
-        self.key_types = [type(key) for key in keys]
+        self.key_types = key_types
         self.children = children
         self.attrs: DictNode | None = attrs
         """The instance attributes (``_metadata`` on ``Module.state_dict()``), as a dict."""
-        self.size = _size(children) + (attrs.size if attrs is not None else 0)
+        self.size = size + (attrs.size if attrs is not None else 0)
 
 
 class ListNode:
@@ -186,10 +194,10 @@ class ListNode:
 
     __slots__ = ("atoms", "children", "size")
 
-    def __init__(self, children: list[Any]) -> None:
-        self.atoms = all(child is None for child in children)
+    def __init__(self, children: list[Any], atoms: bool, size: int) -> None:
+        self.atoms = atoms
         self.children = children
-        self.size = 1 if self.atoms else _size(children)
+        self.size = 1 if atoms else size
 
 
 class TupleNode:
@@ -197,17 +205,14 @@ class TupleNode:
 
     __slots__ = ("children", "rebuilt", "size")
 
-    def __init__(self, children: list[Any]) -> None:
+    def __init__(self, children: list[Any], rebuilt: bool, size: int) -> None:
         self.children = children
-        self.rebuilt: bool = any(
-            child is not None and not (type(child) is TupleNode and not child.rebuilt)
-            for child in children
-        )
-        self.size = _size(children)
+        self.rebuilt = rebuilt
+        self.size = size
 
 
-def _size(children: list[Any]) -> int:
-    return sum(1 if child is None or type(child) is int else child.size for child in children)
+def _size(child: Any) -> int:
+    return 1 if child is None or type(child) is int else int(child.size)
 
 
 class Recording:
@@ -355,27 +360,49 @@ class _Recorder:
         if cls is list:
             self._register(x)
             children = []
+            size = 0
+            atoms = True
             for index, value in enumerate(x):
-                children.append((yield from self.visit(value, (*path, index))))
-            return ListNode(children)
+                child = yield from self.visit(value, (*path, index))
+                children.append(child)
+                size += _size(child)
+                atoms = atoms and child is None
+            return ListNode(children, atoms, size)
         if cls is tuple:
             children = []
+            size = 0
+            rebuilt = False
             for index, value in enumerate(x):
-                children.append((yield from self.visit(value, (*path, index))))
-            node = TupleNode(children)
+                child = yield from self.visit(value, (*path, index))
+                children.append(child)
+                size += _size(child)
+                # Rebuilt by the walk when something mutable is inside, at any depth.
+                rebuilt = rebuilt or (
+                    child is not None and not (type(child) is TupleNode and not child.rebuilt)
+                )
+            node = TupleNode(children, rebuilt, size)
             if node.rebuilt:
                 self._register(x)
             return node
         raise Unrecordable
 
     def _dict(self, cls: type, x: dict[Any, Any], path: Path, attrs: Any = None) -> Walk:
-        keys = list(x)
-        if any(type(key) not in ATOMIC_TYPES for key in keys):
-            raise Unrecordable
+        keys = []
+        key_types = []
         children = []
+        size = 0
+        # Keys, their types and the size in the same pass as the values: a pass of its own
+        # over a 25,000-entry dict is a loop hold of its own.
         for key, value in x.items():
-            children.append((yield from self.visit(value, (*path, key))))
-        return DictNode(cls, keys, children, attrs)
+            key_type = type(key)
+            if key_type not in ATOMIC_TYPES:
+                raise Unrecordable
+            keys.append(key)
+            key_types.append(key_type)
+            child = yield from self.visit(value, (*path, key))
+            children.append(child)
+            size += _size(child)
+        return DictNode(cls, keys, key_types, children, attrs, size)
 
     def _leaf(self, x: torch.Tensor, path: Path) -> int:
         if x.__dict__ or x.layout is not _strided or x.is_quantized or x.is_nested:
