@@ -422,7 +422,17 @@ def test_recording_a_long_list_of_atoms_yields() -> None:
         stage(cache, state_dict)
         steps = sum(1 for _ in record(cache, state_dict))
         assert steps >= 3000 // CHUNK
-        assert stage(cache, state_dict).replayed
+        replayed = stage(cache, state_dict)
+        assert replayed.replayed
+        assert replayed.result["params"] == atoms
+    # Replayed, a long list of atoms is checked in steps too.
+    steps = []
+    for length in (0, 20_000):
+        state_dict = {"params": list(range(length)), "t": torch.ones(1)}
+        cache = new_cache()
+        stage(cache, state_dict)
+        steps.append(stage(cache, state_dict).steps)  # type: ignore[attr-defined]
+    assert steps[1] - steps[0] >= 20_000 // EMPTY_STEP
 
 
 def test_empty_in_steps_frees_a_few_thousand_entries_a_step() -> None:
