@@ -426,13 +426,13 @@ def test_recording_a_long_list_of_atoms_yields() -> None:
         assert replayed.replayed
         assert replayed.result["params"] == atoms
     # Replayed, a long list of atoms is checked in steps too.
-    steps = []
+    replay_steps: list[int] = []
     for length in (0, 20_000):
         state_dict = {"params": list(range(length)), "t": torch.ones(1)}
         cache = new_cache()
         stage(cache, state_dict)
-        steps.append(stage(cache, state_dict).steps)  # type: ignore[attr-defined]
-    assert steps[1] - steps[0] >= 20_000 // EMPTY_STEP
+        replay_steps.append(stage(cache, state_dict).steps)  # type: ignore[attr-defined]
+    assert replay_steps[1] - replay_steps[0] >= 20_000 // EMPTY_STEP
 
 
 def test_empty_in_steps_frees_a_few_thousand_entries_a_step() -> None:
