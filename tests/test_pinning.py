@@ -403,7 +403,7 @@ def _drop_by_eviction(cache: BufferCache, sources: list[torch.UntypedStorage]) -
 
 def _drop_by_closing_a_stager(cache: BufferCache, sources: list[torch.UntypedStorage]) -> None:
     stager = astage.SyncStager()
-    stager._cache = cache  # the buffer belongs to this stager: close() lets go of it
+    stager._sets.current.cache = cache  # the buffer belongs to this stager: close() lets go of it
     stager.close()
 
 
