@@ -6,18 +6,18 @@ the state dict's structure is (every tensor's size), so it is written first and 
 bytes go straight from the staged host buffer to their final offset (``os.pwritev``) in
 whatever order they land: no second pass, no copy in Python.
 
-How bytes reach the disk: where the filesystem allows it, the bulk of each storage goes with
-direct I/O (``O_DIRECT``, a second descriptor on the same file): the disk reads the staged
-buffer itself, so the writer costs almost no CPU (no copy into the page cache, no dirty pages
-for the kernel to write back later) and the final ``fsync`` has next to nothing left. The data
-section starts at a page boundary and storages whose sizes are whole pages lie first (see
-:func:`~astage._files._safetensors.plan_layout`), so a page-aligned staged buffer lands at a
-page-aligned offset. A buffer whose address is not aligned like its file offset goes through
-a small page-aligned bounce buffer per thread (one ``memmove``, still far cheaper than the
-page cache); the header, small storages and the unaligned head and tail of each storage are
-written buffered through the first descriptor. A filesystem that refuses ``O_DIRECT`` (tmpfs
-at ``open``; some network filesystems at the first write) is remembered per folder, and its
-files are written buffered, as before, with early writeback.
+How bytes reach the disk: in the writer's own threads, where the filesystem allows it, the bulk
+of each storage goes with direct I/O (``O_DIRECT``, a second descriptor on the same file): the
+disk reads the staged buffer itself, so the writer costs almost no CPU (no copy into the page
+cache, no dirty pages for the kernel to write back later) and the final ``fsync`` has next to
+nothing left. The data section starts at a page boundary and storages whose sizes are whole
+pages lie first (see :func:`~astage._files._safetensors.plan_layout`), so a page-aligned staged
+buffer lands at a page-aligned offset. A buffer whose address is not aligned like its file
+offset goes through a small page-aligned bounce buffer per thread (one ``memmove``, cheaper
+than the page cache); the header, small storages and the unaligned head and tail of each
+storage are written buffered through the first descriptor. A filesystem that refuses
+``O_DIRECT`` (some tmpfs at ``open``; some network filesystems at the first write) is
+remembered per folder, and its files are written buffered, with early writeback.
 
 Durability: the file is written under a temporary name in the target's folder, then fsynced,
 renamed over the target, and the folder fsynced. A failure or a cancellation at any point
@@ -172,8 +172,9 @@ class SafetensorsWriter:
     works while later tensors are still being copied and the final ``fsync`` has little left
     to do. It is a hint only: durability still comes from that ``fsync``.
 
-    ``direct``: write the bulk of each storage with direct I/O (``O_DIRECT``) where the
-    folder's filesystem allows it (the default; see the module's docstring), or never (False).
+    ``direct``: inside ``async with`` (or opened by the synchronous face), write the bulk of
+    each storage with direct I/O (``O_DIRECT``) where the folder's filesystem allows it (the
+    default; see the module's docstring), or never (False).
     """
 
     def __init__(
@@ -355,6 +356,11 @@ class SafetensorsWriter:
         folder, name = os.path.split(self.path)
         self.temp_path = os.path.join(folder, f".{name}.{secrets.token_hex(6)}.tmp")
         self._create(self.temp_path, layout)
+        if background:
+            # Only for the writer's own threads: a direct write returns when the disk has the
+            # bytes, so a caller that awaits each write (no `async with`) would wait on the
+            # disk tensor by tensor, where a buffered write returns after a copy.
+            self._open_direct(self.temp_path)
         for entry in layout.entries:
             if entry.nbytes == 0:
                 self._scheduled.add(id(entry))
@@ -531,7 +537,6 @@ class SafetensorsWriter:
             _pwritev_all(fd, [memoryview(layout.header)], 0)
         except OSError as error:
             raise _write_error(self.path, "cannot write", error) from error
-        self._open_direct(temp)
 
     def _open_direct(self, temp: str) -> None:
         """Open the file a second time with O_DIRECT, where this folder allows it."""

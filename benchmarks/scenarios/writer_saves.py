@@ -9,14 +9,15 @@ once (warm buffers on both sides):
 
 - ``astage.save``: ``await astage.save(sd, path, stager=stager)``, stager kept across saves;
 - stage alone: ``await stager.stage(sd)`` (the same cached stager);
-- write alone: a ``SafetensorsWriter`` fed an already-staged dict (begin, write each tensor,
-  commit), nothing to copy first;
+- write alone: a ``SafetensorsWriter`` fed an already-staged dict inside ``async with`` (as
+  ``astage.save`` drives it: its own threads write; begin, write each tensor, commit), nothing
+  to copy first;
 - stage then write: the two above one after the other (no overlap);
 - ``dcp.async_save`` with DCP's ``DefaultStager`` kept across saves and its
   ``FileSystemWriter`` (``sync_files=True``), timed until ``upload_completion``;
 - ``torch.save`` of the staged copy: to a temporary name, fsync, rename, fsync the folder;
-- the write alone through the page cache (``direct=False``: how the writer wrote before direct
-  I/O), with and without early writeback.
+- ``astage.save`` and the write alone through the page cache (``direct=False``: how the writer
+  wrote before direct I/O), the write also without early writeback.
 
 Each repeat runs every contender once, in an order that changes from repeat to repeat, with
 the three calls that the overlap goal compares back to back.
@@ -53,9 +54,10 @@ WRITE = "astage write alone (SafetensorsWriter, staged dict)"
 SEQUENTIAL = "astage stage, then write"
 DCP = "dcp.async_save (DefaultStager, FileSystemWriter, fsync)"
 TORCH = "torch.save of the staged copy + fsync"
+SAVE_BUFFERED = "astage.save, direct=False (page cache)"
 BUFFERED = "astage write alone, direct=False (page cache)"
 NO_WRITEBACK = "astage write alone, direct=False, writeback=False"
-NAMES = [SAVE, STAGE, WRITE, SEQUENTIAL, DCP, TORCH, BUFFERED, NO_WRITEBACK]
+NAMES = [SAVE, STAGE, WRITE, SEQUENTIAL, DCP, TORCH, SAVE_BUFFERED, BUFFERED, NO_WRITEBACK]
 SAVE_STAGING = "staging inside astage.save"
 """Not a contender: ``SaveResult.staging_seconds`` of each timed ``astage.save``."""
 
@@ -65,15 +67,13 @@ DCP_GOAL = 3.0  # astage.save >= 3x dcp.async_save to a durable checkpoint (issu
 
 async def write_staged(staged: Any, path: str, writeback: bool = True, direct: bool = True) -> None:
     """Drive a ``SafetensorsWriter`` by hand from an already-staged dict: the write alone."""
-    writer = astage.SafetensorsWriter(path, writeback=writeback, direct=direct)
-    await writer.begin(staged)
-    try:
+    # Inside `async with`, as astage.save drives it: the writer's own threads write (and only
+    # they use direct I/O); leaving the block without a commit aborts.
+    async with astage.SafetensorsWriter(path, writeback=writeback, direct=direct) as writer:
+        await writer.begin(staged)
         for leaf_path, tensor in tensor_leaves(staged):
             await writer.write(leaf_path, tensor)
         await writer.commit()
-    except BaseException:
-        await writer.abort()
-        raise
 
 
 def torch_save_durable(staged: Any, path: str) -> None:
@@ -143,6 +143,9 @@ class Session:
             SEQUENTIAL: lambda: runner.run(_stage_then_write(stager, sd, path)),
             DCP: lambda: self._dcp_save(path),
             TORCH: lambda: torch_save_durable(staged, path),
+            SAVE_BUFFERED: lambda: runner.run(
+                astage.save(sd, astage.SafetensorsWriter(path, direct=False), stager=stager)
+            ),
             BUFFERED: lambda: runner.run(write_staged(staged, path, direct=False)),
             NO_WRITEBACK: lambda: runner.run(
                 write_staged(staged, path, writeback=False, direct=False)
@@ -308,8 +311,10 @@ def writer_saves(config: Config, data: Data, runner: LoopRunner) -> ScenarioResu
         "fsynced, renamed into place where the contender renames, and the folder fsynced. "
         "`astage.save` uses a `Stager` kept across saves (cached buffers); *stage alone* is "
         "that stager's `stage()`; *write alone* drives a `SafetensorsWriter` from an "
-        "already-staged dict (begin, write each tensor, commit); *stage, then write* runs the "
-        "two one after the other. `dcp.async_save` gets a `DefaultStager` kept across saves "
+        "already-staged dict inside `async with`, as `astage.save` drives it (begin, write "
+        "each tensor, commit); *stage, then write* runs the two one after the other; "
+        "`direct=False` rows write through the page cache (the writer before direct I/O). "
+        "`dcp.async_save` gets a `DefaultStager` kept across saves "
         "and a `FileSystemWriter(sync_files=True)` (it fsyncs its files but not the folder: "
         "the benchmark fsyncs the checkpoint folder and its parent after `upload_completion`, "
         "inside the timed span) and is timed until `upload_completion`. `torch.save` writes "
