@@ -538,6 +538,23 @@ def test_huge_page_buffers_are_aligned_exact_and_staged(make_stager: object) -> 
     assert stager.last_stats is not None and stager.last_stats.new_nbytes == 0
 
 
+def test_large_buffers_are_page_aligned_by_default(make_stager: object) -> None:
+    # A writer sends page-aligned buffers to the file with O_DIRECT (no page-cache copy):
+    # torch's allocator starts large blocks 64 bytes past a page.
+    stager = make_stager()  # type: ignore[operator]
+    sd = {
+        "big": torch.randn((1 << 20) // 4 + 3, dtype=torch.float32),
+        "matrix": torch.randn(512, 1024, dtype=torch.float64).t(),
+        "small": torch.randn(10),
+    }
+    staged = stager.stage(sd)
+    assert_tree_staged(staged, sd)
+    for key in ("big", "matrix"):
+        storage = staged[key].untyped_storage()
+        assert storage.data_ptr() % 4096 == 0, key
+        assert storage.nbytes() == sd[key].untyped_storage().nbytes()  # no padding
+
+
 @needs_thp
 def test_huge_pages_commit_no_more_than_the_bytes() -> None:
     """Only whole huge pages are advised: a tail of each buffer must not take a 2 MiB page."""

@@ -33,7 +33,14 @@ import torch
 from .._errors import BufferMismatchError
 from .._paths import Path
 from .._torch import new_shared_storage, storage_use_count, storage_use_counts
-from ._arena import HUGE_PAGE, huge_empty, huge_pages_available, huge_pages_help
+from ._arena import (
+    HUGE_PAGE,
+    PAGE_ALIGNED_MIN_BYTES,
+    huge_empty,
+    huge_pages_available,
+    huge_pages_help,
+    page_empty,
+)
 
 
 class CacheInfo(NamedTuple):
@@ -285,6 +292,8 @@ class BufferCache:
         if not self._share_memory:
             if nbytes >= HUGE_PAGE and self._wants_huge_pages():
                 return huge_empty(nbytes).view(dtype).view(shape)
+            if nbytes >= PAGE_ALIGNED_MIN_BYTES:
+                return page_empty(nbytes).view(dtype).view(shape)
             # No Python storage object is created: one tensor is the whole cost of a buffer.
             return torch.empty(shape, dtype=dtype)
         storage = new_shared_storage(nbytes)
