@@ -276,7 +276,7 @@ class CheckpointDir:
         sequence = self._folder.register(save)  # before its temporary file exists
 
         def publish() -> None:
-            self._publish(save.name, sequence)
+            self._publish(save, sequence)
 
         return writer, publish, save
 
@@ -284,7 +284,7 @@ class CheckpointDir:
         os.makedirs(self.root, exist_ok=True)
         self._tidy()
 
-    def _publish(self, name: str, sequence: int) -> None:
+    def _publish(self, save: _Save, sequence: int) -> None:
         """Runs in the save's thread once ``name`` is durable: move ``latest``, then prune.
 
         One ordered unit under the folder's lock: ``latest`` only moves to a file that is
@@ -292,6 +292,7 @@ class CheckpointDir:
         deletes the step ``latest`` names, a newer one, or a file a save is still writing.
         """
         folder = self._folder
+        name = save.name
         path = os.path.join(self.root, name)
         with folder.lock:
             try:
@@ -306,6 +307,10 @@ class CheckpointDir:
                 self._move_pointer(name)
                 folder.published = sequence
                 folder.latest = step_of(name)
+            # Its file is durable and published: from here it is pruned like any other (a save
+            # that published later, or this one's own prune, may delete it), not spared as a
+            # file being written. Set under the lock, before the next publisher prunes.
+            save.finished = True
             if self.keep is not None and folder.latest is not None:
                 self._prune(folder.latest, self.keep)
 
