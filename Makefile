@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --disable-pip-version-check --no-input
 
-.PHONY: test demo bench lint typecheck clean
+.PHONY: test stress demo bench lint typecheck clean
 
 # pip's whole output goes to $(INSTALL_LOG); when pip fails, the end of the log is printed.
 INSTALL_LOG = $(VENV)/install.log
@@ -43,6 +43,10 @@ test: lint typecheck
 
 # make demo DEMO_ARGS="--backend trio --steps 8": the options of python -m benchmarks.demo --help
 DEMO_ARGS ?=
+stress: $(VENV)/.dev
+	@echo "pytest:    the stress tests (-m stress: 50 kills of a saving process, ...)"
+	@$(PY) -m pytest -q -m stress
+
 demo: $(VENV)/.dev
 	@echo "demo:      train, checkpoint, kill -9, resume, vs DCP (python -m benchmarks.demo$(if $(DEMO_ARGS), $(DEMO_ARGS)))"
 	@$(PY) -m benchmarks.demo $(DEMO_ARGS)

@@ -82,6 +82,10 @@ _WATCHDOG_INTERVAL = 0.01
 MARKERS = {
     "cuda": "cuda: needs a CUDA device (skipped without one)",
     "slow": "slow: takes more than a few seconds",
+    "stress": (
+        "stress: a long repetition of what a quicker test already covers; left out of `make "
+        "test` (the suite's 10-minute budget on 2 cores), run by `make stress`"
+    ),
     "asyncio_only": (
         "asyncio_only(reason): an async test of an asyncio-specific integration; it runs on "
         "asyncio and uvloop but not on trio"

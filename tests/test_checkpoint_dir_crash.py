@@ -58,7 +58,7 @@ def test_killed_saves_always_resume_bit_exact(tmp_path: Path) -> None:
     check(crash_resume(8, seed=1, root=tmp_path), 8)
 
 
-@pytest.mark.slow
+@pytest.mark.stress
 def test_fifty_kills(tmp_path: Path) -> None:
     figures = crash_resume(50, seed=2, root=tmp_path)
     check(figures, 50)

@@ -32,6 +32,8 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -227,21 +229,44 @@ _RUNNABLE = [
 ]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("page", _RUNNABLE, ids=[str(p.relative_to(ROOT)) for p in _RUNNABLE])
-def test_page_runs_as_written(page: Path, tmp_path: Path) -> None:
-    script = tmp_path / "page.py"
+PAGES_AT_ONCE = 2
+"""Pages run side by side: each is a subprocess that mostly waits (imports, ranks, sleeps), so
+two at a time keep the suite's 2 cores busy while pytest only waits for their results."""
+
+
+def _run_page(page: Path, folder: Path) -> subprocess.CompletedProcess[str]:
+    script = folder / "page.py"
     script.write_text(_script(page), encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    done = subprocess.run(
+    return subprocess.run(
         [sys.executable, str(script)],
-        cwd=tmp_path,
+        cwd=folder,
         env=env,
         capture_output=True,
         text=True,
         timeout=240,
         check=False,
     )
+
+
+@pytest.fixture(scope="module")
+def page_runs(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[dict[Path, Future[subprocess.CompletedProcess[str]]]]:
+    """Every runnable page started (``PAGES_AT_ONCE`` at a time); a test waits for its own."""
+    with ThreadPoolExecutor(PAGES_AT_ONCE, thread_name_prefix="doc-page") as pool:
+        yield {
+            page: pool.submit(_run_page, page, tmp_path_factory.mktemp(page.stem))
+            for page in _RUNNABLE
+        }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page", _RUNNABLE, ids=[str(p.relative_to(ROOT)) for p in _RUNNABLE])
+def test_page_runs_as_written(
+    page: Path, page_runs: dict[Path, Future[subprocess.CompletedProcess[str]]]
+) -> None:
+    done = page_runs[page].result()
     assert done.returncode == 0, (
         f"{page.relative_to(ROOT)} does not run as written:\n{done.stdout[-3000:]}\n"
         f"{done.stderr[-6000:]}"
