@@ -184,7 +184,7 @@ def kill(rank: int, root: str) -> None:
     torch.save(first, os.path.join(root, f"kill-reference{rank}.pt"))
     dist.barrier()
     if rank == 1:
-        real = _storage._pwritev_all
+        real = vars(_storage)["pwritev_all"]
         calls = 0
 
         def die_midway(fd: int, buffers: list[memoryview], offset: int) -> None:
@@ -194,7 +194,7 @@ def kill(rank: int, root: str) -> None:
                 os._exit(17)  # killed mid-save: no cleanup, no goodbye
             real(fd, buffers, offset)
 
-        _storage._pwritev_all = die_midway
+        vars(_storage)["pwritev_all"] = die_midway
     second = {f"r{rank}": {"w": torch.arange(1000.0) * -2, "b": torch.zeros(77)}}
     try:
         # small chunks: rank 1 has written some of its bytes when it dies

@@ -265,7 +265,7 @@ def test_a_failed_prewrite_leaves_the_previous_checkpoint(
     def failing(fd: int, buffers: list[memoryview], offset: int) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(_storage, "_pwritev_all", failing)
+    monkeypatch.setattr(_storage, "pwritev_all", failing)
     newer = state()
     newer["a"] += 1
     writer = FileSystemWriter(tmp_path)
@@ -354,7 +354,7 @@ def test_a_failed_write_leaves_the_previous_checkpoint(
         calls += 1
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(_storage, "_pwritev_all", failing)
+    monkeypatch.setattr(_storage, "pwritev_all", failing)
     newer = state()
     newer["a"] += 1
     with pytest.raises(CheckpointException, match="ENOSPC"):

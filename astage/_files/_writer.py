@@ -89,6 +89,16 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
 
 _sync_file_range = _load_sync_file_range()
 
+
+def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """``sync_file_range(SYNC_FILE_RANGE_WRITE)``: queue the range's dirty pages for the disk
+    without waiting. Without it the kernel holds them back until the final fsync, and the disk
+    idles while staging and writing go on. A hint only: durability still comes from the fsync
+    (where the call is missing, nothing is done)."""
+    if _sync_file_range is not None and nbytes:
+        _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
+
+
 # Folders where direct I/O was tried: True once a direct write worked, False once it was
 # refused (then that folder's files are written buffered without trying again).
 _direct_folders: dict[str, bool] = {}
@@ -488,7 +498,7 @@ class SafetensorsWriter:
             # slower than the page cache on the benchmark VM), so this piece goes buffered.
             return [(offset, data)]
         try:
-            _pwritev_all(direct_fd, [data[head : head + body]], offset + head)
+            pwritev_all(direct_fd, [data[head : head + body]], offset + head)
         except OSError as error:
             if error.errno not in _DIRECT_REFUSED:
                 raise
@@ -502,7 +512,7 @@ class SafetensorsWriter:
         return rest
 
     def _write_run(self, fd: int, run: list[memoryview], start: int, end: int) -> None:
-        _pwritev_all(fd, run, start)
+        pwritev_all(fd, run, start)
         if self.writeback and _sync_file_range is not None:
             # Start the disk on these pages now; errors surface at the final fsync.
             _sync_file_range(fd, start, end - start, _SYNC_FILE_RANGE_WRITE)
@@ -516,7 +526,7 @@ class SafetensorsWriter:
         self._fd = fd
         try:
             _reserve(fd, layout.file_size)
-            _pwritev_all(fd, [memoryview(layout.header)], 0)
+            pwritev_all(fd, [memoryview(layout.header)], 0)
         except OSError as error:
             raise _write_error(self.path, "cannot write", error) from error
 
@@ -808,7 +818,7 @@ def _write_error(path: str, doing: str, error: OSError) -> CheckpointWriteError:
     return failure
 
 
-def _pwritev_all(fd: int, buffers: list[memoryview], offset: int) -> None:
+def pwritev_all(fd: int, buffers: list[memoryview], offset: int) -> None:
     """Write every byte of ``buffers`` at ``offset``, resuming after partial writes."""
     pending = [b for b in buffers if len(b)]
     while pending:

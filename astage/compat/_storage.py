@@ -94,6 +94,7 @@ from .._errors import (
     CheckpointWriteError,
     InvalidOptionsError,
 )
+from .._files._writer import pwritev_all, start_writeback
 from ._blocking import BlockingAsyncStager
 
 RAW_DESCRIPTOR = "astage.raw@astage.compat.FileSystemReader/1"
@@ -103,7 +104,6 @@ METADATA_NAME = ".metadata"
 DATA_SUFFIX = ".distcp"
 DEFAULT_THREADS = 4
 DEFAULT_CHUNK_BYTES = 8 << 20  # one pwritev moves at most this much: the disk starts early
-_IOV_MAX = 1024  # buffers per pwritev call (Linux's IOV_MAX)
 _DATA_FILE = re.compile(r"__\d+_.*\.distcp\Z")
 
 
@@ -952,46 +952,9 @@ def _run_all(pool: ThreadPoolExecutor, jobs: list[Callable[[], object]]) -> None
 
 def _write_piece(fd: int, buffers: list[memoryview], offset: int, writeback: bool) -> None:
     """Write a piece; with ``writeback``, have the kernel start sending it to the disk now."""
-    _pwritev_all(fd, buffers, offset)
+    pwritev_all(fd, buffers, offset)
     if writeback:
-        _start_writeback(fd, offset, sum(len(b) for b in buffers))
-
-
-def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
-    """``sync_file_range(SYNC_FILE_RANGE_WRITE)``: queue the range's dirty pages for the disk
-    without waiting. Without it the kernel holds them back until the final fsync, and the disk
-    idles while staging and writing go on, then does all the work at the end. A hint only:
-    durability still comes from the fsync (where the call is missing, nothing is done)."""
-    if _SYNC_FILE_RANGE is not None and nbytes:
-        _SYNC_FILE_RANGE(fd, ctypes.c_int64(offset), ctypes.c_int64(nbytes), 2)
-
-
-def _find_sync_file_range() -> Any:
-    try:
-        function = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (AttributeError, OSError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    function.restype = ctypes.c_int
-    return function
-
-
-_SYNC_FILE_RANGE = _find_sync_file_range()  # Linux (glibc, musl); None elsewhere
-
-
-def _pwritev_all(fd: int, buffers: list[memoryview], offset: int) -> None:
-    """Write every byte of ``buffers`` at ``offset``, resuming after partial writes."""
-    pending = [b for b in buffers if len(b)]
-    while pending:
-        written = os.pwritev(fd, pending[:_IOV_MAX], offset)
-        if written <= 0:
-            raise OSError(errno.EIO, "pwritev wrote nothing")
-        offset += written
-        while pending and written >= len(pending[0]):
-            written -= len(pending[0])
-            pending.pop(0)
-        if written:
-            pending[0] = pending[0][written:]
+        start_writeback(fd, offset, sum(len(b) for b in buffers))
 
 
 def _pread_all(fd: int, offset: int, into: memoryview, where: str) -> None:
