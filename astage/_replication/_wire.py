@@ -40,7 +40,6 @@ Everything here is plain byte and metadata work: no process group, no thread, no
 from __future__ import annotations
 
 import json
-import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +51,7 @@ from .._files._skeleton import (
     TORCH_DTYPES,
     SkeletonDecoder,
     SkeletonEncoder,
+    mesh_problem,
     placement_from_node,
     placement_node,
 )
@@ -126,43 +126,6 @@ def _counts(value: Any, *, most: int = MAX_NDIM) -> bool:
     if type(value) is not list or len(value) > most:
         return False
     return not value or (set(map(type, value)) == _INT_ONLY and min(value) >= 0)
-
-
-def _mesh_problem(item: Any) -> str | None:
-    """What is wrong with a mesh description from the header, or None."""
-    if type(item) is not list or len(item) != 3:
-        return "must be [device type, rank grid, dim names]"
-    device_type, grid, names = item
-    if type(device_type) is not str or not device_type.isidentifier() or len(device_type) > 32:
-        return f"device type {device_type!r} is not a device type"
-    shape: list[int] = []
-    level = grid
-    while type(level) is list:
-        if len(shape) >= MAX_NDIM or not level:
-            return "the rank grid is empty or too deep"
-        shape.append(len(level))
-        level = level[0]
-    if not shape or math.prod(shape) > 1 << 24:
-        return "the rank grid must be a non-empty nested list of at most 2**24 ranks"
-    try:
-        ranks = torch.tensor(grid, dtype=torch.int64)
-    except (TypeError, ValueError, RuntimeError, OverflowError):
-        return "the rank grid is not a rectangular nested list of integers"
-    if list(ranks.shape) != shape or bool((ranks < 0).any()) or _has_bool(grid):
-        return "the rank grid must hold ranks (integers >= 0) in a rectangular nested list"
-    if names is not None and (
-        type(names) is not list
-        or len(names) != len(shape)
-        or not all(type(n) is str for n in names)
-    ):
-        return "the dim names must be None or one string per grid dimension"
-    return None
-
-
-def _has_bool(grid: Any) -> bool:
-    if type(grid) is list:
-        return any(_has_bool(item) for item in grid)
-    return type(grid) is not int
 
 
 def _resolve_meshes(described: list[list[Any]], own: list[Any]) -> list[Any]:
@@ -385,7 +348,7 @@ def parse_header(raw: bytes, total: int) -> Header:
     if type(meshes) is not list:
         raise ReplicationError("header field 'meshes' must be a list")
     for i, item in enumerate(meshes):
-        problem = _mesh_problem(item)
+        problem = mesh_problem(item)
         if problem is not None:
             raise ReplicationError(f"header field 'meshes'[{i}]: {problem}")
     return Header(header, their_call, sizes)
