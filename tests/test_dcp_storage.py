@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadIte
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
 import astage
+from astage._drivers import _sync
 from astage.compat import FileSystemReader, FileSystemWriter, _storage
 
 pytestmark = pytest.mark.filterwarnings(
@@ -178,7 +179,7 @@ def test_async_save_writes_while_staging(tmp_path: Path, monkeypatch: pytest.Mon
 def test_tensors_are_written_as_they_land(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each tensor goes to the writer once its batch has landed, before later batches run."""
     events: list[str] = []
-    run_host_batch = _storage.run_host_batch  # type: ignore[attr-defined]
+    run_host_batch = _sync.run_host_batch  # type: ignore[attr-defined]
     add = _storage._Prewrite.add
 
     def batch(b: Any) -> None:
@@ -190,7 +191,7 @@ def test_tensors_are_written_as_they_land(tmp_path: Path, monkeypatch: pytest.Mo
         events.append("landed")
         add(prewrite, tensor)
 
-    monkeypatch.setattr(_storage, "run_host_batch", batch)
+    monkeypatch.setattr(_sync, "run_host_batch", batch)
     monkeypatch.setattr(_storage._Prewrite, "add", landed)
     sd = {f"t{i}": torch.full((3 << 20,), float(i)) for i in range(6)}  # 12 MiB each
     writer = FileSystemWriter(tmp_path)

@@ -21,7 +21,7 @@ import safetensors.torch
 import torch
 
 import astage
-from astage._files import _restore
+from astage._files import _restore, _safetensors
 
 # -- helpers ------------------------------------------------------------------------------------
 
@@ -160,13 +160,13 @@ def test_big_tensors_are_read_in_pieces_on_several_threads(
     into = {"w": torch.empty(256, 1024), "v": torch.empty(300_001)}
     monkeypatch.setattr(_restore, "PIECE_BYTES", 64 << 10)
     reads = _Reads(monkeypatch)
-    real = _restore._read_exactly
+    real = _safetensors.read_exactly
 
     def slow(*args: Any) -> None:  # each piece takes a moment, so the threads overlap
         time.sleep(0.002)
         real(*args)
 
-    monkeypatch.setattr(_restore, "_read_exactly", slow)
+    monkeypatch.setattr(_restore, "read_exactly", slow)
     astage.load(path, into=into)
 
     assert torch.equal(into["w"], source["w"]) and torch.equal(into["v"], source["v"])
@@ -380,13 +380,13 @@ async def test_load_async_restores_off_the_loop(
     source: dict[str, Any] = {"w": torch.randn(512, 1024), "n": 3}
     path = _saved(tmp_path, source)
     monkeypatch.setattr(_restore, "PIECE_BYTES", 64 << 10)
-    real = _restore._read_exactly
+    real = _safetensors.read_exactly
 
     def slow(*args: Any) -> None:  # 32 pieces of 2 ms: the loop would notice a blocking call
         time.sleep(0.002)
         real(*args)
 
-    monkeypatch.setattr(_restore, "_read_exactly", slow)
+    monkeypatch.setattr(_restore, "read_exactly", slow)
     into = {"w": torch.zeros(512, 1024), "n": 0}
     restored = await astage.load_async(path, into=into)
     assert restored is into and torch.equal(into["w"], source["w"]) and into["n"] == 3
@@ -403,7 +403,7 @@ async def test_cancelling_load_async_waits_for_the_pieces_in_flight(
     running = 0
     started = 0
     lock = threading.Lock()
-    real = _restore._read_exactly
+    real = _safetensors.read_exactly
 
     def slow(*args: Any) -> None:
         nonlocal running, started
@@ -417,7 +417,7 @@ async def test_cancelling_load_async_waits_for_the_pieces_in_flight(
             with lock:
                 running -= 1
 
-    monkeypatch.setattr(_restore, "_read_exactly", slow)
+    monkeypatch.setattr(_restore, "read_exactly", slow)
     into = {"w": torch.zeros(64, 1024)}
     with anyio.move_on_after(0.1) as scope:
         await astage.load_async(path, into=into)

@@ -24,7 +24,7 @@ import importlib
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Coroutine, Generator
+from collections.abc import AsyncIterator, Coroutine, Generator, Iterator
 from functools import partial
 from types import TracebackType
 from typing import Any
@@ -172,14 +172,7 @@ class Stager(StagerBase):
             hold = self._resolved.max_loop_hold_s
             with gc_paused(self._resolved.pause_gc):
                 for run, _ in work.runs:
-                    walk = run.walk
-                    while True:
-                        deadline = time.perf_counter() + hold
-                        for _ in walk:
-                            if time.perf_counter() >= deadline:
-                                break
-                        else:
-                            break
+                    while not _walk_for(run.walk, hold):
                         await _yield_to_due_timers()
             limiter = anyio.CapacityLimiter(1)  # one batch at a time: torch spreads a fill
             for batch, first_serial, pin in work.batches():
@@ -377,13 +370,7 @@ class _Call:
         # ran hundreds of times per call and promoted the call's objects into the old
         # generations, whose full collections stalled the loop 0.2-0.4 s.
         with gc_paused(self._stager._resolved.pause_gc):
-            while True:
-                deadline = time.perf_counter() + hold
-                for _ in walk:
-                    if time.perf_counter() >= deadline:
-                        break
-                else:
-                    return
+            while not _walk_for(walk, hold):
                 self._dispatch(final=False)
                 await _yield_to_due_timers()
 
@@ -527,6 +514,12 @@ class _Landed:
             self._ready.reverse()  # handed out from the end, in landing order
         leaf = self._ready.pop()
         return leaf.path, leaf.tensor
+
+
+def _walk_for(walk: Iterator[object], seconds: float) -> bool:
+    """Advance ``walk`` for at most ``seconds`` (one slice of loop time); True once it is done."""
+    deadline = time.perf_counter() + seconds
+    return all(time.perf_counter() < deadline for _ in walk)
 
 
 async def _yield_to_due_timers() -> None:

@@ -187,22 +187,29 @@ class SyncStager(StagerBase):
             for _ in run.walk:
                 pass
         while True:
+            self._landed(run)
             batch = run.next_batch(final=True)
             if batch is None:
                 if not run.pending:
-                    return
+                    break
                 run.pending[0].wait()
                 run.reap()
                 continue
             backend = self._backend_for_batch(order, batch)
             if backend is None:
                 run_host_batch(batch)
+                if not run.pending:  # copies land in order: only then is this one the frontier
+                    run.landed = max(run.landed, batch.end)
             else:
                 marks = order.marks_for(batch.device)
                 copies = enqueue_batch(
                     backend, batch, marks, non_blocking=self._resolved.non_blocking
                 )
                 run.start(_Enqueued(batch, copies))
+        self._landed(run)
+
+    def _landed(self, run: Run[_Enqueued]) -> None:
+        """Called between batches as copies land; a subclass hands landed tensors out here."""
 
     def close(self) -> None:
         """Wait for a call in progress and for every lease (snapshots, holds), then release

@@ -41,7 +41,7 @@ import anyio.from_thread
 import anyio.to_thread
 import torch
 
-from .._errors import CheckpointError, InvalidOptionsError
+from .._errors import InvalidOptionsError
 from .._paths import Path
 from .._torch import neg_view
 from ._safetensors import (
@@ -54,6 +54,7 @@ from ._safetensors import (
     _skeleton_document,
     _Stored,
     load,
+    read_exactly,
     tensor_memoryview,
 )
 
@@ -327,7 +328,7 @@ class _Plan:
 
     def _array(self, slot: _ArraySlot) -> Any:
         data = torch.empty((slot.entry.nbytes,), dtype=torch.uint8)
-        _read_exactly(self.fd, tensor_memoryview(data), self._at(slot.entry, 0), self.name)
+        read_exactly(self.fd, tensor_memoryview(data), self._at(slot.entry, 0), self.name)
         decoder = _Decoder(self.header.entries, {slot.entry.key: data}, self.name, None)
         return decoder._array(slot.node)
 
@@ -363,7 +364,7 @@ class _Plan:
         yield partial(self._read_staged, fill, tensor, start, _pins(tensor.device), slot)
 
     def _read_direct(self, piece: torch.Tensor, offset: int) -> None:
-        _read_exactly(self.fd, tensor_memoryview(piece), offset, self.name)
+        read_exactly(self.fd, tensor_memoryview(piece), offset, self.name)
 
     def _read_staged(
         self,
@@ -380,7 +381,7 @@ class _Plan:
         """
         nbytes = destination.numel() if slot is None else slot.span[1] - slot.span[0]
         buffer = torch.empty((nbytes,), dtype=torch.uint8, pin_memory=pinned)
-        _read_exactly(self.fd, tensor_memoryview(buffer), offset, self.name)
+        read_exactly(self.fd, tensor_memoryview(buffer), offset, self.name)
         source = buffer
         if slot is not None:
             stride = slot.stride if slot.stride is not None else _contiguous_strides(slot.shape)
@@ -398,18 +399,6 @@ class _Plan:
                 destination.copy_(source, non_blocking=pinned)
         except RuntimeError as error:
             raise InvalidOptionsError(f"cannot copy into this tensor: {error}", fill.path) from None
-
-
-def _read_exactly(fd: int, view: memoryview, offset: int, name: str) -> None:
-    done = 0
-    while done < len(view):
-        try:
-            got = os.preadv(fd, [view[done:]], offset + done)
-        except OSError as error:
-            raise CheckpointError(f"cannot read {name}: {error.strerror or error}") from error
-        if got <= 0:
-            raise CheckpointError(f"{name}: the file ends before its data does")
-        done += got
 
 
 def _run(jobs: list[Callable[[], None]], poll: Callable[[], None] | None) -> None:

@@ -814,7 +814,11 @@ def _pread(fd: int, nbytes: int, offset: int, path: str) -> bytes:
 
 
 def _read_into(fd: int, tensor: torch.Tensor, offset: int, path: str) -> None:
-    view = tensor_memoryview(tensor)
+    read_exactly(fd, tensor_memoryview(tensor), offset, path)
+
+
+def read_exactly(fd: int, view: memoryview, offset: int, path: str) -> None:
+    """Fill ``view`` from ``fd`` at ``offset``; a file that ends first is a format error."""
     done = 0
     while done < len(view):
         try:

@@ -83,10 +83,6 @@ from torch.futures import Future
 
 from .. import _torch
 from .._core._run import Run
-from .._devices._backend import enqueue_batch
-from .._devices._host import run_host_batch
-from .._drivers._base import CallOrder
-from .._drivers._gc import gc_paused
 from .._drivers._sync import SyncStager, _Enqueued
 from .._errors import (
     CheckpointFormatError,
@@ -669,34 +665,9 @@ class _LandingStager(SyncStager):
     def _new_run(self, state_dict: Any, buffer_set: Any, *, track_leaves: bool) -> Run[Any]:
         return super()._new_run(state_dict, buffer_set, track_leaves=self._on_landed is not None)
 
-    def _copy_all(self, run: Run[_Enqueued], order: CallOrder) -> None:
-        if self._on_landed is None:
-            super()._copy_all(run, order)
-            return
-        with gc_paused(self._resolved.pause_gc):
-            for _ in run.walk:
-                pass
-        while True:
+    def _landed(self, run: Run[_Enqueued]) -> None:
+        if self._on_landed is not None:
             self._hand_out(run)
-            batch = run.next_batch(final=True)
-            if batch is None:
-                if not run.pending:
-                    break
-                run.pending[0].wait()
-                run.reap()
-                continue
-            backend = self._backend_for_batch(order, batch)
-            if backend is None:
-                run_host_batch(batch)
-                if not run.pending:  # copies land in order: only then is this one the frontier
-                    run.landed = max(run.landed, batch.end)
-            else:
-                marks = order.marks_for(batch.device)
-                copies = enqueue_batch(
-                    backend, batch, marks, non_blocking=self._resolved.non_blocking
-                )
-                run.start(_Enqueued(batch, copies))
-        self._hand_out(run)
 
     def _hand_out(self, run: Run[_Enqueued]) -> None:
         assert self._on_landed is not None
