@@ -18,6 +18,7 @@ import pytest_asyncio
 import uvloop
 from conftest import (
     DRIVERS,
+    GC_CLOCK,
     HAS_CUDA,
     LOOP_FACTORIES,
     MARKERS,
@@ -180,6 +181,21 @@ async def test_heartbeat_sees_a_blocking_stretch_at_the_end() -> None:
         time.sleep(0.1)  # the last thing in the block: the beat asleep now must record it
     assert beat.max_lag >= 0.08
     assert len(beat.lateness) > 1
+
+
+@pytest.mark.asyncio
+@pytest.mark.allow_blocking("stands in for a garbage collection that holds the loop")
+async def test_heartbeat_leaves_garbage_collection_out() -> None:
+    async with heartbeat() as beat:
+        await anyio.sleep(0.01)
+        # What the collector's callbacks see during a long collection: its time is no
+        # coroutine's blocking call.
+        GC_CLOCK("start", {})
+        time.sleep(0.1)
+        GC_CLOCK("stop", {})
+        await anyio.sleep(0.01)
+    assert beat.max_lag < 0.05
+    assert beat.gc_seconds >= 0.09
 
 
 @pytest.mark.asyncio
