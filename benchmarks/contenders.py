@@ -51,6 +51,10 @@ class Contender:
         """Close the stager and free its buffers."""
         raise NotImplementedError
 
+    def reserve(self, state_dict: Any) -> float:
+        """Reserve the buffers ``state_dict`` needs ahead of the first call; its wall time."""
+        raise NotImplementedError(f"{self.name} has no reserve()")
+
     def new_nbytes(self) -> int | None:
         """Host bytes the last call allocated, where the stager reports it."""
         return None
@@ -73,6 +77,11 @@ class AstageSync(Contender):
         stager = self._stager
         assert stager is not None
         return timed(lambda: stager.stage(state_dict))
+
+    def reserve(self, state_dict: Any) -> float:
+        stager = self._stager
+        assert stager is not None
+        return timed(lambda: stager.reserve(state_dict))
 
     def stop(self) -> None:
         if self._stager is not None:
@@ -102,6 +111,11 @@ class AstageAsync(Contender):
         stager = self.stager
         assert stager is not None
         return self._runner.run(timed_async(lambda: stager.stage(state_dict)))
+
+    def reserve(self, state_dict: Any) -> float:
+        stager = self.stager
+        assert stager is not None
+        return self._runner.run(timed_async(lambda: stager.reserve(state_dict)))
 
     def stop(self) -> None:
         if self.stager is not None:

@@ -52,8 +52,8 @@ def results(runner: LoopRunner) -> dict[str, ScenarioResult]:
 
 
 EXPECTED = {
-    "bulk": 6,
-    "small": 6,
+    "bulk": 8,
+    "small": 10,
     "model": 4,
     "lag": 10,
     "memory": 10,
