@@ -494,6 +494,40 @@ def test_many_saves_reuse_the_same_buffers(default_stager: compat.DefaultStager)
     assert default_stager.last_stats.new_nbytes == 0
 
 
+@pytest.mark.parametrize(
+    ("overrides", "shared"),
+    [({}, False), ({"huge_pages": True}, False), ({}, True)],
+    ids=["plain", "huge-pages", "shared-memory"],
+)
+@pytest.mark.parametrize("async_staging", [False, True], ids=["sync", "async"])
+def test_saves_of_large_tensors_reuse_the_same_buffers(
+    overrides: dict[str, Any], shared: bool, async_staging: bool
+) -> None:
+    """Buffers of every size and kind come free once the snapshot is dropped.
+
+    Large buffers live on mappings of their own (page-aligned, or huge pages): the pool must
+    still see them unused once the upload has let go of the snapshot, or every save pays for a
+    new buffer set (fresh memory: a first call's cost, and twice the host memory meanwhile).
+    """
+    sd = {
+        "small": torch.randn(64),
+        "page_aligned": torch.randn(3 << 18),  # 3 MiB: a mapping of its own
+        "huge": torch.randn(1 << 20).view(512, 2048),  # 4 MiB, 2-D: staged as a typed twin
+        "flat_view": torch.randn(1 << 19)[1:],  # a view: staged into a flat uint8 buffer
+    }
+    config = cpu_config(async_staging=async_staging, shared=shared)
+    with compat.DefaultStager(config, **overrides) as stager:
+        for step in range(3):
+            staged = resolve(stager.stage(sd))
+            assert_tree_staged(staged, sd)
+            del staged  # the upload is done with it
+            mutate_(sd)
+            assert stager.last_stats is not None
+            if step:
+                assert stager.last_stats.new_nbytes == 0, f"save {step + 1} allocated"
+        assert stager._pool.sets == 1
+
+
 def test_a_snapshot_still_read_is_never_overwritten(
     default_stager: compat.DefaultStager,
 ) -> None:

@@ -291,13 +291,12 @@ class BufferCache:
     ) -> torch.Tensor:
         if not self._share_memory:
             if nbytes >= HUGE_PAGE and self._wants_huge_pages():
-                return huge_empty(nbytes).view(dtype).view(shape)
+                return _sole_tensor(huge_empty(nbytes).untyped_storage(), shape, dtype)
             if nbytes >= PAGE_ALIGNED_MIN_BYTES:
-                return page_empty(nbytes).view(dtype).view(shape)
+                return _sole_tensor(page_empty(nbytes).untyped_storage(), shape, dtype)
             # No Python storage object is created: one tensor is the whole cost of a buffer.
             return torch.empty(shape, dtype=dtype)
-        storage = new_shared_storage(nbytes)
-        return torch.empty((0,), dtype=dtype).set_(storage, 0, shape, _contiguous_strides(shape))
+        return _sole_tensor(new_shared_storage(nbytes), shape, dtype)
 
     def _wants_huge_pages(self) -> bool:
         huge = self._huge_pages
@@ -386,6 +385,17 @@ def _evicter(cache_ref: weakref.ref[BufferCache]) -> Callable[[HostBuffer], None
             cache._remove(buffer)
 
     return evict
+
+
+def _sole_tensor(storage: torch.UntypedStorage, shape: Shape, dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous ``shape``/``dtype`` tensor over all of ``storage``, the only tensor on it.
+
+    Why: :meth:`BufferCache.in_use` tells a free buffer by its storage's reference count, which
+    must equal a plain ``torch.empty`` buffer's. A view (``flat.view(dtype).view(shape)``) keeps
+    the tensor it was taken from alive, one reference more for as long as the buffer lives: such
+    a buffer looks in use forever (compat's pool then allocated a new buffer set for every save).
+    """
+    return torch.empty((0,), dtype=dtype).set_(storage, 0, shape, _contiguous_strides(shape))
 
 
 def _contiguous_strides(shape: Shape) -> tuple[int, ...]:
