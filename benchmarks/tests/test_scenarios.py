@@ -58,7 +58,7 @@ EXPECTED = {
     "lag": 10,
     "memory": 10,
     "dcp": 4,
-    "writers": 10,
+    "writers": 14,
     "gpu": 19,
     "restore": 16,
 }
