@@ -85,20 +85,24 @@ def main() -> None:
     print(f"load average {os.getloadavg()}, {os.cpu_count()} CPUs")
     print(
         "size folder direct | write alone ms | writer CPU ms (% of wall) | stage alone ms |"
-        " astage.save ms (x max(stage, write)) | save's writer CPU ms"
+        " astage.save ms (x max(stage, write)) | save's writer CPU ms (% of the save's wall)"
     )
     for mib in args.mib:
         for folder in args.folders:
             for direct in (False, True):
                 r = anyio.run(_one, mib, folder, direct, args.repeats, args.huge_pages)
                 share = statistics.median(c / w for c, w in zip(r["cpu"], r["write"], strict=True))
+                save_share = statistics.median(
+                    c / w for c, w in zip(r["save_cpu"], r["save"], strict=True)
+                )
                 ratio = statistics.median(
                     s / max(a, b) for s, a, b in zip(r["save"], r["stage"], r["write"], strict=True)
                 )
                 print(
                     f"{mib:5d} {folder:9s} {direct!s:5s} | {_spread(r['write'])} | "
                     f"{_spread(r['cpu'])} ({share:.0%}) | {_spread(r['stage'])} | "
-                    f"{_spread(r['save'])} ({ratio:.2f}x) | {_spread(r['save_cpu'])}",
+                    f"{_spread(r['save'])} ({ratio:.2f}x) | {_spread(r['save_cpu'])} "
+                    f"({save_share:.0%})",
                     flush=True,
                 )
     print(f"load average {os.getloadavg()}")
