@@ -42,6 +42,9 @@ from ._arena import (
     page_empty,
 )
 
+_empty_like = torch.empty_like
+_CPU = torch.device("cpu")
+
 
 class CacheInfo(NamedTuple):
     """How much host memory a stager holds in its buffer cache."""
@@ -250,14 +253,19 @@ class BufferCache:
         then allocated as its staged twin, which becomes the buffer's reusable ``view``.
         """
         nbytes = source.nbytes()
-        if like is not None:
-            whole = self._empty(like.shape, like.dtype, nbytes)
-        else:
+        if like is None:
             whole = self._empty((nbytes,), torch.uint8, nbytes)
+        elif nbytes < PAGE_ALIGNED_MIN_BYTES and not self._share_memory:
+            # Most buffers of a first call: torch.empty_like takes half the time of
+            # torch.empty(shape, dtype=) (2.2 vs 4.8 us per tensor, 50,000 small tensors).
+            whole = _empty_like(like) if like.is_cpu else _empty_like(like, device=_CPU)
+        else:
+            whole = self._empty(like.shape, like.dtype, nbytes)
+        device = source.device
         buffer = HostBuffer(source, self._evict)
         buffer.key = key = id(source)
         buffer.nbytes = nbytes
-        buffer.device = source.device
+        buffer.device = device
         buffer.whole = whole
         buffer.view = whole if like is not None else None
         buffer.view_dtype = whole.dtype if like is not None else None
@@ -265,10 +273,7 @@ class BufferCache:
         # Pinning speeds up device-to-host copies only: a CPU source gains nothing from it and
         # would pay ~0.1 s per GB to register.
         buffer.wants_pin = (
-            self._pin_memory
-            and nbytes > 0
-            and nbytes >= self._pin_min
-            and source.device.type != "cpu"
+            self._pin_memory and nbytes > 0 and nbytes >= self._pin_min and device.type != "cpu"
         )
         buffer.copies = [] if buffer.wants_pin else None
         buffer.registration = None

@@ -33,6 +33,8 @@ _MISSING: Any = object()
 
 _Tensor = torch.Tensor
 _Parameter = torch.nn.Parameter
+_strided = torch.strided
+_bool = torch.bool
 
 
 class TensorStager:
@@ -161,7 +163,7 @@ class TensorStager:
             return None
         buffer = self._buffers.get(id(storage))  # BufferCache.get, inlined: this is per tensor
         if buffer is None or buffer() is not storage:
-            return None
+            return self._fresh(x, storage)
         view = buffer.view
         if (
             view is None
@@ -187,6 +189,52 @@ class TensorStager:
         # The buffer's own view stays private: consumers get a new tensor object each call,
         # so what they do to its metadata or attributes cannot reach the next call.
         y = view.detach()
+        self._memo[id(x)] = y
+        return y
+
+    def _fresh(self, x: torch.Tensor, storage: torch.UntypedStorage) -> torch.Tensor | None:
+        """A plain tensor on a storage that has no buffer yet, spanning it: the first call's
+        lean path.
+
+        The same checks as :meth:`_stage` makes for a buffer that gets a reusable view, in
+        one expression, and the buffer allocated as the tensor's twin: a first call over
+        tens of thousands of optimizer-state tensors spends its time here. Anything else
+        (views, bool data, conjugate or negative bits, attributes, a size-0 or size-1
+        dimension, the rare kinds) returns None and takes :meth:`_stage`.
+        """
+        key = id(storage)
+        if (
+            key in self.storages
+            or x.layout is not _strided
+            or x.is_nested  # before anything that reads sizes, which a nested tensor refuses
+            or x.is_quantized
+            or x.is_meta
+            or x.dtype is _bool
+            or x.storage_offset() != 0
+            or not _strides_follow_from_shape(x.shape)
+            or not x.is_contiguous()
+            or x.nbytes != storage.nbytes()
+            or x.is_conj()
+            or x.is_neg()
+            or x.__dict__
+        ):
+            return None
+        buffer = self._cache.allocate(storage, like=x)
+        plan = self._plan
+        plan.new_buffers += 1
+        plan.new_nbytes += buffer.nbytes
+        view = buffer.view
+        assert view is not None  # allocated as x's twin
+        # No size-0 dimension: the buffer has bytes, so there is always a copy.
+        copies = self._copies
+        index = len(copies.srcs)
+        copies.srcs.append(x)  # keeps x (so its id in the memo, and its storage) alive
+        copies.dsts.append(view)
+        copies.buffers.append(buffer)
+        self.storages[key] = buffer
+        self.copy_index[key] = index
+        self._last_copy = index
+        y = view.detach()  # the buffer's own view stays private (see _restage)
         self._memo[id(x)] = y
         return y
 
