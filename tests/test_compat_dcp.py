@@ -142,8 +142,14 @@ class GatedWriter(FileSystemWriter):
 
 def small_model(device: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)
+    # One weight of 1 MiB (and its two AdamW moments): buffers that large live on mappings of
+    # their own, and must come free after an upload as the small ones do.
     model = torch.nn.Sequential(
-        torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.LayerNorm(32), torch.nn.Linear(32, 4)
+        torch.nn.Linear(16, 512),
+        torch.nn.ReLU(),
+        torch.nn.Linear(512, 512),
+        torch.nn.LayerNorm(512),
+        torch.nn.Linear(512, 4),
     ).to(device)
     optim = torch.optim.AdamW(model.parameters(), lr=1e-2)
     return model, optim
