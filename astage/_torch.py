@@ -12,11 +12,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
+import torch.multiprocessing  # imported by torch itself: costs nothing
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass as _is_wrapper
 
 __all__ = [
@@ -83,10 +85,40 @@ def new_shared_storage(nbytes: int) -> torch.UntypedStorage:
     """A CPU storage of ``nbytes`` in shared memory, allocated there directly.
 
     Why: ``share_memory_()`` on an ordinary storage allocates, then copies into shared memory;
-    the private constructor allocates once, and no public API does.
+    the private constructors allocate once, and no public API does.
+
+    Where torch shares storages by file descriptor (Linux's default), the memory is an
+    anonymous ``memfd`` sized by ``ftruncate`` and mapped by torch as a shared storage that
+    keeps its descriptor (``_new_shared_fd_cpu``, what a receiving process uses): pages are
+    allocated on first write, by the copy. ``_new_shared`` makes a file in ``/dev/shm`` and
+    ``fallocate``s all of it up front (~0.3 s/GiB here); first write included, the memfd
+    measured 1.33x faster for 1 GiB in 64 storages and 1.8x for 3,000 small ones. It also
+    escapes a small ``/dev/shm`` (a container's 64 MiB default), which the ``fallocate``
+    guards against. Under the ``file_system`` strategy torch shares only storages it
+    allocated by name, so ``_new_shared`` stays.
     """
+    if _HAS_MEMFD and nbytes and _sharing_strategy() == "file_descriptor":
+        fd = os.memfd_create("astage", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, nbytes)
+            return _new_shared_fd(fd, nbytes)
+        finally:
+            os.close(fd)  # the storage keeps a descriptor of its own (a dup)
     storage: torch.UntypedStorage = torch.UntypedStorage._new_shared(nbytes)
     return storage
+
+
+_HAS_MEMFD = hasattr(os, "memfd_create") and hasattr(torch.UntypedStorage, "_new_shared_fd_cpu")
+
+
+def _new_shared_fd(fd: int, nbytes: int) -> torch.UntypedStorage:
+    storage: torch.UntypedStorage = torch.UntypedStorage._new_shared_fd_cpu(fd, nbytes)  # type: ignore[attr-defined]
+    return storage
+
+
+def _sharing_strategy() -> str:
+    # Read at each allocation: an application may set the strategy at any time.
+    return str(torch.multiprocessing.get_sharing_strategy())
 
 
 def neg_view(tensor: torch.Tensor) -> torch.Tensor:
