@@ -48,6 +48,7 @@ from ._events import DeviceLimiters, wait_for_event
 from ._gc import gc_paused
 from ._leases import Lease
 from ._sets import BufferSet
+from ._slices import in_copy_slice
 from ._snapshots import Snapshot
 
 
@@ -177,7 +178,8 @@ class Stager(StagerBase):
             limiter = anyio.CapacityLimiter(1)  # one batch at a time: torch spreads a fill
             for batch, first_serial, pin in work.batches():
                 touched = await anyio.to_thread.run_sync(
-                    partial(reserve_batch, batch, first_serial, pin_buffers=pin), limiter=limiter
+                    partial(in_copy_slice, reserve_batch, batch, first_serial, pin_buffers=pin),
+                    limiter=limiter,
                 )
                 work.landed(batch, touched, progress)
             return work.result(self)
@@ -401,8 +403,10 @@ class _Call:
             if inflight.backend is not None:
                 await self._copy_from_device(inflight.batch, inflight.backend)
             else:
+                # With a long scheduler slice: the loop's thread takes a core from the copy
+                # the moment it wakes up (see _slices).
                 await anyio.to_thread.run_sync(
-                    run_host_batch, inflight.batch, limiter=self._host_limiter
+                    in_copy_slice, run_host_batch, inflight.batch, limiter=self._host_limiter
                 )
         except Exception as exc:  # noqa: BLE001 - handed to the call
             inflight.error = exc
@@ -421,7 +425,7 @@ class _Call:
 
         try:
             # Pinning (slow, and never on the loop) and enqueueing run in a worker thread.
-            await anyio.to_thread.run_sync(enqueue, limiter=self._host_limiter)
+            await anyio.to_thread.run_sync(in_copy_slice, enqueue, limiter=self._host_limiter)
         finally:
             if enqueued:  # copies were enqueued: they land before this call may end
                 copies = enqueued[0]

@@ -1,0 +1,311 @@
+"""What holds the loop when a heartbeat wakes up late: ``python -m benchmarks.lag_trace``.
+
+Stages the lag scenario's dicts (1 GiB in 64 tensors, 50,000 small tensors; first and cached
+calls) on asyncio with a 1 ms heartbeat, and timestamps everything the loop thread runs: every
+callback and task step (``asyncio.events.Handle._run``), every ``select`` (the loop asleep, the
+GIL released), every garbage collection, and every host batch copied in a worker thread. For each
+beat later than ``--late`` ms it prints what ran on the loop thread between the beat's due time
+and its wake-up, and how much of that gap nothing on the loop thread accounts for: time the
+thread was runnable but not running (the OS scheduler), or waiting for the GIL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import asyncio.events
+import gc
+import os
+import selectors
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+import astage
+from astage._core._run import Run
+
+Span = tuple[float, float, str]
+
+
+class Trace:
+    """Spans recorded on the loop thread and in the copy threads, with one clock."""
+
+    def __init__(self) -> None:
+        self.handles: list[Span] = []
+        self.selects: list[tuple[float, float, float | None]] = []
+        self.gcs: list[tuple[float, float]] = []
+        self.copies: list[tuple[float, float, int, int]] = []
+        self.beats: list[tuple[float, float]] = []
+        self.parts: list[Span] = []
+        """Pieces of the driver's loop-thread steps longer than 0.4 ms."""
+        self._gc_started = 0.0
+
+    def install(self) -> Callable[[], None]:
+        trace = self
+        clock = time.perf_counter
+        original_run = asyncio.events.Handle._run
+        original_select = selectors.EpollSelector.select
+        import astage._drivers._async as driver
+
+        original_copy = driver.run_host_batch  # type: ignore[attr-defined]
+
+        def run(handle: asyncio.events.Handle) -> None:
+            started = clock()
+            original_run(handle)
+            ended = clock()
+            if ended - started > 5e-5:
+                trace.handles.append((started, ended, _name(handle)))
+
+        def select(self: selectors.EpollSelector, timeout: float | None = None) -> Any:
+            started = clock()
+            ready = original_select(self, timeout)
+            trace.selects.append((started, clock(), timeout))
+            return ready
+
+        intraop = int(os.environ.get("LAG_TRACE_INTRAOP", "0"))
+
+        def copy(batch: Any) -> None:
+            if intraop and torch.get_num_threads() != intraop:
+                torch.set_num_threads(intraop)
+            started = clock()
+            original_copy(batch)
+            trace.copies.append((started, clock(), len(batch.srcs), threading.get_ident()))
+
+        def on_gc(phase: str, info: dict[str, int]) -> None:
+            if phase == "start":
+                trace._gc_started = clock()
+            else:
+                trace.gcs.append((trace._gc_started, clock()))
+
+        asyncio.events.Handle._run = run  # type: ignore[method-assign,assignment]
+        selectors.EpollSelector.select = select  # type: ignore[method-assign,assignment]
+        driver.run_host_batch = copy  # type: ignore[attr-defined]
+        original_walk_for = driver._walk_for
+
+        def walk_for(walk: Any, seconds: float) -> bool:
+            deadline = clock() + seconds
+            started = clock()
+            for _ in walk:
+                now = clock()
+                if now - started > 4e-4:
+                    trace.parts.append((started, now, "walk item ending at " + _where(walk)))
+                if now >= deadline:
+                    return False
+                started = now
+            now = clock()
+            if now - started > 4e-4:
+                trace.parts.append((started, now, "last walk item"))
+            return True
+
+        driver._walk_for = walk_for
+        patched: list[tuple[Any, str, Any]] = []
+        for owner, name in (
+            (driver._Call, "_dispatch"),
+            (driver._Call, "__aenter__"),
+            (driver._Call, "__aexit__"),
+            (driver.Stager, "_finish"),
+            (Run, "reap"),
+            (Run, "__init__"),
+        ):
+            original = getattr(owner, name)
+            patched.append((owner, name, original))
+            setattr(owner, name, _timed(trace, original, f"{owner.__name__}.{name}"))
+        gc.callbacks.append(on_gc)
+
+        def uninstall() -> None:
+            asyncio.events.Handle._run = original_run  # type: ignore[method-assign]
+            selectors.EpollSelector.select = original_select  # type: ignore[method-assign]
+            driver.run_host_batch = original_copy  # type: ignore[attr-defined]
+            driver._walk_for = original_walk_for
+            for owner, name, original in patched:
+                setattr(owner, name, original)
+            gc.callbacks.remove(on_gc)
+
+        return uninstall
+
+    def clear(self) -> None:
+        for spans in (self.handles, self.selects, self.gcs, self.copies, self.beats, self.parts):
+            spans.clear()
+
+
+def _ms(seconds: float, width: int = 6) -> str:
+    return f"{seconds * 1e3:{width}.2f}"
+
+
+def _timed(trace: Trace, function: Any, name: str) -> Any:
+    clock = time.perf_counter
+    if asyncio.iscoroutinefunction(function):
+
+        async def timed_async(*args: Any, **kwargs: Any) -> Any:
+            started = clock()
+            try:
+                return await function(*args, **kwargs)
+            finally:
+                if clock() - started > 4e-4:
+                    trace.parts.append((started, clock(), name + " (with awaits)"))
+
+        return timed_async
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        started = clock()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            if clock() - started > 4e-4:
+                trace.parts.append((started, clock(), name))
+
+    return timed
+
+
+def _where(generator: Any) -> str:
+    """Where the innermost generator of a ``yield from`` chain stands."""
+    while getattr(generator, "gi_yieldfrom", None) is not None:
+        generator = generator.gi_yieldfrom
+    frame = getattr(generator, "gi_frame", None)
+    if frame is None:
+        return "?"
+    code = frame.f_code
+    return f"{code.co_qualname} ({code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno})"
+
+
+def _name(handle: asyncio.events.Handle) -> str:
+    callback = handle._callback  # type: ignore[attr-defined]
+    owner = getattr(callback, "__self__", None)
+    if isinstance(owner, asyncio.Task):
+        coro = owner.get_coro()
+        frame = getattr(coro, "cr_frame", None)
+        where = f"{frame.f_code.co_qualname}:{frame.f_lineno}" if frame is not None else "?"
+        return f"task {getattr(coro, '__qualname__', '?')} (now at {where})"
+    return getattr(callback, "__qualname__", repr(callback))
+
+
+async def _beat(trace: Trace, stop: asyncio.Event) -> None:
+    clock = time.perf_counter
+    while not stop.is_set():
+        before = clock()
+        await asyncio.sleep(0.001)
+        trace.beats.append((before, clock()))
+
+
+def _explain(trace: Trace, late_s: float, origin: float) -> list[str]:
+    lines = []
+    for before, woke in trace.beats:
+        lateness = woke - before - 0.001
+        if lateness < late_s:
+            continue
+        due = before + 0.001
+        ran = [h for h in trace.handles if h[1] > due and h[0] < woke]
+        held = sum(min(end, woke) - max(start, due) for start, end, _ in ran)
+        gcs = sum(min(e, woke) - max(s, due) for s, e in trace.gcs if e > due and s < woke)
+        slept = [s for s in trace.selects if s[1] > due and s[0] < woke]
+        asleep = sum(min(end, woke) - max(start, due) for start, end, _ in slept)
+        copies = [c for c in trace.copies if c[1] > due and c[0] < woke]
+        lines.append(
+            f"  beat due {1e3 * (due - origin):8.2f} ms, {1e3 * lateness:6.2f} ms late: "
+            f"loop ran {1e3 * held:5.2f} ms in {len(ran)} steps, selected {1e3 * asleep:5.2f} ms, "
+            f"gc {1e3 * gcs:4.2f}, unaccounted {1e3 * (lateness - held - asleep):5.2f} ms; "
+            f"{len(copies)} copies overlap"
+        )
+        for start, end, name in sorted(ran, key=lambda h: h[0] - h[1])[:3]:
+            lines.append(
+                f"      {1e3 * (end - start):6.2f} ms at {1e3 * (start - origin):8.2f}: {name}"
+            )
+        for start, end, name in trace.parts:
+            if end > due and start < woke:
+                lines.append(
+                    f"      part {_ms(end - start)} ms at {_ms(start - origin, 8)}: {name}"
+                )
+        for start, end, timeout in slept:
+            if end - start > 0.0015 or (timeout is not None and end - start > timeout + 0.0005):
+                lines.append(
+                    f"      select {1e3 * (end - start):6.2f} ms (timeout "
+                    f"{'-' if timeout is None else f'{1e3 * timeout:.2f}'}) at "
+                    f"{1e3 * (start - origin):8.2f}"
+                )
+    return lines
+
+
+async def _traced_calls(  # noqa: PLR0917 - a script's helper
+    trace: Trace, state_dict: Any, phase: str, reps: int, late_s: float, verbose: bool
+) -> list[float]:
+    lateness_all: list[float] = []
+    stager = astage.Stager()
+    if phase == "cached":
+        await stager.stage(state_dict)
+    for _ in range(reps):
+        if phase == "first":
+            await stager.aclose()
+            stager = astage.Stager()
+        stop = asyncio.Event()
+        task = asyncio.create_task(_beat(trace, stop))
+        await asyncio.sleep(0.005)
+        trace.clear()
+        origin = time.perf_counter()
+        staged = await stager.stage(state_dict)
+        seconds = time.perf_counter() - origin
+        stop.set()
+        await task
+        del staged
+        lateness = [w - b - 0.001 for b, w in trace.beats]
+        lateness_all += lateness
+        ordered = sorted(lateness)
+        held = sum(e - s for s, e, _ in trace.handles)
+        print(
+            f" call {1e3 * seconds:7.1f} ms, {len(lateness)} beats, p99 "
+            f"{_ms(ordered[int(0.99 * (len(ordered) - 1))], 5)} max {_ms(ordered[-1], 5)} ms; "
+            f"loop steps {1e3 * held:6.1f} ms; copies {len(trace.copies)} "
+            f"({1e3 * sum(e - s for s, e, _, _ in trace.copies):6.1f} ms); gcs {len(trace.gcs)}"
+        )
+        if verbose:
+            for line in _explain(trace, late_s, origin):
+                print(line)
+    await stager.aclose()
+    return lateness_all
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.lag_trace", description=__doc__)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--late", type=float, default=1.0, help="explain beats later (ms)")
+    parser.add_argument("--only", choices=("bulk", "small"), action="append")
+    parser.add_argument("--phase", choices=("first", "cached"), action="append")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no per-beat explanation")
+    args = parser.parse_args(argv)
+    if os.environ.get("LAG_TRACE_NO_SLICE"):  # A/B: copy threads keep the default slice
+        from astage._drivers import _slices
+
+        _slices._scheduler = lambda: None  # type: ignore[assignment]
+    trace = Trace()
+    uninstall = trace.install()
+    try:
+        for workload in args.only or ("bulk", "small"):
+            if workload == "bulk":
+                state_dict: Any = {f"t{i}": torch.full((4 << 20,), float(i)) for i in range(64)}
+            else:
+                state_dict = {"s": [torch.full((4,), float(i)) for i in range(50_000)]}
+            for phase in args.phase or ("first", "cached"):
+                print(f"{workload} {phase}:")
+                lateness = asyncio.run(
+                    _traced_calls(
+                        trace, state_dict, phase, args.reps, args.late / 1e3, not args.quiet
+                    )
+                )
+                ordered = sorted(lateness)
+                print(
+                    f" pooled: {len(ordered)} beats, p50 {1e3 * statistics.median(ordered):.3f} "
+                    f"p99 {1e3 * ordered[int(0.99 * (len(ordered) - 1))]:.2f} "
+                    f"max {1e3 * ordered[-1]:.2f} ms"
+                )
+            del state_dict
+    finally:
+        uninstall()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
