@@ -1,0 +1,94 @@
+"""A first call: plain tensors take the lean path (TensorStager._fresh), everything else the
+general one, and both leave the cache as a cached call expects it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import Driver
+
+from astage._core._cache import BufferCache
+from astage._core._plan import Plan
+from astage._core._walk import build_plan
+
+
+def _walk(cache: BufferCache, state_dict: object) -> Plan:
+    walk = build_plan(cache, state_dict)
+    try:
+        while True:
+            next(walk)
+    except StopIteration as stop:
+        plan: Plan = stop.value
+        return plan
+
+
+def _cache() -> BufferCache:
+    return BufferCache(pin_memory=False, share_memory=False, pin_memory_min_bytes=0)
+
+
+def test_plain_tensors_get_their_twin_as_the_buffers_private_view() -> None:
+    sd = {"a": torch.randn(4, 3), "b": torch.tensor(2.0), "c": torch.arange(6)}
+    cache = _cache()
+    plan = _walk(cache, sd)
+    assert plan.new_buffers == 3 and len(plan.copies) == 3
+    for key, source in sd.items():
+        buffer = cache.get(source.untyped_storage())
+        assert buffer is not None and buffer.view is not None
+        staged = plan.result[key]
+        assert staged is not buffer.view  # handed out: a tensor of its own on the same memory
+        assert staged.data_ptr() == buffer.view.data_ptr()
+        assert (staged.dtype, staged.shape, staged.stride()) == (
+            source.dtype,
+            source.shape,
+            source.stride(),
+        )
+        assert (buffer.view_dtype, buffer.view_shape) == (source.dtype, source.shape)
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        torch.ones(3, 1),  # a size-1 dimension: strides not pinned down by is_contiguous()
+        torch.zeros(0, 4),  # no bytes
+        torch.tensor([True, False]),  # bool: copied as bytes
+        torch.randn(4, 4).t(),  # not contiguous
+        torch.randn(8)[2:],  # a view past the start of its storage
+        torch.randn(3, dtype=torch.complex64).conj(),
+    ],
+    ids=["size-1", "empty", "bool", "transposed", "offset", "conj"],
+)
+def test_other_tensors_take_the_general_path(source: torch.Tensor) -> None:
+    cache = _cache()
+    plan = _walk(cache, {"x": source})
+    buffer = cache.get(source.untyped_storage())
+    assert buffer is not None and buffer.view is None  # no reusable twin for these
+    staged = plan.result["x"]
+    assert (staged.shape, staged.stride(), staged.storage_offset()) == (
+        source.shape,
+        source.stride(),
+        source.storage_offset(),
+    )
+
+
+def test_a_consumers_change_to_a_first_result_does_not_reach_the_next_call(
+    stager: Driver,
+) -> None:
+    sd = {"w": torch.randn(4, 3)}
+    first = stager.stage(sd)
+    first["w"].t_()  # on the handed-out tensor only
+    first["w"].extra = 1
+    second = stager.stage(sd)
+    assert second["w"].shape == (4, 3)
+    assert torch.equal(second["w"], sd["w"])
+    assert not hasattr(second["w"], "extra")
+
+
+def test_a_first_call_shares_one_buffer_between_aliases() -> None:
+    weight = torch.randn(4, 4)
+    sd = {"w": weight, "tied": weight, "row": weight[1], "again": weight.view(16)}
+    cache = _cache()
+    plan = _walk(cache, sd)
+    assert plan.new_buffers == 1 and len(plan.copies) == 1
+    assert plan.result["tied"] is plan.result["w"]
+    storages = {plan.result[k].untyped_storage().data_ptr() for k in sd}
+    assert len(storages) == 1
