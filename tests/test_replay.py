@@ -345,6 +345,73 @@ NEW_STORAGES = {"set_ another storage", ".data = another tensor"}
 UNRECORDABLE = {"a shared list", "an attribute on a tensor", "atoms lists become one"}
 
 
+def _optimizer_state(items: int, *, tied: bool = False) -> dict[str, Any]:
+    """``{'state': {i: {'p': tensor, 'q': tensor}}}``: items replayed as a group, in bulk.
+
+    ``tied``: every item holds the same two tensors (so only the items' identity tells a
+    dict met twice from two dicts).
+    """
+    shared = (torch.randn(3), torch.randn(2))
+    state = {
+        i: {"p": shared[0], "q": shared[1]} if tied else {"p": torch.randn(3), "q": torch.randn(2)}
+        for i in range(items)
+    }
+    return {"state": state, "param_groups": [{"lr": 0.1, "params": list(range(items))}]}
+
+
+_GROUP_ITEM_CHANGES: dict[str, Callable[[dict[Any, Any]], Any]] = {
+    "a key renamed": lambda item: {("r" if k == "p" else k): v for k, v in item.items()},
+    "a key of another type": lambda item: {
+        (_Key(k) if k == "p" else k): v for k, v in item.items()
+    },
+    "keys reordered": lambda item: dict(reversed(item.items())),
+    "a key added": lambda item: {**item, "extra": 1},
+    "dict -> OrderedDict": collections.OrderedDict,
+    "a tensor -> an int": lambda item: {**item, "q": 3},
+}
+
+
+@pytest.mark.parametrize("items", [4, 3 * BULK_STEP])  # built in one go, and in steps
+@pytest.mark.parametrize("name", [*_GROUP_ITEM_CHANGES, "one dict at two keys"])
+def test_a_changed_group_item_falls_back(name: str, items: int) -> None:
+    """Each check of a group's items, on the one item that changed; the others still match."""
+    cache = new_cache()
+    state_dict = _optimizer_state(items, tied=name == "one dict at two keys")
+    check_call(cache, state_dict, replayed=False)
+    root = _recording(cache).root
+    assert root.children[0].group is not None
+    check_call(cache, state_dict, replayed=True, track_leaves=True)
+    state = dict(state_dict["state"])
+    last = items - 1
+    if name == "one dict at two keys":
+        state[last] = state[last - 1]
+    else:
+        state[last] = _GROUP_ITEM_CHANGES[name](state[last])
+    changed = {**state_dict, "state": state}
+    plan = check_call(cache, changed, replayed=False, track_leaves=True)
+    assert _typed_paths(plan) == _typed_paths(stage(new_cache(), changed, track_leaves=True))
+
+
+def test_large_containers_of_tensors_are_replayed_in_steps() -> None:
+    """A Module.state_dict() (an OrderedDict with ``_metadata``), a list and an optimizer's
+    state, each too large to build in one go: replayed in bulk, in steps, like the walk."""
+    count = 3 * BULK_STEP
+    model: Any = collections.OrderedDict((f"w{i}", torch.randn(2)) for i in range(count))
+    model._metadata = {"": {"version": 1}}
+    state_dict = {
+        "model": model,
+        "tensors": [torch.randn(3) for _ in range(count)],
+        "optim": _optimizer_state(count),
+    }
+    cache = new_cache()
+    check_call(cache, state_dict, replayed=False)
+    plan = check_call(cache, state_dict, replayed=True, track_leaves=True)
+    assert plan.steps >= 4 * count // BULK_STEP  # type: ignore[attr-defined]
+    assert _typed_paths(plan) == _typed_paths(stage(new_cache(), state_dict, track_leaves=True))
+    changed = {**state_dict, "tensors": [*state_dict["tensors"][:-1], 5]}
+    check_call(cache, changed, replayed=False)
+
+
 def test_a_storage_resized_in_place_is_still_refused() -> None:
     cache = new_cache()
     state_dict = {"w": torch.randn(8), "v": torch.randn(3)}
@@ -610,7 +677,14 @@ _CHANGES = [
     "temporary",
     "t_",
     "tensor among atoms",
+    "group item",
 ]
+
+
+class _Key(str):
+    """A key equal to a recorded ``str`` key, of another type."""
+
+    __slots__ = ()
 
 
 class Scenario:
@@ -624,6 +698,7 @@ class Scenario:
         self.ordered = False
         self.same: Any = None
         self.atoms: tuple[list[Any], list[Any]] = (["a"], ["a"])
+        self.item_change: tuple[int, int] | None = None  # (variant, which item)
 
     def leaf(self, base: int, kind: str) -> torch.Tensor:
         x = self.bases[base]
@@ -634,7 +709,8 @@ class Scenario:
             return x.detach()[1:]
         if kind == "strided" and x.dim() == 1 and x.numel() >= 4:
             return x.detach().as_strided((2, x.numel() // 2), (1, 2))
-        if kind == "bytes" and x.dtype.itemsize >= 2:
+        bytes_ok = x.is_contiguous() and not x.is_neg() and not x.is_conj()
+        if kind == "bytes" and x.dtype.itemsize >= 2 and bytes_ok:
             return flat.view(torch.uint8)[1:]
         if kind == "conj" and x.is_complex():
             return x.detach().conj()
@@ -656,7 +732,13 @@ class Scenario:
                 x = [x, 2]
             elif container == "tuple":
                 x = (x, "s")
+            elif container == "group":  # like dicts of tensors only: an optimizer's state
+                partner = self.bases[(base + 1) % len(self.bases)].detach()
+                top.setdefault("state", {})[key] = {"p": x, "q": partner}
+                continue
             top[key] = x
+        if self.item_change is not None and len(top.get("state", ())) >= 2:
+            self._change_item(top["state"], *self.item_change)
         top["n"] = 7
         top["t"] = (1, 2.0)
         top.update(self.extra)
@@ -664,6 +746,24 @@ class Scenario:
             top["same1"] = top["same2"] = self.same
         top["atoms1"], top["atoms2"] = self.atoms
         return top
+
+    def _change_item(self, state: dict[str, Any], variant: int, pick: int) -> None:
+        """One item of the group changed in a way only a look at that item can tell."""
+        keys = list(state)
+        key = keys[pick % len(keys)]
+        item = state[key]
+        if variant == 0:
+            state[key] = {"r" if k == "p" else k: v for k, v in item.items()}
+        elif variant == 1:
+            state[key] = collections.OrderedDict(item)
+        elif variant == 2:
+            item["extra"] = 1
+        elif variant == 3:
+            state[keys[(pick + 1) % len(keys)]] = item  # one dict at two keys
+        elif variant == 4:
+            state[key] = {(_Key(k) if k == "p" else k): v for k, v in item.items()}
+        else:
+            state[key] = dict(reversed(item.items()))
 
     def change(self, change: str, pick: int) -> None:
         bases = self.bases
@@ -701,6 +801,8 @@ class Scenario:
             x.t_()
         elif change == "same object":
             self.same = x
+        elif change == "group item":
+            self.item_change = (pick % 6, pick // 6)
         elif change == "temporary":
             self.extra["rng"] = torch.randint(0, 255, (pick % 7 + 1,), dtype=torch.uint8)
 
@@ -724,7 +826,7 @@ def scenarios(draw: st.DrawFn) -> tuple[Scenario, list[tuple[str, int]]]:
             st.tuples(
                 st.integers(0, len(bases) - 1),
                 st.sampled_from(_KINDS),
-                st.sampled_from(["none", "dict", "list", "tuple"]),
+                st.sampled_from(["none", "dict", "list", "tuple", "group"]),
             ),
             min_size=1,
             max_size=8,
@@ -761,11 +863,18 @@ def test_any_change_between_calls_stages_like_a_fresh_cache(
         scenario.scramble()
         state_dict = scenario.make()
         plan = stage(cache, state_dict, track_leaves=True)
-        assert_same_staging(plan.result, fresh(state_dict), state_dict)
+        walked = stage(new_cache(), state_dict, track_leaves=True)
+        assert_same_staging(plan.result, walked.result, state_dict)
+        assert _typed_paths(plan) == _typed_paths(walked)
         assert len(plan.copies) == len({id(b) for b in plan.copies.buffers})
         assert plan.tensors == len(plan.leaves)
     if not changes:
         assert plan.replayed
+
+
+def _typed_paths(plan: Plan) -> list[str]:
+    """The paths ``stage_iter`` hands out, with the type of every key (1, 1.0 and True differ)."""
+    return sorted(repr([(type(key).__name__, key) for key in leaf.path]) for leaf in plan.leaves)
 
 
 def test_a_mismatch_keeps_no_source_alive() -> None:

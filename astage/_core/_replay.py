@@ -31,7 +31,8 @@ from __future__ import annotations
 import operator
 from collections import OrderedDict
 from collections.abc import Generator
-from typing import Any
+from itertools import chain, repeat
+from typing import Any, NamedTuple
 
 import torch
 
@@ -169,7 +170,7 @@ def _is_plain(leaf: tuple[Any, ...]) -> bool:
 class DictNode:
     """A ``dict`` or ``OrderedDict``: its keys (and their types) and what each value was."""
 
-    __slots__ = ("attrs", "children", "cls", "key_types", "keys", "size")
+    __slots__ = ("attrs", "children", "cls", "group", "key_types", "keys", "size", "span")
 
     def __init__(  # noqa: PLR0917 - built in one place, by the recorder
         self,
@@ -187,16 +188,20 @@ class DictNode:
         self.attrs: DictNode | None = attrs
         """The instance attributes (``_metadata`` on ``Module.state_dict()``), as a dict."""
         self.size = size + (attrs.size if attrs is not None else 0)
+        self.span: tuple[int, int] | None = _span(children)
+        self.group: Group | None = None
 
 
 class ListNode:
     """A list: what each item was; ``atoms`` when every item is atomic (any length then)."""
 
-    __slots__ = ("atoms", "children", "size")
+    __slots__ = ("atoms", "children", "group", "size", "span")
 
     def __init__(self, children: list[Any], atoms: bool, size: int) -> None:
         self.atoms = atoms
         self.children = children
+        self.span: tuple[int, int] | None = None if atoms else _span(children)
+        self.group: Group | None = None
         # A long list of atoms (an optimizer's param ids) counts as its length in chunks, so
         # that a replay checks it in steps (see Replay._atoms).
         self.size = 1 + len(children) // CHUNK if atoms else size
@@ -215,6 +220,61 @@ class TupleNode:
 
 def _size(child: Any) -> int:
     return 1 if child is None or type(child) is int else int(child.size)
+
+
+def _span(children: list[Any]) -> tuple[int, int] | None:
+    """``(first, stop)`` when every child is a tensor and their leaves follow one another.
+
+    Such a container (a ``Module.state_dict()``, an optimizer's per-parameter state) is
+    replayed in bulk without a look at each item: its values are the sources of leaves
+    ``first..stop-1`` in order, and its staged copy pairs its keys with their twins.
+    """
+    if not children or type(children[0]) is not int:
+        return None
+    first = children[0]
+    if children != list(range(first, first + len(children))):
+        return None
+    return first, first + len(children)
+
+
+class Group(NamedTuple):
+    """A container whose items are all plain dicts with the same keys of one type, each
+    holding only tensors, with their leaves in a row (an optimizer's ``state``).
+
+    Replayed in bulk, a few hundred items at a time with a handful of C calls each, rather than
+    one Python frame and a dozen calls per item.
+    """
+
+    keys: tuple[Any, ...]
+    key_type: type
+    first: int
+    """The first leaf of the first item; item ``i`` holds leaves ``first + i * len(keys)``..."""
+
+
+def _group_of(children: list[Any]) -> Walk:
+    """The :class:`Group` that ``children`` form, or None; yields every :data:`CHUNK` items."""
+    if len(children) < 2 or type(children[0]) is not DictNode:
+        return None
+    head = children[0]
+    keys = tuple(head.keys)
+    if head.span is None or not keys or len(set(head.key_types)) != 1:
+        return None
+    key_type = head.key_types[0]
+    width = len(keys)
+    first = head.span[0]
+    for index, child in enumerate(children):
+        if index % CHUNK == 0:
+            yield
+        if (
+            type(child) is not DictNode
+            or child.cls is not dict
+            or child.attrs is not None
+            or child.span != (first + index * width, first + (index + 1) * width)
+            or child.key_types != head.key_types
+            or child.keys != head.keys
+        ):
+            return None
+    return Group(keys, key_type, first)
 
 
 class Recording:
@@ -369,7 +429,10 @@ class _Recorder:
                 children.append(child)
                 size += _size(child)
                 atoms = atoms and child is None
-            return ListNode(children, atoms, size)
+            listed = ListNode(children, atoms, size)
+            if not atoms:
+                listed.group = yield from _group_of(children)
+            return listed
         if cls is tuple:
             children = []
             size = 0
@@ -404,7 +467,9 @@ class _Recorder:
             child = yield from self.visit(value, (*path, key))
             children.append(child)
             size += _size(child)
-        return DictNode(cls, keys, key_types, children, attrs, size)
+        node = DictNode(cls, keys, key_types, children, attrs, size)
+        node.group = yield from _group_of(children)
+        return node
 
     def _leaf(self, x: torch.Tensor, path: Path) -> int:
         if x.__dict__ or x.layout is not _strided or x.is_quantized or x.is_nested:
@@ -843,6 +908,8 @@ class Replay:
         atomic = ATOMIC_TYPES
         leaf = self._on_leaf
         twins = self._twins  # in bulk, with no temporary: collect the source, place its twin
+        if twins is not None and kind is not TupleNode and (node.span or node.group):
+            return self._small_in_bulk(node, x, twins)
         collect = self._xs.append
         if kind is DictNode:
             y = self._dict_header(node, x)
@@ -879,6 +946,101 @@ class Replay:
         self._register(x)
         return tuple(items)
 
+    # -- containers in bulk (every tensor alive: twins made ahead, checked afterwards) --------
+
+    def _open_in_bulk(self, node: Any, x: Any) -> tuple[Any, list[Any], list[Any]]:
+        """Check a container's own shape; its staged copy (empty), its keys and its values."""
+        if type(node) is DictNode:
+            y = self._dict_header(node, x)
+            return y, list(x), list(x.values())
+        if type(x) is not list or len(x) != len(node.children):
+            raise Mismatch
+        self._register(x)
+        return [], [], list(x)
+
+    def _small_in_bulk(self, node: Any, x: Any, twins: list[Any]) -> Any:
+        """A small container of tensors only (its values are the sources, in leaf order: their
+        types and metadata are checked with all the others, by :meth:`_check_bulk`), or of
+        like dicts of tensors only (a :class:`Group`)."""
+        y, keys, values = self._open_in_bulk(node, x)
+        if node.group is not None:
+            self._group_items(node, y, keys, values, 0, len(values), twins)
+            return y
+        first, stop = node.span
+        self._xs += values
+        if type(node) is DictNode:
+            y.update(zip(keys, twins[first:stop], strict=True))
+            return y
+        return twins[first:stop]
+
+    def _big_span_in_bulk(self, node: Any, x: Any, twins: list[Any]) -> Walk:
+        """:meth:`_span_in_bulk` for a large one, in steps."""
+        y, keys, values = self._open_in_bulk(node, x)
+        first = node.span[0]
+        xs = self._xs
+        dict_node = type(node) is DictNode
+        for start in range(0, len(values), _BULK_STEP):
+            stop = start + _BULK_STEP
+            xs += values[start:stop]
+            placed = twins[first + start : first + min(stop, len(values))]
+            if dict_node:
+                y.update(zip(keys[start:stop], placed, strict=True))
+            else:
+                y += placed
+            yield
+        self._work = 0
+        return y
+
+    def _group_in_bulk(self, node: Any, x: Any, twins: list[Any]) -> Walk:
+        """A large container of like dicts (see :class:`Group`), a few hundred at a time."""
+        y, keys, values = self._open_in_bulk(node, x)
+        step = max(1, _BULK_STEP // len(node.group.keys))
+        for start in range(0, len(values), step):
+            self._group_items(node, y, keys, values, start, start + step, twins)
+            yield
+        self._work = 0
+        return y
+
+    def _group_items(  # noqa: PLR0917 - one step of _group_in_bulk
+        self,
+        node: Any,
+        y: Any,
+        keys: list[Any],
+        values: list[Any],
+        start: int,
+        stop: int,
+        twins: list[Any],
+    ) -> None:
+        """Items ``start:stop`` of a :class:`Group`, into ``y``.
+
+        Per item, the checks :meth:`_build` makes, a handful of C calls for all of them:
+        exactly a ``dict``, the recorded keys in order and of the recorded type, met once in
+        the call. Its values are the sources, in leaf order; its staged copy pairs its own keys
+        with their twins.
+        """
+        group = node.group
+        width = len(group.keys)
+        part = values[start:stop]
+        if not all(map(_is, map(type, part), repeat(dict))):
+            raise Mismatch
+        if not all(map(group.keys.__eq__, map(tuple, part))):
+            raise Mismatch
+        if not all(map(_is, map(type, chain.from_iterable(part)), repeat(group.key_type))):
+            raise Mismatch
+        seen = self._seen
+        before = len(seen)
+        seen.update(map(id, part))
+        if len(seen) - before != len(part):
+            raise Mismatch  # an item met twice: the walk would share its copy
+        self._xs += chain.from_iterable(map(dict.values, part))
+        low = group.first + start * width
+        placed = twins[low : low + len(part) * width]
+        built = map(dict, map(zip, part, zip(*[iter(placed)] * width, strict=True)))
+        if type(node) is DictNode:
+            y.update(zip(keys[start:stop], built, strict=True))
+        else:
+            y += built
+
     def _atoms(self, x: Any) -> Walk:
         """A long list of atoms: copied, then its items' types checked in steps."""
         if type(x) is not list:
@@ -897,6 +1059,12 @@ class Replay:
         kind = type(node)
         if kind is ListNode and node.atoms:
             return (yield from self._atoms(x))
+        twins = self._twins
+        if twins is not None and kind is not TupleNode:
+            if node.group is not None:
+                return (yield from self._group_in_bulk(node, x, twins))
+            if node.span is not None:
+                return (yield from self._big_span_in_bulk(node, x, twins))
         if kind is DictNode:
             y: Any = self._dict_header(node, x)
             pairs: Any = zip(x.items(), node.children, strict=True)
