@@ -39,6 +39,7 @@ class Config:
     dcp_layers: int = 6  # the dcp scenario's GPT-2-like model: about 430 MB with AdamW
     dcp_width: int = 512
     dcp_vocab: int = 32000
+    writer_repeats: int = 5  # the writers page: a disk whose speed swings needs more pairs
 
     @classmethod
     def smoke(cls) -> Config:
@@ -56,6 +57,7 @@ class Config:
             dcp_layers=2,
             dcp_width=128,
             dcp_vocab=4096,
+            writer_repeats=1,
         )
 
     @property
@@ -64,7 +66,8 @@ class Config:
         return f"{fmt_bytes(self.bulk_bytes)} in {self.bulk_tensors} float32 tensors"
 
     def with_repeats(self, repeats: int) -> Config:
-        return dataclasses.replace(self, repeats=repeats)
+        """``repeats`` for every scenario (``--repeats``), the writers' included."""
+        return dataclasses.replace(self, repeats=repeats, writer_repeats=repeats)
 
 
 class Data:

@@ -238,7 +238,7 @@ def _measure(state_dict: Any, config: Config, runner: LoopRunner) -> dict[str, l
             figures.clear()
         session.save_cpu.clear()
         session.write_cpu.clear()
-        for repeat in range(config.repeats):
+        for repeat in range(config.writer_repeats):
             for name in _order(repeat):
                 times[name].append(session.run(name))
         times[SAVE_STAGING] = list(session.save_staging)
@@ -427,7 +427,7 @@ def writer_saves(config: Config, data: Data, runner: LoopRunner) -> ScenarioResu
         (bulk_label, bulk_times, bulk_shape),
     ):
         result.checks += _checks(label, times)
-        result.tables.append(_table(label, times, shape.nbytes, config.repeats))
+        result.tables.append(_table(label, times, shape.nbytes, config.writer_repeats))
         result.notes += _notes(label, times)
     result.notes.append(
         "The contenders from other libraries do not overlap staging with writing: "

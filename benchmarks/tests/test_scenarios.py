@@ -30,6 +30,7 @@ TINY = Config(
     dcp_layers=1,
     dcp_width=64,
     dcp_vocab=256,
+    writer_repeats=1,
 )
 
 
