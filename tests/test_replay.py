@@ -422,6 +422,17 @@ def test_a_storage_resized_in_place_is_still_refused() -> None:
         stage(cache, state_dict)
 
 
+def test_a_storage_resized_under_an_unchanged_tensor_is_refused() -> None:
+    """The tensor's own metadata still matches: only the storage's size tells."""
+    cache = new_cache()
+    state_dict = {"w": torch.randn(8), "v": torch.randn(3)}
+    stage(cache, state_dict)
+    assert stage(cache, state_dict).replayed
+    state_dict["w"].untyped_storage().resize_(64)
+    with pytest.raises(BufferMismatchError):
+        stage(cache, state_dict)
+
+
 def test_a_mismatch_midway_copies_no_storage_twice() -> None:
     """Copies found before the mismatch are handed to the walk, which does not copy them again."""
     count = 4 * CHUNK

@@ -32,7 +32,7 @@ import operator
 from collections import OrderedDict
 from collections.abc import Generator
 from itertools import chain, repeat
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 
@@ -334,6 +334,17 @@ class Recording:
         self.all_whole = min(self.copy_src, default=0) >= 0
         buffers = yield from _mapped(slots.__getitem__, copy_slots)
         self.copy_nbytes = yield from _mapped(_buffer_nbytes, buffers)
+        # One tensor per storage, each spanning its buffer, in the order of their slots (many
+        # small tensors, each its own storage): the copies are then the sources themselves
+        # into their buffers' views, in leaf order, with no list to pick them from.
+        self.one_to_one = self.all_whole and len(copy_slots) == len(slots) == len(leaves)
+        for start in range(0, len(copy_slots), 8 * _BULK_STEP):
+            if not self.one_to_one:
+                break
+            stop = start + 8 * _BULK_STEP
+            order = list(range(start, min(stop, len(copy_slots))))
+            self.one_to_one = copy_slots[start:stop] == order == self.copy_src[start:stop]
+            yield
 
     def forget(self, buffer: HostBuffer) -> None:
         """``buffer`` left the cache: drop it from its slot (any thread; one atomic store)."""
@@ -553,6 +564,7 @@ class Replay:
         self._twins: list[Any] | None = None
         self._xs: list[Any] = []
         self._ys: list[Any] = []
+        self._views: list[Any] = []
         self._storages: list[Any] = []
         self._dead = 0
 
@@ -653,6 +665,7 @@ class Replay:
         rec = self._rec
         slots = self._slots
         views = yield from _mapped_live(_view, slots, self._dead)
+        self._views = views
         detached: list[Any] = []
         plain_slots = rec.plain_slots
         for start in range(0, len(plain_slots), _BULK_STEP):
@@ -761,6 +774,8 @@ class Replay:
         """Hand the copies to the plan, in steps that yield, all at once at the end: a check
         that fails on the way leaves the plan as it was."""
         rec = self._rec
+        if checked is None and rec.one_to_one:
+            return (yield from self._publish_one_to_one(xs))
         slots = self._slots
         storages = self._storages
         copy_slots = rec.copy_slots
@@ -818,6 +833,35 @@ class Replay:
                 positions[k] = index
             self._published_positions = positions
 
+    def _publish_one_to_one(self, xs: list[Any]) -> Walk:
+        """:meth:`_publish_bulk` when every tensor is a storage of its own, copied as itself
+        (``Recording.one_to_one``): the copies are ``xs`` into the buffers' views."""
+        rec = self._rec
+        # No slot is None: _check_bulk found every storage alive and holds them (a buffer
+        # leaves its slot only when its storage dies, or on clear(), refused during a call).
+        slots = cast("list[HostBuffer]", self._slots)
+        storages = self._storages
+        nbytes = rec.copy_nbytes
+        step = _BULK_STEP
+        for start in range(0, len(slots), step):
+            stop = start + step
+            if any(map(_dropped, slots[start:stop])):
+                raise _BulkMiss
+            if list(map(_nbytes, storages[start:stop])) != nbytes[start:stop]:
+                raise Mismatch  # a storage resized in place: the walk names it
+            yield
+        copies = self._plan.copies
+        views = self._views
+        for start in range(0, len(slots), EMPTY_STEP):
+            stop = start + EMPTY_STEP
+            copies.srcs += xs[start:stop]
+            copies.dsts += views[start:stop]
+            copies.buffers += slots[start:stop]
+            yield
+        self._published = rec.copy_slots
+        if self._track:
+            self._published_positions = rec.copy_slots  # slot k is copy k
+
     def adopted(self) -> tuple[dict[int, HostBuffer], dict[int, int]]:
         """The storages copied so far (by ``id()``) -> their buffer, and -> their copy."""
         buffers: dict[int, HostBuffer] = {}
@@ -855,6 +899,7 @@ class Replay:
         self._on_leaf = None
         self._xs = []
         self._ys = []
+        self._views = []
         self._twins = None
         self._storages = []
         self._staged_leaves = []
