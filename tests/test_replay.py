@@ -449,6 +449,28 @@ def test_a_mismatch_midway_copies_no_storage_twice() -> None:
     assert plan.tensors == count
 
 
+@pytest.mark.parametrize("change", ["temporary", "unsqueeze_", "Parameter"])
+def test_a_miss_after_checked_copies_were_handed_out(change: str) -> None:
+    """Many small tensors of their own storages: each checked step's copies reach the plan at
+    once; a tensor that differs in a later step leaves them there, each copied exactly once."""
+    count = 3 * BULK_STEP
+    state_dict: dict[str, Any] = {f"t{i}": torch.full((2,), float(i)) for i in range(count)}
+    cache = new_cache()
+    stage(cache, state_dict)
+    assert _recording(cache).one_to_one
+    late = f"t{count - 5}"
+    if change == "temporary":
+        state_dict[late] = torch.randn(3)  # a new storage: staged on its own
+    elif change == "unsqueeze_":
+        state_dict[late].unsqueeze_(0)  # in place over a recorded storage: walked in full
+    else:
+        state_dict[late] = torch.nn.Parameter(state_dict[late])
+    mutate_(state_dict)
+    plan = check_call(cache, state_dict, replayed=change == "temporary", track_leaves=True)
+    assert len(plan.copies) == count
+    assert plan.tensors == count == len(plan.leaves)
+
+
 def test_a_large_replay_yields_to_the_driver() -> None:
     state_dict = {"state": {i: {"a": torch.ones(2), "b": torch.ones(2)} for i in range(500)}}
     cache = new_cache()

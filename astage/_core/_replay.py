@@ -565,6 +565,7 @@ class Replay:
         self._xs: list[Any] = []
         self._ys: list[Any] = []
         self._views: list[Any] = []
+        self._early = False
         self._storages: list[Any] = []
         self._dead = 0
 
@@ -725,19 +726,29 @@ class Replay:
             expected(rec.strides),
             expected(rec.negs),
         )
+        # One tensor per storage, none complex (whose copy depends on the conj bit, checked
+        # below): each step's copies reach the plan as soon as the step is checked, so that
+        # the async face's worker threads copy while the loop checks the next ones.
+        self._early = early = checked is None and rec.one_to_one and not rec.conj_leaves
         step = _BULK_STEP
         for start in range(0, len(xs), step):
             part = xs[start : start + step]
             stop = start + len(part)
             if list(map(type, part)) != types[start:stop] or any(map(_attributes, part)):
                 raise _BulkMiss  # the types first: only tensors are asked the rest
-            if not all(
-                map(_is, map(_storage, part), map(storages.__getitem__, slot_of[start:stop]))
-            ):
+            if early:  # slot j is leaf j's storage
+                same_storages = map(_is, map(_storage, part), storages[start:stop])
+            else:
+                same_storages = map(
+                    _is, map(_storage, part), map(storages.__getitem__, slot_of[start:stop])
+                )
+            if not all(same_storages):
                 raise _BulkMiss
             for getter, values in zip(_GETTERS, wanted, strict=True):
                 if list(map(getter, part)) != values[start:stop]:
                     raise _BulkMiss
+            if early:
+                self._publish_step(xs, start, stop)
             yield
         where: Any = _SAME_PLACE
         if checked is not None:
@@ -774,6 +785,10 @@ class Replay:
         """Hand the copies to the plan, in steps that yield, all at once at the end: a check
         that fails on the way leaves the plan as it was."""
         rec = self._rec
+        if self._early:  # published step by step as they were checked
+            self._published = rec.copy_slots
+            self._published_positions = rec.copy_slots  # slot k is copy k
+            return
         if checked is None and rec.one_to_one:
             return (yield from self._publish_one_to_one(xs))
         slots = self._slots
@@ -832,6 +847,26 @@ class Replay:
             for index, k in enumerate(copy_slots):
                 positions[k] = index
             self._published_positions = positions
+
+    def _publish_step(self, xs: list[Any], start: int, stop: int) -> None:
+        """Hand the copies of leaves ``start:stop`` to the plan, in a one-to-one recording
+        (slot ``j`` is leaf ``j``'s storage, copied as ``xs[j]``), once they are checked.
+
+        A check that fails later leaves these copies in the plan, valid: ``_copy_of`` says
+        where they are, for the tensor-by-tensor replay and the full walk (:meth:`adopted`).
+        """
+        slots = cast("list[HostBuffer]", self._slots)  # not None: see _publish_one_to_one
+        part = slots[start:stop]
+        if any(map(_dropped, part)):
+            raise _BulkMiss
+        if list(map(_nbytes, self._storages[start:stop])) != self._rec.copy_nbytes[start:stop]:
+            raise Mismatch  # a storage resized in place: the walk names it
+        copies = self._plan.copies
+        first = len(copies.srcs)
+        copies.srcs += xs[start:stop]
+        copies.dsts += self._views[start:stop]
+        copies.buffers += part
+        self._copy_of[start:stop] = range(first, first + len(part))
 
     def _publish_one_to_one(self, xs: list[Any]) -> Walk:
         """:meth:`_publish_bulk` when every tensor is a storage of its own, copied as itself
