@@ -100,6 +100,8 @@ class LagProbe:
         self.interval_s = interval_s
         self._sleep = sleep
         self.lateness_s: list[float] = []
+        self.woke_at: list[float] = []
+        """When each beat woke up (``time.perf_counter()``), for tracing what made it late."""
         self._stack: AsyncExitStack | None = None
         self._task_group: TaskGroup | None = None
         self._next_beat: anyio.Event | None = None
@@ -110,10 +112,13 @@ class LagProbe:
         clock = time.perf_counter
         sleep = self._sleep
         task_status.started()
+        woke_at = self.woke_at.append
         while True:
             before = clock()
             await sleep(interval)
-            record(max(0.0, clock() - before - interval))
+            now = clock()
+            record(max(0.0, now - before - interval))
+            woke_at(now)
             waiting, self._next_beat = self._next_beat, None
             if waiting is not None:
                 waiting.set()

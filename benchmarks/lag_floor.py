@@ -65,6 +65,34 @@ def _summary(lateness: list[float]) -> str:
     )
 
 
+def woken(seconds: float, every_s: float) -> list[float]:
+    """The heartbeat while a thread wakes the loop every ``every_s`` with a no-op callback.
+
+    What a worker thread's completion does (anyio's ``to_thread`` reports through
+    ``call_soon_threadsafe``): the loop wakes, runs nothing of note, and goes back to
+    ``select`` with the time left to the next beat, which ``epoll`` rounds up to a whole
+    millisecond. No CPU is busy: this is the loop's timer resolution alone.
+    """
+
+    async def beats() -> list[float]:
+        loop = asyncio.get_running_loop()
+        stop = threading.Event()
+
+        def wake() -> None:
+            while not stop.wait(every_s):
+                loop.call_soon_threadsafe(lambda: None)
+
+        waker = threading.Thread(target=wake)
+        waker.start()
+        try:
+            return await _beats(seconds)
+        finally:
+            stop.set()
+            waker.join()
+
+    return asyncio.run(beats())
+
+
 def in_process(threads: int, fresh: bool, seconds: float) -> tuple[list[float], int]:
     """The heartbeat while a thread of this process copies with ``threads`` intra-op threads."""
     src = torch.ones(16 << 20)
@@ -116,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cores = os.cpu_count() or 1
     print(f"{cores} cores; idle loop: {_summary(asyncio.run(_beats(args.seconds)))}")
+    for every_ms in (7.0, 3.0):
+        lateness = woken(args.seconds, every_ms / 1e3)
+        print(f"idle loop woken by a thread every {every_ms:g} ms: {_summary(lateness)}")
     for fresh in (False, True):
         for threads in sorted({1, max(1, cores - 1), cores}):
             for where, measure in (("other process", in_child), ("thread", in_process)):

@@ -29,6 +29,9 @@ import torch
 import astage
 from astage._core._run import Run
 
+from .config import Config, Data
+from .runner import LoopRunner
+
 Span = tuple[float, float, str]
 
 
@@ -268,6 +271,57 @@ async def _traced_calls(  # noqa: PLR0917 - a script's helper
     return lateness_all
 
 
+def _scenario(trace: Trace, workloads: list[str], late_s: float) -> None:
+    """The lag scenario's calls, one repeat, with astage's late beats explained."""
+    from .lag import LagProbe
+    from .scenarios import loop_lag
+
+    probes: list[LagProbe] = []
+    original_init = LagProbe.__init__
+
+    def init(probe: LagProbe, *args: Any, **kwargs: Any) -> None:
+        original_init(probe, *args, **kwargs)
+        probes.append(probe)
+
+    LagProbe.__init__ = init  # type: ignore[method-assign,assignment]
+    config = Config().with_repeats(1)
+    data = Data(config)
+    try:
+        with LoopRunner("asyncio") as runner:
+            for workload in workloads:
+                state_dict = data.bulk() if workload == "bulk" else data.small()
+                probes.clear()
+                trace.clear()
+                runs = loop_lag.lag_runs(state_dict, config, runner)
+                for name, run in runs.items():
+                    print(
+                        f"{workload} {name}: first {LagSummary_of(run.first_lag_s)}, "
+                        f"cached {LagSummary_of(run.cached_lag_s)}"
+                    )
+                astage_probe = next(p for p in probes if len(p.woke_at) == len(p.lateness_s))
+                trace.beats[:] = [
+                    (woke - lateness - 0.001, woke)
+                    for woke, lateness in zip(
+                        astage_probe.woke_at, astage_probe.lateness_s, strict=True
+                    )
+                ]
+                origin = trace.beats[0][0] if trace.beats else 0.0
+                for line in _explain(trace, late_s, origin):
+                    print(line)
+    finally:
+        LagProbe.__init__ = original_init  # type: ignore[method-assign]
+
+
+def LagSummary_of(lateness: list[float]) -> str:
+    ordered = sorted(lateness)
+    if not ordered:
+        return "-"
+    return (
+        f"{len(ordered)} beats p99 {_ms(ordered[int(0.99 * (len(ordered) - 1))], 5)} "
+        f"max {_ms(ordered[-1], 5)} ms"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.lag_trace", description=__doc__)
     parser.add_argument("--reps", type=int, default=3)
@@ -275,6 +329,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=("bulk", "small"), action="append")
     parser.add_argument("--phase", choices=("first", "cached"), action="append")
     parser.add_argument("-q", "--quiet", action="store_true", help="no per-beat explanation")
+    parser.add_argument(
+        "--portal", action="store_true", help="the loop in a thread of its own (as the benchmarks)"
+    )
+    parser.add_argument("--bench-data", action="store_true", help="the benchmarks' state dicts")
+    parser.add_argument(
+        "--scenario",
+        action="store_true",
+        help="run the lag scenario's own calls (benchmarks.scenarios.loop_lag.lag_runs, DCP "
+        "included) under the trace and explain astage's late beats",
+    )
     args = parser.parse_args(argv)
     if os.environ.get("LAG_TRACE_NO_SLICE"):  # A/B: copy threads keep the default slice
         from astage._drivers import _slices
@@ -282,10 +346,20 @@ def main(argv: list[str] | None = None) -> int:
         _slices._scheduler = lambda: None  # type: ignore[assignment]
     trace = Trace()
     uninstall = trace.install()
+    if args.scenario:
+        try:
+            _scenario(trace, args.only or ["bulk", "small"], args.late / 1e3)
+        finally:
+            uninstall()
+        return 0
     try:
         for workload in args.only or ("bulk", "small"):
-            if workload == "bulk":
-                state_dict: Any = {f"t{i}": torch.full((4 << 20,), float(i)) for i in range(64)}
+            if args.bench_data:
+                config, data = Config(), Data(Config())
+                state_dict: Any = data.bulk() if workload == "bulk" else data.small()
+                del config, data
+            elif workload == "bulk":
+                state_dict = {f"t{i}": torch.full((4 << 20,), float(i)) for i in range(64)}
             else:
                 state_dict = {"s": [torch.full((4,), float(i)) for i in range(50_000)]}
             for phase in args.phase or ("first", "cached"):

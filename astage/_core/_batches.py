@@ -20,7 +20,7 @@ import torch
 from ._cache import HostBuffer
 from ._plan import Copies
 
-MAX_BATCH_COPIES = 2048  # small copies per foreach call: bounds the time one task takes
+MAX_BATCH_COPIES = 1024  # small copies per foreach call: bounds the time one task takes
 
 
 class Batch:

@@ -27,7 +27,7 @@ class InFlight(Protocol):
 
 T = TypeVar("T", bound=InFlight)
 
-_SCAN_STEP = 4096
+_SCAN_STEP = 1024
 """Copies whose sizes one turn adds up before cutting batches (~0.3 ms on a quiet core)."""
 
 
