@@ -669,8 +669,12 @@ class Replay:
         self._views = views
         detached: list[Any] = []
         plain_slots = rec.plain_slots
+        in_order = rec.one_to_one and rec.all_plain  # leaf j's view is views[j]
         for start in range(0, len(plain_slots), _BULK_STEP):
-            picked = map(views.__getitem__, plain_slots[start : start + _BULK_STEP])
+            stop = start + _BULK_STEP
+            picked: Any = (
+                views[start:stop] if in_order else map(views.__getitem__, plain_slots[start:stop])
+            )
             if self._volatile is None:
                 detached += map(_detach, picked)
             else:  # a dead storage has no view: its tensor is staged on its own
