@@ -6,6 +6,8 @@ while plain ``torch`` copies of 64 MiB run beside it, and prints the heartbeat's
 - the copies in another process (no GIL shared with the loop: only the CPU is), with torch's
   intra-op threads at 1 and at the machine's core count;
 - the copies in a thread of this process (what astage does), likewise;
+- the copies in a thread under astage's copy slice (what a Stager's copy threads do);
+- an idle loop that a thread wakes every few ms with a no-op (what a copy's completion does);
 - copies into fresh memory (a first call: every page faulted in) and into touched memory.
 
 Whatever lateness the loop shows here, a stager copying with the same threads cannot beat: on
@@ -17,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import functools
 import os
 import statistics
 import subprocess
@@ -25,6 +29,8 @@ import threading
 import time
 
 import torch
+
+from astage._drivers._slices import copy_slice
 
 _CHILD = r"""
 import sys, time, torch
@@ -93,8 +99,14 @@ def woken(seconds: float, every_s: float) -> list[float]:
     return asyncio.run(beats())
 
 
-def in_process(threads: int, fresh: bool, seconds: float) -> tuple[list[float], int]:
-    """The heartbeat while a thread of this process copies with ``threads`` intra-op threads."""
+def in_process(
+    threads: int, fresh: bool, seconds: float, long_slice: bool = False
+) -> tuple[list[float], int]:
+    """The heartbeat while a thread of this process copies with ``threads`` intra-op threads.
+
+    ``long_slice``: the thread copies under astage's copy slice (``_drivers._slices``), as a
+    Stager's copy threads do; its intra-op threads, started by its first copy, inherit it.
+    """
     src = torch.ones(16 << 20)
     dst = torch.empty_like(src)
     dst.zero_()
@@ -102,13 +114,14 @@ def in_process(threads: int, fresh: bool, seconds: float) -> tuple[list[float], 
     done = [0]
 
     def copy() -> None:
-        torch.set_num_threads(threads)
-        target = dst
-        while not stop.is_set():
-            if fresh:
-                target = torch.empty_like(src)
-            target.copy_(src)
-            done[0] += 1
+        with copy_slice() if long_slice else contextlib.nullcontext():
+            torch.set_num_threads(threads)
+            target = dst
+            while not stop.is_set():
+                if fresh:
+                    target = torch.empty_like(src)
+                target.copy_(src)
+                done[0] += 1
 
     worker = threading.Thread(target=copy)
     worker.start()
@@ -149,7 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"idle loop woken by a thread every {every_ms:g} ms: {_summary(lateness)}")
     for fresh in (False, True):
         for threads in sorted({1, max(1, cores - 1), cores}):
-            for where, measure in (("other process", in_child), ("thread", in_process)):
+            for where, measure in (
+                ("other process", in_child),
+                ("thread", in_process),
+                ("thread, slice", functools.partial(in_process, long_slice=True)),
+            ):
                 lateness, copies = measure(threads, fresh, args.seconds)
                 gbps = copies * (64 << 20) / args.seconds / 1e9
                 print(
