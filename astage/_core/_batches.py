@@ -10,10 +10,7 @@ and returns a completion event.
 
 from __future__ import annotations
 
-import operator
-from bisect import bisect_right
 from collections.abc import Iterator
-from itertools import accumulate
 
 import torch
 
@@ -60,59 +57,9 @@ def make_batches(copies: Copies, start: int, stop: int, chunk_bytes: int) -> Ite
     """
     buffers = copies.buffers
     first = start  # first copy of the batch being gathered
-    while first < stop:
-        count, gathered = _small_run(buffers, first, stop, chunk_bytes)
-        if not count:  # a large copy, or a change of device near by: one copy at a time
-            if buffers[first].nbytes >= chunk_bytes:
-                yield from _slices(copies, first, chunk_bytes)
-                first += 1
-                continue
-            count, gathered = _one_by_one(buffers, first, stop, chunk_bytes)
-        yield _gathered(copies, first, first + count, gathered)
-        first += count
-
-
-_RUN_PROBE = 64
-"""Copies :func:`_small_run` looks at first; doubled while they all fit in the batch."""
-_nbytes_of = operator.attrgetter("nbytes")
-_device_of = operator.attrgetter("device")
-
-
-def _small_run(
-    buffers: list[HostBuffer], first: int, stop: int, chunk_bytes: int
-) -> tuple[int, int]:
-    """The batch starting at ``first`` when it is a run of small copies of one device: its
-    length and bytes, found with a few C calls per probe rather than a Python step per copy
-    (a replay cuts 50,000 small copies at once); ``(0, 0)`` when a large copy or another device
-    comes first (:func:`_one_by_one` decides then)."""
-    device = buffers[first].device
-    limit = min(stop, first + MAX_BATCH_COPIES)
-    end = first
-    total = 0
-    probe = _RUN_PROBE
-    while end < limit:
-        window = buffers[end : min(limit, end + probe)]
-        sizes = list(map(_nbytes_of, window))
-        if max(sizes) >= chunk_bytes or not all(map(device.__eq__, map(_device_of, window))):
-            return 0, 0
-        totals = list(accumulate(sizes, initial=total))
-        fit = bisect_right(totals, chunk_bytes, lo=1) - 1  # copies of the window that fit
-        if fit < len(window):
-            return end + fit - first, totals[fit]
-        total = totals[-1]
-        end += len(window)
-        probe *= 2
-    return end - first, total
-
-
-def _one_by_one(
-    buffers: list[HostBuffer], first: int, stop: int, chunk_bytes: int
-) -> tuple[int, int]:
-    """The batch starting at ``first`` (a copy under ``chunk_bytes``), copy by copy."""
-    device = buffers[first].device
     gathered = 0
-    index = first
-    while index < stop:
+    device: torch.device | None = None
+    for index in range(start, stop):
         buffer = buffers[index]
         nbytes = buffer.nbytes
         if first < index and (
@@ -121,10 +68,17 @@ def _one_by_one(
             or index - first >= MAX_BATCH_COPIES
             or buffer.device != device
         ):
-            break
+            yield _gathered(copies, first, index, gathered)
+            first, gathered = index, 0
+        if nbytes >= chunk_bytes:
+            yield from _slices(copies, index, chunk_bytes)
+            first = index + 1
+            continue
+        if first == index:
+            device = buffer.device
         gathered += nbytes
-        index += 1
-    return index - first, gathered
+    if first < stop:
+        yield _gathered(copies, first, stop, gathered)
 
 
 def _gathered(copies: Copies, first: int, stop: int, nbytes: int) -> Batch:
