@@ -242,8 +242,18 @@ async def test_cancelled_call_returns_only_after_its_copies_landed(
     async with astage.Stager(
         copy_threads=2, chunk_bytes=256 * 1024, max_inflight_bytes=MiB
     ) as stager:
-        with anyio.move_on_after(0.02) as scope:
-            await stager.stage(source)
+        # Cancelled once the first copy has started (not after a fixed delay: on a loaded
+        # machine the walk and the first allocations can outlast any fixed delay).
+        with anyio.CancelScope() as scope:
+
+            async def cancel_while_copying() -> None:
+                while copies.started == 0:
+                    await anyio.sleep(0.001)
+                scope.cancel()
+
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(cancel_while_copying)
+                await stager.stage(source)
         returned = time.perf_counter()
         assert scope.cancelled_caught
         assert copies.started >= 1
