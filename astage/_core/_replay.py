@@ -837,13 +837,7 @@ class Replay:
             yield
         # Every check passed: the copies reach the plan in steps too (the driver may start
         # batches between them; nothing can fail any more).
-        copies = self._plan.copies
-        for start in range(0, len(srcs), EMPTY_STEP):
-            stop = start + EMPTY_STEP
-            copies.srcs += srcs[start:stop]
-            copies.dsts += dsts[start:stop]
-            copies.buffers += buffers[start:stop]
-            yield
+        yield from self._hand_over(srcs, dsts, buffers)
         yield from empty_in_steps(srcs, dsts, buffers)
         self._published = copy_slots
         if self._track:
@@ -861,16 +855,33 @@ class Replay:
         """
         slots = cast("list[HostBuffer]", self._slots)  # not None: see _publish_one_to_one
         part = slots[start:stop]
-        if any(map(_dropped, part)):
-            raise _BulkMiss
-        if list(map(_nbytes, self._storages[start:stop])) != self._rec.copy_nbytes[start:stop]:
-            raise Mismatch  # a storage resized in place: the walk names it
+        self._check_slots(start, stop)
         copies = self._plan.copies
         first = len(copies.srcs)
         copies.srcs += xs[start:stop]
         copies.dsts += self._views[start:stop]
         copies.buffers += part
         self._copy_of[start:stop] = range(first, first + len(part))
+
+    def _check_slots(self, start: int, stop: int) -> None:
+        """Slots ``start:stop`` of a one-to-one recording still hold their buffers, and their
+        storages still have the recorded sizes."""
+        slots = self._slots[start:stop]
+        if any(map(_dropped, slots)):
+            raise _BulkMiss
+        if list(map(_nbytes, self._storages[start:stop])) != self._rec.copy_nbytes[start:stop]:
+            raise Mismatch  # a storage resized in place: the walk names it
+
+    def _hand_over(self, srcs: list[Any], dsts: list[Any], buffers: list[Any]) -> Walk:
+        """Append checked copies to the plan ``EMPTY_STEP`` at a time (the driver may start
+        batches between the steps; nothing can fail any more)."""
+        copies = self._plan.copies
+        for start in range(0, len(srcs), EMPTY_STEP):
+            stop = start + EMPTY_STEP
+            copies.srcs += srcs[start:stop]
+            copies.dsts += dsts[start:stop]
+            copies.buffers += buffers[start:stop]
+            yield
 
     def _publish_one_to_one(self, xs: list[Any]) -> Walk:
         """:meth:`_publish_bulk` when every tensor is a storage of its own, copied as itself
@@ -879,24 +890,10 @@ class Replay:
         # No slot is None: _check_bulk found every storage alive and holds them (a buffer
         # leaves its slot only when its storage dies, or on clear(), refused during a call).
         slots = cast("list[HostBuffer]", self._slots)
-        storages = self._storages
-        nbytes = rec.copy_nbytes
-        step = _BULK_STEP
-        for start in range(0, len(slots), step):
-            stop = start + step
-            if any(map(_dropped, slots[start:stop])):
-                raise _BulkMiss
-            if list(map(_nbytes, storages[start:stop])) != nbytes[start:stop]:
-                raise Mismatch  # a storage resized in place: the walk names it
+        for start in range(0, len(slots), _BULK_STEP):
+            self._check_slots(start, start + _BULK_STEP)
             yield
-        copies = self._plan.copies
-        views = self._views
-        for start in range(0, len(slots), EMPTY_STEP):
-            stop = start + EMPTY_STEP
-            copies.srcs += xs[start:stop]
-            copies.dsts += views[start:stop]
-            copies.buffers += slots[start:stop]
-            yield
+        yield from self._hand_over(xs, self._views, slots)
         self._published = rec.copy_slots
         if self._track:
             self._published_positions = rec.copy_slots  # slot k is copy k

@@ -34,6 +34,11 @@ __all__ = [
 ]
 
 
+def group_medians(values: list[float], k: int) -> list[float]:
+    """The median of each run of ``k`` values (one repeat's calls)."""
+    return [median(values[i : i + k]) for i in range(0, len(values), k)]
+
+
 @dataclass
 class Timings:
     """One contender's first and cached call times (and new bytes), over every repeat."""
@@ -56,8 +61,7 @@ class Timings:
         """The median of each repeat's calls of ``phase`` ("first" or "cached")."""
         if phase == "first":
             return list(self.first)
-        k = self.cached_per_repeat
-        return [median(self.cached[i : i + k]) for i in range(0, len(self.cached), k)]
+        return group_medians(self.cached, self.cached_per_repeat)
 
     def figures(self) -> dict[str, Any]:
         return {
@@ -198,8 +202,7 @@ class AfterReserve:
     cached_per_repeat: int = 1
 
     def cached_per_repeat_s(self) -> list[float]:
-        k = self.cached_per_repeat
-        return [median(self.cached[i : i + k]) for i in range(0, len(self.cached), k)]
+        return group_medians(self.cached, self.cached_per_repeat)
 
     def ratio(self) -> float:
         """Median over repeats of cached / first-after-reserve (1.0: the first is as fast)."""
