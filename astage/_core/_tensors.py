@@ -226,11 +226,7 @@ class TensorStager:
         view = buffer.view
         assert view is not None  # allocated as x's twin
         # No size-0 dimension: the buffer has bytes, so there is always a copy.
-        copies = self._copies
-        index = len(copies.srcs)
-        copies.srcs.append(x)  # keeps x (so its id in the memo, and its storage) alive
-        copies.dsts.append(view)
-        copies.buffers.append(buffer)
+        index = self._copies.add(x, view, buffer)  # keeps x (its id in the memo, its storage) alive
         self.storages[key] = buffer
         self.copy_index[key] = index
         self._last_copy = index
