@@ -40,7 +40,7 @@ from .._paths import Path
 from .._torch import neg_view
 from ._cache import BufferCache, HostBuffer
 from ._plan import Leaf, Plan
-from ._tensors import TensorStager, bytes_view, view_on
+from ._tensors import TensorFacts, TensorStager, bytes_view, view_on
 from ._walk import ATOMIC_TYPES, EMPTY_STEP, DeepCopy, build_plan, empty_in_steps
 
 Walk = Generator[None, None, Any]
@@ -130,38 +130,8 @@ def _mapped_live(function: Any, buffers: list[Any], dead: int) -> Generator[None
     return out
 
 
-def _picked(
-    leaves: list[tuple[Any, ...]], wanted: Any, column: int
-) -> Generator[None, None, list[tuple[int, Any]]]:
-    """``(index, leaf[column])`` of the leaves ``wanted`` keeps, yielding between steps."""
-    out: list[tuple[int, Any]] = []
-    for start in range(0, len(leaves), _BULK_STEP):
-        stop = min(start + _BULK_STEP, len(leaves))
-        out += [(j, leaves[j][column]) for j in range(start, stop) if wanted(leaves[j])]
-        yield
-    return out
-
-
-_first = operator.itemgetter(0)
-_second = operator.itemgetter(1)
 _buffer_nbytes = operator.attrgetter("nbytes")
 _dereference: Any = HostBuffer.__call__  # a buffer is the weak reference to its source storage
-
-
-def _is_complex(leaf: tuple[Any, ...]) -> bool:
-    return bool(leaf[7])
-
-
-def _is_parameter(leaf: tuple[Any, ...]) -> bool:
-    return leaf[0] is _Parameter
-
-
-def _is_shared(leaf: tuple[Any, ...]) -> bool:
-    return bool(leaf[11] != -2)
-
-
-def _is_plain(leaf: tuple[Any, ...]) -> bool:
-    return leaf[0] is _Tensor and bool(leaf[10]) and leaf[11] == -2
 
 
 # -- a recording ---------------------------------------------------------------------------------
@@ -298,12 +268,24 @@ class Recording:
         """``id()`` of a recorded source storage -> its slot."""
         self.src_leaf: list[int] = []
         """Per slot: the tensor whose copy fills the whole buffer as itself, or -1 (bytes)."""
+        self.conj_leaves: list[tuple[int, bool]] = []
+        """``(leaf, conj bit)`` of every complex tensor: the one bit a bulk check reads apart."""
+        self.grad_leaves: list[tuple[int, bool]] = []
+        """``(leaf, requires_grad)`` of every ``Parameter``."""
+        self.shared_leaves: list[tuple[int, int]] = []
+        """``(leaf, same)`` of every tensor on a storage that other tensors use too."""
+        self.plain: list[int] = []
+        """The tensors whose twin is a ``detach()`` of their buffer's view: plain ``Tensor``,
+        spanning their buffer, alone on their storage."""
+        self.plain_slots: list[int] = []
+        """Their slots, in the same order."""
 
     def prepare_bulk(self) -> Walk:
         """The per-tensor expectations as parallel lists, for the bulk check (see Replay).
 
         A generator: each list takes a few milliseconds over 50,000 tensors, so the driver may
-        hand the loop back between them.
+        hand the loop back between them. The sparse lists (complex, ``Parameter``, shared and
+        plain tensors) were filled by the recorder as it went.
         """
         leaves = self.leaves
         columns = []
@@ -313,15 +295,7 @@ class Recording:
             :6
         ]
         self.negs = columns[6]
-        self.conj_leaves = yield from _picked(leaves, _is_complex, 8)
-        self.grad_leaves = yield from _picked(leaves, _is_parameter, 9)
-        self.shared_leaves = yield from _picked(leaves, _is_shared, 11)
-        # Tensors whose staged twin is a detach() of their buffer's view (plain, spanning, alone
-        # on their storage): the common case, done by map() without a Python frame each.
-        plain = yield from _picked(leaves, _is_plain, 1)
-        self.plain = list(map(_first, plain))
         self.all_plain = len(self.plain) == len(leaves)
-        self.plain_slots = list(map(_second, plain))
         yield
         slots = self.slots
         copy_slots: list[int] = []
@@ -367,44 +341,68 @@ class Recording:
         return False
 
 
-def record(cache: BufferCache, state_dict: Any) -> Walk:
-    """Record ``state_dict`` just after a full walk staged it; returns None if not covered."""
-    recorder = _Recorder(cache)
+def record(
+    cache: BufferCache, state_dict: Any, facts: dict[int, TensorFacts] | None = None
+) -> Walk:
+    """Record ``state_dict`` just after a full walk staged it; returns None if not covered.
+
+    ``facts``: what the walk already read of the tensors it gave new buffers (see
+    :func:`~._walk.build_plan`); emptied here.
+    """
+    recorder = _Recorder(cache, facts if facts is not None else {})
     try:
         root = yield from recorder.visit(state_dict, ())
     except Unrecordable:
-        return None
-    if root is None or type(root) is int:
-        return None  # nothing to gain on a lone tensor or value
-    recording = yield from recorder.finish(root)
-    yield from recording.prepare_bulk()
-    yield from empty_in_steps(recorder.tables())  # an entry per tensor: not freed at once
+        root = None
+    recording = None
+    if root is not None and type(root) is not int:  # nothing to gain on a lone tensor or value
+        recording = yield from recorder.finish(root)
+        yield from recording.prepare_bulk()
+    yield from empty_in_steps(*recorder.tables())  # an entry per tensor: not freed at once
     return recording
 
 
 class _Recorder:
-    def __init__(self, cache: BufferCache) -> None:
-        self._cache = cache
+    """One pass over a state dict just staged by a full walk, writing its :class:`Recording`.
+
+    Atoms and plain tensors met in a container are recorded inline, without a generator each:
+    the recording pass over 50,000 small tensors cost more than the walk itself when every
+    value took :meth:`visit`.
+    """
+
+    def __init__(self, cache: BufferCache, facts: dict[int, TensorFacts]) -> None:
+        self._entries = cache.entries
+        self._facts = facts
         self._out = Recording()
         self._seen: set[int] = set()
         self._first: dict[int, int] = {}  # id() of a tensor -> its first leaf
         self._users: list[int] = []  # per slot: tensors that use it
         self._countdown = CHUNK
 
-    def tables(self) -> dict[int, int]:
-        return self._first
+    def tables(self) -> tuple[dict[int, Any], ...]:
+        """The per-tensor dicts, for the caller to empty in steps."""
+        return (self._first, self._facts)
 
     def finish(self, root: Any) -> Walk:
         out = self._out
         out.root = root
         users = self._users
-        # A tensor alone on its storage needs no identity check: its ``same`` becomes -2.
         leaves = out.leaves
+        shared = out.shared_leaves
+        plain = out.plain
+        plain_slots = out.plain_slots
         for start in range(0, len(leaves), _BULK_STEP):
             for j in range(start, min(start + _BULK_STEP, len(leaves))):
                 leaf = leaves[j]
-                if users[leaf[1]] == 1:
+                slot = leaf[1]
+                if users[slot] == 1:
+                    # Alone on its storage: no identity check needed, its ``same`` becomes -2.
                     leaves[j] = (*leaf[:11], -2)
+                    if leaf[0] is _Tensor and leaf[10]:
+                        plain.append(j)
+                        plain_slots.append(slot)
+                else:
+                    shared.append((j, leaf[11]))
             yield
         return out
 
@@ -435,11 +433,20 @@ class _Recorder:
             children = []
             size = 0
             atoms = True
+            atomic = ATOMIC_TYPES
             for index, value in enumerate(x):
-                child = yield from self.visit(value, (*path, index))
+                vtype = type(value)
+                if vtype in atomic:  # inline: no generator per atom (see the class)
+                    child = None
+                    self._countdown -= 1
+                    if self._countdown <= 0:
+                        self._countdown = CHUNK
+                        yield
+                else:
+                    child = yield from self.visit(value, (*path, index))
+                    atoms = False
                 children.append(child)
                 size += _size(child)
-                atoms = atoms and child is None
             listed = ListNode(children, atoms, size)
             if not atoms:
                 listed.group = yield from _group_of(children)
@@ -467,70 +474,112 @@ class _Recorder:
         key_types = []
         children = []
         size = 0
+        atomic = ATOMIC_TYPES
+        leaf = self._leaf
         # Keys, their types and the size in the same pass as the values: a pass of its own
         # over a 25,000-entry dict is a loop hold of its own.
         for key, value in x.items():
             key_type = type(key)
-            if key_type not in ATOMIC_TYPES:
+            if key_type not in atomic:
                 raise Unrecordable
             keys.append(key)
             key_types.append(key_type)
-            child = yield from self.visit(value, (*path, key))
+            vtype = type(value)
+            if vtype in atomic or vtype is _Tensor or vtype is _Parameter:
+                # Inline: no generator per atom or tensor (see the class).
+                child = None if vtype in atomic else leaf(value, (*path, key))
+                size += 1
+                self._countdown -= 1
+                if self._countdown <= 0:
+                    self._countdown = CHUNK
+                    yield
+            else:
+                child = yield from self.visit(value, (*path, key))
+                size += _size(child)
             children.append(child)
-            size += _size(child)
         node = DictNode(cls, keys, key_types, children, attrs, size)
         node.group = yield from _group_of(children)
         return node
 
     def _leaf(self, x: torch.Tensor, path: Path) -> int:
-        if x.__dict__ or x.layout is not _strided or x.is_quantized or x.is_nested:
-            raise Unrecordable
-        if x.device.type == "meta":
-            raise Unrecordable
-        storage = x.untyped_storage()
-        buffer = self._cache.get(storage)
-        if buffer is None or buffer.nbytes != storage.nbytes():
-            raise Unrecordable  # evicted meanwhile, or resized: record another time
         out = self._out
         index = len(out.leaves)
-        conj, neg = x.is_conj(), x.is_neg()
-        view = buffer.view
-        spans = (
-            view is not None
-            and x.dtype is view.dtype
-            and x.storage_offset() == 0
-            and x.shape == view.shape
-            and x.stride() == view.stride()
-            and not conj
-            and not neg
-        )
-        slot = out.slot_by_key.get(id(storage))
+        known = self._facts.get(id(x))
+        if known is not None and known[0] is x:
+            # Given a new buffer as its twin by the walk's lean path, which read all this.
+            (_, key, buffer, shape, stride, dtype, requires_grad) = known
+            if self._entries.get(key) is not buffer:
+                raise Unrecordable  # evicted meanwhile: record another time
+            cls: type = _Tensor
+            offset = 0
+            conj = neg = False
+            spans = True
+        else:
+            cls = type(x)
+            # One read of each fact, and ``is_meta`` rather than ``device.type`` (0.5 us).
+            if x.__dict__ or x.layout is not _strided or x.is_quantized or x.is_nested or x.is_meta:
+                raise Unrecordable
+            storage = x.untyped_storage()
+            key = id(storage)
+            buffer = self._entries.get(key)  # BufferCache.get, inlined: this is per tensor
+            if buffer is None or buffer() is not storage or buffer.nbytes != storage.nbytes():
+                raise Unrecordable  # evicted meanwhile, or resized: record another time
+            offset = x.storage_offset()
+            shape = x.shape
+            stride = x.stride()
+            dtype = x.dtype
+            conj = x.is_conj()
+            neg = x.is_neg()
+            requires_grad = x.requires_grad
+            view = buffer.view
+            spans = (
+                view is not None
+                and offset == 0
+                and not conj
+                and not neg
+                and dtype is view.dtype
+                and shape == view.shape
+                and stride == view.stride()
+            )
+        slot = out.slot_by_key.get(key)
         if slot is None:
             slot = len(out.slots)
-            out.slot_by_key[id(storage)] = slot
+            out.slot_by_key[key] = slot
             out.slots.append(buffer)
             out.src_leaf.append(index if spans else -1)
-            self._users.append(0)
-        self._users[slot] += 1
+            self._users.append(1)
+        else:
+            self._users[slot] += 1
         same = self._first.setdefault(id(x), index)
+        complex_ = _IS_COMPLEX.get(dtype)
+        if complex_ is None:
+            complex_ = _IS_COMPLEX[dtype] = dtype.is_complex
+        if complex_:
+            out.conj_leaves.append((index, conj))
+        if cls is _Parameter:
+            out.grad_leaves.append((index, requires_grad))
         out.leaves.append(
             (
-                type(x),
+                cls,
                 slot,
-                x.storage_offset(),
-                x.shape,
-                x.stride(),
-                x.dtype,
+                offset,
+                shape,
+                stride,
+                dtype,
                 neg,
-                x.dtype.is_complex,
+                complex_,
                 conj,
-                x.requires_grad,
+                requires_grad,
                 spans,
                 same if same != index else -1,
             )
         )
         out.paths.append(path)
         return index
+
+
+_IS_COMPLEX: dict[torch.dtype, bool] = {}
+"""``dtype.is_complex`` by dtype: a dict read is a third of the attribute's cost."""
 
 
 # -- replaying one ------------------------------------------------------------------------------
@@ -1350,11 +1399,13 @@ def walk_or_replay(cache: BufferCache, state_dict: Any, plan: Plan) -> Walk:
         if recording in replays[1:]:  # newest first; one that clear() dropped stays dropped
             cache.replays = (recording, *(r for r in replays if r is not recording))
         return plan
-    yield from build_plan(cache, state_dict, plan, adopted=adopted)
     if cache.record_backoff > 0:
+        yield from build_plan(cache, state_dict, plan, adopted=adopted)
         cache.record_backoff -= 1
         return plan
-    recording = yield from record(cache, state_dict)
+    facts: dict[int, TensorFacts] = {}
+    yield from build_plan(cache, state_dict, plan, adopted=adopted, facts=facts)
+    recording = yield from record(cache, state_dict, facts)
     if recording is None:
         cache.record_backoff = RECORD_BACKOFF
     else:

@@ -26,6 +26,13 @@ from . import _kinds
 from ._cache import BufferCache, HostBuffer
 from ._plan import Leaf, Plan
 
+TensorFacts = tuple[torch.Tensor, int, HostBuffer, torch.Size, tuple[int, ...], torch.dtype, bool]
+"""What the first call's lean path knows of a plain tensor that spans its new buffer as itself
+(offset 0, no conjugate or negative bit, the buffer's view its twin): the tensor, ``id()`` of
+its storage, the buffer, shape, stride, dtype and ``requires_grad``. Collected for the replay
+recorder (see :mod:`._replay`), which would otherwise read them all again, one tensor at a time.
+"""
+
 Visit = Callable[[Any, Path], Any]
 """Deep-copies an object hanging off a tensor (an attribute) through the walk's memo."""
 
@@ -54,6 +61,7 @@ class TensorStager:
         keep_alive: list[Any],
         visit: Visit,
         adopted: tuple[dict[int, HostBuffer], dict[int, int]] | None = None,
+        facts: dict[int, TensorFacts] | None = None,
     ) -> None:
         self._cache = cache
         self._plan = plan
@@ -76,6 +84,7 @@ class TensorStager:
         """Stage a tensor met directly in a container (``type(x) is torch.Tensor``) under key."""
         self._depth = 0  # > 0 while staging the insides of a tensor
         self._last_copy = -1
+        self._facts = facts
 
     def tables(self) -> tuple[dict[int, Any], ...]:
         """The per-storage and per-tensor dicts, one entry per tensor met: for the caller to
@@ -211,7 +220,7 @@ class TensorStager:
             or x.is_meta
             or x.dtype is _bool
             or x.storage_offset() != 0
-            or not _strides_follow_from_shape(x.shape)
+            or not _strides_follow_from_shape(shape := x.shape)
             or not x.is_contiguous()
             or x.nbytes != storage.nbytes()
             or x.is_conj()
@@ -220,6 +229,9 @@ class TensorStager:
         ):
             return None
         buffer = self._cache.allocate(storage, like=x)
+        facts = self._facts
+        if facts is not None:  # read here, where x is at hand, rather than again by the recorder
+            facts[id(x)] = (x, key, buffer, shape, x.stride(), x.dtype, x.requires_grad)
         plan = self._plan
         plan.new_buffers += 1
         plan.new_nbytes += buffer.nbytes

@@ -30,7 +30,7 @@ from .._errors import UnstageableError
 from .._paths import Attr, Path
 from ._cache import BufferCache, HostBuffer
 from ._plan import Plan
-from ._tensors import TensorStager
+from ._tensors import TensorFacts, TensorStager
 
 Walk = Generator[None, None, Any]
 
@@ -77,6 +77,7 @@ def build_plan(
     plan: Plan | None = None,
     *,
     adopted: tuple[dict[int, HostBuffer], dict[int, int]] | None = None,
+    facts: dict[int, TensorFacts] | None = None,
 ) -> Walk:
     """Walk ``state_dict`` into ``plan`` (a new one by default); the generator returns the plan.
 
@@ -94,6 +95,7 @@ def build_plan(
         keep_alive=walk.keep_alive,
         visit=walk.visit_now,
         adopted=adopted,
+        facts=facts,
     )
     walk.stage_tensors_with(tensors)
     try:
