@@ -521,10 +521,11 @@ class _Recorder:
                 raise Unrecordable
             storage = x.untyped_storage()
             key = id(storage)
-            buffer = self._entries.get(key)  # BufferCache.get, inlined: this is per tensor
-            if buffer is None or buffer() is not storage or buffer.nbytes != storage.nbytes():
+            cached = self._entries.get(key)  # BufferCache.get, inlined: this is per tensor
+            if cached is None or cached() is not storage or cached.nbytes != storage.nbytes():
                 raise Unrecordable  # evicted meanwhile, or resized: record another time
-            offset = x.storage_offset()
+            buffer = cached
+            offset = int(x.storage_offset())
             shape = x.shape
             stride = x.stride()
             dtype = x.dtype
