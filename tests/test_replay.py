@@ -14,10 +14,11 @@ must notice, and the faces' tests check that SyncStager, Stager and compat repla
 from __future__ import annotations
 
 import collections
+import dataclasses
 import gc
 import os
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -28,10 +29,11 @@ from astage._core._batches import make_batches
 from astage._core._cache import BufferCache, HostBuffer
 from astage._core._plan import Plan
 from astage._core._replay import _BULK_STEP as BULK_STEP
-from astage._core._replay import CHUNK, Recording, record, walk_or_replay
+from astage._core._replay import CHUNK, Recording, walk_or_replay
 from astage._core._walk import EMPTY_STEP, empty_in_steps
 from astage._devices._host import run_host_batch
 from astage._errors import BufferMismatchError
+from astage._paths import Attr
 from astage._torch import neg_view
 
 
@@ -515,13 +517,14 @@ def test_no_step_reads_every_buffer_at_once(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_recording_a_long_list_of_atoms_yields() -> None:
     """An optimizer's 25,000 param ids were recorded in one step (50-170 ms of loop), and a
-    second pass over a long dict's keys or a long tuple's items made a long step of its own."""
+    second pass over a long dict's keys or a long tuple's items made a long step of its own:
+    the first call, which records as it walks, yields every few dozen atoms."""
     for atoms in (list(range(3000)), tuple(range(3000)), dict.fromkeys(range(3000), 1.0)):
         state_dict = {"params": atoms, "t": torch.ones(1)}
         cache = new_cache()
-        stage(cache, state_dict)
-        steps = sum(1 for _ in record(cache, state_dict))
-        assert steps >= 3000 // CHUNK
+        first = stage(cache, state_dict)
+        assert first.steps >= 3000 // CHUNK  # type: ignore[attr-defined]
+        assert cache.replays  # recorded on the way
         replayed = stage(cache, state_dict)
         assert replayed.replayed
         assert replayed.result["params"] == atoms
@@ -630,6 +633,81 @@ def test_unrecordable_structures_back_off() -> None:
     check_call(cache, state_dict, replayed=False)
     assert not cache.replays and cache.record_backoff > 0
     check_call(cache, state_dict, replayed=False)
+
+
+@dataclasses.dataclass
+class _Holder:
+    tensor: torch.Tensor
+
+
+class _Pair(NamedTuple):
+    a: torch.Tensor
+    b: int
+
+
+class _Tagged(torch.Tensor):
+    pass
+
+
+class _Owner:
+    def method(self) -> None:
+        pass
+
+
+def _unrecordable(kind: str) -> Any:
+    """A state dict holding one thing a recording does not cover, beside what it does."""
+    shared = [torch.randn(2)]
+    tagged = torch.randn(2)
+    tagged.tag = "x"  # type: ignore[attr-defined]
+    kinds: dict[str, dict[Any, Any]] = {
+        "a set": {"s": {1, 2}},
+        "an object": {"o": _Holder(torch.randn(2))},
+        "a namedtuple": {"p": _Pair(torch.randn(2), 1)},
+        "a list met twice": {"x": shared, "y": shared},
+        "a dict met twice": {"x": {"t": shared[0]}, "y": [1]},
+        "a key that is not atomic": {(1, 2): torch.randn(2)},
+        "a tensor subclass": {"t": torch.randn(2).as_subclass(_Tagged)},
+        "a tensor with attributes": {"t": tagged},
+        "a bound method": {"m": _Owner().method},
+    }
+    return kinds[kind] | {"w": torch.randn(4)}
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "a set",
+        "an object",
+        "a namedtuple",
+        "a list met twice",
+        "a dict met twice",
+        "a key that is not atomic",
+        "a tensor subclass",
+        "a tensor with attributes",
+        "a bound method",
+    ],
+)
+def test_a_walk_that_meets_what_a_recording_cannot_hold_records_nothing(kind: str) -> None:
+    """The walk records as it goes and stops at the first thing a recording does not cover
+    (a recording that covered it wrongly would fail its check and walk in full every call)."""
+    state_dict = _unrecordable(kind)
+    if kind == "a dict met twice":
+        state_dict["y"] = state_dict["x"]
+    cache = new_cache()
+    assert not stage(cache, state_dict).replayed
+    assert not cache.replays and cache.record_backoff > 0
+
+
+def test_leaves_under_instance_attributes_are_replayed_at_their_attribute_paths() -> None:
+    """A tensor in a dict's instance attributes: the replay's leaf has the walk's path."""
+    state_dict: Any = collections.OrderedDict(w=torch.randn(3))
+    state_dict.extra = {"t": torch.randn(2)}
+    cache = new_cache()
+    walked = stage(cache, state_dict, track_leaves=True)
+    replayed = stage(cache, state_dict, track_leaves=True)
+    assert replayed.replayed
+    assert [leaf.path for leaf in replayed.leaves] == [leaf.path for leaf in walked.leaves]
+    assert any(isinstance(part, Attr) for leaf in walked.leaves for part in leaf.path)
 
 
 def test_leaves_of_a_replay_match_the_walk() -> None:

@@ -3,7 +3,8 @@
 A cached call spends its time in the deep-copy walk, not in the copies: ~15 C calls, two dict
 stores and the memo per tensor. Most callers stage the same structure every time (a model's or an
 optimizer's ``state_dict()``, rebuilt each call with the same keys over the same storages), so
-after a full walk :func:`record` writes down what the walk found: every container's exact type,
+a full walk has a recorder (:class:`_Recorder`) write down what it stages, as it goes: every
+container's exact type,
 keys and length, and for every tensor its type, storage (by the host buffer that mirrors it),
 offset, shape, stride, dtype and conjugate/negative bits. No object identity is recorded for
 containers or tensors, so a ``state_dict()`` rebuilt each call still matches.
@@ -29,7 +30,6 @@ then does not copy those storages again.
 from __future__ import annotations
 
 import operator
-from collections import OrderedDict
 from collections.abc import Generator
 from itertools import chain, repeat
 from typing import Any, NamedTuple, cast
@@ -41,7 +41,7 @@ from .._torch import neg_view
 from ._cache import BufferCache, HostBuffer
 from ._plan import Leaf, Plan
 from ._tensors import TensorFacts, TensorStager, bytes_view, view_on
-from ._walk import ATOMIC_TYPES, EMPTY_STEP, DeepCopy, build_plan, empty_in_steps
+from ._walk import ATOMIC_TYPES, EMPTY_STEP, DeepCopy, Unrecordable, build_plan, empty_in_steps
 
 Walk = Generator[None, None, Any]
 
@@ -93,10 +93,6 @@ class _SamePlace:
 
 
 _SAME_PLACE = _SamePlace()
-
-
-class Unrecordable(Exception):
-    """The state dict holds something a recording does not cover."""
 
 
 def _mapped(function: Any, items: list[Any]) -> Generator[None, None, list[Any]]:
@@ -188,8 +184,9 @@ class TupleNode:
         self.size = size
 
 
-def _size(child: Any) -> int:
-    return 1 if child is None or type(child) is int else int(child.size)
+def _sizes(children: list[Any]) -> int:
+    """The items below a container: 1 per atom or tensor, a node's own count for a node."""
+    return len(children) + int(sum([child.size - 1 for child in children if type(child) in _NODES]))
 
 
 def _span(children: list[Any]) -> tuple[int, int] | None:
@@ -205,6 +202,9 @@ def _span(children: list[Any]) -> tuple[int, int] | None:
     if children != list(range(first, first + len(children))):
         return None
     return first, first + len(children)
+
+
+_NODES = (DictNode, ListNode, TupleNode)
 
 
 class Group(NamedTuple):
@@ -341,51 +341,44 @@ class Recording:
         return False
 
 
-def record(
-    cache: BufferCache, state_dict: Any, facts: dict[int, TensorFacts] | None = None
-) -> Walk:
-    """Record ``state_dict`` just after a full walk staged it; returns None if not covered.
-
-    ``facts``: what the walk already read of the tensors it gave new buffers (see
-    :func:`~._walk.build_plan`); emptied here.
-    """
-    recorder = _Recorder(cache, facts if facts is not None else {})
-    try:
-        root = yield from recorder.visit(state_dict, ())
-    except Unrecordable:
-        root = None
-    recording = None
-    if root is not None and type(root) is not int:  # nothing to gain on a lone tensor or value
-        recording = yield from recorder.finish(root)
-        yield from recording.prepare_bulk()
-    yield from empty_in_steps(*recorder.tables())  # an entry per tensor: not freed at once
-    return recording
-
-
 class _Recorder:
-    """One pass over a state dict just staged by a full walk, writing its :class:`Recording`.
+    """Writes a :class:`Recording` of the structure a full walk stages, as the walk goes.
 
-    Atoms and plain tensors met in a container are recorded inline, without a generator each:
-    the recording pass over 50,000 small tensors cost more than the walk itself when every
-    value took :meth:`visit`.
+    The walk (:class:`~._walk.DeepCopy`) reports each tensor and container once it has staged
+    it (the :class:`~._walk.Recorder` protocol); whatever a recording does not cover makes the
+    walk stop reporting. The tensors the walk gave new buffers come with what its lean path
+    already read of them (``facts``), so a first call reads no tensor twice.
     """
 
-    def __init__(self, cache: BufferCache, facts: dict[int, TensorFacts]) -> None:
+    def __init__(self, cache: BufferCache) -> None:
         self._entries = cache.entries
-        self._facts = facts
+        self.facts: dict[int, TensorFacts] = {}
         self._out = Recording()
-        self._seen: set[int] = set()
+        self._root: Any = None
         self._first: dict[int, int] = {}  # id() of a tensor -> its first leaf
         self._users: list[int] = []  # per slot: tensors that use it
-        self._countdown = CHUNK
 
     def tables(self) -> tuple[dict[int, Any], ...]:
         """The per-tensor dicts, for the caller to empty in steps."""
-        return (self._first, self._facts)
+        return (self._first, self.facts)
 
-    def finish(self, root: Any) -> Walk:
-        out = self._out
-        out.root = root
+    def ended(self, root: Any) -> None:
+        self._root = root
+
+    def finish(self) -> Walk:
+        """The recording, or None when the walk met something it does not cover (or the state
+        dict was a lone tensor or value: nothing to gain); then the per-tensor tables emptied."""
+        root = self._root
+        out: Recording | None = None
+        if root is not None and type(root) is not int:
+            out = self._out
+            out.root = root
+            yield from self._sort_shared(out)
+            yield from out.prepare_bulk()
+        yield from empty_in_steps(*self.tables())  # an entry per tensor: not freed at once
+        return out
+
+    def _sort_shared(self, out: Recording) -> Walk:
         users = self._users
         leaves = out.leaves
         shared = out.shared_leaves
@@ -404,107 +397,32 @@ class _Recorder:
                 else:
                     shared.append((j, leaf[11]))
             yield
-        return out
 
-    def _register(self, x: Any) -> None:
-        if id(x) in self._seen:
-            raise Unrecordable  # a shared container: the walk shares its copy
-        self._seen.add(id(x))
-
-    def visit(self, x: Any, path: Path) -> Walk:
-        # Atoms count too: a list of 25,000 ints (an optimizer's param ids) held the loop
-        # 50-170 ms when only containers and tensors did.
-        self._countdown -= 1
-        if self._countdown <= 0:
-            self._countdown = CHUNK
-            yield
-        cls = type(x)
-        if cls in ATOMIC_TYPES:
-            return None
-        if cls is _Tensor or cls is _Parameter:
-            return self._leaf(x, path)
-        if cls is dict or cls is OrderedDict:
-            self._register(x)
-            attributes = getattr(x, "__dict__", None)
-            attrs = (yield from self._dict(dict, attributes, path)) if attributes else None
-            return (yield from self._dict(cls, x, path, attrs))
-        if cls is list:
-            self._register(x)
-            children = []
-            size = 0
-            atoms = True
-            atomic = ATOMIC_TYPES
-            for index, value in enumerate(x):
-                vtype = type(value)
-                if vtype in atomic:  # inline: no generator per atom (see the class)
-                    child = None
-                    self._countdown -= 1
-                    if self._countdown <= 0:
-                        self._countdown = CHUNK
-                        yield
-                else:
-                    child = yield from self.visit(value, (*path, index))
-                    atoms = False
-                children.append(child)
-                size += _size(child)
-            listed = ListNode(children, atoms, size)
-            if not atoms:
-                listed.group = yield from _group_of(children)
-            return listed
-        if cls is tuple:
-            children = []
-            size = 0
-            rebuilt = False
-            for index, value in enumerate(x):
-                child = yield from self.visit(value, (*path, index))
-                children.append(child)
-                size += _size(child)
-                # Rebuilt by the walk when something mutable is inside, at any depth.
-                rebuilt = rebuilt or (
-                    child is not None and not (type(child) is TupleNode and not child.rebuilt)
-                )
-            node = TupleNode(children, rebuilt, size)
-            if node.rebuilt:
-                self._register(x)
-            return node
-        raise Unrecordable
-
-    def _dict(self, cls: type, x: dict[Any, Any], path: Path, attrs: Any = None) -> Walk:
-        keys = []
-        key_types = []
-        children = []
-        size = 0
-        atomic = ATOMIC_TYPES
-        leaf = self._leaf
-        # Keys, their types and the size in the same pass as the values: a pass of its own
-        # over a 25,000-entry dict is a loop hold of its own.
-        for key, value in x.items():
-            key_type = type(key)
-            if key_type not in atomic:
-                raise Unrecordable
-            keys.append(key)
-            key_types.append(key_type)
-            vtype = type(value)
-            if vtype in atomic or vtype is _Tensor or vtype is _Parameter:
-                # Inline: no generator per atom or tensor (see the class).
-                child = None if vtype in atomic else leaf(value, (*path, key))
-                size += 1
-                self._countdown -= 1
-                if self._countdown <= 0:
-                    self._countdown = CHUNK
-                    yield
-            else:
-                child = yield from self.visit(value, (*path, key))
-                size += _size(child)
-            children.append(child)
-        node = DictNode(cls, keys, key_types, children, attrs, size)
+    def mapping(self, cls: type, x: dict[Any, Any], children: list[Any], attrs: Any) -> Walk:
+        keys = list(x)  # atomic: the walk checked each
+        node = DictNode(cls, keys, list(map(type, keys)), children, attrs, _sizes(children))
         node.group = yield from _group_of(children)
         return node
 
-    def _leaf(self, x: torch.Tensor, path: Path) -> int:
+    def sequence(self, children: list[Any]) -> Walk:
+        atoms = children.count(None) == len(children)
+        node = ListNode(children, atoms, 0 if atoms else _sizes(children))
+        if not atoms:
+            node.group = yield from _group_of(children)
+        return node
+
+    def items(self, children: list[Any]) -> TupleNode:
+        # Rebuilt by the walk when something mutable is inside, at any depth.
+        rebuilt = any(
+            child is not None and not (type(child) is TupleNode and not child.rebuilt)
+            for child in children
+        )
+        return TupleNode(children, rebuilt, _sizes(children))
+
+    def leaf(self, x: torch.Tensor, path: Path) -> int:
         out = self._out
         index = len(out.leaves)
-        known = self._facts.get(id(x))
+        known = self.facts.get(id(x))
         if known is not None and known[0] is x:
             # Given a new buffer as its twin by the walk's lean path, which read all this.
             (_, key, buffer, shape, stride, dtype, requires_grad) = known
@@ -516,6 +434,8 @@ class _Recorder:
             spans = True
         else:
             cls = type(x)
+            if cls is not _Tensor and cls is not _Parameter:
+                raise Unrecordable  # a subclass: the walk's kinds (_kinds) stage it their way
             # One read of each fact, and ``is_meta`` rather than ``device.type`` (0.5 us).
             if x.__dict__ or x.layout is not _strided or x.is_quantized or x.is_nested or x.is_meta:
                 raise Unrecordable
@@ -1404,9 +1324,9 @@ def walk_or_replay(cache: BufferCache, state_dict: Any, plan: Plan) -> Walk:
         yield from build_plan(cache, state_dict, plan, adopted=adopted)
         cache.record_backoff -= 1
         return plan
-    facts: dict[int, TensorFacts] = {}
-    yield from build_plan(cache, state_dict, plan, adopted=adopted, facts=facts)
-    recording = yield from record(cache, state_dict, facts)
+    recorder = _Recorder(cache)
+    yield from build_plan(cache, state_dict, plan, adopted=adopted, recorder=recorder)
+    recording = yield from recorder.finish()
     if recording is None:
         cache.record_backoff = RECORD_BACKOFF
     else:

@@ -77,17 +77,18 @@ def build_plan(
     plan: Plan | None = None,
     *,
     adopted: tuple[dict[int, HostBuffer], dict[int, int]] | None = None,
-    facts: dict[int, TensorFacts] | None = None,
+    recorder: Recorder | None = None,
 ) -> Walk:
     """Walk ``state_dict`` into ``plan`` (a new one by default); the generator returns the plan.
 
     ``plan.copies`` grows while the walk runs, so a driver may start copying before it ends.
     ``adopted`` names the storages already copied into ``plan`` (by ``id()``: their buffer,
     their copy), which the walk then does not copy again: what a replay that stopped midway
-    leaves (see :mod:`._replay`).
+    leaves (see :mod:`._replay`). ``recorder``, when given, is told the structure as the walk
+    stages it, and at the end its root (:meth:`Recorder.ended`).
     """
     plan = plan if plan is not None else Plan()
-    walk = DeepCopy()
+    walk = DeepCopy(recorder)
     tensors = TensorStager(
         cache,
         plan,
@@ -95,11 +96,13 @@ def build_plan(
         keep_alive=walk.keep_alive,
         visit=walk.visit_now,
         adopted=adopted,
-        facts=facts,
+        facts=recorder.facts if recorder is not None else None,
     )
     walk.stage_tensors_with(tensors)
     try:
         plan.result = yield from walk.visit(state_dict, ())
+        if recorder is not None:
+            recorder.ended(walk.node if walk.recorder is recorder else None)
         # Emptied in steps: freed at once, the memo's and the tensor stager's 50,000-entry
         # dicts held the loop 7-12 ms at the end of a walk (measured on this project's 2 cores).
         yield from empty_in_steps(walk.memo, walk.keep_alive, *tensors.tables())
@@ -133,6 +136,39 @@ def empty_in_steps(*containers: dict[Any, Any] | list[Any]) -> Walk:
         yield
 
 
+class Unrecordable(Exception):
+    """The state dict holds something a replay recording does not cover (see :mod:`._replay`)."""
+
+
+class Recorder(Protocol):
+    """What a walk reports, as it stages them, of the containers and tensors it meets: the
+    replay recorder of :mod:`._replay`, which writes the structure down for later calls.
+
+    Each method returns the node that stands for what the walk just staged, from the nodes of
+    its items (``None`` for an atom). Any may raise :class:`Unrecordable`: the walk then goes on
+    without recording. Recording in the walk reads every fact once; a pass of its own after
+    the walk cost the first call over 50,000 small tensors a third of its time.
+    """
+
+    facts: dict[int, TensorFacts]
+    """Filled by the tensor stager's lean path (see :data:`~._tensors.TensorFacts`)."""
+
+    def leaf(self, x: torch.Tensor, path: Path) -> Any:
+        """A tensor, already staged."""
+
+    def mapping(self, cls: type, x: dict[Any, Any], children: list[Any], attrs: Any) -> Walk:
+        """A dict or OrderedDict (``attrs``: the node of its instance attributes, or None)."""
+
+    def sequence(self, children: list[Any]) -> Walk:
+        """A list."""
+
+    def items(self, children: list[Any]) -> Any:
+        """A tuple."""
+
+    def ended(self, root: Any) -> None:
+        """The walk is over: ``root`` is the state dict's node, None if nothing was recorded."""
+
+
 class Tensors(Protocol):
     """Where the walk hands its tensors (a :class:`~._tensors.TensorStager`)."""
 
@@ -154,7 +190,11 @@ def _no_tensors(*args: Any) -> torch.Tensor:
 class DeepCopy:
     """One walk's deep copy: the memo, and a rebuild for each kind of container and object."""
 
-    def __init__(self) -> None:
+    def __init__(self, recorder: Recorder | None = None) -> None:
+        self.recorder = recorder
+        """Told the structure as the walk goes; None once something could not be recorded."""
+        self.node: Any = None
+        """The recorder's node for what the last visit staged (read by the container above)."""
         self.memo: dict[int, Any] = {}
         """``id()`` of every source object met so far -> its staged twin."""
         self.keep_alive: list[Any] = []
@@ -187,6 +227,7 @@ class DeepCopy:
         its last user, and its host buffers would look in use (``BufferCache.in_use``).
         """
         self._dispatch.clear()
+        self.recorder = self.node = None
         self._tensor = self._child_tensor = _no_tensors
         self.memo.clear()
         self.keep_alive.clear()
@@ -196,22 +237,51 @@ class DeepCopy:
     def visit(self, x: Any, path: Path) -> Walk:
         cls = type(x)
         if cls in ATOMIC_TYPES:
+            self.node = None
             return x
         found = self.memo.get(id(x), _MISSING)
         if found is not _MISSING:
             if isinstance(x, _Tensor):
-                return self._tensor(x, path)
+                return self._visit_tensor(x, path)
+            self.recorder = None  # an object met twice: the walk shares its copy
             return found
         if isinstance(x, _Tensor):
-            return self._tensor(x, path)
+            return self._visit_tensor(x, path)
         handler = self._dispatch.get(cls)
         if handler is not None:
             return (yield from handler(x, path))
+        self.recorder = None  # recordings cover dicts, lists, tuples and tensors
         if issubclass(cls, (type, enum.Enum)):
             return x
         if issubclass(cls, tuple) and hasattr(cls, "_fields"):
             return (yield from self._namedtuple(x, path))
         return (yield from self._reduce(x, path))
+
+    def _visit_tensor(self, x: torch.Tensor, path: Path) -> torch.Tensor:
+        y = self._tensor(x, path)
+        self.node = self._record_leaf(x, path)
+        return y
+
+    def _record_leaf(self, x: torch.Tensor, path: Path) -> Any:
+        recorder = self.recorder
+        if recorder is None:
+            return None
+        try:
+            return recorder.leaf(x, path)
+        except Unrecordable:
+            self.recorder = None
+            return None
+
+    def _record(self, recorder: Recorder | None, node: Walk) -> Walk:
+        """Keep the node ``node`` makes, if ``recorder`` (this container's) is still on."""
+        if recorder is None or self.recorder is not recorder:
+            node.close()
+            return None
+        try:
+            self.node = yield from node
+        except Unrecordable:
+            self.recorder = None
+        return None
 
     def _tick(self) -> bool:
         self._countdown -= 1
@@ -227,64 +297,95 @@ class DeepCopy:
     def _dict(self, x: dict[Any, Any], path: Path) -> Walk:
         y: dict[Any, Any] = type(x)()
         self._remember(x, y)
+        recorder = self.recorder
         attributes = getattr(x, "__dict__", None)
+        attrs = None
         if attributes:  # e.g. the _metadata that Module.state_dict() hangs on its OrderedDict
             y.__dict__.update((yield from self._attributes(attributes, path)))
+            attrs = self.node
         atomic = ATOMIC_TYPES
         memo = self.memo
+        children: list[Any] = []  # the recorder's nodes of the values
         for old_key, value in x.items():
             key = old_key
             if type(key) not in atomic:
                 key = yield from self.visit(old_key, (*path, old_key))
+                self.recorder = None  # recordings hold atomic keys only
             vtype = type(value)
             if vtype in atomic:
                 y[key] = value
+                node = None
             elif vtype is _Tensor:
                 y[key] = self._child_tensor(value, path, old_key)
+                node = None if recorder is None else self._record_leaf(value, (*path, old_key))
             elif vtype is dict:  # nested dicts are common: skip visit()'s generator
                 found = memo.get(id(value), _MISSING)
                 if found is _MISSING:
                     found = yield from self._dict(value, (*path, old_key))
+                else:
+                    self.recorder = None  # met twice: the walk shares its copy
                 y[key] = found
+                node = self.node
             else:
                 y[key] = yield from self.visit(value, (*path, old_key))
+                node = self.node
+            children.append(node)
             self._countdown -= 1
             if self._countdown <= 0:
                 self._countdown = _YIELD_EVERY
                 yield
+        if recorder is not None:
+            yield from self._record(recorder, recorder.mapping(type(x), x, children, attrs))
         return y
 
     def _list(self, x: list[Any], path: Path) -> Walk:
         y: list[Any] = []
         self._remember(x, y)
+        recorder = self.recorder
         atomic = ATOMIC_TYPES
         append = y.append
+        children: list[Any] = []  # the recorder's nodes of the items
         for index, value in enumerate(x):
             vtype = type(value)
             if vtype in atomic:
                 append(value)
+                node = None
             elif vtype is _Tensor:
                 append(self._child_tensor(value, path, index))
+                node = None if recorder is None else self._record_leaf(value, (*path, index))
             else:
                 append((yield from self.visit(value, (*path, index))))
+                node = self.node
+            children.append(node)
             if self._tick():
                 yield
+        if recorder is not None:
+            yield from self._record(recorder, recorder.sequence(children))
         return y
 
-    def _items(self, x: tuple[Any, ...], path: Path) -> Generator[None, None, list[Any]]:
+    def _items(
+        self, x: tuple[Any, ...], path: Path
+    ) -> Generator[None, None, tuple[list[Any], list[Any]]]:
+        """The items' copies, and the recorder's nodes of them."""
         items = []
+        children = []
         for index, value in enumerate(x):
             items.append((yield from self.visit(value, (*path, index))))
+            children.append(self.node)
             if self._tick():
                 yield
-        return items
+        return items, children
 
     def _tuple(self, x: tuple[Any, ...], path: Path) -> Walk:
-        items = yield from self._items(x, path)
+        recorder = self.recorder
+        items, children = yield from self._items(x, path)
         # A tuple inside a cycle was rebuilt while visiting its own items: use that one.
         found = self.memo.get(id(x), _MISSING)
         if found is not _MISSING:
+            self.recorder = None  # a cycle: recordings have none
             return found
+        if recorder is not None and self.recorder is recorder:
+            self.node = recorder.items(children)
         if all(a is b for a, b in zip(x, items, strict=True)):
             return x  # nothing mutable inside: the tuple is its own copy, like copy.deepcopy
         y = tuple(items)
@@ -293,7 +394,7 @@ class DeepCopy:
 
     def _namedtuple(self, x: Any, path: Path) -> Walk:
         """A namedtuple: always a new one, as ``copy.deepcopy`` makes (unlike a plain tuple)."""
-        items = yield from self._items(x, path)
+        items, _ = yield from self._items(x, path)
         found = self.memo.get(id(x), _MISSING)
         if found is not _MISSING:
             return found
@@ -305,6 +406,7 @@ class DeepCopy:
         return y
 
     def _set(self, x: set[Any] | frozenset[Any], path: Path) -> Walk:
+        self.recorder = None  # recordings cover dicts, lists, tuples and tensors
         items = []
         for value in x:
             items.append((yield from self.visit(value, (*path, value))))
@@ -313,6 +415,7 @@ class DeepCopy:
         return y
 
     def _method(self, x: types.MethodType, path: Path) -> Walk:
+        self.recorder = None  # recordings cover dicts, lists, tuples and tensors
         owner = yield from self.visit(x.__self__, (*path, Attr("__self__")))
         y = types.MethodType(x.__func__, owner)
         self._remember(x, y)
@@ -382,11 +485,16 @@ class DeepCopy:
         return new
 
     def _attributes(self, attributes: dict[str, Any], path: Path) -> Walk:
+        recorder = self.recorder
         new = {}
+        children = []
         for name, value in attributes.items():
             new[name] = yield from self.visit(value, (*path, Attr(name)))
+            children.append(self.node)
             if self._tick():
                 yield
+        if recorder is not None:  # recorded as a plain dict of the attributes
+            yield from self._record(recorder, recorder.mapping(dict, attributes, children, None))
         return new
 
     def visit_now(self, x: Any, path: Path) -> Any:
