@@ -261,11 +261,12 @@ class _Turn:
 class _InFlight:
     """A batch handed to a worker thread or a device; set once its bytes have landed."""
 
-    __slots__ = ("backend", "batch", "error", "finished", "landed")
+    __slots__ = ("backend", "batch", "error", "finished", "landed", "serial")
 
-    def __init__(self, batch: Batch, backend: DeviceBackend | None) -> None:
+    def __init__(self, batch: Batch, backend: DeviceBackend | None, serial: int) -> None:
         self.batch = batch
         self.backend = backend
+        self.serial = serial  # the order in which the call started its batches
         self.finished = False
         self.error: Exception | None = None
         self.landed = anyio.Event()
@@ -298,22 +299,37 @@ class _HostLane:
 
     Why: a worker-thread call per batch (``to_thread.run_sync``) put two thread wake-ups and
     a loop turn between one batch's end and the next one's start, 0.4-0.6 ms in which no core
-    copied: 15 times in a cached call of 1 GiB (64 MiB batches), which took 1.1-1.2x a plain
+    copied: 15 times in a cached call of 1 GiB (64 MiB batches), which took 1.15-1.2x a plain
     copy of the same bytes. A worker here takes the next queued batch as soon as it finished
-    one and tells the loop that the batch landed without waiting for the loop.
+    one, and tells the loop that batches landed without waiting for the loop.
+
+    It tells the loop only when the queue ran dry (the call may be done, or has more batches
+    to cut once the in-flight budget has room), and after every batch where a consumer waits
+    for each one (``stage_iter``). Each wake-up of the loop meanwhile takes a core from the
+    copy: telling it after each batch, or whenever half the budget was left, made the copying
+    of 1 GiB 3-5% slower on 2 cores, while a dry queue costs one round trip per
+    ``max_inflight_bytes``. Finished batches are marked at once (``finished``, ``error``): a
+    loop that reaps meanwhile (between walk slices of a first call) sees them untold.
 
     At most ``workers`` (``copy_threads``) run at once; one ends when it finds the queue empty,
-    and the next batch queued starts another. :meth:`close` (the call's exit) stops them after
-    the batch each is copying, which still lands before the call returns.
+    and the next batch queued starts another. A worker also gives way, between two batches, to
+    a device batch started before the next queued one and waiting for a thread (host and device
+    batches share ``copy_threads``): the device's copy is not held up behind host batches that
+    came after it, as it was not when each batch took a thread in turn. :meth:`close` (the
+    call's exit) stops them after the batch each is copying, which still lands before the call
+    returns.
     """
 
-    def __init__(self, workers: int, post: LoopPost) -> None:
+    def __init__(self, workers: int, post: LoopPost, *, tell_each: bool) -> None:
+        self._lock = threading.Lock()  # all of the below, between the loop and the workers
         self._queue: deque[_InFlight] = deque()
-        self._lock = threading.Lock()  # queue, worker count and closed, between loop and workers
+        self._untold: list[_InFlight] = []  # landed, the loop not told yet
         self._max_workers = workers
         self._workers = 0
         self._closed = False
         self._post = post
+        self._tell_each = tell_each
+        self._device_waiting: set[int] = set()  # serials of device batches waiting for a thread
 
     def submit(self, inflight: _InFlight) -> bool:
         """Queue a batch (on the loop); True when the caller must start a worker for it."""
@@ -323,6 +339,28 @@ class _HostLane:
                 self._workers += 1
                 return True
             return False
+
+    def restart(self) -> bool:
+        """After a worker returned (on the loop): True when the caller must start another.
+
+        So it is when the worker gave way to a device batch and batches are still queued; the
+        new worker waits for a thread behind that batch.
+        """
+        with self._lock:
+            if self._closed or not self._queue or self._workers >= self._max_workers:
+                return False
+            self._workers += 1
+            return True
+
+    def device_waits(self, serial: int) -> None:
+        """A device batch was started (on the loop) and waits for a thread to enqueue it."""
+        with self._lock:
+            self._device_waiting.add(serial)
+
+    def device_enqueues(self, serial: int) -> None:
+        """That device batch got its thread (or was cancelled before it did)."""
+        with self._lock:
+            self._device_waiting.discard(serial)
 
     def close(self) -> list[_InFlight]:
         """Let no queued batch start any more (on the loop); returns those that never will."""
@@ -337,22 +375,47 @@ class _HostLane:
         with self._lock:
             self._workers -= 1
 
-    def copy_queued(self) -> None:
-        """In a worker thread: copy queued batches, in order, until none is left or closed."""
+    def _device_batch_first(self) -> bool:
+        """A device batch started before the next queued one waits for a thread (lock held)."""
+        waiting = self._device_waiting
+        return bool(waiting) and min(waiting) < self._queue[0].serial
+
+    def copy_queued(self) -> list[_InFlight]:
+        """In a worker thread: copy queued batches, in order, until none is left, the lane is
+        closed, or a device batch comes first.
+
+        Returns the batches that landed and that the loop was not told of: the worker's return
+        wakes the loop anyway, which tells them (one wake-up at the end of a call, not two).
+        """
+        inflight: _InFlight | None = None
         while True:
             with self._lock:
-                if self._closed or not self._queue:
+                if inflight is not None:
+                    self._untold.append(inflight)
+                ending = self._closed or not self._queue or self._device_batch_first()
+                tell: list[_InFlight] = []
+                if ending or self._tell_each:
+                    tell, self._untold = self._untold, []
+                if ending:
                     self._workers -= 1
-                    return
-                inflight = self._queue.popleft()
+                else:
+                    inflight = self._queue.popleft()
+            if ending:
+                return tell
+            if tell:
+                self._post(partial(_set_landed, tell))
+            assert inflight is not None
             try:
                 run_host_batch(inflight.batch)
             except Exception as exc:  # noqa: BLE001 - handed to the call, which raises it
                 inflight.error = exc
             else:
                 inflight.finished = True
-            finally:
-                self._post(inflight.landed.set)
+
+
+def _set_landed(landed: list[_InFlight]) -> None:
+    for inflight in landed:
+        inflight.landed.set()
 
 
 class _Call:
@@ -380,6 +443,7 @@ class _Call:
         self._walked = False
         self._host_limiter: anyio.CapacityLimiter | None = None
         self._host_lane: _HostLane | None = None
+        self._started_batches = 0
         self._device_limiters = DeviceLimiters()
         self.result: Any = None
 
@@ -395,7 +459,11 @@ class _Call:
             self.buffer_set = buffer_set
             # Per call (calls run one at a time), so that they belong to the caller's loop.
             self._host_limiter = anyio.CapacityLimiter(stager._resolved.copy_threads)
-            self._host_lane = _HostLane(stager._resolved.copy_threads, _loop_post())
+            self._host_lane = _HostLane(
+                stager._resolved.copy_threads,
+                _loop_post(),
+                tell_each=self._track_leaves,
+            )
             self._copies = anyio.create_task_group()
             await self._copies.__aenter__()
         except BaseException:
@@ -499,9 +567,11 @@ class _Call:
             if batch is None:
                 break
             backend = self._stager._backend_for_batch(self._order, batch)
-            inflight = _InFlight(batch, backend)
+            inflight = _InFlight(batch, backend, self._started_batches)
+            self._started_batches += 1
             run.start(inflight)
             if backend is not None:
+                self._host_lane.device_waits(inflight.serial)
                 self._copies.start_soon(self._copy_from_device, inflight, backend)
             elif self._host_lane.submit(inflight):
                 self._copies.start_soon(self._copy_on_host)
@@ -515,23 +585,27 @@ class _Call:
         assert lane is not None
         started = False
 
-        def copy_queued() -> None:
+        def copy_queued() -> list[_InFlight]:
             nonlocal started
             started = True
             # With a long scheduler slice: the loop's thread takes a core from the copy
             # the moment it wakes up (see _slices).
-            in_copy_slice(lane.copy_queued)
+            return in_copy_slice(lane.copy_queued)
 
         try:
-            await anyio.to_thread.run_sync(copy_queued, limiter=self._host_limiter)
+            landed = await anyio.to_thread.run_sync(copy_queued, limiter=self._host_limiter)
         finally:
             if not started:  # cancelled while waiting for a thread: the call is ending
                 lane.worker_not_started()
+        _set_landed(landed)
+        if lane.restart():  # it gave way to a device batch: the rest of the queue goes on after
+            assert self._copies is not None
+            self._copies.start_soon(self._copy_on_host)
 
     async def _copy_from_device(self, inflight: _InFlight, backend: DeviceBackend) -> None:
         """Enqueue a device batch and await its completion; its error goes to the call."""
         try:
-            await self._enqueue_and_wait(inflight.batch, backend)
+            await self._enqueue_and_wait(inflight, backend)
         except Exception as exc:  # noqa: BLE001 - handed to the call, which raises it when reaped
             inflight.error = exc
         else:
@@ -539,18 +613,27 @@ class _Call:
         finally:
             inflight.landed.set()
 
-    async def _enqueue_and_wait(self, batch: Batch, backend: DeviceBackend) -> None:
+    async def _enqueue_and_wait(self, inflight: _InFlight, backend: DeviceBackend) -> None:
+        batch = inflight.batch
         marks = self._order.marks_for(batch.device)
         non_blocking = self._stager._resolved.non_blocking
+        lane = self._host_lane
+        assert lane is not None
         enqueued: list[DeviceCopies] = []
+        started = False
 
         def enqueue() -> None:
+            nonlocal started
+            started = True
+            lane.device_enqueues(inflight.serial)
             enqueued.append(enqueue_batch(backend, batch, marks, non_blocking=non_blocking))
 
         try:
             # Pinning (slow, and never on the loop) and enqueueing run in a worker thread.
             await anyio.to_thread.run_sync(in_copy_slice, enqueue, limiter=self._host_limiter)
         finally:
+            if not started:  # cancelled while waiting for a thread
+                lane.device_enqueues(inflight.serial)
             if enqueued:  # copies were enqueued: they land before this call may end
                 copies = enqueued[0]
                 with anyio.CancelScope(shield=True):

@@ -1,0 +1,251 @@
+"""The async face's host batches: copied back to back by a worker, told to the loop as they land.
+
+A cached call of many host batches used to hand each batch to a worker thread of its own, with a
+loop turn between one batch's end and the next one's start (see ``_async._HostLane``). These
+tests pin down what the lane promises: the next batch does not wait for the loop, a consumer of
+``stage_iter`` still gets each batch's tensors as it lands, and a failing batch still fails its
+call.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import anyio
+import pytest
+import torch
+from conftest import assert_tree_staged, big_state_dict
+from fake_accelerator import FakeAccelerator, FakeBackend
+
+import astage
+from astage._devices._backend import enqueue_batch, installed
+from astage._devices._host import run_host_batch
+from astage._drivers import _async
+
+KiB = 1 << 10
+MiB = 1 << 20
+WAIT_S = 5.0  # generous: only a broken lane waits this long
+
+
+class GatedCopies:
+    """Host batches that record their order, the first one held until ``release`` is set."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.first_started = threading.Event()
+        self.release = threading.Event()
+        self.copied: list[int] = []
+        self.all_copied = threading.Event()
+        self.expected = 0
+        monkeypatch.setattr(_async, "run_host_batch", self._run)
+
+    def _run(self, batch: Any) -> None:
+        if not self.copied:
+            self.first_started.set()
+            assert self.release.wait(WAIT_S), "the test never released the first batch"
+        run_host_batch(batch)
+        self.copied.append(batch.end)
+        if len(self.copied) == self.expected:
+            self.all_copied.set()
+
+
+@pytest.mark.asyncio
+@pytest.mark.allow_blocking("holds the loop on purpose: the batches must not need it")
+async def test_queued_host_batches_are_copied_while_the_loop_is_held(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 8 batches of 256 KiB, all cut before the first one lands (the budget holds them all).
+    copies = GatedCopies(monkeypatch)
+    copies.expected = 8
+    source = big_state_dict(8, 256 * KiB)
+    async with astage.Stager(
+        copy_threads=1, chunk_bytes=256 * KiB, max_inflight_bytes=8 * MiB, max_loop_hold_s=0.05
+    ) as stager:
+        copied_while_held: list[int] = []
+
+        async def hold_the_loop() -> None:
+            while not copies.first_started.is_set():
+                await anyio.sleep(0.001)
+            copies.release.set()
+            # Blocks the loop: batches that each needed a loop turn to start would stop here.
+            copies.all_copied.wait(WAIT_S)
+            copied_while_held.extend(copies.copied)
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(hold_the_loop)
+            staged = await stager.stage(source)
+        assert len(copied_while_held) == 8, f"{len(copied_while_held)} of 8 ran while held"
+        assert copies.copied == sorted(copies.copied)  # in the plan's order
+        assert_tree_staged(staged, source)
+
+
+@pytest.mark.asyncio
+async def test_stage_iter_hands_out_each_batch_as_it_lands(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # With batches still queued, a plain call's worker tells the loop nothing before the queue
+    # ran dry; a stage_iter consumer gets the first tensor anyway, while the second batch
+    # waits for it.
+    handed_out = threading.Event()
+    started: list[int] = []
+
+    def run(batch: Any) -> None:
+        started.append(batch.end)
+        if len(started) == 2:
+            assert handed_out.wait(WAIT_S), "the first tensor was not handed out meanwhile"
+        run_host_batch(batch)
+
+    monkeypatch.setattr(_async, "run_host_batch", run)
+    source = big_state_dict(8, 256 * KiB)
+    async with astage.Stager(
+        copy_threads=1, chunk_bytes=256 * KiB, max_inflight_bytes=2 * MiB, max_loop_hold_s=0.05
+    ) as stager:
+        async with stager.stage_iter(source) as landed:
+            paths = []
+            async for path, _ in landed:
+                paths.append(path)
+                handed_out.set()
+        assert len(paths) == 8
+        assert handed_out.is_set()
+
+
+@pytest.mark.asyncio
+async def test_failing_host_batch_fails_its_call_and_the_stager_stays_usable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def run(batch: Any) -> None:
+        if batch.end == 3:
+            raise OSError("the third batch failed")
+        run_host_batch(batch)
+
+    monkeypatch.setattr(_async, "run_host_batch", run)
+    source = big_state_dict(8, 256 * KiB)
+    async with astage.Stager(
+        copy_threads=1, chunk_bytes=256 * KiB, max_inflight_bytes=8 * MiB
+    ) as stager:
+        with pytest.raises(OSError, match="the third batch failed"):
+            await stager.stage(source)
+        monkeypatch.setattr(_async, "run_host_batch", run_host_batch)
+        with anyio.fail_after(WAIT_S):
+            assert_tree_staged(await stager.stage(source), source)
+
+
+@pytest.mark.asyncio
+async def test_cancelled_call_starts_no_queued_host_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Cancelled while the first batch copies, with the others queued: the call returns once
+    # that batch landed, and no queued batch starts, then or later.
+    copies = GatedCopies(monkeypatch)
+    copies.expected = 8
+    source = big_state_dict(8, 256 * KiB)
+    async with astage.Stager(
+        copy_threads=1, chunk_bytes=256 * KiB, max_inflight_bytes=8 * MiB, max_loop_hold_s=0.05
+    ) as stager:
+        scope = anyio.CancelScope()
+
+        async def cancel_while_copying() -> None:
+            while not copies.first_started.is_set():
+                await anyio.sleep(0.001)
+            scope.cancel()
+            await anyio.sleep(0.05)  # the call is cancelled, its first batch still copies
+            copies.release.set()
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(cancel_while_copying)
+            with scope:
+                await stager.stage(source)
+        assert scope.cancelled_caught
+        assert len(copies.copied) == 1  # the batch that ran has landed; no queued one ran
+        await anyio.sleep(0.1)
+        assert len(copies.copied) == 1
+        with anyio.fail_after(WAIT_S):
+            staged = await stager.stage(source)
+        assert_tree_staged(staged, source)
+
+
+@pytest.mark.asyncio
+async def test_a_device_batch_is_not_held_up_behind_host_batches_after_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Host and device batches share copy_threads (one here). Each batch taking a thread in
+    # turn, a device batch waited only for the host batches started before it; the lane's
+    # worker gives way to it between two batches rather than copying its whole queue first.
+    order: list[str] = []
+
+    def slow_host(batch: Any) -> None:
+        time.sleep(0.02)  # the device batch starts waiting meanwhile
+        run_host_batch(batch)
+        order.append(f"host {batch.end}")
+
+    def enqueue(*args: Any, **kwargs: Any) -> Any:
+        order.append("device")
+        return enqueue_batch(*args, **kwargs)
+
+    monkeypatch.setattr(_async, "run_host_batch", slow_host)
+    monkeypatch.setattr(_async, "enqueue_batch", enqueue)
+    fake = FakeAccelerator(devices=1)
+    try:
+        host = big_state_dict(6, 256 * KiB)
+        state = {**dict(list(host.items())[:3]), "w": fake.devices[0].zeros(1024)}
+        state.update(dict(list(host.items())[3:]))
+        with installed(FakeBackend(fake)):
+            async with astage.Stager(
+                copy_threads=1,
+                chunk_bytes=256 * KiB,
+                max_inflight_bytes=8 * MiB,
+                max_loop_hold_s=0.05,  # every batch started in the first turn
+            ) as stager:
+                staged = await stager.stage(state)
+        # Before the host batches after it (on trio, whose scheduling order is random, maybe
+        # before some of those before it too); the host batches in plan order.
+        assert order.index("device") < order.index("host 5")
+        assert [step for step in order if step != "device"] == [
+            f"host {end}" for end in (1, 2, 3, 5, 6, 7)
+        ]
+        assert torch.equal(staged["big.4"], host["big.4"])
+        assert staged["w"].device.type == "cpu"
+    finally:
+        fake.close()
+    assert fake.errors == []
+
+
+@pytest.mark.parametrize(("tell_each", "told"), [(False, []), (True, [[1], [2], [3]])])
+def test_lane_tells_the_loop_when_dry_or_after_each_batch(
+    monkeypatch: pytest.MonkeyPatch, tell_each: bool, told: list[list[int]]
+) -> None:
+    # A plain call's loop is told once the queue ran dry, through the worker's return (which
+    # wakes it anyway), not after each batch; stage_iter's consumer is told of each batch.
+    posted: list[list[int]] = []
+
+    def post(callback: Any) -> None:
+        posted.append([inflight.batch.end for inflight in callback.args[0]])
+
+    ran: list[int] = []
+    monkeypatch.setattr(_async, "run_host_batch", lambda batch: ran.append(batch.end))
+    lane = _async._HostLane(1, post, tell_each=tell_each)
+    batches = [_FakeInFlight(end) for end in range(1, 5)]
+    starts = [lane.submit(inflight) for inflight in batches]  # type: ignore[arg-type]
+    assert starts == [True, False, False, False]  # one worker for the whole queue
+    untold = lane.copy_queued()
+    assert ran == [1, 2, 3, 4]
+    assert posted == told
+    assert [inflight.batch.end for inflight in untold] == ([4] if tell_each else [1, 2, 3, 4])
+    assert all(inflight.finished for inflight in batches)
+
+
+class _FakeBatch:
+    def __init__(self, end: int) -> None:
+        self.end = end
+        self.nbytes = 1
+
+
+class _FakeInFlight:
+    """What the lane reads and writes of an in-flight batch."""
+
+    def __init__(self, end: int) -> None:
+        self.batch = _FakeBatch(end)
+        self.serial = end
+        self.finished = False
+        self.error: Exception | None = None
