@@ -7,6 +7,13 @@ GIL released), every garbage collection, and every host batch copied in a worker
 beat later than ``--late`` ms it prints what ran on the loop thread between the beat's due time
 and its wake-up, and how much of that gap nothing on the loop thread accounts for: time the
 thread was runnable but not running (the OS scheduler), or waiting for the GIL.
+
+A walk step longer than 0.4 ms is named by its generator chain and told apart by what the loop
+thread got from the OS meanwhile (``getrusage(RUSAGE_THREAD)``, ``thread_time``): its own CPU
+time (user, system), its page faults, its voluntary and involuntary context switches, and the
+rest (off the CPU with no switch: the hypervisor's steal; ``LAG_TRACE_STEAL=1`` adds the
+machine's steal ticks from ``/proc/stat``). ``LAG_TRACE_CLOCK=1`` prints each part's monotonic
+clock span, to cut a ``perf record -k CLOCK_MONOTONIC`` profile to that step.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import asyncio
 import asyncio.events
 import gc
 import os
+import resource
 import selectors
 import statistics
 import sys
@@ -53,6 +61,7 @@ class Trace:
         clock = time.perf_counter
         original_run = asyncio.events.Handle._run
         original_select = selectors.EpollSelector.select
+        import astage._core._replay as replay
         import astage._drivers._async as driver
 
         original_copy = driver.run_host_batch  # type: ignore[attr-defined]
@@ -93,16 +102,22 @@ class Trace:
         def walk_for(walk: Any, seconds: float) -> bool:
             deadline = clock() + seconds
             started = clock()
+            before = _ThreadUsage.now()
             for _ in walk:
                 now = clock()
                 if now - started > 4e-4:
-                    trace.parts.append((started, now, "walk item ending at " + _where(walk)))
+                    spent = _ThreadUsage.now().since(before, now - started)
+                    trace.parts.append(
+                        (started, now, f"walk item ending at {_where(walk)} [{spent}]")
+                    )
                 if now >= deadline:
                     return False
                 started = now
+                before = _ThreadUsage.now()
             now = clock()
             if now - started > 4e-4:
-                trace.parts.append((started, now, "last walk item"))
+                spent = _ThreadUsage.now().since(before, now - started)
+                trace.parts.append((started, now, f"last walk item [{spent}]"))
             return True
 
         driver._walk_for = walk_for
@@ -114,6 +129,9 @@ class Trace:
             (driver.Stager, "_finish"),
             (Run, "reap"),
             (Run, "__init__"),
+            # The recorder's whole-container passes (run inside one walk step).
+            (replay, "_sizes"),
+            (replay, "_span"),
         ):
             original = getattr(owner, name)
             patched.append((owner, name, original))
@@ -134,6 +152,51 @@ class Trace:
     def clear(self) -> None:
         for spans in (self.handles, self.selects, self.gcs, self.copies, self.beats, self.parts):
             spans.clear()
+
+
+class _ThreadUsage:
+    """What the calling thread got from the OS so far: where a slow step's wall time went.
+
+    A step's wall time splits into CPU time of its own (user and system), time off the CPU
+    waiting for something (a voluntary switch: a lock, the GIL, a sleeping page fault),
+    time taken by another thread (an involuntary switch), and, with neither switch, time
+    the guest did not run at all (the hypervisor's steal, counted in ``/proc/stat`` in 10 ms
+    ticks; read only with ``LAG_TRACE_STEAL=1``, as reading it each step costs a file read).
+    """
+
+    __slots__ = ("cpu", "faults", "involuntary", "steal", "system", "user", "voluntary")
+    read_steal = bool(os.environ.get("LAG_TRACE_STEAL"))
+
+    def __init__(self) -> None:
+        usage = resource.getrusage(resource.RUSAGE_THREAD)
+        self.cpu = time.thread_time()
+        self.user, self.system = usage.ru_utime, usage.ru_stime
+        self.faults = usage.ru_minflt + usage.ru_majflt
+        self.voluntary, self.involuntary = usage.ru_nvcsw, usage.ru_nivcsw
+        self.steal = _steal_seconds() if self.read_steal else 0.0
+
+    @classmethod
+    def now(cls) -> _ThreadUsage:
+        return cls()
+
+    def since(self, before: _ThreadUsage, wall: float) -> str:
+        text = (
+            f"cpu {_ms(self.cpu - before.cpu, 0)} (user {_ms(self.user - before.user, 0)} "
+            f"sys {_ms(self.system - before.system, 0)}), off-cpu "
+            f"{_ms(wall - (self.cpu - before.cpu), 0)} ms; {self.faults - before.faults} faults, "
+            f"{self.voluntary - before.voluntary} voluntary + "
+            f"{self.involuntary - before.involuntary} involuntary switches"
+        )
+        if self.read_steal:
+            text += f", steal {_ms(self.steal - before.steal, 0)} ms (all cpus)"
+        return text
+
+
+def _steal_seconds() -> float:
+    """The machine's stolen time, summed over CPUs (``/proc/stat``'s eighth column)."""
+    with open("/proc/stat", "rb") as stat:
+        fields = stat.readline().split()
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK")
 
 
 def _ms(seconds: float, width: int = 6) -> str:
@@ -165,15 +228,26 @@ def _timed(trace: Trace, function: Any, name: str) -> Any:
     return timed
 
 
+_SHOW_CLOCK = bool(os.environ.get("LAG_TRACE_CLOCK"))
+
+
 def _where(generator: Any) -> str:
-    """Where the innermost generator of a ``yield from`` chain stands."""
+    """Where the innermost generator of a ``yield from`` chain stands, after its callers."""
+    callers = []
     while getattr(generator, "gi_yieldfrom", None) is not None:
+        frame = getattr(generator, "gi_frame", None)
+        if frame is not None:
+            callers.append(f"{frame.f_code.co_name}:{frame.f_lineno}")
         generator = generator.gi_yieldfrom
     frame = getattr(generator, "gi_frame", None)
     if frame is None:
         return "?"
     code = frame.f_code
-    return f"{code.co_qualname} ({code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno})"
+    where = f"{code.co_qualname} ({code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno})"
+    container = frame.f_locals.get("container")
+    if container is not None:  # empty_in_steps: what it is emptying
+        where += f" [{type(container).__name__}, {len(container)} entries left]"
+    return where + (f" via {' > '.join(callers[-3:])}" if callers else "")
 
 
 def _name(handle: asyncio.events.Handle) -> str:
@@ -220,8 +294,11 @@ def _explain(trace: Trace, late_s: float, origin: float) -> list[str]:
             )
         for start, end, name in trace.parts:
             if end > due and start < woke:
+                # With LAG_TRACE_CLOCK=1, the monotonic clock's seconds too (perf_counter is
+                # CLOCK_MONOTONIC on Linux): to cut a ``perf record -k CLOCK_MONOTONIC`` to it.
+                clock = f" (clock {start:.6f}-{end:.6f})" if _SHOW_CLOCK else ""
                 lines.append(
-                    f"      part {_ms(end - start)} ms at {_ms(start - origin, 8)}: {name}"
+                    f"      part {_ms(end - start)} ms at {_ms(start - origin, 8)}{clock}: {name}"
                 )
         for start, end, timeout in slept:
             if end - start > 0.0015 or (timeout is not None and end - start > timeout + 0.0005):
