@@ -129,7 +129,7 @@ class Trace:
             (driver.Stager, "_finish"),
             (Run, "reap"),
             (Run, "__init__"),
-            # The recorder's whole-container passes (run inside one walk step).
+            # The recorder's whole-container passes (small containers: inside one walk step).
             (replay, "_sizes"),
             (replay, "_span"),
         ):

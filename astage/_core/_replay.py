@@ -146,6 +146,7 @@ class DictNode:
         children: list[Any],
         attrs: Any,
         size: int,
+        span: tuple[int, int] | None,
     ) -> None:
         self.cls: Any = cls
         self.keys = keys
@@ -154,7 +155,7 @@ class DictNode:
         self.attrs: DictNode | None = attrs
         """The instance attributes (``_metadata`` on ``Module.state_dict()``), as a dict."""
         self.size = size + (attrs.size if attrs is not None else 0)
-        self.span: tuple[int, int] | None = _span(children)
+        self.span = span
         self.group: Group | None = None
 
 
@@ -163,10 +164,12 @@ class ListNode:
 
     __slots__ = ("atoms", "children", "group", "size", "span")
 
-    def __init__(self, children: list[Any], atoms: bool, size: int) -> None:
+    def __init__(
+        self, children: list[Any], atoms: bool, size: int, span: tuple[int, int] | None
+    ) -> None:
         self.atoms = atoms
         self.children = children
-        self.span: tuple[int, int] | None = None if atoms else _span(children)
+        self.span = span
         self.group: Group | None = None
         # A long list of atoms (an optimizer's param ids) counts as its length in chunks, so
         # that a replay checks it in steps (see Replay._atoms).
@@ -205,6 +208,38 @@ def _span(children: list[Any]) -> tuple[int, int] | None:
 
 
 _NODES = (DictNode, ListNode, TupleNode)
+
+
+_SUMMARY_STEP = 1024
+"""Children summed up between two yields by :func:`_summary` (a Python pass over 50,000
+children in one go held the loop 10-18 ms at the end of a first call)."""
+
+
+class Summary(NamedTuple):
+    atoms: bool
+    """Every child is an atom."""
+    size: int
+    """See :func:`_sizes`."""
+    span: tuple[int, int] | None
+    """See :func:`_span`."""
+
+
+def _summary(children: list[Any]) -> Generator[None, None, Summary]:
+    """A container's :class:`Summary`, yielding every :data:`_SUMMARY_STEP` children."""
+    count = len(children)
+    if count <= _SUMMARY_STEP:
+        return Summary(children.count(None) == count, _sizes(children), _span(children))
+    atoms = True
+    size = count
+    first = children[0]
+    in_row = type(first) is int
+    for start in range(0, count, _SUMMARY_STEP):
+        part = children[start : start + _SUMMARY_STEP]
+        atoms = atoms and part.count(None) == len(part)
+        size += int(sum([child.size - 1 for child in part if type(child) in _NODES]))
+        in_row = in_row and part == list(range(first + start, first + start + len(part)))
+        yield
+    return Summary(atoms, size, (first, first + count) if in_row else None)
 
 
 class Group(NamedTuple):
@@ -347,20 +382,25 @@ class _Recorder:
     The walk (:class:`~._walk.DeepCopy`) reports each tensor and container once it has staged
     it (the :class:`~._walk.Recorder` protocol); whatever a recording does not cover makes the
     walk stop reporting. The tensors the walk gave new buffers come with what its lean path
-    already read of them (``facts``), so a first call reads no tensor twice.
+    already read of them (:attr:`last`), so a first call reads no tensor twice.
     """
 
     def __init__(self, cache: BufferCache) -> None:
         self._entries = cache.entries
-        self.facts: dict[int, TensorFacts] = {}
+        self.last: TensorFacts | None = None
         self._out = Recording()
         self._root: Any = None
-        self._first: dict[int, int] = {}  # id() of a tensor -> its first leaf
+        self._first: dict[int, int] = {}
+        """``id()`` of a tensor on a storage that other tensors use too -> its first leaf. Not
+        every tensor: a third 50,000-entry table grown in the same step as the walk's own held
+        the loop in page faults (see :class:`~._tensors.FactsSink`)."""
+        self._first_user: list[int] = []  # per slot: id() of the first tensor on it
+        self._first_leaf: list[int] = []  # per slot: that tensor's leaf
         self._users: list[int] = []  # per slot: tensors that use it
 
-    def tables(self) -> tuple[dict[int, Any], ...]:
-        """The per-tensor dicts, for the caller to empty in steps."""
-        return (self._first, self.facts)
+    def tables(self) -> tuple[dict[int, int] | list[int], ...]:
+        """The per-tensor tables, for the caller to empty in steps."""
+        return (self._first, self._first_user, self._first_leaf, self._users)
 
     def ended(self, root: Any) -> None:
         self._root = root
@@ -375,6 +415,7 @@ class _Recorder:
             out.root = root
             yield from self._sort_shared(out)
             yield from out.prepare_bulk()
+        self.last = None
         yield from empty_in_steps(*self.tables())  # an entry per tensor: not freed at once
         return out
 
@@ -400,15 +441,19 @@ class _Recorder:
 
     def mapping(self, cls: type, x: dict[Any, Any], children: list[Any], attrs: Any) -> Walk:
         keys = list(x)  # atomic: the walk checked each
-        node = DictNode(cls, keys, list(map(type, keys)), children, attrs, _sizes(children))
+        summary = yield from _summary(children)
+        node = DictNode(
+            cls, keys, list(map(type, keys)), children, attrs, summary.size, summary.span
+        )
         node.group = yield from _group_of(children)
         return node
 
     def sequence(self, children: list[Any]) -> Walk:
-        atoms = children.count(None) == len(children)
-        node = ListNode(children, atoms, 0 if atoms else _sizes(children))
-        if not atoms:
-            node.group = yield from _group_of(children)
+        summary = yield from _summary(children)
+        if summary.atoms:
+            return ListNode(children, True, 0, None)
+        node = ListNode(children, False, summary.size, summary.span)
+        node.group = yield from _group_of(children)
         return node
 
     def items(self, children: list[Any]) -> TupleNode:
@@ -422,7 +467,7 @@ class _Recorder:
     def leaf(self, x: torch.Tensor, path: Path) -> int:
         out = self._out
         index = len(out.leaves)
-        known = self.facts.get(id(x))
+        known = self.last
         if known is not None and known[0] is x:
             # Given a new buffer as its twin by the walk's lean path, which read all this.
             (_, key, buffer, shape, stride, dtype, requires_grad) = known
@@ -469,9 +514,15 @@ class _Recorder:
             out.slots.append(buffer)
             out.src_leaf.append(index if spans else -1)
             self._users.append(1)
+            self._first_user.append(id(x))
+            self._first_leaf.append(index)
+            same = index  # a storage met for the first time: so is the tensor
         else:
-            self._users[slot] += 1
-        same = self._first.setdefault(id(x), index)
+            users = self._users[slot] = self._users[slot] + 1
+            first = self._first
+            if users == 2:  # the storage's first tensor joins the table now
+                first[self._first_user[slot]] = self._first_leaf[slot]
+            same = first.setdefault(id(x), index)
         complex_ = _IS_COMPLEX.get(dtype)
         if complex_ is None:
             complex_ = _IS_COMPLEX[dtype] = dtype.is_complex

@@ -96,7 +96,7 @@ def build_plan(
         keep_alive=walk.keep_alive,
         visit=walk.visit_now,
         adopted=adopted,
-        facts=recorder.facts if recorder is not None else None,
+        facts=recorder,
     )
     walk.stage_tensors_with(tensors)
     try:
@@ -150,8 +150,8 @@ class Recorder(Protocol):
     the walk cost the first call over 50,000 small tensors a third of its time.
     """
 
-    facts: dict[int, TensorFacts]
-    """Filled by the tensor stager's lean path (see :data:`~._tensors.TensorFacts`)."""
+    last: TensorFacts | None
+    """Set by the tensor stager's lean path (see :class:`~._tensors.FactsSink`)."""
 
     def leaf(self, x: torch.Tensor, path: Path) -> Any:
         """A tensor, already staged."""
