@@ -50,23 +50,35 @@ class GatedCopies:
             self.all_copied.set()
 
 
+def eight_queued_batches(
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[GatedCopies, dict[str, torch.Tensor], astage.Stager]:
+    """8 batches of 256 KiB, all cut before the first one lands (the budget holds them all),
+    the first one held: the gate, the source, and a stager (not entered yet) that queues them."""
+    copies = GatedCopies(monkeypatch)
+    copies.expected = 8
+    stager = astage.Stager(
+        copy_threads=1, chunk_bytes=256 * KiB, max_inflight_bytes=8 * MiB, max_loop_hold_s=0.05
+    )
+    return copies, big_state_dict(8, 256 * KiB), stager
+
+
+async def first_batch_started(copies: GatedCopies) -> None:
+    while not copies.first_started.is_set():
+        await anyio.sleep(0.001)
+
+
 @pytest.mark.asyncio
 @pytest.mark.allow_blocking("holds the loop on purpose: the batches must not need it")
 async def test_queued_host_batches_are_copied_while_the_loop_is_held(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # 8 batches of 256 KiB, all cut before the first one lands (the budget holds them all).
-    copies = GatedCopies(monkeypatch)
-    copies.expected = 8
-    source = big_state_dict(8, 256 * KiB)
-    async with astage.Stager(
-        copy_threads=1, chunk_bytes=256 * KiB, max_inflight_bytes=8 * MiB, max_loop_hold_s=0.05
-    ) as stager:
+    copies, source, stager = eight_queued_batches(monkeypatch)
+    async with stager:
         copied_while_held: list[int] = []
 
         async def hold_the_loop() -> None:
-            while not copies.first_started.is_set():
-                await anyio.sleep(0.001)
+            await first_batch_started(copies)
             copies.release.set()
             # Blocks the loop: batches that each needed a loop turn to start would stop here.
             copies.all_copied.wait(WAIT_S)
@@ -137,17 +149,12 @@ async def test_cancelled_call_starts_no_queued_host_batch(
 ) -> None:
     # Cancelled while the first batch copies, with the others queued: the call returns once
     # that batch landed, and no queued batch starts, then or later.
-    copies = GatedCopies(monkeypatch)
-    copies.expected = 8
-    source = big_state_dict(8, 256 * KiB)
-    async with astage.Stager(
-        copy_threads=1, chunk_bytes=256 * KiB, max_inflight_bytes=8 * MiB, max_loop_hold_s=0.05
-    ) as stager:
+    copies, source, stager = eight_queued_batches(monkeypatch)
+    async with stager:
         scope = anyio.CancelScope()
 
         async def cancel_while_copying() -> None:
-            while not copies.first_started.is_set():
-                await anyio.sleep(0.001)
+            await first_batch_started(copies)
             scope.cancel()
             await anyio.sleep(0.05)  # the call is cancelled, its first batch still copies
             copies.release.set()
