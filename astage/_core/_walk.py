@@ -6,7 +6,8 @@ namedtuples, sets, bound methods, and anything else through the ``__reduce_ex__`
 pickle and ``copy.deepcopy`` use (dataclasses, frozen and slotted ones included). A memo keeps
 shared references shared and cycles closed. Every tensor goes to a
 :class:`~._tensors.TensorStager`, which rebuilds it on a host buffer and records the copy that
-fills it.
+fills it. A :class:`Recorder`, when given, is told each tensor and container as it is staged:
+that is how a first call writes down the structure that later calls replay (:mod:`._replay`).
 
 Nothing here waits for a device, a thread or an event loop: the walk is a generator that yields
 every few dozen objects, so an async driver can hand the loop back between slices while a sync
