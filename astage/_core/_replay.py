@@ -391,9 +391,10 @@ class _Recorder:
         self._out = Recording()
         self._root: Any = None
         self._first: dict[int, int] = {}
-        """``id()`` of a tensor on a storage that other tensors use too -> its first leaf. Not
-        every tensor: a third 50,000-entry table grown in the same step as the walk's own held
-        the loop in page faults (see :class:`~._tensors.FactsSink`)."""
+        """``id()`` of a tensor on a storage that other tensors use too -> its first leaf.
+        Only those: a table with an entry per tensor grows in the same walk step as the walk's
+        own per-tensor tables, and adds to that step's page faults (see
+        :class:`~._tensors.FactsSink`)."""
         self._first_user: list[int] = []  # per slot: id() of the first tensor on it
         self._first_leaf: list[int] = []  # per slot: that tensor's leaf
         self._users: list[int] = []  # per slot: tensors that use it
