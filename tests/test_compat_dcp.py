@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import pathlib
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from typing import Any
@@ -70,6 +71,20 @@ def wait(response: Future[Any] | AsyncSaveResponse) -> None:
         response.upload_completion.result(timeout=60)
     else:
         response.result(timeout=60)
+
+
+def upload_let_go(stager: compat.DefaultStager, timeout_s: float = 10.0) -> None:
+    """Wait until a buffer set is free again after an upload's future resolved.
+
+    DCP resolves the upload's future before its worker thread drops the work item that holds the
+    snapshot. The pool looks again for a few milliseconds (``_pool.GRACE_S``) before it pays for
+    a new set, but on a loaded 2-core machine the thread was once slower than that (a full
+    suite run: the third save allocated a new set). The tests that check reuse wait for it.
+    """
+    deadline = time.monotonic() + timeout_s
+    while all(compat_pool._in_use(s) for s in stager._pool._sets):
+        assert time.monotonic() < deadline, "the upload thread never let go of its snapshot"
+        time.sleep(0.001)
 
 
 def load(template: Any, path: pathlib.Path, no_dist: bool = True) -> Any:
@@ -196,6 +211,7 @@ def three_saves_while_training(
             response.staging_completion.result(timeout=60)  # DCP's rule before training on
         if not uploads_overlap:
             wait(response)
+            upload_let_go(stager)
         responses.append(response)
         del state
     train_step(model, optim, device)  # training goes on while the uploads are pending
