@@ -129,9 +129,8 @@ class Trace:
             (driver.Stager, "_finish"),
             (Run, "reap"),
             (Run, "__init__"),
-            # The recorder's whole-container passes (small containers: inside one walk step).
+            # The recorder's sums over a container's children (in steps of _SUMMARY_STEP).
             (replay, "_sizes"),
-            (replay, "_span"),
         ):
             original = getattr(owner, name)
             patched.append((owner, name, original))

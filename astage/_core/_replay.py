@@ -192,21 +192,6 @@ def _sizes(children: list[Any]) -> int:
     return len(children) + int(sum([child.size - 1 for child in children if type(child) in _NODES]))
 
 
-def _span(children: list[Any]) -> tuple[int, int] | None:
-    """``(first, stop)`` when every child is a tensor and their leaves follow one another.
-
-    Such a container (a ``Module.state_dict()``, an optimizer's per-parameter state) is
-    replayed in bulk without a look at each item: its values are the sources of leaves
-    ``first..stop-1`` in order, and its staged copy pairs its keys with their twins.
-    """
-    if not children or type(children[0]) is not int:
-        return None
-    first = children[0]
-    if children != list(range(first, first + len(children))):
-        return None
-    return first, first + len(children)
-
-
 _NODES = (DictNode, ListNode, TupleNode)
 
 
@@ -221,25 +206,29 @@ class Summary(NamedTuple):
     size: int
     """See :func:`_sizes`."""
     span: tuple[int, int] | None
-    """See :func:`_span`."""
+    """``(first, stop)`` when every child is a tensor and their leaves follow one another.
+    Such a container (a ``Module.state_dict()``, an optimizer's per-parameter state) is
+    replayed in bulk without a look at each item: its values are the sources of leaves
+    ``first..stop-1`` in order, and its staged copy pairs its keys with their twins."""
 
 
 def _summary(children: list[Any]) -> Generator[None, None, Summary]:
-    """A container's :class:`Summary`, yielding every :data:`_SUMMARY_STEP` children."""
+    """A container's :class:`Summary`, yielding between every :data:`_SUMMARY_STEP` children."""
     count = len(children)
-    if count <= _SUMMARY_STEP:
-        return Summary(children.count(None) == count, _sizes(children), _span(children))
     atoms = True
-    size = count
-    first = children[0]
-    in_row = type(first) is int
+    size = 0
+    head = children[0] if children else None
+    first = head if type(head) is int else -1  # leaves count from 0
+    in_row = first >= 0
     for start in range(0, count, _SUMMARY_STEP):
+        if start:
+            yield
         part = children[start : start + _SUMMARY_STEP]
         atoms = atoms and part.count(None) == len(part)
-        size += int(sum([child.size - 1 for child in part if type(child) in _NODES]))
+        size += _sizes(part)
         in_row = in_row and part == list(range(first + start, first + start + len(part)))
-        yield
-    return Summary(atoms, size, (first, first + count) if in_row else None)
+    span = (first, first + count) if in_row else None
+    return Summary(atoms, size, span)
 
 
 class Group(NamedTuple):
@@ -471,7 +460,10 @@ class _Recorder:
         known = self.last
         if known is not None and known[0] is x:
             # Given a new buffer as its twin by the walk's lean path, which read all this.
-            (_, key, buffer, shape, stride, dtype, requires_grad) = known
+            (_, buffer, stride, requires_grad) = known
+            key = buffer.key
+            shape, dtype = buffer.view_shape, buffer.view_dtype
+            assert shape is not None and dtype is not None  # allocated as the tensor's twin
             if self._entries.get(key) is not buffer:
                 raise Unrecordable  # evicted meanwhile: record another time
             cls: type = _Tensor

@@ -26,11 +26,12 @@ from . import _kinds
 from ._cache import BufferCache, HostBuffer
 from ._plan import Leaf, Plan
 
-TensorFacts = tuple[torch.Tensor, int, HostBuffer, torch.Size, tuple[int, ...], torch.dtype, bool]
+TensorFacts = tuple[torch.Tensor, HostBuffer, tuple[int, ...], bool]
 """What the first call's lean path knows of a plain tensor that spans its new buffer as itself
-(offset 0, no conjugate or negative bit, the buffer's view its twin): the tensor, ``id()`` of
-its storage, the buffer, shape, stride, dtype and ``requires_grad``. Collected for the replay
-recorder (see :mod:`._replay`), which would otherwise read them all again, one tensor at a time.
+(offset 0, no conjugate or negative bit, the buffer's view its twin, so the buffer also holds
+its storage's ``id()``, its shape and dtype): the tensor, the buffer, its stride and
+``requires_grad``. Collected for the replay recorder (see :mod:`._replay`), which would
+otherwise read them all again, one tensor at a time.
 """
 
 
@@ -232,7 +233,7 @@ class TensorStager:
             or x.is_meta
             or x.dtype is _bool
             or x.storage_offset() != 0
-            or not _strides_follow_from_shape(shape := x.shape)
+            or not _strides_follow_from_shape(x.shape)
             or not x.is_contiguous()
             or x.nbytes != storage.nbytes()
             or x.is_conj()
@@ -243,7 +244,7 @@ class TensorStager:
         buffer = self._cache.allocate(storage, like=x)
         facts = self._facts
         if facts is not None:  # read here, where x is at hand, rather than again by the recorder
-            facts.last = (x, key, buffer, shape, x.stride(), x.dtype, x.requires_grad)
+            facts.last = (x, buffer, x.stride(), x.requires_grad)
         plan = self._plan
         plan.new_buffers += 1
         plan.new_nbytes += buffer.nbytes

@@ -31,7 +31,7 @@ from .._errors import UnstageableError
 from .._paths import Attr, Path
 from ._cache import BufferCache, HostBuffer
 from ._plan import Plan
-from ._tensors import TensorFacts, TensorStager
+from ._tensors import FactsSink, TensorStager
 
 Walk = Generator[None, None, Any]
 
@@ -141,18 +141,16 @@ class Unrecordable(Exception):
     """The state dict holds something a replay recording does not cover (see :mod:`._replay`)."""
 
 
-class Recorder(Protocol):
+class Recorder(FactsSink, Protocol):
     """What a walk reports, as it stages them, of the containers and tensors it meets: the
     replay recorder of :mod:`._replay`, which writes the structure down for later calls.
 
     Each method returns the node that stands for what the walk just staged, from the nodes of
     its items (``None`` for an atom). Any may raise :class:`Unrecordable`: the walk then goes on
     without recording. Recording in the walk reads every fact once; a pass of its own after
-    the walk cost the first call over 50,000 small tensors a third of its time.
+    the walk cost the first call over 50,000 small tensors a third of its time. It is also
+    where the tensor stager's lean path leaves what it read (:class:`~._tensors.FactsSink`).
     """
-
-    last: TensorFacts | None
-    """Set by the tensor stager's lean path (see :class:`~._tensors.FactsSink`)."""
 
     def leaf(self, x: torch.Tensor, path: Path) -> Any:
         """A tensor, already staged."""
