@@ -283,7 +283,8 @@ class Recording:
         self.root: Any = None
         self.leaves: list[tuple[Any, ...]] = []
         """Per tensor: type, slot, storage offset, shape, stride, dtype, neg bit, whether the
-        conj bit matters (complex), conj bit, requires_grad, whether it spans its buffer's
+        conj bit matters (complex), conj bit, requires_grad (a ``Parameter``'s; False for a plain
+        tensor, whose staged twin is detached), whether it spans its buffer's
         view, and on a storage that other tensors use too, the index of an earlier tensor that
         was the same object, or -1 (-2: alone on its storage)."""
         self.paths: list[Path] = []
@@ -460,7 +461,7 @@ class _Recorder:
         known = self.last
         if known is not None and known[0] is x:
             # Given a new buffer as its twin by the walk's lean path, which read all this.
-            (_, buffer, stride, requires_grad) = known
+            (_, buffer, stride) = known
             key = buffer.key
             shape, dtype = buffer.view_shape, buffer.view_dtype
             assert shape is not None and dtype is not None  # allocated as the tensor's twin
@@ -489,7 +490,6 @@ class _Recorder:
             dtype = x.dtype
             conj = x.is_conj()
             neg = x.is_neg()
-            requires_grad = x.requires_grad
             view = buffer.view
             spans = (
                 view is not None
@@ -521,7 +521,9 @@ class _Recorder:
             complex_ = _IS_COMPLEX[dtype] = dtype.is_complex
         if complex_:
             out.conj_leaves.append((index, conj))
+        requires_grad = False
         if cls is _Parameter:
+            requires_grad = x.requires_grad
             out.grad_leaves.append((index, requires_grad))
         out.leaves.append(
             (
