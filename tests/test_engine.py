@@ -6,6 +6,8 @@ them, ``run_host_batch`` to execute them.
 
 from __future__ import annotations
 
+import operator
+import random
 from typing import Any
 
 import pytest
@@ -130,6 +132,63 @@ def test_batches_never_mix_devices_after_a_sliced_copy() -> None:
     _move(plan, 2, torch.device("meta"))
     for batch in _batches(plan, 1 * KiB):
         assert {b.device for b in batch.buffers} == {batch.device}
+
+
+def _cut_one_by_one(plan: Plan, start: int, stop: int, chunk: int) -> list[tuple[int, int, int]]:
+    """``(first copy, end, nbytes)`` of each batch, by the rule stated copy by copy: a batch
+    closes before a copy that would take it past ``chunk`` bytes or ``MAX_BATCH_COPIES``
+    copies, or that reads from another device; a copy of ``chunk`` bytes or more is sliced."""
+    buffers = plan.copies.buffers
+    out: list[tuple[int, int, int]] = []
+    first, gathered = start, 0
+    for index in range(start, stop):
+        nbytes = buffers[index].nbytes
+        if first < index and (
+            nbytes >= chunk
+            or gathered + nbytes > chunk
+            or index - first >= MAX_BATCH_COPIES
+            or buffers[index].device != buffers[first].device
+        ):
+            out.append((first, index, gathered))
+            first, gathered = index, 0
+        if nbytes >= chunk:
+            for begin in range(0, nbytes, chunk):
+                end = index + 1 if begin + chunk >= nbytes else index
+                out.append((index, end, min(chunk, nbytes - begin)))
+            first = index + 1
+            continue
+        gathered += nbytes
+    if first < stop:
+        out.append((first, stop, gathered))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_batches_follow_the_rule_stated_copy_by_copy(seed: int) -> None:
+    """The cuts found in bulk (running totals, bisection) are the cuts of the rule applied
+    copy by copy, whatever the sizes, devices and range."""
+    rng = random.Random(seed)
+    chunk = rng.choice([64, 256, 4 * KiB])
+    count = rng.choice([1, 5, 300, MAX_BATCH_COPIES + 300])
+    big = rng.random() < 0.5
+    most = (chunk // 2 if not big else 2 * chunk) // 4
+    sizes = [4 * rng.randint(1, most) for _ in range(count)]  # size 0: no copy
+    plan = _plan(_sizes(*sizes))
+    if rng.random() < 0.3:
+        for index in rng.sample(range(count), k=max(1, count // 10)):
+            _move(plan, index, torch.device("meta"))
+    start = rng.randrange(count)
+    stop = rng.randrange(start, count + 1)
+    copies = plan.copies
+    place = {id(buffer): index for index, buffer in enumerate(copies.buffers)}
+    batches = list(make_batches(copies, start, stop, chunk))
+    got = [(place[id(b.buffers[0])], b.end, b.nbytes) for b in batches]
+    assert got == _cut_one_by_one(plan, start, stop, chunk)
+    for batch, (first, _, _) in zip(batches, got, strict=True):
+        assert {buffer.device for buffer in batch.buffers} == {batch.device}
+        if batch.srcs[0] is copies.srcs[first]:  # gathered whole copies, not a slice
+            ours = copies.srcs[first : first + len(batch.srcs)]
+            assert all(map(operator.is_, batch.srcs, ours)) and len(ours) == len(batch.srcs)
 
 
 # -- running batches on the host ----------------------------------------------------------------

@@ -10,7 +10,10 @@ and returns a completion event.
 
 from __future__ import annotations
 
+import operator
+from bisect import bisect_right
 from collections.abc import Iterator
+from itertools import accumulate
 
 import torch
 
@@ -18,6 +21,9 @@ from ._cache import HostBuffer
 from ._plan import Copies
 
 MAX_BATCH_COPIES = 1024  # small copies per foreach call: bounds the time one task takes
+
+buffer_nbytes = operator.attrgetter("nbytes")
+_buffer_device = operator.attrgetter("device")
 
 
 class Batch:
@@ -55,30 +61,55 @@ def make_batches(copies: Copies, start: int, stop: int, chunk_bytes: int) -> Ite
 
     A batch holds copies from one device only; a copy of ``chunk_bytes`` or more is sliced.
     """
-    buffers = copies.buffers
-    first = start  # first copy of the batch being gathered
+    if start >= stop:
+        return
+    buffers = copies.buffers[start:stop]
+    sizes = list(map(buffer_nbytes, buffers))
+    devices = list(map(_buffer_device, buffers))
+    if max(sizes) < chunk_bytes and devices.count(devices[0]) == len(devices):
+        yield from _small_copies(copies, start, sizes, chunk_bytes)
+        return
+    yield from _mixed_copies(copies, start, sizes, devices, chunk_bytes)
+
+
+def _small_copies(
+    copies: Copies, start: int, sizes: list[int], chunk_bytes: int
+) -> Iterator[Batch]:
+    """:func:`make_batches` for copies of one device, each under ``chunk_bytes``: the cuts found
+    by bisecting the running byte total, not by a Python step per copy (a cached call over 50,000
+    small tensors spent ~0.6 us per copy in that loop)."""
+    totals = list(accumulate(sizes))
+    first = 0
+    before = 0  # bytes of the copies ahead of ``first``
+    while first < len(sizes):
+        stop = min(bisect_right(totals, before + chunk_bytes, first), first + MAX_BATCH_COPIES)
+        yield _gathered(copies, start + first, start + stop, totals[stop - 1] - before)
+        before = totals[stop - 1]
+        first = stop
+
+
+def _mixed_copies(
+    copies: Copies, start: int, sizes: list[int], devices: list[torch.device], chunk_bytes: int
+) -> Iterator[Batch]:
+    """:func:`make_batches` copy by copy: devices change, or some copies are sliced."""
+    first = 0  # first copy of the batch being gathered
     gathered = 0
-    device: torch.device | None = None
-    for index in range(start, stop):
-        buffer = buffers[index]
-        nbytes = buffer.nbytes
+    for index, (nbytes, device) in enumerate(zip(sizes, devices, strict=True)):
         if first < index and (
             nbytes >= chunk_bytes
             or gathered + nbytes > chunk_bytes
             or index - first >= MAX_BATCH_COPIES
-            or buffer.device != device
+            or device != devices[first]
         ):
-            yield _gathered(copies, first, index, gathered)
+            yield _gathered(copies, start + first, start + index, gathered)
             first, gathered = index, 0
         if nbytes >= chunk_bytes:
-            yield from _slices(copies, index, chunk_bytes)
+            yield from _slices(copies, start + index, chunk_bytes)
             first = index + 1
             continue
-        if first == index:
-            device = buffer.device
         gathered += nbytes
-    if first < stop:
-        yield _gathered(copies, first, stop, gathered)
+    if first < len(sizes):
+        yield _gathered(copies, start + first, start + len(sizes), gathered)
 
 
 def _gathered(copies: Copies, first: int, stop: int, nbytes: int) -> Batch:
