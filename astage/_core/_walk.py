@@ -118,8 +118,8 @@ EMPTY_STEP = 2048
 """Entries freed between two yields of :func:`empty_in_steps` (~0.1-0.2 ms on a quiet core)."""
 
 
-def empty_in_steps(*containers: dict[Any, Any] | list[Any]) -> Walk:
-    """Empty big dicts and lists a few thousand entries at a time, yielding between.
+def empty_in_steps(*containers: dict[Any, Any] | list[Any] | set[Any]) -> Walk:
+    """Empty big dicts, lists and sets a few thousand entries at a time, yielding between.
 
     Freeing a container frees its entries (the ``id()`` keys of a memo, say) in one C call that
     holds the loop for as long as it takes; this spreads the same work over slices.
@@ -129,9 +129,9 @@ def empty_in_steps(*containers: dict[Any, Any] | list[Any]) -> Walk:
             if isinstance(container, list):
                 del container[-EMPTY_STEP:]
             else:
-                popitem = container.popitem
+                pop: Any = container.popitem if isinstance(container, dict) else container.pop
                 for _ in range(EMPTY_STEP):
-                    popitem()
+                    pop()
             yield
         container.clear()
         yield
