@@ -240,6 +240,24 @@ def test_the_same_tensor_twice_and_tied_storages() -> None:
     check_call(cache, {**state_dict, "c": weight}, replayed=False)
 
 
+def test_tensors_on_one_storage_checked_one_by_one() -> None:
+    """The tensor-by-tensor replay (after a bulk miss: here a tensor swapped for a new one
+    while the recorded one lives on) stages tensors on a shared storage as the walk does: the
+    same object twice gives one staged tensor, also when two tensors use the storage."""
+    weight = torch.randn(4, 4)
+    recorded = torch.ones(3)
+    for state_dict in (
+        {"a": weight, "b": weight},
+        {"a": weight, "b": weight, "c": weight[1:]},
+        {"a": weight, "b": weight.detach()},
+    ):
+        cache = new_cache()
+        check_call(cache, {**state_dict, "x": recorded}, replayed=False)
+        swapped = {**state_dict, "x": torch.full((3,), 2.0)}
+        plan = check_call(cache, swapped, replayed=True)
+        assert (plan.result["a"] is plan.result["b"]) == (state_dict["a"] is state_dict["b"])
+
+
 def test_module_state_dict_with_tied_weights() -> None:
     model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10, bias=False))
     model[1].weight = model[0].weight

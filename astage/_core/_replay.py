@@ -286,7 +286,7 @@ class Recording:
         conj bit matters (complex), conj bit, requires_grad (a ``Parameter``'s; False for a plain
         tensor, whose staged twin is detached), whether it spans its buffer's
         view, and on a storage that other tensors use too, the index of an earlier tensor that
-        was the same object, or -1 (-2: alone on its storage)."""
+        was the same object, or -1."""
         self.paths: list[Path] = []
         self.slots: list[HostBuffer | None] = []
         self.slot_by_key: dict[int, int] = {}
@@ -297,6 +297,8 @@ class Recording:
         """``(leaf, conj bit)`` of every complex tensor: the one bit a bulk check reads apart."""
         self.grad_leaves: list[tuple[int, bool]] = []
         """``(leaf, requires_grad)`` of every ``Parameter``."""
+        self.slot_users: list[int] = []
+        """Per slot: how many tensors use its storage (1: alone, no identity check needed)."""
         self.shared_leaves: list[tuple[int, int]] = []
         """``(leaf, same)`` of every tensor on a storage that other tensors use too."""
         self.plain: list[int] = []
@@ -390,8 +392,9 @@ class _Recorder:
         self._users: list[int] = []  # per slot: tensors that use it
 
     def tables(self) -> tuple[dict[int, int] | list[int], ...]:
-        """The per-tensor tables, for the caller to empty in steps."""
-        return (self._first, self._first_user, self._first_leaf, self._users)
+        """The per-tensor tables, for the caller to empty in steps (not the users per slot:
+        the recording keeps those)."""
+        return (self._first, self._first_user, self._first_leaf)
 
     def ended(self, root: Any) -> None:
         self._root = root
@@ -411,7 +414,9 @@ class _Recorder:
         return out
 
     def _sort_shared(self, out: Recording) -> Walk:
-        users = self._users
+        # Read per leaf, not written: rewriting each alone tensor's tuple cost 24-44 ms of a
+        # first call over 50,000 tensors.
+        users = out.slot_users = self._users
         leaves = out.leaves
         shared = out.shared_leaves
         plain = out.plain
@@ -421,8 +426,6 @@ class _Recorder:
                 leaf = leaves[j]
                 slot = leaf[1]
                 if users[slot] == 1:
-                    # Alone on its storage: no identity check needed, its ``same`` becomes -2.
-                    leaves[j] = (*leaf[:11], -2)
                     if leaf[0] is _Tensor and leaf[10]:
                         plain.append(j)
                         plain_slots.append(slot)
@@ -562,6 +565,7 @@ class Replay:
         self._leaves = recording.leaves
         self._slots = recording.slots
         self._src_leaf = recording.src_leaf
+        self._slot_users = recording.slot_users
         self._copy_of: list[int] = []
         """Per slot: its copy this call (-1: none; -2: not met yet); filled by :meth:`run`."""
         self._srcs = plan.copies.srcs
@@ -1278,7 +1282,7 @@ class Replay:
                 copy = -1
             copy_of[slot] = copy
         self._tensors += 1
-        if same != -2:
+        if self._slot_users[slot] > 1:
             return self._shared_leaf(index, x, same, buffer, spans, copy)
         y = buffer.view.detach() if spans else self._view(x, buffer, neg, conj)  # type: ignore[union-attr]
         if cls is _Parameter:
