@@ -40,7 +40,7 @@ from .._paths import Path
 from .._torch import neg_view
 from ._cache import BufferCache, HostBuffer
 from ._plan import Leaf, Plan
-from ._tensors import TensorFacts, TensorStager, bytes_view, view_on
+from ._tensors import Adopted, TensorFacts, TensorStager, bytes_view, view_on
 from ._walk import ATOMIC_TYPES, EMPTY_STEP, DeepCopy, Unrecordable, build_plan, empty_in_steps
 
 Walk = Generator[None, None, Any]
@@ -925,9 +925,10 @@ class Replay:
         if self._track:
             self._published_positions = rec.copy_slots  # slot k is copy k
 
-    def adopted(self) -> tuple[dict[int, HostBuffer], dict[int, int]]:
-        """The storages copied so far (by ``id()``) -> their buffer, and -> their copy."""
-        buffers: dict[int, HostBuffer] = {}
+    def adopted(self) -> Adopted:
+        """The storages copied so far (by ``id()``) -> their copy; the buffers of those with
+        no bytes (only the tensor stager of a fallback has any: a replay copies none)."""
+        empty: dict[int, HostBuffer] = {}
         copies: dict[int, int] = {}
         plan_copies = self._plan.copies
         for slot, index in enumerate(self._copy_of):
@@ -937,14 +938,13 @@ class Replay:
             storage = buffer()
             if storage is None:
                 continue
-            buffers[id(storage)] = buffer
             copies[id(storage)] = index
             assert plan_copies.buffers[index] is buffer
         fallback = self._fallback
         if fallback is not None:
-            buffers.update(fallback.storages)
             copies.update(fallback.copy_index)
-        return buffers, copies
+            empty.update(fallback.empty_buffers)
+        return copies, empty
 
     def release(self) -> Walk:
         """Empty the per-tensor lists in steps: at once, the sources and twins held the loop
@@ -1341,7 +1341,7 @@ class Replay:
         # Only a storage no call has staged yet (a temporary) is staged on its own: one that
         # has a buffer is a recorded one, or a swap that outlived a call (then the walk records
         # the new structure).
-        met = stager is not None and id(storage) in stager.storages
+        met = stager is not None and id(storage) in stager.copy_index
         if not met and self._cache.get(storage) is not None:
             raise Mismatch
         if stager is None:

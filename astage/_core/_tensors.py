@@ -47,6 +47,10 @@ class FactsSink(Protocol):
 
 
 Visit = Callable[[Any, Path], Any]
+
+Adopted = tuple[dict[int, int], dict[int, HostBuffer]]
+"""Storages already copied into a plan when a walk starts (what a replay that stopped midway
+leaves): ``id()`` -> the index of its copy (-1: no bytes), and the buffers of those with none."""
 """Deep-copies an object hanging off a tensor (an attribute) through the walk's memo."""
 
 _MISSING: Any = object()
@@ -73,7 +77,7 @@ class TensorStager:
         memo: dict[int, Any],
         keep_alive: list[Any],
         visit: Visit,
-        adopted: tuple[dict[int, HostBuffer], dict[int, int]] | None = None,
+        adopted: Adopted | None = None,
         facts: FactsSink | None = None,
     ) -> None:
         self._cache = cache
@@ -84,11 +88,13 @@ class TensorStager:
         self._memo = memo
         self._keep_alive = keep_alive
         self._visit = visit
-        # Source storages met in this call (by id) -> their buffer, and -> their copy's index.
-        # Two dicts rather than one of tuples: no allocation per tensor on the hot path.
+        # Source storages met in this call (by id) -> the index of their copy in the plan,
+        # whose buffer is the copy's (-1: a storage with no bytes, whose buffer is kept apart).
+        # One table per storage, not a second one for the buffers: each of these tables grows
+        # in the same walk step (see FactsSink), and the buffer is the copy's anyway.
         # ``adopted``: storages a replay already copied in this call (see _replay.py).
-        self.storages: dict[int, HostBuffer] = dict(adopted[0]) if adopted else {}
-        self.copy_index: dict[int, int] = dict(adopted[1]) if adopted else {}
+        self.copy_index: dict[int, int] = dict(adopted[0]) if adopted else {}
+        self.empty_buffers: dict[int, HostBuffer] = dict(adopted[1]) if adopted else {}
         self._tensor_deps: dict[int, int] = {}
         self._track_leaves = plan.track_leaves
         self.child: Callable[[torch.Tensor, Path, Any], torch.Tensor] = (
@@ -102,7 +108,7 @@ class TensorStager:
     def tables(self) -> tuple[dict[int, Any], ...]:
         """The per-storage and per-tensor dicts, one entry per tensor met: for the caller to
         empty in steps (:func:`~._walk.empty_in_steps`) once the walk no longer needs them."""
-        return (self.storages, self.copy_index, self._tensor_deps)
+        return (self.copy_index, self.empty_buffers, self._tensor_deps)
 
     def close(self) -> None:
         """Drop the references back to the walk and to this object's own methods (cycles)."""
@@ -189,7 +195,7 @@ class TensorStager:
         view = buffer.view
         if (
             view is None
-            or id(storage) in self.storages
+            or id(storage) in self.copy_index
             or buffer.view_dtype is not x.dtype
             or buffer.view_shape != x.shape
             or buffer.nbytes != storage.nbytes()
@@ -205,7 +211,6 @@ class TensorStager:
         copies.srcs.append(x)  # keeps x alive, so its id stays valid in the memo
         copies.dsts.append(view)
         copies.buffers.append(buffer)
-        self.storages[id(storage)] = buffer
         self.copy_index[id(storage)] = index
         self._last_copy = index
         # The buffer's own view stays private: consumers get a new tensor object each call,
@@ -226,7 +231,7 @@ class TensorStager:
         """
         key = id(storage)
         if (
-            key in self.storages
+            key in self.copy_index
             or x.layout is not _strided
             or x.is_nested  # before anything that reads sizes, which a nested tensor refuses
             or x.is_quantized
@@ -252,7 +257,6 @@ class TensorStager:
         assert view is not None  # allocated as x's twin
         # No size-0 dimension: the buffer has bytes, so there is always a copy.
         index = self._copies.add(x, view, buffer)  # keeps x (its id in the memo, its storage) alive
-        self.storages[key] = buffer
         self.copy_index[key] = index
         self._last_copy = index
         y = view.detach()  # the buffer's own view stays private (see _restage)
@@ -297,13 +301,15 @@ class TensorStager:
             and (x.is_contiguous() if exact_by_shape else x.stride() == _dense_strides(shape))
         )
         reusable = spans_storage and exact_by_shape
-        buffer = self.storages.get(id(storage))
-        if buffer is not None:  # a storage already met in this call: an alias
-            index = self.copy_index[id(storage)]
+        index = self.copy_index.get(id(storage), -2)
+        if index != -2:  # a storage already met in this call: an alias
+            buffer = self._copies.buffers[index] if index >= 0 else self.empty_buffers[id(storage)]
             plain = view_on(buffer, x)
         else:
-            buffer = self._cache.lookup(storage, path)
-            if buffer is None:
+            found = self._cache.lookup(storage, path)
+            if found is not None:
+                buffer = found
+            else:
                 buffer = self._cache.allocate(storage, like=x if reusable else None)
                 self._plan.new_buffers += 1
                 self._plan.new_nbytes += buffer.nbytes
@@ -319,8 +325,11 @@ class TensorStager:
             else:
                 plain = view_on(buffer, x)
                 src, dst = bytes_view(storage, x.device), buffer.as_bytes()
-            index = self._copies.add(src, dst, buffer) if buffer.nbytes else -1
-            self.storages[id(storage)] = buffer
+            if buffer.nbytes:
+                index = self._copies.add(src, dst, buffer)
+            else:
+                index = -1
+                self.empty_buffers[id(storage)] = buffer
             self.copy_index[id(storage)] = index
             self._keep_alive.append(storage)
         self._last_copy = max(self._last_copy, index)

@@ -29,9 +29,9 @@ import torch
 
 from .._errors import UnstageableError
 from .._paths import Attr, Path
-from ._cache import BufferCache, HostBuffer
+from ._cache import BufferCache
 from ._plan import Plan
-from ._tensors import FactsSink, TensorStager
+from ._tensors import Adopted, FactsSink, TensorStager
 
 Walk = Generator[None, None, Any]
 
@@ -77,14 +77,14 @@ def build_plan(
     state_dict: Any,
     plan: Plan | None = None,
     *,
-    adopted: tuple[dict[int, HostBuffer], dict[int, int]] | None = None,
+    adopted: Adopted | None = None,
     recorder: Recorder | None = None,
 ) -> Walk:
     """Walk ``state_dict`` into ``plan`` (a new one by default); the generator returns the plan.
 
     ``plan.copies`` grows while the walk runs, so a driver may start copying before it ends.
-    ``adopted`` names the storages already copied into ``plan`` (by ``id()``: their buffer,
-    their copy), which the walk then does not copy again: what a replay that stopped midway
+    ``adopted`` names the storages already copied into ``plan`` (:data:`~._tensors.Adopted`),
+    which the walk then does not copy again: what a replay that stopped midway
     leaves (see :mod:`._replay`). ``recorder``, when given, is told the structure as the walk
     stages it, and at the end its root (:meth:`Recorder.ended`).
     """
