@@ -108,6 +108,7 @@ def test_chunk_smaller_than_an_element() -> None:
 def _move(plan: Plan, index: int, device: torch.device) -> None:
     """Pretend copy ``index`` reads from ``device`` (a stand-in for a CUDA tensor on CPU)."""
     plan.copies.buffers[index].device = device
+    plan.copies.devices.add(device)
 
 
 @pytest.mark.parametrize(

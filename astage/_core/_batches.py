@@ -22,7 +22,6 @@ from ._plan import Copies
 
 MAX_BATCH_COPIES = 1024  # small copies per foreach call: bounds the time one task takes
 
-buffer_nbytes = operator.attrgetter("nbytes")
 _buffer_device = operator.attrgetter("device")
 
 
@@ -63,12 +62,12 @@ def make_batches(copies: Copies, start: int, stop: int, chunk_bytes: int) -> Ite
     """
     if start >= stop:
         return
-    buffers = copies.buffers[start:stop]
-    sizes = list(map(buffer_nbytes, buffers))
-    devices = list(map(_buffer_device, buffers))
-    if max(sizes) < chunk_bytes and devices.count(devices[0]) == len(devices):
+    assert len(copies.sizes) == len(copies.buffers)
+    sizes = copies.sizes[start:stop]
+    if max(sizes) < chunk_bytes and len(copies.devices) == 1:
         yield from _small_copies(copies, start, sizes, chunk_bytes)
         return
+    devices = list(map(_buffer_device, copies.buffers[start:stop]))
     yield from _mixed_copies(copies, start, sizes, devices, chunk_bytes)
 
 
@@ -76,8 +75,8 @@ def _small_copies(
     copies: Copies, start: int, sizes: list[int], chunk_bytes: int
 ) -> Iterator[Batch]:
     """:func:`make_batches` for copies of one device, each under ``chunk_bytes``: the cuts found
-    by bisecting the running byte total, not by a Python step per copy (a cached call over 50,000
-    small tensors spent ~0.6 us per copy in that loop)."""
+    by bisecting the running byte total, without a Python step per copy or a read of any
+    buffer."""
     totals = list(accumulate(sizes))
     first = 0
     before = 0  # bytes of the copies ahead of ``first``

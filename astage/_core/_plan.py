@@ -22,14 +22,20 @@ class Copies:
     tensor and its staged twin when the tensor spans its storage contiguously, byte views
     otherwise. Kept as parallel lists so that a cached call adds a copy without allocating an
     object per tensor.
+
+    ``sizes[i]`` is ``buffers[i].nbytes``, and ``devices`` holds (at least) every buffer's
+    device: cutting batches reads these, not 50,000 buffers scattered over the heap (two
+    attribute reads per buffer, mostly cache misses, were 15-20 ms of a cached call).
     """
 
-    __slots__ = ("buffers", "dsts", "srcs")
+    __slots__ = ("buffers", "devices", "dsts", "sizes", "srcs")
 
     def __init__(self) -> None:
         self.srcs: list[torch.Tensor] = []
         self.dsts: list[torch.Tensor] = []
         self.buffers: list[HostBuffer] = []
+        self.sizes: list[int] = []
+        self.devices: set[torch.device] = set()
 
     def __len__(self) -> int:
         return len(self.srcs)
@@ -40,11 +46,17 @@ class Copies:
         self.srcs.append(src)
         self.dsts.append(dst)
         self.buffers.append(buffer)
+        self.sizes.append(buffer.nbytes)
+        self.devices.add(buffer.device)
         return index
+
+    def lists(self) -> tuple[list[Any], ...]:
+        """The parallel lists, for a caller that empties them in steps."""
+        return (self.srcs, self.dsts, self.buffers, self.sizes)
 
     @property
     def nbytes(self) -> int:
-        return sum(buffer.nbytes for buffer in self.buffers)
+        return sum(self.sizes)
 
 
 class Leaf(NamedTuple):

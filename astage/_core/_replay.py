@@ -127,6 +127,7 @@ def _mapped_live(function: Any, buffers: list[Any], dead: int) -> Generator[None
 
 
 _buffer_nbytes = operator.attrgetter("nbytes")
+_buffer_device = operator.attrgetter("device")
 _dereference: Any = HostBuffer.__call__  # a buffer is the weak reference to its source storage
 
 
@@ -335,6 +336,7 @@ class Recording:
         self.all_whole = min(self.copy_src, default=0) >= 0
         buffers = yield from _mapped(slots.__getitem__, copy_slots)
         self.copy_nbytes = yield from _mapped(_buffer_nbytes, buffers)
+        self.devices = set((yield from _mapped(_buffer_device, buffers)))
         # One tensor per storage, each spanning its buffer, in the order of their slots (many
         # small tensors, each its own storage): the copies are then the sources themselves
         # into their buffers' views, in leaf order, with no list to pick them from.
@@ -571,6 +573,8 @@ class Replay:
         self._srcs = plan.copies.srcs
         self._dsts = plan.copies.dsts
         self._buffers = plan.copies.buffers
+        self._sizes = plan.copies.sizes
+        self._devices = plan.copies.devices
         # Per tensor: the last copy it depends on, for stage_iter's leaves only (a 50,000-entry
         # list is a loop hold of 1-2 ms on its own, for nothing when no leaf is tracked).
         self._last_copy = [-1] * len(recording.leaves) if plan.track_leaves else []
@@ -864,7 +868,7 @@ class Replay:
             yield
         # Every check passed: the copies reach the plan in steps too (the driver may start
         # batches between them; nothing can fail any more).
-        yield from self._hand_over(srcs, dsts, buffers)
+        yield from self._hand_over(srcs, dsts, buffers, nbytes)
         yield from empty_in_steps(srcs, dsts, buffers)
         self._published = copy_slots
         if self._track:
@@ -888,6 +892,8 @@ class Replay:
         copies.srcs += xs[start:stop]
         copies.dsts += self._views[start:stop]
         copies.buffers += part
+        copies.sizes += self._rec.copy_nbytes[start:stop]  # slot k is copy k
+        copies.devices |= self._rec.devices
         self._copy_of[start:stop] = range(first, first + len(part))
 
     def _check_slots(self, start: int, stop: int) -> None:
@@ -899,15 +905,19 @@ class Replay:
         if list(map(_nbytes, self._storages[start:stop])) != self._rec.copy_nbytes[start:stop]:
             raise Mismatch  # a storage resized in place: the walk names it
 
-    def _hand_over(self, srcs: list[Any], dsts: list[Any], buffers: list[Any]) -> Walk:
+    def _hand_over(
+        self, srcs: list[Any], dsts: list[Any], buffers: list[Any], sizes: list[int]
+    ) -> Walk:
         """Append checked copies to the plan ``EMPTY_STEP`` at a time (the driver may start
         batches between the steps; nothing can fail any more)."""
         copies = self._plan.copies
+        copies.devices |= self._rec.devices
         for start in range(0, len(srcs), EMPTY_STEP):
             stop = start + EMPTY_STEP
             copies.srcs += srcs[start:stop]
             copies.dsts += dsts[start:stop]
             copies.buffers += buffers[start:stop]
+            copies.sizes += sizes[start:stop]
             yield
 
     def _publish_one_to_one(self, xs: list[Any]) -> Walk:
@@ -920,7 +930,7 @@ class Replay:
         for start in range(0, len(slots), _BULK_STEP):
             self._check_slots(start, start + _BULK_STEP)
             yield
-        yield from self._hand_over(xs, self._views, slots)
+        yield from self._hand_over(xs, self._views, slots, rec.copy_nbytes)
         self._published = rec.copy_slots
         if self._track:
             self._published_positions = rec.copy_slots  # slot k is copy k
@@ -1278,6 +1288,8 @@ class Replay:
                     srcs.append(bytes_view(storage, x.device))
                     self._dsts.append(buffer.as_bytes())
                 self._buffers.append(buffer)
+                self._sizes.append(buffer.nbytes)
+                self._devices.add(buffer.device)
             else:
                 copy = -1
             copy_of[slot] = copy

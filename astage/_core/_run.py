@@ -11,7 +11,7 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Any, Generic, Protocol, TypeVar
 
-from ._batches import MAX_BATCH_COPIES, Batch, buffer_nbytes, make_batches
+from ._batches import MAX_BATCH_COPIES, Batch, make_batches
 from ._cache import BufferCache
 from ._plan import Leaf, Plan
 from ._replay import walk_or_replay
@@ -89,7 +89,7 @@ class Run(Generic[T]):
         # summing 50,000 sizes in one go held the loop 5-8 ms. Copies past ``found`` are cut on
         # a later turn (``_peek`` comes back here until every copy has been cut).
         found = min(len(copies), self._scanned + _SCAN_STEP)
-        self._uncut_bytes += sum(map(buffer_nbytes, copies.buffers[self._scanned : found]))
+        self._uncut_bytes += sum(copies.sizes[self._scanned : found])
         self._scanned = found
         uncut = found - self._cut
         if uncut and (final or self._uncut_bytes >= self._chunk or uncut >= MAX_BATCH_COPIES):

@@ -211,6 +211,8 @@ class TensorStager:
         copies.srcs.append(x)  # keeps x alive, so its id stays valid in the memo
         copies.dsts.append(view)
         copies.buffers.append(buffer)
+        copies.sizes.append(buffer.nbytes)
+        copies.devices.add(buffer.device)
         self.copy_index[id(storage)] = index
         self._last_copy = index
         # The buffer's own view stays private: consumers get a new tensor object each call,

@@ -511,7 +511,7 @@ class _Call:
         them: it hands out tensors by copy index until its block exits.
         """
         copies = self.run.plan.copies
-        steps = empty_in_steps(copies.srcs, copies.dsts, copies.buffers)
+        steps = empty_in_steps(*copies.lists())
         hold = self._stager._resolved.max_loop_hold_s
         while not _walk_for(steps, hold):
             await _yield_to_due_timers()
