@@ -503,20 +503,39 @@ def test_a_large_replay_yields_to_the_driver() -> None:
 
 def test_no_step_reads_every_buffer_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """Recording and replaying work in steps: a step that read every buffer's view or size held
-    the loop 5-30 ms over 50,000 tensors. Counted by wrapping the buffers' slots, per step."""
+    the loop 5-30 ms over 50,000 tensors, and one that put every buffer's device in a set
+    11.7 ms. Counted by wrapping the buffers' slots, and their devices' hashes, per step."""
     reads = [0]
+
+    class CountedDevice:
+        """A buffer's device, counting the hashes taken of it (a set's work per item)."""
+
+        def __init__(self, device: torch.device) -> None:
+            self.device = device
+
+        def __hash__(self) -> int:
+            reads[0] += 1
+            return hash(self.device)
+
+        def __eq__(self, other: object) -> bool:
+            return isinstance(other, CountedDevice) and other.device == self.device
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.device, name)
 
     def counted(name: str) -> property:
         slot = HostBuffer.__dict__[name]
 
         def get(buffer: HostBuffer) -> Any:
             reads[0] += 1
-            return slot.__get__(buffer, HostBuffer)
+            value = slot.__get__(buffer, HostBuffer)
+            return CountedDevice(value) if name == "device" else value
 
         return property(get, slot.__set__)
 
     monkeypatch.setattr(HostBuffer, "view", counted("view"))
     monkeypatch.setattr(HostBuffer, "nbytes", counted("nbytes"))
+    monkeypatch.setattr(HostBuffer, "device", counted("device"))
     tensors = 3000
     state_dict = {"state": {i: {"a": torch.ones(2)} for i in range(tensors)}}
     cache = new_cache()
