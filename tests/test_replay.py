@@ -47,6 +47,11 @@ def stage(cache: BufferCache, state_dict: Any, *, track_leaves: bool = False) ->
     walk = walk_or_replay(cache, state_dict, plan)
     steps = sum(1 for _ in walk)
     plan.steps = steps  # type: ignore[attr-defined]
+    copies = plan.copies
+    # What batches are cut from, kept beside the buffers by every path that adds a copy: each
+    # copy's size, and (at least) every buffer's device, or batches could mix devices.
+    assert copies.sizes == [buffer.nbytes for buffer in copies.buffers]
+    assert {buffer.device for buffer in copies.buffers} <= copies.devices
     for batch in make_batches(plan.copies, 0, len(plan.copies), 1 << 20):
         run_host_batch(batch)
     return plan
