@@ -47,11 +47,11 @@ class FactsSink(Protocol):
 
 
 Visit = Callable[[Any, Path], Any]
+"""Deep-copies an object hanging off a tensor (an attribute) through the walk's memo."""
 
 Adopted = tuple[dict[int, int], dict[int, HostBuffer]]
 """Storages already copied into a plan when a walk starts (what a replay that stopped midway
 leaves): ``id()`` -> the index of its copy (-1: no bytes), and the buffers of those with none."""
-"""Deep-copies an object hanging off a tensor (an attribute) through the walk's memo."""
 
 _MISSING: Any = object()
 
