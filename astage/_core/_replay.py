@@ -600,6 +600,10 @@ class Replay:
         self._early = False
         self._storages: list[Any] = []
         self._dead = 0
+        self._published: list[int] = []
+        """The slots whose copies a bulk replay handed to the plan, in the plan's order."""
+        self._published_positions: list[int] = []
+        """Per slot: the position of its copy among those (tracked leaves only)."""
 
     # -- the driver's view ---------------------------------------------------------------------
 
@@ -977,9 +981,8 @@ class Replay:
             self._staged_leaves,
         )
         # Lists of copy positions, unless they are the recording's own (kept for later calls).
-        for name in ("_published", "_published_positions"):
-            positions = getattr(self, name, None)
-            if positions is not None and positions is not self._rec.copy_slots:
+        for positions in (self._published, self._published_positions):
+            if positions is not self._rec.copy_slots:
                 yield from empty_in_steps(positions)
 
     def close(self) -> None:
