@@ -607,8 +607,8 @@ def test_a_replay_is_dropped_with_its_per_tensor_lists_already_emptied(
         # Not the replay's own: the recording's lists (kept for later calls), and the plan's
         # copies (the driver empties those in steps).
         shared = {id(value) for value in vars(replay._rec).values()}
-        shared |= {id(replay._srcs), id(replay._dsts), id(replay._buffers), id(replay._sizes)}
-        shared.add(id(replay._devices))
+        copies = replay._plan.copies
+        shared |= {id(value) for value in (*copies.lists(), copies.devices)}
         left.append(
             {
                 name: len(value)

@@ -575,11 +575,6 @@ class Replay:
         self._slot_users = recording.slot_users
         self._copy_of: list[int] = []
         """Per slot: its copy this call (-1: none; -2: not met yet); filled by :meth:`run`."""
-        self._srcs = plan.copies.srcs
-        self._dsts = plan.copies.dsts
-        self._buffers = plan.copies.buffers
-        self._sizes = plan.copies.sizes
-        self._devices = plan.copies.devices
         # Per tensor: the last copy it depends on, for stage_iter's leaves only (a 50,000-entry
         # list is a loop hold of 1-2 ms on its own, for nothing when no leaf is tracked).
         self._last_copy = [-1] * len(recording.leaves) if plan.track_leaves else []
@@ -1287,17 +1282,11 @@ class Replay:
             if storage.nbytes() != buffer.nbytes or buffer.dropped:
                 raise Mismatch  # resized in place (the walk names it), or evicted
             if buffer.nbytes:
-                srcs = self._srcs
-                copy = len(srcs)
                 if self._src_leaf[slot] == index:
-                    srcs.append(x)
-                    self._dsts.append(buffer.view)  # type: ignore[arg-type]
+                    src, dst = x, buffer.view
                 else:
-                    srcs.append(bytes_view(storage, x.device))
-                    self._dsts.append(buffer.as_bytes())
-                self._buffers.append(buffer)
-                self._sizes.append(buffer.nbytes)
-                self._devices.add(buffer.device)
+                    src, dst = bytes_view(storage, x.device), buffer.as_bytes()
+                copy = self._plan.copies.add(src, dst, buffer)  # type: ignore[arg-type]
             else:
                 copy = -1
             copy_of[slot] = copy

@@ -206,13 +206,7 @@ class TensorStager:
             or x.__dict__
         ):
             return None
-        copies = self._copies
-        index = len(copies.srcs)
-        copies.srcs.append(x)  # keeps x alive, so its id stays valid in the memo
-        copies.dsts.append(view)
-        copies.buffers.append(buffer)
-        copies.sizes.append(buffer.nbytes)
-        copies.devices.add(buffer.device)
+        index = self._copies.add(x, view, buffer)  # keeps x alive: its id stays valid in the memo
         self.copy_index[id(storage)] = index
         self._last_copy = index
         # The buffer's own view stays private: consumers get a new tensor object each call,
