@@ -50,6 +50,22 @@ class Copies:
         self.devices.add(buffer.device)
         return index
 
+    def extend(
+        self,
+        srcs: list[torch.Tensor],
+        dsts: list[torch.Tensor],
+        buffers: list[HostBuffer],
+        sizes: list[int],
+        devices: set[torch.device],
+    ) -> None:
+        """Append copies in bulk: ``sizes`` their buffers' sizes, ``devices`` (at least) their
+        buffers' devices."""
+        self.srcs += srcs
+        self.dsts += dsts
+        self.buffers += buffers
+        self.sizes += sizes
+        self.devices |= devices
+
     def lists(self) -> tuple[list[Any], ...]:
         """The parallel lists, for a caller that empties them in steps."""
         return (self.srcs, self.dsts, self.buffers, self.sizes)

@@ -892,12 +892,12 @@ class Replay:
         part = slots[start:stop]
         self._check_slots(start, stop)
         copies = self._plan.copies
-        first = len(copies.srcs)
-        copies.srcs += xs[start:stop]
-        copies.dsts += self._views[start:stop]
-        copies.buffers += part
-        copies.sizes += self._rec.copy_nbytes[start:stop]  # slot k is copy k
-        copies.devices |= self._rec.devices
+        first = len(copies)
+        rec = self._rec
+        # Slot k is copy k: the recording's sizes are in the same order.
+        copies.extend(
+            xs[start:stop], self._views[start:stop], part, rec.copy_nbytes[start:stop], rec.devices
+        )
         self._copy_of[start:stop] = range(first, first + len(part))
 
     def _check_slots(self, start: int, stop: int) -> None:
@@ -915,13 +915,12 @@ class Replay:
         """Append checked copies to the plan ``EMPTY_STEP`` at a time (the driver may start
         batches between the steps; nothing can fail any more)."""
         copies = self._plan.copies
-        copies.devices |= self._rec.devices
+        devices = self._rec.devices
         for start in range(0, len(srcs), EMPTY_STEP):
             stop = start + EMPTY_STEP
-            copies.srcs += srcs[start:stop]
-            copies.dsts += dsts[start:stop]
-            copies.buffers += buffers[start:stop]
-            copies.sizes += sizes[start:stop]
+            copies.extend(
+                srcs[start:stop], dsts[start:stop], buffers[start:stop], sizes[start:stop], devices
+            )
             yield
 
     def _publish_one_to_one(self, xs: list[Any]) -> Walk:
