@@ -29,8 +29,8 @@ from astage._core._batches import make_batches
 from astage._core._cache import BufferCache, HostBuffer
 from astage._core._plan import Plan
 from astage._core._replay import _BULK_STEP as BULK_STEP
-from astage._core._replay import CHUNK, Recording, Replay, walk_or_replay
-from astage._core._walk import EMPTY_STEP, empty_in_steps
+from astage._core._replay import CHUNK, Recording, Replay, _Recorder, walk_or_replay
+from astage._core._walk import EMPTY_STEP, SMALL_CONTAINER, empty_in_steps
 from astage._devices._host import run_host_batch
 from astage._errors import BufferMismatchError
 from astage._paths import Attr
@@ -578,6 +578,65 @@ def test_recording_a_long_list_of_atoms_yields() -> None:
         stage(cache, state_dict)
         replay_steps.append(stage(cache, state_dict).steps)  # type: ignore[attr-defined]
     assert replay_steps[1] - replay_steps[0] >= 20_000 // EMPTY_STEP
+
+
+def _node_fields(node: Any) -> Any:
+    """A recorded node as plain values, its children's nodes included."""
+    if node is None or type(node) is int:
+        return node
+    fields = {name: getattr(node, name) for name in type(node).__slots__ if name != "children"}
+    return type(node).__name__, fields, [_node_fields(child) for child in node.children]
+
+
+def _driven(walk: Any) -> Any:
+    """The value a recorder's generator returns, driven to its end."""
+    while True:
+        try:
+            next(walk)
+        except StopIteration as stop:
+            return stop.value
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 3, SMALL_CONTAINER - 1, SMALL_CONTAINER])
+def test_small_containers_are_recorded_as_in_steps(count: int) -> None:
+    """A container of at most SMALL_CONTAINER items is recorded at once (the common dict of a
+    parameter's optimizer state, 16,000 of them in a first call): it must give the very node
+    the stepped recording gives, for every kind of children."""
+    recorder = _Recorder(new_cache())
+    item = recorder.small_mapping(dict, {"a": 0, "b": 0}, [7, 8], None)
+    children_kinds: dict[str, list[Any]] = {
+        "leaves in a row": list(range(10, 10 + count)),
+        "leaves out of order": list(range(10 + count, 10, -1)),
+        "atoms": [None] * count,
+        "atoms and leaves": [None if i % 2 else 10 + i for i in range(count)],
+        "nodes": [item] * count,
+        "a group": [
+            recorder.small_mapping(dict, {"a": 0, "b": 0}, [2 * i, 2 * i + 1], None)
+            for i in range(count)
+        ],
+    }
+    for kind, children in children_kinds.items():
+        x = {f"k{i}": None for i in range(len(children))}
+        at_once = recorder.small_mapping(dict, x, children, None)
+        stepped = _driven(recorder.mapping(dict, x, children, None))
+        assert _node_fields(at_once) == _node_fields(stepped), kind
+        listed = recorder.small_sequence(children)
+        assert _node_fields(listed) == _node_fields(_driven(recorder.sequence(children))), kind
+    assert recorder.small_mapping(dict, {}, [], None).span is None
+
+
+def test_containers_on_both_sides_of_the_small_size_are_replayed() -> None:
+    """Optimizer states whose per-parameter dicts, and lists, hold just under, at and just over
+    SMALL_CONTAINER tensors: recorded by either path, replayed, equal to a fresh stage."""
+    for width in (SMALL_CONTAINER - 1, SMALL_CONTAINER, SMALL_CONTAINER + 1):
+        state_dict = {
+            "state": {p: {f"m{j}": torch.randn(2) for j in range(width)} for p in range(3)},
+            "lists": [[torch.randn(1) for _ in range(width)] for _ in range(2)],
+        }
+        cache = new_cache()
+        check_call(cache, state_dict, replayed=False)
+        plan = check_call(cache, state_dict, replayed=True, track_leaves=True)
+        assert _typed_paths(plan) == _typed_paths(stage(new_cache(), state_dict, track_leaves=True))
 
 
 def test_empty_in_steps_frees_a_few_thousand_entries_a_step() -> None:

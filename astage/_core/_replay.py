@@ -41,7 +41,14 @@ from .._torch import neg_view
 from ._cache import BufferCache, HostBuffer
 from ._plan import Leaf, Plan
 from ._tensors import Adopted, TensorFacts, TensorStager, bytes_view, view_on
-from ._walk import ATOMIC_TYPES, EMPTY_STEP, DeepCopy, Unrecordable, build_plan, empty_in_steps
+from ._walk import (
+    ATOMIC_TYPES,
+    EMPTY_STEP,
+    DeepCopy,
+    Unrecordable,
+    build_plan,
+    empty_in_steps,
+)
 
 Walk = Generator[None, None, Any]
 
@@ -213,23 +220,48 @@ class Summary(NamedTuple):
     ``first..stop-1`` in order, and its staged copy pairs its keys with their twins."""
 
 
+def _first_leaf(children: list[Any]) -> int:
+    """The leaf of the first child when it is a tensor, else -1 (leaves count from 0)."""
+    head = children[0] if children else None
+    return head if type(head) is int else -1
+
+
+def _summed(part: list[Any], first: int, start: int) -> tuple[bool, int, bool]:
+    """Of children ``start..`` (``part``): all atoms, their size, leaves ``first + start..``
+    in a row (never when ``first`` is -1)."""
+    in_row = first >= 0 and part == list(range(first + start, first + start + len(part)))
+    return part.count(None) == len(part), _sizes(part), in_row
+
+
 def _summary(children: list[Any]) -> Generator[None, None, Summary]:
     """A container's :class:`Summary`, yielding between every :data:`_SUMMARY_STEP` children."""
     count = len(children)
-    atoms = True
+    first = _first_leaf(children)
+    atoms = in_row = True
     size = 0
-    head = children[0] if children else None
-    first = head if type(head) is int else -1  # leaves count from 0
-    in_row = first >= 0
     for start in range(0, count, _SUMMARY_STEP):
         if start:
             yield
-        part = children[start : start + _SUMMARY_STEP]
-        atoms = atoms and part.count(None) == len(part)
-        size += _sizes(part)
-        in_row = in_row and part == list(range(first + start, first + start + len(part)))
-    span = (first, first + count) if in_row else None
+        part_atoms, part_size, part_in_row = _summed(
+            children[start : start + _SUMMARY_STEP], first, start
+        )
+        atoms = atoms and part_atoms
+        size += part_size
+        in_row = in_row and part_in_row
+    span = (first, first + count) if in_row and first >= 0 else None
     return Summary(atoms, size, span)
+
+
+def _summary_now(children: list[Any]) -> Summary:
+    """:func:`_summary` of a small container (at most :data:`~._walk.SMALL_CONTAINER` children)."""
+    count = len(children)
+    first = _first_leaf(children)
+    if first >= 0 and children == list(range(first, first + count)):
+        # Tensors only, their leaves in a row (a Module.state_dict(), a parameter's optimizer
+        # state): 0.4 us rather than the 1.7 us of the general sums.
+        return Summary(False, count, (first, first + count))
+    atoms, size, in_row = _summed(children, first, 0)
+    return Summary(atoms, size, (first, first + count) if in_row else None)
 
 
 class Group(NamedTuple):
@@ -246,20 +278,25 @@ class Group(NamedTuple):
     """The first leaf of the first item; item ``i`` holds leaves ``first + i * len(keys)``..."""
 
 
-def _group_of(children: list[Any]) -> Walk:
-    """The :class:`Group` that ``children`` form, or None; yields every :data:`CHUNK` items."""
+def _group_head(children: list[Any]) -> Group | None:
+    """The :class:`Group` that ``children`` form if the others match the first; None when
+    the first child cannot head one."""
     if len(children) < 2 or type(children[0]) is not DictNode:
         return None
     head = children[0]
     keys = tuple(head.keys)
     if head.span is None or not keys or len(set(head.key_types)) != 1:
         return None
-    key_type = head.key_types[0]
-    width = len(keys)
-    first = head.span[0]
-    for index, child in enumerate(children):
-        if index % CHUNK == 0:
-            yield
+    return Group(keys, head.key_types[0], head.span[0])
+
+
+def _in_group(children: list[Any], start: int, stop: int, group: Group) -> bool:
+    """Whether children ``start..stop-1`` match the first one as items of ``group``."""
+    head = children[0]
+    width = len(group.keys)
+    first = group.first
+    for index in range(start, stop):
+        child = children[index]
         if (
             type(child) is not DictNode
             or child.cls is not dict
@@ -268,8 +305,28 @@ def _group_of(children: list[Any]) -> Walk:
             or child.key_types != head.key_types
             or child.keys != head.keys
         ):
+            return False
+    return True
+
+
+def _group_of(children: list[Any]) -> Walk:
+    """The :class:`Group` that ``children`` form, or None; yields every :data:`CHUNK` items."""
+    group = _group_head(children)
+    if group is None:
+        return None
+    for start in range(0, len(children), CHUNK):
+        yield
+        if not _in_group(children, start, min(start + CHUNK, len(children)), group):
             return None
-    return Group(keys, key_type, first)
+    return group
+
+
+def _group_now(children: list[Any]) -> Group | None:
+    """:func:`_group_of` of a small container (at most :data:`~._walk.SMALL_CONTAINER` children)."""
+    group = _group_head(children)
+    if group is None or not _in_group(children, 0, len(children), group):
+        return None
+    return group
 
 
 class Recording:
@@ -443,21 +500,24 @@ class _Recorder:
             yield
 
     def mapping(self, cls: type, x: dict[Any, Any], children: list[Any], attrs: Any) -> Walk:
-        keys = list(x)  # atomic: the walk checked each
         summary = yield from _summary(children)
-        node = DictNode(
-            cls, keys, list(map(type, keys)), children, attrs, summary.size, summary.span
-        )
-        node.group = yield from _group_of(children)
-        return node
+        group = yield from _group_of(children)
+        return _dict_node(cls, x, children, attrs, summary=summary, group=group)
+
+    def small_mapping(
+        self, cls: type, x: dict[Any, Any], children: list[Any], attrs: Any
+    ) -> DictNode:
+        summary = _summary_now(children)
+        return _dict_node(cls, x, children, attrs, summary=summary, group=_group_now(children))
 
     def sequence(self, children: list[Any]) -> Walk:
         summary = yield from _summary(children)
-        if summary.atoms:
-            return ListNode(children, True, 0, None)
-        node = ListNode(children, False, summary.size, summary.span)
-        node.group = yield from _group_of(children)
-        return node
+        group = None if summary.atoms else (yield from _group_of(children))
+        return _list_node(children, summary, group)
+
+    def small_sequence(self, children: list[Any]) -> ListNode:
+        summary = _summary_now(children)
+        return _list_node(children, summary, None if summary.atoms else _group_now(children))
 
     def items(self, children: list[Any]) -> TupleNode:
         # Rebuilt by the walk when something mutable is inside, at any depth.
@@ -558,6 +618,31 @@ class _Recorder:
 
 
 _IS_COMPLEX: dict[torch.dtype, bool] = {}
+
+
+def _dict_node(
+    cls: type,
+    x: dict[Any, Any],
+    children: list[Any],
+    attrs: Any,
+    *,
+    summary: Summary,
+    group: Group | None,
+) -> DictNode:
+    keys = list(x)  # atomic: the walk checked each
+    node = DictNode(cls, keys, list(map(type, keys)), children, attrs, summary.size, summary.span)
+    node.group = group
+    return node
+
+
+def _list_node(children: list[Any], summary: Summary, group: Group | None) -> ListNode:
+    if summary.atoms:
+        return ListNode(children, True, 0, None)
+    node = ListNode(children, False, summary.size, summary.span)
+    node.group = group
+    return node
+
+
 """``dtype.is_complex`` by dtype: a dict read is a third of the attribute's cost."""
 
 

@@ -39,6 +39,11 @@ _MISSING: Any = object()
 _YIELD_EVERY = 16  # objects visited between two chances for the driver to yield (a first
 # call spends 20-30 us on a tensor: 64 of them held the async loop 1.3-2 ms between yields)
 
+SMALL_CONTAINER = 64
+"""Containers of at most this many items are recorded at once (:meth:`Recorder.small_mapping`),
+larger ones in steps: a recorder's generators cost a first call over 16,000 optimizer-state
+dicts of three tensors each 30-40 ms, and 64 items take a few microseconds to summarize."""
+
 _Tensor = torch.Tensor
 
 # Values that are immutable or process-global: staged as themselves, never copied.
@@ -160,6 +165,12 @@ class Recorder(FactsSink, Protocol):
 
     def sequence(self, children: list[Any]) -> Walk:
         """A list."""
+
+    def small_mapping(self, cls: type, x: dict[Any, Any], children: list[Any], attrs: Any) -> Any:
+        """:meth:`mapping` of a container of at most :data:`SMALL_CONTAINER` items, at once."""
+
+    def small_sequence(self, children: list[Any]) -> Any:
+        """:meth:`sequence` of a list of at most :data:`SMALL_CONTAINER` items, at once."""
 
     def items(self, children: list[Any]) -> Any:
         """A tuple."""
@@ -333,8 +344,15 @@ class DeepCopy:
             if self._countdown <= 0:
                 self._countdown = _YIELD_EVERY
                 yield
-        if recorder is not None:
+        if recorder is None:
+            return y
+        if len(children) > SMALL_CONTAINER:
             yield from self._record(recorder, recorder.mapping(type(x), x, children, attrs))
+        elif self.recorder is recorder:
+            try:
+                self.node = recorder.small_mapping(type(x), x, children, attrs)
+            except Unrecordable:
+                self.recorder = None
         return y
 
     def _list(self, x: list[Any], path: Path) -> Walk:
@@ -358,8 +376,15 @@ class DeepCopy:
             children.append(node)
             if self._tick():
                 yield
-        if recorder is not None:
+        if recorder is None:
+            return y
+        if len(children) > SMALL_CONTAINER:
             yield from self._record(recorder, recorder.sequence(children))
+        elif self.recorder is recorder:
+            try:
+                self.node = recorder.small_sequence(children)
+            except Unrecordable:
+                self.recorder = None
         return y
 
     def _items(
