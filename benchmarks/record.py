@@ -20,6 +20,11 @@ class Check:
     ratio: float | None
     goal: str
     met: bool | None
+    rounds: tuple[float, ...] = ()
+    """The ratio within each repeat, where ``ratio`` is their median (paired figures)."""
+    why: str = ""
+    """What bounds the figure on this machine, argued from figures of the same run: the
+    report shows it when the goal is not met."""
 
 
 @dataclass

@@ -94,6 +94,9 @@ def render_markdown(
     goal_checks = [(r.key, [c for c in r.checks if c.met is not None]) for r in results]
     summary_rows = [[key, *row] for key, cs in goal_checks for row in check_rows(cs)]
     out.append(markdown_table(["scenario", *CHECK_COLUMNS], summary_rows) + "\n")
+    unmet = [(r.key, c) for r, c in checks if not c.met]
+    if unmet:
+        out.append(_unmet_section(unmet))
     skipped = [r for r in results if r.skipped]
     for r in skipped:
         out.append(f"- **{r.title}**: {r.skipped}")
@@ -154,6 +157,23 @@ def render_markdown(
         "own ticks).\n"
     )
     return "\n".join(out)
+
+
+def _unmet_section(unmet: Sequence[tuple[str, Check]]) -> str:
+    """Each goal not met, with its ratio per repeat and what bounds it on this machine."""
+    lines = [
+        "**Goals not met, and why.** Each one with its ratio in every repeat (the median of "
+        "which is the ratio above) and, from figures of this same run, what bounds it here.\n"
+    ]
+    for key, check in unmet:
+        rounds = ", ".join(fmt_ratio(r) for r in check.rounds)
+        spread = f" (per repeat: {rounds})" if rounds else ""
+        why = check.why or "No bound argued: a shortfall of astage's to fix."
+        lines.append(
+            f"- **{key}: {check.metric}**: {fmt_ratio(check.ratio)}{spread}, goal "
+            f"{check.goal}. {why}"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _others_summary(results: Sequence[ScenarioResult], machine: dict[str, Any]) -> str:

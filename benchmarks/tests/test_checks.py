@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
+from benchmarks import report
+from benchmarks.lag import LagSummary
+from benchmarks.record import Check, ScenarioResult
+from benchmarks.scenarios.dcp_saves import _why_floor
 from benchmarks.scenarios.first_and_cached import AfterReserve, Timings, reserve_check, speed_check
+from benchmarks.scenarios.loop_lag import LagFloors, _dict_growth_ms, _why_max, _why_p99
+from benchmarks.scenarios.small import ReplayFloor
 
 
 def timings(first: list[float], cached: list[float], per_repeat: int) -> Timings:
@@ -19,6 +26,7 @@ def test_speed_check_pairs_repeats_and_says_the_goal_its_way() -> None:
     assert check.ratio == pytest.approx(0.9)
     assert check.goal == "<= 1.05x the copy"
     assert check.met is False
+    assert check.rounds == pytest.approx((0.9, 1.0, 0.5))
     assert speed_check("m", mine, ceiling, "first", 0).met is None  # context: no verdict
 
 
@@ -32,3 +40,81 @@ def test_reserve_check_holds_the_first_call_to_1_1x_its_cached_calls(
     assert check.ratio == pytest.approx((1 / first + 1.0) / 2)
     t_one = AfterReserve([5.0], [first], [1.0, 1.0, 1.0], [0], 3)
     assert reserve_check("astage", t_one).met is met
+
+
+MACHINE = {
+    "date": "today",
+    "command": "python -m benchmarks",
+    "cpu": "cpu",
+    "cores": 2,
+    "ram_gib": 1.0,
+    "gpu": None,
+    "python": "3.11",
+    "torch": "2",
+    "platform": "linux",
+    "git": "abc",
+}
+
+
+def test_the_report_argues_each_goal_not_met_with_its_repeats() -> None:
+    """Unmet goals get a section of their own: ratio per repeat and what bounds it, or a
+    plain statement that nothing was argued; met goals and context rows stay out of it."""
+    result = ScenarioResult("s", "S", "about")
+    result.checks = [
+        Check("argued", "1 ms", "2 ms", 0.5, ">= 1x", False, (0.4, 0.5, 1.1), "Bound by X."),
+        Check("unargued", "1 ms", "2 ms", 0.5, ">= 1x", False),
+        Check("met one", "1 ms", "2 ms", 2.0, ">= 1x", True, (2.0,), "never shown"),
+        Check("context", "1 ms", "2 ms", 2.0, "(context)", None, (), "never shown either"),
+    ]
+    markdown = report.render_markdown(MACHINE, [result], {}, 1.0)
+    section = markdown[markdown.index("Goals not met, and why") : markdown.index("\n## S\n")]
+    assert "- **s: argued**: 0.50x (per repeat: 0.40x, 0.50x, 1.10x), goal >= 1x. Bound by X." in (
+        section
+    )
+    assert "- **s: unargued**: 0.50x, goal >= 1x. No bound argued" in section
+    assert "met one" not in section and "context" not in section
+    everything_met = ScenarioResult("s", "S", "about", checks=result.checks[2:])
+    assert "Goals not met" not in report.render_markdown(MACHINE, [everything_met], {}, 1.0)
+
+
+def test_reserve_check_argues_only_a_spread_that_straddles_the_goal() -> None:
+    # One repeat at 1.2x its cached calls, one at 1x: the median misses, one repeat meets.
+    straddling = AfterReserve([5.0, 5.0], [1.2, 1.0, 1.3], [1.0, 1.0, 1.0], [0, 0, 0], 1)
+    assert "spread" in reserve_check("a", straddling).why
+    all_slow = AfterReserve([5.0], [1.3], [1.0], [0], 1)
+    assert reserve_check("a", all_slow).why == ""
+    allocating = AfterReserve([5.0, 5.0], [1.2, 1.0, 1.3], [1.0, 1.0, 1.0], [0, 8, 0], 1)
+    assert reserve_check("a", allocating).why == ""  # the first call allocated: not a spread
+
+
+def test_replay_floor_sums_its_parts_and_argues_only_above_the_goal() -> None:
+    floor = ReplayFloor(copy_s=1.5e-6, metadata_s=1.0e-6, detach_s=0.8e-6)
+    assert floor.total_s == pytest.approx(3.3e-6)
+    assert "3.30 us before any structure is rebuilt" in floor.why(5.0)
+    assert ReplayFloor(1e-6, 1e-6, 0.5e-6).why(5.0) == ""  # 2.5 us: the goal is not argued
+    measured = ReplayFloor.measure([torch.ones(4) for _ in range(50)], repeats=2)
+    assert measured.copy_s > 0 and measured.metadata_s > 0 and measured.detach_s > 0
+
+
+def test_dcp_floor_argues_only_a_goal_below_the_copy() -> None:
+    # The copy took 40 ms and DCP 45 ms: 1.2x DCP would be 37.5 ms, under the copy.
+    assert "less than the copy itself" in _why_floor(0.040, 0.042, 0.045, 1.2)
+    assert _why_floor(0.030, 0.042, 0.045, 1.2) == ""  # 37.5 ms is above a 30 ms copy
+    assert _why_floor(None, 0.042, 0.045, 1.2) == ""
+
+
+def test_dict_growth_is_measured_at_the_last_size_below_the_storages() -> None:
+    assert _dict_growth_ms(50_001)[0] == 43_690
+    assert _dict_growth_ms(43_000)[0] == 21_845
+    assert _dict_growth_ms(64)[0] == 42
+
+
+def test_lag_goals_are_argued_from_the_floors_only_where_they_account_for_the_excess() -> None:
+    woken = LagSummary(100, 0.2, 1.1, 1.2)
+    floors = LagFloors(woken, 43_690, 3.0)
+    assert "1.10 ms in this run" in _why_p99(LagSummary(100, 0.3, 1.3, 4.0), floors)
+    quiet = LagFloors(LagSummary(100, 0.1, 0.5, 0.6), 43_690, 3.0)
+    assert _why_p99(LagSummary(100, 0.3, 1.3, 4.0), quiet) == ""
+    assert "43,690 entries" in _why_max(LagSummary(100, 0.3, 1.3, 7.0), floors)
+    assert _why_max(LagSummary(100, 0.3, 1.3, 9.0), floors) == ""  # 6 ms left over the goal
+    assert _why_max(LagSummary(100, 0.3, 1.3, 7.0), None) == ""

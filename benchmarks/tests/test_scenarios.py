@@ -54,11 +54,11 @@ def results(runner: LoopRunner) -> dict[str, ScenarioResult]:
 
 EXPECTED = {
     "bulk": 8,
-    "small": 10,
+    "small": 11,
     "model": 4,
     "lag": 10,
     "memory": 10,
-    "dcp": 4,
+    "dcp": 5,
     "writers": 14,
     "gpu": 19,
     "restore": 16,
