@@ -3,17 +3,22 @@ copies in flight holding a dropped buffer's registration); pinning itself is in 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import gc
 import queue
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 import torch
-from conftest import Driver, assert_tree_staged, collect, model_state_dict, mutate_, storage_ptr
+from conftest import (
+    Driver,
+    assert_tree_staged,
+    collect,
+    model_state_dict,
+    mutate_,
+    no_cyclic_gc,
+    storage_ptr,
+)
 
 import astage
 from astage._core import _arena
@@ -269,21 +274,10 @@ def test_a_buffer_collected_unreleased_lets_go() -> None:
 # -- the cache as seen through the stagers ------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _no_cyclic_gc() -> Iterator[None]:
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 def test_in_use_while_a_staged_result_lives(stager: Driver) -> None:
     cache = stager.stager._cache
     sd = model_state_dict()
-    with _no_cyclic_gc():  # the result must die by reference counting alone: no cycle holds it
+    with no_cyclic_gc():  # the result must die by reference counting alone: no cycle holds it
         staged = stager.stage(sd)
         assert cache.in_use()
         del staged
@@ -302,7 +296,7 @@ def test_in_use_while_a_staged_result_lives(stager: Driver) -> None:
 def test_a_failed_call_leaves_no_buffer_in_use(stager: Driver) -> None:
     cache = stager.stager._cache
     sd = {"w": torch.randn(16), "lock": threading.Lock()}
-    with _no_cyclic_gc():
+    with no_cyclic_gc():
         try:
             stager.stage(sd)
         except astage.UnstageableError:

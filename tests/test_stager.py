@@ -26,6 +26,7 @@ from conftest import (
     iter_tensors,
     model_state_dict,
     mutate_,
+    no_cyclic_gc,
     storage_ptr,
 )
 from test_sync import FakeStream, RecordingBackend, _in_a_forked_child
@@ -439,14 +440,9 @@ async def test_aclose_waits_for_holds_and_is_cancel_safe() -> None:
 def collector_off() -> Iterator[None]:
     """Hold CPython's cyclic collector off: with torch imported, one full collection takes
     ~100 ms here whoever triggers it, which would swamp what these tests measure."""
-    enabled = gc.isenabled()
     gc.collect()
-    gc.disable()
-    try:
+    with no_cyclic_gc():
         yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 LAG_TESTS_BLOCK = (

@@ -12,6 +12,7 @@ from benchmarks.scenarios.dcp_saves import _why_floor
 from benchmarks.scenarios.first_and_cached import AfterReserve, Timings, reserve_check, speed_check
 from benchmarks.scenarios.loop_lag import LagFloors, _dict_growth_ms, _why_max, _why_p99
 from benchmarks.scenarios.small import ReplayFloor
+from benchmarks.tests import MACHINE
 
 
 def timings(first: list[float], cached: list[float], per_repeat: int) -> Timings:
@@ -40,20 +41,6 @@ def test_reserve_check_holds_the_first_call_to_1_1x_its_cached_calls(
     assert check.ratio == pytest.approx((1 / first + 1.0) / 2)
     t_one = AfterReserve([5.0], [first], [1.0, 1.0, 1.0], [0], 3)
     assert reserve_check("astage", t_one).met is met
-
-
-MACHINE = {
-    "date": "today",
-    "command": "python -m benchmarks",
-    "cpu": "cpu",
-    "cores": 2,
-    "ram_gib": 1.0,
-    "gpu": None,
-    "python": "3.11",
-    "torch": "2",
-    "platform": "linux",
-    "git": "abc",
-}
 
 
 def test_the_report_argues_each_goal_not_met_with_its_repeats() -> None:

@@ -15,6 +15,7 @@ from benchmarks.record import ScenarioResult
 from benchmarks.runner import LoopRunner
 from benchmarks.scenarios import SCENARIOS
 from benchmarks.state_dicts import MiB
+from benchmarks.tests import MACHINE
 
 TINY = Config(
     quick=True,
@@ -83,25 +84,12 @@ def test_scenario_runs(results: dict[str, ScenarioResult], name: str) -> None:
 
 @pytest.mark.slow
 def test_report_and_json(results: dict[str, ScenarioResult], tmp_path: Path) -> None:
-    machine = {
-        "date": "today",
-        "command": "python -m benchmarks",
-        "cpu": "cpu",
-        "cores": 2,
-        "ram_gib": 1.0,
-        "gpu": None,
-        "python": "3.11",
-        "torch": "2",
-        "platform": "linux",
-        "git": "abc",
-        "loop": "asyncio",
-    }
     ordered = list(results.values())
-    markdown = report.render_markdown(machine, ordered, {}, 1.0)
+    markdown = report.render_markdown(MACHINE, ordered, {}, 1.0)
     for result in ordered:
         assert result.title in markdown
     path = tmp_path / "latest.json"
-    report.write_json(str(path), machine, TINY, ordered)
+    report.write_json(str(path), MACHINE, TINY, ordered)
     payload = json.loads(path.read_text(encoding="utf-8"))
     assert set(payload["scenarios"]) == set(SCENARIOS)
     assert payload["config"]["bulk_bytes"] == TINY.bulk_bytes
