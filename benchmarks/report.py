@@ -170,8 +170,8 @@ def _unmet_section(unmet: Sequence[tuple[str, Check]]) -> str:
         spread = f" (per repeat: {rounds})" if rounds else ""
         why = check.why or "No bound argued: a shortfall of astage's to fix."
         lines.append(
-            f"- **{key}: {check.metric}**: {fmt_ratio(check.ratio)}{spread}, goal "
-            f"{check.goal}. {why}"
+            f"- **{key}: {check.metric}**: astage {check.astage}, reference {check.reference}, "
+            f"ratio {fmt_ratio(check.ratio)}{spread}; goal {check.goal}. {why}"
         )
     return "\n".join(lines) + "\n"
 
