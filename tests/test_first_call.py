@@ -3,12 +3,18 @@ general one, and both leave the cache as a cached call expects it."""
 
 from __future__ import annotations
 
+import sys
+from typing import Any
+
 import pytest
 import torch
 from conftest import Driver
 
 from astage._core._cache import BufferCache
 from astage._core._plan import Plan
+from astage._core._replay import _Recorder, walk_or_replay
+from astage._core._tables import LEAD_AFTER
+from astage._core._tensors import TensorStager
 from astage._core._walk import build_plan
 
 
@@ -92,3 +98,52 @@ def test_a_first_call_shares_one_buffer_between_aliases() -> None:
     assert plan.result["tied"] is plan.result["w"]
     storages = {plan.result[k].untyped_storage().data_ptr() for k in sd}
     assert len(storages) == 1
+
+
+def test_the_per_storage_tables_of_a_first_call_grow_in_different_steps(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A first call keeps three dicts with an entry per storage (the call's copy index, the
+    cache's buffers, the recording's slots). Without leads they reach the size at which
+    CPython grows a dict at the same tensor, and grew in one step (4-6 ms of page faults over
+    50,000 storages): past LEAD_AFTER storages, no two of them may grow in the same step."""
+    stagers: list[TensorStager] = []
+    recorders: list[_Recorder] = []
+    init_stager, init_recorder = TensorStager.__init__, _Recorder.__init__
+
+    def keep_stager(self: TensorStager, *args: Any, **kwargs: Any) -> None:
+        init_stager(self, *args, **kwargs)
+        stagers.append(self)
+
+    def keep_recorder(self: _Recorder, *args: Any, **kwargs: Any) -> None:
+        init_recorder(self, *args, **kwargs)
+        recorders.append(self)
+
+    monkeypatch.setattr(TensorStager, "__init__", keep_stager)
+    monkeypatch.setattr(_Recorder, "__init__", keep_recorder)
+    storages = 3 * LEAD_AFTER
+    state_dict = {
+        "state": {i: {"m": torch.ones(1), "v": torch.ones(1)} for i in range(storages // 2)}
+    }
+    cache = _cache()
+    walk = walk_or_replay(cache, state_dict, Plan())
+    grew: dict[str, list[int]] = {"copies": [], "buffers": [], "slots": []}
+    sizes: dict[str, int] = {}
+    step = 0
+    for step, _ in enumerate(walk):
+        if not stagers or not recorders:
+            continue
+        tables = {
+            "copies": stagers[0].copy_index,
+            "buffers": cache.entries,
+            "slots": recorders[0]._out.slot_by_key,
+        }
+        for name, table in tables.items():
+            size = sys.getsizeof(table)
+            if name in sizes and size > sizes[name] and len(cache.entries) > LEAD_AFTER:
+                grew[name].append(step)
+            sizes[name] = size
+    assert len(cache.entries) == storages and step > 0
+    assert all(grew.values()), grew  # each grew past LEAD_AFTER (the check saw it happen)
+    steps = [s for name in grew for s in grew[name]]
+    assert len(steps) == len(set(steps)), grew

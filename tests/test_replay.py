@@ -30,7 +30,8 @@ from astage._core._cache import BufferCache, HostBuffer
 from astage._core._plan import Plan
 from astage._core._replay import _BULK_STEP as BULK_STEP
 from astage._core._replay import CHUNK, Recording, Replay, _Recorder, walk_or_replay
-from astage._core._walk import EMPTY_STEP, SMALL_CONTAINER, empty_in_steps
+from astage._core._tables import EMPTY_STEP, empty_in_steps
+from astage._core._walk import SMALL_CONTAINER
 from astage._devices._host import run_host_batch
 from astage._errors import BufferMismatchError
 from astage._paths import Attr

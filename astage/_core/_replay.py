@@ -40,15 +40,9 @@ from .._paths import Path
 from .._torch import neg_view
 from ._cache import BufferCache, HostBuffer
 from ._plan import Leaf, Plan
+from ._tables import EMPTY_STEP, LEAD_AFTER, empty_in_steps, give_lead
 from ._tensors import Adopted, TensorFacts, TensorStager, bytes_view, view_on
-from ._walk import (
-    ATOMIC_TYPES,
-    EMPTY_STEP,
-    DeepCopy,
-    Unrecordable,
-    build_plan,
-    empty_in_steps,
-)
+from ._walk import ATOMIC_TYPES, DeepCopy, Unrecordable, build_plan
 
 Walk = Generator[None, None, Any]
 
@@ -576,6 +570,8 @@ class _Recorder:
         if slot is None:
             slot = len(out.slots)
             out.slot_by_key[key] = slot
+            if slot == LEAD_AFTER:
+                give_lead(out.slot_by_key, 2)
             out.slots.append(buffer)
             out.src_leaf.append(index if spans else -1)
             self._users.append(1)

@@ -25,6 +25,7 @@ from .._torch import make_subclass, neg_view
 from . import _kinds
 from ._cache import BufferCache, HostBuffer
 from ._plan import Leaf, Plan
+from ._tables import LEAD_AFTER, give_lead
 
 TensorFacts = tuple[torch.Tensor, HostBuffer, tuple[int, ...]]
 """What the first call's lean path knows of a plain tensor that spans its new buffer as itself
@@ -107,7 +108,7 @@ class TensorStager:
 
     def tables(self) -> tuple[dict[int, Any], ...]:
         """The per-storage and per-tensor dicts, one entry per tensor met: for the caller to
-        empty in steps (:func:`~._walk.empty_in_steps`) once the walk no longer needs them."""
+        empty in steps (:func:`~._tables.empty_in_steps`) once the walk no longer needs them."""
         return (self.copy_index, self.empty_buffers, self._tensor_deps)
 
     def close(self) -> None:
@@ -208,6 +209,8 @@ class TensorStager:
             return None
         index = self._copies.add(x, view, buffer)  # keeps x alive: its id stays valid in the memo
         self.copy_index[id(storage)] = index
+        if index == LEAD_AFTER:  # see _fresh
+            give_lead(self.copy_index, 1)
         self._last_copy = index
         # The buffer's own view stays private: consumers get a new tensor object each call,
         # so what they do to its metadata or attributes cannot reach the next call.
@@ -254,6 +257,8 @@ class TensorStager:
         # No size-0 dimension: the buffer has bytes, so there is always a copy.
         index = self._copies.add(x, view, buffer)  # keeps x (its id in the memo, its storage) alive
         self.copy_index[key] = index
+        if index == LEAD_AFTER:  # this table then grows apart from the cache's (give_lead)
+            give_lead(self.copy_index, 1)
         self._last_copy = index
         y = view.detach()  # the buffer's own view stays private (see _restage)
         self._memo[id(x)] = y
@@ -327,6 +332,8 @@ class TensorStager:
                 index = -1
                 self.empty_buffers[id(storage)] = buffer
             self.copy_index[id(storage)] = index
+            if index == LEAD_AFTER:  # see _fresh
+                give_lead(self.copy_index, 1)
             self._keep_alive.append(storage)
         self._last_copy = max(self._last_copy, index)
         y = plain

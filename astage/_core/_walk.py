@@ -31,6 +31,7 @@ from .._errors import UnstageableError
 from .._paths import Attr, Path
 from ._cache import BufferCache
 from ._plan import Plan
+from ._tables import empty_in_steps
 from ._tensors import Adopted, FactsSink, TensorStager
 
 Walk = Generator[None, None, Any]
@@ -117,29 +118,6 @@ def build_plan(
         tensors.close()
     plan.done = True
     return plan
-
-
-EMPTY_STEP = 2048
-"""Entries freed between two yields of :func:`empty_in_steps` (~0.1-0.2 ms on a quiet core)."""
-
-
-def empty_in_steps(*containers: dict[Any, Any] | list[Any] | set[Any]) -> Walk:
-    """Empty big dicts, lists and sets a few thousand entries at a time, yielding between.
-
-    Freeing a container frees its entries (the ``id()`` keys of a memo, say) in one C call that
-    holds the loop for as long as it takes; this spreads the same work over slices.
-    """
-    for container in containers:
-        while len(container) > EMPTY_STEP:
-            if isinstance(container, list):
-                del container[-EMPTY_STEP:]
-            else:
-                pop: Any = container.popitem if isinstance(container, dict) else container.pop
-                for _ in range(EMPTY_STEP):
-                    pop()
-            yield
-        container.clear()
-        yield
 
 
 class Unrecordable(Exception):

@@ -40,7 +40,7 @@ import torch
 from .._core._batches import Batch
 from .._core._plan import Leaf
 from .._core._run import Run
-from .._core._walk import empty_in_steps
+from .._core._tables import empty_in_steps
 from .._devices import _pinning
 from .._devices._backend import DeviceBackend, DeviceCopies, enqueue_batch
 from .._devices._host import reserve_batch, run_host_batch
