@@ -75,10 +75,9 @@ def _why_copy(mine: Timings, plain: Timings) -> str:
     if max(rounds) < 1 / COPY_GOAL:
         return ""
     return (
-        f"A cached call is the same copy into buffers kept from call to call, plus "
-        f"{fmt_s(median(mine.cached) - median(plain.cached))} (medians) of the stager's own "
-        "work; the repeats straddle the goal, their spread wider than its 5% margin: the "
-        "machine's memory bandwidth drifts from one call to the next."
+        "A cached call is the same copy into buffers kept from call to call, with the "
+        "stager's own work around it; the repeats straddle the goal, their spread wider than "
+        "its 5% margin: the machine's memory bandwidth drifts from one call to the next."
     )
 
 
