@@ -45,7 +45,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--json", help="raw figures (default benchmarks/results/latest.json)")
     parser.add_argument("--img-dir", help="folder for the PNG plots (default docs/img)")
     parser.add_argument(
-        "--repeats", type=int, help="repeats per contender (default 3; the writers scenario 5)"
+        "--repeats", type=int, help="repeats per contender (default 5, the writers' too)"
     )
     parser.add_argument("--no-plots", action="store_true", help="skip matplotlib")
     parser.add_argument(

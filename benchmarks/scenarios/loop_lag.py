@@ -116,6 +116,13 @@ async def _idle_lag(seconds: float) -> LagSummary:
     return window.summary()
 
 
+FLOOR_WINDOW_S = 2.0
+"""How long each floor (idle, woken) is measured: a few seconds, so that a stall of the
+machine's own during the run has a chance to show in the floor as it does in the calls."""
+
+QUICK_FLOOR_WINDOW_S = 0.5
+"""The same in a quick run (``--quick``, the harness's tests)."""
+
 WAKE_EVERY_S = 0.003
 """How often a worker thread wakes the otherwise idle loop in the woken floor: about as often
 as a cached call's copies complete (16 batches of 1 GiB in ~100 ms; ~50 in ~200 ms)."""
@@ -343,13 +350,14 @@ def lag(config: Config, data: Data, runner: LoopRunner) -> ScenarioResult:
         "Full garbage collections (generation 2) that ran during the calls are counted: a "
         "collection holds the GIL, so it stalls the loop whichever thread triggered it.",
     )
-    idle = runner.run(_idle_lag(0.5))
+    window = QUICK_FLOOR_WINDOW_S if config.quick else FLOOR_WINDOW_S
+    idle = runner.run(_idle_lag(window))
     result.notes.append(
         f"Idle loop, nothing staging: {idle.samples} beats, p50 {idle.p50_ms:.3f} ms, "
         f"p99 {idle.p99_ms:.3f} ms, max {idle.max_ms:.3f} ms (the floor of this machine)."
     )
     result.figures["idle"] = idle._asdict()
-    woken = runner.run(_woken_lag(0.5))
+    woken = runner.run(_woken_lag(window))
     result.notes.append(
         f"Idle loop woken by a worker thread every {WAKE_EVERY_S * 1e3:g} ms (what a copy's "
         f"completion does; no CPU busy): {woken.samples} beats, p50 {woken.p50_ms:.3f} ms, "
