@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                 result = SCENARIOS[name](config, data, runner)
             result.seconds = time.perf_counter() - scenario_started
             result.others_cores = share.others_cores
+            result.steal_cores = share.steal_cores
             results.append(result)
             status = result.skipped or ", ".join(
                 f"{c.metric}: {c.astage} vs {c.reference}" for c in result.checks[:2]

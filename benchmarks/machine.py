@@ -91,6 +91,11 @@ def _system_ticks() -> tuple[int, int]:
     return sum(fields) - guest - idle - steal, steal
 
 
+def steal_seconds() -> float:
+    """CPU time the hypervisor has taken from this VM since boot, all CPUs (10 ms ticks)."""
+    return _system_ticks()[1] / _TICK
+
+
 def _own_ticks() -> int:
     with open("/proc/self/stat", encoding="ascii") as stat:
         after_name = stat.read().rsplit(")", 1)[1].split()

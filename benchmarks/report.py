@@ -125,7 +125,8 @@ def render_markdown(
                 out.append(f"![{key}]({path})\n")
         out.append(
             f"*Scenario wall time: {r.seconds:.0f} s; other processes kept "
-            f"{r.others_cores:.2f} cores busy meanwhile.*\n"
+            f"{r.others_cores:.2f} cores busy meanwhile, and the hypervisor took "
+            f"{r.steal_cores:.3f} (steal).*\n"
         )
 
     out.append("## Method\n")
@@ -181,10 +182,14 @@ def _others_summary(results: Sequence[ScenarioResult], machine: dict[str, Any]) 
     if not ran:
         return "—"
     worst = max(ran, key=lambda r: r.others_cores)
+    stolen = max(ran, key=lambda r: r.steal_cores)
+    steal = sum(r.steal_cores * r.seconds for r in ran) / max(sum(r.seconds for r in ran), 1e-9)
     average = sum(r.others_cores * r.seconds for r in ran) / max(sum(r.seconds for r in ran), 1e-9)
     return (
         f"kept {average:.2f} of {machine['cores']} cores busy on average during the scenarios "
-        f"(most: {worst.others_cores:.2f} during `{worst.key}`); figures from a busy machine are "
+        f"(most: {worst.others_cores:.2f} during `{worst.key}`), and the hypervisor took "
+        f"{steal:.3f} of them from this VM (steal; most: {stolen.steal_cores:.3f} during "
+        f"`{stolen.key}`); figures from a busy machine are "
         "noisier and slower"
     )
 

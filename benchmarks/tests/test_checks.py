@@ -110,9 +110,15 @@ def test_lag_goals_are_argued_from_the_floors_only_where_they_account_for_the_ex
     quiet = LagFloors(idle, LagSummary(100, 0.1, 0.5, 0.6), 43_690, 3.0)
     assert _why_p99(LagSummary(100, 0.3, 1.3, 4.0), quiet) == ""
     over = LagSummary(100, 0.3, 1.3, 7.0)
-    assert "43,690 entries" in _why_max(over, floors, first=True)
-    assert _why_max(over, floors, first=False) == ""  # a cached call grows no table
-    assert _why_max(LagSummary(100, 0.3, 1.3, 9.0), floors, first=True) == ""  # 6 ms over
-    assert _why_max(over, None, first=True) == ""
+    assert "43,690 entries" in _why_max(over, floors, [], first=True)
+    assert _why_max(over, floors, [], first=False) == ""  # a cached call grows no table
+    assert _why_max(LagSummary(100, 0.3, 1.3, 9.0), floors, [], first=True) == ""  # 6 ms over
+    assert _why_max(over, None, [], first=True) == ""
     stalling = LagFloors(idle, LagSummary(100, 0.2, 1.1, 40.0), 43_690, 0.5)
-    assert "stalled the loop" in _why_max(LagSummary(100, 0.3, 1.3, 9.0), stalling, first=False)
+    late = LagSummary(100, 0.3, 1.3, 9.0)
+    assert "stalled the loop" in _why_max(late, stalling, [], first=False)
+    # The call holding the 9 ms beat lost 20 ms to the hypervisor: more than the 4 ms over.
+    calls = [(0.002, 0.0), (0.009, 0.020), (0.003, 0.0)]
+    assert "took 20 ms of this VM's CPU time" in _why_max(late, None, calls, first=False)
+    quiet_calls = [(0.002, 0.010), (0.009, 0.0)]  # the steal fell in another call
+    assert _why_max(late, None, quiet_calls, first=False) == ""
