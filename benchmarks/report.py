@@ -155,7 +155,13 @@ def render_markdown(
         "- **Other processes**: before each scenario the run waits (up to `--max-wait` "
         "seconds) until other processes use less than a quarter of a core, and it records how "
         "many cores they kept busy during the scenario (from `/proc/stat` minus this process's "
-        "own ticks).\n"
+        "own ticks), and how much CPU time the hypervisor took from this VM meanwhile (steal, "
+        "also from `/proc/stat`): a stall no process in the VM can see or avoid.\n"
+        "- **Goals not met, and why**: under the summary, each unmet goal with its ratio in "
+        "every repeat and, where figures measured in the same run cover the shortfall, what "
+        "bounds it on this machine (a floor measured beside it: a plain copy, the reads a "
+        "replay must make, an idle loop's lateness, the steal during the call, the disk's "
+        "write). Where they do not, the line says so: the shortfall is astage's.\n"
     )
     return "\n".join(out)
 
