@@ -64,7 +64,8 @@ def test_the_report_argues_each_goal_not_met_with_its_repeats() -> None:
     )
     assert "met one" not in section and "context" not in section
     everything_met = ScenarioResult("s", "S", "about", checks=result.checks[2:])
-    assert "Goals not met" not in report.render_markdown(MACHINE, [everything_met], {}, 1.0)
+    rendered = report.render_markdown(MACHINE, [everything_met], {}, 1.0)
+    assert "**Goals not met, and why.**" not in rendered  # the section; the method names it
 
 
 def test_reserve_check_argues_only_a_spread_that_straddles_the_goal() -> None:
