@@ -222,6 +222,11 @@ class PlainCopy(Contender):
     def stage(self, state_dict: Any) -> float:
         return timed(self._copy)
 
+    def touch_targets(self) -> None:
+        """Write the twins (zeros), untimed, leaving the sources as they are."""
+        for target in self._targets or ():
+            target.zero_()
+
     def stop(self) -> None:
         self._targets = None
 
