@@ -729,6 +729,40 @@ def test_a_temporary_shared_by_two_keys_is_copied_once() -> None:
     assert len(plan.copies) == 2
 
 
+def _replay_with_a_death(step: int, *, one_dead: bool) -> tuple[Plan, dict[str, Any], int]:
+    """A replay during which, after ``step`` of its steps, a recorded temporary dies; with
+    ``one_dead``, another one died before the call began (its tensor staged on its own)."""
+    cache = new_cache()
+    weights = [torch.randn(3) for _ in range(BULK_STEP + 1)]  # two bulk steps
+    doomed = [torch.randn(5)]  # the only reference: dropped mid-call
+    others = {"seed": torch.randn(2)} if one_dead else {}
+    stage(cache, {"w": weights, "rng": doomed[0], **others})
+    others = {"seed": torch.randn(2)} if one_dead else {}  # the first "seed" dies here
+    state_dict = {"w": weights, "rng": torch.randn(5), **others}
+    assert _recording(cache).dead == one_dead
+    plan = Plan(track_leaves=False)
+    steps = 0
+    for _ in walk_or_replay(cache, state_dict, plan):
+        steps += 1
+        if steps == step:
+            doomed.clear()
+            gc.collect()
+    assert not doomed or step == 0, "the temporary outlived the call"
+    for batch in make_batches(plan.copies, 0, len(plan.copies), 1 << 20):
+        run_host_batch(batch)
+    return plan, state_dict, steps
+
+
+@pytest.mark.parametrize("one_dead", [False, True])
+def test_a_recorded_temporary_that_dies_during_a_replay(one_dead: bool) -> None:
+    """Whichever step it dies at: the call stages like a fresh cache (it was counted as alive
+    when the replay began, then its slot emptied under the replay)."""
+    _, _, steps = _replay_with_a_death(0, one_dead=one_dead)
+    for step in range(1, steps + 1):
+        plan, state_dict, _ = _replay_with_a_death(step, one_dead=one_dead)
+        assert_same_staging(plan.result, fresh(state_dict), state_dict)
+
+
 # -- the cache and the recording ---------------------------------------------------------------
 
 

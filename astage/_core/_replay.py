@@ -105,20 +105,19 @@ def _mapped(function: Any, items: list[Any]) -> Generator[None, None, list[Any]]
     return out
 
 
-def _count_dead(buffers: list[Any]) -> Generator[None, None, int]:
-    """How many slots are ``None`` (evicted), in steps: ``list.count(None)`` compares each
-    buffer (a weak reference) to ``None`` through its rich comparison, ~70 ns apiece."""
-    dead = 0
-    for start in range(0, len(buffers), _BULK_STEP):
-        dead += buffers[start : start + _BULK_STEP].count(None)
-        yield
-    return dead
-
-
 def _mapped_live(function: Any, buffers: list[Any], dead: int) -> Generator[None, None, list[Any]]:
-    """:func:`_mapped` over buffers of which ``dead`` are ``None`` (evicted): ``None`` for those."""
+    """:func:`_mapped` over buffers of which ``dead`` are ``None`` (evicted): ``None`` for those.
+
+    ``function`` reads an attribute of a buffer, or is a buffer's own call: on ``None``, it
+    raises AttributeError or TypeError. With ``dead`` 0 none is expected; one that a source's
+    death emptied since it was counted (an eviction in another thread, or on the loop between
+    two steps) sends the map the slow way, from the start.
+    """
     if not dead:
-        return (yield from _mapped(function, buffers))
+        try:
+            return (yield from _mapped(function, buffers))
+        except (AttributeError, TypeError):
+            pass
     out: list[Any] = []
     for start in range(0, len(buffers), _BULK_STEP):
         part = buffers[start : start + _BULK_STEP]
@@ -343,6 +342,12 @@ class Recording:
         self.slots: list[HostBuffer | None] = []
         self.slot_by_key: dict[int, int] = {}
         """``id()`` of a recorded source storage -> its slot."""
+        self.forgotten: list[int] = []
+        """The slots :meth:`forget` emptied, so far. Counted as they are emptied rather than
+        by a pass over the slots, made twice a call: ``slots.count(None)`` reads every buffer
+        (a weak reference, compared to ``None`` through its rich comparison); dropping the
+        passes made a cached call over 50,000 tensors 2-3% faster (CPU time). A list:
+        ``append`` is one atomic step, so evictions in two threads at once are both counted."""
         self.src_leaf: list[int] = []
         """Per slot: the tensor whose copy fills the whole buffer as itself, or -1 (bytes)."""
         self.conj_leaves: list[tuple[int, bool]] = []
@@ -406,10 +411,18 @@ class Recording:
             yield
 
     def forget(self, buffer: HostBuffer) -> None:
-        """``buffer`` left the cache: drop it from its slot (any thread; one atomic store)."""
+        """``buffer`` left the cache: drop it from its slot (any thread; atomic steps)."""
         slot = self.slot_by_key.get(buffer.key)
         if slot is not None and self.slots[slot] is buffer:
+            # Counted before the store: whoever reads a None slot and then the count sees
+            # it counted (a replay in progress checks this, see Replay._make_twins).
+            self.forgotten.append(slot)
             self.slots[slot] = None
+
+    @property
+    def dead(self) -> int:
+        """How many slots are ``None``, or about to be: never fewer."""
+        return len(self.forgotten)
 
     def fits_root(self, state_dict: Any) -> bool:
         """A cheap first look: the root container's type and keys (a list's length)."""
@@ -735,7 +748,7 @@ class Replay:
         """
         rec = self._rec
         slots = self._slots
-        self._dead = dead = yield from _count_dead(slots)
+        self._dead = dead = rec.dead
         if dead * 2 > len(slots):
             raise Mismatch  # mostly new storages (a new model): walk, and record those
         if dead:  # some recorded storages died (temporaries): their tensors go on their own
@@ -782,6 +795,10 @@ class Replay:
         rec = self._rec
         slots = self._slots
         views = yield from _mapped_live(_view, slots, self._dead)
+        if self._rec.dead != self._dead:
+            # A slot emptied since the replay began (see Recording.forget): its tensors are
+            # not among the volatile ones made apart, and its view may be None here.
+            raise _BulkMiss
         self._views = views
         detached: list[Any] = []
         plain_slots = rec.plain_slots
@@ -830,7 +847,7 @@ class Replay:
     def _check_bulk(self, xs: list[Any], checked: list[int] | None) -> Walk:
         rec = self._rec
         # Counted again: a storage may have died since _run_bulk counted.
-        dead = yield from _count_dead(self._slots)
+        dead = rec.dead
         storages = yield from _mapped_live(_dereference, self._slots, dead)
         self._storages = storages
 
