@@ -8,21 +8,19 @@ slower. :func:`level_heap` puts every contender in the same state before its fir
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import gc
 import mmap
 import statistics
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import torch
 
 __all__ = [
     "GcPauses",
-    "gc_paused",
     "level_heap",
     "median",
     "prefault",
@@ -90,18 +88,6 @@ def prefault(nbytes: int) -> None:
         regions.append(region)
     for region in regions:
         region.close()
-
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """The cyclic garbage collector off for the block (as astage's calls pause it)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def timed(call: Callable[[], object]) -> float:

@@ -442,20 +442,6 @@ def big_state_dict(count: int, nbytes: int, small: int = 0) -> dict[str, Any]:
     return sd
 
 
-@contextlib.contextmanager
-def no_cyclic_gc() -> Iterator[None]:
-    """CPython's cyclic collector off for the block: with torch imported, one full collection
-    takes ~100 ms here whoever triggers it, and it could also free what a test means to see
-    die by reference counting alone."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 def collect() -> None:
     """Run the cyclic collector until weak references of dead storages have fired."""
     for _ in range(3):

@@ -16,7 +16,6 @@ from conftest import (
     collect,
     model_state_dict,
     mutate_,
-    no_cyclic_gc,
     storage_ptr,
 )
 
@@ -24,6 +23,7 @@ import astage
 from astage._core import _arena
 from astage._core import _cache as _cache_module
 from astage._core._cache import BufferCache, HostBuffer
+from astage._drivers._gc import gc_paused
 
 # -- BufferCache on its own ---------------------------------------------------------------------
 
@@ -277,7 +277,7 @@ def test_a_buffer_collected_unreleased_lets_go() -> None:
 def test_in_use_while_a_staged_result_lives(stager: Driver) -> None:
     cache = stager.stager._cache
     sd = model_state_dict()
-    with no_cyclic_gc():  # the result must die by reference counting alone: no cycle holds it
+    with gc_paused():  # the result must die by reference counting alone: no cycle holds it
         staged = stager.stage(sd)
         assert cache.in_use()
         del staged
@@ -296,7 +296,7 @@ def test_in_use_while_a_staged_result_lives(stager: Driver) -> None:
 def test_a_failed_call_leaves_no_buffer_in_use(stager: Driver) -> None:
     cache = stager.stager._cache
     sd = {"w": torch.randn(16), "lock": threading.Lock()}
-    with no_cyclic_gc():
+    with gc_paused():
         try:
             stager.stage(sd)
         except astage.UnstageableError:

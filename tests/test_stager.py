@@ -26,7 +26,6 @@ from conftest import (
     iter_tensors,
     model_state_dict,
     mutate_,
-    no_cyclic_gc,
     storage_ptr,
 )
 from test_sync import FakeStream, RecordingBackend, _in_a_forked_child
@@ -35,6 +34,7 @@ import astage
 from astage._devices._backend import installed
 from astage._devices._host import run_host_batch
 from astage._drivers import _async
+from astage._drivers._gc import gc_paused
 
 pytestmark = pytest.mark.asyncio
 
@@ -441,7 +441,7 @@ def collector_off() -> Iterator[None]:
     """Hold CPython's cyclic collector off: with torch imported, one full collection takes
     ~100 ms here whoever triggers it, which would swamp what these tests measure."""
     gc.collect()
-    with no_cyclic_gc():
+    with gc_paused():
         yield
 
 

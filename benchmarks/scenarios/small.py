@@ -11,13 +11,14 @@ from functools import partial
 import torch
 
 import astage
+from astage._drivers._gc import gc_paused
 
 from ..config import Config, Data
 from ..contenders import AstageAsync, AstageSync, DcpStateDictStager, PlainCopy, flat_tensors
 from ..record import Check, ScenarioResult, fmt_bytes, fmt_s
 from ..runner import LoopRunner
 from ..state_dicts import describe
-from ..timing import gc_paused, median, timed
+from ..timing import median, timed
 from .first_and_cached import (
     Timings,
     after_reserve,
