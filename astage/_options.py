@@ -89,12 +89,19 @@ class StagingOptions:
     into the oldest generation afterwards, so that collections neither slow the walk down nor
     stall the loop after it. ``False`` leaves the collector alone."""
 
+    replay: bool = True
+    """Record a state dict's structure while a call walks it, so that later calls over the
+    same structure replay it (checked in bulk) instead of walking it again. Recording costs a
+    first call over many small tensors about a third of its time, and is only worth it when
+    the stager stages again: ``False`` skips it, and every call walks in full. ``astage.save``
+    and ``astage.save_sync`` turn it off in the stager they make when given none."""
+
     def __post_init__(self) -> None:
         for name in ("pin_memory", "non_blocking", "huge_pages"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
                 raise InvalidOptionsError(f"{name} must be True, False or None, got {value!r}")
-        for name in ("share_memory", "pause_gc"):
+        for name in ("share_memory", "pause_gc", "replay"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise InvalidOptionsError(f"{name} must be a bool, got {value!r}")
@@ -142,6 +149,7 @@ class StagingOptions:
             copy_threads=threads,
             max_loop_hold_s=self.max_loop_hold_s,
             pause_gc=self.pause_gc,
+            replay=self.replay,
             buffers=self.buffers,
             huge_pages=self.huge_pages,
         )
@@ -160,6 +168,7 @@ class ResolvedOptions:
     copy_threads: int
     max_loop_hold_s: float
     pause_gc: bool
+    replay: bool = True
     buffers: int = 1
     huge_pages: bool | None = False
     """None: decided by the arena's probe at the first large allocation (see ``_core._arena``)."""

@@ -36,6 +36,7 @@ import torch
 import uvloop
 
 import astage
+from astage._core import _replay
 
 HAS_CUDA = torch.cuda.is_available()
 # The GPU machines carry no trio: there the trio legs are left out rather than failing.
@@ -429,6 +430,20 @@ def mutate_(tree: Any) -> None:
         for _, t in iter_tensors(tree):
             if t.is_floating_point():
                 t.add_(1.0)
+
+
+def count_recorders(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """From now on, every replay recorder a walk makes (``_replay._Recorder``), in a list."""
+    made: list[object] = []
+    base = _replay._Recorder
+
+    class Counted(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            made.append(self)
+
+    monkeypatch.setattr(_replay, "_Recorder", Counted)
+    return made
 
 
 def big_state_dict(count: int, nbytes: int, small: int = 0) -> dict[str, Any]:

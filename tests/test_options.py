@@ -211,7 +211,9 @@ def test_non_number_loop_hold_is_an_options_error() -> None:
         astage.StagingOptions(max_loop_hold_s="fast")  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("name", ["pin_memory", "non_blocking", "share_memory", "pause_gc"])
+@pytest.mark.parametrize(
+    "name", ["pin_memory", "non_blocking", "share_memory", "pause_gc", "replay"]
+)
 def test_non_bool_flags_are_refused(name: str) -> None:
     # Regression: pin_memory='no' was accepted and resolved to a truthy 'no'.
     with pytest.raises(astage.InvalidOptionsError):
@@ -231,3 +233,9 @@ def test_buffers_is_a_positive_int_carried_into_the_resolved_options() -> None:
     for bad in (0, -2, 2.0, True, None):
         with pytest.raises(astage.InvalidOptionsError, match="buffers"):
             astage.StagingOptions(buffers=bad)  # type: ignore[arg-type]
+
+
+def test_replay_is_on_by_default_and_carried_into_the_resolved_options() -> None:
+    assert astage.StagingOptions().replay is True
+    assert astage.StagingOptions().resolve().replay is True
+    assert astage.StagingOptions(replay=False).resolve().replay is False

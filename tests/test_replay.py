@@ -924,6 +924,31 @@ def test_the_faces_replay(kind: str) -> None:
         driver.close()
 
 
+@pytest.mark.parametrize("kind", DRIVERS)
+def test_with_replay_off_every_call_walks_and_records_nothing(kind: str) -> None:
+    driver = Driver(kind, replay=False)
+    try:
+        stager: Any = driver.stager
+        model = _model()
+        for _ in range(3):
+            state_dict = model.state_dict()
+            staged = driver.stage(state_dict)
+            assert_same_staging(staged, fresh(state_dict), state_dict)
+            assert stager._cache.replays == ()
+            mutate_(state_dict)
+    finally:
+        driver.close()
+
+
+def test_a_cache_that_records_nothing_walks_every_call() -> None:
+    cache = BufferCache(pin_memory=False, share_memory=False, pin_memory_min_bytes=0, record=False)
+    state_dict = model_state_dict()
+    for _ in range(3):
+        check_call(cache, state_dict, replayed=False)
+        assert cache.replays == ()
+        mutate_(state_dict)
+
+
 def test_compat_replays() -> None:
     stager = compat.StateDictStager()
     try:
@@ -1176,3 +1201,77 @@ def test_a_mismatch_keeps_no_source_alive() -> None:
     assert not plan.replayed
     del plan, state_dict  # no gc.collect(): reference counts alone must free the sources
     assert cache.info().storages == 0
+
+
+def _facts_by_a_pass(recording: Recording) -> dict[str, Any]:
+    """What Recording.prepare_bulk and _Recorder._list_plain_and_shared hold, found the slow
+    way: one pass over the finished recording's lists."""
+    slots, leaves = recording.slots, recording.leaves
+    copy_slots = [k for k, slot in enumerate(slots) if slot is not None and slot.nbytes]
+    copy_src = [recording.src_leaf[k] for k in copy_slots]
+    count = len(leaves)
+    users = collections.Counter(leaf[1] for leaf in leaves)
+    plain = [
+        j
+        for j, leaf in enumerate(leaves)
+        if users[leaf[1]] == 1 and leaf[0] is torch.Tensor and leaf[10]
+    ]
+    return {
+        "copy_slots": copy_slots,
+        "copy_src": copy_src,
+        "copy_nbytes": [slots[k].nbytes for k in copy_slots],  # type: ignore[union-attr]
+        "devices": {slots[k].device for k in copy_slots},  # type: ignore[union-attr]
+        "one_to_one": min(copy_src, default=0) >= 0
+        and len(copy_slots) == len(slots) == count
+        and copy_slots == list(range(count)) == copy_src,
+        "plain": plain,
+        "plain_slots": [leaves[j][1] for j in plain],
+        "shared_leaves": [(j, leaf[11]) for j, leaf in enumerate(leaves) if users[leaf[1]] > 1],
+        "columns": [[leaf[c] for leaf in leaves] for c in range(7)],
+    }
+
+
+def _one_to_one_breakers() -> dict[str, dict[str, Any]]:
+    base = {str(i): torch.randn(3 + i) for i in range(4)}
+    weight = torch.randn(4, 4)
+    return {
+        "own storages": base,
+        "tied": {**base, "tied": base["1"]},
+        "views": {**base, "row": weight[1], "whole": weight},
+        "empty": {**base, "empty": torch.empty(0)},
+        "parameter": {**base, "p": torch.nn.Parameter(torch.randn(5))},
+        "bool": {**base, "mask": torch.ones(4, dtype=torch.bool)},
+        "module": torch.nn.Linear(3, 2).state_dict(),
+        "model": model_state_dict(),
+    }
+
+
+@pytest.mark.parametrize("name", list(_one_to_one_breakers()))
+def test_what_the_recorder_keeps_as_it_goes_matches_a_pass_over_the_recording(name: str) -> None:
+    """The recorder keeps the one-to-one flag, the slot sizes and the devices as it goes,
+    and prepare_bulk derives the copy lists and columns from them where every tensor has a
+    storage of its own: each must equal what a pass over the finished lists finds."""
+    cache = new_cache()
+    state_dict = _one_to_one_breakers()[name]  # alive: a dead source empties its slot
+    stage(cache, state_dict)
+    recording = _recording(cache)
+    want = _facts_by_a_pass(recording)
+    assert recording.one_to_one is want["one_to_one"]
+    assert recording.copy_slots == want["copy_slots"]
+    assert recording.copy_src == want["copy_src"]
+    assert recording.copy_nbytes == want["copy_nbytes"]
+    assert recording.devices == want["devices"]
+    assert recording.plain == want["plain"]
+    assert recording.plain_slots == want["plain_slots"]
+    assert recording.shared_leaves == want["shared_leaves"]
+    columns = [
+        recording.types,
+        recording.slot_of,
+        recording.offsets,
+        recording.shapes,
+        recording.strides,
+        recording.dtypes,
+        recording.negs,
+    ]
+    assert columns == want["columns"]
+    assert recording.one_to_one is (name in ("own storages", "parameter", "module"))

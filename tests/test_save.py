@@ -14,7 +14,7 @@ import anyio
 import pytest
 import safetensors.torch
 import torch
-from conftest import assert_tree_staged, iter_tensors, mutate_, same_values
+from conftest import assert_tree_staged, count_recorders, iter_tensors, mutate_, same_values
 
 import astage
 from astage._devices import _host
@@ -192,6 +192,22 @@ async def test_save_with_a_given_stager_reuses_its_buffers(tmp_path: Path) -> No
         assert stager.cache_info() == info
         assert stager.last_stats is not None and stager.last_stats.new_nbytes == 0
     assert_tree_staged(astage.load(tmp_path / "b.safetensors"), state)
+
+
+@pytest.mark.asyncio
+async def test_save_without_a_stager_records_no_structure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stager save makes is used for one call: a recording for later calls would be waste
+    (a third of a first call over many small tensors)."""
+    recorders = count_recorders(monkeypatch)
+    state = training_state()
+    await astage.save(state, tmp_path / "a.safetensors")
+    assert recorders == []
+    assert_tree_staged(astage.load(tmp_path / "a.safetensors"), state)
+    async with astage.Stager() as stager:  # a stager of the caller's records, as ever
+        await astage.save(state, tmp_path / "b.safetensors", stager=stager)
+    assert len(recorders) == 1
 
 
 @pytest.mark.asyncio

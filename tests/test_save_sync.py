@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 import pytest
 import torch
-from conftest import assert_tree_staged, mutate_
+from conftest import assert_tree_staged, count_recorders, mutate_
 
 import astage
 
@@ -71,6 +71,19 @@ def test_round_trip_same_file_as_the_async_save(tmp_path: Path) -> None:
     anyio.run(save_async)
     sync_bytes = (tmp_path / "sync.safetensors").read_bytes()
     assert sync_bytes == (tmp_path / "async.safetensors").read_bytes()
+
+
+def test_save_sync_without_a_stager_records_no_structure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorders = count_recorders(monkeypatch)
+    state = state_at(1)
+    astage.save_sync(state, tmp_path / "a.safetensors")
+    assert recorders == []
+    assert_tree_staged(astage.load(tmp_path / "a.safetensors"), state)
+    with astage.SyncStager() as stager:
+        astage.save_sync(state, tmp_path / "b.safetensors", stager=stager)
+    assert len(recorders) == 1
 
 
 def test_a_given_stager_is_reused_and_stays_open(tmp_path: Path) -> None:

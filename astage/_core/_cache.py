@@ -203,6 +203,7 @@ class BufferCache:
         share_memory: bool,
         pin_memory_min_bytes: int,
         huge_pages: bool | None = False,
+        record: bool = True,
     ) -> None:
         self._pin_memory = pin_memory
         self._share_memory = share_memory
@@ -222,6 +223,8 @@ class BufferCache:
         self.replays: tuple[Any, ...] = ()
         self.record_backoff = 0
         """Full walks left that skip recording (a structure that could not be recorded)."""
+        self.record = record
+        """Whether full walks record the structure at all (``StagingOptions.replay``)."""
 
     def get(self, source: torch.UntypedStorage) -> HostBuffer | None:
         """The cached buffer for ``source``, unchecked; None if there is none."""
@@ -262,6 +265,8 @@ class BufferCache:
         else:
             whole = self._empty(like.shape, like.dtype, nbytes)
         device = source.device
+        if device.type == "cpu":  # one object for all: a set of devices then hashes it once
+            device = _CPU
         buffer = HostBuffer(source, self._evict)
         buffer.key = key = id(source)
         buffer.nbytes = nbytes

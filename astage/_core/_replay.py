@@ -126,8 +126,6 @@ def _mapped_live(function: Any, buffers: list[Any], dead: int) -> Generator[None
     return out
 
 
-_buffer_nbytes = operator.attrgetter("nbytes")
-_buffer_device = operator.attrgetter("device")
 _dereference: Any = HostBuffer.__call__  # a buffer is the weak reference to its source storage
 
 
@@ -364,6 +362,16 @@ class Recording:
         spanning their buffer, alone on their storage."""
         self.plain_slots: list[int] = []
         """Their slots, in the same order."""
+        self.slot_nbytes: list[int] = []
+        """Per slot: its buffer's size."""
+        self.devices: set[torch.device] = set()
+        """The devices of the recorded storages that have bytes (filled slot by slot)."""
+        self.one_to_one = True
+        """One tensor per storage, each spanning its buffer, slot ``j`` leaf ``j``'s, none
+        empty (many small tensors, each its own storage): the copies are then the sources
+        themselves into their buffers' views, in leaf order, with no list to pick them from.
+        Kept by the recorder as it goes (False at the first tensor that breaks it): a pass
+        over the finished lists to find it out cost a first call over 50,000 tensors ~8 ms."""
 
     def prepare_bulk(self) -> Walk:
         """The per-tensor expectations as parallel lists, for the bulk check (see Replay).
@@ -373,6 +381,21 @@ class Recording:
         plain tensors) were filled by the recorder as it went.
         """
         leaves = self.leaves
+        count = len(leaves)
+        self.all_plain = len(self.plain) == count
+        if self.one_to_one and self.all_plain:
+            # Every tensor a plain one spanning a storage of its own, in slot order (many small
+            # tensors): only the shapes, strides and dtypes differ from tensor to tensor.
+            self.copy_slots = self.copy_src = self.slot_of = self.plain
+            self.types = [_Tensor] * count
+            self.offsets = [0] * count
+            self.negs = [False] * count
+            self.shapes = yield from _mapped(operator.itemgetter(3), leaves)
+            self.strides = yield from _mapped(operator.itemgetter(4), leaves)
+            self.dtypes = yield from _mapped(operator.itemgetter(5), leaves)
+            self.all_whole = True
+            self.copy_nbytes = self.slot_nbytes
+            return
         columns = []
         for column in range(7):
             columns.append((yield from _mapped(operator.itemgetter(column), leaves)))
@@ -380,36 +403,23 @@ class Recording:
             :6
         ]
         self.negs = columns[6]
-        self.all_plain = len(self.plain) == len(leaves)
         yield
         slots = self.slots
+        if self.one_to_one:  # known from the recorder: the lists below are 0..n-1 and per slot
+            self.copy_slots = self.copy_src = list(range(len(slots)))
+            self.all_whole = True
+            self.copy_nbytes = self.slot_nbytes
+            return
+        sizes = self.slot_nbytes
         copy_slots: list[int] = []
         for start in range(0, len(slots), _BULK_STEP):
             stop = min(start + _BULK_STEP, len(slots))
-            copy_slots += [k for k in range(start, stop) if slots[k] and slots[k].nbytes]  # type: ignore[union-attr]
+            copy_slots += [k for k in range(start, stop) if sizes[k] and slots[k] is not None]
             yield
         self.copy_slots = copy_slots
         self.copy_src = yield from _mapped(self.src_leaf.__getitem__, copy_slots)
         self.all_whole = min(self.copy_src, default=0) >= 0
-        buffers = yield from _mapped(slots.__getitem__, copy_slots)
-        self.copy_nbytes = yield from _mapped(_buffer_nbytes, buffers)
-        # In steps too: a set of 50,000 devices made at once held the loop 11.7 ms.
-        devices: set[torch.device] = set()
-        for start in range(0, len(buffers), _BULK_STEP):
-            devices.update(map(_buffer_device, buffers[start : start + _BULK_STEP]))
-            yield
-        self.devices = devices
-        # One tensor per storage, each spanning its buffer, in the order of their slots (many
-        # small tensors, each its own storage): the copies are then the sources themselves
-        # into their buffers' views, in leaf order, with no list to pick them from.
-        self.one_to_one = self.all_whole and len(copy_slots) == len(slots) == len(leaves)
-        for start in range(0, len(copy_slots), 8 * _BULK_STEP):
-            if not self.one_to_one:
-                break
-            stop = start + 8 * _BULK_STEP
-            order = list(range(start, min(stop, len(copy_slots))))
-            self.one_to_one = copy_slots[start:stop] == order == self.copy_src[start:stop]
-            yield
+        self.copy_nbytes = yield from _mapped(sizes.__getitem__, copy_slots)
 
     def forget(self, buffer: HostBuffer) -> None:
         """``buffer`` left the cache: drop it from its slot (any thread; atomic steps)."""
@@ -462,6 +472,7 @@ class _Recorder:
         self._first_user: list[int] = []  # per slot: id() of the first tensor on it
         self._first_leaf: list[int] = []  # per slot: that tensor's leaf
         self._users: list[int] = []  # per slot: tensors that use it
+        self._device: torch.device | None = None  # the last slot's (devices are few)
 
     def tables(self) -> tuple[dict[int, int] | list[int], ...]:
         """The per-tensor tables, for the caller to empty in steps (not the users per slot:
@@ -492,6 +503,11 @@ class _Recorder:
         # first call over 50,000 tensors.
         users = out.slot_users = self._users
         leaves = out.leaves
+        if out.one_to_one and not out.grad_leaves:
+            # Every tensor a plain one on a storage of its own (no Parameter among them), in
+            # slot order: all are plain, none shared.
+            out.plain = out.plain_slots = list(range(len(leaves)))
+            return
         shared = out.shared_leaves
         plain = out.plain
         plain_slots = out.plain_slots
@@ -588,11 +604,21 @@ class _Recorder:
                 give_lead(out.slot_by_key, 2)
             out.slots.append(buffer)
             out.src_leaf.append(index if spans else -1)
+            nbytes = buffer.nbytes
+            out.slot_nbytes.append(nbytes)
+            if nbytes:
+                device = buffer.device
+                if device is not self._device:  # one device object for most (see allocate)
+                    out.devices.add(device)
+                    self._device = device
+            if slot != index or not spans:  # spanning its buffer's view: it has bytes
+                out.one_to_one = False
             self._users.append(1)
             self._first_user.append(id(x))
             self._first_leaf.append(index)
             same = index  # a storage met for the first time: so is the tensor
         else:
+            out.one_to_one = False
             users = self._users[slot] = self._users[slot] + 1
             first = self._first
             if users == 2:  # the storage's first tensor joins the table now
@@ -1478,7 +1504,8 @@ RECORD_BACKOFF = 8
 def walk_or_replay(cache: BufferCache, state_dict: Any, plan: Plan) -> Walk:
     """Fill ``plan`` from ``state_dict``: replayed when a recording fits, else walked in full.
 
-    A full walk records the structure for the next call. The generator returns the plan.
+    A full walk records the structure for the next call, unless the cache records none
+    (``StagingOptions.replay``). The generator returns the plan.
     """
     adopted = None
     for recording in cache.replays:
@@ -1500,6 +1527,9 @@ def walk_or_replay(cache: BufferCache, state_dict: Any, plan: Plan) -> Walk:
         replays = cache.replays
         if recording in replays[1:]:  # newest first; one that clear() dropped stays dropped
             cache.replays = (recording, *(r for r in replays if r is not recording))
+        return plan
+    if not cache.record:
+        yield from build_plan(cache, state_dict, plan, adopted=adopted)
         return plan
     if cache.record_backoff > 0:
         yield from build_plan(cache, state_dict, plan, adopted=adopted)

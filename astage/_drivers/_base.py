@@ -214,6 +214,7 @@ class StagerBase:
                 share_memory=resolved.share_memory,
                 pin_memory_min_bytes=resolved.pin_memory_min_bytes,
                 huge_pages=resolved.huge_pages,
+                record=resolved.replay,
             ),
             shared=resolved.share_memory,
         )

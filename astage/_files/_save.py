@@ -276,7 +276,8 @@ async def run_save(
     threads: WriteThreads | None = None
     async with contextlib.AsyncExitStack() as resources:
         if stager is None:
-            stager = Stager()
+            # Used for this one call: recording the structure for later calls would be waste.
+            stager = Stager(replay=False)
             resources.push_async_callback(_close_shielded, stager)
         if isinstance(writer, contextlib.AbstractAsyncContextManager):
             await resources.enter_async_context(writer)  # its background work lives here

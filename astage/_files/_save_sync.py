@@ -148,7 +148,8 @@ def start_sync_in(
         )
     started = time.perf_counter()
     own = stager is None
-    sync_stager = SyncStager() if stager is None else stager
+    # A stager made here is used for this one call: recording the structure would be waste.
+    sync_stager = SyncStager(replay=False) if stager is None else stager
     try:
         threads = writer.open_in_threads(state_dict)  # refuses what cannot be saved
     except BaseException:
