@@ -99,4 +99,6 @@ class Plan:
         self.new_nbytes = 0
         self.replayed = False
         """Whether the call was replayed from a recording (see :mod:`._replay`), not walked."""
+        self.walking = False
+        """A full walk (:func:`~._walk.build_plan`) fills the plan, rather than a replay."""
         self.done = False

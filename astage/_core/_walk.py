@@ -95,6 +95,7 @@ def build_plan(
     stages it, and at the end its root (:meth:`Recorder.ended`).
     """
     plan = plan if plan is not None else Plan()
+    plan.walking = True
     walk = DeepCopy(recorder)
     tensors = TensorStager(
         cache,

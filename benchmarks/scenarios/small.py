@@ -7,6 +7,7 @@ import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 
@@ -14,11 +15,19 @@ import astage
 from astage._drivers._gc import gc_paused
 
 from ..config import Config, Data
-from ..contenders import AstageAsync, AstageSync, DcpStateDictStager, PlainCopy, flat_tensors
+from ..contenders import (
+    AstageAsync,
+    AstageSync,
+    Contender,
+    DcpStateDictStager,
+    PlainCopy,
+    flat_tensors,
+    restore_intraop_threads,
+)
 from ..record import Check, ScenarioResult, fmt_bytes, fmt_s
 from ..runner import LoopRunner
 from ..state_dicts import describe
-from ..timing import median, timed
+from ..timing import level_heap, median, rotate, timed
 from .first_and_cached import (
     Timings,
     after_reserve,
@@ -51,13 +60,18 @@ def small(config: Config, data: Data, runner: LoopRunner) -> ScenarioResult:
         f"[...]}}`: {shape.tensors:,} tensors, {fmt_bytes(shape.nbytes)}. Per-tensor overhead "
         "dominates. The plain row is one `torch._foreach_copy_` into preallocated tensors, with "
         "no structure rebuilt: the floor. Then, per face, a fresh stager runs `reserve(sd)` "
-        "and its first call is set against its own cached calls.",
+        "and its first call is set against its own cached calls; and a fresh stager's first "
+        "call with `replay=False` is set against one with the default, one stager at a time: "
+        "what recording the structure for replay adds to a first call.",
     )
     sync, stager = AstageSync(), AstageAsync(runner)
     tensors = flat_tensors(state_dict)
     dcp, plain = DcpStateDictStager(), PlainCopy(tensors, foreach=True)
     timings = first_and_cached([sync, stager, dcp, plain], state_dict, config)
     reserved = after_reserve([sync, stager], state_dict, config)
+    recording = RecordingCost.measure(
+        {sync.name: AstageSync, stager.name: partial(AstageAsync, runner)}, state_dict, config
+    )
     floor = ReplayFloor.measure(tensors, config.repeats)
     t_dcp, t_plain = timings[dcp.name], timings[plain.name]
     per_tensor = 1e6 / shape.tensors
@@ -96,14 +110,87 @@ def small(config: Config, data: Data, runner: LoopRunner) -> ScenarioResult:
                 t_dcp,
                 "first",
                 FIRST_GOAL,
-                why=_why_first(t, timings[sync.name], t_dcp) if contender is stager else "",
+                why=recording.why(contender.name, paired_ratio(t, t_dcp, "first"), t, t_dcp)
+                or (_why_first(t, timings[sync.name], t_dcp) if contender is stager else ""),
             ),
+            recording.check(contender.name),
             reserve_check(contender.name, reserved[contender.name]),
         ]
     result.checks.append(floor.check(t_plain.cached_s / shape.tensors))
     result = with_timings(result, timings, shape, reserved)
     result.figures["replay_floor_us"] = floor.figures()
+    result.figures["recording"] = recording.figures()
     return result
+
+
+@dataclass
+class RecordingCost:
+    """Per face, what recording the structure for replay adds to a first call: per repeat, a
+    fresh stager's first call with the default options and one with ``replay=False``, each
+    on a levelled heap, one stager alive at a time (in an order that rotates)."""
+
+    with_s: dict[str, list[float]]
+    without_s: dict[str, list[float]]
+
+    @classmethod
+    def measure(
+        cls, faces: dict[str, Callable[..., Contender]], state_dict: Any, config: Config
+    ) -> RecordingCost:
+        runs = [(name, replay) for name in faces for replay in (True, False)]
+        with_s: dict[str, list[float]] = {name: [] for name in faces}
+        without_s: dict[str, list[float]] = {name: [] for name in faces}
+        for repeat in range(config.repeats):
+            for name, replay in rotate(runs, repeat):
+                contender = faces[name](replay=replay)
+                level_heap()
+                restore_intraop_threads()
+                contender.start()
+                try:
+                    seconds = contender.stage(state_dict)
+                finally:
+                    contender.stop()
+                (with_s if replay else without_s)[name].append(seconds)
+        level_heap()
+        return cls(with_s, without_s)
+
+    def ratios(self, name: str) -> list[float]:
+        """Within each repeat: the first call with recording over the one without."""
+        return [w / o for w, o in zip(self.with_s[name], self.without_s[name], strict=True)]
+
+    def check(self, name: str) -> Check:
+        """A row for context: the first call without recording against the one with it."""
+        rounds = self.ratios(name)
+        return Check(
+            f"{name}: first call, replay=False vs the default (recording's cost)",
+            fmt_s(median(self.without_s[name])),
+            fmt_s(median(self.with_s[name])),
+            median(rounds),
+            "(context)",
+            None,
+            tuple(rounds),
+        )
+
+    def why(self, name: str, ratio: float, mine: Timings, dcp: Timings) -> str:
+        """The first call's goal against DCP, where recording is what stands between: argued
+        only if the first call without it would meet the goal."""
+        share = median(self.ratios(name))
+        if ratio * share < FIRST_GOAL:
+            return ""
+        cached = paired_ratio(mine, dcp, "cached")
+        return (
+            "A first call also records the state dict's structure, which every later call "
+            "replays rather than walking it again. Beside this measurement, one stager at a "
+            f"time, this face's first call took {fmt_s(median(self.with_s[name]))} with the "
+            f"recording and {fmt_s(median(self.without_s[name]))} with "
+            f"`StagingOptions(replay=False)`: {share:.2f}x longer with it (paired median). "
+            f"Without it, this first call would be about {ratio * share:.2f}x DCP's (the "
+            f"{ratio:.2f}x above times that {share:.2f}), over the goal; the recording "
+            f"is what makes the cached call {cached:.2f}x DCP's. A stager that stages once can "
+            "turn it off, as astage.save does for the stager it makes."
+        )
+
+    def figures(self) -> dict[str, Any]:
+        return {"first_with_recording_s": self.with_s, "first_replay_off_s": self.without_s}
 
 
 @dataclass

@@ -11,7 +11,7 @@ from benchmarks.record import Check, ScenarioResult
 from benchmarks.scenarios.dcp_saves import _why_floor
 from benchmarks.scenarios.first_and_cached import AfterReserve, Timings, reserve_check, speed_check
 from benchmarks.scenarios.loop_lag import LagFloors, _dict_growth_ms, _why_max, _why_p99
-from benchmarks.scenarios.small import ReplayFloor
+from benchmarks.scenarios.small import RecordingCost, ReplayFloor
 from benchmarks.tests import MACHINE
 
 
@@ -87,6 +87,21 @@ def test_replay_floor_sums_its_parts_and_argues_only_above_the_goal() -> None:
     assert floor.why_dcp(20e-6) == ""  # 6.1x the floor: the goal is within reach
     measured = ReplayFloor.measure([torch.ones(4) for _ in range(50)], repeats=2)
     assert measured.copy_s > 0 and measured.metadata_s > 0 and measured.detach_s > 0
+
+
+def test_recording_cost_argues_a_first_call_only_where_it_is_the_whole_shortfall() -> None:
+    # Per repeat, the first call took 0.6 and 0.5 s with the recording, 0.4 s without it.
+    cost = RecordingCost({"face": [0.6, 0.5]}, {"face": [0.4, 0.4]})
+    assert cost.ratios("face") == pytest.approx([1.5, 1.25])
+    check = cost.check("face")
+    assert check.ratio == pytest.approx(1.375) and check.met is None  # context: no verdict
+    mine = timings([0.6, 0.5], [0.1, 0.1], 1)
+    dcp = timings([1.0, 1.0], [0.5, 0.5], 1)
+    # 1.6x DCP with it: times 1.375, 2.2x without it, over the 2x goal: argued.
+    assert "2.20x DCP's" in cost.why("face", 1.6, mine, dcp)
+    assert "cached call 5.00x DCP's" in cost.why("face", 1.6, mine, dcp)
+    # 1.4x: 1.93x without it, still short of the goal: the recording is not the whole story.
+    assert cost.why("face", 1.4, mine, dcp) == ""
 
 
 def test_dcp_floor_argues_only_a_goal_below_the_copy() -> None:

@@ -55,7 +55,7 @@ def results(runner: LoopRunner) -> dict[str, ScenarioResult]:
 
 EXPECTED = {
     "bulk": 8,
-    "small": 11,
+    "small": 13,
     "model": 4,
     "lag": 10,
     "memory": 10,
