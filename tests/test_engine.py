@@ -14,10 +14,11 @@ import pytest
 import torch
 from conftest import assert_staged, assert_tree_staged
 
+from astage._core import _run
 from astage._core._batches import MAX_BATCH_COPIES, Batch, make_batches
 from astage._core._cache import BufferCache
 from astage._core._plan import Plan
-from astage._core._run import _SCAN_STEP, Run
+from astage._core._run import _CUT_STEP, _SCAN_STEP, Run
 from astage._core._walk import build_plan
 from astage._devices._host import run_host_batch
 
@@ -323,3 +324,35 @@ def test_copies_start_during_an_allocating_walk_when_they_are_large_or_streamed(
     # stage_iter hands out each tensor once its copy lands: it gets its batches as they fill.
     during, _ = _batches_cut_while_walking(fresh(), small, track_leaves=True)
     assert during >= 2
+
+
+def test_copies_left_for_the_end_of_a_walk_are_cut_a_bounded_number_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After an allocating walk, every copy waits to be cut: cutting 50,000 at once (their
+    sizes' running total) held the loop 2-5 ms. Each cut takes at most _CUT_STEP copies."""
+    ranges: list[tuple[int, int]] = []
+
+    def recorded(copies: Any, start: int, stop: int, chunk_bytes: int) -> Any:
+        ranges.append((start, stop))
+        return make_batches(copies, start, stop, chunk_bytes)
+
+    monkeypatch.setattr(_run, "make_batches", recorded)
+    cache = BufferCache(pin_memory=False, share_memory=False, pin_memory_min_bytes=0)
+    tensors = 2 * _CUT_STEP + 5
+    state_dict = {i: torch.full((2,), float(i)) for i in range(tensors)}
+    run: Run[Any] = Run(
+        cache, state_dict, track_leaves=False, chunk_bytes=1 << 30, max_inflight_bytes=1 << 40
+    )
+    for _ in run.walk:
+        assert run.next_batch(final=False) is None  # see Run._allocating_walk
+    batches = []
+    while (batch := run.next_batch(final=True)) is not None:
+        batches.append(batch)
+    assert ranges == [(0, _CUT_STEP), (_CUT_STEP, 2 * _CUT_STEP), (2 * _CUT_STEP, tensors)]
+    assert [batch.end for batch in batches] == sorted(batch.end for batch in batches)
+    assert sum(len(batch.srcs) for batch in batches) == tensors
+    assert run.nbytes == tensors * 8
+    for batch in batches:
+        run_host_batch(batch)
+    assert_tree_staged(run.plan.result, state_dict)
