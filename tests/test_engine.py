@@ -244,15 +244,22 @@ def test_run_host_batch_does_not_record_autograd() -> None:
     assert staged.grad_fn is None
 
 
-def test_a_run_adds_up_a_bounded_number_of_copies_per_turn() -> None:
-    """A replay hands the plan thousands of copies at once; summing all their sizes in one
-    turn held the loop 5-8 ms. A turn scans at most _SCAN_STEP; every copy is still cut."""
+def _tiny_run(tensors: int) -> tuple[dict[int, torch.Tensor], Run[Any]]:
+    """``tensors`` tensors of two floats, and a run over them into a fresh cache, with no
+    bound on a batch's bytes or on the bytes in flight."""
     cache = BufferCache(pin_memory=False, share_memory=False, pin_memory_min_bytes=0)
-    tensors = 3 * _SCAN_STEP + 5
     state_dict = {i: torch.full((2,), float(i)) for i in range(tensors)}
     run: Run[Any] = Run(
         cache, state_dict, track_leaves=False, chunk_bytes=1 << 30, max_inflight_bytes=1 << 40
     )
+    return state_dict, run
+
+
+def test_a_run_adds_up_a_bounded_number_of_copies_per_turn() -> None:
+    """A replay hands the plan thousands of copies at once; summing all their sizes in one
+    turn held the loop 5-8 ms. A turn scans at most _SCAN_STEP; every copy is still cut."""
+    tensors = 3 * _SCAN_STEP + 5
+    _alive, run = _tiny_run(tensors)  # the sources stay alive while the run copies them
     for _ in run.walk:
         pass
     assert len(run.plan.copies) == tensors
@@ -338,12 +345,8 @@ def test_copies_left_for_the_end_of_a_walk_are_cut_a_bounded_number_at_a_time(
         return make_batches(copies, start, stop, chunk_bytes)
 
     monkeypatch.setattr(_run, "make_batches", recorded)
-    cache = BufferCache(pin_memory=False, share_memory=False, pin_memory_min_bytes=0)
     tensors = 2 * _CUT_STEP + 5
-    state_dict = {i: torch.full((2,), float(i)) for i in range(tensors)}
-    run: Run[Any] = Run(
-        cache, state_dict, track_leaves=False, chunk_bytes=1 << 30, max_inflight_bytes=1 << 40
-    )
+    state_dict, run = _tiny_run(tensors)
     for _ in run.walk:
         assert run.next_batch(final=False) is None  # see Run._allocating_walk
     batches = []
