@@ -91,8 +91,8 @@ class StagingOptions:
 
     replay: bool = True
     """Record a state dict's structure while a call walks it, so that later calls over the
-    same structure replay it (checked in bulk) instead of walking it again. Recording costs a
-    first call over many small tensors about a third of its time, and is only worth it when
+    same structure replay it (checked in bulk) instead of walking it again. Recording makes a
+    first call over many small tensors about a third longer, and is only worth it when
     the stager stages again: ``False`` skips it, and every call walks in full. ``astage.save``
     and ``astage.save_sync`` turn it off in the stager they make when given none."""
 
