@@ -1535,12 +1535,10 @@ def walk_or_replay(cache: BufferCache, state_dict: Any, plan: Plan) -> Walk:
         if recording in replays[1:]:  # newest first; one that clear() dropped stays dropped
             cache.replays = (recording, *(r for r in replays if r is not recording))
         return plan
-    if not cache.record:
+    if not cache.record or cache.record_backoff > 0:  # a walk that records nothing
         yield from build_plan(cache, state_dict, plan, adopted=adopted)
-        return plan
-    if cache.record_backoff > 0:
-        yield from build_plan(cache, state_dict, plan, adopted=adopted)
-        cache.record_backoff -= 1
+        if cache.record_backoff > 0:  # only a recording cache backs off
+            cache.record_backoff -= 1
         return plan
     recorder = _Recorder(cache)
     yield from build_plan(cache, state_dict, plan, adopted=adopted, recorder=recorder)
