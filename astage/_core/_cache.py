@@ -350,7 +350,11 @@ class BufferCache:
         now would change data that someone may still read. It compares each buffer's storage
         reference count with that of a buffer nobody else holds, so it sees every holder,
         including tensors derived from a staged one (``detach()``, views, ``numpy()``).
+        The recordings let go of the last call's staged tensors first (``Recording.twins``,
+        kept for the next replay): they are the cache's, not a holder's.
         """
+        for recording in self.replays:
+            recording.let_go()
         buffers = self._buffers()
         if not buffers:
             return False

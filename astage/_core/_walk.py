@@ -136,8 +136,8 @@ class Recorder(FactsSink, Protocol):
     where the tensor stager's lean path leaves what it read (:class:`~._tensors.FactsSink`).
     """
 
-    def leaf(self, x: torch.Tensor, path: Path) -> Any:
-        """A tensor, already staged."""
+    def leaf(self, x: torch.Tensor, staged: torch.Tensor, path: Path) -> Any:
+        """A tensor, already staged (as ``staged``)."""
 
     def mapping(self, cls: type, x: dict[Any, Any], children: list[Any], attrs: Any) -> Walk:
         """A dict or OrderedDict (``attrs``: the node of its instance attributes, or None)."""
@@ -248,15 +248,15 @@ class DeepCopy:
 
     def _visit_tensor(self, x: torch.Tensor, path: Path) -> torch.Tensor:
         y = self._tensor(x, path)
-        self.node = self._record_leaf(x, path)
+        self.node = self._record_leaf(x, y, path)
         return y
 
-    def _record_leaf(self, x: torch.Tensor, path: Path) -> Any:
+    def _record_leaf(self, x: torch.Tensor, y: torch.Tensor, path: Path) -> Any:
         recorder = self.recorder
         if recorder is None:
             return None
         try:
-            return recorder.leaf(x, path)
+            return recorder.leaf(x, y, path)
         except Unrecordable:
             self.recorder = None
             return None
@@ -305,8 +305,10 @@ class DeepCopy:
                 y[key] = value
                 node = None
             elif vtype is _Tensor:
-                y[key] = self._child_tensor(value, path, old_key)
-                node = None if recorder is None else self._record_leaf(value, (*path, old_key))
+                staged = y[key] = self._child_tensor(value, path, old_key)
+                node = (
+                    None if recorder is None else self._record_leaf(value, staged, (*path, old_key))
+                )
             elif vtype is dict:  # nested dicts are common: skip visit()'s generator
                 found = memo.get(id(value), _MISSING)
                 if found is _MISSING:
@@ -347,8 +349,11 @@ class DeepCopy:
                 append(value)
                 node = None
             elif vtype is _Tensor:
-                append(self._child_tensor(value, path, index))
-                node = None if recorder is None else self._record_leaf(value, (*path, index))
+                staged = self._child_tensor(value, path, index)
+                append(staged)
+                node = (
+                    None if recorder is None else self._record_leaf(value, staged, (*path, index))
+                )
             else:
                 append((yield from self.visit(value, (*path, index))))
                 node = self.node
