@@ -25,6 +25,7 @@ import pytest
 import torch
 from conftest import DRIVERS, Driver, model_state_dict, mutate_
 
+from astage import _torch as torch_wrappers
 from astage import compat
 from astage._core import _replay as replay_module
 from astage._core._batches import make_batches
@@ -37,7 +38,7 @@ from astage._core._walk import SMALL_CONTAINER
 from astage._devices._host import run_host_batch
 from astage._errors import BufferMismatchError
 from astage._paths import Attr
-from astage._torch import neg_view
+from astage._torch import metadata_guard, neg_view
 
 
 def new_cache() -> BufferCache:
@@ -301,6 +302,7 @@ def _changes() -> Iterator[tuple[str, Callable[[dict[str, Any]], Any]]]:
     yield "unsqueeze_", in_place(lambda w: w.unsqueeze_(0))
     yield "resize_ smaller", in_place(lambda w: w.resize_(2, 3))
     yield "as_strided_", in_place(lambda w: w.as_strided_((3, 3), (1, 3), 2))
+    yield "the storage offset alone", lambda sd: {**sd, "p": sd["p"].as_strided_((8,), (1,), 2)}
     yield "set_ another storage", in_place(lambda w: w.set_(torch.randn(4, 6).untyped_storage()))
     yield "set_ a recorded storage", lambda sd: {**sd, "w": sd["v"].view(4, 6)}
     yield ".data = a neg view", data(neg_view)
@@ -347,6 +349,7 @@ def _recorded() -> dict[str, Any]:
         "t": (1, 2.0),
         "i": 5,
         "q": torch.randn(3, 3),
+        "p": torch.randn(10)[:8],  # a part of its storage: it can move
         "m": ["x"],
         "m2": ["x"],
     }
@@ -1384,3 +1387,70 @@ def test_a_large_dict_has_its_keys_checked_in_steps(monkeypatch: pytest.MonkeyPa
     changed = {**state_dict, "state": state}
     plan = check_call(cache, changed, replayed=False)
     assert type(list(plan.result["state"])[-1]) is float
+
+
+# -- the C++ metadata check (metadata_guard) ------------------------------------------------------
+
+
+def _unlike(base: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A tensor per fact the guard reads, each unlike ``base`` in that fact alone."""
+    return {
+        "strides": base.t().contiguous().t(),
+        "shape": base.reshape(3, 4),
+        "dtype": base.double(),
+        "neg bit": neg_view(base),
+        "exact type": torch.nn.Parameter(base, requires_grad=False),
+        "requires_grad": base.clone().requires_grad_(),
+        "device": torch.zeros(4, 3, device="meta"),
+    }
+
+
+@pytest.mark.parametrize("fact", list(_unlike(torch.zeros(4, 3))))
+def test_the_metadata_guard_tells_each_fact_apart(fact: str) -> None:
+    base = torch.zeros(4, 3)
+    guard = metadata_guard([base, torch.ones(2)])
+    assert guard is not None, "this torch has TensorGuards: the probe should accept it"
+    assert guard(torch.ones(4, 3), torch.zeros(2)) is True  # values and storages are not read
+    assert guard(_unlike(base)[fact], torch.zeros(2)) is False
+    assert guard(torch.ones(4, 3), 2) is False
+
+
+def test_the_conj_bit_is_told_apart() -> None:
+    z = torch.zeros(3, dtype=torch.complex64)
+    guard = metadata_guard([z])
+    assert guard is not None
+    assert guard(z.clone()) is True
+    assert guard(z.conj()) is False
+
+
+def test_no_guard_where_the_probe_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch_wrappers, "_tensor_guards_work", lambda: False)
+    assert metadata_guard([torch.zeros(1)]) is None
+
+
+def test_replays_check_the_long_way_without_a_guard(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where torch has no guard, every replay reads each fact itself: the same fallbacks."""
+    monkeypatch.setattr(replay_module, "metadata_guard", lambda tensors: None)
+    changes = dict(_changes())
+    for name in ("t_", ".data = a neg view", "the storage offset alone", "Tensor -> Parameter"):
+        cache = new_cache()
+        state_dict = _recorded()
+        check_call(cache, state_dict, replayed=False)
+        check_call(cache, state_dict, replayed=True)
+        assert _recording(cache).guards == [None]
+        check_call(cache, changes[name](state_dict), replayed=False)
+
+
+def test_a_step_checked_the_long_way_gets_its_guard() -> None:
+    """A replay builds a step's guard once the step passed the long checks; the next replay
+    checks that step with it."""
+    state_dict = _tensors_of(2 * BULK_STEP + 1)
+    cache = new_cache()
+    stage(cache, state_dict)
+    recording = _recording(cache)
+    assert recording.guards == [None, None, None]
+    check_call(cache, state_dict, replayed=True)
+    assert all(guard is not None for guard in recording.guards)
+    check_call(cache, state_dict, replayed=True)
+    state_dict["t"][-1].unsqueeze_(0)  # in the last step, which has its guard now
+    check_call(cache, state_dict, replayed=False)

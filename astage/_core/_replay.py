@@ -37,7 +37,7 @@ from typing import Any, NamedTuple, cast
 import torch
 
 from .._paths import Path
-from .._torch import neg_view
+from .._torch import MetadataGuard, metadata_guard, neg_view
 from ._cache import BufferCache, HostBuffer
 from ._plan import Leaf, Plan
 from ._tables import EMPTY_STEP, LEAD_AFTER, empty_in_steps, give_lead
@@ -74,8 +74,9 @@ _dropped = operator.attrgetter("dropped")
 _view = operator.attrgetter("view")
 _nbytes = torch.UntypedStorage.nbytes
 _is = operator.is_
+_storage_offset = torch.Tensor.storage_offset
 _GETTERS: tuple[Any, ...] = (
-    torch.Tensor.storage_offset,
+    _storage_offset,
     operator.attrgetter("dtype"),
     operator.attrgetter("shape"),
     torch.Tensor.stride,
@@ -373,6 +374,9 @@ class Recording:
         """Per slot: its buffer's size."""
         self.devices: set[torch.device] = set()
         """The devices of the recorded storages that have bytes (filled slot by slot)."""
+        self.guards: list[MetadataGuard | None] = []
+        """Per step of :data:`_BULK_STEP` tensors: a C++ check of their metadata, made once a
+        replay checked them the long way (see :meth:`Replay._check_bulk`); None until then."""
         self.twins: list[Any] | None = None
         """The staged tensors of the last call that recorded or replayed this structure, per
         tensor (``None`` for one staged on its own), until the next replay lets go of them
@@ -401,6 +405,7 @@ class Recording:
         """
         leaves = self.leaves
         count = len(leaves)
+        self.guards = [None] * -(-count // _BULK_STEP)
         self.all_plain = len(self.plain) == count
         if self.one_to_one and self.all_plain:
             # Every tensor a plain one spanning a storage of its own, in slot order (many small
@@ -940,12 +945,21 @@ class Replay:
         # below): each step's copies reach the plan as soon as the step is checked, so that
         # the async face's worker threads copy while the loop checks the next ones.
         self._early = early = checked is None and rec.one_to_one and not rec.conj_leaves
+        # Per step, once its tensors passed the checks below: one C++ call that checks their
+        # types, dtypes, shapes, strides and neg bits (see metadata_guard). Steps line up with
+        # the recording's only when every tensor is checked.
+        guards = rec.guards if checked is None else None
+        offsets = wanted[0]
         step = _BULK_STEP
-        for start in range(0, len(xs), step):
+        for index, start in enumerate(range(0, len(xs), step)):
             part = xs[start : start + step]
             stop = start + len(part)
-            if list(map(type, part)) != types[start:stop] or any(map(_attributes, part)):
+            guard = None if guards is None else guards[index]
+            guarded = guard is not None and guard(*part)
+            if not guarded and list(map(type, part)) != types[start:stop]:
                 raise _BulkMiss  # the types first: only tensors are asked the rest
+            if any(map(_attributes, part)):
+                raise _BulkMiss
             if early:  # slot j is leaf j's storage
                 same_storages = map(_is, map(_storage, part), storages[start:stop])
             else:
@@ -954,9 +968,15 @@ class Replay:
                 )
             if not all(same_storages):
                 raise _BulkMiss
-            for getter, values in zip(_GETTERS, wanted, strict=True):
-                if list(map(getter, part)) != values[start:stop]:
+            if guarded:
+                if list(map(_storage_offset, part)) != offsets[start:stop]:
                     raise _BulkMiss
+            else:
+                for getter, values in zip(_GETTERS, wanted, strict=True):
+                    if list(map(getter, part)) != values[start:stop]:
+                        raise _BulkMiss
+                if guards is not None:  # checked the long way: the next call takes the short
+                    guards[index] = metadata_guard(part)
             if early:
                 self._publish_step(xs, start, stop)
             yield
