@@ -1454,3 +1454,29 @@ def test_a_step_checked_the_long_way_gets_its_guard() -> None:
     check_call(cache, state_dict, replayed=True)
     state_dict["t"][-1].unsqueeze_(0)  # in the last step, which has its guard now
     check_call(cache, state_dict, replayed=False)
+
+
+def test_a_walk_ahead_of_the_calls_makes_the_guards_at_once() -> None:
+    """``reserve()``'s walk (``Plan(ahead=True)``) leaves the first call nothing a replay would
+    make on its first run: the steps' guards are there; a call's walk leaves them to it."""
+    state_dict = _tensors_of(2 * BULK_STEP + 1)
+    cache = new_cache()
+    for _ in walk_or_replay(cache, state_dict, Plan(track_leaves=False, ahead=True)):
+        pass
+    assert all(guard is not None for guard in _recording(cache).guards)
+    check_call(cache, state_dict, replayed=True)
+    state_dict["t"][0].unsqueeze_(0)  # in the first step, checked by its guard
+    check_call(cache, state_dict, replayed=False)
+    assert _recording(cache).guards == [None, None, None]
+
+
+def test_reserve_makes_the_guards(stager: Driver) -> None:
+    state_dict = _tensors_of(BULK_STEP + 1)
+    if stager.kind == "sync":
+        stager.stager.reserve(state_dict)
+    else:
+        stager.run(stager.stager.reserve, state_dict)
+    recording = stager.stager._sets.current.cache.replays[0]
+    assert len(recording.guards) == 2
+    assert all(guard is not None for guard in recording.guards)
+    stager.stage(state_dict)

@@ -87,9 +87,12 @@ class Leaf(NamedTuple):
 class Plan:
     """The staged skeleton plus the copies that fill its tensors, built by :func:`build_plan`."""
 
-    def __init__(self, *, track_leaves: bool = True) -> None:
+    def __init__(self, *, track_leaves: bool = True, ahead: bool = False) -> None:
         self.track_leaves = track_leaves
         """Record every tensor's path and dependencies (what ``stage_iter`` needs)."""
+        self.ahead = ahead
+        """Work ahead of the calls (``reserve()``): a walk that records also prepares what
+        the first replay would (the short checks of ``_replay.Recording.guards``)."""
         self.result: Any = None
         self.copies = Copies()
         self.leaves: list[Leaf] = []

@@ -496,8 +496,10 @@ class _Recorder:
     already read of them (:attr:`last`), so a first call reads no tensor twice.
     """
 
-    def __init__(self, cache: BufferCache) -> None:
+    def __init__(self, cache: BufferCache, *, guards: bool = False) -> None:
         self._entries = cache.entries
+        self._sources: list[torch.Tensor] | None = [] if guards else None
+        """Per tensor, the source (``guards``: the recording gets its short checks at once)."""
         self.last: TensorFacts | None = None
         self._out = Recording()
         self._root: Any = None
@@ -531,6 +533,12 @@ class _Recorder:
             yield from self._list_plain_and_shared(out)
             yield from out.prepare_bulk()
             out.keep(self._twins, 0)
+            sources = self._sources
+            if sources is not None:  # what a first replay would have made, in steps
+                for index, start in enumerate(range(0, len(sources), _BULK_STEP)):
+                    out.guards[index] = metadata_guard(sources[start : start + _BULK_STEP])
+                    yield
+                self._sources = None
         self.last = None
         yield from empty_in_steps(*self.tables())  # an entry per tensor: not freed at once
         return out
@@ -690,6 +698,8 @@ class _Recorder:
         )
         out.paths.append(path)
         self._twins.append(staged)
+        if self._sources is not None:
+            self._sources.append(x)
         return index
 
 
@@ -1623,7 +1633,7 @@ def walk_or_replay(cache: BufferCache, state_dict: Any, plan: Plan) -> Walk:
         if cache.record_backoff > 0:  # only a recording cache backs off
             cache.record_backoff -= 1
         return plan
-    recorder = _Recorder(cache)
+    recorder = _Recorder(cache, guards=plan.ahead)
     yield from build_plan(cache, state_dict, plan, adopted=adopted, recorder=recorder)
     recording = yield from recorder.finish()
     if recording is None:

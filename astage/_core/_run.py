@@ -44,8 +44,9 @@ class Run(Generic[T]):
         track_leaves: bool,
         chunk_bytes: int,
         max_inflight_bytes: int,
+        ahead: bool = False,
     ) -> None:
-        self.plan = Plan(track_leaves=track_leaves)
+        self.plan = Plan(track_leaves=track_leaves, ahead=ahead)
         self.walk = walk_or_replay(cache, state_dict, self.plan)
         self.started = time.perf_counter()
         self.pending: deque[T] = deque()

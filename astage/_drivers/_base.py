@@ -157,6 +157,7 @@ class ReserveWork:
                 track_leaves=False,
                 chunk_bytes=resolved.chunk_bytes,
                 max_inflight_bytes=resolved.max_inflight_bytes,
+                ahead=True,
             )
             self.runs.append((run, cache.allocations))
         self.done = 0
