@@ -438,8 +438,8 @@ def count_recorders(monkeypatch: pytest.MonkeyPatch) -> list[object]:
     base = _replay._Recorder
 
     class Counted(base):  # type: ignore[misc, valid-type]
-        def __init__(self, *args: Any) -> None:
-            super().__init__(*args)
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
             made.append(self)
 
     monkeypatch.setattr(_replay, "_Recorder", Counted)
