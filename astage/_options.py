@@ -62,12 +62,10 @@ class StagingOptions:
 
     copy_threads: int = 0
     """Host copies the async stager runs at once, each in an anyio worker thread (the tokens of
-    its host :class:`anyio.CapacityLimiter`); 0 means one per core but one (1 to 4) while the
-    call walks the state dict, and one per core (up to 4) for small copies once it has.
+    its host :class:`anyio.CapacityLimiter`); 0 means one per core but one (1 to 4).
 
     Host copies are memory-bound (and torch parallelizes a large copy by itself), so fewer
-    workers cost little bandwidth and leave the event loop a core. Once the walk is over the
-    loop only waits, and small copies (a ``foreach`` call runs on one thread) take its core."""
+    workers cost little bandwidth and leave the event loop a core."""
 
     max_loop_hold_s: float = 0.0005
     """Longest stretch the async stager keeps the event loop before it yields."""
@@ -138,9 +136,7 @@ class StagingOptions:
             )
         # Leave a core to the event loop: copies are memory-bound, so one thread less costs
         # little bandwidth, while a loop that competes for a core shows lag.
-        cores = os.cpu_count() or 1
-        threads = self.copy_threads or max(1, min(4, cores - 1))
-        tail_threads = self.copy_threads or max(1, min(4, cores))
+        threads = self.copy_threads or max(1, min(4, (os.cpu_count() or 1) - 1))
         return ResolvedOptions(
             # True stays True without an accelerator: the device layer pins only buffers of
             # sources whose backend asks for it, and there are none then.
@@ -151,7 +147,6 @@ class StagingOptions:
             chunk_bytes=self.chunk_bytes,
             max_inflight_bytes=self.max_inflight_bytes,
             copy_threads=threads,
-            tail_copy_threads=tail_threads,
             max_loop_hold_s=self.max_loop_hold_s,
             pause_gc=self.pause_gc,
             replay=self.replay,
@@ -174,8 +169,6 @@ class ResolvedOptions:
     max_loop_hold_s: float
     pause_gc: bool
     replay: bool = True
-    tail_copy_threads: int = 1
-    """Host workers for small copies once a call's walk is over (``copy_threads``' doc)."""
     buffers: int = 1
     huge_pages: bool | None = False
     """None: decided by the arena's probe at the first large allocation (see ``_core._arena``)."""

@@ -38,11 +38,10 @@ class GatedCopies:
         self.copied: list[int] = []
         self.all_copied = threading.Event()
         self.expected = 0
-        self._taken = threading.Lock()  # by the first batch to start, in whichever worker
         monkeypatch.setattr(_async, "run_host_batch", self._run)
 
     def _run(self, batch: Any) -> None:
-        if self._taken.acquire(blocking=False):
+        if not self.copied:
             self.first_started.set()
             assert self.release.wait(WAIT_S), "the test never released the first batch"
         run_host_batch(batch)
@@ -244,63 +243,16 @@ def test_lane_tells_the_loop_when_dry_or_after_each_batch(
 
 
 class _FakeBatch:
-    def __init__(self, end: int, nbytes: int = 1) -> None:
+    def __init__(self, end: int) -> None:
         self.end = end
-        self.nbytes = nbytes
-        self.srcs = [None]
+        self.nbytes = 1
 
 
 class _FakeInFlight:
     """What the lane reads and writes of an in-flight batch."""
 
-    def __init__(self, end: int, nbytes: int = 1) -> None:
-        self.batch = _FakeBatch(end, nbytes)
+    def __init__(self, end: int) -> None:
+        self.batch = _FakeBatch(end)
         self.serial = end
         self.finished = False
         self.error: Exception | None = None
-
-
-def test_a_lane_widens_for_small_copies_once_the_walk_is_over() -> None:
-    """While the call walks, ``copy_threads`` workers; after, ``tail_copy_threads`` for batches
-    of small copies (one thread each), none more for large copies (torch spreads those)."""
-    lane = _async._HostLane(1, lambda callback: None, tell_each=False)
-    small = [_FakeInFlight(end, nbytes=64 * KiB) for end in range(1, 4)]
-    assert [lane.submit(inflight) for inflight in small] == [True, False, False]  # type: ignore[arg-type]
-    assert lane.widen(3) == 2  # one more worker for each small batch queued, up to 3 in all
-    lane = _async._HostLane(1, lambda callback: None, tell_each=False)
-    assert lane.submit(_FakeInFlight(1, nbytes=64 * MiB))  # type: ignore[arg-type]
-    assert lane.widen(2) == 0  # a large copy queued: no second worker for it
-    assert not lane.submit(_FakeInFlight(2, nbytes=64 * MiB))  # type: ignore[arg-type]
-    assert lane.submit(_FakeInFlight(3, nbytes=64 * KiB))  # type: ignore[arg-type]
-
-
-@pytest.mark.asyncio
-async def test_a_second_worker_copies_small_batches_after_the_walk(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """With the first batch held in its worker once the walk is over, another worker copies
-    the rest: the loop's core copies too (2 cores: 1 worker while walking, 2 after)."""
-    monkeypatch.setattr("os.cpu_count", lambda: 2)
-    copies = GatedCopies(monkeypatch)
-    copies.expected = 8
-    stager = astage.Stager(chunk_bytes=256 * KiB, max_inflight_bytes=8 * MiB)
-    assert stager._resolved.copy_threads == 1
-    source = big_state_dict(8, 256 * KiB)
-    async with stager:
-        copied_while_held: list[int] = []
-
-        async def release_once_others_copied() -> None:
-            await first_batch_started(copies)
-            try:
-                with anyio.move_on_after(WAIT_S):
-                    while len(copies.copied) < 3:
-                        await anyio.sleep(0.001)
-                copied_while_held.extend(copies.copied)
-            finally:
-                copies.release.set()
-
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(release_once_others_copied)
-            staged = await stager.stage(source)
-        assert len(copied_while_held) >= 3, "no other worker copied while the first was held"
-        assert_tree_staged(staged, source)

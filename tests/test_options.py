@@ -239,17 +239,3 @@ def test_replay_is_on_by_default_and_carried_into_the_resolved_options() -> None
     assert astage.StagingOptions().replay is True
     assert astage.StagingOptions().resolve().replay is True
     assert astage.StagingOptions(replay=False).resolve().replay is False
-
-
-@pytest.mark.parametrize(
-    ("cores", "asked", "walking", "after"),
-    [(1, 0, 1, 1), (2, 0, 1, 2), (16, 0, 4, 4), (2, 3, 3, 3)],
-)
-def test_copy_threads_while_walking_and_after(
-    monkeypatch: pytest.MonkeyPatch, cores: int, asked: int, walking: int, after: int
-) -> None:
-    """By default one core is left to the loop while a call walks, and given to small copies
-    once it has; a number asked for holds throughout."""
-    monkeypatch.setattr("os.cpu_count", lambda: cores)
-    resolved = astage.StagingOptions(copy_threads=asked).resolve()
-    assert (resolved.copy_threads, resolved.tail_copy_threads) == (walking, after)

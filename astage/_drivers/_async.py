@@ -325,7 +325,6 @@ class _HostLane:
         self._queue: deque[_InFlight] = deque()
         self._untold: list[_InFlight] = []  # landed, the loop not told yet
         self._max_workers = workers
-        self._walk_workers = workers  # while the call walks; widen() raises _max_workers after
         self._workers = 0
         self._closed = False
         self._post = post
@@ -336,24 +335,10 @@ class _HostLane:
         """Queue a batch (on the loop); True when the caller must start a worker for it."""
         with self._lock:
             self._queue.append(inflight)
-            if self._workers < self._walk_workers or (
-                self._workers < self._max_workers and _small_copies(inflight.batch)
-            ):
+            if self._workers < self._max_workers:
                 self._workers += 1
                 return True
             return False
-
-    def widen(self, workers: int) -> int:
-        """The walk is over (on the loop): up to ``workers`` may copy small batches at once from
-        now on. Returns how many more the caller must start now, for those already queued."""
-        with self._lock:
-            self._max_workers = max(self._max_workers, workers)
-            if self._closed:
-                return 0
-            small = sum(1 for inflight in self._queue if _small_copies(inflight.batch))
-            start = max(0, min(self._max_workers - self._workers, small))
-            self._workers += start
-            return start
 
     def restart(self) -> bool:
         """After a worker returned (on the loop): True when the caller must start another.
@@ -362,11 +347,7 @@ class _HostLane:
         new worker waits for a thread behind that batch.
         """
         with self._lock:
-            if self._closed or not self._queue:
-                return False
-            if self._workers >= self._walk_workers and (
-                self._workers >= self._max_workers or not _small_copies(self._queue[0].batch)
-            ):
+            if self._closed or not self._queue or self._workers >= self._max_workers:
                 return False
             self._workers += 1
             return True
@@ -430,16 +411,6 @@ class _HostLane:
                 inflight.error = exc
             else:
                 inflight.finished = True
-
-
-SMALL_COPY_BYTES = 1 << 20
-"""Copies below this size, on average in a batch, make it a batch of small copies: a
-``foreach`` call copies them one after the other on one thread, where torch spreads a large
-copy over its own threads (a second worker would only compete with them)."""
-
-
-def _small_copies(batch: Batch) -> bool:
-    return batch.nbytes < SMALL_COPY_BYTES * len(batch.srcs)
 
 
 def _set_landed(landed: list[_InFlight]) -> None:
@@ -551,7 +522,6 @@ class _Call:
         if not self._walked:
             await self._walk()
             self._walked = True
-            self._widen_host_copies()
         if run.finished:
             self._stager._finish(run)
             return False
@@ -562,19 +532,6 @@ class _Call:
         else:  # the turn ended before a batch could start: let the loop run
             await _yield_to_due_timers()
         return True
-
-    def _widen_host_copies(self) -> None:
-        """The walk is over and the loop only waits from now on: let its core copy too
-        (``tail_copy_threads`` workers, for small copies). Over 50,000 small tensors, a second
-        worker on 2 cores made a cached call 1.107x faster (paired, 16 calls each)."""
-        assert self._host_lane is not None and self._host_limiter is not None
-        tail = self._stager._resolved.tail_copy_threads
-        if tail <= self._host_limiter.total_tokens:
-            return
-        self._host_limiter.total_tokens = tail
-        assert self._copies is not None
-        for _ in range(self._host_lane.widen(tail)):
-            self._copies.start_soon(self._copy_on_host)
 
     async def _walk(self) -> None:
         run = self.run
