@@ -1329,19 +1329,35 @@ def test_a_result_still_held_keeps_its_own_tensors() -> None:
     assert kept is not None and all(a is b for a, b in zip(second["t"], kept, strict=True))
 
 
-def test_an_evicted_buffer_lets_go_of_the_kept_tensors() -> None:
+def test_an_evicted_buffer_lets_go_of_the_kept_tensor_on_it() -> None:
     """A recording keeps no host memory alive: a buffer that leaves the cache (its source
-    died) takes the kept tensors with it, the one on that buffer among them."""
+    died) takes the kept tensor on it along, and only that one where it was alone on its
+    storage (this runs in whatever thread dropped the source: a training step's temporary)."""
     state_dict = {"keep": torch.randn(4), "drop": torch.randn(1000)}
     cache = new_cache()
     result = stage(cache, state_dict).result
     on_the_evicted_buffer = weakref.ref(result["drop"])
+    on_a_kept_buffer = weakref.ref(result["keep"])
     del result
     assert on_the_evicted_buffer() is not None
     del state_dict["drop"]
     gc.collect()
-    assert _recording(cache).twins is None
     assert on_the_evicted_buffer() is None
+    assert on_a_kept_buffer() is not None
+    assert _recording(cache).twins is not None
+
+
+def test_an_evicted_shared_storage_lets_go_of_every_kept_tensor() -> None:
+    shared = torch.randn(10)
+    state_dict = {"keep": torch.randn(4), "a": shared[:5], "b": shared[5:]}
+    cache = new_cache()
+    result = stage(cache, state_dict).result
+    on_the_evicted_buffer = weakref.ref(result["a"])
+    del result, shared
+    del state_dict["a"], state_dict["b"]
+    gc.collect()
+    assert on_the_evicted_buffer() is None
+    assert _recording(cache).twins is None
 
 
 def test_kept_tensors_do_not_count_as_a_buffer_in_use() -> None:

@@ -362,6 +362,8 @@ class Recording:
         self.grad_leaves: list[tuple[int, bool]] = []
         """``(leaf, requires_grad)`` of every ``Parameter``."""
         self.slot_users: list[int] = []
+        self.first_leaf: list[int] = []
+        """Per slot: the first tensor on its storage (the only one where ``slot_users`` is 1)."""
         """Per slot: how many tensors use its storage (1: alone, no identity check needed)."""
         self.shared_leaves: list[tuple[int, int]] = []
         """``(leaf, same)`` of every tensor on a storage that other tensors use too."""
@@ -453,7 +455,21 @@ class Recording:
             # it counted (a replay in progress checks this, see Replay._make_twins).
             self.forgotten.append(slot)
             self.slots[slot] = None
-            self.twins = None  # one of them may be a view of this buffer
+            self._forget_twins(slot)
+
+    def _forget_twins(self, slot: int) -> None:
+        """Let go of the kept twins on ``slot``'s buffer: the one tensor alone on it, or (a
+        storage several tensors share) all of them. Not all at once in the common case: this
+        runs in whatever thread dropped the source (training's, when a per-call temporary such
+        as an RNG state dies), where freeing 50,000 tensors took ~20 ms."""
+        twins = self.twins
+        if twins is None:
+            return
+        first = self.first_leaf
+        if slot < len(first) and self.slot_users[slot] == 1 and first[slot] < len(twins):
+            twins[first[slot]] = None
+        else:
+            self.twins = None
 
     def keep(self, twins: list[Any], dead: int) -> None:
         """Keep ``twins`` as :attr:`twins`, unless a slot was forgotten since ``dead`` were
@@ -517,7 +533,7 @@ class _Recorder:
     def tables(self) -> tuple[dict[int, int] | list[int], ...]:
         """The per-tensor tables, for the caller to empty in steps (not the users per slot:
         the recording keeps those)."""
-        return (self._first, self._first_user, self._first_leaf)
+        return (self._first, self._first_user)
 
     def ended(self, root: Any) -> None:
         self._root = root
@@ -549,6 +565,7 @@ class _Recorder:
         # Read per leaf, not written: rewriting each alone tensor's tuple cost 24-44 ms of a
         # first call over 50,000 tensors.
         users = out.slot_users = self._users
+        out.first_leaf = self._first_leaf
         leaves = out.leaves
         if out.one_to_one and not out.grad_leaves:
             # Every tensor a plain one on a storage of its own (no Parameter among them), in
