@@ -137,18 +137,17 @@ def metadata_guard(tensors: Sequence[torch.Tensor]) -> MetadataGuard | None:
     Its private constructor has changed before: it is probed once, on tensors that differ in
     each of those facts, and not used unless it tells every one apart.
     """
-    if not _tensor_guards_work():
+    tensor_guards = _tensor_guards()
+    if tensor_guards is None:
         return None
-    guard = _tensor_guards(*tensors, dynamic_dims_sizes=None, dynamic_dims_strides=None)
+    guard = tensor_guards(*tensors, dynamic_dims_sizes=None, dynamic_dims_strides=None)
     return guard.check  # type: ignore[no-any-return]
 
 
-_tensor_guards: Any = None  # torch._C._dynamo.guards.TensorGuards, once probed
-
-
 @functools.cache
-def _tensor_guards_work() -> bool:
-    global _tensor_guards  # noqa: PLW0603 - set once, by this probe
+def _tensor_guards() -> Any:
+    """``torch._C._dynamo.guards.TensorGuards`` if it tells apart every fact
+    :func:`metadata_guard` promises, else None (probed once)."""
     try:
         from torch._C._dynamo import guards
 
@@ -172,10 +171,8 @@ def _tensor_guards_work() -> bool:
         works = works and conj(complex_.clone()) is True and conj(complex_.conj()) is False
         works = works and guard(3) is False
     except Exception:  # noqa: BLE001 - any failure means: do without it
-        return False
-    if works:
-        _tensor_guards = tensor_guards
-    return works
+        return None
+    return tensor_guards if works else None
 
 
 def neg_view(tensor: torch.Tensor) -> torch.Tensor:

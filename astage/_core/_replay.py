@@ -362,9 +362,9 @@ class Recording:
         self.grad_leaves: list[tuple[int, bool]] = []
         """``(leaf, requires_grad)`` of every ``Parameter``."""
         self.slot_users: list[int] = []
+        """Per slot: how many tensors use its storage (1: alone, no identity check needed)."""
         self.first_leaf: list[int] = []
         """Per slot: the first tensor on its storage (the only one where ``slot_users`` is 1)."""
-        """Per slot: how many tensors use its storage (1: alone, no identity check needed)."""
         self.shared_leaves: list[tuple[int, int]] = []
         """``(leaf, same)`` of every tensor on a storage that other tensors use too."""
         self.plain: list[int] = []
@@ -390,7 +390,7 @@ class Recording:
         each, five times over, in the first steps of the next call). Let go a step at a time
         while the replay makes as many new twins, each frees a chunk that the next one reuses.
         They hold no host memory that the cache does not: a buffer that leaves the cache
-        (:meth:`forget`) lets go of them all."""
+        (:meth:`forget`) takes the ones on it along."""
         self.one_to_one = True
         """One tensor per storage, each spanning its buffer, slot ``j`` leaf ``j``'s, none
         empty (many small tensors, each its own storage): the copies are then the sources
@@ -462,12 +462,11 @@ class Recording:
         storage several tensors share) all of them. Not all at once in the common case: this
         runs in whatever thread dropped the source (training's, when a per-call temporary such
         as an RNG state dies), where freeing 50,000 tensors took ~20 ms."""
-        twins = self.twins
+        twins = self.twins  # set only on a finished recording: one twin per tensor
         if twins is None:
             return
-        first = self.first_leaf
-        if slot < len(first) and self.slot_users[slot] == 1 and first[slot] < len(twins):
-            twins[first[slot]] = None
+        if self.slot_users[slot] == 1:
+            twins[self.first_leaf[slot]] = None
         else:
             self.twins = None
 
@@ -898,9 +897,8 @@ class Replay:
         self._views = views
         # The last call's twins, let go of a step at a time between the new ones: where the
         # caller dropped that result, each step frees as many tensors as the next one makes.
-        last, rec.twins = rec.twins, None
-        if last is None:
-            last = []
+        last = rec.twins or []
+        rec.twins = None
         detached: list[Any] = []
         plain_slots = rec.plain_slots
         in_order = rec.one_to_one and rec.all_plain  # leaf j's view is views[j]

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 import astage
+from astage._core._replay import _BULK_STEP
 from astage._drivers._gc import gc_paused
 from astage._torch import metadata_guard
 
@@ -212,7 +213,9 @@ class ReplayFloor:
     @classmethod
     def measure(cls, tensors: list[torch.Tensor], repeats: int) -> ReplayFloor:
         twins = [torch.empty_like(t) for t in tensors]
-        steps = [tensors[start : start + _STEP] for start in range(0, len(tensors), _STEP)]
+        steps = [
+            tensors[start : start + _BULK_STEP] for start in range(0, len(tensors), _BULK_STEP)
+        ]
         guards = [metadata_guard(step) for step in steps]
         parts: dict[str, list[float]] = {"copy": [], "metadata": [], "detach": []}
         with gc_paused():
@@ -290,7 +293,6 @@ _GUARDED: tuple[Callable[[torch.Tensor], object], ...] = (
     operator.attrgetter("dtype"),
     torch.Tensor.is_neg,
 )
-_STEP = 256  # tensors per guard, as astage's replay steps
 
 
 def _read_all(read: Callable[[torch.Tensor], object], tensors: list[torch.Tensor]) -> None:
