@@ -14,6 +14,18 @@ from conftest import Driver
 from astage._drivers._gc import gc_paused
 
 
+@pytest.fixture(autouse=True, scope="module")
+def suite_heap_frozen_again() -> Iterator[None]:
+    """The suite froze its long-lived heap (conftest); these tests thaw it, since the pause
+    only uses freeze()/unfreeze() in a process that froze nothing. Frozen again once they are
+    done, or every later full collection traverses it (0.4 s each, minutes over the suite)."""
+    frozen = gc.get_freeze_count() > 0
+    yield
+    if frozen:
+        gc.collect()
+        gc.freeze()
+
+
 @pytest.fixture(autouse=True)
 def gc_settings() -> Iterator[tuple[int, int, int]]:
     """The collector's settings before the test, restored after it whatever the test did."""
