@@ -457,6 +457,12 @@ def big_state_dict(count: int, nbytes: int, small: int = 0) -> dict[str, Any]:
     return sd
 
 
+def bytes_of(storage: torch.UntypedStorage) -> torch.Tensor:
+    """The storage's bytes as a uint8 tensor over the same memory (not ``bytes(storage)``,
+    which reads it one element at a time through Python)."""
+    return torch.empty((0,), dtype=torch.uint8, device=storage.device).set_(storage)
+
+
 def collect() -> None:
     """Run the cyclic collector until weak references of dead storages have fired."""
     for _ in range(3):

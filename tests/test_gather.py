@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 import pytest
 import torch
-from conftest import DTYPES, Driver, assert_tree_staged
+from conftest import DTYPES, Driver, assert_tree_staged, bytes_of
 
 from astage._core._batches import Batch, make_batches
 from astage._core._cache import BufferCache
@@ -484,7 +484,7 @@ def test_stagers_stage_gathered_batches_byte_exact(make_stager: Callable[..., Dr
         for tensors in state_dict.values():  # a cached call gathers the new values
             for tensor in tensors.values():
                 storage = tensor.untyped_storage()
-                torch.empty((0,), dtype=torch.uint8).set_(storage).add_(1)
+                bytes_of(storage).add_(1)
         staged = stager.stage(state_dict)
         assert_tree_staged(staged, state_dict)
         stager.close()

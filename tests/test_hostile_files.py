@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import safetensors.torch
 import torch
+from conftest import bytes_of
 
 import astage
 from astage._files._safetensors import (
@@ -50,7 +51,7 @@ def write_checkpoint(path: Path, state: Any) -> None:
     for entry in layout.entries:
         tensor = value_at(state, entry.paths[0]).detach().cpu()
         storage = tensor.untyped_storage()
-        raw = torch.empty((0,), dtype=torch.uint8).set_(storage).numpy().tobytes()
+        raw = bytes_of(storage).numpy().tobytes()
         start = layout.data_start + entry.begin
         data[start : start + entry.nbytes] = raw
     path.write_bytes(bytes(data))

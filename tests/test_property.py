@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 
 import pytest
 import torch
-from conftest import DRIVERS, DTYPES, Driver
+from conftest import DRIVERS, DTYPES, Driver, bytes_of
 
 pytest.importorskip("hypothesis")  # not on the GPU machines
 
@@ -146,12 +146,8 @@ def _random_bytes(nbytes: int, seed: int) -> torch.Tensor:
 def _fill_storage(t: torch.Tensor, seed: int) -> torch.Tensor:
     storage = t.untyped_storage()
     if storage.nbytes():
-        _bytes_of(storage).copy_(_random_bytes(storage.nbytes(), seed))
+        bytes_of(storage).copy_(_random_bytes(storage.nbytes(), seed))
     return t
-
-
-def _bytes_of(storage: torch.UntypedStorage) -> torch.Tensor:
-    return torch.empty((0,), dtype=torch.uint8, device=storage.device).set_(storage)
 
 
 @st.composite
@@ -330,7 +326,7 @@ class Checker:
         assert staged_storage.nbytes() == source_storage.nbytes(), path
         if not source_storage.nbytes():
             return
-        assert torch.equal(_bytes_of(staged_storage), _bytes_of(source_storage)), (
+        assert torch.equal(bytes_of(staged_storage), bytes_of(source_storage)), (
             f"{path}: the staged storage's bytes differ from the source's"
         )
         source_address, staged_address = source_storage.data_ptr(), staged_storage.data_ptr()
@@ -380,7 +376,7 @@ def _change_every_byte(source: Any) -> None:
             storage = x.untyped_storage()
             if storage.nbytes() and storage.data_ptr() not in seen:
                 seen.add(storage.data_ptr())
-                _bytes_of(storage).bitwise_xor_(0x5A)
+                bytes_of(storage).bitwise_xor_(0x5A)
 
 
 # -- the property -------------------------------------------------------------------------------

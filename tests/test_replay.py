@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 import pytest
 import torch
-from conftest import DRIVERS, Driver, model_state_dict, mutate_
+from conftest import DRIVERS, Driver, bytes_of, model_state_dict, mutate_
 
 from astage import _torch as torch_wrappers
 from astage import compat
@@ -88,11 +88,6 @@ class _Pairing:
         return False
 
 
-def _bytes_of(storage: torch.UntypedStorage) -> torch.Tensor:
-    # Not bytes(storage): that reads it one element at a time through Python.
-    return torch.empty(0, dtype=torch.uint8).set_(storage)
-
-
 def assert_same_staging(got: Any, want: Any, source: Any) -> None:
     """``got`` is staged exactly like ``want`` (both staged from ``source``)."""
     objects, storages = _Pairing(), _Pairing()
@@ -118,7 +113,7 @@ def _compare(  # noqa: PLR0917 - recursive helper
         )
         got_storage, want_storage = got.untyped_storage(), want.untyped_storage()
         if not storages.pair(got_storage, want_storage, f"storage at {path}"):
-            assert torch.equal(_bytes_of(got_storage), _bytes_of(want_storage)), path
+            assert torch.equal(bytes_of(got_storage), bytes_of(want_storage)), path
         assert got.__dict__.keys() == want.__dict__.keys(), path
         return
     container = isinstance(want, (dict, list, tuple)) and want is not source
@@ -756,7 +751,7 @@ def _replay_with_a_death(step: int, *, one_dead: bool) -> tuple[Plan, dict[str, 
     for _ in walk_or_replay(cache, state_dict, plan):
         steps += 1
         if steps == step:
-            doomed.clear()  # no collection: a full one per step made this test take 30 s
+            doomed.clear()  # reference counts free it: no full collection at every step
             assert doomed_ref() is None, "something else holds the temporary"
     assert not doomed or step == 0, "the temporary outlived the call"
     for batch in make_batches(plan.copies, 0, len(plan.copies), 1 << 20):
@@ -1136,7 +1131,7 @@ class Scenario:
         for base in self.bases:
             storage = base.untyped_storage()
             if storage.nbytes():
-                torch.empty(0, dtype=torch.uint8).set_(storage).random_(0, 256)
+                bytes_of(storage).random_(0, 256)
 
 
 @st.composite
