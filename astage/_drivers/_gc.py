@@ -26,6 +26,11 @@ Politely means three things:
   whenever the application has frozen objects of its own (before or during the call), because
   ``gc.unfreeze()`` would thaw them. Acyclic objects, the staged result among them, are still
   freed by reference counting the moment they are dropped.
+
+  Only a call that left many young objects (:data:`FILE_AWAY_FROM`) is worth it: the one way to
+  ask whether the application froze anything, ``gc.get_freeze_count()``, walks every frozen
+  object (29 ms for a frozen heap of 450,000 objects), while a young collection over a few
+  hundred objects costs next to nothing.
 """
 
 from __future__ import annotations
@@ -35,7 +40,11 @@ import gc
 import threading
 from collections.abc import Iterator
 
-__all__ = ["gc_paused"]
+__all__ = ["FILE_AWAY_FROM", "gc_paused"]
+
+FILE_AWAY_FROM = 2000
+"""Young objects a call must leave before they are filed into the oldest generation: below
+this, the next young collection traverses them in well under a millisecond."""
 
 
 class _Pause:
@@ -65,7 +74,9 @@ class _Pause:
             if self.depth > 0 or self.saved_threshold is None:
                 return
             saved, self.saved_threshold = self.saved_threshold, None
-            if gc.get_freeze_count() == 0:  # never thaw objects the application froze
+            # Never thaw objects the application froze; and ask the free young count first,
+            # since the freeze count walks the whole frozen heap.
+            if gc.get_count()[0] >= FILE_AWAY_FROM and gc.get_freeze_count() == 0:
                 gc.freeze()
                 gc.unfreeze()
             current = gc.get_threshold()
