@@ -162,7 +162,7 @@ def test_a_small_call_does_not_walk_the_frozen_heap(monkeypatch: pytest.MonkeyPa
         counted.append(1)
         return real_freeze_count()
 
-    monkeypatch.setattr(_gc.gc, "get_freeze_count", counting_freeze_count)
+    monkeypatch.setattr(gc, "get_freeze_count", counting_freeze_count)
     gc.collect()
     with gc_paused():
         allocated = [{"i": i} for i in range(_gc.FILE_AWAY_FROM // 4)]

@@ -4,6 +4,7 @@ Driver's loops, the heartbeat and the blocking-call detector."""
 from __future__ import annotations
 
 import asyncio
+import os
 import textwrap
 import threading
 import time
@@ -17,11 +18,13 @@ import pytest
 import pytest_asyncio
 import uvloop
 from conftest import (
+    CPU_STEAL,
     DRIVERS,
     GC_CLOCK,
     HAS_CUDA,
     LOOP_FACTORIES,
     MARKERS,
+    CpuSteal,
     Driver,
     _marker_reason,
     heartbeat,
@@ -196,6 +199,59 @@ async def test_heartbeat_leaves_garbage_collection_out() -> None:
         await anyio.sleep(0.01)
     assert beat.max_lag < 0.05
     assert beat.gc_seconds >= 0.09
+
+
+class _ScriptedSteal(CpuSteal):
+    """Steal counters the test moves by hand: one CPU, in seconds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seconds = 0.0
+
+    def sample(self) -> bytes:
+        return repr(self.seconds).encode()
+
+    def most_stolen(self, before: bytes, after: bytes) -> float:
+        return float(after) - float(before)
+
+
+@pytest.mark.asyncio
+@pytest.mark.allow_blocking("stands in for the hypervisor taking the loop's CPU away")
+async def test_heartbeat_leaves_out_a_stall_that_steal_explains() -> None:
+    steal = _ScriptedSteal()
+    async with heartbeat(steal=steal) as beat:
+        await anyio.sleep(0.01)
+        time.sleep(0.1)  # what the loop's thread sees while its CPU runs another guest
+        steal.seconds += 0.1
+        await anyio.sleep(0.01)
+    assert beat.max_lag < 0.05
+    assert beat.steal_seconds >= 0.09
+
+
+@pytest.mark.asyncio
+@pytest.mark.allow_blocking("blocks on purpose, with a little steal beside it")
+async def test_heartbeat_counts_a_block_that_steal_explains_only_in_part() -> None:
+    steal = _ScriptedSteal()
+    async with heartbeat(steal=steal) as beat:
+        await anyio.sleep(0.01)
+        time.sleep(0.1)
+        steal.seconds += 0.03  # the CPU was taken away for part of a real blocking call
+        await anyio.sleep(0.01)
+    assert beat.max_lag >= 0.08
+    assert beat.steal_seconds == 0.0
+
+
+def test_steal_is_read_per_cpu_from_proc_stat() -> None:
+    sample = (
+        b"cpu  1119114 0 116012 5504344 18375 0 9709 143213 0 0\n"
+        b"cpu0 501595 0 57096 2809250 10399 0 4828 72001 0 0\n"
+        b"cpu1 617519 0 58915 2695094 7976 0 4881 71212 0 0\n"
+        b"intr 20328085 0 0 0\n"
+    )
+    assert CpuSteal.per_cpu(sample) == {b"cpu0": 72001, b"cpu1": 71212}
+    later = sample.replace(b"4881 71212", b"4881 71246")
+    assert CPU_STEAL.most_stolen(sample, later) == pytest.approx(34 / os.sysconf("SC_CLK_TCK"))
+    assert CPU_STEAL.most_stolen(b"", later) == 0.0
 
 
 @pytest.mark.asyncio
