@@ -786,7 +786,8 @@ def main() -> None:
         os._exit(0)  # the group lost a rank: tearing it down could hang
     record("plain", lambda: run(with_stager, check_plain))
     record("nested", lambda: run(with_stager, check_nested))
-    record("dtensor", lambda: run(with_stager, check_dtensor))
+    if job != "pairs":  # the 4-rank job leaves DTensors (an import of 1.4 s CPU) to the others
+        record("dtensor", lambda: run(with_stager, check_dtensor))
     record("refusal", lambda: run(with_stager, check_refusal))
     if world % 2 == 0:
         record("explicit_partner", lambda: run(check_explicit_partner, rank, world))

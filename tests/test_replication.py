@@ -2,7 +2,8 @@
 
 Four jobs start once per module, side by side: 2 ranks on asyncio (every check, DCP and the
 timeout included), the same 2-rank checks on trio, 4 ranks on asyncio with uvloop (pairs
-0<->2, 1<->3) and 3 ranks on asyncio (the ring). Each rank runs ``tests/_dist_worker.py`` and
+0<->2, 1<->3; no DTensors, whose import costs each rank 1.4 s of CPU on a 2-core machine that
+runs all 11 ranks) and 3 ranks on asyncio (the ring). Each rank runs ``tests/_dist_worker.py`` and
 reports every check's outcome; the tests below read them.
 """
 
@@ -35,7 +36,7 @@ WORKER = Path(__file__).with_name("_dist_worker.py")
 JOBS = {  # name: (ranks, the worker's job, backend)
     "main": (2, "main", "asyncio"),
     "trio": (2, "main", "trio"),
-    "basic4": (4, "basic", "uvloop"),
+    "basic4": (4, "pairs", "uvloop"),
     "ring3": (3, "basic", "asyncio"),
 }
 MAIN_JOBS = ["main", "trio"]
@@ -111,10 +112,15 @@ def check(job: Job, name: str) -> None:
 
 
 @pytest.mark.parametrize("job_name", list(JOBS))
-@pytest.mark.parametrize("name", ["plain", "nested", "dtensor"])
+@pytest.mark.parametrize("name", ["plain", "nested"])
 def test_replication(jobs: dict[str, Job], job_name: str, name: str) -> None:
-    """The partner's snapshot comes back equal: values, structure, aliasing, DTensor specs."""
+    """The partner's snapshot comes back equal: values, structure, aliasing."""
     check(jobs[job_name], name)
+
+
+@pytest.mark.parametrize("job_name", [name for name, job in JOBS.items() if job[1] != "pairs"])
+def test_replicated_dtensors_keep_their_specs(jobs: dict[str, Job], job_name: str) -> None:
+    check(jobs[job_name], "dtensor")
 
 
 @pytest.mark.parametrize("job_name", list(JOBS))
