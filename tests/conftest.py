@@ -7,8 +7,9 @@
   anyio's trio test runner (one trio run per test, in the main thread). A test that checks an
   asyncio-only integration opts out of trio with ``@pytest.mark.asyncio_only(reason)``.
 * A blocking-call detector watches every async test: a heartbeat task runs beside it, and the
-  test fails when the loop was blocked longer than :data:`BLOCKING_THRESHOLD`. A test that blocks
-  on purpose says so with ``@pytest.mark.allow_blocking(reason)``.
+  test fails when the loop was blocked longer than :data:`BLOCKING_THRESHOLD` (garbage
+  collection, and a stall that the hypervisor's steal of a CPU explains, left out). A test that
+  blocks on purpose says so with ``@pytest.mark.allow_blocking(reason)``.
 * Tests marked ``@pytest.mark.cuda`` are skipped when CUDA is not available.
 * ``stager`` / ``make_stager`` give a blocking view of every driver (SyncStager, and Stager on
   asyncio, uvloop and trio), so the semantics tests run against each of them.
