@@ -31,7 +31,9 @@ Politely means three things:
   ask whether the application froze anything, ``gc.get_freeze_count()``, walks every frozen
   object (18 ms for the 196,000 objects of a process that imported torch, pytest and
   hypothesis, then froze), while a young collection over a few hundred objects costs next to
-  nothing.
+  nothing. And an application found with a frozen heap is asked ever more rarely (after 1, 2,
+  4, ... up to :data:`MOST_CALLS_UNASKED` large calls), since it usually keeps it frozen: its
+  calls would otherwise each hold the thread, an event loop's too, for that walk.
 """
 
 from __future__ import annotations
@@ -41,11 +43,15 @@ import gc
 import threading
 from collections.abc import Iterator
 
-__all__ = ["FILE_AWAY_FROM", "gc_paused"]
+__all__ = ["FILE_AWAY_FROM", "MOST_CALLS_UNASKED", "gc_paused"]
 
 FILE_AWAY_FROM = 2000
 """Young objects a call must leave before they are filed into the oldest generation: below
 this, the next young collection traverses them in well under a millisecond."""
+
+MOST_CALLS_UNASKED = 1024
+"""The longest run of large calls that skip the filing without asking whether the application
+still has frozen objects, once it was found with some."""
 
 
 class _Pause:
@@ -58,6 +64,9 @@ class _Pause:
         self.depth = 0
         self.saved_threshold: int | None = None
         """The first generation's threshold before astage set it to 0; None: nothing paused."""
+        self.calls_unasked = 0
+        """Large calls still to skip the filing without asking (the application froze objects)."""
+        self.next_calls_unasked = 1
 
     def enter(self) -> None:
         with self.lock:
@@ -75,14 +84,25 @@ class _Pause:
             if self.depth > 0 or self.saved_threshold is None:
                 return
             saved, self.saved_threshold = self.saved_threshold, None
-            # Never thaw objects the application froze; and ask the free young count first,
-            # since the freeze count walks the whole frozen heap.
-            if gc.get_count()[0] >= FILE_AWAY_FROM and gc.get_freeze_count() == 0:
-                gc.freeze()
-                gc.unfreeze()
+            if gc.get_count()[0] >= FILE_AWAY_FROM:  # free to ask, unlike the freeze count
+                self._file_away()
             current = gc.get_threshold()
             if current[0] == 0:  # still astage's zero: the application set none of its own
                 gc.set_threshold(saved, *current[1:])
+
+    def _file_away(self) -> None:
+        """File the call's objects into the oldest generation, unless the application froze
+        objects (which ``gc.unfreeze()`` would thaw) or was found to, not long ago."""
+        if self.calls_unasked:
+            self.calls_unasked -= 1
+            return
+        if gc.get_freeze_count():
+            self.calls_unasked = self.next_calls_unasked
+            self.next_calls_unasked = min(2 * self.next_calls_unasked, MOST_CALLS_UNASKED)
+            return
+        self.next_calls_unasked = 1
+        gc.freeze()
+        gc.unfreeze()
 
 
 _pause = _Pause()
