@@ -148,8 +148,9 @@ def test_application_freezes_meanwhile() -> None:
 
 def in_the_oldest_generation(obj: object) -> bool:
     """Whether ``obj`` was filed into the oldest generation (where the pause files a call's
-    objects). After a ``gc.collect()``, an object left young is still in generation 0 or 1: at
-    most one young collection runs before this looks."""
+    objects). After a collection of the young generations (``gc.collect(1)``, or a full one),
+    an object left young is still in generation 0 or 1: at most one young collection runs
+    before this looks."""
     return any(other is obj for other in gc.get_objects(generation=2))
 
 
@@ -187,7 +188,7 @@ def large_calls(count: int) -> list[bool]:
     """For each of ``count`` pauses that allocate a lot, whether its objects were filed away."""
     filed, kept = [], []
     for _ in range(count):
-        gc.collect()
+        gc.collect(1)  # not a full collection: this heap is the whole suite's, thawed
         with gc_paused():
             # Kept alive: the young count is allocations less deallocations, and freeing the
             # last call's objects here would cancel this call's out.
