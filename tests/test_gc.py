@@ -164,17 +164,24 @@ def test_the_calls_objects_skip_the_young_generations() -> None:
     assert len(allocated) == 5000
 
 
-def test_a_small_call_does_not_walk_the_frozen_heap(monkeypatch: pytest.MonkeyPatch) -> None:
-    # gc.get_freeze_count() walks every frozen object: 18 ms per call with the ~200,000 objects
-    # this suite freezes, which made each small stage call cost that much.
-    counted: list[int] = []
+@pytest.fixture
+def freeze_count_asks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """One entry per ``gc.get_freeze_count()`` call from now on: each walks the frozen heap."""
+    asks: list[int] = []
     real_freeze_count = gc.get_freeze_count
 
     def counting_freeze_count() -> int:
-        counted.append(1)
+        asks.append(1)
         return real_freeze_count()
 
     monkeypatch.setattr(gc, "get_freeze_count", counting_freeze_count)
+    return asks
+
+
+def test_a_small_call_does_not_walk_the_frozen_heap(freeze_count_asks: list[int]) -> None:
+    # gc.get_freeze_count() walks every frozen object: 18 ms per call with the ~200,000 objects
+    # this suite freezes, which made each small stage call cost that much.
+    counted = freeze_count_asks
     gc.collect()
     with gc_paused():
         allocated = [{"i": i} for i in range(_gc.FILE_AWAY_FROM // 4)]
@@ -198,16 +205,9 @@ def large_calls(count: int) -> list[bool]:
 
 
 def test_a_frozen_heap_is_asked_about_ever_more_rarely(
-    monkeypatch: pytest.MonkeyPatch, app_frozen_objects: int
+    app_frozen_objects: int, freeze_count_asks: list[int]
 ) -> None:
-    asked: list[int] = []
-    real_freeze_count = gc.get_freeze_count
-
-    def counting_freeze_count() -> int:
-        asked.append(1)
-        return real_freeze_count()
-
-    monkeypatch.setattr(gc, "get_freeze_count", counting_freeze_count)
+    asked = freeze_count_asks
     filed = large_calls(12)
     assert len(asked) == 4  # calls 1, 3, 6 and 11: each answer walks the whole frozen heap
     assert not any(filed)  # filing away would have thawed the heap
