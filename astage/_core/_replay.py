@@ -40,6 +40,7 @@ from .._paths import Path
 from .._torch import MetadataGuard, metadata_guard, neg_view
 from ._cache import BufferCache, HostBuffer
 from ._plan import Leaf, Plan
+from ._reuse import TwinCheck, check_of, reusable
 from ._tables import EMPTY_STEP, LEAD_AFTER, empty_in_steps, give_lead
 from ._tensors import Adopted, TensorFacts, TensorStager, bytes_view, view_on
 from ._walk import ATOMIC_TYPES, DeepCopy, Unrecordable, build_plan
@@ -391,6 +392,14 @@ class Recording:
         while the replay makes as many new twins, each frees a chunk that the next one reuses.
         They hold no host memory that the cache does not: a buffer that leaves the cache
         (:meth:`forget`) takes the ones on it along."""
+        self.spare: list[Any] | None = None
+        """The staged tensors of the call before :attr:`twins`' (those a replay did not hand out
+        again), per tensor like :attr:`twins`: a caller that keeps each result until the next
+        call returns (``staged = stage(sd)`` in a loop) holds the last call's twins, but no
+        longer the ones before. A replay hands out those nobody holds (see :mod:`._reuse`)."""
+        self.twin_checks: list[TwinCheck | None] = []
+        """Per step of :data:`_BULK_STEP` plain twins: what they were when a replay made them
+        (None until then), checked before they are handed out again."""
         self.one_to_one = True
         """One tensor per storage, each spanning its buffer, slot ``j`` leaf ``j``'s, none
         empty (many small tensors, each its own storage): the copies are then the sources
@@ -408,6 +417,7 @@ class Recording:
         leaves = self.leaves
         count = len(leaves)
         self.guards = [None] * -(-count // _BULK_STEP)
+        self.twin_checks = [None] * -(-len(self.plain) // _BULK_STEP)
         self.all_plain = len(self.plain) == count
         if self.one_to_one and self.all_plain:
             # Every tensor a plain one spanning a storage of its own, in slot order (many small
@@ -462,25 +472,25 @@ class Recording:
         storage several tensors share) all of them. Not all at once in the common case: this
         runs in whatever thread dropped the source (training's, when a per-call temporary such
         as an RNG state dies), where freeing 50,000 tensors took ~20 ms."""
-        twins = self.twins  # set only on a finished recording: one twin per tensor
-        if twins is None:
-            return
-        if self.slot_users[slot] == 1:
-            twins[self.first_leaf[slot]] = None
-        else:
-            self.twins = None
+        alone = self.slot_users[slot] == 1
+        for twins in (self.twins, self.spare):  # set only on a finished recording
+            if twins is not None and alone:
+                twins[self.first_leaf[slot]] = None
+        if not alone:
+            self.twins = self.spare = None
 
-    def keep(self, twins: list[Any], dead: int) -> None:
-        """Keep ``twins`` as :attr:`twins`, unless a slot was forgotten since ``dead`` were
-        counted: one of them may then be a view of a buffer that left the cache. Checked after
-        the store, since :meth:`forget` counts before it lets go."""
+    def keep(self, twins: list[Any], dead: int, spare: list[Any] | None = None) -> None:
+        """Keep ``twins`` as :attr:`twins` (and ``spare``), unless a slot was forgotten since
+        ``dead`` were counted: one of them may then be a view of a buffer that left the cache.
+        Checked after the store, since :meth:`forget` counts before it lets go."""
         self.twins = twins
+        self.spare = spare
         if self.dead != dead:
-            self.twins = None
+            self.twins = self.spare = None
 
     def let_go(self) -> None:
-        """Drop the last call's staged tensors (:attr:`twins`) now, at once."""
-        self.twins = None
+        """Drop the staged tensors kept for later calls (:attr:`twins`, :attr:`spare`) now."""
+        self.twins = self.spare = None
 
     @property
     def dead(self) -> int:
@@ -776,6 +786,7 @@ class Replay:
         self._on_leaf: Any = self._leaf
         self._volatile: list[bool] | None = None
         self._twins: list[Any] | None = None
+        self._spare: list[Any] | None = None
         self._xs: list[Any] = []
         self._ys: list[Any] = []
         self._views: list[Any] = []
@@ -875,7 +886,8 @@ class Replay:
                     copy = positions[rec.slot_of[j]]
                     leaves.append(Leaf(paths[j], ys[j], base + copy if copy >= 0 else -1))
                 yield
-        rec.keep(ys, self._dead)
+        rec.keep(ys, self._dead, self._spare)
+        self._spare = None
         self._ys = []  # the recording's now: release() must not empty it
         return result
 
@@ -895,27 +907,7 @@ class Replay:
             # not among the volatile ones made apart, and its view may be None here.
             raise _BulkMiss
         self._views = views
-        # The last call's twins, let go of a step at a time between the new ones: where the
-        # caller dropped that result, each step frees as many tensors as the next one makes.
-        last = rec.twins or []
-        rec.twins = None
-        detached: list[Any] = []
-        plain_slots = rec.plain_slots
-        in_order = rec.one_to_one and rec.all_plain  # leaf j's view is views[j]
-        for start in range(0, len(plain_slots), _BULK_STEP):
-            stop = start + _BULK_STEP
-            del last[-_BULK_STEP:]
-            picked: Any = (
-                views[start:stop] if in_order else map(views.__getitem__, plain_slots[start:stop])
-            )
-            if self._volatile is None:
-                detached += map(_detach, picked)
-            else:  # a dead storage has no view: its tensor is staged on its own
-                detached += [None if view is None else view.detach() for view in picked]
-            yield
-        while last:  # more tensors than plain twins
-            del last[-_BULK_STEP:]
-            yield
+        detached = yield from self._plain_twins(views)
         if rec.all_plain:
             return detached
         ys: list[Any] = [None] * len(rec.leaves)
@@ -946,6 +938,71 @@ class Replay:
                 y = _Parameter(y, requires_grad=grad)
             ys[j] = y
         return ys
+
+    def _plain_twins(self, views: list[Any]) -> Walk:
+        """The twins of the plain tensors (``rec.plain``), a step at a time: handed out again
+        from an earlier call where nobody holds them and nothing changed (:mod:`._reuse`),
+        else made fresh.
+
+        The pool is the call before last's twins (:attr:`Recording.spare`), or the last
+        call's when there is none yet. A spare step is let go once passed, reused or not: where
+        the caller dropped that result, each step frees as many tensors as the next makes (at
+        once, 50,000 frees held the loop ~20 ms). The last call's twins become the spare.
+        """
+        rec = self._rec
+        last = rec.twins or []
+        spare = rec.spare
+        rec.twins = rec.spare = None
+        pool = spare if spare is not None else last
+        if len(pool) != len(rec.leaves):
+            pool = []  # none kept (a first replay, a let_go): nothing to reuse
+        checks = rec.twin_checks
+        plain = rec.plain
+        in_order = rec.one_to_one and rec.all_plain  # leaf j's view is views[j]
+        detached: list[Any] = []
+        fresh_steps = 0
+        for index, start in enumerate(range(0, len(plain), _BULK_STEP)):
+            stop = start + _BULK_STEP
+            leaves: Any = (
+                range(start, min(stop, len(plain))) if rec.all_plain else plain[start:stop]
+            )
+            check = checks[index]
+            candidates: list[Any] = []
+            if pool and check is not None:
+                candidates = (
+                    pool[start:stop] if rec.all_plain else list(map(pool.__getitem__, leaves))
+                )
+            if candidates and reusable(candidates, check):  # type: ignore[arg-type]
+                detached += candidates
+                made = False
+            else:
+                picked: Any = (
+                    views[start:stop]
+                    if in_order
+                    else map(views.__getitem__, rec.plain_slots[start:stop])
+                )
+                if self._volatile is None:
+                    fresh = list(map(_detach, picked))
+                else:  # a dead storage has no view: its tensor is staged on its own
+                    fresh = [None if view is None else view.detach() for view in picked]
+                if check is None:
+                    checks[index] = check_of(fresh)
+                detached += fresh
+                made = True
+                fresh_steps += 1
+            del candidates
+            if pool and (pool is spare or not made):  # let go of it, or take it out of the pool
+                if rec.all_plain:
+                    pool[start:stop] = repeat(None, len(leaves))
+                else:
+                    for j in leaves:
+                        pool[j] = None
+            yield
+        # The last call's twins are the next pool, unless every one of them was handed out.
+        self._spare = (
+            last if len(last) == len(rec.leaves) and (pool is not last or fresh_steps) else None
+        )
+        return detached
 
     def _check_bulk(self, xs: list[Any], checked: list[int] | None) -> Walk:
         rec = self._rec
@@ -1209,6 +1266,7 @@ class Replay:
         self._ys = []
         self._views = []
         self._twins = None
+        self._spare = None
         self._storages = []
         self._staged_leaves = []
         self._same.clear()
