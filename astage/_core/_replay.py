@@ -564,6 +564,13 @@ class _Recorder:
                     out.guards[index] = metadata_guard(sources[start : start + _BULK_STEP])
                     yield
                 self._sources = None
+                # And the checks of the walk's plain twins (made as a replay makes them), so
+                # that the first replay hands those out again rather than make its own.
+                twins, plain = self._twins, out.plain
+                for index, start in enumerate(range(0, len(plain), _BULK_STEP)):
+                    step = list(map(twins.__getitem__, plain[start : start + _BULK_STEP]))
+                    out.twin_checks[index] = check_of(step)
+                    yield
         self.last = None
         yield from empty_in_steps(*self.tables())  # an entry per tensor: not freed at once
         return out

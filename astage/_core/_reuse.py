@@ -63,7 +63,7 @@ REFS_WHEN_UNHELD = _refs_when_unheld()
 def check_of(twins: list[Any]) -> TwinCheck | None:
     """The check for ``twins`` as they are now (just made): None where there is none to make
     (a step with a temporary's hole in it, or a torch without the bulk metadata check)."""
-    if REFS_WHEN_UNHELD is None or None in twins:
+    if REFS_WHEN_UNHELD is None or any(map(_is_none, twins)):  # not `in`: that asks ==
         return None
     guard = metadata_guard(twins)
     if guard is None:
