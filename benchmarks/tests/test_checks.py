@@ -79,14 +79,14 @@ def test_reserve_check_argues_only_a_spread_that_straddles_the_goal() -> None:
 
 
 def test_replay_floor_sums_its_parts_and_argues_only_above_the_goal() -> None:
-    floor = ReplayFloor(copy_s=1.5e-6, metadata_s=1.0e-6, detach_s=0.8e-6)
+    floor = ReplayFloor(copy_s=1.5e-6, metadata_s=1.0e-6, reuse_s=0.8e-6)
     assert floor.total_s == pytest.approx(3.3e-6)
     assert "3.30 us before any structure is rebuilt" in floor.why(5.0)
     assert ReplayFloor(1e-6, 1e-6, 0.5e-6).why(5.0) == ""  # 2.5 us: the goal is not argued
     assert "even a replay at that floor" in floor.why_dcp(15e-6)  # 4.5x the floor
     assert floor.why_dcp(20e-6) == ""  # 6.1x the floor: the goal is within reach
     measured = ReplayFloor.measure([torch.ones(4) for _ in range(50)], repeats=2)
-    assert measured.copy_s > 0 and measured.metadata_s > 0 and measured.detach_s > 0
+    assert measured.copy_s > 0 and measured.metadata_s > 0 and measured.reuse_s > 0
 
 
 def test_recording_cost_argues_a_first_call_only_where_it_is_the_whole_shortfall() -> None:
