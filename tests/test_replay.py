@@ -1193,6 +1193,103 @@ def test_any_change_between_calls_stages_like_a_fresh_cache(
         assert plan.replayed
 
 
+def _staged_tensors(result: Any) -> list[torch.Tensor]:
+    """Every tensor in a staged result (as many as the scenario's containers hold)."""
+    found: list[torch.Tensor] = []
+    stack = [result]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            found.append(x)
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+    return found
+
+
+def _requires_grad(t: torch.Tensor) -> None:
+    if t.is_floating_point() or t.is_complex():
+        t.requires_grad_()
+
+
+def _give_a_grad(t: torch.Tensor) -> None:
+    if t.is_floating_point() or t.is_complex():
+        t.grad = torch.zeros_like(t)
+
+
+def _set_elsewhere(t: torch.Tensor) -> None:
+    elsewhere = t.detach().clone()
+    t.set_(elsewhere.untyped_storage(), 0, elsewhere.shape, elsewhere.stride())
+
+
+_KEPT_WEAKLY: list[Any] = []
+
+CHANGES_BY_A_HOLDER: dict[str, Callable[[torch.Tensor], Any]] = {
+    "none": lambda t: None,
+    "requires_grad_": _requires_grad,
+    "t_": lambda t: t.t_() if t.dim() <= 2 else None,
+    "unsqueeze_": lambda t: t.unsqueeze_(0),
+    "set_": _set_elsewhere,
+    "data": lambda t: setattr(t, "data", t.detach().clone()),
+    "grad": _give_a_grad,
+    "attribute": lambda t: setattr(t, "note", "mine"),
+    "weak reference": lambda t: _KEPT_WEAKLY.append(weakref.ref(t)),
+}
+
+
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(
+    scenarios(),
+    st.lists(
+        st.tuples(st.booleans(), st.sampled_from(list(CHANGES_BY_A_HOLDER)), st.integers(0, 50)),
+        min_size=4,
+        max_size=8,
+    ),
+)
+def test_results_held_dropped_or_changed_by_their_holders_stay_apart(
+    case: tuple[Scenario, list[tuple[str, int]]], calls: list[tuple[bool, str, int]]
+) -> None:
+    """Staged tensors handed out again (see ``_reuse``) never show: whatever the caller did
+    with earlier results (kept some, dropped others, changed a staged tensor in place, gave it
+    a ``.grad``, an attribute or a weak reference, then dropped it), and whatever changed in
+    the source on the way, every call stages what a fresh cache does, and shares no tensor
+    object with a result still held."""
+    scenario, changes = case
+    cache = new_cache()
+    held: list[Any] = []
+    for call, (hold, change, pick) in enumerate(calls):
+        if call == 4:  # after a few calls that may hand out tensors again
+            for source_change, where in changes:
+                scenario.change(source_change, where)
+        scenario.scramble()
+        state_dict = scenario.make()
+        result = stage(cache, state_dict).result
+        assert_same_staging(result, fresh(state_dict), state_dict)
+        tensors = _staged_tensors(result)
+        ids = set(map(id, tensors))
+        assert not any(ids & set(map(id, _staged_tensors(earlier))) for earlier in held)
+        for t in tensors:
+            assert t.grad is None and not t.__dict__ and not weakref.getweakrefcount(t)
+            buffer = cache.get(t.untyped_storage())
+            assert buffer is None or buffer.storage.data_ptr() == t.untyped_storage().data_ptr()
+        with torch.no_grad():  # a staged Parameter may require grad
+            for t in tensors[pick % 2 :: 2]:  # half of them, or all where there is one
+                CHANGES_BY_A_HOLDER[change](t)
+        del tensors, t
+        if hold:
+            held.append(result)
+        del result
+        _KEPT_WEAKLY[:] = [ref for ref in _KEPT_WEAKLY if ref() is not None]
+    _KEPT_WEAKLY.clear()
+
+
 def _typed_paths(plan: Plan) -> list[str]:
     """The paths ``stage_iter`` hands out, with the type of every key (1, 1.0 and True differ)."""
     return sorted(repr([(type(key).__name__, key) for key in leaf.path]) for leaf in plan.leaves)
