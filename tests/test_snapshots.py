@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import pickle
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -174,6 +175,21 @@ def test_snapshot_used_after_release_raises() -> None:
         with pytest.raises(astage.SnapshotReleasedError):
             pickle.dumps(snap)
         snap.release()  # idempotent
+
+
+def test_a_released_snapshot_lets_go_of_its_state_dict() -> None:
+    """A consumer that keeps released snapshots (a queue of finished work) holds no staged
+    tensor through them: the stager's next calls can hand those out again."""
+    with astage.SyncStager() as stager:
+        snap = stager.snapshot({"t": [torch.randn(3)]})
+        staged = snap.state_dict["t"][0]
+        held = sys.getrefcount(staged)
+        snap.release()
+        assert sys.getrefcount(staged) == held - 1  # the list in the dict let go of it
+        with pytest.raises(astage.SnapshotReleasedError):
+            snap.state_dict  # noqa: B018
+        with stager.snapshot(None) as nothing:
+            assert nothing.state_dict is None  # a value like any other, not "released"
 
 
 def test_close_waits_for_snapshots() -> None:

@@ -21,6 +21,9 @@ from typing import Any
 from .._errors import SnapshotReleasedError
 from ._leases import Lease
 
+_LET_GO: Any = object()
+"""A released snapshot's state dict (``None`` may be a staged value)."""
+
 
 class Snapshot:
     """A staged state dict held for its consumer until :meth:`release`.
@@ -38,12 +41,13 @@ class Snapshot:
     @property
     def state_dict(self) -> Any:
         """The staged state dict; raises :class:`~astage.SnapshotReleasedError` once released."""
-        if self._lease.released:
+        state_dict = self._state_dict  # read first: release() in another thread drops it
+        if state_dict is _LET_GO or self._lease.released:
             raise SnapshotReleasedError(
                 "this snapshot was released: its buffers may already hold a later call's "
                 "values; read the state dict before release() (or inside the with block)"
             )
-        return self._state_dict
+        return state_dict
 
     @property
     def lease(self) -> Lease:
@@ -56,8 +60,14 @@ class Snapshot:
         return self._lease.released
 
     def release(self) -> None:
-        """Hand the buffers back to the stager; the state dict is not to be read afterwards."""
+        """Hand the buffers back to the stager; the state dict is not to be read afterwards.
+
+        The snapshot lets go of it too: a released snapshot that its consumer keeps (in a
+        queue of finished work, say) then no longer holds the staged tensors, which the
+        stager's next calls hand out again (see the guide's "Buffer reuse").
+        """
         self._lease.release()
+        self._state_dict = _LET_GO
 
     def __enter__(self) -> Snapshot:
         return self
