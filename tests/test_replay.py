@@ -1135,6 +1135,16 @@ class Scenario:
                 bytes_of(storage).random_(0, 256)
 
 
+_PROPERTY = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+"""The same examples on every run (no database), as many as ``ASTAGE_REPLAY_EXAMPLES``."""
+
+
 @st.composite
 def scenarios(draw: st.DrawFn) -> tuple[Scenario, list[tuple[str, int]]]:
     shapes = st.one_of(st.tuples(st.integers(1, 12)), st.integers(2, 3).map(lambda n: (n, n)))
@@ -1161,13 +1171,7 @@ def scenarios(draw: st.DrawFn) -> tuple[Scenario, list[tuple[str, int]]]:
     return scenario, changes
 
 
-@settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+@_PROPERTY
 @given(scenarios())
 def test_any_change_between_calls_stages_like_a_fresh_cache(
     case: tuple[Scenario, list[tuple[str, int]]],
@@ -1238,13 +1242,7 @@ CHANGES_BY_A_HOLDER: dict[str, Callable[[torch.Tensor], Any]] = {
 }
 
 
-@settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+@_PROPERTY
 @given(
     scenarios(),
     st.lists(
