@@ -1479,6 +1479,24 @@ def test_tensors_nobody_can_reuse_are_let_go_of_a_step_at_a_time() -> None:
     assert not set(map(id, plan.result["t"])) & {id(ref()) for ref in refs}
 
 
+def test_tensors_no_step_covers_are_let_go_of_a_step_at_a_time_too() -> None:
+    """Staged Parameters (``state_dict(keep_vars=True)``) are made fresh each call, never
+    handed out again; the kept ones are still let go a step at a time, not all at once."""
+    count = 4 * BULK_STEP
+    state_dict = {"t": [torch.nn.Parameter(torch.randn(2)) for _ in range(count)]}
+    cache = new_cache()
+    stage(cache, state_dict)
+    kept = _recording(cache).twins
+    assert kept is not None
+    refs = [weakref.ref(t) for t in kept]
+    del kept
+    plan = Plan(track_leaves=False)
+    alive_after_each_step = [_alive(refs) for _ in walk_or_replay(cache, state_dict, plan)]
+    assert plan.replayed
+    assert _alive(refs) == 0
+    assert len(set(alive_after_each_step)) >= count // BULK_STEP, "let go of all at once"
+
+
 def _grad(t: torch.Tensor) -> None:
     t.grad = torch.zeros_like(t)
 

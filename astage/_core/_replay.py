@@ -1006,9 +1006,14 @@ class Replay:
                         pool[j] = None
             yield
         # The last call's twins are the next pool, unless every one of them was handed out.
-        self._spare = (
-            last if len(last) == len(rec.leaves) and (pool is not last or fresh_steps) else None
-        )
+        keep_last = len(last) == len(rec.leaves) and (pool is not last or fresh_steps > 0)
+        # What is not kept goes a step at a time too: the twins no step covers (a Parameter's,
+        # a view's, one on a shared storage), 50,000 of them where every tensor is one.
+        for dropped in (spare, None if keep_last else last):
+            while dropped:
+                del dropped[-_BULK_STEP:]
+                yield
+        self._spare = last if keep_last else None
         return detached
 
     def _check_bulk(self, xs: list[Any], checked: list[int] | None) -> Walk:
