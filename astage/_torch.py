@@ -438,3 +438,18 @@ def register_checkpoint_stager(cls: type) -> None:
     from torch.distributed.checkpoint._experimental.staging import CheckpointStager
 
     CheckpointStager.register(cls)
+
+
+def outside_inference_mode() -> contextlib.AbstractContextManager[object]:
+    """A block whose new tensors are normal ones, even where the caller runs the stager inside
+    ``torch.inference_mode()``.
+
+    Why: a cached buffer lives across calls. Allocated as an inference tensor by a call made in
+    inference mode, it refused the copy of any later call made outside it ("Inplace update to
+    inference tensor outside InferenceMode is not allowed"), and its staged tensors refused
+    in-place use there. Entered only when the mode is on: a ``torch.inference_mode(False)``
+    block costs a few microseconds per slice of the async walk.
+    """
+    if torch.is_inference_mode_enabled():
+        return torch.inference_mode(False)
+    return contextlib.nullcontext()

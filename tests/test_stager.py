@@ -27,6 +27,7 @@ from conftest import (
     model_state_dict,
     mutate_,
     storage_ptr,
+    tensors_of,
 )
 from test_sync import FakeStream, RecordingBackend, _in_a_forked_child
 
@@ -57,6 +58,24 @@ async def test_async_with_stages_and_closes() -> None:
         assert_tree_staged(staged, source)
     with pytest.raises(astage.StagerClosedError):
         await stager.stage(source)
+
+
+async def test_a_call_inside_inference_mode_leaves_buffers_later_calls_can_use() -> None:
+    """The async face's walk slices run outside the caller's ``torch.inference_mode()`` too:
+    its buffers and staged tensors are normal ones, which later calls outside it copy into."""
+    source = model_state_dict()
+    async with astage.Stager() as stager:
+        with torch.inference_mode():
+            staged = await stager.stage(source)
+            assert_tree_staged(staged, source)
+            assert torch.is_inference_mode_enabled()  # the caller's mode, as it left it
+        mutate_(source)
+        for _ in range(2):  # a walk, then a replay
+            staged = await stager.stage(source)
+            assert_tree_staged(staged, source)
+            assert not any(t.is_inference() for t in tensors_of(staged))
+            for t in tensors_of(staged):
+                t.add_(0)
 
 
 async def test_aclose_then_stage_is_refused() -> None:

@@ -324,3 +324,22 @@ def test_a_stager_from_before_a_fork_refuses_in_the_child() -> None:
     assert _in_a_forked_child(child) == 0
     assert torch.equal(stager.stage({"w": torch.ones(3)})["w"], torch.ones(3))  # parent: fine
     stager.close()
+
+
+def test_a_call_inside_inference_mode_leaves_buffers_later_calls_can_use() -> None:
+    """Buffers (and staged tensors) made while the caller runs in ``torch.inference_mode()``
+    are normal tensors: a later call outside it copies into them, and its staged tensors take
+    in-place updates ("Inplace update to inference tensor outside InferenceMode" before)."""
+    source = model_state_dict()
+    with astage.SyncStager() as stager:
+        with torch.inference_mode():
+            stager.reserve(model_state_dict(seed=1))  # another state dict: reserved, then staged
+            staged = stager.stage(source)
+            assert_tree_staged(staged, source)
+        mutate_(source)
+        for _ in range(2):  # a walk, then a replay
+            staged = stager.stage(source)
+            assert_tree_staged(staged, source)
+            assert not any(t.is_inference() for t in tensors_of(staged))
+            for t in tensors_of(staged):
+                t.add_(0)
