@@ -382,8 +382,9 @@ class Recording:
         replay checked them the long way (see :meth:`Replay._check_bulk`); None until then."""
         self.twins: list[Any] | None = None
         """The staged tensors of the last call that recorded or replayed this structure, per
-        tensor (``None`` for one staged on its own), until the next replay lets go of them
-        between its own twins (see :meth:`Replay._make_twins`) or :meth:`let_go` does.
+        tensor (``None`` for one staged on its own). The next replay makes them the
+        :attr:`spare`, the one after hands out those nobody holds (see
+        :meth:`Replay._plain_twins`) and lets go of the rest; :meth:`let_go` drops them at once.
 
         Kept so that a caller who drops a staged result frees only its containers: freeing
         50,000 tensors at once held the loop 19-28 ms there, and left ~50,000 chunks in glibc's
