@@ -440,16 +440,36 @@ def register_checkpoint_stager(cls: type) -> None:
     CheckpointStager.register(cls)
 
 
-def outside_inference_mode() -> contextlib.AbstractContextManager[object]:
-    """A block whose new tensors are normal ones, even where the caller runs the stager inside
-    ``torch.inference_mode()``.
+def staging_defaults() -> contextlib.AbstractContextManager[object]:
+    """A block whose new tensors are normal CPU tensors, whatever torch defaults the caller's
+    thread has set: outside ``torch.inference_mode()``, and on the CPU where a default device
+    (``torch.set_default_device("cuda")``) or another function mode is active.
 
     Why: a cached buffer lives across calls. Allocated as an inference tensor by a call made in
     inference mode, it refused the copy of any later call made outside it ("Inplace update to
     inference tensor outside InferenceMode is not allowed"), and its staged tensors refused
-    in-place use there. Entered only when the mode is on: a ``torch.inference_mode(False)``
-    block costs a few microseconds per slice of the async walk.
+    in-place use there. Under a default device, the views astage builds with
+    ``torch.empty((0,), dtype=...).set_(storage, ...)`` were made on that device: a staged
+    partial view came back a meta (or CUDA) tensor. Both are entered only when needed: a
+    ``torch.inference_mode(False)`` block costs a few microseconds per slice of the async walk,
+    and ``torch.get_default_device()`` 8 us, so the function-mode stack's length (a C call) is
+    what is asked.
     """
-    if torch.is_inference_mode_enabled():
-        return torch.inference_mode(False)
-    return contextlib.nullcontext()
+    inference = torch.is_inference_mode_enabled()
+    moded = _function_modes() > 0
+    if not inference and not moded:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    if inference:
+        stack.enter_context(torch.inference_mode(False))
+    if moded:
+        stack.enter_context(torch.device("cpu"))
+    return stack
+
+
+def _function_modes() -> int:
+    """How many torch function modes the thread has pushed (a default device is one)."""
+    length = getattr(torch._C, "_len_torch_function_stack", None)
+    if length is None:  # not in this torch: the slower public question
+        return int(torch.get_default_device().type != "cpu")
+    return int(length())

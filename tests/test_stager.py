@@ -78,6 +78,20 @@ async def test_a_call_inside_inference_mode_leaves_buffers_later_calls_can_use()
                 t.add_(0)
 
 
+async def test_a_default_device_does_not_move_the_staged_tensors() -> None:
+    """The loop's thread may have a default device (see test_sync's test of the same name)."""
+    source = model_state_dict()
+    torch.set_default_device("meta")
+    try:
+        async with astage.Stager() as stager:
+            for _ in range(2):  # a walk, then a replay
+                staged = await stager.stage(source)
+                assert {t.device.type for t in tensors_of(staged)} == {"cpu"}
+                assert_tree_staged(staged, source)
+    finally:
+        torch.set_default_device(None)
+
+
 async def test_aclose_then_stage_is_refused() -> None:
     stager = astage.Stager()
     await stager.stage({"w": torch.randn(3)})

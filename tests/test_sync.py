@@ -343,3 +343,20 @@ def test_a_call_inside_inference_mode_leaves_buffers_later_calls_can_use() -> No
             assert not any(t.is_inference() for t in tensors_of(staged))
             for t in tensors_of(staged):
                 t.add_(0)
+
+
+def test_a_default_device_does_not_move_the_staged_tensors() -> None:
+    """``torch.set_default_device(...)`` in the caller's thread (``"cuda"`` in real code; the
+    meta device here, which has no data) does not reach the tensors astage makes: staged views
+    came back as meta tensors before."""
+    source = model_state_dict()
+    torch.set_default_device("meta")
+    try:
+        with astage.SyncStager() as stager:
+            stager.reserve(source)
+            for _ in range(2):  # a walk, then a replay
+                staged = stager.stage(source)
+                assert {t.device.type for t in tensors_of(staged)} == {"cpu"}
+                assert_tree_staged(staged, source)
+    finally:
+        torch.set_default_device(None)

@@ -47,7 +47,7 @@ from .._devices._host import reserve_batch, run_host_batch
 from .._errors import UsageError
 from .._options import StagingOptions
 from .._paths import Path
-from .._torch import outside_inference_mode
+from .._torch import staging_defaults
 from ._base import CallOrder, Reservation, ReserveProgress, ReserveWork, StagerBase
 from ._events import DeviceLimiters, wait_for_event
 from ._gc import gc_paused
@@ -731,7 +731,7 @@ class _Landed:
 def _walk_for(walk: Iterator[object], seconds: float) -> bool:
     """Advance ``walk`` for at most ``seconds`` (one slice of loop time); True once it is done."""
     deadline = time.perf_counter() + seconds
-    with outside_inference_mode():  # per slice: the mode is the thread's, the loop's tasks share it
+    with staging_defaults():  # per slice: the thread's defaults, which the loop's tasks share
         return all(time.perf_counter() < deadline for _ in walk)
 
 

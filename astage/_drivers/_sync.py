@@ -31,7 +31,7 @@ from .._devices._backend import DeviceCopies, enqueue_batch
 from .._devices._host import reserve_batch, run_host_batch
 from .._errors import InvalidOptionsError
 from .._options import StagingOptions
-from .._torch import outside_inference_mode
+from .._torch import staging_defaults
 from ._base import CallOrder, Reservation, ReserveProgress, ReserveWork, StagerBase
 from ._gc import gc_paused
 from ._leases import Lease
@@ -132,7 +132,7 @@ class SyncStager(StagerBase):
             with self._lock:
                 self._check_open()
                 work = ReserveWork(self, state_dict)
-                with gc_paused(self._resolved.pause_gc), outside_inference_mode():
+                with gc_paused(self._resolved.pause_gc), staging_defaults():
                     for run, _ in work.runs:
                         for _ in run.walk:
                             pass
@@ -184,7 +184,12 @@ class SyncStager(StagerBase):
         return buffer_set
 
     def _copy_all(self, run: Run[_Enqueued], order: CallOrder) -> None:
-        with gc_paused(self._resolved.pause_gc), outside_inference_mode():
+        # The device batches are cut and enqueued in this thread too (gather buffers).
+        with staging_defaults():
+            self._walk_and_copy(run, order)
+
+    def _walk_and_copy(self, run: Run[_Enqueued], order: CallOrder) -> None:
+        with gc_paused(self._resolved.pause_gc):
             for _ in run.walk:
                 pass
         while True:
