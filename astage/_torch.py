@@ -153,20 +153,21 @@ def _tensor_guards() -> Any:
 
         # Typed Any: its stub leaves out the example tensors that the constructor takes.
         tensor_guards: Any = guards.TensorGuards
-        base = torch.zeros(4, 3)
+        cpu = torch.device("cpu")  # not the caller's default device, if any
+        base = torch.zeros(4, 3, device=cpu)
         guard = tensor_guards(base, dynamic_dims_sizes=None, dynamic_dims_strides=None).check
         others = (
             base.t().contiguous().t(),  # strides
-            torch.zeros(3, 4),  # shape
+            torch.zeros(3, 4, device=cpu),  # shape
             base.double(),  # dtype
             neg_view(base),  # neg bit
             torch.nn.Parameter(base),  # exact type
             base.clone().requires_grad_(),  # requires_grad
             torch.zeros(4, 3, device="meta"),  # device
-            torch.zeros(4, 3, dtype=torch.complex64).conj(),  # dtype and conj bit
+            torch.zeros(4, 3, dtype=torch.complex64, device=cpu).conj(),  # dtype and conj bit
         )
-        works = guard(torch.zeros(4, 3)) is True and not any(guard(x) for x in others)
-        complex_ = torch.zeros(2, dtype=torch.complex64)
+        works = guard(torch.zeros(4, 3, device=cpu)) is True and not any(guard(x) for x in others)
+        complex_ = torch.zeros(2, dtype=torch.complex64, device=cpu)
         conj = tensor_guards(complex_, dynamic_dims_sizes=None, dynamic_dims_strides=None).check
         works = works and conj(complex_.clone()) is True and conj(complex_.conj()) is False
         works = works and guard(3) is False

@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 import pytest
 import torch
-from conftest import assert_tree_staged, count_recorders, mutate_
+from conftest import assert_tree_staged, count_recorders, model_state_dict, mutate_, tensors_of
 
 import astage
 
@@ -237,3 +237,20 @@ def test_bad_targets_stagers_and_options(tmp_path: Path) -> None:
     with pytest.raises(astage.UsageError, match="already"):
         astage.save_sync({"a": torch.ones(1)}, writer)  # a writer writes one file once
     assert files_in(tmp_path) == ["w.safetensors"]
+
+
+def test_a_default_device_does_not_reach_the_files(tmp_path: Path) -> None:
+    """Under ``torch.set_default_device(...)`` (meta here: no data) a save still writes the
+    state and a load still returns CPU tensors: the lease's byte and the loaded tensors were
+    made on the default device before ("Tensor.item() cannot be called on meta tensors",
+    "Bad address")."""
+    source = model_state_dict()
+    path = tmp_path / "model.safetensors"
+    torch.set_default_device("meta")
+    try:
+        astage.save_sync(source, path)
+        loaded = astage.load(path)
+    finally:
+        torch.set_default_device(None)
+    assert {t.device.type for t in tensors_of(loaded)} == {"cpu"}
+    assert_tree_staged(loaded, source)

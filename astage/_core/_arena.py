@@ -101,6 +101,6 @@ def huge_pages_help() -> bool:
     small: list[float] = []
     huge: list[float] = []
     for _ in range(2):
-        small.append(_populate_seconds(torch.empty(_PROBE_BYTES, dtype=torch.uint8)))
+        small.append(_populate_seconds(torch.empty(_PROBE_BYTES, dtype=torch.uint8, device="cpu")))
         huge.append(_populate_seconds(huge_empty(_PROBE_BYTES)))
     return min(huge) < 0.7 * min(small)

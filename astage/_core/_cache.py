@@ -139,7 +139,7 @@ class HostBuffer(weakref.ref):  # type: ignore[type-arg]
         """The buffer as a flat ``uint8`` tensor."""
         if self.whole.dtype is torch.uint8 and self.whole.dim() == 1:
             return self.whole
-        return torch.empty((0,), dtype=torch.uint8).set_(self.storage)
+        return torch.empty((0,), dtype=torch.uint8, device="cpu").set_(self.storage)
 
     def copy_started(self) -> None:
         """Count a copy into the buffer as in flight: its registration is kept until it lands.
@@ -305,7 +305,7 @@ class BufferCache:
             if nbytes >= PAGE_ALIGNED_MIN_BYTES:
                 return _sole_tensor(page_empty(nbytes).untyped_storage(), shape, dtype)
             # No Python storage object is created: one tensor is the whole cost of a buffer.
-            return torch.empty(shape, dtype=dtype)
+            return torch.empty(shape, dtype=dtype, device="cpu")
         return _sole_tensor(new_shared_storage(nbytes), shape, dtype)
 
     def _wants_huge_pages(self) -> bool:
@@ -409,7 +409,9 @@ def _sole_tensor(storage: torch.UntypedStorage, shape: Shape, dtype: torch.dtype
     the tensor it was taken from alive, one reference more for as long as the buffer lives: such
     a buffer looks in use forever (compat's pool then allocated a new buffer set for every save).
     """
-    return torch.empty((0,), dtype=dtype).set_(storage, 0, shape, _contiguous_strides(shape))
+    return torch.empty((0,), dtype=dtype, device="cpu").set_(
+        storage, 0, shape, _contiguous_strides(shape)
+    )
 
 
 def _contiguous_strides(shape: Shape) -> tuple[int, ...]:

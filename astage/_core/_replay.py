@@ -937,7 +937,9 @@ class Replay:
             if spans:
                 y = views[slot].detach()  # type: ignore[union-attr]
             else:
-                y = torch.empty((0,), dtype=dtype).set_(buffer.storage, offset, shape, stride)
+                y = torch.empty((0,), dtype=dtype, device="cpu").set_(
+                    buffer.storage, offset, shape, stride
+                )
                 if conj:
                     y = y.conj()
                 if neg:

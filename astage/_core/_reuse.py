@@ -48,7 +48,7 @@ def _refs_when_unheld() -> int | None:
     apart (a build without the GIL defers and biases its counts)."""
     if getattr(sys, "_is_gil_enabled", lambda: True)() is False:
         return None
-    pool = [torch.empty(0)]
+    pool = [torch.empty(0, device="cpu")]
     unheld = next(map(sys.getrefcount, pool[0:1]))
     holder = pool[0]
     held = next(map(sys.getrefcount, pool[0:1]))

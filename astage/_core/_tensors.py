@@ -373,7 +373,7 @@ def bytes_view(storage: torch.UntypedStorage, device: torch.device) -> torch.Ten
 
 def view_on(buffer: HostBuffer, x: torch.Tensor) -> torch.Tensor:
     """A CPU tensor with ``x``'s dtype, shape, stride and offset on ``buffer``."""
-    return torch.empty((0,), dtype=x.dtype).set_(
+    return torch.empty((0,), dtype=x.dtype, device="cpu").set_(
         buffer.storage, x.storage_offset(), x.size(), x.stride()
     )
 

@@ -144,7 +144,7 @@ def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
 
 def pageable_slab(nbytes: int) -> torch.Tensor:
     """A slab of ordinary (pageable) host memory."""
-    return torch.empty((nbytes,), dtype=torch.uint8)
+    return torch.empty((nbytes,), dtype=torch.uint8, device="cpu")
 
 
 def pinned_slab(nbytes: int) -> torch.Tensor:
@@ -155,7 +155,7 @@ def pinned_slab(nbytes: int) -> torch.Tensor:
     one goes back to torch's host cache, which also waits for copies it saw, so no thread that
     drops a slab ever calls the runtime), and its power-of-two rounding is the pool's growth.
     """
-    return torch.empty((nbytes,), dtype=torch.uint8, pin_memory=True)
+    return torch.empty((nbytes,), dtype=torch.uint8, device="cpu", pin_memory=True)
 
 
 class SlabPool:

@@ -53,7 +53,7 @@ class Lease:
 
     def __init__(self, board: LeaseBoard | None = None, *, shared: bool = False) -> None:
         # One byte, 0 while held; in shared memory when the lease may cross to another process.
-        self._flag = torch.zeros(1, dtype=torch.uint8)
+        self._flag = torch.zeros(1, dtype=torch.uint8, device="cpu")
         if shared:
             self._flag.share_memory_()
         self._board = board  # None in a process the lease was sent to: nobody waits there

@@ -327,7 +327,7 @@ class _Plan:
         return stored
 
     def _array(self, slot: _ArraySlot) -> Any:
-        data = torch.empty((slot.entry.nbytes,), dtype=torch.uint8)
+        data = torch.empty((slot.entry.nbytes,), dtype=torch.uint8, device="cpu")
         read_exactly(self.fd, tensor_memoryview(data), self._at(slot.entry, 0), self.name)
         decoder = _Decoder(self.header.entries, {slot.entry.key: data}, self.name, None)
         return decoder._array(slot.node)
@@ -380,12 +380,12 @@ class _Plan:
         it is the whole tensor and the buffer holds ``slot``'s span, viewed as ``slot`` says.
         """
         nbytes = destination.numel() if slot is None else slot.span[1] - slot.span[0]
-        buffer = torch.empty((nbytes,), dtype=torch.uint8, pin_memory=pinned)
+        buffer = torch.empty((nbytes,), dtype=torch.uint8, device="cpu", pin_memory=pinned)
         read_exactly(self.fd, tensor_memoryview(buffer), offset, self.name)
         source = buffer
         if slot is not None:
             stride = slot.stride if slot.stride is not None else _contiguous_strides(slot.shape)
-            source = torch.empty((0,), dtype=slot.dtype).set_(
+            source = torch.empty((0,), dtype=slot.dtype, device="cpu").set_(
                 buffer.untyped_storage(), 0, slot.shape, stride
             )
             if slot.conj:

@@ -590,7 +590,7 @@ def load(
         document = _skeleton_document(header.metadata, name)
         stored: dict[str, torch.Tensor] = {}
         for key, entry in header.entries.items():
-            tensor = torch.empty(entry.shape, dtype=entry.dtype)
+            tensor = torch.empty(entry.shape, dtype=entry.dtype, device="cpu")
             _read_into(fd, tensor, header.data_start + entry.begin, name)
             stored[key] = tensor
     finally:
@@ -1202,6 +1202,6 @@ class _Decoder(SkeletonDecoder):
         if self._stored is None:
             return None
         storage = self._stored[entry.key].untyped_storage()
-        data = torch.empty((0,), dtype=torch.uint8).set_(storage).numpy()
+        data = torch.empty((0,), dtype=torch.uint8, device="cpu").set_(storage).numpy()
         little = data.view(dtype.newbyteorder("<")).reshape(shape)
         return little.astype(dtype)  # the array's own byte order, and its own memory

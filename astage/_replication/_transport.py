@@ -186,8 +186,8 @@ class Transport:
             text = refusal_bytes(str(refused), call, broken=broken)
             encoded, sizes, total = Encoded({}, []), [], -1
         # 1. the header's length and the total bytes
-        mine = torch.tensor([len(text), total], dtype=torch.int64)
-        theirs = torch.zeros(2, dtype=torch.int64)
+        mine = torch.tensor([len(text), total], dtype=torch.int64, device="cpu")
+        theirs = torch.zeros(2, dtype=torch.int64, device="cpu")
         self._swap([mine], [theirs], deadline, "the header-size exchange", _SIZES_TAG)
         their_length, their_total = int(theirs[0]), int(theirs[1])
         problem = check_lengths(their_length, their_total)
@@ -197,7 +197,7 @@ class Transport:
             raise ReplicationError(reason)
         # 2. the header
         out = torch.frombuffer(bytearray(text), dtype=torch.uint8)
-        into = torch.empty(their_length, dtype=torch.uint8)
+        into = torch.empty(their_length, dtype=torch.uint8, device="cpu")
         self._swap([out], [into], deadline, "the header exchange", _HEADER_TAG)
         # 3. check it and rebuild the replica on its buffers, before any byte is received
         header: Header | None = None
@@ -235,8 +235,8 @@ class Transport:
             replica, plan = None, []
         # 4. the verdicts: bytes flow only into a receiver that accepted its header
         code = _ACCEPT if rejected is None else _BREAK if out_of_step else _REFUSE
-        verdict = torch.tensor([code], dtype=torch.int64)
-        their_verdict = torch.zeros(1, dtype=torch.int64)
+        verdict = torch.tensor([code], dtype=torch.int64, device="cpu")
+        their_verdict = torch.zeros(1, dtype=torch.int64, device="cpu")
         self._swap([verdict], [their_verdict], deadline, "the verdict exchange", _VERDICT_TAG)
         accepted = int(their_verdict[0]) == _ACCEPT
         out_of_step = out_of_step or int(their_verdict[0]) == _BREAK
@@ -308,7 +308,7 @@ class Transport:
         ):
             self._recv_buffers = []
         if [b.numel() for b in self._recv_buffers] != sizes:
-            self._recv_buffers = [torch.empty(n, dtype=torch.uint8) for n in sizes]
+            self._recv_buffers = [torch.empty(n, dtype=torch.uint8, device="cpu") for n in sizes]
         return self._recv_buffers
 
     def _post(

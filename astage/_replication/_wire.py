@@ -440,7 +440,7 @@ class _Decoder(SkeletonDecoder):
                     f"{self._sizes[index]} bytes"
                 )
         storage = self._storages[index].untyped_storage()
-        view = torch.empty((0,), dtype=dtype).set_(storage, offset, shape, stride)
+        view = torch.empty((0,), dtype=dtype, device="cpu").set_(storage, offset, shape, stride)
         if node.get("conj"):
             view = view.conj()
         if node.get("neg"):
@@ -600,7 +600,7 @@ def pack(
         if bucket_no < len(spare) and spare[bucket_no].numel() >= total:
             bucket = spare[bucket_no][:total]
         else:
-            fresh = torch.empty(max(total, BUCKET_BYTES * 2), dtype=torch.uint8)
+            fresh = torch.empty(max(total, BUCKET_BYTES * 2), dtype=torch.uint8, device="cpu")
             if bucket_no < len(spare):
                 spare[bucket_no] = fresh
             else:
@@ -645,6 +645,6 @@ def unpack_plan(storages: list[torch.Tensor], sizes: list[int]) -> list[Incoming
         if _travels_alone(group, sizes):
             plan.append(Incoming(storages[group[0]], group, packed=False))
         else:
-            bucket = torch.empty(sum(sizes[i] for i in group), dtype=torch.uint8)
+            bucket = torch.empty(sum(sizes[i] for i in group), dtype=torch.uint8, device="cpu")
             plan.append(Incoming(bucket, group, packed=True))
     return plan

@@ -524,11 +524,11 @@ class FileSystemReader(_DcpFileSystemReader):
             direct = (
                 target.device.type == "cpu" and target.dtype == dtype and target.is_contiguous()
             )
-            landing = target if direct else torch.empty(lengths, dtype=dtype)
+            landing = target if direct else torch.empty(lengths, dtype=dtype, device="cpu")
             reads.append((fd, start, _bytes_of(landing), where))
             region = landing
         else:  # read the rows the region spans, then narrow the other dimensions
-            rows = torch.empty([lengths[0], *sizes[1:]], dtype=dtype)
+            rows = torch.empty([lengths[0], *sizes[1:]], dtype=dtype, device="cpu")
             reads.append(
                 (fd, info.offset + offsets[0] * strides[0] * element, _bytes_of(rows), where)
             )
