@@ -153,12 +153,12 @@ def _tensor_guards() -> Any:
 
         # Typed Any: its stub leaves out the example tensors that the constructor takes.
         tensor_guards: Any = guards.TensorGuards
-        cpu = torch.device("cpu")  # not the caller's default device, if any
-        base = torch.zeros(4, 3, device=cpu)
+        cpu = torch.device("cpu")  # not the caller's default device or dtype, if any
+        base = torch.zeros(4, 3, dtype=torch.float32, device=cpu)
         guard = tensor_guards(base, dynamic_dims_sizes=None, dynamic_dims_strides=None).check
         others = (
             base.t().contiguous().t(),  # strides
-            torch.zeros(3, 4, device=cpu),  # shape
+            torch.zeros(3, 4, dtype=torch.float32, device=cpu),  # shape
             base.double(),  # dtype
             neg_view(base),  # neg bit
             torch.nn.Parameter(base),  # exact type
@@ -166,7 +166,8 @@ def _tensor_guards() -> Any:
             torch.zeros(4, 3, device="meta"),  # device
             torch.zeros(4, 3, dtype=torch.complex64, device=cpu).conj(),  # dtype and conj bit
         )
-        works = guard(torch.zeros(4, 3, device=cpu)) is True and not any(guard(x) for x in others)
+        alike = torch.zeros(4, 3, dtype=torch.float32, device=cpu)
+        works = guard(alike) is True and not any(guard(x) for x in others)
         complex_ = torch.zeros(2, dtype=torch.complex64, device=cpu)
         conj = tensor_guards(complex_, dynamic_dims_sizes=None, dynamic_dims_strides=None).check
         works = works and conj(complex_.clone()) is True and conj(complex_.conj()) is False

@@ -1697,6 +1697,23 @@ def test_the_conj_bit_is_told_apart() -> None:
     assert guard(z.conj()) is False
 
 
+@pytest.mark.parametrize("default", ["dtype float64", "device meta"])
+def test_the_guard_probe_ignores_the_caller_s_defaults(default: str) -> None:
+    """The probe runs once per process, wherever the first replay runs: under a caller's
+    ``torch.set_default_dtype(torch.float64)`` its "other dtype" example (``double()``) was
+    no other dtype, and the guard was off for the whole process."""
+    previous_dtype = torch.get_default_dtype()
+    if default == "dtype float64":
+        torch.set_default_dtype(torch.float64)
+    else:
+        torch.set_default_device("meta")
+    try:
+        assert torch_wrappers._tensor_guards.__wrapped__() is not None
+    finally:
+        torch.set_default_dtype(previous_dtype)
+        torch.set_default_device(None)
+
+
 def test_no_guard_where_the_probe_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch_wrappers, "_tensor_guards", lambda: None)
     assert metadata_guard([torch.zeros(1)]) is None
