@@ -478,7 +478,7 @@ class Recording:
             if twins is not None and alone:
                 twins[self.first_leaf[slot]] = None
         if not alone:
-            self.twins = self.spare = None
+            self.let_go()
 
     def keep(self, twins: list[Any], dead: int, spare: list[Any] | None = None) -> None:
         """Keep ``twins`` as :attr:`twins` (and ``spare``), unless a slot was forgotten since
@@ -982,7 +982,7 @@ class Replay:
                 candidates = (
                     pool[start:stop] if rec.all_plain else list(map(pool.__getitem__, leaves))
                 )
-            if candidates and reusable(candidates, check):  # type: ignore[arg-type]
+            if check is not None and candidates and reusable(candidates, check):
                 detached += candidates
                 made = False
             else:
@@ -1013,6 +1013,8 @@ class Replay:
         # What is not kept goes a step at a time too: the twins no step covers (a Parameter's,
         # a view's, one on a shared storage), 50,000 of them where every tensor is one.
         for dropped in (spare, None if keep_last else last):
+            if dropped is pool and rec.all_plain:
+                continue  # every entry was let go above, step by step
             while dropped:
                 del dropped[-_BULK_STEP:]
                 yield

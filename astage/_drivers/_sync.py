@@ -163,7 +163,9 @@ class SyncStager(StagerBase):
                 order = self._start_order(after)
                 run: Run[_Enqueued] = self._new_run(state_dict, buffer_set, track_leaves=False)
                 try:
-                    self._copy_all(run, order)
+                    # The device batches are cut and enqueued in this thread too (gathers).
+                    with staging_defaults():
+                        self._copy_all(run, order)
                 finally:
                     # Whatever happened, no copy this call enqueued lands after it returned.
                     for enqueued in run.pending:
@@ -184,11 +186,6 @@ class SyncStager(StagerBase):
         return buffer_set
 
     def _copy_all(self, run: Run[_Enqueued], order: CallOrder) -> None:
-        # The device batches are cut and enqueued in this thread too (gather buffers).
-        with staging_defaults():
-            self._walk_and_copy(run, order)
-
-    def _walk_and_copy(self, run: Run[_Enqueued], order: CallOrder) -> None:
         with gc_paused(self._resolved.pause_gc):
             for _ in run.walk:
                 pass
