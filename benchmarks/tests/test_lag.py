@@ -81,8 +81,12 @@ def test_windows_split_the_samples(backend: str) -> None:
     assert first and second
     # Back to back, the windows hold consecutive runs of the probe's samples: the first from
     # the probe's start, the second from the beat the first one waited for on its way out.
-    assert every[: len(first)] == first
-    assert every[len(first) : len(first) + len(second)] == second
+    # Each window's first sample may be cut to the time since the window opened (that beat
+    # went to sleep before it), so it is at most the probe's own; the rest are the probe's.
+    own_first = every[: len(first)]
+    own_second = every[len(first) : len(first) + len(second)]
+    assert first[1:] == own_first[1:] and second[1:] == own_second[1:]
+    assert first[0] <= own_first[0] and second[0] <= own_second[0]
 
 
 def test_a_window_outside_a_running_probe_does_not_wait() -> None:
