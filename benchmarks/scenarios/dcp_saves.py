@@ -47,6 +47,8 @@ class SaveTimes:
     staged: list[list[float]] = field(default_factory=lambda: [[] for _ in range(SAVES)])
     uploaded: list[list[float]] = field(default_factory=lambda: [[] for _ in range(SAVES)])
     new_nbytes: list[list[int | None]] = field(default_factory=lambda: [[] for _ in range(SAVES)])
+    own: list[list[float | None]] = field(default_factory=lambda: [[] for _ in range(SAVES)])
+    """The stager's own ``stage()`` call, timed by astage (``last_stats.seconds``)."""
 
     def cached(self, phase: str) -> float:
         """Median over the saves after the first (the cached ones) and the repeats."""
@@ -61,6 +63,7 @@ class SaveTimes:
             "staged_s": self.staged,
             "uploaded_s": self.uploaded,
             "new_nbytes": self.new_nbytes,
+            "own_s": self.own,
         }
 
 
@@ -93,6 +96,11 @@ def _new_nbytes(stager: Any) -> int | None:
     return None if stats is None else int(stats.new_nbytes)
 
 
+def _own_seconds(stager: Any) -> float | None:
+    stats = getattr(stager, "last_stats", None)
+    return None if stats is None else float(stats.seconds)
+
+
 def _session(
     name: str,
     state_dict: Any,
@@ -111,6 +119,7 @@ def _session(
             times.staged[index].append(staged)
             times.uploaded[index].append(uploaded)
             times.new_nbytes[index].append(_new_nbytes(stager))
+            times.own[index].append(_own_seconds(stager))
         if after_last_upload is not None:
             after_last_upload()
     finally:
@@ -154,6 +163,38 @@ def _why_floor(floor: float | None, mine: float, theirs: float, goal: float) -> 
         f"astage's staging {fmt_s(mine)} ({mine / floor:.2f}x the copy, with async_save's own "
         f"work) and the other {fmt_s(theirs)}. Being {goal:g}x faster than the other would "
         f"take {fmt_s(theirs / goal)}, less than the copy itself."
+    )
+
+
+def _why_split(
+    floor: float | None, own: float | None, mine: float, theirs: float, goal: float
+) -> str:
+    """Where ``_why_floor`` argues nothing: the cached save's staging split into astage's own
+    ``stage()`` call and the rest (async_save's futures and callbacks, the hand-off to the
+    staging thread and back), so the shortfall is not left unexplained. It bounds the goal
+    only where a ``stage()`` as fast as the plain copy, with the same rest, would still miss
+    it; otherwise it says how much of the call is over the copy."""
+    if floor is None or own is None or mine * goal <= theirs:
+        return ""
+    rest = max(0.0, mine - own)
+    needed = theirs / goal
+    split = (
+        f"Of astage's {fmt_s(mine)} from the async_save call to staging_completion, its own "
+        f"stage() call (timed by astage in its staging thread, medians) took {fmt_s(own)}, "
+        f"{own / floor:.2f}x the plain copy of the same tensors ({fmt_s(floor)}); the other "
+        f"{fmt_s(rest)} are async_save's own work, its futures and callbacks, and the hand-off "
+        "to the staging thread and back. "
+    )
+    if floor + rest > needed:
+        return split + (
+            f"Being {goal:g}x faster than the other stager ({fmt_s(theirs)}) would take "
+            f"{fmt_s(needed)}: less than the copy plus that rest ({fmt_s(floor + rest)}), "
+            "so even a stage() as fast as the copy would miss it."
+        )
+    return split + (
+        f"Being {goal:g}x faster than the other stager ({fmt_s(theirs)}) would take "
+        f"{fmt_s(needed)}: stage() would have to come within {fmt_s(needed - rest - floor)} "
+        f"of the copy, where it took {fmt_s(own - floor)} over it in this run."
     )
 
 
@@ -208,13 +249,16 @@ def dcp_saves(config: Config, data: Data, runner: LoopRunner) -> ScenarioResult:
 
     mine, theirs, owned = times[ASTAGE], times[DCP], times[DCP_OWNED]
     floor = median(copies) if copies else None
+    own_times = [s for saves in mine.own[1:] for s in saves if s is not None]
+    own = median(own_times) if own_times else None
     result.checks += [
         _ratio_check(
             "staging complete, cached saves (2 and 3) vs DCP DefaultStager",
             mine.cached("staged"),
             theirs.cached("staged"),
             1.2,
-            why=_why_floor(floor, mine.cached("staged"), theirs.cached("staged"), 1.2),
+            why=_why_floor(floor, mine.cached("staged"), theirs.cached("staged"), 1.2)
+            or _why_split(floor, own, mine.cached("staged"), theirs.cached("staged"), 1.2),
         ),
         _ratio_check(
             "upload complete, cached saves (2 and 3) vs DCP DefaultStager",
@@ -245,6 +289,15 @@ def dcp_saves(config: Config, data: Data, runner: LoopRunner) -> ScenarioResult:
                 None,
             )
         )
+        if own is not None:
+            result.checks.append(
+                _ratio_check(
+                    "astage's own stage() call, cached saves, vs a plain copy (the floor)",
+                    own,
+                    floor,
+                    None,
+                )
+            )
     rows = []
     for name in names:
         t = times[name]

@@ -59,7 +59,7 @@ EXPECTED = {
     "model": 4,
     "lag": 10,
     "memory": 10,
-    "dcp": 5,
+    "dcp": 6,
     "writers": 14,
     "gpu": 19,
     "restore": 16,
