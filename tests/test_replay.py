@@ -34,6 +34,7 @@ from astage._core._cache import BufferCache, HostBuffer
 from astage._core._plan import Plan
 from astage._core._replay import _BULK_STEP as BULK_STEP
 from astage._core._replay import CHUNK, Recording, Replay, _Recorder, walk_or_replay
+from astage._core._reuse import DICT_STEP
 from astage._core._tables import EMPTY_STEP, empty_in_steps
 from astage._core._walk import SMALL_CONTAINER
 from astage._devices._host import run_host_batch
@@ -592,6 +593,8 @@ def _node_fields(node: Any) -> Any:
     if node is None or type(node) is int:
         return node
     fields = {name: getattr(node, name) for name in type(node).__slots__ if name != "children"}
+    if fields.get("group") is not None:  # where its kept dicts go: each group its own place
+        fields["group"] = fields["group"]._replace(items_at=None)
     return type(node).__name__, fields, [_node_fields(child) for child in node.children]
 
 
@@ -1242,27 +1245,96 @@ CHANGES_BY_A_HOLDER: dict[str, Callable[[torch.Tensor], Any]] = {
 }
 
 
+def _add_a_key(item: dict[str, Any]) -> None:
+    item["extra"] = torch.ones(1)
+
+
+def _drop_a_key(item: dict[str, Any]) -> None:
+    item.pop("p", None)
+
+
+def _reorder(item: dict[str, Any]) -> None:
+    for key in list(item)[:1]:
+        item[key] = item.pop(key)
+
+
+DICT_CHANGES_BY_A_HOLDER: dict[str, Callable[[dict[str, Any]], None]] = {
+    "none": lambda item: None,
+    "add a key": _add_a_key,
+    "drop a key": _drop_a_key,
+    "reorder": _reorder,
+    "clear": dict.clear,
+}
+
+
+def _change_each(items: list[Any], change: Callable[[Any], None]) -> None:
+    """In a frame of its own: no loop variable left holding the last one."""
+    for item in items:
+        change(item)
+
+
+def _check_handed_out(cache: BufferCache, tensors: list[torch.Tensor]) -> None:
+    for t in tensors:
+        assert t.grad is None and not t.__dict__ and not weakref.getweakrefcount(t)
+        buffer = cache.get(t.untyped_storage())
+        assert buffer is None or buffer.storage.data_ptr() == t.untyped_storage().data_ptr()
+
+
+def _structure(x: Any) -> Any:
+    """A result's containers and tensors by identity, with the keys and values they hold."""
+    if isinstance(x, torch.Tensor):
+        return id(x)
+    if isinstance(x, dict):
+        return id(x), [(key, _structure(value)) for key, value in x.items()]
+    if isinstance(x, (list, tuple)):
+        return id(x), [_structure(value) for value in x]
+    return x
+
+
+def _containers(result: Any) -> list[Any]:
+    found: list[Any] = []
+    stack = [result]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, dict):
+            found.append(x)
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            found.append(x)
+            stack.extend(x)
+        elif isinstance(x, tuple):
+            stack.extend(x)
+    return found
+
+
 @_PROPERTY
 @given(
     scenarios(),
     st.lists(
-        st.tuples(st.booleans(), st.sampled_from(list(CHANGES_BY_A_HOLDER)), st.integers(0, 50)),
+        st.tuples(
+            st.sampled_from(["drop", "hold", "hold an item"]),
+            st.sampled_from(list(CHANGES_BY_A_HOLDER)),
+            st.integers(0, 50),
+            st.sampled_from(list(DICT_CHANGES_BY_A_HOLDER)),
+        ),
         min_size=4,
         max_size=8,
     ),
 )
 def test_results_held_dropped_or_changed_by_their_holders_stay_apart(
-    case: tuple[Scenario, list[tuple[str, int]]], calls: list[tuple[bool, str, int]]
+    case: tuple[Scenario, list[tuple[str, int]]], calls: list[tuple[str, str, int, str]]
 ) -> None:
-    """Staged tensors handed out again (see ``_reuse``) never show: whatever the caller did
-    with earlier results (kept some, dropped others, changed a staged tensor in place, gave it
-    a ``.grad``, an attribute or a weak reference, then dropped it), and whatever changed in
-    the source on the way, every call stages what a fresh cache does, and shares no tensor
-    object with a result still held."""
+    """Staged tensors and dicts handed out again (see ``_reuse``) never show: whatever the
+    caller did with earlier results (kept some, or one item dict of them, dropped others,
+    changed a staged tensor in place, gave it a ``.grad``, an attribute or a weak reference,
+    added, dropped or reordered the keys of item dicts, then dropped them), and whatever
+    changed in the source on the way, every call stages what a fresh cache does, shares no
+    tensor or container with what is still held, and leaves what is held as it was."""
     scenario, changes = case
     cache = new_cache()
     held: list[Any] = []
-    for call, (hold, change, pick) in enumerate(calls):
+    held_as_it_was: list[Any] = []
+    for call, (keep, change, pick, dict_change) in enumerate(calls):
         if call == 4:  # after a few calls that may hand out tensors again
             for source_change, where in changes:
                 scenario.change(source_change, where)
@@ -1273,17 +1345,21 @@ def test_results_held_dropped_or_changed_by_their_holders_stay_apart(
         tensors = _staged_tensors(result)
         ids = set(map(id, tensors))
         assert not any(ids & set(map(id, _staged_tensors(earlier))) for earlier in held)
-        for t in tensors:
-            assert t.grad is None and not t.__dict__ and not weakref.getweakrefcount(t)
-            buffer = cache.get(t.untyped_storage())
-            assert buffer is None or buffer.storage.data_ptr() == t.untyped_storage().data_ptr()
+        containers = set(map(id, _containers(result)))
+        assert not any(containers & set(map(id, _containers(earlier))) for earlier in held)
+        assert [_structure(earlier) for earlier in held] == held_as_it_was
+        _check_handed_out(cache, tensors)
         with torch.no_grad():  # a staged Parameter may require grad
-            for t in tensors[pick % 2 :: 2]:  # half of them, or all where there is one
-                CHANGES_BY_A_HOLDER[change](t)
-        del tensors, t
-        if hold:
+            _change_each(tensors[pick % 2 :: 2], CHANGES_BY_A_HOLDER[change])  # half, or the one
+        del tensors
+        items = list(result.get("state", {}).values())
+        _change_each(items[pick % 2 :: 2], DICT_CHANGES_BY_A_HOLDER[dict_change])
+        if keep == "hold":
             held.append(result)
-        del result
+        elif keep == "hold an item" and items:
+            held.append(items[pick % len(items)])
+        held_as_it_was = [_structure(earlier) for earlier in held]
+        del result, items
         _KEPT_WEAKLY[:] = [ref for ref in _KEPT_WEAKLY if ref() is not None]
     _KEPT_WEAKLY.clear()
 
@@ -1643,6 +1719,186 @@ def test_twins_are_not_kept_across_an_eviction_during_the_call() -> None:
     assert recording.twins is None
     recording.keep(twins, 1)
     assert recording.twins is twins
+
+
+# -- the last call's item dicts (Recording.items) -------------------------------------------------
+
+
+def _item_ids(result: Any) -> set[int]:
+    return {id(item) for item in result["state"].values()}
+
+
+@pytest.fixture
+def new_dicts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many item dicts replays made (rather than filled a kept one), per call to ``stage``;
+    counted, since an ``id()`` may come back on a new dict once the old one is freed."""
+    made = [0]
+
+    def counted(pairs: Any) -> dict[Any, Any]:
+        made[0] += 1
+        return dict(pairs)
+
+    monkeypatch.setattr(replay_module, "_new_dict", counted)
+    return made
+
+
+def _dicts_made(new_dicts: list[int], cache: BufferCache, state_dict: Any) -> tuple[int, Any]:
+    before = new_dicts[0]
+    result = check_call(cache, state_dict, replayed=True).result
+    return new_dicts[0] - before, result
+
+
+def _contents(result: Any) -> dict[Any, list[tuple[str, int]]]:
+    """Each item dict's keys and the tensor objects under them, by identity."""
+    return {key: [(k, id(t)) for k, t in item.items()] for key, item in result["state"].items()}
+
+
+def test_a_dropped_result_s_item_dicts_are_filled_again(
+    new_dicts: list[int], detaches: list[int]
+) -> None:
+    """A group's item dicts (an optimizer's per-parameter state) that nobody holds any more
+    are emptied and filled with the next call's twins, rather than made again: a cached call
+    then leaves no new objects for the cyclic collector (the young collections that traversed
+    16,667 new dicts per call held a frozen-heap application's loop ~20 ms per call)."""
+    state_dict = _optimizer_state(3 * DICT_STEP // 2)
+    count = len(state_dict["state"])
+    cache = new_cache()
+    stage(cache, state_dict)
+    for call in range(5):
+        fresh_twins = detaches[0]
+        made, result = _dicts_made(new_dicts, cache, state_dict)
+        assert made == (count if call == 0 else 0)  # the walk's are not kept
+        # Their tensors too: emptied before the twins are checked, a kept dict is no holder.
+        assert detaches[0] - fresh_twins == (2 * count if call == 0 else 0)
+        kept = _recording(cache).items
+        assert kept is not None and all(
+            a is b for a, b in zip(result["state"].values(), kept, strict=True)
+        )
+        del kept, result
+
+
+def test_a_result_held_until_the_next_call_returns_lends_the_dicts_before(
+    new_dicts: list[int], detaches: list[int]
+) -> None:
+    state_dict = _optimizer_state(3 * DICT_STEP // 2)
+    count = len(state_dict["state"])
+    cache = new_cache()
+    result = stage(cache, state_dict).result
+    for call in range(6):
+        held, held_contents = result, _contents(result)
+        fresh_twins = detaches[0]
+        made, result = _dicts_made(new_dicts, cache, state_dict)
+        # Those dicts' tensors too: emptied before the twins are checked, they hold none (the
+        # walk's are kept apart from its dicts: the second replay hands those out again).
+        assert detaches[0] - fresh_twins == (2 * count if call == 0 else 0)
+        assert not _item_ids(held) & _item_ids(result), "a held dict was handed out again"
+        assert _contents(held) == held_contents, "a held dict was emptied or filled again"
+        # The first two replays make theirs; each later one fills those of the call before last.
+        assert made == (count if call < 2 else 0)
+        del held
+
+
+def test_an_item_dict_still_held_is_left_as_it_is(new_dicts: list[int]) -> None:
+    """The caller keeps one item of a result and drops the rest: that dict keeps its tensors
+    and is never handed out again; its neighbours are."""
+    state_dict = _optimizer_state(2 * DICT_STEP + 3)
+    cache = new_cache()
+    stage(cache, state_dict)
+    check_call(cache, state_dict, replayed=True)
+    kept = check_call(cache, state_dict, replayed=True).result["state"][5]
+    kept_contents = [(k, id(t)) for k, t in kept.items()]
+    for call in range(5):
+        made, result = _dicts_made(new_dicts, cache, state_dict)
+        assert all(item is not kept for item in result["state"].values())
+        # The rest are handed out again: a new dict in the held one's place only (the first
+        # call after: the one in its place in the other kept result too).
+        assert made <= (2 if call == 0 else 1)
+        del result
+    assert [(k, id(t)) for k, t in kept.items()] == kept_contents
+
+
+def test_an_item_dict_changed_then_dropped_is_filled_as_recorded() -> None:
+    """A dict nobody holds is emptied whatever its holder did to it before letting go: the next
+    result's items have the recorded keys, in order, and this call's tensors."""
+    state_dict = _optimizer_state(40)
+    cache = new_cache()
+    stage(cache, state_dict)
+    result = check_call(cache, state_dict, replayed=True).result
+    items = result["state"]
+    items[0]["extra"] = torch.ones(1)
+    del items[1]["p"]
+    items[2]["p"] = items[3]["q"]
+    items[4].clear()
+    items[5]["q"], items[5]["p"] = items[5].pop("p"), items[5].pop("q")  # the order swapped
+    del items, result
+    for _ in range(3):
+        result = check_call(cache, state_dict, replayed=True).result
+        assert all(list(item) == ["p", "q"] for item in result["state"].values())
+        del result
+
+
+def test_an_evicted_buffer_lets_go_of_the_kept_dict_that_holds_its_tensor() -> None:
+    """A kept item dict holds its twins: where one of its storages leaves the cache, the dict
+    goes with it, so that no host memory of the evicted buffer stays alive."""
+    state_dict = _optimizer_state(8)
+    cache = new_cache()
+    stage(cache, state_dict)
+    on_the_evicted_buffer = []
+    for _ in range(3):
+        result = check_call(cache, state_dict, replayed=True).result
+        on_the_evicted_buffer.append(weakref.ref(result["state"][3]["p"]))
+        del result
+    recording = _recording(cache)
+    assert recording.items is not None
+    held_by_kept_dicts = {id(t) for item in recording.items for t in item.values()}
+    assert {id(ref()) for ref in on_the_evicted_buffer} & held_by_kept_dicts
+    del state_dict["state"][3]["p"]
+    gc.collect()
+    assert _alive(on_the_evicted_buffer) == 0
+    assert recording.items is not None and recording.items[3] is None
+    assert recording.items[2] is not None
+
+
+def test_kept_dicts_do_not_count_as_a_buffer_in_use() -> None:
+    state_dict = _optimizer_state(4)
+    cache = new_cache()
+    stage(cache, state_dict)
+    check_call(cache, state_dict, replayed=True)
+    check_call(cache, state_dict, replayed=True)
+    assert _recording(cache).items is not None
+    assert not cache.in_use()
+    assert _recording(cache).items is None and _recording(cache).items_spare is None
+
+
+def test_kept_dicts_are_emptied_a_step_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checking and emptying 16,667 kept dicts is a loop hold of its own: a step of
+    DICT_STEP at a time."""
+    state_dict = _optimizer_state(4 * DICT_STEP)
+    cache = new_cache()
+    stage(cache, state_dict)
+    check_call(cache, state_dict, replayed=True)
+    steps_in_parts = stage(cache, state_dict).steps  # type: ignore[attr-defined]
+    monkeypatch.setattr(reuse_module, "DICT_STEP", 10 * DICT_STEP)
+    steps_in_one_go = stage(cache, state_dict).steps  # type: ignore[attr-defined]
+    assert steps_in_parts - steps_in_one_go >= 3
+
+
+def test_no_dict_is_handed_out_again_where_reference_counts_say_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(reuse_module, "REFS_WHEN_UNHELD", None)
+    made = [0]
+
+    def counted(pairs: Any) -> dict[Any, Any]:
+        made[0] += 1
+        return dict(pairs)
+
+    monkeypatch.setattr(replay_module, "_new_dict", counted)
+    state_dict = _optimizer_state(10)
+    cache = new_cache()
+    for _ in range(5):
+        stage(cache, state_dict)  # dropped: still never handed out again without the counts
+    assert made[0] == 4 * len(state_dict["state"])
 
 
 def test_a_large_dict_has_its_keys_checked_in_steps(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Generator
+from functools import partial
 from itertools import chain, repeat
 from typing import Any, NamedTuple, cast
 
@@ -40,7 +41,7 @@ from .._paths import Path
 from .._torch import MetadataGuard, metadata_guard, neg_view
 from ._cache import BufferCache, HostBuffer
 from ._plan import Leaf, Plan
-from ._reuse import TwinCheck, check_of, reusable
+from ._reuse import TwinCheck, check_of, emptied_unheld, reusable
 from ._tables import EMPTY_STEP, LEAD_AFTER, empty_in_steps, give_lead
 from ._tensors import Adopted, TensorFacts, TensorStager, bytes_view, view_on
 from ._walk import ATOMIC_TYPES, DeepCopy, Unrecordable, build_plan
@@ -73,6 +74,21 @@ _storage = torch.Tensor.untyped_storage
 _attributes = operator.attrgetter("__dict__")
 _dropped = operator.attrgetter("dropped")
 _view = operator.attrgetter("view")
+_is_none = partial(operator.is_, None)
+_new_dict: Any = dict
+"""How a group's item dict is made when none is kept (tests count them)."""
+
+
+def _filled(ready: dict[Any, Any] | None, pairs: Any) -> dict[Any, Any]:
+    """``ready`` (an emptied kept dict) filled with ``pairs``, or a new dict where None."""
+    if ready is None:
+        made: dict[Any, Any] = _new_dict(pairs)
+        return made
+    ready.update(pairs)
+    return ready
+
+
+_is_not_none = partial(operator.is_not, None)
 _nbytes = torch.UntypedStorage.nbytes
 _is = operator.is_
 _storage_offset = torch.Tensor.storage_offset
@@ -276,6 +292,8 @@ class Group(NamedTuple):
     key_type: type
     first: int
     """The first leaf of the first item; item ``i`` holds leaves ``first + i * len(keys)``..."""
+    items_at: int = 0
+    """Where its items' staged dicts start in :attr:`Recording.items` (set by the recorder)."""
 
 
 def _group_head(children: list[Any]) -> Group | None:
@@ -398,6 +416,19 @@ class Recording:
         again), per tensor like :attr:`twins`: a caller that keeps each result until the next
         call returns (``staged = stage(sd)`` in a loop) holds the last call's twins, but no
         longer the ones before. A replay hands out those nobody holds (see :mod:`._reuse`)."""
+        self.items: list[Any] | None = None
+        """The staged item dicts of every :class:`Group` in the last call's result, the groups
+        one after the other (see :attr:`Group.items_at`); None where a call made none. Like
+        :attr:`twins`: the next replay makes them :attr:`items_spare`, the one after empties
+        those nobody holds and fills them with its own twins (:func:`~._reuse.emptied_unheld`),
+        so that a cached call over an optimizer's state makes no new dicts."""
+        self.items_spare: list[Any] | None = None
+        """The item dicts of the call before :attr:`items`' (those not handed out again)."""
+        self.item_count = 0
+        """Items of all the groups: the length of :attr:`items`."""
+        self.group_spans: list[tuple[int, int, int, int]] = []
+        """Per group: its first leaf, the leaf after its last, :attr:`Group.items_at` and its
+        width, to find the kept dict that holds a given leaf's twin (:meth:`forget`)."""
         self.twin_checks: list[TwinCheck | None] = []
         """Per step of :data:`_BULK_STEP` plain twins: what they were when a replay made them
         (None until then), checked before they are handed out again."""
@@ -474,24 +505,43 @@ class Recording:
         runs in whatever thread dropped the source (training's, when a per-call temporary such
         as an RNG state dies), where freeing 50,000 tensors took ~20 ms."""
         alone = self.slot_users[slot] == 1
-        for twins in (self.twins, self.spare):  # set only on a finished recording
-            if twins is not None and alone:
-                twins[self.first_leaf[slot]] = None
         if not alone:
             self.let_go()
+            return
+        leaf = self.first_leaf[slot]
+        for twins in (self.twins, self.spare):  # set only on a finished recording
+            if twins is not None:
+                twins[leaf] = None
+        # A kept item dict holds its twins too: the one that holds this leaf's goes with it.
+        for first, stop, items_at, width in self.group_spans:
+            if first <= leaf < stop:
+                for items in (self.items, self.items_spare):
+                    if items is not None:
+                        items[items_at + (leaf - first) // width] = None
+                break
 
-    def keep(self, twins: list[Any], dead: int, spare: list[Any] | None = None) -> None:
-        """Keep ``twins`` as :attr:`twins` (and ``spare``), unless a slot was forgotten since
-        ``dead`` were counted: one of them may then be a view of a buffer that left the cache.
-        Checked after the store, since :meth:`forget` counts before it lets go."""
+    def keep(
+        self,
+        twins: list[Any],
+        dead: int,
+        spare: list[Any] | None = None,
+        items: list[Any] | None = None,
+        items_spare: list[Any] | None = None,
+    ) -> None:
+        """Keep ``twins`` as :attr:`twins` (and ``spare``, and the item dicts), unless a slot
+        was forgotten since ``dead`` were counted: one of them may then be a view of a buffer
+        that left the cache. Checked after the store, since :meth:`forget` counts before it
+        lets go."""
         self.twins = twins
         self.spare = spare
+        self.items = items
+        self.items_spare = items_spare
         if self.dead != dead:
-            self.twins = self.spare = None
+            self.let_go()
 
     def let_go(self) -> None:
-        """Drop the staged tensors kept for later calls (:attr:`twins`, :attr:`spare`) now."""
-        self.twins = self.spare = None
+        """Drop the staged tensors and dicts kept for later calls now."""
+        self.twins = self.spare = self.items = self.items_spare = None
 
     @property
     def dead(self) -> int:
@@ -606,23 +656,36 @@ class _Recorder:
 
     def mapping(self, cls: type, x: dict[Any, Any], children: list[Any], attrs: Any) -> Walk:
         summary = yield from _summary(children)
-        group = yield from _group_of(children)
+        group = self._placed((yield from _group_of(children)), len(children))
         return _dict_node(cls, x, children, attrs, summary=summary, group=group)
 
     def small_mapping(
         self, cls: type, x: dict[Any, Any], children: list[Any], attrs: Any
     ) -> DictNode:
         summary = _summary_now(children)
-        return _dict_node(cls, x, children, attrs, summary=summary, group=_group_now(children))
+        group = self._placed(_group_now(children), len(children))
+        return _dict_node(cls, x, children, attrs, summary=summary, group=group)
 
     def sequence(self, children: list[Any]) -> Walk:
         summary = yield from _summary(children)
         group = None if summary.atoms else (yield from _group_of(children))
-        return _list_node(children, summary, group)
+        return _list_node(children, summary, self._placed(group, len(children)))
 
     def small_sequence(self, children: list[Any]) -> ListNode:
         summary = _summary_now(children)
-        return _list_node(children, summary, None if summary.atoms else _group_now(children))
+        group = None if summary.atoms else _group_now(children)
+        return _list_node(children, summary, self._placed(group, len(children)))
+
+    def _placed(self, group: Group | None, items: int) -> Group | None:
+        """``group`` given its place among the kept item dicts (:attr:`Recording.items`)."""
+        if group is None:
+            return None
+        out = self._out
+        group = group._replace(items_at=out.item_count)
+        out.item_count += items
+        width = len(group.keys)
+        out.group_spans.append((group.first, group.first + items * width, group.items_at, width))
+        return group
 
     def items(self, children: list[Any]) -> TupleNode:
         # Rebuilt by the walk when something mutable is inside, at any depth.
@@ -795,6 +858,11 @@ class Replay:
         self._volatile: list[bool] | None = None
         self._twins: list[Any] | None = None
         self._spare: list[Any] | None = None
+        self._ready: list[Any] | None = None
+        """Kept item dicts emptied for this call to fill (None where there is none)."""
+        self._items: list[Any] | None = None
+        """This call's item dicts, to keep (see :attr:`Recording.items`)."""
+        self._items_spare: list[Any] | None = None
         self._xs: list[Any] = []
         self._ys: list[Any] = []
         self._views: list[Any] = []
@@ -867,6 +935,10 @@ class Replay:
             gone = yield from _mapped(slots.__getitem__, rec.slot_of)
             self._volatile = [buffer is None for buffer in gone]
             yield
+        if self._volatile is None:
+            yield from self._ready_items()
+        else:  # the groups are replayed item by item (see _build): nothing to fill
+            rec.items = rec.items_spare = None
         ys = yield from self._make_twins()
         self._ys = ys
         self._on_leaf = self._collect
@@ -894,10 +966,33 @@ class Replay:
                     copy = positions[rec.slot_of[j]]
                     leaves.append(Leaf(paths[j], ys[j], base + copy if copy >= 0 else -1))
                 yield
-        rec.keep(ys, self._dead, self._spare)
-        self._spare = None
+        items = self._items
+        if items is not None and any(map(_is_none, items)):  # a group not replayed in bulk
+            items = None
+        rec.keep(ys, self._dead, self._spare, items, self._items_spare)
+        self._spare = self._items = self._items_spare = None
         self._ys = []  # the recording's now: release() must not empty it
         return result
+
+    def _ready_items(self) -> Walk:
+        """Empty the kept item dicts nobody holds, for :meth:`_group_items` to fill; before the
+        twins are made, since a kept dict holds its twins (see :func:`~._reuse.emptied_unheld`).
+
+        Per item, the call before last's dict, else the last call's. What is left of the last
+        call's (held by the caller's result: ``staged = stage(sd)`` in a loop) is the next
+        call's older pool.
+        """
+        rec = self._rec
+        count = rec.item_count
+        last, spare = rec.items, rec.items_spare
+        rec.items = rec.items_spare = None
+        if not count:
+            return
+        self._items = [None] * count
+        if spare is not None or last is not None:
+            self._ready = yield from emptied_unheld(spare, last, count)
+        if last is not None and len(last) == count and any(map(_is_not_none, last)):
+            self._items_spare = last
 
     def _collect(self, index: int, x: Any) -> Any:
         volatile = self._volatile
@@ -1263,6 +1358,7 @@ class Replay:
             self._last_copy,
             self._same,
             self._staged_leaves,
+            self._ready or [],
         )
         # Lists of copy positions, unless they are the recording's own (kept for later calls).
         for positions in (self._published, self._published_positions):
@@ -1284,6 +1380,7 @@ class Replay:
         self._views = []
         self._twins = None
         self._spare = None
+        self._ready = self._items = self._items_spare = None
         self._storages = []
         self._staged_leaves = []
         self._same.clear()
@@ -1487,7 +1584,20 @@ class Replay:
         self._xs += chain.from_iterable(map(dict.values, part))
         low = group.first + start * width
         placed = twins[low : low + len(part) * width]
-        built = map(dict, map(zip, part, zip(*[iter(placed)] * width, strict=True)))
+        pairs = map(zip, part, zip(*[iter(placed)] * width, strict=True))
+        at = group.items_at + start
+        ready = self._ready[at : at + len(part)] if self._ready is not None else None
+        if not ready:
+            built: list[Any] = list(map(_new_dict, pairs))
+        elif not any(map(_is_none, ready)):  # kept dicts nobody holds, emptied
+            for _ in map(dict.update, ready, pairs):
+                pass
+            built = ready
+        else:  # some held by the caller (or let go): new ones in their place
+            built = list(map(_filled, ready, pairs))
+        items = self._items
+        if items is not None:
+            items[at : at + len(part)] = built
         if type(node) is DictNode:
             y.update(zip(keys[start:stop], built, strict=True))
         else:
