@@ -1817,6 +1817,41 @@ def test_an_item_dict_still_held_is_left_as_it_is(new_dicts: list[int]) -> None:
     assert [(k, id(t)) for k, t in kept.items()] == kept_contents
 
 
+def test_item_dicts_of_several_groups_each_go_back_to_their_own_place(
+    new_dicts: list[int],
+) -> None:
+    """Two optimizers' states and a list of like dicts: each group's kept dicts sit after the
+    others' (``Group.items_at``), so each is filled again in its own place, and an eviction in
+    the last group drops the dict that holds its tensor, not another group's."""
+    state_dict = {
+        "first": _optimizer_state(70),
+        "second": _optimizer_state(5),
+        "list": [{"p": torch.randn(3), "q": torch.randn(2)} for _ in range(3)],
+    }
+    cache = new_cache()
+    stage(cache, state_dict)
+    check_call(cache, state_dict, replayed=True)
+    for _ in range(3):
+        made, result = _dicts_made(new_dicts, cache, state_dict)
+        assert made == 0
+        kept = _recording(cache).items
+        assert kept is not None and len(kept) == 78
+        in_order = [
+            *result["first"]["state"].values(),
+            *result["second"]["state"].values(),
+            *result["list"],
+        ]
+        assert sorted(map(id, kept)) == sorted(map(id, in_order))
+        del kept, result, in_order
+    recording = _recording(cache)
+    assert recording.items is not None
+    on_the_evicted_buffer = weakref.ref(recording.items[recording.item_count - 2]["q"])
+    del state_dict["list"][1]["q"]
+    gc.collect()
+    assert on_the_evicted_buffer() is None
+    assert [i for i, item in enumerate(recording.items) if item is None] == [76]
+
+
 def test_an_item_dict_changed_then_dropped_is_filled_as_recorded() -> None:
     """A dict nobody holds is emptied whatever its holder did to it before letting go: the next
     result's items have the recorded keys, in order, and this call's tensors."""
