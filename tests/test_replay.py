@@ -1823,7 +1823,7 @@ def test_item_dicts_of_several_groups_each_go_back_to_their_own_place(
     """Two optimizers' states and a list of like dicts: each group's kept dicts sit after the
     others' (``Group.items_at``), so each is filled again in its own place, and an eviction in
     the last group drops the dict that holds its tensor, not another group's."""
-    state_dict = {
+    state_dict: dict[str, Any] = {
         "first": _optimizer_state(70),
         "second": _optimizer_state(5),
         "list": [{"p": torch.randn(3), "q": torch.randn(2)} for _ in range(3)],
