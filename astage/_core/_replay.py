@@ -1171,7 +1171,8 @@ class Replay:
                         raise _BulkMiss
                 if guards is not None:  # checked the long way: the next call takes the short
                     guards[index] = metadata_guard(part)
-            if early:
+            if early:  # in a step of its own: with the checks, 0.5-0.95 ms on a loaded core
+                yield
                 self._publish_step(xs, start, stop)
             yield
         where: Any = _SAME_PLACE
