@@ -1943,6 +1943,7 @@ def test_a_large_dict_has_its_keys_checked_in_steps(monkeypatch: pytest.MonkeyPa
     state_dict = _optimizer_state(items)
     cache = new_cache()
     stage(cache, state_dict)
+    stage(cache, state_dict)  # the first replay builds its checks, in steps of their own
     steps_in_one_go = stage(cache, state_dict).steps  # type: ignore[attr-defined]
     monkeypatch.setattr(replay_module, "EMPTY_STEP", 16)
     steps_in_parts = check_call(cache, state_dict, replayed=True).steps  # type: ignore[attr-defined]
