@@ -75,6 +75,7 @@ _attributes = operator.attrgetter("__dict__")
 _dropped = operator.attrgetter("dropped")
 _view = operator.attrgetter("view")
 _is_none = partial(operator.is_, None)
+_is_not_none = partial(operator.is_not, None)
 _new_dict: Any = dict
 """How a group's item dict is made when none is kept (tests count them)."""
 
@@ -88,7 +89,6 @@ def _filled(ready: dict[Any, Any] | None, pairs: Any) -> dict[Any, Any]:
     return ready
 
 
-_is_not_none = partial(operator.is_not, None)
 _nbytes = torch.UntypedStorage.nbytes
 _is = operator.is_
 _storage_offset = torch.Tensor.storage_offset
@@ -966,10 +966,9 @@ class Replay:
                     copy = positions[rec.slot_of[j]]
                     leaves.append(Leaf(paths[j], ys[j], base + copy if copy >= 0 else -1))
                 yield
-        items = self._items
-        if items is not None and any(map(_is_none, items)):  # a group not replayed in bulk
-            items = None
-        rec.keep(ys, self._dead, self._spare, items, self._items_spare)
+        # Every group was filled in bulk (twins made ahead: _group_items); a hole would only
+        # mean no kept dict there, which the next call counts as held.
+        rec.keep(ys, self._dead, self._spare, self._items, self._items_spare)
         self._spare = self._items = self._items_spare = None
         self._ys = []  # the recording's now: release() must not empty it
         return result
