@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import operator
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -40,6 +41,7 @@ __all__ = [
     "rebuild_sharded_tensor",
     "sparse_coo_parts",
     "storage_key",
+    "storage_keys_of",
     "storage_use_count",
     "storage_use_counts",
 ]
@@ -65,11 +67,13 @@ def storage_use_count(storage: torch.UntypedStorage) -> int:
     return int(torch._C._storage_Use_Count(storage._cdata))
 
 
+_cdata = operator.attrgetter("_cdata")
+
+
 def storage_use_counts(storages: Iterable[torch.UntypedStorage]) -> Iterator[int]:
-    """:func:`storage_use_count` of each storage, for a loop over many (one look-up in all)."""
-    count = torch._C._storage_Use_Count
-    for storage in storages:
-        yield int(count(storage._cdata))
+    """:func:`storage_use_count` of each storage, for a loop over many (C-level: no Python step
+    per storage)."""
+    return map(torch._C._storage_Use_Count, map(_cdata, storages))
 
 
 def storage_key(storage: torch.UntypedStorage) -> int:
@@ -80,6 +84,19 @@ def storage_key(storage: torch.UntypedStorage) -> int:
     need not be. Used to find tensors that share a storage.
     """
     return int(storage._cdata)
+
+
+def storage_keys_of(tensors: Iterable[torch.Tensor]) -> Iterator[int]:
+    """:func:`storage_key` of each tensor's storage, without a Python storage object each.
+
+    Why: ``untyped_storage()`` makes a storage object where the storage has none yet, and torch
+    keeps it while the storage lives; over tens of thousands of tensors that is as many objects
+    for the cyclic collector, to read one integer (``map`` over torch's own reader: C-level).
+    """
+    address = getattr(torch._C, "_storage_address", None)
+    if address is None:  # not in every torch: the storage object's own key
+        return (int(tensor.untyped_storage()._cdata) for tensor in tensors)
+    return map(address, tensors)
 
 
 def new_shared_storage(nbytes: int) -> torch.UntypedStorage:

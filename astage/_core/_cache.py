@@ -25,7 +25,10 @@ harmless.
 from __future__ import annotations
 
 import weakref
+from collections import Counter
 from collections.abc import Callable
+from itertools import repeat
+from operator import add, attrgetter, gt
 from typing import Any, NamedTuple, Protocol
 
 import torch
@@ -350,11 +353,12 @@ class BufferCache:
         now would change data that someone may still read. It compares each buffer's storage
         reference count with that of a buffer nobody else holds, so it sees every holder,
         including tensors derived from a staged one (``detach()``, views, ``numpy()``).
-        The recordings let go of the last call's staged tensors first (``Recording.twins``,
-        kept for the next replay): they are the cache's, not a holder's.
+        The staged tensors the recordings keep for the next replay (``Recording.twins``) are
+        the cache's own, not a holder's: each that nobody else holds is one use more that a
+        free buffer has, and stays kept, so the next call hands it out again.
         """
-        for recording in self.replays:
-            recording.let_go()
+        for recording in self.replays:  # before the counts: they must not see these
+            recording.let_go_of_spare()
         buffers = self._buffers()
         if not buffers:
             return False
@@ -363,8 +367,19 @@ class BufferCache:
             free_buffer = self._empty((1,), torch.uint8, 1)
             self._free_use_count = storage_use_count(free_buffer.untyped_storage())
         free = self._free_use_count
-        counts = storage_use_counts(buffer.whole.untyped_storage() for buffer in buffers)
-        return any(count > free for count in counts)
+        storages = list(map(_untyped_storage, map(_whole, buffers)))
+        counts = list(storage_use_counts(storages))
+        if all(count <= free for count in counts):
+            return False
+        # Counted after the buffers: a kept tensor let go of meanwhile (an eviction in another
+        # thread) then lowers only what is discounted, and the answer errs towards in use.
+        own: Counter[int] = Counter()
+        for recording in self.replays:
+            recording.count_own_uses(own)
+        if not own:
+            return True
+        allowed = map(add, repeat(free), map(own.__getitem__, map(_storage_cdata, storages)))
+        return any(map(gt, counts, allowed))
 
     def info(self) -> CacheInfo:
         buffers = self._buffers()
@@ -388,6 +403,11 @@ class BufferCache:
             except KeyError:
                 return
             buffer.release()
+
+
+_storage_cdata = attrgetter("_cdata")
+_whole = attrgetter("whole")
+_untyped_storage = torch.Tensor.untyped_storage
 
 
 def _evicter(cache_ref: weakref.ref[BufferCache]) -> Callable[[HostBuffer], None]:

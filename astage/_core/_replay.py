@@ -29,7 +29,9 @@ then does not copy those storages again.
 
 from __future__ import annotations
 
+import contextlib
 import operator
+from collections import Counter
 from collections.abc import Generator
 from functools import partial
 from itertools import chain, repeat
@@ -41,7 +43,14 @@ from .._paths import Path
 from .._torch import MetadataGuard, metadata_guard, neg_view
 from ._cache import BufferCache, HostBuffer
 from ._plan import Leaf, Plan
-from ._reuse import TwinCheck, check_of, emptied_unheld, reusable
+from ._reuse import (
+    TwinCheck,
+    check_of,
+    count_own_uses,
+    counts_tell_holders,
+    emptied_unheld,
+    reusable,
+)
 from ._tables import EMPTY_STEP, LEAD_AFTER, empty_in_steps, give_lead
 from ._tensors import Adopted, TensorFacts, TensorStager, bytes_view, view_on
 from ._walk import ATOMIC_TYPES, DeepCopy, Unrecordable, build_plan
@@ -424,6 +433,13 @@ class Recording:
         so that a cached call over an optimizer's state makes no new dicts."""
         self.items_spare: list[Any] | None = None
         """The item dicts of the call before :attr:`items`' (those not handed out again)."""
+        self.shells: list[list[Any]] = []
+        """Empty lists that held kept tensors or dicts, for the next replay's own (at most
+        :data:`_SHELLS`). A list of 50,000 tensors made anew each call is young: each young
+        collection of the cyclic collector then visits every one of its entries (0.3-2 ms),
+        until it is promoted; and once a cached call leaves too few new objects to be filed
+        into the oldest generation (see ``_drivers/_gc.py``), each call left two such lists.
+        A list kept and reused grows old once."""
         self.item_count = 0
         """Items of all the groups: the length of :attr:`items`."""
         self.group_spans: list[tuple[int, int, int, int]] = []
@@ -509,15 +525,19 @@ class Recording:
             self.let_go()
             return
         leaf = self.first_leaf[slot]
+        # A list read here may be emptied meanwhile by a replay in another thread that is done
+        # with it (give_shell): nothing is then left in it to let go of.
         for twins in (self.twins, self.spare):  # set only on a finished recording
             if twins is not None:
-                twins[leaf] = None
+                with contextlib.suppress(IndexError):
+                    twins[leaf] = None
         # A kept item dict holds its twins too: the one that holds this leaf's goes with it.
         for first, stop, items_at, width in self.group_spans:
             if first <= leaf < stop:
                 for items in (self.items, self.items_spare):
                     if items is not None:
-                        items[items_at + (leaf - first) // width] = None
+                        with contextlib.suppress(IndexError):
+                            items[items_at + (leaf - first) // width] = None
                 break
 
     def keep(
@@ -539,9 +559,42 @@ class Recording:
         if self.dead != dead:
             self.let_go()
 
+    def shell(self) -> list[Any]:
+        """An empty list for a replay's kept tensors or dicts: one the recording used before,
+        else a new one."""
+        shells = self.shells
+        return shells.pop() if shells else []
+
+    def give_shell(self, used: list[Any] | None) -> None:
+        """Take back ``used`` (a list of kept tensors or dicts that nothing reads any more),
+        emptied, for a later :meth:`shell`."""
+        if used is not None and len(self.shells) < _SHELLS:
+            used.clear()
+            self.shells.append(used)
+
     def let_go(self) -> None:
         """Drop the staged tensors and dicts kept for later calls now."""
         self.twins = self.spare = self.items = self.items_spare = None
+
+    def let_go_of_spare(self) -> None:
+        """Drop what ``in_use()`` will not discount, before it counts the buffers' uses: the
+        call before last's staged tensors and dicts (:attr:`spare`), and, where reference
+        counts tell nothing, the last call's too.
+
+        A caller that finds the buffers free holds nothing of the last call either, so the
+        next replay hands out the last call's; a recording whose buffers are polled this way
+        then keeps one generation rather than two (half the tensors to count, each call).
+        """
+        self.spare = self.items_spare = None
+        if not counts_tell_holders():
+            self.let_go()
+
+    def count_own_uses(self, uses: Counter[int]) -> None:
+        """Add to ``uses`` (storage key -> count) the kept staged tensors of the last call that
+        nobody else holds (:func:`~._reuse.count_own_uses`): for ``in_use()``, which must not
+        take the recording's own for a holder's."""
+        # Read once: an eviction in another thread may let go of them meanwhile.
+        count_own_uses(self.items, self.twins, uses)
 
     @property
     def dead(self) -> int:
@@ -968,7 +1021,12 @@ class Replay:
                 yield
         # Every group was filled in bulk (twins made ahead: _group_items); a hole would only
         # mean no kept dict there, which the next call counts as held.
-        rec.keep(ys, self._dead, self._spare, self._items, self._items_spare)
+        # Kept in a list of the recording's own, not in ys: a list made this call is young
+        # (see Recording.shells), and another thread that dropped a source may still write a
+        # None into a kept list it read before this call took it (Recording.forget).
+        kept = rec.shell()
+        kept += ys
+        rec.keep(kept, self._dead, self._spare, self._items, self._items_spare)
         self._spare = self._items = self._items_spare = None
         self._ys = []  # the recording's now: release() must not empty it
         return result
@@ -987,11 +1045,15 @@ class Replay:
         rec.items = rec.items_spare = None
         if not count:
             return
-        self._items = [None] * count
+        self._items = items = rec.shell()
+        items += repeat(None, count)
         if spare is not None or last is not None:
             self._ready = yield from emptied_unheld(spare, last, count)
+            rec.give_shell(spare)  # emptied_unheld let go of all it did not take
         if last is not None and len(last) == count and any(map(_is_not_none, last)):
             self._items_spare = last
+        else:
+            rec.give_shell(last)
 
     def _collect(self, index: int, x: Any) -> Any:
         volatile = self._volatile
@@ -1109,10 +1171,12 @@ class Replay:
         # a view's, one on a shared storage), 50,000 of them where every tensor is one.
         for dropped in (spare, None if keep_last else last):
             if dropped is pool and rec.all_plain:
+                rec.give_shell(dropped)
                 continue  # every entry was let go above, step by step
             while dropped:
                 del dropped[-_BULK_STEP:]
                 yield
+            rec.give_shell(dropped)
         self._spare = last if keep_last else None
         return detached
 
@@ -1796,6 +1860,10 @@ class Replay:
         self._fallback, self._fallback_walk = stager, walk
         return stager
 
+
+_SHELLS = 4
+"""Empty lists a recording keeps for reuse (:attr:`Recording.shells`): two generations of
+kept tensors and of kept dicts."""
 
 MAX_RECORDINGS = 4
 """Structures remembered per cache: a stager that alternates a few state dicts replays each."""

@@ -30,14 +30,15 @@ from __future__ import annotations
 import operator
 import sys
 import weakref
+from collections import Counter
 from collections.abc import Generator
 from functools import partial
-from itertools import repeat
+from itertools import compress, repeat
 from typing import Any, NamedTuple
 
 import torch
 
-from .._torch import MetadataGuard, metadata_guard
+from .._torch import MetadataGuard, metadata_guard, storage_keys_of
 
 _data_ptr = torch.Tensor.data_ptr
 _grad = operator.attrgetter("grad")
@@ -55,15 +56,22 @@ class TwinCheck(NamedTuple):
 def _refs_when_unheld() -> int | None:
     """The reference count :func:`reusable` reads for an object that only its pool list holds
     (the pool, the slice taken of it, the argument), or None where counts do not tell holders
-    apart (a build without the GIL defers and biases its counts)."""
+    apart: a build without the GIL defers and biases its counts, and a torch whose tensors do
+    not count their C++ holders (a view's link to its base) in their Python reference count
+    would let a tensor reachable through such a holder (``view._base``) read as unheld."""
     if getattr(sys, "_is_gil_enabled", lambda: True)() is False:
         return None
-    pool = [torch.empty(0, device="cpu")]
+    pool = [torch.empty(2, device="cpu")]
     unheld = next(map(sys.getrefcount, pool[0:1]))
     holder = pool[0]
     held = next(map(sys.getrefcount, pool[0:1]))
     del holder
-    return unheld if held == unheld + 1 else None
+    view = pool[0][1:]  # held in C++ only: the view's autograd link to its base
+    held_in_cxx = next(map(sys.getrefcount, pool[0:1]))
+    del view
+    if held != unheld + 1 or held_in_cxx != unheld + 1:
+        return None
+    return unheld
 
 
 REFS_WHEN_UNHELD = _refs_when_unheld()
@@ -148,6 +156,20 @@ def emptied_unheld(
     return ready
 
 
+def _unheld_repeats(part: list[Any], refcounts: list[int], refs: int) -> list[Any]:
+    """The objects that ``part`` (a copy of a pool) holds more than once and nobody else holds,
+    once each: a tensor tied to itself in the state dict (the same object under two keys) is
+    the same staged tensor twice, counted once more per entry by the pool and by ``part``."""
+    rest = [(x, n) for x, n in zip(part, refcounts, strict=True) if n != refs and x is not None]
+    times = Counter(id(x) for x, _ in rest)
+    found: dict[int, Any] = {}
+    for x, n in rest:
+        repeats = times[id(x)] - 1
+        if repeats and n == refs + 2 * repeats:
+            found[id(x)] = x
+    return list(found.values())
+
+
 def _first_found(first: Any, second: Any) -> Any:
     return first if first is not None else second
 
@@ -155,3 +177,50 @@ def _first_found(first: Any, second: Any) -> Any:
 def _left(kept: Any, taken: Any) -> Any:
     """What stays in the newer pool: its dict, unless that one was taken."""
     return None if kept is taken else kept
+
+
+def counts_tell_holders() -> bool:
+    """Whether reference counts tell a kept object nobody else holds apart (see
+    :data:`REFS_WHEN_UNHELD`)."""
+    return REFS_WHEN_UNHELD is not None
+
+
+def count_own_uses(dicts: list[Any] | None, tensors: list[Any] | None, uses: Counter[int]) -> None:
+    """Add to ``uses`` (storage key -> count) the staged tensors kept in ``tensors`` that
+    nobody but that list holds: uses of a buffer that are the cache's own, not a holder's.
+    Nothing is counted where reference counts tell nothing (:func:`counts_tell_holders`).
+
+    First, the kept ``dicts`` that nobody else holds are emptied, as the next replay would
+    empty them: their tensors then read as unheld. A tensor with a weak reference is let go of
+    instead (its entry becomes None): its weak reference could hand it back to a reader after
+    the buffer was written again, and kept, it would keep the buffer in use for as long as the
+    recording lives. One that someone else holds is not counted: its holder still uses the
+    buffer. Each pass is C-level (``map``, ``compress``): this runs on every save of a DCP
+    user, over every tensor.
+    """
+    refs = REFS_WHEN_UNHELD
+    if refs is None:
+        return
+    unheld_refs = refs.__eq__
+    if dicts is not None:
+        part = dicts[:]
+        refcounts = list(map(sys.getrefcount, part))  # as emptied_unheld counts them
+        for _ in map(dict.clear, compress(part, map(unheld_refs, refcounts))):
+            pass
+        del part
+    if tensors is None:
+        return
+    part = tensors[:]
+    refcounts = list(map(sys.getrefcount, part))  # a None counts far more
+    unheld = list(compress(part, map(unheld_refs, refcounts)))
+    if len(unheld) + sum(map(_is_none, part)) < len(part):
+        unheld += _unheld_repeats(part, refcounts, refs)
+    if any(map(weakref.getweakrefcount, unheld)):
+        weak = set(map(id, filter(weakref.getweakrefcount, unheld)))
+        for index, tensor in enumerate(part):
+            if id(tensor) in weak:
+                tensors[index] = None
+    del part
+    # Those let go of are counted too: the caller read the buffers' counts while they lived,
+    # and nothing else held them, so they die with this list.
+    uses.update(storage_keys_of(unheld))
