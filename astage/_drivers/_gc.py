@@ -36,7 +36,8 @@ Politely means three things:
   its calls would otherwise each hold the thread, an event loop's too, for that walk. There,
   the call's objects stay young, and the next young collection traverses them. A cached call
   therefore makes as few as it can: it hands out its last results' tensors and the item dicts
-  of their groups again (``_core/_reuse.py``). Over 50,000 tensors in 25,000 dicts, the loop's
+  of their groups again (``_core/_reuse.py``), and keeps them in lists of its own
+  (``Recording.shells``), since a list of 50,000 entries made anew each call would stay young. Over 50,000 tensors in 25,000 dicts, the loop's
   longest stall per cached call went from a median of 25 ms (238-248 ms once in 20 calls, a
   middle-generation collection) to 4.2 ms (``python -m benchmarks.frozen_heap_lag``).
 """
