@@ -49,6 +49,7 @@ from ._reuse import (
     count_own_uses,
     counts_tell_holders,
     emptied_unheld,
+    empty_unheld_dicts,
     reusable,
 )
 from ._tables import EMPTY_STEP, LEAD_AFTER, empty_in_steps, give_lead
@@ -578,8 +579,10 @@ class Recording:
 
     def let_go_of_spare(self) -> None:
         """Drop what ``in_use()`` will not discount, before it counts the buffers' uses: the
-        call before last's staged tensors and dicts (:attr:`spare`), and, where reference
-        counts tell nothing, the last call's too.
+        call before last's staged tensors and dicts (:attr:`spare`), the last call's tensors
+        that are not plain, and, where reference counts tell nothing, all of the last call's.
+        Kept dicts nobody else holds are emptied (:func:`~._reuse.empty_unheld_dicts`), so
+        that what they held either dies or reads as unheld.
 
         A caller that finds the buffers free holds nothing of the last call either, so the
         next replay hands out the last call's; a recording whose buffers are polled this way
@@ -588,13 +591,24 @@ class Recording:
         self.spare = self.items_spare = None
         if not counts_tell_holders():
             self.let_go()
+            return
+        empty_unheld_dicts(self.items)
+        twins = self.twins
+        if twins is not None and not self.all_plain:
+            # Only plain twins are handed out again (Replay._plain_twins); the others are kept
+            # to be let go a step at a time. Some of them hold a second use of their storage
+            # that no count here would tell from a reader's: a negative or conjugate view
+            # keeps, in C++, the base it was made from.
+            plain = set(self.plain)
+            for j in range(len(twins)):
+                if j not in plain:
+                    twins[j] = None
 
     def count_own_uses(self, uses: Counter[int]) -> None:
         """Add to ``uses`` (storage key -> count) the kept staged tensors of the last call that
         nobody else holds (:func:`~._reuse.count_own_uses`): for ``in_use()``, which must not
         take the recording's own for a holder's."""
-        # Read once: an eviction in another thread may let go of them meanwhile.
-        count_own_uses(self.items, self.twins, uses)
+        count_own_uses(self.twins, uses)
 
     @property
     def dead(self) -> int:

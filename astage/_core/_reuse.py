@@ -185,34 +185,36 @@ def counts_tell_holders() -> bool:
     return REFS_WHEN_UNHELD is not None
 
 
-def count_own_uses(dicts: list[Any] | None, tensors: list[Any] | None, uses: Counter[int]) -> None:
+def empty_unheld_dicts(dicts: list[Any] | None) -> None:
+    """Empty the kept ``dicts`` that nobody else holds, as the next replay would empty them
+    (:func:`emptied_unheld`): their tensors then read as unheld, or die. Nothing where
+    reference counts tell nothing."""
+    refs = REFS_WHEN_UNHELD
+    if refs is None or dicts is None:
+        return
+    part = dicts[:]
+    refcounts = list(map(sys.getrefcount, part))  # as emptied_unheld counts them
+    for _ in map(dict.clear, compress(part, map(refs.__eq__, refcounts))):
+        pass
+
+
+def count_own_uses(tensors: list[Any] | None, uses: Counter[int]) -> None:
     """Add to ``uses`` (storage key -> count) the staged tensors kept in ``tensors`` that
     nobody but that list holds: uses of a buffer that are the cache's own, not a holder's.
     Nothing is counted where reference counts tell nothing (:func:`counts_tell_holders`).
 
-    First, the kept ``dicts`` that nobody else holds are emptied, as the next replay would
-    empty them: their tensors then read as unheld. A tensor with a weak reference is let go of
-    instead (its entry becomes None): its weak reference could hand it back to a reader after
-    the buffer was written again, and kept, it would keep the buffer in use for as long as the
-    recording lives. One that someone else holds is not counted: its holder still uses the
-    buffer. Each pass is C-level (``map``, ``compress``): this runs on every save of a DCP
-    user, over every tensor.
+    A tensor with a weak reference is let go of instead (its entry becomes None): its weak
+    reference could hand it back to a reader after the buffer was written again, and kept, it
+    would keep the buffer in use for as long as the recording lives. One that someone else
+    holds is not counted: its holder still uses the buffer. Each pass is C-level (``map``,
+    ``compress``): this runs on every save of a DCP user, over every tensor.
     """
     refs = REFS_WHEN_UNHELD
-    if refs is None:
-        return
-    unheld_refs = refs.__eq__
-    if dicts is not None:
-        part = dicts[:]
-        refcounts = list(map(sys.getrefcount, part))  # as emptied_unheld counts them
-        for _ in map(dict.clear, compress(part, map(unheld_refs, refcounts))):
-            pass
-        del part
-    if tensors is None:
+    if refs is None or tensors is None:
         return
     part = tensors[:]
     refcounts = list(map(sys.getrefcount, part))  # a None counts far more
-    unheld = list(compress(part, map(unheld_refs, refcounts)))
+    unheld = list(compress(part, map(refs.__eq__, refcounts)))
     if len(unheld) + sum(map(_is_none, part)) < len(part):
         unheld += _unheld_repeats(part, refcounts, refs)
     if any(map(weakref.getweakrefcount, unheld)):

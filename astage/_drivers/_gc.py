@@ -37,9 +37,10 @@ Politely means three things:
   the call's objects stay young, and the next young collection traverses them. A cached call
   therefore makes as few as it can: it hands out its last results' tensors and the item dicts
   of their groups again (``_core/_reuse.py``), and keeps them in lists of its own
-  (``Recording.shells``), since a list of 50,000 entries made anew each call would stay young. Over 50,000 tensors in 25,000 dicts, the loop's
-  longest stall per cached call went from a median of 25 ms (238-248 ms once in 20 calls, a
-  middle-generation collection) to 4.2 ms (``python -m benchmarks.frozen_heap_lag``).
+  (``Recording.shells``), since a list of 50,000 entries made anew each call would stay
+  young. Over 50,000 tensors in 25,000 dicts, the loop's longest stall per cached call went
+  from a median of 25 ms (238-248 ms once in 20 calls, a middle-generation collection) to
+  4.2 ms (``python -m benchmarks.frozen_heap_lag``).
 """
 
 from __future__ import annotations
