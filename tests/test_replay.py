@@ -1900,6 +1900,28 @@ def test_kept_lists_are_the_recording_s_own_and_grow_old(hold: str) -> None:
     del result
 
 
+def test_the_kept_tensors_are_copied_into_the_recording_s_list_a_step_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At once, copying 50,000 twins into the kept list took 0.2-0.9 ms of one loop step."""
+
+    class Counted(list[Any]):
+        extended = 0
+
+        def __iadd__(self, more: Any) -> Any:  # type: ignore[misc]
+            Counted.extended += 1
+            return super().__iadd__(more)
+
+    state_dict = _tensors_of(4 * EMPTY_STEP)
+    cache = new_cache()
+    for _ in range(2):
+        stage(cache, state_dict)
+    monkeypatch.setattr(Recording, "shell", lambda self: Counted())
+    stage(cache, state_dict)
+    assert isinstance(_recording(cache).twins, Counted)
+    assert Counted.extended >= 4
+
+
 def test_a_source_dropped_while_its_kept_list_is_emptied_for_reuse_lets_go_quietly() -> None:
     """A thread that drops a source reads the kept lists, then writes None into them; a replay
     in another thread may have emptied one for reuse in between (``give_shell``)."""

@@ -1039,7 +1039,9 @@ class Replay:
         # (see Recording.shells), and another thread that dropped a source may still write a
         # None into a kept list it read before this call took it (Recording.forget).
         kept = rec.shell()
-        kept += ys
+        for start in range(0, len(ys), EMPTY_STEP):  # at once, 0.2-0.9 ms over 50,000
+            kept += ys[start : start + EMPTY_STEP]
+            yield
         rec.keep(kept, self._dead, self._spare, self._items, self._items_spare)
         self._spare = self._items = self._items_spare = None
         self._ys = []  # the recording's now: release() must not empty it
