@@ -28,6 +28,7 @@ from conftest import DRIVERS, Driver, bytes_of, model_state_dict, mutate_
 
 from astage import _torch as torch_wrappers
 from astage import compat
+from astage._core import _cache as cache_module
 from astage._core import _replay as replay_module
 from astage._core import _reuse as reuse_module
 from astage._core._batches import make_batches
@@ -1779,6 +1780,35 @@ def test_a_kept_tensor_moved_to_another_buffer_is_counted_where_it_is() -> None:
     del holder
     assert not cache.in_use()
     check_call(cache, state_dict, replayed=True)
+
+
+def test_in_use_answers_alike_in_one_sum_and_buffer_by_buffer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``in_use()`` adds the uses over all buffers up when every buffer has at least a free
+    one's, and compares buffer by buffer otherwise: the two agree, holder or none."""
+    state_dict = {"t": [torch.randn(2) for _ in range(BULK_STEP)]}
+    cache = new_cache()
+    for _ in range(2):
+        stage(cache, state_dict)
+
+    def both() -> bool:
+        in_sum = cache.in_use()
+        monkeypatch.setattr(cache_module, "min", lambda counts: -1, raising=False)
+        by_buffer = cache.in_use()
+        monkeypatch.undo()
+        assert in_sum == by_buffer
+        return in_sum
+
+    result = stage(cache, state_dict).result
+    assert both()
+    moved, other = result["t"][3], result["t"][4]
+    holder = torch.empty(0).set_(moved.untyped_storage())
+    moved.set_(other.untyped_storage(), 0, other.shape)
+    del result, moved, other
+    assert both()
+    del holder
+    assert not both()
 
 
 def test_a_kept_tensor_with_a_weak_reference_is_let_go_of() -> None:

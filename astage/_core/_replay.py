@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import operator
-from collections import Counter
 from collections.abc import Generator
 from functools import partial
 from itertools import chain, repeat
@@ -604,8 +603,8 @@ class Recording:
                 if j not in plain:
                     twins[j] = None
 
-    def count_own_uses(self, uses: Counter[int]) -> None:
-        """Add to ``uses`` (storage key -> count) the kept staged tensors of the last call that
+    def count_own_uses(self, uses: list[int]) -> None:
+        """Add to ``uses`` the storage key of each kept staged tensor of the last call that
         nobody else holds (:func:`~._reuse.count_own_uses`): for ``in_use()``, which must not
         take the recording's own for a holder's."""
         count_own_uses(self.twins, uses)

@@ -198,9 +198,10 @@ def empty_unheld_dicts(dicts: list[Any] | None) -> None:
         pass
 
 
-def count_own_uses(tensors: list[Any] | None, uses: Counter[int]) -> None:
-    """Add to ``uses`` (storage key -> count) the staged tensors kept in ``tensors`` that
-    nobody but that list holds: uses of a buffer that are the cache's own, not a holder's.
+def count_own_uses(tensors: list[Any] | None, uses: list[int]) -> None:
+    """Add to ``uses`` the storage key of each staged tensor kept in ``tensors`` that nobody
+    but that list holds (once per tensor): uses of a buffer that are the cache's own, not a
+    holder's.
     Nothing is counted where reference counts tell nothing (:func:`counts_tell_holders`).
 
     A tensor with a weak reference is let go of instead (its entry becomes None): its weak
@@ -225,4 +226,4 @@ def count_own_uses(tensors: list[Any] | None, uses: Counter[int]) -> None:
     del part
     # Those let go of are counted too: the caller read the buffers' counts while they lived,
     # and nothing else held them, so they die with this list.
-    uses.update(storage_keys_of(unheld))
+    uses += storage_keys_of(unheld)
