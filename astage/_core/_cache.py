@@ -358,7 +358,7 @@ class BufferCache:
         free buffer has, and stays kept, so the next call hands it out again.
         """
         for recording in self.replays:  # before the counts: they must not see these
-            recording.let_go_of_spare()
+            recording.let_go_of_uncounted()
         buffers = self._buffers()
         if not buffers:
             return False

@@ -576,7 +576,7 @@ class Recording:
         """Drop the staged tensors and dicts kept for later calls now."""
         self.twins = self.spare = self.items = self.items_spare = None
 
-    def let_go_of_spare(self) -> None:
+    def let_go_of_uncounted(self) -> None:
         """Drop what ``in_use()`` will not discount, before it counts the buffers' uses: the
         call before last's staged tensors and dicts (:attr:`spare`), the last call's tensors
         that are not plain, and, where reference counts tell nothing, all of the last call's.

@@ -201,8 +201,8 @@ def empty_unheld_dicts(dicts: list[Any] | None) -> None:
 def count_own_uses(tensors: list[Any] | None, uses: list[int]) -> None:
     """Add to ``uses`` the storage key of each staged tensor kept in ``tensors`` that nobody
     but that list holds (once per tensor): uses of a buffer that are the cache's own, not a
-    holder's.
-    Nothing is counted where reference counts tell nothing (:func:`counts_tell_holders`).
+    holder's. Nothing is counted where reference counts tell nothing
+    (:func:`counts_tell_holders`).
 
     A tensor with a weak reference is let go of instead (its entry becomes None): its weak
     reference could hand it back to a reader after the buffer was written again, and kept, it
