@@ -41,6 +41,7 @@ __all__ = [
     "rebuild_sharded_tensor",
     "sparse_coo_parts",
     "storage_key",
+    "storage_keys",
     "storage_keys_of",
     "storage_use_count",
     "storage_use_counts",
@@ -84,6 +85,11 @@ def storage_key(storage: torch.UntypedStorage) -> int:
     need not be. Used to find tensors that share a storage.
     """
     return int(storage._cdata)
+
+
+def storage_keys(storages: Iterable[torch.UntypedStorage]) -> Iterator[int]:
+    """:func:`storage_key` of each storage (C-level: no Python step per storage)."""
+    return map(_cdata, storages)
 
 
 def storage_keys_of(tensors: Iterable[torch.Tensor]) -> Iterator[int]:

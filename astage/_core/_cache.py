@@ -35,7 +35,7 @@ import torch
 
 from .._errors import BufferMismatchError
 from .._paths import Path
-from .._torch import new_shared_storage, storage_use_count, storage_use_counts
+from .._torch import new_shared_storage, storage_keys, storage_use_count, storage_use_counts
 from ._arena import (
     HUGE_PAGE,
     PAGE_ALIGNED_MIN_BYTES,
@@ -383,10 +383,10 @@ class BufferCache:
             # live tensor on that storage), so some buffer has another user exactly when the
             # counts over ``free`` add up to more than the kept tensors on the buffers: one
             # sum rather than a look-up per buffer (~20 ms less over 50,000).
-            keys = set(map(_storage_cdata, storages))
+            keys = set(storage_keys(storages))
             return sum(counts) - free * len(counts) > sum(map(keys.__contains__, own))
         per_storage = Counter(own)
-        kept = map(per_storage.__getitem__, map(_storage_cdata, storages))
+        kept = map(per_storage.__getitem__, storage_keys(storages))
         return any(map(gt, counts, map(add, repeat(free), kept)))
 
     def info(self) -> CacheInfo:
@@ -413,7 +413,6 @@ class BufferCache:
             buffer.release()
 
 
-_storage_cdata = attrgetter("_cdata")
 _whole = attrgetter("whole")
 _untyped_storage = torch.Tensor.untyped_storage
 
