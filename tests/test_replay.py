@@ -37,7 +37,7 @@ from astage._core._plan import Plan
 from astage._core._replay import _BULK_STEP as BULK_STEP
 from astage._core._replay import CHUNK, Recording, Replay, _Recorder, walk_or_replay
 from astage._core._reuse import DICT_STEP
-from astage._core._tables import EMPTY_STEP, empty_in_steps
+from astage._core._tables import EMPTY_STEP, LEAD_AFTER, empty_in_steps
 from astage._core._walk import SMALL_CONTAINER
 from astage._devices._host import run_host_batch
 from astage._errors import BufferMismatchError
@@ -1465,6 +1465,78 @@ def test_what_the_recorder_keeps_as_it_goes_matches_a_pass_over_the_recording(na
     ]
     assert columns == want["columns"]
     assert recording.one_to_one is (name in ("own storages", "parameter", "module"))
+
+
+def _runs_of_new_buffers() -> dict[str, dict[str, Any]]:
+    """State dicts whose first call meets runs of tensors that get new buffers, broken up by
+    tensors that do not (the recorder records such a run at once, see _record_fresh)."""
+    base = {str(i): torch.randn(3 + i) for i in range(4)}
+    weight = torch.randn(4, 4)
+    many = {f"t{i}": torch.randn(2) for i in range(replay_module._FRESH_RUN * 3 + 5)}
+    return {
+        "twice in a row": {**base, "again": base["3"], "after": torch.randn(6)},
+        "a view between": {**base, "row": weight[1], "whole": weight, "after": torch.randn(2)},
+        "complex in a run": {
+            **base,
+            "z": torch.randn(3, dtype=torch.complex64),
+            "zz": torch.randn(2, 2, dtype=torch.complex128),
+        },
+        "parameter between": {**base, "p": torch.nn.Parameter(torch.randn(5)), **many},
+        "runs of the longest length": many,
+        "past the tables' leads": {f"t{i}": torch.randn(2) for i in range(LEAD_AFTER + 10)},
+    }
+
+
+@pytest.mark.parametrize("name", list(_runs_of_new_buffers()))
+def test_a_first_call_records_each_tensor_as_it_is(name: str) -> None:
+    """Each recorded tensor, against the source at its path: its buffer (the cache's for its
+    storage), offset, shape, stride, dtype, bits and the earlier tensor that is the same
+    object; one slot per storage, counted by its users."""
+    cache = new_cache()
+    state_dict = _runs_of_new_buffers()[name]
+    stage(cache, state_dict)
+    recording = _recording(cache)
+    assert list(recording.paths) == [(key,) for key in state_dict]
+    first_of: dict[int, int] = {}
+    users: collections.Counter[int] = collections.Counter()
+    for j, (path, leaf) in enumerate(zip(recording.paths, recording.leaves, strict=True)):
+        x = state_dict[path[0]]
+        storage = x.untyped_storage()
+        same = first_of.setdefault(id(x), j)
+        slot = leaf[1]
+        users[slot] += 1
+        assert recording.slots[slot] is cache.get(storage)
+        assert recording.slot_by_key[id(storage)] == slot
+        assert leaf == (
+            type(x),
+            slot,
+            x.storage_offset(),
+            x.shape,
+            x.stride(),
+            x.dtype,
+            x.is_neg(),
+            x.dtype.is_complex,
+            x.is_conj(),
+            isinstance(x, torch.nn.Parameter) and x.requires_grad,
+            leaf[10],
+            same if same != j else -1,
+        ), (j, path)
+    assert recording.slot_users == [users[slot] for slot in range(len(recording.slots))]
+    assert recording.conj_leaves == [
+        (j, False) for j, leaf in enumerate(recording.leaves) if leaf[5].is_complex
+    ]
+    assert recording.first_leaf == [
+        min(j for j, leaf in enumerate(recording.leaves) if leaf[1] == slot)
+        for slot in range(len(recording.slots))
+    ]
+    want = _facts_by_a_pass(recording)
+    assert recording.one_to_one is want["one_to_one"]
+    assert recording.plain == want["plain"]
+    assert recording.shared_leaves == want["shared_leaves"]
+    assert recording.devices == want["devices"]
+    replayed = check_call(cache, dict(state_dict), replayed=True)
+    if name == "twice in a row":
+        assert replayed.result["again"] is replayed.result["3"]
 
 
 # -- the last call's staged tensors (Recording.twins) --------------------------------------------

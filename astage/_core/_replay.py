@@ -78,6 +78,9 @@ class _BulkMiss(Exception):
 _BULK_STEP = 256
 """Tensors per bulk step. A step holds the loop: 256 detaches or metadata reads take 0.1-0.3 ms
 on a quiet machine, 1024 took 8-20 ms on a loaded one (measured on this project's 2 cores)."""
+_FRESH_RUN = _BULK_STEP // 2
+"""Tensors a first call records at once (see :meth:`_Recorder._record_fresh`): half a bulk step,
+since the walk step it falls in reads as many buffers of its own."""
 _detach: Any = torch.Tensor.detach
 _storage = torch.Tensor.untyped_storage
 _attributes = operator.attrgetter("__dict__")
@@ -655,6 +658,9 @@ class _Recorder:
         self._users: list[int] = []  # per slot: tensors that use it
         self._device: torch.device | None = None  # the last slot's (devices are few)
         self._twins: list[Any] = []  # per tensor: its staged twin (Recording.twins)
+        self._fresh: list[tuple[torch.Tensor, HostBuffer, torch.Tensor, Path]] = []
+        """The run of tensors the lean path gave new buffers, not yet recorded: (source,
+        buffer, staged twin, path) each (see :meth:`_record_fresh`)."""
 
     def tables(self) -> tuple[dict[int, int] | list[int], ...]:
         """The per-tensor tables, for the caller to empty in steps (not the users per slot:
@@ -670,6 +676,8 @@ class _Recorder:
         root = self._root
         out: Recording | None = None
         if root is not None and type(root) is not int:
+            if self._fresh:
+                self._record_fresh()
             out = self._out
             out.root = root
             yield from self._list_plain_and_shared(out)
@@ -689,6 +697,7 @@ class _Recorder:
                     out.twin_checks[index] = check_of(step)
                     yield
         self.last = None
+        self._fresh = []
         yield from empty_in_steps(*self.tables())  # an entry per tensor: not freed at once
         return out
 
@@ -763,49 +772,49 @@ class _Recorder:
 
     def leaf(self, x: torch.Tensor, staged: torch.Tensor, path: Path) -> int:
         out = self._out
-        index = len(out.leaves)
         known = self.last
         if known is not None and known[0] is x:
-            # Given a new buffer as its twin by the walk's lean path, which read all this.
-            (_, buffer, stride) = known
-            key = buffer.key
-            shape, dtype = buffer.view_shape, buffer.view_dtype
-            assert shape is not None and dtype is not None  # allocated as the tensor's twin
-            # Still the cache's entry: allocated just now, for a storage that x (which the
-            # plan's copy holds) keeps alive, and never allocated twice in one call.
-            cls: type = _Tensor
-            offset = 0
-            conj = neg = False
-            spans = True
-        else:
-            cls = type(x)
-            if cls is not _Tensor and cls is not _Parameter:
-                raise Unrecordable  # a subclass: the walk's kinds (_kinds) stage it their way
-            # One read of each fact, and ``is_meta`` rather than ``device.type`` (0.5 us).
-            if x.__dict__ or x.layout is not _strided or x.is_quantized or x.is_nested or x.is_meta:
-                raise Unrecordable
-            storage = x.untyped_storage()
-            key = id(storage)
-            cached = self._entries.get(key)  # BufferCache.get, inlined: this is per tensor
-            if cached is None or cached() is not storage or cached.nbytes != storage.nbytes():
-                raise Unrecordable  # evicted meanwhile, or resized: record another time
-            buffer = cached
-            offset = int(x.storage_offset())
-            shape = x.shape
-            stride = x.stride()
-            dtype = x.dtype
-            conj = x.is_conj()
-            neg = x.is_neg()
-            view = buffer.view
-            spans = (
-                view is not None
-                and offset == 0
-                and not conj
-                and not neg
-                and dtype is view.dtype
-                and shape == view.shape
-                and stride == view.stride()
-            )
+            # Given a new buffer as its twin by the walk's lean path, which read all the rest:
+            # recorded with the others of its run (_record_fresh).
+            # Taken once: met again (a tensor under two keys), it is on a storage now known.
+            self.last = None
+            fresh = self._fresh
+            fresh.append((x, known[1], staged, path))
+            index = len(out.leaves) + len(fresh) - 1
+            if len(fresh) == _FRESH_RUN:
+                self._record_fresh()
+            return index
+        if self._fresh:  # the tensors before this one first: it may share their storages
+            self._record_fresh()
+        index = len(out.leaves)
+        cls = type(x)
+        if cls is not _Tensor and cls is not _Parameter:
+            raise Unrecordable  # a subclass: the walk's kinds (_kinds) stage it their way
+        # One read of each fact, and ``is_meta`` rather than ``device.type`` (0.5 us).
+        if x.__dict__ or x.layout is not _strided or x.is_quantized or x.is_nested or x.is_meta:
+            raise Unrecordable
+        storage = x.untyped_storage()
+        key = id(storage)
+        cached = self._entries.get(key)  # BufferCache.get, inlined: this is per tensor
+        if cached is None or cached() is not storage or cached.nbytes != storage.nbytes():
+            raise Unrecordable  # evicted meanwhile, or resized: record another time
+        buffer = cached
+        offset = int(x.storage_offset())
+        shape = x.shape
+        stride = x.stride()
+        dtype = x.dtype
+        conj = x.is_conj()
+        neg = x.is_neg()
+        view = buffer.view
+        spans = (
+            view is not None
+            and offset == 0
+            and not conj
+            and not neg
+            and dtype is view.dtype
+            and shape == view.shape
+            and stride == view.stride()
+        )
         slot = out.slot_by_key.get(key)
         if slot is None:
             slot = len(out.slots)
@@ -865,6 +874,69 @@ class _Recorder:
             self._sources.append(x)
         return index
 
+    def _record_fresh(self) -> None:
+        """Record the run of tensors the lean path gave new buffers, in a few C-level passes.
+
+        Each is a plain tensor alone on a storage met for the first time, spanning its new
+        buffer's view as itself: its entry follows from the buffer (the storage's ``id()``,
+        shape, dtype) and its stride. One at a time, these entries cost a first call over
+        50,000 small tensors a quarter of its time; a run is at most :data:`_FRESH_RUN` long,
+        so that recording it adds little to the walk step it falls in.
+        """
+        fresh = self._fresh
+        self._fresh = []
+        out = self._out
+        count = len(fresh)
+        xs, buffers, staged, paths = zip(*fresh, strict=True)
+        first_index = len(out.leaves)
+        first_slot = len(out.slots)
+        indices = range(first_index, first_index + count)
+        slots = range(first_slot, first_slot + count)
+        # Still the cache's entries: allocated just now, for storages that these tensors
+        # (which the plan's copies hold) keep alive, and never allocated twice in one call.
+        out.slot_by_key.update(zip(map(_buffer_key, buffers), slots, strict=True))
+        if first_slot <= LEAD_AFTER < first_slot + count:
+            give_lead(out.slot_by_key, 2)
+        out.slots += buffers
+        out.src_leaf += indices
+        out.slot_nbytes += map(_buffer_nbytes, buffers)  # none empty: each has a copy
+        out.devices.update(map(_buffer_device, buffers))
+        if first_slot != first_index:
+            out.one_to_one = False
+        self._users += repeat(1, count)
+        self._first_user += map(id, xs)
+        self._first_leaf += indices
+        dtypes = list(map(_buffer_view_dtype, buffers))
+        complexes: Any = repeat(False)
+        if any(dtype.is_complex for dtype in set(dtypes)):
+            complexes = [dtype.is_complex for dtype in dtypes]
+            out.conj_leaves += [(j, False) for j, c in zip(indices, complexes, strict=True) if c]
+        out.leaves += zip(
+            repeat(_Tensor),
+            slots,
+            repeat(0),
+            map(_buffer_view_shape, buffers),
+            map(_stride, xs),
+            dtypes,
+            repeat(False),  # neg
+            complexes,
+            repeat(False),  # conj
+            repeat(False),  # requires_grad
+            repeat(True),  # spans
+            repeat(-1),  # alone on its storage: no earlier tensor to be the same object
+        )
+        out.paths += paths
+        self._twins += staged
+        if self._sources is not None:
+            self._sources += xs
+
+
+_buffer_key = operator.attrgetter("key")
+_buffer_nbytes = operator.attrgetter("nbytes")
+_buffer_device = operator.attrgetter("device")
+_buffer_view_dtype = operator.attrgetter("view_dtype")
+_buffer_view_shape = operator.attrgetter("view_shape")
+_stride: Any = torch.Tensor.stride
 
 _IS_COMPLEX: dict[torch.dtype, bool] = {}
 """``dtype.is_complex`` by dtype: a dict read is a third of the attribute's cost."""

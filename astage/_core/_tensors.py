@@ -27,12 +27,12 @@ from ._cache import BufferCache, HostBuffer
 from ._plan import Leaf, Plan
 from ._tables import LEAD_AFTER, give_lead
 
-TensorFacts = tuple[torch.Tensor, HostBuffer, tuple[int, ...]]
+TensorFacts = tuple[torch.Tensor, HostBuffer]
 """What the first call's lean path knows of a plain tensor that spans its new buffer as itself
 (offset 0, no conjugate or negative bit, the buffer's view its twin, so the buffer also holds
-its storage's ``id()``, its shape and dtype): the tensor, the buffer and its stride. Collected
-for the replay recorder (see :mod:`._replay`), which would otherwise read them all again, one
-tensor at a time.
+its storage's ``id()``, its shape and dtype): the tensor and the buffer. Collected for the
+replay recorder (see :mod:`._replay`), which would otherwise read them all again, one tensor
+at a time.
 """
 
 
@@ -248,7 +248,7 @@ class TensorStager:
         buffer = self._cache.allocate(storage, like=x)
         facts = self._facts
         if facts is not None:  # read here, where x is at hand, rather than again by the recorder
-            facts.last = (x, buffer, x.stride())
+            facts.last = (x, buffer)
         plan = self._plan
         plan.new_buffers += 1
         plan.new_nbytes += buffer.nbytes
