@@ -10,7 +10,13 @@ from benchmarks.lag import LagSummary
 from benchmarks.record import Check, ScenarioResult
 from benchmarks.scenarios.dcp_saves import _why_floor, _why_split
 from benchmarks.scenarios.first_and_cached import AfterReserve, Timings, reserve_check, speed_check
-from benchmarks.scenarios.loop_lag import LagFloors, _dict_growth_ms, _why_max, _why_p99
+from benchmarks.scenarios.loop_lag import (
+    LagFloors,
+    _dict_growth_ms,
+    _why_max,
+    _why_p99,
+    _why_throughput,
+)
 from benchmarks.scenarios.small import RecordingCost, ReplayFloor
 from benchmarks.tests import MACHINE
 
@@ -151,3 +157,12 @@ def test_lag_goals_are_argued_from_the_floors_only_where_they_account_for_the_ex
     assert "took 20 ms of this VM's CPU time" in _why_max(late, None, calls, first=False)
     quiet_calls = [(0.002, 0.010), (0.009, 0.0)]  # the steal fell in another call
     assert _why_max(late, None, quiet_calls, first=False) == ""
+
+
+def test_throughput_under_the_heartbeat_is_argued_only_where_a_plain_copy_misses_it_too() -> None:
+    why = _why_throughput(0.87, 0.85, 3)
+    assert "0.85x as fast with the heartbeat" in why and "medians of 3 each" in why
+    assert "astage's 0.87x is 1.02x that floor" in why
+    assert _why_throughput(0.87, 0.91, 3) == ""  # the copy alone meets it: astage's shortfall
+    assert _why_throughput(0.93, 0.85, 3) == ""  # met: nothing to argue
+    assert _why_throughput(0.87, None, 0) == ""  # no floor measured (a device's copies)

@@ -57,7 +57,7 @@ EXPECTED = {
     "bulk": 8,
     "small": 13,
     "model": 4,
-    "lag": 10,
+    "lag": 12,
     "memory": 10,
     "dcp": 6,
     "writers": 14,
