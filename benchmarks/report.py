@@ -160,8 +160,9 @@ def render_markdown(
         "- **Goals not met, and why**: under the summary, each unmet goal with its ratio in "
         "every repeat and, where figures measured in the same run cover the shortfall, what "
         "bounds it on this machine (a floor measured beside it: a plain copy, the reads a "
-        "replay must make, an idle loop's lateness, the steal during the call, the disk's "
-        "write). Where they do not, the line says so: the shortfall is astage's.\n"
+        "replay must make, an idle loop's lateness, a worker thread's copy under the "
+        "heartbeat, the steal during the call, the disk's write). Where they do not, the line "
+        "says so: the shortfall is astage's.\n"
     )
     return "\n".join(out)
 

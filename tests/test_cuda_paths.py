@@ -474,7 +474,8 @@ def test_gpu_scenario_dry_runs_on_cpu() -> None:
     with LoopRunner() as runner:
         result = measure(config, runner, torch.device("cpu"))
     assert result.skipped is None
-    assert len(result.checks) == 6 + 2 + 5 + 6  # bulk, reuse, lag, small
+    # bulk, reuse, lag (with its copy floor, measured for host tensors only), small
+    assert len(result.checks) == 6 + 2 + 5 + 1 + 6
     assert all(c.metric and c.astage and c.reference and c.goal for c in result.checks)
     reuse = [c for c in result.checks if c.metric.startswith("pinned reuse")]
     assert [c.met for c in reuse] == [True, True]  # CPU sources: reused, nothing pinned
