@@ -27,6 +27,7 @@ __all__ = [
     "cuda_host_register",
     "cuda_host_unregister",
     "cuda_selected_device",
+    "detached",
     "device_mesh_without_backend",
     "dtensor_local",
     "dtensor_spec",
@@ -85,6 +86,22 @@ def storage_key(storage: torch.UntypedStorage) -> int:
     need not be. Used to find tensors that share a storage.
     """
     return int(storage._cdata)
+
+
+detached: Callable[[torch.Tensor], torch.Tensor] = functools.partial(
+    torch.Tensor._make_subclass, torch.Tensor
+)
+"""``x.detach()``, made without letting go of the GIL.
+
+Why: ``detach()`` is a torch operator, and torch's Python bindings drop the GIL around every
+operator call. Beside another thread that keeps running Python (a training loop beside an event
+loop, a data loader's pin-memory thread), that thread may take the GIL then and keep it for a
+whole switch interval: called back to back there, each ``detach()`` took 4-9 ms
+(``python -m benchmarks.busy_thread``). ``Tensor._make_subclass``, which ``nn.Parameter`` is
+made with, detaches in C++ under the GIL (1-4 us there): a plain ``torch.Tensor`` on the same
+storage, offset, sizes and strides, sharing the version counter, with the conjugate and
+negative bits, no autograd history and ``requires_grad`` False, as ``detach()`` gives.
+"""
 
 
 def storage_keys(storages: Iterable[torch.UntypedStorage]) -> Iterator[int]:

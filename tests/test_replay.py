@@ -2420,3 +2420,81 @@ def test_reserve_makes_the_guards(stager: Driver) -> None:
     assert len(recording.guards) == 2
     assert all(guard is not None for guard in recording.guards)
     stager.stage(state_dict)
+
+
+# -- the GIL ----------------------------------------------------------------------------------
+
+
+def test_staged_twins_are_made_without_a_torch_operator_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``detach()`` is a torch operator, and torch's bindings drop the GIL around each call:
+    beside a thread that keeps running Python, each one cost 4-9 ms there (the GIL convoy,
+    ``benchmarks.busy_thread``). First calls, replays that make twins (a result still held)
+    and the tensor-by-tensor replay make their twins without it (``_torch.detached``)."""
+    calls = [0]
+    detach = torch.Tensor.detach
+
+    def counted(self: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        return detach(self)
+
+    weight = torch.randn(4, 4)
+    state_dict = {
+        "state": {i: {"a": torch.randn(3), "b": torch.randn(2, 2)} for i in range(40)},
+        "w": weight,
+        "tied": weight,
+        "p": torch.nn.Parameter(torch.randn(5)),
+    }
+    cache = new_cache()
+    monkeypatch.setattr(torch.Tensor, "detach", counted)
+    held = [stage(cache, state_dict).result]  # a first call
+    for _ in range(2):  # replays that make fresh twins: every earlier result is still held
+        plan = stage(cache, state_dict)
+        assert plan.replayed
+        held.append(plan.result)
+    # A per-call temporary (an RNG state), recorded with it. Replayed while the recorded one
+    # is still alive: the bulk check misses, and the call is replayed tensor by tensor. Then
+    # after it died: in bulk, the new one staged on its own.
+    recorded = [torch.randn(3)]
+    held.append(stage(cache, {**state_dict, "rng": recorded[0]}).result)
+    for _ in range(2):
+        with_rng = {**state_dict, "rng": torch.randn(3)}
+        plan = stage(cache, with_rng)
+        assert plan.replayed
+        held.append(plan.result)
+        recorded.clear()  # the second time round, the recorded one has died
+    assert calls[0] == 0
+    # The module's own name for it: a test that counts twins patches it.
+    assert replay_module._detach is torch_wrappers.detached
+    monkeypatch.undo()
+    assert_same_staging(held[-1], fresh(with_rng), with_rng)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.randn(3, 4),
+        lambda: torch.randn(5, 4)[1:3, ::2],
+        lambda: torch.randn(3, dtype=torch.complex64).conj(),
+        lambda: neg_view(torch.randn(3, dtype=torch.complex64).conj().imag),
+        lambda: torch.nn.Parameter(torch.randn(3)),
+    ],
+    ids=["plain", "view", "conj", "neg", "parameter"],
+)
+def test_detached_is_detach(make: Callable[[], torch.Tensor]) -> None:
+    x = make()
+    want, got = x.detach(), torch_wrappers.detached(x)
+    assert type(got) is torch.Tensor and got is not x
+    for fact in ("shape", "dtype", "device", "requires_grad", "is_leaf", "grad_fn"):
+        assert getattr(got, fact) == getattr(want, fact), fact
+    assert got.stride() == want.stride() and got.storage_offset() == want.storage_offset()
+    assert (
+        got.data_ptr() == x.data_ptr()
+        and got.untyped_storage()._cdata == x.untyped_storage()._cdata
+    )
+    assert (got.is_conj(), got.is_neg()) == (want.is_conj(), want.is_neg())
+    assert not got._is_view() and got._base is None
+    with torch.no_grad():
+        x.mul_(2)
+    assert got._version == x._version == want._version  # one version counter

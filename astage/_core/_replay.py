@@ -39,7 +39,7 @@ from typing import Any, NamedTuple, cast
 import torch
 
 from .._paths import Path
-from .._torch import MetadataGuard, metadata_guard, neg_view
+from .._torch import MetadataGuard, detached, metadata_guard, neg_view
 from ._cache import BufferCache, HostBuffer
 from ._plan import Leaf, Plan
 from ._reuse import (
@@ -81,7 +81,7 @@ on a quiet machine, 1024 took 8-20 ms on a loaded one (measured on this project'
 _FRESH_RUN = _BULK_STEP // 2
 """Tensors a first call records at once (see :meth:`_Recorder._record_fresh`): half a bulk step,
 since the walk step it falls in reads as many buffers of its own."""
-_detach: Any = torch.Tensor.detach
+_detach: Any = detached
 _storage = torch.Tensor.untyped_storage
 _attributes = operator.attrgetter("__dict__")
 _dropped = operator.attrgetter("dropped")
@@ -1178,7 +1178,7 @@ class Replay:
             if buffer is None:
                 continue  # a temporary: staged on its own
             if spans:
-                y = views[slot].detach()  # type: ignore[union-attr]
+                y = _detach(views[slot])  # type: ignore[union-attr]
             else:
                 y = torch.empty((0,), dtype=dtype, device="cpu").set_(
                     buffer.storage, offset, shape, stride
@@ -1237,7 +1237,7 @@ class Replay:
                 if self._volatile is None:
                     fresh = list(map(_detach, picked))
                 else:  # a dead storage has no view: its tensor is staged on its own
-                    fresh = [None if view is None else view.detach() for view in picked]
+                    fresh = [None if view is None else _detach(view) for view in picked]
                 if check is None:  # its guard is built in a step of its own (1-1.5 ms with these)
                     yield
                     checks[index] = check_of(fresh)
@@ -1870,7 +1870,7 @@ class Replay:
         self._tensors += 1
         if self._slot_users[slot] > 1:
             return self._shared_leaf(index, x, same, buffer, spans, copy)
-        y = buffer.view.detach() if spans else self._view(x, buffer, neg, conj)  # type: ignore[union-attr]
+        y = _detach(buffer.view) if spans else self._view(x, buffer, neg, conj)  # type: ignore[arg-type]
         if cls is _Parameter:
             y = _Parameter(y, requires_grad=grad)
         if self._track:
@@ -1897,7 +1897,7 @@ class Replay:
             y = earlier[1]
         else:
             (cls, _, _, _, _, _, neg, _, conj, grad, _, _) = self._leaves[index]
-            y = buffer.view.detach() if spans else self._view(x, buffer, neg, conj)  # type: ignore[union-attr]
+            y = _detach(buffer.view) if spans else self._view(x, buffer, neg, conj)  # type: ignore[arg-type]
             if cls is _Parameter:
                 y = _Parameter(y, requires_grad=grad)
         self._same[index] = (x, y)

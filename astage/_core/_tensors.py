@@ -21,7 +21,7 @@ import torch
 
 from .._errors import UnstageableError
 from .._paths import Attr, Path
-from .._torch import make_subclass, neg_view
+from .._torch import detached, make_subclass, neg_view
 from . import _kinds
 from ._cache import BufferCache, HostBuffer
 from ._plan import Leaf, Plan
@@ -214,7 +214,7 @@ class TensorStager:
         self._last_copy = index
         # The buffer's own view stays private: consumers get a new tensor object each call,
         # so what they do to its metadata or attributes cannot reach the next call.
-        y = view.detach()
+        y = detached(view)
         self._memo[id(x)] = y
         return y
 
@@ -260,7 +260,7 @@ class TensorStager:
         if index == LEAD_AFTER:  # this table then grows apart from the cache's (give_lead)
             give_lead(self.copy_index, 1)
         self._last_copy = index
-        y = view.detach()  # the buffer's own view stays private (see _restage)
+        y = detached(view)  # the buffer's own view stays private (see _restage)
         self._memo[id(x)] = y
         return y
 
@@ -321,7 +321,7 @@ class TensorStager:
                 and view.dtype is x.dtype
                 and view.shape == x.shape
             ):
-                plain = view.detach()  # the buffer's own view stays private (see _restage)
+                plain = detached(view)  # the buffer's own view stays private (see _restage)
                 src, dst = x, view
             else:
                 plain = view_on(buffer, x)
