@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,16 +138,37 @@ class Trainer:
         """One training step on the batch of the next step (:func:`batch_for`); its loss."""
         setup = self.setup
         tokens = batch_for(setup, self.steps_done + 1).to(self.device)
-        with self._attention():
-            logits = self.model(tokens[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, setup.vocab), tokens[:, 1:].reshape(-1))
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        with self._one_host_thread():
+            with self._attention():
+                logits = self.model(tokens[:, :-1])
+            loss = F.cross_entropy(logits.reshape(-1, setup.vocab), tokens[:, 1:].reshape(-1))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
         self.steps_done += 1
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the step's time, not its launch time
         return float(loss.detach())
+
+    @contextlib.contextmanager
+    def _one_host_thread(self) -> Iterator[None]:
+        """On the CPU, the step's operators on one thread.
+
+        Why: a matrix product split over several threads adds in an order that depends on how
+        many it gets, and MKL may use fewer than it was given on a loaded machine. A killed
+        job's step, run beside its own checkpoint's copies and writes, once came out 2 ULPs
+        off the unbroken run's (the full test suite on 2 cores), and the demo compares them
+        bit for bit.
+        """
+        if self.device.type != "cpu":
+            yield
+            return
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
 
     def _attention(self) -> contextlib.AbstractContextManager[None]:
         # On a GPU the fused attention kernels' backward passes may add in any order; the
