@@ -7,9 +7,10 @@ reaches it has, which is what keeps aliasing (views, tied weights) intact.
 
 Two paths, by cost. A cached call over a plain tensor that spans its storage (the common case,
 tens of thousands per optimizer state) takes :meth:`TensorStager._restage`: a dict lookup, a
-weak-reference check, a few metadata comparisons and one ``detach()``. Everything else (views,
-conjugate and negative views, ``Parameter`` and other subclasses, Python attributes, a first
-call) takes :meth:`TensorStager._stage`; the rare kinds are in :mod:`._kinds`.
+weak-reference check, a few metadata comparisons and one detach (``_torch.detached``).
+Everything else (views, conjugate and negative views, ``Parameter`` and other subclasses,
+Python attributes, a first call) takes :meth:`TensorStager._stage`; the rare kinds are in
+:mod:`._kinds`.
 """
 
 from __future__ import annotations
