@@ -33,6 +33,7 @@ from torch.distributed.checkpoint._state_dict_stager import StateDictStager
 
 import astage
 from benchmarks.state_dicts import small_optimizer_state
+from benchmarks.timing import timed
 
 
 @dataclass
@@ -75,24 +76,16 @@ def busy_thread() -> Iterator[None]:
 
 def _astage_calls(state_dict: Any) -> tuple[float, float]:
     with astage.SyncStager() as stager:
-        first = _timed(lambda: stager.stage(state_dict))
-        second = _timed(lambda: stager.stage(state_dict))
+        first = timed(lambda: stager.stage(state_dict))
+        second = timed(lambda: stager.stage(state_dict))
     return first, second
 
 
 def _dcp_calls(state_dict: Any) -> tuple[float, float]:
     stager = StateDictStager()
-    first = _timed(lambda: stager.stage(state_dict))
-    second = _timed(lambda: stager.stage(state_dict))
+    first = timed(lambda: stager.stage(state_dict))
+    second = timed(lambda: stager.stage(state_dict))
     return first, second
-
-
-def _timed(call: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    result = call()
-    seconds = time.perf_counter() - start
-    del result
-    return seconds
 
 
 CONTENDERS: dict[str, Callable[[Any], tuple[float, float]]] = {
