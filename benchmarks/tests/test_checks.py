@@ -120,7 +120,7 @@ def test_dcp_floor_argues_only_a_goal_below_the_copy() -> None:
 def test_dcp_split_tells_astage_s_own_call_from_the_hand_off() -> None:
     # Copy 53 ms, astage 70.5 ms of which stage() 60 ms, DCP 82 ms: 1.2x DCP is 68.3 ms.
     why = _why_split(0.053, 0.060, 0.0705, 0.082, 1.2)
-    assert "took 60.0 ms" in why and "1.13x the plain copy" in why
+    assert "took 60.0 ms" in why and "1.13x the plain copy stager's own call" in why
     assert "the other 10.5 ms" in why  # the hand-off, apart from the call
     assert "within 4.8 ms of the copy" in why  # 68.3 - 10.5 - 53: what stage() may add
     # A rest of 20 ms: copy plus rest is 73 ms, over the 68.3 ms the goal needs: argued.
