@@ -17,6 +17,7 @@ from benchmarks.scenarios.loop_lag import (
     _why_p99,
     _why_throughput,
 )
+from benchmarks.scenarios.restore import READ, RESTORE, TORCH_MMAP, _why_cold
 from benchmarks.scenarios.small import RecordingCost, ReplayFloor
 from benchmarks.tests import MACHINE
 
@@ -166,3 +167,12 @@ def test_throughput_under_the_heartbeat_is_argued_only_where_a_plain_copy_misses
     assert _why_throughput(0.87, 0.91, 3) == ""  # the copy alone meets it: astage's shortfall
     assert _why_throughput(0.93, 0.85, 3) == ""  # met: nothing to argue
     assert _why_throughput(0.87, None, 0) == ""  # no floor measured (a device's copies)
+
+
+def test_a_cold_restore_is_argued_only_at_the_disk_s_pace() -> None:
+    times = {RESTORE: [1.00, 1.04], TORCH_MMAP: [0.95, 1.10], READ: [0.97, 0.95]}
+    why = _why_cold(times, (0.95, 1.06))
+    assert "took 960.0 ms" in why and "1.06x that read" in why
+    assert "0.95x to 1.06x" in why
+    slower = {**times, RESTORE: [1.20, 1.10]}  # 1.15 s: over 1.1x the 0.96 s read
+    assert _why_cold(slower, (0.95, 1.06)) == ""

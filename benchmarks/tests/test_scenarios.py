@@ -62,7 +62,7 @@ EXPECTED = {
     "dcp": 6,
     "writers": 14,
     "gpu": 19,
-    "restore": 16,
+    "restore": 20,
 }
 """Checks each scenario computes: a split that loses a figure shows here."""
 
