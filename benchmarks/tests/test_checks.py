@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from astage._core._batches import MAX_BATCH_COPIES
 from benchmarks import report
 from benchmarks.lag import LagSummary
 from benchmarks.record import Check, ScenarioResult
@@ -16,6 +17,7 @@ from benchmarks.scenarios.loop_lag import (
     _why_max,
     _why_p99,
     _why_throughput,
+    copy_batches,
 )
 from benchmarks.scenarios.restore import READ, RESTORE, TORCH_MMAP, _why_cold
 from benchmarks.scenarios.small import RecordingCost, ReplayFloor
@@ -158,6 +160,33 @@ def test_lag_goals_are_argued_from_the_floors_only_where_they_account_for_the_ex
     assert "took 20 ms of this VM's CPU time" in _why_max(late, None, calls, first=False)
     quiet_calls = [(0.002, 0.010), (0.009, 0.0)]  # the steal fell in another call
     assert _why_max(late, None, quiet_calls, first=False) == ""
+
+
+def test_the_p99_goal_is_argued_from_the_sliced_floor_where_it_misses_the_goal_too() -> None:
+    idle = LagSummary(100, 0.1, 0.4, 0.9)
+    woken = LagSummary(100, 0.2, 0.6, 1.2)
+    mine = LagSummary(100, 0.3, 1.3, 4.0)
+    sliced = LagFloors(idle, woken, 43_690, 3.0, LagSummary(100, 0.2, 1.2, 3.0))
+    why = _why_p99(mine, sliced)
+    assert "showed p99 1.20 ms" in why and "0.10 ms over that floor" in why
+    met = LagFloors(idle, woken, 43_690, 3.0, LagSummary(100, 0.2, 0.9, 3.0))
+    assert _why_p99(mine, met) == ""  # the floor meets the goal: the 1.3 ms are astage's
+
+
+def test_the_sliced_floor_copies_in_a_stager_s_batches() -> None:
+    small = [torch.full((4,), float(i)) for i in range(2500)]
+    large = torch.arange(1000, dtype=torch.float32)  # 4,000 bytes: four 1,000-byte slices
+    sources = [*small, large]
+    targets = [torch.zeros_like(t) for t in sources]
+    batches = copy_batches(sources, targets, chunk_bytes=1_000)
+    # 16 bytes a small tensor: 62 fit in 1,000 bytes, under MAX_BATCH_COPIES.
+    assert [len(srcs) for _, srcs in batches[:2]] == [62, 62]
+    assert all(len(srcs) == 1 and srcs[0].nbytes == 1_000 for _, srcs in batches[-4:])
+    for dsts, srcs in batches:
+        torch._foreach_copy_(dsts, srcs)
+    assert all(torch.equal(t, s) for t, s in zip(targets, sources, strict=True))
+    by_count = copy_batches(small, [torch.zeros_like(t) for t in small], chunk_bytes=1 << 30)
+    assert [len(srcs) for _, srcs in by_count] == [MAX_BATCH_COPIES, MAX_BATCH_COPIES, 452]
 
 
 def test_throughput_under_the_heartbeat_is_argued_only_where_a_plain_copy_misses_it_too() -> None:
