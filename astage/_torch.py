@@ -51,13 +51,31 @@ __all__ = [
 # -- tensors and storages -------------------------------------------------------------------------
 
 
-def foreach_copy_(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
-    """Copy ``srcs[i]`` into ``dsts[i]`` for every i in one call.
+FOREACH_STEP = 256
+"""Most tensors one ``torch._foreach_copy_`` call gets from :func:`foreach_copy_`."""
 
-    Why: one C++ call that releases the GIL for the whole list; copying many small tensors one
-    ``copy_`` at a time costs a Python round trip (and a GIL hand-off) per tensor.
+
+def foreach_copy_(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
+    """Copy ``srcs[i]`` into ``dsts[i]`` for every i, :data:`FOREACH_STEP` tensors a call.
+
+    Why one call for many: a C++ call that releases the GIL for the whole list; copying many
+    small tensors one ``copy_`` at a time costs a Python round trip (and a GIL hand-off) per
+    tensor.
+
+    Why not one call for all: the binding turns both lists into C++ tensor lists before it
+    releases the GIL, about 0.13 us a tensor on a quiet core. A worker thread's call over
+    1,024 tensors held the GIL that long, and an event loop that had just let go of the GIL
+    for a moment (its ``select``) waited for it: 0.3 ms a hand-off quiet, up to 0.9 ms on a
+    loaded core, 0.15 ms with 256 tensors a call. Cut into calls of 256, the p99 of a 1 ms
+    heartbeat's lateness during cached calls over 50,000 small tensors went from 0.98-1.33 ms
+    to 0.77-0.84 ms (four paired runs), the calls as fast as before.
     """
-    torch._foreach_copy_(dsts, srcs)
+    if len(srcs) <= FOREACH_STEP:
+        torch._foreach_copy_(dsts, srcs)
+        return
+    for start in range(0, len(srcs), FOREACH_STEP):
+        stop = start + FOREACH_STEP
+        torch._foreach_copy_(dsts[start:stop], srcs[start:stop])
 
 
 def storage_use_count(storage: torch.UntypedStorage) -> int:

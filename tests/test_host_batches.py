@@ -23,6 +23,7 @@ import astage
 from astage._devices._backend import enqueue_batch, installed
 from astage._devices._host import run_host_batch
 from astage._drivers import _async
+from astage._torch import FOREACH_STEP, foreach_copy_
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -300,3 +301,27 @@ def test_a_slice_does_not_start_a_step_that_would_end_past_it(
     # Short steps still fill the slice: 100 of 10 us in 3 slices, not one per step.
     held = _slices(monkeypatch, 0.00001, 100)
     assert len(held) <= 3 and max(held) <= 0.0005 + 1e-9
+
+
+def test_a_host_batch_gives_torch_at_most_foreach_step_tensors_a_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The binding converts the lists under the GIL: a call over a whole batch (1,024 tensors)
+    # held it long enough to keep an event loop in another thread waiting (see foreach_copy_).
+    copy = torch._foreach_copy_
+    calls: list[int] = []
+
+    def watched(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
+        calls.append(len(srcs))
+        copy(dsts, srcs)
+
+    monkeypatch.setattr(torch, "_foreach_copy_", watched)
+    sources = {f"t{i}": torch.full((3,), float(i)) for i in range(1000)}
+    with astage.SyncStager() as stager:
+        staged = stager.stage(sources)
+    assert calls == [FOREACH_STEP, FOREACH_STEP, FOREACH_STEP, 1000 - 3 * FOREACH_STEP]
+    assert_tree_staged(staged, sources)
+    calls.clear()
+    dsts = [torch.zeros(3) for _ in range(FOREACH_STEP)]
+    foreach_copy_(dsts, list(sources.values())[:FOREACH_STEP])
+    assert calls == [FOREACH_STEP] and torch.equal(dsts[-1], sources[f"t{FOREACH_STEP - 1}"])
