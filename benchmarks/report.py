@@ -159,9 +159,11 @@ def render_markdown(
         "also from `/proc/stat`): a stall no process in the VM can see or avoid.\n"
         "- **Goals not met, and why**: under the summary, each unmet goal with its ratio in "
         "every repeat and, where figures measured in the same run cover the shortfall, what "
-        "bounds it on this machine (a floor measured beside it: a plain copy, the reads a "
-        "replay must make, an idle loop's lateness, a worker thread's copy under the "
-        "heartbeat, the steal during the call, the disk's write). Where they do not, the line "
+        "bounds it on this machine (a floor measured beside it: a plain copy, a plain copy "
+        "that async_save drives as a stager, the reads a replay must make, an idle loop's "
+        "lateness, a loop busy in walk-sized slices beside the same copies, a worker thread's "
+        "copy under the heartbeat, the steal during the call, the disk's write, the file's "
+        "read). Where they do not, the line "
         "says so: the shortfall is astage's.\n"
     )
     return "\n".join(out)

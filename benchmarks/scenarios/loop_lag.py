@@ -22,6 +22,7 @@ import torch
 import astage
 from astage._core._batches import MAX_BATCH_COPIES
 from astage._drivers._async import _yield_to_due_timers
+from astage._torch import foreach_copy_
 
 from ..config import Config, Data
 from ..contenders import DcpDefaultStager, flat_tensors, restore_intraop_threads
@@ -234,7 +235,8 @@ async def _sliced_lag(state_dict: Any, seconds: float) -> LagSummary | None:
     The loop runs pure Python (no call that lets go of the GIL) for ``max_loop_hold_s`` at a
     time and hands the loop back with astage's own yield to due timers; meanwhile a worker
     thread copies the dict's tensors into preallocated, touched twins, in batches cut as a
-    stager's are, back to back. None for a dict with tensors off the host (the gpu scenario).
+    stager's are, back to back, each with astage's copier (``_torch.foreach_copy_``). None for
+    a dict with tensors off the host (the gpu scenario).
     """
     sources = flat_tensors(state_dict)
     if any(source.device.type != "cpu" for source in sources):
@@ -248,7 +250,7 @@ async def _sliced_lag(state_dict: Any, seconds: float) -> LagSummary | None:
     def copy_back_to_back() -> None:
         while not stop.is_set():
             for dsts, srcs in batches:
-                torch._foreach_copy_(dsts, srcs)
+                foreach_copy_(dsts, srcs)  # astage's copier: as long a hold on the GIL
                 if stop.is_set():
                     return
 

@@ -186,8 +186,10 @@ def _checks(label: str, times: dict[str, list[float]], *, cold: bool) -> list[Ch
         rounds = _paired(times, other)
         ratio = median(list(rounds))
         why = ""
-        if other == TORCH_MMAP and max(rounds) >= 1.0:
-            why = _why_cold(times, rounds) if cold else _WHY_WARM
+        if cold and goal and max(rounds) >= 1.0:
+            why = _why_cold(times, other, rounds)
+        elif other == TORCH_MMAP and max(rounds) >= 1.0:
+            why = _WHY_WARM
         checks.append(
             Check(
                 f"{label}: {RESTORE} vs {other}",
@@ -221,20 +223,20 @@ _WHY_WARM = (
 )
 
 
-def _why_cold(times: dict[str, list[float]], rounds: tuple[float, ...]) -> str:
-    """A cold restore that straddles 1x against torch's mapping: argued where astage already
+def _why_cold(times: dict[str, list[float]], other: str, rounds: tuple[float, ...]) -> str:
+    """A cold restore that straddles 1x against another loader: argued where astage already
     reads at the disk's pace (within :data:`ARGUED_OVER_READ` of the file read alone)."""
-    restore, read, mapped = (median(times[name]) for name in (RESTORE, READ, TORCH_MMAP))
+    restore, read, theirs = (median(times[name]) for name in (RESTORE, READ, other))
     if restore > ARGUED_OVER_READ * read:
         return ""
     return (
         "Cold, each contender reads every byte from the disk once, and the disk sets the pace: "
         f"astage's file read alone, front to back into memory of its own (no parsing, no "
         f"copy; timed in the same rotation), took {fmt_s(read)}; astage.load(into=) took "
-        f"{fmt_s(restore)} ({restore / read:.2f}x that read) and torch.load(mmap=True) + "
-        f"copy_ {fmt_s(mapped)} ({mapped / read:.2f}x). The repeats straddle 1x "
-        f"({min(rounds):.2f}x to {max(rounds):.2f}x): being faster than torch here would need "
-        "reading faster than the disk gives."
+        f"{fmt_s(restore)} ({restore / read:.2f}x that read) and {other} "
+        f"{fmt_s(theirs)} ({theirs / read:.2f}x). The repeats straddle 1x "
+        f"({min(rounds):.2f}x to {max(rounds):.2f}x): being faster than {other} here would "
+        "need reading faster than the disk gives."
     )
 
 

@@ -200,8 +200,8 @@ def test_throughput_under_the_heartbeat_is_argued_only_where_a_plain_copy_misses
 
 def test_a_cold_restore_is_argued_only_at_the_disk_s_pace() -> None:
     times = {RESTORE: [1.00, 1.04], TORCH_MMAP: [0.95, 1.10], READ: [0.97, 0.95]}
-    why = _why_cold(times, (0.95, 1.06))
+    why = _why_cold(times, TORCH_MMAP, (0.95, 1.06))
     assert "took 960.0 ms" in why and "1.06x that read" in why
     assert "0.95x to 1.06x" in why
     slower = {**times, RESTORE: [1.20, 1.10]}  # 1.15 s: over 1.1x the 0.96 s read
-    assert _why_cold(slower, (0.95, 1.06)) == ""
+    assert _why_cold(slower, TORCH_MMAP, (0.95, 1.06)) == ""
