@@ -152,6 +152,63 @@ def test_reads_only_the_entries_into_asks_for(
     assert reads.nbytes == 10 * 4  # none of the 420 kB of the others
 
 
+class _ThreadReads:
+    """The reads with the thread that made each, in the order they were made."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, delay_s: float = 0.0) -> None:
+        self.order: list[tuple[int, str]] = []
+        real = os.preadv
+        lock = threading.Lock()
+
+        def preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
+            with lock:
+                self.order.append((offset, threading.current_thread().name))
+            time.sleep(delay_s)  # each piece takes a moment, so that threads would overlap
+            return real(fd, buffers, offset)
+
+        monkeypatch.setattr(os, "preadv", preadv)
+
+
+def _probed_restore(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, sequential_below: int
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], _ThreadReads]:
+    """A restore of 16 pieces of 64 KiB, the first two of them the probe."""
+    # 128 and 384 KiB: 8 pieces.
+    source = {"a": torch.randn(32 << 10), "b": torch.randn(48 << 10, dtype=torch.float64)}
+    path = _saved(tmp_path, source)
+    into = {"a": torch.empty(32 << 10), "b": torch.empty(48 << 10, dtype=torch.float64)}
+    monkeypatch.setattr(_restore, "PIECE_BYTES", 64 << 10)
+    monkeypatch.setattr(_restore, "PROBE_BYTES", 128 << 10)
+    monkeypatch.setattr(_restore, "PROBED_FROM_BYTES", 512 << 10)
+    monkeypatch.setattr(_restore, "SEQUENTIAL_BELOW", sequential_below)
+    reads = _ThreadReads(monkeypatch, delay_s=0.002)
+    astage.load(path, into=into)
+    return source, into, reads
+
+
+def test_a_restore_that_the_probe_finds_on_a_disk_reads_front_to_back_on_one_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every probe is slower than 2**62 bytes a second: the file counts as on a disk.
+    source, into, reads = _probed_restore(tmp_path, monkeypatch, sequential_below=1 << 62)
+    assert torch.equal(into["a"], source["a"]) and torch.equal(into["b"], source["b"])
+    offsets = [offset for offset, _ in reads.order]
+    assert len(offsets) == 8 and offsets == sorted(offsets)  # front to back
+    probe, rest = reads.order[:2], reads.order[2:]
+    assert {name for _, name in probe} == {threading.current_thread().name}
+    assert len({name for _, name in rest}) == 1
+    assert rest[0][1].startswith("astage-restore")
+
+
+def test_a_restore_that_the_probe_finds_in_memory_reads_on_several_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source, into, reads = _probed_restore(tmp_path, monkeypatch, sequential_below=0)
+    assert torch.equal(into["a"], source["a"]) and torch.equal(into["b"], source["b"])
+    assert {name for _, name in reads.order[:2]} == {threading.current_thread().name}
+    assert len({name for _, name in reads.order[2:]}) > 1
+
+
 def test_big_tensors_are_read_in_pieces_on_several_threads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
