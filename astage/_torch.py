@@ -23,6 +23,7 @@ import torch.multiprocessing  # imported by torch itself: costs nothing
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass as _is_wrapper
 
 __all__ = [
+    "FOREACH_STEP",
     "cuda_clear_last_error",
     "cuda_host_register",
     "cuda_host_unregister",
