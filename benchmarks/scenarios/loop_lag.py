@@ -270,6 +270,46 @@ async def _sliced_lag(state_dict: Any, seconds: float) -> LagSummary | None:
     return window.summary()
 
 
+FRESH_FLOOR_MOST_TENSORS = 1024
+"""Dicts of more tensors get no fresh-copy floor (see :func:`_fresh_copy_lag`)."""
+
+
+async def _fresh_copy_lag(state_dict: Any, seconds: float) -> LagSummary | None:
+    """An idle loop beside a worker thread that copies this dict into fresh memory, round
+    after round (new twins each round, dropped after it): what a first call's copies do to
+    the machine, with no stager on the loop.
+
+    None for a dict off the host (the gpu scenario), and for one of more than
+    :data:`FRESH_FLOOR_MOST_TENSORS` tensors: making and dropping 50,000 twins a round in the
+    worker held the GIL itself (a 237 ms beat), where a first call makes them on the loop, in
+    its walk; such a dict's first call is argued by its tables' growth instead.
+    """
+    sources = flat_tensors(state_dict)
+    if len(sources) > FRESH_FLOOR_MOST_TENSORS:
+        return None
+    if any(source.device.type != "cpu" for source in sources):
+        return None
+    chunk_bytes = astage.StagingOptions().resolve().chunk_bytes
+    stop = threading.Event()
+
+    def copy_into_fresh_memory() -> None:
+        while not stop.is_set():
+            targets = [torch.empty_like(source) for source in sources]
+            for dsts, srcs in copy_batches(sources, targets, chunk_bytes):
+                foreach_copy_(dsts, srcs)
+                if stop.is_set():
+                    return
+
+    async with LagProbe() as probe, anyio.create_task_group() as copies:
+        copies.start_soon(anyio.to_thread.run_sync, copy_into_fresh_memory)
+        try:
+            async with probe.window() as window:
+                await anyio.sleep(seconds)
+        finally:
+            stop.set()
+    return window.summary()
+
+
 def lag_runs(
     state_dict: Any, config: Config, runner: LoopRunner, cuda: bool = False
 ) -> dict[str, LagRuns]:
@@ -303,6 +343,8 @@ class LagFloors:
     """One such dict growing by its next entry, on a levelled heap (fresh memory)."""
     sliced: LagSummary | None = None
     """A loop busy in walk-sized slices beside this dict's copies (:func:`_sliced_lag`)."""
+    fresh: LagSummary | None = None
+    """An idle loop beside this dict's copies into fresh memory (:func:`_fresh_copy_lag`)."""
 
 
 def lag_checks(
@@ -472,6 +514,15 @@ def _why_max(
             f"{lag.max_ms:.2f} ms: a hold of the hypervisor's, which no code in the process "
             "can avoid, and which a max counts whenever it falls inside a call."
         )
+    fresh = floors.fresh
+    if first and fresh is not None and fresh.max_ms >= lag.max_ms:
+        return (
+            "A first call copies into fresh memory, and the kernel maps each page on its "
+            "first write, on every core the copy runs on: an idle loop beside a worker thread "
+            "copying these same tensors into fresh memory, round after round, with no stager "
+            f"(the fresh-copy floor in the notes below), had its latest beat {fresh.max_ms:.2f} "
+            f"ms late in this run, against astage's {lag.max_ms:.2f} ms."
+        )
     if not first or lag.max_ms - floors.growth_ms > LAG_MAX_GOAL_MS:
         return ""
     return (
@@ -567,7 +618,15 @@ def lag(config: Config, data: Data, runner: LoopRunner) -> ScenarioResult:
         runs = lag_runs(state_dict, config, runner)
         entries, growth_ms = _dict_growth_ms(shape.storages)
         sliced = runner.run(_sliced_lag(state_dict, window))
-        floors = LagFloors(idle, woken, entries, growth_ms, sliced)
+        fresh = runner.run(_fresh_copy_lag(state_dict, window))
+        floors = LagFloors(idle, woken, entries, growth_ms, sliced, fresh)
+        if fresh is not None:
+            result.notes.append(
+                f"Fresh-copy floor, {label}: an idle loop beside a worker thread that copies "
+                "these tensors into fresh memory round after round (new tensors each round, "
+                f"as a first call's copies): {fresh.samples} beats, p50 {fresh.p50_ms:.3f} ms, "
+                f"p99 {fresh.p99_ms:.3f} ms, max {fresh.max_ms:.3f} ms."
+            )
         if sliced is not None:
             result.notes.append(
                 f"Sliced floor, {label}: a loop running pure Python in "
@@ -587,5 +646,6 @@ def lag(config: Config, data: Data, runner: LoopRunner) -> ScenarioResult:
             "shape": shape.figures(),
             "runs": {name: run.figures() for name, run in runs.items()},
             "sliced_floor": None if sliced is None else sliced._asdict(),
+            "fresh_copy_floor": None if fresh is None else fresh._asdict(),
         }
     return result

@@ -173,6 +173,15 @@ def test_the_p99_goal_is_argued_from_the_sliced_floor_where_it_misses_the_goal_t
     assert _why_p99(mine, met) == ""  # the floor meets the goal: the 1.3 ms are astage's
 
 
+def test_a_first_call_s_max_is_argued_from_the_fresh_copy_floor_only_where_it_is_as_late() -> None:
+    idle, woken = LagSummary(100, 0.1, 0.4, 0.9), LagSummary(100, 0.2, 0.6, 1.2)
+    floors = LagFloors(idle, woken, 43_690, 0.5, None, LagSummary(100, 0.3, 2.0, 7.5))
+    late = LagSummary(100, 0.3, 0.7, 7.0)
+    assert "latest beat 7.50 ms late" in _why_max(late, floors, [], first=True)
+    assert _why_max(late, floors, [], first=False) == ""  # a cached call copies into its own
+    assert _why_max(LagSummary(100, 0.3, 0.7, 8.0), floors, [], first=True) == ""
+
+
 def test_the_sliced_floor_copies_in_a_stager_s_batches() -> None:
     small = [torch.full((4,), float(i)) for i in range(2500)]
     large = torch.arange(1000, dtype=torch.float32)  # 4,000 bytes: four 1,000-byte slices
