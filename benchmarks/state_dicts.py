@@ -7,7 +7,7 @@ Values come from a seeded generator; every page is written, so the source is res
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +46,17 @@ def describe(state_dict: Any) -> Shape:
         elif isinstance(obj, (list, tuple)):
             stack.extend(obj)
     return Shape(tensors, len(storages), sum(storages.values()))
+
+
+def map_tensors(tree: Any, function: Callable[[torch.Tensor], Any]) -> Any:
+    """The same dicts, lists and tuples with ``function(t)`` in place of each tensor ``t``."""
+    if isinstance(tree, torch.Tensor):
+        return function(tree)
+    if isinstance(tree, dict):
+        return {key: map_tensors(value, function) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(map_tensors(value, function) for value in tree)
+    return tree
 
 
 def tensor_leaves(obj: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[Any, torch.Tensor]]:

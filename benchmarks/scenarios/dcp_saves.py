@@ -29,7 +29,7 @@ from ..config import Config, Data
 from ..contenders import dcp_default_options, flat_tensors
 from ..record import Check, ScenarioResult, Table, fmt_bytes, fmt_gbps, fmt_s
 from ..runner import LoopRunner
-from ..state_dicts import describe, gpt2_with_adamw
+from ..state_dicts import describe, gpt2_with_adamw, map_tensors
 from ..timing import level_heap, median, rotate
 
 SAVES = 3
@@ -110,7 +110,8 @@ class PlainCopyStager:
             self._twins = [torch.empty_like(source) for source in sources]
             new_nbytes = sum(twin.nbytes for twin in self._twins)
         torch._foreach_copy_(self._twins, sources)
-        staged = _with_twins(state_dict, dict(zip(map(id, sources), self._twins, strict=True)))
+        twins = dict(zip(map(id, sources), self._twins, strict=True))
+        staged = map_tensors(state_dict, lambda source: twins[id(source)])
         self.last_stats = _CopyStats(time.perf_counter() - started, new_nbytes)
         return staged
 
@@ -120,17 +121,6 @@ class PlainCopyStager:
     def close(self) -> None:
         self._executor.shutdown()
         self._twins = None
-
-
-def _with_twins(obj: Any, twins: dict[int, torch.Tensor]) -> Any:
-    """``obj``'s containers rebuilt with each tensor replaced by its twin."""
-    if isinstance(obj, torch.Tensor):
-        return twins[id(obj)]
-    if isinstance(obj, dict):
-        return {key: _with_twins(value, twins) for key, value in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_with_twins(value, twins) for value in obj)
-    return obj
 
 
 def _make_stager(name: str, cuda: bool) -> Any:

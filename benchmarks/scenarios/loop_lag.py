@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import anyio
@@ -140,8 +141,8 @@ async def _thread_copies(state_dict: Any, runs: LagRuns, calls: int) -> None:
     """The floor of the throughput goal: the state dict's bytes copied by a worker thread into
     preallocated (and already touched) tensors, ``calls`` times with the heartbeat and as many
     without, in turns: no stager, only the copy and the loop beside it."""
-    sources = flat_tensors(state_dict)
-    if any(source.device.type != "cpu" for source in sources):
+    sources = _host_tensors(state_dict)
+    if sources is None:
         return  # the floor of host copies only: a device's copies have their own (gpu scenario)
     targets = [torch.empty_like(source) for source in sources]
 
@@ -198,13 +199,17 @@ async def _woken_lag(seconds: float) -> LagSummary:
     return window.summary()
 
 
+Batches = list[tuple[list[torch.Tensor], list[torch.Tensor]]]
+"""Host copies cut as a stager cuts them: each ``(targets, sources)`` one copier call."""
+
+
 def copy_batches(
     sources: list[torch.Tensor], targets: list[torch.Tensor], chunk_bytes: int
-) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+) -> Batches:
     """``targets[i] <- sources[i]`` cut as a stager's host batches are, in order: consecutive
     tensors, at most :data:`MAX_BATCH_COPIES` and about ``chunk_bytes`` a batch; a tensor over
     ``chunk_bytes`` in slices of that many bytes, one slice a batch."""
-    batches: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
+    batches: Batches = []
     open_batch: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
     nbytes = 0
     for source, target in zip(sources, targets, strict=True):
@@ -228,6 +233,39 @@ def copy_batches(
     return batches
 
 
+async def _lag_beside_copies(
+    round_of_batches: Callable[[], Batches], on_the_loop: Callable[[], Awaitable[None]]
+) -> LagSummary:
+    """The heartbeat's lateness while ``on_the_loop`` runs and a worker thread copies, back to
+    back, the batches each ``round_of_batches()`` gives, with astage's copier
+    (``_torch.foreach_copy_``: as long a hold on the GIL between two calls)."""
+    stop = threading.Event()
+
+    def copy_rounds() -> None:
+        while not stop.is_set():
+            for dsts, srcs in round_of_batches():
+                foreach_copy_(dsts, srcs)
+                if stop.is_set():
+                    return
+
+    async with LagProbe() as probe, anyio.create_task_group() as copies:
+        copies.start_soon(anyio.to_thread.run_sync, copy_rounds)
+        try:
+            async with probe.window() as window:
+                await on_the_loop()
+        finally:
+            stop.set()
+    return window.summary()
+
+
+def _host_tensors(state_dict: Any) -> list[torch.Tensor] | None:
+    """The dict's tensors, or None where any is off the host (the gpu scenario's to time)."""
+    sources = flat_tensors(state_dict)
+    if any(source.device.type != "cpu" for source in sources):
+        return None
+    return sources
+
+
 async def _sliced_lag(state_dict: Any, seconds: float) -> LagSummary | None:
     """A loop that does nothing but take slices as a stager's walk does, beside this dict's
     copies: the floor under the p99 of any stager that needs loop time while it copies.
@@ -235,39 +273,26 @@ async def _sliced_lag(state_dict: Any, seconds: float) -> LagSummary | None:
     The loop runs pure Python (no call that lets go of the GIL) for ``max_loop_hold_s`` at a
     time and hands the loop back with astage's own yield to due timers; meanwhile a worker
     thread copies the dict's tensors into preallocated, touched twins, in batches cut as a
-    stager's are, back to back, each with astage's copier (``_torch.foreach_copy_``). None for
-    a dict with tensors off the host (the gpu scenario).
+    stager's are, back to back. None for a dict with tensors off the host.
     """
-    sources = flat_tensors(state_dict)
-    if any(source.device.type != "cpu" for source in sources):
+    sources = _host_tensors(state_dict)
+    if sources is None:
         return None
     options = astage.StagingOptions().resolve()
     targets = [torch.empty_like(source) for source in sources]
     torch._foreach_copy_(targets, sources)  # touched once, untimed
     batches = copy_batches(sources, targets, options.chunk_bytes)
-    stop = threading.Event()
-
-    def copy_back_to_back() -> None:
-        while not stop.is_set():
-            for dsts, srcs in batches:
-                foreach_copy_(dsts, srcs)  # astage's copier: as long a hold on the GIL
-                if stop.is_set():
-                    return
-
     hold = options.max_loop_hold_s
-    async with LagProbe() as probe, anyio.create_task_group() as copies:
-        copies.start_soon(anyio.to_thread.run_sync, copy_back_to_back)
-        try:
-            async with probe.window() as window:
-                end = time.perf_counter() + seconds
-                while time.perf_counter() < end:
-                    slice_end = time.perf_counter() + hold
-                    while time.perf_counter() < slice_end:
-                        pass
-                    await _yield_to_due_timers()
-        finally:
-            stop.set()
-    return window.summary()
+
+    async def take_slices() -> None:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            slice_end = time.perf_counter() + hold
+            while time.perf_counter() < slice_end:
+                pass
+            await _yield_to_due_timers()
+
+    return await _lag_beside_copies(lambda: batches, take_slices)
 
 
 FRESH_FLOOR_MOST_TENSORS = 1024
@@ -284,30 +309,15 @@ async def _fresh_copy_lag(state_dict: Any, seconds: float) -> LagSummary | None:
     worker held the GIL itself (a 237 ms beat), where a first call makes them on the loop, in
     its walk; such a dict's first call is argued by its tables' growth instead.
     """
-    sources = flat_tensors(state_dict)
-    if len(sources) > FRESH_FLOOR_MOST_TENSORS:
-        return None
-    if any(source.device.type != "cpu" for source in sources):
+    sources = _host_tensors(state_dict)
+    if sources is None or len(sources) > FRESH_FLOOR_MOST_TENSORS:
         return None
     chunk_bytes = astage.StagingOptions().resolve().chunk_bytes
-    stop = threading.Event()
 
-    def copy_into_fresh_memory() -> None:
-        while not stop.is_set():
-            targets = [torch.empty_like(source) for source in sources]
-            for dsts, srcs in copy_batches(sources, targets, chunk_bytes):
-                foreach_copy_(dsts, srcs)
-                if stop.is_set():
-                    return
+    def into_fresh_memory() -> Batches:
+        return copy_batches(sources, [torch.empty_like(s) for s in sources], chunk_bytes)
 
-    async with LagProbe() as probe, anyio.create_task_group() as copies:
-        copies.start_soon(anyio.to_thread.run_sync, copy_into_fresh_memory)
-        try:
-            async with probe.window() as window:
-                await anyio.sleep(seconds)
-        finally:
-            stop.set()
-    return window.summary()
+    return await _lag_beside_copies(into_fresh_memory, partial(anyio.sleep, seconds))
 
 
 def lag_runs(

@@ -39,7 +39,7 @@ from astage._files._safetensors import read_exactly, tensor_memoryview
 from ..config import Config, Data
 from ..record import Check, ScenarioResult, Table, fmt_bytes, fmt_gbps, fmt_s
 from ..runner import LoopRunner
-from ..state_dicts import describe, gpt2_with_adamw, tensor_leaves
+from ..state_dicts import describe, gpt2_with_adamw, map_tensors, tensor_leaves
 from ..timing import level_heap, median, rotate
 
 RESTORE = "astage.load(into=)"
@@ -55,17 +55,6 @@ READ_PIECE = 32 << 20
 """Bytes per ``preadv`` of the floor's sequential read."""
 ARGUED_OVER_READ = 1.1
 """A cold restore within this factor of the file's plain read is argued as bound by the disk."""
-
-
-def empty_like_tree(tree: Any) -> Any:
-    """The same structure with uninitialised tensors of the same shapes: the restore target."""
-    if isinstance(tree, torch.Tensor):
-        return torch.empty_like(tree)
-    if isinstance(tree, dict):
-        return {key: empty_like_tree(value) for key, value in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(empty_like_tree(value) for value in tree)
-    return tree
 
 
 def copy_into(into: Any, loaded: Any) -> None:
@@ -90,7 +79,7 @@ class Session:
         torch.save(state_dict, self.torch_path)
         dcp_save(state_dict, checkpoint_id=self.dcp_path, no_dist=True)
         os.sync()  # written back now: evict() can then drop the files' pages
-        self.into = empty_like_tree(state_dict)
+        self.into = map_tensors(state_dict, torch.empty_like)  # the trainer's tensors
         self.expected = state_dict
         self.read_into = torch.ones(os.path.getsize(self.astage_path), dtype=torch.uint8)
 
