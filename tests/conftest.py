@@ -37,7 +37,7 @@ import torch
 import uvloop
 
 import astage
-from astage._core import _replay
+from astage._core import _recording, _replay
 
 HAS_CUDA = torch.cuda.is_available()
 # The GPU machines carry no trio: there the trio legs are left out rather than failing.
@@ -499,16 +499,16 @@ def mutate_(tree: Any) -> None:
 
 
 def count_recorders(monkeypatch: pytest.MonkeyPatch) -> list[object]:
-    """From now on, every replay recorder a walk makes (``_replay._Recorder``), in a list."""
+    """From now on, every recorder a walk makes (``_recording.ReplayRecorder``), in a list."""
     made: list[object] = []
-    base = _replay._Recorder
+    base = _recording.ReplayRecorder
 
     class Counted(base):  # type: ignore[misc, valid-type]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             made.append(self)
 
-    monkeypatch.setattr(_replay, "_Recorder", Counted)
+    monkeypatch.setattr(_replay, "ReplayRecorder", Counted)
     return made
 
 

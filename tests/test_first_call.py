@@ -12,7 +12,8 @@ from conftest import Driver
 
 from astage._core._cache import BufferCache
 from astage._core._plan import Plan
-from astage._core._replay import _Recorder, walk_or_replay
+from astage._core._recording import ReplayRecorder
+from astage._core._replay import walk_or_replay
 from astage._core._tables import LEAD_AFTER
 from astage._core._tensors import TensorStager
 from astage._core._walk import build_plan
@@ -108,19 +109,19 @@ def test_the_per_storage_tables_of_a_first_call_grow_in_different_steps(
     CPython grows a dict at the same tensor, and grew in one step (4-6 ms of page faults over
     50,000 storages): past LEAD_AFTER storages, no two of them may grow in the same step."""
     stagers: list[TensorStager] = []
-    recorders: list[_Recorder] = []
-    init_stager, init_recorder = TensorStager.__init__, _Recorder.__init__
+    recorders: list[ReplayRecorder] = []
+    init_stager, init_recorder = TensorStager.__init__, ReplayRecorder.__init__
 
     def keep_stager(self: TensorStager, *args: Any, **kwargs: Any) -> None:
         init_stager(self, *args, **kwargs)
         stagers.append(self)
 
-    def keep_recorder(self: _Recorder, *args: Any, **kwargs: Any) -> None:
+    def keep_recorder(self: ReplayRecorder, *args: Any, **kwargs: Any) -> None:
         init_recorder(self, *args, **kwargs)
         recorders.append(self)
 
     monkeypatch.setattr(TensorStager, "__init__", keep_stager)
-    monkeypatch.setattr(_Recorder, "__init__", keep_recorder)
+    monkeypatch.setattr(ReplayRecorder, "__init__", keep_recorder)
     storages = 3 * LEAD_AFTER
     state_dict = {
         "state": {i: {"m": torch.ones(1), "v": torch.ones(1)} for i in range(storages // 2)}

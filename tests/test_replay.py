@@ -29,14 +29,16 @@ from conftest import DRIVERS, Driver, bytes_of, model_state_dict, mutate_
 from astage import _torch as torch_wrappers
 from astage import compat
 from astage._core import _cache as cache_module
+from astage._core import _recording as recording_module
 from astage._core import _replay as replay_module
 from astage._core import _reuse as reuse_module
 from astage._core._batches import make_batches
 from astage._core._cache import BufferCache, HostBuffer
 from astage._core._plan import Plan
-from astage._core._replay import _BULK_STEP as BULK_STEP
-from astage._core._replay import CHUNK, Recording, Replay, _Recorder, walk_or_replay
+from astage._core._recording import Recording, ReplayRecorder
+from astage._core._replay import Replay, walk_or_replay
 from astage._core._reuse import DICT_STEP
+from astage._core._structure import BULK_STEP, CHUNK
 from astage._core._tables import EMPTY_STEP, LEAD_AFTER, empty_in_steps
 from astage._core._walk import SMALL_CONTAINER
 from astage._devices._host import run_host_batch
@@ -614,7 +616,7 @@ def test_small_containers_are_recorded_as_in_steps(count: int) -> None:
     """A container of at most SMALL_CONTAINER items is recorded at once (the common dict of a
     parameter's optimizer state, 16,000 of them in a first call): it must give the very node
     the stepped recording gives, for every kind of children."""
-    recorder = _Recorder(new_cache())
+    recorder = ReplayRecorder(new_cache())
     item = recorder.small_mapping(dict, {"a": 0, "b": 0}, [7, 8], None)
     children_kinds: dict[str, list[Any]] = {
         "leaves in a row": list(range(10, 10 + count)),
@@ -1394,7 +1396,7 @@ def test_a_mismatch_keeps_no_source_alive() -> None:
 
 
 def _facts_by_a_pass(recording: Recording) -> dict[str, Any]:
-    """What Recording.prepare_bulk and _Recorder._list_plain_and_shared hold, found the slow
+    """What Recording.prepare_bulk and Recorder._list_plain_and_shared hold, found the slow
     way: one pass over the finished recording's lists."""
     slots, leaves = recording.slots, recording.leaves
     copy_slots = [k for k, slot in enumerate(slots) if slot is not None and slot.nbytes]
@@ -1472,7 +1474,7 @@ def _runs_of_new_buffers() -> dict[str, dict[str, Any]]:
     tensors that do not (the recorder records such a run at once, see _record_fresh)."""
     base = {str(i): torch.randn(3 + i) for i in range(4)}
     weight = torch.randn(4, 4)
-    many = {f"t{i}": torch.randn(2) for i in range(replay_module._FRESH_RUN * 3 + 5)}
+    many = {f"t{i}": torch.randn(2) for i in range(recording_module.FRESH_RUN * 3 + 5)}
     return {
         "twice in a row": {**base, "again": base["3"], "after": torch.randn(6)},
         "a view between": {**base, "row": weight[1], "whole": weight, "after": torch.randn(2)},
@@ -2354,6 +2356,7 @@ def test_no_guard_where_the_probe_fails(monkeypatch: pytest.MonkeyPatch) -> None
 def test_replays_check_the_long_way_without_a_guard(monkeypatch: pytest.MonkeyPatch) -> None:
     """Where torch has no guard, every replay reads each fact itself: the same fallbacks."""
     monkeypatch.setattr(replay_module, "metadata_guard", lambda tensors: None)
+    monkeypatch.setattr(recording_module, "metadata_guard", lambda tensors: None)
     changes = dict(_changes())
     for name in ("t_", ".data = a neg view", "the storage offset alone", "Tensor -> Parameter"):
         cache = new_cache()

@@ -220,7 +220,7 @@ class BufferCache:
         self.allocations = 0
         """Buffers allocated so far (the next buffer's ``serial``). Only calls allocate, and
         calls run one at a time, so a plain ``+= 1`` is safe here."""
-        # The structures recent full walks recorded, newest first (``_replay.Recording``; typed
+        # The structures recent full walks recorded, newest first (``_recording.Recording``; typed
         # Any because the replay module builds on this one). Replaced whole, never changed in
         # place: an eviction in another thread reads a consistent tuple.
         self.replays: tuple[Any, ...] = ()

@@ -92,7 +92,7 @@ class Plan:
         """Record every tensor's path and dependencies (what ``stage_iter`` needs)."""
         self.ahead = ahead
         """Work ahead of the calls (``reserve()``): a walk that records also prepares what
-        the first replay would (the short checks of ``_replay.Recording.guards``)."""
+        the first replay would (the short checks of ``_recording.Recording.guards``)."""
         self.result: Any = None
         self.copies = Copies()
         self.leaves: list[Leaf] = []

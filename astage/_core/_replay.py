@@ -3,7 +3,7 @@
 A cached call spends its time in the deep-copy walk, not in the copies: ~15 C calls, two dict
 stores and the memo per tensor. Most callers stage the same structure every time (a model's or an
 optimizer's ``state_dict()``, rebuilt each call with the same keys over the same storages), so
-a full walk has a recorder (:class:`_Recorder`) write down what it stages, as it goes: every
+a full walk has a recorder (:class:`ReplayRecorder`) write down what it stages, as it goes: every
 container's exact type,
 keys and length, and for every tensor its type, storage (by the host buffer that mirrors it),
 offset, shape, stride, dtype and conjugate/negative bits. No object identity is recorded for
@@ -29,38 +29,31 @@ then does not copy those storages again.
 
 from __future__ import annotations
 
-import contextlib
 import operator
 from collections.abc import Generator
 from functools import partial
 from itertools import chain, repeat
-from typing import Any, NamedTuple, cast
+from typing import Any, cast
 
 import torch
 
-from .._paths import Path
-from .._torch import MetadataGuard, detached, metadata_guard, neg_view
+from .._torch import detached, metadata_guard, neg_view
 from ._cache import BufferCache, HostBuffer
 from ._plan import Leaf, Plan
+from ._recording import Recording, ReplayRecorder
 from ._reuse import (
-    TwinCheck,
     check_of,
-    count_own_uses,
-    counts_tell_holders,
     emptied_unheld,
-    empty_unheld_dicts,
     reusable,
 )
-from ._tables import EMPTY_STEP, LEAD_AFTER, empty_in_steps, give_lead
-from ._tensors import Adopted, TensorFacts, TensorStager, bytes_view, view_on
-from ._walk import ATOMIC_TYPES, DeepCopy, Unrecordable, build_plan
+from ._structure import BULK_STEP, CHUNK, DictNode, ListNode, TupleNode, mapped
+from ._tables import EMPTY_STEP, empty_in_steps
+from ._tensors import Adopted, TensorStager, bytes_view, view_on
+from ._walk import ATOMIC_TYPES, DeepCopy, Walk, build_plan
 
-Walk = Generator[None, None, Any]
-
-CHUNK = 64
-"""Items (atoms, tensors) replayed between two chances for the driver to yield."""
 SMALL = 64
 """A container with at most this many items below it is replayed without yielding."""
+
 
 _Tensor = torch.Tensor
 _Parameter = torch.nn.Parameter
@@ -75,12 +68,6 @@ class _BulkMiss(Exception):
     """A tensor differs from the recording: check them one by one instead."""
 
 
-_BULK_STEP = 256
-"""Tensors per bulk step. A step holds the loop: 256 detaches or metadata reads take 0.1-0.3 ms
-on a quiet machine, 1024 took 8-20 ms on a loaded one (measured on this project's 2 cores)."""
-_FRESH_RUN = _BULK_STEP // 2
-"""Tensors a first call records at once (see :meth:`_Recorder._record_fresh`): half a bulk step,
-since the walk step it falls in reads as many buffers of its own."""
 _detach: Any = detached
 _storage = torch.Tensor.untyped_storage
 _attributes = operator.attrgetter("__dict__")
@@ -126,17 +113,8 @@ class _SamePlace:
 _SAME_PLACE = _SamePlace()
 
 
-def _mapped(function: Any, items: list[Any]) -> Generator[None, None, list[Any]]:
-    """``list(map(function, items))``, yielding every :data:`_BULK_STEP` items."""
-    out: list[Any] = []
-    for start in range(0, len(items), _BULK_STEP):
-        out += map(function, items[start : start + _BULK_STEP])
-        yield
-    return out
-
-
 def _mapped_live(function: Any, buffers: list[Any], dead: int) -> Generator[None, None, list[Any]]:
-    """:func:`_mapped` over buffers of which ``dead`` are ``None`` (evicted): ``None`` for those.
+    """:func:`mapped` over buffers of which ``dead`` are ``None`` (evicted): ``None`` for those.
 
     ``function`` reads an attribute of a buffer, or is a buffer's own call: on ``None``, it
     raises AttributeError or TypeError. With ``dead`` 0 none is expected; one that a source's
@@ -145,827 +123,18 @@ def _mapped_live(function: Any, buffers: list[Any], dead: int) -> Generator[None
     """
     if not dead:
         try:
-            return (yield from _mapped(function, buffers))
+            return (yield from mapped(function, buffers))
         except (AttributeError, TypeError):
             pass
     out: list[Any] = []
-    for start in range(0, len(buffers), _BULK_STEP):
-        part = buffers[start : start + _BULK_STEP]
+    for start in range(0, len(buffers), BULK_STEP):
+        part = buffers[start : start + BULK_STEP]
         out += [None if buffer is None else function(buffer) for buffer in part]
         yield
     return out
 
 
 _dereference: Any = HostBuffer.__call__  # a buffer is the weak reference to its source storage
-
-
-# -- a recording ---------------------------------------------------------------------------------
-
-
-class DictNode:
-    """A ``dict`` or ``OrderedDict``: its keys (and their types) and what each value was."""
-
-    __slots__ = ("attrs", "children", "cls", "group", "key_types", "keys", "size", "span")
-
-    def __init__(  # noqa: PLR0917 - built in one place, by the recorder
-        self,
-        cls: type,
-        keys: list[Any],
-        key_types: list[type],
-        children: list[Any],
-        attrs: Any,
-        size: int,
-        span: tuple[int, int] | None,
-    ) -> None:
-        self.cls: Any = cls
-        self.keys = keys
-        self.key_types = key_types
-        self.children = children
-        self.attrs: DictNode | None = attrs
-        """The instance attributes (``_metadata`` on ``Module.state_dict()``), as a dict."""
-        self.size = size + (attrs.size if attrs is not None else 0)
-        self.span = span
-        self.group: Group | None = None
-
-
-class ListNode:
-    """A list: what each item was; ``atoms`` when every item is atomic (any length then)."""
-
-    __slots__ = ("atoms", "children", "group", "size", "span")
-
-    def __init__(
-        self, children: list[Any], atoms: bool, size: int, span: tuple[int, int] | None
-    ) -> None:
-        self.atoms = atoms
-        self.children = children
-        self.span = span
-        self.group: Group | None = None
-        # A long list of atoms (an optimizer's param ids) counts as its length in chunks, so
-        # that a replay checks it in steps (see Replay._atoms).
-        self.size = 1 + len(children) // CHUNK if atoms else size
-
-
-class TupleNode:
-    """A tuple; ``rebuilt`` when the walk made a new one (something mutable inside)."""
-
-    __slots__ = ("children", "rebuilt", "size")
-
-    def __init__(self, children: list[Any], rebuilt: bool, size: int) -> None:
-        self.children = children
-        self.rebuilt = rebuilt
-        self.size = size
-
-
-def _sizes(children: list[Any]) -> int:
-    """The items below a container: 1 per atom or tensor, a node's own count for a node."""
-    return len(children) + int(sum([child.size - 1 for child in children if type(child) in _NODES]))
-
-
-_NODES = (DictNode, ListNode, TupleNode)
-
-
-_SUMMARY_STEP = 1024
-"""Children summed up between two yields by :func:`_summary` (a Python pass over 50,000
-children in one go held the loop 10-18 ms at the end of a first call)."""
-
-
-class Summary(NamedTuple):
-    atoms: bool
-    """Every child is an atom."""
-    size: int
-    """See :func:`_sizes`."""
-    span: tuple[int, int] | None
-    """``(first, stop)`` when every child is a tensor and their leaves follow one another.
-    Such a container (a ``Module.state_dict()``, an optimizer's per-parameter state) is
-    replayed in bulk without a look at each item: its values are the sources of leaves
-    ``first..stop-1`` in order, and its staged copy pairs its keys with their twins."""
-
-
-def _first_leaf(children: list[Any]) -> int:
-    """The leaf of the first child when it is a tensor, else -1 (leaves count from 0)."""
-    head = children[0] if children else None
-    return head if type(head) is int else -1
-
-
-def _summed(part: list[Any], first: int, start: int) -> tuple[bool, int, bool]:
-    """Of children ``start..`` (``part``): all atoms, their size, leaves ``first + start..``
-    in a row (never when ``first`` is -1)."""
-    in_row = first >= 0 and part == list(range(first + start, first + start + len(part)))
-    return part.count(None) == len(part), _sizes(part), in_row
-
-
-def _summary(children: list[Any]) -> Generator[None, None, Summary]:
-    """A container's :class:`Summary`, yielding between every :data:`_SUMMARY_STEP` children."""
-    count = len(children)
-    first = _first_leaf(children)
-    atoms = in_row = True
-    size = 0
-    for start in range(0, count, _SUMMARY_STEP):
-        if start:
-            yield
-        part_atoms, part_size, part_in_row = _summed(
-            children[start : start + _SUMMARY_STEP], first, start
-        )
-        atoms = atoms and part_atoms
-        size += part_size
-        in_row = in_row and part_in_row
-    span = (first, first + count) if in_row and first >= 0 else None
-    return Summary(atoms, size, span)
-
-
-_tuple_new: Any = tuple.__new__
-
-
-def _summary_now(children: list[Any]) -> Summary:
-    """:func:`_summary` of a small container (at most :data:`~._walk.SMALL_CONTAINER` children)."""
-    count = len(children)
-    head = children[0] if children else None
-    if type(head) is int and children == list(range(head, head + count)):
-        # Tensors only, their leaves in a row (a Module.state_dict(), a parameter's optimizer
-        # state): 0.4 us rather than the 1.7 us of the general sums. The tuple is made
-        # directly: Summary(...) goes through a Python __new__, another 0.3-0.5 us per call
-        # over 16,667 optimizer-state dicts.
-        summary: Summary = _tuple_new(Summary, (False, count, (head, head + count)))
-        return summary
-    first = _first_leaf(children)
-    atoms, size, in_row = _summed(children, first, 0)
-    return Summary(atoms, size, (first, first + count) if in_row else None)
-
-
-class Group(NamedTuple):
-    """A container whose items are all plain dicts with the same keys of one type, each
-    holding only tensors, with their leaves in a row (an optimizer's ``state``).
-
-    Replayed in bulk, a few hundred items at a time with a handful of C calls each, rather than
-    one Python frame and a dozen calls per item.
-    """
-
-    keys: tuple[Any, ...]
-    key_type: type
-    first: int
-    """The first leaf of the first item; item ``i`` holds leaves ``first + i * len(keys)``..."""
-    items_at: int = 0
-    """Where its items' staged dicts start in :attr:`Recording.items` (set by the recorder)."""
-
-
-def _group_head(children: list[Any]) -> Group | None:
-    """The :class:`Group` that ``children`` form if the others match the first; None when
-    the first child cannot head one."""
-    if len(children) < 2 or type(children[0]) is not DictNode:
-        return None
-    head = children[0]
-    keys = tuple(head.keys)
-    if head.span is None or not keys or len(set(head.key_types)) != 1:
-        return None
-    return Group(keys, head.key_types[0], head.span[0])
-
-
-def _in_group(children: list[Any], start: int, stop: int, group: Group) -> bool:
-    """Whether children ``start..stop-1`` match the first one as items of ``group``."""
-    head = children[0]
-    width = len(group.keys)
-    first = group.first
-    for index in range(start, stop):
-        child = children[index]
-        if (
-            type(child) is not DictNode
-            or child.cls is not dict
-            or child.attrs is not None
-            or child.span != (first + index * width, first + (index + 1) * width)
-            or child.key_types != head.key_types
-            or child.keys != head.keys
-        ):
-            return False
-    return True
-
-
-def _group_of(children: list[Any]) -> Walk:
-    """The :class:`Group` that ``children`` form, or None; yields every :data:`CHUNK` items."""
-    group = _group_head(children)
-    if group is None:
-        return None
-    for start in range(0, len(children), CHUNK):
-        yield
-        if not _in_group(children, start, min(start + CHUNK, len(children)), group):
-            return None
-    return group
-
-
-def _group_now(children: list[Any]) -> Group | None:
-    """:func:`_group_of` of a small container (at most :data:`~._walk.SMALL_CONTAINER` children)."""
-    group = _group_head(children)
-    if group is None or not _in_group(children, 0, len(children), group):
-        return None
-    return group
-
-
-class Recording:
-    """The structure of one state dict as a full walk staged it, replayable on a later call.
-
-    Children of a node are ``None`` (an atomic value), an ``int`` (the index of a tensor in
-    :attr:`leaves`) or a node. Host buffers are held per storage *slot*; a buffer evicted from the
-    cache is forgotten here too (:meth:`forget`), so a recording never keeps host memory alive.
-    """
-
-    def __init__(self) -> None:
-        self.root: Any = None
-        self.leaves: list[tuple[Any, ...]] = []
-        """Per tensor: type, slot, storage offset, shape, stride, dtype, neg bit, whether the
-        conj bit matters (complex), conj bit, requires_grad (a ``Parameter``'s; False for a plain
-        tensor, whose staged twin is detached), whether it spans its buffer's
-        view, and on a storage that other tensors use too, the index of an earlier tensor that
-        was the same object, or -1."""
-        self.paths: list[Path] = []
-        self.slots: list[HostBuffer | None] = []
-        self.slot_by_key: dict[int, int] = {}
-        """``id()`` of a recorded source storage -> its slot."""
-        self.forgotten: list[int] = []
-        """The slots :meth:`forget` emptied, so far. Counted as they are emptied rather than
-        by a pass over the slots, made twice a call: ``slots.count(None)`` reads every buffer
-        (a weak reference, compared to ``None`` through its rich comparison); dropping the
-        passes made a cached call over 50,000 tensors 1-5% faster (CPU time, four paired runs,
-        2.6% on average). A list: ``append`` is one atomic step, so evictions in two threads
-        at once are both counted."""
-        self.src_leaf: list[int] = []
-        """Per slot: the tensor whose copy fills the whole buffer as itself, or -1 (bytes)."""
-        self.conj_leaves: list[tuple[int, bool]] = []
-        """``(leaf, conj bit)`` of every complex tensor: the one bit a bulk check reads apart."""
-        self.grad_leaves: list[tuple[int, bool]] = []
-        """``(leaf, requires_grad)`` of every ``Parameter``."""
-        self.slot_users: list[int] = []
-        """Per slot: how many tensors use its storage (1: alone, no identity check needed)."""
-        self.first_leaf: list[int] = []
-        """Per slot: the first tensor on its storage (the only one where ``slot_users`` is 1)."""
-        self.shared_leaves: list[tuple[int, int]] = []
-        """``(leaf, same)`` of every tensor on a storage that other tensors use too."""
-        self.plain: list[int] = []
-        """The tensors whose twin is a ``detach()`` of their buffer's view: plain ``Tensor``,
-        spanning their buffer, alone on their storage."""
-        self.plain_slots: list[int] = []
-        """Their slots, in the same order."""
-        self.slot_nbytes: list[int] = []
-        """Per slot: its buffer's size."""
-        self.devices: set[torch.device] = set()
-        """The devices of the recorded storages that have bytes (filled slot by slot)."""
-        self.guards: list[MetadataGuard | None] = []
-        """Per step of :data:`_BULK_STEP` tensors: a C++ check of their metadata, made once a
-        replay checked them the long way (see :meth:`Replay._check_bulk`); None until then."""
-        self.twins: list[Any] | None = None
-        """The staged tensors of the last call that recorded or replayed this structure, per
-        tensor (``None`` for one staged on its own). The next replay makes them the
-        :attr:`spare`, the one after hands out those nobody holds (see
-        :meth:`Replay._plain_twins`) and lets go of the rest; :meth:`let_go` drops them at once.
-
-        Kept so that a caller who drops a staged result frees only its containers: freeing
-        50,000 tensors at once held the loop 19-28 ms there, and left ~50,000 chunks in glibc's
-        unsorted bin, which the next malloc of 1 KiB or more sorts 10,000 at a time (1.6 ms
-        each, five times over, in the first steps of the next call). Let go a step at a time
-        while the replay makes as many new twins, each frees a chunk that the next one reuses.
-        They hold no host memory that the cache does not: a buffer that leaves the cache
-        (:meth:`forget`) takes the ones on it along."""
-        self.spare: list[Any] | None = None
-        """The staged tensors of the call before :attr:`twins`' (those a replay did not hand out
-        again), per tensor like :attr:`twins`: a caller that keeps each result until the next
-        call returns (``staged = stage(sd)`` in a loop) holds the last call's twins, but no
-        longer the ones before. A replay hands out those nobody holds (see :mod:`._reuse`)."""
-        self.items: list[Any] | None = None
-        """The staged item dicts of every :class:`Group` in the last call's result, the groups
-        one after the other (see :attr:`Group.items_at`); None where a call made none. Like
-        :attr:`twins`: the next replay makes them :attr:`items_spare`, the one after empties
-        those nobody holds and fills them with its own twins (:func:`~._reuse.emptied_unheld`),
-        so that a cached call over an optimizer's state makes no new dicts."""
-        self.items_spare: list[Any] | None = None
-        """The item dicts of the call before :attr:`items`' (those not handed out again)."""
-        self.shells: list[list[Any]] = []
-        """Empty lists that held kept tensors or dicts, for the next replay's own (at most
-        :data:`_SHELLS`). A list of 50,000 tensors made anew each call is young: each young
-        collection of the cyclic collector then visits every one of its entries (0.3-2 ms),
-        until it is promoted; and once a cached call leaves too few new objects to be filed
-        into the oldest generation (see ``_drivers/_gc.py``), each call left two such lists.
-        A list kept and reused grows old once."""
-        self.item_count = 0
-        """Items of all the groups: the length of :attr:`items`."""
-        self.group_spans: list[tuple[int, int, int, int]] = []
-        """Per group: its first leaf, the leaf after its last, :attr:`Group.items_at` and its
-        width, to find the kept dict that holds a given leaf's twin (:meth:`forget`)."""
-        self.twin_checks: list[TwinCheck | None] = []
-        """Per step of :data:`_BULK_STEP` plain twins: what they were when a replay made them
-        (None until then), checked before they are handed out again."""
-        self.one_to_one = True
-        """One tensor per storage, each spanning its buffer, slot ``j`` leaf ``j``'s, none
-        empty (many small tensors, each its own storage): the copies are then the sources
-        themselves into their buffers' views, in leaf order, with no list to pick them from.
-        Kept by the recorder as it goes (False at the first tensor that breaks it): a pass
-        over the finished lists to find it out cost a first call over 50,000 tensors ~8 ms."""
-
-    def prepare_bulk(self) -> Walk:
-        """The per-tensor expectations as parallel lists, for the bulk check (see Replay).
-
-        A generator: each list takes a few milliseconds over 50,000 tensors, so the driver may
-        hand the loop back between them. The sparse lists (complex, ``Parameter``, shared and
-        plain tensors) were filled by the recorder as it went.
-        """
-        leaves = self.leaves
-        count = len(leaves)
-        self.guards = [None] * -(-count // _BULK_STEP)
-        self.twin_checks = [None] * -(-len(self.plain) // _BULK_STEP)
-        self.all_plain = len(self.plain) == count
-        if self.one_to_one and self.all_plain:
-            # Every tensor a plain one spanning a storage of its own, in slot order (many small
-            # tensors): only the shapes, strides and dtypes differ from tensor to tensor.
-            self.copy_slots = self.copy_src = self.slot_of = self.plain
-            self.types = [_Tensor] * count
-            self.offsets = [0] * count
-            self.negs = [False] * count
-            self.shapes = yield from _mapped(operator.itemgetter(3), leaves)
-            self.strides = yield from _mapped(operator.itemgetter(4), leaves)
-            self.dtypes = yield from _mapped(operator.itemgetter(5), leaves)
-            self.all_whole = True
-            self.copy_nbytes = self.slot_nbytes
-            return
-        columns = []
-        for column in range(7):
-            columns.append((yield from _mapped(operator.itemgetter(column), leaves)))
-        (self.types, self.slot_of, self.offsets, self.shapes, self.strides, self.dtypes) = columns[
-            :6
-        ]
-        self.negs = columns[6]
-        yield
-        slots = self.slots
-        if self.one_to_one:  # known from the recorder: the lists below are 0..n-1 and per slot
-            self.copy_slots = self.copy_src = list(range(len(slots)))
-            self.all_whole = True
-            self.copy_nbytes = self.slot_nbytes
-            return
-        sizes = self.slot_nbytes
-        copy_slots: list[int] = []
-        for start in range(0, len(slots), _BULK_STEP):
-            stop = min(start + _BULK_STEP, len(slots))
-            copy_slots += [k for k in range(start, stop) if sizes[k] and slots[k] is not None]
-            yield
-        self.copy_slots = copy_slots
-        self.copy_src = yield from _mapped(self.src_leaf.__getitem__, copy_slots)
-        self.all_whole = min(self.copy_src, default=0) >= 0
-        self.copy_nbytes = yield from _mapped(sizes.__getitem__, copy_slots)
-
-    def forget(self, buffer: HostBuffer) -> None:
-        """``buffer`` left the cache: drop it from its slot (any thread; atomic steps)."""
-        slot = self.slot_by_key.get(buffer.key)
-        if slot is not None and self.slots[slot] is buffer:
-            # Counted before the store: whoever reads a None slot and then the count sees
-            # it counted (a replay in progress checks this, see Replay._make_twins).
-            self.forgotten.append(slot)
-            self.slots[slot] = None
-            self._forget_twins(slot)
-
-    def _forget_twins(self, slot: int) -> None:
-        """Let go of the kept twins on ``slot``'s buffer: the one tensor alone on it, or (a
-        storage several tensors share) all of them. Not all at once in the common case: this
-        runs in whatever thread dropped the source (training's, when a per-call temporary such
-        as an RNG state dies), where freeing 50,000 tensors took ~20 ms."""
-        alone = self.slot_users[slot] == 1
-        if not alone:
-            self.let_go()
-            return
-        leaf = self.first_leaf[slot]
-        # A list read here may be emptied meanwhile by a replay in another thread that is done
-        # with it (give_shell): nothing is then left in it to let go of.
-        for twins in (self.twins, self.spare):  # set only on a finished recording
-            if twins is not None:
-                with contextlib.suppress(IndexError):
-                    twins[leaf] = None
-        # A kept item dict holds its twins too: the one that holds this leaf's goes with it.
-        for first, stop, items_at, width in self.group_spans:
-            if first <= leaf < stop:
-                for items in (self.items, self.items_spare):
-                    if items is not None:
-                        with contextlib.suppress(IndexError):
-                            items[items_at + (leaf - first) // width] = None
-                break
-
-    def keep(
-        self,
-        twins: list[Any],
-        dead: int,
-        spare: list[Any] | None = None,
-        items: list[Any] | None = None,
-        items_spare: list[Any] | None = None,
-    ) -> None:
-        """Keep ``twins`` as :attr:`twins` (and ``spare``, and the item dicts), unless a slot
-        was forgotten since ``dead`` were counted: one of them may then be a view of a buffer
-        that left the cache. Checked after the store, since :meth:`forget` counts before it
-        lets go."""
-        self.twins = twins
-        self.spare = spare
-        self.items = items
-        self.items_spare = items_spare
-        if self.dead != dead:
-            self.let_go()
-
-    def shell(self) -> list[Any]:
-        """An empty list for a replay's kept tensors or dicts: one the recording used before,
-        else a new one."""
-        shells = self.shells
-        return shells.pop() if shells else []
-
-    def give_shell(self, used: list[Any] | None) -> None:
-        """Take back ``used`` (a list of kept tensors or dicts that nothing reads any more),
-        emptied, for a later :meth:`shell`."""
-        if used is not None and len(self.shells) < _SHELLS:
-            used.clear()
-            self.shells.append(used)
-
-    def let_go(self) -> None:
-        """Drop the staged tensors and dicts kept for later calls now."""
-        self.twins = self.spare = self.items = self.items_spare = None
-
-    def let_go_of_uncounted(self) -> None:
-        """Drop what ``in_use()`` will not discount, before it counts the buffers' uses: the
-        call before last's staged tensors and dicts (:attr:`spare`), the last call's tensors
-        that are not plain, and, where reference counts tell nothing, all of the last call's.
-        Kept dicts nobody else holds are emptied (:func:`~._reuse.empty_unheld_dicts`), so
-        that what they held either dies or reads as unheld.
-
-        A caller that finds the buffers free holds nothing of the last call either, so the
-        next replay hands out the last call's; a recording whose buffers are polled this way
-        then keeps one generation rather than two (half the tensors to count, each call).
-        """
-        self.spare = self.items_spare = None
-        if not counts_tell_holders():
-            self.let_go()
-            return
-        empty_unheld_dicts(self.items)
-        twins = self.twins
-        if twins is not None and not self.all_plain:
-            # Only plain twins are handed out again (Replay._plain_twins); the others are kept
-            # to be let go a step at a time. Some of them hold a second use of their storage
-            # that no count here would tell from a reader's: a negative or conjugate view
-            # keeps, in C++, the base it was made from.
-            plain = set(self.plain)
-            for j in range(len(twins)):
-                if j not in plain:
-                    twins[j] = None
-
-    def count_own_uses(self, uses: list[int]) -> None:
-        """Add to ``uses`` the storage key of each kept staged tensor of the last call that
-        nobody else holds (:func:`~._reuse.count_own_uses`): for ``in_use()``, which must not
-        take the recording's own for a holder's."""
-        count_own_uses(self.twins, uses)
-
-    @property
-    def dead(self) -> int:
-        """How many slots are ``None``, or about to be: never fewer."""
-        return len(self.forgotten)
-
-    def fits_root(self, state_dict: Any) -> bool:
-        """A cheap first look: the root container's type and keys (a list's length)."""
-        root = self.root
-        kind = type(root)
-        if kind is DictNode:
-            return type(state_dict) is root.cls and list(state_dict) == root.keys
-        if kind is ListNode:
-            return type(state_dict) is list and (
-                root.atoms or len(state_dict) == len(root.children)
-            )
-        if kind is TupleNode:
-            return type(state_dict) is tuple and len(state_dict) == len(root.children)
-        return False
-
-
-class _Recorder:
-    """Writes a :class:`Recording` of the structure a full walk stages, as the walk goes.
-
-    The walk (:class:`~._walk.DeepCopy`) reports each tensor and container once it has staged
-    it (the :class:`~._walk.Recorder` protocol); whatever a recording does not cover makes the
-    walk stop reporting. The tensors the walk gave new buffers come with what its lean path
-    already read of them (:attr:`last`), so a first call reads no tensor twice.
-    """
-
-    def __init__(self, cache: BufferCache, *, guards: bool = False) -> None:
-        self._entries = cache.entries
-        self._sources: list[torch.Tensor] | None = [] if guards else None
-        """Per tensor, the source (``guards``: the recording gets its short checks at once)."""
-        self.last: TensorFacts | None = None
-        self._out = Recording()
-        self._root: Any = None
-        self._first: dict[int, int] = {}
-        """``id()`` of a tensor on a storage that other tensors use too -> its first leaf.
-        Only those: a table with an entry per tensor grows in the same walk step as the walk's
-        own per-tensor tables, and adds to that step's page faults (see
-        :class:`~._tensors.FactsSink`)."""
-        self._first_user: list[int] = []  # per slot: id() of the first tensor on it
-        self._first_leaf: list[int] = []  # per slot: that tensor's leaf
-        self._users: list[int] = []  # per slot: tensors that use it
-        self._device: torch.device | None = None  # the last slot's (devices are few)
-        self._twins: list[Any] = []  # per tensor: its staged twin (Recording.twins)
-        self._fresh: list[tuple[torch.Tensor, HostBuffer, torch.Tensor, Path]] = []
-        """The run of tensors the lean path gave new buffers, not yet recorded: (source,
-        buffer, staged twin, path) each (see :meth:`_record_fresh`)."""
-
-    def tables(self) -> tuple[dict[int, int] | list[int], ...]:
-        """The per-tensor tables, for the caller to empty in steps (not the users per slot:
-        the recording keeps those)."""
-        return (self._first, self._first_user)
-
-    def ended(self, root: Any) -> None:
-        self._root = root
-
-    def finish(self) -> Walk:
-        """The recording, or None when the walk met something it does not cover (or the state
-        dict was a lone tensor or value: nothing to gain); then the per-tensor tables emptied."""
-        root = self._root
-        out: Recording | None = None
-        if root is not None and type(root) is not int:
-            if self._fresh:
-                self._record_fresh()
-            out = self._out
-            out.root = root
-            yield from self._list_plain_and_shared(out)
-            yield from out.prepare_bulk()
-            out.keep(self._twins, 0)
-            sources = self._sources
-            if sources is not None:  # what a first replay would have made, in steps
-                for index, start in enumerate(range(0, len(sources), _BULK_STEP)):
-                    out.guards[index] = metadata_guard(sources[start : start + _BULK_STEP])
-                    yield
-                self._sources = None
-                # And the checks of the walk's plain twins (made as a replay makes them), so
-                # that the first replay hands those out again rather than make its own.
-                twins, plain = self._twins, out.plain
-                for index, start in enumerate(range(0, len(plain), _BULK_STEP)):
-                    step = list(map(twins.__getitem__, plain[start : start + _BULK_STEP]))
-                    out.twin_checks[index] = check_of(step)
-                    yield
-        self.last = None
-        self._fresh = []
-        yield from empty_in_steps(*self.tables())  # an entry per tensor: not freed at once
-        return out
-
-    def _list_plain_and_shared(self, out: Recording) -> Walk:
-        """Fill the recording's sparse lists once every tensor is known: the plain tensors
-        alone on their storages (twins made by ``detach()``), and those on shared storages."""
-        # Read per leaf, not written: rewriting each alone tensor's tuple cost 24-44 ms of a
-        # first call over 50,000 tensors.
-        users = out.slot_users = self._users
-        out.first_leaf = self._first_leaf
-        leaves = out.leaves
-        if out.one_to_one and not out.grad_leaves:
-            # Every tensor a plain one on a storage of its own (no Parameter among them), in
-            # slot order: all are plain, none shared.
-            out.plain = out.plain_slots = list(range(len(leaves)))
-            return
-        shared = out.shared_leaves
-        plain = out.plain
-        plain_slots = out.plain_slots
-        for start in range(0, len(leaves), _BULK_STEP):
-            for j in range(start, min(start + _BULK_STEP, len(leaves))):
-                leaf = leaves[j]
-                slot = leaf[1]
-                if users[slot] == 1:
-                    if leaf[0] is _Tensor and leaf[10]:
-                        plain.append(j)
-                        plain_slots.append(slot)
-                else:
-                    shared.append((j, leaf[11]))
-            yield
-
-    def mapping(self, cls: type, x: dict[Any, Any], children: list[Any], attrs: Any) -> Walk:
-        summary = yield from _summary(children)
-        group = self._placed((yield from _group_of(children)), len(children))
-        return _dict_node(cls, x, children, attrs, summary=summary, group=group)
-
-    def small_mapping(
-        self, cls: type, x: dict[Any, Any], children: list[Any], attrs: Any
-    ) -> DictNode:
-        summary = _summary_now(children)
-        group = self._placed(_group_now(children), len(children))
-        return _dict_node(cls, x, children, attrs, summary=summary, group=group)
-
-    def sequence(self, children: list[Any]) -> Walk:
-        summary = yield from _summary(children)
-        group = None if summary.atoms else (yield from _group_of(children))
-        return _list_node(children, summary, self._placed(group, len(children)))
-
-    def small_sequence(self, children: list[Any]) -> ListNode:
-        summary = _summary_now(children)
-        group = None if summary.atoms else _group_now(children)
-        return _list_node(children, summary, self._placed(group, len(children)))
-
-    def _placed(self, group: Group | None, items: int) -> Group | None:
-        """``group`` given its place among the kept item dicts (:attr:`Recording.items`)."""
-        if group is None:
-            return None
-        out = self._out
-        group = group._replace(items_at=out.item_count)
-        out.item_count += items
-        width = len(group.keys)
-        out.group_spans.append((group.first, group.first + items * width, group.items_at, width))
-        return group
-
-    def items(self, children: list[Any]) -> TupleNode:
-        # Rebuilt by the walk when something mutable is inside, at any depth.
-        rebuilt = any(
-            child is not None and not (type(child) is TupleNode and not child.rebuilt)
-            for child in children
-        )
-        return TupleNode(children, rebuilt, _sizes(children))
-
-    def leaf(self, x: torch.Tensor, staged: torch.Tensor, path: Path) -> int:
-        out = self._out
-        known = self.last
-        if known is not None and known[0] is x:
-            # Given a new buffer as its twin by the walk's lean path, which read all the rest:
-            # recorded with the others of its run (_record_fresh).
-            # Taken once: met again (a tensor under two keys), it is on a storage now known.
-            self.last = None
-            fresh = self._fresh
-            fresh.append((x, known[1], staged, path))
-            index = len(out.leaves) + len(fresh) - 1
-            if len(fresh) == _FRESH_RUN:
-                self._record_fresh()
-            return index
-        if self._fresh:  # the tensors before this one first: it may share their storages
-            self._record_fresh()
-        index = len(out.leaves)
-        cls = type(x)
-        if cls is not _Tensor and cls is not _Parameter:
-            raise Unrecordable  # a subclass: the walk's kinds (_kinds) stage it their way
-        # One read of each fact, and ``is_meta`` rather than ``device.type`` (0.5 us).
-        if x.__dict__ or x.layout is not _strided or x.is_quantized or x.is_nested or x.is_meta:
-            raise Unrecordable
-        storage = x.untyped_storage()
-        key = id(storage)
-        cached = self._entries.get(key)  # BufferCache.get, inlined: this is per tensor
-        if cached is None or cached() is not storage or cached.nbytes != storage.nbytes():
-            raise Unrecordable  # evicted meanwhile, or resized: record another time
-        buffer = cached
-        offset = int(x.storage_offset())
-        shape = x.shape
-        stride = x.stride()
-        dtype = x.dtype
-        conj = x.is_conj()
-        neg = x.is_neg()
-        view = buffer.view
-        spans = (
-            view is not None
-            and offset == 0
-            and not conj
-            and not neg
-            and dtype is view.dtype
-            and shape == view.shape
-            and stride == view.stride()
-        )
-        slot = out.slot_by_key.get(key)
-        if slot is None:
-            slot = len(out.slots)
-            out.slot_by_key[key] = slot
-            if slot == LEAD_AFTER:
-                give_lead(out.slot_by_key, 2)
-            out.slots.append(buffer)
-            out.src_leaf.append(index if spans else -1)
-            nbytes = buffer.nbytes
-            out.slot_nbytes.append(nbytes)
-            if nbytes:
-                device = buffer.device
-                if device is not self._device:  # one device object for most (see allocate)
-                    out.devices.add(device)
-                    self._device = device
-            if slot != index or not spans:  # spanning its buffer's view: it has bytes
-                out.one_to_one = False
-            self._users.append(1)
-            self._first_user.append(id(x))
-            self._first_leaf.append(index)
-            same = index  # a storage met for the first time: so is the tensor
-        else:
-            out.one_to_one = False
-            users = self._users[slot] = self._users[slot] + 1
-            first = self._first
-            if users == 2:  # the storage's first tensor joins the table now
-                first[self._first_user[slot]] = self._first_leaf[slot]
-            same = first.setdefault(id(x), index)
-        complex_ = _IS_COMPLEX.get(dtype)
-        if complex_ is None:
-            complex_ = _IS_COMPLEX[dtype] = dtype.is_complex
-        if complex_:
-            out.conj_leaves.append((index, conj))
-        requires_grad = False
-        if cls is _Parameter:
-            requires_grad = x.requires_grad
-            out.grad_leaves.append((index, requires_grad))
-        out.leaves.append(
-            (
-                cls,
-                slot,
-                offset,
-                shape,
-                stride,
-                dtype,
-                neg,
-                complex_,
-                conj,
-                requires_grad,
-                spans,
-                same if same != index else -1,
-            )
-        )
-        out.paths.append(path)
-        self._twins.append(staged)
-        if self._sources is not None:
-            self._sources.append(x)
-        return index
-
-    def _record_fresh(self) -> None:
-        """Record the run of tensors the lean path gave new buffers, in a few C-level passes.
-
-        Each is a plain tensor alone on a storage met for the first time, spanning its new
-        buffer's view as itself: its entry follows from the buffer (the storage's ``id()``,
-        shape, dtype) and its stride. One at a time, these entries cost a first call over
-        50,000 small tensors a quarter of its time; a run is at most :data:`_FRESH_RUN` long,
-        so that recording it adds little to the walk step it falls in.
-        """
-        fresh = self._fresh
-        self._fresh = []
-        out = self._out
-        count = len(fresh)
-        xs, buffers, staged, paths = zip(*fresh, strict=True)
-        first_index = len(out.leaves)
-        first_slot = len(out.slots)
-        indices = range(first_index, first_index + count)
-        slots = range(first_slot, first_slot + count)
-        # Still the cache's entries: allocated just now, for storages that these tensors
-        # (which the plan's copies hold) keep alive, and never allocated twice in one call.
-        out.slot_by_key.update(zip(map(_buffer_key, buffers), slots, strict=True))
-        if first_slot <= LEAD_AFTER < first_slot + count:
-            give_lead(out.slot_by_key, 2)
-        out.slots += buffers
-        out.src_leaf += indices
-        out.slot_nbytes += map(_buffer_nbytes, buffers)  # none empty: each has a copy
-        out.devices.update(map(_buffer_device, buffers))
-        if first_slot != first_index:
-            out.one_to_one = False
-        self._users += repeat(1, count)
-        self._first_user += map(id, xs)
-        self._first_leaf += indices
-        dtypes = list(map(_buffer_view_dtype, buffers))
-        complexes: Any = repeat(False)
-        if any(dtype.is_complex for dtype in set(dtypes)):
-            complexes = [dtype.is_complex for dtype in dtypes]
-            out.conj_leaves += [(j, False) for j, c in zip(indices, complexes, strict=True) if c]
-        out.leaves += zip(
-            repeat(_Tensor),
-            slots,
-            repeat(0),
-            map(_buffer_view_shape, buffers),
-            map(_stride, xs),
-            dtypes,
-            repeat(False),  # neg
-            complexes,
-            repeat(False),  # conj
-            repeat(False),  # requires_grad
-            repeat(True),  # spans
-            repeat(-1),  # alone on its storage: no earlier tensor to be the same object
-        )
-        out.paths += paths
-        self._twins += staged
-        if self._sources is not None:
-            self._sources += xs
-
-
-_buffer_key = operator.attrgetter("key")
-_buffer_nbytes = operator.attrgetter("nbytes")
-_buffer_device = operator.attrgetter("device")
-_buffer_view_dtype = operator.attrgetter("view_dtype")
-_buffer_view_shape = operator.attrgetter("view_shape")
-_stride: Any = torch.Tensor.stride
-
-_IS_COMPLEX: dict[torch.dtype, bool] = {}
-"""``dtype.is_complex`` by dtype: a dict read is a third of the attribute's cost."""
-
-
-def _dict_node(
-    cls: type,
-    x: dict[Any, Any],
-    children: list[Any],
-    attrs: Any,
-    *,
-    summary: Summary,
-    group: Group | None,
-) -> DictNode:
-    keys = list(x)  # atomic: the walk checked each
-    node = DictNode(cls, keys, list(map(type, keys)), children, attrs, summary.size, summary.span)
-    node.group = group
-    return node
-
-
-def _list_node(children: list[Any], summary: Summary, group: Group | None) -> ListNode:
-    if summary.atoms:
-        return ListNode(children, True, 0, None)
-    node = ListNode(children, False, summary.size, summary.span)
-    node.group = group
-    return node
-
-
-# -- replaying one ------------------------------------------------------------------------------
 
 
 class Replay:
@@ -1070,7 +239,7 @@ class Replay:
         if dead * 2 > len(slots):
             raise Mismatch  # mostly new storages (a new model): walk, and record those
         if dead:  # some recorded storages died (temporaries): their tensors go on their own
-            gone = yield from _mapped(slots.__getitem__, rec.slot_of)
+            gone = yield from mapped(slots.__getitem__, rec.slot_of)
             self._volatile = [buffer is None for buffer in gone]
             yield
         if self._volatile is None:
@@ -1099,8 +268,8 @@ class Replay:
             positions = self._published_positions
             leaves = plan.leaves
             tracked = range(len(rec.leaves)) if checked is None else checked
-            for start in range(0, len(tracked), _BULK_STEP):
-                for j in tracked[start : start + _BULK_STEP]:
+            for start in range(0, len(tracked), BULK_STEP):
+                for j in tracked[start : start + BULK_STEP]:
                     copy = positions[rec.slot_of[j]]
                     leaves.append(Leaf(paths[j], ys[j], base + copy if copy >= 0 else -1))
                 yield
@@ -1166,7 +335,7 @@ class Replay:
             ys[j] = y
         leaves = rec.leaves
         for j, leaf in enumerate(leaves):
-            if j % _BULK_STEP == 0:
+            if j % BULK_STEP == 0:
                 yield
             if ys[j] is not None:
                 continue
@@ -1214,8 +383,8 @@ class Replay:
         in_order = rec.one_to_one and rec.all_plain  # leaf j's view is views[j]
         detached: list[Any] = []
         fresh_steps = 0
-        for index, start in enumerate(range(0, len(plain), _BULK_STEP)):
-            stop = start + _BULK_STEP
+        for index, start in enumerate(range(0, len(plain), BULK_STEP)):
+            stop = start + BULK_STEP
             leaves: Any = (
                 range(start, min(stop, len(plain))) if rec.all_plain else plain[start:stop]
             )
@@ -1261,7 +430,7 @@ class Replay:
                 rec.give_shell(dropped)
                 continue  # every entry was let go above, step by step
             while dropped:
-                del dropped[-_BULK_STEP:]
+                del dropped[-BULK_STEP:]
                 yield
             rec.give_shell(dropped)
         self._spare = last if keep_last else None
@@ -1295,7 +464,7 @@ class Replay:
         # the recording's only when every tensor is checked.
         guards = rec.guards if checked is None else None
         offsets = wanted[0]
-        step = _BULK_STEP
+        step = BULK_STEP
         for index, start in enumerate(range(0, len(xs), step)):
             part = xs[start : start + step]
             stop = start + len(part)
@@ -1330,23 +499,23 @@ class Replay:
         where: Any = _SAME_PLACE
         if checked is not None:
             where = {}
-            for start in range(0, len(checked), _BULK_STEP):
-                part = checked[start : start + _BULK_STEP]
+            for start in range(0, len(checked), BULK_STEP):
+                part = checked[start : start + BULK_STEP]
                 where.update(zip(part, range(start, start + len(part)), strict=True))
                 yield
         for count, (j, conj) in enumerate(rec.conj_leaves, 1):
             if (checked is None or j in where) and xs[where[j]].is_conj() is not conj:
                 raise _BulkMiss
-            if count % _BULK_STEP == 0:
+            if count % BULK_STEP == 0:
                 yield
         for count, (j, grad) in enumerate(rec.grad_leaves, 1):
             if (checked is None or j in where) and xs[where[j]].requires_grad is not grad:
                 raise _BulkMiss
-            if count % _BULK_STEP == 0:
+            if count % BULK_STEP == 0:
                 yield
         first: dict[int, int] = {}
         for count, (j, same) in enumerate(rec.shared_leaves, 1):
-            if count % _BULK_STEP == 0:
+            if count % BULK_STEP == 0:
                 yield
             if j not in where:
                 continue  # a dead storage's tensors: the tensor stager's memo shares them
@@ -1385,7 +554,7 @@ class Replay:
         srcs: list[Any] = []
         dsts: list[Any] = []
         buffers: list[Any] = []
-        step = _BULK_STEP
+        step = BULK_STEP
         for start in range(0, len(copy_slots), step):
             stop = start + step
             part = copy_slots[start:stop]
@@ -1468,8 +637,8 @@ class Replay:
         # No slot is None: _check_bulk found every storage alive and holds them (a buffer
         # leaves its slot only when its storage dies, or on clear(), refused during a call).
         slots = cast("list[HostBuffer]", self._slots)
-        for start in range(0, len(slots), _BULK_STEP):
-            self._check_slots(start, start + _BULK_STEP)
+        for start in range(0, len(slots), BULK_STEP):
+            self._check_slots(start, start + BULK_STEP)
             yield
         yield from self._hand_over(xs, self._views, slots, rec.copy_nbytes)
         self._published = rec.copy_slots
@@ -1681,8 +850,8 @@ class Replay:
         first = node.span[0]
         xs = self._xs
         dict_node = type(node) is DictNode
-        for start in range(0, len(values), _BULK_STEP):
-            stop = start + _BULK_STEP
+        for start in range(0, len(values), BULK_STEP):
+            stop = start + BULK_STEP
             xs += values[start:stop]
             placed = twins[first + start : first + min(stop, len(values))]
             if dict_node:
@@ -1696,7 +865,7 @@ class Replay:
     def _group_in_bulk(self, node: Any, x: Any, twins: list[Any]) -> Walk:
         """A large container of like dicts (see :class:`Group`), a few hundred at a time."""
         y, keys, values = yield from self._open_big_in_bulk(node, x)
-        step = max(1, _BULK_STEP // len(node.group.keys))
+        step = max(1, BULK_STEP // len(node.group.keys))
         for start in range(0, len(values), step):
             self._group_items(node, y, keys, values, start, start + step, twins)
             yield
@@ -1948,10 +1117,6 @@ class Replay:
         return stager
 
 
-_SHELLS = 4
-"""Empty lists a recording keeps for reuse (:attr:`Recording.shells`): two generations of
-kept tensors and of kept dicts."""
-
 MAX_RECORDINGS = 4
 """Structures remembered per cache: a stager that alternates a few state dicts replays each."""
 RECORD_BACKOFF = 8
@@ -1990,7 +1155,7 @@ def walk_or_replay(cache: BufferCache, state_dict: Any, plan: Plan) -> Walk:
         if cache.record_backoff > 0:  # only a recording cache backs off
             cache.record_backoff -= 1
         return plan
-    recorder = _Recorder(cache, guards=plan.ahead)
+    recorder = ReplayRecorder(cache, guards=plan.ahead)
     yield from build_plan(cache, state_dict, plan, adopted=adopted, recorder=recorder)
     recording = yield from recorder.finish()
     if recording is None:

@@ -122,12 +122,12 @@ def build_plan(
 
 
 class Unrecordable(Exception):
-    """The state dict holds something a replay recording does not cover (see :mod:`._replay`)."""
+    """The state dict holds something a replay recording does not cover (see :mod:`._recording`)."""
 
 
 class Recorder(FactsSink, Protocol):
     """What a walk reports, as it stages them, of the containers and tensors it meets: the
-    replay recorder of :mod:`._replay`, which writes the structure down for later calls.
+    replay recorder of :mod:`._recording`, which writes the structure down for later calls.
 
     Each method returns the node that stands for what the walk just staged, from the nodes of
     its items (``None`` for an atom). Any may raise :class:`Unrecordable`: the walk then goes on

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 
 import astage
-from astage._core._replay import _BULK_STEP
 from astage._core._reuse import TwinCheck, check_of, reusable
+from astage._core._structure import BULK_STEP
 from astage._drivers._gc import gc_paused
 from astage._torch import metadata_guard
 
@@ -216,13 +216,11 @@ class ReplayFloor:
     @classmethod
     def measure(cls, tensors: list[torch.Tensor], repeats: int) -> ReplayFloor:
         twins = [torch.empty_like(t) for t in tensors]
-        steps = [
-            tensors[start : start + _BULK_STEP] for start in range(0, len(tensors), _BULK_STEP)
-        ]
+        steps = [tensors[start : start + BULK_STEP] for start in range(0, len(tensors), BULK_STEP)]
         guards = [metadata_guard(step) for step in steps]
         staged = [twin.detach() for twin in twins]
-        starts = range(0, len(staged), _BULK_STEP)
-        checks = [check_of(staged[start : start + _BULK_STEP]) for start in starts]
+        starts = range(0, len(staged), BULK_STEP)
+        checks = [check_of(staged[start : start + BULK_STEP]) for start in starts]
         parts: dict[str, list[float]] = {"copy": [], "metadata": [], "reuse": []}
         with gc_paused():
             for _ in range(repeats):
@@ -307,8 +305,8 @@ def _read_all(read: Callable[[torch.Tensor], object], tensors: list[torch.Tensor
 
 def _all_reusable(staged: list[torch.Tensor], checks: list[TwinCheck | None]) -> None:
     for index, check in enumerate(checks):
-        start = index * _BULK_STEP
-        if check is None or not reusable(staged[start : start + _BULK_STEP], check):
+        start = index * BULK_STEP
+        if check is None or not reusable(staged[start : start + BULK_STEP], check):
             raise AssertionError("the floor's staged tensors are not all reusable")
 
 
