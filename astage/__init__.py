@@ -40,8 +40,8 @@ from ._errors import (
     UsageError,
 )
 from ._files._checkpoint_dir import CheckpointDir, SkippedCheckpoint
+from ._files._load import load
 from ._files._restore import load_async
-from ._files._safetensors import load
 from ._files._save import SaveHandle, SaveResult, save, start_save
 from ._files._save_sync import SyncSaveHandle, save_sync, start_save_sync
 from ._files._writer import CheckpointWriter, SafetensorsWriter

@@ -19,7 +19,8 @@ from test_writer import WAYS
 
 import astage
 import astage._files._writer as writer_module
-from astage._files._safetensors import DATA_ALIGN, plan_layout
+from astage._files._layout import plan_layout
+from astage._files._safetensors import DATA_ALIGN
 
 PAGE = 4096
 

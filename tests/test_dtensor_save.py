@@ -25,7 +25,8 @@ import torch.distributed as dist
 from torch._C._distributed_c10d import HashStore
 
 import astage
-from astage._files._safetensors import check_file, header_text
+from astage._files._load import check_file
+from astage._files._safetensors import header_text
 
 WORKER = Path(__file__).with_name("_dtensor_worker.py")
 WORLD = 2

@@ -25,13 +25,9 @@ import torch
 from conftest import bytes_of
 
 import astage
-from astage._files._safetensors import (
-    DIGEST_KEY,
-    MAX_HEADER_BYTES,
-    check_file,
-    header_text,
-    plan_layout,
-)
+from astage._files._layout import plan_layout
+from astage._files._load import check_file
+from astage._files._safetensors import DIGEST_KEY, MAX_HEADER_BYTES, header_text
 from astage._files._skeleton import MAX_DEPTH
 from astage._paths import Attr
 from astage._paths import Path as StatePath

@@ -28,7 +28,7 @@ import torch
 from test_hostile_files import join, split, write_checkpoint
 
 import astage
-from astage._files._safetensors import check_file
+from astage._files._load import check_file
 
 pytest.importorskip("hypothesis")  # not on the GPU machines
 

@@ -21,7 +21,7 @@ import torch
 from test_hostile_files import write_checkpoint
 
 import astage
-from astage._files._safetensors import plan_layout
+from astage._files._layout import plan_layout
 
 
 class Color(enum.Enum):

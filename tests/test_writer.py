@@ -18,7 +18,7 @@ import torch
 from conftest import same_values
 
 import astage
-from astage._files._safetensors import plan_layout
+from astage._files._layout import plan_layout
 
 
 async def write_all(writer: astage.SafetensorsWriter, state: dict[str, Any]) -> None:

@@ -20,17 +20,8 @@ from typing import Any
 
 from .._errors import CheckpointError, CheckpointNotFoundError
 from .._files._checkpoint_dir import _TEMP_FILE, LATEST, _read_pointer, file_name, step_of
-from .._files._safetensors import (
-    DIGEST_KEY,
-    FORMAT_VERSION,
-    METADATA_KEY,
-    _Decoder,
-    _open,
-    _read_raw,
-    _skeleton_document,
-    _Stored,
-    load,
-)
+from .._files._load import Decoder, Stored, load, open_checked, read_raw, skeleton_document
+from .._files._safetensors import DIGEST_KEY, FORMAT_VERSION, METADATA_KEY
 from .._paths import Attr, Path, format_path
 
 SCHEMA = 1
@@ -73,14 +64,14 @@ def inspect_file(path: str, *, verify: bool = False) -> dict[str, Any]:
         "skeleton": None,
     }
     try:
-        fd, size = _open(path)
+        fd, size = open_checked(path)
         try:
-            header = _read_raw(fd, path, size)[1]
+            header = read_raw(fd, path, size)[1]
         finally:
             os.close(fd)
-        document = _skeleton_document(header.metadata, path)
+        document = skeleton_document(header.metadata, path)
         if document is not None:  # what check_file does: every node and view checked
-            _Decoder(header.entries, None, path, None).decode(document)
+            Decoder(header.entries, None, path, None).decode(document)
     except CheckpointNotFoundError:
         raise
     except CheckpointError as error:
@@ -105,7 +96,7 @@ def inspect_file(path: str, *, verify: bool = False) -> dict[str, Any]:
         file_bytes=size,
         header_bytes=header.data_start,
         data_bytes=size - header.data_start,
-        # _skeleton_document refuses any version but the one this astage reads
+        # skeleton_document refuses any version but the one this astage reads
         astage_format=None if document is None else FORMAT_VERSION,
         header_digest=metadata.get(DIGEST_KEY),
         metadata={k: v for k, v in metadata.items() if k not in (METADATA_KEY, DIGEST_KEY)},
@@ -212,7 +203,7 @@ def _step_file(path: str, verify: bool) -> dict[str, Any]:
     return result
 
 
-def _dtype_name(entry: _Stored) -> str:
+def _dtype_name(entry: Stored) -> str:
     return str(entry.dtype).removeprefix("torch.")
 
 
@@ -227,7 +218,7 @@ class _Tree:
     """
 
     def __init__(
-        self, entries: dict[str, _Stored], paths: dict[str, list[str]], counts: dict[str, int]
+        self, entries: dict[str, Stored], paths: dict[str, list[str]], counts: dict[str, int]
     ) -> None:
         self._entries = entries
         self._paths = paths

@@ -58,7 +58,7 @@ from .._errors import (
     InvalidOptionsError,
     UsageError,
 )
-from ._safetensors import check_file, load
+from ._load import check_file, load
 from ._save import NO_OWNER, SaveHandle, SaveResult, run_save, start_in
 from ._writer import DEFAULT_THREADS, SafetensorsWriter, fsync_folder, positive_int
 

@@ -48,19 +48,18 @@ import torch
 from .._errors import InvalidOptionsError
 from .._paths import Path
 from .._torch import neg_view
-from ._safetensors import (
-    _VIEW_DTYPES,
-    _Decoder,
-    _Header,
-    _open,
-    _read_checked,
-    _shown,
-    _skeleton_document,
-    _Stored,
+from ._load import (
+    VIEW_DTYPES,
+    Decoder,
+    Header,
+    Stored,
+    abridged,
     load,
-    read_exactly,
-    tensor_memoryview,
+    open_checked,
+    read_checked,
+    skeleton_document,
 )
+from ._safetensors import read_exactly, tensor_memoryview
 
 READ_THREADS = 4
 """Threads that read one restore's pieces: enough to keep an NVMe queue busy, few enough to
@@ -92,10 +91,10 @@ def restore(
     are read and may raise to stop the restore (cancellation, from :func:`load_async`).
     """
     name = os.fspath(path)
-    fd, size = _open(name)
+    fd, size = open_checked(name)
     try:
-        header = _read_checked(fd, name, size)
-        document = _skeleton_document(header.metadata, name)
+        header = read_checked(fd, name, size)
+        document = skeleton_document(header.metadata, name)
         if document is None:  # a plain safetensors file: a flat {key: tensor} dict
             file_tree: Any = {
                 key: _Slot(entry, entry.dtype, tuple(entry.shape), None, 0)
@@ -143,7 +142,7 @@ async def load_async(
 class _Slot:
     """Where a tensor of the file lies: its entry and, for a view, how it sits in it."""
 
-    entry: _Stored
+    entry: Stored
     dtype: torch.dtype
     shape: tuple[int, ...]
     stride: tuple[int, ...] | None
@@ -177,13 +176,13 @@ class _ArraySlot:
     """A numpy array of the file, read only when ``into`` takes it as a plain value."""
 
     node: dict[str, Any]
-    entry: _Stored
+    entry: Stored
 
 
-class _SlotDecoder(_Decoder):
+class _SlotDecoder(Decoder):
     """The skeleton with every field checked, placeholders where tensors and arrays are."""
 
-    def __init__(self, entries: dict[str, _Stored], name: str) -> None:
+    def __init__(self, entries: dict[str, Stored], name: str) -> None:
         super().__init__(entries, None, name, None)
 
     def decode_other(self, node: dict[str, Any]) -> Any:
@@ -194,7 +193,7 @@ class _SlotDecoder(_Decoder):
                 return _Slot(entry, entry.dtype, tuple(entry.shape), None, 0)
             return _Slot(
                 entry,
-                _VIEW_DTYPES[node["dtype"]],
+                VIEW_DTYPES[node["dtype"]],
                 tuple(node["shape"]),
                 tuple(node["stride"]),
                 node["offset"],
@@ -226,7 +225,7 @@ class _Fill:
 class _Plan:
     name: str
     fd: int
-    header: _Header
+    header: Header
     strict: bool
     fills: list[_Fill] = field(default_factory=list)
     updates: list[Callable[[], None]] = field(default_factory=list)
@@ -341,10 +340,10 @@ class _Plan:
     def _array(self, slot: _ArraySlot) -> Any:
         data = torch.empty((slot.entry.nbytes,), dtype=torch.uint8, device="cpu")
         read_exactly(self.fd, tensor_memoryview(data), self._at(slot.entry, 0), self.name)
-        decoder = _Decoder(self.header.entries, {slot.entry.key: data}, self.name, None)
+        decoder = Decoder(self.header.entries, {slot.entry.key: data}, self.name, None)
         return decoder._array(slot.node)
 
-    def _at(self, entry: _Stored, begin: int) -> int:
+    def _at(self, entry: Stored, begin: int) -> int:
         return self.header.data_start + entry.begin + begin
 
     # -- reading ------------------------------------------------------------------------------
@@ -553,7 +552,7 @@ def _what(stored: Any) -> str:
 
 
 def _keys_shown(keys: list[Any], limit: int = 3) -> str:
-    shown = ", ".join(_shown(key) for key in keys[:limit])
+    shown = ", ".join(abridged(key) for key in keys[:limit])
     more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
     return f"key{'s' if len(keys) > 1 else ''} {shown}{more}"
 

@@ -59,7 +59,8 @@ import torch
 
 from .._errors import CheckpointWriteError, InvalidOptionsError, UsageError
 from .._paths import Path, format_path
-from ._safetensors import Entry, Layout, plan_layout, storage_memoryview
+from ._layout import Entry, Layout, plan_layout
+from ._safetensors import storage_memoryview
 
 DEFAULT_THREADS = 4
 DEFAULT_CHUNK_BYTES = 8 << 20  # smaller pieces start the disk sooner (see docs/writers.md)

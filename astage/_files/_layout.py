@@ -1,0 +1,384 @@
+"""Planning a checkpoint file: where each tensor, numpy array and storage goes, and its header.
+
+:func:`plan_layout` walks a state dict once (the skeleton encoder of :mod:`._skeleton`) and
+returns a :class:`Layout`: one entry per storage, page-aligned ones first so that the writer can
+send them with direct I/O, and the header text (format: :mod:`._safetensors`). It reads no
+tensor data and does no I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .._errors import (
+    UnsavableError,
+)
+from .._paths import Attr, Path, format_path
+from .._torch import (
+    dtensor_local,
+    dtensor_spec,
+    storage_key,
+)
+from ._safetensors import (
+    DATA_ALIGN,
+    DIGEST_KEY,
+    DTYPE_NAMES,
+    FORMAT_VERSION,
+    MAX_HEADER_BYTES,
+    METADATA_KEY,
+    header_text,
+)
+from ._skeleton import (
+    SkeletonEncoder,
+    is_dtensor,
+    mesh_node,
+    numpy_or_none,
+    placement_node,
+)
+
+
+@dataclass
+class Entry:
+    """One stored storage: where its bytes go in the file."""
+
+    key: str
+    dtype: str
+    shape: list[int]
+    nbytes: int
+    begin: int = 0
+    """Offset of its first byte from the start of the data section."""
+    paths: list[Path] = field(default_factory=list)
+    """Every path whose tensor lives in this storage."""
+    data: bytes | None = None
+    """Its bytes, captured at plan time, for a value no staged tensor brings (a numpy array)."""
+
+
+@dataclass
+class Layout:
+    """Everything a writer needs before the first byte lands: entries, offsets, header."""
+
+    entries: list[Entry]
+    """The entries whose bytes come from staged tensors (``write(path, tensor)``)."""
+    by_path: dict[Path, Entry]
+    header: bytes
+    """What goes at offset 0: the length prefix, the JSON header, then the bytes of the
+    :attr:`captured` entries (none without numpy arrays); the JSON is padded with spaces so
+    that this ends at a multiple of :data:`DATA_ALIGN`, where the staged entries start (so that
+    direct I/O can write them)."""
+    tensors: int
+    """Paths at which a tensor sits (a tied tensor counts at each path)."""
+    data_start: int = -1
+    """Where the data section starts: the end of the padded JSON header."""
+    captured: list[Entry] = field(default_factory=list)
+    """Entries whose bytes were captured at plan time; they lie at the start of the data."""
+
+    def __post_init__(self) -> None:
+        if self.data_start < 0:
+            self.data_start = len(self.header)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor (and array) data."""
+        return self.file_size - self.data_start
+
+    @property
+    def file_size(self) -> int:
+        return len(self.header) + sum(entry.nbytes for entry in self.entries)
+
+
+def plan_layout(state_dict: Any, metadata: Mapping[str, str] | None = None) -> Layout:
+    """The file layout for ``state_dict``: raises :class:`UnsavableError` for what cannot go in.
+
+    ``state_dict`` may be the source or its staged copy: only the structure, the tensors'
+    dtypes, shapes, strides, offsets and which of them share a storage are used (and the
+    bytes of numpy arrays, which are captured now). A header that no reader could open (over
+    safetensors' 100 MB) is refused here, naming its biggest part, before anything is written.
+    """
+    builder = _LayoutBuilder()
+    skeleton = builder.encode(state_dict, ())
+    if builder.text_chars > MAX_HEADER_BYTES:  # known before the (slow) JSON encoding
+        size, path = builder.longest_text
+        raise UnsavableError(
+            f"the checkpoint header would be over {MAX_HEADER_BYTES} bytes (safetensors' "
+            f"limit, which no reader would open): its strings alone take {builder.text_chars} "
+            f"characters, the longest {size} at {format_path(path)}; keep large values out "
+            "of the state dict or store them as tensors or numpy arrays (not in the header)",
+            path,
+        )
+    user = dict(metadata or {})
+    for key, value in user.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise UnsavableError(f"metadata must map str to str, got {key!r}: {value!r}")
+    for reserved in (METADATA_KEY, DIGEST_KEY):
+        if reserved in user:
+            raise UnsavableError(f"the metadata key {reserved!r} is reserved for astage")
+    header_meta = {"format": "pt", **user}
+    header_meta[METADATA_KEY] = json.dumps(
+        {"version": FORMAT_VERSION, "skeleton": skeleton}, separators=(",", ":")
+    )
+    entries: dict[str, Any] = {}
+    offset = 0
+    for entry in _file_order(builder.entries, builder.captured):
+        entry.begin = offset
+        offset += entry.nbytes
+        entries[entry.key] = {
+            "dtype": entry.dtype,
+            "shape": entry.shape,
+            "data_offsets": [entry.begin, offset],
+        }
+    captured_bytes = sum(entry.nbytes for entry in builder.captured)
+    text = header_text({"__metadata__": header_meta, **entries}, DATA_ALIGN, captured_bytes)
+    if len(text) > MAX_HEADER_BYTES:
+        raise _header_too_big(len(text), state_dict, skeleton, header_meta)
+    prefix = struct.pack("<Q", len(text)) + text
+    by_path = {path: entry for entry in builder.entries for path in entry.paths}
+    return Layout(
+        entries=builder.entries,
+        by_path=by_path,
+        header=prefix + b"".join(entry.data or b"" for entry in builder.captured),
+        tensors=builder.tensors,
+        data_start=len(prefix),
+        captured=builder.captured,
+    )
+
+
+def _file_order(staged: list[Entry], captured: list[Entry]) -> list[Entry]:
+    """The order of the entries in the data section (safetensors lets it be any, gap-free).
+
+    Staged entries whose sizes are whole multiples of :data:`DATA_ALIGN` come first, so each
+    of them starts at an aligned file offset and can be written with direct I/O straight from
+    an aligned buffer; then the biggest of the others (it still starts aligned), then the rest
+    in the state dict's order. The bytes captured at plan time come before all of them, as part
+    of :attr:`Layout.header` (whose JSON padding makes it end aligned).
+    """
+    aligned = [entry for entry in staged if entry.nbytes % DATA_ALIGN == 0]
+    others = [entry for entry in staged if entry.nbytes % DATA_ALIGN]
+    if others:
+        biggest = max(range(len(others)), key=lambda index: others[index].nbytes)
+        others.insert(0, others.pop(biggest))
+    return [*captured, *aligned, *others]
+
+
+def _header_too_big(size: int, state_dict: Any, skeleton: Any, meta: dict[str, str]) -> Exception:
+    limit = f"over safetensors' limit of {MAX_HEADER_BYTES} bytes, which no reader would open"
+    skeleton_bytes = len(meta[METADATA_KEY])
+    if skeleton_bytes < size // 2:
+        biggest = max(meta, key=lambda key: len(meta[key]))
+        if len(meta[biggest]) > size // 2:
+            return UnsavableError(
+                f"the checkpoint header would be {size} bytes, {limit}: the metadata entry "
+                f"{biggest!r} takes {len(meta[biggest])}"
+            )
+        return UnsavableError(
+            f"the checkpoint header would be {size} bytes, {limit}: its entries (one per "
+            "stored tensor) take most of it; save fewer, larger tensors"
+        )
+    path, part = _biggest_part(state_dict, skeleton)
+    return UnsavableError(
+        f"the checkpoint header would be {size} bytes, {limit}; the biggest part is the value "
+        f"at {format_path(path)} ({part} bytes of JSON): keep large values out of the state "
+        "dict or store them as tensors (a numpy array or a tensor is not in the header)",
+        path,
+    )
+
+
+def _biggest_part(value: Any, node: Any) -> tuple[Path, int]:
+    """The path of the smallest subtree that holds most of the skeleton, and its JSON size."""
+    path: Path = ()
+    size = len(json.dumps(node))
+    while isinstance(node, dict) and len(node) >= 1:
+        tag = next(iter(node))
+        children: list[tuple[Any, Any, Any]]
+        if tag in ("dict", "odict") and isinstance(value, dict):
+            children = [
+                (k, v, pair[1]) for (k, v), pair in zip(value.items(), node[tag], strict=True)
+            ]
+        elif tag in ("list", "tuple") and isinstance(value, (list, tuple)):
+            children = [(i, v, n) for i, (v, n) in enumerate(zip(value, node[tag], strict=True))]
+        else:
+            break
+        if not children:
+            break
+        sized = [(len(json.dumps(n)), k, v, n) for k, v, n in children]
+        best = max(sized, key=lambda item: item[0])
+        if best[0] < size // 2:
+            break
+        size, key, value, node = best
+        path = (*path, key)
+    return path, size
+
+
+class _LayoutBuilder(SkeletonEncoder):
+    error = UnsavableError
+    verb = "saved"
+    refusal = (
+        "cannot save a {type} object: a checkpoint file holds only tensors, numpy arrays and "
+        "numbers, dicts, lists, tuples, sets, str, int, float, bool, None, torch.Size, "
+        "torch.dtype, enums, pathlib paths and argparse.Namespace"
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entries: list[Entry] = []
+        self.captured: list[Entry] = []
+        self.tensors = 0
+        self._groups: dict[int, tuple[Entry, torch.Tensor | None]] = {}
+        self._meshes: dict[int, tuple[Any, dict[str, Any]]] = {}  # id -> (mesh, its fields)
+        self._names: set[str] = set()
+
+    def _new_name(self) -> str:
+        name = f"<storage {len(self.entries) + len(self.captured)}>"
+        self._names.add(name)
+        return name
+
+    def encode_tensor(self, x: torch.Tensor, path: Path) -> Any:
+        if is_dtensor(x):
+            return self._dtensor(x, path)
+        node = self._tensor(x, path)
+        attributes = vars(x)
+        if attributes:
+            outer, self._no_tensors = self._no_tensors, "a tensor's attribute"
+            try:
+                node["attrs"] = [
+                    [name, self.encode(value, (*path, Attr(name)))]
+                    for name, value in attributes.items()
+                ]
+            finally:
+                self._no_tensors = outer
+        return node
+
+    def _dtensor(self, x: Any, path: Path) -> dict[str, Any]:
+        """A DTensor: its local shard is stored (under the DTensor's path) like any tensor,
+        and the node records where it belongs: mesh, placements, global shape and stride,
+        and which rank of which world saved it (a load elsewhere is refused)."""
+        import torch.distributed as dist
+
+        spec = dtensor_spec(x)
+        mesh = spec.mesh
+        placements = []
+        for placement in spec.placements:
+            node = placement_node(placement)
+            if node is None:
+                raise UnsavableError(f"cannot save a DTensor placement {placement!r}", path)
+            placements.append(node)
+        if vars(x):
+            raise UnsavableError("cannot save attributes set on a DTensor", path)
+        described = self._meshes.get(id(mesh))
+        if described is None or described[0] is not mesh:
+            # Once per mesh: its rank grid (``mesh.mesh``) is recomputed at every access.
+            coordinate = mesh.get_coordinate()
+            where = {
+                "mesh": mesh_node(mesh),
+                "rank": dist.get_rank() if dist.is_initialized() else mesh.get_rank(),
+                "world": dist.get_world_size() if dist.is_initialized() else mesh.size(),
+                "coordinate": list(coordinate) if coordinate is not None else None,
+            }
+            described = self._meshes[id(mesh)] = (mesh, where)
+        return {
+            "dtensor": {
+                # The local shard's entry is found by the DTensor's path: the stager hands
+                # the writer the staged DTensor there (storage_memoryview unwraps it).
+                "local": self._tensor(dtensor_local(x), path),
+                "placements": placements,
+                "shape": list(x.shape),
+                "stride": list(x.stride()),
+                "requires_grad": x.requires_grad,
+                **described[1],
+            }
+        }
+
+    def _tensor(self, x: torch.Tensor, path: Path) -> dict[str, Any]:
+        if type(x) not in (torch.Tensor, torch.nn.Parameter):
+            raise UnsavableError(
+                f"cannot save a tensor subclass {type(x).__qualname__}; save its plain tensors",
+                path,
+            )
+        if x.layout is not torch.strided or x.is_quantized or x.is_nested:
+            raise UnsavableError(f"cannot save a {x.layout} tensor; only strided ones", path)
+        if x.device.type == "meta":
+            raise UnsavableError("a meta tensor has no data to save", path)
+        self.tensors += 1
+        storage = x.untyped_storage()
+        key = storage_key(storage)
+        spans = (
+            x.dtype in DTYPE_NAMES
+            and x.storage_offset() == 0
+            and x.is_contiguous()
+            and x.nbytes == storage.nbytes()
+            and not x.is_conj()
+            and not x.is_neg()
+        )
+        group = self._groups.get(key)
+        if group is None:
+            name = format_path(path)
+            if spans and name not in self._names:  # two NaN keys print alike: the 2nd is bytes
+                self._names.add(name)
+                entry = Entry(name, DTYPE_NAMES[x.dtype], list(x.shape), x.nbytes)
+                group = (entry, x)
+            else:
+                entry = Entry(self._new_name(), "U8", [storage.nbytes()], storage.nbytes())
+                group = (entry, None)
+            self._groups[key] = group
+            self.entries.append(entry)
+        entry, base = group
+        entry.paths.append(path)
+        if base is not None and (
+            x is base
+            or (
+                x.dtype is base.dtype
+                and x.shape == base.shape
+                and x.stride() == base.stride()
+                and x.storage_offset() == 0
+                and not x.is_conj()
+                and not x.is_neg()
+            )
+        ):
+            return {"tensor": entry.key}
+        node: dict[str, Any] = {
+            "tensor": entry.key,
+            "dtype": str(x.dtype).removeprefix("torch."),
+            "shape": list(x.shape),
+            "stride": list(x.stride()),
+            "offset": x.storage_offset(),
+        }
+        if x.is_conj():
+            node["conj"] = True
+        if x.is_neg():
+            node["neg"] = True
+        return node
+
+    def encode_array(self, x: Any, path: Path) -> Any:
+        numpy = numpy_or_none()
+        assert numpy is not None  # x is a numpy array
+        dtype = x.dtype
+        if dtype.kind not in "biufc" or dtype.fields is not None:
+            raise UnsavableError(
+                f"cannot save a numpy array of dtype {dtype}: only arrays of numbers "
+                "(bool, int, uint, float, complex) go into a checkpoint",
+                path,
+            )
+        # Captured now, little-endian (safetensors' byte order); the dtype string keeps the
+        # array's own byte order, restored on load.
+        data = numpy.ascontiguousarray(x, dtype=dtype.newbyteorder("<")).tobytes()
+        torch_dtype = _torch_dtype_of(numpy, dtype)
+        if torch_dtype in DTYPE_NAMES:
+            entry = Entry(self._new_name(), DTYPE_NAMES[torch_dtype], list(x.shape), len(data))
+        else:
+            entry = Entry(self._new_name(), "U8", [len(data)], len(data))
+        entry.data = data
+        entry.paths.append(path)
+        self.captured.append(entry)
+        return {"numpy": entry.key, "dtype": dtype.str, "shape": list(x.shape)}
+
+
+def _torch_dtype_of(numpy: Any, dtype: Any) -> torch.dtype | None:
+    try:
+        return torch.from_numpy(numpy.empty(0, dtype=dtype.newbyteorder("="))).dtype
+    except TypeError:  # no torch dtype for it (float128, ...): stored as bytes
+        return None
