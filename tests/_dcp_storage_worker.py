@@ -45,7 +45,7 @@ from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from astage.compat import FileSystemReader, FileSystemWriter, _storage
+from astage.compat import FileSystemReader, FileSystemWriter, _storage_writer
 
 warnings.filterwarnings("ignore")
 TIMEOUT = timedelta(seconds=60)
@@ -108,14 +108,14 @@ def same(a: Any, b: Any, where: str = "") -> None:
 def count_reused_items() -> list[int]:
     """The items each committed early data file supplied (the writer wrote while staging)."""
     counts: list[int] = []
-    commit = _storage._Prewrite.commit
+    commit = _storage_writer._Prewrite.commit
 
     def counting(prewrite: Any, *args: Any, **kwargs: Any) -> Any:
         results = commit(prewrite, *args, **kwargs)
         counts.append(prewrite.reused)
         return results
 
-    _storage._Prewrite.commit = counting  # type: ignore[method-assign,assignment]
+    _storage_writer._Prewrite.commit = counting  # type: ignore[method-assign,assignment]
     return counts
 
 
@@ -184,7 +184,7 @@ def kill(rank: int, root: str) -> None:
     torch.save(first, os.path.join(root, f"kill-reference{rank}.pt"))
     dist.barrier()
     if rank == 1:
-        real = vars(_storage)["pwritev_all"]
+        real = vars(_storage_writer)["pwritev_all"]
         calls = 0
 
         def die_midway(fd: int, buffers: list[memoryview], offset: int) -> None:
@@ -194,7 +194,7 @@ def kill(rank: int, root: str) -> None:
                 os._exit(17)  # killed mid-save: no cleanup, no goodbye
             real(fd, buffers, offset)
 
-        vars(_storage)["pwritev_all"] = die_midway
+        vars(_storage_writer)["pwritev_all"] = die_midway
     second = {f"r{rank}": {"w": torch.arange(1000.0) * -2, "b": torch.zeros(77)}}
     try:
         # small chunks: rank 1 has written some of its bytes when it dies

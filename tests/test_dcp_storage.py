@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
 import astage
 from astage._drivers import _sync
-from astage.compat import FileSystemReader, FileSystemWriter, _storage
+from astage.compat import FileSystemReader, FileSystemWriter, _storage_writer
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:torch.distributed is disabled:UserWarning",
@@ -136,15 +136,15 @@ class _Spy:
     """Records the pre-written files that write_data commits."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.committed: list[_storage._Prewrite] = []
-        commit = _storage._Prewrite.commit
+        self.committed: list[_storage_writer._Prewrite] = []
+        commit = _storage_writer._Prewrite.commit
 
-        def spy(prewrite: _storage._Prewrite, *args: Any, **kwargs: Any) -> Any:
+        def spy(prewrite: _storage_writer._Prewrite, *args: Any, **kwargs: Any) -> Any:
             results = commit(prewrite, *args, **kwargs)
             self.committed.append(prewrite)
             return results
 
-        monkeypatch.setattr(_storage._Prewrite, "commit", spy)
+        monkeypatch.setattr(_storage_writer._Prewrite, "commit", spy)
 
 
 def test_async_save_writes_while_staging(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -180,19 +180,19 @@ def test_tensors_are_written_as_they_land(tmp_path: Path, monkeypatch: pytest.Mo
     """Each tensor goes to the writer once its batch has landed, before later batches run."""
     events: list[str] = []
     run_host_batch = _sync.run_host_batch  # type: ignore[attr-defined]
-    add = _storage._Prewrite.add
+    add = _storage_writer._Prewrite.add
 
     def batch(b: Any) -> None:
         run_host_batch(b)
         events.append("batch")
 
-    def landed(prewrite: _storage._Prewrite, tensor: torch.Tensor) -> None:
+    def landed(prewrite: _storage_writer._Prewrite, tensor: torch.Tensor) -> None:
         assert events and events[-1] in ("batch", "landed")  # never before its copy
         events.append("landed")
         add(prewrite, tensor)
 
     monkeypatch.setattr(_sync, "run_host_batch", batch)
-    monkeypatch.setattr(_storage._Prewrite, "add", landed)
+    monkeypatch.setattr(_storage_writer._Prewrite, "add", landed)
     sd = {f"t{i}": torch.full((3 << 20,), float(i)) for i in range(6)}  # 12 MiB each
     writer = FileSystemWriter(tmp_path)
     future = state_dict_saver.async_save(sd, storage_writer=writer, no_dist=True)
@@ -238,7 +238,7 @@ def test_an_item_that_is_not_the_staged_tensor_is_written_anew(
 
 
 def test_prewrite_finds_views_inside_staged_tensors_only(tmp_path: Path) -> None:
-    prewrite = _storage._Prewrite(str(tmp_path), 2, 16, created=False)
+    prewrite = _storage_writer._Prewrite(str(tmp_path), 2, 16, created=False)
     try:
         first = torch.arange(10.0)
         second = torch.arange(4, dtype=torch.int16)
@@ -266,7 +266,7 @@ def test_a_failed_prewrite_leaves_the_previous_checkpoint(
     def failing(fd: int, buffers: list[memoryview], offset: int) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(_storage, "pwritev_all", failing)
+    monkeypatch.setattr(_storage_writer, "pwritev_all", failing)
     newer = state()
     newer["a"] += 1
     writer = FileSystemWriter(tmp_path)
@@ -355,7 +355,7 @@ def test_a_failed_write_leaves_the_previous_checkpoint(
         calls += 1
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(_storage, "pwritev_all", failing)
+    monkeypatch.setattr(_storage_writer, "pwritev_all", failing)
     newer = state()
     newer["a"] += 1
     with pytest.raises(CheckpointException, match="ENOSPC"):

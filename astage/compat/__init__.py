@@ -16,7 +16,8 @@ from ._blocking import BlockingAsyncStager
 from ._default import DefaultStager
 from ._replication import _ReplicationStager as _ReplicationStager  # DCP keeps it private
 from ._state_dict_stager import StateDictStager
-from ._storage import FileSystemReader, FileSystemWriter
+from ._storage_reader import FileSystemReader
+from ._storage_writer import FileSystemWriter
 
 __all__ = [
     "AsyncStager",

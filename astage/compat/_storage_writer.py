@@ -1,0 +1,712 @@
+"""astage as DCP's ``StorageWriter``: :class:`FileSystemWriter` (the format: :mod:`._storage`).
+
+Each rank's items go into its data file(s) with positioned vectored writes from a small thread
+pool, under temporary names, fsynced and renamed; the ``.metadata`` file is committed last. When
+``dcp.async_save`` stages through the writer, staged tensors are written as they land
+(:class:`_Prewrite`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import functools
+import io
+import os
+import pickle
+import re
+import secrets
+import threading
+from bisect import bisect_right
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future as _PoolFuture
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.filesystem import (
+    FileSystemReader as _DcpFileSystemReader,
+)
+from torch.distributed.checkpoint.filesystem import (
+    SerializationFormat,
+    _StorageInfo,
+    _StoragePrefix,
+)
+from torch.distributed.checkpoint.metadata import (
+    Metadata,
+    StorageMeta,
+)
+from torch.distributed.checkpoint.planner import (
+    SavePlan,
+    SavePlanner,
+    WriteItem,
+    WriteItemType,
+)
+from torch.distributed.checkpoint.staging import AsyncStager
+from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
+from torch.distributed.tensor import DTensor
+from torch.futures import Future
+
+from .. import _torch
+from .._core._run import Run
+from .._drivers._sync import SyncStager, _Enqueued
+from .._errors import (
+    CheckpointWriteError,
+    InvalidOptionsError,
+)
+from .._files._writer import pwritev_all, start_writeback
+from ._blocking import BlockingAsyncStager
+from ._storage import (
+    DATA_SUFFIX,
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_THREADS,
+    METADATA_NAME,
+    RAW_DESCRIPTOR,
+    bytes_of,
+    positive_int,
+    run_all,
+    wait_all,
+)
+
+_DATA_FILE = re.compile(r"__\d+_.*\.distcp\Z")
+
+
+class FileSystemWriter(StorageWriter, AsyncStager):
+    """Drop-in for ``torch.distributed.checkpoint.FileSystemWriter`` (see the module docstring).
+
+    Like DCP's, it is also the stager ``dcp.async_save`` uses when given no ``async_stager``:
+    :meth:`stage` copies the state dict to host memory with astage's blocking stager and,
+    as each tensor lands, starts writing it into this rank's data file, so that writing
+    overlaps staging; ``write_data`` then writes only what is not there yet. With
+    ``cache_staged_state_dict=True`` the buffers are kept across saves
+    (:class:`astage.compat.BlockingAsyncStager`) and writing starts in ``write_data``. Call
+    :meth:`close` after the last save (it also removes the early file of a save that failed
+    before ``write_data``).
+
+    ``path``, ``single_file_per_rank``, ``sync_files`` and ``overwrite`` mean what they mean in
+    DCP. ``thread_count`` is the number of threads that write this rank's bytes (DCP's means
+    files per rank; here one file per rank is written by all threads at once).
+    ``per_thread_copy_ahead`` is accepted and ignored (nothing is copied from a device while
+    writing: ``dcp.save`` hands device tensors over one at a time, ``dcp.async_save`` stages
+    first). ``_extensions`` and a
+    ``serialization_format`` other than DCP's default are refused: items are raw bytes.
+    ``sync_files=False`` skips every fsync: faster, and not durable.
+    ``write_while_staging=False`` writes nothing before ``write_data`` (see :meth:`stage`).
+    """
+
+    def __init__(  # noqa: PLR0917 - DCP's constructor, positional arguments included
+        self,
+        path: str | os.PathLike[str],
+        single_file_per_rank: bool = True,
+        sync_files: bool = True,
+        thread_count: int = DEFAULT_THREADS,
+        per_thread_copy_ahead: int = 10_000_000,
+        cache_staged_state_dict: bool = False,
+        overwrite: bool = True,
+        _extensions: Sequence[Any] | None = None,
+        serialization_format: SerializationFormat = SerializationFormat.TORCH_SAVE,
+        *,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        write_while_staging: bool = True,
+    ) -> None:
+        super().__init__()
+        if _extensions:
+            raise InvalidOptionsError(
+                "astage.compat.FileSystemWriter does not take _extensions: items are raw bytes"
+            )
+        if serialization_format != SerializationFormat.TORCH_SAVE:
+            raise InvalidOptionsError(
+                f"astage.compat.FileSystemWriter writes raw tensor bytes; serialization_format="
+                f"{serialization_format} is not supported"
+            )
+        self.path = os.fspath(path)
+        self.single_file_per_rank = single_file_per_rank
+        self.sync_files = sync_files
+        self.thread_count = positive_int("thread_count", thread_count)
+        self.chunk_bytes = positive_int("chunk_bytes", chunk_bytes)
+        self.overwrite = overwrite
+        self.save_id = secrets.token_hex(8)
+        self.rank: int | None = None
+        self.is_coordinator = False
+        self.use_collectives = True
+        self.cache_staged_state_dict = bool(cache_staged_state_dict)
+        self.write_while_staging = bool(write_while_staging)
+        self._stager: BlockingAsyncStager | None = None  # cached staging, made on first use
+        self._landing: _LandingStager | None = None  # uncached staging, made on first use
+        self._prewrite: _Prewrite | None = None  # the data file stage() started writing
+        self._prewrite_lock = threading.Lock()  # stage() and write_data() run in two threads
+
+    # -- DCP's AsyncStager protocol -------------------------------------------------------------
+
+    _synchronize_after_execute: bool = False
+
+    def stage(self, state_dict: Any) -> Any:
+        """A host copy of ``state_dict``, complete when it returns (``dcp.async_save`` calls it).
+
+        Without ``cache_staged_state_dict`` (and with ``single_file_per_rank``), writing starts
+        here: each tensor's bytes go to this rank's data file (under a temporary name) from the
+        writer's threads as soon as they have landed, and go on after this returns;
+        :meth:`write_data` then maps the plan onto them (see :class:`_Prewrite`).
+        """
+        if self.cache_staged_state_dict:
+            # The snapshot pool guards buffers an earlier upload still reads; a pre-write
+            # would need the same guard, so cached staging writes in write_data, as before.
+            if self._stager is None:
+                self._stager = BlockingAsyncStager(cache_staged_state_dict=True)
+            return self._stager.stage(state_dict)
+        self._drop_prewrite()  # an earlier save's that never reached write_data (it failed)
+        prewrite = self._start_prewrite()
+        if self._landing is None:
+            self._landing = _LandingStager()
+        try:
+            staged = self._landing.stage_and_hand_out(
+                state_dict, None if prewrite is None else prewrite.add
+            )
+        except BaseException:
+            if prewrite is not None:
+                prewrite.discard()
+            raise
+        finally:
+            self._landing.clear_cache()  # nothing cached: the result owns its memory alone
+        with self._prewrite_lock:
+            self._prewrite = prewrite
+        return staged
+
+    def synchronize_staging(self) -> None:
+        """A no-op: staging is complete when :meth:`stage` returns."""
+
+    def close(self) -> None:
+        """Release the staging buffers (kept with ``cache_staged_state_dict=True``) and remove a
+        pre-written file no save has used."""
+        self._drop_prewrite()
+        stager, self._stager = self._stager, None
+        if stager is not None:
+            stager.close()
+        landing, self._landing = self._landing, None
+        if landing is not None:
+            landing.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # DCP's PROCESS executor pickles the writer into its upload process, which only writes:
+        # it writes every item itself, so this process's pre-written file would only be left
+        # behind (pickling happens after stage(), in this process).
+        self._drop_prewrite()
+        state = self.__dict__.copy()
+        state["_stager"] = None
+        state["_landing"] = None
+        state["_prewrite"] = None
+        state["_prewrite_lock"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._prewrite_lock = threading.Lock()
+
+    def _start_prewrite(self) -> _Prewrite | None:
+        if not (self.single_file_per_rank and self.write_while_staging):
+            return None  # asked not to, or one file per item (no shared early file to fill)
+        try:
+            created = not os.path.isdir(self.path)
+            os.makedirs(self.path, exist_ok=True)
+            return _Prewrite(
+                self.path, self.thread_count, self.chunk_bytes, created, self.sync_files
+            )
+        except OSError:
+            return None  # the save reports the folder's problem itself, from prepare_local_plan
+
+    def _take_prewrite(self) -> _Prewrite | None:
+        with self._prewrite_lock:
+            prewrite, self._prewrite = self._prewrite, None
+        return prewrite
+
+    def _drop_prewrite(self) -> None:
+        prewrite = self._take_prewrite()
+        if prewrite is not None:
+            prewrite.discard()
+
+    # -- DCP's StorageWriter protocol -----------------------------------------------------------
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        if checkpoint_id:
+            self.path = os.fspath(checkpoint_id)
+        self.save_id = secrets.token_hex(8)
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.is_coordinator = is_coordinator
+        self.rank = kwargs.get("rank")
+        self.use_collectives = kwargs.get("use_collectives", True)
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        os.makedirs(self.path, exist_ok=True)
+        if os.path.exists(self._metadata_path()) and not self.overwrite:
+            self._drop_prewrite()  # this save ends here: its early file must not stay behind
+            raise CheckpointWriteError(
+                f"{self.path}: a checkpoint is already there and overwrite=False"
+            )
+        if self.rank is not None and not self.use_collectives:
+            plan = dataclasses.replace(plan, storage_data=_StoragePrefix(self._prefix(self.rank)))
+        return plan
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        return [
+            plan
+            if plan.storage_data is not None
+            else dataclasses.replace(plan, storage_data=_StoragePrefix(self._prefix(rank)))
+            for rank, plan in enumerate(plans)
+        ]
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        prefix: _StoragePrefix = plan.storage_data
+        prewrite = self._take_prewrite()
+        if prewrite is not None and not (
+            self.single_file_per_rank and _same_file_system(prewrite.folder, self.path)
+        ):  # reset() moved the save to another file system after stage(): write it all here
+            prewrite.discard()
+            prewrite = None
+        if prewrite is not None:
+            name = f"{prefix.prefix}0{DATA_SUFFIX}"
+            results = prewrite.commit(plan.items, planner, self.path, name, sync=self.sync_files)
+        else:
+            items = [_Payload.resolve(item, planner) for item in plan.items]
+            groups = [items] if self.single_file_per_rank else [[item] for item in items]
+            files = [
+                _DataFile(self.path, f"{prefix.prefix}{number}{DATA_SUFFIX}", group)
+                for number, group in enumerate(groups)
+                if group or number == 0
+            ]
+            _write_files(files, self.thread_count, self.chunk_bytes, self.sync_files, self.path)
+            results = [result for file in files for result in file.results()]
+        future: Future[list[WriteResult]] = Future()
+        future.set_result(results)
+        return future
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        metadata.version = "1.0.0"  # DCP's CURRENT_DCP_VERSION: its reader expects it
+        metadata.storage_data = {wr.index: wr.storage_data for rs in results for wr in rs}
+        metadata.storage_meta = self.storage_meta()
+        final = self._metadata_path()
+        temp = _temp_name(final)
+        try:
+            with open(temp, "xb") as stream:
+                pickle.dump(metadata, stream)  # DCP's metadata format: DCP's own reader reads it
+                stream.flush()
+                if self.sync_files:
+                    os.fsync(stream.fileno())
+            os.replace(temp, final)  # atomic: the old .metadata, or the new one, never neither
+        except BaseException as error:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            if isinstance(error, OSError):
+                raise _write_error(final, "cannot commit", error) from error
+            raise
+        if self.sync_files:
+            _fsync_folder(self.path)
+        if self.use_collectives:
+            _remove_unreferenced(self.path, metadata.storage_data.values())
+
+    def storage_meta(self) -> StorageMeta | None:
+        return StorageMeta(checkpoint_id=self.path, save_id=self.save_id)
+
+    @property
+    def checkpoint_id(self) -> str:
+        """The folder this writer saves into."""
+        return self.path
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return _DcpFileSystemReader.validate_checkpoint_id(checkpoint_id)
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _metadata_path(self) -> str:
+        name = (
+            f"__{self.rank}{METADATA_NAME}"
+            if not self.use_collectives and self.rank is not None
+            else METADATA_NAME
+        )
+        return os.path.join(self.path, name)
+
+    def _prefix(self, rank: int) -> str:
+        # Over a committed checkpoint, fresh names: its files stay whole until the new metadata
+        # replaces its own (a crash in between leaves it loadable).
+        if os.path.exists(self._metadata_path()):
+            return f"__{rank}_{self.save_id}_"
+        return f"__{rank}_"
+
+
+# -- writing --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Payload:
+    """One write item's bytes, resolved from the planner (``keep`` keeps them alive)."""
+
+    item: WriteItem
+    data: memoryview
+    keep: Any
+    is_bytes: bool
+
+    @classmethod
+    def resolve(cls, item: WriteItem, planner: SavePlanner) -> _Payload:
+        data = planner.resolve_data(item)
+        if item.type == WriteItemType.BYTE_IO:
+            if not isinstance(data, io.BytesIO):
+                raise CheckpointWriteError(
+                    f"{item.index.fqn}: a bytes item resolved to {type(data)}"
+                )
+            return cls(item, data.getbuffer(), data, True)
+        if not isinstance(data, torch.Tensor):
+            raise CheckpointWriteError(f"{item.index.fqn}: a tensor item resolved to {type(data)}")
+        tensor = data.detach()
+        if tensor.device.type != "cpu":
+            tensor = tensor.cpu()  # dcp.save (not async): the planner hands device tensors
+        tensor = tensor.contiguous()  # a no-op for the staged tensors of async_save
+        return cls(item, bytes_of(tensor), tensor, False)
+
+
+class _DataFile:
+    """One data file of this rank: its items laid end to end, written under a temporary name."""
+
+    def __init__(self, folder: str, name: str, payloads: list[_Payload]) -> None:
+        self.name = name
+        self.path = os.path.join(folder, name)
+        self.temp_path = _temp_name(self.path)
+        self.payloads = payloads
+        self.offsets: list[int] = []
+        size = 0
+        for payload in payloads:
+            self.offsets.append(size)
+            size += len(payload.data)
+        self.size = size
+        self.fd: int | None = None
+
+    def results(self) -> list[WriteResult]:
+        return [
+            WriteResult(
+                index=p.item.index,
+                size_in_bytes=len(p.data),
+                storage_data=_StorageInfo(
+                    self.name, offset, len(p.data), None if p.is_bytes else [RAW_DESCRIPTOR]
+                ),
+            )
+            for p, offset in zip(self.payloads, self.offsets, strict=True)
+        ]
+
+    def pieces(self, chunk_bytes: int) -> Iterable[tuple[int, list[memoryview]]]:
+        """(offset, buffers) runs of at most ``chunk_bytes``: small neighbours go together."""
+        start, run, run_bytes = 0, list[memoryview](), 0
+        for payload, offset in zip(self.payloads, self.offsets, strict=True):
+            data = payload.data
+            done = 0
+            while done < len(data):
+                if not run:
+                    start = offset + done
+                take = min(len(data) - done, chunk_bytes - run_bytes)
+                run.append(data[done : done + take])
+                run_bytes += take
+                done += take
+                if run_bytes >= chunk_bytes:
+                    yield start, run
+                    run, run_bytes = [], 0
+        if run:
+            yield start, run
+
+
+class _LandingStager(SyncStager):
+    """A :class:`~astage.SyncStager` that hands each top-level tensor of the state dict to a
+    callback as soon as its bytes have landed, while the other copies go on.
+
+    The blocking face has no ``stage_iter``: this is its copy loop with the landed tensors
+    handed out between batches (the async face's ``stage_iter`` does the same from an event
+    loop, which DCP's synchronous ``stage()`` does not have). The callback runs in the calling
+    thread and must be quick: the writer's only submits writes to its threads.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(pin_memory=False)  # a one-off host copy: pinning costs, gains nothing
+        self._on_landed: Callable[[torch.Tensor], None] | None = None
+
+    def stage_and_hand_out(
+        self, state_dict: Any, on_landed: Callable[[torch.Tensor], None] | None
+    ) -> Any:
+        """``stage(state_dict)``, calling ``on_landed(tensor)`` for each staged tensor."""
+        self._on_landed = on_landed
+        try:
+            return self.stage(state_dict)
+        finally:
+            self._on_landed = None
+
+    def _new_run(self, state_dict: Any, buffer_set: Any, *, track_leaves: bool) -> Run[Any]:
+        return super()._new_run(state_dict, buffer_set, track_leaves=self._on_landed is not None)
+
+    def _landed(self, run: Run[_Enqueued]) -> None:
+        if self._on_landed is not None:
+            self._hand_out(run)
+
+    def _hand_out(self, run: Run[_Enqueued]) -> None:
+        assert self._on_landed is not None
+        for leaf in run.landed_leaves():
+            self._on_landed(leaf.tensor)
+
+
+class _Prewrite:
+    """This rank's data file, filled while staging runs, committed by ``write_data``.
+
+    :meth:`add` is given each staged tensor as it lands and queues its bytes, end to end, on
+    the writer's threads (a temporary file; no name is known before DCP's plan). :meth:`commit`
+    resolves every item of the plan through the planner and reuses pre-written bytes only when
+    the item's tensor *is* them: a contiguous CPU tensor whose memory lies inside a staged
+    tensor's, which this object keeps alive (so no other tensor can have that address). Any
+    other item (bytes, a planner's transformed copy, a tensor not staged here, a non-contiguous
+    one) is appended and written then, so the metadata never points at another tensor's bytes.
+    Then the usual end: fsync, rename to the plan's name, fsync the folder.
+    """
+
+    def __init__(
+        self, folder: str, threads: int, chunk_bytes: int, created: bool, writeback: bool = True
+    ) -> None:
+        self.folder = folder
+        self._writeback = writeback  # start each piece's writeback at once (sync_files)
+        self._created = created  # made the folder: discard() removes it again if empty
+        self.temp_path = _temp_name(os.path.join(folder, f"prewrite{DATA_SUFFIX}"))
+        self._chunk_bytes = chunk_bytes
+        self._fd: int | None = os.open(
+            self.temp_path,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
+            0o644,
+        )
+        self._pool = ThreadPoolExecutor(threads, "astage-dcp-writer")
+        self._writes: list[_PoolFuture[None]] = []
+        self._ranges: dict[tuple[int, int], int] = {}  # (address, nbytes) -> file offset
+        self._keep: list[torch.Tensor] = []  # the staged tensors: their addresses stay theirs
+        self._sorted: list[tuple[int, int, int]] | None = None  # (address, nbytes, offset)
+        self.end = 0  # bytes laid out so far
+        self.reused = 0  # the plan's items found pre-written (commit() counts them)
+
+    def add(self, staged: torch.Tensor) -> None:
+        """Queue the bytes of a staged tensor (a DTensor's local shard), if plainly laid out."""
+        tensor = _torch.dtensor_local(staged) if isinstance(staged, DTensor) else staged
+        if (
+            type(tensor) is not torch.Tensor
+            or tensor.device.type != "cpu"
+            or not tensor.is_contiguous()
+            or tensor.numel() == 0
+        ):
+            return  # written by commit() if the plan wants it
+        key = (tensor.data_ptr(), tensor.numel() * tensor.element_size())
+        if key in self._ranges:
+            return  # the same bytes at a second path
+        self._ranges[key] = self.end
+        self._keep.append(tensor)
+        self._queue(self.end, bytes_of(tensor))
+        self.end += key[1]
+
+    def _queue(self, offset: int, data: memoryview) -> None:
+        fd = self._fd
+        assert fd is not None
+        for done in range(0, len(data), self._chunk_bytes):
+            piece = data[done : done + self._chunk_bytes]
+            self._writes.append(
+                self._pool.submit(_write_piece, fd, [piece], offset + done, self._writeback)
+            )
+
+    def _find(self, tensor: torch.Tensor) -> int | None:
+        """The file offset of ``tensor``'s bytes if they were pre-written, else None."""
+        nbytes = tensor.numel() * tensor.element_size()
+        if nbytes == 0 or not tensor.is_contiguous() or tensor.device.type != "cpu":
+            return None
+        address = tensor.data_ptr()
+        exact = self._ranges.get((address, nbytes))
+        if exact is not None:
+            return exact
+        # A view inside a staged tensor (a narrowed shard): its bytes are a run of that one's.
+        if self._sorted is None:
+            self._sorted = sorted((a, n, offset) for (a, n), offset in self._ranges.items())
+        starts = self._sorted
+        at = bisect_right(starts, (address, float("inf"), 0)) - 1
+        if at >= 0:
+            start, length, offset = starts[at]
+            if start <= address and address + nbytes <= start + length:
+                return offset + (address - start)
+        return None
+
+    def commit(
+        self, items: list[WriteItem], planner: SavePlanner, folder: str, name: str, *, sync: bool
+    ) -> list[WriteResult]:
+        """Write what the plan needs beyond the pre-written bytes, make the file durable as
+        ``folder/name`` (``folder`` on this file's file system: a save that ``reset()`` moved
+        after staging), and return the plan's storage records; on any failure nothing is
+        left."""
+        path = os.path.join(folder, name)
+        try:
+            results: list[WriteResult] = []
+            appended: list[_Payload] = []
+            for item in items:
+                payload = _Payload.resolve(item, planner)
+                offset = None if payload.is_bytes else self._find(payload.keep)
+                if offset is not None:
+                    self.reused += 1
+                else:
+                    offset = self.end
+                    self.end += len(payload.data)
+                    appended.append(payload)
+                    self._queue(offset, payload.data)
+                results.append(
+                    WriteResult(
+                        index=item.index,
+                        size_in_bytes=len(payload.data),
+                        storage_data=_StorageInfo(
+                            name,
+                            offset,
+                            len(payload.data),
+                            None if payload.is_bytes else [RAW_DESCRIPTOR],
+                        ),
+                    )
+                )
+            wait_all(self._writes)
+            fd = self._fd
+            assert fd is not None
+            if sync:
+                os.fsync(fd)
+            self._fd = None
+            os.close(fd)
+            os.replace(self.temp_path, path)
+        except OSError as error:
+            self.discard()
+            raise _write_error(folder, "cannot write the data files in", error) from error
+        except BaseException:
+            self.discard()
+            raise
+        finally:
+            self._pool.shutdown(wait=True)
+            self._keep.clear()
+        if sync:
+            _fsync_folder(folder)
+        if self._created and os.path.realpath(folder) != os.path.realpath(self.folder):
+            with contextlib.suppress(OSError):  # made for the early file, which moved out
+                os.rmdir(self.folder)
+        return results
+
+    def discard(self) -> None:
+        """Stop writing and remove the file: no thread is left using its descriptor."""
+        for write in self._writes:
+            write.cancel()
+        self._pool.shutdown(wait=True)
+        fd, self._fd = self._fd, None
+        _close_and_remove(fd, self.temp_path)
+        if self._created:
+            with contextlib.suppress(OSError):  # only if empty: the save may have used it
+                os.rmdir(self.folder)
+        self._keep.clear()
+
+
+def _same_file_system(first: str, second: str) -> bool:
+    """Whether a file in ``first`` can be renamed into ``second`` (one device)."""
+    try:
+        return os.stat(first).st_dev == os.stat(second).st_dev
+    except OSError:
+        return False
+
+
+def _write_files(
+    files: list[_DataFile], threads: int, chunk_bytes: int, sync: bool, folder: str
+) -> None:
+    """Write, fsync and rename every file, or leave none of the temporary files behind.
+
+    DCP calls ``write_data`` synchronously from its own thread (or a separate process) and waits
+    on the result at once: there is no event loop to lend an anyio worker, so a plain
+    ``concurrent.futures`` pool owned by this call is the fitting tool. It ends with the call:
+    no thread outlives a save, and none is left using a descriptor once it is closed.
+    """
+    try:
+        for file in files:
+            file.fd = os.open(
+                file.temp_path,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
+                0o644,
+            )
+        # No posix_fallocate: on tmpfs and file systems without unwritten extents it zero-fills
+        # the whole file first (a third of a save's time on tmpfs); a full disk still fails a
+        # pwritev, and the files are removed then.
+        with ThreadPoolExecutor(threads, "astage-dcp-writer") as pool:
+            run_all(
+                pool,
+                [
+                    functools.partial(_write_piece, file.fd, buffers, offset, sync)
+                    for file in files
+                    if file.fd is not None
+                    for offset, buffers in file.pieces(chunk_bytes)
+                ],
+            )
+            if sync:
+                run_all(
+                    pool, [functools.partial(os.fsync, f.fd) for f in files if f.fd is not None]
+                )
+        for file in files:
+            fd, file.fd = file.fd, None
+            assert fd is not None
+            os.close(fd)
+            os.replace(file.temp_path, file.path)
+    except OSError as error:
+        _discard(files)
+        raise _write_error(folder, "cannot write the data files in", error) from error
+    except BaseException:
+        _discard(files)
+        raise
+    if sync:
+        _fsync_folder(folder)
+
+
+def _discard(files: list[_DataFile]) -> None:
+    for file in files:
+        fd, file.fd = file.fd, None
+        _close_and_remove(fd, file.temp_path)
+
+
+def _close_and_remove(fd: int | None, temp_path: str) -> None:
+    """Close ``fd`` (where open) and remove the unfinished file, ignoring either's failure."""
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(temp_path)
+
+
+def _write_piece(fd: int, buffers: list[memoryview], offset: int, writeback: bool) -> None:
+    """Write a piece; with ``writeback``, have the kernel start sending it to the disk now."""
+    pwritev_all(fd, buffers, offset)
+    if writeback:
+        start_writeback(fd, offset, sum(len(b) for b in buffers))
+
+
+def _fsync_folder(folder: str) -> None:
+    try:
+        fd = os.open(folder or ".", os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as error:
+        raise _write_error(folder, "cannot fsync the folder", error) from error
+
+
+def _remove_unreferenced(folder: str, records: Iterable[object]) -> None:
+    """Remove data files of a replaced checkpoint: the new metadata is durable already."""
+    referenced = {r.relative_path for r in records if isinstance(r, _StorageInfo)}
+    with contextlib.suppress(OSError):
+        for name in os.listdir(folder):
+            if _DATA_FILE.match(name) and name not in referenced:
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(folder, name))
+
+
+def _temp_name(path: str) -> str:
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f".{name}.{secrets.token_hex(6)}.tmp")
+
+
+def _write_error(path: str, doing: str, error: OSError) -> CheckpointWriteError:
+    reason = error.strerror or str(error)
+    code = errno.errorcode.get(error.errno, "") if error.errno is not None else ""
+    return CheckpointWriteError(f"{doing} {path}: {reason}" + (f" ({code})" if code else ""))
