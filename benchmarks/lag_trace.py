@@ -61,7 +61,8 @@ class Trace:
         clock = time.perf_counter
         original_run = asyncio.events.Handle._run
         original_select = selectors.EpollSelector.select
-        import astage._core._replay as replay
+        import astage._core._recording as recording
+        import astage._core._structure as structure
         import astage._drivers._async as driver
 
         original_copy = driver.run_host_batch  # type: ignore[attr-defined]
@@ -130,7 +131,8 @@ class Trace:
             (Run, "reap"),
             (Run, "__init__"),
             # The recorder's sums over a container's children (in steps of _SUMMARY_STEP).
-            (replay, "_sizes"),
+            (structure, "size_of"),
+            (recording, "size_of"),
         ):
             original = getattr(owner, name)
             patched.append((owner, name, original))

@@ -127,3 +127,18 @@ def test_measure_cost(backend: str) -> None:
         assert cost.beats > 0
         assert cost.loop_cpu_us_per_beat > 0
         assert cost.copy_slowdown > 0
+
+
+def test_the_lag_tracer_hooks_what_the_library_still_has() -> None:
+    """``benchmarks.lag_trace`` patches functions of astage by name: a rename in the library
+    must fail here, not when someone next needs the trace."""
+    import astage._drivers._async as driver
+    from benchmarks.lag_trace import Trace
+
+    walk_for = driver._walk_for
+    uninstall = Trace().install()
+    try:
+        assert driver._walk_for is not walk_for
+    finally:
+        uninstall()
+    assert driver._walk_for is walk_for
