@@ -12,6 +12,7 @@ import dataclasses
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -52,7 +53,8 @@ class LagRuns:
     first_lag_s: list[float]
     cached_lag_s: list[float]
     quiet_cached_s: list[float]
-    """Cached calls without the heartbeat running (astage only): its own best."""
+    """Cached calls without the heartbeat running, in turns with :attr:`beat_cached_s`
+    (astage only)."""
     full_gc_s: list[float] = dataclasses.field(default_factory=list)
     """Full (generation 2) garbage collections during the calls, each a loop stall."""
     longest_gc_s: float = 0.0
@@ -69,11 +71,12 @@ class LagRuns:
     heartbeat running (astage's sessions only): what the heartbeat costs any copy here."""
     copy_quiet_s: list[float] = dataclasses.field(default_factory=list)
     """The same copies without the heartbeat, in turns with those above."""
-    steady_cached_s: list[float] = dataclasses.field(default_factory=list)
-    """The cached calls under the heartbeat but each session's first: the side of the
-    throughput goal that has the heartbeat. A stager's first cached call differs from the
-    later ones (astage's first replay builds its C++ checks: 1.3-1.4x a later call over 50,000
-    small tensors), and the quiet calls, made after them, have no such call."""
+    beat_cached_s: list[float] = dataclasses.field(default_factory=list)
+    """Cached calls with the heartbeat running, in turns with :attr:`quiet_cached_s`, after
+    the watched calls (astage only): the throughput goal's side with the heartbeat. Not the
+    watched calls themselves: those include each stager's first replay (which builds its C++
+    checks: 1.3-1.4x a later call over 50,000 small tensors) and the calls before its kept
+    tensors reach their steady state, which calls made afterwards never are."""
 
     def record(
         self, first: bool, seconds: float, window: LagWindow, gcs: GcPauses, steal_s: float
@@ -92,7 +95,7 @@ class LagRuns:
             "first_s": self.first_s,
             "cached_s": self.cached_s,
             "quiet_cached_s": self.quiet_cached_s,
-            "steady_cached_s": self.steady_cached_s,
+            "beat_cached_s": self.beat_cached_s,
             "thread_copy_beat_s": self.copy_beat_s,
             "thread_copy_quiet_s": self.copy_quiet_s,
             "full_gc_ms": [round(x * 1e3, 3) for x in self.full_gc_s],
@@ -130,8 +133,6 @@ async def _watched_calls(
                     seconds = time.perf_counter() - started
                     stolen = steal_seconds() - stolen
             runs.record(call == 0, seconds, window, gcs, stolen)
-            if call >= 2:
-                runs.steady_cached_s.append(seconds)
             async with probe.window() as dropping:
                 del staged
             runs.drop_lag_s += dropping.lateness_s
@@ -139,10 +140,24 @@ async def _watched_calls(
 
 async def _astage_lag_session(state_dict: Any, runs: LagRuns, cached_calls: int) -> None:
     async with astage.Stager() as stager:
-        await _watched_calls(lambda: stager.stage(state_dict), runs, cached_calls)
-        for _ in range(cached_calls):
-            runs.quiet_cached_s.append(await timed_async(lambda: stager.stage(state_dict)))
+        stage = partial(stager.stage, state_dict)
+        await _watched_calls(stage, runs, cached_calls)
+        await _calls_in_turns(stage, runs, cached_calls)
     await _thread_copies(state_dict, runs, cached_calls)
+
+
+async def _calls_in_turns(
+    stage: Callable[[], Awaitable[Any]],
+    runs: LagRuns,
+    calls: int,
+    heartbeat: Callable[[], AbstractAsyncContextManager[Any]] = LagProbe,
+) -> None:
+    """``calls`` cached calls with the heartbeat and as many without, in turns, on a stager
+    that the watched calls have already taken to its steady state: the throughput goal."""
+    for _ in range(calls):
+        async with heartbeat():
+            runs.beat_cached_s.append(await timed_async(stage))
+        runs.quiet_cached_s.append(await timed_async(stage))
 
 
 async def _thread_copies(state_dict: Any, runs: LagRuns, calls: int) -> None:
@@ -414,7 +429,7 @@ def lag_checks(
                     f"{max(run.full_gc_s, default=0.0) * 1e3:.1f}",
                 ]
             )
-    with_beat = median(mine.steady_cached_s or mine.cached_s)
+    with_beat = median(mine.beat_cached_s)
     quiet = median(mine.quiet_cached_s)
     ratio = quiet / with_beat
     copy_beat, copy_quiet = median(mine.copy_beat_s), median(mine.copy_quiet_s)
@@ -606,10 +621,8 @@ def lag(config: Config, data: Data, runner: LoopRunner) -> ScenarioResult:
         "`DefaultStager(StagingOptions(use_pinned_memory=False, "
         "use_shared_memory=False, use_async_staging=True, use_non_blocking_copy=False))`). "
         "Lateness samples are pooled over the repeats; p99 and max are over the pool. "
-        "Throughput: astage's cached calls with the heartbeat vs the same calls without it, "
-        "made after them on the same stager (each session's first cached call, astage's "
-        "first replay, which builds its checks, is left out of the heartbeat's side: the "
-        "calls without it come later and have none); "
+        "Throughput: astage's cached calls with the heartbeat vs without it, in turns on the "
+        "same stager once the calls above have taken it to its steady state; "
         "beside it, as its floor, the same bytes copied by a worker thread into preallocated "
         "tensors (no stager) with the heartbeat vs without it. "
         "Full garbage collections (generation 2) that ran during the calls are counted: a "

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+
 import anyio
 import pytest
 import torch
@@ -15,8 +18,8 @@ from benchmarks.scenarios.first_and_cached import AfterReserve, Timings, reserve
 from benchmarks.scenarios.loop_lag import (
     LagFloors,
     LagRuns,
+    _calls_in_turns,
     _dict_growth_ms,
-    _watched_calls,
     _why_max,
     _why_p99,
     _why_throughput,
@@ -219,16 +222,27 @@ def test_a_cold_restore_is_argued_only_at_the_disk_s_pace() -> None:
     assert _why_cold(slower, TORCH_MMAP, (0.95, 1.06)) == ""
 
 
-def test_the_heartbeat_s_side_of_the_throughput_goal_leaves_out_each_first_replay() -> None:
-    """The calls without the heartbeat come after those with it, on the same stager: a first
-    replay (which builds its checks) is on one side only unless it is left out."""
+def test_the_throughput_goal_times_calls_with_and_without_the_heartbeat_in_turns() -> None:
+    """After the watched calls, so that neither side has a stager's first replay or its
+    calls before the steady state; in turns, so that a drift touches both alike."""
     runs = LagRuns([], [], [], [], [])
-    durations = iter([0.050, 0.040, 0.010, 0.011, 0.012])  # first, first replay, then steady
+    beating = False
+    seen: list[bool] = []
+
+    @contextlib.asynccontextmanager
+    async def heartbeat() -> AsyncIterator[None]:
+        nonlocal beating
+        beating = True
+        try:
+            yield
+        finally:
+            beating = False
 
     async def stage() -> object:
-        await anyio.sleep(next(durations))
+        seen.append(beating)
+        await anyio.sleep(0)
         return object()
 
-    anyio.run(_watched_calls, stage, runs, 4)
-    assert len(runs.cached_s) == 4 and len(runs.steady_cached_s) == 3
-    assert max(runs.steady_cached_s) < 0.035 <= max(runs.cached_s)  # the 40 ms call left out
+    anyio.run(_calls_in_turns, stage, runs, 3, heartbeat)
+    assert seen == [True, False] * 3
+    assert len(runs.beat_cached_s) == len(runs.quiet_cached_s) == 3
