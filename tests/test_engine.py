@@ -279,10 +279,16 @@ def test_a_run_adds_up_a_bounded_number_of_copies_per_turn() -> None:
 
 
 def _batches_cut_while_walking(
-    cache: BufferCache, state_dict: Any, *, track_leaves: bool = False, chunk_bytes: int = 1 << 26
+    cache: BufferCache,
+    state_dict: Any,
+    *,
+    track_leaves: bool = False,
+    chunk_bytes: int = 1 << 26,
+    other_device: torch.device | None = None,
 ) -> tuple[int, bool]:
     """One call through a Run the way the async face drives it: after every walk step, start
-    whatever batch is ready. How many started before the walk ended; whether it replayed."""
+    whatever batch is ready. How many started before the walk ended; whether it replayed.
+    ``other_device``: the plan is told it also copies from there (as if some sources were)."""
     run: Run[Any] = Run(
         cache,
         state_dict,
@@ -290,6 +296,8 @@ def _batches_cut_while_walking(
         chunk_bytes=chunk_bytes,
         max_inflight_bytes=1 << 40,
     )
+    if other_device is not None:
+        run.plan.copies.devices.add(other_device)
     batches = []
     for _ in run.walk:
         while (batch := run.next_batch(final=False)) is not None:
@@ -319,17 +327,28 @@ def test_a_first_call_over_small_tensors_starts_its_copies_once_the_walk_ends() 
     assert replayed and during >= 2
 
 
-def test_copies_start_during_an_allocating_walk_when_they_are_large_or_streamed() -> None:
+def test_host_copies_wait_for_the_end_of_an_allocating_walk_even_past_chunk_bytes() -> None:
+    """A first call's copies fault in fresh pages while its walk maps new buffers, and each
+    slowed the other (see Run._host_only): over host memory, nothing starts before the end."""
+    small = {i: torch.full((4,), float(i)) for i in range(3 * MAX_BATCH_COPIES)}
+    cache = BufferCache(pin_memory=False, share_memory=False, pin_memory_min_bytes=0)
+    during, _ = _batches_cut_while_walking(cache, small, chunk_bytes=16 * MAX_BATCH_COPIES)
+    assert during == 0
+
+
+def test_copies_start_during_an_allocating_walk_when_streamed_or_from_a_device() -> None:
     small = {i: torch.full((4,), float(i)) for i in range(3 * MAX_BATCH_COPIES)}
 
     def fresh() -> BufferCache:
         return BufferCache(pin_memory=False, share_memory=False, pin_memory_min_bytes=0)
 
-    # chunk_bytes of copies are cut as soon as they gather, as ever.
-    during, _ = _batches_cut_while_walking(fresh(), small, chunk_bytes=16 * MAX_BATCH_COPIES)
-    assert during >= 2
     # stage_iter hands out each tensor once its copy lands: it gets its batches as they fill.
     during, _ = _batches_cut_while_walking(fresh(), small, track_leaves=True)
+    assert during >= 2
+    # A plan with device copies cuts chunk_bytes of them as soon as they gather, as ever.
+    during, _ = _batches_cut_while_walking(
+        fresh(), small, chunk_bytes=16 * MAX_BATCH_COPIES, other_device=torch.device("meta")
+    )
     assert during >= 2
 
 
