@@ -142,22 +142,24 @@ async def _astage_lag_session(state_dict: Any, runs: LagRuns, cached_calls: int)
     async with astage.Stager() as stager:
         stage = partial(stager.stage, state_dict)
         await _watched_calls(stage, runs, cached_calls)
-        await _calls_in_turns(stage, runs, cached_calls)
+        # The throughput goal, on a stager the watched calls have taken to its steady state.
+        await _in_turns(stage, cached_calls, runs.beat_cached_s, runs.quiet_cached_s)
     await _thread_copies(state_dict, runs, cached_calls)
 
 
-async def _calls_in_turns(
-    stage: Callable[[], Awaitable[Any]],
-    runs: LagRuns,
+async def _in_turns(
+    call: Callable[[], Awaitable[Any]],
     calls: int,
+    beat_s: list[float],
+    quiet_s: list[float],
     heartbeat: Callable[[], AbstractAsyncContextManager[Any]] = LagProbe,
 ) -> None:
-    """``calls`` cached calls with the heartbeat and as many without, in turns, on a stager
-    that the watched calls have already taken to its steady state: the throughput goal."""
+    """``calls`` timed calls with the heartbeat (into ``beat_s``) and as many without (into
+    ``quiet_s``), in turns, so that a drift of the machine's speed touches both alike."""
     for _ in range(calls):
         async with heartbeat():
-            runs.beat_cached_s.append(await timed_async(stage))
-        runs.quiet_cached_s.append(await timed_async(stage))
+            beat_s.append(await timed_async(call))
+        quiet_s.append(await timed_async(call))
 
 
 async def _thread_copies(state_dict: Any, runs: LagRuns, calls: int) -> None:
@@ -173,10 +175,9 @@ async def _thread_copies(state_dict: Any, runs: LagRuns, calls: int) -> None:
         torch._foreach_copy_(targets, sources)
 
     await anyio.to_thread.run_sync(copy)  # touches the targets' fresh pages once, untimed
-    for _ in range(calls):
-        async with LagProbe():
-            runs.copy_beat_s.append(await timed_async(lambda: anyio.to_thread.run_sync(copy)))
-        runs.copy_quiet_s.append(await timed_async(lambda: anyio.to_thread.run_sync(copy)))
+    await _in_turns(
+        partial(anyio.to_thread.run_sync, copy), calls, runs.copy_beat_s, runs.copy_quiet_s
+    )
 
 
 async def _dcp_lag_session(

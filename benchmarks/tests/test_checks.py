@@ -18,8 +18,8 @@ from benchmarks.scenarios.first_and_cached import AfterReserve, Timings, reserve
 from benchmarks.scenarios.loop_lag import (
     LagFloors,
     LagRuns,
-    _calls_in_turns,
     _dict_growth_ms,
+    _in_turns,
     _why_max,
     _why_p99,
     _why_throughput,
@@ -243,6 +243,6 @@ def test_the_throughput_goal_times_calls_with_and_without_the_heartbeat_in_turns
         await anyio.sleep(0)
         return object()
 
-    anyio.run(_calls_in_turns, stage, runs, 3, heartbeat)
+    anyio.run(_in_turns, stage, 3, runs.beat_cached_s, runs.quiet_cached_s, heartbeat)
     assert seen == [True, False] * 3
     assert len(runs.beat_cached_s) == len(runs.quiet_cached_s) == 3
