@@ -273,6 +273,24 @@ def test_a_slab_in_use_is_never_handed_out_again() -> None:
     assert pool.free_nbytes == 2 * MIN_SLAB_BYTES  # at most `keep` free slabs are kept
 
 
+def test_a_pool_holding_slabs_of_several_sizes_takes_the_right_one_out() -> None:
+    # Found on an H200: slabs of different sizes in the free list, and the one taken out not the
+    # first, made `list.remove` compare tensors by value and fail on their shapes.
+    allocator = CountingAllocator()
+    pool = SlabPool(allocator, keep=2)
+    big, small = pool.acquire(2 * MIN_SLAB_BYTES), pool.acquire(MIN_SLAB_BYTES)
+    pool.release(big)
+    pool.release(small)
+    assert pool.acquire(MIN_SLAB_BYTES) is small  # the smallest that fits, second in the list
+    pool.release(small)
+    grown = pool.acquire(4 * MIN_SLAB_BYTES)  # none fits: the largest free one is replaced
+    assert pool.free_nbytes == MIN_SLAB_BYTES
+    pool.release(grown)
+    pool.release(big)  # one over `keep`: the smallest free slab goes, wherever it lies
+    assert pool.free_nbytes == 6 * MIN_SLAB_BYTES
+    assert pool.acquire(1) is big and pool.acquire(1) is grown
+
+
 def test_pools_are_per_device() -> None:
     pools = SlabPools(pageable_slab)
     assert pools[torch.device("cuda", 0)] is pools[torch.device("cuda", 0)]

@@ -171,6 +171,7 @@ class SlabPool:
     def __init__(self, allocate: Callable[[int], torch.Tensor], *, keep: int = 8) -> None:
         self._allocate = allocate
         self._keep = keep
+        # Slabs are found by position, never by value: `list.remove` compares tensors with `==`.
         self._free: list[torch.Tensor] = []
         self._lock = threading.Lock()
         self.allocations = 0
@@ -179,15 +180,13 @@ class SlabPool:
     def acquire(self, nbytes: int) -> torch.Tensor:
         """A slab of at least ``nbytes`` bytes that nothing else uses until :meth:`release`."""
         with self._lock:
-            fitting = [slab for slab in self._free if slab.numel() >= nbytes]
+            sizes = [slab.numel() for slab in self._free]
+            fitting = [index for index, size in enumerate(sizes) if size >= nbytes]
             if fitting:
-                slab = min(fitting, key=torch.Tensor.numel)
-                self._free.remove(slab)
-                return slab
+                return self._free.pop(min(fitting, key=sizes.__getitem__))
             # None fits: grow. The largest free slab is replaced, not kept beside the new one.
-            largest = max(self._free, key=torch.Tensor.numel, default=None)
-            if largest is not None:
-                self._free.remove(largest)
+            if sizes:
+                del self._free[max(range(len(sizes)), key=sizes.__getitem__)]
             self.allocations += 1
         capacity = max(MIN_SLAB_BYTES, 1 << max(nbytes - 1, 0).bit_length())
         return self._allocate(capacity)  # outside the lock: pinning may take milliseconds
@@ -197,7 +196,8 @@ class SlabPool:
         with self._lock:
             self._free.append(slab)
             if len(self._free) > self._keep:
-                self._free.remove(min(self._free, key=torch.Tensor.numel))
+                sizes = [free.numel() for free in self._free]
+                del self._free[min(range(len(sizes)), key=sizes.__getitem__)]
 
     def clear(self) -> None:
         """Drop every free slab (slabs in use come back, and are kept, when released)."""
