@@ -18,8 +18,9 @@
 # the tests and the benchmark both ran to the end and passed (goals not met do not fail it).
 #
 # Time limits in seconds (the whole device budget is ~15 minutes, start-up included):
-# PYTEST_TIMEOUT (220), BENCH_TIMEOUT (300). BENCH_ARGS adds arguments (e.g. "--quick",
-# "--repeats 1"); PYTEST_ARGS replaces the test modules (e.g. "tests/test_cuda_paths.py").
+# PYTEST_TIMEOUT (220), BENCH_TIMEOUT (300), TEST_TIMEOUT (60, one test's limit). BENCH_ARGS adds
+# arguments (e.g. "--quick", "--repeats 1"); PYTEST_ARGS replaces the test modules (e.g.
+# "tests/test_cuda_paths.py").
 set -u
 cd "$(dirname "$0")/.."
 
@@ -28,6 +29,7 @@ mkdir -p "$out"
 python=${PYTHON:-python3}
 pytest_timeout=${PYTEST_TIMEOUT:-220}
 bench_timeout=${BENCH_TIMEOUT:-300}
+test_timeout=${TEST_TIMEOUT:-60}
 export PYTHONUNBUFFERED=1
 started=$(date +%s)
 
@@ -99,7 +101,7 @@ say "pytest -m cuda on ${targets[*]} (limit ${pytest_timeout} s)"
 # SIGINT first: pytest stops and still prints (and writes) what ran so far.
 timeout --signal=INT --kill-after=10 "$pytest_timeout" \
     "$python" -m pytest -q -m cuda -p no:cacheprovider --continue-on-collection-errors \
-    -o faulthandler_timeout=120 -o timeout=120 -rfEs "${select[@]}" \
+    -o faulthandler_timeout="$test_timeout" -o timeout="$test_timeout" -rfEs "${select[@]}" \
     --junitxml="$out/pytest-cuda.xml" "${targets[@]}" >"$out/pytest-cuda.log" 2>&1
 tests_rc=$?
 [ $tests_rc -eq 124 ] && say "pytest ran out of its ${pytest_timeout} s"

@@ -20,13 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint import staging as dcp_staging
 from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse, async_save
 
 from astage import compat
 
 from ..config import Config, Data
-from ..contenders import dcp_default_options, flat_tensors
+from ..contenders import dcp_default_options, dcp_default_stager, flat_tensors
 from ..record import Check, ScenarioResult, Table, fmt_bytes, fmt_gbps, fmt_s
 from ..runner import LoopRunner
 from ..state_dicts import describe, gpt2_with_adamw, map_tensors
@@ -128,7 +127,7 @@ def _make_stager(name: str, cuda: bool) -> Any:
     if name == ASTAGE:
         return compat.DefaultStager(options)
     if name == DCP:
-        return dcp_staging.DefaultStager(options)
+        return dcp_default_stager(options)
     if name == FLOOR:
         return PlainCopyStager()
     return None  # async_save builds, uses and closes a stager of its own for every save

@@ -37,7 +37,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint import staging as dcp_staging
 from torch.distributed.checkpoint.filesystem import FileSystemWriter
 from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse, async_save
 
@@ -45,7 +44,7 @@ import astage
 from astage._files._writer import fsync_folder
 
 from ..config import Config, Data
-from ..contenders import dcp_default_options
+from ..contenders import dcp_default_options, dcp_default_stager
 from ..record import Check, ScenarioResult, Table, fmt_bytes, fmt_gbps, fmt_s
 from ..runner import LoopRunner
 from ..state_dicts import describe, gpt2_with_adamw, tensor_leaves
@@ -148,7 +147,7 @@ class Session:
         self.staged = runner.run(self.stager.stage(state_dict))  # warm astage's cache
         self.aligned_stager = astage.Stager(huge_pages=True)
         runner.run(self.aligned_stager.stage(state_dict))
-        self.dcp_stager = dcp_staging.DefaultStager(dcp_default_options(cuda))
+        self.dcp_stager = dcp_default_stager(dcp_default_options(cuda))
         self._dcp_save(self._new_path())  # warm DCP's cache
 
     def _new_path(self) -> str:
