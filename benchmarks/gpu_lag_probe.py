@@ -90,6 +90,28 @@ def instrument() -> None:
     _pinning.unregister = _timed("cudaHostUnregister", _pinning.unregister)
 
 
+# (time, the loop thread's innermost frames): sampled from another thread every SAMPLE_S. A loop
+# thread blocked in C with the GIL released is caught where it called in.
+SAMPLES: list[tuple[float, str]] = []
+SAMPLE_S = 0.0002
+
+
+def _where(frame: Any) -> str:
+    parts: list[str] = []
+    while frame is not None and len(parts) < 4:
+        code = frame.f_code
+        parts.append(f"{code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno}({code.co_name})")
+        frame = frame.f_back
+    return " < ".join(parts)
+
+
+def sample_loop(thread_id: int, stop: threading.Event) -> None:
+    while not stop.is_set():
+        frame = sys._current_frames().get(thread_id)
+        SAMPLES.append((time.perf_counter(), _where(frame)))
+        time.sleep(SAMPLE_S)
+
+
 class Beats:
     """Lateness of a periodic wake-up: (due, late) pairs."""
 
@@ -127,6 +149,15 @@ def _quantiles(beats: Beats, start: float, end: float) -> dict[str, float]:
     }
 
 
+def _common_samples(start: float, end: float) -> list[str]:
+    counts: dict[str, int] = {}
+    for at, where in SAMPLES:
+        if start <= at < end:
+            counts[where] = counts.get(where, 0) + 1
+    ranked = sorted(counts.items(), key=lambda item: -item[1])
+    return [f"{n} x {where}" for where, n in ranked[:3]]
+
+
 def _overlapping(start: float, end: float) -> list[tuple[str, str, float, float]]:
     return [span for span in SPANS if span[3] > start and span[2] < end]
 
@@ -142,6 +173,10 @@ async def probe(device: str, nbytes: int, calls: int, late_ms: float) -> dict[st
         target=thread_heartbeat, args=(thread_beats, thread_stop, 0.001), name="thread-beat"
     )
     ticker.start()
+    sampler = threading.Thread(
+        target=sample_loop, args=(threading.get_ident(), thread_stop), name="sampler"
+    )
+    sampler.start()
     beat = asyncio.create_task(loop_heartbeat(loop_beats, stop, 0.001))
     windows: list[tuple[str, float, float]] = []
     try:
@@ -160,6 +195,7 @@ async def probe(device: str, nbytes: int, calls: int, late_ms: float) -> dict[st
         thread_stop.set()
         await beat
         ticker.join()
+        sampler.join()
     report: dict[str, Any] = {"calls": []}
     for name, start, end in windows:
         entry: dict[str, Any] = {
@@ -180,6 +216,7 @@ async def probe(device: str, nbytes: int, calls: int, late_ms: float) -> dict[st
                         "at_ms": 1e3 * (due - start),
                         "late_ms": 1e3 * late,
                         "thread_beat_late_ms": 1e3 * thread_late,
+                        "loop_thread_at": _common_samples(*gap),
                         "spans": [
                             f"{who}: {what} {1e3 * (s - due):+.2f}..{1e3 * (e - due):+.2f} ms"
                             for who, what, s, e in _overlapping(*gap)
@@ -212,6 +249,8 @@ def main() -> int:
             )
             for span in late["spans"][:12]:
                 print(f"      {span}")
+            for where in late["loop_thread_at"]:
+                print(f"      loop thread sampled at: {where}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1)

@@ -164,13 +164,37 @@ def pieces(nbytes: int = 64 * MiB) -> None:
     for label, registered_in, split in layouts:
         buffer = _fresh(nbytes)
         ptrs = _register_pieces(buffer, registered_in) if registered_in else []
-        took, returned = copy_time(buffer, split)
+        try:
+            took, returned = copy_time(buffer, split)
+        except RuntimeError as error:  # a copy across two registrations: CUDA refuses it
+            print(f"  D2H {nbytes // MiB} MiB, {label:32s}: failed: {str(error).splitlines()[0]}")
+            for ptr in ptrs:
+                _unregister(ptr)
+            continue
         print(
             f"  D2H {nbytes // MiB} MiB, {label:32s}: {_ms(took)} "
             f"({nbytes / took / 1e9:.1f} GB/s), the call returned after {_ms(returned)}"
         )
         for ptr in ptrs:
             _unregister(ptr)
+
+
+def gil_churn(count: int = 20_000) -> None:
+    """Per-op cost of a cheap torch op (``view``) in one thread, alone and beside another."""
+    tensors = [torch.zeros(4, device="cuda") for _ in range(count)]
+
+    def views() -> float:
+        t0 = time.perf_counter()
+        for t in tensors:
+            t.view(torch.uint8)
+        return (time.perf_counter() - t0) / count
+
+    alone = views()
+    other = threading.Thread(target=views)
+    other.start()
+    beside = views()
+    other.join()
+    print(f"  view(): {1e6 * alone:.2f} us alone, {1e6 * beside:.2f} us beside a thread doing it")
 
 
 def main() -> int:
@@ -181,6 +205,8 @@ def main() -> int:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     print("1. main-thread calls during a 64 MiB cudaHostRegister in another thread")
     contention()
+    print("4. GIL churn")
+    gil_churn()
     print("2-3. registering and copying in pieces")
     pieces()
     return 0
