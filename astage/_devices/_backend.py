@@ -152,6 +152,11 @@ class DeviceCopies:
         """The completion was seen complete: the batch's buffers may be unpinned. Idempotent;
         never blocks, never calls the device runtime (safe on an event loop)."""
         self._copies.landed()
+        # Its event goes back to the backend rather than being destroyed in this thread,
+        # which may be an event loop (see _generic.DeviceCompletion).
+        recycle = getattr(self.completion, "recycle", None)
+        if recycle is not None:
+            recycle()
 
 
 def enqueue_batch(

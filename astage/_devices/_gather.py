@@ -336,6 +336,12 @@ class GatheredCompletion:
         """Wait for the device, then scatter on the host; raises what either raised."""
         self.finish()
 
+    def recycle(self) -> None:
+        """The batch has landed: hand the device's event back (see ``DeviceCompletion``)."""
+        recycle = getattr(self._done, "recycle", None)
+        if self._finished and recycle is not None:
+            recycle()
+
     def finish(self) -> None:
         """Wait for the device's copies (at once when complete), then scatter, once."""
         if self._finished:

@@ -29,24 +29,50 @@ from ._gather import (
     should_gather,
 )
 
+SPARE_EVENTS = 64
+"""Completed events a backend keeps per device for later batches (about the batches in flight)."""
+
 
 class DeviceCompletion:
-    """An event recorded after a batch's copies; ``synchronize()`` selects its device first."""
+    """An event recorded after a batch's copies; ``synchronize()`` selects its device first.
+
+    Once the batch has landed (:meth:`recycle`), the event goes back to its backend for a later
+    batch instead of being dropped. Why: destroying a CUDA event waits for the driver's lock,
+    which a page-lock (``cudaHostRegister``) in another thread holds for as long as it runs;
+    an event dropped on an event loop held the loop for 6-9 ms per 16 MiB buffer pinned
+    meanwhile (H200, first call over 1 GiB from the device: ``benchmarks/gpu_lag_probe.py``).
+    """
 
     __slots__ = ("_backend", "_device", "event")
 
     def __init__(self, backend: GenericBackend, device: torch.device, event: Any) -> None:
         self._backend = backend
         self._device = device
-        self.event = event
+        self.event: Any = event
+        """The event; None once recycled (it had completed)."""
 
     def query(self) -> bool:
-        return bool(self.event.query())
+        event = self.event
+        return event is None or bool(event.query())
 
     def synchronize(self) -> None:
+        event = self.event
+        if event is None:
+            return
         # A worker thread has device 0 selected: waiting there would create a context on it.
         with self._backend.selected(self._device):
-            self.event.synchronize()
+            event.synchronize()
+
+    def recycle(self) -> None:
+        """Hand the event back to the backend; call only once it was seen complete.
+
+        Never blocks and never calls the device runtime (safe on an event loop). A later
+        ``query()`` is True; a caller that still held the event may see it recorded again for
+        a later batch, and then waits longer, never less.
+        """
+        event, self.event = self.event, None
+        if event is not None:
+            self._backend.keep_event(self._device, event)
 
 
 class GenericBackend:
@@ -58,6 +84,8 @@ class GenericBackend:
         self._lock = threading.Lock()
         self._slabs = SlabPools(self._allocate_slab)
         """Host slabs of gathered batches, per device (:mod:`astage._devices._gather`)."""
+        self._spare_events: dict[int, list[Any]] = {}
+        """Completed events of landed batches, per device index, for later batches."""
 
     # -- what subclasses specialise --------------------------------------------------------
 
@@ -68,7 +96,12 @@ class GenericBackend:
         return torch.accelerator.current_stream(device)
 
     def _record_done(self, stream: Any) -> Any:
+        """A new event, recorded on ``stream``."""
         return stream.record_event()
+
+    def _record_again(self, event: Any, stream: Any) -> None:
+        """Record a spare event (one that completed) on ``stream`` again."""
+        event.record(stream)
 
     def _wait(self, stream: Any, event: Any) -> None:
         stream.wait_event(event)
@@ -151,12 +184,33 @@ class GenericBackend:
                     # cross-device semantics rather than relying on foreach's fallback.
                     for dst, src in zip(batch.dsts, batch.srcs, strict=True):
                         dst.copy_(src, non_blocking=non_blocking)
-                done = self._record_done(stream)
+                done = self._done_event(device, stream)
         completion = DeviceCompletion(self, device, done)
         if gathered is None:
             return completion
         # Complete once the host scatter ran, after the event: see GatheredCompletion.
         return GatheredCompletion(completion, gathered)
+
+    def keep_event(self, device: torch.device, event: Any) -> None:
+        """Take back a completed event for a later batch (see :meth:`DeviceCompletion.recycle`)."""
+        index = device.index if device.index is not None else -1
+        with self._lock:
+            spare = self._spare_events.setdefault(index, [])
+            if len(spare) < SPARE_EVENTS:
+                spare.append(event)
+                return
+        # Past the bound (more batches in flight at once than ever before): dropped here.
+
+    def _done_event(self, device: torch.device, stream: Any) -> Any:
+        """An event recorded on ``stream`` after the batch: a spare one, or a new one."""
+        index = device.index if device.index is not None else -1
+        with self._lock:
+            spare = self._spare_events.get(index)
+            event = spare.pop() if spare else None
+        if event is None:
+            return self._record_done(stream)
+        self._record_again(event, stream)
+        return event
 
     def synchronize(self) -> None:
         with self._lock:
