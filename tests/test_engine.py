@@ -327,28 +327,28 @@ def test_a_first_call_over_small_tensors_starts_its_copies_once_the_walk_ends() 
     assert replayed and during >= 2
 
 
-def test_host_copies_wait_for_the_end_of_an_allocating_walk_even_past_chunk_bytes() -> None:
+def test_copies_wait_for_the_end_of_an_allocating_walk_even_past_chunk_bytes() -> None:
     """A first call's copies fault in fresh pages while its walk maps new buffers, and each
-    slowed the other (see Run._host_only): over host memory, nothing starts before the end."""
-    small = {i: torch.full((4,), float(i)) for i in range(3 * MAX_BATCH_COPIES)}
-    cache = BufferCache(pin_memory=False, share_memory=False, pin_memory_min_bytes=0)
-    during, _ = _batches_cut_while_walking(cache, small, chunk_bytes=16 * MAX_BATCH_COPIES)
-    assert during == 0
-
-
-def test_copies_start_during_an_allocating_walk_when_streamed_or_from_a_device() -> None:
+    slowed the other; a device copy's page-lock held the walk's next mmap on an H200 (see
+    Run._allocating_walk): from host memory or a device, nothing starts before the end."""
     small = {i: torch.full((4,), float(i)) for i in range(3 * MAX_BATCH_COPIES)}
 
     def fresh() -> BufferCache:
         return BufferCache(pin_memory=False, share_memory=False, pin_memory_min_bytes=0)
 
-    # stage_iter hands out each tensor once its copy lands: it gets its batches as they fill.
-    during, _ = _batches_cut_while_walking(fresh(), small, track_leaves=True)
-    assert during >= 2
-    # A plan with device copies cuts chunk_bytes of them as soon as they gather, as ever.
+    during, _ = _batches_cut_while_walking(fresh(), small, chunk_bytes=16 * MAX_BATCH_COPIES)
+    assert during == 0
     during, _ = _batches_cut_while_walking(
         fresh(), small, chunk_bytes=16 * MAX_BATCH_COPIES, other_device=torch.device("meta")
     )
+    assert during == 0
+
+
+def test_copies_start_during_an_allocating_walk_when_streamed() -> None:
+    small = {i: torch.full((4,), float(i)) for i in range(3 * MAX_BATCH_COPIES)}
+    cache = BufferCache(pin_memory=False, share_memory=False, pin_memory_min_bytes=0)
+    # stage_iter hands out each tensor once its copy lands: it gets its batches as they fill.
+    during, _ = _batches_cut_while_walking(cache, small, track_leaves=True)
     assert during >= 2
 
 

@@ -101,7 +101,7 @@ class Run(Generic[T]):
         allocating = self._allocating_walk()
         if uncut and (
             final
-            or (self._uncut_bytes >= self._chunk and not (allocating and self._host_only()))
+            or (self._uncut_bytes >= self._chunk and not allocating)
             or (uncut >= MAX_BATCH_COPIES and not allocating)
         ):
             # At most _CUT_STEP copies at once too: after an allocating walk all its copies
@@ -118,30 +118,27 @@ class Run(Generic[T]):
 
     def _allocating_walk(self) -> bool:
         """Whether a full walk that allocates buffers fills the plan, and no tensor is handed
-        out as it lands (``stage_iter``): then copies are cut into batches by bytes only
-        (``chunk_bytes``) until the walk ends, not every ``MAX_BATCH_COPIES`` copies.
+        out as it lands (``stage_iter``): then no copy starts before the walk ends.
 
-        Why: on the async face, worker threads copying small batches beside such a walk made
-        the walk itself 10-15% slower (loop-thread CPU, first call over 50,000 small tensors,
-        2 cores; a wall-clock loss of 6-12%), more than the overlap saved; copies of
-        ``chunk_bytes`` wait too where they are all from host memory (:meth:`_host_only`). A
-        replay, a walk into cached buffers and a streaming call keep cutting batches as they
+        Why, for each kind of copy:
+
+        * Small host batches copied in worker threads beside such a walk made the walk itself
+          10-15% slower (loop-thread CPU, first call over 50,000 small tensors, 2 cores; a
+          wall-clock loss of 6-12%), more than the overlap saved.
+        * Large host copies (``chunk_bytes``) fault in fresh pages while the walk maps new
+          buffers, and each slowed the other: over 1 GiB in 64 tensors (2 cores, interleaved,
+          old code beside the new) first calls went 5-10% faster on both faces, and the async
+          face's first calls with a beat over 3 ms late went from 28 to 14 of 48.
+        * Device copies pin their buffers first, and a page-lock (``cudaHostRegister``) of
+          fresh memory holds the process's address space for as long as it runs: the walk's
+          next ``mmap`` waited for it, which held an event loop 6-9 ms per 16 MiB buffer
+          (H200, first call over 1 GiB from the device, ``benchmarks/gpu_lag_probe.py``).
+
+        A replay, a walk into cached buffers and a streaming call keep cutting batches as they
         go: there the overlap pays.
         """
         plan = self.plan
         return plan.walking and plan.new_buffers > 0 and not plan.track_leaves
-
-    def _host_only(self) -> bool:
-        """Whether every copy so far is from host memory. Such copies wait for the end of an
-        allocating walk, large ones too (``chunk_bytes``): a first call's copies fault in
-        fresh pages while the walk maps new buffers, and each slowed the other. Over 1 GiB in
-        64 tensors (2 cores, interleaved in one process each, old code beside the new), first
-        calls went 5-10% faster on both faces (SyncStager 490-527 -> 439-466 ms), and the
-        async face's first calls with a beat over 3 ms late went from 28 to 14 of 48: the
-        loop's walk steps no longer lost their core to copy threads. Device copies (DMA into
-        buffers pinned as they are made) still start as they gather: nothing measured says
-        they would gain, and no GPU was at hand to measure it."""
-        return all(device.type == "cpu" for device in self.plan.copies.devices)
 
     def start(self, pending: T) -> None:
         self.pending.append(pending)
