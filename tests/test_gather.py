@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import random
 import threading
 import time
@@ -566,6 +567,53 @@ def test_completion_events_are_recycled_never_destroyed_in_the_callers_thread(fa
         completions = list(backend.completions)
         assert all(c.query() for c in completions)  # recycled: complete, whatever comes next
     assert made == backend.made
+
+
+class SpanBackend(CpuGenericBackend):
+    """Notes when each enqueue runs, and makes it take a while (so that overlaps show)."""
+
+    def __init__(self, spans: list[tuple[float, float]]) -> None:
+        super().__init__()
+        self.spans = spans
+
+    def enqueue(self, batch: Batch, after: Sequence[Mark], *, non_blocking: bool) -> Completion:
+        started = time.perf_counter()
+        time.sleep(0.003)
+        completion = super().enqueue(batch, after, non_blocking=non_blocking)
+        self.spans.append((started, time.perf_counter()))
+        return completion
+
+
+def test_the_async_face_runs_a_devices_host_work_one_batch_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Found on an H200: worker threads enqueueing and scattering a device's small batches side
+    # by side paid a thread switch per torch call (each lets go of the GIL): a cached call over
+    # 10,002 small tensors took 0.9 s on the async face, 0.24 s on the blocking one.
+    spans: list[tuple[float, float]] = []
+    scatter = GatheredCopies.scatter
+
+    def slow_scatter(self: GatheredCopies) -> None:
+        started = time.perf_counter()
+        time.sleep(0.003)
+        scatter(self)
+        spans.append((started, time.perf_counter()))
+
+    monkeypatch.setattr(GatheredCopies, "scatter", slow_scatter)
+    state_dict = [_random_bytes(64, i) for i in range(12 * GATHER_MIN_COPIES)]
+    backend = SpanBackend(spans)
+
+    async def main() -> None:
+        async with astage.Stager(copy_threads=4, chunk_bytes=64 * 16) as stager:
+            for _ in range(2):
+                assert_tree_staged(await stager.stage(state_dict), state_dict)
+
+    with installed(backend):
+        anyio.run(main)
+    assert len(spans) >= 8
+    ordered = sorted(spans)
+    overlaps = [(a, b) for a, b in itertools.pairwise(ordered) if b[0] < a[1]]
+    assert not overlaps, f"{len(overlaps)} of {len(spans)} spans overlap"
 
 
 # -- on a GPU (skipped without CUDA; not run yet) -------------------------------------------------
