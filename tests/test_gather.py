@@ -616,7 +616,7 @@ def test_the_async_face_runs_a_devices_host_work_one_batch_at_a_time(
     assert not overlaps, f"{len(overlaps)} of {len(spans)} spans overlap"
 
 
-# -- on a GPU (skipped without CUDA; not run yet) -------------------------------------------------
+# -- on a GPU (skipped without CUDA; ran on an H200) -----------------------------------------------
 
 GPU_SLEEP_CYCLES = 200_000_000  # a GPU busy-wait of ~0.1 s, so that a copy not ordered after it
 # reads the values from before it

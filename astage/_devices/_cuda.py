@@ -18,7 +18,7 @@ large copy meet on one stream. A stream of astage's own needs ``cudaStreamCreate
 (``cudaStreamNonBlocking``: a plain ``cudaStreamCreate`` stream would serialise with the legacy
 default stream, and so with training) wrapped in ``torch.cuda.ExternalStream``; torch's
 ``cudart()`` bindings lack it, so it is left for a wrapper in ``astage/_torch.py`` once it can
-be measured on a GPU. Not run on hardware yet.
+be measured on a GPU. Ran on one H200 (docs/benchmarks-gpu.md); the shared stream was kept.
 """
 
 from __future__ import annotations

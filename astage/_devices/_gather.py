@@ -37,9 +37,9 @@ False until the scatter has run (so that no driver takes an event-loop fast path
 its ``synchronize()`` (what the drivers call in a worker thread) waits for the device, then
 scatters, once. The drivers need no change: they already poll, then wait in a worker thread.
 
-Not run on hardware yet, and not timed: the issue's estimate (4-20x fewer host microseconds for
-tensors below about 64 KiB) is still to be measured on a GPU. Every step is plain torch, and the
-tests run it all on CPU tensors.
+Ran on an H200 (docs/benchmarks-gpu.md): 10,002 small tensors staged in 23-24 us a tensor on
+a cached call (DCP: 37 us; one raw ``copy_`` per tensor: 4.9 us), most of it the per-tensor views
+made here for every batch. Every step is plain torch, and the tests run it all on CPU tensors.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ import astage
 from ..config import Config, Data
 from ..contenders import AstageAsync, AstageSync, Contender, DcpDefaultStager, flat_tensors
 from ..lag import LagSummary
-from ..record import Check, ScenarioResult, Table, fmt_bytes, fmt_s
+from ..record import Check, ScenarioResult, Table, fmt_bytes, fmt_gbps, fmt_s
 from ..runner import LoopRunner
 from ..state_dicts import Shape, bulk_floats, describe, small_optimizer_state
 from ..timing import level_heap, timed
@@ -144,7 +144,12 @@ def _bulk(
         result.checks += [
             speed_check(f"{face.name}: cached vs raw pinned copy", t, t_raw, "cached", 0.9),
             speed_check(
-                f"{face.name}: cached vs DCP DefaultStager cached", t, t_dcp, "cached", 1.2
+                f"{face.name}: cached vs DCP DefaultStager cached",
+                t,
+                t_dcp,
+                "cached",
+                DCP_CACHED_GOAL,
+                why=_why_link(t_raw, t_dcp, shape.nbytes),
             ),
             speed_check(f"{face.name}: first vs DCP DefaultStager first", t, t_dcp, "first", 0),
         ]
@@ -152,6 +157,26 @@ def _bulk(
     result.tables.append(timing_table(title, timings, shape.nbytes, shape.tensors))
     result.figures["bulk"] = _figures(shape, timings)
     return state_dict, shape.nbytes / t_raw.cached_s
+
+
+DCP_CACHED_GOAL = 1.2
+
+
+def _why_link(raw: Timings, dcp: Timings, nbytes: int) -> str:
+    """A cached call against DCP's, where both run at the link's speed: argued only where the
+    raw pinned copy of the same tensors is itself short of the goal against DCP."""
+    if raw.cached_s * DCP_CACHED_GOAL <= dcp.cached_s:
+        return ""
+    return (
+        f"The link bounds both: a raw pinned copy of the same tensors (one slab pinned once, "
+        f"one non-blocking copy_ each) took {fmt_s(raw.cached_s)} "
+        f"({fmt_gbps(nbytes, raw.cached_s)}), DCP's cached call "
+        f"{fmt_s(dcp.cached_s)}: DCP's cached call already runs at "
+        f"{raw.cached_s / dcp.cached_s:.2f}x the raw copy's speed, so no stager can be "
+        f"{DCP_CACHED_GOAL:g}x faster than DCP here. A cached call is one device-to-host "
+        "transfer per tensor into pinned buffers kept from call to call, for astage and DCP "
+        "alike; what is left to win is the first call (pinning) and the loop's lag."
+    )
 
 
 def _small(

@@ -246,3 +246,12 @@ def test_the_throughput_goal_times_calls_with_and_without_the_heartbeat_in_turns
     anyio.run(_in_turns, stage, 3, runs.beat_cached_s, runs.quiet_cached_s, heartbeat)
     assert seen == [True, False] * 3
     assert len(runs.beat_cached_s) == len(runs.quiet_cached_s) == 3
+
+
+def test_the_gpu_cached_goal_against_dcp_is_argued_only_where_the_link_bounds_dcp_too() -> None:
+    from benchmarks.scenarios.gpu import _why_link
+
+    dcp = Timings([1.9], [0.0788], [], [], 1)
+    bound = _why_link(Timings([0.08], [0.0783], [], [], 1), dcp, 4 << 30)
+    assert "78.3 ms" in bound and "0.99x the raw copy" in bound
+    assert _why_link(Timings([0.08], [0.05], [], [], 1), dcp, 4 << 30) == ""
