@@ -28,6 +28,7 @@ from astage._core._batches import Batch, make_batches
 from astage._core._cache import BufferCache
 from astage._core._plan import Plan
 from astage._core._walk import build_plan
+from astage._devices import _gather as gather_module
 from astage._devices._backend import Completion, Mark, installed
 from astage._devices._gather import (
     GATHER_MAX_COPY_BYTES,
@@ -39,6 +40,7 @@ from astage._devices._gather import (
     GatherPlan,
     SlabPool,
     SlabPools,
+    _picker,
     enqueue_gather,
     pageable_slab,
     pinned_slab,
@@ -302,7 +304,7 @@ def test_pools_are_per_device() -> None:
 
 def test_consecutive_batches_reuse_one_slab_and_concurrent_ones_do_not_share() -> None:
     allocator = CountingAllocator()
-    pool = SlabPool(allocator)
+    pool = SlabPool(allocator, layouts=False)
     for seed in range(3):
         _stage(_batch([_random_bytes(500, seed + i) for i in range(10)]), pool)
     assert len(allocator.sizes) == 1
@@ -312,6 +314,133 @@ def test_consecutive_batches_reuse_one_slab_and_concurrent_ones_do_not_share() -
     assert first.slab.data_ptr() != second.slab.data_ptr()
 
 
+# -- layouts kept for cached calls ----------------------------------------------------------------
+
+
+def _mixed(seed: int, count: int = 24) -> list[torch.Tensor]:
+    """Small tensors of interleaved dtypes and shapes (runs, singles and scattered dtypes)."""
+    generator = torch.Generator().manual_seed(seed)
+    out: list[torch.Tensor] = []
+    for i in range(count):
+        kind = (i * 7) % 5
+        if kind == 0:
+            out.append(torch.randn(3, 4, generator=generator))
+        elif kind == 1:
+            out.append(torch.randint(-99, 99, (5,), generator=generator))
+        elif kind == 2:
+            out.append(torch.randn(2, generator=generator, dtype=torch.float64))
+        elif kind == 3:
+            out.append(torch.randn((), generator=generator).to(torch.bfloat16))
+        else:
+            out.append(torch.randn(4, generator=generator, dtype=torch.complex64))
+    out.append(torch.empty(0, 3))
+    return out
+
+
+def _bytes_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    )
+
+
+def test_a_batch_of_the_same_copies_reuses_its_kept_layout_byte_exact() -> None:
+    allocator = CountingAllocator()
+    pool = SlabPool(allocator)
+    assert pool.layouts is not None
+    srcs = _mixed(0)
+    batch = _batch(srcs)
+    _stage(batch, pool)
+    assert all(_bytes_equal(d, s) for d, s in zip(batch.dsts, srcs, strict=True))
+    assert len(pool.layouts) == 1 and len(allocator.sizes) == 1
+    for round_ in range(3):  # new values in the same sources: the layout serves, no allocation
+        for src in srcs:
+            src.copy_(torch.full_like(src, round_ + 1))
+        _stage(batch, pool)
+        assert all(_bytes_equal(d, s) for d, s in zip(batch.dsts, srcs, strict=True))
+    assert len(pool.layouts) == 1 and len(allocator.sizes) == 1
+    # Other sources with the same metadata (a state_dict() rebuilt per call) serve too.
+    others = [src.clone() + 5 for src in srcs]
+    _stage(_batch(others, batch.dsts), pool)
+    assert all(_bytes_equal(d, s) for d, s in zip(batch.dsts, others, strict=True))
+    assert len(allocator.sizes) == 1
+
+
+def test_sources_whose_metadata_changed_get_a_new_layout() -> None:
+    allocator = CountingAllocator()
+    pool = SlabPool(allocator)
+    srcs = _mixed(1)
+    batch = _batch(srcs)
+    _stage(batch, pool)
+    changed = list(srcs)
+    # The same bytes under another dtype: the old layout's float32 views would convert values.
+    changed[0] = (srcs[0] + 0.5).view(torch.int32)
+    changed[5] = torch.nn.Parameter(srcs[5].clone() * 2)  # another exact type
+    _stage(_batch(changed, batch.dsts), pool)
+    for dst, src in zip(batch.dsts, changed, strict=True):
+        assert torch.equal(dst.reshape(-1).view(torch.uint8), src.reshape(-1).view(torch.uint8))
+    assert len(allocator.sizes) == 2
+    assert pool.layouts is not None and len(pool.layouts) == 1  # it replaced the old one
+
+
+def test_a_layout_in_use_is_not_taken_by_a_second_batch_of_the_same_buffers() -> None:
+    pool = SlabPool(CountingAllocator())
+    srcs = _mixed(2)
+    batch = _batch(srcs)
+    _stage(batch, pool)
+    first = enqueue_gather(batch, pool)  # in flight: its scatter has not run
+    second_srcs = [src + 1 for src in srcs]
+    second = enqueue_gather(_batch(second_srcs, batch.dsts), pool)
+    assert first.slab is not None and second.slab is not None
+    assert first.slab.data_ptr() != second.slab.data_ptr()
+    GatheredCompletion(DeviceDone(complete=True), first).synchronize()
+    assert all(_bytes_equal(d, s) for d, s in zip(batch.dsts, srcs, strict=True))
+    GatheredCompletion(DeviceDone(complete=True), second).synchronize()
+    assert all(_bytes_equal(d, s) for d, s in zip(batch.dsts, second_srcs, strict=True))
+
+
+def test_no_layout_for_sources_a_typed_copy_would_change() -> None:
+    # bool: copy_ writes 1 for any nonzero byte (conj and neg views never get here: a plan's
+    # copies of those are byte views, and as_bytes refuses them).
+    pool = SlabPool(CountingAllocator())
+    assert pool.layouts is not None
+    odd_bools = [_random_bytes(4, i).view(torch.bool) for i in range(GATHER_MIN_COPIES)]
+    batch = _batch(odd_bools)
+    _stage(batch, pool)
+    assert len(pool.layouts) == 0
+    assert all(_bytes_equal(d, s) for d, s in zip(batch.dsts, odd_bools, strict=True))
+
+
+def test_kept_layouts_stay_within_their_budget_least_recently_used_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(gather_module, "LAYOUT_MAX_BYTES", 3 * 1024)
+    pool = SlabPool(CountingAllocator())
+    layouts = pool.layouts
+    assert layouts is not None
+    batches = [_batch([_random_bytes(100, 10 * b + i) for i in range(10)]) for b in range(5)]
+    for batch in batches:
+        _stage(batch, pool)
+        assert layouts.nbytes <= 3 * 1024
+    assert len(layouts) == 2  # ~1.2 KiB each: the two most recent
+    kept = layouts.take(batches[-1])
+    assert kept is not None
+    layouts.give_back(kept)
+    assert layouts.take(batches[0]) is None
+    pool.clear()
+    assert len(layouts) == 0 and layouts.nbytes == 0
+
+
+@pytest.mark.parametrize(
+    ("indices", "expected"),
+    [([0, 1, 2], [10, 11, 12]), ([3], [13]), ([0, 2, 5], [10, 12, 15]), ([4, 5], [14, 15])],
+)
+def test_a_picker_takes_the_items_at_its_indices(indices: list[int], expected: list[int]) -> None:
+    items: list[Any] = list(range(10, 16))
+    assert list(_picker(indices)(items)) == expected
+
+
 # -- the completion -------------------------------------------------------------------------------
 
 
@@ -319,7 +448,9 @@ def test_nothing_is_scattered_before_the_device_completed() -> None:
     srcs = [_random_bytes(300, i) for i in range(10)]
     batch = _batch(srcs)
     device = DeviceDone()
-    completion = GatheredCompletion(device, enqueue_gather(batch, SlabPool(pageable_slab)))
+    completion = GatheredCompletion(
+        device, enqueue_gather(batch, SlabPool(pageable_slab, layouts=False))
+    )
     assert not completion.query()
     waiter = threading.Thread(target=completion.synchronize)
     waiter.start()
@@ -347,7 +478,7 @@ def test_query_stays_false_until_the_scatter_ran() -> None:
 
 
 def test_the_scratch_and_slab_live_until_the_scatter_then_go_back() -> None:
-    pool = SlabPool(pageable_slab)
+    pool = SlabPool(pageable_slab, layouts=False)
     device = DeviceDone()
     gathered = enqueue_gather(_batch([_random_bytes(300, i) for i in range(10)]), pool)
     scratch = weakref.ref(gathered._scratch)  # type: ignore[arg-type]
@@ -362,7 +493,7 @@ def test_the_scratch_and_slab_live_until_the_scatter_then_go_back() -> None:
 
 def test_concurrent_waiters_scatter_once() -> None:
     allocator = CountingAllocator()
-    pool = SlabPool(allocator)
+    pool = SlabPool(allocator, layouts=False)
     device = DeviceDone()
     batch = _batch([_random_bytes(300, i) for i in range(10)])
     completion = GatheredCompletion(device, enqueue_gather(batch, pool))
@@ -377,7 +508,7 @@ def test_concurrent_waiters_scatter_once() -> None:
 
 
 def test_a_failed_device_wait_scatters_nothing_and_keeps_the_slab() -> None:
-    pool = SlabPool(pageable_slab)
+    pool = SlabPool(pageable_slab, layouts=False)
     device = DeviceDone(complete=True, error=RuntimeError("device lost"))
     batch = _batch([_random_bytes(300, i) for i in range(10)])
     completion = GatheredCompletion(device, enqueue_gather(batch, pool))
@@ -488,12 +619,16 @@ def test_the_generic_backend_gathers_many_small_copies_only() -> None:
     completion = backend.enqueue(few, [], non_blocking=True)
     assert not isinstance(completion, GatheredCompletion) and completion.query()
     assert all(torch.equal(d, s) for d, s in zip(few.dsts, few.srcs, strict=True))
-    # The next gathered batch reuses the device's slab; release_slabs lets go of it.
-    backend.enqueue(_batch(small.srcs), [], non_blocking=True).synchronize()
+    # The same copies gathered again reuse the batch's kept layout (scratch, slab and views);
+    # release_slabs lets go of it.
     pool = backend._slabs[small.device]
-    assert pool.allocations == 1 and pool.free_nbytes == MIN_SLAB_BYTES
+    assert pool.layouts is not None and len(pool.layouts) == 1
+    kept = pool.layouts.nbytes
+    backend.enqueue(small, [], non_blocking=True).synchronize()
+    assert len(pool.layouts) == 1 and pool.layouts.nbytes == kept
+    assert pool.allocations == 0  # the pool's own slabs serve batches without a layout
     backend.release_slabs()
-    assert pool.free_nbytes == 0
+    assert len(pool.layouts) == 0 and pool.layouts.nbytes == 0
 
 
 def test_stagers_stage_gathered_batches_byte_exact(make_stager: Callable[..., Driver]) -> None:

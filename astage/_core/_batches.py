@@ -28,7 +28,7 @@ _buffer_device = operator.attrgetter("device")
 class Batch:
     """A unit of copy work: small whole copies, or one slice of a large copy."""
 
-    __slots__ = ("buffers", "device", "dsts", "end", "nbytes", "srcs")
+    __slots__ = ("buffers", "device", "dsts", "end", "gathered", "nbytes", "srcs")
 
     def __init__(
         self,
@@ -47,6 +47,9 @@ class Batch:
         self.nbytes = nbytes
         self.end = end
         """Copies ``[0, end)`` of the plan are complete once this batch and all before it are."""
+        self.gathered: bool | None = None
+        """Whether a device layer gathers the batch's copies, once it has asked (it asks more
+        than once per batch, and the answer reads every copy)."""
 
     def clear(self) -> None:
         """Drop the tensors, once the batch's copies are known to be complete."""
