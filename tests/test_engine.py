@@ -278,6 +278,37 @@ def test_a_run_adds_up_a_bounded_number_of_copies_per_turn() -> None:
     assert torch.equal(run.plan.result[tensors - 1], torch.full((2,), float(tensors - 1)))
 
 
+def _cuts(cache: BufferCache, state_dict: Any, every: int) -> list[tuple[int, int]]:
+    """The batches one call cuts when batches are asked for after every ``every`` walk steps
+    (0: only once the walk has ended), as (first copy, end)."""
+    run: Run[Any] = Run(
+        cache, state_dict, track_leaves=False, chunk_bytes=1 << 26, max_inflight_bytes=1 << 40
+    )
+    cuts: list[tuple[int, int]] = []
+
+    def take(final: bool) -> None:
+        while (batch := run.next_batch(final)) is not None:
+            cuts.append((batch.end - len(batch.srcs), batch.end))
+            run_host_batch(batch)
+
+    for step, _ in enumerate(run.walk, 1):
+        if every and step % every == 0:
+            take(final=False)
+    take(final=True)
+    return cuts
+
+
+def test_every_call_over_the_same_structure_cuts_the_same_batches() -> None:
+    """A device layer keeps a gathered batch's layout for the next call that cuts the same
+    batch: where the walk stood when batches were asked for must not move the cuts."""
+    cache = BufferCache(pin_memory=False, share_memory=False, pin_memory_min_bytes=0)
+    state_dict = {i: torch.full((3,), float(i)) for i in range(5 * MAX_BATCH_COPIES + 77)}
+    first = _cuts(cache, state_dict, every=0)
+    for every in (1, 2, 3, 7, 0):
+        assert _cuts(cache, state_dict, every) == first, every
+    assert [end - start for start, end in first[:5]] == [MAX_BATCH_COPIES] * 5
+
+
 def _batches_cut_while_walking(
     cache: BufferCache,
     state_dict: Any,
