@@ -704,6 +704,25 @@ def test_completion_events_are_recycled_never_destroyed_in_the_callers_thread(fa
     assert made == backend.made
 
 
+@pytest.mark.parametrize("how", ["clear_cache", "close"])
+def test_clear_cache_and_close_let_go_of_kept_layouts(how: str) -> None:
+    # A layout holds its batch's destination buffers, a scratch and a slab: after clear_cache()
+    # or close() none of that may stay (the layouts of calls in flight would come back later).
+    state_dict = [_random_bytes(64, i) for i in range(4 * GATHER_MIN_COPIES)]
+    backend = CpuGenericBackend()
+    with installed(backend):
+        sync = astage.SyncStager()
+        assert_tree_staged(sync.stage(state_dict), state_dict)
+        layouts = backend._slabs[torch.device("cpu")].layouts
+        assert layouts is not None and len(layouts) > 0
+        if how == "clear_cache":
+            sync.clear_cache()
+        else:
+            sync.close()
+        assert len(layouts) == 0 and layouts.nbytes == 0
+        sync.close()
+
+
 class SpanBackend(CpuGenericBackend):
     """Notes when each enqueue runs, and makes it take a while (so that overlaps show)."""
 

@@ -276,6 +276,7 @@ class StagerBase:
                     "is in progress"
                 )
             self._sets.clear()
+            self._release_device_slabs()
 
     def hold_buffers(self) -> Lease:
         """Keep the staged tensors from being overwritten until the hold is released.
@@ -342,6 +343,17 @@ class StagerBase:
         order.add(producer_mark(device, backend))
         order.backends[device] = backend
         self._backends[device] = backend
+
+    def _release_device_slabs(self) -> None:
+        """Let go of the free host slabs and the kept gather layouts of every backend this
+        stager used (``release_slabs()``, where a backend has it). A kept layout holds its
+        batch's destination buffers: without this they would outlive ``clear_cache()``. Those
+        in use by another stager's call come back, and are kept, when it ends."""
+        unique = {id(backend): backend for backend in self._backends.values()}
+        for backend in unique.values():
+            release = getattr(backend, "release_slabs", None)
+            if release is not None:
+                release()
 
     def _synchronize_devices(self) -> None:
         """Wait for every staging stream this stager used (blocking)."""
@@ -410,3 +422,4 @@ class StagerBase:
         if self._forked:
             return  # unpinning would call into the parent's CUDA state; the child's copy dies
         self._sets.clear()
+        self._release_device_slabs()
