@@ -17,6 +17,10 @@
 # pytest-cuda.xml, benchmarks.log, benchmarks-gpu.md, gpu.json. The exit status is 0 only when
 # the tests and the benchmark both ran to the end and passed (goals not met do not fail it).
 #
+# ASTAGE_REVISION names the revision in the reports, where the machine's copy of .git is not the
+# tree's (the GPU lending tool's is older): pass it from the checkout, e.g.
+# `ASTAGE_REVISION=abc1234 benchmarks/gpu_check.sh "$OUT"`.
+#
 # Time limits in seconds (the whole device budget is ~15 minutes, start-up included):
 # PYTEST_TIMEOUT (220), BENCH_TIMEOUT (300), TEST_TIMEOUT (60, one test's limit). BENCH_ARGS adds
 # arguments (e.g. "--quick", "--repeats 1"); PYTEST_ARGS replaces the test modules (e.g.
@@ -55,7 +59,7 @@ fi
 
 {
     echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
-    echo "revision: $(git rev-parse --short HEAD 2>/dev/null || echo "${GIT_REVISION:-unknown}")"
+    echo "revision: ${ASTAGE_REVISION:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
     "$python" - <<'EOF'
 import importlib.metadata as md
 import platform

@@ -38,6 +38,11 @@ def _mem_total_bytes() -> int | None:
 
 
 def _git_revision() -> str:
+    """The checkout's revision, or ``ASTAGE_REVISION`` where set: a machine that got the tree
+    without its history (the GPU machine's copy carried an older ``.git``) is told it."""
+    told = os.environ.get("ASTAGE_REVISION")
+    if told:
+        return told
     try:
         revision = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True

@@ -255,3 +255,12 @@ def test_the_gpu_cached_goal_against_dcp_is_argued_only_where_the_link_bounds_dc
     bound = _why_link(Timings([0.08], [0.0783], [], [], 1), dcp, 4 << 30)
     assert "78.3 ms" in bound and "0.99x the raw copy" in bound
     assert _why_link(Timings([0.08], [0.05], [], [], 1), dcp, 4 << 30) == ""
+
+
+def test_the_reports_revision_can_be_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks.machine import _git_revision
+
+    monkeypatch.setenv("ASTAGE_REVISION", "abc1234")
+    assert _git_revision() == "abc1234"
+    monkeypatch.delenv("ASTAGE_REVISION")
+    assert _git_revision() != "abc1234"
