@@ -37,9 +37,9 @@ sources with the same metadata. The first gather of a batch keeps its layout
 with the copy's dtype and shape), keyed by the destination buffers; a later batch whose
 destinations are those very tensors, and whose sources pass a metadata guard taken at the first
 gather (exact type, dtype, shape, strides, the conj and neg bits: one C++ call), enqueues three
-multi-tensor copies and makes no view. Typed copies copy bytes only for dtypes whose copy keeps
-every bit, so ``bool`` batches (and any source not a plain tensor or Parameter) keep the byte
-views. A layout serves one batch at a time; layouts stay within :data:`LAYOUT_MAX_BYTES` per
+multi-tensor copies and makes no view. Typed copies are used only for the dtypes of
+:data:`TYPED_COPY_DTYPES`, whose copy keeps every bit; other batches (``bool``, complex, float8,
+sources that are not plain tensors or Parameters) keep the byte views. A layout serves one batch at a time; layouts stay within :data:`LAYOUT_MAX_BYTES` per
 device, least recently used first, and go with ``clear_cache()``.
 
 The completion. A gathered batch is complete only once its bytes are in their own buffers, after
@@ -350,14 +350,33 @@ def _picker(indices: list[int]) -> Callable[[list[torch.Tensor]], list[torch.Ten
     return lambda items: list(get(items))
 
 
+TYPED_COPY_DTYPES = frozenset(
+    {
+        torch.float32,
+        torch.float64,
+        torch.float16,
+        torch.bfloat16,
+        torch.int8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.uint8,
+    }
+)
+"""Dtypes a kept layout copies as themselves: a same-dtype copy keeps every bit, and every
+backend's multi-tensor copy takes them (float32, bfloat16, int64 and float64 ran through
+CUDA's on an H200). Not ``bool`` (its copy writes 1 for any nonzero byte, and a staged tensor
+keeps the bytes it was given); not complex, float8 or the wider unsigned types, whose
+multi-tensor copy no hardware run has covered: their batches gather as bytes, as before."""
+
+
 def _plain(tensors: list[torch.Tensor]) -> bool:
-    """Plain tensors or Parameters, without a conjugate or negative bit, of a dtype whose copy
-    keeps every bit: a typed copy_ of such a tensor copies its bytes (no
-    ``__torch_function__``, nothing resolved on the way). Not ``bool``: its copy writes 1 for
-    any nonzero byte, and a staged tensor keeps the bytes it was given."""
+    """Plain tensors or Parameters of a :data:`TYPED_COPY_DTYPES` dtype, without a conjugate or
+    negative bit: a typed copy_ of such a tensor copies its bytes (no ``__torch_function__``,
+    nothing resolved on the way)."""
     return all(
         type(t) in (torch.Tensor, torch.nn.Parameter)
-        and t.dtype is not torch.bool
+        and t.dtype in TYPED_COPY_DTYPES
         and not t.is_conj()
         and not t.is_neg()
         for t in tensors
