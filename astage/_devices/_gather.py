@@ -39,8 +39,9 @@ destinations are those very tensors, and whose sources pass a metadata guard tak
 gather (exact type, dtype, shape, strides, the conj and neg bits: one C++ call), enqueues three
 multi-tensor copies and makes no view. Typed copies are used only for the dtypes of
 :data:`TYPED_COPY_DTYPES`, whose copy keeps every bit; other batches (``bool``, complex, float8,
-sources that are not plain tensors or Parameters) keep the byte views. A layout serves one batch at a time; layouts stay within :data:`LAYOUT_MAX_BYTES` per
-device, least recently used first, and go with ``clear_cache()``.
+sources that are not plain tensors or Parameters) keep the byte views. A layout serves one
+batch at a time; layouts stay within :data:`LAYOUT_MAX_BYTES` per device, least recently used
+first, and go with ``clear_cache()``.
 
 The completion. A gathered batch is complete only once its bytes are in their own buffers, after
 the scatter: :class:`GatheredCompletion` wraps the device's completion, its ``query()`` stays
