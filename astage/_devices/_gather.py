@@ -61,6 +61,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -283,7 +284,6 @@ class GatherLayout:
         "gather",
         "guard",
         "nbytes",
-        "scratch",
         "scratch_head",
         "slab",
         "slab_head",
@@ -304,9 +304,9 @@ class GatherLayout:
         self.guard = guard
         """True for sources with the metadata the views were made for."""
         self.nbytes = plan.nbytes
-        self.scratch = scratch
         self.slab = slab
         self.scratch_head = scratch[: plan.nbytes]
+        """The scratch's used part (it keeps the whole scratch alive)."""
         self.slab_head = slab[: plan.nbytes]
         self.gather = _by_dtype(_typed_pieces(plan.split(scratch), batch.srcs), batch.srcs)
         """Per dtype: the scratch's pieces, and what picks that dtype's sources from a batch.
@@ -344,9 +344,6 @@ def _picker(indices: list[int]) -> Callable[[list[torch.Tensor]], list[torch.Ten
     """What takes the items at ``indices`` from a list, in one C call."""
     if indices[-1] - indices[0] + 1 == len(indices):  # a run (sorted, no repeats): a slice
         return operator.itemgetter(slice(indices[0], indices[-1] + 1))
-    if len(indices) == 1:
-        (only,) = indices
-        return lambda items: [items[only]]
     get = operator.itemgetter(*indices)
     return lambda items: list(get(items))
 
@@ -483,45 +480,31 @@ class GatherLayouts:
 class GatheredCopies:
     """A batch gathered on its device and sent to a host slab; the host scatter still to do.
 
-    Holds the scratch and the slab (they must outlive the device's copies) until
-    :meth:`scatter`, which must run only once those copies have completed. A batch gathered
-    through a kept :class:`GatherLayout` holds that layout instead, and gives it back.
+    Holds the slab and the device scratch (they must outlive the device's copies) until
+    :meth:`scatter`, which must run only once those copies have completed; it then copies each
+    piece into its destination and hands the slab back (``release``): to its pool, or to the
+    kept :class:`GatherLayout` it belongs to.
     """
 
-    __slots__ = ("_dsts", "_layout", "_layouts", "_pieces", "_pool", "_scratch", "_slab", "plan")
+    __slots__ = ("_dsts", "_pieces", "_release", "_scratch", "_slab")
 
     def __init__(
         self,
-        plan: GatherPlan | None,
-        scratch: torch.Tensor | None,
-        slab: torch.Tensor | None,
-        pool: SlabPool | None,
         dsts: list[torch.Tensor],
-        *,
-        layout: GatherLayout | None = None,
-        layouts: GatherLayouts | None = None,
+        pieces: list[torch.Tensor],
+        slab: torch.Tensor,
+        release: Callable[[], None],
+        scratch: torch.Tensor | None = None,
     ) -> None:
-        self.plan = plan
-        self._scratch = scratch
-        self._slab = slab
-        self._pool = pool
         self._dsts = dsts
-        self._pieces = plan.split(slab) if plan is not None and slab is not None else []
-        self._layout = layout
-        self._layouts = layouts
-
-    @classmethod
-    def kept(
-        cls, layout: GatherLayout, layouts: GatherLayouts, dsts: list[torch.Tensor]
-    ) -> GatheredCopies:
-        """The batch gathered through ``layout``: scattered from its slab, then given back."""
-        return cls(None, None, None, None, dsts, layout=layout, layouts=layouts)
+        self._pieces = pieces
+        self._slab: torch.Tensor | None = slab
+        self._release = release
+        self._scratch = scratch
 
     @property
     def slab(self) -> torch.Tensor | None:
-        """The host slab, until the scatter has given it back to its pool or layout."""
-        if self._layout is not None:
-            return self._layout.slab
+        """The host slab, until the scatter has handed it back."""
         return self._slab
 
     def scatter(self) -> None:
@@ -529,25 +512,14 @@ class GatheredCopies:
 
         Call once the device's completion of the gather and transfer has been seen complete.
         """
-        layout = self._layout
-        if layout is not None:
-            with torch.no_grad():
-                foreach_copy_(self._dsts, layout.slab_views)
-            self._dsts = []
-            self._layout = None
-            assert self._layouts is not None
-            self._layouts.give_back(layout)
-            return
-        slab = self._slab
-        if slab is None:
+        if self._slab is None:
             return
         with torch.no_grad():
             foreach_copy_(self._dsts, self._pieces)
         self._pieces, self._dsts = [], []
         self._scratch = None  # the device is done with it: the allocator may reuse it
         self._slab = None
-        assert self._pool is not None
-        self._pool.release(slab)
+        self._release()
 
 
 def enqueue_gather(batch: Batch, pool: SlabPool, *, non_blocking: bool = True) -> GatheredCopies:
@@ -570,7 +542,9 @@ def enqueue_gather(batch: Batch, pool: SlabPool, *, non_blocking: bool = True) -
         # the failure may still read its scratch or write its slab.
         with torch.no_grad():
             layout.enqueue(batch.srcs, non_blocking=non_blocking)
-        return GatheredCopies.kept(layout, layouts, list(batch.dsts))
+        return GatheredCopies(
+            list(batch.dsts), layout.slab_views, layout.slab, partial(layouts.give_back, layout)
+        )
     srcs = [as_bytes(src) for src in batch.srcs]
     dsts = [as_bytes(dst) for dst in batch.dsts]
     plan = GatherPlan.for_sizes([src.numel() for src in srcs])
@@ -582,7 +556,7 @@ def enqueue_gather(batch: Batch, pool: SlabPool, *, non_blocking: bool = True) -
         scratch = torch.empty((plan.nbytes,), dtype=torch.uint8, device=batch.device)
         foreach_copy_(plan.split(scratch), srcs)
         slab[: plan.nbytes].copy_(scratch, non_blocking=non_blocking)
-    return GatheredCopies(plan, scratch, slab, pool, dsts)
+    return GatheredCopies(dsts, plan.split(slab), slab, partial(pool.release, slab), scratch)
 
 
 class GatheredCompletion:

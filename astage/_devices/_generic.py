@@ -85,8 +85,8 @@ class GenericBackend:
         self._lock = threading.Lock()
         self._slabs = SlabPools(self._allocate_slab)
         """Host slabs of gathered batches, per device (:mod:`astage._devices._gather`)."""
-        self._spare_events: dict[int, list[Any]] = {}
-        """Completed events of landed batches, per device index, for later batches."""
+        self._spare_events: dict[torch.device, list[Any]] = {}
+        """Completed events of landed batches, per device, for later batches."""
 
     # -- what subclasses specialise --------------------------------------------------------
 
@@ -194,9 +194,8 @@ class GenericBackend:
 
     def keep_event(self, device: torch.device, event: Any) -> None:
         """Take back a completed event for a later batch (see :meth:`DeviceCompletion.recycle`)."""
-        index = device.index if device.index is not None else -1
         with self._lock:
-            spare = self._spare_events.setdefault(index, [])
+            spare = self._spare_events.setdefault(device, [])
             if len(spare) < SPARE_EVENTS:
                 spare.append(event)
                 return
@@ -204,9 +203,8 @@ class GenericBackend:
 
     def _done_event(self, device: torch.device, stream: Any) -> Any:
         """An event recorded on ``stream`` after the batch: a spare one, or a new one."""
-        index = device.index if device.index is not None else -1
         with self._lock:
-            spare = self._spare_events.get(index)
+            spare = self._spare_events.get(device)
             event = spare.pop() if spare else None
         if event is None:
             return self._record_done(stream)

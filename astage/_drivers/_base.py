@@ -349,8 +349,7 @@ class StagerBase:
         stager used (``release_slabs()``, where a backend has it). A kept layout holds its
         batch's destination buffers: without this they would outlive ``clear_cache()``. Those
         in use by another stager's call come back, and are kept, when it ends."""
-        unique = {id(backend): backend for backend in self._backends.values()}
-        for backend in unique.values():
+        for backend in self._unique_backends():
             release = getattr(backend, "release_slabs", None)
             if release is not None:
                 release()
@@ -359,9 +358,12 @@ class StagerBase:
         """Wait for every staging stream this stager used (blocking)."""
         if self._forked:
             return  # the device state belongs to the parent
-        unique = {id(backend): backend for backend in self._backends.values()}
-        for backend in unique.values():
+        for backend in self._unique_backends():
             backend.synchronize()
+
+    def _unique_backends(self) -> list[DeviceBackend]:
+        """The backends this stager used, each once (one backend may serve several devices)."""
+        return list({id(backend): backend for backend in self._backends.values()}.values())
 
     def _enter(self, occupant: object) -> bool:
         """Count a caller in (True: the first one); refuse one that cannot share the stager."""
