@@ -2,12 +2,13 @@
 
 The GPU run of ``test_loop_stays_responsive_while_staging_from_the_device`` found beats 6-9 ms
 late (p99 over a first call and two cached ones, 1 GiB from an H200). This probe repeats that
-staging on asyncio beside a 1 ms heartbeat and a second heartbeat in a plain thread, and
-timestamps what could hold the loop thread: every loop callback and task step, every event poll
-and wait, every page-lock (``cudaHostRegister``), every batch enqueued (in worker threads), and
-every slab allocation. For each beat later than ``--late`` ms it prints what overlapped the gap,
-in any thread; a gap that the thread's heartbeat shares points at the GIL (or the CPU), one that
-only the loop shows points at the loop thread itself.
+staging on asyncio beside a 1 ms heartbeat (:class:`~benchmarks.lag.LagProbe`) and a second
+one in a plain thread, and timestamps what could hold the loop thread: every loop callback and
+task step, every event poll and wait, every page-lock (``cudaHostRegister``) and every batch
+enqueued (in worker threads); it also samples the loop thread's stack every 0.2 ms from another
+thread. For each beat later than ``--late`` ms it prints what overlapped the gap, in any thread,
+and where the loop thread was; a gap that the thread's heartbeat shares points at the GIL (or
+the CPU), one that only the loop shows points at the loop thread itself.
 
 Runs on CPU tensors where no CUDA device exists (the instrumented calls then mostly do not run).
 """
@@ -19,7 +20,6 @@ import asyncio
 import asyncio.events
 import functools
 import json
-import statistics
 import sys
 import threading
 import time
@@ -30,6 +30,8 @@ import torch
 
 import astage
 from astage._devices import _generic, _pinning
+
+from .lag import LagProbe, LagSummary
 
 MiB = 1 << 20
 
@@ -112,41 +114,23 @@ def sample_loop(thread_id: int, stop: threading.Event) -> None:
         time.sleep(SAMPLE_S)
 
 
-class Beats:
-    """Lateness of a periodic wake-up: (due, late) pairs."""
-
-    def __init__(self) -> None:
-        self.samples: list[tuple[float, float]] = []
-
-
-async def loop_heartbeat(beats: Beats, stop: asyncio.Event, interval: float) -> None:
-    due = time.perf_counter() + interval
-    while not stop.is_set():
-        await asyncio.sleep(max(0.0, due - time.perf_counter()))
-        now = time.perf_counter()
-        beats.samples.append((due, now - due))
-        due = max(due + interval, now)
+Beats = list[tuple[float, float]]
+"""A heartbeat's beats: when each was due, and how late it woke up (seconds)."""
 
 
 def thread_heartbeat(beats: Beats, stop: threading.Event, interval: float) -> None:
+    """:class:`~benchmarks.lag.LagProbe`'s beat in a plain thread: it needs only the GIL."""
     due = time.perf_counter() + interval
     while not stop.is_set():
         time.sleep(max(0.0, due - time.perf_counter()))
         now = time.perf_counter()
-        beats.samples.append((due, now - due))
+        beats.append((due, now - due))
         due = max(due + interval, now)
 
 
-def _quantiles(beats: Beats, start: float, end: float) -> dict[str, float]:
-    late = sorted(x for due, x in beats.samples if start <= due < end)
-    if not late:
-        return {"beats": 0}
-    return {
-        "beats": len(late),
-        "p50_ms": 1e3 * statistics.median(late),
-        "p99_ms": 1e3 * late[int(0.99 * (len(late) - 1))],
-        "max_ms": 1e3 * late[-1],
-    }
+def _summary(beats: Beats, start: float, end: float) -> dict[str, float]:
+    lag = LagSummary.of([late for due, late in beats if start <= due < end])
+    return {"beats": lag.samples, "p50_ms": lag.p50_ms, "p99_ms": lag.p99_ms, "max_ms": lag.max_ms}
 
 
 def _common_samples(start: float, end: float) -> list[str]:
@@ -167,8 +151,8 @@ async def probe(device: str, nbytes: int, calls: int, late_ms: float) -> dict[st
     source = {f"w{i}": torch.randn(nbytes // 4 // count, device=device) for i in range(count)}
     if device == "cuda":
         torch.cuda.synchronize()
-    loop_beats, thread_beats = Beats(), Beats()
-    stop, thread_stop = asyncio.Event(), threading.Event()
+    thread_beats: Beats = []
+    thread_stop = threading.Event()
     ticker = threading.Thread(
         target=thread_heartbeat, args=(thread_beats, thread_stop, 0.001), name="thread-beat"
     )
@@ -177,10 +161,9 @@ async def probe(device: str, nbytes: int, calls: int, late_ms: float) -> dict[st
         target=sample_loop, args=(threading.get_ident(), thread_stop), name="sampler"
     )
     sampler.start()
-    beat = asyncio.create_task(loop_heartbeat(loop_beats, stop, 0.001))
     windows: list[tuple[str, float, float]] = []
     try:
-        async with astage.Stager() as stager:
+        async with LagProbe(0.001) as beat, astage.Stager() as stager:
             await asyncio.sleep(0.05)
             for call in range(calls):
                 started = time.perf_counter()
@@ -191,26 +174,26 @@ async def probe(device: str, nbytes: int, calls: int, late_ms: float) -> dict[st
                 await asyncio.sleep(0.02)
             assert torch.equal(staged["w63"], source["w63"].cpu())
     finally:
-        stop.set()
         thread_stop.set()
-        await beat
         ticker.join()
         sampler.join()
+    # A beat that woke ``late`` after its due time was due at its wake-up less that.
+    loop_beats = [
+        (woke - late, late) for woke, late in zip(beat.woke_at, beat.lateness_s, strict=True)
+    ]
     report: dict[str, Any] = {"calls": []}
     for name, start, end in windows:
         entry: dict[str, Any] = {
             "call": name,
             "seconds": end - start,
-            "loop": _quantiles(loop_beats, start, end),
-            "thread": _quantiles(thread_beats, start, end),
+            "loop": _summary(loop_beats, start, end),
+            "thread": _summary(thread_beats, start, end),
             "late": [],
         }
-        for due, late in loop_beats.samples:
+        for due, late in loop_beats:
             if start <= due < end and late * 1e3 > late_ms:
                 gap = (due, due + late)
-                thread_late = max(
-                    (x for d, x in thread_beats.samples if gap[0] <= d < gap[1]), default=0.0
-                )
+                thread_late = max((x for d, x in thread_beats if gap[0] <= d < gap[1]), default=0.0)
                 entry["late"].append(
                     {
                         "at_ms": 1e3 * (due - start),
