@@ -183,6 +183,43 @@ def test_a_plans_small_copies_are_gathered_and_its_slices_are_not() -> None:
     assert [should_gather(batch) for batch in batches] == [True] + [False] * 16
 
 
+@pytest.mark.parametrize("seed", range(10))
+def test_a_plans_batches_know_their_largest_copy_and_gather_as_a_scan_would(seed: int) -> None:
+    rng = random.Random(seed)
+    sizes = [
+        rng.choice([4, 100, GATHER_MAX_COPY_BYTES // 4, rng.randrange(1, 40_000)])
+        for _ in range(rng.randrange(1, 90))
+    ]
+    state_dict = {f"t{i}": torch.zeros(size, dtype=torch.uint8) for i, size in enumerate(sizes)}
+    for chunk_bytes in (64 * KiB, 1024 * KiB):
+        for batch in _batches(_plan(state_dict), chunk_bytes=chunk_bytes):
+            assert batch.largest == max(src.nbytes for src in batch.srcs)
+            scanned = _batch(batch.srcs, batch.dsts)  # the same tensors, nothing known of them
+            assert scanned.largest is None
+            assert should_gather(batch) == should_gather(scanned)
+
+
+class _Unreadable(torch.Tensor):
+    """A tensor that fails when asked about its layout."""
+
+    def is_contiguous(self, *args: Any, **kwargs: Any) -> bool:
+        raise AssertionError("should_gather read a tensor of a batch cut from a plan")
+
+
+def test_a_plans_batch_is_decided_without_reading_its_tensors() -> None:
+    srcs: list[torch.Tensor] = [
+        torch.zeros(64).as_subclass(_Unreadable) for _ in range(GATHER_MIN_COPIES)
+    ]
+    batch = _batch(srcs)
+    batch.largest = 64 * 4
+    assert should_gather(batch)
+    too_big = _batch(srcs)
+    too_big.largest = GATHER_MAX_COPY_BYTES
+    assert not should_gather(too_big)
+    with pytest.raises(AssertionError, match="read a tensor"):
+        should_gather(_batch(srcs))  # nothing known: the tensors are read
+
+
 # -- the round trip -------------------------------------------------------------------------------
 
 

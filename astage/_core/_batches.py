@@ -28,7 +28,7 @@ _buffer_device = operator.attrgetter("device")
 class Batch:
     """A unit of copy work: small whole copies, or one slice of a large copy."""
 
-    __slots__ = ("buffers", "device", "dsts", "end", "gathered", "nbytes", "srcs")
+    __slots__ = ("buffers", "device", "dsts", "end", "gathered", "largest", "nbytes", "srcs")
 
     def __init__(
         self,
@@ -39,6 +39,7 @@ class Batch:
         buffers: list[HostBuffer],
         nbytes: int,
         end: int,
+        largest: int | None = None,
     ) -> None:
         self.device = device
         self.srcs = srcs
@@ -47,6 +48,11 @@ class Batch:
         self.nbytes = nbytes
         self.end = end
         """Copies ``[0, end)`` of the plan are complete once this batch and all before it are."""
+        self.largest = largest
+        """The bytes of the batch's largest copy, where the batch was cut from a plan's
+        :class:`Copies` (whose sources and destinations are contiguous and cover their
+        storages): a device layer then decides whether to gather from this and the count
+        alone. None: the batch's tensors are all it knows of them."""
         self.gathered: bool | None = None
         """Whether a device layer gathers the batch's copies, once it has asked (it asks more
         than once per batch, and the answer reads every copy)."""
@@ -85,7 +91,8 @@ def _small_copies(
     before = 0  # bytes of the copies ahead of ``first``
     while first < len(sizes):
         stop = min(bisect_right(totals, before + chunk_bytes, first), first + MAX_BATCH_COPIES)
-        yield _gathered(copies, start + first, start + stop, totals[stop - 1] - before)
+        largest = max(sizes[first:stop])
+        yield _gathered(copies, start + first, start + stop, totals[stop - 1] - before, largest)
         before = totals[stop - 1]
         first = stop
 
@@ -96,6 +103,7 @@ def _mixed_copies(
     """:func:`make_batches` copy by copy: devices change, or some copies are sliced."""
     first = 0  # first copy of the batch being gathered
     gathered = 0
+    largest = 0
     for index, (nbytes, device) in enumerate(zip(sizes, devices, strict=True)):
         if first < index and (
             nbytes >= chunk_bytes
@@ -103,18 +111,19 @@ def _mixed_copies(
             or index - first >= MAX_BATCH_COPIES
             or device != devices[first]
         ):
-            yield _gathered(copies, start + first, start + index, gathered)
-            first, gathered = index, 0
+            yield _gathered(copies, start + first, start + index, gathered, largest)
+            first, gathered, largest = index, 0, 0
         if nbytes >= chunk_bytes:
             yield from _slices(copies, start + index, chunk_bytes)
             first = index + 1
             continue
         gathered += nbytes
+        largest = max(largest, nbytes)
     if first < len(sizes):
-        yield _gathered(copies, start + first, start + len(sizes), gathered)
+        yield _gathered(copies, start + first, start + len(sizes), gathered, largest)
 
 
-def _gathered(copies: Copies, first: int, stop: int, nbytes: int) -> Batch:
+def _gathered(copies: Copies, first: int, stop: int, nbytes: int, largest: int) -> Batch:
     buffers = copies.buffers[first:stop]
     return Batch(
         buffers[0].device,
@@ -123,6 +132,7 @@ def _gathered(copies: Copies, first: int, stop: int, nbytes: int) -> Batch:
         buffers=buffers,
         nbytes=nbytes,
         end=stop,
+        largest=largest,
     )
 
 
