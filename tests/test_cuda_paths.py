@@ -475,11 +475,17 @@ def test_gpu_scenario_dry_runs_on_cpu() -> None:
         result = measure(config, runner, torch.device("cpu"))
     assert result.skipped is None
     # bulk, reuse, lag (with its copy floor, measured for host tensors only), small
-    assert len(result.checks) == 6 + 2 + 5 + 1 + 6
+    assert len(result.checks) == 6 + 2 + 5 + 1 + 8
     assert all(c.metric and c.astage and c.reference and c.goal for c in result.checks)
     reuse = [c for c in result.checks if c.metric.startswith("pinned reuse")]
     assert [c.met for c in reuse] == [True, True]  # CPU sources: reused, nothing pinned
     p99 = [c for c in result.checks if c.metric.endswith("loop lag p99")]
     assert [c.goal for c in p99] == ["<= 1 ms", "<= 1 ms"]
     assert len(result.tables) == 4
-    assert set(result.figures) == {"device", "bulk", "reuse", "lag", "small"}
+    assert set(result.figures) == {"device", "bulk", "reuse", "lag", "lag_floors", "small"}
+    assert set(result.figures["lag_floors"]) == {"idle", "woken", "copying"}
+    assert [note.split(",")[0] for note in result.notes] == [
+        "Idle loop",
+        "Woken floor",
+        "Copy floor",
+    ]

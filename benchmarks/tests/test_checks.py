@@ -18,12 +18,12 @@ from benchmarks.scenarios.first_and_cached import AfterReserve, Timings, reserve
 from benchmarks.scenarios.loop_lag import (
     LagFloors,
     LagRuns,
-    _dict_growth_ms,
     _in_turns,
     _why_max,
     _why_p99,
     _why_throughput,
     copy_batches,
+    dict_growth_ms,
 )
 from benchmarks.scenarios.restore import READ, RESTORE, TORCH_MMAP, _why_cold
 from benchmarks.scenarios.small import RecordingCost, ReplayFloor
@@ -140,9 +140,9 @@ def test_dcp_split_tells_astage_s_own_call_from_the_hand_off() -> None:
 
 
 def test_dict_growth_is_measured_at_the_last_size_below_the_storages() -> None:
-    assert _dict_growth_ms(50_001)[0] == 43_690
-    assert _dict_growth_ms(43_000)[0] == 21_845
-    assert _dict_growth_ms(64)[0] == 42
+    assert dict_growth_ms(50_001)[0] == 43_690
+    assert dict_growth_ms(43_000)[0] == 21_845
+    assert dict_growth_ms(64)[0] == 42
 
 
 def test_lag_goals_are_argued_from_the_floors_only_where_they_account_for_the_excess() -> None:
@@ -186,6 +186,28 @@ def test_a_first_call_s_max_is_argued_from_the_fresh_copy_floor_only_where_it_is
     assert "latest beat 7.50 ms late" in _why_max(late, floors, [], first=True)
     assert _why_max(late, floors, [], first=False) == ""  # a cached call copies into its own
     assert _why_max(LagSummary(100, 0.3, 0.7, 8.0), floors, [], first=True) == ""
+
+
+def test_device_lag_goals_are_argued_from_the_copy_floor_only_where_it_misses_them_too() -> None:
+    idle, woken = LagSummary(100, 0.1, 0.4, 0.9), LagSummary(100, 0.2, 0.6, 1.2)
+    mine = LagSummary(100, 0.3, 1.5, 5.7)
+    copying = LagFloors(idle, woken, 42, 0.1, copying=LagSummary(100, 0.2, 1.4, 6.0))
+    why = _why_p99(mine, copying)
+    assert "showed p99 1.40 ms" in why and "0.10 ms over that floor" in why
+    assert "latest beat 6.00 ms late" in _why_max(mine, copying, [], first=False)
+    met = LagFloors(idle, woken, 42, 0.1, copying=LagSummary(100, 0.2, 0.8, 2.0))
+    assert _why_p99(mine, met) == ""  # the floor meets the goal: the 1.5 ms are astage's
+    assert _why_max(mine, met, [], first=False) == ""
+
+
+def test_the_small_device_goal_is_argued_from_the_raw_gather_only_where_it_misses_it_too() -> None:
+    from benchmarks.scenarios.gpu import _why_gather_floor
+
+    mine = Timings([0.5], [0.081], [], [], 1)
+    why = _why_gather_floor(mine, Timings([0.2], [0.035], [], [], 1), 0.0301, 10_000)
+    assert "took 3.50 us/tensor" in why and "over the budget of 3.01 us/tensor" in why
+    assert "2.31x that floor" in why
+    assert _why_gather_floor(mine, Timings([0.2], [0.025], [], [], 1), 0.0301, 10_000) == ""
 
 
 def test_the_sliced_floor_copies_in_a_stager_s_batches() -> None:
