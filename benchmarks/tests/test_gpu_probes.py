@@ -38,3 +38,16 @@ def test_the_lag_probe_reports_every_call_on_cpu(monkeypatch: pytest.MonkeyPatch
 def test_the_pin_probe_says_it_needs_cuda(capsys: pytest.CaptureFixture[str]) -> None:
     assert gpu_pin_probe.main() == 0
     assert "no CUDA device" in capsys.readouterr().out
+
+
+def test_the_small_profile_times_interleaved_calls_on_cpu(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import torch
+
+    from benchmarks import gpu_small_profile
+    from benchmarks.state_dicts import small_optimizer_state
+
+    gpu_small_profile.interleaved(small_optimizer_state(20), torch.device("cpu"), calls=2)
+    out = capsys.readouterr().out
+    assert "back to back" in out and "each after a DCP cached call" in out
