@@ -492,9 +492,19 @@ def _why_throughput(ratio: float, floor: float | None, copies: int) -> str:
 
 def _why_p99(lag: LagSummary, floors: LagFloors | None) -> str:
     """The p99 goal against the floors that bound it (argued where a floor itself misses it):
-    the loop woken by worker threads, and the loop taking walk slices beside the copies."""
+    an idle loop, the loop taking walk slices beside the copies, the loop awaiting raw copies
+    of a device's tensors, and the loop woken by worker threads."""
     if floors is None:
         return ""
+    idle = floors.idle
+    if idle.p99_ms > LAG_P99_GOAL_MS:
+        return (
+            f"The machine misses the goal with nothing running: an idle loop showed p99 "
+            f"{idle.p99_ms:.2f} ms in this run (max {idle.max_ms:.2f} ms; notes below), a "
+            "VM's stalls that no code in the process can avoid. astage's p99 of "
+            f"{lag.p99_ms:.2f} ms is {abs(lag.p99_ms - idle.p99_ms):.2f} ms "
+            f"{'under' if lag.p99_ms <= idle.p99_ms else 'over'} that floor."
+        )
     sliced = floors.sliced
     if sliced is not None and sliced.p99_ms > LAG_P99_GOAL_MS:
         return (

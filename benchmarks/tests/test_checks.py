@@ -198,6 +198,10 @@ def test_device_lag_goals_are_argued_from_the_copy_floor_only_where_it_misses_th
     met = LagFloors(idle, woken, 42, 0.1, copying=LagSummary(100, 0.2, 0.8, 2.0))
     assert _why_p99(mine, met) == ""  # the floor meets the goal: the 1.5 ms are astage's
     assert _why_max(mine, met, [], first=False) == ""
+    # An idle loop over the goal comes first: the machine alone misses it.
+    stalling = LagFloors(LagSummary(100, 0.15, 1.51, 5.4), woken, 42, 0.1, copying=copying)
+    why = _why_p99(mine, stalling)
+    assert "idle loop showed p99 1.51 ms" in why and "0.01 ms under that floor" in why
 
 
 def test_the_small_device_goal_is_argued_from_the_raw_gather_only_where_it_misses_it_too() -> None:
