@@ -191,7 +191,8 @@ def test_a_first_call_s_max_is_argued_from_the_fresh_copy_floor_only_where_it_is
 def test_device_lag_goals_are_argued_from_the_copy_floor_only_where_it_misses_them_too() -> None:
     idle, woken = LagSummary(100, 0.1, 0.4, 0.9), LagSummary(100, 0.2, 0.6, 1.2)
     mine = LagSummary(100, 0.3, 1.5, 5.7)
-    copying = LagFloors(idle, woken, 42, 0.1, copying=LagSummary(100, 0.2, 1.4, 6.0))
+    copy_floor = LagSummary(100, 0.2, 1.4, 6.0)
+    copying = LagFloors(idle, woken, 42, 0.1, copying=copy_floor)
     why = _why_p99(mine, copying)
     assert "showed p99 1.40 ms" in why and "0.10 ms over that floor" in why
     assert "latest beat 6.00 ms late" in _why_max(mine, copying, [], first=False)
@@ -199,7 +200,7 @@ def test_device_lag_goals_are_argued_from_the_copy_floor_only_where_it_misses_th
     assert _why_p99(mine, met) == ""  # the floor meets the goal: the 1.5 ms are astage's
     assert _why_max(mine, met, [], first=False) == ""
     # An idle loop over the goal comes first: the machine alone misses it.
-    stalling = LagFloors(LagSummary(100, 0.15, 1.51, 5.4), woken, 42, 0.1, copying=copying)
+    stalling = LagFloors(LagSummary(100, 0.15, 1.51, 5.4), woken, 42, 0.1, copying=copy_floor)
     why = _why_p99(mine, stalling)
     assert "idle loop showed p99 1.51 ms" in why and "0.01 ms under that floor" in why
 
