@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 import torch
@@ -130,6 +130,19 @@ class RawPinnedCopy(Contender):
         self._targets = None
 
 
+class _GatherBuffers(NamedTuple):
+    """What :class:`RawGatheredCopy` makes once: every view and buffer of its copies."""
+
+    scratch: torch.Tensor
+    slab: torch.Tensor
+    gathers: list[tuple[list[torch.Tensor], list[torch.Tensor]]]
+    """Per dtype: the scratch's typed views, and the sources copied into them."""
+    pieces: list[torch.Tensor]
+    """The slab's typed views, one per source."""
+    targets: list[torch.Tensor]
+    """A host tensor per source: what a stager hands back."""
+
+
 class RawGatheredCopy(Contender):
     """The same tensors gathered on the device, sent in one transfer, and scattered on the host.
 
@@ -150,12 +163,12 @@ class RawGatheredCopy(Contender):
         self._sources = list(tensors)
         self._device = self._sources[0].device
         self._pin = self._device.type != "cpu"
-        self._made: tuple[Any, ...] | None = None
+        self._made: _GatherBuffers | None = None
 
     def start(self) -> None:
         self._made = None
 
-    def _make(self) -> tuple[Any, ...]:
+    def _make(self) -> _GatherBuffers:
         offsets, total = [], 0
         for src in self._sources:
             offsets.append(total)
@@ -173,18 +186,18 @@ class RawGatheredCopy(Contender):
             srcs.append(src)
         pieces = [typed(slab, o, s) for o, s in zip(offsets, self._sources, strict=True)]
         targets = [torch.empty_like(src, device="cpu") for src in self._sources]
-        return scratch, slab, list(by_dtype.values()), pieces, targets
+        return _GatherBuffers(scratch, slab, list(by_dtype.values()), pieces, targets)
 
     def _copy(self) -> None:
         if self._made is None:
             self._made = self._make()
-        scratch, slab, gathers, pieces, targets = self._made
+        made = self._made
         with torch.no_grad():
-            for views, srcs in gathers:
+            for views, srcs in made.gathers:
                 torch._foreach_copy_(views, srcs)
-            slab.copy_(scratch, non_blocking=self._pin)
+            made.slab.copy_(made.scratch, non_blocking=self._pin)
             synchronize(self._device)
-            torch._foreach_copy_(targets, pieces)
+            torch._foreach_copy_(made.targets, made.pieces)
 
     def stage(self, state_dict: Any) -> float:
         return timed(self._copy)
