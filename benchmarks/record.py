@@ -51,9 +51,9 @@ class ScenarioResult:
     skipped: str | None = None
     seconds: float = 0.0
     others_cores: float = 0.0
+    """Cores that other processes kept busy while the scenario ran (noise indicator)."""
     steal_cores: float = 0.0
     """Cores the hypervisor took from this VM meanwhile (steal): stalls no process can see."""
-    """Cores that other processes kept busy while the scenario ran (noise indicator)."""
 
 
 def fmt_ratio(ratio: float | None) -> str:

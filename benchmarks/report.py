@@ -235,3 +235,16 @@ def write_json(
     with open(path, "w", encoding="utf-8") as out:
         json.dump(_clean(payload), out, indent=1)
         out.write("\n")
+
+
+def read_json(path: str) -> list[ScenarioResult]:
+    """The scenario results :func:`write_json` wrote (to plot a run made elsewhere, such as a
+    GPU machine without matplotlib)."""
+    with open(path, encoding="utf-8") as source:
+        payload = json.load(source)
+    results = []
+    for raw in payload["scenarios"].values():
+        checks = [Check(**{**c, "rounds": tuple(c.get("rounds") or ())}) for c in raw["checks"]]
+        tables = [Table(**t) for t in raw["tables"]]
+        results.append(ScenarioResult(**{**raw, "checks": checks, "tables": tables}))
+    return results
