@@ -51,3 +51,14 @@ def test_the_small_profile_times_interleaved_calls_on_cpu(
     gpu_small_profile.interleaved(small_optimizer_state(20), torch.device("cpu"), calls=2)
     out = capsys.readouterr().out
     assert "back to back" in out and "each after a DCP cached call" in out
+
+
+def test_the_arena_probe_checks_its_pieces_on_cpu() -> None:
+    import torch
+
+    from benchmarks import gpu_arena_probe
+
+    report = gpu_arena_probe.probe(60, torch.device("cpu"))
+    assert report["tensors"] == 60 and report["nbytes"] > 0
+    assert set(report["seconds"]) == {"scatter", "arena", "arena, pageable"}
+    assert all(report["checks"].values()), report["checks"]
