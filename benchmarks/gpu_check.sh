@@ -12,17 +12,23 @@
 #    collect does not stop the others.
 # 3. `python3 -m benchmarks --only gpu`, under a time limit: the report and the raw figures.
 # 4. A short summary: versions, the device, the test counts, every goal of the gpu scenario.
+# 5. The probes (PROBES=0 skips them): `python3 -m benchmarks.gpu_small_profile` and
+#    `python3 -m benchmarks.gpu_arena_probe`, each under a time limit.
 #
-# Everything lands in OUT_DIR (at most 7 files): summary.txt, machine.txt, pytest-cuda.log,
-# pytest-cuda.xml, benchmarks.log, benchmarks-gpu.md, gpu.json. The exit status is 0 only when
-# the tests and the benchmark both ran to the end and passed (goals not met do not fail it).
+# Everything lands in OUT_DIR (at most 9 files): summary.txt, machine.txt, pytest-cuda.log,
+# pytest-cuda.xml, benchmarks.log, benchmarks-gpu.md, gpu.json, gpu_small_profile.txt,
+# gpu_arena_probe.txt. The exit status is 0 only when the tests and the benchmark both ran to the
+# end and passed (goals not met, and the probes, do not fail it). To draw the plots of the run
+# on a machine with matplotlib: copy gpu.json to benchmarks/results/gpu.json and run
+# `python -m benchmarks.plots benchmarks/results/gpu.json --img-dir docs/img/gpu`.
 #
 # ASTAGE_REVISION names the revision in the reports, where the machine's copy of .git is not the
 # tree's (the GPU lending tool's is older): pass it from the checkout, e.g.
 # `ASTAGE_REVISION=abc1234 benchmarks/gpu_check.sh "$OUT"`.
 #
 # Time limits in seconds (the whole device budget is ~15 minutes, start-up included):
-# PYTEST_TIMEOUT (220), BENCH_TIMEOUT (300), TEST_TIMEOUT (60, one test's limit). BENCH_ARGS adds
+# PYTEST_TIMEOUT (220), BENCH_TIMEOUT (300), TEST_TIMEOUT (60, one test's limit), PROBE_TIMEOUT
+# (90, each probe). BENCH_ARGS adds
 # arguments (e.g. "--quick", "--repeats 1"); PYTEST_ARGS replaces the test modules (e.g.
 # "tests/test_cuda_paths.py").
 set -u
@@ -34,6 +40,7 @@ python=${PYTHON:-python3}
 pytest_timeout=${PYTEST_TIMEOUT:-220}
 bench_timeout=${BENCH_TIMEOUT:-300}
 test_timeout=${TEST_TIMEOUT:-60}
+probe_timeout=${PROBE_TIMEOUT:-90}
 export PYTHONUNBUFFERED=1
 started=$(date +%s)
 
@@ -142,6 +149,17 @@ for check in gpu["checks"]:
         f"{check['reference']}{ratio}; goal {check['goal']}"
     )
 EOF
+fi
+# -- 5. the probes -------------------------------------------------------------------------------
+# What the next change to the device path needs, in the same device time: where a cached call
+# over small device tensors spends it, and what a scatter-free gather would gain. PROBES=0 skips.
+if [ "${PROBES:-1}" != 0 ]; then
+    for probe in gpu_small_profile gpu_arena_probe; do
+        timeout --kill-after=10 "$probe_timeout" "$python" -m "benchmarks.$probe" \
+            >"$out/$probe.txt" 2>&1
+        say "$probe exit status $? (limit ${probe_timeout} s): $out/$probe.txt"
+    done
+    sed -n '/small tensors on/,$p' "$out/gpu_arena_probe.txt" | tee -a "$out/summary.txt"
 fi
 say "done in $(($(date +%s) - started)) s; results in $out"
 [ $tests_rc -eq 0 ] && [ $bench_rc -eq 0 ]
