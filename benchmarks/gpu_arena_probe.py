@@ -30,25 +30,19 @@ from typing import Any
 import torch
 
 from .contenders import flat_tensors
-from .scenarios.gpu import GPU_SMALL_TENSORS, _to_device, synchronize
+from .scenarios.gpu import (
+    GPU_SMALL_TENSORS,
+    _to_device,
+    aligned_offsets,
+    gathers_by_dtype,
+    synchronize,
+    typed_piece,
+)
 from .state_dicts import small_optimizer_state
 
 ALIGNMENT = 16
 """Bytes each piece is aligned to: what CUDA's vectorised multi-tensor copy needs."""
 ROUNDS = 15
-
-
-def _layout(tensors: list[torch.Tensor]) -> tuple[list[int], int]:
-    offsets, end = [], 0
-    for tensor in tensors:
-        start = -(-end // ALIGNMENT) * ALIGNMENT
-        offsets.append(start)
-        end = start + tensor.nbytes
-    return offsets, end
-
-
-def _typed(buffer: torch.Tensor, offset: int, like: torch.Tensor) -> torch.Tensor:
-    return buffer[offset : offset + like.nbytes].view(like.dtype).view(like.shape)
 
 
 def _pieces(
@@ -66,17 +60,6 @@ def _pieces(
     ]
 
 
-def _gathers(
-    scratch: torch.Tensor, offsets: list[int], sources: list[torch.Tensor]
-) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
-    by_dtype: dict[torch.dtype, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-    for offset, src in zip(offsets, sources, strict=True):
-        views, srcs = by_dtype.setdefault(src.dtype, ([], []))
-        views.append(_typed(scratch, offset, src))
-        srcs.append(src)
-    return list(by_dtype.values())
-
-
 def _timed(call: Any, device: torch.device) -> float:
     times = []
     for _ in range(ROUNDS):
@@ -92,11 +75,11 @@ def probe(count: int, device: torch.device) -> dict[str, Any]:
     sources = flat_tensors(_to_device(small_optimizer_state(count), device))
     synchronize(device)
     pin = device.type != "cpu"
-    offsets, total = _layout(sources)
+    offsets, total = aligned_offsets(sources, ALIGNMENT)
     scratch = torch.empty(total, dtype=torch.uint8, device=device)
-    gathers = _gathers(scratch, offsets, sources)
+    gathers = gathers_by_dtype(scratch, offsets, sources)
     slab = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
-    slab_views = [_typed(slab, o, s) for o, s in zip(offsets, sources, strict=True)]
+    slab_views = [typed_piece(slab, o, s) for o, s in zip(offsets, sources, strict=True)]
     targets = [torch.empty_like(s, device="cpu") for s in sources]
     arena = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
     pieces = _pieces(arena, offsets, sources)

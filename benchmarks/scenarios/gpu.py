@@ -30,6 +30,7 @@ import anyio
 import torch
 
 import astage
+from astage._devices._gather import SLAB_ALIGNMENT
 
 from ..config import Config, Data
 from ..contenders import AstageAsync, AstageSync, Contender, DcpDefaultStager, flat_tensors
@@ -58,8 +59,11 @@ __all__ = [
     "PER_TENSOR_GOAL_S",
     "RawGatheredCopy",
     "RawPinnedCopy",
+    "aligned_offsets",
+    "gathers_by_dtype",
     "gpu",
     "measure",
+    "typed_piece",
 ]
 
 GPU_SMALL_TENSORS = 10_000
@@ -130,6 +134,36 @@ class RawPinnedCopy(Contender):
         self._targets = None
 
 
+def aligned_offsets(tensors: Sequence[torch.Tensor], alignment: int) -> tuple[list[int], int]:
+    """Where each tensor's bytes start in one buffer, each start a multiple of ``alignment``,
+    and where the last one ends."""
+    offsets, end = [], 0
+    for tensor in tensors:
+        start = -(-end // alignment) * alignment
+        offsets.append(start)
+        end = start + tensor.nbytes
+    return offsets, end
+
+
+def typed_piece(buffer: torch.Tensor, offset: int, like: torch.Tensor) -> torch.Tensor:
+    """The bytes of flat uint8 ``buffer`` from ``offset``, viewed with ``like``'s dtype and
+    shape."""
+    return buffer[offset : offset + like.nbytes].view(like.dtype).view(like.shape)
+
+
+def gathers_by_dtype(
+    scratch: torch.Tensor, offsets: list[int], sources: Sequence[torch.Tensor]
+) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """Per dtype (one multi-tensor copy takes one): the scratch's typed pieces, and the sources
+    copied into them."""
+    by_dtype: dict[torch.dtype, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    for offset, src in zip(offsets, sources, strict=True):
+        views, srcs = by_dtype.setdefault(src.dtype, ([], []))
+        views.append(typed_piece(scratch, offset, src))
+        srcs.append(src)
+    return list(by_dtype.values())
+
+
 class _GatherBuffers(NamedTuple):
     """What :class:`RawGatheredCopy` makes once: every view and buffer of its copies."""
 
@@ -169,24 +203,13 @@ class RawGatheredCopy(Contender):
         self._made = None
 
     def _make(self) -> _GatherBuffers:
-        offsets, total = [], 0
-        for src in self._sources:
-            offsets.append(total)
-            total += -(-src.nbytes // 64) * 64
+        offsets, total = aligned_offsets(self._sources, SLAB_ALIGNMENT)
         scratch = torch.empty(total, dtype=torch.uint8, device=self._device)
         slab = torch.empty(total, dtype=torch.uint8, pin_memory=self._pin)
-
-        def typed(buffer: torch.Tensor, offset: int, src: torch.Tensor) -> torch.Tensor:
-            return buffer[offset : offset + src.nbytes].view(src.dtype).view(src.shape)
-
-        by_dtype: dict[torch.dtype, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        for offset, src in zip(offsets, self._sources, strict=True):
-            views, srcs = by_dtype.setdefault(src.dtype, ([], []))
-            views.append(typed(scratch, offset, src))
-            srcs.append(src)
-        pieces = [typed(slab, o, s) for o, s in zip(offsets, self._sources, strict=True)]
+        pieces = [typed_piece(slab, o, s) for o, s in zip(offsets, self._sources, strict=True)]
         targets = [torch.empty_like(src, device="cpu") for src in self._sources]
-        return _GatherBuffers(scratch, slab, list(by_dtype.values()), pieces, targets)
+        gathers = gathers_by_dtype(scratch, offsets, self._sources)
+        return _GatherBuffers(scratch, slab, gathers, pieces, targets)
 
     def _copy(self) -> None:
         if self._made is None:
