@@ -12,7 +12,7 @@ Four measurements, each side by side on the same tensors (issue 9's goals):
     reuse   three calls on one stager of each face: the calls after the first allocate
             nothing, pin nothing, and hand back the same buffers
     lag     how late a 1 ms heartbeat wakes up while the loop awaits the bulk dict; goal
-            p99 <= 1 ms (the CPU scenario's goal is 2 ms)
+            p99 <= 1 ms, max <= 5 ms (the CPU scenario's), argued from floors measured beside it
 
 Without CUDA the scenario is skipped. :func:`measure` takes the device, so the test suite
 dry-runs the whole scenario on CPU tensors (no pinning, nothing to synchronize) and a GPU
@@ -45,7 +45,6 @@ from .loop_lag import (
     QUICK_FLOOR_WINDOW_S,
     WAKE_EVERY_S,
     LagFloors,
-    LagRuns,
     dict_growth_ms,
     idle_lag,
     lag_checks,
@@ -54,7 +53,6 @@ from .loop_lag import (
 )
 
 __all__ = [
-    "GPU_LAG_P99_GOAL_MS",
     "GPU_SMALL_TENSORS",
     "PER_TENSOR_GOAL_S",
     "RawGatheredCopy",
@@ -70,8 +68,6 @@ GPU_SMALL_TENSORS = 10_000
 """Small tensors on the device in a full run (a quick run: ``config.small_tensors``, if fewer)."""
 PER_TENSOR_GOAL_S = 3e-6
 """Issue 9's goal for small tensors: 3 us per tensor, plus their bytes over the bandwidth."""
-GPU_LAG_P99_GOAL_MS = 1.0
-"""Issue 9's goal for loop lag while staging from a device (tighter than the CPU scenario's)."""
 REUSE_CALLS = 3
 
 ASYNC_NAME = AstageAsync.name
@@ -467,26 +463,6 @@ def _reuse(
     level_heap()
 
 
-def _tighter_p99(checks: list[Check], label: str, runs: dict[str, LagRuns]) -> list[Check]:
-    """The lag checks with issue 9's p99 goal for a device (1 ms) in place of the CPU one."""
-    p99_ms = {
-        f"{label}, {phase} calls: loop lag p99": LagSummary.of(
-            getattr(runs[ASYNC_NAME], f"{phase}_lag_s")
-        ).p99_ms
-        for phase in ("cached", "first")
-    }
-    return [
-        dataclasses.replace(
-            check,
-            goal=f"<= {GPU_LAG_P99_GOAL_MS:g} ms",
-            met=p99_ms[check.metric] <= GPU_LAG_P99_GOAL_MS,
-        )
-        if check.metric in p99_ms
-        else check
-        for check in checks
-    ]
-
-
 async def _copying_lag(raw: RawPinnedCopy, seconds: float) -> LagSummary:
     """The heartbeat's lateness while the loop awaits a worker thread's raw pinned copies of
     the dict, round after round (each round's end wakes the loop, as a stager's completions
@@ -521,7 +497,7 @@ def _lag(
     entries, growth_ms = dict_growth_ms(shape.storages)
     floors = LagFloors(idle, woken, entries, growth_ms, copying=copying)
     checks, table = lag_checks(label, runs, shape.nbytes, floors)
-    result.checks += _tighter_p99(checks, label, runs)
+    result.checks += checks
     result.tables.append(table)
     for name, summary, what in (
         ("Idle loop", idle, "nothing staging"),
