@@ -94,6 +94,46 @@ async def test_queued_host_batches_are_copied_while_the_loop_is_held(
 
 
 @pytest.mark.asyncio
+async def test_batches_left_to_cut_after_the_walk_do_not_wait_for_a_landing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A turn of cutting that runs out of time (here: after each batch) with batches left that
+    # the budget has room for comes back for them on the next loop turn. Waiting for the
+    # first batch to land instead left the worker with nothing queued after each batch.
+    copies, source, _ = eight_queued_batches(monkeypatch)
+    submitted: list[int] = []
+    submit = _async._HostLane.submit
+
+    def counted(lane: Any, inflight: Any) -> bool:
+        submitted.append(inflight.batch.end)
+        return submit(lane, inflight)
+
+    monkeypatch.setattr(_async._HostLane, "submit", counted)
+    async with astage.Stager(
+        copy_threads=1, chunk_bytes=256 * KiB, max_inflight_bytes=8 * MiB, max_loop_hold_s=1e-9
+    ) as stager:
+        queued_while_held = 0
+
+        async def hold_the_first_batch() -> None:
+            nonlocal queued_while_held
+            try:
+                await first_batch_started(copies)
+                with anyio.move_on_after(WAIT_S):
+                    while len(submitted) < 8:
+                        await anyio.sleep(0.001)
+                queued_while_held = len(submitted)
+            finally:
+                copies.release.set()
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(hold_the_first_batch)
+            staged = await stager.stage(source)
+        assert queued_while_held == 8, f"{queued_while_held} of 8 queued before the first landed"
+        assert copies.copied == sorted(copies.copied)
+        assert_tree_staged(staged, source)
+
+
+@pytest.mark.asyncio
 async def test_stage_iter_hands_out_each_batch_as_it_lands(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -449,6 +449,8 @@ class _Call:
         self._host_limiter: anyio.CapacityLimiter | None = None
         self._host_lane: _HostLane | None = None
         self._started_batches = 0
+        self._cut_short = False
+        """Whether the last turn of cutting batches ended on its deadline, not for want of one."""
         self._device_limiters = DeviceLimiters()
         self._device_lanes = DeviceLimiters()
         """One token per device: the host work of its batches runs one batch at a time."""
@@ -533,10 +535,15 @@ class _Call:
             self._stager._finish(run)
             return False
         self._dispatch(final=True)
-        if run.pending:
+        if run.pending and not self._cut_short:
             await run.pending[0].landed.wait()
             run.reap()
-        else:  # the turn ended before a batch could start: let the loop run
+        else:
+            # The turn ended before a batch could start, or with batches still to cut that
+            # the budget has room for: let the loop run, then cut those. Waiting for a landing
+            # instead left the worker idle between batches (it copies one in ~1 ms, then the
+            # loop woke, cut the next and handed it over): 49 such gaps in a call over
+            # 50,000 small tensors whose copies were cut after its walk.
             await _yield_to_due_timers()
         return True
 
@@ -569,9 +576,11 @@ class _Call:
         started = False
         now = time.perf_counter()
         cost = 0.0  # of the last batch: another one is cut only if one such still fits
+        self._cut_short = True
         while not started or now + cost < deadline:
             batch = run.next_batch(final)
             if batch is None:
+                self._cut_short = False
                 break
             backend = self._stager._backend_for_batch(self._order, batch)
             inflight = _InFlight(batch, backend, self._started_batches)
