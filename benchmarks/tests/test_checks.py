@@ -26,7 +26,7 @@ from benchmarks.scenarios.loop_lag import (
     dict_growth_ms,
 )
 from benchmarks.scenarios.restore import READ, RESTORE, TORCH_MMAP, _why_cold
-from benchmarks.scenarios.small import RecordingCost, ReplayFloor
+from benchmarks.scenarios.small import RecordingCost, ReplayFloor, TurnCost
 from benchmarks.tests import MACHINE
 
 
@@ -117,6 +117,22 @@ def test_recording_cost_argues_a_first_call_only_where_it_is_the_whole_shortfall
     assert "cached call 5.00x DCP's" in cost.why("face", 1.6, mine, dcp)
     # 1.4x: 1.93x without it, still short of the goal: the recording is not the whole story.
     assert cost.why("face", 1.4, mine, dcp) == ""
+
+
+def test_turn_cost_argues_the_async_face_only_where_long_turns_meet_the_goal() -> None:
+    # 50,000 tensors; two repeats of two cached calls each.
+    default = timings([0.6, 0.6], [0.18, 0.19, 0.18, 0.18], 2)
+    long = timings([0.6, 0.6], [0.14, 0.15, 0.145, 0.145], 2)
+    dcp = timings([1.0, 1.0], [0.95, 0.95, 0.95, 0.95], 2)
+    turns = TurnCost(default, long, dcp)
+    check = turns.check()
+    assert check.met is None and check.ratio == pytest.approx(1.25, abs=0.02)
+    assert len(check.rounds) == 2
+    assert "2.90 us per tensor" in turns.why_us(50_000)  # 145 ms over 50,000
+    assert "6.55x DCP's cached call" in turns.why_dcp()
+    slow = TurnCost(default, timings([0.6, 0.6], [0.17] * 4, 2), timings([1, 1], [0.9] * 4, 2))
+    assert slow.why_us(50_000) == ""  # 3.4 us: the turns are not the whole story
+    assert slow.why_dcp() == ""  # 5.29x
 
 
 def test_dcp_floor_argues_only_a_goal_below_the_copy() -> None:

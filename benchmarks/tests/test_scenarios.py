@@ -55,7 +55,7 @@ def results(runner: LoopRunner) -> dict[str, ScenarioResult]:
 
 EXPECTED = {
     "bulk": 8,
-    "small": 13,
+    "small": 14,
     "model": 4,
     "lag": 12,
     "memory": 10,
