@@ -20,6 +20,8 @@ from conftest import assert_tree_staged, big_state_dict
 from fake_accelerator import FakeAccelerator, FakeBackend
 
 import astage
+from astage._core._batches import MAX_BATCH_COPIES
+from astage._core._recording import ReplayRecorder
 from astage._devices._backend import enqueue_batch, installed
 from astage._devices._host import run_host_batch
 from astage._drivers import _async
@@ -131,6 +133,37 @@ async def test_batches_left_to_cut_after_the_walk_do_not_wait_for_a_landing(
         assert queued_while_held == 8, f"{queued_while_held} of 8 queued before the first landed"
         assert copies.copied == sorted(copies.copied)
         assert_tree_staged(staged, source)
+
+
+@pytest.mark.asyncio
+async def test_a_first_calls_copies_start_while_its_recording_is_finished(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A first call starts no copy while its walk allocates buffers (see Run._allocating_walk);
+    # its tail (the walk's tables emptied, the replay recording finished) allocates nothing,
+    # so its copies start there rather than after it.
+    events: list[str] = []
+    submit = _async._HostLane.submit
+
+    def counted(lane: Any, inflight: Any) -> bool:
+        events.append("copy")
+        return submit(lane, inflight)
+
+    finish = ReplayRecorder.finish
+
+    def finishing(recorder: ReplayRecorder) -> Any:
+        recording = yield from finish(recorder)
+        events.append("recorded")
+        return recording
+
+    monkeypatch.setattr(_async._HostLane, "submit", counted)
+    monkeypatch.setattr(ReplayRecorder, "finish", finishing)
+    source = {f"t{i}": torch.full((4,), float(i)) for i in range(3 * MAX_BATCH_COPIES)}
+    async with astage.Stager(copy_threads=1, max_loop_hold_s=1e-9) as stager:
+        staged = await stager.stage(source)
+    assert "recorded" in events and "copy" in events
+    assert events.index("copy") < events.index("recorded"), events[:5]
+    assert_tree_staged(staged, source)
 
 
 @pytest.mark.asyncio

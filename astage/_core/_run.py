@@ -128,7 +128,11 @@ class Run(Generic[T]):
 
     def _allocating_walk(self) -> bool:
         """Whether a full walk that allocates buffers fills the plan, and no tensor is handed
-        out as it lands (``stage_iter``): then no copy starts before the walk ends.
+        out as it lands (``stage_iter``): then no copy starts before the walk has met every
+        tensor. Its tail (its tables emptied, the replay recording finished) allocates nothing,
+        and copies start there: the async face's first call over 50,000 small tensors went
+        4.4-5% faster (paired, 12 and 20 alternating calls), the loop's lag unchanged
+        (``benchmarks.lag_ab``, three rounds).
 
         Why, for each kind of copy:
 
