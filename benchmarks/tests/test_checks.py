@@ -130,6 +130,9 @@ def test_turn_cost_argues_the_async_face_only_where_long_turns_meet_the_goal() -
     assert len(check.rounds) == 2
     assert "2.90 us per tensor" in turns.why_us(50_000)  # 145 ms over 50,000
     assert "6.55x DCP's cached call" in turns.why_dcp()
+    # First calls: 1.67x DCP with long turns; times a recording share of 1.25: 2.08x, argued.
+    assert "about 2.08x DCP's" in turns.why_first(1.25)
+    assert turns.why_first(1.1) == ""  # 1.83x: the two choices are not the whole shortfall
     slow = TurnCost(default, timings([0.6, 0.6], [0.17] * 4, 2), timings([1, 1], [0.9] * 4, 2))
     assert slow.why_us(50_000) == ""  # 3.4 us: the turns are not the whole story
     assert slow.why_dcp() == ""  # 5.29x
