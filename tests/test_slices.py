@@ -107,8 +107,11 @@ def test_a_longer_slice_of_the_threads_own_is_kept() -> None:
 
 def test_copy_slice_is_a_no_op_without_the_system_call(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_slices, "_scheduler", lambda: None)
+    ran: list[bool] = []
     with _slices.copy_slice():
-        pass
+        ran.append(True)
+    assert ran == [True]
+    assert _slices.in_copy_slice(sum, [1, 2]) == 3
 
 
 @needs_custom_slices

@@ -113,9 +113,16 @@ async def test_aclose_twice_and_without_use() -> None:
     await unused.aclose()
     await unused.aclose()
     used = astage.Stager()
-    await used.stage({"w": torch.randn(3)})
+    source = {"w": torch.randn(3)}  # alive: its buffer stays in the cache until aclose()
+    staged = await used.stage(source)
+    assert used.cache_info().storages == 1
     await used.aclose()
     await used.aclose()
+    for stager in (unused, used):
+        assert stager.cache_info().storages == 0
+        with pytest.raises(astage.StagerClosedError):
+            await stager.stage({"w": torch.randn(3)})
+    assert staged["w"].shape == (3,)  # a result outlives its stager's close
 
 
 async def test_aclose_releases_the_cache_but_not_results() -> None:
