@@ -316,10 +316,12 @@ def _batches_cut_while_walking(
     track_leaves: bool = False,
     chunk_bytes: int = 1 << 26,
     other_device: torch.device | None = None,
+    tail: bool = False,
 ) -> tuple[int, bool]:
     """One call through a Run the way the async face drives it: after every walk step, start
-    whatever batch is ready. How many started before the walk had met every tensor (its tail
-    then empties its tables and finishes the recording); whether it replayed.
+    whatever batch is ready. How many started before the walk had met every tensor (with
+    ``tail``: before the walk's steps ended, its tail included, where it empties its tables
+    and finishes the recording); whether it replayed.
     ``other_device``: the plan is told it also copies from there (as if some sources were)."""
     run: Run[Any] = Run(
         cache,
@@ -332,12 +334,11 @@ def _batches_cut_while_walking(
         run.plan.copies.devices.add(other_device)
     batches = []
     during = 0
-    walked = False  # a full walk is on (a replay never is): then off again in its tail
     for _ in run.walk:
-        walked = walked or run.plan.walking
         while (batch := run.next_batch(final=False)) is not None:
             batches.append(batch)
-            during += not walked or run.plan.walking
+            # A replay never walks; a full walk counts until its tail unless asked.
+            during += tail or not (run.plan.walking and run.plan.tail)
     while (batch := run.next_batch(final=True)) is not None:
         batches.append(batch)
     for batch in batches:
@@ -378,6 +379,20 @@ def test_copies_wait_for_the_end_of_an_allocating_walk_even_past_chunk_bytes() -
         fresh(), small, chunk_bytes=16 * MAX_BATCH_COPIES, other_device=torch.device("meta")
     )
     assert during == 0
+    # Host copies start in the walk's tail (its tables emptied, its recording finished);
+    # copies from a device, which pin their buffers first, wait for its end.
+    during, _ = _batches_cut_while_walking(
+        fresh(), small, chunk_bytes=16 * MAX_BATCH_COPIES, tail=True
+    )
+    assert during > 0
+    during, _ = _batches_cut_while_walking(
+        fresh(),
+        small,
+        chunk_bytes=16 * MAX_BATCH_COPIES,
+        other_device=torch.device("meta"),
+        tail=True,
+    )
+    assert during == 0
 
 
 def test_copies_start_during_an_allocating_walk_when_streamed() -> None:
@@ -406,7 +421,7 @@ def test_copies_left_for_the_end_of_a_walk_are_cut_a_bounded_number_at_a_time(
     tensors = 2 * _CUT_STEP + 5
     state_dict, run = _tiny_run(tensors)
     for _ in run.walk:
-        if not run.plan.walking:  # its tail may cut batches: left for the loop below here
+        if run.plan.tail:  # its tail may cut batches: left for the loop below here
             continue
         assert run.next_batch(final=False) is None  # see Run._allocating_walk
     batches = []

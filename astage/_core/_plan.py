@@ -104,4 +104,7 @@ class Plan:
         """Whether the call was replayed from a recording (see :mod:`._replay`), not walked."""
         self.walking = False
         """A full walk (:func:`~._walk.build_plan`) fills the plan, rather than a replay."""
+        self.tail = False
+        """That walk has met every tensor, and empties its tables and finishes its recording:
+        it allocates nothing more."""
         self.done = False

@@ -109,9 +109,9 @@ def build_plan(
     walk.stage_tensors_with(tensors)
     try:
         plan.result = yield from walk.visit(state_dict, ())
-        # Every copy is in the plan and every buffer allocated: a driver may start copies
-        # while the tables below are emptied and the recording is finished.
-        plan.walking = False
+        # Every copy is in the plan and every buffer allocated: a driver may start host
+        # copies while the tables below are emptied and the recording is finished.
+        plan.tail = True
         if recorder is not None:
             recorder.ended(walk.node if walk.recorder is recorder else None)
         # Emptied in steps: freed at once, the memo's and the tensor stager's 50,000-entry
