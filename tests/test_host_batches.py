@@ -167,6 +167,43 @@ async def test_a_first_calls_copies_start_while_its_recording_is_finished(
 
 
 @pytest.mark.asyncio
+async def test_a_cached_calls_copies_run_while_its_walk_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A worker thread waiting for the GIL never made the loop let go of it while the loop
+    # walked (see _async._hand_over_gil): the copies all ran after the walk, every call.
+    started: list[float] = []
+    walked: list[float] = []
+
+    def timed(batch: Any) -> None:
+        started.append(time.perf_counter())
+        run_host_batch(batch)
+
+    walk = _async._Call._walk
+
+    async def timed_walk(call: Any) -> None:
+        await walk(call)
+        walked.append(time.perf_counter())
+
+    def optimizer_like() -> dict[int, dict[str, torch.Tensor]]:
+        return {i: {"a": torch.full((4,), float(i)), "b": torch.zeros(8)} for i in range(10_000)}
+
+    source = await anyio.to_thread.run_sync(optimizer_like)  # 0.3 s: not on the loop
+    async with astage.Stager(copy_threads=1) as stager:
+        # The first call records the structure, the second replays it and makes the checks
+        # that the next replays reuse (its copies may run early: its turns are slower).
+        for _ in range(2):
+            await stager.stage(source)
+        monkeypatch.setattr(_async, "run_host_batch", timed)
+        monkeypatch.setattr(_async._Call, "_walk", timed_walk)
+        staged = await stager.stage(source)
+    assert len(walked) == 1 and len(started) >= 5
+    during = sum(start < walked[0] for start in started)
+    assert during >= len(started) // 4, f"{during} of {len(started)} started before the walk ended"
+    await anyio.to_thread.run_sync(assert_tree_staged, staged, source)  # 20,000 comparisons
+
+
+@pytest.mark.asyncio
 async def test_stage_iter_hands_out_each_batch_as_it_lands(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
