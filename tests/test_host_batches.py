@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -66,6 +67,17 @@ def eight_queued_batches(
     return copies, big_state_dict(8, 256 * KiB), stager
 
 
+def on_submit(monkeypatch: pytest.MonkeyPatch, seen: Callable[[Any], object]) -> None:
+    """Tell ``seen`` of every batch a call queues in its host lane, as it is queued."""
+    submit = _async._HostLane.submit
+
+    def watched(lane: Any, inflight: Any) -> bool:
+        seen(inflight)
+        return submit(lane, inflight)
+
+    monkeypatch.setattr(_async._HostLane, "submit", watched)
+
+
 async def first_batch_started(copies: GatedCopies) -> None:
     while not copies.first_started.is_set():
         await anyio.sleep(0.001)
@@ -104,13 +116,7 @@ async def test_batches_left_to_cut_after_the_walk_do_not_wait_for_a_landing(
     # first batch to land instead left the worker with nothing queued after each batch.
     copies, source, _ = eight_queued_batches(monkeypatch)
     submitted: list[int] = []
-    submit = _async._HostLane.submit
-
-    def counted(lane: Any, inflight: Any) -> bool:
-        submitted.append(inflight.batch.end)
-        return submit(lane, inflight)
-
-    monkeypatch.setattr(_async._HostLane, "submit", counted)
+    on_submit(monkeypatch, lambda inflight: submitted.append(inflight.batch.end))
     async with astage.Stager(
         copy_threads=1, chunk_bytes=256 * KiB, max_inflight_bytes=8 * MiB, max_loop_hold_s=1e-9
     ) as stager:
@@ -143,12 +149,7 @@ async def test_a_first_calls_copies_start_while_its_recording_is_finished(
     # its tail (the walk's tables emptied, the replay recording finished) allocates nothing,
     # so its copies start there rather than after it.
     events: list[str] = []
-    submit = _async._HostLane.submit
-
-    def counted(lane: Any, inflight: Any) -> bool:
-        events.append("copy")
-        return submit(lane, inflight)
-
+    on_submit(monkeypatch, lambda _: events.append("copy"))
     finish = ReplayRecorder.finish
 
     def finishing(recorder: ReplayRecorder) -> Any:
@@ -156,7 +157,6 @@ async def test_a_first_calls_copies_start_while_its_recording_is_finished(
         events.append("recorded")
         return recording
 
-    monkeypatch.setattr(_async._HostLane, "submit", counted)
     monkeypatch.setattr(ReplayRecorder, "finish", finishing)
     source = {f"t{i}": torch.full((4,), float(i)) for i in range(3 * MAX_BATCH_COPIES)}
     async with astage.Stager(copy_threads=1, max_loop_hold_s=1e-9) as stager:

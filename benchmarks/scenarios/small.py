@@ -51,6 +51,8 @@ FLOOR_GOAL = 5.0
 """A cached call takes <= 5x the foreach copy floor measured in the same run."""
 FIRST_GOAL = 2.0
 """The first call without ``reserve()`` is >= 2x DCP's first call."""
+DEFAULT_TURN_MS = astage.StagingOptions().max_loop_hold_s * 1e3
+"""The async face's default turn (``max_loop_hold_s``), as the arguments below quote it."""
 LONG_TURN_S = 0.05
 """The async face's ``max_loop_hold_s`` in the row that prices its turns: long enough that a
 cached call over 50,000 small tensors hands the loop back only a few times."""
@@ -246,15 +248,15 @@ class TurnCost:
         )
 
     def _because(self, outcome: str) -> str:
-        hold_ms = astage.StagingOptions().max_loop_hold_s * 1e3
         return (
-            f"The async face walks in turns of at most {hold_ms:g} ms (max_loop_hold_s) and "
-            "hands the loop back between them, a few hundred times a cached call; its copies "
-            "run in a worker thread, which needs the GIL before and after each foreach call "
-            "and gets it at those hand-backs, so the two take turns with the GIL rather than "
-            f"overlap. The same stager with turns of {LONG_TURN_S * 1e3:g} ms, timed in the "
-            f"same rounds: {outcome}. The goal is within reach of this face at the price of "
-            "the loop-lag goals, whose p99 of 1 ms asks for turns well under a millisecond."
+            f"The async face walks in turns of at most {DEFAULT_TURN_MS:g} ms "
+            "(max_loop_hold_s) and hands the loop back between them, a few hundred times a "
+            "cached call; its copies run in a worker thread, which needs the GIL before and "
+            "after each foreach call and gets it when a turn hands it over, so they overlap "
+            f"the walk only in part. The same stager with turns of {LONG_TURN_S * 1e3:g} ms, "
+            f"timed in the same rounds: {outcome}. The goal is within reach of this face at "
+            "the price of the loop-lag goals, whose p99 of 1 ms asks for turns well under a "
+            "millisecond."
         )
 
     def why_us(self, tensors: int) -> str:
@@ -271,10 +273,9 @@ class TurnCost:
         ratio = paired_ratio(self.long, self.dcp, "first")
         if ratio * recording < FIRST_GOAL:
             return ""
-        hold_ms = astage.StagingOptions().max_loop_hold_s * 1e3
         return (
-            f"This face's first call walks in turns of at most {hold_ms:g} ms and records the "
-            "structure for replay; both are measured in this run. With turns of "
+            f"This face's first call walks in turns of at most {DEFAULT_TURN_MS:g} ms and "
+            "records the structure for replay; both are measured in this run. With turns of "
             f"{LONG_TURN_S * 1e3:g} ms (the same rounds) its first call took "
             f"{fmt_s(self.long.first_s)}, {ratio:.2f}x DCP's, and the recording made a first "
             f"call {recording:.2f}x longer (replay=False beside it): without either, about "
@@ -415,11 +416,10 @@ def _why_first(mine: Timings, sync: Timings, dcp: Timings) -> str:
     sync_ratio = paired_ratio(sync, dcp, "first")
     if sync_ratio < FIRST_GOAL:
         return ""
-    hold_ms = astage.StagingOptions().max_loop_hold_s * 1e3
     return (
         f"The blocking face walks the same plan in one go and reached {sync_ratio:.2f}x DCP "
         f"here ({fmt_s(sync.first_s)}); the async face walks it in turns of at most "
-        f"{hold_ms:g} ms (max_loop_hold_s) and hands the loop back between them, some "
+        f"{DEFAULT_TURN_MS:g} ms (max_loop_hold_s) and hands the loop back between them, some "
         "thousands of times over a first call of 50,000 tensors, with its copies running in a "
         f"worker thread meanwhile: {fmt_s(mine.first_s)}. Longer turns would buy this goal "
         "with the loop-lag ones, whose p99 of 1 ms asks for turns well under a millisecond."
