@@ -1371,11 +1371,24 @@ def test_results_held_dropped_or_changed_by_their_holders_stay_apart(
 
 
 def _on_a_buffer(cache: BufferCache, held: list[Any]) -> bool:
-    """Whether a tensor in ``held`` still points into one of the cache's buffers."""
+    """Whether a tensor in ``held`` still reaches one of the cache's buffers: on its storage,
+    or through the base it is a view of (``_base``), which a view keeps even once ``set_()``
+    moved it onto other memory."""
     storages = {buffer.whole.untyped_storage()._cdata for buffer in cache._buffers()}
     return any(
-        t.untyped_storage()._cdata in storages for earlier in held for t in _staged_tensors(earlier)
+        t.untyped_storage()._cdata in storages
+        for earlier in held
+        for staged in _staged_tensors(earlier)
+        for t in _with_bases(staged)
     )
+
+
+def _with_bases(t: torch.Tensor) -> list[torch.Tensor]:
+    """``t`` and the chain of tensors it is a view of."""
+    chain = [t]
+    while chain[-1]._base is not None:
+        chain.append(chain[-1]._base)
+    return chain
 
 
 def _typed_paths(plan: Plan) -> list[str]:
