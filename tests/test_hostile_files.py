@@ -354,10 +354,25 @@ def test_an_edited_header_fails_its_digest(ckpt: Path) -> None:
 
 
 def test_a_file_without_digest_still_loads(ckpt: Path) -> None:
-    # Files written before the digest existed.
+    # Files written before the digest existed: their document says nothing of a seal.
     header, data = split(ckpt.read_bytes())
+    document = json.loads(header["__metadata__"]["astage"])
+    del document["sealed"]
+    header["__metadata__"]["astage"] = json.dumps(document)
     ckpt.write_bytes(join(header, data, digest=False))
     assert astage.load(ckpt)["n"] == 3
+
+
+def test_damage_that_renames_the_digest_entry_is_caught(ckpt: Path) -> None:
+    # One flipped bit in the digest's key ('astage.sha256' -> '`stage.sha256') made the file
+    # read as one written before the digest existed, and a second damage elsewhere in the
+    # header (here n: 3 -> 4) then went unnoticed (found by test_load_property's flips).
+    raw = ckpt.read_bytes()
+    damaged = raw.replace(DIGEST_KEY.encode(), b"`" + DIGEST_KEY[1:].encode())
+    damaged = damaged.replace(b'[\\"n\\",3]', b'[\\"n\\",4]')
+    assert damaged.count(b"`stage") == 1 and b'[\\"n\\",4]' in damaged
+    ckpt.write_bytes(damaged)
+    refused(ckpt, DIGEST_KEY, "missing")
 
 
 def test_an_enum_is_never_imported_nor_called(ckpt: Path) -> None:

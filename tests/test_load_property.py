@@ -35,8 +35,11 @@ pytest.importorskip("hypothesis")  # not on the GPU machines
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+EXAMPLES = int(os.environ.get("ASTAGE_LOAD_EXAMPLES", "120"))
+"""Examples per property (the same ones every run: derandomized); more for a longer hunt."""
+
 SETTINGS = settings(
-    max_examples=120,
+    max_examples=EXAMPLES,
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
@@ -182,7 +185,8 @@ def test_flipped_bytes(index: int, data: st.DataObject) -> None:
     expected = reference(index)
     if isinstance(result, astage.CheckpointFormatError):
         return
-    if min(positions) >= data_start(valid_files()[index]):
+    if max(positions) >= data_start(valid_files()[index]):
+        # Some tensor bytes changed (flips in the header too may cancel out or be harmless).
         assert same_structure(result, expected)
     else:
         assert equal(result, expected)

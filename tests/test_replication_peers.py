@@ -158,6 +158,10 @@ def test_parse_header_checks_sizes_against_the_total() -> None:
         ({"dtype": "float64", "shape": [3]}, "larger than its storage"),
         ({"shape": [2, 2]}, "'shape' and 'stride'"),
         ({"param": "yes"}, "'param'"),
+        # Lazy bits torch never sets on such a view, and cannot read back (neg_cpu on Bool).
+        ({"dtype": "bool", "neg": True}, "field 'neg'"),
+        ({"dtype": "int32", "neg": True}, "field 'neg'"),
+        ({"conj": True}, "field 'conj'"),
     ],
 )
 def test_decode_checks_every_tensor_field_before_making_a_view(

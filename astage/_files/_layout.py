@@ -120,7 +120,9 @@ def plan_layout(state_dict: Any, metadata: Mapping[str, str] | None = None) -> L
             raise UnsavableError(f"the metadata key {reserved!r} is reserved for astage")
     header_meta = {"format": "pt", **user}
     header_meta[METADATA_KEY] = json.dumps(
-        {"version": FORMAT_VERSION, "skeleton": skeleton}, separators=(",", ":")
+        # "sealed": the header carries its digest; a loader then refuses one without it.
+        {"version": FORMAT_VERSION, "sealed": True, "skeleton": skeleton},
+        separators=(",", ":"),
     )
     entries: dict[str, Any] = {}
     offset = 0

@@ -51,6 +51,8 @@ from ._skeleton import (
     mesh_shape,
     numpy_or_none,
     placement_from_node,
+    takes_conj_bit,
+    takes_neg_bit,
 )
 
 _MAX_DIMS = 64
@@ -58,7 +60,6 @@ _MAX_SIZE = 1 << 62  # a dimension, stride or offset beyond this cannot index a 
 _DTYPES_BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 VIEW_DTYPES = {name: d for name, d in TORCH_DTYPES.items() if not name.startswith("q")}
 """The dtypes a view in a file may have: every torch dtype but the quantized ones."""
-_NEG_KINDS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclass
@@ -358,6 +359,13 @@ def skeleton_document(metadata: dict[str, str], path: str) -> Any:
     version = document["version"]
     if type(version) is not int or version != FORMAT_VERSION:
         raise CheckpointFormatError(f"{where}: format version {abridged(version)} is not supported")
+    if document.get("sealed") is True and DIGEST_KEY not in metadata:
+        # Files written before the digest existed have neither; a damaged key must not make
+        # a sealed header read as one of those, whose every other edit then goes unnoticed.
+        raise CheckpointFormatError(
+            f"{path}: __metadata__[{DIGEST_KEY!r}] is missing, but astage sealed this header "
+            "with it: the header was changed or damaged after astage wrote it"
+        )
     return document["skeleton"]
 
 
@@ -517,9 +525,9 @@ class Decoder(SkeletonDecoder):
         if type(offset) is not int or not 0 <= offset < _MAX_SIZE:
             raise self.invalid(f"'offset' must be an int >= 0, not {abridged(offset)}")
         conj, neg = node.get("conj", False), node.get("neg", False)
-        if conj is not False and not (conj is True and dtype.is_complex):
+        if conj is not False and not (conj is True and takes_conj_bit(dtype)):
             raise self.invalid(f"'conj' {abridged(conj)} on a view of dtype {name}")
-        if neg is not False and not (neg is True and (dtype.is_complex or dtype in _NEG_KINDS)):
+        if neg is not False and not (neg is True and takes_neg_bit(dtype)):
             raise self.invalid(f"'neg' {abridged(neg)} on a view of dtype {name}")
         # The view must lie inside its entry: torch would otherwise grow the storage with
         # uninitialised bytes (set_ resizes a storage that is too small).

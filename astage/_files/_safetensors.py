@@ -27,7 +27,9 @@ How a nested state dict maps onto it:
   Python attributes set on a tensor (plain values only).
 * **A digest** of the header (``__metadata__["astage.sha256"]``: the SHA-256 of the header's
   JSON text, taken with the digest's own digits zeroed) makes any later edit of the header a
-  :class:`CheckpointFormatError`.
+  :class:`CheckpointFormatError`. The skeleton says ``"sealed": true``, so a header whose
+  digest entry was damaged away is refused too, where one written before the digest existed
+  (neither) still loads.
   It guards against corruption, not against an attacker, who can recompute it: the loader
   checks every field regardless.
 

@@ -58,6 +58,25 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 }
 """Every torch dtype by the name a skeleton records (``"float32"``, ``"bfloat16"``, ...)."""
 
+_NEG_BIT_REAL_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
+
+def takes_conj_bit(dtype: torch.dtype) -> bool:
+    """Whether a view of ``dtype`` may carry the lazy conjugation bit: a complex one only."""
+    return dtype.is_complex
+
+
+def takes_neg_bit(dtype: torch.dtype) -> bool:
+    """Whether a view of ``dtype`` may carry the lazy negation bit.
+
+    Why: torch sets it on complex views and on the real views of their parts (a conjugate's
+    ``.imag``), and no other way; a decoder that let a file or a partner set it on another
+    dtype would hand out a tensor that cannot be read (``neg_cpu`` is not implemented for
+    ``bool``, ``uint16`` or the float8 types).
+    """
+    return dtype.is_complex or dtype in _NEG_BIT_REAL_DTYPES
+
+
 _PATH_TYPES: dict[str, type[pathlib.PurePath]] = {
     cls.__name__: cls
     for cls in (

@@ -54,6 +54,8 @@ from .._files._skeleton import (
     mesh_problem,
     placement_from_node,
     placement_node,
+    takes_conj_bit,
+    takes_neg_bit,
 )
 from .._paths import Attr, Path, format_path
 from .._torch import (
@@ -429,6 +431,10 @@ class _Decoder(SkeletonDecoder):
         for flag in flags:
             if type(node[flag]) is not bool:
                 raise self.invalid(f"field {flag!r} must be true or false")
+        if node.get("conj") and not takes_conj_bit(dtype):
+            raise self.invalid(f"field 'conj' is set on a view of dtype {node['dtype']}")
+        if node.get("neg") and not takes_neg_bit(dtype):
+            raise self.invalid(f"field 'neg' is set on a view of dtype {node['dtype']}")
         if 0 not in shape:
             # the last element's index: sum((n - 1) * step), in C
             last = offset + sum(map(operator.mul, shape, stride)) - sum(stride)
