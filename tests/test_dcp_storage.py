@@ -379,6 +379,81 @@ def test_a_crafted_metadata_file_cannot_run_code(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
+def _global(module: str, name: str) -> bytes:
+    """Pickle opcodes (protocol 4) that push the global ``module``.``name``."""
+    parts = b""
+    for text in (module, name):
+        raw = text.encode()
+        parts += pickle.SHORT_BINUNICODE + bytes([len(raw)]) + raw
+    return b"\x80\x04" + parts + pickle.STACK_GLOBAL
+
+
+@pytest.mark.parametrize(
+    ("module", "name"),
+    [
+        # Names an allowed module merely imports, reached whole or through a dotted path
+        # (protocol 4 resolves "os.mkdir" attribute by attribute): the dotted one ran code.
+        ("torch.distributed.checkpoint.metadata", "os.mkdir"),
+        ("torch.distributed.checkpoint.planner", "io.open"),
+        ("torch.distributed.checkpoint.metadata", "torch.load"),
+        ("torch.distributed.checkpoint.metadata", "Metadata.__init__"),
+        ("torch", "float32.__class__"),
+    ],
+)
+def test_a_metadata_file_reaches_no_callable_through_an_allowed_name(
+    tmp_path: Path, module: str, name: str
+) -> None:
+    marker = tmp_path / "ran"
+    arg = str(marker).encode()
+    payload = (
+        _global(module, name)
+        + pickle.SHORT_BINUNICODE
+        + bytes([len(arg)])
+        + arg
+        + pickle.TUPLE1
+        + pickle.REDUCE
+        + pickle.STOP
+    )
+    (tmp_path / ".metadata").write_bytes(payload)
+    with pytest.raises(astage.CheckpointFormatError, match="refused"):
+        FileSystemReader(tmp_path).read_metadata()
+    assert not marker.exists()
+
+
+def test_only_classes_of_dcps_metadata_modules_are_allowed() -> None:
+    import torch.distributed.checkpoint.metadata as metadata_module
+
+    from astage.compat._storage_reader import _allowed
+
+    assert _allowed("torch.distributed.checkpoint.metadata", "Metadata")
+    assert _allowed("torch.distributed.checkpoint.planner", "LoadItemType")
+    assert _allowed("torch", "bfloat16") and _allowed("torch", "Size")
+    for name in ("os", "torch", "dataclass", "field", "Enum", "Any"):
+        assert hasattr(metadata_module, name)
+        assert not _allowed("torch.distributed.checkpoint.metadata", name), name
+
+
+def test_a_damaged_metadata_file_is_a_format_error(tmp_path: Path) -> None:
+    # Every byte of a real .metadata flipped in turn: refused as a CheckpointFormatError (or,
+    # where the flip is harmless, read), never another exception (KeyError, IndexError,
+    # OverflowError, RecursionError, ... escaped before).
+    save(state(), tmp_path)
+    raw = (tmp_path / ".metadata").read_bytes()
+    escaped: dict[str, int] = {}
+    for at in range(len(raw)):
+        damaged = bytearray(raw)
+        damaged[at] ^= 0x5A
+        (tmp_path / ".metadata").write_bytes(bytes(damaged))
+        try:
+            FileSystemReader(tmp_path).read_metadata()
+        except astage.CheckpointFormatError:
+            pass
+        except Exception as error:  # noqa: BLE001 - counted, to name them all at once
+            kind = type(error).__name__
+            escaped[kind] = escaped.get(kind, 0) + 1
+    assert not escaped, escaped
+
+
 def test_missing_metadata_is_not_found(tmp_path: Path) -> None:
     with pytest.raises(astage.CheckpointNotFoundError, match="never committed"):
         FileSystemReader(tmp_path).read_metadata()
