@@ -454,6 +454,42 @@ def test_a_damaged_metadata_file_is_a_format_error(tmp_path: Path) -> None:
     assert not escaped, escaped
 
 
+class _Mkdir:
+    """A non-tensor value whose pickle calls ``os.mkdir`` when it is loaded."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.mkdir, (str(self.path),))
+
+
+@pytest.mark.parametrize("writer", ["astage", "dcp"])
+def test_a_pickled_object_that_would_run_code_is_refused_unless_trusted(
+    tmp_path: Path, writer: str
+) -> None:
+    # DCP's DefaultLoadPlanner unpickles bytes items with torch.load(weights_only=False): a
+    # crafted (or merely foreign) checkpoint ran os.mkdir while the reader handed them over.
+    marker = tmp_path / "ran"
+    folder = tmp_path / "ckpt"
+    source = {"w": torch.ones(2), "payload": _Mkdir(marker), "plain": [1, "two", 3.0]}
+    if writer == "astage":
+        save(source, folder)
+    else:
+        state_dict_saver.save(
+            source, storage_writer=dcp_filesystem.FileSystemWriter(folder), no_dist=True
+        )
+    assert not marker.exists()
+    into: dict[str, Any] = {"w": torch.zeros(2), "payload": None, "plain": None}
+    with pytest.raises(CheckpointException, match=r"'payload'.*mkdir.*trust_pickled_bytes"):
+        state_dict_loader.load(into, storage_reader=FileSystemReader(folder), no_dist=True)
+    assert not marker.exists()
+    # Plain values pass the check; trusted, the object loads as DCP would load it.
+    reader = FileSystemReader(folder, trust_pickled_bytes=True)
+    state_dict_loader.load(into, storage_reader=reader, no_dist=True)
+    assert marker.exists() and into["plain"] == [1, "two", 3.0]
+
+
 def test_missing_metadata_is_not_found(tmp_path: Path) -> None:
     with pytest.raises(astage.CheckpointNotFoundError, match="never committed"):
         FileSystemReader(tmp_path).read_metadata()

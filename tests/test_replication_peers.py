@@ -162,6 +162,8 @@ def test_parse_header_checks_sizes_against_the_total() -> None:
         ({"dtype": "bool", "neg": True}, "field 'neg'"),
         ({"dtype": "int32", "neg": True}, "field 'neg'"),
         ({"conj": True}, "field 'conj'"),
+        # requires_grad on an integer view: torch refuses to make such a Parameter.
+        ({"dtype": "int32", "param": True}, "field 'param'"),
     ],
 )
 def test_decode_checks_every_tensor_field_before_making_a_view(

@@ -435,6 +435,11 @@ class _Decoder(SkeletonDecoder):
             raise self.invalid(f"field 'conj' is set on a view of dtype {node['dtype']}")
         if node.get("neg") and not takes_neg_bit(dtype):
             raise self.invalid(f"field 'neg' is set on a view of dtype {node['dtype']}")
+        if node.get("param") and not (dtype.is_floating_point or dtype.is_complex):
+            raise self.invalid(
+                f"field 'param' asks for gradients on a view of dtype {node['dtype']}, "
+                "which only floating point and complex tensors can require"
+            )
         if 0 not in shape:
             # the last element's index: sum((n - 1) * step), in C
             last = offset + sum(map(operator.mul, shape, stride)) - sum(stride)

@@ -16,7 +16,7 @@ import pickle
 import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.distributed.checkpoint.filesystem import (
@@ -59,6 +59,12 @@ class FileSystemReader(_DcpFileSystemReader):
     Reads checkpoints of :class:`FileSystemWriter` (raw items, ``thread_count`` threads of
     positioned reads straight into the destination tensors) and DCP's own (through DCP's
     reader). ``.metadata`` is unpickled with an allow-list of DCP's metadata classes.
+
+    Bytes items (the non-tensor values DCP pickles with ``torch.save``) reach the planner only
+    once ``torch.load(weights_only=True)`` has read them: DCP's ``DefaultLoadPlanner`` unpickles
+    them in full (``weights_only=False``), so a checkpoint's object could otherwise run any code
+    it names. ``trust_pickled_bytes=True`` hands them over unchecked, for checkpoints you trust
+    that hold objects of your own classes.
     """
 
     def __init__(
@@ -67,9 +73,11 @@ class FileSystemReader(_DcpFileSystemReader):
         _extension_registry: Any = None,
         *,
         thread_count: int = DEFAULT_THREADS,
+        trust_pickled_bytes: bool = False,
     ) -> None:
         super().__init__(path, _extension_registry)
         self.thread_count = positive_int("thread_count", thread_count)
+        self.trust_pickled_bytes = trust_pickled_bytes
         self._metadata: Metadata | None = None
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
@@ -118,6 +126,8 @@ class FileSystemReader(_DcpFileSystemReader):
             (raw if RAW_DESCRIPTOR in (info.transform_descriptors or ()) else foreign).append(
                 request
             )
+        if not self.trust_pickled_bytes:
+            planner = cast(LoadPlanner, _CheckedBytes(planner, os.fspath(self.path)))
         if foreign:  # a checkpoint of DCP's own writer: its items are torch.save pickles
             super().read_data(dataclasses.replace(plan, items=foreign), planner).wait()
         if raw:
@@ -269,6 +279,41 @@ def _pread_all(fd: int, offset: int, into: memoryview, where: str) -> None:
 
 
 # -- reading --------------------------------------------------------------------------------------
+
+
+class _CheckedBytes:
+    """A planner whose ``load_bytes`` first reads the item with ``torch.load(weights_only=True)``
+    (plain values, containers, tensors; no other class, nothing called), and refuses it as a
+    :class:`CheckpointFormatError` if that fails; everything else goes to the planner."""
+
+    def __init__(self, planner: LoadPlanner, folder: str) -> None:
+        self._planner = planner
+        self._folder = folder
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._planner, name)
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        fqn = read_item.dest_index.fqn
+        try:
+            torch.load(io.BytesIO(value.getbuffer()), map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise CheckpointFormatError(
+                f"{self._folder}: the non-tensor value {fqn!r} is a pickle that "
+                f"torch.load(weights_only=True) refuses ({_reason(error)}); DCP's planner "
+                "would unpickle it in full, which runs whatever code it names. Load it only "
+                "from a checkpoint you trust, with FileSystemReader(..., "
+                "trust_pickled_bytes=True)"
+            ) from error
+        self._planner.load_bytes(read_item, value)
+
+
+def _reason(error: Exception) -> str:
+    """The line of ``torch.load``'s refusal that names the global, else its first line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line]  # worded differently by version
+    text = (named or lines or [""])[0]
+    return f"{type(error).__name__}: {text[:200]}"
 
 
 def _load_bytes(planner: LoadPlanner, request: ReadItem, buffer: bytearray) -> Callable[[], None]:
