@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import tensors_of
 from test_load_property import json_values, nodes
 
 import astage
@@ -91,7 +92,7 @@ def receive(raw: bytes, sent: list[bytes]) -> Any:
         assert str(error)
         return error
     bounds = [(s.data_ptr(), s.data_ptr() + s.numel()) for s in storages]
-    for tensor in _tensors(replica):
+    for tensor in tensors_of(replica):
         if tensor.numel() == 0:
             continue
         start = tensor.untyped_storage().data_ptr()
@@ -99,21 +100,6 @@ def receive(raw: bytes, sent: list[bytes]) -> Any:
         assert any(low <= start and end <= high for low, high in bounds), "outside its storage"
         tensor.clone()  # every element read: none lies past the storage
     return replica
-
-
-def _tensors(value: Any) -> list[torch.Tensor]:
-    found: list[torch.Tensor] = []
-    stack = [value]
-    while stack:
-        x = stack.pop()
-        if isinstance(x, torch.Tensor):
-            found.append(x)
-        elif isinstance(x, dict):
-            stack.extend(x.values())
-            stack.extend(getattr(x, "__dict__", {}).values())
-        elif isinstance(x, (list, tuple)):
-            stack.extend(x)
-    return found
 
 
 states = st.integers(0, len(STATES) - 1)
@@ -125,7 +111,7 @@ def test_every_state_goes_over_the_wire_unchanged() -> None:
         header, sent = _encoded(index)
         replica = receive(header.encode(), sent)
         assert not isinstance(replica, Exception), replica
-        assert [t.tolist() for t in _tensors(replica)] == [t.tolist() for t in _tensors(state)]
+        assert [t.tolist() for t in tensors_of(replica)] == [t.tolist() for t in tensors_of(state)]
 
 
 @SETTINGS
