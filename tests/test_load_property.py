@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import iter_tensors
 from test_hostile_files import join, split, write_checkpoint
 
 import astage
@@ -240,10 +241,9 @@ def nodes(value: Any) -> Iterator[tuple[Any, Any]]:
             yield from nodes(value[i])
 
 
-@SETTINGS
-@given(files, st.data())
-def test_crafted_header_fields(index: int, data: st.DataObject) -> None:
-    # The digest is recomputed (join), so every check behind it is exercised on its own.
+def crafted(index: int, data: st.DataObject) -> bytes:
+    """File ``index`` with one to three header fields replaced by arbitrary JSON, the digest
+    recomputed (join), so that every check behind it is exercised on its own."""
     header, tensors = split(valid_files()[index])
     document = json.loads(header["__metadata__"]["astage"])
     target = header if data.draw(st.booleans()) else document
@@ -252,9 +252,69 @@ def test_crafted_header_fields(index: int, data: st.DataObject) -> None:
         container, key = data.draw(st.sampled_from(places))
         container[key] = data.draw(json_values)
     header["__metadata__"]["astage"] = json.dumps(document)
+    return join(header, tensors)
+
+
+@SETTINGS
+@given(files, st.data())
+def test_crafted_header_fields(index: int, data: st.DataObject) -> None:
     # Refused, or loaded (the edits were harmless or changed values): nothing else escapes,
     # and no storage outgrows the file (outcome checks both).
-    outcome(join(header, tensors))
+    outcome(crafted(index, data))
+
+
+def _zeroed(value: Any) -> Any:
+    """A state dict shaped like ``value`` whose tensors are new zeros: what load(into=) fills
+    (but for NaN keys, which no lookup finds: restored with ``strict=False``)."""
+    if isinstance(value, torch.Tensor):
+        return torch.zeros(value.shape, dtype=value.dtype)
+    if isinstance(value, dict):
+        out = type(value)(
+            (key, _zeroed(item))
+            for key, item in value.items()
+            if not (isinstance(key, float) and math.isnan(key))
+        )
+        if hasattr(value, "_metadata"):
+            out._metadata = value._metadata  # type: ignore[attr-defined]
+        return out
+    if isinstance(value, list):
+        return [_zeroed(item) for item in value]
+    return value
+
+
+@SETTINGS
+@given(st.sampled_from([0, 1]), st.data())  # the lone tensor's file has no state dict to fill
+def test_crafted_header_fields_restore_into_a_state_dict_or_are_refused(
+    index: int, data: st.DataObject
+) -> None:
+    # load(into=) takes its own path (it reads straight into the caller's tensors): a crafted
+    # header is refused there too with an astage error, never another exception.
+    raw = crafted(index, data)
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "m.safetensors")
+        with open(path, "wb") as file:
+            file.write(raw)
+        into = _zeroed(_states()[index])
+        try:
+            astage.load(path, into=into, strict=False)
+        except astage.AstageError as error:
+            assert str(error)
+
+
+def test_the_valid_files_restore_into_their_state_dicts() -> None:
+    # What the property above damages: undamaged, each file fills its template.
+    for index in (0, 1):
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "m.safetensors")
+            with open(path, "wb") as file:
+                file.write(valid_files()[index])
+            state = _states()[index]
+            into = _zeroed(state)
+            astage.load(path, into=into, strict=False)
+            for (_, filled), (_, source) in zip(
+                iter_tensors(into), iter_tensors(state), strict=True
+            ):
+                assert torch.equal(filled, source)
 
 
 _REFERENCES: dict[int, Any] = {}
