@@ -177,6 +177,17 @@ def test_decode_checks_every_tensor_field_before_making_a_view(
     assert says in str(error.value)
 
 
+def test_a_mesh_this_process_cannot_build_is_refused_naming_the_field() -> None:
+    # Well-formed, so parse_header lets it by; rebuilding it needs a process group (none in
+    # this process): torch's ValueError escaped decode(), and in the transport it skipped the
+    # verdict exchange, leaving the partner to wait for its deadline.
+    header, storages = header_of({"w": torch.arange(4.0)})
+    header["meshes"] = [["cpu", [0, 1], None]]
+    parse_header(json.dumps(header).encode(), 16)
+    with pytest.raises(astage.ReplicationError, match=r"'meshes'\[0\].*cannot be rebuilt here"):
+        decode(header, storages, [], source=1)
+
+
 def test_decode_rebuilds_a_view_that_fits_exactly() -> None:
     header, storages = header_of({"w": torch.arange(4.0)[1:]})
     replica = decode(header, storages, [], source=1)

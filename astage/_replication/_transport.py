@@ -226,7 +226,10 @@ class Transport:
                     group=self.group,
                 )
                 plan = unpack_plan(storages, header.sizes)
-        except (ReplicationError, RuntimeError, MemoryError) as error:
+        except Exception as error:  # noqa: BLE001 - sent back as this rank's refusal
+            # Whatever went wrong checking the header is a refusal: an exception that left here
+            # would skip the verdict exchange below, and the partner would wait for its verdict
+            # until the deadline.
             text_error = str(error)
             rejected = ReplicationError(
                 f"{self.where}: refused the header from rank {self.receive_from}: {text_error}"

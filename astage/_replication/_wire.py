@@ -134,13 +134,21 @@ def _resolve_meshes(described: list[list[Any]], own: list[Any]) -> list[Any]:
     """Mesh objects for the partner's mesh descriptions: our own equal mesh, or a rebuilt one."""
     ours = {json.dumps(list(mesh_key(m))): m for m in own}
     meshes = []
-    for item in described:
+    for index, item in enumerate(described):
         mesh = ours.get(json.dumps(item))
         if mesh is None:
             device_type, grid, names = item
-            mesh = device_mesh_without_backend(
-                device_type, torch.tensor(grid), tuple(names) if names else None
-            )
+            try:
+                mesh = device_mesh_without_backend(
+                    device_type, torch.tensor(grid), tuple(names) if names else None
+                )
+            except (ValueError, RuntimeError, TypeError, AssertionError, NotImplementedError) as e:
+                # Well-formed (parse_header checked it) but not one this process can build: a
+                # device type it lacks, ranks outside its world, no process group.
+                raise ReplicationError(
+                    f"header field 'meshes'[{index}] {_shown(item)} cannot be rebuilt here: "
+                    f"{type(e).__name__}: {e}"
+                ) from e
         meshes.append(mesh)
     return meshes
 
