@@ -488,9 +488,12 @@ class _Decoder(SkeletonDecoder):
         local = self._tensor(node["local"])
         if isinstance(local, torch.nn.Parameter):
             local = local.data
-        return make_dtensor(
-            local, mesh, placements, shape, stride, requires_grad=node["requires_grad"]
-        )
+        try:
+            return make_dtensor(
+                local, mesh, placements, shape, stride, requires_grad=node["requires_grad"]
+            )
+        except (ValueError, RuntimeError, AssertionError, TypeError) as error:
+            raise self.invalid(f"the DTensor cannot be rebuilt: {error}") from None
 
     def _sharded(self, node: Any) -> torch.Tensor:
         if type(node) is not dict or set(node) != _SHARDED_KEYS:
