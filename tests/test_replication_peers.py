@@ -188,6 +188,51 @@ def test_a_mesh_this_process_cannot_build_is_refused_naming_the_field() -> None:
         decode(header, storages, [], source=1)
 
 
+class _StandInMesh:
+    """What the decoder reads of a mesh (its ndim), without a process group."""
+
+    ndim = 1
+
+
+@pytest.mark.parametrize(
+    ("shape", "placement", "says"),
+    [
+        ([5], ["replicate"], "does not fit"),  # replicated: the local shard is the whole
+        ([3], ["shard", 0], "does not fit"),  # a shard larger than the whole
+        ([4, 1], ["replicate"], "the DTensor 2"),
+        ([4], ["replicate"], None),  # fits: rebuilt
+        ([8], ["shard", 0], None),
+    ],
+)
+def test_a_dtensor_node_is_checked_against_its_local_shard(
+    monkeypatch: pytest.MonkeyPatch, shape: list[int], placement: list[object], says: str | None
+) -> None:
+    # The file loader checked the local shard's shape against the DTensor's; the wire did not,
+    # and handed torch a DTensor whose global shape its local tensor contradicts.
+    from astage._replication import _wire
+
+    made: list[object] = []
+
+    def make_dtensor(*args: object, **kwargs: object) -> str:
+        made.append(args)
+        return "D"
+
+    monkeypatch.setattr(_wire, "device_mesh_without_backend", lambda *args: _StandInMesh())
+    monkeypatch.setattr(_wire, "make_dtensor", make_dtensor)
+    header, storages = header_of({"w": torch.arange(4.0)})
+    local = header["skeleton"]["dict"][0][1]  # type: ignore[index]
+    header["meshes"] = [["cpu", [0, 1], None]]
+    node = {"local": local, "mesh": 0, "placements": [placement], "shape": shape}
+    node |= {"stride": [1] * len(shape), "requires_grad": False}
+    header["skeleton"]["dict"][0][1] = {"dtensor": node}  # type: ignore[index]
+    if says is None:
+        assert decode(header, storages, [], source=1) == {"w": "D"} and made
+        return
+    with pytest.raises(astage.ReplicationError, match=rf"\['w'\].*{says}"):
+        decode(header, storages, [], source=1)
+    assert not made
+
+
 def test_decode_rebuilds_a_view_that_fits_exactly() -> None:
     header, storages = header_of({"w": torch.arange(4.0)[1:]})
     replica = decode(header, storages, [], source=1)

@@ -46,6 +46,7 @@ from ._safetensors import (
 from ._skeleton import (
     TORCH_DTYPES,
     SkeletonDecoder,
+    local_shape_problem,
     mesh_node,
     mesh_problem,
     mesh_shape,
@@ -640,16 +641,7 @@ class Decoder(SkeletonDecoder):
     ) -> str | None:
         """What is wrong with the local shard's shape against the global one, or None."""
         local_shape = node["shape"] if "shape" in node else self._entry_of(node, "tensor").shape
-        if len(local_shape) != len(shape):
-            return f"the local shard has {len(local_shape)} dims, the DTensor {len(shape)}"
-        sharded = {getattr(p, "dim", None) for p in placements if hasattr(p, "dim")}
-        for dim, (mine, whole) in enumerate(zip(local_shape, shape, strict=True)):
-            if mine > whole or (dim not in sharded and mine != whole):
-                return (
-                    f"the local shard's shape {local_shape} does not fit the DTensor's {shape} "
-                    "and placements"
-                )
-        return None
+        return local_shape_problem(list(local_shape), shape, placements)
 
     def _mesh(self, node: list[Any], rank: int, world: int) -> Any:
         """This process's mesh object for a mesh node, checked: same mesh, rank and world."""

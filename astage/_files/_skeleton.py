@@ -566,6 +566,24 @@ def mesh_problem(node: Any) -> str | None:
     return None
 
 
+def local_shape_problem(
+    local_shape: list[int], shape: list[int], placements: list[Any]
+) -> str | None:
+    """What is wrong with a DTensor's local shard shape against its global ``shape`` and
+    ``placements``, or None: as many dims, none larger than the global one, and the dims no
+    placement shards equal to it."""
+    if len(local_shape) != len(shape):
+        return f"the local shard has {len(local_shape)} dims, the DTensor {len(shape)}"
+    sharded = {getattr(p, "dim", None) for p in placements if hasattr(p, "dim")}
+    for dim, (mine, whole) in enumerate(zip(local_shape, shape, strict=True)):
+        if mine > whole or (dim not in sharded and mine != whole):
+            return (
+                f"the local shard's shape {local_shape} does not fit the DTensor's {shape} "
+                "and placements"
+            )
+    return None
+
+
 def _grid_ranks(grid: Any, shape: list[int]) -> list[int] | None:
     """The ranks of a rectangular nested list of ``shape``, flattened; None if it is not one."""
     if not shape:

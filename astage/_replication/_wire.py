@@ -51,6 +51,7 @@ from .._files._skeleton import (
     TORCH_DTYPES,
     SkeletonDecoder,
     SkeletonEncoder,
+    local_shape_problem,
     mesh_problem,
     placement_from_node,
     placement_node,
@@ -488,6 +489,9 @@ class _Decoder(SkeletonDecoder):
         local = self._tensor(node["local"])
         if isinstance(local, torch.nn.Parameter):
             local = local.data
+        problem = local_shape_problem(list(local.shape), shape, placements)
+        if problem is not None:
+            raise self.invalid(problem)
         try:
             return make_dtensor(
                 local, mesh, placements, shape, stride, requires_grad=node["requires_grad"]
