@@ -25,7 +25,7 @@ import importlib.util
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
@@ -390,6 +390,28 @@ async def heartbeat(
             tasks.cancel_scope.cancel()
     if failure is not None:
         raise failure
+
+
+# -- property tests -----------------------------------------------------------------------------
+
+if TYPE_CHECKING:
+    from hypothesis import settings as Settings
+
+
+def derandomized(env: str, default: int, *checks: Any) -> Settings:
+    """Hypothesis settings for a property test: the same examples on every run (derandomized,
+    no database), as many as the environment variable ``env`` says (``default`` otherwise),
+    so that a longer hunt is one variable away; ``checks``: health checks to suppress besides
+    ``too_slow``. Imported late: the GPU machines have no hypothesis."""
+    from hypothesis import HealthCheck, settings
+
+    return settings(
+        max_examples=int(os.environ.get(env, str(default))),
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, *checks],
+    )
 
 
 # -- tensor helpers -----------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import iter_tensors
+from conftest import derandomized, iter_tensors
 from test_hostile_files import join, split, write_checkpoint
 
 import astage
@@ -33,18 +33,10 @@ from astage._files._load import check_file
 
 pytest.importorskip("hypothesis")  # not on the GPU machines
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 
-EXAMPLES = int(os.environ.get("ASTAGE_LOAD_EXAMPLES", "120"))
-"""Examples per property (the same ones every run: derandomized); more for a longer hunt."""
-
-SETTINGS = settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+SETTINGS = derandomized("ASTAGE_LOAD_EXAMPLES", 120, HealthCheck.data_too_large)
 
 
 def _states() -> list[Any]:

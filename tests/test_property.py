@@ -30,22 +30,19 @@ import copy
 import dataclasses
 import enum
 import functools
-import os
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import pytest
 import torch
-from conftest import DRIVERS, DTYPES, Driver, bytes_of
+from conftest import DRIVERS, DTYPES, Driver, bytes_of, derandomized
 
 pytest.importorskip("hypothesis")  # not on the GPU machines
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 
 from astage import compat
-
-EXAMPLES = int(os.environ.get("ASTAGE_PROPERTY_EXAMPLES", "200"))
 
 # -- the faces ----------------------------------------------------------------------------------
 
@@ -382,13 +379,7 @@ def _change_every_byte(source: Any) -> None:
 # -- the property -------------------------------------------------------------------------------
 
 
-@settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+@derandomized("ASTAGE_PROPERTY_EXAMPLES", 200, HealthCheck.data_too_large)
 @given(source=state_dicts())
 def test_staging_is_a_deep_copy(face: Face, source: dict[str, Any]) -> None:
     staged = face.stage(source)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import gc
-import os
 import sys
 import weakref
 from collections.abc import Callable, Iterator
@@ -24,7 +23,7 @@ from typing import Any, NamedTuple
 
 import pytest
 import torch
-from conftest import DRIVERS, Driver, bytes_of, model_state_dict, mutate_
+from conftest import DRIVERS, Driver, bytes_of, derandomized, model_state_dict, mutate_
 
 from astage import _torch as torch_wrappers
 from astage import compat
@@ -976,13 +975,10 @@ def test_compat_replays() -> None:
         stager.close()
 
 
-EXAMPLES = int(os.environ.get("ASTAGE_REPLAY_EXAMPLES", "150"))
-
-
 # -- the property: any change between calls, replayed or walked, stages what a fresh cache does --
 
 hypothesis = pytest.importorskip("hypothesis")  # not on the GPU machines
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 _DTYPES = [torch.float32, torch.complex64, torch.int16, torch.float64]
@@ -1142,14 +1138,7 @@ class Scenario:
                 bytes_of(storage).random_(0, 256)
 
 
-_PROPERTY = settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
-"""The same examples on every run (no database), as many as ``ASTAGE_REPLAY_EXAMPLES``."""
+_PROPERTY = derandomized("ASTAGE_REPLAY_EXAMPLES", 150)
 
 
 @st.composite

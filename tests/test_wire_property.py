@@ -13,13 +13,12 @@ values (a dtype, a shape that fits): the wire keeps no checksum of its own, as T
 from __future__ import annotations
 
 import json
-import os
 from collections import OrderedDict
 from typing import Any
 
 import pytest
 import torch
-from conftest import tensors_of
+from conftest import derandomized, tensors_of
 from test_load_property import json_values, nodes
 
 import astage
@@ -27,19 +26,10 @@ from astage._replication._wire import check_lengths, decode, encode, parse_heade
 
 pytest.importorskip("hypothesis")  # not on the GPU machines
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
-EXAMPLES = int(os.environ.get("ASTAGE_WIRE_EXAMPLES", "150"))
-"""Examples per property (the same ones every run: derandomized); more for a longer hunt."""
-
-SETTINGS = settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+SETTINGS = derandomized("ASTAGE_WIRE_EXAMPLES", 150)
 
 
 def _states() -> list[Any]:
