@@ -307,7 +307,26 @@ def _entry(key: str, info: Any, path: str) -> Stored:
         raise CheckpointFormatError(
             f"{where}: 'data_offsets' span {end - begin} bytes, its dtype and shape need {nbytes}"
         )
+    refused = _empty_shape_refused(shape, dtype)
+    if refused is not None:
+        raise CheckpointFormatError(f"{where}: torch refuses 'shape' {abridged(shape)}: {refused}")
     return Stored(key, dtype, shape, begin, end)
+
+
+def _empty_shape_refused(shape: list[int], dtype: torch.dtype) -> str | None:
+    """Why torch refuses a tensor of ``shape`` with no elements, or None.
+
+    A shape without a 0 is bounded by its entry's bytes, and so by the file; beside a 0 the
+    other sizes may be anything, and torch refuses some (its strides or storage size would
+    overflow int64) with a raw RuntimeError. Asked on the meta device: nothing is allocated.
+    """
+    if 0 not in shape or len(shape) < 2:
+        return None
+    try:
+        torch.empty(shape, dtype=dtype, device="meta")
+    except RuntimeError as error:
+        return str(error)
+    return None
 
 
 def _check_tiling(entries: dict[str, Stored], data_bytes: int, path: str) -> None:
@@ -543,6 +562,16 @@ class Decoder(SkeletonDecoder):
                 f"byte {needed}, past the end of entry {abridged(entry.key)} ({entry.nbytes} bytes)"
             )
         if self._stored is None:
+            if 0 in shape:  # sizes beside a 0 are bounded by nothing: as load's set_ would
+                try:
+                    torch.empty((0,), dtype=dtype, device="meta").set_(
+                        torch.empty((0,), dtype=torch.uint8, device="meta").untyped_storage(),
+                        offset,
+                        shape,
+                        stride,
+                    )
+                except RuntimeError as error:
+                    raise self.invalid(f"torch refuses this view: {error}") from None
             return None
         base = self._base(entry.key)
         try:
@@ -727,6 +756,11 @@ class Decoder(SkeletonDecoder):
                 f"numpy 'shape' {abridged(shape)} of {dtype_text} does not fill entry "
                 f"{abridged(entry.key)} ({entry.nbytes} bytes)"
             )
+        if 0 in shape:  # sizes beside a 0 are bounded by nothing: numpy refuses some
+            try:
+                numpy.empty((0,), dtype=dtype).reshape(shape)
+            except ValueError as error:
+                raise self.invalid(f"numpy refuses 'shape' {abridged(shape)}: {error}") from None
         if self._stored is None:
             return None
         storage = self._stored[entry.key].untyped_storage()

@@ -1,0 +1,96 @@
+"""Defects found by hunting in the file layer (load, save, CheckpointDir), one test each.
+
+Each test failed before its fix: a hostile or damaged file, or a folder that is not what
+astage left there, must give an astage error naming where, never a raw Python or torch one.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import astage
+from astage._files._load import check_file
+
+BIG = (1 << 62) - 1  # the largest size a header may give (sizes are below 1 << 62)
+
+
+def crafted(path: Path, header: dict[str, Any], data: bytes = b"") -> Path:
+    """A file of ``header`` (no digest, no seal: crafted, as anyone may write one)."""
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    return path
+
+
+def skeleton(node: Any) -> str:
+    return json.dumps({"version": 1, "skeleton": node})
+
+
+# -- empty tensors whose other sizes torch or numpy refuse ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        [BIG, BIG, 0],  # storage size overflows
+        [0, BIG, BIG],  # strides overflow
+        [2**31, 2**31, 2**31, 0],
+    ],
+)
+def test_an_empty_entry_whose_shape_torch_refuses_is_a_format_error(
+    tmp_path: Path, shape: list[int]
+) -> None:
+    # No byte bounds the sizes beside a 0 (the entry holds none): torch.empty raised a raw
+    # RuntimeError from load, and check_file passed the file, so resuming picked it.
+    path = crafted(
+        tmp_path / "e.safetensors", {"e": {"dtype": "F32", "shape": shape, "data_offsets": [0, 0]}}
+    )
+    for read in (astage.load, check_file):
+        with pytest.raises(astage.CheckpointFormatError, match=r"header entry 'e'.*'shape'") as e:
+            read(path)
+        assert str(path) in str(e.value)
+
+
+def test_an_empty_entry_torch_accepts_still_loads(tmp_path: Path) -> None:
+    path = crafted(
+        tmp_path / "ok.safetensors",
+        {"e": {"dtype": "F32", "shape": [2**31, 2**31, 0], "data_offsets": [0, 0]}},
+    )
+    check_file(path)
+    assert astage.load(path)["e"].shape == (2**31, 2**31, 0)
+
+
+def test_an_empty_numpy_array_whose_shape_numpy_refuses_is_a_format_error(tmp_path: Path) -> None:
+    node = {"dict": [["x", {"numpy": "<storage 0>", "dtype": "<f4", "shape": [BIG, BIG, 0]}]]}
+    path = crafted(
+        tmp_path / "n.safetensors",
+        {
+            "__metadata__": {"astage": skeleton(node)},
+            "<storage 0>": {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]},
+        },
+    )
+    for read in (astage.load, check_file, lambda p: astage.load(p, into={"x": None})):
+        with pytest.raises(astage.CheckpointFormatError, match=r"at \['x'\].*numpy refuses"):
+            read(path)
+
+
+def test_an_empty_view_whose_shape_torch_refuses_fails_the_check_too(tmp_path: Path) -> None:
+    # load refused it ("torch refuses this view"); check_file passed it, so latest_step named
+    # a step that load_latest then had to pass over.
+    view: dict[str, Any] = {"tensor": "<storage 0>", "dtype": "float32", "offset": 0}
+    view |= {"shape": [BIG, BIG, 0], "stride": [1, 1, 1]}
+    path = crafted(
+        tmp_path / "v.safetensors",
+        {
+            "__metadata__": {"astage": skeleton({"dict": [["v", view]]})},
+            "<storage 0>": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]},
+        },
+        b"\0" * 4,
+    )
+    for read in (astage.load, check_file):
+        with pytest.raises(astage.CheckpointFormatError, match=r"at \['v'\].*torch refuses"):
+            read(path)
