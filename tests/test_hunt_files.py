@@ -6,12 +6,15 @@ astage left there, must give an astage error naming where, never a raw Python or
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import struct
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 import astage
 from astage._files._load import check_file
@@ -94,3 +97,47 @@ def test_an_empty_view_whose_shape_torch_refuses_fails_the_check_too(tmp_path: P
     for read in (astage.load, check_file):
         with pytest.raises(astage.CheckpointFormatError, match=r"at \['v'\].*torch refuses"):
             read(path)
+
+
+# -- CheckpointDir: a folder that holds what astage did not put there ----------------------------
+
+
+def state_at(step: int) -> dict[str, Any]:
+    return {"w": torch.full((4,), float(step)), "step": step}
+
+
+@pytest.mark.asyncio
+async def test_pruning_leaves_a_folder_under_a_step_files_name_alone(tmp_path: Path) -> None:
+    # unlink() of it raised a raw IsADirectoryError from the publish step: every later save
+    # of the run failed, after its file was durable and `latest` had moved.
+    (tmp_path / "step_000000001.safetensors").mkdir()
+    async with astage.CheckpointDir(tmp_path, keep=1) as ckpts:
+        for step in (2, 3):
+            await ckpts.save(step, state_at(step))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "latest",
+        "step_000000001.safetensors",
+        "step_000000003.safetensors",
+    ]
+
+
+@pytest.mark.asyncio
+async def test_a_step_file_pruning_cannot_delete_is_an_astage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with astage.CheckpointDir(tmp_path, keep=1) as ckpts:
+        await ckpts.save(1, state_at(1))
+        real = os.unlink
+
+        def unlink(path: Any, *args: Any, **kwargs: Any) -> None:
+            if str(path).endswith("step_000000001.safetensors"):
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            real(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "unlink", unlink)
+        with pytest.raises(astage.CheckpointWriteError, match="pruning cannot delete") as caught:
+            await ckpts.save(2, state_at(2))
+        assert "step_000000001.safetensors" in str(caught.value)
+        assert isinstance(caught.value.__cause__, PermissionError)
+    # The save itself stands: its file is durable and `latest` names it.
+    assert (tmp_path / "latest").read_text() == "step_000000002.safetensors\n"

@@ -350,9 +350,25 @@ class CheckpointDir:
                 if self._problem(name) is None:
                     kept += 1
                 continue
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(self.root, name))
+            self._delete(name, latest)
             self._folder.good.pop(name, None)
+
+    def _delete(self, name: str, latest: int) -> None:
+        """Delete the pruned step file ``name``; a folder of that name is left alone."""
+        path = os.path.join(self.root, name)
+        try:
+            # A folder under a step file's name is not a checkpoint astage wrote (unlink
+            # cannot remove it anyway): leave it, as tidying leaves one under a temporary name.
+            if not stat.S_ISDIR(os.lstat(path).st_mode):
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as error:
+            raise CheckpointWriteError(
+                f"{os.path.join(self.root, file_name(latest))} is durable and "
+                f"{os.path.join(self.root, LATEST)} names it, but pruning cannot delete "
+                f"{path}: {error.strerror or error}"
+            ) from error
 
     # -- reading back -----------------------------------------------------------------------
 
