@@ -40,6 +40,7 @@ Everything here is plain byte and metadata work: no process group, no thread, no
 from __future__ import annotations
 
 import json
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,8 +48,8 @@ from typing import Any
 import torch
 
 from .._errors import AstageError, ReplicationError
+from .._files._load import VIEW_DTYPES
 from .._files._skeleton import (
-    TORCH_DTYPES,
     SkeletonDecoder,
     SkeletonEncoder,
     local_shape_problem,
@@ -97,6 +98,10 @@ MAX_NDIM = 64
 """The most dimensions a tensor, a mesh or a placement list may have on the wire."""
 BUCKET_BYTES = 16 << 20
 """Storages smaller than this travel packed together in buckets of about this size."""
+MAX_SIZE = 1 << 62
+"""Every size, stride, offset and index on the wire is below this (as in a file, see
+``_files/_load``): torch takes them as int64, and a larger one escaped ``set_`` as its own
+``TypeError``; no real storage is indexed past it."""
 
 
 # -- DTensor placements and meshes ----------------------------------------------------------------
@@ -117,8 +122,8 @@ def placement_to_json(placement: Any, path: Path) -> list[Any]:
 
 
 def _is_count(value: Any) -> bool:
-    """A JSON integer that is not negative (``bool`` is an ``int`` in Python: refused)."""
-    return type(value) is int and value >= 0
+    """A JSON integer from 0 below :data:`MAX_SIZE` (``bool`` is an ``int`` in Python: refused)."""
+    return type(value) is int and 0 <= value < MAX_SIZE
 
 
 _INT_ONLY = {int}
@@ -128,7 +133,9 @@ def _counts(value: Any, *, most: int = MAX_NDIM) -> bool:
     """A list of at most ``most`` counts (C-level checks: this runs for every tensor)."""
     if type(value) is not list or len(value) > most:
         return False
-    return not value or (set(map(type, value)) == _INT_ONLY and min(value) >= 0)
+    return not value or (
+        set(map(type, value)) == _INT_ONLY and min(value) >= 0 and max(value) < MAX_SIZE
+    )
 
 
 def _resolve_meshes(described: list[list[Any]], own: list[Any]) -> list[Any]:
@@ -430,11 +437,18 @@ class _Decoder(SkeletonDecoder):
                 f"field 'storage' is {_shown(index)}, not a storage index "
                 f"(0 to {len(self._storages) - 1})"
             )
-        dtype = TORCH_DTYPES.get(node["dtype"]) if type(node["dtype"]) is str else None
+        # Never a quantized dtype: the encoder refuses quantized tensors, and a view of one
+        # made here is a tensor torch can neither read nor clone.
+        dtype = VIEW_DTYPES.get(node["dtype"]) if type(node["dtype"]) is str else None
         if dtype is None:
             raise self.invalid(f"field 'dtype' is {_shown(node['dtype'])}, not a torch dtype")
         if not _counts(shape) or not _counts(stride) or len(shape) != len(stride):
-            raise self.invalid("fields 'shape' and 'stride' must be equal-length lists of sizes")
+            raise self.invalid(
+                "fields 'shape' and 'stride' must be equal-length lists of sizes "
+                f"(integers from 0 below {MAX_SIZE})"
+            )
+        if math.prod(shape) >= MAX_SIZE:  # torch's numel would overflow int64
+            raise self.invalid(f"field 'shape' {_shown(shape)} has too many elements")
         if not _is_count(offset):
             raise self.invalid(f"field 'offset' is {_shown(offset)}, not an offset")
         for flag in flags:
@@ -449,18 +463,25 @@ class _Decoder(SkeletonDecoder):
                 f"field 'param' asks for gradients on a view of dtype {node['dtype']}, "
                 "which only floating point and complex tensors can require"
             )
-        if 0 not in shape:
+        if 0 in shape:
+            # No element, but its offset still lies inside its storage (as in a file): a view
+            # past the end is no view of what was received.
+            needed = offset * dtype.itemsize
+        else:
             # the last element's index: sum((n - 1) * step), in C
             last = offset + sum(map(operator.mul, shape, stride)) - sum(stride)
             needed = (last + 1) * dtype.itemsize
-            if needed > self._sizes[index]:
-                raise self.invalid(
-                    f"a view of {needed} bytes (shape {shape}, stride {stride}, offset {offset}, "
-                    f"{node['dtype']}) is larger than its storage {index} of "
-                    f"{self._sizes[index]} bytes"
-                )
+        if needed > self._sizes[index]:
+            raise self.invalid(
+                f"a view of {needed} bytes (shape {shape}, stride {stride}, field 'offset' "
+                f"{offset}, {node['dtype']}) is larger than its storage {index} of "
+                f"{self._sizes[index]} bytes"
+            )
         storage = self._storages[index].untyped_storage()
-        view = torch.empty((0,), dtype=dtype, device="cpu").set_(storage, offset, shape, stride)
+        try:
+            view = torch.empty((0,), dtype=dtype, device="cpu").set_(storage, offset, shape, stride)
+        except RuntimeError as error:  # anything torch refuses that the checks above let by
+            raise self.invalid(f"torch refuses this view: {error}") from None
         if node.get("conj"):
             view = view.conj()
         if node.get("neg"):
@@ -505,7 +526,7 @@ class _Decoder(SkeletonDecoder):
                 f"a ShardedTensor node needs exactly the fields {sorted(_SHARDED_KEYS)}"
             )
         size, shards, entries = node["size"], node["shards"], node["metadata"]
-        dtype = TORCH_DTYPES.get(node["dtype"]) if type(node["dtype"]) is str else None
+        dtype = VIEW_DTYPES.get(node["dtype"]) if type(node["dtype"]) is str else None
         if not _counts(size) or dtype is None or type(node["requires_grad"]) is not bool:
             raise self.invalid("ShardedTensor fields 'size', 'dtype', 'requires_grad' are bad")
         if type(shards) is not list or type(entries) is not list or not entries:
