@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -141,3 +142,39 @@ async def test_a_step_file_pruning_cannot_delete_is_an_astage_error(
         assert isinstance(caught.value.__cause__, PermissionError)
     # The save itself stands: its file is durable and `latest` names it.
     assert (tmp_path / "latest").read_text() == "step_000000002.safetensors\n"
+
+
+# -- paths that cannot name a file ----------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_a_path_with_a_nul_byte_is_an_invalid_option(tmp_path: Path) -> None:
+    # The OS calls raised a raw ValueError ("embedded null byte").
+    bad = f"{tmp_path}/a\0b.safetensors"
+    state = state_at(1)
+    with pytest.raises(astage.InvalidOptionsError, match="NUL"):
+        await astage.save(state, bad)
+    with pytest.raises(astage.InvalidOptionsError, match="NUL"):
+        astage.save_sync(state, bad)
+    for read in (astage.load, lambda p: astage.load(p, into=state), check_file):
+        with pytest.raises(astage.InvalidOptionsError, match="NUL"):
+            read(bad)
+    with pytest.raises(astage.InvalidOptionsError, match=r"root .* NUL"):
+        astage.CheckpointDir(f"{tmp_path}/r\0un")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_path_that_is_no_path_is_an_invalid_option() -> None:
+    reads: list[Callable[[Any], object]] = [astage.load, check_file, astage.CheckpointDir]
+    for read in reads:
+        with pytest.raises(astage.InvalidOptionsError, match=r"os\.PathLike path, not int"):
+            read(3)
+
+
+@pytest.mark.asyncio
+async def test_a_writer_for_a_bytes_path_writes_its_file(tmp_path: Path) -> None:
+    # The writer joined its bytes folder with a str temporary name: a raw TypeError.
+    writer = astage.SafetensorsWriter(bytes(tmp_path / "b.safetensors"))  # type: ignore[arg-type]
+    await astage.save(state_at(1), writer)
+    assert writer.path == str(tmp_path / "b.safetensors")
+    assert astage.load(tmp_path / "b.safetensors")["step"] == 1

@@ -59,6 +59,7 @@ from .._errors import (
     UsageError,
 )
 from ._load import check_file, load
+from ._safetensors import fs_path
 from ._save import NO_OWNER, SaveHandle, SaveResult, run_save, start_in
 from ._writer import DEFAULT_THREADS, SafetensorsWriter, fsync_folder, positive_int
 
@@ -203,7 +204,7 @@ class CheckpointDir:
         stager: Stager | None = None,
         threads: int = DEFAULT_THREADS,
     ) -> None:
-        self.root = os.path.abspath(os.fspath(root))
+        self.root = os.path.abspath(fs_path(root, "root"))
         self.keep = None if keep is None else positive_int("keep", keep)
         self.threads = positive_int("threads", threads)
         self.skipped: tuple[SkippedCheckpoint, ...] = ()

@@ -40,6 +40,7 @@ from ._safetensors import (
     MAX_HEADER_BYTES,
     METADATA_KEY,
     digest_matches,
+    fs_path,
     read_exactly,
     tensor_memoryview,
 )
@@ -94,7 +95,7 @@ def check_file(path: str | os.PathLike[str]) -> None:
     against its entry's size), no tensor data. A missing file raises
     :class:`CheckpointNotFoundError`.
     """
-    name = os.fspath(path)
+    name = fs_path(path, "path")
     fd, size = open_checked(name)
     try:
         header = read_checked(fd, name, size)
@@ -151,7 +152,7 @@ def load(
                 f"device at 'cpu', not {device!r}"
             )
         return restore(path, into, strict=strict)
-    name = os.fspath(path)
+    name = fs_path(path, "path")
     target = torch.device(device)
     fd, size = open_checked(name)
     try:

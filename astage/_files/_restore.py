@@ -59,7 +59,7 @@ from ._load import (
     read_checked,
     skeleton_document,
 )
-from ._safetensors import read_exactly, tensor_memoryview
+from ._safetensors import fs_path, read_exactly, tensor_memoryview
 
 READ_THREADS = 4
 """Threads that read one restore's pieces: enough to keep an NVMe queue busy, few enough to
@@ -90,7 +90,7 @@ def restore(
     See :func:`astage.load` (``into=``) for the contract; ``poll`` is called while the pieces
     are read and may raise to stop the restore (cancellation, from :func:`load_async`).
     """
-    name = os.fspath(path)
+    name = fs_path(path, "path")
     fd, size = open_checked(name)
     try:
         header = read_checked(fd, name, size)

@@ -54,6 +54,7 @@ import torch
 from .._errors import (
     CheckpointError,
     CheckpointFormatError,
+    InvalidOptionsError,
 )
 from .._torch import (
     dtensor_local,
@@ -119,6 +120,21 @@ def digest_matches(raw: bytes, digest: str) -> bool:
     if len(digest) != 64 or raw.count(sealed) != 1:
         return False
     return hashlib.sha256(raw.replace(sealed, _UNSEALED)).hexdigest() == digest
+
+
+def fs_path(path: Any, what: str) -> str:
+    """``path`` (a str, bytes or ``os.PathLike``) as the str the OS calls take, or
+    :class:`InvalidOptionsError` naming ``what``: no path may reach them as a raw ``TypeError``
+    or, with a NUL byte (which no file name holds), a raw ``ValueError``."""
+    try:
+        name = os.fsdecode(path)
+    except TypeError:
+        raise InvalidOptionsError(
+            f"{what} must be a str or os.PathLike path, not {type(path).__qualname__}"
+        ) from None
+    if "\0" in name:
+        raise InvalidOptionsError(f"{what} {name!r} holds a NUL byte, which no file name holds")
+    return name
 
 
 def read_exactly(fd: int, view: memoryview, offset: int, path: str) -> None:

@@ -60,7 +60,7 @@ import torch
 from .._errors import CheckpointWriteError, InvalidOptionsError, UsageError
 from .._paths import Path, format_path
 from ._layout import Entry, Layout, plan_layout
-from ._safetensors import storage_memoryview
+from ._safetensors import fs_path, storage_memoryview
 
 DEFAULT_THREADS = 4
 DEFAULT_CHUNK_BYTES = 8 << 20  # smaller pieces start the disk sooner (see docs/writers.md)
@@ -196,7 +196,7 @@ class SafetensorsWriter:
         writeback: bool = True,
         direct: bool = True,
     ) -> None:
-        self.path = os.path.abspath(os.fspath(path))
+        self.path = os.path.abspath(fs_path(path, "path"))
         self.metadata = dict(metadata or {})
         self.threads = positive_int("threads", threads)
         self.chunk_bytes = positive_int("chunk_bytes", chunk_bytes)
