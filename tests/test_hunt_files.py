@@ -178,3 +178,21 @@ async def test_a_writer_for_a_bytes_path_writes_its_file(tmp_path: Path) -> None
     await astage.save(state_at(1), writer)
     assert writer.path == str(tmp_path / "b.safetensors")
     assert astage.load(tmp_path / "b.safetensors")["step"] == 1
+
+
+@pytest.mark.asyncio
+async def test_a_root_that_is_a_file_is_a_checkpoint_error(tmp_path: Path) -> None:
+    # Raw NotADirectoryError from the readers and `async with`, FileExistsError from save().
+    root = tmp_path / "run"
+    root.write_bytes(b"not a folder")
+    ckpts = astage.CheckpointDir(root)
+    for read in (ckpts.steps, ckpts.latest_step, ckpts.load_latest):
+        with pytest.raises(astage.CheckpointError, match="cannot list the checkpoint folder") as e:
+            read()
+        assert str(root) in str(e.value)
+    with pytest.raises(astage.CheckpointError, match="cannot list the checkpoint folder"):
+        async with astage.CheckpointDir(root):
+            pass
+    with pytest.raises(astage.CheckpointWriteError, match="cannot make the checkpoint folder"):
+        await ckpts.save(1, state_at(1))
+    assert root.read_bytes() == b"not a folder"

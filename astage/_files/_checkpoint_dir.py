@@ -282,7 +282,12 @@ class CheckpointDir:
         return writer, publish, save
 
     def _open_folder(self) -> None:
-        os.makedirs(self.root, exist_ok=True)
+        try:
+            os.makedirs(self.root, exist_ok=True)
+        except OSError as error:  # a file there, or a folder above it that is one
+            raise CheckpointWriteError(
+                f"cannot make the checkpoint folder {self.root}: {error.strerror or error}"
+            ) from error
         self._tidy()
 
     def _publish(self, save: _Save, sequence: int) -> None:
@@ -434,11 +439,18 @@ class CheckpointDir:
         return found
 
     def _step_files(self) -> list[int]:
+        return sorted(step for step in map(step_of, self._names()) if step is not None)
+
+    def _names(self) -> list[str]:
+        """The names in the folder; none while it does not exist."""
         try:
-            names = os.listdir(self.root)
+            return os.listdir(self.root)
         except FileNotFoundError:
             return []
-        return sorted(step for step in map(step_of, names) if step is not None)
+        except OSError as error:  # a file, not a folder; no permission to list it
+            raise CheckpointError(
+                f"cannot list the checkpoint folder {self.root}: {error.strerror or error}"
+            ) from error
 
     def _problem(self, name: str) -> str | None:
         """Why the step file ``name`` cannot be resumed from, or None when it is good."""
@@ -476,10 +488,7 @@ class CheckpointDir:
         if not folder.lock.acquire(blocking=wait):
             return
         try:
-            try:
-                names = os.listdir(self.root)
-            except FileNotFoundError:
-                names = []
+            names = self._names()
             # Asked after listing: a save registers before it creates its temporary file, so
             # any save whose file was listed is in this answer (unless it has ended).
             in_progress = folder.in_progress()
