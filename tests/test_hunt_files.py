@@ -196,3 +196,30 @@ async def test_a_root_that_is_a_file_is_a_checkpoint_error(tmp_path: Path) -> No
     with pytest.raises(astage.CheckpointWriteError, match="cannot make the checkpoint folder"):
         await ckpts.save(1, state_at(1))
     assert root.read_bytes() == b"not a folder"
+
+
+# -- load's device= -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", ["gpu", 3.5, "cuda:99"])
+def test_a_bad_or_absent_load_device_is_an_invalid_option(tmp_path: Path, device: Any) -> None:
+    # torch.device("gpu") raised a raw RuntimeError (from load(into=) too), and an absent
+    # device a raw AssertionError or RuntimeError once the whole file was read; load_latest
+    # let those through, but a CheckpointError there would have skipped every good file.
+    path = tmp_path / "a.safetensors"
+    astage.save_sync(state_at(1), path)
+    with pytest.raises(astage.InvalidOptionsError, match="device"):
+        astage.load(path, device=device)
+    with pytest.raises(astage.InvalidOptionsError, match="device"):
+        astage.load(path, into=state_at(0), device=device)
+
+
+@pytest.mark.asyncio
+async def test_load_latest_onto_an_absent_device_skips_nothing(tmp_path: Path) -> None:
+    async with astage.CheckpointDir(tmp_path) as ckpts:
+        await ckpts.save(1, state_at(1))
+    with pytest.raises(astage.InvalidOptionsError, match="'cuda:99'"):
+        ckpts.load_latest(device="cuda:99")
+    assert ckpts.skipped == ()
+    with pytest.raises(astage.InvalidOptionsError, match="not a torch device"):
+        await astage.load_async(tmp_path / "step_000000001.safetensors", into={}, device="gpu")

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .._errors import (
+    AcceleratorUnavailableError,
     AstageError,
     CheckpointError,
     CheckpointFormatError,
@@ -143,17 +144,17 @@ def load(
     the file and the field; nothing in a file runs code.
     """
     meshes = _meshes_option(device_mesh)
+    target = load_device(device)
     if into is not None:
         from ._restore import restore  # the restore builds on this module
 
-        if torch.device(device).type != "cpu":
+        if target.type != "cpu":
             raise InvalidOptionsError(
                 "load(into=...) fills the tensors of `into` on their own devices: leave "
                 f"device at 'cpu', not {device!r}"
             )
         return restore(path, into, strict=strict)
     name = fs_path(path, "path")
-    target = torch.device(device)
     fd, size = open_checked(name)
     try:
         header = read_checked(fd, name, size)
@@ -170,6 +171,34 @@ def load(
             stored = {key: tensor.to(target) for key, tensor in stored.items()}
         return stored
     return Decoder(header.entries, stored, name, target, meshes).decode(document)
+
+
+def load_device(device: Any) -> torch.device:
+    """``load``'s ``device=`` as a torch device that is there, or :class:`InvalidOptionsError`.
+
+    Checked before the file is read: torch would refuse a bad name with a raw RuntimeError,
+    and a device this process lacks (``"cuda"`` without CUDA) with a raw AssertionError or
+    RuntimeError once every tensor was read; :meth:`CheckpointDir.load_latest` must see
+    neither as a bad file to pass over.
+    """
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise InvalidOptionsError(
+            f"device {abridged(device)} is not a torch device: {reason}"
+        ) from None
+    if target.type in ("cpu", "meta"):
+        return target
+    accelerator = torch.accelerator.current_accelerator(check_available=True)
+    count = torch.accelerator.device_count() if accelerator is not None else 0
+    if accelerator is None or accelerator.type != target.type or (target.index or 0) >= count:
+        present = f"{count} {accelerator.type} device(s)" if accelerator is not None else "none"
+        raise AcceleratorUnavailableError(
+            f"cannot load onto device {str(target)!r}: this process has no such device "
+            f"(accelerators: {present})"
+        )
+    return target
 
 
 def _meshes_option(device_mesh: Any) -> tuple[Any, ...] | None:

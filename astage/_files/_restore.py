@@ -55,6 +55,7 @@ from ._load import (
     Stored,
     abridged,
     load,
+    load_device,
     open_checked,
     read_checked,
     skeleton_document,
@@ -126,7 +127,7 @@ async def load_async(
     between pieces: the pieces being read finish first (they write into ``into``'s tensors,
     which must not change after the call is gone), and ``into`` is then partly restored.
     """
-    if into is None or torch.device(device).type != "cpu":  # load refuses device= with into
+    if into is None or load_device(device).type != "cpu":  # load refuses device= with into
         return await anyio.to_thread.run_sync(
             partial(load, path, device=device, into=into, device_mesh=device_mesh)
         )
