@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import astage
 from astage._replication._wire import decode, encode, parse_header
@@ -49,3 +50,93 @@ def test_tensor_fields_torch_cannot_take_are_refused_naming_the_field(
     with pytest.raises(astage.ReplicationError, match=names) as caught:
         _receive(lambda node: node.update(fields))
     assert "['w']" in str(caught.value)
+
+
+def test_a_storage_no_tensor_views_is_refused_naming_the_field() -> None:
+    # An encoder sends a storage only for a tensor that views it; one nobody views is a
+    # crafted header (and a buffer the receiver would make for nothing).
+    header = encode({"w": torch.arange(12.0)}, call=1).header
+    header["storages"] = [48, 0, 0]
+    checked = parse_header(json.dumps(header).encode(), 48)
+    storages = [torch.zeros(size, dtype=torch.uint8) for size in checked.sizes]
+    with pytest.raises(astage.ReplicationError, match=r"'storages'\[1\].*viewed by no tensor"):
+        decode(checked.raw, storages, [], source=1)
+
+
+# -- the transport against a scripted partner (no process group) ------------------------------
+
+
+class _Done:
+    """A torch.distributed work that has completed."""
+
+    def wait(self, timeout: Any = None) -> bool:
+        return True
+
+
+class ScriptedPartner:
+    """Stands in for rank 1 in ``torch.distributed``'s isend/irecv: what it sends, by tag, is
+    scripted; what rank 0 sends it is kept, by tag."""
+
+    def __init__(self, header: bytes, total: int) -> None:
+        self.sends: dict[int, torch.Tensor] = {
+            0: torch.tensor([len(header), total], dtype=torch.int64),
+            1: torch.frombuffer(bytearray(header), dtype=torch.uint8),
+            2: torch.tensor([1], dtype=torch.int64),  # it accepts rank 0's header
+        }
+        self.received: dict[int, torch.Tensor] = {}
+
+    def isend(self, tensor: torch.Tensor, group: Any, group_dst: int, tag: int) -> _Done:
+        self.received[tag] = tensor.clone()
+        return _Done()
+
+    def irecv(self, tensor: torch.Tensor, group: Any, group_src: int, tag: int) -> _Done:
+        tensor.copy_(self.sends[tag])
+        return _Done()
+
+
+def test_a_header_listing_storages_by_the_thousand_makes_no_buffer_for_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Before: the transport made one receive buffer per listed storage before the skeleton was
+    # decoded: a header of 100,000 "0," entries (200 kB) cost 100,000 tensors (about 40 MB and
+    # 0.3 s; 1 GiB of header, hours and terabytes), and the header was accepted.
+    from astage._replication import _transport
+
+    header = encode({"w": torch.arange(12.0)}, call=1).header
+    header["storages"] = [48] + [0] * 100_000
+    partner = ScriptedPartner(json.dumps(header).encode(), 48)
+    monkeypatch.setattr(dist, "isend", partner.isend)
+    monkeypatch.setattr(dist, "irecv", partner.irecv)
+    made: list[int] = []
+    real_empty = torch.empty
+
+    def counted_empty(*args: Any, **kwargs: Any) -> torch.Tensor:
+        made.append(1)
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", counted_empty)
+    transport = _transport.Transport(None, rank=0, send_to=1, receive_from=1, timeout=30.0)
+    with pytest.raises(astage.ReplicationError, match=r"refused the header.*'storages'\[1\]"):
+        transport.exchange({"w": torch.arange(3.0)}, call=1)
+    assert len(made) < 100, len(made)
+    assert partner.received[2].tolist() == [0]  # rank 1 is told: refused, so it sends no bytes
+    assert transport.broken is None  # still in step
+
+
+def test_the_scripted_partner_exchanges_an_honest_snapshot(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The harness above, honest: the replica arrives, built on buffers made one by one.
+    from astage._replication import _transport
+
+    w = torch.arange(12.0)
+    encoded = encode({"w": w, "view": w[2:5]}, call=1)
+    partner = ScriptedPartner(json.dumps(encoded.header).encode(), 48)
+    partner.sends[3] = encoded.storages[0].clone()  # the one bucket of bytes
+    monkeypatch.setattr(dist, "isend", partner.isend)
+    monkeypatch.setattr(dist, "irecv", partner.irecv)
+    transport = _transport.Transport(None, rank=0, send_to=1, receive_from=1, timeout=30.0)
+    replica = transport.exchange({"x": torch.ones(2)}, call=1)
+    assert torch.equal(replica["w"], torch.arange(12.0))
+    assert torch.equal(replica["view"], torch.arange(2.0, 5.0))
+    assert replica["view"].untyped_storage().data_ptr() == replica["w"].untyped_storage().data_ptr()
+    again = transport.exchange({"x": torch.ones(2)}, call=1)  # same sizes: the same buffers
+    assert again["w"].untyped_storage().data_ptr() == replica["w"].untyped_storage().data_ptr()

@@ -77,6 +77,36 @@ _SIZES_TAG, _HEADER_TAG, _VERDICT_TAG, _FIRST_BYTES_TAG = 0, 1, 2, 3
 # The verdicts: the header is accepted, refused, or shows that the pair is out of step.
 _ACCEPT, _REFUSE, _BREAK = 1, 0, -1
 
+
+class _Buffers:
+    """The receive buffers of one exchange: the last call's, or fresh ones made one by one as
+    the decoder reaches them (see :func:`._wire.decode`, which refuses a storage no tensor views).
+    """
+
+    def __init__(self, sizes: list[int], reused: list[torch.Tensor] | None) -> None:
+        self._sizes = sizes
+        self._reused = reused
+        self._made: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self._sizes)
+
+    def __getitem__(self, index: int, /) -> torch.Tensor:
+        if self._reused is not None:
+            return self._reused[index]
+        buffer = self._made.get(index)
+        if buffer is None:
+            size = self._sizes[index]
+            buffer = self._made[index] = torch.empty(size, dtype=torch.uint8, device="cpu")
+        return buffer
+
+    def all(self) -> list[torch.Tensor]:
+        """Every buffer, in storage order (made by now: the decoder reached each one)."""
+        if self._reused is not None:
+            return self._reused
+        return [self[i] for i in range(len(self._sizes))]
+
+
 _KEPT_FOR_GLOO: list[Any] = []
 """Buffers of messages still posted when an exchange failed, kept alive for good.
 
@@ -215,16 +245,20 @@ class Transport:
                     "the pair is out of step"
                 )
             if their_total >= 0:
-                storages = self._receive_buffers(header.sizes)
+                # The buffers are made as the decoder reaches each storage, never before: a
+                # header may list storages by the million at two bytes each ("0,"), and the
+                # decoder refuses storages that no tensor views before any more are made.
+                buffers = self._receive_buffers(header.sizes)
                 replica = decode(
                     header.raw,
-                    storages,
+                    buffers,
                     encoded.meshes,
                     self.receive_from,
                     sizes=header.sizes,
                     rank=self.rank,
                     group=self.group,
                 )
+                storages = self._recv_buffers = buffers.all()
                 plan = unpack_plan(storages, header.sizes)
         except Exception as error:  # noqa: BLE001 - sent back as this rank's refusal
             # Whatever went wrong checking the header is a refusal: an exception that left here
@@ -299,20 +333,22 @@ class Transport:
         refusal.__cause__ = error
         return refusal
 
-    def _receive_buffers(self, sizes: list[int]) -> list[torch.Tensor]:
+    def _receive_buffers(self, sizes: list[int]) -> _Buffers:
         """One host buffer per partner storage, reused from the last call when sizes match.
 
         With :attr:`fresh_when_in_use`, buffers that a replica handed out still uses are left
-        to it, and fresh ones are made.
+        to it, and fresh ones are made (each when the decoder first reaches it).
         """
         if self.fresh_when_in_use and any(
             storage_use_count(b.untyped_storage()) > 2  # this tensor and the storage object
             for b in self._recv_buffers
         ):
             self._recv_buffers = []
-        if [b.numel() for b in self._recv_buffers] != sizes:
-            self._recv_buffers = [torch.empty(n, dtype=torch.uint8, device="cpu") for n in sizes]
-        return self._recv_buffers
+        if len(self._recv_buffers) == len(sizes) and all(
+            b.numel() == n for b, n in zip(self._recv_buffers, sizes, strict=True)
+        ):
+            return _Buffers(sizes, self._recv_buffers)
+        return _Buffers(sizes, None)
 
     def _post(
         self, send: list[torch.Tensor], recv: list[torch.Tensor], first_tag: int

@@ -43,7 +43,7 @@ import json
 import math
 import operator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -78,6 +78,7 @@ __all__ = [
     "Encoded",
     "Header",
     "Incoming",
+    "Storages",
     "buckets",
     "check_lengths",
     "decode",
@@ -385,12 +386,21 @@ _DTENSOR_KEYS = frozenset({"local", "mesh", "placements", "shape", "stride", "re
 _SHARDED_KEYS = frozenset({"shards", "metadata", "size", "dtype", "requires_grad"})
 
 
+class Storages(Protocol):
+    """What :func:`decode` views: the receive buffers by index (a list, or one that makes each
+    buffer when the decoder first reaches it)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int, /) -> torch.Tensor: ...
+
+
 class _Decoder(SkeletonDecoder):
     """Rebuilds the partner's snapshot on ``storages``; every tensor field is checked first."""
 
     def __init__(  # noqa: PLR0917 - private, built in one place
         self,
-        storages: list[torch.Tensor],
+        storages: Storages,
         sizes: list[int],
         meshes: list[Any],
         source: int,
@@ -399,6 +409,8 @@ class _Decoder(SkeletonDecoder):
     ) -> None:
         self._storages = storages
         self._sizes = sizes
+        self.viewed: set[int] = set()
+        """The storage indices some tensor views (all of them, in what an encoder sends)."""
         self._meshes = meshes
         self._source = source
         self._rank = rank
@@ -477,6 +489,7 @@ class _Decoder(SkeletonDecoder):
                 f"{offset}, {node['dtype']}) is larger than its storage {index} of "
                 f"{self._sizes[index]} bytes"
             )
+        self.viewed.add(index)
         storage = self._storages[index].untyped_storage()
         try:
             view = torch.empty((0,), dtype=dtype, device="cpu").set_(storage, offset, shape, stride)
@@ -575,7 +588,7 @@ class _Decoder(SkeletonDecoder):
 
 def decode(
     header: dict[str, Any],
-    storages: list[torch.Tensor],
+    storages: Storages,
     own_meshes: list[Any],
     source: int,
     *,
@@ -589,16 +602,25 @@ def decode(
     the partner's rank; ``rank`` and ``group``: this rank and its process group, for the
     ShardedTensors rebuilt here. Every tensor is checked against ``sizes`` (the storages'
     sizes, by default those of ``storages``) before a view is made: a
-    :class:`~astage.ReplicationError` names the field and its path.
+    :class:`~astage.ReplicationError` names the field and its path. A storage that no tensor
+    views is refused too: an encoder sends none, and each costs the receiver a buffer (a
+    header of a million ``0,`` entries asked for a million).
     """
     if sizes is None:
-        sizes = [s.numel() for s in storages]
+        sizes = [storages[i].numel() for i in range(len(storages))]
     meshes = _resolve_meshes(header["meshes"], own_meshes)
     decoder = _Decoder(storages, sizes, meshes, source, rank, group)
     try:
-        return decoder.decode(header["skeleton"])
+        replica = decoder.decode(header["skeleton"])
     except RecursionError:
         raise ReplicationError("the skeleton nests too deep") from None
+    if len(decoder.viewed) != len(sizes):
+        unused = next(i for i in range(len(sizes)) if i not in decoder.viewed)
+        raise ReplicationError(
+            f"header field 'storages'[{unused}] ({sizes[unused]} bytes) is viewed by no tensor "
+            f"of the skeleton ({len(sizes) - len(decoder.viewed)} of {len(sizes)} storages are not)"
+        )
+    return replica
 
 
 # -- the byte messages -----------------------------------------------------------------------
