@@ -223,3 +223,33 @@ async def test_load_latest_onto_an_absent_device_skips_nothing(tmp_path: Path) -
     assert ckpts.skipped == ()
     with pytest.raises(astage.InvalidOptionsError, match="not a torch device"):
         await astage.load_async(tmp_path / "step_000000001.safetensors", into={}, device="gpu")
+
+
+# -- DTensor nodes --------------------------------------------------------------------------------
+
+
+def test_a_mesh_rank_past_int64_is_a_format_error(tmp_path: Path) -> None:
+    # The rank grid became an int64 tensor unchecked: a raw ValueError ("Overflow when
+    # unpacking long long") from load and from check_file.
+    node = {
+        "local": {"tensor": "['w']"},
+        "mesh": ["cpu", [[0, 1 << 63]], None],
+        "placements": [["replicate"], ["replicate"]],
+        "shape": [4],
+        "stride": [1],
+        "requires_grad": False,
+        "rank": 0,
+        "world": 2,
+        "coordinate": [0, 0],
+    }
+    path = crafted(
+        tmp_path / "d.safetensors",
+        {
+            "__metadata__": {"astage": skeleton({"dict": [["w", {"dtensor": node}]]})},
+            "['w']": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+        },
+        b"\0" * 16,
+    )
+    for read in (astage.load, check_file):
+        with pytest.raises(astage.CheckpointFormatError, match=r"at \['w'\].*'mesh'.*int64"):
+            read(path)

@@ -523,6 +523,7 @@ _NESTING = frozenset({"list", "tuple", "dict", "odict", "set", "frozenset", "nam
 
 MAX_MESH_RANKS = 1 << 24
 """The most ranks a device mesh read from a skeleton may have."""
+_RANK_LIMIT = 1 << 63  # a rank is an int64 in torch's mesh tensor
 
 
 def is_dtensor(x: Any) -> bool:
@@ -556,7 +557,10 @@ def mesh_problem(node: Any) -> str | None:
         return f"the rank grid must be a non-empty nested list of at most {MAX_MESH_RANKS} ranks"
     flat = _grid_ranks(grid, shape)
     if flat is None or len(set(flat)) != len(flat):
-        return "the rank grid must hold distinct ranks (ints >= 0) in a rectangular nested list"
+        return (
+            "the rank grid must hold distinct ranks (ints >= 0 that fit in int64) in a "
+            "rectangular nested list"
+        )
     if names is not None and (
         type(names) is not list
         or len(names) != len(shape)
@@ -587,7 +591,9 @@ def local_shape_problem(
 def _grid_ranks(grid: Any, shape: list[int]) -> list[int] | None:
     """The ranks of a rectangular nested list of ``shape``, flattened; None if it is not one."""
     if not shape:
-        return [grid] if type(grid) is int and grid >= 0 else None
+        # Below 2**63: the grid becomes an int64 tensor (torch.tensor would raise a raw
+        # ValueError, "Overflow when unpacking long long", for a larger rank).
+        return [grid] if type(grid) is int and 0 <= grid < _RANK_LIMIT else None
     if type(grid) is not list or len(grid) != shape[0]:
         return None
     flat: list[int] = []
