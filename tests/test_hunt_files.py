@@ -253,3 +253,29 @@ def test_a_mesh_rank_past_int64_is_a_format_error(tmp_path: Path) -> None:
     for read in (astage.load, check_file):
         with pytest.raises(astage.CheckpointFormatError, match=r"at \['w'\].*'mesh'.*int64"):
             read(path)
+
+
+def test_a_split_factor_past_int64_is_a_format_error(tmp_path: Path) -> None:
+    # _StridedShard(dim, split_factor=2**70) raised a raw TypeError from load and check_file.
+    node = {
+        "local": {"tensor": "['w']"},
+        "mesh": ["cpu", [[0, 1]], None],
+        "placements": [["replicate"], ["strided_shard", 0, 1 << 70]],
+        "shape": [4],
+        "stride": [1],
+        "requires_grad": False,
+        "rank": 0,
+        "world": 2,
+        "coordinate": [0, 0],
+    }
+    path = crafted(
+        tmp_path / "d.safetensors",
+        {
+            "__metadata__": {"astage": skeleton({"dict": [["w", {"dtensor": node}]]})},
+            "['w']": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+        },
+        b"\0" * 16,
+    )
+    for read in (astage.load, check_file):
+        with pytest.raises(astage.CheckpointFormatError, match=r"at \['w'\].*placement"):
+            read(path)

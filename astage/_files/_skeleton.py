@@ -523,7 +523,7 @@ _NESTING = frozenset({"list", "tuple", "dict", "odict", "set", "frozenset", "nam
 
 MAX_MESH_RANKS = 1 << 24
 """The most ranks a device mesh read from a skeleton may have."""
-_RANK_LIMIT = 1 << 63  # a rank is an int64 in torch's mesh tensor
+_RANK_LIMIT = 1 << 63  # ranks and split factors are int64 in torch
 
 
 def is_dtensor(x: Any) -> bool:
@@ -652,7 +652,8 @@ def placement_from_node(node: Any, ndim: int) -> Any:
         return Shard(args[0])
     if kind == "strided_shard" and len(args) == 2 and is_dim(args[0]):
         split = args[1]
-        if type(split) is int and split >= 1:
+        # Below 2**63: torch keeps it as an int64 (a larger one is a raw TypeError there).
+        if type(split) is int and 1 <= split < _RANK_LIMIT:
             return _StridedShard(args[0], split_factor=split)
     if kind == "replicate" and not args:
         return Replicate()
