@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 import astage
+from astage._replication._pairing import pairing
 from astage._replication._wire import decode, encode, parse_header
 
 
@@ -140,3 +141,29 @@ def test_the_scripted_partner_exchanges_an_honest_snapshot(monkeypatch: pytest.M
     assert replica["view"].untyped_storage().data_ptr() == replica["w"].untyped_storage().data_ptr()
     again = transport.exchange({"x": torch.ones(2)}, call=1)  # same sizes: the same buffers
     assert again["w"].untyped_storage().data_ptr() == replica["w"].untyped_storage().data_ptr()
+
+
+# -- pairing ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("partner", [True, 1.0, "1", 1.5])
+def test_a_partner_that_is_not_an_integer_is_an_invalid_option(partner: Any) -> None:
+    # Before: pairing(0, 4, partner=True) and partner=1.0 were accepted and handed to
+    # torch.distributed's sends as they were.
+    with pytest.raises(astage.InvalidOptionsError, match="partner="):
+        pairing(0, 4, partner=partner)
+
+
+def test_an_integer_partner_of_another_type_is_taken_as_an_int() -> None:
+    numpy = pytest.importorskip("numpy")
+    assert pairing(0, 4, partner=numpy.int64(1)) == (1, 1)
+    assert all(type(r) is int for r in pairing(0, 4, partner=numpy.int64(1)))
+
+
+@pytest.mark.parametrize(("rank", "world"), [(-1, -1), (-1, 4), (4, 4), (7, 3)])
+def test_a_rank_outside_the_group_has_no_partner(rank: int, world: int) -> None:
+    # torch.distributed says rank -1 (world -1) in a process outside the group; before,
+    # pairing(-1, 4) named rank 1 as its partner, and pairing(4, 4) rank 2.
+    with pytest.raises(astage.ReplicationError, match=r"not a member|not a rank of") as caught:
+        pairing(rank, world)
+    assert f"rank {rank}" in str(caught.value)

@@ -9,6 +9,9 @@ and receives from ``r - 1``. ``partner=`` pins a symmetric partner instead.
 
 from __future__ import annotations
 
+import contextlib
+import operator
+
 from .._errors import InvalidOptionsError, ReplicationError
 
 __all__ = ["pairing"]
@@ -21,19 +24,35 @@ def pairing(rank: int, world: int, partner: int | None = None) -> tuple[int, int
     send to ``r + 1``, receive from ``r - 1``. ``partner`` pins a symmetric partner.
 
     Raises :class:`~astage.ReplicationError` for a group of fewer than 2 ranks (there is
-    nobody to swap with) and :class:`~astage.InvalidOptionsError` for a ``partner`` that is
-    not another rank of the group.
+    nobody to swap with) or a ``rank`` outside it, and :class:`~astage.InvalidOptionsError`
+    for a ``partner`` that is not another rank of the group (an integer).
     """
+    if rank < 0 or world < 0:
+        # torch.distributed's answer (-1 for both) in a process outside the group: any
+        # arithmetic on it would name a partner this process cannot reach.
+        raise ReplicationError(
+            f"this process is not a member of the process group (rank {rank}, world {world}); "
+            "pass a group it belongs to"
+        )
     if world < 2:
         raise ReplicationError(
             f"rank {rank}: replication needs at least 2 ranks; this process group has {world}"
         )
+    if not 0 <= rank < world:
+        raise ReplicationError(f"rank {rank} is not a rank of this {world}-rank group")
     if partner is not None:
-        if not 0 <= partner < world or partner == rank:
+        # An integer only (a numpy one too): True passed as rank 1, and 1.0 reached
+        # torch.distributed's sends, an error at the first exchange with its partner left to
+        # time out.
+        number = None
+        if not isinstance(partner, bool):
+            with contextlib.suppress(TypeError):
+                number = operator.index(partner)
+        if number is None or not 0 <= number < world or number == rank:
             raise InvalidOptionsError(
-                f"rank {rank}: partner={partner} is not another rank of this {world}-rank group"
+                f"rank {rank}: partner={partner!r} is not another rank of this {world}-rank group"
             )
-        return partner, partner
+        return number, number
     if world % 2 == 0:
         other = (rank + world // 2) % world
         return other, other
