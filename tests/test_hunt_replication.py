@@ -167,3 +167,25 @@ def test_a_rank_outside_the_group_has_no_partner(rank: int, world: int) -> None:
     with pytest.raises(astage.ReplicationError, match=r"not a member|not a rank of") as caught:
         pairing(rank, world)
     assert f"rank {rank}" in str(caught.value)
+
+
+def test_a_header_too_long_for_the_partner_is_refused_by_its_sender(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The receiver refuses a header longer than MAX_HEADER_BYTES at its first message and
+    # breaks off without a verdict; the sender sent it all the same, and then waited for the
+    # header exchange until its deadline. Now the sender announces a refusal instead, so
+    # both sides raise at once, still in step.
+    from astage._replication import _transport, _wire
+
+    monkeypatch.setattr(_wire, "MAX_HEADER_BYTES", 400)
+    partner = ScriptedPartner(_wire.refusal_bytes("rank 1 has nothing", call=1), -1)
+    monkeypatch.setattr(dist, "isend", partner.isend)
+    monkeypatch.setattr(dist, "irecv", partner.irecv)
+    transport = _transport.Transport(None, rank=0, send_to=1, receive_from=1, timeout=30.0)
+    snapshot = {f"weight{i}": torch.ones(1) for i in range(20)}  # a header of ~1,600 bytes
+    with pytest.raises(astage.ReplicationError, match=r"cannot send this snapshot.*header length"):
+        transport.exchange(snapshot, call=1)
+    length, total = partner.received[0].tolist()
+    assert total == -1 and length <= 400  # a refusal, which the partner takes
+    assert transport.broken is None

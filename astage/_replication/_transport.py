@@ -210,6 +210,11 @@ class Transport:
                 text = header_bytes(encoded)
                 sizes = encoded.header["storages"]
                 total = sum(sizes)
+                # The partner would refuse this first message and break off without a verdict,
+                # leaving this side to wait for the header exchange until its deadline.
+                problem = check_lengths(len(text), total)
+                if problem is not None:
+                    raise ReplicationError(f"the partner cannot take its header: {problem}")
             except ReplicationError as error:
                 refused = self._refusal(error)
         if refused is not None:
