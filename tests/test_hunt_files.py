@@ -279,3 +279,42 @@ def test_a_split_factor_past_int64_is_a_format_error(tmp_path: Path) -> None:
     for read in (astage.load, check_file):
         with pytest.raises(astage.CheckpointFormatError, match=r"at \['w'\].*placement"):
             read(path)
+
+
+# -- tensors and arrays where the format holds plain values only ----------------------------------
+
+_W = {"tensor": "['w']"}
+_ARRAY = {"numpy": "['w']", "dtype": "<f4", "shape": [4]}
+
+
+@pytest.mark.parametrize(
+    ("node", "where", "inside"),
+    [
+        ({"namespace": [["t", _W]]}, r"\['v'\]\.t", "argparse.Namespace"),
+        ({"namespace": [["a", _ARRAY]]}, r"\['v'\]\.a", "argparse.Namespace"),
+        ({"set": [_W]}, r"\['v'\]\[0\]", "set"),
+        ({"frozenset": [_ARRAY]}, r"\['v'\]\[0\]", "frozenset"),
+        ({"odict": [], "_metadata": _W}, r"\['v'\]\._metadata", "_metadata"),
+        ({"tensor": "['w']", "attrs": [["x", _W]]}, r"\['v'\]", "tensor's attribute"),
+        ({"enum": ["enum", "FlagBoundary", _W]}, r"\['v'\]", "enum value"),
+    ],
+)
+def test_a_tensor_or_array_where_only_plain_values_go_is_a_format_error(
+    tmp_path: Path, node: Any, where: str, inside: str
+) -> None:
+    # The encoder never puts one there. The decoder took it: load handed out tensors inside
+    # a Namespace or a set, and load(into=) put its private placeholder (_Slot, _ArraySlot)
+    # into the caller's state: into["v"] == Namespace(t=_Slot(...)).
+    path = crafted(
+        tmp_path / "p.safetensors",
+        {
+            "__metadata__": {"astage": skeleton({"dict": [["v", node]]})},
+            "['w']": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+        },
+        b"\0" * 16,
+    )
+    into: dict[str, Any] = {"v": 0}
+    for read in (astage.load, check_file, lambda p: astage.load(p, into=into)):
+        with pytest.raises(astage.CheckpointFormatError, match=f"at {where}: .*{inside}.* plain"):
+            read(path)
+    assert into == {"v": 0}

@@ -762,7 +762,7 @@ class Decoder(SkeletonDecoder):
                 or hasattr(torch.nn.Parameter, name)
             ):
                 raise self.invalid(f"a tensor attribute may not be named {name!r}")
-            attributes.append((name, self.decode(pair[1])))
+            attributes.append((name, self.decode_plain(pair[1], "a tensor's attribute")))
         return attributes
 
     def _array(self, node: dict[str, Any]) -> Any:

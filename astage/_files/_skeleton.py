@@ -253,6 +253,7 @@ class SkeletonDecoder:
         if "_path" not in vars(self):
             self._path: list[Any] = []
             self._depth = 0
+            self._plain_only: str | None = None  # inside what no tensor or array may be
         cls = type(node)
         if cls in (str, int, bool, type(None)) or (cls is float and math.isfinite(node)):
             return node
@@ -275,11 +276,29 @@ class SkeletonDecoder:
             restored = self.decode({"odict": node["odict"]})
             self._path.append(Attr("_metadata"))
             try:
-                restored._metadata = self.decode(node["_metadata"])
+                restored._metadata = self.decode_plain(
+                    node["_metadata"], "an OrderedDict's _metadata"
+                )
             finally:
                 self._path.pop()
             return restored
+        if self._plain_only is not None:
+            # The encoder puts no tensor or array there (nor any other node of a format's):
+            # a file or peer that does must not hand one, or a decoder's placeholder, out.
+            raise self.invalid(
+                f"{self._plain_only} holds plain values only, not {_shown(sorted(node))}"
+            )
         return self.decode_other(node)
+
+    def decode_plain(self, node: Any, inside: str) -> Any:
+        """The value of ``node`` where the encoder allows plain values only (``inside`` says
+        where: "an argparse.Namespace"); a tensor or array node there is invalid."""
+        outer = self._plain_only
+        self._plain_only = outer or inside
+        try:
+            return self.decode(node)
+        finally:
+            self._plain_only = outer
 
     @property
     def path(self) -> Path:
@@ -351,7 +370,12 @@ class SkeletonDecoder:
         return OrderedDict(self._pairs(value, "odict"))
 
     def _set(self, value: Any, tag: str) -> Any:
-        items = self._items(value, tag)
+        outer = self._plain_only
+        self._plain_only = outer or f"a {tag}"
+        try:
+            items = self._items(value, tag)
+        finally:
+            self._plain_only = outer
         for item in items:
             if not _hashable(item):
                 raise self.invalid(f"a {tag} item must be hashable, not {type(item).__name__}")
@@ -374,7 +398,7 @@ class SkeletonDecoder:
             names.add(name)
             self._path.append(Attr(name))
             try:
-                vars(result)[name] = self.decode(pair[1])
+                vars(result)[name] = self.decode_plain(pair[1], "an argparse.Namespace")
             finally:
                 self._path.pop()
         return result
@@ -429,7 +453,7 @@ class SkeletonDecoder:
         found = find_class(module_name, qualname)
         if not (isinstance(found, type) and issubclass(found, enum.Enum)):
             raise self.invalid(f"{where} is not an enum class")
-        member_value = self.decode(raw)
+        member_value = self.decode_plain(raw, "an enum value")
         for member in found.__members__.values():
             if type(member.value) is type(member_value) and member.value == member_value:
                 return member
