@@ -13,6 +13,7 @@ import io
 import math
 import os
 import pickle
+import stat
 import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,9 +27,12 @@ from torch.distributed.checkpoint.filesystem import (
     _StorageInfo,
 )
 from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
     Metadata,
     MetadataIndex,
     StorageMeta,
+    TensorProperties,
     TensorStorageMetadata,
 )
 from torch.distributed.checkpoint.planner import (
@@ -40,6 +44,7 @@ from torch.distributed.checkpoint.planner import (
 from torch.futures import Future
 
 from .._errors import (
+    CheckpointError,
     CheckpointFormatError,
     CheckpointNotFoundError,
 )
@@ -84,13 +89,13 @@ class FileSystemReader(_DcpFileSystemReader):
         rank = kwargs.get("rank")
         name = METADATA_NAME if rank is None else f"__{rank}{METADATA_NAME}"
         path = os.path.join(os.fspath(self.path), name)
+        fd, size = _open_regular(
+            path, f"{path}: no checkpoint metadata (not a checkpoint, or one never committed)"
+        )
         try:
-            with open(path, "rb") as stream:
-                data = stream.read()
-        except FileNotFoundError as error:
-            raise CheckpointNotFoundError(
-                f"{path}: no checkpoint metadata (not a checkpoint, or one never committed)"
-            ) from error
+            data = _pread_exact(fd, size, path)
+        finally:
+            os.close(fd)
         try:
             # Unpickled from memory: from the file, a length field gone wild made the unpickler
             # ask the file for that many bytes, which allocated them first (a MemoryError for
@@ -106,7 +111,11 @@ class FileSystemReader(_DcpFileSystemReader):
             ) from error
         if not isinstance(metadata, Metadata):
             raise CheckpointFormatError(f"{path}: holds a {type(metadata).__name__}, not Metadata")
-        storage_meta = getattr(metadata, "storage_meta", None) or StorageMeta()
+        # The allow-list keeps code out, but any allowed object may sit in any field: checked
+        # here, before DCP's planner and this reader use them (a list for a size made the
+        # planner fail with an IndexError, a negative size made it skip the tensor silently).
+        _check_metadata(metadata, path)
+        storage_meta = metadata.storage_meta or StorageMeta()
         storage_meta.load_id = self.load_id
         metadata.storage_meta = storage_meta
         return metadata
@@ -128,6 +137,9 @@ class FileSystemReader(_DcpFileSystemReader):
         if not self.trust_pickled_bytes:
             planner = cast(LoadPlanner, _CheckedBytes(planner, os.fspath(self.path)))
         if foreign:  # a checkpoint of DCP's own writer: its items are torch.save pickles
+            # DCP's reader opens and reads what the records say: its files are checked here
+            # first (a FIFO would block its open forever, a device read on without end).
+            self._check_items(foreign)
             super().read_data(dataclasses.replace(plan, items=foreign), planner).wait()
         if raw:
             self._read_raw(raw, planner)
@@ -142,10 +154,12 @@ class FileSystemReader(_DcpFileSystemReader):
             raise CheckpointFormatError(
                 f"{self.path}: the metadata has no storage record for {request.storage_index.fqn}"
             ) from None
-        if not isinstance(info, _StorageInfo):
-            raise CheckpointFormatError(
-                f"{self.path}: bad storage record for {request.storage_index.fqn}"
-            )
+        # Checked again here: set_up_storage_reader may be given metadata this reader did not
+        # read (under a process group, the coordinator's, broadcast).
+        _check_record(
+            info, f"the storage record of {request.storage_index.fqn!r}", os.fspath(self.path)
+        )
+        assert isinstance(info, _StorageInfo)
         return info
 
     def _read_raw(self, requests: list[ReadItem], planner: LoadPlanner) -> None:
@@ -157,9 +171,7 @@ class FileSystemReader(_DcpFileSystemReader):
             for request in requests:
                 info = self._info(request)
                 where = f"{os.path.join(folder, info.relative_path)} ({request.storage_index.fqn})"
-                fd, size = self._open(fds, folder, info)
-                if info.offset < 0 or info.length < 0 or info.offset + info.length > size:
-                    raise CheckpointFormatError(f"{where}: the item lies outside the file")
+                fd = self._open_item(fds, folder, info, where)
                 if request.type == LoadItemType.BYTE_IO:
                     buffer = bytearray(info.length)
                     reads.append((fd, info.offset, memoryview(buffer), where))
@@ -183,20 +195,33 @@ class FileSystemReader(_DcpFileSystemReader):
             for fd, _ in fds.values():
                 os.close(fd)
 
-    def _open(
-        self, fds: dict[str, tuple[int, int]], folder: str, info: _StorageInfo
-    ) -> tuple[int, int]:
+    def _check_items(self, requests: list[ReadItem]) -> None:
+        """Check that each item lies inside a regular data file of the folder (DCP's format)."""
+        folder = os.fspath(self.path)
+        fds: dict[str, tuple[int, int]] = {}
+        try:
+            for request in requests:
+                info = self._info(request)
+                where = f"{os.path.join(folder, info.relative_path)} ({request.storage_index.fqn})"
+                self._open_item(fds, folder, info, where)
+        finally:
+            for fd, _ in fds.values():
+                os.close(fd)
+
+    def _open_item(
+        self, fds: dict[str, tuple[int, int]], folder: str, info: _StorageInfo, where: str
+    ) -> int:
+        """The descriptor of the item's data file (opened once per file), the item inside it."""
         if info.relative_path not in fds:
-            name = info.relative_path
-            if os.path.basename(name) != name or name in ("", ".", ".."):
-                raise CheckpointFormatError(f"{folder}: bad data file name {name!r} in metadata")
-            path = os.path.join(folder, name)
-            try:
-                fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            except FileNotFoundError as error:
-                raise CheckpointNotFoundError(f"{path}: data file missing") from error
-            fds[name] = (fd, os.fstat(fd).st_size)
-        return fds[info.relative_path]
+            path = os.path.join(folder, info.relative_path)
+            fds[info.relative_path] = _open_regular(path, f"{path}: data file missing")
+        fd, size = fds[info.relative_path]
+        if info.offset + info.length > size:
+            raise CheckpointFormatError(
+                f"{where}: the item lies outside the file (bytes {info.offset} to "
+                f"{info.offset + info.length} of {size})"
+            )
+        return fd
 
     def _plan_tensor(
         self,
@@ -275,6 +300,35 @@ def _pread_all(fd: int, offset: int, into: memoryview, where: str) -> None:
         if got <= 0:
             raise CheckpointFormatError(f"{where}: the file ends before the item does")
         done += got
+
+
+def _open_regular(path: str, missing: str) -> tuple[int, int]:
+    """A descriptor on the regular file ``path`` and its size; ``missing`` if it is not there.
+
+    O_NONBLOCK: a FIFO planted under the name must not block the open (it is then refused as
+    not a regular file, as are a folder and a device such as /dev/zero, read without end).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError as error:
+        raise CheckpointNotFoundError(missing) from error
+    except OSError as error:
+        raise CheckpointError(f"cannot open {path}: {error.strerror or error}") from error
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise CheckpointFormatError(f"{path}: not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, info.st_size
+
+
+def _pread_exact(fd: int, size: int, path: str) -> bytearray:
+    """The first ``size`` bytes of the file open at ``fd``."""
+    data = bytearray(size)
+    _pread_all(fd, 0, memoryview(data), path)
+    return data
 
 
 # -- reading --------------------------------------------------------------------------------------
@@ -400,3 +454,112 @@ def _allowed(module: str, name: str) -> bool:
         return False
     found = getattr(sys.modules[module], name, None)
     return isinstance(found, type) and found.__module__ == module
+
+
+# -- what the metadata holds ---------------------------------------------------------------------
+
+_MISSING = object()
+
+
+def _check_metadata(metadata: Metadata, path: str) -> None:
+    """Check every field of ``metadata`` that DCP's planner or this reader uses (types, sizes,
+    chunks inside their tensor, storage records inside the folder): a damaged or crafted file
+    is a :class:`CheckpointFormatError` naming the file and the field, not an IndexError or
+    TypeError from deep inside DCP, nor a tensor left unread because its chunk lies nowhere."""
+    entries = _field(metadata, "state_dict_metadata", path)
+    if not isinstance(entries, dict):
+        raise _bad(path, "state_dict_metadata", entries, "a dict")
+    for fqn, entry in entries.items():
+        where = f"state_dict_metadata[{fqn!r}]"
+        if not isinstance(fqn, str):
+            raise _bad(path, where, fqn, "a string key")
+        if isinstance(entry, TensorStorageMetadata):
+            _check_tensor_entry(entry, where, path)
+        elif not isinstance(entry, BytesStorageMetadata):
+            raise _bad(path, where, entry, "a TensorStorageMetadata or BytesStorageMetadata")
+    records = _field(metadata, "storage_data", path)
+    if not isinstance(records, dict):
+        raise _bad(path, "storage_data", records, "a dict")
+    for index, record in records.items():
+        if not isinstance(index, MetadataIndex):
+            raise _bad(path, "storage_data", index, "a dict keyed by MetadataIndex")
+        _check_record(record, f"storage_data[{index.fqn!r} at {index.offset}]", path)
+    storage_meta = _field(metadata, "storage_meta", path)
+    if storage_meta is not None and not isinstance(storage_meta, StorageMeta):
+        raise _bad(path, "storage_meta", storage_meta, "a StorageMeta or None")
+
+
+def _check_tensor_entry(entry: TensorStorageMetadata, where: str, path: str) -> None:
+    properties = _field(entry, "properties", path, where)
+    if not isinstance(properties, TensorProperties):
+        raise _bad(path, f"{where}.properties", properties, "a TensorProperties")
+    dtype = _field(properties, "dtype", path, f"{where}.properties")
+    if not isinstance(dtype, torch.dtype):
+        raise _bad(path, f"{where}.properties.dtype", dtype, "a torch.dtype")
+    size = _dims(_field(entry, "size", path, where), f"{where}.size", path)
+    chunks = _field(entry, "chunks", path, where)
+    if not isinstance(chunks, list):
+        raise _bad(path, f"{where}.chunks", chunks, "a list")
+    for number, chunk in enumerate(chunks):
+        at = f"{where}.chunks[{number}]"
+        if not isinstance(chunk, ChunkStorageMetadata):
+            raise _bad(path, at, chunk, "a ChunkStorageMetadata")
+        offsets = _dims(_field(chunk, "offsets", path, at), f"{at}.offsets", path)
+        sizes = _dims(_field(chunk, "sizes", path, at), f"{at}.sizes", path)
+        if len(offsets) != len(size) or len(sizes) != len(size):
+            raise CheckpointFormatError(
+                f"{path}: {at}: offsets {offsets} and sizes {sizes} do not have the "
+                f"{len(size)} dimensions of the tensor's size {size}"
+            )
+        # An empty chunk (an empty shard of an unevenly sharded DTensor) holds nothing: where
+        # DCP put its offsets does not matter.
+        if math.prod(sizes) and any(
+            o + n > s for o, n, s in zip(offsets, sizes, size, strict=True)
+        ):
+            raise CheckpointFormatError(
+                f"{path}: {at}: offsets {offsets} + sizes {sizes} reach outside the tensor's "
+                f"size {size}"
+            )
+
+
+def _check_record(record: object, where: str, path: str) -> None:
+    if not isinstance(record, _StorageInfo):
+        raise _bad(path, where, record, "a _StorageInfo")
+    name = _field(record, "relative_path", path, where)
+    if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
+        # Only a file of the checkpoint's folder: no folder, no way out of it.
+        raise _bad(path, f"{where}.relative_path", name, "a file name in the folder")
+    for key in ("offset", "length"):
+        value = _field(record, key, path, where)
+        if not _is_count(value):
+            raise _bad(path, f"{where}.{key}", value, "a non-negative integer")
+    descriptors = _field(record, "transform_descriptors", path, where)
+    if descriptors is not None and not (
+        isinstance(descriptors, (list, tuple)) and all(isinstance(d, str) for d in descriptors)
+    ):
+        raise _bad(path, f"{where}.transform_descriptors", descriptors, "a list of strings")
+
+
+def _field(obj: object, name: str, path: str, where: str = "") -> Any:
+    """``obj.name``; a file can build an object without it (pickle's BUILD sets any state)."""
+    value = getattr(obj, name, _MISSING)
+    if value is _MISSING:
+        raise CheckpointFormatError(f"{path}: {where + '.' if where else ''}{name} is missing")
+    return value
+
+
+def _dims(value: object, where: str, path: str) -> list[int]:
+    if not isinstance(value, (tuple, list)) or not all(_is_count(d) for d in value):
+        raise _bad(path, where, value, "a list of non-negative integers")
+    return list(value)
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _bad(path: str, where: str, value: object, expected: str) -> CheckpointFormatError:
+    shown = repr(value)
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    return CheckpointFormatError(f"{path}: {where} is {shown}, not {expected}")

@@ -1,0 +1,243 @@
+"""Bugs found by hunting in ``astage.compat``, ``astage.lightning`` and the CLI, one test each.
+
+Each test failed before its fix. The DCP checkpoints here are one process's (``no_dist=True``).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch.distributed.checkpoint import state_dict_loader, state_dict_saver
+from torch.distributed.checkpoint.metadata import Metadata
+
+import astage
+from astage.compat import FileSystemReader, FileSystemWriter
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:torch.distributed is disabled:UserWarning",
+    "ignore:Detected an existing checkpoint:UserWarning",
+)
+
+
+@pytest.fixture
+def alarm() -> Iterator[None]:
+    """Fail a test that blocks (a FIFO's open) instead of hanging the suite."""
+
+    def expired(signum: int, frame: Any) -> None:
+        raise TimeoutError("blocked for 20 s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(20)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def saved(path: Path) -> Path:
+    state = {"w": torch.arange(12.0).reshape(3, 4), "objects": [1, "two"]}
+    state_dict_saver.save(state, storage_writer=FileSystemWriter(path), no_dist=True)
+    return path
+
+
+def read_metadata(path: Path) -> Metadata:
+    with open(path / ".metadata", "rb") as stream:
+        metadata = pickle.load(stream)
+    assert isinstance(metadata, Metadata)
+    return metadata
+
+
+def rewrite_metadata(path: Path, change: Callable[[Metadata], None]) -> None:
+    metadata = read_metadata(path)
+    change(metadata)
+    with open(path / ".metadata", "wb") as stream:
+        pickle.dump(metadata, stream)
+
+
+def load_failure(path: Path) -> BaseException:
+    """The error the reader raised in ``dcp.load`` (DCP wraps it; this digs it out)."""
+    with pytest.raises(BaseException) as caught:  # DCP's CheckpointException is one
+        state_dict_loader.load(
+            {"w": torch.zeros(3, 4), "objects": [0, ""]},
+            storage_reader=FileSystemReader(path),
+            no_dist=True,
+        )
+    error: BaseException = caught.value
+    failures = getattr(error, "failures", None)
+    if failures:  # CheckpointException: {rank: (error, traceback)}
+        error = next(iter(failures.values()))[0]
+    return error
+
+
+def w_record(metadata: Metadata) -> Any:
+    return next(record for index, record in metadata.storage_data.items() if index.fqn == "w")
+
+
+# -- the reader: files that are not regular files ------------------------------------------------
+
+
+def plant(path: Path, kind: str) -> None:
+    """Put a FIFO, a folder or a link to /dev/zero where the file ``path`` was."""
+    path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        path.symlink_to("/dev/zero")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder", "dev_zero"])
+@pytest.mark.parametrize("writer", ["astage", "dcp"])
+def test_a_data_file_that_is_not_a_regular_file_is_refused(
+    tmp_path: Path, alarm: None, kind: str, writer: str
+) -> None:
+    """A FIFO under a data file's name blocked the load forever in ``os.open`` (astage's raw
+    items) or in DCP's reader (a checkpoint of DCP's own writer); a folder was an
+    IsADirectoryError, not an astage error."""
+    if writer == "astage":
+        saved(tmp_path)
+    else:
+        state = {"w": torch.arange(12.0).reshape(3, 4), "objects": [1, "two"]}
+        state_dict_saver.save(state, checkpoint_id=tmp_path, no_dist=True)  # DCP's own writer
+    plant(tmp_path / "__0_0.distcp", kind)
+    error = load_failure(tmp_path)
+    assert isinstance(error, astage.CheckpointFormatError), repr(error)
+    assert str(error) == f"{tmp_path / '__0_0.distcp'}: not a regular file"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+def test_a_metadata_file_that_is_not_a_regular_file_is_refused(
+    tmp_path: Path, alarm: None, kind: str
+) -> None:
+    """``.metadata`` was read with ``open().read()``: a FIFO blocked it, a folder was an
+    IsADirectoryError."""
+    plant(saved(tmp_path) / ".metadata", kind)
+    with pytest.raises(astage.CheckpointFormatError, match=r"\.metadata: not a regular file"):
+        FileSystemReader(tmp_path).read_metadata()
+
+
+_READ_DEV_ZERO = """
+import resource, sys
+from astage.compat import FileSystemReader
+from astage import CheckpointFormatError
+pages = int(open("/proc/self/statm").read().split()[0])
+room = pages * resource.getpagesize() + (1 << 30)  # what is mapped now, and 1 GiB more
+resource.setrlimit(resource.RLIMIT_AS, (room, room))
+try:
+    FileSystemReader(sys.argv[1]).read_metadata()
+except CheckpointFormatError as error:
+    print(error)
+"""
+
+
+def test_a_metadata_file_linked_to_dev_zero_is_refused(tmp_path: Path) -> None:
+    """A ``.metadata`` linked to /dev/zero was read until memory ran out (the OOM killer ended
+    the test process): read here in a child process whose memory is capped."""
+    plant(saved(tmp_path) / ".metadata", "dev_zero")
+    done = subprocess.run(
+        [sys.executable, "-c", _READ_DEV_ZERO, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == f"{tmp_path / '.metadata'}: not a regular file"
+
+
+# -- the reader: fields of the metadata ------------------------------------------------------------
+
+
+def _set(path: str, value: Any) -> Callable[[Metadata], None]:
+    """A change of the metadata: the field at ``path`` (from the entry or record of w)."""
+
+    def change(metadata: Metadata) -> None:
+        root, _, rest = path.partition(".")
+        if root == "record":
+            obj: Any = w_record(metadata)
+        elif root == "entry":
+            obj = metadata.state_dict_metadata["w"]
+        else:
+            obj, rest = metadata, path
+        *parents, name = rest.split(".")
+        for parent in parents:
+            obj = obj[int(parent)] if parent.isdigit() else getattr(obj, parent)
+        if name.isdigit():
+            obj[int(name)] = value
+        else:
+            setattr(obj, name, value)
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "named"),
+    [
+        ("record.relative_path", 5, r"storage_data\['w' at .*\]\.relative_path is 5"),
+        ("record.relative_path", b"x", r"\.relative_path is b'x'"),
+        ("record.relative_path", "../__0_0.distcp", r"\.relative_path is '\.\./__0_0"),
+        ("record.offset", "3", r"\.offset is '3', not a non-negative integer"),
+        ("record.offset", 3.5, r"\.offset is 3\.5"),
+        ("record.length", -1, r"\.length is -1"),
+        ("record.transform_descriptors", 5, r"\.transform_descriptors is 5"),
+        ("entry.properties.dtype", 5, r"\['w'\]\.properties\.dtype is 5, not a torch\.dtype"),
+        ("entry.properties", None, r"\['w'\]\.properties is None"),
+        ("entry.size", torch.Size([3, -4]), r"\['w'\]\.size is torch\.Size\(\[3, -4\]\)"),
+        ("entry.chunks", None, r"\['w'\]\.chunks is None, not a list"),
+        ("entry.chunks.0", 7, r"\['w'\]\.chunks\[0\] is 7"),
+        ("entry.chunks.0.sizes", torch.Size([12]), r"chunks\[0\]: .* do not have the 2 dim"),
+        ("entry.chunks.0.sizes", [3, "4"], r"chunks\[0\]\.sizes is \[3, '4'\]"),
+        # a negative size made DCP's planner skip the tensor: the load "succeeded" without it
+        ("entry.chunks.0.sizes", torch.Size([3, -4]), r"chunks\[0\]\.sizes is torch\.Size"),
+        ("entry.chunks.0.offsets", torch.Size([1, 0]), r"chunks\[0\]: .* reach outside"),
+        ("state_dict_metadata", [], r"state_dict_metadata is \[\], not a dict"),
+        ("storage_data", [], r"storage_data is \[\], not a dict"),
+        ("storage_meta", [1], r"storage_meta is \[1\], not a StorageMeta"),
+    ],
+)
+def test_a_bad_metadata_field_is_a_format_error_naming_it(
+    tmp_path: Path, field: str, value: Any, named: str
+) -> None:
+    """Any allowed object can sit in any field of a crafted ``.metadata``: a wrong one was a
+    TypeError, IndexError or AttributeError from inside DCP's planner or this reader, and a
+    negative chunk size loaded without error, the tensor left as it was."""
+    rewrite_metadata(saved(tmp_path), _set(field, value))
+    with pytest.raises(astage.CheckpointFormatError, match=named) as caught:
+        FileSystemReader(tmp_path).read_metadata()
+    assert str(caught.value).startswith(f"{tmp_path / '.metadata'}: ")
+    # dcp.load fails with it too (DCP wraps a failed metadata read in an AssertionError that
+    # quotes it), where a negative chunk size loaded without error, the tensor left as it was
+    assert re.search(named, str(load_failure(tmp_path)))
+
+
+def test_a_missing_metadata_field_is_a_format_error_naming_it(tmp_path: Path) -> None:
+    """A pickle can build an object without calling its constructor: a field may be absent."""
+    rewrite_metadata(saved(tmp_path), lambda metadata: delattr(metadata, "state_dict_metadata"))
+    with pytest.raises(astage.CheckpointFormatError, match="state_dict_metadata is missing"):
+        FileSystemReader(tmp_path).read_metadata()
+
+
+def test_the_checked_metadata_of_both_writers_still_loads(tmp_path: Path) -> None:
+    """The checks refuse nothing either writer writes (empty tensors and bytes items too)."""
+    state: dict[str, Any] = {"w": torch.arange(12.0).reshape(3, 4), "e": torch.empty(0, 3)}
+    state["o"] = [1, "two"]
+    for writer, folder in (("astage", tmp_path / "a"), ("dcp", tmp_path / "d")):
+        if writer == "astage":
+            state_dict_saver.save(state, storage_writer=FileSystemWriter(folder), no_dist=True)
+        else:
+            state_dict_saver.save(state, checkpoint_id=folder, no_dist=True)
+        into: dict[str, Any] = {"w": torch.zeros(3, 4), "e": torch.empty(0, 3), "o": [0, ""]}
+        state_dict_loader.load(into, storage_reader=FileSystemReader(folder), no_dist=True)
+        assert torch.equal(into["w"], state["w"]) and into["o"] == [1, "two"], writer
