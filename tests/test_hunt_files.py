@@ -318,3 +318,25 @@ def test_a_tensor_or_array_where_only_plain_values_go_is_a_format_error(
         with pytest.raises(astage.CheckpointFormatError, match=f"at {where}: .*{inside}.* plain"):
             read(path)
     assert into == {"v": 0}
+
+
+# -- the writer's own inputs ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("length", [238, 255])
+def test_a_long_but_valid_file_name_is_written(tmp_path: Path, length: int) -> None:
+    # The temporary name (".<name>.<12 hex>.tmp", 18 bytes more) passed NAME_MAX: a target
+    # name of 238 to 255 bytes failed with ENAMETOOLONG although the file itself can exist.
+    path = tmp_path / ("x" * (length - len(".safetensors")) + ".safetensors")
+    assert len(path.name) == length
+    astage.save_sync(state_at(1), path)
+    assert astage.load(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+@pytest.mark.parametrize("metadata", [5, "abc"])
+def test_metadata_that_is_no_mapping_is_an_invalid_option(tmp_path: Path, metadata: Any) -> None:
+    # dict(metadata) raised a raw TypeError or ValueError.
+    with pytest.raises(astage.InvalidOptionsError, match="metadata must be a mapping"):
+        astage.save_sync(state_at(1), tmp_path / "m.safetensors", metadata=metadata)
+    assert list(tmp_path.iterdir()) == []

@@ -124,6 +124,21 @@ _Item = tuple[int, memoryview, torch.Tensor, int]
 """(file offset, bytes, the tensor that keeps those bytes alive, their memory address)."""
 
 
+_NAME_MAX = 255  # bytes in one file name (Linux, macOS, Windows)
+_TEMP_EXTRA = len(".") + len(".") + 12 + len(".tmp")  # what temp_name adds to the stem
+
+
+def temp_name(name: str) -> str:
+    """The temporary file name for the target file name ``name``: ``.<name>.<12 hex>.tmp``.
+
+    A target name so long that this would pass the file name limit (a valid name of 238 to
+    255 bytes) is cut in it (the rename gives the file its own name): the temporary file
+    could not be created otherwise. Every shorter name, a step file's too, is kept whole.
+    """
+    stem = os.fsencode(name)[: _NAME_MAX - _TEMP_EXTRA]
+    return f".{os.fsdecode(stem)}.{secrets.token_hex(6)}.tmp"
+
+
 def positive_int(name: str, value: object) -> int:
     """``value`` if it is an int of at least 1, else :class:`InvalidOptionsError` naming it."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -197,7 +212,12 @@ class SafetensorsWriter:
         direct: bool = True,
     ) -> None:
         self.path = os.path.abspath(fs_path(path, "path"))
-        self.metadata = dict(metadata or {})
+        try:
+            self.metadata = dict(metadata or {})
+        except (TypeError, ValueError):
+            raise InvalidOptionsError(
+                f"metadata must be a mapping of str to str, not {type(metadata).__qualname__}"
+            ) from None
         self.threads = positive_int("threads", threads)
         self.chunk_bytes = positive_int("chunk_bytes", chunk_bytes)
         self.writeback = writeback and _sync_file_range is not None
@@ -362,7 +382,7 @@ class SafetensorsWriter:
         layout = plan_layout(state_dict, self.metadata)
         self.layout = layout
         folder, name = os.path.split(self.path)
-        self.temp_path = os.path.join(folder, f".{name}.{secrets.token_hex(6)}.tmp")
+        self.temp_path = os.path.join(folder, temp_name(name))
         self._create(self.temp_path, layout)
         if background:
             # Only for the writer's own threads: a direct write returns when the disk has the
