@@ -241,3 +241,30 @@ def test_the_checked_metadata_of_both_writers_still_loads(tmp_path: Path) -> Non
         into: dict[str, Any] = {"w": torch.zeros(3, 4), "e": torch.empty(0, 3), "o": [0, ""]}
         state_dict_loader.load(into, storage_reader=FileSystemReader(folder), no_dist=True)
         assert torch.equal(into["w"], state["w"]) and into["o"] == [1, "two"], writer
+
+
+# -- the writer ----------------------------------------------------------------------------------
+
+
+def test_saves_without_collectives_leave_no_replaced_data_files(tmp_path: Path) -> None:
+    """With ``use_collectives=False`` each rank commits ``__{rank}.metadata``; saving over it
+    writes fresh data file names, and the replaced ones were never removed: one more file
+    per save, forever. Another rank's files stay (its own metadata names them)."""
+    other_rank = tmp_path / "__1_0.distcp"
+    other_rank.write_bytes(b"rank 1's data")
+    for step in range(3):
+        state_dict_saver.save(
+            {"w": torch.full((4,), float(step))},
+            storage_writer=FileSystemWriter(tmp_path),
+            no_dist=True,
+            use_collectives=False,
+        )
+    names = sorted(os.listdir(tmp_path))
+    # rank 0's metadata, the one data file it names, rank 1's file
+    assert len(names) == 3, names
+    assert names[0] == "__0.metadata" and names[1].startswith("__0_"), names
+    assert names[2] == "__1_0.distcp", names
+    assert other_rank.read_bytes() == b"rank 1's data"
+    into = {"w": torch.zeros(4)}
+    state_dict_loader.load(into, storage_reader=FileSystemReader(tmp_path), no_dist=True)
+    assert torch.equal(into["w"], torch.full((4,), 2.0))

@@ -304,6 +304,11 @@ class FileSystemWriter(StorageWriter, AsyncStager):
             _fsync_folder(self.path)
         if self.use_collectives:
             _remove_unreferenced(self.path, metadata.storage_data.values())
+        elif self.rank is not None:
+            # Without collectives each rank commits a metadata file of its own, naming only its
+            # own data files: it removes its replaced ones (they piled up, one per save), and
+            # never another rank's.
+            _remove_unreferenced(self.path, metadata.storage_data.values(), f"__{self.rank}_")
 
     def storage_meta(self) -> StorageMeta | None:
         return StorageMeta(checkpoint_id=self.path, save_id=self.save_id)
@@ -691,12 +696,13 @@ def _fsync_folder(folder: str) -> None:
         raise _write_error(folder, "cannot fsync the folder", error) from error
 
 
-def _remove_unreferenced(folder: str, records: Iterable[object]) -> None:
-    """Remove data files of a replaced checkpoint: the new metadata is durable already."""
+def _remove_unreferenced(folder: str, records: Iterable[object], prefix: str = "__") -> None:
+    """Remove data files of a replaced checkpoint (those whose names start with ``prefix``):
+    the new metadata is durable already."""
     referenced = {r.relative_path for r in records if isinstance(r, _StorageInfo)}
     with contextlib.suppress(OSError):
         for name in os.listdir(folder):
-            if _DATA_FILE.match(name) and name not in referenced:
+            if _DATA_FILE.match(name) and name.startswith(prefix) and name not in referenced:
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(folder, name))
 
