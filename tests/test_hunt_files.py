@@ -340,3 +340,16 @@ def test_metadata_that_is_no_mapping_is_an_invalid_option(tmp_path: Path, metada
     with pytest.raises(astage.InvalidOptionsError, match="metadata must be a mapping"):
         astage.save_sync(state_at(1), tmp_path / "m.safetensors", metadata=metadata)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.asyncio
+async def test_a_step_too_large_for_a_file_name_is_an_invalid_option(tmp_path: Path) -> None:
+    # path_for(10**5000) raised a raw ValueError (Python prints no int of over 4,300 digits).
+    ckpts = astage.CheckpointDir(tmp_path)
+    assert len(os.path.basename(ckpts.path_for(10**220 - 1))) == 255 - 18
+    for step in (10**220, 10**5000):
+        with pytest.raises(astage.InvalidOptionsError, match=r"step must be below 10\*\*220"):
+            ckpts.path_for(step)
+        with pytest.raises(astage.InvalidOptionsError, match=r"step must be below 10\*\*220"):
+            await ckpts.save(step, state_at(1))
+    assert list(tmp_path.iterdir()) == []

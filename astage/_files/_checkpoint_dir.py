@@ -61,7 +61,14 @@ from .._errors import (
 from ._load import check_file, load
 from ._safetensors import fs_path
 from ._save import NO_OWNER, SaveHandle, SaveResult, run_save, start_in
-from ._writer import DEFAULT_THREADS, SafetensorsWriter, fsync_folder, positive_int
+from ._writer import (
+    DEFAULT_THREADS,
+    NAME_MAX,
+    TEMP_EXTRA,
+    SafetensorsWriter,
+    fsync_folder,
+    positive_int,
+)
 
 LATEST = "latest"
 POINTER_LIMIT = 256
@@ -72,6 +79,9 @@ _STEP_FILE = re.compile(r"step_([0-9]+)\.safetensors", re.ASCII)
 # the pointer's is `.latest.<12 hex digits>.tmp` (_move_pointer below).
 _TEMP_FILE = re.compile(r"\.(step_[0-9]+\.safetensors|latest)\.[0-9a-f]{12}\.tmp", re.ASCII)
 _EXCERPT = 40  # characters of untrusted text quoted in a report, at most
+# A step file's temporary name must fit in NAME_MAX whole (tidying recognises it by it).
+_STEP_DIGITS = NAME_MAX - TEMP_EXTRA - len("step_.safetensors")
+_STEP_LIMIT = 10**_STEP_DIGITS
 
 
 class SkippedCheckpoint(NamedTuple):
@@ -181,6 +191,12 @@ def as_step(step: object) -> int:
         value = None
     if value is None or value < 0:
         raise InvalidOptionsError(f"step must be a non-negative integer, got {step!r}")
+    if value >= _STEP_LIMIT:
+        # Compared, not printed: printing a step of over 4,300 digits is a raw ValueError.
+        raise InvalidOptionsError(
+            f"step must be below 10**{_STEP_DIGITS}: a larger step's file name (with its "
+            f"temporary name's {TEMP_EXTRA} bytes) would pass the limit of {NAME_MAX} bytes"
+        )
     return value
 
 

@@ -124,8 +124,8 @@ _Item = tuple[int, memoryview, torch.Tensor, int]
 """(file offset, bytes, the tensor that keeps those bytes alive, their memory address)."""
 
 
-_NAME_MAX = 255  # bytes in one file name (Linux, macOS, Windows)
-_TEMP_EXTRA = len(".") + len(".") + 12 + len(".tmp")  # what temp_name adds to the stem
+NAME_MAX = 255  # bytes in one file name (Linux, macOS, Windows)
+TEMP_EXTRA = len(".") + len(".") + 12 + len(".tmp")  # what temp_name adds to the stem
 
 
 def temp_name(name: str) -> str:
@@ -135,7 +135,7 @@ def temp_name(name: str) -> str:
     255 bytes) is cut in it (the rename gives the file its own name): the temporary file
     could not be created otherwise. Every shorter name, a step file's too, is kept whole.
     """
-    stem = os.fsencode(name)[: _NAME_MAX - _TEMP_EXTRA]
+    stem = os.fsencode(name)[: NAME_MAX - TEMP_EXTRA]
     return f".{os.fsdecode(stem)}.{secrets.token_hex(6)}.tmp"
 
 
