@@ -268,3 +268,29 @@ def test_saves_without_collectives_leave_no_replaced_data_files(tmp_path: Path) 
     into = {"w": torch.zeros(4)}
     state_dict_loader.load(into, storage_reader=FileSystemReader(tmp_path), no_dist=True)
     assert torch.equal(into["w"], torch.full((4,), 2.0))
+
+
+@pytest.mark.parametrize("where", ["file", "file/sub"])
+@pytest.mark.parametrize("how", ["save", "async_save"])
+def test_a_checkpoint_folder_that_cannot_be_made_is_a_write_error(
+    tmp_path: Path, where: str, how: str
+) -> None:
+    """A file where the folder goes (or on its path) was a raw FileExistsError or
+    NotADirectoryError from ``os.makedirs``, not an astage error naming the folder."""
+    (tmp_path / "file").write_bytes(b"not a folder")
+    folder = tmp_path / where
+    writer = FileSystemWriter(folder)
+    with pytest.raises(BaseException) as caught:  # DCP's CheckpointException is one
+        if how == "save":
+            state_dict_saver.save({"w": torch.ones(3)}, storage_writer=writer, no_dist=True)
+        else:
+            state_dict_saver.async_save(
+                {"w": torch.ones(3)}, storage_writer=writer, no_dist=True
+            ).result()
+    writer.close()
+    failures = getattr(caught.value, "failures", None)
+    assert failures, repr(caught.value)
+    error = next(iter(failures.values()))[0]
+    assert isinstance(error, astage.CheckpointWriteError), repr(error)
+    assert str(error).startswith(f"cannot make the checkpoint folder {folder}: ")
+    assert os.listdir(tmp_path) == ["file"]

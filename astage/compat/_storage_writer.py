@@ -238,7 +238,11 @@ class FileSystemWriter(StorageWriter, AsyncStager):
         self.use_collectives = kwargs.get("use_collectives", True)
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
-        os.makedirs(self.path, exist_ok=True)
+        try:
+            os.makedirs(self.path, exist_ok=True)
+        except OSError as error:  # a file in its place, or on its path; no permission
+            self._drop_prewrite()
+            raise _write_error(self.path, "cannot make the checkpoint folder", error) from error
         if os.path.exists(self._metadata_path()) and not self.overwrite:
             self._drop_prewrite()  # this save ends here: its early file must not stay behind
             raise CheckpointWriteError(
