@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -284,9 +285,11 @@ def test_a_checkpoint_folder_that_cannot_be_made_is_a_write_error(
         if how == "save":
             state_dict_saver.save({"w": torch.ones(3)}, storage_writer=writer, no_dist=True)
         else:
-            state_dict_saver.async_save(
+            future = state_dict_saver.async_save(
                 {"w": torch.ones(3)}, storage_writer=writer, no_dist=True
-            ).result()
+            )
+            assert isinstance(future, Future)
+            future.result()
     writer.close()
     failures = getattr(caught.value, "failures", None)
     assert failures, repr(caught.value)
