@@ -353,3 +353,17 @@ async def test_a_step_too_large_for_a_file_name_is_an_invalid_option(tmp_path: P
         with pytest.raises(astage.InvalidOptionsError, match=r"step must be below 10\*\*220"):
             await ckpts.save(step, state_at(1))
     assert list(tmp_path.iterdir()) == []
+
+
+# -- restore ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
+def test_restoring_into_a_nested_tensor_is_an_invalid_option(tmp_path: Path) -> None:
+    # A strided nested tensor passed the layout check; its .shape then raised torch's raw
+    # RuntimeError ("NestedTensorImpl doesn't support sizes").
+    path = tmp_path / "a.safetensors"
+    astage.save_sync({"w": torch.ones(2)}, path)
+    nested = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])
+    with pytest.raises(astage.InvalidOptionsError, match=r"at \['w'\]: .*nested tensor"):
+        astage.load(path, into={"w": nested})

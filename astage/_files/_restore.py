@@ -296,6 +296,10 @@ class _Plan:
                 "tensors",
                 path,
             )
+        if tensor.is_nested:  # strided layout, but no sizes: tensor.shape is a raw RuntimeError
+            raise InvalidOptionsError(
+                "cannot restore into a nested tensor; restore into its plain tensors", path
+            )
         if tensor.layout is not torch.strided or tensor.device.type == "meta":
             raise InvalidOptionsError(
                 f"cannot restore into a {tensor.layout} tensor on {tensor.device}: it must be "
