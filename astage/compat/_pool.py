@@ -56,7 +56,17 @@ class SnapshotPool:
             if self._closed:
                 raise StagerClosedError(f"this {self._owner} is closed")
             chosen = self._free_set()
-            result = chosen.stage(state_dict)
+            try:
+                result = chosen.stage(state_dict)
+            except BaseException:
+                # The error's traceback holds the tensors staged before it (uses of this set's
+                # buffers) for as long as the caller keeps it: kept in the pool, the set would
+                # count as in use that long, and every failed save whose error is kept (a
+                # future's, say) would add a set, a whole copy of the state. Closed instead:
+                # what the error holds stays valid, and goes with it.
+                self._sets.remove(chosen)
+                chosen.close()
+                raise
             self.last_stats = chosen.last_stats
             return result
 
