@@ -30,5 +30,14 @@ def format_path(path: Path) -> str:
         if isinstance(part, Attr):
             parts.append(f".{part}")
         else:
-            parts.append(f"[{part!r}]")
+            parts.append(f"[{_shown(part)}]")
     return "".join(parts)
+
+
+def _shown(key: Any) -> str:
+    """``repr(key)``; a key whose ``repr`` raises must not turn the error that names it (an
+    UnstageableError, say) into that exception."""
+    try:
+        return repr(key)
+    except Exception:  # noqa: BLE001 - any failure of foreign code: name its type instead
+        return f"<{type(key).__qualname__} object: its repr() failed>"

@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import struct
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -367,3 +368,27 @@ def test_restoring_into_a_nested_tensor_is_an_invalid_option(tmp_path: Path) -> 
     nested = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])
     with pytest.raises(astage.InvalidOptionsError, match=r"at \['w'\]: .*nested tensor"):
         astage.load(path, into={"w": nested})
+
+
+# -- paths in error messages ---------------------------------------------------------------------
+
+
+class _Unprintable:
+    def __repr__(self) -> str:
+        raise RuntimeError("repr failed")
+
+
+def test_a_key_whose_repr_raises_is_named_by_its_type(tmp_path: Path) -> None:
+    # format_path called repr(key): building the UnstageableError / UnsavableError that names
+    # the key raised the key's RuntimeError instead.
+    key = _Unprintable()
+    unprintable = r"at \[<_Unprintable object: its repr\(\) failed>\]"
+    stager = astage.SyncStager()
+    try:
+        with pytest.raises(astage.UnstageableError, match=unprintable):
+            stager.stage({key: threading.Lock()})
+    finally:
+        stager.close()
+    with pytest.raises(astage.UnsavableError, match=unprintable):
+        astage.save_sync({key: torch.ones(1)}, tmp_path / "k.safetensors")
+    assert list(tmp_path.iterdir()) == []
