@@ -9,7 +9,7 @@ tensor of which torch can read.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -189,3 +189,59 @@ def test_a_header_too_long_for_the_partner_is_refused_by_its_sender(
     length, total = partner.received[0].tolist()
     assert total == -1 and length <= 400  # a refusal, which the partner takes
     assert transport.broken is None
+
+
+# -- DCP's _ReplicationStager (astage.compat) -----------------------------------------------------
+
+
+class _SlowToBuild:
+    """Stands in for ReplicationStager: slow to build (as a real one's first call is), counted."""
+
+    built: ClassVar[list[_SlowToBuild]] = []
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        import time
+
+        time.sleep(0.3)  # both callers are inside _started() by now
+        self._transport = type("T", (), {"fresh_when_in_use": False})()
+        self.replica_path = None
+        _SlowToBuild.built.append(self)
+
+    async def stage(self, state_dict: Any) -> Any:
+        return state_dict
+
+    async def aclose(self) -> None:
+        pass
+
+
+def test_first_calls_from_two_threads_build_one_stager_and_one_portal(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    # Before: each of two first stage() calls saw no portal yet and started its own, with a
+    # ReplicationStager of its own: two stagers then exchanged on one group, each counting
+    # its calls from 1, and the first portal's thread was never stopped.
+    import threading
+
+    from astage.compat import _replication as compat_replication
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(compat_replication, "ReplicationStager", _SlowToBuild)
+    _SlowToBuild.built.clear()
+    stager = compat_replication._ReplicationStager(None, storage_dir=str(tmp_path))
+    portals_before = {t.ident for t in threading.enumerate()}
+    results: list[Any] = []
+    callers = [
+        threading.Thread(target=lambda i=i: results.append(stager.stage({"i": i})))
+        for i in range(2)
+    ]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join(timeout=30)
+    try:
+        assert sorted(r["i"] for r in results) == [0, 1]
+        assert len(_SlowToBuild.built) == 1
+    finally:
+        stager.close()
+    leftover = [t for t in threading.enumerate() if t.ident not in portals_before and t.is_alive()]
+    assert not leftover, leftover  # every portal thread stopped by close()

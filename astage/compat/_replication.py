@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from datetime import timedelta
 from typing import Any
 
@@ -71,6 +72,11 @@ class _ReplicationStager(AsyncStager):
         self._portal: BlockingPortal | None = None
         self._portal_cm: Any = None
         self._closed = False
+        # Held while the portal and the stager are started or stopped: two threads' first
+        # stage() calls would otherwise each start a portal and a ReplicationStager (two
+        # stagers exchanging on one group, each counting its calls from 1; one portal never
+        # stopped), and a close() meanwhile would miss the portal being started.
+        self._starting = threading.Lock()
 
     @property
     def storage_dir(self) -> str:
@@ -88,13 +94,17 @@ class _ReplicationStager(AsyncStager):
         Without an initialized process group, ``state_dict`` is returned as it is (as DCP
         does). Extra keyword arguments are accepted and ignored.
         """
-        if self._closed:
-            raise StagerClosedError("this _ReplicationStager is closed")
         if not dist.is_initialized():
+            if self._closed:
+                raise StagerClosedError("this _ReplicationStager is closed")
             return state_dict
-        portal = self._started()
-        assert self._stager is not None
-        return portal.call(self._stager.stage, state_dict)
+        with self._starting:
+            if self._closed:
+                raise StagerClosedError("this _ReplicationStager is closed")
+            portal = self._started()
+            stager = self._stager
+        assert stager is not None
+        return portal.call(stager.stage, state_dict)
 
     def _started(self) -> BlockingPortal:
         if self._portal is None:
@@ -116,9 +126,11 @@ class _ReplicationStager(AsyncStager):
 
     def close(self) -> None:
         """Release the buffers and the portal's thread; persisted files stay (as in DCP)."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._starting:
+            if self._closed:
+                return
+            self._closed = True
+        # The portal can no longer change: stage() starts none once _closed is set.
         if self._portal is not None and self._stager is not None:
             self._portal.call(self._stager.aclose)
         self._stop_portal()
