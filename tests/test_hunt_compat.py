@@ -336,3 +336,29 @@ def test_a_failed_staging_whose_error_is_kept_holds_no_buffer_set(make: str) -> 
         assert stager.cache_info().nbytes == 1010 * 4, (len(kept), stager.cache_info())
     finally:
         stager.close()
+
+
+# -- the Lightning plugin ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder", "dev_zero"])
+def test_the_plugin_refuses_to_load_what_is_not_a_regular_file(
+    tmp_path: Path, alarm: None, kind: str
+) -> None:
+    """``load_checkpoint`` of a FIFO blocked forever in torch.load's open, of /dev/zero read
+    without end, of a folder raised a raw IsADirectoryError."""
+    pytest.importorskip("lightning")
+    from astage.lightning import AstageCheckpointIO
+
+    target = tmp_path / "x.ckpt"
+    target.write_bytes(b"")
+    plant(target, kind)
+    plugin = AstageCheckpointIO()
+    try:
+        with pytest.raises(astage.CheckpointFormatError) as caught:
+            plugin.load_checkpoint(target)
+        assert (
+            str(caught.value) == f"cannot load the checkpoint {str(target)!r}: not a regular file"
+        )
+    finally:
+        plugin.teardown()

@@ -17,17 +17,20 @@ from __future__ import annotations
 
 import os
 import pickle
+import stat
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import fsspec  # type: ignore[import-untyped]
+from fsspec.implementations.local import LocalFileSystem  # type: ignore[import-untyped]
 from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
 from lightning.fabric.utilities.types import _PATH
 from typing_extensions import override
 
 from .._errors import (
+    CheckpointError,
     CheckpointFormatError,
     CheckpointNotFoundError,
     CheckpointWriteError,
@@ -36,6 +39,21 @@ from .._errors import (
 from .._options import StagingOptions, make_options
 from ._snapshots import SnapshotPool
 from ._writer import BackgroundWriter, WriteJob
+
+
+def _check_local_file(target: str) -> None:
+    """Refuse a local ``target`` that is there but not a regular file: torch.load would block
+    on a FIFO's open forever, read a device such as /dev/zero without end, and fail on a
+    folder with a raw IsADirectoryError."""
+    filesystem, local = fsspec.core.url_to_fs(target)
+    if not isinstance(filesystem, LocalFileSystem):
+        return
+    try:
+        mode = os.stat(local).st_mode
+    except OSError:
+        return  # missing or unreadable: torch.load says which, and it is named then
+    if not stat.S_ISREG(mode):
+        raise CheckpointFormatError(f"cannot load the checkpoint {target!r}: not a regular file")
 
 
 def _cpu(storage: Any, location: str) -> Any:
@@ -169,17 +187,24 @@ class AstageCheckpointIO(CheckpointIO):
         """Load ``path`` as Lightning's ``TorchCheckpointIO`` does, once its write is done.
 
         A missing file raises :class:`~astage.CheckpointNotFoundError` (a FileNotFoundError),
-        one ``torch.load`` cannot read :class:`~astage.CheckpointFormatError`, naming the file.
+        one ``torch.load`` cannot read, or a path that is not a regular file (a folder, a FIFO,
+        a device), :class:`~astage.CheckpointFormatError`, one that cannot be opened
+        :class:`~astage.CheckpointError`, naming the file.
         """
         target = os.fspath(path)
         self._writer.wait(target)
         self._raise_write_error(target)
+        _check_local_file(target)
         try:
             return self._torch_io.load_checkpoint(
                 target, map_location=map_location, weights_only=weights_only
             )
         except FileNotFoundError as error:
             raise CheckpointNotFoundError(f"no checkpoint file at {target!r}") from error
+        except OSError as error:  # a folder, no permission, an I/O error
+            raise CheckpointError(
+                f"cannot load the checkpoint {target!r}: {type(error).__name__}: {error}"
+            ) from error
         except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as error:
             # torch.load's own message says what it refused (weights_only's allow-list, a
             # truncated zip): kept, with the file named.
