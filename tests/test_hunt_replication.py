@@ -245,3 +245,31 @@ def test_first_calls_from_two_threads_build_one_stager_and_one_portal(
         stager.close()
     leftover = [t for t in threading.enumerate() if t.ident not in portals_before and t.is_alive()]
     assert not leftover, leftover  # every portal thread stopped by close()
+
+
+# -- the replica file ---------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_the_replica_file_keeps_a_state_dicts_metadata(tmp_path: Any) -> None:
+    # The replica itself keeps a module state dict's _metadata (the wire carries it), and so
+    # does a file astage.save writes; the replica file dropped it (its OrderedDict was rebuilt
+    # without it), so a model restored from the partner's file lost its version info.
+    import anyio
+
+    from astage._replication._persist import ReplicaFile
+    from astage._replication._transport import Landed, ReplicaReady
+
+    state: Any = torch.nn.BatchNorm1d(3).state_dict()  # an OrderedDict with _metadata
+    encoded = encode(state, call=1)
+    storages = [s.clone() for s in encoded.storages]
+    replica = decode(json.loads(json.dumps(encoded.header)), storages, [], source=1)
+    assert replica._metadata == state._metadata  # the wire's part
+    path = tmp_path / "replica.safetensors"
+    async with ReplicaFile(str(path), 0, 1) as file:
+        await file.follow(ReplicaReady(replica, storages))
+        await file.follow(Landed(list(range(len(storages)))))
+        await file.commit()
+    loaded = await anyio.to_thread.run_sync(astage.load, path)
+    assert list(loaded) == list(state)
+    assert getattr(loaded, "_metadata", None) == state._metadata

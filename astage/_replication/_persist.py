@@ -197,5 +197,11 @@ def _plain(
     if cls is list or cls is tuple:
         return cls(_plain(v, (*path, i), tensors, dtensors) for i, v in enumerate(x))
     if cls is dict or cls is OrderedDict:
-        return cls((k, _plain(v, (*path, k), tensors, dtensors)) for k, v in x.items())
+        mapping = cls((k, _plain(v, (*path, k), tensors, dtensors)) for k, v in x.items())
+        metadata = getattr(x, "_metadata", None)
+        if cls is OrderedDict and metadata is not None:
+            # A module state dict's version info: the replica carries it (the wire does), and
+            # the file keeps it as astage.save's files do.
+            mapping._metadata = metadata  # type: ignore[attr-defined]
+        return mapping
     return x
