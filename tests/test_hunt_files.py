@@ -392,3 +392,47 @@ def test_a_key_whose_repr_raises_is_named_by_its_type(tmp_path: Path) -> None:
     with pytest.raises(astage.UnsavableError, match=unprintable):
         astage.save_sync({key: torch.ones(1)}, tmp_path / "k.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+# -- recursion through nodes that are not containers ---------------------------------------------
+
+
+def test_a_chain_of_metadata_nodes_is_refused_without_recursion_error(tmp_path: Path) -> None:
+    # An OrderedDict's _metadata was decoded outside its container's depth: a chain of them
+    # recursed until Python's limit (a raw RecursionError from load and check_file).
+    node: Any = 1
+    for _ in range(400):
+        node = {"odict": [], "_metadata": node}
+    path = crafted(tmp_path / "m.safetensors", {"__metadata__": {"astage": skeleton(node)}})
+    for read in (astage.load, check_file):
+        with pytest.raises(astage.CheckpointFormatError, match="nested more than 100 deep"):
+            read(path)
+
+
+def test_a_chain_of_enum_nodes_is_refused_without_recursion_error(tmp_path: Path) -> None:
+    # An enum's value is a node, and no container counted those levels.
+    count = 400
+    text = '{"enum": ["enum", "FlagBoundary", ' * count + '"x"' + "]}" * count
+    path = crafted(
+        tmp_path / "e.safetensors",
+        {"__metadata__": {"astage": '{"version": 1, "skeleton": ' + text + "}"}},
+    )
+    for read in (astage.load, check_file):
+        with pytest.raises(astage.CheckpointFormatError, match="enum values nested more than"):
+            read(path)
+
+
+def test_metadata_at_the_deepest_level_still_round_trips(tmp_path: Path) -> None:
+    from collections import OrderedDict
+
+    deepest: Any = OrderedDict(w=1)
+    deepest._metadata = {"": {"version": 1}}  # a dict inside _metadata: one level more
+    state: Any = deepest
+    for _ in range(97):  # 97 lists, the OrderedDict, _metadata and its dict: 100 deep
+        state = [state]
+    path = tmp_path / "deep.safetensors"
+    astage.save_sync(state, path)
+    back = astage.load(path)
+    for _ in range(97):  # 97 lists, the OrderedDict, _metadata and its dict: 100 deep
+        back = back[0]
+    assert back._metadata == {"": {"version": 1}}

@@ -254,6 +254,7 @@ class SkeletonDecoder:
             self._path: list[Any] = []
             self._depth = 0
             self._plain_only: str | None = None  # inside what no tensor or array may be
+            self._enums = 0  # enum nodes inside each other here (their values are nodes too)
         cls = type(node)
         if cls in (str, int, bool, type(None)) or (cls is float and math.isfinite(node)):
             return node
@@ -275,11 +276,15 @@ class SkeletonDecoder:
         if len(node) == 2 and "odict" in node and "_metadata" in node:
             restored = self.decode({"odict": node["odict"]})
             self._path.append(Attr("_metadata"))
+            # One level deeper, as the encoder counts it (inside its OrderedDict): a chain of
+            # _metadata nodes must not recurse past the limit (a raw RecursionError).
+            self._depth += 1
             try:
                 restored._metadata = self.decode_plain(
                     node["_metadata"], "an OrderedDict's _metadata"
                 )
             finally:
+                self._depth -= 1
                 self._path.pop()
             return restored
         if self._plain_only is not None:
@@ -453,7 +458,15 @@ class SkeletonDecoder:
         found = find_class(module_name, qualname)
         if not (isinstance(found, type) and issubclass(found, enum.Enum)):
             raise self.invalid(f"{where} is not an enum class")
-        member_value = self.decode_plain(raw, "an enum value")
+        # An enum's value may be a node again (another enum's member): no container counts
+        # these levels, so they have a limit of their own (else a raw RecursionError).
+        if self._enums >= MAX_DEPTH:
+            raise self.invalid(f"enum values nested more than {MAX_DEPTH} deep")
+        self._enums += 1
+        try:
+            member_value = self.decode_plain(raw, "an enum value")
+        finally:
+            self._enums -= 1
         for member in found.__members__.values():
             if type(member.value) is type(member_value) and member.value == member_value:
                 return member
