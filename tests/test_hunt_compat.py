@@ -362,3 +362,20 @@ def test_the_plugin_refuses_to_load_what_is_not_a_regular_file(
         )
     finally:
         plugin.teardown()
+
+
+def test_type_check_takes_a_state_dict_with_a_cycle() -> None:
+    """``BlockingAsyncStager(type_check=True)`` recursed around a cycle until a RecursionError,
+    where the stager itself keeps cycles; a bad value in one is still named by its path."""
+    stager = compat.BlockingAsyncStager(type_check=True)
+    try:
+        loop: list[Any] = [torch.ones(2)]
+        loop.append(loop)
+        staged = stager.stage({"loop": loop, "shared": loop})
+        assert staged["loop"][1] is staged["loop"] and staged["shared"] is staged["loop"]
+        assert torch.equal(staged["loop"][0], torch.ones(2))
+        loop.append({"lock": threading.Lock()})
+        with pytest.raises(astage.UnstageableError, match=r"^at \['loop'\]\[2\]\['lock'\]: type_"):
+            stager.stage({"loop": loop})
+    finally:
+        stager.close()

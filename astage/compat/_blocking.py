@@ -21,17 +21,24 @@ _DCP_VALUES = (torch.Tensor, int, float, str, bytes, io.BytesIO, type(None))
 def check_types(value: Any, path: Path = ()) -> None:
     """DCP's ``type_check``: dicts, lists and tuples of tensors, numbers, strings and bytes.
 
-    A check only, run before staging: the staging itself is astage's walk.
+    A check only, run before staging: the staging itself is astage's walk. Iterative, and each
+    container is checked once: a cycle or a deep nest (which the stager keeps) recursed until
+    a RecursionError.
     """
-    if isinstance(value, _DCP_VALUES):
-        return
-    if isinstance(value, dict):
-        for key, item in value.items():
-            check_types(item, (*path, key))
-    elif isinstance(value, (list, tuple)):
-        for index, item in enumerate(value):
-            check_types(item, (*path, index))
-    else:
+    seen: set[int] = set()
+    stack: list[tuple[Any, Path]] = [(value, path)]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, _DCP_VALUES):
+            continue
+        if isinstance(value, (dict, list, tuple)):
+            if id(value) in seen:
+                continue  # a cycle, or a container reached twice: checked already
+            seen.add(id(value))
+            pairs = value.items() if isinstance(value, dict) else enumerate(value)
+            # reversed: the stack pops the first item first, so the first bad value is named
+            stack.extend(reversed([(item, (*path, key)) for key, item in pairs]))
+            continue
         cls = type(value)
         raise UnstageableError(
             f"type_check: DCP saves tensors, int, float, str, bytes, BytesIO and None in dicts, "
