@@ -549,13 +549,14 @@ def _field(obj: object, name: str, path: str, where: str = "") -> Any:
 
 
 def _dims(value: object, where: str, path: str) -> list[int]:
-    if not isinstance(value, (tuple, list)) or not all(_is_count(d) for d in value):
+    if not isinstance(value, (tuple, list)) or not all(type(d) is int and d >= 0 for d in value):
         raise _bad(path, where, value, "a list of non-negative integers")
     return list(value)
 
 
 def _is_count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    # type(), not isinstance(): a bool is no count (and the check runs per chunk and record)
+    return type(value) is int and value >= 0
 
 
 def _bad(path: str, where: str, value: object, expected: str) -> CheckpointFormatError:
