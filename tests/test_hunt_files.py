@@ -436,3 +436,33 @@ def test_metadata_at_the_deepest_level_still_round_trips(tmp_path: Path) -> None
     for _ in range(97):  # 97 lists, the OrderedDict, _metadata and its dict: 100 deep
         back = back[0]
     assert back._metadata == {"": {"version": 1}}
+
+
+@pytest.mark.asyncio
+async def test_a_folder_reached_through_a_symlink_spares_the_saves_in_progress(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The folder state (saves in progress, lock) was shared by the root's spelling: a second
+    # CheckpointDir on the same folder through a link tidied away the first one's temporary
+    # file mid-write, and that save failed at its rename (ENOENT).
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    gate = threading.Event()
+    pwritev = os.pwritev
+
+    def held(fd: int, buffers: Any, offset: int) -> int:
+        if offset:  # the tensor bytes wait; the header (at 0) is written at begin()
+            gate.wait(10)
+        return pwritev(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "pwritev", held)
+    async with astage.CheckpointDir(real) as ckpts:
+        try:
+            handle = await ckpts.start_save(1, state_at(1))
+            assert [p.suffix for p in real.iterdir()] == [".tmp"]  # being written
+            assert astage.CheckpointDir(tmp_path / "link").steps() == []  # tidies on first use
+        finally:
+            gate.set()
+        await handle
+    assert astage.load(real / "step_000000001.safetensors")["step"] == 1

@@ -227,7 +227,10 @@ class CheckpointDir:
         """What the last :meth:`latest_step` or :meth:`load_latest` passed over, and why."""
         self._own_stager = stager is None
         self.stager = stager if stager is not None else Stager()
-        self._folder = _FOLDERS.get(self.root)
+        # By the folder itself, not by how this root spells it: a second CheckpointDir on the
+        # same folder through a symbolic link must see this one's saves in progress (its
+        # tidying would otherwise delete their temporary files) and share its lock.
+        self._folder = _FOLDERS.get(os.path.realpath(self.root))
         self._tidied = False
         self._saves: anyio.abc.TaskGroup | None = None  # while entered with `async with`
         self._pending: list[SaveHandle] = []  # background saves aclose() waits for
