@@ -9,6 +9,7 @@ tensor of which torch can read.
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from typing import Any, ClassVar
 
 import pytest
@@ -273,3 +274,45 @@ async def test_the_replica_file_keeps_a_state_dicts_metadata(tmp_path: Any) -> N
     loaded = await anyio.to_thread.run_sync(astage.load, path)
     assert list(loaded) == list(state)
     assert getattr(loaded, "_metadata", None) == state._metadata
+
+
+# -- deadlines ------------------------------------------------------------------------------------
+
+
+class _RecordedWork:
+    """A work that completes at once and records the timeout it was waited with."""
+
+    def __init__(self) -> None:
+        self.timeouts: list[timedelta] = []
+
+    def wait(self, timeout: timedelta) -> bool:
+        self.timeouts.append(timeout)
+        return True
+
+
+class _StoppedClock:
+    """``time`` for the transport: monotonic() stands still, at 100 s."""
+
+    @staticmethod
+    def monotonic() -> float:
+        return 100.0
+
+
+@pytest.mark.parametrize("left", [0.0005, 0.0000001, 0.0015])
+def test_a_deadline_under_a_millisecond_away_is_still_a_deadline(
+    monkeypatch: pytest.MonkeyPatch, left: float
+) -> None:
+    # torch.distributed takes a wait's timeout in whole milliseconds, and gloo reads 0 ms as
+    # "no timeout": its process group's own (30 minutes by default). A wait begun with less
+    # than 1 ms left blocked that long instead of raising at the deadline (measured: a wait of
+    # 500 us on a receive never sent returned after the group's full 8 s, one of 2 ms after
+    # 10 ms).
+    from astage._replication import _transport
+
+    monkeypatch.setattr("astage._replication._transport.time", _StoppedClock)
+    transport = _transport.Transport(None, rank=0, send_to=1, receive_from=1, timeout=30.0)
+    work = _RecordedWork()
+    transport._wait([work], 100.0 + left, "the header exchange")
+    (timeout,) = work.timeouts
+    assert timeout >= timedelta(milliseconds=1), timeout
+    assert timeout <= timedelta(seconds=left) + timedelta(milliseconds=1)

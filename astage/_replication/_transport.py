@@ -24,6 +24,7 @@ still posted are kept alive for good (gloo may still write into them).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -398,7 +399,10 @@ class Transport:
             try:
                 if left <= 0:
                     raise TimeoutError("deadline passed")
-                work.wait(timedelta(seconds=left))
+                # Whole milliseconds, rounded up: torch.distributed truncates to them, and gloo
+                # reads 0 ms as no timeout at all (the process group's own, 30 minutes by
+                # default), so a wait begun under 1 ms before the deadline blocked that long.
+                work.wait(timedelta(milliseconds=math.ceil(left * 1000)))
             except Exception as error:
                 text = str(error)
                 timed_out = (
