@@ -466,3 +466,21 @@ async def test_a_folder_reached_through_a_symlink_spares_the_saves_in_progress(
             gate.set()
         await handle
     assert astage.load(real / "step_000000001.safetensors")["step"] == 1
+
+
+@pytest.mark.parametrize("tag", ["float", "torch.dtype", "path", "torch.Size"])
+def test_a_deeply_nested_bad_value_is_quoted_without_recursion_error(
+    tmp_path: Path, tag: str
+) -> None:
+    # The message quoted the bad value with repr(): deep in the skeleton, a value nested some
+    # 700 lists deep (JSON that parses) raised a raw RecursionError while being quoted.
+    leaf = f'{{"{tag}": ' + "[" * 700 + "]" * 700 + "}"
+    text = '{"list": [' * 99 + leaf + "]}" * 99
+    path = crafted(
+        tmp_path / "q.safetensors",
+        {"__metadata__": {"astage": '{"version": 1, "skeleton": ' + text + "}"}},
+    )
+    for read in (astage.load, check_file):
+        with pytest.raises(astage.CheckpointFormatError, match=r"\[\[\[\[.*\.\.\.") as caught:
+            read(path)
+        assert len(str(caught.value)) < 2000

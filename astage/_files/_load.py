@@ -54,6 +54,7 @@ from ._skeleton import (
     mesh_shape,
     numpy_or_none,
     placement_from_node,
+    shown,
     takes_conj_bit,
     takes_neg_bit,
 )
@@ -393,8 +394,8 @@ def _numel(shape: list[int]) -> int:
 
 
 def abridged(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    """A short repr of a value from the file (never a raw RecursionError: see ``shown``)."""
+    return shown(value, limit)
 
 
 def skeleton_document(metadata: dict[str, str], path: str) -> Any:

@@ -35,6 +35,7 @@ import enum
 import math
 import pathlib
 import re
+import reprlib
 import sys
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -291,7 +292,7 @@ class SkeletonDecoder:
             # The encoder puts no tensor or array there (nor any other node of a format's):
             # a file or peer that does must not hand one, or a decoder's placeholder, out.
             raise self.invalid(
-                f"{self._plain_only} holds plain values only, not {_shown(sorted(node))}"
+                f"{self._plain_only} holds plain values only, not {shown(sorted(node))}"
             )
         return self.decode_other(node)
 
@@ -326,12 +327,12 @@ class SkeletonDecoder:
 
     def _float(self, value: Any) -> float:
         if not isinstance(value, str) or value not in _FLOAT_TAGS:
-            raise self.invalid(f"'float' must be 'nan', 'inf' or '-inf', not {_shown(value)}")
+            raise self.invalid(f"'float' must be 'nan', 'inf' or '-inf', not {shown(value)}")
         return float(value)  # a new object: two NaN keys stay two keys
 
     def _items(self, value: Any, tag: str) -> list[Any]:
         if type(value) is not list:
-            raise self.invalid(f"{tag!r} must hold a list, not {_shown(value)}")
+            raise self.invalid(f"{tag!r} must hold a list, not {shown(value)}")
         items = []
         for i, item in enumerate(value):
             self._path.append(i)
@@ -354,10 +355,10 @@ class SkeletonDecoder:
         seen: set[Any] = set()
         for pair in value:
             if type(pair) is not list or len(pair) != 2:
-                raise self.invalid(f"{tag!r} must hold [key, value] pairs, not {_shown(pair)}")
+                raise self.invalid(f"{tag!r} must hold [key, value] pairs, not {shown(pair)}")
             key = self.decode(pair[0])
             if type(key) not in PLAIN_TYPES:
-                raise self.invalid(f"a dict key must be a plain value, not {_shown(pair[0])}")
+                raise self.invalid(f"a dict key must be a plain value, not {shown(pair[0])}")
             if key in seen:
                 raise self.invalid(f"the dict key {key!r} appears twice")
             seen.add(key)
@@ -396,7 +397,7 @@ class SkeletonDecoder:
         names = set()
         for pair in value:
             if type(pair) is not list or len(pair) != 2 or type(pair[0]) is not str:
-                raise self.invalid(f"'namespace' must hold [name, value] pairs, not {_shown(pair)}")
+                raise self.invalid(f"'namespace' must hold [name, value] pairs, not {shown(pair)}")
             name = pair[0]
             if name in names:
                 raise self.invalid(f"the namespace attribute {name!r} appears twice")
@@ -410,16 +411,16 @@ class SkeletonDecoder:
 
     def _size(self, value: Any) -> torch.Size:
         if type(value) is not list or not all(type(n) is int and n >= 0 for n in value):
-            raise self.invalid(f"'torch.Size' must hold sizes (ints >= 0), not {_shown(value)}")
+            raise self.invalid(f"'torch.Size' must hold sizes (ints >= 0), not {shown(value)}")
         try:
             return torch.Size(value)
         except (RuntimeError, TypeError, OverflowError) as error:  # a size beyond int64
-            raise self.invalid(f"'torch.Size' {_shown(value)}: {error}") from None
+            raise self.invalid(f"'torch.Size' {shown(value)}: {error}") from None
 
     def _dtype(self, value: Any) -> torch.dtype:
         dtype = TORCH_DTYPES.get(value) if isinstance(value, str) else None
         if dtype is None:
-            raise self.invalid(f"unknown 'torch.dtype' {_shown(value)}")
+            raise self.invalid(f"unknown 'torch.dtype' {shown(value)}")
         return dtype
 
     def _pathlib(self, value: Any) -> pathlib.PurePath:
@@ -430,7 +431,7 @@ class SkeletonDecoder:
             or value[0] not in _PATH_TYPES
             or type(value[1]) is not str
         ):
-            raise self.invalid(f"'path' must hold [a pathlib class name, str], not {_shown(value)}")
+            raise self.invalid(f"'path' must hold [a pathlib class name, str], not {shown(value)}")
         kind, text = value
         try:
             return _PATH_TYPES[kind](text)
@@ -445,7 +446,7 @@ class SkeletonDecoder:
             or type(value[0]) is not str
             or type(value[1]) is not str
         ):
-            raise self.invalid(f"'enum' must hold [module, qualname, value], not {_shown(value)}")
+            raise self.invalid(f"'enum' must hold [module, qualname, value], not {shown(value)}")
         module_name, qualname, raw = value
         where = f"{module_name}.{qualname}"
         # Never import: a file must not choose which code runs. Look the class up in a module
@@ -475,7 +476,7 @@ class SkeletonDecoder:
                 return found(member_value)  # a combination of flags
             except (ValueError, TypeError):
                 pass
-        raise self.invalid(f"{where} has no member of value {member_value!r}")
+        raise self.invalid(f"{where} has no member of value {shown(member_value, 200)}")
 
     def _numpy_scalar(self, value: Any) -> Any:
         if (
@@ -485,7 +486,7 @@ class SkeletonDecoder:
             or not _NUMPY_DTYPE.fullmatch(value[0])
             or type(value[1]) is not str
         ):
-            raise self.invalid(f"'numpy.scalar' must hold [dtype, hex], not {_shown(value)}")
+            raise self.invalid(f"'numpy.scalar' must hold [dtype, hex], not {shown(value)}")
         numpy = numpy_or_none()
         if numpy is None:
             raise self.invalid("a numpy scalar needs numpy, which is not installed")
@@ -493,9 +494,9 @@ class SkeletonDecoder:
             dtype = numpy.dtype(value[0])
             data = bytes.fromhex(value[1])
         except (TypeError, ValueError):
-            raise self.invalid(f"bad 'numpy.scalar' {_shown(value)}") from None
+            raise self.invalid(f"bad 'numpy.scalar' {shown(value)}") from None
         if dtype.kind not in "biufc" or len(data) != dtype.itemsize:
-            raise self.invalid(f"bad 'numpy.scalar' {_shown(value)}")
+            raise self.invalid(f"bad 'numpy.scalar' {shown(value)}")
         return numpy.frombuffer(data, dtype=dtype)[0]
 
 
@@ -520,8 +521,24 @@ def numpy_or_none() -> Any:
     return numpy
 
 
-def _shown(value: Any, limit: int = 60) -> str:
-    text = repr(value)
+def _bounded_repr() -> reprlib.Repr:
+    bounded = reprlib.Repr()
+    bounded.maxlevel = 8
+    bounded.maxstring = bounded.maxother = bounded.maxlong = 200
+    bounded.maxlist = bounded.maxtuple = bounded.maxdict = 50
+    bounded.maxset = bounded.maxfrozenset = bounded.maxdeque = bounded.maxarray = 50
+    return bounded
+
+
+_BOUNDED_REPR = _bounded_repr()
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for a value that came from a file or a
+    peer: built by :mod:`reprlib`, whose nesting and length limits keep a deeply nested JSON
+    value from raising a raw RecursionError, and a huge one from being copied whole first.
+    Small values read as ``repr`` writes them (a dict's or set's items sorted)."""
+    text = _BOUNDED_REPR.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -582,7 +599,7 @@ def mesh_problem(node: Any) -> str | None:
         return "must be [device type, rank grid, dim names]"
     device_type, grid, names = node
     if type(device_type) is not str or not device_type.isidentifier() or len(device_type) > 32:
-        return f"device type {_shown(device_type)} is not a device type"
+        return f"device type {shown(device_type)} is not a device type"
     shape: list[int] = []
     level = grid
     while type(level) is list:
