@@ -316,3 +316,25 @@ def test_a_deadline_under_a_millisecond_away_is_still_a_deadline(
     (timeout,) = work.timeouts
     assert timeout >= timedelta(milliseconds=1), timeout
     assert timeout <= timedelta(seconds=left) + timedelta(milliseconds=1)
+
+
+@pytest.mark.parametrize("timeout", [float("inf"), 1e300, 10**400], ids=["inf", "1e300", "10**400"])
+def test_a_timeout_no_wait_can_take_is_an_invalid_option(timeout: Any) -> None:
+    # Before: infinity and 1e300 were accepted, and every exchange then failed at its first
+    # wait (a timedelta of whole milliseconds cannot hold them: OverflowError, the transport
+    # broken, the partner left to wait); 10**400 escaped as OverflowError.
+    from astage._replication._stager import _seconds
+
+    with pytest.raises(astage.InvalidOptionsError, match="timeout"):
+        _seconds(timeout)
+
+
+def test_the_longest_timeout_is_one_a_wait_can_take(monkeypatch: pytest.MonkeyPatch) -> None:
+    from astage._replication import _stager, _transport
+
+    monkeypatch.setattr("astage._replication._transport.time", _StoppedClock)
+    seconds = _stager._seconds(_stager._MOST_SECONDS)
+    transport = _transport.Transport(None, rank=0, send_to=1, receive_from=1, timeout=seconds)
+    work = _RecordedWork()
+    transport._wait([work], _StoppedClock.monotonic() + seconds, "the header exchange")
+    assert work.timeouts[0] >= timedelta(seconds=seconds)

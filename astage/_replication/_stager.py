@@ -297,14 +297,20 @@ class ReplicationStager:
         await self.aclose()
 
 
+_MOST_SECONDS = 1e13
+"""The longest timeout (about 300,000 years): each wait is a ``timedelta`` of whole
+milliseconds, which an infinite or larger one cannot be (every exchange then failed)."""
+
+
 def _seconds(timeout: float | timedelta) -> float:
     try:
         seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int past a float
         seconds = float("nan")
-    if not seconds > 0:
+    if not 0 < seconds <= _MOST_SECONDS:  # NaN and infinity too
         raise InvalidOptionsError(
-            f"timeout must be a positive number of seconds or a timedelta, got {timeout!r}"
+            f"timeout must be a positive, finite number of seconds (at most {_MOST_SECONDS:g}) "
+            f"or a timedelta, got {timeout!r}"
         )
     return seconds
 
