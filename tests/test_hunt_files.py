@@ -484,3 +484,24 @@ def test_a_deeply_nested_bad_value_is_quoted_without_recursion_error(
         with pytest.raises(astage.CheckpointFormatError, match=r"\[\[\[\[.*\.\.\.") as caught:
             read(path)
         assert len(str(caught.value)) < 2000
+
+
+def test_a_deeply_nested_dtensor_world_is_quoted_without_recursion_error(tmp_path: Path) -> None:
+    # 'world' was quoted with a full repr() when 'rank' did not fit it.
+    node = (
+        '{"local": {"tensor": "[\'w\']"}, "mesh": ["cpu", [0], null], "placements": '
+        '[["replicate"]], "shape": [4], "stride": [1], "requires_grad": false, "rank": 0, '
+        '"world": ' + "[" * 700 + "]" * 700 + ', "coordinate": [0]}'
+    )
+    text = '{"list": [' * 99 + '{"dtensor": ' + node + "}" + "]}" * 99
+    path = crafted(
+        tmp_path / "w.safetensors",
+        {
+            "__metadata__": {"astage": '{"version": 1, "skeleton": ' + text + "}"},
+            "['w']": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+        },
+        b"\0" * 16,
+    )
+    for read in (astage.load, check_file):
+        with pytest.raises(astage.CheckpointFormatError, match=r"'world' \[\[\[\["):
+            read(path)

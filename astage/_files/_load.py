@@ -662,7 +662,9 @@ class Decoder(SkeletonDecoder):
         if type(requires_grad) is not bool:
             raise self.invalid(f"'requires_grad' must be a bool, not {abridged(requires_grad)}")
         if not (type(rank) is int and type(world) is int and 0 <= rank < world < _MAX_SIZE):
-            raise self.invalid(f"'rank' {abridged(rank)} must be an int in [0, 'world' {world!r})")
+            raise self.invalid(
+                f"'rank' {abridged(rank)} must be an int in [0, 'world' {abridged(world)})"
+            )
         where_rank = (mesh_text, rank)
         if where_rank not in self._coordinates:
             self._coordinates[where_rank] = _coordinate_in(mesh, rank)
