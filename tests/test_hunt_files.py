@@ -505,3 +505,24 @@ def test_a_deeply_nested_dtensor_world_is_quoted_without_recursion_error(tmp_pat
     for read in (astage.load, check_file):
         with pytest.raises(astage.CheckpointFormatError, match=r"'world' \[\[\[\["):
             read(path)
+
+
+def test_a_deeply_nested_dtensor_mesh_is_refused_without_recursion_error(tmp_path: Path) -> None:
+    # The mesh node was turned into JSON text (its cache key) before it was checked.
+    node = (
+        '{"local": {"tensor": "[\'w\']"}, "mesh": ' + "[" * 700 + "]" * 700 + ', "placements": '
+        '[["replicate"]], "shape": [4], "stride": [1], "requires_grad": false, "rank": 0, '
+        '"world": 1, "coordinate": [0]}'
+    )
+    text = '{"list": [' * 99 + '{"dtensor": ' + node + "}" + "]}" * 99
+    path = crafted(
+        tmp_path / "m.safetensors",
+        {
+            "__metadata__": {"astage": '{"version": 1, "skeleton": ' + text + "}"},
+            "['w']": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+        },
+        b"\0" * 16,
+    )
+    for read in (astage.load, check_file):
+        with pytest.raises(astage.CheckpointFormatError, match="'mesh' is nested too deep"):
+            read(path)

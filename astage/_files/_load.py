@@ -630,7 +630,10 @@ class Decoder(SkeletonDecoder):
             raise self.invalid("a DTensor's local shard may not carry attributes")
         mesh = value["mesh"]
         # Every DTensor of a state dict names the same mesh or two: check each one once.
-        mesh_text = json.dumps(mesh)
+        try:
+            mesh_text = json.dumps(mesh)
+        except (RecursionError, ValueError):  # unchecked yet: it may nest past the stack
+            raise self.invalid("the DTensor's 'mesh' is nested too deep") from None
         if mesh_text not in self._meshes_checked:
             problem = mesh_problem(mesh)
             if problem is not None:
