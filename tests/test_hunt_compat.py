@@ -379,3 +379,49 @@ def test_type_check_takes_a_state_dict_with_a_cycle() -> None:
             stager.stage({"loop": loop})
     finally:
         stager.close()
+
+
+def test_a_save_without_collectives_leaves_the_global_checkpoint_whole_until_it_commits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A save with ``use_collectives=False`` checked only for its own ``__0.metadata`` before
+    choosing its file names: over a folder with a committed global ``.metadata`` (which DCP
+    loads first) it replaced ``__0_0.distcp`` in place, so a save that then failed before its
+    commit changed what the committed checkpoint loads."""
+    state_dict_saver.save(
+        {"w": torch.zeros(4)}, storage_writer=FileSystemWriter(tmp_path), no_dist=True
+    )
+
+    def crash(self: FileSystemWriter, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("the process died before its commit")
+
+    monkeypatch.setattr(FileSystemWriter, "finish", crash)
+    with pytest.raises(RuntimeError, match="before its commit"):
+        state_dict_saver.save(
+            {"w": torch.ones(4)},
+            storage_writer=FileSystemWriter(tmp_path),
+            no_dist=True,
+            use_collectives=False,
+        )
+    into = {"w": torch.full((4,), 7.0)}
+    state_dict_loader.load(into, storage_reader=FileSystemReader(tmp_path), no_dist=True)
+    assert torch.equal(into["w"], torch.zeros(4)), into
+
+
+def test_a_save_without_collectives_keeps_the_files_of_the_global_checkpoint(
+    tmp_path: Path,
+) -> None:
+    """The removal of replaced data files after a save without collectives (above) must not
+    take the files a global ``.metadata`` in the same folder names: DCP loads that one first."""
+    state_dict_saver.save(
+        {"w": torch.zeros(4)}, storage_writer=FileSystemWriter(tmp_path), no_dist=True
+    )
+    state_dict_saver.save(
+        {"w": torch.ones(4)},
+        storage_writer=FileSystemWriter(tmp_path),
+        no_dist=True,
+        use_collectives=False,
+    )
+    into = {"w": torch.full((4,), 7.0)}
+    state_dict_loader.load(into, storage_reader=FileSystemReader(tmp_path), no_dist=True)
+    assert torch.equal(into["w"], torch.zeros(4)), into  # the global checkpoint, whole

@@ -308,10 +308,11 @@ class FileSystemWriter(StorageWriter, AsyncStager):
             _fsync_folder(self.path)
         if self.use_collectives:
             _remove_unreferenced(self.path, metadata.storage_data.values())
-        elif self.rank is not None:
+        elif self.rank is not None and not os.path.exists(os.path.join(self.path, METADATA_NAME)):
             # Without collectives each rank commits a metadata file of its own, naming only its
             # own data files: it removes its replaced ones (they piled up, one per save), and
-            # never another rank's.
+            # never another rank's. Not beside a global .metadata: that one (which DCP loads
+            # first) may name this rank's older files too.
             _remove_unreferenced(self.path, metadata.storage_data.values(), f"__{self.rank}_")
 
     def storage_meta(self) -> StorageMeta | None:
@@ -338,8 +339,12 @@ class FileSystemWriter(StorageWriter, AsyncStager):
 
     def _prefix(self, rank: int) -> str:
         # Over a committed checkpoint, fresh names: its files stay whole until the new metadata
-        # replaces its own (a crash in between leaves it loadable).
-        if os.path.exists(self._metadata_path()):
+        # replaces its own (a crash in between leaves it loadable). Its own, or the folder's
+        # global one: a save without collectives writes __{rank}.metadata, but DCP loads the
+        # global .metadata first, whose __{rank}_0.distcp must not change under it.
+        if os.path.exists(self._metadata_path()) or os.path.exists(
+            os.path.join(self.path, METADATA_NAME)
+        ):
             return f"__{rank}_{self.save_id}_"
         return f"__{rank}_"
 
