@@ -425,3 +425,29 @@ def test_a_save_without_collectives_keeps_the_files_of_the_global_checkpoint(
     into = {"w": torch.full((4,), 7.0)}
     state_dict_loader.load(into, storage_reader=FileSystemReader(tmp_path), no_dist=True)
     assert torch.equal(into["w"], torch.zeros(4)), into  # the global checkpoint, whole
+
+
+def test_a_collective_save_leaves_a_ranks_own_checkpoint_whole_until_it_commits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other way round: over a folder holding only ``__0.metadata`` (a save without
+    collectives, what DCP loads when there is no global ``.metadata``), a collective save
+    replaced ``__0_0.distcp`` in place before its commit."""
+    state_dict_saver.save(
+        {"w": torch.zeros(4)},
+        storage_writer=FileSystemWriter(tmp_path),
+        no_dist=True,
+        use_collectives=False,
+    )
+
+    def crash(self: FileSystemWriter, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("the process died before its commit")
+
+    monkeypatch.setattr(FileSystemWriter, "finish", crash)
+    with pytest.raises(BaseException, match="before its commit"):  # DCP wraps it
+        state_dict_saver.save(
+            {"w": torch.ones(4)}, storage_writer=FileSystemWriter(tmp_path), no_dist=True
+        )
+    into = {"w": torch.full((4,), 7.0)}
+    state_dict_loader.load(into, storage_reader=FileSystemReader(tmp_path), no_dist=True)
+    assert torch.equal(into["w"], torch.zeros(4)), into

@@ -339,12 +339,12 @@ class FileSystemWriter(StorageWriter, AsyncStager):
 
     def _prefix(self, rank: int) -> str:
         # Over a committed checkpoint, fresh names: its files stay whole until the new metadata
-        # replaces its own (a crash in between leaves it loadable). Its own, or the folder's
-        # global one: a save without collectives writes __{rank}.metadata, but DCP loads the
-        # global .metadata first, whose __{rank}_0.distcp must not change under it.
-        if os.path.exists(self._metadata_path()) or os.path.exists(
-            os.path.join(self.path, METADATA_NAME)
-        ):
+        # replaces its own (a crash in between leaves it loadable). Either kind of metadata
+        # may name __{rank}_0.distcp: the global .metadata (which DCP loads first) and the
+        # rank's own __{rank}.metadata of a save without collectives (loaded when there is
+        # no global one).
+        names = (METADATA_NAME, f"__{rank}{METADATA_NAME}")
+        if any(os.path.exists(os.path.join(self.path, name)) for name in names):
             return f"__{rank}_{self.save_id}_"
         return f"__{rank}_"
 
