@@ -526,3 +526,21 @@ def test_a_deeply_nested_dtensor_mesh_is_refused_without_recursion_error(tmp_pat
     for read in (astage.load, check_file):
         with pytest.raises(astage.CheckpointFormatError, match="'mesh' is nested too deep"):
             read(path)
+
+
+@pytest.mark.parametrize("dtype", ["uint1", "uint4", "int7"])
+def test_a_view_of_a_sub_byte_integer_dtype_is_a_format_error(tmp_path: Path, dtype: str) -> None:
+    # Loaded as a tensor that torch cannot read (clone, copy_ and repr raise its raw
+    # NotImplementedError); astage never writes one (staging cannot copy those dtypes).
+    view = {"tensor": "<storage 0>", "dtype": dtype, "shape": [2], "stride": [1], "offset": 0}
+    path = crafted(
+        tmp_path / "s.safetensors",
+        {
+            "__metadata__": {"astage": skeleton({"dict": [["v", view]]})},
+            "<storage 0>": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]},
+        },
+        b"\0" * 4,
+    )
+    for read in (astage.load, check_file):
+        with pytest.raises(astage.CheckpointFormatError, match=f"unsupported 'dtype' '{dtype}'"):
+            read(path)
