@@ -5,6 +5,7 @@ Each test failed before its fix. The DCP checkpoints here are one process's (``n
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import re
@@ -451,3 +452,28 @@ def test_a_collective_save_leaves_a_ranks_own_checkpoint_whole_until_it_commits(
     into = {"w": torch.full((4,), 7.0)}
     state_dict_loader.load(into, storage_reader=FileSystemReader(tmp_path), no_dist=True)
     assert torch.equal(into["w"], torch.zeros(4)), into
+
+
+# -- the command ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("encoding", ["ascii", "latin-1"])
+def test_inspect_escapes_what_stdout_cannot_encode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, encoding: str
+) -> None:
+    """A key the terminal's encoding cannot hold made ``astage inspect`` die with a
+    UnicodeEncodeError traceback (exit status 1), where it promises a report and never a
+    traceback; now such characters are escaped."""
+    from astage._cli import main
+
+    path = tmp_path / "ckpt.safetensors"
+    astage.save_sync({"gewicht_\u00fc": torch.ones(2), "\u6743\u91cd": torch.zeros(3)}, path)
+    raw = io.BytesIO()
+    stdout = io.TextIOWrapper(raw, encoding=encoding, newline="\n")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    assert main(["inspect", str(path)]) == 0
+    stdout.flush()
+    text = raw.getvalue().decode(encoding)
+    assert "['\\u6743\\u91cd']: tensor(float32, [3])" in text, text
+    ue = "\u00fc" if encoding == "latin-1" else "\\xfc"
+    assert f"['gewicht_{ue}']: tensor(float32, [2])" in text, text

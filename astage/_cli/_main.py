@@ -78,14 +78,22 @@ def _inspect(path: str, *, as_json: bool, verify: bool) -> int:
         if collecting:
             gc.enable()
     if as_json:
-        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        _write(json.dumps(report, indent=2) + "\n")
     else:
-        sys.stdout.write(render(report))
+        _write(render(report))
     sys.stdout.flush()
     if report["valid"]:
         return VALID
     _error(report["error"] or "not valid")
     return INVALID
+
+
+def _write(text: str) -> None:
+    """Write ``text`` to stdout, escaping what its encoding cannot hold: a name from the file
+    (a key in Chinese, say) on an ASCII or Latin-1 stdout raised UnicodeEncodeError, a
+    traceback (stderr escapes such characters itself)."""
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    sys.stdout.write(text.encode(encoding, "backslashreplace").decode(encoding))
 
 
 def _error(message: str) -> None:
