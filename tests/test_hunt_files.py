@@ -544,3 +544,15 @@ def test_a_view_of_a_sub_byte_integer_dtype_is_a_format_error(tmp_path: Path, dt
     for read in (astage.load, check_file):
         with pytest.raises(astage.CheckpointFormatError, match=f"unsupported 'dtype' '{dtype}'"):
             read(path)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("dtype", [torch.uint1, torch.int4])
+async def test_saving_a_sub_byte_integer_tensor_is_unsavable(tmp_path: Path, dtype: Any) -> None:
+    # Staging raised torch's raw NotImplementedError ("copy_kernel" not implemented).
+    state = {"t": torch.empty(4, dtype=dtype)}
+    with pytest.raises(astage.UnsavableError, match=r"at \['t'\]: .* dtype"):
+        await astage.save(state, tmp_path / "a.safetensors")
+    with pytest.raises(astage.UnsavableError, match=r"at \['t'\]: .* dtype"):
+        astage.save_sync(state, tmp_path / "b.safetensors")
+    assert list(tmp_path.iterdir()) == []

@@ -35,6 +35,7 @@ from ._safetensors import (
     header_text,
 )
 from ._skeleton import (
+    VIEW_DTYPES,
     SkeletonEncoder,
     is_dtensor,
     mesh_node,
@@ -305,6 +306,11 @@ class _LayoutBuilder(SkeletonEncoder):
             raise UnsavableError(f"cannot save a {x.layout} tensor; only strided ones", path)
         if x.device.type == "meta":
             raise UnsavableError("a meta tensor has no data to save", path)
+        dtype_name = str(x.dtype).removeprefix("torch.")
+        if dtype_name not in VIEW_DTYPES:
+            # Sub-byte integers (uint1 ... int7): torch cannot copy them, so staging would
+            # fail with its raw NotImplementedError, and a loader would refuse the view.
+            raise UnsavableError(f"cannot save a tensor of dtype {dtype_name}", path)
         self.tensors += 1
         storage = x.untyped_storage()
         key = storage_key(storage)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import stat
 import struct
 import sys
@@ -47,7 +46,7 @@ from ._safetensors import (
     tensor_memoryview,
 )
 from ._skeleton import (
-    TORCH_DTYPES,
+    VIEW_DTYPES,
     SkeletonDecoder,
     local_shape_problem,
     mesh_node,
@@ -63,15 +62,6 @@ from ._skeleton import (
 _MAX_DIMS = 64
 _MAX_SIZE = 1 << 62  # a dimension, stride or offset beyond this cannot index a real storage
 _DTYPES_BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
-_SUB_BYTE_INTS = re.compile(r"u?int[1-7]")
-VIEW_DTYPES = {
-    name: d
-    for name, d in TORCH_DTYPES.items()
-    if not name.startswith("q") and not _SUB_BYTE_INTS.fullmatch(name)
-}
-"""The dtypes a view in a file may have: every torch dtype but the quantized ones and the
-sub-byte integers (``uint1`` ... ``int7``): astage cannot stage either, and a view of a
-sub-byte one is a tensor torch cannot read (not even ``clone``, ``copy_`` or ``repr``)."""
 
 
 @dataclass

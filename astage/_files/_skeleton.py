@@ -58,6 +58,16 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     if isinstance(value, torch.dtype)
 }
 """Every torch dtype by the name a skeleton records (``"float32"``, ``"bfloat16"``, ...)."""
+_SUB_BYTE_INTS = re.compile(r"u?int[1-7]")
+VIEW_DTYPES = {
+    name: d
+    for name, d in TORCH_DTYPES.items()
+    if not name.startswith("q") and not _SUB_BYTE_INTS.fullmatch(name)
+}
+"""The dtypes a stored view (a file's, a partner's) may have: every torch dtype but the
+quantized ones and the sub-byte integers (``uint1`` ... ``int7``): astage cannot stage
+either, and a view of a sub-byte one is a tensor torch cannot read (not even ``clone``,
+``copy_`` or ``repr``)."""
 
 _NEG_BIT_REAL_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
