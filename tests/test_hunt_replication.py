@@ -338,3 +338,138 @@ def test_the_longest_timeout_is_one_a_wait_can_take(monkeypatch: pytest.MonkeyPa
     work = _RecordedWork()
     transport._wait([work], _StoppedClock.monotonic() + seconds, "the header exchange")
     assert work.timeouts[0] >= timedelta(seconds=seconds)
+
+
+# -- two gloo ranks: the refusals above, both sides raising at once --------------------------------
+#
+# This module is also the worker: ``python tests/test_hunt_replication.py RANK INIT_FILE OUT_DIR``
+# runs one rank of the job below (the helpers come from tests/_dist_worker.py).
+
+FAST = 10.0
+"""An exchange that raises sooner than this did not wait for a deadline (20 s)."""
+
+
+async def _refused_at_once(rank: int, work: Any, says: dict[int, str]) -> None:
+    """``work`` raises a ReplicationError on both ranks, each saying ``says[rank]``, at once."""
+    import time
+
+    started = time.monotonic()
+    try:
+        await work()
+    except astage.ReplicationError as error:
+        assert says[rank] in str(error), str(error)
+    else:
+        raise AssertionError("no error")
+    assert time.monotonic() - started < FAST, time.monotonic() - started
+
+
+async def _check_many_storages(rank: int, out: str) -> None:
+    """Rank 1's header lists 50,000 storages no tensor views: rank 0 refuses it naming the
+    field, both raise at once, no temporary file is left, and the pair stays in step."""
+    import os
+
+    from _dist_worker import crafting, plain_sd, same
+
+    folder = os.path.join(out, f"replicas{rank}")
+    async with astage.ReplicationStager(timeout=20, storage_dir=folder) as stager:
+        same(await stager.stage(plain_sd(rank)), plain_sd(1 - rank))
+
+        async def spoiled() -> None:
+            if rank == 1:
+                with crafting(lambda h: h.update(storages=h["storages"] + [0] * 50_000)):
+                    await stager.stage(plain_sd(rank))
+            else:
+                await stager.stage(plain_sd(rank))
+
+        says = {0: "'storages'[1]", 1: "rank 0 refused the header"}
+        await _refused_at_once(rank, spoiled, says)
+        assert stager.replica_path is not None
+        assert os.listdir(folder) == [os.path.basename(stager.replica_path)]
+        same(await stager.stage(plain_sd(rank)), plain_sd(1 - rank))
+
+
+async def _check_header_too_long(rank: int, out: str) -> None:
+    """Rank 1's header is longer than the limit: it refuses to send it, both raise at once,
+    and the pair stays in step."""
+    import unittest.mock
+
+    from _dist_worker import plain_sd, same
+
+    from astage._replication import _wire
+
+    async with astage.ReplicationStager(timeout=20) as stager:
+        with unittest.mock.patch.object(_wire, "MAX_HEADER_BYTES", 2000):  # both ranks
+            big = {f"w{i}": torch.ones(1) for i in range(100)}  # a header of ~8 kB
+            says = {0: "rank 1 could not send its snapshot", 1: "header length"}
+            await _refused_at_once(
+                rank, lambda: stager.stage(big if rank == 1 else plain_sd(rank)), says
+            )
+        same(await stager.stage(plain_sd(rank)), plain_sd(1 - rank))
+
+
+def _rank_main(rank: int, init_file: str, out: str) -> None:
+    import os
+    import traceback
+
+    from _dist_worker import run
+
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=2,
+        timeout=timedelta(seconds=60),
+    )
+    results: dict[str, str] = {}
+    for name, check in [
+        ("many_storages", _check_many_storages),
+        ("header_too_long", _check_header_too_long),
+    ]:
+        try:
+            run(check, rank, out)
+            results[name] = "ok"
+        except BaseException:  # noqa: BLE001 - reported to the test
+            results[name] = traceback.format_exc()
+        dist.barrier()
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as file:
+        json.dump(results, file)
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    import os
+    import subprocess
+    import sys
+
+    from test_replication import Job
+
+    out = tmp_path_factory.mktemp("hunt-replication")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, str(rank), str(out / "init"), str(out)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        for rank in range(2)
+    ]
+    yield Job(2, out, procs)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("name", ["many_storages", "header_too_long"])
+def test_refusals_reach_both_ranks_at_once_over_gloo(two_ranks: Any, name: str) -> None:
+    from test_replication import check
+
+    check(two_ranks, name)
+
+
+if __name__ == "__main__":
+    import sys
+
+    _rank_main(int(sys.argv[1]), sys.argv[2], sys.argv[3])

@@ -48,8 +48,8 @@ from typing import Any, Protocol
 import torch
 
 from .._errors import AstageError, ReplicationError
-from .._files._load import VIEW_DTYPES
 from .._files._skeleton import (
+    VIEW_DTYPES,
     SkeletonDecoder,
     SkeletonEncoder,
     local_shape_problem,
