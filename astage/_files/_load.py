@@ -46,7 +46,9 @@ from ._safetensors import (
     tensor_memoryview,
 )
 from ._skeleton import (
-    VIEW_DTYPES,
+    VIEW_DTYPES as _VIEW_DTYPES,
+)
+from ._skeleton import (
     SkeletonDecoder,
     local_shape_problem,
     mesh_node,
@@ -62,6 +64,8 @@ from ._skeleton import (
 _MAX_DIMS = 64
 _MAX_SIZE = 1 << 62  # a dimension, stride or offset beyond this cannot index a real storage
 _DTYPES_BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+VIEW_DTYPES = _VIEW_DTYPES
+"""The dtypes a view in a file may have (defined in :mod:`._skeleton`, for the planner too)."""
 
 
 @dataclass
