@@ -477,3 +477,31 @@ def test_inspect_escapes_what_stdout_cannot_encode(
     assert "['\\u6743\\u91cd']: tensor(float32, [3])" in text, text
     ue = "\u00fc" if encoding == "latin-1" else "\\xfc"
     assert f"['gewicht_{ue}']: tensor(float32, [2])" in text, text
+
+
+def test_a_save_the_writer_thread_cannot_take_is_refused_not_left_pending(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the interpreter shuts down, a ThreadPoolExecutor takes no more work: a last save
+    then (an atexit or signal handler's) raised a raw RuntimeError and left its write pending
+    forever, so ``wait()`` and a load of that path would wait for it forever."""
+    pytest.importorskip("lightning")
+    import concurrent.futures.thread
+
+    from astage.lightning import AstageCheckpointIO
+
+    plugin = AstageCheckpointIO()
+    target = tmp_path / "last.ckpt"
+    try:
+        monkeypatch.setattr(concurrent.futures.thread, "_shutdown", True)
+        with pytest.raises(astage.CheckpointWriteError, match=r"last\.ckpt.*interpreter shutdown"):
+            plugin.save_checkpoint({"w": torch.ones(4)}, target)
+        monkeypatch.undo()
+        assert plugin.stats.pending == 0
+        assert plugin.wait(timeout=5)
+        with pytest.raises(astage.CheckpointNotFoundError):
+            plugin.load_checkpoint(target)
+        plugin.save_checkpoint({"w": torch.ones(4)}, target)  # its snapshot was given back
+        assert torch.equal(plugin.load_checkpoint(target)["w"], torch.ones(4))
+    finally:
+        plugin.teardown()

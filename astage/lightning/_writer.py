@@ -86,7 +86,17 @@ class BackgroundWriter:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(1, thread_name_prefix="astage-ckpt-writer")
             executor = self._executor
-        executor.submit(self._run, job)
+        try:
+            executor.submit(self._run, job)
+        except RuntimeError as error:
+            # The executor takes no more work once the interpreter is shutting down (a last
+            # save from an atexit or signal handler): the job would stay pending forever, and
+            # wait() and a load of its path would wait for it forever.
+            with self._lock:
+                self._pending.remove(job)
+            raise CheckpointWriteError(
+                f"cannot queue the write of the checkpoint {job.path!r}: {error}"
+            ) from error
 
     def pending(self) -> int:
         with self._lock:
