@@ -69,14 +69,12 @@ def rewrite_metadata(path: Path, change: Callable[[Metadata], None]) -> None:
         pickle.dump(metadata, stream)
 
 
-def load_failure(path: Path) -> BaseException:
+def load_failure(path: Path, into: dict[str, Any] | None = None) -> BaseException:
     """The error the reader raised in ``dcp.load`` (DCP wraps it; this digs it out)."""
+    if into is None:
+        into = {"w": torch.zeros(3, 4), "objects": [0, ""]}
     with pytest.raises(BaseException) as caught:  # DCP's CheckpointException is one
-        state_dict_loader.load(
-            {"w": torch.zeros(3, 4), "objects": [0, ""]},
-            storage_reader=FileSystemReader(path),
-            no_dist=True,
-        )
+        state_dict_loader.load(into, storage_reader=FileSystemReader(path), no_dist=True)
     error: BaseException = caught.value
     failures = getattr(error, "failures", None)
     if failures:  # CheckpointException: {rank: (error, traceback)}
@@ -505,3 +503,14 @@ def test_a_save_the_writer_thread_cannot_take_is_refused_not_left_pending(
         assert torch.equal(plugin.load_checkpoint(target)["w"], torch.ones(4))
     finally:
         plugin.teardown()
+
+
+def test_a_truncated_data_file_of_dcps_own_writer_is_a_format_error(tmp_path: Path) -> None:
+    """A checkpoint of DCP's own writer goes through DCP's reader: its truncated data file was
+    torch's raw ``RuntimeError: PytorchStreamReader failed reading zip archive``. The reader
+    checks each item against its file first (in the fix of the non-regular data files)."""
+    state_dict_saver.save({"w": torch.arange(100.0)}, checkpoint_id=tmp_path, no_dist=True)
+    os.truncate(tmp_path / "__0_0.distcp", 100)
+    error = load_failure(tmp_path, {"w": torch.zeros(100)})
+    assert isinstance(error, astage.CheckpointFormatError), repr(error)
+    assert str(error).startswith(f"{tmp_path / '__0_0.distcp'} (w): the item lies outside the file")
