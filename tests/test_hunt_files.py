@@ -556,3 +556,27 @@ async def test_saving_a_sub_byte_integer_tensor_is_unsavable(tmp_path: Path, dty
     with pytest.raises(astage.UnsavableError, match=r"at \['t'\]: .* dtype"):
         astage.save_sync(state, tmp_path / "b.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.asyncio
+async def test_a_temporary_file_tidying_cannot_remove_stays_and_the_folder_works(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # unlink's PermissionError (another user's file in a shared folder) escaped from steps(),
+    # latest_step(), `async with` and save(): the folder could not be used at all.
+    orphan = tmp_path / ".step_000000001.safetensors.0123456789ab.tmp"
+    orphan.write_bytes(b"torn")
+    unlink = os.unlink
+
+    def refused(path: Any, *args: Any, **kwargs: Any) -> None:
+        if str(path).endswith(".tmp"):
+            raise PermissionError(errno.EPERM, "Operation not permitted", str(path))
+        unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", refused)
+    assert astage.CheckpointDir(tmp_path).steps() == []
+    assert astage.CheckpointDir(tmp_path).latest_step() is None
+    async with astage.CheckpointDir(tmp_path) as ckpts:
+        await ckpts.save(2, state_at(2))
+    assert orphan.exists()
+    assert astage.CheckpointDir(tmp_path).latest_step() == 2

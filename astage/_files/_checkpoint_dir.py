@@ -516,7 +516,9 @@ class CheckpointDir:
                 if match is None or match.group(1) in in_progress:
                     continue
                 path = os.path.join(self.root, name)
-                with contextlib.suppress(FileNotFoundError):
+                # Best effort: one that cannot be removed (another user's, in a shared folder)
+                # stays, rather than fail every read and save of the folder with an OSError.
+                with contextlib.suppress(OSError):
                     if not stat.S_ISDIR(os.lstat(path).st_mode):
                         os.unlink(path)
             self._tidied = True
