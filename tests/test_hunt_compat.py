@@ -514,3 +514,34 @@ def test_a_truncated_data_file_of_dcps_own_writer_is_a_format_error(tmp_path: Pa
     error = load_failure(tmp_path, {"w": torch.zeros(100)})
     assert isinstance(error, astage.CheckpointFormatError), repr(error)
     assert str(error).startswith(f"{tmp_path / '__0_0.distcp'} (w): the item lies outside the file")
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # a flipped byte
+def test_a_damaged_item_of_dcps_own_writer_is_a_format_error_naming_it(tmp_path: Path) -> None:
+    """DCP's reader let torch.load's RuntimeError (a damaged zip), a UnicodeDecodeError, an
+    UnpicklingError or a ValueError through for a damaged item of DCP's own format; each
+    is a CheckpointFormatError naming the file and the item now. Every 13th byte flipped in
+    turn: the load reads (tensor data has no checksum in DCP's format) or refuses so."""
+    state = {"w": torch.arange(100.0), "o": [1, 2]}
+    state_dict_saver.save(state, checkpoint_id=tmp_path, no_dist=True)
+    data = tmp_path / "__0_0.distcp"
+    whole = data.read_bytes()
+    record = w_record(read_metadata(tmp_path))
+    damaged = bytearray(whole)
+    damaged[record.offset : record.offset + 4] = b"XXXX"  # the zip header of the item
+    data.write_bytes(damaged)
+    error = load_failure(tmp_path, {"w": torch.zeros(100), "o": [0, 0]})
+    assert isinstance(error, astage.CheckpointFormatError), repr(error)
+    assert str(error).startswith(f"{data} (w): DCP's reader cannot read the item (")
+    for at in range(0, len(whole), 13):
+        damaged = bytearray(whole)
+        damaged[at] ^= 0xFF
+        data.write_bytes(damaged)
+        into: dict[str, Any] = {"w": torch.zeros(100), "o": [0, 0]}
+        try:
+            state_dict_loader.load(into, storage_reader=FileSystemReader(tmp_path), no_dist=True)
+        except BaseException as caught:  # noqa: BLE001 - DCP's CheckpointException is one
+            failures = getattr(caught, "failures", None)
+            assert failures, (at, repr(caught))
+            cause = next(iter(failures.values()))[0]
+            assert isinstance(cause, astage.CheckpointFormatError), (at, repr(cause))

@@ -44,6 +44,7 @@ from torch.distributed.checkpoint.planner import (
 from torch.futures import Future
 
 from .._errors import (
+    AstageError,
     CheckpointError,
     CheckpointFormatError,
     CheckpointNotFoundError,
@@ -140,7 +141,7 @@ class FileSystemReader(_DcpFileSystemReader):
             # DCP's reader opens and reads what the records say: its files are checked here
             # first (a FIFO would block its open forever, a device read on without end).
             self._check_items(foreign)
-            super().read_data(dataclasses.replace(plan, items=foreign), planner).wait()
+            self._read_foreign(plan, foreign, planner)
         if raw:
             self._read_raw(raw, planner)
         future: Future[None] = Future()
@@ -194,6 +195,30 @@ class FileSystemReader(_DcpFileSystemReader):
         finally:
             for fd, _ in fds.values():
                 os.close(fd)
+
+    def _read_foreign(self, plan: LoadPlan, requests: list[ReadItem], planner: Any) -> None:
+        """Read items of DCP's own format through DCP's reader, one at a time, so that a
+        damaged one is a :class:`CheckpointFormatError` naming its file and item: DCP's reader
+        let torch.load's RuntimeError (a damaged zip), a UnicodeDecodeError, an
+        UnpicklingError or its own AssertionError (a stored tensor of another size) through."""
+        folder = os.fspath(self.path)
+        for request in requests:
+            try:
+                super().read_data(dataclasses.replace(plan, items=[request]), planner).wait()
+            except AstageError:
+                raise  # the bytes check's refusal, or an error of a planner of astage's
+            except (
+                RuntimeError,
+                ValueError,
+                EOFError,
+                pickle.UnpicklingError,
+                AssertionError,
+            ) as error:
+                info = self._info(request)
+                where = f"{os.path.join(folder, info.relative_path)} ({request.storage_index.fqn})"
+                raise CheckpointFormatError(
+                    f"{where}: DCP's reader cannot read the item ({_reason(error)})"
+                ) from error
 
     def _check_items(self, requests: list[ReadItem]) -> None:
         """Check that each item lies inside a regular data file of the folder (DCP's format)."""
@@ -361,7 +386,7 @@ class _CheckedBytes:
         self._planner.load_bytes(read_item, value)
 
 
-def _reason(error: Exception) -> str:
+def _reason(error: BaseException) -> str:
     """The line of ``torch.load``'s refusal that names the global, else its first line."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     named = [line for line in lines if "GLOBAL" in line]  # worded differently by version
