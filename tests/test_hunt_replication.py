@@ -340,6 +340,62 @@ def test_the_longest_timeout_is_one_a_wait_can_take(monkeypatch: pytest.MonkeyPa
     assert work.timeouts[0] >= timedelta(seconds=seconds)
 
 
+# -- storage_dir -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def a_two_rank_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.distributed as a ReplicationStager's constructor sees rank 0 of a 2-rank gloo
+    group (no exchange is made)."""
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+
+
+def test_a_bytes_storage_dir_gives_a_str_replica_path(
+    a_two_rank_group: None, tmp_path: Any
+) -> None:
+    # Before: the stager kept b"...": replica_path (read by stage() after the local staging,
+    # before the exchange) raised a raw TypeError joining it to the file name, and the
+    # partner was left to wait for the exchange until its deadline.
+    import os
+
+    import anyio
+
+    folder = tmp_path / "replicas"
+    stager = astage.ReplicationStager(storage_dir=os.fsencode(folder))  # type: ignore[arg-type]
+    try:
+        assert stager.replica_path == os.path.join(folder, "replica-rank0-from-rank1.safetensors")
+        assert folder.is_dir()
+    finally:
+        anyio.run(stager.aclose)
+
+
+@pytest.mark.parametrize(
+    ("where", "error", "says"),
+    [
+        ("a file", astage.ReplicationError, "cannot make the folder"),
+        ("a NUL byte", astage.InvalidOptionsError, "NUL byte"),
+        ("an int", astage.InvalidOptionsError, "must be a str"),
+    ],
+)
+def test_a_storage_dir_that_cannot_be_a_folder_is_an_astage_error(
+    a_two_rank_group: None, tmp_path: Any, where: str, error: type[Exception], says: str
+) -> None:
+    # Before: raw FileExistsError, ValueError and TypeError from the constructors (the int one
+    # from os.fspath), for ReplicationStager and DCP's _ReplicationStager alike.
+    from astage.compat import _ReplicationStager
+
+    (tmp_path / "file").write_text("")
+    storage_dir = {"a file": str(tmp_path / "file"), "a NUL byte": "x\0y", "an int": 7}[where]
+    with pytest.raises(error, match=says) as caught:
+        astage.ReplicationStager(storage_dir=storage_dir)  # type: ignore[arg-type]
+    assert "storage_dir" in str(caught.value)
+    with pytest.raises(error, match=says):
+        _ReplicationStager(None, storage_dir=storage_dir)  # type: ignore[arg-type]
+
+
 # -- two gloo ranks: the refusals above, both sides raising at once --------------------------------
 #
 # This module is also the worker: ``python tests/test_hunt_replication.py RANK INIT_FILE OUT_DIR``

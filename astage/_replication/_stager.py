@@ -49,6 +49,7 @@ import torch.distributed as dist
 
 from .._drivers._async import Stager
 from .._errors import BusyError, InvalidOptionsError, ReplicationError, StagerClosedError
+from .._files._safetensors import fs_path
 from .._options import StagingOptions
 from ._pairing import pairing
 from ._persist import ReplicaFile, replica_file_name
@@ -99,9 +100,7 @@ class ReplicationStager:
         self.world_size: int = dist.get_world_size(group)
         self.send_to, self.receive_from = pairing(self.rank, self.world_size, partner)
         self.timeout: float = _seconds(timeout)
-        self.storage_dir = os.path.abspath(os.fspath(storage_dir)) if storage_dir else None
-        if self.storage_dir is not None:
-            os.makedirs(self.storage_dir, exist_ok=True)
+        self.storage_dir = replica_folder(storage_dir) if storage_dir else None
         self._stager = Stager(options)
         self._transport = Transport(group, self.rank, self.send_to, self.receive_from, self.timeout)
         self._closed = False
@@ -300,6 +299,25 @@ class ReplicationStager:
 _MOST_SECONDS = 1e13
 """The longest timeout (about 300,000 years): each wait is a ``timedelta`` of whole
 milliseconds, which an infinite or larger one cannot be (every exchange then failed)."""
+
+
+def replica_folder(storage_dir: Any) -> str:
+    """``storage_dir`` as an absolute str path, made if missing.
+
+    A bytes path is decoded as os does (it became a bytes ``storage_dir`` that the replica
+    file name, a str, could not be joined to: a raw ``TypeError`` from ``stage()`` after the
+    local staging, with the partner left to wait for the exchange); a path of another type
+    or with a NUL byte is an :class:`~astage.InvalidOptionsError`, and a folder that cannot
+    be made (a file there, no permission) a :class:`~astage.ReplicationError` naming it.
+    """
+    folder = os.path.abspath(fs_path(storage_dir, "storage_dir"))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        raise ReplicationError(
+            f"storage_dir {folder}: cannot make the folder for replicas: {error.strerror or error}"
+        ) from error
+    return folder
 
 
 def _seconds(timeout: float | timedelta) -> float:

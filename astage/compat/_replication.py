@@ -14,7 +14,6 @@ thread, even one whose own event loop is running.
 
 from __future__ import annotations
 
-import os
 import tempfile
 import threading
 from datetime import timedelta
@@ -26,7 +25,8 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 from torch.distributed.checkpoint.staging import AsyncStager
 
 from .._errors import InvalidOptionsError, StagerClosedError
-from .._replication._stager import ReplicationStager
+from .._files._safetensors import fs_path
+from .._replication._stager import ReplicationStager, replica_folder
 
 __all__ = ["_ReplicationStager"]
 
@@ -66,8 +66,9 @@ class _ReplicationStager(AsyncStager):
         if storage_dir is None:
             self._storage_dir = tempfile.mkdtemp(prefix="replication_stager_")
         else:
-            self._storage_dir = storage_dir
-        os.makedirs(self._storage_dir, exist_ok=True)
+            # Made now (as DCP does), a bytes path decoded: see replica_folder.
+            self._storage_dir = fs_path(storage_dir, "storage_dir")
+            replica_folder(self._storage_dir)
         self._stager: ReplicationStager | None = None
         self._portal: BlockingPortal | None = None
         self._portal_cm: Any = None
