@@ -545,3 +545,44 @@ def test_a_damaged_item_of_dcps_own_writer_is_a_format_error_naming_it(tmp_path:
             assert failures, (at, repr(caught))
             cause = next(iter(failures.values()))[0]
             assert isinstance(cause, astage.CheckpointFormatError), (at, repr(cause))
+
+
+def test_a_close_during_an_async_stage_call_leaves_no_thread_behind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``DefaultStager.stage`` checked for close() and then handed the call to its staging
+    thread: a close() from another thread in between had shut that thread down, and the call
+    started a new one that nothing would shut down (its future then failed). Now the call is
+    refused as a closed stager's, and no thread is left."""
+    from astage.compat import _worker
+
+    stager = compat.DefaultStager(compat.StagingOptions(False, False, True, False))
+    checked, closed = threading.Event(), threading.Event()
+    real_mark_devices = _worker.mark_devices
+
+    def mark_devices_then_wait(devices: Any) -> Any:
+        checked.set()  # stage() is past its check for close()
+        assert closed.wait(10)
+        return real_mark_devices(devices)
+
+    monkeypatch.setattr(_worker, "mark_devices", mark_devices_then_wait)
+    outcome: list[Any] = []
+    caller = threading.Thread(
+        target=lambda: outcome.append(_try(stager.stage, {"a": torch.ones(2)}))
+    )
+    caller.start()
+    assert checked.wait(10)
+    stager.close()
+    closed.set()
+    caller.join(10)
+    assert isinstance(outcome[0], astage.StagerClosedError), outcome
+    assert str(outcome[0]) == "this DefaultStager is closed"
+    assert not [t for t in threading.enumerate() if t.name.startswith("astage-compat")]
+
+
+def _try(call: Callable[..., Any], *args: Any) -> Any:
+    """``call(*args)``, or the exception it raised."""
+    try:
+        return call(*args)
+    except Exception as error:  # noqa: BLE001 - handed to the test to check
+        return error

@@ -37,7 +37,7 @@ class DefaultStager(AsyncStager):
         self._config = config if config is not None else DcpStagingOptions()
         flags = DcpFlags.of(self._config)
         self._pool = SnapshotPool(flags.options(overrides, stacklevel=2), type(self).__name__)
-        self._thread = StagingThread() if flags.use_async_staging else None
+        self._thread = StagingThread(type(self).__name__) if flags.use_async_staging else None
         self._closed = False
 
     @property

@@ -31,6 +31,7 @@ import torch
 
 from .._devices._backend import Mark
 from .._drivers._base import mark_devices, ordered_after
+from .._errors import StagerClosedError
 
 
 def tensor_devices(state_dict: Any) -> set[torch.device]:
@@ -52,16 +53,22 @@ def tensor_devices(state_dict: Any) -> set[torch.device]:
 class StagingThread:
     """One worker thread that runs staging calls in order and resolves their futures."""
 
-    def __init__(self) -> None:
+    def __init__(self, owner: str = "DefaultStager") -> None:
+        self._owner = owner  # the class the user holds, for the closed-stager message
         self._executor: ThreadPoolExecutor | None = None
         self._last: Future[None] | None = None
         self._lock = threading.Lock()
+        self._shut = False
 
     def submit(self, stage: Callable[[Any], Any], state_dict: Any) -> Future[Any]:
         """Run ``stage(state_dict)`` in the worker; the future resolves to its result."""
         marks = mark_devices(tensor_devices(state_dict))  # here: the caller's thread and streams
         future: Future[Any] = Future()
         with self._lock:
+            if self._shut:
+                # A close() that ran after the caller's check for it: a new executor here would
+                # be a thread that nothing shuts down.
+                raise StagerClosedError(f"this {self._owner} is closed")
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(1, thread_name_prefix="astage-compat")
             # The executor's own future carries no result: only the caller's future holds the
@@ -94,8 +101,9 @@ class StagingThread:
             last.result()
 
     def shutdown(self) -> None:
-        """Let the calls submitted finish, then end the thread."""
+        """Let the calls submitted finish, then end the thread; later calls are refused."""
         with self._lock:
             executor, self._executor = self._executor, None
+            self._shut = True
         if executor is not None:
             executor.shutdown(wait=True)
