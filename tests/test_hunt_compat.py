@@ -554,11 +554,11 @@ def test_a_close_during_an_async_stage_call_leaves_no_thread_behind(
     thread: a close() from another thread in between had shut that thread down, and the call
     started a new one that nothing would shut down (its future then failed). Now the call is
     refused as a closed stager's, and no thread is left."""
+    from astage._drivers._base import mark_devices as real_mark_devices
     from astage.compat import _worker
 
     stager = compat.DefaultStager(compat.StagingOptions(False, False, True, False))
     checked, closed = threading.Event(), threading.Event()
-    real_mark_devices = _worker.mark_devices
 
     def mark_devices_then_wait(devices: Any) -> Any:
         checked.set()  # stage() is past its check for close()
