@@ -185,6 +185,32 @@ def test_bool_tensor_alone_keeps_its_bytes(stager: Driver) -> None:
         )
 
 
+SUB_BYTE_DTYPES = [
+    dtype
+    for name in ("uint1", "uint4", "int1", "int7")
+    if isinstance(dtype := getattr(torch, name, None), torch.dtype)
+]
+
+
+@pytest.mark.skipif(not SUB_BYTE_DTYPES, reason="this torch has no sub-byte shell dtypes")
+@pytest.mark.parametrize("dtype", SUB_BYTE_DTYPES, ids=str)
+def test_sub_byte_dtypes_are_staged_as_their_bytes(stager: Driver, dtype: torch.dtype) -> None:
+    # torch has no copy kernel for the sub-byte shell dtypes (copy_ raises NotImplementedError):
+    # their storages are copied as bytes, like a bool's, whole tensors and views alike.
+    data = torch.arange(12, dtype=torch.uint8)
+    source = {"whole": data.view(dtype), "part": data.view(dtype)[3:9:2]}
+    for round_ in range(3):  # the first call, a cached one and a replay
+        data.add_(1)
+        staged = stager.stage(source)
+        for key, value in source.items():
+            assert staged[key].dtype is dtype, (round_, key)
+            assert staged[key].shape == value.shape and staged[key].stride() == value.stride()
+            assert staged[key].untyped_storage().data_ptr() != data.data_ptr()
+        assert torch.equal(staged["whole"].view(torch.uint8), data)
+        assert staged["part"].storage_offset() == 3
+        assert storage_ptr(staged["part"]) == storage_ptr(staged["whole"])
+
+
 def test_conj_and_neg_views(stager: Driver) -> None:
     z = torch.randn(4, 3, dtype=torch.complex64)
     source = {"conj": z.conj(), "neg": z.conj().imag, "conj-t": z.conj().t()}

@@ -60,7 +60,20 @@ _MISSING: Any = object()
 _Tensor = torch.Tensor
 _Parameter = torch.nn.Parameter
 _strided = torch.strided
-_bool = torch.bool
+_SUB_BYTE_NAMES = [f"{sign}int{bits}" for sign in ("u", "") for bits in range(1, 8)]
+_BYTE_COPIED: frozenset[torch.dtype] = frozenset(
+    {torch.bool}
+    | {
+        dtype
+        for name in _SUB_BYTE_NAMES
+        if isinstance(dtype := getattr(torch, name, None), torch.dtype)
+    }
+)
+"""Dtypes whose storages are always copied as bytes, never as tensors of their own dtype.
+Copying a bool tensor normalizes every byte to 0 or 1, which corrupts uint8 data that a bool
+view reaches first; and torch has no copy kernel at all for the sub-byte shell dtypes
+(``uint1``-``uint7``, ``int1``-``int7``, one element per byte): ``copy_`` raises
+NotImplementedError, where the bytes copy keeps every bit."""
 
 
 class TensorStager:
@@ -236,7 +249,7 @@ class TensorStager:
             or x.is_nested  # before anything that reads sizes, which a nested tensor refuses
             or x.is_quantized
             or x.is_meta
-            or x.dtype is _bool
+            or x.dtype in _BYTE_COPIED
             or x.storage_offset() != 0
             or not _strides_follow_from_shape(x.shape)
             or not x.is_contiguous()
@@ -284,9 +297,8 @@ class TensorStager:
                 f"a {cls.__qualname__} has no storage that can be copied: {error}", path
             ) from error
         # Whether x can be copied as itself into a buffer allocated as its twin: x must cover
-        # its storage in torch.empty's layout. Bool data never is: copying a bool tensor
-        # normalizes every byte to 0 or 1, which corrupts uint8 data that a bool view reaches
-        # first; its storage is copied as bytes.
+        # its storage in torch.empty's layout. Bool and sub-byte data never are: their storages
+        # are copied as bytes (_BYTE_COPIED).
         shape = x.shape
         # A size-0 or size-1 dimension may have any stride in a contiguous tensor, so a buffer
         # whose view had one could not tell, by is_contiguous(), another tensor of that shape
@@ -295,7 +307,7 @@ class TensorStager:
         exact_by_shape = _strides_follow_from_shape(shape)
         spans_storage = (
             (cls is _Tensor or cls is _Parameter)
-            and x.dtype is not torch.bool
+            and x.dtype not in _BYTE_COPIED
             and x.storage_offset() == 0
             and x.nbytes == storage.nbytes()
             and not x.is_conj()
