@@ -14,6 +14,7 @@ import functools
 import gc
 import math
 import re
+import sys
 import threading
 import types
 import weakref
@@ -209,6 +210,21 @@ def test_sub_byte_dtypes_are_staged_as_their_bytes(stager: Driver, dtype: torch.
         assert torch.equal(staged["whole"].view(torch.uint8), data)
         assert staged["part"].storage_offset() == 3
         assert storage_ptr(staged["part"]) == storage_ptr(staged["whole"])
+
+
+def test_a_state_dict_nested_too_deep_is_refused_by_path(stager: Driver) -> None:
+    # The walk recurses once per level: past the interpreter's recursion limit a state dict is
+    # an UnstageableError naming the path's first keys and the depth, not a RecursionError;
+    # and the stager stages the next state dict as if nothing had happened.
+    deep: dict[str, Any] = {"t": torch.ones(2)}
+    for _ in range(3 * sys.getrecursionlimit()):
+        deep = {"n": deep}
+    with pytest.raises(astage.UnstageableError, match=r"levels deep") as caught:
+        stager.stage({"model": deep})
+    assert caught.value.path == ("model", *["n"] * 7)
+    assert f"{3 * sys.getrecursionlimit() + 2} levels deep" in str(caught.value)
+    fine = {"a": [torch.arange(3)]}
+    assert torch.equal(stager.stage(fine)["a"][0], fine["a"][0])
 
 
 def test_conj_and_neg_views(stager: Driver) -> None:

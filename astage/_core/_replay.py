@@ -1137,7 +1137,7 @@ def walk_or_replay(cache: BufferCache, state_dict: Any, plan: Plan) -> Walk:
         try:
             plan.result = yield from replayed.run(state_dict)
             yield from replayed.release()
-        except Mismatch:
+        except (Mismatch, RecursionError):  # the full walk names a nesting too deep for it
             adopted = replayed.adopted()
             plan.leaves.clear()
             plan.tensors = 0

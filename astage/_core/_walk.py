@@ -19,6 +19,7 @@ from __future__ import annotations
 import copyreg
 import dataclasses
 import enum
+import sys
 import types
 import weakref
 from collections import OrderedDict
@@ -78,6 +79,36 @@ ATOMIC_TYPES: frozenset[type] = frozenset(
 )
 
 
+_SHOWN_PATH = 8
+"""Keys of a too-deep path that its error names: the rest would be a thousand ``['n']``."""
+
+
+def nesting(obj: Any) -> tuple[int, Path]:
+    """How deep containers nest in ``obj`` (dicts, lists, tuples, and objects through their
+    attributes), and the path to the deepest one: without recursion, so that it can measure
+    what the walk could not."""
+    deepest: tuple[int, Path] = (0, ())
+    seen: set[int] = set()
+    stack: list[tuple[Any, Path]] = [(obj, ())]
+    while stack:
+        x, path = stack.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, dict):
+            children: Any = x.items()
+        elif isinstance(x, (list, tuple)):
+            children = enumerate(x)
+        elif isinstance(attributes := getattr(x, "__dict__", None), dict) and attributes:
+            children = ((Attr(name), value) for name, value in attributes.items())
+        else:
+            continue
+        if len(path) >= deepest[0]:
+            deepest = (len(path) + 1, path)
+        stack.extend((child, (*path, key)) for key, child in children)
+    return deepest
+
+
 def build_plan(
     cache: BufferCache,
     state_dict: Any,
@@ -108,7 +139,23 @@ def build_plan(
     )
     walk.stage_tensors_with(tensors)
     try:
-        plan.result = yield from walk.visit(state_dict, ())
+        try:
+            plan.result = yield from walk.visit(state_dict, ())
+        except RecursionError:
+            # The walk follows a container's children by recursion (cheaper than a stack of
+            # its own, per object); a state dict nested deeper than the interpreter's limit is
+            # refused by name. Raised here, once the recursion has unwound; not chained, as a
+            # RecursionError's traceback is a thousand frames long.
+            depth, path = nesting(state_dict)
+            if depth * 8 < sys.getrecursionlimit():
+                raise  # not the state dict's nesting: some object's own code recursed
+            shown = path[:_SHOWN_PATH]
+            raise UnstageableError(
+                f"containers nest {depth} levels deep along this path (its first {len(shown)} "
+                "keys shown), more than the walk can follow (Python's recursion limit is "
+                f"{sys.getrecursionlimit()})",
+                shown,
+            ) from None
         # Every copy is in the plan and every buffer allocated: a driver may start host
         # copies while the tables below are emptied and the recording is finished.
         plan.tail = True
