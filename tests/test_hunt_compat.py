@@ -516,6 +516,28 @@ def test_a_truncated_data_file_of_dcps_own_writer_is_a_format_error(tmp_path: Pa
     assert str(error).startswith(f"{tmp_path / '__0_0.distcp'} (w): the item lies outside the file")
 
 
+def test_a_healthy_checkpoint_of_dcps_own_writer_is_read_in_one_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Items of DCP's own format are handed to DCP's reader together, as DCP reads them (each
+    file opened once for all its items); only a failure reads them again one by one, to name
+    the damaged item. One call per item made loading 20,000 small tensors 1.4x as long."""
+    state = {f"t{i}": torch.full((3,), float(i)) for i in range(20)}
+    state_dict_saver.save(state, checkpoint_id=tmp_path, no_dist=True)
+    calls: list[int] = []
+    dcp_read = torch.distributed.checkpoint.FileSystemReader.read_data
+
+    def counted(self: Any, plan: Any, planner: Any) -> Any:
+        calls.append(len(plan.items))
+        return dcp_read(self, plan, planner)
+
+    monkeypatch.setattr(torch.distributed.checkpoint.FileSystemReader, "read_data", counted)
+    into = {key: torch.zeros(3) for key in state}
+    state_dict_loader.load(into, storage_reader=FileSystemReader(tmp_path), no_dist=True)
+    assert calls == [len(state)]
+    assert all(torch.equal(into[key], value) for key, value in state.items())
+
+
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # a flipped byte
 def test_a_damaged_item_of_dcps_own_writer_is_a_format_error_naming_it(tmp_path: Path) -> None:
     """DCP's reader let torch.load's RuntimeError (a damaged zip), a UnicodeDecodeError, an

@@ -197,28 +197,40 @@ class FileSystemReader(_DcpFileSystemReader):
                 os.close(fd)
 
     def _read_foreign(self, plan: LoadPlan, requests: list[ReadItem], planner: Any) -> None:
-        """Read items of DCP's own format through DCP's reader, one at a time, so that a
-        damaged one is a :class:`CheckpointFormatError` naming its file and item: DCP's reader
-        let torch.load's RuntimeError (a damaged zip), a UnicodeDecodeError, an
-        UnpicklingError or its own AssertionError (a stored tensor of another size) through."""
-        folder = os.fspath(self.path)
-        for request in requests:
-            try:
-                super().read_data(dataclasses.replace(plan, items=[request]), planner).wait()
-            except AstageError:
-                raise  # the bytes check's refusal, or an error of a planner of astage's
-            except (
-                RuntimeError,
-                ValueError,
-                EOFError,
-                pickle.UnpicklingError,
-                AssertionError,
-            ) as error:
-                info = self._info(request)
-                where = f"{os.path.join(folder, info.relative_path)} ({request.storage_index.fqn})"
-                raise CheckpointFormatError(
-                    f"{where}: DCP's reader cannot read the item ({_reason(error)})"
-                ) from error
+        """Read items of DCP's own format through DCP's reader, so that a damaged one is a
+        :class:`CheckpointFormatError` naming its file and item: DCP's reader let torch.load's
+        RuntimeError (a damaged zip), a UnicodeDecodeError, an UnpicklingError or its own
+        AssertionError (a stored tensor of another size) through.
+
+        All in one call, as DCP reads them (a file opened once for all its items); only when
+        that fails are they read again one at a time, to find the item to name. Reading an
+        item twice is harmless: the same bytes reach the same destination.
+        """
+        try:
+            super().read_data(dataclasses.replace(plan, items=requests), planner).wait()
+        except AstageError:
+            raise  # the bytes check's refusal, or an error of a planner of astage's
+        except _FOREIGN_ERRORS as error:
+            for request in requests:
+                try:
+                    super().read_data(dataclasses.replace(plan, items=[request]), planner).wait()
+                except AstageError:
+                    raise
+                except _FOREIGN_ERRORS as item_error:
+                    raise self._unreadable(request, item_error) from item_error
+            # Every item read alone: name the files, since no one item could be.
+            raise CheckpointFormatError(
+                f"{os.fspath(self.path)}: DCP's reader cannot read the checkpoint's items "
+                f"({_reason(error)})"
+            ) from error
+
+    def _unreadable(self, request: ReadItem, error: BaseException) -> CheckpointFormatError:
+        info = self._info(request)
+        where = f"{os.path.join(os.fspath(self.path), info.relative_path)}"
+        return CheckpointFormatError(
+            f"{where} ({request.storage_index.fqn}): DCP's reader cannot read the item "
+            f"({_reason(error)})"
+        )
 
     def _check_items(self, requests: list[ReadItem]) -> None:
         """Check that each item lies inside a regular data file of the folder (DCP's format)."""
@@ -384,6 +396,10 @@ class _CheckedBytes:
                 "trust_pickled_bytes=True)"
             ) from error
         self._planner.load_bytes(read_item, value)
+
+
+_FOREIGN_ERRORS = (RuntimeError, ValueError, EOFError, pickle.UnpicklingError, AssertionError)
+"""What DCP's own reader raises on a damaged item (UnicodeDecodeError is a ValueError)."""
 
 
 def _reason(error: BaseException) -> str:
