@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import torch
 from torch.distributed.checkpoint import state_dict_loader, state_dict_saver
+from torch.distributed.checkpoint.filesystem import FileSystemReader as DcpFileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata
 
 import astage
@@ -525,13 +526,13 @@ def test_a_healthy_checkpoint_of_dcps_own_writer_is_read_in_one_pass(
     state = {f"t{i}": torch.full((3,), float(i)) for i in range(20)}
     state_dict_saver.save(state, checkpoint_id=tmp_path, no_dist=True)
     calls: list[int] = []
-    dcp_read = torch.distributed.checkpoint.FileSystemReader.read_data
+    dcp_read = DcpFileSystemReader.read_data
 
     def counted(self: Any, plan: Any, planner: Any) -> Any:
         calls.append(len(plan.items))
         return dcp_read(self, plan, planner)
 
-    monkeypatch.setattr(torch.distributed.checkpoint.FileSystemReader, "read_data", counted)
+    monkeypatch.setattr(DcpFileSystemReader, "read_data", counted)
     into = {key: torch.zeros(3) for key in state}
     state_dict_loader.load(into, storage_reader=FileSystemReader(tmp_path), no_dist=True)
     assert calls == [len(state)]
