@@ -223,15 +223,24 @@ def _on_device(device: int | None) -> Iterator[None]:
 def register(ptr: int, nbytes: int, device: int | None = None) -> bool:
     """Page-lock ``nbytes`` at ``ptr`` with ``device`` selected; False, with a warning and no
     CUDA error left, if refused."""
-    with _on_device(device):
-        code = _torch.cuda_host_register(ptr, nbytes)
-        if code == 0:
-            return True
-        _torch.cuda_clear_last_error()
+    try:
+        with _on_device(device):
+            code = _torch.cuda_host_register(ptr, nbytes)
+            if code == 0:
+                return True
+            _torch.cuda_clear_last_error()
+    # The runtime raised instead of answering (torch's bindings failing to load or initialize
+    # CUDA: RuntimeError; MemoryError): no registration was made, and pinning only speeds
+    # copies up, so the buffer stays pageable like after a refusal. Letting it out failed the
+    # call with a raw error, and every later call again, since the buffer still wanted a pin.
+    except Exception as error:  # noqa: BLE001
+        reason = f"{type(error).__name__}: {error}"
+    else:
+        reason = f"CUDA error {code}"
     with _counter_lock:
         counters.register_failures += 1
     warnings.warn(
-        f"cudaHostRegister of a {nbytes}-byte host buffer failed with CUDA error {code}; the "
+        f"cudaHostRegister of a {nbytes}-byte host buffer failed with {reason}; the "
         "buffer stays pageable (device-to-host copies into it are slower). Raise the "
         "locked-memory limit (ulimit -l), or set pin_memory=False to stop trying.",
         RuntimeWarning,

@@ -1,0 +1,99 @@
+"""Defects found in the device layer (astage/_devices), each with the test that failed before.
+
+The device path runs on the fake asynchronous accelerator (``tests/fake_accelerator.py``) with a
+backend that asks for its buffers pinned, as CUDA's does; the CUDA runtime's registration is
+replaced by the fake's ledger.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from conftest import DRIVERS, Driver, collect
+from fake_accelerator import FakeAccelerator, FakeBackend
+
+from astage import _torch
+from astage._devices import _pinning
+from astage._devices._backend import installed
+
+PINNING: dict[str, Any] = {"pin_memory": True, "pin_memory_min_bytes": 1}
+
+
+class PinningFakeBackend(FakeBackend):
+    """The fake backend answering ``pins_host_memory`` as CUDA's does."""
+
+    def pins_host_memory(self, device: torch.device) -> bool:
+        return True
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeAccelerator]:
+    accelerator = FakeAccelerator(devices=2)
+    ledger = accelerator.pins
+    monkeypatch.setattr(_torch, "cuda_host_register", ledger.register)
+    monkeypatch.setattr(_torch, "cuda_host_unregister", ledger.unregister)
+    monkeypatch.setattr(_torch, "cuda_clear_last_error", ledger.clear_last_error)
+    monkeypatch.setattr(_torch, "cuda_selected_device", lambda index: contextlib.nullcontext())
+    monkeypatch.setattr(_pinning, "_released", collections.deque())
+    monkeypatch.setattr(_pinning, "counters", _pinning.PinCounters())
+    try:
+        with installed(PinningFakeBackend(accelerator)):
+            yield accelerator
+    finally:
+        collect()
+        _pinning.unpin_released()
+        accelerator.close()
+    assert accelerator.errors == []
+
+
+def _state(fake: FakeAccelerator) -> dict[str, torch.Tensor]:
+    d0, d1 = fake.devices
+    return {
+        "a": d0.tensor(torch.full((1024,), 1.0)),
+        "b": d1.tensor(torch.full((64,), 2.0)),
+        "host": torch.full((8,), 3.0),
+    }
+
+
+# -- a registration that raises instead of answering ----------------------------------------------
+
+
+@pytest.mark.parametrize("error", [RuntimeError, MemoryError])
+@pytest.mark.parametrize("kind", DRIVERS)
+def test_a_registration_that_raises_leaves_the_buffer_pageable_and_the_call_whole(
+    fake: FakeAccelerator, monkeypatch: pytest.MonkeyPatch, kind: str, error: type[Exception]
+) -> None:
+    """``torch.cuda.cudart().cudaHostRegister`` raises rather than returning a code when torch
+    cannot load or initialize the runtime (RuntimeError), or Python runs out of memory. Pinning
+    only speeds copies up: such a failure must leave the buffer pageable with a warning, like a
+    refused registration. Before, the raw error failed the call, and every later call, since
+    the buffer still wanted a pin."""
+    calls: list[int] = []
+
+    def raising(ptr: int, nbytes: int, flags: int = 1) -> int:
+        calls.append(ptr)
+        raise error("CUDA driver initialization failed")
+
+    monkeypatch.setattr(_torch, "cuda_host_register", raising)
+    state = _state(fake)
+    driver = Driver(kind, **PINNING)
+    try:
+        with pytest.warns(RuntimeWarning, match="CUDA driver initialization failed"):
+            staged = driver.stage(state)
+        assert torch.all(staged["a"] == 1.0) and torch.all(staged["b"] == 2.0)
+        assert torch.all(staged["host"] == 3.0)
+        tried = len(calls)
+        assert tried == 2  # the two device buffers, once each
+        fake.host(state["a"]).fill_(5.0)
+        staged = driver.stage(state)  # usable, and the refused buffers are not tried again
+        assert torch.all(staged["a"] == 5.0)
+        assert len(calls) == tried
+        assert _pinning.counters.register_failures == 2
+        assert fake.pins.pinned == {}
+    finally:
+        driver.close()
