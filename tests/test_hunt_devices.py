@@ -18,8 +18,9 @@ from conftest import DRIVERS, Driver, collect
 from fake_accelerator import FakeAccelerator, FakeBackend
 
 from astage import _torch
-from astage._devices import _pinning
+from astage._devices import _cuda, _pinning
 from astage._devices._backend import installed
+from astage._devices._gather import SlabPool
 
 PINNING: dict[str, Any] = {"pin_memory": True, "pin_memory_min_bytes": 1}
 
@@ -97,3 +98,28 @@ def test_a_registration_that_raises_leaves_the_buffer_pageable_and_the_call_whol
         assert fake.pins.pinned == {}
     finally:
         driver.close()
+
+
+# -- a gathered batch's slab that torch's host allocator cannot page-lock ------------------------
+
+
+def test_a_refused_pinned_slab_is_a_pageable_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA backend allocates its slabs for gathered batches page-locked, from torch's
+    caching host allocator, which raises RuntimeError when ``cudaHostAlloc`` is refused. Like a
+    buffer's pin, page-locking only speeds the transfer up: the slab is pageable then (a
+    device-to-host copy into pageable memory has landed when it returns), with a warning.
+    Before, the error failed the call, and every later call whose gathered batch needed a new
+    slab (or a new kept layout)."""
+
+    def refused(nbytes: int) -> torch.Tensor:
+        raise RuntimeError("CUDA error: out of memory")
+
+    monkeypatch.setattr(_cuda, "pinned_slab", refused)
+    backend = _cuda.CudaBackend()  # nothing of it touches CUDA until a batch is enqueued
+    pool = SlabPool(backend._allocate_slab)
+    with pytest.warns(RuntimeWarning, match="out of memory"):
+        slab = pool.acquire(1000)
+    assert slab.device.type == "cpu" and slab.dtype is torch.uint8 and slab.numel() >= 1000
+    assert not slab.is_pinned()
+    pool.release(slab)
+    assert pool.acquire(1000) is slab  # kept and reused like a pinned one

@@ -24,12 +24,13 @@ be measured on a GPU. Ran on one H200 (docs/benchmarks-gpu.md); the shared strea
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from ._gather import pinned_slab
+from ._gather import pageable_slab, pinned_slab
 from ._generic import GenericBackend
 
 
@@ -64,7 +65,23 @@ class CudaBackend(GenericBackend):
         return torch.cuda.stream(stream)
 
     def _allocate_slab(self, nbytes: int) -> torch.Tensor:
-        return pinned_slab(nbytes)  # the one transfer of a gathered batch at full link speed
+        try:
+            return pinned_slab(nbytes)  # the one transfer of a gathered batch at full link speed
+        # torch's host allocator raises RuntimeError when cudaHostAlloc is refused (page-locked
+        # memory exhausted). Page-locking only speeds the transfer up, as with a buffer's pin
+        # (_pinning.register): the slab is pageable then, and the copy into it still correct
+        # (CUDA returns from a device-to-host copy into pageable memory once it has landed;
+        # the generic backend's slabs are such). Raised, it failed the call, and every later
+        # call that gathered a batch needing a new slab.
+        except (RuntimeError, MemoryError) as error:
+            warnings.warn(
+                f"page-locked host memory for a {nbytes}-byte slab of small device tensors was "
+                f"refused ({type(error).__name__}: {error}); the slab is pageable (its "
+                "device-to-host copy is slower).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return pageable_slab(nbytes)
 
     def _is_stream(self, item: object) -> bool:
         return isinstance(item, (torch.cuda.Stream, torch.Stream))
