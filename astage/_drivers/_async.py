@@ -198,17 +198,21 @@ class Stager(StagerBase):
         """
         if self._closed:
             return
+        if self._forked:
+            # In a forked child the turn may have been copied taken, by a call of the parent's
+            # loop (BusyError here) or its lock held: the parent's calls never end in the child.
+            # Nothing of the parent's is touched in the child anyway (see _release_everything).
+            self._release_everything()
+            return
         async with self._turn():
             if self._closed:
                 return
-            if not self._forked:
-                await self._sets.board.wait_for_async(self._sets.all_released)
-                await anyio.to_thread.run_sync(self._synchronize_devices)
+            await self._sets.board.wait_for_async(self._sets.all_released)
+            await anyio.to_thread.run_sync(self._synchronize_devices)
             self._release_everything()
-            if not self._forked:
-                # The buffers just let go of are unpinned now, in a worker thread (never on
-                # the loop): their copies have all landed.
-                await anyio.to_thread.run_sync(_pinning.unpin_released)
+            # The buffers just let go of are unpinned now, in a worker thread (never on the
+            # loop): their copies have all landed.
+            await anyio.to_thread.run_sync(_pinning.unpin_released)
 
     async def __aenter__(self) -> Stager:
         self._check_open()
@@ -756,8 +760,17 @@ class _StageIter:
 
     def __init__(self, stager: Stager, state_dict: Any, after: object) -> None:
         self._call = _Call(stager, state_dict, track_leaves=True, after=after)
+        self._entered = False
 
     async def __aenter__(self) -> AsyncIterator[tuple[Path, torch.Tensor]]:
+        # A call's state (its walk, its producer marks) serves one block: entered again, the
+        # second block's run was never walked and its iteration waited forever.
+        if self._entered:
+            raise UsageError(
+                "a stage_iter() call stages once: enter it only once (call stage_iter() "
+                "again for another block)"
+            )
+        self._entered = True
         await self._call.__aenter__()
         return _Landed(self._call)
 

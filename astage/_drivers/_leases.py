@@ -19,6 +19,7 @@ cancellation, so the event loop never blocks and a cancelled caller leaves no th
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -30,7 +31,7 @@ import anyio.from_thread
 import anyio.to_thread
 import torch
 
-from .._errors import UsageError
+from .._errors import InvalidOptionsError, UsageError
 
 T = TypeVar("T")
 
@@ -76,6 +77,16 @@ class Lease:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block the calling thread until the lease is released; False when ``timeout`` ran out."""
+        if timeout is not None and (
+            # NaN too: with it the deadline never came, a wait forever.
+            # A negative one only looks, as threading.Event.wait's does.
+            not isinstance(timeout, (int, float))
+            or isinstance(timeout, bool)
+            or math.isnan(timeout)
+        ):
+            raise InvalidOptionsError(
+                f"timeout must be None or a number of seconds, got {timeout!r}"
+            )
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.released:
             if deadline is not None and time.monotonic() >= deadline:

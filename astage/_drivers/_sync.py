@@ -20,7 +20,9 @@ buffer's unpin. Callers who want staging off their thread use :class:`~astage.St
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
 
@@ -29,7 +31,7 @@ from .._core._run import Run
 from .._devices import _pinning
 from .._devices._backend import DeviceCopies, enqueue_batch
 from .._devices._host import reserve_batch, run_host_batch
-from .._errors import InvalidOptionsError
+from .._errors import InvalidOptionsError, UsageError
 from .._options import StagingOptions
 from .._torch import staging_defaults
 from ._base import CallOrder, Reservation, ReserveProgress, ReserveWork, StagerBase
@@ -72,6 +74,10 @@ class SyncStager(StagerBase):
     def __init__(self, options: StagingOptions | None = None, **overrides: Any) -> None:
         super().__init__(options, **overrides)
         self._lock = threading.Lock()
+        # The thread inside a call (holding _lock), None between calls: a call made again from
+        # that thread (a reserve() progress callback that stages) would wait on the lock for
+        # itself forever, so it is refused instead.
+        self._owner: int | None = None
 
     def stage(self, state_dict: Any, *, after: object = None, timeout: float | None = None) -> Any:
         """A copy of ``state_dict`` whose tensors all live in host buffers of this stager.
@@ -129,7 +135,7 @@ class SyncStager(StagerBase):
         self._check_open()
         self._enter(_ANY_THREAD)
         try:
-            with self._lock:
+            with self._locked("reserve()"):
                 self._check_open()
                 work = ReserveWork(self, state_dict)
                 with gc_paused(self._resolved.pause_gc), staging_defaults():
@@ -147,7 +153,8 @@ class SyncStager(StagerBase):
         self, state_dict: Any, after: object, timeout: float | None, *, lease: bool
     ) -> tuple[Any, Lease | None]:
         if timeout is not None and (
-            not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout < 0
+            # `not >= 0` refuses NaN too, with which the wait's deadline never came.
+            not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout >= 0
         ):
             raise InvalidOptionsError(
                 f"timeout must be None or a non-negative number of seconds, got {timeout!r}"
@@ -155,7 +162,7 @@ class SyncStager(StagerBase):
         self._check_open()
         self._enter(_ANY_THREAD)
         try:
-            with self._lock:
+            with self._locked("snapshot()" if lease else "stage()"):
                 self._check_open()
                 buffer_set = self._wait_for_set(timeout)
                 # Taken once the lock is ours: a call that waited for another one is ordered
@@ -176,6 +183,23 @@ class SyncStager(StagerBase):
                 return run.plan.result, taken
         finally:
             self._leave()
+
+    @contextlib.contextmanager
+    def _locked(self, what: str) -> Iterator[None]:
+        """The stager's lock for one call; refuses a call from inside a call of this thread."""
+        # Read without the lock: only this thread ever sets it to this thread's id.
+        if self._owner == threading.get_ident():
+            raise UsageError(
+                f"{what} called on this {type(self).__name__} from inside one of its own calls "
+                "in the same thread (a reserve() progress callback, say): it would wait for "
+                "itself forever; call it after that call returned, or use a second stager"
+            )
+        with self._lock:
+            self._owner = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._owner = None
 
     def _wait_for_set(self, timeout: float | None) -> BufferSet:
         """A buffer set no lease holds, blocking while all are leased (at most ``timeout``)."""
@@ -221,15 +245,19 @@ class SyncStager(StagerBase):
         The released buffers are unpinned here, in the calling thread (see the module's
         docstring): every copy into them has landed, so this is the moment it is safe.
         """
-        with self._lock:
+        if self._forked:
+            # In a forked child the lock may have been copied taken, by a parent's thread that
+            # was inside a call and does not exist here: waiting for it would hang. Nothing of
+            # the parent's is touched in the child anyway (see _release_everything).
+            self._release_everything()
+            return
+        with self._locked("close()"):
             if self._closed:
                 return
-            if not self._forked:
-                self._sets.board.wait_for(self._sets.all_released)
-                self._synchronize_devices()
+            self._sets.board.wait_for(self._sets.all_released)
+            self._synchronize_devices()
             self._release_everything()
-            if not self._forked:
-                _pinning.unpin_released()
+            _pinning.unpin_released()
 
     def __enter__(self) -> SyncStager:
         self._check_open()

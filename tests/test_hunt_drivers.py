@@ -1,0 +1,170 @@
+"""Misuse of the drivers (the two stagers, leases, snapshots) that hung instead of refusing.
+
+Each test here failed (or hung, bounded by a timeout) before its fix.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Callable
+
+import anyio
+import pytest
+import torch
+
+import astage
+
+
+def _in_a_forked_child(child: Callable[[], None], seconds: int = 5) -> int:
+    """Run ``child`` in a forked process that an alarm ends after ``seconds`` (a hang).
+
+    Returns the exit code: 0 it returned, 1 it raised, -SIGALRM it hung.
+    """
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            signal.alarm(seconds)
+            child()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def test_a_nan_timeout_is_refused_rather_than_waiting_forever() -> None:
+    """NaN passed the ``timeout < 0`` check, and a deadline of NaN never came: the call
+    waited for the lease forever instead of raising LeaseTimeoutError."""
+    with astage.SyncStager() as stager:
+        snapshot = stager.snapshot({"w": torch.ones(3)})
+        released = threading.Timer(2.0, snapshot.release)  # ends the hang of the old code
+        released.start()
+        try:
+            with pytest.raises(astage.InvalidOptionsError, match="timeout"):
+                stager.stage({"w": torch.ones(3)}, timeout=float("nan"))
+        finally:
+            released.cancel()
+            snapshot.release()
+        assert snapshot.lease.wait(timeout=-1.0)  # released: a negative timeout only looks
+
+
+def test_a_lease_wait_with_a_nan_timeout_is_refused() -> None:
+    with astage.SyncStager() as stager:
+        stager.stage({"w": torch.ones(3)})
+        hold = stager.hold_buffers()
+        released = threading.Timer(2.0, hold.release)  # ends the hang of the old code
+        released.start()
+        try:
+            with pytest.raises(astage.InvalidOptionsError, match="timeout"):
+                hold.wait(timeout=float("nan"))
+            assert not hold.wait(timeout=0.0)
+        finally:
+            released.cancel()
+            hold.release()
+
+
+def test_a_call_from_inside_a_call_of_the_same_thread_is_refused() -> None:
+    """A reserve() progress callback that stages on the same SyncStager waited on the
+    stager's lock, held by its own thread, forever."""
+    stager = astage.SyncStager()
+    seen: list[BaseException] = []
+
+    def progress(done: int, total: int) -> None:
+        if seen:
+            return
+        # The old code hung here: bounded by a thread that times the call out.
+        finished = threading.Event()
+
+        def unstick() -> None:
+            if not finished.wait(2.0):
+                stager._lock.release()  # lets the hung call through, so the test can fail
+
+        threading.Thread(target=unstick, daemon=True).start()
+        try:
+            stager.stage({"w": torch.ones(3)})
+        except astage.UsageError as exc:
+            seen.append(exc)
+        finally:
+            finished.set()
+
+    stager.reserve({"big": torch.zeros(1 << 16)}, progress=progress)
+    assert seen and "from inside one of its own calls" in str(seen[0])
+    # The stager is fine afterwards, and the refusal left no caller counted.
+    assert torch.equal(stager.stage({"w": torch.ones(3)})["w"], torch.ones(3))
+    stager.close()
+    assert stager.closed
+
+
+def test_a_stage_iter_entered_twice_is_refused() -> None:
+    """The second block of one stage_iter() call had a run that was never walked: its
+    iteration waited forever."""
+
+    async def main() -> None:
+        async with astage.Stager() as stager:
+            staging = stager.stage_iter({"a": torch.ones(2), "b": torch.zeros(3)})
+            async with staging as landed:
+                assert [path async for path, _ in landed] == [("a",), ("b",)]
+            with anyio.fail_after(2):  # the old code hung here
+                with pytest.raises(astage.UsageError, match="stage_iter"):
+                    async with staging as landed:
+                        [path async for path, _ in landed]
+            # The refusal left the stager usable.
+            staged = await stager.stage({"a": torch.ones(2)})
+            assert torch.equal(staged["a"], torch.ones(2))
+
+    anyio.run(main)
+
+
+def test_close_in_a_forked_child_does_not_wait_for_a_parents_call() -> None:
+    """A fork while another thread of the parent was inside a call copied the stager's lock
+    taken: close() in the child waited for a thread that does not exist there, forever."""
+    stager = astage.SyncStager()
+    stager.stage({"w": torch.ones(3)})
+
+    def child() -> None:
+        stager.close()
+        assert stager.closed
+        with pytest.raises(astage.UsageError, match=r"before os\.fork"):
+            stager.stage({"w": torch.ones(3)})
+
+    with stager._lock:  # as a parent's thread inside stage() holds it
+        code = _in_a_forked_child(child)
+    assert code == 0, f"the child's close() hung or failed (exit code {code})"
+    assert torch.equal(stager.stage({"w": torch.ones(3)})["w"], torch.ones(3))  # parent: fine
+    stager.close()
+
+
+def test_aclose_in_a_forked_child_does_not_refuse_as_busy() -> None:
+    """A fork while the parent's loop was inside a call left the call counted in the child:
+    aclose() there raised BusyError (another thread's event loop) and never closed."""
+
+    async def main() -> None:
+        stager = astage.Stager()
+        async with stager.stage_iter({"w": torch.ones(3)}) as landed:
+            async for _ in landed:
+                pass
+
+            def child() -> None:
+                # A thread of its own: the child inherited this thread's running loop.
+                errors: list[BaseException] = []
+
+                def run() -> None:
+                    try:
+                        anyio.run(stager.aclose)
+                    except BaseException as exc:  # noqa: BLE001 - reported below
+                        errors.append(exc)
+
+                thread = threading.Thread(target=run)
+                thread.start()
+                thread.join()
+                assert not errors, errors
+                assert stager.closed
+
+            code = await anyio.to_thread.run_sync(_in_a_forked_child, child)
+            assert code == 0, f"the child's aclose() failed or hung (exit code {code})"
+        await stager.aclose()
+
+    anyio.run(main)
