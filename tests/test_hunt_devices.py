@@ -123,3 +123,34 @@ def test_a_refused_pinned_slab_is_a_pageable_one(monkeypatch: pytest.MonkeyPatch
     assert not slab.is_pinned()
     pool.release(slab)
     assert pool.acquire(1000) is slab  # kept and reused like a pinned one
+
+
+def test_a_registration_made_before_the_device_selection_failed_is_kept_and_undone(
+    fake: FakeAccelerator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When ``cudaHostRegister`` succeeded but restoring the thread's device afterwards raised,
+    the memory is registered: the buffer must keep its pin, so that it is unregistered once
+    dropped, rather than be reported refused and left registered, unknown to astage."""
+
+    @contextlib.contextmanager
+    def failing_on_exit(index: int) -> Iterator[None]:
+        yield
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(_torch, "cuda_selected_device", failing_on_exit)
+    state = _state(fake)
+    driver = Driver("sync", **PINNING)
+    try:
+        staged = driver.stage(state)
+        assert torch.all(staged["a"] == 1.0)
+        assert len(fake.pins.pinned) == 2  # both device buffers, known to astage
+        assert _pinning.counters.register_failures == 0
+        del staged
+        driver.clear_cache()
+        driver.stage(state)  # its thread unregisters the dropped buffers' queued pins
+    finally:
+        driver.close()
+    collect()
+    _pinning.unpin_released()
+    assert fake.pins.pinned == {}
+    assert len(fake.pins.unpins()) == len(fake.pins.pins()) == 4

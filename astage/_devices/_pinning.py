@@ -223,19 +223,26 @@ def _on_device(device: int | None) -> Iterator[None]:
 def register(ptr: int, nbytes: int, device: int | None = None) -> bool:
     """Page-lock ``nbytes`` at ``ptr`` with ``device`` selected; False, with a warning and no
     CUDA error left, if refused."""
+    code: int | None = None
     try:
         with _on_device(device):
             code = _torch.cuda_host_register(ptr, nbytes)
-            if code == 0:
-                return True
-            _torch.cuda_clear_last_error()
+            if code != 0:
+                _torch.cuda_clear_last_error()
     # The runtime raised instead of answering (torch's bindings failing to load or initialize
     # CUDA: RuntimeError; MemoryError): no registration was made, and pinning only speeds
     # copies up, so the buffer stays pageable like after a refusal. Letting it out failed the
     # call with a raw error, and every later call again, since the buffer still wanted a pin.
     except Exception as error:  # noqa: BLE001
+        if code == 0:
+            # Registered, and then leaving the device selection failed: the memory is pinned,
+            # so the pin must be kept to be undone (reported as a failure, it would stay
+            # registered, unknown to astage, after its memory was freed).
+            return True
         reason = f"{type(error).__name__}: {error}"
     else:
+        if code == 0:
+            return True
         reason = f"CUDA error {code}"
     with _counter_lock:
         counters.register_failures += 1
