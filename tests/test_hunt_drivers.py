@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 
 import anyio
@@ -168,3 +169,36 @@ def test_aclose_in_a_forked_child_does_not_refuse_as_busy() -> None:
         await stager.aclose()
 
     anyio.run(main)
+
+
+def test_a_timeout_bounds_the_wait_behind_a_call_that_waits_for_a_release() -> None:
+    """A SyncStager call with ``timeout=`` queued behind another thread's call that waits
+    (without a timeout) for a snapshot's release waited on the stager's lock for as long,
+    forever if the snapshot is never released, instead of raising LeaseTimeoutError."""
+    stager = astage.SyncStager()
+    snapshot = stager.snapshot({"w": torch.ones(3)})
+    first = threading.Thread(target=stager.stage, args=({"w": torch.ones(3)},))
+    first.start()  # waits for the release, inside the stager's lock
+    while not stager._lock.locked():
+        time.sleep(0.001)
+    outcome: list[object] = []
+
+    def second() -> None:
+        try:
+            outcome.append(stager.stage({"w": torch.ones(3)}, timeout=0.1))
+        except astage.LeaseTimeoutError as exc:
+            outcome.append(exc)
+
+    behind = threading.Thread(target=second)
+    behind.start()
+    behind.join(2.0)  # the old code waited here for the release below
+    try:
+        assert outcome and isinstance(outcome[0], astage.LeaseTimeoutError), outcome
+        assert "buffers=1" in str(outcome[0])
+    finally:
+        snapshot.release()
+        first.join()
+        behind.join()
+    # The stager is fine afterwards: both waits let go of the lock.
+    assert torch.equal(stager.stage({"w": torch.ones(3)}, timeout=0.0)["w"], torch.ones(3))
+    stager.close()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
@@ -36,7 +37,7 @@ from .._options import StagingOptions
 from .._torch import staging_defaults
 from ._base import CallOrder, Reservation, ReserveProgress, ReserveWork, StagerBase
 from ._gc import gc_paused
-from ._leases import Lease
+from ._leases import POLL_S, Lease
 from ._sets import BufferSet
 from ._snapshots import Snapshot
 
@@ -159,12 +160,13 @@ class SyncStager(StagerBase):
             raise InvalidOptionsError(
                 f"timeout must be None or a non-negative number of seconds, got {timeout!r}"
             )
+        deadline = None if timeout is None else time.monotonic() + timeout
         self._check_open()
         self._enter(_ANY_THREAD)
         try:
-            with self._locked("snapshot()" if lease else "stage()"):
+            with self._locked("snapshot()" if lease else "stage()", timeout, deadline):
                 self._check_open()
-                buffer_set = self._wait_for_set(timeout)
+                buffer_set = self._wait_for_set(timeout, deadline)
                 # Taken once the lock is ours: a call that waited for another one is ordered
                 # after what its caller queued meanwhile too (the thread is the same).
                 order = self._start_order(after)
@@ -185,8 +187,16 @@ class SyncStager(StagerBase):
             self._leave()
 
     @contextlib.contextmanager
-    def _locked(self, what: str) -> Iterator[None]:
-        """The stager's lock for one call; refuses a call from inside a call of this thread."""
+    def _locked(
+        self, what: str, timeout: float | None = None, deadline: float | None = None
+    ) -> Iterator[None]:
+        """The stager's lock for one call; refuses a call from inside a call of this thread.
+
+        With a ``deadline`` (a call's ``timeout``), waiting for the lock is bounded too while
+        every set is leased: the call in progress may itself be waiting for a release, and
+        the caller behind it asked not to wait for one longer than ``timeout``. A call in
+        progress that stages (a set is free) is waited for, however long it takes.
+        """
         # Read without the lock: only this thread ever sets it to this thread's id.
         if self._owner == threading.get_ident():
             raise UsageError(
@@ -194,16 +204,27 @@ class SyncStager(StagerBase):
                 "in the same thread (a reserve() progress callback, say): it would wait for "
                 "itself forever; call it after that call returned, or use a second stager"
             )
-        with self._lock:
+        if deadline is None:
+            self._lock.acquire()
+        elif not self._lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            # Past the deadline: give up once every set is leased, look again every POLL_S.
+            while not self._lock.acquire(timeout=POLL_S):
+                if self._free_set() is None:
+                    assert timeout is not None
+                    raise self._lease_timeout(timeout)
+        try:
             self._owner = threading.get_ident()
             try:
                 yield
             finally:
                 self._owner = None
+        finally:
+            self._lock.release()
 
-    def _wait_for_set(self, timeout: float | None) -> BufferSet:
-        """A buffer set no lease holds, blocking while all are leased (at most ``timeout``)."""
-        buffer_set = self._sets.board.wait_for(self._free_set, timeout)
+    def _wait_for_set(self, timeout: float | None, deadline: float | None) -> BufferSet:
+        """A buffer set no lease holds, blocking while all are leased (until ``deadline``)."""
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        buffer_set = self._sets.board.wait_for(self._free_set, left)
         if buffer_set is None:
             assert timeout is not None
             raise self._lease_timeout(timeout)
