@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import collections
 import contextlib
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
 import torch
 from conftest import DRIVERS, Driver, collect
-from fake_accelerator import FakeAccelerator, FakeBackend
+from fake_accelerator import FakeAccelerator, FakeBackend, FakeEvent, FakeStream
 
+import astage
 from astage import _torch
+from astage._core._batches import Batch
 from astage._devices import _cuda, _pinning
-from astage._devices._backend import installed
+from astage._devices._backend import Mark, installed
 from astage._devices._gather import SlabPool
+from astage._devices._generic import GenericBackend
 
 PINNING: dict[str, Any] = {"pin_memory": True, "pin_memory_min_bytes": 1}
 
@@ -154,3 +158,92 @@ def test_a_registration_made_before_the_device_selection_failed_is_kept_and_undo
     _pinning.unpin_released()
     assert fake.pins.pinned == {}
     assert len(fake.pins.unpins()) == len(fake.pins.pins()) == 4
+
+
+# -- an after= event recorded again between the call and its copies -------------------------------
+
+
+class FakeGenericBackend(GenericBackend):
+    """The generic backend's own producer marks and ``after=`` handling, on the fake's streams
+    and events; its batches go through the fake backend (the fake's tensors have no kernels)."""
+
+    def __init__(self, accelerator: FakeAccelerator) -> None:
+        super().__init__(accelerator.device_type)
+        self.fake = accelerator
+        self.inner = FakeBackend(accelerator)
+
+    def _new_stream(self, device: torch.device) -> Any:
+        return self.fake.device(device).new_stream("astage")
+
+    def _current_stream(self, device: torch.device) -> Any:
+        return self.fake.device(device).current_stream()
+
+    def _record_done(self, stream: Any) -> Any:
+        return stream.record_event()
+
+    def _wait(self, stream: Any, event: Any) -> None:
+        stream.wait_event(event)
+
+    def _is_stream(self, item: object) -> bool:
+        return isinstance(item, FakeStream)
+
+    def _is_event(self, item: object) -> bool:
+        return isinstance(item, FakeEvent)
+
+    @contextlib.contextmanager
+    def selected(self, device: torch.device) -> Iterator[None]:
+        before = self.fake.current_device_index()
+        self.fake.set_device(device)
+        try:
+            yield
+        finally:
+            self.fake.restore_device(before)
+
+    def handles(self, device: torch.device) -> bool:
+        return self.inner.handles(device)
+
+    def current_device(self) -> torch.device | None:
+        return self.inner.current_device()
+
+    def is_capturing(self, device: torch.device) -> bool:
+        return self.inner.is_capturing(device)
+
+    def enqueue(self, batch: Batch, after: Sequence[Mark], *, non_blocking: bool) -> Any:
+        return self.inner.enqueue(batch, after, non_blocking=non_blocking)
+
+    def synchronize(self) -> None:
+        self.inner.synchronize()
+
+
+@pytest.mark.asyncio
+async def test_an_after_event_recorded_again_after_the_call_still_orders_the_copies() -> None:
+    """A stream waits on the point an event was last recorded at when the wait is enqueued
+    (``cudaStreamWaitEvent``, and the fake's ``wait_event``). ``Stager.stage()`` takes its
+    marks at the call, but its copies are enqueued when the coroutine runs, in a worker thread:
+    an ``after=`` event that the caller records again in between (one event reused every step,
+    here on another, idle stream) moved the order to the new point, and the copies read the
+    tensor before the producer's kernel had written it. The event's point is taken at the
+    call now."""
+    accelerator = FakeAccelerator(devices=1)
+    device = accelerator.devices[0]
+    try:
+        with installed(FakeGenericBackend(accelerator)):
+            x = device.tensor(torch.zeros(16))
+            producer, other = device.new_stream("producer"), device.new_stream("other")
+            stager = astage.Stager()
+            try:
+                producer.gate.hold()
+                producer.enqueue(lambda: accelerator.host(x).fill_(7.0), "fill")
+                done = producer.record_event()
+                call = stager.stage({"x": x}, after=done)
+                done.record(other)  # reused: now marks other's (empty) end
+                # The producer runs on later; the copies must wait for its fill.
+                threading.Timer(0.2, producer.gate.release).start()
+                staged = await call
+                assert torch.all(staged["x"] == 7.0), staged["x"]
+            finally:
+                producer.gate.release()
+                await stager.aclose()
+    finally:
+        accelerator.close()
+    assert accelerator.errors == []

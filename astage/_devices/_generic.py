@@ -82,6 +82,8 @@ class GenericBackend:
     def __init__(self, device_type: str) -> None:
         self.device_type = device_type
         self._streams: dict[int, Any] = {}
+        self._mark_streams: dict[int, Any] = {}
+        """Per device, where an ``after=`` event's present point is taken (``_mark_event``)."""
         self._lock = threading.Lock()
         self._slabs = SlabPools(self._allocate_slab)
         """Host slabs of gathered batches, per device (:mod:`astage._devices._gather`)."""
@@ -150,23 +152,42 @@ class GenericBackend:
         if not isinstance(device, torch.device) or not self.handles(device):
             raise InvalidOptionsError(f"after=: {source!r} is not on a {self.device_type} device")
         if self._is_event(source):
-            return Mark(device, source)
+            return self._mark_event(device, source)
         if self._is_stream(source):
             return Mark(device, source.record_event())  # type: ignore[attr-defined]
         raise InvalidOptionsError(
             f"after= takes a {self.device_type} stream or event, got {type(source).__name__}"
         )
 
+    def _mark_event(self, device: torch.device, event: Any) -> Mark:
+        """A mark of the point ``event`` marks now, at the call.
+
+        Why not ``event`` itself: a stream waits on the point an event was *last* recorded at
+        when the wait is enqueued (``cudaStreamWaitEvent``), and the staging stream waits in a
+        worker thread, after the call has returned its coroutine. A caller that records the
+        same event again meanwhile (one event reused every step, or recorded on another
+        stream) would move the copies' order to the new point: after unrelated work, or no
+        longer after the producer. A stream of the backend's own waits on the event now and
+        records a mark of its own, which completes once the event's present point has.
+        """
+        with self.selected(device):
+            stream = self._stream(self._mark_streams, device)
+            self._wait(stream, event)
+            return Mark(device, self._record_done(stream))
+
     def is_capturing(self, device: torch.device) -> bool:
         return bool(self._current_stream(device).is_capturing())
 
     def stream(self, device: torch.device) -> Any:
         """This backend's staging stream for ``device`` (made on first use)."""
+        return self._stream(self._streams, device)
+
+    def _stream(self, streams: dict[int, Any], device: torch.device) -> Any:
         index = device.index if device.index is not None else -1
         with self._lock:
-            stream = self._streams.get(index)
+            stream = streams.get(index)
             if stream is None:
-                stream = self._streams[index] = self._new_stream(device)
+                stream = streams[index] = self._new_stream(device)
             return stream
 
     def enqueue(self, batch: Batch, after: Sequence[Mark], *, non_blocking: bool) -> Completion:
