@@ -5,6 +5,7 @@ Each test here failed (or hung, bounded by a timeout) before its fix.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import threading
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 import astage
+from astage._drivers._gc import gc_paused
 
 
 def _in_a_forked_child(child: Callable[[], None], seconds: int = 5) -> int:
@@ -202,3 +204,38 @@ def test_a_timeout_bounds_the_wait_behind_a_call_that_waits_for_a_release() -> N
     # The stager is fine afterwards: both waits let go of the lock.
     assert torch.equal(stager.stage({"w": torch.ones(3)}, timeout=0.0)["w"], torch.ones(3))
     stager.close()
+
+
+def test_a_child_forked_during_another_threads_walk_gets_its_collector_back() -> None:
+    """The pause is process-wide and counted: a fork while another thread was inside it
+    (a staging thread's walk while a DataLoader forks its workers) left the child with a
+    caller that never leaves, so automatic collection stayed off for the child's whole life,
+    its own stagers' calls included."""
+    if not gc.isenabled() or gc.get_threshold()[0] == 0:
+        pytest.skip("the collector is not running automatically here")
+    threshold = gc.get_threshold()
+    inside, leave = threading.Event(), threading.Event()
+
+    def walking() -> None:
+        with gc_paused():
+            inside.set()
+            leave.wait()
+
+    walker = threading.Thread(target=walking)
+    walker.start()
+    inside.wait()
+
+    def child() -> None:
+        assert gc.get_threshold() == threshold, gc.get_threshold()
+        with astage.SyncStager() as stager:  # the child's own calls pause and resume
+            stager.stage({"w": torch.ones(3)})
+        assert gc.get_threshold() == threshold, gc.get_threshold()
+
+    try:
+        assert gc.get_threshold()[0] == 0  # paused in the parent while the walker is inside
+        code = _in_a_forked_child(child)
+    finally:
+        leave.set()
+        walker.join()
+    assert code == 0, f"the child's collector stayed paused (exit code {code})"
+    assert gc.get_threshold() == threshold  # the parent's walker resumed it as usual

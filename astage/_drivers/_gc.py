@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import threading
 from collections.abc import Iterator
 
@@ -87,6 +88,10 @@ class _Pause:
 
     def leave(self) -> None:
         with self.lock:
+            if self.depth == 0:
+                # The forking thread's own pause, in a forked child: the reset after the fork
+                # already resumed the collector (see after_fork_in_child).
+                return
             self.depth -= 1
             if self.depth > 0 or self.saved_threshold is None:
                 return
@@ -111,8 +116,39 @@ class _Pause:
         gc.freeze()
         gc.unfreeze()
 
+    def after_fork_in_child(self) -> None:
+        """Resume the collector in a forked child whose parent had calls inside the pause.
+
+        Those callers are threads of the parent: in the child nobody leaves, and the collector
+        stayed paused (threshold 0) for the child's whole life, a DataLoader worker forked
+        while a staging thread walked, say. The lock is made anew: a parent's thread may have
+        held it (the ``before`` hook takes it, so the state copied is whole; the new lock is
+        for the child's own callers).
+        """
+        self.lock = threading.Lock()
+        saved, self.saved_threshold = self.saved_threshold, None
+        self.depth = 0
+        current = gc.get_threshold()
+        if saved is not None and current[0] == 0:  # still astage's zero, as in leave()
+            gc.set_threshold(saved, *current[1:])
+
 
 _pause = _Pause()
+
+
+def _before_fork() -> None:
+    _pause.lock.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    _pause.lock.release()
+
+
+os.register_at_fork(
+    before=_before_fork,
+    after_in_parent=_after_fork_in_parent,
+    after_in_child=_pause.after_fork_in_child,
+)
 
 
 @contextlib.contextmanager
