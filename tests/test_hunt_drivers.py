@@ -239,3 +239,24 @@ def test_a_child_forked_during_another_threads_walk_gets_its_collector_back() ->
         walker.join()
     assert code == 0, f"the child's collector stayed paused (exit code {code})"
     assert gc.get_threshold() == threshold  # the parent's walker resumed it as usual
+
+
+def test_a_snapshot_released_in_a_forked_child_does_not_wait_for_the_parents_waiter() -> None:
+    """A child forked with a snapshot (a writer process, ``share_memory=True``) inherited the
+    lease's wake-up board, whose lock a parent's waiter takes every 10 ms: copied taken, the
+    child's ``release()`` waited for it forever. The release reaches the parent through the
+    shared byte, which its waiter polls."""
+    stager = astage.SyncStager(share_memory=True)
+    snapshot = stager.snapshot({"w": torch.ones(3)})
+
+    def child() -> None:
+        assert torch.equal(snapshot.state_dict["w"], torch.ones(3))
+        snapshot.release()
+
+    board = stager._sets.board
+    with board._changed:  # as a parent's waiter holds it for a moment
+        code = _in_a_forked_child(child)
+    assert code == 0, f"the child's release() hung or failed (exit code {code})"
+    assert snapshot.released  # the shared byte: the parent sees the child's release
+    assert torch.equal(stager.stage({"w": torch.zeros(3)}, timeout=1.0)["w"], torch.zeros(3))
+    stager.close()

@@ -32,6 +32,7 @@ import anyio.to_thread
 import torch
 
 from .._errors import InvalidOptionsError, UsageError
+from . import _fork
 
 T = TypeVar("T")
 
@@ -50,7 +51,7 @@ class Lease:
     ``share_memory=True`` only). A lease is also a context manager that releases itself on exit.
     """
 
-    __slots__ = ("_board", "_flag")
+    __slots__ = ("_board", "_born", "_flag")
 
     def __init__(self, board: LeaseBoard | None = None, *, shared: bool = False) -> None:
         # One byte, 0 while held; in shared memory when the lease may cross to another process.
@@ -58,6 +59,7 @@ class Lease:
         if shared:
             self._flag.share_memory_()
         self._board = board  # None in a process the lease was sent to: nobody waits there
+        self._born = _fork.generation()
 
     @property
     def released(self) -> bool:
@@ -72,8 +74,9 @@ class Lease:
     def release(self) -> None:
         """Let the stager stage into this lease's buffer set again (as far as it is concerned)."""
         self._flag.fill_(1)
-        if self._board is not None:
-            self._board.notify()
+        board = self._here()
+        if board is not None:
+            board.notify()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block the calling thread until the lease is released; False when ``timeout`` ran out."""
@@ -91,11 +94,22 @@ class Lease:
         while not self.released:
             if deadline is not None and time.monotonic() >= deadline:
                 return False
-            if self._board is None:
+            board = self._here()
+            if board is None:
                 time.sleep(POLL_S)
             else:
-                self._board.pause(deadline)
+                board.pause(deadline)
         return True
+
+    def _here(self) -> LeaseBoard | None:
+        """The board, in the process that made the lease only.
+
+        A forked child inherits the lease with its board, whose waiters stayed in the parent;
+        the board's lock may even have been copied taken by one of them (a waiter takes it
+        every :data:`POLL_S`), so that a release in the child waited for it forever. There,
+        as in a process the lease was sent to, nobody is woken and a wait polls.
+        """
+        return self._board if self._born == _fork.generation() else None
 
     async def wait_async(self) -> None:
         """Wait until the lease is released without blocking the event loop; cancellable."""
@@ -138,6 +152,7 @@ def _rebuild_lease(flag: torch.Tensor) -> Lease:
     lease = Lease.__new__(Lease)
     lease._flag = flag
     lease._board = None
+    lease._born = _fork.generation()
     return lease
 
 
