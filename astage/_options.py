@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 
@@ -116,8 +117,12 @@ class StagingOptions:
         if self.max_inflight_bytes < self.chunk_bytes:
             raise InvalidOptionsError("max_inflight_bytes must be at least chunk_bytes")
         hold = self.max_loop_hold_s
-        if not isinstance(hold, (int, float)) or isinstance(hold, bool) or not hold > 0:
-            raise InvalidOptionsError(f"max_loop_hold_s must be a positive number, got {hold!r}")
+        # Finite too: with inf the async face never yielded during a walk, holding the event
+        # loop for the whole call, which this option exists to bound.
+        if not isinstance(hold, (int, float)) or isinstance(hold, bool) or not 0 < hold < math.inf:
+            raise InvalidOptionsError(
+                f"max_loop_hold_s must be a positive, finite number of seconds, got {hold!r}"
+            )
 
     def replace(self, **changes: object) -> StagingOptions:
         """A copy with some fields changed (unknown names are an error)."""

@@ -260,3 +260,14 @@ def test_a_snapshot_released_in_a_forked_child_does_not_wait_for_the_parents_wai
     assert snapshot.released  # the shared byte: the parent sees the child's release
     assert torch.equal(stager.stage({"w": torch.zeros(3)}, timeout=1.0)["w"], torch.zeros(3))
     stager.close()
+
+
+def test_an_infinite_loop_hold_is_refused() -> None:
+    """``max_loop_hold_s=inf`` was accepted: the async face's walk then never yielded, holding
+    the event loop for the whole call (NaN, zero and negatives were refused already)."""
+    for hold in (float("inf"), -float("inf")):
+        with pytest.raises(astage.InvalidOptionsError, match="finite"):
+            astage.StagingOptions(max_loop_hold_s=hold)
+        with pytest.raises(astage.InvalidOptionsError, match="max_loop_hold_s"):
+            astage.StagingOptions().replace(max_loop_hold_s=hold)
+    assert astage.StagingOptions(max_loop_hold_s=3600).max_loop_hold_s == 3600  # long: fine
