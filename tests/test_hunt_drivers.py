@@ -271,3 +271,24 @@ def test_an_infinite_loop_hold_is_refused() -> None:
         with pytest.raises(astage.InvalidOptionsError, match="max_loop_hold_s"):
             astage.StagingOptions().replace(max_loop_hold_s=hold)
     assert astage.StagingOptions(max_loop_hold_s=3600).max_loop_hold_s == 3600  # long: fine
+
+
+@pytest.mark.asyncio
+async def test_a_call_inside_its_own_stage_iter_block_is_named_in_the_refusal() -> None:
+    """aclose(), reserve() and snapshot() inside the task's own stage_iter() block were
+    refused as "stage() called from inside...", naming a call the caller never made."""
+    async with astage.Stager() as stager:
+        async with stager.stage_iter({"w": torch.ones(3)}) as landed:
+            async for _ in landed:
+                pass
+            with pytest.raises(astage.UsageError, match=r"^aclose\(\) on this Stager"):
+                await stager.aclose()
+            with pytest.raises(astage.UsageError, match=r"^reserve\(\) on this Stager"):
+                await stager.reserve({"w": torch.ones(3)})
+            with pytest.raises(astage.UsageError, match=r"^snapshot\(\) on this Stager"):
+                await stager.snapshot({"w": torch.ones(3)})
+            with pytest.raises(astage.UsageError, match=r"^stage_iter\(\) on this Stager"):
+                async with stager.stage_iter({"w": torch.ones(3)}):
+                    pass
+        assert not stager.closed  # the refused aclose() left it open and usable
+        assert torch.equal((await stager.stage({"w": torch.ones(3)}))["w"], torch.ones(3))

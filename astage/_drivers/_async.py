@@ -107,7 +107,7 @@ class Stager(StagerBase):
         :class:`~astage.UsageError` while one of those streams is capturing a graph, and in
         a forked child.
         """
-        call = _Call(self, state_dict, track_leaves=False, after=after)
+        call = _Call(self, state_dict, track_leaves=False, after=after, what="stage()")
         return self._stage(call)
 
     async def _stage(self, call: _Call) -> Any:
@@ -133,7 +133,9 @@ class Stager(StagerBase):
 
         Ordered like :meth:`stage` (marks taken when called).
         """
-        return _SnapshotCall(_Call(self, state_dict, track_leaves=False, after=after))
+        return _SnapshotCall(
+            _Call(self, state_dict, track_leaves=False, after=after, what="snapshot()")
+        )
 
     def stage_iter(self, state_dict: Any, *, after: object = None) -> _StageIter:
         """Stage ``state_dict`` and hand out each tensor as soon as its bytes have landed.
@@ -172,7 +174,7 @@ class Stager(StagerBase):
         Takes the stager's turn like a call. Returns the figures of what it committed.
         """
         self._check_open()
-        async with self._turn():
+        async with self._turn("reserve()"):
             self._check_open()
             work = ReserveWork(self, state_dict)
             hold = self._resolved.max_loop_hold_s
@@ -204,7 +206,7 @@ class Stager(StagerBase):
             # Nothing of the parent's is touched in the child anyway (see _release_everything).
             self._release_everything()
             return
-        async with self._turn():
+        async with self._turn("aclose()"):
             if self._closed:
                 return
             await self._sets.board.wait_for_async(self._sets.all_released)
@@ -228,23 +230,25 @@ class Stager(StagerBase):
 
     # -- one caller at a time --------------------------------------------------------------
 
-    def _turn(self) -> _Turn:
-        return _Turn(self)
+    def _turn(self, what: str = "a call") -> _Turn:
+        return _Turn(self, what)
 
 
 class _Turn:
     """The stager's lock for one caller, with the busy and re-entry checks around it."""
 
-    def __init__(self, stager: Stager) -> None:
+    def __init__(self, stager: Stager, what: str = "a call") -> None:
         self._stager = stager
+        self._what = what  # the call, for the re-entry error
 
     async def __aenter__(self) -> None:
         stager = self._stager
         task = anyio.get_current_task().id
         if stager._lock_holder == task:
             raise UsageError(
-                f"stage() called from inside this task's own stage_iter() block on this "
-                f"{type(stager).__name__}; leave the block first (or use a second stager)"
+                f"{self._what} on this {type(stager).__name__} from inside this task's own "
+                "stage_iter() block would wait for the block to end, forever; leave the "
+                "block first (or use a second stager)"
             )
         if stager._enter(threading.get_ident()) or stager._lock is None:
             stager._lock = anyio.Lock()  # a new turn, maybe on another loop than the last one
@@ -442,7 +446,13 @@ class _Call:
     """
 
     def __init__(
-        self, stager: Stager, state_dict: Any, *, track_leaves: bool, after: object
+        self,
+        stager: Stager,
+        state_dict: Any,
+        *,
+        track_leaves: bool,
+        after: object,
+        what: str = "stage()",
     ) -> None:
         stager._check_open()
         # In the caller's thread, at the call: see Stager.stage.
@@ -450,7 +460,7 @@ class _Call:
         self._stager = stager
         self._state_dict = state_dict
         self._track_leaves = track_leaves
-        self._turn = _Turn(stager)
+        self._turn = _Turn(stager, what)
         self._copies: anyio.abc.TaskGroup | None = None
         self._run: Run[_InFlight] | None = None
         self.buffer_set: BufferSet | None = None
@@ -759,7 +769,7 @@ class _StageIter:
     """``stage_iter``'s async context manager: a call whose tensors are handed out as they land."""
 
     def __init__(self, stager: Stager, state_dict: Any, after: object) -> None:
-        self._call = _Call(stager, state_dict, track_leaves=True, after=after)
+        self._call = _Call(stager, state_dict, track_leaves=True, after=after, what="stage_iter()")
         self._entered = False
 
     async def __aenter__(self) -> AsyncIterator[tuple[Path, torch.Tensor]]:
