@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import DRIVERS, Driver, collect
 from fake_accelerator import FakeAccelerator, FakeBackend, FakeEvent, FakeStream
+from torch.multiprocessing.reductions import StorageWeakRef
 
 import astage
 from astage import _torch
@@ -247,3 +248,81 @@ async def test_an_after_event_recorded_again_after_the_call_still_orders_the_cop
     finally:
         accelerator.close()
     assert accelerator.errors == []
+
+
+# -- a pin leaked by a failed wait keeps its memory --------------------------------------------
+
+
+class DeviceLostError(RuntimeError):
+    """What a completion's wait raises when the test makes the device fail."""
+
+
+class FailingWaitsBackend(PinningFakeBackend):
+    """Pins like CUDA's backend; its completions' waits raise while ``fail_waits`` is set."""
+
+    def __init__(self, accelerator: FakeAccelerator) -> None:
+        super().__init__(accelerator)
+        self.fail_waits = False
+
+    def enqueue(self, batch: Any, after: Any, *, non_blocking: bool) -> Any:
+        event = super().enqueue(batch, after, non_blocking=non_blocking)
+        backend = self
+
+        class Completion:
+            def query(self) -> bool:
+                return bool(event.query())
+
+            def synchronize(self) -> None:
+                if backend.fail_waits:
+                    raise DeviceLostError("the device was lost while waiting for the copies")
+                event.synchronize()
+
+        return Completion()
+
+
+@pytest.mark.parametrize("kind", DRIVERS)
+def test_a_pin_left_by_a_failed_wait_keeps_its_memory_once_the_buffer_is_gone(
+    monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """A buffer whose copy was never reported landed (the wait for it raised) keeps its pin
+    when dropped: unregistering under a copy is undefined, so the pin leaks by design. The
+    memory must leak with it: freed while registered, it leaves CUDA a stale registered range,
+    and a later buffer allocated over it is refused its registration. Before, the pin lived
+    only on its buffer, and went, with the memory, once the buffer was collected."""
+    accelerator = FakeAccelerator(devices=1)
+    ledger = accelerator.pins
+    monkeypatch.setattr(_torch, "cuda_host_register", ledger.register)
+    monkeypatch.setattr(_torch, "cuda_host_unregister", ledger.unregister)
+    monkeypatch.setattr(_torch, "cuda_clear_last_error", ledger.clear_last_error)
+    monkeypatch.setattr(_torch, "cuda_selected_device", lambda index: contextlib.nullcontext())
+    monkeypatch.setattr(_pinning, "_released", collections.deque())
+    monkeypatch.setattr(_pinning, "_registered", set(), raising=False)
+    backend = FailingWaitsBackend(accelerator)
+    staging = accelerator.devices[0].staging
+    try:
+        with installed(backend):
+            state = {"a": accelerator.devices[0].tensor(torch.full((4096,), 1.0))}
+            driver = Driver(kind, **PINNING)
+            try:
+                staged = driver.stage(state)
+                memory = StorageWeakRef(staged["a"].untyped_storage())
+                del staged
+                staging.gate.hold()  # the next call's copies stay in flight
+                backend.fail_waits = True
+                with pytest.raises(DeviceLostError):
+                    driver.stage(state)
+            finally:
+                backend.fail_waits = False
+                staging.gate.release()  # the copies land, and are never reported landed
+                staging.synchronize()
+                driver.close()
+            del driver, state
+            collect()
+            _pinning.unpin_released()
+            (ptr,) = ledger.pinned  # leaked: its copy was never reported landed
+            assert not memory.expired(), "registered memory was freed"
+    finally:
+        staging.gate.release()
+        collect()
+        accelerator.close()
+    assert ptr

@@ -71,6 +71,16 @@ _released: collections.deque[Pin] = collections.deque()
 A deque because ``append`` (any thread) and ``popleft`` (the drainers) are atomic under the GIL.
 A pin may be queued more than once; it is unregistered once."""
 
+_registered: set[Pin] = set()
+"""Every pin registered and not yet unregistered (changed under ``_pin_lock``).
+
+Why: a pin keeps its memory alive, and the cache keeps the pin only on its buffer. A buffer
+whose copy was never reported landed (its driver's wait failed) keeps its pin when dropped, by
+design a leak rather than an unpin under a copy; but once the buffer was collected, the pin
+went with it and so did the memory, freed while still registered: CUDA kept the stale range,
+and a later buffer allocated over it was refused its registration (``cudaHostRegister`` of
+memory already registered). Held here, a leaked pin keeps its memory, as a queued one does."""
+
 
 @dataclass
 class PinCounters:
@@ -174,6 +184,7 @@ def pin(buffer: HostBuffer) -> None:
             buffer.wants_pin = False  # a retry would cost as much as a success, and fail again
             return
         buffer.registration = registration
+        _registered.add(registration)
     # The cache may have dropped the buffer while we registered it: see HostBuffer.release
     # for why reading ``dropped`` after setting ``registration`` leaves no pin behind.
     if buffer.dropped:
@@ -195,6 +206,7 @@ def unpin_released() -> int:
         if pin.pid != os.getpid():
             pin.ptr = 0  # the parent process's pin (we are a forked child): not ours to undo
             pin.memory = None
+            _registered.discard(pin)
             continue
         with _pin_lock:
             if pin.copies or not pin.ptr:
@@ -202,6 +214,7 @@ def unpin_released() -> int:
             unregister(pin.ptr, pin.device)
             pin.ptr = 0
             pin.memory = None
+            _registered.discard(pin)
         unpinned += 1
     return unpinned
 
@@ -233,7 +246,7 @@ def register(ptr: int, nbytes: int, device: int | None = None) -> bool:
     # CUDA: RuntimeError; MemoryError): no registration was made, and pinning only speeds
     # copies up, so the buffer stays pageable like after a refusal. Letting it out failed the
     # call with a raw error, and every later call again, since the buffer still wanted a pin.
-    except Exception as error:  # noqa: BLE001
+    except (RuntimeError, MemoryError) as error:
         if code == 0:
             # Registered, and then leaving the device selection failed: the memory is pinned,
             # so the pin must be kept to be undone (reported as a failure, it would stay
