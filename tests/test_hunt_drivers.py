@@ -203,6 +203,11 @@ def test_a_timeout_bounds_the_wait_behind_a_call_that_waits_for_a_release() -> N
         behind.join()
     # The stager is fine afterwards: both waits let go of the lock.
     assert torch.equal(stager.stage({"w": torch.ones(3)}, timeout=0.0)["w"], torch.ones(3))
+    # No limit, as before: the lock's wait is clamped to what threading accepts.
+    for unbounded in (float("inf"), 1e300):
+        assert torch.equal(
+            stager.stage({"w": torch.ones(3)}, timeout=unbounded)["w"], torch.ones(3)
+        )
     stager.close()
 
 

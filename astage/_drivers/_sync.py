@@ -206,7 +206,10 @@ class SyncStager(StagerBase):
             )
         if deadline is None:
             self._lock.acquire()
-        elif not self._lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+        # At most TIMEOUT_MAX: a timeout of inf (or 1e300) means no limit, not OverflowError.
+        elif not self._lock.acquire(
+            timeout=min(max(0.0, deadline - time.monotonic()), threading.TIMEOUT_MAX)
+        ):
             # Past the deadline: give up once every set is leased, look again every POLL_S.
             while not self._lock.acquire(timeout=POLL_S):
                 if self._free_set() is None:
