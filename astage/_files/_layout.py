@@ -41,6 +41,7 @@ from ._skeleton import (
     mesh_node,
     numpy_or_none,
     placement_node,
+    tensor_attribute_allowed,
 )
 
 
@@ -246,6 +247,15 @@ class _LayoutBuilder(SkeletonEncoder):
         node = self._tensor(x, path)
         attributes = vars(x)
         if attributes:
+            for name in attributes:
+                if not tensor_attribute_allowed(name):
+                    # A loader would refuse the file (it sets attributes with setattr).
+                    raise UnsavableError(
+                        f"cannot save a tensor attribute named {name!r}: a loader sets it "
+                        "with setattr, so it must be an identifier, not a dunder, and not a "
+                        "name torch.Tensor has",
+                        (*path, Attr(name)),
+                    )
             outer, self._no_tensors = self._no_tensors, "a tensor's attribute"
             try:
                 node["attrs"] = [
@@ -336,16 +346,20 @@ class _LayoutBuilder(SkeletonEncoder):
             self.entries.append(entry)
         entry, base = group
         entry.paths.append(path)
-        if base is not None and (
-            x is base
-            or (
-                x.dtype is base.dtype
-                and x.shape == base.shape
-                and x.stride() == base.stride()
-                and x.storage_offset() == 0
-                and not x.is_conj()
-                and not x.is_neg()
-            )
+        # The short node is the entry itself, as a loader builds it: one object for every
+        # path that has it, with the entry's (contiguous) strides. Else a view node keeps
+        # what the short one would lose: the strides a size-0 or size-1 dimension may have
+        # (a contiguous tensor's, say (2, 2, 1) for shape (1, 4, 2)), and which object is
+        # which when two tensors of the entry carry Python attributes of their own.
+        if (
+            base is not None
+            and x.dtype is base.dtype
+            and x.shape == base.shape
+            and x.stride() == _contiguous_strides(x.shape)
+            and x.storage_offset() == 0
+            and not x.is_conj()
+            and not x.is_neg()
+            and (x is base or not (vars(x) or vars(base)))
         ):
             return {"tensor": entry.key}
         node: dict[str, Any] = {
@@ -383,6 +397,17 @@ class _LayoutBuilder(SkeletonEncoder):
         entry.paths.append(path)
         self.captured.append(entry)
         return {"numpy": entry.key, "dtype": dtype.str, "shape": list(x.shape)}
+
+
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    """The strides torch gives a new contiguous tensor of ``shape`` (a size-0 dimension
+    counts as 1), which a loaded entry has."""
+    strides = []
+    step = 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
 
 
 def _torch_dtype_of(numpy: Any, dtype: Any) -> torch.dtype | None:

@@ -59,6 +59,7 @@ from ._skeleton import (
     shown,
     takes_conj_bit,
     takes_neg_bit,
+    tensor_attribute_allowed,
 )
 
 _MAX_DIMS = 64
@@ -169,7 +170,7 @@ def load(
             stored[key] = tensor
     finally:
         os.close(fd)
-    if document is None:
+    if METADATA_KEY not in header.metadata:  # not `document is None`: a None state dict
         if target.type != "cpu":
             stored = {key: tensor.to(target) for key, tensor in stored.items()}
         return stored
@@ -401,7 +402,8 @@ def abridged(value: Any, limit: int = 60) -> str:
 
 
 def skeleton_document(metadata: dict[str, str], path: str) -> Any:
-    """The skeleton in ``__metadata__``, or None for a file that astage did not write."""
+    """The skeleton in ``__metadata__``, or None for a file that astage did not write (or
+    one whose state dict is None: tell them apart by ``METADATA_KEY in metadata``)."""
     text = metadata.get(METADATA_KEY)
     if text is None:
         return None
@@ -498,6 +500,7 @@ class Decoder(SkeletonDecoder):
         self._meshes = meshes
         self._mesh_of: dict[str, Any] = {}  # the mesh object of each mesh node, by its JSON
         self._dtensors: dict[str, torch.Tensor] = {}  # each DTensor built, by its node's JSON
+        self._views: dict[str, torch.Tensor] = {}  # each view built, by its node's JSON
         self._meshes_checked: set[str] = set()  # mesh nodes found well-formed, as JSON
         self._coordinates: dict[tuple[str, int], list[int] | None] = {}  # (mesh, rank): where
 
@@ -555,7 +558,15 @@ class Decoder(SkeletonDecoder):
                 raise self.invalid(f"{extra[0]!r} without 'dtype'")
             tensor = None if self._stored is None else self._base(entry.key)
         else:
+            # One view object at several paths comes back as one object, as a whole entry
+            # does: the same node (attributes included) gives the same view.
+            same = json.dumps(node, sort_keys=True) if self._stored is not None else None
+            tensor = self._views.get(same) if same is not None else None
+            if tensor is not None:
+                return tensor
             tensor = self._view(node, entry)
+            if same is not None and tensor is not None:
+                self._views[same] = tensor
         if tensor is not None:
             for attribute, value in attributes:
                 setattr(tensor, attribute, value)
@@ -764,11 +775,7 @@ class Decoder(SkeletonDecoder):
             if type(pair) is not list or len(pair) != 2 or type(pair[0]) is not str:
                 raise self.invalid(f"'attrs' must hold [name, value] pairs, not {abridged(pair)}")
             name = pair[0]
-            if (
-                not name.isidentifier()
-                or name.startswith("__")
-                or hasattr(torch.nn.Parameter, name)
-            ):
+            if not tensor_attribute_allowed(name):
                 raise self.invalid(f"a tensor attribute may not be named {name!r}")
             attributes.append((name, self.decode_plain(pair[1], "a tensor's attribute")))
         return attributes

@@ -32,6 +32,7 @@ worker thread and polls for cancellation while it waits for its pieces.
 from __future__ import annotations
 
 import concurrent.futures
+import math
 import os
 import threading
 import time
@@ -60,7 +61,7 @@ from ._load import (
     read_checked,
     skeleton_document,
 )
-from ._safetensors import fs_path, read_exactly, tensor_memoryview
+from ._safetensors import METADATA_KEY, fs_path, read_exactly, tensor_memoryview
 
 READ_THREADS = 4
 """Threads that read one restore's pieces: enough to keep an NVMe queue busy, few enough to
@@ -96,7 +97,7 @@ def restore(
     try:
         header = read_checked(fd, name, size)
         document = skeleton_document(header.metadata, name)
-        if document is None:  # a plain safetensors file: a flat {key: tensor} dict
+        if METADATA_KEY not in header.metadata:  # a plain safetensors file: flat {key: tensor}
             file_tree: Any = {
                 key: _Slot(entry, entry.dtype, tuple(entry.shape), None, 0)
                 for key, entry in header.entries.items()
@@ -246,11 +247,17 @@ class _Plan:
         if isinstance(into, dict):
             if not isinstance(stored, dict):
                 raise self.mismatch(path, f"`into` holds a dict, the file {_what(stored)}")
-            self._keys(into, stored, path)
+            file_keys = self._keys(into, stored, path)
             for key, value in into.items():
-                new = self.match(value, stored[key], (*path, key))
+                new = self.match(value, stored[file_keys[id(key)]], (*path, key))
                 if new is not value:
                     self.updates.append(partial(into.__setitem__, key, new))
+            extra = getattr(stored, "_metadata", None)
+            if extra is not None and hasattr(into, "__dict__"):
+                # The file's OrderedDict _metadata (module versions, which load_state_dict
+                # hands to _load_from_state_dict) is a plain value: the file's wins, as
+                # load() returns it. A plain dict of `into` takes no attribute: kept as is.
+                self.updates.append(partial(setattr, into, "_metadata", extra))
             return into
         if type(into) in (list, tuple) and _holds_tensor(into):
             if type(stored) not in (list, tuple) or len(stored) != len(into):
@@ -272,20 +279,37 @@ class _Plan:
         # length): the file's replaces it, and must not hide a tensor.
         return self._plain(stored, path)
 
-    def _keys(self, into: dict[Any, Any], stored: dict[Any, Any], path: Path) -> None:
-        missing = [key for key in into if key not in stored]
+    def _keys(self, into: dict[Any, Any], stored: dict[Any, Any], path: Path) -> dict[int, Any]:
+        """The file's key for each key of ``into`` (by ``id``), or a mismatch.
+
+        A NaN key equals no other, not even the file's NaN (a fresh float object): the NaN
+        keys of ``into`` take the file's NaN keys in their order, as the file was saved.
+        """
+        file_nans = iter([key for key in stored if _is_nan(key)])
+        found: dict[int, Any] = {}
+        missing = []
+        for key in into:
+            if _is_nan(key):
+                file_key = next(file_nans, _NO_KEY)
+            else:
+                file_key = key if key in stored else _NO_KEY
+            if file_key is _NO_KEY:
+                missing.append(key)
+            found[id(key)] = file_key
         if missing:
             raise self.mismatch(
                 path, f"the file has no {_keys_shown(missing)} that `into` holds here"
             )
         if self.strict:
-            unexpected = [key for key in stored if key not in into]
+            taken = {id(key) for key in found.values()}
+            unexpected = [key for key in stored if id(key) not in taken and key not in into]
             if unexpected:
                 raise self.mismatch(
                     path,
                     f"the file holds {_keys_shown(unexpected)} that `into` does not; pass "
                     "strict=False to restore only what `into` holds",
                 )
+        return found
 
     def _tensor(self, tensor: torch.Tensor, stored: Any, path: Path) -> None:
         if not isinstance(stored, _Slot):
@@ -313,7 +337,7 @@ class _Plan:
                 f"{list(tensor.shape)}, the file a {_dtype_name(stored.dtype)} tensor of shape "
                 f"{list(stored.shape)}",
             )
-        if any(
+        if tensor.numel() and any(  # with no element, nothing shares memory
             step == 0 and size > 1 for size, step in zip(tensor.shape, tensor.stride(), strict=True)
         ):
             raise InvalidOptionsError(
@@ -370,7 +394,11 @@ class _Plan:
             return
         if slot.contiguous and _plain_memory(tensor):
             on_cpu = _host_memory(tensor)
-            destination = tensor.detach().reshape(-1).view(torch.uint8)
+            # as_strided, not reshape(-1): a contiguous tensor's size-1 dimension may have
+            # any stride (shape (1,), stride (2,) from t[::2]), which reshape keeps and view
+            # then refuses (a raw RuntimeError).
+            flat = tensor.detach().as_strided((tensor.numel(),), (1,))
+            destination = flat.view(torch.uint8)
             pinned = not on_cpu and _pins(tensor.device)
             for offset in range(0, end - begin, PIECE_BYTES):
                 piece = destination[offset : offset + PIECE_BYTES]
@@ -525,6 +553,13 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
         strides.append(step)
         step *= max(size, 1)
     return tuple(reversed(strides))
+
+
+_NO_KEY = object()
+
+
+def _is_nan(key: Any) -> bool:
+    return type(key) is float and math.isnan(key)
 
 
 def _is_contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:

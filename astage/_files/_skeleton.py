@@ -104,6 +104,41 @@ _FLOAT_TAGS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 _SET_TYPES: dict[str, type] = {"set": set, "frozenset": frozenset}
 
 
+def tensor_attribute_allowed(name: str) -> bool:
+    """Whether a Python attribute of a tensor may be named ``name`` in a file.
+
+    Why: a loader sets it with ``setattr`` on the tensor it builds, so the name must be an
+    identifier that shadows nothing of a tensor's (``T``, ``data``, ``name`` ...) and no dunder.
+    The saver refuses what the loader would refuse: a file that astage writes must load.
+    """
+    return (
+        name.isidentifier() and not name.startswith("__") and not hasattr(torch.nn.Parameter, name)
+    )
+
+
+def _max_digits() -> int:
+    """The most decimal digits an int in a skeleton may have: Python converts at most
+    ``sys.get_int_max_str_digits()`` digits (4300 by default) to and from text, and a loader
+    runs with the default, whatever this process set."""
+    digits: int = sys.int_info.default_max_str_digits
+    current = sys.get_int_max_str_digits()
+    if current:  # 0: no limit in this process; a loader still has the default
+        digits = min(digits, current)
+    return digits
+
+
+def _int_limit() -> int:
+    """Ints whose absolute value reaches this have more than :func:`_max_digits` digits."""
+    digits = _max_digits()
+    limit = _INT_LIMITS.get(digits)
+    if limit is None:
+        limit = _INT_LIMITS[digits] = 10**digits
+    return limit
+
+
+_INT_LIMITS: dict[int, int] = {}
+
+
 def _numpy() -> Any:
     """The numpy module if something already imported it (a numpy value implies it was)."""
     return sys.modules.get("numpy")
@@ -140,7 +175,18 @@ class SkeletonEncoder:
             if len(x) > self.longest_text[0]:
                 self.longest_text = (len(x), path)
             return x
-        if cls in (int, bool, type(None)):
+        if cls is int:
+            # 2000 bits: under 640 digits, the least limit Python allows (a cheap first test).
+            if x.bit_length() > 2000 and not -_int_limit() < x < _int_limit():
+                # json.dumps would raise a raw ValueError; json.loads refuses it as well.
+                raise self.error(
+                    f"an int of {x.bit_length()} bits (over {_max_digits()} decimal digits) "
+                    f"cannot be {self.verb}: Python converts no longer int to or from JSON "
+                    "text; store it as a str",
+                    path,
+                )
+            return x
+        if cls in (bool, type(None)):
             return x
         if isinstance(x, torch.Tensor):
             if self._no_tensors is not None:
