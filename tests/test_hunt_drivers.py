@@ -297,3 +297,20 @@ async def test_a_call_inside_its_own_stage_iter_block_is_named_in_the_refusal() 
                     pass
         assert not stager.closed  # the refused aclose() left it open and usable
         assert torch.equal((await stager.stage({"w": torch.ones(3)}))["w"], torch.ones(3))
+
+
+@pytest.mark.asyncio
+async def test_tensors_that_landed_are_not_handed_out_after_the_block() -> None:
+    """An iteration abandoned inside a stage_iter() block and resumed after it handed out the
+    tensors that had landed meanwhile, whose buffers the next call overwrites; only once
+    those ran out was it refused."""
+    state_dict = {f"t{i}": torch.full((4,), float(i)) for i in range(5)}
+    async with astage.Stager() as stager:
+        async with stager.stage_iter(state_dict) as landed:
+            async for _ in landed:
+                break
+        handed_out = []
+        with pytest.raises(astage.UsageError, match="block has exited"):
+            async for path, _ in landed:
+                handed_out.append(path)
+        assert handed_out == []

@@ -805,6 +805,10 @@ class _Landed:
         return self
 
     async def __anext__(self) -> tuple[Path, torch.Tensor]:
+        # Checked first, not only when more must be awaited: tensors that had landed before
+        # the block exited were handed out after it, when a later call may be overwriting
+        # their buffers already.
+        _ = self._call.run  # raises UsageError once the block has exited
         while not self._ready:
             if self._done:
                 raise StopAsyncIteration
