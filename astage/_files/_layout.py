@@ -117,6 +117,12 @@ def plan_layout(state_dict: Any, metadata: Mapping[str, str] | None = None) -> L
     for key, value in user.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise UnsavableError(f"metadata must map str to str, got {key!r}: {value!r}")
+        if not (_utf8(key) and _utf8(value)):
+            # json.dumps writes a lone surrogate as a \ud800 escape, which safetensors'
+            # own reader (serde_json) refuses: no other reader would open the file.
+            raise UnsavableError(
+                f"metadata must be valid Unicode (no lone surrogates), got {key!r}: {value!r}"
+            )
     for reserved in (METADATA_KEY, DIGEST_KEY):
         if reserved in user:
             raise UnsavableError(f"the metadata key {reserved!r} is reserved for astage")
@@ -150,6 +156,14 @@ def plan_layout(state_dict: Any, metadata: Mapping[str, str] | None = None) -> L
         data_start=len(prefix),
         captured=builder.captured,
     )
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _file_order(staged: list[Entry], captured: list[Entry]) -> list[Entry]:

@@ -525,7 +525,7 @@ class SkeletonDecoder:
         finally:
             self._enums -= 1
         for member in found.__members__.values():
-            if type(member.value) is type(member_value) and member.value == member_value:
+            if _same_value(member.value, member_value):
                 return member
         if issubclass(found, enum.Flag) and type(member_value) is int:
             try:
@@ -604,6 +604,18 @@ def _hashable(value: Any) -> bool:
     except TypeError:
         return False
     return True
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Whether a decoded plain value is an enum member's value: of the same type and equal,
+    a NaN (also inside a tuple) matching a NaN, which ``==`` never does."""
+    if type(a) is not type(b):
+        return False
+    if type(a) is float:
+        return a == b or (math.isnan(a) and math.isnan(b))
+    if type(a) is tuple or type(a) is list:
+        return len(a) == len(b) and all(map(_same_value, a, b))
+    return bool(a == b)
 
 
 def _has_nan(value: Any) -> bool:
