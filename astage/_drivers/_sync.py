@@ -87,7 +87,8 @@ class SyncStager(StagerBase):
         overwrites it (with ``buffers=1``, the next call). Use :meth:`snapshot` to hold it.
         The call stages into a buffer set that no snapshot or hold leases; when every set is
         leased it blocks until one is released, or raises :class:`~astage.LeaseTimeoutError`
-        after ``timeout`` seconds (None: no limit).
+        after ``timeout`` seconds (None: no limit), also when it waits behind another thread's
+        call that itself waits for a release.
 
         Device copies are ordered after everything queued, before this call, on the calling
         thread's current stream of each device the state dict touches, and after ``after``
