@@ -399,7 +399,16 @@ def tensors(draw: st.DrawFn, pool: list[torch.Tensor]) -> torch.Tensor:
     if pool and draw(st.integers(0, 3)) == 0:  # another view of a storage already drawn
         base = draw(st.sampled_from(pool))
         flat = base.detach().reshape(-1) if base.is_contiguous() else base
-        choice = draw(st.integers(0, 3))
+        choice = draw(st.integers(0, 6))
+        if base.is_complex() and choice == 4:  # a conjugate's part: the neg bit
+            return base.conj().imag
+        if choice == 5 and not (base.is_conj() or base.is_neg()) and base.dtype.itemsize == 4:
+            other = torch.int32 if base.dtype is not torch.int32 else torch.float32
+            return base.detach().view(other)  # the same bytes as another dtype
+        if choice == 6:
+            view = base.detach()[None]
+            view.tag = "view"  # type: ignore[attr-defined]
+            return view
         if choice == 0 or flat.dim() != 1 or flat.is_conj() or flat.is_neg():
             return base if choice == 0 else base.detach()
         if choice == 1 and flat.numel() > 1:
