@@ -29,6 +29,7 @@ __all__ = [
     "cuda_host_unregister",
     "cuda_selected_device",
     "detached",
+    "dense_strides",
     "device_mesh_without_backend",
     "dtensor_local",
     "dtensor_spec",
@@ -77,6 +78,16 @@ def foreach_copy_(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
     for start in range(0, len(srcs), FOREACH_STEP):
         stop = start + FOREACH_STEP
         torch._foreach_copy_(dsts[start:stop], srcs[start:stop])
+
+
+def dense_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    """The strides ``torch.empty(shape)`` gives: row-major, a size-0 dimension counted as 1."""
+    strides = [1] * len(shape)
+    step = 1
+    for dim in range(len(shape) - 1, -1, -1):
+        strides[dim] = step
+        step *= max(shape[dim], 1)
+    return tuple(strides)
 
 
 def storage_use_count(storage: torch.UntypedStorage) -> int:

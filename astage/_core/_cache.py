@@ -35,7 +35,13 @@ import torch
 
 from .._errors import BufferMismatchError
 from .._paths import Path
-from .._torch import new_shared_storage, storage_keys, storage_use_count, storage_use_counts
+from .._torch import (
+    dense_strides,
+    new_shared_storage,
+    storage_keys,
+    storage_use_count,
+    storage_use_counts,
+)
 from ._arena import (
     HUGE_PAGE,
     PAGE_ALIGNED_MIN_BYTES,
@@ -437,14 +443,5 @@ def _sole_tensor(storage: torch.UntypedStorage, shape: Shape, dtype: torch.dtype
     a buffer looks in use forever (compat's pool then allocated a new buffer set for every save).
     """
     return torch.empty((0,), dtype=dtype, device="cpu").set_(
-        storage, 0, shape, _contiguous_strides(shape)
+        storage, 0, shape, dense_strides(shape)
     )
-
-
-def _contiguous_strides(shape: Shape) -> tuple[int, ...]:
-    strides = []
-    step = 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= max(size, 1)
-    return tuple(reversed(strides))

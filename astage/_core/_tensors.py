@@ -22,7 +22,7 @@ import torch
 
 from .._errors import UnstageableError
 from .._paths import Attr, Path
-from .._torch import detached, make_subclass, neg_view
+from .._torch import dense_strides, detached, make_subclass, neg_view
 from . import _kinds
 from ._cache import BufferCache, HostBuffer
 from ._plan import Leaf, Plan
@@ -312,7 +312,7 @@ class TensorStager:
             and x.nbytes == storage.nbytes()
             and not x.is_conj()
             and not x.is_neg()
-            and (x.is_contiguous() if exact_by_shape else x.stride() == _dense_strides(shape))
+            and (x.is_contiguous() if exact_by_shape else x.stride() == dense_strides(shape))
         )
         reusable = spans_storage and exact_by_shape
         index = self.copy_index.get(id(storage), -2)
@@ -394,13 +394,3 @@ def view_on(buffer: HostBuffer, x: torch.Tensor) -> torch.Tensor:
 def _strides_follow_from_shape(shape: torch.Size) -> bool:
     """Whether ``is_contiguous()`` leaves a tensor of ``shape`` only ``torch.empty``'s strides."""
     return 1 not in shape and 0 not in shape  # sizes are never negative: every size > 1
-
-
-def _dense_strides(shape: torch.Size) -> tuple[int, ...]:
-    """The strides ``torch.empty(shape)`` gives: row-major, a size-0 dimension counted as 1."""
-    strides = [1] * len(shape)
-    step = 1
-    for dim in range(len(shape) - 1, -1, -1):
-        strides[dim] = step
-        step *= max(shape[dim], 1)
-    return tuple(strides)

@@ -21,6 +21,7 @@ from .._errors import (
 )
 from .._paths import Attr, Path, format_path
 from .._torch import (
+    dense_strides,
     dtensor_local,
     dtensor_spec,
     storage_key,
@@ -369,7 +370,7 @@ class _LayoutBuilder(SkeletonEncoder):
             base is not None
             and x.dtype is base.dtype
             and x.shape == base.shape
-            and x.stride() == _contiguous_strides(x.shape)
+            and x.stride() == dense_strides(x.shape)
             and x.storage_offset() == 0
             and not x.is_conj()
             and not x.is_neg()
@@ -411,17 +412,6 @@ class _LayoutBuilder(SkeletonEncoder):
         entry.paths.append(path)
         self.captured.append(entry)
         return {"numpy": entry.key, "dtype": dtype.str, "shape": list(x.shape)}
-
-
-def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
-    """The strides torch gives a new contiguous tensor of ``shape`` (a size-0 dimension
-    counts as 1), which a loaded entry has."""
-    strides = []
-    step = 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= max(size, 1)
-    return tuple(reversed(strides))
 
 
 def _torch_dtype_of(numpy: Any, dtype: Any) -> torch.dtype | None:

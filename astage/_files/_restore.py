@@ -48,7 +48,7 @@ import torch
 
 from .._errors import InvalidOptionsError
 from .._paths import Path
-from .._torch import neg_view
+from .._torch import dense_strides, neg_view
 from ._load import (
     VIEW_DTYPES,
     Decoder,
@@ -168,7 +168,7 @@ class _Slot:
         begin = self.offset * itemsize
         if 0 in self.shape:
             return begin, begin
-        stride = self.stride if self.stride is not None else _contiguous_strides(self.shape)
+        stride = self.stride if self.stride is not None else dense_strides(self.shape)
         last = sum((size - 1) * step for size, step in zip(self.shape, stride, strict=True))
         return begin, begin + (last + 1) * itemsize
 
@@ -433,7 +433,7 @@ class _Plan:
         read_exactly(self.fd, tensor_memoryview(buffer), offset, self.name)
         source = buffer
         if slot is not None:
-            stride = slot.stride if slot.stride is not None else _contiguous_strides(slot.shape)
+            stride = slot.stride if slot.stride is not None else dense_strides(slot.shape)
             source = torch.empty((0,), dtype=slot.dtype, device="cpu").set_(
                 buffer.untyped_storage(), 0, slot.shape, stride
             )
@@ -544,15 +544,6 @@ def _synchronize(device: torch.device) -> None:
     synchronize = getattr(module, "synchronize", None)
     if callable(synchronize):
         synchronize(device)
-
-
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    strides = []
-    step = 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= max(size, 1)
-    return tuple(reversed(strides))
 
 
 _NO_KEY = object()
