@@ -226,13 +226,17 @@ def _meshes_option(device_mesh: Any) -> tuple[Any, ...] | None:
     return meshes
 
 
-def open_checked(name: str) -> tuple[int, int]:
-    """A descriptor on the regular file ``name`` and its size."""
+def open_checked(name: str, missing: str | None = None) -> tuple[int, int]:
+    """A descriptor on the regular file ``name`` and its size; :class:`CheckpointNotFoundError`
+    saying ``missing`` (by default, that there is no checkpoint file there) if it is absent.
+
+    O_NONBLOCK: a FIFO planted under the name must not block the open (it is then refused as
+    not a regular file, as are a folder and a device such as /dev/zero, read without end).
+    """
     try:
-        # O_NONBLOCK: a FIFO planted under the name must not block the open.
         fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError as error:
-        raise CheckpointNotFoundError(f"no checkpoint file at {name}") from error
+        raise CheckpointNotFoundError(missing or f"no checkpoint file at {name}") from error
     except OSError as error:
         raise CheckpointError(f"cannot open {name}: {error.strerror or error}") from error
     try:

@@ -13,7 +13,6 @@ import io
 import math
 import os
 import pickle
-import stat
 import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -45,10 +44,9 @@ from torch.futures import Future
 
 from .._errors import (
     AstageError,
-    CheckpointError,
     CheckpointFormatError,
-    CheckpointNotFoundError,
 )
+from .._files._load import open_checked
 from ._storage import (
     DEFAULT_THREADS,
     METADATA_NAME,
@@ -90,7 +88,7 @@ class FileSystemReader(_DcpFileSystemReader):
         rank = kwargs.get("rank")
         name = METADATA_NAME if rank is None else f"__{rank}{METADATA_NAME}"
         path = os.path.join(os.fspath(self.path), name)
-        fd, size = _open_regular(
+        fd, size = open_checked(
             path, f"{path}: no checkpoint metadata (not a checkpoint, or one never committed)"
         )
         try:
@@ -251,7 +249,7 @@ class FileSystemReader(_DcpFileSystemReader):
         """The descriptor of the item's data file (opened once per file), the item inside it."""
         if info.relative_path not in fds:
             path = os.path.join(folder, info.relative_path)
-            fds[info.relative_path] = _open_regular(path, f"{path}: data file missing")
+            fds[info.relative_path] = open_checked(path, f"{path}: data file missing")
         fd, size = fds[info.relative_path]
         if info.offset + info.length > size:
             raise CheckpointFormatError(
@@ -337,28 +335,6 @@ def _pread_all(fd: int, offset: int, into: memoryview, where: str) -> None:
         if got <= 0:
             raise CheckpointFormatError(f"{where}: the file ends before the item does")
         done += got
-
-
-def _open_regular(path: str, missing: str) -> tuple[int, int]:
-    """A descriptor on the regular file ``path`` and its size; ``missing`` if it is not there.
-
-    O_NONBLOCK: a FIFO planted under the name must not block the open (it is then refused as
-    not a regular file, as are a folder and a device such as /dev/zero, read without end).
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NONBLOCK", 0))
-    except FileNotFoundError as error:
-        raise CheckpointNotFoundError(missing) from error
-    except OSError as error:
-        raise CheckpointError(f"cannot open {path}: {error.strerror or error}") from error
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise CheckpointFormatError(f"{path}: not a regular file")
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, info.st_size
 
 
 def _pread_exact(fd: int, size: int, path: str) -> bytearray:
