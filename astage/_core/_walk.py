@@ -16,6 +16,7 @@ driver runs it to the end.
 
 from __future__ import annotations
 
+import contextlib
 import copyreg
 import dataclasses
 import enum
@@ -23,7 +24,7 @@ import sys
 import types
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any, Protocol
 
 import torch
@@ -508,11 +509,15 @@ class DeepCopy:
             yield from self._set_state(y, state, path)
         if list_items is not None:
             for index, item in enumerate(list_items):
-                y.append((yield from self.visit(item, (*path, index))))
+                new_item = yield from self.visit(item, (*path, index))
+                with _rebuilding(cls, path):
+                    y.append(new_item)
         if dict_items is not None:
             for old_key, value in dict_items:
                 key = yield from self.visit(old_key, (*path, old_key))
-                y[key] = yield from self.visit(value, (*path, old_key))
+                new_value = yield from self.visit(value, (*path, old_key))
+                with _rebuilding(cls, path):
+                    y[key] = new_value
         return y
 
     def _set_state(self, y: Any, state: Any, path: Path) -> Walk:
@@ -521,18 +526,21 @@ class DeepCopy:
                 state = yield from self._field_values(y, state, path)
             else:
                 state = yield from self.visit(state, path)
-            y.__setstate__(state)
+            with _rebuilding(type(y), path):
+                y.__setstate__(state)
             return None
         slots = None
         if isinstance(state, tuple) and len(state) == 2:
             state, slots = state
         if state:
             new_state = yield from self._attributes(state, path)
-            y.__dict__.update(new_state)
+            with _rebuilding(type(y), path):
+                y.__dict__.update(new_state)
         if slots:
             new_slots = yield from self._attributes(slots, path)
-            for name, value in new_slots.items():
-                object.__setattr__(y, name, value)  # frozen dataclasses with slots, too
+            with _rebuilding(type(y), path):
+                for name, value in new_slots.items():
+                    object.__setattr__(y, name, value)  # frozen dataclasses with slots, too
         return None
 
     def _field_values(self, y: Any, values: list[Any], path: Path) -> Walk:
@@ -563,6 +571,21 @@ class DeepCopy:
                 next(walk)
         except StopIteration as stop:
             return stop.value
+
+
+@contextlib.contextmanager
+def _rebuilding(cls: type, path: Path) -> Iterator[None]:
+    """Turn an error of an object's own rebuilding code (``__setstate__``, ``append``,
+    ``__setitem__``) into an :class:`UnstageableError` naming the object's path: raw, it
+    reached the caller as whatever the class raised, with no word of where."""
+    try:
+        yield
+    except UnstageableError:
+        raise
+    except Exception as error:
+        raise UnstageableError(
+            f"cannot rebuild a {cls.__module__}.{cls.__qualname__} object: {error}", path
+        ) from error
 
 
 def _is_dataclass_field_list(y: Any, state: Any) -> bool:
