@@ -6,11 +6,13 @@ cached one, which must agree.
 
 from __future__ import annotations
 
+import copy
+import weakref
 from typing import Any
 
 import pytest
 import torch
-from conftest import Driver, assert_staged
+from conftest import Driver, assert_staged, collect
 
 import astage
 
@@ -63,3 +65,56 @@ def test_an_error_rebuilding_an_object_is_unstageable_by_path(
         assert str(raised.value).startswith("at ['deep'][0]['bad']: ")
     weight = torch.randn(2)
     assert_staged(stager.stage({"w": weight})["w"], weight)  # the stager is still usable
+
+
+# -- weakref mappings ---------------------------------------------------------------------------
+
+
+def test_weak_value_dictionary_is_copied_like_deepcopy(stager: Driver) -> None:
+    # Its weak references cannot be rebuilt through __reduce_ex__: it was refused, where
+    # copy.deepcopy (its __deepcopy__) keeps the values and copies the keys.
+    held = Holder(torch.randn(3))
+    key = (1, "k")
+    source: weakref.WeakValueDictionary[Any, Holder] = weakref.WeakValueDictionary()
+    source[key] = held
+    expected = copy.deepcopy({"map": source, "held": held})
+    for _ in range(2):
+        staged = stager.stage({"map": source, "held": held})
+        assert type(staged["map"]) is type(expected["map"]) is weakref.WeakValueDictionary
+        assert staged["map"] is not source
+        assert dict(staged["map"]) == dict(expected["map"]) == {key: held}
+        assert staged["map"][key] is held  # weakly held: the same object, as deepcopy keeps it
+        assert staged["held"] is not held
+        assert_staged(staged["held"].weight, held.weight)
+    assert dict(source) == {key: held}
+
+
+def test_weak_key_dictionary_is_copied_like_deepcopy(stager: Driver) -> None:
+    held = Holder(torch.randn(3))
+    value = {"t": torch.randn(2)}
+    source: weakref.WeakKeyDictionary[Holder, Any] = weakref.WeakKeyDictionary()
+    source[held] = value
+    expected = copy.deepcopy(source)
+    for _ in range(2):
+        staged = stager.stage({"map": source, "value": value})
+        assert type(staged["map"]) is weakref.WeakKeyDictionary and staged["map"] is not source
+        assert list(staged["map"].keys()) == list(expected.keys()) == [held]
+        assert staged["map"][held] is staged["value"]  # deep-copied, shared with its other path
+        assert_staged(staged["map"][held]["t"], value["t"])
+    assert source[held] is value
+
+
+def test_a_weak_key_dictionary_copy_forgets_a_dead_key(stager: Driver) -> None:
+    # Rebuilt through __reduce_ex__, the copy got the source's removal callback: a key that
+    # died was removed from the source only, and the copy kept counting it.
+    for _ in range(2):
+        key = Holder(torch.ones(1))
+        source: weakref.WeakKeyDictionary[Holder, Any] = weakref.WeakKeyDictionary()
+        source[key] = torch.randn(2)
+        staged = stager.stage({"map": source})
+        assert len(staged["map"]) == 1
+        del key
+        collect()
+        assert len(source) == 0
+        assert len(staged["map"]) == 0
+        assert dict(staged["map"]) == {}

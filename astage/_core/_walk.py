@@ -80,6 +80,13 @@ ATOMIC_TYPES: frozenset[type] = frozenset(
 )
 
 
+# The ``__deepcopy__`` methods of the weakref module's mappings, which the walk follows
+# (:meth:`DeepCopy._weak_mapping`); a subclass that defines its own takes the general path.
+_WEAK_MAPPING_COPIES = (
+    weakref.WeakValueDictionary.__deepcopy__,
+    weakref.WeakKeyDictionary.__deepcopy__,
+)
+
 _SHOWN_PATH = 8
 """Keys of a too-deep path that its error names: the rest would be a thousand ``['n']``."""
 
@@ -483,6 +490,8 @@ class DeepCopy:
     def _reduce(self, x: Any, path: Path) -> Walk:
         """Objects in general: rebuild from ``__reduce_ex__(4)``, as pickle and deepcopy do."""
         cls = type(x)
+        if getattr(cls, "__deepcopy__", None) in _WEAK_MAPPING_COPIES:
+            return (yield from self._weak_mapping(x, path))
         try:
             reductor = copyreg.dispatch_table.get(cls)
             rv = reductor(x) if reductor is not None else x.__reduce_ex__(4)
@@ -518,6 +527,41 @@ class DeepCopy:
                 new_value = yield from self.visit(value, (*path, old_key))
                 with _rebuilding(cls, path):
                     y[key] = new_value
+        return y
+
+    def _weak_mapping(self, x: Any, path: Path) -> Walk:
+        """A ``WeakValueDictionary`` or ``WeakKeyDictionary``, as their ``__deepcopy__`` copies
+        them: a new one of the class, its weakly held objects the same (not copied), the rest
+        (the keys of the first, the values of the second) deep-copied.
+
+        ``__reduce_ex__`` gives their internals instead: a ``WeakValueDictionary``'s weak
+        references cannot be rebuilt (it was refused), and a ``WeakKeyDictionary`` came back
+        with the source's removal callback, so a key that died left the copy's entry behind.
+        """
+        self.recorder = None  # recordings cover dicts, lists, tuples and tensors
+        with _rebuilding(type(x), path):
+            y: Any = type(x)()
+        self._remember(x, y)  # a cycle through the mapping stays closed
+        # A list first: the loop yields to the driver, and an entry whose object dies meanwhile
+        # would change the dict being iterated (and the source's pending removals stay as they
+        # were: the walk never mutates the source).
+        entries = list(x.data.items())
+        weak_values = isinstance(x, weakref.WeakValueDictionary)
+        for key, value in entries:
+            if weak_values:
+                held = value()
+                if held is not None:
+                    new_key = yield from self.visit(key, (*path, key))
+                    with _rebuilding(type(x), path):
+                        y[new_key] = held
+            else:
+                held = key()
+                if held is not None:
+                    new_value = yield from self.visit(value, (*path, held))
+                    with _rebuilding(type(x), path):
+                        y[held] = new_value
+            if self._tick():
+                yield
         return y
 
     def _set_state(self, y: Any, state: Any, path: Path) -> Walk:
