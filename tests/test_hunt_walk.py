@@ -24,6 +24,28 @@ class Holder:
         self.weight = weight
 
 
+# -- torch.Generator ----------------------------------------------------------------------------
+
+
+def test_a_generator_is_copied_with_its_state_at_the_call(stager: Driver) -> None:
+    # Its state was staged as a tensor that __setstate__ read before the bytes landed: the
+    # first call raised a raw RuntimeError ("Invalid mt19937 state"), never a copy.
+    generator = torch.Generator().manual_seed(7)
+    weight = torch.randn(3)
+    for _ in range(2):
+        state = generator.get_state()
+        expected = copy.deepcopy(generator)
+        staged = stager.stage({"rng": generator, "w": weight})
+        assert type(staged["rng"]) is torch.Generator and staged["rng"] is not generator
+        assert torch.equal(staged["rng"].get_state(), state)
+        assert staged["rng"].initial_seed() == expected.initial_seed() == 7
+        drawn = torch.rand(4, generator=staged["rng"])
+        assert torch.equal(drawn, torch.rand(4, generator=expected))
+        assert torch.equal(generator.get_state(), state)  # the source is left as it was
+        assert_staged(staged["w"], weight)
+        torch.rand(5, generator=generator)  # the next call meets another state
+
+
 # -- errors of an object's own rebuilding code --------------------------------------------------
 
 

@@ -17,6 +17,7 @@ driver runs it to the end.
 from __future__ import annotations
 
 import contextlib
+import copy
 import copyreg
 import dataclasses
 import enum
@@ -490,6 +491,8 @@ class DeepCopy:
     def _reduce(self, x: Any, path: Path) -> Walk:
         """Objects in general: rebuild from ``__reduce_ex__(4)``, as pickle and deepcopy do."""
         cls = type(x)
+        if cls is torch.Generator:
+            return self._generator(x, path)
         if getattr(cls, "__deepcopy__", None) in _WEAK_MAPPING_COPIES:
             return (yield from self._weak_mapping(x, path))
         try:
@@ -562,6 +565,21 @@ class DeepCopy:
                         y[held] = new_value
             if self._tick():
                 yield
+        return y
+
+    def _generator(self, x: torch.Generator, path: Path) -> Any:
+        """A ``torch.Generator``: a copy of it, its state cloned rather than staged.
+
+        ``__reduce_ex__`` gives its state as a tensor that ``__setstate__`` reads at once; a
+        staged twin's bytes land only after the walk, so the rebuilt generator read an unfilled
+        buffer (a first call raised "Invalid mt19937 state") or, from a cached buffer, the
+        state of an earlier call. ``copy.deepcopy`` clones that state (a few KB, on the CPU
+        whatever the generator's device), so this does too.
+        """
+        self.recorder = None  # recordings cover dicts, lists, tuples and tensors
+        with _rebuilding(type(x), path):
+            y = copy.deepcopy(x)
+        self._remember(x, y)
         return y
 
     def _set_state(self, y: Any, state: Any, path: Path) -> Walk:
