@@ -140,3 +140,65 @@ def test_a_weak_key_dictionary_copy_forgets_a_dead_key(stager: Driver) -> None:
         assert len(source) == 0
         assert len(staged["map"]) == 0
         assert dict(staged["map"]) == {}
+
+
+# -- what __reduce_ex__ gives -------------------------------------------------------------------
+
+
+class Reduces:
+    """An object whose ``__reduce_ex__`` gives what it was made with."""
+
+    def __init__(self, reduced: Any) -> None:
+        self.reduced = reduced
+
+    def __reduce_ex__(self, protocol: object) -> Any:
+        return self.reduced
+
+
+class ListState:
+    """A state that is not a dict of attributes, and no ``__setstate__`` to take it."""
+
+    def __init__(self) -> None:
+        self.weight = torch.ones(2)
+
+    def __getstate__(self) -> Any:
+        return [self.weight]
+
+
+@pytest.mark.parametrize(
+    ("bad", "fragment"),
+    [
+        (Reduces(None), "__reduce_ex__ gave a NoneType"),
+        (Reduces((dict,)), "__reduce_ex__ gave a tuple"),
+        (Reduces((dict, [()])), "__reduce_ex__ gave a tuple"),  # arguments not a tuple
+        (Reduces((dict, (), None, None, None, None, None)), "__reduce_ex__ gave a tuple"),
+        (ListState(), "its state is a list"),
+    ],
+    ids=["none", "one-item", "list-arguments", "seven-items", "list-state"],
+)
+def test_a_reduction_pickle_refuses_is_unstageable_by_path(
+    stager: Driver, bad: Any, fragment: str
+) -> None:
+    # They came out raw (TypeError, ValueError, AttributeError), naming no path.
+    for _ in range(2):
+        with pytest.raises(astage.UnstageableError, match=fragment) as raised:
+            stager.stage({"w": torch.ones(1), "cfg": {"bad": bad}})
+        assert raised.value.path == ("cfg", "bad")
+
+
+def _set_by_setter(obj: Any, state: Any) -> None:
+    obj.__dict__["set_by"] = state
+
+
+def test_a_reductions_state_setter_sets_the_state(stager: Driver) -> None:
+    # pickle's sixth item (protocol 5) sets the state in place of __setstate__; the walk
+    # ignored it and put the state into __dict__ as it was.
+    weight = torch.randn(3)
+    source = Reduces(None)
+    source.reduced = (Holder.__new__, (Holder,), {"weight": weight}, None, None, _set_by_setter)
+    for _ in range(2):
+        staged = stager.stage({"obj": source, "w": weight})
+        assert type(staged["obj"]) is Holder
+        assert list(staged["obj"].__dict__) == ["set_by"]
+        assert staged["obj"].__dict__["set_by"]["weight"] is staged["w"]
+        assert_staged(staged["w"], weight)

@@ -504,7 +504,16 @@ class DeepCopy:
             ) from error
         if isinstance(rv, str):
             return x  # a module-level singleton, named by its global name
-        func, args, state, list_items, dict_items = (*rv, None, None, None)[:5]
+        # What pickle accepts: a tuple of 2 to 6 items, the arguments a tuple. Anything else
+        # failed below as a raw TypeError or ValueError, with no path.
+        if not (isinstance(rv, tuple) and 2 <= len(rv) <= 6 and isinstance(rv[1], tuple)):
+            raise UnstageableError(
+                f"cannot stage a {cls.__module__}.{cls.__qualname__} object: its "
+                f"__reduce_ex__ gave {_shown(rv)}, not a string or a tuple of 2 to 6 items "
+                "whose second is a tuple of arguments",
+                path,
+            )
+        func, args, state, list_items, dict_items, state_setter = (*rv, None, None, None, None)[:6]
         if args:
             new_args = []
             for index, arg in enumerate(args):
@@ -517,7 +526,13 @@ class DeepCopy:
                 f"cannot rebuild a {cls.__module__}.{cls.__qualname__} object: {error}", path
             ) from error
         self._remember(x, y)
-        if state is not None:
+        if state is not None and state_setter is not None:
+            # pickle's sixth item (protocol 5): it sets the state in place of __setstate__.
+            # Ignored, the state went into __dict__ as if the class had given none.
+            new_state = yield from self.visit(state, path)
+            with _rebuilding(cls, path):
+                state_setter(y, new_state)
+        elif state is not None:
             yield from self._set_state(y, state, path)
         if list_items is not None:
             for index, item in enumerate(list_items):
@@ -571,10 +586,9 @@ class DeepCopy:
         """A ``torch.Generator``: a copy of it, its state cloned rather than staged.
 
         ``__reduce_ex__`` gives its state as a tensor that ``__setstate__`` reads at once; a
-        staged twin's bytes land only after the walk, so the rebuilt generator read an unfilled
-        buffer (a first call raised "Invalid mt19937 state") or, from a cached buffer, the
-        state of an earlier call. ``copy.deepcopy`` clones that state (a few KB, on the CPU
-        whatever the generator's device), so this does too.
+        staged twin's bytes land only after the walk, so the rebuilt generator read a buffer
+        not yet filled (every call raised "Invalid mt19937 state"). ``copy.deepcopy`` clones
+        that state (a few KB, on the CPU whatever the generator's device), so this does too.
         """
         self.recorder = None  # recordings cover dicts, lists, tuples and tensors
         with _rebuilding(type(x), path):
@@ -594,6 +608,16 @@ class DeepCopy:
         slots = None
         if isinstance(state, tuple) and len(state) == 2:
             state, slots = state
+        # Without __setstate__, pickle sets the state's items as attributes: anything without
+        # items() failed in the loop below as a raw AttributeError.
+        for part in (state, slots):
+            if part and not callable(getattr(part, "items", None)):
+                cls = type(y)
+                raise UnstageableError(
+                    f"cannot rebuild a {cls.__module__}.{cls.__qualname__} object: its state "
+                    f"is {_shown(part)}, not a dict of attributes, and it has no __setstate__",
+                    path,
+                )
         if state:
             new_state = yield from self._attributes(state, path)
             with _rebuilding(type(y), path):
@@ -633,6 +657,12 @@ class DeepCopy:
                 next(walk)
         except StopIteration as stop:
             return stop.value
+
+
+def _shown(value: Any) -> str:
+    """A value in an error message: its type, and a short repr."""
+    text = repr(value)
+    return f"a {type(value).__qualname__} ({text[:60]}{'...' if len(text) > 60 else ''})"
 
 
 @contextlib.contextmanager
