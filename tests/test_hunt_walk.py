@@ -202,3 +202,46 @@ def test_a_reductions_state_setter_sets_the_state(stager: Driver) -> None:
         assert list(staged["obj"].__dict__) == ["set_by"]
         assert staged["obj"].__dict__["set_by"]["weight"] is staged["w"]
         assert_staged(staged["w"], weight)
+
+
+# -- Parameters of the rare tensor kinds --------------------------------------------------------
+
+
+def test_a_parameter_of_a_wrapper_subclass_stays_a_parameter(stager: Driver) -> None:
+    # FSDP2's parameters are DTensors made Parameters (a flag isinstance() reads): unflattened,
+    # the staged one was a plain wrapper, no Parameter, requires_grad lost; a dense Parameter
+    # keeps both.
+    two_tensor = pytest.importorskip("torch.testing._internal.two_tensor")
+    a, b = torch.randn(3), torch.randn(3)
+    source: Any = torch.nn.Parameter(two_tensor.TwoTensor(a, b))
+    frozen: Any = torch.nn.Parameter(
+        two_tensor.TwoTensor(a.clone(), b.clone()), requires_grad=False
+    )
+    expected = copy.deepcopy(source)
+    for _ in range(2):
+        staged = stager.stage({"p": source, "frozen": frozen})
+        for key, param in (("p", source), ("frozen", frozen)):
+            assert type(staged[key]) is two_tensor.TwoTensor
+            assert isinstance(staged[key], torch.nn.Parameter)
+            assert staged[key].requires_grad is param.requires_grad
+            assert_staged(staged[key].a, param.a)
+            assert_staged(staged[key].b, param.b)
+        assert isinstance(expected, torch.nn.Parameter) and expected.requires_grad
+
+
+@pytest.mark.filterwarnings("ignore:Sparse")
+@pytest.mark.parametrize("requires_grad", [True, False])
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+def test_a_sparse_parameter_stays_a_parameter(
+    stager: Driver, layout: str, requires_grad: bool
+) -> None:
+    # It came back a plain sparse tensor, requires_grad lost.
+    dense = torch.randn(4, 5).relu()
+    sparse = dense.to_sparse() if layout == "coo" else dense.to_sparse_csr()
+    source = torch.nn.Parameter(sparse, requires_grad=requires_grad)
+    for _ in range(2):
+        staged = stager.stage({"p": source})["p"]
+        assert type(staged) is torch.nn.Parameter
+        assert staged.layout is source.layout
+        assert staged.requires_grad is requires_grad
+        assert torch.equal(staged.detach().to_dense(), dense)

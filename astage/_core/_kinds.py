@@ -19,6 +19,7 @@ from .._paths import Attr, Path
 from .._torch import (
     is_sharded_tensor,
     is_traceable_wrapper_subclass,
+    make_subclass,
     rebuild_sharded_tensor,
     sparse_coo_parts,
 )
@@ -59,6 +60,16 @@ def stage_wrapper_subclass(x: torch.Tensor, path: Path, stage_inner: StageInner)
         raise UnstageableError(
             f"cannot rebuild {type(x).__qualname__} around staged tensors: {error}", path
         ) from error
+    if isinstance(x, torch.nn.Parameter):
+        # A Parameter of a wrapper subclass (FSDP2's DTensor parameters) is the subclass with
+        # a flag that isinstance() reads; unflattened, it was a plain wrapper that no longer
+        # passed for a Parameter, and had lost requires_grad (a dense Parameter keeps both).
+        try:
+            y = torch.nn.Parameter(y, requires_grad=x.requires_grad)
+        except Exception as error:
+            raise UnstageableError(
+                f"cannot make a Parameter of the staged {type(x).__qualname__}: {error}", path
+            ) from error
     return y
 
 
@@ -86,7 +97,24 @@ def stage_sharded_tensor(x: torch.Tensor, path: Path, stage_inner: StageInner) -
 
 
 def stage_sparse(x: torch.Tensor, path: Path, stage_inner: StageInner) -> torch.Tensor:
-    """A sparse tensor (COO, CSR, CSC, BSR, BSC): stage its index and value tensors."""
+    """A sparse tensor (COO, CSR, CSC, BSR, BSC): stage its index and value tensors, and give
+    the rebuilt tensor the source's class (a sparse ``Parameter`` stays one, as a dense one
+    does; it came back a plain tensor)."""
+    y = _sparse(x, path, stage_inner)
+    cls = type(x)
+    if cls is torch.Tensor:
+        return y
+    try:
+        if cls is torch.nn.Parameter:
+            return torch.nn.Parameter(y, requires_grad=x.requires_grad)
+        return make_subclass(cls, y, x.requires_grad)
+    except Exception as error:
+        raise UnstageableError(
+            f"cannot make a {cls.__qualname__} of the staged sparse tensor: {error}", path
+        ) from error
+
+
+def _sparse(x: torch.Tensor, path: Path, stage_inner: StageInner) -> torch.Tensor:
     layout = x.layout
     if layout is torch.sparse_coo:
         indices, values = sparse_coo_parts(x)  # as they are, coalesced or not
