@@ -6,7 +6,9 @@ cached one, which must agree.
 
 from __future__ import annotations
 
+import collections
 import copy
+import sys
 import weakref
 from typing import Any
 
@@ -15,6 +17,7 @@ import torch
 from conftest import Driver, assert_staged, collect
 
 import astage
+from astage import Attr
 
 
 class Holder:
@@ -245,3 +248,47 @@ def test_a_sparse_parameter_stays_a_parameter(
         assert staged.layout is source.layout
         assert staged.requires_grad is requires_grad
         assert torch.equal(staged.detach().to_dense(), dense)
+
+
+# -- nesting past the recursion limit through objects the depth count did not follow ------------
+
+
+class Link:
+    __slots__ = ("next",)
+
+    def __init__(self, next: Any) -> None:
+        self.next = next
+
+
+def _chain(make: Any) -> Any:
+    link: Any = torch.ones(1)
+    for _ in range(3 * sys.getrecursionlimit()):
+        link = make(link)
+    return link
+
+
+@pytest.mark.parametrize(
+    ("make", "step"),
+    [(Link, Attr("next")), (lambda link: collections.deque([link]), 0)],
+    ids=["slots", "deque"],
+)
+def test_a_chain_of_slotted_objects_or_deques_too_deep_is_refused_by_path(
+    stager: Driver, make: Any, step: Any
+) -> None:
+    # The depth count followed dicts, lists, tuples and __dict__ only: past the recursion
+    # limit through __slots__ (or deques, or frozensets) the walk's RecursionError came out raw.
+    deep = _chain(make)
+    for _ in range(2):
+        with pytest.raises(astage.UnstageableError, match=r"levels deep") as caught:
+            stager.stage({"model": deep})
+        assert caught.value.path == ("model", *[step] * 7)
+    fine = {"a": [torch.arange(3)]}
+    assert torch.equal(stager.stage(fine)["a"][0], fine["a"][0])
+
+
+def test_a_chain_of_frozensets_too_deep_is_refused(stager: Driver) -> None:
+    deep = _chain(lambda link: frozenset([link]))
+    with pytest.raises(astage.UnstageableError, match=r"levels deep") as caught:
+        stager.stage({"model": deep})
+    assert caught.value.path is not None and caught.value.path[0] == "model"
+    assert len(caught.value.path) == 8

@@ -24,7 +24,7 @@ import enum
 import sys
 import types
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Generator, Iterator
 from typing import Any, Protocol
 
@@ -106,16 +106,39 @@ def nesting(obj: Any) -> tuple[int, Path]:
         seen.add(id(x))
         if isinstance(x, dict):
             children: Any = x.items()
-        elif isinstance(x, (list, tuple)):
+        elif isinstance(x, (list, tuple, deque)):
             children = enumerate(x)
-        elif isinstance(attributes := getattr(x, "__dict__", None), dict) and attributes:
-            children = ((Attr(name), value) for name, value in attributes.items())
+        elif isinstance(x, (set, frozenset)):
+            children = ((value, value) for value in x)  # the walk names an item by itself
         else:
-            continue
+            # Objects through their attributes, in __dict__ and in __slots__: a chain of slotted
+            # objects (or of sets, or deques) went unmeasured, and the walk's RecursionError
+            # came out raw, as if some object's own code had recursed.
+            children = list(_attributes_of(x))
+            if not children:
+                continue
         if len(path) >= deepest[0]:
             deepest = (len(path) + 1, path)
         stack.extend((child, (*path, key)) for key, child in children)
     return deepest
+
+
+def _attributes_of(x: Any) -> Iterator[tuple[Attr, Any]]:
+    """An object's attributes, ``__dict__`` and ``__slots__``, for :func:`nesting`."""
+    if type(x) in ATOMIC_TYPES or isinstance(x, type):
+        return  # staged as themselves: the walk does not enter them (a module's globals)
+    attributes = getattr(x, "__dict__", None)
+    if isinstance(attributes, dict):
+        for name, value in attributes.items():
+            yield Attr(name), value
+    for klass in type(x).__mro__:
+        slots = klass.__dict__.get("__slots__", ())
+        for name in (slots,) if isinstance(slots, str) else slots:
+            if name in ("__dict__", "__weakref__"):
+                continue
+            value = getattr(x, name, _MISSING)
+            if value is not _MISSING:
+                yield Attr(name), value
 
 
 def build_plan(
