@@ -3,7 +3,12 @@
 :func:`build_plan` walks a state dict into a :class:`~._plan.Plan`. :class:`DeepCopy` rebuilds
 every container and object: dicts (their subclasses and instance attributes too), lists, tuples,
 namedtuples, sets, bound methods, and anything else through the ``__reduce_ex__`` protocol that
-pickle and ``copy.deepcopy`` use (dataclasses, frozen and slotted ones included). A memo keeps
+pickle and ``copy.deepcopy`` use (dataclasses, frozen and slotted ones included), but for two
+kinds that ``copy.deepcopy`` copies otherwise and so does the walk: the weakref module's
+mappings (their ``__deepcopy__``) and ``torch.Generator`` (whose state must be read at once, not
+staged). A class's own ``__deepcopy__`` is not called: it would copy the tensors inside without
+staging them. An object's own code failing (``__reduce_ex__``, ``__setstate__``, ...) is an
+:class:`~astage.UnstageableError` naming its path. A memo keeps
 shared references shared and cycles closed. Every tensor goes to a
 :class:`~._tensors.TensorStager`, which rebuilds it on a host buffer and records the copy that
 fills it. A :class:`Recorder`, when given, is told each tensor and container as it is staged:
