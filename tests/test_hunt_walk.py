@@ -292,3 +292,35 @@ def test_a_chain_of_frozensets_too_deep_is_refused(stager: Driver) -> None:
         stager.stage({"model": deep})
     assert caught.value.path is not None and caught.value.path[0] == "model"
     assert len(caught.value.path) == 8
+
+
+# -- copies that cannot be hashed where their sources could ---------------------------------------
+
+
+class HashedByName:
+    """Hashed by an attribute: a copy met again through a cycle does not have it yet."""
+
+    name: str
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, HashedByName) and other.name == self.name
+
+
+@pytest.mark.parametrize("container", ["set", "frozenset", "dict key"])
+def test_a_copy_that_cannot_be_hashed_is_unstageable_by_path(
+    stager: Driver, container: str
+) -> None:
+    # copy.deepcopy fails the same way (AttributeError); the walk raised that raw error.
+    key = HashedByName()
+    key.name = "k"
+    owner: Any = {"set": set, "frozenset": frozenset}.get(container)
+    key.owner = owner([key]) if owner else {key: torch.ones(1)}  # type: ignore[attr-defined]
+    with pytest.raises(AttributeError):
+        copy.deepcopy({"key": key})
+    for _ in range(2):
+        with pytest.raises(astage.UnstageableError, match="name") as caught:
+            stager.stage({"w": torch.ones(1), "key": key})
+        assert caught.value.path == ("key", Attr("owner"))

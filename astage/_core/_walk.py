@@ -387,6 +387,10 @@ class DeepCopy:
             if type(key) not in atomic:
                 key = yield from self.visit(old_key, (*path, old_key))
                 self.recorder = None  # recordings hold atomic keys only
+                # A copy whose __hash__ fails (it reads an attribute a cycle has not set yet)
+                # raised raw below; hashed here, off the loop's path for atomic keys.
+                with _rebuilding(type(x), path):
+                    hash(key)
             vtype = type(value)
             if vtype in atomic:
                 y[key] = value
@@ -505,7 +509,8 @@ class DeepCopy:
         items = []
         for value in x:
             items.append((yield from self.visit(value, (*path, value))))
-        y = type(x)(items)
+        with _rebuilding(type(x), path):  # the copies' __hash__ runs here
+            y = type(x)(items)
         self._remember(x, y)
         return y
 
