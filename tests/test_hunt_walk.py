@@ -324,3 +324,19 @@ def test_a_copy_that_cannot_be_hashed_is_unstageable_by_path(
         with pytest.raises(astage.UnstageableError, match="name") as caught:
             stager.stage({"w": torch.ones(1), "key": key})
         assert caught.value.path == ("key", Attr("owner"))
+
+
+def test_a_sparse_tensors_python_attributes_are_staged_with_it(stager: Driver) -> None:
+    # A strided tensor's attributes were staged (t.tag = "x"), a sparse tensor's were dropped;
+    # copy.deepcopy keeps them. A tensor in one is staged too.
+    sparse = torch.sparse_coo_tensor(torch.tensor([[0, 2]]), torch.tensor([1.0, 2.0]), (4,))
+    sparse.tag = "x"  # type: ignore[attr-defined]
+    sparse.scale = torch.tensor([3.0])  # type: ignore[attr-defined]
+    for _ in range(2):
+        staged = stager.stage({"s": sparse})["s"]
+        assert staged.layout is torch.sparse_coo
+        assert torch.equal(staged.to_dense(), sparse.to_dense())
+        assert getattr(staged, "tag") == "x"  # noqa: B009 - a tensor's own attribute
+        scale, source_scale = getattr(staged, "scale"), getattr(sparse, "scale")  # noqa: B009
+        assert torch.equal(scale, source_scale)
+        assert scale.data_ptr() != source_scale.data_ptr()

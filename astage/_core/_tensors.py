@@ -287,7 +287,9 @@ class TensorStager:
             if special is not None:
                 return self._remember(x, special)
         if x.layout is not torch.strided:
-            return self._remember(x, _kinds.stage_sparse(x, path, self.leaf))
+            sparse = self._remember(x, _kinds.stage_sparse(x, path, self.leaf))
+            self._copy_attributes(x, sparse, path)  # as a strided tensor's (t.tag = "x")
+            return sparse
         if x.is_quantized or x.is_nested or x.device.type == "meta":
             raise _kinds.refusal(x, path)
         try:
