@@ -46,9 +46,8 @@ from ._safetensors import (
     tensor_memoryview,
 )
 from ._skeleton import (
-    VIEW_DTYPES as _VIEW_DTYPES,
-)
-from ._skeleton import (
+    MAX_SIZE,
+    VIEW_DTYPES,
     SkeletonDecoder,
     local_shape_problem,
     mesh_node,
@@ -63,9 +62,7 @@ from ._skeleton import (
 )
 
 _MAX_DIMS = 64
-_MAX_SIZE = 1 << 62  # a dimension, stride or offset beyond this cannot index a real storage
 _DTYPES_BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
-VIEW_DTYPES = _VIEW_DTYPES
 """The dtypes a view in a file may have (defined in :mod:`._skeleton`, for the planner too)."""
 
 
@@ -389,7 +386,7 @@ def _sizes(value: Any) -> bool:
     return (
         type(value) is list
         and len(value) <= _MAX_DIMS
-        and all(type(n) is int and 0 <= n < _MAX_SIZE for n in value)
+        and all(type(n) is int and 0 <= n < MAX_SIZE for n in value)
     )
 
 
@@ -590,7 +587,7 @@ class Decoder(SkeletonDecoder):
                 f"'shape' {abridged(shape)} and 'stride' {abridged(stride)} must be lists of as "
                 f"many ints >= 0 (at most {_MAX_DIMS})"
             )
-        if type(offset) is not int or not 0 <= offset < _MAX_SIZE:
+        if type(offset) is not int or not 0 <= offset < MAX_SIZE:
             raise self.invalid(f"'offset' must be an int >= 0, not {abridged(offset)}")
         conj, neg = node.get("conj", False), node.get("neg", False)
         if conj is not False and not (conj is True and takes_conj_bit(dtype)):
@@ -681,7 +678,7 @@ class Decoder(SkeletonDecoder):
         coordinate = value["coordinate"]
         if type(requires_grad) is not bool:
             raise self.invalid(f"'requires_grad' must be a bool, not {abridged(requires_grad)}")
-        if not (type(rank) is int and type(world) is int and 0 <= rank < world < _MAX_SIZE):
+        if not (type(rank) is int and type(world) is int and 0 <= rank < world < MAX_SIZE):
             raise self.invalid(
                 f"'rank' {abridged(rank)} must be an int in [0, 'world' {abridged(world)})"
             )

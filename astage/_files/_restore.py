@@ -50,7 +50,6 @@ from .._errors import InvalidOptionsError
 from .._paths import Path
 from .._torch import dense_strides, neg_view
 from ._load import (
-    VIEW_DTYPES,
     Decoder,
     Header,
     Stored,
@@ -62,6 +61,7 @@ from ._load import (
     skeleton_document,
 )
 from ._safetensors import METADATA_KEY, fs_path, read_exactly, tensor_memoryview
+from ._skeleton import VIEW_DTYPES
 
 READ_THREADS = 4
 """Threads that read one restore's pieces: enough to keep an NVMe queue busy, few enough to

@@ -59,6 +59,11 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 }
 """Every torch dtype by the name a skeleton records (``"float32"``, ``"bfloat16"``, ...)."""
 _SUB_BYTE_INTS = re.compile(r"u?int[1-7]")
+MAX_SIZE = 1 << 62
+"""Every size, stride, offset and index that a file or a partner's header gives is below this:
+torch takes them as int64 (a larger one escaped ``set_`` as its own ``TypeError``), and no real
+storage is indexed past it."""
+
 VIEW_DTYPES = {
     name: d
     for name, d in TORCH_DTYPES.items()

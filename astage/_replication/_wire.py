@@ -49,6 +49,7 @@ import torch
 
 from .._errors import AstageError, ReplicationError
 from .._files._skeleton import (
+    MAX_SIZE,
     VIEW_DTYPES,
     SkeletonDecoder,
     SkeletonEncoder,
@@ -99,10 +100,6 @@ MAX_NDIM = 64
 """The most dimensions a tensor, a mesh or a placement list may have on the wire."""
 BUCKET_BYTES = 16 << 20
 """Storages smaller than this travel packed together in buckets of about this size."""
-MAX_SIZE = 1 << 62
-"""Every size, stride, offset and index on the wire is below this (as in a file, see
-``_files/_load``): torch takes them as int64, and a larger one escaped ``set_`` as its own
-``TypeError``; no real storage is indexed past it."""
 
 
 # -- DTensor placements and meshes ----------------------------------------------------------------
@@ -123,7 +120,7 @@ def placement_to_json(placement: Any, path: Path) -> list[Any]:
 
 
 def _is_count(value: Any) -> bool:
-    """A JSON integer from 0 below :data:`MAX_SIZE` (``bool`` is an ``int`` in Python: refused)."""
+    """A JSON integer from 0 below ``MAX_SIZE`` (``bool`` is an ``int`` in Python: refused)."""
     return type(value) is int and 0 <= value < MAX_SIZE
 
 
