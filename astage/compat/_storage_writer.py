@@ -233,6 +233,10 @@ class FileSystemWriter(StorageWriter, AsyncStager):
         self.save_id = secrets.token_hex(8)
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        # Every save starts here, reset() or not (DCP calls reset() only when given a
+        # checkpoint_id): a writer reused for saves into its folder must not name its data
+        # files as the committed checkpoint it replaces does, or it overwrites them in place.
+        self.save_id = secrets.token_hex(8)
         self.is_coordinator = is_coordinator
         self.rank = kwargs.get("rank")
         self.use_collectives = kwargs.get("use_collectives", True)
