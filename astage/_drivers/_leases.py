@@ -51,7 +51,7 @@ class Lease:
     ``share_memory=True`` only). A lease is also a context manager that releases itself on exit.
     """
 
-    __slots__ = ("_board", "_born", "_flag")
+    __slots__ = ("__weakref__", "_board", "_born", "_flag")
 
     def __init__(self, board: LeaseBoard | None = None, *, shared: bool = False) -> None:
         # One byte, 0 while held; in shared memory when the lease may cross to another process.

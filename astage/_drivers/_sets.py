@@ -10,6 +10,7 @@ Host memory is therefore up to N times the staged bytes, allocated as sets are f
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 
 from .._core._cache import BufferCache, CacheInfo
@@ -24,7 +25,8 @@ class BufferSet:
     def __init__(self, index: int, cache: BufferCache) -> None:
         self.index = index
         self.cache = cache
-        self._leases: list[Lease] = []
+        self._leases: list[Lease | weakref.ref[Lease]] = []
+        """Its leases: a shared one itself, a private one by a weak reference (see lease())."""
 
     def __repr__(self) -> str:
         return f"<BufferSet {self.index}: {len(self._leases)} leases seen held>"
@@ -51,7 +53,7 @@ class BufferSets:
     def held(self, buffer_set: BufferSet) -> bool:
         """Whether a lease on ``buffer_set`` is still unreleased (released ones are forgotten)."""
         with self._lock:
-            leases = [lease for lease in buffer_set._leases if not lease.released]
+            leases = [entry for entry in buffer_set._leases if _holding(entry)]
             buffer_set._leases = leases
             return bool(leases)
 
@@ -70,10 +72,19 @@ class BufferSets:
         self.current = buffer_set
 
     def lease(self, buffer_set: BufferSet) -> Lease:
-        """A new lease on ``buffer_set``."""
+        """A new lease on ``buffer_set``.
+
+        A private lease (``share_memory=False``) is tracked by a weak reference: once its
+        consumer dropped it unreleased (a snapshot collected after its writer failed), nobody
+        could ever release it, and the set would stay leased for good, so that the next call
+        and ``close()`` waited forever; collected, it counts as released (a waiter sees that
+        within ``POLL_S``). A shared lease is kept: another process it was sent to may still
+        release it after this process dropped its own copy.
+        """
         lease = Lease(self.board, shared=self._shared)
+        entry: Lease | weakref.ref[Lease] = lease if self._shared else weakref.ref(lease)
         with self._lock:
-            buffer_set._leases.append(lease)
+            buffer_set._leases.append(entry)
         return lease
 
     def all_released(self) -> bool | None:
@@ -93,3 +104,9 @@ class BufferSets:
         """Drop every set's buffers; staged tensors handed out keep theirs alive."""
         for buffer_set in self._sets:
             buffer_set.cache.clear()
+
+
+def _holding(entry: Lease | weakref.ref[Lease]) -> bool:
+    """Whether a set's lease entry still holds it: alive (for a weak one) and unreleased."""
+    lease = entry() if isinstance(entry, weakref.ref) else entry
+    return lease is not None and not lease.released
