@@ -5,6 +5,7 @@ before the fix it came with."""
 from __future__ import annotations
 
 import os
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,12 @@ pytestmark = pytest.mark.filterwarnings(
 
 def save(sd: dict[str, Any], writer: FileSystemWriter) -> None:
     state_dict_saver.save(sd, storage_writer=writer, no_dist=True)
+
+
+def async_save(sd: dict[str, Any], writer: FileSystemWriter, **kwargs: Any) -> None:
+    upload = state_dict_saver.async_save(sd, storage_writer=writer, no_dist=True, **kwargs)
+    assert isinstance(upload, Future)
+    upload.result()
 
 
 def load_into(sd: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -58,3 +65,79 @@ def test_a_reused_writer_never_overwrites_the_files_of_the_committed_checkpoint(
     assert torch.equal(load_into({"w": torch.zeros(4)}, tmp_path)["w"], torch.full((4,), 3.0))
     assert sorted(os.listdir(tmp_path))[0] == ".metadata"
     assert len(os.listdir(tmp_path)) == 2, os.listdir(tmp_path)
+
+
+def every_kind() -> dict[str, Any]:
+    complex_values = torch.tensor([1 + 2j, 3 - 4j], dtype=torch.complex64)
+    return {
+        "conjugated": complex_values.conj(),  # a view with the conjugate bit
+        "negated": torch._neg_view(torch.tensor([1.0, -2.0])),  # a view with the negative bit
+        "conjugated imag": complex_values.conj().imag,  # negative bit, on a strided view
+        "complex128": torch.tensor([1 + 1j], dtype=torch.complex128),
+        "bool": torch.tensor([True, False, True]),
+        "float8_e4m3fn": torch.tensor([1.0, 2.0]).to(torch.float8_e4m3fn),
+        "float8_e5m2": torch.tensor([1.0, -2.0]).to(torch.float8_e5m2),
+        "bfloat16": torch.tensor([1.5, -3.0], dtype=torch.bfloat16),
+        "uint16": torch.tensor([1, 65535], dtype=torch.uint16),
+        "uint64": torch.tensor([1, 2**63], dtype=torch.uint64),
+        "0-dim": torch.tensor(5.0),
+        "empty": torch.empty(0, 2),
+        "view": torch.arange(10.0)[2:5],
+        "strided": torch.arange(10.0)[::3],
+        "expanded": torch.tensor([1.0, 2.0]).expand(3, 2),
+        "parameter": torch.nn.Parameter(torch.ones(2)),
+        "object": {"step": 3, "name": "x"},  # a bytes item
+    }
+
+
+def zeros_like_kinds(sd: dict[str, Any]) -> dict[str, Any]:
+    return {
+        key: torch.zeros(value.shape, dtype=value.dtype)
+        if isinstance(value, torch.Tensor)
+        else {"step": 0, "name": ""}
+        for key, value in sd.items()
+    }
+
+
+def assert_values_equal(loaded: dict[str, Any], expected: dict[str, Any]) -> None:
+    for key, value in expected.items():
+        if isinstance(value, torch.Tensor):
+            want, got = value.detach().resolve_conj().resolve_neg(), loaded[key]
+            assert got.dtype == want.dtype and got.shape == want.shape, key
+            # Compared as bytes: float8 has no equality, and bytes also tell -0.0 from 0.0.
+            same_bytes = torch.equal(
+                got.reshape(-1).view(torch.uint8), want.contiguous().reshape(-1).view(torch.uint8)
+            )
+            assert same_bytes, (key, got, want)
+        else:
+            assert loaded[key] == value, key
+
+
+@pytest.mark.parametrize("how", ["save", "async_save"])
+def test_conjugated_and_negated_views_are_stored_as_the_values_they_stand_for(
+    tmp_path: Path, how: str
+) -> None:
+    # Before: a conjugated (x.conj()) or negated view keeps the plain values in memory and a bit
+    # that applies the conjugation on every read; the writer stored the memory as it was, so
+    # the checkpoint held 1+2j where the tensor was 1-2j (and 1 where it was -1), with dcp.save
+    # and with async_save (whose staged copy keeps the bit). DCP's own writer stores the values.
+    writer = FileSystemWriter(tmp_path)
+    if how == "save":
+        save(every_kind(), writer)
+    else:
+        async_save(every_kind(), writer)
+    writer.close()
+    assert_values_equal(load_into(zeros_like_kinds(every_kind()), tmp_path), every_kind())
+
+
+def test_a_load_into_a_conjugated_or_negated_view_stores_the_values_it_is_to_show(
+    tmp_path: Path,
+) -> None:
+    # Before: the reader read a chunk straight into a destination whose memory it took for
+    # plain values; into a conjugated view (or a negated one) the view then showed 1-2j where
+    # the checkpoint held 1+2j. DCP's reader copies into it, which applies the bit.
+    save({"c": torch.tensor([1 + 2j]), "n": torch.tensor([1.0, 2.0])}, FileSystemWriter(tmp_path))
+    complex_base, real_base = torch.zeros(1, dtype=torch.complex64), torch.zeros(2)
+    load_into({"c": complex_base.conj(), "n": torch._neg_view(real_base)}, tmp_path)
+    assert torch.equal(complex_base, torch.tensor([1 - 2j]))  # its conjugate view shows 1+2j
+    assert torch.equal(real_base, torch.tensor([-1.0, -2.0]))

@@ -81,6 +81,18 @@ def bytes_of(tensor: torch.Tensor) -> memoryview:
     return memoryview(array).cast("B")
 
 
+def holds_plain_bytes(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor``'s memory holds its values as they are, in C order, on the CPU: what
+    :func:`bytes_of` may read or fill. A conjugated or negated view's memory holds the values
+    before the conjugation or negation (its bit applies them on every read)."""
+    return (
+        tensor.device.type == "cpu"
+        and tensor.is_contiguous()
+        and not tensor.is_conj()
+        and not tensor.is_neg()
+    )
+
+
 def positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InvalidOptionsError(f"{name} must be an integer of at least 1, got {value!r}")

@@ -52,6 +52,7 @@ from ._storage import (
     METADATA_NAME,
     RAW_DESCRIPTOR,
     bytes_of,
+    holds_plain_bytes,
     positive_int,
     run_all,
 )
@@ -289,9 +290,7 @@ class FileSystemReader(_DcpFileSystemReader):
             start = (
                 info.offset + sum(o * s for o, s in zip(offsets, strides, strict=True)) * element
             )
-            direct = (
-                target.device.type == "cpu" and target.dtype == dtype and target.is_contiguous()
-            )
+            direct = target.dtype == dtype and holds_plain_bytes(target)
             landing = target if direct else torch.empty(lengths, dtype=dtype, device="cpu")
             reads.append((fd, start, bytes_of(landing), where))
             region = landing

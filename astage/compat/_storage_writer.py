@@ -64,6 +64,7 @@ from ._storage import (
     METADATA_NAME,
     RAW_DESCRIPTOR,
     bytes_of,
+    holds_plain_bytes,
     positive_int,
     run_all,
     wait_all,
@@ -379,6 +380,9 @@ class _Payload:
         tensor = data.detach()
         if tensor.device.type != "cpu":
             tensor = tensor.cpu()  # dcp.save (not async): the planner hands device tensors
+        # A conjugated or negated view keeps its bit and the plain values in memory: the
+        # bytes to store are the values it stands for (both no-ops for a plain tensor).
+        tensor = tensor.resolve_conj().resolve_neg()
         tensor = tensor.contiguous()  # a no-op for the staged tensors of async_save
         return cls(item, bytes_of(tensor), tensor, False)
 
@@ -505,12 +509,7 @@ class _Prewrite:
     def add(self, staged: torch.Tensor) -> None:
         """Queue the bytes of a staged tensor (a DTensor's local shard), if plainly laid out."""
         tensor = _torch.dtensor_local(staged) if isinstance(staged, DTensor) else staged
-        if (
-            type(tensor) is not torch.Tensor
-            or tensor.device.type != "cpu"
-            or not tensor.is_contiguous()
-            or tensor.numel() == 0
-        ):
+        if type(tensor) is not torch.Tensor or not holds_plain_bytes(tensor) or tensor.numel() == 0:
             return  # written by commit() if the plan wants it
         key = (tensor.data_ptr(), tensor.numel() * tensor.element_size())
         if key in self._ranges:
@@ -532,7 +531,7 @@ class _Prewrite:
     def _find(self, tensor: torch.Tensor) -> int | None:
         """The file offset of ``tensor``'s bytes if they were pre-written, else None."""
         nbytes = tensor.numel() * tensor.element_size()
-        if nbytes == 0 or not tensor.is_contiguous() or tensor.device.type != "cpu":
+        if nbytes == 0 or not holds_plain_bytes(tensor):
             return None
         address = tensor.data_ptr()
         exact = self._ranges.get((address, nbytes))
