@@ -44,6 +44,7 @@ import ctypes.util
 import errno
 import os
 import secrets
+import stat
 import sys
 import threading
 import time
@@ -70,6 +71,11 @@ _ALIGN = 4096  # direct I/O: file offset, length and memory address multiples of
 _DIRECT_MIN_BYTES = 256 << 10  # below this a buffered write costs next to nothing anyway
 _O_DIRECT = getattr(os, "O_DIRECT", 0) if sys.platform.startswith("linux") else 0
 _DIRECT_REFUSED = (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP)
+# A second open of the temporary file needs write permission, which a umask such as 0o277
+# (files read-only for their owner) leaves out of its mode; the first open has it anyway
+# (O_CREAT grants it), so that file is written buffered.
+_DIRECT_DENIED = (errno.EACCES, errno.EPERM)
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 
 _SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>: start writeback of the range's dirty pages, no wait
 _CANCEL_POLL_S = 0.05  # how soon a task waiting for the threads notices its cancellation
@@ -211,7 +217,13 @@ class SafetensorsWriter:
         writeback: bool = True,
         direct: bool = True,
     ) -> None:
-        self.path = os.path.abspath(fs_path(path, "path"))
+        given = fs_path(path, "path")
+        if os.path.basename(given) in ("", ".", ".."):
+            # abspath() would drop the separator of "ckpt/" and write a file named "ckpt".
+            raise InvalidOptionsError(
+                f"path {given!r} names a folder, not a file: give the checkpoint file's path"
+            )
+        self.path = os.path.abspath(given)
         try:
             self.metadata = dict(metadata or {})
         except (TypeError, ValueError):
@@ -229,6 +241,7 @@ class SafetensorsWriter:
         self.layout: Layout | None = None
         self.temp_path: str | None = None
         self._fd: int | None = None
+        self._folder_fd: int | None = None  # the target's folder, to fsync after the rename
         self._state = "new"  # new -> open -> committed | aborted
         self._scheduled: set[int] = set()  # id() of entries whose bytes are written or queued
         self._error: BaseException | None = None
@@ -546,7 +559,18 @@ class SafetensorsWriter:
             _sync_file_range(fd, start, end - start, _SYNC_FILE_RANGE_WRITE)
 
     def _create(self, temp: str, layout: Layout) -> None:
-        """Runs in a thread: create the temporary file, reserve its space, write the header."""
+        """Runs in a thread: check the target, open its folder, create the temporary file,
+        reserve its space, write the header."""
+        self._check_target()
+        try:
+            # Opened before anything is written: a folder this process may write but not read
+            # (mode 0o300) cannot be fsynced, and finding that out after the rename would
+            # fail a save whose file had already replaced the previous one.
+            self._folder_fd = os.open(
+                os.path.dirname(self.path), os.O_RDONLY | _O_DIRECTORY | os.O_CLOEXEC
+            )
+        except OSError as error:
+            raise _write_error(self.path, "cannot open the folder of", error) from error
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
         except OSError as error:
@@ -558,6 +582,26 @@ class SafetensorsWriter:
         except OSError as error:
             raise _write_error(self.path, "cannot write", error) from error
 
+    def _check_target(self) -> None:
+        """Refuse what the final rename would refuse, before anything is staged or written:
+        a folder at the target, a name too long for its folder (the temporary file's name
+        is cut to fit, so only the rename would find out)."""
+        folder, name = os.path.split(self.path)
+        try:
+            is_folder = stat.S_ISDIR(os.lstat(self.path).st_mode)  # a link is replaced
+        except OSError:
+            is_folder = False  # not there (the usual case), or the create says why below
+        if is_folder:
+            refusal = OSError(errno.EISDIR, os.strerror(errno.EISDIR), self.path)
+            raise _write_error(self.path, "cannot write", refusal)
+        try:
+            name_max = os.pathconf(folder, "PC_NAME_MAX")
+        except (OSError, ValueError):
+            return  # no folder (the create says so), or no limit to know
+        if len(os.fsencode(name)) > name_max:
+            refusal = OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), self.path)
+            raise _write_error(self.path, "cannot write", refusal)
+
     def _open_direct(self, temp: str) -> None:
         """Open the file a second time with O_DIRECT, where this folder allows it."""
         folder = os.path.dirname(self.path)
@@ -566,6 +610,8 @@ class SafetensorsWriter:
         try:
             self._direct_fd = os.open(temp, os.O_WRONLY | os.O_CLOEXEC | _O_DIRECT)
         except OSError as error:
+            if error.errno in _DIRECT_DENIED:
+                return  # this file's mode (not the folder's filesystem): the next may work
             if error.errno not in _DIRECT_REFUSED:
                 raise _write_error(self.path, "cannot open", error) from error
             _remember_direct(folder, False)  # tmpfs says EINVAL: ask no more
@@ -590,18 +636,26 @@ class SafetensorsWriter:
             _remember_direct(os.path.dirname(self.path), True)
         self._close_direct()
         self._fd = None
-        os.close(fd)
+        try:
+            os.close(fd)  # may report a failed write-back (NFS): then nothing is renamed
+        except OSError as error:
+            raise _write_error(self.path, "cannot close", error) from error
         try:
             os.replace(temp, self.path)
         except OSError as error:
             raise _write_error(self.path, "cannot rename the temporary file to", error) from error
         self._state = "committed"
+        folder_fd, self._folder_fd = self._folder_fd, None
+        assert folder_fd is not None
         try:
-            fsync_folder(os.path.dirname(self.path))
+            os.fsync(folder_fd)
         except OSError as error:
             raise _write_error(
                 self.path, "renamed, but cannot fsync the folder of", error
             ) from error
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(folder_fd)
         return True
 
     def _close_direct(self) -> None:
@@ -613,10 +667,12 @@ class SafetensorsWriter:
 
     def _close_and_remove(self) -> None:
         self._close_direct()
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        descriptors = (self._fd, self._folder_fd)
+        self._fd = self._folder_fd = None
+        for fd in descriptors:
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
         if self.temp_path is not None:
             with contextlib.suppress(OSError):  # gone already, or the first error says why
                 os.unlink(self.temp_path)

@@ -1,0 +1,159 @@
+"""Defects found by hunting in the write side (writer, layout, save, save_sync), one test each.
+
+Each test failed before its fix. The contract attacked: a saved file is either complete and
+durable (fsynced, renamed into place, its folder fsynced) or not there at all, with no
+temporary file left, and every failure is an astage error naming the file.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import astage
+from astage._files import _writer
+
+LINUX_DIRECT = _writer._O_DIRECT != 0
+
+
+def state() -> dict[str, Any]:
+    # Big enough for direct I/O (whole pages, over 256 KiB), plus a small buffered tensor.
+    return {"w": torch.arange(1 << 18, dtype=torch.float32), "b": torch.ones(3)}
+
+
+def assert_holds(path: Path, expected: dict[str, Any]) -> None:
+    back = astage.load(path)
+    assert back.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(back[key], value)
+
+
+def opens_refused(
+    monkeypatch: pytest.MonkeyPatch, refuse: Callable[[str, int], bool], code: int
+) -> None:
+    """Make ``os.open`` fail with ``code`` where ``refuse(path, flags)`` says so."""
+    real_open = os.open
+
+    def fake_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if refuse(os.fsdecode(path), flags):
+            raise OSError(code, os.strerror(code), path)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", fake_open)
+
+
+# -- permissions that the buffered path has and a second open lacks ----------------------------
+
+
+@pytest.mark.skipif(not LINUX_DIRECT, reason="O_DIRECT is Linux's")
+def test_a_temporary_file_the_umask_makes_read_only_is_still_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The O_DIRECT descriptor is a second open of the temporary file, which needs the write
+    # permission that a umask such as 0o277 (files read-only for their owner) leaves out of
+    # its mode; the first open has it (O_CREAT grants it). EACCES there failed the whole
+    # save, where the buffered path writes the file fine. (Simulated: root ignores modes.)
+    opens_refused(monkeypatch, lambda path, flags: bool(flags & _writer._O_DIRECT), errno.EACCES)
+    target = tmp_path / "c.safetensors"
+    expected = state()
+    astage.save_sync(expected, target)
+    assert_holds(target, expected)
+    assert os.listdir(tmp_path) == ["c.safetensors"]
+
+
+def test_a_folder_that_cannot_be_fsynced_fails_before_the_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A folder this process may write but not read (mode 0o300) cannot be opened to fsync
+    # it. That was found after the rename: the save failed with its new file in place, and
+    # the previous one gone. Now the folder is opened first, and the save fails before
+    # anything is written. (Simulated: root ignores modes.)
+    folder = tmp_path / "wx"
+    folder.mkdir()
+    target = folder / "c.safetensors"
+    previous = {"old": torch.zeros(2)}
+    astage.save_sync(previous, target)
+    opens_refused(
+        monkeypatch,
+        lambda path, flags: path.rstrip("/") == str(folder) and not flags & os.O_WRONLY,
+        errno.EACCES,
+    )
+    with pytest.raises(astage.CheckpointWriteError, match="Permission denied") as caught:
+        astage.save_sync(state(), target)
+    assert str(target) in str(caught.value)
+    monkeypatch.undo()
+    assert os.listdir(folder) == ["c.safetensors"]
+    assert_holds(target, previous)
+
+
+# -- a close that fails after the fsync ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_a_failed_close_is_a_write_error_and_nothing_is_renamed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, face: str
+) -> None:
+    # close() of the temporary file can fail (EIO on NFS, where it flushes). It ran outside
+    # any error handling: the save raised a raw OSError instead of a CheckpointWriteError.
+    real_close = os.close
+
+    def failing_close(fd: int) -> None:
+        try:
+            name = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            name = ""
+        real_close(fd)
+        if name.endswith(".tmp") and name.startswith(str(tmp_path)):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    target = tmp_path / "c.safetensors"
+    monkeypatch.setattr(os, "close", failing_close)
+    with pytest.raises(astage.CheckpointWriteError, match=r"close.*\(EIO\)") as caught:
+        if face == "sync":
+            astage.save_sync(state(), target)
+        else:
+            import anyio
+
+            anyio.run(astage.save, state(), target)
+    assert isinstance(caught.value.__cause__, OSError)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == []
+
+
+# -- targets the rename would refuse, found before anything is written --------------------------
+
+
+@pytest.mark.parametrize("suffix", ["/", "/.", ""])
+def test_a_path_that_names_a_folder_is_refused(tmp_path: Path, suffix: str) -> None:
+    # "c.safetensors/" names a folder; the writer's abspath() dropped the separator and wrote
+    # a file named c.safetensors there, and "" wrote over the working directory's name.
+    given = str(tmp_path / "c.safetensors") + suffix if suffix else ""
+    with pytest.raises(astage.InvalidOptionsError, match="folder"):
+        astage.save_sync(state(), given)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_folder_at_the_target_is_refused_before_staging(tmp_path: Path) -> None:
+    # An existing folder at the target was found by the final rename (EISDIR), once the
+    # whole checkpoint had been staged and written to the temporary file.
+    target = tmp_path / "c.safetensors"
+    target.mkdir()
+    with pytest.raises(astage.CheckpointWriteError, match=r"EISDIR") as caught:
+        astage.start_save_sync(state(), target)  # returned a handle before
+    assert str(target) in str(caught.value)
+    assert os.listdir(tmp_path) == ["c.safetensors"]
+
+
+def test_a_name_too_long_for_the_folder_is_refused_before_staging(tmp_path: Path) -> None:
+    # The temporary file's name is cut to fit, so a 256-byte target name was only refused by
+    # the final rename (ENAMETOOLONG), once everything was written.
+    target = tmp_path / ("n" * (os.pathconf(tmp_path, "PC_NAME_MAX") + 1))
+    with pytest.raises(astage.CheckpointWriteError, match=r"ENAMETOOLONG"):
+        astage.start_save_sync(state(), target)  # returned a handle before
+    assert os.listdir(tmp_path) == []
