@@ -15,6 +15,7 @@ from torch.distributed.checkpoint import state_dict_loader, state_dict_saver
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.storage import WriteResult
 
+from astage import InvalidOptionsError
 from astage.compat import FileSystemReader, FileSystemWriter
 
 pytestmark = pytest.mark.filterwarnings(
@@ -141,3 +142,68 @@ def test_a_load_into_a_conjugated_or_negated_view_stores_the_values_it_is_to_sho
     load_into({"c": complex_base.conj(), "n": torch._neg_view(real_base)}, tmp_path)
     assert torch.equal(complex_base, torch.tensor([1 - 2j]))  # its conjugate view shows 1+2j
     assert torch.equal(real_base, torch.tensor([-1.0, -2.0]))
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"path": None}, "path"),
+        ({"path": 123}, "path"),
+        ({"path": b"ckpt"}, "path"),  # bytes: every name joined to it later failed
+        ({"path": ""}, "path"),  # made no folder: the save failed in prepare_local_plan
+        ({"overwrite": "False"}, "overwrite"),  # a true string: overwrote
+        ({"sync_files": None}, "sync_files"),  # falsy: silently not durable
+        ({"single_file_per_rank": "yes"}, "single_file_per_rank"),
+        ({"cache_staged_state_dict": 1.0}, "cache_staged_state_dict"),
+        ({"write_while_staging": "no"}, "write_while_staging"),
+        ({"per_thread_copy_ahead": "10MB"}, "per_thread_copy_ahead"),
+    ],
+)
+def test_every_writer_option_is_checked_when_the_writer_is_made(
+    tmp_path: Path, options: dict[str, Any], named: str
+) -> None:
+    # Before: only thread_count, chunk_bytes, _extensions and serialization_format were checked;
+    # a path of None or 123 was a bare TypeError, b"ckpt" or "" failed only in the save, and any
+    # value stood for a bool by its truth (overwrite="False" overwrote).
+    options = {"path": tmp_path, **options}
+    with pytest.raises(InvalidOptionsError, match=named):
+        FileSystemWriter(**options)
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"path": None}, "path"),
+        ({"path": b"ckpt"}, "path"),
+        ({"trust_pickled_bytes": "no"}, "trust_pickled_bytes"),  # a true string: trusted
+    ],
+)
+def test_every_reader_option_is_checked_when_the_reader_is_made(
+    tmp_path: Path, options: dict[str, Any], named: str
+) -> None:
+    # Before: trust_pickled_bytes="no" trusted the checkpoint's pickles (any true value did),
+    # and a path of None or bytes was a bare TypeError from DCP's constructor.
+    options = {"path": tmp_path, **options}
+    with pytest.raises(InvalidOptionsError, match=named):
+        FileSystemReader(**options)
+
+
+def test_a_checkpoint_id_that_is_no_path_is_refused_before_the_save(tmp_path: Path) -> None:
+    # Before: dcp.save(checkpoint_id=b"...") set the writer's folder to bytes, and the save
+    # failed deep in its first os.path.join with a TypeError; 123 was a bare TypeError.
+    writer = FileSystemWriter(tmp_path)
+    for checkpoint_id in (b"ckpt", 123):
+        with pytest.raises(InvalidOptionsError, match="checkpoint_id"):
+            state_dict_saver.save(
+                {"w": torch.ones(2)},
+                checkpoint_id=checkpoint_id,  # type: ignore[arg-type]
+                storage_writer=writer,
+                no_dist=True,
+            )
+    assert os.listdir(tmp_path) == []
+    # a str and a path-like both name the folder
+    for folder in (str(tmp_path / "a"), tmp_path / "b"):
+        state_dict_saver.save(
+            {"w": torch.ones(2)}, checkpoint_id=folder, storage_writer=writer, no_dist=True
+        )
+        assert load_into({"w": torch.zeros(2)}, Path(folder))["w"].tolist() == [1.0, 1.0]

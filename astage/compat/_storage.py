@@ -35,6 +35,7 @@ serialises with ``torch.save``) are DCP's business: written and read back as giv
 from __future__ import annotations
 
 import ctypes
+import os
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from typing import Any
@@ -91,6 +92,27 @@ def holds_plain_bytes(tensor: torch.Tensor) -> bool:
         and not tensor.is_conj()
         and not tensor.is_neg()
     )
+
+
+def folder_path(name: str, value: object) -> str:
+    """``value`` as the path of a checkpoint folder: a ``str`` or a path-like of one, not empty
+    (an unset variable, most likely; DCP's writer would write into the working directory)."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise InvalidOptionsError(f"{name} must be a str or os.PathLike, got {value!r}")
+    path = os.fspath(value)
+    if not isinstance(path, str):  # a path-like of bytes: every name joined to it is a str
+        raise InvalidOptionsError(f"{name} must be a path of str, not {path!r}")
+    if not path:
+        raise InvalidOptionsError(f"{name} is empty: pass '.' for the working directory")
+    return path
+
+
+def boolean(name: str, value: object) -> bool:
+    """``value`` if it is a bool: a string such as ``"False"`` is true, None is false, and
+    either would turn an option on or off silently."""
+    if not isinstance(value, bool):
+        raise InvalidOptionsError(f"{name} must be True or False, got {value!r}")
+    return value
 
 
 def positive_int(name: str, value: object) -> int:

@@ -51,7 +51,9 @@ from ._storage import (
     DEFAULT_THREADS,
     METADATA_NAME,
     RAW_DESCRIPTOR,
+    boolean,
     bytes_of,
+    folder_path,
     holds_plain_bytes,
     positive_int,
     run_all,
@@ -80,8 +82,12 @@ class FileSystemReader(_DcpFileSystemReader):
         thread_count: int = DEFAULT_THREADS,
         trust_pickled_bytes: bool = False,
     ) -> None:
+        thread_count = positive_int("thread_count", thread_count)
+        trust_pickled_bytes = boolean("trust_pickled_bytes", trust_pickled_bytes)
+        if path != "":  # DCP's reader reads "" as the working directory: so does this one
+            folder_path("path", path)
         super().__init__(path, _extension_registry)
-        self.thread_count = positive_int("thread_count", thread_count)
+        self.thread_count = thread_count
         self.trust_pickled_bytes = trust_pickled_bytes
         self._metadata: Metadata | None = None
 

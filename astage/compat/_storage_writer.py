@@ -63,7 +63,9 @@ from ._storage import (
     DEFAULT_THREADS,
     METADATA_NAME,
     RAW_DESCRIPTOR,
+    boolean,
     bytes_of,
+    folder_path,
     holds_plain_bytes,
     positive_int,
     run_all,
@@ -121,18 +123,22 @@ class FileSystemWriter(StorageWriter, AsyncStager):
                 f"astage.compat.FileSystemWriter writes raw tensor bytes; serialization_format="
                 f"{serialization_format} is not supported"
             )
-        self.path = os.fspath(path)
-        self.single_file_per_rank = single_file_per_rank
-        self.sync_files = sync_files
+        self.path = folder_path("path", path)
+        self.single_file_per_rank = boolean("single_file_per_rank", single_file_per_rank)
+        self.sync_files = boolean("sync_files", sync_files)
         self.thread_count = positive_int("thread_count", thread_count)
         self.chunk_bytes = positive_int("chunk_bytes", chunk_bytes)
-        self.overwrite = overwrite
+        if isinstance(per_thread_copy_ahead, bool) or not isinstance(per_thread_copy_ahead, int):
+            raise InvalidOptionsError(
+                f"per_thread_copy_ahead must be an integer, got {per_thread_copy_ahead!r}"
+            )
+        self.overwrite = boolean("overwrite", overwrite)
         self.save_id = secrets.token_hex(8)
         self.rank: int | None = None
         self.is_coordinator = False
         self.use_collectives = True
-        self.cache_staged_state_dict = bool(cache_staged_state_dict)
-        self.write_while_staging = bool(write_while_staging)
+        self.cache_staged_state_dict = boolean("cache_staged_state_dict", cache_staged_state_dict)
+        self.write_while_staging = boolean("write_while_staging", write_while_staging)
         self._stager: BlockingAsyncStager | None = None  # cached staging, made on first use
         self._landing: _LandingStager | None = None  # uncached staging, made on first use
         self._prewrite: _Prewrite | None = None  # the data file stage() started writing
@@ -230,7 +236,7 @@ class FileSystemWriter(StorageWriter, AsyncStager):
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         if checkpoint_id:
-            self.path = os.fspath(checkpoint_id)
+            self.path = folder_path("checkpoint_id", checkpoint_id)
         self.save_id = secrets.token_hex(8)
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
