@@ -52,3 +52,63 @@ def test_a_shared_lease_dropped_here_still_holds_its_set() -> None:
     flag.fill_(1)  # the other process's release()
     stager.stage(_state(), timeout=2.0)
     stager.close()
+
+
+# -- reserve() cut short ------------------------------------------------------------------------
+
+
+class _Stop(Exception):
+    pass
+
+
+def _four_mib() -> dict[str, torch.Tensor]:
+    return {f"t{index}": torch.full((1 << 18,), float(index)) for index in range(4)}
+
+
+def _stop_at_first(done: int, total: int) -> None:
+    raise _Stop
+
+
+def test_a_reserve_cut_short_is_finished_by_the_next_reserve() -> None:
+    # Before: a reserve() whose progress callback raised (or that was cancelled) after its
+    # first batch left three buffers allocated but never touched, and the next reserve()
+    # counted them as ready: Reservation(nbytes=0, buffers=0), so the first checkpoint paid
+    # the page faults reserve() is there to take. Buffers a reserve allocated stay to be
+    # touched until a reserve touches them or a call stages into them.
+    state = _four_mib()
+    with astage.SyncStager(chunk_bytes=1 << 20, max_inflight_bytes=1 << 20) as stager:
+        with pytest.raises(_Stop):
+            stager.reserve(state, progress=_stop_at_first)
+        again = stager.reserve(state)
+        assert (again.nbytes, again.buffers) == (3 << 20, 3)
+        assert stager.reserve(state).nbytes == 0
+        staged = stager.stage(state)
+        assert stager.last_stats is not None and stager.last_stats.new_nbytes == 0
+        assert all(torch.equal(staged[name], state[name]) for name in state)
+
+
+@pytest.mark.asyncio
+async def test_a_cancelled_reserve_is_finished_by_the_next_one() -> None:
+    # Before: as above, on the async face, for a reserve() cancelled midway.
+    import anyio
+
+    state = _four_mib()
+    async with astage.Stager(chunk_bytes=1 << 20, max_inflight_bytes=1 << 20) as stager:
+        with anyio.CancelScope() as scope:
+            await stager.reserve(state, progress=lambda done, total: scope.cancel())
+        again = await stager.reserve(state)
+        assert (again.nbytes, again.buffers) == (3 << 20, 3)
+        staged = await stager.stage(state)
+        assert all(torch.equal(staged[name], state[name]) for name in state)
+
+
+def test_buffers_a_call_staged_into_are_never_touched_by_a_later_reserve() -> None:
+    # The guard on the fix above: once a call staged into the buffers a cut-short reserve
+    # left, they hold a result that someone may read, and a later reserve leaves them alone.
+    state = _four_mib()
+    with astage.SyncStager(chunk_bytes=1 << 20, max_inflight_bytes=1 << 20) as stager:
+        with pytest.raises(_Stop):
+            stager.reserve(state, progress=_stop_at_first)
+        with stager.snapshot(state) as snapshot:
+            assert stager.reserve(state).nbytes == 0
+            assert all(torch.equal(snapshot.state_dict[name], state[name]) for name in state)

@@ -226,6 +226,13 @@ class BufferCache:
         self.allocations = 0
         """Buffers allocated so far (the next buffer's ``serial``). Only calls allocate, and
         calls run one at a time, so a plain ``+= 1`` is safe here."""
+        self.reserving = False
+        """A ``reserve()`` walk is allocating: its new buffers go into :attr:`untouched`."""
+        self.untouched: dict[int, HostBuffer] = {}
+        """Buffers a ``reserve()`` allocated that neither it nor a call has written yet, by
+        ``id()``: a reserve cut short (cancelled, or its progress callback raised) leaves
+        some, which the next reserve touches rather than count as ready. Nobody reads them,
+        so writing zeros there is safe; a buffer a call staged into is never touched again."""
         # The structures recent full walks recorded, newest first (``_recording.Recording``; typed
         # Any because the replay module builds on this one). Replaced whole, never changed in
         # place: an eviction in another thread reads a consistent tuple.
@@ -294,6 +301,8 @@ class BufferCache:
         buffer.dropped = False
         buffer.serial = self.allocations
         self.allocations += 1
+        if self.reserving:
+            self.untouched[id(buffer)] = buffer
         # The buffer is complete before it is published: a reader in another thread (info(),
         # in_use()) never sees a half-built entry. An entry already under this key belongs to
         # a dead source whose eviction has not run; if that eviction runs between these two
@@ -335,6 +344,7 @@ class BufferCache:
             entries.setdefault(key, current)
         for recording in self.replays:  # a recording holds no buffer the cache let go of
             recording.forget(buffer)
+        self.untouched.pop(id(buffer), None)
         buffer.release()
 
     def _buffers(self) -> list[HostBuffer]:
@@ -395,6 +405,18 @@ class BufferCache:
         kept = map(per_storage.__getitem__, storage_keys(storages))
         return any(map(gt, counts, map(add, repeat(free), kept)))
 
+    def written(self, buffers: list[HostBuffer]) -> None:
+        """``buffers`` were staged into (or may have been): never :attr:`untouched` again.
+
+        A call reports every buffer of its plan, copied or not: erring that way only leaves
+        a buffer for the first call to fill, where the other way a later reserve() could
+        write zeros over a result someone reads.
+        """
+        untouched = self.untouched
+        if untouched:  # empty but after a reserve cut short: no work per buffer otherwise
+            for buffer in buffers:
+                untouched.pop(id(buffer), None)
+
     def info(self) -> CacheInfo:
         buffers = self._buffers()
         return CacheInfo(
@@ -411,6 +433,7 @@ class BufferCache:
         # dict; a buffer released twice (here and by its eviction) is fine.
         entries, self.entries = self.entries, {}
         self.replays = ()
+        self.untouched = {}
         while True:
             try:
                 _, buffer = entries.popitem()

@@ -49,6 +49,7 @@ class Run(Generic[T]):
         max_inflight_bytes: int,
         ahead: bool = False,
     ) -> None:
+        self.cache = cache
         self.plan = Plan(track_leaves=track_leaves, ahead=ahead)
         self.walk = walk_or_replay(cache, state_dict, self.plan)
         self.started = time.perf_counter()

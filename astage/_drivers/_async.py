@@ -163,14 +163,15 @@ class Stager(StagerBase):
         runs at the speed of a cached call, and its structure is already recorded for replay.
         The state dict's bytes are not copied: new buffers are written with zeros in worker
         threads, so that the kernel maps their pages now. With ``buffers=N`` every set is
-        reserved: N x the bytes, and N x the time. Buffers already cached are left as they are
-        (a snapshot may be reading them), so awaiting it again costs one walk and commits
-        nothing.
+        reserved: N x the bytes, and N x the time. Buffers a call staged into are left as they
+        are (a snapshot may be reading them), so awaiting it again costs one walk and commits
+        nothing, or only what an earlier reserve() cut short left untouched.
 
         The walk runs on the loop in slices of ``max_loop_hold_s``, like a call's; the touching
         and pinning run in worker threads. ``progress``, if given, is called on the loop with
         (bytes committed so far, bytes to commit). Cancellable: a cancelled reserve() leaves
-        the buffers it allocated in the cache, maybe untouched, for the first call to fill.
+        the buffers it allocated in the cache, maybe untouched, for the next reserve() to
+        touch or the first call to fill.
         Takes the stager's turn like a call. Returns the figures of what it committed.
         """
         self._check_open()
@@ -178,8 +179,8 @@ class Stager(StagerBase):
             self._check_open()
             work = ReserveWork(self, state_dict)
             hold = self._resolved.max_loop_hold_s
-            with gc_paused(self._resolved.pause_gc):
-                for run, _ in work.runs:
+            with gc_paused(self._resolved.pause_gc), work.allocating():
+                for run in work.runs:
                     while not _walk_for(run.walk, hold):
                         await _yield_to_due_timers()
             limiter = anyio.CapacityLimiter(1)  # one batch at a time: torch spreads a fill
@@ -515,6 +516,8 @@ class _Call:
             # waits for the started ones to land.
             await self._copies.__aexit__(None, None, None)
         finally:
+            if self._run is not None:  # a failed or cancelled call's (a finished one's: empty)
+                self._run.cache.written(self._run.plan.copies.buffers)
             self._run = None
             await self._turn.__aexit__(None, None, None)
 

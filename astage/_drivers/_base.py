@@ -34,8 +34,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .._core._batches import Batch
+from .._core._batches import Batch, make_batches
 from .._core._cache import BufferCache, CacheInfo
+from .._core._plan import Copies
 from .._core._run import Run
 from .._core._stats import StageStats
 from .._devices._backend import (
@@ -121,9 +122,10 @@ class Reservation(NamedTuple):
     """What ``reserve()`` committed: the host memory the first checkpoint will not have to."""
 
     nbytes: int
-    """Bytes of host buffers this call allocated and touched (0 when all were cached already)."""
+    """Bytes of host buffers this call touched: those it allocated, and those an earlier
+    reserve() allocated but was cut short before touching (0 when all were ready already)."""
     buffers: int
-    """Host buffers it allocated."""
+    """Host buffers it touched."""
     sets: int
     """Buffer sets it reserved (``StagingOptions(buffers=N)``: all N)."""
     held_nbytes: int
@@ -138,53 +140,95 @@ class ReserveWork:
     """One ``reserve()`` call: a walk per buffer set, then the batches whose buffers it touches.
 
     A walk allocates the buffers a stage() call would (and records the structure for replay),
-    but nothing is copied: the batches cut from it only have their *new* buffers written with
-    zeros (and pinned where that helps), so that the first checkpoint's copies find their
-    memory mapped. Buffers that existed before are never written: they may hold staged bytes
-    that a snapshot still reads, which is also why reserve() needs no free buffer set.
+    but nothing is copied: the batches cut from it only write zeros into the buffers no call
+    has staged into yet (and pin them where that helps), so that the first checkpoint's copies
+    find their memory mapped. Those are the buffers this walk allocated, and those an earlier
+    reserve() allocated but was cut short (cancelled, or its ``progress`` raised) before
+    touching (``BufferCache.untouched``). A buffer a call staged into is never written: it may
+    hold staged bytes that a snapshot still reads, which is also why reserve() needs no free
+    buffer set.
     """
 
     def __init__(self, stager: StagerBase, state_dict: Any) -> None:
         self.started = time.perf_counter()
         resolved = stager._resolved
-        self.runs: list[tuple[Run[Any], int]] = []
-        """Per buffer set: its run, and its cache's allocation count before the walk."""
-        for buffer_set in stager._sets:
-            cache = buffer_set.cache
-            run: Run[Any] = Run(
-                cache,
+        self._chunk = resolved.chunk_bytes
+        self.runs: list[Run[Any]] = [
+            Run(
+                buffer_set.cache,
                 state_dict,
                 track_leaves=False,
                 chunk_bytes=resolved.chunk_bytes,
                 max_inflight_bytes=resolved.max_inflight_bytes,
                 ahead=True,
             )
-            self.runs.append((run, cache.allocations))
+            for buffer_set in stager._sets
+        ]
+        """Per buffer set, its run."""
+        self._touch: list[tuple[BufferCache, Copies]] | None = None
+        self._settling: tuple[BufferCache, Copies] = (self.runs[0].cache, Copies())
+        """The set whose batches are being touched, and its copies to touch."""
+        self._settled = 0  # copies [0, _settled) of the set being touched are off its list
         self.done = 0
+
+    @contextlib.contextmanager
+    def allocating(self) -> Iterator[None]:
+        """Around the walks: the buffers they allocate are to be touched (until a call is)."""
+        caches = [run.cache for run in self.runs]
+        for cache in caches:
+            cache.reserving = True
+        try:
+            yield
+        finally:
+            for cache in caches:
+                cache.reserving = False
+
+    def _to_touch(self) -> list[tuple[BufferCache, Copies]]:
+        """Per buffer set, the walk's copies into untouched buffers (once every walk ran)."""
+        if self._touch is None:
+            self._touch = []
+            for run in self.runs:
+                untouched = run.cache.untouched
+                chosen = Copies()
+                if untouched:
+                    copies = run.plan.copies
+                    for src, dst, buffer in zip(
+                        copies.srcs, copies.dsts, copies.buffers, strict=True
+                    ):
+                        if id(buffer) in untouched:
+                            chosen.add(src, dst, buffer)
+                self._touch.append((run.cache, chosen))
+        return self._touch
 
     @property
     def total(self) -> int:
-        """Bytes the walks allocated (known once every walk has run)."""
-        return sum(run.plan.new_nbytes for run, _ in self.runs)
+        """Bytes to touch (known once every walk has run)."""
+        return sum(copies.nbytes for _, copies in self._to_touch())
 
     def batches(self) -> Iterator[tuple[Batch, int, bool]]:
-        """Each batch to touch, with its run's first new serial and whether to pin it.
+        """Each batch to touch, with the serial from which its buffers are touched (0: all of
+        them), and whether to pin it.
 
         Cut lazily, a few at a time, so that the async face's loop never cuts them all at once.
         """
         pins: dict[torch.device, bool] = {}
-        for run, first_serial in self.runs:
-            if not run.plan.new_buffers:
-                continue
-            while (batch := run.next_batch(final=True)) is not None:
+        for cache, copies in self._to_touch():
+            self._settling = (cache, copies)
+            self._settled = 0
+            for batch in make_batches(copies, 0, len(copies), self._chunk):
                 device = batch.device
                 if device not in pins:
                     backend = backend_for(device)
                     pins[device] = backend is not None and pins_host_memory(backend, device)
-                yield batch, first_serial, pins[device] and not should_gather(batch)
+                yield batch, 0, pins[device] and not should_gather(batch)
 
     def landed(self, batch: Batch, touched: int, progress: ReserveProgress | None) -> None:
+        """``batch`` was touched: the buffers it completed are touched no more."""
         batch.clear()
+        cache, copies = self._settling
+        for buffer in copies.buffers[self._settled : batch.end]:
+            cache.untouched.pop(id(buffer), None)
+        self._settled = max(self._settled, batch.end)
         self.done += touched
         if progress is not None and touched:
             progress(self.done, self.total)
@@ -193,7 +237,7 @@ class ReserveWork:
         info = stager._sets.info()
         return Reservation(
             nbytes=self.total,
-            buffers=sum(run.plan.new_buffers for run, _ in self.runs),
+            buffers=sum(len(copies) for _, copies in self._to_touch()),
             sets=len(self.runs),
             held_nbytes=info.nbytes,
             pinned_nbytes=info.pinned_nbytes,
@@ -408,6 +452,7 @@ class StagerBase:
 
     def _finish(self, run: Run[Any]) -> StageStats:
         plan = run.plan
+        run.cache.written(plan.copies.buffers)
         stats = StageStats(
             tensors=plan.tensors,
             storages=len(plan.copies),

@@ -126,8 +126,9 @@ class SyncStager(StagerBase):
         at the speed of a cached call, and its structure is already recorded for replay. The
         state dict's bytes are not copied: new buffers are written with zeros, so that the
         kernel maps their pages now. With ``buffers=N`` every set is reserved: N x the bytes,
-        and N x the time. Buffers already cached are left as they are (a snapshot may be
-        reading them), so calling it again costs one walk and commits nothing.
+        and N x the time. Buffers a call staged into are left as they are (a snapshot may be
+        reading them), so calling it again costs one walk and commits nothing, or only what
+        an earlier reserve() cut short (its ``progress`` raised) left untouched.
 
         ``progress``, if given, is called in this thread with (bytes committed so far, bytes
         to commit) as the work goes on. Blocks the calling thread; thread-safe like
@@ -140,8 +141,8 @@ class SyncStager(StagerBase):
             with self._locked("reserve()"):
                 self._check_open()
                 work = ReserveWork(self, state_dict)
-                with gc_paused(self._resolved.pause_gc), staging_defaults():
-                    for run, _ in work.runs:
+                with gc_paused(self._resolved.pause_gc), staging_defaults(), work.allocating():
+                    for run in work.runs:
                         for _ in run.walk:
                             pass
                 for batch, first_serial, pin in work.batches():
@@ -180,6 +181,7 @@ class SyncStager(StagerBase):
                     # Whatever happened, no copy this call enqueued lands after it returned.
                     for enqueued in run.pending:
                         enqueued.wait()
+                    run.cache.written(run.plan.copies.buffers)  # a failed call's too
                 self._finish(run)
                 # Leased before the lock is let go: no other call can choose the set meanwhile.
                 taken = self._sets.lease(buffer_set) if lease else None
