@@ -13,7 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
+import safetensors.torch
 import torch
 
 import astage
@@ -118,8 +120,6 @@ def test_a_failed_close_is_a_write_error_and_nothing_is_renamed(
         if face == "sync":
             astage.save_sync(state(), target)
         else:
-            import anyio
-
             anyio.run(astage.save, state(), target)
     assert isinstance(caught.value.__cause__, OSError)
     monkeypatch.undo()
@@ -157,3 +157,30 @@ def test_a_name_too_long_for_the_folder_is_refused_before_staging(tmp_path: Path
     with pytest.raises(astage.CheckpointWriteError, match=r"ENAMETOOLONG"):
         astage.start_save_sync(state(), target)  # returned a handle before
     assert os.listdir(tmp_path) == []
+
+
+# -- the layout ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("view", ["slice", "transpose", "complex128"])
+def test_a_tensor_that_spans_its_storage_is_stored_as_itself_after_its_views(
+    tmp_path: Path, view: str
+) -> None:
+    # The first tensor met decided a storage's entry: when a view came first (a slice, a
+    # transpose, a dtype safetensors lacks), the storage was stored as bytes under
+    # "<storage 0>", and the whole tensor met after it could not be found by its key in any
+    # safetensors reader.
+
+    whole = torch.arange(16, dtype=torch.float32).reshape(4, 4)
+    first = {"slice": whole[1:], "transpose": whole.T, "complex128": whole.view(torch.complex128)}
+    saved = {"view": first[view], "whole": whole}
+    target = tmp_path / "c.safetensors"
+    astage.save_sync(saved, target)
+    plain = safetensors.torch.load_file(target)
+    assert plain.keys() == {"['whole']"}
+    assert torch.equal(plain["['whole']"], whole)
+    back = astage.load(target)
+    assert torch.equal(back["view"], saved["view"])
+    assert back["view"].stride() == first[view].stride()
+    assert torch.equal(back["whole"], whole)
+    assert back["view"].untyped_storage().data_ptr() == back["whole"].untyped_storage().data_ptr()

@@ -248,6 +248,7 @@ class _LayoutBuilder(SkeletonEncoder):
         self.captured: list[Entry] = []
         self.tensors = 0
         self._groups: dict[int, tuple[Entry, torch.Tensor | None]] = {}
+        self._nodes: dict[int, list[dict[str, Any]]] = {}  # id(entry) -> nodes naming it
         self._meshes: dict[int, tuple[Any, dict[str, Any]]] = {}  # id -> (mesh, its fields)
         self._names: set[str] = set()
 
@@ -359,6 +360,17 @@ class _LayoutBuilder(SkeletonEncoder):
                 group = (entry, None)
             self._groups[key] = group
             self.entries.append(entry)
+            self._nodes[id(entry)] = []
+        elif group[1] is None and spans and (name := format_path(path)) not in self._names:
+            # Only views of this storage came before (a slice, a transpose): the entry becomes
+            # this tensor, under its own name, as if it had come first, so that any
+            # safetensors reader finds it by its key rather than as bytes of a <storage N>.
+            self._names.add(name)
+            entry = group[0]
+            entry.key, entry.dtype, entry.shape = name, DTYPE_NAMES[x.dtype], list(x.shape)
+            for earlier in self._nodes[id(entry)]:
+                earlier["tensor"] = name
+            group = self._groups[key] = (entry, x)
         entry, base = group
         entry.paths.append(path)
         # The short node is the entry itself, as a loader builds it: one object for every
@@ -376,18 +388,20 @@ class _LayoutBuilder(SkeletonEncoder):
             and not x.is_neg()
             and (x is base or not (vars(x) or vars(base)))
         ):
-            return {"tensor": entry.key}
-        node: dict[str, Any] = {
-            "tensor": entry.key,
-            "dtype": str(x.dtype).removeprefix("torch."),
-            "shape": list(x.shape),
-            "stride": list(x.stride()),
-            "offset": x.storage_offset(),
-        }
-        if x.is_conj():
-            node["conj"] = True
-        if x.is_neg():
-            node["neg"] = True
+            node: dict[str, Any] = {"tensor": entry.key}
+        else:
+            node = {
+                "tensor": entry.key,
+                "dtype": str(x.dtype).removeprefix("torch."),
+                "shape": list(x.shape),
+                "stride": list(x.stride()),
+                "offset": x.storage_offset(),
+            }
+            if x.is_conj():
+                node["conj"] = True
+            if x.is_neg():
+                node["neg"] = True
+        self._nodes[id(entry)].append(node)
         return node
 
     def encode_array(self, x: Any, path: Path) -> Any:
