@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
@@ -184,3 +185,16 @@ def test_a_tensor_that_spans_its_storage_is_stored_as_itself_after_its_views(
     assert back["view"].stride() == first[view].stride()
     assert torch.equal(back["whole"], whole)
     assert back["view"].untyped_storage().data_ptr() == back["whole"].untyped_storage().data_ptr()
+
+
+# -- what a save reports ------------------------------------------------------------------------
+
+
+def test_both_faces_count_the_bytes_of_numpy_arrays(tmp_path: Path) -> None:
+    # save_sync counted the file's data (numpy arrays included) and save only the storages
+    # of staged tensors: the same state dict, the same file, two different nbytes (and a
+    # gb_per_s of 0 for a state of numpy arrays).
+    saved = {"rng": np.arange(1000, dtype=np.float64), "w": torch.ones(4)}
+    blocking = astage.save_sync(saved, tmp_path / "s.safetensors")
+    awaited = anyio.run(astage.save, saved, tmp_path / "a.safetensors")
+    assert blocking.nbytes == awaited.nbytes == 8000 + 16

@@ -61,7 +61,7 @@ class SaveResult(NamedTuple):
     tensors: int
     """Tensors written (a tensor at two paths counts twice)."""
     nbytes: int
-    """Bytes of tensor data (each storage once)."""
+    """Bytes of tensor data (each storage once), numpy arrays' included."""
     staging_seconds: float
     """From the start of staging until the last tensor landed in host memory."""
     writing_seconds: float
@@ -299,11 +299,15 @@ async def run_save(
                     await writer.write(path, tensor)
             staged = time.perf_counter()
 
+            layout = writer.layout if isinstance(writer, SafetensorsWriter) else None
+
             def result(done: float) -> SaveResult:
                 return SaveResult(
                     path=getattr(writer, "path", None),
                     tensors=tensors,
-                    nbytes=sum(storages.values()),
+                    # The file's data: numpy arrays' bytes too, which no staged tensor brings
+                    # (as save_sync counts them).
+                    nbytes=layout.nbytes if layout is not None else sum(storages.values()),
                     staging_seconds=staged - staging,
                     writing_seconds=done - (first_write or staged),
                     seconds=done - started,
