@@ -112,3 +112,42 @@ def test_buffers_a_call_staged_into_are_never_touched_by_a_later_reserve() -> No
         with stager.snapshot(state) as snapshot:
             assert stager.reserve(state).nbytes == 0
             assert all(torch.equal(snapshot.state_dict[name], state[name]) for name in state)
+
+
+# -- timeouts ----------------------------------------------------------------------------------
+
+
+def test_a_timeout_too_large_for_a_float_means_no_limit() -> None:
+    # Before: stage(timeout=10**400) and Lease.wait(10**400) raised a raw OverflowError (the
+    # deadline's sum, NaN check) where timeout=inf means no limit; now it means the same.
+    with astage.SyncStager() as stager:
+        stager.stage(_state(), timeout=10**400)
+        hold = stager.hold_buffers()
+        hold.release()
+        assert hold.wait(10**400)
+
+
+def test_a_timeout_behind_a_close_that_waits_for_a_lease_is_kept() -> None:
+    # Before: with buffers=2 (a set free), a stage(timeout=0.05) behind a close() in another
+    # thread that waited for a snapshot's release waited for that release, however long,
+    # before it was refused as closed: the timeout bounded nothing. Now it is refused
+    # (StagerClosedError, a call can never run there) once its timeout ran out.
+    import threading
+
+    stager = astage.SyncStager(buffers=2)
+    snapshot = stager.snapshot(_state())
+    closer = threading.Thread(target=stager.close)
+    closer.start()
+    releaser = threading.Timer(2.0, snapshot.release)  # before the fix: the call's end
+    releaser.start()
+    try:
+        while not stager._lock.locked():  # close() holds the stager's lock while it waits
+            closer.join(0.001)
+        with pytest.raises(astage.StagerClosedError, match="closing"):
+            stager.stage(_state(), timeout=0.05)
+        assert not stager.closed
+    finally:
+        releaser.cancel()
+        snapshot.release()
+        closer.join(5)
+    assert stager.closed

@@ -85,12 +85,12 @@ class Lease:
             # A negative one only looks, as threading.Event.wait's does.
             not isinstance(timeout, (int, float))
             or isinstance(timeout, bool)
-            or math.isnan(timeout)
+            or math.isnan(seconds(timeout))
         ):
             raise InvalidOptionsError(
                 f"timeout must be None or a number of seconds, got {timeout!r}"
             )
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None if timeout is None else time.monotonic() + seconds(timeout)
         while not self.released:
             if deadline is not None and time.monotonic() >= deadline:
                 return False
@@ -138,6 +138,15 @@ class Lease:
 
     def __repr__(self) -> str:
         return f"<Lease {'released' if self.released else 'held'}>"
+
+
+def seconds(timeout: float) -> float:
+    """A checked ``timeout`` as a float: an int too large for one (``10**400``) is no limit,
+    as ``inf`` is, rather than an OverflowError out of the deadline's sum."""
+    try:
+        return float(timeout)
+    except OverflowError:
+        return math.inf
 
 
 def _rebuild_lease(flag: torch.Tensor) -> Lease:

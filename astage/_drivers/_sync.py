@@ -32,12 +32,12 @@ from .._core._run import Run
 from .._devices import _pinning
 from .._devices._backend import DeviceCopies, enqueue_batch
 from .._devices._host import reserve_batch, run_host_batch
-from .._errors import InvalidOptionsError, UsageError
+from .._errors import InvalidOptionsError, StagerClosedError, UsageError
 from .._options import StagingOptions
 from .._torch import staging_defaults
 from ._base import CallOrder, Reservation, ReserveProgress, ReserveWork, StagerBase
 from ._gc import gc_paused
-from ._leases import POLL_S, Lease
+from ._leases import POLL_S, Lease, seconds
 from ._sets import BufferSet
 from ._snapshots import Snapshot
 
@@ -79,6 +79,8 @@ class SyncStager(StagerBase):
         # that thread (a reserve() progress callback that stages) would wait on the lock for
         # itself forever, so it is refused instead.
         self._owner: int | None = None
+        # close() is waiting (holding _lock) for the leases: a call behind it can never run.
+        self._closing = False
 
     def stage(self, state_dict: Any, *, after: object = None, timeout: float | None = None) -> Any:
         """A copy of ``state_dict`` whose tensors all live in host buffers of this stager.
@@ -162,6 +164,8 @@ class SyncStager(StagerBase):
             raise InvalidOptionsError(
                 f"timeout must be None or a non-negative number of seconds, got {timeout!r}"
             )
+        if timeout is not None:
+            timeout = seconds(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         self._check_open()
         self._enter(_ANY_THREAD)
@@ -213,8 +217,14 @@ class SyncStager(StagerBase):
         elif not self._lock.acquire(
             timeout=min(max(0.0, deadline - time.monotonic()), threading.TIMEOUT_MAX)
         ):
-            # Past the deadline: give up once every set is leased, look again every POLL_S.
+            # Past the deadline: give up once every set is leased, or close() waits for a
+            # lease (the call would only be refused once it is done); look every POLL_S.
             while not self._lock.acquire(timeout=POLL_S):
+                if self._closing:
+                    raise StagerClosedError(
+                        f"this {type(self).__name__} is closing: close() waits for its "
+                        "snapshots and buffer holds to be released"
+                    )
                 if self._free_set() is None:
                     assert timeout is not None
                     raise self._lease_timeout(timeout)
@@ -281,7 +291,11 @@ class SyncStager(StagerBase):
         with self._locked("close()"):
             if self._closed:
                 return
-            self._sets.board.wait_for(self._sets.all_released)
+            self._closing = True
+            try:
+                self._sets.board.wait_for(self._sets.all_released)
+            finally:
+                self._closing = False  # closed now, or interrupted (KeyboardInterrupt): open
             self._synchronize_devices()
             self._release_everything()
             _pinning.unpin_released()
