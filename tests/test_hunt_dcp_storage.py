@@ -5,6 +5,7 @@ before the fix it came with."""
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -207,3 +208,48 @@ def test_a_checkpoint_id_that_is_no_path_is_refused_before_the_save(tmp_path: Pa
             {"w": torch.ones(2)}, checkpoint_id=folder, storage_writer=writer, no_dist=True
         )
         assert load_into({"w": torch.zeros(2)}, Path(folder))["w"].tolist() == [1.0, 1.0]
+
+
+def test_async_saves_that_overlap_on_one_writer_each_commit_their_own_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: a save's folder, save id and rank were the writer's attributes, and the second
+    # async_save's upload thread set them (reset(checkpoint_id)) while the first upload was
+    # still writing: the first save wrote its files and its .metadata into the second's folder,
+    # its own folder was never committed, and its upload future reported success.
+    first_may_write = threading.Event()
+    original_write_data = FileSystemWriter.write_data
+    original_reset = FileSystemWriter.reset
+    calls = 0
+
+    def write_data(self: FileSystemWriter, plan: Any, planner: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # the first save's upload waits for the second save to begin
+            assert first_may_write.wait(timeout=60)
+        return original_write_data(self, plan, planner)
+
+    def reset(self: FileSystemWriter, checkpoint_id: Any = None) -> None:
+        original_reset(self, checkpoint_id)
+        if checkpoint_id is not None and Path(checkpoint_id).name == "second":
+            first_may_write.set()
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", write_data)
+    monkeypatch.setattr(FileSystemWriter, "reset", reset)
+    writer = FileSystemWriter(tmp_path / "unused")
+    uploads = []
+    for name, value in (("first", 1.0), ("second", 2.0)):
+        upload = state_dict_saver.async_save(
+            {"w": torch.full((8,), value)},
+            checkpoint_id=tmp_path / name,
+            storage_writer=writer,
+            no_dist=True,
+        )
+        assert isinstance(upload, Future)
+        uploads.append(upload)
+    for upload in uploads:
+        upload.result(timeout=60)
+    writer.close()
+    for name, value in (("first", 1.0), ("second", 2.0)):
+        loaded = load_into({"w": torch.zeros(8)}, tmp_path / name)
+        assert torch.equal(loaded["w"], torch.full((8,), value)), name

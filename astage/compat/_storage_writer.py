@@ -143,6 +143,7 @@ class FileSystemWriter(StorageWriter, AsyncStager):
         self._landing: _LandingStager | None = None  # uncached staging, made on first use
         self._prewrite: _Prewrite | None = None  # the data file stage() started writing
         self._prewrite_lock = threading.Lock()  # stage() and write_data() run in two threads
+        self._thread = _ThreadSaves()  # each save's own state (see _Save)
 
     # -- DCP's AsyncStager protocol -------------------------------------------------------------
 
@@ -204,11 +205,13 @@ class FileSystemWriter(StorageWriter, AsyncStager):
         state["_landing"] = None
         state["_prewrite"] = None
         state["_prewrite_lock"] = None
+        state["_thread"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._prewrite_lock = threading.Lock()
+        self._thread = _ThreadSaves()
 
     def _start_prewrite(self) -> _Prewrite | None:
         if not (self.single_file_per_rank and self.write_while_staging):
@@ -238,59 +241,73 @@ class FileSystemWriter(StorageWriter, AsyncStager):
         if checkpoint_id:
             self.path = folder_path("checkpoint_id", checkpoint_id)
         self.save_id = secrets.token_hex(8)
+        # The save that follows in this thread goes to this folder, whatever another thread's
+        # save (an overlapping async_save) resets the writer to meanwhile.
+        self._thread.reset_path = self.path
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         # Every save starts here, reset() or not (DCP calls reset() only when given a
         # checkpoint_id): a writer reused for saves into its folder must not name its data
         # files as the committed checkpoint it replaces does, or it overwrites them in place.
-        self.save_id = secrets.token_hex(8)
-        self.is_coordinator = is_coordinator
-        self.rank = kwargs.get("rank")
-        self.use_collectives = kwargs.get("use_collectives", True)
+        path, self._thread.reset_path = self._thread.reset_path or self.path, None
+        save = _Save(
+            path=path,
+            save_id=secrets.token_hex(8),
+            is_coordinator=is_coordinator,
+            rank=kwargs.get("rank"),
+            use_collectives=kwargs.get("use_collectives", True),
+        )
+        self._thread.save = save
+        # The writer's attributes show the latest save, as DCP's do; the save reads its own.
+        self.save_id, self.is_coordinator = save.save_id, save.is_coordinator
+        self.rank, self.use_collectives = save.rank, save.use_collectives
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        save = self._save()
         try:
-            os.makedirs(self.path, exist_ok=True)
+            os.makedirs(save.path, exist_ok=True)
         except OSError as error:  # a file in its place, or on its path; no permission
             self._drop_prewrite()
-            raise _write_error(self.path, "cannot make the checkpoint folder", error) from error
-        if os.path.exists(self._metadata_path()) and not self.overwrite:
+            raise _write_error(save.path, "cannot make the checkpoint folder", error) from error
+        if os.path.exists(save.metadata_path()) and not self.overwrite:
             self._drop_prewrite()  # this save ends here: its early file must not stay behind
             raise CheckpointWriteError(
-                f"{self.path}: a checkpoint is already there and overwrite=False"
+                f"{save.path}: a checkpoint is already there and overwrite=False"
             )
-        if self.rank is not None and not self.use_collectives:
-            plan = dataclasses.replace(plan, storage_data=_StoragePrefix(self._prefix(self.rank)))
+        if save.rank is not None and not save.use_collectives:
+            plan = dataclasses.replace(plan, storage_data=_StoragePrefix(save.prefix(save.rank)))
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        save = self._save()
         return [
             plan
             if plan.storage_data is not None
-            else dataclasses.replace(plan, storage_data=_StoragePrefix(self._prefix(rank)))
+            else dataclasses.replace(plan, storage_data=_StoragePrefix(save.prefix(rank)))
             for rank, plan in enumerate(plans)
         ]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         prefix: _StoragePrefix = plan.storage_data
+        folder = self._save().path
         prewrite = self._take_prewrite()
         if prewrite is not None and not (
-            self.single_file_per_rank and _same_file_system(prewrite.folder, self.path)
+            self.single_file_per_rank and _same_file_system(prewrite.folder, folder)
         ):  # reset() moved the save to another file system after stage(): write it all here
             prewrite.discard()
             prewrite = None
         if prewrite is not None:
             name = f"{prefix.prefix}0{DATA_SUFFIX}"
-            results = prewrite.commit(plan.items, planner, self.path, name, sync=self.sync_files)
+            results = prewrite.commit(plan.items, planner, folder, name, sync=self.sync_files)
         else:
             items = [_Payload.resolve(item, planner) for item in plan.items]
             groups = [items] if self.single_file_per_rank else [[item] for item in items]
             files = [
-                _DataFile(self.path, f"{prefix.prefix}{number}{DATA_SUFFIX}", group)
+                _DataFile(folder, f"{prefix.prefix}{number}{DATA_SUFFIX}", group)
                 for number, group in enumerate(groups)
                 if group or number == 0
             ]
-            _write_files(files, self.thread_count, self.chunk_bytes, self.sync_files, self.path)
+            _write_files(files, self.thread_count, self.chunk_bytes, self.sync_files, folder)
             results = [result for file in files for result in file.results()]
         future: Future[list[WriteResult]] = Future()
         future.set_result(results)
@@ -299,8 +316,9 @@ class FileSystemWriter(StorageWriter, AsyncStager):
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         metadata.version = "1.0.0"  # DCP's CURRENT_DCP_VERSION: its reader expects it
         metadata.storage_data = {wr.index: wr.storage_data for rs in results for wr in rs}
-        metadata.storage_meta = self.storage_meta()
-        final = self._metadata_path()
+        save = self._save()
+        metadata.storage_meta = StorageMeta(checkpoint_id=save.path, save_id=save.save_id)
+        final = save.metadata_path()
         temp = _temp_name(final)
         try:
             with open(temp, "xb") as stream:
@@ -316,23 +334,28 @@ class FileSystemWriter(StorageWriter, AsyncStager):
                 raise _write_error(final, "cannot commit", error) from error
             raise
         if self.sync_files:
-            _fsync_folder(self.path)
-        if self.use_collectives:
-            _remove_unreferenced(self.path, metadata.storage_data.values())
-        elif self.rank is not None and not os.path.exists(os.path.join(self.path, METADATA_NAME)):
+            _fsync_folder(save.path)
+        if save.use_collectives:
+            _remove_unreferenced(save.path, metadata.storage_data.values())
+        elif save.rank is not None and not os.path.exists(os.path.join(save.path, METADATA_NAME)):
             # Without collectives each rank commits a metadata file of its own, naming only its
             # own data files: it removes its replaced ones (they piled up, one per save), and
             # never another rank's. Not beside a global .metadata: that one (which DCP loads
             # first) may name this rank's older files too.
-            _remove_unreferenced(self.path, metadata.storage_data.values(), f"__{self.rank}_")
+            _remove_unreferenced(save.path, metadata.storage_data.values(), f"__{save.rank}_")
 
     def storage_meta(self) -> StorageMeta | None:
-        return StorageMeta(checkpoint_id=self.path, save_id=self.save_id)
+        # DCP asks before set_up_storage_writer: the folder reset() chose for this thread's save.
+        reset_path = self._thread.reset_path
+        if reset_path is not None:
+            return StorageMeta(checkpoint_id=reset_path, save_id=self.save_id)
+        save = self._save()
+        return StorageMeta(checkpoint_id=save.path, save_id=save.save_id)
 
     @property
     def checkpoint_id(self) -> str:
-        """The folder this writer saves into."""
-        return self.path
+        """The folder this writer saves into (in this thread: the save it runs, if any)."""
+        return self._thread.reset_path or self._save().path
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
@@ -340,7 +363,29 @@ class FileSystemWriter(StorageWriter, AsyncStager):
 
     # -- helpers --------------------------------------------------------------------------------
 
-    def _metadata_path(self) -> str:
+    def _save(self) -> _Save:
+        """The save this thread runs: DCP makes every call of a save in one thread (the caller's
+        for ``dcp.save``, the save's own upload thread for ``dcp.async_save``), and two async
+        saves with one writer run at once. Outside a save, the writer's own state."""
+        save = self._thread.save
+        if save is None:
+            save = _Save(
+                self.path, self.save_id, self.is_coordinator, self.rank, self.use_collectives
+            )
+        return save
+
+
+@dataclasses.dataclass
+class _Save:
+    """One save's folder, save id and place in the process group."""
+
+    path: str
+    save_id: str
+    is_coordinator: bool
+    rank: int | None
+    use_collectives: bool
+
+    def metadata_path(self) -> str:
         name = (
             f"__{self.rank}{METADATA_NAME}"
             if not self.use_collectives and self.rank is not None
@@ -348,7 +393,7 @@ class FileSystemWriter(StorageWriter, AsyncStager):
         )
         return os.path.join(self.path, name)
 
-    def _prefix(self, rank: int) -> str:
+    def prefix(self, rank: int) -> str:
         # Over a committed checkpoint, fresh names: its files stay whole until the new metadata
         # replaces its own (a crash in between leaves it loadable). Either kind of metadata
         # may name __{rank}_0.distcp: the global .metadata (which DCP loads first) and the
@@ -358,6 +403,13 @@ class FileSystemWriter(StorageWriter, AsyncStager):
         if any(os.path.exists(os.path.join(self.path, name)) for name in names):
             return f"__{rank}_{self.save_id}_"
         return f"__{rank}_"
+
+
+class _ThreadSaves(threading.local):
+    """Per thread: the folder a ``reset()`` chose for the next save, and the save running."""
+
+    reset_path: str | None = None
+    save: _Save | None = None
 
 
 # -- writing --------------------------------------------------------------------------------------
