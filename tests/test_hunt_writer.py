@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -198,3 +200,44 @@ def test_both_faces_count_the_bytes_of_numpy_arrays(tmp_path: Path) -> None:
     blocking = astage.save_sync(saved, tmp_path / "s.safetensors")
     awaited = anyio.run(astage.save, saved, tmp_path / "a.safetensors")
     assert blocking.nbytes == awaited.nbytes == 8000 + 16
+
+
+# -- the writer's threads -----------------------------------------------------------------------
+
+
+def test_a_refused_writer_thread_leaves_no_cleanup_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # When the system refused the second writer thread, the first one (already started) was
+    # told to stop and the error raised at once: that thread closed the descriptors and
+    # removed the temporary file while the caller, handling the error, closed them again,
+    # a double close that can hit a descriptor number reused meanwhile by another file.
+    real_start = threading.Thread.start
+    started: list[str] = []
+
+    def start(thread: threading.Thread) -> None:
+        if thread.name.startswith("astage-writer-"):
+            started.append(thread.name)
+            if len(started) == 2:
+                raise RuntimeError("can't start new thread")
+        real_start(thread)
+
+    real_cleanup = _writer.SafetensorsWriter._close_and_remove
+    inside: list[str] = []
+    overlapped: list[bool] = []
+
+    def slow_cleanup(writer: _writer.SafetensorsWriter) -> None:
+        inside.append(threading.current_thread().name)
+        overlapped.append(len(inside) > 1)
+        time.sleep(0.05)  # the first thread's cleanup is still here when the error is raised
+        real_cleanup(writer)
+        inside.pop()
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    monkeypatch.setattr(_writer.SafetensorsWriter, "_close_and_remove", slow_cleanup)
+    with pytest.raises(astage.CheckpointWriteError, match="cannot start a writer thread"):
+        astage.save_sync(state(), tmp_path / "c.safetensors")
+    assert inside == []  # every cleanup had ended when the error reached the caller
+    assert not any(overlapped)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == []

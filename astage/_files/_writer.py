@@ -731,6 +731,10 @@ class WriteThreads:
                 last = self._running == 0
             if last:
                 self._end()
+            else:
+                # A started thread ends the file (closes, removes): wait for it, so that the
+                # caller's own cleanup cannot close the same descriptors a second time.
+                self._finished.wait()
             raise CheckpointWriteError(f"cannot start a writer thread for {writer.path}") from error
 
     # -- what the faces call --------------------------------------------------------------------
