@@ -151,3 +151,27 @@ def test_a_timeout_behind_a_close_that_waits_for_a_lease_is_kept() -> None:
         snapshot.release()
         closer.join(5)
     assert stager.closed
+
+
+def test_a_release_from_a_finalizer_in_the_waiting_thread_does_not_deadlock() -> None:
+    # Before: the board that wakes waiters was a condition on a plain lock, which a waiting
+    # thread holds for a moment around each wait. A release() run by that same thread in that
+    # moment (a finalizer that releases, set off by the collector at the wait's allocation;
+    # a signal handler) waited on the lock the thread itself held: a deadlock, forever. Here
+    # the moment is held open by hand, in a thread of its own so that a hang cannot hang pytest.
+    import threading
+
+    stager = astage.SyncStager()
+    snapshot = stager.snapshot(_state())
+    board = stager._sets.board
+
+    def release_while_waiting() -> None:
+        with board._changed:  # what LeaseBoard.pause holds around its wait
+            snapshot.release()
+
+    releaser = threading.Thread(target=release_while_waiting, daemon=True)
+    releaser.start()
+    releaser.join(5)
+    assert not releaser.is_alive(), "release() deadlocked on the waiter's lock"
+    stager.stage(_state(), timeout=2.0)
+    stager.close()

@@ -169,7 +169,9 @@ class LeaseBoard:
     """Where one stager's leases wake up its waiters: a condition, notified on each release."""
 
     def __init__(self) -> None:
-        self._changed = threading.Condition(threading.Lock())
+        # Reentrant: a release() may run in a thread that is inside pause() (a finalizer the
+        # collector sets off there, a signal handler), which would wait on its own lock.
+        self._changed = threading.Condition(threading.RLock())
 
     def notify(self) -> None:
         with self._changed:
