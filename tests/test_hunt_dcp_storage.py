@@ -17,7 +17,7 @@ from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.storage import WriteResult
 
 from astage import InvalidOptionsError
-from astage.compat import FileSystemReader, FileSystemWriter
+from astage.compat import FileSystemReader, FileSystemWriter, _storage_writer
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:torch.distributed is disabled:UserWarning",
@@ -253,3 +253,25 @@ def test_async_saves_that_overlap_on_one_writer_each_commit_their_own_checkpoint
     for name, value in (("first", 1.0), ("second", 2.0)):
         loaded = load_into({"w": torch.zeros(8)}, tmp_path / name)
         assert torch.equal(loaded["w"], torch.full((8,), value)), name
+
+
+def test_many_small_items_are_written_in_runs_that_one_pwritev_takes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: small neighbours were gathered into runs of up to chunk_bytes (8 MiB) whatever
+    # their number, so 100,000 small tensors made one run of 100,000 buffers: written by one
+    # thread, in a time that grew with the square of the count (0.87 s against 0.04 s in runs
+    # of IOV_MAX buffers; 1,000,000 would take minutes).
+    runs: list[int] = []
+    write_piece = _storage_writer._write_piece
+
+    def counting(fd: int, buffers: list[memoryview], offset: int, writeback: bool) -> None:
+        runs.append(len(buffers))
+        write_piece(fd, buffers, offset, writeback)
+
+    monkeypatch.setattr(_storage_writer, "_write_piece", counting)
+    sd = {f"t{number}": torch.full((2,), float(number)) for number in range(2500)}
+    save(sd, FileSystemWriter(tmp_path, sync_files=False))
+    assert sum(runs) == 2500 and max(runs) <= 1024, runs
+    loaded = load_into({key: torch.zeros(2) for key in sd}, tmp_path)
+    assert all(torch.equal(loaded[key], value) for key, value in sd.items())

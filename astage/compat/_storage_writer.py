@@ -55,7 +55,7 @@ from .._errors import (
     CheckpointWriteError,
     InvalidOptionsError,
 )
-from .._files._writer import pwritev_all, start_writeback
+from .._files._writer import _IOV_MAX, pwritev_all, start_writeback
 from ._blocking import BlockingAsyncStager
 from ._storage import (
     DATA_SUFFIX,
@@ -474,7 +474,9 @@ class _DataFile:
         ]
 
     def pieces(self, chunk_bytes: int) -> Iterable[tuple[int, list[memoryview]]]:
-        """(offset, buffers) runs of at most ``chunk_bytes``: small neighbours go together."""
+        """(offset, buffers) runs of at most ``chunk_bytes`` and ``_IOV_MAX`` buffers: small
+        neighbours go together (a run of more buffers than one pwritev takes was written
+        in a time that grew with the square of their number, and by one thread)."""
         start, run, run_bytes = 0, list[memoryview](), 0
         for payload, offset in zip(self.payloads, self.offsets, strict=True):
             data = payload.data
@@ -486,7 +488,7 @@ class _DataFile:
                 run.append(data[done : done + take])
                 run_bytes += take
                 done += take
-                if run_bytes >= chunk_bytes:
+                if run_bytes >= chunk_bytes or len(run) >= _IOV_MAX:
                     yield start, run
                     run, run_bytes = [], 0
         if run:
