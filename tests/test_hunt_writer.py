@@ -241,3 +241,28 @@ def test_a_refused_writer_thread_leaves_no_cleanup_running(
     assert not any(overlapped)
     monkeypatch.undo()
     assert os.listdir(tmp_path) == []
+
+
+# -- folders a filesystem cannot fsync ----------------------------------------------------------
+
+
+def test_a_filesystem_that_cannot_fsync_folders_still_saves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A filesystem with no fsync for folders (some FUSE and network mounts) answers it with
+    # EINVAL: nothing to flush there. Every save then failed after its rename, the new file
+    # in place but reported as a CheckpointWriteError (PostgreSQL ignores this error too).
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    target = tmp_path / "c.safetensors"
+    expected = state()
+    astage.save_sync(expected, target)
+    anyio.run(astage.save, expected, target)
+    monkeypatch.undo()
+    assert_holds(target, expected)

@@ -76,6 +76,7 @@ _DIRECT_REFUSED = (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP)
 # (O_CREAT grants it), so that file is written buffered.
 _DIRECT_DENIED = (errno.EACCES, errno.EPERM)
 _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+_FOLDER_FSYNC_UNSUPPORTED = (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP)
 
 _SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>: start writeback of the range's dirty pages, no wait
 _CANCEL_POLL_S = 0.05  # how soon a task waiting for the threads notices its cancellation
@@ -648,7 +649,7 @@ class SafetensorsWriter:
         folder_fd, self._folder_fd = self._folder_fd, None
         assert folder_fd is not None
         try:
-            os.fsync(folder_fd)
+            fsync_folder_fd(folder_fd)
         except OSError as error:
             raise _write_error(
                 self.path, "renamed, but cannot fsync the folder of", error
@@ -954,8 +955,23 @@ def _reserve(fd: int, size: int) -> None:
 
 def fsync_folder(folder: str) -> None:
     """Make a rename inside ``folder`` durable."""
-    fd = os.open(folder or ".", os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    fd = os.open(folder or ".", os.O_RDONLY | _O_DIRECTORY)
     try:
-        os.fsync(fd)
+        fsync_folder_fd(fd)
     finally:
         os.close(fd)
+
+
+def fsync_folder_fd(fd: int) -> None:
+    """fsync an open folder; a filesystem that cannot sync folders has nothing to flush.
+
+    The kernel answers EINVAL where a filesystem has no fsync for folders (some FUSE and
+    network mounts): the rename is then as durable as that filesystem makes it, and failing
+    the save for it would report a checkpoint that is in place as lost (PostgreSQL ignores
+    this error for the same reason).
+    """
+    try:
+        os.fsync(fd)
+    except OSError as error:
+        if error.errno not in _FOLDER_FSYNC_UNSUPPORTED:
+            raise
