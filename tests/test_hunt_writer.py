@@ -249,9 +249,10 @@ def test_a_refused_writer_thread_leaves_no_cleanup_running(
 def test_a_filesystem_that_cannot_fsync_folders_still_saves(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A filesystem with no fsync for folders (some FUSE and network mounts) answers it with
-    # EINVAL: nothing to flush there. Every save then failed after its rename, the new file
-    # in place but reported as a CheckpointWriteError (PostgreSQL ignores this error too).
+    # A filesystem with no fsync for folders (some FUSE and network mounts) answers fsync()
+    # on a folder with EINVAL: nothing to flush there. Every save then failed after its
+    # rename, the new file in place but reported as a CheckpointWriteError (PostgreSQL
+    # ignores this error too).
     real_fsync = os.fsync
 
     def fsync(fd: int) -> None:
