@@ -175,3 +175,49 @@ def test_a_release_from_a_finalizer_in_the_waiting_thread_does_not_deadlock() ->
     assert not releaser.is_alive(), "release() deadlocked on the waiter's lock"
     stager.stage(_state(), timeout=2.0)
     stager.close()
+
+
+# -- what a call keeps after it ended -----------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_a_stage_iter_block_lets_go_of_the_state_dict_when_it_exits() -> None:
+    # Before: the block's iterator (`landed`, still bound in the caller's frame after the
+    # block) kept the call's state dict, so every source tensor stayed alive (device memory
+    # too, for a state dict gathered for the save) with its host buffer cached, and it kept
+    # the staged tensors that had landed but were never handed out, so that in_use() said the
+    # buffers were in use. Now the block's exit lets go of both.
+    import weakref
+
+    async with astage.Stager() as stager:
+        source = torch.randn(1000)
+        source_ref = weakref.ref(source)
+        async with stager.stage_iter({"x": source, "y": torch.randn(3)}) as landed:
+            async for _path, tensor in landed:
+                del tensor
+                break
+        del source
+        gc.collect()
+        assert source_ref() is None, "the finished block still keeps the source alive"
+        assert not stager._cache.in_use()
+        with pytest.raises(astage.UsageError):
+            await landed.__anext__()
+
+
+@pytest.mark.asyncio
+async def test_a_snapshot_call_kept_by_its_caller_lets_go_of_the_state_dict() -> None:
+    # Before: the object snapshot() returns kept the staged state dict (and the source's)
+    # after it was awaited, so a caller that kept it (`call = stager.snapshot(sd)`) kept both
+    # after the snapshot's release, which is to let go of them.
+    import weakref
+
+    async with astage.Stager() as stager:
+        source = torch.randn(1000)
+        source_ref = weakref.ref(source)
+        call = stager.snapshot({"x": source})
+        async with call as snapshot:
+            staged_ref = weakref.ref(snapshot.state_dict["x"])
+        del source, snapshot
+        gc.collect()
+        assert source_ref() is None and staged_ref() is None
+        del call

@@ -485,6 +485,10 @@ class _Call:
             self._run = stager._new_run(
                 self._state_dict, buffer_set, track_leaves=self._track_leaves
             )
+            # The run has it now, until the call exits. A stage_iter() block's iterator, which
+            # its caller keeps bound after the block, would otherwise keep every source alive
+            # (device memory too) and their buffers cached.
+            self._state_dict = None
             self.buffer_set = buffer_set
             # Per call (calls run one at a time), so that they belong to the caller's loop.
             self._host_limiter = anyio.CapacityLimiter(stager._resolved.copy_threads)
@@ -519,6 +523,7 @@ class _Call:
             if self._run is not None:  # a failed or cancelled call's (a finished one's: empty)
                 self._run.cache.written(self._run.plan.copies.buffers)
             self._run = None
+            self._state_dict = None
             await self._turn.__aexit__(None, None, None)
 
     @property
@@ -752,7 +757,9 @@ class _SnapshotCall:
             if lease is not None:  # the turn's exit failed: nobody will ever release it
                 lease.release()
             raise
-        return Snapshot(call.result, lease)
+        snapshot = Snapshot(call.result, lease)
+        call.result = None  # the snapshot's now: released, it lets go of it
+        return snapshot
 
     async def __aenter__(self) -> Snapshot:
         self._snapshot = await self._take()
@@ -774,6 +781,7 @@ class _StageIter:
     def __init__(self, stager: Stager, state_dict: Any, after: object) -> None:
         self._call = _Call(stager, state_dict, track_leaves=True, after=after, what="stage_iter()")
         self._entered = False
+        self._landed: _Landed | None = None
 
     async def __aenter__(self) -> AsyncIterator[tuple[Path, torch.Tensor]]:
         # A call's state (its walk, its producer marks) serves one block: entered again, the
@@ -785,7 +793,8 @@ class _StageIter:
             )
         self._entered = True
         await self._call.__aenter__()
-        return _Landed(self._call)
+        self._landed = _Landed(self._call)
+        return self._landed
 
     async def __aexit__(
         self,
@@ -793,7 +802,11 @@ class _StageIter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self._call.__aexit__(exc_type, exc, tb)
+        try:
+            await self._call.__aexit__(exc_type, exc, tb)
+        finally:
+            if self._landed is not None:
+                self._landed.let_go()
 
 
 class _Landed:
@@ -806,6 +819,12 @@ class _Landed:
 
     def __aiter__(self) -> _Landed:
         return self
+
+    def let_go(self) -> None:
+        """The block exited: drop the tensors that landed and were never handed out, which
+        the caller may no longer read and which would stay alive as long as this iterator
+        (usually bound in the caller's frame after the block)."""
+        self._ready = []
 
     async def __anext__(self) -> tuple[Path, torch.Tensor]:
         # Checked first, not only when more must be awaited: tensors that had landed before
