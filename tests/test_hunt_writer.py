@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -267,3 +268,16 @@ def test_a_filesystem_that_cannot_fsync_folders_still_saves(
     anyio.run(astage.save, expected, target)
     monkeypatch.undo()
     assert_holds(target, expected)
+
+
+def test_a_special_file_at_the_target_is_not_replaced(tmp_path: Path) -> None:
+    # The rename replaced whatever was at the target: a FIFO a reader was waiting on, and for
+    # root (as in many containers) a device such as /dev/null, with a regular file, without
+    # a word. Only a regular file (or a link, which is replaced, not followed) is replaced.
+    target = tmp_path / "c.safetensors"
+    os.mkfifo(target)
+    with pytest.raises(astage.CheckpointWriteError, match="not a regular file") as caught:
+        astage.save_sync(state(), target)
+    assert str(target) in str(caught.value)
+    assert os.listdir(tmp_path) == ["c.safetensors"]
+    assert stat.S_ISFIFO(os.lstat(target).st_mode)

@@ -584,17 +584,24 @@ class SafetensorsWriter:
             raise _write_error(self.path, "cannot write", error) from error
 
     def _check_target(self) -> None:
-        """Refuse what the final rename would refuse, before anything is staged or written:
-        a folder at the target, a name too long for its folder (the temporary file's name
-        is cut to fit, so only the rename would find out)."""
+        """Refuse, before anything is staged or written, a target the final rename would
+        refuse (a folder; a name too long for its folder: the temporary file's name is cut
+        to fit, so only the rename would find out) or must not replace: a FIFO, a device
+        such as /dev/null (which root may replace), a socket. A regular file is replaced,
+        and so is a symbolic link (not followed)."""
         folder, name = os.path.split(self.path)
         try:
-            is_folder = stat.S_ISDIR(os.lstat(self.path).st_mode)  # a link is replaced
+            mode = os.lstat(self.path).st_mode
         except OSError:
-            is_folder = False  # not there (the usual case), or the create says why below
-        if is_folder:
+            mode = None  # not there (the usual case), or the create says why below
+        if mode is not None and stat.S_ISDIR(mode):
             refusal = OSError(errno.EISDIR, os.strerror(errno.EISDIR), self.path)
             raise _write_error(self.path, "cannot write", refusal)
+        if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+            raise CheckpointWriteError(
+                f"cannot write {self.path}: it is not a regular file (a FIFO, a device or a "
+                "socket), which a save would replace; give a file's path"
+            )
         try:
             name_max = os.pathconf(folder, "PC_NAME_MAX")
         except (OSError, ValueError):
