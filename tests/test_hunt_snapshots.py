@@ -221,3 +221,34 @@ async def test_a_snapshot_call_kept_by_its_caller_lets_go_of_the_state_dict() ->
         gc.collect()
         assert source_ref() is None and staged_ref() is None
         del call
+
+
+# -- huge pages ---------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_the_huge_page_probe_never_runs_on_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Before: with huge_pages=None the probe (populating 32 MiB, 10-150 ms) ran where the walk
+    # met its first buffer of 2 MiB or more: on the event loop, which it held that long. The
+    # async face now asks it in a worker thread before its first walk.
+    import threading
+
+    from astage._core import _cache
+
+    threads: list[int] = []
+
+    def probe() -> bool:
+        threads.append(threading.get_ident())
+        return False
+
+    monkeypatch.setattr(_cache, "huge_pages_help", probe)
+    state = {"big": torch.ones(3 << 20, dtype=torch.uint8)}
+    async with astage.Stager(huge_pages=None, buffers=2) as stager:
+        staged = await stager.stage(state)
+        assert torch.equal(staged["big"], state["big"])
+        await stager.reserve(state)
+        await stager.stage(state)
+    assert threads and threading.get_ident() not in threads
+    assert len(threads) == 2  # once per buffer set, as before (the real probe is cached)

@@ -332,6 +332,18 @@ class BufferCache:
             huge = self._huge_pages = huge_pages_help()
         return huge and huge_pages_available()
 
+    @property
+    def huge_pages_undecided(self) -> bool:
+        """Whether the first large buffer would run the huge-page probe (``huge_pages=None``)."""
+        return self._huge_pages is None
+
+    def decide_huge_pages(self) -> None:
+        """Run the huge-page probe now, if it is to run at all (blocking, 10-150 ms once per
+        process): the async face calls this in a worker thread before a walk, which would
+        otherwise run it on the event loop at the first large buffer."""
+        if self._huge_pages is None:
+            self._huge_pages = huge_pages_help()
+
     def _remove(self, buffer: HostBuffer) -> None:
         """Evict ``buffer`` (its source died); runs in whatever thread dropped the source."""
         key = buffer.key

@@ -177,6 +177,7 @@ class Stager(StagerBase):
         self._check_open()
         async with self._turn("reserve()"):
             self._check_open()
+            await self._decide_huge_pages()
             work = ReserveWork(self, state_dict)
             hold = self._resolved.max_loop_hold_s
             with gc_paused(self._resolved.pause_gc), work.allocating():
@@ -228,6 +229,13 @@ class Stager(StagerBase):
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+    async def _decide_huge_pages(self) -> None:
+        """With ``huge_pages=None``, run the probe (first call only) in a worker thread: at the
+        walk's first large buffer it held the event loop 10-150 ms."""
+        for buffer_set in self._sets:
+            if buffer_set.cache.huge_pages_undecided:
+                await anyio.to_thread.run_sync(buffer_set.cache.decide_huge_pages)
 
     # -- one caller at a time --------------------------------------------------------------
 
@@ -482,6 +490,7 @@ class _Call:
         try:
             stager._check_open()
             buffer_set = await stager._sets.board.wait_for_async(stager._free_set)
+            await stager._decide_huge_pages()
             self._run = stager._new_run(
                 self._state_dict, buffer_set, track_leaves=self._track_leaves
             )
