@@ -952,12 +952,15 @@ def _reserve(fd: int, size: int) -> None:
     """Give the file its final size; reserve the blocks too where the filesystem can."""
     if size == 0:
         return
-    try:
-        os.posix_fallocate(fd, 0, size)  # a full disk fails here, before any data is copied
-    except OSError as error:
-        if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-            raise
-        os.ftruncate(fd, size)
+    fallocate = getattr(os, "posix_fallocate", None)  # not where libc lacks it (macOS)
+    if fallocate is not None:
+        try:
+            fallocate(fd, 0, size)  # a full disk fails here, before any data is copied
+            return
+        except OSError as error:
+            if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+    os.ftruncate(fd, size)
 
 
 def fsync_folder(folder: str) -> None:
