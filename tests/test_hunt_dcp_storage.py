@@ -275,3 +275,91 @@ def test_many_small_items_are_written_in_runs_that_one_pwritev_takes(
     assert sum(runs) == 2500 and max(runs) <= 1024, runs
     loaded = load_into({key: torch.zeros(2) for key in sd}, tmp_path)
     assert all(torch.equal(loaded[key], value) for key, value in sd.items())
+
+
+class _OverlappingSaves:
+    """Two ``dcp.save`` calls into one folder from two threads, each with a writer of its own,
+    in a fixed order: both write their data, then the first commits (``finish``), then the
+    second; ``seen_between`` is what the folder loads between the two commits."""
+
+    def __init__(self, folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.folder = folder
+        self.second_wrote = threading.Event()
+        self.first_committed = threading.Event()
+        self.seen_between: torch.Tensor | BaseException | None = None
+        self.errors: list[BaseException] = []
+        original_write_data = FileSystemWriter.write_data
+        original_finish = FileSystemWriter.finish
+
+        def write_data(writer: FileSystemWriter, plan: Any, planner: Any) -> Any:
+            written = original_write_data(writer, plan, planner)
+            if threading.current_thread().name == "second":
+                self.second_wrote.set()
+            return written
+
+        def finish(writer: FileSystemWriter, metadata: Any, results: Any) -> None:
+            if threading.current_thread().name == "first":
+                assert self.second_wrote.wait(timeout=60)
+                try:
+                    original_finish(writer, metadata, results)
+                finally:
+                    self.first_committed.set()
+                return
+            assert self.first_committed.wait(timeout=60)
+            try:
+                self.seen_between = load_into({"w": torch.zeros(8)}, folder)["w"]
+            except BaseException as error:  # noqa: BLE001 - what the folder held is the result
+                self.seen_between = error
+            original_finish(writer, metadata, results)
+
+        monkeypatch.setattr(FileSystemWriter, "write_data", write_data)
+        monkeypatch.setattr(FileSystemWriter, "finish", finish)
+
+    def run(self) -> None:
+        def save_in_thread(value: float) -> None:
+            try:
+                save({"w": torch.full((8,), value)}, FileSystemWriter(self.folder))
+            except BaseException as error:  # noqa: BLE001 - reported by the test
+                self.errors.append(error)
+
+        threads = [
+            threading.Thread(target=save_in_thread, args=(value,), name=name)
+            for name, value in (("first", 1.0), ("second", 2.0))
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert not self.errors, self.errors
+
+
+def test_overlapping_saves_into_a_committed_checkpoint_leave_one_that_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: a commit removed every data file its metadata did not name, those of a save
+    # into the same folder still running included: the second save then committed a .metadata
+    # naming a file the first had deleted, and the folder held no checkpoint that loaded.
+    save({"w": torch.full((8,), 0.0)}, FileSystemWriter(tmp_path))
+    saves = _OverlappingSaves(tmp_path, monkeypatch)
+    saves.run()
+    monkeypatch.undo()
+    assert isinstance(saves.seen_between, torch.Tensor), saves.seen_between
+    assert torch.equal(saves.seen_between, torch.full((8,), 1.0))
+    assert torch.equal(load_into({"w": torch.zeros(8)}, tmp_path)["w"], torch.full((8,), 2.0))
+    save({"w": torch.full((8,), 3.0)}, FileSystemWriter(tmp_path))  # no overlap: all swept
+    assert sorted(os.listdir(tmp_path))[0] == ".metadata"
+    assert len(os.listdir(tmp_path)) == 2, os.listdir(tmp_path)
+
+
+def test_overlapping_first_saves_into_an_empty_folder_name_their_files_apart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: into a folder with no metadata yet, both saves named their data file
+    # __0_0.distcp, the second's rename replaced the first's, and the first committed a
+    # .metadata naming the second's bytes: the folder loaded 2s, a save never committed then.
+    saves = _OverlappingSaves(tmp_path, monkeypatch)
+    saves.run()
+    monkeypatch.undo()
+    assert isinstance(saves.seen_between, torch.Tensor), saves.seen_between
+    assert torch.equal(saves.seen_between, torch.full((8,), 1.0))
+    assert torch.equal(load_into({"w": torch.zeros(8)}, tmp_path)["w"], torch.full((8,), 2.0))

@@ -257,7 +257,11 @@ class FileSystemWriter(StorageWriter, AsyncStager):
             rank=kwargs.get("rank"),
             use_collectives=kwargs.get("use_collectives", True),
         )
-        self._thread.save = save
+        previous, self._thread.save = self._thread.save, save
+        if previous is not None:
+            previous.end()  # this thread's previous save is over, if a failure ended it early
+        if save.is_coordinator or not save.use_collectives:  # the ranks that name and commit
+            save.begin()
         # The writer's attributes show the latest save, as DCP's do; the save reads its own.
         self.save_id, self.is_coordinator = save.save_id, save.is_coordinator
         self.rank, self.use_collectives = save.rank, save.use_collectives
@@ -314,9 +318,19 @@ class FileSystemWriter(StorageWriter, AsyncStager):
         return future
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        save = self._save()
+        try:
+            self._commit(save, metadata, results)
+        finally:
+            save.end()
+
+    def _commit(self, save: _Save, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        """Write the metadata under a temporary name, then, one commit in the process at a
+        time: rename it into place and remove the files it replaced. One at a time, so the
+        metadata a commit removes files by is still the folder's when it does; the other
+        saves into the folder that have not committed yet are running, and keep theirs."""
         metadata.version = "1.0.0"  # DCP's CURRENT_DCP_VERSION: its reader expects it
         metadata.storage_data = {wr.index: wr.storage_data for rs in results for wr in rs}
-        save = self._save()
         metadata.storage_meta = StorageMeta(checkpoint_id=save.path, save_id=save.save_id)
         final = save.metadata_path()
         temp = _temp_name(final)
@@ -326,23 +340,33 @@ class FileSystemWriter(StorageWriter, AsyncStager):
                 stream.flush()
                 if self.sync_files:
                     os.fsync(stream.fileno())
-            os.replace(temp, final)  # atomic: the old .metadata, or the new one, never neither
         except BaseException as error:
             with contextlib.suppress(OSError):
                 os.unlink(temp)
             if isinstance(error, OSError):
                 raise _write_error(final, "cannot commit", error) from error
             raise
-        if self.sync_files:
-            _fsync_folder(save.path)
+        with _commit_lock:
+            try:
+                os.replace(temp, final)  # atomic: the old .metadata or the new one, never neither
+            except OSError as error:
+                with contextlib.suppress(OSError):
+                    os.unlink(temp)
+                raise _write_error(final, "cannot commit", error) from error
+            if self.sync_files:
+                _fsync_folder(save.path)
+            self._remove_replaced(save, metadata)
+
+    @staticmethod
+    def _remove_replaced(save: _Save, metadata: Metadata) -> None:
         if save.use_collectives:
-            _remove_unreferenced(save.path, metadata.storage_data.values())
+            _remove_unreferenced(save, metadata.storage_data.values())
         elif save.rank is not None and not os.path.exists(os.path.join(save.path, METADATA_NAME)):
             # Without collectives each rank commits a metadata file of its own, naming only its
             # own data files: it removes its replaced ones (they piled up, one per save), and
             # never another rank's. Not beside a global .metadata: that one (which DCP loads
             # first) may name this rank's older files too.
-            _remove_unreferenced(save.path, metadata.storage_data.values(), f"__{save.rank}_")
+            _remove_unreferenced(save, metadata.storage_data.values(), f"__{save.rank}_")
 
     def storage_meta(self) -> StorageMeta | None:
         # DCP asks before set_up_storage_writer: the folder reset() chose for this thread's save.
@@ -375,15 +399,61 @@ class FileSystemWriter(StorageWriter, AsyncStager):
         return save
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class _Save:
-    """One save's folder, save id and place in the process group."""
+    """One save's folder, save id and place in the process group.
+
+    Saves into one folder may overlap in a process (``dcp.async_save`` uploads that run at once,
+    with one writer or several): from :meth:`begin` to :meth:`end`, a save is listed as running
+    in its folder, so that another one names its files apart from it (:meth:`prefix`) and
+    removes none of them (:func:`_remove_unreferenced`) while it has not committed yet.
+    """
 
     path: str
     save_id: str
     is_coordinator: bool
     rank: int | None
     use_collectives: bool
+    thread: threading.Thread = dataclasses.field(default_factory=threading.current_thread)
+    prefixes: list[str] = dataclasses.field(default_factory=list)  # the names it gave out
+    ended: bool = False
+    folder_key: str = dataclasses.field(init=False)  # one folder, however it is named
+
+    def __post_init__(self) -> None:
+        self.folder_key = os.path.realpath(self.path)
+
+    def begin(self) -> None:
+        with _running_lock:
+            _running.setdefault(self.folder_key, []).append(self)
+
+    def end(self) -> None:
+        """Over (committed or failed): no longer listed."""
+        with _running_lock:
+            self.ended = True
+            saves = _running.get(self.folder_key, [])
+            if self in saves:
+                saves.remove(self)
+            if not saves:
+                _running.pop(self.folder_key, None)
+
+    def others_running(self) -> list[_Save]:
+        """The other saves into this folder still running in this process (call under the
+        lock). A save whose thread is gone without an end (a failure DCP never reports to
+        the writer) is not: so no failure keeps a folder's old files forever."""
+        return [
+            other
+            for other in _running.get(self.folder_key, [])
+            if other is not self and not other.ended and other.thread.is_alive()
+        ]
+
+    def others_names(self) -> re.Pattern[str] | None:
+        """The data file names of the other saves into this folder still running."""
+        with _running_lock:
+            prefixes = [p for other in self.others_running() for p in other.prefixes]
+        if not prefixes:
+            return None
+        suffix = r"\d+" + re.escape(DATA_SUFFIX)
+        return re.compile("|".join(re.escape(prefix) + suffix for prefix in prefixes))
 
     def metadata_path(self) -> str:
         name = (
@@ -399,10 +469,20 @@ class _Save:
         # may name __{rank}_0.distcp: the global .metadata (which DCP loads first) and the
         # rank's own __{rank}.metadata of a save without collectives (loaded when there is
         # no global one).
+        # Fresh names too beside another save into the folder still running: it may use the
+        # plain ones, and both would rename their files onto the same names.
         names = (METADATA_NAME, f"__{rank}{METADATA_NAME}")
-        if any(os.path.exists(os.path.join(self.path, name)) for name in names):
-            return f"__{rank}_{self.save_id}_"
-        return f"__{rank}_"
+        committed = any(os.path.exists(os.path.join(self.path, name)) for name in names)
+        with _running_lock:
+            fresh = committed or bool(self.others_running())
+            prefix = f"__{rank}_{self.save_id}_" if fresh else f"__{rank}_"
+            self.prefixes.append(prefix)
+        return prefix
+
+
+_running_lock = threading.Lock()
+_commit_lock = threading.Lock()  # one commit and its removals at a time, in this process
+_running: dict[str, list[_Save]] = {}  # a folder's real path -> its saves running (see _Save)
 
 
 class _ThreadSaves(threading.local):
@@ -768,15 +848,27 @@ def _fsync_folder(folder: str) -> None:
         raise _write_error(folder, "cannot fsync the folder", error) from error
 
 
-def _remove_unreferenced(folder: str, records: Iterable[object], prefix: str = "__") -> None:
+def _remove_unreferenced(save: _Save, records: Iterable[object], prefix: str = "__") -> None:
     """Remove data files of a replaced checkpoint (those whose names start with ``prefix``):
-    the new metadata is durable already."""
+    the new metadata is durable already. Not the files of another save into the folder that
+    is still running: it commits later, and its metadata names them."""
     referenced = {r.relative_path for r in records if isinstance(r, _StorageInfo)}
-    with contextlib.suppress(OSError):
-        for name in os.listdir(folder):
-            if _DATA_FILE.match(name) and name.startswith(prefix) and name not in referenced:
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(folder, name))
+    try:
+        names = os.listdir(save.path)
+    except OSError:
+        return
+    # Listed first, asked second: a running save gives out its names before it writes a file
+    # under them, so each file listed here is either one of theirs known now, or no one's.
+    running = save.others_names()
+    for name in names:
+        if (
+            _DATA_FILE.match(name)
+            and name.startswith(prefix)
+            and name not in referenced
+            and not (running is not None and running.fullmatch(name))
+        ):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(save.path, name))
 
 
 def _temp_name(path: str) -> str:
