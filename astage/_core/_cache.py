@@ -129,7 +129,8 @@ class HostBuffer(weakref.ref):  # type: ignore[type-arg]
     serial: int
     """The cache's allocation count when this buffer was allocated: ``reserve()`` touches only
     the buffers its own walk allocated (at or after the count it read first), never one that
-    may hold staged bytes."""
+    may hold staged bytes. A buffer an earlier reserve left :attr:`BufferCache.untouched`
+    is numbered anew by the next one, as if its walk had allocated it."""
     dropped: bool
     """The cache has let go of the buffer: the device layer must not register it any more."""
     whole: torch.Tensor

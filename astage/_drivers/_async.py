@@ -181,7 +181,7 @@ class Stager(StagerBase):
             work = ReserveWork(self, state_dict)
             hold = self._resolved.max_loop_hold_s
             with gc_paused(self._resolved.pause_gc), work.allocating():
-                for run in work.runs:
+                for run, _ in work.runs:
                     while not _walk_for(run.walk, hold):
                         await _yield_to_due_timers()
             limiter = anyio.CapacityLimiter(1)  # one batch at a time: torch spreads a fill

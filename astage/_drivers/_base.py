@@ -34,9 +34,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .._core._batches import Batch, make_batches
+from .._core._batches import Batch
 from .._core._cache import BufferCache, CacheInfo
-from .._core._plan import Copies
 from .._core._run import Run
 from .._core._stats import StageStats
 from .._devices._backend import (
@@ -144,37 +143,43 @@ class ReserveWork:
     has staged into yet (and pin them where that helps), so that the first checkpoint's copies
     find their memory mapped. Those are the buffers this walk allocated, and those an earlier
     reserve() allocated but was cut short (cancelled, or its ``progress`` raised) before
-    touching (``BufferCache.untouched``). A buffer a call staged into is never written: it may
-    hold staged bytes that a snapshot still reads, which is also why reserve() needs no free
-    buffer set.
+    touching (``BufferCache.untouched``), which are numbered as if this walk had allocated
+    them. A buffer a call staged into is never written: it may hold staged bytes that a
+    snapshot still reads, which is also why reserve() needs no free buffer set.
     """
 
     def __init__(self, stager: StagerBase, state_dict: Any) -> None:
         self.started = time.perf_counter()
         resolved = stager._resolved
-        self._chunk = resolved.chunk_bytes
-        self.runs: list[Run[Any]] = [
-            Run(
-                buffer_set.cache,
+        self.runs: list[tuple[Run[Any], int]] = []
+        """Per buffer set: its run, and the serial from which its buffers are touched."""
+        self._revived: list[bool] = []
+        for buffer_set in stager._sets:
+            cache = buffer_set.cache
+            first_serial = cache.allocations
+            run: Run[Any] = Run(
+                cache,
                 state_dict,
                 track_leaves=False,
                 chunk_bytes=resolved.chunk_bytes,
                 max_inflight_bytes=resolved.max_inflight_bytes,
                 ahead=True,
             )
-            for buffer_set in stager._sets
-        ]
-        """Per buffer set, its run."""
-        self._touch: list[tuple[BufferCache, Copies]] | None = None
-        self._settling: tuple[BufferCache, Copies] = (self.runs[0].cache, Copies())
-        """The set whose batches are being touched, and its copies to touch."""
-        self._settled = 0  # copies [0, _settled) of the set being touched are off its list
+            self.runs.append((run, first_serial))
+            # Few, and only after a reserve cut short: one step each.
+            left = list(cache.untouched.values())
+            for buffer in left:
+                buffer.serial = first_serial
+            self._revived.append(bool(left))
+        self._touch: list[tuple[int, int]] | None = None
+        self._settling = self.runs[0][0]  # the run whose batches are being touched
+        self._settled = 0  # copies [0, _settled) of the run being touched are off its list
         self.done = 0
 
     @contextlib.contextmanager
     def allocating(self) -> Iterator[None]:
         """Around the walks: the buffers they allocate are to be touched (until a call is)."""
-        caches = [run.cache for run in self.runs]
+        caches = [run.cache for run, _ in self.runs]
         for cache in caches:
             cache.reserving = True
         try:
@@ -183,51 +188,57 @@ class ReserveWork:
             for cache in caches:
                 cache.reserving = False
 
-    def _to_touch(self) -> list[tuple[BufferCache, Copies]]:
-        """Per buffer set, the walk's copies into untouched buffers (once every walk ran)."""
+    def _to_touch(self) -> list[tuple[int, int]]:
+        """Per buffer set, the bytes and buffers to touch (once every walk has run)."""
         if self._touch is None:
             self._touch = []
-            for run in self.runs:
-                untouched = run.cache.untouched
-                chosen = Copies()
-                if untouched:
-                    copies = run.plan.copies
-                    for src, dst, buffer in zip(
-                        copies.srcs, copies.dsts, copies.buffers, strict=True
-                    ):
-                        if id(buffer) in untouched:
-                            chosen.add(src, dst, buffer)
-                self._touch.append((run.cache, chosen))
+            for (run, first_serial), revived in zip(self.runs, self._revived, strict=True):
+                plan = run.plan
+                if not revived:  # the walk's new buffers, all of them
+                    self._touch.append((plan.new_nbytes, plan.new_buffers))
+                    continue
+                # An earlier reserve's buffers too, where this state dict has them: one look
+                # per copy, only in the call after a reserve was cut short.
+                copies = plan.copies
+                sizes = [
+                    size
+                    for buffer, size in zip(copies.buffers, copies.sizes, strict=True)
+                    if buffer.serial >= first_serial
+                ]
+                self._touch.append((sum(sizes), len(sizes)))
         return self._touch
 
     @property
     def total(self) -> int:
         """Bytes to touch (known once every walk has run)."""
-        return sum(copies.nbytes for _, copies in self._to_touch())
+        return sum(nbytes for nbytes, _ in self._to_touch())
 
     def batches(self) -> Iterator[tuple[Batch, int, bool]]:
-        """Each batch to touch, with the serial from which its buffers are touched (0: all of
-        them), and whether to pin it.
+        """Each batch to touch, with the serial from which its buffers are touched, and
+        whether to pin it.
 
         Cut lazily, a few at a time, so that the async face's loop never cuts them all at once.
         """
         pins: dict[torch.device, bool] = {}
-        for cache, copies in self._to_touch():
-            self._settling = (cache, copies)
+        for (run, first_serial), (_, buffers) in zip(self.runs, self._to_touch(), strict=True):
+            if not buffers:
+                continue
+            self._settling = run
             self._settled = 0
-            for batch in make_batches(copies, 0, len(copies), self._chunk):
+            while (batch := run.next_batch(final=True)) is not None:
                 device = batch.device
                 if device not in pins:
                     backend = backend_for(device)
                     pins[device] = backend is not None and pins_host_memory(backend, device)
-                yield batch, 0, pins[device] and not should_gather(batch)
+                yield batch, first_serial, pins[device] and not should_gather(batch)
 
     def landed(self, batch: Batch, touched: int, progress: ReserveProgress | None) -> None:
-        """``batch`` was touched: the buffers it completed are touched no more."""
+        """``batch`` was touched: the buffers it completed are to be touched no more."""
         batch.clear()
-        cache, copies = self._settling
-        for buffer in copies.buffers[self._settled : batch.end]:
-            cache.untouched.pop(id(buffer), None)
+        run = self._settling
+        untouched = run.cache.untouched
+        for buffer in run.plan.copies.buffers[self._settled : batch.end]:
+            untouched.pop(id(buffer), None)
         self._settled = max(self._settled, batch.end)
         self.done += touched
         if progress is not None and touched:
@@ -237,7 +248,7 @@ class ReserveWork:
         info = stager._sets.info()
         return Reservation(
             nbytes=self.total,
-            buffers=sum(len(copies) for _, copies in self._to_touch()),
+            buffers=sum(buffers for _, buffers in self._to_touch()),
             sets=len(self.runs),
             held_nbytes=info.nbytes,
             pinned_nbytes=info.pinned_nbytes,

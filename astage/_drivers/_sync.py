@@ -144,7 +144,7 @@ class SyncStager(StagerBase):
                 self._check_open()
                 work = ReserveWork(self, state_dict)
                 with gc_paused(self._resolved.pause_gc), staging_defaults(), work.allocating():
-                    for run in work.runs:
+                    for run, _ in work.runs:
                         for _ in run.walk:
                             pass
                 for batch, first_serial, pin in work.batches():
