@@ -38,6 +38,7 @@ from ._structure import (
     group_of,
     list_node,
     mapped,
+    same_keys,
     size_of,
     summarize,
     summarize_now,
@@ -327,7 +328,9 @@ class Recording:
         root = self.root
         kind = type(root)
         if kind is DictNode:
-            return type(state_dict) is root.cls and list(state_dict) == root.keys
+            return type(state_dict) is root.cls and same_keys(
+                list(state_dict), root.keys, root.key_types
+            )
         if kind is ListNode:
             return type(state_dict) is list and (
                 root.atoms or len(state_dict) == len(root.children)

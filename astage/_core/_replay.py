@@ -46,7 +46,7 @@ from ._reuse import (
     emptied_unheld,
     reusable,
 )
-from ._structure import BULK_STEP, CHUNK, DictNode, ListNode, TupleNode, mapped
+from ._structure import BULK_STEP, CHUNK, DictNode, ListNode, TupleNode, mapped, same_keys
 from ._tables import EMPTY_STEP, empty_in_steps
 from ._tensors import Adopted, TensorStager, bytes_view, view_on
 from ._walk import ATOMIC_TYPES, DeepCopy, Walk, build_plan
@@ -718,9 +718,7 @@ class Replay:
             raise Mismatch
 
     def _dict_header(self, node: DictNode, x: Any) -> Any:
-        if type(x) is not node.cls or list(x) != node.keys:
-            raise Mismatch
-        if list(map(type, x)) != node.key_types:
+        if type(x) is not node.cls or not same_keys(list(x), node.keys, node.key_types):
             raise Mismatch
         return self._dict_opened(node, x)
 
@@ -736,7 +734,7 @@ class Replay:
             if attributes:
                 raise Mismatch
         else:
-            if not attributes or list(attributes) != attrs.keys:
+            if not attributes or not same_keys(list(attributes), attrs.keys, attrs.key_types):
                 raise Mismatch
             staged = {}
             for (name, value), child in zip(attributes.items(), attrs.children, strict=True):
@@ -823,8 +821,7 @@ class Replay:
             raise Mismatch
         for start in range(0, len(keys), EMPTY_STEP):
             stop = start + EMPTY_STEP
-            part = keys[start:stop]
-            if part != expected[start:stop] or list(map(type, part)) != expected_types[start:stop]:
+            if not same_keys(keys[start:stop], expected[start:stop], expected_types[start:stop]):
                 raise Mismatch
             yield
         return self._dict_opened(node, x), keys, values
@@ -894,9 +891,14 @@ class Replay:
         part = values[start:stop]
         if not all(map(_is, map(type, part), repeat(dict))):
             raise Mismatch
-        if not all(map(group.keys.__eq__, map(tuple, part))):
-            raise Mismatch
+        # The keys' types before the keys (see same_keys): then only atoms are compared.
         if not all(map(_is, map(type, chain.from_iterable(part)), repeat(group.key_type))):
+            raise Mismatch
+        try:
+            same = all(map(group.keys.__eq__, map(tuple, part)))
+        except Exception:  # noqa: BLE001 - an atom's own __eq__ failed (see same_keys)
+            same = False
+        if not same:
             raise Mismatch
         seen = self._seen
         before = len(seen)

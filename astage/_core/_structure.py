@@ -8,6 +8,7 @@ replay checks and fills a few hundred items at a time.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Generator
 from typing import Any, NamedTuple
 
@@ -28,6 +29,26 @@ def mapped(function: Any, items: list[Any]) -> Generator[None, None, list[Any]]:
         out += map(function, items[start : start + BULK_STEP])
         yield
     return out
+
+
+_is = operator.is_
+
+
+def same_keys(keys: list[Any], expected: list[Any], expected_types: list[type]) -> bool:
+    """Whether ``keys`` are the recorded ``expected`` ones, of the recorded types.
+
+    The types first, by identity: only keys of the recorded (atomic) types are then compared
+    with ``==``. Compared first, a key of another kind ran its own ``__eq__``, which may raise
+    (a tensor key, as in ``dict(optimizer.state)``, answers ``== 0`` with a tensor that has no
+    truth value): the call failed where a walk stages it. An atom may still run user code
+    (a weak reference compares its referents): a failure there is a difference too.
+    """
+    if len(keys) != len(expected) or not all(map(_is, map(type, keys), expected_types)):
+        return False
+    try:
+        return keys == expected
+    except Exception:  # noqa: BLE001 - a key's own __eq__ failed: not the recorded key
+        return False
 
 
 class DictNode:
