@@ -296,3 +296,18 @@ def test_a_platform_without_posix_fallocate_still_saves(
     anyio.run(astage.save, expected, target)
     monkeypatch.undo()
     assert_holds(target, expected)
+
+
+# -- the blocking face's handle -----------------------------------------------------------------
+
+
+def test_a_sync_handle_takes_any_number_of_seconds_and_refuses_the_rest(tmp_path: Path) -> None:
+    # wait(timeout=inf) (or any timeout past threading's TIMEOUT_MAX, 10**400 too) raised a raw
+    # OverflowError instead of waiting; a str raised a raw TypeError; NaN timed out at once
+    # ("did not end within nan s"), where the stagers refuse it as an invalid option.
+    handle = astage.start_save_sync(state(), tmp_path / "c.safetensors")
+    for endless in (float("inf"), 1e300, 10**400):
+        assert handle.wait(timeout=endless).path == str(tmp_path / "c.safetensors")
+    for bad in (float("nan"), "1", True):
+        with pytest.raises(astage.InvalidOptionsError, match="timeout"):
+            handle.wait(timeout=bad)  # type: ignore[arg-type]

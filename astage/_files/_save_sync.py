@@ -13,11 +13,14 @@ inside a coroutine): it then blocks that loop like any blocking call, and cannot
 
 from __future__ import annotations
 
+import math
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .._drivers._leases import seconds
 from .._drivers._sync import SyncStager
 from .._errors import CheckpointWriteError, InvalidOptionsError
 from .._paths import Attr, Path, format_path
@@ -61,10 +64,10 @@ class SyncSaveHandle:
     def wait(self, timeout: float | None = None) -> SaveResult:
         """The :class:`SaveResult` once the checkpoint is durable; or the write's error.
 
-        With ``timeout`` (seconds), raises :class:`TimeoutError` if the write has not ended
-        by then; the write goes on (wait again, or ``cancel()``).
+        With ``timeout`` (seconds; ``inf`` waits as None does), raises :class:`TimeoutError`
+        if the write has not ended by then; the write goes on (wait again, or ``cancel()``).
         """
-        if not self._threads.wait(timeout):
+        if not self._threads.wait(_wait_limit(timeout)):
             raise TimeoutError(f"the save to {self.path} did not end within {timeout} s")
         self._threads.raise_failure()
         assert self._threads.finished_at is not None
@@ -73,6 +76,22 @@ class SyncSaveHandle:
     def __repr__(self) -> str:
         state = "done" if self.done() else "writing"
         return f"<SyncSaveHandle {self.path!r} {state}>"
+
+
+def _wait_limit(timeout: float | None) -> float | None:
+    """``timeout`` checked as the stagers check theirs, as ``threading.Event.wait`` takes it:
+    None for no limit, also for ``inf`` or any time past ``threading.TIMEOUT_MAX`` (which it
+    refuses with an OverflowError)."""
+    if timeout is None:
+        return None
+    if (
+        not isinstance(timeout, (int, float))
+        or isinstance(timeout, bool)
+        or math.isnan(seconds(timeout))  # with NaN the deadline would never come
+    ):
+        raise InvalidOptionsError(f"timeout must be None or a number of seconds, got {timeout!r}")
+    limit = seconds(timeout)
+    return None if limit > threading.TIMEOUT_MAX else limit
 
 
 def save_sync(
