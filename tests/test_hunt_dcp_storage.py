@@ -363,3 +363,26 @@ def test_overlapping_first_saves_into_an_empty_folder_name_their_files_apart(
     assert isinstance(saves.seen_between, torch.Tensor), saves.seen_between
     assert torch.equal(saves.seen_between, torch.full((8,), 1.0))
     assert torch.equal(load_into({"w": torch.zeros(8)}, tmp_path)["w"], torch.full((8,), 2.0))
+
+
+def test_the_files_of_a_save_that_failed_after_writing_go_with_the_next_save(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before (d934f0f): a save counted as running until its commit ended it, and DCP tells no
+    # writer of a failure after write_data; a save whose folder fsync failed after its data
+    # file was in place stayed running for as long as its thread lived, and the next saves
+    # (a writer each, the usual dcp.save) kept its file forever.
+    save({"w": torch.full((8,), 0.0)}, FileSystemWriter(tmp_path))
+    fsync_folder = _storage_writer._fsync_folder
+
+    def failing(folder: str) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(_storage_writer, "_fsync_folder", failing)
+    with pytest.raises(BaseException, match="Input/output error"):
+        save({"w": torch.full((8,), 1.0)}, FileSystemWriter(tmp_path))
+    monkeypatch.setattr(_storage_writer, "_fsync_folder", fsync_folder)
+    assert len(os.listdir(tmp_path)) == 3  # its data file is in place, unreferenced
+    save({"w": torch.full((8,), 2.0)}, FileSystemWriter(tmp_path))
+    assert len(os.listdir(tmp_path)) == 2, os.listdir(tmp_path)
+    assert torch.equal(load_into({"w": torch.zeros(8)}, tmp_path)["w"], torch.full((8,), 2.0))

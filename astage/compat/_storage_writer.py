@@ -257,11 +257,8 @@ class FileSystemWriter(StorageWriter, AsyncStager):
             rank=kwargs.get("rank"),
             use_collectives=kwargs.get("use_collectives", True),
         )
-        previous, self._thread.save = self._thread.save, save
-        if previous is not None:
-            previous.end()  # this thread's previous save is over, if a failure ended it early
-        if save.is_coordinator or not save.use_collectives:  # the ranks that name and commit
-            save.begin()
+        self._thread.save = save
+        save.begin()
         # The writer's attributes show the latest save, as DCP's do; the save reads its own.
         self.save_id, self.is_coordinator = save.save_id, save.is_coordinator
         self.rank, self.use_collectives = save.rank, save.use_collectives
@@ -423,6 +420,15 @@ class _Save:
         self.folder_key = os.path.realpath(self.path)
 
     def begin(self) -> None:
+        """Listed as running; the save this thread ran before (with any writer) is over: DCP
+        runs one save at a time in a thread, and tells no writer of a failure between calls
+        (its files would be kept from removal for as long as the thread lives)."""
+        previous = getattr(_thread_save, "save", None)
+        if previous is not None:
+            previous.end()
+        _thread_save.save = self
+        if not self.is_coordinator and self.use_collectives:
+            return  # the coordinator names this rank's files and commits them
         with _running_lock:
             _running.setdefault(self.folder_key, []).append(self)
 
@@ -483,6 +489,7 @@ class _Save:
 _running_lock = threading.Lock()
 _commit_lock = threading.Lock()  # one commit and its removals at a time, in this process
 _running: dict[str, list[_Save]] = {}  # a folder's real path -> its saves running (see _Save)
+_thread_save = threading.local()  # .save: the save this thread runs or ran last, any writer's
 
 
 class _ThreadSaves(threading.local):
