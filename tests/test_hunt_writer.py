@@ -311,3 +311,24 @@ def test_a_sync_handle_takes_any_number_of_seconds_and_refuses_the_rest(tmp_path
     for bad in (float("nan"), "1", True):
         with pytest.raises(astage.InvalidOptionsError, match="timeout"):
             handle.wait(timeout=bad)  # type: ignore[arg-type]
+
+
+# -- the async face's arguments -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("wrong", ["sync", "str"])
+def test_save_with_a_stager_of_the_other_face_is_an_invalid_option(
+    tmp_path: Path, wrong: str
+) -> None:
+    # save_sync refuses an async Stager with an InvalidOptionsError naming stager=; save
+    # given a SyncStager (or anything else) created the file, then failed with a raw
+    # AttributeError ('SyncStager' object has no attribute 'stage_iter').
+    with astage.SyncStager() as sync_stager:
+        stager: Any = sync_stager if wrong == "sync" else "a stager"
+
+        async def save() -> None:
+            await astage.save(state(), tmp_path / "c.safetensors", stager=stager)
+
+        with pytest.raises(astage.InvalidOptionsError, match="stager"):
+            anyio.run(save)
+    assert os.listdir(tmp_path) == []

@@ -267,6 +267,11 @@ async def run_save(
     the commit, whether or not this task's event loop turns; an exception from it fails the
     save (the file itself stays, durable).
     """
+    if stager is not None and not isinstance(stager, Stager):
+        raise InvalidOptionsError(
+            f"stager: astage.save stages with a Stager, got a {type(stager).__qualname__} "
+            "(a SyncStager goes with astage.save_sync)"
+        )
     progress = progress if progress is not None else _Progress()
     started = time.perf_counter()
     hold: Any = None
