@@ -191,7 +191,8 @@ def test_every_reader_option_is_checked_when_the_reader_is_made(
 
 def test_a_checkpoint_id_that_is_no_path_is_refused_before_the_save(tmp_path: Path) -> None:
     # Before: dcp.save(checkpoint_id=b"...") set the writer's folder to bytes, and the save
-    # failed deep in its first os.path.join with a TypeError; 123 was a bare TypeError.
+    # failed deep in its first os.path.join with a TypeError; 123 was a bare TypeError; either
+    # was a TypeError from pathlib in dcp.load.
     writer = FileSystemWriter(tmp_path)
     for checkpoint_id in (b"ckpt", 123):
         with pytest.raises(InvalidOptionsError, match="checkpoint_id"):
@@ -199,6 +200,13 @@ def test_a_checkpoint_id_that_is_no_path_is_refused_before_the_save(tmp_path: Pa
                 {"w": torch.ones(2)},
                 checkpoint_id=checkpoint_id,  # type: ignore[arg-type]
                 storage_writer=writer,
+                no_dist=True,
+            )
+        with pytest.raises(InvalidOptionsError, match="checkpoint_id"):  # and before a load
+            state_dict_loader.load(
+                {"w": torch.ones(2)},
+                checkpoint_id=checkpoint_id,  # type: ignore[arg-type]
+                storage_reader=FileSystemReader(tmp_path),
                 no_dist=True,
             )
     assert os.listdir(tmp_path) == []

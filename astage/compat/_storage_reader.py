@@ -91,6 +91,11 @@ class FileSystemReader(_DcpFileSystemReader):
         self.trust_pickled_bytes = trust_pickled_bytes
         self._metadata: Metadata | None = None
 
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        if checkpoint_id:
+            folder_path("checkpoint_id", checkpoint_id)
+        super().reset(checkpoint_id)
+
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         rank = kwargs.get("rank")
         name = METADATA_NAME if rank is None else f"__{rank}{METADATA_NAME}"
