@@ -13,7 +13,9 @@ from typing import Any
 import pytest
 import torch
 from torch.distributed.checkpoint import state_dict_loader, state_dict_saver
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.planner import SavePlanner
 from torch.distributed.checkpoint.storage import WriteResult
 
 from astage import InvalidOptionsError
@@ -394,3 +396,43 @@ def test_the_files_of_a_save_that_failed_after_writing_go_with_the_next_save(
     save({"w": torch.full((8,), 2.0)}, FileSystemWriter(tmp_path))
     assert len(os.listdir(tmp_path)) == 2, os.listdir(tmp_path)
     assert torch.equal(load_into({"w": torch.zeros(8)}, tmp_path)["w"], torch.full((8,), 2.0))
+
+
+@pytest.mark.parametrize("how", ["save", "async_save"])
+def test_dcps_plan_caching_never_overwrites_the_committed_checkpoints_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    # Before: with DefaultSavePlanner(enable_plan_caching=True), DCP hands each rank its cached
+    # plan of the first save, names included: every later save renamed its data file over
+    # __0_0.distcp, the committed checkpoint's, and a crash before its metadata left that
+    # checkpoint loading 9s, never committed.
+    monkeypatch.setattr(SavePlanner, "_cached_save_plan", {})  # DCP caches per class
+    monkeypatch.setattr(SavePlanner, "_cached_all_plans", {})
+    monkeypatch.setattr(SavePlanner, "_cached_global_plan", {})
+    monkeypatch.setattr(SavePlanner, "_cached_metadata", {})
+    monkeypatch.setattr(SavePlanner, "_cached_final_save_plan", {})
+
+    def save_cached(value: float) -> None:
+        sd = {"w": torch.full((4,), value)}
+        planner = DefaultSavePlanner(enable_plan_caching=True)
+        writer = FileSystemWriter(tmp_path)
+        if how == "save":
+            state_dict_saver.save(sd, storage_writer=writer, planner=planner, no_dist=True)
+        else:
+            async_save(sd, writer, planner=planner)
+        writer.close()
+
+    for value in (1.0, 2.0):
+        save_cached(value)
+
+    def crash(self: FileSystemWriter, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        raise _Crash
+
+    with monkeypatch.context() as patch:
+        patch.setattr(FileSystemWriter, "finish", crash)
+        with pytest.raises(BaseException, match="_Crash"):
+            save_cached(9.0)
+    assert torch.equal(load_into({"w": torch.zeros(4)}, tmp_path)["w"], torch.full((4,), 2.0))
+    save_cached(3.0)
+    assert torch.equal(load_into({"w": torch.zeros(4)}, tmp_path)["w"], torch.full((4,), 3.0))
+    assert len(os.listdir(tmp_path)) == 2, os.listdir(tmp_path)

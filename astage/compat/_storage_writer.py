@@ -289,8 +289,11 @@ class FileSystemWriter(StorageWriter, AsyncStager):
         ]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
-        prefix: _StoragePrefix = plan.storage_data
-        folder = self._save().path
+        save = self._save()
+        folder = save.path
+        planned: _StoragePrefix = plan.storage_data
+        file_count = 1 if self.single_file_per_rank else max(1, len(plan.items))
+        prefix = save.claim(planned.prefix, file_count)
         prewrite = self._take_prewrite()
         if prewrite is not None and not (
             self.single_file_per_rank and _same_file_system(prewrite.folder, folder)
@@ -298,13 +301,13 @@ class FileSystemWriter(StorageWriter, AsyncStager):
             prewrite.discard()
             prewrite = None
         if prewrite is not None:
-            name = f"{prefix.prefix}0{DATA_SUFFIX}"
+            name = f"{prefix}0{DATA_SUFFIX}"
             results = prewrite.commit(plan.items, planner, folder, name, sync=self.sync_files)
         else:
             items = [_Payload.resolve(item, planner) for item in plan.items]
             groups = [items] if self.single_file_per_rank else [[item] for item in items]
             files = [
-                _DataFile(folder, f"{prefix.prefix}{number}{DATA_SUFFIX}", group)
+                _DataFile(folder, f"{prefix}{number}{DATA_SUFFIX}", group)
                 for number, group in enumerate(groups)
                 if group or number == 0
             ]
@@ -482,6 +485,23 @@ class _Save:
         with _running_lock:
             fresh = committed or bool(self.others_running())
             prefix = f"__{rank}_{self.save_id}_" if fresh else f"__{rank}_"
+            self.prefixes.append(prefix)
+        return prefix
+
+    def claim(self, planned: str, file_count: int) -> str:
+        """The prefix this rank's data files get: ``planned``, unless its names may be another
+        save's. The plan's prefix comes from the coordinator, or from DCP's plan cache
+        (``DefaultSavePlanner(enable_plan_caching=True)`` hands every save the first one's
+        plan, names included): a prefix not given out for this save, whose names are taken
+        or may be taken by another save running, is made this rank's own."""
+        names = [f"{planned}{number}{DATA_SUFFIX}" for number in range(file_count)]
+        with _running_lock:
+            if planned in self.prefixes:
+                return planned  # given out for this save, by prefix(): fresh where it must be
+            taken = bool(self.others_running()) or any(
+                os.path.lexists(os.path.join(self.path, name)) for name in names
+            )
+            prefix = f"{planned}{secrets.token_hex(8)}_" if taken else planned
             self.prefixes.append(prefix)
         return prefix
 
