@@ -10,7 +10,9 @@ fsynced and renamed, the folder fsynced, and the ``.metadata`` file, the one tha
 checkpoint look complete, is committed last (temporary name, fsync, atomic rename, folder fsync).
 Saving over a committed checkpoint writes the new data files under fresh names, so a crash before
 the new ``.metadata`` lands leaves the previous checkpoint whole; its files go once the new one is
-committed.
+committed. A rank never renames its files over names it was not given for this very save (DCP's
+plan cache hands out an earlier save's), and saves into one folder that overlap in a process
+(``dcp.async_save`` uploads) name their files apart and remove none of each other's.
 
 On-disk format: DCP's folder layout and its pickled ``.metadata`` (DCP's own format, written as
 DCP writes it), but a tensor item is its raw bytes (C order, the dtype of the metadata), not a
