@@ -5,7 +5,9 @@ before the fix it came with."""
 from __future__ import annotations
 
 import os
+import resource
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint import state_dict_loader, state_dict_saver
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.filesystem import FileSystemWriter as DcpFileSystemWriter
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import SavePlanner
 from torch.distributed.checkpoint.storage import WriteResult
@@ -436,3 +439,38 @@ def test_dcps_plan_caching_never_overwrites_the_committed_checkpoints_files(
     save_cached(3.0)
     assert torch.equal(load_into({"w": torch.zeros(4)}, tmp_path)["w"], torch.full((4,), 3.0))
     assert len(os.listdir(tmp_path)) == 2, os.listdir(tmp_path)
+
+
+@pytest.fixture
+def few_open_files() -> Iterator[None]:
+    """This process may open 200 more files than it has open now (Linux's default limit is
+    1,024), and no more."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    open_now = len(os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (open_now + 200, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files in /proc")
+@pytest.mark.parametrize("writer", ["astage", "dcp"])
+def test_a_file_per_item_checkpoint_of_more_items_than_open_files_saves_and_loads(
+    tmp_path: Path, few_open_files: None, writer: str
+) -> None:
+    # Before: with single_file_per_rank=False the writer opened every item's file at once, and
+    # the reader opened every file a load reads at once (and every file of DCP's own format to
+    # check it): 500 items were EMFILE (too many open files), to write and to read back.
+    sd = {f"t{number}": torch.full((3,), float(number)) for number in range(500)}
+    if writer == "astage":
+        save(sd, FileSystemWriter(tmp_path, single_file_per_rank=False, sync_files=False))
+    else:
+        state_dict_saver.save(
+            sd,
+            storage_writer=DcpFileSystemWriter(tmp_path, single_file_per_rank=False),
+            no_dist=True,
+        )
+    assert len(os.listdir(tmp_path)) == 501
+    loaded = load_into({key: torch.zeros(3) for key in sd}, tmp_path)
+    assert all(torch.equal(loaded[key], value) for key, value in sd.items())

@@ -174,6 +174,21 @@ class FileSystemReader(_DcpFileSystemReader):
         return info
 
     def _read_raw(self, requests: list[ReadItem], planner: LoadPlanner) -> None:
+        # A few files open at a time: a checkpoint of one file per item may hold more files
+        # than a process may open (EMFILE at 1,024 by default). The requests keep their order.
+        batch: list[ReadItem] = []
+        files: set[str] = set()
+        for request in requests:
+            name = self._info(request).relative_path
+            if name not in files and len(files) == _OPEN_FILES:
+                self._read_raw_batch(batch, planner)
+                batch, files = [], set()
+            batch.append(request)
+            files.add(name)
+        if batch:
+            self._read_raw_batch(batch, planner)
+
+    def _read_raw_batch(self, requests: list[ReadItem], planner: LoadPlanner) -> None:
         folder = os.fspath(self.path)
         fds: dict[str, tuple[int, int]] = {}  # relative path -> (fd, size)
         reads: list[tuple[int, int, memoryview, str]] = []  # (fd, offset, into, where)
@@ -245,15 +260,15 @@ class FileSystemReader(_DcpFileSystemReader):
     def _check_items(self, requests: list[ReadItem]) -> None:
         """Check that each item lies inside a regular data file of the folder (DCP's format)."""
         folder = os.fspath(self.path)
-        fds: dict[str, tuple[int, int]] = {}
-        try:
-            for request in requests:
-                info = self._info(request)
-                where = f"{os.path.join(folder, info.relative_path)} ({request.storage_index.fqn})"
-                self._open_item(fds, folder, info, where)
-        finally:
-            for fd, _ in fds.values():
+        sizes: dict[str, int] = {}  # each file opened once, and closed at once (EMFILE)
+        for request in requests:
+            info = self._info(request)
+            where = f"{os.path.join(folder, info.relative_path)} ({request.storage_index.fqn})"
+            if info.relative_path not in sizes:
+                path = os.path.join(folder, info.relative_path)
+                fd, sizes[info.relative_path] = open_checked(path, f"{path}: data file missing")
                 os.close(fd)
+            _check_inside(info, sizes[info.relative_path], where)
 
     def _open_item(
         self, fds: dict[str, tuple[int, int]], folder: str, info: _StorageInfo, where: str
@@ -263,11 +278,7 @@ class FileSystemReader(_DcpFileSystemReader):
             path = os.path.join(folder, info.relative_path)
             fds[info.relative_path] = open_checked(path, f"{path}: data file missing")
         fd, size = fds[info.relative_path]
-        if info.offset + info.length > size:
-            raise CheckpointFormatError(
-                f"{where}: the item lies outside the file (bytes {info.offset} to "
-                f"{info.offset + info.length} of {size})"
-            )
+        _check_inside(info, size, where)
         return fd
 
     def _plan_tensor(
@@ -336,6 +347,17 @@ class FileSystemReader(_DcpFileSystemReader):
             if list(chunk.offsets) == wanted:
                 return list(chunk.sizes), entry.properties.dtype
         raise CheckpointFormatError(f"{where}: no chunk at offset {wanted} in the metadata")
+
+
+def _check_inside(info: _StorageInfo, size: int, where: str) -> None:
+    if info.offset + info.length > size:
+        raise CheckpointFormatError(
+            f"{where}: the item lies outside the file (bytes {info.offset} to "
+            f"{info.offset + info.length} of {size})"
+        )
+
+
+_OPEN_FILES = 64  # data files open at once, at most (one file per item may mean thousands)
 
 
 def _pread_all(fd: int, offset: int, into: memoryview, where: str) -> None:

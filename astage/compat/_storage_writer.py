@@ -73,6 +73,7 @@ from ._storage import (
 )
 
 _DATA_FILE = re.compile(r"__\d+_.*\.distcp\Z")
+_OPEN_FILES = 64  # data files open at once, at most (one file per item may mean thousands)
 
 
 class FileSystemWriter(StorageWriter, AsyncStager):
@@ -804,33 +805,15 @@ def _write_files(
     no thread outlives a save, and none is left using a descriptor once it is closed.
     """
     try:
-        for file in files:
-            file.fd = os.open(
-                file.temp_path,
-                os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
-                0o644,
-            )
         # No posix_fallocate: on tmpfs and file systems without unwritten extents it zero-fills
         # the whole file first (a third of a save's time on tmpfs); a full disk still fails a
         # pwritev, and the files are removed then.
         with ThreadPoolExecutor(threads, "astage-dcp-writer") as pool:
-            run_all(
-                pool,
-                [
-                    functools.partial(_write_piece, file.fd, buffers, offset, sync)
-                    for file in files
-                    if file.fd is not None
-                    for offset, buffers in file.pieces(chunk_bytes)
-                ],
-            )
-            if sync:
-                run_all(
-                    pool, [functools.partial(os.fsync, f.fd) for f in files if f.fd is not None]
-                )
+            # A few files open at a time: one file per item (single_file_per_rank=False) may
+            # mean more files than a process may hold open (EMFILE at 1,024 by default).
+            for start in range(0, len(files), _OPEN_FILES):
+                _write_batch(files[start : start + _OPEN_FILES], pool, chunk_bytes, sync)
         for file in files:
-            fd, file.fd = file.fd, None
-            assert fd is not None
-            os.close(fd)
             os.replace(file.temp_path, file.path)
     except OSError as error:
         _discard(files)
@@ -840,6 +823,33 @@ def _write_files(
         raise
     if sync:
         _fsync_folder(folder)
+
+
+def _write_batch(
+    files: list[_DataFile], pool: ThreadPoolExecutor, chunk_bytes: int, sync: bool
+) -> None:
+    """Open, write, fsync and close ``files`` (still under their temporary names)."""
+    for file in files:
+        file.fd = os.open(
+            file.temp_path,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
+            0o644,
+        )
+    run_all(
+        pool,
+        [
+            functools.partial(_write_piece, file.fd, buffers, offset, sync)
+            for file in files
+            if file.fd is not None
+            for offset, buffers in file.pieces(chunk_bytes)
+        ],
+    )
+    if sync:
+        run_all(pool, [functools.partial(os.fsync, f.fd) for f in files if f.fd is not None])
+    for file in files:
+        fd, file.fd = file.fd, None
+        assert fd is not None
+        os.close(fd)
 
 
 def _discard(files: list[_DataFile]) -> None:
