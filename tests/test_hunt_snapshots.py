@@ -6,6 +6,7 @@ Each test here failed (or hung, bounded by a timeout) before its fix; its commen
 from __future__ import annotations
 
 import gc
+from typing import Any
 
 import pytest
 import torch
@@ -252,3 +253,44 @@ async def test_the_huge_page_probe_never_runs_on_the_event_loop(
         await stager.stage(state)
     assert threads and threading.get_ident() not in threads
     assert len(threads) == 2  # once per buffer set, as before (the real probe is cached)
+
+
+# -- which set a hold leases --------------------------------------------------------------------
+
+
+def _a_failed_call_then_a_hold(stage: Any, hold_buffers: Any) -> None:
+    import threading
+
+    weight = torch.ones(8)
+    good = stage({"w": weight})  # set 0
+    with pytest.raises(astage.UnstageableError):
+        stage({"w": weight, "lock": threading.Lock()})  # set 1, fails
+    with hold_buffers():  # for `good`, the caller's last result
+        weight.fill_(2.0)
+        stage({"w": weight})
+        assert torch.equal(good["w"], torch.ones(8)), "the held result was overwritten"
+
+
+def test_a_hold_after_a_failed_call_holds_the_last_result() -> None:
+    # Before: a call that failed (or was cancelled) had already made its buffer set the current
+    # one, so with buffers=2 hold_buffers() leased the failed call's set, the rotation went on
+    # past it, and the next call staged over the result the hold was taken for. A call without
+    # a result now gives the current set back to the last call that had one.
+    with astage.SyncStager(buffers=2) as stager:
+        _a_failed_call_then_a_hold(stager.stage, stager.hold_buffers)
+
+
+@pytest.mark.asyncio
+async def test_a_hold_after_a_failed_async_call_holds_the_last_result() -> None:
+    # Before: as above, on the async face.
+    import threading
+
+    async with astage.Stager(buffers=2) as stager:
+        weight = torch.ones(8)
+        good = await stager.stage({"w": weight})
+        with pytest.raises(astage.UnstageableError):
+            await stager.stage({"w": weight, "lock": threading.Lock()})
+        with stager.hold_buffers():
+            weight.fill_(2.0)
+            await stager.stage({"w": weight})
+            assert torch.equal(good["w"], torch.ones(8)), "the held result was overwritten"

@@ -509,6 +509,7 @@ class _Call:
             self._copies = anyio.create_task_group()
             await self._copies.__aenter__()
         except BaseException:
+            stager._end_call()
             await self._turn.__aexit__(None, None, None)
             raise
         return self
@@ -533,6 +534,7 @@ class _Call:
                 self._run.cache.written(self._run.plan.copies.buffers)
             self._run = None
             self._state_dict = None
+            self._stager._end_call()
             await self._turn.__aexit__(None, None, None)
 
     @property

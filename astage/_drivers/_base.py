@@ -287,6 +287,9 @@ class StagerBase:
         self._occupancy = threading.Lock()
         self._occupant: object = None
         self._callers = 0
+        # The buffer sets' state before the call in progress (see BufferSets.undo); None
+        # between calls and once the call has its result.
+        self._sets_before: tuple[BufferSet, int] | None = None
 
     # -- what both faces show --------------------------------------------------------------
 
@@ -452,7 +455,7 @@ class StagerBase:
 
     def _new_run(self, state_dict: Any, buffer_set: BufferSet, *, track_leaves: bool) -> Run[Any]:
         """A run into ``buffer_set``, which becomes the current set (hold_buffers() leases it)."""
-        self._sets.use(buffer_set)
+        self._sets_before = self._sets.use(buffer_set)
         return Run(
             buffer_set.cache,
             state_dict,
@@ -462,6 +465,7 @@ class StagerBase:
         )
 
     def _finish(self, run: Run[Any]) -> StageStats:
+        self._sets_before = None  # the call has its result: its set stays current
         plan = run.plan
         run.cache.written(plan.copies.buffers)
         stats = StageStats(
@@ -473,6 +477,13 @@ class StagerBase:
         )
         self._last_stats = stats
         return stats
+
+    def _end_call(self) -> None:
+        """The face's call ended (in its turn); one without a result gives the current set back
+        to the last call that had one (:meth:`BufferSets.undo`)."""
+        before, self._sets_before = self._sets_before, None
+        if before is not None:
+            self._sets.undo(before)
 
     def _release_everything(self) -> None:
         """The end of close: the caller waited for calls, holds and streams first."""

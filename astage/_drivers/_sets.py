@@ -66,10 +66,22 @@ class BufferSets:
                 return candidate
         return None
 
-    def use(self, buffer_set: BufferSet) -> None:
-        """Record that a call stages into ``buffer_set`` (the rotation goes on from it)."""
+    def use(self, buffer_set: BufferSet) -> tuple[BufferSet, int]:
+        """Record that a call stages into ``buffer_set`` (the rotation goes on from it).
+
+        Returns what to hand :meth:`undo` should the call end without a result.
+        """
+        before = (self.current, self._last)
         self._last = buffer_set.index
         self.current = buffer_set
+        return before
+
+    def undo(self, before: tuple[BufferSet, int]) -> None:
+        """A call ended without a result (it failed, was cancelled, or its stage_iter block
+        was left early): the last call that had one is current again, and the rotation goes
+        on from it. Otherwise ``hold_buffers()`` after a failed call leased the failed call's
+        set, and the next call staged over the result the caller meant to hold."""
+        self.current, self._last = before
 
     def lease(self, buffer_set: BufferSet) -> Lease:
         """A new lease on ``buffer_set``.

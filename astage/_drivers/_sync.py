@@ -171,25 +171,30 @@ class SyncStager(StagerBase):
         self._enter(_ANY_THREAD)
         try:
             with self._locked("snapshot()" if lease else "stage()", timeout, deadline):
-                self._check_open()
-                buffer_set = self._wait_for_set(timeout, deadline)
-                # Taken once the lock is ours: a call that waited for another one is ordered
-                # after what its caller queued meanwhile too (the thread is the same).
-                order = self._start_order(after)
-                run: Run[_Enqueued] = self._new_run(state_dict, buffer_set, track_leaves=False)
                 try:
-                    # The device batches are cut and enqueued in this thread too (gathers).
-                    with staging_defaults():
-                        self._copy_all(run, order)
+                    self._check_open()
+                    buffer_set = self._wait_for_set(timeout, deadline)
+                    # Taken once the lock is ours: a call that waited for another one is
+                    # ordered after what its caller queued meanwhile too (the same thread).
+                    order = self._start_order(after)
+                    run: Run[_Enqueued] = self._new_run(
+                        state_dict, buffer_set, track_leaves=False
+                    )
+                    try:
+                        # The device batches are cut and enqueued in this thread too (gathers).
+                        with staging_defaults():
+                            self._copy_all(run, order)
+                    finally:
+                        # Whatever happened, no copy this call enqueued lands after it returned.
+                        for enqueued in run.pending:
+                            enqueued.wait()
+                        run.cache.written(run.plan.copies.buffers)  # a failed call's too
+                    self._finish(run)
+                    # Leased before the lock is let go: no other call can choose the set.
+                    taken = self._sets.lease(buffer_set) if lease else None
+                    return run.plan.result, taken
                 finally:
-                    # Whatever happened, no copy this call enqueued lands after it returned.
-                    for enqueued in run.pending:
-                        enqueued.wait()
-                    run.cache.written(run.plan.copies.buffers)  # a failed call's too
-                self._finish(run)
-                # Leased before the lock is let go: no other call can choose the set meanwhile.
-                taken = self._sets.lease(buffer_set) if lease else None
-                return run.plan.result, taken
+                    self._end_call()
         finally:
             self._leave()
 
