@@ -8,6 +8,7 @@ wrong before its fix.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -103,3 +104,48 @@ def test_keys_whose_equality_fails_make_the_replay_walk(
     with astage.SyncStager() as fresh:
         _assert_alike(got, fresh.stage(changed), changed)
     _assert_alike(stager.stage(recorded), _int_keyed(items), recorded)
+
+
+# -- tensors without a storage where a dense one was recorded ------------------------------------
+
+
+def _dense(count: int) -> dict[str, torch.Tensor]:
+    return {f"w{index}": torch.randn(4, 4) for index in range(count)}
+
+
+_NO_STORAGE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "sparse": torch.Tensor.to_sparse,
+    "sparse_csr": torch.Tensor.to_sparse_csr,
+    "mkldnn": torch.Tensor.to_mkldnn,
+}
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks are implicitly disabled")
+@pytest.mark.parametrize("count", [1, 300])  # one bulk step, and several
+@pytest.mark.parametrize("kind", _NO_STORAGE)
+def test_a_tensor_without_a_storage_makes_the_replay_walk(
+    stager: Driver, kind: str, count: int
+) -> None:
+    # The bulk check asked every tensor of the right type for its storage: a sparse (or CSR,
+    # or mkldnn) tensor where a dense one was recorded raised a raw NotImplementedError ("Cannot
+    # access storage of SparseTensorImpl"), where a fresh stager stages it (or names it).
+    recorded = _dense(count)
+    for _ in range(3):  # the third call checks with the guards the second one made
+        stager.stage(recorded)
+    changed = {**recorded, "w0": _NO_STORAGE[kind](recorded["w0"])}
+    with astage.SyncStager() as fresh:
+        try:
+            want = fresh.stage(changed)
+        except astage.UnstageableError as error:
+            with pytest.raises(astage.UnstageableError) as raised:
+                stager.stage(changed)
+            assert str(raised.value) == str(error)
+        else:
+            got = stager.stage(changed)
+            assert got["w0"].layout is want["w0"].layout is changed["w0"].layout
+            assert torch.equal(got["w0"].to_dense(), recorded["w0"])
+            for key in list(recorded)[1:]:
+                assert_staged(got[key], recorded[key])
+    for key, staged in stager.stage(recorded).items():
+        assert_staged(staged, recorded[key])

@@ -476,12 +476,14 @@ class Replay:
                 raise _BulkMiss
             yield  # a step is 0.3-0.5 ms on a loaded core: its storages in the next one
             if early:  # slot j is leaf j's storage
-                same_storages = map(_is, map(_storage, part), storages[start:stop])
+                expected_storages: Any = storages[start:stop]
             else:
-                same_storages = map(
-                    _is, map(_storage, part), map(storages.__getitem__, slot_of[start:stop])
-                )
-            if not all(same_storages):
+                expected_storages = map(storages.__getitem__, slot_of[start:stop])
+            try:  # a sparse or mkldnn tensor has none: it raises
+                same_storages = all(map(_is, map(_storage, part), expected_storages))
+            except (RuntimeError, NotImplementedError):
+                raise _BulkMiss from None
+            if not same_storages:
                 raise _BulkMiss
             if guarded:
                 if list(map(_storage_offset, part)) != offsets[start:stop]:
