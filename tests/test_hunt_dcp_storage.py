@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import resource
 import threading
+import weakref
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -473,4 +474,50 @@ def test_a_file_per_item_checkpoint_of_more_items_than_open_files_saves_and_load
         )
     assert len(os.listdir(tmp_path)) == 501
     loaded = load_into({key: torch.zeros(3) for key in sd}, tmp_path)
+    assert all(torch.equal(loaded[key], value) for key, value in sd.items())
+
+
+class _CopyingPlanner(DefaultSavePlanner):
+    """Hands each tensor over as a new copy, as ``dcp.save`` of device tensors does (each
+    item's host copy), and counts how many of those copies are alive at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.alive = 0
+        self.most_alive = 0
+
+    def resolve_data(self, write_item: Any) -> Any:
+        data = super().resolve_data(write_item)
+        if not isinstance(data, torch.Tensor):
+            return data
+        copy = data.clone()
+        self.alive += 1
+        self.most_alive = max(self.most_alive, self.alive)
+        weakref.finalize(copy.untyped_storage(), self._dropped)  # views of it count too
+        return copy
+
+    def _dropped(self) -> None:
+        self.alive -= 1
+
+
+@pytest.mark.parametrize("single_file_per_rank", [True, False])
+def test_dcp_save_holds_a_bounded_number_of_host_copies_at_once(
+    tmp_path: Path, single_file_per_rank: bool
+) -> None:
+    # Before: write_data resolved every item before writing any, so dcp.save of device
+    # tensors held the host copy of the rank's whole state at once (all 40 copies here; a
+    # model's worth of host memory on a GPU machine), where DCP's writer holds
+    # per_thread_copy_ahead bytes per thread.
+    sd = {f"t{number}": torch.full((64 << 10,), float(number)) for number in range(40)}  # 256 KiB
+    planner = _CopyingPlanner()
+    writer = FileSystemWriter(
+        tmp_path,
+        single_file_per_rank=single_file_per_rank,
+        thread_count=2,
+        per_thread_copy_ahead=256 << 10,
+        sync_files=False,
+    )
+    state_dict_saver.save(sd, storage_writer=writer, planner=planner, no_dist=True)
+    assert 1 <= planner.most_alive <= 4, planner.most_alive
+    loaded = load_into({key: torch.zeros(64 << 10) for key in sd}, tmp_path)
     assert all(torch.equal(loaded[key], value) for key, value in sd.items())

@@ -8,11 +8,13 @@ pool, under temporary names, fsynced and renamed; the ``.metadata`` file is comm
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import errno
 import functools
 import io
+import math
 import os
 import pickle
 import re
@@ -91,9 +93,10 @@ class FileSystemWriter(StorageWriter, AsyncStager):
     ``path``, ``single_file_per_rank``, ``sync_files`` and ``overwrite`` mean what they mean in
     DCP. ``thread_count`` is the number of threads that write this rank's bytes (DCP's means
     files per rank; here one file per rank is written by all threads at once).
-    ``per_thread_copy_ahead`` is accepted and ignored (nothing is copied from a device while
-    writing: ``dcp.save`` hands device tensors over one at a time, ``dcp.async_save`` stages
-    first). ``_extensions`` and a
+    ``per_thread_copy_ahead`` means what it means in DCP: ``write_data`` resolves items (for
+    ``dcp.save`` of device tensors, copies them to the host) one at a time while the earlier
+    ones are written, at most ``thread_count * per_thread_copy_ahead`` bytes ahead (and one
+    item, whatever its size). ``_extensions`` and a
     ``serialization_format`` other than DCP's default are refused: items are raw bytes.
     ``sync_files=False`` skips every fsync: faster, and not durable.
     ``write_while_staging=False`` writes nothing before ``write_data`` (see :meth:`stage`).
@@ -129,10 +132,16 @@ class FileSystemWriter(StorageWriter, AsyncStager):
         self.sync_files = boolean("sync_files", sync_files)
         self.thread_count = positive_int("thread_count", thread_count)
         self.chunk_bytes = positive_int("chunk_bytes", chunk_bytes)
-        if isinstance(per_thread_copy_ahead, bool) or not isinstance(per_thread_copy_ahead, int):
+        if (
+            isinstance(per_thread_copy_ahead, bool)
+            or not isinstance(per_thread_copy_ahead, int)
+            or per_thread_copy_ahead < 0
+        ):
             raise InvalidOptionsError(
-                f"per_thread_copy_ahead must be an integer, got {per_thread_copy_ahead!r}"
+                f"per_thread_copy_ahead must be an integer of at least 0, got "
+                f"{per_thread_copy_ahead!r}"
             )
+        self.per_thread_copy_ahead = per_thread_copy_ahead
         self.overwrite = boolean("overwrite", overwrite)
         self.save_id = secrets.token_hex(8)
         self.rank: int | None = None
@@ -305,14 +314,25 @@ class FileSystemWriter(StorageWriter, AsyncStager):
             name = f"{prefix}0{DATA_SUFFIX}"
             results = prewrite.commit(plan.items, planner, folder, name, sync=self.sync_files)
         else:
-            items = [_Payload.resolve(item, planner) for item in plan.items]
+            items = [_Planned.of(item, planner) for item in plan.items]
             groups = [items] if self.single_file_per_rank else [[item] for item in items]
             files = [
                 _DataFile(folder, f"{prefix}{number}{DATA_SUFFIX}", group)
                 for number, group in enumerate(groups)
                 if group or number == 0
             ]
-            _write_files(files, self.thread_count, self.chunk_bytes, self.sync_files, folder)
+            _write_files(
+                files,
+                planner,
+                _Runs(
+                    self.chunk_bytes,
+                    self.per_thread_copy_ahead * self.thread_count,
+                    writeback=self.sync_files,
+                ),
+                threads=self.thread_count,
+                sync=self.sync_files,
+                folder=folder,
+            )
             results = [result for file in files for result in file.results()]
         future: Future[list[WriteResult]] = Future()
         future.set_result(results)
@@ -553,54 +573,147 @@ class _Payload:
         return cls(item, bytes_of(tensor), tensor, False)
 
 
+@dataclasses.dataclass
+class _Planned:
+    """One item of this rank's plan, its size known before its bytes are resolved: from the
+    plan for a tensor (so that ``dcp.save`` resolves, that is copies off the device, one at a
+    time while the others are written), from the resolved bytes for a bytes item."""
+
+    item: WriteItem
+    nbytes: int
+    payload: _Payload | None = None  # resolved already: a bytes item, or a tensor of no plan
+
+    @classmethod
+    def of(cls, item: WriteItem, planner: SavePlanner) -> _Planned:
+        data = item.tensor_data
+        if item.type != WriteItemType.BYTE_IO and data is not None:
+            element = torch.empty((), dtype=data.properties.dtype).element_size()
+            return cls(item, math.prod(data.chunk.sizes) * element)
+        payload = _Payload.resolve(item, planner)
+        return cls(item, len(payload.data), payload)
+
+    def resolve(self, planner: SavePlanner) -> _Payload:
+        """The item's bytes (handed over once: this object keeps no reference to them)."""
+        payload, self.payload = self.payload, None
+        if payload is None:
+            payload = _Payload.resolve(self.item, planner)
+            if len(payload.data) != self.nbytes:
+                raise CheckpointWriteError(
+                    f"{self.item.index.fqn}: the planner resolved {len(payload.data)} bytes "
+                    f"where its plan has {self.nbytes}"
+                )
+        return payload
+
+
 class _DataFile:
     """One data file of this rank: its items laid end to end, written under a temporary name."""
 
-    def __init__(self, folder: str, name: str, payloads: list[_Payload]) -> None:
+    def __init__(self, folder: str, name: str, items: list[_Planned]) -> None:
         self.name = name
         self.path = os.path.join(folder, name)
         self.temp_path = _temp_name(self.path)
-        self.payloads = payloads
+        self.items = items
         self.offsets: list[int] = []
         size = 0
-        for payload in payloads:
+        for item in items:
             self.offsets.append(size)
-            size += len(payload.data)
+            size += item.nbytes
         self.size = size
         self.fd: int | None = None
 
     def results(self) -> list[WriteResult]:
         return [
             WriteResult(
-                index=p.item.index,
-                size_in_bytes=len(p.data),
+                index=planned.item.index,
+                size_in_bytes=planned.nbytes,
                 storage_data=_StorageInfo(
-                    self.name, offset, len(p.data), None if p.is_bytes else [RAW_DESCRIPTOR]
+                    self.name,
+                    offset,
+                    planned.nbytes,
+                    None if planned.item.type == WriteItemType.BYTE_IO else [RAW_DESCRIPTOR],
                 ),
             )
-            for p, offset in zip(self.payloads, self.offsets, strict=True)
+            for planned, offset in zip(self.items, self.offsets, strict=True)
         ]
 
-    def pieces(self, chunk_bytes: int) -> Iterable[tuple[int, list[memoryview]]]:
-        """(offset, buffers) runs of at most ``chunk_bytes`` and ``_IOV_MAX`` buffers: small
-        neighbours go together (a run of more buffers than one pwritev takes was written
-        in a time that grew with the square of their number, and by one thread)."""
-        start, run, run_bytes = 0, list[memoryview](), 0
-        for payload, offset in zip(self.payloads, self.offsets, strict=True):
-            data = payload.data
-            done = 0
-            while done < len(data):
-                if not run:
-                    start = offset + done
-                take = min(len(data) - done, chunk_bytes - run_bytes)
-                run.append(data[done : done + take])
-                run_bytes += take
-                done += take
-                if run_bytes >= chunk_bytes or len(run) >= _IOV_MAX:
-                    yield start, run
-                    run, run_bytes = [], 0
-        if run:
-            yield start, run
+
+class _Runs:
+    """Gathers resolved items into runs for one ``pwritev`` each and submits them to a pool,
+    keeping each item alive until its run is written, and no more than ``ahead_bytes`` of
+    them resolved and not yet written (one item, whatever its size, always goes through).
+
+    A run holds at most ``chunk_bytes`` and ``_IOV_MAX`` buffers: small neighbours go
+    together (a run of more buffers than one pwritev takes was written in a time that grew
+    with the square of their number, and by one thread)."""
+
+    def __init__(self, chunk_bytes: int, ahead_bytes: int, *, writeback: bool) -> None:
+        self._chunk_bytes = chunk_bytes
+        self._ahead_bytes = ahead_bytes
+        self._writeback = writeback  # start each run's writeback at once (sync_files)
+        self._pool: ThreadPoolExecutor | None = None
+        self._submitted: collections.deque[tuple[_PoolFuture[None], int, list[_Payload]]] = (
+            collections.deque()
+        )
+        self._submitted_bytes = 0
+        self._fd = -1
+        self._start = 0
+        self._buffers: list[memoryview] = []
+        self._bytes = 0
+        self._payloads: list[_Payload] = []
+
+    def start(self, pool: ThreadPoolExecutor) -> None:
+        self._pool = pool
+
+    def add(self, fd: int, offset: int, payload: _Payload) -> None:
+        """Queue ``payload``'s bytes for ``offset`` in ``fd``; wait for earlier runs to be
+        written while more than ``ahead_bytes`` are pending."""
+        data = payload.data
+        if self._buffers and (fd != self._fd or offset != self._start + self._bytes):
+            self.flush()
+        done = 0
+        while done < len(data):
+            if not self._buffers:
+                self._fd, self._start = fd, offset + done
+            take = min(len(data) - done, self._chunk_bytes - self._bytes)
+            self._buffers.append(data[done : done + take])
+            self._payloads.append(payload)
+            self._bytes += take
+            done += take
+            if self._bytes >= self._chunk_bytes or len(self._buffers) >= _IOV_MAX:
+                self.flush()
+        if self._submitted_bytes + self._bytes > self._ahead_bytes:
+            self.flush()
+            while self._submitted and self._submitted_bytes > self._ahead_bytes:
+                future, nbytes, _ = self._submitted.popleft()
+                future.result()  # raises a failed write's error
+                self._submitted_bytes -= nbytes
+
+    def flush(self) -> None:
+        """Submit the run gathered so far."""
+        if not self._buffers:
+            return
+        assert self._pool is not None
+        future = self._pool.submit(
+            _write_piece, self._fd, self._buffers, self._start, self._writeback
+        )
+        self._submitted.append((future, self._bytes, self._payloads))
+        self._submitted_bytes += self._bytes
+        self._buffers, self._bytes, self._payloads = [], 0, []
+
+    def finish(self) -> None:
+        """Submit the last run and wait for every one; on a failure cancel those that have not
+        started, wait for those that have, and raise it."""
+        self.flush()
+        submitted, self._submitted = self._submitted, collections.deque()
+        self._submitted_bytes = 0
+        wait_all([future for future, _, _ in submitted])
+
+    def cancel(self) -> None:
+        """Cancel the runs that have not started (the pool's shutdown waits for the others)."""
+        for future, _, _ in self._submitted:
+            future.cancel()
+        self._submitted.clear()
+        self._buffers, self._bytes, self._payloads = [], 0, []
 
 
 class _LandingStager(SyncStager):
@@ -795,24 +908,32 @@ def _same_file_system(first: str, second: str) -> bool:
 
 
 def _write_files(
-    files: list[_DataFile], threads: int, chunk_bytes: int, sync: bool, folder: str
+    files: list[_DataFile],
+    planner: SavePlanner,
+    runs: _Runs,
+    *,
+    threads: int,
+    sync: bool,
+    folder: str,
 ) -> None:
     """Write, fsync and rename every file, or leave none of the temporary files behind.
 
     DCP calls ``write_data`` synchronously from its own thread (or a separate process) and waits
     on the result at once: there is no event loop to lend an anyio worker, so a plain
     ``concurrent.futures`` pool owned by this call is the fitting tool. It ends with the call:
-    no thread outlives a save, and none is left using a descriptor once it is closed.
+    no thread outlives a save, and none is left using a descriptor once it is closed. The items
+    are resolved one at a time, in this thread, while the pool writes the earlier ones.
     """
     try:
         # No posix_fallocate: on tmpfs and file systems without unwritten extents it zero-fills
         # the whole file first (a third of a save's time on tmpfs); a full disk still fails a
         # pwritev, and the files are removed then.
         with ThreadPoolExecutor(threads, "astage-dcp-writer") as pool:
+            runs.start(pool)
             # A few files open at a time: one file per item (single_file_per_rank=False) may
             # mean more files than a process may hold open (EMFILE at 1,024 by default).
             for start in range(0, len(files), _OPEN_FILES):
-                _write_batch(files[start : start + _OPEN_FILES], pool, chunk_bytes, sync)
+                _write_batch(files[start : start + _OPEN_FILES], planner, runs, pool, sync)
         for file in files:
             os.replace(file.temp_path, file.path)
     except OSError as error:
@@ -826,7 +947,11 @@ def _write_files(
 
 
 def _write_batch(
-    files: list[_DataFile], pool: ThreadPoolExecutor, chunk_bytes: int, sync: bool
+    files: list[_DataFile],
+    planner: SavePlanner,
+    runs: _Runs,
+    pool: ThreadPoolExecutor,
+    sync: bool,
 ) -> None:
     """Open, write, fsync and close ``files`` (still under their temporary names)."""
     for file in files:
@@ -835,15 +960,16 @@ def _write_batch(
             os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
             0o644,
         )
-    run_all(
-        pool,
-        [
-            functools.partial(_write_piece, file.fd, buffers, offset, sync)
-            for file in files
-            if file.fd is not None
-            for offset, buffers in file.pieces(chunk_bytes)
-        ],
-    )
+    try:
+        for file in files:
+            assert file.fd is not None
+            for planned, offset in zip(file.items, file.offsets, strict=True):
+                runs.add(file.fd, offset, planned.resolve(planner))
+            runs.flush()  # a run never spans two files
+        runs.finish()
+    except BaseException:
+        runs.cancel()
+        raise
     if sync:
         run_all(pool, [functools.partial(os.fsync, f.fd) for f in files if f.fd is not None])
     for file in files:
