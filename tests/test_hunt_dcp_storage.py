@@ -164,6 +164,7 @@ def test_a_load_into_a_conjugated_or_negated_view_stores_the_values_it_is_to_sho
         ({"cache_staged_state_dict": 1.0}, "cache_staged_state_dict"),
         ({"write_while_staging": "no"}, "write_while_staging"),
         ({"per_thread_copy_ahead": "10MB"}, "per_thread_copy_ahead"),
+        ({"per_thread_copy_ahead": -1}, "per_thread_copy_ahead"),  # a bound now (7add1e6)
     ],
 )
 def test_every_writer_option_is_checked_when_the_writer_is_made(
