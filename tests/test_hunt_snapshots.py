@@ -294,3 +294,50 @@ async def test_a_hold_after_a_failed_async_call_holds_the_last_result() -> None:
             weight.fill_(2.0)
             await stager.stage({"w": weight})
             assert torch.equal(good["w"], torch.ones(8)), "the held result was overwritten"
+
+
+# -- a stager inherited by a forked child ---------------------------------------------------
+
+
+def test_hold_buffers_in_a_forked_child_is_refused_rather_than_hanging() -> None:
+    # Before: every call of a stager made before os.fork() was refused in the child, but
+    # hold_buffers() handed out a lease on the parent's wake-up board, whose lock another
+    # parent thread may have held at the fork: the child's release() then waited for that
+    # thread, which does not exist there, forever. Now it is refused like the calls.
+    import os
+    import signal
+    import threading
+
+    stager = astage.SyncStager()
+    stager.stage(_state())
+    board = stager._sets.board
+    holding = threading.Event()
+    done = threading.Event()
+
+    def waiter() -> None:  # a parent thread inside the board's lock at the fork
+        with board._changed:
+            holding.set()
+            done.wait(10)
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    holding.wait(5)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            signal.alarm(5)
+            try:
+                stager.hold_buffers().release()
+            except astage.UsageError as error:
+                code = 0 if "fork" in str(error) else 3
+            else:
+                code = 2  # handed out a lease that, here, did not hang this time
+        finally:
+            os._exit(code)
+    done.set()
+    thread.join(5)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    assert code == 0, f"the child's hold_buffers() hung or was not refused (exit code {code})"
+    stager.close()

@@ -345,7 +345,12 @@ class StagerBase:
         every lease. For a reader that streams staged tensors somewhere (a checkpoint writer)
         while the caller goes on. ``release()`` may be called from any thread; the hold is
         also a context manager. ``snapshot()`` stages and leases in one call.
+
+        Refused (:class:`~astage.UsageError`) in a forked child, like every call there: its
+        lease would wake the parent's waiters through a lock a parent thread may have held
+        at the fork, so that its release() hung.
         """
+        _fork.check_not_forked(self._born, type(self).__name__)
         return self._sets.lease(self._sets.current)
 
     # -- the lifecycle of a call, for the faces --------------------------------------------

@@ -177,9 +177,7 @@ class SyncStager(StagerBase):
                     # Taken once the lock is ours: a call that waited for another one is
                     # ordered after what its caller queued meanwhile too (the same thread).
                     order = self._start_order(after)
-                    run: Run[_Enqueued] = self._new_run(
-                        state_dict, buffer_set, track_leaves=False
-                    )
+                    run: Run[_Enqueued] = self._new_run(state_dict, buffer_set, track_leaves=False)
                     try:
                         # The device batches are cut and enqueued in this thread too (gathers).
                         with staging_defaults():
