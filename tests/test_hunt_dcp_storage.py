@@ -16,14 +16,14 @@ from typing import Any
 import pytest
 import torch
 from torch.distributed.checkpoint import state_dict_loader, state_dict_saver
-from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.filesystem import FileSystemWriter as DcpFileSystemWriter
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import SavePlanner
 from torch.distributed.checkpoint.storage import WriteResult
 
 from astage import InvalidOptionsError
-from astage.compat import FileSystemReader, FileSystemWriter, _storage_writer
+from astage.compat import FileSystemReader, FileSystemWriter, _storage_reader, _storage_writer
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:torch.distributed is disabled:UserWarning",
@@ -522,3 +522,41 @@ def test_dcp_save_holds_a_bounded_number_of_host_copies_at_once(
     assert 1 <= planner.most_alive <= 4, planner.most_alive
     loaded = load_into({key: torch.zeros(64 << 10) for key in sd}, tmp_path)
     assert all(torch.equal(loaded[key], value) for key, value in sd.items())
+
+
+class _CountingLoadPlanner(DefaultLoadPlanner):
+    """Counts the items resolved (their destination handed out) and not yet committed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.outstanding = 0
+        self.most_outstanding = 0
+
+    def resolve_tensor(self, read_item: Any) -> torch.Tensor:
+        self.outstanding += 1
+        self.most_outstanding = max(self.most_outstanding, self.outstanding)
+        destination: torch.Tensor = super().resolve_tensor(read_item)
+        return destination
+
+    def commit_tensor(self, read_item: Any, tensor: torch.Tensor) -> None:
+        self.outstanding -= 1
+        super().commit_tensor(read_item, tensor)
+
+
+def test_a_load_through_host_buffers_holds_a_bounded_number_of_them_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: the reader read every item of a data file into its host buffer before copying
+    # any into its destination, so a load into destinations it cannot read into directly (a
+    # GPU model, another dtype) held the rank's whole checkpoint in host memory at once (all
+    # 40 items here), where DCP's reader holds one item.
+    monkeypatch.setattr(_storage_reader, "_LANDING_BYTES", 512 << 10, raising=False)
+    sd = {f"t{number}": torch.full((64 << 10,), float(number)) for number in range(40)}  # 256 KiB
+    save(sd, FileSystemWriter(tmp_path, sync_files=False))
+    destination = {key: torch.zeros(64 << 10, dtype=torch.float64) for key in sd}  # not direct
+    planner = _CountingLoadPlanner()
+    state_dict_loader.load(
+        destination, storage_reader=FileSystemReader(tmp_path), planner=planner, no_dist=True
+    )
+    assert 1 <= planner.most_outstanding <= 3, planner.most_outstanding
+    assert all(torch.equal(destination[key], sd[key].double()) for key in sd)

@@ -189,22 +189,31 @@ class FileSystemReader(_DcpFileSystemReader):
             self._read_raw_batch(batch, planner)
 
     def _read_raw_batch(self, requests: list[ReadItem], planner: LoadPlanner) -> None:
+        """Read ``requests`` in windows: a window's items are read on the pool at once, then
+        handed to the planner in order, before the next window's host buffers are made. An item
+        read straight into its destination needs none; the others (a destination on a device,
+        of another dtype, a region of columns) hold at most ``_LANDING_BYTES`` of host buffers
+        at once (and one item, whatever its size), as DCP's reader holds one item."""
         folder = os.fspath(self.path)
         fds: dict[str, tuple[int, int]] = {}  # relative path -> (fd, size)
         reads: list[tuple[int, int, memoryview, str]] = []  # (fd, offset, into, where)
         afterwards: list[Callable[[], None]] = []  # in order, in this thread: the planner's calls
+        landing = 0  # bytes of host buffers the window holds
         try:
-            for request in requests:
-                info = self._info(request)
-                where = f"{os.path.join(folder, info.relative_path)} ({request.storage_index.fqn})"
-                fd = self._open_item(fds, folder, info, where)
-                if request.type == LoadItemType.BYTE_IO:
-                    buffer = bytearray(info.length)
-                    reads.append((fd, info.offset, memoryview(buffer), where))
-                    afterwards.append(_load_bytes(planner, request, buffer))
-                else:
-                    afterwards.append(
-                        self._plan_tensor(
+            with ThreadPoolExecutor(self.thread_count, "astage-dcp-reader") as pool:
+                for request in requests:
+                    info = self._info(request)
+                    where = (
+                        f"{os.path.join(folder, info.relative_path)} ({request.storage_index.fqn})"
+                    )
+                    fd = self._open_item(fds, folder, info, where)
+                    if request.type == LoadItemType.BYTE_IO:
+                        buffer = bytearray(info.length)
+                        reads.append((fd, info.offset, memoryview(buffer), where))
+                        afterwards.append(_load_bytes(planner, request, buffer))
+                        landing += info.length
+                    else:
+                        commit, landed = self._plan_tensor(
                             request=request,
                             info=info,
                             fd=fd,
@@ -212,11 +221,12 @@ class FileSystemReader(_DcpFileSystemReader):
                             reads=reads,
                             planner=planner,
                         )
-                    )
-            with ThreadPoolExecutor(self.thread_count, "astage-dcp-reader") as pool:
-                run_all(pool, [functools.partial(_pread_all, *r) for r in reads])
-            for step in afterwards:
-                step()
+                        afterwards.append(commit)
+                        landing += landed
+                    if landing >= _LANDING_BYTES:
+                        _read_window(pool, reads, afterwards)
+                        reads, afterwards, landing = [], [], 0
+                _read_window(pool, reads, afterwards)
         finally:
             for fd, _ in fds.values():
                 os.close(fd)
@@ -290,7 +300,9 @@ class FileSystemReader(_DcpFileSystemReader):
         where: str,
         reads: list[tuple[int, int, memoryview, str]],
         planner: LoadPlanner,
-    ) -> Callable[[], None]:
+    ) -> tuple[Callable[[], None], int]:
+        """The step that hands the item to the planner once read, and the bytes of the host
+        buffer it is read into (0 when it is read straight into its destination)."""
         sizes, dtype = self._chunk(request.storage_index, where)
         element = torch.empty((), dtype=dtype).element_size()
         if info.length != math.prod(sizes) * element:
@@ -316,12 +328,14 @@ class FileSystemReader(_DcpFileSystemReader):
             landing = target if direct else torch.empty(lengths, dtype=dtype, device="cpu")
             reads.append((fd, start, bytes_of(landing), where))
             region = landing
+            landed = 0 if direct else landing.numel() * element
         else:  # read the rows the region spans, then narrow the other dimensions
             rows = torch.empty([lengths[0], *sizes[1:]], dtype=dtype, device="cpu")
             reads.append(
                 (fd, info.offset + offsets[0] * strides[0] * element, bytes_of(rows), where)
             )
             region = rows
+            landed = rows.numel() * element
             for dim in range(1, len(sizes)):
                 region = region.narrow(dim, offsets[dim], lengths[dim])
 
@@ -330,7 +344,7 @@ class FileSystemReader(_DcpFileSystemReader):
                 target.copy_(region)
             planner.commit_tensor(request, target)
 
-        return commit
+        return commit, landed
 
     def _chunk(self, index: MetadataIndex, where: str) -> tuple[list[int], torch.dtype]:
         metadata = self._metadata
@@ -357,6 +371,18 @@ def _check_inside(info: _StorageInfo, size: int, where: str) -> None:
         )
 
 
+def _read_window(
+    pool: ThreadPoolExecutor,
+    reads: list[tuple[int, int, memoryview, str]],
+    afterwards: list[Callable[[], None]],
+) -> None:
+    """Read a window's items on ``pool``, then hand them to the planner in order."""
+    run_all(pool, [functools.partial(_pread_all, *r) for r in reads])
+    for step in afterwards:
+        step()
+
+
+_LANDING_BYTES = 256 << 20  # host buffers a load holds at once, at most (and one item)
 _OPEN_FILES = 64  # data files open at once, at most (one file per item may mean thousands)
 
 
