@@ -560,3 +560,38 @@ def test_a_load_through_host_buffers_holds_a_bounded_number_of_them_at_once(
     )
     assert 1 <= planner.most_outstanding <= 3, planner.most_outstanding
     assert all(torch.equal(destination[key], sd[key].double()) for key in sd)
+
+
+class _CastingPlanner(DefaultSavePlanner):
+    """Hands each tensor over in another dtype (a planner that saves in lower precision):
+    DCP's writer stores what it is given, and its load copies it back into the destination."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype = dtype
+
+    def resolve_data(self, write_item: Any) -> Any:
+        data = super().resolve_data(write_item)
+        return data.to(self.dtype) if isinstance(data, torch.Tensor) else data
+
+
+@pytest.mark.parametrize("how", ["save", "async_save"])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bfloat16], ids=["same size", "smaller"])
+def test_a_tensor_the_planner_hands_over_in_another_dtype_loads_as_with_dcp(
+    tmp_path: Path, how: str, dtype: torch.dtype
+) -> None:
+    # Before: the writer stored the handed-over tensor's raw bytes under the plan's dtype:
+    # float32 values cast to int32 (as large) loaded as 1.4e-45 and NaN, silently; cast to
+    # bfloat16 (half as large) the save failed, or with async_save committed a checkpoint
+    # that no load could read. DCP stores the cast tensor and its load copies it back.
+    sd = {"w": torch.tensor([1.7, 2.9, -3.2])}
+    writer = FileSystemWriter(tmp_path)
+    if how == "save":
+        state_dict_saver.save(
+            sd, storage_writer=writer, planner=_CastingPlanner(dtype), no_dist=True
+        )
+    else:
+        async_save(sd, writer, planner=_CastingPlanner(dtype))
+    writer.close()
+    expected = sd["w"].to(dtype).float()
+    assert torch.equal(load_into({"w": torch.zeros(3)}, tmp_path)["w"], expected)

@@ -564,6 +564,19 @@ class _Payload:
         if not isinstance(data, torch.Tensor):
             raise CheckpointWriteError(f"{item.index.fqn}: a tensor item resolved to {type(data)}")
         tensor = data.detach()
+        planned = item.tensor_data
+        if planned is not None:
+            # The file holds raw bytes of the plan's dtype and chunk shape, the metadata's. A
+            # planner may hand over another dtype (saving in lower precision): DCP stores that
+            # and its load copies it back into the destination; converted here, the load
+            # gives the same values.
+            if list(tensor.shape) != list(planned.chunk.sizes):
+                raise CheckpointWriteError(
+                    f"{item.index.fqn}: the planner handed over a tensor of shape "
+                    f"{list(tensor.shape)} where its plan has {list(planned.chunk.sizes)}"
+                )
+            if tensor.dtype != planned.properties.dtype:
+                tensor = tensor.to(planned.properties.dtype)
         if tensor.device.type != "cpu":
             tensor = tensor.cpu()  # dcp.save (not async): the planner hands device tensors
         # A conjugated or negated view keeps its bit and the plain values in memory: the
