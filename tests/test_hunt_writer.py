@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import stat
 import threading
 import time
@@ -332,3 +333,34 @@ def test_save_with_a_stager_of_the_other_face_is_an_invalid_option(
         with pytest.raises(astage.InvalidOptionsError, match="stager"):
             anyio.run(save)
     assert os.listdir(tmp_path) == []
+
+
+# -- fork ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not LINUX_DIRECT, reason="the direct I/O folder memory is Linux's")
+def test_a_child_forked_while_a_writer_thread_held_the_direct_io_lock_can_save(
+    tmp_path: Path,
+) -> None:
+    # The lock guarding the folders known to take (or refuse) direct I/O is taken by every
+    # direct write. A child forked meanwhile (multiprocessing's default start method on
+    # Linux, a DataLoader worker) inherited it held by a thread that does not exist there:
+    # its first save waited for it forever.
+    with _writer._direct_lock:  # as a writer thread of this process holds it at the fork
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            code = 1
+            try:
+                # A hang ends the child: SIGALRM's default action, not pytest-timeout's
+                # handler, which a thread stuck in C would never let run.
+                signal.signal(signal.SIGALRM, signal.SIG_DFL)
+                signal.alarm(5)
+                # Tiny: a copy big enough for torch's thread pool, which is not fork-safe,
+                # could hang the child on its own.
+                astage.save_sync({"w": torch.ones(3)}, tmp_path / "child.safetensors")
+                code = 0
+            finally:
+                os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert_holds(tmp_path / "child.safetensors", {"w": torch.ones(3)})

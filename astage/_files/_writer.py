@@ -126,6 +126,17 @@ def _remember_direct(folder: str, works: bool) -> None:
             _direct_folders[folder] = False
 
 
+def _direct_lock_anew_in_child() -> None:
+    # A writer thread of the parent may have held the lock at the fork (every direct write
+    # takes it); that thread does not exist in the child, which would wait for it forever.
+    global _direct_lock  # noqa: PLW0603 - replaced, not released: its holder is gone
+    _direct_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_direct_lock_anew_in_child)
+
+
 _T = TypeVar("_T")
 _Item = tuple[int, memoryview, torch.Tensor, int]
 """(file offset, bytes, the tensor that keeps those bytes alive, their memory address)."""
