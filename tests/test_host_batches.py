@@ -24,7 +24,7 @@ import astage
 from astage._core._batches import MAX_BATCH_COPIES
 from astage._core._recording import ReplayRecorder
 from astage._devices._backend import enqueue_batch, installed
-from astage._devices._host import run_host_batch
+from astage._devices._host import copy_host_piece, run_host_batch
 from astage._drivers import _async
 from astage._torch import FOREACH_STEP, foreach_copy_
 
@@ -171,13 +171,19 @@ async def test_a_cached_calls_copies_run_while_its_walk_goes_on(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # A worker thread waiting for the GIL never made the loop let go of it while the loop
-    # walked (see _async._hand_over_gil): the copies all ran after the walk, every call.
+    # walked (see _async._hand_over_gil): the copies all ran after the walk, every call. Small
+    # copies into cached buffers are now the loop lane's (pieces between the walk's turns);
+    # either way they must start before the walk ends.
     started: list[float] = []
     walked: list[float] = []
 
     def timed(batch: Any) -> None:
         started.append(time.perf_counter())
         run_host_batch(batch)
+
+    def timed_piece(batch: Any, start: int, stop: int) -> None:
+        started.append(time.perf_counter())
+        copy_host_piece(batch, start, stop)
 
     walk = _async._Call._walk
 
@@ -195,6 +201,7 @@ async def test_a_cached_calls_copies_run_while_its_walk_goes_on(
         for _ in range(2):
             await stager.stage(source)
         monkeypatch.setattr(_async, "run_host_batch", timed)
+        monkeypatch.setattr(_async, "copy_host_piece", timed_piece)
         monkeypatch.setattr(_async._Call, "_walk", timed_walk)
         staged = await stager.stage(source)
     assert len(walked) == 1 and len(started) >= 5

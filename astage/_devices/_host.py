@@ -30,6 +30,14 @@ def run_host_batch(batch: Batch) -> None:
         copies.landed()  # a synchronous copy has landed (or failed) once copy_ returned
 
 
+def copy_host_piece(batch: Batch, start: int, stop: int) -> None:
+    """Copy ``batch``'s copies ``start:stop``, all from the CPU into unpinned buffers: one piece
+    of a batch that the loop's own thread copies (the async face's loop lane). Pins queued
+    for release are left to astage's worker threads: unregistering one may block."""
+    with torch.no_grad():
+        foreach_copy_(batch.dsts[start:stop], batch.srcs[start:stop])
+
+
 def _copy(batch: Batch) -> None:
     with torch.no_grad():
         if len(batch.srcs) == 1:

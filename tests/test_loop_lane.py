@@ -1,0 +1,212 @@
+"""The async face's loop lane: small host copies of a cached call, copied on the loop's thread
+in pieces that fit its turns (``_async._LoopLane``)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import anyio
+import pytest
+import torch
+from conftest import assert_tree_staged
+
+import astage
+from astage._devices._host import copy_host_piece, run_host_batch
+from astage._drivers import _async
+from astage._drivers._async import LOOP_LANE_LARGEST_COPY, LOOP_LANE_PIECE_S, _LoopLane
+
+
+def optimizer_like(params: int = 2_000) -> dict[str, Any]:
+    return {
+        "state": {
+            i: {"step": torch.tensor(float(i)), "exp_avg": torch.full((16,), float(i))}
+            for i in range(params)
+        }
+    }
+
+
+def refill(source: dict[str, Any], step: int) -> None:
+    """New values in every moment (in place): what a cached call must stage this time."""
+    for i, entry in source["state"].items():
+        entry["exp_avg"].fill_(float(i + step))
+
+
+class CopyThreads:
+    """Which threads ran the loop lane's pieces and the worker lane's batches."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.pieces: list[tuple[int, int]] = []  # (thread, copies)
+        self.batches: list[int] = []  # thread
+        piece, batch = copy_host_piece, run_host_batch
+
+        def counted_piece(b: Any, start: int, stop: int) -> None:
+            self.pieces.append((threading.get_ident(), stop - start))
+            piece(b, start, stop)
+
+        def counted_batch(b: Any) -> None:
+            self.batches.append(threading.get_ident())
+            batch(b)
+
+        monkeypatch.setattr(_async, "copy_host_piece", counted_piece)
+        monkeypatch.setattr(_async, "run_host_batch", counted_batch)
+
+    def clear(self) -> None:
+        self.pieces.clear()
+        self.batches.clear()
+
+
+@pytest.mark.asyncio
+async def test_a_cached_calls_small_copies_run_on_the_loop_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    source = await anyio.to_thread.run_sync(optimizer_like)
+    threads = CopyThreads(monkeypatch)
+    loop_thread = threading.get_ident()
+    async with astage.Stager() as stager:
+        first = await stager.stage(source)
+        # The first call fills fresh buffers: its copies take their page faults in worker
+        # threads, never on the loop.
+        assert threads.batches and not threads.pieces
+        assert all(thread != loop_thread for thread in threads.batches)
+        await anyio.to_thread.run_sync(assert_tree_staged, first, source)
+        del first
+        for step in range(3):
+            threads.clear()
+            await anyio.to_thread.run_sync(refill, source, step)
+            staged = await stager.stage(source)
+            assert not threads.batches, "a cached call's small copies went to a worker thread"
+            assert {thread for thread, _ in threads.pieces} == {loop_thread}
+            assert sum(copies for _, copies in threads.pieces) == 2 * len(source["state"])
+            await anyio.to_thread.run_sync(assert_tree_staged, staged, source)
+
+
+@pytest.mark.asyncio
+async def test_large_copies_stay_in_worker_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    numel = 2 * LOOP_LANE_LARGEST_COPY // 4  # twice the largest copy the loop may make
+    source = {f"w{i}": torch.full((numel,), float(i)) for i in range(4)}
+    source.update({f"b{i}": torch.full((4,), float(i)) for i in range(8)})
+    threads = CopyThreads(monkeypatch)
+    async with astage.Stager() as stager:
+        await stager.stage(source)
+        threads.clear()
+        staged = await stager.stage(source)
+    assert threads.batches and all(t != threading.get_ident() for t in threads.batches)
+    await anyio.to_thread.run_sync(assert_tree_staged, staged, source)
+
+
+@pytest.mark.asyncio
+async def test_pieces_shrink_to_fit_a_turn(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Copies made slow on purpose (0.1 ms each): a piece of the first size (64 copies, 6.4 ms)
+    # would hold the loop for many turns' worth; the lane halves its pieces until one takes
+    # no longer than LOOP_LANE_PIECE_S, and keeps them there.
+    per_copy_s = 1e-4
+    sizes: list[int] = []
+    piece = copy_host_piece
+
+    def slow_piece(batch: Any, start: int, stop: int) -> None:
+        sizes.append(stop - start)
+        time.sleep(per_copy_s * (stop - start))
+        piece(batch, start, stop)
+
+    source = optimizer_like(300)
+    async with astage.Stager() as stager:
+        await stager.stage(source)
+        monkeypatch.setattr(_async, "copy_host_piece", slow_piece)
+        staged = await stager.stage(source)
+    fitting = int(LOOP_LANE_PIECE_S / per_copy_s)  # 2 copies
+    assert sizes[0] > fitting
+    assert max(sizes[-10:]) <= fitting, sizes
+    assert sum(sizes) == 600
+    await anyio.to_thread.run_sync(assert_tree_staged, staged, source)
+
+
+@pytest.mark.asyncio
+async def test_a_piece_that_fails_fails_the_call_and_the_next_call_is_right(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    source = optimizer_like(500)
+    piece = copy_host_piece
+    calls = 0
+
+    def failing_piece(batch: Any, start: int, stop: int) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise RuntimeError("copy refused")
+        piece(batch, start, stop)
+
+    async with astage.Stager() as stager:
+        await stager.stage(source)
+        monkeypatch.setattr(_async, "copy_host_piece", failing_piece)
+        with pytest.raises(RuntimeError, match="copy refused"):
+            await stager.stage(source)
+        staged = await stager.stage(source)
+    await anyio.to_thread.run_sync(assert_tree_staged, staged, source)
+
+
+@pytest.mark.asyncio
+async def test_a_call_cancelled_with_pieces_queued_leaves_the_stager_usable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    source = await anyio.to_thread.run_sync(optimizer_like)
+    piece = copy_host_piece
+    pieces = 0
+    cut_short = 0  # calls cancelled after some pieces ran, before the last
+
+    def counted(batch: Any, start: int, stop: int) -> None:
+        nonlocal pieces
+        pieces += 1
+        piece(batch, start, stop)
+
+    async def cancelled_after(stager: astage.Stager, turns: int) -> bool:
+        finished = False
+
+        async def staging() -> None:
+            nonlocal finished
+            await stager.stage(source)
+            finished = True
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(staging)
+            for _ in range(turns):
+                await anyio.sleep(0)
+            group.cancel_scope.cancel()
+        return finished
+
+    async with astage.Stager() as stager:
+        await stager.stage(source)
+        monkeypatch.setattr(_async, "copy_host_piece", counted)
+        for turns in (0, 1, 2, 3, 5, 8, 13, 21, 34, 55):
+            pieces = 0
+            if not await cancelled_after(stager, turns) and pieces:
+                cut_short += 1
+            staged = await stager.stage(source)
+            await anyio.to_thread.run_sync(assert_tree_staged, staged, source)
+    assert cut_short, "no call was cancelled while its pieces were being copied"
+
+
+def test_the_lane_takes_only_small_cpu_copies_into_touched_buffers() -> None:
+    class FakePlan:
+        new_buffers = 0
+
+    def batch(largest: int | None, copies: int = 2, device: str = "cpu") -> Any:
+        class FakeBatch:
+            pass
+
+        made = FakeBatch()
+        made.largest = largest  # type: ignore[attr-defined]
+        made.srcs = [None] * copies  # type: ignore[attr-defined]
+        made.device = torch.device(device)  # type: ignore[attr-defined]
+        return made
+
+    plan: Any = FakePlan()
+    assert _LoopLane.takes(batch(64), plan)
+    assert _LoopLane.takes(batch(LOOP_LANE_LARGEST_COPY), plan)
+    assert not _LoopLane.takes(batch(LOOP_LANE_LARGEST_COPY + 1), plan)
+    assert not _LoopLane.takes(batch(None), plan)  # sizes unknown
+    assert not _LoopLane.takes(batch(64, copies=1), plan)  # one copy: a slice of a large one
+    assert not _LoopLane.takes(batch(64, device="meta"), plan)
+    plan.new_buffers = 1  # fresh memory: its page faults are not the loop's to take
+    assert not _LoopLane.takes(batch(64), plan)
