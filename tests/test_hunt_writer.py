@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import errno
 import os
+import platform
 import signal
 import stat
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -290,6 +293,7 @@ def test_a_platform_without_posix_fallocate_still_saves(
     # os.posix_fallocate exists only where the C library has it (not on macOS): the writer
     # called it unguarded, so every save there failed with a raw AttributeError, where a
     # filesystem that refuses it falls back to ftruncate.
+    monkeypatch.setattr(_writer, "_fallocate", None, raising=False)  # off Linux: no fallocate(2)
     monkeypatch.delattr(os, "posix_fallocate")
     target = tmp_path / "c.safetensors"
     expected = state()
@@ -364,3 +368,63 @@ def test_a_child_forked_while_a_writer_thread_held_the_direct_io_lock_can_save(
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert_holds(tmp_path / "child.safetensors", {"w": torch.ones(3)})
+
+
+# -- reserving the file's space -----------------------------------------------------------------
+
+_WITHOUT_FALLOCATE = """
+import ctypes, os, platform, sys
+import torch
+import astage
+from astage._files import _writer
+
+# A seccomp filter that answers fallocate(2) with EOPNOTSUPP, as NFSv3, vfat and many FUSE
+# filesystems do (unprivileged: no_new_privs first).
+number = {"x86_64": 285, "aarch64": 47}[platform.machine()]
+libc = ctypes.CDLL(None, use_errno=True)
+class Instruction(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte),
+                ("k", ctypes.c_uint)]
+class Program(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Instruction))]
+code = [(0x20, 0, 0, 0), (0x15, 0, 1, number), (0x06, 0, 0, 0x00050000 | 95),
+        (0x06, 0, 0, 0x7FFF0000)]
+instructions = (Instruction * len(code))(*[Instruction(*step) for step in code])
+if libc.prctl(38, 1, 0, 0, 0) or libc.prctl(22, 2, ctypes.byref(Program(4, instructions)), 0, 0):
+    sys.exit(77)  # no seccomp here
+
+reserved_blocks = []
+real_reserve = _writer._reserve
+def reserve(fd, size):
+    real_reserve(fd, size)
+    reserved_blocks.append(os.fstat(fd).st_blocks)
+_writer._reserve = reserve
+target = sys.argv[1]
+state = {"w": torch.arange(1 << 20, dtype=torch.float32)}
+astage.save_sync(state, target)
+assert torch.equal(astage.load(target)["w"], state["w"])
+print(reserved_blocks[0])
+"""
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "aarch64"),
+    reason="a seccomp filter on Linux's fallocate(2) stands for the filesystem",
+)
+def test_a_filesystem_without_fallocate_gets_no_zeros_written_first(tmp_path: Path) -> None:
+    # Where the filesystem has no fallocate (NFSv3, vfat, many FUSE mounts), glibc's
+    # posix_fallocate writes a byte into every block of the file instead: the whole file went
+    # to the disk (over the network, on NFS) as zeros before its data, and reserved nothing
+    # on NFS anyway. The writer now asks fallocate(2) itself and only sets the size there.
+    target = tmp_path / "c.safetensors"
+    child = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_FALLOCATE, str(target)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if child.returncode == 77:
+        pytest.skip("seccomp filters are not allowed here")
+    assert child.returncode == 0, child.stderr
+    assert int(child.stdout) == 0  # the reservation wrote no block: the file is sparse
