@@ -287,6 +287,33 @@ def test_a_special_file_at_the_target_is_not_replaced(tmp_path: Path) -> None:
     assert stat.S_ISFIFO(os.lstat(target).st_mode)
 
 
+def test_a_link_to_a_special_file_at_the_target_is_not_replaced(tmp_path: Path) -> None:
+    # A link is replaced, not followed, as a rename does; but one that leads to a FIFO or a
+    # device (/dev/stdout is a link to /proc/self/fd/1) was replaced by a regular file too:
+    # for root, save_sync(state, "/dev/stdout") turned /dev's own link into a checkpoint.
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    link = tmp_path / "c.safetensors"
+    link.symlink_to(fifo)
+    with pytest.raises(astage.CheckpointWriteError, match="not a regular file"):
+        astage.save_sync(state(), link)
+    assert sorted(os.listdir(tmp_path)) == ["c.safetensors", "fifo"]
+    assert link.is_symlink()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="no /proc")
+def test_a_link_to_a_process_descriptor_is_not_replaced(tmp_path: Path) -> None:
+    # /dev/stdout is a link to /proc/self/fd/1: with stdout sent to a regular file, the link
+    # led to a file, so the save replaced /dev/stdout itself (for root) with a checkpoint.
+    with open(tmp_path / "log", "w") as log:
+        link = tmp_path / "c.safetensors"
+        link.symlink_to(f"/proc/self/fd/{log.fileno()}")
+        with pytest.raises(astage.CheckpointWriteError, match="descriptor"):
+            astage.save_sync(state(), link)
+    assert sorted(os.listdir(tmp_path)) == ["c.safetensors", "log"]
+    assert link.is_symlink()
+
+
 def test_a_platform_without_posix_fallocate_still_saves(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -620,16 +620,27 @@ class SafetensorsWriter:
         refuse (a folder; a name too long for its folder: the temporary file's name is cut
         to fit, so only the rename would find out) or must not replace: a FIFO, a device
         such as /dev/null (which root may replace), a socket. A regular file is replaced,
-        and so is a symbolic link (not followed)."""
+        and so is a symbolic link (not followed) that leads to one or nowhere; one that
+        leads to a folder or a special file (/dev/stdout) is refused as that would be."""
         folder, name = os.path.split(self.path)
         try:
             mode = os.lstat(self.path).st_mode
+            if stat.S_ISLNK(mode):
+                destination = os.path.join(folder, os.readlink(self.path))
+                if os.path.abspath(destination).startswith("/proc/"):
+                    # /dev/stdout and the like name a descriptor of whichever process
+                    # opens them: replacing the link would take it from every process.
+                    raise CheckpointWriteError(
+                        f"cannot write {self.path}: it is a link to a process's descriptor "
+                        f"({destination}), not to a file; give a file's path"
+                    )
+                mode = os.stat(self.path).st_mode
         except OSError:
-            mode = None  # not there (the usual case), or the create says why below
+            mode = None  # not there (the usual case), a dangling link, or the create says why
         if mode is not None and stat.S_ISDIR(mode):
             refusal = OSError(errno.EISDIR, os.strerror(errno.EISDIR), self.path)
             raise _write_error(self.path, "cannot write", refusal)
-        if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+        if mode is not None and not stat.S_ISREG(mode):
             raise CheckpointWriteError(
                 f"cannot write {self.path}: it is not a regular file (a FIFO, a device or a "
                 "socket), which a save would replace; give a file's path"
