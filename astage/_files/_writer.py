@@ -623,20 +623,20 @@ class SafetensorsWriter:
         and so is a symbolic link (not followed) that leads to one or nowhere; one that
         leads to a folder or a special file (/dev/stdout) is refused as that would be."""
         folder, name = os.path.split(self.path)
-        try:
-            mode = os.lstat(self.path).st_mode
-            if stat.S_ISLNK(mode):
-                destination = os.path.join(folder, os.readlink(self.path))
-                if os.path.abspath(destination).startswith("/proc/"):
-                    # /dev/stdout and the like name a descriptor of whichever process
-                    # opens them: replacing the link would take it from every process.
-                    raise CheckpointWriteError(
-                        f"cannot write {self.path}: it is a link to a process's descriptor "
-                        f"({destination}), not to a file; give a file's path"
-                    )
-                mode = os.stat(self.path).st_mode
-        except OSError:
-            mode = None  # not there (the usual case), a dangling link, or the create says why
+        mode = _mode(self.path, os.lstat)  # None: not there (the usual case)
+        if mode is not None and stat.S_ISLNK(mode):
+            try:
+                destination = os.path.abspath(os.path.join(folder, os.readlink(self.path)))
+            except OSError:
+                destination = ""  # gone meanwhile: as if never there
+            if destination.startswith("/proc/"):
+                # /dev/stdout and the like name a descriptor of whichever process opens
+                # them: replacing the link would take it from every process.
+                raise CheckpointWriteError(
+                    f"cannot write {self.path}: it is a link to a process's descriptor "
+                    f"({destination}), not to a file; give a file's path"
+                )
+            mode = _mode(self.path, os.stat)  # None: a dangling link, replaced
         if mode is not None and stat.S_ISDIR(mode):
             refusal = OSError(errno.EISDIR, os.strerror(errno.EISDIR), self.path)
             raise _write_error(self.path, "cannot write", refusal)
@@ -929,6 +929,15 @@ class WriteThreads:
                 return False
             self._renaming = True  # from here on an abort is too late: the commit stands
             return True
+
+
+def _mode(path: str, status: Callable[[str], os.stat_result]) -> int | None:
+    """``path``'s mode by ``status`` (``os.lstat`` or ``os.stat``); None where there is none
+    to know (nothing there, or an error that creating the file will name)."""
+    try:
+        return status(path).st_mode
+    except OSError:
+        return None
 
 
 def _offset(item: tuple[int, memoryview]) -> int:
