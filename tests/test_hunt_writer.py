@@ -455,3 +455,40 @@ def test_a_filesystem_without_fallocate_gets_no_zeros_written_first(tmp_path: Pa
         pytest.skip("seccomp filters are not allowed here")
     assert child.returncode == 0, child.stderr
     assert int(child.stdout) == 0  # the reservation wrote no block: the file is sparse
+
+
+def test_an_interrupt_while_starting_the_writer_threads_leaves_none_waiting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only a RuntimeError from starting a thread was handled: a KeyboardInterrupt there (^C
+    # during save_sync) left the threads already started waiting for pieces forever, and,
+    # not being daemons, they kept the interpreter from exiting.
+    real_start = threading.Thread.start
+    started: list[threading.Thread] = []
+
+    def start(thread: threading.Thread) -> None:
+        if thread.name.startswith("astage-writer-"):
+            if started:
+                raise KeyboardInterrupt
+            started.append(thread)
+        real_start(thread)
+
+    made: list[_writer.WriteThreads] = []
+    real_init = _writer.WriteThreads.__init__
+
+    def init(threads: _writer.WriteThreads, writer: _writer.SafetensorsWriter) -> None:
+        made.append(threads)
+        real_init(threads, writer)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    monkeypatch.setattr(_writer.WriteThreads, "__init__", init)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            astage.save_sync(state(), tmp_path / "c.safetensors")
+        started[0].join(timeout=2)
+        assert not started[0].is_alive()
+    finally:
+        for threads in made:  # so that a failure here does not hang the interpreter's exit
+            threads.abort()
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == []

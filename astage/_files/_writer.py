@@ -767,6 +767,7 @@ class WriteThreads:
         """CPU time the threads spent, all together (``time.thread_time``), once done."""
         name = os.path.basename(writer.path)
         self._running = 0
+        created: list[threading.Thread] = []
         try:
             for index in range(writer.threads):
                 thread = threading.Thread(
@@ -774,19 +775,31 @@ class WriteThreads:
                 )
                 with self._cond:
                     self._running += 1
+                created.append(thread)
                 thread.start()
-        except RuntimeError as error:  # the system refused a thread
-            self.abort()
-            with self._cond:
-                self._running -= 1
-                last = self._running == 0
-            if last:
-                self._end()
-            else:
-                # A started thread ends the file (closes, removes): wait for it, so that the
-                # caller's own cleanup cannot close the same descriptors a second time.
-                self._finished.wait()
-            raise CheckpointWriteError(f"cannot start a writer thread for {writer.path}") from error
+        except BaseException as error:  # the system refused a thread, or ^C came meanwhile
+            self._stop_started(created)
+            if isinstance(error, RuntimeError):
+                raise CheckpointWriteError(
+                    f"cannot start a writer thread for {writer.path}"
+                ) from error
+            raise
+
+    def _stop_started(self, created: list[threading.Thread]) -> None:
+        """Starting the threads failed: stop those that started and end the file (close,
+        remove) before the caller hears of it, so that its own cleanup cannot close the
+        same descriptors a second time, and no non-daemon thread is left waiting for pieces
+        (it would keep the interpreter from exiting)."""
+        self.abort()
+        for thread in created:
+            with contextlib.suppress(RuntimeError):  # never started (or not yet known to)
+                thread.join()
+        with self._cond:
+            ended = self._ended or self._running == 0
+            self._running = 0  # the threads that never started are not running
+        if not ended:
+            self._end()
+        self._finished.wait()
 
     # -- what the faces call --------------------------------------------------------------------
 
