@@ -492,3 +492,33 @@ def test_an_interrupt_while_starting_the_writer_threads_leaves_none_waiting(
             threads.abort()
     monkeypatch.undo()
     assert os.listdir(tmp_path) == []
+
+
+def test_an_interrupt_as_the_sync_writer_opens_leaves_no_thread_waiting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A ^C that came once the writer's threads had started, before open_in_threads returned,
+    # closed the file under them without stopping them: they waited for pieces forever and,
+    # not being daemons, kept the interpreter from exiting.
+    real_open = _writer.SafetensorsWriter._open
+    opened: list[_writer.SafetensorsWriter] = []
+
+    def open_then_interrupt(
+        writer: _writer.SafetensorsWriter, state_dict: Any, background: bool
+    ) -> None:
+        opened.append(writer)
+        real_open(writer, state_dict, background)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_writer.SafetensorsWriter, "_open", open_then_interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            astage.save_sync(state(), tmp_path / "c.safetensors")
+        threads = opened[0].write_threads
+        assert threads is not None and threads.wait(timeout=2)
+    finally:
+        for writer in opened:  # so that a failure here does not hang the interpreter's exit
+            if writer.write_threads is not None:
+                writer.write_threads.abort()
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == []

@@ -383,8 +383,14 @@ class SafetensorsWriter:
         try:
             self._open(state_dict, True)
         except BaseException:
-            self._state = "aborted"
-            self._close_and_remove()
+            if self._background is not None:
+                # Started already (a ^C as _open returned): stopped, the last thread out
+                # closes and removes; never closed under them, nor left waiting for pieces.
+                self._background.abort()
+                self._background.wait()
+            else:
+                self._state = "aborted"
+                self._close_and_remove()
             raise
         assert self._background is not None
         return self._background
