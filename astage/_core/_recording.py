@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import operator
+from collections.abc import Callable
+from functools import partial
 from itertools import repeat
 from typing import Any
 
@@ -214,6 +216,42 @@ class Recording:
         self.all_whole = min(self.copy_src, default=0) >= 0
         self.copy_nbytes = yield from mapped(sizes.__getitem__, copy_slots)
 
+    def step_guard(
+        self,
+        index: int,
+        tensors: list[torch.Tensor],
+        make: Callable[[list[torch.Tensor]], MetadataGuard | None] = metadata_guard,
+    ) -> MetadataGuard | None:
+        """The metadata guard of bulk step ``index``, made by ``make`` from its tensors as they
+        are now (checked against the recording); None where this torch has no guard.
+
+        The guard (dynamo's ``TensorGuards``) refuses an object it is given twice: a step
+        that held one tensor under two keys (tied weights of ``state_dict(keep_vars=True)``)
+        never passed it, so each call checked that step the long way and made its guard
+        again (1-1.5 ms). Such a step's guard is given only the first place of each object
+        the recording knows (a tensor's ``same`` leaf): the others hold that object again,
+        which :meth:`Replay._check_bulk` checks of every shared tensor before anything of
+        the call is used, so the first place's check covers them.
+        """
+        if not self.shared_leaves:  # each tensor alone on its storage: none is met twice
+            return make(tensors)
+        start = index * BULK_STEP
+        leaves = self.leaves
+        firsts: list[int] = []
+        met: set[int] = set()
+        for place in range(len(tensors)):
+            same = leaves[start + place][11]
+            first = same if same >= 0 else start + place
+            if first not in met:
+                met.add(first)
+                firsts.append(place)
+        if len(firsts) == len(tensors):
+            return make(tensors)
+        guard = make([tensors[place] for place in firsts])
+        if guard is None:
+            return None
+        return partial(_firsts_checked, guard, firsts)
+
     def forget(self, buffer: HostBuffer) -> None:
         """``buffer`` left the cache: drop it from its slot (any thread; atomic steps)."""
         slot = self.slot_by_key.get(buffer.key)
@@ -394,7 +432,7 @@ class ReplayRecorder:
             sources = self._sources
             if sources is not None:  # what a first replay would have made, in steps
                 for index, start in enumerate(range(0, len(sources), BULK_STEP)):
-                    out.guards[index] = metadata_guard(sources[start : start + BULK_STEP])
+                    out.guards[index] = out.step_guard(index, sources[start : start + BULK_STEP])
                     yield
                 self._sources = None
                 # And the checks of the walk's plain twins (made as a replay makes them), so
@@ -637,6 +675,11 @@ class ReplayRecorder:
         self._twins += staged
         if self._sources is not None:
             self._sources += xs
+
+
+def _firsts_checked(guard: MetadataGuard, firsts: list[int], *tensors: Any) -> bool:
+    """``guard`` (made from the tensors at ``firsts``) asked of those places of ``tensors``."""
+    return guard(*map(tensors.__getitem__, firsts))
 
 
 _buffer_key = operator.attrgetter("key")

@@ -493,7 +493,7 @@ class Replay:
                     if list(map(getter, part)) != values[start:stop]:
                         raise _BulkMiss
                 if guards is not None:  # checked the long way: the next call takes the short
-                    guards[index] = metadata_guard(part)
+                    guards[index] = rec.step_guard(index, part, metadata_guard)
             if early:  # in a step of its own: with the checks, 0.5-0.95 ms on a loaded core
                 yield
                 self._publish_step(xs, start, stop)
