@@ -158,6 +158,19 @@ def test_a_folder_at_the_target_is_refused_before_staging(tmp_path: Path) -> Non
     assert os.listdir(tmp_path) == ["c.safetensors"]
 
 
+@pytest.mark.parametrize("no_limit", [-1, 0])
+def test_a_folder_that_reports_no_name_limit_takes_any_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_limit: int
+) -> None:
+    # pathconf gives -1 where a filesystem has no limit to report (and some FUSE mounts say
+    # 0): the check added for over-long names refused every save into such a folder.
+    monkeypatch.setattr(os, "pathconf", lambda path, name: no_limit)
+    expected = state()
+    astage.save_sync(expected, tmp_path / "c.safetensors")
+    monkeypatch.undo()
+    assert_holds(tmp_path / "c.safetensors", expected)
+
+
 def test_a_name_too_long_for_the_folder_is_refused_before_staging(tmp_path: Path) -> None:
     # The temporary file's name is cut to fit, so a 256-byte target name was only refused by
     # the final rename (ENAMETOOLONG), once everything was written.

@@ -655,7 +655,7 @@ class SafetensorsWriter:
             name_max = os.pathconf(folder, "PC_NAME_MAX")
         except (OSError, ValueError):
             return  # no folder (the create says so), or no limit to know
-        if len(os.fsencode(name)) > name_max:
+        if name_max > 0 and len(os.fsencode(name)) > name_max:  # -1 (or 0): no limit known
             refusal = OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), self.path)
             raise _write_error(self.path, "cannot write", refusal)
 
