@@ -341,3 +341,21 @@ def test_hold_buffers_in_a_forked_child_is_refused_rather_than_hanging() -> None
     code = os.waitstatus_to_exitcode(status)
     assert code == 0, f"the child's hold_buffers() hung or was not refused (exit code {code})"
     stager.close()
+
+
+def test_a_progress_that_cannot_be_called_is_refused_before_reserving() -> None:
+    # Before: reserve(progress=5) allocated every buffer, touched the first batch, then raised
+    # a raw TypeError ("'int' object is not callable"). Now: InvalidOptionsError, up front.
+    with astage.SyncStager() as stager:
+        with pytest.raises(astage.InvalidOptionsError, match="progress"):
+            stager.reserve(_state(), progress=5)  # type: ignore[arg-type]
+        assert stager.cache_info().storages == 0
+
+
+@pytest.mark.asyncio
+async def test_an_async_progress_that_cannot_be_called_is_refused_before_reserving() -> None:
+    # Before: as above, on the async face.
+    async with astage.Stager() as stager:
+        with pytest.raises(astage.InvalidOptionsError, match="progress"):
+            await stager.reserve(_state(), progress="bytes")  # type: ignore[arg-type]
+        assert stager.cache_info().storages == 0

@@ -48,7 +48,14 @@ from .._errors import UsageError
 from .._options import StagingOptions
 from .._paths import Path
 from .._torch import staging_defaults
-from ._base import CallOrder, Reservation, ReserveProgress, ReserveWork, StagerBase
+from ._base import (
+    CallOrder,
+    Reservation,
+    ReserveProgress,
+    ReserveWork,
+    StagerBase,
+    check_progress,
+)
 from ._events import DeviceLimiters, wait_for_event
 from ._gc import gc_paused
 from ._leases import Lease
@@ -174,6 +181,7 @@ class Stager(StagerBase):
         touch or the first call to fill.
         Takes the stager's turn like a call. Returns the figures of what it committed.
         """
+        check_progress(progress)
         self._check_open()
         async with self._turn("reserve()"):
             self._check_open()

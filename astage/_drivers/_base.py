@@ -47,7 +47,13 @@ from .._devices._backend import (
     pins_host_memory,
 )
 from .._devices._gather import should_gather
-from .._errors import BusyError, LeaseTimeoutError, StagerClosedError, UsageError
+from .._errors import (
+    BusyError,
+    InvalidOptionsError,
+    LeaseTimeoutError,
+    StagerClosedError,
+    UsageError,
+)
 from .._options import StagingOptions, make_options
 from . import _fork
 from ._leases import Lease
@@ -133,6 +139,16 @@ class Reservation(NamedTuple):
     """Of those, bytes page-locked with CUDA (0 without an accelerator)."""
     seconds: float
     """Wall time of the call."""
+
+
+def check_progress(progress: object) -> None:
+    """Refuse a ``reserve()`` progress that cannot be called, before anything is allocated
+    (it raised TypeError at the first batch, the buffers already allocated)."""
+    if progress is not None and not callable(progress):
+        raise InvalidOptionsError(
+            "progress must be None or a callable taking (bytes done, bytes to do), got "
+            f"{type(progress).__name__}"
+        )
 
 
 class ReserveWork:

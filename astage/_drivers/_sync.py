@@ -35,7 +35,14 @@ from .._devices._host import reserve_batch, run_host_batch
 from .._errors import InvalidOptionsError, StagerClosedError, UsageError
 from .._options import StagingOptions
 from .._torch import staging_defaults
-from ._base import CallOrder, Reservation, ReserveProgress, ReserveWork, StagerBase
+from ._base import (
+    CallOrder,
+    Reservation,
+    ReserveProgress,
+    ReserveWork,
+    StagerBase,
+    check_progress,
+)
 from ._gc import gc_paused
 from ._leases import POLL_S, Lease, seconds
 from ._sets import BufferSet
@@ -137,6 +144,7 @@ class SyncStager(StagerBase):
         :meth:`stage` (calls run one after the other). Returns the figures of what it
         committed.
         """
+        check_progress(progress)
         self._check_open()
         self._enter(_ANY_THREAD)
         try:
