@@ -359,3 +359,17 @@ async def test_an_async_progress_that_cannot_be_called_is_refused_before_reservi
         with pytest.raises(astage.InvalidOptionsError, match="progress"):
             await stager.reserve(_state(), progress="bytes")  # type: ignore[arg-type]
         assert stager.cache_info().storages == 0
+
+
+@pytest.mark.asyncio
+async def test_an_async_def_progress_is_refused() -> None:
+    # Before: reserve(progress=an async def function) called it after each batch and dropped
+    # the coroutine it made: no progress was ever shown, and every batch warned "coroutine
+    # ... was never awaited". Now: InvalidOptionsError, before anything is allocated.
+    async def progress(done: int, total: int) -> None:
+        pass
+
+    async with astage.Stager() as stager:
+        with pytest.raises(astage.InvalidOptionsError, match="async def"):
+            await stager.reserve(_state(), progress=progress)  # type: ignore[arg-type]
+        assert stager.cache_info().storages == 0

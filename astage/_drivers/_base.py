@@ -26,6 +26,7 @@ next call overwrites, and nothing in flight.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -143,11 +144,18 @@ class Reservation(NamedTuple):
 
 def check_progress(progress: object) -> None:
     """Refuse a ``reserve()`` progress that cannot be called, before anything is allocated
-    (it raised TypeError at the first batch, the buffers already allocated)."""
+    (it raised TypeError at the first batch, the buffers already allocated), and an ``async
+    def`` one, whose calls would only make coroutines that nobody awaits (no progress shown,
+    a RuntimeWarning per batch)."""
     if progress is not None and not callable(progress):
         raise InvalidOptionsError(
             "progress must be None or a callable taking (bytes done, bytes to do), got "
             f"{type(progress).__name__}"
+        )
+    if inspect.iscoroutinefunction(progress):
+        raise InvalidOptionsError(
+            "progress is called, not awaited (on the event loop for Stager): pass a plain "
+            "function, not an async def one"
         )
 
 
