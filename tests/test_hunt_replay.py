@@ -167,9 +167,10 @@ def _tied(count: int) -> dict[str, Any]:
     return state_dict
 
 
+@pytest.mark.parametrize("ahead", [False, True])  # guards made by a first replay, or reserve()
 @pytest.mark.parametrize("count", [10, 600])
 def test_a_step_with_a_tensor_met_twice_keeps_its_guard(
-    monkeypatch: pytest.MonkeyPatch, count: int
+    monkeypatch: pytest.MonkeyPatch, count: int, ahead: bool
 ) -> None:
     # The metadata guard (dynamo's TensorGuards) refuses a tensor it is given twice: the guard
     # of a bulk step that held the same tensor under two keys never passed, so every cached
@@ -186,8 +187,12 @@ def test_a_step_with_a_tensor_met_twice_keeps_its_guard(
     monkeypatch.setattr(recording_module, "metadata_guard", counted)  # a walk ahead's
     state_dict = _tied(count)
     with astage.SyncStager() as stager:
-        stager.stage(state_dict)
-        stager.stage(state_dict)  # the first replay makes the guards
+        if ahead:
+            stager.reserve(state_dict)  # its walk makes the guards at once
+        else:
+            stager.stage(state_dict)
+            stager.stage(state_dict)  # the first replay makes the guards
+        assert made
         made.clear()
         for _ in range(3):
             staged = stager.stage(state_dict)

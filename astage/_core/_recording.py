@@ -220,7 +220,7 @@ class Recording:
         self,
         index: int,
         tensors: list[torch.Tensor],
-        make: Callable[[list[torch.Tensor]], MetadataGuard | None] = metadata_guard,
+        make: Callable[[list[torch.Tensor]], MetadataGuard | None],
     ) -> MetadataGuard | None:
         """The metadata guard of bulk step ``index``, made by ``make`` from its tensors as they
         are now (checked against the recording); None where this torch has no guard.
@@ -432,7 +432,9 @@ class ReplayRecorder:
             sources = self._sources
             if sources is not None:  # what a first replay would have made, in steps
                 for index, start in enumerate(range(0, len(sources), BULK_STEP)):
-                    out.guards[index] = out.step_guard(index, sources[start : start + BULK_STEP])
+                    out.guards[index] = out.step_guard(
+                        index, sources[start : start + BULK_STEP], metadata_guard
+                    )
                     yield
                 self._sources = None
                 # And the checks of the walk's plain twins (made as a replay makes them), so
