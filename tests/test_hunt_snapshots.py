@@ -6,12 +6,18 @@ Each test here failed (or hung, bounded by a timeout) before its fix; its commen
 from __future__ import annotations
 
 import gc
+import os
+import signal
+import threading
+import weakref
 from typing import Any
 
+import anyio
 import pytest
 import torch
 
 import astage
+from astage._core import _cache
 
 
 def _state() -> dict[str, torch.Tensor]:
@@ -91,8 +97,6 @@ def test_a_reserve_cut_short_is_finished_by_the_next_reserve() -> None:
 @pytest.mark.asyncio
 async def test_a_cancelled_reserve_is_finished_by_the_next_one() -> None:
     # Before: as above, on the async face, for a reserve() cancelled midway.
-    import anyio
-
     state = _four_mib()
     async with astage.Stager(chunk_bytes=1 << 20, max_inflight_bytes=1 << 20) as stager:
         with anyio.CancelScope() as scope:
@@ -133,8 +137,6 @@ def test_a_timeout_behind_a_close_that_waits_for_a_lease_is_kept() -> None:
     # thread that waited for a snapshot's release waited for that release, however long,
     # before it was refused as closed: the timeout bounded nothing. Now it is refused
     # (StagerClosedError, a call can never run there) once its timeout ran out.
-    import threading
-
     stager = astage.SyncStager(buffers=2)
     snapshot = stager.snapshot(_state())
     closer = threading.Thread(target=stager.close)
@@ -160,8 +162,6 @@ def test_a_release_from_a_finalizer_in_the_waiting_thread_does_not_deadlock() ->
     # moment (a finalizer that releases, set off by the collector at the wait's allocation;
     # a signal handler) waited on the lock the thread itself held: a deadlock, forever. Here
     # the moment is held open by hand, in a thread of its own so that a hang cannot hang pytest.
-    import threading
-
     stager = astage.SyncStager()
     snapshot = stager.snapshot(_state())
     board = stager._sets.board
@@ -188,8 +188,6 @@ async def test_a_stage_iter_block_lets_go_of_the_state_dict_when_it_exits() -> N
     # too, for a state dict gathered for the save) with its host buffer cached, and it kept
     # the staged tensors that had landed but were never handed out, so that in_use() said the
     # buffers were in use. Now the block's exit lets go of both.
-    import weakref
-
     async with astage.Stager() as stager:
         source = torch.randn(1000)
         source_ref = weakref.ref(source)
@@ -210,8 +208,6 @@ async def test_a_snapshot_call_kept_by_its_caller_lets_go_of_the_state_dict() ->
     # Before: the object snapshot() returns kept the staged state dict (and the source's)
     # after it was awaited, so a caller that kept it (`call = stager.snapshot(sd)`) kept both
     # after the snapshot's release, which is to let go of them.
-    import weakref
-
     async with astage.Stager() as stager:
         source = torch.randn(1000)
         source_ref = weakref.ref(source)
@@ -234,10 +230,6 @@ async def test_the_huge_page_probe_never_runs_on_the_event_loop(
     # Before: with huge_pages=None the probe (populating 32 MiB, 10-150 ms) ran where the walk
     # met its first buffer of 2 MiB or more: on the event loop, which it held that long. The
     # async face now asks it in a worker thread before its first walk.
-    import threading
-
-    from astage._core import _cache
-
     threads: list[int] = []
 
     def probe() -> bool:
@@ -259,8 +251,6 @@ async def test_the_huge_page_probe_never_runs_on_the_event_loop(
 
 
 def _a_failed_call_then_a_hold(stage: Any, hold_buffers: Any) -> None:
-    import threading
-
     weight = torch.ones(8)
     good = stage({"w": weight})  # set 0
     with pytest.raises(astage.UnstageableError):
@@ -283,8 +273,6 @@ def test_a_hold_after_a_failed_call_holds_the_last_result() -> None:
 @pytest.mark.asyncio
 async def test_a_hold_after_a_failed_async_call_holds_the_last_result() -> None:
     # Before: as above, on the async face.
-    import threading
-
     async with astage.Stager(buffers=2) as stager:
         weight = torch.ones(8)
         good = await stager.stage({"w": weight})
@@ -304,10 +292,6 @@ def test_hold_buffers_in_a_forked_child_is_refused_rather_than_hanging() -> None
     # hold_buffers() handed out a lease on the parent's wake-up board, whose lock another
     # parent thread may have held at the fork: the child's release() then waited for that
     # thread, which does not exist there, forever. Now it is refused like the calls.
-    import os
-    import signal
-    import threading
-
     stager = astage.SyncStager()
     stager.stage(_state())
     board = stager._sets.board
