@@ -38,6 +38,7 @@ import anyio.to_thread
 import torch
 
 from .._core._batches import MAX_BATCH_COPIES, Batch
+from .._core._cache import BufferCache
 from .._core._plan import Leaf, Plan
 from .._core._run import Run
 from .._core._tables import empty_in_steps
@@ -490,11 +491,13 @@ class _LoopLane:
         return bool(self._queue)
 
     @staticmethod
-    def takes(batch: Batch, plan: Plan) -> bool:
-        """Whether ``batch`` is one for the loop's thread to copy (see the class)."""
+    def takes(batch: Batch, plan: Plan, cache: BufferCache) -> bool:
+        """Whether ``batch`` is one for the loop's thread to copy (see the class). Buffers a
+        ``reserve()`` cut short left untouched are fresh memory too."""
         largest = batch.largest
         return (
             plan.new_buffers == 0
+            and not cache.untouched
             and batch.device.type == "cpu"
             and len(batch.srcs) > 1
             and largest is not None
@@ -754,7 +757,7 @@ class _Call:
             run.start(inflight)
             if backend is not None:
                 self._copies.start_soon(self._copy_from_device, inflight, backend)
-            elif _LoopLane.takes(batch, run.plan):
+            elif _LoopLane.takes(batch, run.plan, run.cache):
                 self._loop_lane.submit(inflight)
             elif self._host_lane.submit(inflight):
                 self._copies.start_soon(self._copy_on_host)
