@@ -229,28 +229,31 @@ class Recording:
         that held one tensor under two keys (tied weights of ``state_dict(keep_vars=True)``)
         never passed it, so each call checked that step the long way and made its guard
         again (1-1.5 ms). Such a step's guard is given only the first place of each object
-        the recording knows (a tensor's ``same`` leaf): the others hold that object again,
-        which :meth:`Replay._check_bulk` checks of every shared tensor before anything of
-        the call is used, so the first place's check covers them.
+        the recording knows (a tensor's ``same`` leaf), and passes only where each other
+        place holds the very object of its first place, which the guard checks.
         """
         if not self.shared_leaves:  # each tensor alone on its storage: none is met twice
             return make(tensors)
         start = index * BULK_STEP
         leaves = self.leaves
         firsts: list[int] = []
-        met: set[int] = set()
+        again: list[int] = []
+        their_firsts: list[int] = []
+        place_of: dict[int, int] = {}  # the first leaf of an object -> its first place here
         for place in range(len(tensors)):
             same = leaves[start + place][11]
-            first = same if same >= 0 else start + place
-            if first not in met:
-                met.add(first)
+            first = place_of.setdefault(same if same >= 0 else start + place, place)
+            if first == place:
                 firsts.append(place)
-        if len(firsts) == len(tensors):
+            else:
+                again.append(place)
+                their_firsts.append(first)
+        if not again:
             return make(tensors)
         guard = make([tensors[place] for place in firsts])
         if guard is None:
             return None
-        return partial(_firsts_checked, guard, firsts)
+        return partial(_firsts_checked, guard, firsts, again, their_firsts)
 
     def forget(self, buffer: HostBuffer) -> None:
         """``buffer`` left the cache: drop it from its slot (any thread; atomic steps)."""
@@ -679,9 +682,21 @@ class ReplayRecorder:
             self._sources += xs
 
 
-def _firsts_checked(guard: MetadataGuard, firsts: list[int], *tensors: Any) -> bool:
-    """``guard`` (made from the tensors at ``firsts``) asked of those places of ``tensors``."""
-    return guard(*map(tensors.__getitem__, firsts))
+def _firsts_checked(
+    guard: MetadataGuard,
+    firsts: list[int],
+    again: list[int],
+    their_firsts: list[int],
+    *tensors: Any,
+) -> bool:
+    """Whether the places ``again`` of ``tensors`` hold the objects of their first places, and
+    ``guard`` (made from the tensors at ``firsts``) passes those. The identities first: a
+    place the guard is not given may hold anything (a float where a tied tensor was), and
+    what passes is read as a tensor."""
+    get = tensors.__getitem__
+    return all(map(operator.is_, map(get, again), map(get, their_firsts))) and guard(
+        *map(get, firsts)
+    )
 
 
 _buffer_key = operator.attrgetter("key")
