@@ -17,11 +17,10 @@ import io
 import math
 import os
 import pickle
-import re
 import secrets
 import threading
 from bisect import bisect_right
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future as _PoolFuture
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -59,6 +58,7 @@ from .._errors import (
 )
 from .._files._writer import _IOV_MAX, pwritev_all, start_writeback
 from ._blocking import BlockingAsyncStager
+from ._saves import COMMIT_LOCK, Save, ThreadSaves, remove_unreferenced
 from ._storage import (
     DATA_SUFFIX,
     DEFAULT_CHUNK_BYTES,
@@ -74,7 +74,6 @@ from ._storage import (
     wait_all,
 )
 
-_DATA_FILE = re.compile(r"__\d+_.*\.distcp\Z")
 _OPEN_FILES = 64  # data files open at once, at most (one file per item may mean thousands)
 
 
@@ -153,7 +152,7 @@ class FileSystemWriter(StorageWriter, AsyncStager):
         self._landing: _LandingStager | None = None  # uncached staging, made on first use
         self._prewrite: _Prewrite | None = None  # the data file stage() started writing
         self._prewrite_lock = threading.Lock()  # stage() and write_data() run in two threads
-        self._thread = _ThreadSaves()  # each save's own state (see _Save)
+        self._thread = ThreadSaves()  # each save's own state (see Save)
 
     # -- DCP's AsyncStager protocol -------------------------------------------------------------
 
@@ -221,7 +220,7 @@ class FileSystemWriter(StorageWriter, AsyncStager):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._prewrite_lock = threading.Lock()
-        self._thread = _ThreadSaves()
+        self._thread = ThreadSaves()
 
     def _start_prewrite(self) -> _Prewrite | None:
         if not (self.single_file_per_rank and self.write_while_staging):
@@ -260,7 +259,7 @@ class FileSystemWriter(StorageWriter, AsyncStager):
         # checkpoint_id): a writer reused for saves into its folder must not name its data
         # files as the committed checkpoint it replaces does, or it overwrites them in place.
         path, self._thread.reset_path = self._thread.reset_path or self.path, None
-        save = _Save(
+        save = Save(
             path=path,
             save_id=secrets.token_hex(8),
             is_coordinator=is_coordinator,
@@ -345,7 +344,7 @@ class FileSystemWriter(StorageWriter, AsyncStager):
         finally:
             save.end()
 
-    def _commit(self, save: _Save, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+    def _commit(self, save: Save, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         """Write the metadata under a temporary name, then, one commit in the process at a
         time: rename it into place and remove the files it replaced. One at a time, so the
         metadata a commit removes files by is still the folder's when it does; the other
@@ -367,7 +366,7 @@ class FileSystemWriter(StorageWriter, AsyncStager):
             if isinstance(error, OSError):
                 raise _write_error(final, "cannot commit", error) from error
             raise
-        with _commit_lock:
+        with COMMIT_LOCK:
             try:
                 os.replace(temp, final)  # atomic: the old .metadata or the new one, never neither
             except OSError as error:
@@ -379,15 +378,15 @@ class FileSystemWriter(StorageWriter, AsyncStager):
             self._remove_replaced(save, metadata)
 
     @staticmethod
-    def _remove_replaced(save: _Save, metadata: Metadata) -> None:
+    def _remove_replaced(save: Save, metadata: Metadata) -> None:
         if save.use_collectives:
-            _remove_unreferenced(save, metadata.storage_data.values())
+            remove_unreferenced(save, metadata.storage_data.values())
         elif save.rank is not None and not os.path.exists(os.path.join(save.path, METADATA_NAME)):
             # Without collectives each rank commits a metadata file of its own, naming only its
             # own data files: it removes its replaced ones (they piled up, one per save), and
             # never another rank's. Not beside a global .metadata: that one (which DCP loads
             # first) may name this rank's older files too.
-            _remove_unreferenced(save, metadata.storage_data.values(), f"__{save.rank}_")
+            remove_unreferenced(save, metadata.storage_data.values(), f"__{save.rank}_")
 
     def storage_meta(self) -> StorageMeta | None:
         # DCP asks before set_up_storage_writer: the folder reset() chose for this thread's save.
@@ -408,136 +407,16 @@ class FileSystemWriter(StorageWriter, AsyncStager):
 
     # -- helpers --------------------------------------------------------------------------------
 
-    def _save(self) -> _Save:
+    def _save(self) -> Save:
         """The save this thread runs: DCP makes every call of a save in one thread (the caller's
         for ``dcp.save``, the save's own upload thread for ``dcp.async_save``), and two async
         saves with one writer run at once. Outside a save, the writer's own state."""
         save = self._thread.save
         if save is None:
-            save = _Save(
+            save = Save(
                 self.path, self.save_id, self.is_coordinator, self.rank, self.use_collectives
             )
         return save
-
-
-@dataclasses.dataclass(eq=False)
-class _Save:
-    """One save's folder, save id and place in the process group.
-
-    Saves into one folder may overlap in a process (``dcp.async_save`` uploads that run at once,
-    with one writer or several): from :meth:`begin` to :meth:`end`, a save is listed as running
-    in its folder, so that another one names its files apart from it (:meth:`prefix`) and
-    removes none of them (:func:`_remove_unreferenced`) while it has not committed yet.
-    """
-
-    path: str
-    save_id: str
-    is_coordinator: bool
-    rank: int | None
-    use_collectives: bool
-    thread: threading.Thread = dataclasses.field(default_factory=threading.current_thread)
-    prefixes: list[str] = dataclasses.field(default_factory=list)  # the names it gave out
-    ended: bool = False
-    folder_key: str = dataclasses.field(init=False)  # one folder, however it is named
-
-    def __post_init__(self) -> None:
-        self.folder_key = os.path.realpath(self.path)
-
-    def begin(self) -> None:
-        """Listed as running; the save this thread ran before (with any writer) is over: DCP
-        runs one save at a time in a thread, and tells no writer of a failure between calls
-        (its files would be kept from removal for as long as the thread lives)."""
-        previous = getattr(_thread_save, "save", None)
-        if previous is not None:
-            previous.end()
-        _thread_save.save = self
-        if not self.is_coordinator and self.use_collectives:
-            return  # the coordinator names this rank's files and commits them
-        with _running_lock:
-            _running.setdefault(self.folder_key, []).append(self)
-
-    def end(self) -> None:
-        """Over (committed or failed): no longer listed."""
-        with _running_lock:
-            self.ended = True
-            saves = _running.get(self.folder_key, [])
-            if self in saves:
-                saves.remove(self)
-            if not saves:
-                _running.pop(self.folder_key, None)
-
-    def others_running(self) -> list[_Save]:
-        """The other saves into this folder still running in this process (call under the
-        lock). A save whose thread is gone without an end (a failure DCP never reports to
-        the writer) is not: so no failure keeps a folder's old files forever."""
-        return [
-            other
-            for other in _running.get(self.folder_key, [])
-            if other is not self and not other.ended and other.thread.is_alive()
-        ]
-
-    def others_names(self) -> re.Pattern[str] | None:
-        """The data file names of the other saves into this folder still running."""
-        with _running_lock:
-            prefixes = [p for other in self.others_running() for p in other.prefixes]
-        if not prefixes:
-            return None
-        suffix = r"\d+" + re.escape(DATA_SUFFIX)
-        return re.compile("|".join(re.escape(prefix) + suffix for prefix in prefixes))
-
-    def metadata_path(self) -> str:
-        name = (
-            f"__{self.rank}{METADATA_NAME}"
-            if not self.use_collectives and self.rank is not None
-            else METADATA_NAME
-        )
-        return os.path.join(self.path, name)
-
-    def prefix(self, rank: int) -> str:
-        # Over a committed checkpoint, fresh names: its files stay whole until the new metadata
-        # replaces its own (a crash in between leaves it loadable). Either kind of metadata
-        # may name __{rank}_0.distcp: the global .metadata (which DCP loads first) and the
-        # rank's own __{rank}.metadata of a save without collectives (loaded when there is
-        # no global one).
-        # Fresh names too beside another save into the folder still running: it may use the
-        # plain ones, and both would rename their files onto the same names.
-        names = (METADATA_NAME, f"__{rank}{METADATA_NAME}")
-        committed = any(os.path.exists(os.path.join(self.path, name)) for name in names)
-        with _running_lock:
-            fresh = committed or bool(self.others_running())
-            prefix = f"__{rank}_{self.save_id}_" if fresh else f"__{rank}_"
-            self.prefixes.append(prefix)
-        return prefix
-
-    def claim(self, planned: str, file_count: int) -> str:
-        """The prefix this rank's data files get: ``planned``, unless its names may be another
-        save's. The plan's prefix comes from the coordinator, or from DCP's plan cache
-        (``DefaultSavePlanner(enable_plan_caching=True)`` hands every save the first one's
-        plan, names included): a prefix not given out for this save, whose names are taken
-        or may be taken by another save running, is made this rank's own."""
-        names = [f"{planned}{number}{DATA_SUFFIX}" for number in range(file_count)]
-        with _running_lock:
-            if planned in self.prefixes:
-                return planned  # given out for this save, by prefix(): fresh where it must be
-            taken = bool(self.others_running()) or any(
-                os.path.lexists(os.path.join(self.path, name)) for name in names
-            )
-            prefix = f"{planned}{secrets.token_hex(8)}_" if taken else planned
-            self.prefixes.append(prefix)
-        return prefix
-
-
-_running_lock = threading.Lock()
-_commit_lock = threading.Lock()  # one commit and its removals at a time, in this process
-_running: dict[str, list[_Save]] = {}  # a folder's real path -> its saves running (see _Save)
-_thread_save = threading.local()  # .save: the save this thread runs or ran last, any writer's
-
-
-class _ThreadSaves(threading.local):
-    """Per thread: the folder a ``reset()`` chose for the next save, and the save running."""
-
-    reset_path: str | None = None
-    save: _Save | None = None
 
 
 # -- writing --------------------------------------------------------------------------------------
@@ -1022,29 +901,6 @@ def _fsync_folder(folder: str) -> None:
             os.close(fd)
     except OSError as error:
         raise _write_error(folder, "cannot fsync the folder", error) from error
-
-
-def _remove_unreferenced(save: _Save, records: Iterable[object], prefix: str = "__") -> None:
-    """Remove data files of a replaced checkpoint (those whose names start with ``prefix``):
-    the new metadata is durable already. Not the files of another save into the folder that
-    is still running: it commits later, and its metadata names them."""
-    referenced = {r.relative_path for r in records if isinstance(r, _StorageInfo)}
-    try:
-        names = os.listdir(save.path)
-    except OSError:
-        return
-    # Listed first, asked second: a running save gives out its names before it writes a file
-    # under them, so each file listed here is either one of theirs known now, or no one's.
-    running = save.others_names()
-    for name in names:
-        if (
-            _DATA_FILE.match(name)
-            and name.startswith(prefix)
-            and name not in referenced
-            and not (running is not None and running.fullmatch(name))
-        ):
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(save.path, name))
 
 
 def _temp_name(path: str) -> str:
