@@ -228,7 +228,8 @@ class Recording:
         The guard (dynamo's ``TensorGuards``) refuses an object it is given twice: a step
         that held one tensor under two keys (tied weights of ``state_dict(keep_vars=True)``)
         never passed it, so each call checked that step the long way and made its guard
-        again (1-1.5 ms). Such a step's guard is given only the first place of each object
+        again (~10% of a cached call over 1,000 small tensors). Such a step's guard is given
+        only the first place of each object
         the recording knows (a tensor's ``same`` leaf), and passes only where each other
         place holds the very object of its first place, which the guard checks.
         """
