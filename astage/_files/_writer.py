@@ -1007,16 +1007,18 @@ def _write_error(path: str, doing: str, error: OSError) -> CheckpointWriteError:
 def pwritev_all(fd: int, buffers: list[memoryview], offset: int) -> None:
     """Write every byte of ``buffers`` at ``offset``, resuming after partial writes."""
     pending = [b for b in buffers if len(b)]
-    while pending:
-        written = os.pwritev(fd, pending[:_IOV_MAX], offset)
+    first = 0  # pending[first:] is left to write: an index, as popping the front of a list
+    # of more than IOV_MAX buffers, one at a time, is quadratic in their number
+    while first < len(pending):
+        written = os.pwritev(fd, pending[first : first + _IOV_MAX], offset)
         if written <= 0:
             raise OSError(errno.EIO, "pwritev wrote nothing")
         offset += written
-        while pending and written >= len(pending[0]):
-            written -= len(pending[0])
-            pending.pop(0)
+        while first < len(pending) and written >= len(pending[first]):
+            written -= len(pending[first])
+            first += 1
         if written:
-            pending[0] = pending[0][written:]
+            pending[first] = pending[first][written:]
 
 
 def _reserve(fd: int, size: int) -> None:
