@@ -550,7 +550,7 @@ def test_pwritev_all_resumes_short_writes_across_more_buffers_than_one_call_take
     def short(fd: int, parts: list[memoryview], offset: int) -> int:
         return real(fd, parts, offset) if len(parts) < 7 else real(fd, parts[:7], offset) - 1
 
-    monkeypatch.setattr(_writer.os, "pwritev", short)
+    monkeypatch.setattr(os, "pwritev", short)
     path = tmp_path / "out"
     fd = os.open(path, os.O_CREAT | os.O_WRONLY)
     try:
