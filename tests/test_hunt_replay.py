@@ -219,8 +219,11 @@ def test_a_step_with_a_tensor_met_twice_keeps_its_guard(
 def test_a_guard_that_leaves_out_a_tied_place_still_sees_it_change(
     stager: Driver, change: str
 ) -> None:
-    # What the guard of a step no longer checks itself (the second place of a tied tensor) must
-    # still be checked: untied, or tied to another tensor, it is staged as a fresh stager does.
+    # What the guard of a step no longer gives the C++ check (the second place of a tied
+    # tensor) must still be checked: untied, tied to another tensor or not a tensor at all, it
+    # is staged as a fresh stager does. As first made (ee672bc), that guard passed a float or
+    # a string there, which then reached the tensor checks: a raw AttributeError ("'float'
+    # object has no attribute '__dict__'").
     state_dict = _tied(600)
     for _ in range(3):
         stager.stage(state_dict)
