@@ -251,9 +251,9 @@ class TurnCost:
         return (
             f"The async face walks in turns of at most {DEFAULT_TURN_MS:g} ms "
             "(max_loop_hold_s) and hands the loop back between them, a few hundred times a "
-            "cached call; its copies run in a worker thread, which needs the GIL before and "
-            "after each foreach call and gets it when a turn hands it over, so they overlap "
-            f"the walk only in part. The same stager with turns of {LONG_TURN_S * 1e3:g} ms, "
+            "cached call, and copies a cached call's small tensors on the loop in pieces "
+            "within those turns (the loop lane), so walk and copies take turns with the "
+            f"loop's other tasks. The same stager with turns of {LONG_TURN_S * 1e3:g} ms, "
             f"timed in the same rounds: {outcome}. The goal is within reach of this face at "
             "the price of the loop-lag goals, whose p99 of 1 ms asks for turns well under a "
             "millisecond."
