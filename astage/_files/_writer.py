@@ -82,40 +82,37 @@ _SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>: start writeback of the range's dirty pa
 _CANCEL_POLL_S = 0.05  # how soon a task waiting for the threads notices its cancellation
 
 
-def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+def _linux_libc_call(
+    names: tuple[str, ...], argtypes: list[Any]
+) -> Callable[[int, int, int, int], int] | None:
+    """The first of ``names`` that Linux's libc has, typed (errno kept); None elsewhere."""
     if not sys.platform.startswith("linux"):
         return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.sync_file_range
-    except (OSError, AttributeError):
+    except OSError:
         return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn  # type: ignore[no-any-return]
+    for name in names:
+        fn = getattr(libc, name, None)
+        if fn is not None:
+            fn.argtypes = argtypes
+            fn.restype = ctypes.c_int
+            return fn  # type: ignore[no-any-return]
+    return None
 
 
-_sync_file_range = _load_sync_file_range()
+_sync_file_range = _linux_libc_call(
+    ("sync_file_range",), [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+)
 
 
-def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
-    """Linux's fallocate(2) itself. glibc's posix_fallocate, where a filesystem has none
-    (NFSv3, vfat, many FUSE mounts), writes a byte into every block instead: the whole file
-    goes to the disk (over the network, on NFS) as zeros before its data, reserving nothing
-    on NFS. fallocate(2) refuses there, and the size alone is set."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = getattr(libc, "fallocate64", None) or libc.fallocate
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    fn.restype = ctypes.c_int
-    return fn  # type: ignore[no-any-return]
-
-
-_fallocate = _load_fallocate()
+# Linux's fallocate(2) itself. glibc's posix_fallocate, where a filesystem has none (NFSv3,
+# vfat, many FUSE mounts), writes a byte into every block instead: the whole file goes to the
+# disk (over the network, on NFS) as zeros before its data, reserving nothing on NFS.
+# fallocate(2) refuses there, and the size alone is set.
+_fallocate = _linux_libc_call(
+    ("fallocate64", "fallocate"), [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+)
 _NO_FALLOCATE = (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS)
 
 
