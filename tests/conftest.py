@@ -23,6 +23,7 @@ import functools
 import gc
 import importlib.util
 import os
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any
@@ -452,6 +453,26 @@ def assert_staged(staged: Any, source: torch.Tensor) -> None:
         if source.device.type == "cpu" and source.untyped_storage().nbytes() > 0:
             assert storage_ptr(staged) != storage_ptr(source), "staged tensor aliases its source"
     assert same_values(staged, source)
+
+
+def in_a_forked_child(child: Callable[[], int | None], seconds: int = 5) -> int:
+    """Run ``child`` in a forked process that an alarm ends after ``seconds`` (a hang).
+
+    Returns the child's exit code: what ``child`` returned (0 for None), 1 where it raised,
+    -SIGALRM where it hung. The alarm's default action ends it, not a handler of pytest's,
+    which a thread stuck in C would never let run.
+    """
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)
+            signal.alarm(seconds)
+            code = child() or 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
 
 
 def assert_tree_staged(staged: Any, source: Any) -> None:

@@ -6,36 +6,16 @@ Each test here failed (or hung, bounded by a timeout) before its fix.
 from __future__ import annotations
 
 import gc
-import os
-import signal
 import threading
 import time
-from collections.abc import Callable
 
 import anyio
 import pytest
 import torch
+from conftest import in_a_forked_child
 
 import astage
 from astage._drivers._gc import gc_paused
-
-
-def _in_a_forked_child(child: Callable[[], None], seconds: int = 5) -> int:
-    """Run ``child`` in a forked process that an alarm ends after ``seconds`` (a hang).
-
-    Returns the exit code: 0 it returned, 1 it raised, -SIGALRM it hung.
-    """
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            signal.alarm(seconds)
-            child()
-            code = 0
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
 
 
 def test_a_nan_timeout_is_refused_rather_than_waiting_forever() -> None:
@@ -134,7 +114,7 @@ def test_close_in_a_forked_child_does_not_wait_for_a_parents_call() -> None:
             stager.stage({"w": torch.ones(3)})
 
     with stager._lock:  # as a parent's thread inside stage() holds it
-        code = _in_a_forked_child(child)
+        code = in_a_forked_child(child)
     assert code == 0, f"the child's close() hung or failed (exit code {code})"
     assert torch.equal(stager.stage({"w": torch.ones(3)})["w"], torch.ones(3))  # parent: fine
     stager.close()
@@ -166,7 +146,7 @@ def test_aclose_in_a_forked_child_does_not_refuse_as_busy() -> None:
                 assert not errors, errors
                 assert stager.closed
 
-            code = await anyio.to_thread.run_sync(_in_a_forked_child, child)
+            code = await anyio.to_thread.run_sync(in_a_forked_child, child)
             assert code == 0, f"the child's aclose() failed or hung (exit code {code})"
         await stager.aclose()
 
@@ -238,7 +218,7 @@ def test_a_child_forked_during_another_threads_walk_gets_its_collector_back() ->
 
     try:
         assert gc.get_threshold()[0] == 0  # paused in the parent while the walker is inside
-        code = _in_a_forked_child(child)
+        code = in_a_forked_child(child)
     finally:
         leave.set()
         walker.join()
@@ -260,7 +240,7 @@ def test_a_snapshot_released_in_a_forked_child_does_not_wait_for_the_parents_wai
 
     board = stager._sets.board
     with board._changed:  # as a parent's waiter holds it for a moment
-        code = _in_a_forked_child(child)
+        code = in_a_forked_child(child)
     assert code == 0, f"the child's release() hung or failed (exit code {code})"
     assert snapshot.released  # the shared byte: the parent sees the child's release
     assert torch.equal(stager.stage({"w": torch.zeros(3)}, timeout=1.0)["w"], torch.zeros(3))

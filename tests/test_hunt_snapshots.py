@@ -6,8 +6,6 @@ Each test here failed (or hung, bounded by a timeout) before its fix; its commen
 from __future__ import annotations
 
 import gc
-import os
-import signal
 import threading
 import weakref
 from typing import Any
@@ -15,6 +13,7 @@ from typing import Any
 import anyio
 import pytest
 import torch
+from conftest import in_a_forked_child
 
 import astage
 from astage._core import _cache
@@ -306,23 +305,17 @@ def test_hold_buffers_in_a_forked_child_is_refused_rather_than_hanging() -> None
     thread = threading.Thread(target=waiter)
     thread.start()
     holding.wait(5)
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
+
+    def child() -> int:
         try:
-            signal.alarm(5)
-            try:
-                stager.hold_buffers().release()
-            except astage.UsageError as error:
-                code = 0 if "fork" in str(error) else 3
-            else:
-                code = 2  # handed out a lease that, here, did not hang this time
-        finally:
-            os._exit(code)
+            stager.hold_buffers().release()
+        except astage.UsageError as error:
+            return 0 if "fork" in str(error) else 3
+        return 2  # handed out a lease that, here, did not hang this time
+
+    code = in_a_forked_child(child)
     done.set()
     thread.join(5)
-    _, status = os.waitpid(pid, 0)
-    code = os.waitstatus_to_exitcode(status)
     assert code == 0, f"the child's hold_buffers() hung or was not refused (exit code {code})"
     stager.close()
 

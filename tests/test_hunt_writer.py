@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import os
 import platform
-import signal
 import stat
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
+from conftest import in_a_forked_child
 
 import astage
 from astage._files import _writer
@@ -390,23 +390,14 @@ def test_a_child_forked_while_a_writer_thread_held_the_direct_io_lock_can_save(
     # direct write. A child forked meanwhile (multiprocessing's default start method on
     # Linux, a DataLoader worker) inherited it held by a thread that does not exist there:
     # its first save waited for it forever.
+    def child() -> None:
+        # Tiny: a copy big enough for torch's thread pool, which is not fork-safe, could
+        # hang the child on its own.
+        astage.save_sync({"w": torch.ones(3)}, tmp_path / "child.safetensors")
+
     with _writer._direct_lock:  # as a writer thread of this process holds it at the fork
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child
-            code = 1
-            try:
-                # A hang ends the child: SIGALRM's default action, not pytest-timeout's
-                # handler, which a thread stuck in C would never let run.
-                signal.signal(signal.SIGALRM, signal.SIG_DFL)
-                signal.alarm(5)
-                # Tiny: a copy big enough for torch's thread pool, which is not fork-safe,
-                # could hang the child on its own.
-                astage.save_sync({"w": torch.ones(3)}, tmp_path / "child.safetensors")
-                code = 0
-            finally:
-                os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+        code = in_a_forked_child(child)
+    assert code == 0
     assert_holds(tmp_path / "child.safetensors", {"w": torch.ones(3)})
 
 

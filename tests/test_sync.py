@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import anyio
@@ -16,6 +15,7 @@ import torch
 from conftest import (
     assert_tree_staged,
     big_state_dict,
+    in_a_forked_child,
     model_state_dict,
     mutate_,
     storage_ptr,
@@ -296,20 +296,6 @@ def test_after_takes_streams_and_events_of_a_device() -> None:
                 stager.stage({}, after=wrong)
 
 
-def _in_a_forked_child(child: Callable[[], None]) -> int:
-    """Run ``child`` in a forked process; its exit code (0: it returned, 1: it raised)."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            child()
-            code = 0
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
-
-
 def test_a_stager_from_before_a_fork_refuses_in_the_child() -> None:
     stager = astage.SyncStager()
     stager.stage({"w": torch.ones(3)})
@@ -321,7 +307,7 @@ def test_a_stager_from_before_a_fork_refuses_in_the_child() -> None:
         with astage.SyncStager() as fresh:  # one made in the child works
             assert torch.equal(fresh.stage({"w": torch.ones(3)})["w"], torch.ones(3))
 
-    assert _in_a_forked_child(child) == 0
+    assert in_a_forked_child(child) == 0
     assert torch.equal(stager.stage({"w": torch.ones(3)})["w"], torch.ones(3))  # parent: fine
     stager.close()
 
