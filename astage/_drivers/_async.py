@@ -507,9 +507,9 @@ class _LoopLane:
     def submit(self, inflight: _InFlight) -> None:
         self._queue.append(inflight)
 
-    def copy_for(self, seconds: float) -> bool:
+    def copy_for(self, seconds: float) -> None:
         """Copy pieces of the queued batches, at least one, while the next would end within
-        ``seconds`` from now; returns whether any is left to copy."""
+        ``seconds`` from now (``bool(lane)`` then tells whether any is left)."""
         queue = self._queue
         now = time.perf_counter()
         deadline = now + seconds
@@ -536,7 +536,6 @@ class _LoopLane:
                 inflight.landed.set()
             if 2 * now - before >= deadline:  # now + (now - before): the next piece's end
                 break
-        return bool(queue)
 
     def _fit(self, copies: int, seconds: float) -> None:
         """Resize the next pieces toward :data:`LOOP_LANE_PIECE_S` from a full piece's time."""

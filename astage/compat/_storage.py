@@ -54,6 +54,9 @@ RAW_DESCRIPTOR = "astage.raw@astage.compat.FileSystemReader/1"
 METADATA_NAME = ".metadata"
 DATA_SUFFIX = ".distcp"
 DEFAULT_THREADS = 4
+MAX_OPEN_FILES = 64
+"""Data files a writer or reader keeps open at once, at most: one file per item may mean
+thousands, past the process's limit (1,024 by default on Linux)."""
 DEFAULT_CHUNK_BYTES = 8 << 20  # one pwritev moves at most this much: the disk starts early
 
 

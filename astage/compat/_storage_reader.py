@@ -49,6 +49,7 @@ from .._errors import (
 from .._files._load import open_checked
 from ._storage import (
     DEFAULT_THREADS,
+    MAX_OPEN_FILES,
     METADATA_NAME,
     RAW_DESCRIPTOR,
     boolean,
@@ -180,7 +181,7 @@ class FileSystemReader(_DcpFileSystemReader):
         files: set[str] = set()
         for request in requests:
             name = self._info(request).relative_path
-            if name not in files and len(files) == _OPEN_FILES:
+            if name not in files and len(files) == MAX_OPEN_FILES:
                 self._read_raw_batch(batch, planner)
                 batch, files = [], set()
             batch.append(request)
@@ -383,7 +384,6 @@ def _read_window(
 
 
 _LANDING_BYTES = 256 << 20  # host buffers a load holds at once, at most (and one item)
-_OPEN_FILES = 64  # data files open at once, at most (one file per item may mean thousands)
 
 
 def _pread_all(fd: int, offset: int, into: memoryview, where: str) -> None:

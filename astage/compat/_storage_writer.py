@@ -63,6 +63,7 @@ from ._storage import (
     DATA_SUFFIX,
     DEFAULT_CHUNK_BYTES,
     DEFAULT_THREADS,
+    MAX_OPEN_FILES,
     METADATA_NAME,
     RAW_DESCRIPTOR,
     boolean,
@@ -73,8 +74,6 @@ from ._storage import (
     run_all,
     wait_all,
 )
-
-_OPEN_FILES = 64  # data files open at once, at most (one file per item may mean thousands)
 
 
 class FileSystemWriter(StorageWriter, AsyncStager):
@@ -824,8 +823,8 @@ def _write_files(
             runs.start(pool)
             # A few files open at a time: one file per item (single_file_per_rank=False) may
             # mean more files than a process may hold open (EMFILE at 1,024 by default).
-            for start in range(0, len(files), _OPEN_FILES):
-                _write_batch(files[start : start + _OPEN_FILES], planner, runs, pool, sync)
+            for start in range(0, len(files), MAX_OPEN_FILES):
+                _write_batch(files[start : start + MAX_OPEN_FILES], planner, runs, pool, sync)
         for file in files:
             os.replace(file.temp_path, file.path)
     except OSError as error:
