@@ -23,13 +23,14 @@ from conftest import (
     assert_tree_staged,
     big_state_dict,
     heartbeat,
+    in_a_forked_child,
     iter_tensors,
     model_state_dict,
     mutate_,
     storage_ptr,
     tensors_of,
 )
-from test_sync import FakeStream, RecordingBackend, _in_a_forked_child
+from test_sync import FakeStream, RecordingBackend
 
 import astage
 from astage._devices._backend import installed
@@ -758,6 +759,6 @@ async def test_a_stager_from_before_a_fork_refuses_in_the_child() -> None:
             with pytest.raises(astage.UsageError, match=r"before os\.fork"):
                 call({"w": torch.ones(3)})
 
-    assert await anyio.to_thread.run_sync(_in_a_forked_child, child) == 0
+    assert await anyio.to_thread.run_sync(in_a_forked_child, child) == 0
     await stager.stage({"w": torch.ones(3)})  # the parent's stager still works
     await stager.aclose()
