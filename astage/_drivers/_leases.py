@@ -80,17 +80,9 @@ class Lease:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block the calling thread until the lease is released; False when ``timeout`` ran out."""
-        if timeout is not None and (
-            # NaN too: with it the deadline never came, a wait forever.
-            # A negative one only looks, as threading.Event.wait's does.
-            not isinstance(timeout, (int, float))
-            or isinstance(timeout, bool)
-            or math.isnan(seconds(timeout))
-        ):
-            raise InvalidOptionsError(
-                f"timeout must be None or a number of seconds, got {timeout!r}"
-            )
-        deadline = None if timeout is None else time.monotonic() + seconds(timeout)
+        # A negative one only looks, as threading.Event.wait's does.
+        limit = wait_seconds(timeout)
+        deadline = None if limit is None else time.monotonic() + limit
         while not self.released:
             if deadline is not None and time.monotonic() >= deadline:
                 return False
@@ -138,6 +130,21 @@ class Lease:
 
     def __repr__(self) -> str:
         return f"<Lease {'released' if self.released else 'held'}>"
+
+
+def wait_seconds(timeout: float | None) -> float | None:
+    """A wait's ``timeout`` checked, in seconds (None: no limit). Refused
+    (:class:`~astage.InvalidOptionsError`): anything but a number, a bool, and NaN, with which
+    the deadline would never come (a wait forever)."""
+    if timeout is None:
+        return None
+    if (
+        not isinstance(timeout, (int, float))
+        or isinstance(timeout, bool)
+        or math.isnan(seconds(timeout))
+    ):
+        raise InvalidOptionsError(f"timeout must be None or a number of seconds, got {timeout!r}")
+    return seconds(timeout)
 
 
 def seconds(timeout: float) -> float:

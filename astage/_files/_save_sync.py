@@ -13,14 +13,13 @@ inside a coroutine): it then blocks that loop like any blocking call, and cannot
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .._drivers._leases import seconds
+from .._drivers._leases import wait_seconds
 from .._drivers._sync import SyncStager
 from .._errors import CheckpointWriteError, InvalidOptionsError
 from .._paths import Attr, Path, format_path
@@ -82,16 +81,8 @@ def _wait_limit(timeout: float | None) -> float | None:
     """``timeout`` checked as the stagers check theirs, as ``threading.Event.wait`` takes it:
     None for no limit, also for ``inf`` or any time past ``threading.TIMEOUT_MAX`` (which it
     refuses with an OverflowError)."""
-    if timeout is None:
-        return None
-    if (
-        not isinstance(timeout, (int, float))
-        or isinstance(timeout, bool)
-        or math.isnan(seconds(timeout))  # with NaN the deadline would never come
-    ):
-        raise InvalidOptionsError(f"timeout must be None or a number of seconds, got {timeout!r}")
-    limit = seconds(timeout)
-    return None if limit > threading.TIMEOUT_MAX else limit
+    limit = wait_seconds(timeout)
+    return None if limit is None or limit > threading.TIMEOUT_MAX else limit
 
 
 def save_sync(
