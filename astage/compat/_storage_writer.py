@@ -56,7 +56,7 @@ from .._errors import (
     CheckpointWriteError,
     InvalidOptionsError,
 )
-from .._files._writer import _IOV_MAX, pwritev_all, start_writeback
+from .._files._writer import _IOV_MAX, fsync_folder, pwritev_all, start_writeback
 from ._blocking import BlockingAsyncStager
 from ._saves import COMMIT_LOCK, Save, ThreadSaves, remove_unreferenced
 from ._storage import (
@@ -893,11 +893,7 @@ def _write_piece(fd: int, buffers: list[memoryview], offset: int, writeback: boo
 
 def _fsync_folder(folder: str) -> None:
     try:
-        fd = os.open(folder or ".", os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_folder(folder)  # the file writer's: a filesystem without folder fsync is fine
     except OSError as error:
         raise _write_error(folder, "cannot fsync the folder", error) from error
 
