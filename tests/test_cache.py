@@ -3,17 +3,21 @@ copies in flight holding a dropped buffer's registration); pinning itself is in 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import queue
 import threading
 import time
+from collections.abc import Callable
 
+import anyio
 import pytest
 import torch
 from conftest import (
     Driver,
     assert_tree_staged,
     collect,
+    in_a_forked_child,
     model_state_dict,
     mutate_,
     storage_ptr,
@@ -24,6 +28,7 @@ from astage._core import _arena
 from astage._core import _cache as _cache_module
 from astage._core._cache import BufferCache, HostBuffer
 from astage._drivers._gc import gc_paused
+from astage._torch import storage_use_count
 
 # -- BufferCache on its own ---------------------------------------------------------------------
 
@@ -360,6 +365,93 @@ def test_resized_source_raises_buffer_mismatch(stager: Driver) -> None:
         stager.stage(source)
     assert isinstance(info.value, astage.AstageError)
     assert "['model']['layer'][0]" in str(info.value)
+
+
+def _every_kind_of_buffer() -> dict[str, torch.Tensor]:
+    return {
+        "small": torch.randn(8, 8),  # allocated as its twin (host_empty)
+        "bf16": torch.randn(64).to(torch.bfloat16),  # numpy has no bfloat16: carried as int16
+        "flags": torch.rand(64) > 0.5,  # bool: staged as its storage's bytes
+        "view": torch.randn(64)[8:40],  # a view: the buffer is the whole storage, as bytes
+        "complex32": torch.randn(8, dtype=torch.complex64).to(torch.complex32),  # no numpy twin
+        "large": torch.randn(1 << 19),  # 2 MiB: a page-aligned mapping of its own
+        "empty": torch.empty(0),
+    }
+
+
+@pytest.mark.parametrize("share_memory", [False, True])
+def test_no_staged_storage_can_be_resized(
+    make_stager: Callable[..., Driver], share_memory: bool
+) -> None:
+    stager = make_stager(share_memory=share_memory)
+    source = _every_kind_of_buffer()
+    for _ in range(3):  # first call, full walk, replay
+        staged = stager.stage(source)
+        for key, tensor in staged.items():
+            storage = tensor.untyped_storage()
+            assert not storage.resizable(), key
+            if storage.nbytes():
+                with pytest.raises(RuntimeError, match="not resizable"):
+                    storage.resize_(0)
+
+
+@pytest.mark.parametrize("numpy_twins", [True, False], ids=["numpy", "without-numpy"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.bool, torch.complex32, torch.float8_e4m3fn]
+)
+def test_host_empty_makes_a_sole_contiguous_tensor_that_cannot_be_resized(
+    monkeypatch: pytest.MonkeyPatch, numpy_twins: bool, dtype: torch.dtype
+) -> None:
+    if not numpy_twins:  # as where numpy is not installed: a bytearray carries the bytes
+        monkeypatch.setattr(_arena, "_NUMPY_TWINS", {})
+    for shape in [(3, 5), (), (0, 4)]:
+        tensor = _arena.host_empty(shape, dtype)
+        assert (tensor.shape, tensor.dtype, tensor.device.type) == (shape, dtype, "cpu")
+        assert tensor.is_contiguous() and tensor.storage_offset() == 0
+        storage = tensor.untyped_storage()
+        assert storage.nbytes() == tensor.nbytes
+        plain = torch.empty(1)  # what BufferCache.in_use expects of a free buffer
+        assert storage_use_count(storage) == storage_use_count(plain.untyped_storage()) == 2
+        if tensor.nbytes:
+            assert not storage.resizable()
+
+
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_freeing_a_staged_tensor_the_usual_way_leaves_the_next_call_whole(face: str) -> None:
+    # `staged.untyped_storage().resize_(0)` frees a tensor's memory; on a cached buffer it
+    # shrank the buffer under the next call's copy, which wrote past its end (a segfault): run
+    # in a child process, so that the suite sees a failure rather than dying.
+    source = {f"t{i}": torch.randn(256) for i in range(64)}
+
+    def whole(staged: dict[str, torch.Tensor]) -> int:
+        return 0 if all(torch.equal(staged[key], source[key]) for key in source) else 3
+
+    def free(staged: dict[str, torch.Tensor]) -> None:
+        with contextlib.suppress(RuntimeError):  # refused now: not resizable
+            staged["t5"].untyped_storage().resize_(0)
+
+    def sync_calls() -> int:
+        with astage.SyncStager() as stager:
+            for _ in range(3):
+                staged = stager.stage(source)
+            free(staged)
+            for _ in range(3):
+                staged = stager.stage(source)
+            return whole(staged)
+
+    async def async_calls() -> int:
+        async with astage.Stager() as stager:
+            for _ in range(3):
+                staged = await stager.stage(source)
+            free(staged)
+            for _ in range(3):
+                staged = await stager.stage(source)
+            return whole(staged)
+
+    def child() -> int:
+        return sync_calls() if face == "sync" else anyio.run(async_calls)
+
+    assert in_a_forked_child(child, seconds=20) == 0
 
 
 def test_clear_cache_after_resize_recovers(stager: Driver) -> None:

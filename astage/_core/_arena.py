@@ -1,27 +1,45 @@
-"""Host memory for large buffers on transparent huge pages, where that helps.
+"""Host memory for buffers: storages a caller cannot resize, page-aligned and huge-page mappings.
 
-Fresh memory costs more than the copy into it: the kernel maps each 4 KiB page on its first
-write. With transparent huge pages it maps 2 MiB at a time, which on a quiet machine populates
-memory several times faster. On a VM it can be the other way round: this one hands freed huge
-pages back to the host within about two seconds, and populating them again then takes 1-2 s
-per 256 MiB, four times the cost of small pages. So huge pages are an option
+Not resizable. Staged tensors share their storage with the cached buffer that the next call
+copies into. torch's allocator makes resizable storages, so a caller freeing a staged tensor's
+memory the usual way (``staged.untyped_storage().resize_(0)``) would shrink the buffer under
+the next copy, which then writes past its end (a segfault). Every buffer therefore lies on
+memory torch did not allocate, whose storage refuses ``resize_`` with torch's "Trying to resize
+storage that is not resizable": small ones on numpy's (:func:`host_empty`, ~0.25 us more per
+buffer than ``torch.empty_like``; a ``bytearray`` where numpy is not installed, ~3 us more),
+large ones on mappings of their own (below).
+
+Huge pages. Fresh memory costs more than the copy into it: the kernel maps each 4 KiB page on
+its first write. With transparent huge pages it maps 2 MiB at a time, which on a quiet machine
+populates memory several times faster. On a VM it can be the other way round: this one hands
+freed huge pages back to the host within about two seconds, and populating them again then takes
+1-2 s per 256 MiB, four times the cost of small pages. So huge pages are an option
 (``StagingOptions(huge_pages=)``): off by default, on by request, or ``None`` to let a one-off
 probe (:func:`huge_pages_help`, cached per process) compare the two on this machine.
 
 A huge-page buffer is an anonymous private mapping, 2 MiB-aligned and advised
 ``MADV_HUGEPAGE``, wrapped by ``torch.frombuffer``: the tensor keeps the mapping alive, its
 storage spans exactly the buffer's bytes (no padding, offset 0), and its memory is page-aligned
-(which ``O_DIRECT`` writes need). Buffers under 2 MiB stay on torch's allocator: a huge page
-would waste most of itself on them.
+(which ``O_DIRECT`` writes need). Buffers under 2 MiB stay on small pages: a huge page would
+waste most of itself on them.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import mmap
 import time
+from typing import Any
 
 import torch
+
+from .._torch import dense_strides
+
+try:
+    import numpy
+except ImportError:  # pragma: no cover - numpy is optional for astage (torch imports it if present)
+    numpy = None  # type: ignore[assignment]
 
 HUGE_PAGE = 2 << 20
 """Size of a transparent huge page on x86-64 and most arm64 kernels."""
@@ -63,6 +81,75 @@ def huge_empty(nbytes: int) -> torch.Tensor:
     # frombuffer holds the mapping (a buffer export) for as long as the storage lives; the
     # mapping is unmapped when the last tensor over it is gone.
     return torch.frombuffer(mapping, dtype=torch.uint8, offset=offset, count=nbytes)
+
+
+def sole_tensor(storage: torch.UntypedStorage, shape: Shape, dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous ``shape``/``dtype`` tensor over all of ``storage``, the only tensor on it.
+
+    Why: :meth:`BufferCache.in_use` tells a free buffer by its storage's reference count, which
+    must equal a plain ``torch.empty`` buffer's. A view (``flat.view(dtype).view(shape)``) keeps
+    the tensor it was taken from alive, one reference more for as long as the buffer lives: such
+    a buffer looks in use forever (compat's pool then allocated a new buffer set for every save).
+    """
+    return torch.empty((0,), dtype=dtype, device="cpu").set_(
+        storage, 0, shape, dense_strides(shape)
+    )
+
+
+Shape = torch.Size | tuple[int, ...]
+
+
+def _numpy_twins() -> dict[torch.dtype, tuple[Any, bool]]:
+    """For each torch dtype numpy can hold: the numpy dtype, and whether torch must view it as
+    its own (bfloat16 and the float8s have no numpy dtype: an integer of their size carries them;
+    ``view(dtype)`` of a same-size dtype keeps no base, so the tensor stays its storage's only one).
+    """
+    if numpy is None:  # pragma: no cover
+        return {}
+    twins: dict[torch.dtype, tuple[Any, bool]] = {
+        torch.bool: (numpy.bool_, False),
+        torch.uint8: (numpy.uint8, False),
+        torch.int8: (numpy.int8, False),
+        torch.int16: (numpy.int16, False),
+        torch.uint16: (numpy.uint16, False),
+        torch.int32: (numpy.int32, False),
+        torch.uint32: (numpy.uint32, False),
+        torch.int64: (numpy.int64, False),
+        torch.uint64: (numpy.uint64, False),
+        torch.float16: (numpy.float16, False),
+        torch.float32: (numpy.float32, False),
+        torch.float64: (numpy.float64, False),
+        torch.complex64: (numpy.complex64, False),
+        torch.complex128: (numpy.complex128, False),
+        torch.bfloat16: (numpy.int16, True),
+    }
+    for name in ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz"):
+        dtype = getattr(torch, name, None)
+        if isinstance(dtype, torch.dtype):
+            twins[dtype] = (numpy.uint8, True)
+    return twins
+
+
+_NUMPY_TWINS = _numpy_twins()
+_from_numpy = torch.from_numpy
+
+
+def host_empty(shape: Shape, dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous CPU tensor of ``shape``/``dtype`` whose storage cannot be resized.
+
+    Not populated (numpy's ``empty``). The tensor is the only one on its storage, as
+    :func:`sole_tensor`'s are.
+    """
+    twin = _NUMPY_TWINS.get(dtype)
+    if twin is not None:
+        numpy_dtype, viewed = twin
+        tensor = _from_numpy(numpy.empty(shape, dtype=numpy_dtype))
+        return tensor.view(dtype) if viewed else tensor
+    nbytes = dtype.itemsize * math.prod(shape)
+    if nbytes == 0:  # nothing to write past: torch.frombuffer refuses an empty buffer
+        return torch.empty(shape, dtype=dtype, device="cpu")
+    storage = torch.frombuffer(bytearray(nbytes), dtype=torch.uint8).untyped_storage()
+    return sole_tensor(storage, shape, dtype)
 
 
 PAGE_ALIGNED_MIN_BYTES = 1 << 20
