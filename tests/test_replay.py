@@ -23,8 +23,17 @@ from typing import Any, NamedTuple
 
 import pytest
 import torch
-from conftest import DRIVERS, Driver, bytes_of, derandomized, model_state_dict, mutate_
+from conftest import (
+    DRIVERS,
+    Driver,
+    bytes_of,
+    derandomized,
+    in_a_forked_child,
+    model_state_dict,
+    mutate_,
+)
 
+import astage
 from astage import _torch as torch_wrappers
 from astage import compat
 from astage._core import _cache as cache_module
@@ -2503,3 +2512,29 @@ def test_detached_is_detach(make: Callable[[], torch.Tensor]) -> None:
     with torch.no_grad():
         x.mul_(2)
     assert got._version == x._version == want._version  # one version counter
+
+
+def test_a_nested_tensor_in_place_of_a_recorded_one_is_refused_not_fatal() -> None:
+    # Dynamo's metadata guard reads a nested tensor's strides, which throws in C++ and ended
+    # the process (std::terminate); the storages are now checked first, and a nested tensor
+    # that replaced a recorded tensor has a storage of its own. Run in a child: a failure, not
+    # a dead suite.
+    def child() -> int:
+        model = torch.nn.Sequential(*(torch.nn.Linear(4, 4) for _ in range(40)))
+        with astage.SyncStager() as stager:
+            for _ in range(3):
+                stager.stage(model.state_dict())
+            state = model.state_dict()
+            state["7.bias"] = torch.nested.nested_tensor(
+                [torch.randn(2), torch.randn(3)], layout=torch.strided
+            )
+            try:
+                stager.stage(state)
+            except astage.UnstageableError as error:
+                assert "['7.bias']" in str(error)
+            else:
+                return 3
+            staged = stager.stage(model.state_dict())  # the stager goes on
+            return 0 if torch.equal(staged["7.bias"], model.state_dict()["7.bias"]) else 4
+
+    assert in_a_forked_child(child, seconds=30) == 0

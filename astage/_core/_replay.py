@@ -469,21 +469,28 @@ class Replay:
             part = xs[start : start + step]
             stop = start + len(part)
             guard = None if guards is None else guards[index]
-            guarded = guard is not None and guard(*part)
-            if not guarded and list(map(type, part)) != types[start:stop]:
+            if guard is None and list(map(type, part)) != types[start:stop]:
                 raise _BulkMiss  # the types first: only tensors are asked the rest
-            if any(map(_attributes, part)):
-                raise _BulkMiss
-            yield  # a step is 0.3-0.5 ms on a loaded core: its storages in the next one
             if early:  # slot j is leaf j's storage
                 expected_storages: Any = storages[start:stop]
             else:
                 expected_storages = map(storages.__getitem__, slot_of[start:stop])
-            try:  # a sparse or mkldnn tensor has none: it raises
+            # The storages before the guard: a nested tensor makes dynamo's guard throw in C++
+            # (it reads the strides, which a nested tensor has none of), which ends the process.
+            # One that replaced a recorded tensor has a storage of its own; one viewing the
+            # recorded storage itself (torch.nested.as_nested_tensor(t, layout=torch.strided))
+            # is not caught here: an is_nested check would cost ~2% of a cached call.
+            try:  # a sparse or mkldnn tensor has none, nor has a non-tensor: it raises
                 same_storages = all(map(_is, map(_storage, part), expected_storages))
-            except (RuntimeError, NotImplementedError):
+            except (RuntimeError, NotImplementedError, TypeError):
                 raise _BulkMiss from None
             if not same_storages:
+                raise _BulkMiss
+            yield  # a step is 0.3-0.5 ms on a loaded core: its guard in the next one
+            guarded = guard is not None and guard(*part)
+            if guard is not None and not guarded and list(map(type, part)) != types[start:stop]:
+                raise _BulkMiss
+            if any(map(_attributes, part)):
                 raise _BulkMiss
             if guarded:
                 if list(map(_storage_offset, part)) != offsets[start:stop]:
