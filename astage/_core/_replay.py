@@ -474,14 +474,16 @@ class Replay:
             if early:  # slot j is leaf j's storage
                 expected_storages: Any = storages[start:stop]
             else:
-                expected_storages = map(storages.__getitem__, slot_of[start:stop])
+                expected_storages = list(map(storages.__getitem__, slot_of[start:stop]))
             # The storages before the guard: a nested tensor makes dynamo's guard throw in C++
             # (it reads the strides, which a nested tensor has none of), which ends the process.
             # One that replaced a recorded tensor has a storage of its own; one viewing the
             # recorded storage itself (torch.nested.as_nested_tensor(t, layout=torch.strided))
             # is not caught here: an is_nested check would cost ~2% of a cached call.
             try:  # a sparse or mkldnn tensor has none, nor has a non-tensor: it raises
-                same_storages = all(map(_is, map(_storage, part), expected_storages))
+                # Lists compared: identity first, then UntypedStorage's own (identity) __eq__;
+                # 15 ns a tensor less than all(map(is_, ...)).
+                same_storages = list(map(_storage, part)) == expected_storages
             except (RuntimeError, NotImplementedError, TypeError):
                 raise _BulkMiss from None
             if not same_storages:

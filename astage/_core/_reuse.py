@@ -95,7 +95,7 @@ def reusable(candidates: list[Any], check: TwinCheck) -> bool:
     refs = REFS_WHEN_UNHELD
     return (
         refs is not None
-        and all(map(refs.__eq__, map(sys.getrefcount, candidates)))
+        and list(map(sys.getrefcount, candidates)).count(refs) == len(candidates)  # ints
         and not any(map(weakref.getweakrefcount, candidates))
         and check.guard(*candidates)
         and list(map(_data_ptr, candidates)) == check.data_ptrs
