@@ -24,6 +24,9 @@ import gc
 import importlib.util
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any
@@ -473,6 +476,23 @@ def in_a_forked_child(child: Callable[[], int | None], seconds: int = 5) -> int:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status)
+
+
+def in_a_fresh_interpreter(code: str, seconds: int = 120) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a new Python process (this repository importable); its result.
+
+    For a test whose failure is a crash (a segfault, an abort): the suite sees a return code
+    instead of dying. A fresh process rather than a fork: a child forked from a pytest process
+    that earlier tests left with threads may wait forever on a lock one of them held.
+    """
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=seconds,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
 
 
 def assert_tree_staged(staged: Any, source: Any) -> None:

@@ -3,21 +3,19 @@ copies in flight holding a dropped buffer's registration); pinning itself is in 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import queue
 import threading
 import time
 from collections.abc import Callable
 
-import anyio
 import pytest
 import torch
 from conftest import (
     Driver,
     assert_tree_staged,
     collect,
-    in_a_forked_child,
+    in_a_fresh_interpreter,
     model_state_dict,
     mutate_,
     storage_ptr,
@@ -416,42 +414,52 @@ def test_host_empty_makes_a_sole_contiguous_tensor_that_cannot_be_resized(
             assert not storage.resizable()
 
 
+_FREEING_A_STAGED_TENSOR = """
+import anyio, contextlib, torch, astage
+
+source = {f"t{i}": torch.randn(256) for i in range(64)}
+
+
+def free(staged):
+    with contextlib.suppress(RuntimeError):  # refused now: not resizable
+        staged["t5"].untyped_storage().resize_(0)
+
+
+def whole(staged):
+    assert all(torch.equal(staged[key], source[key]) for key in source)
+
+
+def sync_calls():
+    with astage.SyncStager() as stager:
+        for _ in range(3):
+            staged = stager.stage(source)
+        free(staged)
+        for _ in range(3):
+            staged = stager.stage(source)
+        whole(staged)
+
+
+async def async_calls():
+    async with astage.Stager() as stager:
+        for _ in range(3):
+            staged = await stager.stage(source)
+        free(staged)
+        for _ in range(3):
+            staged = await stager.stage(source)
+        whole(staged)
+
+
+sync_calls() if face == "sync" else anyio.run(async_calls)
+"""
+
+
 @pytest.mark.parametrize("face", ["sync", "async"])
 def test_freeing_a_staged_tensor_the_usual_way_leaves_the_next_call_whole(face: str) -> None:
     # `staged.untyped_storage().resize_(0)` frees a tensor's memory; on a cached buffer it
     # shrank the buffer under the next call's copy, which wrote past its end (a segfault): run
-    # in a child process, so that the suite sees a failure rather than dying.
-    source = {f"t{i}": torch.randn(256) for i in range(64)}
-
-    def whole(staged: dict[str, torch.Tensor]) -> int:
-        return 0 if all(torch.equal(staged[key], source[key]) for key in source) else 3
-
-    def free(staged: dict[str, torch.Tensor]) -> None:
-        with contextlib.suppress(RuntimeError):  # refused now: not resizable
-            staged["t5"].untyped_storage().resize_(0)
-
-    def sync_calls() -> int:
-        with astage.SyncStager() as stager:
-            for _ in range(3):
-                staged = stager.stage(source)
-            free(staged)
-            for _ in range(3):
-                staged = stager.stage(source)
-            return whole(staged)
-
-    async def async_calls() -> int:
-        async with astage.Stager() as stager:
-            for _ in range(3):
-                staged = await stager.stage(source)
-            free(staged)
-            for _ in range(3):
-                staged = await stager.stage(source)
-            return whole(staged)
-
-    def child() -> int:
-        return sync_calls() if face == "sync" else anyio.run(async_calls)
-
-    assert in_a_forked_child(child, seconds=20) == 0
+    # in a process of its own, so that the suite sees a failure rather than dying.
+    child = in_a_fresh_interpreter(f"face = {face!r}\n{_FREEING_A_STAGED_TENSOR}")
+    assert child.returncode == 0, child.stderr[-2000:]
 
 
 def test_clear_cache_after_resize_recovers(stager: Driver) -> None:

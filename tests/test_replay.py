@@ -28,12 +28,11 @@ from conftest import (
     Driver,
     bytes_of,
     derandomized,
-    in_a_forked_child,
+    in_a_fresh_interpreter,
     model_state_dict,
     mutate_,
 )
 
-import astage
 from astage import _torch as torch_wrappers
 from astage import compat
 from astage._core import _cache as cache_module
@@ -2517,9 +2516,11 @@ def test_detached_is_detach(make: Callable[[], torch.Tensor]) -> None:
 def test_a_nested_tensor_in_place_of_a_recorded_one_is_refused_not_fatal() -> None:
     # Dynamo's metadata guard reads a nested tensor's strides, which throws in C++ and ended
     # the process (std::terminate); the storages are now checked first, and a nested tensor
-    # that replaced a recorded tensor has a storage of its own. Run in a child: a failure, not
-    # a dead suite.
-    def child() -> int:
+    # that replaced a recorded tensor has a storage of its own. Run in a process of its own:
+    # a failure, not a dead suite.
+    child = in_a_fresh_interpreter(
+        """
+        import torch, astage
         model = torch.nn.Sequential(*(torch.nn.Linear(4, 4) for _ in range(40)))
         with astage.SyncStager() as stager:
             for _ in range(3):
@@ -2531,10 +2532,11 @@ def test_a_nested_tensor_in_place_of_a_recorded_one_is_refused_not_fatal() -> No
             try:
                 stager.stage(state)
             except astage.UnstageableError as error:
-                assert "['7.bias']" in str(error)
+                assert "['7.bias']" in str(error), error
             else:
-                return 3
+                raise SystemExit("staged")
             staged = stager.stage(model.state_dict())  # the stager goes on
-            return 0 if torch.equal(staged["7.bias"], model.state_dict()["7.bias"]) else 4
-
-    assert in_a_forked_child(child, seconds=30) == 0
+            assert torch.equal(staged["7.bias"], model.state_dict()["7.bias"])
+        """
+    )
+    assert child.returncode == 0, child.stderr[-2000:]
