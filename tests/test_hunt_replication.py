@@ -116,7 +116,14 @@ def test_a_header_listing_storages_by_the_thousand_makes_no_buffer_for_them(
         made.append(1)
         return real_empty(*args, **kwargs)
 
+    from astage._core._arena import host_empty as real_host_empty
+
+    def counted_host_empty(*args: Any, **kwargs: Any) -> torch.Tensor:
+        made.append(1)
+        return real_host_empty(*args, **kwargs)
+
     monkeypatch.setattr(torch, "empty", counted_empty)
+    monkeypatch.setattr(_transport, "host_empty", counted_host_empty)  # the receive buffers
     transport = _transport.Transport(None, rank=0, send_to=1, receive_from=1, timeout=30.0)
     with pytest.raises(astage.ReplicationError, match=r"refused the header.*'storages'\[1\]"):
         transport.exchange({"w": torch.arange(3.0)}, call=1)
@@ -142,6 +149,30 @@ def test_the_scripted_partner_exchanges_an_honest_snapshot(monkeypatch: pytest.M
     assert replica["view"].untyped_storage().data_ptr() == replica["w"].untyped_storage().data_ptr()
     again = transport.exchange({"x": torch.ones(2)}, call=1)  # same sizes: the same buffers
     assert again["w"].untyped_storage().data_ptr() == replica["w"].untyped_storage().data_ptr()
+
+
+def test_a_replica_cannot_be_freed_under_the_next_exchange(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The receive buffers are reused by the next exchange of the same sizes (their numel()
+    # compared, not their storages'). A caller freeing a replica's memory the usual way,
+    # `replica["w"].untyped_storage().resize_(0)`, shrank the buffer, and the next exchange
+    # received its bytes past the end. Its storages now refuse resize_ (as the stagers' do).
+    from astage._replication import _transport
+
+    w = torch.arange(12.0)
+    encoded = encode({"w": w, "view": w[2:5]}, call=1)
+    partner = ScriptedPartner(json.dumps(encoded.header).encode(), 48)
+    partner.sends[3] = encoded.storages[0].clone()
+    monkeypatch.setattr(dist, "isend", partner.isend)
+    monkeypatch.setattr(dist, "irecv", partner.irecv)
+    transport = _transport.Transport(None, rank=0, send_to=1, receive_from=1, timeout=30.0)
+    replica = transport.exchange({"x": torch.ones(2)}, call=1)
+    storage = replica["w"].untyped_storage()
+    assert not storage.resizable()
+    with pytest.raises(RuntimeError, match="not resizable"):
+        storage.resize_(0)
+    again = transport.exchange({"x": torch.ones(2)}, call=1)
+    assert again["w"].untyped_storage().data_ptr() == storage.data_ptr()  # reused, whole
+    assert torch.equal(again["w"], torch.arange(12.0))
 
 
 # -- pairing ------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .._core._arena import host_empty
 from .._errors import ReplicationError, ReplicationTimeoutError
 from .._paths import format_path
 from .._torch import storage_use_count
@@ -98,7 +99,10 @@ class _Buffers:
         buffer = self._made.get(index)
         if buffer is None:
             size = self._sizes[index]
-            buffer = self._made[index] = torch.empty(size, dtype=torch.uint8, device="cpu")
+            # A replica's tensors view these buffers, and the next exchange of the same sizes
+            # receives into them again: memory whose storage refuses resize_, so that a caller
+            # freeing a replica cannot shrink a buffer under the next exchange (see _arena).
+            buffer = self._made[index] = host_empty((size,), torch.uint8)
         return buffer
 
     def all(self) -> list[torch.Tensor]:
