@@ -44,10 +44,32 @@ class WriteJob:
     staged: Any
     release: Callable[[], None]
     discarded: bool = False
+    key: str = ""
+    """Which file ``path`` names (:func:`file_key`); set by :meth:`BackgroundWriter.submit`."""
     error: BaseException | None = None
     reported: bool = False
     seconds: float = 0.0
     done: threading.Event = field(default_factory=threading.Event)
+
+
+def file_key(path: str) -> str:
+    """The file ``path`` names, however it is spelled, for telling which writes are of it.
+
+    Lightning's callers spell one file in several ways (ModelCheckpoint saves under an absolute
+    real path, ``fit(ckpt_path="ckpts/last.ckpt")`` loads a relative one, a ``file://`` URL, a
+    folder reached through a link): compared as given, a load did not wait for the pending
+    write of its file and a removal did not drop it (the pruned file reappeared). A local path
+    is made absolute with its folder's links resolved; the last part is kept as it is, since the
+    write replaces that folder entry (a link there included). Other URLs are compared as given.
+    """
+    try:
+        filesystem, local = fsspec.core.url_to_fs(path)
+    except (ValueError, ImportError):  # an unknown protocol: its save is refused anyway
+        return path
+    if not isinstance(filesystem, LocalFileSystem):
+        return path
+    local = os.path.abspath(str(local))
+    return os.path.join(os.path.realpath(os.path.dirname(local)), os.path.basename(local))
 
 
 def _fsync_folder(folder: str) -> None:
@@ -81,6 +103,7 @@ class BackgroundWriter:
 
     def submit(self, job: WriteJob) -> None:
         """Queue ``job``; it is written after every job queued before it."""
+        job.key = file_key(job.path)
         with self._lock:
             self._pending.append(job)
             if self._executor is None:
@@ -104,8 +127,9 @@ class BackgroundWriter:
 
     def wait(self, path: str | None = None, timeout: float | None = None) -> bool:
         """Wait for the jobs queued so far (for ``path`` only, if given); False on timeout."""
+        key = None if path is None else file_key(path)
         with self._lock:
-            jobs = [job for job in self._pending if path is None or job.path == path]
+            jobs = [job for job in self._pending if key is None or job.key == key]
         deadline = None if timeout is None else time.monotonic() + timeout
         for job in jobs:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -115,19 +139,19 @@ class BackgroundWriter:
 
     def discard(self, path: str, remove: Callable[[str], None]) -> None:
         """Keep every write queued for ``path`` from landing, then ``remove(path)``."""
+        key = file_key(path)
         with self._lock:
             for job in self._pending:
-                if job.path == path and not job.discarded:
+                if job.key == key and not job.discarded:
                     job.discarded = True
             remove(path)
 
     def take_error(self, path: str | None = None) -> CheckpointWriteError | None:
         """The first failed write not yet reported (of ``path``, if given), as an astage error."""
+        key = None if path is None else file_key(path)
         with self._lock:
             failed = [
-                job
-                for job in self._failed
-                if not job.reported and (path is None or job.path == path)
+                job for job in self._failed if not job.reported and (key is None or job.key == key)
             ]
             for job in failed:
                 job.reported = True

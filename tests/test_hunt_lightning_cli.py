@@ -1,0 +1,86 @@
+"""Bugs found by probing the Lightning plugin and the ``astage inspect`` command as a demanding
+user and as an attacker would; each test failed before its fix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import astage
+
+pytest.importorskip("lightning")
+
+from test_lightning import Gate, blocked, finished, gated, leftovers
+
+from astage.lightning import AstageCheckpointIO
+
+
+@pytest.fixture
+def plugins() -> Iterator[Callable[..., AstageCheckpointIO]]:
+    """Makes plugins and tears each one down after the test (its writer thread ends)."""
+    made: list[AstageCheckpointIO] = []
+
+    def make(**kwargs: Any) -> AstageCheckpointIO:
+        plugin = AstageCheckpointIO(**kwargs)
+        made.append(plugin)
+        return plugin
+
+    yield make
+    for plugin in made:
+        with contextlib.suppress(astage.CheckpointWriteError):
+            plugin.teardown()
+
+
+# -- lightning: one file, spelled in several ways --------------------------------------------------
+
+
+def _spellings(tmp_path: Path) -> list[tuple[str, str]]:
+    """(how a save names a file, how a later call names the same file)."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    return [
+        ("a.ckpt", str(tmp_path / "a.ckpt")),  # relative, then absolute (fit(ckpt_path=...))
+        (str(tmp_path / "b.ckpt"), "./b.ckpt"),
+        (str(tmp_path / "c.ckpt"), f"file://{tmp_path}/c.ckpt"),
+        (str(tmp_path / "link" / "d.ckpt"), str(tmp_path / "real" / "d.ckpt")),
+    ]
+
+
+def test_a_load_waits_for_the_write_of_its_file_however_spelled(
+    tmp_path: Path, plugins: Callable[..., AstageCheckpointIO], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for saved, loaded in _spellings(tmp_path):
+        gate = Gate()
+        plugin = gated(plugins(), gate)
+        plugin.save_checkpoint({"w": torch.arange(3.0)}, saved)
+        got: dict[str, Any] = {}
+        # Before: the load did not wait and found no file (or the previous one).
+        loading = blocked(lambda: got.update(plugin.load_checkpoint(loaded)))  # noqa: B023
+        gate.open()
+        finished(loading)
+        assert torch.equal(got["w"], torch.arange(3.0)), (saved, loaded)
+
+
+def test_a_removal_drops_the_write_of_its_file_however_spelled(
+    tmp_path: Path, plugins: Callable[..., AstageCheckpointIO], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for saved, removed in _spellings(tmp_path):
+        gate = Gate()
+        plugin = gated(plugins(), gate)
+        plugin.save_checkpoint({"w": torch.ones(2)}, saved)
+        plugin.remove_checkpoint(removed)
+        gate.open()
+        assert plugin.wait(timeout=10)
+        # Before: the pruned checkpoint landed after its removal.
+        assert not os.path.exists(saved), (saved, removed)
+        assert plugin.stats.discarded == 1
+    assert leftovers(tmp_path) == leftovers(tmp_path / "real") == []
