@@ -84,3 +84,22 @@ def test_a_removal_drops_the_write_of_its_file_however_spelled(
         assert not os.path.exists(saved), (saved, removed)
         assert plugin.stats.discarded == 1
     assert leftovers(tmp_path) == leftovers(tmp_path / "real") == []
+
+
+# -- lightning: names a filesystem takes -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["x" * 250 + ".ckpt", "é" * 125 + ".ckpt", "步" * 80 + ".ckpt"],
+    ids=["ascii", "two-byte", "three-byte"],
+)
+def test_a_file_name_of_up_to_255_bytes_is_written(
+    tmp_path: Path, plugins: Callable[..., AstageCheckpointIO], name: str
+) -> None:
+    assert 240 <= len(name.encode()) <= 255  # a name torch.save writes
+    plugin = plugins()
+    plugin.save_checkpoint({"w": torch.ones(2)}, tmp_path / name)
+    plugin.wait()  # before: CheckpointWriteError, ENAMETOOLONG for the temporary name
+    assert torch.equal(plugin.load_checkpoint(tmp_path / name)["w"], torch.ones(2))
+    assert os.listdir(tmp_path) == [name]
