@@ -103,3 +103,24 @@ def test_a_file_name_of_up_to_255_bytes_is_written(
     plugin.wait()  # before: CheckpointWriteError, ENAMETOOLONG for the temporary name
     assert torch.equal(plugin.load_checkpoint(tmp_path / name)["w"], torch.ones(2))
     assert os.listdir(tmp_path) == [name]
+
+
+@pytest.mark.parametrize("where", ["folder", "empty"])
+def test_a_save_to_a_folder_is_refused_at_once(
+    tmp_path: Path,
+    plugins: Callable[..., AstageCheckpointIO],
+    monkeypatch: pytest.MonkeyPatch,
+    where: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run").mkdir()
+    path = "run" if where == "folder" else ""  # "" names the working folder
+    plugin = plugins()
+    # Before: the save returned, the write failed in the background (IsADirectoryError) and
+    # the next call raised it, a checkpoint late.
+    with pytest.raises(astage.CheckpointWriteError, match="is a folder"):
+        plugin.save_checkpoint({"w": torch.ones(2)}, path)
+    assert plugin.stats.saves == 0
+    plugin.wait()
+    assert sorted(os.listdir(tmp_path)) == ["run"] and os.listdir(tmp_path / "run") == []
+    assert leftovers(tmp_path.parent) == []

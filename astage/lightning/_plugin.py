@@ -244,6 +244,12 @@ class AstageCheckpointIO(CheckpointIO):
         # In the training thread, as TorchCheckpointIO does: a folder that cannot be made
         # fails this save at once rather than a write later.
         filesystem, local = fsspec.core.url_to_fs(target)
+        if isinstance(filesystem, LocalFileSystem) and os.path.isdir(local):
+            # The rename over a folder fails, in the background, after a whole write; "" is
+            # the working folder itself.
+            raise CheckpointWriteError(
+                f"cannot save the checkpoint {target!r}: {local!r} is a folder, not a file"
+            )
         folder = os.path.dirname(local)
         if not folder:
             return
