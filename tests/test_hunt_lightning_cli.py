@@ -124,3 +124,19 @@ def test_a_save_to_a_folder_is_refused_at_once(
     plugin.wait()
     assert sorted(os.listdir(tmp_path)) == ["run"] and os.listdir(tmp_path / "run") == []
     assert leftovers(tmp_path.parent) == []
+
+
+def test_a_path_of_an_unknown_protocol_is_refused_naming_it(
+    plugins: Callable[..., AstageCheckpointIO],
+) -> None:
+    plugin = plugins()
+    path = "nosuch://bucket/a.ckpt"
+    # Before: fsspec's bare ValueError("Protocol not known: nosuch"), the path not named.
+    for call in (
+        lambda: plugin.save_checkpoint({"w": torch.ones(2)}, path),
+        lambda: plugin.load_checkpoint(path),
+        lambda: plugin.remove_checkpoint(path),
+    ):
+        with pytest.raises(astage.InvalidOptionsError, match=r"nosuch://bucket/a\.ckpt.*nosuch"):
+            call()
+    assert plugin.stats.saves == plugin.stats.pending == 0

@@ -41,11 +41,24 @@ from ._snapshots import SnapshotPool
 from ._writer import BackgroundWriter, WriteJob
 
 
+def _filesystem(target: str) -> tuple[Any, str]:
+    """fsspec's filesystem for ``target`` and the path on it; a protocol fsspec does not know
+    (``nosuch://``), or one whose package is not installed, raised fsspec's bare ValueError or
+    ImportError, without the checkpoint's path."""
+    try:
+        filesystem, local = fsspec.core.url_to_fs(target)
+    except (ValueError, ImportError) as error:
+        raise InvalidOptionsError(
+            f"cannot use the checkpoint path {target!r}: {type(error).__name__}: {error}"
+        ) from error
+    return filesystem, str(local)
+
+
 def _check_local_file(target: str) -> None:
     """Refuse a local ``target`` that is there but not a regular file: torch.load would block
     on a FIFO's open forever, read a device such as /dev/zero without end, and fail on a
     folder with a raw IsADirectoryError."""
-    filesystem, local = fsspec.core.url_to_fs(target)
+    filesystem, local = _filesystem(target)
     if not isinstance(filesystem, LocalFileSystem):
         return
     try:
@@ -215,7 +228,9 @@ class AstageCheckpointIO(CheckpointIO):
     @override
     def remove_checkpoint(self, path: _PATH) -> None:
         """Remove ``path``; a write of it still queued or in progress never lands."""
-        self._writer.discard(os.fspath(path), self._torch_io.remove_checkpoint)
+        target = os.fspath(path)
+        _filesystem(target)  # an unknown protocol is refused naming the path
+        self._writer.discard(target, self._torch_io.remove_checkpoint)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until every queued write is committed; False if ``timeout`` ran out first.
@@ -243,7 +258,7 @@ class AstageCheckpointIO(CheckpointIO):
     def _make_folder(target: str) -> None:
         # In the training thread, as TorchCheckpointIO does: a folder that cannot be made
         # fails this save at once rather than a write later.
-        filesystem, local = fsspec.core.url_to_fs(target)
+        filesystem, local = _filesystem(target)
         if isinstance(filesystem, LocalFileSystem) and os.path.isdir(local):
             # The rename over a folder fails, in the background, after a whole write; "" is
             # the working folder itself.
