@@ -90,6 +90,20 @@ def dense_strides(shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(strides)
 
 
+def storage_bytes_reached(x: torch.Tensor) -> int:
+    """Bytes of its storage, from the start, that strided ``x`` reads: 0 for an empty tensor.
+
+    Why: torch keeps a tensor whose storage was resized under it (``resize_(0)`` frees the
+    memory of a tensor still in use); its metadata then claims bytes the storage lacks.
+    """
+    if x.numel() == 0:
+        return 0
+    last = int(x.storage_offset())
+    for size, stride in zip(x.shape, x.stride(), strict=True):
+        last += (size - 1) * stride
+    return (last + 1) * x.element_size()
+
+
 def storage_use_count(storage: torch.UntypedStorage) -> int:
     """References to ``storage``'s memory held by tensors and storage objects (C++ side).
 

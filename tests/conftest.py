@@ -478,6 +478,20 @@ def in_a_forked_child(child: Callable[[], int | None], seconds: int = 5) -> int:
     return os.waitstatus_to_exitcode(status)
 
 
+def outcome_of(call: Callable[[], object]) -> str:
+    """What ``call`` did, as text: ``"Name: message"`` of what it raised, or ``"returned"``.
+
+    For a call over a tensor whose memory is gone (a storage resized to 0 under it): a failed
+    ``pytest.raises`` reports the frames it came through with their arguments, and printing
+    such a tensor reads its memory (a segfault, rather than a failure).
+    """
+    try:
+        call()
+    except Exception as error:  # noqa: BLE001 - the outcome is what is asked for
+        return f"{type(error).__name__}: {error}"
+    return "returned"
+
+
 def in_a_fresh_interpreter(code: str, seconds: int = 120) -> subprocess.CompletedProcess[str]:
     """Run ``code`` in a new Python process (this repository importable); its result.
 

@@ -4,6 +4,7 @@ copies in flight holding a dropped buffer's registration); pinning itself is in 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import queue
 import threading
 import time
@@ -18,6 +19,7 @@ from conftest import (
     in_a_fresh_interpreter,
     model_state_dict,
     mutate_,
+    outcome_of,
     storage_ptr,
 )
 
@@ -460,6 +462,26 @@ def test_freeing_a_staged_tensor_the_usual_way_leaves_the_next_call_whole(face: 
     # in a process of its own, so that the suite sees a failure rather than dying.
     child = in_a_fresh_interpreter(f"face = {face!r}\n{_FREEING_A_STAGED_TENSOR}")
     assert child.returncode == 0, child.stderr[-2000:]
+
+
+def test_a_tensor_whose_storage_was_freed_is_refused_naming_it(stager: Driver) -> None:
+    # FSDP frees an unsharded parameter with `untyped_storage().resize_(0)`, leaving a tensor
+    # whose metadata claims bytes its storage no longer has. Before, the buffer was grown to
+    # the tensor's size and uninitialised memory was staged (the blocking face) or torch's raw
+    # "not resizable" error came out.
+    freed = torch.zeros(1000)
+    freed.untyped_storage().resize_(0)
+    base = torch.zeros(64)
+    view = base[40:60]
+    base.untyped_storage().resize_(100)  # shorter than the view reaches (240 bytes)
+    for where, tensor, reached, holds in [("w", freed, 4000, 0), ("v", view, 240, 100)]:
+        # An outcome as text: a failure report that showed the freed tensor would read it.
+        state = {"layer": {where: tensor, "ok": torch.ones(3)}}
+        outcome = outcome_of(functools.partial(stager.stage, state))
+        assert outcome.startswith(f"UnstageableError: at ['layer']['{where}']: "), outcome
+        assert f"reaches {reached} bytes of its storage, which holds {holds}" in outcome
+    staged = stager.stage({"ok": torch.ones(3)})  # the stager goes on
+    assert torch.equal(staged["ok"], torch.ones(3))
 
 
 def test_clear_cache_after_resize_recovers(stager: Driver) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
+from conftest import outcome_of
 
 import astage
 from astage._files import _restore, _safetensors
@@ -386,6 +387,13 @@ def test_mismatches_are_refused_naming_the_path_and_before_anything_changes(
     _refused(path, into(z=5), r"\['z'\].*holds a tensor where `into` holds a plain value")
     _refused(path, into(m={"w": torch.zeros(2, 2), "n": torch.zeros(1)}), r"\['m'\]\['n'\]")
     _refused(path, into(z=torch.zeros(1).expand(4)), r"expanded")
+    freed = torch.zeros(4)
+    freed.untyped_storage().resize_(0)  # freed under the tensor: was torch's raw RuntimeError
+    # Not _refused, whose snapshot would read `freed`; an outcome as text, since a failure
+    # report that showed the freed tensor would read it too.
+    outcome = outcome_of(lambda: astage.load(path, into=into(z=freed)))
+    assert outcome.startswith("InvalidOptionsError: at ['z']: "), outcome
+    assert "reaches 16 bytes of its storage, which holds 0" in outcome
     with pytest.raises(astage.InvalidOptionsError, match=r"\['z'\].*meta"):
         astage.load(path, into=into(z=torch.zeros(4, device="meta")))
     with pytest.raises(astage.InvalidOptionsError, match="device"):

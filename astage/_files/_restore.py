@@ -48,7 +48,7 @@ import torch
 
 from .._errors import InvalidOptionsError
 from .._paths import Path
-from .._torch import dense_strides, neg_view
+from .._torch import dense_strides, neg_view, storage_bytes_reached
 from ._load import (
     Decoder,
     Header,
@@ -343,6 +343,14 @@ class _Plan:
             raise InvalidOptionsError(
                 "cannot restore into an expanded tensor (several elements share one memory "
                 "location)",
+                path,
+            )
+        reached = storage_bytes_reached(tensor)
+        if reached > tensor.untyped_storage().nbytes():
+            raise InvalidOptionsError(
+                f"cannot restore into a tensor that reaches {reached} bytes of its storage, "
+                f"which holds {tensor.untyped_storage().nbytes()} (was the storage freed with "
+                "untyped_storage().resize_(0)?)",
                 path,
             )
         seen = self._filled.get(id(tensor))
