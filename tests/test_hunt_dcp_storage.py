@@ -595,3 +595,21 @@ def test_a_tensor_the_planner_hands_over_in_another_dtype_loads_as_with_dcp(
     writer.close()
     expected = sd["w"].to(dtype).float()
     assert torch.equal(load_into({"w": torch.zeros(3)}, tmp_path)["w"], expected)
+
+
+@pytest.mark.parametrize("left", [0, 8], ids=["freed", "shrunk"])
+def test_a_tensor_whose_storage_was_freed_under_it_is_refused_naming_it(
+    tmp_path: Path, left: int
+) -> None:
+    # Before: its data pointer went to pwritev as it was: EFAULT for a freed storage (an
+    # unexplained "Bad address"), and for a shrunk one the save succeeded, writing whatever
+    # heap memory lay past the storage's 8 bytes into the checkpoint.
+    freed = torch.zeros(1000)
+    freed.untyped_storage().resize_(left)
+    sd = {"layer": {"w": freed, "ok": torch.ones(3)}}
+    with pytest.raises(BaseException) as caught:  # DCP wraps it in a CheckpointException
+        save(sd, FileSystemWriter(tmp_path))
+    assert f"layer.w: the tensor reaches 4000 bytes of its storage, which holds {left}" in str(
+        caught.value
+    )
+    assert os.listdir(tmp_path) == []  # nothing half-done left
