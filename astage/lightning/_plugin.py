@@ -16,7 +16,6 @@ save to save (pinned where CUDA is present; no device memory is cloned), not for
 from __future__ import annotations
 
 import os
-import pickle
 import stat
 import threading
 import time
@@ -30,6 +29,7 @@ from lightning.fabric.utilities.types import _PATH
 from typing_extensions import override
 
 from .._errors import (
+    AstageError,
     CheckpointError,
     CheckpointFormatError,
     CheckpointNotFoundError,
@@ -202,7 +202,7 @@ class AstageCheckpointIO(CheckpointIO):
         A missing file raises :class:`~astage.CheckpointNotFoundError` (a FileNotFoundError),
         one ``torch.load`` cannot read, or a path that is not a regular file (a folder, a FIFO,
         a device), :class:`~astage.CheckpointFormatError`, one that cannot be opened
-        :class:`~astage.CheckpointError`, naming the file.
+        :class:`~astage.CheckpointError`, naming the file. A MemoryError is raised as it is.
         """
         target = os.fspath(path)
         self._writer.wait(target)
@@ -218,9 +218,14 @@ class AstageCheckpointIO(CheckpointIO):
             raise CheckpointError(
                 f"cannot load the checkpoint {target!r}: {type(error).__name__}: {error}"
             ) from error
-        except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as error:
+        except (AstageError, MemoryError):
+            raise  # already ours; or memory, which a damaged file and a big one both run out of
+        except Exception as error:
             # torch.load's own message says what it refused (weights_only's allow-list, a
-            # truncated zip): kept, with the file named.
+            # truncated zip): kept, with the file named. A damaged pickle fails in whatever the
+            # unpickler was doing (struct.error, IndexError, KeyError, AssertionError; with
+            # weights_only=False also an ImportError or AttributeError for a garbled name), so
+            # every error but those above is one the file caused.
             raise CheckpointFormatError(
                 f"cannot load the checkpoint {target!r}: {type(error).__name__}: {error}"
             ) from error
