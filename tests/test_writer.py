@@ -64,6 +64,23 @@ def test_reserved_and_bad_metadata() -> None:
         plan_layout({}, {"k": 1})  # type: ignore[dict-item]
 
 
+def test_a_tensor_whose_storage_was_freed_is_refused_before_the_file(tmp_path: Path) -> None:
+    # Before: SafetensorsWriter planned a 0-byte entry for it and wrote a file whose header
+    # names 4,000 bytes of that entry: a file every loader refuses.
+    freed = torch.zeros(1000)
+    freed.untyped_storage().resize_(0)
+    sd = {"layer": {"w": freed, "ok": torch.ones(3)}}
+    target = tmp_path / "c.safetensors"
+
+    async def main() -> None:
+        async with astage.SafetensorsWriter(target) as writer:
+            await writer.begin(sd)
+
+    with pytest.raises(astage.UnsavableError, match=r"\['layer'\]\['w'\].*reaches 4000 bytes"):
+        anyio.run(main)
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_cycle_is_refused() -> None:
     state: dict[str, Any] = {"a": []}
     state["a"].append(state)
