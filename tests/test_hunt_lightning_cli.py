@@ -146,7 +146,7 @@ def test_a_path_of_an_unknown_protocol_is_refused_naming_it(
     assert plugin.stats.saves == plugin.stats.pending == 0
 
 
-# -- lightning: loading damaged and hostile files ---------------------------------------------------
+# -- lightning: loading damaged and hostile files -------------------------------------------------
 
 
 def _saved(state: dict[str, Any], *, legacy: bool = False) -> bytes:
@@ -166,10 +166,10 @@ def test_every_damaged_file_is_refused_with_a_checkpoint_format_error(
     ]
     generator = random.Random(0)
     for _ in range(150):  # bytes changed in a file of torch's older format
-        raw = bytearray(legacy)
+        changed = bytearray(legacy)
         for _ in range(generator.randrange(1, 8)):
-            raw[generator.randrange(len(raw))] = generator.randrange(256)
-        damaged += [(bytes(raw), True), (bytes(raw), False)]
+            changed[generator.randrange(len(changed))] = generator.randrange(256)
+        damaged += [(bytes(changed), True), (bytes(changed), False)]
     plugin = plugins()
     path = tmp_path / "damaged.ckpt"
     escaped: list[str] = []
