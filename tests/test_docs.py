@@ -293,3 +293,54 @@ def test_api_page_names_every_public_name() -> None:
         if re.search(rf"\b{re.escape(name)}\b", page) is None
     ]
     assert not missing, f"docs/api.md does not mention: {', '.join(missing)}"
+
+
+def _output_block(page: Path, first_line: str) -> str:
+    """The ``text`` block of ``page`` that starts with ``first_line``: what an example prints."""
+    found = [
+        block.code
+        for block in blocks_of(page)
+        if block.language == "text" and block.code.startswith(first_line)
+    ]
+    assert len(found) == 1, f"{page.relative_to(ROOT)}: no single text block starts {first_line!r}"
+    return found[0]
+
+
+def test_shown_outputs_are_what_the_examples_print(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The ``text`` blocks that show an example's output (README's staging error, the guide's
+    ``astage inspect`` of a file and of a folder) match what the code prints now: the pages'
+    runs execute the examples but do not compare what they print."""
+    import threading
+
+    import anyio
+    import torch
+
+    import astage
+    from astage._cli import main
+
+    monkeypatch.chdir(tmp_path)
+    state: dict[str, object] = {"optim": {"state": {3: {"lock": threading.Lock()}}}}
+    with pytest.raises(astage.UnstageableError) as error, astage.SyncStager() as stager:
+        stager.stage(state)
+    assert f"{error.value}\n" == _output_block(ROOT / "README.md", "at ['optim']")
+
+    guide = ROOT / "docs" / "guide.md"
+    model = torch.nn.Linear(4, 2)
+    state = {"model": model.state_dict(), "step": 100, "lr": 0.001}
+    astage.save_sync(state, "ckpt.safetensors", metadata={"run": "demo"})
+    capsys.readouterr()
+    assert main(["inspect", "ckpt.safetensors"]) == 0
+    assert capsys.readouterr().out == _output_block(guide, "ckpt.safetensors: valid")
+
+    async def train() -> None:
+        async with astage.CheckpointDir("run", keep=2) as folder:
+            for step in (100, 200, 300):
+                await folder.save(step, {"model": model.state_dict(), "step": step})
+
+    anyio.run(train)
+    with open("run/step_000000300.safetensors", "r+b") as torn:
+        torn.truncate(100)
+    assert main(["inspect", "run"]) == 1
+    assert capsys.readouterr().out == _output_block(guide, "run: checkpoint folder")
