@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import in_a_fresh_interpreter
 from torch.distributed.checkpoint import state_dict_loader, state_dict_saver
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.filesystem import FileSystemWriter as DcpFileSystemWriter
@@ -613,3 +614,46 @@ def test_a_tensor_whose_storage_was_freed_under_it_is_refused_naming_it(
         caught.value
     )
     assert os.listdir(tmp_path) == []  # nothing half-done left
+
+
+def test_a_load_into_a_tensor_whose_storage_was_freed_is_refused_naming_it(
+    tmp_path: Path,
+) -> None:
+    # Before: its data pointer went to preadv as it was: a bare EFAULT for a freed storage.
+    save({"w": torch.randn(1000), "ok": torch.ones(3)}, FileSystemWriter(tmp_path))
+    freed = torch.zeros(1000)
+    freed.untyped_storage().resize_(0)
+    with pytest.raises(BaseException) as caught:  # DCP wraps it in a CheckpointException
+        load_into({"w": freed, "ok": torch.zeros(3)}, tmp_path)
+    message = "(w): cannot load into a tensor that reaches 4000 bytes of its storage, which holds 0"
+    assert message in str(caught.value)
+
+
+def test_a_load_into_a_tensor_whose_storage_was_shrunk_is_refused_not_a_crash(
+    tmp_path: Path,
+) -> None:
+    # Before: preadv wrote 4,000 bytes into a storage of 64, over the heap (a segfault). In a
+    # process of its own, so that the suite sees a failure rather than dying.
+    save({"w": torch.randn(1000), "ok": torch.ones(3)}, FileSystemWriter(tmp_path))
+    child = in_a_fresh_interpreter(
+        f"""
+        import warnings
+        warnings.simplefilter("ignore")
+        import torch
+        from torch.distributed.checkpoint import state_dict_loader
+        from astage.compat import FileSystemReader
+        shrunk = torch.zeros(1000)
+        shrunk.untyped_storage().resize_(64)
+        try:
+            state_dict_loader.load(
+                {{"w": shrunk, "ok": torch.zeros(3)}},
+                storage_reader=FileSystemReader({str(tmp_path)!r}),
+                no_dist=True,
+            )
+        except BaseException as error:  # DCP's CheckpointException is no Exception
+            assert "reaches 4000 bytes of its storage, which holds 64" in str(error), error
+        else:
+            raise SystemExit("loaded")
+        """
+    )
+    assert child.returncode == 0, child.stderr[-2000:]

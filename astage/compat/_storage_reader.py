@@ -42,9 +42,11 @@ from torch.distributed.checkpoint.planner import (
 )
 from torch.futures import Future
 
+from .. import _torch
 from .._errors import (
     AstageError,
     CheckpointFormatError,
+    InvalidOptionsError,
 )
 from .._files._load import open_checked
 from ._storage import (
@@ -320,6 +322,17 @@ class FileSystemReader(_DcpFileSystemReader):
             raise CheckpointFormatError(
                 f"{where}: destination shape {list(target.shape)} != requested {lengths}"
             )
+        if target.layout is torch.strided:
+            # A destination whose storage was freed or shrunk under it (resize_): its bytes
+            # would be read past the storage's end (EFAULT, or the heap overwritten).
+            reached = _torch.storage_bytes_reached(target)
+            held = target.untyped_storage().nbytes()
+            if reached > held:
+                raise InvalidOptionsError(
+                    f"{where}: cannot load into a tensor that reaches {reached} bytes of its "
+                    f"storage, which holds {held} (was the storage freed with "
+                    "untyped_storage().resize_(0)?)"
+                )
         strides = _contiguous_strides(sizes)
         if _is_contiguous_region(sizes, lengths):
             start = (
