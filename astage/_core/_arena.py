@@ -106,6 +106,10 @@ def _numpy_twins() -> dict[torch.dtype, tuple[Any, bool]]:
     """
     if numpy is None:  # pragma: no cover
         return {}
+    try:  # a torch built without numpy support has from_numpy, which then raises
+        torch.from_numpy(numpy.empty(1, dtype=numpy.uint8))
+    except (RuntimeError, TypeError):  # pragma: no cover
+        return {}
     twins: dict[torch.dtype, tuple[Any, bool]] = {
         torch.bool: (numpy.bool_, False),
         torch.uint8: (numpy.uint8, False),
