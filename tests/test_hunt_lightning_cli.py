@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import io
 import os
 import random
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,17 +21,20 @@ import pytest
 import torch
 
 import astage
+from astage._cli import main
 
-pytest.importorskip("lightning")
+# Lightning is an extra: without it the plugin's tests are skipped (their `plugins` fixture
+# skips them), the command's tests still run.
+with contextlib.suppress(ImportError, pytest.skip.Exception):
+    from test_lightning import Gate, blocked, finished, gated, leftovers
 
-from test_lightning import Gate, blocked, finished, gated, leftovers
-
-from astage.lightning import AstageCheckpointIO
+    from astage.lightning import AstageCheckpointIO
 
 
 @pytest.fixture
 def plugins() -> Iterator[Callable[..., AstageCheckpointIO]]:
     """Makes plugins and tears each one down after the test (its writer thread ends)."""
+    pytest.importorskip("lightning")
     made: list[AstageCheckpointIO] = []
 
     def make(**kwargs: Any) -> AstageCheckpointIO:
@@ -207,3 +213,69 @@ def test_a_file_cannot_run_code_unless_weights_only_false_is_asked_for(
         with pytest.raises(astage.CheckpointFormatError, match=r"evil\.ckpt"):
             plugin.load_checkpoint(tmp_path / "evil.ckpt", weights_only=weights_only)
     assert not proof.exists()
+
+
+# -- cli: where the report goes ----------------------------------------------------------------
+
+
+@pytest.fixture
+def small(tmp_path: Path) -> Path:
+    path = tmp_path / "small.safetensors"
+    astage.save_sync({"w": torch.ones(2)}, path)
+    return path
+
+
+class _FullDisk(io.StringIO):
+    """A stdout whose every write fails as on a full disk; its descriptor a scratch file's."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self._fd = fd
+
+    def write(self, text: str) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def fileno(self) -> int:
+        return self._fd
+
+
+def test_a_report_that_cannot_be_written_is_said_in_one_line(
+    small: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with open(tmp_path / "stdout", "wb") as scratch:
+        monkeypatch.setattr(sys, "stdout", _FullDisk(scratch.fileno()))
+        for argv in (["inspect", str(small)], ["inspect", "--json", str(small)]):
+            # Before: the OSError escaped main (a traceback, exit status 1 by accident).
+            assert main(argv) == 1
+            assert capsys.readouterr().err == (
+                "astage inspect: cannot write the report to stdout: No space left on device\n"
+            )
+        monkeypatch.setattr(sys, "stdout", None)  # `astage inspect f >&-`
+        assert main(["inspect", str(small)]) == 1  # before: AttributeError
+        assert "stdout is closed" in capsys.readouterr().err
+
+
+def test_a_closed_stderr_keeps_the_exit_status(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "stderr", None)  # `astage inspect f 2>&-`
+    assert main(["inspect", str(tmp_path / "nothing")]) == 2  # before: AttributeError
+
+
+@pytest.mark.slow
+def test_the_real_command_with_stdout_closed_leaves_no_traceback(small: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "astage", "inspect", str(small)],
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: os.close(1),  # `astage inspect f >&-`
+        check=False,
+        timeout=120,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    # Before: AttributeError: 'NoneType' object has no attribute 'write', a traceback.
+    assert done.returncode == 1, done.stderr
+    assert done.stderr == "astage inspect: cannot write the report to stdout: stdout is closed\n"

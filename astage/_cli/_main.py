@@ -1,12 +1,14 @@
 """The arguments of the ``astage`` command, and its exit codes.
 
-Exit codes: 0 the checkpoint is valid; 1 it is not (the reason on one line on stderr, never a
-traceback); 2 a usage error (bad arguments, or no file or folder at the path).
+Exit codes: 0 the checkpoint is valid; 1 it is not, or the report could not be written (the
+reason on one line on stderr, never a traceback); 2 a usage error (bad arguments, or no file or
+folder at the path).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import gc
 import json
 import os
@@ -57,10 +59,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _inspect(arguments.path, as_json=arguments.json, verify=arguments.verify)
     except BrokenPipeError:
-        # The reader went away (`astage inspect f | head`): say nothing more. Point stdout at
-        # devnull so the interpreter's final flush does not fail again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        # The reader went away (`astage inspect f | head`): say nothing more.
+        _drop_stdout()
         return INVALID
+    except OSError as error:
+        # stdout on a full disk (ENOSPC), or closed (`astage inspect f >&-`): the report did
+        # not get out, which a script must not take for success; a traceback said so before.
+        _drop_stdout()
+        _error(f"cannot write the report to stdout: {error.strerror or error}")
+        return INVALID
+
+
+def _drop_stdout() -> None:
+    """Point stdout at devnull: what is still in its buffer would fail the interpreter's final
+    flush again (an "Exception ignored" message, and exit status 120)."""
+    if sys.stdout is not None:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _inspect(path: str, *, as_json: bool, verify: bool) -> int:
@@ -92,9 +106,13 @@ def _write(text: str) -> None:
     """Write ``text`` to stdout, escaping what its encoding cannot hold: a name from the file
     (a key in Chinese, say) on an ASCII or Latin-1 stdout raised UnicodeEncodeError, a
     traceback (stderr escapes such characters itself)."""
+    if sys.stdout is None:  # started with stdout closed: the interpreter made it None
+        raise OSError(errno.EBADF, "stdout is closed")
     encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
     sys.stdout.write(text.encode(encoding, "backslashreplace").decode(encoding))
 
 
 def _error(message: str) -> None:
+    if sys.stderr is None:  # started with stderr closed: the exit status says it all
+        return
     sys.stderr.write(f"astage inspect: {shown(message, 2000)}\n")
