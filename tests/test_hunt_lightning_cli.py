@@ -279,3 +279,15 @@ def test_the_real_command_with_stdout_closed_leaves_no_traceback(small: Path) ->
     # Before: AttributeError: 'NoneType' object has no attribute 'write', a traceback.
     assert done.returncode == 1, done.stderr
     assert done.stderr == "astage inspect: cannot write the report to stdout: stdout is closed\n"
+
+
+# -- cli: what a folder's report says --------------------------------------------------------------
+
+
+def test_an_empty_folder_says_it_has_no_latest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["inspect", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "latest: none\n" in out
+    assert "None" not in out  # before: "latest: step None"

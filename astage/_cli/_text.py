@@ -138,6 +138,8 @@ def _folder(report: dict[str, Any]) -> Iterator[str]:
     latest = report["latest"]
     if latest["problem"] is not None:
         yield f"latest: {shown(latest['problem'])}"
+    elif latest["step"] is None:  # no `latest` file, and no step for it to name
+        yield "latest: none"
     else:
         yield f"latest: step {latest['step']}"
     resume = report["resume_step"]
