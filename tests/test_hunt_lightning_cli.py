@@ -291,3 +291,20 @@ def test_an_empty_folder_says_it_has_no_latest(
     out = capsys.readouterr().out
     assert "latest: none\n" in out
     assert "None" not in out  # before: "latest: step None"
+
+
+def test_a_relative_path_is_written_where_it_named_at_the_save(
+    tmp_path: Path, plugins: Callable[..., AstageCheckpointIO], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    gate = Gate()
+    plugin = gated(plugins(), gate)
+    plugin.save_checkpoint({"step": 1}, "first.ckpt")  # held: the next one waits in the queue
+    plugin.save_checkpoint({"step": 2}, "second.ckpt")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # the script changes folder meanwhile
+    gate.open()
+    assert plugin.wait(timeout=10)
+    # Before: second.ckpt landed in elsewhere/, the working folder at the time of its write.
+    assert sorted(os.listdir(tmp_path)) == ["elsewhere", "first.ckpt", "second.ckpt"]
+    assert os.listdir(tmp_path / "elsewhere") == []

@@ -217,7 +217,9 @@ class BackgroundWriter:
     def _write(self, job: WriteJob) -> None:
         fs, target = fsspec.core.url_to_fs(job.path)
         if isinstance(fs, LocalFileSystem):
-            self._write_local(job, target)
+            # To the absolute path made at the save: a relative one resolved now would follow
+            # an os.chdir made since (the file landed in the new working folder).
+            self._write_local(job, job.key or target)
             return
         buffer = io.BytesIO()
         self._serialize(job.staged, buffer)
