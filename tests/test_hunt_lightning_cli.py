@@ -308,3 +308,17 @@ def test_a_relative_path_is_written_where_it_named_at_the_save(
     # Before: second.ckpt landed in elsewhere/, the working folder at the time of its write.
     assert sorted(os.listdir(tmp_path)) == ["elsewhere", "first.ckpt", "second.ckpt"]
     assert os.listdir(tmp_path / "elsewhere") == []
+
+
+def test_a_removal_raises_a_failed_write_as_the_docs_say(
+    tmp_path: Path, plugins: Callable[..., AstageCheckpointIO]
+) -> None:
+    plugin = gated(plugins(), Gate(timeout=0.0, fail=OSError(28, "No space left on device")))
+    plugin.save_checkpoint({"w": torch.ones(2)}, tmp_path / "a.ckpt")
+    assert plugin._writer.wait(timeout=10)
+    (tmp_path / "old.ckpt").write_bytes(b"pruned")
+    # Before: nothing raised; the failure waited for a later save, load, wait or teardown.
+    with pytest.raises(astage.CheckpointWriteError, match=r"a\.ckpt.*No space left"):
+        plugin.remove_checkpoint(tmp_path / "old.ckpt")
+    assert os.listdir(tmp_path) == []  # removed all the same; no temporary file
+    plugin.teardown()  # reported once

@@ -232,10 +232,16 @@ class AstageCheckpointIO(CheckpointIO):
 
     @override
     def remove_checkpoint(self, path: _PATH) -> None:
-        """Remove ``path``; a write of it still queued or in progress never lands."""
+        """Remove ``path``; a write of it still queued or in progress never lands.
+
+        Then raises :class:`~astage.CheckpointWriteError` for a write that failed, as every
+        call of the plugin in the training thread does (the removal is done first: pruning
+        goes on whatever failed before).
+        """
         target = os.fspath(path)
         _filesystem(target)  # an unknown protocol is refused naming the path
         self._writer.discard(target, self._torch_io.remove_checkpoint)
+        self._raise_write_error()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until every queued write is committed; False if ``timeout`` ran out first.
