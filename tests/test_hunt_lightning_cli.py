@@ -322,3 +322,24 @@ def test_a_removal_raises_a_failed_write_as_the_docs_say(
         plugin.remove_checkpoint(tmp_path / "old.ckpt")
     assert os.listdir(tmp_path) == []  # removed all the same; no temporary file
     plugin.teardown()  # reported once
+
+
+@pytest.mark.parametrize("path", ["a\0b.ckpt", "run\0/a.ckpt"], ids=["file", "folder"])
+def test_a_path_holding_a_nul_is_refused_at_once(
+    tmp_path: Path,
+    plugins: Callable[..., AstageCheckpointIO],
+    monkeypatch: pytest.MonkeyPatch,
+    path: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    plugin = plugins()
+    # Before: the save returned and its write failed later, or a bare ValueError.
+    for call in (
+        lambda: plugin.save_checkpoint({"w": torch.ones(2)}, path),
+        lambda: plugin.load_checkpoint(path),
+        lambda: plugin.remove_checkpoint(path),
+    ):
+        with pytest.raises(astage.InvalidOptionsError, match="NUL"):
+            call()
+    plugin.wait()
+    assert plugin.stats.saves == 0 and os.listdir(tmp_path) == []

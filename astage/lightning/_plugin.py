@@ -45,6 +45,10 @@ def _filesystem(target: str) -> tuple[Any, str]:
     """fsspec's filesystem for ``target`` and the path on it; a protocol fsspec does not know
     (``nosuch://``), or one whose package is not installed, raised fsspec's bare ValueError or
     ImportError, without the checkpoint's path."""
+    if "\0" in target:
+        # No file has such a name: the save returned and its write failed in the background;
+        # a load or a folder to make raised a bare ValueError.
+        raise InvalidOptionsError(f"cannot use the checkpoint path {target!r}: it holds a NUL")
     try:
         filesystem, local = fsspec.core.url_to_fs(target)
     except (ValueError, ImportError) as error:
@@ -205,6 +209,7 @@ class AstageCheckpointIO(CheckpointIO):
         :class:`~astage.CheckpointError`, naming the file. A MemoryError is raised as it is.
         """
         target = os.fspath(path)
+        _filesystem(target)  # a path no file can have is refused before anything else
         self._writer.wait(target)
         self._raise_write_error(target)
         _check_local_file(target)
