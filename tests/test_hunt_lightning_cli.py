@@ -115,7 +115,7 @@ def test_a_file_name_of_up_to_255_bytes_is_written(
     assert os.listdir(tmp_path) == [name]
 
 
-@pytest.mark.parametrize("where", ["folder", "empty"])
+@pytest.mark.parametrize("where", ["folder", "empty", "slash"])
 def test_a_save_to_a_folder_is_refused_at_once(
     tmp_path: Path,
     plugins: Callable[..., AstageCheckpointIO],
@@ -124,7 +124,8 @@ def test_a_save_to_a_folder_is_refused_at_once(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "run").mkdir()
-    path = "run" if where == "folder" else ""  # "" names the working folder
+    # "" names the working folder; "new/" a folder not there yet (before: a file named new)
+    path = {"folder": "run", "empty": "", "slash": "new/"}[where]
     plugin = plugins()
     # Before: the save returned, the write failed in the background (IsADirectoryError) and
     # the next call raised it, a checkpoint late.

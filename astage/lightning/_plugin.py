@@ -275,9 +275,12 @@ class AstageCheckpointIO(CheckpointIO):
         # In the training thread, as TorchCheckpointIO does: a folder that cannot be made
         # fails this save at once rather than a write later.
         filesystem, local = _filesystem(target)
-        if isinstance(filesystem, LocalFileSystem) and os.path.isdir(local):
+        if isinstance(filesystem, LocalFileSystem) and (
+            os.path.isdir(local) or target.endswith(("/", os.sep))
+        ):
             # The rename over a folder fails, in the background, after a whole write; "" is
-            # the working folder itself.
+            # the working folder itself. "ckpts/" names a folder too, but fsspec drops the
+            # slash: a file named ckpts was written where TorchCheckpointIO fails.
             raise CheckpointWriteError(
                 f"cannot save the checkpoint {target!r}: {local!r} is a folder, not a file"
             )
