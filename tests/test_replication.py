@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import numpy as np
 import pytest
 import torch
 
@@ -275,7 +276,10 @@ def test_stager_needs_an_initialized_process_group() -> None:
 def test_timeout_must_be_positive_seconds_or_a_timedelta() -> None:
     assert _seconds(2) == 2.0
     assert _seconds(timedelta(minutes=1)) == 60.0
-    for bad in (0, -1, float("nan"), "soon", timedelta(0)):
+    assert _seconds(np.float32(2.5)) == 2.5  # type: ignore[arg-type] # a number of another type
+    # True and "5" were taken as 1 and 5 seconds (float() of them), where every other option
+    # of astage refuses a bool and a string.
+    for bad in (0, -1, float("nan"), "soon", timedelta(0), True, "5", b"5"):
         with pytest.raises(astage.InvalidOptionsError, match="timeout"):
             _seconds(bad)  # type: ignore[arg-type]
 

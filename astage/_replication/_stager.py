@@ -34,6 +34,7 @@ partner's next message): a fresh process group and stager are needed.
 
 from __future__ import annotations
 
+import numbers
 import os
 import queue
 import threading
@@ -321,10 +322,15 @@ def replica_folder(storage_dir: Any) -> str:
 
 
 def _seconds(timeout: float | timedelta) -> float:
+    seconds = float("nan")
     try:
-        seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout)
+        if isinstance(timeout, timedelta):
+            seconds = timeout.total_seconds()
+        # Numbers only: float() would also take True (1 s) and "5" (5 s).
+        elif isinstance(timeout, numbers.Real) and not isinstance(timeout, bool):
+            seconds = float(timeout)
     except (TypeError, ValueError, OverflowError):  # OverflowError: an int past a float
-        seconds = float("nan")
+        pass
     if not 0 < seconds <= _MOST_SECONDS:  # NaN and infinity too
         raise InvalidOptionsError(
             f"timeout must be a positive, finite number of seconds (at most {_MOST_SECONDS:g}) "
