@@ -12,6 +12,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -344,3 +345,19 @@ def test_a_path_holding_a_nul_is_refused_at_once(
             call()
     plugin.wait()
     assert plugin.stats.saves == 0 and os.listdir(tmp_path) == []
+
+
+def test_a_checkpoint_that_cannot_be_staged_leaves_no_folder(
+    tmp_path: Path, plugins: Callable[..., AstageCheckpointIO]
+) -> None:
+    plugin = plugins()
+    with pytest.raises(astage.UnstageableError, match=r"\['hyper_parameters'\]\['lock'\]"):
+        plugin.save_checkpoint(
+            {"hyper_parameters": {"lock": threading.Lock()}}, tmp_path / "new" / "run" / "a.ckpt"
+        )
+    assert os.listdir(tmp_path) == []  # before: new/run/, made for a save that failed
+    # The snapshot is free again: the next save stages into it, the folder made then.
+    plugin.save_checkpoint({"w": torch.ones(2)}, tmp_path / "new" / "a.ckpt")
+    plugin.wait()
+    assert os.listdir(tmp_path / "new") == ["a.ckpt"]
+    assert (plugin.stats.saves, plugin.stats.snapshots) == (1, 1)

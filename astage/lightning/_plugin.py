@@ -179,19 +179,22 @@ class AstageCheckpointIO(CheckpointIO):
         with self._lock:
             self._raise_write_error()
             started = time.perf_counter()
-            self._make_folder(target)
+            self._check_target(target)
             snapshot = self._pool.take(checkpoint)
+            try:
+                # Made after the staging: a checkpoint that cannot be staged (a lock among the
+                # hyperparameters) left the new folders of its path behind.
+                self._make_folder(target)
+                self._writer.submit(WriteJob(target, snapshot.staged, snapshot.release))
+            except BaseException:
+                snapshot.release()  # nothing will write it: its buffers are free again
+                raise
             self._saves += 1
             if snapshot.waited_s is not None:
                 self._waits += 1
                 self._wait_seconds += snapshot.waited_s
             if snapshot.memory_refused:
                 self._memory_refusals += 1
-            try:
-                self._writer.submit(WriteJob(target, snapshot.staged, snapshot.release))
-            except BaseException:
-                snapshot.release()  # nothing will write it: its buffers are free again
-                raise
             self._stage_seconds += time.perf_counter() - started
 
     @override
@@ -271,9 +274,9 @@ class AstageCheckpointIO(CheckpointIO):
             raise error
 
     @staticmethod
-    def _make_folder(target: str) -> None:
-        # In the training thread, as TorchCheckpointIO does: a folder that cannot be made
-        # fails this save at once rather than a write later.
+    def _check_target(target: str) -> None:
+        # Before the staging: a path that cannot take the file fails the save at once, in the
+        # training thread, rather than its write later.
         filesystem, local = _filesystem(target)
         if isinstance(filesystem, LocalFileSystem) and (
             os.path.isdir(local) or target.endswith(("/", os.sep))
@@ -284,6 +287,12 @@ class AstageCheckpointIO(CheckpointIO):
             raise CheckpointWriteError(
                 f"cannot save the checkpoint {target!r}: {local!r} is a folder, not a file"
             )
+
+    @staticmethod
+    def _make_folder(target: str) -> None:
+        # In the training thread, as TorchCheckpointIO does: a folder that cannot be made
+        # fails this save at once rather than a write later.
+        filesystem, local = _filesystem(target)
         folder = os.path.dirname(local)
         if not folder:
             return
