@@ -361,3 +361,26 @@ def test_a_checkpoint_that_cannot_be_staged_leaves_no_folder(
     plugin.wait()
     assert os.listdir(tmp_path / "new") == ["a.ckpt"]
     assert (plugin.stats.saves, plugin.stats.snapshots) == (1, 1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a process without CUDA")
+def test_a_map_location_no_file_loads_with_is_not_blamed_on_the_file(
+    tmp_path: Path, plugins: Callable[..., AstageCheckpointIO]
+) -> None:
+    plugin = plugins()
+    plugin.save_checkpoint({"w": torch.ones(2)}, tmp_path / "good.ckpt")
+    plugin.wait()
+    # Before: each a CheckpointFormatError, as if good.ckpt were damaged (a resume that passes
+    # over bad files passed over every good one).
+    for map_location, error in [
+        ("cuda", astage.AcceleratorUnavailableError),
+        ({"cpu": "cuda:1"}, astage.AcceleratorUnavailableError),
+        ("nonsense", astage.InvalidOptionsError),
+        (5, astage.InvalidOptionsError),
+    ]:
+        with pytest.raises(error, match=r"good\.ckpt") as caught:
+            plugin.load_checkpoint(tmp_path / "good.ckpt", map_location=map_location)
+        assert not isinstance(caught.value, astage.CheckpointError)
+    for map_location in ("cpu", torch.device("cpu"), {"cpu": "cpu"}, None, lambda s, _: s):
+        loaded = plugin.load_checkpoint(tmp_path / "good.ckpt", map_location=map_location)
+        assert torch.equal(loaded["w"], torch.ones(2))

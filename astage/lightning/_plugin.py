@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import fsspec  # type: ignore[import-untyped]
+import torch
 from fsspec.implementations.local import LocalFileSystem  # type: ignore[import-untyped]
 from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
 from lightning.fabric.utilities.types import _PATH
@@ -36,6 +37,7 @@ from .._errors import (
     CheckpointWriteError,
     InvalidOptionsError,
 )
+from .._files._load import load_device
 from .._options import StagingOptions, make_options
 from ._snapshots import SnapshotPool
 from ._writer import BackgroundWriter, WriteJob
@@ -71,6 +73,28 @@ def _check_local_file(target: str) -> None:
         return  # missing or unreadable: torch.load says which, and it is named then
     if not stat.S_ISREG(mode):
         raise CheckpointFormatError(f"cannot load the checkpoint {target!r}: not a regular file")
+
+
+def _check_map_location(map_location: Any) -> None:
+    """Refuse a ``map_location`` that no file can be loaded with, before the file is read.
+
+    torch.load refuses it with a RuntimeError (``"cuda"`` without CUDA, a name that is no
+    device), which was reported as a CheckpointFormatError of a good file: a resume that
+    passes over bad files would pass over every one. A function is torch's to call.
+    """
+    if map_location is None or callable(map_location):
+        return
+    if isinstance(map_location, dict):
+        places = list(map_location.values())
+    elif isinstance(map_location, str | torch.device):
+        places = [map_location]
+    else:
+        raise InvalidOptionsError(
+            "map_location must be a device, a device name, a dict of them or a function, "
+            f"not {type(map_location).__name__} {map_location!r}"
+        )
+    for place in places:
+        load_device(place)  # InvalidOptionsError, or AcceleratorUnavailableError
 
 
 def _cpu(storage: Any, location: str) -> Any:
@@ -209,10 +233,17 @@ class AstageCheckpointIO(CheckpointIO):
         A missing file raises :class:`~astage.CheckpointNotFoundError` (a FileNotFoundError),
         one ``torch.load`` cannot read, or a path that is not a regular file (a folder, a FIFO,
         a device), :class:`~astage.CheckpointFormatError`, one that cannot be opened
-        :class:`~astage.CheckpointError`, naming the file. A MemoryError is raised as it is.
+        :class:`~astage.CheckpointError`, naming the file. A MemoryError is raised as it is. A
+        ``map_location`` naming an absent device raises
+        :class:`~astage.AcceleratorUnavailableError`, one that is no device
+        :class:`~astage.InvalidOptionsError`, before the file is read.
         """
         target = os.fspath(path)
         _filesystem(target)  # a path no file can have is refused before anything else
+        try:
+            _check_map_location(map_location)
+        except InvalidOptionsError as error:
+            raise type(error)(f"cannot load the checkpoint {target!r}: {error}") from None
         self._writer.wait(target)
         self._raise_write_error(target)
         _check_local_file(target)
