@@ -48,6 +48,7 @@ from typing import Any, NamedTuple
 import anyio
 import anyio.abc
 import anyio.to_thread
+import torch
 
 from .._drivers._async import Stager
 from .._errors import (
@@ -180,17 +181,22 @@ def as_step(step: object) -> int:
     """``step`` as a non-negative int, or :class:`InvalidOptionsError` saying what a step is."""
     if isinstance(step, str | bytes):
         raise InvalidOptionsError(
-            f"step must be a non-negative integer, got {step!r}: a CheckpointDir names its "
-            "files by step number; save a named checkpoint with "
+            f"step must be a non-negative integer, got {_shown(step)}: a CheckpointDir names "
+            "its files by step number; save a named checkpoint with "
             "astage.save(state_dict, path) to a path of your own"
         )
+    # A bool tensor's index is 0 or 1, as a bool's is; a meta tensor has no value to read
+    # (its index is a raw RuntimeError).
+    not_a_step = isinstance(step, bool) or (
+        isinstance(step, torch.Tensor) and (step.dtype == torch.bool or step.is_meta)
+    )
     try:
         # Integers of other kinds too: numpy's, an integer tensor of one element.
-        value = None if isinstance(step, bool) else operator.index(step)  # type: ignore[arg-type]
+        value = None if not_a_step else operator.index(step)  # type: ignore[arg-type]
     except TypeError:
         value = None
     if value is None or value < 0:
-        raise InvalidOptionsError(f"step must be a non-negative integer, got {step!r}")
+        raise InvalidOptionsError(f"step must be a non-negative integer, got {_shown(step)}")
     if value >= _STEP_LIMIT:
         # Compared, not printed: printing a step of over 4,300 digits is a raw ValueError.
         raise InvalidOptionsError(
@@ -198,6 +204,15 @@ def as_step(step: object) -> int:
             f"temporary name's {TEMP_EXTRA} bytes) would pass the limit of {NAME_MAX} bytes"
         )
     return value
+
+
+def _shown(step: object) -> str:
+    """``step`` for a message: a short repr (a caller's value, of any length)."""
+    try:
+        text = repr(step)
+    except ValueError:  # an int of more digits than Python prints (sys.get_int_max_str_digits)
+        return f"an {type(step).__qualname__} too long to print"
+    return text if len(text) <= 2 * _EXCERPT else text[: 2 * _EXCERPT] + "..."
 
 
 class CheckpointDir:
