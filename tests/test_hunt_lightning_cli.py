@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import enum
 import errno
 import io
+import json
 import os
 import random
+import struct
 import subprocess
 import sys
 import threading
+import types
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,6 +27,7 @@ import torch
 
 import astage
 from astage._cli import main
+from astage._files._safetensors import header_text
 
 # Lightning is an extra: without it the plugin's tests are skipped (their `plugins` fixture
 # skips them), the command's tests still run.
@@ -384,3 +389,38 @@ def test_a_map_location_no_file_loads_with_is_not_blamed_on_the_file(
     for map_location in ("cpu", torch.device("cpu"), {"cpu": "cpu"}, None, lambda s, _: s):
         loaded = plugin.load_checkpoint(tmp_path / "good.ckpt", map_location=map_location)
         assert torch.equal(loaded["w"], torch.ones(2))
+
+
+# -- cli: what is valid ----------------------------------------------------------------------------
+
+
+class _Color(enum.Enum):
+    RED = 1
+
+
+def test_an_enum_of_a_module_the_command_does_not_import_is_valid(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The user's module: imported by the training program, never by `astage inspect`.
+    module = types.ModuleType("hunt_users_enums")
+    module._Color = _Color  # type: ignore[attr-defined]
+    monkeypatch.setattr(_Color, "__module__", "hunt_users_enums")
+    monkeypatch.setitem(sys.modules, "hunt_users_enums", module)
+    astage.save_sync({"c": _Color.RED, "w": torch.ones(1)}, tmp_path / "a.safetensors")
+    assert astage.load(tmp_path / "a.safetensors")["c"] is _Color.RED  # load reads it
+    monkeypatch.delitem(sys.modules, "hunt_users_enums")  # as in the command's process
+    code, out = main(["inspect", str(tmp_path / "a.safetensors")]), capsys.readouterr().out
+    assert code == 0, capsys.readouterr().err  # before: 1, "its module ... is not imported"
+    assert "['c']: <_Color: 1>" in out
+    # Its form is still checked: a tensor where the enum's plain value goes is refused.
+    raw = (tmp_path / "a.safetensors").read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    document = json.loads(header["__metadata__"]["astage"])
+    document["skeleton"]["dict"][0][1]["enum"][2] = {"tensor": "['w']"}
+    header["__metadata__"]["astage"] = json.dumps(document)
+    text = header_text(header)
+    damaged = struct.pack("<Q", len(text)) + text + raw[8 + length :]
+    (tmp_path / "b.safetensors").write_bytes(damaged)
+    assert main(["inspect", str(tmp_path / "b.safetensors")]) == 1
+    assert "an enum value holds plain values only" in capsys.readouterr().err

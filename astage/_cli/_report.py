@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 from typing import Any
 
 from .._errors import CheckpointError, CheckpointNotFoundError
 from .._files._checkpoint_dir import _TEMP_FILE, LATEST, _read_pointer, file_name, step_of
 from .._files._load import Decoder, Stored, load, open_checked, read_raw, skeleton_document
 from .._files._safetensors import DIGEST_KEY, FORMAT_VERSION, METADATA_KEY
+from .._files._skeleton import MAX_DEPTH as SKELETON_DEPTH
 from .._paths import Attr, Path, format_path
 
 SCHEMA = 1
@@ -71,7 +73,7 @@ def inspect_file(path: str, *, verify: bool = False) -> dict[str, Any]:
             os.close(fd)
         document = skeleton_document(header.metadata, path)
         if document is not None:  # what check_file does: every node and view checked
-            Decoder(header.entries, None, path, None).decode(document)
+            _Checker(header.entries, None, path, None).decode(document)
     except CheckpointNotFoundError:
         raise
     except CheckpointError as error:
@@ -201,6 +203,41 @@ def _step_file(path: str, verify: bool) -> dict[str, Any]:
     if verify:
         result["verified"] = found["verified"]
     return result
+
+
+class _Checker(Decoder):
+    """Checks a skeleton as :func:`astage.load` does, but an enum whose module this command
+    has not imported is checked for its form and value only.
+
+    ``astage.load`` finds an enum's class in the modules the program imported, never importing
+    one a file names; this command imports none of the user's, so a file holding an enum of the
+    user's own module (``load`` reads it in the program) was reported NOT VALID, and so was
+    every step of a folder of them.
+    """
+
+    _outer_enums = 0
+
+    def decode(self, node: Any) -> Any:
+        if type(node) is dict and len(node) == 1 and "enum" in node:
+            value = node["enum"]
+            if (
+                type(value) is list
+                and len(value) == 3
+                and type(value[0]) is str
+                and type(value[1]) is str
+                and sys.modules.get(value[0]) is None
+            ):
+                if "_path" not in vars(self):
+                    super().decode(None)  # sets the decoder's state up (a root enum)
+                if self._outer_enums >= SKELETON_DEPTH:  # its value may be an enum again
+                    raise self.invalid(f"enum values nested more than {SKELETON_DEPTH} deep")
+                self._outer_enums += 1
+                try:
+                    self.decode_plain(value[2], "an enum value")
+                finally:
+                    self._outer_enums -= 1
+                return None
+        return super().decode(node)
 
 
 def _dtype_name(entry: Stored) -> str:
