@@ -53,6 +53,7 @@ import torch
 from .._drivers._async import Stager
 from .._errors import (
     CheckpointError,
+    CheckpointNotFoundError,
     CheckpointSkippedWarning,
     CheckpointWriteError,
     ClosedError,
@@ -83,6 +84,9 @@ _EXCERPT = 40  # characters of untrusted text quoted in a report, at most
 # A step file's temporary name must fit in NAME_MAX whole (tidying recognises it by it).
 _STEP_DIGITS = NAME_MAX - TEMP_EXTRA - len("step_.safetensors")
 _STEP_LIMIT = 10**_STEP_DIGITS
+# Searches for the step to resume from, at most, when files vanish under one (pruned by a save
+# publishing meanwhile): each new search starts from the newer `latest`.
+_RESUME_ATTEMPTS = 8
 
 
 class SkippedCheckpoint(NamedTuple):
@@ -440,8 +444,31 @@ class CheckpointDir:
 
     def _resume(self, read: Callable[[str], Any] | None) -> tuple[int, Any] | None:
         """The first good candidate (and what ``read`` made of it): the pointer's step, then
-        the step files newest first."""
+        the step files newest first.
+
+        A file that was listed but is gone by the time it is checked or read was pruned by a
+        save publishing meanwhile (or deleted): not a bad file, and a newer one is there. The
+        search then starts over from the pointer, a few times at most (saves that keep
+        pruning faster than it reads), rather than fall back to older files, or to None.
+        """
         self._tidy(wait=False)
+        for attempt in range(_RESUME_ATTEMPTS):
+            outcome = self._resume_once(read, last=attempt == _RESUME_ATTEMPTS - 1)
+            if outcome is not None:
+                break
+        assert outcome is not None
+        found, skipped = outcome
+        self.skipped = tuple(skipped)
+        for item in skipped:
+            message = f"resuming from {self.root}: skipped {item.path}: {item.reason}"
+            warnings.warn(CheckpointSkippedWarning(message), stacklevel=3)
+        return found
+
+    def _resume_once(
+        self, read: Callable[[str], Any] | None, *, last: bool
+    ) -> tuple[tuple[int, Any] | None, list[SkippedCheckpoint]] | None:
+        """One search: what it found and passed over; None when a listed file vanished
+        (unless ``last``)."""
         skipped: list[SkippedCheckpoint] = []
         pointer = os.path.join(self.root, LATEST)
         named, problem = _read_pointer(pointer)
@@ -452,25 +479,24 @@ class CheckpointDir:
             skipped.append(SkippedCheckpoint(pointer, "missing"))
         order = [] if named is None else [named]
         order += [step for step in reversed(steps) if step != named]
-        found: tuple[int, Any] | None = None
+        listed = set(steps)
         for step in order:
             path = os.path.join(self.root, file_name(step))
             reason = self._problem(file_name(step))
+            vanished = reason == "missing"
             if reason is None and read is not None:
                 try:
-                    found = step, read(path)
+                    return (step, read(path)), skipped
+                except CheckpointNotFoundError as error:
+                    reason, vanished = str(error), True
                 except CheckpointError as error:
                     reason = str(error)
             elif reason is None:
-                found = step, None
-            if reason is None:
-                break
+                return (step, None), skipped
+            if vanished and step in listed and not last:
+                return None
             skipped.append(SkippedCheckpoint(path, reason))
-        self.skipped = tuple(skipped)
-        for item in skipped:
-            message = f"resuming from {self.root}: skipped {item.path}: {item.reason}"
-            warnings.warn(CheckpointSkippedWarning(message), stacklevel=3)
-        return found
+        return None, skipped
 
     def _step_files(self) -> list[int]:
         return sorted(step for step in map(step_of, self._names()) if step is not None)
@@ -501,6 +527,8 @@ class CheckpointDir:
             return None
         try:
             check_file(path)
+        except CheckpointNotFoundError:  # deleted since the lstat (pruned meanwhile)
+            return "missing"
         except CheckpointError as error:
             return str(error)
         self._folder.good[name] = _identity(info)
