@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import threading
 import warnings
 from pathlib import Path
@@ -101,3 +103,54 @@ def test_load_latest_while_a_save_prunes_loads_the_new_step(
     result, caught = found
     assert result is not None and result[0] == 2 == result[1]["step"]
     assert reader.skipped == () and caught == []
+
+
+# -- moving `latest` ----------------------------------------------------------------------------
+
+
+def test_a_short_write_of_latest_is_written_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A write to a nearly full disk may write part of its bytes and return their count: the
+    # rest was dropped, and `latest` named "step_00000" (resuming warned and scanned).
+    real = os.write
+
+    def short(fd: int, data: Any) -> int:
+        if bytes(data).endswith(b".safetensors\n"):
+            return real(fd, bytes(data)[:10])
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", short)
+    saved(tmp_path, [1, 2])
+    assert (tmp_path / "latest").read_text() == "step_000000002.safetensors\n"
+
+
+def test_a_pointer_that_fails_and_cannot_be_deleted_reports_the_write_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An I/O error, after which the folder went read-only: the temporary file's unlink raised a
+    # raw OSError (EROFS) in place of the CheckpointWriteError naming the pointer.
+    saved(tmp_path, [1])
+    real_fsync, real_unlink = os.fsync, os.unlink
+
+    def failing_fsync(fd: int) -> None:
+        if ".latest." in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fsync(fd)
+
+    def failing_unlink(path: Any, *args: Any, **kwargs: Any) -> None:
+        if ".latest." in os.fspath(path):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    monkeypatch.setattr(os, "unlink", failing_unlink)
+    with pytest.raises(astage.CheckpointWriteError, match=r"latest.*Input/output error"):
+        saved(tmp_path, [2])
+    monkeypatch.undo()
+    assert astage.CheckpointDir(tmp_path).latest_step() == 1  # and the leftover is tidied
+    assert sorted(os.listdir(tmp_path)) == [
+        "latest",
+        "step_000000001.safetensors",
+        "step_000000002.safetensors",
+    ]

@@ -365,14 +365,16 @@ class CheckpointDir:
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
             try:
-                os.write(fd, f"{name}\n".encode("ascii"))
+                _write_all(fd, f"{name}\n".encode("ascii"))
                 os.fsync(fd)
             finally:
                 os.close(fd)
             os.replace(temp, pointer)
             fsync_folder(self.root)
         except OSError as error:
-            if os.path.lexists(temp):
+            # Best effort: the error to report is the one above (a folder gone read-only after
+            # an I/O error cannot delete either); tidying removes a leftover on a later use.
+            with contextlib.suppress(OSError):
                 os.unlink(temp)
             raise CheckpointWriteError(
                 f"cannot move {pointer} to {name}: {error.strerror or error}"
@@ -619,6 +621,16 @@ class CheckpointDir:
     def _check_open(self) -> None:
         if self._closed:
             raise ClosedError(f"CheckpointDir({self.root!r}) is closed")
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write ``data`` whole: a write to a nearly full disk may write a part and say so."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = view[written:]
 
 
 def _identity(info: os.stat_result) -> tuple[int, int, int]:
