@@ -424,3 +424,28 @@ def test_an_enum_of_a_module_the_command_does_not_import_is_valid(
     (tmp_path / "b.safetensors").write_bytes(damaged)
     assert main(["inspect", str(tmp_path / "b.safetensors")]) == 1
     assert "an enum value holds plain values only" in capsys.readouterr().err
+
+
+def test_a_checkpoint_from_a_url_is_loaded_weights_only_unless_asked(
+    plugins: Callable[..., AstageCheckpointIO], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("aiohttp")  # fsspec's http filesystem, which the load asks first
+    from lightning.fabric.plugins.io import torch_io
+
+    class There:
+        def exists(self, path: str) -> bool:
+            return True
+
+    asked: list[bool | None] = []
+
+    def download(url: str, map_location: Any = None, weights_only: bool | None = None) -> Any:
+        asked.append(weights_only)
+        return {"w": torch.ones(1)}
+
+    monkeypatch.setattr(torch_io, "get_filesystem", lambda path, **kwargs: There())
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", download)
+    plugin = plugins()
+    plugin.load_checkpoint("https://example.invalid/a.ckpt")
+    plugin.load_checkpoint("https://example.invalid/a.ckpt", weights_only=False)
+    # Before: [False, False]: Lightning's default for a URL unpickles whatever it names.
+    assert asked == [True, False]

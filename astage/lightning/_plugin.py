@@ -247,6 +247,11 @@ class AstageCheckpointIO(CheckpointIO):
         self._writer.wait(target)
         self._raise_write_error(target)
         _check_local_file(target)
+        if weights_only is None and target.startswith("http"):
+            # Lightning loads an http(s) URL with weights_only=False when it is not given: a
+            # file from the network would run whatever code its pickle names. torch.load's own
+            # default (weights only) applies to every path here; False must be asked for.
+            weights_only = True
         try:
             return self._torch_io.load_checkpoint(
                 target, map_location=map_location, weights_only=weights_only
