@@ -449,3 +449,11 @@ def test_a_checkpoint_from_a_url_is_loaded_weights_only_unless_asked(
     plugin.load_checkpoint("https://example.invalid/a.ckpt", weights_only=False)
     # Before: [False, False]: Lightning's default for a URL unpickles whatever it names.
     assert asked == [True, False]
+
+
+def test_a_path_through_a_file_is_nothing_there_exit_2(
+    small: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = str(small / "x")  # small is a file, not a folder
+    assert main(["inspect", path]) == 2  # before: 1, "cannot open ...: Not a directory"
+    assert capsys.readouterr() == ("", f"astage inspect: no file or folder at {path}\n")

@@ -14,6 +14,7 @@ is tidied away, and ``latest`` is read with the folder's own untrusting reader.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import sys
@@ -43,6 +44,13 @@ def inspect_path(path: str, *, verify: bool = False) -> dict[str, Any]:
     """
     if os.path.isdir(path):
         return inspect_folder(path, verify=verify)
+    try:
+        os.lstat(path)
+    except OSError as error:
+        # "ckpt.safetensors/x" (a file where a folder should be) has nothing at it either: it
+        # was "cannot open ...: Not a directory", exit 1, where a missing file gets exit 2.
+        if error.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise CheckpointNotFoundError(f"{path}: nothing there") from error
     return inspect_file(path, verify=verify)
 
 
