@@ -15,6 +15,7 @@ import torch
 
 import astage
 from astage._files import _checkpoint_dir
+from astage._files._writer import fsync_folder
 
 
 def state_at(step: int) -> dict[str, Any]:
@@ -154,3 +155,46 @@ def test_a_pointer_that_fails_and_cannot_be_deleted_reports_the_write_error(
         "step_000000001.safetensors",
         "step_000000002.safetensors",
     ]
+
+
+def test_latest_never_moves_back_after_a_failed_folder_sync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Step 2 (started second) moves `latest`, but the folder's fsync after it fails; then
+    step 1 (started first) publishes.
+
+    The failed sync was taken for a pointer that did not move: step 1 then moved `latest` back
+    to itself, a save that started before the one `latest` named.
+    """
+    real_pwritev, real_sync = os.pwritev, fsync_folder
+    writing, go_on = threading.Event(), threading.Event()
+
+    def slow(fd: int, buffers: Any, offset: int) -> int:
+        if offset > 0 and "step_000000001" in os.readlink(f"/proc/self/fd/{fd}"):
+            writing.set()
+            go_on.wait(5)
+        return real_pwritev(fd, buffers, offset)
+
+    def failing_sync(folder: str) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "pwritev", slow)
+
+    async def main() -> None:
+        async with (
+            astage.CheckpointDir(tmp_path, keep=None) as first,
+            astage.CheckpointDir(tmp_path, keep=None) as second,
+        ):
+            handle = await first.start_save(1, {"w": torch.ones(1 << 12)})
+            with anyio.fail_after(5):
+                while not writing.is_set():
+                    await anyio.sleep(0.005)
+            monkeypatch.setattr(_checkpoint_dir, "fsync_folder", failing_sync)
+            with pytest.raises(astage.CheckpointWriteError, match="Input/output error"):
+                await second.save(2, state_at(2))
+            monkeypatch.setattr(_checkpoint_dir, "fsync_folder", real_sync)
+            go_on.set()
+            await handle
+
+    anyio.run(main)
+    assert (tmp_path / "latest").read_text() == "step_000000002.safetensors\n"

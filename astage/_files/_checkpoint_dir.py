@@ -349,8 +349,11 @@ class CheckpointDir:
             folder.good[name] = _identity(info)  # we wrote it and it is durable
             if sequence > folder.published:
                 self._move_pointer(name)
+                # Recorded before the folder's fsync, which may fail: `latest` names this save
+                # from the rename on, and one that started before it must not move it back.
                 folder.published = sequence
                 folder.latest = step_of(name)
+                self._sync_pointer(name)
             # Its file is durable and published: from here it is pruned like any other (a save
             # that published later, or this one's own prune, may delete it), not spared as a
             # file being written. Set under the lock, before the next publisher prunes.
@@ -359,7 +362,8 @@ class CheckpointDir:
                 self._prune(folder.latest, self.keep)
 
     def _move_pointer(self, name: str) -> None:
-        """Point ``latest`` at ``name`` durably (a temporary file renamed over it)."""
+        """Point ``latest`` at ``name`` (a durable temporary file renamed over it); the
+        rename is durable once :meth:`_sync_pointer` returns."""
         pointer = os.path.join(self.root, LATEST)
         temp = os.path.join(self.root, f".{LATEST}.{secrets.token_hex(6)}.tmp")
         try:
@@ -370,7 +374,6 @@ class CheckpointDir:
             finally:
                 os.close(fd)
             os.replace(temp, pointer)
-            fsync_folder(self.root)
         except OSError as error:
             # Best effort: the error to report is the one above (a folder gone read-only after
             # an I/O error cannot delete either); tidying removes a leftover on a later use.
@@ -378,6 +381,17 @@ class CheckpointDir:
                 os.unlink(temp)
             raise CheckpointWriteError(
                 f"cannot move {pointer} to {name}: {error.strerror or error}"
+            ) from error
+
+    def _sync_pointer(self, name: str) -> None:
+        """Make the rename of ``latest`` (to ``name``) durable: fsync the folder."""
+        pointer = os.path.join(self.root, LATEST)
+        try:
+            fsync_folder(self.root)
+        except OSError as error:
+            raise CheckpointWriteError(
+                f"{pointer} names {name}, but syncing the folder {self.root} failed, so a "
+                f"crash may undo that: {error.strerror or error}"
             ) from error
 
     def _prune(self, latest: int, keep: int) -> None:
