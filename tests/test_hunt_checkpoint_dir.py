@@ -198,3 +198,14 @@ def test_latest_never_moves_back_after_a_failed_folder_sync(
 
     anyio.run(main)
     assert (tmp_path / "latest").read_text() == "step_000000002.safetensors\n"
+
+
+# -- the folder ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("root", ["", b""])
+def test_an_empty_root_is_refused(root: Any) -> None:
+    # It was taken for the current folder (os.path.abspath("")): an unset setting saved,
+    # pruned and tidied wherever the process happened to run.
+    with pytest.raises(astage.InvalidOptionsError, match="root is empty"):
+        astage.CheckpointDir(root)

@@ -239,7 +239,14 @@ class CheckpointDir:
         stager: Stager | None = None,
         threads: int = DEFAULT_THREADS,
     ) -> None:
-        self.root = os.path.abspath(fs_path(root, "root"))
+        given = fs_path(root, "root")
+        if not given:
+            # An unset setting (os.environ.get("CKPT_DIR", "")) would otherwise save, prune and
+            # tidy in whatever the current folder is.
+            raise InvalidOptionsError(
+                "root is empty: give the checkpoint folder's path ('.' for the current folder)"
+            )
+        self.root = os.path.abspath(given)
         self.keep = None if keep is None else positive_int("keep", keep)
         self.threads = positive_int("threads", threads)
         self.skipped: tuple[SkippedCheckpoint, ...] = ()
