@@ -209,3 +209,31 @@ def test_an_empty_root_is_refused(root: Any) -> None:
     # pruned and tidied wherever the process happened to run.
     with pytest.raises(astage.InvalidOptionsError, match="root is empty"):
         astage.CheckpointDir(root)
+
+
+def test_a_second_task_entering_meanwhile_is_refused(tmp_path: Path) -> None:
+    # Both passed the "already entered" check while the first one's tidying ran in a thread;
+    # the second's task group replaced the first's, and leaving the blocks raised anyio's raw
+    # RuntimeError (a cancel scope exited in another task).
+    ckpts = astage.CheckpointDir(tmp_path)
+    outcomes: list[str] = []
+
+    async def enter() -> None:
+        try:
+            async with ckpts:
+                await anyio.sleep(0.05)
+        except astage.UsageError as error:
+            outcomes.append(f"UsageError: {error}")
+        else:
+            outcomes.append("entered")
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(enter)
+            tg.start_soon(enter)
+
+    anyio.run(main)
+    assert sorted(outcomes) == [
+        "UsageError: " + f"CheckpointDir({str(tmp_path)!r}) is already entered",
+        "entered",
+    ]

@@ -259,6 +259,7 @@ class CheckpointDir:
         self._folder = _FOLDERS.get(os.path.realpath(self.root))
         self._tidied = False
         self._saves: anyio.abc.TaskGroup | None = None  # while entered with `async with`
+        self._entered = False  # from the start of `async with` to its end
         self._pending: list[SaveHandle] = []  # background saves aclose() waits for
         self._closed = False
 
@@ -608,12 +609,19 @@ class CheckpointDir:
                 await self.stager.aclose()
 
     async def __aenter__(self) -> CheckpointDir:
-        if self._saves is not None:
+        if self._entered:
             raise UsageError(f"CheckpointDir({self.root!r}) is already entered")
         self._check_open()
-        await anyio.to_thread.run_sync(self._tidy)
-        saves = anyio.create_task_group()
-        await saves.__aenter__()
+        # Marked before the first await: a second task entering meanwhile is refused, not
+        # given a task group of its own that the first one's exit would then try to leave.
+        self._entered = True
+        try:
+            await anyio.to_thread.run_sync(self._tidy)
+            saves = anyio.create_task_group()
+            await saves.__aenter__()
+        except BaseException:
+            self._entered = False
+            raise
         self._saves = saves
         return self
 
@@ -624,6 +632,7 @@ class CheckpointDir:
         tb: TracebackType | None,
     ) -> bool:
         saves, self._saves = self._saves, None
+        self._entered = False
         assert saves is not None
         suppress = False
         try:
