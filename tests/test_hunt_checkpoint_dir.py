@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -237,3 +238,22 @@ def test_a_second_task_entering_meanwhile_is_refused(tmp_path: Path) -> None:
         "UsageError: " + f"CheckpointDir({str(tmp_path)!r}) is already entered",
         "entered",
     ]
+
+
+def test_a_file_damaged_in_place_with_its_mtime_put_back_is_checked_again(
+    tmp_path: Path,
+) -> None:
+    # Files found good are remembered by (inode, size, mtime): bytes rewritten in place at the
+    # same size, with the old mtime put back (os.utime, as `touch -r` or a restore tool does),
+    # were still vouched for, and a corrupt step was resumed from.
+    saved(tmp_path, [1, 2])
+    ckpts = astage.CheckpointDir(tmp_path)
+    assert ckpts.latest_step() == 2
+    path = tmp_path / "step_000000002.safetensors"
+    before = path.stat()
+    time.sleep(0.02)  # past the clock tick of file times (coarse: up to 10 ms)
+    with open(path, "r+b") as file:
+        file.write(b"\xff" * 8)  # a header length no file has
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    with pytest.warns(astage.CheckpointSkippedWarning, match="step_000000002"):
+        assert ckpts.latest_step() == 1

@@ -125,9 +125,9 @@ class _Folder:
         self.started = 0  # sequence numbers handed to saves, in the order they started
         self.published = 0  # the sequence number of the save `latest` names (0: none here)
         self.latest: int | None = None  # the step `latest` names, once this process moved it
-        # Files found good, by name: (inode, size, mtime) when checked; a file replaced by a
-        # rename has a new inode, so a stale entry never vouches for new bytes.
-        self.good: dict[str, tuple[int, int, int]] = {}
+        # Files found good, by name: (inode, size, mtime, ctime) when checked; a file replaced
+        # by a rename has a new inode, so a stale entry never vouches for new bytes.
+        self.good: dict[str, tuple[int, int, int, int]] = {}
 
     def register(self, save: _Save) -> int:
         """Count ``save`` as in progress; its sequence number (the order saves started in)."""
@@ -663,8 +663,9 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def _identity(info: os.stat_result) -> tuple[int, int, int]:
-    return (info.st_ino, info.st_size, info.st_mtime_ns)
+def _identity(info: os.stat_result) -> tuple[int, int, int, int]:
+    # The ctime too: a write in place may put the mtime back (os.utime), never the ctime.
+    return (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
 
 def _read_pointer(path: str) -> tuple[int | None, str | None]:
