@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import threading
 import time
@@ -13,6 +14,7 @@ from typing import Any
 import anyio
 import pytest
 import torch
+from conftest import in_a_fresh_interpreter
 
 import astage
 from astage._files import _checkpoint_dir
@@ -257,3 +259,81 @@ def test_a_file_damaged_in_place_with_its_mtime_put_back_is_checked_again(
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
     with pytest.warns(astage.CheckpointSkippedWarning, match="step_000000002"):
         assert ckpts.latest_step() == 1
+
+
+# -- two processes on one folder ----------------------------------------------------------------
+
+
+def test_a_reader_in_another_process_leaves_a_running_saves_file_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An evaluation job polls ``latest_step()`` while training writes a checkpoint.
+
+    Its first use tidied the folder: the save's temporary file, which no save of *its*
+    process was writing, was deleted as a crashed save's, and the save failed (ENOENT at its
+    rename).
+    """
+    real = os.pwritev
+    writing, go_on = threading.Event(), threading.Event()
+
+    def slow(fd: int, buffers: Any, offset: int) -> int:
+        if offset > 0:
+            writing.set()
+            go_on.wait(10)
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "pwritev", slow)
+    orphan = tmp_path / ".step_000000007.safetensors.0123456789ab.tmp"
+
+    async def main() -> None:
+        async with astage.CheckpointDir(tmp_path) as ckpts:
+            handle = await ckpts.start_save(1, {"w": torch.ones(1 << 12)})
+            with anyio.fail_after(5):
+                while not writing.is_set():
+                    await anyio.sleep(0.005)
+            orphan.write_bytes(b"\0" * 100)  # a crashed save's: left for a later use too
+            reader = await anyio.to_thread.run_sync(
+                in_a_fresh_interpreter,
+                f"import astage; print(astage.CheckpointDir({str(tmp_path)!r}).latest_step())",
+            )
+            assert reader.returncode == 0 and reader.stdout == "None\n", reader.stderr
+            go_on.set()
+            await handle
+
+    anyio.run(main)
+    assert orphan.exists()
+    assert astage.CheckpointDir(tmp_path).latest_step() == 1  # no save runs: tidied now
+    assert sorted(os.listdir(tmp_path)) == ["latest", "step_000000001.safetensors"]
+
+
+def test_a_failed_background_save_lets_go_of_the_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A background save holds the folder's shared lock while it writes; one that fails must
+    # let go, or tidying (in this process as in others) would wait for it for ever.
+    real = os.pwritev
+
+    def full_disk(fd: int, buffers: Any, offset: int) -> int:
+        if offset > 0:  # the write in the background, after start_save returned
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "pwritev", full_disk)
+    ckpts = astage.CheckpointDir(tmp_path, keep=None)
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            handle = await ckpts.start_save(1, {"w": torch.ones(1 << 12)}, task_group=tg)
+            with pytest.raises(astage.CheckpointWriteError):
+                await handle
+            tg.cancel_scope.cancel()
+
+    with pytest.raises(BaseExceptionGroup) as caught:  # the owner sees the write's error
+        anyio.run(main)
+    assert caught.group_contains(astage.CheckpointWriteError)
+    # Another process's tidying takes the lock exclusively: an open file of its own, as here.
+    folder = os.open(tmp_path, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while held
+    finally:
+        os.close(folder)

@@ -24,22 +24,27 @@ short excerpt.
 
 **Tidying.** A save killed mid-write leaves its temporary file behind (the size of a whole
 checkpoint). On first use (``async with``, a save, or a read) the folder removes the temporary
-files of its own naming (``.step_<step>.safetensors.<hex>.tmp`` and ``.latest.<hex>.tmp``),
-except those of saves in progress in this process. That relies on the **single-writer
-assumption**: one process at a time saves into a folder (in distributed training, one rank
-per folder); another process's temporary files would be taken for a crashed save's.
+files of its own naming (``.step_<step>.safetensors.<hex>.tmp`` and ``.latest.<hex>.tmp``).
+A save holds a shared ``flock`` on the folder while it may have a temporary file there, and
+tidying needs it exclusively: while any save runs, in this process or another (a reader
+process polling the folder), tidying waits for a later use. Saving relies on the
+**single-writer assumption**: one process at a time saves into a folder (in distributed
+training, one rank per folder); publishing's order holds within one process. Where the
+filesystem has no ``flock``, tidying spares only the saves in progress in this process.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import operator
 import os
 import re
 import secrets
 import stat
 import threading
+import time
 import warnings
 from collections.abc import Callable, Mapping
 from types import TracebackType
@@ -64,6 +69,7 @@ from ._load import check_file, load
 from ._safetensors import fs_path
 from ._save import NO_OWNER, SaveHandle, SaveResult, run_save, start_in
 from ._writer import (
+    _O_DIRECTORY,
     DEFAULT_THREADS,
     NAME_MAX,
     TEMP_EXTRA,
@@ -87,6 +93,7 @@ _STEP_LIMIT = 10**_STEP_DIGITS
 # Searches for the step to resume from, at most, when files vanish under one (pruned by a save
 # publishing meanwhile): each new search starts from the newer `latest`.
 _RESUME_ATTEMPTS = 8
+_HOLD_WAIT = 10.0  # seconds a save waits for another's tidying to end, at most
 
 
 class SkippedCheckpoint(NamedTuple):
@@ -105,9 +112,20 @@ class _Save:
         self.name = name
         self.handle: SaveHandle | None = None  # a background save's, once staged
         self.finished = False
+        # The folder, open with a shared lock on it while the save may have a temporary file
+        # there (None where the filesystem has no such locks): see _tidy.
+        self.hold: int | None = None
+        self._closing = threading.Lock()  # release() runs in the save's thread and the loop's
 
     def done(self) -> bool:
         return self.finished or (self.handle is not None and self.handle.done())
+
+    def release(self) -> None:
+        """Let go of the folder's shared lock (once: the descriptor number may be reused)."""
+        with self._closing:
+            hold, self.hold = self.hold, None
+        if hold is not None:
+            os.close(hold)
 
 
 class _Folder:
@@ -139,8 +157,12 @@ class _Folder:
     def in_progress(self) -> set[str]:
         """The file names that saves in progress in this process are writing."""
         with self.registry:
+            ended = [save for save in self.saves if save.done()]
             self.saves = [save for save in self.saves if not save.done()]
-            return {save.name for save in self.saves}
+            names = {save.name for save in self.saves}
+        for save in ended:  # a background save that failed has no other place to let go
+            save.release()
+        return names
 
 
 class _Folders:
@@ -283,6 +305,7 @@ class CheckpointDir:
             return await run_save(state_dict, writer, self.stager, after_commit=publish)
         finally:
             save.finished = True
+            save.release()
 
     async def start_save(
         self,
@@ -307,8 +330,10 @@ class CheckpointDir:
             handle = await start_in(owner, state_dict, writer, self.stager, after_commit=publish)
         except BaseException:
             save.finished = True
+            save.release()
             raise
         save.handle = handle
+        owner.start_soon(_release_after, save, handle)
         self._pending = [*(h for h in self._pending if not h.done()), handle]
         return handle
 
@@ -318,8 +343,12 @@ class CheckpointDir:
         self._check_open()
         path = self.path_for(step)
         writer = SafetensorsWriter(path, metadata=metadata, threads=self.threads)
-        await anyio.to_thread.run_sync(self._open_folder)
         save = _Save(os.path.basename(path))
+        try:
+            await anyio.to_thread.run_sync(self._open_folder, save)
+        except BaseException:
+            save.release()
+            raise
         sequence = self._folder.register(save)  # before its temporary file exists
 
         def publish() -> None:
@@ -327,7 +356,9 @@ class CheckpointDir:
 
         return writer, publish, save
 
-    def _open_folder(self) -> None:
+    def _open_folder(self, save: _Save | None = None) -> None:
+        """Make the folder and tidy it; for ``save``, then take the folder's shared lock
+        (before its temporary file exists)."""
         try:
             os.makedirs(self.root, exist_ok=True)
         except OSError as error:  # a file there, or a folder above it that is one
@@ -335,6 +366,8 @@ class CheckpointDir:
                 f"cannot make the checkpoint folder {self.root}: {error.strerror or error}"
             ) from error
         self._tidy()
+        if save is not None:
+            save.hold = _hold_folder(self.root)
 
     def _publish(self, save: _Save, sequence: int) -> None:
         """Runs in the save's thread once ``name`` is durable: move ``latest``, then prune.
@@ -366,6 +399,7 @@ class CheckpointDir:
             # that published later, or this one's own prune, may delete it), not spared as a
             # file being written. Set under the lock, before the next publisher prunes.
             save.finished = True
+            save.release()  # renamed: no temporary file of its own left to guard
             if self.keep is not None and folder.latest is not None:
                 self._prune(folder.latest, self.keep)
 
@@ -574,23 +608,37 @@ class CheckpointDir:
         if not folder.lock.acquire(blocking=wait):
             return
         try:
-            names = self._names()
-            # Asked after listing: a save registers before it creates its temporary file, so
-            # any save whose file was listed is in this answer (unless it has ended).
-            in_progress = folder.in_progress()
-            for name in names:
-                match = _TEMP_FILE.fullmatch(name)
-                if match is None or match.group(1) in in_progress:
-                    continue
-                path = os.path.join(self.root, name)
-                # Best effort: one that cannot be removed (another user's, in a shared folder)
-                # stays, rather than fail every read and save of the folder with an OSError.
-                with contextlib.suppress(OSError):
-                    if not stat.S_ISDIR(os.lstat(path).st_mode):
-                        os.unlink(path)
+            folder.in_progress()  # lets go of the locks of saves of this process that ended
+            # A save holds the folder's shared lock while it may have a temporary file there,
+            # in this process or another one (an evaluation job reading while training saves):
+            # tidying needs the lock exclusively, and otherwise tries again next time.
+            free, guard = _try_exclusive(self.root)
+            if not free:
+                return
+            try:
+                self._remove_orphans()
+            finally:
+                if guard is not None:
+                    os.close(guard)
             self._tidied = True
         finally:
             folder.lock.release()
+
+    def _remove_orphans(self) -> None:
+        names = self._names()
+        # Asked after listing: a save registers before it creates its temporary file, so any
+        # save whose file was listed is in this answer (unless it has ended).
+        in_progress = self._folder.in_progress()
+        for name in names:
+            match = _TEMP_FILE.fullmatch(name)
+            if match is None or match.group(1) in in_progress:
+                continue
+            path = os.path.join(self.root, name)
+            # Best effort: one that cannot be removed (another user's, in a shared folder)
+            # stays, rather than fail every read and save of the folder with an OSError.
+            with contextlib.suppress(OSError):
+                if not stat.S_ISDIR(os.lstat(path).st_mode):
+                    os.unlink(path)
 
     # -- lifetime ---------------------------------------------------------------------------
 
@@ -651,6 +699,68 @@ class CheckpointDir:
     def _check_open(self) -> None:
         if self._closed:
             raise ClosedError(f"CheckpointDir({self.root!r}) is closed")
+
+
+async def _release_after(save: _Save, handle: SaveHandle) -> None:
+    """A background save's folder lock, let go of once the save ends, however it ends."""
+    try:
+        # Shielded: a cancelled owner still waits for the save's task, which ends promptly;
+        # let go before, the lock would no longer cover a temporary file being committed.
+        with anyio.CancelScope(shield=True):
+            await handle.wait_quietly()
+    finally:
+        save.release()
+
+
+def _open_root(root: str) -> int | None:
+    try:
+        return os.open(root, os.O_RDONLY | os.O_CLOEXEC | _O_DIRECTORY)
+    except OSError:  # not there (nothing to tidy yet), or not a folder (reported elsewhere)
+        return None
+
+
+def _hold_folder(root: str) -> int | None:
+    """The folder, open with a shared lock on it, for a save to hold while it writes; None
+    where the filesystem has no such locks (tidying is then unguarded, as before them).
+
+    A tidier holds the lock exclusively only while it lists and deletes: waited for, a while
+    at most (one that holds it for ever cannot stop saves; its listing, taken before this
+    save's temporary file exists, is no danger to it).
+    """
+    fd = _open_root(root)
+    if fd is None:
+        return None
+    deadline = time.monotonic() + _HOLD_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() < deadline:
+                time.sleep(0.005)
+                continue
+        except OSError:  # no flock on this filesystem
+            pass
+        os.close(fd)
+        return None
+
+
+def _try_exclusive(root: str) -> tuple[bool, int | None]:
+    """``(free, fd)``: ``free`` is False while a save holds the folder's shared lock; ``fd``
+    holds the exclusive lock, to be closed after tidying (None where the folder cannot be
+    opened or locked: tidying then goes on unguarded, as before these locks)."""
+    fd = _open_root(root)
+    if fd is None:
+        return True, None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False, None
+    except OSError:  # no flock on this filesystem
+        os.close(fd)
+        return True, None
+    return True, fd
 
 
 def _write_all(fd: int, data: bytes) -> None:
