@@ -337,3 +337,17 @@ def test_a_failed_background_save_lets_go_of_the_folder(
         fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while held
     finally:
         os.close(folder)
+
+
+@pytest.mark.parametrize("stager", [astage.SyncStager, object], ids=["SyncStager", "object"])
+def test_a_stager_of_another_kind_is_refused_at_once(tmp_path: Path, stager: Any) -> None:
+    # It was taken, and the first save (after making the folder) raised astage.save's advice
+    # to use save_sync, which a CheckpointDir does not have.
+    given = stager()
+    try:
+        with pytest.raises(astage.InvalidOptionsError, match=r"stager must be an astage\.Stager"):
+            astage.CheckpointDir(tmp_path / "run", stager=given)
+    finally:
+        if isinstance(given, astage.SyncStager):
+            given.close()
+    assert not (tmp_path / "run").exists()

@@ -271,6 +271,13 @@ class CheckpointDir:
         self.root = os.path.abspath(given)
         self.keep = None if keep is None else positive_int("keep", keep)
         self.threads = positive_int("threads", threads)
+        if stager is not None and not isinstance(stager, Stager):
+            # Refused here, not at the first save (after the folder was made), and without
+            # astage.save's advice to use save_sync: a CheckpointDir has no blocking face.
+            raise InvalidOptionsError(
+                f"stager must be an astage.Stager (CheckpointDir saves from async code), got "
+                f"a {type(stager).__qualname__}"
+            )
         self.skipped: tuple[SkippedCheckpoint, ...] = ()
         """What the last :meth:`latest_step` or :meth:`load_latest` passed over, and why."""
         self._own_stager = stager is None
