@@ -351,3 +351,26 @@ def test_a_stager_of_another_kind_is_refused_at_once(tmp_path: Path, stager: Any
         if isinstance(given, astage.SyncStager):
             given.close()
     assert not (tmp_path / "run").exists()
+
+
+def test_after_aclose_saving_raises_and_reading_works(tmp_path: Path) -> None:
+    # What writers.md says of a closed folder (it said "the folder raises" of every use).
+    ckpts = astage.CheckpointDir(tmp_path)
+
+    async def main() -> None:
+        await ckpts.save(1, state_at(1))
+        await ckpts.aclose()
+        await ckpts.aclose()  # twice is fine
+        with pytest.raises(astage.ClosedError, match="closed"):
+            await ckpts.save(2, state_at(2))
+        async with anyio.create_task_group() as tg:
+            with pytest.raises(astage.ClosedError, match="closed"):
+                await ckpts.start_save(2, state_at(2), task_group=tg)
+        with pytest.raises(astage.ClosedError, match="closed"):
+            async with ckpts:
+                pass
+
+    anyio.run(main)
+    loaded = ckpts.load_latest()
+    assert ckpts.latest_step() == 1 and ckpts.steps() == [1]
+    assert loaded is not None and loaded[0] == 1
