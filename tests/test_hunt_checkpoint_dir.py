@@ -374,3 +374,17 @@ def test_after_aclose_saving_raises_and_reading_works(tmp_path: Path) -> None:
     loaded = ckpts.load_latest()
     assert ckpts.latest_step() == 1 and ckpts.steps() == [1]
     assert loaded is not None and loaded[0] == 1
+
+
+@pytest.mark.parametrize(("name", "value"), [("keep", 0), ("keep", "3"), ("threads", 0)])
+def test_a_bad_keep_or_threads_set_later_is_refused(
+    tmp_path: Path, name: str, value: object
+) -> None:
+    # Checked at construction only: keep=0 set later pruned every step but the newest, and
+    # keep="3" failed the save in its writer thread with a raw TypeError.
+    ckpts = astage.CheckpointDir(tmp_path, keep=3)
+    with pytest.raises(astage.InvalidOptionsError, match=name):
+        setattr(ckpts, name, value)
+    assert (ckpts.keep, ckpts.threads) == (3, 4)
+    ckpts.keep = None  # keep every checkpoint from here on
+    assert ckpts.keep is None

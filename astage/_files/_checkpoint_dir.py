@@ -269,8 +269,8 @@ class CheckpointDir:
                 "root is empty: give the checkpoint folder's path ('.' for the current folder)"
             )
         self.root = os.path.abspath(given)
-        self.keep = None if keep is None else positive_int("keep", keep)
-        self.threads = positive_int("threads", threads)
+        self.keep = keep
+        self.threads = threads
         if stager is not None and not isinstance(stager, Stager):
             # Refused here, not at the first save (after the folder was made), and without
             # astage.save's advice to use save_sync: a CheckpointDir has no blocking face.
@@ -291,6 +291,26 @@ class CheckpointDir:
         self._entered = False  # from the start of `async with` to its end
         self._pending: list[SaveHandle] = []  # background saves aclose() waits for
         self._closed = False
+
+    # Properties: the attributes are public, and a value set later is used by a save's
+    # thread (keep=0 pruned every step but the newest; "3" failed there with a raw TypeError).
+    @property
+    def keep(self) -> int | None:
+        """How many checkpoints pruning keeps (None: every one); at least 1."""
+        return self._keep
+
+    @keep.setter
+    def keep(self, keep: int | None) -> None:
+        self._keep = None if keep is None else positive_int("keep", keep)
+
+    @property
+    def threads(self) -> int:
+        """The writer threads of each save; at least 1."""
+        return self._threads
+
+    @threads.setter
+    def threads(self, threads: int) -> None:
+        self._threads = positive_int("threads", threads)
 
     def path_for(self, step: int) -> str:
         """The file of step ``step``."""
