@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import signal
 import threading
 import time
 import warnings
@@ -388,3 +389,47 @@ def test_a_bad_keep_or_threads_set_later_is_refused(
     assert (ckpts.keep, ckpts.threads) == (3, 4)
     ckpts.keep = None  # keep every checkpoint from here on
     assert ckpts.keep is None
+
+
+def test_a_child_forked_during_a_save_does_not_keep_the_folder_locked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The child inherited the save's locked descriptor of the folder: the folder stayed locked
+    # (no tidying anywhere) while the child lived, though the parent's save had ended.
+    real = os.pwritev
+    writing, go_on = threading.Event(), threading.Event()
+
+    def slow(fd: int, buffers: Any, offset: int) -> int:
+        if offset > 0:
+            writing.set()
+            go_on.wait(5)
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "pwritev", slow)
+    child = 0
+
+    async def main() -> None:
+        nonlocal child
+        async with astage.CheckpointDir(tmp_path) as ckpts:
+            handle = await ckpts.start_save(1, {"w": torch.ones(1 << 12)})
+            with anyio.fail_after(5):
+                while not writing.is_set():
+                    await anyio.sleep(0.005)
+            child = os.fork()
+            if child == 0:  # pragma: no cover - the child: lives on a while, then ends
+                time.sleep(3)
+                os._exit(0)
+            go_on.set()
+            await handle
+
+    try:
+        anyio.run(main)
+        folder = os.open(tmp_path, os.O_RDONLY)
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while held
+        finally:
+            os.close(folder)
+    finally:
+        if child:
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)

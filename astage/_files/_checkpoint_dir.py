@@ -179,7 +179,15 @@ class _Folders:
     def forget_in_child(self) -> None:
         # A forked child starts with no saves of its own, and a lock that a thread of the
         # parent held at the fork would stay held forever: folders used in the child start
-        # afresh.
+        # afresh. The child's copies of the parent's saves' folder locks are closed: kept,
+        # they would hold the folder locked for as long as the child lives (a data loader's
+        # worker, forked while a save ran), long after the parent's save let go.
+        for folder in self.by_root.values():
+            for save in folder.saves:
+                hold, save.hold = save.hold, None  # one thread in the child: no lock needed
+                if hold is not None:
+                    with contextlib.suppress(OSError):
+                        os.close(hold)
         self.lock = threading.Lock()
         self.by_root = {}
 
