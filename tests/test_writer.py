@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
@@ -79,6 +80,23 @@ def test_a_tensor_whose_storage_was_freed_is_refused_before_the_file(tmp_path: P
     with pytest.raises(astage.UnsavableError, match=r"\['layer'\]\['w'\].*reaches 4000 bytes"):
         anyio.run(main)
     assert os.listdir(tmp_path) == []
+
+
+def test_counts_take_numpy_integers_as_steps_do_and_refuse_bools(tmp_path: Path) -> None:
+    # Before: keep=numpy.int64(3) was "must be an integer" (a step of numpy.int64 is taken),
+    # and compat kept a copy of the same check of its own.
+    from astage.compat import FileSystemWriter
+
+    three: Any = np.int64(3)  # typed int: numpy's integers are taken at run time, as steps are
+    two: Any = np.int32(2)
+    folder = astage.CheckpointDir(tmp_path / "run", keep=three, threads=two)
+    assert (folder.keep, folder.threads) == (3, 2) and type(folder.keep) is int
+    writer = astage.SafetensorsWriter(tmp_path / "a.safetensors", threads=two)
+    assert writer.threads == 2 and type(writer.threads) is int
+    assert FileSystemWriter(tmp_path / "dcp", thread_count=two).thread_count == 2
+    for bad in (True, 0, 2.0, "2", np.float64(2)):
+        with pytest.raises(astage.InvalidOptionsError, match="threads must be an integer"):
+            astage.SafetensorsWriter(tmp_path / "b.safetensors", threads=bad)  # type: ignore[arg-type]
 
 
 def test_a_cycle_is_refused() -> None:

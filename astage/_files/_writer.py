@@ -42,6 +42,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import numbers
 import os
 import secrets
 import stat
@@ -176,10 +177,11 @@ def temp_name(name: str) -> str:
 
 
 def positive_int(name: str, value: object) -> int:
-    """``value`` if it is an int of at least 1, else :class:`InvalidOptionsError` naming it."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    """``value`` as an int if it is an integer of at least 1 (a numpy integer too, as steps
+    are), else :class:`InvalidOptionsError` naming it; a bool is refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise InvalidOptionsError(f"{name} must be an integer of at least 1, got {value!r}")
-    return value
+    return int(value)
 
 
 @runtime_checkable

@@ -118,9 +118,3 @@ def boolean(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise InvalidOptionsError(f"{name} must be True or False, got {value!r}")
     return value
-
-
-def positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidOptionsError(f"{name} must be an integer of at least 1, got {value!r}")
-    return value

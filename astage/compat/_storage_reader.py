@@ -49,6 +49,7 @@ from .._errors import (
     InvalidOptionsError,
 )
 from .._files._load import open_checked
+from .._files._writer import positive_int
 from ._storage import (
     DEFAULT_THREADS,
     MAX_OPEN_FILES,
@@ -58,7 +59,6 @@ from ._storage import (
     bytes_of,
     folder_path,
     holds_plain_bytes,
-    positive_int,
     run_all,
 )
 

@@ -56,7 +56,13 @@ from .._errors import (
     CheckpointWriteError,
     InvalidOptionsError,
 )
-from .._files._writer import _IOV_MAX, fsync_folder, pwritev_all, start_writeback
+from .._files._writer import (
+    _IOV_MAX,
+    fsync_folder,
+    positive_int,
+    pwritev_all,
+    start_writeback,
+)
 from ._blocking import BlockingAsyncStager
 from ._saves import COMMIT_LOCK, Save, ThreadSaves, remove_unreferenced
 from ._storage import (
@@ -70,7 +76,6 @@ from ._storage import (
     bytes_of,
     folder_path,
     holds_plain_bytes,
-    positive_int,
     run_all,
     wait_all,
 )
