@@ -104,6 +104,22 @@ def storage_bytes_reached(x: torch.Tensor) -> int:
     return (last + 1) * x.element_size()
 
 
+def storage_shortfall(x: torch.Tensor) -> str | None:
+    """Why strided ``x`` cannot be read or written whole, or None: its storage was freed or
+    shrunk under it and lacks bytes its metadata reaches (said so: "reaches N bytes of its
+    storage, which holds M ..."). Reading those bytes would go past the storage's end.
+    """
+    if x.layout is not torch.strided or x.is_nested:
+        return None
+    reached, held = storage_bytes_reached(x), x.untyped_storage().nbytes()
+    if reached <= held:
+        return None
+    return (
+        f"reaches {reached} bytes of its storage, which holds {held} (was the storage freed "
+        "with untyped_storage().resize_(0)?)"
+    )
+
+
 def storage_use_count(storage: torch.UntypedStorage) -> int:
     """References to ``storage``'s memory held by tensors and storage objects (C++ side).
 

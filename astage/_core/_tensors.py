@@ -22,7 +22,7 @@ import torch
 
 from .._errors import UnstageableError
 from .._paths import Attr, Path
-from .._torch import dense_strides, detached, make_subclass, neg_view, storage_bytes_reached
+from .._torch import dense_strides, detached, make_subclass, neg_view, storage_shortfall
 from . import _kinds
 from ._cache import BufferCache, HostBuffer
 from ._plan import Leaf, Plan
@@ -298,17 +298,13 @@ class TensorStager:
             raise UnstageableError(
                 f"a {cls.__qualname__} has no storage that can be copied: {error}", path
             ) from error
-        reached = storage_bytes_reached(x)
-        if reached > storage.nbytes():
+        shortfall = storage_shortfall(x)
+        if shortfall is not None:
             # A storage freed under its tensor (``untyped_storage().resize_(0)``, as FSDP
             # frees unsharded parameters): there are no bytes to stage. Unchecked, the buffer
             # was grown to the tensor's size and staged uninitialised memory.
-            raise UnstageableError(
-                f"a {cls.__qualname__} of shape {list(x.shape)} reaches {reached} bytes of "
-                f"its storage, which holds {storage.nbytes()} (was the storage freed with "
-                "untyped_storage().resize_(0)?)",
-                path,
-            )
+            what = f"a {cls.__qualname__} of shape {list(x.shape)}"
+            raise UnstageableError(f"{what} {shortfall}", path)
         # Whether x can be copied as itself into a buffer allocated as its twin: x must cover
         # its storage in torch.empty's layout. Bool and sub-byte data never are: their storages
         # are copied as bytes (_BYTE_COPIED).

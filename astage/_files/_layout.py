@@ -24,8 +24,8 @@ from .._torch import (
     dense_strides,
     dtensor_local,
     dtensor_spec,
-    storage_bytes_reached,
     storage_key,
+    storage_shortfall,
 )
 from ._safetensors import (
     DATA_ALIGN,
@@ -340,15 +340,11 @@ class _LayoutBuilder(SkeletonEncoder):
             raise UnsavableError(f"cannot save a tensor of dtype {dtype_name}", path)
         self.tensors += 1
         storage = x.untyped_storage()
-        reached = storage_bytes_reached(x)
-        if reached > storage.nbytes():
+        shortfall = storage_shortfall(x)
+        if shortfall is not None:
             # A storage freed under its tensor (untyped_storage().resize_(0)): a file planned
             # from it would name bytes its entry lacks, and no loader would take it.
-            raise UnsavableError(
-                f"the tensor reaches {reached} bytes of its storage, which holds "
-                f"{storage.nbytes()} (was the storage freed with untyped_storage().resize_(0)?)",
-                path,
-            )
+            raise UnsavableError(f"the tensor {shortfall}", path)
         key = storage_key(storage)
         spans = (
             x.dtype in DTYPE_NAMES

@@ -48,7 +48,7 @@ import torch
 
 from .._errors import InvalidOptionsError
 from .._paths import Path
-from .._torch import dense_strides, neg_view, storage_bytes_reached
+from .._torch import dense_strides, neg_view, storage_shortfall
 from ._load import (
     Decoder,
     Header,
@@ -345,14 +345,9 @@ class _Plan:
                 "location)",
                 path,
             )
-        reached = storage_bytes_reached(tensor)
-        if reached > tensor.untyped_storage().nbytes():
-            raise InvalidOptionsError(
-                f"cannot restore into a tensor that reaches {reached} bytes of its storage, "
-                f"which holds {tensor.untyped_storage().nbytes()} (was the storage freed with "
-                "untyped_storage().resize_(0)?)",
-                path,
-            )
+        shortfall = storage_shortfall(tensor)
+        if shortfall is not None:
+            raise InvalidOptionsError(f"cannot restore into a tensor that {shortfall}", path)
         seen = self._filled.get(id(tensor))
         if seen is not None and seen == stored:  # a tied tensor: its bytes are read once
             return

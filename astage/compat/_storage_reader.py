@@ -322,17 +322,9 @@ class FileSystemReader(_DcpFileSystemReader):
             raise CheckpointFormatError(
                 f"{where}: destination shape {list(target.shape)} != requested {lengths}"
             )
-        if target.layout is torch.strided:
-            # A destination whose storage was freed or shrunk under it (resize_): its bytes
-            # would be read past the storage's end (EFAULT, or the heap overwritten).
-            reached = _torch.storage_bytes_reached(target)
-            held = target.untyped_storage().nbytes()
-            if reached > held:
-                raise InvalidOptionsError(
-                    f"{where}: cannot load into a tensor that reaches {reached} bytes of its "
-                    f"storage, which holds {held} (was the storage freed with "
-                    "untyped_storage().resize_(0)?)"
-                )
+        shortfall = _torch.storage_shortfall(target)
+        if shortfall is not None:  # read into, preadv would write past the storage's end
+            raise InvalidOptionsError(f"{where}: cannot load into a tensor that {shortfall}")
         strides = _contiguous_strides(sizes)
         if _is_contiguous_region(sizes, lengths):
             start = (

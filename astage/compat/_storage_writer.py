@@ -447,17 +447,9 @@ class _Payload:
         if not isinstance(data, torch.Tensor):
             raise CheckpointWriteError(f"{item.index.fqn}: a tensor item resolved to {type(data)}")
         tensor = data.detach()
-        if tensor.layout is torch.strided and not tensor.is_nested:
-            # A storage freed or shrunk under its tensor (untyped_storage().resize_(0)): its
-            # bytes would be read past the storage's end (EFAULT, or heap memory stored).
-            reached = _torch.storage_bytes_reached(tensor)
-            held = tensor.untyped_storage().nbytes()
-            if reached > held:
-                raise CheckpointWriteError(
-                    f"{item.index.fqn}: the tensor reaches {reached} bytes of its storage, "
-                    f"which holds {held} (was the storage freed with "
-                    "untyped_storage().resize_(0)?)"
-                )
+        shortfall = _torch.storage_shortfall(tensor)
+        if shortfall is not None:  # pwritev would read past the storage's end
+            raise CheckpointWriteError(f"{item.index.fqn}: the tensor {shortfall}")
         planned = item.tensor_data
         if planned is not None:
             # The file holds raw bytes of the plan's dtype and chunk shape, the metadata's. A
