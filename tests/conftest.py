@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any
@@ -396,6 +397,33 @@ async def heartbeat(
         raise failure
 
 
+# -- the Lightning plugin -----------------------------------------------------------------------
+
+if TYPE_CHECKING:
+    from astage.lightning import AstageCheckpointIO
+
+
+@pytest.fixture
+def plugins() -> Iterator[Callable[..., AstageCheckpointIO]]:
+    """Makes Lightning plugins and tears each one down after the test (its writer thread ends);
+    skips the test where Lightning is not installed."""
+    pytest.importorskip("lightning")
+    from astage.lightning import AstageCheckpointIO
+
+    made: list[AstageCheckpointIO] = []
+
+    def make(**kwargs: Any) -> AstageCheckpointIO:
+        plugin = AstageCheckpointIO(**kwargs)
+        made.append(plugin)
+        return plugin
+
+    yield make
+    for plugin in made:
+        # A test that made a write fail has already checked it; only the threads matter here.
+        with contextlib.suppress(astage.CheckpointWriteError):
+            plugin.teardown()
+
+
 # -- property tests -----------------------------------------------------------------------------
 
 if TYPE_CHECKING:
@@ -476,6 +504,28 @@ def in_a_forked_child(child: Callable[[], int | None], seconds: int = 5) -> int:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status)
+
+
+def gate_pwritev(
+    monkeypatch: pytest.MonkeyPatch, seconds: float = 5
+) -> tuple[threading.Event, threading.Event]:
+    """Hold every ``os.pwritev`` past a file's first bytes (the header) until told to go on.
+
+    Returns ``(writing, go_on)``: ``writing`` is set once a write waits, and waiting writes
+    proceed once ``go_on`` is set (or after ``seconds``). For tests that act while a save is
+    in the middle of its data.
+    """
+    real = os.pwritev
+    writing, go_on = threading.Event(), threading.Event()
+
+    def gated(fd: int, buffers: Any, offset: int) -> int:
+        if offset > 0:
+            writing.set()
+            go_on.wait(seconds)
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "pwritev", gated)
+    return writing, go_on
 
 
 def outcome_of(call: Callable[[], object]) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 import pytest
 import torch
+from conftest import gate_pwritev
 
 import astage
 
@@ -531,16 +532,7 @@ async def test_opening_removes_orphaned_temporary_files(tmp_path: Path) -> None:
 async def test_tidying_spares_a_save_in_progress_in_this_process(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = os.pwritev
-    writing, go_on = threading.Event(), threading.Event()
-
-    def slow(fd: int, buffers: Any, offset: int) -> int:
-        if offset > 0:
-            writing.set()
-            go_on.wait(5)
-        return real(fd, buffers, offset)
-
-    monkeypatch.setattr(os, "pwritev", slow)
+    writing, go_on = gate_pwritev(monkeypatch)
     async with astage.CheckpointDir(tmp_path) as ckpts:
         handle = await ckpts.start_save(1, {"w": torch.ones(1 << 12)})
         await wait_for(writing)

@@ -15,7 +15,7 @@ from typing import Any
 import anyio
 import pytest
 import torch
-from conftest import in_a_fresh_interpreter
+from conftest import gate_pwritev, in_a_fresh_interpreter
 
 import astage
 from astage._files import _checkpoint_dir
@@ -274,16 +274,7 @@ def test_a_reader_in_another_process_leaves_a_running_saves_file_alone(
     process was writing, was deleted as a crashed save's, and the save failed (ENOENT at its
     rename).
     """
-    real = os.pwritev
-    writing, go_on = threading.Event(), threading.Event()
-
-    def slow(fd: int, buffers: Any, offset: int) -> int:
-        if offset > 0:
-            writing.set()
-            go_on.wait(10)
-        return real(fd, buffers, offset)
-
-    monkeypatch.setattr(os, "pwritev", slow)
+    writing, go_on = gate_pwritev(monkeypatch, seconds=10)
     orphan = tmp_path / ".step_000000007.safetensors.0123456789ab.tmp"
 
     async def main() -> None:
@@ -396,16 +387,7 @@ def test_a_child_forked_during_a_save_does_not_keep_the_folder_locked(
 ) -> None:
     # The child inherited the save's locked descriptor of the folder: the folder stayed locked
     # (no tidying anywhere) while the child lived, though the parent's save had ended.
-    real = os.pwritev
-    writing, go_on = threading.Event(), threading.Event()
-
-    def slow(fd: int, buffers: Any, offset: int) -> int:
-        if offset > 0:
-            writing.set()
-            go_on.wait(5)
-        return real(fd, buffers, offset)
-
-    monkeypatch.setattr(os, "pwritev", slow)
+    writing, go_on = gate_pwritev(monkeypatch)
     child = 0
 
     async def main() -> None:

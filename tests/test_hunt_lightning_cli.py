@@ -18,7 +18,7 @@ import sys
 import threading
 import types
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,23 +35,6 @@ with contextlib.suppress(ImportError, pytest.skip.Exception):
     from test_lightning import Gate, blocked, finished, gated, leftovers
 
     from astage.lightning import AstageCheckpointIO
-
-
-@pytest.fixture
-def plugins() -> Iterator[Callable[..., AstageCheckpointIO]]:
-    """Makes plugins and tears each one down after the test (its writer thread ends)."""
-    pytest.importorskip("lightning")
-    made: list[AstageCheckpointIO] = []
-
-    def make(**kwargs: Any) -> AstageCheckpointIO:
-        plugin = AstageCheckpointIO(**kwargs)
-        made.append(plugin)
-        return plugin
-
-    yield make
-    for plugin in made:
-        with contextlib.suppress(astage.CheckpointWriteError):
-            plugin.teardown()
 
 
 # -- lightning: one file, spelled in several ways --------------------------------------------------

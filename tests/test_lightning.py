@@ -11,12 +11,11 @@ write errors reach the training thread. Skipped where Lightning is not installed
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import pickle
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -157,23 +156,6 @@ class OpenAtTrainEnd(Callback):
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self.stats = trainer.strategy.checkpoint_io.stats  # while both writes are held
         self.gate.open()
-
-
-@pytest.fixture
-def plugins() -> Iterator[Callable[..., AstageCheckpointIO]]:
-    """Makes plugins and tears each one down after the test (its writer thread ends)."""
-    made: list[AstageCheckpointIO] = []
-
-    def make(**kwargs: Any) -> AstageCheckpointIO:
-        plugin = AstageCheckpointIO(**kwargs)
-        made.append(plugin)
-        return plugin
-
-    yield make
-    for plugin in made:
-        # A test that made a write fail has already checked it; only the threads matter here.
-        with contextlib.suppress(astage.CheckpointWriteError):
-            plugin.teardown()
 
 
 def leftovers(folder: Path) -> list[str]:
