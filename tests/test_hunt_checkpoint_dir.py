@@ -16,26 +16,11 @@ import anyio
 import pytest
 import torch
 from conftest import gate_pwritev, in_a_fresh_interpreter
+from test_checkpoint_dir import saved, state_at
 
 import astage
 from astage._files import _checkpoint_dir
 from astage._files._writer import fsync_folder
-
-
-def state_at(step: int) -> dict[str, Any]:
-    return {"w": torch.full((4,), float(step)), "step": step}
-
-
-def saved(root: Path, steps: list[int], *, keep: int | None = None) -> None:
-    """A folder holding checkpoints of ``steps`` (saved in this order)."""
-
-    async def main() -> None:
-        async with astage.CheckpointDir(root, keep=keep) as ckpts:
-            for step in steps:
-                await ckpts.save(step, state_at(step))
-
-    anyio.run(main)
-
 
 # -- step numbers -------------------------------------------------------------------------------
 
