@@ -157,8 +157,9 @@ def host_empty(shape: Shape, dtype: torch.dtype) -> torch.Tensor:
 
 
 PAGE_ALIGNED_MIN_BYTES = 1 << 20
-"""Buffers of at least this size get a mapping of their own (page-aligned); smaller ones stay
-on torch's allocator, where a page-aligned start would waste most of a page on each."""
+"""Buffers of at least this size get a mapping of their own (page-aligned); smaller ones come
+from :func:`host_empty` (malloc'd by numpy), where a page-aligned start would waste most of a
+page on each."""
 
 
 def page_empty(nbytes: int) -> torch.Tensor:
