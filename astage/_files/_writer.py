@@ -165,15 +165,17 @@ NAME_MAX = 255  # bytes in one file name (Linux, macOS, Windows)
 TEMP_EXTRA = len(".") + len(".") + 12 + len(".tmp")  # what temp_name adds to the stem
 
 
-def temp_name(name: str) -> str:
-    """The temporary file name for the target file name ``name``: ``.<name>.<12 hex>.tmp``.
+def temp_name(name: str, ending: str = ".tmp") -> str:
+    """The temporary file name for the target file name ``name``: ``.<name>.<12 hex><ending>``.
 
     A target name so long that this would pass the file name limit (a valid name of 238 to
-    255 bytes) is cut in it (the rename gives the file its own name): the temporary file
-    could not be created otherwise. Every shorter name, a step file's too, is kept whole.
+    255 bytes with ``.tmp``) is cut in it (the rename gives the file its own name): the
+    temporary file could not be created otherwise. Every shorter name, a step file's too, is
+    kept whole.
     """
-    stem = os.fsencode(name)[: NAME_MAX - TEMP_EXTRA]
-    return f".{os.fsdecode(stem)}.{secrets.token_hex(6)}.tmp"
+    extra = TEMP_EXTRA - len(".tmp") + len(ending)
+    stem = os.fsencode(name)[: NAME_MAX - extra]
+    return f".{os.fsdecode(stem)}.{secrets.token_hex(6)}{ending}"
 
 
 def positive_int(name: str, value: object) -> int:

@@ -62,6 +62,7 @@ from .._files._writer import (
     positive_int,
     pwritev_all,
     start_writeback,
+    temp_name,
 )
 from ._blocking import BlockingAsyncStager
 from ._saves import COMMIT_LOCK, Save, ThreadSaves, remove_unreferenced
@@ -908,7 +909,7 @@ def _fsync_folder(folder: str) -> None:
 
 def _temp_name(path: str) -> str:
     folder, name = os.path.split(path)
-    return os.path.join(folder, f".{name}.{secrets.token_hex(6)}.tmp")
+    return os.path.join(folder, temp_name(name))
 
 
 def _write_error(path: str, doing: str, error: OSError) -> CheckpointWriteError:

@@ -23,7 +23,6 @@ import io
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ import torch
 from fsspec.implementations.local import LocalFileSystem  # type: ignore[import-untyped]
 
 from .._errors import CheckpointWriteError
+from .._files._writer import temp_name
 
 
 @dataclass(eq=False)
@@ -70,21 +70,6 @@ def file_key(path: str) -> str:
         return path
     local = os.path.abspath(str(local))
     return os.path.join(os.path.realpath(os.path.dirname(local)), os.path.basename(local))
-
-
-_NAME_MAX = 255  # bytes in one file name, on Linux's filesystems and macOS's
-
-
-def _temporary_name(name: str) -> str:
-    """A fresh hidden name for writing ``name``'s file: ``.<name>.<random>.astage-tmp``.
-
-    ``name`` is shortened (in bytes, as the filesystem counts) where the whole would be longer
-    than a file name may be: a target of 231 to 255 bytes, which ``torch.save`` writes, failed
-    in the background with ENAMETOOLONG for its temporary name alone.
-    """
-    suffix = f".{uuid.uuid4().hex[:12]}.astage-tmp"
-    encoded = os.fsencode(name)[: _NAME_MAX - 1 - len(suffix)]
-    return f".{os.fsdecode(encoded)}{suffix}"
 
 
 def _fsync_folder(folder: str) -> None:
@@ -236,7 +221,8 @@ class BackgroundWriter:
 
     def _write_local(self, job: WriteJob, target: str) -> None:
         folder = os.path.dirname(target) or "."
-        temporary = os.path.join(folder, _temporary_name(os.path.basename(target)))
+        # Shortened where a long target's name would pass the file name limit.
+        temporary = os.path.join(folder, temp_name(os.path.basename(target), ".astage-tmp"))
         # O_EXCL on a fresh name: never another writer's file; 0o666 under the umask, as
         # torch.save's own open() would create it.
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
