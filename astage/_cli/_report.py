@@ -17,14 +17,12 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import sys
 from typing import Any
 
 from .._errors import CheckpointError, CheckpointNotFoundError
 from .._files._checkpoint_dir import _TEMP_FILE, LATEST, _read_pointer, file_name, step_of
 from .._files._load import Decoder, Stored, load, open_checked, read_raw, skeleton_document
 from .._files._safetensors import DIGEST_KEY, FORMAT_VERSION, METADATA_KEY
-from .._files._skeleton import MAX_DEPTH as SKELETON_DEPTH
 from .._paths import Attr, Path, format_path
 
 SCHEMA = 1
@@ -223,29 +221,8 @@ class _Checker(Decoder):
     every step of a folder of them.
     """
 
-    _outer_enums = 0
-
-    def decode(self, node: Any) -> Any:
-        if type(node) is dict and len(node) == 1 and "enum" in node:
-            value = node["enum"]
-            if (
-                type(value) is list
-                and len(value) == 3
-                and type(value[0]) is str
-                and type(value[1]) is str
-                and sys.modules.get(value[0]) is None
-            ):
-                if "_path" not in vars(self):
-                    super().decode(None)  # sets the decoder's state up (a root enum)
-                if self._outer_enums >= SKELETON_DEPTH:  # its value may be an enum again
-                    raise self.invalid(f"enum values nested more than {SKELETON_DEPTH} deep")
-                self._outer_enums += 1
-                try:
-                    self.decode_plain(value[2], "an enum value")
-                finally:
-                    self._outer_enums -= 1
-                return None
-        return super().decode(node)
+    def unimported_enum(self, where: str, module_name: str, raw: Any) -> None:
+        self.decode_enum_value(raw)
 
 
 def _dtype_name(entry: Stored) -> str:

@@ -500,7 +500,7 @@ class SkeletonDecoder:
             # A WindowsPath read on POSIX (or the reverse) cannot exist here: its pure flavour.
             return _PURE_FLAVOUR[kind](text)
 
-    def _enum(self, value: Any) -> enum.Enum:
+    def _enum(self, value: Any) -> enum.Enum | None:
         if (
             type(value) is not list
             or len(value) != 3
@@ -513,22 +513,11 @@ class SkeletonDecoder:
         # Never import: a file must not choose which code runs. Look the class up in a module
         # the program imported itself, through plain __dict__ lookups (no __getattr__).
         if sys.modules.get(module_name) is None:
-            raise self.invalid(
-                f"the enum class {where} is not available: its module {module_name!r} is not "
-                "imported (astage never imports a module a file names; import it first)"
-            )
+            return self.unimported_enum(where, module_name, raw)
         found = find_class(module_name, qualname)
         if not (isinstance(found, type) and issubclass(found, enum.Enum)):
             raise self.invalid(f"{where} is not an enum class")
-        # An enum's value may be a node again (another enum's member): no container counts
-        # these levels, so they have a limit of their own (else a raw RecursionError).
-        if self._enums >= MAX_DEPTH:
-            raise self.invalid(f"enum values nested more than {MAX_DEPTH} deep")
-        self._enums += 1
-        try:
-            member_value = self.decode_plain(raw, "an enum value")
-        finally:
-            self._enums -= 1
+        member_value = self.decode_enum_value(raw)
         for member in found.__members__.values():
             if _same_value(member.value, member_value):
                 return member
@@ -538,6 +527,26 @@ class SkeletonDecoder:
             except (ValueError, TypeError):
                 pass
         raise self.invalid(f"{where} has no member of value {shown(member_value, 200)}")
+
+    def unimported_enum(self, where: str, module_name: str, raw: Any) -> enum.Enum | None:
+        """An enum whose class's module the program has not imported: refused. A checker
+        that never imports the user's modules (``astage inspect``) checks its value only."""
+        raise self.invalid(
+            f"the enum class {where} is not available: its module {module_name!r} is not "
+            "imported (astage never imports a module a file names; import it first)"
+        )
+
+    def decode_enum_value(self, raw: Any) -> Any:
+        """The plain value of an enum node (which may be an enum node again)."""
+        # No container counts these levels, so they have a limit of their own (else a raw
+        # RecursionError).
+        if self._enums >= MAX_DEPTH:
+            raise self.invalid(f"enum values nested more than {MAX_DEPTH} deep")
+        self._enums += 1
+        try:
+            return self.decode_plain(raw, "an enum value")
+        finally:
+            self._enums -= 1
 
     def _numpy_scalar(self, value: Any) -> Any:
         if (
