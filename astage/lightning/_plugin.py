@@ -22,7 +22,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec  # type: ignore[import-untyped]
 import torch
 from fsspec.implementations.local import LocalFileSystem  # type: ignore[import-untyped]
 from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
@@ -40,31 +39,14 @@ from .._errors import (
 from .._files._load import load_device
 from .._options import StagingOptions, make_options
 from ._snapshots import SnapshotPool
-from ._writer import BackgroundWriter, WriteJob
-
-
-def _filesystem(target: str) -> tuple[Any, str]:
-    """fsspec's filesystem for ``target`` and the path on it; a protocol fsspec does not know
-    (``nosuch://``), or one whose package is not installed, raised fsspec's bare ValueError or
-    ImportError, without the checkpoint's path."""
-    if "\0" in target:
-        # No file has such a name: the save returned and its write failed in the background;
-        # a load or a folder to make raised a bare ValueError.
-        raise InvalidOptionsError(f"cannot use the checkpoint path {target!r}: it holds a NUL")
-    try:
-        filesystem, local = fsspec.core.url_to_fs(target)
-    except (ValueError, ImportError) as error:
-        raise InvalidOptionsError(
-            f"cannot use the checkpoint path {target!r}: {type(error).__name__}: {error}"
-        ) from error
-    return filesystem, str(local)
+from ._writer import BackgroundWriter, WriteJob, filesystem_of
 
 
 def _check_local_file(target: str) -> None:
     """Refuse a local ``target`` that is there but not a regular file: torch.load would block
     on a FIFO's open forever, read a device such as /dev/zero without end, and fail on a
     folder with a raw IsADirectoryError."""
-    filesystem, local = _filesystem(target)
+    filesystem, local = filesystem_of(target)
     if not isinstance(filesystem, LocalFileSystem):
         return
     try:
@@ -239,7 +221,7 @@ class AstageCheckpointIO(CheckpointIO):
         :class:`~astage.InvalidOptionsError`, before the file is read.
         """
         target = os.fspath(path)
-        _filesystem(target)  # a path no file can have is refused before anything else
+        filesystem_of(target)  # a path no file can have is refused before anything else
         try:
             _check_map_location(map_location)
         except InvalidOptionsError as error:
@@ -283,7 +265,7 @@ class AstageCheckpointIO(CheckpointIO):
         goes on whatever failed before).
         """
         target = os.fspath(path)
-        _filesystem(target)  # an unknown protocol is refused naming the path
+        filesystem_of(target)  # an unknown protocol is refused naming the path
         self._writer.discard(target, self._torch_io.remove_checkpoint)
         self._raise_write_error()
 
@@ -313,7 +295,7 @@ class AstageCheckpointIO(CheckpointIO):
     def _check_target(target: str) -> None:
         # Before the staging: a path that cannot take the file fails the save at once, in the
         # training thread, rather than its write later.
-        filesystem, local = _filesystem(target)
+        filesystem, local = filesystem_of(target)
         if isinstance(filesystem, LocalFileSystem) and (
             os.path.isdir(local) or target.endswith(("/", os.sep))
         ):
@@ -328,7 +310,7 @@ class AstageCheckpointIO(CheckpointIO):
     def _make_folder(target: str) -> None:
         # In the training thread, as TorchCheckpointIO does: a folder that cannot be made
         # fails this save at once rather than a write later.
-        filesystem, local = _filesystem(target)
+        filesystem, local = filesystem_of(target)
         folder = os.path.dirname(local)
         if not folder:
             return

@@ -32,7 +32,7 @@ import fsspec  # type: ignore[import-untyped]
 import torch
 from fsspec.implementations.local import LocalFileSystem  # type: ignore[import-untyped]
 
-from .._errors import CheckpointWriteError
+from .._errors import CheckpointWriteError, InvalidOptionsError
 from .._files._writer import temp_name
 
 
@@ -52,6 +52,23 @@ class WriteJob:
     done: threading.Event = field(default_factory=threading.Event)
 
 
+def filesystem_of(target: str) -> tuple[Any, str]:
+    """fsspec's filesystem for ``target`` and the path on it; a protocol fsspec does not know
+    (``nosuch://``), or one whose package is not installed, raised fsspec's bare ValueError or
+    ImportError, without the checkpoint's path."""
+    if "\0" in target:
+        # No file has such a name: the save returned and its write failed in the background;
+        # a load or a folder to make raised a bare ValueError.
+        raise InvalidOptionsError(f"cannot use the checkpoint path {target!r}: it holds a NUL")
+    try:
+        filesystem, local = fsspec.core.url_to_fs(target)
+    except (ValueError, ImportError) as error:
+        raise InvalidOptionsError(
+            f"cannot use the checkpoint path {target!r}: {type(error).__name__}: {error}"
+        ) from error
+    return filesystem, str(local)
+
+
 def file_key(path: str) -> str:
     """The file ``path`` names, however it is spelled, for telling which writes are of it.
 
@@ -63,8 +80,8 @@ def file_key(path: str) -> str:
     write replaces that folder entry (a link there included). Other URLs are compared as given.
     """
     try:
-        filesystem, local = fsspec.core.url_to_fs(path)
-    except (ValueError, ImportError):  # an unknown protocol: its save is refused anyway
+        filesystem, local = filesystem_of(path)
+    except InvalidOptionsError:  # an unknown protocol or a NUL: its save is refused anyway
         return path
     if not isinstance(filesystem, LocalFileSystem):
         return path
