@@ -142,6 +142,86 @@ async def test_batches_left_to_cut_after_the_walk_do_not_wait_for_a_landing(
 
 
 @pytest.mark.asyncio
+async def test_host_batches_are_queued_past_the_in_flight_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # max_inflight_bytes bounds device copies: host batches copy into buffers that exist, and
+    # the worker takes them one after another. Bounded too, a call queued the budget's worth,
+    # and its worker ran dry and waited for the loop to queue the rest.
+    copies, source, _ = eight_queued_batches(monkeypatch)
+    submitted: list[int] = []
+    on_submit(monkeypatch, lambda inflight: submitted.append(inflight.batch.end))
+    async with astage.Stager(
+        copy_threads=1, chunk_bytes=256 * KiB, max_inflight_bytes=512 * KiB, max_loop_hold_s=0.05
+    ) as stager:
+        queued_while_held = 0
+
+        async def hold_the_first_batch() -> None:
+            nonlocal queued_while_held
+            try:
+                await first_batch_started(copies)
+                with anyio.move_on_after(0.5):
+                    while len(submitted) < 8:
+                        await anyio.sleep(0.001)
+                queued_while_held = len(submitted)
+            finally:
+                copies.release.set()
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(hold_the_first_batch)
+            staged = await stager.stage(source)
+        assert queued_while_held == 8, f"{queued_while_held} of 8 queued before the first landed"
+        assert copies.copied == sorted(copies.copied)
+        assert_tree_staged(staged, source)
+
+
+@pytest.mark.asyncio
+async def test_device_batches_in_flight_stay_within_the_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    enqueued: list[int] = []
+
+    def enqueue(backend: Any, batch: Any, *args: Any, **kwargs: Any) -> Any:
+        enqueued.append(batch.end)
+        return enqueue_batch(backend, batch, *args, **kwargs)
+
+    monkeypatch.setattr(_async, "enqueue_batch", enqueue)
+    fake = FakeAccelerator(devices=1)
+    device = fake.devices[0]
+    staging = device.staging
+    try:
+        # 192 KiB each: one per 256 KiB batch, whole (a fake device tensor cannot be sliced).
+        state = {f"w{i}": device.tensor(torch.full((48 * KiB,), float(i))) for i in range(8)}
+        with installed(FakeBackend(fake)):
+            async with astage.Stager(
+                copy_threads=1,
+                chunk_bytes=256 * KiB,
+                max_inflight_bytes=512 * KiB,  # two of those batches
+                max_loop_hold_s=0.05,
+            ) as stager:
+                staging.gate.hold()  # no copy completes: the first two stay in flight
+                try:
+                    async with anyio.create_task_group() as tasks:
+                        tasks.start_soon(stager.stage, state)
+                        with anyio.move_on_after(WAIT_S):
+                            while len(enqueued) < 2:
+                                await anyio.sleep(0.001)
+                        await anyio.sleep(0.1)  # time for a third, were it let through
+                        in_flight = list(enqueued)
+                        staging.gate.release()
+                finally:
+                    staging.gate.release()
+                staged = await stager.stage(state)
+        assert sorted(in_flight) == [1, 2]  # each its own task: on trio, in any order
+        for i in range(8):
+            assert torch.equal(staged[f"w{i}"], torch.full((48 * KiB,), float(i)))
+    finally:
+        staging.gate.release()
+        fake.close()
+    assert fake.errors == []
+
+
+@pytest.mark.asyncio
 async def test_a_first_calls_copies_start_while_its_recording_is_finished(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

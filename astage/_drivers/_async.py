@@ -11,8 +11,8 @@ completions are awaited with :func:`~astage._drivers._events.wait_for_event`.
 awaitable or the async context manager: so ``run_coroutine_threadsafe(stager.stage(sd), loop)``
 from a training thread marks the training thread's streams, not the loop thread's.
 
-Copying starts while the walk is still running, and at most ``max_inflight_bytes`` are in
-flight at once.
+Copying starts while the walk is still running, and at most ``max_inflight_bytes`` of device
+copies are in flight at once (host batches queue for the workers whatever their bytes).
 
 Each call owns its copies: they are tasks of the call's task group, so a call returns or
 raises, cancelled or not, only once every copy it started has landed, and nothing writes into
@@ -331,12 +331,13 @@ class _HostLane:
     one, and tells the loop that batches landed without waiting for the loop.
 
     It tells the loop only when the queue ran dry (the call may be done, or has more batches
-    to cut once the in-flight budget has room), and after every batch where a consumer waits
-    for each one (``stage_iter``). Each wake-up of the loop meanwhile takes a core from the
-    copy: telling it after each batch, or whenever half the budget was left, made the copying
-    of 1 GiB 3-5% slower on 2 cores, while a dry queue costs one round trip per
-    ``max_inflight_bytes``. Finished batches are marked at once (``finished``, ``error``): a
-    loop that reaps meanwhile (between walk slices of a first call) sees them untold.
+    to cut), and after every batch where a consumer waits for each one (``stage_iter``). Each
+    wake-up of the loop meanwhile takes a core from the copy: telling it after each batch, or
+    whenever half the in-flight budget was left, made the copying of 1 GiB 3-5% slower on 2
+    cores. Host batches are not bounded by that budget (see ``Run.next_batch``), so a cached
+    call's queue runs dry only at its end. Finished batches are marked at once (``finished``,
+    ``error``): a loop that reaps meanwhile (between walk slices of a first call) sees them
+    untold.
 
     At most ``workers`` (``copy_threads``) run at once; one ends when it finds the queue empty,
     and the next batch queued starts another. A worker also gives way, between two batches, to
