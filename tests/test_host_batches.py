@@ -107,19 +107,15 @@ async def test_queued_host_batches_are_copied_while_the_loop_is_held(
         assert_tree_staged(staged, source)
 
 
-@pytest.mark.asyncio
-async def test_batches_left_to_cut_after_the_walk_do_not_wait_for_a_landing(
-    monkeypatch: pytest.MonkeyPatch,
+async def all_queued_while_the_first_is_held(
+    monkeypatch: pytest.MonkeyPatch, **options: Any
 ) -> None:
-    # A turn of cutting that runs out of time (here: after each batch) with batches left that
-    # the budget has room for comes back for them on the next loop turn. Waiting for the
-    # first batch to land instead left the worker with nothing queued after each batch.
+    """Stage the 8 batches of :func:`eight_queued_batches` with ``options``, the first one held
+    until all 8 were queued in the host lane (or a while passed): all 8 must be, in order."""
     copies, source, _ = eight_queued_batches(monkeypatch)
     submitted: list[int] = []
     on_submit(monkeypatch, lambda inflight: submitted.append(inflight.batch.end))
-    async with astage.Stager(
-        copy_threads=1, chunk_bytes=256 * KiB, max_inflight_bytes=8 * MiB, max_loop_hold_s=1e-9
-    ) as stager:
+    async with astage.Stager(copy_threads=1, chunk_bytes=256 * KiB, **options) as stager:
         queued_while_held = 0
 
         async def hold_the_first_batch() -> None:
@@ -142,37 +138,27 @@ async def test_batches_left_to_cut_after_the_walk_do_not_wait_for_a_landing(
 
 
 @pytest.mark.asyncio
+async def test_batches_left_to_cut_after_the_walk_do_not_wait_for_a_landing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A turn of cutting that runs out of time (here: after each batch) with batches left
+    # comes back for them on the next loop turn. Waiting for the first batch to land instead
+    # left the worker with nothing queued after each batch.
+    await all_queued_while_the_first_is_held(
+        monkeypatch, max_inflight_bytes=8 * MiB, max_loop_hold_s=1e-9
+    )
+
+
+@pytest.mark.asyncio
 async def test_host_batches_are_queued_past_the_in_flight_budget(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # max_inflight_bytes bounds device copies: host batches copy into buffers that exist, and
     # the worker takes them one after another. Bounded too, a call queued the budget's worth,
     # and its worker ran dry and waited for the loop to queue the rest.
-    copies, source, _ = eight_queued_batches(monkeypatch)
-    submitted: list[int] = []
-    on_submit(monkeypatch, lambda inflight: submitted.append(inflight.batch.end))
-    async with astage.Stager(
-        copy_threads=1, chunk_bytes=256 * KiB, max_inflight_bytes=512 * KiB, max_loop_hold_s=0.05
-    ) as stager:
-        queued_while_held = 0
-
-        async def hold_the_first_batch() -> None:
-            nonlocal queued_while_held
-            try:
-                await first_batch_started(copies)
-                with anyio.move_on_after(0.5):
-                    while len(submitted) < 8:
-                        await anyio.sleep(0.001)
-                queued_while_held = len(submitted)
-            finally:
-                copies.release.set()
-
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(hold_the_first_batch)
-            staged = await stager.stage(source)
-        assert queued_while_held == 8, f"{queued_while_held} of 8 queued before the first landed"
-        assert copies.copied == sorted(copies.copied)
-        assert_tree_staged(staged, source)
+    await all_queued_while_the_first_is_held(
+        monkeypatch, max_inflight_bytes=512 * KiB, max_loop_hold_s=0.05
+    )
 
 
 @pytest.mark.asyncio
