@@ -141,11 +141,19 @@ def _sparse(x: torch.Tensor, path: Path, stage_inner: StageInner) -> torch.Tenso
 
 
 def refusal(x: torch.Tensor, path: Path) -> UnstageableError:
-    """The error for a strided tensor that cannot be staged: quantized, nested or meta."""
+    """The error for a strided tensor that cannot be staged: quantized (or of a quantized dtype),
+    nested or meta."""
     if x.is_quantized:
         return UnstageableError("quantized tensors are not supported; dequantize first", path)
     if x.is_nested:
         return UnstageableError("nested tensors are not supported; unbind first", path)
+    if x.device.type != "meta":  # a plain tensor of a quantized dtype (bytes viewed as qint8)
+        name = str(x.dtype).removeprefix("torch.")
+        return UnstageableError(
+            f"a tensor of the quantized dtype {name} is not supported (quantized tensors are "
+            "not); view its bytes as an integer dtype first",
+            path,
+        )
     return UnstageableError(
         "a meta tensor has no data to stage (materialize it, e.g. with to_empty(), first)", path
     )

@@ -74,6 +74,18 @@ Copying a bool tensor normalizes every byte to 0 or 1, which corrupts uint8 data
 view reaches first; and torch has no copy kernel at all for the sub-byte shell dtypes
 (``uint1``-``uint7``, ``int1``-``int7``, one element per byte): ``copy_`` raises
 NotImplementedError, where the bytes copy keeps every bit."""
+_QUANTIZED_DTYPES: frozenset[torch.dtype] = frozenset(
+    dtype
+    for name in ("qint8", "quint8", "qint32", "quint4x2", "quint2x4")
+    if isinstance(dtype := getattr(torch, name, None), torch.dtype)
+)
+"""Quantized dtypes, refused as quantized tensors are. torch makes a plain (not
+``is_quantized``) tensor of one by viewing bytes as it; its buffer, allocated by dtype, came out
+quantized with no quantizer: torch's copy into it raised, and a negative view's staged twin
+ended the process when printed."""
+_NOT_LEAN: frozenset[torch.dtype] = _BYTE_COPIED | _QUANTIZED_DTYPES
+"""Dtypes the first call's lean path (:meth:`TensorStager._fresh`) leaves to :meth:`_stage`:
+one set lookup for both kinds."""
 
 
 class TensorStager:
@@ -249,7 +261,7 @@ class TensorStager:
             or x.is_nested  # before anything that reads sizes, which a nested tensor refuses
             or x.is_quantized
             or x.is_meta
-            or x.dtype in _BYTE_COPIED
+            or x.dtype in _NOT_LEAN
             or x.storage_offset() != 0
             or not _strides_follow_from_shape(x.shape)
             or not x.is_contiguous()
@@ -290,7 +302,7 @@ class TensorStager:
             sparse = self._remember(x, _kinds.stage_sparse(x, path, self.leaf))
             self._copy_attributes(x, sparse, path)  # as a strided tensor's (t.tag = "x")
             return sparse
-        if x.is_quantized or x.is_nested or x.device.type == "meta":
+        if x.is_quantized or x.is_nested or x.device.type == "meta" or x.dtype in _QUANTIZED_DTYPES:
             raise _kinds.refusal(x, path)
         try:
             storage = x.untyped_storage()
