@@ -14,6 +14,7 @@ before anything is written. One focused test per defect, each failing before its
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,3 +56,59 @@ def test_a_tensor_of_a_quantized_dtype_is_refused_naming_its_path(
         stager.stage({"model": {"q": x}, "w": torch.ones(3)})
     assert caught.value.path == ("model", "q")
     assert "quantized" in str(caught.value)
+
+
+# -- files -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.int32, torch.int8, torch.uint16, torch.bool, torch.float8_e4m3fn, torch.bits8],
+    ids=str,
+)
+@pytest.mark.parametrize("via", ["save_sync", "writer"])
+def test_a_negative_view_no_loader_reads_is_refused_at_save(
+    tmp_path: Path, dtype: torch.dtype, via: str
+) -> None:
+    # torch sets the lazy negation bit on any dtype (Tensor._neg_view()), staging keeps it, and
+    # the file recorded it; the loader takes it on complex and float views only (a neg view of
+    # uint16, bool or a float8 cannot be read), so astage.load, load(into=), inspect and
+    # CheckpointDir.load_latest all refused the file save had written.
+    x = _random_bytes(4 * dtype.itemsize).view(dtype)._neg_view()
+    path = tmp_path / "a.safetensors"
+    state = {"w": torch.ones(2), "model": {"n": x}}
+    with pytest.raises(astage.UnsavableError, match="negat") as caught:
+        if via == "save_sync":
+            astage.save_sync(state, path)
+        else:
+            import anyio
+
+            anyio.run(astage.save, state, astage.SafetensorsWriter(path))
+    assert caught.value.path == ("model", "n")
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written
+
+
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
+def test_negative_views_torch_makes_still_round_trip(tmp_path: Path) -> None:
+    # What the refusal above leaves alone: a conjugate's imaginary part (a float view with the
+    # negation bit) and negative complex and float views.
+    base = _random_bytes(6 * 8).view(torch.complex64)
+    state = {
+        "imag": base.conj().imag,
+        "neg": base._neg_view(),
+        "neg_f16": _random_bytes(8, seed=1).view(torch.float16)._neg_view(),
+        "neg_c32": _random_bytes(8, seed=2).view(torch.complex32)._neg_view(),
+    }
+    path = tmp_path / "a.safetensors"
+    astage.save_sync(state, path)
+    back = astage.load(path)
+    for key, x in state.items():
+        y = back[key]
+        assert (y.dtype, y.shape, y.stride(), y.storage_offset(), y.is_neg()) == (
+            x.dtype,
+            x.shape,
+            x.stride(),
+            x.storage_offset(),
+            x.is_neg(),
+        ), key
+        assert y.untyped_storage().tolist() == x.untyped_storage().tolist(), key

@@ -43,6 +43,7 @@ from ._skeleton import (
     mesh_node,
     numpy_or_none,
     placement_node,
+    takes_neg_bit,
     tensor_attribute_allowed,
 )
 
@@ -338,6 +339,16 @@ class _LayoutBuilder(SkeletonEncoder):
             # Sub-byte integers (uint1 ... int7): torch cannot copy them, so staging would
             # fail with its raw NotImplementedError, and a loader would refuse the view.
             raise UnsavableError(f"cannot save a tensor of dtype {dtype_name}", path)
+        if x.is_neg() and not takes_neg_bit(x.dtype):
+            # torch sets the bit on any dtype (Tensor._neg_view()), but a loader takes it only
+            # where torch makes it itself (complex views and their parts): a file that astage
+            # writes must load.
+            raise UnsavableError(
+                f"cannot save a negative view (is_neg()) of dtype {dtype_name}: only complex "
+                "and floating-point views keep the bit in a file (resolve_neg() it first, "
+                "where torch can negate that dtype)",
+                path,
+            )
         self.tensors += 1
         storage = x.untyped_storage()
         shortfall = storage_shortfall(x)
