@@ -54,6 +54,36 @@ def test_tensor_fields_torch_cannot_take_are_refused_naming_the_field(
     assert "['w']" in str(caught.value)
 
 
+_SUB_BYTE: torch.dtype = getattr(torch, "uint1")  # noqa: B009 - not in torch's stubs
+
+
+@pytest.mark.parametrize(
+    ("make", "words"),
+    [
+        (lambda: torch.arange(6, dtype=torch.int32)._neg_view(), "negative view"),
+        (lambda: torch.zeros(4, dtype=torch.bool)._neg_view(), "negative view"),
+        (lambda: torch.zeros(4, dtype=torch.uint8).view(_SUB_BYTE), "dtype uint1"),
+    ],
+)
+def test_a_tensor_the_partner_would_refuse_is_refused_by_its_sender(make: Any, words: str) -> None:
+    # Before: encoded and sent; the partner's decoder refused the field ('neg' set on an
+    # int32 view, 'dtype' uint1 "not a torch dtype"), so the error blamed the partner's header
+    # rather than naming the sender's tensor.
+    with pytest.raises(astage.ReplicationError, match=words) as caught:
+        encode({"w": make()}, call=1)
+    assert "['w']" in str(caught.value)
+
+
+def test_negative_views_torch_makes_are_still_sent() -> None:
+    z = torch.tensor([1 + 2j, 3 - 4j], dtype=torch.complex64)
+    state = {"imag": z.conj().imag, "neg": z._neg_view(), "half": torch.ones(2).half()._neg_view()}
+    header = encode(state, call=1).header
+    checked = parse_header(json.dumps(header).encode(), sum(header["storages"]))
+    storages = [torch.zeros(size, dtype=torch.uint8) for size in checked.sizes]
+    replica = decode(checked.raw, storages, [], source=1)
+    assert all(replica[key].is_neg() for key in state)
+
+
 def test_a_storage_no_tensor_views_is_refused_naming_the_field() -> None:
     # An encoder sends a storage only for a tensor that views it; one nobody views is a
     # crafted header (and a buffer the receiver would make for nothing).

@@ -200,6 +200,17 @@ class _Encoder(SkeletonEncoder):
             raise ReplicationError(f"cannot replicate a tensor subclass {kind}", path)
         if x.layout is not torch.strided or x.is_quantized or x.is_nested or x.is_meta:
             raise ReplicationError(f"cannot replicate a {x.layout} tensor; only strided ones", path)
+        # What the partner's decoder refuses, refused here, naming the path: sent, it came
+        # back as the partner's complaint about a field of this rank's header.
+        dtype_name = str(x.dtype).removeprefix("torch.")
+        if dtype_name not in VIEW_DTYPES:  # sub-byte integers (uint1 ... int7)
+            raise ReplicationError(f"cannot replicate a tensor of dtype {dtype_name}", path)
+        if x.is_neg() and not takes_neg_bit(x.dtype):  # torch's _neg_view() sets it on any dtype
+            raise ReplicationError(
+                f"cannot replicate a negative view (is_neg()) of dtype {dtype_name}: only "
+                "complex and floating-point views keep the bit (resolve_neg() it first)",
+                path,
+            )
         storage = x.untyped_storage()
         key = storage_key(storage)
         index = self._storage_index.get(key)
@@ -209,7 +220,7 @@ class _Encoder(SkeletonEncoder):
             self.storages.append(flat)
         node: dict[str, Any] = {
             "storage": index,
-            "dtype": str(x.dtype).removeprefix("torch."),
+            "dtype": dtype_name,
             "shape": list(x.shape),
             "stride": list(x.stride()),
             "offset": x.storage_offset(),
