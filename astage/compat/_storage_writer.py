@@ -451,25 +451,32 @@ class _Payload:
         shortfall = _torch.storage_shortfall(tensor)
         if shortfall is not None:  # pwritev would read past the storage's end
             raise CheckpointWriteError(f"{item.index.fqn}: the tensor {shortfall}")
+        # The file holds raw bytes of the plan's dtype and chunk shape, the metadata's. A
+        # planner may hand over another dtype (saving in lower precision): DCP stores that and
+        # its load copies it back into the destination; converted below, the load gives the
+        # same values.
         planned = item.tensor_data
-        if planned is not None:
-            # The file holds raw bytes of the plan's dtype and chunk shape, the metadata's. A
-            # planner may hand over another dtype (saving in lower precision): DCP stores that
-            # and its load copies it back into the destination; converted here, the load
-            # gives the same values.
-            if list(tensor.shape) != list(planned.chunk.sizes):
-                raise CheckpointWriteError(
-                    f"{item.index.fqn}: the planner handed over a tensor of shape "
-                    f"{list(tensor.shape)} where its plan has {list(planned.chunk.sizes)}"
-                )
-            if tensor.dtype != planned.properties.dtype:
+        if planned is not None and list(tensor.shape) != list(planned.chunk.sizes):
+            raise CheckpointWriteError(
+                f"{item.index.fqn}: the planner handed over a tensor of shape "
+                f"{list(tensor.shape)} where its plan has {list(planned.chunk.sizes)}"
+            )
+        try:
+            if planned is not None and tensor.dtype != planned.properties.dtype:
                 tensor = tensor.to(planned.properties.dtype)
-        if tensor.device.type != "cpu":
-            tensor = tensor.cpu()  # dcp.save (not async): the planner hands device tensors
-        # A conjugated or negated view keeps its bit and the plain values in memory: the
-        # bytes to store are the values it stands for (both no-ops for a plain tensor).
-        tensor = tensor.resolve_conj().resolve_neg()
-        tensor = tensor.contiguous()  # a no-op for the staged tensors of async_save
+            if tensor.device.type != "cpu":
+                tensor = tensor.cpu()  # dcp.save (not async): the planner hands device tensors
+            # A conjugated or negated view keeps its bit and the plain values in memory: the
+            # bytes to store are the values it stands for (both no-ops for a plain tensor).
+            tensor = tensor.resolve_conj().resolve_neg()
+            tensor = tensor.contiguous()  # a no-op for the staged tensors of async_save
+        except (RuntimeError, NotImplementedError) as error:
+            # What torch cannot convert or copy (a strided view of bytes viewed as a quantized
+            # dtype: "Quantized copy only works with kFloat"), named, not torch's bare words.
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise CheckpointWriteError(
+                f"{item.index.fqn}: cannot store the values of this {tensor.dtype} tensor: {reason}"
+            ) from error
         return cls(item, bytes_of(tensor), tensor, False)
 
 
