@@ -345,7 +345,7 @@ class _HostLane:
     batches share ``copy_threads``): the device's copy is not held up behind host batches that
     came after it, as it was not when each batch took a thread in turn. :meth:`close` (the
     call's exit) stops them after the batch each is copying, which still lands before the call
-    returns.
+    returns; so does a batch that failed (the call raises its error).
     """
 
     def __init__(self, workers: int, post: LoopPost, *, tell_each: bool) -> None:
@@ -363,7 +363,7 @@ class _HostLane:
         """Queue a batch (on the loop); True when the caller must start a worker for it."""
         with self._lock:
             self._queue.append(inflight)
-            if self._workers < self._max_workers:
+            if self._workers < self._max_workers and not self._closed:  # closed: a batch failed
                 self._workers += 1
                 return True
             return False
@@ -442,6 +442,11 @@ class _HostLane:
                 run_host_batch(inflight.batch)
             except Exception as exc:  # noqa: BLE001 - handed to the call, which raises it
                 inflight.error = exc
+                # The call fails with it: no queued batch starts any more, and this worker
+                # returns now, which tells the loop. Copying on, it told the loop only once
+                # the queue ran dry, and the call raised after copying all the rest.
+                with self._lock:
+                    self._closed = True
             else:
                 inflight.finished = True
             # Its tensors dropped here, a batch at a time: left to the loop's reap, which

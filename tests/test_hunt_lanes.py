@@ -1,0 +1,78 @@
+"""The async face's copy lanes while a call runs: host batches queued for worker threads, the
+loop lane, device batches, and how a call ends (an error, a cancellation, an early exit).
+
+Each test here failed before its fix.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import anyio
+import pytest
+from conftest import assert_tree_staged, big_state_dict
+from test_host_batches import on_submit
+
+import astage
+from astage._devices._host import run_host_batch
+from astage._drivers import _async
+
+KiB = 1 << 10
+MiB = 1 << 20
+WAIT_S = 5.0  # generous: only a broken lane waits this long
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("copy_threads", [1, 2])
+async def test_a_failed_host_batch_starts_no_queued_one(
+    monkeypatch: pytest.MonkeyPatch, copy_threads: int
+) -> None:
+    """A worker went on copying the queued batches after one failed, and told the loop only
+    once the queue ran dry: a cached call whose fourth batch of 16 failed copied the twelve
+    after it before raising (a 1 GiB call, all its bytes)."""
+    batches, failing = 16, 4
+    submitted: list[int] = []
+    on_submit(monkeypatch, lambda inflight: submitted.append(inflight.batch.end))
+    failed = threading.Event()
+    copied: list[int] = []
+
+    def run(batch: Any) -> None:
+        if batch.end == failing:
+            # Fails once every batch is queued: a lane that copied on would copy them all.
+            deadline = WAIT_S
+            while len(submitted) < batches and deadline > 0:
+                failed.wait(0.001)
+                deadline -= 0.001
+            failed.set()
+            raise OSError("the fourth batch failed")
+        if batch.end > failing:
+            # Another worker waits for the failure (copy_threads=2): what it copies after it.
+            assert failed.wait(WAIT_S), "the failing batch never ran"
+        run_host_batch(batch)
+        copied.append(batch.end)
+
+    source = big_state_dict(batches, 256 * KiB)
+    async with astage.Stager(
+        copy_threads=copy_threads,
+        chunk_bytes=256 * KiB,
+        max_inflight_bytes=8 * MiB,
+        max_loop_hold_s=0.05,
+    ) as stager:
+        await stager.stage(source)
+        monkeypatch.setattr(_async, "run_host_batch", run)
+        submitted.clear()
+        with anyio.fail_after(WAIT_S), pytest.raises(OSError, match="fourth batch failed"):
+            await stager.stage(source)
+        assert len(submitted) == batches
+        after = [end for end in copied if end > failing]
+        if copy_threads == 1:
+            assert after == [], f"copied after the failure: {after}"
+        else:
+            # The other worker finishes the batch it holds (and, racing the failure, maybe
+            # one more); the rest of the queue is dropped.
+            assert len(after) <= 2, f"copied after the failure: {after}"
+        monkeypatch.setattr(_async, "run_host_batch", run_host_batch)
+        with anyio.fail_after(WAIT_S):
+            staged = await stager.stage(source)
+        assert_tree_staged(staged, source)
