@@ -11,10 +11,13 @@ from typing import Any
 
 import anyio
 import pytest
+import torch
 from conftest import assert_tree_staged, big_state_dict
+from fake_accelerator import FakeAccelerator, FakeBackend
 from test_host_batches import on_submit
 
 import astage
+from astage._devices._backend import installed
 from astage._devices._host import run_host_batch
 from astage._drivers import _async
 
@@ -76,3 +79,60 @@ async def test_a_failed_host_batch_starts_no_queued_one(
         with anyio.fail_after(WAIT_S):
             staged = await stager.stage(source)
         assert_tree_staged(staged, source)
+
+
+async def iterate_shielded_after_a_cancel(stager: astage.Stager, state: Any) -> Any:
+    """Enter a stage_iter block, cancel a scope around it, then iterate under a shield (to
+    finish the checkpoint begun): the iteration must end, with every tensor or with a
+    StagingError that says what happened, and not wait forever. Returns what a call made
+    afterwards staged (the stager stays usable)."""
+    outcome = "hung"
+    with anyio.CancelScope() as outer:
+        async with stager.stage_iter(state) as landed:
+            outer.cancel()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(WAIT_S):
+                try:
+                    async for _ in landed:
+                        pass
+                    outcome = "finished"
+                except astage.StagingError as error:
+                    outcome = str(error)
+    assert outcome != "hung"
+    if outcome != "finished":
+        assert "cancel" in outcome and "stage_iter" in outcome, outcome
+    with anyio.fail_after(WAIT_S):
+        return await stager.stage(state)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("copy_threads", [1, 2])
+async def test_a_shielded_iteration_whose_copies_were_cancelled_raises_rather_than_hangs(
+    copy_threads: int,
+) -> None:
+    """A stage_iter block cancelled from outside, whose caller shields the iteration to
+    finish it: the copies, tasks of the call started outside that shield, were cancelled
+    before they ran, and the shielded iteration waited for them forever (every loop)."""
+    source = big_state_dict(8, 256 * KiB)
+    source["small"] = torch.arange(4.0)
+    async with astage.Stager(
+        copy_threads=copy_threads, chunk_bytes=256 * KiB, max_loop_hold_s=0.05
+    ) as stager:
+        assert_tree_staged(await iterate_shielded_after_a_cancel(stager, source), source)
+
+
+@pytest.mark.asyncio
+async def test_a_shielded_iteration_whose_device_copies_were_cancelled_raises() -> None:
+    """The same with device batches: a device batch's task, cancelled before it enqueued,
+    set its batch landed but neither done nor failed, and the shielded iteration spun."""
+    fake = FakeAccelerator(devices=1)
+    device = fake.devices[0]
+    try:
+        state = {f"w{i}": device.tensor(torch.full((48 * KiB,), float(i))) for i in range(4)}
+        with installed(FakeBackend(fake)):
+            async with astage.Stager(copy_threads=1, chunk_bytes=256 * KiB) as stager:
+                staged = await iterate_shielded_after_a_cancel(stager, state)
+        for i in range(4):
+            assert torch.equal(staged[f"w{i}"], torch.full((48 * KiB,), float(i)))
+    finally:
+        fake.close()
+    assert fake.errors == []

@@ -45,7 +45,7 @@ from .._core._tables import empty_in_steps
 from .._devices import _pinning
 from .._devices._backend import DeviceBackend, DeviceCopies, enqueue_batch
 from .._devices._host import copy_host_piece, reserve_batch, run_host_batch
-from .._errors import UsageError
+from .._errors import StagingError, UsageError
 from .._options import StagingOptions
 from .._paths import Path
 from .._torch import staging_defaults
@@ -403,10 +403,18 @@ class _HostLane:
         needs the GIL (a read without the lock: a stale answer costs one hand-over)."""
         return self._workers > 0
 
-    def worker_not_started(self) -> None:
-        """A started worker's task ended before its thread ran :meth:`copy_queued`."""
+    def worker_not_started(self) -> list[_InFlight]:
+        """A started worker's task ended before its thread ran :meth:`copy_queued` (it was
+        cancelled). Returns the queued batches that no worker will copy now, closing the lane:
+        the call fails them (see :func:`_cancelled_before_landing`)."""
         with self._lock:
             self._workers -= 1
+            if self._workers or self._closed or not self._queue:
+                return []
+            self._closed = True
+            dropped = list(self._queue)
+            self._queue.clear()
+            return dropped
 
     def _device_batch_first(self) -> bool:
         """A device batch started before the next queued one waits for a thread (lock held)."""
@@ -558,6 +566,23 @@ class _LoopLane:
         self._queue.clear()
         self._copied = 0
         return dropped
+
+
+def _cancelled_before_landing(inflight: _InFlight) -> None:
+    """Fail a batch whose copy task was cancelled before the batch landed, and let it be reaped.
+
+    Why: the copies are tasks of the call's task group, which the caller's task entered, so a
+    scope around the call that is cancelled cancels them too. The caller is then cancelled as
+    well, and never reaps this error, unless it shields what it does inside a ``stage_iter()``
+    block (to finish a checkpoint it began): that iteration waited for batches nobody would
+    copy, forever (a device batch: it spun, its batch set landed but neither done nor failed).
+    """
+    inflight.error = StagingError(
+        "a copy of this call was cancelled before it ran, by a cancel scope around the call; "
+        "to finish a stage_iter() block under a cancelled scope, shield the whole "
+        "`async with stager.stage_iter(...)` block, not only the iteration inside it"
+    )
+    inflight.landed.set()
 
 
 def _set_landed(landed: list[_InFlight]) -> None:
@@ -791,7 +816,8 @@ class _Call:
             landed = await anyio.to_thread.run_sync(copy_queued, limiter=self._host_limiter)
         finally:
             if not started:  # cancelled while waiting for a thread: the call is ending
-                lane.worker_not_started()
+                for inflight in lane.worker_not_started():
+                    _cancelled_before_landing(inflight)
         _set_landed(landed)
         if lane.restart():  # it gave way to a device batch: the rest of the queue goes on after
             assert self._copies is not None
@@ -806,6 +832,8 @@ class _Call:
         else:
             inflight.finished = True
         finally:
+            if not inflight.finished and inflight.error is None:  # cancelled before it landed
+                _cancelled_before_landing(inflight)
             inflight.landed.set()
 
     async def _enqueue_and_wait(self, inflight: _InFlight, backend: DeviceBackend) -> None:
