@@ -32,7 +32,7 @@ def _lengths(text: str) -> list[float | None]:
     return [None if part == "none" else float(part) for part in text.split(",")]
 
 
-def _no_hand_over() -> float:
+def _no_hand_over(seconds: float) -> float:
     return 0.0
 
 
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     lengths = _lengths(args.lengths)
     state_dict = small_optimizer_state()
-    real: Callable[[], float] = _async._hand_over_gil
+    real: Callable[[float], float] = _async._hand_over_gil
     default = _async.GIL_HAND_OVER_S
     times: dict[int, list[float]] = {i: [] for i in range(len(lengths))}
     late: dict[int, list[float]] = {i: [] for i in range(len(lengths))}

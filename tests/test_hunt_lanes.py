@@ -136,3 +136,28 @@ async def test_a_shielded_iteration_whose_device_copies_were_cancelled_raises() 
     finally:
         fake.close()
     assert fake.errors == []
+
+
+@pytest.mark.asyncio
+async def test_the_gil_hand_over_stays_within_a_short_turn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replay's turn sleeps to hand the GIL to a copying worker (_async._hand_over_gil):
+    0.1 ms, whatever the turn, so max_loop_hold_s=4e-5 held the loop 0.1 ms a turn."""
+    hold = 4e-5
+    sleeps: list[float] = []
+    hand_over = _async._hand_over_gil
+
+    def recorded(seconds: float) -> float:
+        sleeps.append(seconds)
+        return hand_over(seconds)
+
+    # Large tensors (host lane, worker threads) copied while the replay walks the small ones.
+    source: dict[str, Any] = {f"big.{i}": torch.full((128 * KiB,), float(i)) for i in range(16)}
+    source.update({f"small.{i}": torch.full((4,), float(i)) for i in range(4000)})
+    async with astage.Stager(copy_threads=1, chunk_bytes=512 * KiB, max_loop_hold_s=hold) as stager:
+        for _ in range(2):
+            await stager.stage(source)
+        monkeypatch.setattr(_async, "_hand_over_gil", recorded)
+        staged = await stager.stage(source)
+    assert sleeps, "no hand-over happened: the test no longer covers it"
+    assert max(sleeps) <= hold / 2
+    assert_tree_staged(staged, source)

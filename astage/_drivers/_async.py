@@ -751,7 +751,9 @@ class _Call:
                 # slow each other: first calls over 50,000 small tensors gained nothing there
                 # (1.017x, 12 pairs, ~87 hand-overs a call).
                 handing = lane.copying() and not plan.walking
-                spent = _hand_over_gil() if handing else 0.0
+                # At most half the turn: a turn under GIL_HAND_OVER_S (max_loop_hold_s=5e-5)
+                # held the loop for the whole sleep.
+                spent = _hand_over_gil(min(GIL_HAND_OVER_S, hold / 2)) if handing else 0.0
                 if _walk_for(walk, max(hold - spent, 0.0)):
                     break
                 await _yield_to_due_timers()
@@ -1016,8 +1018,9 @@ GIL_HAND_OVER_S = 1e-4
 the copying worker thread can take the GIL (see :func:`_hand_over_gil`)."""
 
 
-def _hand_over_gil() -> float:
-    """Let a copier thread that waits for the GIL take it; returns the seconds this took.
+def _hand_over_gil(seconds: float) -> float:
+    """Let a copier thread that waits for the GIL take it, sleeping ``seconds``; returns the
+    seconds this took.
 
     Why: a thread that waits for the GIL asks its holder to let go only once the holder kept it
     for a whole switch interval (5 ms) with no switch in between, and the loop lets go of it at
@@ -1035,7 +1038,7 @@ def _hand_over_gil() -> float:
     GIL to enqueue, is not handed it yet (not measured on a device).
     """
     started = time.perf_counter()
-    time.sleep(GIL_HAND_OVER_S)
+    time.sleep(seconds)
     return time.perf_counter() - started
 
 
