@@ -20,6 +20,13 @@ from ..state_dicts import MiB, describe
 from ..timing import level_heap
 
 STEADY_CALLS = 3
+WARM_UP_CALLS = 3
+"""Calls between the second call and the leak check, unmeasured. A replay hands out again the
+staged tensors and item dicts of the last two calls that nobody holds, so it makes a second
+generation of them during its first calls: over 50,000 small tensors the async face's RSS grew
+29 MiB at the second call, 4.4 and 4.2 MiB at the third and fourth, then not at all over the
+next 36 calls (this machine; the blocking face alike). Measured from the third call, the leak
+check counted that second generation (8.5-9 MiB, over its 4 MiB tolerance) as a leak."""
 
 
 def memory_use(contender: Contender, state_dict: Any) -> dict[str, Any]:
@@ -33,6 +40,8 @@ def memory_use(contender: Contender, state_dict: Any) -> dict[str, Any]:
         gc.collect()
         _, second = rss.measure(lambda: contender.stage(state_dict))
         second_new = contender.new_nbytes()
+        for _ in range(WARM_UP_CALLS):
+            contender.stage(state_dict)
         gc.collect()
         _, steady = rss.measure(lambda: [contender.stage(state_dict) for _ in range(STEADY_CALLS)])
         steady_new = contender.new_nbytes()
@@ -63,9 +72,10 @@ def host_memory(config: Config, data: Data, runner: LoopRunner) -> ScenarioResul
         "RSS growth during a first call (peak, from VmHWM reset through /proc/self/clear_refs) "
         "compared with the bytes staged; then a second call on the same stager: it must allocate "
         "no new host buffer (`last_stats.new_nbytes == 0`) and the resident set must not grow "
-        f"(tolerance {fmt_bytes(RSS_GROWTH_TOLERANCE)} for allocator noise); then "
-        f"{STEADY_CALLS} more calls, over which the resident set must stay flat too (a leak "
-        "check).",
+        f"(tolerance {fmt_bytes(RSS_GROWTH_TOLERANCE)} for allocator noise); then, after "
+        f"{WARM_UP_CALLS} calls in which a replay makes the second generation of the staged "
+        f"tensors it hands out again, {STEADY_CALLS} more calls, over which the resident set "
+        "must stay flat too (a leak check).",
     )
     dicts = [
         ("bulk", config.bulk_label, data.bulk, True),
