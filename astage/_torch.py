@@ -43,11 +43,14 @@ __all__ = [
     "new_shared_storage",
     "rebuild_sharded_tensor",
     "sparse_coo_parts",
+    "storage_bytes_reached",
     "storage_key",
     "storage_keys",
     "storage_keys_of",
+    "storage_shortfall",
     "storage_use_count",
     "storage_use_counts",
+    "view_end",
 ]
 
 # -- tensors and storages -------------------------------------------------------------------------
@@ -90,6 +93,12 @@ def dense_strides(shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(strides)
 
 
+def view_end(shape: Sequence[int], stride: Sequence[int], offset: int) -> int:
+    """The index after the last element that a strided view with no size-0 dimension reaches
+    in its storage: ``offset + sum((size - 1) * step) + 1``, summed in C."""
+    return int(offset + sum(map(operator.mul, shape, stride)) - sum(stride) + 1)
+
+
 def storage_bytes_reached(x: torch.Tensor) -> int:
     """Bytes of its storage, from the start, that strided ``x`` reads: 0 for an empty tensor.
 
@@ -98,10 +107,7 @@ def storage_bytes_reached(x: torch.Tensor) -> int:
     """
     if x.numel() == 0:
         return 0
-    last = int(x.storage_offset())
-    for size, stride in zip(x.shape, x.stride(), strict=True):
-        last += (size - 1) * stride
-    return (last + 1) * x.element_size()
+    return view_end(x.shape, x.stride(), int(x.storage_offset())) * x.element_size()
 
 
 def storage_shortfall(x: torch.Tensor) -> str | None:

@@ -37,14 +37,13 @@ from ._safetensors import (
     header_text,
 )
 from ._skeleton import (
-    VIEW_DTYPES,
     SkeletonEncoder,
     is_dtensor,
     mesh_node,
     numpy_or_none,
     placement_node,
-    takes_neg_bit,
     tensor_attribute_allowed,
+    unreadable_view,
 )
 
 
@@ -334,21 +333,9 @@ class _LayoutBuilder(SkeletonEncoder):
             raise UnsavableError(f"cannot save a {x.layout} tensor; only strided ones", path)
         if x.device.type == "meta":
             raise UnsavableError("a meta tensor has no data to save", path)
-        dtype_name = str(x.dtype).removeprefix("torch.")
-        if dtype_name not in VIEW_DTYPES:
-            # Sub-byte integers (uint1 ... int7): torch cannot copy them, so staging would
-            # fail with its raw NotImplementedError, and a loader would refuse the view.
-            raise UnsavableError(f"cannot save a tensor of dtype {dtype_name}", path)
-        if x.is_neg() and not takes_neg_bit(x.dtype):
-            # torch sets the bit on any dtype (Tensor._neg_view()), but a loader takes it only
-            # where torch makes it itself (complex views and their parts): a file that astage
-            # writes must load.
-            raise UnsavableError(
-                f"cannot save a negative view (is_neg()) of dtype {dtype_name}: only complex "
-                "and floating-point views keep the bit in a file (resolve_neg() it first, "
-                "where torch can negate that dtype)",
-                path,
-            )
+        unreadable = unreadable_view(x)
+        if unreadable is not None:  # a file that astage writes must load
+            raise UnsavableError(f"cannot save {unreadable}", path)
         self.tensors += 1
         storage = x.untyped_storage()
         shortfall = storage_shortfall(x)

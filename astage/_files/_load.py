@@ -33,6 +33,7 @@ from .._torch import (
     device_mesh_without_backend,
     make_dtensor,
     neg_view,
+    view_end,
 )
 from ._safetensors import (
     DIGEST_KEY,
@@ -599,8 +600,7 @@ class Decoder(SkeletonDecoder):
         if 0 in shape:
             needed = offset * dtype.itemsize
         else:
-            last = offset + sum((size - 1) * step for size, step in zip(shape, stride, strict=True))
-            needed = (last + 1) * dtype.itemsize
+            needed = view_end(shape, stride, offset) * dtype.itemsize
         if needed > entry.nbytes:
             raise self.invalid(
                 f"a {name} view (shape {shape}, stride {stride}, offset {offset}) reaches "

@@ -93,6 +93,26 @@ def takes_neg_bit(dtype: torch.dtype) -> bool:
     return dtype.is_complex or dtype in _NEG_BIT_REAL_DTYPES
 
 
+def unreadable_view(x: torch.Tensor) -> str | None:
+    """Why a reader would refuse a stored view of strided ``x`` (a file's, a partner's), or
+    None: the decoders' dtype and neg-bit rules, for the encoders to refuse ``x`` first, naming
+    its path (what they wrote, no reader took).
+
+    A sub-byte integer dtype (``uint1`` ... ``int7``): torch cannot copy it, nor read a view
+    of it. The neg bit on a dtype other than a complex or floating-point one: torch sets it on
+    any dtype (``Tensor._neg_view()``), a decoder takes it only where torch makes it itself.
+    """
+    name = str(x.dtype).removeprefix("torch.")
+    if name not in VIEW_DTYPES:
+        return f"a tensor of dtype {name}"
+    if x.is_neg() and not takes_neg_bit(x.dtype):
+        return (
+            f"a negative view (is_neg()) of dtype {name}: only complex and floating-point "
+            "views keep the bit (resolve_neg() it first, where torch can negate that dtype)"
+        )
+    return None
+
+
 _PATH_TYPES: dict[str, type[pathlib.PurePath]] = {
     cls.__name__: cls
     for cls in (

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import json
 import math
-import operator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -59,6 +58,7 @@ from .._files._skeleton import (
     placement_node,
     takes_conj_bit,
     takes_neg_bit,
+    unreadable_view,
 )
 from .._paths import Attr, Path, format_path
 from .._torch import (
@@ -70,6 +70,7 @@ from .._torch import (
     make_sharded_tensor,
     neg_view,
     storage_key,
+    view_end,
 )
 
 __all__ = [
@@ -200,17 +201,11 @@ class _Encoder(SkeletonEncoder):
             raise ReplicationError(f"cannot replicate a tensor subclass {kind}", path)
         if x.layout is not torch.strided or x.is_quantized or x.is_nested or x.is_meta:
             raise ReplicationError(f"cannot replicate a {x.layout} tensor; only strided ones", path)
-        # What the partner's decoder refuses, refused here, naming the path: sent, it came
-        # back as the partner's complaint about a field of this rank's header.
-        dtype_name = str(x.dtype).removeprefix("torch.")
-        if dtype_name not in VIEW_DTYPES:  # sub-byte integers (uint1 ... int7)
-            raise ReplicationError(f"cannot replicate a tensor of dtype {dtype_name}", path)
-        if x.is_neg() and not takes_neg_bit(x.dtype):  # torch's _neg_view() sets it on any dtype
-            raise ReplicationError(
-                f"cannot replicate a negative view (is_neg()) of dtype {dtype_name}: only "
-                "complex and floating-point views keep the bit (resolve_neg() it first)",
-                path,
-            )
+        # Sent, what the partner's decoder refuses came back as its complaint about a field
+        # of this rank's header.
+        unreadable = unreadable_view(x)
+        if unreadable is not None:
+            raise ReplicationError(f"cannot replicate {unreadable}", path)
         storage = x.untyped_storage()
         key = storage_key(storage)
         index = self._storage_index.get(key)
@@ -220,7 +215,7 @@ class _Encoder(SkeletonEncoder):
             self.storages.append(flat)
         node: dict[str, Any] = {
             "storage": index,
-            "dtype": dtype_name,
+            "dtype": str(x.dtype).removeprefix("torch."),
             "shape": list(x.shape),
             "stride": list(x.stride()),
             "offset": x.storage_offset(),
@@ -488,9 +483,7 @@ class _Decoder(SkeletonDecoder):
             # past the end is no view of what was received.
             needed = offset * dtype.itemsize
         else:
-            # the last element's index: sum((n - 1) * step), in C
-            last = offset + sum(map(operator.mul, shape, stride)) - sum(stride)
-            needed = (last + 1) * dtype.itemsize
+            needed = view_end(shape, stride, offset) * dtype.itemsize
         if needed > self._sizes[index]:
             raise self.invalid(
                 f"a view of {needed} bytes (shape {shape}, stride {stride}, field 'offset' "
