@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import math
 import sys
 import threading
 import time
@@ -585,6 +586,19 @@ def _cancelled_before_landing(inflight: _InFlight) -> None:
     inflight.landed.set()
 
 
+def _born_cancelled() -> bool:
+    """Whether the copy task calling it starts inside a scope that is cancelled already.
+
+    Why: on asyncio, anyio delivers a scope's cancellation to its tasks in a loop that ends
+    once no unshielded task is left to cancel. A caller that shields a ``stage_iter()``
+    iteration under a cancelled scope leaves none, so the loop ends, and copy tasks that
+    iteration spawns afterwards waited at their first checkpoint (a limiter) for a
+    cancellation nobody would deliver: a spin, forever (anyio 4.16; trio has no such gap).
+    Such a task fails its batches instead (:func:`_cancelled_before_landing`).
+    """
+    return anyio.current_effective_deadline() == -math.inf
+
+
 def _set_landed(landed: list[_InFlight]) -> None:
     for inflight in landed:
         inflight.landed.set()
@@ -814,6 +828,10 @@ class _Call:
             # the moment it wakes up (see _slices).
             return in_copy_slice(lane.copy_queued)
 
+        if _born_cancelled():
+            for inflight in lane.worker_not_started():
+                _cancelled_before_landing(inflight)
+            return
         try:
             landed = await anyio.to_thread.run_sync(copy_queued, limiter=self._host_limiter)
         finally:
@@ -828,6 +846,8 @@ class _Call:
     async def _copy_from_device(self, inflight: _InFlight, backend: DeviceBackend) -> None:
         """Enqueue a device batch and await its completion; its error goes to the call."""
         try:
+            if _born_cancelled():
+                return  # the finally fails the batch
             await self._enqueue_and_wait(inflight, backend)
         except Exception as exc:  # noqa: BLE001 - handed to the call, which raises it when reaped
             inflight.error = exc
