@@ -49,6 +49,10 @@ class Trace:
     def __init__(self) -> None:
         self.handles: list[Span] = []
         self.selects: list[tuple[float, float, float | None]] = []
+        self.select_waits: list[float] = []
+        """Per select: how long the loop's thread was runnable but not running meanwhile
+        (woken, waiting for a core: the guest's scheduler; the rest of a late wake-up is the
+        timer's, or the hypervisor's)."""
         self.gcs: list[tuple[float, float]] = []
         self.copies: list[tuple[float, float, int, int]] = []
         self.beats: list[tuple[float, float]] = []
@@ -74,10 +78,29 @@ class Trace:
             if ended - started > 5e-5:
                 trace.handles.append((started, ended, _name(handle)))
 
+        schedstat: dict[int, int] = {}
+
+        def run_delay() -> float:
+            """The calling thread's time runnable but not running so far, in seconds (the
+            second field of ``/proc/thread-self/schedstat``; 0 where there is none)."""
+            ident = threading.get_ident()
+            fd = schedstat.get(ident)
+            if fd is None:
+                try:
+                    fd = schedstat[ident] = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+                except OSError:
+                    fd = schedstat[ident] = -1
+            if fd < 0:
+                return 0.0
+            return int(os.pread(fd, 128, 0).split()[1]) / 1e9
+
         def select(self: selectors.EpollSelector, timeout: float | None = None) -> Any:
+            waited = run_delay()
             started = clock()
             ready = original_select(self, timeout)
-            trace.selects.append((started, clock(), timeout))
+            ended = clock()
+            trace.selects.append((started, ended, timeout))
+            trace.select_waits.append(run_delay() - waited)
             return ready
 
         intraop = int(os.environ.get("LAG_TRACE_INTRAOP", "0"))
@@ -153,6 +176,7 @@ class Trace:
     def clear(self) -> None:
         for spans in (self.handles, self.selects, self.gcs, self.copies, self.beats, self.parts):
             spans.clear()
+        self.select_waits.clear()
 
 
 class _ThreadUsage:
@@ -280,8 +304,12 @@ def _explain(trace: Trace, late_s: float, origin: float) -> list[str]:
         ran = [h for h in trace.handles if h[1] > due and h[0] < woke]
         held = sum(min(end, woke) - max(start, due) for start, end, _ in ran)
         gcs = sum(min(e, woke) - max(s, due) for s, e in trace.gcs if e > due and s < woke)
-        slept = [s for s in trace.selects if s[1] > due and s[0] < woke]
-        asleep = sum(min(end, woke) - max(start, due) for start, end, _ in slept)
+        slept = [
+            (*s, wait)
+            for s, wait in zip(trace.selects, trace.select_waits, strict=True)
+            if s[1] > due and s[0] < woke
+        ]
+        asleep = sum(min(end, woke) - max(start, due) for start, end, _, _ in slept)
         copies = [c for c in trace.copies if c[1] > due and c[0] < woke]
         lines.append(
             f"  beat due {1e3 * (due - origin):8.2f} ms, {1e3 * lateness:6.2f} ms late: "
@@ -301,12 +329,13 @@ def _explain(trace: Trace, late_s: float, origin: float) -> list[str]:
                 lines.append(
                     f"      part {_ms(end - start)} ms at {_ms(start - origin, 8)}{clock}: {name}"
                 )
-        for start, end, timeout in slept:
+        for start, end, timeout, wait in slept:
             if end - start > 0.0015 or (timeout is not None and end - start > timeout + 0.0005):
                 lines.append(
                     f"      select {1e3 * (end - start):6.2f} ms (timeout "
                     f"{'-' if timeout is None else f'{1e3 * timeout:.2f}'}) at "
-                    f"{1e3 * (start - origin):8.2f}"
+                    f"{1e3 * (start - origin):8.2f}, of which runnable, waiting for a core, "
+                    f"{1e3 * wait:.2f} ms"
                 )
     return lines
 
