@@ -685,7 +685,11 @@ class CheckpointDir:
         """
         self._closed = True
         for handle in self._pending:
-            await handle.wait_quietly()
+            # Only a save still running is waited for: waiting for one that ended is a
+            # checkpoint, where a cancelled `async with` block (whose saves its task group
+            # has ended) would stop here and leave the stager below open.
+            if not handle.done():
+                await handle.wait_quietly()
         self._pending = []
         if self._own_stager:
             with anyio.CancelScope(shield=True):  # the saves are over: nothing to wait for
