@@ -10,6 +10,7 @@ Each test here failed before its fix.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from pathlib import Path
@@ -18,8 +19,15 @@ from typing import Any
 import anyio
 import pytest
 import torch
+import torch.distributed as dist
+import torch.distributed.tensor  # imported here, not on the loop by the first replica file (0.5 s)
+from test_hunt_replication import ScriptedPartner
 
 import astage
+from astage._files._writer import SafetensorsWriter
+from astage._replication import _stager
+from astage._replication._transport import ReplicaReady
+from astage._replication._wire import encode
 
 WAIT_S = 10.0  # generous: only a hang waits this long
 
@@ -72,3 +80,76 @@ async def test_a_cancelled_checkpoint_dir_block_still_closes_its_own_stager(
             await again.save(2, state(2))
         assert again.latest_step() == 2
     assert_only_complete_checkpoints(tmp_path)
+
+
+@pytest.mark.asyncio
+async def test_a_persisting_exchange_cancelled_while_its_file_begins_raises_the_cancellation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ReplicationStager with a storage_dir, cancelled while the replica file was being
+    begun (a worker thread the task waits for, shielded): the exchange's own task was
+    cancelled (its thread abandoned), the caller's was not yet, and on asyncio the task group
+    around them ended without a checkpoint, so stage() raised a raw ValueError (`(result,) =
+    outcome` on no outcome) instead of the cancellation."""
+    for name, value in [
+        ("is_initialized", lambda: True),
+        ("get_backend", lambda group=None: "gloo"),
+    ]:
+        monkeypatch.setattr(dist, name, value)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    theirs = {"w": torch.arange(1024.0)}
+
+    def partner(call: int) -> None:
+        encoded = encode(theirs, call=call)
+        scripted = ScriptedPartner(json.dumps(encoded.header).encode(), 4096)
+        scripted.sends[3] = encoded.storages[0].clone()
+        monkeypatch.setattr(dist, "isend", scripted.isend)
+        monkeypatch.setattr(dist, "irecv", scripted.irecv)
+
+    opening, cancelled, exchanged = threading.Event(), threading.Event(), threading.Event()
+    put, close, open_file = _stager._Mailbox.put, _stager._Mailbox.close, SafetensorsWriter._open
+
+    def put_then_wait(mailbox: Any, progress: Any) -> None:
+        put(mailbox, progress)
+        if isinstance(progress, ReplicaReady):  # the exchange thread goes on once cancelled
+            cancelled.wait(WAIT_S)
+
+    def close_and_tell(mailbox: Any) -> None:
+        close(mailbox)
+        exchanged.set()
+
+    def open_once_over(writer: Any, *args: Any) -> None:
+        opening.set()  # the caller's task waits for this thread, shielded
+        cancelled.wait(WAIT_S)
+        exchanged.wait(WAIT_S)
+        open_file(writer, *args)
+
+    monkeypatch.setattr(_stager._Mailbox, "put", put_then_wait)
+    monkeypatch.setattr(_stager._Mailbox, "close", close_and_tell)
+    monkeypatch.setattr(SafetensorsWriter, "_open", open_once_over)
+
+    async def cancel_once_opening(scope: anyio.CancelScope) -> None:
+        await anyio.to_thread.run_sync(opening.wait, WAIT_S)
+        scope.cancel()
+        cancelled.set()
+
+    partner(1)
+    replicas = tmp_path / "replicas"
+    stager = astage.ReplicationStager(storage_dir=replicas, timeout=WAIT_S)
+    mine = {"x": torch.randn(1024)}
+    with anyio.fail_after(WAIT_S):
+        async with anyio.create_task_group() as tasks:
+            with anyio.CancelScope() as scope:
+                tasks.start_soon(cancel_once_opening, scope)
+                await stager.stage(mine)
+        assert scope.cancelled_caught
+        assert [n for n in os.listdir(replicas) if n.endswith(".tmp")] == []
+        # The exchange itself ran to its end: the pair is in step, and the next call works.
+        monkeypatch.setattr(SafetensorsWriter, "_open", open_file)
+        partner(2)
+        replica = await stager.stage(mine)
+        assert torch.equal(replica["w"], theirs["w"])
+        await stager.aclose()
+    assert stager.replica_path is not None
+    assert torch.equal(astage.load(stager.replica_path)["w"], theirs["w"])

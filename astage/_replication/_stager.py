@@ -45,6 +45,7 @@ from types import TracebackType
 from typing import Any, Final
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 import torch.distributed as dist
 
@@ -225,6 +226,12 @@ class ReplicationStager:
                         tasks.start_soon(run_exchange)
                         async for progress in mailbox:
                             await file.follow(progress)
+                    if not outcome:
+                        # The exchange's task was cancelled while this one, waiting shielded
+                        # for the file's thread, was not yet; on asyncio the task group's exit
+                        # is no checkpoint once its tasks are over: the cancellation is raised
+                        # here, not lost in a ValueError below.
+                        await anyio.lowlevel.checkpoint_if_cancelled()
                     (result,) = outcome
                     if isinstance(result, Exception):
                         raise result
