@@ -277,12 +277,14 @@ async def test_a_cached_calls_copies_run_while_its_walk_goes_on(
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("walk", ["one turn", "several turns"])
 async def test_stage_iter_hands_out_each_batch_as_it_lands(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, walk: str
 ) -> None:
     # With batches still queued, a plain call's worker tells the loop nothing before the queue
     # ran dry; a stage_iter consumer gets the first tensor anyway, while the second batch
-    # waits for it.
+    # waits for it. A walk of several turns, during which the first batch landed, held that
+    # tensor back until the batch after the walk landed too (here: never).
     handed_out = threading.Event()
     started: list[int] = []
 
@@ -293,16 +295,20 @@ async def test_stage_iter_hands_out_each_batch_as_it_lands(
         run_host_batch(batch)
 
     monkeypatch.setattr(_async, "run_host_batch", run)
-    source = big_state_dict(8, 256 * KiB)
+    source: dict[str, Any] = big_state_dict(8, 256 * KiB)
+    chunk, hold = 256 * KiB, 0.05
+    if walk == "several turns":
+        source = {f"s{i}": torch.full((16,), float(i)) for i in range(4000)}
+        chunk, hold = 4 * KiB, 5e-4
     async with astage.Stager(
-        copy_threads=1, chunk_bytes=256 * KiB, max_inflight_bytes=2 * MiB, max_loop_hold_s=0.05
+        copy_threads=1, chunk_bytes=chunk, max_inflight_bytes=2 * MiB, max_loop_hold_s=hold
     ) as stager:
         async with stager.stage_iter(source) as landed:
             paths = []
             async for path, _ in landed:
                 paths.append(path)
                 handed_out.set()
-        assert len(paths) == 8
+        assert len(paths) == len(source)
         assert handed_out.is_set()
 
 

@@ -176,6 +176,55 @@ async def test_a_call_cancelled_between_its_pieces_leaves_the_stager_usable(
             await anyio.to_thread.run_sync(assert_tree_staged, staged, source)
 
 
+@pytest.mark.asyncio
+async def test_buffers_a_first_call_left_unwritten_are_not_copied_into_on_the_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A first call that ended before its copies (a stage_iter block left after its first
+    tensor) allocated buffers it never wrote: the next call, which allocated nothing, copied
+    into them on the loop's thread and took their page faults there."""
+    source = await anyio.to_thread.run_sync(optimizer_like)
+    threads = CopyThreads(monkeypatch)
+    counted = _async.run_host_batch
+    closed = threading.Event()
+    batches = 0
+
+    def second_waits_for_the_close(batch: Any) -> None:
+        # The worker copies its queue until it runs dry: the second batch holds it there
+        # until the block's exit has dropped the queued ones.
+        nonlocal batches
+        batches += 1
+        if batches == 2:
+            assert closed.wait(5.0)
+        counted(batch)
+
+    close = _async._HostLane.close
+
+    def closing(lane: Any) -> Any:
+        dropped = close(lane)
+        closed.set()
+        return dropped
+
+    monkeypatch.setattr(_async, "run_host_batch", second_waits_for_the_close)
+    monkeypatch.setattr(_async._HostLane, "close", closing)
+    async with astage.Stager(copy_threads=1, chunk_bytes=4096) as stager:
+        async with stager.stage_iter(source) as landed:
+            async for _ in landed:
+                break  # the copies not started yet never run
+        assert batches == 2, batches
+        monkeypatch.setattr(_async, "run_host_batch", counted)
+        threads.clear()
+        staged = await stager.stage(source)
+        assert stager.last_stats is not None and stager.last_stats.new_nbytes == 0
+        assert not threads.pieces, "copies into buffers never written ran on the loop"
+        await anyio.to_thread.run_sync(assert_tree_staged, staged, source)
+        del staged
+        threads.clear()
+        staged = await stager.stage(source)  # every buffer written now: the loop lane again
+        assert threads.pieces and not threads.batches
+        await anyio.to_thread.run_sync(assert_tree_staged, staged, source)
+
+
 def test_the_lane_takes_only_small_cpu_copies_into_touched_buffers() -> None:
     class FakePlan:
         new_buffers = 0

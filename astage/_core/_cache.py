@@ -429,6 +429,20 @@ class BufferCache:
             for buffer in buffers:
                 untouched.pop(id(buffer), None)
 
+    def unwritten(self, buffers: list[HostBuffer], since: int) -> None:
+        """A call ended before it copied into ``buffers``: those it allocated itself (serials
+        from ``since``) are fresh memory still, as a ``reserve()`` cut short leaves them
+        (:attr:`untouched`), and the next call must not copy into them on the loop's thread
+        (the async face's loop lane), which would wait for their page faults.
+
+        Only for buffers nothing was handed out from: a call hands out no tensor whose
+        copies have not all landed, and a result it never returned holds none.
+        """
+        untouched = self.untouched
+        for buffer in buffers:
+            if buffer.serial >= since:
+                untouched[id(buffer)] = buffer
+
     def info(self) -> CacheInfo:
         buffers = self._buffers()
         return CacheInfo(

@@ -631,6 +631,8 @@ class _Call:
         self._turn = _Turn(stager, what)
         self._copies: anyio.abc.TaskGroup | None = None
         self._run: Run[_InFlight] | None = None
+        self._first_serial = 0
+        """The serial of the first buffer this call may allocate (``HostBuffer.serial``)."""
         self.buffer_set: BufferSet | None = None
         self._walked = False
         self._host_limiter: anyio.CapacityLimiter | None = None
@@ -651,6 +653,7 @@ class _Call:
             stager._check_open()
             buffer_set = await stager._sets.board.wait_for_async(stager._free_set)
             await stager._decide_huge_pages()
+            self._first_serial = buffer_set.cache.allocations
             self._run = stager._new_run(
                 self._state_dict, buffer_set, track_leaves=self._track_leaves
             )
@@ -691,8 +694,13 @@ class _Call:
             # waits for the started ones to land.
             await self._copies.__aexit__(None, None, None)
         finally:
-            if self._run is not None:  # a failed or cancelled call's (a finished one's: empty)
-                self._run.cache.written(self._run.plan.copies.buffers)
+            run = self._run
+            if run is not None:  # a failed or cancelled call's (a finished one's: empty)
+                buffers = run.plan.copies.buffers
+                run.cache.written(buffers[: run.landed])
+                # Copies from the first that did not land (some after it may have): those
+                # the call allocated stay fresh memory for the next call to fault in.
+                run.cache.unwritten(buffers[run.landed :], self._first_serial)
             self._run = None
             self._state_dict = None
             self._stager._end_call()
@@ -730,6 +738,9 @@ class _Call:
         if not self._walked:
             await self._walk()
             self._walked = True
+            # What landed during the walk goes to a stage_iter consumer now: waiting for
+            # the next batch first held it back by that batch's copy.
+            return True
         if run.finished:
             self._stager._finish(run)
             return False
