@@ -49,6 +49,7 @@ class CopyThreads:
             self.batches.append(threading.get_ident())
             batch(b)
 
+        self.counted_batch = counted_batch
         monkeypatch.setattr(_async, "copy_host_piece", counted_piece)
         monkeypatch.setattr(_async, "run_host_batch", counted_batch)
 
@@ -185,7 +186,7 @@ async def test_buffers_a_first_call_left_unwritten_are_not_copied_into_on_the_lo
     into them on the loop's thread and took their page faults there."""
     source = await anyio.to_thread.run_sync(optimizer_like)
     threads = CopyThreads(monkeypatch)
-    counted = _async.run_host_batch
+    counted = threads.counted_batch
     closed = threading.Event()
     batches = 0
 
