@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import in_a_fresh_interpreter
 
 import astage
 from astage._replication._pairing import pairing
@@ -335,6 +336,25 @@ async def test_the_replica_file_keeps_a_state_dicts_metadata(tmp_path: Any) -> N
     loaded = await anyio.to_thread.run_sync(astage.load, path)
     assert list(loaded) == list(state)
     assert getattr(loaded, "_metadata", None) == state._metadata
+
+
+def test_encoding_or_persisting_a_replica_imports_no_dtensor_module() -> None:
+    # The wire encoder imported torch.distributed.tensor to ask whether each tensor was a
+    # DTensor: 0.3-0.5 s (sympy with it) on the event loop, in a replication stager's first
+    # exchange (the test above tripped the blocking detector when it ran first). A fresh
+    # interpreter: this one has imported it already.
+    done = in_a_fresh_interpreter(
+        """
+        import sys, torch
+        from astage._replication._wire import encode
+        from astage._replication._persist import _plain
+        state = torch.nn.BatchNorm1d(3).state_dict()
+        encode(state, call=1)
+        _plain(state, (), [], {})
+        print("torch.distributed.tensor" in sys.modules)
+        """
+    )
+    assert done.stdout.strip() == "False", done.stdout + done.stderr
 
 
 # -- deadlines ------------------------------------------------------------------------------------

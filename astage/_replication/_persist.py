@@ -24,7 +24,6 @@ and raised, naming both ranks and the file, once the exchange is over.
 from __future__ import annotations
 
 import json
-import sys
 from collections import OrderedDict
 from contextlib import AsyncExitStack
 from types import TracebackType
@@ -33,6 +32,7 @@ from typing import Any
 import torch
 
 from .._errors import ReplicationError, UsageError
+from .._files._skeleton import is_dtensor
 from .._files._writer import SafetensorsWriter
 from .._paths import Path, format_path
 from .._torch import dtensor_local, dtensor_spec, is_sharded_tensor
@@ -159,10 +159,7 @@ def _plain(
     list of its local shards (what a checkpoint file can hold); their specs go to
     ``dtensors`` (ShardedTensors' under ``_SHARDED``).
     """
-    # Never imported here: the first import takes ~1 s, on the event loop. A DTensor can only
-    # exist once its module has been imported by someone else.
-    module = sys.modules.get("torch.distributed.tensor")
-    if module is not None and isinstance(x, module.DTensor):
+    if is_dtensor(x):  # never imports torch.distributed.tensor: ~1 s, on the event loop
         spec = dtensor_spec(x)
         dtensors[format_path(path)] = {
             "placements": [placement_to_json(p, path) for p in spec.placements],

@@ -52,6 +52,7 @@ from .._files._skeleton import (
     VIEW_DTYPES,
     SkeletonDecoder,
     SkeletonEncoder,
+    is_dtensor,
     local_shape_problem,
     mesh_problem,
     placement_from_node,
@@ -190,9 +191,10 @@ class _Encoder(SkeletonEncoder):
         self._storage_index: dict[int, int] = {}
 
     def encode_tensor(self, x: torch.Tensor, path: Path) -> Any:
-        from torch.distributed.tensor import DTensor
-
-        if isinstance(x, DTensor):
+        # Not imported to ask: the first import of torch.distributed.tensor took 0.3-0.5 s
+        # (sympy with it), on the event loop in the exchange's first call, and a DTensor
+        # exists only once someone else has imported it.
+        if is_dtensor(x):
             return self._dtensor(x, path)
         if is_sharded_tensor(x):
             return self._sharded(x, path)
