@@ -59,6 +59,7 @@ import anyio.from_thread
 import anyio.to_thread
 import torch
 
+from .._drivers._gc import gc_paused
 from .._errors import CheckpointWriteError, InvalidOptionsError, UsageError
 from .._paths import Path, format_path
 from ._layout import Entry, Layout, plan_layout
@@ -432,7 +433,11 @@ class SafetensorsWriter:
 
     def _open(self, state_dict: Any, background: bool) -> None:
         """Runs in a thread: plan, create the temporary file, write the header, start threads."""
-        layout = plan_layout(state_dict, self.metadata)
+        # The plan allocates a few objects per tensor, which set off collections over the
+        # whole heap: over 20,000 small tensors, oldest-generation passes of 60-170 ms, which
+        # hold the GIL and so stalled the event loop this thread was meant to spare.
+        with gc_paused():
+            layout = plan_layout(state_dict, self.metadata)
         self.layout = layout
         folder, name = os.path.split(self.path)
         self.temp_path = os.path.join(folder, temp_name(name))
