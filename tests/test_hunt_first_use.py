@@ -155,3 +155,26 @@ def test_a_replication_exchange_encodes_and_decodes_with_the_collector_paused(
     replica = transport.exchange({"x": torch.ones(2)}, call=1)
     assert torch.equal(replica["w"], w)
     assert thresholds == {"encode": 0, "decode": 0}
+
+
+@pytest.mark.asyncio
+async def test_aclose_drops_the_buffers_in_a_worker_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``aclose()`` dropped every buffer (and the recordings with them) on the loop's thread:
+    50-70 ms over 20,000 buffers, on every close (a CheckpointDir's exit, a replication
+    stager's close too)."""
+    from astage._core._cache import BufferCache
+
+    threads: list[threading.Thread] = []
+    clear = BufferCache.clear
+
+    def recorded(cache: BufferCache) -> None:
+        threads.append(threading.current_thread())
+        clear(cache)
+
+    monkeypatch.setattr(BufferCache, "clear", recorded)
+    stager = astage.Stager()
+    await stager.stage(_small_tensors(100))
+    await stager.aclose()
+    assert threads and threading.current_thread() not in threads
