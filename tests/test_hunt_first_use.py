@@ -178,3 +178,60 @@ async def test_aclose_drops_the_buffers_in_a_worker_thread(
     await stager.stage(_small_tensors(100))
     await stager.aclose()
     assert threads and threading.current_thread() not in threads
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("into", [False, True])
+async def test_a_load_reads_with_the_collector_paused(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, into: bool
+) -> None:
+    """A load makes a tensor and a few dicts per entry, which set off oldest-generation
+    collections of 100-165 ms over 20,000 small tensors beside a large live heap, twice a
+    call: from load_async's worker thread they held the GIL, and so the event loop."""
+    from astage._files import _load, _restore
+
+    if not gc.isenabled() or gc.get_threshold()[0] == 0:
+        pytest.skip("the collector is off: nothing to pause")
+    path = os.fspath(tmp_path / "a.safetensors")
+    source = _small_tensors(10)
+    await astage.save(source, path)
+    thresholds: list[int] = []
+    read = _load.read_checked
+
+    def recording(*args: Any) -> Any:
+        thresholds.append(gc.get_threshold()[0])
+        return read(*args)
+
+    monkeypatch.setattr(_load, "read_checked", recording)
+    monkeypatch.setattr(_restore, "read_checked", recording)
+    await astage.load_async(path, into=source if into else None)
+    assert thresholds == [0]
+    assert gc.get_threshold()[0] != 0  # resumed after
+
+
+def test_a_restore_of_small_tensors_hands_its_threads_a_few_jobs(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each tensor's read was a future of the restore's thread pool: ~30 us of hand-over per
+    tensor, so restoring 20,000 small optimizer tensors took 0.95 s where load() of the same
+    file took 0.26 s."""
+    import concurrent.futures
+
+    path = os.fspath(tmp_path / "a.safetensors")
+    source = _small_tensors(2000)
+    astage.save_sync(source, path)
+    submitted = 0
+    submit = concurrent.futures.ThreadPoolExecutor.submit
+
+    def counted(pool: Any, *args: Any, **kwargs: Any) -> Any:
+        nonlocal submitted
+        submitted += 1
+        return submit(pool, *args, **kwargs)
+
+    monkeypatch.setattr(concurrent.futures.ThreadPoolExecutor, "submit", counted)
+    into = _small_tensors(2000)
+    for entry in into["state"].values():
+        entry["exp_avg"].zero_()
+    astage.load(path, into=into)
+    assert into["state"][1999]["exp_avg"].tolist() == [1.0] * 4
+    assert submitted <= 4, submitted

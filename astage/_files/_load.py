@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .._drivers._gc import gc_paused
 from .._errors import (
     AcceleratorUnavailableError,
     AstageError,
@@ -109,6 +110,10 @@ def check_file(path: str | os.PathLike[str]) -> None:
         Decoder(header.entries, None, name, None).decode(document)
 
 
+# Collections paused: the objects a load makes (a tensor and a few dicts per entry) set off
+# full-heap collections, 100-165 ms each over 20,000 tensors beside a large live heap, which
+# hold the GIL: from load_async's worker thread they stalled the event loop as long.
+@gc_paused()
 def load(
     path: str | os.PathLike[str],
     *,
@@ -316,36 +321,40 @@ def _no_constant(name: str) -> Any:
 
 
 def _entry(key: str, info: Any, path: str) -> Stored:
-    where = f"{path}: header entry {abridged(key)}"
+    def where() -> str:  # only for a message: the key's repr cost 2 us per entry
+        return f"{path}: header entry {abridged(key)}"
+
     if not isinstance(info, dict):
-        raise CheckpointFormatError(f"{where} is not a JSON object")
+        raise CheckpointFormatError(f"{where()} is not a JSON object")
     for part in ("dtype", "shape", "data_offsets"):
         if part not in info:
-            raise CheckpointFormatError(f"{where}: missing {part!r}")
+            raise CheckpointFormatError(f"{where()}: missing {part!r}")
     dtype = _DTYPES_BY_NAME.get(info["dtype"]) if isinstance(info["dtype"], str) else None
     if dtype is None:
-        raise CheckpointFormatError(f"{where}: unsupported dtype {abridged(info['dtype'])}")
+        raise CheckpointFormatError(f"{where()}: unsupported dtype {abridged(info['dtype'])}")
     shape = info["shape"]
     if not _sizes(shape):
         raise CheckpointFormatError(
-            f"{where}: 'shape' must be a list of at most {_MAX_DIMS} sizes (ints >= 0), "
+            f"{where()}: 'shape' must be a list of at most {_MAX_DIMS} sizes (ints >= 0), "
             f"not {abridged(shape)}"
         )
     offsets = info["data_offsets"]
     if not (_sizes(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1]):
         raise CheckpointFormatError(
-            f"{where}: 'data_offsets' must be [begin, end] with 0 <= begin <= end, "
+            f"{where()}: 'data_offsets' must be [begin, end] with 0 <= begin <= end, "
             f"not {abridged(offsets)}"
         )
     begin, end = offsets
     nbytes = _numel(shape) * dtype.itemsize
     if nbytes != end - begin:
         raise CheckpointFormatError(
-            f"{where}: 'data_offsets' span {end - begin} bytes, its dtype and shape need {nbytes}"
+            f"{where()}: 'data_offsets' span {end - begin} bytes, its dtype and shape need {nbytes}"
         )
     refused = _empty_shape_refused(shape, dtype)
     if refused is not None:
-        raise CheckpointFormatError(f"{where}: torch refuses 'shape' {abridged(shape)}: {refused}")
+        raise CheckpointFormatError(
+            f"{where()}: torch refuses 'shape' {abridged(shape)}: {refused}"
+        )
     return Stored(key, dtype, shape, begin, end)
 
 

@@ -46,6 +46,7 @@ import anyio.from_thread
 import anyio.to_thread
 import torch
 
+from .._drivers._gc import gc_paused
 from .._errors import InvalidOptionsError
 from .._paths import Path
 from .._torch import dense_strides, neg_view, storage_shortfall
@@ -78,8 +79,17 @@ SEQUENTIAL_BELOW = 2 << 30
 read on one thread, front to back."""
 _POLL_SECONDS = 0.05
 """How often :func:`load_async`'s waiting thread looks for a cancellation."""
+BATCH_SHARE = 32
+"""Jobs smaller than ``PIECE_BYTES // BATCH_SHARE`` (1 MiB) go to the threads together, in
+the file's order, up to that many bytes (or :data:`BATCH_JOBS` jobs) at a time
+(:func:`_batches`)."""
+BATCH_JOBS = 1024
 
 
+# Collections paused: the objects a load makes (a tensor and a few dicts per entry) set off
+# full-heap collections, 100-165 ms each over 20,000 tensors beside a large live heap, which
+# hold the GIL: from load_async's worker thread they stalled the event loop as long.
+@gc_paused()
 def restore(
     path: str | os.PathLike[str],
     into: Any,
@@ -497,16 +507,19 @@ def _run(jobs: list[_Job], poll: Callable[[], None] | None) -> None:
         if poll is not None:
             poll()
     stop = threading.Event()
+    batches = list(_batches(jobs))
 
-    def guarded(job: _Job) -> None:
-        if not stop.is_set():
+    def guarded(batch: list[_Job]) -> None:
+        for job in batch:
+            if stop.is_set():
+                return
             job.run()
 
     with concurrent.futures.ThreadPoolExecutor(
-        max_workers=min(threads, max(1, len(jobs))), thread_name_prefix="astage-restore"
+        max_workers=min(threads, max(1, len(batches))), thread_name_prefix="astage-restore"
     ) as pool:
         # One worker takes them in order: the pool's queue is first in, first out.
-        pending = {pool.submit(guarded, job) for job in jobs}
+        pending = {pool.submit(guarded, batch) for batch in batches}
         try:
             while pending:
                 done, pending = concurrent.futures.wait(
@@ -522,6 +535,32 @@ def _run(jobs: list[_Job], poll: Callable[[], None] | None) -> None:
             # On an error or a cancellation: start nothing new, and leave only once the
             # pieces being read are done (the pool's exit waits for them).
             stop.set()
+
+
+def _batches(jobs: list[_Job]) -> Iterator[list[_Job]]:
+    """``jobs`` in runs for one thread each, in order: a large job alone, small ones together.
+
+    Why: a job a future of its own cost the pool's hand-over (~30 us) per small tensor; a
+    restore of 20,000 small optimizer tensors took 0.95 s, where load() of the same file
+    took 0.26 s.
+    """
+    most = PIECE_BYTES // BATCH_SHARE
+    batch: list[_Job] = []
+    nbytes = 0
+    for job in jobs:
+        if job.nbytes >= most:
+            if batch:
+                yield batch
+                batch, nbytes = [], 0
+            yield [job]
+            continue
+        batch.append(job)
+        nbytes += job.nbytes
+        if nbytes >= most or len(batch) >= BATCH_JOBS:
+            yield batch
+            batch, nbytes = [], 0
+    if batch:
+        yield batch
 
 
 def _host_memory(tensor: torch.Tensor) -> bool:
