@@ -347,6 +347,33 @@ async def test_stage_iter_gives_the_loop_a_turn_while_it_hands_out_landed_tensor
 
 
 @pytest.mark.asyncio
+async def test_a_stage_iter_block_lets_go_of_its_tensors_in_turns(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Leaving the block dropped the call's leaves and copies (every staged tensor it handed
+    # out, and their sources) in one go: 10-13 ms of loop over 50,000 tensors.
+    source = {f"s{i}": torch.full((4,), float(i)) for i in range(20_000)}
+    yields = 0
+    exiting = False
+    yield_to_due_timers = _async._yield_to_due_timers
+
+    async def counted() -> None:
+        nonlocal yields
+        yields += exiting
+        await yield_to_due_timers()
+
+    monkeypatch.setattr(_async, "_yield_to_due_timers", counted)
+    stager = astage.Stager(max_loop_hold_s=2e-4)
+    async with stager:
+        async with stager.stage_iter(source) as landed:
+            async for _ in landed:
+                pass
+            exiting = True
+        exiting = False
+    assert yields >= 2, yields
+
+
+@pytest.mark.asyncio
 async def test_failing_host_batch_fails_its_call_and_the_stager_stays_usable(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

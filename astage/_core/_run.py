@@ -192,6 +192,11 @@ class Run(Generic[T]):
     def finished(self) -> bool:
         return self.plan.done and not self.pending and self._peek(final=True) is None
 
+    def held_lists(self) -> tuple[list[Any], ...]:
+        """What the run holds per tensor (copies, leaves), for a caller that empties it in
+        steps before letting go of the run."""
+        return (*self.plan.copies.lists(), self.plan.leaves, self._leaves or [])
+
     def landed_leaves(self) -> list[Leaf]:
         """Tensors whose copies have all landed and that were not handed out yet."""
         if self._leaves is None:

@@ -698,16 +698,22 @@ class _Call:
             await self._copies.__aexit__(None, None, None)
         finally:
             run = self._run
-            if run is not None:  # a failed or cancelled call's (a finished one's: empty)
-                buffers = run.plan.copies.buffers
-                run.cache.written(buffers[: run.landed])
-                # Copies from the first that did not land (some after it may have): those
-                # the call allocated stay fresh memory for the next call to fault in.
-                run.cache.unwritten(buffers[run.landed :], self._first_serial)
-            self._run = None
-            self._state_dict = None
-            self._stager._end_call()
-            await self._turn.__aexit__(None, None, None)
+            try:
+                if run is not None:  # a failed or cancelled call's (a finished one's: empty)
+                    buffers = run.plan.copies.buffers
+                    run.cache.written(buffers[: run.landed])
+                    # Copies from the first that did not land (some after it may have): those
+                    # the call allocated stay fresh memory for the next call to fault in.
+                    run.cache.unwritten(buffers[run.landed :], self._first_serial)
+                    # A stage_iter block's (or a call cut short): let go of in turns. In one
+                    # go, the leaves and copies of 50,000 tensors held the loop 10-13 ms.
+                    with anyio.CancelScope(shield=True):
+                        await self._empty_in_turns(run.held_lists())
+            finally:
+                self._run = None
+                self._state_dict = None
+                self._stager._end_call()
+                await self._turn.__aexit__(None, None, None)
 
     @property
     def run(self) -> Run[_InFlight]:
@@ -729,8 +735,10 @@ class _Call:
         twins, buffers) held the loop 1.2-1.8 ms at the end of a call. ``stage_iter`` keeps
         them: it hands out tensors by copy index until its block exits.
         """
-        copies = self.run.plan.copies
-        steps = empty_in_steps(*copies.lists())
+        await self._empty_in_turns(self.run.plan.copies.lists())
+
+    async def _empty_in_turns(self, lists: tuple[list[Any], ...]) -> None:
+        steps = empty_in_steps(*lists)
         hold = self._stager._resolved.max_loop_hold_s
         while not _walk_for(steps, hold):
             await _yield_to_due_timers()
