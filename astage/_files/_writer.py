@@ -474,7 +474,12 @@ class SafetensorsWriter:
             # (a failed write is the threads' to report, once sealed)
             raise UsageError(f"{self.path}: this writer is {self._state}, not open")
         assert self.layout is not None
-        missing = [e for e in self.layout.entries if id(e) not in self._scheduled]
+        entries = self.layout.entries
+        # Every id in _scheduled is an entry's: equal counts mean none is missing (the list
+        # below, on the loop, took a few ms over 50,000 entries at every commit).
+        if len(self._scheduled) == len(entries):
+            return
+        missing = [e for e in entries if id(e) not in self._scheduled]
         if missing:
             where = format_path(missing[0].paths[0])
             raise UsageError(f"{self.path}: commit() before the tensor at {where} was written")
