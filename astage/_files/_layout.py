@@ -35,6 +35,7 @@ from ._safetensors import (
     MAX_HEADER_BYTES,
     METADATA_KEY,
     header_text,
+    json_text,
 )
 from ._skeleton import (
     SkeletonEncoder,
@@ -129,10 +130,9 @@ def plan_layout(state_dict: Any, metadata: Mapping[str, str] | None = None) -> L
         if reserved in user:
             raise UnsavableError(f"the metadata key {reserved!r} is reserved for astage")
     header_meta = {"format": "pt", **user}
-    header_meta[METADATA_KEY] = json.dumps(
+    header_meta[METADATA_KEY] = json_text(
         # "sealed": the header carries its digest; a loader then refuses one without it.
-        {"version": FORMAT_VERSION, "sealed": True, "skeleton": skeleton},
-        separators=(",", ":"),
+        {"version": FORMAT_VERSION, "sealed": True, "skeleton": skeleton}
     )
     entries: dict[str, Any] = {}
     offset = 0

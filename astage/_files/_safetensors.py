@@ -100,6 +100,98 @@ if sys.byteorder != "little":  # pragma: no cover - safetensors is little-endian
 _UNSEALED = f'"{DIGEST_KEY}":"{"0" * 64}"'.encode()
 
 
+JSON_PIECE = 256
+"""The most items of one list or dict that :func:`json_text` hands to one ``json.dumps``."""
+JSON_OPEN_DEPTH = 8
+"""How deep :func:`json_text` opens small containers to look for big ones inside."""
+
+
+def json_text(value: Any) -> str:
+    """``json.dumps(value, separators=(",", ":"))``, the same text, made in pieces.
+
+    Why: the C encoder holds the GIL for all of a call. A save's header over 20,000 tensors
+    took two calls of 17 and 29 ms, in a worker thread: the event loop could not run
+    meanwhile, the longest stall of such a save. Here a list or dict of more than
+    :data:`JSON_PIECE` items is encoded that many items at a time (an item that is itself such
+    a container in pieces of its own), and the small containers of the top
+    :data:`JSON_OPEN_DEPTH` levels, where a skeleton nests its big ones, item by item.
+    """
+    parts: list[str] = []
+    _json_parts(value, parts, 0)
+    return "".join(parts)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _json_parts(value: Any, parts: list[str], depth: int) -> None:
+    kind = type(value)
+    if kind is not dict and kind is not list:
+        parts.append(_dumps(value))
+        return
+    count = len(value)
+    if count > JSON_PIECE:
+        _json_chunked(value, parts, depth)
+    elif count and depth < JSON_OPEN_DEPTH:
+        if kind is list:
+            parts.append("[")
+            for index, item in enumerate(value):
+                if index:
+                    parts.append(",")
+                _json_parts(item, parts, depth + 1)
+            parts.append("]")
+        else:
+            parts.append("{")
+            for index, (key, item) in enumerate(value.items()):
+                if index:
+                    parts.append(",")
+                parts.append(_dumps({key: 0})[1:-3])  # the key as json.dumps writes it
+                parts.append(":")
+                _json_parts(item, parts, depth + 1)
+            parts.append("}")
+    else:
+        parts.append(_dumps(value))
+
+
+def _is_big(item: Any) -> bool:
+    return (type(item) is dict or type(item) is list) and len(item) > JSON_PIECE
+
+
+def _json_chunked(value: dict[Any, Any] | list[Any], parts: list[str], depth: int) -> None:
+    """A big list or dict: runs of small items in one ``json.dumps`` each, big items alone."""
+    is_list = isinstance(value, list)
+    items = value if isinstance(value, list) else list(value.items())
+    parts.append("[" if is_list else "{")
+    run: list[Any] = []
+    first = True
+
+    def flush() -> None:
+        nonlocal first
+        if run:
+            text = _dumps(run if is_list else dict(run))
+            parts.append(text[1:-1] if first else "," + text[1:-1])
+            first = False
+            run.clear()
+
+    for item in items:
+        if _is_big(item if is_list else item[1]):
+            flush()
+            if not first:
+                parts.append(",")
+            first = False
+            if not is_list:
+                parts.append(_dumps({item[0]: 0})[1:-3])
+                parts.append(":")
+            _json_parts(item if is_list else item[1], parts, depth + 1)
+            continue
+        run.append(item)
+        if len(run) == JSON_PIECE:
+            flush()
+    flush()
+    parts.append("]" if is_list else "}")
+
+
 def header_text(header: dict[str, Any], align: int = 8, then: int = 0) -> bytes:
     """The JSON text of ``header``, padded with spaces (which safetensors allows after the
     JSON) so that the 8-byte length prefix, the text and ``then`` bytes after it end at a
@@ -107,7 +199,7 @@ def header_text(header: dict[str, Any], align: int = 8, then: int = 0) -> bytes:
     its digest: the SHA-256 of the very text, taken while the digest's 64 hex digits are
     zeros (cheap: one hash, no canonical form)."""
     header["__metadata__"][DIGEST_KEY] = "0" * 64
-    text = json.dumps(header, separators=(",", ":")).encode()
+    text = json_text(header).encode()
     text += b" " * (-(8 + len(text) + then) % align)
     assert text.count(_UNSEALED) == 1  # inside a JSON string a quote is escaped: no lookalike
     digest = hashlib.sha256(text).hexdigest()
