@@ -131,12 +131,9 @@ def test_a_replication_exchange_encodes_and_decodes_with_the_collector_paused(
     a collection holds the GIL, so the caller's event loop stalled with it."""
     if not gc.isenabled() or gc.get_threshold()[0] == 0:
         pytest.skip("the collector is off: nothing to pause")
-    import json
+    from test_hunt_replication import exchange_with_an_honest_partner
 
-    import torch.distributed as dist
-    from test_hunt_replication import ScriptedPartner
-
-    from astage._replication import _transport, _wire
+    from astage._replication import _transport
 
     thresholds: dict[str, int] = {}
     for name in ("encode", "decode"):
@@ -148,13 +145,7 @@ def test_a_replication_exchange_encodes_and_decodes_with_the_collector_paused(
 
         monkeypatch.setattr(_transport, name, recording)
     w = torch.arange(12.0)
-    encoded = _wire.encode({"w": w}, call=1)
-    partner = ScriptedPartner(json.dumps(encoded.header).encode(), 48)
-    partner.sends[3] = encoded.storages[0].clone()
-    monkeypatch.setattr(dist, "isend", partner.isend)
-    monkeypatch.setattr(dist, "irecv", partner.irecv)
-    transport = _transport.Transport(None, rank=0, send_to=1, receive_from=1, timeout=30.0)
-    replica = transport.exchange({"x": torch.ones(2)}, call=1)
+    _, replica = exchange_with_an_honest_partner(monkeypatch, {"w": w})
     assert torch.equal(replica["w"], w)
     assert thresholds == {"encode": 0, "decode": 0}
 

@@ -163,18 +163,27 @@ def test_a_header_listing_storages_by_the_thousand_makes_no_buffer_for_them(
     assert transport.broken is None  # still in step
 
 
-def test_the_scripted_partner_exchanges_an_honest_snapshot(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The harness above, honest: the replica arrives, built on buffers made one by one.
+def exchange_with_an_honest_partner(
+    monkeypatch: pytest.MonkeyPatch, sent: dict[str, torch.Tensor]
+) -> tuple[Any, Any]:
+    """Rank 0's exchange with a scripted rank 1 that sends ``sent`` (views of one storage),
+    honestly: the transport, and the replica it received."""
     from astage._replication import _transport
 
-    w = torch.arange(12.0)
-    encoded = encode({"w": w, "view": w[2:5]}, call=1)
-    partner = ScriptedPartner(json.dumps(encoded.header).encode(), 48)
-    partner.sends[3] = encoded.storages[0].clone()  # the one bucket of bytes
+    encoded = encode(sent, call=1)
+    (storage,) = encoded.storages  # the one bucket of bytes
+    partner = ScriptedPartner(json.dumps(encoded.header).encode(), storage.numel())
+    partner.sends[3] = storage.clone()
     monkeypatch.setattr(dist, "isend", partner.isend)
     monkeypatch.setattr(dist, "irecv", partner.irecv)
     transport = _transport.Transport(None, rank=0, send_to=1, receive_from=1, timeout=30.0)
-    replica = transport.exchange({"x": torch.ones(2)}, call=1)
+    return transport, transport.exchange({"x": torch.ones(2)}, call=1)
+
+
+def test_the_scripted_partner_exchanges_an_honest_snapshot(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The harness above, honest: the replica arrives, built on buffers made one by one.
+    w = torch.arange(12.0)
+    transport, replica = exchange_with_an_honest_partner(monkeypatch, {"w": w, "view": w[2:5]})
     assert torch.equal(replica["w"], torch.arange(12.0))
     assert torch.equal(replica["view"], torch.arange(2.0, 5.0))
     assert replica["view"].untyped_storage().data_ptr() == replica["w"].untyped_storage().data_ptr()
@@ -187,16 +196,8 @@ def test_a_replica_cannot_be_freed_under_the_next_exchange(monkeypatch: pytest.M
     # compared, not their storages'). A caller freeing a replica's memory the usual way,
     # `replica["w"].untyped_storage().resize_(0)`, shrank the buffer, and the next exchange
     # received its bytes past the end. Its storages now refuse resize_ (as the stagers' do).
-    from astage._replication import _transport
-
     w = torch.arange(12.0)
-    encoded = encode({"w": w, "view": w[2:5]}, call=1)
-    partner = ScriptedPartner(json.dumps(encoded.header).encode(), 48)
-    partner.sends[3] = encoded.storages[0].clone()
-    monkeypatch.setattr(dist, "isend", partner.isend)
-    monkeypatch.setattr(dist, "irecv", partner.irecv)
-    transport = _transport.Transport(None, rank=0, send_to=1, receive_from=1, timeout=30.0)
-    replica = transport.exchange({"x": torch.ones(2)}, call=1)
+    transport, replica = exchange_with_an_honest_partner(monkeypatch, {"w": w, "view": w[2:5]})
     storage = replica["w"].untyped_storage()
     assert not storage.resizable()
     with pytest.raises(RuntimeError, match="not resizable"):
