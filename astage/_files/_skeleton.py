@@ -180,11 +180,21 @@ class SkeletonEncoder:
     error: type[AstageError] = AstageError
     verb = "encoded"
     refusal = "cannot encode a {type} object"
+    max_header_bytes = 100_000_000
+    """The most a format's header may take (safetensors' limit by default): a skeleton whose
+    shared containers would repeat past it is refused as the encoder meets the repeat."""
 
     def __init__(self) -> None:
         self._active: set[int] = set()  # containers on the current path: a cycle is an error
         self._no_tensors: str | None = None  # why no tensor may appear here, inside what
         self._depth = 0
+        self._reach = 0  # the deepest self._depth since the container being encoded began
+        self._header_bytes = 0  # a lower bound on the JSON so far, repeats counted in full
+        self._entries = 0  # tensors and arrays encoded (their nodes are a format's own)
+        self._done: dict[int, tuple[Any, int, int, int, Any]] = {}
+        """Containers encoded, by id: the container (kept alive, so its id stays its own),
+        the header bytes, text characters and height of its subtree, and its node when no
+        tensor or array is inside (then the same whatever the path)."""
         self.text_chars = 0
         """Characters of every str encoded: a lower bound on the skeleton's JSON size."""
         self.longest_text: tuple[int, Path] = (0, ())
@@ -193,9 +203,11 @@ class SkeletonEncoder:
     def encode(self, x: Any, path: Path) -> Any:
         """The JSON node for ``x``: plain values as themselves, the rest as a tagged object."""
         cls = type(x)
+        self._header_bytes += 2  # a value and its separator, at least
         if cls is float:
             return x if math.isfinite(x) else {"float": repr(x)}
         if cls is str:
+            self._header_bytes += len(x)
             self.text_chars += len(x)
             if len(x) > self.longest_text[0]:
                 self.longest_text = (len(x), path)
@@ -216,25 +228,64 @@ class SkeletonEncoder:
         if isinstance(x, torch.Tensor):
             if self._no_tensors is not None:
                 raise self.error(f"{self._no_tensors} cannot hold tensors", path)
+            self._entries += 1
+            self._header_bytes += 8  # {"tensor":"..."} and more
             return self.encode_tensor(x, path)
         if cls in (dict, OrderedDict, list, tuple, set, frozenset, argparse.Namespace):
-            if id(x) in self._active:
-                raise self.error(f"a container that contains itself cannot be {self.verb}", path)
-            if self._depth >= MAX_DEPTH:
-                raise self.error(
-                    f"containers nested more than {MAX_DEPTH} deep cannot be {self.verb}", path
-                )
-            self._active.add(id(x))
-            self._depth += 1
-            try:
-                return self._container(x, cls, path)
-            finally:
-                self._depth -= 1
-                self._active.discard(id(x))
+            return self._shared_or_new(x, cls, path)
         node = self._value(x, cls, path)
         if node is not None:
             return node
         raise self.error(self.refusal.format(type=f"{cls.__module__}.{cls.__qualname__}"), path)
+
+    def _shared_or_new(self, x: Any, cls: type, path: Path) -> Any:
+        """A container's node. One met again (reached by several paths) is written again in
+        full, as JSON has no references: a few containers sharing each other, nested, made a
+        header exponential in their number (30 levels of ``x = [x, x]``: 2**30 nodes, a save
+        that never ended), so a repeat is weighed before it is encoded again."""
+        key = id(x)
+        if key in self._active:
+            raise self.error(f"a container that contains itself cannot be {self.verb}", path)
+        done = self._done.get(key)
+        if done is not None:
+            _, size, chars, height, node = done
+            if self._header_bytes + size > self.max_header_bytes:
+                raise self.error(
+                    f"a container reached by several paths is written again at each of them, "
+                    f"which takes the header past {self.max_header_bytes} bytes here (containers "
+                    "that share each other repeat exponentially); share fewer containers, or "
+                    f"copy them, before they are {self.verb}",
+                    path,
+                )
+            if node is not None and self._depth + height <= MAX_DEPTH:
+                self._header_bytes += size
+                self.text_chars += chars
+                self._reach = max(self._reach, self._depth + height)
+                return node
+        if self._depth >= MAX_DEPTH:
+            raise self.error(
+                f"containers nested more than {MAX_DEPTH} deep cannot be {self.verb}", path
+            )
+        size, chars, reach = self._header_bytes, self.text_chars, self._reach
+        entries = self._entries
+        self._header_bytes += 8  # with the 2 above, the least a container takes: {"list":[]},
+        self._active.add(key)
+        self._depth += 1
+        self._reach = self._depth
+        try:
+            node = self._container(x, cls, path)
+        finally:
+            self._depth -= 1
+            self._active.discard(key)
+        height, self._reach = self._reach - self._depth, max(reach, self._reach)
+        self._done[key] = (
+            x,
+            self._header_bytes - size,
+            self.text_chars - chars,
+            height,
+            node if self._entries == entries else None,
+        )
+        return node
 
     def _value(self, x: Any, cls: type, path: Path) -> Any:
         """The node of a value that is not a container, or None if it has no node."""
@@ -251,6 +302,7 @@ class SkeletonEncoder:
             if cls is numpy.ndarray:
                 if self._no_tensors is not None:
                     raise self.error(f"{self._no_tensors} cannot hold arrays", path)
+                self._entries += 1
                 return self.encode_array(x, path)
             if isinstance(x, numpy.generic) and cls.__module__ == "numpy":
                 dtype = x.dtype

@@ -178,6 +178,7 @@ class Encoded:
 class _Encoder(SkeletonEncoder):
     error = ReplicationError
     verb = "sent"
+    max_header_bytes = MAX_HEADER_BYTES
     refusal = (
         "cannot replicate a {type} object: the wire carries dicts, lists, tuples, str, int, "
         "float, bool, None, tensors, DTensors and ShardedTensors"
