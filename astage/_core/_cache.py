@@ -104,6 +104,7 @@ class HostBuffer(weakref.ref):  # type: ignore[type-arg]
         "view",
         "view_dtype",
         "view_shape",
+        "view_strides",
         "wants_pin",
         "whole",
     )
@@ -122,6 +123,10 @@ class HostBuffer(weakref.ref):  # type: ignore[type-arg]
     view_dtype: torch.dtype | None
     view_shape: torch.Size | None
     """``view``'s dtype and shape, kept here so the hot path need not touch ``view``."""
+    view_strides: tuple[int, ...] | None
+    """``view``'s strides where its shape has a size-1 dimension, which ``is_contiguous()``
+    leaves free (a tensor of that shape with other strides is contiguous too); None where the
+    shape pins them (no view, or no such dimension)."""
     wants_pin: bool
     """Policy: the device layer should pin this buffer before copying into it."""
     registration: Registration | None
@@ -290,7 +295,8 @@ class BufferCache:
         buffer.whole = whole
         buffer.view = whole if like is not None else None
         buffer.view_dtype = whole.dtype if like is not None else None
-        buffer.view_shape = whole.shape if like is not None else None
+        view_shape = buffer.view_shape = whole.shape if like is not None else None
+        buffer.view_strides = whole.stride() if view_shape and 1 in view_shape else None
         # Pinning speeds up device-to-host copies only: a CPU source gains nothing from it and
         # would pay ~0.1 s per GB to register.
         buffer.wants_pin = (
