@@ -272,3 +272,23 @@ def test_a_saves_header_is_encoded_in_pieces(
     assert sizes and max(sizes) <= _safetensors.JSON_PIECE
     loaded = astage.load(path)
     assert loaded["state"][7]["exp_avg"].tolist() == [1.0] * 4
+
+
+def test_a_replication_header_is_encoded_in_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wire header of an exchange is a few MB over 20,000 tensors, which ``json.dumps``
+    encoded in one call holding the GIL (the exchange thread's, beside the caller's loop)."""
+    from astage._replication import _wire
+
+    sizes: list[int] = []
+    dumps = _safetensors._dumps
+
+    def recorded(value: Any) -> str:
+        if isinstance(value, (dict, list)):
+            sizes.append(len(value))
+        return dumps(value)
+
+    encoded = _wire.encode(_small_tensors(2 * _safetensors.JSON_PIECE), call=1)
+    monkeypatch.setattr(_safetensors, "_dumps", recorded)
+    text = _wire.header_bytes(encoded)
+    assert sizes and max(sizes) <= _safetensors.JSON_PIECE
+    assert text == json.dumps(encoded.header, separators=(",", ":")).encode()

@@ -47,6 +47,7 @@ from typing import Any, Protocol
 import torch
 
 from .._errors import AstageError, ReplicationError
+from .._files._safetensors import json_text
 from .._files._skeleton import (
     MAX_SIZE,
     VIEW_DTYPES,
@@ -295,8 +296,9 @@ def encode(staged: Any, call: int = 0) -> Encoded:
 
 
 def header_bytes(encoded: Encoded) -> bytes:
-    """The header as sent (compact JSON)."""
-    return json.dumps(encoded.header, separators=(",", ":")).encode()
+    """The header as sent (compact JSON), made in pieces: ``json.dumps`` holds the GIL for
+    all of a call, and a header over 20,000 tensors is a few MB (see ``json_text``)."""
+    return json_text(encoded.header).encode()
 
 
 def refusal_bytes(reason: str, call: int = 0, *, broken: bool = False) -> bytes:
