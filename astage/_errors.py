@@ -31,7 +31,7 @@ from __future__ import annotations
 import errno
 from typing import Any
 
-from ._paths import Path, format_path
+from ._paths import Path, shown_path
 
 __all__ = [
     "AcceleratorUnavailableError",
@@ -64,7 +64,7 @@ class AstageError(Exception):
     def __init__(self, message: str, path: Path | None = None) -> None:
         self.path = path
         if path is not None:
-            message = f"at {format_path(path)}: {message}"
+            message = f"at {shown_path(path)}: {message}"
         super().__init__(message)
 
     def __reduce__(self) -> tuple[Any, ...]:

@@ -34,6 +34,41 @@ def format_path(path: Path) -> str:
     return "".join(parts)
 
 
+SHOWN_KEY_CHARS = 120
+"""The most characters of one key's ``repr`` an error message shows (:func:`shown_path`)."""
+SHOWN_PARTS = 12
+"""The most keys of a path an error message shows (:func:`shown_path`)."""
+
+
+def shown_path(path: Path) -> str:
+    """:func:`format_path` for a message: a key's ``repr`` cut past :data:`SHOWN_KEY_CHARS`
+    characters, a path of more than :data:`SHOWN_PARTS` keys cut in the middle.
+
+    Why: an error under a 1 MB string key carried the whole key in its message, and one at
+    the end of 100 nested levels all 100 keys. The error's ``path`` attribute keeps it whole.
+    """
+    if len(path) > SHOWN_PARTS:
+        head, tail = path[: SHOWN_PARTS // 3], path[-(SHOWN_PARTS - SHOWN_PARTS // 3) :]
+        hidden = len(path) - len(head) - len(tail)
+        return f"{shown_path(head)}...({hidden} more)...{shown_path(tail)}"
+    if not path:
+        return "<root>"
+    parts = []
+    for part in path:
+        if isinstance(part, Attr):
+            parts.append(f".{_cut(str(part))}")
+        else:
+            parts.append(f"[{_cut(_shown(part))}]")
+    return "".join(parts)
+
+
+def _cut(text: str) -> str:
+    if len(text) <= SHOWN_KEY_CHARS:
+        return text
+    half = SHOWN_KEY_CHARS // 2
+    return f"{text[:half]}...({len(text) - 2 * half} characters)...{text[-half:]}"
+
+
 def _shown(key: Any) -> str:
     """``repr(key)``; a key whose ``repr`` raises must not turn the error that names it (an
     UnstageableError, say) into that exception."""
