@@ -20,7 +20,6 @@ import anyio
 import pytest
 import torch
 import torch.distributed as dist
-import torch.distributed.tensor  # imported here, not on the loop by the first replica file (0.5 s)
 from test_hunt_replication import ScriptedPartner
 
 import astage
@@ -153,3 +152,36 @@ async def test_a_persisting_exchange_cancelled_while_its_file_begins_raises_the_
         await stager.aclose()
     assert stager.replica_path is not None
     assert torch.equal(astage.load(stager.replica_path)["w"], theirs["w"])
+
+
+@pytest.mark.asyncio
+@pytest.mark.asyncio_only("a cancellation raised in one piece's task alone: trio has no such")
+async def test_a_writers_piece_cancelled_before_its_thread_fails_the_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SafetensorsWriter used without ``async with`` writes a tensor's pieces in tasks of a
+    group of its own. A cancellation that reached a piece's task before its thread ran, the
+    caller's own scope not cancelled, ended the group without raising (asyncio): write()
+    returned, commit() made the file durable, and the tensor loaded with a hole."""
+    calls = 0
+    in_thread = SafetensorsWriter._in_thread
+
+    async def second_piece_cancelled(self: SafetensorsWriter, fn: Any, *args: Any) -> Any:
+        nonlocal calls
+        if getattr(fn, "__name__", "") == "_write_items":
+            calls += 1
+            if calls == 2:
+                raise anyio.get_cancelled_exc_class()()
+        return await in_thread(self, fn, *args)
+
+    monkeypatch.setattr(SafetensorsWriter, "_in_thread", second_piece_cancelled)
+    target = tmp_path / "a.safetensors"
+    tensor = torch.arange(4096.0)
+    writer = SafetensorsWriter(target, chunk_bytes=1024)
+    await writer.begin({"t": tensor})
+    with pytest.raises(astage.CheckpointWriteError, match="were not written"):
+        await writer.write(("t",), tensor)
+    with pytest.raises(astage.CheckpointWriteError):
+        await writer.commit()
+    await writer.abort()
+    assert os.listdir(tmp_path) == []

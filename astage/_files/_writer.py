@@ -56,6 +56,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import anyio
 import anyio.from_thread
+import anyio.lowlevel
 import anyio.to_thread
 import torch
 
@@ -526,9 +527,28 @@ class SafetensorsWriter:
         if len(items) == 1:
             await self._write_job(items)
             return
+        written = 0
+
+        async def piece(item: _Item) -> None:
+            nonlocal written
+            await self._write_job([item])
+            written += 1
+
         async with anyio.create_task_group() as pieces:
             for item in items:
-                pieces.start_soon(self._write_job, [item])
+                pieces.start_soon(piece, item)
+        if written < len(items):
+            # A piece's task ended unwritten (a cancellation that reached it before its
+            # thread ran), yet the group did not raise: on asyncio, anyio ends a group whose
+            # tasks are all done without a checkpoint. Unchecked, write() returned and
+            # commit() made the file durable with a hole in the tensor's bytes.
+            await anyio.lowlevel.checkpoint_if_cancelled()
+            if self._error is None:
+                self._error = CheckpointWriteError(
+                    f"{self.path}: {len(items) - written} of a tensor's {len(items)} pieces "
+                    "were not written (their writes were cancelled before they ran)"
+                )
+            raise self._error
 
     async def _write_job(self, items: list[_Item]) -> None:
         """Write ``items`` in a worker thread; a failure is recorded (the next call raises it)."""
