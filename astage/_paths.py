@@ -7,6 +7,7 @@ wrapped in :class:`Attr` so that a path prints the way Python code would reach t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 Path = tuple[Any, ...]
@@ -23,15 +24,7 @@ class Attr(str):
 
 def format_path(path: Path) -> str:
     """Render a path as Python subscripts and attribute accesses; the root is ``<root>``."""
-    if not path:
-        return "<root>"
-    parts = []
-    for part in path:
-        if isinstance(part, Attr):
-            parts.append(f".{part}")
-        else:
-            parts.append(f"[{_shown(part)}]")
-    return "".join(parts)
+    return _rendered(path, str)
 
 
 SHOWN_KEY_CHARS = 120
@@ -51,14 +44,19 @@ def shown_path(path: Path) -> str:
         head, tail = path[: SHOWN_PARTS // 3], path[-(SHOWN_PARTS - SHOWN_PARTS // 3) :]
         hidden = len(path) - len(head) - len(tail)
         return f"{shown_path(head)}...({hidden} more)...{shown_path(tail)}"
+    return _rendered(path, _cut)
+
+
+def _rendered(path: Path, fit: Callable[[str], str]) -> str:
+    """The path's parts as Python code, each key's text through ``fit``."""
     if not path:
         return "<root>"
     parts = []
     for part in path:
         if isinstance(part, Attr):
-            parts.append(f".{_cut(str(part))}")
+            parts.append(f".{fit(str(part))}")
         else:
-            parts.append(f"[{_cut(_shown(part))}]")
+            parts.append(f"[{fit(_shown(part))}]")
     return "".join(parts)
 
 

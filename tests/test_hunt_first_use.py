@@ -34,6 +34,22 @@ def _small_tensors(count: int) -> dict[str, Any]:
     }
 
 
+def _thresholds_when_called(
+    monkeypatch: pytest.MonkeyPatch, real: Any, *where: tuple[Any, str]
+) -> list[int]:
+    """Put a wrapper of ``real`` at each ``(module, name)`` that records the collector's first
+    threshold (0: paused) whenever it is called; the list it records into."""
+    seen: list[int] = []
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        seen.append(gc.get_threshold()[0])
+        return real(*args, **kwargs)
+
+    for module, name in where:
+        monkeypatch.setattr(module, name, recording)
+    return seen
+
+
 @pytest.mark.asyncio
 async def test_a_save_plans_its_file_with_the_collector_paused(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch
@@ -41,14 +57,7 @@ async def test_a_save_plans_its_file_with_the_collector_paused(
     """The writer's plan (a worker thread) allocates a few objects per tensor, which set off
     oldest-generation collections over the whole heap: over 20,000 small tensors, passes of
     60-170 ms per save, and a collection holds the GIL, so the event loop stalled with it."""
-    thresholds: list[int] = []
-    plan = _layout.plan_layout
-
-    def recording(*args: Any) -> Any:
-        thresholds.append(gc.get_threshold()[0])
-        return plan(*args)
-
-    monkeypatch.setattr(_writer, "plan_layout", recording)
+    thresholds = _thresholds_when_called(monkeypatch, _layout.plan_layout, (_writer, "plan_layout"))
     if not gc.isenabled() or gc.get_threshold()[0] == 0:
         pytest.skip("the collector is off: nothing to pause")
     await astage.save(_small_tensors(10), os.fspath(tmp_path / "a.safetensors"))
@@ -188,15 +197,9 @@ async def test_a_load_reads_with_the_collector_paused(
     path = os.fspath(tmp_path / "a.safetensors")
     source = _small_tensors(10)
     await astage.save(source, path)
-    thresholds: list[int] = []
-    read = _load.read_checked
-
-    def recording(*args: Any) -> Any:
-        thresholds.append(gc.get_threshold()[0])
-        return read(*args)
-
-    monkeypatch.setattr(_load, "read_checked", recording)
-    monkeypatch.setattr(_restore, "read_checked", recording)
+    thresholds = _thresholds_when_called(
+        monkeypatch, _load.read_checked, (_load, "read_checked"), (_restore, "read_checked")
+    )
     await astage.load_async(path, into=source if into else None)
     assert thresholds == [0]
     assert gc.get_threshold()[0] != 0  # resumed after
@@ -251,12 +254,9 @@ def test_json_in_pieces_is_json_dumps(monkeypatch: pytest.MonkeyPatch) -> None:
         assert _safetensors.json_text(value) == json.dumps(value, separators=(",", ":"))
 
 
-def test_a_saves_header_is_encoded_in_pieces(
-    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """``json.dumps`` holds the GIL for all of a call: the skeleton and the header of a save
-    over 20,000 tensors took calls of 17 and 29 ms in a worker thread, the event loop stalled
-    meanwhile (the longest stall of such a save, 30-33 ms; 10-15 ms after)."""
+def _container_sizes_encoded(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """From now on, the item count of each list or dict handed to one ``json.dumps`` of
+    ``json_text``'s."""
     sizes: list[int] = []
     dumps = _safetensors._dumps
 
@@ -266,6 +266,16 @@ def test_a_saves_header_is_encoded_in_pieces(
         return dumps(value)
 
     monkeypatch.setattr(_safetensors, "_dumps", recorded)
+    return sizes
+
+
+def test_a_saves_header_is_encoded_in_pieces(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``json.dumps`` holds the GIL for all of a call: the skeleton and the header of a save
+    over 20,000 tensors took calls of 17 and 29 ms in a worker thread, the event loop stalled
+    meanwhile (the longest stall of such a save, 30-33 ms; 10-15 ms after)."""
+    sizes = _container_sizes_encoded(monkeypatch)
     path = tmp_path / "a.safetensors"
     source = _small_tensors(2 * _safetensors.JSON_PIECE)
     astage.save_sync(source, path)
@@ -279,16 +289,8 @@ def test_a_replication_header_is_encoded_in_pieces(monkeypatch: pytest.MonkeyPat
     encoded in one call holding the GIL (the exchange thread's, beside the caller's loop)."""
     from astage._replication import _wire
 
-    sizes: list[int] = []
-    dumps = _safetensors._dumps
-
-    def recorded(value: Any) -> str:
-        if isinstance(value, (dict, list)):
-            sizes.append(len(value))
-        return dumps(value)
-
     encoded = _wire.encode(_small_tensors(2 * _safetensors.JSON_PIECE), call=1)
-    monkeypatch.setattr(_safetensors, "_dumps", recorded)
+    sizes = _container_sizes_encoded(monkeypatch)
     text = _wire.header_bytes(encoded)
     assert sizes and max(sizes) <= _safetensors.JSON_PIECE
     assert text == json.dumps(encoded.header, separators=(",", ":")).encode()
