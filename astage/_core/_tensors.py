@@ -321,12 +321,8 @@ class TensorStager:
         # Whether x can be copied as itself into a buffer allocated as its twin: x must cover
         # its storage in torch.empty's layout. Bool and sub-byte data never are: their storages
         # are copied as bytes (_BYTE_COPIED).
-        shape = x.shape
-        # A size-0 or size-1 dimension may have any stride in a contiguous tensor: without
-        # one, is_contiguous() (in C) already means torch.empty's strides; with a size-1 one
-        # the strides are compared, and the buffer keeps its view's (view_strides) for the
-        # next calls to compare too. A size-0 dimension has no bytes: no view.
-        exact_by_shape = _strides_follow_from_shape(shape)
+        # With a size-1 dimension the buffer keeps its view's strides (view_strides) for the
+        # next calls to compare (see _laid_out_as_empty); a size-0 one has no bytes: no view.
         spans_storage = (
             (cls is _Tensor or cls is _Parameter)
             and x.dtype not in _BYTE_COPIED
@@ -334,9 +330,8 @@ class TensorStager:
             and x.nbytes == storage.nbytes()
             and not x.is_conj()
             and not x.is_neg()
-            and (x.is_contiguous() if exact_by_shape else x.stride() == dense_strides(shape))
+            and _laid_out_as_empty(x)
         )
-        reusable = spans_storage and 0 not in shape
         index = self.copy_index.get(id(storage), -2)
         if index != -2:  # a storage already met in this call: an alias
             buffer = self._copies.buffers[index] if index >= 0 else self.empty_buffers[id(storage)]
@@ -346,7 +341,7 @@ class TensorStager:
             if found is not None:
                 buffer = found
             else:
-                buffer = self._cache.allocate(storage, like=x if reusable else None)
+                buffer = self._cache.allocate(storage, like=x if spans_storage else None)
                 self._plan.new_buffers += 1
                 self._plan.new_nbytes += buffer.nbytes
             view = buffer.view
@@ -414,19 +409,17 @@ def view_on(buffer: HostBuffer, x: torch.Tensor) -> torch.Tensor:
 
 
 def _laid_out_as_empty(x: torch.Tensor) -> bool:
-    """Whether ``x`` (no size-0 dimension) has ``torch.empty``'s strides for its shape.
+    """Whether ``x`` has ``torch.empty``'s strides for its shape, with no size-0 dimension.
 
-    Why the two ways: a tensor with a size-1 dimension (a depthwise convolution's
-    ``(C, 1, k, k)`` weight, a ``(1,)`` scalar) may be contiguous with other strides; such
-    tensors took the general path with byte copies on every call (a cached call over 50,000
-    ``(1,)`` tensors 4.6x one over ``(4,)`` ones).
+    Without a size-0 or size-1 dimension, ``is_contiguous()`` (in C) already means that. A
+    size-1 dimension may have any stride in a contiguous tensor, so there the strides are
+    compared: such tensors (a depthwise convolution's ``(C, 1, k, k)`` weight, a ``(1,)``
+    scalar) took the general path with byte copies on every call before (a cached call over
+    50,000 ``(1,)`` tensors 4.6x one over ``(4,)`` ones).
     """
     shape = x.shape
+    if 0 in shape:
+        return False
     if 1 not in shape:
-        return 0 not in shape and x.is_contiguous()
-    return 0 not in shape and x.stride() == dense_strides(shape)
-
-
-def _strides_follow_from_shape(shape: torch.Size) -> bool:
-    """Whether ``is_contiguous()`` leaves a tensor of ``shape`` only ``torch.empty``'s strides."""
-    return 1 not in shape and 0 not in shape  # sizes are never negative: every size > 1
+        return x.is_contiguous()
+    return x.stride() == dense_strides(shape)

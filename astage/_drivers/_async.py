@@ -850,11 +850,9 @@ class _Call:
             # the moment it wakes up (see _slices).
             return in_copy_slice(lane.copy_queued)
 
-        if _born_cancelled():
-            for inflight in lane.worker_not_started():
-                _cancelled_before_landing(inflight)
-            return
         try:
+            if _born_cancelled():
+                return  # the finally fails the queued batches
             landed = await anyio.to_thread.run_sync(copy_queued, limiter=self._host_limiter)
         finally:
             if not started:  # cancelled while waiting for a thread: the call is ending

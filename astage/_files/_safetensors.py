@@ -146,12 +146,17 @@ def _json_parts(value: Any, parts: list[str], depth: int) -> None:
             for index, (key, item) in enumerate(value.items()):
                 if index:
                     parts.append(",")
-                parts.append(_dumps({key: 0})[1:-3])  # the key as json.dumps writes it
+                parts.append(_json_key(key))
                 parts.append(":")
                 _json_parts(item, parts, depth + 1)
             parts.append("}")
     else:
         parts.append(_dumps(value))
+
+
+def _json_key(key: Any) -> str:
+    """A dict key as ``json.dumps`` writes it (an int, float, bool or None key as a string)."""
+    return _dumps({key: 0})[1:-3]
 
 
 def _is_big(item: Any) -> bool:
@@ -181,7 +186,7 @@ def _json_chunked(value: dict[Any, Any] | list[Any], parts: list[str], depth: in
                 parts.append(",")
             first = False
             if not is_list:
-                parts.append(_dumps({item[0]: 0})[1:-3])
+                parts.append(_json_key(item[0]))
                 parts.append(":")
             _json_parts(item if is_list else item[1], parts, depth + 1)
             continue
