@@ -197,14 +197,21 @@ def _json_chunked(value: dict[Any, Any] | list[Any], parts: list[str], depth: in
     parts.append("]" if is_list else "}")
 
 
-def header_text(header: dict[str, Any], align: int = 8, then: int = 0) -> bytes:
+def header_text(header: dict[str, Any], align: int = 8, then: int = 0, members: str = "") -> bytes:
     """The JSON text of ``header``, padded with spaces (which safetensors allows after the
     JSON) so that the 8-byte length prefix, the text and ``then`` bytes after it end at a
     multiple of ``align``, with
     its digest: the SHA-256 of the very text, taken while the digest's 64 hex digits are
-    zeros (cheap: one hash, no canonical form)."""
+    zeros (cheap: one hash, no canonical form).
+
+    ``members``: more members of the top-level object, as JSON text (``"a":{...},"b":{...}``)
+    already made, placed after those of ``header``: a save's entries kept from its last one.
+    """
     header["__metadata__"][DIGEST_KEY] = "0" * 64
-    text = json_text(header).encode()
+    joined = json_text(header)
+    if members:
+        joined = f"{joined[:-1]}{',' if header else ''}{members}}}"
+    text = joined.encode()
     text += b" " * (-(8 + len(text) + then) % align)
     assert text.count(_UNSEALED) == 1  # inside a JSON string a quote is escaped: no lookalike
     digest = hashlib.sha256(text).hexdigest()

@@ -40,6 +40,7 @@ import anyio.lowlevel
 from .._drivers._async import Stager
 from .._errors import CheckpointWriteError, InvalidOptionsError, UsageError
 from .._torch import dtensor_local, storage_key
+from ._layout import layout_memo
 from ._skeleton import is_dtensor
 from ._writer import DEFAULT_THREADS, CheckpointWriter, SafetensorsWriter, WriteThreads
 
@@ -284,6 +285,9 @@ async def run_save(
             # Used for this one call: recording the structure for later calls would be waste.
             stager = Stager(replay=False)
             resources.push_async_callback(_close_shielded, stager)
+        if isinstance(writer, SafetensorsWriter) and stager.options.replay:
+            # The stager's saves plan the same structure each time: the file's layout too.
+            writer.plan_from(layout_memo(stager))
         if isinstance(writer, contextlib.AbstractAsyncContextManager):
             await resources.enter_async_context(writer)  # its background work lives here
         try:

@@ -23,6 +23,7 @@ from .._drivers._leases import wait_seconds
 from .._drivers._sync import SyncStager
 from .._errors import CheckpointWriteError, InvalidOptionsError
 from .._paths import Attr, Path, format_path
+from ._layout import layout_memo
 from ._save import SaveResult
 from ._writer import DEFAULT_THREADS, SafetensorsWriter, WriteThreads
 
@@ -160,6 +161,9 @@ def start_sync_in(
     own = stager is None
     # A stager made here is used for this one call: recording the structure would be waste.
     sync_stager = SyncStager(replay=False) if stager is None else stager
+    if sync_stager.options.replay:
+        # The stager's saves plan the same structure each time: the file's layout too.
+        writer.plan_from(layout_memo(sync_stager))
     try:
         threads = writer.open_in_threads(state_dict)  # refuses what cannot be saved
     except BaseException:

@@ -63,7 +63,7 @@ import torch
 from .._drivers._gc import gc_paused
 from .._errors import CheckpointWriteError, InvalidOptionsError, UsageError
 from .._paths import Path, format_path
-from ._layout import Entry, Layout, plan_layout
+from ._layout import Entry, Layout, LayoutMemo, plan_layout
 from ._safetensors import fs_path, storage_memoryview
 
 DEFAULT_THREADS = 4
@@ -275,6 +275,7 @@ class SafetensorsWriter:
         self.direct_bytes = 0
         """Bytes written with direct I/O so far (the rest went through the page cache)."""
         self.layout: Layout | None = None
+        self._layout_memo: LayoutMemo | None = None
         self.temp_path: str | None = None
         self._fd: int | None = None
         self._folder_fd: int | None = None  # the target's folder, to fsync after the rename
@@ -425,6 +426,13 @@ class SafetensorsWriter:
         background.seal(after_commit)
         return background
 
+    def plan_from(self, memo: LayoutMemo) -> None:
+        """Plan the file with ``memo``: a layout the same stager's last save planned is taken
+        where the state dict still matches it (:class:`~astage._files._layout.LayoutMemo`).
+        Before ``begin``; a writer already begun keeps its layout (and ``begin`` says so)."""
+        if self._state == "new":
+            self._layout_memo = memo
+
     # -- internals ----------------------------------------------------------------------------
 
     def _start_begin(self) -> None:
@@ -438,7 +446,7 @@ class SafetensorsWriter:
         # whole heap: over 20,000 small tensors, oldest-generation passes of 60-170 ms, which
         # hold the GIL and so stalled the event loop this thread was meant to spare.
         with gc_paused():
-            layout = plan_layout(state_dict, self.metadata)
+            layout = plan_layout(state_dict, self.metadata, self._layout_memo)
         self.layout = layout
         folder, name = os.path.split(self.path)
         self.temp_path = os.path.join(folder, temp_name(name))
