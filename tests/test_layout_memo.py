@@ -20,6 +20,7 @@ from conftest import iter_tensors, same_values
 from hypothesis import HealthCheck, given, settings
 
 import astage
+from astage._drivers._gil import GilSharing
 from astage._files import _layout
 from astage._files._layout import LayoutMemo, plan_layout
 
@@ -76,9 +77,9 @@ def count_fresh_plans(monkeypatch: pytest.MonkeyPatch) -> list[object]:
     fresh: list[object] = []
     real = _layout._entry_members
 
-    def counted(ordered: list[_layout.Entry]) -> str:
+    def counted(ordered: list[_layout.Entry], sharing: GilSharing | None = None) -> str:
         fresh.append(ordered)
-        return real(ordered)
+        return real(ordered, sharing)
 
     monkeypatch.setattr(_layout, "_entry_members", counted)
     return fresh

@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .._drivers._gil import GilSharing, drop_in_pieces
 from .._errors import (
     UnsavableError,
 )
@@ -40,7 +41,7 @@ from ._safetensors import (
     FORMAT_VERSION,
     MAX_HEADER_BYTES,
     METADATA_KEY,
-    header_text,
+    header_pieces,
     json_text,
 )
 from ._skeleton import (
@@ -77,11 +78,11 @@ class Layout:
     entries: list[Entry]
     """The entries whose bytes come from staged tensors (``write(path, tensor)``)."""
     by_path: dict[Path, Entry]
-    header: bytes
-    """What goes at offset 0: the length prefix, the JSON header, then the bytes of the
-    :attr:`captured` entries (none without numpy arrays); the JSON is padded with spaces so
-    that this ends at a multiple of :data:`DATA_ALIGN`, where the staged entries start (so that
-    direct I/O can write them)."""
+    header_pieces: list[bytes]
+    """What goes at offset 0, in pieces to write one after the other: the length prefix, the
+    JSON header, then the bytes of the :attr:`captured` entries (none without numpy arrays);
+    the JSON is padded with spaces so that this ends at a multiple of :data:`DATA_ALIGN`,
+    where the staged entries start (so that direct I/O can write them)."""
     tensors: int
     """Paths at which a tensor sits (a tied tensor counts at each path)."""
     data_start: int = -1
@@ -90,8 +91,14 @@ class Layout:
     """Entries whose bytes were captured at plan time; they lie at the start of the data."""
 
     def __post_init__(self) -> None:
+        self.header_size = sum(map(len, self.header_pieces))
         if self.data_start < 0:
-            self.data_start = len(self.header)
+            self.data_start = self.header_size
+
+    @property
+    def header(self) -> bytes:
+        """:attr:`header_pieces` joined."""
+        return b"".join(self.header_pieces)
 
     @property
     def nbytes(self) -> int:
@@ -100,11 +107,14 @@ class Layout:
 
     @property
     def file_size(self) -> int:
-        return len(self.header) + sum(entry.nbytes for entry in self.entries)
+        return self.header_size + sum(entry.nbytes for entry in self.entries)
 
 
 def plan_layout(
-    state_dict: Any, metadata: Mapping[str, str] | None = None, memo: LayoutMemo | None = None
+    state_dict: Any,
+    metadata: Mapping[str, str] | None = None,
+    memo: LayoutMemo | None = None,
+    sharing: GilSharing | None = None,
 ) -> Layout:
     """The file layout for ``state_dict``: raises :class:`UnsavableError` for what cannot go in.
 
@@ -116,11 +126,13 @@ def plan_layout(
     With ``memo``, the entries of the last layout planned through it are taken as they are
     when every tensor is met at the same path with the same metadata over the same storage
     (:class:`LayoutMemo`); the rest of the header (plain values, metadata) is made afresh.
+    ``sharing``: in a worker thread beside an event loop, lets the loop take the GIL.
     """
     last = memo.last if memo is not None else None
     builder: _LayoutBuilder | None = None
     if last is not None:
         reusing = _ReusingBuilder(last)
+        reusing.sharing = sharing
         try:
             skeleton = reusing.encode(state_dict, ())
             reusing.check_complete()
@@ -130,6 +142,7 @@ def plan_layout(
     if builder is None:
         last = None
         builder = _LayoutBuilder(remember=memo is not None)
+        builder.sharing = sharing
         skeleton = builder.encode(state_dict, ())
     if builder.text_chars > MAX_HEADER_BYTES:  # known before the (slow) JSON encoding
         size, path = builder.longest_text
@@ -143,28 +156,43 @@ def plan_layout(
     header_meta = _header_metadata(metadata)
     header_meta[METADATA_KEY] = json_text(
         # "sealed": the header carries its digest; a loader then refuses one without it.
-        {"version": FORMAT_VERSION, "sealed": True, "skeleton": skeleton}
+        {"version": FORMAT_VERSION, "sealed": True, "skeleton": skeleton},
+        sharing,
     )
     if last is not None:
         members, by_path = last.members, last.by_path
     else:
-        members = _entry_members(_file_order(builder.entries, builder.captured))
+        members = _entry_members(_file_order(builder.entries, builder.captured), sharing)
         by_path = {path: entry for entry in builder.entries for path in entry.paths}
     captured_bytes = sum(entry.nbytes for entry in builder.captured)
-    text = header_text({"__metadata__": header_meta}, DATA_ALIGN, captured_bytes, members)
-    if len(text) > MAX_HEADER_BYTES:
-        raise _header_too_big(len(text), state_dict, skeleton, header_meta)
-    prefix = struct.pack("<Q", len(text)) + text
+    text = header_pieces(
+        {"__metadata__": header_meta}, DATA_ALIGN, captured_bytes, members, sharing
+    )
+    size = sum(map(len, text))
+    if size > MAX_HEADER_BYTES:
+        raise _header_too_big(size, state_dict, skeleton, header_meta)
     if memo is not None and last is None:
         memo.last = builder.remembered(members, by_path)
-    return Layout(
+    layout = Layout(
         entries=builder.entries,
         by_path=by_path,
-        header=prefix + b"".join(entry.data or b"" for entry in builder.captured),
+        header_pieces=[
+            struct.pack("<Q", size),
+            *text,
+            *(entry.data for entry in builder.captured if entry.data),
+        ],
         tensors=builder.tensors,
-        data_start=len(prefix),
+        data_start=8 + size,
         captured=builder.captured,
     )
+    if sharing is not None:
+        # Written into the header now: freed a piece at a time (5 ms at once over 20,000
+        # tensors), the containers it shares with the memo and the builder let go of first.
+        builder.forget()
+        pile = [skeleton]
+        del skeleton
+        drop_in_pieces(pile, sharing)
+    return layout
 
 
 def _header_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
@@ -185,7 +213,7 @@ def _header_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
     return {"format": "pt", **user}
 
 
-def _entry_members(ordered: list[Entry]) -> str:
+def _entry_members(ordered: list[Entry], sharing: GilSharing | None = None) -> str:
     """Place ``ordered`` gap-free from offset 0 and return their header members' JSON text."""
     entries: dict[str, Any] = {}
     offset = 0
@@ -197,7 +225,7 @@ def _entry_members(ordered: list[Entry]) -> str:
             "shape": entry.shape,
             "data_offsets": [entry.begin, offset],
         }
-    return json_text(entries)[1:-1]
+    return json_text(entries, sharing)[1:-1]
 
 
 def _utf8(text: str) -> bool:

@@ -51,6 +51,7 @@ from typing import Any
 
 import torch
 
+from .._drivers._gil import GilSharing
 from .._errors import (
     CheckpointError,
     CheckpointFormatError,
@@ -106,18 +107,29 @@ JSON_OPEN_DEPTH = 8
 """How deep :func:`json_text` opens small containers to look for big ones inside."""
 
 
-def json_text(value: Any) -> str:
+JSON_STR_PIECE = 1 << 16
+"""The most characters of one str that :func:`json_text` hands to one ``json.dumps``."""
+
+
+def json_text(value: Any, sharing: GilSharing | None = None) -> str:
     """``json.dumps(value, separators=(",", ":"))``, the same text, made in pieces.
 
     Why: the C encoder holds the GIL for all of a call. A save's header over 20,000 tensors
     took two calls of 17 and 29 ms, in a worker thread: the event loop could not run
     meanwhile, the longest stall of such a save. Here a list or dict of more than
     :data:`JSON_PIECE` items is encoded that many items at a time (an item that is itself such
-    a container in pieces of its own), and the small containers of the top
-    :data:`JSON_OPEN_DEPTH` levels, where a skeleton nests its big ones, item by item.
+    a container in pieces of its own), the small containers of the top
+    :data:`JSON_OPEN_DEPTH` levels, where a skeleton nests its big ones, item by item, and a
+    str of more than :data:`JSON_STR_PIECE` characters (the header's skeleton, 1.8 MB of JSON
+    over 20,000 tensors, whose quotes are all escaped: 5-8 ms a call) in pieces of that many
+    (each character is escaped on its own, so the pieces' texts join into the whole's).
+
+    Pieces alone only let CPython's forced switch (after 5 ms) happen between them;
+    ``sharing`` (in a worker thread beside an event loop) is ticked after each piece, so that
+    the loop takes the GIL sooner.
     """
     parts: list[str] = []
-    _json_parts(value, parts, 0)
+    _JsonPieces(parts, sharing).add(value, 0)
     return "".join(parts)
 
 
@@ -125,33 +137,91 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
-def _json_parts(value: Any, parts: list[str], depth: int) -> None:
-    kind = type(value)
-    if kind is not dict and kind is not list:
-        parts.append(_dumps(value))
-        return
-    count = len(value)
-    if count > JSON_PIECE:
-        _json_chunked(value, parts, depth)
-    elif count and depth < JSON_OPEN_DEPTH:
-        if kind is list:
-            parts.append("[")
-            for index, item in enumerate(value):
-                if index:
-                    parts.append(",")
-                _json_parts(item, parts, depth + 1)
-            parts.append("]")
+class _JsonPieces:
+    """Appends a value's JSON text to ``parts`` in pieces, ticking ``sharing`` after each."""
+
+    def __init__(self, parts: list[str], sharing: GilSharing | None) -> None:
+        self.parts = parts
+        self.sharing = sharing
+
+    def dumps(self, value: Any) -> str:
+        if type(value) is str and len(value) > JSON_STR_PIECE:
+            pieces = ['"']
+            for start in range(0, len(value), JSON_STR_PIECE):
+                pieces.append(_dumps(value[start : start + JSON_STR_PIECE])[1:-1])
+                self.tick()
+            pieces.append('"')
+            return "".join(pieces)
+        text = _dumps(value)
+        self.tick()
+        return text
+
+    def tick(self) -> None:
+        if self.sharing is not None:
+            self.sharing.tick()
+
+    def add(self, value: Any, depth: int) -> None:
+        parts = self.parts
+        kind = type(value)
+        if kind is not dict and kind is not list:
+            parts.append(self.dumps(value))
+            return
+        count = len(value)
+        if count > JSON_PIECE:
+            self.chunked(value, depth)
+        elif count and depth < JSON_OPEN_DEPTH:
+            if kind is list:
+                parts.append("[")
+                for index, item in enumerate(value):
+                    if index:
+                        parts.append(",")
+                    self.add(item, depth + 1)
+                parts.append("]")
+            else:
+                parts.append("{")
+                for index, (key, item) in enumerate(value.items()):
+                    if index:
+                        parts.append(",")
+                    parts.append(_json_key(key))
+                    parts.append(":")
+                    self.add(item, depth + 1)
+                parts.append("}")
         else:
-            parts.append("{")
-            for index, (key, item) in enumerate(value.items()):
-                if index:
+            parts.append(self.dumps(value))
+
+    def chunked(self, value: dict[Any, Any] | list[Any], depth: int) -> None:
+        """A big list or dict: runs of small items in one ``json.dumps`` each, big items alone."""
+        parts = self.parts
+        is_list = isinstance(value, list)
+        items = value if isinstance(value, list) else list(value.items())
+        parts.append("[" if is_list else "{")
+        run: list[Any] = []
+        first = True
+
+        def flush() -> None:
+            nonlocal first
+            if run:
+                text = self.dumps(run if is_list else dict(run))
+                parts.append(text[1:-1] if first else "," + text[1:-1])
+                first = False
+                run.clear()
+
+        for item in items:
+            if _is_big(item if is_list else item[1]):
+                flush()
+                if not first:
                     parts.append(",")
-                parts.append(_json_key(key))
-                parts.append(":")
-                _json_parts(item, parts, depth + 1)
-            parts.append("}")
-    else:
-        parts.append(_dumps(value))
+                first = False
+                if not is_list:
+                    parts.append(_json_key(item[0]))
+                    parts.append(":")
+                self.add(item if is_list else item[1], depth + 1)
+                continue
+            run.append(item)
+            if len(run) == JSON_PIECE:
+                flush()
+        flush()
+        parts.append("]" if is_list else "}")
 
 
 def _json_key(key: Any) -> str:
@@ -163,60 +233,71 @@ def _is_big(item: Any) -> bool:
     return (type(item) is dict or type(item) is list) and len(item) > JSON_PIECE
 
 
-def _json_chunked(value: dict[Any, Any] | list[Any], parts: list[str], depth: int) -> None:
-    """A big list or dict: runs of small items in one ``json.dumps`` each, big items alone."""
-    is_list = isinstance(value, list)
-    items = value if isinstance(value, list) else list(value.items())
-    parts.append("[" if is_list else "{")
-    run: list[Any] = []
-    first = True
-
-    def flush() -> None:
-        nonlocal first
-        if run:
-            text = _dumps(run if is_list else dict(run))
-            parts.append(text[1:-1] if first else "," + text[1:-1])
-            first = False
-            run.clear()
-
-    for item in items:
-        if _is_big(item if is_list else item[1]):
-            flush()
-            if not first:
-                parts.append(",")
-            first = False
-            if not is_list:
-                parts.append(_json_key(item[0]))
-                parts.append(":")
-            _json_parts(item if is_list else item[1], parts, depth + 1)
-            continue
-        run.append(item)
-        if len(run) == JSON_PIECE:
-            flush()
-    flush()
-    parts.append("]" if is_list else "}")
+HEADER_PIECE = 1 << 20
+"""Header text is encoded, hashed and written in pieces of about this many bytes."""
 
 
 def header_text(header: dict[str, Any], align: int = 8, then: int = 0, members: str = "") -> bytes:
+    """The bytes :func:`header_pieces` would write, joined."""
+    return b"".join(header_pieces(header, align, then, members))
+
+
+def header_pieces(
+    header: dict[str, Any],
+    align: int = 8,
+    then: int = 0,
+    members: str = "",
+    sharing: GilSharing | None = None,
+) -> list[bytes]:
     """The JSON text of ``header``, padded with spaces (which safetensors allows after the
     JSON) so that the 8-byte length prefix, the text and ``then`` bytes after it end at a
-    multiple of ``align``, with
-    its digest: the SHA-256 of the very text, taken while the digest's 64 hex digits are
-    zeros (cheap: one hash, no canonical form).
+    multiple of ``align``, with its digest: the SHA-256 of the very text, taken while the
+    digest's 64 hex digits are zeros (cheap: one hash, no canonical form).
 
     ``members``: more members of the top-level object, as JSON text (``"a":{...},"b":{...}``)
     already made, placed after those of ``header``: a save's entries kept from its last one.
+
+    In pieces, to be written one after the other: over 20,000 tensors the header is 3 MB, and
+    each whole-text step (join, encode, hash, replace, prefix) was a copy or a scan of 1.5-2.5
+    ms holding the GIL, 10 ms in all during which a worker thread kept an event loop from
+    running. The digest's member comes first in ``__metadata__``, so that the one piece that
+    changes once the digest is known is a small one. ``sharing`` as in :func:`json_text`.
     """
-    header["__metadata__"][DIGEST_KEY] = "0" * 64
-    joined = json_text(header)
+    meta = header["__metadata__"]
+    header["__metadata__"] = {
+        DIGEST_KEY: "0" * 64,
+        **{key: value for key, value in meta.items() if key != DIGEST_KEY},
+    }
+    texts: list[str] = []
+    pieces = _JsonPieces(texts, sharing)
+    pieces.add(header, 0)
     if members:
-        joined = f"{joined[:-1]}{',' if header else ''}{members}}}"
-    text = joined.encode()
-    text += b" " * (-(8 + len(text) + then) % align)
-    assert text.count(_UNSEALED) == 1  # inside a JSON string a quote is escaped: no lookalike
-    digest = hashlib.sha256(text).hexdigest()
+        texts[-1:-1] = [",", members]  # before the top-level object's closing brace
+    encoded: list[bytes] = []
+    run: list[str] = []
+    size = 0
+    for text in texts:
+        run.append(text)
+        size += len(text)
+        if size >= HEADER_PIECE:
+            encoded.append("".join(run).encode())
+            pieces.tick()
+            run, size = [], 0
+    total = sum(map(len, encoded)) + sum(map(len, run))
+    run.append(" " * (-(8 + total + then) % align))
+    encoded.append("".join(run).encode())
+    # Inside a JSON string a quote is escaped: nothing else looks like the placeholder.
+    counts = [piece.count(_UNSEALED) for piece in encoded]
+    assert sum(counts) == 1
+    hasher = hashlib.sha256()
+    for piece in encoded:
+        hasher.update(piece)
+        pieces.tick()
+    digest = hasher.hexdigest()
     header["__metadata__"][DIGEST_KEY] = digest
-    return text.replace(_UNSEALED, f'"{DIGEST_KEY}":"{digest}"'.encode())
+    sealed = counts.index(1)
+    encoded[sealed] = encoded[sealed].replace(_UNSEALED, f'"{DIGEST_KEY}":"{digest}"'.encode())
+    return encoded
 
 
 def digest_matches(raw: bytes, digest: str) -> bool:

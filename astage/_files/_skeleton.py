@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+from .._drivers._gil import GilSharing
 from .._errors import AstageError
 from .._paths import Attr, Path, format_path
 
@@ -199,6 +200,14 @@ class SkeletonEncoder:
         """Characters of every str encoded: a lower bound on the skeleton's JSON size."""
         self.longest_text: tuple[int, Path] = (0, ())
         """The longest str encoded, and its path."""
+        self.sharing: GilSharing | None = None
+        """Set where the encoder runs in a worker thread beside an event loop: ticked at each
+        tensor and container, it lets the loop take the GIL (:mod:`astage._drivers._gil`)."""
+
+    def forget(self) -> None:
+        """Let go of the containers met and their nodes (the encoder is done)."""
+        self._done.clear()
+        self._active.clear()
 
     def encode(self, x: Any, path: Path) -> Any:
         """The JSON node for ``x``: plain values as themselves, the rest as a tagged object."""
@@ -230,8 +239,12 @@ class SkeletonEncoder:
                 raise self.error(f"{self._no_tensors} cannot hold tensors", path)
             self._entries += 1
             self._header_bytes += 8  # {"tensor":"..."} and more
+            if self.sharing is not None:
+                self.sharing.tick()
             return self.encode_tensor(x, path)
         if cls in (dict, OrderedDict, list, tuple, set, frozenset, argparse.Namespace):
+            if self.sharing is not None:
+                self.sharing.tick()
             return self._shared_or_new(x, cls, path)
         node = self._value(x, cls, path)
         if node is not None:

@@ -61,6 +61,7 @@ import anyio.to_thread
 import torch
 
 from .._drivers._gc import gc_paused
+from .._drivers._gil import GilSharing
 from .._errors import CheckpointWriteError, InvalidOptionsError, UsageError
 from .._paths import Path, format_path
 from ._layout import Entry, Layout, LayoutMemo, plan_layout
@@ -318,7 +319,7 @@ class SafetensorsWriter:
         self._start_begin()
         self._limiter = anyio.CapacityLimiter(self.threads)
         try:
-            await anyio.to_thread.run_sync(self._open, state_dict, self._entered)
+            await anyio.to_thread.run_sync(self._open, state_dict, self._entered, True)
         except BaseException:
             await self.abort()
             raise
@@ -440,13 +441,18 @@ class SafetensorsWriter:
             raise UsageError(f"{self.path}: begin() was already called on this writer")
         self._state = "open"
 
-    def _open(self, state_dict: Any, background: bool) -> None:
-        """Runs in a thread: plan, create the temporary file, write the header, start threads."""
+    def _open(self, state_dict: Any, background: bool, beside_loop: bool = False) -> None:
+        """Runs in a thread: plan, create the temporary file, write the header, start threads.
+
+        ``beside_loop``: the caller's event loop waits meanwhile; the plan, a long stretch of
+        Python, lets it take the GIL every so often (:mod:`astage._drivers._gil`).
+        """
         # The plan allocates a few objects per tensor, which set off collections over the
         # whole heap: over 20,000 small tensors, oldest-generation passes of 60-170 ms, which
         # hold the GIL and so stalled the event loop this thread was meant to spare.
         with gc_paused():
-            layout = plan_layout(state_dict, self.metadata, self._layout_memo)
+            sharing = GilSharing() if beside_loop else None
+            layout = plan_layout(state_dict, self.metadata, self._layout_memo, sharing)
         self.layout = layout
         folder, name = os.path.split(self.path)
         self.temp_path = os.path.join(folder, temp_name(name))
@@ -656,7 +662,7 @@ class SafetensorsWriter:
         self._fd = fd
         try:
             _reserve(fd, layout.file_size)
-            pwritev_all(fd, [memoryview(layout.header)], 0)
+            pwritev_all(fd, [memoryview(piece) for piece in layout.header_pieces], 0)
         except OSError as error:
             raise _write_error(self.path, "cannot write", error) from error
 

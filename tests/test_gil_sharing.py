@@ -1,0 +1,171 @@
+"""A save's plan, in a worker thread beside an event loop, lets the loop take the GIL.
+
+The plan (skeleton, header JSON, digest, freeing the skeleton) is a long stretch of Python; a
+loop that wakes meanwhile waited for the GIL until CPython's forced switch (5 ms) at every
+chance. These tests check the mechanisms: hand-overs while the plan runs, JSON, header text
+and freeing made in pieces, and the pieces' result the same as the whole's.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+import weakref
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import astage
+from astage._drivers import _gil
+from astage._drivers._gil import GilSharing, drop_in_pieces
+from astage._files import _layout, _safetensors
+from astage._files._layout import LayoutMemo, plan_layout
+
+
+def many_tensors(count: int) -> dict[str, Any]:
+    return {
+        "state": {i: {"step": torch.tensor(1.0), "m": torch.ones(4)} for i in range(count // 2)},
+        "groups": [{"lr": 0.1, "params": list(range(count // 2))}],
+    }
+
+
+def test_a_tick_hands_over_once_its_interval_has_passed(monkeypatch: pytest.MonkeyPatch) -> None:
+    slept: list[float] = []
+    monkeypatch.setattr("astage._drivers._gil.time.sleep", slept.append)
+    sharing = GilSharing()
+    sharing.tick()
+    assert slept == []  # not yet due
+    time_now = time.perf_counter()
+    monkeypatch.setattr("astage._drivers._gil.time.perf_counter", lambda: time_now + 1.0)
+    sharing.tick()
+    assert slept == [_gil.HAND_OVER_S] and sharing.handed_over == 1
+    sharing.tick()  # due again only an interval later
+    assert sharing.handed_over == 1
+
+
+def test_a_plan_hands_the_gil_over_and_plans_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_gil, "HAND_OVER_EVERY_S", 0.0)  # due at every tick
+    state = many_tensors(4000)
+    sharing = GilSharing()
+    for memo in (None, LayoutMemo()):
+        handed = sharing.handed_over
+        layout = plan_layout(state, {"k": "v"}, memo, sharing)
+        assert sharing.handed_over - handed > 4000  # at each tensor and container at least
+        assert layout.header == plan_layout(state, {"k": "v"}).header
+    assert memo is not None
+    handed = sharing.handed_over
+    plan_layout(state, {"k": "v"}, memo, sharing)  # through the memo
+    assert sharing.handed_over - handed > 4000
+
+
+@pytest.mark.asyncio
+async def test_the_async_face_plans_sharing_the_gil_the_blocking_one_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[GilSharing | None] = []
+    real = _layout.plan_layout
+
+    def spied(state: Any, metadata: Any, memo: Any, sharing: GilSharing | None) -> Any:
+        seen.append(sharing)
+        return real(state, metadata, memo, sharing)
+
+    monkeypatch.setattr("astage._files._writer.plan_layout", spied)
+    state = many_tensors(8)
+    await astage.save(state, tmp_path / "a.safetensors")
+    astage.save_sync(state, tmp_path / "b.safetensors")
+    assert isinstance(seen[0], GilSharing) and seen[1] is None
+
+
+def _random_text(rng: random.Random) -> str:
+    alphabet = ['"', "\\", "\n", "a", "é", "\U0001f600", "\ud800", "\x00", "/", "\u2028", " "]
+    return "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 40)))
+
+
+def test_a_long_str_is_escaped_in_pieces_as_json_dumps_escapes_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_safetensors, "JSON_STR_PIECE", 3)
+    longest: list[int] = []
+    dumps = _safetensors._dumps
+
+    def recorded(value: Any) -> str:
+        if isinstance(value, str):
+            longest.append(len(value))
+        return dumps(value)
+
+    monkeypatch.setattr(_safetensors, "_dumps", recorded)
+    rng = random.Random(0)
+    for _ in range(500):
+        value = {"s": _random_text(rng), "l": [_random_text(rng), 1]}
+        assert _safetensors.json_text(value) == json.dumps(value, separators=(",", ":"))
+    assert max(longest) <= 3
+
+
+def test_header_pieces_join_to_the_sealed_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_safetensors, "HEADER_PIECE", 1000)
+    state = many_tensors(400)
+    layout = plan_layout(state)
+    assert len(layout.header_pieces) >= 4  # the prefix, the skeleton, the entries, the end
+    assert layout.header_size == len(layout.header) == layout.data_start
+    text = layout.header[8 : layout.data_start]
+    header = json.loads(text)
+    digest = header["__metadata__"][_safetensors.DIGEST_KEY]
+    assert _safetensors.digest_matches(text, digest)
+    monkeypatch.undo()
+    assert plan_layout(state).header == layout.header
+
+
+class CountingSharing(GilSharing):
+    ticks = 0
+
+    def tick(self) -> None:
+        self.ticks += 1
+
+
+class Leaf:
+    """A leaf whose freeing a weak reference sees (lists and dicts take none)."""
+
+
+def test_drop_in_pieces_frees_the_tree_but_not_what_others_hold(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_gil, "DROP_PIECE", 4)
+    monkeypatch.setattr(_gil, "DROP_OPEN_DEPTH", 5)
+    leaves = [Leaf() for _ in range(200)]
+    refs = [weakref.ref(leaf) for leaf in leaves]
+    shared = {"tensor": "kept", "leaf": leaves[0]}
+    big_inner = [[leaf, {"x": leaf}] for leaf in leaves[1:]]
+    tree: Any = {"dict": [["a", shared], ["b", {"list": big_inner}], ["c", [shared, big_inner]]]}
+    del big_inner, leaves
+    sharing = CountingSharing()
+    pile = [tree]
+    del tree
+    drop_in_pieces(pile, sharing)
+    assert pile == [] and sharing.ticks > 10
+    assert shared == {"tensor": "kept", "leaf": refs[0]()}  # held by us: left whole
+    assert all(ref() is None for ref in refs[1:])
+
+
+def test_a_plan_beside_a_loop_frees_its_skeleton_in_pieces(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    dropped: list[int] = []
+    real = _gil.drop_in_pieces
+
+    def spied(pile: list[Any], sharing: GilSharing) -> None:
+        dropped.append(sys.getrefcount(pile[0]))
+        real(pile, sharing)
+
+    monkeypatch.setattr("astage._files._layout.drop_in_pieces", spied)
+    memo = LayoutMemo()
+    state = many_tensors(100)
+    for _ in range(2):
+        plan_layout(state, None, memo, GilSharing())
+    # The pile held the skeleton alone (the pile and getrefcount's argument): freed there.
+    assert dropped == [2, 2]
+    plan_layout(state, None, memo)  # without sharing: freed at once, as before
+    assert len(dropped) == 2
