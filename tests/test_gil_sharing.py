@@ -169,3 +169,23 @@ def test_a_plan_beside_a_loop_frees_its_skeleton_in_pieces(
     assert dropped == [2, 2]
     plan_layout(state, None, memo)  # without sharing: freed at once, as before
     assert len(dropped) == 2
+
+
+def test_a_lease_taken_on_the_loop_makes_no_torch_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A torch call lets go of the GIL, and the loop then waited for worker threads to give it
+    back (a save takes its buffer lease on the loop as the first tensor lands: 3-5 ms)."""
+    from astage._drivers._leases import Lease
+
+    def refused(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a torch call on the loop")
+
+    monkeypatch.setattr(torch, "zeros", refused)
+    lease = Lease()
+    assert not lease.released and not lease.shared
+    lease.release()
+    assert lease.released
+    monkeypatch.undo()
+    shared = Lease(shared=True)  # one that may go to another process is shared memory
+    assert shared.shared and not shared.released
+    shared.release()
+    assert shared.released

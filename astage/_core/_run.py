@@ -6,6 +6,9 @@ object with the batch and a ``done()`` poll (:class:`InFlight`).
 
 from __future__ import annotations
 
+import bisect
+import itertools
+import operator
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -68,6 +71,7 @@ class Run(Generic[T]):
         self.nbytes = 0
         """Bytes of the copies found so far (all of them once the walk is done)."""
         self._leaves: list[Leaf] | None = None
+        self._last_copies: list[int] = []  # of the leaves in that order
         self._next_leaf = 0
 
     def next_batch(self, final: bool) -> Batch | None:
@@ -198,18 +202,38 @@ class Run(Generic[T]):
         return (*self.plan.copies.lists(), self.plan.leaves, self._leaves or [])
 
     def landed_leaves(self) -> list[Leaf]:
-        """Tensors whose copies have all landed and that were not handed out yet."""
-        if self._leaves is None:
-            self._leaves = sorted(self.plan.leaves, key=_last_copy)
+        """Tensors whose copies have all landed and that were not handed out yet; at most
+        :data:`LEAF_STEP` more than were ordered before, so a caller that got some asks again
+        (an empty list: none has landed that was not handed out).
+
+        Found by bisection over the leaves ordered by their last copy, each step of which is
+        C code, ordered :data:`LEAF_STEP` at a time: a save's stage_iter over 20,000 small
+        tensors sorted them all with a Python key and stepped over every landed one in a
+        Python loop, holding the event loop 4-5 ms at once.
+        """
+        leaves, keys = self._leaves, self._last_copies
+        if leaves is None:
+            leaves = self._leaves = self.plan.leaves
         start = self._next_leaf
-        stop = start
-        leaves = self._leaves
-        landed = self.landed if not self.finished else len(self.plan.copies)
-        while stop < len(leaves) and leaves[stop].last_copy < landed:
-            stop += 1
+        copies = len(self.plan.copies)
+        landed = self.landed if self.landed >= copies or not self.finished else copies
+        if len(keys) < len(leaves) and (not keys or keys[-1] < landed):
+            more = list(map(_last_copy, itertools.islice(leaves, len(keys), len(keys) + LEAF_STEP)))
+            if (keys and more[0] < keys[-1]) or not all(
+                map(operator.le, more, itertools.islice(more, 1, None))
+            ):
+                # A walk issues copies in its own order, so this is rare (a tensor that needs
+                # no copy, adopted copies): the rest are sorted at once.
+                rest = sorted(itertools.islice(leaves, start, None), key=_last_copy)
+                leaves = self._leaves = [*leaves[:start], *rest]
+                keys = self._last_copies = list(map(_last_copy, leaves))
+            else:
+                keys.extend(more)
+        stop = bisect.bisect_left(keys, landed, start)
         self._next_leaf = stop
         return leaves[start:stop]
 
 
-def _last_copy(leaf: Leaf) -> int:
-    return leaf.last_copy
+LEAF_STEP = 4096
+"""How many more leaves :meth:`Run.landed_leaves` orders per call (about 0.3 ms)."""
+_last_copy = operator.itemgetter(2)  # Leaf.last_copy, read in C

@@ -1028,6 +1028,7 @@ class _Landed:
         self._call = call
         self._ready: list[Leaf] = []
         self._done = False
+        self._stepped = False  # the first step walks: nothing is asked of the run before it
         self._hold = call._stager._resolved.max_loop_hold_s
         self._turn_ends = time.perf_counter() + self._hold
 
@@ -1052,10 +1053,15 @@ class _Landed:
             await _yield_to_due_timers()
             self._turn_ends = time.perf_counter() + self._hold
         while not self._ready:
-            if self._done:
-                raise StopAsyncIteration
-            self._done = not await self._call.step()
-            self._ready = self._call.run.landed_leaves()
+            if self._stepped:
+                # The run hands out what landed a part at a time: the rest before more work.
+                self._ready = self._call.run.landed_leaves()
+            if not self._ready:
+                if self._done:
+                    raise StopAsyncIteration
+                self._done = not await self._call.step()
+                self._stepped = True
+                self._ready = self._call.run.landed_leaves()
             self._ready.reverse()  # handed out from the end, in landing order
             self._turn_ends = time.perf_counter() + self._hold
         leaf = self._ready.pop()

@@ -51,12 +51,18 @@ class Lease:
     ``share_memory=True`` only). A lease is also a context manager that releases itself on exit.
     """
 
-    __slots__ = ("__weakref__", "_board", "_born", "_flag")
+    __slots__ = ("__weakref__", "_board", "_born", "_flag", "_released")
 
     def __init__(self, board: LeaseBoard | None = None, *, shared: bool = False) -> None:
-        # One byte, 0 while held; in shared memory when the lease may cross to another process.
-        self._flag = torch.zeros(1, dtype=torch.uint8, device="cpu")
+        # A lease that may cross to another process is one byte of shared memory, 0 while
+        # held. Any other is a Python flag: a torch call lets go of the GIL, and a lease is
+        # taken on the event loop (a save's first landed tensor), which then waited to get the
+        # GIL back from the worker threads that took it meanwhile: 0.1-2 ms without a
+        # heartbeat, the longest stall of a save's staging with one (3-5 ms).
+        self._released = False
+        self._flag: torch.Tensor | None = None
         if shared:
+            self._flag = torch.zeros(1, dtype=torch.uint8, device="cpu")
             self._flag.share_memory_()
         self._board = board  # None in a process the lease was sent to: nobody waits there
         self._born = _fork.generation()
@@ -64,16 +70,20 @@ class Lease:
     @property
     def released(self) -> bool:
         """Whether :meth:`release` was called (here or in a process the lease was sent to)."""
-        return bool(self._flag.item())
+        flag = self._flag
+        return self._released if flag is None else bool(flag.item())
 
     @property
     def shared(self) -> bool:
         """Whether the lease can be released from another process."""
-        return bool(self._flag.is_shared())
+        return self._flag is not None and bool(self._flag.is_shared())
 
     def release(self) -> None:
         """Let the stager stage into this lease's buffer set again (as far as it is concerned)."""
-        self._flag.fill_(1)
+        if self._flag is None:
+            self._released = True
+        else:
+            self._flag.fill_(1)
         board = self._here()
         if board is not None:
             board.notify()
@@ -126,6 +136,7 @@ class Lease:
                 "its release could not reach the stager; build the stager with "
                 "share_memory=True, or release the lease in this process"
             )
+        assert self._flag is not None
         return (_rebuild_lease, (self._flag,))
 
     def __repr__(self) -> str:
@@ -167,6 +178,7 @@ def _rebuild_lease(flag: torch.Tensor) -> Lease:
         )
     lease = Lease.__new__(Lease)
     lease._flag = flag
+    lease._released = False
     lease._board = None
     lease._born = _fork.generation()
     return lease

@@ -656,8 +656,9 @@ class _LandingStager(SyncStager):
 
     def _hand_out(self, run: Run[_Enqueued]) -> None:
         assert self._on_landed is not None
-        for leaf in run.landed_leaves():
-            self._on_landed(leaf.tensor)
+        while leaves := run.landed_leaves():  # handed out a part at a time
+            for leaf in leaves:
+                self._on_landed(leaf.tensor)
 
 
 class _Prewrite:
