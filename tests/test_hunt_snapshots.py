@@ -51,6 +51,7 @@ def test_a_shared_lease_dropped_here_still_holds_its_set() -> None:
     stager = astage.SyncStager(share_memory=True)
     snapshot = stager.snapshot(_state())
     flag = snapshot.lease._flag  # what a process it was sent to would release
+    assert flag is not None  # a shared lease is a byte of shared memory
     del snapshot
     gc.collect()
     with pytest.raises(astage.LeaseTimeoutError):
