@@ -61,8 +61,14 @@ def drop_in_pieces(pile: list[Any], sharing: GilSharing) -> None:
     its references over: ``pile`` must be the only thing that holds the tree's root
     (``pile = [tree]; del tree``).
     """
-    stack = [(node, 0) for node in pile]
-    pile.clear()
+    stack: list[tuple[Any, int]] = []
+    while pile:
+        root = pile.pop()
+        # The roots as any item: a root that is no container (a bare tensor's node shared
+        # with a cache, a plain value) is only let go of.
+        if type(root) in _CONTAINERS and root and sys.getrefcount(root) == 2:
+            stack.append((root, 0))
+        del root
     while stack:
         node, depth = stack.pop()
         if type(node) is dict:

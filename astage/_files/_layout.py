@@ -13,6 +13,7 @@ changed, takes its entries and their header text instead of planning them again.
 from __future__ import annotations
 
 import json
+import math
 import struct
 import threading
 import weakref
@@ -335,7 +336,13 @@ class _LayoutBuilder(SkeletonEncoder):
         if not self._memorable or self.captured:
             return None
         return _Remembered(
-            self._signatures, self._paths, self._tensor_nodes, self.entries, members, by_path
+            self._signatures,
+            self._paths,
+            list(map(_key_kinds, self._paths)),
+            self._tensor_nodes,
+            self.entries,
+            members,
+            by_path,
         )
 
     def encode_tensor(self, x: torch.Tensor, path: Path) -> Any:
@@ -535,6 +542,8 @@ class _Remembered(NamedTuple):
 
     signatures: list[tuple[Any, ...]]
     paths: list[Path]
+    kinds: list[tuple[Any, ...]]
+    """Per path, what equality misses of its keys (``_key_kinds``)."""
     nodes: list[dict[str, Any]]
     entries: list[Entry]
     members: str
@@ -609,6 +618,15 @@ def _signature(x: Any) -> tuple[Any, ...] | None:
     )
 
 
+def _key_kinds(path: Path) -> tuple[Any, ...]:
+    """What ``==`` misses of a path's keys that its printed form (an entry's name) shows:
+    their types (``1 == True == 1.0``) and the signs of float keys (``0.0 == -0.0``)."""
+    kinds: tuple[Any, ...] = tuple(map(type, path))
+    if float in kinds:
+        kinds += tuple(math.copysign(1.0, key) for key in path if type(key) is float)
+    return kinds
+
+
 class _ReusingBuilder(_LayoutBuilder):
     """Encodes the skeleton, taking each tensor's node from a remembered plan that met it."""
 
@@ -623,6 +641,7 @@ class _ReusingBuilder(_LayoutBuilder):
         if (
             index == len(last.nodes)
             or path != last.paths[index]
+            or _key_kinds(path) != last.kinds[index]
             or _signature(x) != last.signatures[index]
             or vars(x)
         ):
