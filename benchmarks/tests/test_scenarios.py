@@ -60,7 +60,7 @@ EXPECTED = {
     "lag": 12,
     "memory": 10,
     "dcp": 6,
-    "writers": 14,
+    "writers": 18,
     "gpu": 19,
     "restore": 20,
 }
