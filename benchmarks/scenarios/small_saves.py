@@ -62,26 +62,21 @@ class SmallSaves:
         def paired(num: str, den: str) -> float:
             return median([times[num][i] / times[den][i] for i in repeats])
 
-        def each(num: str, den: str) -> str:
-            return ", ".join(f"{times[num][i] / times[den][i]:.2f}x" for i in repeats)
+        def against(other: str, metric: str) -> Check:
+            """The kept-layout save against ``other``, paired by repeat (a context row)."""
+            each = ", ".join(f"{times[other][i] / times[KEPT][i]:.2f}x" for i in repeats)
+            return Check(
+                f"{label}: {metric}",
+                _spread(times[KEPT]),
+                _spread(times[other]),
+                paired(other, KEPT),
+                f"(context); per repeat {each}",
+                None,
+            )
 
         checks = [
-            Check(
-                f"{label}: astage.save (layout kept) vs dcp.async_save, durable",
-                _spread(times[KEPT]),
-                _spread(times[DCP]),
-                paired(DCP, KEPT),
-                f"(context); per repeat {each(DCP, KEPT)}",
-                None,
-            ),
-            Check(
-                f"{label}: astage.save, layout kept vs planned afresh",
-                _spread(times[KEPT]),
-                _spread(times[FRESH]),
-                paired(FRESH, KEPT),
-                f"(context); per repeat {each(FRESH, KEPT)}",
-                None,
-            ),
+            against(DCP, "astage.save (layout kept) vs dcp.async_save, durable"),
+            against(FRESH, "astage.save, layout kept vs planned afresh"),
         ]
         for name in (KEPT, FRESH):
             checks.append(
