@@ -14,7 +14,6 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -223,42 +222,49 @@ def test_both_faces_count_the_bytes_of_numpy_arrays(tmp_path: Path) -> None:
 # -- the writer's threads -----------------------------------------------------------------------
 
 
-def test_a_refused_writer_thread_leaves_no_cleanup_running(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # When the system refused the second writer thread, the first one (already started) was
-    # told to stop and the error raised at once: that thread closed the descriptors and
-    # removed the temporary file while the caller, handling the error, closed them again,
-    # a double close that can hit a descriptor number reused meanwhile by another file.
+def _refusing_writer_threads(monkeypatch: pytest.MonkeyPatch, refused: set[int]) -> list[str]:
+    """From now on, the system refuses the writer threads started ``refused`` (1: the first)."""
     real_start = threading.Thread.start
     started: list[str] = []
 
     def start(thread: threading.Thread) -> None:
         if thread.name.startswith("astage-writer-"):
             started.append(thread.name)
-            if len(started) == 2:
+            if len(started) in refused:
                 raise RuntimeError("can't start new thread")
         real_start(thread)
 
-    real_cleanup = _writer.SafetensorsWriter._close_and_remove
-    inside: list[str] = []
-    overlapped: list[bool] = []
-
-    def slow_cleanup(writer: _writer.SafetensorsWriter) -> None:
-        inside.append(threading.current_thread().name)
-        overlapped.append(len(inside) > 1)
-        time.sleep(0.05)  # the first thread's cleanup is still here when the error is raised
-        real_cleanup(writer)
-        inside.pop()
-
     monkeypatch.setattr(threading.Thread, "start", start)
-    monkeypatch.setattr(_writer.SafetensorsWriter, "_close_and_remove", slow_cleanup)
+    return started
+
+
+def test_a_refused_writer_thread_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first thread refused: the save fails at once, its temporary file removed once.
+    _refusing_writer_threads(monkeypatch, {1})
     with pytest.raises(astage.CheckpointWriteError, match="cannot start a writer thread"):
         astage.save_sync(state(), tmp_path / "c.safetensors")
-    assert inside == []  # every cleanup had ended when the error reached the caller
-    assert not any(overlapped)
     monkeypatch.undo()
     assert os.listdir(tmp_path) == []
+
+
+def test_refused_spare_writer_threads_are_done_without(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The threads beyond the first start only once big pieces are queued, from a writer
+    # thread: one the system refuses there must neither fail the save nor hang its commit.
+    monkeypatch.setattr(_writer, "SPARE_THREAD_BYTES", 1 << 10)
+    monkeypatch.setattr(_writer, "SPARE_THREAD_PIECE_BYTES", 1 << 10)
+    started = _refusing_writer_threads(monkeypatch, {2, 3})
+    big = {f"t{i}": torch.full((1 << 16,), float(i)) for i in range(16)}
+    # 64 KiB a take: the first thread leaves work queued, for which it starts the others.
+    writer = astage.SafetensorsWriter(tmp_path / "big.safetensors", threads=4, chunk_bytes=1 << 16)
+    astage.save_sync(big, writer)
+    assert len(started) >= 2  # spares were asked for, and two of them refused
+    monkeypatch.undo()
+    loaded = astage.load(tmp_path / "big.safetensors")
+    assert all(loaded[f"t{i}"][-1] == float(i) for i in range(16))
 
 
 # -- folders a filesystem cannot fsync ----------------------------------------------------------
@@ -466,16 +472,16 @@ def test_an_interrupt_while_starting_the_writer_threads_leaves_none_waiting(
 ) -> None:
     # Only a RuntimeError from starting a thread was handled: a KeyboardInterrupt there (^C
     # during save_sync) left the threads already started waiting for pieces forever, and,
-    # not being daemons, they kept the interpreter from exiting.
+    # not being daemons, they kept the interpreter from exiting. Here the ^C lands as the
+    # writer's (first, and at that point only) thread has started.
     real_start = threading.Thread.start
     started: list[threading.Thread] = []
 
     def start(thread: threading.Thread) -> None:
-        if thread.name.startswith("astage-writer-"):
-            if started:
-                raise KeyboardInterrupt
-            started.append(thread)
         real_start(thread)
+        if thread.name.startswith("astage-writer-"):
+            started.append(thread)
+            raise KeyboardInterrupt
 
     made: list[_writer.WriteThreads] = []
     real_init = _writer.WriteThreads.__init__
@@ -549,3 +555,16 @@ def test_pwritev_all_resumes_short_writes_across_more_buffers_than_one_call_take
     finally:
         os.close(fd)
     assert path.read_bytes()[3:] == b"".join(bytes(b) for b in buffers)
+
+
+def test_a_save_of_small_pieces_starts_one_writer_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Starting four threads cost the caller's loop 2-3 ms a save (the plan's thread waited
+    # for each to start), for threads that small pieces never use.
+    started = _refusing_writer_threads(monkeypatch, set())
+    small = {f"t{i}": torch.full((16,), float(i)) for i in range(500)}
+    astage.save_sync(small, tmp_path / "small.safetensors", threads=4)
+    assert started == ["astage-writer-0:small.safetensors"]
+    monkeypatch.undo()
+    assert astage.load(tmp_path / "small.safetensors")["t499"][0] == 499.0
