@@ -486,9 +486,9 @@ def test_an_interrupt_while_starting_the_writer_threads_leaves_none_waiting(
     made: list[_writer.WriteThreads] = []
     real_init = _writer.WriteThreads.__init__
 
-    def init(threads: _writer.WriteThreads, writer: _writer.SafetensorsWriter) -> None:
+    def init(threads: _writer.WriteThreads, writer: _writer.SafetensorsWriter, *rest: Any) -> None:
         made.append(threads)
-        real_init(threads, writer)
+        real_init(threads, writer, *rest)
 
     monkeypatch.setattr(threading.Thread, "start", start)
     monkeypatch.setattr(_writer.WriteThreads, "__init__", init)

@@ -378,9 +378,9 @@ def test_small_pieces_are_written_by_one_thread(
     monkeypatch.setattr("astage._files._writer._IOV_MAX", 4)  # many batches
     write_items = _writer.SafetensorsWriter._write_items
 
-    def slow(self: _writer.SafetensorsWriter, items: Any) -> None:
+    def slow(self: _writer.SafetensorsWriter, items: Any, sharing: Any = None) -> None:
         time.sleep(0.001)  # the other threads would have time to take batches
-        write_items(self, items)
+        write_items(self, items, sharing)
 
     monkeypatch.setattr(_writer.SafetensorsWriter, "_write_items", slow)
     state = {f"t{i}": torch.full((16,), float(i)) for i in range(400)}
