@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import struct
 import threading
 import weakref
@@ -163,8 +164,9 @@ def plan_layout(
     if last is not None:
         members, by_path = last.members, last.by_path
     else:
-        members = _entry_members(_file_order(builder.entries, builder.captured), sharing)
-        by_path = {path: entry for entry in builder.entries for path in entry.paths}
+        ordered = _file_order(builder.entries, builder.captured, sharing)
+        members = _entry_members(ordered, sharing)
+        by_path = _by_path(builder.entries, sharing)
     captured_bytes = sum(entry.nbytes for entry in builder.captured)
     text = header_pieces(
         {"__metadata__": header_meta}, DATA_ALIGN, captured_bytes, members, sharing
@@ -188,12 +190,25 @@ def plan_layout(
     )
     if sharing is not None:
         # Written into the header now: freed a piece at a time (5 ms at once over 20,000
-        # tensors), the containers it shares with the memo and the builder let go of first.
+        # tensors), the containers it shares with the memo and the builder let go of first;
+        # a fresh plan's own tables (a group, a node list and a name per storage) likewise.
         builder.forget()
-        pile = [skeleton]
+        pile = [skeleton, *builder.tables()]
         del skeleton
         drop_in_pieces(pile, sharing)
     return layout
+
+
+def _by_path(entries: list[Entry], sharing: GilSharing | None) -> dict[Path, Entry]:
+    """Each path's entry (ticking ``sharing``: 20,000 of them are a few ms of Python)."""
+    if sharing is None:
+        return {path: entry for entry in entries for path in entry.paths}
+    by_path: dict[Path, Entry] = {}
+    for entry in entries:
+        for path in entry.paths:
+            by_path[path] = entry
+        sharing.tick()
+    return by_path
 
 
 def _header_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
@@ -226,6 +241,8 @@ def _entry_members(ordered: list[Entry], sharing: GilSharing | None = None) -> s
             "shape": entry.shape,
             "data_offsets": [entry.begin, offset],
         }
+        if sharing is not None:
+            sharing.tick()
     return json_text(entries, sharing)[1:-1]
 
 
@@ -237,7 +254,9 @@ def _utf8(text: str) -> bool:
     return True
 
 
-def _file_order(staged: list[Entry], captured: list[Entry]) -> list[Entry]:
+def _file_order(
+    staged: list[Entry], captured: list[Entry], sharing: GilSharing | None = None
+) -> list[Entry]:
     """The order of the entries in the data section (safetensors lets it be any, gap-free).
 
     Staged entries whose sizes are whole multiples of :data:`DATA_ALIGN` come first, so each
@@ -246,12 +265,19 @@ def _file_order(staged: list[Entry], captured: list[Entry]) -> list[Entry]:
     in the state dict's order. The bytes captured at plan time come before all of them, as part
     of :attr:`Layout.header` (whose JSON padding makes it end aligned).
     """
-    aligned = [entry for entry in staged if entry.nbytes % DATA_ALIGN == 0]
-    others = [entry for entry in staged if entry.nbytes % DATA_ALIGN]
+    aligned: list[Entry] = []
+    others: list[Entry] = []
+    for entry in staged:
+        (others if entry.nbytes % DATA_ALIGN else aligned).append(entry)
+        if sharing is not None:
+            sharing.tick()
     if others:
-        biggest = max(range(len(others)), key=lambda index: others[index].nbytes)
-        others.insert(0, others.pop(biggest))
+        sizes = list(map(_nbytes, others))  # the biggest found in C: a key per entry was 5 ms
+        others.insert(0, others.pop(sizes.index(max(sizes))))
     return [*captured, *aligned, *others]
+
+
+_nbytes = operator.attrgetter("nbytes")
 
 
 def _header_too_big(size: int, state_dict: Any, skeleton: Any, meta: dict[str, str]) -> Exception:
@@ -320,6 +346,7 @@ class _LayoutBuilder(SkeletonEncoder):
         self._memorable = remember  # until a DTensor, tensor attributes or an array is met
         self._signatures: list[tuple[Any, ...]] = []  # per tensor met, with remember
         self._paths: list[Path] = []
+        self._kinds: list[tuple[Any, ...]] = []
         self._tensor_nodes: list[dict[str, Any]] = []
         self._groups: dict[int, tuple[Entry, torch.Tensor | None]] = {}
         self._nodes: dict[int, list[dict[str, Any]]] = {}  # id(entry) -> nodes naming it
@@ -331,6 +358,12 @@ class _LayoutBuilder(SkeletonEncoder):
         self._names.add(name)
         return name
 
+    def tables(self) -> list[Any]:
+        """Its per-storage tables, handed over (emptied here) to be freed by the caller."""
+        tables: list[Any] = [self._groups, self._nodes, list(self._names)]
+        self._groups, self._nodes, self._names = {}, {}, set()
+        return tables
+
     def remembered(self, members: str, by_path: dict[Path, Entry]) -> _Remembered | None:
         """What a :class:`LayoutMemo` keeps of this plan (None: nothing a next plan could take)."""
         if not self._memorable or self.captured:
@@ -338,7 +371,7 @@ class _LayoutBuilder(SkeletonEncoder):
         return _Remembered(
             self._signatures,
             self._paths,
-            list(map(_key_kinds, self._paths)),
+            self._kinds,
             self._tensor_nodes,
             self.entries,
             members,
@@ -502,6 +535,7 @@ class _LayoutBuilder(SkeletonEncoder):
             else:
                 self._signatures.append(signature)
                 self._paths.append(path)
+                self._kinds.append(_key_kinds(path))  # here, where the encoder ticks
                 self._tensor_nodes.append(node)
         return node
 
