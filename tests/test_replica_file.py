@@ -68,12 +68,12 @@ def held(monkeypatch: pytest.MonkeyPatch) -> Iterator[HeldWrites]:
     writes = HeldWrites()
     real = SafetensorsWriter._write_items
 
-    def held_write(writer: SafetensorsWriter, items: list[Any]) -> None:
+    def held_write(writer: SafetensorsWriter, items: list[Any], sharing: Any = None) -> None:
         writes.started.set()
         # Not released in time: go on anyway; the test's own assertions say what went wrong.
         writes.released.wait(TIMEOUT)
         writes.descriptor_open_when_released.append(writer._fd is not None)
-        real(writer, items)
+        real(writer, items, sharing)
         writes.finished.set()
 
     monkeypatch.setattr(SafetensorsWriter, "_write_items", held_write)
