@@ -836,6 +836,8 @@ class WriteThreads:
         # (_wanted), started by a thread of the writer's, never on the caller's loop: a file
         # of small pieces never has them, and starting four threads cost the loop 2-3 ms.
         self._started = 1
+        self._begun: set[int] = set()  # threads that entered _work
+        self._abandoned: set[int] = set()  # spares whose start raised, counted out
         created: list[threading.Thread] = []
         try:
             thread = self._thread(0)
@@ -946,7 +948,29 @@ class WriteThreads:
             anyio.from_thread.check_cancelled()
 
     def _work(self, index: int) -> None:
+        with self._cond:
+            if index in self._abandoned:
+                return  # its start raised and it was counted out: it must not count itself
+            self._begun.add(index)
         started = time.thread_time()
+        try:
+            self._write_queued(index)
+        except BaseException as error:  # noqa: BLE001 - never expected: fail, never commit a hole
+            with self._cond:
+                if self.error is None:
+                    self.error = write_failure(self._writer.path, error)
+                self._wake_all()
+        finally:
+            with self._cond:
+                self._running -= 1
+                last = self._running == 0
+                self.cpu_seconds += time.thread_time() - started
+            if last:
+                self._end()
+
+    def _write_queued(self, index: int) -> None:
+        """Thread ``index``'s loop: take the pieces it is wanted for and write them, until the
+        file is sealed and its part is done, or stopped."""
         writer = self._writer
         wake = self._wakes[index]
         sharing = GilSharing() if self._beside_loop else None
@@ -957,7 +981,7 @@ class WriteThreads:
                 ):
                     wake.wait()
                 if self._stopping() or not (self._pieces and self._wanted(index)):
-                    break  # sealed, and what is left (if anything) is the first thread's
+                    return  # sealed, and what is left (if anything) is the first thread's
                 items = self._take()
                 spare = self._spare()
             if spare is not None:
@@ -968,14 +992,11 @@ class WriteThreads:
                 with self._cond:
                     if self.error is None:
                         self.error = write_failure(writer.path, error)
+                    # Never written now: let go of them (they hold the staged tensors).
+                    self._pieces.clear()
+                    self._queued = 0
                     self._wake_all()
-                break
-        with self._cond:
-            self._running -= 1
-            last = self._running == 0
-            self.cpu_seconds += time.thread_time() - started
-        if last:
-            self._end()
+                return
 
     def _stopping(self) -> bool:
         return self._aborted or self.error is not None
@@ -1006,13 +1027,17 @@ class WriteThreads:
         return index
 
     def _start_spare(self, index: int) -> None:
-        """Start thread ``index`` (counted as running); one the system refuses is done without:
-        the threads running write everything."""
+        """Start thread ``index`` (counted as running); one the system refuses (any exception
+        from ``start``) is done without: the threads running write everything."""
         try:
             self._thread(index).start()
-        except RuntimeError:
+        except Exception:  # noqa: BLE001 - RuntimeError, MemoryError: the others write it all
             with self._cond:
-                self._running -= 1  # never 0 here: the calling thread is still running
+                # Counted out unless it began after all (start() can raise after the OS
+                # thread runs); never 0 here: the calling thread is still running.
+                if index not in self._begun:
+                    self._abandoned.add(index)
+                    self._running -= 1
 
     def _wake_all(self) -> None:
         """Under the lock: every thread looks again (sealed, aborted, failed)."""
