@@ -189,3 +189,13 @@ def test_a_lease_taken_on_the_loop_makes_no_torch_call(monkeypatch: pytest.Monke
     assert shared.shared and not shared.released
     shared.release()
     assert shared.released
+
+
+def test_no_hand_over_where_there_is_no_gil(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A free-threaded build (sys._is_gil_enabled() False) has no GIL to hand over."""
+    monkeypatch.setattr(_gil, "_GIL", False)
+    monkeypatch.setattr(_gil, "HAND_OVER_EVERY_S", 0.0)
+    sharing = GilSharing()
+    for _ in range(100):
+        sharing.tick()
+    assert sharing.handed_over == 0

@@ -11,9 +11,12 @@ takes the GIL, runs its ready callbacks and lets go again at its next ``select``
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from typing import Any
+
+_GIL = getattr(sys, "_is_gil_enabled", lambda: True)()
 
 HAND_OVER_EVERY_S = 5e-4
 """How long a worker thread keeps the GIL between two hand-overs: a loop that wakes meanwhile
@@ -35,7 +38,8 @@ class GilSharing:
     __slots__ = ("_due", "handed_over")
 
     def __init__(self) -> None:
-        self._due = time.perf_counter() + HAND_OVER_EVERY_S
+        # A free-threaded build has no GIL to hand over: the ticks never sleep there.
+        self._due = time.perf_counter() + HAND_OVER_EVERY_S if _GIL else math.inf
         self.handed_over = 0
         """Hand-overs so far (tests and benchmarks read it)."""
 
