@@ -287,7 +287,7 @@ async def run_save(
             resources.push_async_callback(_close_shielded, stager)
         if isinstance(writer, SafetensorsWriter) and stager.options.replay:
             # The stager's saves plan the same structure each time: the file's layout too.
-            writer.plan_from(layout_memo(stager))
+            writer._use_layout_memo(layout_memo(stager))
         if isinstance(writer, contextlib.AbstractAsyncContextManager):
             await resources.enter_async_context(writer)  # its background work lives here
         try:

@@ -163,7 +163,7 @@ def start_sync_in(
     sync_stager = SyncStager(replay=False) if stager is None else stager
     if sync_stager.options.replay:
         # The stager's saves plan the same structure each time: the file's layout too.
-        writer.plan_from(layout_memo(sync_stager))
+        writer._use_layout_memo(layout_memo(sync_stager))
     try:
         threads = writer.open_in_threads(state_dict)  # refuses what cannot be saved
     except BaseException:

@@ -432,14 +432,15 @@ class SafetensorsWriter:
         background.seal(after_commit)
         return background
 
-    def plan_from(self, memo: LayoutMemo) -> None:
-        """Plan the file with ``memo``: a layout the same stager's last save planned is taken
-        where the state dict still matches it (:class:`~astage._files._layout.LayoutMemo`).
-        Before ``begin``; a writer already begun keeps its layout (and ``begin`` says so)."""
+    # -- internals ----------------------------------------------------------------------------
+
+    def _use_layout_memo(self, memo: LayoutMemo) -> None:
+        """For astage.save and save_sync: plan the file with ``memo``, the stager's, so that a
+        layout its last save planned is taken where the state dict still matches it
+        (:class:`~astage._files._layout.LayoutMemo`). Before ``begin``; a writer already
+        begun keeps its layout (and ``begin`` says so)."""
         if self._state == "new":
             self._layout_memo = memo
-
-    # -- internals ----------------------------------------------------------------------------
 
     def _start_begin(self) -> None:
         if self._state != "new":
