@@ -196,6 +196,8 @@ class SkeletonEncoder:
         """Containers encoded, by id: the container (kept alive, so its id stays its own),
         the header bytes, text characters and height of its subtree, and its node when no
         tensor or array is inside (then the same whatever the path)."""
+        self._root: Any = None  # the outermost container encoded
+        self._projected = False  # the root's least size was weighed (at a repeat with tensors)
         self.text_chars = 0
         """Characters of every str encoded: a lower bound on the skeleton's JSON size."""
         self.longest_text: tuple[int, Path] = (0, ())
@@ -208,6 +210,7 @@ class SkeletonEncoder:
         """Let go of the containers met and their nodes (the encoder is done)."""
         self._done.clear()
         self._active.clear()
+        self._root = None
 
     def encode(self, x: Any, path: Path) -> Any:
         """The JSON node for ``x``: plain values as themselves, the rest as a tagged object."""
@@ -262,19 +265,23 @@ class SkeletonEncoder:
         done = self._done.get(key)
         if done is not None:
             _, size, chars, height, node = done
+            if node is None and not self._projected:
+                # A repeat holding tensors is encoded again (its tensor nodes name this path):
+                # containers sharing each other so were encoded until the header passed the
+                # limit (25 s at 30 levels). Its least size, repeats counted, in one pass over
+                # the distinct containers, tells it at once.
+                self._projected = True
+                if least_json_bytes(self._root) > self.max_header_bytes:
+                    raise self._repeat_too_big(path)
             if self._header_bytes + size > self.max_header_bytes:
-                raise self.error(
-                    f"a container reached by several paths is written again at each of them, "
-                    f"which takes the header past {self.max_header_bytes} bytes here (containers "
-                    "that share each other repeat exponentially); share fewer containers, or "
-                    f"copy them, before they are {self.verb}",
-                    path,
-                )
+                raise self._repeat_too_big(path)
             if node is not None and self._depth + height <= MAX_DEPTH:
                 self._header_bytes += size
                 self.text_chars += chars
                 self._reach = max(self._reach, self._depth + height)
                 return node
+        if self._depth == 0:
+            self._root = x  # the container being encoded: what a projection sizes
         if self._depth >= MAX_DEPTH:
             raise self.error(
                 f"containers nested more than {MAX_DEPTH} deep cannot be {self.verb}", path
@@ -299,6 +306,15 @@ class SkeletonEncoder:
             node if self._entries == entries else None,
         )
         return node
+
+    def _repeat_too_big(self, path: Path) -> AstageError:
+        return self.error(
+            f"a container reached by several paths is written again at each of them, "
+            f"which takes the header past {self.max_header_bytes} bytes here (containers "
+            "that share each other repeat exponentially); share fewer containers, or "
+            f"copy them, before they are {self.verb}",
+            path,
+        )
 
     def _value(self, x: Any, cls: type, path: Path) -> Any:
         """The node of a value that is not a container, or None if it has no node."""
@@ -386,6 +402,52 @@ class SkeletonEncoder:
     def encode_array(self, x: Any, path: Path) -> Any:
         """The node of a numpy array; refused unless a format stores arrays."""
         raise self.error(self.refusal.format(type="numpy.ndarray"), path)
+
+
+_SIZED = (dict, OrderedDict, list, tuple, set, frozenset, argparse.Namespace)
+
+
+def least_json_bytes(root: Any) -> int:
+    """A lower bound on the JSON an encoder writes for ``root``, every path to a shared
+    container counted in full, found in one pass over the distinct containers (each sized
+    once, by id): what :class:`SkeletonEncoder` counts as it goes (2 a value, a str's length,
+    8 more a tensor or container), below :data:`MAX_DEPTH` levels only."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def least(x: Any, depth: int) -> int:
+        cls = type(x)
+        if cls is str:
+            return 2 + len(x)
+        if isinstance(x, torch.Tensor):
+            return 10
+        if cls not in _SIZED or depth >= MAX_DEPTH:
+            return 2
+        key = id(x)
+        known = sizes.get(key)
+        if known is not None:
+            return known
+        if key in active:  # a cycle: the encoder refuses it; nothing more to count
+            return 0
+        active.add(key)
+        total = 10
+        if cls is argparse.Namespace:
+            items: Any = vars(x).items()
+        elif cls is dict or cls is OrderedDict:
+            items = x.items()
+        else:
+            items = None
+        if items is not None:
+            for name, value in items:
+                total += least(name, depth + 1) + least(value, depth + 1)
+        else:
+            for value in x:
+                total += least(value, depth + 1)
+        active.discard(key)
+        sizes[key] = total
+        return total
+
+    return least(root, 0)
 
 
 class SkeletonDecoder:
