@@ -259,7 +259,8 @@ def test_json_text_in_tiny_pieces_is_json_dumps(monkeypatch: pytest.MonkeyPatch)
     for _ in range(400):
         value = _value(rng, 0)
         expected = json.dumps(value, separators=(",", ":"))
-        assert _safetensors.json_text(value, GilSharing()) == expected
+        # The same text, but for a newline after the commas between top-level runs.
+        assert _safetensors.json_text(value, GilSharing()).replace(",\n", ",") == expected
 
 
 @pytest.mark.asyncio

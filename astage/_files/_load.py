@@ -281,7 +281,7 @@ def read_raw(fd: int, path: str, size: int) -> tuple[dict[str, Any], Header]:
         raise CheckpointFormatError(
             f"{path}: the safetensors header is not JSON: it does not start with '{{'"
         )
-    header = parse_json(raw, f"{path}: the safetensors header")
+    header = parse_json(raw, f"{path}: the safetensors header", in_pieces=True)
     if not isinstance(header, dict):
         raise CheckpointFormatError(f"{path}: the safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", None)
@@ -303,10 +303,18 @@ def read_raw(fd: int, path: str, size: int) -> tuple[dict[str, Any], Header]:
     return {"__metadata__": metadata, **header}, Header(entries, metadata, data_start)
 
 
-def parse_json(raw: bytes | str, what: str) -> Any:
-    """Strict JSON (UTF-8, no NaN or Infinity); any problem a CheckpointFormatError."""
+def parse_json(raw: bytes | str, what: str, *, in_pieces: bool = False) -> Any:
+    """Strict JSON (UTF-8, no NaN or Infinity); any problem a CheckpointFormatError.
+
+    ``in_pieces``: an object whose top level the writer cut into runs is parsed a run at a
+    time (:func:`object_in_pieces`), to the same value.
+    """
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        if in_pieces:
+            parsed = object_in_pieces(text)
+            if parsed is not None:
+                return parsed
         # No object_pairs_hook for duplicate keys: it costs as much as the parse. A repeated
         # entry key leaves a gap in the data that the tiling check refuses; a repeated field
         # is read as Python reads it (the last one), and is checked like any other.
@@ -314,6 +322,46 @@ def parse_json(raw: bytes | str, what: str) -> Any:
     except (ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError too
         reason = "nested too deep" if isinstance(error, RecursionError) else str(error)
         raise CheckpointFormatError(f"{what} is not valid JSON: {reason}") from None
+
+
+PIECES_FROM = 1 << 16
+"""Texts shorter than this are parsed whole (:func:`object_in_pieces`)."""
+_JSON_SPACE = " \t\n\r"
+
+
+def object_in_pieces(text: str) -> dict[str, Any] | None:
+    """The JSON object ``text``, parsed a run of members at a time where its top level is cut
+    by ``",\n"``; None where it is not, or a run does not parse (the caller then parses it
+    whole, which gives the same value or says what is wrong).
+
+    Why: ``json.loads`` holds the GIL for all of its call, and a header over 20,000 tensors
+    is 3 MB, 15-25 ms of C in load_async's worker thread with the caller's event loop
+    stalled meanwhile. astage's writer puts a newline after the comma between the top-level
+    runs of its header (``_safetensors.json_text``), and a newline is never raw inside a JSON
+    string. The value is the whole's: each run, put between braces, must parse as an object
+    with at least one member, so the runs joined by their commas are the whole's members in
+    order, and a key met twice keeps its first place and its last value, as ``json.loads``
+    keeps it. A cut anywhere else (a deeper level, a hostile file) leaves some run unbalanced,
+    and the text is parsed whole.
+    """
+    if len(text) < PIECES_FROM:
+        return None
+    body = text.strip(_JSON_SPACE)  # only JSON's whitespace: str.strip() takes more
+    if not (body.startswith("{") and body.endswith("}")):
+        return None
+    runs = body[1:-1].split(",\n")
+    if len(runs) < 2:
+        return None
+    parsed: dict[str, Any] = {}
+    for run in runs:
+        try:
+            part = json.loads("{" + run + "}", parse_constant=_no_constant)
+        except (ValueError, RecursionError):
+            return None
+        if type(part) is not dict or not part:
+            return None
+        parsed.update(part)
+    return parsed
 
 
 def _no_constant(name: str) -> Any:

@@ -112,7 +112,9 @@ JSON_STR_PIECE = 1 << 16
 
 
 def json_text(value: Any, sharing: GilSharing | None = None) -> str:
-    """``json.dumps(value, separators=(",", ":"))``, the same text, made in pieces.
+    """``json.dumps(value, separators=(",", ":"))``, the same text, made in pieces; but for a
+    newline after each comma between two runs of a big top-level container, where a reader
+    may cut it (``_load.object_in_pieces``).
 
     Why: the C encoder holds the GIL for all of a call. A save's header over 20,000 tensors
     took two calls of 17 and 29 ms, in a worker thread: the event loop could not run
@@ -198,11 +200,16 @@ class _JsonPieces:
         run: list[Any] = []
         first = True
 
+        # At the top level, a newline after the comma between two runs: whitespace to JSON,
+        # and never raw inside a JSON string, so a reader can cut the text there and parse
+        # the runs one at a time (parse_object_in_pieces).
+        separator = ",\n" if depth == 0 else ","
+
         def flush() -> None:
             nonlocal first
             if run:
                 text = self.dumps(run if is_list else dict(run))
-                parts.append(text[1:-1] if first else "," + text[1:-1])
+                parts.append(text[1:-1] if first else separator + text[1:-1])
                 first = False
                 run.clear()
 
@@ -210,7 +217,7 @@ class _JsonPieces:
             if _is_big(item if is_list else item[1]):
                 flush()
                 if not first:
-                    parts.append(",")
+                    parts.append(separator)
                 first = False
                 if not is_list:
                     parts.append(_json_key(item[0]))
@@ -272,7 +279,7 @@ def header_pieces(
     pieces = _JsonPieces(texts, sharing)
     pieces.add(header, 0)
     if members:
-        texts[-1:-1] = [",", members]  # before the top-level object's closing brace
+        texts[-1:-1] = [",\n", members]  # before the top-level object's closing brace
     encoded: list[bytes] = []
     run: list[str] = []
     size = 0
