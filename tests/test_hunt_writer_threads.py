@@ -48,6 +48,15 @@ def assert_saved(path: Path, expected: dict[str, torch.Tensor]) -> None:
         assert torch.equal(back[key], value), key
 
 
+def assert_committed_or_gone(committed: bool, target: Path, expected: dict[str, Any]) -> None:
+    """A committed file holds ``expected`` (and is removed for the next round); then the
+    folder is empty either way: no temporary file left behind."""
+    if committed:
+        assert_saved(target, expected)
+        target.unlink()
+    assert os.listdir(target.parent) == []
+
+
 class Watch:
     """Wraps the writer's hot spots; every broken invariant is recorded in ``broken``."""
 
@@ -226,10 +235,7 @@ def test_an_abort_as_a_spare_starts_ends_the_file_once_and_leaves_no_thread(
         watch.check(threads, tmp_path)
         assert writer._fd is None and writer._direct_fd is None
         assert threads.committed == (not won and round_ % 2 == 1 and target.exists())
-        if threads.committed:
-            assert_saved(target, big_state(8))
-            target.unlink()
-        assert os.listdir(tmp_path) == []
+        assert_committed_or_gone(threads.committed, target, big_state(8))
 
 
 def test_an_interrupted_save_sync_cancels_or_commits_and_leaves_no_thread(
@@ -255,10 +261,7 @@ def test_an_interrupted_save_sync_cancels_or_commits_and_leaves_no_thread(
         with pytest.raises(KeyboardInterrupt):
             astage.save_sync(expected, target, threads=4)
         watch.check(made[-1], tmp_path)
-        if made[-1].committed:
-            assert_saved(target, expected)
-            target.unlink()
-        assert os.listdir(tmp_path) == []
+        assert_committed_or_gone(made[-1].committed, target, expected)
 
 
 @pytest.mark.asyncio
@@ -322,7 +325,7 @@ def test_a_spare_whose_start_is_held_until_the_rest_is_over(
     real_start, real_pwritev = threading.Thread.start, os.pwritev
 
     def over(threads: _writer.WriteThreads) -> bool:
-        with threads._cond:
+        with threads._lock:
             done = {"drained": threads._sealed and not threads._pieces, "failed": threads.error}
             return bool(done.get(until, threads._aborted))
 

@@ -498,7 +498,8 @@ def _run(jobs: list[_Job], poll: Callable[[], None] | None) -> None:
         jobs[0].run()
         return
     threads = READ_THREADS
-    if sum(job.nbytes for job in jobs) >= PROBED_FROM_BYTES:
+    total = sum(job.nbytes for job in jobs)
+    if total >= PROBED_FROM_BYTES:
         probed, nbytes = 0, 0
         started = time.perf_counter()
         while nbytes < PROBE_BYTES:
@@ -508,9 +509,10 @@ def _run(jobs: list[_Job], poll: Callable[[], None] | None) -> None:
         if nbytes < SEQUENTIAL_BELOW * (time.perf_counter() - started):
             threads = 1
         jobs = jobs[probed:]
+        total -= nbytes
         if poll is not None:
             poll()
-    if sum(job.nbytes for job in jobs) < len(jobs) * (PIECE_BYTES // SMALL_JOB_SHARE):
+    if total < len(jobs) * (PIECE_BYTES // SMALL_JOB_SHARE):
         # Small pieces cost Python per piece, under the GIL: more threads only take turns
         # at it (20,000 small tensors: 690-718 ms on four, 620-653 ms on one).
         threads = 1

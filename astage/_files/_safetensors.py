@@ -202,7 +202,7 @@ class _JsonPieces:
 
         # At the top level, a newline after the comma between two runs: whitespace to JSON,
         # and never raw inside a JSON string, so a reader can cut the text there and parse
-        # the runs one at a time (parse_object_in_pieces).
+        # the runs one at a time (``_load.object_in_pieces``).
         separator = ",\n" if depth == 0 else ","
 
         def flush() -> None:

@@ -170,6 +170,10 @@ def _numpy() -> Any:
     return sys.modules.get("numpy")
 
 
+_CONTAINERS = (dict, OrderedDict, list, tuple, set, frozenset, argparse.Namespace)
+"""The container types an encoder writes as nodes of their own (and sizes, repeats counted)."""
+
+
 class SkeletonEncoder:
     """Encodes everything but tensors and arrays; a format's subclass encodes those.
 
@@ -245,7 +249,7 @@ class SkeletonEncoder:
             if self.sharing is not None:
                 self.sharing.tick()
             return self.encode_tensor(x, path)
-        if cls in (dict, OrderedDict, list, tuple, set, frozenset, argparse.Namespace):
+        if cls in _CONTAINERS:
             if self.sharing is not None:
                 self.sharing.tick()
             return self._shared_or_new(x, cls, path)
@@ -404,9 +408,6 @@ class SkeletonEncoder:
         raise self.error(self.refusal.format(type="numpy.ndarray"), path)
 
 
-_SIZED = (dict, OrderedDict, list, tuple, set, frozenset, argparse.Namespace)
-
-
 def least_json_bytes(root: Any) -> int:
     """A lower bound on the JSON an encoder writes for ``root``, every path to a shared
     container counted in full, found in one pass over the distinct containers (each sized
@@ -421,7 +422,7 @@ def least_json_bytes(root: Any) -> int:
             return 2 + len(x)
         if isinstance(x, torch.Tensor):
             return 10
-        if cls not in _SIZED or depth >= MAX_DEPTH:
+        if cls not in _CONTAINERS or depth >= MAX_DEPTH:
             return 2
         key = id(x)
         known = sizes.get(key)

@@ -810,10 +810,9 @@ class WriteThreads:
     def __init__(self, writer: SafetensorsWriter, beside_loop: bool = False) -> None:
         self._writer = writer
         self._beside_loop = beside_loop  # an async face's: the threads share the GIL with it
-        lock = threading.RLock()
-        self._cond = threading.Condition(lock)
-        # One condition a thread, on the same lock: a put wakes the threads it has work for.
-        self._wakes = [threading.Condition(lock) for _ in range(writer.threads)]
+        self._lock = threading.RLock()
+        # One condition a thread, on the one lock: a put wakes the threads it has work for.
+        self._wakes = [threading.Condition(self._lock) for _ in range(writer.threads)]
         self._queued = 0  # bytes of the queued pieces
         self._pieces: deque[_Item] = deque()
         self._sealed = False
@@ -842,7 +841,7 @@ class WriteThreads:
         created: list[threading.Thread] = []
         try:
             thread = self._thread(0)
-            with self._cond:
+            with self._lock:
                 self._running += 1
             created.append(thread)
             thread.start()
@@ -871,7 +870,7 @@ class WriteThreads:
         for thread in created:
             with contextlib.suppress(RuntimeError):  # never started (or not yet known to)
                 thread.join()
-        with self._cond:
+        with self._lock:
             ended = self._ended or self._running == 0
             self._running = 0  # the threads that never started are not running
         if not ended:
@@ -882,7 +881,7 @@ class WriteThreads:
 
     def put(self, items: list[_Item]) -> None:
         """Queue pieces for the threads."""
-        with self._cond:
+        with self._lock:
             self._pieces.extend(items)
             self._queued += sum(len(item[1]) for item in items)
             for index in range(self._started):
@@ -892,14 +891,14 @@ class WriteThreads:
 
     def seal(self, after_commit: Callable[[], None] | None) -> None:
         """No more pieces: once they are written, the last thread commits."""
-        with self._cond:
+        with self._lock:
             self._after_commit = after_commit
             self._sealed = True
             self._wake_all()
 
     def abort(self) -> bool:
         """Stop; the temporary file goes. False when too late (renamed, or ended already)."""
-        with self._cond:
+        with self._lock:
             if self._renaming or self._ended:
                 return False
             self._aborted = True
@@ -910,7 +909,7 @@ class WriteThreads:
 
     def add_done_callback(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` in the last thread once the file has ended (now if it has)."""
-        with self._cond:
+        with self._lock:
             if not self._ended:
                 self._callbacks.append(callback)
                 return
@@ -949,7 +948,7 @@ class WriteThreads:
             anyio.from_thread.check_cancelled()
 
     def _work(self, index: int) -> None:
-        with self._cond:
+        with self._lock:
             if index in self._abandoned:
                 return  # its start raised and it was counted out: it must not count itself
             self._begun.add(index)
@@ -957,12 +956,12 @@ class WriteThreads:
         try:
             self._write_queued(index)
         except BaseException as error:  # noqa: BLE001 - never expected: fail, never commit a hole
-            with self._cond:
+            with self._lock:
                 if self.error is None:
                     self.error = write_failure(self._writer.path, error)
                 self._wake_all()
         finally:
-            with self._cond:
+            with self._lock:
                 self._running -= 1
                 last = self._running == 0
                 self.cpu_seconds += time.thread_time() - started
@@ -976,7 +975,7 @@ class WriteThreads:
         wake = self._wakes[index]
         sharing = GilSharing() if self._beside_loop else None
         while True:
-            with self._cond:
+            with self._lock:
                 while not (
                     self._stopping() or (self._pieces and self._wanted(index)) or self._sealed
                 ):
@@ -990,7 +989,7 @@ class WriteThreads:
             try:
                 writer._write_items(items, sharing)
             except BaseException as error:  # noqa: BLE001 - the file is lost: stop the others
-                with self._cond:
+                with self._lock:
                     if self.error is None:
                         self.error = write_failure(writer.path, error)
                     # Never written now: let go of them (they hold the staged tensors).
@@ -1033,7 +1032,7 @@ class WriteThreads:
         try:
             self._thread(index).start()
         except Exception:  # noqa: BLE001 - RuntimeError, MemoryError: the others write it all
-            with self._cond:
+            with self._lock:
                 # Counted out unless it began after all (start() can raise after the OS
                 # thread runs); never 0 here: the calling thread is still running.
                 if index not in self._begun:
@@ -1042,7 +1041,6 @@ class WriteThreads:
 
     def _wake_all(self) -> None:
         """Under the lock: every thread looks again (sealed, aborted, failed)."""
-        self._cond.notify_all()
         for wake in self._wakes:
             wake.notify_all()
 
@@ -1076,7 +1074,7 @@ class WriteThreads:
             if not self.committed:
                 writer._state = "aborted"
                 writer._close_and_remove()
-            with self._cond:
+            with self._lock:
                 self._ended = True
                 callbacks, self._callbacks = self._callbacks, []
             for callback in callbacks:
@@ -1090,7 +1088,7 @@ class WriteThreads:
             self._finished.set()
 
     def _may_rename(self) -> bool:
-        with self._cond:
+        with self._lock:
             if self._aborted:
                 return False
             self._renaming = True  # from here on an abort is too late: the commit stands
