@@ -165,6 +165,11 @@ def _int_limit() -> int:
 _INT_LIMITS: dict[int, int] = {}
 
 
+def _int_digits(bits: int) -> int:
+    """A lower bound on the decimal digits of an int of ``bits`` bits (log10(2) > 0.3)."""
+    return bits * 3 // 10
+
+
 def _numpy() -> Any:
     """The numpy module if something already imported it (a numpy value implies it was)."""
     return sys.modules.get("numpy")
@@ -229,8 +234,9 @@ class SkeletonEncoder:
                 self.longest_text = (len(x), path)
             return x
         if cls is int:
+            bits = x.bit_length()
             # 2000 bits: under 640 digits, the least limit Python allows (a cheap first test).
-            if x.bit_length() > 2000 and not -_int_limit() < x < _int_limit():
+            if bits > 2000 and not -_int_limit() < x < _int_limit():
                 # json.dumps would raise a raw ValueError; json.loads refuses it as well.
                 raise self.error(
                     f"an int of {x.bit_length()} bits (over {_max_digits()} decimal digits) "
@@ -238,6 +244,9 @@ class SkeletonEncoder:
                     "text; store it as a str",
                     path,
                 )
+            # Its digits, at least 3 per 10 bits: counted as 2, an int of 4,000 digits let a
+            # few shared lists of them pass as 30 MB of header where they wrote 4 GB.
+            self._header_bytes += _int_digits(bits)
             return x
         if cls in (bool, type(None)):
             return x
@@ -412,7 +421,7 @@ def least_json_bytes(root: Any) -> int:
     """A lower bound on the JSON an encoder writes for ``root``, every path to a shared
     container counted in full, found in one pass over the distinct containers (each sized
     once, by id): what :class:`SkeletonEncoder` counts as it goes (2 a value, a str's length,
-    8 more a tensor or container), below :data:`MAX_DEPTH` levels only."""
+    an int's least digits, 8 more a tensor or container), below :data:`MAX_DEPTH` levels only."""
     sizes: dict[int, int] = {}
     active: set[int] = set()
 
@@ -420,6 +429,8 @@ def least_json_bytes(root: Any) -> int:
         cls = type(x)
         if cls is str:
             return 2 + len(x)
+        if cls is int:
+            return 2 + _int_digits(x.bit_length())  # as the encoder counts it
         if isinstance(x, torch.Tensor):
             return 10
         if cls not in _CONTAINERS or depth >= MAX_DEPTH:
