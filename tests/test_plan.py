@@ -291,6 +291,16 @@ def test_nested_tensor_is_refused(stager: Driver) -> None:
         stager.stage({"nt": nested})
 
 
+def test_a_nested_view_of_a_staged_storage_is_refused_by_name(stager: Driver) -> None:
+    # Its storage already had a buffer (the dense tensor's, from an earlier call), and the
+    # walk read its sizes, which a nested tensor refuses: a raw RuntimeError, no path.
+    weight = torch.randn(4, 4)
+    stager.stage({"w": weight})
+    nested = torch.nested.as_nested_tensor(weight, layout=torch.strided)
+    with pytest.raises(astage.UnstageableError, match=r"\['n'\]"):
+        stager.stage({"n": nested})
+
+
 def test_bare_tensor_as_root(stager: Driver) -> None:
     x = torch.randn(3, 2).t()
     assert_staged(stager.stage(x), x)

@@ -2540,3 +2540,34 @@ def test_a_nested_tensor_in_place_of_a_recorded_one_is_refused_not_fatal() -> No
         """
     )
     assert child.returncode == 0, child.stderr[-2000:]
+
+
+def test_a_nested_tensor_viewing_a_recorded_storage_is_refused_not_fatal() -> None:
+    # A strided nested tensor over the recorded tensor's own storage passes the storage
+    # check, and dynamo's guard then read its strides: a C++ error that ended the process
+    # (std::terminate). Each bulk step now asks is_nested first. A process of its own: a
+    # failure, not a dead suite.
+    child = in_a_fresh_interpreter(
+        """
+        import torch, astage
+        model = torch.nn.Sequential(*(torch.nn.Linear(4, 4) for _ in range(40)))
+        with astage.SyncStager() as stager:
+            for _ in range(3):
+                stager.stage(model.state_dict())
+            state = model.state_dict()
+            weight = state["7.weight"]
+            nested = torch.nested.as_nested_tensor(weight, layout=torch.strided)
+            assert nested.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()
+            state["7.weight"] = nested
+            try:
+                stager.stage(state)
+            except astage.UnstageableError as error:
+                assert "['7.weight']" in str(error), error
+            else:
+                raise SystemExit("staged")
+            for _ in range(2):  # the stager goes on: walked again, then replayed
+                staged = stager.stage(model.state_dict())
+                assert torch.equal(staged["7.weight"], model.state_dict()["7.weight"])
+        """
+    )
+    assert child.returncode == 0, child.stderr[-2000:]

@@ -71,6 +71,7 @@ class _BulkMiss(Exception):
 _detach: Any = detached
 _storage = torch.Tensor.untyped_storage
 _attributes = operator.attrgetter("__dict__")
+_is_nested = operator.attrgetter("is_nested")
 _dropped = operator.attrgetter("dropped")
 _view = operator.attrgetter("view")
 _is_none = partial(operator.is_, None)
@@ -475,11 +476,13 @@ class Replay:
                 expected_storages: Any = storages[start:stop]
             else:
                 expected_storages = list(map(storages.__getitem__, slot_of[start:stop]))
-            # The storages before the guard: a nested tensor makes dynamo's guard throw in C++
-            # (it reads the strides, which a nested tensor has none of), which ends the process.
-            # One that replaced a recorded tensor has a storage of its own; one viewing the
-            # recorded storage itself (torch.nested.as_nested_tensor(t, layout=torch.strided))
-            # is not caught here: an is_nested check would cost ~2% of a cached call.
+            # Storages and nestedness before the guard: a nested tensor makes dynamo's guard
+            # throw in C++ (it reads the strides, which a nested tensor has none of), which
+            # ends the process (std::terminate). One that replaced a recorded tensor has a
+            # storage of its own; one viewing the recorded storage itself
+            # (torch.nested.as_nested_tensor(t, layout=torch.strided)) passes the storage
+            # check, so each step asks is_nested too: 2% of a cached call over 50,000 small
+            # tensors (2.5 ms), the price of never aborting the caller's process.
             try:  # a sparse or mkldnn tensor has none, nor has a non-tensor: it raises
                 # Lists compared: identity first, then UntypedStorage's own (identity) __eq__;
                 # 15 ns a tensor less than all(map(is_, ...)).
@@ -487,6 +490,8 @@ class Replay:
             except (RuntimeError, NotImplementedError, TypeError):
                 raise _BulkMiss from None
             if not same_storages:
+                raise _BulkMiss
+            if any(map(_is_nested, part)):
                 raise _BulkMiss
             yield  # a step is 0.3-0.5 ms on a loaded core: its guard in the next one
             guarded = guard is not None and guard(*part)
@@ -1025,15 +1030,21 @@ class Replay:
         buffer = self._slots[slot]
         if buffer is None or buffer() is not storage:
             return self._unknown(index, x)
-        if (
-            x.storage_offset() != offset
-            or x.dtype is not dtype
-            or x.shape != shape
-            or x.stride() != stride
-            or x.is_neg() is not neg
-            or (complex_ and x.is_conj() is not conj)
-            or (cls is _Parameter and x.requires_grad is not grad)
-        ):
+        try:
+            changed = (
+                x.storage_offset() != offset
+                or x.dtype is not dtype
+                or x.shape != shape
+                or x.stride() != stride
+                or x.is_neg() is not neg
+                or (complex_ and x.is_conj() is not conj)
+                or (cls is _Parameter and x.requires_grad is not grad)
+            )
+        except (RuntimeError, NotImplementedError):
+            # A nested tensor over the recorded storage has no sizes to read: the walk
+            # refuses it, naming its path (a raw RuntimeError escaped here).
+            raise Mismatch from None
+        if changed:
             raise Mismatch  # changed in place over a recorded storage
         copy_of = self._copy_of
         copy = copy_of[slot]

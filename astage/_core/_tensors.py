@@ -221,19 +221,26 @@ class TensorStager:
         if buffer is None or buffer() is not storage:
             return self._fresh(x, storage)
         view = buffer.view
-        if (
-            view is None
-            or id(storage) in self.copy_index
-            or buffer.view_dtype is not x.dtype
-            or buffer.view_shape != x.shape
-            or buffer.nbytes != storage.nbytes()
-            or x.storage_offset() != 0
-            or not x.is_contiguous()
-            or (buffer.view_strides is not None and x.stride() != buffer.view_strides)
-            or x.is_conj()
-            or x.is_neg()
-            or x.__dict__
-        ):
+        if view is None:
+            return None
+        try:
+            unlike = (
+                id(storage) in self.copy_index
+                or buffer.view_dtype is not x.dtype
+                or buffer.view_shape != x.shape
+                or buffer.nbytes != storage.nbytes()
+                or x.storage_offset() != 0
+                or not x.is_contiguous()
+                or (buffer.view_strides is not None and x.stride() != buffer.view_strides)
+                or x.is_conj()
+                or x.is_neg()
+                or x.__dict__
+            )
+        except (RuntimeError, NotImplementedError):
+            # A nested tensor over a staged storage has no sizes: _stage refuses it by name
+            # (a raw RuntimeError escaped here).
+            return None
+        if unlike:
             return None
         index = self._copies.add(x, view, buffer)  # keeps x alive: its id stays valid in the memo
         self.copy_index[id(storage)] = index
