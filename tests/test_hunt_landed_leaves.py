@@ -15,6 +15,7 @@ import functools
 import gc
 import os
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -516,6 +517,31 @@ def test_a_failed_small_read_names_the_file_and_leaves_plain_values(
     monkeypatch.setattr(os, "preadv", short)
     into: dict[str, Any] = {f"s{i}": torch.zeros(3) for i in range(3000)}
     into["n"] = 0
-    with pytest.raises(astage.CheckpointFormatError, match=path.name):
+    with pytest.raises(astage.CheckpointFormatError, match=path.name) as failed:
         astage.load(path, into=into)
     assert into["n"] == 0
+    # And which tensor: a file cut short while it loads names the entry it failed in.
+    assert re.search(r"\(header entry \"\['s\d+'\]\"\)$", str(failed.value)), failed.value
+
+
+@pytest.mark.parametrize("into", [False, True], ids=["load", "load-into"])
+def test_a_read_that_comes_up_short_names_the_header_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, into: bool
+) -> None:
+    # The file ends before its data (truncated after its header was checked): the error
+    # named the file only, not the tensor whose bytes were missing.
+    state = {"first": torch.ones(4), "second.weight": torch.arange(1000.0)}
+    path = tmp_path / "cut.safetensors"
+    astage.save_sync(state, path)
+    real: Callable[..., int] = os.preadv
+
+    def short(fd: int, buffers: Any, offset: int) -> int:
+        # The second tensor's bytes are missing (it lies after the first in the file).
+        return 0 if sum(len(b) for b in buffers) >= 4000 else real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", short)
+    target = {"first": torch.zeros(4), "second.weight": torch.zeros(1000)} if into else None
+    with pytest.raises(astage.CheckpointFormatError) as failed:
+        astage.load(path, into=target)
+    message = str(failed.value)
+    assert path.name in message and "(header entry \"['second.weight']\")" in message, message

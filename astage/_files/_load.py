@@ -169,7 +169,7 @@ def load(
         stored: dict[str, torch.Tensor] = {}
         for key, entry in header.entries.items():
             tensor = torch.empty(entry.shape, dtype=entry.dtype, device="cpu")
-            _read_into(fd, tensor, header.data_start + entry.begin, name)
+            _read_into(fd, tensor, header.data_start + entry.begin, name, key)
             stored[key] = tensor
     finally:
         os.close(fd)
@@ -513,8 +513,8 @@ def _pread(fd: int, nbytes: int, offset: int, path: str) -> bytes:
         raise CheckpointError(f"cannot read {path}: {error.strerror or error}") from error
 
 
-def _read_into(fd: int, tensor: torch.Tensor, offset: int, path: str) -> None:
-    read_exactly(fd, tensor_memoryview(tensor), offset, path)
+def _read_into(fd: int, tensor: torch.Tensor, offset: int, path: str, key: str) -> None:
+    read_exactly(fd, tensor_memoryview(tensor), offset, path, key)
 
 
 _DTENSOR_KEYS = frozenset(

@@ -384,7 +384,8 @@ class _Plan:
 
     def _array(self, slot: _ArraySlot) -> Any:
         data = torch.empty((slot.entry.nbytes,), dtype=torch.uint8, device="cpu")
-        read_exactly(self.fd, tensor_memoryview(data), self._at(slot.entry, 0), self.name)
+        at = self._at(slot.entry, 0)
+        read_exactly(self.fd, tensor_memoryview(data), at, self.name, slot.entry.key)
         decoder = Decoder(self.header.entries, {slot.entry.key: data}, self.name, None)
         return decoder._array(slot.node)
 
@@ -420,7 +421,8 @@ class _Plan:
                 piece = destination[offset : offset + PIECE_BYTES]
                 at = start + offset
                 if on_cpu:
-                    yield _Job(at, piece.numel(), partial(self._read_direct, piece, at))
+                    read = partial(self._read_direct, piece, at, slot.entry.key)
+                    yield _Job(at, piece.numel(), read)
                 else:
                     read = partial(self._read_staged, fill, piece, at, pinned, None)
                     yield _Job(at, piece.numel(), read)
@@ -428,8 +430,8 @@ class _Plan:
         read = partial(self._read_staged, fill, tensor, start, _pins(tensor.device), slot)
         yield _Job(start, end - begin, read)
 
-    def _read_direct(self, piece: torch.Tensor, offset: int) -> None:
-        read_exactly(self.fd, tensor_memoryview(piece), offset, self.name)
+    def _read_direct(self, piece: torch.Tensor, offset: int, entry: str) -> None:
+        read_exactly(self.fd, tensor_memoryview(piece), offset, self.name, entry)
 
     def _read_staged(
         self,
@@ -446,7 +448,7 @@ class _Plan:
         """
         nbytes = destination.numel() if slot is None else slot.span[1] - slot.span[0]
         buffer = torch.empty((nbytes,), dtype=torch.uint8, device="cpu", pin_memory=pinned)
-        read_exactly(self.fd, tensor_memoryview(buffer), offset, self.name)
+        read_exactly(self.fd, tensor_memoryview(buffer), offset, self.name, fill.slot.entry.key)
         source = buffer
         if slot is not None:
             stride = slot.stride if slot.stride is not None else dense_strides(slot.shape)

@@ -62,6 +62,7 @@ from .._torch import (
 )
 from ._skeleton import (
     is_dtensor,
+    shown,
 )
 
 FORMAT_VERSION = 1
@@ -329,8 +330,13 @@ def fs_path(path: Any, what: str) -> str:
     return name
 
 
-def read_exactly(fd: int, view: memoryview, offset: int, path: str) -> None:
-    """Fill ``view`` from ``fd`` at ``offset``; a file that ends first is a format error."""
+def read_exactly(
+    fd: int, view: memoryview, offset: int, path: str, entry: str | None = None
+) -> None:
+    """Fill ``view`` from ``fd`` at ``offset``; a file that ends first is a format error.
+
+    ``entry``, the header entry being read, is named in the error: a file cut short after
+    its header was checked (truncated while it loads) tells which tensor it failed in."""
     done = 0
     while done < len(view):
         try:
@@ -338,7 +344,8 @@ def read_exactly(fd: int, view: memoryview, offset: int, path: str) -> None:
         except OSError as error:
             raise CheckpointError(f"cannot read {path}: {error.strerror or error}") from error
         if got <= 0:
-            raise CheckpointFormatError(f"{path}: the file ends before its data does")
+            field = "" if entry is None else f" (header entry {shown(entry)})"
+            raise CheckpointFormatError(f"{path}: the file ends before its data does{field}")
         done += got
 
 
