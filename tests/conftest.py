@@ -40,9 +40,11 @@ import pytest
 import pytest_asyncio
 import torch
 import uvloop
+from fake_accelerator import FakeAccelerator, FakeBackend
 
 import astage
 from astage._core import _recording, _replay
+from astage._devices._backend import installed
 
 HAS_CUDA = torch.cuda.is_available()
 # The GPU machines carry no trio: there the trio legs are left out rather than failing.
@@ -782,3 +784,14 @@ DTYPES = [
     torch.complex64,
     torch.complex128,
 ]
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeAccelerator]:
+    """A fake asynchronous accelerator of two devices, installed as astage's device backend
+    for the test; a test module may define its own (test_hunt_devices patches more)."""
+    accelerator = FakeAccelerator(devices=2)
+    with installed(FakeBackend(accelerator)):
+        yield accelerator
+    accelerator.close()
+    assert accelerator.errors == []

@@ -27,15 +27,6 @@ HOLD_S = 0.15
 """How long a held producer stays held while a call waits on it."""
 
 
-@pytest.fixture
-def fake() -> Iterator[FakeAccelerator]:
-    accelerator = FakeAccelerator(devices=2)
-    with installed(FakeBackend(accelerator)):
-        yield accelerator
-    accelerator.close()
-    assert accelerator.errors == []
-
-
 @contextlib.contextmanager
 def _current(streams: list[FakeStream]) -> Iterator[None]:
     """Make each stream the current one of its device, in this thread, for the block."""

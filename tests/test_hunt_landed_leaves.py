@@ -18,7 +18,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +26,12 @@ import anyio
 import pytest
 import torch
 from conftest import derandomized, same_values
-from fake_accelerator import FakeAccelerator, FakeBackend
+from fake_accelerator import FakeAccelerator
 from hypothesis import given
 from hypothesis import strategies as st
 
 import astage
 from astage._core import _run
-from astage._devices._backend import installed
 from astage._devices._host import run_host_batch
 from astage._drivers import _async
 from astage._files import _restore
@@ -211,15 +210,6 @@ async def test_a_block_left_early_then_another_call(
                 assert all(torch.equal(snap.state_dict[key], kept[key]) for key in state)
                 assert all(torch.equal(staged[key], state[key]) for key in state)
                 del staged
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeAccelerator]:
-    accelerator = FakeAccelerator(devices=2)
-    with installed(FakeBackend(accelerator)):
-        yield accelerator
-    accelerator.close()
-    assert accelerator.errors == []
 
 
 def _device_state(fake: FakeAccelerator, rng: random.Random, count: int) -> dict[str, Any]:
