@@ -40,7 +40,6 @@ import pytest
 import pytest_asyncio
 import torch
 import uvloop
-from fake_accelerator import FakeAccelerator, FakeBackend
 
 import astage
 from astage._core import _recording, _replay
@@ -786,10 +785,17 @@ DTYPES = [
 ]
 
 
+if TYPE_CHECKING:
+    from fake_accelerator import FakeAccelerator
+
+
 @pytest.fixture
 def fake() -> Iterator[FakeAccelerator]:
     """A fake asynchronous accelerator of two devices, installed as astage's device backend
     for the test; a test module may define its own (test_hunt_devices patches more)."""
+    # Imported here: test_suite_setup runs this conftest in a folder of its own.
+    from fake_accelerator import FakeAccelerator, FakeBackend
+
     accelerator = FakeAccelerator(devices=2)
     with installed(FakeBackend(accelerator)):
         yield accelerator
