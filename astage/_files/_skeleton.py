@@ -239,7 +239,7 @@ class SkeletonEncoder:
             if bits > 2000 and not -_int_limit() < x < _int_limit():
                 # json.dumps would raise a raw ValueError; json.loads refuses it as well.
                 raise self.error(
-                    f"an int of {x.bit_length()} bits (over {_max_digits()} decimal digits) "
+                    f"an int of {bits} bits (over {_max_digits()} decimal digits) "
                     f"cannot be {self.verb}: Python converts no longer int to or from JSON "
                     "text; store it as a str",
                     path,
