@@ -28,7 +28,7 @@ class Config:
 
     quick: bool = False
     repeats: int = 5  # a median of 5 paired ratios: one stalled repeat (this VM) moves it less
-    cached_calls: int = 3
+    cached_calls: int = 5  # rounds per repeat; a stager's first replay is one in five
     bulk_bytes: int = GiB
     bulk_tensors: int = 64
     small_tensors: int = 50_000

@@ -139,10 +139,12 @@ def render_markdown(
         "faults. The order of the contenders rotates from "
         "repeat to repeat.\n"
         "- **Cached call**: the same stager stages the same dict again, into the buffers it "
-        "kept. After the first calls of a repeat, all contenders stay alive and take turns, so "
-        "a drift of the machine's memory bandwidth touches them alike. Times are medians over "
-        "all repeats; a ratio is the median over repeats of the ratio within each repeat "
-        "(paired), so it can differ a little from the ratio of the two medians shown.\n"
+        "kept. After the first calls of a repeat, all contenders stay alive and take turns in "
+        "rounds, one cached call each, back to back, so a drift of the machine's speed "
+        "touches the calls of a round alike. Times are medians over all calls; a ratio is the "
+        "median of the ratio within each round (paired: a repeat's first calls, or one "
+        "round's cached calls), so it can differ a little from the ratio of the two medians "
+        "shown.\n"
         "- **First call after `reserve()`** (bulk, small): per repeat and face, after the "
         "contenders above have stopped, a fresh stager on a levelled heap runs "
         "`reserve(sd)`, then its first call, then cached calls; the ratio is the median over "
@@ -158,7 +160,7 @@ def render_markdown(
         "own ticks), and how much CPU time the hypervisor took from this VM meanwhile (steal, "
         "also from `/proc/stat`): a stall no process in the VM can see or avoid.\n"
         "- **Goals not met, and why**: under the summary, each unmet goal with its ratio in "
-        "every repeat and, where figures measured in the same run cover the shortfall, what "
+        "every round and, where figures measured in the same run cover the shortfall, what "
         "bounds it on this machine (a floor measured beside it: a plain copy, a plain copy "
         "that async_save drives as a stager, the reads a replay must make, an idle loop's "
         "lateness, a loop busy in walk-sized slices beside the same copies, an idle loop "
@@ -171,14 +173,14 @@ def render_markdown(
 
 
 def _unmet_section(unmet: Sequence[tuple[str, Check]]) -> str:
-    """Each goal not met, with its ratio per repeat and what bounds it on this machine."""
+    """Each goal not met, with its ratio per round and what bounds it on this machine."""
     lines = [
-        "**Goals not met, and why.** Each one with its ratio in every repeat (the median of "
+        "**Goals not met, and why.** Each one with its ratio in every round (the median of "
         "which is the ratio above) and, from figures of this same run, what bounds it here.\n"
     ]
     for key, check in unmet:
         rounds = ", ".join(fmt_ratio(r) for r in check.rounds)
-        spread = f" (per repeat: {rounds})" if rounds else ""
+        spread = f" (per round: {rounds})" if rounds else ""
         why = check.why or "No bound argued: a shortfall of astage's to fix."
         lines.append(
             f"- **{key}: {check.metric}**: astage {check.astage}, reference {check.reference}, "

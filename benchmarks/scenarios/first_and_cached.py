@@ -1,8 +1,9 @@
 """First call and cached call: the measurement behind the bulk, small, model and gpu scenarios.
 
 Per repeat, each contender's first call runs on a levelled heap with an empty cache; then all
-contenders stay alive and take turns for the cached calls. Figures are medians over repeats, and
-a ratio is the median of the ratios within each repeat (the machine's speed drifts).
+contenders stay alive and take turns for the cached calls. Figures are medians, and a ratio is
+the median of the ratios within each round (the machine's speed drifts): a repeat's first calls,
+or one cached call of each contender, back to back.
 """
 
 from __future__ import annotations
@@ -58,11 +59,11 @@ class Timings:
     def cached_s(self) -> float:
         return median(self.cached)
 
-    def per_repeat(self, phase: str) -> list[float]:
-        """The median of each repeat's calls of ``phase`` ("first" or "cached")."""
-        if phase == "first":
-            return list(self.first)
-        return group_medians(self.cached, self.cached_per_repeat)
+    def per_round(self, phase: str) -> list[float]:
+        """Each round's call of ``phase`` ("first" or "cached"): a repeat's first call, or one
+        of its cached calls (:func:`first_and_cached` runs them in rounds, one call of each
+        contender back to back)."""
+        return list(self.first if phase == "first" else self.cached)
 
     def figures(self) -> dict[str, Any]:
         return {
@@ -76,16 +77,19 @@ class Timings:
 
 
 def paired_ratios(mine: Timings, theirs: Timings, phase: str) -> tuple[float, ...]:
-    """theirs/mine within each repeat, the two figures measured side by side."""
-    pairs = zip(theirs.per_repeat(phase), mine.per_repeat(phase), strict=True)
+    """theirs/mine within each round, the two calls measured side by side."""
+    pairs = zip(theirs.per_round(phase), mine.per_round(phase), strict=True)
     return tuple(t / m for t, m in pairs)
 
 
 def paired_ratio(mine: Timings, theirs: Timings, phase: str) -> float:
-    """Median over repeats of theirs/mine, each repeat's figures measured side by side.
+    """Median over rounds of theirs/mine, each round's two calls measured side by side.
 
-    Memory bandwidth on this kind of machine drifts by tens of percent over a minute; a ratio
-    of two figures taken in the same repeat cancels most of that drift.
+    This machine's speed drifts by tens of percent from one minute to the next, and in bursts
+    of a second or less: a cached call over 50,000 small tensors took 165-190 ms in one
+    minute and 250-290 ms in the next, its copies as much slower as its Python. A ratio of
+    two calls made back to back, a second or two apart, cancels most of that; the medians of
+    a repeat's calls, set against each other before, paired calls up to ten seconds apart.
     """
     return median(list(paired_ratios(mine, theirs, phase)))
 
@@ -96,8 +100,9 @@ def first_and_cached(
     """Per repeat: each contender's first call on a levelled heap, then interleaved cached calls.
 
     The contenders' first calls run one after the other (in an order that rotates from repeat
-    to repeat); all stagers then stay alive and take turns for the cached calls, so a drift of
-    the machine's speed during the repeat touches every contender alike.
+    to repeat); all stagers then stay alive and take turns for the cached calls, a round at a
+    time (one call each, back to back), so a drift of the machine's speed touches the calls of
+    a round alike.
     """
     k = config.cached_calls
     results = {c.name: Timings([], [], [], [], k) for c in contenders}

@@ -34,16 +34,30 @@ def timings(first: list[float], cached: list[float], per_repeat: int) -> Timings
     return Timings(first, cached, [None] * len(first), [None] * len(cached), per_repeat)
 
 
-def test_speed_check_pairs_repeats_and_says_the_goal_its_way() -> None:
+def test_speed_check_pairs_rounds_and_says_the_goal_its_way() -> None:
     mine = timings([1.0, 2.0, 1.0], [1.0, 1.0, 4.0, 4.0, 1.0, 3.0], 2)
     ceiling = timings([1.0, 1.0, 1.0], [0.9, 0.9, 4.0, 4.0, 1.0, 1.0], 2)
-    # cached, per repeat: mine 1, 4, 2 against 0.9, 4, 1: ratios 0.9, 1.0, 0.5 -> median 0.9
+    # cached, call by call (each round's calls back to back): 0.9, 0.9, 1, 1, 1, 1/3 -> 0.95
     check = speed_check("m", mine, ceiling, "cached", 1 / 1.05, goal_label="<= 1.05x the copy")
-    assert check.ratio == pytest.approx(0.9)
+    assert check.ratio == pytest.approx(0.95)
     assert check.goal == "<= 1.05x the copy"
     assert check.met is False
-    assert check.rounds == pytest.approx((0.9, 1.0, 0.5))
-    assert speed_check("m", mine, ceiling, "first", 0).met is None  # context: no verdict
+    assert check.rounds == pytest.approx((0.9, 0.9, 1.0, 1.0, 1.0, 1 / 3))
+    # first calls: one round per repeat, 1, 0.5, 1 -> 1
+    first = speed_check("m", mine, ceiling, "first", 0)
+    assert first.rounds == pytest.approx((1.0, 0.5, 1.0))
+    assert first.met is None  # context: no verdict
+
+
+def test_a_shift_of_the_machines_speed_moves_only_the_round_it_falls_in() -> None:
+    # The machine slows by half from a moment within the repeat's second round, after
+    # astage's call and before the reference's. Set against each other, the repeat's medians
+    # (1.0 and 9.0) would read 9x; round by round, one ratio of three moves.
+    mine = timings([1.0], [1.0, 1.0, 1.5], 3)
+    dcp = timings([6.0], [6.0, 9.0, 9.0], 3)
+    check = speed_check("m", mine, dcp, "cached", 5.5)
+    assert check.rounds == pytest.approx((6.0, 9.0, 6.0))
+    assert check.ratio == pytest.approx(6.0)
 
 
 @pytest.mark.parametrize(("first", "met"), [(1.1, True), (1.2, False)])
@@ -71,7 +85,7 @@ def test_the_report_argues_each_goal_not_met_with_its_repeats() -> None:
     markdown = report.render_markdown(MACHINE, [result], {}, 1.0)
     section = markdown[markdown.index("Goals not met, and why") : markdown.index("\n## S\n")]
     assert (
-        "- **s: argued**: astage 1 ms, reference 2 ms, ratio 0.50x (per repeat: 0.40x, 0.50x, "
+        "- **s: argued**: astage 1 ms, reference 2 ms, ratio 0.50x (per round: 0.40x, 0.50x, "
         "1.10x); goal >= 1x. Bound by X."
     ) in section
     assert "- **s: unargued**: astage 1 ms, reference 2 ms, ratio 0.50x; goal >= 1x. No bound" in (
@@ -131,7 +145,7 @@ def test_turn_cost_argues_the_async_face_only_where_long_turns_meet_the_goal() -
     turns = TurnCost(default, long, dcp)
     check = turns.check()
     assert check.met is None and check.ratio == pytest.approx(1.25, abs=0.02)
-    assert len(check.rounds) == 2
+    assert len(check.rounds) == 4  # one per round of cached calls
     assert "2.90 us per tensor" in turns.why_us(50_000)  # 145 ms over 50,000
     assert "6.55x DCP's cached call" in turns.why_dcp()
     # First calls: 1.67x DCP with long turns; times a recording share of 1.25: 2.08x, argued.
