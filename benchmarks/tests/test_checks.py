@@ -165,6 +165,21 @@ def test_the_us_goal_is_argued_by_the_machine_speed_only_where_the_ratio_carries
     assert _why_us_by_speed(5.55, 17.0) == ""  # 3.03 us at the speed: still over
 
 
+def test_the_async_faces_us_goal_is_argued_by_speed_and_turns_only_where_both_carry_it() -> None:
+    # 50,000 tensors. DCP 1.05 s a call (21 us a tensor, 1.25x the 16.8 us); the
+    # default turns 5.6x DCP (3.0 us at the speed, just over), 50 ms turns 6.0x (2.8).
+    dcp = timings([1.2], [1.05] * 3, 3)
+    default = timings([0.8], [1.05 / 5.5, 1.05 / 5.6, 1.05 / 5.7], 3)
+    long = timings([0.7], [1.05 / 6.0] * 3, 3)
+    why = TurnCost(default, long, dcp).why_us_by_speed(21.0)
+    assert "5.60x DCP's" in why and "6.00x DCP's: 2.80 us" in why
+    assert TurnCost(default, long, dcp).why_us_by_speed(16.0) == ""  # as fast as the issue's
+    slow_long = timings([0.7], [1.05 / 5.55] * 3, 3)  # 3.03 us at the speed
+    assert TurnCost(default, slow_long, dcp).why_us_by_speed(21.0) == ""
+    missed = timings([0.8], [1.05 / 5.4] * 3, 3)  # the ratio goal itself is missed
+    assert TurnCost(missed, long, dcp).why_us_by_speed(21.0) == ""
+
+
 def test_dcp_floor_argues_only_a_goal_below_the_copy() -> None:
     # The copy took 40 ms and DCP 45 ms: 1.2x DCP would be 37.5 ms, under the copy.
     assert "less than the copy itself" in _why_floor(0.040, 0.042, 0.045, 1.2)
