@@ -13,6 +13,7 @@ from astage._core._batches import MAX_BATCH_COPIES
 from benchmarks import report
 from benchmarks.lag import LagSummary
 from benchmarks.record import Check, ScenarioResult
+from benchmarks.scenarios.bulk import _why_copy
 from benchmarks.scenarios.dcp_saves import _why_floor, _why_split
 from benchmarks.scenarios.first_and_cached import AfterReserve, Timings, reserve_check, speed_check
 from benchmarks.scenarios.loop_lag import (
@@ -58,6 +59,19 @@ def test_a_shift_of_the_machines_speed_moves_only_the_round_it_falls_in() -> Non
     check = speed_check("m", mine, dcp, "cached", 5.5)
     assert check.rounds == pytest.approx((6.0, 9.0, 6.0))
     assert check.ratio == pytest.approx(6.0)
+
+
+def test_the_bulk_copy_goal_is_argued_only_where_it_lies_within_the_rounds_middle_half() -> None:
+    plain = timings([1.0], [1.0] * 8, 8)
+    # ratios 0.90-0.99x: quartiles about 0.92x and 0.97x, the goal (0.952x) inside them
+    straddling = timings(
+        [1.0], [1 / r for r in (0.90, 0.91, 0.93, 0.94, 0.95, 0.96, 0.98, 0.99)], 8
+    )
+    assert "middle half of the rounds spans 0.92x to 0.97x" in _why_copy(straddling, plain)
+    # ratios 0.85-0.96x: the upper quartile under the goal, a shortfall beyond the spread
+    short = timings([1.0], [1 / r for r in (0.85, 0.86, 0.87, 0.88, 0.89, 0.90, 0.95, 0.96)], 8)
+    assert _why_copy(short, plain) == ""
+    assert _why_copy(timings([1.0], [1.0] * 3, 3), timings([1.0], [0.95] * 3, 3)) == ""
 
 
 @pytest.mark.parametrize(("first", "met"), [(1.1, True), (1.2, False)])
