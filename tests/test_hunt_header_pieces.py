@@ -22,7 +22,7 @@ from conftest import derandomized
 
 import astage
 from astage._files import _load
-from astage._files._layout import plan_layout
+from astage._files._layout import _LayoutBuilder, plan_layout
 from astage._files._safetensors import DIGEST_KEY
 from astage._files._skeleton import least_json_bytes
 from astage._replication import _wire
@@ -337,6 +337,31 @@ def test_the_wire_encoder_weighs_long_ints_too(monkeypatch: pytest.MonkeyPatch) 
         _wire.encode({"x": _doubled([torch.zeros(1), 10**4000], 12)})
 
 
+def test_a_tensor_shared_through_nested_pairs_is_refused_before_its_nodes_are_encoded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # BUG: the projection weighed a tensor's node at 10 bytes, but the file's node names the
+    # path its storage was first met at: 21 levels of x = [x, x] over [tensor] (2**21 nodes
+    # naming a 71-character path, a 150 MB skeleton) projected to under 100 MB and were
+    # encoded one by one for about a minute before the header limit refused them. Fixed: a
+    # tensor weighs its node's least size, its first path's text counted (the layout's
+    # tensor_weigher), and the projection refuses at the first repeat.
+    encoded = 0
+    encode_tensor = _LayoutBuilder.encode_tensor
+
+    def counted(self: _LayoutBuilder, x: torch.Tensor, path: Any) -> Any:
+        nonlocal encoded
+        encoded += 1
+        if encoded > 10_000:
+            raise AssertionError("the repeats are being encoded: the projection passed them")
+        return encode_tensor(self, x, path)
+
+    monkeypatch.setattr(_LayoutBuilder, "encode_tensor", counted)
+    with pytest.raises(astage.UnsavableError, match="reached by several paths"):
+        plan_layout({"x": _doubled([torch.zeros(1)], 21)})
+    assert encoded == 1  # the first path's; the first repeat is projected and refused
+
+
 def _shared_cases() -> dict[str, Any]:
     shared = torch.nn.Linear(3, 3)
     net = torch.nn.ModuleDict({"a": shared, "b": shared, "c": torch.nn.Linear(3, 2)})
@@ -376,12 +401,15 @@ def _skeleton_chars(state: Any) -> int:
     return len(json.loads(header[8 : 8 + length])["__metadata__"]["astage"])
 
 
+_BASE = torch.arange(4.0)
 _leaf = (
     st.integers(-(10**700), 10**700)
     | st.text(max_size=5)
     | st.booleans()
     | st.floats(allow_nan=False)
     | st.just(torch.zeros(1))
+    # one storage met as a view first (its entry may be renamed later), as itself, reshaped
+    | st.sampled_from([_BASE[1:], _BASE, _BASE.view(2, 2), torch.ones(2, dtype=torch.int8)])
 )
 
 
@@ -390,7 +418,8 @@ _leaf = (
     leaves=st.lists(_leaf, max_size=4),
     plan=st.lists(
         st.tuples(
-            st.sampled_from(["list", "tuple", "dict"]), st.lists(st.integers(0, 30), max_size=4)
+            st.sampled_from(["list", "tuple", "dict", "int-keyed", "long-keyed"]),
+            st.lists(st.integers(0, 30), max_size=4),
         ),
         max_size=8,
     ),
@@ -403,11 +432,18 @@ def test_the_projection_never_weighs_more_than_the_skeleton_written(
     pool: list[Any] = list(leaves) or [0]
     for kind, picks in plan:
         items = [pool[i % len(pool)] for i in picks]
-        node: Any = (
-            {str(i): item for i, item in enumerate(items)}
-            if kind == "dict"
-            else (tuple(items) if kind == "tuple" else items)
-        )
+        node: Any
+        if kind == "dict":
+            node = {str(i): item for i, item in enumerate(items)}
+        elif kind == "int-keyed":
+            node = {i * 7919: item for i, item in enumerate(items)}
+        elif kind == "long-keyed":
+            node = {f"k'\\{i}" * 9: item for i, item in enumerate(items)}
+        else:
+            node = tuple(items) if kind == "tuple" else items
         pool.append(node)
     state = {"root": pool[-1], "again": pool[-1]}
-    assert least_json_bytes(state) <= _skeleton_chars(state)
+    written = _skeleton_chars(state)
+    assert least_json_bytes(state) <= written
+    # with the file's own weights: each tensor node's least size, its first path's text
+    assert least_json_bytes(state, _LayoutBuilder().tensor_weigher()) <= written

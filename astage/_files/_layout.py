@@ -48,6 +48,7 @@ from ._safetensors import (
 )
 from ._skeleton import (
     SkeletonEncoder,
+    TensorWeigher,
     is_dtensor,
     mesh_node,
     numpy_or_none,
@@ -329,6 +330,25 @@ def _biggest_part(value: Any, node: Any) -> tuple[Path, int]:
     return path, size
 
 
+_SHORT_NODE = len('{"tensor":""}')
+"""The characters of a tensor's short node but its entry's name (:meth:`_LayoutBuilder._tensor`)."""
+_LONG_NODE = len('{"tensor":"","dtype":"bool","shape":[],"stride":[],"offset":0}')
+"""The least characters of a tensor's long node, whatever its entry's name."""
+
+
+def _spans(x: torch.Tensor, storage: torch.UntypedStorage) -> bool:
+    """Whether ``x`` is its whole storage, contiguous, in a dtype safetensors names: its entry
+    can be the tensor itself, under its path."""
+    return (
+        x.dtype in DTYPE_NAMES
+        and x.storage_offset() == 0
+        and x.is_contiguous()
+        and x.nbytes == storage.nbytes()
+        and not x.is_conj()
+        and not x.is_neg()
+    )
+
+
 class _LayoutBuilder(SkeletonEncoder):
     error = UnsavableError
     verb = "saved"
@@ -405,6 +425,35 @@ class _LayoutBuilder(SkeletonEncoder):
                 self._no_tensors = outer
         return node
 
+    def tensor_weigher(self) -> TensorWeigher:
+        """A tensor's node names its storage's entry: the path of the first tensor met that
+        spans the storage, the node ``{"tensor": name}`` (13 characters more), or, for a view
+        or a name taken, the long node with its dtype, shape, stride and offset (62 or more).
+        Weighed by the first tensor of each storage met: where it does not span the storage,
+        its entry may take a shorter name later, so it and the rest weigh 13 only.
+
+        Why: weighed at 10 whatever its path, a tensor shared through 21 levels of
+        ``x = [x, x]`` (2**21 nodes naming a 63-character path: a 150 MB skeleton) passed the
+        projection and was encoded for a minute before the header limit refused it."""
+        weights: dict[int, int] = {}
+
+        def weigh(x: torch.Tensor, path_chars: int) -> int:
+            if type(x) not in (torch.Tensor, torch.nn.Parameter):
+                return 10  # a DTensor's node, or a subclass the encoder refuses
+            try:
+                storage = x.untyped_storage()
+                key = storage_key(storage)
+                spans = _spans(x, storage)
+            except (RuntimeError, NotImplementedError, TypeError):  # sparse, say: refused later
+                return 10
+            weight = weights.get(key)
+            if weight is None:
+                weight = min(_SHORT_NODE + path_chars, _LONG_NODE) if spans else _SHORT_NODE
+                weights[key] = weight
+            return weight
+
+        return weigh
+
     def _dtensor(self, x: Any, path: Path) -> dict[str, Any]:
         """A DTensor: its local shard is stored (under the DTensor's path) like any tensor,
         and the node records where it belongs: mesh, placements, global shape and stride,
@@ -466,14 +515,7 @@ class _LayoutBuilder(SkeletonEncoder):
             # from it would name bytes its entry lacks, and no loader would take it.
             raise UnsavableError(f"the tensor {shortfall}", path)
         key = storage_key(storage)
-        spans = (
-            x.dtype in DTYPE_NAMES
-            and x.storage_offset() == 0
-            and x.is_contiguous()
-            and x.nbytes == storage.nbytes()
-            and not x.is_conj()
-            and not x.is_neg()
-        )
+        spans = _spans(x, storage)
         group = self._groups.get(key)
         if group is None:
             name = format_path(path)

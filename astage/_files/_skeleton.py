@@ -38,7 +38,7 @@ import re
 import reprlib
 import sys
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -284,7 +284,7 @@ class SkeletonEncoder:
                 # limit (25 s at 30 levels). Its least size, repeats counted, in one pass over
                 # the distinct containers, tells it at once.
                 self._projected = True
-                if least_json_bytes(self._root) > self.max_header_bytes:
+                if least_json_bytes(self._root, self.tensor_weigher()) > self.max_header_bytes:
                     raise self._repeat_too_big(path)
             if self._header_bytes + size > self.max_header_bytes:
                 raise self._repeat_too_big(path)
@@ -412,27 +412,45 @@ class SkeletonEncoder:
     def encode_tensor(self, x: torch.Tensor, path: Path) -> Any:
         raise NotImplementedError
 
+    def tensor_weigher(self) -> TensorWeigher:
+        """For :func:`least_json_bytes`: the least JSON a tensor's node takes here, from the
+        tensor and the least length of its path's text (a format whose node names the path
+        weighs more than the 10 bytes this one counts)."""
+        return _ten_bytes
+
     def encode_array(self, x: Any, path: Path) -> Any:
         """The node of a numpy array; refused unless a format stores arrays."""
         raise self.error(self.refusal.format(type="numpy.ndarray"), path)
 
 
-def least_json_bytes(root: Any) -> int:
+TensorWeigher = Callable[[torch.Tensor, int], int]
+"""The least JSON a tensor's node takes, from the tensor and the least length of the text of
+the path it is met at (see :meth:`SkeletonEncoder.tensor_weigher`)."""
+
+
+def _ten_bytes(x: torch.Tensor, path_chars: int) -> int:
+    return 10  # {"tensor":...} and its separator, at least, whatever the format puts in it
+
+
+def least_json_bytes(root: Any, weigh_tensor: TensorWeigher = _ten_bytes) -> int:
     """A lower bound on the JSON an encoder writes for ``root``, every path to a shared
     container counted in full, found in one pass over the distinct containers (each sized
     once, by id): what :class:`SkeletonEncoder` counts as it goes (2 a value, a str's length,
-    an int's least digits, 8 more a tensor or container), below :data:`MAX_DEPTH` levels only."""
+    an int's least digits, 8 more a container), a tensor what ``weigh_tensor`` says (it is
+    told the least length of the path's text, :func:`~astage._paths.format_path`'s, the first
+    time it is met there; the same container met again weighs the same), below
+    :data:`MAX_DEPTH` levels only."""
     sizes: dict[int, int] = {}
     active: set[int] = set()
 
-    def least(x: Any, depth: int) -> int:
+    def least(x: Any, depth: int, path_chars: int) -> int:
         cls = type(x)
         if cls is str:
             return 2 + len(x)
         if cls is int:
             return 2 + _int_digits(x.bit_length())  # as the encoder counts it
         if isinstance(x, torch.Tensor):
-            return 10
+            return weigh_tensor(x, path_chars)
         if cls not in _CONTAINERS or depth >= MAX_DEPTH:
             return 2
         key = id(x)
@@ -451,15 +469,30 @@ def least_json_bytes(root: Any) -> int:
             items = None
         if items is not None:
             for name, value in items:
-                total += least(name, depth + 1) + least(value, depth + 1)
+                total += least(name, depth + 1, 0)
+                total += least(value, depth + 1, path_chars + _least_key_chars(name))
         else:
-            for value in x:
-                total += least(value, depth + 1)
+            for index, value in enumerate(x):
+                total += least(value, depth + 1, path_chars + 2 + len(str(index)))
         active.discard(key)
         sizes[key] = total
         return total
 
-    return least(root, 0)
+    return least(root, 0, 0)
+
+
+def _least_key_chars(key: Any) -> int:
+    """The least characters a key adds to a path's text: ``[repr(key)]``, a str's quotes at
+    least (its escapes would add more); a key of another type (a Namespace's name, no
+    tensor under it) weighs nothing, which is never too much."""
+    cls = type(key)
+    if cls is str:
+        return 4 + len(key)
+    if cls is int:
+        return 2 + _int_digits(key.bit_length())
+    if cls in (float, bool, type(None)):
+        return 2 + len(repr(key))
+    return 0
 
 
 class SkeletonDecoder:
