@@ -342,7 +342,7 @@ def test_a_tensor_shared_through_nested_pairs_is_refused_before_its_nodes_are_en
 ) -> None:
     # BUG: the projection weighed a tensor's node at 10 bytes, but the file's node names the
     # path its storage was first met at: 21 levels of x = [x, x] over [tensor] (2**21 nodes
-    # naming a 71-character path, a 150 MB skeleton) projected to under 100 MB and were
+    # naming a 71-character path, a 190 MB header) projected to under 100 MB and were
     # encoded one by one for about a minute before the header limit refused them. Fixed: a
     # tensor weighs its node's least size, its first path's text counted (the layout's
     # tensor_weigher), and the projection refuses at the first repeat.

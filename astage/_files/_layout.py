@@ -433,7 +433,7 @@ class _LayoutBuilder(SkeletonEncoder):
         its entry may take a shorter name later, so it and the rest weigh 13 only.
 
         Why: weighed at 10 whatever its path, a tensor shared through 21 levels of
-        ``x = [x, x]`` (2**21 nodes naming a 63-character path: a 150 MB skeleton) passed the
+        ``x = [x, x]`` (2**21 nodes naming a 71-character path: a 190 MB header) passed the
         projection and was encoded for a minute before the header limit refused it."""
         weights: dict[int, int] = {}
 
