@@ -331,13 +331,11 @@ class TurnCost:
         ratio = paired_ratio(self.default, self.dcp, "cached")
         long_ratio = paired_ratio(self.long, self.dcp, "cached")
         at_issue_speed = ISSUE_DCP_US / long_ratio
-        if dcp_us <= ISSUE_DCP_US or ratio < CACHED_DCP_GOAL or at_issue_speed > CACHED_US_GOAL:
+        if not _speed_carries(dcp_us, ratio, at_issue_speed):
             return ""
         return (
-            f"Microseconds move with this VM's speed: DCP's cached call took {dcp_us:.2f} us per "
-            f"tensor in this run, against the {ISSUE_DCP_US:g} us the issue measured when it set "
-            f"the {CACHED_US_GOAL:g} us goal ({dcp_us / ISSUE_DCP_US:.2f}x slower). This face's "
-            f"call is {ratio:.2f}x DCP's in the same rounds (goal >= {CACHED_DCP_GOAL:g}x: met), "
+            f"{_slower_machine(dcp_us)} This face's call is {ratio:.2f}x DCP's in the same "
+            f"rounds (goal >= {CACHED_DCP_GOAL:g}x: met), "
             f"{ISSUE_DCP_US / ratio:.2f} us per tensor at the issue's speed. It walks in turns "
             f"of at most {DEFAULT_TURN_MS:g} ms (max_loop_hold_s), which the loop-lag goals ask "
             f"for; with turns of {LONG_TURN_S * 1e3:g} ms, in the same rounds, it is "
@@ -476,14 +474,27 @@ def _why_us_by_speed(ratio: float, dcp_us: float) -> str:
     set on (DCP's own per-tensor time tells) and astage's ``ratio`` to DCP (paired, the goal
     that does not depend on the machine's speed) would put it under 3 us there."""
     at_issue_speed = ISSUE_DCP_US / ratio
-    if dcp_us <= ISSUE_DCP_US or ratio < CACHED_DCP_GOAL or at_issue_speed > CACHED_US_GOAL:
+    if not _speed_carries(dcp_us, ratio, at_issue_speed):
         return ""
+    return (
+        f"{_slower_machine(dcp_us)} astage's call is {ratio:.2f}x DCP's in the same rounds "
+        f"(goal >= {CACHED_DCP_GOAL:g}x: met), which at the issue's speed is "
+        f"{at_issue_speed:.2f} us per tensor."
+    )
+
+
+def _speed_carries(dcp_us: float, ratio: float, at_issue_speed: float) -> bool:
+    """Whether the machine is slower than the issue's (DCP's per-tensor time, ``dcp_us``), the
+    ratio goal is met, and the call would take <= 3 us at the issue's speed."""
+    return dcp_us > ISSUE_DCP_US and ratio >= CACHED_DCP_GOAL and at_issue_speed <= CACHED_US_GOAL
+
+
+def _slower_machine(dcp_us: float) -> str:
+    """How much slower than the issue's this run's machine is, by DCP's per-tensor time."""
     return (
         f"Microseconds move with this VM's speed: DCP's cached call took {dcp_us:.2f} us per "
         f"tensor in this run, against the {ISSUE_DCP_US:g} us the issue measured when it set "
-        f"the {CACHED_US_GOAL:g} us goal ({dcp_us / ISSUE_DCP_US:.2f}x slower). astage's "
-        f"call is {ratio:.2f}x DCP's in the same rounds (goal >= {CACHED_DCP_GOAL:g}x: met), "
-        f"which at the issue's speed is {at_issue_speed:.2f} us per tensor."
+        f"the {CACHED_US_GOAL:g} us goal ({dcp_us / ISSUE_DCP_US:.2f}x slower)."
     )
 
 
