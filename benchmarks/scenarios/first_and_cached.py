@@ -49,7 +49,6 @@ class Timings:
     cached: list[float]
     first_new_nbytes: list[int | None]
     cached_new_nbytes: list[int | None]
-    cached_per_repeat: int = 1
 
     @property
     def first_s(self) -> float:
@@ -105,7 +104,7 @@ def first_and_cached(
     a round alike.
     """
     k = config.cached_calls
-    results = {c.name: Timings([], [], [], [], k) for c in contenders}
+    results = {c.name: Timings([], [], [], []) for c in contenders}
     for repeat in range(config.repeats):
         order = rotate(contenders, repeat)
         started: list[Contender] = []

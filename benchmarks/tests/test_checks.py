@@ -31,13 +31,13 @@ from benchmarks.scenarios.small import RecordingCost, ReplayFloor, TurnCost, _wh
 from benchmarks.tests import MACHINE
 
 
-def timings(first: list[float], cached: list[float], per_repeat: int) -> Timings:
-    return Timings(first, cached, [None] * len(first), [None] * len(cached), per_repeat)
+def timings(first: list[float], cached: list[float]) -> Timings:
+    return Timings(first, cached, [None] * len(first), [None] * len(cached))
 
 
 def test_speed_check_pairs_rounds_and_says_the_goal_its_way() -> None:
-    mine = timings([1.0, 2.0, 1.0], [1.0, 1.0, 4.0, 4.0, 1.0, 3.0], 2)
-    ceiling = timings([1.0, 1.0, 1.0], [0.9, 0.9, 4.0, 4.0, 1.0, 1.0], 2)
+    mine = timings([1.0, 2.0, 1.0], [1.0, 1.0, 4.0, 4.0, 1.0, 3.0])
+    ceiling = timings([1.0, 1.0, 1.0], [0.9, 0.9, 4.0, 4.0, 1.0, 1.0])
     # cached, call by call (each round's calls back to back): 0.9, 0.9, 1, 1, 1, 1/3 -> 0.95
     check = speed_check("m", mine, ceiling, "cached", 1 / 1.05, goal_label="<= 1.05x the copy")
     assert check.ratio == pytest.approx(0.95)
@@ -54,24 +54,22 @@ def test_a_shift_of_the_machines_speed_moves_only_the_round_it_falls_in() -> Non
     # The machine slows by half from a moment within the repeat's second round, after
     # astage's call and before the reference's. Set against each other, the repeat's medians
     # (1.0 and 9.0) would read 9x; round by round, one ratio of three moves.
-    mine = timings([1.0], [1.0, 1.0, 1.5], 3)
-    dcp = timings([6.0], [6.0, 9.0, 9.0], 3)
+    mine = timings([1.0], [1.0, 1.0, 1.5])
+    dcp = timings([6.0], [6.0, 9.0, 9.0])
     check = speed_check("m", mine, dcp, "cached", 5.5)
     assert check.rounds == pytest.approx((6.0, 9.0, 6.0))
     assert check.ratio == pytest.approx(6.0)
 
 
 def test_the_bulk_copy_goal_is_argued_only_where_it_lies_within_the_rounds_middle_half() -> None:
-    plain = timings([1.0], [1.0] * 8, 8)
+    plain = timings([1.0], [1.0] * 8)
     # ratios 0.90-0.99x: quartiles about 0.92x and 0.97x, the goal (0.952x) inside them
-    straddling = timings(
-        [1.0], [1 / r for r in (0.90, 0.91, 0.93, 0.94, 0.95, 0.96, 0.98, 0.99)], 8
-    )
+    straddling = timings([1.0], [1 / r for r in (0.90, 0.91, 0.93, 0.94, 0.95, 0.96, 0.98, 0.99)])
     assert "middle half of the rounds spans 0.92x to 0.97x" in _why_copy(straddling, plain)
     # ratios 0.85-0.96x: the upper quartile under the goal, a shortfall beyond the spread
-    short = timings([1.0], [1 / r for r in (0.85, 0.86, 0.87, 0.88, 0.89, 0.90, 0.95, 0.96)], 8)
+    short = timings([1.0], [1 / r for r in (0.85, 0.86, 0.87, 0.88, 0.89, 0.90, 0.95, 0.96)])
     assert _why_copy(short, plain) == ""
-    assert _why_copy(timings([1.0], [1.0] * 3, 3), timings([1.0], [0.95] * 3, 3)) == ""
+    assert _why_copy(timings([1.0], [1.0] * 3), timings([1.0], [0.95] * 3)) == ""
 
 
 @pytest.mark.parametrize(("first", "met"), [(1.1, True), (1.2, False)])
@@ -141,8 +139,8 @@ def test_recording_cost_argues_a_first_call_only_where_it_is_the_whole_shortfall
     assert check.ratio == pytest.approx((1.5 + 0.5 / 0.45) / 2) and check.met is None
     assert cost.against_dcp("face", replay=False) == pytest.approx((2.25 + 0.92 / 0.45) / 2)
     assert cost.against_dcp("face", replay=True) == pytest.approx((1.5 + 1.84) / 2)
-    mine = timings([0.6, 0.5], [0.1, 0.1], 1)
-    dcp = timings([1.0, 1.0], [0.5, 0.5], 1)
+    mine = timings([0.6, 0.5], [0.1, 0.1])
+    dcp = timings([1.0, 1.0], [0.5, 0.5])
     # Without the recording, 2.25x and 2.04x DCP's in the same repeats: over the 2x goal.
     argued = cost.why("face", mine, dcp)
     assert "(2.15x DCP's, over the goal)" in argued and "(1.67x DCP's)" in argued
@@ -153,9 +151,9 @@ def test_recording_cost_argues_a_first_call_only_where_it_is_the_whole_shortfall
 
 def test_turn_cost_argues_the_async_face_only_where_long_turns_meet_the_goal() -> None:
     # 50,000 tensors; two repeats of two cached calls each.
-    default = timings([0.6, 0.6], [0.18, 0.19, 0.18, 0.18], 2)
-    long = timings([0.6, 0.6], [0.14, 0.15, 0.145, 0.145], 2)
-    dcp = timings([1.0, 1.0], [0.95, 0.95, 0.95, 0.95], 2)
+    default = timings([0.6, 0.6], [0.18, 0.19, 0.18, 0.18])
+    long = timings([0.6, 0.6], [0.14, 0.15, 0.145, 0.145])
+    dcp = timings([1.0, 1.0], [0.95, 0.95, 0.95, 0.95])
     turns = TurnCost(default, long, dcp)
     check = turns.check()
     assert check.met is None and check.ratio == pytest.approx(1.25, abs=0.02)
@@ -165,7 +163,7 @@ def test_turn_cost_argues_the_async_face_only_where_long_turns_meet_the_goal() -
     # First calls: 1.67x DCP with long turns; times a recording share of 1.25: 2.08x, argued.
     assert "about 2.08x DCP's" in turns.why_first(1.25)
     assert turns.why_first(1.1) == ""  # 1.83x: the two choices are not the whole shortfall
-    slow = TurnCost(default, timings([0.6, 0.6], [0.17] * 4, 2), timings([1, 1], [0.9] * 4, 2))
+    slow = TurnCost(default, timings([0.6, 0.6], [0.17] * 4), timings([1, 1], [0.9] * 4))
     assert slow.why_us(50_000) == ""  # 3.4 us: the turns are not the whole story
     assert slow.why_dcp() == ""  # 5.29x
 
@@ -182,15 +180,15 @@ def test_the_us_goal_is_argued_by_the_machine_speed_only_where_the_ratio_carries
 def test_the_async_faces_us_goal_is_argued_by_speed_and_turns_only_where_both_carry_it() -> None:
     # 50,000 tensors. DCP 1.05 s a call (21 us a tensor, 1.25x the 16.8 us); the
     # default turns 5.6x DCP (3.0 us at the speed, just over), 50 ms turns 6.0x (2.8).
-    dcp = timings([1.2], [1.05] * 3, 3)
-    default = timings([0.8], [1.05 / 5.5, 1.05 / 5.6, 1.05 / 5.7], 3)
-    long = timings([0.7], [1.05 / 6.0] * 3, 3)
+    dcp = timings([1.2], [1.05] * 3)
+    default = timings([0.8], [1.05 / 5.5, 1.05 / 5.6, 1.05 / 5.7])
+    long = timings([0.7], [1.05 / 6.0] * 3)
     why = TurnCost(default, long, dcp).why_us_by_speed(21.0)
     assert "5.60x DCP's" in why and "6.00x DCP's: 2.80 us" in why
     assert TurnCost(default, long, dcp).why_us_by_speed(16.0) == ""  # as fast as the issue's
-    slow_long = timings([0.7], [1.05 / 5.55] * 3, 3)  # 3.03 us at the speed
+    slow_long = timings([0.7], [1.05 / 5.55] * 3)  # 3.03 us at the speed
     assert TurnCost(default, slow_long, dcp).why_us_by_speed(21.0) == ""
-    missed = timings([0.8], [1.05 / 5.4] * 3, 3)  # the ratio goal itself is missed
+    missed = timings([0.8], [1.05 / 5.4] * 3)  # the ratio goal itself is missed
     assert TurnCost(missed, long, dcp).why_us_by_speed(21.0) == ""
 
 
@@ -283,11 +281,11 @@ def test_device_lag_goals_are_argued_from_the_copy_floor_only_where_it_misses_th
 def test_the_small_device_goal_is_argued_from_the_raw_gather_only_where_it_misses_it_too() -> None:
     from benchmarks.scenarios.gpu import _why_gather_floor
 
-    mine = Timings([0.5], [0.081], [], [], 1)
-    why = _why_gather_floor(mine, Timings([0.2], [0.035], [], [], 1), 0.0301, 10_000)
+    mine = Timings([0.5], [0.081], [], [])
+    why = _why_gather_floor(mine, Timings([0.2], [0.035], [], []), 0.0301, 10_000)
     assert "took 3.50 us/tensor" in why and "over the budget of 3.01 us/tensor" in why
     assert "2.31x that floor" in why
-    assert _why_gather_floor(mine, Timings([0.2], [0.025], [], [], 1), 0.0301, 10_000) == ""
+    assert _why_gather_floor(mine, Timings([0.2], [0.025], [], []), 0.0301, 10_000) == ""
 
 
 def test_the_sliced_floor_copies_in_a_stager_s_batches() -> None:
@@ -353,10 +351,10 @@ def test_the_throughput_goal_times_calls_with_and_without_the_heartbeat_in_turns
 def test_the_gpu_cached_goal_against_dcp_is_argued_only_where_the_link_bounds_dcp_too() -> None:
     from benchmarks.scenarios.gpu import _why_link
 
-    dcp = Timings([1.9], [0.0788], [], [], 1)
-    bound = _why_link(Timings([0.08], [0.0783], [], [], 1), dcp, 4 << 30)
+    dcp = Timings([1.9], [0.0788], [], [])
+    bound = _why_link(Timings([0.08], [0.0783], [], []), dcp, 4 << 30)
     assert "78.3 ms" in bound and "0.99x the raw copy" in bound
-    assert _why_link(Timings([0.08], [0.05], [], [], 1), dcp, 4 << 30) == ""
+    assert _why_link(Timings([0.08], [0.05], [], []), dcp, 4 << 30) == ""
 
 
 def test_the_reports_revision_can_be_told(monkeypatch: pytest.MonkeyPatch) -> None:
